@@ -1,0 +1,52 @@
+//! The HSM boundary of custody: the only crate that talks PKCS#11.
+//!
+//! - [`Hsm`] (`pool.rs`) opens a module and a token and serves async callers
+//!   from worker threads, each owning a logged-in session.
+//! - [`HsmSession`] (`session.rs`) is one session plus the recovery rules
+//!   (reopen, re-login, re-find, bounded). Its operations are grouped one family
+//!   per file: `keys.rs` (generate, public key, destroy), `sign.rs` (sign,
+//!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM).
+//! - `encoding.rs` turns PKCS#11 attributes into `SubjectPublicKeyInfo` and
+//!   converts ECDSA signatures between raw and DER.
+//! - [`HsmError`] (`error.rs`) keeps the PKCS#11 function and `CKR_*` code and
+//!   reduces them to one [`ErrorKind`], which the daemon maps to gRPC statuses.
+//!
+//! Nothing outside this crate names a `cryptoki` type except through
+//! [`pkcs11`], which re-exports the two needed to read an error's cause.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod encoding;
+mod error;
+mod fault;
+mod keys;
+mod pool;
+mod session;
+mod sign;
+mod types;
+mod wrap;
+
+pub use config::{HsmConfig, PinSource, TokenSelector};
+pub use encoding::PublicKey;
+pub use error::{ErrorKind, HsmError, Result};
+pub use fault::FAULT_INJECTION_COMPILED_IN;
+#[cfg(feature = "fault-injection")]
+pub use fault::FaultInjector;
+pub use pool::Hsm;
+pub use session::{HsmSession, MAX_RECOVERIES};
+pub use types::{
+    AesRole, EcdsaEncoding, Exportability, GcmCiphertext, HashAlg, KeyCheckValue, KeyInfo,
+    KeyLabel, KeySpec, SignAlgorithm, SignInput, TokenSummary,
+};
+
+/// The PKCS#11 names that appear in [`HsmError::pkcs11_cause`] and in the
+/// fault-injection API.
+pub mod pkcs11 {
+    pub use cryptoki::context::Function;
+    pub use cryptoki::error::RvError;
+}
+
+/// Secret types used in this crate's API, re-exported so that callers use the
+/// same versions.
+pub use secrecy::{ExposeSecret, SecretSlice, SecretString};

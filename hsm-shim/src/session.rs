@@ -1,0 +1,382 @@
+//! One logged-in PKCS#11 session, and the recovery rules around it.
+//!
+//! [`HsmSession`] is the only type that issues PKCS#11 calls. It is `Send` but
+//! not `Sync`: it lives on one thread (a pool worker, or a caller that owns a
+//! thread) and never crosses an `.await`. Every call goes through
+//! [`HsmSession::call`], which consults the fault plan and attaches context, and
+//! every public operation runs inside [`HsmSession::recovering`], which turns a
+//! lost session or a stale object handle into a reopen or a re-find, at most
+//! [`MAX_RECOVERIES`] times, before giving up with a clear error.
+//!
+//! The operations themselves live in `keys.rs`, `sign.rs` and `wrap.rs`, one
+//! file per operation family.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use cryptoki::context::{Function, Pkcs11};
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+
+use crate::encoding::spec_from_ec_params;
+use crate::error::{ErrorKind, HsmError, Result};
+use crate::fault::Faults;
+use crate::types::{KeyLabel, KeySpec};
+
+/// How many times one operation may reopen its session or re-find its objects
+/// before the error is returned.
+pub const MAX_RECOVERIES: u32 = 3;
+
+/// What we know about one token: enough to open and log in sessions, plus what
+/// all sessions share (the handle cache and the fault plan).
+pub(crate) struct TokenAccess {
+    pub(crate) ctx: Pkcs11,
+    pub(crate) slot: Slot,
+    pub(crate) pin: SecretString,
+    pub(crate) cache: HandleCache,
+    pub(crate) faults: Faults,
+}
+
+impl TokenAccess {
+    /// Opens a read-write session and makes sure the application is logged in.
+    pub(crate) fn open_logged_in(&self) -> Result<Session> {
+        let session = self
+            .faults
+            .check(Function::OpenSession)
+            .and_then(|()| self.ctx.open_rw_session(self.slot))
+            .map_err(|e| HsmError::from_cryptoki("opening a session on the token", e))?;
+        // Login is per application: a second session finds it already done.
+        match self
+            .faults
+            .check(Function::Login)
+            .and_then(|()| session.login(UserType::User, Some(&self.pin)))
+        {
+            Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(HsmError::from_cryptoki("logging in to the token", e)),
+        }
+    }
+}
+
+/// Which of a label's objects is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ObjectKind {
+    Private,
+    Public,
+    Secret,
+}
+
+impl ObjectKind {
+    pub(crate) fn class(self) -> ObjectClass {
+        match self {
+            ObjectKind::Private => ObjectClass::PRIVATE_KEY,
+            ObjectKind::Public => ObjectClass::PUBLIC_KEY,
+            ObjectKind::Secret => ObjectClass::SECRET_KEY,
+        }
+    }
+}
+
+/// A found object: its handle and the spec read from its attributes once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Found {
+    pub(crate) handle: ObjectHandle,
+    pub(crate) spec: KeySpec,
+}
+
+/// Handles by label, shared by every session of the application (PKCS#11 token
+/// object handles are valid in all of an application's sessions). It saves a
+/// `C_FindObjects` round per request; a stale entry shows up as
+/// `CKR_OBJECT_HANDLE_INVALID` and is dropped by [`HsmSession::recovering`].
+#[derive(Default)]
+pub(crate) struct HandleCache {
+    map: RwLock<HashMap<(ObjectKind, KeyLabel), Found>>,
+}
+
+impl HandleCache {
+    fn get(&self, kind: ObjectKind, label: &KeyLabel) -> Option<Found> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(kind, label.clone())).copied()
+    }
+
+    pub(crate) fn insert(&self, kind: ObjectKind, label: &KeyLabel, found: Found) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.insert((kind, label.clone()), found);
+    }
+
+    pub(crate) fn forget_label(&self, label: &KeyLabel) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|(_, l), _| l != label);
+    }
+
+    fn clear(&self) {
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// One logged-in session on the token. See the module docs.
+pub struct HsmSession {
+    session: Session,
+    access: Arc<TokenAccess>,
+}
+
+impl std::fmt::Debug for HsmSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HsmSession")
+            .field("slot", &self.access.slot)
+            .field("session", &self.session.handle())
+            .finish()
+    }
+}
+
+/// What to do about an error before trying again.
+enum Recovery {
+    /// The session is gone or logged out: open a new one and log in.
+    Reopen,
+    /// A cached handle went stale (another process destroyed or replaced the
+    /// object): drop cached handles and look the objects up again.
+    Refind,
+}
+
+fn recovery_for(error: &HsmError) -> Option<Recovery> {
+    match error.rv()? {
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::UserNotLoggedIn
+        | RvError::DeviceError
+        | RvError::DeviceRemoved
+        | RvError::TokenNotPresent => Some(Recovery::Reopen),
+        RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Some(Recovery::Refind),
+        _ => None,
+    }
+}
+
+impl HsmSession {
+    pub(crate) fn new(access: Arc<TokenAccess>, session: Session) -> Self {
+        Self { session, access }
+    }
+
+    pub(crate) fn access(&self) -> &TokenAccess {
+        &self.access
+    }
+
+    /// Issues one PKCS#11 call: the fault plan first, then the call, with
+    /// `context` attached to any error.
+    pub(crate) fn call<T>(
+        &self,
+        function: Function,
+        context: impl FnOnce() -> String,
+        op: impl FnOnce(&Session) -> cryptoki::error::Result<T>,
+    ) -> Result<T> {
+        self.access
+            .faults
+            .check(function)
+            .and_then(|()| op(&self.session))
+            .map_err(|e| HsmError::from_cryptoki(context(), e))
+    }
+
+    /// Runs `op`, recovering from a lost session or stale handles at most
+    /// [`MAX_RECOVERIES`] times. `op` must be safe to repeat after a failure:
+    /// every operation here either changes nothing on failure or checks for its
+    /// own leftovers first (see `keys.rs`).
+    pub(crate) fn recovering<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let mut recoveries = 0;
+        loop {
+            let error = match op(self) {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            let Some(recovery) = recovery_for(&error) else {
+                return Err(error);
+            };
+            if recoveries == MAX_RECOVERIES {
+                tracing::error!(%error, recoveries, "HSM operation failed after recovery attempts");
+                return Err(error);
+            }
+            recoveries += 1;
+            match recovery {
+                Recovery::Reopen => {
+                    tracing::warn!(%error, attempt = recoveries, "HSM session lost; reopening");
+                    // A short, growing pause: a device error is often a busy or
+                    // restarting HSM, and retrying at once just fails again.
+                    std::thread::sleep(Duration::from_millis(20 << recoveries));
+                    if let Err(reopen_error) = self.reopen() {
+                        tracing::warn!(%reopen_error, "reopening the HSM session failed");
+                    }
+                }
+                Recovery::Refind => {
+                    tracing::info!(%error, "stale object handle; looking objects up again");
+                    self.access.cache.clear();
+                }
+            }
+        }
+    }
+
+    /// Replaces the session with a freshly opened, logged-in one. The new one is
+    /// opened before the old one is closed, so the application never drops to
+    /// zero sessions (which would log it out).
+    fn reopen(&mut self) -> Result<()> {
+        let fresh = self.access.open_logged_in()?;
+        let stale = std::mem::replace(&mut self.session, fresh);
+        // The stale session may already be gone; closing it is best effort.
+        if let Err(e) = stale.close() {
+            tracing::debug!(error = %e, "closing the stale session");
+        }
+        self.access.cache.clear();
+        Ok(())
+    }
+
+    /// Finds the object of `kind` labelled `label`, through the handle cache.
+    pub(crate) fn find(&self, kind: ObjectKind, label: &KeyLabel) -> Result<Found> {
+        if let Some(found) = self.access.cache.get(kind, label) {
+            return Ok(found);
+        }
+        let handles = self.find_all(Some(kind), label)?;
+        let handle = match handles.as_slice() {
+            [handle] => *handle,
+            [] => {
+                self.ensure_logged_in()?;
+                return Err(HsmError::new(
+                    ErrorKind::NotFound,
+                    format!("no {kind:?} key labelled {label} on the token"),
+                ));
+            }
+            many => {
+                return Err(HsmError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "{} {kind:?} objects share the label {label}; refusing to guess",
+                        many.len()
+                    ),
+                ));
+            }
+        };
+        let found = Found {
+            handle,
+            spec: self.read_spec(handle, label)?,
+        };
+        self.access.cache.insert(kind, label, found);
+        Ok(found)
+    }
+
+    /// All objects with `label` as `CKA_ID`, of one kind or of any.
+    pub(crate) fn find_all(
+        &self,
+        kind: Option<ObjectKind>,
+        label: &KeyLabel,
+    ) -> Result<Vec<ObjectHandle>> {
+        let mut template = vec![Attribute::Id(label.as_str().as_bytes().to_vec())];
+        if let Some(kind) = kind {
+            template.push(Attribute::Class(kind.class()));
+        }
+        self.call(
+            Function::FindObjectsInit,
+            || format!("looking up objects labelled {label}"),
+            |s| s.find_objects(&template),
+        )
+    }
+
+    /// A logged-out application sees no private objects, so "not found" may
+    /// really mean "logged out". Report that as what it is, so that
+    /// [`Self::recovering`] logs in again instead of calling the key missing.
+    fn ensure_logged_in(&self) -> Result<()> {
+        let info = self.call(
+            Function::GetSessionInfo,
+            || "reading the session state".into(),
+            |s| s.get_session_info(),
+        )?;
+        if matches!(info.session_state(), SessionState::RwUser) {
+            Ok(())
+        } else {
+            Err(HsmError::from_cryptoki(
+                "the session is no longer logged in",
+                CryptokiError::Pkcs11(RvError::UserNotLoggedIn, Function::GetSessionInfo),
+            ))
+        }
+    }
+
+    /// Reads the key spec from an object's type and public parameters (all
+    /// non-sensitive, readable on private keys too).
+    fn read_spec(&self, handle: ObjectHandle, label: &KeyLabel) -> Result<KeySpec> {
+        let attributes = self.attributes(
+            handle,
+            &[
+                AttributeType::KeyType,
+                AttributeType::EcParams,
+                AttributeType::Modulus,
+                AttributeType::ValueLen,
+            ],
+            label,
+        )?;
+        let mut key_type = None;
+        let mut ec_params = None;
+        let mut modulus_len = None;
+        let mut value_len = None;
+        for attribute in attributes {
+            match attribute {
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcParams(p) => ec_params = Some(p),
+                Attribute::Modulus(m) => modulus_len = Some(m.len()),
+                Attribute::ValueLen(l) => value_len = Some(*l),
+                _ => {}
+            }
+        }
+        let unsupported = |what: String| {
+            HsmError::new(
+                ErrorKind::Unsupported,
+                format!("object labelled {label} is {what}, which custody does not use"),
+            )
+        };
+        match key_type {
+            Some(KeyType::EC) | Some(KeyType::EC_EDWARDS) => {
+                let params =
+                    ec_params.ok_or_else(|| unsupported("an EC key without EC_PARAMS".into()))?;
+                spec_from_ec_params(&params)
+            }
+            Some(KeyType::RSA) => match modulus_len {
+                Some(256) => Ok(KeySpec::Rsa2048),
+                Some(384) => Ok(KeySpec::Rsa3072),
+                Some(512) => Ok(KeySpec::Rsa4096),
+                other => Err(unsupported(format!(
+                    "an RSA key with a {other:?}-byte modulus"
+                ))),
+            },
+            Some(KeyType::AES) if value_len == Some(32) => Ok(KeySpec::Aes256),
+            other => Err(unsupported(format!("a key of type {other:?}"))),
+        }
+    }
+
+    /// `C_GetAttributeValue`. cryptoki leaves out attributes the object does not
+    /// have or will not reveal; callers check for what they need.
+    pub(crate) fn attributes(
+        &self,
+        handle: ObjectHandle,
+        types: &[AttributeType],
+        label: &KeyLabel,
+    ) -> Result<Vec<Attribute>> {
+        self.call(
+            Function::GetAttributeValue,
+            || format!("reading attributes of {label}"),
+            |s| s.get_attributes(handle, types),
+        )
+    }
+
+    /// Random bytes from the HSM's RNG.
+    pub fn random(&mut self, buffer: &mut [u8]) -> Result<()> {
+        self.recovering(|s| {
+            s.call(
+                Function::GenerateRandom,
+                || "drawing random bytes".into(),
+                |session| session.generate_random_slice(buffer),
+            )
+        })
+    }
+}

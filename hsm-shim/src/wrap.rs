@@ -1,0 +1,214 @@
+//! Key wrapping (RFC 5649), secret key import, and AES-256-GCM.
+//!
+//! Wrapping is how keys leave the HSM, and the only way: under a KEK, with
+//! `CKM_AES_KEY_WRAP_PAD`. A non-extractable key refuses (`NotPermitted`); a
+//! tampered wrapped blob fails its integrity check (`IntegrityFailure`) before
+//! any object is made.
+
+use cryptoki::context::Function;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::Attribute;
+use secrecy::{ExposeSecret, SecretSlice};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::{ErrorKind, HsmError, Result};
+use crate::keys::{aes_key_template, private_key_template};
+use crate::session::{HsmSession, ObjectKind};
+use crate::types::{AesRole, Exportability, GcmCiphertext, KeyInfo, KeyLabel, KeySpec};
+
+const GCM_TAG_BITS: u64 = 128;
+
+impl HsmSession {
+    /// Wraps the private or secret key labelled `target` under the KEK labelled
+    /// `kek`, with RFC 5649 AES key wrap with padding.
+    pub fn wrap_key(&mut self, kek: &KeyLabel, target: &KeyLabel) -> Result<Vec<u8>> {
+        self.recovering(|s| {
+            let wrapping = s.find(ObjectKind::Secret, kek)?;
+            let (_, key) = s.find_usable_key(target)?;
+            s.call(
+                Function::WrapKey,
+                || format!("wrapping {target} under {kek}"),
+                |session| session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping.handle, key.handle),
+            )
+        })
+    }
+
+    /// Unwraps a private key of `spec` wrapped under `kek` into a new token
+    /// object labelled `label`, with the same attributes a generated key gets.
+    ///
+    /// Only the private key is made: its public half comes from wherever the
+    /// wrapped key came with (a backup manifest) and is checked by the caller.
+    pub fn unwrap_private_key(
+        &mut self,
+        kek: &KeyLabel,
+        wrapped: &[u8],
+        label: &KeyLabel,
+        spec: KeySpec,
+        export: Exportability,
+    ) -> Result<KeyLabel> {
+        if !spec.is_key_pair() {
+            return Err(HsmError::new(
+                ErrorKind::InvalidInput,
+                format!("{spec} is not a private key spec"),
+            ));
+        }
+        let template = private_key_template(label, spec, export);
+        self.ensure_label_free_for_import(label)?;
+        self.recovering(|s| {
+            let unwrapping = s.find(ObjectKind::Secret, kek)?;
+            s.call(
+                Function::UnwrapKey,
+                || format!("unwrapping {label} under {kek}"),
+                |session| {
+                    session.unwrap_key(
+                        &Mechanism::AesKeyWrapPad,
+                        unwrapping.handle,
+                        wrapped,
+                        &template,
+                    )
+                },
+            )
+        })?;
+        tracing::info!(%label, %spec, %kek, "unwrapped private key");
+        Ok(label.clone())
+    }
+
+    /// Unwraps an AES-256 key wrapped under `kek` into a new token object
+    /// labelled `label`, and returns its key check value.
+    pub fn unwrap_aes_key(
+        &mut self,
+        kek: &KeyLabel,
+        wrapped: &[u8],
+        label: &KeyLabel,
+        role: AesRole,
+        export: Exportability,
+    ) -> Result<KeyInfo> {
+        let template = aes_key_template(label, role, export);
+        self.ensure_label_free_for_import(label)?;
+        let handle = self.recovering(|s| {
+            let unwrapping = s.find(ObjectKind::Secret, kek)?;
+            s.call(
+                Function::UnwrapKey,
+                || format!("unwrapping {label} under {kek}"),
+                |session| {
+                    session.unwrap_key(
+                        &Mechanism::AesKeyWrapPad,
+                        unwrapping.handle,
+                        wrapped,
+                        &template,
+                    )
+                },
+            )
+        })?;
+        self.finish_secret_key(label, handle)
+    }
+
+    /// Imports a 32-byte AES key value (for example one assembled from
+    /// custodian components) as a sensitive token object, and returns its key
+    /// check value so the custodians can confirm it.
+    pub fn import_aes_key(
+        &mut self,
+        label: &KeyLabel,
+        value: &SecretSlice<u8>,
+        role: AesRole,
+        export: Exportability,
+    ) -> Result<KeyInfo> {
+        if value.expose_secret().len() != 32 {
+            return Err(HsmError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "an AES-256 key is 32 bytes, got {}",
+                    value.expose_secret().len()
+                ),
+            ));
+        }
+        self.ensure_label_free_for_import(label)?;
+        let handle = self.recovering(|s| {
+            let mut template = aes_key_template(label, role, export);
+            template.push(Attribute::Value(value.expose_secret().to_vec()));
+            let created = s.call(
+                Function::CreateObject,
+                || format!("importing AES-256 key {label}"),
+                |session| session.create_object(&template),
+            );
+            // The template held a copy of the key value: wipe it now.
+            for attribute in &mut template {
+                if let Attribute::Value(bytes) = attribute {
+                    bytes.zeroize();
+                }
+            }
+            created
+        })?;
+        self.finish_secret_key(label, handle)
+    }
+
+    /// Encrypts with AES-256-GCM under the key labelled `label`, with a fresh
+    /// 96-bit IV from the HSM's RNG and a 128-bit tag.
+    ///
+    /// Random IVs bound the safe number of encryptions per key to 2^32 (NIST SP
+    /// 800-38D, section 8.3); rotation policy must keep keys well under it.
+    pub fn encrypt_gcm(
+        &mut self,
+        label: &KeyLabel,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<GcmCiphertext> {
+        self.recovering(|s| {
+            let key = s.find(ObjectKind::Secret, label)?;
+            let mut iv = [0u8; 12];
+            s.call(
+                Function::GenerateRandom,
+                || "drawing a GCM IV".into(),
+                |session| session.generate_random_slice(&mut iv),
+            )?;
+            let mut iv_param = iv;
+            let ciphertext_and_tag = s.call(
+                Function::Encrypt,
+                || format!("encrypting with {label}"),
+                |session| {
+                    let params = GcmParams::new(&mut iv_param, aad, GCM_TAG_BITS.into())?;
+                    session.encrypt(&Mechanism::AesGcm(params), key.handle, plaintext)
+                },
+            )?;
+            Ok(GcmCiphertext {
+                iv,
+                ciphertext_and_tag,
+            })
+        })
+    }
+
+    /// Decrypts and authenticates an AES-256-GCM ciphertext. A wrong key, AAD,
+    /// IV or any flipped bit is an `IntegrityFailure`, and no plaintext is
+    /// released.
+    pub fn decrypt_gcm(
+        &mut self,
+        label: &KeyLabel,
+        aad: &[u8],
+        ciphertext: &GcmCiphertext,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if ciphertext.ciphertext_and_tag.len() < (GCM_TAG_BITS / 8) as usize {
+            return Err(HsmError::new(
+                ErrorKind::IntegrityFailure,
+                "GCM ciphertext is shorter than its tag",
+            ));
+        }
+        self.recovering(|s| {
+            let key = s.find(ObjectKind::Secret, label)?;
+            let mut iv = ciphertext.iv;
+            s.call(
+                Function::Decrypt,
+                || format!("decrypting with {label}"),
+                |session| {
+                    let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into())?;
+                    session.decrypt(
+                        &Mechanism::AesGcm(params),
+                        key.handle,
+                        &ciphertext.ciphertext_and_tag,
+                    )
+                },
+            )
+            .map(Zeroizing::new)
+        })
+    }
+}
