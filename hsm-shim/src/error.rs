@@ -152,6 +152,9 @@ fn kind_of(error: &CryptokiError) -> ErrorKind {
         | RvError::KeyFunctionNotPermitted
         | RvError::KeyNotWrappable
         | RvError::ActionProhibited
+        | RvError::AttributeReadOnly
+        | RvError::UserTypeInvalid
+        | RvError::UserAnotherAlreadyLoggedIn
         | RvError::AttributeSensitive => ErrorKind::NotPermitted,
         RvError::EncryptedDataInvalid
         | RvError::EncryptedDataLenRange

@@ -21,6 +21,15 @@ use crate::types::{
     AesRole, EcdsaEncoding, Exportability, KeyCheckValue, KeyInfo, KeyLabel, KeySpec, SignInput,
 };
 
+/// Whether a new secret key must come with a key check value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckValue {
+    /// Generated and imported keys: the module must give one.
+    Required,
+    /// Unwrapped keys: some modules (SoftHSM2) compute none.
+    IfAvailable,
+}
+
 const RSA_PUBLIC_EXPONENT: [u8; 3] = [0x01, 0x00, 0x01];
 
 pub(crate) fn key_type(spec: KeySpec) -> KeyType {
@@ -191,25 +200,32 @@ impl HsmSession {
                 |session| session.generate_key(&Mechanism::AesKeyGen, &template),
             )
         })?;
-        self.finish_secret_key(label, handle)
+        self.finish_secret_key(label, handle, CheckValue::Required)
     }
 
-    /// Reads the key check value of a just-made AES key and caches it; a key
-    /// whose check value cannot be read is destroyed (ceremonies rely on it).
+    /// Reads the key check value of a just-made AES key and caches the key. A
+    /// key whose required check value cannot be read is destroyed: ceremonies
+    /// confirm keys by it.
     pub(crate) fn finish_secret_key(
         &mut self,
         label: &KeyLabel,
         handle: ObjectHandle,
+        required: CheckValue,
     ) -> Result<KeyInfo> {
-        match self.check_value(handle, label) {
+        let check_value = match (self.check_value(handle, label), required) {
+            (Ok(kcv), _) => Ok(Some(kcv)),
+            (Err(e), CheckValue::IfAvailable) if e.kind() == ErrorKind::Unsupported => Ok(None),
+            (Err(e), _) => Err(e),
+        };
+        match check_value {
             Ok(check_value) => {
                 self.remember(label, ObjectKind::Secret, handle, KeySpec::Aes256);
-                tracing::info!(%label, kcv = %check_value, "made AES-256 key");
+                tracing::info!(%label, kcv = ?check_value, "made AES-256 key");
                 Ok(KeyInfo {
                     label: label.clone(),
                     spec: KeySpec::Aes256,
                     public_key: None,
-                    check_value: Some(check_value),
+                    check_value,
                 })
             }
             Err(error) => {

@@ -6,6 +6,8 @@
 //!   (reopen, re-login, re-find, bounded). Its operations are grouped one family
 //!   per file: `keys.rs` (generate, public key, destroy), `sign.rs` (sign,
 //!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM).
+//! - [`security_officer`] makes the trusted backup KEK, the one thing only
+//!   the token's SO may do.
 //! - `encoding.rs` turns PKCS#11 attributes into `SubjectPublicKeyInfo` and
 //!   converts ECDSA signatures between raw and DER.
 //! - [`HsmError`] (`error.rs`) keeps the PKCS#11 function and `CKR_*` code and
@@ -22,6 +24,7 @@ mod error;
 mod fault;
 mod keys;
 mod pool;
+pub mod security_officer;
 mod session;
 mod sign;
 mod types;

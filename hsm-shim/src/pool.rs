@@ -43,6 +43,10 @@ struct Inner {
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     // Holds the application's login; see the module docs.
+    #[cfg_attr(
+        not(feature = "fault-injection"),
+        expect(dead_code, reason = "held, not read: it keeps the login alive")
+    )]
     login_session: Mutex<Session>,
 }
 
@@ -204,7 +208,7 @@ fn serve(mut session: HsmSession, queue: Receiver<Job>) {
 }
 
 /// Loads and initialises `path` once per process and returns the shared context.
-fn load_module(path: &Path) -> Result<Pkcs11> {
+pub(crate) fn load_module(path: &Path) -> Result<Pkcs11> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
@@ -224,7 +228,7 @@ fn load_module(path: &Path) -> Result<Pkcs11> {
     Ok(ctx)
 }
 
-fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<(Slot, TokenSummary)> {
+pub(crate) fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<(Slot, TokenSummary)> {
     let slots = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| HsmError::from_cryptoki("listing token slots", e))?;

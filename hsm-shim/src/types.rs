@@ -241,9 +241,8 @@ pub enum Exportability {
     #[default]
     NonExportable,
     /// Extractable only wrapped under a key marked trusted
-    /// (`CKA_WRAP_WITH_TRUSTED`), for backup under a backup KEK. Whether the
-    /// module enforces the trusted requirement is module-specific; see
-    /// `docs/architecture.md`.
+    /// (`CKA_WRAP_WITH_TRUSTED`), which only the token's security officer can
+    /// make: see [`crate::security_officer`]. SoftHSM2 enforces this.
     BackupWrapOnly,
 }
 

@@ -6,6 +6,7 @@
 //! any object is made.
 
 use cryptoki::context::Function;
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::Attribute;
@@ -13,11 +14,36 @@ use secrecy::{ExposeSecret, SecretSlice};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{ErrorKind, HsmError, Result};
-use crate::keys::{aes_key_template, private_key_template};
+use crate::keys::{CheckValue, aes_key_template, private_key_template};
 use crate::session::{HsmSession, ObjectKind};
 use crate::types::{AesRole, Exportability, GcmCiphertext, KeyInfo, KeyLabel, KeySpec};
 
 const GCM_TAG_BITS: u64 = 128;
+
+/// SoftHSM2 answers a GCM tag mismatch and a wrapped blob that fails its RFC
+/// 5649 integrity check with `CKR_GENERAL_ERROR`, not with
+/// `CKR_ENCRYPTED_DATA_INVALID` / `CKR_WRAPPED_KEY_INVALID`. For `C_Decrypt`
+/// with GCM and for `C_UnwrapKey` that is what it means, so it is reported as
+/// the integrity failure it is.
+fn integrity_failure(error: HsmError) -> HsmError {
+    if error.rv() == Some(RvError::GeneralError) {
+        HsmError::new(
+            ErrorKind::IntegrityFailure,
+            format!("integrity check failed: {error}"),
+        )
+    } else {
+        error
+    }
+}
+
+/// SoftHSM2 refuses `CKA_MODIFIABLE` in a `C_UnwrapKey` template
+/// (`CKR_ATTRIBUTE_READ_ONLY`), so unwrapped keys keep the default (modifiable).
+/// That cannot weaken them: `CKA_SENSITIVE` and `CKA_EXTRACTABLE` only move one
+/// way in PKCS#11, whatever `CKA_MODIFIABLE` says.
+fn for_unwrap(mut template: Vec<Attribute>) -> Vec<Attribute> {
+    template.retain(|attribute| !matches!(attribute, Attribute::Modifiable(_)));
+    template
+}
 
 impl HsmSession {
     /// Wraps the private or secret key labelled `target` under the KEK labelled
@@ -53,7 +79,7 @@ impl HsmSession {
                 format!("{spec} is not a private key spec"),
             ));
         }
-        let template = private_key_template(label, spec, export);
+        let template = for_unwrap(private_key_template(label, spec, export));
         self.ensure_label_free_for_import(label)?;
         self.recovering(|s| {
             let unwrapping = s.find(ObjectKind::Secret, kek)?;
@@ -69,13 +95,15 @@ impl HsmSession {
                     )
                 },
             )
-        })?;
+        })
+        .map_err(integrity_failure)?;
         tracing::info!(%label, %spec, %kek, "unwrapped private key");
         Ok(label.clone())
     }
 
     /// Unwraps an AES-256 key wrapped under `kek` into a new token object
-    /// labelled `label`, and returns its key check value.
+    /// labelled `label`, and returns its key check value if the module computes
+    /// one for unwrapped keys (SoftHSM2 does not).
     pub fn unwrap_aes_key(
         &mut self,
         kek: &KeyLabel,
@@ -84,24 +112,27 @@ impl HsmSession {
         role: AesRole,
         export: Exportability,
     ) -> Result<KeyInfo> {
-        let template = aes_key_template(label, role, export);
+        let template = for_unwrap(aes_key_template(label, role, export));
         self.ensure_label_free_for_import(label)?;
-        let handle = self.recovering(|s| {
-            let unwrapping = s.find(ObjectKind::Secret, kek)?;
-            s.call(
-                Function::UnwrapKey,
-                || format!("unwrapping {label} under {kek}"),
-                |session| {
-                    session.unwrap_key(
-                        &Mechanism::AesKeyWrapPad,
-                        unwrapping.handle,
-                        wrapped,
-                        &template,
-                    )
-                },
-            )
-        })?;
-        self.finish_secret_key(label, handle)
+        let handle = self
+            .recovering(|s| {
+                let unwrapping = s.find(ObjectKind::Secret, kek)?;
+                s.call(
+                    Function::UnwrapKey,
+                    || format!("unwrapping {label} under {kek}"),
+                    |session| {
+                        session.unwrap_key(
+                            &Mechanism::AesKeyWrapPad,
+                            unwrapping.handle,
+                            wrapped,
+                            &template,
+                        )
+                    },
+                )
+            })
+            .map_err(integrity_failure)?;
+        // SoftHSM2 computes no CKA_CHECK_VALUE for unwrapped keys.
+        self.finish_secret_key(label, handle, CheckValue::IfAvailable)
     }
 
     /// Imports a 32-byte AES key value (for example one assembled from
@@ -140,7 +171,7 @@ impl HsmSession {
             }
             created
         })?;
-        self.finish_secret_key(label, handle)
+        self.finish_secret_key(label, handle, CheckValue::Required)
     }
 
     /// Encrypts with AES-256-GCM under the key labelled `label`, with a fresh
@@ -210,5 +241,6 @@ impl HsmSession {
             )
             .map(Zeroizing::new)
         })
+        .map_err(integrity_failure)
     }
 }

@@ -1,2 +1,303 @@
+//! Test fixtures for custody on a real SoftHSM2 token.
+//!
+//! **One process, one token.** SoftHSM2 reads `SOFTHSM2_CONF` once, at
+//! `C_Initialize`, and a process does not see tokens that others create later.
+//! So every test made with [`token_test!`] re-runs itself in a child process
+//! whose environment points at a token directory of its own, made fresh in a
+//! temp dir. This works the same under `cargo test` (threads) and `cargo
+//! nextest` (a process per test), needs no `unsafe` `set_var`, and lets tests
+//! run in parallel without sharing a token.
+//!
+//! The module path comes from `SOFTHSM2_MODULE`, defaulting to Debian's.
+
 #![forbid(unsafe_code)]
-//! placeholder
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hsm_shim::{Hsm, HsmConfig, PublicKey, SecretString, SignAlgorithm, SignInput, TokenSelector};
+
+/// Where Debian's `softhsm2` package puts the module.
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+const ISOLATED_TEST: &str = "CUSTODY_ISOLATED_TEST";
+const TOKEN_DIR: &str = "CUSTODY_TEST_TOKEN_DIR";
+const TOKEN_LABEL: &str = "custody-test";
+const USER_PIN: &str = "4711-user";
+const SO_PIN: &str = "0815-so";
+
+/// The PKCS#11 module under test.
+pub fn module_path() -> PathBuf {
+    std::env::var_os("SOFTHSM2_MODULE").map_or_else(|| PathBuf::from(DEFAULT_MODULE), PathBuf::from)
+}
+
+/// A SoftHSM2 token made for one test (or one benchmark run).
+#[derive(Debug, Clone)]
+pub struct TestToken {
+    dir: PathBuf,
+}
+
+impl TestToken {
+    /// Makes a token directory, a `softhsm2.conf` pointing at it, and an
+    /// initialised token in it, with `softhsm2-util`.
+    pub fn create(dir: &Path) -> TestToken {
+        let token = TestToken {
+            dir: dir.to_path_buf(),
+        };
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).expect("create token dir");
+        std::fs::write(
+            token.conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+        std::fs::write(token.pin_file(), USER_PIN).expect("write PIN file");
+        let output = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", token.conf())
+            .args(["--init-token", "--free", "--label", TOKEN_LABEL])
+            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
+            .output()
+            .expect("run softhsm2-util (is the softhsm2 package installed?)");
+        assert_success("softhsm2-util --init-token", &output);
+        token
+    }
+
+    /// The `softhsm2.conf` of this token; give it to child processes as
+    /// `SOFTHSM2_CONF`.
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    /// A file holding the user PIN.
+    pub fn pin_file(&self) -> PathBuf {
+        self.dir.join("user.pin")
+    }
+
+    /// The token label.
+    pub fn label(&self) -> &'static str {
+        TOKEN_LABEL
+    }
+
+    /// The user PIN (test tokens only).
+    pub fn user_pin(&self) -> &'static str {
+        USER_PIN
+    }
+
+    /// The security officer PIN (test tokens only).
+    pub fn so_pin(&self) -> SecretString {
+        SecretString::from(SO_PIN)
+    }
+
+    /// A scratch directory for the test's own files.
+    pub fn scratch(&self) -> PathBuf {
+        let scratch = self.dir.join("scratch");
+        std::fs::create_dir_all(&scratch).expect("create scratch dir");
+        scratch
+    }
+
+    /// The config to open this token with `workers` worker threads.
+    pub fn config(&self, workers: usize) -> HsmConfig {
+        let mut config = HsmConfig::new(
+            module_path(),
+            TokenSelector::Label(TOKEN_LABEL.into()),
+            SecretString::from(USER_PIN),
+        );
+        config.workers = workers;
+        config
+    }
+
+    /// Opens this token with the default worker count.
+    pub fn open(&self) -> Hsm {
+        Hsm::open(self.config(HsmConfig::DEFAULT_WORKERS)).expect("open the test token")
+    }
+
+    /// `pkcs11-tool` on this token, logged in as the user: another process
+    /// acting on the same token, as an operator or an attacker would.
+    pub fn pkcs11_tool(&self) -> Command {
+        let mut command = Command::new("pkcs11-tool");
+        command
+            .env("SOFTHSM2_CONF", self.conf())
+            .arg("--module")
+            .arg(module_path())
+            .args(["--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN]);
+        command
+    }
+}
+
+/// Runs `body` on a fresh token in a child process of its own; see the crate
+/// docs. `module_path` and `name` identify the test (use [`token_test!`]).
+pub fn run_isolated(module_path: &str, name: &str, body: impl FnOnce(&TestToken)) {
+    // libtest names a test by its path inside the test crate, without the
+    // crate's own name.
+    let test_name = module_path
+        .split("::")
+        .skip(1)
+        .chain(std::iter::once(name))
+        .collect::<Vec<_>>()
+        .join("::");
+    let child_args = [&test_name, "--exact", "--nocapture", "--test-threads=1"];
+    let Some(output) = with_fresh_token(&test_name, &child_args, body) else {
+        return;
+    };
+    // Through the harness's capture, so the child's output shows only when the
+    // test fails, as any test's would.
+    #[expect(clippy::print_stdout, reason = "forwards the child's test output")]
+    {
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+    }
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let ran = String::from_utf8_lossy(&output.stdout).contains("1 passed");
+    assert!(
+        output.status.success() && ran,
+        "test {test_name} failed in its token process (see its output above)"
+    );
+}
+
+/// The re-run behind [`run_isolated`], for any program: in the parent, makes a
+/// fresh token and re-runs the current executable with `child_args` and the
+/// token's environment, returning the child's output; in that child (told
+/// apart by `id`), runs `body` and returns `None`.
+pub fn with_fresh_token(
+    id: &str,
+    child_args: &[&str],
+    body: impl FnOnce(&TestToken),
+) -> Option<Output> {
+    if std::env::var(ISOLATED_TEST).as_deref() == Ok(id) {
+        let dir = std::env::var_os(TOKEN_DIR).expect("token dir of the isolated run");
+        body(&TestToken {
+            dir: PathBuf::from(dir),
+        });
+        return None;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("custody-token-")
+        .tempdir()
+        .expect("temp dir");
+    let token = TestToken::create(dir.path());
+    let output = Command::new(std::env::current_exe().expect("own executable path"))
+        .args(child_args)
+        .env(ISOLATED_TEST, id)
+        .env(TOKEN_DIR, dir.path())
+        .env("SOFTHSM2_CONF", token.conf())
+        .output()
+        .expect("re-run in a child process");
+    Some(output)
+}
+
+/// Declares a test that runs on a fresh SoftHSM2 token of its own:
+///
+/// ```ignore
+/// token_test!(fn signs(token) { let hsm = token.open(); /* ... */ });
+/// ```
+#[macro_export]
+macro_rules! token_test {
+    ($(#[$meta:meta])* fn $name:ident($token:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            $crate::run_isolated(module_path!(), stringify!($name), |$token: &$crate::TestToken| $body);
+        }
+    };
+}
+
+/// Panics with the command's output unless it succeeded.
+pub fn assert_success(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Verifies a signature with `openssl`, independently of the HSM. ECDSA
+/// signatures must be DER (what X.509 tooling expects).
+pub fn openssl_verifies(
+    scratch: &Path,
+    public_key: &PublicKey,
+    algorithm: SignAlgorithm,
+    input: SignInput<'_>,
+    signature: &[u8],
+) -> bool {
+    let dir = tempfile::tempdir_in(scratch).expect("temp dir");
+    let key = dir.path().join("public.pem");
+    let data = dir.path().join("data");
+    let sig = dir.path().join("signature");
+    std::fs::write(&key, public_key.to_pem().expect("PEM")).expect("write key");
+    std::fs::write(&sig, signature).expect("write signature");
+    let (bytes, is_digest) = match input {
+        SignInput::Digest(d) => (d, true),
+        SignInput::Message(m) => (m, false),
+    };
+    std::fs::write(&data, bytes).expect("write data");
+
+    let mut command = Command::new("openssl");
+    let hash_name = algorithm.hash().map(|h| match h {
+        hsm_shim::HashAlg::Sha256 => "sha256",
+        hsm_shim::HashAlg::Sha384 => "sha384",
+        hsm_shim::HashAlg::Sha512 => "sha512",
+    });
+    let pss = matches!(algorithm, SignAlgorithm::RsaPss(_));
+    if is_digest || algorithm == SignAlgorithm::Ed25519 {
+        command
+            .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+            .arg(&key);
+        command.arg("-in").arg(&data).arg("-sigfile").arg(&sig);
+        if algorithm == SignAlgorithm::Ed25519 {
+            command.arg("-rawin");
+        }
+        if let (Some(hash), false) = (hash_name, algorithm.is_ecdsa()) {
+            command.args(["-pkeyopt", &format!("digest:{hash}")]);
+            if pss {
+                command.args([
+                    "-pkeyopt",
+                    "rsa_padding_mode:pss",
+                    "-pkeyopt",
+                    "rsa_pss_saltlen:digest",
+                ]);
+            }
+        }
+    } else {
+        let hash = hash_name.expect("message forms other than Ed25519 are hashed");
+        command
+            .args(["dgst", &format!("-{hash}"), "-verify"])
+            .arg(&key);
+        command.arg("-signature").arg(&sig);
+        if pss {
+            command.args([
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:digest",
+            ]);
+        }
+        command.arg(&data);
+    }
+    let output = command.output().expect("run openssl");
+    output.status.success()
+}
+
+/// Runs `openssl` with `args`, feeding `input`, and returns its stdout.
+pub fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write to openssl");
+    let output = child.wait_with_output().expect("openssl output");
+    assert_success(&format!("openssl {}", args.join(" ")), &output);
+    output.stdout
+}
