@@ -59,7 +59,20 @@ pub(crate) fn ec_params(spec: KeySpec) -> Result<Vec<u8>> {
 }
 
 /// The spec of an EC or Edwards key from its `CKA_EC_PARAMS`.
+///
+/// PKCS#11 3.0 allows Edwards curves to be named by a PrintableString instead
+/// of an OID, and SoftHSM2 does exactly that for the private half of a key
+/// pair generated with the OID ("edwards25519"), so both forms are read.
 pub(crate) fn spec_from_ec_params(params: &[u8]) -> Result<KeySpec> {
+    if let Ok(name) = der::asn1::PrintableStringRef::from_der(params) {
+        return match name.as_str() {
+            "edwards25519" => Ok(KeySpec::Ed25519),
+            other => Err(HsmError::new(
+                ErrorKind::Unsupported,
+                format!("unsupported curve {other:?}"),
+            )),
+        };
+    }
     let oid = ObjectIdentifier::from_der(params).map_err(der_error)?;
     match oid {
         SECP256R1 => Ok(KeySpec::EcP256),
@@ -232,6 +245,23 @@ mod tests {
             let err = ecdsa_der_to_raw(bad, 32).expect_err("must fail");
             assert_eq!(err.kind(), ErrorKind::InvalidInput);
         }
+    }
+
+    #[test]
+    fn edwards_curves_named_by_printable_string_are_read() {
+        let printable = der::asn1::PrintableStringRef::new("edwards25519")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        assert_eq!(spec_from_ec_params(&printable).unwrap(), KeySpec::Ed25519);
+        let other = der::asn1::PrintableStringRef::new("edwards448")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        assert_eq!(
+            spec_from_ec_params(&other).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! demand, so those are injected at the PKCS#11 boundary (the `fault-injection`
 //! feature of hsm-shim); the logout is real.
 
-#![allow(clippy::unwrap_used, reason = "a test fails by panicking on the unexpected")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
 
 use hsm_shim::pkcs11::{Function, RvError};
 use hsm_shim::{
-    EcdsaEncoding, ErrorKind, Exportability, Hsm, KeyLabel, KeySpec, MAX_RECOVERIES,
-    SignAlgorithm, SignInput,
+    EcdsaEncoding, ErrorKind, Exportability, Hsm, KeyLabel, KeySpec, MAX_RECOVERIES, SignAlgorithm,
+    SignInput,
 };
 use softhsm_tests::{TestToken, token_test};
 
@@ -28,7 +31,9 @@ fn ready(token: &TestToken) -> (Hsm, KeyLabel) {
 /// Signs through the worker pool, as the daemon does.
 fn sign(hsm: &Hsm, key: &KeyLabel) -> hsm_shim::Result<Vec<u8>> {
     let key = key.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     runtime.block_on(hsm.run(move |s| {
         s.sign(
             &key,

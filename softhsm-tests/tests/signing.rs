@@ -470,3 +470,47 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn keys_made_by_an_earlier_process_are_found_with_their_spec(token) {
+        let specs = [
+            KeySpec::EcP256,
+            KeySpec::EcP384,
+            KeySpec::Ed25519,
+            KeySpec::Rsa2048,
+            KeySpec::Aes256,
+        ];
+        {
+            let hsm = token.open();
+            let mut session = hsm.session().unwrap();
+            for spec in specs {
+                let key = label(&format!("{spec}/v1"));
+                if spec.is_key_pair() {
+                    session.generate_key_pair(&key, spec, Exportability::NonExportable).unwrap();
+                } else {
+                    session
+                        .generate_aes_key(&key, hsm_shim::AesRole::DataEncryption, Exportability::NonExportable)
+                        .unwrap();
+                }
+            }
+        }
+        // Another process (pkcs11-tool) sees them, and a new Hsm, whose handle
+        // cache is cold, reads each spec back from the token's attributes.
+        let listing = token.pkcs11_tool().arg("--list-objects").output().unwrap();
+        assert_success("pkcs11-tool --list-objects", &listing);
+        let hsm = token.open();
+        let mut session = hsm.session().unwrap();
+        for spec in specs {
+            let key = label(&format!("{spec}/v1"));
+            assert_eq!(session.key_spec(&key).unwrap(), spec);
+            if let Some(algorithm) = spec.default_sign_algorithm() {
+                let digest_bytes = algorithm.hash().map(|h| digest(h, MESSAGE)).unwrap_or_default();
+                let input = inputs(algorithm, &digest_bytes)[0];
+                let signature = session.sign(&key, algorithm, input, EcdsaEncoding::Der).unwrap();
+                let public_key = session.public_key(&key).unwrap();
+                assert_eq!(public_key.spec(), spec);
+                assert!(openssl_verifies(&token.scratch(), &public_key, algorithm, input, &signature));
+            }
+        }
+    }
+);

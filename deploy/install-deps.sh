@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what custody's demo and test suite need on a Debian machine, if it is
+# missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
+# PKCS#11 client, used by tests as "another process") and openssl (the
+# independent verifier). No system protoc is needed: .proto files compile with
+# protox.
+set -euo pipefail
+
+need=()
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+
+if ((${#need[@]})); then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "custody needs a Rust toolchain (cargo 1.85 or newer); install it with rustup" >&2
+  exit 1
+fi
