@@ -6,7 +6,9 @@
 //! - directly on `HsmSession`s owned by 1 and by 2 caller threads (the raw
 //!   baseline), and
 //! - through `Hsm::run`, the async worker pool the daemon uses, with 1 and 2
-//!   workers and 1, 2 and 16 concurrent async callers,
+//!   workers and 1, 2 and 16 concurrent async callers, and
+//! - through tokio's `spawn_blocking` with a session per blocking thread (the
+//!   design we did not choose), with 16 callers,
 //!
 //! each the median of `BENCH_ROUNDS` (default 3) runs of `BENCH_SECONDS`
 //! (default 1) seconds, and prints a Markdown table with each figure as a ratio
@@ -183,6 +185,61 @@ fn pooled(hsm: &Hsm, op: Op, callers: usize, settings: &Settings) -> f64 {
     median(rates)
 }
 
+thread_local! {
+    static BLOCKING_SESSION: std::cell::RefCell<Option<HsmSession>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The alternative design: `callers` async tasks each hand the operation to
+/// tokio's blocking pool, whose threads keep a session in a thread-local.
+fn spawn_blocking(hsm: &Hsm, op: Op, callers: usize, settings: &Settings) -> f64 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let rates = (0..settings.rounds)
+        .map(|_| {
+            let count = Arc::new(AtomicU64::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            runtime.block_on(async {
+                let tasks: Vec<_> = (0..callers)
+                    .map(|_| {
+                        let hsm = hsm.clone();
+                        let count = count.clone();
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                let hsm = hsm.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    BLOCKING_SESSION.with(|cell| {
+                                        let mut slot = cell.borrow_mut();
+                                        let session = slot.get_or_insert_with(|| {
+                                            hsm.session().expect("session")
+                                        });
+                                        op.run_once(session, &op.label()).expect("operation");
+                                    });
+                                })
+                                .await
+                                .expect("blocking task");
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        })
+                    })
+                    .collect();
+                tokio::time::sleep(Duration::from_secs_f64(settings.seconds)).await;
+                stop.store(true, Ordering::Relaxed);
+                for task in tasks {
+                    task.await.expect("task");
+                }
+            });
+            count.load(Ordering::Relaxed) as f64 / settings.seconds
+        })
+        .collect();
+    median(rates)
+}
+
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -208,9 +265,9 @@ fn bench(token: &TestToken) {
         settings.rounds, settings.seconds
     );
     println!(
-        "| operation | direct, 1 thread | direct, 2 threads | pool 1 worker, 1 caller | pool 1 worker, 16 callers | pool 2 workers, 1 caller | pool 2 workers, 2 callers | pool 2 workers, 16 callers |"
+        "| operation | direct, 1 thread | direct, 2 threads | pool 1 worker, 1 caller | pool 1 worker, 16 callers | pool 2 workers, 1 caller | pool 2 workers, 2 callers | pool 2 workers, 16 callers | spawn_blocking (2 threads), 16 callers |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for op in Op::ALL {
         let base = direct(&setup, op, 1, &settings);
         let mut cells = vec![format!("{base:.0}")];
@@ -223,6 +280,7 @@ fn bench(token: &TestToken) {
                 add(pooled(&pool, op, c, &settings));
             }
         }
+        add(spawn_blocking(&setup, op, 16, &settings));
         println!("| {} | {} |", op.name(), cells.join(" | "));
     }
 }
