@@ -215,9 +215,8 @@ fn spawn_blocking(hsm: &Hsm, op: Op, callers: usize, settings: &Settings) -> f64
                                 tokio::task::spawn_blocking(move || {
                                     BLOCKING_SESSION.with(|cell| {
                                         let mut slot = cell.borrow_mut();
-                                        let session = slot.get_or_insert_with(|| {
-                                            hsm.session().expect("session")
-                                        });
+                                        let session = slot
+                                            .get_or_insert_with(|| hsm.session().expect("session"));
                                         op.run_once(session, &op.label()).expect("operation");
                                     });
                                 })
