@@ -182,6 +182,7 @@ pub fn with_fresh_token(
         .env(ISOLATED_TEST, id)
         .env(TOKEN_DIR, dir.path())
         .env("SOFTHSM2_CONF", token.conf())
+        .env("CUSTODY_TEST_USER_PIN", USER_PIN)
         .output()
         .expect("re-run in a child process");
     Some(output)

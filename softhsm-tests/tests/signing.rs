@@ -514,3 +514,24 @@ token_test!(
         }
     }
 );
+
+token_test!(
+    fn the_token_is_found_by_serial_and_the_pin_read_from_the_environment(token) {
+        let serial = token.open().token().serial.clone();
+        assert!(!serial.is_empty());
+        let mut config = token.config(1);
+        config.token = hsm_shim::TokenSelector::Serial(serial.clone());
+        // The child process of this test has the PIN in its environment only if
+        // we put it there: use a variable the fixture sets for every test.
+        config.pin = hsm_shim::PinSource::Env("CUSTODY_TEST_USER_PIN".into())
+            .load()
+            .unwrap();
+        let hsm = Hsm::open(config).unwrap();
+        assert_eq!(hsm.token().serial, serial);
+        assert_eq!(hsm.token().label, token.label());
+        let err = hsm_shim::PinSource::Env("CUSTODY_NO_SUCH_PIN_VARIABLE".into())
+            .load()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Configuration);
+    }
+);
