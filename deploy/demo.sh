@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The main job, as it stands: a fresh SoftHSM2 dev token, a key generated
-# inside it, a digest signed by it, and the signature verified by openssl,
-# which knows nothing of the HSM.
+# The main job: custodyd on a fresh SoftHSM2 dev token with dev certificates,
+# and a CA-style round trip through it: create a key, sign a digest, verify
+# the signature with openssl (which knows nothing of the HSM), export the
+# audit log and verify it offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 deploy/install-deps.sh
+cargo build -q --locked -p custody-daemon --bins
+bin="$PWD/target/debug"
 
 dev="$PWD/.dev"
-rm -rf "$dev/softhsm" "$dev/demo"
-mkdir -p "$dev/softhsm/tokens" "$dev/demo"
+rm -rf "$dev"
+mkdir -p "$dev/softhsm/tokens" "$dev/pki" "$dev/data" "$dev/demo"
 chmod 700 "$dev"
 cat > "$dev/softhsm/softhsm2.conf" <<CONF
 directories.tokendir = $dev/softhsm/tokens
@@ -19,8 +22,7 @@ log.level = ERROR
 CONF
 export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
 
-# Random PINs, kept in files only the owner reads: never on a command line of
-# the daemon, never in its config.
+# Random PINs in files only the owner reads: never in the config.
 umask 077
 head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dev/user.pin"
 head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dev/so.pin"
@@ -28,12 +30,54 @@ softhsm2-util --init-token --free --label custody-dev \
   --so-pin "$(cat "$dev/so.pin")" --pin "$(cat "$dev/user.pin")" >/dev/null
 echo "== fresh SoftHSM2 token 'custody-dev' in $dev/softhsm"
 
-cargo run -q --locked -p hsm-shim --example hsm-demo -- \
-  --module /usr/lib/softhsm/libsofthsm2.so \
-  --token-label custody-dev \
-  --pin-file "$dev/user.pin" \
-  --out "$dev/demo"
+"$bin/custodyctl" dev-pki --out "$dev/pki" >/dev/null
+echo "== dev CA and certificates in $dev/pki (operator, ca-issuing, auditor, alice)"
+
+port=$(( 20000 + RANDOM % 20000 ))
+cat > "$dev/custodyd.toml" <<CONF
+listen = "127.0.0.1:$port"
+data_dir = "$dev/data"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "custody-dev"
+pin_file = "$dev/user.pin"
+[tls]
+cert = "$dev/pki/server.pem"
+key = "$dev/pki/server.key"
+client_ca = "$dev/pki/ca.pem"
+crls = ["$dev/pki/crl.pem"]
+CONF
+
+RUST_LOG=warn "$bin/custodyd" --config "$dev/custodyd.toml" > "$dev/custodyd.log" 2>&1 &
+daemon=$!
+trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
+
+export CUSTODY_SERVER="https://localhost:$port" CUSTODY_CA="$dev/pki/ca.pem"
+as() { CUSTODY_CERT="$dev/pki/$1.pem" CUSTODY_KEY="$dev/pki/$1.key" "$bin/custodyctl" "${@:2}"; }
+for _ in $(seq 100); do
+  as auditor audit verify-server >/dev/null 2>&1 && break
+  kill -0 $daemon 2>/dev/null || { cat "$dev/custodyd.log"; exit 1; }
+  sleep 0.1
+done
+echo "== custodyd is up on 127.0.0.1:$port (mTLS, TLS 1.3)"
+
+echo "== the operator creates an issuing key; only principal ca-issuing may sign with it"
+as operator keys create issuing-ca --algorithm EC_SIGN_P256_SHA256 --signer ca-issuing
+as operator keys public-key issuing-ca --out "$dev/demo/issuing-ca.pem"
+
+echo "== the CA signs the SHA-256 digest of a to-be-signed certificate"
+printf 'tbsCertificate of www.example.test\n' > "$dev/demo/tbs.bin"
+digest=$(openssl dgst -sha256 -binary "$dev/demo/tbs.bin" | od -An -tx1 | tr -d ' \n')
+as ca-issuing sign issuing-ca --digest "$digest" --out "$dev/demo/tbs.sig"
 
 echo "== openssl verifies the signature with the exported public key"
-openssl dgst -sha256 -verify "$dev/demo/public.pem" \
-  -signature "$dev/demo/signature.der" "$dev/demo/message.txt"
+openssl dgst -sha256 -verify "$dev/demo/issuing-ca.pem" -signature "$dev/demo/tbs.sig" "$dev/demo/tbs.bin"
+
+echo "== the operator may not sign (not on the allow-list), and says so"
+if as operator sign issuing-ca --digest "$digest" 2>&1; then
+  echo "unexpected: the operator could sign"; exit 1
+fi
+
+echo "== the auditor exports the audit log and verifies it offline"
+as auditor audit export --out "$dev/demo/audit.jsonl" --key-out "$dev/demo/audit-key.pem"
+as auditor audit verify "$dev/demo/audit.jsonl" --audit-key "$dev/demo/audit-key.pem"

@@ -1,4 +1,33 @@
-//! custodyd and custodyctl. The gRPC service, key registry, audit log and
-//! approvals land here; the HSM itself is reached only through `hsm-shim`.
+//! custodyd, the signing and key-custody daemon, and custodyctl, its CLI.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`client`] | mTLS channels to custodyd (custodyctl, tests) |
+//! | [`config`] | the TOML configuration |
+//! | [`tls`] | mTLS: rustls config, CRLs, reload, the accept loop |
+//! | [`identity`] | client certificate → principal and roles |
+//! | [`service`] | the gRPC handlers (keys, signing, audit) and the request shape they share |
+//! | [`registry`] | keys and versions in sled, held in memory |
+//! | [`audit`] | the hash-chained audit log, group commit, checkpoints, offline verification |
+//! | [`algorithms`] | API algorithms and what they mean at the HSM |
+//! | [`error`] | service errors and the one map to gRPC statuses |
+//! | [`metrics`] | every Prometheus metric |
+//! | [`server`] | assembling and running the server |
+//! | [`devpki`] | a development CA and certificates, for the demo and tests |
+//!
+//! The HSM is reached only through `hsm-shim`.
 
 #![forbid(unsafe_code)]
+
+pub mod algorithms;
+pub mod audit;
+pub mod client;
+pub mod config;
+pub mod devpki;
+pub mod error;
+pub mod identity;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod tls;

@@ -1,4 +1,14 @@
-//! The `custody.v1` gRPC API. The `.proto` files and their generated code land
-//! here with the signing service; this crate is the workspace's place for them.
+//! The `custody.v1` gRPC API, generated at build time from
+//! `proto/custody/v1/*.proto` with protox (no system `protoc`).
 
 #![forbid(unsafe_code)]
+
+/// The `custody.v1` package.
+pub mod v1 {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("custody.v1");
+
+    /// The encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("custody_descriptor");
+}

@@ -1,0 +1,594 @@
+//! custodyctl: the command-line client of custodyd.
+//!
+//! Connection options come from flags or the environment: `--server`
+//! (`CUSTODY_SERVER`), `--ca` (`CUSTODY_CA`), `--cert` (`CUSTODY_CERT`),
+//! `--key` (`CUSTODY_KEY`). `dev-pki` and `audit verify` work offline.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use custody_daemon::algorithms::KeyAlgorithm;
+use custody_daemon::audit::{ExportLine, SignedHead, verify_export};
+use custody_proto::v1::audit_service_client::AuditServiceClient;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::signing_service_client::SigningServiceClient;
+use custody_proto::v1::{
+    CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPurpose, KeyVersionState,
+    ListKeysRequest, ReadAuditRequest, RotateKeyRequest, SetKeyVersionStateRequest, SignRequest,
+    SignatureEncoding, VerifyAuditRequest, VerifyRequest, digest, read_audit_response,
+    sign_request, verify_request,
+};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Client of custodyd, the HSM-backed signing and key-custody service"
+)]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ClapArgs)]
+struct Connection {
+    /// custodyd's address.
+    #[arg(
+        long,
+        env = "CUSTODY_SERVER",
+        default_value = "https://localhost:7443",
+        global = true
+    )]
+    server: String,
+    /// CA certificate that issued custodyd's certificate (PEM).
+    #[arg(long, env = "CUSTODY_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Your client certificate (PEM).
+    #[arg(long, env = "CUSTODY_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Your client key (PEM).
+    #[arg(long, env = "CUSTODY_KEY", global = true)]
+    key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign a digest or a file.
+    Sign(SignArgs),
+    /// Verify a signature with the HSM's copy of the public key.
+    Verify(VerifyArgs),
+    /// Export and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Make a development CA, server and client certificates (offline).
+    DevPki {
+        /// Directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names or addresses for the server certificate.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key (generated in the HSM).
+    Create {
+        /// Key id: lower-case letters, digits, '-'.
+        key_id: String,
+        /// Algorithm, e.g. EC_SIGN_P256_SHA256 (see docs/api.md).
+        #[arg(long)]
+        algorithm: String,
+        /// A principal allowed to sign (repeat for more).
+        #[arg(long = "signer")]
+        signers: Vec<String>,
+    },
+    /// List keys.
+    List,
+    /// Show a key and its versions.
+    Show {
+        /// keys/{key_id} or just the key id.
+        name: String,
+    },
+    /// Make a new version the primary one.
+    Rotate {
+        /// keys/{key_id} or just the key id.
+        name: String,
+    },
+    /// Print a public key (PEM).
+    PublicKey {
+        /// keys/{key_id}[/versions/{n}] or just the key id.
+        name: String,
+        /// Write the PEM to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Change a version's state.
+    SetState {
+        /// keys/{key_id}/versions/{n}.
+        name: String,
+        /// The new state.
+        state: StateArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Active,
+    Suspended,
+    Deactivated,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HashArg {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Der,
+    Raw,
+}
+
+#[derive(ClapArgs)]
+struct InputArgs {
+    /// keys/{key_id}[/versions/{n}] or just the key id.
+    name: String,
+    /// A digest, hex.
+    #[arg(long, conflicts_with = "file")]
+    digest: Option<String>,
+    /// The digest's hash function.
+    #[arg(long, value_enum, default_value = "sha256")]
+    hash: HashArg,
+    /// A file to sign as a message (the service hashes it, or signs it whole
+    /// for Ed25519).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Signature encoding (ECDSA only).
+    #[arg(long, value_enum, default_value = "der")]
+    format: FormatArg,
+}
+
+#[derive(ClapArgs)]
+struct SignArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Write the signature (binary) here; otherwise print it as hex.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(ClapArgs)]
+struct VerifyArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// The signature file (binary).
+    #[arg(long)]
+    signature: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export the whole log, ending with a head signed now (JSON lines).
+    Export {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the audit public key (PEM) here.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+    },
+    /// Verify an exported log offline: chain, checkpoints and signed head.
+    Verify {
+        /// The exported log.
+        file: PathBuf,
+        /// The audit public key (PEM), from a trusted source.
+        #[arg(long)]
+        audit_key: PathBuf,
+    },
+    /// Ask custodyd to verify its stored chain.
+    VerifyServer,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("custodyctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn channel(connection: &Connection) -> Result<Channel, String> {
+    let need = |option: &Option<PathBuf>, flag: &str, var: &str| {
+        option
+            .as_deref()
+            .ok_or_else(|| format!("give {flag} (or set {var})"))
+            .and_then(read)
+    };
+    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
+    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
+    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
+    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
+}
+
+fn status(error: tonic::Status) -> String {
+    let details = tonic_types::StatusExt::get_error_details(&error);
+    match details.error_info() {
+        Some(info) => format!(
+            "{} [{}]: {}",
+            code_name(error.code()),
+            info.reason,
+            error.message()
+        ),
+        None => format!("{}: {}", code_name(error.code()), error.message()),
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}
+
+fn key_name(name: &str) -> String {
+    if name.starts_with("keys/") {
+        name.to_string()
+    } else {
+        format!("keys/{name}")
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+fn print_key(key: &Key) {
+    let algorithm =
+        custody_proto::v1::Algorithm::try_from(key.algorithm).map_or("?", |a| a.as_str_name());
+    println!(
+        "{}  {}  primary v{}  signers: {}",
+        key.name,
+        algorithm,
+        key.primary_version,
+        key.allowed_signers.join(", ")
+    );
+    for version in &key.versions {
+        let state = KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name());
+        println!("  {}  {}", version.name, state);
+    }
+}
+
+fn input_of(
+    args: &InputArgs,
+) -> Result<(Option<sign_request::Input>, Option<verify_request::Input>), String> {
+    match (&args.digest, &args.file) {
+        (Some(hex_digest), None) => {
+            let bytes =
+                hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
+            let digest = Digest {
+                digest: Some(match args.hash {
+                    HashArg::Sha256 => digest::Digest::Sha256(bytes),
+                    HashArg::Sha384 => digest::Digest::Sha384(bytes),
+                    HashArg::Sha512 => digest::Digest::Sha512(bytes),
+                }),
+            };
+            Ok((
+                Some(sign_request::Input::Digest(digest.clone())),
+                Some(verify_request::Input::Digest(digest)),
+            ))
+        }
+        (None, Some(file)) => {
+            let data = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok((
+                Some(sign_request::Input::Data(data.clone())),
+                Some(verify_request::Input::Data(data)),
+            ))
+        }
+        _ => Err("give --digest HEX or --file PATH".into()),
+    }
+}
+
+fn encoding(format: FormatArg) -> i32 {
+    match format {
+        FormatArg::Der => SignatureEncoding::Der as i32,
+        FormatArg::Raw => SignatureEncoding::Raw as i32,
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::DevPki { out, hosts } => {
+            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            custody_daemon::devpki::write_dev_pki(&out, &hosts).map_err(|e| e.to_string())?;
+            println!(
+                "wrote a dev CA, server certificate, CRL and client certificates to {}",
+                out.display()
+            );
+            for (principal, roles) in custody_daemon::devpki::DEV_IDENTITIES {
+                let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+                println!("  {principal}.pem  {}", roles.join(", "));
+            }
+        }
+        Command::Keys(command) => {
+            let mut keys = KeyServiceClient::new(channel(&cli.connection).await?);
+            match command {
+                KeysCommand::Create {
+                    key_id,
+                    algorithm,
+                    signers,
+                } => {
+                    let algorithm = KeyAlgorithm::from_api_name(&algorithm).ok_or_else(|| {
+                        let known: Vec<&str> =
+                            KeyAlgorithm::ALL.iter().map(|a| a.api_name()).collect();
+                        format!(
+                            "unknown algorithm {algorithm:?}; one of: {}",
+                            known.join(", ")
+                        )
+                    })?;
+                    let key = keys
+                        .create_key(CreateKeyRequest {
+                            key_id,
+                            algorithm: algorithm.wire() as i32,
+                            purpose: KeyPurpose::AsymmetricSign as i32,
+                            allowed_signers: signers,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&key);
+                }
+                KeysCommand::List => {
+                    let mut page_token = String::new();
+                    loop {
+                        let page = keys
+                            .list_keys(ListKeysRequest {
+                                page_size: 100,
+                                page_token,
+                            })
+                            .await
+                            .map_err(status)?
+                            .into_inner();
+                        for key in &page.keys {
+                            print_key(key);
+                        }
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        page_token = page.next_page_token;
+                    }
+                }
+                KeysCommand::Show { name } => {
+                    let key = keys
+                        .get_key(GetKeyRequest {
+                            name: key_name(&name),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&key);
+                }
+                KeysCommand::Rotate { name } => {
+                    let key = keys
+                        .rotate_key(RotateKeyRequest {
+                            name: key_name(&name),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&key);
+                }
+                KeysCommand::PublicKey { name, out } => {
+                    let public = keys
+                        .get_public_key(GetPublicKeyRequest {
+                            name: key_name(&name),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    if crc32c::crc32c(public.pem.as_bytes()) != public.pem_crc32c {
+                        return Err(
+                            "the public key was corrupted in transit (CRC32C mismatch)".into()
+                        );
+                    }
+                    match out {
+                        Some(path) => {
+                            std::fs::write(&path, &public.pem)
+                                .map_err(|e| format!("{}: {e}", path.display()))?;
+                            println!(
+                                "wrote the public key of {} to {}",
+                                public.name,
+                                path.display()
+                            );
+                        }
+                        None => print!("{}", public.pem),
+                    }
+                }
+                KeysCommand::SetState { name, state } => {
+                    let state = match state {
+                        StateArg::Active => KeyVersionState::Active,
+                        StateArg::Suspended => KeyVersionState::Suspended,
+                        StateArg::Deactivated => KeyVersionState::Deactivated,
+                    };
+                    let version = keys
+                        .set_key_version_state(SetKeyVersionStateRequest {
+                            name,
+                            state: state as i32,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    println!("{} is now {}", version.name, state.as_str_name());
+                }
+            }
+        }
+        Command::Sign(args) => {
+            let (input, _) = input_of(&args.input)?;
+            let mut signing = SigningServiceClient::new(channel(&cli.connection).await?);
+            let crc = match &input {
+                Some(sign_request::Input::Digest(d)) => match &d.digest {
+                    Some(
+                        digest::Digest::Sha256(b)
+                        | digest::Digest::Sha384(b)
+                        | digest::Digest::Sha512(b),
+                    ) => crc32c::crc32c(b),
+                    None => 0,
+                },
+                Some(sign_request::Input::Data(d)) => crc32c::crc32c(d),
+                None => 0,
+            };
+            let response = signing
+                .sign(SignRequest {
+                    name: key_name(&args.input.name),
+                    input,
+                    encoding: encoding(args.input.format),
+                    input_crc32c: Some(crc),
+                    request_id: 0,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if crc32c::crc32c(&response.signature) != response.signature_crc32c {
+                return Err("the signature was corrupted in transit (CRC32C mismatch)".into());
+            }
+            match args.out {
+                Some(path) => {
+                    std::fs::write(&path, &response.signature)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    println!(
+                        "signed with {}; {}-byte signature written to {}",
+                        response.name,
+                        response.signature.len(),
+                        path.display()
+                    );
+                }
+                None => println!("{}  {}", response.name, hex::encode(&response.signature)),
+            }
+        }
+        Command::Verify(args) => {
+            let (_, input) = input_of(&args.input)?;
+            let signature = std::fs::read(&args.signature)
+                .map_err(|e| format!("{}: {e}", args.signature.display()))?;
+            let mut signing = SigningServiceClient::new(channel(&cli.connection).await?);
+            let response = signing
+                .verify(VerifyRequest {
+                    name: key_name(&args.input.name),
+                    input,
+                    signature,
+                    encoding: encoding(args.input.format),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if response.valid {
+                println!("valid signature by {}", response.name);
+            } else {
+                return Err(format!("INVALID signature for {}", response.name));
+            }
+        }
+        Command::Audit(AuditCommand::Export { out, key_out }) => {
+            let mut audit = AuditServiceClient::new(channel(&cli.connection).await?);
+            let mut stream = audit
+                .read_audit(ReadAuditRequest { start_seq: 1 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut text = String::new();
+            let mut records = 0u64;
+            let mut key_pem = None;
+            while let Some(item) = stream.message().await.map_err(status)? {
+                let line = match item.item {
+                    Some(read_audit_response::Item::Record(r)) => {
+                        records += 1;
+                        ExportLine::Record {
+                            seq: r.seq,
+                            entry: String::from_utf8(r.entry)
+                                .map_err(|_| format!("record {} is not UTF-8", r.seq))?,
+                            hash: hex::encode(r.hash),
+                        }
+                    }
+                    Some(read_audit_response::Item::Head(h)) => {
+                        key_pem = Some(h.audit_public_key_pem.clone());
+                        ExportLine::head(&SignedHead {
+                            seq: h.seq,
+                            hash: h.hash.clone().try_into().map_err(|_| "bad head hash")?,
+                            time: h.time,
+                            signature: h.signature,
+                        })
+                    }
+                    None => continue,
+                };
+                text.push_str(&serde_json::to_string(&line).map_err(|e| e.to_string())?);
+                text.push('\n');
+            }
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "exported {records} records and the signed head to {}",
+                out.display()
+            );
+            if let (Some(path), Some(pem)) = (key_out, key_pem) {
+                std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+                println!(
+                    "wrote the audit public key to {} (compare its fingerprint with the one published at setup)",
+                    path.display()
+                );
+            }
+        }
+        Command::Audit(AuditCommand::Verify { file, audit_key }) => {
+            let text = read(&file)?;
+            let pem = read(&audit_key)?;
+            let spki = pem_to_der(&pem)?;
+            let report = verify_export(&text, &spki)
+                .map_err(|e| format!("the audit log does NOT verify: {e}"))?;
+            println!(
+                "audit log verifies: {} records, {} signed checkpoints, signed head at record {}",
+                report.records, report.checkpoints, report.last_seq
+            );
+        }
+        Command::Audit(AuditCommand::VerifyServer) => {
+            let mut audit = AuditServiceClient::new(channel(&cli.connection).await?);
+            let report = audit
+                .verify_audit(VerifyAuditRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if report.valid {
+                println!(
+                    "custodyd's audit chain verifies: {} records, {} checkpoints",
+                    report.records, report.checkpoints
+                );
+            } else {
+                return Err(format!(
+                    "custodyd's audit chain is broken at record {}: {}",
+                    report.first_bad_seq, report.problem
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The DER inside a `PUBLIC KEY` PEM.
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
+    use p256::pkcs8::DecodePublicKey;
+    use p256::pkcs8::EncodePublicKey;
+    let key = p256::ecdsa::VerifyingKey::from_public_key_pem(pem)
+        .map_err(|e| format!("audit key: not an EC P-256 public key PEM: {e}"))?;
+    Ok(key
+        .to_public_key_der()
+        .map_err(|e| e.to_string())?
+        .as_bytes()
+        .to_vec())
+}

@@ -1,0 +1,213 @@
+//! custodyd's configuration: one TOML file, every field documented in
+//! `deploy/custodyd.toml`. Unknown fields are errors, so a typo never silently
+//! falls back to a default. Secrets are never in this file: the HSM PIN comes
+//! from `pin_file` or `pin_env`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::algorithms::KeyAlgorithm;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the gRPC listener (mTLS only).
+    pub listen: SocketAddr,
+    /// Directory of the sled database (key registry and audit log).
+    pub data_dir: PathBuf,
+    /// Largest gRPC message accepted, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Most requests served at once; the rest wait.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// The HSM.
+    pub hsm: HsmSection,
+    /// TLS files and versions.
+    pub tls: TlsSection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Which algorithms keys may be created with.
+    #[serde(default)]
+    pub policy: PolicySection,
+    /// Audit log checkpoints.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[hsm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token to use.
+    pub token_label: String,
+    /// File holding the user PIN (one of `pin_file`, `pin_env`).
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Worker threads, each with its own HSM session.
+    #[serde(default = "default_hsm_workers")]
+    pub workers: usize,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA certificates that issue client certificates, PEM.
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER), checked for client certificates.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Lowest TLS version: "1.3" (default) or "1.2" (AEAD suites only).
+    #[serde(default = "default_min_tls")]
+    pub min_version: String,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the plain-HTTP Prometheus endpoint; none if unset.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Algorithms keys may be created with, by their API names.
+    #[serde(default = "default_allowed_algorithms")]
+    pub allowed_algorithms: Vec<String>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            allowed_algorithms: default_allowed_algorithms(),
+        }
+    }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Sign a checkpoint after this many records.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ... or after this many seconds with new records.
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_secs: default_checkpoint_interval_secs(),
+        }
+    }
+}
+
+fn default_max_message_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_concurrent_requests() -> usize {
+    1024
+}
+fn default_hsm_workers() -> usize {
+    hsm_shim::HsmConfig::DEFAULT_WORKERS
+}
+fn default_min_tls() -> String {
+    "1.3".into()
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_interval_secs() -> u64 {
+    60
+}
+fn default_allowed_algorithms() -> Vec<String> {
+    KeyAlgorithm::ALL
+        .iter()
+        .filter(|a| a.default_allowed())
+        .map(|a| a.api_name().to_string())
+        .collect()
+}
+
+/// A configuration error, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.pin_source()?;
+        if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
+            return Err(ConfigError(format!(
+                "[tls] min_version must be \"1.2\" or \"1.3\", not {:?}",
+                self.tls.min_version
+            )));
+        }
+        for name in &self.policy.allowed_algorithms {
+            if KeyAlgorithm::from_api_name(name).is_none() {
+                return Err(ConfigError(format!(
+                    "[policy] allowed_algorithms: unknown algorithm {name:?}"
+                )));
+            }
+        }
+        if self.hsm.workers == 0 || self.max_concurrent_requests == 0 {
+            return Err(ConfigError(
+                "[hsm] workers and max_concurrent_requests must be at least 1".into(),
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError(
+                "max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PIN source of `[hsm]`.
+    pub fn pin_source(&self) -> Result<hsm_shim::PinSource, ConfigError> {
+        match (&self.hsm.pin_file, &self.hsm.pin_env) {
+            (Some(file), None) => Ok(hsm_shim::PinSource::File(file.clone())),
+            (None, Some(var)) => Ok(hsm_shim::PinSource::Env(var.clone())),
+            _ => Err(ConfigError(
+                "[hsm] needs exactly one of pin_file and pin_env".into(),
+            )),
+        }
+    }
+
+    /// Algorithms allowed by policy.
+    pub fn allowed_algorithms(&self) -> Vec<KeyAlgorithm> {
+        self.policy
+            .allowed_algorithms
+            .iter()
+            .filter_map(|n| KeyAlgorithm::from_api_name(n))
+            .collect()
+    }
+}

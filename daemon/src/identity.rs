@@ -1,0 +1,139 @@
+//! Who is calling: the client certificate, mapped to a principal and roles.
+//!
+//! The mapping is by SAN URI, one per role: `urn:custody:{role}:{principal}`,
+//! for example `urn:custody:signer:ca-issuing-1`. A certificate may carry
+//! several such URIs (one person as officer and auditor), all naming the same
+//! principal; anything else is refused. The certificate chain, validity and
+//! revocation are checked by rustls during the handshake, before this runs.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// A role a principal may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Security officer: approves sensitive operations, runs ceremonies.
+    Officer,
+    /// Requests signatures with keys whose allow-list names it.
+    Signer,
+    /// Reads and verifies the audit log.
+    Auditor,
+    /// Manages keys: create, rotate, change states.
+    Operator,
+}
+
+impl Role {
+    const ALL: [Role; 4] = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
+
+    /// The role's name in URIs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Officer => "officer",
+            Role::Signer => "signer",
+            Role::Auditor => "auditor",
+            Role::Operator => "operator",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The SAN URI prefix that marks a custody identity.
+pub const URI_PREFIX: &str = "urn:custody:";
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The principal's name (the part after the role in the URI).
+    pub name: String,
+    /// The roles the certificate grants.
+    pub roles: BTreeSet<Role>,
+}
+
+impl Principal {
+    /// True if the principal holds `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// The SAN URI granting `role` to `name`.
+pub fn uri_for(role: Role, name: &str) -> String {
+    format!("{URI_PREFIX}{}:{name}", role.as_str())
+}
+
+/// True for a principal name we accept: 1-64 of `[a-z0-9._-]`, starting with a
+/// letter or digit.
+pub fn valid_principal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Maps a client certificate (DER) to a principal. `Err` says why it maps to
+/// none.
+pub fn principal_from_certificate(der: &[u8]) -> Result<Principal, String> {
+    let (_, certificate) =
+        X509Certificate::from_der(der).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let san = certificate
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName")?;
+    let mut name: Option<String> = None;
+    let mut roles = BTreeSet::new();
+    for general_name in &san.value.general_names {
+        let GeneralName::URI(uri) = general_name else {
+            continue;
+        };
+        let Some(rest) = uri.strip_prefix(URI_PREFIX) else {
+            continue;
+        };
+        let (role, principal) = rest
+            .split_once(':')
+            .ok_or_else(|| format!("malformed custody URI {uri:?}"))?;
+        let role = Role::parse(role).ok_or_else(|| format!("unknown role in {uri:?}"))?;
+        if !valid_principal_name(principal) {
+            return Err(format!("invalid principal name in {uri:?}"));
+        }
+        match &name {
+            Some(existing) if existing != principal => {
+                return Err(format!(
+                    "certificate names two principals ({existing:?} and {principal:?})"
+                ));
+            }
+            _ => name = Some(principal.to_string()),
+        }
+        roles.insert(role);
+    }
+    let name = name.ok_or("certificate carries no urn:custody: identity")?;
+    Ok(Principal { name, roles })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_names_are_restricted() {
+        for good in ["ca-1", "alice", "svc.payments_2"] {
+            assert!(valid_principal_name(good), "{good}");
+        }
+        for bad in ["", "-x", "Alice", "a b", "a:b", &"x".repeat(65)] {
+            assert!(!valid_principal_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Prometheus metrics: every name custodyd exports is defined here.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `custody_requests_total` | counter | method, code |
+//! | `custody_request_seconds` | histogram | method, code |
+//! | `custody_signatures_total` | counter | key, algorithm |
+//! | `custody_audit_append_seconds` | histogram | |
+//! | `custody_audit_records_total` | counter | |
+//! | `custody_audit_checkpoints_total` | counter | outcome |
+//! | `custody_hsm_queue_depth` | gauge | |
+//! | `custody_hsm_workers` | gauge | |
+//! | `custody_tls_handshake_failures_total` | counter | reason |
+//! | `custody_certificate_expiry_seconds` | gauge | which (server, client_ca) |
+
+use std::net::SocketAddr;
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Installs the Prometheus recorder and, if `listen` is set, its HTTP
+/// endpoint. A second call in one process (tests) keeps the first recorder.
+pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ])
+        .map_err(|e| e.to_string())?;
+    if let Some(addr) = listen {
+        builder = builder.with_http_listener(addr);
+    }
+    match builder.install() {
+        Ok(()) => Ok(()),
+        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
+        Err(e) => Err(format!("metrics endpoint: {e}")),
+    }
+}
+
+/// One gRPC request finished.
+pub fn request(method: &'static str, code: tonic::Code, seconds: f64) {
+    let code = format!("{code:?}");
+    metrics::counter!("custody_requests_total", "method" => method, "code" => code.clone())
+        .increment(1);
+    metrics::histogram!("custody_request_seconds", "method" => method, "code" => code)
+        .record(seconds);
+}
+
+/// One signature made.
+pub fn signature(key: &str, algorithm: &'static str) {
+    metrics::counter!("custody_signatures_total", "key" => key.to_string(), "algorithm" => algorithm)
+        .increment(1);
+}
+
+/// One audit append made durable (or not).
+pub fn audit_append(seconds: f64) {
+    metrics::histogram!("custody_audit_append_seconds").record(seconds);
+    metrics::counter!("custody_audit_records_total").increment(1);
+}
+
+/// A checkpoint attempt.
+pub fn audit_checkpoint(outcome: &'static str) {
+    metrics::counter!("custody_audit_checkpoints_total", "outcome" => outcome).increment(1);
+}
+
+/// HSM worker use.
+pub fn hsm(queue_depth: usize, workers: usize) {
+    metrics::gauge!("custody_hsm_queue_depth").set(queue_depth as f64);
+    metrics::gauge!("custody_hsm_workers").set(workers as f64);
+}
+
+/// A refused TLS handshake.
+pub fn tls_handshake_failed(reason: &'static str) {
+    metrics::counter!("custody_tls_handshake_failures_total", "reason" => reason).increment(1);
+}
+
+/// Seconds until `certificate` expires (negative once expired).
+pub fn set_certificate_expiry(which: &'static str, certificate: &CertificateDer<'_>) {
+    let Ok((_, parsed)) = X509Certificate::from_der(certificate) else {
+        return;
+    };
+    let not_after = parsed.validity().not_after.timestamp();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    metrics::gauge!("custody_certificate_expiry_seconds", "which" => which)
+        .set((not_after - now) as f64);
+}

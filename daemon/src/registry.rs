@@ -1,0 +1,161 @@
+//! The key registry: key name → algorithm, signers and versions, in sled.
+//!
+//! The whole registry is read into memory at start (10,000 keys load in
+//! milliseconds; see docs/benchmarks.md), so the signing path never reads the
+//! disk or searches the HSM: a request's key version maps straight to an HSM
+//! label whose handle `hsm-shim` caches. Every change is written to sled and
+//! flushed before it is acknowledged, one change at a time under
+//! [`Registry::lock`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+/// The lifecycle state of one key version, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    /// Generated, not yet signing.
+    PreActivation,
+    /// Signs.
+    Active,
+    /// Barred from signing for now.
+    Suspended,
+    /// Retired for good.
+    Deactivated,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Current state.
+    pub state: VersionState,
+    /// Unix milliseconds of generation.
+    pub created_ms: i64,
+    /// Unix milliseconds of the last state change.
+    pub state_ms: i64,
+    /// The HSM label (`CKA_LABEL`/`CKA_ID`) of the key pair.
+    pub hsm_label: String,
+    /// SubjectPublicKeyInfo DER, hex.
+    pub public_key_der_hex: String,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
+/// A key and its versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The key id (the `{key_id}` of `keys/{key_id}`).
+    pub key_id: String,
+    /// API name of the algorithm.
+    pub algorithm: String,
+    /// Principals allowed to sign.
+    pub allowed_signers: Vec<String>,
+    /// The version used when none is named.
+    pub primary_version: u32,
+    /// Versions, oldest first.
+    pub versions: Vec<VersionRecord>,
+    /// Unix milliseconds of creation.
+    pub created_ms: i64,
+}
+
+impl KeyRecord {
+    /// Version `n`, if it exists.
+    pub fn version(&self, n: u32) -> Option<&VersionRecord> {
+        self.versions.iter().find(|v| v.version == n)
+    }
+}
+
+/// A failure to read or write the registry.
+#[derive(Debug, thiserror::Error)]
+#[error("key registry: {0}")]
+pub struct RegistryError(pub String);
+
+/// The registry; see the module docs.
+pub struct Registry {
+    db: sled::Db,
+    tree: sled::Tree,
+    keys: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Opens the registry in `db` and loads it into memory. A record that does
+    /// not parse stops the start: a registry we cannot read is not guessed at.
+    pub fn open(db: &sled::Db) -> Result<Registry, RegistryError> {
+        let tree = db
+            .open_tree("keys")
+            .map_err(|e| RegistryError(e.to_string()))?;
+        let mut keys = BTreeMap::new();
+        for item in tree.iter() {
+            let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
+            let record: KeyRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                RegistryError(format!(
+                    "record {:?} is corrupt: {e}",
+                    String::from_utf8_lossy(&id)
+                ))
+            })?;
+            keys.insert(record.key_id.clone(), Arc::new(record));
+        }
+        Ok(Registry {
+            db: db.clone(),
+            tree,
+            keys: RwLock::new(keys),
+            writer: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// True if there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// The key `key_id`.
+    pub fn get(&self, key_id: &str) -> Option<Arc<KeyRecord>> {
+        self.read().get(key_id).cloned()
+    }
+
+    /// Up to `limit` keys whose id comes after `after`, in id order.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Vec<Arc<KeyRecord>> {
+        let keys = self.read();
+        let range = match after {
+            Some(after) => {
+                keys.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            }
+            None => keys.range::<str, _>(..),
+        };
+        range.take(limit).map(|(_, k)| k.clone()).collect()
+    }
+
+    /// Serialises changes: hold the guard from reading a record to writing it.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.writer.lock().await
+    }
+
+    /// Writes `record` durably (sled flush), then makes it visible.
+    pub async fn put(&self, record: KeyRecord) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(&record).map_err(|e| RegistryError(e.to_string()))?;
+        self.tree
+            .insert(record.key_id.as_bytes(), bytes)
+            .map_err(|e| RegistryError(e.to_string()))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| RegistryError(format!("flush: {e}")))?;
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(record.key_id.clone(), Arc::new(record));
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<KeyRecord>>> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,169 @@
+//! Assembles and runs the gRPC server: services, health, reflection, limits,
+//! mTLS listener, graceful shutdown.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_proto::v1::audit_service_server::AuditServiceServer;
+use custody_proto::v1::key_service_server::KeyServiceServer;
+use custody_proto::v1::signing_service_server::SigningServiceServer;
+use hsm_shim::{Hsm, HsmConfig, TokenSelector};
+use tokio::net::TcpListener;
+
+use crate::audit::{AuditLog, CheckpointPolicy, Event};
+use crate::config::Config;
+use crate::metrics;
+use crate::registry::Registry;
+use crate::service::State;
+use crate::service::audit::Audit;
+use crate::service::keys::Keys;
+use crate::service::signing::Signing;
+use crate::tls::{TlsReloader, incoming};
+
+/// Everything custodyd holds while it runs.
+pub struct Daemon {
+    /// Shared service state.
+    pub state: Arc<State>,
+    /// The TLS acceptor (reloaded on SIGHUP).
+    pub tls: Arc<TlsReloader>,
+    config: Config,
+}
+
+impl Daemon {
+    /// Opens the HSM, the database (registry and audit log) and the TLS files.
+    /// Any failure stops the start with a message that names what to fix.
+    pub async fn open(config: Config) -> Result<Daemon, String> {
+        if hsm_shim::FAULT_INJECTION_COMPILED_IN && !cfg!(debug_assertions) {
+            return Err("this build has HSM fault injection compiled in; refusing to run".into());
+        }
+        metrics::install(config.metrics.listen)?;
+        let tls = TlsReloader::new(config.tls.clone())?;
+        let pin = config
+            .pin_source()
+            .map_err(|e| e.to_string())?
+            .load()
+            .map_err(|e| e.to_string())?;
+        let mut hsm_config = HsmConfig::new(
+            config.hsm.module.clone(),
+            TokenSelector::Label(config.hsm.token_label.clone()),
+            pin,
+        );
+        hsm_config.workers = config.hsm.workers;
+        let hsm = Hsm::open(hsm_config).map_err(|e| format!("HSM: {e}"))?;
+        let db = open_db(&config.data_dir)?;
+        let registry = Registry::open(&db).map_err(|e| e.to_string())?;
+        let audit = AuditLog::open(
+            &db,
+            hsm.session().map_err(|e| format!("HSM: {e}"))?,
+            CheckpointPolicy {
+                every: config.audit.checkpoint_every,
+                interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
+            },
+        )
+        .map_err(|e| format!("audit log: {e}"))?;
+        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            audit.audit_key_spki(),
+        ));
+        audit
+            .append(Event::DaemonStarted {
+                version: env!("CARGO_PKG_VERSION").into(),
+                token: hsm.token().label.clone(),
+                audit_key_sha256: fingerprint.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            keys = registry.len(),
+            audit_key_sha256 = %fingerprint,
+            "custodyd ready"
+        );
+        let state = Arc::new(State {
+            hsm,
+            registry,
+            audit,
+            allowed_algorithms: config.allowed_algorithms(),
+        });
+        Ok(Daemon { state, tls, config })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then lets in-flight
+    /// requests finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), String> {
+        let limit = self.config.max_message_bytes;
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        for service in [
+            "custody.v1.KeyService",
+            "custody.v1.SigningService",
+            "custody.v1.AuditService",
+            "",
+        ] {
+            health_reporter
+                .set_service_status(service, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        tokio::spawn(watch_health(self.state.clone(), health_reporter));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| format!("reflection: {e}"))?;
+        let state = self.state;
+        tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(self.config.max_concurrent_requests)
+            .timeout(Duration::from_secs(60))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                KeyServiceServer::new(Keys(state.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                SigningServiceServer::new(Signing(state.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                AuditServiceServer::new(Audit(state.clone())).max_decoding_message_size(limit),
+            )
+            .serve_with_incoming_shutdown(incoming(listener, self.tls), shutdown)
+            .await
+            .map_err(|e| format!("gRPC server: {e}"))
+    }
+}
+
+/// Reports NOT_SERVING once the audit log can no longer record, and exports
+/// HSM worker use.
+async fn watch_health(state: Arc<State>, reporter: tonic_health::server::HealthReporter) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut serving = true;
+    loop {
+        interval.tick().await;
+        metrics::hsm(state.hsm.queued(), state.hsm.workers());
+        let healthy = state.audit.healthy();
+        if healthy != serving {
+            serving = healthy;
+            let status = if healthy {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+        }
+    }
+}
+
+fn open_db(dir: &Path) -> Result<sled::Db, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
+    sled::Config::new()
+        .path(dir.join("custody.sled"))
+        .flush_every_ms(Some(500))
+        .open()
+        .map_err(|e| format!("database in {}: {e}", dir.display()))
+}

@@ -1,0 +1,414 @@
+//! `custody.v1.SigningService`: sign (unary and streaming) and verify.
+
+use std::pin::Pin;
+
+use custody_proto::v1::signing_service_server::SigningService;
+use custody_proto::v1::{
+    Digest, SignRequest, SignResponse, SignatureEncoding, StreamError, VerifyRequest,
+    VerifyResponse, digest, sign_request, verify_request,
+};
+use futures_util::{Stream, StreamExt};
+use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
+use sha2::Digest as _;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    Audited, MAX_SIGN_DATA, Shared, State, caller, parse_version_name, require, version_name,
+};
+use crate::algorithms::KeyAlgorithm;
+use crate::error::ServiceError;
+use crate::identity::{Principal, Role};
+use crate::metrics;
+use crate::registry::VersionState;
+
+/// How many requests of one stream are in flight at once (answers stay in
+/// request order).
+const STREAM_WINDOW: usize = 64;
+
+/// The signing service.
+pub struct Signing(pub Shared);
+
+/// What the HSM will be asked, after every check passed.
+struct Prepared {
+    version_name: String,
+    label: KeyLabel,
+    algorithm: KeyAlgorithm,
+    bytes: Vec<u8>,
+    is_digest: bool,
+    encoding: EcdsaEncoding,
+    crc_checked: bool,
+}
+
+enum Input<'a> {
+    Digest(&'a Digest),
+    Data(&'a [u8]),
+}
+
+fn hash_bytes(hash: HashAlg, data: &[u8]) -> Vec<u8> {
+    match hash {
+        HashAlg::Sha256 => sha2::Sha256::digest(data).to_vec(),
+        HashAlg::Sha384 => sha2::Sha384::digest(data).to_vec(),
+        HashAlg::Sha512 => sha2::Sha512::digest(data).to_vec(),
+    }
+}
+
+fn hash_name(hash: HashAlg) -> &'static str {
+    match hash {
+        HashAlg::Sha256 => "sha256",
+        HashAlg::Sha384 => "sha384",
+        HashAlg::Sha512 => "sha512",
+    }
+}
+
+/// Checks a sign or verify request against the registry and the caller, and
+/// says what the audit record will name. No HSM call happens here.
+fn prepare(
+    state: &State,
+    audited: &mut Audited,
+    principal: Option<&Principal>,
+    name: &str,
+    input: Option<Input<'_>>,
+    encoding: i32,
+    input_crc32c: Option<u32>,
+) -> Result<Prepared, ServiceError> {
+    let (key_id, version) = parse_version_name(name)?;
+    let record = state
+        .registry
+        .get(key_id)
+        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+    let number = version.unwrap_or(record.primary_version);
+    let version = record.version(number).ok_or_else(|| {
+        ServiceError::not_found(format!("no version {}", version_name(key_id, number)))
+    })?;
+    audited.resource = version_name(key_id, number);
+    if let Some(principal) = principal {
+        require(principal, Role::Signer)?;
+        if !record.allowed_signers.contains(&principal.name) {
+            return Err(ServiceError::denied(
+                "NOT_ALLOWED_SIGNER",
+                format!(
+                    "{} is not on the allow-list of keys/{key_id}",
+                    principal.name
+                ),
+            ));
+        }
+        if version.state != VersionState::Active {
+            return Err(ServiceError::precondition(
+                "VERSION_NOT_ACTIVE",
+                format!(
+                    "{} is {:?}; only active versions sign",
+                    audited.resource, version.state
+                ),
+            ));
+        }
+    } else if version.state == VersionState::PreActivation {
+        return Err(ServiceError::precondition(
+            "VERSION_NOT_ACTIVE",
+            format!("{} was never activated", audited.resource),
+        ));
+    }
+    let algorithm = KeyAlgorithm::from_api_name(&record.algorithm).ok_or_else(|| {
+        ServiceError::new(
+            tonic::Code::Internal,
+            "INTERNAL",
+            "unknown stored algorithm",
+        )
+    })?;
+    let sign_algorithm = algorithm.sign_algorithm();
+    let encoding = match SignatureEncoding::try_from(encoding) {
+        Ok(SignatureEncoding::Unspecified | SignatureEncoding::Der) => EcdsaEncoding::Der,
+        Ok(SignatureEncoding::Raw) if sign_algorithm.is_ecdsa() => EcdsaEncoding::Raw,
+        Ok(SignatureEncoding::Raw) => {
+            return Err(ServiceError::invalid(
+                "BAD_ENCODING",
+                "RAW encoding exists for ECDSA keys only",
+            ));
+        }
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "BAD_ENCODING",
+                format!("unknown encoding {encoding}"),
+            ));
+        }
+    };
+    let input =
+        input.ok_or_else(|| ServiceError::invalid("MISSING_INPUT", "give a digest or data"))?;
+    let raw_input: &[u8] = match input {
+        Input::Digest(d) => match &d.digest {
+            Some(
+                digest::Digest::Sha256(b) | digest::Digest::Sha384(b) | digest::Digest::Sha512(b),
+            ) => b,
+            None => {
+                return Err(ServiceError::invalid(
+                    "MISSING_INPUT",
+                    "the digest names no hash",
+                ));
+            }
+        },
+        Input::Data(data) => data,
+    };
+    let crc_checked = match input_crc32c {
+        Some(expected) if crc32c::crc32c(raw_input) != expected => {
+            return Err(ServiceError::invalid(
+                "CHECKSUM_MISMATCH",
+                "input_crc32c does not match the input: it was corrupted on the way",
+            ));
+        }
+        Some(_) => true,
+        None => false,
+    };
+    let (bytes, is_digest) = match (input, sign_algorithm.hash()) {
+        (Input::Digest(_), None) => {
+            return Err(ServiceError::invalid(
+                "DIGEST_NOT_ACCEPTED",
+                "Ed25519 keys sign data, not digests",
+            ));
+        }
+        (Input::Digest(d), Some(hash)) => {
+            let (given, bytes) = match &d.digest {
+                Some(digest::Digest::Sha256(b)) => (HashAlg::Sha256, b),
+                Some(digest::Digest::Sha384(b)) => (HashAlg::Sha384, b),
+                Some(digest::Digest::Sha512(b)) => (HashAlg::Sha512, b),
+                None => unreachable_digest()?,
+            };
+            if given != hash {
+                return Err(ServiceError::invalid(
+                    "DIGEST_ALGORITHM_MISMATCH",
+                    format!(
+                        "{} signs {} digests, not {}",
+                        algorithm.api_name(),
+                        hash_name(hash),
+                        hash_name(given)
+                    ),
+                ));
+            }
+            if bytes.len() != hash.digest_len() {
+                return Err(ServiceError::invalid(
+                    "DIGEST_LENGTH",
+                    format!(
+                        "a {} digest is {} bytes, got {}",
+                        hash_name(hash),
+                        hash.digest_len(),
+                        bytes.len()
+                    ),
+                ));
+            }
+            (bytes.clone(), true)
+        }
+        (Input::Data(data), hash) => {
+            if data.len() > MAX_SIGN_DATA {
+                return Err(ServiceError::invalid(
+                    "DATA_TOO_LARGE",
+                    format!(
+                        "data is {} bytes; at most {MAX_SIGN_DATA} (send a digest instead)",
+                        data.len()
+                    ),
+                ));
+            }
+            match hash {
+                // ECDSA: the HSM signs digests only, so the service hashes.
+                Some(hash) if sign_algorithm.is_ecdsa() => (hash_bytes(hash, data), true),
+                _ => (data.to_vec(), false),
+            }
+        }
+    };
+    let shown_hash = sign_algorithm.hash().unwrap_or(HashAlg::Sha256);
+    let shown = if is_digest {
+        bytes.clone()
+    } else {
+        hash_bytes(shown_hash, &bytes)
+    };
+    audited.detail = format!(
+        "{}{}:{}",
+        if is_digest { "" } else { "data " },
+        hash_name(shown_hash),
+        hex::encode(shown)
+    );
+    Ok(Prepared {
+        version_name: audited.resource.clone(),
+        label: KeyLabel::new(version.hsm_label.clone())?,
+        algorithm,
+        bytes,
+        is_digest,
+        encoding,
+        crc_checked,
+    })
+}
+
+// `prepare` matched the digest's presence just above.
+fn unreachable_digest<T>() -> Result<T, ServiceError> {
+    Err(ServiceError::invalid(
+        "MISSING_INPUT",
+        "the digest names no hash",
+    ))
+}
+
+async fn sign_one(
+    state: &State,
+    principal: &Principal,
+    request: SignRequest,
+) -> Result<SignResponse, ServiceError> {
+    let mut audited = Audited::start("Sign");
+    audited.principal = principal.name.clone();
+    let request_id = request.request_id;
+    let result = async {
+        let input = match &request.input {
+            Some(sign_request::Input::Digest(d)) => Some(Input::Digest(d)),
+            Some(sign_request::Input::Data(d)) => Some(Input::Data(d)),
+            None => None,
+        };
+        let prepared = prepare(
+            state,
+            &mut audited,
+            Some(principal),
+            &request.name,
+            input,
+            request.encoding,
+            request.input_crc32c,
+        )?;
+        let Prepared {
+            version_name,
+            label,
+            algorithm,
+            bytes,
+            is_digest,
+            encoding,
+            crc_checked,
+        } = prepared;
+        let sign_algorithm = algorithm.sign_algorithm();
+        let signature = state
+            .hsm
+            .run(move |session| {
+                let input = if is_digest {
+                    SignInput::Digest(&bytes)
+                } else {
+                    SignInput::Message(&bytes)
+                };
+                session.sign(&label, sign_algorithm, input, encoding)
+            })
+            .await?;
+        metrics::signature(&version_name, algorithm.api_name());
+        Ok(SignResponse {
+            name: version_name,
+            signature_crc32c: crc32c::crc32c(&signature),
+            signature,
+            verified_input_crc32c: crc_checked,
+            request_id,
+            algorithm: algorithm.wire() as i32,
+            error: None,
+        })
+    }
+    .await;
+    audited.record(state, result).await
+}
+
+type SignStreamResponses = Pin<Box<dyn Stream<Item = Result<SignResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SigningService for Signing {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let principal = match caller(&request) {
+            Ok(principal) => principal,
+            Err(error) => return Audited::start("Sign").finish(&self.0, Err(error)).await,
+        };
+        sign_one(&self.0, &principal, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    type SignStreamStream = SignStreamResponses;
+
+    async fn sign_stream(
+        &self,
+        request: Request<Streaming<SignRequest>>,
+    ) -> Result<Response<Self::SignStreamStream>, Status> {
+        let principal = match caller(&request) {
+            Ok(principal) => principal,
+            Err(error) => {
+                return Audited::start("SignStream")
+                    .finish(&self.0, Err(error))
+                    .await;
+            }
+        };
+        let state = self.0.clone();
+        let responses = request
+            .into_inner()
+            .map(move |item| {
+                let state = state.clone();
+                let principal = principal.clone();
+                async move {
+                    let request = item?;
+                    let request_id = request.request_id;
+                    Ok(match sign_one(&state, &principal, request).await {
+                        Ok(response) => response,
+                        Err(error) => SignResponse {
+                            request_id,
+                            error: Some(StreamError {
+                                code: error.code as i32,
+                                reason: error.reason.into(),
+                                message: error.message,
+                            }),
+                            ..Default::default()
+                        },
+                    })
+                }
+            })
+            .buffered(STREAM_WINDOW);
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        let mut audited = Audited::start("Verify");
+        let result = async {
+            audited.principal = caller(&request)?.name;
+            let request = request.get_ref();
+            let input = match &request.input {
+                Some(verify_request::Input::Digest(d)) => Some(Input::Digest(d)),
+                Some(verify_request::Input::Data(d)) => Some(Input::Data(d)),
+                None => None,
+            };
+            let prepared = prepare(
+                &self.0,
+                &mut audited,
+                None,
+                &request.name,
+                input,
+                request.encoding,
+                None,
+            )?;
+            let Prepared {
+                version_name,
+                label,
+                algorithm,
+                bytes,
+                is_digest,
+                encoding,
+                ..
+            } = prepared;
+            let sign_algorithm: SignAlgorithm = algorithm.sign_algorithm();
+            let signature = request.signature.clone();
+            let valid = self
+                .0
+                .hsm
+                .run(move |session| {
+                    let input = if is_digest {
+                        SignInput::Digest(&bytes)
+                    } else {
+                        SignInput::Message(&bytes)
+                    };
+                    session.verify(&label, sign_algorithm, input, &signature, encoding)
+                })
+                .await?;
+            Ok(VerifyResponse {
+                valid,
+                name: version_name,
+            })
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+}
