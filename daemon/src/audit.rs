@@ -159,6 +159,7 @@ enum Command {
     Append(Event, Instant, oneshot::Sender<Result<u64, AuditError>>),
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
     SignHead(oneshot::Sender<Result<SignedHead, AuditError>>),
+    Stop,
 }
 
 /// Checkpoint cadence.
@@ -178,6 +179,7 @@ pub struct AuditLog {
     failed: Arc<AtomicBool>,
     audit_key_spki: Arc<Vec<u8>>,
     audit_key_pem: Arc<String>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl AuditLog {
@@ -219,7 +221,7 @@ impl AuditLog {
             policy,
             failed: failed.clone(),
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| e.to_string())?;
@@ -229,6 +231,7 @@ impl AuditLog {
             failed,
             audit_key_spki: Arc::new(spki),
             audit_key_pem: Arc::new(pem),
+            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
         })
     }
 
@@ -258,6 +261,22 @@ impl AuditLog {
         answer
             .await
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Stops the writer after what is queued, and waits for it: on return the
+    /// log holds no database handle of its own.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            if writer.join().is_err() {
+                tracing::error!("the audit writer panicked");
+            }
+        }
     }
 
     /// True while appends are possible.
@@ -350,9 +369,11 @@ impl Writer {
             };
             let mut appends = Vec::new();
             let mut others = Vec::new();
+            let mut stop = false;
             for command in std::iter::once(first).chain(queue.try_iter().take(MAX_BATCH)) {
                 match command {
                     Command::Append(event, queued, reply) => appends.push((event, queued, reply)),
+                    Command::Stop => stop = true,
                     other => others.push(other),
                 }
             }
@@ -367,8 +388,11 @@ impl Writer {
                     Command::SignHead(reply) => {
                         let _ = reply.send(self.sign_head());
                     }
-                    Command::Append(..) => {}
+                    Command::Append(..) | Command::Stop => {}
                 }
+            }
+            if stop {
+                return;
             }
             self.checkpoint_if_due();
         }

@@ -186,6 +186,29 @@ impl Ca {
     }
 }
 
+/// A self-signed client certificate (issued by nobody the server trusts).
+pub fn self_signed_client(principal: &str, roles: &[Role]) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(principal);
+    params.subject_alt_names = roles
+        .iter()
+        .map(|role| {
+            rcgen::string::Ia5String::try_from(uri_for(*role, principal))
+                .map(SanType::URI)
+                .map_err(|e| PkiError(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let serial = serial_for(&key, principal);
+    params.serial_number = Some(SerialNumber::from(serial.clone()));
+    let cert = params.self_signed(&key)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        serial,
+    })
+}
+
 /// The identities the demo and the quick start use.
 pub const DEV_IDENTITIES: [(&str, &[Role]); 4] = [
     ("operator", &[Role::Operator]),

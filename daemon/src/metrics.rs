@@ -21,15 +21,18 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 /// Installs the Prometheus recorder and, if `listen` is set, its HTTP
 /// endpoint. A second call in one process (tests) keeps the first recorder.
 pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
-    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ])
         .map_err(|e| e.to_string())?;
-    if let Some(addr) = listen {
-        builder = builder.with_http_listener(addr);
-    }
-    match builder.install() {
+    let installed = match listen {
+        Some(addr) => builder.with_http_listener(addr).install(),
+        // Without an endpoint the recorder still counts (for tests and for
+        // a later endpoint); nothing listens.
+        None => builder.install_recorder().map(drop),
+    };
+    match installed {
         Ok(()) => Ok(()),
         Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
         Err(e) => Err(format!("metrics endpoint: {e}")),

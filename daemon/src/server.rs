@@ -107,14 +107,14 @@ impl Daemon {
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        tokio::spawn(watch_health(self.state.clone(), health_reporter));
+        tokio::spawn(watch_health(Arc::downgrade(&self.state), health_reporter));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| format!("reflection: {e}"))?;
         let state = self.state;
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(self.config.max_concurrent_requests)
             .timeout(Duration::from_secs(60))
             .add_service(health)
@@ -134,17 +134,26 @@ impl Daemon {
             )
             .serve_with_incoming_shutdown(incoming(listener, self.tls), shutdown)
             .await
-            .map_err(|e| format!("gRPC server: {e}"))
+            .map_err(|e| format!("gRPC server: {e}"));
+        // Every request has finished: let the audit writer drain and stop.
+        state.audit.close();
+        served
     }
 }
 
 /// Reports NOT_SERVING once the audit log can no longer record, and exports
-/// HSM worker use.
-async fn watch_health(state: Arc<State>, reporter: tonic_health::server::HealthReporter) {
+/// HSM worker use. Ends when the server's state is gone.
+async fn watch_health(
+    state: std::sync::Weak<State>,
+    reporter: tonic_health::server::HealthReporter,
+) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     let mut serving = true;
     loop {
         interval.tick().await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
         metrics::hsm(state.hsm.queued(), state.hsm.workers());
         let healthy = state.audit.healthy();
         if healthy != serving {

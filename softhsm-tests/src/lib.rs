@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod service;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -224,11 +226,28 @@ pub fn openssl_verifies(
     input: SignInput<'_>,
     signature: &[u8],
 ) -> bool {
+    openssl_verifies_pem(
+        scratch,
+        &public_key.to_pem().expect("PEM"),
+        algorithm,
+        input,
+        signature,
+    )
+}
+
+/// [`openssl_verifies`] with the public key as SubjectPublicKeyInfo PEM.
+pub fn openssl_verifies_pem(
+    scratch: &Path,
+    public_key_pem: &str,
+    algorithm: SignAlgorithm,
+    input: SignInput<'_>,
+    signature: &[u8],
+) -> bool {
     let dir = tempfile::tempdir_in(scratch).expect("temp dir");
     let key = dir.path().join("public.pem");
     let data = dir.path().join("data");
     let sig = dir.path().join("signature");
-    std::fs::write(&key, public_key.to_pem().expect("PEM")).expect("write key");
+    std::fs::write(&key, public_key_pem).expect("write key");
     std::fs::write(&sig, signature).expect("write signature");
     let (bytes, is_digest) = match input {
         SignInput::Digest(d) => (d, true),

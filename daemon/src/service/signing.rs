@@ -71,6 +71,8 @@ fn prepare(
     encoding: i32,
     input_crc32c: Option<u32>,
 ) -> Result<Prepared, ServiceError> {
+    // Refusals are recorded with what was asked for.
+    audited.resource = name.to_string();
     let (key_id, version) = parse_version_name(name)?;
     let record = state
         .registry

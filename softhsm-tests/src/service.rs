@@ -1,0 +1,184 @@
+//! custodyd in the test process, on the test's own token, listening on
+//! `127.0.0.1:0` with real mTLS and a dev PKI made for the test.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use custody_daemon::config::{
+    AuditSection, Config, HsmSection, MetricsSection, PolicySection, TlsSection,
+};
+use custody_daemon::devpki::{Ca, DEV_IDENTITIES, Issued, Validity};
+use custody_daemon::server::Daemon;
+use custody_daemon::service::State;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+use crate::TestToken;
+
+/// A running custodyd and the PKI around it.
+pub struct TestService {
+    /// The CA of server and client certificates.
+    pub ca: Ca,
+    /// A client certificate (principal `revoked`, signer) listed in the CRL.
+    pub revoked: Issued,
+    /// The config it runs with.
+    pub config: Config,
+    dir: PathBuf,
+    running: Option<Running>,
+}
+
+struct Running {
+    addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Running {
+    async fn launch(config: &Config) -> Running {
+        let daemon = Daemon::open(config.clone()).await.expect("custodyd starts");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let state = daemon.state.clone();
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.serve(listener, async {
+            let _ = stop.await;
+        }));
+        Running {
+            addr,
+            state,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+impl TestService {
+    /// Starts custodyd on `token`, with every algorithm allowed.
+    pub async fn start(token: &TestToken) -> TestService {
+        let dir = token.scratch().join("custodyd");
+        std::fs::create_dir_all(&dir).expect("service dir");
+        let ca = Ca::new("custody test CA").expect("CA");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("server cert");
+        let revoked = ca
+            .issue_client(
+                "revoked",
+                &[custody_daemon::identity::Role::Signer],
+                Validity::days(30),
+            )
+            .expect("revoked client cert");
+        let write = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).expect("write PKI file");
+            path
+        };
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            data_dir: dir.join("data"),
+            max_message_bytes: 256 * 1024,
+            max_concurrent_requests: 256,
+            hsm: HsmSection {
+                module: crate::module_path(),
+                token_label: token.label().into(),
+                pin_file: Some(token.pin_file()),
+                pin_env: None,
+                workers: 2,
+            },
+            tls: TlsSection {
+                cert: write("server.pem", &server.cert_pem),
+                key: write("server.key", &server.key_pem),
+                client_ca: write("ca.pem", ca.cert_pem()),
+                crls: vec![write("crl.pem", &ca.crl(&[&revoked]).expect("CRL"))],
+                min_version: "1.3".into(),
+            },
+            metrics: MetricsSection::default(),
+            policy: PolicySection {
+                allowed_algorithms: custody_daemon::algorithms::KeyAlgorithm::ALL
+                    .iter()
+                    .map(|a| a.api_name().to_string())
+                    .collect(),
+            },
+            audit: AuditSection::default(),
+        };
+        config.check().expect("test config is valid");
+        let running = Some(Running::launch(&config).await);
+        TestService {
+            ca,
+            revoked,
+            config,
+            dir,
+            running,
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("the service is running")
+    }
+
+    /// The daemon's shared state (HSM, registry, audit log).
+    pub fn state(&self) -> &Arc<State> {
+        &self.running().state
+    }
+
+    /// Stops the server (in-flight requests finish) and starts it again on
+    /// the same data directory and token: a restart. Callers must not hold
+    /// the old [`Self::state`] across it.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.running = Some(Running::launch(&self.config).await);
+    }
+
+    /// Stops the server and releases its database.
+    pub async fn stop(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+
+    /// `https://localhost:{port}`.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.running().addr.port())
+    }
+
+    /// A channel as one of the dev identities (`operator`, `ca-issuing`,
+    /// `auditor`, `alice`).
+    pub async fn client(&self, principal: &str) -> Channel {
+        let (_, roles) = DEV_IDENTITIES
+            .iter()
+            .find(|(p, _)| *p == principal)
+            .expect("a dev identity");
+        let issued = self
+            .ca
+            .issue_client(principal, roles, Validity::days(30))
+            .expect("client cert");
+        self.client_with(&issued).await.expect("connect")
+    }
+
+    /// A channel presenting `issued`.
+    pub async fn client_with(&self, issued: &Issued) -> Result<Channel, String> {
+        custody_daemon::client::connect(
+            &self.url(),
+            self.ca.cert_pem(),
+            &issued.cert_pem,
+            &issued.key_pem,
+        )
+        .await
+    }
+
+    /// A scratch directory of the service.
+    pub fn dir(&self) -> &PathBuf {
+        &self.dir
+    }
+}
