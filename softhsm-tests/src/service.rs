@@ -31,6 +31,7 @@ pub struct TestService {
 struct Running {
     addr: SocketAddr,
     state: Arc<State>,
+    tls: Arc<custody_daemon::tls::TlsReloader>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -41,6 +42,7 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let state = daemon.state.clone();
+        let tls = daemon.tls.clone();
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon.serve(listener, async {
             let _ = stop.await;
@@ -48,6 +50,7 @@ impl Running {
         Running {
             addr,
             state,
+            tls,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -130,6 +133,11 @@ impl TestService {
     /// The daemon's shared state (HSM, registry, audit log).
     pub fn state(&self) -> &Arc<State> {
         &self.running().state
+    }
+
+    /// Reloads the TLS files, as SIGHUP does.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        self.running().tls.reload()
     }
 
     /// Stops the server (in-flight requests finish) and starts it again on

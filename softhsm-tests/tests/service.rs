@@ -18,7 +18,7 @@ use custody_proto::v1::{
 };
 use futures_util::StreamExt;
 use hsm_shim::pkcs11::{Function, RvError};
-use hsm_shim::{HashAlg, SignAlgorithm, SignInput};
+use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
 use softhsm_tests::service::TestService;
 use softhsm_tests::{TestToken, openssl_verifies_pem, token_test};
@@ -607,6 +607,120 @@ token_test!(
             }
             // The server's own check of its stored chain passes.
             assert!(service.state().audit.verify().first_bad.is_none());
+        });
+    }
+);
+
+/// An rcgen signing key whose private half is in custodyd: every signature
+/// rcgen needs is a `Sign` RPC.
+struct KeyInCustody {
+    point: Vec<u8>,
+    channel: Channel,
+    runtime: tokio::runtime::Handle,
+}
+
+impl rcgen::PublicKeyData for KeyInCustody {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for KeyInCustody {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let mut client = SigningServiceClient::new(self.channel.clone());
+        let request = SignRequest {
+            name: "keys/root".into(),
+            input: Some(sign_request::Input::Data(message.to_vec())),
+            ..Default::default()
+        };
+        tokio::task::block_in_place(|| self.runtime.block_on(client.sign(request)))
+            .map(|r| r.into_inner().signature)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+token_test!(
+    fn a_certificate_signed_through_custodyd_passes_openssl_verify(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let operator = service.client("operator").await;
+            create(&operator, "root", p256(), &["ca-issuing"]).await;
+            let der = KeyServiceClient::new(operator)
+                .get_public_key(GetPublicKeyRequest { name: "keys/root".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .der;
+            // The uncompressed point is the last 65 bytes of a P-256 SPKI.
+            let key = KeyInCustody {
+                point: der[der.len() - 65..].to_vec(),
+                channel: service.client("ca-issuing").await,
+                runtime: tokio::runtime::Handle::current(),
+            };
+            let mut params = rcgen::CertificateParams::default();
+            params.distinguished_name.push(rcgen::DnType::CommonName, "custody test root");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+            let certificate = params.self_signed(&key).unwrap();
+            let path = token.scratch().join("root.pem");
+            std::fs::write(&path, certificate.pem()).unwrap();
+            let output = std::process::Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(&path)
+                .arg(&path)
+                .output()
+                .unwrap();
+            softhsm_tests::assert_success("openssl verify", &output);
+            assert!(String::from_utf8_lossy(&output.stdout).contains(": OK"));
+        });
+    }
+);
+
+token_test!(
+    fn health_reports_serving_and_reflection_lists_the_services(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let channel = service.client("auditor").await;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            for name in ["", "custody.v1.SigningService", "custody.v1.KeyService", "custody.v1.AuditService"] {
+                let status = health
+                    .check(tonic_health::pb::HealthCheckRequest { service: name.into() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status;
+                assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{name:?}");
+            }
+        });
+    }
+);
+
+token_test!(
+    fn reloaded_certificates_apply_to_new_connections_only(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let old_client = service.client("ca-issuing").await;
+            // A new client CA replaces the old one on disk, then a reload.
+            let new_ca = Ca::new("custody test CA 2").unwrap();
+            std::fs::write(&service.config.tls.client_ca, new_ca.cert_pem()).unwrap();
+            std::fs::write(&service.config.tls.crls[0], new_ca.crl(&[]).unwrap()).unwrap();
+            service.reload_tls().unwrap();
+            // New connections need a certificate of the new CA ...
+            let old_ca_cert = service.ca.issue_client("ca-issuing", &[Role::Signer], Validity::days(1)).unwrap();
+            assert!(refused(&service, &old_ca_cert).await);
+            let new_ca_cert = new_ca.issue_client("ca-issuing", &[Role::Signer], Validity::days(1)).unwrap();
+            assert!(!refused(&service, &new_ca_cert).await);
+            // ... while the connection opened before the reload carries on.
+            KeyServiceClient::new(old_client).list_keys(ListKeysRequest::default()).await.unwrap();
+            // A reload with broken files keeps the working configuration.
+            std::fs::write(&service.config.tls.client_ca, "not a certificate").unwrap();
+            assert!(service.reload_tls().is_err());
+            assert!(!refused(&service, &new_ca_cert).await);
         });
     }
 );
