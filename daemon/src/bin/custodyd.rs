@@ -40,6 +40,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    // Only test builds of the workspace enable it (a dev-dependency feature);
+    // a daemon that can be told to fake HSM errors must never serve.
+    if hsm_shim::FAULT_INJECTION_COMPILED_IN {
+        return Err("this build has HSM fault injection compiled in; refusing to run. Build custodyd on its own: cargo build --release -p custody-daemon".into());
+    }
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
     let listen = config.listen;
     let daemon = Daemon::open(config).await?;
