@@ -13,6 +13,7 @@
 //! | [`error`] | service errors and the one map to gRPC statuses |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`server`] | assembling and running the server |
+//! | [`run`] | the process: config, signals, logging |
 //! | [`devpki`] | a development CA and certificates, for the demo and tests |
 //!
 //! The HSM is reached only through `hsm-shim`.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod registry;
+pub mod run;
 pub mod server;
 pub mod service;
 pub mod tls;
