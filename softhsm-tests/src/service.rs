@@ -69,6 +69,11 @@ impl Running {
 impl TestService {
     /// Starts custodyd on `token`, with every algorithm allowed.
     pub async fn start(token: &TestToken) -> TestService {
+        Self::start_with(token, |_| {}).await
+    }
+
+    /// [`Self::start`], with the config adjusted by `adjust` first.
+    pub async fn start_with(token: &TestToken, adjust: impl FnOnce(&mut Config)) -> TestService {
         let dir = token.scratch().join("custodyd");
         std::fs::create_dir_all(&dir).expect("service dir");
         let ca = Ca::new("custody test CA").expect("CA");
@@ -87,7 +92,7 @@ impl TestService {
             std::fs::write(&path, contents).expect("write PKI file");
             path
         };
-        let config = Config {
+        let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("address"),
             data_dir: dir.join("data"),
             max_message_bytes: 256 * 1024,
@@ -115,6 +120,7 @@ impl TestService {
             },
             audit: AuditSection::default(),
         };
+        adjust(&mut config);
         config.check().expect("test config is valid");
         let running = Some(Running::launch(&config).await);
         TestService {

@@ -6,6 +6,8 @@
     reason = "a test fails by panicking on the unexpected"
 )]
 
+use std::time::Duration;
+
 use custody_daemon::algorithms::KeyAlgorithm;
 use custody_daemon::devpki::{Ca, Validity, self_signed_client};
 use custody_daemon::identity::Role;
@@ -721,6 +723,49 @@ token_test!(
             std::fs::write(&service.config.tls.client_ca, "not a certificate").unwrap();
             assert!(service.reload_tls().is_err());
             assert!(!refused(&service, &new_ca_cert).await);
+        });
+    }
+);
+
+token_test!(
+    fn prometheus_metrics_cover_requests_signatures_audit_hsm_and_tls(token) {
+        runtime().block_on(async {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let service = TestService::start_with(token, |config| {
+                config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create(&operator, "m", p256(), &["ca-issuing"]).await;
+            let ca = service.client("ca-issuing").await;
+            SigningServiceClient::new(ca).sign(sign_digest("keys/m", sha256_digest(b"x"))).await.unwrap();
+            let stranger = Ca::new("stranger").unwrap().issue_client("x", &[Role::Signer], Validity::days(1)).unwrap();
+            assert!(refused(&service, &stranger).await);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+
+            let text = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+                let mut text = String::new();
+                stream.read_to_string(&mut text).unwrap();
+                text
+            })
+            .await
+            .unwrap();
+            for expected in [
+                "custody_requests_total{method=\"Sign\",code=\"Ok\"}",
+                "custody_request_seconds_bucket{method=\"CreateKey\"",
+                "custody_signatures_total{key=\"keys/m/versions/1\",algorithm=\"EC_SIGN_P256_SHA256\"} 1",
+                "custody_audit_append_seconds_bucket",
+                "custody_hsm_workers 2",
+                "custody_hsm_queue_depth",
+                "custody_tls_handshake_failures_total{reason=\"unknown_issuer\"}",
+                "custody_certificate_expiry_seconds{which=\"server\"}",
+                "custody_certificate_expiry_seconds{which=\"client_ca\"}",
+            ] {
+                assert!(text.contains(expected), "metrics lack {expected}:\n{text}");
+            }
         });
     }
 );
