@@ -211,3 +211,50 @@ impl Config {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFERENCE: &str = include_str!("../../deploy/custodyd.toml");
+
+    #[test]
+    fn the_reference_config_is_valid_and_complete() {
+        let config: Config = toml::from_str(REFERENCE).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.tls.min_version, "1.3");
+        assert_eq!(config.allowed_algorithms().len(), 9);
+        assert!(config.metrics.listen.is_some());
+    }
+
+    #[test]
+    fn unknown_fields_and_ambiguous_pins_are_refused() {
+        let typo = REFERENCE.replace("workers = 2", "wrokers = 2");
+        let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
+        assert!(err.contains("wrokers"), "{err}");
+
+        let both = REFERENCE.replace("# pin_env = ", "pin_env = ");
+        let config: Config = toml::from_str(&both).unwrap();
+        assert!(
+            config
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("exactly one")
+        );
+
+        let tls = REFERENCE.replace("min_version = \"1.3\"", "min_version = \"1.1\"");
+        let config: Config = toml::from_str(&tls).unwrap();
+        assert!(config.check().is_err());
+
+        let policy = REFERENCE.replace("\"EC_SIGN_ED25519\",", "\"EC_SIGN_ED448\",");
+        let config: Config = toml::from_str(&policy).unwrap();
+        assert!(
+            config
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("EC_SIGN_ED448")
+        );
+    }
+}
