@@ -14,6 +14,7 @@
 //! | [`metrics`] | every Prometheus metric |
 //! | [`server`] | assembling and running the server |
 //! | [`run`] | the process: config, signals, logging |
+//! | [`dual_control`] | officers, quorum policies, approved operations |
 //! | [`devpki`] | a development CA and certificates, for the demo and tests |
 //!
 //! The HSM is reached only through `hsm-shim`.
@@ -25,6 +26,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod devpki;
+pub mod dual_control;
 pub mod error;
 pub mod identity;
 pub mod metrics;

@@ -1,0 +1,341 @@
+//! Operations: what was asked, by whom, until when, under which quorum; the
+//! canonical digest officers sign; the text they read before signing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::quorum::{Ballot, Quorum};
+
+/// What an operation does, exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Spec {
+    /// Sign a digest.
+    Sign {
+        /// Key id.
+        key_id: String,
+        /// The version (fixed at request time: officers approve one version).
+        version: u32,
+        /// Hash name (sha256, sha384, sha512).
+        hash: String,
+        /// The digest, hex.
+        digest: String,
+        /// "der" or "raw".
+        encoding: String,
+    },
+    /// Rotate a key.
+    Rotate {
+        /// Key id.
+        key_id: String,
+    },
+    /// Change a version's state.
+    SetState {
+        /// Key id.
+        key_id: String,
+        /// Version.
+        version: u32,
+        /// New state (API name).
+        state: String,
+    },
+    /// Set (or, with `required` 0, remove) a key's policy for one operation kind.
+    SetPolicy {
+        /// Key id.
+        key_id: String,
+        /// The operation kind the policy governs (API name).
+        operation: String,
+        /// Eligible officers.
+        officers: Vec<String>,
+        /// Approvals needed.
+        required: u32,
+    },
+    /// Enroll an officer.
+    AddOfficer {
+        /// Officer id.
+        officer_id: String,
+        /// Certificate principal.
+        principal: String,
+        /// Ed25519 public key, hex.
+        public_key: String,
+    },
+    /// Remove an officer.
+    RemoveOfficer {
+        /// Officer id.
+        officer_id: String,
+    },
+}
+
+impl Spec {
+    /// The API name of the kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Spec::Sign { .. } => "SIGN",
+            Spec::Rotate { .. } => "ROTATE",
+            Spec::SetState { .. } => "SET_STATE",
+            Spec::SetPolicy { .. } => "SET_POLICY",
+            Spec::AddOfficer { .. } => "ADD_OFFICER",
+            Spec::RemoveOfficer { .. } => "REMOVE_OFFICER",
+        }
+    }
+
+    /// The key the operation concerns, if any.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Spec::Sign { key_id, .. }
+            | Spec::Rotate { key_id }
+            | Spec::SetState { key_id, .. }
+            | Spec::SetPolicy { key_id, .. } => Some(key_id),
+            Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } => None,
+        }
+    }
+
+    /// One line a person reads.
+    pub fn describe(&self) -> String {
+        match self {
+            Spec::Sign {
+                key_id,
+                version,
+                hash,
+                digest,
+                encoding,
+            } => format!(
+                "SIGN the {hash} digest {digest} with keys/{key_id}/versions/{version} ({encoding} signature)"
+            ),
+            Spec::Rotate { key_id } => {
+                format!("ROTATE keys/{key_id}: generate a new version and make it primary")
+            }
+            Spec::SetState {
+                key_id,
+                version,
+                state,
+            } => {
+                format!("SET STATE of keys/{key_id}/versions/{version} to {state}")
+            }
+            Spec::SetPolicy {
+                key_id,
+                operation,
+                required: 0,
+                ..
+            } => {
+                format!("REMOVE the {operation} quorum policy of keys/{key_id}")
+            }
+            Spec::SetPolicy {
+                key_id,
+                operation,
+                officers,
+                required,
+            } => format!(
+                "SET the {operation} policy of keys/{key_id} to {required} of {}: {}",
+                officers.len(),
+                officers.join(", ")
+            ),
+            Spec::AddOfficer {
+                officer_id,
+                principal,
+                public_key,
+            } => format!(
+                "ADD OFFICER {officer_id} (certificate principal {principal}, Ed25519 key {public_key})"
+            ),
+            Spec::RemoveOfficer { officer_id } => format!("REMOVE OFFICER {officer_id}"),
+        }
+    }
+}
+
+/// Where an operation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    /// Waiting for approvals.
+    Pending,
+    /// Executed.
+    Succeeded,
+    /// Approved, but execution failed.
+    Failed,
+    /// Vetoed.
+    Denied,
+    /// Not approved in time.
+    Expired,
+}
+
+/// The outcome of an executed operation, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A signature.
+    Signature {
+        /// The version that signed.
+        version_name: String,
+        /// The signature, hex.
+        signature: String,
+    },
+    /// The operation changed a key (rotate, set state, set policy).
+    Key {
+        /// Key id.
+        key_id: String,
+    },
+    /// The officer set changed.
+    Officers,
+}
+
+/// An operation, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    /// Random id, hex.
+    pub id: String,
+    /// What it does.
+    pub spec: Spec,
+    /// The requesting principal.
+    pub requester: String,
+    /// The requester's officer id, if the requester is an officer.
+    pub requester_officer: Option<String>,
+    /// Random nonce, hex: no two operations share a digest.
+    pub nonce: String,
+    /// Unix milliseconds of the request.
+    pub created_ms: i64,
+    /// Unix milliseconds of expiry.
+    pub expires_ms: i64,
+    /// The quorum fixed at request time.
+    pub quorum: Quorum,
+    /// The canonical digest, hex.
+    pub digest: String,
+    /// Votes.
+    pub ballot: Ballot,
+    /// State.
+    pub state: OperationState,
+    /// Result, once succeeded.
+    pub outcome: Option<Outcome>,
+    /// Error, once failed.
+    pub error: Option<String>,
+}
+
+/// What the digest covers: everything that makes the operation what it is.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    domain: &'static str,
+    id: &'a str,
+    spec: &'a Spec,
+    requester: &'a str,
+    created_ms: i64,
+    expires_ms: i64,
+    nonce: &'a str,
+    quorum: &'a Quorum,
+}
+
+impl OperationRecord {
+    /// Computes the digest of a new operation (all fields but `digest`,
+    /// `ballot`, `state`, `outcome` and `error` set).
+    pub fn compute_digest(&self) -> [u8; 32] {
+        let canonical = Canonical {
+            domain: "custody-operation/v1",
+            id: &self.id,
+            spec: &self.spec,
+            requester: &self.requester,
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+            nonce: &self.nonce,
+            quorum: &self.quorum,
+        };
+        // Struct fields serialise in declaration order, sets in sorted order:
+        // the same operation always gives the same bytes.
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        Sha256::digest(bytes).into()
+    }
+
+    /// The digest as bytes.
+    pub fn digest_bytes(&self) -> [u8; 32] {
+        hex::decode(&self.digest)
+            .ok()
+            .and_then(|d| d.try_into().ok())
+            .unwrap_or([0; 32])
+    }
+
+    /// `operations/{id}`.
+    pub fn name(&self) -> String {
+        format!("operations/{}", self.id)
+    }
+
+    /// What an officer reads before signing.
+    pub fn rendering(&self) -> String {
+        let time = |ms: i64| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| ms.to_string())
+        };
+        let members: Vec<&str> = self.quorum.members.iter().map(String::as_str).collect();
+        format!(
+            "operation {}\n  {}\n  requested by {} at {}\n  needs {} approvals of: {}\n  expires {}\n  digest to sign: {}\n",
+            self.name(),
+            self.spec.describe(),
+            self.requester,
+            time(self.created_ms),
+            self.quorum.required,
+            members.join(", "),
+            time(self.expires_ms),
+            self.digest
+        )
+    }
+}
+
+/// The policy kinds a key can carry.
+pub const KEY_POLICY_KINDS: [&str; 4] = ["SIGN", "ROTATE", "SET_STATE", "SET_POLICY"];
+
+/// A key's policies, by operation kind.
+pub type KeyPolicies = BTreeMap<String, Quorum>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(nonce: &str) -> OperationRecord {
+        OperationRecord {
+            id: "0011".into(),
+            spec: Spec::Rotate {
+                key_id: "root".into(),
+            },
+            requester: "ops".into(),
+            requester_officer: None,
+            nonce: nonce.into(),
+            created_ms: 1,
+            expires_ms: 2,
+            quorum: Quorum::new(["a".to_string(), "b".into()], 2).unwrap(),
+            digest: String::new(),
+            ballot: Ballot::default(),
+            state: OperationState::Pending,
+            outcome: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_digest_covers_every_field_that_defines_the_operation() {
+        let base = record("aa");
+        let d = base.compute_digest();
+        assert_eq!(d, record("aa").compute_digest(), "deterministic");
+        let mut changed = vec![record("ab")];
+        let mut r = record("aa");
+        r.id = "0012".into();
+        changed.push(r);
+        let mut r = record("aa");
+        r.spec = Spec::Rotate {
+            key_id: "root2".into(),
+        };
+        changed.push(r);
+        let mut r = record("aa");
+        r.requester = "ops2".into();
+        changed.push(r);
+        let mut r = record("aa");
+        r.expires_ms = 3;
+        changed.push(r);
+        let mut r = record("aa");
+        r.quorum = Quorum::new(["a".to_string(), "c".into()], 2).unwrap();
+        changed.push(r);
+        for other in changed {
+            assert_ne!(other.compute_digest(), d, "{other:?}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Officers, the administrative quorum and operations, in sled. Every change is
+//! flushed before it is acknowledged; officers are also held in memory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::operation::OperationRecord;
+use super::quorum::Quorum;
+use crate::identity::valid_principal_name;
+
+/// An enrolled officer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfficerRecord {
+    /// Officer id.
+    pub officer_id: String,
+    /// The principal of the officer's client certificate.
+    pub principal: String,
+    /// Ed25519 public key, hex.
+    pub public_key: String,
+    /// Unix milliseconds of enrollment.
+    pub enrolled_ms: i64,
+}
+
+/// The genesis file: the first officer set and the administrative quorum.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Genesis {
+    /// Approvals needed for officer-set changes and default policy changes.
+    pub required: u32,
+    /// The officers.
+    pub officers: Vec<GenesisOfficer>,
+}
+
+/// One officer of the genesis file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesisOfficer {
+    /// Officer id.
+    pub id: String,
+    /// Certificate principal.
+    pub principal: String,
+    /// Ed25519 public key, hex (as `custodyctl officer keygen` prints it).
+    pub public_key: String,
+}
+
+impl Genesis {
+    /// Reads and checks a genesis file.
+    pub fn load(path: &Path) -> Result<Genesis, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let genesis: Genesis =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut principals = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeSet::new();
+        for officer in &genesis.officers {
+            check_officer(&officer.id, &officer.principal, &officer.public_key)?;
+            if !principals.insert(&officer.principal) || !keys.insert(&officer.public_key) {
+                return Err(format!(
+                    "{}: officer {} shares a principal or key with another",
+                    path.display(),
+                    officer.id
+                ));
+            }
+        }
+        Quorum::new(
+            genesis.officers.iter().map(|o| o.id.clone()),
+            genesis.required,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(genesis)
+    }
+}
+
+/// Checks an officer's id, principal and public key.
+pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), String> {
+    if !valid_principal_name(id) {
+        return Err(format!("invalid officer id {id:?}"));
+    }
+    if !valid_principal_name(principal) {
+        return Err(format!("invalid principal {principal:?} for officer {id}"));
+    }
+    let key =
+        hex::decode(public_key).map_err(|_| format!("officer {id}: public key is not hex"))?;
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| format!("officer {id}: an Ed25519 public key is 32 bytes"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| format!("officer {id}: not an Ed25519 public key"))?;
+    Ok(())
+}
+
+/// The dual-control store.
+pub struct DualControlStore {
+    db: sled::Db,
+    officers_tree: sled::Tree,
+    operations: sled::Tree,
+    meta: sled::Tree,
+    officers: RwLock<BTreeMap<String, OfficerRecord>>,
+    admin_required: RwLock<u32>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+const ADMIN_REQUIRED: &[u8] = b"admin_required";
+
+fn store_error(e: impl std::fmt::Display) -> String {
+    format!("dual-control store: {e}")
+}
+
+impl DualControlStore {
+    /// Opens the store in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self, String> {
+        let officers_tree = db.open_tree("officers").map_err(store_error)?;
+        let operations = db.open_tree("operations").map_err(store_error)?;
+        let meta = db.open_tree("dual_control").map_err(store_error)?;
+        let mut officers = BTreeMap::new();
+        for item in officers_tree.iter() {
+            let (_, bytes) = item.map_err(store_error)?;
+            let officer: OfficerRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| store_error(format!("corrupt officer record: {e}")))?;
+            officers.insert(officer.officer_id.clone(), officer);
+        }
+        let admin_required = match meta.get(ADMIN_REQUIRED).map_err(store_error)? {
+            Some(bytes) => u32::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| store_error("corrupt admin quorum"))?,
+            ),
+            None => 0,
+        };
+        Ok(Self {
+            db: db.clone(),
+            officers_tree,
+            operations,
+            meta,
+            officers: RwLock::new(officers),
+            admin_required: RwLock::new(admin_required),
+            writer: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Applies `genesis` if no officer is enrolled yet; returns whether it did.
+    pub async fn apply_genesis(&self, genesis: &Genesis, now_ms: i64) -> Result<bool, String> {
+        let _guard = self.lock().await;
+        if !self.officers().is_empty() {
+            return Ok(false);
+        }
+        for officer in &genesis.officers {
+            self.write_officer(&OfficerRecord {
+                officer_id: officer.id.clone(),
+                principal: officer.principal.clone(),
+                public_key: officer.public_key.clone(),
+                enrolled_ms: now_ms,
+            })?;
+        }
+        self.meta
+            .insert(ADMIN_REQUIRED, &genesis.required.to_be_bytes())
+            .map_err(store_error)?;
+        self.flush().await?;
+        *self
+            .admin_required
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = genesis.required;
+        Ok(true)
+    }
+
+    /// Serialises changes to officers and operations.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.writer.lock().await
+    }
+
+    /// All enrolled officers.
+    pub fn officers(&self) -> Vec<OfficerRecord> {
+        self.officers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One officer.
+    pub fn officer(&self, id: &str) -> Option<OfficerRecord> {
+        self.officers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// The officer bound to a certificate principal.
+    pub fn officer_for_principal(&self, principal: &str) -> Option<OfficerRecord> {
+        self.officers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|o| o.principal == principal)
+            .cloned()
+    }
+
+    /// True if `id` is enrolled now.
+    pub fn enrolled(&self, id: &str) -> bool {
+        self.officers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(id)
+    }
+
+    /// Approvals needed for administrative operations (0 before genesis).
+    pub fn admin_required(&self) -> u32 {
+        *self
+            .admin_required
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The administrative quorum: every enrolled officer, `admin_required` of them.
+    pub fn admin_quorum(&self) -> Result<Quorum, String> {
+        let required = self.admin_required();
+        if required == 0 {
+            return Err("no officers are enrolled (no genesis file was applied)".into());
+        }
+        let members = self.officers().into_iter().map(|o| o.officer_id);
+        Quorum::new(members, required)
+    }
+
+    /// Enrolls (or replaces) an officer, durably. Hold [`Self::lock`].
+    pub async fn put_officer(&self, officer: OfficerRecord) -> Result<(), String> {
+        self.write_officer(&officer)?;
+        self.flush().await
+    }
+
+    /// Removes an officer, durably. Refuses to leave fewer officers than the
+    /// administrative quorum needs. Hold [`Self::lock`].
+    pub async fn remove_officer(&self, id: &str) -> Result<(), String> {
+        if self.officers().len() as u32 <= self.admin_required() {
+            return Err(format!(
+                "removing {id} would leave fewer officers than the {} approvals the administrative quorum needs",
+                self.admin_required()
+            ));
+        }
+        self.officers_tree
+            .remove(id.as_bytes())
+            .map_err(store_error)?;
+        self.flush().await?;
+        self.officers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        Ok(())
+    }
+
+    fn write_officer(&self, officer: &OfficerRecord) -> Result<(), String> {
+        let bytes = serde_json::to_vec(officer).map_err(store_error)?;
+        self.officers_tree
+            .insert(officer.officer_id.as_bytes(), bytes)
+            .map_err(store_error)?;
+        self.officers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(officer.officer_id.clone(), officer.clone());
+        Ok(())
+    }
+
+    /// One operation.
+    pub fn operation(&self, id: &str) -> Result<Option<OperationRecord>, String> {
+        match self.operations.get(id.as_bytes()).map_err(store_error)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| store_error(format!("corrupt operation {id}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every operation (unordered).
+    pub fn operations(&self) -> Result<Vec<OperationRecord>, String> {
+        self.operations
+            .iter()
+            .values()
+            .map(|bytes| {
+                let bytes = bytes.map_err(store_error)?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| store_error(format!("corrupt operation: {e}")))
+            })
+            .collect()
+    }
+
+    /// Writes an operation durably. Hold [`Self::lock`].
+    pub async fn put_operation(&self, operation: &OperationRecord) -> Result<(), String> {
+        let bytes = serde_json::to_vec(operation).map_err(store_error)?;
+        self.operations
+            .insert(operation.id.as_bytes(), bytes)
+            .map_err(store_error)?;
+        self.flush().await
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|e| store_error(format!("flush: {e}")))
+    }
+}
