@@ -63,6 +63,41 @@ pub enum Event {
         /// `ok`, or the stable error reason.
         outcome: String,
     },
+    /// The first officer set was enrolled.
+    OfficersGenesis {
+        /// Officer ids, principals and public keys (hex), "id principal key".
+        officers: Vec<String>,
+        /// The administrative quorum.
+        required: u32,
+    },
+    /// An officer voted (or tried to).
+    Vote {
+        /// `operations/{id}`.
+        operation: String,
+        /// The calling principal.
+        principal: String,
+        /// The officer id.
+        officer: String,
+        /// The officer's public key, hex, at the time of the vote.
+        public_key: String,
+        /// "approve" or "deny".
+        vote: String,
+        /// The digest, hex.
+        digest: String,
+        /// The Ed25519 signature, hex.
+        signature: String,
+        /// "ok" or the refusal reason.
+        outcome: String,
+    },
+    /// An operation left the pending state.
+    OperationFinished {
+        /// `operations/{id}`.
+        operation: String,
+        /// succeeded, failed, denied or expired.
+        state: String,
+        /// The result or the error.
+        detail: String,
+    },
     /// A signed checkpoint of the chain head.
     Checkpoint {
         /// The record the checkpoint covers.
@@ -153,10 +188,18 @@ fn now_rfc3339() -> String {
 
 /// An append waiting for the writer: the event, when it was queued, and
 /// where its outcome goes.
-type PendingAppend = (Event, Instant, oneshot::Sender<Result<u64, AuditError>>);
+type PendingAppend = (
+    Box<Event>,
+    Instant,
+    oneshot::Sender<Result<u64, AuditError>>,
+);
 
 enum Command {
-    Append(Event, Instant, oneshot::Sender<Result<u64, AuditError>>),
+    Append(
+        Box<Event>,
+        Instant,
+        oneshot::Sender<Result<u64, AuditError>>,
+    ),
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
     SignHead(oneshot::Sender<Result<SignedHead, AuditError>>),
     Stop,
@@ -239,7 +282,7 @@ impl AuditLog {
     /// number. An error means the caller must not act (fail closed).
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Append(event, Instant::now(), reply))?;
+        self.send(Command::Append(Box::new(event), Instant::now(), reply))?;
         answer
             .await
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
@@ -404,7 +447,7 @@ impl Writer {
         let mut outcome = Ok(());
         for (event, queued, reply) in appends {
             if outcome.is_ok() {
-                outcome = self.write_one(event);
+                outcome = self.write_one(*event);
             }
             written.push((self.seq, queued, reply));
         }
@@ -482,11 +525,11 @@ impl Writer {
         };
         let (reply, _answer) = oneshot::channel();
         self.write_batch(vec![(
-            Event::Checkpoint {
+            Box::new(Event::Checkpoint {
                 head_seq,
                 head_hash: hex::encode(head_hash),
                 signature: hex::encode(signature),
-            },
+            }),
             Instant::now(),
             reply,
         )]);

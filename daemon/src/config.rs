@@ -37,6 +37,41 @@ pub struct Config {
     /// Audit log checkpoints.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Officers and approvals.
+    #[serde(default)]
+    pub dual_control: DualControlSection,
+}
+
+/// `[dual_control]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DualControlSection {
+    /// The first officer set and administrative quorum, applied once, when no
+    /// officer is enrolled yet.
+    pub genesis_file: Option<PathBuf>,
+    /// How long an operation waits for approvals.
+    #[serde(default = "default_approval_ttl_secs")]
+    pub approval_ttl_secs: u64,
+    /// Whether one officer's signed denial vetoes an operation.
+    #[serde(default = "default_true")]
+    pub denial_vetoes: bool,
+}
+
+impl Default for DualControlSection {
+    fn default() -> Self {
+        Self {
+            genesis_file: None,
+            approval_ttl_secs: default_approval_ttl_secs(),
+            denial_vetoes: true,
+        }
+    }
+}
+
+fn default_approval_ttl_secs() -> u64 {
+    600
+}
+fn default_true() -> bool {
+    true
 }
 
 /// `[hsm]`
@@ -181,6 +216,11 @@ impl Config {
         if self.hsm.workers == 0 || self.max_concurrent_requests == 0 {
             return Err(ConfigError(
                 "[hsm] workers and max_concurrent_requests must be at least 1".into(),
+            ));
+        }
+        if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
+            return Err(ConfigError(
+                "[dual_control] approval_ttl_secs must be within 10-86400".into(),
             ));
         }
         if self.max_message_bytes < 1024 {

@@ -60,6 +60,9 @@ pub struct KeyRecord {
     pub versions: Vec<VersionRecord>,
     /// Unix milliseconds of creation.
     pub created_ms: i64,
+    /// Quorum policies by operation kind (SIGN, ROTATE, SET_STATE, SET_POLICY).
+    #[serde(default)]
+    pub policies: std::collections::BTreeMap<String, crate::dual_control::quorum::Quorum>,
 }
 
 impl KeyRecord {

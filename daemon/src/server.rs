@@ -8,18 +8,22 @@ use std::time::Duration;
 
 use custody_proto::v1::audit_service_server::AuditServiceServer;
 use custody_proto::v1::key_service_server::KeyServiceServer;
+use custody_proto::v1::operation_service_server::OperationServiceServer;
 use custody_proto::v1::signing_service_server::SigningServiceServer;
 use hsm_shim::{Hsm, HsmConfig, TokenSelector};
 use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, CheckpointPolicy, Event};
 use crate::config::Config;
+use crate::dual_control::store::{DualControlStore, Genesis};
 use crate::metrics;
 use crate::registry::Registry;
 use crate::service::State;
 use crate::service::audit::Audit;
 use crate::service::keys::Keys;
+use crate::service::operations::{Operations, expire_due};
 use crate::service::signing::Signing;
+use crate::service::{Clock, SystemClock};
 use crate::tls::{TlsReloader, incoming};
 
 /// Everything custodyd holds while it runs.
@@ -35,6 +39,11 @@ impl Daemon {
     /// Opens the HSM, the database (registry and audit log) and the TLS files.
     /// Any failure stops the start with a message that names what to fix.
     pub async fn open(config: Config) -> Result<Daemon, String> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Daemon::open`] with the clock approvals expire by (tests inject one).
+    pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
         let pin = config
@@ -76,11 +85,38 @@ impl Daemon {
             audit_key_sha256 = %fingerprint,
             "custodyd ready"
         );
+        let dual_control = DualControlStore::open(&db)?;
+        if let Some(path) = &config.dual_control.genesis_file {
+            let genesis = Genesis::load(path)?;
+            if dual_control.apply_genesis(&genesis, clock.now_ms()).await? {
+                audit
+                    .append(Event::OfficersGenesis {
+                        officers: genesis
+                            .officers
+                            .iter()
+                            .map(|o| format!("{} {} {}", o.id, o.principal, o.public_key))
+                            .collect(),
+                        required: genesis.required,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(
+                    officers = genesis.officers.len(),
+                    required = genesis.required,
+                    "officer genesis applied"
+                );
+            }
+        }
         let state = Arc::new(State {
             hsm,
             registry,
             audit,
             allowed_algorithms: config.allowed_algorithms(),
+            dual_control,
+            approval_ttl_ms: i64::try_from(config.dual_control.approval_ttl_secs).unwrap_or(600)
+                * 1000,
+            denial_vetoes: config.dual_control.denial_vetoes,
+            clock,
         });
         Ok(Daemon { state, tls, config })
     }
@@ -98,6 +134,7 @@ impl Daemon {
             "custody.v1.KeyService",
             "custody.v1.SigningService",
             "custody.v1.AuditService",
+            "custody.v1.OperationService",
             "",
         ] {
             health_reporter
@@ -127,6 +164,11 @@ impl Daemon {
                     .max_encoding_message_size(limit),
             )
             .add_service(
+                OperationServiceServer::new(Operations(state.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
                 AuditServiceServer::new(Audit(state.clone())).max_decoding_message_size(limit),
             )
             .serve_with_incoming_shutdown(incoming(listener, self.tls), shutdown)
@@ -138,8 +180,9 @@ impl Daemon {
     }
 }
 
-/// Reports NOT_SERVING once the audit log can no longer record, and exports
-/// HSM worker use. Ends when the server's state is gone.
+/// Reports NOT_SERVING once the audit log can no longer record, exports HSM
+/// worker use, and expires operations past their approval window. Ends when
+/// the server's state is gone.
 async fn watch_health(
     state: std::sync::Weak<State>,
     reporter: tonic_health::server::HealthReporter,
@@ -151,6 +194,7 @@ async fn watch_health(
         let Some(state) = state.upgrade() else {
             return;
         };
+        expire_due(&state).await;
         metrics::hsm(state.hsm.queued(), state.hsm.workers());
         let healthy = state.audit.healthy();
         if healthy != serving {

@@ -148,6 +148,7 @@ fn registry_load(dir: &std::path::Path, keys: usize) -> f64 {
                     + &"A".repeat(124)
                     + "\n-----END PUBLIC KEY-----\n",
             }],
+            policies: Default::default(),
         };
         tree.insert(
             record.key_id.as_bytes(),

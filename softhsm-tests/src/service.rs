@@ -6,18 +6,45 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use custody_daemon::config::{
-    AuditSection, Config, HsmSection, MetricsSection, PolicySection, TlsSection,
+    AuditSection, Config, DualControlSection, HsmSection, MetricsSection, PolicySection, TlsSection,
 };
 use custody_daemon::devpki::{Ca, DEV_IDENTITIES, Issued, Validity};
+use custody_daemon::dual_control::officer_key::OfficerKey;
+use custody_daemon::identity::Role;
 use custody_daemon::server::Daemon;
+use custody_daemon::service::Clock;
 use custody_daemon::service::State;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 use crate::TestToken;
 
+/// The officers of every test service; `alice` and `bob` are also dev identities.
+pub const OFFICERS: [&str; 3] = ["alice", "bob", "carol"];
+
+/// A clock the test moves by hand.
+#[derive(Debug)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// Moves the clock by `ms` (may be negative).
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A running custodyd and the PKI around it.
 pub struct TestService {
+    /// The officers' keys, in [`OFFICERS`] order.
+    pub officers: Vec<OfficerKey>,
+    /// The clock approvals expire by.
+    pub clock: Arc<ManualClock>,
     /// The CA of server and client certificates.
     pub ca: Ca,
     /// A client certificate (principal `revoked`, signer) listed in the CRL.
@@ -37,8 +64,10 @@ struct Running {
 }
 
 impl Running {
-    async fn launch(config: &Config) -> Running {
-        let daemon = Daemon::open(config.clone()).await.expect("custodyd starts");
+    async fn launch(config: &Config, clock: Arc<ManualClock>) -> Running {
+        let daemon = Daemon::open_with_clock(config.clone(), clock)
+            .await
+            .expect("custodyd starts");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let state = daemon.state.clone();
@@ -119,11 +148,33 @@ impl TestService {
                     .collect(),
             },
             audit: AuditSection::default(),
+            dual_control: DualControlSection {
+                genesis_file: Some(dir.join("officers.toml")),
+                ..DualControlSection::default()
+            },
         };
+        // Three officers, two of whom make the administrative quorum.
+        let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");
+        let mut officers = Vec::new();
+        let mut genesis = String::from("required = 2\n");
+        for name in OFFICERS {
+            let (key, _) = OfficerKey::generate(name, &passphrase).expect("officer key");
+            genesis.push_str(&format!(
+                "[[officers]]\nid = \"{name}\"\nprincipal = \"{name}\"\npublic_key = \"{}\"\n",
+                hex::encode(key.public_key())
+            ));
+            officers.push(key);
+        }
+        write("officers.toml", &genesis);
         adjust(&mut config);
         config.check().expect("test config is valid");
-        let running = Some(Running::launch(&config).await);
+        let clock = Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(
+            custody_daemon::service::SystemClock.now_ms(),
+        )));
+        let running = Some(Running::launch(&config, clock.clone()).await);
         TestService {
+            officers,
+            clock,
             ca,
             revoked,
             config,
@@ -151,7 +202,7 @@ impl TestService {
     /// the old [`Self::state`] across it.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.running = Some(Running::launch(&self.config).await);
+        self.running = Some(Running::launch(&self.config, self.clock.clone()).await);
     }
 
     /// Stops the server and releases its database.
@@ -178,6 +229,23 @@ impl TestService {
             .issue_client(principal, roles, Validity::days(30))
             .expect("client cert");
         self.client_with(&issued).await.expect("connect")
+    }
+
+    /// A channel as `principal` holding `roles`, with a fresh certificate.
+    pub async fn client_as(&self, principal: &str, roles: &[Role]) -> Channel {
+        let issued = self
+            .ca
+            .issue_client(principal, roles, Validity::days(30))
+            .expect("client cert");
+        self.client_with(&issued).await.expect("connect")
+    }
+
+    /// The key of officer `name`.
+    pub fn officer(&self, name: &str) -> &OfficerKey {
+        self.officers
+            .iter()
+            .find(|k| k.officer_id() == name)
+            .expect("an officer of the test service")
     }
 
     /// A channel presenting `issued`.

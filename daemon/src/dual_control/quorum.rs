@@ -147,7 +147,6 @@ impl Rules<'_> {
 
     /// Records `officer`'s vote if every rule allows it, and returns the new
     /// standing. A refused vote changes nothing.
-    #[allow(clippy::too_many_arguments)]
     pub fn cast(
         &self,
         ballot: &mut Ballot,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use custody_proto::v1::key_service_server::KeyService;
 use custody_proto::v1::{
-    CreateKeyRequest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPurpose, KeyVersion,
+    CreateKeyRequest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPolicy, KeyPurpose, KeyVersion,
     KeyVersionState, ListKeysRequest, ListKeysResponse, PublicKey, RotateKeyRequest,
     SetKeyVersionStateRequest,
 };
@@ -32,7 +32,8 @@ fn wire_state(state: VersionState) -> KeyVersionState {
     }
 }
 
-fn key_message(record: &KeyRecord) -> Key {
+/// The API form of a key.
+pub(crate) fn key_message(record: &KeyRecord) -> Key {
     Key {
         name: format!("keys/{}", record.key_id),
         algorithm: KeyAlgorithm::from_api_name(&record.algorithm).map_or(0, |a| a.wire() as i32),
@@ -45,7 +46,43 @@ fn key_message(record: &KeyRecord) -> Key {
             .map(|v| version_message(&record.key_id, v))
             .collect(),
         create_time: Some(timestamp(record.created_ms)),
+        policies: record
+            .policies
+            .iter()
+            .map(|(operation, quorum)| KeyPolicy {
+                operation: operation.clone(),
+                officers: quorum.members.iter().cloned().collect(),
+                required: quorum.required,
+            })
+            .collect(),
     }
+}
+
+/// Refuses a direct call when the key's policy puts `kind` under quorum.
+pub(crate) fn ungated(
+    record: &KeyRecord,
+    kind: &str,
+    approved: Approval,
+) -> Result<(), ServiceError> {
+    match (record.policies.get(kind), approved) {
+        (Some(quorum), Approval::None) => Err(ServiceError::precondition(
+            "QUORUM_REQUIRED",
+            format!(
+                "{kind} on keys/{} needs {} officer approvals: request it with OperationService.RequestOperation",
+                record.key_id, quorum.required
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a call runs on the strength of an approved operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// A direct call: refused where a quorum policy applies.
+    None,
+    /// Executing an operation the quorum approved.
+    Quorum,
 }
 
 fn version_message(key_id: &str, version: &VersionRecord) -> KeyVersion {
@@ -168,6 +205,7 @@ impl Keys {
             primary_version: 1,
             created_ms: first.created_ms,
             versions: vec![first],
+            policies: Default::default(),
         };
         state.registry.put(record.clone()).await.map_err(|e| {
             tracing::error!(%e, "registry write failed");
@@ -180,10 +218,17 @@ impl Keys {
         Ok(key_message(&record))
     }
 
-    async fn rotate(&self, audited: &mut Audited, key_id: &str) -> Result<Key, ServiceError> {
+    /// Rotates `key_id`; see [`Approval`].
+    pub async fn rotate(
+        &self,
+        audited: &mut Audited,
+        key_id: &str,
+        approval: Approval,
+    ) -> Result<Key, ServiceError> {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
+        ungated(&current, "ROTATE", approval)?;
         let algorithm = KeyAlgorithm::from_api_name(&current.algorithm).ok_or_else(|| {
             ServiceError::new(
                 tonic::Code::Internal,
@@ -215,10 +260,12 @@ impl Keys {
         Ok(key_message(&record))
     }
 
-    async fn set_state(
+    /// Changes a version's state; see [`Approval`].
+    pub async fn set_state(
         &self,
         audited: &mut Audited,
         request: &SetKeyVersionStateRequest,
+        approval: Approval,
     ) -> Result<KeyVersion, ServiceError> {
         let (key_id, version) = parse_version_name(&request.name)?;
         let version = version.ok_or_else(|| {
@@ -245,6 +292,7 @@ impl Keys {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
+        ungated(&current, "SET_STATE", approval)?;
         let existing = current
             .version(version)
             .ok_or_else(|| ServiceError::not_found(format!("no version {}", request.name)))?;
@@ -412,7 +460,7 @@ impl KeyService for Keys {
             audited.principal = principal.name.clone();
             require(&principal, Role::Operator)?;
             let key_id = parse_key_name(&request.get_ref().name)?.to_string();
-            self.rotate(&mut audited, &key_id).await
+            self.rotate(&mut audited, &key_id, Approval::None).await
         }
         .await;
         audited.finish(&self.0, result).await.map(Response::new)
@@ -428,7 +476,8 @@ impl KeyService for Keys {
             let principal = caller(&request)?;
             audited.principal = principal.name.clone();
             require(&principal, Role::Operator)?;
-            self.set_state(&mut audited, request.get_ref()).await
+            self.set_state(&mut audited, request.get_ref(), Approval::None)
+                .await
         }
         .await;
         audited.finish(&self.0, result).await.map(Response::new)

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod keys;
+pub mod operations;
 pub mod signing;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tonic::{Request, Status};
 
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::{AuditLog, Event};
+use crate::dual_control::store::DualControlStore;
 use crate::error::ServiceError;
 use crate::identity::{Principal, Role};
 use crate::metrics;
@@ -34,6 +36,30 @@ pub struct State {
     pub audit: AuditLog,
     /// Algorithms keys may be created with.
     pub allowed_algorithms: Vec<KeyAlgorithm>,
+    /// Officers and operations.
+    pub dual_control: DualControlStore,
+    /// How long operations wait for approvals, in milliseconds.
+    pub approval_ttl_ms: i64,
+    /// Whether a signed denial vetoes.
+    pub denial_vetoes: bool,
+    /// The time, for approval expiry (injected in tests).
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Where dual control reads the time from.
+pub trait Clock: Send + Sync {
+    /// Unix milliseconds now.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
 }
 
 /// Largest message (`data`) a sign or verify request may carry.

@@ -12,6 +12,7 @@ use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
 use sha2::Digest as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::keys::{Approval, ungated};
 use super::{
     Audited, MAX_SIGN_DATA, Shared, State, caller, parse_version_name, require, version_name,
 };
@@ -62,15 +63,27 @@ fn hash_name(hash: HashAlg) -> &'static str {
 
 /// Checks a sign or verify request against the registry and the caller, and
 /// says what the audit record will name. No HSM call happens here.
+/// The parts of a sign or verify request that `prepare` checks.
+struct Asked<'a> {
+    name: &'a str,
+    input: Option<Input<'a>>,
+    encoding: i32,
+    input_crc32c: Option<u32>,
+}
+
 fn prepare(
     state: &State,
     audited: &mut Audited,
+    approval: Approval,
     principal: Option<&Principal>,
-    name: &str,
-    input: Option<Input<'_>>,
-    encoding: i32,
-    input_crc32c: Option<u32>,
+    asked: Asked<'_>,
 ) -> Result<Prepared, ServiceError> {
+    let Asked {
+        name,
+        input,
+        encoding,
+        input_crc32c,
+    } = asked;
     // Refusals are recorded with what was asked for.
     audited.resource = name.to_string();
     let (key_id, version) = parse_version_name(name)?;
@@ -103,6 +116,7 @@ fn prepare(
                 ),
             ));
         }
+        ungated(&record, "SIGN", approval)?;
     } else if version.state == VersionState::PreActivation {
         return Err(ServiceError::precondition(
             "VERSION_NOT_ACTIVE",
@@ -245,12 +259,18 @@ fn unreachable_digest<T>() -> Result<T, ServiceError> {
     ))
 }
 
-async fn sign_one(
+/// Signs one request for `principal`; see [`Approval`].
+pub(crate) async fn sign_one(
     state: &State,
     principal: &Principal,
     request: SignRequest,
+    approval: Approval,
 ) -> Result<SignResponse, ServiceError> {
-    let mut audited = Audited::start("Sign");
+    let method = match approval {
+        Approval::None => "Sign",
+        Approval::Quorum => "ExecuteSign",
+    };
+    let mut audited = Audited::start(method);
     audited.principal = principal.name.clone();
     let request_id = request.request_id;
     let result = async {
@@ -262,11 +282,14 @@ async fn sign_one(
         let prepared = prepare(
             state,
             &mut audited,
+            approval,
             Some(principal),
-            &request.name,
-            input,
-            request.encoding,
-            request.input_crc32c,
+            Asked {
+                name: &request.name,
+                input,
+                encoding: request.encoding,
+                input_crc32c: request.input_crc32c,
+            },
         )?;
         let Prepared {
             version_name,
@@ -313,7 +336,7 @@ impl SigningService for Signing {
             Ok(principal) => principal,
             Err(error) => return Audited::start("Sign").finish(&self.0, Err(error)).await,
         };
-        sign_one(&self.0, &principal, request.into_inner())
+        sign_one(&self.0, &principal, request.into_inner(), Approval::None)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -342,18 +365,20 @@ impl SigningService for Signing {
                 async move {
                     let request = item?;
                     let request_id = request.request_id;
-                    Ok(match sign_one(&state, &principal, request).await {
-                        Ok(response) => response,
-                        Err(error) => SignResponse {
-                            request_id,
-                            error: Some(StreamError {
-                                code: error.code as i32,
-                                reason: error.reason.into(),
-                                message: error.message,
-                            }),
-                            ..Default::default()
+                    Ok(
+                        match sign_one(&state, &principal, request, Approval::None).await {
+                            Ok(response) => response,
+                            Err(error) => SignResponse {
+                                request_id,
+                                error: Some(StreamError {
+                                    code: error.code as i32,
+                                    reason: error.reason.into(),
+                                    message: error.message,
+                                }),
+                                ..Default::default()
+                            },
                         },
-                    })
+                    )
                 }
             })
             .buffered(STREAM_WINDOW);
@@ -376,11 +401,14 @@ impl SigningService for Signing {
             let prepared = prepare(
                 &self.0,
                 &mut audited,
+                Approval::None,
                 None,
-                &request.name,
-                input,
-                request.encoding,
-                None,
+                Asked {
+                    name: &request.name,
+                    input,
+                    encoding: request.encoding,
+                    input_crc32c: None,
+                },
             )?;
             let Prepared {
                 version_name,
@@ -413,4 +441,49 @@ impl SigningService for Signing {
         .await;
         audited.finish(&self.0, result).await.map(Response::new)
     }
+}
+
+/// Checks a digest to be signed under quorum, exactly as `Sign` would, and
+/// returns what the operation records: key id, version, hash name, digest
+/// (hex) and encoding name. No HSM call.
+pub(crate) fn check_sign_operation(
+    state: &State,
+    principal: &Principal,
+    name: &str,
+    digest: &Digest,
+    encoding: i32,
+) -> Result<(String, u32, String, String, String), ServiceError> {
+    let mut audited = Audited::start("RequestOperation");
+    let prepared = prepare(
+        state,
+        &mut audited,
+        Approval::Quorum,
+        Some(principal),
+        Asked {
+            name,
+            input: Some(Input::Digest(digest)),
+            encoding,
+            input_crc32c: None,
+        },
+    )?;
+    let (key_id, version) = parse_version_name(&prepared.version_name)?;
+    let hash = prepared
+        .algorithm
+        .sign_algorithm()
+        .hash()
+        .map(hash_name)
+        .ok_or_else(|| {
+            ServiceError::invalid("DIGEST_NOT_ACCEPTED", "Ed25519 keys sign data, not digests")
+        })?;
+    let encoding = match prepared.encoding {
+        EcdsaEncoding::Der => "der",
+        EcdsaEncoding::Raw => "raw",
+    };
+    Ok((
+        key_id.to_string(),
+        version.unwrap_or(1),
+        hash.to_string(),
+        hex::encode(&prepared.bytes),
+        encoding.to_string(),
+    ))
 }

@@ -1,0 +1,925 @@
+//! `custody.v1.OperationService`: request, approve, deny and read operations
+//! that need M-of-N officer approval, and execute them once approved.
+//!
+//! Order of events for a vote: the vote is checked (signature over this
+//! operation's digest, officer bound to the caller's certificate, eligible,
+//! not the requester, not yet voted, before expiry), written and flushed with
+//! the operation, and audited with its signature; only then, if it completes
+//! the quorum, does the operation run, and its outcome is stored and audited.
+
+use std::collections::BTreeSet;
+
+use custody_proto::v1::operation_service_server::OperationService;
+use custody_proto::v1::{
+    Digest, GetOperationRequest, KeyRef, ListOfficersRequest, ListOfficersResponse,
+    ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec, Operation, OperationSpec,
+    OperationState as WireState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignRequest,
+    SignResponse, SignSpec, SignatureEncoding, Vote, VoteRequest, digest, operation_spec,
+    sign_request,
+};
+use tonic::{Request, Response, Status};
+
+use super::keys::{Approval, Keys, key_message};
+use super::signing::{check_sign_operation, sign_one};
+use super::{
+    Audited, Shared, State, caller, parse_key_name, parse_version_name, require, timestamp,
+};
+use crate::audit::Event;
+use crate::dual_control::operation::{
+    KEY_POLICY_KINDS, OperationRecord, OperationState, Outcome, Spec,
+};
+use crate::dual_control::quorum::{Ballot, CastVote, Quorum, Refusal, Rules, Standing, VoteKind};
+use crate::dual_control::store::{OfficerRecord, check_officer};
+use crate::dual_control::{approval_message, denial_message, officer_key};
+use crate::error::ServiceError;
+use crate::identity::{Principal, Role};
+
+/// The operation service.
+pub struct Operations(pub Shared);
+
+fn random_hex() -> Result<String, ServiceError> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|_| ServiceError::new(tonic::Code::Internal, "INTERNAL", "no randomness"))?;
+    Ok(hex::encode(bytes))
+}
+
+fn store_failure(error: String) -> ServiceError {
+    tracing::error!(%error, "dual-control store");
+    ServiceError::new(
+        tonic::Code::Unavailable,
+        "STORE_UNAVAILABLE",
+        "the operation store cannot be written",
+    )
+}
+
+fn wire_state(state: OperationState) -> WireState {
+    match state {
+        OperationState::Pending => WireState::Pending,
+        OperationState::Succeeded => WireState::Succeeded,
+        OperationState::Failed => WireState::Failed,
+        OperationState::Denied => WireState::Denied,
+        OperationState::Expired => WireState::Expired,
+    }
+}
+
+fn votes(votes: &std::collections::BTreeMap<String, CastVote>) -> Vec<Vote> {
+    votes
+        .iter()
+        .map(|(officer, vote)| Vote {
+            officer_id: officer.clone(),
+            signature: hex::decode(&vote.signature).unwrap_or_default(),
+            time: Some(timestamp(vote.time_ms)),
+        })
+        .collect()
+}
+
+fn spec_message(spec: &Spec) -> OperationSpec {
+    let spec = match spec {
+        Spec::Sign {
+            key_id,
+            version,
+            hash,
+            digest: hex_digest,
+            encoding,
+        } => {
+            let bytes = hex::decode(hex_digest).unwrap_or_default();
+            let digest = match hash.as_str() {
+                "sha384" => digest::Digest::Sha384(bytes),
+                "sha512" => digest::Digest::Sha512(bytes),
+                _ => digest::Digest::Sha256(bytes),
+            };
+            operation_spec::Spec::Sign(SignSpec {
+                name: format!("keys/{key_id}/versions/{version}"),
+                digest: Some(Digest {
+                    digest: Some(digest),
+                }),
+                encoding: if encoding == "raw" {
+                    SignatureEncoding::Raw
+                } else {
+                    SignatureEncoding::Der
+                } as i32,
+            })
+        }
+        Spec::Rotate { key_id } => operation_spec::Spec::Rotate(KeyRef {
+            name: format!("keys/{key_id}"),
+        }),
+        Spec::SetState {
+            key_id,
+            version,
+            state,
+        } => operation_spec::Spec::SetState(SetStateSpec {
+            name: format!("keys/{key_id}/versions/{version}"),
+            state: custody_proto::v1::KeyVersionState::from_str_name(state).map_or(0, |s| s as i32),
+        }),
+        Spec::SetPolicy {
+            key_id,
+            operation,
+            officers,
+            required,
+        } => operation_spec::Spec::SetPolicy(SetPolicySpec {
+            name: format!("keys/{key_id}"),
+            operation: custody_proto::v1::OperationKind::from_str_name(operation)
+                .map_or(0, |k| k as i32),
+            officers: officers.clone(),
+            required: *required,
+        }),
+        Spec::AddOfficer {
+            officer_id,
+            principal,
+            public_key,
+        } => operation_spec::Spec::AddOfficer(OfficerSpec {
+            officer_id: officer_id.clone(),
+            principal: principal.clone(),
+            public_key: hex::decode(public_key).unwrap_or_default(),
+        }),
+        Spec::RemoveOfficer { officer_id } => operation_spec::Spec::RemoveOfficer(OfficerSpec {
+            officer_id: officer_id.clone(),
+            ..Default::default()
+        }),
+    };
+    OperationSpec { spec: Some(spec) }
+}
+
+fn operation_message(state: &State, record: &OperationRecord) -> Operation {
+    let mut message = Operation {
+        name: record.name(),
+        spec: Some(spec_message(&record.spec)),
+        requester: record.requester.clone(),
+        digest: record.digest_bytes().to_vec(),
+        rendering: record.rendering(),
+        create_time: Some(timestamp(record.created_ms)),
+        expire_time: Some(timestamp(record.expires_ms)),
+        state: wire_state(record.state) as i32,
+        required: record.quorum.required,
+        eligible_officers: record.quorum.members.iter().cloned().collect(),
+        approvals: votes(&record.ballot.approvals),
+        denials: votes(&record.ballot.denials),
+        error: record.error.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    match &record.outcome {
+        Some(Outcome::Signature {
+            version_name,
+            signature,
+        }) => {
+            let signature = hex::decode(signature).unwrap_or_default();
+            message.signature = Some(SignResponse {
+                name: version_name.clone(),
+                signature_crc32c: crc32c::crc32c(&signature),
+                signature,
+                ..Default::default()
+            });
+        }
+        Some(Outcome::Key { key_id }) => {
+            message.key = state.registry.get(key_id).map(|k| key_message(&k));
+        }
+        Some(Outcome::Officers) | None => {}
+    }
+    message
+}
+
+fn parse_operation_name(name: &str) -> Result<&str, ServiceError> {
+    name.strip_prefix("operations/")
+        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            ServiceError::invalid(
+                "BAD_NAME",
+                format!("{name:?} is not of the form operations/{{id}}"),
+            )
+        })
+}
+
+impl Operations {
+    /// Turns a requested spec into what will be stored, and the quorum that
+    /// must approve it. Every check that the direct RPC would make is made
+    /// here, so an approved operation fails only if the world changed.
+    fn resolve(
+        &self,
+        principal: &Principal,
+        spec: &OperationSpec,
+    ) -> Result<(Spec, Quorum), ServiceError> {
+        let state = &self.0;
+        let key_policy = |key_id: &str, kind: &str| -> Result<Quorum, ServiceError> {
+            let record = state
+                .registry
+                .get(key_id)
+                .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+            record.policies.get(kind).cloned().ok_or_else(|| {
+                ServiceError::precondition(
+                    "NO_POLICY",
+                    format!("keys/{key_id} has no {kind} policy: call the direct RPC instead"),
+                )
+            })
+        };
+        let admin = || {
+            state
+                .dual_control
+                .admin_quorum()
+                .map_err(|e| ServiceError::precondition("NO_OFFICERS", e))
+        };
+        match spec.spec.as_ref() {
+            Some(operation_spec::Spec::Sign(sign)) => {
+                let digest = sign.digest.as_ref().ok_or_else(|| {
+                    ServiceError::invalid("MISSING_INPUT", "a SIGN operation takes a digest")
+                })?;
+                let (key_id, version, hash, digest, encoding) =
+                    check_sign_operation(state, principal, &sign.name, digest, sign.encoding)?;
+                let quorum = key_policy(&key_id, "SIGN")?;
+                Ok((
+                    Spec::Sign {
+                        key_id,
+                        version,
+                        hash,
+                        digest,
+                        encoding,
+                    },
+                    quorum,
+                ))
+            }
+            Some(operation_spec::Spec::Rotate(key)) => {
+                require(principal, Role::Operator)?;
+                let key_id = parse_key_name(&key.name)?.to_string();
+                let quorum = key_policy(&key_id, "ROTATE")?;
+                Ok((Spec::Rotate { key_id }, quorum))
+            }
+            Some(operation_spec::Spec::SetState(set)) => {
+                require(principal, Role::Operator)?;
+                let (key_id, version) = parse_version_name(&set.name)?;
+                let version =
+                    version.ok_or_else(|| ServiceError::invalid("BAD_NAME", "name a version"))?;
+                let target = custody_proto::v1::KeyVersionState::try_from(set.state)
+                    .ok()
+                    .filter(|s| *s != custody_proto::v1::KeyVersionState::Unspecified)
+                    .ok_or_else(|| {
+                        ServiceError::invalid("BAD_STATE", format!("unknown state {}", set.state))
+                    })?;
+                let quorum = key_policy(key_id, "SET_STATE")?;
+                Ok((
+                    Spec::SetState {
+                        key_id: key_id.into(),
+                        version,
+                        state: target.as_str_name().into(),
+                    },
+                    quorum,
+                ))
+            }
+            Some(operation_spec::Spec::SetPolicy(set)) => {
+                if !(principal.has(Role::Operator) || principal.has(Role::Officer)) {
+                    require(principal, Role::Operator)?;
+                }
+                let key_id = parse_key_name(&set.name)?.to_string();
+                let record = state
+                    .registry
+                    .get(&key_id)
+                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                let operation = custody_proto::v1::OperationKind::try_from(set.operation)
+                    .map(|k| k.as_str_name())
+                    .ok()
+                    .filter(|k| KEY_POLICY_KINDS.contains(k))
+                    .ok_or_else(|| {
+                        ServiceError::invalid(
+                            "BAD_POLICY",
+                            "a key policy governs SIGN, ROTATE, SET_STATE or SET_POLICY",
+                        )
+                    })?;
+                if set.required > 0 {
+                    Quorum::new(set.officers.iter().cloned(), set.required)
+                        .map_err(|e| ServiceError::invalid("BAD_POLICY", e))?;
+                    if let Some(unknown) = set
+                        .officers
+                        .iter()
+                        .find(|o| !state.dual_control.enrolled(o))
+                    {
+                        return Err(ServiceError::invalid(
+                            "BAD_POLICY",
+                            format!("{unknown} is not an enrolled officer"),
+                        ));
+                    }
+                }
+                let quorum = match record.policies.get("SET_POLICY") {
+                    Some(quorum) => quorum.clone(),
+                    None => admin()?,
+                };
+                let mut officers = set.officers.clone();
+                officers.sort();
+                Ok((
+                    Spec::SetPolicy {
+                        key_id,
+                        operation: operation.into(),
+                        officers,
+                        required: set.required,
+                    },
+                    quorum,
+                ))
+            }
+            Some(operation_spec::Spec::AddOfficer(officer)) => {
+                if !(principal.has(Role::Operator) || principal.has(Role::Officer)) {
+                    require(principal, Role::Operator)?;
+                }
+                let public_key = hex::encode(&officer.public_key);
+                check_officer(&officer.officer_id, &officer.principal, &public_key)
+                    .map_err(|e| ServiceError::invalid("BAD_OFFICER", e))?;
+                if state.dual_control.officer(&officer.officer_id).is_some()
+                    || state
+                        .dual_control
+                        .officer_for_principal(&officer.principal)
+                        .is_some()
+                {
+                    return Err(ServiceError::new(
+                        tonic::Code::AlreadyExists,
+                        "OFFICER_EXISTS",
+                        "that officer id or principal is already enrolled",
+                    ));
+                }
+                Ok((
+                    Spec::AddOfficer {
+                        officer_id: officer.officer_id.clone(),
+                        principal: officer.principal.clone(),
+                        public_key,
+                    },
+                    admin()?,
+                ))
+            }
+            Some(operation_spec::Spec::RemoveOfficer(officer)) => {
+                if !(principal.has(Role::Operator) || principal.has(Role::Officer)) {
+                    require(principal, Role::Operator)?;
+                }
+                if !state.dual_control.enrolled(&officer.officer_id) {
+                    return Err(ServiceError::not_found(format!(
+                        "no officer {}",
+                        officer.officer_id
+                    )));
+                }
+                Ok((
+                    Spec::RemoveOfficer {
+                        officer_id: officer.officer_id.clone(),
+                    },
+                    admin()?,
+                ))
+            }
+            None => Err(ServiceError::invalid("MISSING_SPEC", "say which operation")),
+        }
+    }
+
+    async fn request(
+        &self,
+        audited: &mut Audited,
+        principal: &Principal,
+        spec: &OperationSpec,
+    ) -> Result<Operation, ServiceError> {
+        let state = &self.0;
+        let (spec, quorum) = self.resolve(principal, spec)?;
+        let now = state.clock.now_ms();
+        let mut record = OperationRecord {
+            id: random_hex()?,
+            spec,
+            requester: principal.name.clone(),
+            requester_officer: state
+                .dual_control
+                .officer_for_principal(&principal.name)
+                .map(|o| o.officer_id),
+            nonce: random_hex()?,
+            created_ms: now,
+            expires_ms: now + state.approval_ttl_ms,
+            quorum,
+            digest: String::new(),
+            ballot: Ballot::default(),
+            state: OperationState::Pending,
+            outcome: None,
+            error: None,
+        };
+        record.digest = hex::encode(record.compute_digest());
+        audited.resource = record.name();
+        audited.detail = format!(
+            "{} | digest {} | quorum {}",
+            record.spec.describe(),
+            record.digest,
+            quorum_text(&record.quorum)
+        );
+        // The request is recorded before the operation exists.
+        audited.intent(state).await?;
+        let _guard = state.dual_control.lock().await;
+        state
+            .dual_control
+            .put_operation(&record)
+            .await
+            .map_err(store_failure)?;
+        Ok(operation_message(state, &record))
+    }
+
+    /// Who may vote at all: an officer whose enrollment names the caller's
+    /// certificate principal. Returns the operation id and the officer.
+    fn voter<'r>(
+        &self,
+        principal: &Principal,
+        request: &'r VoteRequest,
+    ) -> Result<(&'r str, OfficerRecord), ServiceError> {
+        require(principal, Role::Officer)?;
+        let id = parse_operation_name(&request.name)?;
+        let officer = self
+            .0
+            .dual_control
+            .officer(&request.officer_id)
+            .ok_or_else(|| {
+                ServiceError::denied(
+                    "OFFICER_NOT_ENROLLED",
+                    format!("{} is not an enrolled officer", request.officer_id),
+                )
+            })?;
+        if officer.principal != principal.name {
+            return Err(ServiceError::denied(
+                "OFFICER_MISMATCH",
+                format!(
+                    "officer {} is bound to another certificate principal",
+                    officer.officer_id
+                ),
+            ));
+        }
+        Ok((id, officer))
+    }
+
+    /// Casts a vote; every outcome is audited here, with the signature.
+    async fn vote(
+        &self,
+        principal: &Principal,
+        request: &VoteRequest,
+        id: &str,
+        officer: OfficerRecord,
+        kind: VoteKind,
+    ) -> Result<Operation, ServiceError> {
+        let state = &self.0;
+        expire_due(state).await;
+        let _guard = state.dual_control.lock().await;
+        let mut record = state
+            .dual_control
+            .operation(id)
+            .map_err(store_failure)?
+            .ok_or_else(|| ServiceError::not_found(format!("no {}", request.name)))?;
+        let digest = record.digest_bytes();
+        let message = match kind {
+            VoteKind::Approve => approval_message(&digest),
+            VoteKind::Deny => denial_message(&digest),
+        };
+        let public_key = hex::decode(&officer.public_key).unwrap_or_default();
+        let signature_valid = officer_key::verify(&public_key, &message, &request.signature);
+        let now = state.clock.now_ms();
+        let (operation_name, operation_digest) = (record.name(), record.digest.clone());
+        let vote_event = |outcome: &str| Event::Vote {
+            operation: operation_name.clone(),
+            principal: principal.name.clone(),
+            officer: officer.officer_id.clone(),
+            public_key: officer.public_key.clone(),
+            vote: match kind {
+                VoteKind::Approve => "approve".into(),
+                VoteKind::Deny => "deny".into(),
+            },
+            digest: operation_digest.clone(),
+            signature: hex::encode(&request.signature),
+            outcome: outcome.into(),
+        };
+        let cast = if record.state == OperationState::Pending {
+            let rules = Rules {
+                quorum: &record.quorum,
+                requester_officer: record.requester_officer.as_deref(),
+                expires_ms: record.expires_ms,
+                denial_vetoes: state.denial_vetoes,
+            };
+            let mut ballot = record.ballot.clone();
+            let vote = CastVote {
+                time_ms: now,
+                signature: hex::encode(&request.signature),
+            };
+            rules
+                .cast(
+                    &mut ballot,
+                    &officer.officer_id,
+                    kind,
+                    vote,
+                    signature_valid,
+                    |o| state.dual_control.enrolled(o),
+                )
+                .map(|standing| (ballot, standing))
+        } else {
+            Err(Refusal::NotPending)
+        };
+        let (ballot, standing) = match cast {
+            Ok(cast) => cast,
+            Err(refusal) => {
+                let event = vote_event(refusal.reason());
+                if let Err(error) = state.audit.append(event).await {
+                    tracing::error!(%error, "a refused vote could not be audited");
+                }
+                let code = match refusal {
+                    Refusal::BadSignature => tonic::Code::InvalidArgument,
+                    Refusal::NotEnrolled | Refusal::NotEligible | Refusal::Requester => {
+                        tonic::Code::PermissionDenied
+                    }
+                    Refusal::NotPending | Refusal::Expired | Refusal::AlreadyVoted => {
+                        tonic::Code::FailedPrecondition
+                    }
+                };
+                return Err(ServiceError::new(
+                    code,
+                    refusal.reason(),
+                    format!("vote on {} refused", record.name()),
+                ));
+            }
+        };
+        // Durable before anything acts on it: the operation with the vote,
+        // then the audit record carrying the signature.
+        record.ballot = ballot;
+        state
+            .dual_control
+            .put_operation(&record)
+            .await
+            .map_err(store_failure)?;
+        state
+            .audit
+            .append(vote_event("ok"))
+            .await
+            .map_err(|e| ServiceError::audit_unavailable(&e))?;
+        match standing {
+            Standing::Pending => {}
+            Standing::Denied => {
+                finish(
+                    state,
+                    &mut record,
+                    OperationState::Denied,
+                    "vetoed by a signed denial".into(),
+                )
+                .await?
+            }
+            Standing::Approved => {
+                let outcome = execute(&self.0, &record).await;
+                match outcome {
+                    Ok(outcome) => {
+                        record.outcome = Some(outcome.clone());
+                        finish(
+                            state,
+                            &mut record,
+                            OperationState::Succeeded,
+                            format!("{outcome:?}"),
+                        )
+                        .await?;
+                    }
+                    Err(error) => {
+                        record.error = Some(format!("{}: {}", error.reason, error.message));
+                        finish(
+                            state,
+                            &mut record,
+                            OperationState::Failed,
+                            error.reason.into(),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        Ok(operation_message(state, &record))
+    }
+
+    fn readable(
+        &self,
+        principal: &Principal,
+        record: &OperationRecord,
+    ) -> Result<(), ServiceError> {
+        if principal.has(Role::Officer)
+            || principal.has(Role::Auditor)
+            || record.requester == principal.name
+        {
+            Ok(())
+        } else {
+            Err(ServiceError::denied(
+                "NOT_YOURS",
+                "only the requester, officers and auditors read an operation",
+            ))
+        }
+    }
+}
+
+fn quorum_text(quorum: &Quorum) -> String {
+    let members: Vec<&str> = quorum.members.iter().map(String::as_str).collect();
+    format!("{} of {}", quorum.required, members.join(", "))
+}
+
+/// Stores a final state and records it. Hold the store lock.
+async fn finish(
+    state: &State,
+    record: &mut OperationRecord,
+    final_state: OperationState,
+    detail: String,
+) -> Result<(), ServiceError> {
+    record.state = final_state;
+    state
+        .dual_control
+        .put_operation(record)
+        .await
+        .map_err(store_failure)?;
+    let state_name = format!("{final_state:?}").to_lowercase();
+    state
+        .audit
+        .append(Event::OperationFinished {
+            operation: record.name(),
+            state: state_name,
+            detail,
+        })
+        .await
+        .map(drop)
+        .map_err(|e| ServiceError::audit_unavailable(&e))
+}
+
+/// Marks pending operations past their expiry as expired (each recorded).
+pub async fn expire_due(state: &State) {
+    let now = state.clock.now_ms();
+    let _guard = state.dual_control.lock().await;
+    let Ok(operations) = state.dual_control.operations() else {
+        return;
+    };
+    for mut record in operations {
+        if record.state == OperationState::Pending && now >= record.expires_ms {
+            if let Err(error) = finish(
+                state,
+                &mut record,
+                OperationState::Expired,
+                "not approved in time".into(),
+            )
+            .await
+            {
+                tracing::error!(reason = error.reason, "could not expire {}", record.name());
+            }
+        }
+    }
+}
+
+/// Runs an approved operation. Hold the store lock.
+async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, ServiceError> {
+    let state = shared.as_ref();
+    match &record.spec {
+        Spec::Sign {
+            key_id,
+            version,
+            hash,
+            digest: hex_digest,
+            encoding,
+        } => {
+            let bytes = hex::decode(hex_digest).unwrap_or_default();
+            let digest = match hash.as_str() {
+                "sha384" => digest::Digest::Sha384(bytes),
+                "sha512" => digest::Digest::Sha512(bytes),
+                _ => digest::Digest::Sha256(bytes),
+            };
+            let request = SignRequest {
+                name: format!("keys/{key_id}/versions/{version}"),
+                input: Some(sign_request::Input::Digest(Digest {
+                    digest: Some(digest),
+                })),
+                encoding: if encoding == "raw" {
+                    SignatureEncoding::Raw
+                } else {
+                    SignatureEncoding::Der
+                } as i32,
+                ..Default::default()
+            };
+            // The requester was checked as a signer on the allow-list when it
+            // asked; the allow-list is checked again now.
+            let requester = Principal {
+                name: record.requester.clone(),
+                roles: BTreeSet::from([Role::Signer]),
+            };
+            let response = sign_one(state, &requester, request, Approval::Quorum).await?;
+            Ok(Outcome::Signature {
+                version_name: response.name,
+                signature: hex::encode(response.signature),
+            })
+        }
+        Spec::Rotate { key_id } => {
+            let mut audited = Audited::start("ExecuteRotate");
+            audited.principal = record.requester.clone();
+            audited.resource = format!("keys/{key_id}");
+            let keys = Keys(shared.clone());
+            let result = keys.rotate(&mut audited, key_id, Approval::Quorum).await;
+            audited.record(state, result).await?;
+            Ok(Outcome::Key {
+                key_id: key_id.clone(),
+            })
+        }
+        Spec::SetState {
+            key_id,
+            version,
+            state: target,
+        } => {
+            let mut audited = Audited::start("ExecuteSetState");
+            audited.principal = record.requester.clone();
+            let request = custody_proto::v1::SetKeyVersionStateRequest {
+                name: format!("keys/{key_id}/versions/{version}"),
+                state: custody_proto::v1::KeyVersionState::from_str_name(target)
+                    .map_or(0, |s| s as i32),
+            };
+            audited.resource = request.name.clone();
+            let keys = Keys(shared.clone());
+            let result = keys
+                .set_state(&mut audited, &request, Approval::Quorum)
+                .await;
+            audited.record(state, result).await?;
+            Ok(Outcome::Key {
+                key_id: key_id.clone(),
+            })
+        }
+        Spec::SetPolicy {
+            key_id,
+            operation,
+            officers,
+            required,
+        } => {
+            let _guard = state.registry.lock().await;
+            let mut key = (*state
+                .registry
+                .get(key_id)
+                .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?)
+            .clone();
+            if *required == 0 {
+                key.policies.remove(operation);
+            } else {
+                let quorum = Quorum::new(officers.iter().cloned(), *required)
+                    .map_err(|e| ServiceError::invalid("BAD_POLICY", e))?;
+                key.policies.insert(operation.clone(), quorum);
+            }
+            state
+                .registry
+                .put(key)
+                .await
+                .map_err(|e| store_failure(e.to_string()))?;
+            Ok(Outcome::Key {
+                key_id: key_id.clone(),
+            })
+        }
+        Spec::AddOfficer {
+            officer_id,
+            principal,
+            public_key,
+        } => {
+            state
+                .dual_control
+                .put_officer(OfficerRecord {
+                    officer_id: officer_id.clone(),
+                    principal: principal.clone(),
+                    public_key: public_key.clone(),
+                    enrolled_ms: state.clock.now_ms(),
+                })
+                .await
+                .map_err(store_failure)?;
+            Ok(Outcome::Officers)
+        }
+        Spec::RemoveOfficer { officer_id } => {
+            state
+                .dual_control
+                .remove_officer(officer_id)
+                .await
+                .map_err(|e| ServiceError::precondition("OFFICER_REMOVAL_REFUSED", e))?;
+            Ok(Outcome::Officers)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl OperationService for Operations {
+    async fn request_operation(
+        &self,
+        request: Request<RequestOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let mut audited = Audited::start("RequestOperation");
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            let spec = request.get_ref().spec.clone().unwrap_or_default();
+            self.request(&mut audited, &principal, &spec).await
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let mut audited = Audited::start("GetOperation");
+        audited.resource = request.get_ref().name.clone();
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            let id = parse_operation_name(&request.get_ref().name)?;
+            expire_due(&self.0).await;
+            let record = self
+                .0
+                .dual_control
+                .operation(id)
+                .map_err(store_failure)?
+                .ok_or_else(|| ServiceError::not_found(format!("no {}", request.get_ref().name)))?;
+            self.readable(&principal, &record)?;
+            Ok(operation_message(&self.0, &record))
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let mut audited = Audited::start("ListOperations");
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            let wanted = WireState::try_from(request.get_ref().state)
+                .map_err(|_| ServiceError::invalid("BAD_STATE", "unknown operation state"))?;
+            expire_due(&self.0).await;
+            let mut operations = self.0.dual_control.operations().map_err(store_failure)?;
+            operations.retain(|o| self.readable(&principal, o).is_ok());
+            operations
+                .retain(|o| wanted == WireState::Unspecified || wire_state(o.state) == wanted);
+            operations.sort_by_key(|o| std::cmp::Reverse(o.created_ms));
+            operations.truncate(1000);
+            Ok(ListOperationsResponse {
+                operations: operations
+                    .iter()
+                    .map(|o| operation_message(&self.0, o))
+                    .collect(),
+            })
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn approve_operation(
+        &self,
+        request: Request<VoteRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        self.vote_rpc(request, VoteKind::Approve).await
+    }
+
+    async fn deny_operation(
+        &self,
+        request: Request<VoteRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        self.vote_rpc(request, VoteKind::Deny).await
+    }
+
+    async fn list_officers(
+        &self,
+        request: Request<ListOfficersRequest>,
+    ) -> Result<Response<ListOfficersResponse>, Status> {
+        let mut audited = Audited::start("ListOfficers");
+        let result = async {
+            audited.principal = caller(&request)?.name;
+            Ok(ListOfficersResponse {
+                officers: self
+                    .0
+                    .dual_control
+                    .officers()
+                    .into_iter()
+                    .map(|o| Officer {
+                        officer_id: o.officer_id,
+                        principal: o.principal,
+                        public_key: hex::decode(o.public_key).unwrap_or_default(),
+                        enroll_time: Some(timestamp(o.enrolled_ms)),
+                    })
+                    .collect(),
+                admin_required: self.0.dual_control.admin_required(),
+            })
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+}
+
+impl Operations {
+    /// A vote is audited by `vote` itself (with its signature); refusals
+    /// before the vote is looked at get the usual request record.
+    async fn vote_rpc(
+        &self,
+        request: Request<VoteRequest>,
+        kind: VoteKind,
+    ) -> Result<Response<Operation>, Status> {
+        let method = if kind == VoteKind::Approve {
+            "ApproveOperation"
+        } else {
+            "DenyOperation"
+        };
+        let mut audited = Audited::start(method);
+        audited.resource = request.get_ref().name.clone();
+        let voter = caller(&request).and_then(|principal| {
+            audited.principal = principal.name.clone();
+            let (id, officer) = self.voter(&principal, request.get_ref())?;
+            Ok((principal, id.to_string(), officer))
+        });
+        let (principal, id, officer) = match voter {
+            Ok(voter) => voter,
+            Err(error) => return audited.finish(&self.0, Err(error)).await,
+        };
+        self.vote(&principal, request.get_ref(), &id, officer, kind)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+}
