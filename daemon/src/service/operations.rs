@@ -351,6 +351,13 @@ impl Operations {
                         officer.officer_id
                     )));
                 }
+                if state.dual_control.officers().len() as u32 <= state.dual_control.admin_required()
+                {
+                    return Err(ServiceError::precondition(
+                        "OFFICER_REMOVAL_REFUSED",
+                        "removing an officer would leave fewer officers than the administrative quorum needs",
+                    ));
+                }
                 Ok((
                     Spec::RemoveOfficer {
                         officer_id: officer.officer_id.clone(),
