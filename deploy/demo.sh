@@ -31,7 +31,18 @@ softhsm2-util --init-token --free --label custody-dev \
 echo "== fresh SoftHSM2 token 'custody-dev' in $dev/softhsm"
 
 "$bin/custodyctl" dev-pki --out "$dev/pki" >/dev/null
-echo "== dev CA and certificates in $dev/pki (operator, ca-issuing, auditor, alice)"
+echo "== dev CA and certificates in $dev/pki (operator, ca-issuing, auditor; officers alice, bob, carol)"
+
+# Each officer makes an Ed25519 key of their own, sealed with a passphrase;
+# the genesis file enrolls them, with 2 of 3 needed for officer-set changes.
+mkdir -p "$dev/officers"
+echo "required = 2" > "$dev/officers.toml"
+for officer in alice bob carol; do
+  public_key=$(CUSTODY_OFFICER_PASSPHRASE="demo passphrase of $officer" \
+    "$bin/custodyctl" officer keygen --officer-id "$officer" --out "$dev/officers/$officer.key" | awk '/public key/ {print $NF}')
+  printf '[[officers]]\nid = "%s"\nprincipal = "%s"\npublic_key = "%s"\n' "$officer" "$officer" "$public_key" >> "$dev/officers.toml"
+done
+echo "== officers alice, bob and carol made their own keys; genesis: $dev/officers.toml"
 
 port=$(( 20000 + RANDOM % 20000 ))
 cat > "$dev/custodyd.toml" <<CONF
@@ -46,6 +57,8 @@ cert = "$dev/pki/server.pem"
 key = "$dev/pki/server.key"
 client_ca = "$dev/pki/ca.pem"
 crls = ["$dev/pki/crl.pem"]
+[dual_control]
+genesis_file = "$dev/officers.toml"
 CONF
 
 RUST_LOG=warn "$bin/custodyd" --config "$dev/custodyd.toml" > "$dev/custodyd.log" 2>&1 &
@@ -54,6 +67,11 @@ trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
 
 export CUSTODY_SERVER="https://localhost:$port" CUSTODY_CA="$dev/pki/ca.pem"
 as() { CUSTODY_CERT="$dev/pki/$1.pem" CUSTODY_KEY="$dev/pki/$1.key" "$bin/custodyctl" "${@:2}"; }
+officer() {
+  CUSTODY_OFFICER_PASSPHRASE="demo passphrase of $1" CUSTODY_OFFICER_KEY="$dev/officers/$1.key" \
+    as "$1" "${@:2}" --yes | awk '/^(APPROVED|DENIED) by/ {vote = $1 " by " $3} /^  state: / {state = $2} END {print "  " vote " -> operation " state}'
+}
+operation_of() { grep -o 'operations/[0-9a-f]*' | head -1; }
 for _ in $(seq 100); do
   as auditor audit verify-server >/dev/null 2>&1 && break
   kill -0 $daemon 2>/dev/null || { cat "$dev/custodyd.log"; exit 1; }
@@ -77,6 +95,24 @@ echo "== the operator may not sign (not on the allow-list), and says so"
 if as operator sign issuing-ca --digest "$digest" 2>&1; then
   echo "unexpected: the operator could sign"; exit 1
 fi
+
+echo "== dual control: the issuing key's signatures now need 2 of the 3 officers"
+op=$(as operator request set-policy issuing-ca --operation sign --officer alice --officer bob --officer carol --required 2 | operation_of)
+officer alice approve "$op"
+officer bob approve "$op"
+
+echo "== the CA alone is refused now"
+if as ca-issuing sign issuing-ca --digest "$digest" 2>&1; then
+  echo "unexpected: the CA signed without approvals"; exit 1
+fi
+
+echo "== the CA requests the signature; carol and alice each sign the exact request with their own key"
+op=$(as ca-issuing request sign issuing-ca --digest "$digest" | operation_of)
+as ca-issuing show "$op" | sed -n '2p;4p'
+officer carol approve "$op"
+officer alice approve "$op"
+as ca-issuing show "$op" --signature-out "$dev/demo/tbs-approved.sig" | tail -1
+openssl dgst -sha256 -verify "$dev/demo/issuing-ca.pem" -signature "$dev/demo/tbs-approved.sig" "$dev/demo/tbs.bin"
 
 echo "== the auditor exports the audit log and verifies it offline"
 as auditor audit export --out "$dev/demo/audit.jsonl" --key-out "$dev/demo/audit-key.pem"

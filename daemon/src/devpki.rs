@@ -210,11 +210,13 @@ pub fn self_signed_client(principal: &str, roles: &[Role]) -> Result<Issued, Pki
 }
 
 /// The identities the demo and the quick start use.
-pub const DEV_IDENTITIES: [(&str, &[Role]); 4] = [
+pub const DEV_IDENTITIES: [(&str, &[Role]); 6] = [
     ("operator", &[Role::Operator]),
     ("ca-issuing", &[Role::Signer]),
     ("auditor", &[Role::Auditor]),
     ("alice", &[Role::Officer]),
+    ("bob", &[Role::Officer]),
+    ("carol", &[Role::Officer]),
 ];
 
 /// Writes a CA, a server certificate for `hosts`, an empty CRL and one client

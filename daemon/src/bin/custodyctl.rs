@@ -10,8 +10,11 @@ use std::process::ExitCode;
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use custody_daemon::algorithms::KeyAlgorithm;
 use custody_daemon::audit::{ExportLine, SignedHead, verify_export};
+use custody_daemon::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
+use custody_daemon::dual_control::{approval_message, denial_message};
 use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPurpose, KeyVersionState,
@@ -19,6 +22,12 @@ use custody_proto::v1::{
     SignatureEncoding, VerifyAuditRequest, VerifyRequest, digest, read_audit_response,
     sign_request, verify_request,
 };
+use custody_proto::v1::{
+    GetOperationRequest, KeyRef, ListOfficersRequest, ListOperationsRequest, OfficerSpec,
+    Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
+    SetPolicySpec, SetStateSpec, SignSpec, VoteRequest, operation_spec,
+};
+use secrecy::SecretString;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -66,6 +75,26 @@ enum Command {
     /// Export and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Officers: make a key, list who is enrolled.
+    #[command(subcommand)]
+    Officer(OfficerCommand),
+    /// Request an operation that needs officer approval.
+    #[command(subcommand)]
+    Request(RequestCommand),
+    /// List operations waiting for approval.
+    Pending,
+    /// Show an operation: what it does, its digest, its votes, its result.
+    Show {
+        /// operations/{id} or just the id.
+        operation: String,
+        /// For a signed operation, write the signature (binary) here.
+        #[arg(long)]
+        signature_out: Option<PathBuf>,
+    },
+    /// Approve an operation with your officer key.
+    Approve(VoteArgs),
+    /// Deny (veto) an operation with your officer key.
+    Deny(VoteArgs),
     /// Make a development CA, server and client certificates (offline).
     DevPki {
         /// Directory to write them to.
@@ -75,6 +104,101 @@ enum Command {
         #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
         hosts: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum OfficerCommand {
+    /// Make your officer key, sealed with a passphrase (offline). Prints the
+    /// public key to enroll.
+    Keygen {
+        /// Your officer id.
+        #[arg(long)]
+        officer_id: String,
+        /// Where to write the sealed key file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List enrolled officers and the administrative quorum.
+    List,
+}
+
+#[derive(Subcommand)]
+enum RequestCommand {
+    /// Sign a digest with a quorum-gated key.
+    Sign {
+        /// keys/{key_id}[/versions/{n}] or just the key id.
+        name: String,
+        /// The digest, hex.
+        #[arg(long)]
+        digest: String,
+        /// The digest's hash function.
+        #[arg(long, value_enum, default_value = "sha256")]
+        hash: HashArg,
+    },
+    /// Rotate a quorum-gated key.
+    Rotate {
+        /// keys/{key_id} or just the key id.
+        name: String,
+    },
+    /// Change the state of a version of a quorum-gated key.
+    SetState {
+        /// keys/{key_id}/versions/{n}.
+        name: String,
+        /// The new state.
+        state: StateArg,
+    },
+    /// Put one kind of operation on a key under M-of-N approval (or lift it
+    /// with --required 0).
+    SetPolicy {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// sign, rotate, set-state or set-policy.
+        #[arg(long, value_enum)]
+        operation: PolicyKindArg,
+        /// An eligible officer (repeat for each).
+        #[arg(long = "officer")]
+        officers: Vec<String>,
+        /// Approvals needed.
+        #[arg(long)]
+        required: u32,
+    },
+    /// Enroll an officer.
+    AddOfficer {
+        /// Officer id.
+        #[arg(long)]
+        officer_id: String,
+        /// The principal of the officer's client certificate.
+        #[arg(long)]
+        principal: String,
+        /// The officer's public key, hex (from `officer keygen`).
+        #[arg(long)]
+        public_key: String,
+    },
+    /// Remove an officer.
+    RemoveOfficer {
+        /// Officer id.
+        officer_id: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyKindArg {
+    Sign,
+    Rotate,
+    SetState,
+    SetPolicy,
+}
+
+#[derive(ClapArgs)]
+struct VoteArgs {
+    /// operations/{id} or just the id.
+    operation: String,
+    /// Your sealed officer key file.
+    #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+    key_file: PathBuf,
+    /// Skip typing back the start of the digest (scripts only).
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Subcommand)]
@@ -498,6 +622,107 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Err(format!("INVALID signature for {}", response.name));
             }
         }
+        Command::Officer(OfficerCommand::Keygen { officer_id, out }) => {
+            if out.exists() {
+                return Err(format!(
+                    "{} exists; refusing to overwrite an officer key",
+                    out.display()
+                ));
+            }
+            let passphrase = passphrase(
+                &format!("passphrase for officer {officer_id}'s new key: "),
+                true,
+            )?;
+            let (key, sealed) = OfficerKey::generate(&officer_id, &passphrase)?;
+            let json = serde_json::to_string_pretty(&sealed).map_err(|e| e.to_string())?;
+            write_private(&out, &json)?;
+            println!("officer key for {officer_id} sealed in {}", out.display());
+            println!(
+                "public key (give this to the enrollment): {}",
+                hex::encode(key.public_key())
+            );
+        }
+        Command::Officer(OfficerCommand::List) => {
+            let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
+            let list = operations
+                .list_officers(ListOfficersRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{} officers; officer-set and default policy changes need {} approvals",
+                list.officers.len(),
+                list.admin_required
+            );
+            for officer in list.officers {
+                println!(
+                    "  {}  principal {}  key {}",
+                    officer.officer_id,
+                    officer.principal,
+                    hex::encode(officer.public_key)
+                );
+            }
+        }
+        Command::Request(command) => {
+            let spec = request_spec(command)?;
+            let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
+            let operation = operations
+                .request_operation(RequestOperationRequest {
+                    spec: Some(OperationSpec { spec: Some(spec) }),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_operation(&operation);
+            println!(
+                "officers approve it with: custodyctl approve {}",
+                operation.name
+            );
+        }
+        Command::Pending => {
+            let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
+            let list = operations
+                .list_operations(ListOperationsRequest {
+                    state: OperationState::Pending as i32,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if list.operations.is_empty() {
+                println!("nothing is waiting for approval");
+            }
+            for operation in list.operations {
+                print_operation(&operation);
+            }
+        }
+        Command::Show {
+            operation,
+            signature_out,
+        } => {
+            let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
+            let operation = operations
+                .get_operation(GetOperationRequest {
+                    name: operation_name(&operation),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_operation(&operation);
+            if let (Some(path), Some(signature)) = (signature_out, &operation.signature) {
+                if crc32c::crc32c(&signature.signature) != signature.signature_crc32c {
+                    return Err("the signature was corrupted in transit (CRC32C mismatch)".into());
+                }
+                std::fs::write(&path, &signature.signature)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                println!(
+                    "signature by {} written to {}",
+                    signature.name,
+                    path.display()
+                );
+            }
+        }
+        Command::Approve(args) => vote(&cli.connection, args, true).await?,
+        Command::Deny(args) => vote(&cli.connection, args, false).await?,
         Command::Audit(AuditCommand::Export { out, key_out }) => {
             let mut audit = AuditServiceClient::new(channel(&cli.connection).await?);
             let mut stream = audit
@@ -577,6 +802,201 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
     }
+    Ok(())
+}
+
+fn operation_name(operation: &str) -> String {
+    if operation.starts_with("operations/") {
+        operation.to_string()
+    } else {
+        format!("operations/{operation}")
+    }
+}
+
+/// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.
+fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
+    if let Ok(value) = std::env::var("CUSTODY_OFFICER_PASSPHRASE") {
+        return Ok(SecretString::from(value));
+    }
+    let first =
+        rpassword::prompt_password(prompt).map_err(|e| format!("reading the passphrase: {e}"))?;
+    if confirm {
+        let again = rpassword::prompt_password("again: ")
+            .map_err(|e| format!("reading the passphrase: {e}"))?;
+        if again != first {
+            return Err("the passphrases differ".into());
+        }
+    }
+    Ok(SecretString::from(first))
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+fn print_operation(operation: &Operation) {
+    let state = OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name());
+    print!("{}", operation.rendering);
+    println!("  state: {state}");
+    for vote in &operation.approvals {
+        println!("  approved by {}", vote.officer_id);
+    }
+    for vote in &operation.denials {
+        println!("  DENIED by {}", vote.officer_id);
+    }
+    if let Some(signature) = &operation.signature {
+        println!(
+            "  signature by {}: {}",
+            signature.name,
+            hex::encode(&signature.signature)
+        );
+    }
+    if !operation.error.is_empty() {
+        println!("  error: {}", operation.error);
+    }
+}
+
+fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String> {
+    Ok(match command {
+        RequestCommand::Sign {
+            name,
+            digest: hex_digest,
+            hash,
+        } => {
+            let bytes =
+                hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
+            let digest = Digest {
+                digest: Some(match hash {
+                    HashArg::Sha256 => digest::Digest::Sha256(bytes),
+                    HashArg::Sha384 => digest::Digest::Sha384(bytes),
+                    HashArg::Sha512 => digest::Digest::Sha512(bytes),
+                }),
+            };
+            operation_spec::Spec::Sign(SignSpec {
+                name: key_name(&name),
+                digest: Some(digest),
+                encoding: 0,
+            })
+        }
+        RequestCommand::Rotate { name } => operation_spec::Spec::Rotate(KeyRef {
+            name: key_name(&name),
+        }),
+        RequestCommand::SetState { name, state } => operation_spec::Spec::SetState(SetStateSpec {
+            name,
+            state: match state {
+                StateArg::Active => KeyVersionState::Active,
+                StateArg::Suspended => KeyVersionState::Suspended,
+                StateArg::Deactivated => KeyVersionState::Deactivated,
+            } as i32,
+        }),
+        RequestCommand::SetPolicy {
+            name,
+            operation,
+            officers,
+            required,
+        } => operation_spec::Spec::SetPolicy(SetPolicySpec {
+            name: key_name(&name),
+            operation: match operation {
+                PolicyKindArg::Sign => OperationKind::Sign,
+                PolicyKindArg::Rotate => OperationKind::Rotate,
+                PolicyKindArg::SetState => OperationKind::SetState,
+                PolicyKindArg::SetPolicy => OperationKind::SetPolicy,
+            } as i32,
+            officers,
+            required,
+        }),
+        RequestCommand::AddOfficer {
+            officer_id,
+            principal,
+            public_key,
+        } => operation_spec::Spec::AddOfficer(OfficerSpec {
+            officer_id,
+            principal,
+            public_key: hex::decode(public_key.trim())
+                .map_err(|e| format!("--public-key is not hex: {e}"))?,
+        }),
+        RequestCommand::RemoveOfficer { officer_id } => {
+            operation_spec::Spec::RemoveOfficer(OfficerSpec {
+                officer_id,
+                ..Default::default()
+            })
+        }
+    })
+}
+
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<(), String> {
+    let sealed: SealedOfficerKey = serde_json::from_str(&read(&args.key_file)?)
+        .map_err(|e| format!("{}: not an officer key file: {e}", args.key_file.display()))?;
+    let mut operations = OperationServiceClient::new(channel(connection).await?);
+    let operation = operations
+        .get_operation(GetOperationRequest {
+            name: operation_name(&args.operation),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print_operation(&operation);
+    let digest: [u8; 32] = operation
+        .digest
+        .clone()
+        .try_into()
+        .map_err(|_| "the operation's digest is not 32 bytes")?;
+    let verb = if approve { "APPROVE" } else { "DENY" };
+    if !args.yes {
+        let expected = &hex::encode(digest)[..8];
+        print!(
+            "to {verb} as officer {}, type the first 8 characters of the digest to sign: ",
+            sealed.officer_id
+        );
+        std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
+        let mut typed = String::new();
+        std::io::stdin()
+            .read_line(&mut typed)
+            .map_err(|e| e.to_string())?;
+        if typed.trim() != expected {
+            return Err(format!(
+                "you typed {:?}, the digest starts {expected}: nothing was signed",
+                typed.trim()
+            ));
+        }
+    }
+    let key = OfficerKey::unseal(
+        &sealed,
+        &passphrase(
+            &format!("passphrase of officer {}: ", sealed.officer_id),
+            false,
+        )?,
+    )?;
+    let message = if approve {
+        approval_message(&digest)
+    } else {
+        denial_message(&digest)
+    };
+    let request = VoteRequest {
+        name: operation.name.clone(),
+        officer_id: key.officer_id().to_string(),
+        signature: key.sign(&message).to_vec(),
+    };
+    let result = if approve {
+        operations.approve_operation(request).await
+    } else {
+        operations.deny_operation(request).await
+    }
+    .map_err(status)?
+    .into_inner();
+    println!("{verb}D by {} ; the operation now:", key.officer_id());
+    print_operation(&result);
     Ok(())
 }
 
