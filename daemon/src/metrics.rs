@@ -12,6 +12,7 @@
 //! | `custody_hsm_workers` | gauge | |
 //! | `custody_tls_handshake_failures_total` | counter | reason |
 //! | `custody_certificate_expiry_seconds` | gauge | which (server, client_ca) |
+//! | `custody_operations` | gauge | state (pending, succeeded, failed, denied, expired) |
 
 use std::net::SocketAddr;
 
@@ -85,4 +86,11 @@ pub fn set_certificate_expiry(which: &'static str, certificate: &CertificateDer<
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     metrics::gauge!("custody_certificate_expiry_seconds", "which" => which)
         .set((not_after - now) as f64);
+}
+
+/// Operations by state.
+pub fn operations(counts: &[(&'static str, usize)]) {
+    for (state, count) in counts {
+        metrics::gauge!("custody_operations", "state" => *state).set(*count as f64);
+    }
 }

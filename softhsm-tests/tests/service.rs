@@ -763,6 +763,7 @@ token_test!(
                 "custody_tls_handshake_failures_total{reason=\"unknown_issuer\"}",
                 "custody_certificate_expiry_seconds{which=\"server\"}",
                 "custody_certificate_expiry_seconds{which=\"client_ca\"}",
+                "custody_operations{state=\"pending\"} 0",
             ] {
                 assert!(text.contains(expected), "metrics lack {expected}:\n{text}");
             }

@@ -643,6 +643,25 @@ pub async fn expire_due(state: &State) {
     let Ok(operations) = state.dual_control.operations() else {
         return;
     };
+    let mut counts = [
+        ("pending", 0),
+        ("succeeded", 0),
+        ("failed", 0),
+        ("denied", 0),
+        ("expired", 0),
+    ];
+    for record in &operations {
+        let index = match record.state {
+            OperationState::Pending if now >= record.expires_ms => 4,
+            OperationState::Pending => 0,
+            OperationState::Succeeded => 1,
+            OperationState::Failed => 2,
+            OperationState::Denied => 3,
+            OperationState::Expired => 4,
+        };
+        counts[index].1 += 1;
+    }
+    crate::metrics::operations(&counts);
     for mut record in operations {
         if record.state == OperationState::Pending && now >= record.expires_ms {
             if let Err(error) = finish(
