@@ -442,6 +442,16 @@ impl Writer {
     }
 
     fn write_batch(&mut self, appends: Vec<PendingAppend>) {
+        // After a failed flush the on-disk tail is unknown: write nothing more
+        // (what was queued before the failure was noticed included).
+        if self.failed.load(Ordering::SeqCst) {
+            for (_, _, reply) in appends {
+                let _ = reply.send(Err(AuditError::Unavailable(
+                    "an earlier write failed; restart custodyd once the disk is healthy".into(),
+                )));
+            }
+            return;
+        }
         let (start_seq, start_hash) = (self.seq, self.hash);
         let mut written = Vec::with_capacity(appends.len());
         let mut outcome = Ok(());

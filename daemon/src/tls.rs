@@ -51,6 +51,8 @@ pub fn server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, String> {
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
+        // A CRL past its nextUpdate no longer vouches for anything.
+        .enforce_revocation_expiration()
         .build()
         .map_err(|e| format!("client certificate verifier: {e}"))?;
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version.as_str() {

@@ -428,3 +428,104 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn approvals_given_under_an_older_policy_do_not_count_and_officer_changes_keep_policies_possible(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            create_key(&service, "root").await;
+            gate(&service, "root", OperationKind::Sign).await;
+            let ca = service.client("ca-issuing").await;
+            let pending = request(&ca, sign_spec("root", b"before the change")).await.unwrap();
+            approve(&service, "alice", &pending).await.unwrap();
+
+            // The SIGN policy is tightened to 3 of 3 (the key has no SET_POLICY
+            // policy, so the administrative quorum approves the change).
+            let operator = service.client("operator").await;
+            let tighten = request(
+                &operator,
+                operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/root".into(),
+                    operation: OperationKind::Sign as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required: 3,
+                }),
+            )
+            .await
+            .unwrap();
+            approve(&service, "alice", &tighten).await.unwrap();
+            approve(&service, "bob", &tighten).await.unwrap();
+            // The second approval completes the old 2-of-3, but the policy changed.
+            let done = approve(&service, "bob", &pending).await.unwrap();
+            assert_eq!(done.state, OperationState::Failed as i32);
+            assert!(done.error.contains("POLICY_CHANGED"), "{}", done.error);
+            assert!(done.signature.is_none());
+
+            // Removing an officer who is needed by a 3-of-3 policy is refused.
+            let status = request(
+                &operator,
+                operation_spec::Spec::RemoveOfficer(OfficerSpec { officer_id: "carol".into(), ..Default::default() }),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(reason(&status), "OFFICER_REMOVAL_REFUSED");
+
+            // Two pending enrollments of the same person: only the first lands.
+            let key = custody_daemon::dual_control::officer_key::OfficerKey::generate(
+                "dave",
+                &hsm_shim::SecretString::from("a passphrase for dave"),
+            )
+            .unwrap()
+            .0;
+            let enroll = |id: &str| {
+                operation_spec::Spec::AddOfficer(OfficerSpec {
+                    officer_id: id.into(),
+                    principal: "dave".into(),
+                    public_key: key.public_key().to_vec(),
+                })
+            };
+            let first = request(&operator, enroll("dave")).await.unwrap();
+            let second = request(&operator, enroll("dave-2")).await.unwrap();
+            for operation in [&first, &second] {
+                approve(&service, "alice", operation).await.unwrap();
+            }
+            let first = approve(&service, "bob", &first).await.unwrap();
+            assert_eq!(first.state, OperationState::Succeeded as i32, "{}", first.error);
+            // The first enrollment changed the officer set, and so the
+            // administrative quorum the second was approved under; either way
+            // the same person is not enrolled twice.
+            let second = approve(&service, "bob", &second).await.unwrap();
+            assert_eq!(second.state, OperationState::Failed as i32);
+            assert!(
+                second.error.contains("POLICY_CHANGED") || second.error.contains("OFFICER_EXISTS"),
+                "{}",
+                second.error
+            );
+            let officers = OperationServiceClient::new(operator)
+                .list_officers(ListOfficersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .officers;
+            assert_eq!(officers.iter().filter(|o| o.principal == "dave").count(), 1);
+        });
+    }
+);
+
+token_test!(
+    fn a_key_named_like_the_audit_key_cannot_touch_it(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let before = service.state().audit.audit_key_spki().to_vec();
+            service.state().audit.checkpoint().await.unwrap();
+            create_key(&service, "custody-audit").await;
+            // The audit key is untouched: it still verifies the checkpoint it made.
+            let report = service.state().audit.verify();
+            assert!(report.first_bad.is_none(), "{report:?}");
+            assert!(report.checkpoints >= 1);
+            let label = hsm_shim::KeyLabel::new(custody_daemon::audit::AUDIT_KEY_LABEL).unwrap();
+            let after = service.state().hsm.session().unwrap().public_key(&label).unwrap();
+            assert_eq!(after.spki_der(), before.as_slice());
+        });
+    }
+);

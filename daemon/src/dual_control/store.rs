@@ -147,18 +147,27 @@ impl DualControlStore {
         if !self.officers().is_empty() {
             return Ok(false);
         }
-        for officer in &genesis.officers {
-            self.write_officer(&OfficerRecord {
+        let records: Vec<OfficerRecord> = genesis
+            .officers
+            .iter()
+            .map(|officer| OfficerRecord {
                 officer_id: officer.id.clone(),
                 principal: officer.principal.clone(),
                 public_key: officer.public_key.clone(),
                 enrolled_ms: now_ms,
-            })?;
+            })
+            .collect();
+        for record in &records {
+            self.write_officer(record)?;
         }
         self.meta
             .insert(ADMIN_REQUIRED, &genesis.required.to_be_bytes())
             .map_err(store_error)?;
         self.flush().await?;
+        // Visible only once durable.
+        for record in records {
+            self.remember_officer(record);
+        }
         *self
             .admin_required
             .write()
@@ -226,10 +235,24 @@ impl DualControlStore {
         Quorum::new(members, required)
     }
 
-    /// Enrolls (or replaces) an officer, durably. Hold [`Self::lock`].
-    pub async fn put_officer(&self, officer: OfficerRecord) -> Result<(), String> {
+    /// Enrolls a new officer, durably, then makes it visible. Refuses an id,
+    /// principal or key already enrolled. Hold [`Self::lock`].
+    pub async fn add_officer(&self, officer: OfficerRecord) -> Result<(), String> {
+        let clash = self.officers().into_iter().find(|o| {
+            o.officer_id == officer.officer_id
+                || o.principal == officer.principal
+                || o.public_key == officer.public_key
+        });
+        if let Some(existing) = clash {
+            return Err(format!(
+                "officer {} already holds that id, principal or key",
+                existing.officer_id
+            ));
+        }
         self.write_officer(&officer)?;
-        self.flush().await
+        self.flush().await?;
+        self.remember_officer(officer);
+        Ok(())
     }
 
     /// Removes an officer, durably. Refuses to leave fewer officers than the
@@ -257,11 +280,14 @@ impl DualControlStore {
         self.officers_tree
             .insert(officer.officer_id.as_bytes(), bytes)
             .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn remember_officer(&self, officer: OfficerRecord) {
         self.officers
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(officer.officer_id.clone(), officer.clone());
-        Ok(())
+            .insert(officer.officer_id.clone(), officer);
     }
 
     /// One operation.

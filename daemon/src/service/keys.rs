@@ -102,17 +102,25 @@ fn found(state: &State, key_id: &str) -> Result<Arc<KeyRecord>, ServiceError> {
         .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))
 }
 
+/// The HSM label of a key version: `key/{key_id}/v{version}`. The `key/`
+/// namespace is custody's own for registry keys: no other object custody
+/// makes (the audit key is `custody-audit/v1`) can share a label with one.
+pub(crate) fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
+    KeyLabel::for_version(&format!("key/{key_id}"), version)
+        .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))
+}
+
 /// Generates version `version` of `record`'s algorithm in the HSM. A label
-/// left in the HSM by a crash between generation and the registry write
-/// belongs to no registered version, so it is destroyed and made again.
+/// in custody's `key/` namespace left by a crash between generation and the
+/// registry write belongs to no registered version (the caller holds the
+/// registry lock and checked), so it is destroyed and made again.
 async fn generate_version(
     state: &State,
     key_id: &str,
     algorithm: KeyAlgorithm,
     version: u32,
 ) -> Result<VersionRecord, ServiceError> {
-    let label = KeyLabel::for_version(key_id, version)
-        .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))?;
+    let label = hsm_label(key_id, version)?;
     let spec = algorithm.key_spec();
     let run_label = label.clone();
     let info = state

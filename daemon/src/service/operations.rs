@@ -358,6 +358,7 @@ impl Operations {
                         "removing an officer would leave fewer officers than the administrative quorum needs",
                     ));
                 }
+                removal_keeps_policies_possible(state, &officer.officer_id)?;
                 Ok((
                     Spec::RemoveOfficer {
                         officer_id: officer.officer_id.clone(),
@@ -458,11 +459,24 @@ impl Operations {
         let state = &self.0;
         expire_due(state).await;
         let _guard = state.dual_control.lock().await;
-        let mut record = state
+        let loaded = state
             .dual_control
             .operation(id)
-            .map_err(store_failure)?
-            .ok_or_else(|| ServiceError::not_found(format!("no {}", request.name)))?;
+            .map_err(store_failure)
+            .and_then(|r| r.ok_or_else(|| ServiceError::not_found(format!("no {}", request.name))));
+        let mut record = match loaded {
+            Ok(record) => record,
+            Err(error) => {
+                let mut audited = Audited::start(if kind == VoteKind::Approve {
+                    "ApproveOperation"
+                } else {
+                    "DenyOperation"
+                });
+                audited.principal = principal.name.clone();
+                audited.resource = request.name.clone();
+                return audited.record(state, Err(error)).await;
+            }
+        };
         let digest = record.digest_bytes();
         let message = match kind {
             VoteKind::Approve => approval_message(&digest),
@@ -485,7 +499,12 @@ impl Operations {
             signature: hex::encode(&request.signature),
             outcome: outcome.into(),
         };
-        let cast = if record.state == OperationState::Pending {
+        let cast = if record.state != OperationState::Pending {
+            Err(Refusal::NotPending)
+        } else if officer.principal == record.requester {
+            // Whatever officer id the requester votes under, it is the requester.
+            Err(Refusal::Requester)
+        } else {
             let rules = Rules {
                 quorum: &record.quorum,
                 requester_officer: record.requester_officer.as_deref(),
@@ -507,8 +526,6 @@ impl Operations {
                     |o| state.dual_control.enrolled(o),
                 )
                 .map(|standing| (ballot, standing))
-        } else {
-            Err(Refusal::NotPending)
         };
         let (ballot, standing) = match cast {
             Ok(cast) => cast,
@@ -533,19 +550,18 @@ impl Operations {
                 ));
             }
         };
-        // Durable before anything acts on it: the operation with the vote,
-        // then the audit record carrying the signature.
+        // Audited (with the signature), then stored, before anything acts on it.
+        state
+            .audit
+            .append(vote_event("ok"))
+            .await
+            .map_err(|e| ServiceError::audit_unavailable(&e))?;
         record.ballot = ballot;
         state
             .dual_control
             .put_operation(&record)
             .await
             .map_err(store_failure)?;
-        state
-            .audit
-            .append(vote_event("ok"))
-            .await
-            .map_err(|e| ServiceError::audit_unavailable(&e))?;
         match standing {
             Standing::Pending => {}
             Standing::Denied => {
@@ -663,6 +679,35 @@ pub async fn expire_due(state: &State) {
     }
     crate::metrics::operations(&counts);
     for mut record in operations {
+        let rules = Rules {
+            quorum: &record.quorum,
+            requester_officer: record.requester_officer.as_deref(),
+            expires_ms: record.expires_ms,
+            denial_vetoes: state.denial_vetoes,
+        };
+        let approved = rules.standing(&record.ballot, |o| state.dual_control.enrolled(o))
+            == Standing::Approved;
+        if record.state == OperationState::Pending && approved {
+            // The quorum was complete but custodyd stopped before the
+            // operation ran (or before its outcome was stored). Running it
+            // now could run it twice; the officers re-approve instead.
+            record.error = Some("interrupted: custodyd stopped between the last approval and the outcome; request it again".into());
+            if let Err(error) = finish(
+                state,
+                &mut record,
+                OperationState::Failed,
+                "interrupted".into(),
+            )
+            .await
+            {
+                tracing::error!(
+                    reason = error.reason,
+                    "could not close interrupted {}",
+                    record.name()
+                );
+            }
+            continue;
+        }
         if record.state == OperationState::Pending && now >= record.expires_ms {
             if let Err(error) = finish(
                 state,
@@ -678,9 +723,76 @@ pub async fn expire_due(state: &State) {
     }
 }
 
-/// Runs an approved operation. Hold the store lock.
+/// The quorum that governs `spec` now.
+fn current_quorum(state: &State, spec: &Spec) -> Result<Quorum, ServiceError> {
+    let admin = || {
+        state
+            .dual_control
+            .admin_quorum()
+            .map_err(|e| ServiceError::precondition("NO_OFFICERS", e))
+    };
+    let Some(key_id) = spec.key_id() else {
+        return admin();
+    };
+    let key = state
+        .registry
+        .get(key_id)
+        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+    match (key.policies.get(spec.kind()), spec) {
+        (Some(quorum), _) => Ok(quorum.clone()),
+        (None, Spec::SetPolicy { .. }) => admin(),
+        (None, _) => Err(ServiceError::precondition(
+            "NO_POLICY",
+            format!("keys/{key_id} has no {} policy", spec.kind()),
+        )),
+    }
+}
+
+/// Refuses to remove `officer_id` if a key policy naming it could then never
+/// be met.
+fn removal_keeps_policies_possible(state: &State, officer_id: &str) -> Result<(), ServiceError> {
+    for key in state.registry.list(None, usize::MAX) {
+        for (kind, quorum) in &key.policies {
+            if quorum.members.contains(officer_id) {
+                let left = quorum
+                    .members
+                    .iter()
+                    .filter(|m| *m != officer_id && state.dual_control.enrolled(m))
+                    .count();
+                if left < quorum.required as usize {
+                    return Err(ServiceError::precondition(
+                        "OFFICER_REMOVAL_REFUSED",
+                        format!(
+                            "without {officer_id}, the {kind} policy of keys/{} ({} of {}) could never be met: change it first",
+                            key.key_id,
+                            quorum.required,
+                            quorum.members.len()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs an approved operation, if the rules it was approved under still hold.
+/// Hold the store lock.
 async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, ServiceError> {
     let state = shared.as_ref();
+    // Approvals count under the policy they were given for; if the policy
+    // changed since (tightened after a compromise, say), they do not.
+    let current = current_quorum(state, &record.spec)?;
+    if current != record.quorum {
+        return Err(ServiceError::precondition(
+            "POLICY_CHANGED",
+            format!(
+                "the quorum changed from {} to {} after this operation was requested: request it again",
+                quorum_text(&record.quorum),
+                quorum_text(&current)
+            ),
+        ));
+    }
     match &record.spec {
         Spec::Sign {
             key_id,
@@ -787,17 +899,18 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
         } => {
             state
                 .dual_control
-                .put_officer(OfficerRecord {
+                .add_officer(OfficerRecord {
                     officer_id: officer_id.clone(),
                     principal: principal.clone(),
                     public_key: public_key.clone(),
                     enrolled_ms: state.clock.now_ms(),
                 })
                 .await
-                .map_err(store_failure)?;
+                .map_err(|e| ServiceError::precondition("OFFICER_EXISTS", e))?;
             Ok(Outcome::Officers)
         }
         Spec::RemoveOfficer { officer_id } => {
+            removal_keeps_policies_possible(state, officer_id)?;
             state
                 .dual_control
                 .remove_officer(officer_id)
@@ -943,8 +1056,13 @@ impl Operations {
             Ok(voter) => voter,
             Err(error) => return audited.finish(&self.0, Err(error)).await,
         };
-        self.vote(&principal, request.get_ref(), &id, officer, kind)
+        // Run to the end even if the caller goes away: a vote half-applied
+        // (stored, not executed) must not depend on the client's patience.
+        let this = Operations(self.0.clone());
+        let request = request.into_inner();
+        tokio::spawn(async move { this.vote(&principal, &request, &id, officer, kind).await })
             .await
+            .map_err(|_| Status::internal("the vote task failed"))?
             .map(Response::new)
             .map_err(Status::from)
     }

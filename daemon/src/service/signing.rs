@@ -327,6 +327,20 @@ pub(crate) async fn sign_one(
     audited.record(state, result).await
 }
 
+/// Signs in a task of its own, so that a caller that goes away (or times out)
+/// cannot cut a signature off from its audit record.
+async fn spawn_sign(
+    state: Shared,
+    principal: Principal,
+    request: SignRequest,
+) -> Result<SignResponse, ServiceError> {
+    tokio::spawn(async move { sign_one(&state, &principal, request, Approval::None).await })
+        .await
+        .map_err(|_| {
+            ServiceError::new(tonic::Code::Internal, "INTERNAL", "the signing task failed")
+        })?
+}
+
 type SignStreamResponses = Pin<Box<dyn Stream<Item = Result<SignResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -336,7 +350,7 @@ impl SigningService for Signing {
             Ok(principal) => principal,
             Err(error) => return Audited::start("Sign").finish(&self.0, Err(error)).await,
         };
-        sign_one(&self.0, &principal, request.into_inner(), Approval::None)
+        spawn_sign(self.0.clone(), principal, request.into_inner())
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -365,20 +379,18 @@ impl SigningService for Signing {
                 async move {
                     let request = item?;
                     let request_id = request.request_id;
-                    Ok(
-                        match sign_one(&state, &principal, request, Approval::None).await {
-                            Ok(response) => response,
-                            Err(error) => SignResponse {
-                                request_id,
-                                error: Some(StreamError {
-                                    code: error.code as i32,
-                                    reason: error.reason.into(),
-                                    message: error.message,
-                                }),
-                                ..Default::default()
-                            },
+                    Ok(match spawn_sign(state, principal, request).await {
+                        Ok(response) => response,
+                        Err(error) => SignResponse {
+                            request_id,
+                            error: Some(StreamError {
+                                code: error.code as i32,
+                                reason: error.reason.into(),
+                                message: error.message,
+                            }),
+                            ..Default::default()
                         },
-                    )
+                    })
                 }
             })
             .buffered(STREAM_WINDOW);
