@@ -607,8 +607,21 @@ token_test!(
                 let verdict = custody_daemon::audit::verify_export(text, &key);
                 assert!(verdict.is_err(), "{what} went undetected");
             }
-            // The server's own check of its stored chain passes.
-            assert!(service.state().audit.verify().first_bad.is_none());
+            // The server's own check of its stored chain passes, through the API.
+            let auditor = service.client("auditor").await;
+            let verdict = custody_proto::v1::audit_service_client::AuditServiceClient::new(auditor)
+                .verify_audit(custody_proto::v1::VerifyAuditRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(verdict.valid, "{verdict:?}");
+            assert!(verdict.checkpoints >= 1 && verdict.records as usize >= n - 1);
+            let operator = service.client("operator").await;
+            let refused = custody_proto::v1::audit_service_client::AuditServiceClient::new(operator)
+                .verify_audit(custody_proto::v1::VerifyAuditRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&refused), "ROLE_REQUIRED");
         });
     }
 );

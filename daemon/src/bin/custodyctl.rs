@@ -120,6 +120,23 @@ enum OfficerCommand {
     },
     /// List enrolled officers and the administrative quorum.
     List,
+    /// Request the enrollment of an officer (needs the administrative quorum).
+    Enroll {
+        /// Officer id.
+        #[arg(long)]
+        officer_id: String,
+        /// The principal of the officer's client certificate.
+        #[arg(long)]
+        principal: String,
+        /// The officer's public key, hex (from `officer keygen`).
+        #[arg(long)]
+        public_key: String,
+    },
+    /// Request the removal of an officer (needs the administrative quorum).
+    Remove {
+        /// Officer id.
+        officer_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -161,23 +178,6 @@ enum RequestCommand {
         /// Approvals needed.
         #[arg(long)]
         required: u32,
-    },
-    /// Enroll an officer.
-    AddOfficer {
-        /// Officer id.
-        #[arg(long)]
-        officer_id: String,
-        /// The principal of the officer's client certificate.
-        #[arg(long)]
-        principal: String,
-        /// The officer's public key, hex (from `officer keygen`).
-        #[arg(long)]
-        public_key: String,
-    },
-    /// Remove an officer.
-    RemoveOfficer {
-        /// Officer id.
-        officer_id: String,
     },
 }
 
@@ -663,22 +663,27 @@ async fn run(cli: Cli) -> Result<(), String> {
                 );
             }
         }
-        Command::Request(command) => {
-            let spec = request_spec(command)?;
-            let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
-            let operation = operations
-                .request_operation(RequestOperationRequest {
-                    spec: Some(OperationSpec { spec: Some(spec) }),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            print_operation(&operation);
-            println!(
-                "officers approve it with: custodyctl approve {}",
-                operation.name
-            );
+        Command::Officer(OfficerCommand::Enroll {
+            officer_id,
+            principal,
+            public_key,
+        }) => {
+            let spec = operation_spec::Spec::AddOfficer(OfficerSpec {
+                officer_id,
+                principal,
+                public_key: hex::decode(public_key.trim())
+                    .map_err(|e| format!("--public-key is not hex: {e}"))?,
+            });
+            submit(&cli.connection, spec).await?;
         }
+        Command::Officer(OfficerCommand::Remove { officer_id }) => {
+            let spec = operation_spec::Spec::RemoveOfficer(OfficerSpec {
+                officer_id,
+                ..Default::default()
+            });
+            submit(&cli.connection, spec).await?;
+        }
+        Command::Request(command) => submit(&cli.connection, request_spec(command)?).await?,
         Command::Pending => {
             let mut operations = OperationServiceClient::new(channel(&cli.connection).await?);
             let list = operations
@@ -915,23 +920,26 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
             officers,
             required,
         }),
-        RequestCommand::AddOfficer {
-            officer_id,
-            principal,
-            public_key,
-        } => operation_spec::Spec::AddOfficer(OfficerSpec {
-            officer_id,
-            principal,
-            public_key: hex::decode(public_key.trim())
-                .map_err(|e| format!("--public-key is not hex: {e}"))?,
-        }),
-        RequestCommand::RemoveOfficer { officer_id } => {
-            operation_spec::Spec::RemoveOfficer(OfficerSpec {
-                officer_id,
-                ..Default::default()
-            })
-        }
     })
+}
+
+/// Requests an operation and says how officers approve it.
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+async fn submit(connection: &Connection, spec: operation_spec::Spec) -> Result<(), String> {
+    let mut operations = OperationServiceClient::new(channel(connection).await?);
+    let operation = operations
+        .request_operation(RequestOperationRequest {
+            spec: Some(OperationSpec { spec: Some(spec) }),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print_operation(&operation);
+    println!(
+        "officers approve it with: custodyctl approve {}",
+        operation.name
+    );
+    Ok(())
 }
 
 #[expect(clippy::print_stdout, reason = "a CLI prints its results")]
