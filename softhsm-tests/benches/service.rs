@@ -16,7 +16,7 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{CreateKeyRequest, Digest, KeyPurpose, SignRequest, digest, sign_request};
 use futures_util::StreamExt;
-use hsm_shim::{EcdsaEncoding, KeyLabel, SignAlgorithm, SignInput};
+use hsm_shim::{EcdsaEncoding, SignAlgorithm, SignInput};
 use softhsm_tests::service::TestService;
 use softhsm_tests::{TestToken, with_fresh_token};
 
@@ -32,7 +32,7 @@ fn request() -> SignRequest {
 
 fn raw(service: &TestService, seconds: f64) -> f64 {
     let mut session = service.state().hsm.session().expect("session");
-    let label = KeyLabel::new("bench/v1").expect("label");
+    let label = custody_daemon::service::keys::hsm_label("bench", 1).expect("label");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut count = 0u64;
     while Instant::now() < deadline {

@@ -105,7 +105,7 @@ fn found(state: &State, key_id: &str) -> Result<Arc<KeyRecord>, ServiceError> {
 /// The HSM label of a key version: `key/{key_id}/v{version}`. The `key/`
 /// namespace is custody's own for registry keys: no other object custody
 /// makes (the audit key is `custody-audit/v1`) can share a label with one.
-pub(crate) fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
+pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
     KeyLabel::for_version(&format!("key/{key_id}"), version)
         .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))
 }
