@@ -222,7 +222,37 @@ pub struct AuditLog {
     failed: Arc<AtomicBool>,
     audit_key_spki: Arc<Vec<u8>>,
     audit_key_pem: Arc<String>,
-    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    writer: Arc<WriterThread>,
+}
+
+/// The writer thread, stopped and joined when the last [`AuditLog`] goes:
+/// the thread holds an HSM session, and a session closed while the process
+/// exits (and the PKCS#11 module tears itself down) crashes the module.
+struct WriterThread {
+    commands: crossbeam_channel::Sender<Command>,
+    handle: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl WriterThread {
+    fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let handle = self
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the audit writer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl AuditLog {
@@ -269,12 +299,15 @@ impl AuditLog {
             .spawn(move || writer.run(queue))
             .map_err(|e| e.to_string())?;
         Ok(AuditLog {
-            commands,
+            commands: commands.clone(),
             tree,
             failed,
             audit_key_spki: Arc::new(spki),
             audit_key_pem: Arc::new(pem),
-            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
+            writer: Arc::new(WriterThread {
+                commands,
+                handle: std::sync::Mutex::new(Some(writer)),
+            }),
         })
     }
 
@@ -309,17 +342,7 @@ impl AuditLog {
     /// Stops the writer after what is queued, and waits for it: on return the
     /// log holds no database handle of its own.
     pub fn close(&self) {
-        let _ = self.commands.send(Command::Stop);
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(writer) = writer {
-            if writer.join().is_err() {
-                tracing::error!("the audit writer panicked");
-            }
-        }
+        self.writer.stop();
     }
 
     /// True while appends are possible.

@@ -154,7 +154,8 @@ pub fn run_isolated(module_path: &str, name: &str, body: impl FnOnce(&TestToken)
     let ran = String::from_utf8_lossy(&output.stdout).contains("1 passed");
     assert!(
         output.status.success() && ran,
-        "test {test_name} failed in its token process (see its output above)"
+        "test {test_name} failed in its token process ({}; see its output above)",
+        output.status
     );
 }
 

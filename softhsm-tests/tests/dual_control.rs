@@ -17,26 +17,9 @@ use custody_proto::v1::{
     SetPolicySpec, SignRequest, SignSpec, VoteRequest, digest, operation_spec, sign_request,
 };
 use sha2::Digest as _;
-use softhsm_tests::service::TestService;
+use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::token_test;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
 
 fn digest_of(data: &[u8]) -> Digest {
     Digest {

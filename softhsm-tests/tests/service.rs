@@ -22,26 +22,9 @@ use futures_util::StreamExt;
 use hsm_shim::pkcs11::{Function, RvError};
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
-use softhsm_tests::service::TestService;
+use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::{TestToken, openssl_verifies_pem, token_test};
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
-}
 
 fn sha256_digest(data: &[u8]) -> Digest {
     Digest {

@@ -74,6 +74,26 @@ fn votes(votes: &std::collections::BTreeMap<String, CastVote>) -> Vec<Vote> {
         .collect()
 }
 
+/// A stored SIGN operation's digest, in its API form.
+fn stored_digest(hash: &str, hex_digest: &str) -> Digest {
+    let bytes = hex::decode(hex_digest).unwrap_or_default();
+    Digest {
+        digest: Some(match hash {
+            "sha384" => digest::Digest::Sha384(bytes),
+            "sha512" => digest::Digest::Sha512(bytes),
+            _ => digest::Digest::Sha256(bytes),
+        }),
+    }
+}
+
+/// A stored SIGN operation's encoding, as its wire value.
+fn stored_encoding(encoding: &str) -> i32 {
+    match encoding {
+        "raw" => SignatureEncoding::Raw as i32,
+        _ => SignatureEncoding::Der as i32,
+    }
+}
+
 fn spec_message(spec: &Spec) -> OperationSpec {
     let spec = match spec {
         Spec::Sign {
@@ -83,22 +103,11 @@ fn spec_message(spec: &Spec) -> OperationSpec {
             digest: hex_digest,
             encoding,
         } => {
-            let bytes = hex::decode(hex_digest).unwrap_or_default();
-            let digest = match hash.as_str() {
-                "sha384" => digest::Digest::Sha384(bytes),
-                "sha512" => digest::Digest::Sha512(bytes),
-                _ => digest::Digest::Sha256(bytes),
-            };
+            let digest = stored_digest(hash, hex_digest);
             operation_spec::Spec::Sign(SignSpec {
                 name: format!("keys/{key_id}/versions/{version}"),
-                digest: Some(Digest {
-                    digest: Some(digest),
-                }),
-                encoding: if encoding == "raw" {
-                    SignatureEncoding::Raw
-                } else {
-                    SignatureEncoding::Der
-                } as i32,
+                digest: Some(digest),
+                encoding: stored_encoding(encoding),
             })
         }
         Spec::Rotate { key_id } => operation_spec::Spec::Rotate(KeyRef {
@@ -801,22 +810,11 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
             digest: hex_digest,
             encoding,
         } => {
-            let bytes = hex::decode(hex_digest).unwrap_or_default();
-            let digest = match hash.as_str() {
-                "sha384" => digest::Digest::Sha384(bytes),
-                "sha512" => digest::Digest::Sha512(bytes),
-                _ => digest::Digest::Sha256(bytes),
-            };
+            let digest = stored_digest(hash, hex_digest);
             let request = SignRequest {
                 name: format!("keys/{key_id}/versions/{version}"),
-                input: Some(sign_request::Input::Digest(Digest {
-                    digest: Some(digest),
-                })),
-                encoding: if encoding == "raw" {
-                    SignatureEncoding::Raw
-                } else {
-                    SignatureEncoding::Der
-                } as i32,
+                input: Some(sign_request::Input::Digest(digest)),
+                encoding: stored_encoding(encoding),
                 ..Default::default()
             };
             // The requester was checked as a signer on the allow-list when it
