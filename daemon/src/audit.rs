@@ -49,6 +49,8 @@ pub enum Event {
         token: String,
         /// SHA-256 of the audit key's SubjectPublicKeyInfo, hex.
         audit_key_sha256: String,
+        /// Failed HSM logins since the last successful one.
+        failed_logins_before: u32,
     },
     /// A request was made; `outcome` is `ok` or the refusal's reason.
     Request {

@@ -89,6 +89,9 @@ pub struct HsmSection {
     /// Worker threads, each with its own HSM session.
     #[serde(default = "default_hsm_workers")]
     pub workers: usize,
+    /// Consecutive failed logins after which custodyd stops trying the PIN.
+    #[serde(default = "default_max_pin_failures")]
+    pub max_pin_failures: u32,
 }
 
 /// `[tls]`
@@ -164,6 +167,9 @@ fn default_max_concurrent_requests() -> usize {
 fn default_hsm_workers() -> usize {
     hsm_shim::HsmConfig::DEFAULT_WORKERS
 }
+fn default_max_pin_failures() -> u32 {
+    5
+}
 fn default_min_tls() -> String {
     "1.3".into()
 }
@@ -212,6 +218,11 @@ impl Config {
                     "[policy] allowed_algorithms: unknown algorithm {name:?}"
                 )));
             }
+        }
+        if self.hsm.max_pin_failures == 0 {
+            return Err(ConfigError(
+                "[hsm] max_pin_failures must be at least 1".into(),
+            ));
         }
         if self.hsm.workers == 0 || self.max_concurrent_requests == 0 {
             return Err(ConfigError(

@@ -12,6 +12,7 @@
 //! | [`algorithms`] | API algorithms and what they mean at the HSM |
 //! | [`error`] | service errors and the one map to gRPC statuses |
 //! | [`metrics`] | every Prometheus metric |
+//! | [`pin_lockout`] | counting failed HSM logins across restarts |
 //! | [`server`] | assembling and running the server |
 //! | [`run`] | the process: config, signals, logging |
 //! | [`dual_control`] | officers, quorum policies, approved operations |
@@ -30,6 +31,7 @@ pub mod dual_control;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod pin_lockout;
 pub mod registry;
 pub mod run;
 pub mod server;

@@ -43,6 +43,16 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Clears the failed-login count in the database of the config at
+/// `config_path`; returns how many failures it cleared.
+pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let db = crate::server::open_db(&config.data_dir)?;
+    let count = crate::pin_lockout::failures(&db)?;
+    crate::pin_lockout::reset(&db)?;
+    Ok(count)
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     tracing_subscriber::fmt()

@@ -17,6 +17,7 @@ use crate::audit::{AuditLog, CheckpointPolicy, Event};
 use crate::config::Config;
 use crate::dual_control::store::{DualControlStore, Genesis};
 use crate::metrics;
+use crate::pin_lockout;
 use crate::registry::Registry;
 use crate::service::State;
 use crate::service::audit::Audit;
@@ -46,6 +47,8 @@ impl Daemon {
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
+        let db = open_db(&config.data_dir)?;
+        let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
         let pin = config
             .pin_source()
             .map_err(|e| e.to_string())?
@@ -57,8 +60,18 @@ impl Daemon {
             pin,
         );
         hsm_config.workers = config.hsm.workers;
-        let hsm = Hsm::open(hsm_config).map_err(|e| format!("HSM: {e}"))?;
-        let db = open_db(&config.data_dir)?;
+        let hsm = match Hsm::open(hsm_config) {
+            Ok(hsm) => hsm,
+            Err(e) if e.kind() == hsm_shim::ErrorKind::Authentication => {
+                let count = pin_lockout::record_failure(&db)?;
+                return Err(format!(
+                    "HSM: {e}; failed login {count} of {} before custodyd stops trying",
+                    config.hsm.max_pin_failures
+                ));
+            }
+            Err(e) => return Err(format!("HSM: {e}")),
+        };
+        pin_lockout::reset(&db)?;
         let registry = Registry::open(&db).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,
@@ -77,6 +90,7 @@ impl Daemon {
                 version: env!("CARGO_PKG_VERSION").into(),
                 token: hsm.token().label.clone(),
                 audit_key_sha256: fingerprint.clone(),
+                failed_logins_before: earlier_failures,
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -209,7 +223,8 @@ async fn watch_health(
     }
 }
 
-fn open_db(dir: &Path) -> Result<sled::Db, String> {
+/// Opens custodyd's database in `dir`.
+pub fn open_db(dir: &Path) -> Result<sled::Db, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
     sled::Config::new()
         .path(dir.join("custody.sled"))

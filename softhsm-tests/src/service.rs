@@ -64,10 +64,8 @@ struct Running {
 }
 
 impl Running {
-    async fn launch(config: &Config, clock: Arc<ManualClock>) -> Running {
-        let daemon = Daemon::open_with_clock(config.clone(), clock)
-            .await
-            .expect("custodyd starts");
+    async fn launch(config: &Config, clock: Arc<ManualClock>) -> Result<Running, String> {
+        let daemon = Daemon::open_with_clock(config.clone(), clock).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let state = daemon.state.clone();
@@ -76,13 +74,13 @@ impl Running {
         let task = tokio::spawn(daemon.serve(listener, async {
             let _ = stop.await;
         }));
-        Running {
+        Ok(Running {
             addr,
             state,
             tls,
             shutdown: Some(shutdown),
             task: Some(task),
-        }
+        })
     }
 
     async fn stop(&mut self) {
@@ -103,6 +101,17 @@ impl TestService {
 
     /// [`Self::start`], with the config adjusted by `adjust` first.
     pub async fn start_with(token: &TestToken, adjust: impl FnOnce(&mut Config)) -> TestService {
+        Self::try_start_with(token, adjust)
+            .await
+            .expect("custodyd starts")
+    }
+
+    /// [`Self::start_with`], returning custodyd's refusal to start instead of
+    /// panicking.
+    pub async fn try_start_with(
+        token: &TestToken,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<TestService, String> {
         let dir = token.scratch().join("custodyd");
         std::fs::create_dir_all(&dir).expect("service dir");
         let ca = Ca::new("custody test CA").expect("CA");
@@ -132,6 +141,7 @@ impl TestService {
                 pin_file: Some(token.pin_file()),
                 pin_env: None,
                 workers: 2,
+                max_pin_failures: 5,
             },
             tls: TlsSection {
                 cert: write("server.pem", &server.cert_pem),
@@ -171,8 +181,8 @@ impl TestService {
         let clock = Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(
             custody_daemon::service::SystemClock.now_ms(),
         )));
-        let running = Some(Running::launch(&config, clock.clone()).await);
-        TestService {
+        let running = Some(Running::launch(&config, clock.clone()).await?);
+        Ok(TestService {
             officers,
             clock,
             ca,
@@ -180,7 +190,7 @@ impl TestService {
             config,
             dir,
             running,
-        }
+        })
     }
 
     fn running(&self) -> &Running {
@@ -202,7 +212,11 @@ impl TestService {
     /// the old [`Self::state`] across it.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.running = Some(Running::launch(&self.config, self.clock.clone()).await);
+        self.running = Some(
+            Running::launch(&self.config, self.clock.clone())
+                .await
+                .expect("custodyd restarts"),
+        );
     }
 
     /// Stops the server and releases its database.

@@ -766,3 +766,45 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn wrong_pins_lock_the_daemon_out_across_restarts_until_reset(token) {
+        runtime().block_on(async {
+            let wrong_pin = token.scratch().join("wrong.pin");
+            std::fs::write(&wrong_pin, "not-the-pin").unwrap();
+            let with_pin = |pin: std::path::PathBuf| {
+                move |config: &mut custody_daemon::config::Config| {
+                    config.hsm.pin_file = Some(pin);
+                    config.hsm.max_pin_failures = 3;
+                }
+            };
+            for attempt in 1..=3 {
+                let error = TestService::try_start_with(token, with_pin(wrong_pin.clone())).await.err().unwrap();
+                assert!(error.contains(&format!("failed login {attempt} of 3")), "{error}");
+            }
+            // Locked: even the right PIN is not tried, start after start.
+            for _ in 0..2 {
+                let error = TestService::try_start_with(token, with_pin(token.pin_file())).await.err().unwrap();
+                assert!(error.contains("locked after 3"), "{error}");
+            }
+            // An operator clears the count, as `custodyd --reset-pin-lockout` does.
+            let data_dir = token.scratch().join("custodyd").join("data");
+            let db = custody_daemon::server::open_db(&data_dir).unwrap();
+            assert_eq!(custody_daemon::pin_lockout::failures(&db).unwrap(), 3);
+            custody_daemon::pin_lockout::reset(&db).unwrap();
+            drop(db);
+            TestService::try_start_with(token, with_pin(wrong_pin.clone())).await.err().unwrap();
+            let service = TestService::try_start_with(token, with_pin(token.pin_file())).await.unwrap();
+            // The start records how many logins failed before it, and clears the count.
+            let started = service
+                .state()
+                .audit
+                .records(1)
+                .map(|r| String::from_utf8(r.unwrap().entry).unwrap())
+                .filter(|e| e.contains("daemon_started"))
+                .last()
+                .unwrap();
+            assert!(started.contains("\"failed_logins_before\":1"), "{started}");
+        });
+    }
+);

@@ -15,6 +15,10 @@ struct Args {
     /// Path of the TOML configuration (see deploy/custodyd.toml).
     #[arg(long, short)]
     config: PathBuf,
+    /// Clear the count of failed HSM logins (after finding out why they
+    /// failed), then exit.
+    #[arg(long)]
+    reset_pin_lockout: bool,
 }
 
 #[tokio::main]
@@ -29,6 +33,18 @@ async fn main() -> ExitCode {
             "custodyd: this build has HSM fault injection compiled in; build it on its own: cargo build --release -p custody-daemon"
         );
         return ExitCode::FAILURE;
+    }
+    if args.reset_pin_lockout {
+        return match custody_daemon::run::reset_pin_lockout(&args.config) {
+            Ok(count) => {
+                tracing::info!("cleared {count} failed HSM logins");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!("custodyd: {error}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match custody_daemon::run::run(&args.config).await {
         Ok(()) => ExitCode::SUCCESS,
