@@ -90,6 +90,18 @@ impl Running {
         if let Some(task) = self.task.take() {
             task.await.expect("server task").expect("server ran");
         }
+        // Connection tasks let go of the server's state shortly after the
+        // server returns; the database stays locked until they do.
+        for _ in 0..500 {
+            if Arc::strong_count(&self.state) == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{} holders of the stopped server's state remain after 5 s",
+            Arc::strong_count(&self.state) - 1
+        );
     }
 }
 
