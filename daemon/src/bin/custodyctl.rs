@@ -786,6 +786,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "audit log verifies: {} records, {} signed checkpoints, signed head at record {}",
                 report.records, report.checkpoints, report.last_seq
             );
+            println!(
+                "audit key SHA-256 {} (it must match the audit_key_sha256 custodyd published at setup)",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spki))
+            );
         }
         Command::Audit(AuditCommand::VerifyServer) => {
             let mut audit = AuditServiceClient::new(channel(&cli.connection).await?);
