@@ -76,6 +76,18 @@ fn serial_for(key: &KeyPair, name: &str) -> Vec<u8> {
     serial
 }
 
+/// The SAN URIs that grant `roles` to `principal`.
+fn custody_uris(principal: &str, roles: &[Role]) -> Result<Vec<SanType>, PkiError> {
+    roles
+        .iter()
+        .map(|role| {
+            rcgen::string::Ia5String::try_from(uri_for(*role, principal))
+                .map(SanType::URI)
+                .map_err(|e| PkiError(e.to_string()))
+        })
+        .collect()
+}
+
 fn name(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "custody dev");
@@ -148,14 +160,7 @@ impl Ca {
         validity: Validity,
     ) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::default();
-        params.subject_alt_names = roles
-            .iter()
-            .map(|role| {
-                rcgen::string::Ia5String::try_from(uri_for(*role, principal))
-                    .map(SanType::URI)
-                    .map_err(|e| PkiError(e.to_string()))
-            })
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names = custody_uris(principal, roles)?;
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -191,14 +196,7 @@ pub fn self_signed_client(principal: &str, roles: &[Role]) -> Result<Issued, Pki
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(principal);
-    params.subject_alt_names = roles
-        .iter()
-        .map(|role| {
-            rcgen::string::Ia5String::try_from(uri_for(*role, principal))
-                .map(SanType::URI)
-                .map_err(|e| PkiError(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
+    params.subject_alt_names = custody_uris(principal, roles)?;
     let serial = serial_for(&key, principal);
     params.serial_number = Some(SerialNumber::from(serial.clone()));
     let cert = params.self_signed(&key)?;

@@ -9,7 +9,7 @@ use cryptoki::context::Function;
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::Attribute;
+use cryptoki::object::{Attribute, ObjectHandle};
 use secrecy::{ExposeSecret, SecretSlice};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -81,22 +81,7 @@ impl HsmSession {
         }
         let template = for_unwrap(private_key_template(label, spec, export));
         self.ensure_label_free_for_import(label)?;
-        self.recovering(|s| {
-            let unwrapping = s.find(ObjectKind::Secret, kek)?;
-            s.call(
-                Function::UnwrapKey,
-                || format!("unwrapping {label} under {kek}"),
-                |session| {
-                    session.unwrap_key(
-                        &Mechanism::AesKeyWrapPad,
-                        unwrapping.handle,
-                        wrapped,
-                        &template,
-                    )
-                },
-            )
-        })
-        .map_err(integrity_failure)?;
+        self.unwrap_into(kek, wrapped, label, &template)?;
         tracing::info!(%label, %spec, %kek, "unwrapped private key");
         Ok(label.clone())
     }
@@ -114,25 +99,36 @@ impl HsmSession {
     ) -> Result<KeyInfo> {
         let template = for_unwrap(aes_key_template(label, role, export));
         self.ensure_label_free_for_import(label)?;
-        let handle = self
-            .recovering(|s| {
-                let unwrapping = s.find(ObjectKind::Secret, kek)?;
-                s.call(
-                    Function::UnwrapKey,
-                    || format!("unwrapping {label} under {kek}"),
-                    |session| {
-                        session.unwrap_key(
-                            &Mechanism::AesKeyWrapPad,
-                            unwrapping.handle,
-                            wrapped,
-                            &template,
-                        )
-                    },
-                )
-            })
-            .map_err(integrity_failure)?;
+        let handle = self.unwrap_into(kek, wrapped, label, &template)?;
         // SoftHSM2 computes no CKA_CHECK_VALUE for unwrapped keys.
         self.finish_secret_key(label, handle, CheckValue::IfAvailable)
+    }
+
+    /// `C_UnwrapKey` with RFC 5649 under `kek`, into a new object made from
+    /// `template`.
+    fn unwrap_into(
+        &mut self,
+        kek: &KeyLabel,
+        wrapped: &[u8],
+        label: &KeyLabel,
+        template: &[Attribute],
+    ) -> Result<ObjectHandle> {
+        self.recovering(|s| {
+            let unwrapping = s.find(ObjectKind::Secret, kek)?;
+            s.call(
+                Function::UnwrapKey,
+                || format!("unwrapping {label} under {kek}"),
+                |session| {
+                    session.unwrap_key(
+                        &Mechanism::AesKeyWrapPad,
+                        unwrapping.handle,
+                        wrapped,
+                        template,
+                    )
+                },
+            )
+        })
+        .map_err(integrity_failure)
     }
 
     /// Imports a 32-byte AES key value (for example one assembled from

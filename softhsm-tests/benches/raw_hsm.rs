@@ -24,7 +24,7 @@ use hsm_shim::{
     AesRole, EcdsaEncoding, Exportability, HashAlg, Hsm, HsmSession, KeyLabel, KeySpec,
     SignAlgorithm, SignInput,
 };
-use softhsm_tests::{TestToken, with_fresh_token};
+use softhsm_tests::TestToken;
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -285,15 +285,5 @@ fn bench(token: &TestToken) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; the child needs no arguments.
-    if let Some(output) = with_fresh_token("raw_hsm", &[], bench) {
-        print_output(&output);
-        std::process::exit(output.status.code().unwrap_or(1));
-    }
-}
-
-#[expect(clippy::print_stdout, reason = "forwards the benchmark's report")]
-fn print_output(output: &std::process::Output) {
-    print!("{}", String::from_utf8_lossy(&output.stdout));
-    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    softhsm_tests::run_bench("raw_hsm", bench);
 }

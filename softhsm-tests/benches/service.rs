@@ -17,8 +17,8 @@ use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{CreateKeyRequest, Digest, KeyPurpose, SignRequest, digest, sign_request};
 use futures_util::StreamExt;
 use hsm_shim::{EcdsaEncoding, SignAlgorithm, SignInput};
+use softhsm_tests::TestToken;
 use softhsm_tests::service::TestService;
-use softhsm_tests::{TestToken, with_fresh_token};
 
 fn request() -> SignRequest {
     SignRequest {
@@ -218,14 +218,5 @@ fn bench(token: &TestToken) {
 }
 
 fn main() {
-    if let Some(output) = with_fresh_token("service_bench", &[], bench) {
-        print_output(&output);
-        std::process::exit(output.status.code().unwrap_or(1));
-    }
-}
-
-#[expect(clippy::print_stdout, reason = "forwards the benchmark's report")]
-fn print_output(output: &std::process::Output) {
-    print!("{}", String::from_utf8_lossy(&output.stdout));
-    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    softhsm_tests::run_bench("service_bench", bench);
 }

@@ -191,6 +191,20 @@ pub fn with_fresh_token(
     Some(output)
 }
 
+/// The `main` of a benchmark: runs `body` on a fresh token in a child
+/// process, forwards its report, and exits with its status.
+pub fn run_bench(id: &str, body: impl FnOnce(&TestToken)) {
+    // `cargo bench` passes `--bench`; the child needs no arguments.
+    if let Some(output) = with_fresh_token(id, &[], body) {
+        #[expect(clippy::print_stdout, reason = "forwards the benchmark's report")]
+        {
+            print!("{}", String::from_utf8_lossy(&output.stdout));
+        }
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        std::process::exit(output.status.code().unwrap_or(1));
+    }
+}
+
 /// Declares a test that runs on a fresh SoftHSM2 token of its own:
 ///
 /// ```ignore
