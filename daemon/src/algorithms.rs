@@ -3,7 +3,7 @@
 //! An algorithm fixes key type, size, signature scheme and hash at creation
 //! (as Cloud KMS does), so a request cannot choose a weaker combination.
 
-use custody_proto::v1::Algorithm;
+use custody_proto::v1::{Algorithm, KeyPurpose};
 use hsm_shim::{HashAlg, KeySpec, SignAlgorithm};
 
 /// A supported key algorithm.
@@ -12,7 +12,7 @@ pub struct KeyAlgorithm(Algorithm);
 
 impl KeyAlgorithm {
     /// Every algorithm custody supports.
-    pub const ALL: [KeyAlgorithm; 11] = [
+    pub const ALL: [KeyAlgorithm; 12] = [
         KeyAlgorithm(Algorithm::EcSignP256Sha256),
         KeyAlgorithm(Algorithm::EcSignP384Sha384),
         KeyAlgorithm(Algorithm::EcSignEd25519),
@@ -24,6 +24,7 @@ impl KeyAlgorithm {
         KeyAlgorithm(Algorithm::RsaSignPkcs13072Sha256),
         KeyAlgorithm(Algorithm::RsaSignPkcs14096Sha256),
         KeyAlgorithm(Algorithm::RsaSignPkcs14096Sha512),
+        KeyAlgorithm(Algorithm::Aes256Gcm),
     ];
 
     /// From the wire value; `None` for unspecified and unknown values.
@@ -64,13 +65,22 @@ impl KeyAlgorithm {
             Algorithm::EcSignEd25519 => KeySpec::Ed25519,
             Algorithm::RsaSignPss2048Sha256 | Algorithm::RsaSignPkcs12048Sha256 => KeySpec::Rsa2048,
             Algorithm::RsaSignPss3072Sha256 | Algorithm::RsaSignPkcs13072Sha256 => KeySpec::Rsa3072,
+            Algorithm::Aes256Gcm => KeySpec::Aes256,
             _ => KeySpec::Rsa4096,
         }
     }
 
-    /// The HSM signature algorithm.
-    pub fn sign_algorithm(self) -> SignAlgorithm {
+    /// What keys of this algorithm are for.
+    pub fn purpose(self) -> KeyPurpose {
         match self.0 {
+            Algorithm::Aes256Gcm => KeyPurpose::EncryptDecrypt,
+            _ => KeyPurpose::AsymmetricSign,
+        }
+    }
+
+    /// The HSM signature algorithm; `None` for encryption keys.
+    pub fn sign_algorithm(self) -> Option<SignAlgorithm> {
+        Some(match self.0 {
             Algorithm::EcSignP256Sha256 => SignAlgorithm::EcdsaP256Sha256,
             Algorithm::EcSignP384Sha384 => SignAlgorithm::EcdsaP384Sha384,
             Algorithm::EcSignEd25519 => SignAlgorithm::Ed25519,
@@ -79,8 +89,11 @@ impl KeyAlgorithm {
             Algorithm::RsaSignPss2048Sha256
             | Algorithm::RsaSignPss3072Sha256
             | Algorithm::RsaSignPss4096Sha256 => SignAlgorithm::RsaPss(HashAlg::Sha256),
-            _ => SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
-        }
+            Algorithm::RsaSignPkcs12048Sha256
+            | Algorithm::RsaSignPkcs13072Sha256
+            | Algorithm::RsaSignPkcs14096Sha256 => SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
+            Algorithm::Aes256Gcm | Algorithm::Unspecified => return None,
+        })
     }
 }
 
@@ -91,10 +104,16 @@ mod tests {
     #[test]
     fn every_algorithm_maps_to_a_fitting_spec_and_back_by_name() {
         for algorithm in KeyAlgorithm::ALL {
-            assert!(
-                algorithm.sign_algorithm().fits(algorithm.key_spec()),
-                "{algorithm:?}"
-            );
+            match algorithm.sign_algorithm() {
+                Some(sign) => {
+                    assert!(sign.fits(algorithm.key_spec()), "{algorithm:?}");
+                    assert_eq!(algorithm.purpose(), KeyPurpose::AsymmetricSign);
+                }
+                None => {
+                    assert_eq!(algorithm.key_spec(), KeySpec::Aes256);
+                    assert_eq!(algorithm.purpose(), KeyPurpose::EncryptDecrypt);
+                }
+            }
             assert_eq!(
                 KeyAlgorithm::from_api_name(algorithm.api_name()),
                 Some(algorithm)

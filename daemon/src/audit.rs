@@ -100,6 +100,22 @@ pub enum Event {
         /// The result or the error.
         detail: String,
     },
+    /// A key version was marked compromised: the notice relying parties
+    /// and auditors look for.
+    RevocationNotice {
+        /// `keys/{key_id}/versions/{n}`.
+        version: String,
+        /// Who reported it.
+        principal: String,
+        /// Why.
+        reason: String,
+        /// SHA-256 of the version's SubjectPublicKeyInfo, hex (signing keys).
+        public_key_sha256: String,
+        /// Key check value (AES keys).
+        check_value: String,
+        /// What replaced it: the rotation, or why there was none.
+        replacement: String,
+    },
     /// A signed checkpoint of the chain head.
     Checkpoint {
         /// The record the checkpoint covers.
@@ -180,6 +196,17 @@ pub fn checkpoint_message(seq: u64, hash: &[u8; 32]) -> String {
 /// The message an export head signs.
 pub fn head_message(seq: u64, hash: &[u8; 32], time: &str) -> String {
     format!("{HEAD_DOMAIN}\n{seq}\n{}\n{time}", hex::encode(hash))
+}
+
+/// Unix milliseconds as RFC 3339 UTC (the number itself if out of range).
+pub fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 fn now_rfc3339() -> String {

@@ -40,6 +40,90 @@ pub struct Config {
     /// Officers and approvals.
     #[serde(default)]
     pub dual_control: DualControlSection,
+    /// Rotation, destruction and drift checks.
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
+    /// Envelope encryption.
+    #[serde(default)]
+    pub envelope: EnvelopeSection,
+}
+
+/// `[lifecycle]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSection {
+    /// How long a scheduled destruction waits, during which it can be
+    /// cancelled.
+    #[serde(default = "default_destroy_cancel_window_secs")]
+    pub destroy_cancel_window_secs: u64,
+    /// How often the scheduler looks for due rotations and destructions.
+    #[serde(default = "default_scheduler_interval_secs")]
+    pub scheduler_interval_secs: u64,
+    /// Rotate this long before the primary version's cryptoperiod ends (at
+    /// most half the cryptoperiod).
+    #[serde(default = "default_rotate_ahead_secs")]
+    pub rotate_ahead_secs: u64,
+    /// How often the scheduler compares the registry with the HSM; 0: never
+    /// (CheckDrift still works).
+    #[serde(default = "default_drift_check_interval_secs")]
+    pub drift_check_interval_secs: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        Self {
+            destroy_cancel_window_secs: default_destroy_cancel_window_secs(),
+            scheduler_interval_secs: default_scheduler_interval_secs(),
+            rotate_ahead_secs: default_rotate_ahead_secs(),
+            drift_check_interval_secs: default_drift_check_interval_secs(),
+        }
+    }
+}
+
+impl LifecycleSection {
+    /// The cancel window in milliseconds.
+    pub fn destroy_cancel_window_ms(&self) -> i64 {
+        i64::try_from(self.destroy_cancel_window_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+    }
+}
+
+fn default_destroy_cancel_window_secs() -> u64 {
+    24 * 3600
+}
+fn default_scheduler_interval_secs() -> u64 {
+    60
+}
+fn default_rotate_ahead_secs() -> u64 {
+    3600
+}
+fn default_drift_check_interval_secs() -> u64 {
+    300
+}
+
+/// `[envelope]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeSection {
+    /// Encryptions one version may make before it refuses more: random
+    /// 96-bit GCM nonces stay unique with overwhelming probability only up
+    /// to 2^32 per key (NIST SP 800-38D, 8.3). The scheduler rotates a key
+    /// once its primary version has used half.
+    #[serde(default = "default_max_encryptions_per_version")]
+    pub max_encryptions_per_version: u64,
+}
+
+impl Default for EnvelopeSection {
+    fn default() -> Self {
+        Self {
+            max_encryptions_per_version: default_max_encryptions_per_version(),
+        }
+    }
+}
+
+fn default_max_encryptions_per_version() -> u64 {
+    1 << 32
 }
 
 /// `[dual_control]`
@@ -274,8 +358,13 @@ mod tests {
         let config: Config = toml::from_str(REFERENCE).unwrap();
         config.check().unwrap();
         assert_eq!(config.tls.min_version, "1.3");
-        assert_eq!(config.allowed_algorithms().len(), 9);
+        assert_eq!(config.allowed_algorithms().len(), 10);
         assert!(config.metrics.listen.is_some());
+        assert_eq!(
+            config.lifecycle.destroy_cancel_window_ms(),
+            24 * 3600 * 1000
+        );
+        assert_eq!(config.envelope.max_encryptions_per_version, 1 << 32);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! | [`config`] | the TOML configuration |
 //! | [`tls`] | mTLS: rustls config, CRLs, reload, the accept loop |
 //! | [`identity`] | client certificate → principal and roles |
-//! | [`service`] | the gRPC handlers (keys, signing, audit) and the request shape they share |
+//! | [`service`] | the gRPC handlers (keys, signing, envelope, audit, operations) and the request shape they share |
 //! | [`registry`] | keys and versions in sled, held in memory |
 //! | [`audit`] | the hash-chained audit log, group commit, checkpoints, offline verification |
 //! | [`algorithms`] | API algorithms and what they mean at the HSM |
@@ -17,6 +17,11 @@
 //! | [`run`] | the process: config, signals, logging |
 //! | [`dual_control`] | officers, quorum policies, approved operations |
 //! | [`devpki`] | a development CA and certificates, for the demo and tests |
+//! | [`lifecycle`] | NIST SP 800-57 version states: transitions and permitted uses |
+//! | [`envelope`] | the self-describing ciphertext format and the nonce budget |
+//! | [`scheduler`] | scheduled rotation and destruction, drift checks, crash roll-back |
+//! | [`drift`] | comparing the registry with the objects the HSM holds |
+//! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
 //!
 //! The HSM is reached only through `hsm-shim`.
 
@@ -27,13 +32,18 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod devpki;
+pub mod drift;
 pub mod dual_control;
+pub mod envelope;
 pub mod error;
+pub mod failpoint;
 pub mod identity;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pin_lockout;
 pub mod registry;
 pub mod run;
+pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -13,6 +13,15 @@
 //! | `custody_tls_handshake_failures_total` | counter | reason |
 //! | `custody_certificate_expiry_seconds` | gauge | which (server, client_ca) |
 //! | `custody_operations` | gauge | state (pending, succeeded, failed, denied, expired) |
+//! | `custody_rotations_total` | counter | trigger (demand, schedule, compromise, approved), outcome (done, failed, replayed) |
+//! | `custody_rotations_overdue` | gauge | |
+//! | `custody_versions_destroyed_total` | counter | outcome (done, failed) |
+//! | `custody_rewraps_total` | counter | outcome (ok or the refusal reason) |
+//! | `custody_rewrap_seconds` | histogram | |
+//! | `custody_envelope_operations_total` | counter | method, outcome |
+//! | `custody_drift_findings` | gauge | kind (missing, extra, attribute_mismatch) |
+//! | `custody_drift_checks_total` | counter | outcome (ok, failed) |
+//! | `custody_drift_last_check_timestamp_seconds` | gauge | |
 
 use std::net::SocketAddr;
 
@@ -93,4 +102,47 @@ pub fn operations(counts: &[(&'static str, usize)]) {
     for (state, count) in counts {
         metrics::gauge!("custody_operations", "state" => *state).set(*count as f64);
     }
+}
+
+/// One rotation attempt.
+pub fn rotation(trigger: &'static str, outcome: &'static str) {
+    metrics::counter!("custody_rotations_total", "trigger" => trigger, "outcome" => outcome)
+        .increment(1);
+}
+
+/// Keys whose primary version's cryptoperiod has ended without a rotation.
+pub fn rotations_overdue(count: usize) {
+    metrics::gauge!("custody_rotations_overdue").set(count as f64);
+}
+
+/// One scheduled destruction attempt.
+pub fn version_destroyed(outcome: &'static str) {
+    metrics::counter!("custody_versions_destroyed_total", "outcome" => outcome).increment(1);
+}
+
+/// One envelope request finished (`outcome` is `ok` or the error reason).
+pub fn envelope(method: &'static str, outcome: &'static str, seconds: f64) {
+    metrics::counter!("custody_envelope_operations_total", "method" => method, "outcome" => outcome)
+        .increment(1);
+    if method == "Rewrap" {
+        metrics::counter!("custody_rewraps_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("custody_rewrap_seconds").record(seconds);
+    }
+}
+
+/// The result of a drift check.
+pub fn drift(report: &crate::drift::Report) {
+    use crate::drift::Kind;
+    for kind in [Kind::Missing, Kind::Extra, Kind::AttributeMismatch] {
+        let count = report.findings.iter().filter(|f| f.kind == kind).count();
+        metrics::gauge!("custody_drift_findings", "kind" => kind.as_str()).set(count as f64);
+    }
+    metrics::counter!("custody_drift_checks_total", "outcome" => "ok").increment(1);
+    metrics::gauge!("custody_drift_last_check_timestamp_seconds")
+        .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+}
+
+/// A drift check that could not run.
+pub fn drift_failed() {
+    metrics::counter!("custody_drift_checks_total", "outcome" => "failed").increment(1);
 }

@@ -6,6 +6,13 @@
 //! label whose handle `hsm-shim` caches. Every change is written to sled and
 //! flushed before it is acknowledged, one change at a time under
 //! [`Registry::lock`].
+//!
+//! New versions (a created key's first, a rotation's next) are journaled:
+//! a [`PendingVersion`] is written and flushed before the HSM generates the
+//! key, and removed in the same sled transaction that commits the version to
+//! the key. A pending entry found at start is a generation custodyd did not
+//! finish; the daemon rolls it back (destroys whatever the HSM made under its
+//! label), so a half-made version is never usable.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -22,8 +29,12 @@ pub enum VersionState {
     Active,
     /// Barred from signing for now.
     Suspended,
-    /// Retired for good.
+    /// Retired: verifies and decrypts, never signs or encrypts again.
     Deactivated,
+    /// Known or suspected compromised.
+    Compromised,
+    /// Destroyed in the HSM.
+    Destroyed,
 }
 
 /// One version of a key.
@@ -43,7 +54,40 @@ pub struct VersionRecord {
     pub public_key_der_hex: String,
     /// SubjectPublicKeyInfo PEM.
     pub public_key_pem: String,
+    /// Unix milliseconds when the version first became active.
+    #[serde(default)]
+    pub activated_ms: Option<i64>,
+    /// Unix milliseconds when the version is scheduled to be, or was,
+    /// destroyed.
+    #[serde(default)]
+    pub destroy_at_ms: Option<i64>,
+    /// The reason of a legal hold, while one is in place.
+    #[serde(default)]
+    pub legal_hold: Option<String>,
+    /// Key check value of an AES version, hex.
+    #[serde(default)]
+    pub check_value: String,
 }
+
+impl VersionRecord {
+    /// End of the cryptoperiod under `cryptoperiod_ms`, if the key has one and
+    /// the version was ever activated.
+    pub fn protect_until_ms(&self, cryptoperiod_ms: Option<i64>) -> Option<i64> {
+        Some(self.activated_ms?.saturating_add(cryptoperiod_ms?))
+    }
+}
+
+/// A rotation request id already honoured, with the version it made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationRequest {
+    /// The caller's request id.
+    pub request_id: String,
+    /// The version that rotation made.
+    pub version: u32,
+}
+
+/// How many rotation request ids each key remembers.
+pub const REMEMBERED_ROTATIONS: usize = 64;
 
 /// A key and its versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +107,31 @@ pub struct KeyRecord {
     /// Quorum policies by operation kind (SIGN, ROTATE, SET_STATE, SET_POLICY).
     #[serde(default)]
     pub policies: std::collections::BTreeMap<String, crate::dual_control::quorum::Quorum>,
+    /// How long a version may protect after activation, in milliseconds.
+    #[serde(default)]
+    pub cryptoperiod_ms: Option<i64>,
+    /// Versions below this one are refused for verification and decryption.
+    #[serde(default)]
+    pub min_version: u32,
+    /// The latest rotation request ids, oldest first (at most
+    /// [`REMEMBERED_ROTATIONS`]).
+    #[serde(default)]
+    pub rotation_requests: Vec<RotationRequest>,
+}
+
+/// A version whose generation has started but is not committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingVersion {
+    /// The key.
+    pub key_id: String,
+    /// The version being made.
+    pub version: u32,
+    /// Its HSM label.
+    pub hsm_label: String,
+    /// What started it: create, rotate, schedule or compromise.
+    pub trigger: String,
+    /// Unix milliseconds when it started.
+    pub started_ms: i64,
 }
 
 impl KeyRecord {
@@ -81,6 +150,7 @@ pub struct RegistryError(pub String);
 pub struct Registry {
     db: sled::Db,
     tree: sled::Tree,
+    pending: sled::Tree,
     keys: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
     writer: tokio::sync::Mutex<()>,
 }
@@ -91,6 +161,9 @@ impl Registry {
     pub fn open(db: &sled::Db) -> Result<Registry, RegistryError> {
         let tree = db
             .open_tree("keys")
+            .map_err(|e| RegistryError(e.to_string()))?;
+        let pending = db
+            .open_tree("pending_versions")
             .map_err(|e| RegistryError(e.to_string()))?;
         let mut keys = BTreeMap::new();
         for item in tree.iter() {
@@ -106,6 +179,7 @@ impl Registry {
         Ok(Registry {
             db: db.clone(),
             tree,
+            pending,
             keys: RwLock::new(keys),
             writer: tokio::sync::Mutex::new(()),
         })
@@ -149,13 +223,74 @@ impl Registry {
         self.tree
             .insert(record.key_id.as_bytes(), bytes)
             .map_err(|e| RegistryError(e.to_string()))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| RegistryError(format!("flush: {e}")))?;
+        self.flush().await?;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         keys.insert(record.key_id.clone(), Arc::new(record));
         Ok(())
+    }
+
+    /// Journals that `pending` is about to be generated, durably, before the
+    /// HSM is asked to.
+    pub async fn begin_version(&self, pending: &PendingVersion) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(pending).map_err(|e| RegistryError(e.to_string()))?;
+        self.pending
+            .insert(pending.hsm_label.as_bytes(), bytes)
+            .map_err(|e| RegistryError(e.to_string()))?;
+        self.flush().await
+    }
+
+    /// Commits `record` (which holds the new version) and clears the pending
+    /// entry `hsm_label` in one transaction, durably, then makes it visible.
+    pub async fn commit_version(
+        &self,
+        record: KeyRecord,
+        hsm_label: &str,
+    ) -> Result<(), RegistryError> {
+        use sled::Transactional;
+        let bytes = serde_json::to_vec(&record).map_err(|e| RegistryError(e.to_string()))?;
+        (&self.tree, &self.pending)
+            .transaction(|(keys, pending)| {
+                keys.insert(record.key_id.as_bytes(), bytes.as_slice())?;
+                pending.remove(hsm_label.as_bytes())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| RegistryError(format!("commit: {e:?}")))?;
+        self.flush().await?;
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(record.key_id.clone(), Arc::new(record));
+        Ok(())
+    }
+
+    /// Drops the pending entry `hsm_label` (after its HSM objects are gone).
+    pub async fn abandon_version(&self, hsm_label: &str) -> Result<(), RegistryError> {
+        self.pending
+            .remove(hsm_label.as_bytes())
+            .map_err(|e| RegistryError(e.to_string()))?;
+        self.flush().await
+    }
+
+    /// Generations started and not committed.
+    pub fn pending_versions(&self) -> Result<Vec<PendingVersion>, RegistryError> {
+        self.pending
+            .iter()
+            .map(|item| {
+                let (label, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    RegistryError(format!(
+                        "pending version {:?} is corrupt: {e}",
+                        String::from_utf8_lossy(&label)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn flush(&self) -> Result<(), RegistryError> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|e| RegistryError(format!("flush: {e}")))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<KeyRecord>>> {

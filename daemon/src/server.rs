@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custody_proto::v1::audit_service_server::AuditServiceServer;
+use custody_proto::v1::envelope_service_server::EnvelopeServiceServer;
 use custody_proto::v1::key_service_server::KeyServiceServer;
 use custody_proto::v1::operation_service_server::OperationServiceServer;
 use custody_proto::v1::signing_service_server::SigningServiceServer;
@@ -21,6 +22,7 @@ use crate::pin_lockout;
 use crate::registry::Registry;
 use crate::service::State;
 use crate::service::audit::Audit;
+use crate::service::envelope::EnvelopeKeys;
 use crate::service::keys::Keys;
 use crate::service::operations::{Operations, expire_due};
 use crate::service::signing::Signing;
@@ -121,6 +123,8 @@ impl Daemon {
                 );
             }
         }
+        let budget =
+            crate::envelope::NonceBudget::open(&db, config.envelope.max_encryptions_per_version)?;
         let state = Arc::new(State {
             hsm,
             registry,
@@ -131,7 +135,10 @@ impl Daemon {
                 * 1000,
             denial_vetoes: config.dual_control.denial_vetoes,
             clock,
+            lifecycle: config.lifecycle.clone(),
+            budget,
         });
+        crate::scheduler::roll_back_unfinished(&state).await?;
         Ok(Daemon { state, tls, config })
     }
 
@@ -149,6 +156,7 @@ impl Daemon {
             "custody.v1.SigningService",
             "custody.v1.AuditService",
             "custody.v1.OperationService",
+            "custody.v1.EnvelopeService",
             "",
         ] {
             health_reporter
@@ -156,6 +164,7 @@ impl Daemon {
                 .await;
         }
         tokio::spawn(watch_health(Arc::downgrade(&self.state), health_reporter));
+        tokio::spawn(crate::scheduler::run(Arc::downgrade(&self.state)));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -179,6 +188,11 @@ impl Daemon {
             )
             .add_service(
                 OperationServiceServer::new(Operations(state.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                EnvelopeServiceServer::new(EnvelopeKeys(state.clone()))
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
             )

@@ -235,7 +235,11 @@ impl HsmSession {
         }
     }
 
-    fn check_value(&self, handle: ObjectHandle, label: &KeyLabel) -> Result<KeyCheckValue> {
+    pub(crate) fn check_value(
+        &self,
+        handle: ObjectHandle,
+        label: &KeyLabel,
+    ) -> Result<KeyCheckValue> {
         let attributes = self.attributes(handle, &[AttributeType::CheckValue], label)?;
         attributes
             .into_iter()
@@ -370,7 +374,7 @@ impl HsmSession {
         }
     }
 
-    fn read_public_key(
+    pub(crate) fn read_public_key(
         &self,
         handle: ObjectHandle,
         spec: KeySpec,

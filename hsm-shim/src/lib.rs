@@ -5,7 +5,8 @@
 //! - [`HsmSession`] (`session.rs`) is one session plus the recovery rules
 //!   (reopen, re-login, re-find, bounded). Its operations are grouped one family
 //!   per file: `keys.rs` (generate, public key, destroy), `sign.rs` (sign,
-//!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM).
+//!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM),
+//!   `inventory.rs` (every object on the token, for drift detection).
 //! - [`security_officer`] makes the trusted backup KEK, the one thing only
 //!   the token's SO may do.
 //! - `encoding.rs` turns PKCS#11 attributes into `SubjectPublicKeyInfo` and
@@ -22,6 +23,7 @@ mod config;
 mod encoding;
 mod error;
 mod fault;
+mod inventory;
 mod keys;
 mod pool;
 pub mod security_officer;
@@ -36,6 +38,7 @@ pub use error::{ErrorKind, HsmError, Result};
 pub use fault::FAULT_INJECTION_COMPILED_IN;
 #[cfg(feature = "fault-injection")]
 pub use fault::FaultInjector;
+pub use inventory::{ObjectClassName, ObjectSummary};
 pub use pool::Hsm;
 pub use session::{HsmSession, MAX_RECOVERIES};
 pub use types::{

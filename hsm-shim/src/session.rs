@@ -305,7 +305,7 @@ impl HsmSession {
 
     /// Reads the key spec from an object's type and public parameters (all
     /// non-sensitive, readable on private keys too).
-    fn read_spec(&self, handle: ObjectHandle, label: &KeyLabel) -> Result<KeySpec> {
+    pub(crate) fn read_spec(&self, handle: ObjectHandle, label: &KeyLabel) -> Result<KeySpec> {
         let attributes = self.attributes(
             handle,
             &[

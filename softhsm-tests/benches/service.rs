@@ -146,8 +146,15 @@ fn fill_registry(db: &sled::Db, keys: usize) {
                 public_key_pem: "-----BEGIN PUBLIC KEY-----\n".to_string()
                     + &"A".repeat(124)
                     + "\n-----END PUBLIC KEY-----\n",
+                activated_ms: Some(0),
+                destroy_at_ms: None,
+                legal_hold: None,
+                check_value: String::new(),
             }],
             policies: Default::default(),
+            cryptoperiod_ms: None,
+            min_version: 0,
+            rotation_requests: Vec::new(),
         };
         tree.insert(
             record.key_id.as_bytes(),
@@ -176,6 +183,7 @@ fn bench(token: &TestToken) {
                 algorithm: KeyAlgorithm::from_api_name("EC_SIGN_P256_SHA256").expect("alg").wire() as i32,
                 purpose: KeyPurpose::AsymmetricSign as i32,
                 allowed_signers: vec!["ca-issuing".into()],
+                ..Default::default()
             })
             .await
             .expect("create key");

@@ -6,14 +6,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use custody_daemon::config::{
-    AuditSection, Config, DualControlSection, HsmSection, MetricsSection, PolicySection, TlsSection,
+    AuditSection, Config, DualControlSection, EnvelopeSection, HsmSection, LifecycleSection,
+    MetricsSection, PolicySection, TlsSection,
 };
 use custody_daemon::devpki::{Ca, DEV_IDENTITIES, Issued, Validity};
 use custody_daemon::dual_control::officer_key::OfficerKey;
+use custody_daemon::dual_control::{approval_message, denial_message};
 use custody_daemon::identity::Role;
 use custody_daemon::server::Daemon;
 use custody_daemon::service::Clock;
 use custody_daemon::service::State;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
+use custody_proto::v1::{
+    Operation, OperationSpec, RequestOperationRequest, VoteRequest, operation_spec,
+};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -174,6 +180,14 @@ impl TestService {
                 genesis_file: Some(dir.join("officers.toml")),
                 ..DualControlSection::default()
             },
+            // The scheduler ticks every second, so that tests which move the
+            // clock see it act promptly; drift is checked only on request.
+            lifecycle: LifecycleSection {
+                scheduler_interval_secs: 1,
+                drift_check_interval_secs: 0,
+                ..LifecycleSection::default()
+            },
+            envelope: EnvelopeSection::default(),
         };
         // Three officers, two of whom make the administrative quorum.
         let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");
@@ -289,6 +303,52 @@ impl TestService {
     pub fn dir(&self) -> &PathBuf {
         &self.dir
     }
+
+    /// Officer `officer`'s vote on `operation`: its signature over the
+    /// approval (or denial) message of the operation's digest.
+    pub fn vote_for(&self, officer: &str, operation: &Operation, approve: bool) -> VoteRequest {
+        let digest: [u8; 32] = operation
+            .digest
+            .clone()
+            .try_into()
+            .expect("a 32-byte digest");
+        let message = if approve {
+            approval_message(&digest)
+        } else {
+            denial_message(&digest)
+        };
+        VoteRequest {
+            name: operation.name.clone(),
+            officer_id: officer.into(),
+            signature: self.officer(officer).sign(&message).to_vec(),
+        }
+    }
+
+    /// Officer `officer` approves `operation` over its own officer channel.
+    pub async fn approve(
+        &self,
+        officer: &str,
+        operation: &Operation,
+    ) -> Result<Operation, tonic::Status> {
+        let channel = self.client_as(officer, &[Role::Officer]).await;
+        OperationServiceClient::new(channel)
+            .approve_operation(self.vote_for(officer, operation, true))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// Requests an operation over `channel`.
+pub async fn request_operation(
+    channel: &Channel,
+    spec: operation_spec::Spec,
+) -> Result<Operation, tonic::Status> {
+    OperationServiceClient::new(channel.clone())
+        .request_operation(RequestOperationRequest {
+            spec: Some(OperationSpec { spec: Some(spec) }),
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// A two-thread runtime for a test's async body.

@@ -6,18 +6,18 @@
     reason = "a test fails by panicking on the unexpected"
 )]
 
-use custody_daemon::dual_control::{approval_message, denial_message};
+use custody_daemon::dual_control::approval_message;
 use custody_daemon::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, GetKeyRequest, GetOperationRequest, KeyRef, ListOfficersRequest,
-    OfficerSpec, Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
-    SetPolicySpec, SignRequest, SignSpec, VoteRequest, digest, operation_spec, sign_request,
+    OfficerSpec, Operation, OperationKind, OperationState, SetPolicySpec, SignRequest, SignSpec,
+    VoteRequest, digest, operation_spec, sign_request,
 };
 use sha2::Digest as _;
-use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
 use tonic::transport::Channel;
 
@@ -35,32 +35,16 @@ async fn request(
     channel: &Channel,
     spec: operation_spec::Spec,
 ) -> Result<Operation, tonic::Status> {
-    OperationServiceClient::new(channel.clone())
-        .request_operation(RequestOperationRequest {
-            spec: Some(OperationSpec { spec: Some(spec) }),
-        })
-        .await
-        .map(|r| r.into_inner())
+    request_operation(channel, spec).await
 }
 
-/// `officer` signs `operation`'s digest with the message of `approve` or deny.
 fn vote_for(
     service: &TestService,
     officer: &str,
     operation: &Operation,
     approve: bool,
 ) -> VoteRequest {
-    let digest: [u8; 32] = operation.digest.clone().try_into().unwrap();
-    let message = if approve {
-        approval_message(&digest)
-    } else {
-        denial_message(&digest)
-    };
-    VoteRequest {
-        name: operation.name.clone(),
-        officer_id: officer.into(),
-        signature: service.officer(officer).sign(&message).to_vec(),
-    }
+    service.vote_for(officer, operation, approve)
 }
 
 async fn approve(
@@ -68,11 +52,7 @@ async fn approve(
     officer: &str,
     operation: &Operation,
 ) -> Result<Operation, tonic::Status> {
-    let channel = officer_channel(service, officer).await;
-    OperationServiceClient::new(channel)
-        .approve_operation(vote_for(service, officer, operation, true))
-        .await
-        .map(|r| r.into_inner())
+    service.approve(officer, operation).await
 }
 
 async fn create_key(service: &TestService, key_id: &str) {
@@ -82,6 +62,7 @@ async fn create_key(service: &TestService, key_id: &str) {
             algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
             purpose: 1,
             allowed_signers: vec!["ca-issuing".into()],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -147,6 +147,7 @@ token_test!(
                     algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
                     purpose: 1,
                     allowed_signers: vec!["ca".into()],
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -25,12 +25,14 @@ struct Args {
 async fn main() -> ExitCode {
     custody_daemon::run::init_logging();
     let args = Args::parse();
-    // Test builds of the workspace enable HSM fault injection (a
-    // dev-dependency feature). An optimised daemon that can be told to fake
+    // Test builds of the workspace enable HSM fault injection and crash
+    // points (dev-dependency features). An optimised daemon that can be told to fake
     // HSM errors must never serve; debug builds may, for process tests.
-    if hsm_shim::FAULT_INJECTION_COMPILED_IN && !cfg!(debug_assertions) {
+    let test_build =
+        hsm_shim::FAULT_INJECTION_COMPILED_IN || custody_daemon::failpoint::COMPILED_IN;
+    if test_build && !cfg!(debug_assertions) {
         tracing::error!(
-            "custodyd: this build has HSM fault injection compiled in; build it on its own: cargo build --release -p custody-daemon"
+            "custodyd: this build has HSM fault injection or crash points compiled in; build it on its own: cargo build --release -p custody-daemon"
         );
         return ExitCode::FAILURE;
     }

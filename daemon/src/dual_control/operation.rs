@@ -38,6 +38,9 @@ pub enum Spec {
         version: u32,
         /// New state (API name).
         state: String,
+        /// Why (required for COMPROMISED).
+        #[serde(default)]
+        reason: String,
     },
     /// Set (or, with `required` 0, remove) a key's policy for one operation kind.
     SetPolicy {
@@ -64,6 +67,20 @@ pub enum Spec {
         /// Officer id.
         officer_id: String,
     },
+    /// Schedule a version's destruction after the cancel window.
+    DestroyVersion {
+        /// Key id.
+        key_id: String,
+        /// Version.
+        version: u32,
+    },
+    /// Release a version's legal hold.
+    ReleaseLegalHold {
+        /// Key id.
+        key_id: String,
+        /// Version.
+        version: u32,
+    },
 }
 
 impl Spec {
@@ -76,6 +93,8 @@ impl Spec {
             Spec::SetPolicy { .. } => "SET_POLICY",
             Spec::AddOfficer { .. } => "ADD_OFFICER",
             Spec::RemoveOfficer { .. } => "REMOVE_OFFICER",
+            Spec::DestroyVersion { .. } => "DESTROY_VERSION",
+            Spec::ReleaseLegalHold { .. } => "RELEASE_LEGAL_HOLD",
         }
     }
 
@@ -85,7 +104,9 @@ impl Spec {
             Spec::Sign { key_id, .. }
             | Spec::Rotate { key_id }
             | Spec::SetState { key_id, .. }
-            | Spec::SetPolicy { key_id, .. } => Some(key_id),
+            | Spec::SetPolicy { key_id, .. }
+            | Spec::DestroyVersion { key_id, .. }
+            | Spec::ReleaseLegalHold { key_id, .. } => Some(key_id),
             Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } => None,
         }
     }
@@ -109,8 +130,15 @@ impl Spec {
                 key_id,
                 version,
                 state,
+                reason,
             } => {
-                format!("SET STATE of keys/{key_id}/versions/{version} to {state}")
+                if reason.is_empty() {
+                    format!("SET STATE of keys/{key_id}/versions/{version} to {state}")
+                } else {
+                    format!(
+                        "SET STATE of keys/{key_id}/versions/{version} to {state}, because: {reason}"
+                    )
+                }
             }
             Spec::SetPolicy {
                 key_id,
@@ -138,6 +166,12 @@ impl Spec {
                 "ADD OFFICER {officer_id} (certificate principal {principal}, Ed25519 key {public_key})"
             ),
             Spec::RemoveOfficer { officer_id } => format!("REMOVE OFFICER {officer_id}"),
+            Spec::DestroyVersion { key_id, version } => format!(
+                "DESTROY keys/{key_id}/versions/{version}: schedule its destruction in the HSM after the cancel window"
+            ),
+            Spec::ReleaseLegalHold { key_id, version } => format!(
+                "RELEASE THE LEGAL HOLD on keys/{key_id}/versions/{version}, so that it may be destroyed"
+            ),
         }
     }
 }
@@ -257,15 +291,7 @@ impl OperationRecord {
 
     /// What an officer reads before signing.
     pub fn rendering(&self) -> String {
-        let time = |ms: i64| {
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| ms.to_string())
-        };
+        let time = crate::audit::rfc3339_ms;
         let members: Vec<&str> = self.quorum.members.iter().map(String::as_str).collect();
         format!(
             "operation {}\n  {}\n  requested by {} at {}\n  needs {} approvals of: {}\n  expires {}\n  digest to sign: {}\n",
@@ -282,7 +308,18 @@ impl OperationRecord {
 }
 
 /// The policy kinds a key can carry.
-pub const KEY_POLICY_KINDS: [&str; 4] = ["SIGN", "ROTATE", "SET_STATE", "SET_POLICY"];
+pub const KEY_POLICY_KINDS: [&str; 6] = [
+    "SIGN",
+    "ROTATE",
+    "SET_STATE",
+    "SET_POLICY",
+    "DESTROY_VERSION",
+    "RELEASE_LEGAL_HOLD",
+];
+
+/// Kinds that always need a quorum: the key's own policy if it has one,
+/// otherwise the administrative quorum.
+pub const ALWAYS_GATED_KINDS: [&str; 3] = ["SET_POLICY", "DESTROY_VERSION", "RELEASE_LEGAL_HOLD"];
 
 /// A key's policies, by operation kind.
 pub type KeyPolicies = BTreeMap<String, Quorum>;

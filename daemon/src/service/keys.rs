@@ -4,46 +4,88 @@ use std::sync::Arc;
 
 use custody_proto::v1::key_service_server::KeyService;
 use custody_proto::v1::{
-    CreateKeyRequest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPolicy, KeyPurpose, KeyVersion,
-    KeyVersionState, ListKeysRequest, ListKeysResponse, PublicKey, RotateKeyRequest,
-    SetKeyVersionStateRequest,
+    CheckDriftRequest, CreateKeyRequest, DriftFinding, DriftKind, DriftReport, GetKeyRequest,
+    GetPublicKeyRequest, Key, KeyPolicy, KeyVersion, KeyVersionState, ListKeysRequest,
+    ListKeysResponse, PublicKey, RotateKeyRequest, SetKeyVersionStateRequest, SetLegalHoldRequest,
+    UpdateKeyRequest, VersionRef,
 };
-use hsm_shim::{ErrorKind, Exportability, KeyLabel};
+use hsm_shim::{AesRole, ErrorKind, Exportability, KeyLabel};
 use tonic::{Request, Response, Status};
 
 use super::{
-    Audited, Shared, State, caller, check_key_id, now_ms, parse_key_name, parse_version_name,
-    require, timestamp, version_name,
+    Audited, Shared, State, caller, check_key_id, parse_key_name, parse_version_name, require,
+    timestamp, version_name,
 };
 use crate::algorithms::KeyAlgorithm;
+use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::identity::{Role, valid_principal_name};
-use crate::registry::{KeyRecord, VersionRecord, VersionState};
+use crate::lifecycle::{self, Use};
+use crate::registry::{
+    KeyRecord, PendingVersion, REMEMBERED_ROTATIONS, RotationRequest, VersionRecord, VersionState,
+};
+use crate::{drift, failpoint, metrics};
 
 /// The key service.
 pub struct Keys(pub Shared);
 
-fn wire_state(state: VersionState) -> KeyVersionState {
+/// The principal the scheduler acts as in the audit log.
+pub const SCHEDULER: &str = "custodyd-scheduler";
+
+pub(crate) fn wire_state(state: VersionState) -> KeyVersionState {
     match state {
         VersionState::PreActivation => KeyVersionState::PreActivation,
         VersionState::Active => KeyVersionState::Active,
         VersionState::Suspended => KeyVersionState::Suspended,
         VersionState::Deactivated => KeyVersionState::Deactivated,
+        VersionState::Compromised => KeyVersionState::Compromised,
+        VersionState::Destroyed => KeyVersionState::Destroyed,
     }
+}
+
+fn stored_state(state: KeyVersionState) -> Option<VersionState> {
+    Some(match state {
+        KeyVersionState::PreActivation => VersionState::PreActivation,
+        KeyVersionState::Active => VersionState::Active,
+        KeyVersionState::Suspended => VersionState::Suspended,
+        KeyVersionState::Deactivated => VersionState::Deactivated,
+        KeyVersionState::Compromised => VersionState::Compromised,
+        KeyVersionState::Destroyed => VersionState::Destroyed,
+        KeyVersionState::Unspecified => return None,
+    })
+}
+
+fn duration(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// The stored algorithm of a key.
+pub(crate) fn algorithm_of(record: &KeyRecord) -> Result<KeyAlgorithm, ServiceError> {
+    KeyAlgorithm::from_api_name(&record.algorithm).ok_or_else(|| {
+        ServiceError::new(
+            tonic::Code::Internal,
+            "INTERNAL",
+            "unknown stored algorithm",
+        )
+    })
 }
 
 /// The API form of a key.
 pub(crate) fn key_message(record: &KeyRecord) -> Key {
+    let algorithm = KeyAlgorithm::from_api_name(&record.algorithm);
     Key {
         name: format!("keys/{}", record.key_id),
-        algorithm: KeyAlgorithm::from_api_name(&record.algorithm).map_or(0, |a| a.wire() as i32),
-        purpose: KeyPurpose::AsymmetricSign as i32,
+        algorithm: algorithm.map_or(0, |a| a.wire() as i32),
+        purpose: algorithm.map_or(0, |a| a.purpose() as i32),
         allowed_signers: record.allowed_signers.clone(),
         primary_version: record.primary_version,
         versions: record
             .versions
             .iter()
-            .map(|v| version_message(&record.key_id, v))
+            .map(|v| version_message(record, v))
             .collect(),
         create_time: Some(timestamp(record.created_ms)),
         policies: record
@@ -55,6 +97,8 @@ pub(crate) fn key_message(record: &KeyRecord) -> Key {
                 required: quorum.required,
             })
             .collect(),
+        cryptoperiod: record.cryptoperiod_ms.map(duration),
+        min_version: record.min_version,
     }
 }
 
@@ -76,6 +120,66 @@ pub(crate) fn ungated(
     }
 }
 
+/// Refuses unless `version` of `record` may be used for `usage` at `now_ms`:
+/// its state permits it ([`lifecycle::permits`]), it is not scheduled for
+/// destruction, a protecting use is within the cryptoperiod, and a processing
+/// use is not below the key's minimum version.
+pub(crate) fn check_usable(
+    record: &KeyRecord,
+    version: &VersionRecord,
+    usage: Use,
+    now_ms: i64,
+) -> Result<(), ServiceError> {
+    let name = version_name(&record.key_id, version.version);
+    if !lifecycle::permits(version.state, usage) {
+        let (reason, what) = match usage {
+            Use::Protect => ("VERSION_NOT_ACTIVE", "only active versions sign or encrypt"),
+            Use::Process => (
+                "VERSION_NOT_USABLE",
+                "only active, suspended and deactivated versions verify or decrypt",
+            ),
+            Use::RewrapSource => (
+                "VERSION_NOT_USABLE",
+                "it holds no key material that may be read",
+            ),
+        };
+        return Err(ServiceError::precondition(
+            reason,
+            format!("{name} is {:?}; {what}", version.state),
+        ));
+    }
+    if version.destroy_at_ms.is_some() {
+        return Err(ServiceError::precondition(
+            "DESTROY_SCHEDULED",
+            format!("{name} is scheduled for destruction; CancelDestroy to use it again"),
+        ));
+    }
+    match usage {
+        Use::Protect => {
+            if let Some(until) = version.protect_until_ms(record.cryptoperiod_ms)
+                && now_ms >= until
+            {
+                return Err(ServiceError::precondition(
+                    "CRYPTOPERIOD_ENDED",
+                    format!("the cryptoperiod of {name} has ended; rotate the key"),
+                ));
+            }
+        }
+        Use::Process | Use::RewrapSource => {
+            if version.version < record.min_version {
+                return Err(ServiceError::precondition(
+                    "BELOW_MIN_VERSION",
+                    format!(
+                        "{name} is below the minimum version {} of keys/{}",
+                        record.min_version, record.key_id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether a call runs on the strength of an approved operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Approval {
@@ -85,13 +189,20 @@ pub enum Approval {
     Quorum,
 }
 
-fn version_message(key_id: &str, version: &VersionRecord) -> KeyVersion {
+fn version_message(record: &KeyRecord, version: &VersionRecord) -> KeyVersion {
     KeyVersion {
-        name: version_name(key_id, version.version),
+        name: version_name(&record.key_id, version.version),
         version: version.version,
         state: wire_state(version.state) as i32,
         create_time: Some(timestamp(version.created_ms)),
         state_time: Some(timestamp(version.state_ms)),
+        activate_time: version.activated_ms.map(timestamp),
+        protect_until: version
+            .protect_until_ms(record.cryptoperiod_ms)
+            .map(timestamp),
+        destroy_time: version.destroy_at_ms.map(timestamp),
+        legal_hold: version.legal_hold.is_some(),
+        check_value: version.check_value.clone(),
     }
 }
 
@@ -102,6 +213,15 @@ fn found(state: &State, key_id: &str) -> Result<Arc<KeyRecord>, ServiceError> {
         .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))
 }
 
+fn registry_failure(error: crate::registry::RegistryError) -> ServiceError {
+    tracing::error!(%error, "registry write failed");
+    ServiceError::new(
+        tonic::Code::Unavailable,
+        "REGISTRY_UNAVAILABLE",
+        "the key registry cannot be written",
+    )
+}
+
 /// The HSM label of a key version: `key/{key_id}/v{version}`. The `key/`
 /// namespace is custody's own for registry keys: no other object custody
 /// makes (the audit key is `custody-audit/v1`) can share a label with one.
@@ -110,45 +230,307 @@ pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
         .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))
 }
 
-/// Generates version `version` of `record`'s algorithm in the HSM. A label
-/// in custody's `key/` namespace left by a crash between generation and the
-/// registry write belongs to no registered version (the caller holds the
-/// registry lock and checked), so it is destroyed and made again.
+/// Generates version `version` of `key_id` in the HSM, journaled: the
+/// pending entry is durable before the HSM call, and is dropped again if the
+/// call fails. The caller holds the registry lock and commits the version
+/// with [`commit_version`].
+///
+/// A label in custody's `key/` namespace that is neither registered nor
+/// pending (the caller checked) is a leftover of a generation that failed to
+/// clean up; it is destroyed and the key made again.
 async fn generate_version(
     state: &State,
     key_id: &str,
     algorithm: KeyAlgorithm,
     version: u32,
+    trigger: &'static str,
 ) -> Result<VersionRecord, ServiceError> {
     let label = hsm_label(key_id, version)?;
+    let now = state.clock.now_ms();
+    failpoint::hit("version.before_journal");
+    state
+        .registry
+        .begin_version(&PendingVersion {
+            key_id: key_id.into(),
+            version,
+            hsm_label: label.as_str().into(),
+            trigger: trigger.into(),
+            started_ms: now,
+        })
+        .await
+        .map_err(registry_failure)?;
+    failpoint::hit("version.after_journal");
     let spec = algorithm.key_spec();
     let run_label = label.clone();
-    let info = state
+    let generated = state
         .hsm
         .run(move |session| {
-            match session.generate_key_pair(&run_label, spec, Exportability::NonExportable) {
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    tracing::warn!(label = %run_label, "removing an orphaned HSM key left by an interrupted create");
-                    session.destroy(&run_label)?;
+            let generate = |session: &mut hsm_shim::HsmSession| {
+                if spec.is_key_pair() {
                     session.generate_key_pair(&run_label, spec, Exportability::NonExportable)
+                } else {
+                    session.generate_aes_key(
+                        &run_label,
+                        AesRole::DataEncryption,
+                        Exportability::NonExportable,
+                    )
+                }
+            };
+            match generate(session) {
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    tracing::warn!(label = %run_label, "removing an orphaned HSM key left by an interrupted generation");
+                    session.destroy(&run_label)?;
+                    generate(session)
                 }
                 other => other,
             }
         })
-        .await?;
-    let public_key = info
-        .public_key
-        .ok_or_else(|| ServiceError::new(tonic::Code::Internal, "INTERNAL", "no public key"))?;
-    let now = now_ms();
+        .await;
+    let info = match generated {
+        Ok(info) => info,
+        Err(error) => {
+            if let Err(e) = state.registry.abandon_version(label.as_str()).await {
+                tracing::error!(%e, %label, "could not drop the journal entry of a failed generation; it is rolled back at the next start");
+            }
+            return Err(error.into());
+        }
+    };
+    failpoint::hit("version.after_generate");
+    let (public_key_der_hex, public_key_pem) = match &info.public_key {
+        Some(public_key) => (hex::encode(public_key.spki_der()), public_key.to_pem()?),
+        None => (String::new(), String::new()),
+    };
     Ok(VersionRecord {
         version,
         state: VersionState::Active,
         created_ms: now,
         state_ms: now,
         hsm_label: label.as_str().to_string(),
-        public_key_der_hex: hex::encode(public_key.spki_der()),
-        public_key_pem: public_key.to_pem()?,
+        public_key_der_hex,
+        public_key_pem,
+        activated_ms: Some(now),
+        destroy_at_ms: None,
+        legal_hold: None,
+        check_value: info.check_value.map(|k| k.to_string()).unwrap_or_default(),
     })
+}
+
+/// Commits `record`, which holds the version labelled `label` that
+/// [`generate_version`] made, and clears its journal entry, atomically. If
+/// the commit fails, the version is rolled back (its HSM objects destroyed),
+/// or left to the roll-back at the next start.
+async fn commit_version(state: &State, record: KeyRecord, label: &str) -> Result<(), ServiceError> {
+    match state.registry.commit_version(record, label).await {
+        Ok(()) => {
+            failpoint::hit("version.after_commit");
+            Ok(())
+        }
+        Err(error) => {
+            let error = registry_failure(error);
+            roll_back_version(state, label).await;
+            Err(error)
+        }
+    }
+}
+
+/// Destroys what the HSM holds under an uncommitted version's label and
+/// drops its journal entry; logs what it could not do (the next start
+/// retries). Returns how many objects it destroyed.
+pub(crate) async fn roll_back_version(state: &State, label: &str) -> Option<usize> {
+    let Ok(hsm_label) = KeyLabel::new(label.to_string()) else {
+        return None;
+    };
+    let destroyed = state
+        .hsm
+        .run(move |session| match session.destroy(&hsm_label) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            other => other,
+        })
+        .await;
+    match destroyed {
+        Ok(count) => match state.registry.abandon_version(label).await {
+            Ok(()) => Some(count),
+            Err(error) => {
+                tracing::error!(%error, label, "could not drop a rolled-back journal entry");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::error!(%error, label, "could not destroy an uncommitted version; retrying at the next start");
+            None
+        }
+    }
+}
+
+/// Checks a rotation request id: 1-64 of `[A-Za-z0-9._:-]`.
+fn check_request_id(request_id: &str) -> Result<(), ServiceError> {
+    let valid = !request_id.is_empty()
+        && request_id.len() <= 64
+        && request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid(
+            "BAD_REQUEST_ID",
+            "request_id must be 1-64 of A-Z a-z 0-9 . _ : -",
+        ))
+    }
+}
+
+/// What started a rotation (a metric label and the journal's trigger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// RotateKey.
+    Demand,
+    /// An approved ROTATE operation.
+    Approved,
+    /// The scheduler (cryptoperiod or nonce budget).
+    Schedule,
+    /// The primary version was marked compromised.
+    Compromise,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Demand => "demand",
+            Trigger::Approved => "approved",
+            Trigger::Schedule => "schedule",
+            Trigger::Compromise => "compromise",
+        }
+    }
+}
+
+/// Rotates `current` (the caller holds the registry lock and checked
+/// policy): a new version, journaled, made primary in one commit.
+async fn rotate_locked(
+    state: &State,
+    audited: &mut Audited,
+    current: &KeyRecord,
+    request_id: Option<&str>,
+    trigger: Trigger,
+) -> Result<KeyRecord, ServiceError> {
+    if let Some(id) = request_id
+        && let Some(earlier) = current
+            .rotation_requests
+            .iter()
+            .find(|r| r.request_id == id)
+    {
+        audited.detail = format!(
+            "request id {id} already rotated to version {}; nothing done",
+            earlier.version
+        );
+        metrics::rotation(trigger.as_str(), "replayed");
+        return Ok(current.clone());
+    }
+    let algorithm = algorithm_of(current)?;
+    let next = current
+        .versions
+        .iter()
+        .map(|v| v.version)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    audited.detail = match request_id {
+        Some(id) => format!("new version {next} ({}, request id {id})", trigger.as_str()),
+        None => format!("new version {next} ({})", trigger.as_str()),
+    };
+    audited.intent(state).await?;
+    let result = async {
+        let version =
+            generate_version(state, &current.key_id, algorithm, next, trigger.as_str()).await?;
+        let label = version.hsm_label.clone();
+        let mut record = current.clone();
+        record.versions.push(version);
+        record.primary_version = next;
+        if let Some(id) = request_id {
+            record.rotation_requests.push(RotationRequest {
+                request_id: id.into(),
+                version: next,
+            });
+            let excess = record
+                .rotation_requests
+                .len()
+                .saturating_sub(REMEMBERED_ROTATIONS);
+            record.rotation_requests.drain(..excess);
+        }
+        commit_version(state, record.clone(), &label).await?;
+        Ok(record)
+    }
+    .await;
+    metrics::rotation(
+        trigger.as_str(),
+        if result.is_ok() { "done" } else { "failed" },
+    );
+    result
+}
+
+/// Finds a version, refusing with NOT_FOUND.
+fn version_of(record: &KeyRecord, version: u32) -> Result<&VersionRecord, ServiceError> {
+    record.version(version).ok_or_else(|| {
+        ServiceError::not_found(format!(
+            "no version {}",
+            version_name(&record.key_id, version)
+        ))
+    })
+}
+
+/// Applies `change` to version `version` of `current` and writes the record.
+async fn update_version(
+    state: &State,
+    current: &KeyRecord,
+    version: u32,
+    change: impl FnOnce(&mut VersionRecord),
+) -> Result<KeyRecord, ServiceError> {
+    let mut record = current.clone();
+    let target = record
+        .versions
+        .iter_mut()
+        .find(|v| v.version == version)
+        .ok_or_else(|| ServiceError::not_found("version vanished"))?;
+    change(target);
+    state
+        .registry
+        .put(record.clone())
+        .await
+        .map_err(registry_failure)?;
+    Ok(record)
+}
+
+/// Parses a version name that must name a version.
+fn exact_version(name: &str) -> Result<(&str, u32), ServiceError> {
+    let (key_id, version) = parse_version_name(name)?;
+    let version = version.ok_or_else(|| {
+        ServiceError::invalid("BAD_NAME", "name a version: keys/{key_id}/versions/{n}")
+    })?;
+    Ok((key_id, version))
+}
+
+const MIN_CRYPTOPERIOD_MS: i64 = 60_000;
+const MAX_CRYPTOPERIOD_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
+
+/// A requested cryptoperiod: `None` when unset or zero (no cryptoperiod).
+fn cryptoperiod(duration: Option<&prost_types::Duration>) -> Result<Option<i64>, ServiceError> {
+    let Some(duration) = duration else {
+        return Ok(None);
+    };
+    if duration.seconds == 0 && duration.nanos == 0 {
+        return Ok(None);
+    }
+    let ms = duration
+        .seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(duration.nanos / 1_000_000)))
+        .filter(|ms| (MIN_CRYPTOPERIOD_MS..=MAX_CRYPTOPERIOD_MS).contains(ms))
+        .ok_or_else(|| {
+            ServiceError::invalid(
+                "BAD_CRYPTOPERIOD",
+                "a cryptoperiod is between 60 seconds and 100 years",
+            )
+        })?;
+    Ok(Some(ms))
 }
 
 impl Keys {
@@ -166,15 +548,17 @@ impl Keys {
             )
         })?;
         audited.detail = algorithm.api_name().into();
-        if request.purpose != KeyPurpose::AsymmetricSign as i32 {
+        if request.purpose != algorithm.purpose() as i32 {
             return Err(ServiceError::invalid(
                 "BAD_PURPOSE",
                 format!(
-                    "purpose {} is not supported for signing keys; use ASYMMETRIC_SIGN",
-                    request.purpose
+                    "{} keys have purpose {}",
+                    algorithm.api_name(),
+                    algorithm.purpose().as_str_name()
                 ),
             ));
         }
+        let cryptoperiod_ms = cryptoperiod(request.cryptoperiod.as_ref())?;
         if !self.0.allowed_algorithms.contains(&algorithm) {
             return Err(ServiceError::precondition(
                 "ALGORITHM_NOT_ALLOWED",
@@ -205,7 +589,8 @@ impl Keys {
             ));
         }
         audited.intent(state).await?;
-        let first = generate_version(state, &request.key_id, algorithm, 1).await?;
+        let first = generate_version(state, &request.key_id, algorithm, 1, "create").await?;
+        let label = first.hsm_label.clone();
         let record = KeyRecord {
             key_id: request.key_id.clone(),
             algorithm: algorithm.api_name().into(),
@@ -214,107 +599,79 @@ impl Keys {
             created_ms: first.created_ms,
             versions: vec![first],
             policies: Default::default(),
+            cryptoperiod_ms,
+            min_version: 0,
+            rotation_requests: Vec::new(),
         };
-        state.registry.put(record.clone()).await.map_err(|e| {
-            tracing::error!(%e, "registry write failed");
-            ServiceError::new(
-                tonic::Code::Unavailable,
-                "REGISTRY_UNAVAILABLE",
-                "the key registry cannot be written",
-            )
-        })?;
+        commit_version(state, record.clone(), &label).await?;
         Ok(key_message(&record))
     }
 
-    /// Rotates `key_id`; see [`Approval`].
+    /// Rotates `key_id`; see [`Approval`]. `request_id` makes it idempotent.
     pub async fn rotate(
         &self,
         audited: &mut Audited,
         key_id: &str,
+        request_id: Option<&str>,
+        trigger: Trigger,
         approval: Approval,
     ) -> Result<Key, ServiceError> {
+        if let Some(id) = request_id {
+            check_request_id(id)?;
+        }
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         ungated(&current, "ROTATE", approval)?;
-        let algorithm = KeyAlgorithm::from_api_name(&current.algorithm).ok_or_else(|| {
-            ServiceError::new(
-                tonic::Code::Internal,
-                "INTERNAL",
-                "unknown stored algorithm",
-            )
-        })?;
-        let next = current
-            .versions
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        audited.detail = format!("new version {next}");
-        audited.intent(state).await?;
-        let version = generate_version(state, key_id, algorithm, next).await?;
-        let mut record = (*current).clone();
-        record.versions.push(version);
-        record.primary_version = next;
-        state.registry.put(record.clone()).await.map_err(|e| {
-            tracing::error!(%e, "registry write failed");
-            ServiceError::new(
-                tonic::Code::Unavailable,
-                "REGISTRY_UNAVAILABLE",
-                "the key registry cannot be written",
-            )
-        })?;
+        let record = rotate_locked(state, audited, &current, request_id, trigger).await?;
         Ok(key_message(&record))
     }
 
-    /// Changes a version's state; see [`Approval`].
+    /// Changes a version's state; see [`Approval`]. Marking the primary
+    /// version compromised rotates the key (unless its ROTATE policy needs
+    /// officers, who are then asked to) and records a revocation notice.
     pub async fn set_state(
         &self,
         audited: &mut Audited,
         request: &SetKeyVersionStateRequest,
         approval: Approval,
     ) -> Result<KeyVersion, ServiceError> {
-        let (key_id, version) = parse_version_name(&request.name)?;
-        let version = version.ok_or_else(|| {
-            ServiceError::invalid("BAD_NAME", "name a version: keys/{key_id}/versions/{n}")
-        })?;
-        let target = match KeyVersionState::try_from(request.state) {
-            Ok(KeyVersionState::Active) => VersionState::Active,
-            Ok(KeyVersionState::Suspended) => VersionState::Suspended,
-            Ok(KeyVersionState::Deactivated) => VersionState::Deactivated,
-            Ok(KeyVersionState::PreActivation) => {
-                return Err(ServiceError::precondition(
-                    "ILLEGAL_TRANSITION",
-                    "no version can return to PRE_ACTIVATION",
-                ));
-            }
-            _ => {
-                return Err(ServiceError::invalid(
+        let (key_id, version) = exact_version(&request.name)?;
+        let target = KeyVersionState::try_from(request.state)
+            .ok()
+            .and_then(stored_state)
+            .ok_or_else(|| {
+                ServiceError::invalid(
                     "BAD_STATE",
                     format!("unknown or unspecified state {}", request.state),
-                ));
-            }
-        };
+                )
+            })?;
+        if target == VersionState::Destroyed {
+            return Err(ServiceError::precondition(
+                "ILLEGAL_TRANSITION",
+                "DESTROYED is reached only through a scheduled destruction: request DESTROY_VERSION",
+            ));
+        }
+        let reason = request.reason.trim();
+        if reason.len() > 1024 {
+            return Err(ServiceError::invalid(
+                "BAD_REASON",
+                "a reason is at most 1024 bytes",
+            ));
+        }
+        if target == VersionState::Compromised && reason.is_empty() {
+            return Err(ServiceError::invalid(
+                "REASON_REQUIRED",
+                "say why the version is compromised: it goes into the revocation notice",
+            ));
+        }
         audited.detail = format!("to {target:?}");
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         ungated(&current, "SET_STATE", approval)?;
-        let existing = current
-            .version(version)
-            .ok_or_else(|| ServiceError::not_found(format!("no version {}", request.name)))?;
-        let allowed = matches!(
-            (existing.state, target),
-            (VersionState::PreActivation, VersionState::Active)
-                | (VersionState::Active, VersionState::Suspended)
-                | (VersionState::Suspended, VersionState::Active)
-                | (
-                    VersionState::Active | VersionState::Suspended,
-                    VersionState::Deactivated
-                )
-        );
-        if !allowed {
+        let existing = version_of(&current, version)?;
+        if !lifecycle::transition_allowed(existing.state, target) {
             return Err(ServiceError::precondition(
                 "ILLEGAL_TRANSITION",
                 format!(
@@ -330,29 +687,297 @@ impl Keys {
             ));
         }
         audited.intent(state).await?;
-        let mut record = (*current).clone();
-        let now = now_ms();
-        let mut updated = None;
-        for v in &mut record.versions {
-            if v.version == version {
-                v.state = target;
-                v.state_ms = now;
-                updated = Some(v.clone());
+        let now = state.clock.now_ms();
+        let mut record = update_version(state, &current, version, |v| {
+            v.state = target;
+            v.state_ms = now;
+            if target == VersionState::Active && v.activated_ms.is_none() {
+                v.activated_ms = Some(now);
             }
+        })
+        .await?;
+        if target == VersionState::Compromised {
+            let compromised = version_of(&record, version)?.clone();
+            let rotate = current.primary_version == version;
+            let gated = record.policies.contains_key("ROTATE");
+            let replacement = if rotate && !gated {
+                let mut rotation = Audited::start("CompromiseRotate");
+                rotation.principal = audited.principal.clone();
+                rotation.resource = format!("keys/{key_id}");
+                let rotated =
+                    rotate_locked(state, &mut rotation, &record, None, Trigger::Compromise).await;
+                match rotation.record(state, rotated).await {
+                    Ok(rotated) => {
+                        record = rotated;
+                        format!("rotated to version {}", record.primary_version)
+                    }
+                    Err(error) => format!(
+                        "the rotation failed ({}); the scheduler retries it",
+                        error.reason
+                    ),
+                }
+            } else if rotate {
+                "the ROTATE policy needs officers: request a ROTATE operation".into()
+            } else {
+                format!(
+                    "not the primary version (primary is {})",
+                    record.primary_version
+                )
+            };
+            let public_key_sha256 = hex::decode(&compromised.public_key_der_hex)
+                .map(|der| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(der)))
+                .unwrap_or_default();
+            state
+                .audit
+                .append(Event::RevocationNotice {
+                    version: request.name.clone(),
+                    principal: audited.principal.clone(),
+                    reason: reason.to_string(),
+                    public_key_sha256,
+                    check_value: compromised.check_value.clone(),
+                    replacement,
+                })
+                .await
+                .map_err(|e| ServiceError::audit_unavailable(&e))?;
         }
-        state.registry.put(record).await.map_err(|e| {
-            tracing::error!(%e, "registry write failed");
-            ServiceError::new(
-                tonic::Code::Unavailable,
-                "REGISTRY_UNAVAILABLE",
-                "the key registry cannot be written",
-            )
-        })?;
-        let updated = updated.ok_or_else(|| {
-            ServiceError::new(tonic::Code::Internal, "INTERNAL", "version vanished")
-        })?;
-        Ok(version_message(key_id, &updated))
+        let updated = version_of(&record, version)?;
+        Ok(version_message(&record, updated))
     }
+
+    /// Changes a key's cryptoperiod or minimum version.
+    async fn update(
+        &self,
+        audited: &mut Audited,
+        request: &UpdateKeyRequest,
+    ) -> Result<Key, ServiceError> {
+        let key_id = parse_key_name(&request.name)?;
+        let period = match &request.cryptoperiod {
+            Some(d) => Some(cryptoperiod(Some(d))?),
+            None => None,
+        };
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        let mut record = (*current).clone();
+        let mut changes = Vec::new();
+        if let Some(period) = period {
+            record.cryptoperiod_ms = period;
+            changes.push(match period {
+                Some(ms) => format!("cryptoperiod {} s", ms / 1000),
+                None => "no cryptoperiod".into(),
+            });
+        }
+        if let Some(min) = request.min_version {
+            if min > record.primary_version {
+                return Err(ServiceError::precondition(
+                    "BAD_MIN_VERSION",
+                    format!(
+                        "the minimum version cannot pass the primary version {}",
+                        record.primary_version
+                    ),
+                ));
+            }
+            record.min_version = min;
+            changes.push(format!("min version {min}"));
+        }
+        if changes.is_empty() {
+            return Err(ServiceError::invalid(
+                "NOTHING_TO_UPDATE",
+                "set cryptoperiod or min_version",
+            ));
+        }
+        audited.detail = changes.join(", ");
+        audited.intent(state).await?;
+        state
+            .registry
+            .put(record.clone())
+            .await
+            .map_err(registry_failure)?;
+        Ok(key_message(&record))
+    }
+
+    /// Schedules a version's destruction after the cancel window (only
+    /// through an approved DESTROY_VERSION operation).
+    pub async fn schedule_destroy(
+        &self,
+        audited: &mut Audited,
+        key_id: &str,
+        version: u32,
+    ) -> Result<KeyVersion, ServiceError> {
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        check_destroyable(&current, version)?;
+        let at = state.clock.now_ms() + state.lifecycle.destroy_cancel_window_ms();
+        audited.detail = format!("destroy at {}", crate::audit::rfc3339_ms(at));
+        audited.intent(state).await?;
+        let record =
+            update_version(state, &current, version, |v| v.destroy_at_ms = Some(at)).await?;
+        Ok(version_message(&record, version_of(&record, version)?))
+    }
+
+    /// Cancels a scheduled destruction.
+    async fn cancel_destroy(
+        &self,
+        audited: &mut Audited,
+        name: &str,
+    ) -> Result<KeyVersion, ServiceError> {
+        let (key_id, version) = exact_version(name)?;
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        let existing = version_of(&current, version)?;
+        if existing.state == VersionState::Destroyed {
+            return Err(ServiceError::precondition(
+                "ALREADY_DESTROYED",
+                format!("{name} is already destroyed"),
+            ));
+        }
+        if existing.destroy_at_ms.is_none() {
+            return Err(ServiceError::precondition(
+                "NOT_SCHEDULED",
+                format!("{name} is not scheduled for destruction"),
+            ));
+        }
+        audited.intent(state).await?;
+        let record = update_version(state, &current, version, |v| v.destroy_at_ms = None).await?;
+        Ok(version_message(&record, version_of(&record, version)?))
+    }
+
+    /// Places a legal hold (cancelling a scheduled destruction).
+    async fn set_legal_hold(
+        &self,
+        audited: &mut Audited,
+        request: &SetLegalHoldRequest,
+    ) -> Result<KeyVersion, ServiceError> {
+        let (key_id, version) = exact_version(&request.name)?;
+        let reason = request.reason.trim();
+        if reason.is_empty() || reason.len() > 1024 {
+            return Err(ServiceError::invalid(
+                "REASON_REQUIRED",
+                "a legal hold needs a reason of 1-1024 bytes (a case reference, say)",
+            ));
+        }
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        let existing = version_of(&current, version)?;
+        if existing.state == VersionState::Destroyed {
+            return Err(ServiceError::precondition(
+                "ALREADY_DESTROYED",
+                format!("{} is already destroyed", request.name),
+            ));
+        }
+        audited.detail = if existing.destroy_at_ms.is_some() {
+            format!("hold: {reason}; cancels the scheduled destruction")
+        } else {
+            format!("hold: {reason}")
+        };
+        audited.intent(state).await?;
+        let record = update_version(state, &current, version, |v| {
+            v.legal_hold = Some(reason.to_string());
+            v.destroy_at_ms = None;
+        })
+        .await?;
+        Ok(version_message(&record, version_of(&record, version)?))
+    }
+
+    /// Releases a legal hold (only through an approved RELEASE_LEGAL_HOLD).
+    pub async fn release_legal_hold(
+        &self,
+        audited: &mut Audited,
+        key_id: &str,
+        version: u32,
+    ) -> Result<KeyVersion, ServiceError> {
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        if version_of(&current, version)?.legal_hold.is_none() {
+            return Err(ServiceError::precondition(
+                "NO_LEGAL_HOLD",
+                format!("{} has no legal hold", version_name(key_id, version)),
+            ));
+        }
+        audited.intent(state).await?;
+        let record = update_version(state, &current, version, |v| v.legal_hold = None).await?;
+        Ok(version_message(&record, version_of(&record, version)?))
+    }
+
+    /// Destroys a version whose cancel window has passed (the scheduler).
+    /// Idempotent: an object already gone counts as destroyed, so a crash
+    /// between the HSM call and the registry write is finished next time.
+    pub async fn destroy_due(
+        &self,
+        audited: &mut Audited,
+        key_id: &str,
+        version: u32,
+    ) -> Result<KeyVersion, ServiceError> {
+        let state = &self.0;
+        let _guard = state.registry.lock().await;
+        let current = found(state, key_id)?;
+        let existing = version_of(&current, version)?;
+        let now = state.clock.now_ms();
+        let due = existing.destroy_at_ms.is_some_and(|at| at <= now)
+            && existing.legal_hold.is_none()
+            && existing.state != VersionState::Destroyed;
+        if !due {
+            return Err(ServiceError::precondition(
+                "NOT_DUE",
+                "not scheduled, not yet due, held or already destroyed",
+            ));
+        }
+        audited.intent(state).await?;
+        let label = KeyLabel::new(existing.hsm_label.clone())?;
+        state
+            .hsm
+            .run(move |session| match session.destroy(&label) {
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+                other => other,
+            })
+            .await?;
+        let record = update_version(state, &current, version, |v| {
+            v.state = VersionState::Destroyed;
+            v.state_ms = now;
+            v.destroy_at_ms = Some(now);
+        })
+        .await?;
+        Ok(version_message(&record, version_of(&record, version)?))
+    }
+}
+
+/// Refuses to schedule the destruction of a version that is in use, held,
+/// primary, or already scheduled.
+pub(crate) fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), ServiceError> {
+    let existing = version_of(record, version)?;
+    let name = version_name(&record.key_id, version);
+    if !lifecycle::may_schedule_destroy(existing.state) {
+        return Err(ServiceError::precondition(
+            "ILLEGAL_TRANSITION",
+            format!(
+                "{name} is {:?}: only pre-activation, deactivated or compromised versions are destroyed",
+                existing.state
+            ),
+        ));
+    }
+    if record.primary_version == version {
+        return Err(ServiceError::precondition(
+            "PRIMARY_VERSION",
+            "the primary version cannot be destroyed; rotate the key first",
+        ));
+    }
+    if existing.legal_hold.is_some() {
+        return Err(ServiceError::precondition(
+            "LEGAL_HOLD",
+            format!("{name} is under a legal hold"),
+        ));
+    }
+    if existing.destroy_at_ms.is_some() {
+        return Err(ServiceError::precondition(
+            "ALREADY_SCHEDULED",
+            format!("{name} is already scheduled for destruction"),
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -443,6 +1068,12 @@ impl KeyService for Keys {
             let version = record.version(number).ok_or_else(|| {
                 ServiceError::not_found(format!("no version {}", version_name(key_id, number)))
             })?;
+            if version.public_key_pem.is_empty() {
+                return Err(ServiceError::precondition(
+                    "NO_PUBLIC_KEY",
+                    format!("keys/{key_id} is a secret (AES) key and has no public key"),
+                ));
+            }
             let algorithm =
                 KeyAlgorithm::from_api_name(&record.algorithm).map_or(0, |a| a.wire() as i32);
             Ok(PublicKey {
@@ -468,7 +1099,15 @@ impl KeyService for Keys {
             audited.principal = principal.name.clone();
             require(&principal, Role::Operator)?;
             let key_id = parse_key_name(&request.get_ref().name)?.to_string();
-            self.rotate(&mut audited, &key_id, Approval::None).await
+            let request_id = Some(request.get_ref().request_id.as_str()).filter(|r| !r.is_empty());
+            self.rotate(
+                &mut audited,
+                &key_id,
+                request_id,
+                Trigger::Demand,
+                Approval::None,
+            )
+            .await
         }
         .await;
         audited.finish(&self.0, result).await.map(Response::new)
@@ -489,5 +1128,111 @@ impl KeyService for Keys {
         }
         .await;
         audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<UpdateKeyRequest>,
+    ) -> Result<Response<Key>, Status> {
+        let mut audited = Audited::start("UpdateKey");
+        audited.resource = request.get_ref().name.clone();
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            require(&principal, Role::Operator)?;
+            self.update(&mut audited, request.get_ref()).await
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn cancel_destroy(
+        &self,
+        request: Request<VersionRef>,
+    ) -> Result<Response<KeyVersion>, Status> {
+        let mut audited = Audited::start("CancelDestroy");
+        audited.resource = request.get_ref().name.clone();
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            if !principal.has(Role::Officer) {
+                require(&principal, Role::Operator)?;
+            }
+            Keys::cancel_destroy(self, &mut audited, &request.get_ref().name).await
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn set_legal_hold(
+        &self,
+        request: Request<SetLegalHoldRequest>,
+    ) -> Result<Response<KeyVersion>, Status> {
+        let mut audited = Audited::start("SetLegalHold");
+        audited.resource = request.get_ref().name.clone();
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            if !principal.has(Role::Officer) {
+                require(&principal, Role::Operator)?;
+            }
+            Keys::set_legal_hold(self, &mut audited, request.get_ref()).await
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+
+    async fn check_drift(
+        &self,
+        request: Request<CheckDriftRequest>,
+    ) -> Result<Response<DriftReport>, Status> {
+        let mut audited = Audited::start("CheckDrift");
+        let result = async {
+            let principal = caller(&request)?;
+            audited.principal = principal.name.clone();
+            if !principal.has(Role::Auditor) {
+                require(&principal, Role::Operator)?;
+            }
+            let report = {
+                let _guard = self.0.registry.lock().await;
+                drift::check(&self.0).await.map_err(|e| {
+                    metrics::drift_failed();
+                    ServiceError::new(tonic::Code::Unavailable, "HSM_UNAVAILABLE", e)
+                })?
+            };
+            audited.detail = format!(
+                "{} findings over {} objects and {} versions",
+                report.findings.len(),
+                report.objects_checked,
+                report.versions_checked
+            );
+            Ok(drift_report_message(&report, self.0.clock.now_ms()))
+        }
+        .await;
+        audited.finish(&self.0, result).await.map(Response::new)
+    }
+}
+
+/// The API form of a drift report.
+pub(crate) fn drift_report_message(report: &drift::Report, now_ms: i64) -> DriftReport {
+    DriftReport {
+        findings: report
+            .findings
+            .iter()
+            .map(|f| DriftFinding {
+                kind: match f.kind {
+                    drift::Kind::Missing => DriftKind::Missing,
+                    drift::Kind::Extra => DriftKind::Extra,
+                    drift::Kind::AttributeMismatch => DriftKind::AttributeMismatch,
+                } as i32,
+                label: f.label.clone(),
+                version: f.version.clone().unwrap_or_default(),
+                object_class: f.class.as_str().into(),
+                detail: f.detail.clone(),
+            })
+            .collect(),
+        check_time: Some(timestamp(now_ms)),
+        objects_checked: u32::try_from(report.objects_checked).unwrap_or(u32::MAX),
+        versions_checked: u32::try_from(report.versions_checked).unwrap_or(u32::MAX),
     }
 }

@@ -1,4 +1,5 @@
-//! The gRPC services, one file each: `keys.rs`, `signing.rs`, `audit.rs`.
+//! The gRPC services, one file each: `keys.rs`, `signing.rs`, `envelope.rs`,
+//! `audit.rs`, `operations.rs`.
 //!
 //! Every handler follows one shape: find the caller, check the request (no HSM
 //! call on bad input), check policy, act, and record exactly one audit record
@@ -7,6 +8,7 @@
 //! is durable.
 
 pub mod audit;
+pub mod envelope;
 pub mod keys;
 pub mod operations;
 pub mod signing;
@@ -42,8 +44,13 @@ pub struct State {
     pub approval_ttl_ms: i64,
     /// Whether a signed denial vetoes.
     pub denial_vetoes: bool,
-    /// The time, for approval expiry (injected in tests).
+    /// The time, for approval expiry, cryptoperiods and scheduled
+    /// destruction (injected in tests).
     pub clock: Arc<dyn Clock>,
+    /// Cancel window, scheduler and drift intervals.
+    pub lifecycle: crate::config::LifecycleSection,
+    /// Encryptions per AES version.
+    pub budget: crate::envelope::NonceBudget,
 }
 
 /// Where dual control reads the time from.

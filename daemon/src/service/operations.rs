@@ -14,19 +14,19 @@ use custody_proto::v1::{
     Digest, GetOperationRequest, KeyRef, ListOfficersRequest, ListOfficersResponse,
     ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec, Operation, OperationSpec,
     OperationState as WireState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignRequest,
-    SignResponse, SignSpec, SignatureEncoding, Vote, VoteRequest, digest, operation_spec,
-    sign_request,
+    SignResponse, SignSpec, SignatureEncoding, VersionRef, Vote, VoteRequest, digest,
+    operation_spec, sign_request,
 };
 use tonic::{Request, Response, Status};
 
-use super::keys::{Approval, Keys, key_message};
+use super::keys::{Approval, Keys, Trigger, check_destroyable, key_message};
 use super::signing::{check_sign_operation, sign_one};
 use super::{
     Audited, Shared, State, caller, parse_key_name, parse_version_name, require, timestamp,
 };
 use crate::audit::Event;
 use crate::dual_control::operation::{
-    KEY_POLICY_KINDS, OperationRecord, OperationState, Outcome, Spec,
+    ALWAYS_GATED_KINDS, KEY_POLICY_KINDS, OperationRecord, OperationState, Outcome, Spec,
 };
 use crate::dual_control::quorum::{Ballot, CastVote, Quorum, Refusal, Rules, Standing, VoteKind};
 use crate::dual_control::store::{OfficerRecord, check_officer};
@@ -117,9 +117,11 @@ fn spec_message(spec: &Spec) -> OperationSpec {
             key_id,
             version,
             state,
+            reason,
         } => operation_spec::Spec::SetState(SetStateSpec {
             name: format!("keys/{key_id}/versions/{version}"),
             state: custody_proto::v1::KeyVersionState::from_str_name(state).map_or(0, |s| s as i32),
+            reason: reason.clone(),
         }),
         Spec::SetPolicy {
             key_id,
@@ -146,6 +148,16 @@ fn spec_message(spec: &Spec) -> OperationSpec {
             officer_id: officer_id.clone(),
             ..Default::default()
         }),
+        Spec::DestroyVersion { key_id, version } => {
+            operation_spec::Spec::DestroyVersion(VersionRef {
+                name: format!("keys/{key_id}/versions/{version}"),
+            })
+        }
+        Spec::ReleaseLegalHold { key_id, version } => {
+            operation_spec::Spec::ReleaseLegalHold(VersionRef {
+                name: format!("keys/{key_id}/versions/{version}"),
+            })
+        }
     };
     OperationSpec { spec: Some(spec) }
 }
@@ -269,6 +281,7 @@ impl Operations {
                         key_id: key_id.into(),
                         version,
                         state: target.as_str_name().into(),
+                        reason: set.reason.trim().to_string(),
                     },
                     quorum,
                 ))
@@ -289,7 +302,7 @@ impl Operations {
                     .ok_or_else(|| {
                         ServiceError::invalid(
                             "BAD_POLICY",
-                            "a key policy governs SIGN, ROTATE, SET_STATE or SET_POLICY",
+                            "a key policy governs SIGN, ROTATE, SET_STATE, SET_POLICY, DESTROY_VERSION or RELEASE_LEGAL_HOLD",
                         )
                     })?;
                 if set.required > 0 {
@@ -374,6 +387,53 @@ impl Operations {
                     },
                     admin()?,
                 ))
+            }
+            Some(
+                operation_spec::Spec::DestroyVersion(target)
+                | operation_spec::Spec::ReleaseLegalHold(target),
+            ) => {
+                if !(principal.has(Role::Operator) || principal.has(Role::Officer)) {
+                    require(principal, Role::Operator)?;
+                }
+                let (key_id, version) = parse_version_name(&target.name)?;
+                let version =
+                    version.ok_or_else(|| ServiceError::invalid("BAD_NAME", "name a version"))?;
+                let record = state
+                    .registry
+                    .get(key_id)
+                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                let spec = if matches!(spec.spec, Some(operation_spec::Spec::DestroyVersion(_))) {
+                    check_destroyable(&record, version)?;
+                    Spec::DestroyVersion {
+                        key_id: key_id.into(),
+                        version,
+                    }
+                } else {
+                    let held = record.version(version).map(|v| v.legal_hold.is_some());
+                    match held {
+                        None => {
+                            return Err(ServiceError::not_found(format!(
+                                "no version {}",
+                                target.name
+                            )));
+                        }
+                        Some(false) => {
+                            return Err(ServiceError::precondition(
+                                "NO_LEGAL_HOLD",
+                                format!("{} has no legal hold", target.name),
+                            ));
+                        }
+                        Some(true) => Spec::ReleaseLegalHold {
+                            key_id: key_id.into(),
+                            version,
+                        },
+                    }
+                };
+                let quorum = match record.policies.get(spec.kind()) {
+                    Some(quorum) => quorum.clone(),
+                    None => admin()?,
+                };
+                Ok((spec, quorum))
             }
             None => Err(ServiceError::invalid("MISSING_SPEC", "say which operation")),
         }
@@ -747,10 +807,10 @@ fn current_quorum(state: &State, spec: &Spec) -> Result<Quorum, ServiceError> {
         .registry
         .get(key_id)
         .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
-    match (key.policies.get(spec.kind()), spec) {
-        (Some(quorum), _) => Ok(quorum.clone()),
-        (None, Spec::SetPolicy { .. }) => admin(),
-        (None, _) => Err(ServiceError::precondition(
+    match key.policies.get(spec.kind()) {
+        Some(quorum) => Ok(quorum.clone()),
+        None if ALWAYS_GATED_KINDS.contains(&spec.kind()) => admin(),
+        None => Err(ServiceError::precondition(
             "NO_POLICY",
             format!("keys/{key_id} has no {} policy", spec.kind()),
         )),
@@ -834,7 +894,15 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
             audited.principal = record.requester.clone();
             audited.resource = format!("keys/{key_id}");
             let keys = Keys(shared.clone());
-            let result = keys.rotate(&mut audited, key_id, Approval::Quorum).await;
+            let result = keys
+                .rotate(
+                    &mut audited,
+                    key_id,
+                    None,
+                    Trigger::Approved,
+                    Approval::Quorum,
+                )
+                .await;
             audited.record(state, result).await?;
             Ok(Outcome::Key {
                 key_id: key_id.clone(),
@@ -844,6 +912,7 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
             key_id,
             version,
             state: target,
+            reason,
         } => {
             let mut audited = Audited::start("ExecuteSetState");
             audited.principal = record.requester.clone();
@@ -851,6 +920,7 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                 name: format!("keys/{key_id}/versions/{version}"),
                 state: custody_proto::v1::KeyVersionState::from_str_name(target)
                     .map_or(0, |s| s as i32),
+                reason: reason.clone(),
             };
             audited.resource = request.name.clone();
             let keys = Keys(shared.clone());
@@ -906,6 +976,27 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                 .await
                 .map_err(|e| ServiceError::precondition("OFFICER_EXISTS", e))?;
             Ok(Outcome::Officers)
+        }
+        Spec::DestroyVersion { key_id, version } | Spec::ReleaseLegalHold { key_id, version } => {
+            let destroy = matches!(record.spec, Spec::DestroyVersion { .. });
+            let mut audited = Audited::start(if destroy {
+                "ExecuteDestroyVersion"
+            } else {
+                "ExecuteReleaseLegalHold"
+            });
+            audited.principal = record.requester.clone();
+            audited.resource = format!("keys/{key_id}/versions/{version}");
+            let keys = Keys(shared.clone());
+            let result = if destroy {
+                keys.schedule_destroy(&mut audited, key_id, *version).await
+            } else {
+                keys.release_legal_hold(&mut audited, key_id, *version)
+                    .await
+            };
+            audited.record(state, result).await?;
+            Ok(Outcome::Key {
+                key_id: key_id.clone(),
+            })
         }
         Spec::RemoveOfficer { officer_id } => {
             removal_keeps_policies_possible(state, officer_id)?;

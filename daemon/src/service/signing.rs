@@ -12,6 +12,7 @@ use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
 use sha2::Digest as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::keys::check_usable;
 use super::keys::{Approval, ungated};
 use super::{
     Audited, MAX_SIGN_DATA, Shared, State, caller, parse_version_name, require, version_name,
@@ -19,8 +20,8 @@ use super::{
 use crate::algorithms::KeyAlgorithm;
 use crate::error::ServiceError;
 use crate::identity::{Principal, Role};
+use crate::lifecycle::Use;
 use crate::metrics;
-use crate::registry::VersionState;
 
 /// How many requests of one stream are in flight at once (answers stay in
 /// request order).
@@ -34,6 +35,7 @@ struct Prepared {
     version_name: String,
     label: KeyLabel,
     algorithm: KeyAlgorithm,
+    sign_algorithm: SignAlgorithm,
     bytes: Vec<u8>,
     is_digest: bool,
     encoding: EcdsaEncoding,
@@ -107,22 +109,14 @@ fn prepare(
                 ),
             ));
         }
-        if version.state != VersionState::Active {
-            return Err(ServiceError::precondition(
-                "VERSION_NOT_ACTIVE",
-                format!(
-                    "{} is {:?}; only active versions sign",
-                    audited.resource, version.state
-                ),
-            ));
-        }
         ungated(&record, "SIGN", approval)?;
-    } else if version.state == VersionState::PreActivation {
-        return Err(ServiceError::precondition(
-            "VERSION_NOT_ACTIVE",
-            format!("{} was never activated", audited.resource),
-        ));
     }
+    let usage = if principal.is_some() {
+        Use::Protect
+    } else {
+        Use::Process
+    };
+    check_usable(&record, version, usage, state.clock.now_ms())?;
     let algorithm = KeyAlgorithm::from_api_name(&record.algorithm).ok_or_else(|| {
         ServiceError::new(
             tonic::Code::Internal,
@@ -130,7 +124,12 @@ fn prepare(
             "unknown stored algorithm",
         )
     })?;
-    let sign_algorithm = algorithm.sign_algorithm();
+    let sign_algorithm = algorithm.sign_algorithm().ok_or_else(|| {
+        ServiceError::precondition(
+            "WRONG_PURPOSE",
+            format!("keys/{key_id} is an ENCRYPT_DECRYPT key; use EnvelopeService"),
+        )
+    })?;
     let encoding = match SignatureEncoding::try_from(encoding) {
         Ok(SignatureEncoding::Unspecified | SignatureEncoding::Der) => EcdsaEncoding::Der,
         Ok(SignatureEncoding::Raw) if sign_algorithm.is_ecdsa() => EcdsaEncoding::Raw,
@@ -241,6 +240,7 @@ fn prepare(
         hex::encode(shown)
     );
     Ok(Prepared {
+        sign_algorithm,
         version_name: audited.resource.clone(),
         label: KeyLabel::new(version.hsm_label.clone())?,
         algorithm,
@@ -295,12 +295,12 @@ pub(crate) async fn sign_one(
             version_name,
             label,
             algorithm,
+            sign_algorithm,
             bytes,
             is_digest,
             encoding,
             crc_checked,
         } = prepared;
-        let sign_algorithm = algorithm.sign_algorithm();
         let signature = state
             .hsm
             .run(move |session| {
@@ -425,13 +425,12 @@ impl SigningService for Signing {
             let Prepared {
                 version_name,
                 label,
-                algorithm,
+                sign_algorithm,
                 bytes,
                 is_digest,
                 encoding,
                 ..
             } = prepared;
-            let sign_algorithm: SignAlgorithm = algorithm.sign_algorithm();
             let signature = request.signature.clone();
             let valid = self
                 .0
@@ -480,8 +479,7 @@ pub(crate) fn check_sign_operation(
     )?;
     let (key_id, version) = parse_version_name(&prepared.version_name)?;
     let hash = prepared
-        .algorithm
-        .sign_algorithm()
+        .sign_algorithm
         .hash()
         .map(hash_name)
         .ok_or_else(|| {

@@ -3,6 +3,13 @@
 //! Connection options come from flags or the environment: `--server`
 //! (`CUSTODY_SERVER`), `--ca` (`CUSTODY_CA`), `--cert` (`CUSTODY_CERT`),
 //! `--key` (`CUSTODY_KEY`). `dev-pki` and `audit verify` work offline.
+//!
+//! This file holds the command tree and the key, signing, audit and officer
+//! commands; `envelope.rs` the envelope encryption commands, `lifecycle.rs`
+//! cryptoperiods, destruction, legal holds and drift.
+
+mod envelope;
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +24,7 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPurpose, KeyVersionState,
+    CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, Key, KeyVersionState,
     ListKeysRequest, ReadAuditRequest, RotateKeyRequest, SetKeyVersionStateRequest, SignRequest,
     SignatureEncoding, VerifyAuditRequest, VerifyRequest, digest, read_audit_response,
     sign_request, verify_request,
@@ -25,7 +32,7 @@ use custody_proto::v1::{
 use custody_proto::v1::{
     GetOperationRequest, KeyRef, ListOfficersRequest, ListOperationsRequest, OfficerSpec,
     Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
-    SetPolicySpec, SetStateSpec, SignSpec, VoteRequest, operation_spec,
+    SetPolicySpec, SetStateSpec, SignSpec, VersionRef, VoteRequest, operation_spec,
 };
 use secrecy::SecretString;
 use tonic::transport::Channel;
@@ -95,6 +102,11 @@ enum Command {
     Approve(VoteArgs),
     /// Deny (veto) an operation with your officer key.
     Deny(VoteArgs),
+    /// Envelope encryption with an AES_256_GCM key.
+    #[command(flatten)]
+    Envelope(envelope::EnvelopeCommand),
+    /// Compare the registry with the objects the HSM holds; exits 1 on drift.
+    Drift,
     /// Make a development CA, server and client certificates (offline).
     DevPki {
         /// Directory to write them to.
@@ -163,13 +175,28 @@ enum RequestCommand {
         name: String,
         /// The new state.
         state: StateArg,
+        /// Why (required for compromised).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Schedule the destruction of a version (after the cancel window; the
+    /// administrative quorum approves unless the key has its own policy).
+    Destroy {
+        /// keys/{key_id}/versions/{n}.
+        name: String,
+    },
+    /// Release a version's legal hold (needs approval like Destroy).
+    ReleaseHold {
+        /// keys/{key_id}/versions/{n}.
+        name: String,
     },
     /// Put one kind of operation on a key under M-of-N approval (or lift it
     /// with --required 0).
     SetPolicy {
         /// keys/{key_id} or just the key id.
         name: String,
-        /// sign, rotate, set-state or set-policy.
+        /// sign, rotate, set-state, set-policy, destroy-version or
+        /// release-legal-hold.
         #[arg(long, value_enum)]
         operation: PolicyKindArg,
         /// An eligible officer (repeat for each).
@@ -187,6 +214,8 @@ enum PolicyKindArg {
     Rotate,
     SetState,
     SetPolicy,
+    DestroyVersion,
+    ReleaseLegalHold,
 }
 
 #[derive(ClapArgs)]
@@ -210,9 +239,14 @@ enum KeysCommand {
         /// Algorithm, e.g. EC_SIGN_P256_SHA256 (see docs/api.md).
         #[arg(long)]
         algorithm: String,
-        /// A principal allowed to sign (repeat for more).
+        /// A principal allowed to sign or, for AES keys, encrypt (repeat
+        /// for more).
         #[arg(long = "signer")]
         signers: Vec<String>,
+        /// How long each version may sign or encrypt, e.g. 90d, 12h, 3600s;
+        /// the scheduler rotates before it ends.
+        #[arg(long, value_parser = lifecycle::parse_duration)]
+        cryptoperiod: Option<std::time::Duration>,
     },
     /// List keys.
     List,
@@ -225,6 +259,9 @@ enum KeysCommand {
     Rotate {
         /// keys/{key_id} or just the key id.
         name: String,
+        /// Makes a retry safe: the same id never rotates twice.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Print a public key (PEM).
     PublicKey {
@@ -234,13 +271,19 @@ enum KeysCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Change a version's state.
+    /// Change a version's state. Marking the primary version compromised
+    /// rotates the key and records a revocation notice.
     SetState {
         /// keys/{key_id}/versions/{n}.
         name: String,
         /// The new state.
         state: StateArg,
+        /// Why (required for compromised).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
+    #[command(flatten)]
+    Lifecycle(lifecycle::LifecycleCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,6 +291,18 @@ enum StateArg {
     Active,
     Suspended,
     Deactivated,
+    Compromised,
+}
+
+impl StateArg {
+    fn wire(self) -> KeyVersionState {
+        match self {
+            StateArg::Active => KeyVersionState::Active,
+            StateArg::Suspended => KeyVersionState::Suspended,
+            StateArg::Deactivated => KeyVersionState::Deactivated,
+            StateArg::Compromised => KeyVersionState::Compromised,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -388,9 +443,28 @@ fn print_key(key: &Key) {
         key.primary_version,
         key.allowed_signers.join(", ")
     );
+    if let Some(period) = &key.cryptoperiod {
+        println!("  cryptoperiod {} s", period.seconds);
+    }
+    if key.min_version > 1 {
+        println!("  min version {}", key.min_version);
+    }
     for version in &key.versions {
         let state = KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name());
-        println!("  {}  {}", version.name, state);
+        let mut notes = Vec::new();
+        if !version.check_value.is_empty() {
+            notes.push(format!("KCV {}", version.check_value));
+        }
+        if let Some(until) = &version.protect_until {
+            notes.push(format!("protects until {}", lifecycle::time_text(until)));
+        }
+        if let Some(at) = &version.destroy_time {
+            notes.push(format!("destroy at {}", lifecycle::time_text(at)));
+        }
+        if version.legal_hold {
+            notes.push("LEGAL HOLD".into());
+        }
+        println!("  {}  {}  {}", version.name, state, notes.join("  "));
     }
 }
 
@@ -453,6 +527,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     key_id,
                     algorithm,
                     signers,
+                    cryptoperiod,
                 } => {
                     let algorithm = KeyAlgorithm::from_api_name(&algorithm).ok_or_else(|| {
                         let known: Vec<&str> =
@@ -466,8 +541,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .create_key(CreateKeyRequest {
                             key_id,
                             algorithm: algorithm.wire() as i32,
-                            purpose: KeyPurpose::AsymmetricSign as i32,
+                            purpose: algorithm.purpose() as i32,
                             allowed_signers: signers,
+                            cryptoperiod: cryptoperiod.map(lifecycle::duration_message),
                         })
                         .await
                         .map_err(status)?
@@ -504,10 +580,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .into_inner();
                     print_key(&key);
                 }
-                KeysCommand::Rotate { name } => {
+                KeysCommand::Rotate { name, request_id } => {
                     let key = keys
                         .rotate_key(RotateKeyRequest {
                             name: key_name(&name),
+                            request_id: request_id.unwrap_or_default(),
                         })
                         .await
                         .map_err(status)?
@@ -540,16 +617,18 @@ async fn run(cli: Cli) -> Result<(), String> {
                         None => print!("{}", public.pem),
                     }
                 }
-                KeysCommand::SetState { name, state } => {
-                    let state = match state {
-                        StateArg::Active => KeyVersionState::Active,
-                        StateArg::Suspended => KeyVersionState::Suspended,
-                        StateArg::Deactivated => KeyVersionState::Deactivated,
-                    };
+                KeysCommand::Lifecycle(command) => lifecycle::run(&mut keys, command).await?,
+                KeysCommand::SetState {
+                    name,
+                    state,
+                    reason,
+                } => {
+                    let state = state.wire();
                     let version = keys
                         .set_key_version_state(SetKeyVersionStateRequest {
                             name,
                             state: state as i32,
+                            reason,
                         })
                         .await
                         .map_err(status)?
@@ -558,6 +637,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
             }
         }
+        Command::Envelope(command) => envelope::run(&cli.connection, command).await?,
+        Command::Drift => lifecycle::drift(&cli.connection).await?,
         Command::Sign(args) => {
             let (input, _) = input_of(&args.input)?;
             let mut signing = SigningServiceClient::new(channel(&cli.connection).await?);
@@ -635,7 +716,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             )?;
             let (key, sealed) = OfficerKey::generate(&officer_id, &passphrase)?;
             let json = serde_json::to_string_pretty(&sealed).map_err(|e| e.to_string())?;
-            write_private(&out, &json)?;
+            write_private(&out, json.as_bytes())?;
             println!("officer key for {officer_id} sealed in {}", out.display());
             println!(
                 "public key (give this to the enrollment): {}",
@@ -839,7 +920,7 @@ fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
     Ok(SecretString::from(first))
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -848,7 +929,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    file.write_all(contents.as_bytes())
+    file.write_all(contents)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -900,14 +981,21 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
         RequestCommand::Rotate { name } => operation_spec::Spec::Rotate(KeyRef {
             name: key_name(&name),
         }),
-        RequestCommand::SetState { name, state } => operation_spec::Spec::SetState(SetStateSpec {
+        RequestCommand::SetState {
             name,
-            state: match state {
-                StateArg::Active => KeyVersionState::Active,
-                StateArg::Suspended => KeyVersionState::Suspended,
-                StateArg::Deactivated => KeyVersionState::Deactivated,
-            } as i32,
+            state,
+            reason,
+        } => operation_spec::Spec::SetState(SetStateSpec {
+            name,
+            state: state.wire() as i32,
+            reason,
         }),
+        RequestCommand::Destroy { name } => {
+            operation_spec::Spec::DestroyVersion(VersionRef { name })
+        }
+        RequestCommand::ReleaseHold { name } => {
+            operation_spec::Spec::ReleaseLegalHold(VersionRef { name })
+        }
         RequestCommand::SetPolicy {
             name,
             operation,
@@ -920,6 +1008,8 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
                 PolicyKindArg::Rotate => OperationKind::Rotate,
                 PolicyKindArg::SetState => OperationKind::SetState,
                 PolicyKindArg::SetPolicy => OperationKind::SetPolicy,
+                PolicyKindArg::DestroyVersion => OperationKind::DestroyVersion,
+                PolicyKindArg::ReleaseLegalHold => OperationKind::ReleaseLegalHold,
             } as i32,
             officers,
             required,

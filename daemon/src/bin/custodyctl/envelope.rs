@@ -1,0 +1,187 @@
+//! `custodyctl encrypt|decrypt|data-key|rewrap`: envelope encryption with an
+//! AES_256_GCM key. Ciphertexts are files of custody's self-describing
+//! format; associated data is given as a string with `--aad`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
+use custody_proto::v1::{DecryptRequest, EncryptRequest, GenerateDataKeyRequest, RewrapRequest};
+use zeroize::Zeroizing;
+
+use super::{Connection, channel, key_name, status, write_private};
+
+#[derive(Subcommand)]
+pub(crate) enum EnvelopeCommand {
+    /// Encrypt a file (at most 64 KiB) under the key's primary version.
+    Encrypt {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// The plaintext file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The ciphertext file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Associated data, needed again to decrypt.
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// Decrypt a ciphertext (or unwrap a data key) into a new file (mode 0600).
+    Decrypt {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// The ciphertext file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The plaintext file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The associated data it was made with.
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// Generate a 256-bit data key: its wrapped form and the key itself.
+    DataKey {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// Where to write the wrapped data key (store this).
+        #[arg(long)]
+        wrapped_out: PathBuf,
+        /// Where to write the plaintext data key (mode 0600; use, then delete).
+        #[arg(long)]
+        key_out: PathBuf,
+        /// Associated data bound to the wrapped key.
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// Re-encrypt a ciphertext under the key's primary version, in place
+    /// unless --out is given. The plaintext never leaves custodyd.
+    Rewrap {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// The ciphertext file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Where to write the new ciphertext (default: replace --in).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The associated data it was made with.
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes through a temporary file and a rename, so that a rewrap in place
+/// never leaves a half-written ciphertext where the old one was.
+fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
+    let mut temporary = path.clone().into_os_string();
+    temporary.push(".partial");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, bytes)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
+pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Result<(), String> {
+    let mut envelope = EnvelopeServiceClient::new(channel(connection).await?);
+    match command {
+        EnvelopeCommand::Encrypt {
+            name,
+            input,
+            out,
+            aad,
+        } => {
+            let plaintext = Zeroizing::new(read(&input)?);
+            let response = envelope
+                .encrypt(EncryptRequest {
+                    name: key_name(&name),
+                    plaintext: plaintext.to_vec(),
+                    associated_data: aad.into_bytes(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            write(&out, &response.ciphertext)?;
+            println!("encrypted under {} into {}", response.name, out.display());
+        }
+        EnvelopeCommand::Decrypt {
+            name,
+            input,
+            out,
+            aad,
+        } => {
+            let response = envelope
+                .decrypt(DecryptRequest {
+                    name: key_name(&name),
+                    ciphertext: read(&input)?,
+                    associated_data: aad.into_bytes(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let plaintext = Zeroizing::new(response.plaintext);
+            write_private(&out, &plaintext)?;
+            println!(
+                "decrypted with {} into {} ({} bytes)",
+                response.name,
+                out.display(),
+                plaintext.len()
+            );
+        }
+        EnvelopeCommand::DataKey {
+            name,
+            wrapped_out,
+            key_out,
+            aad,
+        } => {
+            let response = envelope
+                .generate_data_key(GenerateDataKeyRequest {
+                    name: key_name(&name),
+                    associated_data: aad.into_bytes(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let data_key = Zeroizing::new(response.plaintext);
+            write_private(&key_out, &data_key)?;
+            write(&wrapped_out, &response.wrapped)?;
+            println!(
+                "data key wrapped under {} in {}; the key itself in {}",
+                response.name,
+                wrapped_out.display(),
+                key_out.display()
+            );
+        }
+        EnvelopeCommand::Rewrap {
+            name,
+            input,
+            out,
+            aad,
+        } => {
+            let response = envelope
+                .rewrap(RewrapRequest {
+                    name: key_name(&name),
+                    ciphertext: read(&input)?,
+                    associated_data: aad.into_bytes(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let out = out.unwrap_or(input);
+            write(&out, &response.ciphertext)?;
+            println!(
+                "rewrapped from {} to {} into {}",
+                response.source_name,
+                response.name,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

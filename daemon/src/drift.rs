@@ -1,0 +1,376 @@
+//! Drift detection: what the registry and journal say the HSM should hold,
+//! compared with what it does hold.
+//!
+//! Every registry version that is not destroyed must have its objects (a
+//! private and a public key for signing keys, a secret key for AES keys)
+//! under its label, sensitive and non-extractable, with `CKA_ID` equal to the
+//! label and the public key or key check value the registry recorded. A
+//! destroyed version must have none. The audit key must be there. Anything
+//! else on the token is extra, except the objects of a generation in flight
+//! (a pending version in the journal) and of a destruction that is due.
+//! [`compare`] is pure, so it is tested on its own; [`check`] reads the HSM.
+
+use std::collections::BTreeMap;
+
+use hsm_shim::{ObjectClassName, ObjectSummary};
+
+use crate::algorithms::KeyAlgorithm;
+use crate::audit::AUDIT_KEY_LABEL;
+use crate::registry::{KeyRecord, PendingVersion, VersionState};
+use crate::service::{State, version_name};
+
+/// What kind of difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Expected, not there.
+    Missing,
+    /// There, not expected.
+    Extra,
+    /// There, but not as recorded.
+    AttributeMismatch,
+}
+
+impl Kind {
+    /// Metric label: missing, extra, attribute_mismatch.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Missing => "missing",
+            Kind::Extra => "extra",
+            Kind::AttributeMismatch => "attribute_mismatch",
+        }
+    }
+}
+
+/// One difference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// What kind.
+    pub kind: Kind,
+    /// The HSM label.
+    pub label: String,
+    /// The registry version concerned, if any.
+    pub version: Option<String>,
+    /// The object class.
+    pub class: ObjectClassName,
+    /// What differs.
+    pub detail: String,
+}
+
+/// The result of one comparison.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Differences, sorted by label.
+    pub findings: Vec<Finding>,
+    /// Objects examined.
+    pub objects_checked: usize,
+    /// Registry versions examined.
+    pub versions_checked: usize,
+}
+
+struct Expected {
+    version: Option<String>,
+    class: ObjectClassName,
+    public_key_der_hex: Option<String>,
+    check_value: Option<String>,
+}
+
+/// Compares `keys` (and the generations in flight, `pending`) with the
+/// token's `objects` at `now_ms`.
+pub fn compare(
+    keys: &[std::sync::Arc<KeyRecord>],
+    pending: &[PendingVersion],
+    objects: &[ObjectSummary],
+    now_ms: i64,
+) -> Report {
+    let mut expected: BTreeMap<(String, ObjectClassName), Expected> = BTreeMap::new();
+    let mut must_be_gone: BTreeMap<String, String> = BTreeMap::new();
+    let mut may_be_there: Vec<String> = pending.iter().map(|p| p.hsm_label.clone()).collect();
+    let mut versions_checked = 0;
+    for key in keys {
+        let asymmetric = KeyAlgorithm::from_api_name(&key.algorithm)
+            .is_none_or(|a| a.sign_algorithm().is_some());
+        for version in &key.versions {
+            versions_checked += 1;
+            let name = version_name(&key.key_id, version.version);
+            if version.state == VersionState::Destroyed {
+                must_be_gone.insert(version.hsm_label.clone(), name);
+                continue;
+            }
+            if version.destroy_at_ms.is_some_and(|at| at <= now_ms) {
+                // Being destroyed right now: either answer is right.
+                may_be_there.push(version.hsm_label.clone());
+                continue;
+            }
+            let classes: &[ObjectClassName] = if asymmetric {
+                &[ObjectClassName::Private, ObjectClassName::Public]
+            } else {
+                &[ObjectClassName::Secret]
+            };
+            for &class in classes {
+                expected.insert(
+                    (version.hsm_label.clone(), class),
+                    Expected {
+                        version: Some(name.clone()),
+                        class,
+                        public_key_der_hex: (class == ObjectClassName::Public)
+                            .then(|| version.public_key_der_hex.clone()),
+                        check_value: (class == ObjectClassName::Secret
+                            && !version.check_value.is_empty())
+                        .then(|| version.check_value.to_uppercase()),
+                    },
+                );
+            }
+        }
+    }
+    for class in [ObjectClassName::Private, ObjectClassName::Public] {
+        expected.insert(
+            (AUDIT_KEY_LABEL.to_string(), class),
+            Expected {
+                version: None,
+                class,
+                public_key_der_hex: None,
+                check_value: None,
+            },
+        );
+    }
+
+    let mut findings = Vec::new();
+    let mut seen: BTreeMap<(String, ObjectClassName), usize> = BTreeMap::new();
+    for object in objects {
+        let key = (object.label.clone(), object.class);
+        let Some(want) = expected.get(&key) else {
+            if may_be_there.contains(&object.label) {
+                continue;
+            }
+            let (version, detail) = match must_be_gone.get(&object.label) {
+                Some(name) => (
+                    Some(name.clone()),
+                    "the version is destroyed but this object is still on the token".to_string(),
+                ),
+                None => (None, "not in custody's registry".to_string()),
+            };
+            findings.push(Finding {
+                kind: Kind::Extra,
+                label: object.label.clone(),
+                version,
+                class: object.class,
+                detail,
+            });
+            continue;
+        };
+        let count = seen.entry(key).or_default();
+        *count += 1;
+        if *count > 1 {
+            findings.push(Finding {
+                kind: Kind::Extra,
+                label: object.label.clone(),
+                version: want.version.clone(),
+                class: object.class,
+                detail: "a second object of this class under this label".into(),
+            });
+            continue;
+        }
+        let mut differences = Vec::new();
+        if object.id != object.label {
+            differences.push(format!("CKA_ID is {:?}, not the label", object.id));
+        }
+        if want.class != ObjectClassName::Public {
+            if object.sensitive != Some(true) {
+                differences.push(format!("CKA_SENSITIVE is {:?}", object.sensitive));
+            }
+            if object.extractable != Some(false) {
+                differences.push(format!("CKA_EXTRACTABLE is {:?}", object.extractable));
+            }
+        }
+        if let Some(recorded) = &want.public_key_der_hex {
+            let actual = object.public_key_der.as_deref().map(hex::encode);
+            if actual.as_deref() != Some(recorded.as_str()) {
+                differences.push("the public key differs from the registry's".into());
+            }
+        }
+        if let Some(recorded) = &want.check_value {
+            let actual = object.check_value.map(|kcv| kcv.to_string());
+            if actual.as_deref() != Some(recorded.as_str()) {
+                differences.push(format!(
+                    "key check value {} differs from the registry's {recorded}",
+                    actual.as_deref().unwrap_or("(none)")
+                ));
+            }
+        }
+        if !differences.is_empty() {
+            findings.push(Finding {
+                kind: Kind::AttributeMismatch,
+                label: object.label.clone(),
+                version: want.version.clone(),
+                class: object.class,
+                detail: differences.join("; "),
+            });
+        }
+    }
+    for ((label, class), want) in &expected {
+        if !seen.contains_key(&(label.clone(), *class)) {
+            findings.push(Finding {
+                kind: Kind::Missing,
+                label: label.clone(),
+                version: want.version.clone(),
+                class: *class,
+                detail: format!("no {} object under this label", class.as_str()),
+            });
+        }
+    }
+    findings.sort_by(|a, b| (&a.label, a.class, a.kind).cmp(&(&b.label, b.class, b.kind)));
+    Report {
+        findings,
+        objects_checked: objects.len(),
+        versions_checked,
+    }
+}
+
+/// Runs a drift check against the HSM and exports its result as metrics.
+/// Hold the registry lock, so that no generation or destruction runs
+/// between reading the registry and listing the token.
+pub async fn check(state: &State) -> Result<Report, String> {
+    let objects = state
+        .hsm
+        .run(|session| session.inventory())
+        .await
+        .map_err(|e| e.to_string())?;
+    let keys = state.registry.list(None, usize::MAX);
+    let pending = state
+        .registry
+        .pending_versions()
+        .map_err(|e| e.to_string())?;
+    let report = compare(&keys, &pending, &objects, state.clock.now_ms());
+    crate::metrics::drift(&report);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::registry::VersionRecord;
+
+    fn version(n: u32, state: VersionState) -> VersionRecord {
+        VersionRecord {
+            version: n,
+            state,
+            created_ms: 0,
+            state_ms: 0,
+            hsm_label: format!("key/k/v{n}"),
+            public_key_der_hex: "3059".into(),
+            public_key_pem: String::new(),
+            activated_ms: Some(0),
+            destroy_at_ms: None,
+            legal_hold: None,
+            check_value: String::new(),
+        }
+    }
+
+    fn key(versions: Vec<VersionRecord>) -> Arc<KeyRecord> {
+        Arc::new(KeyRecord {
+            key_id: "k".into(),
+            algorithm: "EC_SIGN_P256_SHA256".into(),
+            allowed_signers: vec![],
+            primary_version: 1,
+            versions,
+            created_ms: 0,
+            policies: Default::default(),
+            cryptoperiod_ms: None,
+            min_version: 0,
+            rotation_requests: vec![],
+        })
+    }
+
+    fn object(label: &str, class: ObjectClassName) -> ObjectSummary {
+        ObjectSummary {
+            class,
+            label: label.into(),
+            id: label.into(),
+            sensitive: (class != ObjectClassName::Public).then_some(true),
+            extractable: (class != ObjectClassName::Public).then_some(false),
+            public_key_der: (class == ObjectClassName::Public).then(|| vec![0x30, 0x59]),
+            check_value: None,
+        }
+    }
+
+    fn healthy() -> Vec<ObjectSummary> {
+        vec![
+            object(AUDIT_KEY_LABEL, ObjectClassName::Private),
+            object(AUDIT_KEY_LABEL, ObjectClassName::Public),
+            object("key/k/v1", ObjectClassName::Private),
+            object("key/k/v1", ObjectClassName::Public),
+        ]
+    }
+
+    #[test]
+    fn a_matching_token_has_no_findings() {
+        let report = compare(
+            &[key(vec![version(1, VersionState::Active)])],
+            &[],
+            &healthy(),
+            0,
+        );
+        assert_eq!(report.findings, vec![]);
+        assert_eq!((report.objects_checked, report.versions_checked), (4, 1));
+    }
+
+    #[test]
+    fn missing_extra_and_changed_objects_are_each_reported() {
+        let keys = [key(vec![version(1, VersionState::Active)])];
+        let mut objects = healthy();
+        objects.retain(|o| !(o.label == "key/k/v1" && o.class == ObjectClassName::Private));
+        objects.push(object("someone-elses", ObjectClassName::Secret));
+        let mut changed = object("key/k/v1", ObjectClassName::Public);
+        changed.public_key_der = Some(vec![1]);
+        objects.retain(|o| !(o.label == "key/k/v1" && o.class == ObjectClassName::Public));
+        objects.push(changed);
+        let kinds: Vec<Kind> = compare(&keys, &[], &objects, 0)
+            .findings
+            .iter()
+            .map(|f| f.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![Kind::Missing, Kind::AttributeMismatch, Kind::Extra]
+        );
+    }
+
+    #[test]
+    fn an_extractable_private_key_is_a_mismatch() {
+        let keys = [key(vec![version(1, VersionState::Active)])];
+        let mut objects = healthy();
+        objects[2].extractable = Some(true);
+        let report = compare(&keys, &[], &objects, 0);
+        assert_eq!(report.findings.len(), 1);
+        assert!(report.findings[0].detail.contains("CKA_EXTRACTABLE"));
+    }
+
+    #[test]
+    fn destroyed_versions_must_be_gone_and_pending_ones_may_be_there() {
+        let keys = [key(vec![
+            version(1, VersionState::Destroyed),
+            version(2, VersionState::Active),
+        ])];
+        let mut objects = healthy();
+        objects.push(object("key/k/v2", ObjectClassName::Private));
+        objects.push(object("key/k/v2", ObjectClassName::Public));
+        objects.push(object("key/k/v3", ObjectClassName::Private));
+        let pending = [PendingVersion {
+            key_id: "k".into(),
+            version: 3,
+            hsm_label: "key/k/v3".into(),
+            trigger: "rotate".into(),
+            started_ms: 0,
+        }];
+        let report = compare(&keys, &pending, &objects, 0);
+        assert_eq!(report.findings.len(), 2, "{report:?}");
+        assert!(
+            report
+                .findings
+                .iter()
+                .all(|f| f.kind == Kind::Extra && f.label == "key/k/v1")
+        );
+    }
+}

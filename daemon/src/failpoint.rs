@@ -1,0 +1,43 @@
+//! Crash points for tests: `failpoint::hit("name")` kills custodyd with
+//! SIGKILL when it was started with `CUSTODY_CRASH_AT=name`.
+//!
+//! Compiled in only with the `failpoints` feature, which only the test
+//! build enables (`custodyd` refuses to run a release build that has it);
+//! otherwise `hit` is an empty inline function. A real SIGKILL, not a panic
+//! or an abort handler, so that the test sees exactly what `kill -9` leaves:
+//! no destructor, no flush, no goodbye.
+
+/// Every crash point, in the order a rotation passes them (tests iterate
+/// over this list, so a point added in code but not here is a test gap).
+pub const ROTATION_POINTS: [&str; 4] = [
+    "version.before_journal",
+    "version.after_journal",
+    "version.after_generate",
+    "version.after_commit",
+];
+
+/// Dies here if this is the crash point the process was started with.
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &'static str) {
+    static CRASH_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let crash_at = CRASH_AT.get_or_init(|| std::env::var("CUSTODY_CRASH_AT").ok());
+    if crash_at.as_deref() == Some(name) {
+        tracing::warn!(failpoint = name, "crash point reached: SIGKILL");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        // The signal is on its way; do nothing more meanwhile.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+/// Does nothing: this build has no crash points.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &'static str) {}
+
+/// Whether crash points are compiled in (custodyd refuses optimised builds
+/// that have them).
+pub const COMPILED_IN: bool = cfg!(feature = "failpoints");

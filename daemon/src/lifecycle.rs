@@ -1,0 +1,117 @@
+//! The lifecycle of a key version (NIST SP 800-57 Part 1, section 7): which
+//! state changes are allowed and what each state permits.
+//!
+//! This module owns the rules and nothing else, so that the services, the
+//! scheduler and the model-based tests all ask the same two questions:
+//! [`transition_allowed`] and [`permits`]. The rules:
+//!
+//! | from \ to | active | suspended | deactivated | compromised | destroyed |
+//! |---|---|---|---|---|---|
+//! | pre-activation | yes | | | yes | scheduled |
+//! | active | | yes | yes | yes | |
+//! | suspended | yes | | yes | yes | |
+//! | deactivated | | | | yes | scheduled |
+//! | compromised | | | | | scheduled |
+//!
+//! "Scheduled" means only through a quorum-approved destruction after the
+//! cancel window ([`may_schedule_destroy`]); nothing leaves destroyed.
+
+use crate::registry::VersionState;
+
+/// What a request wants to do with a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Use {
+    /// Apply protection: sign, encrypt, wrap a new data key.
+    Protect,
+    /// Process protected data: verify, decrypt.
+    Process,
+    /// Read a ciphertext only to re-encrypt it under a newer version; the
+    /// plaintext is never returned. Allowed from compromised versions too, so
+    /// that data can be moved off them.
+    RewrapSource,
+}
+
+/// Whether a version may go from `from` to `to` by a state change request.
+/// Destruction is not a state change request: see [`may_schedule_destroy`].
+pub fn transition_allowed(from: VersionState, to: VersionState) -> bool {
+    use VersionState::*;
+    matches!(
+        (from, to),
+        (PreActivation, Active)
+            | (Active, Suspended)
+            | (Suspended, Active)
+            | (Active | Suspended, Deactivated)
+            | (
+                PreActivation | Active | Suspended | Deactivated,
+                Compromised
+            )
+    )
+}
+
+/// Whether a version in `state` may be scheduled for destruction. Active
+/// and suspended versions must be deactivated first: a key still in use is
+/// never destroyed by a schedule someone forgot.
+pub fn may_schedule_destroy(state: VersionState) -> bool {
+    matches!(
+        state,
+        VersionState::PreActivation | VersionState::Deactivated | VersionState::Compromised
+    )
+}
+
+/// Whether a version in `state` may be used for `usage`. Cryptoperiods,
+/// minimum versions and scheduled destruction are checked by the caller on
+/// top of this.
+pub fn permits(state: VersionState, usage: Use) -> bool {
+    use VersionState::*;
+    match usage {
+        Use::Protect => state == Active,
+        Use::Process => matches!(state, Active | Suspended | Deactivated),
+        Use::RewrapSource => matches!(state, Active | Suspended | Deactivated | Compromised),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VersionState::*;
+
+    const ALL: [VersionState; 6] = [
+        PreActivation,
+        Active,
+        Suspended,
+        Deactivated,
+        Compromised,
+        Destroyed,
+    ];
+
+    #[test]
+    fn nothing_leaves_destroyed_and_nothing_reaches_pre_activation() {
+        for state in ALL {
+            assert!(!transition_allowed(Destroyed, state));
+            assert!(!transition_allowed(state, PreActivation));
+            assert!(!transition_allowed(state, Destroyed));
+            assert!(!transition_allowed(state, state), "{state:?} to itself");
+        }
+    }
+
+    #[test]
+    fn only_active_versions_protect_and_nothing_uses_destroyed_or_pre_activation() {
+        for state in ALL {
+            assert_eq!(permits(state, Use::Protect), state == Active);
+            for usage in [Use::Protect, Use::Process, Use::RewrapSource] {
+                if matches!(state, Destroyed | PreActivation) {
+                    assert!(!permits(state, usage), "{state:?} {usage:?}");
+                }
+            }
+        }
+        assert!(!permits(Compromised, Use::Process));
+        assert!(permits(Compromised, Use::RewrapSource));
+    }
+
+    #[test]
+    fn versions_in_use_are_never_scheduled_for_destruction() {
+        assert!(!may_schedule_destroy(Active));
+        assert!(!may_schedule_destroy(Suspended));
+        assert!(!may_schedule_destroy(Destroyed));
+    }
+}

@@ -1,0 +1,243 @@
+//! The scheduler inside custodyd: what happens without a request.
+//!
+//! At start, [`roll_back_unfinished`] finishes what a crash interrupted: a
+//! version generation that was journaled but never committed is rolled
+//! back (its HSM objects destroyed), so nothing half-made is ever usable.
+//! Then [`run`] wakes every `scheduler_interval_secs` and
+//! - rotates keys whose primary version is compromised, near the end of its
+//!   cryptoperiod, or past half its nonce budget (request id
+//!   `schedule:v{n}`, so two ticks never rotate one version twice); keys
+//!   whose ROTATE policy needs officers are only reported as overdue;
+//! - destroys versions whose cancel window has passed, unless held;
+//! - every `drift_check_interval_secs`, compares the registry with the HSM.
+//!
+//! Every action is audited with the principal [`SCHEDULER`], like requests.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crate::audit::Event;
+use crate::drift;
+use crate::metrics;
+use crate::registry::{KeyRecord, VersionState};
+use crate::service::keys::{Approval, Keys, SCHEDULER, Trigger, roll_back_version};
+use crate::service::{Audited, State, version_name};
+
+/// Rolls back every version generation a crash left uncommitted.
+pub async fn roll_back_unfinished(state: &State) -> Result<(), String> {
+    let pending = state
+        .registry
+        .pending_versions()
+        .map_err(|e| e.to_string())?;
+    for entry in pending {
+        let mut audited = Audited::start("RollBackVersion");
+        audited.principal = SCHEDULER.into();
+        audited.resource = version_name(&entry.key_id, entry.version);
+        let committed = state
+            .registry
+            .get(&entry.key_id)
+            .is_some_and(|k| k.version(entry.version).is_some());
+        let result = if committed {
+            // Cannot happen (commit and clear are one transaction), but a
+            // committed version must never be destroyed by a stale entry.
+            audited.detail = "already committed; journal entry dropped".into();
+            state
+                .registry
+                .abandon_version(&entry.hsm_label)
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            match roll_back_version(state, &entry.hsm_label).await {
+                Some(count) => {
+                    audited.detail = format!(
+                        "{} interrupted by a stop; destroyed {count} HSM objects",
+                        entry.trigger
+                    );
+                    Ok(())
+                }
+                None => {
+                    audited.detail = format!("{} interrupted; roll-back failed", entry.trigger);
+                    Err("roll-back failed; retried at the next start".to_string())
+                }
+            }
+        };
+        let result = result.map_err(|message| {
+            crate::error::ServiceError::new(tonic::Code::Unavailable, "ROLLBACK_FAILED", message)
+        });
+        if let Err(error) = audited.record(state, result).await {
+            tracing::error!(reason = error.reason, version = %entry.hsm_label, "version roll-back");
+        } else {
+            tracing::warn!(version = %entry.hsm_label, "rolled back a version generation a stop interrupted");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scheduler until the daemon's state is gone.
+pub async fn run(state: Weak<State>) {
+    let period = match state.upgrade() {
+        Some(state) => Duration::from_secs(state.lifecycle.scheduler_interval_secs.max(1)),
+        None => return,
+    };
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_drift: Option<(Instant, usize)> = None;
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        rotate_due(&state).await;
+        destroy_due(&state).await;
+        let drift_every = state.lifecycle.drift_check_interval_secs;
+        let drift_due = drift_every > 0
+            && last_drift.is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(drift_every));
+        if drift_due {
+            let previous = last_drift.map(|(_, findings)| findings);
+            last_drift = Some((Instant::now(), check_drift(&state, previous).await));
+        }
+    }
+}
+
+/// Why a key is due for rotation now, if it is.
+async fn rotation_due(state: &State, key: &KeyRecord, now: i64) -> Option<&'static str> {
+    let primary = key.version(key.primary_version)?;
+    if primary.state == VersionState::Compromised {
+        return Some("the primary version is compromised");
+    }
+    if primary.state != VersionState::Active {
+        return None;
+    }
+    if let (Some(until), Some(period)) = (
+        primary.protect_until_ms(key.cryptoperiod_ms),
+        key.cryptoperiod_ms,
+    ) {
+        let ahead = i64::try_from(state.lifecycle.rotate_ahead_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+            .min(period / 2);
+        if now >= until - ahead {
+            return Some("the cryptoperiod of the primary version is ending");
+        }
+    }
+    if !primary.check_value.is_empty()
+        && state.budget.used(&primary.hsm_label).await >= state.budget.limit() / 2
+    {
+        return Some("the primary version has used half its nonce budget");
+    }
+    None
+}
+
+async fn rotate_due(state: &Arc<State>) {
+    let now = state.clock.now_ms();
+    let mut overdue = 0;
+    for key in state.registry.list(None, usize::MAX) {
+        let Some(why) = rotation_due(state, &key, now).await else {
+            continue;
+        };
+        let primary = key.primary_version;
+        let ended = key
+            .version(primary)
+            .and_then(|v| v.protect_until_ms(key.cryptoperiod_ms))
+            .is_some_and(|until| now >= until);
+        if key.policies.contains_key("ROTATE") {
+            // People decide when a quorum-gated key rotates; say it is due.
+            tracing::warn!(key = %key.key_id, why, "rotation due, and needs an approved ROTATE operation");
+            overdue += usize::from(ended);
+            continue;
+        }
+        let mut audited = Audited::start("ScheduledRotate");
+        audited.principal = SCHEDULER.into();
+        audited.resource = format!("keys/{}", key.key_id);
+        let request_id = format!("schedule:v{primary}");
+        let result = Keys(state.clone())
+            .rotate(
+                &mut audited,
+                &key.key_id,
+                Some(&request_id),
+                Trigger::Schedule,
+                Approval::None,
+            )
+            .await;
+        let failed = result.is_err();
+        match audited.record(state, result).await {
+            Ok(_) => tracing::info!(key = %key.key_id, why, "rotated on schedule"),
+            Err(error) => {
+                tracing::error!(key = %key.key_id, reason = error.reason, "scheduled rotation failed")
+            }
+        }
+        overdue += usize::from(failed && ended);
+    }
+    metrics::rotations_overdue(overdue);
+}
+
+async fn destroy_due(state: &Arc<State>) {
+    let now = state.clock.now_ms();
+    for key in state.registry.list(None, usize::MAX) {
+        for version in &key.versions {
+            let due = version.destroy_at_ms.is_some_and(|at| at <= now)
+                && version.state != VersionState::Destroyed
+                && version.legal_hold.is_none();
+            if !due {
+                continue;
+            }
+            let mut audited = Audited::start("ScheduledDestroy");
+            audited.principal = SCHEDULER.into();
+            audited.resource = version_name(&key.key_id, version.version);
+            let result = Keys(state.clone())
+                .destroy_due(&mut audited, &key.key_id, version.version)
+                .await;
+            match audited.record(state, result).await {
+                Ok(_) => {
+                    metrics::version_destroyed("done");
+                    tracing::info!(version = %version.hsm_label, "destroyed on schedule");
+                }
+                Err(error) => {
+                    metrics::version_destroyed("failed");
+                    tracing::error!(version = %version.hsm_label, reason = error.reason, "scheduled destruction failed");
+                }
+            }
+        }
+    }
+}
+
+/// Runs a drift check; audits it when the number of findings changed since
+/// `previous` (so a standing difference is not recorded every interval).
+/// Returns the number of findings.
+async fn check_drift(state: &State, previous: Option<usize>) -> usize {
+    let report = {
+        let _guard = state.registry.lock().await;
+        drift::check(state).await
+    };
+    match report {
+        Ok(report) => {
+            let count = report.findings.len();
+            if Some(count) != previous && (count > 0 || previous.is_some()) {
+                for finding in &report.findings {
+                    tracing::warn!(kind = finding.kind.as_str(), label = %finding.label, detail = %finding.detail, "drift");
+                }
+                let event = Event::Request {
+                    principal: SCHEDULER.into(),
+                    method: "DriftCheck".into(),
+                    resource: String::new(),
+                    detail: report
+                        .findings
+                        .iter()
+                        .map(|f| format!("{} {} {}", f.kind.as_str(), f.label, f.class.as_str()))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    outcome: if count == 0 { "ok" } else { "DRIFT" }.into(),
+                };
+                if let Err(error) = state.audit.append(event).await {
+                    tracing::error!(%error, "a drift check could not be audited");
+                }
+            }
+            count
+        }
+        Err(error) => {
+            metrics::drift_failed();
+            tracing::error!(%error, "drift check failed");
+            previous.unwrap_or(0)
+        }
+    }
+}
