@@ -18,7 +18,8 @@ use custody_daemon::service::Clock;
 use custody_daemon::service::State;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    Operation, OperationSpec, RequestOperationRequest, VoteRequest, operation_spec,
+    Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
+    SetPolicySpec, VoteRequest, operation_spec,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -335,6 +336,38 @@ impl TestService {
             .approve_operation(self.vote_for(officer, operation, true))
             .await
             .map(|r| r.into_inner())
+    }
+}
+
+impl TestService {
+    /// Puts `kind` on `key_id` under 2 of alice, bob, carol, approved by the
+    /// administrative quorum (alice and bob); checks each step.
+    pub async fn gate(&self, key_id: &str, kind: OperationKind) {
+        let operator = self.client("operator").await;
+        let operation = request_operation(
+            &operator,
+            operation_spec::Spec::SetPolicy(SetPolicySpec {
+                name: format!("keys/{key_id}"),
+                operation: kind as i32,
+                officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                required: 2,
+            }),
+        )
+        .await
+        .expect("policy change requested");
+        assert_eq!(operation.state, OperationState::Pending as i32);
+        let after_one = self
+            .approve("alice", &operation)
+            .await
+            .expect("alice approves");
+        assert_eq!(after_one.state, OperationState::Pending as i32);
+        let done = self.approve("bob", &operation).await.expect("bob approves");
+        assert_eq!(
+            done.state,
+            OperationState::Succeeded as i32,
+            "{}",
+            done.error
+        );
     }
 }
 

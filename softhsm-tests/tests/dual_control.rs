@@ -68,31 +68,8 @@ async fn create_key(service: &TestService, key_id: &str) {
         .unwrap();
 }
 
-/// Puts `kind` on `key_id` under 2 of alice, bob, carol, approved by the
-/// administrative quorum (alice and bob).
 async fn gate(service: &TestService, key_id: &str, kind: OperationKind) {
-    let operator = service.client("operator").await;
-    let operation = request(
-        &operator,
-        operation_spec::Spec::SetPolicy(SetPolicySpec {
-            name: format!("keys/{key_id}"),
-            operation: kind as i32,
-            officers: vec!["alice".into(), "bob".into(), "carol".into()],
-            required: 2,
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(operation.state, OperationState::Pending as i32);
-    let after_one = approve(service, "alice", &operation).await.unwrap();
-    assert_eq!(after_one.state, OperationState::Pending as i32);
-    let done = approve(service, "bob", &operation).await.unwrap();
-    assert_eq!(
-        done.state,
-        OperationState::Succeeded as i32,
-        "{}",
-        done.error
-    );
+    service.gate(key_id, kind).await;
 }
 
 fn sign_spec(key: &str, data: &[u8]) -> operation_spec::Spec {

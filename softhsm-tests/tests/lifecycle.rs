@@ -19,8 +19,8 @@ use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CheckDriftRequest, CreateKeyRequest, DecryptRequest, Digest, DriftKind, EncryptRequest,
     GetKeyRequest, Key, KeyVersionState, OperationKind, OperationState, RotateKeyRequest,
-    SetKeyVersionStateRequest, SetLegalHoldRequest, SetPolicySpec, SignRequest, VerifyRequest,
-    VersionRef, digest, operation_spec, sign_request, verify_request,
+    SetKeyVersionStateRequest, SetLegalHoldRequest, SignRequest, VerifyRequest, VersionRef, digest,
+    operation_spec, sign_request, verify_request,
 };
 use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
@@ -544,19 +544,7 @@ token_test!(
             let service = TestService::start(token).await;
             let operator = service.client("operator").await;
             create(&operator, "root", "EC_SIGN_P256_SHA256", Some(2 * 3600)).await;
-            let gate = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/root".into(),
-                    operation: OperationKind::Rotate as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 2,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("alice", &gate).await.unwrap();
-            service.approve("bob", &gate).await.unwrap();
+            service.gate("root", OperationKind::Rotate).await;
             service.clock.advance(3 * HOUR_MS);
             tokio::time::sleep(Duration::from_millis(2500)).await;
             let key = get(&operator, "root").await;

@@ -77,13 +77,45 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_custodyd-under-test"))
+/// A custodyd process, killed when dropped: a failing test must not leave a
+/// daemon holding the test's output pipes (the run would hang, not fail).
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(config: &Path) -> Daemon {
+    spawn_crashing_at(config, None)
+}
+
+/// Starts custodyd; with `crash_at`, it SIGKILLs itself at that crash point.
+fn spawn_crashing_at(config: &Path, crash_at: Option<&str>) -> Daemon {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_custodyd-under-test"));
+    command
         .arg(config)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+        .stdout(Stdio::null());
+    if let Some(point) = crash_at {
+        command.env("CUSTODY_CRASH_AT", point);
+    }
+    Daemon(command.spawn().unwrap())
 }
 
 async fn connect(pki: &Pki, port: u16, issued: &Issued) -> Result<Channel, String> {
@@ -97,7 +129,7 @@ async fn connect(pki: &Pki, port: u16, issued: &Issued) -> Result<Channel, Strin
 }
 
 /// Waits until the daemon answers (or panics after ten seconds).
-async fn ready(pki: &Pki, port: u16, child: &mut Child) -> Channel {
+async fn ready(pki: &Pki, port: u16, child: &mut Daemon) -> Channel {
     let operator = pki.client("operator", &[Role::Operator]);
     for _ in 0..200 {
         if let Some(status) = child.try_wait().unwrap() {
@@ -115,6 +147,45 @@ async fn ready(pki: &Pki, port: u16, child: &mut Child) -> Channel {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("custodyd did not come up");
+}
+
+/// The audit log read through AuditService: each record's entry, and the
+/// whole as export lines (what `custodyctl audit export` writes).
+async fn audit_export(pki: &Pki, port: u16) -> (Vec<String>, String) {
+    use custody_daemon::audit::{ExportLine, SignedHead};
+    use custody_proto::v1::read_audit_response::Item;
+    let auditor = connect(pki, port, &pki.client("auditor", &[Role::Auditor]))
+        .await
+        .unwrap();
+    let mut stream = custody_proto::v1::audit_service_client::AuditServiceClient::new(auditor)
+        .read_audit(custody_proto::v1::ReadAuditRequest { start_seq: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    let mut text = String::new();
+    while let Some(item) = stream.message().await.unwrap() {
+        let line = match item.item.unwrap() {
+            Item::Record(r) => {
+                let entry = String::from_utf8(r.entry).unwrap();
+                entries.push(entry.clone());
+                ExportLine::Record {
+                    seq: r.seq,
+                    entry,
+                    hash: hex::encode(r.hash),
+                }
+            }
+            Item::Head(h) => ExportLine::head(&SignedHead {
+                seq: h.seq,
+                hash: h.hash.try_into().unwrap(),
+                time: h.time,
+                signature: h.signature,
+            }),
+        };
+        text.push_str(&serde_json::to_string(&line).unwrap());
+        text.push('\n');
+    }
+    (entries, text)
 }
 
 fn sign_request(i: u32) -> SignRequest {
@@ -163,30 +234,11 @@ token_test!(
 
             let mut daemon = spawn(&config);
             ready(&pki, port, &mut daemon).await;
-            let auditor = connect(&pki, port, &pki.client("auditor", &[Role::Auditor])).await.unwrap();
-            let mut stream = custody_proto::v1::audit_service_client::AuditServiceClient::new(auditor)
-                .read_audit(custody_proto::v1::ReadAuditRequest { start_seq: 1 })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut text = String::new();
-            let mut signed = 0;
-            while let Some(item) = stream.message().await.unwrap() {
-                let line = match item.item.unwrap() {
-                    custody_proto::v1::read_audit_response::Item::Record(r) => {
-                        let entry = String::from_utf8(r.entry).unwrap();
-                        if entry.contains("\"method\":\"Sign\"") && entry.contains("\"outcome\":\"ok\"") {
-                            signed += 1;
-                        }
-                        custody_daemon::audit::ExportLine::Record { seq: r.seq, entry, hash: hex::encode(r.hash) }
-                    }
-                    custody_proto::v1::read_audit_response::Item::Head(h) => custody_daemon::audit::ExportLine::head(
-                        &custody_daemon::audit::SignedHead { seq: h.seq, hash: h.hash.try_into().unwrap(), time: h.time, signature: h.signature },
-                    ),
-                };
-                text.push_str(&serde_json::to_string(&line).unwrap());
-                text.push('\n');
-            }
+            let (entries, text) = audit_export(&pki, port).await;
+            let signed = entries
+                .iter()
+                .filter(|e| e.contains("\"method\":\"Sign\"") && e.contains("\"outcome\":\"ok\""))
+                .count() as u32;
             assert_eq!(signed, acknowledged, "acknowledged signatures missing from the audit log after SIGKILL");
             let report = custody_daemon::audit::verify_records(
                 text.lines()
@@ -246,6 +298,107 @@ token_test!(
             assert!(status.success());
             let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
             assert!(exit.success(), "custodyd did not stop cleanly on SIGTERM: {exit}");
+        });
+    }
+);
+
+/// Waits for `child` to die and checks that SIGKILL killed it.
+async fn killed_at_crash_point(mut child: Daemon, point: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "custodyd did not die at {point}: {status}"
+    );
+}
+
+token_test!(
+    fn a_version_generation_killed_at_every_crash_point_is_rolled_back_or_kept_whole(token) {
+        use custody_daemon::failpoint::ROTATION_POINTS;
+        use custody_proto::v1::{CheckDriftRequest, GetKeyRequest, RotateKeyRequest};
+        runtime().block_on(async {
+            let port = free_port();
+            let (pki, config) = prepare(token, port);
+            let create = |key_id: String| CreateKeyRequest {
+                key_id,
+                algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+                purpose: 1,
+                allowed_signers: vec!["ca".into()],
+                ..Default::default()
+            };
+            let mut daemon = spawn(&config);
+            let mut operator = ready(&pki, port, &mut daemon).await;
+            let mut runs = 0;
+            for (i, point) in ROTATION_POINTS.iter().enumerate() {
+                let committed = *point == "version.after_commit";
+                KeyServiceClient::new(operator.clone()).create_key(create(format!("r{i}"))).await.unwrap();
+                daemon.kill().unwrap();
+                daemon.wait().unwrap();
+
+                // A rotation, then a creation, each killed at the point.
+                let mut crashing = spawn_crashing_at(&config, Some(point));
+                let channel = ready(&pki, port, &mut crashing).await;
+                let rotate = RotateKeyRequest { name: format!("keys/r{i}"), ..Default::default() };
+                assert!(KeyServiceClient::new(channel).rotate_key(rotate).await.is_err());
+                killed_at_crash_point(crashing, point).await;
+                let mut crashing = spawn_crashing_at(&config, Some(point));
+                let channel = ready(&pki, port, &mut crashing).await;
+                assert!(KeyServiceClient::new(channel).create_key(create(format!("c{i}"))).await.is_err());
+                killed_at_crash_point(crashing, point).await;
+                runs += 2;
+
+                // Restarted, the HSM matches the registry, and what was not
+                // committed does not exist.
+                daemon = spawn(&config);
+                operator = ready(&pki, port, &mut daemon).await;
+                let mut keys = KeyServiceClient::new(operator.clone());
+                let drift = keys.check_drift(CheckDriftRequest {}).await.unwrap().into_inner();
+                assert!(drift.findings.is_empty(), "after a crash at {point}: {:?}", drift.findings);
+                let rotated = keys.get_key(GetKeyRequest { name: format!("keys/r{i}") }).await.unwrap().into_inner();
+                assert_eq!(rotated.versions.len(), if committed { 2 } else { 1 }, "{point}");
+                assert_eq!(rotated.primary_version, if committed { 2 } else { 1 }, "{point}");
+                let created = keys.get_key(GetKeyRequest { name: format!("keys/c{i}") }).await;
+                assert_eq!(created.is_ok(), committed, "{point}");
+                let signer = connect(&pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+                let mut signing = SigningServiceClient::new(signer);
+                let mut v2 = sign_request(1);
+                v2.name = format!("keys/r{i}/versions/2");
+                assert_eq!(signing.sign(v2).await.is_ok(), committed, "{point}");
+                let mut primary = sign_request(2);
+                primary.name = format!("keys/r{i}");
+                signing.sign(primary).await.unwrap();
+                // And the key rotates normally afterwards.
+                let next = keys
+                    .rotate_key(RotateKeyRequest { name: format!("keys/r{i}"), ..Default::default() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(next.primary_version, if committed { 3 } else { 2 }, "{point}");
+                // Each interrupted generation was rolled back at the start,
+                // its HSM objects (a key pair, once generated) destroyed.
+                let (entries, _) = audit_export(&pki, port).await;
+                let rolled_back: Vec<&String> = entries
+                    .iter()
+                    .filter(|e| e.contains("\"method\":\"RollBackVersion\"") && (e.contains(&format!("keys/r{i}/")) || e.contains(&format!("keys/c{i}/"))))
+                    .collect();
+                let expected = match *point {
+                    "version.after_journal" => "destroyed 0 HSM objects",
+                    "version.after_generate" => "destroyed 2 HSM objects",
+                    _ => "",
+                };
+                if expected.is_empty() {
+                    assert!(rolled_back.is_empty(), "{point}: {rolled_back:?}");
+                } else {
+                    assert_eq!(rolled_back.len(), 2, "{point}: {rolled_back:?}");
+                    assert!(rolled_back.iter().all(|e| e.contains(expected) && e.contains("\"outcome\":\"ok\"")), "{point}: {rolled_back:?}");
+                }
+            }
+            println!("crash points covered {}/{}; {runs} killed runs", ROTATION_POINTS.len(), ROTATION_POINTS.len());
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
         });
     }
 );
