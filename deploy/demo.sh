@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job: custodyd on a fresh SoftHSM2 dev token with dev certificates,
 # and a CA-style round trip through it: create a key, sign a digest, verify
-# the signature with openssl (which knows nothing of the HSM), export the
-# audit log and verify it offline.
+# the signature with openssl (which knows nothing of the HSM), two officers
+# approve a quorum-gated signature, a data key is wrapped, the key encryption
+# key rotated and the data key rewrapped, drift is checked, and the audit log
+# is exported and verified offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -113,6 +115,24 @@ officer carol approve "$op"
 officer alice approve "$op"
 as ca-issuing show "$op" --signature-out "$dev/demo/tbs-approved.sig" | tail -1
 openssl dgst -sha256 -verify "$dev/demo/issuing-ca.pem" -signature "$dev/demo/tbs-approved.sig" "$dev/demo/tbs.bin"
+
+echo "== envelope encryption: an AES-256-GCM key encryption key wraps a data key for an application"
+as operator keys create payments-kek --algorithm AES_256_GCM --signer ca-issuing --cryptoperiod 90d | sed -n 1,2p
+as ca-issuing data-key payments-kek --aad "tenant 42" --wrapped-out "$dev/demo/dek.wrapped" --key-out "$dev/demo/dek.key"
+as ca-issuing decrypt payments-kek --in "$dev/demo/dek.wrapped" --aad "tenant 42" --out "$dev/demo/dek.unwrapped"
+cmp "$dev/demo/dek.key" "$dev/demo/dek.unwrapped" && echo "   the unwrapped data key matches"
+if as ca-issuing decrypt payments-kek --in "$dev/demo/dek.wrapped" --aad "tenant 43" --out "$dev/demo/dek.wrong" 2>&1; then
+  echo "unexpected: another tenant's associated data unwrapped the key"; exit 1
+fi
+
+echo "== rotation: the KEK gets version 2; the stored data key is rewrapped without its plaintext leaving custodyd"
+as operator keys rotate payments-kek --request-id demo-rotation-1 | sed -n 1p
+as ca-issuing rewrap payments-kek --in "$dev/demo/dek.wrapped" --aad "tenant 42"
+as operator keys set-state payments-kek/versions/1 deactivated
+as operator keys update payments-kek --min-version 2 | sed -n 1,3p
+
+echo "== drift detection: the HSM holds exactly what the registry says"
+as auditor drift
 
 echo "== the auditor exports the audit log and verifies it offline"
 as auditor audit export --out "$dev/demo/audit.jsonl" --key-out "$dev/demo/audit-key.pem"

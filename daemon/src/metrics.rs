@@ -146,3 +146,25 @@ pub fn drift(report: &crate::drift::Report) {
 pub fn drift_failed() {
     metrics::counter!("custody_drift_checks_total", "outcome" => "failed").increment(1);
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every metric the example alert rules use is one custodyd exports (the
+    /// table in this module's docs lists each name exported above).
+    #[test]
+    fn the_alert_rules_use_only_exported_metrics() {
+        let rules = include_str!("../../deploy/prometheus/custody-alerts.yml");
+        let exported = include_str!("metrics.rs");
+        let mut used = 0;
+        for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("custody_") {
+                used += 1;
+                assert!(
+                    exported.contains(&format!("\"{word}\"")),
+                    "the alert rules use {word}, which custodyd does not export"
+                );
+            }
+        }
+        assert!(used >= 6, "the rules use {used} custody metrics");
+    }
+}

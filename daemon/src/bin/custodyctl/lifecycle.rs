@@ -98,7 +98,9 @@ pub(crate) async fn run(
         }
         LifecycleCommand::CancelDestroy { name } => {
             let version = keys
-                .cancel_destroy(VersionRef { name })
+                .cancel_destroy(VersionRef {
+                    name: key_name(&name),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -106,7 +108,10 @@ pub(crate) async fn run(
         }
         LifecycleCommand::LegalHold { name, reason } => {
             let version = keys
-                .set_legal_hold(SetLegalHoldRequest { name, reason })
+                .set_legal_hold(SetLegalHoldRequest {
+                    name: key_name(&name),
+                    reason,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

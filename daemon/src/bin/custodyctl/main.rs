@@ -424,6 +424,7 @@ fn code_name(code: tonic::Code) -> String {
     format!("{code:?}")
 }
 
+/// `keys/...` from a name given with or without its `keys/` prefix.
 fn key_name(name: &str) -> String {
     if name.starts_with("keys/") {
         name.to_string()
@@ -464,7 +465,11 @@ fn print_key(key: &Key) {
         if version.legal_hold {
             notes.push("LEGAL HOLD".into());
         }
-        println!("  {}  {}  {}", version.name, state, notes.join("  "));
+        if notes.is_empty() {
+            println!("  {}  {}", version.name, state);
+        } else {
+            println!("  {}  {}  {}", version.name, state, notes.join("  "));
+        }
     }
 }
 
@@ -626,7 +631,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let state = state.wire();
                     let version = keys
                         .set_key_version_state(SetKeyVersionStateRequest {
-                            name,
+                            name: key_name(&name),
                             state: state as i32,
                             reason,
                         })
@@ -986,15 +991,17 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
             state,
             reason,
         } => operation_spec::Spec::SetState(SetStateSpec {
-            name,
+            name: key_name(&name),
             state: state.wire() as i32,
             reason,
         }),
-        RequestCommand::Destroy { name } => {
-            operation_spec::Spec::DestroyVersion(VersionRef { name })
-        }
+        RequestCommand::Destroy { name } => operation_spec::Spec::DestroyVersion(VersionRef {
+            name: key_name(&name),
+        }),
         RequestCommand::ReleaseHold { name } => {
-            operation_spec::Spec::ReleaseLegalHold(VersionRef { name })
+            operation_spec::Spec::ReleaseLegalHold(VersionRef {
+                name: key_name(&name),
+            })
         }
         RequestCommand::SetPolicy {
             name,
