@@ -67,6 +67,7 @@ where
     done as f64 / seconds
 }
 
+#[expect(clippy::print_stdout, reason = "a benchmark prints its report")]
 fn bench(token: &TestToken) {
     let seconds: f64 = std::env::var("BENCH_SECONDS")
         .ok()
