@@ -390,7 +390,9 @@ token_test!(
             .await;
             // v1 still signs until its period ends, then never again.
             sign(&ca, "keys/tls/versions/1").await.unwrap();
-            service.clock.advance(HOUR_MS);
+            // Past v1's end (start + 2 h), short of v2's rotation point
+            // (its activation + 1 h), so the scheduler stays out of the way.
+            service.clock.advance(HOUR_MS - 30_000);
             let ended = sign(&ca, "keys/tls/versions/1").await.unwrap_err();
             assert_eq!(reason(&ended), "CRYPTOPERIOD_ENDED");
             verify(&ca, "keys/tls/versions/1").await.unwrap();
@@ -558,7 +560,10 @@ token_test!(
 token_test!(
     fn drift_reports_objects_removed_added_or_replaced_behind_custodyds_back(token) {
         runtime().block_on(async {
-            let service = TestService::start(token).await;
+            let service = TestService::start_with(token, |config| {
+                config.lifecycle.drift_check_interval_secs = 1;
+            })
+            .await;
             let operator = service.client("operator").await;
             create(&operator, "gone", "EC_SIGN_P256_SHA256", None).await;
             create(&operator, "swapped", "AES_256_GCM", None).await;
@@ -592,6 +597,28 @@ token_test!(
             let swapped = report.findings.iter().find(|f| f.label == "key/swapped/v1").unwrap();
             assert!(swapped.detail.contains("key check value"), "{}", swapped.detail);
             assert_eq!(swapped.version, "keys/swapped/versions/1");
+
+            // The periodic check finds it too, and records it once.
+            let periodic = || {
+                service
+                    .state()
+                    .audit
+                    .records(1)
+                    .map(|r| String::from_utf8(r.unwrap().entry).unwrap())
+                    .filter(|e| e.contains("\"method\":\"DriftCheck\"") && e.contains("\"outcome\":\"DRIFT\""))
+                    .collect::<Vec<_>>()
+            };
+            // (Checks that ran while pkcs11-tool was halfway through record
+            // what they saw; once the drift stands still, nothing new is.)
+            let complete = |e: &String| {
+                e.contains("missing key/gone/v1 private")
+                    && e.contains("extra rogue secret")
+                    && e.contains("attribute_mismatch key/swapped/v1 secret")
+            };
+            eventually("the scheduler's drift check records the drift", || async { periodic().iter().any(complete) }).await;
+            let recorded = periodic().len();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert_eq!(periodic().len(), recorded, "a standing drift is recorded again");
 
             // The drift check is audited like any request.
             let audited = service
