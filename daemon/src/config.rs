@@ -313,6 +313,21 @@ impl Config {
                 "[hsm] workers and max_concurrent_requests must be at least 1".into(),
             ));
         }
+        if self.lifecycle.destroy_cancel_window_secs < 3600 {
+            return Err(ConfigError(
+                "[lifecycle] destroy_cancel_window_secs must be at least 3600: an approved destruction always leaves time to cancel it".into(),
+            ));
+        }
+        if self.lifecycle.scheduler_interval_secs == 0 {
+            return Err(ConfigError(
+                "[lifecycle] scheduler_interval_secs must be at least 1".into(),
+            ));
+        }
+        if !(2..=1 << 32).contains(&self.envelope.max_encryptions_per_version) {
+            return Err(ConfigError(
+                "[envelope] max_encryptions_per_version must be within 2-4294967296 (2^32, the bound for random GCM nonces)".into(),
+            ));
+        }
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
             return Err(ConfigError(
                 "[dual_control] approval_ttl_secs must be within 10-86400".into(),
@@ -365,6 +380,28 @@ mod tests {
             24 * 3600 * 1000
         );
         assert_eq!(config.envelope.max_encryptions_per_version, 1 << 32);
+        for (from, to) in [
+            (
+                "destroy_cancel_window_secs = 86400",
+                "destroy_cancel_window_secs = 0",
+            ),
+            (
+                "max_encryptions_per_version = 4294967296",
+                "max_encryptions_per_version = 4294967297",
+            ),
+            (
+                "max_encryptions_per_version = 4294967296",
+                "max_encryptions_per_version = 1",
+            ),
+            (
+                "scheduler_interval_secs = 60",
+                "scheduler_interval_secs = 0",
+            ),
+        ] {
+            assert!(REFERENCE.contains(from), "{from}");
+            let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();
+            assert!(config.check().is_err(), "{to} accepted");
+        }
     }
 
     #[test]

@@ -217,11 +217,11 @@ impl NonceBudget {
     }
 
     /// Encryptions `label` has made (or may have made, after a crash).
-    pub async fn used(&self, label: &str) -> u64 {
+    pub async fn used(&self, label: &str) -> Result<u64, BudgetError> {
         if let Some(counter) = self.counters.lock().await.get(label) {
-            return counter.used;
+            return Ok(counter.used);
         }
-        self.stored(label).unwrap_or(u64::MAX)
+        self.stored(label)
     }
 }
 
@@ -277,9 +277,9 @@ mod tests {
         budget.take("key/a/v2").await.unwrap();
         drop(budget);
         let reopened = NonceBudget::open(&db, 3).unwrap();
-        assert_eq!(reopened.used("key/a/v1").await, 3);
+        assert_eq!(reopened.used("key/a/v1").await.unwrap(), 3);
         assert!(reopened.take("key/a/v1").await.is_err());
         // v2 reserved one block (of 1) and used it: nothing is given back.
-        assert_eq!(reopened.used("key/a/v2").await, 1);
+        assert_eq!(reopened.used("key/a/v2").await.unwrap(), 1);
     }
 }

@@ -23,12 +23,10 @@ use crate::registry::VersionState;
 pub enum Use {
     /// Apply protection: sign, encrypt, wrap a new data key.
     Protect,
-    /// Process protected data: verify, decrypt.
+    /// Process protected data: verify, decrypt, and read a ciphertext to
+    /// rewrap it (a rewrap followed by a decryption releases the plaintext,
+    /// so it is the same use).
     Process,
-    /// Read a ciphertext only to re-encrypt it under a newer version; the
-    /// plaintext is never returned. Allowed from compromised versions too, so
-    /// that data can be moved off them.
-    RewrapSource,
 }
 
 /// Whether a version may go from `from` to `to` by a state change request.
@@ -66,7 +64,6 @@ pub fn permits(state: VersionState, usage: Use) -> bool {
     match usage {
         Use::Protect => state == Active,
         Use::Process => matches!(state, Active | Suspended | Deactivated),
-        Use::RewrapSource => matches!(state, Active | Suspended | Deactivated | Compromised),
     }
 }
 
@@ -98,14 +95,15 @@ mod tests {
     fn only_active_versions_protect_and_nothing_uses_destroyed_or_pre_activation() {
         for state in ALL {
             assert_eq!(permits(state, Use::Protect), state == Active);
-            for usage in [Use::Protect, Use::Process, Use::RewrapSource] {
+            for usage in [Use::Protect, Use::Process] {
                 if matches!(state, Destroyed | PreActivation) {
                     assert!(!permits(state, usage), "{state:?} {usage:?}");
                 }
             }
         }
+        // A compromised version is used for nothing: not even a rewrap,
+        // which would launder ciphertexts forged with the leaked key.
         assert!(!permits(Compromised, Use::Process));
-        assert!(permits(Compromised, Use::RewrapSource));
     }
 
     #[test]

@@ -146,6 +146,18 @@ impl KeyRecord {
 #[error("key registry: {0}")]
 pub struct RegistryError(pub String);
 
+/// Why a version commit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Nothing was written: the version may be rolled back.
+    #[error("{0}")]
+    NotApplied(RegistryError),
+    /// Written but not flushed: the version stands (it is the registry's
+    /// now), and must not be rolled back.
+    #[error("{0}")]
+    NotDurable(RegistryError),
+}
+
 /// The registry; see the module docs.
 pub struct Registry {
     db: sled::Db,
@@ -168,12 +180,20 @@ impl Registry {
         let mut keys = BTreeMap::new();
         for item in tree.iter() {
             let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-            let record: KeyRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            let mut record: KeyRecord = serde_json::from_slice(&bytes).map_err(|e| {
                 RegistryError(format!(
                     "record {:?} is corrupt: {e}",
                     String::from_utf8_lossy(&id)
                 ))
             })?;
+            // Records written before activation times were kept: a version
+            // that was ever active counts from its creation, so that its
+            // cryptoperiod applies.
+            for version in &mut record.versions {
+                if version.activated_ms.is_none() && version.state != VersionState::PreActivation {
+                    version.activated_ms = Some(version.created_ms);
+                }
+            }
             keys.insert(record.key_id.clone(), Arc::new(record));
         }
         Ok(Registry {
@@ -245,20 +265,23 @@ impl Registry {
         &self,
         record: KeyRecord,
         hsm_label: &str,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(), CommitError> {
         use sled::Transactional;
-        let bytes = serde_json::to_vec(&record).map_err(|e| RegistryError(e.to_string()))?;
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| CommitError::NotApplied(RegistryError(e.to_string())))?;
         (&self.tree, &self.pending)
             .transaction(|(keys, pending)| {
                 keys.insert(record.key_id.as_bytes(), bytes.as_slice())?;
                 pending.remove(hsm_label.as_bytes())?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| RegistryError(format!("commit: {e:?}")))?;
-        self.flush().await?;
+            .map_err(|e| CommitError::NotApplied(RegistryError(format!("commit: {e:?}"))))?;
+        // Applied: sled serves it from now on whether or not the flush
+        // succeeds, so memory must agree, or a retry would reuse the label.
+        let flushed = self.flush().await;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         keys.insert(record.key_id.clone(), Arc::new(record));
-        Ok(())
+        flushed.map_err(CommitError::NotDurable)
     }
 
     /// Drops the pending entry `hsm_label` (after its HSM objects are gone).

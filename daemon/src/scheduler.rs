@@ -9,7 +9,8 @@
 //!   `schedule:v{n}`, so two ticks never rotate one version twice); keys
 //!   whose ROTATE policy needs officers are only reported as overdue;
 //! - destroys versions whose cancel window has passed, unless held;
-//! - every `drift_check_interval_secs`, compares the registry with the HSM.
+//! - every `drift_check_interval_secs`, compares the registry with the HSM
+//!   and audits the findings whenever they change.
 //!
 //! Every action is audited with the principal [`SCHEDULER`], like requests.
 
@@ -20,7 +21,9 @@ use crate::audit::Event;
 use crate::drift;
 use crate::metrics;
 use crate::registry::{KeyRecord, VersionState};
-use crate::service::keys::{Approval, Keys, SCHEDULER, Trigger, roll_back_version};
+use crate::service::keys::{
+    Approval, Keys, SCHEDULER, SCHEDULER_REQUEST_PREFIX, Trigger, roll_back_version,
+};
 use crate::service::{Audited, State, version_name};
 
 /// Rolls back every version generation a crash left uncommitted.
@@ -81,7 +84,7 @@ pub async fn run(state: Weak<State>) {
     };
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_drift: Option<(Instant, usize)> = None;
+    let mut last_drift: Option<(Instant, String)> = None;
     loop {
         interval.tick().await;
         let Some(state) = state.upgrade() else {
@@ -91,9 +94,11 @@ pub async fn run(state: Weak<State>) {
         destroy_due(&state).await;
         let drift_every = state.lifecycle.drift_check_interval_secs;
         let drift_due = drift_every > 0
-            && last_drift.is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(drift_every));
+            && last_drift
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(drift_every));
         if drift_due {
-            let previous = last_drift.map(|(_, findings)| findings);
+            let previous = last_drift.take().map(|(_, findings)| findings);
             last_drift = Some((Instant::now(), check_drift(&state, previous).await));
         }
     }
@@ -120,10 +125,16 @@ async fn rotation_due(state: &State, key: &KeyRecord, now: i64) -> Option<&'stat
             return Some("the cryptoperiod of the primary version is ending");
         }
     }
-    if !primary.check_value.is_empty()
-        && state.budget.used(&primary.hsm_label).await >= state.budget.limit() / 2
-    {
-        return Some("the primary version has used half its nonce budget");
+    if !primary.check_value.is_empty() {
+        match state.budget.used(&primary.hsm_label).await {
+            Ok(used) if used >= state.budget.limit() / 2 => {
+                return Some("the primary version has used half its nonce budget");
+            }
+            Ok(_) => {}
+            // Unknown is not "due": rotating on every tick would pile up
+            // versions; encryptions themselves fail closed on this error.
+            Err(error) => tracing::error!(%error, key = %key.key_id, "nonce budget unreadable"),
+        }
     }
     None
 }
@@ -149,12 +160,13 @@ async fn rotate_due(state: &Arc<State>) {
         let mut audited = Audited::start("ScheduledRotate");
         audited.principal = SCHEDULER.into();
         audited.resource = format!("keys/{}", key.key_id);
-        let request_id = format!("schedule:v{primary}");
+        let request_id = format!("{SCHEDULER_REQUEST_PREFIX}v{primary}");
         let result = Keys(state.clone())
             .rotate(
                 &mut audited,
                 &key.key_id,
                 Some(&request_id),
+                Some(primary),
                 Trigger::Schedule,
                 Approval::None,
             )
@@ -201,18 +213,27 @@ async fn destroy_due(state: &Arc<State>) {
     }
 }
 
-/// Runs a drift check; audits it when the number of findings changed since
-/// `previous` (so a standing difference is not recorded every interval).
-/// Returns the number of findings.
-async fn check_drift(state: &State, previous: Option<usize>) -> usize {
+/// Runs a drift check; audits it when the findings differ from `previous`
+/// (so a standing difference is not recorded every interval). Returns the
+/// findings as recorded.
+async fn check_drift(state: &State, previous: Option<String>) -> String {
     let report = {
         let _guard = state.registry.lock().await;
         drift::check(state).await
     };
     match report {
         Ok(report) => {
-            let count = report.findings.len();
-            if Some(count) != previous && (count > 0 || previous.is_some()) {
+            let findings = report
+                .findings
+                .iter()
+                .map(|f| format!("{} {} {}", f.kind.as_str(), f.label, f.class.as_str()))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let changed = match &previous {
+                Some(previous) => *previous != findings,
+                None => !findings.is_empty(),
+            };
+            if changed {
                 for finding in &report.findings {
                     tracing::warn!(kind = finding.kind.as_str(), label = %finding.label, detail = %finding.detail, "drift");
                 }
@@ -220,24 +241,24 @@ async fn check_drift(state: &State, previous: Option<usize>) -> usize {
                     principal: SCHEDULER.into(),
                     method: "DriftCheck".into(),
                     resource: String::new(),
-                    detail: report
-                        .findings
-                        .iter()
-                        .map(|f| format!("{} {} {}", f.kind.as_str(), f.label, f.class.as_str()))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                    outcome: if count == 0 { "ok" } else { "DRIFT" }.into(),
+                    detail: findings.clone(),
+                    outcome: if report.findings.is_empty() {
+                        "ok"
+                    } else {
+                        "DRIFT"
+                    }
+                    .into(),
                 };
                 if let Err(error) = state.audit.append(event).await {
                     tracing::error!(%error, "a drift check could not be audited");
                 }
             }
-            count
+            findings
         }
         Err(error) => {
             metrics::drift_failed();
             tracing::error!(%error, "drift check failed");
-            previous.unwrap_or(0)
+            previous.unwrap_or_default()
         }
     }
 }

@@ -19,8 +19,8 @@ use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CheckDriftRequest, CreateKeyRequest, DecryptRequest, Digest, DriftKind, EncryptRequest,
     GetKeyRequest, Key, KeyVersionState, OperationKind, OperationState, RotateKeyRequest,
-    SetKeyVersionStateRequest, SetLegalHoldRequest, SignRequest, VerifyRequest, VersionRef, digest,
-    operation_spec, sign_request, verify_request,
+    SetKeyVersionStateRequest, SetLegalHoldRequest, SetStateSpec, SignRequest, UpdateKeyRequest,
+    VerifyRequest, VersionRef, digest, operation_spec, sign_request, verify_request,
 };
 use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
@@ -410,6 +410,13 @@ token_test!(
                 .await
                 .unwrap_err();
             assert_eq!(reason(&bad), "BAD_REQUEST_ID");
+            // The scheduler's request ids are its own: a client cannot make a
+            // scheduled rotation look done.
+            let reserved = keys
+                .rotate_key(RotateKeyRequest { name: "keys/tls".into(), request_id: "schedule:v3".into() })
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&reserved), "BAD_REQUEST_ID");
         });
     }
 );
@@ -441,7 +448,7 @@ token_test!(
                 .map(|r| String::from_utf8(r.unwrap().entry).unwrap())
                 .find(|e| e.contains("revocation_notice"))
                 .expect("a revocation notice in the audit log");
-            assert!(notice.contains("HSM backup tape lost") && notice.contains("rotated to version 2"), "{notice}");
+            assert!(notice.contains("HSM backup tape lost") && notice.contains("rotating to version 2"), "{notice}");
             let spki = hex::decode(&service.state().registry.get("issuing").unwrap().versions[0].public_key_der_hex).unwrap();
             let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(spki));
             assert!(notice.contains(&fingerprint), "{notice}");
@@ -553,6 +560,33 @@ token_test!(
             assert_eq!(key.versions.len(), 1, "the scheduler rotated a quorum-gated key");
             let ca = service.client("ca-issuing").await;
             assert_eq!(reason(&sign(&ca, "keys/root").await.unwrap_err()), "CRYPTOPERIOD_ENDED");
+
+            // Compromised, the gated primary is not rotated by custodyd
+            // either, and cannot be destroyed while it is primary.
+            set_state(&operator, "keys/root/versions/1", KeyVersionState::Compromised, "officer laptop stolen").await.unwrap();
+            assert_eq!(get(&operator, "root").await.versions.len(), 1);
+            let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: "keys/root/versions/1".into() });
+            assert_eq!(reason(&request_operation(&operator, destroy).await.unwrap_err()), "PRIMARY_VERSION");
+
+            // Updates of a key under an UPDATE_KEY policy need officers too,
+            // and state changes are checked when requested, not when run.
+            service.gate("root", OperationKind::UpdateKey).await;
+            let update = UpdateKeyRequest { name: "keys/root".into(), min_version: Some(1), ..Default::default() };
+            let direct = KeyServiceClient::new(operator.clone()).update_key(update.clone()).await.unwrap_err();
+            assert_eq!(reason(&direct), "QUORUM_REQUIRED");
+            let operation = request_operation(&operator, operation_spec::Spec::UpdateKey(update)).await.unwrap();
+            assert!(operation.rendering.contains("UPDATE keys/root"), "{}", operation.rendering);
+            service.approve("alice", &operation).await.unwrap();
+            let done = service.approve("carol", &operation).await.unwrap();
+            assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+            assert_eq!(get(&operator, "root").await.min_version, 1);
+            service.gate("root", OperationKind::SetState).await;
+            let back = operation_spec::Spec::SetState(SetStateSpec {
+                name: "keys/root/versions/1".into(),
+                state: KeyVersionState::Active as i32,
+                reason: String::new(),
+            });
+            assert_eq!(reason(&request_operation(&operator, back).await.unwrap_err()), "ILLEGAL_TRANSITION");
         });
     }
 );

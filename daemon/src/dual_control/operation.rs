@@ -81,6 +81,15 @@ pub enum Spec {
         /// Version.
         version: u32,
     },
+    /// Change a key's cryptoperiod or minimum version.
+    UpdateKey {
+        /// Key id.
+        key_id: String,
+        /// New cryptoperiod in seconds (0 removes it); `None` leaves it.
+        cryptoperiod_secs: Option<i64>,
+        /// New minimum version; `None` leaves it.
+        min_version: Option<u32>,
+    },
 }
 
 impl Spec {
@@ -95,6 +104,7 @@ impl Spec {
             Spec::RemoveOfficer { .. } => "REMOVE_OFFICER",
             Spec::DestroyVersion { .. } => "DESTROY_VERSION",
             Spec::ReleaseLegalHold { .. } => "RELEASE_LEGAL_HOLD",
+            Spec::UpdateKey { .. } => "UPDATE_KEY",
         }
     }
 
@@ -106,7 +116,8 @@ impl Spec {
             | Spec::SetState { key_id, .. }
             | Spec::SetPolicy { key_id, .. }
             | Spec::DestroyVersion { key_id, .. }
-            | Spec::ReleaseLegalHold { key_id, .. } => Some(key_id),
+            | Spec::ReleaseLegalHold { key_id, .. }
+            | Spec::UpdateKey { key_id, .. } => Some(key_id),
             Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } => None,
         }
     }
@@ -172,6 +183,24 @@ impl Spec {
             Spec::ReleaseLegalHold { key_id, version } => format!(
                 "RELEASE THE LEGAL HOLD on keys/{key_id}/versions/{version}, so that it may be destroyed"
             ),
+            Spec::UpdateKey {
+                key_id,
+                cryptoperiod_secs,
+                min_version,
+            } => {
+                let mut changes = Vec::new();
+                match cryptoperiod_secs {
+                    Some(0) => changes.push("remove its cryptoperiod".to_string()),
+                    Some(secs) => changes.push(format!("set its cryptoperiod to {secs} s")),
+                    None => {}
+                }
+                if let Some(min) = min_version {
+                    changes.push(format!(
+                        "refuse versions below {min} for verification, decryption and rewrap"
+                    ));
+                }
+                format!("UPDATE keys/{key_id}: {}", changes.join("; "))
+            }
         }
     }
 }
@@ -308,13 +337,14 @@ impl OperationRecord {
 }
 
 /// The policy kinds a key can carry.
-pub const KEY_POLICY_KINDS: [&str; 6] = [
+pub const KEY_POLICY_KINDS: [&str; 7] = [
     "SIGN",
     "ROTATE",
     "SET_STATE",
     "SET_POLICY",
     "DESTROY_VERSION",
     "RELEASE_LEGAL_HOLD",
+    "UPDATE_KEY",
 ];
 
 /// Kinds that always need a quorum: the key's own policy if it has one,

@@ -235,7 +235,7 @@ impl EnvelopeKeys {
         check_size("associated_data", &request.associated_data)?;
         let record = usable_key(state, principal, &request.name)?;
         let (envelope, source, source_label) =
-            source_version(state, &record, &request.ciphertext, Use::RewrapSource)?;
+            source_version(state, &record, &request.ciphertext, Use::Process)?;
         let source_name = version_name(&record.key_id, source.version);
         audited.resource = source_name.clone();
         let (target, target_label) = protecting_version(state, &record).await?;

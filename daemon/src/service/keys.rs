@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Audited, Shared, State, caller, check_key_id, parse_key_name, parse_version_name, require,
-    timestamp, version_name,
+    timestamp, to_completion, version_name,
 };
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::Event;
@@ -22,7 +22,8 @@ use crate::error::ServiceError;
 use crate::identity::{Role, valid_principal_name};
 use crate::lifecycle::{self, Use};
 use crate::registry::{
-    KeyRecord, PendingVersion, REMEMBERED_ROTATIONS, RotationRequest, VersionRecord, VersionState,
+    CommitError, KeyRecord, PendingVersion, REMEMBERED_ROTATIONS, RotationRequest, VersionRecord,
+    VersionState,
 };
 use crate::{drift, failpoint, metrics};
 
@@ -31,6 +32,11 @@ pub struct Keys(pub Shared);
 
 /// The principal the scheduler acts as in the audit log.
 pub const SCHEDULER: &str = "custodyd-scheduler";
+
+/// Rotation request ids with this prefix are the scheduler's own
+/// (`schedule:v{n}`); clients may not use them, so that no client can make
+/// a scheduled rotation look done.
+pub const SCHEDULER_REQUEST_PREFIX: &str = "schedule:";
 
 pub(crate) fn wire_state(state: VersionState) -> KeyVersionState {
     match state {
@@ -136,11 +142,7 @@ pub(crate) fn check_usable(
             Use::Protect => ("VERSION_NOT_ACTIVE", "only active versions sign or encrypt"),
             Use::Process => (
                 "VERSION_NOT_USABLE",
-                "only active, suspended and deactivated versions verify or decrypt",
-            ),
-            Use::RewrapSource => (
-                "VERSION_NOT_USABLE",
-                "it holds no key material that may be read",
+                "only active, suspended and deactivated versions verify, decrypt or rewrap",
             ),
         };
         return Err(ServiceError::precondition(
@@ -165,7 +167,7 @@ pub(crate) fn check_usable(
                 ));
             }
         }
-        Use::Process | Use::RewrapSource => {
+        Use::Process => {
             if version.version < record.min_version {
                 return Err(ServiceError::precondition(
                     "BELOW_MIN_VERSION",
@@ -317,19 +319,21 @@ async fn generate_version(
 
 /// Commits `record`, which holds the version labelled `label` that
 /// [`generate_version`] made, and clears its journal entry, atomically. If
-/// the commit fails, the version is rolled back (its HSM objects destroyed),
-/// or left to the roll-back at the next start.
+/// nothing was written, the version is rolled back (its HSM objects
+/// destroyed), or left to the roll-back at the next start; if it was written
+/// but not flushed, it stands and the caller is told the registry failed.
 async fn commit_version(state: &State, record: KeyRecord, label: &str) -> Result<(), ServiceError> {
     match state.registry.commit_version(record, label).await {
         Ok(()) => {
             failpoint::hit("version.after_commit");
             Ok(())
         }
-        Err(error) => {
+        Err(CommitError::NotApplied(error)) => {
             let error = registry_failure(error);
             roll_back_version(state, label).await;
             Err(error)
         }
+        Err(CommitError::NotDurable(error)) => Err(registry_failure(error)),
     }
 }
 
@@ -512,7 +516,9 @@ const MIN_CRYPTOPERIOD_MS: i64 = 60_000;
 const MAX_CRYPTOPERIOD_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
 /// A requested cryptoperiod: `None` when unset or zero (no cryptoperiod).
-fn cryptoperiod(duration: Option<&prost_types::Duration>) -> Result<Option<i64>, ServiceError> {
+pub(crate) fn cryptoperiod(
+    duration: Option<&prost_types::Duration>,
+) -> Result<Option<i64>, ServiceError> {
     let Some(duration) = duration else {
         return Ok(None);
     };
@@ -607,12 +613,15 @@ impl Keys {
         Ok(key_message(&record))
     }
 
-    /// Rotates `key_id`; see [`Approval`]. `request_id` makes it idempotent.
+    /// Rotates `key_id`; see [`Approval`]. `request_id` makes it idempotent;
+    /// with `if_primary`, it rotates only if that is still the primary
+    /// version (the scheduler decided on a snapshot taken without the lock).
     pub async fn rotate(
         &self,
         audited: &mut Audited,
         key_id: &str,
         request_id: Option<&str>,
+        if_primary: Option<u32>,
         trigger: Trigger,
         approval: Approval,
     ) -> Result<Key, ServiceError> {
@@ -623,6 +632,15 @@ impl Keys {
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         ungated(&current, "ROTATE", approval)?;
+        if let Some(expected) = if_primary
+            && current.primary_version != expected
+        {
+            audited.detail = format!(
+                "version {expected} is no longer primary ({} is); nothing done",
+                current.primary_version
+            );
+            return Ok(key_message(&current));
+        }
         let record = rotate_locked(state, audited, &current, request_id, trigger).await?;
         Ok(key_message(&record))
     }
@@ -637,55 +655,13 @@ impl Keys {
         approval: Approval,
     ) -> Result<KeyVersion, ServiceError> {
         let (key_id, version) = exact_version(&request.name)?;
-        let target = KeyVersionState::try_from(request.state)
-            .ok()
-            .and_then(stored_state)
-            .ok_or_else(|| {
-                ServiceError::invalid(
-                    "BAD_STATE",
-                    format!("unknown or unspecified state {}", request.state),
-                )
-            })?;
-        if target == VersionState::Destroyed {
-            return Err(ServiceError::precondition(
-                "ILLEGAL_TRANSITION",
-                "DESTROYED is reached only through a scheduled destruction: request DESTROY_VERSION",
-            ));
-        }
-        let reason = request.reason.trim();
-        if reason.len() > 1024 {
-            return Err(ServiceError::invalid(
-                "BAD_REASON",
-                "a reason is at most 1024 bytes",
-            ));
-        }
-        if target == VersionState::Compromised && reason.is_empty() {
-            return Err(ServiceError::invalid(
-                "REASON_REQUIRED",
-                "say why the version is compromised: it goes into the revocation notice",
-            ));
-        }
+        let (target, reason) = requested_state(request.state, &request.reason)?;
         audited.detail = format!("to {target:?}");
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         ungated(&current, "SET_STATE", approval)?;
-        let existing = version_of(&current, version)?;
-        if !lifecycle::transition_allowed(existing.state, target) {
-            return Err(ServiceError::precondition(
-                "ILLEGAL_TRANSITION",
-                format!(
-                    "{} cannot go from {:?} to {target:?}",
-                    request.name, existing.state
-                ),
-            ));
-        }
-        if target == VersionState::Deactivated && current.primary_version == version {
-            return Err(ServiceError::precondition(
-                "PRIMARY_VERSION",
-                "the primary version cannot be deactivated; rotate the key first",
-            ));
-        }
+        check_transition(&current, version, target)?;
         audited.intent(state).await?;
         let now = state.clock.now_ms();
         let mut record = update_version(state, &current, version, |v| {
@@ -697,25 +673,14 @@ impl Keys {
         })
         .await?;
         if target == VersionState::Compromised {
+            // The notice goes out before anything else can fail or wait (a
+            // rotation may take seconds for RSA).
             let compromised = version_of(&record, version)?.clone();
             let rotate = current.primary_version == version;
             let gated = record.policies.contains_key("ROTATE");
+            let next = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
             let replacement = if rotate && !gated {
-                let mut rotation = Audited::start("CompromiseRotate");
-                rotation.principal = audited.principal.clone();
-                rotation.resource = format!("keys/{key_id}");
-                let rotated =
-                    rotate_locked(state, &mut rotation, &record, None, Trigger::Compromise).await;
-                match rotation.record(state, rotated).await {
-                    Ok(rotated) => {
-                        record = rotated;
-                        format!("rotated to version {}", record.primary_version)
-                    }
-                    Err(error) => format!(
-                        "the rotation failed ({}); the scheduler retries it",
-                        error.reason
-                    ),
-                }
+                format!("rotating to version {next} now (the scheduler retries if this fails)")
             } else if rotate {
                 "the ROTATE policy needs officers: request a ROTATE operation".into()
             } else {
@@ -739,16 +704,27 @@ impl Keys {
                 })
                 .await
                 .map_err(|e| ServiceError::audit_unavailable(&e))?;
+            if rotate && !gated {
+                let mut rotation = Audited::start("CompromiseRotate");
+                rotation.principal = audited.principal.clone();
+                rotation.resource = format!("keys/{key_id}");
+                let rotated =
+                    rotate_locked(state, &mut rotation, &record, None, Trigger::Compromise).await;
+                if let Ok(rotated) = rotation.record(state, rotated).await {
+                    record = rotated;
+                }
+            }
         }
         let updated = version_of(&record, version)?;
         Ok(version_message(&record, updated))
     }
 
-    /// Changes a key's cryptoperiod or minimum version.
-    async fn update(
+    /// Changes a key's cryptoperiod or minimum version; see [`Approval`].
+    pub async fn update(
         &self,
         audited: &mut Audited,
         request: &UpdateKeyRequest,
+        approval: Approval,
     ) -> Result<Key, ServiceError> {
         let key_id = parse_key_name(&request.name)?;
         let period = match &request.cryptoperiod {
@@ -758,6 +734,7 @@ impl Keys {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
+        ungated(&current, "UPDATE_KEY", approval)?;
         let mut record = (*current).clone();
         let mut changes = Vec::new();
         if let Some(period) = period {
@@ -926,6 +903,13 @@ impl Keys {
                 "not scheduled, not yet due, held or already destroyed",
             ));
         }
+        // The rules that allowed the schedule must still hold now.
+        if !lifecycle::may_schedule_destroy(existing.state) || current.primary_version == version {
+            return Err(ServiceError::precondition(
+                "ILLEGAL_TRANSITION",
+                "the version is in use again (state or primary); cancel the destruction",
+            ));
+        }
         audited.intent(state).await?;
         let label = KeyLabel::new(existing.hsm_label.clone())?;
         state
@@ -943,6 +927,66 @@ impl Keys {
         .await?;
         Ok(version_message(&record, version_of(&record, version)?))
     }
+}
+
+/// A requested state and reason, checked on their own: a known state that
+/// a request may ask for, and a reason where one is needed.
+pub(crate) fn requested_state(
+    state: i32,
+    reason: &str,
+) -> Result<(VersionState, &str), ServiceError> {
+    let target = KeyVersionState::try_from(state)
+        .ok()
+        .and_then(stored_state)
+        .ok_or_else(|| {
+            ServiceError::invalid("BAD_STATE", format!("unknown or unspecified state {state}"))
+        })?;
+    if target == VersionState::Destroyed {
+        return Err(ServiceError::precondition(
+            "ILLEGAL_TRANSITION",
+            "DESTROYED is reached only through a scheduled destruction: request DESTROY_VERSION",
+        ));
+    }
+    let reason = reason.trim();
+    if reason.len() > 1024 {
+        return Err(ServiceError::invalid(
+            "BAD_REASON",
+            "a reason is at most 1024 bytes",
+        ));
+    }
+    if target == VersionState::Compromised && reason.is_empty() {
+        return Err(ServiceError::invalid(
+            "REASON_REQUIRED",
+            "say why the version is compromised: it goes into the revocation notice",
+        ));
+    }
+    Ok((target, reason))
+}
+
+/// Refuses a state change the lifecycle forbids for `version` of `record`.
+pub(crate) fn check_transition(
+    record: &KeyRecord,
+    version: u32,
+    target: VersionState,
+) -> Result<(), ServiceError> {
+    let existing = version_of(record, version)?;
+    if !lifecycle::transition_allowed(existing.state, target) {
+        return Err(ServiceError::precondition(
+            "ILLEGAL_TRANSITION",
+            format!(
+                "{} cannot go from {:?} to {target:?}",
+                version_name(&record.key_id, version),
+                existing.state
+            ),
+        ));
+    }
+    if target == VersionState::Deactivated && record.primary_version == version {
+        return Err(ServiceError::precondition(
+            "PRIMARY_VERSION",
+            "the primary version cannot be deactivated; rotate the key first",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses to schedule the destruction of a version that is in use, held,
@@ -986,15 +1030,21 @@ impl KeyService for Keys {
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<Key>, Status> {
-        let mut audited = Audited::start("CreateKey");
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Operator)?;
-            self.create(&mut audited, request.get_ref()).await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("CreateKey");
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                require(&principal, Role::Operator)?;
+                keys.create(&mut audited, &request).await
+            }
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
@@ -1092,94 +1142,132 @@ impl KeyService for Keys {
         &self,
         request: Request<RotateKeyRequest>,
     ) -> Result<Response<Key>, Status> {
-        let mut audited = Audited::start("RotateKey");
-        audited.resource = request.get_ref().name.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Operator)?;
-            let key_id = parse_key_name(&request.get_ref().name)?.to_string();
-            let request_id = Some(request.get_ref().request_id.as_str()).filter(|r| !r.is_empty());
-            self.rotate(
-                &mut audited,
-                &key_id,
-                request_id,
-                Trigger::Demand,
-                Approval::None,
-            )
-            .await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("RotateKey");
+            audited.resource = request.name.clone();
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                require(&principal, Role::Operator)?;
+                let key_id = parse_key_name(&request.name)?;
+                let request_id = Some(request.request_id.as_str()).filter(|r| !r.is_empty());
+                if let Some(id) = request_id
+                    && id.starts_with(SCHEDULER_REQUEST_PREFIX)
+                {
+                    return Err(ServiceError::invalid(
+                        "BAD_REQUEST_ID",
+                        format!("request ids starting with {SCHEDULER_REQUEST_PREFIX} are the scheduler's"),
+                    ));
+                }
+                keys.rotate(
+                    &mut audited,
+                    key_id,
+                    request_id,
+                    None,
+                    Trigger::Demand,
+                    Approval::None,
+                )
+                .await
+            }
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn set_key_version_state(
         &self,
         request: Request<SetKeyVersionStateRequest>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let mut audited = Audited::start("SetKeyVersionState");
-        audited.resource = request.get_ref().name.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Operator)?;
-            self.set_state(&mut audited, request.get_ref(), Approval::None)
-                .await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("SetKeyVersionState");
+            audited.resource = request.name.clone();
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                require(&principal, Role::Operator)?;
+                keys.set_state(&mut audited, &request, Approval::None).await
+            }
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn update_key(
         &self,
         request: Request<UpdateKeyRequest>,
     ) -> Result<Response<Key>, Status> {
-        let mut audited = Audited::start("UpdateKey");
-        audited.resource = request.get_ref().name.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Operator)?;
-            self.update(&mut audited, request.get_ref()).await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("UpdateKey");
+            audited.resource = request.name.clone();
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                require(&principal, Role::Operator)?;
+                keys.update(&mut audited, &request, Approval::None).await
+            }
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn cancel_destroy(
         &self,
         request: Request<VersionRef>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let mut audited = Audited::start("CancelDestroy");
-        audited.resource = request.get_ref().name.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            if !principal.has(Role::Officer) {
-                require(&principal, Role::Operator)?;
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("CancelDestroy");
+            audited.resource = request.name.clone();
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                if !principal.has(Role::Officer) {
+                    require(&principal, Role::Operator)?;
+                }
+                Keys::cancel_destroy(&keys, &mut audited, &request.name).await
             }
-            Keys::cancel_destroy(self, &mut audited, &request.get_ref().name).await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn set_legal_hold(
         &self,
         request: Request<SetLegalHoldRequest>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let mut audited = Audited::start("SetLegalHold");
-        audited.resource = request.get_ref().name.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            if !principal.has(Role::Officer) {
-                require(&principal, Role::Operator)?;
+        let keys = Keys(self.0.clone());
+        let principal = caller(&request);
+        let request = request.into_inner();
+        to_completion(async move {
+            let mut audited = Audited::start("SetLegalHold");
+            audited.resource = request.name.clone();
+            let result = async {
+                let principal = principal?;
+                audited.principal = principal.name.clone();
+                if !principal.has(Role::Officer) {
+                    require(&principal, Role::Operator)?;
+                }
+                Keys::set_legal_hold(&keys, &mut audited, &request).await
             }
-            Keys::set_legal_hold(self, &mut audited, request.get_ref()).await
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+            .await;
+            audited.finish(&keys.0, result).await
+        })
+        .await
     }
 
     async fn check_drift(

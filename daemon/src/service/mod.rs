@@ -195,6 +195,19 @@ impl Audited {
 /// Shared state for the services.
 pub type Shared = Arc<State>;
 
+/// Runs a state-changing request in a task of its own, so that a client
+/// that disconnects or times out cannot cancel it between an HSM call and
+/// the registry write that records it (a dropped future would release the
+/// registry lock with the HSM job still queued).
+pub async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<tonic::Response<T>, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|_| Status::internal("the request's task failed"))?
+        .map(tonic::Response::new)
+}
+
 /// `keys/{key_id}`: the key id, checked.
 pub fn parse_key_name(name: &str) -> Result<&str, ServiceError> {
     let id = name.strip_prefix("keys/").ok_or_else(|| {

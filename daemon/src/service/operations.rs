@@ -19,7 +19,10 @@ use custody_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::keys::{Approval, Keys, Trigger, check_destroyable, key_message};
+use super::keys::{
+    Approval, Keys, Trigger, check_destroyable, check_transition, cryptoperiod, key_message,
+    requested_state, wire_state as wire_version_state,
+};
 use super::signing::{check_sign_operation, sign_one};
 use super::{
     Audited, Shared, State, caller, parse_key_name, parse_version_name, require, timestamp,
@@ -158,6 +161,15 @@ fn spec_message(spec: &Spec) -> OperationSpec {
                 name: format!("keys/{key_id}/versions/{version}"),
             })
         }
+        Spec::UpdateKey {
+            key_id,
+            cryptoperiod_secs,
+            min_version,
+        } => operation_spec::Spec::UpdateKey(update_key_request(
+            key_id,
+            *cryptoperiod_secs,
+            *min_version,
+        )),
     };
     OperationSpec { spec: Some(spec) }
 }
@@ -198,6 +210,19 @@ fn operation_message(state: &State, record: &OperationRecord) -> Operation {
         Some(Outcome::Officers) | None => {}
     }
     message
+}
+
+/// The API request an UPDATE_KEY operation stands for.
+fn update_key_request(
+    key_id: &str,
+    cryptoperiod_secs: Option<i64>,
+    min_version: Option<u32>,
+) -> custody_proto::v1::UpdateKeyRequest {
+    custody_proto::v1::UpdateKeyRequest {
+        name: format!("keys/{key_id}"),
+        cryptoperiod: cryptoperiod_secs.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+        min_version,
+    }
 }
 
 fn parse_operation_name(name: &str) -> Result<&str, ServiceError> {
@@ -269,19 +294,20 @@ impl Operations {
                 let (key_id, version) = parse_version_name(&set.name)?;
                 let version =
                     version.ok_or_else(|| ServiceError::invalid("BAD_NAME", "name a version"))?;
-                let target = custody_proto::v1::KeyVersionState::try_from(set.state)
-                    .ok()
-                    .filter(|s| *s != custody_proto::v1::KeyVersionState::Unspecified)
-                    .ok_or_else(|| {
-                        ServiceError::invalid("BAD_STATE", format!("unknown state {}", set.state))
-                    })?;
+                let (target, reason) = requested_state(set.state, &set.reason)?;
+                let record = state
+                    .registry
+                    .get(key_id)
+                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                check_transition(&record, version, target)?;
+                let target = wire_version_state(target);
                 let quorum = key_policy(key_id, "SET_STATE")?;
                 Ok((
                     Spec::SetState {
                         key_id: key_id.into(),
                         version,
                         state: target.as_str_name().into(),
-                        reason: set.reason.trim().to_string(),
+                        reason: reason.to_string(),
                     },
                     quorum,
                 ))
@@ -434,6 +460,29 @@ impl Operations {
                     None => admin()?,
                 };
                 Ok((spec, quorum))
+            }
+            Some(operation_spec::Spec::UpdateKey(update)) => {
+                require(principal, Role::Operator)?;
+                let key_id = parse_key_name(&update.name)?;
+                let cryptoperiod_secs = match &update.cryptoperiod {
+                    Some(d) => Some(cryptoperiod(Some(d))?.map_or(0, |ms| ms / 1000)),
+                    None => None,
+                };
+                if cryptoperiod_secs.is_none() && update.min_version.is_none() {
+                    return Err(ServiceError::invalid(
+                        "NOTHING_TO_UPDATE",
+                        "set cryptoperiod or min_version",
+                    ));
+                }
+                let quorum = key_policy(key_id, "UPDATE_KEY")?;
+                Ok((
+                    Spec::UpdateKey {
+                        key_id: key_id.into(),
+                        cryptoperiod_secs,
+                        min_version: update.min_version,
+                    },
+                    quorum,
+                ))
             }
             None => Err(ServiceError::invalid("MISSING_SPEC", "say which operation")),
         }
@@ -899,6 +948,7 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                     &mut audited,
                     key_id,
                     None,
+                    None,
                     Trigger::Approved,
                     Approval::Quorum,
                 )
@@ -993,6 +1043,23 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                 keys.release_legal_hold(&mut audited, key_id, *version)
                     .await
             };
+            audited.record(state, result).await?;
+            Ok(Outcome::Key {
+                key_id: key_id.clone(),
+            })
+        }
+        Spec::UpdateKey {
+            key_id,
+            cryptoperiod_secs,
+            min_version,
+        } => {
+            let mut audited = Audited::start("ExecuteUpdateKey");
+            audited.principal = record.requester.clone();
+            audited.resource = format!("keys/{key_id}");
+            let request = update_key_request(key_id, *cryptoperiod_secs, *min_version);
+            let result = Keys(shared.clone())
+                .update(&mut audited, &request, Approval::Quorum)
+                .await;
             audited.record(state, result).await?;
             Ok(Outcome::Key {
                 key_id: key_id.clone(),

@@ -76,15 +76,26 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Writes through a temporary file and a rename, so that a rewrap in place
-/// never leaves a half-written ciphertext where the old one was.
+/// Writes through a temporary file, synced, and a rename, with the
+/// directory synced after: a rewrap in place never leaves a half-written or
+/// lost ciphertext where the old one was, even across a crash.
 fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
     let mut temporary = path.clone().into_os_string();
     temporary.push(".partial");
     let temporary = PathBuf::from(temporary);
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = std::fs::File::create(&temporary).map_err(failed)?;
+    file.write_all(bytes).map_err(failed)?;
+    file.sync_all().map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)?;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::File::open(directory)
+        .and_then(|d| d.sync_all())
+        .map_err(failed)
 }
 
 #[expect(clippy::print_stdout, reason = "a CLI prints its results")]

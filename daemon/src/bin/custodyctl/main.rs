@@ -32,7 +32,8 @@ use custody_proto::v1::{
 use custody_proto::v1::{
     GetOperationRequest, KeyRef, ListOfficersRequest, ListOperationsRequest, OfficerSpec,
     Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
-    SetPolicySpec, SetStateSpec, SignSpec, VersionRef, VoteRequest, operation_spec,
+    SetPolicySpec, SetStateSpec, SignSpec, UpdateKeyRequest, VersionRef, VoteRequest,
+    operation_spec,
 };
 use secrecy::SecretString;
 use tonic::transport::Channel;
@@ -190,13 +191,25 @@ enum RequestCommand {
         /// keys/{key_id}/versions/{n}.
         name: String,
     },
+    /// Change the cryptoperiod or minimum version of a key whose updates
+    /// need approval.
+    Update {
+        /// keys/{key_id} or just the key id.
+        name: String,
+        /// e.g. 90d, 12h, 3600s; 0s for none.
+        #[arg(long, value_parser = lifecycle::parse_duration)]
+        cryptoperiod: Option<std::time::Duration>,
+        /// Versions below this are refused for verify, decrypt and rewrap.
+        #[arg(long)]
+        min_version: Option<u32>,
+    },
     /// Put one kind of operation on a key under M-of-N approval (or lift it
     /// with --required 0).
     SetPolicy {
         /// keys/{key_id} or just the key id.
         name: String,
-        /// sign, rotate, set-state, set-policy, destroy-version or
-        /// release-legal-hold.
+        /// sign, rotate, set-state, set-policy, destroy-version,
+        /// release-legal-hold or update-key.
         #[arg(long, value_enum)]
         operation: PolicyKindArg,
         /// An eligible officer (repeat for each).
@@ -216,6 +229,7 @@ enum PolicyKindArg {
     SetPolicy,
     DestroyVersion,
     ReleaseLegalHold,
+    UpdateKey,
 }
 
 #[derive(ClapArgs)]
@@ -998,6 +1012,15 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
         RequestCommand::Destroy { name } => operation_spec::Spec::DestroyVersion(VersionRef {
             name: key_name(&name),
         }),
+        RequestCommand::Update {
+            name,
+            cryptoperiod,
+            min_version,
+        } => operation_spec::Spec::UpdateKey(UpdateKeyRequest {
+            name: key_name(&name),
+            cryptoperiod: cryptoperiod.map(lifecycle::duration_message),
+            min_version,
+        }),
         RequestCommand::ReleaseHold { name } => {
             operation_spec::Spec::ReleaseLegalHold(VersionRef {
                 name: key_name(&name),
@@ -1017,6 +1040,7 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
                 PolicyKindArg::SetPolicy => OperationKind::SetPolicy,
                 PolicyKindArg::DestroyVersion => OperationKind::DestroyVersion,
                 PolicyKindArg::ReleaseLegalHold => OperationKind::ReleaseLegalHold,
+                PolicyKindArg::UpdateKey => OperationKind::UpdateKey,
             } as i32,
             officers,
             required,
