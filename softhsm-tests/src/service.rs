@@ -371,6 +371,30 @@ impl TestService {
     }
 }
 
+/// Creates `key_id` as the operator over `operator`, usable by `ca-issuing`,
+/// with the algorithm of API name `algorithm` and an optional cryptoperiod.
+pub async fn create_key(
+    operator: &Channel,
+    key_id: &str,
+    algorithm: &str,
+    cryptoperiod_secs: Option<i64>,
+) -> custody_proto::v1::Key {
+    let algorithm =
+        custody_daemon::algorithms::KeyAlgorithm::from_api_name(algorithm).expect("an algorithm");
+    custody_proto::v1::key_service_client::KeyServiceClient::new(operator.clone())
+        .create_key(custody_proto::v1::CreateKeyRequest {
+            key_id: key_id.into(),
+            algorithm: algorithm.wire() as i32,
+            purpose: algorithm.purpose() as i32,
+            allowed_signers: vec!["ca-issuing".into()],
+            cryptoperiod: cryptoperiod_secs
+                .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+        })
+        .await
+        .expect("key created")
+        .into_inner()
+}
+
 /// Requests an operation over `channel`.
 pub async fn request_operation(
     channel: &Channel,

@@ -10,33 +10,22 @@
 
 use std::time::Instant;
 
-use custody_daemon::algorithms::KeyAlgorithm;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    CreateKeyRequest, DecryptRequest, Digest, EncryptRequest, GenerateDataKeyRequest,
-    GenerateDataKeyResponse, GetKeyRequest, GetPublicKeyRequest, KeyVersionState, OperationKind,
-    RewrapRequest, RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, UpdateKeyRequest,
-    digest, sign_request,
+    DecryptRequest, Digest, EncryptRequest, GenerateDataKeyRequest, GenerateDataKeyResponse,
+    GetKeyRequest, GetPublicKeyRequest, KeyVersionState, OperationKind, RewrapRequest,
+    RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, UpdateKeyRequest, digest,
+    sign_request,
 };
 use futures_util::{StreamExt, TryStreamExt, stream};
-use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::service::{TestService, create_key, reason, runtime};
 use softhsm_tests::token_test;
 use tonic::transport::Channel;
 
 async fn create(operator: &Channel, key_id: &str, algorithm: &str) {
-    let algorithm = KeyAlgorithm::from_api_name(algorithm).unwrap();
-    KeyServiceClient::new(operator.clone())
-        .create_key(CreateKeyRequest {
-            key_id: key_id.into(),
-            algorithm: algorithm.wire() as i32,
-            purpose: algorithm.purpose() as i32,
-            allowed_signers: vec!["ca-issuing".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(operator, key_id, algorithm, None).await;
 }
 
 fn envelope(channel: &Channel) -> EnvelopeServiceClient<Channel> {

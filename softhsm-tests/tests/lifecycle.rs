@@ -11,18 +11,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use custody_daemon::algorithms::KeyAlgorithm;
 use custody_daemon::service::Clock;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    CheckDriftRequest, CreateKeyRequest, DecryptRequest, Digest, DriftKind, EncryptRequest,
-    GetKeyRequest, Key, KeyVersionState, OperationKind, OperationState, RotateKeyRequest,
-    SetKeyVersionStateRequest, SetLegalHoldRequest, SetStateSpec, SignRequest, UpdateKeyRequest,
-    VerifyRequest, VersionRef, digest, operation_spec, sign_request, verify_request,
+    CheckDriftRequest, DecryptRequest, Digest, DriftKind, EncryptRequest, GetKeyRequest, Key,
+    KeyVersionState, OperationKind, OperationState, RotateKeyRequest, SetKeyVersionStateRequest,
+    SetLegalHoldRequest, SetStateSpec, SignRequest, UpdateKeyRequest, VerifyRequest, VersionRef,
+    digest, operation_spec, sign_request, verify_request,
 };
-use softhsm_tests::service::{TestService, reason, request_operation, runtime};
+use softhsm_tests::service::{TestService, create_key, reason, request_operation, runtime};
 use softhsm_tests::token_test;
 use tonic::transport::Channel;
 
@@ -34,19 +33,7 @@ async fn create(
     algorithm: &str,
     cryptoperiod_secs: Option<i64>,
 ) -> Key {
-    let algorithm = KeyAlgorithm::from_api_name(algorithm).unwrap();
-    KeyServiceClient::new(operator.clone())
-        .create_key(CreateKeyRequest {
-            key_id: key_id.into(),
-            algorithm: algorithm.wire() as i32,
-            purpose: algorithm.purpose() as i32,
-            allowed_signers: vec!["ca-issuing".into()],
-            cryptoperiod: cryptoperiod_secs
-                .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    create_key(operator, key_id, algorithm, cryptoperiod_secs).await
 }
 
 async fn get(operator: &Channel, key_id: &str) -> Key {

@@ -19,7 +19,7 @@ use super::{
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::Event;
 use crate::error::ServiceError;
-use crate::identity::{Role, valid_principal_name};
+use crate::identity::{Principal, Role, valid_principal_name};
 use crate::lifecycle::{self, Use};
 use crate::registry::{
     CommitError, KeyRecord, PendingVersion, REMEMBERED_ROTATIONS, RotationRequest, VersionRecord,
@@ -1024,6 +1024,44 @@ pub(crate) fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), 
     Ok(())
 }
 
+/// Runs a state-changing request that names its resource in `name`: caller,
+/// role check, then `$body` with the service, the audit record and the
+/// request, to completion in its own task ([`to_completion`]), audited.
+macro_rules! state_change {
+    ($self:ident, $request:ident, $method:literal, $allowed:ident, |$keys:ident, $audited:ident, $req:ident| $body:block) => {{
+        let $keys = Keys($self.0.clone());
+        let principal = caller(&$request);
+        let $req = $request.into_inner();
+        to_completion(async move {
+            let mut $audited = Audited::start($method);
+            $audited.resource = $req.name.clone();
+            let result = async {
+                let principal = principal?;
+                $audited.principal = principal.name.clone();
+                $allowed(&principal)?;
+                $body
+            }
+            .await;
+            $audited.finish(&$keys.0, result).await
+        })
+        .await
+    }};
+}
+
+fn operator(principal: &Principal) -> Result<(), ServiceError> {
+    require(principal, Role::Operator)
+}
+
+/// Safety-increasing calls (cancel a destruction, place a legal hold) are
+/// open to officers as well as operators.
+fn operator_or_officer(principal: &Principal) -> Result<(), ServiceError> {
+    if principal.has(Role::Officer) {
+        Ok(())
+    } else {
+        require(principal, Role::Operator)
+    }
+}
+
 #[tonic::async_trait]
 impl KeyService for Keys {
     async fn create_key(
@@ -1142,16 +1180,12 @@ impl KeyService for Keys {
         &self,
         request: Request<RotateKeyRequest>,
     ) -> Result<Response<Key>, Status> {
-        let keys = Keys(self.0.clone());
-        let principal = caller(&request);
-        let request = request.into_inner();
-        to_completion(async move {
-            let mut audited = Audited::start("RotateKey");
-            audited.resource = request.name.clone();
-            let result = async {
-                let principal = principal?;
-                audited.principal = principal.name.clone();
-                require(&principal, Role::Operator)?;
+        state_change!(
+            self,
+            request,
+            "RotateKey",
+            operator,
+            |keys, audited, request| {
                 let key_id = parse_key_name(&request.name)?;
                 let request_id = Some(request.request_id.as_str()).filter(|r| !r.is_empty());
                 if let Some(id) = request_id
@@ -1159,7 +1193,9 @@ impl KeyService for Keys {
                 {
                     return Err(ServiceError::invalid(
                         "BAD_REQUEST_ID",
-                        format!("request ids starting with {SCHEDULER_REQUEST_PREFIX} are the scheduler's"),
+                        format!(
+                            "request ids starting with {SCHEDULER_REQUEST_PREFIX} are the scheduler's"
+                        ),
                     ));
                 }
                 keys.rotate(
@@ -1172,102 +1208,63 @@ impl KeyService for Keys {
                 )
                 .await
             }
-            .await;
-            audited.finish(&keys.0, result).await
-        })
-        .await
+        )
     }
 
     async fn set_key_version_state(
         &self,
         request: Request<SetKeyVersionStateRequest>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let keys = Keys(self.0.clone());
-        let principal = caller(&request);
-        let request = request.into_inner();
-        to_completion(async move {
-            let mut audited = Audited::start("SetKeyVersionState");
-            audited.resource = request.name.clone();
-            let result = async {
-                let principal = principal?;
-                audited.principal = principal.name.clone();
-                require(&principal, Role::Operator)?;
+        state_change!(
+            self,
+            request,
+            "SetKeyVersionState",
+            operator,
+            |keys, audited, request| {
                 keys.set_state(&mut audited, &request, Approval::None).await
             }
-            .await;
-            audited.finish(&keys.0, result).await
-        })
-        .await
+        )
     }
 
     async fn update_key(
         &self,
         request: Request<UpdateKeyRequest>,
     ) -> Result<Response<Key>, Status> {
-        let keys = Keys(self.0.clone());
-        let principal = caller(&request);
-        let request = request.into_inner();
-        to_completion(async move {
-            let mut audited = Audited::start("UpdateKey");
-            audited.resource = request.name.clone();
-            let result = async {
-                let principal = principal?;
-                audited.principal = principal.name.clone();
-                require(&principal, Role::Operator)?;
-                keys.update(&mut audited, &request, Approval::None).await
-            }
-            .await;
-            audited.finish(&keys.0, result).await
-        })
-        .await
+        state_change!(
+            self,
+            request,
+            "UpdateKey",
+            operator,
+            |keys, audited, request| { keys.update(&mut audited, &request, Approval::None).await }
+        )
     }
 
     async fn cancel_destroy(
         &self,
         request: Request<VersionRef>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let keys = Keys(self.0.clone());
-        let principal = caller(&request);
-        let request = request.into_inner();
-        to_completion(async move {
-            let mut audited = Audited::start("CancelDestroy");
-            audited.resource = request.name.clone();
-            let result = async {
-                let principal = principal?;
-                audited.principal = principal.name.clone();
-                if !principal.has(Role::Officer) {
-                    require(&principal, Role::Operator)?;
-                }
+        state_change!(
+            self,
+            request,
+            "CancelDestroy",
+            operator_or_officer,
+            |keys, audited, request| {
                 Keys::cancel_destroy(&keys, &mut audited, &request.name).await
             }
-            .await;
-            audited.finish(&keys.0, result).await
-        })
-        .await
+        )
     }
 
     async fn set_legal_hold(
         &self,
         request: Request<SetLegalHoldRequest>,
     ) -> Result<Response<KeyVersion>, Status> {
-        let keys = Keys(self.0.clone());
-        let principal = caller(&request);
-        let request = request.into_inner();
-        to_completion(async move {
-            let mut audited = Audited::start("SetLegalHold");
-            audited.resource = request.name.clone();
-            let result = async {
-                let principal = principal?;
-                audited.principal = principal.name.clone();
-                if !principal.has(Role::Officer) {
-                    require(&principal, Role::Operator)?;
-                }
-                Keys::set_legal_hold(&keys, &mut audited, &request).await
-            }
-            .await;
-            audited.finish(&keys.0, result).await
-        })
-        .await
+        state_change!(
+            self,
+            request,
+            "SetLegalHold",
+            operator_or_officer,
+            |keys, audited, request| { Keys::set_legal_hold(&keys, &mut audited, &request).await }
+        )
     }
 
     async fn check_drift(
