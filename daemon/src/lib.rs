@@ -22,6 +22,7 @@
 //! | [`scheduler`] | scheduled rotation and destruction, drift checks, crash roll-back |
 //! | [`drift`] | comparing the registry with the objects the HSM holds |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
+//! | [`ceremony`] | key ceremonies: so far the K-of-N share format |
 //!
 //! The HSM is reached only through `hsm-shim`.
 
@@ -29,6 +30,7 @@
 
 pub mod algorithms;
 pub mod audit;
+pub mod ceremony;
 pub mod client;
 pub mod config;
 pub mod devpki;
