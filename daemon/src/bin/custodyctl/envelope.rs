@@ -98,7 +98,6 @@ fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
         .map_err(failed)
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Result<(), String> {
     let mut envelope = EnvelopeServiceClient::new(channel(connection).await?);
     match command {
@@ -119,7 +118,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
                 .map_err(status)?
                 .into_inner();
             write(&out, &response.ciphertext)?;
-            println!("encrypted under {} into {}", response.name, out.display());
+            outln!("encrypted under {} into {}", response.name, out.display());
         }
         EnvelopeCommand::Decrypt {
             name,
@@ -138,7 +137,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
                 .into_inner();
             let plaintext = Zeroizing::new(response.plaintext);
             write_private(&out, &plaintext)?;
-            println!(
+            outln!(
                 "decrypted with {} into {} ({} bytes)",
                 response.name,
                 out.display(),
@@ -162,7 +161,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             let data_key = Zeroizing::new(response.plaintext);
             write_private(&key_out, &data_key)?;
             write(&wrapped_out, &response.wrapped)?;
-            println!(
+            outln!(
                 "data key wrapped under {} in {}; the key itself in {}",
                 response.name,
                 wrapped_out.display(),
@@ -186,7 +185,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
                 .into_inner();
             let out = out.unwrap_or(input);
             write(&out, &response.ciphertext)?;
-            println!(
+            outln!(
                 "rewrapped from {} to {} into {}",
                 response.source_name,
                 response.name,

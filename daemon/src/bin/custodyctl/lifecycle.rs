@@ -74,7 +74,6 @@ pub(crate) fn time_text(time: &prost_types::Timestamp) -> String {
     custody_daemon::audit::rfc3339_ms(time.seconds.saturating_mul(1000))
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 pub(crate) async fn run(
     keys: &mut KeyServiceClient<Channel>,
     command: LifecycleCommand,
@@ -104,7 +103,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("the destruction of {} is cancelled", version.name);
+            outln!("the destruction of {} is cancelled", version.name);
         }
         LifecycleCommand::LegalHold { name, reason } => {
             let version = keys
@@ -115,7 +114,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!(
+            outln!(
                 "{} is under a legal hold; releasing it needs officer approval",
                 version.name
             );
@@ -125,7 +124,6 @@ pub(crate) async fn run(
 }
 
 /// `custodyctl drift`: prints the findings; an error (exit 1) if any.
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 pub(crate) async fn drift(connection: &Connection) -> Result<(), String> {
     let mut keys = KeyServiceClient::new(channel(connection).await?);
     let report = keys
@@ -140,12 +138,14 @@ pub(crate) async fn drift(connection: &Connection) -> Result<(), String> {
         } else {
             format!(" ({})", finding.version)
         };
-        println!(
+        outln!(
             "{kind:<18} {} [{}]{version}: {}",
-            finding.label, finding.object_class, finding.detail
+            finding.label,
+            finding.object_class,
+            finding.detail
         );
     }
-    println!(
+    outln!(
         "{} findings; {} HSM objects and {} registry versions checked",
         report.findings.len(),
         report.objects_checked,

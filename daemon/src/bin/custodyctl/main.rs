@@ -8,8 +8,44 @@
 //! commands; `envelope.rs` the envelope encryption commands, `lifecycle.rs`
 //! cryptoperiods, destruction, legal holds and drift.
 
+/// Writes to standard output. A closed pipe (`custodyctl keys list | head`)
+/// ends the program quietly, as in other command-line tools, instead of the
+/// panic `println!` gives.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*), false)
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
 mod envelope;
 mod lifecycle;
+
+fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(text).and_then(|()| {
+        if newline {
+            stdout.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(error) = written {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Nowhere left to report it but standard error.
+        eprintln!("custodyctl: writing the output: {error}");
+        std::process::exit(1);
+    }
+}
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -447,11 +483,10 @@ fn key_name(name: &str) -> String {
     }
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 fn print_key(key: &Key) {
     let algorithm =
         custody_proto::v1::Algorithm::try_from(key.algorithm).map_or("?", |a| a.as_str_name());
-    println!(
+    outln!(
         "{}  {}  primary v{}  signers: {}",
         key.name,
         algorithm,
@@ -459,10 +494,10 @@ fn print_key(key: &Key) {
         key.allowed_signers.join(", ")
     );
     if let Some(period) = &key.cryptoperiod {
-        println!("  cryptoperiod {} s", period.seconds);
+        outln!("  cryptoperiod {} s", period.seconds);
     }
     if key.min_version > 1 {
-        println!("  min version {}", key.min_version);
+        outln!("  min version {}", key.min_version);
     }
     for version in &key.versions {
         let state = KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name());
@@ -480,9 +515,9 @@ fn print_key(key: &Key) {
             notes.push("LEGAL HOLD".into());
         }
         if notes.is_empty() {
-            println!("  {}  {}", version.name, state);
+            outln!("  {}  {}", version.name, state);
         } else {
-            println!("  {}  {}  {}", version.name, state, notes.join("  "));
+            outln!("  {}  {}  {}", version.name, state, notes.join("  "));
         }
     }
 }
@@ -524,19 +559,18 @@ fn encoding(format: FormatArg) -> i32 {
     }
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::DevPki { out, hosts } => {
             let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
             custody_daemon::devpki::write_dev_pki(&out, &hosts).map_err(|e| e.to_string())?;
-            println!(
+            outln!(
                 "wrote a dev CA, server certificate, CRL and client certificates to {}",
                 out.display()
             );
             for (principal, roles) in custody_daemon::devpki::DEV_IDENTITIES {
                 let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-                println!("  {principal}.pem  {}", roles.join(", "));
+                outln!("  {principal}.pem  {}", roles.join(", "));
             }
         }
         Command::Keys(command) => {
@@ -627,13 +661,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                         Some(path) => {
                             std::fs::write(&path, &public.pem)
                                 .map_err(|e| format!("{}: {e}", path.display()))?;
-                            println!(
+                            outln!(
                                 "wrote the public key of {} to {}",
                                 public.name,
                                 path.display()
                             );
                         }
-                        None => print!("{}", public.pem),
+                        None => out!("{}", public.pem),
                     }
                 }
                 KeysCommand::Lifecycle(command) => lifecycle::run(&mut keys, command).await?,
@@ -652,7 +686,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .await
                         .map_err(status)?
                         .into_inner();
-                    println!("{} is now {}", version.name, state.as_str_name());
+                    outln!("{} is now {}", version.name, state.as_str_name());
                 }
             }
         }
@@ -691,14 +725,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Some(path) => {
                     std::fs::write(&path, &response.signature)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
-                    println!(
+                    outln!(
                         "signed with {}; {}-byte signature written to {}",
                         response.name,
                         response.signature.len(),
                         path.display()
                     );
                 }
-                None => println!("{}  {}", response.name, hex::encode(&response.signature)),
+                None => outln!("{}  {}", response.name, hex::encode(&response.signature)),
             }
         }
         Command::Verify(args) => {
@@ -717,7 +751,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             if response.valid {
-                println!("valid signature by {}", response.name);
+                outln!("valid signature by {}", response.name);
             } else {
                 return Err(format!("INVALID signature for {}", response.name));
             }
@@ -736,8 +770,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let (key, sealed) = OfficerKey::generate(&officer_id, &passphrase)?;
             let json = serde_json::to_string_pretty(&sealed).map_err(|e| e.to_string())?;
             write_private(&out, json.as_bytes())?;
-            println!("officer key for {officer_id} sealed in {}", out.display());
-            println!(
+            outln!("officer key for {officer_id} sealed in {}", out.display());
+            outln!(
                 "public key (give this to the enrollment): {}",
                 hex::encode(key.public_key())
             );
@@ -749,13 +783,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!(
+            outln!(
                 "{} officers; officer-set and default policy changes need {} approvals",
                 list.officers.len(),
                 list.admin_required
             );
             for officer in list.officers {
-                println!(
+                outln!(
                     "  {}  principal {}  key {}",
                     officer.officer_id,
                     officer.principal,
@@ -794,7 +828,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             if list.operations.is_empty() {
-                println!("nothing is waiting for approval");
+                outln!("nothing is waiting for approval");
             }
             for operation in list.operations {
                 print_operation(&operation);
@@ -819,7 +853,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
                 std::fs::write(&path, &signature.signature)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                println!(
+                outln!(
                     "signature by {} written to {}",
                     signature.name,
                     path.display()
@@ -864,13 +898,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 text.push('\n');
             }
             std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
-            println!(
+            outln!(
                 "exported {records} records and the signed head to {}",
                 out.display()
             );
             if let (Some(path), Some(pem)) = (key_out, key_pem) {
                 std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
-                println!(
+                outln!(
                     "wrote the audit public key to {} (compare its fingerprint with the one published at setup)",
                     path.display()
                 );
@@ -882,11 +916,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             let spki = pem_to_der(&pem)?;
             let report = verify_export(&text, &spki)
                 .map_err(|e| format!("the audit log does NOT verify: {e}"))?;
-            println!(
+            outln!(
                 "audit log verifies: {} records, {} signed checkpoints, signed head at record {}",
-                report.records, report.checkpoints, report.last_seq
+                report.records,
+                report.checkpoints,
+                report.last_seq
             );
-            println!(
+            outln!(
                 "audit key SHA-256 {} (it must match the audit_key_sha256 custodyd published at setup)",
                 hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spki))
             );
@@ -899,9 +935,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             if report.valid {
-                println!(
+                outln!(
                     "custodyd's audit chain verifies: {} records, {} checkpoints",
-                    report.records, report.checkpoints
+                    report.records,
+                    report.checkpoints
                 );
             } else {
                 return Err(format!(
@@ -952,26 +989,25 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 fn print_operation(operation: &Operation) {
     let state = OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name());
-    print!("{}", operation.rendering);
-    println!("  state: {state}");
+    out!("{}", operation.rendering);
+    outln!("  state: {state}");
     for vote in &operation.approvals {
-        println!("  approved by {}", vote.officer_id);
+        outln!("  approved by {}", vote.officer_id);
     }
     for vote in &operation.denials {
-        println!("  DENIED by {}", vote.officer_id);
+        outln!("  DENIED by {}", vote.officer_id);
     }
     if let Some(signature) = &operation.signature {
-        println!(
+        outln!(
             "  signature by {}: {}",
             signature.name,
             hex::encode(&signature.signature)
         );
     }
     if !operation.error.is_empty() {
-        println!("  error: {}", operation.error);
+        outln!("  error: {}", operation.error);
     }
 }
 
@@ -1049,7 +1085,6 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
 }
 
 /// Requests an operation and says how officers approve it.
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 async fn submit(connection: &Connection, spec: operation_spec::Spec) -> Result<(), String> {
     let mut operations = OperationServiceClient::new(channel(connection).await?);
     let operation = operations
@@ -1060,14 +1095,13 @@ async fn submit(connection: &Connection, spec: operation_spec::Spec) -> Result<(
         .map_err(status)?
         .into_inner();
     print_operation(&operation);
-    println!(
+    outln!(
         "officers approve it with: custodyctl approve {}",
         operation.name
     );
     Ok(())
 }
 
-#[expect(clippy::print_stdout, reason = "a CLI prints its results")]
 async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<(), String> {
     let sealed: SealedOfficerKey = serde_json::from_str(&read(&args.key_file)?)
         .map_err(|e| format!("{}: not an officer key file: {e}", args.key_file.display()))?;
@@ -1088,7 +1122,7 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
     let verb = if approve { "APPROVE" } else { "DENY" };
     if !args.yes {
         let expected = &hex::encode(digest)[..8];
-        print!(
+        out!(
             "to {verb} as officer {}, type the first 8 characters of the digest to sign: ",
             sealed.officer_id
         );
@@ -1128,7 +1162,7 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
     }
     .map_err(status)?
     .into_inner();
-    println!("{verb}D by {} ; the operation now:", key.officer_id());
+    outln!("{verb}D by {} ; the operation now:", key.officer_id());
     print_operation(&result);
     Ok(())
 }
