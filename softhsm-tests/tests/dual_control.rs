@@ -13,8 +13,8 @@ use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, GetKeyRequest, GetOperationRequest, KeyRef, ListOfficersRequest,
-    OfficerSpec, Operation, OperationKind, OperationState, SetPolicySpec, SignRequest, SignSpec,
-    VoteRequest, digest, operation_spec, sign_request,
+    OfficerSpec, OperationKind, OperationState, SetPolicySpec, SignRequest, SignSpec, digest,
+    operation_spec, sign_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::service::{TestService, reason, request_operation, runtime};
@@ -31,30 +31,6 @@ async fn officer_channel(service: &TestService, name: &str) -> Channel {
     service.client_as(name, &[Role::Officer]).await
 }
 
-async fn request(
-    channel: &Channel,
-    spec: operation_spec::Spec,
-) -> Result<Operation, tonic::Status> {
-    request_operation(channel, spec).await
-}
-
-fn vote_for(
-    service: &TestService,
-    officer: &str,
-    operation: &Operation,
-    approve: bool,
-) -> VoteRequest {
-    service.vote_for(officer, operation, approve)
-}
-
-async fn approve(
-    service: &TestService,
-    officer: &str,
-    operation: &Operation,
-) -> Result<Operation, tonic::Status> {
-    service.approve(officer, operation).await
-}
-
 async fn create_key(service: &TestService, key_id: &str) {
     KeyServiceClient::new(service.client("operator").await)
         .create_key(CreateKeyRequest {
@@ -66,10 +42,6 @@ async fn create_key(service: &TestService, key_id: &str) {
         })
         .await
         .unwrap();
-}
-
-async fn gate(service: &TestService, key_id: &str, kind: OperationKind) {
-    service.gate(key_id, kind).await;
 }
 
 fn sign_spec(key: &str, data: &[u8]) -> operation_spec::Spec {
@@ -85,7 +57,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             create_key(&service, "root").await;
-            gate(&service, "root", OperationKind::Sign).await;
+            service.gate("root", OperationKind::Sign).await;
             let key = KeyServiceClient::new(service.client("operator").await)
                 .get_key(GetKeyRequest { name: "keys/root".into() })
                 .await
@@ -106,17 +78,17 @@ token_test!(
                 .unwrap_err();
             assert_eq!(reason(&direct), "QUORUM_REQUIRED");
 
-            let operation = request(&ca, sign_spec("root", b"tbs")).await.unwrap();
+            let operation = request_operation(&ca, sign_spec("root", b"tbs")).await.unwrap();
             assert!(operation.rendering.contains("SIGN the sha256 digest"), "{}", operation.rendering);
             assert!(operation.rendering.contains(&hex::encode(&operation.digest)));
             assert_eq!(operation.required, 2);
-            let one = approve(&service, "carol", &operation).await.unwrap();
+            let one = service.approve("carol", &operation).await.unwrap();
             assert_eq!(one.state, OperationState::Pending as i32);
             assert!(one.signature.is_none());
             // The same officer again, even with a fresh certificate: not a second approval.
-            let again = approve(&service, "carol", &operation).await.unwrap_err();
+            let again = service.approve("carol", &operation).await.unwrap_err();
             assert_eq!(reason(&again), "ALREADY_VOTED");
-            let done = approve(&service, "alice", &operation).await.unwrap();
+            let done = service.approve("alice", &operation).await.unwrap();
             assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
 
             // The requester reads the signature, and openssl verifies it.
@@ -150,52 +122,52 @@ token_test!(
         runtime().block_on(async {
             let mut service = TestService::start(token).await;
             create_key(&service, "root").await;
-            gate(&service, "root", OperationKind::Sign).await;
+            service.gate("root", OperationKind::Sign).await;
             let ca = service.client("ca-issuing").await;
-            let first = request(&ca, sign_spec("root", b"one")).await.unwrap();
-            let second = request(&ca, sign_spec("root", b"one")).await.unwrap();
+            let first = request_operation(&ca, sign_spec("root", b"one")).await.unwrap();
+            let second = request_operation(&ca, sign_spec("root", b"one")).await.unwrap();
             assert_ne!(first.digest, second.digest, "two requests of the same thing share a digest");
 
             let mut client = OperationServiceClient::new(officer_channel(&service, "alice").await);
             // Alice's approval of `first`, replayed into `second`.
-            let mut replayed = vote_for(&service, "alice", &first, true);
+            let mut replayed = service.vote_for("alice", &first, true);
             replayed.name = second.name.clone();
             assert_eq!(reason(&client.approve_operation(replayed).await.unwrap_err()), "BAD_APPROVAL_SIGNATURE");
             // A denial signature is not an approval.
-            let denial = vote_for(&service, "alice", &first, false);
+            let denial = service.vote_for("alice", &first, false);
             let status = client.approve_operation(denial).await.unwrap_err();
             assert_eq!(reason(&status), "BAD_APPROVAL_SIGNATURE");
             // Bob's signature submitted as Alice's, and Alice claiming to be Bob.
-            let mut borrowed = vote_for(&service, "bob", &first, true);
+            let mut borrowed = service.vote_for("bob", &first, true);
             borrowed.officer_id = "alice".into();
             assert_eq!(reason(&client.approve_operation(borrowed).await.unwrap_err()), "BAD_APPROVAL_SIGNATURE");
-            let impostor = vote_for(&service, "bob", &first, true);
+            let impostor = service.vote_for("bob", &first, true);
             assert_eq!(reason(&client.approve_operation(impostor).await.unwrap_err()), "OFFICER_MISMATCH");
             // Not an officer at all, and an unknown officer id.
             let stranger = service.client_as("mallory", &[Role::Officer]).await;
-            let mut unknown = vote_for(&service, "alice", &first, true);
+            let mut unknown = service.vote_for("alice", &first, true);
             unknown.officer_id = "mallory".into();
             let status = OperationServiceClient::new(stranger).approve_operation(unknown).await.unwrap_err();
             assert_eq!(reason(&status), "OFFICER_NOT_ENROLLED");
             let status = OperationServiceClient::new(ca.clone())
-                .approve_operation(vote_for(&service, "alice", &first, true))
+                .approve_operation(service.vote_for("alice", &first, true))
                 .await
                 .unwrap_err();
             assert_eq!(reason(&status), "ROLE_REQUIRED");
 
             // Genuine approvals execute `first`; afterwards a vote is refused.
-            approve(&service, "alice", &first).await.unwrap();
-            let done = approve(&service, "bob", &first).await.unwrap();
+            service.approve("alice", &first).await.unwrap();
+            let done = service.approve("bob", &first).await.unwrap();
             assert_eq!(done.state, OperationState::Succeeded as i32);
-            assert_eq!(reason(&approve(&service, "carol", &first).await.unwrap_err()), "OPERATION_NOT_PENDING");
+            assert_eq!(reason(&service.approve("carol", &first).await.unwrap_err()), "OPERATION_NOT_PENDING");
 
             // Across a restart: `second` keeps its one approval, the executed one stays executed.
-            approve(&service, "alice", &second).await.unwrap();
+            service.approve("alice", &second).await.unwrap();
             drop((client, ca));
             service.restart().await;
-            assert_eq!(reason(&approve(&service, "carol", &first).await.unwrap_err()), "OPERATION_NOT_PENDING");
-            assert_eq!(reason(&approve(&service, "alice", &second).await.unwrap_err()), "ALREADY_VOTED");
-            let done = approve(&service, "carol", &second).await.unwrap();
+            assert_eq!(reason(&service.approve("carol", &first).await.unwrap_err()), "OPERATION_NOT_PENDING");
+            assert_eq!(reason(&service.approve("alice", &second).await.unwrap_err()), "ALREADY_VOTED");
+            let done = service.approve("carol", &second).await.unwrap();
             assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
         });
     }
@@ -206,23 +178,23 @@ token_test!(
         runtime().block_on(async {
             let mut service = TestService::start(token).await;
             create_key(&service, "root").await;
-            gate(&service, "root", OperationKind::Sign).await;
+            service.gate("root", OperationKind::Sign).await;
             let ca = service.client("ca-issuing").await;
             let ttl_ms = service.config.dual_control.approval_ttl_secs as i64 * 1000;
 
             // At expiry - 1 s an approval counts.
-            let early = request(&ca, sign_spec("root", b"early")).await.unwrap();
-            approve(&service, "alice", &early).await.unwrap();
+            let early = request_operation(&ca, sign_spec("root", b"early")).await.unwrap();
+            service.approve("alice", &early).await.unwrap();
             service.clock.advance(ttl_ms - 1000);
-            let done = approve(&service, "bob", &early).await.unwrap();
+            let done = service.approve("bob", &early).await.unwrap();
             assert_eq!(done.state, OperationState::Succeeded as i32);
 
             // At expiry, and at expiry + 1 s, it does not.
             for late_by in [0, 1000] {
-                let operation = request(&ca, sign_spec("root", b"late")).await.unwrap();
-                approve(&service, "alice", &operation).await.unwrap();
+                let operation = request_operation(&ca, sign_spec("root", b"late")).await.unwrap();
+                service.approve("alice", &operation).await.unwrap();
                 service.clock.advance(ttl_ms + late_by);
-                let status = approve(&service, "bob", &operation).await.unwrap_err();
+                let status = service.approve("bob", &operation).await.unwrap_err();
                 assert!(matches!(reason(&status).as_str(), "OPERATION_EXPIRED" | "OPERATION_NOT_PENDING"), "{status:?}");
                 let read = OperationServiceClient::new(ca.clone())
                     .get_operation(GetOperationRequest { name: operation.name.clone() })
@@ -234,13 +206,13 @@ token_test!(
             }
 
             // Expiry while the daemon is down.
-            let pending = request(&ca, sign_spec("root", b"down")).await.unwrap();
-            approve(&service, "alice", &pending).await.unwrap();
+            let pending = request_operation(&ca, sign_spec("root", b"down")).await.unwrap();
+            service.approve("alice", &pending).await.unwrap();
             drop(ca);
             service.stop().await;
             service.clock.advance(ttl_ms + 1);
             service.restart().await;
-            let status = approve(&service, "bob", &pending).await.unwrap_err();
+            let status = service.approve("bob", &pending).await.unwrap_err();
             assert!(matches!(reason(&status).as_str(), "OPERATION_EXPIRED" | "OPERATION_NOT_PENDING"));
             let audit: Vec<String> = service
                 .state()
@@ -262,7 +234,7 @@ token_test!(
             create_key(&service, "root").await;
             // Alice, as officer, requests a policy change: she cannot approve it.
             let alice = officer_channel(&service, "alice").await;
-            let operation = request(
+            let operation = request_operation(
                 &alice,
                 operation_spec::Spec::SetPolicy(SetPolicySpec {
                     name: "keys/root".into(),
@@ -273,16 +245,16 @@ token_test!(
             )
             .await
             .unwrap();
-            assert_eq!(reason(&approve(&service, "alice", &operation).await.unwrap_err()), "REQUESTER_CANNOT_APPROVE");
+            assert_eq!(reason(&service.approve("alice", &operation).await.unwrap_err()), "REQUESTER_CANNOT_APPROVE");
             // Carol denies: a veto.
             let carol = officer_channel(&service, "carol").await;
             let denied = OperationServiceClient::new(carol)
-                .deny_operation(vote_for(&service, "carol", &operation, false))
+                .deny_operation(service.vote_for("carol", &operation, false))
                 .await
                 .unwrap()
                 .into_inner();
             assert_eq!(denied.state, OperationState::Denied as i32);
-            assert_eq!(reason(&approve(&service, "bob", &operation).await.unwrap_err()), "OPERATION_NOT_PENDING");
+            assert_eq!(reason(&service.approve("bob", &operation).await.unwrap_err()), "OPERATION_NOT_PENDING");
 
             // Impossible and weak policies are refused outright.
             let operator = service.client("operator").await;
@@ -292,7 +264,7 @@ token_test!(
                 (vec!["alice", "nobody"], 2, "unknown officer"),
                 (vec!["alice", "alice", "bob"], 2, "duplicate"),
             ] {
-                let status = request(
+                let status = request_operation(
                     &operator,
                     operation_spec::Spec::SetPolicy(SetPolicySpec {
                         name: "keys/root".into(),
@@ -308,17 +280,17 @@ token_test!(
 
             // Remove carol (administrative quorum) while a request is pending
             // that carol already approved: her approval stops counting.
-            gate(&service, "root", OperationKind::Rotate).await;
-            let pending = request(&operator, operation_spec::Spec::Rotate(KeyRef { name: "keys/root".into() })).await.unwrap();
-            approve(&service, "carol", &pending).await.unwrap();
-            let removal = request(
+            service.gate("root", OperationKind::Rotate).await;
+            let pending = request_operation(&operator, operation_spec::Spec::Rotate(KeyRef { name: "keys/root".into() })).await.unwrap();
+            service.approve("carol", &pending).await.unwrap();
+            let removal = request_operation(
                 &operator,
                 operation_spec::Spec::RemoveOfficer(OfficerSpec { officer_id: "carol".into(), ..Default::default() }),
             )
             .await
             .unwrap();
-            approve(&service, "alice", &removal).await.unwrap();
-            let removed = approve(&service, "bob", &removal).await.unwrap();
+            service.approve("alice", &removal).await.unwrap();
+            let removed = service.approve("bob", &removal).await.unwrap();
             assert_eq!(removed.state, OperationState::Succeeded as i32, "{}", removed.error);
             let officers = OperationServiceClient::new(operator.clone())
                 .list_officers(ListOfficersRequest {})
@@ -326,12 +298,12 @@ token_test!(
                 .unwrap()
                 .into_inner();
             assert_eq!(officers.officers.len(), 2);
-            let after = approve(&service, "alice", &pending).await.unwrap();
+            let after = service.approve("alice", &pending).await.unwrap();
             assert_eq!(after.state, OperationState::Pending as i32, "a removed officer's approval still counted");
-            let done = approve(&service, "bob", &pending).await.unwrap();
+            let done = service.approve("bob", &pending).await.unwrap();
             assert_eq!(done.state, OperationState::Succeeded as i32);
             // The officer set cannot shrink below the administrative quorum.
-            let too_far = request(
+            let too_far = request_operation(
                 &operator,
                 operation_spec::Spec::RemoveOfficer(OfficerSpec { officer_id: "bob".into(), ..Default::default() }),
             )
@@ -347,11 +319,11 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             create_key(&service, "root").await;
-            gate(&service, "root", OperationKind::Sign).await;
+            service.gate("root", OperationKind::Sign).await;
             let ca = service.client("ca-issuing").await;
-            let operation = request(&ca, sign_spec("root", b"proof")).await.unwrap();
-            approve(&service, "bob", &operation).await.unwrap();
-            approve(&service, "carol", &operation).await.unwrap();
+            let operation = request_operation(&ca, sign_spec("root", b"proof")).await.unwrap();
+            service.approve("bob", &operation).await.unwrap();
+            service.approve("carol", &operation).await.unwrap();
             let mut proved = 0;
             for record in service.state().audit.records(1) {
                 let entry: serde_json::Value = serde_json::from_slice(&record.unwrap().entry).unwrap();
@@ -375,15 +347,15 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             create_key(&service, "root").await;
-            gate(&service, "root", OperationKind::Sign).await;
+            service.gate("root", OperationKind::Sign).await;
             let ca = service.client("ca-issuing").await;
-            let pending = request(&ca, sign_spec("root", b"before the change")).await.unwrap();
-            approve(&service, "alice", &pending).await.unwrap();
+            let pending = request_operation(&ca, sign_spec("root", b"before the change")).await.unwrap();
+            service.approve("alice", &pending).await.unwrap();
 
             // The SIGN policy is tightened to 3 of 3 (the key has no SET_POLICY
             // policy, so the administrative quorum approves the change).
             let operator = service.client("operator").await;
-            let tighten = request(
+            let tighten = request_operation(
                 &operator,
                 operation_spec::Spec::SetPolicy(SetPolicySpec {
                     name: "keys/root".into(),
@@ -394,16 +366,16 @@ token_test!(
             )
             .await
             .unwrap();
-            approve(&service, "alice", &tighten).await.unwrap();
-            approve(&service, "bob", &tighten).await.unwrap();
+            service.approve("alice", &tighten).await.unwrap();
+            service.approve("bob", &tighten).await.unwrap();
             // The second approval completes the old 2-of-3, but the policy changed.
-            let done = approve(&service, "bob", &pending).await.unwrap();
+            let done = service.approve("bob", &pending).await.unwrap();
             assert_eq!(done.state, OperationState::Failed as i32);
             assert!(done.error.contains("POLICY_CHANGED"), "{}", done.error);
             assert!(done.signature.is_none());
 
             // Removing an officer who is needed by a 3-of-3 policy is refused.
-            let status = request(
+            let status = request_operation(
                 &operator,
                 operation_spec::Spec::RemoveOfficer(OfficerSpec { officer_id: "carol".into(), ..Default::default() }),
             )
@@ -425,17 +397,17 @@ token_test!(
                     public_key: key.public_key().to_vec(),
                 })
             };
-            let first = request(&operator, enroll("dave")).await.unwrap();
-            let second = request(&operator, enroll("dave-2")).await.unwrap();
+            let first = request_operation(&operator, enroll("dave")).await.unwrap();
+            let second = request_operation(&operator, enroll("dave-2")).await.unwrap();
             for operation in [&first, &second] {
-                approve(&service, "alice", operation).await.unwrap();
+                service.approve("alice", operation).await.unwrap();
             }
-            let first = approve(&service, "bob", &first).await.unwrap();
+            let first = service.approve("bob", &first).await.unwrap();
             assert_eq!(first.state, OperationState::Succeeded as i32, "{}", first.error);
             // The first enrollment changed the officer set, and so the
             // administrative quorum the second was approved under; either way
             // the same person is not enrolled twice.
-            let second = approve(&service, "bob", &second).await.unwrap();
+            let second = service.approve("bob", &second).await.unwrap();
             assert_eq!(second.state, OperationState::Failed as i32);
             assert!(
                 second.error.contains("POLICY_CHANGED") || second.error.contains("OFFICER_EXISTS"),

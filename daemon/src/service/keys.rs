@@ -62,9 +62,10 @@ fn stored_state(state: KeyVersionState) -> Option<VersionState> {
 }
 
 fn duration(ms: i64) -> prost_types::Duration {
+    let split = timestamp(ms);
     prost_types::Duration {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        seconds: split.seconds,
+        nanos: split.nanos,
     }
 }
 
@@ -481,6 +482,21 @@ fn version_of(record: &KeyRecord, version: u32) -> Result<&VersionRecord, Servic
     })
 }
 
+/// Finds a version that is not destroyed, refusing with ALREADY_DESTROYED.
+fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&VersionRecord, ServiceError> {
+    let existing = version_of(record, version)?;
+    if existing.state == VersionState::Destroyed {
+        return Err(ServiceError::precondition(
+            "ALREADY_DESTROYED",
+            format!(
+                "{} is already destroyed",
+                version_name(&record.key_id, version)
+            ),
+        ));
+    }
+    Ok(existing)
+}
+
 /// Applies `change` to version `version` of `current` and writes the record.
 async fn update_version(
     state: &State,
@@ -803,13 +819,7 @@ impl Keys {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
-        let existing = version_of(&current, version)?;
-        if existing.state == VersionState::Destroyed {
-            return Err(ServiceError::precondition(
-                "ALREADY_DESTROYED",
-                format!("{name} is already destroyed"),
-            ));
-        }
+        let existing = not_destroyed(&current, version)?;
         if existing.destroy_at_ms.is_none() {
             return Err(ServiceError::precondition(
                 "NOT_SCHEDULED",
@@ -838,13 +848,7 @@ impl Keys {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
-        let existing = version_of(&current, version)?;
-        if existing.state == VersionState::Destroyed {
-            return Err(ServiceError::precondition(
-                "ALREADY_DESTROYED",
-                format!("{} is already destroyed", request.name),
-            ));
-        }
+        let existing = not_destroyed(&current, version)?;
         audited.detail = if existing.destroy_at_ms.is_some() {
             format!("hold: {reason}; cancels the scheduled destruction")
         } else {
