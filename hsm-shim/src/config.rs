@@ -62,7 +62,7 @@ impl PinSource {
 }
 
 /// Everything needed to open the HSM.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HsmConfig {
     /// Path of the PKCS#11 module (for SoftHSM2 on Debian:
     /// `/usr/lib/softhsm/libsofthsm2.so`).

@@ -147,6 +147,59 @@ pub(crate) fn rsa_public_key(spec: KeySpec, modulus: &[u8], exponent: &[u8]) -> 
     spki(spec, algorithm, &key)
 }
 
+/// What `C_CreateObject` needs to make a public key object.
+pub(crate) enum PublicParts {
+    /// EC or Edwards: `CKA_EC_PARAMS` and `CKA_EC_POINT` (DER OCTET STRING).
+    Ec { params: Vec<u8>, point: Vec<u8> },
+    /// RSA: `CKA_MODULUS` and `CKA_PUBLIC_EXPONENT`, unsigned big-endian.
+    Rsa { modulus: Vec<u8>, exponent: Vec<u8> },
+}
+
+/// The attributes of the public key `spki_der`, which must be a key of
+/// `spec`: rebuilding the SubjectPublicKeyInfo from the parts must give back
+/// exactly `spki_der`, so a key of another curve or size is refused.
+pub(crate) fn public_parts(spec: KeySpec, spki_der: &[u8]) -> Result<PublicParts> {
+    let info = spki::SubjectPublicKeyInfoRef::from_der(spki_der).map_err(der_error)?;
+    let key = info.subject_public_key.raw_bytes();
+    let (parts, rebuilt) = if let Some(bits) = spec.rsa_bits() {
+        #[derive(Sequence)]
+        struct RsaPublicKeyDer<'a> {
+            modulus: UintRef<'a>,
+            public_exponent: UintRef<'a>,
+        }
+        let rsa = RsaPublicKeyDer::from_der(key).map_err(der_error)?;
+        let modulus = rsa.modulus.as_bytes().to_vec();
+        if modulus.len() * 8 != bits as usize {
+            return Err(HsmError::new(
+                ErrorKind::InvalidInput,
+                format!("the public key is {} bits, not {spec}", modulus.len() * 8),
+            ));
+        }
+        let exponent = rsa.public_exponent.as_bytes().to_vec();
+        let rebuilt = rsa_public_key(spec, &modulus, &exponent)?;
+        (PublicParts::Rsa { modulus, exponent }, rebuilt)
+    } else {
+        let rebuilt = ec_public_key(spec, key)?;
+        let point = OctetStringRef::new(key)
+            .and_then(|octets| octets.to_der())
+            .map_err(der_error)?;
+        (
+            PublicParts::Ec {
+                params: ec_params(spec)?,
+                point,
+            },
+            rebuilt,
+        )
+    };
+    if rebuilt.spki_der() != spki_der {
+        return Err(HsmError::new(
+            ErrorKind::InvalidInput,
+            format!("the public key is not a {spec} key"),
+        ));
+    }
+    Ok(parts)
+}
+
 fn ec_algorithm(curve: ObjectIdentifier) -> Result<AlgorithmIdentifierOwned> {
     Ok(AlgorithmIdentifierOwned {
         oid: ID_EC_PUBLIC_KEY,

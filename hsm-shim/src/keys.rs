@@ -14,7 +14,9 @@ use cryptoki::context::Function;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 
-use crate::encoding::{PublicKey, ec_params, ec_public_key, rsa_public_key};
+use crate::encoding::{
+    PublicKey, PublicParts, ec_params, ec_public_key, public_parts, rsa_public_key,
+};
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::session::{Found, HsmSession, ObjectKind};
 use crate::types::{
@@ -75,7 +77,8 @@ pub(crate) fn private_key_template(
     template
 }
 
-fn public_key_template(label: &KeyLabel, spec: KeySpec) -> Result<Vec<Attribute>> {
+/// A public key that verifies and does nothing else: generated or imported.
+fn public_key_base(label: &KeyLabel, spec: KeySpec) -> Vec<Attribute> {
     let mut template = vec![
         Attribute::Class(ObjectClass::PUBLIC_KEY),
         Attribute::KeyType(key_type(spec)),
@@ -89,6 +92,11 @@ fn public_key_template(label: &KeyLabel, spec: KeySpec) -> Result<Vec<Attribute>
         Attribute::Modifiable(false),
     ];
     template.extend(id_and_label(label));
+    template
+}
+
+fn public_key_template(label: &KeyLabel, spec: KeySpec) -> Result<Vec<Attribute>> {
+    let mut template = public_key_base(label, spec);
     match spec.rsa_bits() {
         Some(bits) => {
             template.push(Attribute::ModulusBits(bits.into()));
@@ -254,6 +262,52 @@ impl HsmSession {
                     format!("the module gives no 3-byte CKA_CHECK_VALUE for {label}"),
                 )
             })
+    }
+
+    /// Makes a public key object labelled `label` from a published
+    /// SubjectPublicKeyInfo (a restore's manifest), so that the restored
+    /// private key's signatures verify in the HSM against exactly the key
+    /// that was published. Refuses a key that is not of `spec`.
+    pub fn import_public_key(
+        &mut self,
+        label: &KeyLabel,
+        spki_der: &[u8],
+        spec: KeySpec,
+    ) -> Result<PublicKey> {
+        if !spec.is_key_pair() {
+            return Err(HsmError::new(
+                ErrorKind::InvalidInput,
+                format!("{spec} has no public key"),
+            ));
+        }
+        let mut template = public_key_base(label, spec);
+        match public_parts(spec, spki_der)? {
+            PublicParts::Ec { params, point } => {
+                template.push(Attribute::EcParams(params));
+                template.push(Attribute::EcPoint(point));
+            }
+            PublicParts::Rsa { modulus, exponent } => {
+                template.push(Attribute::Modulus(modulus));
+                template.push(Attribute::PublicExponent(exponent));
+            }
+        }
+        let handle = self.recovering(|s| {
+            s.call(
+                Function::CreateObject,
+                || format!("importing the public key {label}"),
+                |session| session.create_object(&template),
+            )
+        })?;
+        self.remember(label, ObjectKind::Public, handle, spec);
+        // Read back: what the token holds is what was published.
+        let stored = self.public_key(label)?;
+        if stored.spki_der() != spki_der {
+            return Err(HsmError::new(
+                ErrorKind::IntegrityFailure,
+                format!("the token stored a different public key for {label}"),
+            ));
+        }
+        Ok(stored)
     }
 
     /// The public key of the key pair labelled `label`.

@@ -8,7 +8,8 @@
 //!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM),
 //!   `inventory.rs` (every object on the token, for drift detection).
 //! - [`security_officer`] makes the trusted backup KEK, the one thing only
-//!   the token's SO may do.
+//!   the token's SO may do, with [`Hsm::create_trusted_kek`]: the pool pauses
+//!   while the SO is logged in, because login state is per application.
 //! - `encoding.rs` turns PKCS#11 attributes into `SubjectPublicKeyInfo` and
 //!   converts ECDSA signatures between raw and DER.
 //! - [`HsmError`] (`error.rs`) keeps the PKCS#11 function and `CKR_*` code and

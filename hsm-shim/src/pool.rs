@@ -8,12 +8,20 @@
 //! session of an application logs it out, and a worker reopening its session
 //! must not log everyone else out.
 //!
+//! The workers pass through a `Gate` for each job, so that the pool can be
+//! paused: the one operation that must change who is logged in
+//! ([`Hsm::create_trusted_kek`], see [`crate::security_officer`]) waits for
+//! running jobs to finish and keeps new ones queued until the user is logged
+//! in again. Login state is per application, not per session, so without the
+//! pause a worker's job would run logged out or, worse, as the SO.
+//!
 //! Why worker threads, and why two: `docs/architecture.md` and
 //! `docs/benchmarks.md`.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -40,6 +48,7 @@ pub struct Hsm {
 struct Inner {
     access: Arc<TokenAccess>,
     token: TokenSummary,
+    gate: Arc<Gate>,
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     // Holds the application's login; see the module docs.
@@ -79,14 +88,16 @@ impl Hsm {
             faults: Faults::default(),
         });
         let login_session = access.open_logged_in()?;
+        let gate = Arc::new(Gate::default());
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
             let session = HsmSession::new(access.clone(), access.open_logged_in()?);
             let queue = queue.clone();
+            let gate = gate.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("hsm-worker-{index}"))
-                .spawn(move || serve(session, queue))
+                .spawn(move || serve(session, queue, &gate))
                 .map_err(|e| {
                     HsmError::new(ErrorKind::Internal, format!("starting HSM worker: {e}"))
                 })?;
@@ -103,6 +114,7 @@ impl Hsm {
             inner: Arc::new(Inner {
                 access,
                 token,
+                gate,
                 jobs: Some(jobs),
                 workers,
                 login_session: Mutex::new(login_session),
@@ -138,6 +150,12 @@ impl Hsm {
 
     /// A session of its own for a caller that owns a thread (a CLI, a
     /// benchmark's baseline). Async code uses [`Hsm::run`] instead.
+    ///
+    /// Such a session is outside the pool and is **not** paused by
+    /// [`Hsm::create_trusted_kek`]: a call made on it during that window finds
+    /// the application logged out (or logged in as the SO), fails, is retried
+    /// by the session's recovery a few times, and may return the error. Calls
+    /// after the window work as before.
     pub fn session(&self) -> Result<HsmSession> {
         let session = self.inner.access.open_logged_in()?;
         Ok(HsmSession::new(self.inner.access.clone(), session))
@@ -156,6 +174,25 @@ impl Hsm {
     /// Requests waiting for a worker (a gauge for metrics).
     pub fn queued(&self) -> usize {
         self.inner.jobs.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Runs `op` with the pool paused: once jobs already running have
+    /// finished, and before any queued job starts. `op` gets the token access
+    /// the workers use. Blocking; refused on a worker thread, whose own job
+    /// would keep the pause from ever starting.
+    pub(crate) fn with_workers_paused<T>(
+        &self,
+        op: impl FnOnce(&Arc<TokenAccess>) -> Result<T>,
+    ) -> Result<T> {
+        if ON_WORKER.get() {
+            return Err(HsmError::new(
+                ErrorKind::Internal,
+                "the HSM pool cannot be paused from one of its own jobs \
+                 (it would wait for itself); call this outside Hsm::run",
+            ));
+        }
+        let _paused = self.inner.gate.pause();
+        op(&self.inner.access)
     }
 
     /// The fault plan of this HSM, for tests of failure handling.
@@ -196,8 +233,17 @@ impl Drop for Inner {
     }
 }
 
-fn serve(mut session: HsmSession, queue: Receiver<Job>) {
+thread_local! {
+    /// Whether this thread is an HSM worker (see [`Hsm::with_workers_paused`]).
+    static ON_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+fn serve(mut session: HsmSession, queue: Receiver<Job>, gate: &Gate) {
+    ON_WORKER.set(true);
     while let Ok(job) = queue.recv() {
+        // Held for the job only: a pause waits for it and then holds the
+        // next job here, already taken from the queue but not started.
+        let _running = gate.enter();
         // A panicking job must not take the worker (and its session) down: the
         // caller sees its reply channel dropped and reports an internal error.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut session)));
@@ -207,8 +253,86 @@ fn serve(mut session: HsmSession, queue: Receiver<Job>) {
     }
 }
 
+/// What lets the pool be paused: workers enter it for each job; a pause waits
+/// until no job is running and stops new ones from starting until it ends.
+///
+/// Not an `RwLock<()>` (workers reading, the pause writing): std leaves the
+/// lock's fairness to the platform, and with readers preferred, workers busy
+/// back to back would hold overlapping read locks and starve the pause. Here
+/// a pause, once asked for, is served as soon as the jobs running then finish.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// A pause holds the gate or waits for running jobs to finish.
+    paused: bool,
+    /// Jobs running now.
+    running: usize,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        // The state is two plain fields that no panic can leave half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+        self.changed
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits while the pool is paused, then counts one running job until the
+    /// guard is dropped.
+    fn enter(&self) -> Running<'_> {
+        let mut state = self.lock();
+        while state.paused {
+            state = self.wait(state);
+        }
+        state.running += 1;
+        Running(self)
+    }
+
+    /// Waits for any other pause to end, stops new jobs from starting, then
+    /// waits for running jobs to finish. The pool stays paused until the guard
+    /// is dropped.
+    fn pause(&self) -> Paused<'_> {
+        let mut state = self.lock();
+        while state.paused {
+            state = self.wait(state);
+        }
+        state.paused = true;
+        while state.running > 0 {
+            state = self.wait(state);
+        }
+        Paused(self)
+    }
+}
+
+struct Running<'a>(&'a Gate);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+struct Paused<'a>(&'a Gate);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.lock().paused = false;
+        self.0.changed.notify_all();
+    }
+}
+
 /// Loads and initialises `path` once per process and returns the shared context.
-pub(crate) fn load_module(path: &Path) -> Result<Pkcs11> {
+fn load_module(path: &Path) -> Result<Pkcs11> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
@@ -228,7 +352,7 @@ pub(crate) fn load_module(path: &Path) -> Result<Pkcs11> {
     Ok(ctx)
 }
 
-pub(crate) fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<(Slot, TokenSummary)> {
+fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<(Slot, TokenSummary)> {
     let slots = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| HsmError::from_cryptoki("listing token slots", e))?;

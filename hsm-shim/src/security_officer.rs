@@ -1,30 +1,52 @@
-//! Operations only the token's security officer (SO) may do.
+//! The one operation only the token's security officer (SO) may do: making
+//! the trusted backup KEK, with [`Hsm::create_trusted_kek`].
 //!
-//! The one we need: making a backup KEK trusted (`CKA_TRUSTED`), so that keys
-//! made [`Exportability::BackupWrapOnly`] (`CKA_WRAP_WITH_TRUSTED`) can be
-//! wrapped under it and under nothing else. SoftHSM2 enforces both halves:
-//! a user may not set `CKA_TRUSTED` (`CKR_ATTRIBUTE_READ_ONLY`), and a
-//! wrap-with-trusted key refuses an untrusted KEK (`CKR_KEY_NOT_WRAPPABLE`).
+//! A key made
+//! [`Exportability::BackupWrapOnly`](crate::Exportability::BackupWrapOnly)
+//! (`CKA_WRAP_WITH_TRUSTED`) can be wrapped under a KEK marked `CKA_TRUSTED`
+//! and under nothing else, and only the SO may mark a key trusted. SoftHSM2
+//! enforces both halves: a user who sets `CKA_TRUSTED` gets
+//! `CKR_ATTRIBUTE_READ_ONLY`, and a wrap-with-trusted key refuses an untrusted
+//! KEK (`CKR_KEY_NOT_WRAPPABLE`).
 //!
-//! PKCS#11 logs in per application, as one user type at a time, so this runs
-//! in a process (or a moment) with no user login: a ceremony step in
-//! `custodyctl`, or a test before it opens [`crate::Hsm`]. An SO can only make
-//! public objects; the KEK is still sensitive and never extractable, and it is
-//! meant to live only as long as the backup or restore that needs it.
+//! custodyd makes the KEK during a ceremony, while it serves requests. PKCS#11
+//! logs in per application, as one user type at a time: the SO cannot log in
+//! while the user is (`CKR_USER_ANOTHER_ALREADY_LOGGED_IN`), and logging the
+//! user out logs out every session of the process, the pool's workers
+//! included. So the pool pauses (running jobs finish, queued jobs wait; see
+//! `pool.rs`), and on a session of its own the application logs out, the SO
+//! logs in, makes the KEK and logs out, and the user logs in again before the
+//! pool resumes. The user login is restored whatever happened on the way; if
+//! even that fails, the error is returned and the workers log in again on
+//! their next job (a logged-out session is one [`HsmSession`] recovers from).
+//! The SO logs in with the pool's read-write sessions open, which SoftHSM2
+//! allows; it refuses while a read-only session is open
+//! (`CKR_SESSION_READ_ONLY_EXISTS`), and this crate opens none.
+//!
+//! What the logout does besides (PKCS#11 `C_Logout`, and SoftHSM2 does it): the
+//! application's handles to private objects become invalid, so the shared
+//! handle cache is emptied; and private session objects of every session of
+//! the process are destroyed, among them a session KEK imported for a restore
+//! ([`HsmSession::import_session_unwrap_kek`]). A restore must therefore not
+//! run while a trusted KEK is being made. Sessions from [`Hsm::session`] are
+//! not paused: see there.
+//!
+//! An SO can only make public objects; the KEK is still sensitive and never
+//! extractable, and it is meant to live only as long as the backup or restore
+//! that needs it.
 
 use cryptoki::context::Function;
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use zeroize::Zeroize;
 
-use crate::config::TokenSelector;
 use crate::error::{ErrorKind, HsmError, Result};
-use crate::fault::Faults;
 use crate::keys::CheckValue;
-use crate::pool::{find_token, load_module};
-use crate::session::{HandleCache, HsmSession, TokenAccess};
+use crate::pool::Hsm;
+use crate::session::HsmSession;
 use crate::types::{KeyInfo, KeyLabel};
 
 /// Where the trusted KEK's value comes from.
@@ -36,51 +58,114 @@ pub enum KekSource<'a> {
     Import(&'a SecretSlice<u8>),
 }
 
-/// Logs in as the SO and makes a trusted AES-256 KEK labelled `label` that can
-/// wrap and unwrap, and nothing else. Returns its key check value.
-pub fn create_trusted_kek(
-    module: &std::path::Path,
-    token: &TokenSelector,
-    so_pin: &SecretString,
-    label: &KeyLabel,
-    source: KekSource<'_>,
-) -> Result<KeyInfo> {
-    if let KekSource::Import(value) = &source {
-        if value.expose_secret().len() != 32 {
-            return Err(HsmError::new(
-                ErrorKind::InvalidInput,
-                format!("a KEK is 32 bytes, got {}", value.expose_secret().len()),
-            ));
+impl Hsm {
+    /// Makes a trusted AES-256 KEK labelled `label` that can wrap and unwrap,
+    /// and nothing else, as the token's security officer, and returns its key
+    /// check value.
+    ///
+    /// Blocking, and it pauses the worker pool until it returns (see the
+    /// module docs): async callers use `spawn_blocking`. It cannot be called
+    /// from inside [`Hsm::run`] (`Internal`: the pause would wait for its own
+    /// job). Other errors: `InvalidInput` for an imported value that is not 32
+    /// bytes, `AlreadyExists` if any object has the label, `Authentication`
+    /// for a wrong SO PIN.
+    pub fn create_trusted_kek(
+        &self,
+        so_pin: &SecretString,
+        label: &KeyLabel,
+        source: KekSource<'_>,
+    ) -> Result<KeyInfo> {
+        if let KekSource::Import(value) = &source {
+            if value.expose_secret().len() != 32 {
+                return Err(HsmError::new(
+                    ErrorKind::InvalidInput,
+                    format!("a KEK is 32 bytes, got {}", value.expose_secret().len()),
+                ));
+            }
         }
+        let info = self.with_workers_paused(|access| {
+            let mut session = HsmSession::new(access.clone(), access.open_logged_in()?);
+            // Checked as the user, who sees every object; the SO sees only
+            // public ones and would miss a private key with this label.
+            session.ensure_label_free_for_import(label)?;
+            let made = as_security_officer(&mut session, so_pin, |so| {
+                make_trusted_kek(so, label, source)
+            });
+            let restored = restore_user_login(&session);
+            match (made, restored) {
+                (Ok(info), Ok(())) => Ok(info),
+                (Ok(info), Err(error)) => {
+                    tracing::error!(
+                        %label,
+                        kcv = ?info.check_value,
+                        %error,
+                        "the trusted KEK was made, but the user could not be logged in again; \
+                         workers log in again on their next job"
+                    );
+                    Err(error)
+                }
+                (Err(error), Ok(())) => Err(error),
+                (Err(error), Err(restore_error)) => {
+                    tracing::error!(
+                        %restore_error,
+                        "the user could not be logged in again; workers log in again on their next job"
+                    );
+                    Err(error)
+                }
+            }
+            // `session` closes here; the pool's sessions keep the login.
+        })?;
+        tracing::info!(%label, kcv = ?info.check_value, "security officer made a trusted KEK");
+        Ok(info)
     }
-    let ctx = load_module(module)?;
-    let (slot, _) = find_token(&ctx, token)?;
-    let access = std::sync::Arc::new(TokenAccess {
-        ctx,
-        slot,
-        // The SO session logs in below with the SO PIN, not this one.
-        pin: SecretString::from(""),
-        cache: HandleCache::default(),
-        faults: Faults::default(),
-    });
-    let session = access
-        .ctx
-        .open_rw_session(slot)
-        .map_err(|e| HsmError::from_cryptoki("opening an SO session", e))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(|e| HsmError::from_cryptoki("logging in as the security officer", e))?;
-    let mut so = HsmSession::new(access, session);
-    let made = make_trusted_kek(&mut so, label, source);
-    let logout = so.call(
+}
+
+/// Logs the application out, logs the SO in on `session`, and runs `op`. The
+/// caller logs the user in again, whatever this returns.
+fn as_security_officer<T>(
+    session: &mut HsmSession,
+    so_pin: &SecretString,
+    op: impl FnOnce(&mut HsmSession) -> Result<T>,
+) -> Result<T> {
+    session.call(
+        Function::Logout,
+        || "logging the user out for the security officer".into(),
+        |s| s.logout(),
+    )?;
+    session.call(
+        Function::Login,
+        || "logging in as the security officer".into(),
+        |s| s.login(UserType::So, Some(so_pin)),
+    )?;
+    op(session)
+}
+
+/// Logs out whoever is logged in (the SO, the user, or nobody) and logs the
+/// user in again. The logout made every cached handle to a private object
+/// invalid, so the handle cache is emptied.
+fn restore_user_login(session: &HsmSession) -> Result<()> {
+    let logout = session.call(
         Function::Logout,
         || "logging the security officer out".into(),
-        |session| session.logout(),
+        |s| s.logout(),
     );
-    let info = made?;
-    logout?;
-    tracing::info!(%label, kcv = ?info.check_value, "security officer made a trusted KEK");
-    Ok(info)
+    session.access().cache.clear();
+    match logout {
+        Ok(()) => {}
+        Err(error) if error.rv() == Some(RvError::UserNotLoggedIn) => {}
+        // Whoever is still logged in, the login below says so.
+        Err(error) => tracing::warn!(%error, "logging out after the security officer's step"),
+    }
+    let pin = &session.access().pin;
+    match session.call(
+        Function::Login,
+        || "logging the user in again after the security officer's step".into(),
+        |s| s.login(UserType::User, Some(pin)),
+    ) {
+        Ok(()) => Ok(()),
+        Err(error) if error.rv() == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 fn make_trusted_kek(
@@ -88,7 +173,6 @@ fn make_trusted_kek(
     label: &KeyLabel,
     source: KekSource<'_>,
 ) -> Result<KeyInfo> {
-    so.ensure_label_free_for_import(label)?;
     let bytes = label.as_str().as_bytes();
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),

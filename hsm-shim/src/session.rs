@@ -90,6 +90,12 @@ pub(crate) struct Found {
 /// object handles are valid in all of an application's sessions). It saves a
 /// `C_FindObjects` round per request; a stale entry shows up as
 /// `CKR_OBJECT_HANDLE_INVALID` and is dropped by [`HsmSession::recovering`].
+///
+/// Only token objects are cached. A session object dies with the session that
+/// made it (or with a logout, if private), and a cached handle would outlive
+/// it: on a module that reuses handles it could even name another object. So a
+/// session object (a restore's KEK) is looked up on each use, and once its
+/// session is closed it is simply not found.
 #[derive(Default)]
 pub(crate) struct HandleCache {
     map: RwLock<HashMap<(ObjectKind, KeyLabel), Found>>,
@@ -111,7 +117,7 @@ impl HandleCache {
         map.retain(|(_, l), _| l != label);
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.map
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -259,11 +265,12 @@ impl HsmSession {
                 ));
             }
         };
-        let found = Found {
-            handle,
-            spec: self.read_spec(handle, label)?,
-        };
-        self.access.cache.insert(kind, label, found);
+        let (spec, on_token) = self.read_spec_and_scope(handle, label)?;
+        let found = Found { handle, spec };
+        // Session objects stay out of the shared cache; see `HandleCache`.
+        if on_token {
+            self.access.cache.insert(kind, label, found);
+        }
         Ok(found)
     }
 
@@ -306,6 +313,17 @@ impl HsmSession {
     /// Reads the key spec from an object's type and public parameters (all
     /// non-sensitive, readable on private keys too).
     pub(crate) fn read_spec(&self, handle: ObjectHandle, label: &KeyLabel) -> Result<KeySpec> {
+        self.read_spec_and_scope(handle, label)
+            .map(|(spec, _)| spec)
+    }
+
+    /// [`Self::read_spec`], and whether the object is a token object
+    /// (`CKA_TOKEN`), in the same `C_GetAttributeValue`.
+    fn read_spec_and_scope(
+        &self,
+        handle: ObjectHandle,
+        label: &KeyLabel,
+    ) -> Result<(KeySpec, bool)> {
         let attributes = self.attributes(
             handle,
             &[
@@ -313,6 +331,7 @@ impl HsmSession {
                 AttributeType::EcParams,
                 AttributeType::Modulus,
                 AttributeType::ValueLen,
+                AttributeType::Token,
             ],
             label,
         )?;
@@ -320,12 +339,16 @@ impl HsmSession {
         let mut ec_params = None;
         let mut modulus_len = None;
         let mut value_len = None;
+        // Every object has CKA_TOKEN; if a module kept it back, treat the
+        // object as a session object: never cached, so never stale.
+        let mut on_token = false;
         for attribute in attributes {
             match attribute {
                 Attribute::KeyType(t) => key_type = Some(t),
                 Attribute::EcParams(p) => ec_params = Some(p),
                 Attribute::Modulus(m) => modulus_len = Some(m.len()),
                 Attribute::ValueLen(l) => value_len = Some(*l),
+                Attribute::Token(t) => on_token = t,
                 _ => {}
             }
         }
@@ -335,7 +358,7 @@ impl HsmSession {
                 format!("object labelled {label} is {what}, which custody does not use"),
             )
         };
-        match key_type {
+        let spec = match key_type {
             Some(KeyType::EC) | Some(KeyType::EC_EDWARDS) => {
                 let params =
                     ec_params.ok_or_else(|| unsupported("an EC key without EC_PARAMS".into()))?;
@@ -351,7 +374,8 @@ impl HsmSession {
             },
             Some(KeyType::AES) if value_len == Some(32) => Ok(KeySpec::Aes256),
             other => Err(unsupported(format!("a key of type {other:?}"))),
-        }
+        }?;
+        Ok((spec, on_token))
     }
 
     /// `C_GetAttributeValue`. cryptoki leaves out attributes the object does not

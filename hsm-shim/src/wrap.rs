@@ -4,12 +4,16 @@
 //! `CKM_AES_KEY_WRAP_PAD`. A non-extractable key refuses (`NotPermitted`); a
 //! tampered wrapped blob fails its integrity check (`IntegrityFailure`) before
 //! any object is made.
+//!
+//! A restore unwraps under a KEK rebuilt from backup shares, imported only for
+//! the length of one session ([`HsmSession::import_session_unwrap_kek`]), so
+//! that it never becomes a token object.
 
 use cryptoki::context::Function;
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use secrecy::{ExposeSecret, SecretSlice};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -43,6 +47,32 @@ fn integrity_failure(error: HsmError) -> HsmError {
 fn for_unwrap(mut template: Vec<Attribute>) -> Vec<Attribute> {
     template.retain(|attribute| !matches!(attribute, Attribute::Modifiable(_)));
     template
+}
+
+/// A session-object AES key that may unwrap and nothing else; see
+/// [`HsmSession::import_session_unwrap_kek`].
+fn session_unwrap_kek_template(label: &KeyLabel) -> Vec<Attribute> {
+    let bytes = label.as_str().as_bytes();
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Unwrap(true),
+        Attribute::Wrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        // C_CopyObject could otherwise make a token object of it.
+        Attribute::Copyable(false),
+        Attribute::Id(bytes.to_vec()),
+        Attribute::Label(bytes.to_vec()),
+    ]
 }
 
 impl HsmSession {
@@ -168,6 +198,71 @@ impl HsmSession {
             created
         })?;
         self.finish_secret_key(label, handle, CheckValue::Required)
+    }
+
+    /// Imports a 32-byte AES key as a KEK that unwraps and does nothing else,
+    /// as a session object of this session, and returns its key check value
+    /// so the custodians can confirm it. For restores: the backup KEK rebuilt
+    /// from shares is needed for one unwrap session and must never be stored.
+    ///
+    /// The key is private, sensitive, non-extractable, not copyable (so it
+    /// cannot be copied into a token object) and may only unwrap: no wrap,
+    /// encrypt, decrypt, sign, verify or derive. [`Self::unwrap_private_key`]
+    /// and [`Self::unwrap_aes_key`] on this session find it by `label`, and
+    /// [`Self::destroy`] removes it. It is gone, and then not found, once
+    /// this session closes, once this session is reopened by its recovery
+    /// (the old session is closed), or once the application logs out (PKCS#11
+    /// destroys private session objects then, as
+    /// [`crate::Hsm::create_trusted_kek`] does): import it again after a
+    /// `NotFound`. While it lives, other sessions of this process can see it
+    /// too (PKCS#11 session objects belong to the application).
+    pub fn import_session_unwrap_kek(
+        &mut self,
+        label: &KeyLabel,
+        value: &SecretSlice<u8>,
+    ) -> Result<KeyInfo> {
+        if value.expose_secret().len() != 32 {
+            return Err(HsmError::new(
+                ErrorKind::InvalidInput,
+                format!("a KEK is 32 bytes, got {}", value.expose_secret().len()),
+            ));
+        }
+        self.ensure_label_free_for_import(label)?;
+        // A stale cached token object of the same label must not shadow it.
+        self.access().cache.forget_label(label);
+        let handle = self.recovering(|s| {
+            let mut template = session_unwrap_kek_template(label);
+            template.push(Attribute::Value(value.expose_secret().to_vec()));
+            let created = s.call(
+                Function::CreateObject,
+                || format!("importing session KEK {label}"),
+                |session| session.create_object(&template),
+            );
+            // The template held a copy of the key value: wipe it now.
+            for attribute in &mut template {
+                if let Attribute::Value(bytes) = attribute {
+                    bytes.zeroize();
+                }
+            }
+            created
+        })?;
+        // Not `finish_secret_key`: that caches the handle, and a session
+        // object's handle must not be cached (see `HandleCache`).
+        match self.check_value(handle, label) {
+            Ok(kcv) => {
+                tracing::info!(%label, kcv = ?kcv, "imported a session KEK");
+                Ok(KeyInfo {
+                    label: label.clone(),
+                    spec: KeySpec::Aes256,
+                    public_key: None,
+                    check_value: Some(kcv),
+                })
+            }
+            Err(error) => {
+                self.destroy_handles(label, &[handle]);
+                Err(error)
+            }
+        }
     }
 
     /// Encrypts with AES-256-GCM under the key labelled `label`, with a fresh
