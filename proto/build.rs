@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "custody/v1/audit.proto",
         "custody/v1/approvals.proto",
         "custody/v1/envelope.proto",
+        "custody/v1/ceremony.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -116,6 +116,22 @@ pub enum Event {
         /// What replaced it: the rotation, or why there was none.
         replacement: String,
     },
+    /// One entry of a ceremony's transcript: the transcript's own hash chain
+    /// is anchored in the audit chain entry by entry.
+    Ceremony {
+        /// `ceremonies/{id}`.
+        ceremony: String,
+        /// The entry's sequence number in the transcript.
+        entry: u32,
+        /// The step.
+        step: String,
+        /// Officer id, or `custodyd`.
+        actor: String,
+        /// The entry in words.
+        summary: String,
+        /// The entry's hash, hex.
+        entry_hash: String,
+    },
     /// A signed checkpoint of the chain head.
     Checkpoint {
         /// The record the checkpoint covers.
@@ -231,7 +247,15 @@ enum Command {
     ),
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
     SignHead(oneshot::Sender<Result<SignedHead, AuditError>>),
+    SignStatement(Vec<u8>, oneshot::Sender<Result<Vec<u8>, AuditError>>),
+    Hold(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>),
     Stop,
+}
+
+/// While held, the audit writer makes no HSM call (see [`AuditLog::hold`]);
+/// dropping it lets the writer go on.
+pub struct AuditHold {
+    _release: std::sync::mpsc::Sender<()>,
 }
 
 /// Checkpoint cadence.
@@ -368,6 +392,31 @@ impl AuditLog {
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
     }
 
+    /// Signs `message` (SHA-256, ECDSA P-256, DER) with the audit key: the
+    /// signature on ceremony transcripts and backup manifests.
+    pub async fn sign_statement(&self, message: Vec<u8>) -> Result<Vec<u8>, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SignStatement(message, reply))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Parks the writer until the returned guard is dropped, once what is
+    /// queued before it is written. The token security officer's step of a
+    /// ceremony logs the whole application out for a moment; the writer's
+    /// session must not sign a checkpoint meanwhile. Appends wait, they do
+    /// not fail.
+    pub async fn hold(&self) -> Result<AuditHold, AuditError> {
+        let (parked, answer) = oneshot::channel();
+        let (release, wait) = std::sync::mpsc::channel();
+        self.send(Command::Hold(parked, wait))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
+        Ok(AuditHold { _release: release })
+    }
+
     /// Stops the writer after what is queued, and waits for it: on return the
     /// log holds no database handle of its own.
     pub fn close(&self) {
@@ -483,6 +532,14 @@ impl Writer {
                     Command::SignHead(reply) => {
                         let _ = reply.send(self.sign_head());
                     }
+                    Command::SignStatement(message, reply) => {
+                        let _ = reply.send(self.sign(&message));
+                    }
+                    Command::Hold(parked, wait) => {
+                        let _ = parked.send(());
+                        // Returns when the guard is dropped (its sender gone).
+                        let _ = wait.recv();
+                    }
                     Command::Append(..) | Command::Stop => {}
                 }
             }
@@ -577,7 +634,7 @@ impl Writer {
             return Err(AuditError::Unavailable("nothing to checkpoint yet".into()));
         }
         let (head_seq, head_hash) = (self.seq, self.hash);
-        let signature = self.sign(&checkpoint_message(head_seq, &head_hash));
+        let signature = self.sign(checkpoint_message(head_seq, &head_hash).as_bytes());
         let signature = match signature {
             Ok(signature) => signature,
             Err(error) => {
@@ -607,7 +664,7 @@ impl Writer {
 
     fn sign_head(&mut self) -> Result<SignedHead, AuditError> {
         let time = now_rfc3339();
-        let signature = self.sign(&head_message(self.seq, &self.hash, &time))?;
+        let signature = self.sign(head_message(self.seq, &self.hash, &time).as_bytes())?;
         Ok(SignedHead {
             seq: self.seq,
             hash: self.hash,
@@ -616,8 +673,8 @@ impl Writer {
         })
     }
 
-    fn sign(&mut self, message: &str) -> Result<Vec<u8>, AuditError> {
-        let digest = Sha256::digest(message.as_bytes());
+    fn sign(&mut self, message: &[u8]) -> Result<Vec<u8>, AuditError> {
+        let digest = Sha256::digest(message);
         self.session
             .sign(
                 &self.label,

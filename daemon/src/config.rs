@@ -46,6 +46,9 @@ pub struct Config {
     /// Envelope encryption.
     #[serde(default)]
     pub envelope: EnvelopeSection,
+    /// Key ceremonies and DR drills.
+    #[serde(default)]
+    pub ceremony: CeremonySection,
 }
 
 /// `[lifecycle]`
@@ -124,6 +127,20 @@ impl Default for EnvelopeSection {
 
 fn default_max_encryptions_per_version() -> u64 {
     1 << 32
+}
+
+/// `[ceremony]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeremonySection {
+    /// File holding the token security officer's PIN. Only KEK ceremonies
+    /// need it (the SO makes the trusted backup KEK); without it they are
+    /// refused. Keep it readable by custodyd alone.
+    pub so_pin_file: Option<PathBuf>,
+    /// Label of the scratch token DR drills restore into (same module).
+    pub scratch_token_label: Option<String>,
+    /// File holding the scratch token's user PIN.
+    pub scratch_pin_file: Option<PathBuf>,
 }
 
 /// `[dual_control]`
@@ -326,6 +343,11 @@ impl Config {
         if !(2..=1 << 32).contains(&self.envelope.max_encryptions_per_version) {
             return Err(ConfigError(
                 "[envelope] max_encryptions_per_version must be within 2-4294967296 (2^32, the bound for random GCM nonces)".into(),
+            ));
+        }
+        if self.ceremony.scratch_token_label.is_some() != self.ceremony.scratch_pin_file.is_some() {
+            return Err(ConfigError(
+                "[ceremony] scratch_token_label and scratch_pin_file go together".into(),
             ));
         }
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {

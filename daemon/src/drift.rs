@@ -72,6 +72,17 @@ struct Expected {
     class: ObjectClassName,
     public_key_der_hex: Option<String>,
     check_value: Option<String>,
+    /// Backup-exportable keys are extractable (wrap-with-trusted only).
+    extractable: bool,
+}
+
+/// Objects the key registry does not name but ceremonies account for.
+#[derive(Debug, Default, Clone)]
+pub struct CeremonyObjects {
+    /// Labels an unfinished ceremony has journaled: there or not, both right.
+    pub in_flight: Vec<String>,
+    /// Trusted backup KEKs: must be there, sensitive and non-extractable.
+    pub backup_keks: Vec<String>,
 }
 
 /// Compares `keys` (and the generations in flight, `pending`) with the
@@ -79,12 +90,14 @@ struct Expected {
 pub fn compare(
     keys: &[std::sync::Arc<KeyRecord>],
     pending: &[PendingVersion],
+    ceremonies: &CeremonyObjects,
     objects: &[ObjectSummary],
     now_ms: i64,
 ) -> Report {
     let mut expected: BTreeMap<(String, ObjectClassName), Expected> = BTreeMap::new();
     let mut must_be_gone: BTreeMap<String, String> = BTreeMap::new();
     let mut may_be_there: Vec<String> = pending.iter().map(|p| p.hsm_label.clone()).collect();
+    may_be_there.extend(ceremonies.in_flight.iter().cloned());
     let mut versions_checked = 0;
     for key in keys {
         let asymmetric = KeyAlgorithm::from_api_name(&key.algorithm)
@@ -117,6 +130,7 @@ pub fn compare(
                         check_value: (class == ObjectClassName::Secret
                             && !version.check_value.is_empty())
                         .then(|| version.check_value.to_uppercase()),
+                        extractable: key.backup_exportable && class != ObjectClassName::Public,
                     },
                 );
             }
@@ -130,6 +144,19 @@ pub fn compare(
                 class,
                 public_key_der_hex: None,
                 check_value: None,
+                extractable: false,
+            },
+        );
+    }
+    for label in &ceremonies.backup_keks {
+        expected.insert(
+            (label.clone(), ObjectClassName::Secret),
+            Expected {
+                version: None,
+                class: ObjectClassName::Secret,
+                public_key_der_hex: None,
+                check_value: None,
+                extractable: false,
             },
         );
     }
@@ -178,7 +205,7 @@ pub fn compare(
             if object.sensitive != Some(true) {
                 differences.push(format!("CKA_SENSITIVE is {:?}", object.sensitive));
             }
-            if object.extractable != Some(false) {
+            if object.extractable != Some(want.extractable) {
                 differences.push(format!("CKA_EXTRACTABLE is {:?}", object.extractable));
             }
         }
@@ -240,7 +267,12 @@ pub async fn check(state: &State) -> Result<Report, String> {
         .registry
         .pending_versions()
         .map_err(|e| e.to_string())?;
-    let report = compare(&keys, &pending, &objects, state.clock.now_ms());
+    let (in_flight, backup_keks) = state.ceremonies.expected_labels();
+    let ceremonies = CeremonyObjects {
+        in_flight,
+        backup_keks,
+    };
+    let report = compare(&keys, &pending, &ceremonies, &objects, state.clock.now_ms());
     crate::metrics::drift(&report);
     Ok(report)
 }
@@ -280,6 +312,7 @@ mod tests {
             cryptoperiod_ms: None,
             min_version: 0,
             rotation_requests: vec![],
+            backup_exportable: false,
         })
     }
 
@@ -309,6 +342,7 @@ mod tests {
         let report = compare(
             &[key(vec![version(1, VersionState::Active)])],
             &[],
+            &CeremonyObjects::default(),
             &healthy(),
             0,
         );
@@ -326,7 +360,7 @@ mod tests {
         changed.public_key_der = Some(vec![1]);
         objects.retain(|o| !(o.label == "key/k/v1" && o.class == ObjectClassName::Public));
         objects.push(changed);
-        let kinds: Vec<Kind> = compare(&keys, &[], &objects, 0)
+        let kinds: Vec<Kind> = compare(&keys, &[], &CeremonyObjects::default(), &objects, 0)
             .findings
             .iter()
             .map(|f| f.kind)
@@ -342,7 +376,7 @@ mod tests {
         let keys = [key(vec![version(1, VersionState::Active)])];
         let mut objects = healthy();
         objects[2].extractable = Some(true);
-        let report = compare(&keys, &[], &objects, 0);
+        let report = compare(&keys, &[], &CeremonyObjects::default(), &objects, 0);
         assert_eq!(report.findings.len(), 1);
         assert!(report.findings[0].detail.contains("CKA_EXTRACTABLE"));
     }
@@ -364,7 +398,7 @@ mod tests {
             trigger: "rotate".into(),
             started_ms: 0,
         }];
-        let report = compare(&keys, &pending, &objects, 0);
+        let report = compare(&keys, &pending, &CeremonyObjects::default(), &objects, 0);
         assert_eq!(report.findings.len(), 2, "{report:?}");
         assert!(
             report

@@ -117,6 +117,10 @@ pub struct KeyRecord {
     /// [`REMEMBERED_ROTATIONS`]).
     #[serde(default)]
     pub rotation_requests: Vec<RotationRequest>,
+    /// Whether its versions may leave the HSM wrapped under the token's
+    /// trusted backup KEK (and under nothing else).
+    #[serde(default)]
+    pub backup_exportable: bool,
 }
 
 /// A version whose generation has started but is not committed.
@@ -246,6 +250,25 @@ impl Registry {
         self.flush().await?;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         keys.insert(record.key_id.clone(), Arc::new(record));
+        Ok(())
+    }
+
+    /// Writes `records` in one atomic batch, durably, then makes them
+    /// visible: a restore registers all its keys or none.
+    pub async fn put_all(&self, records: Vec<KeyRecord>) -> Result<(), RegistryError> {
+        let mut batch = sled::Batch::default();
+        for record in &records {
+            let bytes = serde_json::to_vec(record).map_err(|e| RegistryError(e.to_string()))?;
+            batch.insert(record.key_id.as_bytes(), bytes);
+        }
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| RegistryError(e.to_string()))?;
+        self.flush().await?;
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        for record in records {
+            keys.insert(record.key_id.clone(), Arc::new(record));
+        }
         Ok(())
     }
 

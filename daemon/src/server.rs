@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custody_proto::v1::audit_service_server::AuditServiceServer;
+use custody_proto::v1::ceremony_service_server::CeremonyServiceServer;
 use custody_proto::v1::envelope_service_server::EnvelopeServiceServer;
 use custody_proto::v1::key_service_server::KeyServiceServer;
 use custody_proto::v1::operation_service_server::OperationServiceServer;
@@ -22,6 +23,7 @@ use crate::pin_lockout;
 use crate::registry::Registry;
 use crate::service::State;
 use crate::service::audit::Audit;
+use crate::service::ceremony::CeremonyKeys;
 use crate::service::envelope::EnvelopeKeys;
 use crate::service::keys::Keys;
 use crate::service::operations::{Operations, expire_due};
@@ -125,6 +127,7 @@ impl Daemon {
         }
         let budget =
             crate::envelope::NonceBudget::open(&db, config.envelope.max_encryptions_per_version)?;
+        let ceremonies = ceremonies(&config, &db)?;
         let state = Arc::new(State {
             hsm,
             registry,
@@ -137,8 +140,18 @@ impl Daemon {
             clock,
             lifecycle: config.lifecycle.clone(),
             budget,
+            ceremonies,
         });
         crate::scheduler::roll_back_unfinished(&state).await?;
+        let rolled_back = crate::ceremony::engine::recover(&state)
+            .await
+            .map_err(|e| format!("ceremony recovery: {e}"))?;
+        if rolled_back > 0 {
+            tracing::warn!(
+                rolled_back,
+                "ceremonies interrupted by a crash were rolled back"
+            );
+        }
         Ok(Daemon { state, tls, config })
     }
 
@@ -157,6 +170,7 @@ impl Daemon {
             "custody.v1.AuditService",
             "custody.v1.OperationService",
             "custody.v1.EnvelopeService",
+            "custody.v1.CeremonyService",
             "",
         ] {
             health_reporter
@@ -197,6 +211,11 @@ impl Daemon {
                     .max_encoding_message_size(limit),
             )
             .add_service(
+                CeremonyServiceServer::new(CeremonyKeys(state.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
                 AuditServiceServer::new(Audit(state.clone())).max_decoding_message_size(limit),
             )
             .serve_with_incoming_shutdown(incoming(listener, self.tls), shutdown)
@@ -206,6 +225,43 @@ impl Daemon {
         state.audit.close();
         served
     }
+}
+
+/// The ceremony engine: its journal, the SO PIN if KEK ceremonies are
+/// allowed, and the scratch token if drills are.
+fn ceremonies(
+    config: &Config,
+    db: &sled::Db,
+) -> Result<crate::ceremony::engine::Ceremonies, String> {
+    let journal = crate::ceremony::journal::Journal::open(db).map_err(|e| e.to_string())?;
+    let so_pin = config
+        .ceremony
+        .so_pin_file
+        .as_ref()
+        .map(|path| hsm_shim::PinSource::File(path.clone()).load())
+        .transpose()
+        .map_err(|e| format!("[ceremony] so_pin_file: {e}"))?;
+    let scratch = match (
+        &config.ceremony.scratch_token_label,
+        &config.ceremony.scratch_pin_file,
+    ) {
+        (Some(label), Some(pin_file)) => {
+            let pin = hsm_shim::PinSource::File(pin_file.clone())
+                .load()
+                .map_err(|e| format!("[ceremony] scratch_pin_file: {e}"))?;
+            let mut scratch = HsmConfig::new(
+                config.hsm.module.clone(),
+                TokenSelector::Label(label.clone()),
+                pin,
+            );
+            scratch.workers = 1;
+            Some(scratch)
+        }
+        _ => None,
+    };
+    Ok(crate::ceremony::engine::Ceremonies::new(
+        journal, so_pin, scratch,
+    ))
 }
 
 /// Reports NOT_SERVING once the audit log can no longer record, exports HSM

@@ -1,5 +1,25 @@
-//! Key ceremonies. So far: the K-of-N share format custodians hold
-//! ([`shares`]); the journaled ceremony engine, scripts, backup and restore
-//! build on it.
+//! Key ceremonies.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`engine`] | the journaled state machine that runs a script, and crash recovery |
+//! | [`journal`] | ceremony records and the backup KEK in sled |
+//! | [`script`] | ceremony scripts: parsing, validation, the plan |
+//! | [`shares`] | the K-of-N share format custodians hold |
+//! | [`sealed`] | shares sealed to a custodian's officer key |
+//! | [`components`] | key components, their check values, and combining them |
+//! | [`certificate`] | the self-signed root certificate, signed in the HSM |
+//! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
+//! | [`transcript`] | the hash-chained, signed ceremony transcript |
+//! | [`bundle`] | backup bundles and their signed manifest |
 
+pub mod bundle;
+pub mod certificate;
+pub mod components;
+pub mod engine;
+pub mod fingerprint;
+pub mod journal;
+pub mod script;
+pub mod sealed;
 pub mod shares;
+pub mod transcript;

@@ -175,6 +175,11 @@ impl Share {
         self.index
     }
 
+    /// K: how many shares of the set rebuild the secret.
+    pub fn threshold(&self) -> u8 {
+        self.threshold
+    }
+
     /// The set id, hex.
     pub fn set_id(&self) -> String {
         hex::encode(self.set_id)

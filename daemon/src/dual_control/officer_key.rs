@@ -35,7 +35,8 @@ pub struct SealedOfficerKey {
     pub sealed_seed: String,
 }
 
-/// An unsealed officer key: signs approvals and denials.
+/// An unsealed officer key: signs approvals, denials and ceremony steps, and
+/// opens backup shares sealed to it.
 pub struct OfficerKey {
     officer_id: String,
     signing: SigningKey,
@@ -171,6 +172,12 @@ impl OfficerKey {
     /// Signs `message` (an approval or denial message).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.signing.sign(message).to_bytes()
+    }
+
+    /// Opens a backup share sealed to this officer
+    /// ([`crate::ceremony::sealed`]).
+    pub fn open_sealed(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+        crate::ceremony::sealed::open(&self.signing, sealed)
     }
 }
 

@@ -88,6 +88,7 @@ pub(crate) fn key_message(record: &KeyRecord) -> Key {
         algorithm: algorithm.map_or(0, |a| a.wire() as i32),
         purpose: algorithm.map_or(0, |a| a.purpose() as i32),
         allowed_signers: record.allowed_signers.clone(),
+        backup_exportable: record.backup_exportable,
         primary_version: record.primary_version,
         versions: record
             .versions
@@ -233,6 +234,15 @@ pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
         .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))
 }
 
+/// Backup-exportable keys may be wrapped under a trusted KEK only.
+fn exportability(backup_exportable: bool) -> Exportability {
+    if backup_exportable {
+        Exportability::BackupWrapOnly
+    } else {
+        Exportability::NonExportable
+    }
+}
+
 /// Generates version `version` of `key_id` in the HSM, journaled: the
 /// pending entry is durable before the HSM call, and is dropped again if the
 /// call fails. The caller holds the registry lock and commits the version
@@ -245,6 +255,7 @@ async fn generate_version(
     state: &State,
     key_id: &str,
     algorithm: KeyAlgorithm,
+    export: Exportability,
     version: u32,
     trigger: &'static str,
 ) -> Result<VersionRecord, ServiceError> {
@@ -270,13 +281,9 @@ async fn generate_version(
         .run(move |session| {
             let generate = |session: &mut hsm_shim::HsmSession| {
                 if spec.is_key_pair() {
-                    session.generate_key_pair(&run_label, spec, Exportability::NonExportable)
+                    session.generate_key_pair(&run_label, spec, export)
                 } else {
-                    session.generate_aes_key(
-                        &run_label,
-                        AesRole::DataEncryption,
-                        Exportability::NonExportable,
-                    )
+                    session.generate_aes_key(&run_label, AesRole::DataEncryption, export)
                 }
             };
             match generate(session) {
@@ -444,8 +451,15 @@ async fn rotate_locked(
     };
     audited.intent(state).await?;
     let result = async {
-        let version =
-            generate_version(state, &current.key_id, algorithm, next, trigger.as_str()).await?;
+        let version = generate_version(
+            state,
+            &current.key_id,
+            algorithm,
+            exportability(current.backup_exportable),
+            next,
+            trigger.as_str(),
+        )
+        .await?;
         let label = version.hsm_label.clone();
         let mut record = current.clone();
         record.versions.push(version);
@@ -601,6 +615,12 @@ impl Keys {
                 ));
             }
         }
+        if request.backup_exportable && algorithm.key_spec() == hsm_shim::KeySpec::Ed25519 {
+            return Err(ServiceError::invalid(
+                "NOT_BACKUP_EXPORTABLE",
+                "SoftHSM2 cannot wrap Ed25519 private keys, so they cannot be backed up",
+            ));
+        }
         let state = &self.0;
         let _guard = state.registry.lock().await;
         if state.registry.get(&request.key_id).is_some() {
@@ -610,8 +630,21 @@ impl Keys {
                 format!("keys/{} already exists", request.key_id),
             ));
         }
+        if state
+            .ceremonies
+            .reserved_key_ids()
+            .contains(&request.key_id)
+        {
+            return Err(ServiceError::new(
+                tonic::Code::AlreadyExists,
+                "KEY_RESERVED",
+                format!("an open ceremony makes keys/{}", request.key_id),
+            ));
+        }
         audited.intent(state).await?;
-        let first = generate_version(state, &request.key_id, algorithm, 1, "create").await?;
+        let export = exportability(request.backup_exportable);
+        let first =
+            generate_version(state, &request.key_id, algorithm, export, 1, "create").await?;
         let label = first.hsm_label.clone();
         let record = KeyRecord {
             key_id: request.key_id.clone(),
@@ -624,6 +657,7 @@ impl Keys {
             cryptoperiod_ms,
             min_version: 0,
             rotation_requests: Vec::new(),
+            backup_exportable: request.backup_exportable,
         };
         commit_version(state, record.clone(), &label).await?;
         Ok(key_message(&record))

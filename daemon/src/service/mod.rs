@@ -8,6 +8,7 @@
 //! is durable.
 
 pub mod audit;
+pub mod ceremony;
 pub mod envelope;
 pub mod keys;
 pub mod operations;
@@ -51,6 +52,8 @@ pub struct State {
     pub lifecycle: crate::config::LifecycleSection,
     /// Encryptions per AES version.
     pub budget: crate::envelope::NonceBudget,
+    /// Key ceremonies: the journal and the engine's state.
+    pub ceremonies: crate::ceremony::engine::Ceremonies,
 }
 
 /// Where dual control reads the time from.

@@ -2,11 +2,13 @@
 //!
 //! Connection options come from flags or the environment: `--server`
 //! (`CUSTODY_SERVER`), `--ca` (`CUSTODY_CA`), `--cert` (`CUSTODY_CERT`),
-//! `--key` (`CUSTODY_KEY`). `dev-pki` and `audit verify` work offline.
+//! `--key` (`CUSTODY_KEY`). `dev-pki`, `audit verify` and `ceremony check`
+//! work offline.
 //!
 //! This file holds the command tree and the key, signing, audit and officer
 //! commands; `envelope.rs` the envelope encryption commands, `lifecycle.rs`
-//! cryptoperiods, destruction, legal holds and drift.
+//! cryptoperiods, destruction, legal holds and drift, `ceremony.rs` key
+//! ceremony scripts.
 
 /// Writes to standard output. A closed pipe (`custodyctl keys list | head`)
 /// ends the program quietly, as in other command-line tools, instead of the
@@ -24,6 +26,7 @@ macro_rules! outln {
     };
 }
 
+mod ceremony;
 mod envelope;
 mod lifecycle;
 
@@ -144,6 +147,9 @@ enum Command {
     Envelope(envelope::EnvelopeCommand),
     /// Compare the registry with the objects the HSM holds; exits 1 on drift.
     Drift,
+    /// Key ceremonies, backups, restores and DR drills.
+    #[command(subcommand)]
+    Ceremony(ceremony::CeremonyCommand),
     /// Make a development CA, server and client certificates (offline).
     DevPki {
         /// Directory to write them to.
@@ -297,6 +303,10 @@ enum KeysCommand {
         /// the scheduler rotates before it ends.
         #[arg(long, value_parser = lifecycle::parse_duration)]
         cryptoperiod: Option<std::time::Duration>,
+        /// Let its versions leave the HSM wrapped under the token's backup
+        /// KEK (for backup bundles); off by default.
+        #[arg(long)]
+        backup_exportable: bool,
     },
     /// List keys.
     List,
@@ -581,6 +591,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     algorithm,
                     signers,
                     cryptoperiod,
+                    backup_exportable,
                 } => {
                     let algorithm = KeyAlgorithm::from_api_name(&algorithm).ok_or_else(|| {
                         let known: Vec<&str> =
@@ -597,6 +608,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                             purpose: algorithm.purpose() as i32,
                             allowed_signers: signers,
                             cryptoperiod: cryptoperiod.map(lifecycle::duration_message),
+                            backup_exportable,
                         })
                         .await
                         .map_err(status)?
@@ -692,6 +704,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Envelope(command) => envelope::run(&cli.connection, command).await?,
         Command::Drift => lifecycle::drift(&cli.connection).await?,
+        Command::Ceremony(command) => ceremony::run(&cli.connection, command).await?,
         Command::Sign(args) => {
             let (input, _) = input_of(&args.input)?;
             let mut signing = SigningServiceClient::new(channel(&cli.connection).await?);
@@ -959,6 +972,23 @@ fn operation_name(operation: &str) -> String {
     }
 }
 
+/// Reads a sealed officer key file.
+fn sealed_officer_key(path: &Path) -> Result<SealedOfficerKey, String> {
+    serde_json::from_str(&read(path)?)
+        .map_err(|e| format!("{}: not an officer key file: {e}", path.display()))
+}
+
+/// Unseals an officer key with its passphrase.
+fn unseal(sealed: &SealedOfficerKey) -> Result<OfficerKey, String> {
+    OfficerKey::unseal(
+        sealed,
+        &passphrase(
+            &format!("passphrase of officer {}: ", sealed.officer_id),
+            false,
+        )?,
+    )
+}
+
 /// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.
 fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
     if let Ok(value) = std::env::var("CUSTODY_OFFICER_PASSPHRASE") {
@@ -1103,8 +1133,7 @@ async fn submit(connection: &Connection, spec: operation_spec::Spec) -> Result<(
 }
 
 async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<(), String> {
-    let sealed: SealedOfficerKey = serde_json::from_str(&read(&args.key_file)?)
-        .map_err(|e| format!("{}: not an officer key file: {e}", args.key_file.display()))?;
+    let sealed = sealed_officer_key(&args.key_file)?;
     let mut operations = OperationServiceClient::new(channel(connection).await?);
     let operation = operations
         .get_operation(GetOperationRequest {
@@ -1138,13 +1167,7 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
             ));
         }
     }
-    let key = OfficerKey::unseal(
-        &sealed,
-        &passphrase(
-            &format!("passphrase of officer {}: ", sealed.officer_id),
-            false,
-        )?,
-    )?;
+    let key = unseal(&sealed)?;
     let message = if approve {
         approval_message(&digest)
     } else {

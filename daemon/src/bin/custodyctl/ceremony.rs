@@ -1,0 +1,646 @@
+//! `custodyctl ceremony ...` and `custodyctl backup`: key ceremonies as
+//! officers and custodians run them, one step per command, each on the
+//! officer's own terminal with their own certificate and officer key.
+//!
+//! `check` reads a script offline so officers can review it before the day.
+//! Every other step fetches the ceremony first and refuses to go on at any
+//! mismatch: the script the server runs must be the file this officer
+//! reviewed (same digest), the fingerprint the server reports must be the
+//! SHA-256 of the public key it sends, and a share must pass its checksum
+//! before it is written down or sent. `verify-transcript` works offline.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use custody_daemon::ceremony::components;
+use custody_daemon::ceremony::engine::{confirmation_message, presence_message};
+use custody_daemon::ceremony::fingerprint::{Fingerprint, hex_groups};
+use custody_daemon::ceremony::script::{Kind, Script};
+use custody_daemon::ceremony::shares::Share;
+use custody_daemon::ceremony::transcript::Transcript;
+use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::{
+    AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CollectShareRequest,
+    CreateBackupRequest, GetCeremonyRequest, GetTranscriptRequest, ListCeremoniesRequest,
+    StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
+};
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use super::{Connection, channel, read, sealed_officer_key, status, unseal, write_private};
+
+#[derive(Subcommand)]
+pub(crate) enum CeremonyCommand {
+    /// Check a ceremony script (offline): print its summary, digest and plan.
+    /// For a restore, also check the bundle file against its bundle_sha256.
+    Check {
+        /// The script (TOML).
+        file: PathBuf,
+    },
+    /// Open a ceremony from a reviewed script (and, for a restore, the
+    /// bundle it names).
+    Start {
+        /// The script (TOML).
+        file: PathBuf,
+    },
+    /// Show a ceremony: its steps, what it waits for, the fingerprint.
+    Status {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+    },
+    /// List ceremonies, newest first.
+    List,
+    /// Sign in as an officer of the quorum. Refused unless the server runs
+    /// exactly the script you reviewed.
+    SignIn {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// The script you reviewed.
+        #[arg(long)]
+        script: PathBuf,
+        /// Your sealed officer key file.
+        #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+        key_file: PathBuf,
+    },
+    /// Collect your own backup share (KEK ceremony) into a new file that
+    /// only you can read.
+    CollectShare {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// Your sealed officer key file.
+        #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+        key_file: PathBuf,
+        /// Where to write the share (created, mode 0600; must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Enter your key component (KEK ceremony, components mode). Asked for
+    /// without echo unless --component-file is given.
+    SubmitComponent {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// Your sealed officer key file.
+        #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+        key_file: PathBuf,
+        /// A file holding the component (64 hex digits).
+        #[arg(long)]
+        component_file: Option<PathBuf>,
+        /// The check value on your component sheet (6 hex digits).
+        #[arg(long)]
+        kcv: String,
+    },
+    /// Submit your backup share (restore or drill).
+    SubmitShare {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// Your sealed officer key file.
+        #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+        key_file: PathBuf,
+        /// The file holding your share.
+        #[arg(long)]
+        share_file: PathBuf,
+    },
+    /// Confirm the new key's fingerprint after it was read aloud.
+    Confirm {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// The script you reviewed.
+        #[arg(long)]
+        script: PathBuf,
+        /// Your sealed officer key file.
+        #[arg(long, env = "CUSTODY_OFFICER_KEY")]
+        key_file: PathBuf,
+        /// The fingerprint read aloud, hex (spaces allowed); without it you
+        /// are asked to type its last 8 hex digits.
+        #[arg(long)]
+        expect_fingerprint: Option<String>,
+    },
+    /// Stop an unfinished ceremony; whatever it made is destroyed.
+    Abort {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Save a ceremony's transcript: DIR/{id}.md, DIR/{id}.json and the
+    /// audit key, DIR/audit-key.pem.
+    Transcript {
+        /// ceremonies/{id} or the id.
+        ceremony: String,
+        /// Directory to write to.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Verify a transcript offline against the audit key.
+    VerifyTranscript {
+        /// The transcript JSON.
+        file: PathBuf,
+        /// The audit key's public key (PEM).
+        #[arg(long)]
+        audit_key: PathBuf,
+    },
+    /// Write a backup bundle of every backup-exportable key version, wrapped
+    /// under the token's backup KEK.
+    Backup {
+        /// Where to write the bundle (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub(crate) async fn run(connection: &Connection, command: CeremonyCommand) -> Result<(), String> {
+    match command {
+        CeremonyCommand::Check { file } => {
+            check(&file).map_err(|error| format!("{}: {error}", file.display()))
+        }
+        CeremonyCommand::VerifyTranscript { file, audit_key } => {
+            verify_transcript(&file, &audit_key)
+        }
+        command => online(connection, command).await,
+    }
+}
+
+fn name(id: &str) -> String {
+    if id.starts_with("ceremonies/") {
+        id.to_string()
+    } else {
+        format!("ceremonies/{id}")
+    }
+}
+
+/// The script file, parsed, and its exact text.
+fn reviewed(file: &Path) -> Result<(Script, String), String> {
+    let text = read(file)?;
+    let script = Script::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok((script, text))
+}
+
+async fn fetch(
+    client: &mut CeremonyServiceClient<Channel>,
+    ceremony: &str,
+) -> Result<Ceremony, String> {
+    client
+        .get_ceremony(GetCeremonyRequest {
+            name: name(ceremony),
+        })
+        .await
+        .map_err(status)
+        .map(tonic::Response::into_inner)
+}
+
+/// Refuses unless the server runs the script this officer reviewed.
+fn same_script(ceremony: &Ceremony, script: &Script) -> Result<(), String> {
+    if ceremony.script_digest != script.digest() {
+        return Err(format!(
+            "MISMATCH: {} runs a script with digest {}, but the file you reviewed has digest {}: nothing was signed",
+            ceremony.name,
+            hex_groups(&ceremony.script_digest),
+            hex_groups(&script.digest())
+        ));
+    }
+    Ok(())
+}
+
+async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(), String> {
+    let mut client = CeremonyServiceClient::new(channel(connection).await?);
+    match command {
+        CeremonyCommand::Check { .. } | CeremonyCommand::VerifyTranscript { .. } => Ok(()),
+        CeremonyCommand::Start { file } => {
+            let (script, text) = reviewed(&file)?;
+            let bundle = match script.kind() {
+                Kind::Restore { bundle, .. } => {
+                    read(&file.parent().unwrap_or(Path::new("")).join(bundle))?
+                }
+                _ => String::new(),
+            };
+            let ceremony = client
+                .start_ceremony(StartCeremonyRequest {
+                    script: text,
+                    bundle,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_ceremony(&ceremony);
+            outln!("");
+            outln!("plan:");
+            for line in script.plan() {
+                outln!("  {line}");
+            }
+            Ok(())
+        }
+        CeremonyCommand::Status { ceremony } => {
+            print_ceremony(&fetch(&mut client, &ceremony).await?);
+            Ok(())
+        }
+        CeremonyCommand::List => {
+            let list = client
+                .list_ceremonies(ListCeremoniesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for ceremony in &list.ceremonies {
+                outln!(
+                    "{}  {}  {}",
+                    ceremony.name,
+                    ceremony.kind,
+                    state_name(ceremony.state)
+                );
+            }
+            Ok(())
+        }
+        CeremonyCommand::SignIn {
+            ceremony,
+            script,
+            key_file,
+        } => {
+            let (script, _) = reviewed(&script)?;
+            let current = fetch(&mut client, &ceremony).await?;
+            same_script(&current, &script)?;
+            let sealed = sealed_officer_key(&key_file)?;
+            let key = unseal(&sealed)?;
+            let signature = key.sign(&presence_message(&script.digest())).to_vec();
+            let after = client
+                .sign_in(CeremonySignature {
+                    name: current.name.clone(),
+                    officer_id: key.officer_id().into(),
+                    signature,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            outln!("{} signed in to {}", key.officer_id(), after.name);
+            print_ceremony(&after);
+            Ok(())
+        }
+        CeremonyCommand::CollectShare {
+            ceremony,
+            key_file,
+            out,
+        } => {
+            if out.exists() {
+                return Err(format!("{} exists: choose a new file", out.display()));
+            }
+            let sealed = sealed_officer_key(&key_file)?;
+            let key = unseal(&sealed)?;
+            let response = client
+                .collect_share(CollectShareRequest {
+                    name: name(&ceremony),
+                    officer_id: key.officer_id().into(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let text = if response.sealed_share.is_empty() {
+                Zeroizing::new(response.share.clone())
+            } else {
+                let opened = key.open_sealed(&response.sealed_share)?;
+                Zeroizing::new(
+                    String::from_utf8(opened.to_vec())
+                        .map_err(|_| "the sealed share is not text")?,
+                )
+            };
+            // Its checksum must hold before anyone writes it down.
+            let share =
+                Share::parse(&text).map_err(|e| format!("the share received is damaged: {e}"))?;
+            write_private(&out, format!("{}\n", text.as_str()).as_bytes())?;
+            outln!(
+                "share {} of set {} written to {} (mode 0600); backup KEK check value {}",
+                share.index(),
+                share.set_id(),
+                out.display(),
+                response.backup_kek_kcv
+            );
+            outln!("keep it offline; it is shown nowhere else");
+            Ok(())
+        }
+        CeremonyCommand::SubmitComponent {
+            ceremony,
+            key_file,
+            component_file,
+            kcv,
+        } => {
+            let typed = match component_file {
+                Some(path) => Zeroizing::new(read(&path)?),
+                None => Zeroizing::new(
+                    rpassword::prompt_password("your component (64 hex digits, not shown): ")
+                        .map_err(|e| format!("reading the component: {e}"))?,
+                ),
+            };
+            let value = components::parse_component(&typed)?;
+            let computed = hex::encode(components::kcv(&value));
+            if !computed.eq_ignore_ascii_case(kcv.trim()) {
+                return Err(format!(
+                    "MISMATCH: the component you entered has check value {computed}, your sheet says {}: nothing was sent",
+                    kcv.trim()
+                ));
+            }
+            outln!("component check value {computed} matches your sheet");
+            let sealed = sealed_officer_key(&key_file)?;
+            let key = unseal(&sealed)?;
+            let after = client
+                .submit_secret(SubmitSecretRequest {
+                    name: name(&ceremony),
+                    officer_id: key.officer_id().into(),
+                    secret: Some(submit_secret_request::Secret::ComponentHex(hex::encode(
+                        value.as_slice(),
+                    ))),
+                    expected_kcv: computed,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_ceremony(&after);
+            Ok(())
+        }
+        CeremonyCommand::SubmitShare {
+            ceremony,
+            key_file,
+            share_file,
+        } => {
+            let text = Zeroizing::new(read(&share_file)?);
+            let share = Share::parse(&text)
+                .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
+            let sealed = sealed_officer_key(&key_file)?;
+            let key = unseal(&sealed)?;
+            let after = client
+                .submit_secret(SubmitSecretRequest {
+                    name: name(&ceremony),
+                    officer_id: key.officer_id().into(),
+                    secret: Some(submit_secret_request::Secret::Share(
+                        share.to_text().to_string(),
+                    )),
+                    expected_kcv: String::new(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            outln!("{} submitted share {}", key.officer_id(), share.index());
+            print_ceremony(&after);
+            Ok(())
+        }
+        CeremonyCommand::Confirm {
+            ceremony,
+            script,
+            key_file,
+            expect_fingerprint,
+        } => {
+            let (script, _) = reviewed(&script)?;
+            let current = fetch(&mut client, &ceremony).await?;
+            same_script(&current, &script)?;
+            let fingerprint = checked_fingerprint(&current)?;
+            outln!("fingerprint: {}", fingerprint.hex_groups());
+            if let Some(words) = fingerprint.words() {
+                outln!("words:       {words}");
+            }
+            let read_aloud: String = match expect_fingerprint {
+                Some(text) => text,
+                None => {
+                    out!("type the last 8 hex digits of the fingerprint that was read aloud: ");
+                    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
+                    let mut typed = String::new();
+                    std::io::stdin()
+                        .read_line(&mut typed)
+                        .map_err(|e| e.to_string())?;
+                    typed
+                }
+            };
+            let read_aloud: String = read_aloud
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .collect::<String>()
+                .to_lowercase();
+            let actual = fingerprint.hex();
+            if read_aloud.len() < 8 || !actual.ends_with(&read_aloud) {
+                return Err(format!(
+                    "MISMATCH: the fingerprint read aloud ({read_aloud}) is not this key's ({actual}): nothing was confirmed"
+                ));
+            }
+            let sealed = sealed_officer_key(&key_file)?;
+            let key = unseal(&sealed)?;
+            let signature = key
+                .sign(&confirmation_message(&script.digest(), fingerprint.bytes()))
+                .to_vec();
+            let after = client
+                .confirm(CeremonySignature {
+                    name: current.name.clone(),
+                    officer_id: key.officer_id().into(),
+                    signature,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            outln!("{} confirmed the fingerprint", key.officer_id());
+            print_ceremony(&after);
+            Ok(())
+        }
+        CeremonyCommand::Abort { ceremony, reason } => {
+            let after = client
+                .abort_ceremony(AbortCeremonyRequest {
+                    name: name(&ceremony),
+                    reason,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_ceremony(&after);
+            Ok(())
+        }
+        CeremonyCommand::Transcript { ceremony, out_dir } => {
+            let transcript = client
+                .get_transcript(GetTranscriptRequest {
+                    name: name(&ceremony),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+            let id = name(&ceremony)
+                .trim_start_matches("ceremonies/")
+                .to_string();
+            for (file, contents) in [
+                (format!("{id}.md"), &transcript.markdown),
+                (format!("{id}.json"), &transcript.json),
+                ("audit-key.pem".to_string(), &transcript.audit_key_pem),
+            ] {
+                let path = out_dir.join(&file);
+                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                outln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        CeremonyCommand::Backup { out } => {
+            if out.exists() {
+                return Err(format!("{} exists: choose a new file", out.display()));
+            }
+            let backup = client
+                .create_backup(CreateBackupRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            std::fs::write(&out, &backup.bundle).map_err(|e| format!("{}: {e}", out.display()))?;
+            outln!(
+                "backup of {} key versions written to {} (sha256 {})",
+                backup.keys,
+                out.display(),
+                hex::encode(Sha256::digest(backup.bundle.as_bytes()))
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The fingerprint, recomputed here from the public key the server sent;
+/// refuses if the server's differs.
+fn checked_fingerprint(ceremony: &Ceremony) -> Result<Fingerprint, String> {
+    let reported = ceremony
+        .fingerprint
+        .as_ref()
+        .ok_or("the ceremony has no key to confirm yet")?;
+    let fingerprint = if ceremony.public_key_der.is_empty() {
+        let kcv: [u8; 3] = reported
+            .value
+            .as_slice()
+            .try_into()
+            .map_err(|_| "the key check value is not 3 bytes")?;
+        Fingerprint::of_kcv(kcv)
+    } else {
+        Fingerprint::of_public_key(&ceremony.public_key_der)
+    };
+    if fingerprint.bytes() != reported.value.as_slice() {
+        return Err(format!(
+            "MISMATCH: the server reports fingerprint {} but its public key hashes to {}",
+            hex_groups(&reported.value),
+            fingerprint.hex_groups()
+        ));
+    }
+    Ok(fingerprint)
+}
+
+fn state_name(state: i32) -> &'static str {
+    CeremonyState::try_from(state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn print_ceremony(ceremony: &Ceremony) {
+    outln!(
+        "{} ({}): {}",
+        ceremony.name,
+        ceremony.kind,
+        state_name(ceremony.state)
+    );
+    let done = ceremony.steps.iter().filter(|s| s.done).count();
+    outln!("  progress: {done} of {} steps", ceremony.steps.len());
+    for step in &ceremony.steps {
+        outln!("    [{}] {}", if step.done { "x" } else { " " }, step.name);
+    }
+    if !ceremony.waiting_for.is_empty() {
+        outln!("  waiting for: {}", ceremony.waiting_for);
+    }
+    if let Some(fingerprint) = &ceremony.fingerprint {
+        outln!("  fingerprint: {}", fingerprint.hex);
+        if !fingerprint.words.is_empty() {
+            outln!("  words:       {}", fingerprint.words);
+        }
+    }
+    if !ceremony.key.is_empty() {
+        outln!("  key: {}", ceremony.key);
+    }
+    for component in &ceremony.components {
+        outln!(
+            "  component from {}: check value {}",
+            component.custodian,
+            component.kcv
+        );
+    }
+    if let Some(restore) = &ceremony.restore {
+        outln!(
+            "  {}: {} of {} keys verified; RTO {} ms{}",
+            if restore.drill { "drill" } else { "restore" },
+            restore.verified,
+            restore.keys,
+            restore.rto_ms,
+            if restore.drill {
+                format!(
+                    "; {} scratch objects destroyed",
+                    restore.scratch_objects_destroyed
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !ceremony.error.is_empty() {
+        outln!("  error: {}", ceremony.error);
+    }
+    if !ceremony.transcript_head.is_empty() && ceremony.state == CeremonyState::Completed as i32 {
+        outln!("  transcript head: {}", ceremony.transcript_head);
+    }
+}
+
+fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
+    let transcript =
+        Transcript::from_json(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
+    let spki = custody_daemon::ceremony::engine::pem_to_der(&read(audit_key)?)
+        .map_err(|e| format!("{}: {e}", audit_key.display()))?;
+    let verified = transcript
+        .verify(&spki)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    outln!(
+        "transcript of ceremony {} ({}) verifies: {} entries, outcome {}, head {}, signed by the audit key",
+        verified.ceremony,
+        verified.kind,
+        verified.entries,
+        verified.outcome,
+        verified.head
+    );
+    Ok(())
+}
+
+fn check(file: &Path) -> Result<(), String> {
+    // The digest is over the file's exact bytes: read them unchanged (no
+    // lossy decoding) so what is printed is what officers will sign.
+    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+    let script = Script::parse(&text).map_err(|e| e.to_string())?;
+    // Every check before any output, so a refused script prints nothing
+    // that could be read as a plan.
+    let bundle = match script.kind() {
+        Kind::Restore {
+            bundle,
+            bundle_sha256,
+            ..
+        } => {
+            let path = file.parent().unwrap_or(Path::new("")).join(bundle);
+            let contents = std::fs::read(&path)
+                .map_err(|e| format!("restore.bundle: {}: {e}", path.display()))?;
+            let actual: [u8; 32] = Sha256::digest(&contents).into();
+            if &actual != bundle_sha256 {
+                return Err(format!(
+                    "restore.bundle_sha256: {} has SHA-256 {}, not the {} the script names: it is not the bundle that was reviewed",
+                    path.display(),
+                    hex::encode(actual),
+                    hex::encode(bundle_sha256)
+                ));
+            }
+            Some(path)
+        }
+        _ => None,
+    };
+    outln!("{}", script.render_summary());
+    outln!("");
+    outln!("script digest (officers sign this when they sign in):");
+    outln!("  {}", hex_groups(&script.digest()));
+    if let Some(path) = bundle {
+        outln!("bundle {} matches bundle_sha256", path.display());
+    }
+    outln!("");
+    outln!("plan:");
+    for line in script.plan() {
+        outln!("  {line}");
+    }
+    Ok(())
+}

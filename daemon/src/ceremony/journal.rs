@@ -1,0 +1,320 @@
+//! The ceremony journal: one record per ceremony in sled, rewritten and
+//! flushed at every step, and the token's current backup KEK.
+//!
+//! The record is what makes a ceremony survive a crash: every HSM object a
+//! step is about to make is journaled (and flushed) before the PKCS#11 call,
+//! and marked made after it, so that recovery knows exactly what to destroy.
+//! Secrets (shares, components) are never journaled: they live in memory
+//! only, which is why a crash in the middle of a secret-bearing phase rolls
+//! the ceremony back instead of resuming it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ceremony::transcript::Transcript;
+
+/// Where a ceremony is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for the quorum to sign in.
+    AwaitingOfficers,
+    /// HSM steps running.
+    Running,
+    /// Custodians collect their shares.
+    AwaitingShareCollection,
+    /// Custodians submit their components.
+    AwaitingComponents,
+    /// Custodians submit their shares (restore).
+    AwaitingShares,
+    /// Officers confirm the fingerprint.
+    AwaitingConfirmation,
+    /// Done.
+    Completed,
+    /// Stopped by a crash or a failed step, and undone.
+    RolledBack,
+    /// Stopped by an officer, and undone.
+    Aborted,
+}
+
+impl Phase {
+    /// Whether the ceremony is over.
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Completed | Phase::RolledBack | Phase::Aborted)
+    }
+}
+
+/// An officer's signature in a ceremony.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    /// The officer id.
+    pub officer: String,
+    /// Ed25519 signature, hex.
+    pub signature: String,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+}
+
+/// Which token an object lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenRole {
+    /// custodyd's own token.
+    Main,
+    /// The scratch token of DR drills.
+    Scratch,
+}
+
+/// An HSM object a step makes: journaled before the call that makes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournaledObject {
+    /// Its label (`CKA_LABEL`).
+    pub label: String,
+    /// Its token.
+    pub token: TokenRole,
+    /// The step that makes it.
+    pub step: String,
+    /// Whether the call returned (false: it may or may not exist).
+    pub made: bool,
+}
+
+/// The key a root-key or KEK ceremony makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeKey {
+    /// Key id.
+    pub key_id: String,
+    /// API algorithm name.
+    pub algorithm: String,
+    /// HSM label.
+    pub hsm_label: String,
+    /// SubjectPublicKeyInfo DER, hex (key pairs).
+    pub public_key_der_hex: String,
+    /// SubjectPublicKeyInfo PEM (key pairs).
+    pub public_key_pem: String,
+    /// Key check value, hex (AES keys).
+    pub check_value: String,
+    /// The fingerprint officers confirm, hex.
+    pub fingerprint: String,
+    /// The self-signed certificate, PEM.
+    pub certificate_pem: String,
+    /// Backup-exportable.
+    pub backup: bool,
+}
+
+/// A submitted component: who, and its check value (never the value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentRecord {
+    /// The custodian.
+    pub custodian: String,
+    /// Key check value, hex.
+    pub kcv: String,
+}
+
+/// The outcome of a restore or drill.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreOutcome {
+    /// Keys in the bundle.
+    pub keys: u32,
+    /// Keys verified.
+    pub verified: u32,
+    /// Milliseconds from the last share to the last verification.
+    pub rto_ms: u64,
+    /// Scratch objects destroyed (drill).
+    pub scratch_objects_destroyed: u32,
+    /// Whether it was a drill.
+    pub drill: bool,
+}
+
+/// The token's backup KEK: a trusted AES key whose value exists outside the
+/// HSM only as K-of-N shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupKek {
+    /// HSM label.
+    pub label: String,
+    /// The share set id, hex.
+    pub set_id: String,
+    /// K.
+    pub threshold: u8,
+    /// N.
+    pub shares: u8,
+    /// Key check value, hex.
+    pub kcv: String,
+    /// The ceremony that made it.
+    pub ceremony: String,
+}
+
+/// One ceremony, as journaled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CeremonyRecord {
+    /// Ceremony id.
+    pub id: String,
+    /// `root-key`, `kek` or `restore`.
+    pub kind: String,
+    /// The script, exactly as reviewed.
+    pub script: String,
+    /// The restore bundle, exactly as reviewed.
+    pub bundle: String,
+    /// Where it is.
+    pub phase: Phase,
+    /// Who opened it.
+    pub opened_by: String,
+    /// Unix milliseconds.
+    pub created_ms: i64,
+    /// Unix milliseconds of the last change.
+    pub updated_ms: i64,
+    /// Sign-ins.
+    pub present: Vec<Signed>,
+    /// Fingerprint confirmations.
+    pub confirmed: Vec<Signed>,
+    /// Steps done, by name.
+    pub done: Vec<String>,
+    /// HSM objects made or being made.
+    pub objects: Vec<JournaledObject>,
+    /// The key made.
+    pub key: Option<MadeKey>,
+    /// The backup KEK made (KEK ceremony, generate mode).
+    pub backup_kek: Option<BackupKek>,
+    /// Custodians who collected their share.
+    pub shares_collected: Vec<String>,
+    /// Components submitted.
+    pub components: Vec<ComponentRecord>,
+    /// Custodians who submitted a share (restore).
+    pub shares_submitted: Vec<String>,
+    /// Shares needed (restore).
+    pub shares_needed: u32,
+    /// The backup bundle made (KEK ceremony, generate mode), JSON.
+    pub backup_bundle: String,
+    /// The restore outcome.
+    pub restore: Option<RestoreOutcome>,
+    /// Why it rolled back or was aborted.
+    pub error: String,
+    /// The transcript so far.
+    pub transcript: Transcript,
+}
+
+impl CeremonyRecord {
+    /// Whether step `name` is done.
+    pub fn did(&self, name: &str) -> bool {
+        self.done.iter().any(|d| d == name)
+    }
+}
+
+/// A journal failure.
+#[derive(Debug, thiserror::Error)]
+#[error("ceremony journal: {0}")]
+pub struct JournalError(pub String);
+
+fn err(e: impl std::fmt::Display) -> JournalError {
+    JournalError(e.to_string())
+}
+
+const CURRENT_BACKUP_KEK: &[u8] = b"current";
+
+/// The journal in sled.
+#[derive(Clone)]
+pub struct Journal {
+    db: sled::Db,
+    ceremonies: sled::Tree,
+    backup_keks: sled::Tree,
+}
+
+impl Journal {
+    /// Opens the journal's trees in `db`.
+    pub fn open(db: &sled::Db) -> Result<Journal, JournalError> {
+        Ok(Journal {
+            db: db.clone(),
+            ceremonies: db.open_tree("ceremonies").map_err(err)?,
+            backup_keks: db.open_tree("backup_keks").map_err(err)?,
+        })
+    }
+
+    /// A ceremony by id.
+    pub fn get(&self, id: &str) -> Result<Option<CeremonyRecord>, JournalError> {
+        self.ceremonies
+            .get(id.as_bytes())
+            .map_err(err)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| JournalError(format!("ceremony {id} is corrupt: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Every ceremony, newest first.
+    pub fn list(&self) -> Result<Vec<CeremonyRecord>, JournalError> {
+        let mut all = self
+            .ceremonies
+            .iter()
+            .map(|item| {
+                let (id, bytes) = item.map_err(err)?;
+                serde_json::from_slice::<CeremonyRecord>(&bytes).map_err(|e| {
+                    JournalError(format!(
+                        "ceremony {} is corrupt: {e}",
+                        String::from_utf8_lossy(&id)
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        all.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(b.id.cmp(&a.id)));
+        Ok(all)
+    }
+
+    /// Writes `record` and flushes: nothing a step does next happens before
+    /// this returns.
+    pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec(record).map_err(err)?;
+        self.ceremonies
+            .insert(record.id.as_bytes(), bytes)
+            .map_err(err)?;
+        self.flush().await
+    }
+
+    /// The token's current backup KEK.
+    pub fn backup_kek(&self) -> Result<Option<BackupKek>, JournalError> {
+        self.backup_keks
+            .get(CURRENT_BACKUP_KEK)
+            .map_err(err)?
+            .map(|bytes| serde_json::from_slice(&bytes).map_err(err))
+            .transpose()
+    }
+
+    /// Every backup KEK the token holds (drift detection expects them).
+    pub fn backup_kek_labels(&self) -> Result<Vec<String>, JournalError> {
+        self.backup_keks
+            .iter()
+            .filter_map(|item| match item {
+                Ok((key, _)) if key.as_ref() == CURRENT_BACKUP_KEK => None,
+                Ok((key, _)) => Some(Ok(String::from_utf8_lossy(&key).into_owned())),
+                Err(e) => Some(Err(err(e))),
+            })
+            .collect()
+    }
+
+    /// Records `kek` as the token's backup KEK and `record` as completed,
+    /// in one transaction, durably.
+    pub async fn complete_with_backup_kek(
+        &self,
+        record: &CeremonyRecord,
+        kek: &BackupKek,
+    ) -> Result<(), JournalError> {
+        use sled::Transactional;
+        let ceremony = serde_json::to_vec(record).map_err(err)?;
+        let current = serde_json::to_vec(kek).map_err(err)?;
+        (&self.ceremonies, &self.backup_keks)
+            .transaction(|(ceremonies, keks)| {
+                ceremonies.insert(record.id.as_bytes(), ceremony.as_slice())?;
+                keks.insert(CURRENT_BACKUP_KEK, current.as_slice())?;
+                keks.insert(kek.label.as_bytes(), current.as_slice())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| JournalError(format!("{e:?}")))?;
+        self.flush().await
+    }
+
+    async fn flush(&self) -> Result<(), JournalError> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|e| JournalError(format!("flush: {e}")))
+    }
+}

@@ -1,0 +1,612 @@
+//! `custody.v1.CeremonyService`: key ceremonies, backups, restores and
+//! drills. The engine (`crate::ceremony::engine`) owns the state machine;
+//! this file checks who calls and turns records into messages.
+//!
+//! Every call needs the officer role, and calls made as an officer (sign-in,
+//! shares, components, confirmations) must come from the certificate
+//! principal that officer is enrolled with. Each runs to completion in its
+//! own task: a client that goes away cannot stop a step between its HSM
+//! call and the journal write that records it.
+
+use custody_proto::v1::ceremony_service_server::CeremonyService;
+use custody_proto::v1::{
+    AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CeremonyStep,
+    CollectShareRequest, CollectShareResponse, ComponentCheck, CreateBackupRequest,
+    CreateBackupResponse, GetCeremonyRequest, GetTranscriptRequest, GetTranscriptResponse,
+    KeyFingerprint, ListCeremoniesRequest, ListCeremoniesResponse, RestoreReport,
+    StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
+};
+use sha2::Digest;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::{Audited, Shared, caller, require, timestamp, to_completion};
+use crate::ceremony::engine::{self, KeyToBack, SubmittedSecret};
+use crate::ceremony::fingerprint::Fingerprint;
+use crate::ceremony::journal::{CeremonyRecord, Phase};
+use crate::ceremony::script::Script;
+use crate::ceremony::{components, sealed};
+use crate::error::ServiceError;
+use crate::identity::{Principal, Role};
+use crate::registry::VersionState;
+
+/// The ceremony service.
+pub struct CeremonyKeys(pub Shared);
+
+/// Largest script or bundle accepted (a bundle of 10,000 RSA-4096 keys is
+/// about 60 MB; the gRPC message limit applies first).
+const MAX_SCRIPT: usize = 64 * 1024;
+
+/// What a call adds to its audit record's detail (a bundle's digest).
+type Detail = std::sync::Arc<std::sync::Mutex<String>>;
+
+/// Runs `work` for an officer, audited, to completion.
+async fn officer_call<T, Fut>(
+    state: &Shared,
+    method: &'static str,
+    peer: Result<Principal, ServiceError>,
+    resource: String,
+    work: impl FnOnce(Shared, Principal, Detail) -> Fut + Send + 'static,
+) -> Result<Response<T>, Status>
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, ServiceError>> + Send + 'static,
+{
+    let state = state.clone();
+    to_completion(async move {
+        let mut audited = Audited::start(method);
+        audited.resource = resource;
+        let detail = Detail::default();
+        let result = async {
+            let principal = peer?;
+            audited.principal = principal.name.clone();
+            require(&principal, Role::Officer)?;
+            work(state.clone(), principal, detail.clone()).await
+        }
+        .await;
+        audited.detail = detail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        audited.finish(&state, result).await
+    })
+    .await
+}
+
+/// Refuses unless `officer_id` is enrolled with the caller's principal.
+fn acting_as(state: &Shared, principal: &Principal, officer_id: &str) -> Result<(), ServiceError> {
+    let officer = state.dual_control.officer(officer_id).ok_or_else(|| {
+        ServiceError::denied(
+            "OFFICER_NOT_ENROLLED",
+            format!("{officer_id} is not an enrolled officer"),
+        )
+    })?;
+    if officer.principal != principal.name {
+        return Err(ServiceError::denied(
+            "OFFICER_MISMATCH",
+            format!("officer {officer_id} is bound to another certificate principal"),
+        ));
+    }
+    Ok(())
+}
+
+/// `ceremonies/{id}`: the id.
+fn parse_name(name: &str) -> Result<String, ServiceError> {
+    name.strip_prefix("ceremonies/")
+        .filter(|id| !id.is_empty() && id.len() <= 48)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ServiceError::invalid(
+                "BAD_CEREMONY_NAME",
+                format!("{name:?} is not ceremonies/{{id}}"),
+            )
+        })
+}
+
+fn wire_state(phase: Phase) -> CeremonyState {
+    match phase {
+        Phase::AwaitingOfficers => CeremonyState::AwaitingOfficers,
+        Phase::Running => CeremonyState::Running,
+        Phase::AwaitingShareCollection => CeremonyState::AwaitingShareCollection,
+        Phase::AwaitingComponents => CeremonyState::AwaitingComponents,
+        Phase::AwaitingShares => CeremonyState::AwaitingShares,
+        Phase::AwaitingConfirmation => CeremonyState::AwaitingConfirmation,
+        Phase::Completed => CeremonyState::Completed,
+        Phase::RolledBack => CeremonyState::RolledBack,
+        Phase::Aborted => CeremonyState::Aborted,
+    }
+}
+
+fn waiting_for(record: &CeremonyRecord, script: Option<&Script>) -> String {
+    let Some(script) = script else {
+        return String::new();
+    };
+    let missing = |done: &[String], all: &[String]| {
+        all.iter()
+            .filter(|o| !done.contains(o))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match record.phase {
+        Phase::AwaitingOfficers => {
+            let present: Vec<String> = record.present.iter().map(|s| s.officer.clone()).collect();
+            format!(
+                "{} more of: {}",
+                script.quorum().required as usize - present.len(),
+                missing(&present, &script.quorum().officers)
+            )
+        }
+        Phase::AwaitingShareCollection => format!(
+            "shares to be collected by: {}",
+            missing(&record.shares_collected, script.custodians())
+        ),
+        Phase::AwaitingComponents => {
+            let entered: Vec<String> = record
+                .components
+                .iter()
+                .map(|c| c.custodian.clone())
+                .collect();
+            format!(
+                "components from: {}",
+                missing(&entered, script.custodians())
+            )
+        }
+        Phase::AwaitingShares => format!(
+            "{} more shares from: {}",
+            record.shares_needed as usize - record.shares_submitted.len(),
+            missing(&record.shares_submitted, script.custodians())
+        ),
+        Phase::AwaitingConfirmation => {
+            let present: Vec<String> = record.present.iter().map(|s| s.officer.clone()).collect();
+            let confirmed: Vec<String> =
+                record.confirmed.iter().map(|s| s.officer.clone()).collect();
+            format!(
+                "fingerprint confirmations from: {}",
+                missing(&confirmed, &present)
+            )
+        }
+        Phase::Running => "HSM steps in progress".into(),
+        Phase::Completed | Phase::RolledBack | Phase::Aborted => String::new(),
+    }
+}
+
+/// The message form of a journaled ceremony.
+pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
+    let script = Script::parse(&record.script).ok();
+    let steps = script
+        .as_ref()
+        .map(|s| {
+            s.steps()
+                .into_iter()
+                .map(|step| CeremonyStep {
+                    name: step.name().into(),
+                    done: step_done(record, step.name()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let fingerprint = record.key.as_ref().and_then(|key| {
+        let bytes = hex::decode(&key.fingerprint).ok()?;
+        let fingerprint = if key.public_key_der_hex.is_empty() {
+            Fingerprint::of_kcv(bytes.as_slice().try_into().ok()?)
+        } else {
+            Fingerprint::of_public_key(&hex::decode(&key.public_key_der_hex).ok()?)
+        };
+        Some(KeyFingerprint {
+            value: bytes,
+            hex: fingerprint.hex_groups(),
+            words: fingerprint.words().unwrap_or_default(),
+        })
+    });
+    Ceremony {
+        name: format!("ceremonies/{}", record.id),
+        kind: record.kind.clone(),
+        script_digest: script
+            .as_ref()
+            .map(|s| s.digest().to_vec())
+            .unwrap_or_default(),
+        state: wire_state(record.phase) as i32,
+        waiting_for: waiting_for(record, script.as_ref()),
+        present: record.present.iter().map(|s| s.officer.clone()).collect(),
+        confirmed: record.confirmed.iter().map(|s| s.officer.clone()).collect(),
+        steps,
+        fingerprint,
+        public_key_der: record
+            .key
+            .as_ref()
+            .and_then(|k| hex::decode(&k.public_key_der_hex).ok())
+            .unwrap_or_default(),
+        certificate_pem: record
+            .key
+            .as_ref()
+            .map(|k| k.certificate_pem.clone())
+            .unwrap_or_default(),
+        shares_collected: record.shares_collected.clone(),
+        components: record
+            .components
+            .iter()
+            .map(|c| ComponentCheck {
+                custodian: c.custodian.clone(),
+                kcv: c.kcv.clone(),
+            })
+            .collect(),
+        shares_submitted: record.shares_submitted.clone(),
+        shares_needed: record.shares_needed,
+        backup_bundle: record.backup_bundle.clone(),
+        restore: record.restore.as_ref().map(|r| RestoreReport {
+            keys: r.keys,
+            verified: r.verified,
+            rto_ms: r.rto_ms,
+            scratch_objects_destroyed: r.scratch_objects_destroyed,
+            drill: r.drill,
+        }),
+        error: record.error.clone(),
+        create_time: Some(timestamp(record.created_ms)),
+        update_time: Some(timestamp(record.updated_ms)),
+        transcript_head: record.transcript.head.clone(),
+        key: record
+            .key
+            .as_ref()
+            .map(|k| format!("keys/{}", k.key_id))
+            .unwrap_or_default(),
+    }
+}
+
+fn step_done(record: &CeremonyRecord, step: &str) -> bool {
+    match step {
+        "sign-in" => record.phase != Phase::AwaitingOfficers,
+        "confirm" => record.phase == Phase::Completed,
+        "submit-shares" => record.did("restore"),
+        "rebuild-kek" | "unwrap" | "verify" | "destroy-scratch" => record.did("restore"),
+        other => record.did(other),
+    }
+}
+
+#[tonic::async_trait]
+impl CeremonyService for CeremonyKeys {
+    async fn start_ceremony(
+        &self,
+        request: Request<StartCeremonyRequest>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "StartCeremony",
+            peer,
+            String::new(),
+            move |state, principal, detail| async move {
+                if request.script.len() > MAX_SCRIPT {
+                    return Err(ServiceError::invalid(
+                        "SCRIPT_TOO_LARGE",
+                        format!("a script is at most {MAX_SCRIPT} bytes"),
+                    ));
+                }
+                *detail
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = format!(
+                    "script sha256 {}",
+                    hex::encode(crate::ceremony::script::script_digest(
+                        request.script.as_bytes()
+                    ))
+                );
+                let record =
+                    engine::open(&state, &principal.name, request.script, request.bundle).await?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn get_ceremony(
+        &self,
+        request: Request<GetCeremonyRequest>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let name = request.into_inner().name;
+        officer_call(
+            &self.0,
+            "GetCeremony",
+            peer,
+            name.clone(),
+            move |state, _, _| async move {
+                let record = engine::found(&state, &parse_name(&name)?)?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn list_ceremonies(
+        &self,
+        request: Request<ListCeremoniesRequest>,
+    ) -> Result<Response<ListCeremoniesResponse>, Status> {
+        let peer = caller(&request);
+        officer_call(
+            &self.0,
+            "ListCeremonies",
+            peer,
+            String::new(),
+            |state, _, _| async move {
+                let records = state
+                    .ceremonies
+                    .journal
+                    .list()
+                    .map_err(engine::journal_failure)?;
+                Ok(ListCeremoniesResponse {
+                    ceremonies: records.iter().map(ceremony_message).collect(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn sign_in(
+        &self,
+        request: Request<CeremonySignature>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "SignIn",
+            peer,
+            request.name.clone(),
+            move |state, principal, _| async move {
+                let id = parse_name(&request.name)?;
+                acting_as(&state, &principal, &request.officer_id)?;
+                let record =
+                    engine::sign_in(&state, &id, &request.officer_id, &request.signature).await?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn collect_share(
+        &self,
+        request: Request<CollectShareRequest>,
+    ) -> Result<Response<CollectShareResponse>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "CollectShare",
+            peer,
+            request.name.clone(),
+            move |state, principal, _| async move {
+                let id = parse_name(&request.name)?;
+                acting_as(&state, &principal, &request.officer_id)?;
+                let (share, backup_kek_kcv, record) =
+                    engine::collect_share(&state, &id, &request.officer_id).await?;
+                let text = Zeroizing::new(share.to_text());
+                let seal = Script::parse(&record.script)
+                    .map(|script| script.seal_shares())
+                    .unwrap_or(false);
+                if seal {
+                    let officer =
+                        state
+                            .dual_control
+                            .officer(&request.officer_id)
+                            .ok_or_else(|| {
+                                ServiceError::denied(
+                                    "OFFICER_NOT_ENROLLED",
+                                    "officer left mid-ceremony",
+                                )
+                            })?;
+                    let public_key = hex::decode(&officer.public_key).unwrap_or_default();
+                    let sealed_share = sealed::seal(&public_key, text.as_bytes())
+                        .map_err(|e| ServiceError::new(tonic::Code::Internal, "SEAL_FAILED", e))?;
+                    Ok(CollectShareResponse {
+                        share: String::new(),
+                        sealed_share,
+                        backup_kek_kcv,
+                    })
+                } else {
+                    Ok(CollectShareResponse {
+                        share: text.to_string(),
+                        sealed_share: Vec::new(),
+                        backup_kek_kcv,
+                    })
+                }
+            },
+        )
+        .await
+    }
+
+    async fn submit_secret(
+        &self,
+        request: Request<SubmitSecretRequest>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "SubmitSecret",
+            peer,
+            request.name.clone(),
+            move |state, principal, _| async move {
+                let id = parse_name(&request.name)?;
+                acting_as(&state, &principal, &request.officer_id)?;
+                let secret = match request.secret {
+                    Some(submit_secret_request::Secret::ComponentHex(hex)) => {
+                        let hex = Zeroizing::new(hex);
+                        SubmittedSecret::Component {
+                            value: components::parse_component(&hex)
+                                .map_err(|e| ServiceError::invalid("BAD_COMPONENT", e))?,
+                            expected_kcv: request.expected_kcv.clone(),
+                        }
+                    }
+                    Some(submit_secret_request::Secret::Share(share)) => {
+                        SubmittedSecret::Share(Zeroizing::new(share))
+                    }
+                    None => {
+                        return Err(ServiceError::invalid(
+                            "NO_SECRET",
+                            "send a component or a share",
+                        ));
+                    }
+                };
+                let record =
+                    engine::submit_secret(&state, &id, &request.officer_id, secret).await?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<CeremonySignature>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "Confirm",
+            peer,
+            request.name.clone(),
+            move |state, principal, _| async move {
+                let id = parse_name(&request.name)?;
+                acting_as(&state, &principal, &request.officer_id)?;
+                let record =
+                    engine::confirm(&state, &id, &request.officer_id, &request.signature).await?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn abort_ceremony(
+        &self,
+        request: Request<AbortCeremonyRequest>,
+    ) -> Result<Response<Ceremony>, Status> {
+        let peer = caller(&request);
+        let request = request.into_inner();
+        officer_call(
+            &self.0,
+            "AbortCeremony",
+            peer,
+            request.name.clone(),
+            move |state, principal, _| async move {
+                let id = parse_name(&request.name)?;
+                if request.reason.trim().is_empty() {
+                    return Err(ServiceError::invalid("REASON_REQUIRED", "say why"));
+                }
+                let officer = state
+                    .dual_control
+                    .officer_for_principal(&principal.name)
+                    .ok_or_else(|| {
+                        ServiceError::denied(
+                            "OFFICER_NOT_ENROLLED",
+                            "the caller is no enrolled officer",
+                        )
+                    })?;
+                let record =
+                    engine::abort(&state, &id, &officer.officer_id, &request.reason).await?;
+                Ok(ceremony_message(&record))
+            },
+        )
+        .await
+    }
+
+    async fn get_transcript(
+        &self,
+        request: Request<GetTranscriptRequest>,
+    ) -> Result<Response<GetTranscriptResponse>, Status> {
+        let peer = caller(&request);
+        let name = request.into_inner().name;
+        officer_call(
+            &self.0,
+            "GetTranscript",
+            peer,
+            name.clone(),
+            move |state, _, _| async move {
+                let record = engine::found(&state, &parse_name(&name)?)?;
+                Ok(GetTranscriptResponse {
+                    markdown: record.transcript.to_markdown(),
+                    json: record.transcript.to_json(),
+                    audit_key_pem: state.audit.audit_key_pem().to_string(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<CreateBackupRequest>,
+    ) -> Result<Response<CreateBackupResponse>, Status> {
+        let peer = caller(&request);
+        officer_call(
+            &self.0,
+            "CreateBackup",
+            peer,
+            String::new(),
+            |state, _, detail| async move {
+                let kek = state
+                    .ceremonies
+                    .journal
+                    .backup_kek()
+                    .map_err(engine::journal_failure)?
+                    .ok_or_else(|| {
+                        ServiceError::precondition(
+                            "NO_BACKUP_KEK",
+                            "this token has no backup KEK yet: run a KEK ceremony first",
+                        )
+                    })?;
+                let keys: Vec<KeyToBack> = state
+                    .registry
+                    .list(None, usize::MAX)
+                    .iter()
+                    .filter(|key| key.backup_exportable)
+                    .flat_map(|key| {
+                        key.versions
+                            .iter()
+                            .filter(|v| {
+                                !matches!(
+                                    v.state,
+                                    VersionState::Destroyed | VersionState::Compromised
+                                )
+                            })
+                            .map(|v| KeyToBack {
+                                key_id: key.key_id.clone(),
+                                version: v.version,
+                                algorithm: key.algorithm.clone(),
+                                state: state_name(v.state),
+                                hsm_label: v.hsm_label.clone(),
+                                public_key_der_hex: v.public_key_der_hex.clone(),
+                                check_value: v.check_value.clone(),
+                                allowed_signers: key.allowed_signers.clone(),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let count = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+                let bundle = engine::make_bundle(&state, &kek, keys).await?.to_json();
+                // The digest the restore script's bundle_sha256 is compared with.
+                *detail
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = format!(
+                    "{count} key versions under backup KEK set {}; bundle sha256 {}",
+                    kek.set_id,
+                    hex::encode(sha2::Sha256::digest(bundle.as_bytes()))
+                );
+                Ok(CreateBackupResponse {
+                    bundle,
+                    keys: count,
+                })
+            },
+        )
+        .await
+    }
+}
+
+/// The stored name of a state (`active`, `suspended`, ...).
+fn state_name(state: VersionState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
