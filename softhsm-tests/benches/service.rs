@@ -155,6 +155,7 @@ fn fill_registry(db: &sled::Db, keys: usize) {
             cryptoperiod_ms: None,
             min_version: 0,
             rotation_requests: Vec::new(),
+            backup_exportable: false,
         };
         tree.insert(
             record.key_id.as_bytes(),

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ceremony;
 pub mod service;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +87,33 @@ impl TestToken {
     /// The user PIN (test tokens only).
     pub fn user_pin(&self) -> &'static str {
         USER_PIN
+    }
+
+    /// A file holding the security officer PIN (test tokens only).
+    pub fn so_pin_file(&self) -> PathBuf {
+        let path = self.dir.join("so.pin");
+        if !path.exists() {
+            std::fs::write(&path, SO_PIN).expect("write SO PIN file");
+        }
+        path
+    }
+
+    /// Initialises a second token labelled `label` in this token's directory
+    /// (same PINs), once; for DR drills' scratch token. Call it before the
+    /// process opens the module: SoftHSM2 reads its slots at start.
+    pub fn add_token(&self, label: &str) {
+        let marker = self.dir.join(format!("{label}.token"));
+        if marker.exists() {
+            return;
+        }
+        let output = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", self.conf())
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
+            .output()
+            .expect("run softhsm2-util");
+        assert_success("softhsm2-util --init-token", &output);
+        std::fs::write(marker, label).expect("write token marker");
     }
 
     /// The security officer PIN (test tokens only).

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use custody_daemon::config::{
-    AuditSection, Config, DualControlSection, EnvelopeSection, HsmSection, LifecycleSection,
-    MetricsSection, PolicySection, TlsSection,
+    AuditSection, CeremonySection, Config, DualControlSection, EnvelopeSection, HsmSection,
+    LifecycleSection, MetricsSection, PolicySection, TlsSection,
 };
 use custody_daemon::devpki::{Ca, DEV_IDENTITIES, Issued, Validity};
 use custody_daemon::dual_control::officer_key::OfficerKey;
@@ -189,6 +189,12 @@ impl TestService {
                 ..LifecycleSection::default()
             },
             envelope: EnvelopeSection::default(),
+            // KEK ceremonies may run; drills only where a test adds the
+            // scratch token (see `with_scratch_token`).
+            ceremony: CeremonySection {
+                so_pin_file: Some(token.so_pin_file()),
+                ..CeremonySection::default()
+            },
         };
         // Three officers, two of whom make the administrative quorum.
         let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");
@@ -389,6 +395,7 @@ pub async fn create_key(
             allowed_signers: vec!["ca-issuing".into()],
             cryptoperiod: cryptoperiod_secs
                 .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
         })
         .await
         .expect("key created")
@@ -425,4 +432,15 @@ pub fn reason(status: &tonic::Status) -> String {
         .error_info()
         .map(|info| info.reason.clone())
         .unwrap_or_default()
+}
+
+/// The label of the scratch token DR drills restore into.
+pub const SCRATCH_TOKEN: &str = "custody-scratch";
+
+/// Adds the scratch token next to `token` and points `config` at it: use in
+/// [`TestService::start_with`] for tests that drill.
+pub fn with_scratch_token(token: &TestToken, config: &mut Config) {
+    token.add_token(SCRATCH_TOKEN);
+    config.ceremony.scratch_token_label = Some(SCRATCH_TOKEN.into());
+    config.ceremony.scratch_pin_file = Some(token.pin_file());
 }

@@ -402,3 +402,379 @@ token_test!(
         });
     }
 );
+
+/// [`prepare`], plus three officers (alice, bob, carol; 2 of 3 for
+/// administration), the SO PIN and a scratch token for ceremonies.
+fn prepare_ceremonies(
+    token: &TestToken,
+    port: u16,
+) -> (
+    Pki,
+    PathBuf,
+    Vec<custody_daemon::dual_control::officer_key::OfficerKey>,
+) {
+    use custody_daemon::dual_control::officer_key::OfficerKey;
+    token.add_token(softhsm_tests::service::SCRATCH_TOKEN);
+    let (pki, config) = prepare(token, port);
+    let passphrase = hsm_shim::SecretString::from("process test passphrase");
+    let mut genesis = String::from("required = 2\n");
+    let mut keys = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (key, _) = OfficerKey::generate(name, &passphrase).unwrap();
+        genesis.push_str(&format!(
+            "[[officers]]\nid = \"{name}\"\nprincipal = \"{name}\"\npublic_key = \"{}\"\n",
+            hex::encode(key.public_key())
+        ));
+        keys.push(key);
+    }
+    let genesis_path = pki.dir.join("officers.toml");
+    std::fs::write(&genesis_path, genesis).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[dual_control]\ngenesis_file = \"{}\"\n[ceremony]\nso_pin_file = \"{}\"\nscratch_token_label = \"{}\"\nscratch_pin_file = \"{}\"\n",
+        genesis_path.display(),
+        token.so_pin_file().display(),
+        softhsm_tests::service::SCRATCH_TOKEN,
+        token.pin_file().display(),
+    ));
+    std::fs::write(&config, text).unwrap();
+    (pki, config, keys)
+}
+
+async fn officer_channels(pki: &Pki, port: u16) -> std::collections::BTreeMap<String, Channel> {
+    let mut channels = std::collections::BTreeMap::new();
+    for officer in ["alice", "bob", "carol"] {
+        let channel = connect(pki, port, &pki.client(officer, &[Role::Officer]))
+            .await
+            .unwrap();
+        channels.insert(officer.to_string(), channel);
+    }
+    channels
+}
+
+/// What a ceremony test drives, up to where custodyd dies.
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    /// Root key with a certificate.
+    Root,
+    /// KEK, generate mode (backup KEK and shares).
+    Kek,
+    /// KEK from three components.
+    Components,
+    /// A DR drill of the first KEK ceremony's bundle.
+    Drill,
+}
+
+impl Scenario {
+    /// The scenario that passes `point`.
+    fn passing(point: &str) -> Scenario {
+        match point.split('.').nth(1) {
+            Some("backup_kek" | "backup") => Scenario::Kek,
+            Some("import") => Scenario::Components,
+            Some("restore") => Scenario::Drill,
+            _ => Scenario::Root,
+        }
+    }
+
+    /// The key the scenario makes.
+    fn key(self, run: usize) -> Option<String> {
+        match self {
+            Scenario::Root => Some(format!("root-{run}")),
+            Scenario::Kek => Some(format!("kek-{run}")),
+            Scenario::Components => Some(format!("parts-{run}")),
+            Scenario::Drill => None,
+        }
+    }
+
+    fn script(self, run: usize, bundle: &str) -> String {
+        use softhsm_tests::ceremony::{components_script, kek_script, restore_script, root_script};
+        match self {
+            Scenario::Root => root_script(&format!("c-root-{run}"), &format!("root-{run}"), true),
+            Scenario::Kek => kek_script(&format!("c-kek-{run}"), &format!("kek-{run}"), false),
+            Scenario::Components => {
+                components_script(&format!("c-parts-{run}"), &format!("parts-{run}"))
+            }
+            Scenario::Drill => restore_script(&format!("c-drill-{run}"), bundle, true),
+        }
+    }
+
+    /// Drives the whole ceremony; an error is where custodyd died.
+    async fn drive(
+        self,
+        officers: &softhsm_tests::ceremony::Officers<'_>,
+        script: &str,
+        bundle: &str,
+        shares: &std::collections::BTreeMap<String, String>,
+    ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
+        use custody_daemon::ceremony::components::kcv;
+        match self {
+            Scenario::Root | Scenario::Kek => officers.run(script).await.map(|(done, _)| done),
+            Scenario::Components => {
+                let name = officers.start("alice", script, "").await?.name;
+                officers.sign_in("alice", &name, script).await?;
+                officers.sign_in("bob", &name, script).await?;
+                for (i, officer) in ["alice", "bob", "carol"].iter().enumerate() {
+                    let part = [u8::try_from(i + 1).unwrap() * 29; 32];
+                    officers
+                        .submit_component(
+                            officer,
+                            &name,
+                            &hex::encode(part),
+                            &hex::encode(kcv(&part)),
+                        )
+                        .await?;
+                }
+                let ceremony = officers.get("alice", &name).await?;
+                let fingerprint = ceremony.fingerprint.map(|f| f.value).unwrap_or_default();
+                officers
+                    .confirm("alice", &name, script, &fingerprint)
+                    .await?;
+                officers.confirm("bob", &name, script, &fingerprint).await
+            }
+            Scenario::Drill => {
+                let name = officers.start("alice", script, bundle).await?.name;
+                officers.sign_in("alice", &name, script).await?;
+                officers.sign_in("bob", &name, script).await?;
+                officers
+                    .submit_share("alice", &name, &shares["alice"])
+                    .await?;
+                officers.submit_share("bob", &name, &shares["bob"]).await
+            }
+        }
+    }
+}
+
+/// The invariant after any crash and restart: the HSM holds exactly what
+/// the registry and the ceremony journal account for (drift finds nothing,
+/// and the scratch token is empty); a key whose ceremony did not complete is
+/// neither registered nor on the token nor usable; one whose ceremony
+/// completed signs. Returns the ceremony's state.
+async fn ceremony_invariant(
+    pki: &Pki,
+    port: u16,
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    ceremony: &str,
+    key: Option<&str>,
+    token: &TestToken,
+) -> custody_proto::v1::CeremonyState {
+    use custody_proto::v1::{CeremonyState, CheckDriftRequest, GetKeyRequest};
+    let operator = connect(pki, port, &pki.client("operator", &[Role::Operator]))
+        .await
+        .unwrap();
+    let mut keys = KeyServiceClient::new(operator);
+    let drift = keys
+        .check_drift(CheckDriftRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        drift.findings.is_empty(),
+        "{ceremony}: {:?}",
+        drift.findings
+    );
+    let mut scratch = token.config(1);
+    scratch.token = hsm_shim::TokenSelector::Label(softhsm_tests::service::SCRATCH_TOKEN.into());
+    let left = hsm_shim::Hsm::open(scratch)
+        .unwrap()
+        .run(|s| s.inventory())
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "{ceremony}: drill objects left on the scratch token: {left:?}"
+    );
+    let state = match officers.get("alice", ceremony).await {
+        Ok(found) => CeremonyState::try_from(found.state).unwrap(),
+        // Killed before the ceremony was journaled.
+        Err(status) if status.code() == tonic::Code::NotFound => CeremonyState::Unspecified,
+        Err(status) => panic!("{ceremony}: {status}"),
+    };
+    if let Some(key) = key {
+        let registered = keys
+            .get_key(GetKeyRequest {
+                name: format!("keys/{key}"),
+            })
+            .await
+            .is_ok();
+        let completed = state == CeremonyState::Completed;
+        assert_eq!(
+            registered, completed,
+            "{ceremony} is {state:?}, key registered: {registered}"
+        );
+        let signer = connect(pki, port, &pki.client("ca-issuing", &[Role::Signer]))
+            .await
+            .unwrap();
+        let mut request = sign_request(1);
+        request.name = format!("keys/{key}");
+        let signs = SigningServiceClient::new(signer)
+            .sign(request)
+            .await
+            .is_ok();
+        let signing_key = key.starts_with("root-");
+        assert_eq!(
+            signs,
+            completed && signing_key,
+            "{ceremony} is {state:?}; signing with {key}: {signs}"
+        );
+    }
+    state
+}
+
+/// The id of the ceremony a script opens.
+fn ceremony_name(script: &str) -> String {
+    let script = custody_daemon::ceremony::script::Script::parse(script).unwrap();
+    format!("ceremonies/{}", script.id())
+}
+
+/// After the invariant held, an unfinished ceremony is aborted (and the
+/// invariant checked again): a resumed ceremony must still undo cleanly.
+async fn finish_off(
+    pki: &Pki,
+    port: u16,
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    name: &str,
+    key: Option<&str>,
+    token: &TestToken,
+) -> custody_proto::v1::CeremonyState {
+    use custody_proto::v1::{AbortCeremonyRequest, CeremonyState};
+    let state = ceremony_invariant(pki, port, officers, name, key, token).await;
+    if matches!(
+        state,
+        CeremonyState::Completed | CeremonyState::RolledBack | CeremonyState::Unspecified
+    ) {
+        return state;
+    }
+    let aborted = officers
+        .client("carol")
+        .abort_ceremony(AbortCeremonyRequest {
+            name: name.into(),
+            reason: "crash test clean-up".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(aborted.state, CeremonyState::Aborted as i32, "{name}");
+    ceremony_invariant(pki, port, officers, name, key, token).await;
+    state
+}
+
+/// A ceremony KEK and a backup, for the drills of the crash tests.
+async fn drill_material(
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+) -> (String, std::collections::BTreeMap<String, String>) {
+    use softhsm_tests::ceremony::kek_script;
+    let (done, shares) = officers
+        .run(&kek_script("c-base", "base-kek", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        done.state,
+        custody_proto::v1::CeremonyState::Completed as i32
+    );
+    (officers.backup("alice").await.unwrap(), shares)
+}
+
+token_test!(
+    fn a_ceremony_killed_at_every_crash_point_rolls_back_or_completes_and_no_half_made_key_is_usable(token) {
+        use custody_daemon::ceremony::engine::CRASH_POINTS;
+        use softhsm_tests::ceremony::Officers;
+        runtime().block_on(async {
+            let port = free_port();
+            let (pki, config, keys) = prepare_ceremonies(token, port);
+            let mut daemon = spawn(&config);
+            ready(&pki, port, &mut daemon).await;
+            let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+            let (bundle, shares) = drill_material(&officers).await;
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
+
+            let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+            for (run, point) in CRASH_POINTS.iter().enumerate() {
+                let scenario = Scenario::passing(point);
+                let script = scenario.script(run, &bundle);
+                let mut crashing = spawn_crashing_at(&config, Some(point));
+                ready(&pki, port, &mut crashing).await;
+                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+                let driven = scenario.drive(&officers, &script, &bundle, &shares).await;
+                assert!(driven.is_err(), "{point}: the {scenario:?} ceremony never reached it");
+                killed_at_crash_point(crashing, point).await;
+
+                let mut daemon = spawn(&config);
+                ready(&pki, port, &mut daemon).await;
+                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+                let key = scenario.key(run);
+                let state =
+                    finish_off(&pki, port, &officers, &ceremony_name(&script), key.as_deref(), token).await;
+                *outcomes.entry(format!("{state:?}")).or_default() += 1;
+                daemon.kill().unwrap();
+                daemon.wait().unwrap();
+            }
+            println!(
+                "ceremony crash points covered {}/{}; {} killed runs; states after restart: {outcomes:?}",
+                CRASH_POINTS.len(),
+                CRASH_POINTS.len(),
+                CRASH_POINTS.len()
+            );
+        });
+    }
+);
+
+token_test!(
+    fn ceremonies_killed_at_random_moments_keep_the_hsm_and_the_journal_in_step(token) {
+        use softhsm_tests::ceremony::Officers;
+        // CUSTODY_KILL_RUNS=1000 for the figure in docs/assurance.md.
+        let runs: usize = std::env::var("CUSTODY_KILL_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(24);
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        println!("random kill seed {seed}");
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        runtime().block_on(async {
+            let port = free_port();
+            let (pki, config, keys) = prepare_ceremonies(token, port);
+            let mut daemon = spawn(&config);
+            ready(&pki, port, &mut daemon).await;
+            let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+            let (bundle, shares) = drill_material(&officers).await;
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
+
+            let scenarios = [Scenario::Root, Scenario::Kek, Scenario::Components, Scenario::Drill];
+            let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+            for run in 0..runs {
+                let scenario = scenarios[run % scenarios.len()];
+                let script = scenario.script(1000 + run, &bundle);
+                let mut daemon = spawn(&config);
+                ready(&pki, port, &mut daemon).await;
+                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+                // kill -9 at a random moment while the ceremony runs.
+                let delay = Duration::from_millis(next() % 450);
+                let driving = scenario.drive(&officers, &script, &bundle, &shares);
+                let _ = tokio::time::timeout(delay, driving).await;
+                daemon.kill().unwrap();
+                daemon.wait().unwrap();
+
+                let mut daemon = spawn(&config);
+                ready(&pki, port, &mut daemon).await;
+                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+                let key = scenario.key(1000 + run);
+                let state =
+                    finish_off(&pki, port, &officers, &ceremony_name(&script), key.as_deref(), token).await;
+                *outcomes.entry(format!("{state:?}")).or_default() += 1;
+                daemon.kill().unwrap();
+                daemon.wait().unwrap();
+            }
+            println!("random SIGKILL runs: {runs}; 0 inconsistent; states after restart: {outcomes:?}");
+        });
+    }
+);

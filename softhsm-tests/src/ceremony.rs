@@ -1,0 +1,261 @@
+//! Driving ceremonies over gRPC as the officers would, for the in-process
+//! and the SIGKILL tests: scripts, and one call per officer step, each
+//! signed with that officer's own key over that officer's own channel.
+
+use std::collections::BTreeMap;
+
+use custody_daemon::ceremony::engine::{confirmation_message, presence_message};
+use custody_daemon::ceremony::script::script_digest;
+use custody_daemon::dual_control::officer_key::OfficerKey;
+use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::{
+    Ceremony, CeremonySignature, CollectShareRequest, CreateBackupRequest, GetCeremonyRequest,
+    StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
+};
+use sha2::Digest;
+use tonic::Status;
+use tonic::transport::Channel;
+
+/// A root-key script: 2 of alice, bob, carol; an EC P-256 key `key`,
+/// backup-exportable, signers `ca-issuing`; with a root certificate if
+/// `certificate`.
+pub fn root_script(id: &str, key: &str, certificate: bool) -> String {
+    let mut script = format!(
+        "format = 1\nid = \"{id}\"\nkind = \"root-key\"\ndescription = \"test root key\"\n\
+         [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\
+         [key]\nname = \"{key}\"\nalgorithm = \"EC_SIGN_P256_SHA256\"\nbackup = true\n\
+         signers = [\"ca-issuing\"]\n"
+    );
+    if certificate {
+        script.push_str(
+            "[certificate]\ncommon_name = \"Test Root CA\"\norganization = \"Custody Tests\"\nvalidity_days = 30\n",
+        );
+    }
+    script
+}
+
+/// A KEK script, generate mode: AES key `key`, backup KEK split 2 of
+/// alice, bob, carol.
+pub fn kek_script(id: &str, key: &str, sealed: bool) -> String {
+    format!(
+        "format = 1\nid = \"{id}\"\nkind = \"kek\"\ndescription = \"test KEK\"\n\
+         [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\
+         [key]\nname = \"{key}\"\nalgorithm = \"AES_256_GCM\"\nsigners = [\"ca-issuing\"]\n\
+         [kek]\nmode = \"generate\"\n\
+         [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\", \"carol\"]\n\
+         encrypt_to_officer_keys = {sealed}\n"
+    )
+}
+
+/// A KEK script, components mode: alice, bob and carol each enter one.
+pub fn components_script(id: &str, key: &str) -> String {
+    format!(
+        "format = 1\nid = \"{id}\"\nkind = \"kek\"\ndescription = \"test KEK from components\"\n\
+         [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\
+         [key]\nname = \"{key}\"\nalgorithm = \"AES_256_GCM\"\n\
+         [kek]\nmode = \"components\"\n\
+         [components]\ncustodians = [\"alice\", \"bob\", \"carol\"]\n"
+    )
+}
+
+/// A restore (or drill) script for `bundle`.
+pub fn restore_script(id: &str, bundle: &str, drill: bool) -> String {
+    format!(
+        "format = 1\nid = \"{id}\"\nkind = \"restore\"\ndescription = \"test restore\"\n\
+         [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\
+         [restore]\nbundle = \"bundle.json\"\nbundle_sha256 = \"{}\"\ndrill = {drill}\n\
+         custodians = [\"alice\", \"bob\", \"carol\"]\n",
+        hex::encode(sha2::Sha256::digest(bundle.as_bytes()))
+    )
+}
+
+/// The officers, each with their key and their own channel.
+pub struct Officers<'k> {
+    keys: BTreeMap<String, &'k OfficerKey>,
+    channels: BTreeMap<String, Channel>,
+}
+
+impl<'k> Officers<'k> {
+    /// From the officers' keys and their channels (by officer id).
+    pub fn new(keys: &'k [OfficerKey], channels: BTreeMap<String, Channel>) -> Self {
+        Self {
+            keys: keys
+                .iter()
+                .map(|k| (k.officer_id().to_string(), k))
+                .collect(),
+            channels,
+        }
+    }
+
+    /// The ceremony client of `officer`.
+    pub fn client(&self, officer: &str) -> CeremonyServiceClient<Channel> {
+        CeremonyServiceClient::new(self.channels[officer].clone())
+    }
+
+    /// `officer` opens a ceremony.
+    pub async fn start(
+        &self,
+        officer: &str,
+        script: &str,
+        bundle: &str,
+    ) -> Result<Ceremony, Status> {
+        self.client(officer)
+            .start_ceremony(StartCeremonyRequest {
+                script: script.into(),
+                bundle: bundle.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Reads a ceremony.
+    pub async fn get(&self, officer: &str, name: &str) -> Result<Ceremony, Status> {
+        self.client(officer)
+            .get_ceremony(GetCeremonyRequest { name: name.into() })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `officer` signs in to the ceremony `name` run from `script`.
+    pub async fn sign_in(
+        &self,
+        officer: &str,
+        name: &str,
+        script: &str,
+    ) -> Result<Ceremony, Status> {
+        let digest = script_digest(script.as_bytes());
+        self.client(officer)
+            .sign_in(CeremonySignature {
+                name: name.into(),
+                officer_id: officer.into(),
+                signature: self.keys[officer].sign(&presence_message(&digest)).to_vec(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `officer` collects their share (opening it if sealed).
+    pub async fn collect(&self, officer: &str, name: &str) -> Result<String, Status> {
+        let response = self
+            .client(officer)
+            .collect_share(CollectShareRequest {
+                name: name.into(),
+                officer_id: officer.into(),
+            })
+            .await?
+            .into_inner();
+        if response.sealed_share.is_empty() {
+            Ok(response.share)
+        } else {
+            let opened = self.keys[officer]
+                .open_sealed(&response.sealed_share)
+                .map_err(Status::internal)?;
+            Ok(String::from_utf8(opened.to_vec()).map_err(|e| Status::internal(e.to_string()))?)
+        }
+    }
+
+    /// `officer` confirms the fingerprint `fingerprint` of ceremony `name`.
+    pub async fn confirm(
+        &self,
+        officer: &str,
+        name: &str,
+        script: &str,
+        fingerprint: &[u8],
+    ) -> Result<Ceremony, Status> {
+        let digest = script_digest(script.as_bytes());
+        self.client(officer)
+            .confirm(CeremonySignature {
+                name: name.into(),
+                officer_id: officer.into(),
+                signature: self.keys[officer]
+                    .sign(&confirmation_message(&digest, fingerprint))
+                    .to_vec(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `officer` submits a share.
+    pub async fn submit_share(
+        &self,
+        officer: &str,
+        name: &str,
+        share: &str,
+    ) -> Result<Ceremony, Status> {
+        self.submit(
+            officer,
+            name,
+            submit_secret_request::Secret::Share(share.into()),
+            "",
+        )
+        .await
+    }
+
+    /// `officer` submits a component with the check value `kcv`.
+    pub async fn submit_component(
+        &self,
+        officer: &str,
+        name: &str,
+        component_hex: &str,
+        kcv: &str,
+    ) -> Result<Ceremony, Status> {
+        self.submit(
+            officer,
+            name,
+            submit_secret_request::Secret::ComponentHex(component_hex.into()),
+            kcv,
+        )
+        .await
+    }
+
+    async fn submit(
+        &self,
+        officer: &str,
+        name: &str,
+        secret: submit_secret_request::Secret,
+        kcv: &str,
+    ) -> Result<Ceremony, Status> {
+        self.client(officer)
+            .submit_secret(SubmitSecretRequest {
+                name: name.into(),
+                officer_id: officer.into(),
+                secret: Some(secret),
+                expected_kcv: kcv.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A backup bundle of every backup-exportable key.
+    pub async fn backup(&self, officer: &str) -> Result<String, Status> {
+        self.client(officer)
+            .create_backup(CreateBackupRequest {})
+            .await
+            .map(|r| r.into_inner().bundle)
+    }
+
+    /// Runs a root-key or KEK ceremony from start to commit with alice and
+    /// bob present (carol collects her share only); returns the ceremony and
+    /// the shares collected, by officer.
+    pub async fn run(&self, script: &str) -> Result<(Ceremony, BTreeMap<String, String>), Status> {
+        let opened = self.start("alice", script, "").await?;
+        let name = opened.name.clone();
+        self.sign_in("alice", &name, script).await?;
+        let mut ceremony = self.sign_in("bob", &name, script).await?;
+        let mut shares = BTreeMap::new();
+        if ceremony.state == custody_proto::v1::CeremonyState::AwaitingShareCollection as i32 {
+            for officer in ["alice", "bob", "carol"] {
+                shares.insert(officer.to_string(), self.collect(officer, &name).await?);
+            }
+            ceremony = self.get("alice", &name).await?;
+        }
+        let fingerprint = ceremony
+            .fingerprint
+            .as_ref()
+            .map(|f| f.value.clone())
+            .unwrap_or_default();
+        self.confirm("alice", &name, script, &fingerprint).await?;
+        let done = self.confirm("bob", &name, script, &fingerprint).await?;
+        Ok((done, shares))
+    }
+}

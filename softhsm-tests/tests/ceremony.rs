@@ -1,0 +1,563 @@
+//! Key ceremonies end to end on SoftHSM2, through the real gRPC server with
+//! real mTLS, each officer on their own channel with their own key: the root
+//! key ceremony (quorum, consistency-tested key, fingerprint, root
+//! certificate that `openssl verify` accepts, key unusable until committed),
+//! the KEK ceremony in both modes, backups, the DR drill (K shares restore
+//! and verify, K-1 and tampered sets refused before any unwrap), a restore
+//! into a fresh token, and transcripts verified offline.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
+use std::collections::BTreeMap;
+
+use custody_daemon::audit::Event;
+use custody_daemon::ceremony::bundle::Bundle;
+use custody_daemon::ceremony::components::kcv;
+use custody_daemon::ceremony::engine::pem_to_der;
+use custody_daemon::ceremony::transcript::Transcript;
+use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::signing_service_client::SigningServiceClient;
+use custody_proto::v1::{
+    AbortCeremonyRequest, CeremonyState, CheckDriftRequest, CreateKeyRequest, DecryptRequest,
+    Digest, EncryptRequest, GetKeyRequest, GetTranscriptRequest, SignRequest, digest, sign_request,
+};
+use sha2::Digest as _;
+use softhsm_tests::ceremony::{
+    Officers, components_script, kek_script, restore_script, root_script,
+};
+use softhsm_tests::service::{TestService, reason, runtime, with_scratch_token};
+use softhsm_tests::{TestToken, openssl, token_test};
+use tonic::transport::Channel;
+
+async fn channels_of(service: &TestService) -> BTreeMap<String, Channel> {
+    let mut channels = BTreeMap::new();
+    for officer in ["alice", "bob", "carol"] {
+        channels.insert(officer.to_string(), service.client(officer).await);
+    }
+    channels
+}
+
+fn state(ceremony: &custody_proto::v1::Ceremony) -> CeremonyState {
+    CeremonyState::try_from(ceremony.state).unwrap()
+}
+
+async fn sign(signer: &Channel, key: &str, digest_bytes: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    SigningServiceClient::new(signer.clone())
+        .sign(SignRequest {
+            name: format!("keys/{key}"),
+            input: Some(sign_request::Input::Digest(Digest {
+                digest: Some(digest::Digest::Sha256(digest_bytes.to_vec())),
+            })),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+/// Verifies `signature` over `message` (SHA-256 ECDSA, DER) with `pem`.
+fn openssl_verifies(token: &TestToken, pem: &str, message: &[u8], signature: &[u8]) -> bool {
+    let dir = token.scratch();
+    let key = dir.join("verify-key.pem");
+    let sig = dir.join("verify.sig");
+    std::fs::write(&key, pem).unwrap();
+    std::fs::write(&sig, signature).unwrap();
+    std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&key)
+        .arg("-signature")
+        .arg(&sig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(message)?;
+            child.wait()
+        })
+        .unwrap()
+        .success()
+}
+
+/// The transcript verifies offline with the audit key, and each of its
+/// entries is anchored in the audit chain by its hash.
+async fn transcript_is_sound(service: &TestService, officer: &Channel, name: &str) -> Transcript {
+    let response = CeremonyServiceClient::new(officer.clone())
+        .get_transcript(GetTranscriptRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let transcript = Transcript::from_json(&response.json).unwrap();
+    let spki = pem_to_der(&response.audit_key_pem).unwrap();
+    transcript.verify(&spki).unwrap();
+    let anchored: Vec<String> = service
+        .state()
+        .audit
+        .records(1)
+        .filter_map(|record| {
+            let record = record.unwrap();
+            match serde_json::from_slice::<custody_daemon::audit::Entry>(&record.entry) {
+                Ok(entry) => match entry.event {
+                    Event::Ceremony {
+                        ceremony,
+                        entry_hash,
+                        ..
+                    } if ceremony == name => Some(entry_hash),
+                    _ => None,
+                },
+                Err(_) => None,
+            }
+        })
+        .collect();
+    let hashes: Vec<String> = transcript.entries.iter().map(|e| e.hash.clone()).collect();
+    assert_eq!(
+        anchored, hashes,
+        "every transcript entry is in the audit log, in order"
+    );
+    for entry in &transcript.entries {
+        assert!(response.markdown.contains(&entry.summary));
+    }
+    transcript
+}
+
+token_test!(
+    fn a_root_key_ceremony_needs_the_quorum_and_its_key_is_usable_only_once_confirmed(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let signer = service.client("ca-issuing").await;
+            let script = root_script("root-1", "root-ca", true);
+
+            let opened = officers.start("alice", &script, "").await.unwrap();
+            assert_eq!(state(&opened), CeremonyState::AwaitingOfficers);
+            let name = opened.name.clone();
+
+            // A signature over another script is not a sign-in.
+            let other = root_script("root-2", "root-ca", true);
+            let err = officers.sign_in("alice", &name, &other).await.unwrap_err();
+            assert_eq!(reason(&err), "BAD_SIGNATURE");
+            // Bob's certificate cannot sign in as alice.
+            let mut as_bob = CeremonyServiceClient::new(channels["bob"].clone());
+            let forged = as_bob
+                .sign_in(custody_proto::v1::CeremonySignature {
+                    name: name.clone(),
+                    officer_id: "alice".into(),
+                    signature: vec![0; 64],
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&forged), "OFFICER_MISMATCH");
+
+            let one = officers.sign_in("alice", &name, &script).await.unwrap();
+            assert_eq!(state(&one), CeremonyState::AwaitingOfficers);
+            assert!(service.state().registry.get("root-ca").is_none());
+            let inventory = service.state().hsm.run(|s| s.inventory()).await.unwrap();
+            assert!(
+                !inventory.iter().any(|o| o.label.starts_with("key/root-ca")),
+                "nothing is made before the quorum is present"
+            );
+
+            let two = officers.sign_in("bob", &name, &script).await.unwrap();
+            assert_eq!(state(&two), CeremonyState::AwaitingConfirmation);
+            let fingerprint = two.fingerprint.clone().unwrap();
+            assert_eq!(
+                fingerprint.value,
+                sha2::Sha256::digest(&two.public_key_der).to_vec()
+            );
+            assert_eq!(fingerprint.words.split(' ').count(), 12);
+            // Generated, certified, but not usable.
+            let err = sign(&signer, "root-ca", &[7; 32]).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+            // The certificate is a self-signed CA that openssl accepts.
+            let cert = token.scratch().join("root.pem");
+            std::fs::write(&cert, &two.certificate_pem).unwrap();
+            let verified = openssl(
+                &["verify", "-CAfile", cert.to_str().unwrap(), cert.to_str().unwrap()],
+                b"",
+            );
+            assert!(String::from_utf8_lossy(&verified).contains("OK"));
+
+            // carol did not sign in, so she cannot confirm; a confirmation of
+            // another fingerprint does not verify.
+            let err = officers
+                .confirm("carol", &name, &script, &fingerprint.value)
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "NOT_PRESENT");
+            let err = officers
+                .confirm("alice", &name, &script, &[0; 32])
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "BAD_SIGNATURE");
+
+            officers
+                .confirm("alice", &name, &script, &fingerprint.value)
+                .await
+                .unwrap();
+            let done = officers
+                .confirm("bob", &name, &script, &fingerprint.value)
+                .await
+                .unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed);
+
+            // Now it signs, and the signature verifies with the key the
+            // officers confirmed.
+            let message = b"issued by the ceremony's root key";
+            let digest_bytes = sha2::Sha256::digest(message);
+            let signature = sign(&signer, "root-ca", &digest_bytes).await.unwrap();
+            let pem = service.state().registry.get("root-ca").unwrap().versions[0]
+                .public_key_pem
+                .clone();
+            assert!(openssl_verifies(token, &pem, message, &signature));
+            assert!(service.state().registry.get("root-ca").unwrap().backup_exportable);
+
+            let transcript = transcript_is_sound(&service, &channels["alice"], &name).await;
+            assert_eq!(transcript.outcome, "completed");
+            let steps: Vec<&str> = transcript.entries.iter().map(|e| e.step.as_str()).collect();
+            assert_eq!(
+                steps,
+                ["open", "sign-in", "sign-in", "generate", "certificate", "confirm", "confirm", "commit"]
+            );
+
+            // A finished ceremony takes nothing more.
+            let err = officers.sign_in("carol", &name, &script).await.unwrap_err();
+            assert_eq!(reason(&err), "NOT_SIGNING_IN");
+        });
+    }
+);
+
+token_test!(
+    fn an_aborted_ceremony_destroys_what_it_made_and_its_key_never_becomes_usable(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let script = root_script("root-abort", "doomed", false);
+            let name = officers.start("alice", &script, "").await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            officers.sign_in("bob", &name, &script).await.unwrap();
+            let before = service.state().hsm.run(|s| s.inventory()).await.unwrap();
+            assert!(before.iter().any(|o| o.label == "key/doomed/v1"));
+            // Only an officer of the quorum may abort, and with a reason.
+            let aborted = CeremonyServiceClient::new(channels["carol"].clone())
+                .abort_ceremony(AbortCeremonyRequest {
+                    name: name.clone(),
+                    reason: "fingerprint read aloud did not match".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(state(&aborted), CeremonyState::Aborted);
+            let after = service.state().hsm.run(|s| s.inventory()).await.unwrap();
+            assert!(!after.iter().any(|o| o.label.starts_with("key/doomed")));
+            assert!(service.state().registry.get("doomed").is_none());
+            let fingerprint = vec![0u8; 32];
+            let err = officers
+                .confirm("alice", &name, &script, &fingerprint)
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "NOT_CONFIRMING");
+            let transcript = transcript_is_sound(&service, &channels["alice"], &name).await;
+            assert_eq!(transcript.outcome, "aborted");
+            // The key id is free again.
+            let script = root_script("root-again", "doomed", false);
+            officers.run(&script).await.unwrap();
+            assert!(service.state().registry.get("doomed").is_some());
+        });
+    }
+);
+
+token_test!(
+    fn a_kek_from_components_is_their_xor_imported_non_extractable_with_each_kcv_confirmed(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let script = components_script("kek-parts", "partner-kek");
+            let name = officers.start("alice", &script, "").await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            let waiting = officers.sign_in("carol", &name, &script).await.unwrap();
+            assert_eq!(state(&waiting), CeremonyState::AwaitingComponents);
+
+            let parts: Vec<[u8; 32]> = (1..=3u8).map(|i| [i * 17; 32]).collect();
+            let mut key = [0u8; 32];
+            for part in &parts {
+                for (k, p) in key.iter_mut().zip(part) {
+                    *k ^= p;
+                }
+            }
+            // A component whose KCV is not the sheet's is refused.
+            let err = officers
+                .submit_component("alice", &name, &hex::encode(parts[0]), "000000")
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "KCV_MISMATCH");
+            for (officer, part) in ["alice", "bob", "carol"].iter().zip(&parts) {
+                officers
+                    .submit_component(officer, &name, &hex::encode(part), &hex::encode(kcv(part)))
+                    .await
+                    .unwrap();
+            }
+            let ceremony = officers.get("alice", &name).await.unwrap();
+            assert_eq!(state(&ceremony), CeremonyState::AwaitingConfirmation);
+            let fingerprint = ceremony.fingerprint.unwrap();
+            assert_eq!(fingerprint.value, kcv(&key).to_vec(), "the KEK is the XOR");
+            officers
+                .confirm("alice", &name, &script, &fingerprint.value)
+                .await
+                .unwrap();
+            let done = officers
+                .confirm("carol", &name, &script, &fingerprint.value)
+                .await
+                .unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed);
+
+            let objects = service.state().hsm.run(|s| s.inventory()).await.unwrap();
+            let kek = objects
+                .iter()
+                .find(|o| o.label == "key/partner-kek/v1")
+                .unwrap();
+            assert_eq!(kek.extractable, Some(false));
+            assert_eq!(kek.sensitive, Some(true));
+            let drift = KeyServiceClient::new(service.client("operator").await)
+                .check_drift(CheckDriftRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(drift.findings.len(), 0, "{:?}", drift.findings);
+            let transcript = transcript_is_sound(&service, &channels["bob"], &name).await;
+            let text = serde_json::to_string(&transcript).unwrap();
+            for part in &parts {
+                assert!(!text.contains(&hex::encode(part)), "no component in the transcript");
+            }
+        });
+    }
+);
+
+/// A KEK ceremony (backup KEK split 2 of 3, shares sealed to the officers'
+/// keys), `count` backup-exportable keys, and a backup of them all.
+async fn kek_and_backup(
+    service: &TestService,
+    officers: &Officers<'_>,
+    count: usize,
+) -> (BTreeMap<String, String>, String) {
+    let script = kek_script("kek-1", "envelope-kek", true);
+    let (done, shares) = officers.run(&script).await.unwrap();
+    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+    let operator = service.client("operator").await;
+    let mut keys = KeyServiceClient::new(operator);
+    for i in 0..count {
+        keys.create_key(CreateKeyRequest {
+            key_id: format!("issuer-{i}"),
+            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
+            allowed_signers: vec!["ca-issuing".into()],
+            backup_exportable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let bundle = officers.backup("alice").await.unwrap();
+    (shares, bundle)
+}
+
+token_test!(
+    fn a_drill_restores_from_k_shares_into_the_scratch_token_verifies_and_leaves_it_empty(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |c| with_scratch_token(token, c)).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let (shares, bundle_text) = kek_and_backup(&service, &officers, 3).await;
+            // Each custodian got their own share, and only once.
+            assert_eq!(shares.len(), 3);
+            let err = officers.collect("alice", "ceremonies/kek-1").await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+
+            let bundle = Bundle::parse(&bundle_text).unwrap();
+            bundle.verify(&pem_to_der(&bundle.audit_key_pem).unwrap()).unwrap();
+            // The KEK and the three keys; the KEK made by the ceremony is in.
+            assert_eq!(bundle.manifest.keys.len(), 4);
+            assert!(bundle.manifest.keys.iter().any(|k| k.key_id == "envelope-kek"));
+
+            let script = restore_script("drill-1", &bundle_text, true);
+            let name = officers.start("bob", &script, &bundle_text).await.unwrap().name;
+            officers.sign_in("bob", &name, &script).await.unwrap();
+            let waiting = officers.sign_in("carol", &name, &script).await.unwrap();
+            assert_eq!(state(&waiting), CeremonyState::AwaitingShares);
+            assert_eq!(waiting.shares_needed, 2);
+
+            // K-1 shares: still waiting, nothing unwrapped.
+            let one = officers.submit_share("alice", &name, &shares["alice"]).await.unwrap();
+            assert_eq!(state(&one), CeremonyState::AwaitingShares);
+            assert!(one.restore.is_none());
+            // The same share again (from another custodian) is refused.
+            let err = officers
+                .submit_share("bob", &name, &shares["alice"])
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "DUPLICATE_SHARE");
+            // A mangled share never gets past its checksum.
+            let mut mangled = shares["bob"].clone().into_bytes();
+            let at = mangled.len() / 2;
+            mangled[at] = if mangled[at] == b'a' { b'b' } else { b'a' };
+            let err = officers
+                .submit_share("bob", &name, &String::from_utf8(mangled).unwrap())
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "BAD_SHARE");
+
+            let done = officers.submit_share("carol", &name, &shares["carol"]).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let report = done.restore.unwrap();
+            assert!(report.drill);
+            assert_eq!((report.keys, report.verified), (4, 4));
+            // Each key pair makes a private and a public object, the KEK one.
+            assert_eq!(report.scratch_objects_destroyed, 3 * 2 + 1);
+            assert!(service.state().registry.get("issuer-0").is_some());
+
+            let scratch = hsm_shim::Hsm::open({
+                let mut config = token.config(1);
+                config.token = hsm_shim::TokenSelector::Label(
+                    softhsm_tests::service::SCRATCH_TOKEN.into(),
+                );
+                config
+            })
+            .unwrap();
+            let left = scratch.run(|s| s.inventory()).await.unwrap();
+            assert!(left.is_empty(), "the scratch token is left empty: {left:?}");
+            let transcript = transcript_is_sound(&service, &channels["bob"], &name).await;
+            assert_eq!(transcript.outcome, "completed");
+        });
+    }
+);
+
+token_test!(
+    fn a_restore_into_a_fresh_token_brings_back_keys_that_sign_as_before(token) {
+        runtime().block_on(async {
+            // The DR token exists from the start (SoftHSM2 sees only the
+            // tokens present when the process loads it), empty.
+            token.add_token("custody-dr");
+            // The production daemon: a KEK ceremony, keys, a backup.
+            let mut service = TestService::start(token).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let (shares, bundle_text) = kek_and_backup(&service, &officers, 2).await;
+            let signer = service.client("ca-issuing").await;
+            let original = service.state().registry.get("issuer-1").unwrap();
+            let pem = original.versions[0].public_key_pem.clone();
+            let envelope_ciphertext = EnvelopeServiceClient::new(signer.clone())
+                .encrypt(EncryptRequest {
+                    name: "keys/envelope-kek".into(),
+                    plaintext: b"data under the KEK".to_vec(),
+                    associated_data: b"dr".to_vec(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .ciphertext;
+            service.stop().await;
+
+            // Disaster: a fresh daemon on a fresh token, officers enrolled
+            // anew, the custodians bring their shares.
+            let fresh_dir = token.scratch().join("dr-data");
+            let dr = TestService::start_with(token, |config| {
+                config.hsm.token_label = "custody-dr".into();
+                config.data_dir = fresh_dir.clone();
+            })
+            .await;
+            let dr_channels = channels_of(&dr).await;
+            let dr_officers = Officers::new(&dr.officers, dr_channels.clone());
+            let script = restore_script("restore-1", &bundle_text, false);
+            let name = dr_officers.start("alice", &script, &bundle_text).await.unwrap().name;
+            dr_officers.sign_in("alice", &name, &script).await.unwrap();
+            dr_officers.sign_in("bob", &name, &script).await.unwrap();
+            dr_officers.submit_share("alice", &name, &shares["alice"]).await.unwrap();
+            let done = dr_officers.submit_share("bob", &name, &shares["bob"]).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            assert_eq!(done.restore.unwrap().verified, 3);
+
+            let dr_signer = dr.client("ca-issuing").await;
+            let message = b"signed after the restore";
+            let signature = sign(&dr_signer, "issuer-1", &sha2::Sha256::digest(message))
+                .await
+                .unwrap();
+            assert!(openssl_verifies(token, &pem, message, &signature));
+            let plaintext = EnvelopeServiceClient::new(dr_signer.clone())
+                .decrypt(DecryptRequest {
+                    name: "keys/envelope-kek".into(),
+                    ciphertext: envelope_ciphertext,
+                    associated_data: b"dr".to_vec(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .plaintext;
+            assert_eq!(plaintext, b"data under the KEK");
+            let restored = KeyServiceClient::new(dr.client("operator").await)
+                .get_key(GetKeyRequest {
+                    name: "keys/issuer-1".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(restored.backup_exportable);
+            let drift = KeyServiceClient::new(dr.client("operator").await)
+                .check_drift(CheckDriftRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(drift.findings.len(), 0, "{:?}", drift.findings);
+        });
+    }
+);
+
+token_test!(
+    fn shares_of_another_set_and_too_few_shares_never_reach_an_unwrap(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |c| with_scratch_token(token, c)).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+            let (shares, bundle_text) = kek_and_backup(&service, &officers, 1).await;
+            // A second backup KEK: its shares are of another set.
+            let (second, other_shares) = officers
+                .run(&kek_script("kek-2", "second-kek", false))
+                .await
+                .unwrap();
+            assert_eq!(state(&second), CeremonyState::Completed);
+
+            let script = restore_script("drill-mixed", &bundle_text, true);
+            let name = officers.start("alice", &script, &bundle_text).await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            officers.sign_in("bob", &name, &script).await.unwrap();
+            // K-1 good shares: the drill waits; nothing is unwrapped.
+            let waiting = officers.submit_share("alice", &name, &shares["alice"]).await.unwrap();
+            assert_eq!(state(&waiting), CeremonyState::AwaitingShares);
+            // A share of the other set is refused before it is kept.
+            let err = officers
+                .submit_share("bob", &name, &other_shares["bob"])
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&err), "WRONG_SHARE_SET");
+            let still = officers.get("alice", &name).await.unwrap();
+            assert_eq!(still.shares_submitted, ["alice"]);
+            // The officers give up: the drill ends with nothing verified.
+            let aborted = CeremonyServiceClient::new(channels["bob"].clone())
+                .abort_ceremony(AbortCeremonyRequest {
+                    name: name.clone(),
+                    reason: "a custodian is missing".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(state(&aborted), CeremonyState::Aborted);
+            assert!(aborted.restore.is_none());
+        });
+    }
+);
