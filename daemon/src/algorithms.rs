@@ -97,6 +97,17 @@ impl KeyAlgorithm {
     }
 }
 
+/// The digest of `data` by `hash`, computed here: what the HSM signs for a
+/// message under an algorithm that signs digests.
+pub fn hash_bytes(hash: HashAlg, data: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    match hash {
+        HashAlg::Sha256 => sha2::Sha256::digest(data).to_vec(),
+        HashAlg::Sha384 => sha2::Sha384::digest(data).to_vec(),
+        HashAlg::Sha512 => sha2::Sha512::digest(data).to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

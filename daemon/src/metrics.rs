@@ -22,6 +22,8 @@
 //! | `custody_drift_findings` | gauge | kind (missing, extra, attribute_mismatch) |
 //! | `custody_drift_checks_total` | counter | outcome (ok, failed) |
 //! | `custody_drift_last_check_timestamp_seconds` | gauge | |
+//! | `custody_ceremonies_finished_total` | counter | kind (root-key, kek, restore), outcome (completed, rolled-back, aborted) |
+//! | `custody_restore_rto_seconds` | gauge | drill (true, false): the last restore's RTO |
 
 use std::net::SocketAddr;
 
@@ -140,6 +142,17 @@ pub fn drift(report: &crate::drift::Report) {
     metrics::counter!("custody_drift_checks_total", "outcome" => "ok").increment(1);
     metrics::gauge!("custody_drift_last_check_timestamp_seconds")
         .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+}
+
+/// A ceremony ended.
+pub fn ceremony_finished(kind: &str, outcome: &'static str) {
+    metrics::counter!("custody_ceremonies_finished_total", "kind" => kind.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// The RTO of the last restore or drill.
+pub fn restore_rto(drill: bool, seconds: f64) {
+    metrics::gauge!("custody_restore_rto_seconds", "drill" => drill.to_string()).set(seconds);
 }
 
 /// A drift check that could not run.

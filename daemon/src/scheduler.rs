@@ -2,7 +2,9 @@
 //!
 //! At start, [`roll_back_unfinished`] finishes what a crash interrupted: a
 //! version generation that was journaled but never committed is rolled
-//! back (its HSM objects destroyed), so nothing half-made is ever usable.
+//! back (its HSM objects destroyed), so nothing half-made is ever usable;
+//! after any roll-back (of a version or a ceremony), [`sweep_torn_objects`]
+//! removes what a kill inside an HSM call left without label or id.
 //! Then [`run`] wakes every `scheduler_interval_secs` and
 //! - rotates keys whose primary version is compromised, near the end of its
 //!   cryptoperiod, or past half its nonce budget (request id
@@ -26,12 +28,14 @@ use crate::service::keys::{
 };
 use crate::service::{Audited, State, version_name};
 
-/// Rolls back every version generation a crash left uncommitted.
-pub async fn roll_back_unfinished(state: &State) -> Result<(), String> {
+/// Rolls back every version generation a crash left uncommitted; returns
+/// how many there were.
+pub async fn roll_back_unfinished(state: &State) -> Result<usize, String> {
     let pending = state
         .registry
         .pending_versions()
         .map_err(|e| e.to_string())?;
+    let count = pending.len();
     for entry in pending {
         let mut audited = Audited::start("RollBackVersion");
         audited.principal = SCHEDULER.into();
@@ -73,7 +77,37 @@ pub async fn roll_back_unfinished(state: &State) -> Result<(), String> {
             tracing::warn!(version = %entry.hsm_label, "rolled back a version generation a stop interrupted");
         }
     }
-    Ok(())
+    Ok(count)
+}
+
+/// After a roll-back: destroys the objects a kill inside an HSM call can
+/// leave with neither label nor id (see `HsmSession::destroy_unnamed`),
+/// audited. custody owns its token and never makes such an object.
+pub async fn sweep_torn_objects(state: &State) -> Result<(), String> {
+    let mut audited = Audited::start("SweepTornObjects");
+    audited.principal = SCHEDULER.into();
+    let swept = state.hsm.run(|session| session.destroy_unnamed()).await;
+    let result = match swept {
+        Ok(count) => {
+            audited.detail = format!("destroyed {count} objects with neither label nor id");
+            if count > 0 {
+                tracing::warn!(count, "destroyed objects a crash left half-made");
+            }
+            Ok(())
+        }
+        // Not fatal: drift detection reports what is left.
+        Err(error) => Err(crate::error::ServiceError::from(error)),
+    };
+    match audited.record(state, result).await {
+        Ok(()) => Ok(()),
+        Err(error) if error.reason == "AUDIT_UNAVAILABLE" => {
+            Err(format!("sweeping torn objects: {}", error.message))
+        }
+        Err(error) => {
+            tracing::error!(%error.message, "sweeping torn objects failed; drift checks will report them");
+            Ok(())
+        }
+    }
 }
 
 /// Runs the scheduler until the daemon's state is gone.

@@ -142,15 +142,18 @@ impl Daemon {
             budget,
             ceremonies,
         });
-        crate::scheduler::roll_back_unfinished(&state).await?;
-        let rolled_back = crate::ceremony::engine::recover(&state)
+        let versions = crate::scheduler::roll_back_unfinished(&state).await?;
+        let ceremonies = crate::ceremony::engine::recover(&state)
             .await
             .map_err(|e| format!("ceremony recovery: {e}"))?;
-        if rolled_back > 0 {
+        if ceremonies > 0 {
             tracing::warn!(
-                rolled_back,
+                ceremonies,
                 "ceremonies interrupted by a crash were rolled back"
             );
+        }
+        if versions + ceremonies > 0 {
+            crate::scheduler::sweep_torn_objects(&state).await?;
         }
         Ok(Daemon { state, tls, config })
     }

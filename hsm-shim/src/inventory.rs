@@ -128,4 +128,39 @@ impl HsmSession {
             Ok(objects)
         })
     }
+
+    /// Destroys every object with neither a label nor an id, and returns
+    /// how many there were. SoftHSM2 makes an object first and writes its
+    /// template after, so a process killed inside `C_CreateObject`,
+    /// `C_GenerateKey` or `C_UnwrapKey` can leave an object with default
+    /// attributes that no label finds; custody never makes such an object.
+    /// Call it only after a roll-back, when such a torn object is expected.
+    pub fn destroy_unnamed(&mut self) -> Result<usize> {
+        self.recovering(|s| {
+            let handles = s.call(
+                Function::FindObjectsInit,
+                || "listing the token's objects".into(),
+                |session| session.find_objects(&[]),
+            )?;
+            let context = KeyLabel::new("unnamed-object")?;
+            let mut destroyed = 0;
+            for handle in handles {
+                let attributes =
+                    s.attributes(handle, &[AttributeType::Label, AttributeType::Id], &context)?;
+                let unnamed = attributes.iter().all(|attribute| match attribute {
+                    Attribute::Label(bytes) | Attribute::Id(bytes) => bytes.is_empty(),
+                    _ => true,
+                });
+                if unnamed {
+                    s.call(
+                        Function::DestroyObject,
+                        || "destroying an object with neither label nor id".into(),
+                        |session| session.destroy_object(handle),
+                    )?;
+                    destroyed += 1;
+                }
+            }
+            Ok(destroyed)
+        })
+    }
 }

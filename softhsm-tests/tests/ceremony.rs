@@ -341,7 +341,8 @@ token_test!(
 );
 
 /// A KEK ceremony (backup KEK split 2 of 3, shares sealed to the officers'
-/// keys), `count` backup-exportable keys, and a backup of them all.
+/// keys), `count` backup-exportable keys (P-384, P-256, RSA in turn), and a
+/// backup of them all.
 async fn kek_and_backup(
     service: &TestService,
     officers: &Officers<'_>,
@@ -352,10 +353,17 @@ async fn kek_and_backup(
     assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
     let operator = service.client("operator").await;
     let mut keys = KeyServiceClient::new(operator);
+    // Each kind of key pair a backup carries: the restore signs a challenge
+    // with each, by its own hash.
+    let algorithms = [
+        custody_proto::v1::Algorithm::EcSignP384Sha384,
+        custody_proto::v1::Algorithm::EcSignP256Sha256,
+        custody_proto::v1::Algorithm::RsaSignPkcs12048Sha256,
+    ];
     for i in 0..count {
         keys.create_key(CreateKeyRequest {
             key_id: format!("issuer-{i}"),
-            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            algorithm: algorithms[i % algorithms.len()] as i32,
             purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
             allowed_signers: vec!["ca-issuing".into()],
             backup_exportable: true,
@@ -545,6 +553,23 @@ token_test!(
                 .await
                 .unwrap_err();
             assert_eq!(reason(&err), "WRONG_SHARE_SET");
+            // Every character of bob's share changed (hex digits to another
+            // digit, separators to a digit): each copy is refused.
+            let good = shares["bob"].trim();
+            let mut refused = 0;
+            for (i, c) in good.char_indices() {
+                let replacement = match c.to_digit(16) {
+                    Some(d) => std::char::from_digit((d + 1) % 16, 16).unwrap(),
+                    None => '0',
+                };
+                let mut mangled = good.to_string();
+                mangled.replace_range(i..i + 1, &replacement.to_string());
+                let err = officers.submit_share("bob", &name, &mangled).await.unwrap_err();
+                assert_eq!(err.code(), tonic::Code::InvalidArgument, "{mangled}: {err}");
+                refused += 1;
+            }
+            assert_eq!(refused, good.len());
+            println!("{refused} of {} altered shares refused at submission", good.len());
             let still = officers.get("alice", &name).await.unwrap();
             assert_eq!(still.shares_submitted, ["alice"]);
             // The officers give up: the drill ends with nothing verified.

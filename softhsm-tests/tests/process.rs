@@ -589,6 +589,25 @@ async fn ceremony_invariant(
         Err(status) if status.code() == tonic::Code::NotFound => CeremonyState::Unspecified,
         Err(status) => panic!("{ceremony}: {status}"),
     };
+    if matches!(
+        state,
+        CeremonyState::Completed | CeremonyState::RolledBack | CeremonyState::Aborted
+    ) {
+        // Its transcript is whole and signed.
+        let transcript = officers
+            .client("alice")
+            .get_transcript(custody_proto::v1::GetTranscriptRequest {
+                name: ceremony.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let spki = custody_daemon::ceremony::engine::pem_to_der(&transcript.audit_key_pem).unwrap();
+        custody_daemon::ceremony::transcript::Transcript::from_json(&transcript.json)
+            .unwrap()
+            .verify(&spki)
+            .unwrap_or_else(|e| panic!("{ceremony}: transcript: {e}"));
+    }
     if let Some(key) = key {
         let registered = keys
             .get_key(GetKeyRequest {

@@ -647,3 +647,28 @@ token_test!(
             .unwrap();
     }
 );
+
+token_test!(
+    fn objects_with_neither_label_nor_id_are_swept_and_named_ones_kept(token) {
+        // What a kill inside C_GenerateKey leaves on SoftHSM2: an object
+        // with default attributes. pkcs11-tool makes one the same shape.
+        let output = token
+            .pkcs11_tool()
+            .args(["--keygen", "--key-type", "AES:32"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let hsm = token.open();
+        let mut session = hsm.session().unwrap();
+        session
+            .generate_aes_key(&label("named/v1"), AesRole::DataEncryption, Exportability::NonExportable)
+            .unwrap();
+        let before = session.inventory().unwrap();
+        assert_eq!(before.iter().filter(|o| o.label.is_empty()).count(), 1);
+        assert_eq!(session.destroy_unnamed().unwrap(), 1);
+        let after = session.inventory().unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].label, "named/v1");
+        assert_eq!(session.destroy_unnamed().unwrap(), 0);
+    }
+);

@@ -9,7 +9,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyIdMethod,
     KeyUsagePurpose, PublicKeyData, SignatureAlgorithm, SigningKey,
 };
-use sha2::Digest;
 use spki::der::Decode;
 
 use crate::algorithms::KeyAlgorithm;
@@ -96,12 +95,12 @@ impl PublicKeyData for HsmKey<'_> {
 
 impl SigningKey for HsmKey<'_> {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        // ECDSA signs a digest made here; RSA and Ed25519 take the message.
-        let digest = match (self.algorithm.is_ecdsa(), self.algorithm.hash()) {
-            (true, Some(hsm_shim::HashAlg::Sha256)) => Some(sha2::Sha256::digest(message).to_vec()),
-            (true, Some(hsm_shim::HashAlg::Sha384)) => Some(sha2::Sha384::digest(message).to_vec()),
-            _ => None,
-        };
+        // A digest made here for every algorithm that signs one (the HSM
+        // then signs it as it is); Ed25519 signs the message itself.
+        let digest = self
+            .algorithm
+            .hash()
+            .map(|hash| crate::algorithms::hash_bytes(hash, message));
         let input = digest
             .as_deref()
             .map_or(SignInput::Message(message), SignInput::Digest);

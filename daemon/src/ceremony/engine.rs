@@ -75,11 +75,8 @@ pub fn check_aad(key_id: &str, version: u32) -> Vec<u8> {
 }
 
 /// The challenge each restored key pair signs.
-pub fn restore_challenge(ceremony: &str, key_id: &str, version: u32) -> [u8; 32] {
-    Sha256::digest(format!(
-        "custody-restore-challenge/v1\n{ceremony}\n{key_id}/{version}"
-    ))
-    .into()
+pub fn restore_challenge(ceremony: &str, key_id: &str, version: u32) -> Vec<u8> {
+    format!("custody-restore-challenge/v1\n{ceremony}\n{key_id}/{version}").into_bytes()
 }
 
 /// The crash points of one journaled step.
@@ -197,10 +194,9 @@ impl Ceremonies {
     /// them).
     pub fn reserved_key_ids(&self) -> Vec<String> {
         self.journal
-            .list()
+            .unfinished()
             .unwrap_or_default()
             .into_iter()
-            .filter(|record| !record.phase.finished())
             .filter_map(|record| {
                 record.key.map(|key| key.key_id).or_else(|| {
                     Script::parse(&record.script)
@@ -216,10 +212,9 @@ impl Ceremonies {
     pub fn expected_labels(&self) -> (Vec<String>, Vec<String>) {
         let in_flight = self
             .journal
-            .list()
+            .unfinished()
             .unwrap_or_default()
             .into_iter()
-            .filter(|record| !record.phase.finished())
             .flat_map(|record| record.objects.into_iter())
             .filter(|object| object.token == TokenRole::Main)
             .map(|object| object.label)
@@ -1485,6 +1480,17 @@ fn key_record(made: &MadeKey, allowed_signers: Vec<String>, now: i64) -> KeyReco
 /// Marks the ceremony completed, signs its transcript, and for a KEK
 /// ceremony makes its backup KEK the token's.
 async fn finish_completed(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
+    // Before anything journals the ceremony as completed: a completed KEK
+    // ceremony whose backup KEK is not the token's would leave the KEK an
+    // object nobody accounts for.
+    if let Some(kek) = &record.backup_kek {
+        state
+            .ceremonies
+            .journal
+            .register_backup_kek(kek)
+            .await
+            .map_err(journal_failure)?;
+    }
     record.phase = Phase::Completed;
     if !record.did("commit") {
         record.done.push("commit".into());
@@ -1498,15 +1504,9 @@ async fn finish_completed(state: &State, record: &mut CeremonyRecord) -> Result<
         detail.insert("restore".into(), json!(restore));
     }
     seal_transcript(state, record, "commit", "completed", summary, detail).await?;
-    match record.backup_kek.clone() {
-        Some(kek) => state
-            .ceremonies
-            .journal
-            .complete_with_backup_kek(record, &kek)
-            .await
-            .map_err(journal_failure),
-        None => put(state, record).await,
-    }
+    put(state, record).await?;
+    crate::metrics::ceremony_finished(&record.kind, "completed");
+    Ok(())
 }
 
 /// The last entry, then the audit key's signature over the head.
@@ -1520,6 +1520,11 @@ async fn seal_transcript(
 ) -> Result<(), ServiceError> {
     record.transcript.outcome = outcome.into();
     note(state, record, step, "custodyd", summary, detail).await?;
+    sign_transcript(state, record).await
+}
+
+/// The audit key's signature over the transcript's head.
+async fn sign_transcript(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
     let signature = state
         .audit
         .sign_statement(record.transcript.signing_message())
@@ -1638,8 +1643,7 @@ async fn restore(
     )
     .await?;
     failpoint::hit(RESTORE.after_result);
-    metrics::histogram!("custody_restore_rto_seconds", "drill" => drill.to_string())
-        .record(rto_ms as f64 / 1000.0);
+    crate::metrics::restore_rto(drill, rto_ms as f64 / 1000.0);
     if drill {
         return finish_completed(state, record).await;
     }
@@ -1809,8 +1813,13 @@ impl RestoreWork {
                         .map_err(|_| refuse(format!("{}: public key is not hex", key.key_id)))?;
                     session.unwrap_private_key(kek, &wrapped, label, spec, self.export)?;
                     session.import_public_key(label, &spki, spec)?;
-                    let challenge = restore_challenge(&self.ceremony, &key.key_id, key.version);
-                    let input = SignInput::Digest(&challenge);
+                    let message = restore_challenge(&self.ceremony, &key.key_id, key.version);
+                    let digest = sign_algorithm
+                        .hash()
+                        .map(|hash| crate::algorithms::hash_bytes(hash, &message));
+                    let input = digest
+                        .as_deref()
+                        .map_or(SignInput::Message(&message), SignInput::Digest);
                     let signature =
                         session.sign(label, sign_algorithm, input, EcdsaEncoding::Der)?;
                     if !session.verify(
@@ -1897,7 +1906,9 @@ async fn roll_back(
         detail,
     )
     .await?;
-    put(state, record).await
+    put(state, record).await?;
+    crate::metrics::ceremony_finished(&record.kind, outcome);
+    Ok(())
 }
 
 async fn destroy_objects(
@@ -1932,6 +1943,11 @@ async fn destroy_objects(
                     if destroy_if_there(&mut session, &label)? {
                         gone.push(format!("scratch:{}", label.as_str()));
                     }
+                }
+                // A kill inside an unwrap can leave a nameless object; the
+                // scratch token holds nothing else of value.
+                for _ in 0..session.destroy_unnamed()? {
+                    gone.push("scratch:(torn object without label)".into());
                 }
                 Ok::<_, hsm_shim::HsmError>(gone)
             })
@@ -2007,6 +2023,13 @@ pub async fn recover(state: &State) -> Result<usize, String> {
     let mut rolled_back = 0;
     for mut record in state.ceremonies.journal.list().map_err(|e| e.to_string())? {
         if record.phase.finished() {
+            if record.transcript.signature.is_empty() {
+                // Killed between the last entry and its signature.
+                sign_transcript(state, &mut record)
+                    .await
+                    .map_err(|e| e.message)?;
+                put(state, &mut record).await.map_err(|e| e.message)?;
+            }
             continue;
         }
         if committed(state, &record) {

@@ -215,6 +215,10 @@ pub struct Journal {
     db: sled::Db,
     ceremonies: sled::Tree,
     backup_keks: sled::Tree,
+    /// The ids of unfinished ceremonies, kept with each record in one
+    /// transaction, so that what runs often (drift checks, key creation)
+    /// reads only those.
+    unfinished: sled::Tree,
 }
 
 impl Journal {
@@ -224,6 +228,7 @@ impl Journal {
             db: db.clone(),
             ceremonies: db.open_tree("ceremonies").map_err(err)?,
             backup_keks: db.open_tree("backup_keks").map_err(err)?,
+            unfinished: db.open_tree("ceremonies_unfinished").map_err(err)?,
         })
     }
 
@@ -261,11 +266,33 @@ impl Journal {
     /// Writes `record` and flushes: nothing a step does next happens before
     /// this returns.
     pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
+        use sled::Transactional;
         let bytes = serde_json::to_vec(record).map_err(err)?;
-        self.ceremonies
-            .insert(record.id.as_bytes(), bytes)
-            .map_err(err)?;
+        let finished = record.phase.finished();
+        (&self.ceremonies, &self.unfinished)
+            .transaction(|(ceremonies, unfinished)| {
+                ceremonies.insert(record.id.as_bytes(), bytes.as_slice())?;
+                if finished {
+                    unfinished.remove(record.id.as_bytes())?;
+                } else {
+                    unfinished.insert(record.id.as_bytes(), &[])?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| JournalError(format!("{e:?}")))?;
         self.flush().await
+    }
+
+    /// The unfinished ceremonies.
+    pub fn unfinished(&self) -> Result<Vec<CeremonyRecord>, JournalError> {
+        let mut records = Vec::new();
+        for item in self.unfinished.iter() {
+            let (id, _) = item.map_err(err)?;
+            if let Some(record) = self.get(&String::from_utf8_lossy(&id))? {
+                records.push(record);
+            }
+        }
+        Ok(records)
     }
 
     /// The token's current backup KEK.
@@ -289,19 +316,13 @@ impl Journal {
             .collect()
     }
 
-    /// Records `kek` as the token's backup KEK and `record` as completed,
-    /// in one transaction, durably.
-    pub async fn complete_with_backup_kek(
-        &self,
-        record: &CeremonyRecord,
-        kek: &BackupKek,
-    ) -> Result<(), JournalError> {
+    /// Records `kek` as the token's current backup KEK, durably (idempotent:
+    /// a roll-forward after a crash may do it again).
+    pub async fn register_backup_kek(&self, kek: &BackupKek) -> Result<(), JournalError> {
         use sled::Transactional;
-        let ceremony = serde_json::to_vec(record).map_err(err)?;
         let current = serde_json::to_vec(kek).map_err(err)?;
-        (&self.ceremonies, &self.backup_keks)
-            .transaction(|(ceremonies, keks)| {
-                ceremonies.insert(record.id.as_bytes(), ceremony.as_slice())?;
+        (&self.backup_keks,)
+            .transaction(|(keks,)| {
                 keks.insert(CURRENT_BACKUP_KEK, current.as_slice())?;
                 keks.insert(kek.label.as_bytes(), current.as_slice())?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())

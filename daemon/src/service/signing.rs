@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 
+use crate::algorithms::hash_bytes;
 use custody_proto::v1::signing_service_server::SigningService;
 use custody_proto::v1::{
     Digest, SignRequest, SignResponse, SignatureEncoding, StreamError, VerifyRequest,
@@ -9,7 +10,6 @@ use custody_proto::v1::{
 };
 use futures_util::{Stream, StreamExt};
 use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
-use sha2::Digest as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::keys::check_usable;
@@ -45,14 +45,6 @@ struct Prepared {
 enum Input<'a> {
     Digest(&'a Digest),
     Data(&'a [u8]),
-}
-
-fn hash_bytes(hash: HashAlg, data: &[u8]) -> Vec<u8> {
-    match hash {
-        HashAlg::Sha256 => sha2::Sha256::digest(data).to_vec(),
-        HashAlg::Sha384 => sha2::Sha384::digest(data).to_vec(),
-        HashAlg::Sha512 => sha2::Sha512::digest(data).to_vec(),
-    }
 }
 
 fn hash_name(hash: HashAlg) -> &'static str {
