@@ -3,8 +3,10 @@
 # and a CA-style round trip through it: create a key, sign a digest, verify
 # the signature with openssl (which knows nothing of the HSM), two officers
 # approve a quorum-gated signature, a data key is wrapped, the key encryption
-# key rotated and the data key rewrapped, drift is checked, and the audit log
-# is exported and verified offline.
+# key rotated and the data key rewrapped, drift is checked, a root key
+# ceremony and a KEK ceremony with 2-of-3 backup shares run, a DR drill
+# restores the backup into a scratch token from two shares, and the audit log
+# and the ceremony transcript are verified offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -30,7 +32,10 @@ head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dev/user.pin"
 head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dev/so.pin"
 softhsm2-util --init-token --free --label custody-dev \
   --so-pin "$(cat "$dev/so.pin")" --pin "$(cat "$dev/user.pin")" >/dev/null
-echo "== fresh SoftHSM2 token 'custody-dev' in $dev/softhsm"
+# The scratch token DR drills restore into (and leave empty again).
+softhsm2-util --init-token --free --label custody-scratch \
+  --so-pin "$(cat "$dev/so.pin")" --pin "$(cat "$dev/user.pin")" >/dev/null
+echo "== fresh SoftHSM2 tokens 'custody-dev' and 'custody-scratch' in $dev/softhsm"
 
 "$bin/custodyctl" dev-pki --out "$dev/pki" >/dev/null
 echo "== dev CA and certificates in $dev/pki (operator, ca-issuing, auditor; officers alice, bob, carol)"
@@ -61,6 +66,10 @@ client_ca = "$dev/pki/ca.pem"
 crls = ["$dev/pki/crl.pem"]
 [dual_control]
 genesis_file = "$dev/officers.toml"
+[ceremony]
+so_pin_file = "$dev/so.pin"
+scratch_token_label = "custody-scratch"
+scratch_pin_file = "$dev/user.pin"
 CONF
 
 RUST_LOG=warn "$bin/custodyd" --config "$dev/custodyd.toml" > "$dev/custodyd.log" 2>&1 &
@@ -74,6 +83,11 @@ officer() {
     as "$1" "${@:2}" --yes | awk '/^(APPROVED|DENIED) by/ {vote = $1 " by " $3} /^  state: / {state = $2} END {print "  " vote " -> operation " state}'
 }
 operation_of() { grep -o 'operations/[0-9a-f]*' | head -1; }
+# An officer's ceremony step, with their own certificate and officer key.
+step() {
+  CUSTODY_OFFICER_PASSPHRASE="demo passphrase of $1" CUSTODY_OFFICER_KEY="$dev/officers/$1.key" \
+    as "$1" ceremony "${@:2}"
+}
 for _ in $(seq 100); do
   as auditor audit verify-server >/dev/null 2>&1 && break
   kill -0 $daemon 2>/dev/null || { cat "$dev/custodyd.log"; exit 1; }
@@ -132,6 +146,65 @@ as operator keys set-state payments-kek/versions/1 deactivated
 as operator keys update payments-kek --min-version 2 | sed -n 1,3p
 
 echo "== drift detection: the HSM holds exactly what the registry says"
+as auditor drift
+
+echo "== key ceremony: a root key, made in the HSM with 2 of the 3 officers present"
+root=deploy/ceremonies/root-key.toml
+as alice ceremony check "$root" | sed -n '/^script digest/,+1p'
+as alice ceremony start "$root" | sed -n 1p
+step alice sign-in demo-root-2026 --script "$root" | sed -n 1p
+step bob sign-in demo-root-2026 --script "$root" | sed -n 1p
+fingerprint=$(as alice ceremony status demo-root-2026 | sed -n 's/^  fingerprint: //p')
+as alice ceremony status demo-root-2026 | grep -E '^  (fingerprint|words):'
+echo "   alice reads the fingerprint aloud; each officer checks it and signs it"
+step alice confirm demo-root-2026 --script "$root" --expect-fingerprint "$fingerprint" | grep confirmed
+step bob confirm demo-root-2026 --script "$root" --expect-fingerprint "$fingerprint" | grep -E 'confirmed|: COMPLETED'
+as alice ceremony status demo-root-2026 --certificate-out "$dev/demo/root-ca.pem" | tail -1
+openssl verify -CAfile "$dev/demo/root-ca.pem" "$dev/demo/root-ca.pem"
+
+echo "== key ceremony: an envelope KEK, its backup KEK split 2 of 3 among the custodians"
+kek=deploy/ceremonies/kek.toml
+as alice ceremony start "$kek" | sed -n 1p
+step alice sign-in demo-kek-2026 --script "$kek" | sed -n 1p
+step carol sign-in demo-kek-2026 --script "$kek" | sed -n 1p
+for custodian in alice bob carol; do
+  step "$custodian" collect-share demo-kek-2026 --out "$dev/demo/share-$custodian.txt" | sed -n 1p
+done
+fingerprint=$(as alice ceremony status demo-kek-2026 | sed -n 's/^  fingerprint: //p')
+step alice confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep confirmed
+step carol confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep -E 'confirmed|: COMPLETED'
+
+echo "== backup: every backup-exportable key, wrapped under the backup KEK, manifest signed by the audit key"
+as alice ceremony backup --out "$dev/demo/backup.json"
+
+echo "== DR drill: two custodians' shares restore the backup into the scratch token, verify it, and clean up"
+cat > "$dev/demo/drill.toml" <<DRILL
+format = 1
+id = "demo-drill-1"
+kind = "restore"
+description = "Quarterly DR drill of the demo backup"
+[quorum]
+officers = ["alice", "bob", "carol"]
+required = 2
+[restore]
+bundle = "backup.json"
+bundle_sha256 = "$(sha256sum "$dev/demo/backup.json" | cut -d' ' -f1)"
+drill = true
+custodians = ["alice", "bob", "carol"]
+DRILL
+as bob ceremony start "$dev/demo/drill.toml" | sed -n 1p
+step bob sign-in demo-drill-1 --script "$dev/demo/drill.toml" | sed -n 1p
+step carol sign-in demo-drill-1 --script "$dev/demo/drill.toml" | sed -n 1p
+step bob submit-share demo-drill-1 --share-file "$dev/demo/share-bob.txt" | grep -E 'submitted|waiting'
+echo "   with one share (K-1) the drill waits: nothing can be unwrapped yet"
+drill=$(step alice submit-share demo-drill-1 --share-file "$dev/demo/share-alice.txt")
+echo "$drill" | grep -E 'submitted|: COMPLETED|drill:'
+echo "$drill" | grep -q ': COMPLETED' || { echo "the drill did not complete:"; echo "$drill"; exit 1; }
+
+echo "== the ceremony transcript, verified offline against the audit key"
+as alice ceremony transcript demo-root-2026 --out-dir "$dev/demo/transcripts" >/dev/null
+"$bin/custodyctl" ceremony verify-transcript "$dev/demo/transcripts/demo-root-2026.json" \
+  --audit-key "$dev/demo/transcripts/audit-key.pem"
 as auditor drift
 
 echo "== the auditor exports the audit log and verifies it offline"

@@ -48,6 +48,12 @@ pub(crate) enum CeremonyCommand {
     Status {
         /// ceremonies/{id} or the id.
         ceremony: String,
+        /// Write the root certificate (PEM) of a root-key ceremony here.
+        #[arg(long)]
+        certificate_out: Option<PathBuf>,
+        /// Write the backup bundle a KEK ceremony made here.
+        #[arg(long)]
+        bundle_out: Option<PathBuf>,
     },
     /// List ceremonies, newest first.
     List,
@@ -231,8 +237,28 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             }
             Ok(())
         }
-        CeremonyCommand::Status { ceremony } => {
-            print_ceremony(&fetch(&mut client, &ceremony).await?);
+        CeremonyCommand::Status {
+            ceremony,
+            certificate_out,
+            bundle_out,
+        } => {
+            let ceremony = fetch(&mut client, &ceremony).await?;
+            print_ceremony(&ceremony);
+            for (path, contents, what) in [
+                (
+                    certificate_out,
+                    &ceremony.certificate_pem,
+                    "root certificate",
+                ),
+                (bundle_out, &ceremony.backup_bundle, "backup bundle"),
+            ] {
+                let Some(path) = path else { continue };
+                if contents.is_empty() {
+                    return Err(format!("{} has no {what}", ceremony.name));
+                }
+                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                outln!("wrote the {what} to {}", path.display());
+            }
             Ok(())
         }
         CeremonyCommand::List => {
@@ -398,7 +424,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let read_aloud: String = match expect_fingerprint {
                 Some(text) => text,
                 None => {
-                    out!("type the last 8 hex digits of the fingerprint that was read aloud: ");
+                    out!(
+                        "type the last 8 hex digits (a KCV: all 6) of the fingerprint that was read aloud: "
+                    );
                     std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
                     let mut typed = String::new();
                     std::io::stdin()
@@ -413,7 +441,8 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 .collect::<String>()
                 .to_lowercase();
             let actual = fingerprint.hex();
-            if read_aloud.len() < 8 || !actual.ends_with(&read_aloud) {
+            // At least the last 8 hex digits (all 6 of a KCV).
+            if read_aloud.len() < actual.len().min(8) || !actual.ends_with(&read_aloud) {
                 return Err(format!(
                     "MISMATCH: the fingerprint read aloud ({read_aloud}) is not this key's ({actual}): nothing was confirmed"
                 ));
