@@ -92,7 +92,13 @@ fn bench(token: &TestToken) {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let service = TestService::start_with(token, |c| with_scratch_token(token, c)).await;
+        let service = TestService::start_with(token, |c| {
+            with_scratch_token(token, c);
+            // A bundle of 1,000 P-256 keys is about 0.7 MB, past the tests'
+            // 256 KiB message limit.
+            c.max_message_bytes = 16 << 20;
+        })
+        .await;
         let mut channels = BTreeMap::new();
         for officer in ["alice", "bob", "carol"] {
             channels.insert(officer.to_string(), service.client(officer).await);
@@ -136,7 +142,16 @@ fn bench(token: &TestToken) {
         officers.sign_in("bob", &name, &script).await.expect("sign in");
         officers.submit_share("alice", &name, &shares["alice"]).await.expect("share");
         let last = Instant::now();
-        let done = officers.submit_share("bob", &name, &shares["bob"]).await.expect("share");
+        // A long restore outlives custodyd's 60 s request timeout; it goes
+        // on in its own task, so the outcome is read back.
+        let _ = officers.submit_share("bob", &name, &shares["bob"]).await;
+        let done = loop {
+            let ceremony = officers.get("alice", &name).await.expect("status");
+            if ceremony.restore.is_some() || !ceremony.error.is_empty() {
+                break ceremony;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
         let wall = last.elapsed().as_secs_f64();
         let report = done.restore.expect("a drill report");
         assert_eq!(report.verified as usize, keys + 1, "{}", done.error);
@@ -155,7 +170,7 @@ fn bench(token: &TestToken) {
         println!("  |---|---|---|---|");
         println!("  | raw hsm-shim, one session (unwrap, import public, sign, verify, destroy) | {raw:.2} | {:.0} | 1.00 |", keys as f64 / raw);
         println!("  | drill RTO reported by custodyd | {rto:.2} | {:.0} | {:.2} |", keys as f64 / rto, raw / rto);
-        println!("  | wall time of the K-th share's call | {wall:.2} | {:.0} | {:.2} |", keys as f64 / wall, raw / wall);
+        println!("  | K-th share to the outcome read back | {wall:.2} | {:.0} | {:.2} |", keys as f64 / wall, raw / wall);
         println!("  scratch objects destroyed: {}", report.scratch_objects_destroyed);
     });
 }
