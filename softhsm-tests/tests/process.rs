@@ -589,7 +589,7 @@ async fn ceremony_invariant(
         // moment can tear the scratch token itself. Counted, not hidden.
         Err(error) => {
             SCRATCH_TOKEN_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            println!("{ceremony}: the scratch token cannot be opened: {error}");
+            eprintln!("{ceremony}: the scratch token cannot be opened: {error}");
         }
     }
     let state = match officers.get("alice", ceremony).await {
