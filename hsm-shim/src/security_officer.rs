@@ -41,7 +41,6 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
-use zeroize::Zeroize;
 
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::keys::CheckValue;
@@ -204,18 +203,7 @@ fn make_trusted_kek(
             )?
         }
         KekSource::Import(value) => {
-            template.push(Attribute::Value(value.expose_secret().to_vec()));
-            let created = so.call(
-                Function::CreateObject,
-                || format!("importing trusted KEK {label}"),
-                |session| session.create_object(&template),
-            );
-            for attribute in &mut template {
-                if let Attribute::Value(bytes) = attribute {
-                    bytes.zeroize();
-                }
-            }
-            created?
+            so.create_with_value(template, value, || format!("importing trusted KEK {label}"))?
         }
     };
     so.finish_secret_key(label, handle, CheckValue::Required)

@@ -76,6 +76,26 @@ fn session_unwrap_kek_template(label: &KeyLabel) -> Vec<Attribute> {
 }
 
 impl HsmSession {
+    /// `C_CreateObject` with `template` plus the key value `value`, then
+    /// wipes the template's copy of the value, whatever the call returned.
+    pub(crate) fn create_with_value(
+        &self,
+        mut template: Vec<Attribute>,
+        value: &SecretSlice<u8>,
+        context: impl FnOnce() -> String,
+    ) -> Result<ObjectHandle> {
+        template.push(Attribute::Value(value.expose_secret().to_vec()));
+        let created = self.call(Function::CreateObject, context, |session| {
+            session.create_object(&template)
+        });
+        for attribute in &mut template {
+            if let Attribute::Value(bytes) = attribute {
+                bytes.zeroize();
+            }
+        }
+        created
+    }
+
     /// Wraps the private or secret key labelled `target` under the KEK labelled
     /// `kek`, with RFC 5649 AES key wrap with padding.
     pub fn wrap_key(&mut self, kek: &KeyLabel, target: &KeyLabel) -> Result<Vec<u8>> {
@@ -182,20 +202,9 @@ impl HsmSession {
         }
         self.ensure_label_free_for_import(label)?;
         let handle = self.recovering(|s| {
-            let mut template = aes_key_template(label, role, export);
-            template.push(Attribute::Value(value.expose_secret().to_vec()));
-            let created = s.call(
-                Function::CreateObject,
-                || format!("importing AES-256 key {label}"),
-                |session| session.create_object(&template),
-            );
-            // The template held a copy of the key value: wipe it now.
-            for attribute in &mut template {
-                if let Attribute::Value(bytes) = attribute {
-                    bytes.zeroize();
-                }
-            }
-            created
+            s.create_with_value(aes_key_template(label, role, export), value, || {
+                format!("importing AES-256 key {label}")
+            })
         })?;
         self.finish_secret_key(label, handle, CheckValue::Required)
     }
@@ -231,20 +240,9 @@ impl HsmSession {
         // A stale cached token object of the same label must not shadow it.
         self.access().cache.forget_label(label);
         let handle = self.recovering(|s| {
-            let mut template = session_unwrap_kek_template(label);
-            template.push(Attribute::Value(value.expose_secret().to_vec()));
-            let created = s.call(
-                Function::CreateObject,
-                || format!("importing session KEK {label}"),
-                |session| session.create_object(&template),
-            );
-            // The template held a copy of the key value: wipe it now.
-            for attribute in &mut template {
-                if let Attribute::Value(bytes) = attribute {
-                    bytes.zeroize();
-                }
-            }
-            created
+            s.create_with_value(session_unwrap_kek_template(label), value, || {
+                format!("importing session KEK {label}")
+            })
         })?;
         // Not `finish_secret_key`: that caches the handle, and a session
         // object's handle must not be cached (see `HandleCache`).
