@@ -686,56 +686,101 @@ async fn finish_off(
     state
 }
 
-/// A ceremony KEK and a backup, for the drills of the crash tests.
-async fn drill_material(
-    officers: &softhsm_tests::ceremony::Officers<'_>,
-) -> (String, std::collections::BTreeMap<String, String>) {
-    use softhsm_tests::ceremony::kek_script;
-    let (done, shares) = officers
-        .run(&kek_script("c-base", "base-kek", false))
-        .await
-        .unwrap();
-    assert_eq!(
-        done.state,
-        custody_proto::v1::CeremonyState::Completed as i32
-    );
-    (officers.backup("alice").await.unwrap(), shares)
+/// A daemon set up for the ceremony crash tests: officers, and a KEK
+/// ceremony's shares and backup for the drills to restore.
+struct CeremonyRig {
+    port: u16,
+    pki: Pki,
+    config: PathBuf,
+    keys: Vec<custody_daemon::dual_control::officer_key::OfficerKey>,
+    bundle: String,
+    shares: std::collections::BTreeMap<String, String>,
+}
+
+impl CeremonyRig {
+    async fn new(token: &TestToken) -> CeremonyRig {
+        use softhsm_tests::ceremony::{Officers, kek_script};
+        let port = free_port();
+        let (pki, config, keys) = prepare_ceremonies(token, port);
+        let mut daemon = spawn(&config);
+        ready(&pki, port, &mut daemon).await;
+        let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+        let (done, shares) = officers
+            .run(&kek_script("c-base", "base-kek", false))
+            .await
+            .unwrap();
+        assert_eq!(
+            done.state,
+            custody_proto::v1::CeremonyState::Completed as i32
+        );
+        let bundle = officers.backup("alice").await.unwrap();
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        CeremonyRig {
+            port,
+            pki,
+            config,
+            keys,
+            bundle,
+            shares,
+        }
+    }
+
+    /// The officers, connected to the daemon now running.
+    async fn officers(&self) -> softhsm_tests::ceremony::Officers<'_> {
+        softhsm_tests::ceremony::Officers::new(
+            &self.keys,
+            officer_channels(&self.pki, self.port).await,
+        )
+    }
+
+    /// Starts custodyd again after a kill, checks the invariant for the
+    /// ceremony `script` opened (aborting it if unfinished), stops it, and
+    /// returns the state the ceremony was found in.
+    async fn restart_and_check(
+        &self,
+        token: &TestToken,
+        script: &str,
+        key: Option<&str>,
+    ) -> custody_proto::v1::CeremonyState {
+        let mut daemon = spawn(&self.config);
+        ready(&self.pki, self.port, &mut daemon).await;
+        let officers = self.officers().await;
+        let state = finish_off(
+            &self.pki,
+            self.port,
+            &officers,
+            &ceremony_name(script),
+            key,
+            token,
+        )
+        .await;
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        state
+    }
 }
 
 token_test!(
     fn a_ceremony_killed_at_every_crash_point_rolls_back_or_completes_and_no_half_made_key_is_usable(token) {
         use custody_daemon::ceremony::engine::CRASH_POINTS;
-        use softhsm_tests::ceremony::Officers;
         runtime().block_on(async {
-            let port = free_port();
-            let (pki, config, keys) = prepare_ceremonies(token, port);
-            let mut daemon = spawn(&config);
-            ready(&pki, port, &mut daemon).await;
-            let officers = Officers::new(&keys, officer_channels(&pki, port).await);
-            let (bundle, shares) = drill_material(&officers).await;
-            daemon.kill().unwrap();
-            daemon.wait().unwrap();
+            let rig = CeremonyRig::new(token).await;
 
             let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
             for (run, point) in CRASH_POINTS.iter().enumerate() {
                 let scenario = Scenario::passing(point);
-                let script = scenario.script(run, &bundle);
-                let mut crashing = spawn_crashing_at(&config, Some(point));
-                ready(&pki, port, &mut crashing).await;
-                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
-                let driven = scenario.drive(&officers, &script, &bundle, &shares).await;
+                let script = scenario.script(run, &rig.bundle);
+                let mut crashing = spawn_crashing_at(&rig.config, Some(point));
+                ready(&rig.pki, rig.port, &mut crashing).await;
+                let officers = rig.officers().await;
+                let driven = scenario.drive(&officers, &script, &rig.bundle, &rig.shares).await;
                 assert!(driven.is_err(), "{point}: the {scenario:?} ceremony never reached it");
                 killed_at_crash_point(crashing, point).await;
 
-                let mut daemon = spawn(&config);
-                ready(&pki, port, &mut daemon).await;
-                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
                 let key = scenario.key(run);
-                let state =
-                    finish_off(&pki, port, &officers, &ceremony_name(&script), key.as_deref(), token).await;
+                let state = rig.restart_and_check(token, &script, key.as_deref()).await;
                 *outcomes.entry(format!("{state:?}")).or_default() += 1;
-                daemon.kill().unwrap();
-                daemon.wait().unwrap();
             }
             println!(
                 "ceremony crash points covered {}/{}; {} killed runs; states after restart: {outcomes:?}",
@@ -749,7 +794,6 @@ token_test!(
 
 token_test!(
     fn ceremonies_killed_at_random_moments_keep_the_hsm_and_the_journal_in_step(token) {
-        use softhsm_tests::ceremony::Officers;
         // CUSTODY_KILL_RUNS=1000 for the figure in docs/assurance.md.
         let runs: usize = std::env::var("CUSTODY_KILL_RUNS")
             .ok()
@@ -768,39 +812,26 @@ token_test!(
             seed
         };
         runtime().block_on(async {
-            let port = free_port();
-            let (pki, config, keys) = prepare_ceremonies(token, port);
-            let mut daemon = spawn(&config);
-            ready(&pki, port, &mut daemon).await;
-            let officers = Officers::new(&keys, officer_channels(&pki, port).await);
-            let (bundle, shares) = drill_material(&officers).await;
-            daemon.kill().unwrap();
-            daemon.wait().unwrap();
+            let rig = CeremonyRig::new(token).await;
 
             let scenarios = [Scenario::Root, Scenario::Kek, Scenario::Components, Scenario::Drill];
             let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
             for run in 0..runs {
                 let scenario = scenarios[run % scenarios.len()];
-                let script = scenario.script(1000 + run, &bundle);
-                let mut daemon = spawn(&config);
-                ready(&pki, port, &mut daemon).await;
-                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+                let script = scenario.script(1000 + run, &rig.bundle);
+                let mut daemon = spawn(&rig.config);
+                ready(&rig.pki, rig.port, &mut daemon).await;
+                let officers = rig.officers().await;
                 // kill -9 at a random moment while the ceremony runs.
                 let delay = Duration::from_millis(next() % 450);
-                let driving = scenario.drive(&officers, &script, &bundle, &shares);
+                let driving = scenario.drive(&officers, &script, &rig.bundle, &rig.shares);
                 let _ = tokio::time::timeout(delay, driving).await;
                 daemon.kill().unwrap();
                 daemon.wait().unwrap();
 
-                let mut daemon = spawn(&config);
-                ready(&pki, port, &mut daemon).await;
-                let officers = Officers::new(&keys, officer_channels(&pki, port).await);
                 let key = scenario.key(1000 + run);
-                let state =
-                    finish_off(&pki, port, &officers, &ceremony_name(&script), key.as_deref(), token).await;
+                let state = rig.restart_and_check(token, &script, key.as_deref()).await;
                 *outcomes.entry(format!("{state:?}")).or_default() += 1;
-                daemon.kill().unwrap();
-                daemon.wait().unwrap();
             }
             println!(
                 "random SIGKILL runs: {runs}; 0 inconsistent; states after restart: {outcomes:?}; scratch token unreadable in {} checks",
