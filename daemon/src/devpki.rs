@@ -3,7 +3,7 @@
 //! certificates come from the organisation's own CA.
 //!
 //! Client certificates carry the custody identity as SAN URIs
-//! (`urn:custody:{role}:{principal}`, see [`crate::identity`]).
+//! (`urn:custody:{role}:{principal}`, see [`custody_core::identity`]).
 
 use std::path::Path;
 
@@ -15,7 +15,7 @@ use rcgen::{
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use crate::identity::{Role, uri_for};
+use custody_core::identity::{Role, uri_for};
 
 /// A PKI error.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use std::path::Path;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::Config;
 use crate::server::Daemon;
+use custody_core::config::Config;
 
 /// Runs custodyd with the config at `config_path` until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), String> {
@@ -48,8 +48,8 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
 pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let db = crate::server::open_db(&config.data_dir)?;
-    let count = crate::pin_lockout::failures(&db)?;
-    crate::pin_lockout::reset(&db)?;
+    let count = custody_core::pin_lockout::failures(&db)?;
+    custody_core::pin_lockout::reset(&db)?;
     Ok(count)
 }
 

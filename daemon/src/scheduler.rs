@@ -19,18 +19,20 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::audit::Event;
-use crate::drift;
-use crate::metrics;
-use crate::registry::{KeyRecord, VersionState};
+use crate::service::Audited;
 use crate::service::keys::{
     Approval, Keys, SCHEDULER, SCHEDULER_REQUEST_PREFIX, Trigger, roll_back_version,
 };
-use crate::service::{Audited, State, version_name};
+use custody_core::Custody;
+use custody_core::audit::Event;
+use custody_core::drift;
+use custody_core::metrics;
+use custody_core::names::version_name;
+use custody_core::registry::{KeyRecord, VersionState};
 
 /// Rolls back every version generation a crash left uncommitted; returns
 /// how many there were.
-pub async fn roll_back_unfinished(state: &State) -> Result<usize, String> {
+pub async fn roll_back_unfinished(state: &Custody) -> Result<usize, String> {
     let pending = state
         .registry
         .pending_versions()
@@ -69,10 +71,10 @@ pub async fn roll_back_unfinished(state: &State) -> Result<usize, String> {
             }
         };
         let result = result.map_err(|message| {
-            crate::error::ServiceError::new(tonic::Code::Unavailable, "ROLLBACK_FAILED", message)
+            custody_core::Error::new(custody_core::Reason::RollbackFailed, message)
         });
         if let Err(error) = audited.record(state, result).await {
-            tracing::error!(reason = error.reason, version = %entry.hsm_label, "version roll-back");
+            tracing::error!(reason = %error.reason, version = %entry.hsm_label, "version roll-back");
         } else {
             tracing::warn!(version = %entry.hsm_label, "rolled back a version generation a stop interrupted");
         }
@@ -83,7 +85,7 @@ pub async fn roll_back_unfinished(state: &State) -> Result<usize, String> {
 /// After a roll-back: destroys the objects a kill inside an HSM call can
 /// leave with neither label nor id (see `HsmSession::destroy_unnamed`),
 /// audited. custody owns its token and never makes such an object.
-pub async fn sweep_torn_objects(state: &State) -> Result<(), String> {
+pub async fn sweep_torn_objects(state: &Custody) -> Result<(), String> {
     let mut audited = Audited::start("SweepTornObjects");
     audited.principal = SCHEDULER.into();
     let swept = state.hsm.run(|session| session.destroy_unnamed()).await;
@@ -96,11 +98,11 @@ pub async fn sweep_torn_objects(state: &State) -> Result<(), String> {
             Ok(())
         }
         // Not fatal: drift detection reports what is left.
-        Err(error) => Err(crate::error::ServiceError::from(error)),
+        Err(error) => Err(custody_core::Error::from(error)),
     };
     match audited.record(state, result).await {
         Ok(()) => Ok(()),
-        Err(error) if error.reason == "AUDIT_UNAVAILABLE" => {
+        Err(error) if error.reason == custody_core::Reason::AuditUnavailable => {
             Err(format!("sweeping torn objects: {}", error.message))
         }
         Err(error) => {
@@ -111,7 +113,7 @@ pub async fn sweep_torn_objects(state: &State) -> Result<(), String> {
 }
 
 /// Runs the scheduler until the daemon's state is gone.
-pub async fn run(state: Weak<State>) {
+pub async fn run(state: Weak<Custody>) {
     let period = match state.upgrade() {
         Some(state) => Duration::from_secs(state.lifecycle.scheduler_interval_secs.max(1)),
         None => return,
@@ -139,7 +141,7 @@ pub async fn run(state: Weak<State>) {
 }
 
 /// Why a key is due for rotation now, if it is.
-async fn rotation_due(state: &State, key: &KeyRecord, now: i64) -> Option<&'static str> {
+async fn rotation_due(state: &Custody, key: &KeyRecord, now: i64) -> Option<&'static str> {
     let primary = key.version(key.primary_version)?;
     if primary.state == VersionState::Compromised {
         return Some("the primary version is compromised");
@@ -173,7 +175,7 @@ async fn rotation_due(state: &State, key: &KeyRecord, now: i64) -> Option<&'stat
     None
 }
 
-async fn rotate_due(state: &Arc<State>) {
+async fn rotate_due(state: &Arc<Custody>) {
     let now = state.clock.now_ms();
     let mut overdue = 0;
     for key in state.registry.list(None, usize::MAX) {
@@ -209,7 +211,7 @@ async fn rotate_due(state: &Arc<State>) {
         match audited.record(state, result).await {
             Ok(_) => tracing::info!(key = %key.key_id, why, "rotated on schedule"),
             Err(error) => {
-                tracing::error!(key = %key.key_id, reason = error.reason, "scheduled rotation failed")
+                tracing::error!(key = %key.key_id, reason = %error.reason, "scheduled rotation failed")
             }
         }
         overdue += usize::from(failed && ended);
@@ -217,7 +219,7 @@ async fn rotate_due(state: &Arc<State>) {
     metrics::rotations_overdue(overdue);
 }
 
-async fn destroy_due(state: &Arc<State>) {
+async fn destroy_due(state: &Arc<Custody>) {
     let now = state.clock.now_ms();
     for key in state.registry.list(None, usize::MAX) {
         for version in &key.versions {
@@ -240,7 +242,7 @@ async fn destroy_due(state: &Arc<State>) {
                 }
                 Err(error) => {
                     metrics::version_destroyed("failed");
-                    tracing::error!(version = %version.hsm_label, reason = error.reason, "scheduled destruction failed");
+                    tracing::error!(version = %version.hsm_label, reason = %error.reason, "scheduled destruction failed");
                 }
             }
         }
@@ -250,7 +252,7 @@ async fn destroy_due(state: &Arc<State>) {
 /// Runs a drift check; audits it when the findings differ from `previous`
 /// (so a standing difference is not recorded every interval). Returns the
 /// findings as recorded.
-async fn check_drift(state: &State, previous: Option<String>) -> String {
+async fn check_drift(state: &Custody, previous: Option<String>) -> String {
     let report = {
         let _guard = state.registry.lock().await;
         drift::check(state).await

@@ -15,26 +15,26 @@ use custody_proto::v1::signing_service_server::SigningServiceServer;
 use hsm_shim::{Hsm, HsmConfig, TokenSelector};
 use tokio::net::TcpListener;
 
-use crate::audit::{AuditLog, CheckpointPolicy, Event};
-use crate::config::Config;
-use crate::dual_control::store::{DualControlStore, Genesis};
-use crate::metrics;
-use crate::pin_lockout;
-use crate::registry::Registry;
-use crate::service::State;
 use crate::service::audit::Audit;
 use crate::service::ceremony::CeremonyKeys;
 use crate::service::envelope::EnvelopeKeys;
 use crate::service::keys::Keys;
 use crate::service::operations::{Operations, expire_due};
 use crate::service::signing::Signing;
-use crate::service::{Clock, SystemClock};
 use crate::tls::{TlsReloader, incoming};
+use custody_core::Custody;
+use custody_core::audit::{AuditLog, CheckpointPolicy, Event};
+use custody_core::clock::{Clock, SystemClock};
+use custody_core::config::Config;
+use custody_core::dual_control::store::{DualControlStore, Genesis};
+use custody_core::metrics;
+use custody_core::pin_lockout;
+use custody_core::registry::Registry;
 
 /// Everything custodyd holds while it runs.
 pub struct Daemon {
     /// Shared service state.
-    pub state: Arc<State>,
+    pub state: Arc<Custody>,
     /// The TLS acceptor (reloaded on SIGHUP).
     pub tls: Arc<TlsReloader>,
     config: Config,
@@ -125,10 +125,12 @@ impl Daemon {
                 );
             }
         }
-        let budget =
-            crate::envelope::NonceBudget::open(&db, config.envelope.max_encryptions_per_version)?;
+        let budget = custody_core::envelope::NonceBudget::open(
+            &db,
+            config.envelope.max_encryptions_per_version,
+        )?;
         let ceremonies = ceremonies(&config, &db)?;
-        let state = Arc::new(State {
+        let state = Arc::new(Custody {
             hsm,
             registry,
             audit,
@@ -143,7 +145,7 @@ impl Daemon {
             ceremonies,
         });
         let versions = crate::scheduler::roll_back_unfinished(&state).await?;
-        let ceremonies = crate::ceremony::engine::recover(&state)
+        let ceremonies = custody_core::ceremony::engine::recover(&state)
             .await
             .map_err(|e| format!("ceremony recovery: {e}"))?;
         if ceremonies > 0 {
@@ -235,8 +237,8 @@ impl Daemon {
 fn ceremonies(
     config: &Config,
     db: &sled::Db,
-) -> Result<crate::ceremony::engine::Ceremonies, String> {
-    let journal = crate::ceremony::journal::Journal::open(db).map_err(|e| e.to_string())?;
+) -> Result<custody_core::ceremony::engine::Ceremonies, String> {
+    let journal = custody_core::ceremony::journal::Journal::open(db).map_err(|e| e.to_string())?;
     let so_pin = config
         .ceremony
         .so_pin_file
@@ -262,7 +264,7 @@ fn ceremonies(
         }
         _ => None,
     };
-    Ok(crate::ceremony::engine::Ceremonies::new(
+    Ok(custody_core::ceremony::engine::Ceremonies::new(
         journal, so_pin, scratch,
     ))
 }
@@ -271,7 +273,7 @@ fn ceremonies(
 /// worker use, and expires operations past their approval window. Ends when
 /// the server's state is gone.
 async fn watch_health(
-    state: std::sync::Weak<State>,
+    state: std::sync::Weak<Custody>,
     reporter: tonic_health::server::HealthReporter,
 ) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));

@@ -25,9 +25,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::config::TlsSection;
-use crate::identity::{Principal, principal_from_certificate};
-use crate::metrics;
+use custody_core::config::TlsSection;
+use custody_core::identity::{Principal, principal_from_certificate};
+use custody_core::metrics;
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use custody_daemon::ceremony::bundle::Bundle;
-use custody_daemon::ceremony::shares::{self, Share};
+use custody_core::ceremony::bundle::Bundle;
+use custody_core::ceremony::shares::{self, Share};
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{Algorithm, CreateKeyRequest, KeyPurpose};
 use hsm_shim::{

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use custody_daemon::algorithms::KeyAlgorithm;
-use custody_daemon::envelope::{Envelope, seal_header};
+use custody_core::algorithms::KeyAlgorithm;
+use custody_core::envelope::{Envelope, seal_header};
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{
@@ -84,8 +84,8 @@ fn bench(token: &TestToken) {
         KeyServiceClient::new(operator.clone())
             .create_key(CreateKeyRequest {
                 key_id: "kek".into(),
-                algorithm: algorithm.wire() as i32,
-                purpose: algorithm.purpose() as i32,
+                algorithm: custody_daemon::wire::algorithm(algorithm) as i32,
+                purpose: custody_daemon::wire::purpose(algorithm.purpose()) as i32,
                 allowed_signers: vec!["ca-issuing".into()],
                 ..Default::default()
             })

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use custody_daemon::algorithms::KeyAlgorithm;
+use custody_core::algorithms::KeyAlgorithm;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{CreateKeyRequest, Digest, KeyPurpose, SignRequest, digest, sign_request};
@@ -32,7 +32,7 @@ fn request() -> SignRequest {
 
 fn raw(service: &TestService, seconds: f64) -> f64 {
     let mut session = service.state().hsm.session().expect("session");
-    let label = custody_daemon::service::keys::hsm_label("bench", 1).expect("label");
+    let label = custody_core::names::hsm_label("bench", 1).expect("label");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut count = 0u64;
     while Instant::now() < deadline {
@@ -127,7 +127,7 @@ fn tokio_stream_from(
 
 /// Writes `keys` registry records straight into custodyd's database.
 fn fill_registry(db: &sled::Db, keys: usize) {
-    use custody_daemon::registry::{KeyRecord, VersionRecord, VersionState};
+    use custody_core::registry::{KeyRecord, VersionRecord, VersionState};
     let tree = db.open_tree("keys").expect("tree");
     for i in 0..keys {
         let record = KeyRecord {
@@ -181,7 +181,7 @@ fn bench(token: &TestToken) {
         KeyServiceClient::new(service.client("operator").await)
             .create_key(CreateKeyRequest {
                 key_id: "bench".into(),
-                algorithm: KeyAlgorithm::from_api_name("EC_SIGN_P256_SHA256").expect("alg").wire() as i32,
+                algorithm: custody_daemon::wire::algorithm(KeyAlgorithm::EcSignP256Sha256) as i32,
                 purpose: KeyPurpose::AsymmetricSign as i32,
                 allowed_signers: vec!["ca-issuing".into()],
                 ..Default::default()
@@ -217,7 +217,7 @@ fn bench(token: &TestToken) {
                 async move {
                     keys.create_key(CreateKeyRequest {
                         key_id: format!("drift-{i:04}"),
-                        algorithm: algorithm.wire() as i32,
+                        algorithm: custody_daemon::wire::algorithm(algorithm) as i32,
                         purpose: KeyPurpose::AsymmetricSign as i32,
                         ..Default::default()
                     })

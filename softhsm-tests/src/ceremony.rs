@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use custody_daemon::ceremony::engine::{confirmation_message, presence_message};
-use custody_daemon::ceremony::script::script_digest;
-use custody_daemon::dual_control::officer_key::OfficerKey;
+use custody_core::ceremony::engine::{confirmation_message, presence_message};
+use custody_core::ceremony::script::script_digest;
+use custody_core::dual_control::officer_key::OfficerKey;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::{
     Ceremony, CeremonySignature, CollectShareRequest, CreateBackupRequest, GetCeremonyRequest,

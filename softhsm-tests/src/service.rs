@@ -5,17 +5,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use custody_daemon::config::{
+use custody_core::Custody;
+use custody_core::clock::Clock;
+use custody_core::config::{
     AuditSection, CeremonySection, Config, DualControlSection, EnvelopeSection, HsmSection,
     LifecycleSection, MetricsSection, PolicySection, TlsSection,
 };
+use custody_core::dual_control::officer_key::OfficerKey;
+use custody_core::dual_control::{approval_message, denial_message};
+use custody_core::identity::Role;
 use custody_daemon::devpki::{Ca, DEV_IDENTITIES, Issued, Validity};
-use custody_daemon::dual_control::officer_key::OfficerKey;
-use custody_daemon::dual_control::{approval_message, denial_message};
-use custody_daemon::identity::Role;
 use custody_daemon::server::Daemon;
-use custody_daemon::service::Clock;
-use custody_daemon::service::State;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
     Operation, OperationKind, OperationSpec, OperationState, RequestOperationRequest,
@@ -64,7 +64,7 @@ pub struct TestService {
 
 struct Running {
     addr: SocketAddr,
-    state: Arc<State>,
+    state: Arc<Custody>,
     tls: Arc<custody_daemon::tls::TlsReloader>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
@@ -140,7 +140,7 @@ impl TestService {
         let revoked = ca
             .issue_client(
                 "revoked",
-                &[custody_daemon::identity::Role::Signer],
+                &[custody_core::identity::Role::Signer],
                 Validity::days(30),
             )
             .expect("revoked client cert");
@@ -171,7 +171,7 @@ impl TestService {
             },
             metrics: MetricsSection::default(),
             policy: PolicySection {
-                allowed_algorithms: custody_daemon::algorithms::KeyAlgorithm::ALL
+                allowed_algorithms: custody_core::algorithms::KeyAlgorithm::ALL
                     .iter()
                     .map(|a| a.api_name().to_string())
                     .collect(),
@@ -212,7 +212,7 @@ impl TestService {
         adjust(&mut config);
         config.check().expect("test config is valid");
         let clock = Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(
-            custody_daemon::service::SystemClock.now_ms(),
+            custody_core::clock::SystemClock.now_ms(),
         )));
         let running = Some(Running::launch(&config, clock.clone()).await?);
         Ok(TestService {
@@ -231,7 +231,7 @@ impl TestService {
     }
 
     /// The daemon's shared state (HSM, registry, audit log).
-    pub fn state(&self) -> &Arc<State> {
+    pub fn state(&self) -> &Arc<Custody> {
         &self.running().state
     }
 
@@ -386,12 +386,12 @@ pub async fn create_key(
     cryptoperiod_secs: Option<i64>,
 ) -> custody_proto::v1::Key {
     let algorithm =
-        custody_daemon::algorithms::KeyAlgorithm::from_api_name(algorithm).expect("an algorithm");
+        custody_core::algorithms::KeyAlgorithm::from_api_name(algorithm).expect("an algorithm");
     custody_proto::v1::key_service_client::KeyServiceClient::new(operator.clone())
         .create_key(custody_proto::v1::CreateKeyRequest {
             key_id: key_id.into(),
-            algorithm: algorithm.wire() as i32,
-            purpose: algorithm.purpose() as i32,
+            algorithm: custody_daemon::wire::algorithm(algorithm) as i32,
+            purpose: custody_daemon::wire::purpose(algorithm.purpose()) as i32,
             allowed_signers: vec!["ca-issuing".into()],
             cryptoperiod: cryptoperiod_secs
                 .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),

@@ -13,11 +13,11 @@
 
 use std::collections::BTreeMap;
 
-use custody_daemon::audit::Event;
-use custody_daemon::ceremony::bundle::Bundle;
-use custody_daemon::ceremony::components::kcv;
-use custody_daemon::ceremony::engine::pem_to_der;
-use custody_daemon::ceremony::transcript::Transcript;
+use custody_core::audit::Event;
+use custody_core::ceremony::bundle::Bundle;
+use custody_core::ceremony::components::kcv;
+use custody_core::ceremony::engine::pem_to_der;
+use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
@@ -100,7 +100,7 @@ async fn transcript_is_sound(service: &TestService, officer: &Channel, name: &st
         .records(1)
         .filter_map(|record| {
             let record = record.unwrap();
-            match serde_json::from_slice::<custody_daemon::audit::Entry>(&record.entry) {
+            match serde_json::from_slice::<custody_core::audit::Entry>(&record.entry) {
                 Ok(entry) => match entry.event {
                     Event::Ceremony {
                         ceremony,

@@ -6,8 +6,8 @@
     reason = "a test fails by panicking on the unexpected"
 )]
 
-use custody_daemon::dual_control::approval_message;
-use custody_daemon::identity::Role;
+use custody_core::dual_control::approval_message;
+use custody_core::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
@@ -333,7 +333,7 @@ token_test!(
                     let digest: [u8; 32] = hex::decode(event["digest"].as_str().unwrap()).unwrap().try_into().unwrap();
                     let signature = hex::decode(event["signature"].as_str().unwrap()).unwrap();
                     assert_eq!(digest.to_vec(), operation.digest);
-                    assert!(custody_daemon::dual_control::officer_key::verify(&public_key, &approval_message(&digest), &signature));
+                    assert!(custody_core::dual_control::officer_key::verify(&public_key, &approval_message(&digest), &signature));
                     proved += 1;
                 }
             }
@@ -384,7 +384,7 @@ token_test!(
             assert_eq!(reason(&status), "OFFICER_REMOVAL_REFUSED");
 
             // Two pending enrollments of the same person: only the first lands.
-            let key = custody_daemon::dual_control::officer_key::OfficerKey::generate(
+            let key = custody_core::dual_control::officer_key::OfficerKey::generate(
                 "dave",
                 &hsm_shim::SecretString::from("a passphrase for dave"),
             )
@@ -436,7 +436,7 @@ token_test!(
             let report = service.state().audit.verify();
             assert!(report.first_bad.is_none(), "{report:?}");
             assert!(report.checkpoints >= 1);
-            let label = hsm_shim::KeyLabel::new(custody_daemon::audit::AUDIT_KEY_LABEL).unwrap();
+            let label = hsm_shim::KeyLabel::new(custody_core::audit::AUDIT_KEY_LABEL).unwrap();
             let after = service.state().hsm.session().unwrap().public_key(&label).unwrap();
             assert_eq!(after.spki_der(), before.as_slice());
         });

@@ -148,7 +148,7 @@ token_test!(
                 .await
                 .unwrap_err();
             assert_eq!(reason(&public), "NO_PUBLIC_KEY");
-            let stranger = service.client_as("stranger", &[custody_daemon::identity::Role::Signer]).await;
+            let stranger = service.client_as("stranger", &[custody_core::identity::Role::Signer]).await;
             assert_eq!(reason(&decrypt(&stranger, "kek", &generated.wrapped, b"tenant=42").await.unwrap_err()), "NOT_ALLOWED_SIGNER");
             assert_eq!(reason(&decrypt(&operator, "kek", &generated.wrapped, b"tenant=42").await.unwrap_err()), "ROLE_REQUIRED");
             let too_big = envelope(&app)

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use custody_daemon::service::Clock;
+use custody_core::clock::Clock;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
@@ -110,7 +110,7 @@ where
 }
 
 /// The reference model: NIST SP 800-57 Part 1 transitions and uses, written
-/// out as tables independently of `custody_daemon::lifecycle`.
+/// out as tables independently of `custody_core::lifecycle`.
 mod model {
     use custody_proto::v1::KeyVersionState as S;
 

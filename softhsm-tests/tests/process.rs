@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use custody_core::identity::Role;
 use custody_daemon::devpki::{Ca, Issued, Validity};
-use custody_daemon::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
@@ -152,7 +152,7 @@ async fn ready(pki: &Pki, port: u16, child: &mut Daemon) -> Channel {
 /// The audit log read through AuditService: each record's entry, and the
 /// whole as export lines (what `custodyctl audit export` writes).
 async fn audit_export(pki: &Pki, port: u16) -> (Vec<String>, String) {
-    use custody_daemon::audit::{ExportLine, SignedHead};
+    use custody_core::audit::{ExportLine, SignedHead};
     use custody_proto::v1::read_audit_response::Item;
     let auditor = connect(pki, port, &pki.client("auditor", &[Role::Auditor]))
         .await
@@ -240,15 +240,15 @@ token_test!(
                 .filter(|e| e.contains("\"method\":\"Sign\"") && e.contains("\"outcome\":\"ok\""))
                 .count() as u32;
             assert_eq!(signed, acknowledged, "acknowledged signatures missing from the audit log after SIGKILL");
-            let report = custody_daemon::audit::verify_records(
+            let report = custody_core::audit::verify_records(
                 text.lines()
                     .filter_map(|l| match serde_json::from_str(l).unwrap() {
-                        custody_daemon::audit::ExportLine::Record { seq, entry, hash } => Some(Ok(custody_daemon::audit::Record {
+                        custody_core::audit::ExportLine::Record { seq, entry, hash } => Some(Ok(custody_core::audit::Record {
                             seq,
                             entry: entry.into_bytes(),
                             hash: hex::decode(hash).unwrap().try_into().unwrap(),
                         })),
-                        custody_daemon::audit::ExportLine::Head { .. } => None,
+                        custody_core::audit::ExportLine::Head { .. } => None,
                     }),
                 None,
             );
@@ -317,7 +317,7 @@ async fn killed_at_crash_point(mut child: Daemon, point: &str) {
 
 token_test!(
     fn a_version_generation_killed_at_every_crash_point_is_rolled_back_or_kept_whole(token) {
-        use custody_daemon::failpoint::ROTATION_POINTS;
+        use custody_core::failpoint::ROTATION_POINTS;
         use custody_proto::v1::{CheckDriftRequest, GetKeyRequest, RotateKeyRequest};
         runtime().block_on(async {
             let port = free_port();
@@ -411,9 +411,9 @@ fn prepare_ceremonies(
 ) -> (
     Pki,
     PathBuf,
-    Vec<custody_daemon::dual_control::officer_key::OfficerKey>,
+    Vec<custody_core::dual_control::officer_key::OfficerKey>,
 ) {
-    use custody_daemon::dual_control::officer_key::OfficerKey;
+    use custody_core::dual_control::officer_key::OfficerKey;
     token.add_token(softhsm_tests::service::SCRATCH_TOKEN);
     let (pki, config) = prepare(token, port);
     let passphrase = hsm_shim::SecretString::from("process test passphrase");
@@ -506,7 +506,7 @@ impl Scenario {
         bundle: &str,
         shares: &std::collections::BTreeMap<String, String>,
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
-        use custody_daemon::ceremony::components::kcv;
+        use custody_core::ceremony::components::kcv;
         match self {
             Scenario::Root | Scenario::Kek => officers.run(script).await.map(|(done, _)| done),
             Scenario::Components => {
@@ -611,8 +611,8 @@ async fn ceremony_invariant(
             .await
             .unwrap()
             .into_inner();
-        let spki = custody_daemon::ceremony::engine::pem_to_der(&transcript.audit_key_pem).unwrap();
-        custody_daemon::ceremony::transcript::Transcript::from_json(&transcript.json)
+        let spki = custody_core::ceremony::engine::pem_to_der(&transcript.audit_key_pem).unwrap();
+        custody_core::ceremony::transcript::Transcript::from_json(&transcript.json)
             .unwrap()
             .verify(&spki)
             .unwrap_or_else(|e| panic!("{ceremony}: transcript: {e}"));
@@ -650,7 +650,7 @@ async fn ceremony_invariant(
 
 /// The id of the ceremony a script opens.
 fn ceremony_name(script: &str) -> String {
-    let script = custody_daemon::ceremony::script::Script::parse(script).unwrap();
+    let script = custody_core::ceremony::script::Script::parse(script).unwrap();
     format!("ceremonies/{}", script.id())
 }
 
@@ -692,7 +692,7 @@ struct CeremonyRig {
     port: u16,
     pki: Pki,
     config: PathBuf,
-    keys: Vec<custody_daemon::dual_control::officer_key::OfficerKey>,
+    keys: Vec<custody_core::dual_control::officer_key::OfficerKey>,
     bundle: String,
     shares: std::collections::BTreeMap<String, String>,
 }
@@ -763,7 +763,7 @@ impl CeremonyRig {
 
 token_test!(
     fn a_ceremony_killed_at_every_crash_point_rolls_back_or_completes_and_no_half_made_key_is_usable(token) {
-        use custody_daemon::ceremony::engine::CRASH_POINTS;
+        use custody_core::ceremony::engine::CRASH_POINTS;
         runtime().block_on(async {
             let rig = CeremonyRig::new(token).await;
 

@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use custody_daemon::algorithms::KeyAlgorithm;
+use custody_core::algorithms::KeyAlgorithm;
+use custody_core::identity::Role;
 use custody_daemon::devpki::{Ca, Validity, self_signed_client};
-use custody_daemon::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
@@ -49,8 +49,8 @@ async fn create(
     KeyServiceClient::new(channel.clone())
         .create_key(CreateKeyRequest {
             key_id: key_id.into(),
-            algorithm: algorithm.wire() as i32,
-            purpose: algorithm.purpose() as i32,
+            algorithm: custody_daemon::wire::algorithm(algorithm) as i32,
+            purpose: custody_daemon::wire::purpose(algorithm.purpose()) as i32,
             allowed_signers: signers.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         })
@@ -201,7 +201,7 @@ token_test!(
                     .await
                     .unwrap()
                     .into_inner();
-                assert_eq!(signed.algorithm, algorithm.wire() as i32);
+                assert_eq!(signed.algorithm, custody_daemon::wire::algorithm(algorithm) as i32);
                 let input = SignInput::Message(message);
                 assert!(openssl_ok(token, &pem, algorithm.sign_algorithm().unwrap(), input, &signed.signature), "{name}");
             }
@@ -332,7 +332,7 @@ token_test!(
             assert_eq!((status.code(), reason(&status).as_str()), (tonic::Code::PermissionDenied, "ROLE_REQUIRED"));
             let auditor = service.client("auditor").await;
             let status = KeyServiceClient::new(auditor)
-                .create_key(CreateKeyRequest { key_id: "x".into(), algorithm: p256().wire() as i32, purpose: 1, allowed_signers: vec![], ..Default::default() })
+                .create_key(CreateKeyRequest { key_id: "x".into(), algorithm: custody_daemon::wire::algorithm(p256()) as i32, purpose: 1, allowed_signers: vec![], ..Default::default() })
                 .await
                 .unwrap_err();
             assert_eq!((status.code(), reason(&status).as_str()), (tonic::Code::PermissionDenied, "ROLE_REQUIRED"));
@@ -342,12 +342,12 @@ token_test!(
             // Bad create requests.
             let mut keys = KeyServiceClient::new(operator);
             let bad_creates = [
-                (CreateKeyRequest { key_id: "Bad_Id".into(), algorithm: p256().wire() as i32, purpose: 1, allowed_signers: vec![], ..Default::default() }, "BAD_KEY_ID"),
+                (CreateKeyRequest { key_id: "Bad_Id".into(), algorithm: custody_daemon::wire::algorithm(p256()) as i32, purpose: 1, allowed_signers: vec![], ..Default::default() }, "BAD_KEY_ID"),
                 (CreateKeyRequest { key_id: "k".into(), algorithm: 0, purpose: 1, allowed_signers: vec![], ..Default::default() }, "BAD_ALGORITHM"),
                 (CreateKeyRequest { key_id: "k".into(), algorithm: 999, purpose: 1, allowed_signers: vec![], ..Default::default() }, "BAD_ALGORITHM"),
-                (CreateKeyRequest { key_id: "k".into(), algorithm: p256().wire() as i32, purpose: 0, allowed_signers: vec![], ..Default::default() }, "BAD_PURPOSE"),
-                (CreateKeyRequest { key_id: "k".into(), algorithm: p256().wire() as i32, purpose: 1, allowed_signers: vec!["Not Valid".into()], ..Default::default() }, "BAD_PRINCIPAL"),
-                (CreateKeyRequest { key_id: "ec".into(), algorithm: p256().wire() as i32, purpose: 1, allowed_signers: vec![], ..Default::default() }, "KEY_EXISTS"),
+                (CreateKeyRequest { key_id: "k".into(), algorithm: custody_daemon::wire::algorithm(p256()) as i32, purpose: 0, allowed_signers: vec![], ..Default::default() }, "BAD_PURPOSE"),
+                (CreateKeyRequest { key_id: "k".into(), algorithm: custody_daemon::wire::algorithm(p256()) as i32, purpose: 1, allowed_signers: vec!["Not Valid".into()], ..Default::default() }, "BAD_PRINCIPAL"),
+                (CreateKeyRequest { key_id: "ec".into(), algorithm: custody_daemon::wire::algorithm(p256()) as i32, purpose: 1, allowed_signers: vec![], ..Default::default() }, "KEY_EXISTS"),
             ];
             for (request, expected) in bad_creates {
                 let status = keys.create_key(request).await.unwrap_err();
@@ -462,7 +462,7 @@ fn tokio_stream_iter(requests: Vec<SignRequest>) -> impl futures_util::Stream<It
 
 /// Exports the log through the API, as `custodyctl audit export` does.
 async fn export(service: &TestService) -> String {
-    use custody_daemon::audit::{ExportLine, SignedHead};
+    use custody_core::audit::{ExportLine, SignedHead};
     use custody_proto::v1::audit_service_client::AuditServiceClient;
     use custody_proto::v1::{ReadAuditRequest, read_audit_response};
     let auditor = service.client("auditor").await;
@@ -502,7 +502,7 @@ async fn export(service: &TestService) -> String {
 /// do: change one record, then recompute every later link and hash (and the
 /// hashes that checkpoints name) so that the chain is consistent again.
 fn rewrite_and_rechain(text: &str, victim_seq: u64) -> String {
-    use custody_daemon::audit::{ExportLine, chain_hash};
+    use custody_core::audit::{ExportLine, chain_hash};
     let mut out = String::new();
     let mut prev = [0u8; 32];
     let mut renamed: std::collections::HashMap<String, String> = Default::default();
@@ -560,7 +560,7 @@ token_test!(
             // and recorded at start); here, straight from the daemon.
             let key = service.state().audit.audit_key_spki().to_vec();
             let text = export(&service).await;
-            let report = custody_daemon::audit::verify_export(&text, &key).unwrap();
+            let report = custody_core::audit::verify_export(&text, &key).unwrap();
             assert!(report.checkpoints >= 1, "{report:?}");
             // Each record names who did what: the refused signature is there too.
             assert!(text.contains("keys/nope") && text.contains("NOT_FOUND"));
@@ -588,7 +588,7 @@ token_test!(
             // Rewritten after the last checkpoint: the signed head fails.
             tampered.push(("rewritten and re-chained after the checkpoint", rewrite_and_rechain(&text, (n - 2) as u64)));
             for (what, text) in &tampered {
-                let verdict = custody_daemon::audit::verify_export(text, &key);
+                let verdict = custody_core::audit::verify_export(text, &key);
                 assert!(verdict.is_err(), "{what} went undetected");
             }
             // The server's own check of its stored chain passes, through the API.
@@ -774,7 +774,7 @@ token_test!(
             let wrong_pin = token.scratch().join("wrong.pin");
             std::fs::write(&wrong_pin, "not-the-pin").unwrap();
             let with_pin = |pin: std::path::PathBuf| {
-                move |config: &mut custody_daemon::config::Config| {
+                move |config: &mut custody_core::config::Config| {
                     config.hsm.pin_file = Some(pin);
                     config.hsm.max_pin_failures = 3;
                 }
@@ -791,8 +791,8 @@ token_test!(
             // An operator clears the count, as `custodyd --reset-pin-lockout` does.
             let data_dir = token.scratch().join("custodyd").join("data");
             let db = custody_daemon::server::open_db(&data_dir).unwrap();
-            assert_eq!(custody_daemon::pin_lockout::failures(&db).unwrap(), 3);
-            custody_daemon::pin_lockout::reset(&db).unwrap();
+            assert_eq!(custody_core::pin_lockout::failures(&db).unwrap(), 3);
+            custody_core::pin_lockout::reset(&db).unwrap();
             drop(db);
             TestService::try_start_with(token, with_pin(wrong_pin.clone())).await.err().unwrap();
             let service = TestService::try_start_with(token, with_pin(token.pin_file())).await.unwrap();

@@ -28,8 +28,7 @@ async fn main() -> ExitCode {
     // Test builds of the workspace enable HSM fault injection and crash
     // points (dev-dependency features). An optimised daemon that can be told to fake
     // HSM errors must never serve; debug builds may, for process tests.
-    let test_build =
-        hsm_shim::FAULT_INJECTION_COMPILED_IN || custody_daemon::failpoint::COMPILED_IN;
+    let test_build = hsm_shim::FAULT_INJECTION_COMPILED_IN || custody_core::failpoint::COMPILED_IN;
     if test_build && !cfg!(debug_assertions) {
         tracing::error!(
             "custodyd: this build has HSM fault injection or crash points compiled in; build it on its own: cargo build --release -p custody-daemon"

@@ -11,8 +11,8 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{Audited, Shared, caller, require};
-use crate::error::ServiceError;
-use crate::identity::Role;
+use custody_core::identity::Role;
+use custody_core::{Error, Reason};
 
 /// The audit service.
 pub struct Audit(pub Shared);
@@ -44,7 +44,7 @@ impl AuditService for Audit {
             .audit
             .signed_head()
             .await
-            .map_err(|e| Status::from(ServiceError::audit_unavailable(&e)))?;
+            .map_err(|e| crate::status::to_status(Error::audit_unavailable(&e)))?;
         let pem = self.0.audit.audit_key_pem().to_string();
         let records = self
             .0
@@ -88,13 +88,7 @@ impl AuditService for Audit {
             let audit = state.audit.clone();
             let report = tokio::task::spawn_blocking(move || audit.verify())
                 .await
-                .map_err(|_| {
-                    ServiceError::new(
-                        tonic::Code::Internal,
-                        "INTERNAL",
-                        "verification task failed",
-                    )
-                })?;
+                .map_err(|_| Error::new(Reason::Internal, "verification task failed"))?;
             let (first_bad_seq, problem) = report.first_bad.clone().unwrap_or_default();
             Ok(VerifyAuditResponse {
                 valid: report.first_bad.is_none(),

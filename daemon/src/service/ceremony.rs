@@ -1,5 +1,5 @@
 //! `custody.v1.CeremonyService`: key ceremonies, backups, restores and
-//! drills. The engine (`crate::ceremony::engine`) owns the state machine;
+//! drills. The engine (`custody_core::ceremony::engine`) owns the state machine;
 //! this file checks who calls and turns records into messages.
 //!
 //! Every call needs the officer role, and calls made as an officer (sign-in,
@@ -21,14 +21,14 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{Audited, Shared, caller, require, timestamp, to_completion};
-use crate::ceremony::engine::{self, KeyToBack, SubmittedSecret};
-use crate::ceremony::fingerprint::Fingerprint;
-use crate::ceremony::journal::{CeremonyRecord, Phase};
-use crate::ceremony::script::Script;
-use crate::ceremony::{components, sealed};
-use crate::error::ServiceError;
-use crate::identity::{Principal, Role};
-use crate::registry::VersionState;
+use custody_core::ceremony::engine::{self, KeyToBack, SubmittedSecret};
+use custody_core::ceremony::fingerprint::Fingerprint;
+use custody_core::ceremony::journal::{CeremonyRecord, Phase};
+use custody_core::ceremony::script::Script;
+use custody_core::ceremony::{components, sealed};
+use custody_core::identity::{Principal, Role};
+use custody_core::registry::VersionState;
+use custody_core::{Error, Reason};
 
 /// The ceremony service.
 pub struct CeremonyKeys(pub Shared);
@@ -44,13 +44,13 @@ type Detail = std::sync::Arc<std::sync::Mutex<String>>;
 async fn officer_call<T, Fut>(
     state: &Shared,
     method: &'static str,
-    peer: Result<Principal, ServiceError>,
+    peer: Result<Principal, Error>,
     resource: String,
     work: impl FnOnce(Shared, Principal, Detail) -> Fut + Send + 'static,
 ) -> Result<Response<T>, Status>
 where
     T: Send + 'static,
-    Fut: Future<Output = Result<T, ServiceError>> + Send + 'static,
+    Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let state = state.clone();
     to_completion(async move {
@@ -74,16 +74,16 @@ where
 }
 
 /// Refuses unless `officer_id` is enrolled with the caller's principal.
-fn acting_as(state: &Shared, principal: &Principal, officer_id: &str) -> Result<(), ServiceError> {
+fn acting_as(state: &Shared, principal: &Principal, officer_id: &str) -> Result<(), Error> {
     let officer = state.dual_control.officer(officer_id).ok_or_else(|| {
-        ServiceError::denied(
-            "OFFICER_NOT_ENROLLED",
+        Error::new(
+            Reason::OfficerNotEnrolled,
             format!("{officer_id} is not an enrolled officer"),
         )
     })?;
     if officer.principal != principal.name {
-        return Err(ServiceError::denied(
-            "OFFICER_MISMATCH",
+        return Err(Error::new(
+            Reason::OfficerMismatch,
             format!("officer {officer_id} is bound to another certificate principal"),
         ));
     }
@@ -91,13 +91,13 @@ fn acting_as(state: &Shared, principal: &Principal, officer_id: &str) -> Result<
 }
 
 /// `ceremonies/{id}`: the id.
-fn parse_name(name: &str) -> Result<String, ServiceError> {
+fn parse_name(name: &str) -> Result<String, Error> {
     name.strip_prefix("ceremonies/")
         .filter(|id| !id.is_empty() && id.len() <= 48)
         .map(str::to_string)
         .ok_or_else(|| {
-            ServiceError::invalid(
-                "BAD_CEREMONY_NAME",
+            Error::new(
+                Reason::BadCeremonyName,
                 format!("{name:?} is not ceremonies/{{id}}"),
             )
         })
@@ -278,8 +278,8 @@ impl CeremonyService for CeremonyKeys {
             String::new(),
             move |state, principal, detail| async move {
                 if request.script.len() > MAX_SCRIPT {
-                    return Err(ServiceError::invalid(
-                        "SCRIPT_TOO_LARGE",
+                    return Err(Error::new(
+                        Reason::ScriptTooLarge,
                         format!("a script is at most {MAX_SCRIPT} bytes"),
                     ));
                 }
@@ -287,7 +287,7 @@ impl CeremonyService for CeremonyKeys {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = format!(
                     "script sha256 {}",
-                    hex::encode(crate::ceremony::script::script_digest(
+                    hex::encode(custody_core::ceremony::script::script_digest(
                         request.script.as_bytes()
                     ))
                 );
@@ -390,14 +390,11 @@ impl CeremonyService for CeremonyKeys {
                             .dual_control
                             .officer(&request.officer_id)
                             .ok_or_else(|| {
-                                ServiceError::denied(
-                                    "OFFICER_NOT_ENROLLED",
-                                    "officer left mid-ceremony",
-                                )
+                                Error::new(Reason::OfficerNotEnrolled, "officer left mid-ceremony")
                             })?;
                     let public_key = hex::decode(&officer.public_key).unwrap_or_default();
-                    let sealed_share = sealed::seal(&public_key, text.as_bytes())
-                        .map_err(|e| ServiceError::new(tonic::Code::Internal, "SEAL_FAILED", e))?;
+                    let sealed_share =
+                        sealed::seal(&public_key, text.as_bytes()).map_err(Error::internal)?;
                     Ok(CollectShareResponse {
                         share: String::new(),
                         sealed_share,
@@ -434,7 +431,7 @@ impl CeremonyService for CeremonyKeys {
                         let hex = Zeroizing::new(hex);
                         SubmittedSecret::Component {
                             value: components::parse_component(&hex)
-                                .map_err(|e| ServiceError::invalid("BAD_COMPONENT", e))?,
+                                .map_err(|e| Error::new(Reason::BadComponent, e))?,
                             expected_kcv: request.expected_kcv.clone(),
                         }
                     }
@@ -442,10 +439,7 @@ impl CeremonyService for CeremonyKeys {
                         SubmittedSecret::Share(Zeroizing::new(share))
                     }
                     None => {
-                        return Err(ServiceError::invalid(
-                            "NO_SECRET",
-                            "send a component or a share",
-                        ));
+                        return Err(Error::new(Reason::NoSecret, "send a component or a share"));
                     }
                 };
                 let record =
@@ -492,14 +486,14 @@ impl CeremonyService for CeremonyKeys {
             move |state, principal, _| async move {
                 let id = parse_name(&request.name)?;
                 if request.reason.trim().is_empty() {
-                    return Err(ServiceError::invalid("REASON_REQUIRED", "say why"));
+                    return Err(Error::new(Reason::ReasonRequired, "say why"));
                 }
                 let officer = state
                     .dual_control
                     .officer_for_principal(&principal.name)
                     .ok_or_else(|| {
-                        ServiceError::denied(
-                            "OFFICER_NOT_ENROLLED",
+                        Error::new(
+                            Reason::OfficerNotEnrolled,
                             "the caller is no enrolled officer",
                         )
                     })?;
@@ -551,8 +545,8 @@ impl CeremonyService for CeremonyKeys {
                     .backup_kek()
                     .map_err(engine::journal_failure)?
                     .ok_or_else(|| {
-                        ServiceError::precondition(
-                            "NO_BACKUP_KEK",
+                        Error::new(
+                            Reason::NoBackupKek,
                             "this token has no backup KEK yet: run a KEK ceremony first",
                         )
                     })?;

@@ -1,6 +1,6 @@
 //! `custody.v1.EnvelopeService`: AES-256-GCM encryption, data keys and
 //! rewrap under keys of purpose ENCRYPT_DECRYPT. The ciphertext format,
-//! associated data and nonce budget are in [`crate::envelope`].
+//! associated data and nonce budget are in [`custody_core::envelope`].
 //!
 //! Each request checks, in order: caller and role, request sizes, the key
 //! (its purpose, the allow-list), the ciphertext's layout, the version's
@@ -20,13 +20,15 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::keys::{algorithm_of, check_usable};
-use super::{Audited, Shared, State, caller, parse_key_name, require, version_name};
-use crate::envelope::{BudgetError, Envelope, assemble, seal_header};
-use crate::error::ServiceError;
-use crate::identity::{Principal, Role};
-use crate::lifecycle::Use;
-use crate::metrics;
-use crate::registry::{KeyRecord, VersionRecord};
+use super::{Audited, Shared, caller, require};
+use custody_core::Custody;
+use custody_core::envelope::{BudgetError, Envelope, assemble, seal_header};
+use custody_core::identity::{Principal, Role};
+use custody_core::lifecycle::Use;
+use custody_core::metrics;
+use custody_core::names::{parse_key_name, version_name};
+use custody_core::registry::{KeyRecord, VersionRecord};
+use custody_core::{Error, Reason};
 
 /// The envelope service.
 pub struct EnvelopeKeys(pub Shared);
@@ -38,25 +40,25 @@ pub const DATA_KEY_LEN: usize = 32;
 
 /// The key `name` names, if `principal` may use it for encryption.
 fn usable_key(
-    state: &State,
+    state: &Custody,
     principal: &Principal,
     name: &str,
-) -> Result<std::sync::Arc<KeyRecord>, ServiceError> {
+) -> Result<std::sync::Arc<KeyRecord>, Error> {
     require(principal, Role::Signer)?;
     let key_id = parse_key_name(name)?;
     let record = state
         .registry
         .get(key_id)
-        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
     if algorithm_of(&record)?.sign_algorithm().is_some() {
-        return Err(ServiceError::precondition(
-            "WRONG_PURPOSE",
+        return Err(Error::new(
+            Reason::WrongPurpose,
             format!("keys/{key_id} is a signing key, not an ENCRYPT_DECRYPT key"),
         ));
     }
     if !record.allowed_signers.contains(&principal.name) {
-        return Err(ServiceError::denied(
-            "NOT_ALLOWED_SIGNER",
+        return Err(Error::new(
+            Reason::NotAllowedSigner,
             format!(
                 "{} is not on the allow-list of keys/{key_id}",
                 principal.name
@@ -66,10 +68,10 @@ fn usable_key(
     Ok(record)
 }
 
-fn check_size(what: &str, bytes: &[u8]) -> Result<(), ServiceError> {
+fn check_size(what: &str, bytes: &[u8]) -> Result<(), Error> {
     if bytes.len() > MAX_PLAINTEXT {
-        return Err(ServiceError::invalid(
-            "TOO_LARGE",
+        return Err(Error::new(
+            Reason::TooLarge,
             format!("{what} is {} bytes; at most {MAX_PLAINTEXT}", bytes.len()),
         ));
     }
@@ -79,12 +81,12 @@ fn check_size(what: &str, bytes: &[u8]) -> Result<(), ServiceError> {
 /// The primary version, checked for protection, with one encryption taken
 /// from its nonce budget.
 async fn protecting_version(
-    state: &State,
+    state: &Custody,
     record: &KeyRecord,
-) -> Result<(VersionRecord, KeyLabel), ServiceError> {
+) -> Result<(VersionRecord, KeyLabel), Error> {
     let version = record
         .version(record.primary_version)
-        .ok_or_else(|| ServiceError::not_found("the primary version is missing"))?
+        .ok_or_else(|| Error::new(Reason::NotFound, "the primary version is missing"))?
         .clone();
     check_usable(record, &version, Use::Protect, state.clock.now_ms())?;
     state
@@ -93,13 +95,12 @@ async fn protecting_version(
         .await
         .map_err(|e| match e {
             BudgetError::Exhausted { .. } => {
-                ServiceError::precondition("NONCE_BUDGET_EXHAUSTED", e.to_string())
+                Error::new(Reason::NonceBudgetExhausted, e.to_string())
             }
             BudgetError::Store(_) => {
                 tracing::error!(error = %e, "nonce budget");
-                ServiceError::new(
-                    tonic::Code::Unavailable,
-                    "STORE_UNAVAILABLE",
+                Error::new(
+                    Reason::StoreUnavailable,
                     "the encryption count cannot be made durable",
                 )
             }
@@ -110,16 +111,16 @@ async fn protecting_version(
 
 /// The version a ciphertext names, checked for `usage`.
 fn source_version<'c>(
-    state: &State,
+    state: &Custody,
     record: &KeyRecord,
     ciphertext: &'c [u8],
     usage: Use,
-) -> Result<(Envelope<'c>, VersionRecord, KeyLabel), ServiceError> {
+) -> Result<(Envelope<'c>, VersionRecord, KeyLabel), Error> {
     let envelope = Envelope::parse(ciphertext)
-        .map_err(|e| ServiceError::invalid("BAD_CIPHERTEXT", e.to_string()))?;
+        .map_err(|e| Error::new(Reason::BadCiphertext, e.to_string()))?;
     if envelope.key_id != record.key_id {
-        return Err(ServiceError::invalid(
-            "CIPHERTEXT_KEY_MISMATCH",
+        return Err(Error::new(
+            Reason::CiphertextKeyMismatch,
             format!(
                 "the ciphertext was made by keys/{}, not keys/{}",
                 envelope.key_id, record.key_id
@@ -129,10 +130,13 @@ fn source_version<'c>(
     let version = record
         .version(envelope.version)
         .ok_or_else(|| {
-            ServiceError::not_found(format!(
-                "no version {}",
-                version_name(&record.key_id, envelope.version)
-            ))
+            Error::new(
+                Reason::NotFound,
+                format!(
+                    "no version {}",
+                    version_name(&record.key_id, envelope.version)
+                ),
+            )
         })?
         .clone();
     check_usable(record, &version, usage, state.clock.now_ms())?;
@@ -146,7 +150,7 @@ impl EnvelopeKeys {
         audited: &mut Audited,
         principal: &Principal,
         request: EncryptRequest,
-    ) -> Result<EncryptResponse, ServiceError> {
+    ) -> Result<EncryptResponse, Error> {
         let state = &self.0;
         check_size("plaintext", &request.plaintext)?;
         check_size("associated_data", &request.associated_data)?;
@@ -172,7 +176,7 @@ impl EnvelopeKeys {
         audited: &mut Audited,
         principal: &Principal,
         request: DecryptRequest,
-    ) -> Result<DecryptResponse, ServiceError> {
+    ) -> Result<DecryptResponse, Error> {
         let state = &self.0;
         check_size("associated_data", &request.associated_data)?;
         let record = usable_key(state, principal, &request.name)?;
@@ -201,7 +205,7 @@ impl EnvelopeKeys {
         audited: &mut Audited,
         principal: &Principal,
         request: GenerateDataKeyRequest,
-    ) -> Result<GenerateDataKeyResponse, ServiceError> {
+    ) -> Result<GenerateDataKeyResponse, Error> {
         let state = &self.0;
         check_size("associated_data", &request.associated_data)?;
         let record = usable_key(state, principal, &request.name)?;
@@ -230,7 +234,7 @@ impl EnvelopeKeys {
         audited: &mut Audited,
         principal: &Principal,
         request: RewrapRequest,
-    ) -> Result<RewrapResponse, ServiceError> {
+    ) -> Result<RewrapResponse, Error> {
         let state = &self.0;
         check_size("associated_data", &request.associated_data)?;
         let record = usable_key(state, principal, &request.name)?;
@@ -277,7 +281,7 @@ macro_rules! envelope_rpc {
                 .await
         }
         .await;
-        let outcome = result.as_ref().map_or_else(|e| e.reason, |_| "ok");
+        let outcome = result.as_ref().map_or_else(|e| e.reason.as_str(), |_| "ok");
         metrics::envelope($method, outcome, started.elapsed().as_secs_f64());
         audited.finish(&$self.0, result).await.map(Response::new)
     }};

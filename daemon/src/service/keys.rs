@@ -12,20 +12,19 @@ use custody_proto::v1::{
 use hsm_shim::{AesRole, ErrorKind, Exportability, KeyLabel};
 use tonic::{Request, Response, Status};
 
-use super::{
-    Audited, Shared, State, caller, check_key_id, parse_key_name, parse_version_name, require,
-    timestamp, to_completion, version_name,
-};
-use crate::algorithms::KeyAlgorithm;
-use crate::audit::Event;
-use crate::error::ServiceError;
-use crate::identity::{Principal, Role, valid_principal_name};
-use crate::lifecycle::{self, Use};
-use crate::registry::{
+use super::{Audited, Shared, caller, require, timestamp, to_completion};
+use custody_core::Custody;
+use custody_core::algorithms::KeyAlgorithm;
+use custody_core::audit::Event;
+use custody_core::identity::{Principal, Role, valid_principal_name};
+use custody_core::lifecycle::{self, Use};
+use custody_core::names::{check_key_id, parse_key_name, parse_version_name, version_name};
+use custody_core::registry::{
     CommitError, KeyRecord, PendingVersion, REMEMBERED_ROTATIONS, RotationRequest, VersionRecord,
     VersionState,
 };
-use crate::{drift, failpoint, metrics};
+use custody_core::{Error, Reason};
+use custody_core::{drift, failpoint, metrics};
 
 /// The key service.
 pub struct Keys(pub Shared);
@@ -70,14 +69,9 @@ fn duration(ms: i64) -> prost_types::Duration {
 }
 
 /// The stored algorithm of a key.
-pub(crate) fn algorithm_of(record: &KeyRecord) -> Result<KeyAlgorithm, ServiceError> {
-    KeyAlgorithm::from_api_name(&record.algorithm).ok_or_else(|| {
-        ServiceError::new(
-            tonic::Code::Internal,
-            "INTERNAL",
-            "unknown stored algorithm",
-        )
-    })
+pub(crate) fn algorithm_of(record: &KeyRecord) -> Result<KeyAlgorithm, Error> {
+    KeyAlgorithm::from_api_name(&record.algorithm)
+        .ok_or_else(|| Error::new(Reason::Internal, "unknown stored algorithm"))
 }
 
 /// The API form of a key.
@@ -85,8 +79,8 @@ pub(crate) fn key_message(record: &KeyRecord) -> Key {
     let algorithm = KeyAlgorithm::from_api_name(&record.algorithm);
     Key {
         name: format!("keys/{}", record.key_id),
-        algorithm: algorithm.map_or(0, |a| a.wire() as i32),
-        purpose: algorithm.map_or(0, |a| a.purpose() as i32),
+        algorithm: algorithm.map_or(0, |a| crate::wire::algorithm(a) as i32),
+        purpose: algorithm.map_or(0, |a| crate::wire::purpose(a.purpose()) as i32),
         allowed_signers: record.allowed_signers.clone(),
         backup_exportable: record.backup_exportable,
         primary_version: record.primary_version,
@@ -111,14 +105,10 @@ pub(crate) fn key_message(record: &KeyRecord) -> Key {
 }
 
 /// Refuses a direct call when the key's policy puts `kind` under quorum.
-pub(crate) fn ungated(
-    record: &KeyRecord,
-    kind: &str,
-    approved: Approval,
-) -> Result<(), ServiceError> {
+pub(crate) fn ungated(record: &KeyRecord, kind: &str, approved: Approval) -> Result<(), Error> {
     match (record.policies.get(kind), approved) {
-        (Some(quorum), Approval::None) => Err(ServiceError::precondition(
-            "QUORUM_REQUIRED",
+        (Some(quorum), Approval::None) => Err(Error::new(
+            Reason::QuorumRequired,
             format!(
                 "{kind} on keys/{} needs {} officer approvals: request it with OperationService.RequestOperation",
                 record.key_id, quorum.required
@@ -137,24 +127,27 @@ pub(crate) fn check_usable(
     version: &VersionRecord,
     usage: Use,
     now_ms: i64,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let name = version_name(&record.key_id, version.version);
     if !lifecycle::permits(version.state, usage) {
         let (reason, what) = match usage {
-            Use::Protect => ("VERSION_NOT_ACTIVE", "only active versions sign or encrypt"),
+            Use::Protect => (
+                Reason::VersionNotActive,
+                "only active versions sign or encrypt",
+            ),
             Use::Process => (
-                "VERSION_NOT_USABLE",
+                Reason::VersionNotUsable,
                 "only active, suspended and deactivated versions verify, decrypt or rewrap",
             ),
         };
-        return Err(ServiceError::precondition(
+        return Err(Error::new(
             reason,
             format!("{name} is {:?}; {what}", version.state),
         ));
     }
     if version.destroy_at_ms.is_some() {
-        return Err(ServiceError::precondition(
-            "DESTROY_SCHEDULED",
+        return Err(Error::new(
+            Reason::DestroyScheduled,
             format!("{name} is scheduled for destruction; CancelDestroy to use it again"),
         ));
     }
@@ -163,16 +156,16 @@ pub(crate) fn check_usable(
             if let Some(until) = version.protect_until_ms(record.cryptoperiod_ms)
                 && now_ms >= until
             {
-                return Err(ServiceError::precondition(
-                    "CRYPTOPERIOD_ENDED",
+                return Err(Error::new(
+                    Reason::CryptoperiodEnded,
                     format!("the cryptoperiod of {name} has ended; rotate the key"),
                 ));
             }
         }
         Use::Process => {
             if version.version < record.min_version {
-                return Err(ServiceError::precondition(
-                    "BELOW_MIN_VERSION",
+                return Err(Error::new(
+                    Reason::BelowMinVersion,
                     format!(
                         "{name} is below the minimum version {} of keys/{}",
                         record.min_version, record.key_id
@@ -210,18 +203,17 @@ fn version_message(record: &KeyRecord, version: &VersionRecord) -> KeyVersion {
     }
 }
 
-fn found(state: &State, key_id: &str) -> Result<Arc<KeyRecord>, ServiceError> {
+fn found(state: &Custody, key_id: &str) -> Result<Arc<KeyRecord>, Error> {
     state
         .registry
         .get(key_id)
-        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))
 }
 
-fn registry_failure(error: crate::registry::RegistryError) -> ServiceError {
+fn registry_failure(error: custody_core::registry::RegistryError) -> Error {
     tracing::error!(%error, "registry write failed");
-    ServiceError::new(
-        tonic::Code::Unavailable,
-        "REGISTRY_UNAVAILABLE",
+    Error::new(
+        Reason::RegistryUnavailable,
         "the key registry cannot be written",
     )
 }
@@ -229,9 +221,9 @@ fn registry_failure(error: crate::registry::RegistryError) -> ServiceError {
 /// The HSM label of a key version: `key/{key_id}/v{version}`. The `key/`
 /// namespace is custody's own for registry keys: no other object custody
 /// makes (the audit key is `custody-audit/v1`) can share a label with one.
-pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, ServiceError> {
+pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, Error> {
     KeyLabel::for_version(&format!("key/{key_id}"), version)
-        .map_err(|e| ServiceError::invalid("BAD_KEY_ID", e.to_string()))
+        .map_err(|e| Error::new(Reason::BadKeyId, e.to_string()))
 }
 
 /// Backup-exportable keys may be wrapped under a trusted KEK only.
@@ -252,13 +244,13 @@ fn exportability(backup_exportable: bool) -> Exportability {
 /// pending (the caller checked) is a leftover of a generation that failed to
 /// clean up; it is destroyed and the key made again.
 async fn generate_version(
-    state: &State,
+    state: &Custody,
     key_id: &str,
     algorithm: KeyAlgorithm,
     export: Exportability,
     version: u32,
     trigger: &'static str,
-) -> Result<VersionRecord, ServiceError> {
+) -> Result<VersionRecord, Error> {
     let label = hsm_label(key_id, version)?;
     let now = state.clock.now_ms();
     failpoint::hit("version.before_journal");
@@ -330,7 +322,7 @@ async fn generate_version(
 /// nothing was written, the version is rolled back (its HSM objects
 /// destroyed), or left to the roll-back at the next start; if it was written
 /// but not flushed, it stands and the caller is told the registry failed.
-async fn commit_version(state: &State, record: KeyRecord, label: &str) -> Result<(), ServiceError> {
+async fn commit_version(state: &Custody, record: KeyRecord, label: &str) -> Result<(), Error> {
     match state.registry.commit_version(record, label).await {
         Ok(()) => {
             failpoint::hit("version.after_commit");
@@ -348,7 +340,7 @@ async fn commit_version(state: &State, record: KeyRecord, label: &str) -> Result
 /// Destroys what the HSM holds under an uncommitted version's label and
 /// drops its journal entry; logs what it could not do (the next start
 /// retries). Returns how many objects it destroyed.
-pub(crate) async fn roll_back_version(state: &State, label: &str) -> Option<usize> {
+pub(crate) async fn roll_back_version(state: &Custody, label: &str) -> Option<usize> {
     let Ok(hsm_label) = KeyLabel::new(label.to_string()) else {
         return None;
     };
@@ -375,7 +367,7 @@ pub(crate) async fn roll_back_version(state: &State, label: &str) -> Option<usiz
 }
 
 /// Checks a rotation request id: 1-64 of `[A-Za-z0-9._:-]`.
-fn check_request_id(request_id: &str) -> Result<(), ServiceError> {
+fn check_request_id(request_id: &str) -> Result<(), Error> {
     let valid = !request_id.is_empty()
         && request_id.len() <= 64
         && request_id
@@ -384,8 +376,8 @@ fn check_request_id(request_id: &str) -> Result<(), ServiceError> {
     if valid {
         Ok(())
     } else {
-        Err(ServiceError::invalid(
-            "BAD_REQUEST_ID",
+        Err(Error::new(
+            Reason::BadRequestId,
             "request_id must be 1-64 of A-Z a-z 0-9 . _ : -",
         ))
     }
@@ -418,12 +410,12 @@ impl Trigger {
 /// Rotates `current` (the caller holds the registry lock and checked
 /// policy): a new version, journaled, made primary in one commit.
 async fn rotate_locked(
-    state: &State,
+    state: &Custody,
     audited: &mut Audited,
     current: &KeyRecord,
     request_id: Option<&str>,
     trigger: Trigger,
-) -> Result<KeyRecord, ServiceError> {
+) -> Result<KeyRecord, Error> {
     if let Some(id) = request_id
         && let Some(earlier) = current
             .rotation_requests
@@ -487,21 +479,21 @@ async fn rotate_locked(
 }
 
 /// Finds a version, refusing with NOT_FOUND.
-fn version_of(record: &KeyRecord, version: u32) -> Result<&VersionRecord, ServiceError> {
+fn version_of(record: &KeyRecord, version: u32) -> Result<&VersionRecord, Error> {
     record.version(version).ok_or_else(|| {
-        ServiceError::not_found(format!(
-            "no version {}",
-            version_name(&record.key_id, version)
-        ))
+        Error::new(
+            Reason::NotFound,
+            format!("no version {}", version_name(&record.key_id, version)),
+        )
     })
 }
 
 /// Finds a version that is not destroyed, refusing with ALREADY_DESTROYED.
-fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&VersionRecord, ServiceError> {
+fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&VersionRecord, Error> {
     let existing = version_of(record, version)?;
     if existing.state == VersionState::Destroyed {
-        return Err(ServiceError::precondition(
-            "ALREADY_DESTROYED",
+        return Err(Error::new(
+            Reason::AlreadyDestroyed,
             format!(
                 "{} is already destroyed",
                 version_name(&record.key_id, version)
@@ -513,17 +505,17 @@ fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&VersionRecord, Ser
 
 /// Applies `change` to version `version` of `current` and writes the record.
 async fn update_version(
-    state: &State,
+    state: &Custody,
     current: &KeyRecord,
     version: u32,
     change: impl FnOnce(&mut VersionRecord),
-) -> Result<KeyRecord, ServiceError> {
+) -> Result<KeyRecord, Error> {
     let mut record = current.clone();
     let target = record
         .versions
         .iter_mut()
         .find(|v| v.version == version)
-        .ok_or_else(|| ServiceError::not_found("version vanished"))?;
+        .ok_or_else(|| Error::new(Reason::NotFound, "version vanished"))?;
     change(target);
     state
         .registry
@@ -534,10 +526,13 @@ async fn update_version(
 }
 
 /// Parses a version name that must name a version.
-fn exact_version(name: &str) -> Result<(&str, u32), ServiceError> {
+fn exact_version(name: &str) -> Result<(&str, u32), Error> {
     let (key_id, version) = parse_version_name(name)?;
     let version = version.ok_or_else(|| {
-        ServiceError::invalid("BAD_NAME", "name a version: keys/{key_id}/versions/{n}")
+        Error::new(
+            Reason::BadName,
+            "name a version: keys/{key_id}/versions/{n}",
+        )
     })?;
     Ok((key_id, version))
 }
@@ -546,9 +541,7 @@ const MIN_CRYPTOPERIOD_MS: i64 = 60_000;
 const MAX_CRYPTOPERIOD_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
 /// A requested cryptoperiod: `None` when unset or zero (no cryptoperiod).
-pub(crate) fn cryptoperiod(
-    duration: Option<&prost_types::Duration>,
-) -> Result<Option<i64>, ServiceError> {
+pub(crate) fn cryptoperiod(duration: Option<&prost_types::Duration>) -> Result<Option<i64>, Error> {
     let Some(duration) = duration else {
         return Ok(None);
     };
@@ -561,8 +554,8 @@ pub(crate) fn cryptoperiod(
         .and_then(|ms| ms.checked_add(i64::from(duration.nanos / 1_000_000)))
         .filter(|ms| (MIN_CRYPTOPERIOD_MS..=MAX_CRYPTOPERIOD_MS).contains(ms))
         .ok_or_else(|| {
-            ServiceError::invalid(
-                "BAD_CRYPTOPERIOD",
+            Error::new(
+                Reason::BadCryptoperiod,
                 "a cryptoperiod is between 60 seconds and 100 years",
             )
         })?;
@@ -574,59 +567,58 @@ impl Keys {
         &self,
         audited: &mut Audited,
         request: &CreateKeyRequest,
-    ) -> Result<Key, ServiceError> {
+    ) -> Result<Key, Error> {
         check_key_id(&request.key_id)?;
         audited.resource = format!("keys/{}", request.key_id);
-        let algorithm = KeyAlgorithm::from_wire(request.algorithm).ok_or_else(|| {
-            ServiceError::invalid(
-                "BAD_ALGORITHM",
+        let algorithm = crate::wire::algorithm_from_wire(request.algorithm).ok_or_else(|| {
+            Error::new(
+                Reason::BadAlgorithm,
                 format!("unknown or unspecified algorithm {}", request.algorithm),
             )
         })?;
         audited.detail = algorithm.api_name().into();
-        if request.purpose != algorithm.purpose() as i32 {
-            return Err(ServiceError::invalid(
-                "BAD_PURPOSE",
+        if request.purpose != crate::wire::purpose(algorithm.purpose()) as i32 {
+            return Err(Error::new(
+                Reason::BadPurpose,
                 format!(
                     "{} keys have purpose {}",
                     algorithm.api_name(),
-                    algorithm.purpose().as_str_name()
+                    algorithm.purpose().api_name()
                 ),
             ));
         }
         let cryptoperiod_ms = cryptoperiod(request.cryptoperiod.as_ref())?;
         if !self.0.allowed_algorithms.contains(&algorithm) {
-            return Err(ServiceError::precondition(
-                "ALGORITHM_NOT_ALLOWED",
+            return Err(Error::new(
+                Reason::AlgorithmNotAllowed,
                 format!("the crypto policy does not allow {}", algorithm.api_name()),
             ));
         }
         if request.allowed_signers.len() > 256 {
-            return Err(ServiceError::invalid(
-                "TOO_MANY_SIGNERS",
+            return Err(Error::new(
+                Reason::TooManySigners,
                 "at most 256 allowed signers",
             ));
         }
         for signer in &request.allowed_signers {
             if !valid_principal_name(signer) {
-                return Err(ServiceError::invalid(
-                    "BAD_PRINCIPAL",
+                return Err(Error::new(
+                    Reason::BadPrincipal,
                     format!("invalid principal name {signer:?}"),
                 ));
             }
         }
         if request.backup_exportable && algorithm.key_spec() == hsm_shim::KeySpec::Ed25519 {
-            return Err(ServiceError::invalid(
-                "NOT_BACKUP_EXPORTABLE",
+            return Err(Error::new(
+                Reason::NotBackupExportable,
                 "SoftHSM2 cannot wrap Ed25519 private keys, so they cannot be backed up",
             ));
         }
         let state = &self.0;
         let _guard = state.registry.lock().await;
         if state.registry.get(&request.key_id).is_some() {
-            return Err(ServiceError::new(
-                tonic::Code::AlreadyExists,
-                "KEY_EXISTS",
+            return Err(Error::new(
+                Reason::KeyExists,
                 format!("keys/{} already exists", request.key_id),
             ));
         }
@@ -635,9 +627,8 @@ impl Keys {
             .reserved_key_ids()
             .contains(&request.key_id)
         {
-            return Err(ServiceError::new(
-                tonic::Code::AlreadyExists,
-                "KEY_RESERVED",
+            return Err(Error::new(
+                Reason::KeyReserved,
                 format!("an open ceremony makes keys/{}", request.key_id),
             ));
         }
@@ -674,7 +665,7 @@ impl Keys {
         if_primary: Option<u32>,
         trigger: Trigger,
         approval: Approval,
-    ) -> Result<Key, ServiceError> {
+    ) -> Result<Key, Error> {
         if let Some(id) = request_id {
             check_request_id(id)?;
         }
@@ -703,7 +694,7 @@ impl Keys {
         audited: &mut Audited,
         request: &SetKeyVersionStateRequest,
         approval: Approval,
-    ) -> Result<KeyVersion, ServiceError> {
+    ) -> Result<KeyVersion, Error> {
         let (key_id, version) = exact_version(&request.name)?;
         let (target, reason) = requested_state(request.state, &request.reason)?;
         audited.detail = format!("to {target:?}");
@@ -753,7 +744,7 @@ impl Keys {
                     replacement,
                 })
                 .await
-                .map_err(|e| ServiceError::audit_unavailable(&e))?;
+                .map_err(|e| Error::audit_unavailable(&e))?;
             if rotate && !gated {
                 let mut rotation = Audited::start("CompromiseRotate");
                 rotation.principal = audited.principal.clone();
@@ -775,7 +766,7 @@ impl Keys {
         audited: &mut Audited,
         request: &UpdateKeyRequest,
         approval: Approval,
-    ) -> Result<Key, ServiceError> {
+    ) -> Result<Key, Error> {
         let key_id = parse_key_name(&request.name)?;
         let period = match &request.cryptoperiod {
             Some(d) => Some(cryptoperiod(Some(d))?),
@@ -796,8 +787,8 @@ impl Keys {
         }
         if let Some(min) = request.min_version {
             if min > record.primary_version {
-                return Err(ServiceError::precondition(
-                    "BAD_MIN_VERSION",
+                return Err(Error::new(
+                    Reason::BadMinVersion,
                     format!(
                         "the minimum version cannot pass the primary version {}",
                         record.primary_version
@@ -808,8 +799,8 @@ impl Keys {
             changes.push(format!("min version {min}"));
         }
         if changes.is_empty() {
-            return Err(ServiceError::invalid(
-                "NOTHING_TO_UPDATE",
+            return Err(Error::new(
+                Reason::NothingToUpdate,
                 "set cryptoperiod or min_version",
             ));
         }
@@ -830,13 +821,13 @@ impl Keys {
         audited: &mut Audited,
         key_id: &str,
         version: u32,
-    ) -> Result<KeyVersion, ServiceError> {
+    ) -> Result<KeyVersion, Error> {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         check_destroyable(&current, version)?;
         let at = state.clock.now_ms() + state.lifecycle.destroy_cancel_window_ms();
-        audited.detail = format!("destroy at {}", crate::audit::rfc3339_ms(at));
+        audited.detail = format!("destroy at {}", custody_core::audit::rfc3339_ms(at));
         audited.intent(state).await?;
         let record =
             update_version(state, &current, version, |v| v.destroy_at_ms = Some(at)).await?;
@@ -844,19 +835,15 @@ impl Keys {
     }
 
     /// Cancels a scheduled destruction.
-    async fn cancel_destroy(
-        &self,
-        audited: &mut Audited,
-        name: &str,
-    ) -> Result<KeyVersion, ServiceError> {
+    async fn cancel_destroy(&self, audited: &mut Audited, name: &str) -> Result<KeyVersion, Error> {
         let (key_id, version) = exact_version(name)?;
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         let existing = not_destroyed(&current, version)?;
         if existing.destroy_at_ms.is_none() {
-            return Err(ServiceError::precondition(
-                "NOT_SCHEDULED",
+            return Err(Error::new(
+                Reason::NotScheduled,
                 format!("{name} is not scheduled for destruction"),
             ));
         }
@@ -870,12 +857,12 @@ impl Keys {
         &self,
         audited: &mut Audited,
         request: &SetLegalHoldRequest,
-    ) -> Result<KeyVersion, ServiceError> {
+    ) -> Result<KeyVersion, Error> {
         let (key_id, version) = exact_version(&request.name)?;
         let reason = request.reason.trim();
         if reason.is_empty() || reason.len() > 1024 {
-            return Err(ServiceError::invalid(
-                "REASON_REQUIRED",
+            return Err(Error::new(
+                Reason::ReasonRequired,
                 "a legal hold needs a reason of 1-1024 bytes (a case reference, say)",
             ));
         }
@@ -903,13 +890,13 @@ impl Keys {
         audited: &mut Audited,
         key_id: &str,
         version: u32,
-    ) -> Result<KeyVersion, ServiceError> {
+    ) -> Result<KeyVersion, Error> {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
         if version_of(&current, version)?.legal_hold.is_none() {
-            return Err(ServiceError::precondition(
-                "NO_LEGAL_HOLD",
+            return Err(Error::new(
+                Reason::NoLegalHold,
                 format!("{} has no legal hold", version_name(key_id, version)),
             ));
         }
@@ -926,7 +913,7 @@ impl Keys {
         audited: &mut Audited,
         key_id: &str,
         version: u32,
-    ) -> Result<KeyVersion, ServiceError> {
+    ) -> Result<KeyVersion, Error> {
         let state = &self.0;
         let _guard = state.registry.lock().await;
         let current = found(state, key_id)?;
@@ -936,15 +923,15 @@ impl Keys {
             && existing.legal_hold.is_none()
             && existing.state != VersionState::Destroyed;
         if !due {
-            return Err(ServiceError::precondition(
-                "NOT_DUE",
+            return Err(Error::new(
+                Reason::NotDue,
                 "not scheduled, not yet due, held or already destroyed",
             ));
         }
         // The rules that allowed the schedule must still hold now.
         if !lifecycle::may_schedule_destroy(existing.state) || current.primary_version == version {
-            return Err(ServiceError::precondition(
-                "ILLEGAL_TRANSITION",
+            return Err(Error::new(
+                Reason::IllegalTransition,
                 "the version is in use again (state or primary); cancel the destruction",
             ));
         }
@@ -969,32 +956,32 @@ impl Keys {
 
 /// A requested state and reason, checked on their own: a known state that
 /// a request may ask for, and a reason where one is needed.
-pub(crate) fn requested_state(
-    state: i32,
-    reason: &str,
-) -> Result<(VersionState, &str), ServiceError> {
+pub(crate) fn requested_state(state: i32, reason: &str) -> Result<(VersionState, &str), Error> {
     let target = KeyVersionState::try_from(state)
         .ok()
         .and_then(stored_state)
         .ok_or_else(|| {
-            ServiceError::invalid("BAD_STATE", format!("unknown or unspecified state {state}"))
+            Error::new(
+                Reason::BadState,
+                format!("unknown or unspecified state {state}"),
+            )
         })?;
     if target == VersionState::Destroyed {
-        return Err(ServiceError::precondition(
-            "ILLEGAL_TRANSITION",
+        return Err(Error::new(
+            Reason::IllegalTransition,
             "DESTROYED is reached only through a scheduled destruction: request DESTROY_VERSION",
         ));
     }
     let reason = reason.trim();
     if reason.len() > 1024 {
-        return Err(ServiceError::invalid(
-            "BAD_REASON",
+        return Err(Error::new(
+            Reason::BadReason,
             "a reason is at most 1024 bytes",
         ));
     }
     if target == VersionState::Compromised && reason.is_empty() {
-        return Err(ServiceError::invalid(
-            "REASON_REQUIRED",
+        return Err(Error::new(
+            Reason::ReasonRequired,
             "say why the version is compromised: it goes into the revocation notice",
         ));
     }
@@ -1006,11 +993,11 @@ pub(crate) fn check_transition(
     record: &KeyRecord,
     version: u32,
     target: VersionState,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let existing = version_of(record, version)?;
     if !lifecycle::transition_allowed(existing.state, target) {
-        return Err(ServiceError::precondition(
-            "ILLEGAL_TRANSITION",
+        return Err(Error::new(
+            Reason::IllegalTransition,
             format!(
                 "{} cannot go from {:?} to {target:?}",
                 version_name(&record.key_id, version),
@@ -1019,8 +1006,8 @@ pub(crate) fn check_transition(
         ));
     }
     if target == VersionState::Deactivated && record.primary_version == version {
-        return Err(ServiceError::precondition(
-            "PRIMARY_VERSION",
+        return Err(Error::new(
+            Reason::PrimaryVersion,
             "the primary version cannot be deactivated; rotate the key first",
         ));
     }
@@ -1029,12 +1016,12 @@ pub(crate) fn check_transition(
 
 /// Refuses to schedule the destruction of a version that is in use, held,
 /// primary, or already scheduled.
-pub(crate) fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), ServiceError> {
+pub(crate) fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), Error> {
     let existing = version_of(record, version)?;
     let name = version_name(&record.key_id, version);
     if !lifecycle::may_schedule_destroy(existing.state) {
-        return Err(ServiceError::precondition(
-            "ILLEGAL_TRANSITION",
+        return Err(Error::new(
+            Reason::IllegalTransition,
             format!(
                 "{name} is {:?}: only pre-activation, deactivated or compromised versions are destroyed",
                 existing.state
@@ -1042,20 +1029,20 @@ pub(crate) fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), 
         ));
     }
     if record.primary_version == version {
-        return Err(ServiceError::precondition(
-            "PRIMARY_VERSION",
+        return Err(Error::new(
+            Reason::PrimaryVersion,
             "the primary version cannot be destroyed; rotate the key first",
         ));
     }
     if existing.legal_hold.is_some() {
-        return Err(ServiceError::precondition(
-            "LEGAL_HOLD",
+        return Err(Error::new(
+            Reason::LegalHold,
             format!("{name} is under a legal hold"),
         ));
     }
     if existing.destroy_at_ms.is_some() {
-        return Err(ServiceError::precondition(
-            "ALREADY_SCHEDULED",
+        return Err(Error::new(
+            Reason::AlreadyScheduled,
             format!("{name} is already scheduled for destruction"),
         ));
     }
@@ -1086,13 +1073,13 @@ macro_rules! state_change {
     }};
 }
 
-fn operator(principal: &Principal) -> Result<(), ServiceError> {
+fn operator(principal: &Principal) -> Result<(), Error> {
     require(principal, Role::Operator)
 }
 
 /// Safety-increasing calls (cancel a destruction, place a legal hold) are
 /// open to officers as well as operators.
-fn operator_or_officer(principal: &Principal) -> Result<(), ServiceError> {
+fn operator_or_officer(principal: &Principal) -> Result<(), Error> {
     if principal.has(Role::Officer) {
         Ok(())
     } else {
@@ -1148,8 +1135,8 @@ impl KeyService for Keys {
                 0 => 100,
                 n @ 1..=1000 => n as usize,
                 n => {
-                    return Err(ServiceError::invalid(
-                        "BAD_PAGE_SIZE",
+                    return Err(Error::new(
+                        Reason::BadPageSize,
                         format!("page_size {n} is not within 0-1000"),
                     ));
                 }
@@ -1158,8 +1145,8 @@ impl KeyService for Keys {
                 None
             } else {
                 check_key_id(&req.page_token).map_err(|_| {
-                    ServiceError::invalid(
-                        "BAD_PAGE_TOKEN",
+                    Error::new(
+                        Reason::BadPageToken,
                         "page_token is not one this service issued",
                     )
                 })?;
@@ -1192,16 +1179,19 @@ impl KeyService for Keys {
             let record = found(&self.0, key_id)?;
             let number = version.unwrap_or(record.primary_version);
             let version = record.version(number).ok_or_else(|| {
-                ServiceError::not_found(format!("no version {}", version_name(key_id, number)))
+                Error::new(
+                    Reason::NotFound,
+                    format!("no version {}", version_name(key_id, number)),
+                )
             })?;
             if version.public_key_pem.is_empty() {
-                return Err(ServiceError::precondition(
-                    "NO_PUBLIC_KEY",
+                return Err(Error::new(
+                    Reason::NoPublicKey,
                     format!("keys/{key_id} is a secret (AES) key and has no public key"),
                 ));
             }
-            let algorithm =
-                KeyAlgorithm::from_api_name(&record.algorithm).map_or(0, |a| a.wire() as i32);
+            let algorithm = KeyAlgorithm::from_api_name(&record.algorithm)
+                .map_or(0, |a| crate::wire::algorithm(a) as i32);
             Ok(PublicKey {
                 name: version_name(key_id, number),
                 algorithm,
@@ -1229,8 +1219,8 @@ impl KeyService for Keys {
                 if let Some(id) = request_id
                     && id.starts_with(SCHEDULER_REQUEST_PREFIX)
                 {
-                    return Err(ServiceError::invalid(
-                        "BAD_REQUEST_ID",
+                    return Err(Error::new(
+                        Reason::BadRequestId,
                         format!(
                             "request ids starting with {SCHEDULER_REQUEST_PREFIX} are the scheduler's"
                         ),
@@ -1320,7 +1310,7 @@ impl KeyService for Keys {
                 let _guard = self.0.registry.lock().await;
                 drift::check(&self.0).await.map_err(|e| {
                     metrics::drift_failed();
-                    ServiceError::new(tonic::Code::Unavailable, "HSM_UNAVAILABLE", e)
+                    Error::new(Reason::HsmUnavailable, e)
                 })?
             };
             audited.detail = format!(

@@ -24,34 +24,34 @@ use super::keys::{
     requested_state, wire_state as wire_version_state,
 };
 use super::signing::{check_sign_operation, sign_one};
-use super::{
-    Audited, Shared, State, caller, parse_key_name, parse_version_name, require, timestamp,
-};
-use crate::audit::Event;
-use crate::dual_control::operation::{
+use super::{Audited, Shared, caller, require, timestamp};
+use custody_core::Custody;
+use custody_core::audit::Event;
+use custody_core::dual_control::operation::{
     ALWAYS_GATED_KINDS, KEY_POLICY_KINDS, OperationRecord, OperationState, Outcome, Spec,
 };
-use crate::dual_control::quorum::{Ballot, CastVote, Quorum, Refusal, Rules, Standing, VoteKind};
-use crate::dual_control::store::{OfficerRecord, check_officer};
-use crate::dual_control::{approval_message, denial_message, officer_key};
-use crate::error::ServiceError;
-use crate::identity::{Principal, Role};
+use custody_core::dual_control::quorum::{
+    Ballot, CastVote, Quorum, Refusal, Rules, Standing, VoteKind,
+};
+use custody_core::dual_control::store::{OfficerRecord, check_officer};
+use custody_core::dual_control::{approval_message, denial_message, officer_key};
+use custody_core::identity::{Principal, Role};
+use custody_core::names::{parse_key_name, parse_version_name};
+use custody_core::{Error, Reason};
 
 /// The operation service.
 pub struct Operations(pub Shared);
 
-fn random_hex() -> Result<String, ServiceError> {
+fn random_hex() -> Result<String, Error> {
     let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|_| ServiceError::new(tonic::Code::Internal, "INTERNAL", "no randomness"))?;
+    getrandom::getrandom(&mut bytes).map_err(|_| Error::new(Reason::Internal, "no randomness"))?;
     Ok(hex::encode(bytes))
 }
 
-fn store_failure(error: String) -> ServiceError {
+fn store_failure(error: String) -> Error {
     tracing::error!(%error, "dual-control store");
-    ServiceError::new(
-        tonic::Code::Unavailable,
-        "STORE_UNAVAILABLE",
+    Error::new(
+        Reason::StoreUnavailable,
         "the operation store cannot be written",
     )
 }
@@ -174,7 +174,7 @@ fn spec_message(spec: &Spec) -> OperationSpec {
     OperationSpec { spec: Some(spec) }
 }
 
-fn operation_message(state: &State, record: &OperationRecord) -> Operation {
+fn operation_message(state: &Custody, record: &OperationRecord) -> Operation {
     let mut message = Operation {
         name: record.name(),
         spec: Some(spec_message(&record.spec)),
@@ -225,12 +225,12 @@ fn update_key_request(
     }
 }
 
-fn parse_operation_name(name: &str) -> Result<&str, ServiceError> {
+fn parse_operation_name(name: &str) -> Result<&str, Error> {
     name.strip_prefix("operations/")
         .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .ok_or_else(|| {
-            ServiceError::invalid(
-                "BAD_NAME",
+            Error::new(
+                Reason::BadName,
                 format!("{name:?} is not of the form operations/{{id}}"),
             )
         })
@@ -244,16 +244,16 @@ impl Operations {
         &self,
         principal: &Principal,
         spec: &OperationSpec,
-    ) -> Result<(Spec, Quorum), ServiceError> {
+    ) -> Result<(Spec, Quorum), Error> {
         let state = &self.0;
-        let key_policy = |key_id: &str, kind: &str| -> Result<Quorum, ServiceError> {
+        let key_policy = |key_id: &str, kind: &str| -> Result<Quorum, Error> {
             let record = state
                 .registry
                 .get(key_id)
-                .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
             record.policies.get(kind).cloned().ok_or_else(|| {
-                ServiceError::precondition(
-                    "NO_POLICY",
+                Error::new(
+                    Reason::NoPolicy,
                     format!("keys/{key_id} has no {kind} policy: call the direct RPC instead"),
                 )
             })
@@ -262,12 +262,12 @@ impl Operations {
             state
                 .dual_control
                 .admin_quorum()
-                .map_err(|e| ServiceError::precondition("NO_OFFICERS", e))
+                .map_err(|e| Error::new(Reason::NoOfficers, e))
         };
         match spec.spec.as_ref() {
             Some(operation_spec::Spec::Sign(sign)) => {
                 let digest = sign.digest.as_ref().ok_or_else(|| {
-                    ServiceError::invalid("MISSING_INPUT", "a SIGN operation takes a digest")
+                    Error::new(Reason::MissingInput, "a SIGN operation takes a digest")
                 })?;
                 let (key_id, version, hash, digest, encoding) =
                     check_sign_operation(state, principal, &sign.name, digest, sign.encoding)?;
@@ -293,12 +293,12 @@ impl Operations {
                 require(principal, Role::Operator)?;
                 let (key_id, version) = parse_version_name(&set.name)?;
                 let version =
-                    version.ok_or_else(|| ServiceError::invalid("BAD_NAME", "name a version"))?;
+                    version.ok_or_else(|| Error::new(Reason::BadName, "name a version"))?;
                 let (target, reason) = requested_state(set.state, &set.reason)?;
                 let record = state
                     .registry
                     .get(key_id)
-                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                    .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
                 check_transition(&record, version, target)?;
                 let target = wire_version_state(target);
                 let quorum = key_policy(key_id, "SET_STATE")?;
@@ -320,27 +320,25 @@ impl Operations {
                 let record = state
                     .registry
                     .get(&key_id)
-                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                    .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
                 let operation = custody_proto::v1::OperationKind::try_from(set.operation)
                     .map(|k| k.as_str_name())
                     .ok()
                     .filter(|k| KEY_POLICY_KINDS.contains(k))
                     .ok_or_else(|| {
-                        ServiceError::invalid(
-                            "BAD_POLICY",
-                            "a key policy governs SIGN, ROTATE, SET_STATE, SET_POLICY, DESTROY_VERSION or RELEASE_LEGAL_HOLD",
+                        Error::new(Reason::BadPolicy, "a key policy governs SIGN, ROTATE, SET_STATE, SET_POLICY, DESTROY_VERSION or RELEASE_LEGAL_HOLD",
                         )
                     })?;
                 if set.required > 0 {
                     Quorum::new(set.officers.iter().cloned(), set.required)
-                        .map_err(|e| ServiceError::invalid("BAD_POLICY", e))?;
+                        .map_err(|e| Error::new(Reason::BadPolicy, e))?;
                     if let Some(unknown) = set
                         .officers
                         .iter()
                         .find(|o| !state.dual_control.enrolled(o))
                     {
-                        return Err(ServiceError::invalid(
-                            "BAD_POLICY",
+                        return Err(Error::new(
+                            Reason::BadPolicy,
                             format!("{unknown} is not an enrolled officer"),
                         ));
                     }
@@ -367,16 +365,15 @@ impl Operations {
                 }
                 let public_key = hex::encode(&officer.public_key);
                 check_officer(&officer.officer_id, &officer.principal, &public_key)
-                    .map_err(|e| ServiceError::invalid("BAD_OFFICER", e))?;
+                    .map_err(|e| Error::new(Reason::BadOfficer, e))?;
                 if state.dual_control.officer(&officer.officer_id).is_some()
                     || state
                         .dual_control
                         .officer_for_principal(&officer.principal)
                         .is_some()
                 {
-                    return Err(ServiceError::new(
-                        tonic::Code::AlreadyExists,
-                        "OFFICER_EXISTS",
+                    return Err(Error::new(
+                        Reason::OfficerExists,
                         "that officer id or principal is already enrolled",
                     ));
                 }
@@ -394,15 +391,15 @@ impl Operations {
                     require(principal, Role::Operator)?;
                 }
                 if !state.dual_control.enrolled(&officer.officer_id) {
-                    return Err(ServiceError::not_found(format!(
-                        "no officer {}",
-                        officer.officer_id
-                    )));
+                    return Err(Error::new(
+                        Reason::NotFound,
+                        format!("no officer {}", officer.officer_id),
+                    ));
                 }
                 if state.dual_control.officers().len() as u32 <= state.dual_control.admin_required()
                 {
-                    return Err(ServiceError::precondition(
-                        "OFFICER_REMOVAL_REFUSED",
+                    return Err(Error::new(
+                        Reason::OfficerRemovalRefused,
                         "removing an officer would leave fewer officers than the administrative quorum needs",
                     ));
                 }
@@ -423,11 +420,11 @@ impl Operations {
                 }
                 let (key_id, version) = parse_version_name(&target.name)?;
                 let version =
-                    version.ok_or_else(|| ServiceError::invalid("BAD_NAME", "name a version"))?;
+                    version.ok_or_else(|| Error::new(Reason::BadName, "name a version"))?;
                 let record = state
                     .registry
                     .get(key_id)
-                    .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+                    .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
                 let spec = if matches!(spec.spec, Some(operation_spec::Spec::DestroyVersion(_))) {
                     check_destroyable(&record, version)?;
                     Spec::DestroyVersion {
@@ -438,14 +435,14 @@ impl Operations {
                     let held = record.version(version).map(|v| v.legal_hold.is_some());
                     match held {
                         None => {
-                            return Err(ServiceError::not_found(format!(
-                                "no version {}",
-                                target.name
-                            )));
+                            return Err(Error::new(
+                                Reason::NotFound,
+                                format!("no version {}", target.name),
+                            ));
                         }
                         Some(false) => {
-                            return Err(ServiceError::precondition(
-                                "NO_LEGAL_HOLD",
+                            return Err(Error::new(
+                                Reason::NoLegalHold,
                                 format!("{} has no legal hold", target.name),
                             ));
                         }
@@ -469,8 +466,8 @@ impl Operations {
                     None => None,
                 };
                 if cryptoperiod_secs.is_none() && update.min_version.is_none() {
-                    return Err(ServiceError::invalid(
-                        "NOTHING_TO_UPDATE",
+                    return Err(Error::new(
+                        Reason::NothingToUpdate,
                         "set cryptoperiod or min_version",
                     ));
                 }
@@ -484,7 +481,7 @@ impl Operations {
                     quorum,
                 ))
             }
-            None => Err(ServiceError::invalid("MISSING_SPEC", "say which operation")),
+            None => Err(Error::new(Reason::MissingSpec, "say which operation")),
         }
     }
 
@@ -493,7 +490,7 @@ impl Operations {
         audited: &mut Audited,
         principal: &Principal,
         spec: &OperationSpec,
-    ) -> Result<Operation, ServiceError> {
+    ) -> Result<Operation, Error> {
         let state = &self.0;
         let (spec, quorum) = self.resolve(principal, spec)?;
         let now = state.clock.now_ms();
@@ -540,7 +537,7 @@ impl Operations {
         &self,
         principal: &Principal,
         request: &'r VoteRequest,
-    ) -> Result<(&'r str, OfficerRecord), ServiceError> {
+    ) -> Result<(&'r str, OfficerRecord), Error> {
         require(principal, Role::Officer)?;
         let id = parse_operation_name(&request.name)?;
         let officer = self
@@ -548,14 +545,14 @@ impl Operations {
             .dual_control
             .officer(&request.officer_id)
             .ok_or_else(|| {
-                ServiceError::denied(
-                    "OFFICER_NOT_ENROLLED",
+                Error::new(
+                    Reason::OfficerNotEnrolled,
                     format!("{} is not an enrolled officer", request.officer_id),
                 )
             })?;
         if officer.principal != principal.name {
-            return Err(ServiceError::denied(
-                "OFFICER_MISMATCH",
+            return Err(Error::new(
+                Reason::OfficerMismatch,
                 format!(
                     "officer {} is bound to another certificate principal",
                     officer.officer_id
@@ -573,7 +570,7 @@ impl Operations {
         id: &str,
         officer: OfficerRecord,
         kind: VoteKind,
-    ) -> Result<Operation, ServiceError> {
+    ) -> Result<Operation, Error> {
         let state = &self.0;
         expire_due(state).await;
         let _guard = state.dual_control.lock().await;
@@ -581,7 +578,9 @@ impl Operations {
             .dual_control
             .operation(id)
             .map_err(store_failure)
-            .and_then(|r| r.ok_or_else(|| ServiceError::not_found(format!("no {}", request.name))));
+            .and_then(|r| {
+                r.ok_or_else(|| Error::new(Reason::NotFound, format!("no {}", request.name)))
+            });
         let mut record = match loaded {
             Ok(record) => record,
             Err(error) => {
@@ -648,21 +647,11 @@ impl Operations {
         let (ballot, standing) = match cast {
             Ok(cast) => cast,
             Err(refusal) => {
-                let event = vote_event(refusal.reason());
+                let event = vote_event(refusal.reason().as_str());
                 if let Err(error) = state.audit.append(event).await {
                     tracing::error!(%error, "a refused vote could not be audited");
                 }
-                let code = match refusal {
-                    Refusal::BadSignature => tonic::Code::InvalidArgument,
-                    Refusal::NotEnrolled | Refusal::NotEligible | Refusal::Requester => {
-                        tonic::Code::PermissionDenied
-                    }
-                    Refusal::NotPending | Refusal::Expired | Refusal::AlreadyVoted => {
-                        tonic::Code::FailedPrecondition
-                    }
-                };
-                return Err(ServiceError::new(
-                    code,
+                return Err(Error::new(
                     refusal.reason(),
                     format!("vote on {} refused", record.name()),
                 ));
@@ -673,7 +662,7 @@ impl Operations {
             .audit
             .append(vote_event("ok"))
             .await
-            .map_err(|e| ServiceError::audit_unavailable(&e))?;
+            .map_err(|e| Error::audit_unavailable(&e))?;
         record.ballot = ballot;
         state
             .dual_control
@@ -710,7 +699,7 @@ impl Operations {
                             state,
                             &mut record,
                             OperationState::Failed,
-                            error.reason.into(),
+                            error.reason.as_str().into(),
                         )
                         .await?;
                     }
@@ -720,19 +709,15 @@ impl Operations {
         Ok(operation_message(state, &record))
     }
 
-    fn readable(
-        &self,
-        principal: &Principal,
-        record: &OperationRecord,
-    ) -> Result<(), ServiceError> {
+    fn readable(&self, principal: &Principal, record: &OperationRecord) -> Result<(), Error> {
         if principal.has(Role::Officer)
             || principal.has(Role::Auditor)
             || record.requester == principal.name
         {
             Ok(())
         } else {
-            Err(ServiceError::denied(
-                "NOT_YOURS",
+            Err(Error::new(
+                Reason::NotYours,
                 "only the requester, officers and auditors read an operation",
             ))
         }
@@ -746,11 +731,11 @@ fn quorum_text(quorum: &Quorum) -> String {
 
 /// Stores a final state and records it. Hold the store lock.
 async fn finish(
-    state: &State,
+    state: &Custody,
     record: &mut OperationRecord,
     final_state: OperationState,
     detail: String,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     record.state = final_state;
     state
         .dual_control
@@ -767,11 +752,11 @@ async fn finish(
         })
         .await
         .map(drop)
-        .map_err(|e| ServiceError::audit_unavailable(&e))
+        .map_err(|e| Error::audit_unavailable(&e))
 }
 
 /// Marks pending operations past their expiry as expired (each recorded).
-pub async fn expire_due(state: &State) {
+pub async fn expire_due(state: &Custody) {
     let now = state.clock.now_ms();
     let _guard = state.dual_control.lock().await;
     let Ok(operations) = state.dual_control.operations() else {
@@ -795,7 +780,7 @@ pub async fn expire_due(state: &State) {
         };
         counts[index].1 += 1;
     }
-    crate::metrics::operations(&counts);
+    custody_core::metrics::operations(&counts);
     for mut record in operations {
         let rules = Rules {
             quorum: &record.quorum,
@@ -819,7 +804,7 @@ pub async fn expire_due(state: &State) {
             .await
             {
                 tracing::error!(
-                    reason = error.reason,
+                    reason = %error.reason,
                     "could not close interrupted {}",
                     record.name()
                 );
@@ -835,19 +820,19 @@ pub async fn expire_due(state: &State) {
             )
             .await
             {
-                tracing::error!(reason = error.reason, "could not expire {}", record.name());
+                tracing::error!(reason = %error.reason, "could not expire {}", record.name());
             }
         }
     }
 }
 
 /// The quorum that governs `spec` now.
-fn current_quorum(state: &State, spec: &Spec) -> Result<Quorum, ServiceError> {
+fn current_quorum(state: &Custody, spec: &Spec) -> Result<Quorum, Error> {
     let admin = || {
         state
             .dual_control
             .admin_quorum()
-            .map_err(|e| ServiceError::precondition("NO_OFFICERS", e))
+            .map_err(|e| Error::new(Reason::NoOfficers, e))
     };
     let Some(key_id) = spec.key_id() else {
         return admin();
@@ -855,12 +840,12 @@ fn current_quorum(state: &State, spec: &Spec) -> Result<Quorum, ServiceError> {
     let key = state
         .registry
         .get(key_id)
-        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
     match key.policies.get(spec.kind()) {
         Some(quorum) => Ok(quorum.clone()),
         None if ALWAYS_GATED_KINDS.contains(&spec.kind()) => admin(),
-        None => Err(ServiceError::precondition(
-            "NO_POLICY",
+        None => Err(Error::new(
+            Reason::NoPolicy,
             format!("keys/{key_id} has no {} policy", spec.kind()),
         )),
     }
@@ -868,7 +853,7 @@ fn current_quorum(state: &State, spec: &Spec) -> Result<Quorum, ServiceError> {
 
 /// Refuses to remove `officer_id` if a key policy naming it could then never
 /// be met.
-fn removal_keeps_policies_possible(state: &State, officer_id: &str) -> Result<(), ServiceError> {
+fn removal_keeps_policies_possible(state: &Custody, officer_id: &str) -> Result<(), Error> {
     for key in state.registry.list(None, usize::MAX) {
         for (kind, quorum) in &key.policies {
             if quorum.members.contains(officer_id) {
@@ -878,8 +863,8 @@ fn removal_keeps_policies_possible(state: &State, officer_id: &str) -> Result<()
                     .filter(|m| *m != officer_id && state.dual_control.enrolled(m))
                     .count();
                 if left < quorum.required as usize {
-                    return Err(ServiceError::precondition(
-                        "OFFICER_REMOVAL_REFUSED",
+                    return Err(Error::new(
+                        Reason::OfficerRemovalRefused,
                         format!(
                             "without {officer_id}, the {kind} policy of keys/{} ({} of {}) could never be met: change it first",
                             key.key_id,
@@ -896,14 +881,14 @@ fn removal_keeps_policies_possible(state: &State, officer_id: &str) -> Result<()
 
 /// Runs an approved operation, if the rules it was approved under still hold.
 /// Hold the store lock.
-async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, ServiceError> {
+async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, Error> {
     let state = shared.as_ref();
     // Approvals count under the policy they were given for; if the policy
     // changed since (tightened after a compromise, say), they do not.
     let current = current_quorum(state, &record.spec)?;
     if current != record.quorum {
-        return Err(ServiceError::precondition(
-            "POLICY_CHANGED",
+        return Err(Error::new(
+            Reason::PolicyChanged,
             format!(
                 "the quorum changed from {} to {} after this operation was requested: request it again",
                 quorum_text(&record.quorum),
@@ -992,13 +977,13 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
             let mut key = (*state
                 .registry
                 .get(key_id)
-                .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?)
+                .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?)
             .clone();
             if *required == 0 {
                 key.policies.remove(operation);
             } else {
                 let quorum = Quorum::new(officers.iter().cloned(), *required)
-                    .map_err(|e| ServiceError::invalid("BAD_POLICY", e))?;
+                    .map_err(|e| Error::new(Reason::BadPolicy, e))?;
                 key.policies.insert(operation.clone(), quorum);
             }
             state
@@ -1024,7 +1009,7 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                     enrolled_ms: state.clock.now_ms(),
                 })
                 .await
-                .map_err(|e| ServiceError::precondition("OFFICER_EXISTS", e))?;
+                .map_err(|e| Error::new(Reason::OfficerExists, e))?;
             Ok(Outcome::Officers)
         }
         Spec::DestroyVersion { key_id, version } | Spec::ReleaseLegalHold { key_id, version } => {
@@ -1071,7 +1056,7 @@ async fn execute(shared: &Shared, record: &OperationRecord) -> Result<Outcome, S
                 .dual_control
                 .remove_officer(officer_id)
                 .await
-                .map_err(|e| ServiceError::precondition("OFFICER_REMOVAL_REFUSED", e))?;
+                .map_err(|e| Error::new(Reason::OfficerRemovalRefused, e))?;
             Ok(Outcome::Officers)
         }
     }
@@ -1110,7 +1095,9 @@ impl OperationService for Operations {
                 .dual_control
                 .operation(id)
                 .map_err(store_failure)?
-                .ok_or_else(|| ServiceError::not_found(format!("no {}", request.get_ref().name)))?;
+                .ok_or_else(|| {
+                    Error::new(Reason::NotFound, format!("no {}", request.get_ref().name))
+                })?;
             self.readable(&principal, &record)?;
             Ok(operation_message(&self.0, &record))
         }
@@ -1127,7 +1114,7 @@ impl OperationService for Operations {
             let principal = caller(&request)?;
             audited.principal = principal.name.clone();
             let wanted = WireState::try_from(request.get_ref().state)
-                .map_err(|_| ServiceError::invalid("BAD_STATE", "unknown operation state"))?;
+                .map_err(|_| Error::new(Reason::BadState, "unknown operation state"))?;
             expire_due(&self.0).await;
             let mut operations = self.0.dual_control.operations().map_err(store_failure)?;
             operations.retain(|o| self.readable(&principal, o).is_ok());
@@ -1220,6 +1207,6 @@ impl Operations {
             .await
             .map_err(|_| Status::internal("the vote task failed"))?
             .map(Response::new)
-            .map_err(Status::from)
+            .map_err(crate::status::to_status)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 
-use crate::algorithms::hash_bytes;
+use custody_core::algorithms::hash_bytes;
 use custody_proto::v1::signing_service_server::SigningService;
 use custody_proto::v1::{
     Digest, SignRequest, SignResponse, SignatureEncoding, StreamError, VerifyRequest,
@@ -14,14 +14,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::keys::check_usable;
 use super::keys::{Approval, ungated};
-use super::{
-    Audited, MAX_SIGN_DATA, Shared, State, caller, parse_version_name, require, version_name,
-};
-use crate::algorithms::KeyAlgorithm;
-use crate::error::ServiceError;
-use crate::identity::{Principal, Role};
-use crate::lifecycle::Use;
-use crate::metrics;
+use super::{Audited, MAX_SIGN_DATA, Shared, caller, require};
+use custody_core::Custody;
+use custody_core::algorithms::KeyAlgorithm;
+use custody_core::identity::{Principal, Role};
+use custody_core::lifecycle::Use;
+use custody_core::metrics;
+use custody_core::names::{parse_version_name, version_name};
+use custody_core::{Error, Reason};
 
 /// How many requests of one stream are in flight at once (answers stay in
 /// request order).
@@ -66,12 +66,12 @@ struct Asked<'a> {
 }
 
 fn prepare(
-    state: &State,
+    state: &Custody,
     audited: &mut Audited,
     approval: Approval,
     principal: Option<&Principal>,
     asked: Asked<'_>,
-) -> Result<Prepared, ServiceError> {
+) -> Result<Prepared, Error> {
     let Asked {
         name,
         input,
@@ -84,17 +84,20 @@ fn prepare(
     let record = state
         .registry
         .get(key_id)
-        .ok_or_else(|| ServiceError::not_found(format!("no key keys/{key_id}")))?;
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
     let number = version.unwrap_or(record.primary_version);
     let version = record.version(number).ok_or_else(|| {
-        ServiceError::not_found(format!("no version {}", version_name(key_id, number)))
+        Error::new(
+            Reason::NotFound,
+            format!("no version {}", version_name(key_id, number)),
+        )
     })?;
     audited.resource = version_name(key_id, number);
     if let Some(principal) = principal {
         require(principal, Role::Signer)?;
         if !record.allowed_signers.contains(&principal.name) {
-            return Err(ServiceError::denied(
-                "NOT_ALLOWED_SIGNER",
+            return Err(Error::new(
+                Reason::NotAllowedSigner,
                 format!(
                     "{} is not on the allow-list of keys/{key_id}",
                     principal.name
@@ -109,16 +112,11 @@ fn prepare(
         Use::Process
     };
     check_usable(&record, version, usage, state.clock.now_ms())?;
-    let algorithm = KeyAlgorithm::from_api_name(&record.algorithm).ok_or_else(|| {
-        ServiceError::new(
-            tonic::Code::Internal,
-            "INTERNAL",
-            "unknown stored algorithm",
-        )
-    })?;
+    let algorithm = KeyAlgorithm::from_api_name(&record.algorithm)
+        .ok_or_else(|| Error::new(Reason::Internal, "unknown stored algorithm"))?;
     let sign_algorithm = algorithm.sign_algorithm().ok_or_else(|| {
-        ServiceError::precondition(
-            "WRONG_PURPOSE",
+        Error::new(
+            Reason::WrongPurpose,
             format!("keys/{key_id} is an ENCRYPT_DECRYPT key; use EnvelopeService"),
         )
     })?;
@@ -126,38 +124,34 @@ fn prepare(
         Ok(SignatureEncoding::Unspecified | SignatureEncoding::Der) => EcdsaEncoding::Der,
         Ok(SignatureEncoding::Raw) if sign_algorithm.is_ecdsa() => EcdsaEncoding::Raw,
         Ok(SignatureEncoding::Raw) => {
-            return Err(ServiceError::invalid(
-                "BAD_ENCODING",
+            return Err(Error::new(
+                Reason::BadEncoding,
                 "RAW encoding exists for ECDSA keys only",
             ));
         }
         Err(_) => {
-            return Err(ServiceError::invalid(
-                "BAD_ENCODING",
+            return Err(Error::new(
+                Reason::BadEncoding,
                 format!("unknown encoding {encoding}"),
             ));
         }
     };
-    let input =
-        input.ok_or_else(|| ServiceError::invalid("MISSING_INPUT", "give a digest or data"))?;
+    let input = input.ok_or_else(|| Error::new(Reason::MissingInput, "give a digest or data"))?;
     let raw_input: &[u8] = match input {
         Input::Digest(d) => match &d.digest {
             Some(
                 digest::Digest::Sha256(b) | digest::Digest::Sha384(b) | digest::Digest::Sha512(b),
             ) => b,
             None => {
-                return Err(ServiceError::invalid(
-                    "MISSING_INPUT",
-                    "the digest names no hash",
-                ));
+                return Err(Error::new(Reason::MissingInput, "the digest names no hash"));
             }
         },
         Input::Data(data) => data,
     };
     let crc_checked = match input_crc32c {
         Some(expected) if crc32c::crc32c(raw_input) != expected => {
-            return Err(ServiceError::invalid(
-                "CHECKSUM_MISMATCH",
+            return Err(Error::new(
+                Reason::ChecksumMismatch,
                 "input_crc32c does not match the input: it was corrupted on the way",
             ));
         }
@@ -166,8 +160,8 @@ fn prepare(
     };
     let (bytes, is_digest) = match (input, sign_algorithm.hash()) {
         (Input::Digest(_), None) => {
-            return Err(ServiceError::invalid(
-                "DIGEST_NOT_ACCEPTED",
+            return Err(Error::new(
+                Reason::DigestNotAccepted,
                 "Ed25519 keys sign data, not digests",
             ));
         }
@@ -179,8 +173,8 @@ fn prepare(
                 None => unreachable_digest()?,
             };
             if given != hash {
-                return Err(ServiceError::invalid(
-                    "DIGEST_ALGORITHM_MISMATCH",
+                return Err(Error::new(
+                    Reason::DigestAlgorithmMismatch,
                     format!(
                         "{} signs {} digests, not {}",
                         algorithm.api_name(),
@@ -190,8 +184,8 @@ fn prepare(
                 ));
             }
             if bytes.len() != hash.digest_len() {
-                return Err(ServiceError::invalid(
-                    "DIGEST_LENGTH",
+                return Err(Error::new(
+                    Reason::DigestLength,
                     format!(
                         "a {} digest is {} bytes, got {}",
                         hash_name(hash),
@@ -204,8 +198,8 @@ fn prepare(
         }
         (Input::Data(data), hash) => {
             if data.len() > MAX_SIGN_DATA {
-                return Err(ServiceError::invalid(
-                    "DATA_TOO_LARGE",
+                return Err(Error::new(
+                    Reason::DataTooLarge,
                     format!(
                         "data is {} bytes; at most {MAX_SIGN_DATA} (send a digest instead)",
                         data.len()
@@ -244,20 +238,17 @@ fn prepare(
 }
 
 // `prepare` matched the digest's presence just above.
-fn unreachable_digest<T>() -> Result<T, ServiceError> {
-    Err(ServiceError::invalid(
-        "MISSING_INPUT",
-        "the digest names no hash",
-    ))
+fn unreachable_digest<T>() -> Result<T, Error> {
+    Err(Error::new(Reason::MissingInput, "the digest names no hash"))
 }
 
 /// Signs one request for `principal`; see [`Approval`].
 pub(crate) async fn sign_one(
-    state: &State,
+    state: &Custody,
     principal: &Principal,
     request: SignRequest,
     approval: Approval,
-) -> Result<SignResponse, ServiceError> {
+) -> Result<SignResponse, Error> {
     let method = match approval {
         Approval::None => "Sign",
         Approval::Quorum => "ExecuteSign",
@@ -311,7 +302,7 @@ pub(crate) async fn sign_one(
             signature,
             verified_input_crc32c: crc_checked,
             request_id,
-            algorithm: algorithm.wire() as i32,
+            algorithm: crate::wire::algorithm(algorithm) as i32,
             error: None,
         })
     }
@@ -325,12 +316,10 @@ async fn spawn_sign(
     state: Shared,
     principal: Principal,
     request: SignRequest,
-) -> Result<SignResponse, ServiceError> {
+) -> Result<SignResponse, Error> {
     tokio::spawn(async move { sign_one(&state, &principal, request, Approval::None).await })
         .await
-        .map_err(|_| {
-            ServiceError::new(tonic::Code::Internal, "INTERNAL", "the signing task failed")
-        })?
+        .map_err(|_| Error::new(Reason::Internal, "the signing task failed"))?
 }
 
 type SignStreamResponses = Pin<Box<dyn Stream<Item = Result<SignResponse, Status>> + Send>>;
@@ -345,7 +334,7 @@ impl SigningService for Signing {
         spawn_sign(self.0.clone(), principal, request.into_inner())
             .await
             .map(Response::new)
-            .map_err(Status::from)
+            .map_err(crate::status::to_status)
     }
 
     type SignStreamStream = SignStreamResponses;
@@ -376,8 +365,8 @@ impl SigningService for Signing {
                         Err(error) => SignResponse {
                             request_id,
                             error: Some(StreamError {
-                                code: error.code as i32,
-                                reason: error.reason.into(),
+                                code: crate::status::code(error.reason) as i32,
+                                reason: error.reason.as_str().into(),
                                 message: error.message,
                             }),
                             ..Default::default()
@@ -450,12 +439,12 @@ impl SigningService for Signing {
 /// returns what the operation records: key id, version, hash name, digest
 /// (hex) and encoding name. No HSM call.
 pub(crate) fn check_sign_operation(
-    state: &State,
+    state: &Custody,
     principal: &Principal,
     name: &str,
     digest: &Digest,
     encoding: i32,
-) -> Result<(String, u32, String, String, String), ServiceError> {
+) -> Result<(String, u32, String, String, String), Error> {
     let mut audited = Audited::start("RequestOperation");
     let prepared = prepare(
         state,
@@ -475,7 +464,10 @@ pub(crate) fn check_sign_operation(
         .hash()
         .map(hash_name)
         .ok_or_else(|| {
-            ServiceError::invalid("DIGEST_NOT_ACCEPTED", "Ed25519 keys sign data, not digests")
+            Error::new(
+                Reason::DigestNotAccepted,
+                "Ed25519 keys sign data, not digests",
+            )
         })?;
     let encoding = match prepared.encoding {
         EcdsaEncoding::Der => "der",

@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use custody_daemon::ceremony::components;
-use custody_daemon::ceremony::engine::{confirmation_message, presence_message};
-use custody_daemon::ceremony::fingerprint::{Fingerprint, hex_groups};
-use custody_daemon::ceremony::script::{Kind, Script};
-use custody_daemon::ceremony::shares::Share;
-use custody_daemon::ceremony::transcript::Transcript;
+use custody_core::ceremony::components;
+use custody_core::ceremony::engine::{confirmation_message, presence_message};
+use custody_core::ceremony::fingerprint::{Fingerprint, hex_groups};
+use custody_core::ceremony::script::{Kind, Script};
+use custody_core::ceremony::shares::Share;
+use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CollectShareRequest,
@@ -613,7 +613,7 @@ fn print_ceremony(ceremony: &Ceremony) {
 fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
     let transcript =
         Transcript::from_json(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spki = custody_daemon::ceremony::engine::pem_to_der(&read(audit_key)?)
+    let spki = custody_core::ceremony::engine::pem_to_der(&read(audit_key)?)
         .map_err(|e| format!("{}: {e}", audit_key.display()))?;
     let verified = transcript
         .verify(&spki)

@@ -71,7 +71,7 @@ pub(crate) fn duration_message(duration: Duration) -> prost_types::Duration {
 
 /// A timestamp as RFC 3339.
 pub(crate) fn time_text(time: &prost_types::Timestamp) -> String {
-    custody_daemon::audit::rfc3339_ms(time.seconds.saturating_mul(1000))
+    custody_core::audit::rfc3339_ms(time.seconds.saturating_mul(1000))
 }
 
 pub(crate) async fn run(

@@ -54,10 +54,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use custody_daemon::algorithms::KeyAlgorithm;
-use custody_daemon::audit::{ExportLine, SignedHead, verify_export};
-use custody_daemon::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
-use custody_daemon::dual_control::{approval_message, denial_message};
+use custody_core::algorithms::KeyAlgorithm;
+use custody_core::audit::{ExportLine, SignedHead, verify_export};
+use custody_core::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
+use custody_core::dual_control::{approval_message, denial_message};
 use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
@@ -604,8 +604,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let key = keys
                         .create_key(CreateKeyRequest {
                             key_id,
-                            algorithm: algorithm.wire() as i32,
-                            purpose: algorithm.purpose() as i32,
+                            algorithm: custody_daemon::wire::algorithm(algorithm) as i32,
+                            purpose: custody_daemon::wire::purpose(algorithm.purpose()) as i32,
                             allowed_signers: signers,
                             cryptoperiod: cryptoperiod.map(lifecycle::duration_message),
                             backup_exportable,

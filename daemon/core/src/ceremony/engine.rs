@@ -33,6 +33,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::{Event, rfc3339_ms};
 use crate::ceremony::bundle::{self, AesCheck, BackupKekRef, Bundle, BundledKey, Manifest};
@@ -46,11 +47,10 @@ use crate::ceremony::script::{KekMode, Kind, Script};
 use crate::ceremony::shares::{self, Share};
 use crate::ceremony::transcript::Transcript;
 use crate::dual_control::officer_key;
-use crate::error::ServiceError;
 use crate::failpoint;
+use crate::names::hsm_label;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
-use crate::service::State;
-use crate::service::keys::hsm_label;
+use crate::{Error, Reason};
 
 /// What an officer signs to say they are present.
 pub fn presence_message(script_digest: &[u8; 32]) -> Vec<u8> {
@@ -153,7 +153,7 @@ struct Secrets {
     submitted: Vec<Share>,
 }
 
-/// The engine's state, part of the service [`State`].
+/// The engine's state, part of the service [`Custody`].
 pub struct Ceremonies {
     /// The journal.
     pub journal: Journal,
@@ -227,19 +227,17 @@ impl Ceremonies {
 }
 
 /// The journal could not be read or written.
-pub fn journal_failure(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::new(
-        tonic::Code::Unavailable,
-        "JOURNAL_UNAVAILABLE",
+pub fn journal_failure(e: impl std::fmt::Display) -> Error {
+    Error::new(
+        Reason::JournalUnavailable,
         format!("the ceremony journal could not be written: {e}"),
     )
 }
 
-fn script_of(record: &CeremonyRecord) -> Result<Script, ServiceError> {
+fn script_of(record: &CeremonyRecord) -> Result<Script, Error> {
     Script::parse(&record.script).map_err(|e| {
-        ServiceError::new(
-            tonic::Code::Internal,
-            "JOURNAL_CORRUPT",
+        Error::new(
+            Reason::JournalCorrupt,
             format!(
                 "the journaled script of {} no longer parses: {e}",
                 record.id
@@ -250,44 +248,41 @@ fn script_of(record: &CeremonyRecord) -> Result<Script, ServiceError> {
 
 /// Ceremony `id` and its script, for a step allowed only in `phase`.
 fn load_in(
-    state: &State,
+    state: &Custody,
     id: &str,
     phase: Phase,
-    reason: &'static str,
+    reason: Reason,
     otherwise: &str,
-) -> Result<(CeremonyRecord, Script), ServiceError> {
+) -> Result<(CeremonyRecord, Script), Error> {
     let record = found(state, id)?;
     if record.phase != phase {
-        return Err(ServiceError::precondition(
-            reason,
-            format!("ceremony {id} {otherwise}"),
-        ));
+        return Err(Error::new(reason, format!("ceremony {id} {otherwise}")));
     }
     let script = script_of(&record)?;
     Ok((record, script))
 }
 
 /// The ceremony `id`, or NOT_FOUND.
-pub fn found(state: &State, id: &str) -> Result<CeremonyRecord, ServiceError> {
+pub fn found(state: &Custody, id: &str) -> Result<CeremonyRecord, Error> {
     state
         .ceremonies
         .journal
         .get(id)
         .map_err(journal_failure)?
-        .ok_or_else(|| ServiceError::not_found(format!("no ceremony ceremonies/{id}")))
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no ceremony ceremonies/{id}")))
 }
 
 /// Appends a transcript entry, anchors it in the audit log, and journals
 /// the record. The audit record comes first: a step whose record cannot be
 /// made durable does not count.
 async fn note(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     step: &str,
     actor: &str,
     summary: String,
     detail: Map<String, Value>,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let now = state.clock.now_ms();
     let entry = record
         .transcript
@@ -304,7 +299,7 @@ async fn note(
             entry_hash: entry.hash.clone(),
         })
         .await
-        .map_err(|e| ServiceError::audit_unavailable(&e))?;
+        .map_err(|e| Error::audit_unavailable(&e))?;
     record.updated_ms = now;
     state
         .ceremonies
@@ -314,7 +309,7 @@ async fn note(
         .map_err(journal_failure)
 }
 
-async fn put(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
+async fn put(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
     record.updated_ms = state.clock.now_ms();
     state
         .ceremonies
@@ -328,24 +323,23 @@ async fn put(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceEr
 /// signs in: the script, the officers and custodians, the key name, the
 /// bundle of a restore, and what the daemon needs (SO PIN, scratch token).
 pub async fn open(
-    state: &State,
+    state: &Custody,
     opened_by: &str,
     script_text: String,
     bundle_text: String,
-) -> Result<CeremonyRecord, ServiceError> {
+) -> Result<CeremonyRecord, Error> {
     let engine = &state.ceremonies;
     let _one_at_a_time = engine.lock.lock().await;
     let script = Script::parse(&script_text)
-        .map_err(|e| ServiceError::invalid("BAD_SCRIPT", format!("ceremony script: {e}")))?;
+        .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
     if engine
         .journal
         .get(script.id())
         .map_err(journal_failure)?
         .is_some()
     {
-        return Err(ServiceError::new(
-            tonic::Code::AlreadyExists,
-            "CEREMONY_EXISTS",
+        return Err(Error::new(
+            Reason::CeremonyExists,
             format!(
                 "ceremony {} exists already: give the script a new id",
                 script.id()
@@ -354,8 +348,8 @@ pub async fn open(
     }
     for officer in script.participants() {
         if !state.dual_control.enrolled(officer) {
-            return Err(ServiceError::precondition(
-                "OFFICER_NOT_ENROLLED",
+            return Err(Error::new(
+                Reason::OfficerNotEnrolled,
                 format!("the script names {officer}, who is not an enrolled officer"),
             ));
         }
@@ -364,8 +358,8 @@ pub async fn open(
         if state.registry.get(key_id).is_some()
             || engine.reserved_key_ids().iter().any(|k| k == key_id)
         {
-            return Err(ServiceError::precondition(
-                "KEY_EXISTS",
+            return Err(Error::new(
+                Reason::KeyExists,
                 format!("key {key_id} exists already or another open ceremony makes it"),
             ));
         }
@@ -377,8 +371,8 @@ pub async fn open(
             mode: KekMode::Generate { .. },
             ..
         } if engine.so_pin.is_none() => {
-            return Err(ServiceError::precondition(
-                "SO_PIN_NOT_CONFIGURED",
+            return Err(Error::new(
+                Reason::SoPinNotConfigured,
                 "a KEK ceremony makes a trusted backup KEK, which needs the token security officer: set [ceremony] so_pin_file",
             ));
         }
@@ -388,17 +382,17 @@ pub async fn open(
             ..
         } => {
             if Sha256::digest(bundle_text.as_bytes()).as_slice() != bundle_sha256.as_slice() {
-                return Err(ServiceError::invalid(
-                    "BUNDLE_MISMATCH",
+                return Err(Error::new(
+                    Reason::BundleMismatch,
                     "the bundle sent is not the one the script names (SHA-256 differs)",
                 ));
             }
             let bundle = Bundle::parse(&bundle_text)
-                .map_err(|e| ServiceError::invalid("BAD_BUNDLE", e.to_string()))?;
+                .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
             bundle_signer = Some(bundle_signature_ok(state, &bundle)?);
             if *drill && engine.scratch.is_none() {
-                return Err(ServiceError::precondition(
-                    "NO_SCRATCH_TOKEN",
+                return Err(Error::new(
+                    Reason::NoScratchToken,
                     "a drill restores into the scratch token: set [ceremony] scratch_token_label and scratch_pin_file",
                 ));
             }
@@ -409,8 +403,8 @@ pub async fn open(
                     .iter()
                     .find(|key| state.registry.get(&key.key_id).is_some())
                 {
-                    return Err(ServiceError::precondition(
-                        "KEY_EXISTS",
+                    return Err(Error::new(
+                        Reason::KeyExists,
                         format!(
                             "key {} is registered here already; restore into a token that lacks it, or drill",
                             key.key_id
@@ -472,9 +466,9 @@ pub async fn open(
 /// to its source is the `bundle_sha256` in the script the officers sign
 /// (compared with the digest recorded when the backup was made) and the
 /// signer's fingerprint, which the transcript records for them to compare.
-fn bundle_signature_ok(state: &State, bundle: &Bundle) -> Result<String, ServiceError> {
+fn bundle_signature_ok(state: &Custody, bundle: &Bundle) -> Result<String, Error> {
     let embedded = pem_to_der(&bundle.audit_key_pem)
-        .map_err(|e| ServiceError::invalid("BAD_BUNDLE", format!("audit key: {e}")))?;
+        .map_err(|e| Error::new(Reason::BadBundle, format!("audit key: {e}")))?;
     let own = state.audit.audit_key_spki();
     let same_token = bundle.manifest.source_token
         == format!(
@@ -485,7 +479,7 @@ fn bundle_signature_ok(state: &State, bundle: &Bundle) -> Result<String, Service
     let key = if same_token { own } else { embedded.as_slice() };
     bundle
         .verify(key)
-        .map_err(|e| ServiceError::invalid("BAD_BUNDLE", e.to_string()))?;
+        .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
     Ok(hex::encode(Sha256::digest(key)))
 }
 
@@ -503,28 +497,28 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
 /// An officer of the quorum signs in. The sign-in that completes the
 /// quorum starts the HSM steps.
 pub async fn sign_in(
-    state: &State,
+    state: &Custody,
     id: &str,
     officer: &str,
     signature: &[u8],
-) -> Result<CeremonyRecord, ServiceError> {
+) -> Result<CeremonyRecord, Error> {
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let (mut record, script) = load_in(
         state,
         id,
         Phase::AwaitingOfficers,
-        "NOT_SIGNING_IN",
+        Reason::NotSigningIn,
         "is past its sign-in",
     )?;
     if !script.quorum().officers.iter().any(|o| o == officer) {
-        return Err(ServiceError::denied(
-            "NOT_IN_QUORUM",
+        return Err(Error::new(
+            Reason::NotInQuorum,
             format!("{officer} is not one of the officers the script names"),
         ));
     }
     if record.present.iter().any(|s| s.officer == officer) {
-        return Err(ServiceError::precondition(
-            "ALREADY_PRESENT",
+        return Err(Error::new(
+            Reason::AlreadyPresent,
             format!("{officer} has signed in already"),
         ));
     }
@@ -555,20 +549,23 @@ pub async fn sign_in(
 }
 
 fn check_signature(
-    state: &State,
+    state: &Custody,
     officer: &str,
     message: &[u8],
     signature: &[u8],
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let enrolled = state.dual_control.officer(officer).ok_or_else(|| {
-        ServiceError::denied("OFFICER_NOT_ENROLLED", format!("{officer} is not enrolled"))
+        Error::new(
+            Reason::OfficerNotEnrolled,
+            format!("{officer} is not enrolled"),
+        )
     })?;
     let public_key = hex::decode(&enrolled.public_key).unwrap_or_default();
     if officer_key::verify(&public_key, message, signature) {
         Ok(())
     } else {
-        Err(ServiceError::denied(
-            "BAD_SIGNATURE",
+        Err(Error::new(
+            Reason::BadSignature,
             format!("the signature does not verify with {officer}'s officer key"),
         ))
     }
@@ -576,14 +573,14 @@ fn check_signature(
 
 /// Runs the steps that need nothing more from people, then waits.
 async fn advance(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let outcome = run_steps(state, record, script).await;
     match outcome {
         Ok(()) => Ok(()),
-        Err(error) if error.code == tonic::Code::Unavailable => {
+        Err(error) if error.reason.is_unavailable() => {
             // The journal or the audit log failed: recording the roll-back
             // may fail the same way; the next start rolls it back.
             let _ = roll_back(state, record, Phase::RolledBack, &error.message).await;
@@ -594,10 +591,10 @@ async fn advance(
 }
 
 async fn run_steps(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     match script.kind() {
         Kind::RootKey { certificate, .. } => {
             if !record.did("generate") {
@@ -659,22 +656,19 @@ async fn run_steps(
     }
 }
 
-async fn wait_for_confirmation(
-    state: &State,
-    record: &mut CeremonyRecord,
-) -> Result<(), ServiceError> {
+async fn wait_for_confirmation(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
     record.phase = Phase::AwaitingConfirmation;
     put(state, record).await
 }
 
 /// Journals that `labels` are about to be made, durably.
 async fn intend(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     step: &str,
     labels: &[(String, TokenRole)],
     points: &Points,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     failpoint::hit(points.before_intent);
     record.phase = Phase::Running;
     for (label, token) in labels {
@@ -699,17 +693,13 @@ fn mark_made(record: &mut CeremonyRecord, step: &str) {
 /// Generates the script's key in the HSM (key pairs are consistency-tested
 /// by hsm-shim as they are made).
 async fn generate(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
-) -> Result<(), ServiceError> {
-    let key = script.key().ok_or_else(|| {
-        ServiceError::new(
-            tonic::Code::Internal,
-            "NO_KEY",
-            "this ceremony makes no key",
-        )
-    })?;
+) -> Result<(), Error> {
+    let key = script
+        .key()
+        .ok_or_else(|| Error::internal("this ceremony makes no key"))?;
     let algorithm = key.algorithm;
     let label = hsm_label(&key.name, 1)?;
     intend(
@@ -774,10 +764,7 @@ async fn generate(
     Ok(())
 }
 
-fn fingerprint_of(
-    made: &mut MadeKey,
-    info: &hsm_shim::KeyInfo,
-) -> Result<Fingerprint, ServiceError> {
+fn fingerprint_of(made: &mut MadeKey, info: &hsm_shim::KeyInfo) -> Result<Fingerprint, Error> {
     let fingerprint = match (&info.public_key, &info.check_value) {
         (Some(public_key), _) => {
             made.public_key_der_hex = hex::encode(public_key.spki_der());
@@ -789,9 +776,7 @@ fn fingerprint_of(
             Fingerprint::of_kcv(kcv.0)
         }
         (None, None) => {
-            return Err(ServiceError::new(
-                tonic::Code::Internal,
-                "NO_FINGERPRINT",
+            return Err(Error::internal(
                 "the HSM reported neither a public key nor a check value",
             ));
         }
@@ -811,23 +796,18 @@ fn fingerprint_detail(fingerprint: &Fingerprint) -> Map<String, Value> {
 
 /// The root certificate, signed inside the HSM by the new key.
 async fn self_sign(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
     certificate: &crate::ceremony::script::CertificateSection,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let made = record
         .key
         .clone()
-        .ok_or_else(|| ServiceError::new(tonic::Code::Internal, "NO_KEY", "no key to certify"))?;
+        .ok_or_else(|| Error::internal("no key to certify"))?;
     intend(state, record, "certificate", &[], &CERTIFICATE).await?;
-    let algorithm = KeyAlgorithm::from_api_name(&made.algorithm).ok_or_else(|| {
-        ServiceError::new(
-            tonic::Code::Internal,
-            "BAD_ALGORITHM",
-            made.algorithm.clone(),
-        )
-    })?;
+    let algorithm = KeyAlgorithm::from_api_name(&made.algorithm)
+        .ok_or_else(|| Error::internal(made.algorithm.clone()))?;
     let spki = hex::decode(&made.public_key_der_hex).unwrap_or_default();
     let label = KeyLabel::new(made.hsm_label.clone())?;
     let params = crate::ceremony::certificate::root_params(certificate, script.id())?;
@@ -869,15 +849,16 @@ async fn self_sign(
 /// only inside this function, in zeroizing memory; the shares wait in
 /// memory for their custodians.
 async fn make_backup_kek(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     threshold: u8,
     custodians: &[String],
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let engine = &state.ceremonies;
-    let so_pin = engine.so_pin.clone().ok_or_else(|| {
-        ServiceError::precondition("SO_PIN_NOT_CONFIGURED", "set [ceremony] so_pin_file")
-    })?;
+    let so_pin = engine
+        .so_pin
+        .clone()
+        .ok_or_else(|| Error::new(Reason::SoPinNotConfigured, "set [ceremony] so_pin_file"))?;
     let value = state
         .hsm
         .run(|session| {
@@ -887,9 +868,9 @@ async fn make_backup_kek(
         })
         .await?;
     let count = u8::try_from(custodians.len())
-        .map_err(|_| ServiceError::invalid("BAD_SCRIPT", "too many custodians"))?;
-    let split = shares::split(&value, threshold, count)
-        .map_err(|e| ServiceError::new(tonic::Code::Internal, "SPLIT_FAILED", e.to_string()))?;
+        .map_err(|_| Error::new(Reason::BadScript, "too many custodians"))?;
+    let split =
+        shares::split(&value, threshold, count).map_err(|e| Error::internal(e.to_string()))?;
     let set_id = split[0].set_id();
     let label = KeyLabel::new(format!("custody-backup-kek/{set_id}"))?;
     intend(
@@ -904,7 +885,7 @@ async fn make_backup_kek(
         .audit
         .hold()
         .await
-        .map_err(|e| ServiceError::audit_unavailable(&e))?;
+        .map_err(|e| Error::audit_unavailable(&e))?;
     let hsm = state.hsm.clone();
     let run_label = label.clone();
     let secret = SecretSlice::from(value.to_vec());
@@ -913,7 +894,7 @@ async fn make_backup_kek(
         hsm.create_trusted_kek(&so_pin, &run_label, KekSource::Import(&secret))
     })
     .await
-    .map_err(|_| ServiceError::new(tonic::Code::Internal, "TASK_FAILED", "SO step panicked"))?;
+    .map_err(|_| Error::internal("SO step panicked"))?;
     drop(hold);
     let info = info?;
     failpoint::hit(BACKUP_KEK.after_hsm);
@@ -954,24 +935,24 @@ async fn make_backup_kek(
 
 /// A custodian collects their own share, once.
 pub async fn collect_share(
-    state: &State,
+    state: &Custody,
     id: &str,
     officer: &str,
-) -> Result<(Share, String, CeremonyRecord), ServiceError> {
+) -> Result<(Share, String, CeremonyRecord), Error> {
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let (mut record, script) = load_in(
         state,
         id,
         Phase::AwaitingShareCollection,
-        "NOT_DISTRIBUTING",
+        Reason::NotDistributing,
         "is not handing out shares now",
     )?;
     let share = state
         .ceremonies
         .secrets(id, |secrets| secrets.to_collect.remove(officer));
     let Some(share) = share else {
-        return Err(ServiceError::denied(
-            "NO_SHARE",
+        return Err(Error::new(
+            Reason::NoShare,
             if record.shares_collected.iter().any(|c| c == officer) {
                 format!("{officer} has collected their share already")
             } else {
@@ -1011,13 +992,11 @@ pub async fn collect_share(
 }
 
 /// Wraps the new KEK under the backup KEK into the ceremony's bundle.
-async fn back_up_new_kek(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
+async fn back_up_new_kek(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
     let (made, kek) = match (record.key.clone(), record.backup_kek.clone()) {
         (Some(made), Some(kek)) => (made, kek),
         _ => {
-            return Err(ServiceError::new(
-                tonic::Code::Internal,
-                "NOT_READY",
+            return Err(Error::internal(
                 "backup before the key and the backup KEK exist",
             ));
         }
@@ -1081,10 +1060,10 @@ pub struct KeyToBack {
 /// Wraps `keys` under the backup KEK `kek` and signs the manifest with the
 /// audit key.
 pub async fn make_bundle(
-    state: &State,
+    state: &Custody,
     kek: &BackupKek,
     keys: Vec<KeyToBack>,
-) -> Result<Bundle, ServiceError> {
+) -> Result<Bundle, Error> {
     let kek_label = KeyLabel::new(kek.label.clone())?;
     let wrapped = state
         .hsm
@@ -1153,26 +1132,26 @@ pub async fn make_bundle(
         .audit
         .sign_statement(bundle.signing_message())
         .await
-        .map_err(|e| ServiceError::audit_unavailable(&e))?;
+        .map_err(|e| Error::audit_unavailable(&e))?;
     bundle
         .set_signature(&signature)
-        .map_err(|e| ServiceError::new(tonic::Code::Internal, "BAD_SIGNATURE", e.to_string()))?;
+        .map_err(|e| Error::internal(e.to_string()))?;
     Ok(bundle)
 }
 
 /// A custodian submits a component (components mode) or a share (restore).
 pub async fn submit_secret(
-    state: &State,
+    state: &Custody,
     id: &str,
     officer: &str,
     secret: SubmittedSecret,
-) -> Result<CeremonyRecord, ServiceError> {
+) -> Result<CeremonyRecord, Error> {
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
     if !script.custodians().iter().any(|c| c == officer) {
-        return Err(ServiceError::denied(
-            "NOT_A_CUSTODIAN",
+        return Err(Error::new(
+            Reason::NotACustodian,
             format!("{officer} is not a custodian of ceremony {id}"),
         ));
     }
@@ -1185,15 +1164,15 @@ pub async fn submit_secret(
             },
         ) => {
             if record.components.iter().any(|c| c.custodian == officer) {
-                return Err(ServiceError::precondition(
-                    "ALREADY_SUBMITTED",
+                return Err(Error::new(
+                    Reason::AlreadySubmitted,
                     format!("{officer} has entered their component already"),
                 ));
             }
             let kcv = hex::encode(components::kcv(&value));
             if !expected_kcv.eq_ignore_ascii_case(&kcv) {
-                return Err(ServiceError::invalid(
-                    "KCV_MISMATCH",
+                return Err(Error::new(
+                    Reason::KcvMismatch,
                     format!(
                         "the component's check value is {kcv}, not {expected_kcv} as on the sheet: re-enter it"
                     ),
@@ -1217,19 +1196,19 @@ pub async fn submit_secret(
         }
         (Phase::AwaitingShares, SubmittedSecret::Share(text)) => {
             if record.shares_submitted.iter().any(|c| c == officer) {
-                return Err(ServiceError::precondition(
-                    "ALREADY_SUBMITTED",
+                return Err(Error::new(
+                    Reason::AlreadySubmitted,
                     format!("{officer} has submitted a share already"),
                 ));
             }
-            let share = Share::parse(&text)
-                .map_err(|e| ServiceError::invalid("BAD_SHARE", e.to_string()))?;
+            let share =
+                Share::parse(&text).map_err(|e| Error::new(Reason::BadShare, e.to_string()))?;
             let bundle = Bundle::parse(&record.bundle)
-                .map_err(|e| ServiceError::invalid("BAD_BUNDLE", e.to_string()))?;
+                .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
             let want = &bundle.manifest.backup_kek;
             if share.set_id() != want.set_id || share.threshold() != want.threshold {
-                return Err(ServiceError::invalid(
-                    "WRONG_SHARE_SET",
+                return Err(Error::new(
+                    Reason::WrongShareSet,
                     format!(
                         "this share belongs to set {} ({} of n), the bundle to set {} ({} of {})",
                         share.set_id(),
@@ -1244,8 +1223,8 @@ pub async fn submit_secret(
                 secrets.submitted.iter().any(|s| s.index() == share.index())
             });
             if duplicate {
-                return Err(ServiceError::invalid(
-                    "DUPLICATE_SHARE",
+                return Err(Error::new(
+                    Reason::DuplicateShare,
                     format!("share {} has been submitted already", share.index()),
                 ));
             }
@@ -1272,8 +1251,8 @@ pub async fn submit_secret(
             .await?;
         }
         (phase, _) => {
-            return Err(ServiceError::precondition(
-                "NOT_ACCEPTING",
+            return Err(Error::new(
+                Reason::NotAccepting,
                 format!("ceremony {id} does not take that now (it is {phase:?})"),
             ));
         }
@@ -1296,13 +1275,13 @@ pub enum SubmittedSecret {
 }
 
 async fn import_components(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let key = script
         .key()
-        .ok_or_else(|| ServiceError::new(tonic::Code::Internal, "NO_KEY", "no key section"))?;
+        .ok_or_else(|| Error::internal("no key section"))?;
     let label = hsm_label(&key.name, 1)?;
     let values: Vec<KeyBytes> = state.ceremonies.secrets(&record.id, |secrets| {
         std::mem::take(&mut secrets.components)
@@ -1356,28 +1335,28 @@ async fn import_components(
 
 /// An officer who signed in confirms the fingerprint; the last one commits.
 pub async fn confirm(
-    state: &State,
+    state: &Custody,
     id: &str,
     officer: &str,
     signature: &[u8],
-) -> Result<CeremonyRecord, ServiceError> {
+) -> Result<CeremonyRecord, Error> {
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let (mut record, script) = load_in(
         state,
         id,
         Phase::AwaitingConfirmation,
-        "NOT_CONFIRMING",
+        Reason::NotConfirming,
         "is not waiting for confirmations",
     )?;
     if !record.present.iter().any(|s| s.officer == officer) {
-        return Err(ServiceError::denied(
-            "NOT_PRESENT",
+        return Err(Error::new(
+            Reason::NotPresent,
             format!("{officer} did not sign in to this ceremony"),
         ));
     }
     if record.confirmed.iter().any(|s| s.officer == officer) {
-        return Err(ServiceError::precondition(
-            "ALREADY_CONFIRMED",
+        return Err(Error::new(
+            Reason::AlreadyConfirmed,
             format!("{officer} has confirmed already"),
         ));
     }
@@ -1407,7 +1386,7 @@ pub async fn confirm(
     note(state, &mut record, "confirm", officer, summary, detail).await?;
     if record.confirmed.len() == record.present.len() {
         if let Err(error) = commit(state, &mut record, &script).await {
-            if error.code == tonic::Code::Unavailable {
+            if error.reason.is_unavailable() {
                 return Err(error);
             }
             return roll_back(state, &mut record, Phase::RolledBack, &error.message)
@@ -1420,19 +1399,19 @@ pub async fn confirm(
 
 /// Registers the key: from here it is usable.
 async fn commit(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     script: &Script,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     let made = record
         .key
         .clone()
-        .ok_or_else(|| ServiceError::new(tonic::Code::Internal, "NO_KEY", "nothing to commit"))?;
+        .ok_or_else(|| Error::internal("nothing to commit"))?;
     intend(state, record, "commit", &[], &COMMIT).await?;
     let _registry = state.registry.lock().await;
     if state.registry.get(&made.key_id).is_some() {
-        return Err(ServiceError::precondition(
-            "KEY_EXISTS",
+        return Err(Error::new(
+            Reason::KeyExists,
             format!("key {} appeared while the ceremony ran", made.key_id),
         ));
     }
@@ -1479,7 +1458,7 @@ fn key_record(made: &MadeKey, allowed_signers: Vec<String>, now: i64) -> KeyReco
 
 /// Marks the ceremony completed, signs its transcript, and for a KEK
 /// ceremony makes its backup KEK the token's.
-async fn finish_completed(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
+async fn finish_completed(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
     // Before anything journals the ceremony as completed: a completed KEK
     // ceremony whose backup KEK is not the token's would leave the KEK an
     // object nobody accounts for.
@@ -1511,49 +1490,45 @@ async fn finish_completed(state: &State, record: &mut CeremonyRecord) -> Result<
 
 /// The last entry, then the audit key's signature over the head.
 async fn seal_transcript(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     step: &str,
     outcome: &str,
     summary: String,
     detail: Map<String, Value>,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     record.transcript.outcome = outcome.into();
     note(state, record, step, "custodyd", summary, detail).await?;
     sign_transcript(state, record).await
 }
 
 /// The audit key's signature over the transcript's head.
-async fn sign_transcript(state: &State, record: &mut CeremonyRecord) -> Result<(), ServiceError> {
+async fn sign_transcript(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
     let signature = state
         .audit
         .sign_statement(record.transcript.signing_message())
         .await
-        .map_err(|e| ServiceError::audit_unavailable(&e))?;
+        .map_err(|e| Error::audit_unavailable(&e))?;
     record
         .transcript
         .set_signature(&signature)
-        .map_err(|e| ServiceError::new(tonic::Code::Internal, "BAD_SIGNATURE", e.to_string()))
+        .map_err(|e| Error::internal(e.to_string()))
 }
 
 /// Rebuilds the backup KEK from the submitted shares, unwraps every key of
 /// the bundle, checks each against the manifest, and either registers them
 /// (restore) or destroys them again (drill).
-async fn restore(
-    state: &State,
-    record: &mut CeremonyRecord,
-    drill: bool,
-) -> Result<(), ServiceError> {
+async fn restore(state: &Custody, record: &mut CeremonyRecord, drill: bool) -> Result<(), Error> {
     let started = Instant::now();
-    let bundle = Bundle::parse(&record.bundle)
-        .map_err(|e| ServiceError::invalid("BAD_BUNDLE", e.to_string()))?;
+    let bundle =
+        Bundle::parse(&record.bundle).map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
     let submitted = state
         .ceremonies
         .secrets(&record.id, |secrets| std::mem::take(&mut secrets.submitted));
     // Refused here, before any HSM call: mixed sets, duplicates, too few,
     // and (by the digest inside every share) a wrong reconstruction.
     let value = shares::combine(&submitted)
-        .map_err(|e| ServiceError::invalid("SHARES_REFUSED", e.to_string()))?;
+        .map_err(|e| Error::new(Reason::SharesRefused, e.to_string()))?;
     drop(submitted);
     let prefix = if drill {
         format!("drill/{}", record.id)
@@ -1594,16 +1569,18 @@ async fn restore(
     };
     drop(value);
     let outcome = if drill {
-        let config = state.ceremonies.scratch.clone().ok_or_else(|| {
-            ServiceError::precondition("NO_SCRATCH_TOKEN", "no scratch token configured")
-        })?;
+        let config = state
+            .ceremonies
+            .scratch
+            .clone()
+            .ok_or_else(|| Error::new(Reason::NoScratchToken, "no scratch token configured"))?;
         tokio::task::spawn_blocking(move || {
             let scratch = Hsm::open(config)?;
             let mut session = scratch.session()?;
             work.run(&mut session)
         })
         .await
-        .map_err(|_| ServiceError::new(tonic::Code::Internal, "TASK_FAILED", "drill panicked"))??
+        .map_err(|_| Error::internal("drill panicked"))??
     } else {
         state.hsm.run(move |session| work.run(session)).await?
     };
@@ -1878,11 +1855,11 @@ impl RestoreWork {
 /// Undoes a ceremony: destroys every object it journaled (an object already
 /// gone counts as destroyed), wipes its secrets, and records why.
 async fn roll_back(
-    state: &State,
+    state: &Custody,
     record: &mut CeremonyRecord,
     phase: Phase,
     why: &str,
-) -> Result<(), ServiceError> {
+) -> Result<(), Error> {
     state.ceremonies.forget(&record.id);
     let destroyed = destroy_objects(state, record).await?;
     record.phase = phase;
@@ -1911,10 +1888,7 @@ async fn roll_back(
     Ok(())
 }
 
-async fn destroy_objects(
-    state: &State,
-    record: &CeremonyRecord,
-) -> Result<Vec<String>, ServiceError> {
+async fn destroy_objects(state: &Custody, record: &CeremonyRecord) -> Result<Vec<String>, Error> {
     let main: Vec<KeyLabel> = labels_in(record, TokenRole::Main)?;
     let scratch: Vec<KeyLabel> = labels_in(record, TokenRole::Scratch)?;
     let mut destroyed = Vec::new();
@@ -1953,13 +1927,7 @@ async fn destroy_objects(
                 Ok::<_, hsm_shim::HsmError>(gone)
             })
             .await
-            .map_err(|_| {
-                ServiceError::new(
-                    tonic::Code::Internal,
-                    "TASK_FAILED",
-                    "scratch clean-up panicked",
-                )
-            })?;
+            .map_err(|_| Error::internal("scratch clean-up panicked"))?;
             match cleaned {
                 Ok(gone) => destroyed.extend(gone),
                 // The scratch token holds drill copies only: custodyd goes on
@@ -1986,34 +1954,34 @@ fn destroy_if_there(session: &mut HsmSession, label: &KeyLabel) -> hsm_shim::Res
     }
 }
 
-fn labels_in(record: &CeremonyRecord, token: TokenRole) -> Result<Vec<KeyLabel>, ServiceError> {
+fn labels_in(record: &CeremonyRecord, token: TokenRole) -> Result<Vec<KeyLabel>, Error> {
     record
         .objects
         .iter()
         .filter(|o| o.token == token)
-        .map(|o| KeyLabel::new(o.label.clone()).map_err(ServiceError::from))
+        .map(|o| KeyLabel::new(o.label.clone()).map_err(Error::from))
         .collect()
 }
 
 /// An officer of the quorum stops an unfinished ceremony.
 pub async fn abort(
-    state: &State,
+    state: &Custody,
     id: &str,
     officer: &str,
     reason: &str,
-) -> Result<CeremonyRecord, ServiceError> {
+) -> Result<CeremonyRecord, Error> {
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
     if !script.quorum().officers.iter().any(|o| o == officer) {
-        return Err(ServiceError::denied(
-            "NOT_IN_QUORUM",
+        return Err(Error::new(
+            Reason::NotInQuorum,
             format!("only an officer of the ceremony's quorum may abort it; {officer} is not"),
         ));
     }
     if record.phase.finished() {
-        return Err(ServiceError::precondition(
-            "FINISHED",
+        return Err(Error::new(
+            Reason::Finished,
             format!("ceremony {id} is over"),
         ));
     }
@@ -2030,7 +1998,7 @@ pub async fn abort(
 /// At start: rolls forward ceremonies whose commit reached the registry,
 /// rolls back those that made (or began to make) objects or held secrets,
 /// and lets those still signing in resume. Returns how many it rolled back.
-pub async fn recover(state: &State) -> Result<usize, String> {
+pub async fn recover(state: &Custody) -> Result<usize, String> {
     let mut rolled_back = 0;
     for mut record in state.ceremonies.journal.list().map_err(|e| e.to_string())? {
         if record.phase.finished() {
@@ -2092,7 +2060,7 @@ pub async fn recover(state: &State) -> Result<usize, String> {
 /// Whether the ceremony's commit reached the registry: its key is
 /// registered under the label the ceremony journaled (a restore: all of its
 /// keys, which one batch registers).
-fn committed(state: &State, record: &CeremonyRecord) -> bool {
+fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     let registered = |key_id: &str, label: &str| {
         state
             .registry

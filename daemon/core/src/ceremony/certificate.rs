@@ -13,10 +13,10 @@ use spki::der::Decode;
 
 use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::script::CertificateSection;
-use crate::error::ServiceError;
+use crate::{Error, Reason};
 
-fn unsupported(what: String) -> ServiceError {
-    ServiceError::invalid("CERTIFICATE_UNSUPPORTED", what)
+fn unsupported(what: String) -> Error {
+    Error::new(Reason::CertificateUnsupported, what)
 }
 
 /// The certificate's fields: a CA with path length unconstrained, key usage
@@ -24,7 +24,7 @@ fn unsupported(what: String) -> ServiceError {
 pub fn root_params(
     section: &CertificateSection,
     ceremony: &str,
-) -> Result<CertificateParams, ServiceError> {
+) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, section.common_name.clone());
@@ -44,8 +44,7 @@ pub fn root_params(
     params.not_after = now + time::Duration::days(i64::from(section.validity_days));
     // A serial number that is unique per ceremony and not guessable.
     let mut serial = [0u8; 16];
-    getrandom::getrandom(&mut serial)
-        .map_err(|e| ServiceError::new(tonic::Code::Internal, "NO_RANDOM", e.to_string()))?;
+    getrandom::getrandom(&mut serial).map_err(|e| Error::internal(e.to_string()))?;
     serial[0] &= 0x7f;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     tracing::debug!(ceremony, "root certificate parameters ready");
@@ -122,7 +121,7 @@ pub fn self_sign(
     algorithm: KeyAlgorithm,
     spki: &[u8],
     params: &CertificateParams,
-) -> hsm_shim::Result<Result<String, ServiceError>> {
+) -> hsm_shim::Result<Result<String, Error>> {
     let Some(sign_algorithm) = algorithm.sign_algorithm() else {
         return Ok(Err(unsupported(format!(
             "{} keys do not sign",
@@ -153,11 +152,5 @@ pub fn self_sign(
     Ok(params
         .self_signed(&key)
         .map(|certificate| certificate.pem())
-        .map_err(|e| {
-            ServiceError::new(
-                tonic::Code::Internal,
-                "CERTIFICATE_FAILED",
-                format!("signing the root certificate: {e}"),
-            )
-        }))
+        .map_err(|e| Error::internal(format!("signing the root certificate: {e}"))))
 }

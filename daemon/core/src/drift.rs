@@ -14,10 +14,11 @@ use std::collections::BTreeMap;
 
 use hsm_shim::{ObjectClassName, ObjectSummary};
 
+use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::AUDIT_KEY_LABEL;
+use crate::names::version_name;
 use crate::registry::{KeyRecord, PendingVersion, VersionState};
-use crate::service::{State, version_name};
 
 /// What kind of difference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -256,7 +257,7 @@ pub fn compare(
 /// Runs a drift check against the HSM and exports its result as metrics.
 /// Hold the registry lock, so that no generation or destruction runs
 /// between reading the registry and listing the token.
-pub async fn check(state: &State) -> Result<Report, String> {
+pub async fn check(state: &Custody) -> Result<Report, String> {
     let objects = state
         .hsm
         .run(|session| session.inventory())

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 
-use crate::service::check_key_id;
+use crate::names::check_key_id;
 
 const MAGIC: [u8; 4] = [0x63, 0x64, 0x79, 0x01];
 const DOMAIN: &[u8] = b"custody-envelope/v1\0";

@@ -388,7 +388,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    const REFERENCE: &str = include_str!("../../deploy/custodyd.toml");
+    const REFERENCE: &str = include_str!("../../../deploy/custodyd.toml");
 
     #[test]
     fn the_reference_config_is_valid_and_complete() {

@@ -24,9 +24,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
+use crate::algorithms::Purpose;
 use crate::ceremony::fingerprint::hex_groups;
 use crate::identity::valid_principal_name;
-use custody_proto::v1::KeyPurpose;
 use hsm_shim::KeySpec;
 
 /// The domain prefix of a script digest.
@@ -464,7 +464,7 @@ fn absent<T>(section: &Option<T>, name: &str, why: &str) -> Result<(), ScriptErr
 fn signing_algorithms() -> String {
     KeyAlgorithm::ALL
         .iter()
-        .filter(|a| a.purpose() == KeyPurpose::AsymmetricSign)
+        .filter(|a| a.purpose() == Purpose::AsymmetricSign)
         .map(|a| a.api_name())
         .collect::<Vec<_>>()
         .join(", ")
@@ -482,7 +482,7 @@ fn algorithm(name: &str) -> Result<KeyAlgorithm, ScriptError> {
 
 fn key_name(raw: &RawKey) -> Result<String, ScriptError> {
     let name = required(raw.name.clone(), "key.name", "the key id, e.g. \"root-ca\"")?;
-    crate::service::check_key_id(&name).map_err(|_| {
+    crate::names::check_key_id(&name).map_err(|_| {
         invalid(
             "key.name",
             format!(
@@ -527,7 +527,7 @@ fn root_key_section(raw: RawKey) -> Result<KeySection, ScriptError> {
         "key.algorithm",
         &format!("a signing algorithm: {}", signing_algorithms()),
     )?)?;
-    if algorithm.purpose() != KeyPurpose::AsymmetricSign {
+    if algorithm.purpose() != Purpose::AsymmetricSign {
         return Err(invalid(
             "key.algorithm",
             format!(
@@ -2054,7 +2054,8 @@ custodians = ["alice", "bob", "carol"]
 
     #[test]
     fn the_example_scripts_in_deploy_are_valid() {
-        let root = Script::parse(include_str!("../../../deploy/ceremonies/root-key.toml")).unwrap();
+        let root =
+            Script::parse(include_str!("../../../../deploy/ceremonies/root-key.toml")).unwrap();
         let Kind::RootKey {
             key,
             certificate: Some(certificate),
@@ -2068,7 +2069,7 @@ custodians = ["alice", "bob", "carol"]
         assert_eq!(certificate.common_name, "Custody Demo Root CA");
         assert_eq!(root.quorum().required, 2);
 
-        let kek = Script::parse(include_str!("../../../deploy/ceremonies/kek.toml")).unwrap();
+        let kek = Script::parse(include_str!("../../../../deploy/ceremonies/kek.toml")).unwrap();
         let Kind::Kek {
             key,
             mode: KekMode::Generate { shares },

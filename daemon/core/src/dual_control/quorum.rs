@@ -3,6 +3,7 @@
 //! Everything that decides whether an operation may run is in this file, so
 //! that the property test below covers exactly what the service runs.
 
+use crate::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -100,15 +101,15 @@ pub enum Refusal {
 
 impl Refusal {
     /// The stable reason reported to callers.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
-            Refusal::NotPending => "OPERATION_NOT_PENDING",
-            Refusal::Expired => "OPERATION_EXPIRED",
-            Refusal::BadSignature => "BAD_APPROVAL_SIGNATURE",
-            Refusal::NotEnrolled => "OFFICER_NOT_ENROLLED",
-            Refusal::NotEligible => "OFFICER_NOT_ELIGIBLE",
-            Refusal::Requester => "REQUESTER_CANNOT_APPROVE",
-            Refusal::AlreadyVoted => "ALREADY_VOTED",
+            Refusal::NotPending => Reason::OperationNotPending,
+            Refusal::Expired => Reason::OperationExpired,
+            Refusal::BadSignature => Reason::BadApprovalSignature,
+            Refusal::NotEnrolled => Reason::OfficerNotEnrolled,
+            Refusal::NotEligible => Reason::OfficerNotEligible,
+            Refusal::Requester => Reason::RequesterCannotApprove,
+            Refusal::AlreadyVoted => Reason::AlreadyVoted,
         }
     }
 }

@@ -362,7 +362,7 @@ impl Bundle {
 
 /// The rules for one key; `at` is its JSON path.
 fn validate_key(at: &str, key: &BundledKey) -> Result<(), BundleError> {
-    crate::service::check_key_id(&key.key_id)
+    crate::names::check_key_id(&key.key_id)
         .map_err(|e| invalid(format!("{at}.key_id"), e.message))?;
     if key.version < 1 {
         return Err(invalid(

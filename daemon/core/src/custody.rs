@@ -1,0 +1,42 @@
+//! [`Custody`]: what every action reaches. The gRPC handlers, the scheduler,
+//! the quorum executor and the ceremony engine all act on one `Custody`.
+
+use std::sync::Arc;
+
+use hsm_shim::Hsm;
+
+use crate::algorithms::KeyAlgorithm;
+use crate::audit::AuditLog;
+use crate::ceremony::engine::Ceremonies;
+use crate::clock::Clock;
+use crate::config::LifecycleSection;
+use crate::dual_control::store::DualControlStore;
+use crate::envelope::NonceBudget;
+use crate::registry::Registry;
+
+/// The HSM, the stores and the settings every action shares.
+pub struct Custody {
+    /// The HSM.
+    pub hsm: Hsm,
+    /// Keys and versions.
+    pub registry: Registry,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// Algorithms keys may be created with.
+    pub allowed_algorithms: Vec<KeyAlgorithm>,
+    /// Officers and operations.
+    pub dual_control: DualControlStore,
+    /// How long operations wait for approvals, in milliseconds.
+    pub approval_ttl_ms: i64,
+    /// Whether a signed denial vetoes.
+    pub denial_vetoes: bool,
+    /// The time, for approval expiry, cryptoperiods and scheduled
+    /// destruction (injected in tests).
+    pub clock: Arc<dyn Clock>,
+    /// Cancel window, scheduler and drift intervals.
+    pub lifecycle: LifecycleSection,
+    /// Encryptions per AES version.
+    pub budget: NonceBudget,
+    /// Key ceremonies: the journal and the engine's state.
+    pub ceremonies: Ceremonies,
+}

@@ -1,0 +1,274 @@
+//! The one error vocabulary of custody: why an action was refused or failed.
+//!
+//! Every refusal carries a [`Reason`], a stable machine-readable name that
+//! callers and the audit log see (`docs/api.md` lists them all; a test checks
+//! that the table and this enum agree), and a message safe to show the
+//! caller. The domain never chooses a transport status: the API layer maps
+//! each reason to one in a single match. HSM errors become reasons here, from
+//! their `ErrorKind`; anything unexpected is [`Reason::Internal`], logged
+//! with its full cause and never shown.
+
+use std::fmt;
+
+macro_rules! reasons {
+    ($($variant:ident = $name:literal: $doc:literal,)*) => {
+        /// Why an action was refused or failed.
+        #[non_exhaustive]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason, in the order `docs/api.md` lists them.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// The stable name (UPPER_SNAKE_CASE) callers and the audit log see.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    Unauthenticated = "UNAUTHENTICATED": "no verified TLS peer",
+    NoCustodyIdentity = "NO_CUSTODY_IDENTITY": "the certificate names no custody principal",
+    RoleRequired = "ROLE_REQUIRED": "the caller lacks the role the RPC needs",
+    NotAllowedSigner = "NOT_ALLOWED_SIGNER": "the caller is not on the key's allow-list",
+    BadName = "BAD_NAME": "malformed resource name or key id",
+    BadKeyId = "BAD_KEY_ID": "malformed resource name or key id",
+    BadAlgorithm = "BAD_ALGORITHM": "unspecified or unknown enum value, or a value that does not fit",
+    BadPurpose = "BAD_PURPOSE": "unspecified or unknown enum value, or a value that does not fit",
+    BadState = "BAD_STATE": "unspecified or unknown enum value, or a value that does not fit",
+    BadEncoding = "BAD_ENCODING": "unspecified or unknown enum value, or a value that does not fit",
+    BadPrincipal = "BAD_PRINCIPAL": "bad allow-list",
+    TooManySigners = "TOO_MANY_SIGNERS": "bad allow-list",
+    BadPageSize = "BAD_PAGE_SIZE": "bad pagination",
+    BadPageToken = "BAD_PAGE_TOKEN": "bad pagination",
+    MissingInput = "MISSING_INPUT": "neither digest nor data, or an empty digest",
+    DigestLength = "DIGEST_LENGTH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
+    DigestAlgorithmMismatch = "DIGEST_ALGORITHM_MISMATCH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
+    DigestNotAccepted = "DIGEST_NOT_ACCEPTED": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
+    DataTooLarge = "DATA_TOO_LARGE": "data over 64 KiB",
+    ChecksumMismatch = "CHECKSUM_MISMATCH": "input_crc32c does not match",
+    NotFound = "NOT_FOUND": "no such key or version",
+    KeyExists = "KEY_EXISTS": "the key id is taken",
+    AlgorithmNotAllowed = "ALGORITHM_NOT_ALLOWED": "the crypto policy forbids the algorithm",
+    VersionNotActive = "VERSION_NOT_ACTIVE": "the version may not sign or encrypt in its state",
+    VersionNotUsable = "VERSION_NOT_USABLE": "the version may not verify or decrypt in its state",
+    CryptoperiodEnded = "CRYPTOPERIOD_ENDED": "the version's cryptoperiod is over: use the primary version or rotate",
+    BelowMinVersion = "BELOW_MIN_VERSION": "the version is below the key's min_version",
+    DestroyScheduled = "DESTROY_SCHEDULED": "destruction state",
+    AlreadyScheduled = "ALREADY_SCHEDULED": "destruction state",
+    NotScheduled = "NOT_SCHEDULED": "destruction state",
+    AlreadyDestroyed = "ALREADY_DESTROYED": "destruction state",
+    NotDue = "NOT_DUE": "the scheduled destruction is not due yet",
+    LegalHold = "LEGAL_HOLD": "a legal hold blocks destruction; there is no hold to release",
+    NoLegalHold = "NO_LEGAL_HOLD": "a legal hold blocks destruction; there is no hold to release",
+    IllegalTransition = "ILLEGAL_TRANSITION": "lifecycle rule",
+    PrimaryVersion = "PRIMARY_VERSION": "lifecycle rule",
+    ReasonRequired = "REASON_REQUIRED": "compromise and legal hold need a reason; malformed request id or cryptoperiod; an empty update",
+    BadReason = "BAD_REASON": "compromise and legal hold need a reason; malformed request id or cryptoperiod; an empty update",
+    BadRequestId = "BAD_REQUEST_ID": "compromise and legal hold need a reason; malformed request id or cryptoperiod; an empty update",
+    BadCryptoperiod = "BAD_CRYPTOPERIOD": "compromise and legal hold need a reason; malformed request id or cryptoperiod; an empty update",
+    NothingToUpdate = "NOTHING_TO_UPDATE": "compromise and legal hold need a reason; malformed request id or cryptoperiod; an empty update",
+    BadMinVersion = "BAD_MIN_VERSION": "a minimum version above the primary version",
+    WrongPurpose = "WRONG_PURPOSE": "a signing key asked to encrypt or the reverse; an AES key has no public key",
+    NoPublicKey = "NO_PUBLIC_KEY": "a signing key asked to encrypt or the reverse; an AES key has no public key",
+    BadCiphertext = "BAD_CIPHERTEXT": "not custody's ciphertext format; made by another key than the one named",
+    CiphertextKeyMismatch = "CIPHERTEXT_KEY_MISMATCH": "not custody's ciphertext format; made by another key than the one named",
+    IntegrityFailure = "INTEGRITY_FAILURE": "the ciphertext, its associated data or its version do not authenticate; nothing is released",
+    TooLarge = "TOO_LARGE": "plaintext or associated data over 64 KiB",
+    NonceBudgetExhausted = "NONCE_BUDGET_EXHAUSTED": "the version made its max_encryptions_per_version; rotate",
+    HsmInvalidInput = "HSM_INVALID_INPUT": "the HSM refused the input as malformed",
+    HsmKeyMissing = "HSM_KEY_MISSING": "the HSM disagrees with the registry (drift)",
+    HsmKeyExists = "HSM_KEY_EXISTS": "the HSM already holds an object under the label",
+    HsmNotPermitted = "HSM_NOT_PERMITTED": "the HSM disagrees with the registry (drift)",
+    HsmUnsupported = "HSM_UNSUPPORTED": "the HSM does not support the mechanism",
+    AuditUnavailable = "AUDIT_UNAVAILABLE": "the audit record could not be made durable, so nothing was done",
+    RegistryUnavailable = "REGISTRY_UNAVAILABLE": "the key registry could not be written",
+    HsmUnavailable = "HSM_UNAVAILABLE": "the HSM cannot be reached",
+    HsmLoginFailed = "HSM_LOGIN_FAILED": "the HSM cannot be reached",
+    RollbackFailed = "ROLLBACK_FAILED": "an interrupted generation could not be rolled back; custodyd retries at the next start",
+    HsmSelfTestFailed = "HSM_SELF_TEST_FAILED": "a new key failed its consistency test and was destroyed",
+    QuorumRequired = "QUORUM_REQUIRED": "the key puts this kind of call under officer approval: use RequestOperation",
+    NoPolicy = "NO_POLICY": "the operation needs no approval: call the direct RPC",
+    NoOfficers = "NO_OFFICERS": "no genesis was applied, so there is no administrative quorum",
+    BadPolicy = "BAD_POLICY": "impossible or weak policy (M < 2, M > N, duplicates, unknown officers), malformed officer, no operation",
+    BadOfficer = "BAD_OFFICER": "impossible or weak policy (M < 2, M > N, duplicates, unknown officers), malformed officer, no operation",
+    MissingSpec = "MISSING_SPEC": "impossible or weak policy (M < 2, M > N, duplicates, unknown officers), malformed officer, no operation",
+    OfficerExists = "OFFICER_EXISTS": "the officer id or principal is enrolled already",
+    OfficerRemovalRefused = "OFFICER_REMOVAL_REFUSED": "the officer set would fall below the administrative quorum",
+    OfficerNotEnrolled = "OFFICER_NOT_ENROLLED": "unknown officer id, or one bound to another certificate principal",
+    OfficerMismatch = "OFFICER_MISMATCH": "unknown officer id, or one bound to another certificate principal",
+    OfficerNotEligible = "OFFICER_NOT_ELIGIBLE": "the officer is not in this operation's quorum, or asked for it",
+    RequesterCannotApprove = "REQUESTER_CANNOT_APPROVE": "the officer is not in this operation's quorum, or asked for it",
+    BadApprovalSignature = "BAD_APPROVAL_SIGNATURE": "the signature does not verify over this operation's digest with the officer's key",
+    AlreadyVoted = "ALREADY_VOTED": "one vote per officer; decided or expired operations take no votes",
+    OperationNotPending = "OPERATION_NOT_PENDING": "one vote per officer; decided or expired operations take no votes",
+    OperationExpired = "OPERATION_EXPIRED": "one vote per officer; decided or expired operations take no votes",
+    NotYours = "NOT_YOURS": "only the requester, officers and auditors read an operation",
+    PolicyChanged = "POLICY_CHANGED": "the quorum in force when the last approval came is not the one the operation was requested under (a policy or the officer set changed): request it again",
+    StoreUnavailable = "STORE_UNAVAILABLE": "the operation store cannot be written",
+    BadScript = "BAD_SCRIPT": "the script does not parse or validate (the message names the field); over 64 KiB; not ceremonies/{id}",
+    ScriptTooLarge = "SCRIPT_TOO_LARGE": "the script does not parse or validate (the message names the field); over 64 KiB; not ceremonies/{id}",
+    BadCeremonyName = "BAD_CEREMONY_NAME": "the script does not parse or validate (the message names the field); over 64 KiB; not ceremonies/{id}",
+    CeremonyExists = "CEREMONY_EXISTS": "the ceremony id is taken; an open ceremony makes that key id",
+    KeyReserved = "KEY_RESERVED": "the ceremony id is taken; an open ceremony makes that key id",
+    SoPinNotConfigured = "SO_PIN_NOT_CONFIGURED": "a KEK ceremony without [ceremony] so_pin_file; a drill without a scratch token; a backup before any KEK ceremony",
+    NoScratchToken = "NO_SCRATCH_TOKEN": "a KEK ceremony without [ceremony] so_pin_file; a drill without a scratch token; a backup before any KEK ceremony",
+    NoBackupKek = "NO_BACKUP_KEK": "a KEK ceremony without [ceremony] so_pin_file; a drill without a scratch token; a backup before any KEK ceremony",
+    BundleMismatch = "BUNDLE_MISMATCH": "the bundle sent is not the one the script pins; it does not validate or its signature does not verify",
+    BadBundle = "BAD_BUNDLE": "the bundle sent is not the one the script pins; it does not validate or its signature does not verify",
+    NotInQuorum = "NOT_IN_QUORUM": "the officer is not in the script's quorum, did not sign in, is not a custodian, or has no share to collect",
+    NotPresent = "NOT_PRESENT": "the officer is not in the script's quorum, did not sign in, is not a custodian, or has no share to collect",
+    NotACustodian = "NOT_A_CUSTODIAN": "the officer is not in the script's quorum, did not sign in, is not a custodian, or has no share to collect",
+    NoShare = "NO_SHARE": "the officer is not in the script's quorum, did not sign in, is not a custodian, or has no share to collect",
+    BadSignature = "BAD_SIGNATURE": "a sign-in or confirmation that does not verify over this script (and fingerprint) with the officer's key",
+    NotSigningIn = "NOT_SIGNING_IN": "the ceremony is not at that step",
+    NotDistributing = "NOT_DISTRIBUTING": "the ceremony is not at that step",
+    NotAccepting = "NOT_ACCEPTING": "the ceremony is not at that step",
+    NotConfirming = "NOT_CONFIRMING": "the ceremony is not at that step",
+    Finished = "FINISHED": "the ceremony is not at that step",
+    AlreadyPresent = "ALREADY_PRESENT": "one sign-in, confirmation and secret per officer",
+    AlreadyConfirmed = "ALREADY_CONFIRMED": "one sign-in, confirmation and secret per officer",
+    AlreadySubmitted = "ALREADY_SUBMITTED": "one sign-in, confirmation and secret per officer",
+    BadComponent = "BAD_COMPONENT": "a component that is not 32 bytes of hex (or all zero); one whose KCV is not the sheet's",
+    KcvMismatch = "KCV_MISMATCH": "a component that is not 32 bytes of hex (or all zero); one whose KCV is not the sheet's",
+    NoSecret = "NO_SECRET": "a ceremony step that needs a component or share got none",
+    BadShare = "BAD_SHARE": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
+    WrongShareSet = "WRONG_SHARE_SET": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
+    DuplicateShare = "DUPLICATE_SHARE": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
+    SharesRefused = "SHARES_REFUSED": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
+    NotBackupExportable = "NOT_BACKUP_EXPORTABLE": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
+    CertificateUnsupported = "CERTIFICATE_UNSUPPORTED": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
+    JournalUnavailable = "JOURNAL_UNAVAILABLE": "the ceremony journal cannot be written",
+    JournalCorrupt = "JOURNAL_CORRUPT": "a ceremony journal record does not parse (a bug or a damaged data directory)",
+    Internal = "INTERNAL": "a bug; details are in the daemon's log, never in the response",
+}
+
+impl Reason {
+    /// Whether the refusal says only that custody could not act right now
+    /// (a store, the audit log or the HSM was unavailable), so that nothing
+    /// was decided and the same step may be tried again.
+    pub fn is_unavailable(self) -> bool {
+        matches!(
+            self,
+            Reason::AuditUnavailable
+                | Reason::RegistryUnavailable
+                | Reason::HsmUnavailable
+                | Reason::HsmLoginFailed
+                | Reason::RollbackFailed
+                | Reason::StoreUnavailable
+                | Reason::JournalUnavailable
+        )
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal or failure: its reason and a message safe to show the caller.
+#[derive(Debug, Clone)]
+pub struct Error {
+    /// The stable reason.
+    pub reason: Reason,
+    /// Human-readable message, safe to show the caller.
+    pub message: String,
+}
+
+impl Error {
+    /// A refusal for `reason`.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// A bug or an impossible state: the detail goes to the log only, the
+    /// caller learns nothing but that it was internal.
+    pub fn internal(detail: impl fmt::Display) -> Self {
+        tracing::error!(%detail, "internal error");
+        Self::new(Reason::Internal, "internal error")
+    }
+
+    /// The audit log could not record: the operation did not happen.
+    pub fn audit_unavailable(error: &crate::audit::AuditError) -> Self {
+        tracing::error!(%error, "refusing: audit record not durable");
+        Self::new(
+            Reason::AuditUnavailable,
+            "the audit log cannot record this operation, so it was not performed",
+        )
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<hsm_shim::HsmError> for Error {
+    fn from(error: hsm_shim::HsmError) -> Self {
+        use hsm_shim::ErrorKind as K;
+        let (reason, message) = match error.kind() {
+            K::InvalidInput => (Reason::HsmInvalidInput, error.to_string()),
+            K::NotFound => (
+                Reason::HsmKeyMissing,
+                "the key is in the registry but not in the HSM (drift)".to_string(),
+            ),
+            K::AlreadyExists => (Reason::HsmKeyExists, error.to_string()),
+            K::NotPermitted => (
+                Reason::HsmNotPermitted,
+                "the key's HSM attributes forbid this operation".to_string(),
+            ),
+            K::Authentication => (
+                Reason::HsmLoginFailed,
+                "the HSM refused our login".to_string(),
+            ),
+            K::Unavailable => (Reason::HsmUnavailable, "the HSM is unavailable".to_string()),
+            K::IntegrityFailure => (Reason::IntegrityFailure, error.to_string()),
+            K::SelfTestFailed => (
+                Reason::HsmSelfTestFailed,
+                "the new key failed its consistency test and was destroyed".to_string(),
+            ),
+            K::Unsupported => (Reason::HsmUnsupported, error.to_string()),
+            K::Configuration | K::Internal | _ => (Reason::Internal, "internal error".to_string()),
+        };
+        if reason.is_unavailable()
+            || reason == Reason::Internal
+            || reason == Reason::HsmSelfTestFailed
+        {
+            tracing::error!(%error, "HSM failure");
+        }
+        Self::new(reason, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_are_unique_upper_snake_case() {
+        let mut seen = std::collections::BTreeSet::new();
+        for reason in Reason::ALL {
+            let name = reason.as_str();
+            assert!(seen.insert(name), "{name} twice");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! custody's domain: everything custodyd decides and does, below the API it
+//! is served through.
+//!
+//! This crate does not depend on tonic, prost or the generated `custody.v1`
+//! types: a handler in `custody-daemon` converts a request into the typed
+//! arguments of a function here and maps the [`Error`] it gets back to a
+//! status. Internal actors (the scheduler, the quorum executor, the ceremony
+//! engine, drift checks) call the same functions, never a handler.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`custody`] | [`Custody`], what every action reaches: HSM, registry, audit, officers, ceremonies, clock |
+//! | [`error`] | [`Reason`] and [`Error`], the one error vocabulary |
+//! | [`names`] | resource names and key ids (`keys/{id}/versions/{n}`), HSM labels |
+//! | [`clock`] | the time every rule reads (injected in tests) |
+//! | [`action`] | the audit record of one action: intent before acting, one outcome |
+//! | [`config`] | the TOML configuration |
+//! | [`identity`] | principals and roles, and how a client certificate names them |
+//! | [`algorithms`] | key algorithms and what they mean at the HSM |
+//! | [`registry`] | keys and versions in sled, held in memory |
+//! | [`lifecycle`] | NIST SP 800-57 version states: transitions and permitted uses |
+//! | [`audit`] | the hash-chained audit log, group commit, checkpoints, offline verification |
+//! | [`dual_control`] | officers, quorum policies, approved operations |
+//! | [`envelope`] | the self-describing ciphertext format and the nonce budget |
+//! | [`ceremony`] | key ceremonies: scripts, the journaled engine, shares, bundles, transcripts |
+//! | [`drift`] | comparing the registry with the objects the HSM holds |
+//! | [`metrics`] | every Prometheus metric |
+//! | [`pin_lockout`] | counting failed HSM logins across restarts |
+//! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
+//!
+//! The HSM is reached only through `hsm-shim`.
+
+#![forbid(unsafe_code)]
+
+pub mod action;
+pub mod algorithms;
+pub mod audit;
+pub mod ceremony;
+pub mod clock;
+pub mod config;
+pub mod custody;
+pub mod drift;
+pub mod dual_control;
+pub mod envelope;
+pub mod error;
+pub mod failpoint;
+pub mod identity;
+pub mod lifecycle;
+pub mod metrics;
+pub mod names;
+pub mod pin_lockout;
+pub mod registry;
+
+pub use custody::Custody;
+pub use error::{Error, Reason};
