@@ -274,7 +274,14 @@ pub async fn check(state: &Custody) -> Result<Report, String> {
         backup_keks,
     };
     let report = compare(&keys, &pending, &ceremonies, &objects, state.clock.now_ms());
-    crate::metrics::drift(&report);
+    crate::metrics::drift(
+        &[Kind::Missing, Kind::Extra, Kind::AttributeMismatch].map(|kind| {
+            (
+                kind.as_str(),
+                report.findings.iter().filter(|f| f.kind == kind).count(),
+            )
+        }),
+    );
     Ok(report)
 }
 

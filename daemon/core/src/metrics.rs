@@ -133,11 +133,9 @@ pub fn envelope(method: &'static str, outcome: &'static str, seconds: f64) {
 }
 
 /// The result of a drift check.
-pub fn drift(report: &crate::drift::Report) {
-    use crate::drift::Kind;
-    for kind in [Kind::Missing, Kind::Extra, Kind::AttributeMismatch] {
-        let count = report.findings.iter().filter(|f| f.kind == kind).count();
-        metrics::gauge!("custody_drift_findings", "kind" => kind.as_str()).set(count as f64);
+pub fn drift(findings_by_kind: &[(&'static str, usize)]) {
+    for (kind, count) in findings_by_kind {
+        metrics::gauge!("custody_drift_findings", "kind" => *kind).set(*count as f64);
     }
     metrics::counter!("custody_drift_checks_total", "outcome" => "ok").increment(1);
     metrics::gauge!("custody_drift_last_check_timestamp_seconds")

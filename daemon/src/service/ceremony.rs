@@ -21,11 +21,12 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{Audited, Shared, caller, require, timestamp, to_completion};
+use custody_core::ceremony::components;
 use custody_core::ceremony::engine::{self, KeyToBack, SubmittedSecret};
 use custody_core::ceremony::fingerprint::Fingerprint;
 use custody_core::ceremony::journal::{CeremonyRecord, Phase};
 use custody_core::ceremony::script::Script;
-use custody_core::ceremony::{components, sealed};
+use custody_core::dual_control::sealed;
 use custody_core::identity::{Principal, Role};
 use custody_core::registry::VersionState;
 use custody_core::{Error, Reason};

@@ -6,7 +6,6 @@
 //! | [`journal`] | ceremony records and the backup KEK in sled |
 //! | [`script`] | ceremony scripts: parsing, validation, the plan |
 //! | [`shares`] | the K-of-N share format custodians hold |
-//! | [`sealed`] | shares sealed to a custodian's officer key |
 //! | [`components`] | key components, their check values, and combining them |
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
@@ -20,6 +19,5 @@ pub mod engine;
 pub mod fingerprint;
 pub mod journal;
 pub mod script;
-pub mod sealed;
 pub mod shares;
 pub mod transcript;

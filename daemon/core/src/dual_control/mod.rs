@@ -8,12 +8,12 @@
 //!   flushed before anything is acknowledged.
 //! - [`officer_key`]: the officer's own Ed25519 key, in a passphrase-protected
 //!   file held by `custodyctl`.
-//!
-//! The gRPC face is `service/operations.rs`.
+//! - [`sealed`]: secrets (backup shares) sealed to an officer's key.
 
 pub mod officer_key;
 pub mod operation;
 pub mod quorum;
+pub mod sealed;
 pub mod store;
 
 /// The message an approval signs: a domain tag and the operation digest.

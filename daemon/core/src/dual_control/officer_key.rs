@@ -175,9 +175,9 @@ impl OfficerKey {
     }
 
     /// Opens a backup share sealed to this officer
-    /// ([`crate::ceremony::sealed`]).
+    /// ([`super::sealed`]).
     pub fn open_sealed(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
-        crate::ceremony::sealed::open(&self.signing, sealed)
+        super::sealed::open(&self.signing, sealed)
     }
 }
 
