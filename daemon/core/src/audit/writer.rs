@@ -1,0 +1,480 @@
+//! The [`AuditLog`] handle and the one writer thread behind it: group commit,
+//! failing closed after a failed flush, checkpoints on the policy's cadence,
+//! and the HSM session of the audit key. How a record lies in sled (its hash,
+//! then its entry, under its big-endian sequence number) is written and read
+//! only here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hsm_shim::{
+    EcdsaEncoding, Exportability, HsmSession, KeyLabel, KeySpec, SignAlgorithm, SignInput,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
+use super::event::{Entry, Event, now_rfc3339};
+use super::verify::{VerifyReport, verify_records};
+use crate::metrics;
+
+/// Label of the HSM key that signs checkpoints and heads.
+pub const AUDIT_KEY_LABEL: &str = "custody-audit/v1";
+
+const MAX_BATCH: usize = 4096;
+
+/// An append waiting for the writer: the event, when it was queued, and
+/// where its outcome goes.
+type PendingAppend = (
+    Box<Event>,
+    Instant,
+    oneshot::Sender<Result<u64, AuditError>>,
+);
+
+enum Command {
+    Append(
+        Box<Event>,
+        Instant,
+        oneshot::Sender<Result<u64, AuditError>>,
+    ),
+    Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
+    SignHead(oneshot::Sender<Result<SignedHead, AuditError>>),
+    SignStatement(Vec<u8>, oneshot::Sender<Result<Vec<u8>, AuditError>>),
+    Hold(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>),
+    Stop,
+}
+
+/// While held, the audit writer makes no HSM call (see [`AuditLog::hold`]);
+/// dropping it lets the writer go on.
+pub struct AuditHold {
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+/// Checkpoint cadence.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After this many records.
+    pub every: u64,
+    /// Or after this long with new records.
+    pub interval: Duration,
+}
+
+/// Handle to the audit log; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    commands: crossbeam_channel::Sender<Command>,
+    tree: sled::Tree,
+    failed: Arc<AtomicBool>,
+    audit_key_spki: Arc<Vec<u8>>,
+    audit_key_pem: Arc<String>,
+    writer: Arc<WriterThread>,
+}
+
+/// The writer thread, stopped and joined when the last [`AuditLog`] goes:
+/// the thread holds an HSM session, and a session closed while the process
+/// exits (and the PKCS#11 module tears itself down) crashes the module.
+struct WriterThread {
+    commands: crossbeam_channel::Sender<Command>,
+    handle: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl WriterThread {
+    fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let handle = self
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the audit writer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl AuditLog {
+    /// Opens the log in `db`, checks the stored chain, makes the audit key if
+    /// the token has none, and starts the writer thread on `session`.
+    pub fn open(
+        db: &sled::Db,
+        mut session: HsmSession,
+        policy: CheckpointPolicy,
+    ) -> Result<AuditLog, String> {
+        let tree = db.open_tree("audit").map_err(|e| e.to_string())?;
+        let report = verify_records(stored_records(&tree, 1), None);
+        if let Some((seq, problem)) = report.first_bad {
+            return Err(AuditError::Corrupt { seq, problem }.to_string());
+        }
+        let label = KeyLabel::new(AUDIT_KEY_LABEL).map_err(|e| e.to_string())?;
+        let public_key = match session.public_key(&label) {
+            Ok(key) => key,
+            Err(e) if e.kind() == hsm_shim::ErrorKind::NotFound => session
+                .generate_key_pair(&label, KeySpec::EcP256, Exportability::NonExportable)
+                .map_err(|e| format!("creating the audit key: {e}"))?
+                .public_key
+                .ok_or("audit key without public key")?,
+            Err(e) => return Err(format!("reading the audit key: {e}")),
+        };
+        let spki = public_key.spki_der().to_vec();
+        let pem = public_key.to_pem().map_err(|e| e.to_string())?;
+        let (commands, queue) = crossbeam_channel::unbounded();
+        let failed = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            db: db.clone(),
+            tree: tree.clone(),
+            session,
+            label,
+            seq: report.last_seq,
+            hash: report.last_hash,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            policy,
+            failed: failed.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| e.to_string())?;
+        Ok(AuditLog {
+            commands: commands.clone(),
+            tree,
+            failed,
+            audit_key_spki: Arc::new(spki),
+            audit_key_pem: Arc::new(pem),
+            writer: Arc::new(WriterThread {
+                commands,
+                handle: std::sync::Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// Appends `event` and waits until it is durable; returns its sequence
+    /// number. An error means the caller must not act (fail closed).
+    pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append(Box::new(event), Instant::now(), reply))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Signs a checkpoint now (normally it happens on the policy's cadence).
+    pub async fn checkpoint(&self) -> Result<u64, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Checkpoint(reply))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// The current head, signed by the audit key.
+    pub async fn signed_head(&self) -> Result<SignedHead, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SignHead(reply))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Signs `message` (SHA-256, ECDSA P-256, DER) with the audit key: the
+    /// signature on ceremony transcripts and backup manifests.
+    pub async fn sign_statement(&self, message: Vec<u8>) -> Result<Vec<u8>, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SignStatement(message, reply))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Parks the writer until the returned guard is dropped, once what is
+    /// queued before it is written. The token security officer's step of a
+    /// ceremony logs the whole application out for a moment; the writer's
+    /// session must not sign a checkpoint meanwhile. Appends wait, they do
+    /// not fail.
+    pub async fn hold(&self) -> Result<AuditHold, AuditError> {
+        let (parked, answer) = oneshot::channel();
+        let (release, wait) = std::sync::mpsc::channel();
+        self.send(Command::Hold(parked, wait))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
+        Ok(AuditHold { _release: release })
+    }
+
+    /// Stops the writer after what is queued, and waits for it: on return the
+    /// log holds no database handle of its own.
+    pub fn close(&self) {
+        self.writer.stop();
+    }
+
+    /// True while appends are possible.
+    pub fn healthy(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The audit key's SubjectPublicKeyInfo DER.
+    pub fn audit_key_spki(&self) -> &[u8] {
+        &self.audit_key_spki
+    }
+
+    /// The audit key's SubjectPublicKeyInfo PEM.
+    pub fn audit_key_pem(&self) -> &str {
+        &self.audit_key_pem
+    }
+
+    /// Stored records from `start` on.
+    pub fn records(&self, start: u64) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
+        stored_records(&self.tree, start)
+    }
+
+    /// Checks the whole stored chain and its checkpoints.
+    pub fn verify(&self) -> VerifyReport {
+        verify_records(stored_records(&self.tree, 1), Some(&self.audit_key_spki))
+    }
+
+    fn send(&self, command: Command) -> Result<(), AuditError> {
+        if !self.healthy() {
+            return Err(AuditError::Unavailable(
+                "an earlier write failed; restart custodyd once the disk is healthy".into(),
+            ));
+        }
+        self.commands
+            .send(command)
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))
+    }
+}
+
+fn stored_records(
+    tree: &sled::Tree,
+    start: u64,
+) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
+    tree.range(start.max(1).to_be_bytes()..).map(|item| {
+        let (key, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let seq = <[u8; 8]>::try_from(key.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| AuditError::Corrupt {
+                seq: 0,
+                problem: "malformed record key".into(),
+            })?;
+        if value.len() < 32 {
+            return Err(AuditError::Corrupt {
+                seq,
+                problem: "record shorter than its hash".into(),
+            });
+        }
+        let (hash, entry) = value.split_at(32);
+        Ok(Record {
+            seq,
+            entry: entry.to_vec(),
+            hash: hash.try_into().unwrap_or([0; 32]),
+        })
+    })
+}
+
+struct Writer {
+    db: sled::Db,
+    tree: sled::Tree,
+    session: HsmSession,
+    label: KeyLabel,
+    seq: u64,
+    hash: [u8; 32],
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    policy: CheckpointPolicy,
+    failed: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, queue: crossbeam_channel::Receiver<Command>) {
+        loop {
+            let first = match queue.recv_timeout(self.policy.interval) {
+                Ok(command) => command,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.checkpoint_if_due();
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut appends = Vec::new();
+            let mut others = Vec::new();
+            let mut stop = false;
+            for command in std::iter::once(first).chain(queue.try_iter().take(MAX_BATCH)) {
+                match command {
+                    Command::Append(event, queued, reply) => appends.push((event, queued, reply)),
+                    Command::Stop => stop = true,
+                    other => others.push(other),
+                }
+            }
+            if !appends.is_empty() {
+                self.write_batch(appends);
+            }
+            for command in others {
+                match command {
+                    Command::Checkpoint(reply) => {
+                        let _ = reply.send(self.checkpoint());
+                    }
+                    Command::SignHead(reply) => {
+                        let _ = reply.send(self.sign_head());
+                    }
+                    Command::SignStatement(message, reply) => {
+                        let _ = reply.send(self.sign(&message));
+                    }
+                    Command::Hold(parked, wait) => {
+                        let _ = parked.send(());
+                        // Returns when the guard is dropped (its sender gone).
+                        let _ = wait.recv();
+                    }
+                    Command::Append(..) | Command::Stop => {}
+                }
+            }
+            if stop {
+                return;
+            }
+            self.checkpoint_if_due();
+        }
+    }
+
+    fn write_batch(&mut self, appends: Vec<PendingAppend>) {
+        // After a failed flush the on-disk tail is unknown: write nothing more
+        // (what was queued before the failure was noticed included).
+        if self.failed.load(Ordering::SeqCst) {
+            for (_, _, reply) in appends {
+                let _ = reply.send(Err(AuditError::Unavailable(
+                    "an earlier write failed; restart custodyd once the disk is healthy".into(),
+                )));
+            }
+            return;
+        }
+        let (start_seq, start_hash) = (self.seq, self.hash);
+        let mut written = Vec::with_capacity(appends.len());
+        let mut outcome = Ok(());
+        for (event, queued, reply) in appends {
+            if outcome.is_ok() {
+                outcome = self.write_one(*event);
+            }
+            written.push((self.seq, queued, reply));
+        }
+        let outcome = outcome.and_then(|()| {
+            self.db
+                .flush()
+                .map(drop)
+                .map_err(|e| AuditError::Unavailable(format!("flush: {e}")))
+        });
+        match outcome {
+            Ok(()) => {
+                for (seq, queued, reply) in written {
+                    metrics::audit_append(queued.elapsed().as_secs_f64());
+                    let _ = reply.send(Ok(seq));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "audit write failed; refusing all further operations");
+                self.failed.store(true, Ordering::SeqCst);
+                (self.seq, self.hash) = (start_seq, start_hash);
+                for (_, _, reply) in written {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    fn write_one(&mut self, event: Event) -> Result<(), AuditError> {
+        let seq = self.seq + 1;
+        let entry = Entry {
+            seq,
+            time: now_rfc3339(),
+            prev: hex::encode(self.hash),
+            event,
+        };
+        let bytes = serde_json::to_vec(&entry)
+            .map_err(|e| AuditError::Unavailable(format!("encoding: {e}")))?;
+        let hash = chain_hash(&self.hash, &bytes);
+        let mut value = Vec::with_capacity(32 + bytes.len());
+        value.extend_from_slice(&hash);
+        value.extend_from_slice(&bytes);
+        self.tree
+            .insert(seq.to_be_bytes(), value)
+            .map_err(|e| AuditError::Unavailable(format!("write: {e}")))?;
+        self.seq = seq;
+        self.hash = hash;
+        self.since_checkpoint += 1;
+        Ok(())
+    }
+
+    fn checkpoint_if_due(&mut self) {
+        let due = self.since_checkpoint >= self.policy.every
+            || (self.since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.policy.interval);
+        if due && !self.failed.load(Ordering::SeqCst) {
+            if let Err(error) = self.checkpoint() {
+                tracing::warn!(%error, "audit checkpoint failed; will retry");
+            }
+        }
+    }
+
+    /// Signs the head and appends the checkpoint record, durably.
+    fn checkpoint(&mut self) -> Result<u64, AuditError> {
+        if self.seq == 0 {
+            return Err(AuditError::Unavailable("nothing to checkpoint yet".into()));
+        }
+        let (head_seq, head_hash) = (self.seq, self.hash);
+        let signature = self.sign(checkpoint_message(head_seq, &head_hash).as_bytes());
+        let signature = match signature {
+            Ok(signature) => signature,
+            Err(error) => {
+                metrics::audit_checkpoint("failed");
+                return Err(error);
+            }
+        };
+        let (reply, _answer) = oneshot::channel();
+        self.write_batch(vec![(
+            Box::new(Event::Checkpoint {
+                head_seq,
+                head_hash: hex::encode(head_hash),
+                signature: hex::encode(signature),
+            }),
+            Instant::now(),
+            reply,
+        )]);
+        if self.failed.load(Ordering::SeqCst) {
+            metrics::audit_checkpoint("failed");
+            return Err(AuditError::Unavailable("checkpoint not durable".into()));
+        }
+        metrics::audit_checkpoint("ok");
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(self.seq)
+    }
+
+    fn sign_head(&mut self) -> Result<SignedHead, AuditError> {
+        let time = now_rfc3339();
+        let signature = self.sign(head_message(self.seq, &self.hash, &time).as_bytes())?;
+        Ok(SignedHead {
+            seq: self.seq,
+            hash: self.hash,
+            time,
+            signature,
+        })
+    }
+
+    fn sign(&mut self, message: &[u8]) -> Result<Vec<u8>, AuditError> {
+        let digest = Sha256::digest(message);
+        self.session
+            .sign(
+                &self.label,
+                SignAlgorithm::EcdsaP256Sha256,
+                SignInput::Digest(&digest),
+                EcdsaEncoding::Der,
+            )
+            .map_err(|e| AuditError::Unavailable(format!("signing with the audit key: {e}")))
+    }
+}
