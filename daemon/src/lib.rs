@@ -9,7 +9,6 @@
 //! | [`status`] | the one map from a domain reason to a gRPC status |
 //! | [`tls`] | mTLS: rustls config, CRLs, reload, the accept loop |
 //! | [`server`] | assembling and running the server |
-//! | [`scheduler`] | scheduled rotation and destruction, drift checks, crash roll-back |
 //! | [`run`] | the process: config, signals, logging |
 //! | [`client`] | mTLS channels to custodyd (custodyctl, tests) |
 //! | [`wire`] | domain values ⇄ `custody.v1` messages shared by several services |
@@ -20,7 +19,6 @@
 pub mod client;
 pub mod devpki;
 pub mod run;
-pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod status;

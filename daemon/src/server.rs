@@ -19,7 +19,7 @@ use crate::service::audit::Audit;
 use crate::service::ceremony::CeremonyKeys;
 use crate::service::envelope::EnvelopeKeys;
 use crate::service::keys::Keys;
-use crate::service::operations::{Operations, expire_due};
+use crate::service::operations::Operations;
 use crate::service::signing::Signing;
 use crate::tls::{TlsReloader, incoming};
 use custody_core::Custody;
@@ -28,6 +28,7 @@ use custody_core::clock::{Clock, SystemClock};
 use custody_core::config::Config;
 use custody_core::dual_control::store::{DualControlStore, Genesis};
 use custody_core::metrics;
+use custody_core::operations::vote::expire_due;
 use custody_core::pin_lockout;
 use custody_core::registry::Registry;
 
@@ -144,7 +145,7 @@ impl Daemon {
             budget,
             ceremonies,
         });
-        let versions = crate::scheduler::roll_back_unfinished(&state).await?;
+        let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
         let ceremonies = custody_core::ceremony::engine::recover(&state)
             .await
             .map_err(|e| format!("ceremony recovery: {e}"))?;
@@ -155,7 +156,7 @@ impl Daemon {
             );
         }
         if versions + ceremonies > 0 {
-            crate::scheduler::sweep_torn_objects(&state).await?;
+            custody_core::scheduler::sweep_torn_objects(&state).await?;
         }
         Ok(Daemon { state, tls, config })
     }
@@ -183,7 +184,7 @@ impl Daemon {
                 .await;
         }
         tokio::spawn(watch_health(Arc::downgrade(&self.state), health_reporter));
-        tokio::spawn(crate::scheduler::run(Arc::downgrade(&self.state)));
+        tokio::spawn(custody_core::scheduler::run(Arc::downgrade(&self.state)));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -17,13 +17,18 @@
 //! | [`config`] | the TOML configuration |
 //! | [`identity`] | principals and roles, and how a client certificate names them |
 //! | [`algorithms`] | key algorithms and what they mean at the HSM |
+//! | [`authz`] | the one decision: roles, allow-lists, acting officers, quorum gates, which quorum governs an operation |
+//! | [`keys`] | creating, rotating, changing and destroying keys and versions (one journaled generation protocol) |
 //! | [`registry`] | keys and versions in sled, held in memory |
 //! | [`lifecycle`] | NIST SP 800-57 version states: transitions and permitted uses |
 //! | [`audit`] | the hash-chained audit log, group commit, checkpoints, offline verification |
 //! | [`dual_control`] | officers, quorum policies, approved operations |
+//! | [`operations`] | operations waiting for officer approval: request, read, vote, execute |
 //! | [`envelope`] | the self-describing ciphertext format and the nonce budget |
 //! | [`ceremony`] | key ceremonies: scripts, the journaled engine, shares, bundles, transcripts |
 //! | [`drift`] | comparing the registry with the objects the HSM holds |
+//! | [`scheduler`] | what runs without a request: crash roll-back at start, scheduled rotation and destruction, drift checks |
+//! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`pin_lockout`] | counting failed HSM logins across restarts |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
@@ -35,6 +40,7 @@
 pub mod action;
 pub mod algorithms;
 pub mod audit;
+pub mod authz;
 pub mod ceremony;
 pub mod clock;
 pub mod config;
@@ -45,11 +51,15 @@ pub mod envelope;
 pub mod error;
 pub mod failpoint;
 pub mod identity;
+pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod names;
+pub mod operations;
 pub mod pin_lockout;
 pub mod registry;
+pub mod scheduler;
+pub mod signing;
 
 pub use custody::Custody;
 pub use error::{Error, Reason};

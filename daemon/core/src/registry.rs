@@ -37,6 +37,35 @@ pub enum VersionState {
     Destroyed,
 }
 
+impl VersionState {
+    /// Every state.
+    pub const ALL: [VersionState; 6] = [
+        VersionState::PreActivation,
+        VersionState::Active,
+        VersionState::Suspended,
+        VersionState::Deactivated,
+        VersionState::Compromised,
+        VersionState::Destroyed,
+    ];
+
+    /// The API name (`ACTIVE`, …), as approved operations record it.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            VersionState::PreActivation => "PRE_ACTIVATION",
+            VersionState::Active => "ACTIVE",
+            VersionState::Suspended => "SUSPENDED",
+            VersionState::Deactivated => "DEACTIVATED",
+            VersionState::Compromised => "COMPROMISED",
+            VersionState::Destroyed => "DESTROYED",
+        }
+    }
+
+    /// The state of an API name.
+    pub fn from_api_name(name: &str) -> Option<VersionState> {
+        Self::ALL.into_iter().find(|s| s.api_name() == name)
+    }
+}
+
 /// One version of a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRecord {

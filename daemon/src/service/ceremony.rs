@@ -20,7 +20,8 @@ use sha2::Digest;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Audited, Shared, caller, require, timestamp, to_completion};
+use super::{Audited, Shared, caller, require, to_completion};
+use crate::wire::timestamp;
 use custody_core::ceremony::components;
 use custody_core::ceremony::engine::{self, KeyToBack, SubmittedSecret};
 use custody_core::ceremony::fingerprint::Fingerprint;

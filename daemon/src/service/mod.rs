@@ -1,11 +1,14 @@
 //! The gRPC services, one file each: `keys.rs`, `signing.rs`, `envelope.rs`,
-//! `audit.rs`, `operations.rs`.
+//! `audit.rs`, `operations.rs`, `ceremony.rs`.
 //!
-//! Every handler follows one shape: find the caller, check the request (no HSM
-//! call on bad input), check policy, act, and record exactly one audit record
-//! for the request, refusals included. Anything that changes state records its
-//! intent durably before acting; a signature is returned only after its record
-//! is durable.
+//! A handler only converts: it turns the request into the typed arguments
+//! of a `custody-core` function, and the record that function returns into
+//! the response. Every unary handler runs in one shell, [`serve`]: find the
+//! caller, start the request's audit record, ask the decision
+//! ([`custody_core::authz`]) whether the caller's roles allow the action,
+//! run the body, and record exactly one outcome, refusals included. The
+//! domain below records intent durably before it changes anything; a
+//! result is returned only after its record is durable.
 
 pub mod audit;
 pub mod ceremony;
@@ -14,12 +17,15 @@ pub mod keys;
 pub mod operations;
 pub mod signing;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use custody_core::authz::{Action, authorize};
 use custody_core::identity::{Principal, Role};
 use custody_core::{Custody, Error, Reason, metrics};
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use crate::tls::PeerInfo;
 
@@ -127,21 +133,57 @@ pub async fn to_completion<T: Send + 'static>(
         .map(tonic::Response::new)
 }
 
-/// A protobuf timestamp from Unix milliseconds.
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+/// The body of a request: what it does once the caller is known and
+/// allowed. It may name the resource and detail in the audit record.
+pub type Body<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+/// Whether a request runs in a task of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// In the caller's task: reads and refusals, which change nothing.
+    Inline,
+    /// To completion in a task of its own, so that a client that
+    /// disconnects or times out cannot cancel a state change between an HSM
+    /// call and the registry write that records it (a dropped future would
+    /// release the registry lock with the HSM job still queued).
+    ToCompletion,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_split_milliseconds() {
-        let t = timestamp(1_700_000_000_123);
-        assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_000_000));
+/// Serves one unary request: caller → audit record started (naming
+/// `resource`) → decision (`action`'s roles) → `body` → one audit outcome
+/// → the response or the status its reason maps to.
+pub async fn serve<R, T>(
+    custody: &Shared,
+    method: &'static str,
+    action: Action,
+    request: Request<R>,
+    run: Run,
+    resource: impl FnOnce(&R) -> String,
+    body: impl for<'a> FnOnce(&'a Custody, &'a mut Audited, Principal, R) -> Body<'a, T>
+    + Send
+    + 'static,
+) -> Result<Response<T>, Status>
+where
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    let principal = caller(&request);
+    let request = request.into_inner();
+    let mut audited = Audited::start(method);
+    audited.resource = resource(&request);
+    let custody = custody.clone();
+    let work = async move {
+        let result = async {
+            let principal = principal?;
+            audited.principal = principal.name.clone();
+            authorize(&principal, action)?;
+            body(&custody, &mut audited, principal, request).await
+        }
+        .await;
+        audited.finish(&custody, result).await
+    };
+    match run {
+        Run::Inline => work.await.map(Response::new),
+        Run::ToCompletion => to_completion(work).await,
     }
 }

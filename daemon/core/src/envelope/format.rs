@@ -1,5 +1,4 @@
-//! Envelope encryption's two pieces of state-free logic and one of state:
-//! the self-describing ciphertext format, the associated data each
+//! The self-describing ciphertext format, the associated data each
 //! encryption is bound to, and the per-version nonce budget.
 //!
 //! Ciphertext layout (all integers big-endian):

@@ -19,16 +19,14 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::service::Audited;
-use crate::service::keys::{
-    Approval, Keys, SCHEDULER, SCHEDULER_REQUEST_PREFIX, Trigger, roll_back_version,
-};
-use custody_core::Custody;
-use custody_core::audit::Event;
-use custody_core::drift;
-use custody_core::metrics;
-use custody_core::names::version_name;
-use custody_core::registry::{KeyRecord, VersionState};
+use crate::action::Audited;
+use crate::audit::Event;
+use crate::authz::Approval;
+use crate::keys::generation::roll_back_version;
+use crate::keys::{self, SCHEDULER, SCHEDULER_REQUEST_PREFIX, Trigger};
+use crate::names::version_name;
+use crate::registry::{KeyRecord, VersionState};
+use crate::{Custody, Error, Reason, drift, metrics};
 
 /// Rolls back every version generation a crash left uncommitted; returns
 /// how many there were.
@@ -70,9 +68,7 @@ pub async fn roll_back_unfinished(state: &Custody) -> Result<usize, String> {
                 }
             }
         };
-        let result = result.map_err(|message| {
-            custody_core::Error::new(custody_core::Reason::RollbackFailed, message)
-        });
+        let result = result.map_err(|message| Error::new(Reason::RollbackFailed, message));
         if let Err(error) = audited.record(state, result).await {
             tracing::error!(reason = %error.reason, version = %entry.hsm_label, "version roll-back");
         } else {
@@ -98,11 +94,11 @@ pub async fn sweep_torn_objects(state: &Custody) -> Result<(), String> {
             Ok(())
         }
         // Not fatal: drift detection reports what is left.
-        Err(error) => Err(custody_core::Error::from(error)),
+        Err(error) => Err(Error::from(error)),
     };
     match audited.record(state, result).await {
         Ok(()) => Ok(()),
-        Err(error) if error.reason == custody_core::Reason::AuditUnavailable => {
+        Err(error) if error.reason == Reason::AuditUnavailable => {
             Err(format!("sweeping torn objects: {}", error.message))
         }
         Err(error) => {
@@ -197,16 +193,16 @@ async fn rotate_due(state: &Arc<Custody>) {
         audited.principal = SCHEDULER.into();
         audited.resource = format!("keys/{}", key.key_id);
         let request_id = format!("{SCHEDULER_REQUEST_PREFIX}v{primary}");
-        let result = Keys(state.clone())
-            .rotate(
-                &mut audited,
-                &key.key_id,
-                Some(&request_id),
-                Some(primary),
-                Trigger::Schedule,
-                Approval::None,
-            )
-            .await;
+        let result = keys::rotate(
+            state,
+            &mut audited,
+            &key.key_id,
+            Some(&request_id),
+            Some(primary),
+            Trigger::Schedule,
+            Approval::None,
+        )
+        .await;
         let failed = result.is_err();
         match audited.record(state, result).await {
             Ok(_) => tracing::info!(key = %key.key_id, why, "rotated on schedule"),
@@ -232,9 +228,7 @@ async fn destroy_due(state: &Arc<Custody>) {
             let mut audited = Audited::start("ScheduledDestroy");
             audited.principal = SCHEDULER.into();
             audited.resource = version_name(&key.key_id, version.version);
-            let result = Keys(state.clone())
-                .destroy_due(&mut audited, &key.key_id, version.version)
-                .await;
+            let result = keys::destroy_due(state, &mut audited, &key.key_id, version.version).await;
             match audited.record(state, result).await {
                 Ok(_) => {
                     metrics::version_destroyed("done");

@@ -1,0 +1,286 @@
+//! The one place custody decides who may do what: which roles an action
+//! needs, who may use a key (its allow-list), which officer a caller acts
+//! as, and whether a key's policy puts an action under quorum. Handlers, the
+//! quorum executor and the ceremony engine ask here; none decides alone.
+//!
+//! What a quorum is and how votes count is [`crate::dual_control::quorum`];
+//! which quorum governs an operation is [`quorum_for`].
+
+use crate::Custody;
+use crate::dual_control::operation::{ALWAYS_GATED_KINDS, Spec};
+use crate::dual_control::quorum::Quorum;
+use crate::dual_control::store::OfficerRecord;
+use crate::identity::{Principal, Role};
+use crate::registry::KeyRecord;
+use crate::{Error, Reason};
+
+/// Whether an action runs on the strength of an approved operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// A direct call: refused where a quorum policy applies.
+    None,
+    /// Executing an operation the quorum approved.
+    Quorum,
+}
+
+/// What a caller asks to do, as far as roles decide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read keys, versions and public keys; verify a signature.
+    ReadKeys,
+    /// Create, rotate, change the state or settings of keys.
+    ManageKeys,
+    /// Make a key safer: cancel a scheduled destruction, place a legal hold.
+    ProtectKeys,
+    /// Compare the registry with the HSM.
+    CheckDrift,
+    /// Sign with a key (the key's allow-list decides which).
+    Sign,
+    /// Encrypt, decrypt, make or rewrap data keys (the allow-list decides which).
+    UseEnvelopeKeys,
+    /// Read, export or verify the audit log.
+    ReadAudit,
+    /// Approve or deny an operation.
+    Vote,
+    /// Ask for an operation that changes keys (rotate, state, settings).
+    RequestKeyChange,
+    /// Ask for an operation that changes who controls keys (policies,
+    /// officers, destruction, legal holds).
+    RequestControlChange,
+    /// List the enrolled officers.
+    ListOfficers,
+    /// Take part in a key ceremony.
+    Ceremony,
+}
+
+impl Action {
+    /// The roles of which the caller must hold one; empty: any
+    /// authenticated principal.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Action::ReadKeys | Action::ListOfficers => &[],
+            Action::ManageKeys | Action::RequestKeyChange => &[Role::Operator],
+            Action::ProtectKeys | Action::RequestControlChange => &[Role::Operator, Role::Officer],
+            Action::CheckDrift => &[Role::Operator, Role::Auditor],
+            Action::Sign | Action::UseEnvelopeKeys => &[Role::Signer],
+            Action::ReadAudit => &[Role::Auditor],
+            Action::Vote | Action::Ceremony => &[Role::Officer],
+        }
+    }
+}
+
+/// Refuses unless `principal` holds one of the roles `action` needs.
+pub fn authorize(principal: &Principal, action: Action) -> Result<(), Error> {
+    let roles = action.roles();
+    if roles.is_empty() || roles.iter().any(|role| principal.has(*role)) {
+        return Ok(());
+    }
+    let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    Err(Error::new(
+        Reason::RoleRequired,
+        format!(
+            "this needs the {} role, which {} does not hold",
+            names.join(" or "),
+            principal.name
+        ),
+    ))
+}
+
+/// Refuses unless `principal` is on the allow-list of `record`.
+pub fn allowed_user(record: &KeyRecord, principal: &Principal) -> Result<(), Error> {
+    if record.allowed_signers.contains(&principal.name) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Reason::NotAllowedSigner,
+            format!(
+                "{} is not on the allow-list of keys/{}",
+                principal.name, record.key_id
+            ),
+        ))
+    }
+}
+
+/// The officer `officer_id`, if it is enrolled and bound to the caller's
+/// certificate principal: an officer acts only under their own identity.
+pub fn acting_officer(
+    custody: &Custody,
+    principal: &Principal,
+    officer_id: &str,
+) -> Result<OfficerRecord, Error> {
+    let officer = custody.dual_control.officer(officer_id).ok_or_else(|| {
+        Error::new(
+            Reason::OfficerNotEnrolled,
+            format!("{officer_id} is not an enrolled officer"),
+        )
+    })?;
+    if officer.principal != principal.name {
+        return Err(Error::new(
+            Reason::OfficerMismatch,
+            format!("officer {officer_id} is bound to another certificate principal"),
+        ));
+    }
+    Ok(officer)
+}
+
+/// Refuses unless `principal` may read an operation `requester` asked for:
+/// the requester, officers and auditors.
+pub fn may_read_operation(principal: &Principal, requester: &str) -> Result<(), Error> {
+    if principal.has(Role::Officer) || principal.has(Role::Auditor) || requester == principal.name {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Reason::NotYours,
+            "only the requester, officers and auditors read an operation",
+        ))
+    }
+}
+
+/// Refuses a direct call when the key's policy puts `kind` under quorum.
+pub fn quorum_gate(record: &KeyRecord, kind: &str, approved: Approval) -> Result<(), Error> {
+    match (record.policies.get(kind), approved) {
+        (Some(quorum), Approval::None) => Err(Error::new(
+            Reason::QuorumRequired,
+            format!(
+                "{kind} on keys/{} needs {} officer approvals: request it with OperationService.RequestOperation",
+                record.key_id, quorum.required
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The administrative quorum (officer set changes, and key actions whose
+/// key names no policy of their own but which are always gated).
+pub fn admin_quorum(custody: &Custody) -> Result<Quorum, Error> {
+    custody
+        .dual_control
+        .admin_quorum()
+        .map_err(|e| Error::new(Reason::NoOfficers, e))
+}
+
+/// The quorum that governs `spec` now: the key's own policy for its kind,
+/// else the administrative quorum for kinds that are always gated; an
+/// operation that needs no approval is refused (call the direct RPC).
+pub fn quorum_for(custody: &Custody, spec: &Spec) -> Result<Quorum, Error> {
+    let Some(key_id) = spec.key_id() else {
+        return admin_quorum(custody);
+    };
+    let key = custody
+        .registry
+        .get(key_id)
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
+    match key.policies.get(spec.kind()) {
+        Some(quorum) => Ok(quorum.clone()),
+        None if ALWAYS_GATED_KINDS.contains(&spec.kind()) => admin_quorum(custody),
+        None => Err(Error::new(
+            Reason::NoPolicy,
+            format!(
+                "keys/{key_id} has no {} policy: call the direct RPC instead",
+                spec.kind()
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn principal(roles: &[Role]) -> Principal {
+        Principal {
+            name: "p".into(),
+            roles: roles.iter().copied().collect::<BTreeSet<_>>(),
+        }
+    }
+
+    #[test]
+    fn each_action_needs_one_of_its_roles() {
+        let all = [
+            Action::ReadKeys,
+            Action::ManageKeys,
+            Action::ProtectKeys,
+            Action::CheckDrift,
+            Action::Sign,
+            Action::UseEnvelopeKeys,
+            Action::ReadAudit,
+            Action::Vote,
+            Action::RequestKeyChange,
+            Action::RequestControlChange,
+            Action::ListOfficers,
+            Action::Ceremony,
+        ];
+        let roles = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
+        for action in all {
+            assert_eq!(
+                authorize(&principal(&[]), action).is_ok(),
+                action.roles().is_empty(),
+                "{action:?} with no role"
+            );
+            for role in roles {
+                let allowed = authorize(&principal(&[role]), action).is_ok();
+                assert_eq!(
+                    allowed,
+                    action.roles().is_empty() || action.roles().contains(&role),
+                    "{action:?} as {role}"
+                );
+                if !allowed {
+                    assert_eq!(
+                        authorize(&principal(&[role]), action).unwrap_err().reason,
+                        Reason::RoleRequired
+                    );
+                }
+            }
+        }
+        // The rules that matter most, spelled out.
+        assert!(authorize(&principal(&[Role::Operator]), Action::Sign).is_err());
+        assert!(authorize(&principal(&[Role::Signer]), Action::Vote).is_err());
+        assert!(authorize(&principal(&[Role::Officer]), Action::ManageKeys).is_err());
+        assert!(authorize(&principal(&[Role::Signer]), Action::ReadAudit).is_err());
+    }
+
+    fn key(policies: &[(&str, u32)]) -> KeyRecord {
+        let mut record: KeyRecord = serde_json::from_value(serde_json::json!({
+            "key_id": "k", "algorithm": "EC_SIGN_P256_SHA256", "allowed_signers": ["ca"],
+            "primary_version": 1, "created_ms": 0, "versions": []
+        }))
+        .expect("a minimal key record");
+        for (kind, required) in policies {
+            record.policies.insert(
+                (*kind).into(),
+                Quorum::new(["a", "b", "c"].map(String::from), *required).expect("quorum"),
+            );
+        }
+        record
+    }
+
+    #[test]
+    fn a_policy_gates_direct_calls_only() {
+        let gated = key(&[("SIGN", 2)]);
+        assert_eq!(
+            quorum_gate(&gated, "SIGN", Approval::None)
+                .unwrap_err()
+                .reason,
+            Reason::QuorumRequired
+        );
+        assert!(quorum_gate(&gated, "SIGN", Approval::Quorum).is_ok());
+        assert!(quorum_gate(&gated, "ROTATE", Approval::None).is_ok());
+        assert!(quorum_gate(&key(&[]), "SIGN", Approval::None).is_ok());
+    }
+
+    #[test]
+    fn only_listed_principals_use_a_key() {
+        let record = key(&[]);
+        let mut ca = principal(&[Role::Signer]);
+        ca.name = "ca".into();
+        assert!(allowed_user(&record, &ca).is_ok());
+        assert_eq!(
+            allowed_user(&record, &principal(&[Role::Signer]))
+                .unwrap_err()
+                .reason,
+            Reason::NotAllowedSigner
+        );
+    }
+}

@@ -1,0 +1,101 @@
+//! A new key: checked against the crypto policy and the ceremonies that
+//! reserve key ids, then its first version made by the journaled
+//! [`generation`](super::generation) protocol.
+
+use super::generation::{commit_version, exportability, generate_version};
+use crate::action::Audited;
+use crate::algorithms::KeyAlgorithm;
+use crate::identity::valid_principal_name;
+use crate::names::check_key_id;
+use crate::registry::KeyRecord;
+use crate::{Custody, Error, Reason};
+
+/// Most principals one key's allow-list may name.
+pub const MAX_ALLOWED_SIGNERS: usize = 256;
+
+/// What a new key is to be.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// `[a-z][a-z0-9-]{0,62}`.
+    pub key_id: String,
+    /// Fixed for the key's life.
+    pub algorithm: KeyAlgorithm,
+    /// Principals that may sign (or encrypt) with it.
+    pub allowed_signers: Vec<String>,
+    /// How long each version may protect, from its activation.
+    pub cryptoperiod_ms: Option<i64>,
+    /// Whether versions may be wrapped under the backup KEK.
+    pub backup_exportable: bool,
+}
+
+/// Creates a key and its first version.
+pub async fn create(
+    custody: &Custody,
+    audited: &mut Audited,
+    new: NewKey,
+) -> Result<KeyRecord, Error> {
+    check_key_id(&new.key_id)?;
+    audited.resource = format!("keys/{}", new.key_id);
+    audited.detail = new.algorithm.api_name().into();
+    if !custody.allowed_algorithms.contains(&new.algorithm) {
+        return Err(Error::new(
+            Reason::AlgorithmNotAllowed,
+            format!(
+                "the crypto policy does not allow {}",
+                new.algorithm.api_name()
+            ),
+        ));
+    }
+    if new.allowed_signers.len() > MAX_ALLOWED_SIGNERS {
+        return Err(Error::new(
+            Reason::TooManySigners,
+            format!("at most {MAX_ALLOWED_SIGNERS} allowed signers"),
+        ));
+    }
+    for signer in &new.allowed_signers {
+        if !valid_principal_name(signer) {
+            return Err(Error::new(
+                Reason::BadPrincipal,
+                format!("invalid principal name {signer:?}"),
+            ));
+        }
+    }
+    if new.backup_exportable && new.algorithm.key_spec() == hsm_shim::KeySpec::Ed25519 {
+        return Err(Error::new(
+            Reason::NotBackupExportable,
+            "SoftHSM2 cannot wrap Ed25519 private keys, so they cannot be backed up",
+        ));
+    }
+    let _guard = custody.registry.lock().await;
+    if custody.registry.get(&new.key_id).is_some() {
+        return Err(Error::new(
+            Reason::KeyExists,
+            format!("keys/{} already exists", new.key_id),
+        ));
+    }
+    if custody.ceremonies.reserved_key_ids().contains(&new.key_id) {
+        return Err(Error::new(
+            Reason::KeyReserved,
+            format!("an open ceremony makes keys/{}", new.key_id),
+        ));
+    }
+    audited.intent(custody).await?;
+    let export = exportability(new.backup_exportable);
+    let first = generate_version(custody, &new.key_id, new.algorithm, export, 1, "create").await?;
+    let label = first.hsm_label.clone();
+    let record = KeyRecord {
+        key_id: new.key_id,
+        algorithm: new.algorithm.api_name().into(),
+        allowed_signers: new.allowed_signers,
+        primary_version: 1,
+        created_ms: first.created_ms,
+        versions: vec![first],
+        policies: Default::default(),
+        cryptoperiod_ms: new.cryptoperiod_ms,
+        min_version: 0,
+        rotation_requests: Vec::new(),
+        backup_exportable: new.backup_exportable,
+    };
+    commit_version(custody, record.clone(), &label).await?;
+    Ok(record)
+}

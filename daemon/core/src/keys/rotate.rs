@@ -1,0 +1,154 @@
+//! New versions of an existing key: on demand, by an approved operation, by
+//! the scheduler, and after the primary version was compromised. Every
+//! rotation goes through the journaled [`generation`](super::generation)
+//! protocol and makes the new version primary in the same commit.
+
+use super::generation::{commit_version, exportability, generate_version};
+use super::{algorithm_of, found};
+use crate::action::Audited;
+use crate::authz::{Approval, quorum_gate};
+use crate::metrics;
+use crate::registry::{KeyRecord, REMEMBERED_ROTATIONS, RotationRequest};
+use crate::{Custody, Error, Reason};
+
+/// What started a rotation (a metric label and the journal's trigger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// RotateKey.
+    Demand,
+    /// An approved ROTATE operation.
+    Approved,
+    /// The scheduler (cryptoperiod or nonce budget).
+    Schedule,
+    /// The primary version was marked compromised.
+    Compromise,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Demand => "demand",
+            Trigger::Approved => "approved",
+            Trigger::Schedule => "schedule",
+            Trigger::Compromise => "compromise",
+        }
+    }
+}
+
+/// Checks a rotation request id: 1-64 of `[A-Za-z0-9._:-]`.
+pub fn check_request_id(request_id: &str) -> Result<(), Error> {
+    let valid = !request_id.is_empty()
+        && request_id.len() <= 64
+        && request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Reason::BadRequestId,
+            "request_id must be 1-64 of A-Z a-z 0-9 . _ : -",
+        ))
+    }
+}
+
+/// Rotates `key_id`; see [`Approval`]. `request_id` makes it idempotent;
+/// with `if_primary`, it rotates only if that is still the primary
+/// version (the scheduler decided on a snapshot taken without the lock).
+pub async fn rotate(
+    custody: &Custody,
+    audited: &mut Audited,
+    key_id: &str,
+    request_id: Option<&str>,
+    if_primary: Option<u32>,
+    trigger: Trigger,
+    approval: Approval,
+) -> Result<KeyRecord, Error> {
+    if let Some(id) = request_id {
+        check_request_id(id)?;
+    }
+    let _guard = custody.registry.lock().await;
+    let current = found(custody, key_id)?;
+    quorum_gate(&current, "ROTATE", approval)?;
+    if let Some(expected) = if_primary
+        && current.primary_version != expected
+    {
+        audited.detail = format!(
+            "version {expected} is no longer primary ({} is); nothing done",
+            current.primary_version
+        );
+        return Ok((*current).clone());
+    }
+    rotate_locked(custody, audited, &current, request_id, trigger).await
+}
+
+/// Rotates `current` (the caller holds the registry lock and checked
+/// policy): a new version, journaled, made primary in one commit.
+pub(crate) async fn rotate_locked(
+    custody: &Custody,
+    audited: &mut Audited,
+    current: &KeyRecord,
+    request_id: Option<&str>,
+    trigger: Trigger,
+) -> Result<KeyRecord, Error> {
+    if let Some(id) = request_id
+        && let Some(earlier) = current
+            .rotation_requests
+            .iter()
+            .find(|r| r.request_id == id)
+    {
+        audited.detail = format!(
+            "request id {id} already rotated to version {}; nothing done",
+            earlier.version
+        );
+        metrics::rotation(trigger.as_str(), "replayed");
+        return Ok(current.clone());
+    }
+    let algorithm = algorithm_of(current)?;
+    let next = current
+        .versions
+        .iter()
+        .map(|v| v.version)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    audited.detail = match request_id {
+        Some(id) => format!("new version {next} ({}, request id {id})", trigger.as_str()),
+        None => format!("new version {next} ({})", trigger.as_str()),
+    };
+    audited.intent(custody).await?;
+    let result = async {
+        let version = generate_version(
+            custody,
+            &current.key_id,
+            algorithm,
+            exportability(current.backup_exportable),
+            next,
+            trigger.as_str(),
+        )
+        .await?;
+        let label = version.hsm_label.clone();
+        let mut record = current.clone();
+        record.versions.push(version);
+        record.primary_version = next;
+        if let Some(id) = request_id {
+            record.rotation_requests.push(RotationRequest {
+                request_id: id.into(),
+                version: next,
+            });
+            let excess = record
+                .rotation_requests
+                .len()
+                .saturating_sub(REMEMBERED_ROTATIONS);
+            record.rotation_requests.drain(..excess);
+        }
+        commit_version(custody, record.clone(), &label).await?;
+        Ok(record)
+    }
+    .await;
+    metrics::rotation(
+        trigger.as_str(),
+        if result.is_ok() { "done" } else { "failed" },
+    );
+    result
+}

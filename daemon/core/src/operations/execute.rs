@@ -1,0 +1,239 @@
+//! Running an operation the quorum approved: only if the quorum in force
+//! now is the one it was approved under, and through the same domain
+//! functions a direct call uses (never a handler), each with its own audit
+//! record naming the requester.
+
+use super::request::{quorum_text, store_failure};
+use crate::action::Audited;
+use crate::authz::{Approval, quorum_for};
+use crate::dual_control::operation::{OperationRecord, Outcome, Spec};
+use crate::dual_control::quorum::Quorum;
+use crate::dual_control::store::OfficerRecord;
+use crate::identity::{Principal, Role};
+use crate::keys::{self, KeyUpdate, Trigger, found};
+use crate::names::version_name;
+use crate::registry::VersionState;
+use crate::signing::{self, SignOperation};
+use crate::{Custody, Error, Reason};
+
+/// Refuses to remove `officer_id` if a key policy naming it could then never
+/// be met.
+pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> Result<(), Error> {
+    for key in custody.registry.list(None, usize::MAX) {
+        for (kind, quorum) in &key.policies {
+            if quorum.members.contains(officer_id) {
+                let left = quorum
+                    .members
+                    .iter()
+                    .filter(|m| *m != officer_id && custody.dual_control.enrolled(m))
+                    .count();
+                if left < quorum.required as usize {
+                    return Err(Error::new(
+                        Reason::OfficerRemovalRefused,
+                        format!(
+                            "without {officer_id}, the {kind} policy of keys/{} ({} of {}) could never be met: change it first",
+                            key.key_id,
+                            quorum.required,
+                            quorum.members.len()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The audit record of one approved action, acting as the requester.
+fn acting_for(record: &OperationRecord, method: &'static str, resource: String) -> Audited {
+    let mut audited = Audited::start(method);
+    audited.principal = record.requester.clone();
+    audited.resource = resource;
+    audited
+}
+
+/// Runs an approved operation, if the rules it was approved under still hold.
+/// Hold the store lock.
+pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outcome, Error> {
+    // Approvals count under the policy they were given for; if the policy
+    // changed since (tightened after a compromise, say), they do not.
+    let current = quorum_for(custody, &record.spec)?;
+    if current != record.quorum {
+        return Err(Error::new(
+            Reason::PolicyChanged,
+            format!(
+                "the quorum changed from {} to {} after this operation was requested: request it again",
+                quorum_text(&record.quorum),
+                quorum_text(&current)
+            ),
+        ));
+    }
+    let key_outcome = |key_id: &String| Outcome::Key {
+        key_id: key_id.clone(),
+    };
+    match &record.spec {
+        Spec::Sign {
+            key_id,
+            version,
+            hash,
+            digest,
+            encoding,
+        } => {
+            let request = signing::approved_request(&SignOperation {
+                key_id: key_id.clone(),
+                version: *version,
+                hash: hash.clone(),
+                digest: digest.clone(),
+                encoding: encoding.clone(),
+            });
+            // The requester was checked as a signer on the allow-list when it
+            // asked; the allow-list is checked again now.
+            let requester = Principal {
+                name: record.requester.clone(),
+                roles: [Role::Signer].into(),
+            };
+            let mut audited = acting_for(record, "ExecuteSign", request.name.clone());
+            let signed = signing::sign(
+                custody,
+                &mut audited,
+                &requester,
+                &request,
+                Approval::Quorum,
+            )
+            .await;
+            let signed = audited.record(custody, signed).await?;
+            Ok(Outcome::Signature {
+                version_name: signed.version_name,
+                signature: hex::encode(signed.signature),
+            })
+        }
+        Spec::Rotate { key_id } => {
+            let mut audited = acting_for(record, "ExecuteRotate", format!("keys/{key_id}"));
+            let result = keys::rotate(
+                custody,
+                &mut audited,
+                key_id,
+                None,
+                None,
+                Trigger::Approved,
+                Approval::Quorum,
+            )
+            .await;
+            audited.record(custody, result).await?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::SetState {
+            key_id,
+            version,
+            state: target,
+            reason,
+        } => {
+            let mut audited = acting_for(record, "ExecuteSetState", version_name(key_id, *version));
+            let result = async {
+                let target = VersionState::from_api_name(target)
+                    .ok_or_else(|| Error::internal(format!("stored state {target:?}")))?;
+                keys::set_state(
+                    custody,
+                    &mut audited,
+                    key_id,
+                    *version,
+                    target,
+                    reason,
+                    Approval::Quorum,
+                )
+                .await
+            }
+            .await;
+            audited.record(custody, result).await?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::SetPolicy {
+            key_id,
+            operation,
+            officers,
+            required,
+        } => {
+            let _guard = custody.registry.lock().await;
+            let mut key = (*found(custody, key_id)?).clone();
+            if *required == 0 {
+                key.policies.remove(operation);
+            } else {
+                let quorum = Quorum::new(officers.iter().cloned(), *required)
+                    .map_err(|e| Error::new(Reason::BadPolicy, e))?;
+                key.policies.insert(operation.clone(), quorum);
+            }
+            custody
+                .registry
+                .put(key)
+                .await
+                .map_err(|e| store_failure(e.to_string()))?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::AddOfficer {
+            officer_id,
+            principal,
+            public_key,
+        } => {
+            custody
+                .dual_control
+                .add_officer(OfficerRecord {
+                    officer_id: officer_id.clone(),
+                    principal: principal.clone(),
+                    public_key: public_key.clone(),
+                    enrolled_ms: custody.clock.now_ms(),
+                })
+                .await
+                .map_err(|e| Error::new(Reason::OfficerExists, e))?;
+            Ok(Outcome::Officers)
+        }
+        Spec::DestroyVersion { key_id, version } => {
+            let mut audited = acting_for(
+                record,
+                "ExecuteDestroyVersion",
+                version_name(key_id, *version),
+            );
+            let result = keys::schedule_destroy(custody, &mut audited, key_id, *version).await;
+            audited.record(custody, result).await?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::ReleaseLegalHold { key_id, version } => {
+            let mut audited = acting_for(
+                record,
+                "ExecuteReleaseLegalHold",
+                version_name(key_id, *version),
+            );
+            let result = keys::release_legal_hold(custody, &mut audited, key_id, *version).await;
+            audited.record(custody, result).await?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::UpdateKey {
+            key_id,
+            cryptoperiod_secs,
+            min_version,
+        } => {
+            let mut audited = acting_for(record, "ExecuteUpdateKey", format!("keys/{key_id}"));
+            let result = async {
+                let update = KeyUpdate {
+                    cryptoperiod_ms: match cryptoperiod_secs {
+                        Some(seconds) => Some(keys::state::cryptoperiod_ms(*seconds, 0)?),
+                        None => None,
+                    },
+                    min_version: *min_version,
+                };
+                keys::update(custody, &mut audited, key_id, &update, Approval::Quorum).await
+            }
+            .await;
+            audited.record(custody, result).await?;
+            Ok(key_outcome(key_id))
+        }
+        Spec::RemoveOfficer { officer_id } => {
+            removal_keeps_policies_possible(custody, officer_id)?;
+            custody
+                .dual_control
+                .remove_officer(officer_id)
+                .await
+                .map_err(|e| Error::new(Reason::OfficerRemovalRefused, e))?;
+            Ok(Outcome::Officers)
+        }
+    }
+}

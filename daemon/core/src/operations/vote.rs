@@ -1,0 +1,274 @@
+//! Approving and denying: a vote is checked (signature over this
+//! operation's digest, officer bound to the caller's certificate, eligible,
+//! not the requester, not yet voted, before expiry), audited with its
+//! signature, written and flushed with the operation; only then, if it
+//! completes the quorum, does the operation run, and its outcome is stored
+//! and audited. Also the sweep that closes expired operations.
+
+use super::execute::execute;
+use super::request::{parse_operation_name, store_failure};
+use crate::action::Audited;
+use crate::audit::Event;
+use crate::authz::{Action, acting_officer, authorize};
+use crate::dual_control::operation::{OperationRecord, OperationState};
+use crate::dual_control::quorum::{CastVote, Refusal, Rules, Standing, VoteKind};
+use crate::dual_control::store::OfficerRecord;
+use crate::dual_control::{approval_message, denial_message, officer_key};
+use crate::identity::Principal;
+use crate::{Custody, Error, Reason};
+
+/// Who may vote at all: an officer whose enrollment names the caller's
+/// certificate principal. Returns the operation id and the officer.
+pub fn voter<'n>(
+    custody: &Custody,
+    principal: &Principal,
+    operation_name: &'n str,
+    officer_id: &str,
+) -> Result<(&'n str, OfficerRecord), Error> {
+    authorize(principal, Action::Vote)?;
+    let id = parse_operation_name(operation_name)?;
+    let officer = acting_officer(custody, principal, officer_id)?;
+    Ok((id, officer))
+}
+
+/// Casts a vote of `officer` on operation `id` (named `operation_name` in
+/// refusals); every outcome is audited here, with the signature.
+pub async fn vote(
+    custody: &Custody,
+    principal: &Principal,
+    operation_name: &str,
+    id: &str,
+    officer: OfficerRecord,
+    kind: VoteKind,
+    signature: &[u8],
+) -> Result<OperationRecord, Error> {
+    expire_due(custody).await;
+    let _guard = custody.dual_control.lock().await;
+    let loaded = custody
+        .dual_control
+        .operation(id)
+        .map_err(store_failure)
+        .and_then(|r| {
+            r.ok_or_else(|| Error::new(Reason::NotFound, format!("no {operation_name}")))
+        });
+    let mut record = match loaded {
+        Ok(record) => record,
+        Err(error) => {
+            let mut audited = Audited::start(if kind == VoteKind::Approve {
+                "ApproveOperation"
+            } else {
+                "DenyOperation"
+            });
+            audited.principal = principal.name.clone();
+            audited.resource = operation_name.to_string();
+            return audited.record(custody, Err(error)).await;
+        }
+    };
+    let digest = record.digest_bytes();
+    let message = match kind {
+        VoteKind::Approve => approval_message(&digest),
+        VoteKind::Deny => denial_message(&digest),
+    };
+    let public_key = hex::decode(&officer.public_key).unwrap_or_default();
+    let signature_valid = officer_key::verify(&public_key, &message, signature);
+    let now = custody.clock.now_ms();
+    let (name, operation_digest) = (record.name(), record.digest.clone());
+    let vote_event = |outcome: &str| Event::Vote {
+        operation: name.clone(),
+        principal: principal.name.clone(),
+        officer: officer.officer_id.clone(),
+        public_key: officer.public_key.clone(),
+        vote: match kind {
+            VoteKind::Approve => "approve".into(),
+            VoteKind::Deny => "deny".into(),
+        },
+        digest: operation_digest.clone(),
+        signature: hex::encode(signature),
+        outcome: outcome.into(),
+    };
+    let cast = if record.state != OperationState::Pending {
+        Err(Refusal::NotPending)
+    } else if officer.principal == record.requester {
+        // Whatever officer id the requester votes under, it is the requester.
+        Err(Refusal::Requester)
+    } else {
+        let rules = Rules {
+            quorum: &record.quorum,
+            requester_officer: record.requester_officer.as_deref(),
+            expires_ms: record.expires_ms,
+            denial_vetoes: custody.denial_vetoes,
+        };
+        let mut ballot = record.ballot.clone();
+        let vote = CastVote {
+            time_ms: now,
+            signature: hex::encode(signature),
+        };
+        rules
+            .cast(
+                &mut ballot,
+                &officer.officer_id,
+                kind,
+                vote,
+                signature_valid,
+                |o| custody.dual_control.enrolled(o),
+            )
+            .map(|standing| (ballot, standing))
+    };
+    let (ballot, standing) = match cast {
+        Ok(cast) => cast,
+        Err(refusal) => {
+            let event = vote_event(refusal.reason().as_str());
+            if let Err(error) = custody.audit.append(event).await {
+                tracing::error!(%error, "a refused vote could not be audited");
+            }
+            return Err(Error::new(
+                refusal.reason(),
+                format!("vote on {} refused", record.name()),
+            ));
+        }
+    };
+    // Audited (with the signature), then stored, before anything acts on it.
+    custody
+        .audit
+        .append(vote_event("ok"))
+        .await
+        .map_err(|e| Error::audit_unavailable(&e))?;
+    record.ballot = ballot;
+    custody
+        .dual_control
+        .put_operation(&record)
+        .await
+        .map_err(store_failure)?;
+    match standing {
+        Standing::Pending => {}
+        Standing::Denied => {
+            finish(
+                custody,
+                &mut record,
+                OperationState::Denied,
+                "vetoed by a signed denial".into(),
+            )
+            .await?
+        }
+        Standing::Approved => match execute(custody, &record).await {
+            Ok(outcome) => {
+                record.outcome = Some(outcome.clone());
+                finish(
+                    custody,
+                    &mut record,
+                    OperationState::Succeeded,
+                    format!("{outcome:?}"),
+                )
+                .await?;
+            }
+            Err(error) => {
+                record.error = Some(format!("{}: {}", error.reason, error.message));
+                finish(
+                    custody,
+                    &mut record,
+                    OperationState::Failed,
+                    error.reason.as_str().into(),
+                )
+                .await?;
+            }
+        },
+    }
+    Ok(record)
+}
+
+/// Stores a final state and records it. Hold the store lock.
+async fn finish(
+    custody: &Custody,
+    record: &mut OperationRecord,
+    final_state: OperationState,
+    detail: String,
+) -> Result<(), Error> {
+    record.state = final_state;
+    custody
+        .dual_control
+        .put_operation(record)
+        .await
+        .map_err(store_failure)?;
+    let state_name = format!("{final_state:?}").to_lowercase();
+    custody
+        .audit
+        .append(Event::OperationFinished {
+            operation: record.name(),
+            state: state_name,
+            detail,
+        })
+        .await
+        .map(drop)
+        .map_err(|e| Error::audit_unavailable(&e))
+}
+
+/// Marks pending operations past their expiry as expired (each recorded).
+pub async fn expire_due(custody: &Custody) {
+    let now = custody.clock.now_ms();
+    let _guard = custody.dual_control.lock().await;
+    let Ok(operations) = custody.dual_control.operations() else {
+        return;
+    };
+    let mut counts = [
+        ("pending", 0),
+        ("succeeded", 0),
+        ("failed", 0),
+        ("denied", 0),
+        ("expired", 0),
+    ];
+    for record in &operations {
+        let index = match record.state {
+            OperationState::Pending if now >= record.expires_ms => 4,
+            OperationState::Pending => 0,
+            OperationState::Succeeded => 1,
+            OperationState::Failed => 2,
+            OperationState::Denied => 3,
+            OperationState::Expired => 4,
+        };
+        counts[index].1 += 1;
+    }
+    crate::metrics::operations(&counts);
+    for mut record in operations {
+        let rules = Rules {
+            quorum: &record.quorum,
+            requester_officer: record.requester_officer.as_deref(),
+            expires_ms: record.expires_ms,
+            denial_vetoes: custody.denial_vetoes,
+        };
+        let approved = rules.standing(&record.ballot, |o| custody.dual_control.enrolled(o))
+            == Standing::Approved;
+        if record.state == OperationState::Pending && approved {
+            // The quorum was complete but custodyd stopped before the
+            // operation ran (or before its outcome was stored). Running it
+            // now could run it twice; the officers re-approve instead.
+            record.error = Some("interrupted: custodyd stopped between the last approval and the outcome; request it again".into());
+            if let Err(error) = finish(
+                custody,
+                &mut record,
+                OperationState::Failed,
+                "interrupted".into(),
+            )
+            .await
+            {
+                tracing::error!(
+                    reason = %error.reason,
+                    "could not close interrupted {}",
+                    record.name()
+                );
+            }
+            continue;
+        }
+        if record.state == OperationState::Pending && now >= record.expires_ms {
+            if let Err(error) = finish(
+                custody,
+                &mut record,
+                OperationState::Expired,
+                "not approved in time".into(),
+            )
+            .await
+            {
+                tracing::error!(reason = %error.reason, "could not expire {}", record.name());
+            }
+        }
+    }
+}
