@@ -139,3 +139,122 @@ pub(super) fn now_rfc3339() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each event, so every variant's encoding is exercised.
+    fn every_event() -> Vec<Event> {
+        vec![
+            Event::DaemonStarted {
+                version: "0.9.0".into(),
+                token: "custody".into(),
+                audit_key_sha256: "ab".repeat(32),
+                failed_logins_before: 2,
+            },
+            Event::Request {
+                principal: "ca-issuing".into(),
+                method: "/custody.v1.SigningService/Sign".into(),
+                resource: "keys/root-ca/versions/1".into(),
+                detail: "SHA256 \"quoted\" \u{e9}\n".into(),
+                outcome: "ok".into(),
+            },
+            Event::OfficersGenesis {
+                officers: vec!["o1 alice aa".into(), "o2 bob bb".into()],
+                required: 2,
+            },
+            Event::Vote {
+                operation: "operations/7".into(),
+                principal: "alice".into(),
+                officer: "o1".into(),
+                public_key: "aa".into(),
+                vote: "approve".into(),
+                digest: "cd".repeat(32),
+                signature: "ef".repeat(64),
+                outcome: "ok".into(),
+            },
+            Event::OperationFinished {
+                operation: "operations/7".into(),
+                state: "succeeded".into(),
+                detail: "keys/root-ca/versions/2".into(),
+            },
+            Event::RevocationNotice {
+                version: "keys/root-ca/versions/1".into(),
+                principal: "alice".into(),
+                reason: "laptop lost".into(),
+                public_key_sha256: "12".repeat(32),
+                check_value: String::new(),
+                replacement: "keys/root-ca/versions/2".into(),
+            },
+            Event::Ceremony {
+                ceremony: "ceremonies/3".into(),
+                entry: 4,
+                step: "share_released".into(),
+                actor: "o2".into(),
+                summary: "share 2 of 3".into(),
+                entry_hash: "34".repeat(32),
+            },
+            Event::Checkpoint {
+                head_seq: 41,
+                head_hash: "56".repeat(32),
+                signature: "3045".into(),
+            },
+        ]
+    }
+
+    fn entry(seq: u64, event: Event) -> Entry {
+        Entry {
+            seq,
+            time: rfc3339_ms(1_700_000_000_000),
+            prev: "00".repeat(32),
+            event,
+        }
+    }
+
+    #[test]
+    fn the_same_entry_always_encodes_to_the_same_bytes() {
+        for (i, event) in every_event().into_iter().enumerate() {
+            let entry = entry(i as u64 + 1, event);
+            let first = serde_json::to_vec(&entry).expect("an entry encodes");
+            let again = serde_json::to_vec(&entry.clone()).expect("an entry encodes");
+            assert_eq!(first, again, "{entry:?}");
+            // Read back and written again (what a verifier or a later version
+            // of custodyd would do), the bytes are the ones that were hashed.
+            let decoded: Entry = serde_json::from_slice(&first).expect("an entry decodes");
+            assert_eq!(decoded.event, entry.event);
+            let reencoded = serde_json::to_vec(&decoded).expect("an entry encodes");
+            assert_eq!(first, reencoded, "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_encodes_as_seq_time_prev_event_with_the_event_type_tagged() {
+        let entry = entry(
+            3,
+            Event::OperationFinished {
+                operation: "operations/7".into(),
+                state: "denied".into(),
+                detail: "o2 denied".into(),
+            },
+        );
+        let bytes = serde_json::to_vec(&entry).expect("an entry encodes");
+        let expected = format!(
+            concat!(
+                r#"{{"seq":3,"time":"2023-11-14T22:13:20Z","prev":"{}","#,
+                r#""event":{{"type":"operation_finished","operation":"operations/7","#,
+                r#""state":"denied","detail":"o2 denied"}}}}"#
+            ),
+            "00".repeat(32)
+        );
+        assert_eq!(String::from_utf8(bytes).expect("JSON is UTF-8"), expected);
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_and_out_of_range_ones_stay_numbers() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(i64::MAX), i64::MAX.to_string());
+    }
+}
