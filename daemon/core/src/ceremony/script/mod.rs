@@ -2054,8 +2054,10 @@ custodians = ["alice", "bob", "carol"]
 
     #[test]
     fn the_example_scripts_in_deploy_are_valid() {
-        let root =
-            Script::parse(include_str!("../../../../deploy/ceremonies/root-key.toml")).unwrap();
+        let root = Script::parse(include_str!(
+            "../../../../../deploy/ceremonies/root-key.toml"
+        ))
+        .unwrap();
         let Kind::RootKey {
             key,
             certificate: Some(certificate),
@@ -2069,7 +2071,7 @@ custodians = ["alice", "bob", "carol"]
         assert_eq!(certificate.common_name, "Custody Demo Root CA");
         assert_eq!(root.quorum().required, 2);
 
-        let kek = Script::parse(include_str!("../../../../deploy/ceremonies/kek.toml")).unwrap();
+        let kek = Script::parse(include_str!("../../../../../deploy/ceremonies/kek.toml")).unwrap();
         let Kind::Kek {
             key,
             mode: KekMode::Generate { shares },
