@@ -17,10 +17,11 @@
 //! [`Script::parse`], so holding one means the text passed every rule and
 //! [`Script::digest`] is the digest of that text.
 
+mod raw;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
@@ -28,6 +29,7 @@ use crate::algorithms::Purpose;
 use crate::ceremony::fingerprint::hex_groups;
 use crate::identity::valid_principal_name;
 use hsm_shim::KeySpec;
+use raw::{RawCertificate, RawKey, RawRestore, RawScript, RawShares};
 
 /// The domain prefix of a script digest.
 pub const SCRIPT_DIGEST_DOMAIN: &[u8] = b"custody-ceremony-script/v1\n";
@@ -274,79 +276,6 @@ pub fn script_digest(text: &[u8]) -> [u8; 32] {
         .chain_update(text)
         .finalize()
         .into()
-}
-
-// The file as written. Every field is optional here so that a missing one
-// gets an error naming it, from `validate`, rather than serde's; numbers are
-// i64 so that a negative or huge value gets the rule's own message.
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawScript {
-    format: Option<i64>,
-    id: Option<String>,
-    kind: Option<String>,
-    description: Option<String>,
-    quorum: Option<RawQuorum>,
-    key: Option<RawKey>,
-    certificate: Option<RawCertificate>,
-    kek: Option<RawKek>,
-    shares: Option<RawShares>,
-    components: Option<RawComponents>,
-    restore: Option<RawRestore>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuorum {
-    officers: Option<Vec<String>>,
-    required: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKey {
-    name: Option<String>,
-    algorithm: Option<String>,
-    backup: Option<bool>,
-    signers: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCertificate {
-    common_name: Option<String>,
-    organization: Option<String>,
-    validity_days: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKek {
-    mode: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawShares {
-    threshold: Option<i64>,
-    custodians: Option<Vec<String>>,
-    encrypt_to_officer_keys: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawComponents {
-    custodians: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRestore {
-    bundle: Option<String>,
-    bundle_sha256: Option<String>,
-    drill: Option<bool>,
-    custodians: Option<Vec<String>>,
 }
 
 /// 1-based line of a byte offset.
