@@ -16,6 +16,14 @@
 //! officers read. A [`Script`] can only be had from
 //! [`Script::parse`], so holding one means the text passed every rule and
 //! [`Script::digest`] is the digest of that text.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | the typed [`Script`], its sections and accessors, and its digest |
+//! | `raw.rs` | the file as toml reads it, before any rule |
+//! | `validate.rs` | the raw form to a [`Script`]: every rule, and [`ScriptError`] naming its field |
+//! | `plan.rs` | the [`Step`]s each kind takes, and the plan and summary officers review |
+//! | `fixtures.rs` | one valid script of each kind, for the tests |
 
 mod plan;
 mod raw;
