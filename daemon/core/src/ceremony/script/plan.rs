@@ -347,8 +347,8 @@ fn subject(certificate: &CertificateSection) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
     use super::*;
+    use crate::ceremony::script::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
 
     #[test]
     fn the_plan_numbers_every_step_and_says_who_sees_what() {

@@ -4,8 +4,10 @@ use std::path::Path;
 
 use hsm_shim::KeySpec;
 
-use super::super::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
-use super::super::{CertificateSection, KekMode, Kind, Quorum, Script, ScriptError, Step};
+use crate::ceremony::script::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
+use crate::ceremony::script::{
+    CertificateSection, KekMode, Kind, Quorum, Script, ScriptError, Step,
+};
 
 fn names(script: &Script) -> Vec<&'static str> {
     script.steps().iter().map(Step::name).collect()
