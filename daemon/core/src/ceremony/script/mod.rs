@@ -1,0 +1,320 @@
+//! Ceremony scripts: the TOML file officers review before a ceremony, its
+//! validation, its digest, and the plan of steps read out from it.
+//!
+//! A script says what one ceremony will do (make a root key, make a KEK,
+//! restore a backup), who must be present, and who holds shares or
+//! components. Officers review the file beforehand and sign its digest when
+//! they sign in, so the digest is over the exact text they read: no
+//! normalisation, no re-serialisation.
+//!
+//! Everything is checked here, before any HSM is touched: unknown fields,
+//! sections that do not belong to the script's kind, and every value against
+//! its rule (the examples in `deploy/ceremonies/` comment each field). An
+//! error names the field, says what is wrong and what is allowed:
+//! `quorum.required: 4 is more than the 3 officers listed`. Free text is one
+//! line without control characters, since it is printed to the terminals
+//! officers read. A [`Script`] can only be had from
+//! [`Script::parse`], so holding one means the text passed every rule and
+//! [`Script::digest`] is the digest of that text.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | the typed [`Script`], its sections and accessors, and its digest |
+//! | `raw.rs` | the file as toml reads it, before any rule |
+//! | `validate.rs` | the raw form to a [`Script`]: every rule, and [`ScriptError`] naming its field |
+//! | `plan.rs` | the [`Step`]s each kind takes, and the plan and summary officers review |
+//! | `fixtures.rs` | one valid script of each kind, for the tests |
+
+mod plan;
+mod raw;
+mod validate;
+
+pub use plan::Step;
+pub use validate::ScriptError;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::algorithms::KeyAlgorithm;
+use hsm_shim::KeySpec;
+
+/// The domain prefix of a script digest.
+pub const SCRIPT_DIGEST_DOMAIN: &[u8] = b"custody-ceremony-script/v1\n";
+
+/// A validated ceremony script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    id: String,
+    kind: Kind,
+    description: String,
+    quorum: Quorum,
+    text_digest: [u8; 32],
+}
+
+/// `[quorum]`: the officers who must be present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quorum {
+    /// The officers who may sign in, by officer id (2 to 16, distinct).
+    pub officers: Vec<String>,
+    /// How many of them must sign in (2 to `officers.len()`).
+    pub required: u8,
+}
+
+/// What the ceremony does, with the sections its kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A signing key made in the HSM, optionally with a self-signed root
+    /// certificate.
+    RootKey {
+        /// `[key]`
+        key: KeySection,
+        /// `[certificate]`
+        certificate: Option<CertificateSection>,
+    },
+    /// An AES_256_GCM key-encryption key.
+    Kek {
+        /// `[key]`
+        key: KeySection,
+        /// `[kek] mode` and its section.
+        mode: KekMode,
+    },
+    /// Keys restored from a backup bundle.
+    Restore {
+        /// The bundle, relative to the script file.
+        bundle: PathBuf,
+        /// The SHA-256 of the bundle file the officers reviewed.
+        bundle_sha256: [u8; 32],
+        /// True: into the scratch token, verified, destroyed. False: into
+        /// custodyd's own token, keys registered.
+        drill: bool,
+        /// Officers allowed to submit a share (2 to 99, distinct).
+        custodians: Vec<String>,
+    },
+}
+
+impl Kind {
+    /// The name in the script and transcripts: `root-key`, `kek`, `restore`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::RootKey { .. } => "root-key",
+            Kind::Kek { .. } => "kek",
+            Kind::Restore { .. } => "restore",
+        }
+    }
+}
+
+/// `[key]`: the key a root-key or kek ceremony makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySection {
+    /// The key id (as the service's key ids).
+    pub name: String,
+    /// Its algorithm: a signing one for a root key, AES_256_GCM for a KEK.
+    pub algorithm: KeyAlgorithm,
+    /// Whether it can be wrapped under the token's backup KEK.
+    pub backup: bool,
+    /// Principals (client certificate names) allowed to use the key once it
+    /// is committed; may be empty (nobody yet).
+    pub signers: Vec<String>,
+}
+
+impl KeySection {
+    /// The HSM key spec to generate or import.
+    pub fn spec(&self) -> KeySpec {
+        self.algorithm.key_spec()
+    }
+}
+
+/// `[certificate]`: a self-signed root certificate for a root key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSection {
+    /// Subject and issuer CN (1-64 characters).
+    pub common_name: String,
+    /// Subject and issuer O (1-64 characters), if any.
+    pub organization: Option<String>,
+    /// Validity from issuance, in days (1 to 9125).
+    pub validity_days: u32,
+}
+
+/// How a KEK comes to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekMode {
+    /// Generated in the HSM and backed up under a backup KEK split into
+    /// shares.
+    Generate {
+        /// `[shares]`
+        shares: SharesSection,
+    },
+    /// Assembled from components the custodians enter, and imported
+    /// non-extractable.
+    Components {
+        /// One component each (2 to 16, distinct).
+        custodians: Vec<String>,
+    },
+}
+
+/// `[shares]`: the K-of-N split of the backup KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharesSection {
+    /// K: shares needed to rebuild the backup KEK (2 to N).
+    pub threshold: u8,
+    /// One share each, in share index order (N: 2 to 99, distinct).
+    pub custodians: Vec<String>,
+    /// Whether each share is sealed to its custodian's officer key.
+    pub encrypt_to_officer_keys: bool,
+}
+
+/// SHA-256(`custody-ceremony-script/v1\n` ‖ the exact script bytes).
+pub fn script_digest(text: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(SCRIPT_DIGEST_DOMAIN)
+        .chain_update(text)
+        .finalize()
+        .into()
+}
+
+impl Script {
+    /// The ceremony id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What it does.
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    /// The description, one line.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Who must be present.
+    pub fn quorum(&self) -> &Quorum {
+        &self.quorum
+    }
+
+    /// The kind's name: `root-key`, `kek` or `restore`.
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// `[key]`, for root-key and kek scripts.
+    pub fn key(&self) -> Option<&KeySection> {
+        match &self.kind {
+            Kind::RootKey { key, .. } | Kind::Kek { key, .. } => Some(key),
+            Kind::Restore { .. } => None,
+        }
+    }
+
+    /// The id of the key the ceremony makes, for root-key and kek scripts.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key().map(|key| key.name.as_str())
+    }
+
+    /// Who holds or enters key material: share custodians (kek generate),
+    /// component custodians (kek components), or the officers allowed to
+    /// submit a share (restore). Empty for a root key.
+    pub fn custodians(&self) -> &[String] {
+        match &self.kind {
+            Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            } => &shares.custodians,
+            Kind::Kek {
+                mode: KekMode::Components { custodians },
+                ..
+            }
+            | Kind::Restore { custodians, .. } => custodians,
+            Kind::RootKey { .. } => &[],
+        }
+    }
+
+    /// Every officer the script names, quorum first, each once: all must be
+    /// enrolled before the ceremony opens.
+    pub fn participants(&self) -> Vec<&str> {
+        let mut seen = BTreeSet::new();
+        self.quorum
+            .officers
+            .iter()
+            .chain(self.custodians())
+            .map(String::as_str)
+            .filter(|id| seen.insert(*id))
+            .collect()
+    }
+
+    /// Whether each share is sealed to its custodian's officer key
+    /// (`shares.encrypt_to_officer_keys`); false where there are no shares.
+    pub fn seal_shares(&self) -> bool {
+        matches!(
+            &self.kind,
+            Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            } if shares.encrypt_to_officer_keys
+        )
+    }
+
+    /// SHA-256(`custody-ceremony-script/v1\n` ‖ the exact script text): what
+    /// officers sign when they sign in.
+    pub fn digest(&self) -> [u8; 32] {
+        self.text_digest
+    }
+}
+
+#[cfg(test)]
+mod fixtures;
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
+    use super::*;
+
+    #[test]
+    fn the_digest_is_over_the_exact_text_and_changes_with_one_byte() {
+        let script = Script::parse(ROOT_KEY).unwrap();
+        let mut expected = Sha256::new();
+        expected.update(b"custody-ceremony-script/v1\n");
+        expected.update(ROOT_KEY.as_bytes());
+        assert_eq!(script.digest(), <[u8; 32]>::from(expected.finalize()));
+        // A change that means the same TOML still changes the digest: the
+        // officers signed these bytes.
+        let spaced = Script::parse(&ROOT_KEY.replace("required = 2", "required  = 2")).unwrap();
+        assert_eq!(spaced.kind(), script.kind());
+        assert_eq!(spaced.quorum(), script.quorum());
+        assert_ne!(spaced.digest(), script.digest());
+        let mut bytes = ROOT_KEY.as_bytes().to_vec();
+        let at = ROOT_KEY.find("Example Corp\"").unwrap();
+        bytes[at] ^= 0x20; // 'E' to 'e'
+        let changed = Script::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
+        assert_ne!(changed.digest(), script.digest());
+    }
+
+    #[test]
+    fn the_accessors_give_the_key_custodians_and_everyone_named() {
+        let root = Script::parse(ROOT_KEY).unwrap();
+        assert_eq!(root.kind_name(), "root-key");
+        assert_eq!(root.key_id(), Some("root-ca"));
+        assert!(root.custodians().is_empty());
+        assert_eq!(root.participants(), ["alice", "bob", "carol"]);
+        assert!(!root.seal_shares());
+
+        let kek = Script::parse(KEK_GENERATE).unwrap();
+        assert_eq!(kek.key_id(), Some("data-kek"));
+        assert_eq!(kek.custodians(), ["alice", "bob", "carol"]);
+        assert!(kek.seal_shares());
+
+        let components = Script::parse(KEK_COMPONENTS).unwrap();
+        assert_eq!(components.custodians(), ["dave", "erin", "frank"]);
+        assert_eq!(
+            components.participants(),
+            ["alice", "bob", "dave", "erin", "frank"]
+        );
+
+        let restore = Script::parse(RESTORE).unwrap();
+        assert_eq!(restore.kind_name(), "restore");
+        assert_eq!(restore.key(), None);
+        assert_eq!(restore.participants(), ["alice", "bob", "carol"]);
+    }
+}

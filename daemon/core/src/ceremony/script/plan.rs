@@ -1,0 +1,417 @@
+//! The steps a script's ceremony takes, and how they read to the officers
+//! who review it: the numbered plan and the summary above it.
+
+use super::{CertificateSection, KekMode, KeySection, Kind, Script};
+use crate::ceremony::fingerprint::hex_groups;
+
+/// A step of a ceremony, in the order [`Script::steps`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// The required officers sign the script digest.
+    SignIn,
+    /// The key is made inside the HSM.
+    Generate,
+    /// The new key signs its self-signed root certificate.
+    Certificate,
+    /// The officers sign the fingerprint they read aloud.
+    Confirm,
+    /// The key is registered and becomes usable.
+    Commit,
+    /// The backup KEK is made, split into shares and imported.
+    BackupKek,
+    /// Each custodian collects their own share.
+    DistributeShares,
+    /// The new KEK is wrapped under the backup KEK into a signed bundle.
+    Backup,
+    /// Each custodian enters their component.
+    Components,
+    /// The components are combined and imported.
+    Import,
+    /// Custodians submit their shares of the backup KEK.
+    SubmitShares,
+    /// The backup KEK is rebuilt and imported as a session object.
+    RebuildKek,
+    /// Each key in the bundle is unwrapped.
+    Unwrap,
+    /// Each unwrapped key is checked against the manifest and made to work.
+    Verify,
+    /// A drill's restored keys are destroyed from the scratch token.
+    DestroyScratch,
+}
+
+impl Step {
+    /// The name in plans and transcripts: `sign-in`, `generate`, ….
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::SignIn => "sign-in",
+            Step::Generate => "generate",
+            Step::Certificate => "certificate",
+            Step::Confirm => "confirm",
+            Step::Commit => "commit",
+            Step::BackupKek => "backup-kek",
+            Step::DistributeShares => "distribute-shares",
+            Step::Backup => "backup",
+            Step::Components => "components",
+            Step::Import => "import",
+            Step::SubmitShares => "submit-shares",
+            Step::RebuildKek => "rebuild-kek",
+            Step::Unwrap => "unwrap",
+            Step::Verify => "verify",
+            Step::DestroyScratch => "destroy-scratch",
+        }
+    }
+}
+
+impl Script {
+    /// The steps, in order.
+    pub fn steps(&self) -> Vec<Step> {
+        match &self.kind {
+            Kind::RootKey { certificate, .. } => {
+                let mut steps = vec![Step::SignIn, Step::Generate];
+                if certificate.is_some() {
+                    steps.push(Step::Certificate);
+                }
+                steps.extend([Step::Confirm, Step::Commit]);
+                steps
+            }
+            Kind::Kek {
+                mode: KekMode::Generate { .. },
+                ..
+            } => vec![
+                Step::SignIn,
+                Step::BackupKek,
+                Step::DistributeShares,
+                Step::Generate,
+                Step::Backup,
+                Step::Confirm,
+                Step::Commit,
+            ],
+            Kind::Kek {
+                mode: KekMode::Components { .. },
+                ..
+            } => vec![
+                Step::SignIn,
+                Step::Components,
+                Step::Import,
+                Step::Confirm,
+                Step::Commit,
+            ],
+            Kind::Restore { drill, .. } => vec![
+                Step::SignIn,
+                Step::SubmitShares,
+                Step::RebuildKek,
+                Step::Unwrap,
+                Step::Verify,
+                if *drill {
+                    Step::DestroyScratch
+                } else {
+                    Step::Commit
+                },
+            ],
+        }
+    }
+
+    /// The plan: one numbered line per step saying what happens, who takes
+    /// part, and what they see and confirm.
+    pub fn plan(&self) -> Vec<String> {
+        self.steps()
+            .into_iter()
+            .enumerate()
+            .map(|(i, step)| format!("{}. {}: {}", i + 1, step.name(), self.describe(step)))
+            .collect()
+    }
+
+    fn describe(&self, step: Step) -> String {
+        let quorum = &self.quorum;
+        let present = format!("the {} officers who signed in", quorum.required);
+        let key = self.key();
+        let key_name = key.map_or_else(String::new, |k| format!("{:?}", k.name));
+        let algorithm = key.map_or("", |k| k.algorithm.api_name());
+        match (step, &self.kind) {
+            (Step::SignIn, _) => format!(
+                "{} of the {} officers ({}) each check that the script digest on screen, {}, is the one `custodyctl ceremony check` printed for the copy they reviewed, and sign it with their officer key",
+                quorum.required,
+                quorum.officers.len(),
+                list(&quorum.officers),
+                hex_groups(&self.text_digest)
+            ),
+            (Step::Generate, Kind::RootKey { key, .. }) => format!(
+                "custodyd generates the key pair {key_name} ({algorithm}) inside the HSM and runs a pair-wise consistency test; {}; {present} see the result",
+                if key.backup {
+                    "it is backup-exportable: it can leave the HSM only wrapped under the token's backup KEK"
+                } else {
+                    "it is not exportable: it never leaves the HSM"
+                }
+            ),
+            (Step::Generate, _) => format!(
+                "custodyd generates the KEK {key_name} ({algorithm}) inside the HSM; it can leave the HSM only wrapped under the backup KEK"
+            ),
+            (Step::Certificate, Kind::RootKey {
+                certificate: Some(certificate),
+                ..
+            }) => format!(
+                "{key_name} signs its self-signed root certificate inside the HSM: {}, valid {} days; {present} see its subject, validity and serial",
+                subject(certificate),
+                certificate.validity_days
+            ),
+            (Step::Confirm, Kind::RootKey { .. }) => format!(
+                "{present} read the public key fingerprint aloud as hex (16 groups of 4) and as 12 words, each compares it with the screen, and each signs it with their officer key"
+            ),
+            (Step::Confirm, _) => format!(
+                "{present} read the KEK's check value (KCV, 6 hex digits) aloud, each compares it with the screen, and each signs it with their officer key"
+            ),
+            (Step::Commit, Kind::Restore { .. }) => {
+                "the restored keys are registered in custodyd and become usable".to_owned()
+            }
+            (Step::Commit, _) => format!(
+                "{key_name} is registered in custodyd and becomes usable; until this step it cannot be used"
+            ),
+            (Step::BackupKek, Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            }) => format!(
+                "the HSM makes a 32-byte backup KEK; it is split into {} of {} shares and imported by the token security officer as the token's trusted backup KEK; {present} see its KCV",
+                shares.threshold,
+                shares.custodians.len()
+            ),
+            (Step::DistributeShares, Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            }) => format!(
+                "each of {} collects only their own share, once{}; any {} of the {} shares rebuild the backup KEK, fewer reveal nothing",
+                list(&shares.custodians),
+                if shares.encrypt_to_officer_keys {
+                    ", sealed to their officer key"
+                } else {
+                    ", as text to write down (a checksummed line)"
+                },
+                shares.threshold,
+                shares.custodians.len()
+            ),
+            (Step::Backup, _) => format!(
+                "{key_name} is wrapped (RFC 5649) under the backup KEK into a backup bundle signed with the audit key"
+            ),
+            (Step::Components, Kind::Kek {
+                mode: KekMode::Components { custodians },
+                ..
+            }) => format!(
+                "each of {} in turn enters their 32-byte component; its KCV is shown and the custodian confirms it matches the KCV recorded with the component",
+                list(custodians)
+            ),
+            (Step::Import, Kind::Kek {
+                mode: KekMode::Components { custodians },
+                ..
+            }) => format!(
+                "the {} components are XORed in zeroizing memory and imported as {key_name} ({algorithm}), not extractable; {present} see its KCV",
+                custodians.len()
+            ),
+            (Step::SubmitShares, Kind::Restore { custodians, .. }) => format!(
+                "custodians from {} each submit their own share of the backup KEK, as many as the bundle's threshold; each share is checked before any are combined",
+                list(custodians)
+            ),
+            (Step::RebuildKek, _) => {
+                "custodyd rebuilds the backup KEK from the shares, checks it against the digest every share carries, and imports it into the HSM as a session object".to_owned()
+            }
+            (Step::Unwrap, Kind::Restore {
+                bundle,
+                bundle_sha256,
+                drill,
+                ..
+            }) => format!(
+                "each key in the bundle {} (SHA-256 {}) is unwrapped into {}",
+                bundle.display(),
+                hex_groups(bundle_sha256),
+                if *drill {
+                    "a scratch token"
+                } else {
+                    "custodyd's own token"
+                }
+            ),
+            (Step::Verify, _) => {
+                "each key pair's public key fingerprint is checked against the bundle's manifest, and the key signs a challenge verified against its published public key; each AES key decrypts the manifest's check ciphertext".to_owned()
+            }
+            (Step::DestroyScratch, _) => {
+                "the restored keys are destroyed in the scratch token; custodyd's own token and keys are unchanged".to_owned()
+            }
+            // Steps `steps()` never gives for this kind.
+            (step, kind) => format!("({} has no {} step)", kind.name(), step.name()),
+        }
+    }
+
+    /// The header shown above the plan: id, kind, description, quorum, and
+    /// the kind's key, certificate, shares, components or bundle.
+    pub fn render_summary(&self) -> String {
+        let mut lines = vec![
+            ("ceremony", format!("{} ({})", self.id, self.kind.name())),
+            ("description", self.description.clone()),
+            (
+                "quorum",
+                format!(
+                    "{} of {}: {}",
+                    self.quorum.required,
+                    self.quorum.officers.len(),
+                    list(&self.quorum.officers)
+                ),
+            ),
+        ];
+        let key_line = |key: &KeySection| {
+            format!(
+                "{}, {}, {}",
+                key.name,
+                key.algorithm.api_name(),
+                if key.backup {
+                    "backup-exportable"
+                } else {
+                    "not exportable"
+                }
+            )
+        };
+        match &self.kind {
+            Kind::RootKey { key, certificate } => {
+                lines.push(("key", key_line(key)));
+                if let Some(certificate) = certificate {
+                    lines.push((
+                        "certificate",
+                        format!(
+                            "{}, valid {} days",
+                            subject(certificate),
+                            certificate.validity_days
+                        ),
+                    ));
+                }
+            }
+            Kind::Kek { key, mode } => {
+                lines.push(("key", key_line(key)));
+                match mode {
+                    KekMode::Generate { shares } => lines.push((
+                        "shares",
+                        format!(
+                            "{} of {}: {}{}",
+                            shares.threshold,
+                            shares.custodians.len(),
+                            list(&shares.custodians),
+                            if shares.encrypt_to_officer_keys {
+                                " (sealed to officer keys)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )),
+                    KekMode::Components { custodians } => {
+                        lines.push(("components", format!("one each from {}", list(custodians))))
+                    }
+                }
+            }
+            Kind::Restore {
+                bundle,
+                bundle_sha256,
+                drill,
+                custodians,
+            } => {
+                lines.push(("bundle", bundle.display().to_string()));
+                lines.push(("bundle sha256", hex_groups(bundle_sha256)));
+                lines.push((
+                    "mode",
+                    if *drill {
+                        "drill: into a scratch token, verified, then destroyed".to_owned()
+                    } else {
+                        "restore: into custodyd's own token, keys registered".to_owned()
+                    },
+                ));
+                lines.push(("custodians", list(custodians)));
+            }
+        }
+        let width = lines
+            .iter()
+            .map(|(label, _)| label.len())
+            .max()
+            .unwrap_or(0);
+        lines
+            .iter()
+            .map(|(label, value)| format!("{label:<width$}  {value}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn list(ids: &[String]) -> String {
+    ids.join(", ")
+}
+
+fn subject(certificate: &CertificateSection) -> String {
+    match &certificate.organization {
+        Some(organization) => format!("CN={}, O={organization}", certificate.common_name),
+        None => format!("CN={}", certificate.common_name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ceremony::script::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
+
+    #[test]
+    fn the_plan_numbers_every_step_and_says_who_sees_what() {
+        let script = Script::parse(ROOT_KEY).unwrap();
+        let plan = script.plan();
+        assert_eq!(plan.len(), script.steps().len());
+        for (i, (line, step)) in plan.iter().zip(script.steps()).enumerate() {
+            assert!(
+                line.starts_with(&format!("{}. {}: ", i + 1, step.name())),
+                "{line}"
+            );
+            assert!(!line.contains("has no"), "{line}");
+        }
+        assert!(
+            plan[0].contains("2 of the 3 officers (alice, bob, carol)"),
+            "{}",
+            plan[0]
+        );
+        assert!(
+            plan[0].contains(&hex_groups(&script.digest())),
+            "{}",
+            plan[0]
+        );
+        assert!(
+            plan[2].contains("CN=Example Root CA, O=Example Corp"),
+            "{}",
+            plan[2]
+        );
+        assert!(plan[3].contains("12 words"), "{}", plan[3]);
+        for text in [KEK_GENERATE, KEK_COMPONENTS, RESTORE] {
+            let script = Script::parse(text).unwrap();
+            for line in script.plan() {
+                assert!(!line.contains("has no"), "{line}");
+                println!("{line}");
+            }
+        }
+        let kek = Script::parse(KEK_GENERATE).unwrap().plan();
+        assert!(kek[2].contains("sealed to their officer key"), "{}", kek[2]);
+        assert!(kek[5].contains("KCV"), "{}", kek[5]);
+    }
+
+    #[test]
+    fn the_summary_names_the_key_shares_and_bundle() {
+        let summary = Script::parse(ROOT_KEY).unwrap().render_summary();
+        assert!(summary.contains("root-2026 (root-key)"), "{summary}");
+        assert!(summary.contains("2 of 3: alice, bob, carol"), "{summary}");
+        assert!(
+            summary.contains("root-ca, EC_SIGN_P384_SHA384, backup-exportable"),
+            "{summary}"
+        );
+        let summary = Script::parse(KEK_GENERATE).unwrap().render_summary();
+        assert!(
+            summary.contains("2 of 3: alice, bob, carol (sealed"),
+            "{summary}"
+        );
+        let summary = Script::parse(KEK_COMPONENTS).unwrap().render_summary();
+        assert!(
+            summary.contains("one each from dave, erin, frank"),
+            "{summary}"
+        );
+        let summary = Script::parse(RESTORE).unwrap().render_summary();
+        assert!(summary.contains("backups/backup.json"), "{summary}");
+        assert!(summary.contains("0011 2233"), "{summary}");
+        assert!(summary.contains("drill"), "{summary}");
+    }
+}
