@@ -20,6 +20,8 @@
 //! requests go on meanwhile, except for the instant the token's security
 //! officer makes a backup KEK, when the HSM pool and the audit writer pause.
 
+mod crash_points;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -51,6 +53,9 @@ use crate::failpoint;
 use crate::names::hsm_label;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
+use crash_points::{BACKUP, BACKUP_KEK, CERTIFICATE, COMMIT, GENERATE, IMPORT, Points, RESTORE};
+
+pub use crash_points::CRASH_POINTS;
 
 /// What an officer signs to say they are present.
 pub fn presence_message(script_digest: &[u8; 32]) -> Vec<u8> {
@@ -78,69 +83,6 @@ pub fn check_aad(key_id: &str, version: u32) -> Vec<u8> {
 pub fn restore_challenge(ceremony: &str, key_id: &str, version: u32) -> Vec<u8> {
     format!("custody-restore-challenge/v1\n{ceremony}\n{key_id}/{version}").into_bytes()
 }
-
-/// The crash points of one journaled step.
-struct Points {
-    before_intent: &'static str,
-    after_intent: &'static str,
-    after_hsm: &'static str,
-    after_result: &'static str,
-}
-
-macro_rules! points {
-    ($step:literal) => {
-        Points {
-            before_intent: concat!("ceremony.", $step, ".before_intent"),
-            after_intent: concat!("ceremony.", $step, ".after_intent"),
-            after_hsm: concat!("ceremony.", $step, ".after_hsm"),
-            after_result: concat!("ceremony.", $step, ".after_result"),
-        }
-    };
-}
-
-const GENERATE: Points = points!("generate");
-const CERTIFICATE: Points = points!("certificate");
-const BACKUP_KEK: Points = points!("backup_kek");
-const BACKUP: Points = points!("backup");
-const IMPORT: Points = points!("import");
-const RESTORE: Points = points!("restore");
-const COMMIT: Points = points!("commit");
-
-/// Every crash point of the engine, by the step it belongs to (the SIGKILL
-/// tests iterate over this list: a point added in code but not here is a
-/// test gap).
-pub const CRASH_POINTS: [&str; 30] = [
-    "ceremony.open.after_journal",
-    "ceremony.sign_in.after_journal",
-    GENERATE.before_intent,
-    GENERATE.after_intent,
-    GENERATE.after_hsm,
-    GENERATE.after_result,
-    CERTIFICATE.before_intent,
-    CERTIFICATE.after_intent,
-    CERTIFICATE.after_hsm,
-    CERTIFICATE.after_result,
-    BACKUP_KEK.before_intent,
-    BACKUP_KEK.after_intent,
-    BACKUP_KEK.after_hsm,
-    BACKUP_KEK.after_result,
-    BACKUP.before_intent,
-    BACKUP.after_intent,
-    BACKUP.after_hsm,
-    BACKUP.after_result,
-    IMPORT.before_intent,
-    IMPORT.after_intent,
-    IMPORT.after_hsm,
-    IMPORT.after_result,
-    RESTORE.before_intent,
-    RESTORE.after_intent,
-    RESTORE.after_hsm,
-    RESTORE.after_result,
-    COMMIT.before_intent,
-    COMMIT.after_intent,
-    COMMIT.after_hsm,
-    COMMIT.after_result,
-];
 
 /// Secrets of one ceremony, in memory only.
 #[derive(Default)]
