@@ -13,8 +13,9 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::backup::check_aad;
+use super::commit::finish_completed;
 use super::crash_points::{COMMIT, RESTORE};
-use super::{destroy_if_there, finish_completed, intend, journal_failure, mark_made, note};
+use super::{destroy_if_there, intend, journal_failure, mark_made, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::bundle::{self, Bundle, BundledKey};
