@@ -5,7 +5,8 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::commit::commit;
-use super::{advance, load_in, note, roll_back};
+use super::roll_back::roll_back;
+use super::{advance, load_in, note};
 use crate::Custody;
 use crate::ceremony::journal::{CeremonyRecord, Phase, Signed};
 use crate::dual_control::officer_key;
