@@ -19,6 +19,19 @@
 //! One ceremony call runs at a time (the engine's lock); signing and other
 //! requests go on meanwhile, except for the instant the token's security
 //! officer makes a backup KEK, when the HSM pool and the audit writer pause.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | the engine's state; opening, advancing and aborting a ceremony; the journal and transcript helpers every step uses |
+//! | `crash_points.rs` | the named crash points of every journaled step |
+//! | `signatures.rs` | officers signing in and confirming the fingerprint |
+//! | `new_key.rs` | the new key made in the HSM: generated, imported from components, self-certified |
+//! | `custodians.rs` | shares handed out, components and restore shares handed in |
+//! | `backup.rs` | the backup KEK and backup bundles |
+//! | `restore.rs` | restores and DR drills |
+//! | `commit.rs` | the key registered and the ceremony completed |
+//! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
+//! | `recovery.rs` | what happens at start after a crash |
 
 mod backup;
 mod commit;
