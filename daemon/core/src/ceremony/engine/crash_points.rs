@@ -1,0 +1,66 @@
+//! The named crash points of every journaled step: where the SIGKILL tests
+//! kill custodyd, between each move of the step protocol (see the engine's
+//! module doc).
+
+/// The crash points of one journaled step.
+pub(super) struct Points {
+    pub(super) before_intent: &'static str,
+    pub(super) after_intent: &'static str,
+    pub(super) after_hsm: &'static str,
+    pub(super) after_result: &'static str,
+}
+
+macro_rules! points {
+    ($step:literal) => {
+        Points {
+            before_intent: concat!("ceremony.", $step, ".before_intent"),
+            after_intent: concat!("ceremony.", $step, ".after_intent"),
+            after_hsm: concat!("ceremony.", $step, ".after_hsm"),
+            after_result: concat!("ceremony.", $step, ".after_result"),
+        }
+    };
+}
+
+pub(super) const GENERATE: Points = points!("generate");
+pub(super) const CERTIFICATE: Points = points!("certificate");
+pub(super) const BACKUP_KEK: Points = points!("backup_kek");
+pub(super) const BACKUP: Points = points!("backup");
+pub(super) const IMPORT: Points = points!("import");
+pub(super) const RESTORE: Points = points!("restore");
+pub(super) const COMMIT: Points = points!("commit");
+
+/// Every crash point of the engine, by the step it belongs to (the SIGKILL
+/// tests iterate over this list: a point added in code but not here is a
+/// test gap).
+pub const CRASH_POINTS: [&str; 30] = [
+    "ceremony.open.after_journal",
+    "ceremony.sign_in.after_journal",
+    GENERATE.before_intent,
+    GENERATE.after_intent,
+    GENERATE.after_hsm,
+    GENERATE.after_result,
+    CERTIFICATE.before_intent,
+    CERTIFICATE.after_intent,
+    CERTIFICATE.after_hsm,
+    CERTIFICATE.after_result,
+    BACKUP_KEK.before_intent,
+    BACKUP_KEK.after_intent,
+    BACKUP_KEK.after_hsm,
+    BACKUP_KEK.after_result,
+    BACKUP.before_intent,
+    BACKUP.after_intent,
+    BACKUP.after_hsm,
+    BACKUP.after_result,
+    IMPORT.before_intent,
+    IMPORT.after_intent,
+    IMPORT.after_hsm,
+    IMPORT.after_result,
+    RESTORE.before_intent,
+    RESTORE.after_intent,
+    RESTORE.after_hsm,
+    RESTORE.after_result,
+    COMMIT.before_intent,
+    COMMIT.after_intent,
+    COMMIT.after_hsm,
+    COMMIT.after_result,
+];

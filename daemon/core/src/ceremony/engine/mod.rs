@@ -1,0 +1,569 @@
+//! The ceremony engine: the state machine that runs a script step by step.
+//!
+//! Every step that touches the HSM follows one protocol, with a crash point
+//! between each move (see [`CRASH_POINTS`]):
+//!
+//! 1. the step and the labels of the objects it will make are journaled and
+//!    flushed (`before_intent` / `after_intent`);
+//! 2. the PKCS#11 calls run (`after_hsm`);
+//! 3. the result is journaled and flushed (`after_result`).
+//!
+//! A key is registered, and so usable, only by the final commit; until then
+//! it is an HSM object the journal names and nothing else does. At start,
+//! [`recover`] finishes what a crash interrupted: a ceremony whose commit
+//! reached the registry is completed (roll forward); one that had made or
+//! begun to make objects, or held secrets in memory, is rolled back (every
+//! journaled object destroyed, idempotently); one still waiting for sign-ins
+//! resumes where it was.
+//!
+//! One ceremony call runs at a time (the engine's lock); signing and other
+//! requests go on meanwhile, except for the instant the token's security
+//! officer makes a backup KEK, when the HSM pool and the audit writer pause.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | the engine's state; opening, advancing and aborting a ceremony; the journal and transcript helpers every step uses |
+//! | `crash_points.rs` | the named crash points of every journaled step |
+//! | `signatures.rs` | officers signing in and confirming the fingerprint |
+//! | `new_key.rs` | the new key made in the HSM: generated, imported from components, self-certified |
+//! | `custodians.rs` | shares handed out, components and restore shares handed in |
+//! | `backup.rs` | the backup KEK and backup bundles |
+//! | `restore.rs` | restores and DR drills |
+//! | `commit.rs` | the key registered and the ceremony completed |
+//! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
+//! | `recovery.rs` | what happens at start after a crash |
+
+mod backup;
+mod commit;
+mod crash_points;
+mod custodians;
+mod new_key;
+mod recovery;
+mod restore;
+mod roll_back;
+mod signatures;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hsm_shim::{HsmConfig, SecretString};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::Custody;
+use crate::audit::Event;
+use crate::ceremony::bundle::Bundle;
+use crate::ceremony::components::{ComponentCombiner, KeyBytes, XorInMemory};
+use crate::ceremony::journal::{CeremonyRecord, Journal, JournaledObject, Phase, TokenRole};
+use crate::ceremony::script::{KekMode, Kind, Script};
+use crate::ceremony::shares::Share;
+use crate::ceremony::transcript::Transcript;
+use crate::failpoint;
+use crate::{Error, Reason};
+use backup::{back_up_new_kek, make_backup_kek};
+use crash_points::Points;
+use new_key::{generate, import_components, self_sign};
+use restore::{bundle_signature_ok, restore};
+use roll_back::roll_back;
+
+pub use backup::{KeyToBack, check_aad, make_bundle};
+pub use crash_points::CRASH_POINTS;
+pub use custodians::{SubmittedSecret, collect_share, submit_secret};
+pub use recovery::recover;
+pub use restore::{pem_to_der, restore_challenge};
+pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
+
+/// Secrets of one ceremony, in memory only.
+#[derive(Default)]
+struct Secrets {
+    /// Shares not yet collected, by custodian.
+    to_collect: BTreeMap<String, Share>,
+    /// Components entered, by custodian.
+    components: BTreeMap<String, KeyBytes>,
+    /// Shares submitted for a restore.
+    submitted: Vec<Share>,
+}
+
+/// The engine's state, part of the service [`Custody`].
+pub struct Ceremonies {
+    /// The journal.
+    pub journal: Journal,
+    lock: tokio::sync::Mutex<()>,
+    secrets: Mutex<BTreeMap<String, Secrets>>,
+    so_pin: Option<SecretString>,
+    scratch: Option<HsmConfig>,
+    combiner: Arc<dyn ComponentCombiner>,
+}
+
+impl Ceremonies {
+    /// The engine over `journal`; `so_pin` makes backup KEKs possible,
+    /// `scratch` DR drills.
+    pub fn new(journal: Journal, so_pin: Option<SecretString>, scratch: Option<HsmConfig>) -> Self {
+        Self {
+            journal,
+            lock: tokio::sync::Mutex::new(()),
+            secrets: Mutex::new(BTreeMap::new()),
+            so_pin,
+            scratch,
+            combiner: Arc::new(XorInMemory),
+        }
+    }
+
+    fn secrets<T>(&self, id: &str, f: impl FnOnce(&mut Secrets) -> T) -> T {
+        let mut all = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+        f(all.entry(id.to_string()).or_default())
+    }
+
+    fn forget(&self, id: &str) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// Key ids that unfinished ceremonies will create (CreateKey refuses
+    /// them).
+    pub fn reserved_key_ids(&self) -> Vec<String> {
+        self.journal
+            .unfinished()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|record| {
+                record.key.map(|key| key.key_id).or_else(|| {
+                    Script::parse(&record.script)
+                        .ok()
+                        .and_then(|script| script.key_id().map(str::to_string))
+                })
+            })
+            .collect()
+    }
+
+    /// HSM labels unfinished ceremonies have journaled (drift detection
+    /// expects them to be there or not), plus every backup KEK.
+    pub fn expected_labels(&self) -> (Vec<String>, Vec<String>) {
+        let in_flight = self
+            .journal
+            .unfinished()
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|record| record.objects.into_iter())
+            .filter(|object| object.token == TokenRole::Main)
+            .map(|object| object.label)
+            .collect();
+        (
+            in_flight,
+            self.journal.backup_kek_labels().unwrap_or_default(),
+        )
+    }
+}
+
+/// The journal could not be read or written.
+pub fn journal_failure(e: impl std::fmt::Display) -> Error {
+    Error::new(
+        Reason::JournalUnavailable,
+        format!("the ceremony journal could not be written: {e}"),
+    )
+}
+
+fn script_of(record: &CeremonyRecord) -> Result<Script, Error> {
+    Script::parse(&record.script).map_err(|e| {
+        Error::new(
+            Reason::JournalCorrupt,
+            format!(
+                "the journaled script of {} no longer parses: {e}",
+                record.id
+            ),
+        )
+    })
+}
+
+/// Ceremony `id` and its script, for a step allowed only in `phase`.
+fn load_in(
+    state: &Custody,
+    id: &str,
+    phase: Phase,
+    reason: Reason,
+    otherwise: &str,
+) -> Result<(CeremonyRecord, Script), Error> {
+    let record = found(state, id)?;
+    if record.phase != phase {
+        return Err(Error::new(reason, format!("ceremony {id} {otherwise}")));
+    }
+    let script = script_of(&record)?;
+    Ok((record, script))
+}
+
+/// The ceremony `id`, or NOT_FOUND.
+pub fn found(state: &Custody, id: &str) -> Result<CeremonyRecord, Error> {
+    state
+        .ceremonies
+        .journal
+        .get(id)
+        .map_err(journal_failure)?
+        .ok_or_else(|| Error::new(Reason::NotFound, format!("no ceremony ceremonies/{id}")))
+}
+
+/// Appends a transcript entry, anchors it in the audit log, and journals
+/// the record. The audit record comes first: a step whose record cannot be
+/// made durable does not count.
+async fn note(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    step: &str,
+    actor: &str,
+    summary: String,
+    detail: Map<String, Value>,
+) -> Result<(), Error> {
+    let now = state.clock.now_ms();
+    let entry = record
+        .transcript
+        .append(now, step, actor, &summary, detail)
+        .clone();
+    state
+        .audit
+        .append(Event::Ceremony {
+            ceremony: format!("ceremonies/{}", record.id),
+            entry: entry.seq,
+            step: step.into(),
+            actor: actor.into(),
+            summary,
+            entry_hash: entry.hash.clone(),
+        })
+        .await
+        .map_err(|e| Error::audit_unavailable(&e))?;
+    record.updated_ms = now;
+    state
+        .ceremonies
+        .journal
+        .put(record)
+        .await
+        .map_err(journal_failure)
+}
+
+async fn put(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    record.updated_ms = state.clock.now_ms();
+    state
+        .ceremonies
+        .journal
+        .put(record)
+        .await
+        .map_err(journal_failure)
+}
+
+/// Opens a ceremony. Checks everything that can be checked before anyone
+/// signs in: the script, the officers and custodians, the key name, the
+/// bundle of a restore, and what the daemon needs (SO PIN, scratch token).
+pub async fn open(
+    state: &Custody,
+    opened_by: &str,
+    script_text: String,
+    bundle_text: String,
+) -> Result<CeremonyRecord, Error> {
+    let engine = &state.ceremonies;
+    let _one_at_a_time = engine.lock.lock().await;
+    let script = Script::parse(&script_text)
+        .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
+    if engine
+        .journal
+        .get(script.id())
+        .map_err(journal_failure)?
+        .is_some()
+    {
+        return Err(Error::new(
+            Reason::CeremonyExists,
+            format!(
+                "ceremony {} exists already: give the script a new id",
+                script.id()
+            ),
+        ));
+    }
+    for officer in script.participants() {
+        if !state.dual_control.enrolled(officer) {
+            return Err(Error::new(
+                Reason::OfficerNotEnrolled,
+                format!("the script names {officer}, who is not an enrolled officer"),
+            ));
+        }
+    }
+    if let Some(key_id) = script.key_id() {
+        if state.registry.get(key_id).is_some()
+            || engine.reserved_key_ids().iter().any(|k| k == key_id)
+        {
+            return Err(Error::new(
+                Reason::KeyExists,
+                format!("key {key_id} exists already or another open ceremony makes it"),
+            ));
+        }
+    }
+    let mut shares_needed = 0;
+    let mut bundle_signer = None;
+    match script.kind() {
+        Kind::Kek {
+            mode: KekMode::Generate { .. },
+            ..
+        } if engine.so_pin.is_none() => {
+            return Err(Error::new(
+                Reason::SoPinNotConfigured,
+                "a KEK ceremony makes a trusted backup KEK, which needs the token security officer: set [ceremony] so_pin_file",
+            ));
+        }
+        Kind::Restore {
+            bundle_sha256,
+            drill,
+            ..
+        } => {
+            if Sha256::digest(bundle_text.as_bytes()).as_slice() != bundle_sha256.as_slice() {
+                return Err(Error::new(
+                    Reason::BundleMismatch,
+                    "the bundle sent is not the one the script names (SHA-256 differs)",
+                ));
+            }
+            let bundle = Bundle::parse(&bundle_text)
+                .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
+            bundle_signer = Some(bundle_signature_ok(state, &bundle)?);
+            if *drill && engine.scratch.is_none() {
+                return Err(Error::new(
+                    Reason::NoScratchToken,
+                    "a drill restores into the scratch token: set [ceremony] scratch_token_label and scratch_pin_file",
+                ));
+            }
+            if !*drill {
+                if let Some(key) = bundle
+                    .manifest
+                    .keys
+                    .iter()
+                    .find(|key| state.registry.get(&key.key_id).is_some())
+                {
+                    return Err(Error::new(
+                        Reason::KeyExists,
+                        format!(
+                            "key {} is registered here already; restore into a token that lacks it, or drill",
+                            key.key_id
+                        ),
+                    ));
+                }
+            }
+            shares_needed = u32::from(bundle.manifest.backup_kek.threshold);
+        }
+        _ => {}
+    }
+    let now = state.clock.now_ms();
+    let digest = script.digest();
+    let mut record = CeremonyRecord {
+        id: script.id().to_string(),
+        kind: script.kind_name().to_string(),
+        script: script_text,
+        bundle: bundle_text,
+        phase: Phase::AwaitingOfficers,
+        opened_by: opened_by.to_string(),
+        created_ms: now,
+        updated_ms: now,
+        present: Vec::new(),
+        confirmed: Vec::new(),
+        done: Vec::new(),
+        objects: Vec::new(),
+        key: None,
+        backup_kek: None,
+        shares_collected: Vec::new(),
+        components: Vec::new(),
+        shares_submitted: Vec::new(),
+        shares_needed,
+        backup_bundle: String::new(),
+        restore: None,
+        error: String::new(),
+        transcript: Transcript::new(script.id(), script.kind_name(), &digest),
+    };
+    let mut detail = Map::new();
+    detail.insert("ceremony".into(), json!(script.id()));
+    detail.insert("kind".into(), json!(script.kind_name()));
+    detail.insert("script_sha256".into(), json!(hex::encode(digest)));
+    detail.insert("plan".into(), json!(script.plan()));
+    if let Some(signed_by) = &bundle_signer {
+        detail.insert("bundle_audit_key_sha256".into(), json!(signed_by));
+    }
+    let summary = format!(
+        "{opened_by} opened the {} ceremony {}",
+        record.kind, record.id
+    );
+    note(state, &mut record, "open", opened_by, summary, detail).await?;
+    failpoint::hit("ceremony.open.after_journal");
+    Ok(record)
+}
+
+/// Runs the steps that need nothing more from people, then waits.
+async fn advance(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    script: &Script,
+) -> Result<(), Error> {
+    let outcome = run_steps(state, record, script).await;
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(error) if error.reason.is_unavailable() => {
+            // The journal or the audit log failed: recording the roll-back
+            // may fail the same way; the next start rolls it back.
+            let _ = roll_back(state, record, Phase::RolledBack, &error.message).await;
+            Err(error)
+        }
+        Err(error) => roll_back(state, record, Phase::RolledBack, &error.message).await,
+    }
+}
+
+async fn run_steps(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    script: &Script,
+) -> Result<(), Error> {
+    match script.kind() {
+        Kind::RootKey { certificate, .. } => {
+            if !record.did("generate") {
+                generate(state, record, script).await?;
+            }
+            if let Some(certificate) = certificate {
+                if !record.did("certificate") {
+                    self_sign(state, record, script, certificate).await?;
+                }
+            }
+            wait_for_confirmation(state, record).await
+        }
+        Kind::Kek {
+            mode: KekMode::Generate { shares },
+            ..
+        } => {
+            if !record.did("backup-kek") {
+                make_backup_kek(state, record, shares.threshold, &shares.custodians).await?;
+                record.phase = Phase::AwaitingShareCollection;
+                return put(state, record).await;
+            }
+            if record.shares_collected.len() < shares.custodians.len() {
+                return Ok(());
+            }
+            if !record.did("generate") {
+                generate(state, record, script).await?;
+            }
+            if !record.did("backup") {
+                back_up_new_kek(state, record).await?;
+            }
+            wait_for_confirmation(state, record).await
+        }
+        Kind::Kek {
+            mode: KekMode::Components { custodians },
+            ..
+        } => {
+            if record.components.len() < custodians.len() {
+                if record.phase != Phase::AwaitingComponents {
+                    record.phase = Phase::AwaitingComponents;
+                    put(state, record).await?;
+                }
+                return Ok(());
+            }
+            if !record.did("import") {
+                import_components(state, record, script).await?;
+            }
+            wait_for_confirmation(state, record).await
+        }
+        Kind::Restore { drill, .. } => {
+            if (record.shares_submitted.len() as u32) < record.shares_needed {
+                if record.phase != Phase::AwaitingShares {
+                    record.phase = Phase::AwaitingShares;
+                    put(state, record).await?;
+                }
+                return Ok(());
+            }
+            restore(state, record, *drill).await
+        }
+    }
+}
+
+async fn wait_for_confirmation(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    record.phase = Phase::AwaitingConfirmation;
+    put(state, record).await
+}
+
+/// Journals that `labels` are about to be made, durably.
+async fn intend(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    step: &str,
+    labels: &[(String, TokenRole)],
+    points: &Points,
+) -> Result<(), Error> {
+    failpoint::hit(points.before_intent);
+    record.phase = Phase::Running;
+    for (label, token) in labels {
+        record.objects.push(JournaledObject {
+            label: label.clone(),
+            token: *token,
+            step: step.into(),
+            made: false,
+        });
+    }
+    put(state, record).await?;
+    failpoint::hit(points.after_intent);
+    Ok(())
+}
+
+fn mark_made(record: &mut CeremonyRecord, step: &str) {
+    for object in record.objects.iter_mut().filter(|o| o.step == step) {
+        object.made = true;
+    }
+}
+
+/// The last entry, then the audit key's signature over the head.
+async fn seal_transcript(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    step: &str,
+    outcome: &str,
+    summary: String,
+    detail: Map<String, Value>,
+) -> Result<(), Error> {
+    record.transcript.outcome = outcome.into();
+    note(state, record, step, "custodyd", summary, detail).await?;
+    sign_transcript(state, record).await
+}
+
+/// The audit key's signature over the transcript's head.
+async fn sign_transcript(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    let signature = state
+        .audit
+        .sign_statement(record.transcript.signing_message())
+        .await
+        .map_err(|e| Error::audit_unavailable(&e))?;
+    record
+        .transcript
+        .set_signature(&signature)
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// An officer of the quorum stops an unfinished ceremony.
+pub async fn abort(
+    state: &Custody,
+    id: &str,
+    officer: &str,
+    reason: &str,
+) -> Result<CeremonyRecord, Error> {
+    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let mut record = found(state, id)?;
+    let script = script_of(&record)?;
+    if !script.quorum().officers.iter().any(|o| o == officer) {
+        return Err(Error::new(
+            Reason::NotInQuorum,
+            format!("only an officer of the ceremony's quorum may abort it; {officer} is not"),
+        ));
+    }
+    if record.phase.finished() {
+        return Err(Error::new(
+            Reason::Finished,
+            format!("ceremony {id} is over"),
+        ));
+    }
+    roll_back(
+        state,
+        &mut record,
+        Phase::Aborted,
+        &format!("aborted by {officer}: {reason}"),
+    )
+    .await?;
+    Ok(record)
+}

@@ -1,0 +1,104 @@
+//! What happens at start after a crash: a ceremony whose commit reached the
+//! registry is completed, one interrupted mid-step is rolled back, one
+//! waiting for people resumes.
+
+use serde_json::Map;
+
+use super::commit::finish_completed;
+use super::roll_back::roll_back;
+use super::{note, put, sign_transcript};
+use crate::Custody;
+use crate::ceremony::journal::{CeremonyRecord, JournaledObject, Phase, TokenRole};
+
+/// At start: rolls forward ceremonies whose commit reached the registry,
+/// rolls back those that made (or began to make) objects or held secrets,
+/// and lets those still signing in resume. Returns how many it rolled back.
+pub async fn recover(state: &Custody) -> Result<usize, String> {
+    let mut rolled_back = 0;
+    for mut record in state.ceremonies.journal.list().map_err(|e| e.to_string())? {
+        if record.phase.finished() {
+            if record.transcript.signature.is_empty() {
+                // Killed between the last entry and its signature.
+                sign_transcript(state, &mut record)
+                    .await
+                    .map_err(|e| e.message)?;
+                put(state, &mut record).await.map_err(|e| e.message)?;
+            }
+            continue;
+        }
+        if committed(state, &record) {
+            tracing::warn!(ceremony = %record.id, "ceremony committed before a crash: completing it");
+            finish_completed(state, &mut record)
+                .await
+                .map_err(|e| e.message)?;
+            continue;
+        }
+        let resumable = record.phase == Phase::AwaitingOfficers
+            || (record.objects.is_empty()
+                && matches!(
+                    record.phase,
+                    Phase::AwaitingComponents | Phase::AwaitingShares
+                ));
+        if resumable {
+            if !record.components.is_empty() || !record.shares_submitted.is_empty() {
+                // What custodians entered was in memory only.
+                record.components.clear();
+                record.shares_submitted.clear();
+                note(
+                    state,
+                    &mut record,
+                    "resumed",
+                    "custodyd",
+                    "custodyd restarted: components or shares entered before must be entered again"
+                        .into(),
+                    Map::new(),
+                )
+                .await
+                .map_err(|e| e.message)?;
+            }
+            continue;
+        }
+        tracing::warn!(ceremony = %record.id, phase = ?record.phase, "rolling back a ceremony a crash interrupted");
+        roll_back(
+            state,
+            &mut record,
+            Phase::RolledBack,
+            "custodyd stopped in the middle of the ceremony",
+        )
+        .await
+        .map_err(|e| e.message)?;
+        rolled_back += 1;
+    }
+    Ok(rolled_back)
+}
+
+/// Whether the ceremony's commit reached the registry: its key is
+/// registered under the label the ceremony journaled (a restore: all of its
+/// keys, which one batch registers).
+fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
+    let registered = |key_id: &str, label: &str| {
+        state
+            .registry
+            .get(key_id)
+            .is_some_and(|key| key.versions.iter().any(|v| v.hsm_label == label))
+    };
+    match &record.key {
+        Some(made) => registered(&made.key_id, &made.hsm_label),
+        None if record.kind == "restore" && record.did("restore") => {
+            let main: Vec<&JournaledObject> = record
+                .objects
+                .iter()
+                .filter(|o| o.token == TokenRole::Main)
+                .collect();
+            !main.is_empty()
+                && main.iter().all(|o| {
+                    // Restored labels are key/{key_id}/v{n}.
+                    o.label
+                        .strip_prefix("key/")
+                        .and_then(|rest| rest.rsplit_once('/'))
+                        .is_some_and(|(key_id, _)| registered(key_id, &o.label))
+                })
+        }
+        None => false,
+    }
+}
