@@ -28,7 +28,8 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use super::{Connection, channel, read, sealed_officer_key, status, unseal, write_private};
+use crate::Connection;
+use crate::shared::{channel, read_text, sealed_officer_key, status, unseal, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum CeremonyCommand {
@@ -178,7 +179,7 @@ fn name(id: &str) -> String {
 
 /// The script file, parsed, and its exact text.
 fn reviewed(file: &Path) -> Result<(Script, String), String> {
-    let text = read(file)?;
+    let text = read_text(file)?;
     let script = Script::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     Ok((script, text))
 }
@@ -217,7 +218,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let (script, text) = reviewed(&file)?;
             let bundle = match script.kind() {
                 Kind::Restore { bundle, .. } => {
-                    read(&file.parent().unwrap_or(Path::new("")).join(bundle))?
+                    read_text(&file.parent().unwrap_or(Path::new("")).join(bundle))?
                 }
                 _ => String::new(),
             };
@@ -349,7 +350,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             kcv,
         } => {
             let typed = match component_file {
-                Some(path) => Zeroizing::new(read(&path)?),
+                Some(path) => Zeroizing::new(read_text(&path)?),
                 None => Zeroizing::new(
                     rpassword::prompt_password("your component (64 hex digits, not shown): ")
                         .map_err(|e| format!("reading the component: {e}"))?,
@@ -386,7 +387,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             key_file,
             share_file,
         } => {
-            let text = Zeroizing::new(read(&share_file)?);
+            let text = Zeroizing::new(read_text(&share_file)?);
             let share = Share::parse(&text)
                 .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
             let sealed = sealed_officer_key(&key_file)?;
@@ -612,8 +613,8 @@ fn print_ceremony(ceremony: &Ceremony) {
 
 fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
     let transcript =
-        Transcript::from_json(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spki = custody_core::ceremony::engine::pem_to_der(&read(audit_key)?)
+        Transcript::from_json(&read_text(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
+    let spki = custody_core::ceremony::engine::pem_to_der(&read_text(audit_key)?)
         .map_err(|e| format!("{}: {e}", audit_key.display()))?;
     let verified = transcript
         .verify(&spki)

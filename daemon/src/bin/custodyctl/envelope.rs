@@ -9,7 +9,8 @@ use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::{DecryptRequest, EncryptRequest, GenerateDataKeyRequest, RewrapRequest};
 use zeroize::Zeroizing;
 
-use super::{Connection, channel, key_name, status, write_private};
+use crate::Connection;
+use crate::shared::{channel, key_name, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum EnvelopeCommand {

@@ -9,7 +9,8 @@ use custody_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Connection, channel, key_name, print_key, status};
+use crate::shared::{channel, key_name, status};
+use crate::{Connection, print_key};
 
 #[derive(Subcommand)]
 pub(crate) enum LifecycleCommand {

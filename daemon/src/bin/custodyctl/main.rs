@@ -8,55 +8,24 @@
 //! This file holds the command tree and the key, signing, audit and officer
 //! commands; `envelope.rs` the envelope encryption commands, `lifecycle.rs`
 //! cryptoperiods, destruction, legal holds and drift, `ceremony.rs` key
-//! ceremony scripts.
+//! ceremony scripts; `shared.rs` what they all use: the connection,
+//! printing, files, the officer key and the exit status.
 
-/// Writes to standard output. A closed pipe (`custodyctl keys list | head`)
-/// ends the program quietly, as in other command-line tools, instead of the
-/// panic `println!` gives.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::write_stdout(format_args!($($arg)*), false)
-    };
-}
-
-/// [`out!`] with a newline.
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        $crate::write_stdout(format_args!($($arg)*), true)
-    };
-}
+// First, so that its `out!` and `outln!` macros reach every command.
+#[macro_use]
+mod shared;
 
 mod ceremony;
 mod envelope;
 mod lifecycle;
 
-fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    let written = stdout.write_fmt(text).and_then(|()| {
-        if newline {
-            stdout.write_all(b"\n")
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(error) = written {
-        if error.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        // Nowhere left to report it but standard error.
-        eprintln!("custodyctl: writing the output: {error}");
-        std::process::exit(1);
-    }
-}
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use custody_core::algorithms::KeyAlgorithm;
 use custody_core::audit::{ExportLine, SignedHead, verify_export};
-use custody_core::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
+use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::dual_control::{approval_message, denial_message};
 use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
@@ -74,8 +43,10 @@ use custody_proto::v1::{
     SetPolicySpec, SetStateSpec, SignSpec, UpdateKeyRequest, VersionRef, VoteRequest,
     operation_spec,
 };
-use secrecy::SecretString;
-use tonic::transport::Channel;
+
+use shared::{
+    channel, key_name, passphrase, read_text, sealed_officer_key, status, unseal, write_private,
+};
 
 #[derive(Parser)]
 #[command(
@@ -441,56 +412,7 @@ enum AuditCommand {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("custodyctl: {error}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-async fn channel(connection: &Connection) -> Result<Channel, String> {
-    let need = |option: &Option<PathBuf>, flag: &str, var: &str| {
-        option
-            .as_deref()
-            .ok_or_else(|| format!("give {flag} (or set {var})"))
-            .and_then(read)
-    };
-    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
-    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
-    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
-    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
-}
-
-fn status(error: tonic::Status) -> String {
-    let details = tonic_types::StatusExt::get_error_details(&error);
-    match details.error_info() {
-        Some(info) => format!(
-            "{} [{}]: {}",
-            code_name(error.code()),
-            info.reason,
-            error.message()
-        ),
-        None => format!("{}: {}", code_name(error.code()), error.message()),
-    }
-}
-
-fn code_name(code: tonic::Code) -> String {
-    format!("{code:?}")
-}
-
-/// `keys/...` from a name given with or without its `keys/` prefix.
-fn key_name(name: &str) -> String {
-    if name.starts_with("keys/") {
-        name.to_string()
-    } else {
-        format!("keys/{name}")
-    }
+    shared::exit_code(run(cli).await)
 }
 
 fn print_key(key: &Key) {
@@ -924,8 +846,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Audit(AuditCommand::Verify { file, audit_key }) => {
-            let text = read(&file)?;
-            let pem = read(&audit_key)?;
+            let text = read_text(&file)?;
+            let pem = read_text(&audit_key)?;
             let spki = pem_to_der(&pem)?;
             let report = verify_export(&text, &spki)
                 .map_err(|e| format!("the audit log does NOT verify: {e}"))?;
@@ -970,53 +892,6 @@ fn operation_name(operation: &str) -> String {
     } else {
         format!("operations/{operation}")
     }
-}
-
-/// Reads a sealed officer key file.
-fn sealed_officer_key(path: &Path) -> Result<SealedOfficerKey, String> {
-    serde_json::from_str(&read(path)?)
-        .map_err(|e| format!("{}: not an officer key file: {e}", path.display()))
-}
-
-/// Unseals an officer key with its passphrase.
-fn unseal(sealed: &SealedOfficerKey) -> Result<OfficerKey, String> {
-    OfficerKey::unseal(
-        sealed,
-        &passphrase(
-            &format!("passphrase of officer {}: ", sealed.officer_id),
-            false,
-        )?,
-    )
-}
-
-/// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.
-fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
-    if let Ok(value) = std::env::var("CUSTODY_OFFICER_PASSPHRASE") {
-        return Ok(SecretString::from(value));
-    }
-    let first =
-        rpassword::prompt_password(prompt).map_err(|e| format!("reading the passphrase: {e}"))?;
-    if confirm {
-        let again = rpassword::prompt_password("again: ")
-            .map_err(|e| format!("reading the passphrase: {e}"))?;
-        if again != first {
-            return Err("the passphrases differ".into());
-        }
-    }
-    Ok(SecretString::from(first))
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    file.write_all(contents)
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn print_operation(operation: &Operation) {

@@ -1,0 +1,160 @@
+//! What every command group repeats, in one place: printing to standard
+//! output, the mTLS channel from the global options, gRPC errors as text,
+//! key names, reading and writing files, the officer key and its
+//! passphrase, and how a command's result becomes the exit status.
+//!
+//! Every error is a `String` that `main` prints after `custodyctl: ` and
+//! turns into exit status 1; clap's own usage errors keep its status 2.
+
+/// Writes to standard output. A closed pipe (`custodyctl keys list | head`)
+/// ends the program quietly, as in other command-line tools, instead of the
+/// panic `println!` gives.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::shared::write_stdout(format_args!($($arg)*), false)
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::shared::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use custody_core::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
+use secrecy::SecretString;
+use tonic::transport::Channel;
+
+use crate::Connection;
+
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(text).and_then(|()| {
+        if newline {
+            stdout.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(error) = written {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Nowhere left to report it but standard error.
+        eprintln!("custodyctl: writing the output: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// The exit status of a finished command, its error reported on standard
+/// error.
+pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("custodyctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The mTLS channel to custodyd from the global options; a missing one is
+/// named by its flag and its environment variable.
+pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> {
+    let need = |option: &Option<std::path::PathBuf>, flag: &str, var: &str| {
+        option
+            .as_deref()
+            .ok_or_else(|| format!("give {flag} (or set {var})"))
+            .and_then(read_text)
+    };
+    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
+    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
+    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
+    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
+}
+
+/// A gRPC error as `Code [REASON]: message`, the reason from the error
+/// details when custodyd sent one.
+pub(crate) fn status(error: tonic::Status) -> String {
+    let details = tonic_types::StatusExt::get_error_details(&error);
+    match details.error_info() {
+        Some(info) => format!(
+            "{} [{}]: {}",
+            code_name(error.code()),
+            info.reason,
+            error.message()
+        ),
+        None => format!("{}: {}", code_name(error.code()), error.message()),
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}
+
+/// `keys/...` from a name given with or without its `keys/` prefix.
+pub(crate) fn key_name(name: &str) -> String {
+    if name.starts_with("keys/") {
+        name.to_string()
+    } else {
+        format!("keys/{name}")
+    }
+}
+
+pub(crate) fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Creates a new file only its owner can read; an existing file is never
+/// overwritten, so a secret cannot land in a file others already read.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a sealed officer key file.
+pub(crate) fn sealed_officer_key(path: &Path) -> Result<SealedOfficerKey, String> {
+    serde_json::from_str(&read_text(path)?)
+        .map_err(|e| format!("{}: not an officer key file: {e}", path.display()))
+}
+
+/// Unseals an officer key with its passphrase.
+pub(crate) fn unseal(sealed: &SealedOfficerKey) -> Result<OfficerKey, String> {
+    OfficerKey::unseal(
+        sealed,
+        &passphrase(
+            &format!("passphrase of officer {}: ", sealed.officer_id),
+            false,
+        )?,
+    )
+}
+
+/// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.
+pub(crate) fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
+    if let Ok(value) = std::env::var("CUSTODY_OFFICER_PASSPHRASE") {
+        return Ok(SecretString::from(value));
+    }
+    let first =
+        rpassword::prompt_password(prompt).map_err(|e| format!("reading the passphrase: {e}"))?;
+    if confirm {
+        let again = rpassword::prompt_password("again: ")
+            .map_err(|e| format!("reading the passphrase: {e}"))?;
+        if again != first {
+            return Err("the passphrases differ".into());
+        }
+    }
+    Ok(SecretString::from(first))
+}
