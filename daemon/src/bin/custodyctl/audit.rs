@@ -9,7 +9,7 @@ use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::{ReadAuditRequest, VerifyAuditRequest, read_audit_response};
 
 use crate::Connection;
-use crate::shared::{channel, read_text, status};
+use crate::shared::{channel, read_text, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum AuditCommand {
@@ -81,13 +81,13 @@ async fn export(
         text.push_str(&serde_json::to_string(&line).map_err(|e| e.to_string())?);
         text.push('\n');
     }
-    std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+    write_file(&out, text)?;
     outln!(
         "exported {records} records and the signed head to {}",
         out.display()
     );
     if let (Some(path), Some(pem)) = (key_out, key_pem) {
-        std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_file(&path, pem)?;
         outln!(
             "wrote the audit public key to {} (compare its fingerprint with the one published at setup)",
             path.display()

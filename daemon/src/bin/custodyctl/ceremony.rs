@@ -29,7 +29,9 @@ use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::Connection;
-use crate::shared::{channel, read_text, sealed_officer_key, status, unseal, write_private};
+use crate::shared::{
+    ask, channel, full_name, officer_key, read_bytes, read_text, status, write_file, write_private,
+};
 
 #[derive(Subcommand)]
 pub(crate) enum CeremonyCommand {
@@ -170,11 +172,16 @@ pub(crate) async fn run(connection: &Connection, command: CeremonyCommand) -> Re
 }
 
 fn name(id: &str) -> String {
-    if id.starts_with("ceremonies/") {
-        id.to_string()
-    } else {
-        format!("ceremonies/{id}")
+    full_name("ceremonies/", id)
+}
+
+/// Refuses a file that exists: what is written there must not replace
+/// anything.
+fn new_file(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return Err(format!("{} exists: choose a new file", path.display()));
     }
+    Ok(())
 }
 
 /// The script file, parsed, and its exact text.
@@ -257,7 +264,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 if contents.is_empty() {
                     return Err(format!("{} has no {what}", ceremony.name));
                 }
-                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_file(&path, contents)?;
                 outln!("wrote the {what} to {}", path.display());
             }
             Ok(())
@@ -286,8 +293,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let (script, _) = reviewed(&script)?;
             let current = fetch(&mut client, &ceremony).await?;
             same_script(&current, &script)?;
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let signature = key.sign(&presence_message(&script.digest())).to_vec();
             let after = client
                 .sign_in(CeremonySignature {
@@ -307,11 +313,8 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             key_file,
             out,
         } => {
-            if out.exists() {
-                return Err(format!("{} exists: choose a new file", out.display()));
-            }
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            new_file(&out)?;
+            let key = officer_key(&key_file)?;
             let response = client
                 .collect_share(CollectShareRequest {
                     name: name(&ceremony),
@@ -365,8 +368,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 ));
             }
             outln!("component check value {computed} matches your sheet");
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -390,8 +392,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let text = Zeroizing::new(read_text(&share_file)?);
             let share = Share::parse(&text)
                 .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -424,17 +425,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             }
             let read_aloud: String = match expect_fingerprint {
                 Some(text) => text,
-                None => {
-                    out!(
-                        "type the last 8 hex digits (a KCV: all 6) of the fingerprint that was read aloud: "
-                    );
-                    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
-                    let mut typed = String::new();
-                    std::io::stdin()
-                        .read_line(&mut typed)
-                        .map_err(|e| e.to_string())?;
-                    typed
-                }
+                None => ask(format_args!(
+                    "type the last 8 hex digits (a KCV: all 6) of the fingerprint that was read aloud: "
+                ))?,
             };
             let read_aloud: String = read_aloud
                 .chars()
@@ -448,8 +441,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     "MISMATCH: the fingerprint read aloud ({read_aloud}) is not this key's ({actual}): nothing was confirmed"
                 ));
             }
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let signature = key
                 .sign(&confirmation_message(&script.digest(), fingerprint.bytes()))
                 .to_vec();
@@ -496,21 +488,19 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 ("audit-key.pem".to_string(), &transcript.audit_key_pem),
             ] {
                 let path = out_dir.join(&file);
-                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_file(&path, contents)?;
                 outln!("wrote {}", path.display());
             }
             Ok(())
         }
         CeremonyCommand::Backup { out } => {
-            if out.exists() {
-                return Err(format!("{} exists: choose a new file", out.display()));
-            }
+            new_file(&out)?;
             let backup = client
                 .create_backup(CreateBackupRequest {})
                 .await
                 .map_err(status)?
                 .into_inner();
-            std::fs::write(&out, &backup.bundle).map_err(|e| format!("{}: {e}", out.display()))?;
+            write_file(&out, &backup.bundle)?;
             outln!(
                 "backup of {} key versions written to {} (sha256 {})",
                 backup.keys,
@@ -645,8 +635,7 @@ fn check(file: &Path) -> Result<(), String> {
             ..
         } => {
             let path = file.parent().unwrap_or(Path::new("")).join(bundle);
-            let contents = std::fs::read(&path)
-                .map_err(|e| format!("restore.bundle: {}: {e}", path.display()))?;
+            let contents = read_bytes(&path).map_err(|e| format!("restore.bundle: {e}"))?;
             let actual: [u8; 32] = Sha256::digest(&contents).into();
             if &actual != bundle_sha256 {
                 return Err(format!(

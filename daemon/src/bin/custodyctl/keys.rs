@@ -15,7 +15,7 @@ use custody_proto::v1::{
 
 use crate::Connection;
 use crate::lifecycle;
-use crate::shared::{channel, key_name, status};
+use crate::shared::{channel, check_crc, key_name, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -178,13 +178,10 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
                 .await
                 .map_err(status)?
                 .into_inner();
-            if crc32c::crc32c(public.pem.as_bytes()) != public.pem_crc32c {
-                return Err("the public key was corrupted in transit (CRC32C mismatch)".into());
-            }
+            check_crc(public.pem.as_bytes(), public.pem_crc32c, "public key")?;
             match out {
                 Some(path) => {
-                    std::fs::write(&path, &public.pem)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    write_file(&path, &public.pem)?;
                     outln!(
                         "wrote the public key of {} to {}",
                         public.name,

@@ -9,16 +9,18 @@ use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use custody_core::dual_control::{approval_message, denial_message};
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    Digest, GetOperationRequest, KeyRef, ListOperationsRequest, Operation, OperationKind,
-    OperationSpec, OperationState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignSpec,
-    UpdateKeyRequest, VersionRef, VoteRequest, digest, operation_spec,
+    GetOperationRequest, KeyRef, ListOperationsRequest, Operation, OperationKind, OperationSpec,
+    OperationState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignSpec,
+    UpdateKeyRequest, VersionRef, VoteRequest, operation_spec,
 };
 
 use crate::Connection;
 use crate::keys::StateArg;
 use crate::lifecycle;
-use crate::shared::{channel, key_name, sealed_officer_key, status, unseal};
-use crate::signing::HashArg;
+use crate::shared::{
+    ask, channel, check_crc, full_name, key_name, sealed_officer_key, status, unseal, write_file,
+};
+use crate::signing::{HashArg, digest_of};
 
 #[derive(Subcommand)]
 pub(crate) enum OperationCommand {
@@ -147,11 +149,7 @@ pub(crate) async fn run(connection: &Connection, command: OperationCommand) -> R
 }
 
 fn operation_name(operation: &str) -> String {
-    if operation.starts_with("operations/") {
-        operation.to_string()
-    } else {
-        format!("operations/{operation}")
-    }
+    full_name("operations/", operation)
 }
 
 async fn pending(connection: &Connection) -> Result<(), String> {
@@ -187,11 +185,12 @@ async fn show(
         .into_inner();
     print_operation(&operation);
     if let (Some(path), Some(signature)) = (signature_out, &operation.signature) {
-        if crc32c::crc32c(&signature.signature) != signature.signature_crc32c {
-            return Err("the signature was corrupted in transit (CRC32C mismatch)".into());
-        }
-        std::fs::write(&path, &signature.signature)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        check_crc(
+            &signature.signature,
+            signature.signature_crc32c,
+            "signature",
+        )?;
+        write_file(&path, &signature.signature)?;
         outln!(
             "signature by {} written to {}",
             signature.name,
@@ -225,26 +224,11 @@ fn print_operation(operation: &Operation) {
 
 fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String> {
     Ok(match command {
-        RequestCommand::Sign {
-            name,
-            digest: hex_digest,
-            hash,
-        } => {
-            let bytes =
-                hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
-            let digest = Digest {
-                digest: Some(match hash {
-                    HashArg::Sha256 => digest::Digest::Sha256(bytes),
-                    HashArg::Sha384 => digest::Digest::Sha384(bytes),
-                    HashArg::Sha512 => digest::Digest::Sha512(bytes),
-                }),
-            };
-            operation_spec::Spec::Sign(SignSpec {
-                name: key_name(&name),
-                digest: Some(digest),
-                encoding: 0,
-            })
-        }
+        RequestCommand::Sign { name, digest, hash } => operation_spec::Spec::Sign(SignSpec {
+            name: key_name(&name),
+            digest: Some(digest_of(&digest, hash)?),
+            encoding: 0,
+        }),
         RequestCommand::Rotate { name } => operation_spec::Spec::Rotate(KeyRef {
             name: key_name(&name),
         }),
@@ -337,15 +321,10 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
     let verb = if approve { "APPROVE" } else { "DENY" };
     if !args.yes {
         let expected = &hex::encode(digest)[..8];
-        out!(
+        let typed = ask(format_args!(
             "to {verb} as officer {}, type the first 8 characters of the digest to sign: ",
             sealed.officer_id
-        );
-        std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
-        let mut typed = String::new();
-        std::io::stdin()
-            .read_line(&mut typed)
-            .map_err(|e| e.to_string())?;
+        ))?;
         if typed.trim() != expected {
             return Err(format!(
                 "you typed {:?}, the digest starts {expected}: nothing was signed",

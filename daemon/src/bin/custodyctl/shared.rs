@@ -1,7 +1,8 @@
 //! What every command group repeats, in one place: printing to standard
 //! output, the mTLS channel from the global options, gRPC errors as text,
-//! key names, reading and writing files, the officer key and its
-//! passphrase, and how a command's result becomes the exit status.
+//! resource names, reading and writing files, the officer key and its
+//! passphrase, questions typed back at the terminal, and how a command's
+//! result becomes the exit status.
 //!
 //! Every error is a `String` that `main` prints after `custodyctl: ` and
 //! turns into exit status 1; clap's own usage errors keep its status 2.
@@ -81,33 +82,50 @@ pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> 
 /// A gRPC error as `Code [REASON]: message`, the reason from the error
 /// details when custodyd sent one.
 pub(crate) fn status(error: tonic::Status) -> String {
+    let code = format!("{:?}", error.code());
     let details = tonic_types::StatusExt::get_error_details(&error);
     match details.error_info() {
-        Some(info) => format!(
-            "{} [{}]: {}",
-            code_name(error.code()),
-            info.reason,
-            error.message()
-        ),
-        None => format!("{}: {}", code_name(error.code()), error.message()),
+        Some(info) => format!("{code} [{}]: {}", info.reason, error.message()),
+        None => format!("{code}: {}", error.message()),
     }
 }
 
-fn code_name(code: tonic::Code) -> String {
-    format!("{code:?}")
+/// Refuses bytes whose CRC32C is not the one custodyd sent with them.
+pub(crate) fn check_crc(bytes: &[u8], crc: u32, what: &str) -> Result<(), String> {
+    if crc32c::crc32c(bytes) == crc {
+        Ok(())
+    } else {
+        Err(format!(
+            "the {what} was corrupted in transit (CRC32C mismatch)"
+        ))
+    }
+}
+
+/// A resource name from a name given with or without its collection
+/// prefix (`prefix` ends with `/`).
+pub(crate) fn full_name(prefix: &str, name: &str) -> String {
+    if name.starts_with(prefix) {
+        name.to_string()
+    } else {
+        format!("{prefix}{name}")
+    }
 }
 
 /// `keys/...` from a name given with or without its `keys/` prefix.
 pub(crate) fn key_name(name: &str) -> String {
-    if name.starts_with("keys/") {
-        name.to_string()
-    } else {
-        format!("keys/{name}")
-    }
+    full_name("keys/", name)
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), String> {
+    std::fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Creates a new file only its owner can read; an existing file is never
@@ -125,6 +143,17 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> 
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Prints `prompt` and reads one line typed back, newline included.
+pub(crate) fn ask(prompt: std::fmt::Arguments<'_>) -> Result<String, String> {
+    out!("{prompt}");
+    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
+    let mut typed = String::new();
+    std::io::stdin()
+        .read_line(&mut typed)
+        .map_err(|e| e.to_string())?;
+    Ok(typed)
+}
+
 /// Reads a sealed officer key file.
 pub(crate) fn sealed_officer_key(path: &Path) -> Result<SealedOfficerKey, String> {
     serde_json::from_str(&read_text(path)?)
@@ -140,6 +169,11 @@ pub(crate) fn unseal(sealed: &SealedOfficerKey) -> Result<OfficerKey, String> {
             false,
         )?,
     )
+}
+
+/// The officer key in a sealed key file, unsealed.
+pub(crate) fn officer_key(path: &Path) -> Result<OfficerKey, String> {
+    unseal(&sealed_officer_key(path)?)
 }
 
 /// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.

@@ -1,6 +1,6 @@
 //! `custodyctl sign|verify`: sign a digest or a file with a key in the HSM,
 //! and verify a signature with the HSM's copy of the public key. Also the
-//! hash functions a digest is given for, which `request sign` shares.
+//! digest given as hex with its hash function, which `request sign` shares.
 
 use std::path::PathBuf;
 
@@ -11,7 +11,7 @@ use custody_proto::v1::{
 };
 
 use crate::Connection;
-use crate::shared::{channel, key_name, status};
+use crate::shared::{channel, check_crc, key_name, read_bytes, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum SigningCommand {
@@ -102,13 +102,10 @@ async fn sign(connection: &Connection, args: SignArgs) -> Result<(), String> {
         .await
         .map_err(status)?
         .into_inner();
-    if crc32c::crc32c(&response.signature) != response.signature_crc32c {
-        return Err("the signature was corrupted in transit (CRC32C mismatch)".into());
-    }
+    check_crc(&response.signature, response.signature_crc32c, "signature")?;
     match args.out {
         Some(path) => {
-            std::fs::write(&path, &response.signature)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            write_file(&path, &response.signature)?;
             outln!(
                 "signed with {}; {}-byte signature written to {}",
                 response.name,
@@ -123,8 +120,7 @@ async fn sign(connection: &Connection, args: SignArgs) -> Result<(), String> {
 
 async fn verify(connection: &Connection, args: VerifyArgs) -> Result<(), String> {
     let (_, input) = input_of(&args.input)?;
-    let signature =
-        std::fs::read(&args.signature).map_err(|e| format!("{}: {e}", args.signature.display()))?;
+    let signature = read_bytes(&args.signature)?;
     let mut signing = SigningServiceClient::new(channel(connection).await?);
     let response = signing
         .verify(VerifyRequest {
@@ -144,27 +140,31 @@ async fn verify(connection: &Connection, args: VerifyArgs) -> Result<(), String>
     }
 }
 
+/// A digest given as hex on the command line, for `--digest`.
+pub(crate) fn digest_of(hex_digest: &str, hash: HashArg) -> Result<Digest, String> {
+    let bytes = hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
+    Ok(Digest {
+        digest: Some(match hash {
+            HashArg::Sha256 => digest::Digest::Sha256(bytes),
+            HashArg::Sha384 => digest::Digest::Sha384(bytes),
+            HashArg::Sha512 => digest::Digest::Sha512(bytes),
+        }),
+    })
+}
+
 fn input_of(
     args: &InputArgs,
 ) -> Result<(Option<sign_request::Input>, Option<verify_request::Input>), String> {
     match (&args.digest, &args.file) {
         (Some(hex_digest), None) => {
-            let bytes =
-                hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
-            let digest = Digest {
-                digest: Some(match args.hash {
-                    HashArg::Sha256 => digest::Digest::Sha256(bytes),
-                    HashArg::Sha384 => digest::Digest::Sha384(bytes),
-                    HashArg::Sha512 => digest::Digest::Sha512(bytes),
-                }),
-            };
+            let digest = digest_of(hex_digest, args.hash)?;
             Ok((
                 Some(sign_request::Input::Digest(digest.clone())),
                 Some(verify_request::Input::Digest(digest)),
             ))
         }
         (None, Some(file)) => {
-            let data = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let data = read_bytes(file)?;
             Ok((
                 Some(sign_request::Input::Data(data.clone())),
                 Some(verify_request::Input::Data(data)),
