@@ -8,16 +8,16 @@
 //! reviewed (same digest), the fingerprint the server reports must be the
 //! SHA-256 of the public key it sends, and a share must pass its checksum
 //! before it is written down or sent. `verify-transcript` works offline.
+//! Those checks, which take nothing on the server's word, are in
+//! `ceremony/review.rs`.
 
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use custody_core::ceremony::components;
 use custody_core::ceremony::engine::{confirmation_message, presence_message};
-use custody_core::ceremony::fingerprint::{Fingerprint, hex_groups};
-use custody_core::ceremony::script::{Kind, Script};
+use custody_core::ceremony::script::Kind;
 use custody_core::ceremony::shares::Share;
-use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CollectShareRequest,
@@ -28,10 +28,13 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
+use self::review::{check, checked_fingerprint, reviewed, same_script, verify_transcript};
 use crate::Connection;
 use crate::shared::{
-    ask, channel, full_name, officer_key, read_bytes, read_text, status, write_file, write_private,
+    ask, channel, full_name, officer_key, read_text, status, write_file, write_private,
 };
+
+mod review;
 
 #[derive(Subcommand)]
 pub(crate) enum CeremonyCommand {
@@ -184,13 +187,6 @@ fn new_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The script file, parsed, and its exact text.
-fn reviewed(file: &Path) -> Result<(Script, String), String> {
-    let text = read_text(file)?;
-    let script = Script::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok((script, text))
-}
-
 async fn fetch(
     client: &mut CeremonyServiceClient<Channel>,
     ceremony: &str,
@@ -202,19 +198,6 @@ async fn fetch(
         .await
         .map_err(status)
         .map(tonic::Response::into_inner)
-}
-
-/// Refuses unless the server runs the script this officer reviewed.
-fn same_script(ceremony: &Ceremony, script: &Script) -> Result<(), String> {
-    if ceremony.script_digest != script.digest() {
-        return Err(format!(
-            "MISMATCH: {} runs a script with digest {}, but the file you reviewed has digest {}: nothing was signed",
-            ceremony.name,
-            hex_groups(&ceremony.script_digest),
-            hex_groups(&script.digest())
-        ));
-    }
-    Ok(())
 }
 
 async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(), String> {
@@ -512,33 +495,6 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
     }
 }
 
-/// The fingerprint, recomputed here from the public key the server sent;
-/// refuses if the server's differs.
-fn checked_fingerprint(ceremony: &Ceremony) -> Result<Fingerprint, String> {
-    let reported = ceremony
-        .fingerprint
-        .as_ref()
-        .ok_or("the ceremony has no key to confirm yet")?;
-    let fingerprint = if ceremony.public_key_der.is_empty() {
-        let kcv: [u8; 3] = reported
-            .value
-            .as_slice()
-            .try_into()
-            .map_err(|_| "the key check value is not 3 bytes")?;
-        Fingerprint::of_kcv(kcv)
-    } else {
-        Fingerprint::of_public_key(&ceremony.public_key_der)
-    };
-    if fingerprint.bytes() != reported.value.as_slice() {
-        return Err(format!(
-            "MISMATCH: the server reports fingerprint {} but its public key hashes to {}",
-            hex_groups(&reported.value),
-            fingerprint.hex_groups()
-        ));
-    }
-    Ok(fingerprint)
-}
-
 fn state_name(state: i32) -> &'static str {
     CeremonyState::try_from(state)
         .map(|s| s.as_str_name())
@@ -599,67 +555,4 @@ fn print_ceremony(ceremony: &Ceremony) {
     if !ceremony.transcript_head.is_empty() && ceremony.state == CeremonyState::Completed as i32 {
         outln!("  transcript head: {}", ceremony.transcript_head);
     }
-}
-
-fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
-    let transcript =
-        Transcript::from_json(&read_text(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spki = custody_core::ceremony::engine::pem_to_der(&read_text(audit_key)?)
-        .map_err(|e| format!("{}: {e}", audit_key.display()))?;
-    let verified = transcript
-        .verify(&spki)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    outln!(
-        "transcript of ceremony {} ({}) verifies: {} entries, outcome {}, head {}, signed by the audit key",
-        verified.ceremony,
-        verified.kind,
-        verified.entries,
-        verified.outcome,
-        verified.head
-    );
-    Ok(())
-}
-
-fn check(file: &Path) -> Result<(), String> {
-    // The digest is over the file's exact bytes: read them unchanged (no
-    // lossy decoding) so what is printed is what officers will sign.
-    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
-    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
-    let script = Script::parse(&text).map_err(|e| e.to_string())?;
-    // Every check before any output, so a refused script prints nothing
-    // that could be read as a plan.
-    let bundle = match script.kind() {
-        Kind::Restore {
-            bundle,
-            bundle_sha256,
-            ..
-        } => {
-            let path = file.parent().unwrap_or(Path::new("")).join(bundle);
-            let contents = read_bytes(&path).map_err(|e| format!("restore.bundle: {e}"))?;
-            let actual: [u8; 32] = Sha256::digest(&contents).into();
-            if &actual != bundle_sha256 {
-                return Err(format!(
-                    "restore.bundle_sha256: {} has SHA-256 {}, not the {} the script names: it is not the bundle that was reviewed",
-                    path.display(),
-                    hex::encode(actual),
-                    hex::encode(bundle_sha256)
-                ));
-            }
-            Some(path)
-        }
-        _ => None,
-    };
-    outln!("{}", script.render_summary());
-    outln!("");
-    outln!("script digest (officers sign this when they sign in):");
-    outln!("  {}", hex_groups(&script.digest()));
-    if let Some(path) = bundle {
-        outln!("bundle {} matches bundle_sha256", path.display());
-    }
-    outln!("");
-    outln!("plan:");
-    for line in script.plan() {
-        outln!("  {line}");
-    }
-    Ok(())
 }
