@@ -8,16 +8,16 @@
 //! reviewed (same digest), the fingerprint the server reports must be the
 //! SHA-256 of the public key it sends, and a share must pass its checksum
 //! before it is written down or sent. `verify-transcript` works offline.
+//! Those checks, which take nothing on the server's word, are in
+//! `ceremony/review.rs`.
 
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use custody_core::ceremony::components;
 use custody_core::ceremony::engine::{confirmation_message, presence_message};
-use custody_core::ceremony::fingerprint::{Fingerprint, hex_groups};
-use custody_core::ceremony::script::{Kind, Script};
+use custody_core::ceremony::script::Kind;
 use custody_core::ceremony::shares::Share;
-use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CollectShareRequest,
@@ -28,7 +28,13 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use super::{Connection, channel, read, sealed_officer_key, status, unseal, write_private};
+use self::review::{check, checked_fingerprint, reviewed, same_script, verify_transcript};
+use crate::Connection;
+use crate::shared::{
+    ask, channel, full_name, officer_key, read_text, status, write_file, write_private,
+};
+
+mod review;
 
 #[derive(Subcommand)]
 pub(crate) enum CeremonyCommand {
@@ -169,18 +175,16 @@ pub(crate) async fn run(connection: &Connection, command: CeremonyCommand) -> Re
 }
 
 fn name(id: &str) -> String {
-    if id.starts_with("ceremonies/") {
-        id.to_string()
-    } else {
-        format!("ceremonies/{id}")
-    }
+    full_name("ceremonies/", id)
 }
 
-/// The script file, parsed, and its exact text.
-fn reviewed(file: &Path) -> Result<(Script, String), String> {
-    let text = read(file)?;
-    let script = Script::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok((script, text))
+/// Refuses a file that exists: what is written there must not replace
+/// anything.
+fn new_file(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return Err(format!("{} exists: choose a new file", path.display()));
+    }
+    Ok(())
 }
 
 async fn fetch(
@@ -196,19 +200,6 @@ async fn fetch(
         .map(tonic::Response::into_inner)
 }
 
-/// Refuses unless the server runs the script this officer reviewed.
-fn same_script(ceremony: &Ceremony, script: &Script) -> Result<(), String> {
-    if ceremony.script_digest != script.digest() {
-        return Err(format!(
-            "MISMATCH: {} runs a script with digest {}, but the file you reviewed has digest {}: nothing was signed",
-            ceremony.name,
-            hex_groups(&ceremony.script_digest),
-            hex_groups(&script.digest())
-        ));
-    }
-    Ok(())
-}
-
 async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(), String> {
     let mut client = CeremonyServiceClient::new(channel(connection).await?);
     match command {
@@ -217,7 +208,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let (script, text) = reviewed(&file)?;
             let bundle = match script.kind() {
                 Kind::Restore { bundle, .. } => {
-                    read(&file.parent().unwrap_or(Path::new("")).join(bundle))?
+                    read_text(&file.parent().unwrap_or(Path::new("")).join(bundle))?
                 }
                 _ => String::new(),
             };
@@ -256,7 +247,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 if contents.is_empty() {
                     return Err(format!("{} has no {what}", ceremony.name));
                 }
-                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_file(&path, contents)?;
                 outln!("wrote the {what} to {}", path.display());
             }
             Ok(())
@@ -285,8 +276,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let (script, _) = reviewed(&script)?;
             let current = fetch(&mut client, &ceremony).await?;
             same_script(&current, &script)?;
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let signature = key.sign(&presence_message(&script.digest())).to_vec();
             let after = client
                 .sign_in(CeremonySignature {
@@ -306,11 +296,8 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             key_file,
             out,
         } => {
-            if out.exists() {
-                return Err(format!("{} exists: choose a new file", out.display()));
-            }
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            new_file(&out)?;
+            let key = officer_key(&key_file)?;
             let response = client
                 .collect_share(CollectShareRequest {
                     name: name(&ceremony),
@@ -349,7 +336,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             kcv,
         } => {
             let typed = match component_file {
-                Some(path) => Zeroizing::new(read(&path)?),
+                Some(path) => Zeroizing::new(read_text(&path)?),
                 None => Zeroizing::new(
                     rpassword::prompt_password("your component (64 hex digits, not shown): ")
                         .map_err(|e| format!("reading the component: {e}"))?,
@@ -364,8 +351,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 ));
             }
             outln!("component check value {computed} matches your sheet");
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -386,11 +372,10 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             key_file,
             share_file,
         } => {
-            let text = Zeroizing::new(read(&share_file)?);
+            let text = Zeroizing::new(read_text(&share_file)?);
             let share = Share::parse(&text)
                 .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -423,17 +408,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             }
             let read_aloud: String = match expect_fingerprint {
                 Some(text) => text,
-                None => {
-                    out!(
-                        "type the last 8 hex digits (a KCV: all 6) of the fingerprint that was read aloud: "
-                    );
-                    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
-                    let mut typed = String::new();
-                    std::io::stdin()
-                        .read_line(&mut typed)
-                        .map_err(|e| e.to_string())?;
-                    typed
-                }
+                None => ask(format_args!(
+                    "type the last 8 hex digits (a KCV: all 6) of the fingerprint that was read aloud: "
+                ))?,
             };
             let read_aloud: String = read_aloud
                 .chars()
@@ -447,8 +424,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     "MISMATCH: the fingerprint read aloud ({read_aloud}) is not this key's ({actual}): nothing was confirmed"
                 ));
             }
-            let sealed = sealed_officer_key(&key_file)?;
-            let key = unseal(&sealed)?;
+            let key = officer_key(&key_file)?;
             let signature = key
                 .sign(&confirmation_message(&script.digest(), fingerprint.bytes()))
                 .to_vec();
@@ -495,21 +471,19 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 ("audit-key.pem".to_string(), &transcript.audit_key_pem),
             ] {
                 let path = out_dir.join(&file);
-                std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_file(&path, contents)?;
                 outln!("wrote {}", path.display());
             }
             Ok(())
         }
         CeremonyCommand::Backup { out } => {
-            if out.exists() {
-                return Err(format!("{} exists: choose a new file", out.display()));
-            }
+            new_file(&out)?;
             let backup = client
                 .create_backup(CreateBackupRequest {})
                 .await
                 .map_err(status)?
                 .into_inner();
-            std::fs::write(&out, &backup.bundle).map_err(|e| format!("{}: {e}", out.display()))?;
+            write_file(&out, &backup.bundle)?;
             outln!(
                 "backup of {} key versions written to {} (sha256 {})",
                 backup.keys,
@@ -519,33 +493,6 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             Ok(())
         }
     }
-}
-
-/// The fingerprint, recomputed here from the public key the server sent;
-/// refuses if the server's differs.
-fn checked_fingerprint(ceremony: &Ceremony) -> Result<Fingerprint, String> {
-    let reported = ceremony
-        .fingerprint
-        .as_ref()
-        .ok_or("the ceremony has no key to confirm yet")?;
-    let fingerprint = if ceremony.public_key_der.is_empty() {
-        let kcv: [u8; 3] = reported
-            .value
-            .as_slice()
-            .try_into()
-            .map_err(|_| "the key check value is not 3 bytes")?;
-        Fingerprint::of_kcv(kcv)
-    } else {
-        Fingerprint::of_public_key(&ceremony.public_key_der)
-    };
-    if fingerprint.bytes() != reported.value.as_slice() {
-        return Err(format!(
-            "MISMATCH: the server reports fingerprint {} but its public key hashes to {}",
-            hex_groups(&reported.value),
-            fingerprint.hex_groups()
-        ));
-    }
-    Ok(fingerprint)
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -608,68 +555,4 @@ fn print_ceremony(ceremony: &Ceremony) {
     if !ceremony.transcript_head.is_empty() && ceremony.state == CeremonyState::Completed as i32 {
         outln!("  transcript head: {}", ceremony.transcript_head);
     }
-}
-
-fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
-    let transcript =
-        Transcript::from_json(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spki = custody_core::ceremony::engine::pem_to_der(&read(audit_key)?)
-        .map_err(|e| format!("{}: {e}", audit_key.display()))?;
-    let verified = transcript
-        .verify(&spki)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    outln!(
-        "transcript of ceremony {} ({}) verifies: {} entries, outcome {}, head {}, signed by the audit key",
-        verified.ceremony,
-        verified.kind,
-        verified.entries,
-        verified.outcome,
-        verified.head
-    );
-    Ok(())
-}
-
-fn check(file: &Path) -> Result<(), String> {
-    // The digest is over the file's exact bytes: read them unchanged (no
-    // lossy decoding) so what is printed is what officers will sign.
-    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
-    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
-    let script = Script::parse(&text).map_err(|e| e.to_string())?;
-    // Every check before any output, so a refused script prints nothing
-    // that could be read as a plan.
-    let bundle = match script.kind() {
-        Kind::Restore {
-            bundle,
-            bundle_sha256,
-            ..
-        } => {
-            let path = file.parent().unwrap_or(Path::new("")).join(bundle);
-            let contents = std::fs::read(&path)
-                .map_err(|e| format!("restore.bundle: {}: {e}", path.display()))?;
-            let actual: [u8; 32] = Sha256::digest(&contents).into();
-            if &actual != bundle_sha256 {
-                return Err(format!(
-                    "restore.bundle_sha256: {} has SHA-256 {}, not the {} the script names: it is not the bundle that was reviewed",
-                    path.display(),
-                    hex::encode(actual),
-                    hex::encode(bundle_sha256)
-                ));
-            }
-            Some(path)
-        }
-        _ => None,
-    };
-    outln!("{}", script.render_summary());
-    outln!("");
-    outln!("script digest (officers sign this when they sign in):");
-    outln!("  {}", hex_groups(&script.digest()));
-    if let Some(path) = bundle {
-        outln!("bundle {} matches bundle_sha256", path.display());
-    }
-    outln!("");
-    outln!("plan:");
-    for line in script.plan() {
-        outln!("  {line}");
-    }
-    Ok(())
 }

@@ -9,7 +9,8 @@ use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::{DecryptRequest, EncryptRequest, GenerateDataKeyRequest, RewrapRequest};
 use zeroize::Zeroizing;
 
-use super::{Connection, channel, key_name, status, write_private};
+use crate::Connection;
+use crate::shared::{channel, key_name, read_bytes, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum EnvelopeCommand {
@@ -72,10 +73,6 @@ pub(crate) enum EnvelopeCommand {
     },
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Writes through a temporary file, synced, and a rename, with the
 /// directory synced after: a rewrap in place never leaves a half-written or
 /// lost ciphertext where the old one was, even across a crash.
@@ -107,7 +104,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             out,
             aad,
         } => {
-            let plaintext = Zeroizing::new(read(&input)?);
+            let plaintext = Zeroizing::new(read_bytes(&input)?);
             let response = envelope
                 .encrypt(EncryptRequest {
                     name: key_name(&name),
@@ -129,7 +126,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             let response = envelope
                 .decrypt(DecryptRequest {
                     name: key_name(&name),
-                    ciphertext: read(&input)?,
+                    ciphertext: read_bytes(&input)?,
                     associated_data: aad.into_bytes(),
                 })
                 .await
@@ -177,7 +174,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             let response = envelope
                 .rewrap(RewrapRequest {
                     name: key_name(&name),
-                    ciphertext: read(&input)?,
+                    ciphertext: read_bytes(&input)?,
                     associated_data: aad.into_bytes(),
                 })
                 .await

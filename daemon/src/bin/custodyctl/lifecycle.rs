@@ -1,15 +1,17 @@
-//! `custodyctl keys update|cancel-destroy|legal-hold` and `custodyctl drift`.
+//! `custodyctl keys update|cancel-destroy|legal-hold`: a key's cryptoperiod
+//! and minimum version, cancelling a scheduled destruction, legal holds.
+//! Also durations and times as the command line writes them, for `keys`
+//! and `request` too.
 
 use std::time::Duration;
 
 use clap::Subcommand;
 use custody_proto::v1::key_service_client::KeyServiceClient;
-use custody_proto::v1::{
-    CheckDriftRequest, DriftKind, SetLegalHoldRequest, UpdateKeyRequest, VersionRef,
-};
+use custody_proto::v1::{SetLegalHoldRequest, UpdateKeyRequest, VersionRef};
 use tonic::transport::Channel;
 
-use super::{Connection, channel, key_name, print_key, status};
+use crate::keys::print_key;
+use crate::shared::{key_name, status};
 
 #[derive(Subcommand)]
 pub(crate) enum LifecycleCommand {
@@ -121,41 +123,6 @@ pub(crate) async fn run(
         }
     }
     Ok(())
-}
-
-/// `custodyctl drift`: prints the findings; an error (exit 1) if any.
-pub(crate) async fn drift(connection: &Connection) -> Result<(), String> {
-    let mut keys = KeyServiceClient::new(channel(connection).await?);
-    let report = keys
-        .check_drift(CheckDriftRequest {})
-        .await
-        .map_err(status)?
-        .into_inner();
-    for finding in &report.findings {
-        let kind = DriftKind::try_from(finding.kind).map_or("?", |k| k.as_str_name());
-        let version = if finding.version.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", finding.version)
-        };
-        outln!(
-            "{kind:<18} {} [{}]{version}: {}",
-            finding.label,
-            finding.object_class,
-            finding.detail
-        );
-    }
-    outln!(
-        "{} findings; {} HSM objects and {} registry versions checked",
-        report.findings.len(),
-        report.objects_checked,
-        report.versions_checked
-    );
-    if report.findings.is_empty() {
-        Ok(())
-    } else {
-        Err("the HSM does not match the registry".into())
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,42 @@
+//! `custodyctl drift`: compare the registry with the objects the HSM holds.
+
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::{CheckDriftRequest, DriftKind};
+
+use crate::Connection;
+use crate::shared::{channel, status};
+
+/// `custodyctl drift`: prints the findings; an error (exit 1) if any.
+pub(crate) async fn run(connection: &Connection) -> Result<(), String> {
+    let mut keys = KeyServiceClient::new(channel(connection).await?);
+    let report = keys
+        .check_drift(CheckDriftRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    for finding in &report.findings {
+        let kind = DriftKind::try_from(finding.kind).map_or("?", |k| k.as_str_name());
+        let version = if finding.version.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", finding.version)
+        };
+        outln!(
+            "{kind:<18} {} [{}]{version}: {}",
+            finding.label,
+            finding.object_class,
+            finding.detail
+        );
+    }
+    outln!(
+        "{} findings; {} HSM objects and {} registry versions checked",
+        report.findings.len(),
+        report.objects_checked,
+        report.versions_checked
+    );
+    if report.findings.is_empty() {
+        Ok(())
+    } else {
+        Err("the HSM does not match the registry".into())
+    }
+}

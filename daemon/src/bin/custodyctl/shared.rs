@@ -1,0 +1,194 @@
+//! What every command group repeats, in one place: printing to standard
+//! output, the mTLS channel from the global options, gRPC errors as text,
+//! resource names, reading and writing files, the officer key and its
+//! passphrase, questions typed back at the terminal, and how a command's
+//! result becomes the exit status.
+//!
+//! Every error is a `String` that `main` prints after `custodyctl: ` and
+//! turns into exit status 1; clap's own usage errors keep its status 2.
+
+/// Writes to standard output. A closed pipe (`custodyctl keys list | head`)
+/// ends the program quietly, as in other command-line tools, instead of the
+/// panic `println!` gives.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::shared::write_stdout(format_args!($($arg)*), false)
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::shared::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use custody_core::dual_control::officer_key::{OfficerKey, SealedOfficerKey};
+use secrecy::SecretString;
+use tonic::transport::Channel;
+
+use crate::Connection;
+
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(text).and_then(|()| {
+        if newline {
+            stdout.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(error) = written {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Nowhere left to report it but standard error.
+        eprintln!("custodyctl: writing the output: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// The exit status of a finished command, its error reported on standard
+/// error.
+pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("custodyctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The mTLS channel to custodyd from the global options; a missing one is
+/// named by its flag and its environment variable.
+pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> {
+    let need = |option: &Option<std::path::PathBuf>, flag: &str, var: &str| {
+        option
+            .as_deref()
+            .ok_or_else(|| format!("give {flag} (or set {var})"))
+            .and_then(read_text)
+    };
+    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
+    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
+    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
+    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
+}
+
+/// A gRPC error as `Code [REASON]: message`, the reason from the error
+/// details when custodyd sent one.
+pub(crate) fn status(error: tonic::Status) -> String {
+    let code = format!("{:?}", error.code());
+    let details = tonic_types::StatusExt::get_error_details(&error);
+    match details.error_info() {
+        Some(info) => format!("{code} [{}]: {}", info.reason, error.message()),
+        None => format!("{code}: {}", error.message()),
+    }
+}
+
+/// Refuses bytes whose CRC32C is not the one custodyd sent with them.
+pub(crate) fn check_crc(bytes: &[u8], crc: u32, what: &str) -> Result<(), String> {
+    if crc32c::crc32c(bytes) == crc {
+        Ok(())
+    } else {
+        Err(format!(
+            "the {what} was corrupted in transit (CRC32C mismatch)"
+        ))
+    }
+}
+
+/// A resource name from a name given with or without its collection
+/// prefix (`prefix` ends with `/`).
+pub(crate) fn full_name(prefix: &str, name: &str) -> String {
+    if name.starts_with(prefix) {
+        name.to_string()
+    } else {
+        format!("{prefix}{name}")
+    }
+}
+
+/// `keys/...` from a name given with or without its `keys/` prefix.
+pub(crate) fn key_name(name: &str) -> String {
+    full_name("keys/", name)
+}
+
+pub(crate) fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), String> {
+    std::fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Creates a new file only its owner can read; an existing file is never
+/// overwritten, so a secret cannot land in a file others already read.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Prints `prompt` and reads one line typed back, newline included.
+pub(crate) fn ask(prompt: std::fmt::Arguments<'_>) -> Result<String, String> {
+    out!("{prompt}");
+    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
+    let mut typed = String::new();
+    std::io::stdin()
+        .read_line(&mut typed)
+        .map_err(|e| e.to_string())?;
+    Ok(typed)
+}
+
+/// Reads a sealed officer key file.
+pub(crate) fn sealed_officer_key(path: &Path) -> Result<SealedOfficerKey, String> {
+    serde_json::from_str(&read_text(path)?)
+        .map_err(|e| format!("{}: not an officer key file: {e}", path.display()))
+}
+
+/// Unseals an officer key with its passphrase.
+pub(crate) fn unseal(sealed: &SealedOfficerKey) -> Result<OfficerKey, String> {
+    OfficerKey::unseal(
+        sealed,
+        &passphrase(
+            &format!("passphrase of officer {}: ", sealed.officer_id),
+            false,
+        )?,
+    )
+}
+
+/// The officer key in a sealed key file, unsealed.
+pub(crate) fn officer_key(path: &Path) -> Result<OfficerKey, String> {
+    unseal(&sealed_officer_key(path)?)
+}
+
+/// The passphrase from `CUSTODY_OFFICER_PASSPHRASE`, or asked for without echo.
+pub(crate) fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, String> {
+    if let Ok(value) = std::env::var("CUSTODY_OFFICER_PASSPHRASE") {
+        return Ok(SecretString::from(value));
+    }
+    let first =
+        rpassword::prompt_password(prompt).map_err(|e| format!("reading the passphrase: {e}"))?;
+    if confirm {
+        let again = rpassword::prompt_password("again: ")
+            .map_err(|e| format!("reading the passphrase: {e}"))?;
+        if again != first {
+            return Err("the passphrases differ".into());
+        }
+    }
+    Ok(SecretString::from(first))
+}
