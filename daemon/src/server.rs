@@ -126,7 +126,7 @@ impl Daemon {
                 );
             }
         }
-        let budget = custody_core::envelope::NonceBudget::open(
+        let budget = custody_core::budget::NonceBudget::open(
             &db,
             config.envelope.max_encryptions_per_version,
         )?;

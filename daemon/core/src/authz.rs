@@ -136,6 +136,20 @@ pub fn may_read_operation(principal: &Principal, requester: &str) -> Result<(), 
     }
 }
 
+/// The officer the caller is: the one enrolled with its certificate
+/// principal.
+pub fn officer_of(custody: &Custody, principal: &Principal) -> Result<OfficerRecord, Error> {
+    custody
+        .dual_control
+        .officer_for_principal(&principal.name)
+        .ok_or_else(|| {
+            Error::new(
+                Reason::OfficerNotEnrolled,
+                "the caller is no enrolled officer",
+            )
+        })
+}
+
 /// Refuses a direct call when the key's policy puts `kind` under quorum.
 pub fn quorum_gate(record: &KeyRecord, kind: &str, approved: Approval) -> Result<(), Error> {
     match (record.policies.get(kind), approved) {

@@ -7,11 +7,11 @@ use hsm_shim::Hsm;
 
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::AuditLog;
+use crate::budget::NonceBudget;
 use crate::ceremony::engine::Ceremonies;
 use crate::clock::Clock;
 use crate::config::LifecycleSection;
 use crate::dual_control::store::DualControlStore;
-use crate::envelope::NonceBudget;
 use crate::registry::Registry;
 
 /// The HSM, the stores and the settings every action shares.

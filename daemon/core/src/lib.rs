@@ -25,6 +25,7 @@
 //! | [`dual_control`] | officers, quorum policies, approved operations |
 //! | [`operations`] | operations waiting for officer approval: request, read, vote, execute |
 //! | [`envelope`] | the self-describing ciphertext format and the nonce budget |
+//! | [`budget`] | the durable per-version nonce budget of AES-GCM keys |
 //! | [`ceremony`] | key ceremonies: scripts, the journaled engine, shares, bundles, transcripts |
 //! | [`drift`] | comparing the registry with the objects the HSM holds |
 //! | [`scheduler`] | what runs without a request: crash roll-back at start, scheduled rotation and destruction, drift checks |
@@ -41,6 +42,7 @@ pub mod action;
 pub mod algorithms;
 pub mod audit;
 pub mod authz;
+pub mod budget;
 pub mod ceremony;
 pub mod clock;
 pub mod config;

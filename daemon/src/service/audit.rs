@@ -10,9 +10,9 @@ use custody_proto::v1::{
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{Audited, Shared, caller, require};
-use custody_core::identity::Role;
-use custody_core::{Error, Reason};
+use super::{Audited, Run, Shared, caller, serve};
+use custody_core::Error;
+use custody_core::authz::{Action, authorize};
 
 /// The audit service.
 pub struct Audit(pub Shared);
@@ -33,7 +33,7 @@ impl AuditService for Audit {
         let result = async {
             let principal = caller(&request)?;
             audited.principal = principal.name.clone();
-            require(&principal, Role::Auditor)
+            authorize(&principal, Action::ReadAudit)
         }
         .await;
         audited.finish(&self.0, result).await?;
@@ -79,26 +79,30 @@ impl AuditService for Audit {
         &self,
         request: Request<VerifyAuditRequest>,
     ) -> Result<Response<VerifyAuditResponse>, Status> {
-        let mut audited = Audited::start("VerifyAudit");
-        let state = self.0.clone();
-        let result = async {
-            let principal = caller(&request)?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Auditor)?;
-            let audit = state.audit.clone();
-            let report = tokio::task::spawn_blocking(move || audit.verify())
-                .await
-                .map_err(|_| Error::new(Reason::Internal, "verification task failed"))?;
-            let (first_bad_seq, problem) = report.first_bad.clone().unwrap_or_default();
-            Ok(VerifyAuditResponse {
-                valid: report.first_bad.is_none(),
-                records: report.records,
-                checkpoints: report.checkpoints,
-                first_bad_seq,
-                problem,
-            })
-        }
-        .await;
-        audited.finish(&self.0, result).await.map(Response::new)
+        serve(
+            &self.0,
+            "VerifyAudit",
+            Action::ReadAudit,
+            request,
+            Run::Inline,
+            |_| String::new(),
+            |custody, _, _, _| {
+                Box::pin(async move {
+                    let audit = custody.audit.clone();
+                    let report = tokio::task::spawn_blocking(move || audit.verify())
+                        .await
+                        .map_err(|_| Error::internal("verification task failed"))?;
+                    let (first_bad_seq, problem) = report.first_bad.clone().unwrap_or_default();
+                    Ok(VerifyAuditResponse {
+                        valid: report.first_bad.is_none(),
+                        records: report.records,
+                        checkpoints: report.checkpoints,
+                        first_bad_seq,
+                        problem,
+                    })
+                })
+            },
+        )
+        .await
     }
 }

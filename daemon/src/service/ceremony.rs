@@ -16,20 +16,19 @@ use custody_proto::v1::{
     KeyFingerprint, ListCeremoniesRequest, ListCeremoniesResponse, RestoreReport,
     StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
 };
-use sha2::Digest;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Audited, Shared, caller, require, to_completion};
+use super::{Run, Shared, serve};
 use crate::wire::timestamp;
+use custody_core::authz::{Action, acting_officer, officer_of};
 use custody_core::ceremony::components;
-use custody_core::ceremony::engine::{self, KeyToBack, SubmittedSecret};
+use custody_core::ceremony::engine::{self, SubmittedSecret};
+use custody_core::ceremony::export;
 use custody_core::ceremony::fingerprint::Fingerprint;
 use custody_core::ceremony::journal::{CeremonyRecord, Phase};
 use custody_core::ceremony::script::Script;
 use custody_core::dual_control::sealed;
-use custody_core::identity::{Principal, Role};
-use custody_core::registry::VersionState;
 use custody_core::{Error, Reason};
 
 /// The ceremony service.
@@ -38,59 +37,6 @@ pub struct CeremonyKeys(pub Shared);
 /// Largest script or bundle accepted (a bundle of 10,000 RSA-4096 keys is
 /// about 60 MB; the gRPC message limit applies first).
 const MAX_SCRIPT: usize = 64 * 1024;
-
-/// What a call adds to its audit record's detail (a bundle's digest).
-type Detail = std::sync::Arc<std::sync::Mutex<String>>;
-
-/// Runs `work` for an officer, audited, to completion.
-async fn officer_call<T, Fut>(
-    state: &Shared,
-    method: &'static str,
-    peer: Result<Principal, Error>,
-    resource: String,
-    work: impl FnOnce(Shared, Principal, Detail) -> Fut + Send + 'static,
-) -> Result<Response<T>, Status>
-where
-    T: Send + 'static,
-    Fut: Future<Output = Result<T, Error>> + Send + 'static,
-{
-    let state = state.clone();
-    to_completion(async move {
-        let mut audited = Audited::start(method);
-        audited.resource = resource;
-        let detail = Detail::default();
-        let result = async {
-            let principal = peer?;
-            audited.principal = principal.name.clone();
-            require(&principal, Role::Officer)?;
-            work(state.clone(), principal, detail.clone()).await
-        }
-        .await;
-        audited.detail = detail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        audited.finish(&state, result).await
-    })
-    .await
-}
-
-/// Refuses unless `officer_id` is enrolled with the caller's principal.
-fn acting_as(state: &Shared, principal: &Principal, officer_id: &str) -> Result<(), Error> {
-    let officer = state.dual_control.officer(officer_id).ok_or_else(|| {
-        Error::new(
-            Reason::OfficerNotEnrolled,
-            format!("{officer_id} is not an enrolled officer"),
-        )
-    })?;
-    if officer.principal != principal.name {
-        return Err(Error::new(
-            Reason::OfficerMismatch,
-            format!("officer {officer_id} is bound to another certificate principal"),
-        ));
-    }
-    Ok(())
-}
 
 /// `ceremonies/{id}`: the id.
 fn parse_name(name: &str) -> Result<String, Error> {
@@ -271,31 +217,32 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<StartCeremonyRequest>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "StartCeremony",
-            peer,
-            String::new(),
-            move |state, principal, detail| async move {
-                if request.script.len() > MAX_SCRIPT {
-                    return Err(Error::new(
-                        Reason::ScriptTooLarge,
-                        format!("a script is at most {MAX_SCRIPT} bytes"),
-                    ));
-                }
-                *detail
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = format!(
-                    "script sha256 {}",
-                    hex::encode(custody_core::ceremony::script::script_digest(
-                        request.script.as_bytes()
-                    ))
-                );
-                let record =
-                    engine::open(&state, &principal.name, request.script, request.bundle).await?;
-                Ok(ceremony_message(&record))
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |_| String::new(),
+            |state, audited, principal, request| {
+                Box::pin(async move {
+                    if request.script.len() > MAX_SCRIPT {
+                        return Err(Error::new(
+                            Reason::ScriptTooLarge,
+                            format!("a script is at most {MAX_SCRIPT} bytes"),
+                        ));
+                    }
+                    audited.detail = format!(
+                        "script sha256 {}",
+                        hex::encode(custody_core::ceremony::script::script_digest(
+                            request.script.as_bytes()
+                        ))
+                    );
+                    let record =
+                        engine::open(state, &principal.name, request.script, request.bundle)
+                            .await?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -305,16 +252,19 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<GetCeremonyRequest>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let name = request.into_inner().name;
-        officer_call(
+        serve(
             &self.0,
             "GetCeremony",
-            peer,
-            name.clone(),
-            move |state, _, _| async move {
-                let record = engine::found(&state, &parse_name(&name)?)?;
-                Ok(ceremony_message(&record))
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, _, request| {
+                Box::pin(async move {
+                    let name = request.name;
+                    let record = engine::found(state, &parse_name(&name)?)?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -324,20 +274,23 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<ListCeremoniesRequest>,
     ) -> Result<Response<ListCeremoniesResponse>, Status> {
-        let peer = caller(&request);
-        officer_call(
+        serve(
             &self.0,
             "ListCeremonies",
-            peer,
-            String::new(),
-            |state, _, _| async move {
-                let records = state
-                    .ceremonies
-                    .journal
-                    .list()
-                    .map_err(engine::journal_failure)?;
-                Ok(ListCeremoniesResponse {
-                    ceremonies: records.iter().map(ceremony_message).collect(),
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |_| String::new(),
+            |state, _, _, _| {
+                Box::pin(async move {
+                    let records = state
+                        .ceremonies
+                        .journal
+                        .list()
+                        .map_err(engine::journal_failure)?;
+                    Ok(ListCeremoniesResponse {
+                        ceremonies: records.iter().map(ceremony_message).collect(),
+                    })
                 })
             },
         )
@@ -348,19 +301,22 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<CeremonySignature>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "SignIn",
-            peer,
-            request.name.clone(),
-            move |state, principal, _| async move {
-                let id = parse_name(&request.name)?;
-                acting_as(&state, &principal, &request.officer_id)?;
-                let record =
-                    engine::sign_in(&state, &id, &request.officer_id, &request.signature).await?;
-                Ok(ceremony_message(&record))
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, principal, request| {
+                Box::pin(async move {
+                    let id = parse_name(&request.name)?;
+                    acting_officer(state, &principal, &request.officer_id)?;
+                    let record =
+                        engine::sign_in(state, &id, &request.officer_id, &request.signature)
+                            .await?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -370,45 +326,50 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<CollectShareRequest>,
     ) -> Result<Response<CollectShareResponse>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "CollectShare",
-            peer,
-            request.name.clone(),
-            move |state, principal, _| async move {
-                let id = parse_name(&request.name)?;
-                acting_as(&state, &principal, &request.officer_id)?;
-                let (share, backup_kek_kcv, record) =
-                    engine::collect_share(&state, &id, &request.officer_id).await?;
-                let text = Zeroizing::new(share.to_text());
-                let seal = Script::parse(&record.script)
-                    .map(|script| script.seal_shares())
-                    .unwrap_or(false);
-                if seal {
-                    let officer =
-                        state
-                            .dual_control
-                            .officer(&request.officer_id)
-                            .ok_or_else(|| {
-                                Error::new(Reason::OfficerNotEnrolled, "officer left mid-ceremony")
-                            })?;
-                    let public_key = hex::decode(&officer.public_key).unwrap_or_default();
-                    let sealed_share =
-                        sealed::seal(&public_key, text.as_bytes()).map_err(Error::internal)?;
-                    Ok(CollectShareResponse {
-                        share: String::new(),
-                        sealed_share,
-                        backup_kek_kcv,
-                    })
-                } else {
-                    Ok(CollectShareResponse {
-                        share: text.to_string(),
-                        sealed_share: Vec::new(),
-                        backup_kek_kcv,
-                    })
-                }
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, principal, request| {
+                Box::pin(async move {
+                    let id = parse_name(&request.name)?;
+                    acting_officer(state, &principal, &request.officer_id)?;
+                    let (share, backup_kek_kcv, record) =
+                        engine::collect_share(state, &id, &request.officer_id).await?;
+                    let text = Zeroizing::new(share.to_text());
+                    let seal = Script::parse(&record.script)
+                        .map(|script| script.seal_shares())
+                        .unwrap_or(false);
+                    if seal {
+                        let officer =
+                            state
+                                .dual_control
+                                .officer(&request.officer_id)
+                                .ok_or_else(|| {
+                                    Error::new(
+                                        Reason::OfficerNotEnrolled,
+                                        "officer left mid-ceremony",
+                                    )
+                                })?;
+                        let public_key = hex::decode(&officer.public_key).unwrap_or_default();
+                        let sealed_share =
+                            sealed::seal(&public_key, text.as_bytes()).map_err(Error::internal)?;
+                        Ok(CollectShareResponse {
+                            share: String::new(),
+                            sealed_share,
+                            backup_kek_kcv,
+                        })
+                    } else {
+                        Ok(CollectShareResponse {
+                            share: text.to_string(),
+                            sealed_share: Vec::new(),
+                            backup_kek_kcv,
+                        })
+                    }
+                })
             },
         )
         .await
@@ -418,35 +379,40 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<SubmitSecretRequest>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "SubmitSecret",
-            peer,
-            request.name.clone(),
-            move |state, principal, _| async move {
-                let id = parse_name(&request.name)?;
-                acting_as(&state, &principal, &request.officer_id)?;
-                let secret = match request.secret {
-                    Some(submit_secret_request::Secret::ComponentHex(hex)) => {
-                        let hex = Zeroizing::new(hex);
-                        SubmittedSecret::Component {
-                            value: components::parse_component(&hex)
-                                .map_err(|e| Error::new(Reason::BadComponent, e))?,
-                            expected_kcv: request.expected_kcv.clone(),
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, principal, request| {
+                Box::pin(async move {
+                    let id = parse_name(&request.name)?;
+                    acting_officer(state, &principal, &request.officer_id)?;
+                    let secret = match request.secret {
+                        Some(submit_secret_request::Secret::ComponentHex(hex)) => {
+                            let hex = Zeroizing::new(hex);
+                            SubmittedSecret::Component {
+                                value: components::parse_component(&hex)
+                                    .map_err(|e| Error::new(Reason::BadComponent, e))?,
+                                expected_kcv: request.expected_kcv.clone(),
+                            }
                         }
-                    }
-                    Some(submit_secret_request::Secret::Share(share)) => {
-                        SubmittedSecret::Share(Zeroizing::new(share))
-                    }
-                    None => {
-                        return Err(Error::new(Reason::NoSecret, "send a component or a share"));
-                    }
-                };
-                let record =
-                    engine::submit_secret(&state, &id, &request.officer_id, secret).await?;
-                Ok(ceremony_message(&record))
+                        Some(submit_secret_request::Secret::Share(share)) => {
+                            SubmittedSecret::Share(Zeroizing::new(share))
+                        }
+                        None => {
+                            return Err(Error::new(
+                                Reason::NoSecret,
+                                "send a component or a share",
+                            ));
+                        }
+                    };
+                    let record =
+                        engine::submit_secret(state, &id, &request.officer_id, secret).await?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -456,19 +422,22 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<CeremonySignature>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "Confirm",
-            peer,
-            request.name.clone(),
-            move |state, principal, _| async move {
-                let id = parse_name(&request.name)?;
-                acting_as(&state, &principal, &request.officer_id)?;
-                let record =
-                    engine::confirm(&state, &id, &request.officer_id, &request.signature).await?;
-                Ok(ceremony_message(&record))
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, principal, request| {
+                Box::pin(async move {
+                    let id = parse_name(&request.name)?;
+                    acting_officer(state, &principal, &request.officer_id)?;
+                    let record =
+                        engine::confirm(state, &id, &request.officer_id, &request.signature)
+                            .await?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -478,30 +447,24 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<AbortCeremonyRequest>,
     ) -> Result<Response<Ceremony>, Status> {
-        let peer = caller(&request);
-        let request = request.into_inner();
-        officer_call(
+        serve(
             &self.0,
             "AbortCeremony",
-            peer,
-            request.name.clone(),
-            move |state, principal, _| async move {
-                let id = parse_name(&request.name)?;
-                if request.reason.trim().is_empty() {
-                    return Err(Error::new(Reason::ReasonRequired, "say why"));
-                }
-                let officer = state
-                    .dual_control
-                    .officer_for_principal(&principal.name)
-                    .ok_or_else(|| {
-                        Error::new(
-                            Reason::OfficerNotEnrolled,
-                            "the caller is no enrolled officer",
-                        )
-                    })?;
-                let record =
-                    engine::abort(&state, &id, &officer.officer_id, &request.reason).await?;
-                Ok(ceremony_message(&record))
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, principal, request| {
+                Box::pin(async move {
+                    let id = parse_name(&request.name)?;
+                    if request.reason.trim().is_empty() {
+                        return Err(Error::new(Reason::ReasonRequired, "say why"));
+                    }
+                    let officer = officer_of(state, &principal)?;
+                    let record =
+                        engine::abort(state, &id, &officer.officer_id, &request.reason).await?;
+                    Ok(ceremony_message(&record))
+                })
             },
         )
         .await
@@ -511,19 +474,22 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<GetTranscriptRequest>,
     ) -> Result<Response<GetTranscriptResponse>, Status> {
-        let peer = caller(&request);
-        let name = request.into_inner().name;
-        officer_call(
+        serve(
             &self.0,
             "GetTranscript",
-            peer,
-            name.clone(),
-            move |state, _, _| async move {
-                let record = engine::found(&state, &parse_name(&name)?)?;
-                Ok(GetTranscriptResponse {
-                    markdown: record.transcript.to_markdown(),
-                    json: record.transcript.to_json(),
-                    audit_key_pem: state.audit.audit_key_pem().to_string(),
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |request| request.name.clone(),
+            |state, _, _, request| {
+                Box::pin(async move {
+                    let name = request.name;
+                    let record = engine::found(state, &parse_name(&name)?)?;
+                    Ok(GetTranscriptResponse {
+                        markdown: record.transcript.to_markdown(),
+                        json: record.transcript.to_json(),
+                        audit_key_pem: state.audit.audit_key_pem().to_string(),
+                    })
                 })
             },
         )
@@ -534,75 +500,23 @@ impl CeremonyService for CeremonyKeys {
         &self,
         request: Request<CreateBackupRequest>,
     ) -> Result<Response<CreateBackupResponse>, Status> {
-        let peer = caller(&request);
-        officer_call(
+        serve(
             &self.0,
             "CreateBackup",
-            peer,
-            String::new(),
-            |state, _, detail| async move {
-                let kek = state
-                    .ceremonies
-                    .journal
-                    .backup_kek()
-                    .map_err(engine::journal_failure)?
-                    .ok_or_else(|| {
-                        Error::new(
-                            Reason::NoBackupKek,
-                            "this token has no backup KEK yet: run a KEK ceremony first",
-                        )
-                    })?;
-                let keys: Vec<KeyToBack> = state
-                    .registry
-                    .list(None, usize::MAX)
-                    .iter()
-                    .filter(|key| key.backup_exportable)
-                    .flat_map(|key| {
-                        key.versions
-                            .iter()
-                            .filter(|v| {
-                                !matches!(
-                                    v.state,
-                                    VersionState::Destroyed | VersionState::Compromised
-                                )
-                            })
-                            .map(|v| KeyToBack {
-                                key_id: key.key_id.clone(),
-                                version: v.version,
-                                algorithm: key.algorithm.clone(),
-                                state: state_name(v.state),
-                                hsm_label: v.hsm_label.clone(),
-                                public_key_der_hex: v.public_key_der_hex.clone(),
-                                check_value: v.check_value.clone(),
-                                allowed_signers: key.allowed_signers.clone(),
-                            })
-                            .collect::<Vec<_>>()
+            Action::Ceremony,
+            request,
+            Run::ToCompletion,
+            |_| String::new(),
+            |state, audited, _, _| {
+                Box::pin(async move {
+                    let backup = export::create_backup(state, audited).await?;
+                    Ok(CreateBackupResponse {
+                        bundle: backup.bundle,
+                        keys: backup.keys,
                     })
-                    .collect();
-                let count = u32::try_from(keys.len()).unwrap_or(u32::MAX);
-                let bundle = engine::make_bundle(&state, &kek, keys).await?.to_json();
-                // The digest the restore script's bundle_sha256 is compared with.
-                *detail
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = format!(
-                    "{count} key versions under backup KEK set {}; bundle sha256 {}",
-                    kek.set_id,
-                    hex::encode(sha2::Sha256::digest(bundle.as_bytes()))
-                );
-                Ok(CreateBackupResponse {
-                    bundle,
-                    keys: count,
                 })
             },
         )
         .await
     }
-}
-
-/// The stored name of a state (`active`, `suspended`, ...).
-fn state_name(state: VersionState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use custody_core::authz::{Action, authorize};
-use custody_core::identity::{Principal, Role};
+use custody_core::identity::Principal;
 use custody_core::{Custody, Error, Reason, metrics};
 use tonic::{Request, Response, Status};
 
@@ -44,21 +44,6 @@ pub fn caller<T>(request: &Request<T>) -> Result<Principal, Error> {
             Reason::NoCustodyIdentity,
             format!("the client certificate maps to no custody principal: {why}"),
         )),
-    }
-}
-
-/// Refuses unless `principal` holds `role`.
-pub fn require(principal: &Principal, role: Role) -> Result<(), Error> {
-    if principal.has(role) {
-        Ok(())
-    } else {
-        Err(Error::new(
-            Reason::RoleRequired,
-            format!(
-                "this needs the {role} role, which {} does not hold",
-                principal.name
-            ),
-        ))
     }
 }
 

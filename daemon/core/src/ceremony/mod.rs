@@ -3,6 +3,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`engine`] | the journaled state machine that runs a script, and crash recovery |
+//! | [`export`] | a backup bundle of the live registry's backup-exportable keys |
 //! | [`journal`] | ceremony records and the backup KEK in sled |
 //! | [`script`] | ceremony scripts: parsing, validation, the plan |
 //! | [`shares`] | the K-of-N share format custodians hold |
@@ -16,6 +17,7 @@ pub mod bundle;
 pub mod certificate;
 pub mod components;
 pub mod engine;
+pub mod export;
 pub mod fingerprint;
 pub mod journal;
 pub mod script;

@@ -6,7 +6,7 @@
 //! ([`check_usable`]), the nonce budget; only then does it reach the HSM.
 //! The GCM work runs on an HSM worker thread, and for a rewrap the
 //! plaintext exists only inside that one closure, in zeroizing memory.
-//! [`format`] owns the ciphertext layout and the nonce budget.
+//! [`format`] owns the ciphertext layout; [`crate::budget`] the nonce budget.
 
 pub mod format;
 
@@ -15,7 +15,9 @@ use std::sync::Arc;
 use hsm_shim::{GcmCiphertext, KeyLabel};
 use zeroize::Zeroizing;
 
-pub use format::{BudgetError, Envelope, NonceBudget, assemble, seal_header};
+pub use format::{Envelope, assemble, seal_header};
+
+use crate::budget::BudgetError;
 
 use crate::action::Audited;
 use crate::authz::{Action, allowed_user, authorize};
