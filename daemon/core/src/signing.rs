@@ -86,6 +86,20 @@ pub fn hash_name(hash: HashAlg) -> &'static str {
     }
 }
 
+/// Whom a signature is made for, which decides what is checked.
+#[derive(Debug, Clone, Copy)]
+pub enum Signer<'a> {
+    /// The authenticated caller: the signer role, the key's allow-list and,
+    /// for a direct call ([`Approval::None`]), no quorum policy on SIGN.
+    Caller(&'a Principal, Approval),
+    /// An approved SIGN operation, run for its requester: the role was
+    /// checked when they asked; the allow-list is checked again now.
+    Approved {
+        /// The principal who asked for the operation.
+        requester: &'a str,
+    },
+}
+
 /// What the HSM will be asked, after every check passed.
 struct Prepared {
     version_name: String,
@@ -98,14 +112,13 @@ struct Prepared {
     crc_checked: bool,
 }
 
-/// Checks a sign (`signer` is the caller) or verify (`signer` is `None`)
-/// request against the registry and the caller, and says in `audited` what
-/// the record will name. No HSM call happens here.
+/// Checks a sign (for `signer`) or verify (`signer` is `None`) request
+/// against the registry and the signer, and says in `audited` what the
+/// record will name. No HSM call happens here.
 fn prepare(
     custody: &Custody,
     audited: &mut Audited,
-    approval: Approval,
-    signer: Option<&Principal>,
+    signer: Option<Signer<'_>>,
     request: &SignRequest,
 ) -> Result<Prepared, Error> {
     // Refusals are recorded with what was asked for.
@@ -115,10 +128,17 @@ fn prepare(
     let number = version.unwrap_or(record.primary_version);
     let version = version_of(&record, number)?;
     audited.resource = version_name(key_id, number);
-    if let Some(principal) = signer {
-        authorize(principal, Action::Sign)?;
-        allowed_user(&record, principal)?;
-        quorum_gate(&record, "SIGN", approval)?;
+    match signer {
+        Some(Signer::Caller(principal, approval)) => {
+            authorize(principal, Action::Sign)?;
+            allowed_user(&record, &principal.name)?;
+            quorum_gate(&record, "SIGN", approval)?;
+        }
+        Some(Signer::Approved { requester }) => {
+            allowed_user(&record, requester)?;
+            quorum_gate(&record, "SIGN", Approval::Quorum)?;
+        }
+        None => {}
     }
     let usage = if signer.is_some() {
         Use::Protect
@@ -230,15 +250,14 @@ fn prepare(
     })
 }
 
-/// Signs one request for `principal`; see [`Approval`]. The caller
-/// records `audited` (method `Sign`, or `ExecuteSign` for an approved
-/// operation), which this names the exact version and digest in.
+/// Signs one request for `signer`. The caller records `audited` (method
+/// `Sign`, or `ExecuteSign` for an approved operation), which this names
+/// the exact version and digest in.
 pub async fn sign(
     custody: &Custody,
     audited: &mut Audited,
-    principal: &Principal,
+    signer: Signer<'_>,
     request: &SignRequest,
-    approval: Approval,
 ) -> Result<Signature, Error> {
     let Prepared {
         version_name,
@@ -249,7 +268,7 @@ pub async fn sign(
         is_digest,
         encoding,
         crc_checked,
-    } = prepare(custody, audited, approval, Some(principal), request)?;
+    } = prepare(custody, audited, Some(signer), request)?;
     let signature = custody
         .hsm
         .run(move |session| {
@@ -287,7 +306,7 @@ pub async fn verify(
         is_digest,
         encoding,
         ..
-    } = prepare(custody, audited, Approval::None, None, request)?;
+    } = prepare(custody, audited, None, request)?;
     let valid = custody
         .hsm
         .run(move |session| {
@@ -327,13 +346,8 @@ pub fn check_sign_operation(
     request: &SignRequest,
 ) -> Result<SignOperation, Error> {
     let mut audited = Audited::start("RequestOperation");
-    let prepared = prepare(
-        custody,
-        &mut audited,
-        Approval::Quorum,
-        Some(principal),
-        request,
-    )?;
+    let signer = Signer::Caller(principal, Approval::Quorum);
+    let prepared = prepare(custody, &mut audited, Some(signer), request)?;
     let (key_id, version) = parse_version_name(&prepared.version_name)?;
     let hash = prepared
         .sign_algorithm

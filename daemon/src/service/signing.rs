@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use custody_core::authz::{Action, Approval};
 use custody_core::identity::Principal;
-use custody_core::signing::{self, Encoding, Input};
+use custody_core::signing::{self, Encoding, Input, Signer};
 use custody_core::{Custody, Error, Reason};
 use custody_proto::v1::signing_service_server::SigningService;
 use custody_proto::v1::{
@@ -78,7 +78,8 @@ async fn sign_one(
     let request_id = request.request_id;
     let result = async {
         let request = sign_request(&request)?;
-        signing::sign(custody, &mut audited, principal, &request, Approval::None).await
+        let signer = Signer::Caller(principal, Approval::None);
+        signing::sign(custody, &mut audited, signer, &request).await
     }
     .await;
     audited

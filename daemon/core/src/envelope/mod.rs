@@ -74,7 +74,7 @@ fn usable_key(
             format!("keys/{key_id} is a signing key, not an ENCRYPT_DECRYPT key"),
         ));
     }
-    allowed_user(&record, principal)?;
+    allowed_user(&record, &principal.name)?;
     Ok(record)
 }
 

@@ -9,11 +9,10 @@ use crate::authz::{Approval, quorum_for};
 use crate::dual_control::operation::{OperationRecord, Outcome, Spec};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
-use crate::identity::{Principal, Role};
 use crate::keys::{self, KeyUpdate, Trigger, found};
 use crate::names::version_name;
 use crate::registry::VersionState;
-use crate::signing::{self, SignOperation};
+use crate::signing::{self, SignOperation, Signer};
 use crate::{Custody, Error, Reason};
 
 /// Refuses to remove `officer_id` if a key policy naming it could then never
@@ -86,21 +85,11 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                 digest: digest.clone(),
                 encoding: encoding.clone(),
             });
-            // The requester was checked as a signer on the allow-list when it
-            // asked; the allow-list is checked again now.
-            let requester = Principal {
-                name: record.requester.clone(),
-                roles: [Role::Signer].into(),
-            };
             let mut audited = acting_for(record, "ExecuteSign", request.name.clone());
-            let signed = signing::sign(
-                custody,
-                &mut audited,
-                &requester,
-                &request,
-                Approval::Quorum,
-            )
-            .await;
+            let signer = Signer::Approved {
+                requester: &record.requester,
+            };
+            let signed = signing::sign(custody, &mut audited, signer, &request).await;
             let signed = audited.record(custody, signed).await?;
             Ok(Outcome::Signature {
                 version_name: signed.version_name,
