@@ -200,7 +200,7 @@ impl Error {
     }
 
     /// The audit log could not record: the operation did not happen.
-    pub fn audit_unavailable(error: &crate::audit::AuditError) -> Self {
+    pub fn audit_unavailable(error: &impl fmt::Display) -> Self {
         tracing::error!(%error, "refusing: audit record not durable");
         Self::new(
             Reason::AuditUnavailable,
