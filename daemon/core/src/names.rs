@@ -58,15 +58,20 @@ pub fn parse_exact_version(name: &str) -> Result<(&str, u32), Error> {
     Ok((key_id, version))
 }
 
-/// 1-63 of `[a-z0-9-]`, starting with a letter.
-pub fn check_key_id(id: &str) -> Result<(), Error> {
-    let valid = !id.is_empty()
-        && id.len() <= 63
+/// Whether `id` is 1 to `max_len` of `[a-z0-9-]`, starting with a letter:
+/// the shape of every identifier custody hands out (key ids, ceremony ids).
+pub fn is_identifier(id: &str, max_len: usize) -> bool {
+    !id.is_empty()
+        && id.len() <= max_len
         && id.as_bytes()[0].is_ascii_lowercase()
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if valid {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// 1-63 of `[a-z0-9-]`, starting with a letter.
+pub fn check_key_id(id: &str) -> Result<(), Error> {
+    if is_identifier(id, 63) {
         Ok(())
     } else {
         Err(Error::new(

@@ -82,13 +82,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 fn check_id(id: &str) -> Result<(), ScriptError> {
-    let valid = !id.is_empty()
-        && id.len() <= MAX_ID
-        && id.as_bytes()[0].is_ascii_lowercase()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if valid {
+    if crate::names::is_identifier(id, MAX_ID) {
         Ok(())
     } else {
         Err(invalid(
