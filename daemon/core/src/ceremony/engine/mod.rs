@@ -563,7 +563,7 @@ pub async fn abort(
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
-    if !script.quorum().officers.iter().any(|o| o == officer) {
+    if !script.quorum().contains(officer) {
         return Err(Error::new(
             Reason::NotInQuorum,
             format!("only an officer of the ceremony's quorum may abort it; {officer} is not"),
