@@ -74,7 +74,7 @@ pub use backup::{KeyToBack, check_aad, make_bundle};
 pub use crash_points::CRASH_POINTS;
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::recover;
-pub use restore::{pem_to_der, restore_challenge};
+pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
 
 /// Secrets of one ceremony, in memory only.
