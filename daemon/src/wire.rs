@@ -162,14 +162,7 @@ mod tests {
 
     #[test]
     fn every_state_crosses_the_wire_and_back() {
-        for state in [
-            VersionState::PreActivation,
-            VersionState::Active,
-            VersionState::Suspended,
-            VersionState::Deactivated,
-            VersionState::Compromised,
-            VersionState::Destroyed,
-        ] {
+        for state in VersionState::ALL {
             assert_eq!(
                 version_state_from_wire(version_state(state) as i32).unwrap(),
                 state

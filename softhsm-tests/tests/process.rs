@@ -611,7 +611,7 @@ async fn ceremony_invariant(
             .await
             .unwrap()
             .into_inner();
-        let spki = custody_core::ceremony::engine::pem_to_der(&transcript.audit_key_pem).unwrap();
+        let spki = custody_core::encoding::pem_to_der(&transcript.audit_key_pem).unwrap();
         custody_core::ceremony::transcript::Transcript::from_json(&transcript.json)
             .unwrap()
             .verify(&spki)

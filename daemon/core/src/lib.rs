@@ -15,6 +15,7 @@
 //! | [`clock`] | the time every rule reads (injected in tests) |
 //! | [`action`] | the audit record of one action: intent before acting, one outcome |
 //! | [`config`] | the TOML configuration |
+//! | [`encoding`] | the small text encodings read in more than one place: PEM public keys, lower-case hex fields |
 //! | [`identity`] | principals and roles, and how a client certificate names them |
 //! | [`algorithms`] | key algorithms and what they mean at the HSM |
 //! | [`authz`] | the one decision: roles, allow-lists, acting officers, quorum gates, which quorum governs an operation |
@@ -49,6 +50,7 @@ pub mod config;
 pub mod custody;
 pub mod drift;
 pub mod dual_control;
+pub mod encoding;
 pub mod envelope;
 pub mod error;
 pub mod failpoint;

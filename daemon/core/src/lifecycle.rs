@@ -72,18 +72,9 @@ mod tests {
     use super::*;
     use VersionState::*;
 
-    const ALL: [VersionState; 6] = [
-        PreActivation,
-        Active,
-        Suspended,
-        Deactivated,
-        Compromised,
-        Destroyed,
-    ];
-
     #[test]
     fn nothing_leaves_destroyed_and_nothing_reaches_pre_activation() {
-        for state in ALL {
+        for state in VersionState::ALL {
             assert!(!transition_allowed(Destroyed, state));
             assert!(!transition_allowed(state, PreActivation));
             assert!(!transition_allowed(state, Destroyed));
@@ -93,7 +84,7 @@ mod tests {
 
     #[test]
     fn only_active_versions_protect_and_nothing_uses_destroyed_or_pre_activation() {
-        for state in ALL {
+        for state in VersionState::ALL {
             assert_eq!(permits(state, Use::Protect), state == Active);
             for usage in [Use::Protect, Use::Process] {
                 if matches!(state, Destroyed | PreActivation) {

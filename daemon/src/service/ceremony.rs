@@ -82,7 +82,7 @@ fn waiting_for(record: &CeremonyRecord, script: Option<&Script>) -> String {
             format!(
                 "{} more of: {}",
                 script.quorum().required as usize - present.len(),
-                missing(&present, &script.quorum().officers)
+                missing(&present, script.officers())
             )
         }
         Phase::AwaitingShareCollection => format!(

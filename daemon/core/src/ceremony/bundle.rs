@@ -27,11 +27,12 @@ use std::collections::BTreeSet;
 
 use p256::ecdsa::VerifyingKey;
 use p256::ecdsa::signature::Verifier;
-use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+use p256::pkcs8::DecodePublicKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
+use crate::encoding::{lower_hex, pem_to_der};
 
 /// The manifest format.
 pub const FORMAT: &str = "custody-backup/v1";
@@ -179,19 +180,11 @@ pub fn manifest_message(manifest: &Manifest) -> Vec<u8> {
     message
 }
 
-/// Lower-case hex only (one spelling, so that equal text means equal
-/// bytes), `len` bytes if given; returns the bytes.
+/// Lower-case hex only ([`lower_hex`]), `len` bytes if given; returns the
+/// bytes.
 fn hex_field(field: &str, value: &str, len: Option<usize>) -> Result<Vec<u8>, BundleError> {
-    let lower_hex = value
-        .bytes()
-        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if value.is_empty() || !lower_hex || value.len() % 2 != 0 {
-        return Err(invalid(
-            field,
-            "must be lower-case hex (an even number of 0-9, a-f)",
-        ));
-    }
-    let bytes = hex::decode(value).map_err(|e| invalid(field, e.to_string()))?;
+    let bytes = lower_hex(value)
+        .ok_or_else(|| invalid(field, "must be lower-case hex (an even number of 0-9, a-f)"))?;
     match len {
         Some(len) if bytes.len() != len => Err(invalid(
             field,
@@ -305,18 +298,18 @@ impl Bundle {
         Ok(())
     }
 
-    /// The SPKI DER of the audit key the bundle names (`audit_key_pem`).
+    /// The SPKI DER of the audit key the bundle names (`audit_key_pem`),
+    /// which must be an EC P-256 key.
     pub fn audit_key_spki(&self) -> Result<Vec<u8>, BundleError> {
-        let key = VerifyingKey::from_public_key_pem(&self.audit_key_pem).map_err(|e| {
+        let not_p256 = |e: String| {
             invalid(
                 "audit_key_pem",
                 format!("not an EC P-256 public key PEM: {e}"),
             )
-        })?;
-        let der = key
-            .to_public_key_der()
-            .map_err(|e| invalid("audit_key_pem", e.to_string()))?;
-        Ok(der.as_bytes().to_vec())
+        };
+        let der = pem_to_der(&self.audit_key_pem).map_err(not_p256)?;
+        VerifyingKey::from_public_key_der(&der).map_err(|e| not_p256(e.to_string()))?;
+        Ok(der)
     }
 
     /// Checks the manifest signature with the audit key the caller trusts
@@ -505,6 +498,7 @@ mod tests {
     use super::*;
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
+    use p256::pkcs8::EncodePublicKey;
     use p256::pkcs8::spki::der::pem::LineEnding;
 
     fn key(byte: u8) -> SigningKey {

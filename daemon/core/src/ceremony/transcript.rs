@@ -42,6 +42,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::encoding::lower_hex_array;
+
 /// The transcript format.
 pub const FORMAT: &str = "custody-transcript/v1";
 const ENTRY_DOMAIN: &[u8] = b"custody-transcript-entry/v1\n";
@@ -288,16 +290,7 @@ impl Serialize for Sorted<'_> {
 /// The 32 bytes of a hex hash, if it is 64 lower-case hex digits (one
 /// spelling only, so a hash compares equal exactly when its bytes do).
 fn hash_bytes(hex_hash: &str) -> Option<[u8; 32]> {
-    if hex_hash.len() != 64
-        || !hex_hash
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return None;
-    }
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(hex_hash, &mut bytes).ok()?;
-    Some(bytes)
+    lower_hex_array(hex_hash)
 }
 
 /// The hash of `entry` given the previous hash's bytes.

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-/// M-of-N: which officers may approve, and how many must.
+/// M-of-N: which officers may approve, and how many must. Key policies,
+/// approved operations and ceremony scripts (who signs in) all use it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quorum {
     /// The eligible officers (N), by officer id.
@@ -37,6 +38,16 @@ impl Quorum {
             ));
         }
         Ok(Quorum { members, required })
+    }
+
+    /// Whether `officer` is one of the eligible officers.
+    pub fn contains(&self, officer: &str) -> bool {
+        self.members.contains(officer)
+    }
+
+    /// Whether `count` approvals (of distinct members) meet the quorum.
+    pub fn is_met_by(&self, count: usize) -> bool {
+        count >= self.required as usize
     }
 }
 
@@ -131,7 +142,7 @@ impl Rules<'_> {
     /// Where `ballot` stands, counting only officers still enrolled.
     pub fn standing(&self, ballot: &Ballot, enrolled: impl Fn(&str) -> bool) -> Standing {
         let counts = |officer: &String| {
-            self.quorum.members.contains(officer)
+            self.quorum.contains(officer)
                 && enrolled(officer)
                 && Some(officer.as_str()) != self.requester_officer
         };
@@ -139,7 +150,7 @@ impl Rules<'_> {
             return Standing::Denied;
         }
         let approvals = ballot.approvals.keys().filter(|o| counts(o)).count();
-        if approvals >= self.quorum.required as usize {
+        if self.quorum.is_met_by(approvals) {
             Standing::Approved
         } else {
             Standing::Pending
@@ -169,7 +180,7 @@ impl Rules<'_> {
         if !enrolled(officer) {
             return Err(Refusal::NotEnrolled);
         }
-        if !self.quorum.members.contains(officer) {
+        if !self.quorum.contains(officer) {
             return Err(Refusal::NotEligible);
         }
         if Some(officer) == self.requester_officer {
@@ -200,6 +211,20 @@ mod tests {
         assert!(Quorum::new(names(3), 1).is_err());
         assert!(Quorum::new(names(3), 0).is_err());
         assert!(Quorum::new(vec!["a".into(), "a".into(), "b".into()], 2).is_err());
+    }
+
+    #[test]
+    fn members_and_counts_are_read_from_the_quorum() {
+        let quorum = Quorum::new(["alice".to_string(), "bob".into(), "carol".into()], 2).unwrap();
+        assert!(quorum.contains("alice") && quorum.contains("carol"));
+        assert!(!quorum.contains("dave"));
+        assert!(!quorum.contains("Alice"));
+        assert!(!quorum.contains(""));
+        assert!(!quorum.is_met_by(0));
+        assert!(!quorum.is_met_by(1));
+        assert!(quorum.is_met_by(2));
+        assert!(quorum.is_met_by(3));
+        assert!(quorum.is_met_by(usize::MAX));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! reserve key ids, then its first version made by the journaled
 //! [`generation`](super::generation) protocol.
 
-use super::generation::{commit_version, exportability, generate_version};
+use super::generation::{NewVersion, PendingVersions, commit_version, generate_version};
 use crate::action::Audited;
 use crate::algorithms::KeyAlgorithm;
 use crate::identity::valid_principal_name;
@@ -80,8 +80,18 @@ pub async fn create(
         ));
     }
     audited.intent(custody).await?;
-    let export = exportability(new.backup_exportable);
-    let first = generate_version(custody, &new.key_id, new.algorithm, export, 1, "create").await?;
+    let first = generate_version(
+        custody,
+        &mut PendingVersions { trigger: "create" },
+        NewVersion {
+            key_id: &new.key_id,
+            version: 1,
+            algorithm: new.algorithm,
+            backup_exportable: new.backup_exportable,
+        },
+    )
+    .await?
+    .version;
     let label = first.hsm_label.clone();
     let record = KeyRecord {
         key_id: new.key_id,

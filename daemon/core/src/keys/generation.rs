@@ -1,18 +1,32 @@
-//! The one journaled protocol that makes a new key version in the HSM.
+//! The one journaled protocol that makes a new key version in the HSM, for
+//! CreateKey, every rotation and the key ceremonies ([`generate_version`]):
 //!
-//! 1. A `PendingVersion` journal entry naming the label is written and
-//!    flushed before the HSM is asked for anything.
-//! 2. The HSM generates the key under that label.
-//! 3. The version is committed to the key record in the same sled
-//!    transaction that clears the journal entry, so it becomes usable
-//!    atomically.
+//! 1. The intent, the label about to be made, is journaled and flushed
+//!    before the HSM is asked for anything ([`GenerationJournal::intend`]).
+//! 2. The HSM generates the key under that label: a key pair (which
+//!    hsm-shim consistency-tests as it makes it) or an AES key, wrappable
+//!    only under the token's backup KEK if the key is backup-exportable.
+//! 3. The journal notes that the key was made ([`GenerationJournal::made`]),
+//!    and what the HSM reported becomes the [`VersionRecord`].
 //!
-//! A crash between 1 and 3 leaves the entry, and the next start rolls it back
-//! ([`roll_back_version`]: whatever the HSM holds under the label is
-//! destroyed), so a half-made version is never usable. The crash points
-//! `version.*` are where the SIGKILL tests stop the process.
+//! A crash point sits before and after the intent and after the HSM call
+//! ([`CrashPoints`]): the SIGKILL tests stop the process at each.
+//!
+//! Two journals keep the protocol, and each owns what happens after it:
+//!
+//! - the registry's pending versions ([`PendingVersions`]), for CreateKey
+//!   and rotation: the version is committed with [`commit_version`], in the
+//!   sled transaction that clears its entry, so it becomes usable
+//!   atomically; a crash before that leaves the entry, and the next start
+//!   rolls it back ([`roll_back_version`]: whatever the HSM holds under the
+//!   label is destroyed), so a half-made version is never usable;
+//! - the ceremony journal (the ceremony engine's `new_key`), where the label
+//!   is one of the ceremony's journaled objects: the ceremony's commit
+//!   registers the key, and its roll-back destroys every object it names.
 
-use hsm_shim::{AesRole, ErrorKind, Exportability, KeyLabel};
+use std::future::Future;
+
+use hsm_shim::{AesRole, ErrorKind, Exportability, HsmSession, KeyInfo, KeyLabel, KeySpec};
 
 use super::registry_failure;
 use crate::algorithms::KeyAlgorithm;
@@ -30,87 +44,234 @@ pub fn exportability(backup_exportable: bool) -> Exportability {
     }
 }
 
-/// Generates version `version` of `key_id` in the HSM, journaled: the
-/// pending entry is durable before the HSM call, and is dropped again if the
-/// call fails. The caller holds the registry lock and commits the version
-/// with [`commit_version`].
-///
-/// A label in custody's `key/` namespace that is neither registered nor
-/// pending (the caller checked) is a leftover of a generation that failed to
-/// clean up; it is destroyed and the key made again.
-pub async fn generate_version(
-    custody: &Custody,
-    key_id: &str,
-    algorithm: KeyAlgorithm,
-    export: Exportability,
-    version: u32,
-    trigger: &'static str,
-) -> Result<VersionRecord, Error> {
-    let label = hsm_label(key_id, version)?;
-    let now = custody.clock.now_ms();
-    failpoint::hit("version.before_journal");
-    custody
-        .registry
-        .begin_version(&PendingVersion {
-            key_id: key_id.into(),
-            version,
-            hsm_label: label.as_str().into(),
-            trigger: trigger.into(),
-            started_ms: now,
+/// The version to make.
+#[derive(Debug, Clone, Copy)]
+pub struct NewVersion<'a> {
+    /// The key.
+    pub key_id: &'a str,
+    /// Its number, from 1; with the key id it names the HSM label.
+    pub version: u32,
+    /// The key's algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// Whether it may leave the HSM wrapped under the backup KEK.
+    pub backup_exportable: bool,
+}
+
+/// The crash points of one generation: where the SIGKILL tests stop the
+/// process between the moves of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashPoints {
+    /// Before the intent is journaled.
+    pub before_intent: &'static str,
+    /// After the intent is durable, before the HSM call.
+    pub after_intent: &'static str,
+    /// After the HSM made the key, before the journal records it.
+    pub after_hsm: &'static str,
+}
+
+/// The journal that records a generation's intent before the HSM call and
+/// that the key was made after it.
+pub trait GenerationJournal {
+    /// Where the SIGKILL tests stop this journal's generations.
+    const POINTS: CrashPoints;
+
+    /// Whether an object already under the label, which the journal does
+    /// not know of, is destroyed and the key made again; otherwise the HSM's
+    /// refusal of the label fails the generation.
+    const REPLACES_LEFTOVERS: bool;
+
+    /// Journals, durably, that `label` is about to be made for `new`
+    /// (started at `started_ms`): nothing reaches the HSM before this
+    /// returns.
+    fn intend(
+        &mut self,
+        custody: &Custody,
+        new: &NewVersion<'_>,
+        label: &KeyLabel,
+        started_ms: i64,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The HSM call failed: what becomes of the journaled intent.
+    fn failed(&mut self, custody: &Custody, label: &KeyLabel) -> impl Future<Output = ()> + Send;
+
+    /// The HSM made the key under `label`.
+    fn made(&mut self, label: &KeyLabel);
+}
+
+/// What a generation made.
+pub struct Generated {
+    /// The version as the registry keeps it, active from its generation.
+    pub version: VersionRecord,
+    /// What the HSM reported of the key.
+    pub info: KeyInfo,
+}
+
+/// What custody records of a key the HSM made, as the HSM reported it: a
+/// key pair's public key, an AES key's check value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFacts {
+    /// SubjectPublicKeyInfo DER, hex (key pairs).
+    pub public_key_der_hex: String,
+    /// SubjectPublicKeyInfo PEM (key pairs).
+    pub public_key_pem: String,
+    /// Key check value, hex (AES keys).
+    pub check_value: String,
+}
+
+impl KeyFacts {
+    /// The facts of what the HSM reported.
+    pub fn of(info: &KeyInfo) -> Result<KeyFacts, Error> {
+        let (public_key_der_hex, public_key_pem) = match &info.public_key {
+            Some(public_key) => (hex::encode(public_key.spki_der()), public_key.to_pem()?),
+            None => (String::new(), String::new()),
+        };
+        Ok(KeyFacts {
+            public_key_der_hex,
+            public_key_pem,
+            check_value: info.check_value.map(|k| k.to_string()).unwrap_or_default(),
         })
-        .await
-        .map_err(registry_failure)?;
-    failpoint::hit("version.after_journal");
-    let spec = algorithm.key_spec();
-    let run_label = label.clone();
-    let generated = custody
+    }
+
+    /// Version `version`, labelled `hsm_label`, active from `now`.
+    pub fn active_version(self, version: u32, hsm_label: String, now: i64) -> VersionRecord {
+        VersionRecord {
+            version,
+            state: VersionState::Active,
+            created_ms: now,
+            state_ms: now,
+            hsm_label,
+            public_key_der_hex: self.public_key_der_hex,
+            public_key_pem: self.public_key_pem,
+            activated_ms: Some(now),
+            destroy_at_ms: None,
+            legal_hold: None,
+            check_value: self.check_value,
+        }
+    }
+}
+
+/// Makes `new` in the HSM under the protocol of the module doc, journaled in
+/// `journal`. The caller acts on what was made: commits it to the registry
+/// ([`commit_version`]) or keeps it in its ceremony.
+pub async fn generate_version<J: GenerationJournal>(
+    custody: &Custody,
+    journal: &mut J,
+    new: NewVersion<'_>,
+) -> Result<Generated, Error> {
+    let label = hsm_label(new.key_id, new.version)?;
+    let now = custody.clock.now_ms();
+    failpoint::hit(J::POINTS.before_intent);
+    journal.intend(custody, &new, &label, now).await?;
+    failpoint::hit(J::POINTS.after_intent);
+    let generated = generate_in_hsm(
+        custody,
+        label.clone(),
+        new.algorithm.key_spec(),
+        exportability(new.backup_exportable),
+        J::REPLACES_LEFTOVERS,
+    )
+    .await;
+    let info = match generated {
+        Ok(info) => info,
+        Err(error) => {
+            journal.failed(custody, &label).await;
+            return Err(error.into());
+        }
+    };
+    failpoint::hit(J::POINTS.after_hsm);
+    journal.made(&label);
+    let version = KeyFacts::of(&info)?.active_version(new.version, label.as_str().into(), now);
+    Ok(Generated { version, info })
+}
+
+/// The HSM call: a key pair or an AES data key under `label`.
+async fn generate_in_hsm(
+    custody: &Custody,
+    label: KeyLabel,
+    spec: KeySpec,
+    export: Exportability,
+    replace_leftovers: bool,
+) -> hsm_shim::Result<KeyInfo> {
+    custody
         .hsm
         .run(move |session| {
-            let generate = |session: &mut hsm_shim::HsmSession| {
+            let generate = |session: &mut HsmSession| {
                 if spec.is_key_pair() {
-                    session.generate_key_pair(&run_label, spec, export)
+                    session.generate_key_pair(&label, spec, export)
                 } else {
-                    session.generate_aes_key(&run_label, AesRole::DataEncryption, export)
+                    session.generate_aes_key(&label, AesRole::DataEncryption, export)
                 }
             };
             match generate(session) {
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    tracing::warn!(label = %run_label, "removing an orphaned HSM key left by an interrupted generation");
-                    session.destroy(&run_label)?;
+                Err(e) if replace_leftovers && e.kind() == ErrorKind::AlreadyExists => {
+                    tracing::warn!(%label, "removing an orphaned HSM key left by an interrupted generation");
+                    session.destroy(&label)?;
                     generate(session)
                 }
                 other => other,
             }
         })
-        .await;
-    let info = match generated {
-        Ok(info) => info,
-        Err(error) => {
-            if let Err(e) = custody.registry.abandon_version(label.as_str()).await {
-                tracing::error!(%e, %label, "could not drop the journal entry of a failed generation; it is rolled back at the next start");
-            }
-            return Err(error.into());
-        }
-    };
-    failpoint::hit("version.after_generate");
-    let (public_key_der_hex, public_key_pem) = match &info.public_key {
-        Some(public_key) => (hex::encode(public_key.spki_der()), public_key.to_pem()?),
-        None => (String::new(), String::new()),
-    };
-    Ok(VersionRecord {
-        version,
-        state: VersionState::Active,
-        created_ms: now,
-        state_ms: now,
-        hsm_label: label.as_str().to_string(),
-        public_key_der_hex,
-        public_key_pem,
-        activated_ms: Some(now),
-        destroy_at_ms: None,
-        legal_hold: None,
-        check_value: info.check_value.map(|k| k.to_string()).unwrap_or_default(),
-    })
+        .await
 }
+
+/// The registry's pending versions, the journal of CreateKey and rotation:
+/// a [`PendingVersion`] entry naming the label, which [`commit_version`]
+/// clears in the transaction that commits the version, and the roll-back at
+/// start finds if it never came.
+///
+/// A label in custody's `key/` namespace that is neither registered nor
+/// pending (the caller, holding the registry lock, checked) is a leftover
+/// of a generation that failed to clean up: it is destroyed and the key
+/// made again.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingVersions {
+    /// What started the generation: create, or the rotation's trigger.
+    pub trigger: &'static str,
+}
+
+impl GenerationJournal for PendingVersions {
+    const POINTS: CrashPoints = CrashPoints {
+        before_intent: "version.before_journal",
+        after_intent: "version.after_journal",
+        after_hsm: "version.after_generate",
+    };
+
+    const REPLACES_LEFTOVERS: bool = true;
+
+    async fn intend(
+        &mut self,
+        custody: &Custody,
+        new: &NewVersion<'_>,
+        label: &KeyLabel,
+        started_ms: i64,
+    ) -> Result<(), Error> {
+        custody
+            .registry
+            .begin_version(&PendingVersion {
+                key_id: new.key_id.into(),
+                version: new.version,
+                hsm_label: label.as_str().into(),
+                trigger: self.trigger.into(),
+                started_ms,
+            })
+            .await
+            .map_err(registry_failure)
+    }
+
+    /// Drops the entry: nothing was made.
+    async fn failed(&mut self, custody: &Custody, label: &KeyLabel) {
+        if let Err(e) = custody.registry.abandon_version(label.as_str()).await {
+            tracing::error!(%e, %label, "could not drop the journal entry of a failed generation; it is rolled back at the next start");
+        }
+    }
+
+    /// Nothing to record: the entry stays until the commit clears it.
+    fn made(&mut self, _label: &KeyLabel) {}
+}
+
+/// The crash point after a version's commit: it stands, and the journal
+/// entry is gone.
+const AFTER_COMMIT: &str = "version.after_commit";
 
 /// Commits `record`, which holds the version labelled `label` that
 /// [`generate_version`] made, and clears its journal entry, atomically. If
@@ -124,7 +285,7 @@ pub async fn commit_version(
 ) -> Result<(), Error> {
     match custody.registry.commit_version(record, label).await {
         Ok(()) => {
-            failpoint::hit("version.after_commit");
+            failpoint::hit(AFTER_COMMIT);
             Ok(())
         }
         Err(CommitError::NotApplied(error)) => {
@@ -162,5 +323,49 @@ pub async fn roll_back_version(custody: &Custody, label: &str) -> Option<usize> 
             tracing::error!(%error, label, "could not destroy an uncommitted version; retrying at the next start");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rotation_crash_points_are_those_of_the_registry_generation() {
+        let points = PendingVersions::POINTS;
+        assert_eq!(
+            crate::failpoint::ROTATION_POINTS,
+            [
+                points.before_intent,
+                points.after_intent,
+                points.after_hsm,
+                AFTER_COMMIT
+            ]
+        );
+    }
+
+    #[test]
+    fn only_backup_exportable_keys_may_leave_and_then_only_under_the_backup_kek() {
+        assert_eq!(exportability(true), Exportability::BackupWrapOnly);
+        assert_eq!(exportability(false), Exportability::NonExportable);
+    }
+
+    #[test]
+    fn a_new_version_is_active_from_its_making() {
+        let facts = KeyFacts {
+            check_value: "a1b2c3".into(),
+            ..KeyFacts::default()
+        };
+        let version = facts.active_version(3, "key/k/v3".into(), 1_000);
+        assert_eq!(version.version, 3);
+        assert_eq!(version.state, VersionState::Active);
+        assert_eq!(
+            (version.created_ms, version.state_ms, version.activated_ms),
+            (1_000, 1_000, Some(1_000))
+        );
+        assert_eq!(version.hsm_label, "key/k/v3");
+        assert_eq!(version.check_value, "a1b2c3");
+        assert_eq!(version.destroy_at_ms, None);
+        assert_eq!(version.legal_hold, None);
     }
 }

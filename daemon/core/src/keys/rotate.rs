@@ -3,7 +3,7 @@
 //! rotation goes through the journaled [`generation`](super::generation)
 //! protocol and makes the new version primary in the same commit.
 
-use super::generation::{commit_version, exportability, generate_version};
+use super::generation::{NewVersion, PendingVersions, commit_version, generate_version};
 use super::{algorithm_of, found};
 use crate::action::Audited;
 use crate::authz::{Approval, quorum_gate};
@@ -120,13 +120,18 @@ pub(crate) async fn rotate_locked(
     let result = async {
         let version = generate_version(
             custody,
-            &current.key_id,
-            algorithm,
-            exportability(current.backup_exportable),
-            next,
-            trigger.as_str(),
+            &mut PendingVersions {
+                trigger: trigger.as_str(),
+            },
+            NewVersion {
+                key_id: &current.key_id,
+                version: next,
+                algorithm,
+                backup_exportable: current.backup_exportable,
+            },
         )
-        .await?;
+        .await?
+        .version;
         let label = version.hsm_label.clone();
         let mut record = current.clone();
         record.versions.push(version);

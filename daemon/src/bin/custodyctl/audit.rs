@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use custody_core::audit::{ExportLine, SignedHead, verify_export};
+use custody_core::encoding::pem_to_der;
 use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::{ReadAuditRequest, VerifyAuditRequest, read_audit_response};
 
@@ -99,7 +100,7 @@ async fn export(
 fn verify(file: &Path, audit_key: &Path) -> Result<(), String> {
     let text = read_text(file)?;
     let pem = read_text(audit_key)?;
-    let spki = pem_to_der(&pem)?;
+    let spki = pem_to_der(&pem).map_err(|e| format!("audit key: {e}"))?;
     let report =
         verify_export(&text, &spki).map_err(|e| format!("the audit log does NOT verify: {e}"))?;
     outln!(
@@ -135,17 +136,4 @@ async fn verify_server(connection: &Connection) -> Result<(), String> {
             report.first_bad_seq, report.problem
         ))
     }
-}
-
-/// The DER inside a `PUBLIC KEY` PEM.
-fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    use p256::pkcs8::DecodePublicKey;
-    use p256::pkcs8::EncodePublicKey;
-    let key = p256::ecdsa::VerifyingKey::from_public_key_pem(pem)
-        .map_err(|e| format!("audit key: not an EC P-256 public key PEM: {e}"))?;
-    Ok(key
-        .to_public_key_der()
-        .map_err(|e| e.to_string())?
-        .as_bytes()
-        .to_vec())
 }

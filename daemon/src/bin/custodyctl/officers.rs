@@ -11,7 +11,7 @@ use custody_proto::v1::{ListOfficersRequest, OfficerSpec, operation_spec};
 
 use crate::Connection;
 use crate::operations::submit;
-use crate::shared::{channel, passphrase, status, write_private};
+use crate::shared::{channel, hex_arg, passphrase, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum OfficerCommand {
@@ -58,8 +58,7 @@ pub(crate) async fn run(connection: &Connection, command: OfficerCommand) -> Res
             let spec = operation_spec::Spec::AddOfficer(OfficerSpec {
                 officer_id,
                 principal,
-                public_key: hex::decode(public_key.trim())
-                    .map_err(|e| format!("--public-key is not hex: {e}"))?,
+                public_key: hex_arg("--public-key", &public_key)?,
             });
             submit(connection, spec).await
         }

@@ -1,8 +1,8 @@
 //! What every command group repeats, in one place: printing to standard
 //! output, the mTLS channel from the global options, gRPC errors as text,
-//! resource names, reading and writing files, the officer key and its
-//! passphrase, questions typed back at the terminal, and how a command's
-//! result becomes the exit status.
+//! resource names, hex options, reading and writing files, the officer key
+//! and its passphrase, questions typed back at the terminal, and how a
+//! command's result becomes the exit status.
 //!
 //! Every error is a `String` that `main` prints after `custodyctl: ` and
 //! turns into exit status 1; clap's own usage errors keep its status 2.
@@ -50,6 +50,12 @@ pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
         eprintln!("custodyctl: writing the output: {error}");
         std::process::exit(1);
     }
+}
+
+/// The bytes of a hex option (`--digest`, `--public-key`), surrounding
+/// whitespace ignored; an error names the option.
+pub(crate) fn hex_arg(flag: &str, text: &str) -> Result<Vec<u8>, String> {
+    hex::decode(text.trim()).map_err(|e| format!("{flag} is not hex: {e}"))
 }
 
 /// The exit status of a finished command, its error reported on standard

@@ -11,7 +11,7 @@ use custody_proto::v1::{
 };
 
 use crate::Connection;
-use crate::shared::{channel, check_crc, key_name, read_bytes, status, write_file};
+use crate::shared::{channel, check_crc, hex_arg, key_name, read_bytes, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum SigningCommand {
@@ -142,7 +142,7 @@ async fn verify(connection: &Connection, args: VerifyArgs) -> Result<(), String>
 
 /// A digest given as hex on the command line, for `--digest`.
 pub(crate) fn digest_of(hex_digest: &str, hash: HashArg) -> Result<Digest, String> {
-    let bytes = hex::decode(hex_digest.trim()).map_err(|e| format!("--digest is not hex: {e}"))?;
+    let bytes = hex_arg("--digest", hex_digest)?;
     Ok(Digest {
         digest: Some(match hash {
             HashArg::Sha256 => digest::Digest::Sha256(bytes),

@@ -11,7 +11,8 @@ use crate::Custody;
 use crate::ceremony::journal::{CeremonyRecord, MadeKey, Phase};
 use crate::ceremony::script::Script;
 use crate::failpoint;
-use crate::registry::{KeyRecord, VersionRecord, VersionState};
+use crate::keys::generation::KeyFacts;
+use crate::registry::KeyRecord;
 use crate::{Error, Reason};
 
 /// Registers the key: from here it is usable.
@@ -51,19 +52,16 @@ fn key_record(made: &MadeKey, allowed_signers: Vec<String>, now: i64) -> KeyReco
         algorithm: made.algorithm.clone(),
         allowed_signers,
         primary_version: 1,
-        versions: vec![VersionRecord {
-            version: 1,
-            state: VersionState::Active,
-            created_ms: now,
-            state_ms: now,
-            hsm_label: made.hsm_label.clone(),
-            public_key_der_hex: made.public_key_der_hex.clone(),
-            public_key_pem: made.public_key_pem.clone(),
-            activated_ms: Some(now),
-            destroy_at_ms: None,
-            legal_hold: None,
-            check_value: made.check_value.clone(),
-        }],
+        // Active from the commit: until then the key was the ceremony's,
+        // not usable.
+        versions: vec![
+            KeyFacts {
+                public_key_der_hex: made.public_key_der_hex.clone(),
+                public_key_pem: made.public_key_pem.clone(),
+                check_value: made.check_value.clone(),
+            }
+            .active_version(1, made.hsm_label.clone(), now),
+        ],
         created_ms: now,
         policies: BTreeMap::new(),
         cryptoperiod_ms: None,

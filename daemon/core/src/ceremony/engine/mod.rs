@@ -8,6 +8,10 @@
 //! 2. the PKCS#11 calls run (`after_hsm`);
 //! 3. the result is journaled and flushed (`after_result`).
 //!
+//! A generated key is made by the protocol CreateKey and rotation use
+//! ([`crate::keys::generation`]), with this journal recording its intent and
+//! the step's crash points as its own.
+//!
 //! A key is registered, and so usable, only by the final commit; until then
 //! it is an HSM object the journal names and nothing else does. At start,
 //! [`recover`] finishes what a crash interrupted: a ceremony whose commit
@@ -25,7 +29,7 @@
 //! | `mod.rs` | the engine's state; opening, advancing and aborting a ceremony; the journal and transcript helpers every step uses |
 //! | `crash_points.rs` | the named crash points of every journaled step |
 //! | `signatures.rs` | officers signing in and confirming the fingerprint |
-//! | `new_key.rs` | the new key made in the HSM: generated, imported from components, self-certified |
+//! | `new_key.rs` | the new key made in the HSM: generated (by the keys' generation protocol, journaled here), imported from components, self-certified |
 //! | `custodians.rs` | shares handed out, components and restore shares handed in |
 //! | `backup.rs` | the backup KEK and backup bundles |
 //! | `restore.rs` | restores and DR drills |
@@ -70,7 +74,7 @@ pub use backup::{KeyToBack, check_aad, make_bundle};
 pub use crash_points::CRASH_POINTS;
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::recover;
-pub use restore::{pem_to_der, restore_challenge};
+pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
 
 /// Secrets of one ceremony, in memory only.
@@ -480,7 +484,8 @@ async fn wait_for_confirmation(state: &Custody, record: &mut CeremonyRecord) -> 
     put(state, record).await
 }
 
-/// Journals that `labels` are about to be made, durably.
+/// Journals that `labels` are about to be made, durably, between the
+/// step's first two crash points.
 async fn intend(
     state: &Custody,
     record: &mut CeremonyRecord,
@@ -489,6 +494,20 @@ async fn intend(
     points: &Points,
 ) -> Result<(), Error> {
     failpoint::hit(points.before_intent);
+    journal_objects(state, record, step, labels).await?;
+    failpoint::hit(points.after_intent);
+    Ok(())
+}
+
+/// Journals that `labels` are about to be made, durably; the crash points
+/// around it are the caller's (a key generation's are the generation
+/// protocol's).
+async fn journal_objects(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    step: &str,
+    labels: &[(String, TokenRole)],
+) -> Result<(), Error> {
     record.phase = Phase::Running;
     for (label, token) in labels {
         record.objects.push(JournaledObject {
@@ -498,9 +517,7 @@ async fn intend(
             made: false,
         });
     }
-    put(state, record).await?;
-    failpoint::hit(points.after_intent);
-    Ok(())
+    put(state, record).await
 }
 
 fn mark_made(record: &mut CeremonyRecord, step: &str) {
@@ -546,7 +563,7 @@ pub async fn abort(
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
-    if !script.quorum().officers.iter().any(|o| o == officer) {
+    if !script.quorum().contains(officer) {
         return Err(Error::new(
             Reason::NotInQuorum,
             format!("only an officer of the ceremony's quorum may abort it; {officer} is not"),

@@ -1,13 +1,14 @@
-//! The ceremony's new key, made in the HSM: generated (root key, KEK) or
-//! imported from custodians' components, and the root's self-signed
-//! certificate.
+//! The ceremony's new key, made in the HSM: generated (root key, KEK) by the
+//! journaled generation protocol of [`crate::keys::generation`], with the
+//! ceremony journal as its journal, or imported from custodians'
+//! components; and the root's self-signed certificate.
 
-use hsm_shim::{AesRole, Exportability, KeyLabel};
+use hsm_shim::KeyLabel;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::crash_points::{CERTIFICATE, GENERATE, IMPORT};
-use super::{intend, mark_made, note};
+use super::{intend, journal_objects, mark_made, note};
 use crate::Custody;
 use crate::Error;
 use crate::algorithms::KeyAlgorithm;
@@ -16,10 +17,15 @@ use crate::ceremony::fingerprint::Fingerprint;
 use crate::ceremony::journal::{CeremonyRecord, MadeKey, TokenRole};
 use crate::ceremony::script::Script;
 use crate::failpoint;
+use crate::keys::generation::{
+    CrashPoints, GenerationJournal, KeyFacts, NewVersion, generate_version,
+};
 use crate::names::hsm_label;
+use crate::registry::VersionRecord;
 
-/// Generates the script's key in the HSM (key pairs are consistency-tested
-/// by hsm-shim as they are made).
+/// Generates the script's key in the HSM by the journaled generation
+/// protocol, with the ceremony journal as its journal (key pairs are
+/// consistency-tested by hsm-shim as they are made).
 pub(super) async fn generate(
     state: &Custody,
     record: &mut CeremonyRecord,
@@ -29,46 +35,30 @@ pub(super) async fn generate(
         .key()
         .ok_or_else(|| Error::internal("this ceremony makes no key"))?;
     let algorithm = key.algorithm;
-    let label = hsm_label(&key.name, 1)?;
-    intend(
+    let generated = generate_version(
         state,
-        record,
-        "generate",
-        &[(label.as_str().to_string(), TokenRole::Main)],
-        &GENERATE,
+        &mut CeremonyGeneration { record },
+        NewVersion {
+            key_id: &key.name,
+            version: 1,
+            algorithm,
+            backup_exportable: key.backup,
+        },
     )
     .await?;
-    let export = if key.backup {
-        Exportability::BackupWrapOnly
-    } else {
-        Exportability::NonExportable
-    };
-    let spec = algorithm.key_spec();
-    let run_label = label.clone();
-    let info = state
-        .hsm
-        .run(move |session| {
-            if spec.is_key_pair() {
-                session.generate_key_pair(&run_label, spec, export)
-            } else {
-                session.generate_aes_key(&run_label, AesRole::DataEncryption, export)
-            }
-        })
-        .await?;
-    failpoint::hit(GENERATE.after_hsm);
-    mark_made(record, "generate");
-    let mut made = MadeKey {
-        key_id: key.name.clone(),
-        algorithm: algorithm.api_name().into(),
-        hsm_label: label.as_str().into(),
-        backup: key.backup,
-        ..MadeKey::default()
-    };
-    let fingerprint = fingerprint_of(&mut made, &info)?;
-    record.key = Some(made);
+    let label = generated.version.hsm_label.clone();
+    let fingerprint = fingerprint_of(&generated.info)?;
+    record.key = Some(made_key(
+        &key.name,
+        algorithm,
+        &label,
+        key.backup,
+        facts_of(generated.version),
+        &fingerprint,
+    ));
     record.done.push("generate".into());
     let mut detail = fingerprint_detail(&fingerprint);
-    detail.insert("label".into(), json!(label.as_str()));
+    detail.insert("label".into(), json!(label));
     detail.insert("algorithm".into(), json!(algorithm.api_name()));
     detail.insert("backup_exportable".into(), json!(key.backup));
     note(
@@ -79,7 +69,7 @@ pub(super) async fn generate(
         format!(
             "{} generated in the HSM{}",
             algorithm.api_name(),
-            if spec.is_key_pair() {
+            if algorithm.key_spec().is_key_pair() {
                 ", pair-wise consistency test passed"
             } else {
                 ""
@@ -92,25 +82,88 @@ pub(super) async fn generate(
     Ok(())
 }
 
-fn fingerprint_of(made: &mut MadeKey, info: &hsm_shim::KeyInfo) -> Result<Fingerprint, Error> {
-    let fingerprint = match (&info.public_key, &info.check_value) {
-        (Some(public_key), _) => {
-            made.public_key_der_hex = hex::encode(public_key.spki_der());
-            made.public_key_pem = public_key.to_pem()?;
-            Fingerprint::of_public_key(public_key.spki_der())
-        }
-        (None, Some(kcv)) => {
-            made.check_value = kcv.to_string();
-            Fingerprint::of_kcv(kcv.0)
-        }
-        (None, None) => {
-            return Err(Error::internal(
-                "the HSM reported neither a public key nor a check value",
-            ));
-        }
+/// The ceremony journal as the journal of the generation protocol: the label
+/// is one of the ceremony's journaled objects (step `generate`), and the
+/// generation's crash points are the step's.
+struct CeremonyGeneration<'a> {
+    record: &'a mut CeremonyRecord,
+}
+
+impl GenerationJournal for CeremonyGeneration<'_> {
+    const POINTS: CrashPoints = CrashPoints {
+        before_intent: GENERATE.before_intent,
+        after_intent: GENERATE.after_intent,
+        after_hsm: GENERATE.after_hsm,
     };
-    made.fingerprint = hex::encode(fingerprint.bytes());
-    Ok(fingerprint)
+
+    /// A label already in use fails the step, and the ceremony rolls back.
+    const REPLACES_LEFTOVERS: bool = false;
+
+    async fn intend(
+        &mut self,
+        custody: &Custody,
+        _new: &NewVersion<'_>,
+        label: &KeyLabel,
+        _started_ms: i64,
+    ) -> Result<(), Error> {
+        journal_objects(
+            custody,
+            self.record,
+            "generate",
+            &[(label.as_str().to_string(), TokenRole::Main)],
+        )
+        .await
+    }
+
+    /// Nothing here: the ceremony's roll-back destroys every object it
+    /// journaled, made or not.
+    async fn failed(&mut self, _custody: &Custody, _label: &KeyLabel) {}
+
+    fn made(&mut self, _label: &KeyLabel) {
+        mark_made(self.record, "generate");
+    }
+}
+
+/// What the ceremony journals of the key it made.
+fn made_key(
+    key_id: &str,
+    algorithm: KeyAlgorithm,
+    label: &str,
+    backup: bool,
+    facts: KeyFacts,
+    fingerprint: &Fingerprint,
+) -> MadeKey {
+    MadeKey {
+        key_id: key_id.into(),
+        algorithm: algorithm.api_name().into(),
+        hsm_label: label.into(),
+        public_key_der_hex: facts.public_key_der_hex,
+        public_key_pem: facts.public_key_pem,
+        check_value: facts.check_value,
+        fingerprint: hex::encode(fingerprint.bytes()),
+        certificate_pem: String::new(),
+        backup,
+    }
+}
+
+/// The facts a generated version holds.
+fn facts_of(version: VersionRecord) -> KeyFacts {
+    KeyFacts {
+        public_key_der_hex: version.public_key_der_hex,
+        public_key_pem: version.public_key_pem,
+        check_value: version.check_value,
+    }
+}
+
+/// What officers compare: a key pair's public key hash, an AES key's KCV.
+fn fingerprint_of(info: &hsm_shim::KeyInfo) -> Result<Fingerprint, Error> {
+    match (&info.public_key, &info.check_value) {
+        (Some(public_key), _) => Ok(Fingerprint::of_public_key(public_key.spki_der())),
+        (None, Some(kcv)) => Ok(Fingerprint::of_kcv(kcv.0)),
+        (None, None) => Err(Error::internal(
+            "the HSM reported neither a public key nor a check value",
+        )),
+    }
 }
 
 fn fingerprint_detail(fingerprint: &Fingerprint) -> Map<String, Value> {
@@ -202,15 +255,16 @@ pub(super) async fn import_components(
         .await?;
     failpoint::hit(IMPORT.after_hsm);
     mark_made(record, "import");
-    let mut made = MadeKey {
-        key_id: key.name.clone(),
-        algorithm: key.algorithm.api_name().into(),
-        hsm_label: label.as_str().into(),
-        backup: false,
-        ..MadeKey::default()
-    };
-    let fingerprint = fingerprint_of(&mut made, &info)?;
-    record.key = Some(made);
+    let facts = KeyFacts::of(&info)?;
+    let fingerprint = fingerprint_of(&info)?;
+    record.key = Some(made_key(
+        &key.name,
+        key.algorithm,
+        label.as_str(),
+        false,
+        facts,
+        &fingerprint,
+    ));
     record.done.push("import".into());
     let mut detail = fingerprint_detail(&fingerprint);
     detail.insert("label".into(), json!(label.as_str()));

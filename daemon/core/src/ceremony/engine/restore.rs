@@ -22,6 +22,7 @@ use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::bundle::{self, Bundle, BundledKey};
 use crate::ceremony::journal::{CeremonyRecord, RestoreOutcome, TokenRole};
 use crate::ceremony::shares;
+use crate::encoding::pem_to_der;
 use crate::failpoint;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
@@ -53,17 +54,6 @@ pub(super) fn bundle_signature_ok(state: &Custody, bundle: &Bundle) -> Result<St
         .verify(key)
         .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
     Ok(hex::encode(Sha256::digest(key)))
-}
-
-/// A PEM public key's DER.
-pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    use spki::der::{Decode, pem::PemLabel};
-    let (label, der) = spki::der::pem::decode_vec(pem.as_bytes()).map_err(|e| e.to_string())?;
-    if label != spki::SubjectPublicKeyInfoRef::PEM_LABEL {
-        return Err(format!("expected a PUBLIC KEY PEM, found {label}"));
-    }
-    spki::SubjectPublicKeyInfoRef::from_der(&der).map_err(|e| e.to_string())?;
-    Ok(der)
 }
 
 /// Rebuilds the backup KEK from the submitted shares, unwraps every key of

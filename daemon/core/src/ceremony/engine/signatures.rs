@@ -43,7 +43,7 @@ pub async fn sign_in(
     let (mut record, script) =
         collect_signature(state, Moment::SignIn, id, officer, signature).await?;
     failpoint::hit("ceremony.sign_in.after_journal");
-    if record.present.len() >= usize::from(script.quorum().required) {
+    if script.quorum().is_met_by(record.present.len()) {
         advance(state, &mut record, &script).await?;
     }
     Ok(record)
@@ -138,7 +138,7 @@ impl Moment {
     ) -> Result<(), Error> {
         match self {
             Moment::SignIn => {
-                if !script.quorum().officers.iter().any(|o| o == officer) {
+                if !script.quorum().contains(officer) {
                     return Err(Error::new(
                         Reason::NotInQuorum,
                         format!("{officer} is not one of the officers the script names"),
@@ -196,7 +196,7 @@ impl Moment {
         match self {
             Moment::SignIn => {
                 record.present.push(signed);
-                let required = usize::from(script.quorum().required);
+                let required = script.quorum().required;
                 let summary = format!(
                     "{officer} signed in ({} of {required} present)",
                     record.present.len()

@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
+use crate::dual_control::quorum::Quorum;
 use hsm_shim::KeySpec;
 
 /// The domain prefix of a script digest.
@@ -49,17 +50,14 @@ pub struct Script {
     id: String,
     kind: Kind,
     description: String,
+    /// `[quorum]`: the officers who may sign in (2 to 16, distinct) and how
+    /// many must (2 to their number), under the rule key policies use.
     quorum: Quorum,
+    /// The same officers in the order the script lists them: what people
+    /// read (the plan, the summary, who is still awaited) keeps the
+    /// reviewed order, where the quorum's set is sorted.
+    officers: Vec<String>,
     text_digest: [u8; 32],
-}
-
-/// `[quorum]`: the officers who must be present.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Quorum {
-    /// The officers who may sign in, by officer id (2 to 16, distinct).
-    pub officers: Vec<String>,
-    /// How many of them must sign in (2 to `officers.len()`).
-    pub required: u8,
 }
 
 /// What the ceremony does, with the sections its kind has.
@@ -190,9 +188,15 @@ impl Script {
         &self.description
     }
 
-    /// Who must be present.
+    /// Who must be present: the officers who may sign in, and how many
+    /// must.
     pub fn quorum(&self) -> &Quorum {
         &self.quorum
+    }
+
+    /// The quorum's officers, in the order the script lists them.
+    pub fn officers(&self) -> &[String] {
+        &self.officers
     }
 
     /// The kind's name: `root-key`, `kek` or `restore`.
@@ -235,8 +239,7 @@ impl Script {
     /// enrolled before the ceremony opens.
     pub fn participants(&self) -> Vec<&str> {
         let mut seen = BTreeSet::new();
-        self.quorum
-            .officers
+        self.officers
             .iter()
             .chain(self.custodians())
             .map(String::as_str)
@@ -283,12 +286,35 @@ mod tests {
         let spaced = Script::parse(&ROOT_KEY.replace("required = 2", "required  = 2")).unwrap();
         assert_eq!(spaced.kind(), script.kind());
         assert_eq!(spaced.quorum(), script.quorum());
+        assert_eq!(spaced.officers(), script.officers());
         assert_ne!(spaced.digest(), script.digest());
         let mut bytes = ROOT_KEY.as_bytes().to_vec();
         let at = ROOT_KEY.find("Example Corp\"").unwrap();
         bytes[at] ^= 0x20; // 'E' to 'e'
         let changed = Script::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
         assert_ne!(changed.digest(), script.digest());
+    }
+
+    #[test]
+    fn the_quorum_follows_the_policy_rule_and_people_read_the_listed_order() {
+        let text = ROOT_KEY.replace(
+            r#"officers = ["alice", "bob", "carol"]"#,
+            r#"officers = ["carol", "alice", "bob"]"#,
+        );
+        let script = Script::parse(&text).unwrap();
+        let quorum = script.quorum();
+        assert!(quorum.contains("carol") && quorum.contains("alice"));
+        assert!(!quorum.contains("dave"));
+        assert!(!quorum.is_met_by(1) && quorum.is_met_by(2));
+        assert_eq!(script.officers(), ["carol", "alice", "bob"]);
+        assert_eq!(script.participants(), ["carol", "alice", "bob"]);
+        assert!(
+            script
+                .render_summary()
+                .contains("2 of 3: carol, alice, bob"),
+            "{}",
+            script.render_summary()
+        );
     }
 
     #[test]

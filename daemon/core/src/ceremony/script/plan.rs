@@ -131,8 +131,8 @@ impl Script {
             (Step::SignIn, _) => format!(
                 "{} of the {} officers ({}) each check that the script digest on screen, {}, is the one `custodyctl ceremony check` printed for the copy they reviewed, and sign it with their officer key",
                 quorum.required,
-                quorum.officers.len(),
-                list(&quorum.officers),
+                self.officers.len(),
+                list(&self.officers),
                 hex_groups(&self.text_digest)
             ),
             (Step::Generate, Kind::RootKey { key, .. }) => format!(
@@ -249,8 +249,8 @@ impl Script {
                 format!(
                     "{} of {}: {}",
                     self.quorum.required,
-                    self.quorum.officers.len(),
-                    list(&self.quorum.officers)
+                    self.officers.len(),
+                    list(&self.officers)
                 ),
             ),
         ];

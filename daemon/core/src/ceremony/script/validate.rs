@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use hsm_shim::KeySpec;
 
 use super::raw::{RawCertificate, RawKey, RawRestore, RawScript, RawShares};
-use super::{
-    CertificateSection, KekMode, KeySection, Kind, Quorum, Script, SharesSection, script_digest,
-};
+use super::{CertificateSection, KekMode, KeySection, Kind, Script, SharesSection, script_digest};
 use crate::algorithms::KeyAlgorithm;
 use crate::algorithms::Purpose;
+use crate::dual_control::quorum::Quorum;
 use crate::identity::valid_principal_name;
 
 /// The only script format.
@@ -476,10 +475,11 @@ impl Script {
             "quorum.required",
             "how many of the officers must sign in (2 to the number listed)",
         )?;
-        let quorum = Quorum {
-            required: check_count("quorum.required", needed, 2, officers.len(), "officers")?,
-            officers,
-        };
+        let needed = check_count("quorum.required", needed, 2, officers.len(), "officers")?;
+        // The checks above name the field in the script's words; the quorum
+        // is made under the rule key policies use, which they imply.
+        let quorum = Quorum::new(officers.iter().cloned(), u32::from(needed))
+            .map_err(|problem| invalid("quorum", problem))?;
 
         let kind = match kind_name.as_str() {
             "root-key" => {
@@ -580,6 +580,7 @@ impl Script {
             kind,
             description,
             quorum,
+            officers,
             text_digest: script_digest(text.as_bytes()),
         })
     }

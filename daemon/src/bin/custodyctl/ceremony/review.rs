@@ -64,7 +64,7 @@ pub(super) fn checked_fingerprint(ceremony: &Ceremony) -> Result<Fingerprint, St
 pub(super) fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), String> {
     let transcript =
         Transcript::from_json(&read_text(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spki = custody_core::ceremony::engine::pem_to_der(&read_text(audit_key)?)
+    let spki = custody_core::encoding::pem_to_der(&read_text(audit_key)?)
         .map_err(|e| format!("{}: {e}", audit_key.display()))?;
     let verified = transcript
         .verify(&spki)

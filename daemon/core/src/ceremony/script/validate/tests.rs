@@ -5,9 +5,8 @@ use std::path::Path;
 use hsm_shim::KeySpec;
 
 use crate::ceremony::script::fixtures::{KEK_COMPONENTS, KEK_GENERATE, RESTORE, ROOT_KEY};
-use crate::ceremony::script::{
-    CertificateSection, KekMode, Kind, Quorum, Script, ScriptError, Step,
-};
+use crate::ceremony::script::{CertificateSection, KekMode, Kind, Script, ScriptError, Step};
+use crate::dual_control::quorum::Quorum;
 
 fn names(script: &Script) -> Vec<&'static str> {
     script.steps().iter().map(Step::name).collect()
@@ -20,11 +19,9 @@ fn a_root_key_script_parses_into_its_sections_and_steps() {
     assert_eq!(script.description(), "Root CA key for Example Corp");
     assert_eq!(
         script.quorum(),
-        &Quorum {
-            officers: vec!["alice".into(), "bob".into(), "carol".into()],
-            required: 2
-        }
+        &Quorum::new(["alice".into(), "bob".into(), "carol".into()], 2).unwrap()
     );
+    assert_eq!(script.officers(), ["alice", "bob", "carol"]);
     let Kind::RootKey { key, certificate } = script.kind() else {
         panic!("{:?}", script.kind());
     };
