@@ -146,7 +146,7 @@ impl Daemon {
             ceremonies,
         });
         let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
-        let ceremonies = custody_core::ceremony::engine::recover(&state)
+        let ceremonies = custody_core::ceremonies::recover(&state)
             .await
             .map_err(|e| format!("ceremony recovery: {e}"))?;
         if ceremonies > 0 {
@@ -238,7 +238,7 @@ impl Daemon {
 fn ceremonies(
     config: &Config,
     db: &sled::Db,
-) -> Result<custody_core::ceremony::engine::Ceremonies, String> {
+) -> Result<custody_core::ceremony::state::Ceremonies, String> {
     let journal = custody_core::ceremony::journal::Journal::open(db).map_err(|e| e.to_string())?;
     let so_pin = config
         .ceremony
@@ -265,7 +265,7 @@ fn ceremonies(
         }
         _ => None,
     };
-    Ok(custody_core::ceremony::engine::Ceremonies::new(
+    Ok(custody_core::ceremony::state::Ceremonies::new(
         journal, so_pin, scratch,
     ))
 }

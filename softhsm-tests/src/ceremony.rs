@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use custody_core::ceremony::engine::{confirmation_message, presence_message};
+use custody_core::ceremonies::{confirmation_message, presence_message};
 use custody_core::ceremony::script::script_digest;
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;

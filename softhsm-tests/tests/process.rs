@@ -763,7 +763,7 @@ impl CeremonyRig {
 
 token_test!(
     fn a_ceremony_killed_at_every_crash_point_rolls_back_or_completes_and_no_half_made_key_is_usable(token) {
-        use custody_core::ceremony::engine::CRASH_POINTS;
+        use custody_core::ceremonies::CRASH_POINTS;
         runtime().block_on(async {
             let rig = CeremonyRig::new(token).await;
 

@@ -8,7 +8,7 @@ use hsm_shim::Hsm;
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::AuditLog;
 use crate::budget::NonceBudget;
-use crate::ceremony::engine::Ceremonies;
+use crate::ceremony::state::Ceremonies;
 use crate::clock::Clock;
 use crate::config::LifecycleSection;
 use crate::dual_control::store::DualControlStore;

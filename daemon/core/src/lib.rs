@@ -27,7 +27,8 @@
 //! | [`operations`] | operations waiting for officer approval: request, read, vote, execute |
 //! | [`envelope`] | the self-describing ciphertext format and the nonce budget |
 //! | [`budget`] | the durable per-version nonce budget of AES-GCM keys |
-//! | [`ceremony`] | key ceremonies: scripts, the journaled engine, shares, bundles, transcripts |
+//! | [`ceremony`] | what ceremonies are made of: scripts, the journal and engine state, shares, components, bundles, transcripts |
+//! | [`ceremonies`] | the journaled engine that runs ceremonies, backups, restores and drills, and recovers them after a crash |
 //! | [`drift`] | comparing the registry with the objects the HSM holds |
 //! | [`scheduler`] | what runs without a request: crash roll-back at start, scheduled rotation and destruction, drift checks |
 //! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
@@ -44,6 +45,7 @@ pub mod algorithms;
 pub mod audit;
 pub mod authz;
 pub mod budget;
+pub mod ceremonies;
 pub mod ceremony;
 pub mod clock;
 pub mod config;

@@ -123,6 +123,10 @@ fn prepare(
 ) -> Result<Prepared, Error> {
     // Refusals are recorded with what was asked for.
     audited.resource = request.name.clone();
+    // The decision comes before anything is read.
+    if let Some(Signer::Caller(principal, _)) = signer {
+        authorize(principal, Action::Sign)?;
+    }
     let (key_id, version) = parse_version_name(&request.name)?;
     let record = found(custody, key_id)?;
     let number = version.unwrap_or(record.primary_version);
@@ -130,7 +134,6 @@ fn prepare(
     audited.resource = version_name(key_id, number);
     match signer {
         Some(Signer::Caller(principal, approval)) => {
-            authorize(principal, Action::Sign)?;
             allowed_user(&record, &principal.name)?;
             quorum_gate(&record, "SIGN", approval)?;
         }

@@ -1,5 +1,5 @@
 //! `custody.v1.CeremonyService`: key ceremonies, backups, restores and
-//! drills. The engine (`custody_core::ceremony::engine`) owns the state machine;
+//! drills. The engine (`custody_core::ceremonies`) owns the state machine;
 //! this file checks who calls and turns records into messages.
 //!
 //! Every call needs the officer role, and calls made as an officer (sign-in,
@@ -22,9 +22,9 @@ use zeroize::Zeroizing;
 use super::{Run, Shared, serve};
 use crate::wire::timestamp;
 use custody_core::authz::{Action, acting_officer, officer_of};
+use custody_core::ceremonies::export;
+use custody_core::ceremonies::{self, SubmittedSecret};
 use custody_core::ceremony::components;
-use custody_core::ceremony::engine::{self, SubmittedSecret};
-use custody_core::ceremony::export;
 use custody_core::ceremony::fingerprint::Fingerprint;
 use custody_core::ceremony::journal::{CeremonyRecord, Phase};
 use custody_core::ceremony::script::Script;
@@ -239,7 +239,7 @@ impl CeremonyService for CeremonyKeys {
                         ))
                     );
                     let record =
-                        engine::open(state, &principal.name, request.script, request.bundle)
+                        ceremonies::open(state, &principal.name, request.script, request.bundle)
                             .await?;
                     Ok(ceremony_message(&record))
                 })
@@ -262,7 +262,7 @@ impl CeremonyService for CeremonyKeys {
             |state, _, _, request| {
                 Box::pin(async move {
                     let name = request.name;
-                    let record = engine::found(state, &parse_name(&name)?)?;
+                    let record = ceremonies::found(state, &parse_name(&name)?)?;
                     Ok(ceremony_message(&record))
                 })
             },
@@ -287,7 +287,7 @@ impl CeremonyService for CeremonyKeys {
                         .ceremonies
                         .journal
                         .list()
-                        .map_err(engine::journal_failure)?;
+                        .map_err(ceremonies::journal_failure)?;
                     Ok(ListCeremoniesResponse {
                         ceremonies: records.iter().map(ceremony_message).collect(),
                     })
@@ -313,7 +313,7 @@ impl CeremonyService for CeremonyKeys {
                     let id = parse_name(&request.name)?;
                     acting_officer(state, &principal, &request.officer_id)?;
                     let record =
-                        engine::sign_in(state, &id, &request.officer_id, &request.signature)
+                        ceremonies::sign_in(state, &id, &request.officer_id, &request.signature)
                             .await?;
                     Ok(ceremony_message(&record))
                 })
@@ -338,7 +338,7 @@ impl CeremonyService for CeremonyKeys {
                     let id = parse_name(&request.name)?;
                     acting_officer(state, &principal, &request.officer_id)?;
                     let (share, backup_kek_kcv, record) =
-                        engine::collect_share(state, &id, &request.officer_id).await?;
+                        ceremonies::collect_share(state, &id, &request.officer_id).await?;
                     let text = Zeroizing::new(share.to_text());
                     let seal = Script::parse(&record.script)
                         .map(|script| script.seal_shares())
@@ -410,7 +410,7 @@ impl CeremonyService for CeremonyKeys {
                         }
                     };
                     let record =
-                        engine::submit_secret(state, &id, &request.officer_id, secret).await?;
+                        ceremonies::submit_secret(state, &id, &request.officer_id, secret).await?;
                     Ok(ceremony_message(&record))
                 })
             },
@@ -434,7 +434,7 @@ impl CeremonyService for CeremonyKeys {
                     let id = parse_name(&request.name)?;
                     acting_officer(state, &principal, &request.officer_id)?;
                     let record =
-                        engine::confirm(state, &id, &request.officer_id, &request.signature)
+                        ceremonies::confirm(state, &id, &request.officer_id, &request.signature)
                             .await?;
                     Ok(ceremony_message(&record))
                 })
@@ -462,7 +462,7 @@ impl CeremonyService for CeremonyKeys {
                     }
                     let officer = officer_of(state, &principal)?;
                     let record =
-                        engine::abort(state, &id, &officer.officer_id, &request.reason).await?;
+                        ceremonies::abort(state, &id, &officer.officer_id, &request.reason).await?;
                     Ok(ceremony_message(&record))
                 })
             },
@@ -484,7 +484,7 @@ impl CeremonyService for CeremonyKeys {
             |state, _, _, request| {
                 Box::pin(async move {
                     let name = request.name;
-                    let record = engine::found(state, &parse_name(&name)?)?;
+                    let record = ceremonies::found(state, &parse_name(&name)?)?;
                     Ok(GetTranscriptResponse {
                         markdown: record.transcript.to_markdown(),
                         json: record.transcript.to_json(),

@@ -1,11 +1,12 @@
-//! Key ceremonies.
+//! What key ceremonies are made of: scripts, the journal, shares,
+//! components, fingerprints, the root certificate, transcripts and backup
+//! bundles. The engine that runs them is the `ceremonies` module, above this one.
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`engine`] | the journaled state machine that runs a script, and crash recovery |
-//! | [`export`] | a backup bundle of the live registry's backup-exportable keys |
 //! | [`journal`] | ceremony records and the backup KEK in sled |
 //! | [`script`] | ceremony scripts: parsing, validation, the plan |
+//! | [`state`] | what the engine keeps between steps (journal, lock, secrets in memory) |
 //! | [`shares`] | the K-of-N share format custodians hold |
 //! | [`components`] | key components, their check values, and combining them |
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
@@ -16,10 +17,9 @@
 pub mod bundle;
 pub mod certificate;
 pub mod components;
-pub mod engine;
-pub mod export;
 pub mod fingerprint;
 pub mod journal;
 pub mod script;
 pub mod shares;
+pub mod state;
 pub mod transcript;

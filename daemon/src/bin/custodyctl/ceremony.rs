@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use custody_core::ceremonies::{confirmation_message, presence_message};
 use custody_core::ceremony::components;
-use custody_core::ceremony::engine::{confirmation_message, presence_message};
 use custody_core::ceremony::script::Kind;
 use custody_core::ceremony::shares::Share;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;

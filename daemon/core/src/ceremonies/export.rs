@@ -1,11 +1,11 @@
 //! Making a backup bundle of the live registry: every backup-exportable key
 //! version that is not destroyed or compromised, wrapped under the token's
 //! current backup KEK (the wrapping and the signed manifest are the
-//! engine's [`make_bundle`](super::engine::make_bundle)).
+//! engine's [`make_bundle`](super::make_bundle)).
 
 use sha2::Digest;
 
-use super::engine::{self, KeyToBack};
+use super::{self as engine, KeyToBack};
 use crate::action::Audited;
 use crate::registry::VersionState;
 use crate::{Custody, Error, Reason};

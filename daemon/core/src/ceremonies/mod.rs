@@ -26,7 +26,7 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `mod.rs` | the engine's state; opening, advancing and aborting a ceremony; the journal and transcript helpers every step uses |
+//! | `mod.rs` | opening, advancing and aborting a ceremony; the journal and transcript helpers every step uses |
 //! | `crash_points.rs` | the named crash points of every journaled step |
 //! | `signatures.rs` | officers signing in and confirming the fingerprint |
 //! | `new_key.rs` | the new key made in the HSM: generated (by the keys' generation protocol, journaled here), imported from components, self-certified |
@@ -36,6 +36,10 @@
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
 //! | `recovery.rs` | what happens at start after a crash |
+//! | `export.rs` | a backup bundle of the live registry's backup-exportable keys |
+//!
+//! What the engine keeps between steps (the journal, the lock, secrets in
+//! memory) is [`crate::ceremony::state::Ceremonies`], part of [`Custody`].
 
 mod backup;
 mod commit;
@@ -47,20 +51,16 @@ mod restore;
 mod roll_back;
 mod signatures;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+pub mod export;
 
-use hsm_shim::{HsmConfig, SecretString};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::Custody;
 use crate::audit::Event;
 use crate::ceremony::bundle::Bundle;
-use crate::ceremony::components::{ComponentCombiner, KeyBytes, XorInMemory};
-use crate::ceremony::journal::{CeremonyRecord, Journal, JournaledObject, Phase, TokenRole};
+use crate::ceremony::journal::{CeremonyRecord, JournaledObject, Phase, TokenRole};
 use crate::ceremony::script::{KekMode, Kind, Script};
-use crate::ceremony::shares::Share;
 use crate::ceremony::transcript::Transcript;
 use crate::failpoint;
 use crate::{Error, Reason};
@@ -76,90 +76,6 @@ pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::recover;
 pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
-
-/// Secrets of one ceremony, in memory only.
-#[derive(Default)]
-struct Secrets {
-    /// Shares not yet collected, by custodian.
-    to_collect: BTreeMap<String, Share>,
-    /// Components entered, by custodian.
-    components: BTreeMap<String, KeyBytes>,
-    /// Shares submitted for a restore.
-    submitted: Vec<Share>,
-}
-
-/// The engine's state, part of the service [`Custody`].
-pub struct Ceremonies {
-    /// The journal.
-    pub journal: Journal,
-    lock: tokio::sync::Mutex<()>,
-    secrets: Mutex<BTreeMap<String, Secrets>>,
-    so_pin: Option<SecretString>,
-    scratch: Option<HsmConfig>,
-    combiner: Arc<dyn ComponentCombiner>,
-}
-
-impl Ceremonies {
-    /// The engine over `journal`; `so_pin` makes backup KEKs possible,
-    /// `scratch` DR drills.
-    pub fn new(journal: Journal, so_pin: Option<SecretString>, scratch: Option<HsmConfig>) -> Self {
-        Self {
-            journal,
-            lock: tokio::sync::Mutex::new(()),
-            secrets: Mutex::new(BTreeMap::new()),
-            so_pin,
-            scratch,
-            combiner: Arc::new(XorInMemory),
-        }
-    }
-
-    fn secrets<T>(&self, id: &str, f: impl FnOnce(&mut Secrets) -> T) -> T {
-        let mut all = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
-        f(all.entry(id.to_string()).or_default())
-    }
-
-    fn forget(&self, id: &str) {
-        self.secrets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
-    }
-
-    /// Key ids that unfinished ceremonies will create (CreateKey refuses
-    /// them).
-    pub fn reserved_key_ids(&self) -> Vec<String> {
-        self.journal
-            .unfinished()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|record| {
-                record.key.map(|key| key.key_id).or_else(|| {
-                    Script::parse(&record.script)
-                        .ok()
-                        .and_then(|script| script.key_id().map(str::to_string))
-                })
-            })
-            .collect()
-    }
-
-    /// HSM labels unfinished ceremonies have journaled (drift detection
-    /// expects them to be there or not), plus every backup KEK.
-    pub fn expected_labels(&self) -> (Vec<String>, Vec<String>) {
-        let in_flight = self
-            .journal
-            .unfinished()
-            .unwrap_or_default()
-            .into_iter()
-            .flat_map(|record| record.objects.into_iter())
-            .filter(|object| object.token == TokenRole::Main)
-            .map(|object| object.label)
-            .collect();
-        (
-            in_flight,
-            self.journal.backup_kek_labels().unwrap_or_default(),
-        )
-    }
-}
 
 /// The journal could not be read or written.
 pub fn journal_failure(e: impl std::fmt::Display) -> Error {

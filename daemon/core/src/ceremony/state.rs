@@ -1,0 +1,105 @@
+//! What the ceremony engine (the `ceremonies` module) keeps between steps:
+//! the journal, the lock that runs one ceremony call at a time, the secrets
+//! (shares, components) that live in memory only, the SO PIN, the scratch
+//! token and the component combiner.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hsm_shim::{HsmConfig, SecretString};
+
+use super::components::{ComponentCombiner, KeyBytes, XorInMemory};
+use super::journal::{Journal, TokenRole};
+use super::script::Script;
+use super::shares::Share;
+
+/// Secrets of one ceremony, in memory only.
+#[derive(Default)]
+pub(crate) struct Secrets {
+    /// Shares not yet collected, by custodian.
+    pub(crate) to_collect: BTreeMap<String, Share>,
+    /// Components entered, by custodian.
+    pub(crate) components: BTreeMap<String, KeyBytes>,
+    /// Shares submitted for a restore.
+    pub(crate) submitted: Vec<Share>,
+}
+
+/// What the ceremony engine keeps between steps, part of
+/// [`Custody`](crate::Custody).
+pub struct Ceremonies {
+    /// The journal.
+    pub journal: Journal,
+    /// One ceremony call at a time.
+    pub(crate) lock: tokio::sync::Mutex<()>,
+    secrets: Mutex<BTreeMap<String, Secrets>>,
+    /// The token SO PIN, which makes backup KEKs possible.
+    pub(crate) so_pin: Option<SecretString>,
+    /// The scratch token DR drills restore into.
+    pub(crate) scratch: Option<HsmConfig>,
+    /// How key components become one key.
+    pub(crate) combiner: Arc<dyn ComponentCombiner>,
+}
+
+impl Ceremonies {
+    /// The engine over `journal`; `so_pin` makes backup KEKs possible,
+    /// `scratch` DR drills.
+    pub fn new(journal: Journal, so_pin: Option<SecretString>, scratch: Option<HsmConfig>) -> Self {
+        Self {
+            journal,
+            lock: tokio::sync::Mutex::new(()),
+            secrets: Mutex::new(BTreeMap::new()),
+            so_pin,
+            scratch,
+            combiner: Arc::new(XorInMemory),
+        }
+    }
+
+    /// Runs `f` on the in-memory secrets of ceremony `id`.
+    pub(crate) fn secrets<T>(&self, id: &str, f: impl FnOnce(&mut Secrets) -> T) -> T {
+        let mut all = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+        f(all.entry(id.to_string()).or_default())
+    }
+
+    /// Drops every secret of ceremony `id` (zeroized on drop).
+    pub(crate) fn forget(&self, id: &str) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// Key ids that unfinished ceremonies will create (CreateKey refuses
+    /// them).
+    pub fn reserved_key_ids(&self) -> Vec<String> {
+        self.journal
+            .unfinished()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|record| {
+                record.key.map(|key| key.key_id).or_else(|| {
+                    Script::parse(&record.script)
+                        .ok()
+                        .and_then(|script| script.key_id().map(str::to_string))
+                })
+            })
+            .collect()
+    }
+
+    /// HSM labels unfinished ceremonies have journaled (drift detection
+    /// expects them to be there or not), plus every backup KEK.
+    pub fn expected_labels(&self) -> (Vec<String>, Vec<String>) {
+        let in_flight = self
+            .journal
+            .unfinished()
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|record| record.objects.into_iter())
+            .filter(|object| object.token == TokenRole::Main)
+            .map(|object| object.label)
+            .collect();
+        (
+            in_flight,
+            self.journal.backup_kek_labels().unwrap_or_default(),
+        )
+    }
+}
