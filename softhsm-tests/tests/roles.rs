@@ -27,8 +27,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use custody_core::ceremonies::{confirmation_message, presence_message};
 use custody_core::ceremony::components::{kcv, parse_component};
-use custody_core::ceremony::engine::{confirmation_message, presence_message};
 use custody_core::ceremony::script::script_digest;
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::identity::Role;
