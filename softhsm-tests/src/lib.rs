@@ -168,7 +168,15 @@ pub fn run_isolated(module_path: &str, name: &str, body: impl FnOnce(&TestToken)
         .chain(std::iter::once(name))
         .collect::<Vec<_>>()
         .join("::");
-    let child_args = [&test_name, "--exact", "--nocapture", "--test-threads=1"];
+    // The parent runs this test, so the child must too, even if it is
+    // `#[ignore]`d (the parent was started with `--run-ignored`).
+    let child_args = [
+        &test_name,
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+        "--include-ignored",
+    ];
     let Some(output) = with_fresh_token(&test_name, &child_args, body) else {
         return;
     };

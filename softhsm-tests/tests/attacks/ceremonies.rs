@@ -1,0 +1,120 @@
+//! I5, ceremony-made keys carry a quorum, and I6, components are distinct
+//! (issue 12, scenarios 5 and 6).
+
+use custody_core::ceremony::components::kcv;
+use custody_proto::v1::{CeremonyState, KeyVersionState};
+use softhsm_tests::ceremony::{components_script, kek_script, root_script};
+use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::token_test;
+
+use crate::common::{
+    PAYLOAD, admin_required, get_key, officers_of, rotate, set_state, sign, state,
+    unless_quorum_required,
+};
+
+// The root and the KEK come from ordinary ceremonies, 2 of 3 with the
+// administrative quorum 2 of 3; afterwards one principal at a time tries
+// what only the quorum should do. Safe: each key names the administrative
+// quorum on SIGN, ROTATE, SET_STATE and SET_POLICY (the default the fix
+// gives keys of root-key and KEK scripts, which may declare a stricter
+// one), and every one of those direct calls is refused QUORUM_REQUIRED.
+token_test!(
+    #[ignore = "issue 12 (I5): keys made by root-key and KEK ceremonies carry no policy; one principal signs with, rotates or compromises them alone"]
+    fn i5_keys_made_in_ceremonies_are_under_the_administrative_quorum(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let m = admin_required(&service).await;
+            let officers = officers_of(&service).await;
+            let keys = ["root-ca", "envelope-kek"];
+            for script in [root_script("root-1", keys[0], false), kek_script("kek-1", keys[1], false)] {
+                let (done, _) = officers.run(&script).await.unwrap();
+                assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            }
+            let operator = service.client("operator").await;
+            let signer = service.client("ca-issuing").await;
+
+            let mut harm = Vec::new();
+            for key_id in keys {
+                let key = get_key(&operator, key_id).await.unwrap();
+                for kind in ["SIGN", "ROTATE", "SET_STATE", "SET_POLICY"] {
+                    match key.policies.iter().find(|p| p.operation == kind) {
+                        Some(policy) if policy.required >= m => {}
+                        Some(policy) => harm.push(format!(
+                            "keys/{key_id}: {kind} needs {} officers, fewer than the administrative {m}",
+                            policy.required
+                        )),
+                        None => harm.push(format!("keys/{key_id}: no {kind} policy")),
+                    }
+                }
+            }
+            harm.extend(unless_quorum_required(
+                "ca-issuing's Sign with root-ca",
+                sign(&signer, "root-ca", PAYLOAD).await,
+            ));
+            for key_id in keys {
+                harm.extend(unless_quorum_required(
+                    &format!("the operator's rotation of {key_id}"),
+                    rotate(&operator, key_id).await,
+                ));
+                harm.extend(unless_quorum_required(
+                    &format!("the operator marking {key_id} version 1 COMPROMISED"),
+                    set_state(
+                        &operator,
+                        &format!("keys/{key_id}/versions/1"),
+                        KeyVersionState::Compromised,
+                        "no reason at all",
+                    )
+                    .await,
+                ));
+            }
+            assert!(harm.is_empty(), "keys made in ceremonies have no quorum:\n{}", harm.join("\n"));
+        });
+    }
+);
+
+// A KEK from three components: bob enters the very component alice
+// entered. XOR cancels the two, and the KEK is carol's component alone.
+// Safe: bob's is refused (its KCV equals an earlier one's), with a reason.
+token_test!(
+    #[ignore = "issue 12 (I6): a component equal to an earlier one is accepted, and XOR cancels both out of the KEK"]
+    fn i6_a_component_equal_to_an_earlier_one_is_refused(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let script = components_script("kek-parts", "partner-kek");
+            let name = officers.start("alice", &script, "").await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            let waiting = officers.sign_in("bob", &name, &script).await.unwrap();
+            assert_eq!(state(&waiting), CeremonyState::AwaitingComponents);
+
+            let theirs = [0x42u8; 32];
+            let carols = [0x17u8; 32];
+            let enter = |officer: &'static str, part: [u8; 32]| {
+                let officers = &officers;
+                let name = &name;
+                async move {
+                    officers
+                        .submit_component(officer, name, &hex::encode(part), &hex::encode(kcv(&part)))
+                        .await
+                }
+            };
+            enter("alice", theirs).await.unwrap();
+            let again = enter("bob", theirs).await;
+            let consequence = match &again {
+                Ok(_) => {
+                    let made = enter("carol", carols).await.unwrap();
+                    let fingerprint = made.fingerprint.map(|f| f.value).unwrap_or_default();
+                    format!(
+                        "bob's component, equal to alice's, was accepted; with carol's, the KEK's check value is {} ({} carol's component alone, {})",
+                        hex::encode(&fingerprint),
+                        if fingerprint == kcv(&carols) { "that of" } else { "not that of" },
+                        hex::encode(kcv(&carols))
+                    )
+                }
+                Err(e) => reason(e),
+            };
+            assert!(again.is_err(), "{consequence}");
+            assert!(!consequence.is_empty(), "bob's component was refused without a reason");
+        });
+    }
+);

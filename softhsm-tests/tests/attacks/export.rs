@@ -1,0 +1,103 @@
+//! I1, export needs the quorum (issue 12, scenario 1).
+//!
+//! The administrative quorum is 3 of 3, and all three officers made the
+//! backup-exportable root key. Officers alice and bob then run a KEK
+//! ceremony whose script names only themselves, 2 of 2, for its quorum and
+//! for the shares of its backup KEK; alice alone asks for a backup; offline,
+//! the two combine their shares, unwrap root-ca's P-384 private key from the
+//! bundle and sign with it.
+//!
+//! Safe: custodyd stops them somewhere on the way (a ceremony quorum or a
+//! share threshold below the administrative M is refused at start; a new
+//! backup KEK becomes the current one only through an administrative-quorum
+//! operation; CreateBackup is a quorum operation), and no private key
+//! reaches the two of them.
+
+use custody_core::ceremony::bundle::Bundle;
+use custody_proto::v1::CeremonyState;
+use hsm_shim::SignAlgorithm;
+use softhsm_tests::service::{OFFICERS, runtime};
+use softhsm_tests::token_test;
+
+use crate::common::{
+    combine, kwp_unwrap, officers_of, public_key_pem, refusal, run_ceremony, service_with_quorum,
+    sign_outside, state, verifies,
+};
+
+/// The honest root ceremony: all three officers, a backup-exportable P-384
+/// key.
+const ROOT_3_OF_3: &str = "format = 1\nid = \"root-2026\"\nkind = \"root-key\"\n\
+    description = \"root CA key, all officers present\"\n\
+    [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n\
+    [key]\nname = \"root-ca\"\nalgorithm = \"EC_SIGN_P384_SHA384\"\nbackup = true\n\
+    signers = [\"ca-issuing\"]\n";
+
+/// The attackers' KEK ceremony: they alone are its quorum and its
+/// custodians.
+const THEIR_KEK: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
+    description = \"envelope KEK\"\n\
+    [quorum]\nofficers = [\"alice\", \"bob\"]\nrequired = 2\n\
+    [key]\nname = \"envelope-kek\"\nalgorithm = \"AES_256_GCM\"\n\
+    [kek]\nmode = \"generate\"\n\
+    [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\"]\n";
+
+token_test!(
+    #[ignore = "issue 12 (I1): a 2-of-2 KEK ceremony becomes the backup KEK under a 3-of-3 quorum, and one officer's CreateBackup exports root-ca under it"]
+    fn i1_two_officers_of_three_cannot_export_a_key_under_a_kek_of_their_own(token) {
+        runtime().block_on(async {
+            let service = service_with_quorum(token, 3).await;
+            let officers = officers_of(&service).await;
+            let (root, _) = run_ceremony(&officers, ROOT_3_OF_3, &OFFICERS, &[]).await.unwrap();
+            assert_eq!(state(&root), CeremonyState::Completed, "{}", root.error);
+            let signer = service.client("ca-issuing").await;
+            let live = public_key_pem(&signer, "root-ca").await.unwrap();
+
+            // The attack, as far as custodyd lets it go: what the two hold
+            // at the end, or where they were stopped.
+            let stolen: Result<String, String> = async {
+                let (kek, shares) =
+                    run_ceremony(&officers, THEIR_KEK, &["alice", "bob"], &["alice", "bob"])
+                        .await
+                        .map_err(|e| refusal("their 2-of-2 KEK ceremony", &e))?;
+                if state(&kek) != CeremonyState::Completed {
+                    return Err(format!("their KEK ceremony ended {:?}: {}", state(&kek), kek.error));
+                }
+                let bundle = officers
+                    .backup("alice")
+                    .await
+                    .map_err(|e| refusal("alice's CreateBackup, alone", &e))?;
+                let bundle = Bundle::parse(&bundle).map_err(|e| e.to_string())?;
+                let root = bundle
+                    .manifest
+                    .keys
+                    .iter()
+                    .find(|k| k.key_id == "root-ca")
+                    .ok_or("the bundle holds no root-ca")?;
+                let kek = combine(&[&shares["alice"], &shares["bob"]])?;
+                let wrapped = hex::decode(&root.wrapped).map_err(|e| e.to_string())?;
+                let private_key = kwp_unwrap(&kek, &wrapped)?;
+                let message = b"a certificate no quorum approved";
+                let signature = sign_outside(token, &private_key, "sha384", message)?;
+                if !verifies(token, &live, SignAlgorithm::EcdsaP384Sha384, message, &signature) {
+                    return Err("what they unwrapped does not sign as root-ca".into());
+                }
+                Ok(format!(
+                    "the bundle from alice's lone CreateBackup is under their backup KEK (set {}, {} of {}); \
+                     their two shares rebuild it, root-ca's private key unwraps from the bundle \
+                     ({} bytes of PKCS#8), and a signature made with it outside the HSM verifies \
+                     with the live public key of keys/root-ca",
+                    bundle.manifest.backup_kek.set_id,
+                    bundle.manifest.backup_kek.threshold,
+                    bundle.manifest.backup_kek.shares,
+                    private_key.len()
+                ))
+            }
+            .await;
+            assert!(
+                stolen.is_err(),
+                "two officers of a 3-of-3 quorum extracted root-ca: {}",
+                stolen.unwrap_or_default()
+            );
+        });
+    }
+);
