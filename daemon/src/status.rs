@@ -118,6 +118,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::AlreadySubmitted => Code::FailedPrecondition,
         R::BadComponent => Code::InvalidArgument,
         R::KcvMismatch => Code::InvalidArgument,
+        R::DuplicateComponent => Code::InvalidArgument,
         R::NoSecret => Code::InvalidArgument,
         R::BadShare => Code::InvalidArgument,
         R::WrongShareSet => Code::InvalidArgument,

@@ -285,7 +285,9 @@ token_test!(
             let waiting = officers.sign_in("carol", &name, &script).await.unwrap();
             assert_eq!(state(&waiting), CeremonyState::AwaitingComponents);
 
-            let parts: Vec<[u8; 32]> = (1..=3u8).map(|i| [i * 17; 32]).collect();
+            // Three components none of which is the XOR of the others
+            // (0x11, 0x22, 0x33 would cancel to a zero key and are refused).
+            let parts: Vec<[u8; 32]> = [0x11u8, 0x22, 0x44].iter().map(|b| [*b; 32]).collect();
             let mut key = [0u8; 32];
             for part in &parts {
                 for (k, p) in key.iter_mut().zip(part) {

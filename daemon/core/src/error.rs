@@ -138,6 +138,7 @@ reasons! {
     AlreadySubmitted = "ALREADY_SUBMITTED": "one sign-in, confirmation and secret per officer",
     BadComponent = "BAD_COMPONENT": "a component that is not 32 bytes of hex (or all zero); one whose KCV is not the sheet's",
     KcvMismatch = "KCV_MISMATCH": "a component that is not 32 bytes of hex (or all zero); one whose KCV is not the sheet's",
+    DuplicateComponent = "DUPLICATE_COMPONENT": "a component whose KCV is that of a component entered before in the ceremony, or of all entered so far combined (XOR would cancel them out of the key); nothing is kept, the custodian enters another",
     NoSecret = "NO_SECRET": "a ceremony step that needs a component or share got none",
     BadShare = "BAD_SHARE": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
     WrongShareSet = "WRONG_SHARE_SET": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",

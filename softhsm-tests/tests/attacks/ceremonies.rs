@@ -74,9 +74,11 @@ token_test!(
 
 // A KEK from three components: bob enters the very component alice
 // entered. XOR cancels the two, and the KEK is carol's component alone.
-// Safe: bob's is refused (its KCV equals an earlier one's), with a reason.
+// Safe: bob's is refused DUPLICATE_COMPONENT (its KCV equals an earlier
+// one's) and nothing of it is kept; bob enters another component and the
+// KEK is the combination of all three. A component equal to all before it
+// combined is refused too.
 token_test!(
-    #[ignore = "issue 12 (I6): a component equal to an earlier one is accepted, and XOR cancels both out of the KEK"]
     fn i6_a_component_equal_to_an_earlier_one_is_refused(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
@@ -114,7 +116,29 @@ token_test!(
                 Err(e) => reason(e),
             };
             assert!(again.is_err(), "{consequence}");
-            assert!(!consequence.is_empty(), "bob's component was refused without a reason");
+            assert_eq!(consequence, "DUPLICATE_COMPONENT");
+
+            // The refusal kept nothing: bob is not "already submitted", and
+            // the KEK is made of alice's, bob's second and carol's.
+            let bobs = [0x5au8; 32];
+            enter("bob", bobs).await.unwrap();
+            // Carol's component equal to the two before it combined would
+            // cancel all three, leaving a zero KEK: refused the same way.
+            let mut both = theirs;
+            for (b, p) in both.iter_mut().zip(bobs) {
+                *b ^= p;
+            }
+            let cancelling = enter("carol", both).await;
+            assert_eq!(cancelling.as_ref().map_err(reason).err().as_deref(), Some("DUPLICATE_COMPONENT"));
+            let made = enter("carol", carols).await.unwrap();
+            let fingerprint = made.fingerprint.map(|f| f.value).unwrap_or_default();
+            let mut key = [0u8; 32];
+            for part in [theirs, bobs, carols] {
+                for (k, p) in key.iter_mut().zip(part) {
+                    *k ^= p;
+                }
+            }
+            assert_eq!(hex::encode(&fingerprint), hex::encode(kcv(&key)), "{}", made.error);
         });
     }
 );

@@ -109,6 +109,25 @@ pub async fn submit_secret(
                     ),
                 ));
             }
+            // The KCV of what has been entered so far, combined in
+            // zeroizing memory; only the three public bytes leave it.
+            let combined_kcv = state.ceremonies.secrets(id, |secrets| {
+                (secrets.components.len() >= 2).then(|| {
+                    let mut sum = Zeroizing::new([0u8; 32]);
+                    for component in secrets.components.values() {
+                        for (s, c) in sum.iter_mut().zip(component.iter()) {
+                            *s ^= c;
+                        }
+                    }
+                    hex::encode(components::kcv(&sum))
+                })
+            });
+            if let Some(why) = repeats(&record.components, combined_kcv.as_deref(), &kcv) {
+                return Err(Error::new(
+                    Reason::DuplicateComponent,
+                    format!("{why}: the two would cancel out of the key; enter another component"),
+                ));
+            }
             state.ceremonies.secrets(id, |secrets| {
                 secrets.components.insert(officer.into(), value);
             });
@@ -192,6 +211,37 @@ pub async fn submit_secret(
     Ok(record)
 }
 
+/// Why a component with check value `kcv` would cancel what the
+/// custodians entered before it (`entered`, whose combination so far has
+/// the check value `combined_kcv` once there are two or more), or `None`.
+///
+/// XOR cancels equal values: a component equal to an earlier one removes
+/// both from the key, and one equal to the combination of all earlier ones
+/// removes them all. Both are told by their KCVs, which are public (on the
+/// custodians' sheets and in the journal), so the comparison needs neither
+/// the components nor constant time. A component equal to the combination
+/// of some but not all earlier ones is not detected, nor is one a custodian
+/// derived from another's component they have seen: split knowledge still
+/// rests on each custodian keeping their component to themselves. The KCV
+/// has 24 bits, so two distinct components share one with a chance of
+/// 2^-24 per pair; the refused custodian enters another.
+fn repeats(entered: &[ComponentRecord], combined_kcv: Option<&str>, kcv: &str) -> Option<String> {
+    if let Some(earlier) = entered.iter().find(|c| c.kcv.eq_ignore_ascii_case(kcv)) {
+        return Some(format!(
+            "the component's check value {kcv} is that of the component {} entered",
+            earlier.custodian
+        ));
+    }
+    combined_kcv
+        .filter(|combined| combined.eq_ignore_ascii_case(kcv))
+        .map(|_| {
+            format!(
+                "the component's check value {kcv} is that of the {} components entered so far combined",
+                entered.len()
+            )
+        })
+}
+
 /// What a custodian submits.
 pub enum SubmittedSecret {
     /// A key component and the KCV on the custodian's sheet.
@@ -203,4 +253,58 @@ pub enum SubmittedSecret {
     },
     /// A backup share line.
     Share(Zeroizing<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entered(kcvs: &[(&str, &str)]) -> Vec<ComponentRecord> {
+        kcvs.iter()
+            .map(|(custodian, kcv)| ComponentRecord {
+                custodian: (*custodian).into(),
+                kcv: (*kcv).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_component_with_an_earlier_ones_kcv_is_refused_and_named() {
+        let before = entered(&[("alice", "854299"), ("bob", "0a1b2c")]);
+        let why = repeats(&before, Some("77e0f1"), "0A1B2C");
+        assert!(why.is_some_and(|w| w.contains("bob")));
+        assert!(repeats(&before[..1], None, "854299").is_some());
+    }
+
+    #[test]
+    fn a_component_equal_to_the_combination_so_far_is_refused() {
+        let before = entered(&[("alice", "854299"), ("bob", "0a1b2c")]);
+        let why = repeats(&before, Some("77e0f1"), "77e0f1");
+        assert!(why.is_some_and(|w| w.contains("2 components entered so far combined")));
+    }
+
+    #[test]
+    fn distinct_components_pass() {
+        assert_eq!(repeats(&[], None, "854299"), None);
+        let before = entered(&[("alice", "854299"), ("bob", "0a1b2c")]);
+        assert_eq!(repeats(&before, Some("77e0f1"), "123456"), None);
+    }
+
+    #[test]
+    fn equal_components_have_equal_kcvs_and_cancel_to_the_others() {
+        // What the rule rests on: XOR of a value with itself is zero, so a
+        // repeated component leaves the key equal to the rest, and the
+        // repeat shows in the KCV.
+        let alice = [0x42u8; 32];
+        let carol = [0x17u8; 32];
+        let mut key = [0u8; 32];
+        for part in [alice, alice, carol] {
+            for (k, p) in key.iter_mut().zip(part) {
+                *k ^= p;
+            }
+        }
+        assert_eq!(key, carol);
+        assert_eq!(components::kcv(&alice), components::kcv(&[0x42u8; 32]));
+        assert_ne!(components::kcv(&alice), components::kcv(&carol));
+    }
 }
