@@ -178,6 +178,11 @@ echo "== backup: every backup-exportable key, wrapped under the backup KEK, mani
 as alice ceremony backup --out "$dev/demo/backup.json"
 
 echo "== DR drill: two custodians' shares restore the backup into the scratch token, verify it, and clean up"
+# The script pins, by SHA-256, the audit key the bundle must be signed by: the
+# one custodyd published (here read from an audit export). A restore into
+# another custodyd pins the source's the same way.
+as auditor audit export --out "$dev/demo/audit-for-pin.jsonl" --key-out "$dev/demo/published-audit-key.pem" >/dev/null
+audit_key_sha256=$(openssl pkey -pubin -in "$dev/demo/published-audit-key.pem" -outform DER | sha256sum | cut -d' ' -f1)
 cat > "$dev/demo/drill.toml" <<DRILL
 format = 1
 id = "demo-drill-1"
@@ -189,9 +194,11 @@ required = 2
 [restore]
 bundle = "backup.json"
 bundle_sha256 = "$(sha256sum "$dev/demo/backup.json" | cut -d' ' -f1)"
+audit_key_sha256 = "$audit_key_sha256"
 drill = true
 custodians = ["alice", "bob", "carol"]
 DRILL
+as bob ceremony check "$dev/demo/drill.toml" | sed -n '/^bundle signed/,+2p'
 as bob ceremony start "$dev/demo/drill.toml" | sed -n 1p
 step bob sign-in demo-drill-1 --script "$dev/demo/drill.toml" | sed -n 1p
 step carol sign-in demo-drill-1 --script "$dev/demo/drill.toml" | sed -n 1p

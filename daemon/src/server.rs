@@ -234,7 +234,8 @@ impl Daemon {
 }
 
 /// The ceremony engine: its journal, the SO PIN if KEK ceremonies are
-/// allowed, and the scratch token if drills are.
+/// allowed, the scratch token if drills are, and the audit keys pinned for
+/// restores.
 fn ceremonies(
     config: &Config,
     db: &sled::Db,
@@ -265,9 +266,14 @@ fn ceremonies(
         }
         _ => None,
     };
-    Ok(custody_core::ceremony::state::Ceremonies::new(
-        journal, so_pin, scratch,
-    ))
+    let trusted_audit_keys = config
+        .ceremony
+        .trusted_audit_keys()
+        .map_err(|e| e.to_string())?;
+    Ok(
+        custody_core::ceremony::state::Ceremonies::new(journal, so_pin, scratch)
+            .with_trusted_audit_keys(trusted_audit_keys),
+    )
 }
 
 /// Reports NOT_SERVING once the audit log can no longer record, exports HSM

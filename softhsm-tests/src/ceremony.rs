@@ -58,7 +58,9 @@ pub fn components_script(id: &str, key: &str) -> String {
     )
 }
 
-/// A restore (or drill) script for `bundle`.
+/// A restore (or drill) script for `bundle` that pins no audit key: the
+/// bundle must be signed by the daemon's own audit key or one its config
+/// pins.
 pub fn restore_script(id: &str, bundle: &str, drill: bool) -> String {
     format!(
         "format = 1\nid = \"{id}\"\nkind = \"restore\"\ndescription = \"test restore\"\n\
@@ -67,6 +69,27 @@ pub fn restore_script(id: &str, bundle: &str, drill: bool) -> String {
          custodians = [\"alice\", \"bob\", \"carol\"]\n",
         hex::encode(sha2::Sha256::digest(bundle.as_bytes()))
     )
+}
+
+/// [`restore_script`] pinning the audit key whose SPKI DER has SHA-256
+/// `audit_key_sha256` (hex), as the source published it
+/// (`restore.audit_key_sha256`).
+pub fn pinned_restore_script(
+    id: &str,
+    bundle: &str,
+    drill: bool,
+    audit_key_sha256: &str,
+) -> String {
+    format!(
+        "{}audit_key_sha256 = \"{audit_key_sha256}\"\n",
+        restore_script(id, bundle, drill)
+    )
+}
+
+/// The SHA-256 (hex) of a running daemon's audit key, SPKI DER: what it
+/// publishes for restores elsewhere to pin.
+pub fn audit_key_sha256(service: &crate::service::TestService) -> String {
+    hex::encode(sha2::Sha256::digest(service.state().audit.audit_key_spki()))
 }
 
 /// The officers, each with their key and their own channel.

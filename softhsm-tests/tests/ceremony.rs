@@ -28,7 +28,8 @@ use custody_proto::v1::{
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::{
-    Officers, components_script, kek_script, restore_script, root_script,
+    Officers, audit_key_sha256, components_script, kek_script, pinned_restore_script,
+    restore_script, root_script,
 };
 use softhsm_tests::service::{TestService, reason, runtime, with_scratch_token};
 use softhsm_tests::{TestToken, openssl, token_test};
@@ -472,6 +473,8 @@ token_test!(
                 .unwrap()
                 .into_inner()
                 .ciphertext;
+            // What the source publishes, for a restore elsewhere to pin.
+            let source_audit_key = audit_key_sha256(&service);
             service.stop().await;
 
             // Disaster: a fresh daemon on a fresh token, officers enrolled
@@ -484,7 +487,18 @@ token_test!(
             .await;
             let dr_channels = channels_of(&dr).await;
             let dr_officers = Officers::new(&dr.officers, dr_channels.clone());
-            let script = restore_script("restore-1", &bundle_text, false);
+            // The fresh daemon trusts only its own audit key: a script that
+            // pins none, or pins another, is refused at open, naming the key
+            // the bundle says signed it.
+            for unpinned in [
+                restore_script("restore-0", &bundle_text, false),
+                pinned_restore_script("restore-0", &bundle_text, false, &audit_key_sha256(&dr)),
+            ] {
+                let err = dr_officers.start("alice", &unpinned, &bundle_text).await.unwrap_err();
+                assert_eq!(reason(&err), "BAD_BUNDLE", "{err}");
+                assert!(err.message().contains(&source_audit_key), "{err}");
+            }
+            let script = pinned_restore_script("restore-1", &bundle_text, false, &source_audit_key);
             let name = dr_officers.start("alice", &script, &bundle_text).await.unwrap().name;
             dr_officers.sign_in("alice", &name, &script).await.unwrap();
             dr_officers.sign_in("bob", &name, &script).await.unwrap();

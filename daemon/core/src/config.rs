@@ -141,6 +141,33 @@ pub struct CeremonySection {
     pub scratch_token_label: Option<String>,
     /// File holding the scratch token's user PIN.
     pub scratch_pin_file: Option<PathBuf>,
+    /// Audit keys of other custodyd instances whose backup bundles this one
+    /// may restore: the SHA-256 of each key's SubjectPublicKeyInfo DER, 64
+    /// hex digits, as the source published it. A bundle verifies only with
+    /// this custodyd's own audit key, one of these, or the one its restore
+    /// script names (`restore.audit_key_sha256`).
+    #[serde(default)]
+    pub trusted_audit_keys: Vec<String>,
+}
+
+impl CeremonySection {
+    /// `trusted_audit_keys` as digests; refuses an entry that is not 64 hex
+    /// digits.
+    pub fn trusted_audit_keys(&self) -> Result<Vec<[u8; 32]>, ConfigError> {
+        self.trusted_audit_keys
+            .iter()
+            .map(|pin| {
+                hex::decode(pin)
+                    .ok()
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "[ceremony] trusted_audit_keys: {pin:?} is not a SHA-256 (64 hex digits) of an audit key's SubjectPublicKeyInfo DER"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 /// `[dual_control]`
@@ -350,6 +377,7 @@ impl Config {
                 "[ceremony] scratch_token_label and scratch_pin_file go together".into(),
             ));
         }
+        self.ceremony.trusted_audit_keys()?;
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
             return Err(ConfigError(
                 "[dual_control] approval_ttl_secs must be within 10-86400".into(),
@@ -419,10 +447,46 @@ mod tests {
                 "scheduler_interval_secs = 60",
                 "scheduler_interval_secs = 0",
             ),
+            (
+                "trusted_audit_keys = []",
+                "trusted_audit_keys = [\"not a digest\"]",
+            ),
         ] {
             assert!(REFERENCE.contains(from), "{from}");
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();
             assert!(config.check().is_err(), "{to} accepted");
+        }
+    }
+
+    #[test]
+    fn trusted_audit_keys_are_sha256_digests() {
+        let config: Config = toml::from_str(REFERENCE).unwrap();
+        assert!(config.ceremony.trusted_audit_keys().unwrap().is_empty());
+        let pinned = REFERENCE.replace(
+            "trusted_audit_keys = []",
+            &format!(
+                "trusted_audit_keys = [\"{}\", \"{}\"]",
+                "ab".repeat(32),
+                "CD".repeat(32)
+            ),
+        );
+        let config: Config = toml::from_str(&pinned).unwrap();
+        config.check().unwrap();
+        assert_eq!(
+            config.ceremony.trusted_audit_keys().unwrap(),
+            [[0xab; 32], [0xcd; 32]]
+        );
+        for bad in ["ab".repeat(31), "ab".repeat(33), "xy".repeat(32)] {
+            let config: Config = toml::from_str(&REFERENCE.replace(
+                "trusted_audit_keys = []",
+                &format!("trusted_audit_keys = [\"{bad}\"]"),
+            ))
+            .unwrap();
+            let err = config.check().unwrap_err().to_string();
+            assert!(
+                err.contains("trusted_audit_keys") && err.contains(&bad),
+                "{err}"
+            );
         }
     }
 

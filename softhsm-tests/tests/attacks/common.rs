@@ -22,7 +22,7 @@ use custody_proto::v1::{
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
 use softhsm_tests::TestToken;
-use softhsm_tests::ceremony::{Officers, kek_script, restore_script};
+use softhsm_tests::ceremony::{Officers, audit_key_sha256, kek_script, restore_script};
 use softhsm_tests::service::{OFFICERS, TestService, reason};
 use tonic::Status;
 use tonic::transport::Channel;
@@ -382,6 +382,12 @@ pub(crate) fn sign_outside(
 /// The token a source's backup is restored into.
 pub(crate) const DR_TOKEN: &str = "custody-dr";
 
+/// Where a source daemon publishes its audit key's SHA-256 (hex), for the
+/// recovery daemon's config to pin: its bundles verify nowhere else.
+fn published_audit_key(token: &TestToken) -> std::path::PathBuf {
+    token.scratch().join("source-audit-key.sha256")
+}
+
 /// What a source daemon leaves for a disaster.
 pub(crate) struct Backup {
     /// The bundle of every backup-exportable key.
@@ -431,17 +437,21 @@ pub(crate) async fn back_up_a_source(
             public_keys,
         }
     };
+    std::fs::write(published_audit_key(token), audit_key_sha256(&source)).unwrap();
     source.stop().await;
     backup
 }
 
 /// A fresh custodyd on the empty DR token, with a data directory of its own
-/// and the officers enrolled anew (the same ids, new keys).
+/// and the officers enrolled anew (the same ids, new keys), whose config pins
+/// the audit key the source published (if one did).
 pub(crate) async fn recovery_daemon(token: &TestToken) -> TestService {
     let data = token.scratch().join("dr-data");
+    let pinned = std::fs::read_to_string(published_audit_key(token)).ok();
     TestService::start_with(token, move |config| {
         config.hsm.token_label = DR_TOKEN.into();
         config.data_dir = data;
+        config.ceremony.trusted_audit_keys.extend(pinned);
     })
     .await
 }

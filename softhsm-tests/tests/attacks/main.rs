@@ -7,9 +7,10 @@
 //! mTLS on SoftHSM2, as far as custodyd lets them, and the test then asserts
 //! the safe outcome: the attack refused, nothing extracted, destroyed or
 //! weakened. Every one of them fails on the code the issue was filed
-//! against, and is ignored until the fix of its invariant lands. One test
-//! runs today: a control that the forged bundle of I4 is sound but for who
-//! signed it.
+//! against, and is ignored until the fix of its invariant lands (I4's has).
+//! Two controls run beside the I4 tests: the forged bundle is sound but for
+//! who signed it, and the same kind of bundle restores once its audit key is
+//! pinned.
 //!
 //! | module | invariant | scenario of issue 12 |
 //! |---|---|---|

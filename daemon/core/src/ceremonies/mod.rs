@@ -229,6 +229,7 @@ pub async fn open(
         }
         Kind::Restore {
             bundle_sha256,
+            audit_key_sha256,
             drill,
             ..
         } => {
@@ -240,7 +241,11 @@ pub async fn open(
             }
             let bundle = Bundle::parse(&bundle_text)
                 .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
-            bundle_signer = Some(bundle_signature_ok(state, &bundle)?);
+            bundle_signer = Some(bundle_signature_ok(
+                state,
+                &bundle,
+                audit_key_sha256.as_ref(),
+            )?);
             if *drill && engine.scratch.is_none() {
                 return Err(Error::new(
                     Reason::NoScratchToken,

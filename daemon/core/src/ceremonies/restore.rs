@@ -22,7 +22,6 @@ use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::bundle::{self, Bundle, BundledKey};
 use crate::ceremony::journal::{CeremonyRecord, RestoreOutcome, TokenRole};
 use crate::ceremony::shares;
-use crate::encoding::pem_to_der;
 use crate::failpoint;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
@@ -32,28 +31,60 @@ pub fn restore_challenge(ceremony: &str, key_id: &str, version: u32) -> Vec<u8> 
     format!("custody-restore-challenge/v1\n{ceremony}\n{key_id}/{version}").into_bytes()
 }
 
-/// Checks the manifest's signature and returns the SHA-256 of the audit key
-/// that made it. A bundle this daemon made must verify with this daemon's
-/// own audit key. A restore into a fresh daemon cannot know the source's
-/// key: the signature then proves integrity only, and what ties the bundle
-/// to its source is the `bundle_sha256` in the script the officers sign
-/// (compared with the digest recorded when the backup was made) and the
-/// signer's fingerprint, which the transcript records for them to compare.
-pub(super) fn bundle_signature_ok(state: &Custody, bundle: &Bundle) -> Result<String, Error> {
-    let embedded = pem_to_der(&bundle.audit_key_pem)
-        .map_err(|e| Error::new(Reason::BadBundle, format!("audit key: {e}")))?;
-    let own = state.audit.audit_key_spki();
-    let same_token = bundle.manifest.source_token
-        == format!(
-            "{} (serial {})",
-            state.hsm.token().label,
-            state.hsm.token().serial
-        );
-    let key = if same_token { own } else { embedded.as_slice() };
-    bundle
-        .verify(key)
+/// Checks the manifest's signature with a trusted audit key and returns
+/// that key's SHA-256 (of its SPKI DER), hex.
+///
+/// Trusted are: this custodyd's own audit key, and the audit key pinned by
+/// SHA-256 either in the restore script the officers sign
+/// (`restore.audit_key_sha256`, `script_pin`) or in the config (`[ceremony]
+/// trusted_audit_keys`). A script that pins a key accepts that key only.
+/// Nothing the bundle says about itself (its `source_token`, the key it
+/// embeds) chooses the key: the embedded key is used only when its SHA-256
+/// is one of those, and otherwise the bundle is refused with the SHA-256 it
+/// names, for the officers to compare with what the source published.
+pub(super) fn bundle_signature_ok(
+    state: &Custody,
+    bundle: &Bundle,
+    script_pin: Option<&[u8; 32]>,
+) -> Result<String, Error> {
+    let embedded = bundle
+        .audit_key_spki()
         .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
-    Ok(hex::encode(Sha256::digest(key)))
+    let embedded_sha256: [u8; 32] = Sha256::digest(&embedded).into();
+    let own_sha256: [u8; 32] = Sha256::digest(state.audit.audit_key_spki()).into();
+    let trusted = match script_pin {
+        Some(pin) => *pin == embedded_sha256,
+        None => {
+            embedded_sha256 == own_sha256
+                || state
+                    .ceremonies
+                    .trusted_audit_keys
+                    .contains(&embedded_sha256)
+        }
+    };
+    if !trusted {
+        let expected = match script_pin {
+            Some(pin) => format!(
+                "the restore script pins the audit key {} (restore.audit_key_sha256)",
+                hex::encode(pin)
+            ),
+            None => format!(
+                "it is neither custodyd's own audit key ({}) nor one pinned in its config ([ceremony] trusted_audit_keys) or in the restore script (restore.audit_key_sha256)",
+                hex::encode(own_sha256)
+            ),
+        };
+        return Err(Error::new(
+            Reason::BadBundle,
+            format!(
+                "the bundle names as its signer the audit key with SPKI SHA-256 {}, and {expected}: compare that SHA-256 with the one the source custodyd published, and pin it only if they match",
+                hex::encode(embedded_sha256)
+            ),
+        ));
+    }
+    bundle
+        .verify(&embedded)
+        .map_err(|e| Error::new(Reason::BadBundle, e.to_string()))?;
+    Ok(hex::encode(embedded_sha256))
 }
 
 /// Rebuilds the backup KEK from the submitted shares, unwraps every key of

@@ -1,7 +1,7 @@
 //! What the ceremony engine (the `ceremonies` module) keeps between steps:
 //! the journal, the lock that runs one ceremony call at a time, the secrets
 //! (shares, components) that live in memory only, the SO PIN, the scratch
-//! token and the component combiner.
+//! token, the component combiner and the audit keys pinned for restores.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,6 +38,9 @@ pub struct Ceremonies {
     pub(crate) scratch: Option<HsmConfig>,
     /// How key components become one key.
     pub(crate) combiner: Arc<dyn ComponentCombiner>,
+    /// SHA-256 of each other custodyd's audit key (SPKI DER) whose bundles
+    /// may be restored here (`[ceremony] trusted_audit_keys`).
+    pub(crate) trusted_audit_keys: Vec<[u8; 32]>,
 }
 
 impl Ceremonies {
@@ -51,7 +54,15 @@ impl Ceremonies {
             so_pin,
             scratch,
             combiner: Arc::new(XorInMemory),
+            trusted_audit_keys: Vec::new(),
         }
+    }
+
+    /// Also trusts bundles signed by the audit keys with these SHA-256s (of
+    /// their SPKI DER), besides custodyd's own.
+    pub fn with_trusted_audit_keys(mut self, pins: Vec<[u8; 32]>) -> Self {
+        self.trusted_audit_keys = pins;
+        self
     }
 
     /// Runs `f` on the in-memory secrets of ceremony `id`.

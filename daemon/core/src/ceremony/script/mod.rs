@@ -84,6 +84,11 @@ pub enum Kind {
         bundle: PathBuf,
         /// The SHA-256 of the bundle file the officers reviewed.
         bundle_sha256: [u8; 32],
+        /// The SHA-256 (of the SPKI DER) of the audit key that must have
+        /// signed the bundle's manifest: the source's, as it published it.
+        /// Without it only custodyd's own audit key, or one pinned in its
+        /// config, is trusted.
+        audit_key_sha256: Option<[u8; 32]>,
         /// True: into the scratch token, verified, destroyed. False: into
         /// custodyd's own token, keys registered.
         drill: bool,

@@ -215,12 +215,14 @@ impl Script {
             (Step::Unwrap, Kind::Restore {
                 bundle,
                 bundle_sha256,
+                audit_key_sha256,
                 drill,
                 ..
             }) => format!(
-                "each key in the bundle {} (SHA-256 {}) is unwrapped into {}",
+                "each key in the bundle {} (SHA-256 {}), whose manifest custodyd checked when the ceremony opened against {}, is unwrapped into {}",
                 bundle.display(),
                 hex_groups(bundle_sha256),
+                trusted_signer(audit_key_sha256.as_ref()),
                 if *drill {
                     "a scratch token"
                 } else {
@@ -305,11 +307,19 @@ impl Script {
             Kind::Restore {
                 bundle,
                 bundle_sha256,
+                audit_key_sha256,
                 drill,
                 custodians,
             } => {
                 lines.push(("bundle", bundle.display().to_string()));
                 lines.push(("bundle sha256", hex_groups(bundle_sha256)));
+                lines.push((
+                    "signed by",
+                    match audit_key_sha256 {
+                        Some(pin) => format!("the audit key with SHA-256 {}", hex_groups(pin)),
+                        None => "custodyd's own audit key, or one pinned in its config (no audit key pinned here)".to_owned(),
+                    },
+                ));
                 lines.push((
                     "mode",
                     if *drill {
@@ -331,6 +341,17 @@ impl Script {
             .map(|(label, value)| format!("{label:<width$}  {value}"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// The audit key a restore's bundle must be signed by, as the plan says it.
+fn trusted_signer(pin: Option<&[u8; 32]>) -> String {
+    match pin {
+        Some(pin) => format!(
+            "the audit key the script pins (SPKI SHA-256 {}), and no other",
+            hex_groups(pin)
+        ),
+        None => "custodyd's own audit key or one pinned in its config ([ceremony] trusted_audit_keys), and no other".to_owned(),
     }
 }
 
@@ -413,5 +434,45 @@ mod tests {
         assert!(summary.contains("backups/backup.json"), "{summary}");
         assert!(summary.contains("0011 2233"), "{summary}");
         assert!(summary.contains("drill"), "{summary}");
+        assert!(
+            summary.lines().any(|line| line.starts_with("signed by")
+                && line.ends_with("custodyd's own audit key, or one pinned in its config (no audit key pinned here)")),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn a_restore_plan_names_the_audit_key_the_bundle_must_be_signed_by() {
+        let unpinned = Script::parse(RESTORE).unwrap();
+        let unwrap = |script: &Script| {
+            script
+                .plan()
+                .into_iter()
+                .find(|line| line.contains(". unwrap: "))
+                .unwrap()
+        };
+        assert!(
+            unwrap(&unpinned).contains("custodyd's own audit key or one pinned in its config"),
+            "{}",
+            unwrap(&unpinned)
+        );
+        let pinned = Script::parse(&RESTORE.replace(
+            "drill = true\n",
+            &format!("drill = true\naudit_key_sha256 = \"{}\"\n", "ab".repeat(32)),
+        ))
+        .unwrap();
+        let pin = hex_groups(&[0xab; 32]);
+        assert!(unwrap(&pinned).contains(&pin), "{}", unwrap(&pinned));
+        assert!(
+            unwrap(&pinned).contains("and no other"),
+            "{}",
+            unwrap(&pinned)
+        );
+        let summary = pinned.render_summary();
+        assert!(
+            summary.lines().any(|line| line.starts_with("signed by")
+                && line.ends_with(&format!("the audit key with SHA-256 {pin}"))),
+            "{summary}"
+        );
     }
 }

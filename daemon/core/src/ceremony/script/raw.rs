@@ -74,6 +74,7 @@ pub(super) struct RawComponents {
 pub(super) struct RawRestore {
     pub(super) bundle: Option<String>,
     pub(super) bundle_sha256: Option<String>,
+    pub(super) audit_key_sha256: Option<String>,
     pub(super) drill: Option<bool>,
     pub(super) custodians: Option<Vec<String>>,
 }

@@ -407,6 +407,24 @@ fn restore_kind(raw: RawRestore) -> Result<Kind, ScriptError> {
                 format!("{sha256:?} is not a SHA-256: 64 hex digits"),
             )
         })?;
+    // Optional: a bundle this custodyd made verifies with its own audit key,
+    // and a deployment may pin its sources' keys in config instead.
+    let audit_key_sha256 = raw
+        .audit_key_sha256
+        .map(|pin| {
+            hex::decode(&pin)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        "restore.audit_key_sha256",
+                        format!(
+                            "{pin:?} is not a SHA-256: 64 hex digits, the SHA-256 of the source's audit key (SPKI DER) as it published it"
+                        ),
+                    )
+                })
+        })
+        .transpose()?;
     // No default: a drill and a real restore differ in whether custodyd's
     // own token changes.
     let drill = required(
@@ -429,6 +447,7 @@ fn restore_kind(raw: RawRestore) -> Result<Kind, ScriptError> {
     Ok(Kind::Restore {
         bundle: PathBuf::from(bundle),
         bundle_sha256,
+        audit_key_sha256,
         drill,
         custodians,
     })

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use custody_core::ceremony::bundle::Bundle;
 use custody_core::ceremony::fingerprint::{Fingerprint, hex_groups};
 use custody_core::ceremony::script::{Kind, Script};
 use custody_core::ceremony::transcript::Transcript;
@@ -92,6 +93,7 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
         Kind::Restore {
             bundle,
             bundle_sha256,
+            audit_key_sha256,
             ..
         } => {
             let path = file.parent().unwrap_or(Path::new("")).join(bundle);
@@ -105,7 +107,9 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
                     hex::encode(bundle_sha256)
                 ));
             }
-            Some(path)
+            let signer = bundle_signer(&contents, audit_key_sha256.as_ref())
+                .map_err(|e| format!("restore.bundle: {}: {e}", path.display()))?;
+            Some((path, signer, audit_key_sha256.is_some()))
         }
         _ => None,
     };
@@ -113,8 +117,19 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
     outln!("");
     outln!("script digest (officers sign this when they sign in):");
     outln!("  {}", hex_groups(&script.digest()));
-    if let Some(path) = bundle {
+    if let Some((path, signer, pinned)) = bundle {
         outln!("bundle {} matches bundle_sha256", path.display());
+        outln!("bundle signed, it says, by the audit key with SHA-256:");
+        outln!("  {}", hex::encode(signer));
+        if pinned {
+            outln!(
+                "  the key restore.audit_key_sha256 pins, and the manifest signature verifies with it"
+            );
+        } else {
+            outln!(
+                "  not pinned by this script: custodyd accepts it only if it is its own audit key or one its config pins ([ceremony] trusted_audit_keys); compare it with the SHA-256 the source published"
+            );
+        }
     }
     outln!("");
     outln!("plan:");
@@ -122,4 +137,25 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
         outln!("  {line}");
     }
     Ok(())
+}
+
+/// The SHA-256 of the audit key a bundle names as its signer. If the script
+/// pins one, it must be that key and the manifest must verify with it;
+/// unpinned, only custodyd can say whether it trusts the key.
+fn bundle_signer(contents: &[u8], pin: Option<&[u8; 32]>) -> Result<[u8; 32], String> {
+    let text = std::str::from_utf8(contents).map_err(|_| "not UTF-8 text".to_owned())?;
+    let bundle = Bundle::parse(text).map_err(|e| e.to_string())?;
+    let spki = bundle.audit_key_spki().map_err(|e| e.to_string())?;
+    let signer: [u8; 32] = Sha256::digest(&spki).into();
+    if let Some(pin) = pin {
+        if *pin != signer {
+            return Err(format!(
+                "it names the audit key with SHA-256 {}, not the {} restore.audit_key_sha256 pins: custodyd will refuse it",
+                hex::encode(signer),
+                hex::encode(pin)
+            ));
+        }
+        bundle.verify(&spki).map_err(|e| e.to_string())?;
+    }
+    Ok(signer)
 }

@@ -103,6 +103,7 @@ fn a_restore_script_parses_and_a_drill_ends_by_destroying_the_scratch_keys() {
     let Kind::Restore {
         bundle,
         bundle_sha256,
+        audit_key_sha256,
         drill,
         custodians,
     } = script.kind()
@@ -111,6 +112,8 @@ fn a_restore_script_parses_and_a_drill_ends_by_destroying_the_scratch_keys() {
     };
     assert_eq!(bundle, Path::new("backups/backup.json"));
     assert_eq!(bundle_sha256[..4], [0x00, 0x11, 0x22, 0x33]);
+    // No audit key pinned: custodyd then trusts its own or its config's.
+    assert_eq!(*audit_key_sha256, None);
     assert!(*drill);
     assert_eq!(custodians.len(), 3);
     assert_eq!(
@@ -126,6 +129,31 @@ fn a_restore_script_parses_and_a_drill_ends_by_destroying_the_scratch_keys() {
     );
     let real = Script::parse(&RESTORE.replace("drill = true", "drill = false")).unwrap();
     assert_eq!(names(&real).last(), Some(&"commit"));
+}
+
+#[test]
+fn a_restore_script_may_pin_the_audit_key_and_the_digest_covers_the_pin() {
+    let pin = "ab".repeat(32);
+    let pinned = RESTORE.replace(
+        "drill = true\n",
+        &format!("drill = true\naudit_key_sha256 = \"{pin}\"\n"),
+    );
+    let script = Script::parse(&pinned).unwrap();
+    let Kind::Restore {
+        audit_key_sha256, ..
+    } = script.kind()
+    else {
+        panic!("{:?}", script.kind());
+    };
+    assert_eq!(*audit_key_sha256, Some([0xab; 32]));
+    // Another pin is another script: the officers sign the one they read.
+    let other = Script::parse(&pinned.replace(&pin, &"cd".repeat(32))).unwrap();
+    assert_ne!(other.digest(), script.digest());
+    for bad in ["ab".repeat(31), "zz".repeat(32), String::new()] {
+        let err = Script::parse(&pinned.replace(&pin, &bad)).unwrap_err();
+        assert_eq!(err.field(), Some("restore.audit_key_sha256"), "{err}");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
 }
 
 /// Each rule, broken once: (script, edit, field the error must name).
