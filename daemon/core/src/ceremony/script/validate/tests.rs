@@ -640,6 +640,11 @@ fn the_example_scripts_in_deploy_are_valid() {
     assert!(key.backup);
     assert_eq!(certificate.common_name, "Custody Demo Root CA");
     assert_eq!(root.quorum().required, 2);
+    assert_eq!(
+        key.policy["SIGN"],
+        Quorum::new(["alice".into(), "bob".into(), "carol".into()], 2).unwrap()
+    );
+    assert_eq!(key.defaulted_kinds(), ["ROTATE", "SET_STATE", "SET_POLICY"]);
 
     let kek = Script::parse(include_str!("../../../../../../deploy/ceremonies/kek.toml")).unwrap();
     let Kind::Kek {
@@ -650,6 +655,7 @@ fn the_example_scripts_in_deploy_are_valid() {
         panic!("{:?}", kek.kind());
     };
     assert_eq!(key.name, "demo-kek");
+    assert!(key.policy.is_empty());
     assert_eq!(key.algorithm.api_name(), "AES_256_GCM");
     assert_eq!(shares.threshold, 2);
     assert_eq!(shares.custodians, ["alice", "bob", "carol"]);
