@@ -163,7 +163,7 @@ step bob confirm demo-root-2026 --script "$root" --expect-fingerprint "$fingerpr
 as alice ceremony status demo-root-2026 --certificate-out "$dev/demo/root-ca.pem" | tail -1
 openssl verify -CAfile "$dev/demo/root-ca.pem" "$dev/demo/root-ca.pem"
 
-echo "== the root key is registered under the administrative quorum its script leaves it to (2 of 3)"
+echo "== the root key is registered under its policy: SIGN as its script declares, the rest the administrative quorum (2 of 3)"
 as operator keys show root-ca | grep -E '^  policy '
 echo "   ca-issuing, on its allow-list, may not sign with it alone"
 root_digest=$(openssl dgst -sha384 -binary "$dev/demo/tbs.bin" | od -An -tx1 | tr -d ' \n')
