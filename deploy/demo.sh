@@ -4,7 +4,8 @@
 # the signature with openssl (which knows nothing of the HSM), two officers
 # approve a quorum-gated signature, a data key is wrapped, the key encryption
 # key rotated and the data key rewrapped, drift is checked, a root key
-# ceremony and a KEK ceremony with 2-of-3 backup shares run, a DR drill
+# ceremony (the root key then signs only with 2 officers approving) and a
+# KEK ceremony with 2-of-3 backup shares run, a DR drill
 # restores the backup into a scratch token from two shares, and the audit log
 # and the ceremony transcript are verified offline.
 set -euo pipefail
@@ -150,7 +151,7 @@ as auditor drift
 
 echo "== key ceremony: a root key, made in the HSM with 2 of the 3 officers present"
 root=deploy/ceremonies/root-key.toml
-as alice ceremony check "$root" | sed -n '/^script digest/,+1p'
+as alice ceremony check "$root" | sed -n '/^policy/p;/^script digest/,+1p'
 as alice ceremony start "$root" | sed -n 1p
 step alice sign-in demo-root-2026 --script "$root" | sed -n 1p
 step bob sign-in demo-root-2026 --script "$root" | sed -n 1p
@@ -161,6 +162,25 @@ step alice confirm demo-root-2026 --script "$root" --expect-fingerprint "$finger
 step bob confirm demo-root-2026 --script "$root" --expect-fingerprint "$fingerprint" | grep -E 'confirmed|: COMPLETED'
 as alice ceremony status demo-root-2026 --certificate-out "$dev/demo/root-ca.pem" | tail -1
 openssl verify -CAfile "$dev/demo/root-ca.pem" "$dev/demo/root-ca.pem"
+
+echo "== the root key is registered under its policy: SIGN as its script declares, the rest the administrative quorum (2 of 3)"
+as operator keys show root-ca | grep -E '^  policy '
+echo "   ca-issuing, on its allow-list, may not sign with it alone"
+root_digest=$(openssl dgst -sha384 -binary "$dev/demo/tbs.bin" | od -An -tx1 | tr -d ' \n')
+if as ca-issuing sign root-ca --digest "$root_digest" --hash sha384 2>&1; then
+  echo "unexpected: the CA signed with the root key alone"; exit 1
+fi
+echo "   nor may the operator rotate it alone"
+if as operator keys rotate root-ca 2>&1; then
+  echo "unexpected: the operator rotated the root key alone"; exit 1
+fi
+echo "   ca-issuing requests the signature; bob and carol approve it"
+op=$(as ca-issuing request sign root-ca --digest "$root_digest" --hash sha384 | operation_of)
+officer bob approve "$op"
+officer carol approve "$op"
+as ca-issuing show "$op" --signature-out "$dev/demo/tbs-root.sig" | tail -1
+openssl x509 -in "$dev/demo/root-ca.pem" -pubkey -noout > "$dev/demo/root-ca.pub.pem"
+openssl dgst -sha384 -verify "$dev/demo/root-ca.pub.pem" -signature "$dev/demo/tbs-root.sig" "$dev/demo/tbs.bin"
 
 echo "== key ceremony: an envelope KEK, its backup KEK split 2 of 3 among the custodians"
 kek=deploy/ceremonies/kek.toml

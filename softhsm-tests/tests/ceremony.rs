@@ -21,17 +21,19 @@ use custody_core::encoding::pem_to_der;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, CeremonyState, CheckDriftRequest, CreateKeyRequest, DecryptRequest,
-    Digest, EncryptRequest, GetKeyRequest, GetTranscriptRequest, SignRequest, digest, sign_request,
+    Digest, EncryptRequest, GetKeyRequest, GetOperationRequest, GetTranscriptRequest,
+    OperationState, SignRequest, SignSpec, digest, operation_spec, sign_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::{
     Officers, audit_key_sha256, components_script, kek_script, pinned_restore_script,
     restore_script, root_script,
 };
-use softhsm_tests::service::{TestService, reason, runtime, with_scratch_token};
+use softhsm_tests::service::{TestService, reason, request_operation, runtime, with_scratch_token};
 use softhsm_tests::{TestToken, openssl, token_test};
 use tonic::transport::Channel;
 
@@ -207,11 +209,49 @@ token_test!(
                 .unwrap();
             assert_eq!(state(&done), CeremonyState::Completed);
 
-            // Now it signs, and the signature verifies with the key the
-            // officers confirmed.
+            // Now it is registered under the policy the script left to the
+            // administrative quorum (2 of alice, bob, carol): the allowed
+            // signer alone is refused, and signs once two officers approve;
+            // the signature verifies with the key the officers confirmed.
+            let key = KeyServiceClient::new(signer.clone())
+                .get_key(GetKeyRequest { name: "keys/root-ca".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            let kinds: Vec<&str> = key.policies.iter().map(|p| p.operation.as_str()).collect();
+            assert_eq!(kinds, ["ROTATE", "SET_POLICY", "SET_STATE", "SIGN"], "{key:?}");
+            for policy in &key.policies {
+                assert_eq!(policy.required, 2, "{policy:?}");
+                assert_eq!(policy.officers, ["alice", "bob", "carol"], "{policy:?}");
+            }
             let message = b"issued by the ceremony's root key";
             let digest_bytes = sha2::Sha256::digest(message);
-            let signature = sign(&signer, "root-ca", &digest_bytes).await.unwrap();
+            let alone = sign(&signer, "root-ca", &digest_bytes).await.unwrap_err();
+            assert_eq!(reason(&alone), "QUORUM_REQUIRED", "{alone}");
+            let operation = request_operation(
+                &signer,
+                operation_spec::Spec::Sign(SignSpec {
+                    name: "keys/root-ca".into(),
+                    digest: Some(Digest {
+                        digest: Some(digest::Digest::Sha256(digest_bytes.to_vec())),
+                    }),
+                    encoding: 0,
+                }),
+            )
+            .await
+            .unwrap();
+            assert_eq!(operation.required, 2);
+            service.approve("alice", &operation).await.unwrap();
+            let approved = service.approve("bob", &operation).await.unwrap();
+            assert_eq!(approved.state, OperationState::Succeeded as i32, "{}", approved.error);
+            let signature = OperationServiceClient::new(signer.clone())
+                .get_operation(GetOperationRequest { name: operation.name.clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .signature
+                .unwrap()
+                .signature;
             let pem = service.state().registry.get("root-ca").unwrap().versions[0]
                 .public_key_pem
                 .clone();
@@ -225,6 +265,17 @@ token_test!(
                 steps,
                 ["open", "sign-in", "sign-in", "generate", "certificate", "confirm", "confirm", "commit"]
             );
+            // What the key would be registered under was fixed, and said,
+            // when the ceremony opened.
+            for entry in [&transcript.entries[0], transcript.entries.last().unwrap()] {
+                assert!(
+                    entry.summary.contains(
+                        "SIGN, ROTATE, SET_STATE, SET_POLICY: administrative quorum (2 of 3: alice, bob, carol)"
+                    ),
+                    "{}",
+                    entry.summary
+                );
+            }
 
             // A finished ceremony takes nothing more.
             let err = officers.sign_in("carol", &name, &script).await.unwrap_err();
@@ -599,6 +650,98 @@ token_test!(
                 .into_inner();
             assert_eq!(state(&aborted), CeremonyState::Aborted);
             assert!(aborted.restore.is_none());
+        });
+    }
+);
+
+/// `root_script` with `policy` (`[key.policy.*]` tables) after its `[key]`.
+fn root_script_with_policy(id: &str, key: &str, policy: &str) -> String {
+    format!("{}{policy}", root_script(id, key, false))
+}
+
+token_test!(
+    fn a_declared_key_policy_is_what_the_key_gets_and_strangers_are_refused_at_start(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let channels = channels_of(&service).await;
+            let officers = Officers::new(&service.officers, channels.clone());
+
+            // Mallory is no officer: the policy could name anyone.
+            let stranger = root_script_with_policy(
+                "root-stranger",
+                "root-ca",
+                "[key.policy.SIGN]\nofficers = [\"alice\", \"bob\", \"mallory\"]\nrequired = 2\n",
+            );
+            let refused = officers.start("alice", &stranger, "").await.unwrap_err();
+            assert_eq!(reason(&refused), "BAD_POLICY", "{refused}");
+            assert!(
+                refused.message().contains("key.policy.SIGN: mallory is not an enrolled officer"),
+                "{refused}"
+            );
+
+            // Stricter than the administrative 2 of 3 on SIGN; the rest left
+            // to the administrative quorum.
+            let script = root_script_with_policy(
+                "root-strict",
+                "root-ca",
+                "[key.policy.SIGN]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n",
+            );
+            let (done, _) = officers.run(&script).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let key = KeyServiceClient::new(service.client("operator").await)
+                .get_key(GetKeyRequest { name: "keys/root-ca".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            let policies: Vec<(&str, u32)> = key
+                .policies
+                .iter()
+                .map(|p| (p.operation.as_str(), p.required))
+                .collect();
+            assert_eq!(
+                policies,
+                [("ROTATE", 2), ("SET_POLICY", 2), ("SET_STATE", 2), ("SIGN", 3)]
+            );
+            let transcript = transcript_is_sound(&service, &channels["alice"], &done.name).await;
+            assert!(
+                transcript.entries[0].summary.contains(
+                    "root-ca will be registered under ROTATE, SET_STATE, SET_POLICY: administrative quorum (2 of 3: alice, bob, carol); SIGN: 3 of 3: alice, bob, carol"
+                ),
+                "{}",
+                transcript.entries[0].summary
+            );
+        });
+    }
+);
+
+token_test!(
+    fn a_key_policy_weaker_than_the_administrative_quorum_is_refused_at_start(token) {
+        runtime().block_on(async {
+            // The administrative quorum is 3 of alice, bob, carol here.
+            let service = TestService::start_with(token, |config| {
+                let genesis = config.dual_control.genesis_file.clone().unwrap();
+                let text = std::fs::read_to_string(&genesis).unwrap();
+                assert!(text.starts_with("required = 2\n"), "{text}");
+                std::fs::write(&genesis, text.replacen("required = 2", "required = 3", 1))
+                    .unwrap();
+            })
+            .await;
+            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let weak = root_script_with_policy(
+                "root-weak",
+                "root-ca",
+                "[key.policy.SIGN]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n",
+            )
+            .replacen("required = 2", "required = 3", 1);
+            let refused = officers.start("alice", &weak, "").await.unwrap_err();
+            assert_eq!(reason(&refused), "BAD_POLICY", "{refused}");
+            assert!(
+                refused
+                    .message()
+                    .contains("key.policy.SIGN: 2 approvals is weaker than the administrative quorum, which needs 3"),
+                "{refused}"
+            );
+            assert!(service.state().ceremonies.journal.get("root-weak").unwrap().is_none());
         });
     }
 );

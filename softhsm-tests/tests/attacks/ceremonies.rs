@@ -19,7 +19,6 @@ use crate::common::{
 // gives keys of root-key and KEK scripts, which may declare a stricter
 // one), and every one of those direct calls is refused QUORUM_REQUIRED.
 token_test!(
-    #[ignore = "issue 12 (I5): keys made by root-key and KEK ceremonies carry no policy; one principal signs with, rotates or compromises them alone"]
     fn i5_keys_made_in_ceremonies_are_under_the_administrative_quorum(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;

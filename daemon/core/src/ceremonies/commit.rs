@@ -1,19 +1,118 @@
-//! The end of a ceremony that succeeds: the key registered, the ceremony
-//! marked completed and its transcript sealed.
+//! The end of a ceremony that succeeds: the key registered under the
+//! policies fixed when the ceremony opened, the ceremony marked completed
+//! and its transcript sealed.
 
-use std::collections::BTreeMap;
-
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 
 use super::crash_points::COMMIT;
-use super::{intend, journal_failure, put, seal_transcript};
+use super::{intend, journal_failure, put, script_of, seal_transcript};
 use crate::Custody;
+use crate::authz::admin_quorum;
 use crate::ceremony::journal::{CeremonyRecord, MadeKey, Phase};
-use crate::ceremony::script::Script;
+use crate::ceremony::script::{KeySection, Script};
+use crate::dual_control::operation::KeyPolicies;
 use crate::failpoint;
 use crate::keys::generation::KeyFacts;
 use crate::registry::KeyRecord;
 use crate::{Error, Reason};
+
+/// The policies the key of a root-key or kek script will be registered
+/// with, decided when the ceremony opens: the script's `[key.policy]`, each
+/// quorum at least as strong as the administrative one and naming only
+/// enrolled officers, and the administrative quorum as it stands now on
+/// each default kind the script does not name. None for a restore.
+pub(super) fn policies_at_open(
+    state: &Custody,
+    script: &Script,
+) -> Result<Option<KeyPolicies>, Error> {
+    let Some(key) = script.key() else {
+        return Ok(None);
+    };
+    let admin = admin_quorum(state)?;
+    for (kind, quorum) in &key.policy {
+        if quorum.required < admin.required {
+            return Err(Error::new(
+                Reason::BadPolicy,
+                format!(
+                    "key.policy.{kind}: {} approvals is weaker than the administrative quorum, which needs {}: a key made in a ceremony needs at least as many",
+                    quorum.required, admin.required
+                ),
+            ));
+        }
+        if let Some(unknown) = quorum
+            .members
+            .iter()
+            .find(|officer| !state.dual_control.enrolled(officer))
+        {
+            return Err(Error::new(
+                Reason::BadPolicy,
+                format!("key.policy.{kind}: {unknown} is not an enrolled officer"),
+            ));
+        }
+    }
+    Ok(Some(key.policies(&admin)))
+}
+
+/// The policies as the transcript records them: by kind, the officers and
+/// M, and whether the script declared it or it is the administrative
+/// quorum's.
+pub(super) fn policies_detail(key: &KeySection, policies: &KeyPolicies) -> Value {
+    let defaulted = key.defaulted_kinds();
+    let by_kind: Map<String, Value> = policies
+        .iter()
+        .map(|(kind, quorum)| {
+            let source = if defaulted.contains(&kind.as_str()) {
+                "administrative quorum"
+            } else {
+                "script"
+            };
+            (
+                kind.clone(),
+                json!({
+                    "officers": quorum.members,
+                    "required": quorum.required,
+                    "from": source,
+                }),
+            )
+        })
+        .collect();
+    Value::Object(by_kind)
+}
+
+/// One line for the transcript's summary: `SIGN, ROTATE: administrative
+/// quorum (2 of 3: alice, bob, carol); SET_STATE: 3 of 3: …`.
+pub(super) fn policies_summary(key: &KeySection, policies: &KeyPolicies) -> String {
+    let defaulted = key.defaulted_kinds();
+    let describe = |quorum: &crate::dual_control::quorum::Quorum| {
+        format!(
+            "{} of {}: {}",
+            quorum.required,
+            quorum.members.len(),
+            quorum
+                .members
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let mut parts: Vec<String> = policies
+        .iter()
+        .filter(|(kind, _)| !defaulted.contains(&kind.as_str()))
+        .map(|(kind, quorum)| format!("{kind}: {}", describe(quorum)))
+        .collect();
+    if let Some(admin) = defaulted.first().and_then(|kind| policies.get(*kind)) {
+        parts.insert(
+            0,
+            format!(
+                "{}: administrative quorum ({})",
+                defaulted.join(", "),
+                describe(admin)
+            ),
+        );
+    }
+    parts.join("; ")
+}
 
 /// Registers the key: from here it is usable.
 pub(super) async fn commit(
@@ -35,9 +134,19 @@ pub(super) async fn commit(
     }
     let now = state.clock.now_ms();
     let signers: Vec<String> = script.key().map(|k| k.signers.clone()).unwrap_or_default();
+    // Fixed when the ceremony opened; a record journaled before keys had
+    // policies gets them as they would have been decided then, from now.
+    let policies = match &record.key_policies {
+        Some(policies) => policies.clone(),
+        None => {
+            let policies = policies_at_open(state, script)?.unwrap_or_default();
+            record.key_policies = Some(policies.clone());
+            policies
+        }
+    };
     state
         .registry
-        .put(key_record(&made, signers, now))
+        .put(key_record(&made, signers, policies, now))
         .await
         .map_err(|e| journal_failure(e.to_string()))?;
     failpoint::hit(COMMIT.after_hsm);
@@ -46,7 +155,12 @@ pub(super) async fn commit(
     Ok(())
 }
 
-fn key_record(made: &MadeKey, allowed_signers: Vec<String>, now: i64) -> KeyRecord {
+fn key_record(
+    made: &MadeKey,
+    allowed_signers: Vec<String>,
+    policies: KeyPolicies,
+    now: i64,
+) -> KeyRecord {
     KeyRecord {
         key_id: made.key_id.clone(),
         algorithm: made.algorithm.clone(),
@@ -63,7 +177,7 @@ fn key_record(made: &MadeKey, allowed_signers: Vec<String>, now: i64) -> KeyReco
             .active_version(1, made.hsm_label.clone(), now),
         ],
         created_ms: now,
-        policies: BTreeMap::new(),
+        policies,
         cryptoperiod_ms: None,
         min_version: 0,
         rotation_requests: Vec::new(),
@@ -92,11 +206,20 @@ pub(super) async fn finish_completed(
     if !record.did("commit") {
         record.done.push("commit".into());
     }
-    let summary = match &record.key {
-        Some(key) => format!("{} registered and usable: ceremony completed", key.key_id),
-        None => "ceremony completed".to_string(),
-    };
     let mut detail = Map::new();
+    let script = script_of(record)?;
+    let summary = match (&record.key, script.key(), &record.key_policies) {
+        (Some(made), Some(key), Some(policies)) => {
+            detail.insert("key_policies".into(), policies_detail(key, policies));
+            format!(
+                "{} registered and usable under its policy ({}): ceremony completed",
+                made.key_id,
+                policies_summary(key, policies)
+            )
+        }
+        (Some(made), ..) => format!("{} registered and usable: ceremony completed", made.key_id),
+        (None, ..) => "ceremony completed".to_string(),
+    };
     if let Some(restore) = &record.restore {
         detail.insert("restore".into(), json!(restore));
     }

@@ -65,6 +65,7 @@ use crate::ceremony::transcript::Transcript;
 use crate::failpoint;
 use crate::{Error, Reason};
 use backup::{back_up_new_kek, make_backup_kek};
+use commit::{policies_at_open, policies_detail, policies_summary};
 use crash_points::Points;
 use new_key::{generate, import_components, self_sign};
 use restore::{bundle_signature_ok, restore};
@@ -215,6 +216,7 @@ pub async fn open(
             ));
         }
     }
+    let key_policies = policies_at_open(state, &script)?;
     let mut shares_needed = 0;
     let mut bundle_signer = None;
     match script.kind() {
@@ -288,6 +290,7 @@ pub async fn open(
         done: Vec::new(),
         objects: Vec::new(),
         key: None,
+        key_policies,
         backup_kek: None,
         shares_collected: Vec::new(),
         components: Vec::new(),
@@ -306,10 +309,18 @@ pub async fn open(
     if let Some(signed_by) = &bundle_signer {
         detail.insert("bundle_audit_key_sha256".into(), json!(signed_by));
     }
-    let summary = format!(
+    let mut summary = format!(
         "{opened_by} opened the {} ceremony {}",
         record.kind, record.id
     );
+    if let (Some(key), Some(policies)) = (script.key(), &record.key_policies) {
+        detail.insert("key_policies".into(), policies_detail(key, policies));
+        summary.push_str(&format!(
+            "; {} will be registered under {}",
+            key.name,
+            policies_summary(key, policies)
+        ));
+    }
     note(state, &mut record, "open", opened_by, summary, detail).await?;
     failpoint::hit("ceremony.open.after_journal");
     Ok(record)

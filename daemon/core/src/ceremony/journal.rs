@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ceremony::transcript::Transcript;
+use crate::dual_control::operation::KeyPolicies;
 
 /// Where a ceremony is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +172,12 @@ pub struct CeremonyRecord {
     pub objects: Vec<JournaledObject>,
     /// The key made.
     pub key: Option<MadeKey>,
+    /// The policies the key is registered with (root-key and kek), fixed
+    /// when the ceremony opened: the script's `[key.policy]`, and the
+    /// administrative quorum of that moment on each default kind it does
+    /// not name. None in a record journaled before keys had them.
+    #[serde(default)]
+    pub key_policies: Option<KeyPolicies>,
     /// The backup KEK made (KEK ceremony, generate mode).
     pub backup_kek: Option<BackupKek>,
     /// Custodians who collected their share.

@@ -229,6 +229,15 @@ pub(crate) fn print_key(key: &Key) {
     if key.min_version > 1 {
         outln!("  min version {}", key.min_version);
     }
+    for policy in &key.policies {
+        outln!(
+            "  policy {}: {} of {}: {}",
+            policy.operation,
+            policy.required,
+            policy.officers.len(),
+            policy.officers.join(", ")
+        );
+    }
     for version in &key.versions {
         let state = KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name());
         let mut notes = Vec::new();

@@ -38,8 +38,14 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
+use crate::dual_control::operation::KeyPolicies;
 use crate::dual_control::quorum::Quorum;
 use hsm_shim::KeySpec;
+
+/// The operation kinds a key made in a ceremony always has a policy for:
+/// those its script's `[key.policy]` does not name get the administrative
+/// quorum, as it stands when the ceremony opens.
+pub const DEFAULT_POLICY_KINDS: [&str; 4] = ["SIGN", "ROTATE", "SET_STATE", "SET_POLICY"];
 
 /// The domain prefix of a script digest.
 pub const SCRIPT_DIGEST_DOMAIN: &[u8] = b"custody-ceremony-script/v1\n";
@@ -120,12 +126,36 @@ pub struct KeySection {
     /// Principals (client certificate names) allowed to use the key once it
     /// is committed; may be empty (nobody yet).
     pub signers: Vec<String>,
+    /// `[key.policy]`: the quorums the script declares, by operation kind
+    /// (empty: none declared). Each of [`DEFAULT_POLICY_KINDS`] it does not
+    /// name gets the administrative quorum; see [`KeySection::policies`].
+    pub policy: KeyPolicies,
 }
 
 impl KeySection {
     /// The HSM key spec to generate or import.
     pub fn spec(&self) -> KeySpec {
         self.algorithm.key_spec()
+    }
+
+    /// The kinds of [`DEFAULT_POLICY_KINDS`] the script leaves to the
+    /// administrative quorum.
+    pub fn defaulted_kinds(&self) -> Vec<&'static str> {
+        DEFAULT_POLICY_KINDS
+            .into_iter()
+            .filter(|kind| !self.policy.contains_key(*kind))
+            .collect()
+    }
+
+    /// The policies the key is registered with: the declared ones, and
+    /// `admin` (the administrative quorum when the ceremony opened) on each
+    /// kind of [`DEFAULT_POLICY_KINDS`] the script does not name.
+    pub fn policies(&self, admin: &Quorum) -> KeyPolicies {
+        let mut policies = self.policy.clone();
+        for kind in self.defaulted_kinds() {
+            policies.insert(kind.to_owned(), admin.clone());
+        }
+        policies
     }
 }
 

@@ -164,7 +164,8 @@ impl Script {
                 "the restored keys are registered in custodyd and become usable".to_owned()
             }
             (Step::Commit, _) => format!(
-                "{key_name} is registered in custodyd and becomes usable; until this step it cannot be used"
+                "{key_name} is registered in custodyd under its policy ({}) and becomes usable; until this step it cannot be used",
+                key.map_or_else(String::new, |key| policy_lines(key).join("; "))
             ),
             (Step::BackupKek, Kind::Kek {
                 mode: KekMode::Generate { shares },
@@ -268,9 +269,15 @@ impl Script {
                 }
             )
         };
+        let policy = |lines: &mut Vec<(&str, String)>, key: &KeySection| {
+            for line in policy_lines(key) {
+                lines.push(("policy", line));
+            }
+        };
         match &self.kind {
             Kind::RootKey { key, certificate } => {
                 lines.push(("key", key_line(key)));
+                policy(&mut lines, key);
                 if let Some(certificate) = certificate {
                     lines.push((
                         "certificate",
@@ -284,6 +291,7 @@ impl Script {
             }
             Kind::Kek { key, mode } => {
                 lines.push(("key", key_line(key)));
+                policy(&mut lines, key);
                 match mode {
                     KekMode::Generate { shares } => lines.push((
                         "shares",
@@ -355,6 +363,34 @@ fn trusted_signer(pin: Option<&[u8; 32]>) -> String {
     }
 }
 
+/// The key's policy as officers read it: one line per declared kind
+/// (`SIGN: 3 of 4: alice, bob, carol, dave`), then one for the kinds left
+/// to the administrative quorum, whose officers and M are fixed when the
+/// ceremony opens (the engine's transcript names them).
+fn policy_lines(key: &KeySection) -> Vec<String> {
+    let mut lines: Vec<String> = key
+        .policy
+        .iter()
+        .map(|(kind, quorum)| {
+            let members: Vec<String> = quorum.members.iter().cloned().collect();
+            format!(
+                "{kind}: {} of {}: {}",
+                quorum.required,
+                members.len(),
+                list(&members)
+            )
+        })
+        .collect();
+    let defaulted = key.defaulted_kinds();
+    if !defaulted.is_empty() {
+        lines.push(format!(
+            "{}: the administrative quorum (its officers and M when the ceremony opens)",
+            defaulted.join(", ")
+        ));
+    }
+    lines
+}
+
 fn list(ids: &[String]) -> String {
     ids.join(", ")
 }
@@ -420,11 +456,39 @@ mod tests {
             summary.contains("root-ca, EC_SIGN_P384_SHA384, backup-exportable"),
             "{summary}"
         );
+        assert!(
+            summary.contains(
+                "policy       SIGN, ROTATE, SET_STATE, SET_POLICY: the administrative quorum (its officers and M when the ceremony opens)"
+            ),
+            "{summary}"
+        );
+        let declared = ROOT_KEY.replacen(
+            "\n[certificate]",
+            "\n[key.policy.SIGN]\nofficers = [\"carol\", \"bob\", \"alice\"]\nrequired = 3\n\n[certificate]",
+            1,
+        );
+        let declared = Script::parse(&declared).unwrap();
+        let summary = declared.render_summary();
+        assert!(
+            summary.contains("policy       SIGN: 3 of 3: alice, bob, carol\n"),
+            "{summary}"
+        );
+        assert!(
+            summary
+                .contains("policy       ROTATE, SET_STATE, SET_POLICY: the administrative quorum"),
+            "{summary}"
+        );
+        let commit = declared.plan().pop().unwrap();
+        assert!(
+            commit.contains("under its policy (SIGN: 3 of 3: alice, bob, carol; ROTATE, SET_STATE, SET_POLICY: the administrative quorum"),
+            "{commit}"
+        );
         let summary = Script::parse(KEK_GENERATE).unwrap().render_summary();
         assert!(
             summary.contains("2 of 3: alice, bob, carol (sealed"),
             "{summary}"
         );
+        assert!(summary.contains("policy  "), "{summary}");
         let summary = Script::parse(KEK_COMPONENTS).unwrap().render_summary();
         assert!(
             summary.contains("one each from dave, erin, frank"),

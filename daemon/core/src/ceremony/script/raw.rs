@@ -7,6 +7,8 @@
 //! section, or a value of the wrong type, is refused by toml itself
 //! (`deny_unknown_fields`), so its error can give the line it is on.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -39,6 +41,8 @@ pub(super) struct RawKey {
     pub(super) algorithm: Option<String>,
     pub(super) backup: Option<bool>,
     pub(super) signers: Option<Vec<String>>,
+    /// `[key.policy.SIGN]` and so on: a quorum per operation kind.
+    pub(super) policy: Option<BTreeMap<String, RawQuorum>>,
 }
 
 #[derive(Deserialize)]

@@ -2,15 +2,16 @@
 //! sections each kind may have, and [`ScriptError`], which names the field
 //! that broke a rule.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use hsm_shim::KeySpec;
 
-use super::raw::{RawCertificate, RawKey, RawRestore, RawScript, RawShares};
+use super::raw::{RawCertificate, RawKey, RawQuorum, RawRestore, RawScript, RawShares};
 use super::{CertificateSection, KekMode, KeySection, Kind, Script, SharesSection, script_digest};
 use crate::algorithms::KeyAlgorithm;
 use crate::algorithms::Purpose;
+use crate::dual_control::operation::{KEY_POLICY_KINDS, KeyPolicies};
 use crate::dual_control::quorum::Quorum;
 use crate::identity::valid_principal_name;
 
@@ -22,6 +23,8 @@ const MAX_NAME: usize = 64;
 /// 25 years: beyond any root CA lifetime a policy would sign off.
 const MAX_VALIDITY_DAYS: i64 = 9125;
 const MAX_QUORUM: usize = 16;
+/// Officers one key policy may name.
+const MAX_POLICY_OFFICERS: usize = 64;
 const MAX_COMPONENTS: usize = 16;
 /// The share format numbers shares in two digits.
 const MAX_SHARES: usize = 99;
@@ -234,9 +237,65 @@ fn key_signers(raw: &RawKey) -> Result<Vec<String>, ScriptError> {
     Ok(signers)
 }
 
+/// `[key.policy]`: one quorum per operation kind, each under the rule
+/// every key policy follows. Whether it is as strong as the administrative
+/// quorum, and names enrolled officers, is checked when the ceremony opens.
+fn key_policy(raw: Option<BTreeMap<String, RawQuorum>>) -> Result<KeyPolicies, ScriptError> {
+    let Some(raw) = raw else {
+        return Ok(KeyPolicies::new());
+    };
+    if raw.is_empty() {
+        return Err(invalid(
+            "key.policy",
+            "names no operation kind; declare [key.policy.SIGN] and so on, or leave [key.policy] out for the administrative quorum",
+        ));
+    }
+    let mut policies = KeyPolicies::new();
+    for (kind, quorum) in raw {
+        let field = format!("key.policy.{kind}");
+        if !KEY_POLICY_KINDS.contains(&kind.as_str()) {
+            return Err(invalid(
+                &field,
+                format!(
+                    "{kind:?} is not an operation kind a key policy governs; one of: {}",
+                    KEY_POLICY_KINDS.join(", ")
+                ),
+            ));
+        }
+        let officers = check_officers(
+            &format!("{field}.officers"),
+            required(
+                quorum.officers,
+                &format!("{field}.officers"),
+                "the officer ids who may approve (2 to 64)",
+            )?,
+            2,
+            MAX_POLICY_OFFICERS,
+            "officers",
+        )?;
+        let needed = required(
+            quorum.required,
+            &format!("{field}.required"),
+            "how many of the officers must approve (2 to the number listed, at least the administrative quorum's)",
+        )?;
+        let needed = check_count(
+            &format!("{field}.required"),
+            needed,
+            2,
+            officers.len(),
+            "officers",
+        )?;
+        let quorum =
+            Quorum::new(officers, u32::from(needed)).map_err(|problem| invalid(&field, problem))?;
+        policies.insert(kind, quorum);
+    }
+    Ok(policies)
+}
+
 fn root_key_section(raw: RawKey) -> Result<KeySection, ScriptError> {
     let name = key_name(&raw)?;
     let signers = key_signers(&raw)?;
+    let policy = key_policy(raw.policy)?;
     let algorithm = algorithm(&required(
         raw.algorithm,
         "key.algorithm",
@@ -274,12 +333,14 @@ fn root_key_section(raw: RawKey) -> Result<KeySection, ScriptError> {
         algorithm,
         backup,
         signers,
+        policy,
     })
 }
 
 fn kek_section(raw: RawKey, generate: bool) -> Result<KeySection, ScriptError> {
     let name = key_name(&raw)?;
     let signers = key_signers(&raw)?;
+    let policy = key_policy(raw.policy)?;
     let algorithm = algorithm(&required(
         raw.algorithm,
         "key.algorithm",
@@ -312,6 +373,7 @@ fn kek_section(raw: RawKey, generate: bool) -> Result<KeySection, ScriptError> {
         algorithm,
         backup,
         signers,
+        policy,
     })
 }
 
