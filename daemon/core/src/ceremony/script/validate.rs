@@ -668,4 +668,6 @@ impl Script {
 }
 
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod tests;
