@@ -21,7 +21,9 @@
 use std::path::Path;
 
 use custody_core::audit::rfc3339_ms;
-use custody_core::ceremony::bundle::{self, BackupKekRef, Bundle, BundledKey, Manifest};
+use custody_core::ceremony::bundle::{
+    self, BackupKekRef, Bundle, BundledKey, KeyProtections, Manifest,
+};
 use custody_core::ceremony::components::kcv;
 use custody_core::ceremony::shares;
 use custody_proto::v1::CeremonyState;
@@ -93,7 +95,19 @@ fn forge(scratch: &Path, key_id: &str) -> Forgery {
             public_key_der: Some(hex::encode(&spki)),
             check: None,
             wrapped: hex::encode(kwp_wrap(&kek, &private_key).unwrap()),
+            state_ms: 1_780_000_000_000,
+            activated_ms: Some(1_780_000_000_000),
+            destroy_at_ms: None,
+            legal_hold: None,
+        }],
+        protections: vec![KeyProtections {
+            key_id: key_id.into(),
+            primary_version: 1,
             allowed_signers: vec!["ca-issuing".into()],
+            policies: Default::default(),
+            min_version: 0,
+            cryptoperiod_ms: None,
+            backup_exportable: true,
         }],
     };
     let audit_public = String::from_utf8(audit_public).unwrap();

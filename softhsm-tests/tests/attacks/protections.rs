@@ -119,7 +119,6 @@ async fn protected_issuer(source: &TestService) {
 }
 
 token_test!(
-    #[ignore = "issue 12 (I3): a restored key comes back with no policies, minimum version, cryptoperiod or legal holds, and one principal uses it alone"]
     fn i3_a_restored_key_keeps_every_protection_it_had(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, protected_issuer).await;

@@ -11,10 +11,14 @@ use super::crash_points::{BACKUP, BACKUP_KEK};
 use super::{intend, mark_made, note};
 use crate::Custody;
 use crate::audit::rfc3339_ms;
-use crate::ceremony::bundle::{self, AesCheck, BackupKekRef, Bundle, BundledKey, Manifest};
+use crate::ceremony::bundle::{
+    self, AesCheck, BackupKekRef, Bundle, BundledKey, BundledPolicy, KeyProtections, Manifest,
+};
 use crate::ceremony::journal::{BackupKek, CeremonyRecord, TokenRole};
 use crate::ceremony::shares;
+use crate::dual_control::operation::KeyPolicies;
 use crate::failpoint;
+use crate::registry::{KeyRecord, VersionRecord};
 use crate::{Error, Reason};
 
 /// The associated data of a bundled AES key's check ciphertext.
@@ -125,6 +129,9 @@ pub(super) async fn back_up_new_kek(
         }
     };
     intend(state, record, "backup", &[], &BACKUP).await?;
+    // The key as the commit will register it: active, with the policies
+    // fixed when the ceremony opened.
+    let now = state.clock.now_ms();
     let key = KeyToBack {
         key_id: made.key_id.clone(),
         version: 1,
@@ -133,7 +140,19 @@ pub(super) async fn back_up_new_kek(
         hsm_label: made.hsm_label.clone(),
         public_key_der_hex: made.public_key_der_hex.clone(),
         check_value: made.check_value.clone(),
-        allowed_signers: Vec::new(),
+        state_ms: now,
+        activated_ms: Some(now),
+        destroy_at_ms: None,
+        legal_hold: None,
+        protections: KeyProtections {
+            key_id: made.key_id.clone(),
+            primary_version: 1,
+            allowed_signers: Vec::new(),
+            policies: bundled_policies(&record.key_policies.clone().unwrap_or_default()),
+            min_version: 0,
+            cryptoperiod_ms: None,
+            backup_exportable: made.backup,
+        },
     };
     let bundle = make_bundle(state, &kek, vec![key]).await?;
     failpoint::hit(BACKUP.after_hsm);
@@ -176,8 +195,73 @@ pub struct KeyToBack {
     pub public_key_der_hex: String,
     /// KCV, hex (AES).
     pub check_value: String,
-    /// Principals allowed to sign.
-    pub allowed_signers: Vec<String>,
+    /// Unix milliseconds of the version's last state change.
+    pub state_ms: i64,
+    /// Unix milliseconds of the version's first activation.
+    pub activated_ms: Option<i64>,
+    /// Unix milliseconds of a scheduled destruction.
+    pub destroy_at_ms: Option<i64>,
+    /// The reason of a legal hold on the version.
+    pub legal_hold: Option<String>,
+    /// The key's protections (the same for every version of a key).
+    pub protections: KeyProtections,
+}
+
+impl KeyToBack {
+    /// Version `version` of the registry's `key`, with the key's protections.
+    pub fn of(key: &KeyRecord, version: &VersionRecord) -> KeyToBack {
+        KeyToBack {
+            key_id: key.key_id.clone(),
+            version: version.version,
+            algorithm: key.algorithm.clone(),
+            state: state_name(version.state),
+            hsm_label: version.hsm_label.clone(),
+            public_key_der_hex: version.public_key_der_hex.clone(),
+            check_value: version.check_value.clone(),
+            state_ms: version.state_ms,
+            activated_ms: version.activated_ms,
+            destroy_at_ms: version.destroy_at_ms,
+            legal_hold: version.legal_hold.clone(),
+            protections: protections_of(key),
+        }
+    }
+}
+
+/// The stored name of a state (`active`, `suspended`, ...).
+fn state_name(state: crate::registry::VersionState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// A key's policies as the manifest carries them.
+fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String, BundledPolicy> {
+    policies
+        .iter()
+        .map(|(kind, quorum)| {
+            (
+                kind.clone(),
+                BundledPolicy {
+                    officers: quorum.members.iter().cloned().collect(),
+                    required: quorum.required,
+                },
+            )
+        })
+        .collect()
+}
+
+/// What protects `key`, as the manifest carries it.
+fn protections_of(key: &KeyRecord) -> KeyProtections {
+    KeyProtections {
+        key_id: key.key_id.clone(),
+        primary_version: key.primary_version,
+        allowed_signers: key.allowed_signers.clone(),
+        policies: bundled_policies(&key.policies),
+        min_version: key.min_version,
+        cryptoperiod_ms: key.cryptoperiod_ms,
+        backup_exportable: key.backup_exportable,
+    }
 }
 
 /// Wraps `keys` under the backup KEK `kek` and signs the manifest with the
@@ -213,6 +297,12 @@ pub async fn make_bundle(
             Ok(out)
         })
         .await?;
+    let mut protections: Vec<KeyProtections> = Vec::new();
+    for (key, _, _) in &wrapped {
+        if !protections.iter().any(|p| p.key_id == key.key_id) {
+            protections.push(key.protections.clone());
+        }
+    }
     let keys = wrapped
         .into_iter()
         .map(|(key, wrapped, check)| {
@@ -233,7 +323,10 @@ pub async fn make_bundle(
                     .then_some(key.public_key_der_hex),
                 check,
                 wrapped: hex::encode(wrapped),
-                allowed_signers: key.allowed_signers,
+                state_ms: key.state_ms,
+                activated_ms: key.activated_ms,
+                destroy_at_ms: key.destroy_at_ms,
+                legal_hold: key.legal_hold,
             }
         })
         .collect();
@@ -249,6 +342,7 @@ pub async fn make_bundle(
             kcv: kek.kcv.to_lowercase(),
         },
         keys,
+        protections,
     };
     let mut bundle = Bundle::new(manifest, state.audit.audit_key_pem());
     let signature = state

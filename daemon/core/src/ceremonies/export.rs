@@ -19,14 +19,6 @@ pub struct Backup {
     pub keys: u32,
 }
 
-/// The stored name of a state (`active`, `suspended`, ...).
-fn state_name(state: VersionState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Wraps every backup-exportable key version under the current backup KEK;
 /// `audited` names the bundle's SHA-256, which a restore script pins.
 pub async fn create_backup(custody: &Custody, audited: &mut Audited) -> Result<Backup, Error> {
@@ -50,16 +42,7 @@ pub async fn create_backup(custody: &Custody, audited: &mut Audited) -> Result<B
             key.versions
                 .iter()
                 .filter(|v| !matches!(v.state, VersionState::Destroyed | VersionState::Compromised))
-                .map(|v| KeyToBack {
-                    key_id: key.key_id.clone(),
-                    version: v.version,
-                    algorithm: key.algorithm.clone(),
-                    state: state_name(v.state),
-                    hsm_label: v.hsm_label.clone(),
-                    public_key_der_hex: v.public_key_der_hex.clone(),
-                    check_value: v.check_value.clone(),
-                    allowed_signers: key.allowed_signers.clone(),
-                })
+                .map(|v| KeyToBack::of(key, v))
                 .collect::<Vec<_>>()
         })
         .collect();

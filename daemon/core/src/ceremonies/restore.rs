@@ -19,9 +19,11 @@ use super::roll_back::destroy_if_there;
 use super::{intend, journal_failure, mark_made, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
-use crate::ceremony::bundle::{self, Bundle, BundledKey};
+use crate::ceremony::bundle::{self, Bundle, BundledKey, KeyProtections};
 use crate::ceremony::journal::{CeremonyRecord, RestoreOutcome, TokenRole};
 use crate::ceremony::shares;
+use crate::dual_control::operation::KeyPolicies;
+use crate::dual_control::quorum::Quorum;
 use crate::failpoint;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
@@ -203,7 +205,28 @@ pub(super) async fn restore(
     intend(state, record, "commit", &[], &COMMIT).await?;
     let _registry = state.registry.lock().await;
     let now = state.clock.now_ms();
-    let records = restored_records(&labels, now);
+    let enrolled = |officer: &str| state.dual_control.enrolled(officer);
+    let (records, suspended) =
+        restored_records(&labels, &bundle.manifest.protections, &enrolled, now);
+    // Journaled and audited before the records are written: a key that
+    // comes back SUSPENDED says why.
+    for key in &suspended {
+        let mut detail = Map::new();
+        detail.insert("key_id".into(), json!(key.key_id));
+        detail.insert("reason".into(), json!(key.reason));
+        note(
+            state,
+            record,
+            "protections",
+            "custodyd",
+            format!(
+                "{} restored with every version SUSPENDED: {}; its protections are kept as the manifest gives them",
+                key.key_id, key.reason
+            ),
+            detail,
+        )
+        .await?;
+    }
     state
         .registry
         .put_all(records)
@@ -215,9 +238,44 @@ pub(super) async fn restore(
     Ok(())
 }
 
-/// The registry records of the restored versions, one per key: versions
-/// in order, the highest active one primary (else the highest).
-fn restored_records(restored: &[(KeyLabel, &BundledKey)], now: i64) -> Vec<KeyRecord> {
+/// A key whose protections could not be reproduced here, and why: it is
+/// registered with every version SUSPENDED.
+struct Unreproducible {
+    key_id: String,
+    reason: String,
+}
+
+/// Why `protections` cannot be reproduced on this daemon, if they cannot:
+/// a policy that names an officer not enrolled here (an officer id that
+/// could later be enrolled as someone else) or a policy this build refuses.
+fn unreproducible(protections: &KeyProtections, enrolled: &dyn Fn(&str) -> bool) -> Option<String> {
+    for (kind, policy) in &protections.policies {
+        if let Some(unknown) = policy.officers.iter().find(|o| !enrolled(o)) {
+            return Some(format!(
+                "its {kind} policy names {unknown}, who is not an enrolled officer here"
+            ));
+        }
+        if let Err(e) = Quorum::new(policy.officers.clone(), policy.required) {
+            return Some(format!("its {kind} policy cannot be kept: {e}"));
+        }
+    }
+    None
+}
+
+/// The registry records of the restored versions, one per key, with the
+/// protections the manifest carries: policies, minimum version,
+/// cryptoperiod, signers, backup-exportability, primary version, and per
+/// version the state, its time, the activation time, a destruction
+/// schedule and a legal hold, all as at the source. A key whose
+/// protections cannot be reproduced ([`unreproducible`]) keeps them as
+/// given but has every version SUSPENDED; those keys are returned with the
+/// reason.
+fn restored_records(
+    restored: &[(KeyLabel, &BundledKey)],
+    protections: &[KeyProtections],
+    enrolled: &dyn Fn(&str) -> bool,
+    now: i64,
+) -> (Vec<KeyRecord>, Vec<Unreproducible>) {
     let mut by_key: BTreeMap<&str, Vec<(&KeyLabel, &BundledKey)>> = BTreeMap::new();
     for (label, key) in restored {
         by_key
@@ -225,34 +283,76 @@ fn restored_records(restored: &[(KeyLabel, &BundledKey)], now: i64) -> Vec<KeyRe
             .or_default()
             .push((label, *key));
     }
-    by_key
+    let mut suspended = Vec::new();
+    let records = by_key
         .into_values()
         .map(|mut versions| {
             versions.sort_by_key(|(_, key)| key.version);
             let first = versions[0].1;
-            let records: Vec<VersionRecord> = versions
+            // The bundle's structure guarantees one entry per key id; a
+            // missing one (impossible once parsed) restores unreproducible.
+            let given = protections.iter().find(|p| p.key_id == first.key_id);
+            let problem = match given {
+                Some(p) => unreproducible(p, enrolled),
+                None => Some("the manifest carries no protections for it".into()),
+            };
+            let mut records: Vec<VersionRecord> = versions
                 .iter()
                 .map(|(label, key)| restored_version(label, key, now))
                 .collect();
-            let primary = records
+            if let Some(reason) = problem {
+                for version in &mut records {
+                    if version.state != VersionState::Suspended {
+                        version.state = VersionState::Suspended;
+                        version.state_ms = now;
+                    }
+                }
+                suspended.push(Unreproducible {
+                    key_id: first.key_id.clone(),
+                    reason,
+                });
+            }
+            let fallback = records
                 .iter()
                 .rev()
                 .find(|v| v.state == VersionState::Active)
                 .or(records.last())
                 .map_or(1, |v| v.version);
+            let primary = given
+                .map(|p| p.primary_version)
+                .filter(|n| records.iter().any(|v| v.version == *n))
+                .unwrap_or(fallback);
             KeyRecord {
                 key_id: first.key_id.clone(),
                 algorithm: first.algorithm.clone(),
-                allowed_signers: first.allowed_signers.clone(),
+                allowed_signers: given.map(|p| p.allowed_signers.clone()).unwrap_or_default(),
                 primary_version: primary,
                 versions: records,
                 created_ms: now,
-                policies: BTreeMap::new(),
-                cryptoperiod_ms: None,
-                min_version: 0,
+                policies: given.map(restored_policies).unwrap_or_default(),
+                cryptoperiod_ms: given.and_then(|p| p.cryptoperiod_ms),
+                min_version: given.map_or(0, |p| p.min_version),
                 rotation_requests: Vec::new(),
-                backup_exportable: true,
+                backup_exportable: given.is_some_and(|p| p.backup_exportable),
             }
+        })
+        .collect();
+    (records, suspended)
+}
+
+/// The policies as given. One this build refuses (impossible once the
+/// bundle parsed) keeps its officers and a required count no lower than
+/// theirs, so that it can only be harder to meet.
+fn restored_policies(protections: &KeyProtections) -> KeyPolicies {
+    protections
+        .policies
+        .iter()
+        .map(|(kind, policy)| {
+            let quorum = Quorum::new(policy.officers.clone(), policy.required).unwrap_or(Quorum {
+                members: policy.officers.iter().cloned().collect(),
+                required: policy.required.max(2),
+            });
+            (kind.clone(), quorum)
         })
         .collect()
 }
@@ -267,19 +367,19 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         .unwrap_or_default();
     // A state the manifest names that this build does not know restores
     // suspended: usable again only by an officer's decision.
-    let state: VersionState =
-        serde_json::from_value(json!(key.state)).unwrap_or(VersionState::Suspended);
+    let known: Option<VersionState> = serde_json::from_value(json!(key.state)).ok();
+    let state = known.unwrap_or(VersionState::Suspended);
     VersionRecord {
         version: key.version,
         state,
         created_ms: now,
-        state_ms: now,
+        state_ms: if known.is_some() { key.state_ms } else { now },
         hsm_label: label.as_str().into(),
         public_key_der_hex,
         public_key_pem,
-        activated_ms: (state == VersionState::Active).then_some(now),
-        destroy_at_ms: None,
-        legal_hold: None,
+        activated_ms: key.activated_ms,
+        destroy_at_ms: key.destroy_at_ms,
+        legal_hold: key.legal_hold.clone(),
         // SoftHSM2 computes no check value for unwrapped keys; the bundle's
         // KCV stays in the manifest and the transcript.
         check_value: String::new(),
@@ -425,5 +525,117 @@ impl RestoreWork {
             verified += 1;
         }
         Ok(verified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ceremony::bundle::BundledPolicy;
+
+    fn version(n: u32, state: &str, hold: Option<&str>) -> BundledKey {
+        BundledKey {
+            key_id: "issuer".into(),
+            version: n,
+            algorithm: "EC_SIGN_P256_SHA256".into(),
+            state: state.into(),
+            fingerprint: String::new(),
+            public_key_der: None,
+            check: None,
+            wrapped: String::new(),
+            state_ms: 1_000 + i64::from(n),
+            activated_ms: Some(500 + i64::from(n)),
+            destroy_at_ms: (n == 1).then_some(9_000),
+            legal_hold: hold.map(str::to_string),
+        }
+    }
+
+    fn protections(officers: &[&str]) -> KeyProtections {
+        KeyProtections {
+            key_id: "issuer".into(),
+            primary_version: 2,
+            allowed_signers: vec!["ca-issuing".into()],
+            policies: BTreeMap::from([(
+                "SIGN".to_string(),
+                BundledPolicy {
+                    officers: officers.iter().map(|o| o.to_string()).collect(),
+                    required: 2,
+                },
+            )]),
+            min_version: 2,
+            cryptoperiod_ms: Some(7_776_000_000),
+            backup_exportable: false,
+        }
+    }
+
+    fn restore_with(
+        officers: &[&str],
+        enrolled: &dyn Fn(&str) -> bool,
+    ) -> (Vec<KeyRecord>, Vec<Unreproducible>) {
+        let versions = [
+            version(1, "deactivated", None),
+            version(2, "suspended", Some("case 2026-117")),
+            version(3, "active", None),
+        ];
+        let labels: Vec<(KeyLabel, &BundledKey)> = versions
+            .iter()
+            .map(|v| (KeyLabel::for_version("key/issuer", v.version).unwrap(), v))
+            .collect();
+        restored_records(&labels, &[protections(officers)], enrolled, 77_000)
+    }
+
+    #[test]
+    fn a_restore_reproduces_every_protection_as_given() {
+        let (records, suspended) = restore_with(&["alice", "bob", "carol"], &|o: &str| o != "dave");
+        assert!(suspended.is_empty());
+        let key = &records[0];
+        assert_eq!(key.allowed_signers, ["ca-issuing"]);
+        assert_eq!(key.primary_version, 2);
+        assert_eq!(key.min_version, 2);
+        assert_eq!(key.cryptoperiod_ms, Some(7_776_000_000));
+        assert!(!key.backup_exportable);
+        assert_eq!(
+            key.policies["SIGN"],
+            Quorum::new(["alice".into(), "bob".into(), "carol".into()], 2).unwrap()
+        );
+        let states: Vec<_> = key.versions.iter().map(|v| v.state).collect();
+        assert_eq!(
+            states,
+            [
+                VersionState::Deactivated,
+                VersionState::Suspended,
+                VersionState::Active
+            ]
+        );
+        let v1 = &key.versions[0];
+        assert_eq!(
+            (v1.state_ms, v1.activated_ms, v1.destroy_at_ms),
+            (1_001, Some(501), Some(9_000))
+        );
+        assert_eq!(key.versions[1].legal_hold.as_deref(), Some("case 2026-117"));
+    }
+
+    #[test]
+    fn a_policy_naming_an_officer_unknown_here_restores_every_version_suspended() {
+        let (records, suspended) = restore_with(&["alice", "bob", "dave"], &|o: &str| o != "dave");
+        assert_eq!(suspended.len(), 1);
+        assert_eq!(suspended[0].key_id, "issuer");
+        assert!(
+            suspended[0].reason.contains("dave"),
+            "{}",
+            suspended[0].reason
+        );
+        let key = &records[0];
+        assert!(
+            key.versions
+                .iter()
+                .all(|v| v.state == VersionState::Suspended)
+        );
+        // The protections stay as given, the hold included.
+        assert_eq!(key.policies["SIGN"].required, 2);
+        assert!(key.policies["SIGN"].contains("dave"));
+        assert_eq!(key.min_version, 2);
+        assert_eq!(key.versions[1].legal_hold.as_deref(), Some("case 2026-117"));
+        assert_eq!(key.versions[2].state_ms, 77_000);
     }
 }

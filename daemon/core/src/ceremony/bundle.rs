@@ -23,7 +23,7 @@
 //! [`Bundle::signing_message`] with the audit key and stores the DER
 //! signature with [`Bundle::set_signature`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use p256::ecdsa::VerifyingKey;
 use p256::ecdsa::signature::Verifier;
@@ -34,8 +34,12 @@ use sha2::{Digest, Sha256};
 use crate::algorithms::KeyAlgorithm;
 use crate::encoding::{lower_hex, pem_to_der};
 
-/// The manifest format.
-pub const FORMAT: &str = "custody-backup/v1";
+/// The manifest format. v2 carries each key's protections (I3).
+pub const FORMAT: &str = "custody-backup/v2";
+/// Formats of older custodyd releases, refused with a reason: a v1 manifest
+/// does not carry the keys' policies, minimum versions, cryptoperiods or
+/// legal holds, so no restore from it could reproduce them.
+pub const OLDER_FORMATS: [&str; 1] = ["custody-backup/v1"];
 /// What an AES key's check ciphertext decrypts to.
 pub const CHECK_PLAINTEXT: &[u8] = b"custody-restore-check/v1";
 const MANIFEST_DOMAIN: &[u8] = b"custody-backup-manifest/v1\n";
@@ -114,8 +118,42 @@ pub struct Manifest {
     pub source_token: String,
     /// The KEK the keys are wrapped under.
     pub backup_kek: BackupKekRef,
-    /// The keys.
+    /// The key versions.
     pub keys: Vec<BundledKey>,
+    /// The protections of each key that has versions in `keys`, one entry
+    /// per key id, in the order the keys first appear (I3: a restore
+    /// reproduces them exactly).
+    pub protections: Vec<KeyProtections>,
+}
+
+/// What protects a key at the source, restored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyProtections {
+    /// The key id.
+    pub key_id: String,
+    /// The version used when none is named.
+    pub primary_version: u32,
+    /// The principals allowed to use the key.
+    pub allowed_signers: Vec<String>,
+    /// Quorum policies by operation kind (`SIGN`, `ROTATE`, ...).
+    pub policies: BTreeMap<String, BundledPolicy>,
+    /// Versions below this one are refused for verification and decryption.
+    pub min_version: u32,
+    /// How long a version may protect after activation, milliseconds.
+    pub cryptoperiod_ms: Option<i64>,
+    /// Whether the key's versions may be backed up again.
+    pub backup_exportable: bool,
+}
+
+/// One operation kind's M of N.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundledPolicy {
+    /// The eligible officers (N), by officer id, sorted.
+    pub officers: Vec<String>,
+    /// Approvals needed (M).
+    pub required: u32,
 }
 
 /// Which backup KEK (and so which share set) unwraps the bundle.
@@ -153,10 +191,15 @@ pub struct BundledKey {
     pub check: Option<AesCheck>,
     /// The RFC 5649 wrapped key, hex.
     pub wrapped: String,
-    /// The principals allowed to use the key, restored with it (not in the
-    /// design notes' first draft: the engine restores the key's registry
-    /// record from the bundle, so the manifest carries and signs it).
-    pub allowed_signers: Vec<String>,
+    /// Unix milliseconds of the version's last state change at the source.
+    pub state_ms: i64,
+    /// Unix milliseconds when the version first became active (its
+    /// cryptoperiod runs from here), if it ever did.
+    pub activated_ms: Option<i64>,
+    /// Unix milliseconds of a scheduled destruction, if one is scheduled.
+    pub destroy_at_ms: Option<i64>,
+    /// The reason of a legal hold on the version, if one is in place.
+    pub legal_hold: Option<String>,
 }
 
 /// An AES-GCM encryption of [`CHECK_PLAINTEXT`] made with the key at backup
@@ -242,6 +285,17 @@ impl Bundle {
     /// made with this before writing it). The first broken rule is the error.
     pub fn validate(&self) -> Result<(), BundleError> {
         let m = &self.manifest;
+        if OLDER_FORMATS.contains(&m.format.as_str()) {
+            return Err(invalid(
+                "manifest.format",
+                format!(
+                    "{:?} is an older format that does not carry the keys' policies, minimum \
+                     versions, cryptoperiods or legal holds, so a restore could not reproduce \
+                     them: make a new backup ({FORMAT:?}) at the source",
+                    m.format
+                ),
+            ));
+        }
         if m.format != FORMAT {
             return Err(invalid(
                 "manifest.format",
@@ -290,6 +344,7 @@ impl Bundle {
                 ));
             }
         }
+        validate_protections(m)?;
         if self.signature.is_empty() {
             return Err(invalid("signature", "the bundle is not signed"));
         }
@@ -392,7 +447,14 @@ fn validate_key(at: &str, key: &BundledKey) -> Result<(), BundleError> {
     } else {
         validate_key_pair(at, key)?;
     }
-    validate_signers(at, &key.allowed_signers)?;
+    if let Some(reason) = &key.legal_hold {
+        if reason.trim().is_empty() {
+            return Err(invalid(
+                format!("{at}.legal_hold"),
+                "is empty: a legal hold has a reason",
+            ));
+        }
+    }
     let wrapped = hex_field(&format!("{at}.wrapped"), &key.wrapped, None)?;
     if wrapped.len() < 2 * WRAP_BLOCK || wrapped.len() % WRAP_BLOCK != 0 {
         return Err(invalid(
@@ -402,6 +464,68 @@ fn validate_key(at: &str, key: &BundledKey) -> Result<(), BundleError> {
                 wrapped.len(),
                 2 * WRAP_BLOCK
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Exactly one protections entry per key id of `keys`, each within the
+/// rules the service applies to a key's record.
+fn validate_protections(m: &Manifest) -> Result<(), BundleError> {
+    let key_ids: BTreeSet<&str> = m.keys.iter().map(|k| k.key_id.as_str()).collect();
+    let mut seen = BTreeSet::new();
+    for (i, p) in m.protections.iter().enumerate() {
+        let at = format!("manifest.protections[{i}]");
+        if !key_ids.contains(p.key_id.as_str()) {
+            return Err(invalid(
+                format!("{at}.key_id"),
+                format!("{} has no versions in the bundle", p.key_id),
+            ));
+        }
+        if !seen.insert(p.key_id.as_str()) {
+            return Err(invalid(
+                format!("{at}.key_id"),
+                format!("{} has two protections entries", p.key_id),
+            ));
+        }
+        if p.primary_version < 1 {
+            return Err(invalid(
+                format!("{at}.primary_version"),
+                "versions are numbered from 1",
+            ));
+        }
+        validate_signers(&at, &p.allowed_signers)?;
+        if let Some(period) = p.cryptoperiod_ms {
+            if period <= 0 {
+                return Err(invalid(
+                    format!("{at}.cryptoperiod_ms"),
+                    format!("{period} is not a positive duration"),
+                ));
+            }
+        }
+        for (kind, policy) in &p.policies {
+            let field = format!("{at}.policies.{kind}");
+            if !crate::dual_control::operation::KEY_POLICY_KINDS.contains(&kind.as_str()) {
+                return Err(invalid(
+                    field,
+                    "is not an operation kind a key policy covers",
+                ));
+            }
+            if let Some(bad) = policy
+                .officers
+                .iter()
+                .find(|o| !crate::identity::valid_principal_name(o))
+            {
+                return Err(invalid(field, format!("{bad:?} is not an officer id")));
+            }
+            crate::dual_control::quorum::Quorum::new(policy.officers.clone(), policy.required)
+                .map_err(|e| invalid(field, e))?;
+        }
+    }
+    if let Some(missing) = key_ids.iter().find(|id| !seen.contains(*id)) {
+        return Err(invalid(
+            "manifest.protections",
+            format!("{missing} has versions in the bundle and no protections entry"),
         ));
     }
     Ok(())
@@ -546,7 +670,10 @@ mod tests {
                     public_key_der: Some(hex::encode(&public)),
                     check: None,
                     wrapped: "5a".repeat(144),
-                    allowed_signers: vec!["ca-issuer".into(), "ops.backup-1".into()],
+                    state_ms: 1_780_000_000_000,
+                    activated_ms: Some(1_780_000_000_000),
+                    destroy_at_ms: None,
+                    legal_hold: None,
                 },
                 BundledKey {
                     key_id: "payments-kek".into(),
@@ -560,7 +687,36 @@ mod tests {
                         ciphertext: "c7".repeat(40),
                     }),
                     wrapped: "e4".repeat(40),
+                    state_ms: 1_780_000_500_000,
+                    activated_ms: Some(1_779_000_000_000),
+                    destroy_at_ms: Some(1_790_000_000_000),
+                    legal_hold: Some("case 2026-117".into()),
+                },
+            ],
+            protections: vec![
+                KeyProtections {
+                    key_id: "root-ca".into(),
+                    primary_version: 1,
+                    allowed_signers: vec!["ca-issuer".into(), "ops.backup-1".into()],
+                    policies: BTreeMap::from([(
+                        "SIGN".to_string(),
+                        BundledPolicy {
+                            officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                            required: 2,
+                        },
+                    )]),
+                    min_version: 0,
+                    cryptoperiod_ms: Some(7_776_000_000),
+                    backup_exportable: true,
+                },
+                KeyProtections {
+                    key_id: "payments-kek".into(),
+                    primary_version: 2,
                     allowed_signers: Vec::new(),
+                    policies: BTreeMap::new(),
+                    min_version: 2,
+                    cryptoperiod_ms: None,
+                    backup_exportable: false,
                 },
             ],
         }
@@ -589,15 +745,22 @@ mod tests {
         let k = &m.keys[0];
         let json = format!(
             concat!(
-                r#"{{"format":"custody-backup/v1","created":"2026-05-28T20:26:40.123Z","#,
+                r#"{{"format":"custody-backup/v2","created":"2026-05-28T20:26:40.123Z","#,
                 r#""source_token":"custody (serial 1a2b3c4d5e6f7081)","#,
                 r#""backup_kek":{{"set_id":"3f9a0c21","threshold":2,"shares":3,"kcv":"0c1d2e"}},"#,
                 r#""keys":[{{"key_id":"root-ca","version":1,"algorithm":"EC_SIGN_P256_SHA256","#,
                 r#""state":"active","fingerprint":"{}","public_key_der":"{}","check":null,"wrapped":"{}","#,
-                r#""allowed_signers":["ca-issuer","ops.backup-1"]}},"#,
+                r#""state_ms":1780000000000,"activated_ms":1780000000000,"destroy_at_ms":null,"legal_hold":null}},"#,
                 r#"{{"key_id":"payments-kek","version":2,"algorithm":"AES_256_GCM","state":"deactivated","#,
                 r#""fingerprint":"a1b2c3","public_key_der":null,"check":{{"iv":"{}","ciphertext":"{}"}},"#,
-                r#""wrapped":"{}","allowed_signers":[]}}]}}"#
+                r#""wrapped":"{}","state_ms":1780000500000,"activated_ms":1779000000000,"#,
+                r#""destroy_at_ms":1790000000000,"legal_hold":"case 2026-117"}}],"#,
+                r#""protections":[{{"key_id":"root-ca","primary_version":1,"#,
+                r#""allowed_signers":["ca-issuer","ops.backup-1"],"#,
+                r#""policies":{{"SIGN":{{"officers":["alice","bob","carol"],"required":2}}}},"#,
+                r#""min_version":0,"cryptoperiod_ms":7776000000,"backup_exportable":true}},"#,
+                r#"{{"key_id":"payments-kek","primary_version":2,"allowed_signers":[],"policies":{{}},"#,
+                r#""min_version":2,"cryptoperiod_ms":null,"backup_exportable":false}}]}}"#
             ),
             k.fingerprint,
             k.public_key_der.as_deref().unwrap(),
@@ -617,7 +780,10 @@ mod tests {
         type Edit = fn(&mut Bundle);
         let cases: Vec<(&str, Edit)> = vec![
             ("manifest.format", |b| {
-                b.manifest.format = "custody-backup/v2".into()
+                b.manifest.format = "custody-backup/v3".into()
+            }),
+            ("manifest.format", |b| {
+                b.manifest.format = "custody-backup/v1".into()
             }),
             ("manifest.created", |b| {
                 b.manifest.created = "28 May 2026".into()
@@ -722,14 +888,61 @@ mod tests {
             ("manifest.keys[1].wrapped", |b| {
                 b.manifest.keys[1].wrapped = String::new()
             }),
-            ("manifest.keys[0].allowed_signers", |b| {
-                b.manifest.keys[0].allowed_signers.push("Ops".into());
+            ("manifest.keys[1].legal_hold", |b| {
+                b.manifest.keys[1].legal_hold = Some(" ".into())
             }),
-            ("manifest.keys[0].allowed_signers", |b| {
-                b.manifest.keys[0].allowed_signers.push("ca-issuer".into());
+            ("manifest.protections[0].allowed_signers", |b| {
+                b.manifest.protections[0].allowed_signers.push("Ops".into());
             }),
-            ("manifest.keys[1].allowed_signers", |b| {
-                b.manifest.keys[1].allowed_signers = (0..257).map(|i| format!("p{i}")).collect();
+            ("manifest.protections[0].allowed_signers", |b| {
+                b.manifest.protections[0]
+                    .allowed_signers
+                    .push("ca-issuer".into());
+            }),
+            ("manifest.protections[1].allowed_signers", |b| {
+                b.manifest.protections[1].allowed_signers =
+                    (0..257).map(|i| format!("p{i}")).collect();
+            }),
+            ("manifest.protections[1].key_id", |b| {
+                b.manifest.protections[1].key_id = "root-ca".into()
+            }),
+            ("manifest.protections[1].key_id", |b| {
+                b.manifest.protections[1].key_id = "other".into()
+            }),
+            ("manifest.protections", |b| {
+                b.manifest.protections.pop();
+            }),
+            ("manifest.protections[0].primary_version", |b| {
+                b.manifest.protections[0].primary_version = 0
+            }),
+            ("manifest.protections[0].cryptoperiod_ms", |b| {
+                b.manifest.protections[0].cryptoperiod_ms = Some(0)
+            }),
+            ("manifest.protections[0].policies.SIGN", |b| {
+                if let Some(p) = b.manifest.protections[0].policies.get_mut("SIGN") {
+                    p.required = 1;
+                }
+            }),
+            ("manifest.protections[0].policies.SIGN", |b| {
+                if let Some(p) = b.manifest.protections[0].policies.get_mut("SIGN") {
+                    p.required = 4;
+                }
+            }),
+            ("manifest.protections[0].policies.SIGN", |b| {
+                if let Some(p) = b.manifest.protections[0].policies.get_mut("SIGN") {
+                    p.officers.push("alice".into());
+                }
+            }),
+            ("manifest.protections[0].policies.SIGN", |b| {
+                if let Some(p) = b.manifest.protections[0].policies.get_mut("SIGN") {
+                    p.officers.push("Mallory".into());
+                }
+            }),
+            ("manifest.protections[0].policies.LAUNCH", |b| {
+                let p = b.manifest.protections[0].policies["SIGN"].clone();
+                b.manifest.protections[0]
+                    .policies
+                    .insert("LAUNCH".into(), p);
             }),
             ("signature", |b| b.signature = String::new()),
             ("signature", |b| b.signature = "3045xx".into()),
@@ -797,6 +1010,50 @@ mod tests {
             reordered.verify(&given),
             Err(BundleError::Signature(_))
         ));
+    }
+
+    #[test]
+    fn altered_protections_fail_the_signature() {
+        let given = spki(&key(1));
+        type Edit = fn(&mut Manifest);
+        let edits: Vec<(&str, Edit)> = vec![
+            ("policy removed", |m| m.protections[0].policies.clear()),
+            ("quorum weakened", |m| {
+                if let Some(p) = m.protections[0].policies.get_mut("SIGN") {
+                    p.officers.push("mallory".into());
+                }
+            }),
+            ("minimum version lowered", |m| {
+                m.protections[1].min_version = 1
+            }),
+            ("cryptoperiod dropped", |m| {
+                m.protections[0].cryptoperiod_ms = None
+            }),
+            ("signer added", |m| {
+                m.protections[0].allowed_signers.push("mallory".into())
+            }),
+            ("made exportable", |m| {
+                m.protections[1].backup_exportable = true
+            }),
+            ("primary changed", |m| m.protections[1].primary_version = 1),
+            ("legal hold lifted", |m| m.keys[1].legal_hold = None),
+            ("destruction moved", |m| {
+                m.keys[1].destroy_at_ms = Some(1_780_000_000_001)
+            }),
+            ("activation moved", |m| {
+                m.keys[0].activated_ms = Some(1_790_000_000_000)
+            }),
+            ("state time moved", |m| m.keys[0].state_ms += 1),
+        ];
+        for (what, edit) in edits {
+            let mut changed = bundle();
+            edit(&mut changed.manifest);
+            // Still a well-formed bundle: only the signature catches it.
+            let changed = Bundle::parse(&changed.to_json()).unwrap();
+            let err = changed.verify(&given).unwrap_err();
+            assert!(matches!(err, BundleError::Signature(_)), "{what}: {err}");
+        }
+        bundle().verify(&given).unwrap();
     }
 
     #[test]
