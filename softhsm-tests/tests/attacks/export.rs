@@ -16,12 +16,12 @@
 use custody_core::ceremony::bundle::Bundle;
 use custody_proto::v1::CeremonyState;
 use hsm_shim::SignAlgorithm;
-use softhsm_tests::service::{OFFICERS, runtime};
+use softhsm_tests::service::{OFFICERS, reason, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    combine, kwp_unwrap, officers_of, public_key_pem, refusal, run_ceremony, service_with_quorum,
-    sign_outside, state, verifies,
+    combine, get_key, kwp_unwrap, officers_of, public_key_pem, refusal, run_ceremony,
+    service_with_quorum, sign_outside, state, verifies,
 };
 
 /// The honest root ceremony: all three officers, a backup-exportable P-384
@@ -42,7 +42,6 @@ const THEIR_KEK: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
     [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\"]\n";
 
 token_test!(
-    #[ignore = "issue 12 (I1): a 2-of-2 KEK ceremony becomes the backup KEK under a 3-of-3 quorum, and one officer's CreateBackup exports root-ca under it"]
     fn i1_two_officers_of_three_cannot_export_a_key_under_a_kek_of_their_own(token) {
         runtime().block_on(async {
             let service = service_with_quorum(token, 3).await;
@@ -98,6 +97,44 @@ token_test!(
                 "two officers of a 3-of-3 quorum extracted root-ca: {}",
                 stolen.unwrap_or_default()
             );
+        });
+    }
+);
+
+/// Their KEK script with a 3-officer quorum in the room, but still only two
+/// shares to rebuild the backup KEK.
+const THREE_IN_THE_ROOM_TWO_SHARES: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
+    description = \"envelope KEK\"\n\
+    [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n\
+    [key]\nname = \"envelope-kek\"\nalgorithm = \"AES_256_GCM\"\n\
+    [kek]\nmode = \"generate\"\n\
+    [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\", \"carol\"]\n";
+
+token_test!(
+    fn i1_a_ceremony_quorum_or_share_threshold_below_the_administrative_quorum_is_refused_at_start(
+        token
+    ) {
+        runtime().block_on(async {
+            let service = service_with_quorum(token, 3).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            for (script, field) in [
+                (THEIR_KEK, "quorum.required: 2"),
+                (THREE_IN_THE_ROOM_TWO_SHARES, "shares.threshold: 2"),
+            ] {
+                let refused = officers.start("alice", script, "").await.unwrap_err();
+                assert_eq!(reason(&refused), "BAD_SCRIPT", "{refused:?}");
+                let message = refused.message();
+                assert!(
+                    message.contains(field) && message.contains("needs 3"),
+                    "the refusal names both numbers: {message}"
+                );
+                // Nothing made: no ceremony journaled, no key registered.
+                let ceremony = officers.get("alice", "ceremonies/kek-2026").await.unwrap_err();
+                assert_eq!(reason(&ceremony), "NOT_FOUND", "{ceremony:?}");
+                let key = get_key(&operator, "envelope-kek").await.unwrap_err();
+                assert_eq!(reason(&key), "NOT_FOUND", "{key:?}");
+            }
         });
     }
 );
