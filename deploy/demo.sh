@@ -5,7 +5,8 @@
 # approve a quorum-gated signature, a data key is wrapped, the key encryption
 # key rotated and the data key rewrapped, drift is checked, a root key
 # ceremony (the root key then signs only with 2 officers approving) and a
-# KEK ceremony with 2-of-3 backup shares run, a DR drill
+# KEK ceremony with 2-of-3 backup shares run, a backup approved by two
+# officers (a CREATE_BACKUP operation), a DR drill
 # restores the backup into a scratch token from two shares, and the audit log
 # and the ceremony transcript are verified offline.
 set -euo pipefail
@@ -194,8 +195,14 @@ fingerprint=$(as alice ceremony status demo-kek-2026 | sed -n 's/^  fingerprint:
 step alice confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep confirmed
 step carol confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep -E 'confirmed|: COMPLETED'
 
-echo "== backup: every backup-exportable key, wrapped under the backup KEK, manifest signed by the audit key"
-as alice ceremony backup --out "$dev/demo/backup.json"
+echo "== backup: a CREATE_BACKUP operation the administrative quorum approves"
+echo "   alice requests it: the operation names the backup KEK set and the exact key versions"
+op=$(as alice request backup | operation_of)
+as alice show "$op" | sed -n '2p'
+echo "   bob and carol approve; every backup-exportable key is wrapped under the backup KEK, manifest signed by the audit key"
+officer bob approve "$op"
+officer carol approve "$op"
+as alice ceremony backup --operation "$op" --out "$dev/demo/backup.json"
 
 echo "== DR drill: two custodians' shares restore the backup into the scratch token, verify it, and clean up"
 # The script pins, by SHA-256, the audit key the bundle must be signed by: the

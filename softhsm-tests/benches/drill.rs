@@ -133,7 +133,7 @@ fn bench(token: &TestToken) {
         }
         let create_secs = created.elapsed().as_secs_f64();
         let backed_up = Instant::now();
-        let bundle_text = officers.backup("alice").await.expect("backup");
+        let bundle_text = officers.approved_backup("alice", &["bob", "carol"]).await.expect("backup");
         let backup_secs = backed_up.elapsed().as_secs_f64();
 
         let script = restore_script("bench-drill", &bundle_text, true);

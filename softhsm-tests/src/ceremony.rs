@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 
 use custody_core::ceremonies::{confirmation_message, presence_message};
 use custody_core::ceremony::script::script_digest;
+use custody_core::dual_control::approval_message;
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    Ceremony, CeremonySignature, CollectShareRequest, CreateBackupRequest, GetCeremonyRequest,
-    StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
+    BackupSpec, Ceremony, CeremonySignature, CollectShareRequest, CreateBackupRequest,
+    GetCeremonyRequest, Operation, OperationSpec, OperationState, RequestOperationRequest,
+    StartCeremonyRequest, SubmitSecretRequest, VoteRequest, operation_spec, submit_secret_request,
 };
 use sha2::Digest;
 use tonic::Status;
@@ -249,12 +252,68 @@ impl<'k> Officers<'k> {
             .map(tonic::Response::into_inner)
     }
 
-    /// A backup bundle of every backup-exportable key.
+    /// `officer` alone asks for a backup bundle with the direct
+    /// `CreateBackup` (refused: a backup is a quorum operation, I1).
     pub async fn backup(&self, officer: &str) -> Result<String, Status> {
         self.client(officer)
             .create_backup(CreateBackupRequest {})
             .await
             .map(|r| r.into_inner().bundle)
+    }
+
+    /// `officer` requests a CREATE_BACKUP operation.
+    pub async fn request_backup(&self, officer: &str) -> Result<Operation, Status> {
+        OperationServiceClient::new(self.channels[officer].clone())
+            .request_operation(RequestOperationRequest {
+                spec: Some(OperationSpec {
+                    spec: Some(operation_spec::Spec::CreateBackup(BackupSpec::default())),
+                }),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `officer` approves `operation`, signing its digest with their key.
+    pub async fn approve(&self, officer: &str, operation: &Operation) -> Result<Operation, Status> {
+        let digest: [u8; 32] = operation
+            .digest
+            .clone()
+            .try_into()
+            .map_err(|_| Status::internal("not a 32-byte digest"))?;
+        OperationServiceClient::new(self.channels[officer].clone())
+            .approve_operation(VoteRequest {
+                name: operation.name.clone(),
+                officer_id: officer.into(),
+                signature: self.keys[officer].sign(&approval_message(&digest)).to_vec(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A backup bundle of every backup-exportable key: `requester` asks for
+    /// it, `approvers` approve in turn until the operation is no longer
+    /// pending; the bundle from the succeeded operation.
+    pub async fn approved_backup(
+        &self,
+        requester: &str,
+        approvers: &[&str],
+    ) -> Result<String, Status> {
+        let mut operation = self.request_backup(requester).await?;
+        for approver in approvers {
+            if operation.state != OperationState::Pending as i32 {
+                break;
+            }
+            operation = self.approve(approver, &operation).await?;
+        }
+        if operation.backup_bundle.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no bundle: operation {} is {:?}: {}",
+                operation.name,
+                OperationState::try_from(operation.state),
+                operation.error
+            )));
+        }
+        Ok(operation.backup_bundle)
     }
 
     /// Runs a root-key or KEK ceremony from start to commit with alice and

@@ -426,7 +426,10 @@ async fn kek_and_backup(
         .await
         .unwrap();
     }
-    let bundle = officers.backup("alice").await.unwrap();
+    let bundle = officers
+        .approved_backup("alice", &["bob", "carol"])
+        .await
+        .unwrap();
     (shares, bundle)
 }
 

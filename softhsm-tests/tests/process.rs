@@ -731,7 +731,10 @@ impl CeremonyRig {
             done.state,
             custody_proto::v1::CeremonyState::Completed as i32
         );
-        let bundle = officers.backup("alice").await.unwrap();
+        let bundle = officers
+            .approved_backup("alice", &["bob", "carol"])
+            .await
+            .unwrap();
         daemon.kill().unwrap();
         daemon.wait().unwrap();
         CeremonyRig {

@@ -40,7 +40,7 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    AbortCeremonyRequest, CeremonySignature, CheckDriftRequest, CollectShareRequest,
+    AbortCeremonyRequest, BackupSpec, CeremonySignature, CheckDriftRequest, CollectShareRequest,
     CreateBackupRequest, CreateKeyRequest, DecryptRequest, Digest, EncryptRequest,
     GenerateDataKeyRequest, GetCeremonyRequest, GetKeyRequest, GetOperationRequest,
     GetPublicKeyRequest, GetTranscriptRequest, KeyRef, KeyVersionState, ListCeremoniesRequest,
@@ -439,6 +439,9 @@ fn rows() -> Vec<Row> {
         row!("OperationService.RequestOperation (RELEASE_LEGAL_HOLD)", OPERATOR_OR_OFFICER, refusing: &[],
              allowing: &[(Operator, OK), (Alice, OK)],
              |_, channel| ask(channel, Spec::ReleaseLegalHold(version("keys/held/versions/1")))),
+        row!("OperationService.RequestOperation (CREATE_BACKUP)", OFFICER, refusing: &[],
+             allowing: &[(Alice, Err("NO_BACKUP_KEK"))],
+             |_, channel| ask(channel, Spec::CreateBackup(BackupSpec::default()))),
         // Reading operations: the requester, officers and auditors. ListOperations
         // refuses no one: it lists what the caller may read (checked after the table).
         row!("OperationService.GetOperation", ANY, refusing: &[(Stranger, "NOT_YOURS"), (Operator, "NOT_YOURS")],
@@ -482,7 +485,7 @@ fn rows() -> Vec<Row> {
                  name: "ceremonies/c-abort".into(), reason: "wrong room".into() })),
         row!("CeremonyService.GetTranscript", OFFICER, refusing: &[], allowing: OFFICERS_OK,
              |_| CeremonyServiceClient.get_transcript(GetTranscriptRequest { name: "ceremonies/c1".into() })),
-        row!("CeremonyService.CreateBackup", OFFICER, refusing: &[], allowing: &[(Alice, Err("NO_BACKUP_KEK"))],
+        row!("CeremonyService.CreateBackup", OFFICER, refusing: &[], allowing: &[(Alice, Err("QUORUM_REQUIRED"))],
              |_| CeremonyServiceClient.create_backup(CreateBackupRequest {})),
     ]
 }

@@ -94,7 +94,7 @@ reasons! {
     HsmLoginFailed = "HSM_LOGIN_FAILED": "the HSM cannot be reached",
     RollbackFailed = "ROLLBACK_FAILED": "an interrupted generation could not be rolled back; custodyd retries at the next start",
     HsmSelfTestFailed = "HSM_SELF_TEST_FAILED": "a new key failed its consistency test and was destroyed",
-    QuorumRequired = "QUORUM_REQUIRED": "the key puts this kind of call under officer approval: use RequestOperation",
+    QuorumRequired = "QUORUM_REQUIRED": "the key (for a backup, the administrative quorum) puts this kind of call under officer approval: use RequestOperation",
     NoPolicy = "NO_POLICY": "the operation needs no approval: call the direct RPC",
     NoOfficers = "NO_OFFICERS": "no genesis was applied, so there is no administrative quorum",
     BadPolicy = "BAD_POLICY": "impossible or weak policy (M < 2, M > N, duplicates, unknown officers), malformed officer, no operation",

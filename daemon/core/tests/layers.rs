@@ -198,7 +198,9 @@ fn no_source_file_is_over_the_limit() {
     for src in [core_src(), daemon_src()] {
         let mut files = Vec::new();
         rust_files(&src, &mut files);
-        for file in files {
+        // A `tests.rs` is a test module of its own (`#[cfg(test)] mod
+        // tests;` in its parent): all of it is tests.
+        for file in files.into_iter().filter(|f| !f.ends_with("tests.rs")) {
             let text = fs::read_to_string(&file).unwrap();
             let lines = text
                 .split("#[cfg(test)]")

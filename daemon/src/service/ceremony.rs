@@ -22,7 +22,6 @@ use zeroize::Zeroizing;
 use super::{Run, Shared, serve};
 use crate::wire::timestamp;
 use custody_core::authz::{Action, acting_officer, officer_of};
-use custody_core::ceremonies::export;
 use custody_core::ceremonies::{self, SubmittedSecret};
 use custody_core::ceremony::components;
 use custody_core::ceremony::fingerprint::Fingerprint;
@@ -507,13 +506,14 @@ impl CeremonyService for CeremonyKeys {
             request,
             Run::ToCompletion,
             |_| String::new(),
-            |state, audited, _, _| {
+            |_, _, _, _| {
                 Box::pin(async move {
-                    let backup = export::create_backup(state, audited).await?;
-                    Ok(CreateBackupResponse {
-                        bundle: backup.bundle,
-                        keys: backup.keys,
-                    })
+                    // I1: a backup is a CREATE_BACKUP operation the
+                    // administrative quorum approves; no one makes one alone.
+                    Err::<CreateBackupResponse, _>(Error::new(
+                        Reason::QuorumRequired,
+                        "a backup needs the administrative quorum: request a CREATE_BACKUP operation (custodyctl request backup); the approved operation holds the bundle",
+                    ))
                 })
             },
         )

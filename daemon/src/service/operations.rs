@@ -13,7 +13,7 @@ use custody_core::operations::vote;
 use custody_core::{Custody, Error, Reason};
 use custody_proto::v1::operation_service_server::OperationService;
 use custody_proto::v1::{
-    Digest, GetOperationRequest, KeyRef, ListOfficersRequest, ListOfficersResponse,
+    BackupSpec, Digest, GetOperationRequest, KeyRef, ListOfficersRequest, ListOfficersResponse,
     ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec, Operation, OperationSpec,
     OperationState as WireState, RequestOperationRequest, SetPolicySpec, SetStateSpec,
     SignResponse, SignSpec, SignatureEncoding, VersionRef, Vote, VoteRequest, digest,
@@ -142,6 +142,16 @@ fn spec_message(spec: &Spec) -> OperationSpec {
             *cryptoperiod_secs,
             *min_version,
         )),
+        Spec::CreateBackup {
+            backup_kek_set_id,
+            versions,
+        } => operation_spec::Spec::CreateBackup(BackupSpec {
+            backup_kek_set_id: backup_kek_set_id.clone(),
+            versions: versions
+                .iter()
+                .map(|v| custody_core::names::version_name(&v.key_id, v.version))
+                .collect(),
+        }),
     };
     OperationSpec { spec: Some(spec) }
 }
@@ -178,6 +188,10 @@ fn operation_message(state: &Custody, record: &OperationRecord) -> Operation {
         }
         Some(Outcome::Key { key_id }) => {
             message.key = state.registry.get(key_id).map(|k| key_message(&k));
+        }
+        Some(Outcome::Backup { bundle, keys }) => {
+            message.backup_bundle = bundle.clone();
+            message.backup_keys = *keys;
         }
         Some(Outcome::Officers) | None => {}
     }
@@ -267,6 +281,9 @@ fn requested(spec: &OperationSpec) -> Result<Requested, Error> {
                 min_version: update.min_version,
             },
         },
+        operation_spec::Spec::CreateBackup(backup) => Requested::CreateBackup {
+            backup_kek_set_id: backup.backup_kek_set_id.clone(),
+        },
     })
 }
 
@@ -342,9 +359,14 @@ impl OperationService for Operations {
                     };
                     let operations = read::operations(custody, &principal, wanted).await?;
                     Ok(ListOperationsResponse {
+                        // Bundles only through GetOperation: a list stays
+                        // small.
                         operations: operations
                             .iter()
-                            .map(|o| operation_message(custody, o))
+                            .map(|o| Operation {
+                                backup_bundle: String::new(),
+                                ..operation_message(custody, o)
+                            })
                             .collect(),
                     })
                 })

@@ -418,7 +418,10 @@ pub(crate) async fn back_up_a_source(
             .unwrap();
         assert_eq!(state(&kek), CeremonyState::Completed, "{}", kek.error);
         prepare(&source).await;
-        let bundle = officers.backup("alice").await.unwrap();
+        let bundle = officers
+            .approved_backup("alice", &["bob", "carol"])
+            .await
+            .unwrap();
         let operator = source.client("operator").await;
         let mut keys = BTreeMap::new();
         let mut public_keys = BTreeMap::new();

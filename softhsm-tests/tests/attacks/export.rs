@@ -14,14 +14,15 @@
 //! reaches the two of them.
 
 use custody_core::ceremony::bundle::Bundle;
-use custody_proto::v1::CeremonyState;
+use custody_proto::v1::{Algorithm, CeremonyState, OperationState, operation_spec};
 use hsm_shim::SignAlgorithm;
-use softhsm_tests::service::{OFFICERS, runtime};
+use softhsm_tests::ceremony::kek_script;
+use softhsm_tests::service::{OFFICERS, TestService, reason, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    combine, kwp_unwrap, officers_of, public_key_pem, refusal, run_ceremony, service_with_quorum,
-    sign_outside, state, verifies,
+    combine, create_key, get_key, kwp_unwrap, officers_of, public_key_pem, refusal, run_ceremony,
+    service_with_quorum, sign_outside, state, verifies,
 };
 
 /// The honest root ceremony: all three officers, a backup-exportable P-384
@@ -42,7 +43,6 @@ const THEIR_KEK: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
     [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\"]\n";
 
 token_test!(
-    #[ignore = "issue 12 (I1): a 2-of-2 KEK ceremony becomes the backup KEK under a 3-of-3 quorum, and one officer's CreateBackup exports root-ca under it"]
     fn i1_two_officers_of_three_cannot_export_a_key_under_a_kek_of_their_own(token) {
         runtime().block_on(async {
             let service = service_with_quorum(token, 3).await;
@@ -98,6 +98,128 @@ token_test!(
                 "two officers of a 3-of-3 quorum extracted root-ca: {}",
                 stolen.unwrap_or_default()
             );
+        });
+    }
+);
+
+/// Their KEK script with a 3-officer quorum in the room, but still only two
+/// shares to rebuild the backup KEK.
+const THREE_IN_THE_ROOM_TWO_SHARES: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
+    description = \"envelope KEK\"\n\
+    [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n\
+    [key]\nname = \"envelope-kek\"\nalgorithm = \"AES_256_GCM\"\n\
+    [kek]\nmode = \"generate\"\n\
+    [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\", \"carol\"]\n";
+
+token_test!(
+    fn i1_a_ceremony_quorum_or_share_threshold_below_the_administrative_quorum_is_refused_at_start(
+        token
+    ) {
+        runtime().block_on(async {
+            let service = service_with_quorum(token, 3).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            for (script, field) in [
+                (THEIR_KEK, "quorum.required: 2"),
+                (THREE_IN_THE_ROOM_TWO_SHARES, "shares.threshold: 2"),
+            ] {
+                let refused = officers.start("alice", script, "").await.unwrap_err();
+                assert_eq!(reason(&refused), "BAD_SCRIPT", "{refused:?}");
+                let message = refused.message();
+                assert!(
+                    message.contains(field) && message.contains("needs 3"),
+                    "the refusal names both numbers: {message}"
+                );
+                // Nothing made: no ceremony journaled, no key registered.
+                let ceremony = officers.get("alice", "ceremonies/kek-2026").await.unwrap_err();
+                assert_eq!(reason(&ceremony), "NOT_FOUND", "{ceremony:?}");
+                let key = get_key(&operator, "envelope-kek").await.unwrap_err();
+                assert_eq!(reason(&key), "NOT_FOUND", "{key:?}");
+            }
+        });
+    }
+);
+
+token_test!(
+    fn i1_a_backup_needs_the_administrative_quorum_and_covers_exactly_what_it_approved(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3; an honest KEK ceremony (2 of 3
+            // in the room, 2-of-3 shares) makes the backup KEK.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let (kek, _) = officers
+                .run(&kek_script("kek-1", "envelope-kek", false))
+                .await
+                .unwrap();
+            assert_eq!(state(&kek), CeremonyState::Completed, "{}", kek.error);
+            let operator = service.client("operator").await;
+            create_key(&operator, "exportable", Algorithm::EcSignP256Sha256, true)
+                .await
+                .unwrap();
+
+            // alice alone: the direct call is refused.
+            let alone = officers.backup("alice").await.unwrap_err();
+            assert_eq!(reason(&alone), "QUORUM_REQUIRED", "{alone:?}");
+
+            // alice asks; the spec officers sign names the backup KEK's set
+            // and the exact versions.
+            let asked = officers.request_backup("alice").await.unwrap();
+            assert_eq!(asked.state, OperationState::Pending as i32);
+            assert_eq!(asked.required, 2);
+            let Some(operation_spec::Spec::CreateBackup(spec)) =
+                asked.spec.as_ref().and_then(|s| s.spec.clone())
+            else {
+                panic!("{:?}", asked.spec);
+            };
+            assert!(!spec.backup_kek_set_id.is_empty(), "{spec:?}");
+            assert_eq!(
+                spec.versions,
+                ["keys/envelope-kek/versions/1", "keys/exportable/versions/1"]
+            );
+            assert!(
+                asked.rendering.contains(&format!(
+                    "CREATE BACKUP of 2 key versions under backup KEK set {}",
+                    spec.backup_kek_set_id
+                )),
+                "{}",
+                asked.rendering
+            );
+
+            // alice approving her own request counts for nothing.
+            let own = officers.approve("alice", &asked).await.unwrap_err();
+            assert_eq!(reason(&own), "REQUESTER_CANNOT_APPROVE", "{own:?}");
+            // One approval of two: still pending, no bundle.
+            let one = officers.approve("bob", &asked).await.unwrap();
+            assert_eq!(one.state, OperationState::Pending as i32);
+            assert!(one.backup_bundle.is_empty());
+
+            // The set changes before the second approval: a new exportable
+            // key. The backup the officers approved is not the one that
+            // would be made: refused, no bundle.
+            create_key(&operator, "later", Algorithm::EcSignP256Sha256, true)
+                .await
+                .unwrap();
+            let changed = officers.approve("carol", &asked).await.unwrap();
+            assert_eq!(changed.state, OperationState::Failed as i32, "{changed:?}");
+            assert!(changed.error.contains("POLICY_CHANGED") || changed.error.contains("changed since"), "{}", changed.error);
+            assert!(changed.backup_bundle.is_empty());
+
+            // Asked again and approved by two others: the bundle holds
+            // exactly the approved versions, under the approved set.
+            let bundle = officers.approved_backup("alice", &["bob", "carol"]).await.unwrap();
+            let bundle = Bundle::parse(&bundle).unwrap();
+            let mut versions: Vec<(&str, u32)> = bundle
+                .manifest
+                .keys
+                .iter()
+                .map(|k| (k.key_id.as_str(), k.version))
+                .collect();
+            versions.sort_unstable();
+            assert_eq!(
+                versions,
+                [("envelope-kek", 1), ("exportable", 1), ("later", 1)]
+            );
+            assert_eq!(bundle.manifest.backup_kek.set_id, spec.backup_kek_set_id);
         });
     }
 );

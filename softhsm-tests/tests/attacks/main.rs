@@ -7,7 +7,7 @@
 //! mTLS on SoftHSM2, as far as custodyd lets them, and the test then asserts
 //! the safe outcome: the attack refused, nothing extracted, destroyed or
 //! weakened. Every one of them fails on the code the issue was filed
-//! against, and is ignored until the fix of its invariant lands (I4's has).
+//! against, and is ignored until the fix of its invariant lands (I1's and I4's have).
 //! Two controls run beside the I4 tests: the forged bundle is sound but for
 //! who signed it, and the same kind of bundle restores once its audit key is
 //! pinned.

@@ -1,12 +1,16 @@
 //! Making a backup bundle of the live registry: every backup-exportable key
 //! version that is not destroyed or compromised, wrapped under the token's
 //! current backup KEK (the wrapping and the signed manifest are the
-//! engine's [`make_bundle`](super::make_bundle)).
+//! engine's [`make_bundle`](super::make_bundle)). Only as a CREATE_BACKUP
+//! operation the administrative quorum approved, naming the backup KEK's
+//! set and the exact key versions (threat model I1).
 
 use sha2::Digest;
 
 use super::{self as engine, KeyToBack};
 use crate::action::Audited;
+use crate::ceremony::journal::BackupKek;
+use crate::dual_control::operation::BackedUpVersion;
 use crate::registry::VersionState;
 use crate::{Custody, Error, Reason};
 
@@ -19,9 +23,10 @@ pub struct Backup {
     pub keys: u32,
 }
 
-/// Wraps every backup-exportable key version under the current backup KEK;
-/// `audited` names the bundle's SHA-256, which a restore script pins.
-pub async fn create_backup(custody: &Custody, audited: &mut Audited) -> Result<Backup, Error> {
+/// What a backup made now would be: the token's current backup KEK and
+/// every backup-exportable key version that is not destroyed or
+/// compromised.
+fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
     let kek = custody
         .ceremonies
         .journal
@@ -46,6 +51,47 @@ pub async fn create_backup(custody: &Custody, audited: &mut Audited) -> Result<B
                 .collect::<Vec<_>>()
         })
         .collect();
+    Ok((kek, keys))
+}
+
+fn versions_of(keys: &[KeyToBack]) -> Vec<BackedUpVersion> {
+    keys.iter()
+        .map(|k| BackedUpVersion {
+            key_id: k.key_id.clone(),
+            version: k.version,
+        })
+        .collect()
+}
+
+/// What a CREATE_BACKUP operation asked now would cover: the current backup
+/// KEK's set id and the exact key versions, fixed in its spec (and so in
+/// the digest the officers sign).
+pub fn backup_scope(custody: &Custody) -> Result<(String, Vec<BackedUpVersion>), Error> {
+    let (kek, keys) = plan(custody)?;
+    Ok((kek.set_id, versions_of(&keys)))
+}
+
+/// Wraps the key versions a quorum approved under the backup KEK it
+/// approved (I1); refuses `POLICY_CHANGED` if the current backup KEK or the
+/// set of exportable versions is no longer what was approved. `audited`
+/// names the bundle's SHA-256, which a restore script pins.
+pub async fn create_backup(
+    custody: &Custody,
+    audited: &mut Audited,
+    set_id: &str,
+    versions: &[BackedUpVersion],
+) -> Result<Backup, Error> {
+    let (kek, keys) = plan(custody)?;
+    if kek.set_id != set_id || versions_of(&keys) != versions {
+        return Err(Error::new(
+            Reason::PolicyChanged,
+            format!(
+                "the backup KEK or the exportable key versions changed since the backup was approved (now set {}, {} versions): request it again",
+                kek.set_id,
+                keys.len()
+            ),
+        ));
+    }
     let count = u32::try_from(keys.len()).unwrap_or(u32::MAX);
     let bundle = engine::make_bundle(custody, &kek, keys).await?.to_json();
     // The digest the restore script's bundle_sha256 is compared with.

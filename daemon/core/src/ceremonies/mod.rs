@@ -206,6 +206,10 @@ pub async fn open(
             ));
         }
     }
+    let admin = crate::authz::admin_quorum(state)?;
+    script
+        .check_admin_quorum(admin.required)
+        .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
     if let Some(key_id) = script.key_id() {
         if state.registry.get(key_id).is_some()
             || engine.reserved_key_ids().iter().any(|k| k == key_id)

@@ -8,6 +8,15 @@ use sha2::{Digest, Sha256};
 
 use super::quorum::{Ballot, Quorum};
 
+/// One key version a backup holds: what the officers approve, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackedUpVersion {
+    /// Key id.
+    pub key_id: String,
+    /// Version.
+    pub version: u32,
+}
+
 /// What an operation does, exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -90,6 +99,14 @@ pub enum Spec {
         /// New minimum version; `None` leaves it.
         min_version: Option<u32>,
     },
+    /// Make a backup bundle: exactly these key versions, wrapped under the
+    /// backup KEK of this share set (fixed at request time).
+    CreateBackup {
+        /// The current backup KEK's share set id, hex.
+        backup_kek_set_id: String,
+        /// The key versions the bundle holds, in registry order.
+        versions: Vec<BackedUpVersion>,
+    },
 }
 
 impl Spec {
@@ -105,6 +122,7 @@ impl Spec {
             Spec::DestroyVersion { .. } => "DESTROY_VERSION",
             Spec::ReleaseLegalHold { .. } => "RELEASE_LEGAL_HOLD",
             Spec::UpdateKey { .. } => "UPDATE_KEY",
+            Spec::CreateBackup { .. } => "CREATE_BACKUP",
         }
     }
 
@@ -118,7 +136,9 @@ impl Spec {
             | Spec::DestroyVersion { key_id, .. }
             | Spec::ReleaseLegalHold { key_id, .. }
             | Spec::UpdateKey { key_id, .. } => Some(key_id),
-            Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } => None,
+            Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } | Spec::CreateBackup { .. } => {
+                None
+            }
         }
     }
 
@@ -201,6 +221,20 @@ impl Spec {
                 }
                 format!("UPDATE keys/{key_id}: {}", changes.join("; "))
             }
+            Spec::CreateBackup {
+                backup_kek_set_id,
+                versions,
+            } => {
+                let names: Vec<String> = versions
+                    .iter()
+                    .map(|v| crate::names::version_name(&v.key_id, v.version))
+                    .collect();
+                format!(
+                    "CREATE BACKUP of {} key versions under backup KEK set {backup_kek_set_id}: {}",
+                    versions.len(),
+                    names.join(", ")
+                )
+            }
         }
     }
 }
@@ -239,6 +273,13 @@ pub enum Outcome {
     },
     /// The officer set changed.
     Officers,
+    /// A backup bundle made.
+    Backup {
+        /// The bundle, JSON.
+        bundle: String,
+        /// Key versions in it.
+        keys: u32,
+    },
 }
 
 /// An operation, as stored.
@@ -349,7 +390,13 @@ pub const KEY_POLICY_KINDS: [&str; 7] = [
 
 /// Kinds that always need a quorum: the key's own policy if it has one,
 /// otherwise the administrative quorum.
-pub const ALWAYS_GATED_KINDS: [&str; 3] = ["SET_POLICY", "DESTROY_VERSION", "RELEASE_LEGAL_HOLD"];
+/// CREATE_BACKUP names no key: always the administrative quorum.
+pub const ALWAYS_GATED_KINDS: [&str; 4] = [
+    "SET_POLICY",
+    "DESTROY_VERSION",
+    "RELEASE_LEGAL_HOLD",
+    "CREATE_BACKUP",
+];
 
 /// A key's policies, by operation kind.
 pub type KeyPolicies = BTreeMap<String, Quorum>;

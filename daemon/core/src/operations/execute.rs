@@ -215,6 +215,28 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
             audited.record(custody, result).await?;
             Ok(key_outcome(key_id))
         }
+        Spec::CreateBackup {
+            backup_kek_set_id,
+            versions,
+        } => {
+            let mut audited = acting_for(
+                record,
+                "ExecuteCreateBackup",
+                format!("backup-keks/{backup_kek_set_id}"),
+            );
+            let result = crate::ceremonies::export::create_backup(
+                custody,
+                &mut audited,
+                backup_kek_set_id,
+                versions,
+            )
+            .await;
+            let backup = audited.record(custody, result).await?;
+            Ok(Outcome::Backup {
+                bundle: backup.bundle,
+                keys: backup.keys,
+            })
+        }
         Spec::RemoveOfficer { officer_id } => {
             removal_keeps_policies_possible(custody, officer_id)?;
             custody

@@ -83,6 +83,13 @@ pub enum Requested {
         /// The change.
         update: KeyUpdate,
     },
+    /// Make a backup bundle of every backup-exportable key version under
+    /// the current backup KEK (`backup_kek_set_id`, if not empty, must be
+    /// it).
+    CreateBackup {
+        /// The backup KEK's share set id the requester expects, or empty.
+        backup_kek_set_id: String,
+    },
 }
 
 impl Requested {
@@ -99,6 +106,7 @@ impl Requested {
             | Requested::RemoveOfficer { .. }
             | Requested::DestroyVersion { .. }
             | Requested::ReleaseLegalHold { .. } => Action::RequestControlChange,
+            Requested::CreateBackup { .. } => Action::Ceremony,
         }
     }
 }
@@ -318,6 +326,22 @@ pub fn resolve(
                     min_version: update.min_version,
                 },
                 quorum,
+            ))
+        }
+        Requested::CreateBackup { backup_kek_set_id } => {
+            let (current, versions) = crate::ceremonies::export::backup_scope(custody)?;
+            if !backup_kek_set_id.is_empty() && *backup_kek_set_id != current {
+                return Err(Error::new(
+                    Reason::PolicyChanged,
+                    format!("the current backup KEK is set {current}, not {backup_kek_set_id}"),
+                ));
+            }
+            Ok((
+                Spec::CreateBackup {
+                    backup_kek_set_id: current,
+                    versions,
+                },
+                admin_quorum(custody)?,
             ))
         }
     }

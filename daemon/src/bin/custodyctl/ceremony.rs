@@ -19,10 +19,11 @@ use custody_core::ceremony::components;
 use custody_core::ceremony::script::Kind;
 use custody_core::ceremony::shares::Share;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, Ceremony, CeremonySignature, CeremonyState, CollectShareRequest,
-    CreateBackupRequest, GetCeremonyRequest, GetTranscriptRequest, ListCeremoniesRequest,
-    StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
+    GetCeremonyRequest, GetOperationRequest, GetTranscriptRequest, ListCeremoniesRequest,
+    OperationState, StartCeremonyRequest, SubmitSecretRequest, submit_secret_request,
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -153,9 +154,13 @@ pub(crate) enum CeremonyCommand {
         #[arg(long)]
         audit_key: PathBuf,
     },
-    /// Write a backup bundle of every backup-exportable key version, wrapped
-    /// under the token's backup KEK.
+    /// Write the backup bundle an approved CREATE_BACKUP operation made
+    /// (`custodyctl request backup`, then the administrative quorum's
+    /// approvals).
     Backup {
+        /// operations/{id} or just the id, of the succeeded CREATE_BACKUP.
+        #[arg(long)]
+        operation: String,
         /// Where to write the bundle (must not exist).
         #[arg(long)]
         out: PathBuf,
@@ -476,19 +481,29 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             }
             Ok(())
         }
-        CeremonyCommand::Backup { out } => {
+        CeremonyCommand::Backup { operation, out } => {
             new_file(&out)?;
-            let backup = client
-                .create_backup(CreateBackupRequest {})
+            let mut operations = OperationServiceClient::new(channel(connection).await?);
+            let operation = operations
+                .get_operation(GetOperationRequest {
+                    name: full_name("operations/", &operation),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
-            write_file(&out, &backup.bundle)?;
+            if operation.backup_bundle.is_empty() {
+                return Err(format!(
+                    "{} holds no backup bundle: it must be a CREATE_BACKUP operation the quorum approved (state {})",
+                    operation.name,
+                    OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name())
+                ));
+            }
+            write_file(&out, &operation.backup_bundle)?;
             outln!(
                 "backup of {} key versions written to {} (sha256 {})",
-                backup.keys,
+                operation.backup_keys,
                 out.display(),
-                hex::encode(Sha256::digest(backup.bundle.as_bytes()))
+                hex::encode(Sha256::digest(operation.backup_bundle.as_bytes()))
             );
             Ok(())
         }

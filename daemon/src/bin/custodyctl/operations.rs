@@ -9,8 +9,8 @@ use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use custody_core::dual_control::{approval_message, denial_message};
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    GetOperationRequest, KeyRef, ListOperationsRequest, Operation, OperationKind, OperationSpec,
-    OperationState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignSpec,
+    BackupSpec, GetOperationRequest, KeyRef, ListOperationsRequest, Operation, OperationKind,
+    OperationSpec, OperationState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignSpec,
     UpdateKeyRequest, VersionRef, VoteRequest, operation_spec,
 };
 
@@ -109,6 +109,14 @@ pub(crate) enum RequestCommand {
         /// Approvals needed.
         #[arg(long)]
         required: u32,
+    },
+    /// Make a backup bundle (needs the administrative quorum): every
+    /// backup-exportable key version, as listed now, under the current
+    /// backup KEK. Once approved, `ceremony backup --operation` writes it.
+    Backup {
+        /// The backup KEK share set id expected (default: the current one).
+        #[arg(long, default_value = "")]
+        backup_kek_set: String,
     },
 }
 
@@ -217,6 +225,13 @@ fn print_operation(operation: &Operation) {
             hex::encode(&signature.signature)
         );
     }
+    if operation.backup_keys > 0 || !operation.backup_bundle.is_empty() {
+        outln!(
+            "  backup of {} key versions made: write it with custodyctl ceremony backup --operation {} --out FILE",
+            operation.backup_keys,
+            operation.name
+        );
+    }
     if !operation.error.is_empty() {
         outln!("  error: {}", operation.error);
     }
@@ -277,6 +292,12 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
             officers,
             required,
         }),
+        RequestCommand::Backup { backup_kek_set } => {
+            operation_spec::Spec::CreateBackup(BackupSpec {
+                backup_kek_set_id: backup_kek_set,
+                versions: Vec::new(),
+            })
+        }
     })
 }
 

@@ -229,6 +229,46 @@ impl Script {
         &self.quorum
     }
 
+    /// The largest administrative M this script may run under (I1): its
+    /// in-room `[quorum] required` and, for a KEK generated with a backup
+    /// KEK split into shares, `[shares] threshold`, whichever is smaller.
+    /// Fewer officers than the administrative quorum must not be able to
+    /// run the ceremony, nor to rebuild the key a backup is wrapped under.
+    pub fn admin_quorum_at_most(&self) -> u32 {
+        match &self.kind {
+            Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            } => self.quorum.required.min(u32::from(shares.threshold)),
+            _ => self.quorum.required,
+        }
+    }
+
+    /// Refuses the script when its quorum or share threshold is below
+    /// `admin_required`, the administrative M (I1); the message names both
+    /// numbers.
+    pub fn check_admin_quorum(&self, admin_required: u32) -> Result<(), String> {
+        if self.quorum.required < admin_required {
+            return Err(format!(
+                "quorum.required: {} officers is fewer than the administrative quorum, which needs {admin_required}: a ceremony needs at least as many",
+                self.quorum.required
+            ));
+        }
+        if let Kind::Kek {
+            mode: KekMode::Generate { shares },
+            ..
+        } = &self.kind
+        {
+            if u32::from(shares.threshold) < admin_required {
+                return Err(format!(
+                    "shares.threshold: {} shares rebuild the backup KEK, fewer than the administrative quorum, which needs {admin_required}: the threshold must be at least as many",
+                    shares.threshold
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The quorum's officers, in the order the script lists them.
     pub fn officers(&self) -> &[String] {
         &self.officers
@@ -377,5 +417,37 @@ mod tests {
         assert_eq!(restore.kind_name(), "restore");
         assert_eq!(restore.key(), None);
         assert_eq!(restore.participants(), ["alice", "bob", "carol"]);
+    }
+
+    #[test]
+    fn a_quorum_or_share_threshold_below_the_administrative_m_is_refused_naming_both() {
+        let kek = Script::parse(KEK_GENERATE).unwrap();
+        assert_eq!(kek.admin_quorum_at_most(), 2);
+        assert_eq!(kek.check_admin_quorum(2), Ok(()));
+        let error = kek.check_admin_quorum(3).unwrap_err();
+        assert!(
+            error.starts_with("quorum.required: 2 ") && error.contains("needs 3"),
+            "{error}"
+        );
+        let shares_two = KEK_GENERATE.replace("required = 2", "required = 3");
+        let kek = Script::parse(&shares_two).unwrap();
+        assert_eq!(kek.admin_quorum_at_most(), 2);
+        let error = kek.check_admin_quorum(3).unwrap_err();
+        assert!(
+            error.starts_with("shares.threshold: 2 ") && error.contains("needs 3"),
+            "{error}"
+        );
+        // Components are entered, not shares: only the in-room quorum counts.
+        let components = Script::parse(KEK_COMPONENTS).unwrap();
+        assert_eq!(components.admin_quorum_at_most(), 2);
+        for script in [ROOT_KEY, RESTORE] {
+            let script = Script::parse(script).unwrap();
+            assert_eq!(script.admin_quorum_at_most(), script.quorum().required);
+            assert!(
+                script
+                    .check_admin_quorum(script.quorum().required + 1)
+                    .is_err()
+            );
+        }
     }
 }

@@ -114,6 +114,10 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
         _ => None,
     };
     outln!("{}", script.render_summary());
+    outln!(
+        "needs the administrative quorum to be at most {}: custodyd refuses it at start if its quorum needs more approvals",
+        script.admin_quorum_at_most()
+    );
     outln!("");
     outln!("script digest (officers sign this when they sign in):");
     outln!("  {}", hex_groups(&script.digest()));
