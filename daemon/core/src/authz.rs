@@ -49,6 +49,12 @@ pub enum Action {
     RequestControlChange,
     /// List the enrolled officers.
     ListOfficers,
+    /// Read operations: which ones a caller sees is
+    /// [`may_read_operation`]'s decision, per operation.
+    ReadOperations,
+    /// Ask for an operation: what it asks decides the roles (the requested
+    /// operation's own action, checked when it is resolved).
+    RequestOperation,
     /// Take part in a key ceremony.
     Ceremony,
 }
@@ -58,7 +64,10 @@ impl Action {
     /// authenticated principal.
     pub fn roles(self) -> &'static [Role] {
         match self {
-            Action::ReadKeys | Action::ListOfficers => &[],
+            Action::ReadKeys
+            | Action::ListOfficers
+            | Action::ReadOperations
+            | Action::RequestOperation => &[],
             Action::ManageKeys | Action::RequestKeyChange => &[Role::Operator],
             Action::ProtectKeys | Action::RequestControlChange => &[Role::Operator, Role::Officer],
             Action::CheckDrift => &[Role::Operator, Role::Auditor],
@@ -221,6 +230,8 @@ mod tests {
             Action::RequestKeyChange,
             Action::RequestControlChange,
             Action::ListOfficers,
+            Action::ReadOperations,
+            Action::RequestOperation,
             Action::Ceremony,
         ];
         let roles = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];

@@ -293,11 +293,10 @@ impl OperationService for Operations {
         &self,
         request: Request<RequestOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        // The decision needs the operation: the domain asks it (as `resolve`).
         serve(
             &self.0,
             "RequestOperation",
-            Action::ReadKeys,
+            Action::RequestOperation,
             request,
             Run::Inline,
             |_| String::new(),
@@ -319,7 +318,7 @@ impl OperationService for Operations {
         serve(
             &self.0,
             "GetOperation",
-            Action::ReadKeys,
+            Action::ReadOperations,
             request,
             Run::Inline,
             |request| request.name.clone(),
@@ -340,7 +339,7 @@ impl OperationService for Operations {
         serve(
             &self.0,
             "ListOperations",
-            Action::ReadKeys,
+            Action::ReadOperations,
             request,
             Run::Inline,
             |_| String::new(),
