@@ -80,7 +80,7 @@ fn waiting_for(record: &CeremonyRecord, script: Option<&Script>) -> String {
             let present: Vec<String> = record.present.iter().map(|s| s.officer.clone()).collect();
             format!(
                 "{} more of: {}",
-                script.quorum().required as usize - present.len(),
+                (script.quorum().required as usize).saturating_sub(present.len()),
                 missing(&present, script.officers())
             )
         }

@@ -49,7 +49,6 @@ async fn envelope_call<R, T>(
     request: Request<R>,
     body: impl for<'a> FnOnce(&'a Custody, &'a mut Audited, Principal, R) -> Body<'a, T>
     + Send
-    + Sync
     + 'static,
 ) -> Result<Response<T>, Status>
 where

@@ -20,13 +20,13 @@ use crate::{Custody, Error, Reason};
 pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> Result<(), Error> {
     for key in custody.registry.list(None, usize::MAX) {
         for (kind, quorum) in &key.policies {
-            if quorum.members.contains(officer_id) {
+            if quorum.contains(officer_id) {
                 let left = quorum
                     .members
                     .iter()
                     .filter(|m| *m != officer_id && custody.dual_control.enrolled(m))
                     .count();
-                if left < quorum.required as usize {
+                if !quorum.is_met_by(left) {
                     return Err(Error::new(
                         Reason::OfficerRemovalRefused,
                         format!(
