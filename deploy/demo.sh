@@ -195,6 +195,13 @@ fingerprint=$(as alice ceremony status demo-kek-2026 | sed -n 's/^  fingerprint:
 step alice confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep confirmed
 step carol confirm demo-kek-2026 --script "$kek" --expect-fingerprint "$fingerprint" | grep -E 'confirmed|: COMPLETED'
 
+echo "== the new backup KEK becomes the one backups use only when the administrative quorum says so"
+echo "   alice requests ACTIVATE_BACKUP_KEK: the operation names the KEK's share set, check value and K of N"
+op=$(as alice request activate-backup-kek demo-kek-2026 | operation_of)
+as alice show "$op" | sed -n '2p'
+officer bob approve "$op"
+officer carol approve "$op"
+
 echo "== backup: a CREATE_BACKUP operation the administrative quorum approves"
 echo "   alice requests it: the operation names the backup KEK set and the exact key versions"
 op=$(as alice request backup | operation_of)

@@ -375,7 +375,9 @@ impl HsmSession {
         }
     }
 
-    pub(crate) fn ensure_label_free_for_import(&mut self, label: &KeyLabel) -> Result<()> {
+    /// Refuses (`AlreadyExists`) a label any object on the token has: what
+    /// custody is about to make must not share a label with what it did not.
+    pub fn refuse_label_in_use(&mut self, label: &KeyLabel) -> Result<()> {
         self.recovering(|s| s.ensure_label_free(label))
     }
 

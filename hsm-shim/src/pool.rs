@@ -86,6 +86,7 @@ impl Hsm {
             pin: config.pin,
             cache: HandleCache::default(),
             faults: Faults::default(),
+            object_store: Default::default(),
         });
         let login_session = access.open_logged_in()?;
         let gate = Arc::new(Gate::default());

@@ -86,7 +86,7 @@ impl Hsm {
             let mut session = HsmSession::new(access.clone(), access.open_logged_in()?);
             // Checked as the user, who sees every object; the SO sees only
             // public ones and would miss a private key with this label.
-            session.ensure_label_free_for_import(label)?;
+            session.refuse_label_in_use(label)?;
             let made = as_security_officer(&mut session, so_pin, |so| {
                 make_trusted_kek(so, label, source)
             });

@@ -12,7 +12,7 @@
 //! file per operation family.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use cryptoki::context::{Function, Pkcs11};
@@ -39,6 +39,49 @@ pub(crate) struct TokenAccess {
     pub(crate) pin: SecretString,
     pub(crate) cache: HandleCache,
     pub(crate) faults: Faults,
+    pub(crate) object_store: ObjectStoreLock,
+}
+
+/// Keeps the token's object store still while a search reads it.
+///
+/// SoftHSM2 2.6.1's file object store (Debian's) lets a search in one
+/// session read the file of an object another session is making, and the
+/// making then fails `CKR_GENERAL_ERROR` (SoftHSMv2 issue #573, fixed after
+/// 2.6.1): a drift check or a key lookup could fail a restore's unwrap or a
+/// key generation. So every call that makes or destroys an object runs
+/// alone, and searches run together but not beside one. Signing, wrapping
+/// and other calls on known handles take no lock. It orders only this
+/// process's sessions, which is all custodyd has on its token.
+#[derive(Default)]
+pub(crate) struct ObjectStoreLock(RwLock<()>);
+
+impl ObjectStoreLock {
+    fn hold(&self, function: Function) -> ObjectStoreGuard<'_> {
+        match function {
+            Function::CreateObject
+            | Function::CopyObject
+            | Function::DestroyObject
+            | Function::GenerateKey
+            | Function::GenerateKeyPair
+            | Function::UnwrapKey
+            | Function::DeriveKey
+            | Function::SetAttributeValue => {
+                ObjectStoreGuard::Changing(self.0.write().unwrap_or_else(PoisonError::into_inner))
+            }
+            Function::FindObjectsInit | Function::FindObjects => {
+                ObjectStoreGuard::Searching(self.0.read().unwrap_or_else(PoisonError::into_inner))
+            }
+            _ => ObjectStoreGuard::Free,
+        }
+    }
+}
+
+/// Held for the duration of one PKCS#11 call.
+#[expect(dead_code, reason = "held, not read: the guard is the lock")]
+enum ObjectStoreGuard<'a> {
+    Changing(RwLockWriteGuard<'a, ()>),
+    Searching(RwLockReadGuard<'a, ()>),
+    Free,
 }
 
 impl TokenAccess {
@@ -179,6 +222,7 @@ impl HsmSession {
         context: impl FnOnce() -> String,
         op: impl FnOnce(&Session) -> cryptoki::error::Result<T>,
     ) -> Result<T> {
+        let _store = self.access.object_store.hold(function);
         self.access
             .faults
             .check(function)

@@ -130,7 +130,7 @@ impl HsmSession {
             ));
         }
         let template = for_unwrap(private_key_template(label, spec, export));
-        self.ensure_label_free_for_import(label)?;
+        self.refuse_label_in_use(label)?;
         self.unwrap_into(kek, wrapped, label, &template)?;
         tracing::info!(%label, %spec, %kek, "unwrapped private key");
         Ok(label.clone())
@@ -148,7 +148,7 @@ impl HsmSession {
         export: Exportability,
     ) -> Result<KeyInfo> {
         let template = for_unwrap(aes_key_template(label, role, export));
-        self.ensure_label_free_for_import(label)?;
+        self.refuse_label_in_use(label)?;
         let handle = self.unwrap_into(kek, wrapped, label, &template)?;
         // SoftHSM2 computes no CKA_CHECK_VALUE for unwrapped keys.
         self.finish_secret_key(label, handle, CheckValue::IfAvailable)
@@ -200,7 +200,7 @@ impl HsmSession {
                 ),
             ));
         }
-        self.ensure_label_free_for_import(label)?;
+        self.refuse_label_in_use(label)?;
         let handle = self.recovering(|s| {
             s.create_with_value(aes_key_template(label, role, export), value, || {
                 format!("importing AES-256 key {label}")
@@ -236,7 +236,7 @@ impl HsmSession {
                 format!("a KEK is 32 bytes, got {}", value.expose_secret().len()),
             ));
         }
-        self.ensure_label_free_for_import(label)?;
+        self.refuse_label_in_use(label)?;
         // A stale cached token object of the same label must not shadow it.
         self.access().cache.forget_label(label);
         let handle = self.recovering(|s| {

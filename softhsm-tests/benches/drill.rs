@@ -104,10 +104,14 @@ fn bench(token: &TestToken) {
             channels.insert(officer.to_string(), service.client(officer).await);
         }
         let officers = Officers::new(&service.officers, channels);
-        let (_, shares) = officers
+        let (kek, shares) = officers
             .run(&kek_script("bench-kek", "bench-kek", false))
             .await
             .expect("KEK ceremony");
+        officers
+            .activate_backup_kek("alice", &["bob", "carol"], &kek.name)
+            .await
+            .expect("backup KEK activated");
         let operator = service.client("operator").await;
         let created = Instant::now();
         let mut tasks = Vec::new();

@@ -11,9 +11,10 @@ use custody_core::dual_control::officer_key::OfficerKey;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    BackupSpec, Ceremony, CeremonySignature, CollectShareRequest, CreateBackupRequest,
-    GetCeremonyRequest, Operation, OperationSpec, OperationState, RequestOperationRequest,
-    StartCeremonyRequest, SubmitSecretRequest, VoteRequest, operation_spec, submit_secret_request,
+    BackupKekSpec, BackupSpec, Ceremony, CeremonySignature, CollectShareRequest,
+    CreateBackupRequest, GetCeremonyRequest, Operation, OperationSpec, OperationState,
+    RequestOperationRequest, StartCeremonyRequest, SubmitSecretRequest, VoteRequest,
+    operation_spec, submit_secret_request,
 };
 use sha2::Digest;
 use tonic::Status;
@@ -298,13 +299,8 @@ impl<'k> Officers<'k> {
         requester: &str,
         approvers: &[&str],
     ) -> Result<String, Status> {
-        let mut operation = self.request_backup(requester).await?;
-        for approver in approvers {
-            if operation.state != OperationState::Pending as i32 {
-                break;
-            }
-            operation = self.approve(approver, &operation).await?;
-        }
+        let asked = self.request_backup(requester).await?;
+        let operation = self.approve_in_turn(asked, approvers).await?;
         if operation.backup_bundle.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "no bundle: operation {} is {:?}: {}",
@@ -314,6 +310,63 @@ impl<'k> Officers<'k> {
             )));
         }
         Ok(operation.backup_bundle)
+    }
+
+    /// `approvers` approve `operation` in turn until it is no longer
+    /// pending; the operation as it ends.
+    pub async fn approve_in_turn(
+        &self,
+        mut operation: Operation,
+        approvers: &[&str],
+    ) -> Result<Operation, Status> {
+        for approver in approvers {
+            if operation.state != OperationState::Pending as i32 {
+                break;
+            }
+            operation = self.approve(approver, &operation).await?;
+        }
+        Ok(operation)
+    }
+
+    /// `officer` requests an ACTIVATE_BACKUP_KEK operation naming the KEK
+    /// ceremony `ceremony` (`ceremonies/{id}`).
+    pub async fn request_activation(
+        &self,
+        officer: &str,
+        ceremony: &str,
+    ) -> Result<Operation, Status> {
+        OperationServiceClient::new(self.channels[officer].clone())
+            .request_operation(RequestOperationRequest {
+                spec: Some(OperationSpec {
+                    spec: Some(operation_spec::Spec::ActivateBackupKek(BackupKekSpec {
+                        ceremony: ceremony.into(),
+                        ..Default::default()
+                    })),
+                }),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Makes the backup KEK of `ceremony` the current one: `requester` asks,
+    /// `approvers` approve in turn; refused unless the operation succeeds.
+    pub async fn activate_backup_kek(
+        &self,
+        requester: &str,
+        approvers: &[&str],
+        ceremony: &str,
+    ) -> Result<Operation, Status> {
+        let asked = self.request_activation(requester, ceremony).await?;
+        let operation = self.approve_in_turn(asked, approvers).await?;
+        if operation.state != OperationState::Succeeded as i32 {
+            return Err(Status::failed_precondition(format!(
+                "the backup KEK of {ceremony} was not activated: operation {} is {:?}: {}",
+                operation.name,
+                OperationState::try_from(operation.state),
+                operation.error
+            )));
+        }
+        Ok(operation)
     }
 
     /// Runs a root-key or KEK ceremony from start to commit with alice and

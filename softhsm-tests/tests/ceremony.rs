@@ -405,6 +405,10 @@ async fn kek_and_backup(
     let script = kek_script("kek-1", "envelope-kek", true);
     let (done, shares) = officers.run(&script).await.unwrap();
     assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+    officers
+        .activate_backup_kek("alice", &["bob", "carol"], &done.name)
+        .await
+        .unwrap();
     let operator = service.client("operator").await;
     let mut keys = KeyServiceClient::new(operator);
     // Each kind of key pair a backup carries: the restore signs a challenge

@@ -731,6 +731,10 @@ impl CeremonyRig {
             done.state,
             custody_proto::v1::CeremonyState::Completed as i32
         );
+        officers
+            .activate_backup_kek("alice", &["bob", "carol"], &done.name)
+            .await
+            .unwrap();
         let bundle = officers
             .approved_backup("alice", &["bob", "carol"])
             .await

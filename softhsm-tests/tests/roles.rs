@@ -40,9 +40,9 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    AbortCeremonyRequest, BackupSpec, CeremonySignature, CheckDriftRequest, CollectShareRequest,
-    CreateBackupRequest, CreateKeyRequest, DecryptRequest, Digest, EncryptRequest,
-    GenerateDataKeyRequest, GetCeremonyRequest, GetKeyRequest, GetOperationRequest,
+    AbortCeremonyRequest, BackupKekSpec, BackupSpec, CeremonySignature, CheckDriftRequest,
+    CollectShareRequest, CreateBackupRequest, CreateKeyRequest, DecryptRequest, Digest,
+    EncryptRequest, GenerateDataKeyRequest, GetCeremonyRequest, GetKeyRequest, GetOperationRequest,
     GetPublicKeyRequest, GetTranscriptRequest, KeyRef, KeyVersionState, ListCeremoniesRequest,
     ListKeysRequest, ListOfficersRequest, ListOperationsRequest, OfficerSpec, Operation,
     OperationKind, OperationState, ReadAuditRequest, RewrapRequest, RotateKeyRequest,
@@ -442,6 +442,9 @@ fn rows() -> Vec<Row> {
         row!("OperationService.RequestOperation (CREATE_BACKUP)", OFFICER, refusing: &[],
              allowing: &[(Alice, Err("NO_BACKUP_KEK"))],
              |_, channel| ask(channel, Spec::CreateBackup(BackupSpec::default()))),
+        row!("OperationService.RequestOperation (ACTIVATE_BACKUP_KEK)", OFFICER, refusing: &[],
+             allowing: &[(Alice, Err("NO_BACKUP_KEK"))],
+             |_, channel| ask(channel, Spec::ActivateBackupKek(BackupKekSpec { ceremony: "ceremonies/kek-none".into(), ..Default::default() }))),
         // Reading operations: the requester, officers and auditors. ListOperations
         // refuses no one: it lists what the caller may read (checked after the table).
         row!("OperationService.GetOperation", ANY, refusing: &[(Stranger, "NOT_YOURS"), (Operator, "NOT_YOURS")],

@@ -535,3 +535,46 @@ token_test!(
         assert_eq!(err.kind(), ErrorKind::Configuration);
     }
 );
+
+token_test!(
+    fn keys_made_while_other_sessions_search_the_token_are_all_made(token) {
+        // SoftHSM2 2.6.1's file store fails an object being made while
+        // another session searches (CKR_GENERAL_ERROR, SoftHSMv2 #573);
+        // hsm-shim keeps the two apart. One session lists the token without
+        // pause while another generates key after key.
+        let hsm = token.open();
+        let mut maker = hsm.session().unwrap();
+        let mut searcher = hsm.session().unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let failures = std::thread::scope(|scope| {
+            let search = scope.spawn(|| {
+                let mut listings = 0u32;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    searcher.inventory().unwrap();
+                    listings += 1;
+                }
+                listings
+            });
+            let mut failures = Vec::new();
+            for i in 0..60 {
+                let made = if i % 2 == 0 {
+                    maker
+                        .generate_aes_key(&label(&format!("busy/{i}/v1")), hsm_shim::AesRole::DataEncryption, Exportability::NonExportable)
+                        .map(drop)
+                } else {
+                    maker
+                        .generate_key_pair(&label(&format!("busy/{i}/v1")), KeySpec::EcP256, Exportability::NonExportable)
+                        .map(drop)
+                };
+                if let Err(e) = made {
+                    failures.push(format!("key {i}: {e}"));
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            let listings = search.join().unwrap();
+            assert!(listings > 0, "setup: the search never ran");
+            failures
+        });
+        assert!(failures.is_empty(), "{} of 60 keys failed while the token was searched: {}", failures.len(), failures.join("; "));
+    }
+);

@@ -38,7 +38,7 @@ pub struct CeremonyKeys(pub Shared);
 const MAX_SCRIPT: usize = 64 * 1024;
 
 /// `ceremonies/{id}`: the id.
-fn parse_name(name: &str) -> Result<String, Error> {
+pub(super) fn parse_name(name: &str) -> Result<String, Error> {
     name.strip_prefix("ceremonies/")
         .filter(|id| !id.is_empty() && id.len() <= 48)
         .map(str::to_string)

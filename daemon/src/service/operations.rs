@@ -13,10 +13,10 @@ use custody_core::operations::vote;
 use custody_core::{Custody, Error, Reason};
 use custody_proto::v1::operation_service_server::OperationService;
 use custody_proto::v1::{
-    BackupSpec, Digest, GetOperationRequest, KeyRef, ListOfficersRequest, ListOfficersResponse,
-    ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec, Operation, OperationSpec,
-    OperationState as WireState, RequestOperationRequest, SetPolicySpec, SetStateSpec,
-    SignResponse, SignSpec, SignatureEncoding, VersionRef, Vote, VoteRequest, digest,
+    BackupKekSpec, BackupSpec, Digest, GetOperationRequest, KeyRef, ListOfficersRequest,
+    ListOfficersResponse, ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec,
+    Operation, OperationSpec, OperationState as WireState, RequestOperationRequest, SetPolicySpec,
+    SetStateSpec, SignResponse, SignSpec, SignatureEncoding, VersionRef, Vote, VoteRequest, digest,
     operation_spec,
 };
 use tonic::{Request, Response, Status};
@@ -152,6 +152,19 @@ fn spec_message(spec: &Spec) -> OperationSpec {
                 .map(|v| custody_core::names::version_name(&v.key_id, v.version))
                 .collect(),
         }),
+        Spec::ActivateBackupKek {
+            ceremony,
+            set_id,
+            check_value,
+            threshold,
+            shares,
+        } => operation_spec::Spec::ActivateBackupKek(BackupKekSpec {
+            ceremony: format!("ceremonies/{ceremony}"),
+            set_id: set_id.clone(),
+            check_value: check_value.clone(),
+            threshold: u32::from(*threshold),
+            shares: u32::from(*shares),
+        }),
     };
     OperationSpec { spec: Some(spec) }
 }
@@ -193,7 +206,7 @@ fn operation_message(state: &Custody, record: &OperationRecord) -> Operation {
             message.backup_bundle = bundle.clone();
             message.backup_keys = *keys;
         }
-        Some(Outcome::Officers) | None => {}
+        Some(Outcome::Officers | Outcome::BackupKekActivated) | None => {}
     }
     message
 }
@@ -283,6 +296,9 @@ fn requested(spec: &OperationSpec) -> Result<Requested, Error> {
         },
         operation_spec::Spec::CreateBackup(backup) => Requested::CreateBackup {
             backup_kek_set_id: backup.backup_kek_set_id.clone(),
+        },
+        operation_spec::Spec::ActivateBackupKek(kek) => Requested::ActivateBackupKek {
+            ceremony: super::ceremony::parse_name(&kek.ceremony)?,
         },
     })
 }

@@ -15,15 +15,15 @@ use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     Algorithm, Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, DecryptRequest,
-    Digest, EncryptRequest, GetKeyRequest, GetPublicKeyRequest, Key, KeyPurpose, KeyVersion,
-    KeyVersionState, ListOfficersRequest, RotateKeyRequest, SetKeyVersionStateRequest, SignRequest,
-    digest, sign_request,
+    Digest, EncryptRequest, GetKeyRequest, GetOperationRequest, GetPublicKeyRequest, Key,
+    KeyPurpose, KeyVersion, KeyVersionState, ListOfficersRequest, OperationState, RotateKeyRequest,
+    SetKeyVersionStateRequest, SignRequest, SignSpec, digest, operation_spec, sign_request,
 };
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
 use softhsm_tests::TestToken;
 use softhsm_tests::ceremony::{Officers, audit_key_sha256, kek_script, restore_script};
-use softhsm_tests::service::{OFFICERS, TestService, reason};
+use softhsm_tests::service::{OFFICERS, TestService, reason, request_operation};
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -222,6 +222,49 @@ pub(crate) async fn sign(
         .map(|r| r.into_inner().signature)
 }
 
+/// A Sign of SHA-256(`message`) with `key_id` under its SIGN quorum:
+/// `signer` requests it, `approvers` approve in turn until it is no longer
+/// pending; the signature from the succeeded operation.
+pub(crate) async fn approved_sign(
+    signer: &Channel,
+    officers: &Officers<'_>,
+    approvers: &[&str],
+    key_id: &str,
+    message: &[u8],
+) -> Result<Vec<u8>, Status> {
+    let spec = operation_spec::Spec::Sign(SignSpec {
+        name: format!("keys/{key_id}"),
+        digest: Some(Digest {
+            digest: Some(digest::Digest::Sha256(
+                sha2::Sha256::digest(message).to_vec(),
+            )),
+        }),
+        encoding: 0,
+    });
+    let mut operation = request_operation(signer, spec).await?;
+    for approver in approvers {
+        if operation.state != OperationState::Pending as i32 {
+            break;
+        }
+        operation = officers.approve(approver, &operation).await?;
+    }
+    if operation.state != OperationState::Succeeded as i32 {
+        return Err(Status::failed_precondition(format!(
+            "the approved sign did not succeed: {}",
+            operation.error
+        )));
+    }
+    let read = OperationServiceClient::new(signer.clone())
+        .get_operation(GetOperationRequest {
+            name: operation.name,
+        })
+        .await?
+        .into_inner();
+    read.signature
+        .map(|s| s.signature)
+        .ok_or_else(|| Status::internal("a succeeded SIGN operation without a signature"))
+}
+
 pub(crate) async fn encrypt(
     app: &Channel,
     key_id: &str,
@@ -417,6 +460,10 @@ pub(crate) async fn back_up_a_source(
             .await
             .unwrap();
         assert_eq!(state(&kek), CeremonyState::Completed, "{}", kek.error);
+        officers
+            .activate_backup_kek("alice", &["bob", "carol"], &kek.name)
+            .await
+            .unwrap();
         prepare(&source).await;
         let bundle = officers
             .approved_backup("alice", &["bob", "carol"])

@@ -144,7 +144,8 @@ token_test!(
     fn i1_a_backup_needs_the_administrative_quorum_and_covers_exactly_what_it_approved(token) {
         runtime().block_on(async {
             // Administrative quorum 2 of 3; an honest KEK ceremony (2 of 3
-            // in the room, 2-of-3 shares) makes the backup KEK.
+            // in the room, 2-of-3 shares) makes the backup KEK, and two
+            // officers make it the current one.
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
             let (kek, _) = officers
@@ -152,6 +153,10 @@ token_test!(
                 .await
                 .unwrap();
             assert_eq!(state(&kek), CeremonyState::Completed, "{}", kek.error);
+            officers
+                .activate_backup_kek("alice", &["bob", "carol"], &kek.name)
+                .await
+                .unwrap();
             let operator = service.client("operator").await;
             create_key(&operator, "exportable", Algorithm::EcSignP256Sha256, true)
                 .await
@@ -220,6 +225,84 @@ token_test!(
                 [("envelope-kek", 1), ("exportable", 1), ("later", 1)]
             );
             assert_eq!(bundle.manifest.backup_kek.set_id, spec.backup_kek_set_id);
+        });
+    }
+);
+
+/// The share set id of the backup KEK a CREATE_BACKUP asked now would use.
+async fn current_set(officers: &softhsm_tests::ceremony::Officers<'_>) -> Result<String, String> {
+    let asked = officers
+        .request_backup("alice")
+        .await
+        .map_err(|e| reason(&e))?;
+    match asked.spec.and_then(|s| s.spec) {
+        Some(operation_spec::Spec::CreateBackup(spec)) => Ok(spec.backup_kek_set_id),
+        other => Err(format!("not a backup spec: {other:?}")),
+    }
+}
+
+token_test!(
+    fn i1_a_backup_kek_becomes_current_only_through_an_administrative_quorum_operation(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let (first, _) = officers
+                .run(&kek_script("kek-1", "envelope-kek", false))
+                .await
+                .unwrap();
+            assert_eq!(state(&first), CeremonyState::Completed, "{}", first.error);
+
+            // A completed KEK ceremony alone makes no backup KEK current.
+            assert_eq!(current_set(&officers).await, Err("NO_BACKUP_KEK".into()));
+
+            // The activation names the KEK exactly: the digest the officers
+            // sign covers its set, check value and K of N.
+            let asked = officers.request_activation("alice", &first.name).await.unwrap();
+            assert_eq!(asked.required, 2);
+            let Some(operation_spec::Spec::ActivateBackupKek(spec)) =
+                asked.spec.as_ref().and_then(|s| s.spec.clone())
+            else {
+                panic!("{:?}", asked.spec);
+            };
+            assert_eq!(spec.ceremony, first.name);
+            assert_eq!((spec.threshold, spec.shares), (2, 3));
+            assert!(!spec.set_id.is_empty() && !spec.check_value.is_empty(), "{spec:?}");
+            assert!(asked.rendering.contains(&format!("share set {}", spec.set_id)), "{}", asked.rendering);
+            // The requester's own approval counts for nothing; one approval
+            // of two leaves no KEK current.
+            let own = officers.approve("alice", &asked).await.unwrap_err();
+            assert_eq!(reason(&own), "REQUESTER_CANNOT_APPROVE", "{own:?}");
+            let one = officers.approve("bob", &asked).await.unwrap();
+            assert_eq!(one.state, OperationState::Pending as i32);
+            assert_eq!(current_set(&officers).await, Err("NO_BACKUP_KEK".into()));
+            let done = officers.approve("carol", &one).await.unwrap();
+            assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+            assert_eq!(current_set(&officers).await, Ok(spec.set_id.clone()));
+
+            // A second KEK ceremony completes: backups stay under the first
+            // KEK until the quorum activates the second.
+            let (second, _) = officers
+                .run(&kek_script("kek-2", "second-kek", false))
+                .await
+                .unwrap();
+            assert_eq!(state(&second), CeremonyState::Completed, "{}", second.error);
+            assert_eq!(current_set(&officers).await, Ok(spec.set_id.clone()));
+            let again = officers.request_activation("alice", &first.name).await.unwrap_err();
+            assert_eq!(reason(&again), "BACKUP_KEK_CURRENT", "{again:?}");
+            let root = officers.request_activation("alice", "ceremonies/no-such").await.unwrap_err();
+            assert_eq!(reason(&root), "NO_BACKUP_KEK", "{root:?}");
+            let activated = officers
+                .activate_backup_kek("bob", &["alice", "carol"], &second.name)
+                .await
+                .unwrap();
+            let Some(operation_spec::Spec::ActivateBackupKek(second_spec)) =
+                activated.spec.and_then(|s| s.spec)
+            else {
+                panic!("not an activation");
+            };
+            assert_ne!(second_spec.set_id, spec.set_id);
+            assert_eq!(current_set(&officers).await, Ok(second_spec.set_id));
         });
     }
 );

@@ -16,14 +16,15 @@ use std::time::Duration;
 
 use custody_proto::v1::{Algorithm, CeremonyState};
 use hsm_shim::SignAlgorithm;
-use softhsm_tests::ceremony::root_script;
+use softhsm_tests::ceremony::{Officers, root_script};
 use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::{TestToken, token_test};
 use tonic::transport::Channel;
 
 use crate::common::{
-    PAYLOAD, back_up_a_source, create_key, decrypt, drift, encrypt, officers_of, open_restore,
-    outcome, public_key_pem, recovery_daemon, refusal, sign, state, submit_shares, verifies,
+    PAYLOAD, approved_sign, back_up_a_source, create_key, decrypt, drift, encrypt, officers_of,
+    open_restore, outcome, public_key_pem, recovery_daemon, refusal, sign, state, submit_shares,
+    verifies,
 };
 
 /// Besides `envelope-kek`: a root key from an honest root ceremony and an
@@ -42,15 +43,25 @@ async fn three_keys(source: &TestService) {
 }
 
 /// What is wrong with the three keys now: each must still do its job with
-/// the material the registry names.
+/// the material the registry names (root-ca signs under its SIGN quorum,
+/// which the restore kept).
 async fn harm_to_three_keys(
     token: &TestToken,
     app: &Channel,
+    officers: &Officers<'_>,
     root_pem: &str,
     sealed: &[u8],
 ) -> Vec<String> {
     let mut harm = Vec::new();
-    match sign(app, "root-ca", PAYLOAD).await {
+    match approved_sign(
+        app,
+        officers,
+        &["alice", "bob", "carol"],
+        "root-ca",
+        PAYLOAD,
+    )
+    .await
+    {
         Ok(signature) => {
             if !verifies(
                 token,
@@ -76,7 +87,6 @@ async fn harm_to_three_keys(
 }
 
 token_test!(
-    #[ignore = "issue 12 (I2): a restore waiting for shares reserves none of its key ids, and its roll-back destroys the operator's live key made meanwhile"]
     fn i2a_a_failed_restore_destroys_no_live_key_it_did_not_make(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, three_keys).await;
@@ -115,7 +125,6 @@ token_test!(
 );
 
 token_test!(
-    #[ignore = "issue 12 (I2): two restores of one bundle can both be open, and the second one's roll-back destroys the keys the first committed"]
     fn i2b_a_second_restore_of_a_bundle_destroys_nothing_the_first_restored(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, three_keys).await;
@@ -128,7 +137,7 @@ token_test!(
             assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
             let root_pem = &backup.public_keys["root-ca"];
             let sealed = encrypt(&app, "payments-dek", PAYLOAD).await.unwrap();
-            let before = harm_to_three_keys(token, &app, root_pem, &sealed).await;
+            let before = harm_to_three_keys(token, &app, &officers, root_pem, &sealed).await;
             assert!(before.is_empty(), "the first restore does not work: {before:?}");
 
             // The second restore gets its shares too.
@@ -137,7 +146,7 @@ token_test!(
                 Err(e) => refusal("opening the second restore", e),
             };
 
-            let mut harm = harm_to_three_keys(token, &app, root_pem, &sealed).await;
+            let mut harm = harm_to_three_keys(token, &app, &officers, root_pem, &sealed).await;
             harm.extend(drift(&dr).await);
             assert!(
                 harm.is_empty(),
@@ -177,7 +186,6 @@ async fn labels(service: &TestService) -> Vec<String> {
 }
 
 token_test!(
-    #[ignore = "issue 12 (I2): a CreateKey racing a restore destroys the restored object under its label as an orphan and replaces it"]
     fn i2c_a_create_key_racing_a_restore_replaces_no_restored_material(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, a_racer_and_filler).await;
@@ -221,11 +229,12 @@ token_test!(
             );
 
             // Whoever won, a-racer's HSM key must be the one its public key
-            // names, and the restored one if the restore completed. (Today
-            // the operator's CreateKey destroys the restored object as an
-            // orphan and generates its own: mostly the restore then completes
-            // over it; now and then SoftHSM2 fails the restore's next unwrap
-            // meanwhile, and its roll-back destroys the operator's new key.)
+            // names, and the restored one if the restore completed. (Before
+            // I2 the operator's CreateKey destroyed the restored object as an
+            // orphan and generated its own, and now and then the restore's
+            // roll-back then destroyed the operator's new key. Now the
+            // restore reserved a-racer when it opened, and the CreateKey is
+            // refused KEY_RESERVED.)
             let mut harm = drift(&dr).await;
             let live = public_key_pem(&app, "a-racer").await.unwrap();
             match sign(&app, "a-racer", PAYLOAD).await {
@@ -247,6 +256,72 @@ token_test!(
                 outcome(&restored),
                 harm.join("; ")
             );
+        });
+    }
+);
+
+/// An object someone else put on the token under the label custody would
+/// give `key_id`'s first version: an AES key made straight through PKCS#11.
+async fn foreign_object_under(service: &TestService, key_id: &str) -> String {
+    let label = hsm_shim::KeyLabel::new(format!("key/{key_id}/v1")).unwrap();
+    let made = label.clone();
+    service
+        .state()
+        .hsm
+        .run(move |s| {
+            s.generate_aes_key(
+                &made,
+                hsm_shim::AesRole::DataEncryption,
+                hsm_shim::Exportability::NonExportable,
+            )
+        })
+        .await
+        .unwrap();
+    label.as_str().to_string()
+}
+
+/// How many objects the token holds under `label`.
+async fn objects_under(service: &TestService, label: &str) -> usize {
+    labels(service).await.iter().filter(|l| *l == label).count()
+}
+
+token_test!(
+    fn i2d_key_generation_never_destroys_or_replaces_an_object_it_did_not_make(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+
+            // CreateKey over an object someone else left under key/stray/v1.
+            let label = foreign_object_under(&service, "stray").await;
+            let created = create_key(&operator, "stray", Algorithm::Aes256Gcm, false).await;
+            let mut harm = Vec::new();
+            match &created {
+                Err(e) if reason(e) == "HSM_KEY_EXISTS" => {}
+                Err(e) => harm.push(refusal("CreateKey over the stray object", e)),
+                Ok(_) => harm.push("CreateKey over the stray object succeeded".into()),
+            }
+            if objects_under(&service, &label).await != 1 {
+                harm.push(format!("the stray object under {label} was destroyed or joined by another"));
+            }
+
+            // A root ceremony whose key label is taken the same way fails and
+            // rolls back, leaving the stray object where it was.
+            let label = foreign_object_under(&service, "stray-root").await;
+            let root = officers.run(&root_script("root-9", "stray-root", false)).await;
+            match &root {
+                Ok((c, _)) if state(c) == CeremonyState::Completed => {
+                    harm.push("the root ceremony completed over the stray object".into())
+                }
+                _ => {}
+            }
+            if objects_under(&service, &label).await != 1 {
+                harm.push(format!(
+                    "the root ceremony ({}) destroyed or replaced the stray object under {label}",
+                    outcome(&root.map(|(c, _)| c))
+                ));
+            }
+            assert!(harm.is_empty(), "{}", harm.join("; "));
         });
     }
 );

@@ -186,19 +186,20 @@ fn key_record(
 }
 
 /// Marks the ceremony completed, signs its transcript, and for a KEK
-/// ceremony makes its backup KEK the token's.
+/// ceremony records its backup KEK among the token's (not the current one:
+/// that takes an ACTIVATE_BACKUP_KEK operation, I1).
 pub(super) async fn finish_completed(
     state: &Custody,
     record: &mut CeremonyRecord,
 ) -> Result<(), Error> {
     // Before anything journals the ceremony as completed: a completed KEK
-    // ceremony whose backup KEK is not the token's would leave the KEK an
+    // ceremony whose backup KEK is not recorded would leave the KEK an
     // object nobody accounts for.
     if let Some(kek) = &record.backup_kek {
         state
             .ceremonies
             .journal
-            .register_backup_kek(kek)
+            .record_backup_kek(kek)
             .await
             .map_err(journal_failure)?;
     }

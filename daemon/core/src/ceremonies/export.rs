@@ -3,14 +3,16 @@
 //! current backup KEK (the wrapping and the signed manifest are the
 //! engine's [`make_bundle`](super::make_bundle)). Only as a CREATE_BACKUP
 //! operation the administrative quorum approved, naming the backup KEK's
-//! set and the exact key versions (threat model I1).
+//! set and the exact key versions (threat model I1). And which backup KEK
+//! is the current one: a KEK ceremony's becomes it only through an
+//! ACTIVATE_BACKUP_KEK operation the administrative quorum approved.
 
 use sha2::Digest;
 
 use super::{self as engine, KeyToBack};
 use crate::action::Audited;
 use crate::ceremony::journal::BackupKek;
-use crate::dual_control::operation::BackedUpVersion;
+use crate::dual_control::operation::{BackedUpVersion, Spec};
 use crate::registry::VersionState;
 use crate::{Custody, Error, Reason};
 
@@ -35,7 +37,7 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         .ok_or_else(|| {
             Error::new(
                 Reason::NoBackupKek,
-                "this token has no backup KEK yet: run a KEK ceremony first",
+                "this token has no current backup KEK: run a KEK ceremony, then have the administrative quorum approve an ACTIVATE_BACKUP_KEK operation naming it",
             )
         })?;
     let keys: Vec<KeyToBack> = custody
@@ -104,4 +106,61 @@ pub async fn create_backup(
         bundle,
         keys: count,
     })
+}
+
+/// The ACTIVATE_BACKUP_KEK spec for the backup KEK ceremony `ceremony`
+/// made: its set, KCV and K of N, which the officers approve. Refused if
+/// the ceremony made none (`NO_BACKUP_KEK`) or it is current already
+/// (`BACKUP_KEK_CURRENT`).
+pub fn activation_of(custody: &Custody, ceremony: &str) -> Result<Spec, Error> {
+    let journal = &custody.ceremonies.journal;
+    let kek = journal
+        .backup_kek_of(ceremony)
+        .map_err(engine::journal_failure)?
+        .ok_or_else(|| {
+            Error::new(
+                Reason::NoBackupKek,
+                format!("ceremonies/{ceremony} made no backup KEK (only a completed generate-mode KEK ceremony does)"),
+            )
+        })?;
+    let current = journal.backup_kek().map_err(engine::journal_failure)?;
+    if current.is_some_and(|c| c.label == kek.label) {
+        return Err(Error::new(
+            Reason::BackupKekCurrent,
+            format!("the backup KEK of ceremonies/{ceremony} is the current one already"),
+        ));
+    }
+    Ok(Spec::ActivateBackupKek {
+        ceremony: kek.ceremony,
+        set_id: kek.set_id,
+        check_value: kek.kcv,
+        threshold: kek.threshold,
+        shares: kek.shares,
+    })
+}
+
+/// Makes the backup KEK an approved ACTIVATE_BACKUP_KEK `spec` names the
+/// token's current one, if it is still the KEK that was approved.
+pub async fn activate_backup_kek(custody: &Custody, spec: &Spec) -> Result<(), Error> {
+    let Spec::ActivateBackupKek { ceremony, .. } = spec else {
+        return Err(Error::internal("not an ACTIVATE_BACKUP_KEK spec"));
+    };
+    if activation_of(custody, ceremony)? != *spec {
+        return Err(Error::new(
+            Reason::PolicyChanged,
+            format!("the backup KEK of ceremonies/{ceremony} is not the one approved"),
+        ));
+    }
+    let kek = custody
+        .ceremonies
+        .journal
+        .backup_kek_of(ceremony)
+        .map_err(engine::journal_failure)?
+        .ok_or_else(|| Error::internal("the approved backup KEK vanished"))?;
+    custody
+        .ceremonies
+        .journal
+        .make_current(&kek)
+        .await
+        .map_err(engine::journal_failure)
 }

@@ -68,7 +68,7 @@ use backup::{back_up_new_kek, make_backup_kek};
 use commit::{policies_at_open, policies_detail, policies_summary};
 use crash_points::Points;
 use new_key::{generate, import_components, self_sign};
-use restore::{bundle_signature_ok, restore};
+use restore::{bundle_signature_ok, restore, restored_label};
 use roll_back::roll_back;
 
 pub use backup::{KeyToBack, check_aad, make_bundle};
@@ -210,16 +210,7 @@ pub async fn open(
     script
         .check_admin_quorum(admin.required)
         .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
-    if let Some(key_id) = script.key_id() {
-        if state.registry.get(key_id).is_some()
-            || engine.reserved_key_ids().iter().any(|k| k == key_id)
-        {
-            return Err(Error::new(
-                Reason::KeyExists,
-                format!("key {key_id} exists already or another open ceremony makes it"),
-            ));
-        }
-    }
+    let mut reserved_key_ids: Vec<String> = script.key_id().into_iter().map(Into::into).collect();
     let key_policies = policies_at_open(state, &script)?;
     let mut shares_needed = 0;
     let mut bundle_signer = None;
@@ -259,24 +250,31 @@ pub async fn open(
                 ));
             }
             if !*drill {
-                if let Some(key) = bundle
-                    .manifest
-                    .keys
-                    .iter()
-                    .find(|key| state.registry.get(&key.key_id).is_some())
-                {
-                    return Err(Error::new(
-                        Reason::KeyExists,
-                        format!(
-                            "key {} is registered here already; restore into a token that lacks it, or drill",
-                            key.key_id
-                        ),
-                    ));
+                for key in &bundle.manifest.keys {
+                    restored_label(script.id(), &key.key_id, key.version)?;
+                    if !reserved_key_ids.contains(&key.key_id) {
+                        reserved_key_ids.push(key.key_id.clone());
+                    }
                 }
             }
             shares_needed = u32::from(bundle.manifest.backup_kek.threshold);
         }
         _ => {}
+    }
+    // Held until the record, and with it the reservation, is journaled: no
+    // CreateKey and no other ceremony takes one of these ids in between.
+    let _registry = state.registry.lock().await;
+    for key_id in &reserved_key_ids {
+        crate::keys::ensure_key_id_free(state, key_id).map_err(|e| match script.kind() {
+            Kind::Restore { .. } => Error::new(
+                e.reason,
+                format!(
+                    "{}; restore into a token that lacks it, or drill",
+                    e.message
+                ),
+            ),
+            _ => e,
+        })?;
     }
     let now = state.clock.now_ms();
     let digest = script.digest();
@@ -293,6 +291,7 @@ pub async fn open(
         confirmed: Vec::new(),
         done: Vec::new(),
         objects: Vec::new(),
+        reserved_key_ids,
         key: None,
         key_policies,
         backup_kek: None,
@@ -421,7 +420,9 @@ async fn wait_for_confirmation(state: &Custody, record: &mut CeremonyRecord) -> 
 }
 
 /// Journals that `labels` are about to be made, durably, between the
-/// step's first two crash points.
+/// step's first two crash points; a main-token label an object already has
+/// is refused first, so that the roll-back, which destroys what the
+/// journaled labels hold, destroys only what this ceremony made.
 async fn intend(
     state: &Custody,
     record: &mut CeremonyRecord,
@@ -429,6 +430,14 @@ async fn intend(
     labels: &[(String, TokenRole)],
     points: &Points,
 ) -> Result<(), Error> {
+    let main = labels
+        .iter()
+        .filter(|(_, token)| *token == TokenRole::Main)
+        .map(|(label, _)| hsm_shim::KeyLabel::new(label.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !main.is_empty() {
+        crate::keys::generation::refuse_labels_in_use(state, main).await?;
+    }
     failpoint::hit(points.before_intent);
     journal_objects(state, record, step, labels).await?;
     failpoint::hit(points.after_intent);

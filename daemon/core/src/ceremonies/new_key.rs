@@ -96,9 +96,6 @@ impl GenerationJournal for CeremonyGeneration<'_> {
         after_hsm: GENERATE.after_hsm,
     };
 
-    /// A label already in use fails the step, and the ceremony rolls back.
-    const REPLACES_LEFTOVERS: bool = false;
-
     async fn intend(
         &mut self,
         custody: &Custody,

@@ -8,7 +8,7 @@ use super::commit::finish_completed;
 use super::roll_back::roll_back;
 use super::{note, put, sign_transcript};
 use crate::Custody;
-use crate::ceremony::journal::{CeremonyRecord, JournaledObject, Phase, TokenRole};
+use crate::ceremony::journal::{CeremonyRecord, Phase, TokenRole};
 
 /// At start: rolls forward ceremonies whose commit reached the registry,
 /// rolls back those that made (or began to make) objects or held secrets,
@@ -73,8 +73,9 @@ pub async fn recover(state: &Custody) -> Result<usize, String> {
 }
 
 /// Whether the ceremony's commit reached the registry: its key is
-/// registered under the label the ceremony journaled (a restore: all of its
-/// keys, which one batch registers).
+/// registered under the label the ceremony journaled; a restore: every key
+/// id it reserved is registered under labels it journaled (one batch
+/// registers them all).
 fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     let registered = |key_id: &str, label: &str| {
         state
@@ -85,18 +86,19 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     match &record.key {
         Some(made) => registered(&made.key_id, &made.hsm_label),
         None if record.kind == "restore" && record.did("restore") => {
-            let main: Vec<&JournaledObject> = record
+            let journaled: Vec<&str> = record
                 .objects
                 .iter()
                 .filter(|o| o.token == TokenRole::Main)
+                .map(|o| o.label.as_str())
                 .collect();
-            !main.is_empty()
-                && main.iter().all(|o| {
-                    // Restored labels are key/{key_id}/v{n}.
-                    o.label
-                        .strip_prefix("key/")
-                        .and_then(|rest| rest.rsplit_once('/'))
-                        .is_some_and(|(key_id, _)| registered(key_id, &o.label))
+            !record.reserved_key_ids.is_empty()
+                && record.reserved_key_ids.iter().all(|key_id| {
+                    state.registry.get(key_id).is_some_and(|key| {
+                        key.versions
+                            .iter()
+                            .all(|v| journaled.contains(&v.hsm_label.as_str()))
+                    })
                 })
         }
         None => false,

@@ -33,6 +33,28 @@ pub fn restore_challenge(ceremony: &str, key_id: &str, version: u32) -> Vec<u8> 
     format!("custody-restore-challenge/v1\n{ceremony}\n{key_id}/{version}").into_bytes()
 }
 
+/// The label a restore imports version `version` of `key_id` under:
+/// `restore/{ceremony}/{key_id}/v{version}`, in a namespace only that
+/// ceremony writes to, and kept at commit, when the registry names it.
+/// Nothing else can make, replace or destroy an object there, and nothing
+/// the restore does touches the `key/` labels of keys made here. Refused
+/// (`BAD_BUNDLE`) when the ceremony opens if the label would be too long.
+pub(super) fn restored_label(
+    ceremony: &str,
+    key_id: &str,
+    version: u32,
+) -> Result<KeyLabel, Error> {
+    KeyLabel::for_version(&format!("restore/{ceremony}/{key_id}"), version).map_err(|_| {
+        Error::new(
+            Reason::BadBundle,
+            format!(
+                "keys/{key_id}/versions/{version} restored by ceremony {ceremony} needs a label longer than {} characters: give the restore a shorter id",
+                KeyLabel::MAX_LEN
+            ),
+        )
+    })
+}
+
 /// Checks the manifest's signature with a trusted audit key and returns
 /// that key's SHA-256 (of its SPKI DER), hex.
 ///
@@ -108,11 +130,6 @@ pub(super) async fn restore(
     let value = shares::combine(&submitted)
         .map_err(|e| Error::new(Reason::SharesRefused, e.to_string()))?;
     drop(submitted);
-    let prefix = if drill {
-        format!("drill/{}", record.id)
-    } else {
-        "key".to_string()
-    };
     let token = if drill {
         TokenRole::Scratch
     } else {
@@ -120,10 +137,12 @@ pub(super) async fn restore(
     };
     let mut labels = Vec::new();
     for key in &bundle.manifest.keys {
-        labels.push((
-            KeyLabel::for_version(&format!("{prefix}/{}", key.key_id), key.version)?,
-            key,
-        ));
+        let label = if drill {
+            KeyLabel::for_version(&format!("drill/{}/{}", record.id, key.key_id), key.version)?
+        } else {
+            restored_label(&record.id, &key.key_id, key.version)?
+        };
+        labels.push((label, key));
     }
     let journaled: Vec<(String, TokenRole)> = labels
         .iter()
@@ -204,6 +223,20 @@ pub(super) async fn restore(
     }
     intend(state, record, "commit", &[], &COMMIT).await?;
     let _registry = state.registry.lock().await;
+    // The ids were reserved when the ceremony opened, so none can be taken
+    // now; checked again under the lock all the same, so that a restore
+    // never registers over a key it did not make (the roll-back that follows
+    // destroys only this ceremony's own objects).
+    for key_id in &record.reserved_key_ids {
+        if state.registry.get(key_id).is_some() {
+            return Err(Error::new(
+                Reason::KeyExists,
+                format!(
+                    "keys/{key_id} was registered while the restore was open; nothing of it is replaced"
+                ),
+            ));
+        }
+    }
     let now = state.clock.now_ms();
     let enrolled = |officer: &str| state.dual_control.enrolled(officer);
     let (records, suspended) =

@@ -170,6 +170,12 @@ pub struct CeremonyRecord {
     pub done: Vec<String>,
     /// HSM objects made or being made.
     pub objects: Vec<JournaledObject>,
+    /// The key ids the ceremony registers at its commit (the script's key;
+    /// every key of a restore's bundle), reserved from its opening until it
+    /// finishes: no key is created under them and no other ceremony that
+    /// registers one opens meanwhile.
+    #[serde(default)]
+    pub reserved_key_ids: Vec<String>,
     /// The key made.
     pub key: Option<MadeKey>,
     /// The policies the key is registered with (root-key and kek), fixed
@@ -323,18 +329,52 @@ impl Journal {
             .collect()
     }
 
-    /// Records `kek` as the token's current backup KEK, durably (idempotent:
-    /// a roll-forward after a crash may do it again).
-    pub async fn register_backup_kek(&self, kek: &BackupKek) -> Result<(), JournalError> {
-        use sled::Transactional;
-        let current = serde_json::to_vec(kek).map_err(err)?;
-        (&self.backup_keks,)
-            .transaction(|(keks,)| {
-                keks.insert(CURRENT_BACKUP_KEK, current.as_slice())?;
-                keks.insert(kek.label.as_bytes(), current.as_slice())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| JournalError(format!("{e:?}")))?;
+    /// Records `kek`, made by a KEK ceremony, among the token's backup KEKs,
+    /// durably (idempotent: a roll-forward after a crash may do it again).
+    /// It does not become the current one: only an ACTIVATE_BACKUP_KEK
+    /// operation the administrative quorum approved does that
+    /// ([`Journal::make_current`], threat model I1).
+    pub async fn record_backup_kek(&self, kek: &BackupKek) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        self.backup_keks
+            .insert(kek.label.as_bytes(), bytes)
+            .map_err(err)?;
+        self.flush().await
+    }
+
+    /// The backup KEK ceremony `ceremony` made, if it made one.
+    pub fn backup_kek_of(&self, ceremony: &str) -> Result<Option<BackupKek>, JournalError> {
+        for item in self.backup_keks.iter() {
+            let (key, bytes) = item.map_err(err)?;
+            if key.as_ref() == CURRENT_BACKUP_KEK {
+                continue;
+            }
+            let kek: BackupKek = serde_json::from_slice(&bytes).map_err(err)?;
+            if kek.ceremony == ceremony {
+                return Ok(Some(kek));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes `kek`, one recorded by [`Journal::record_backup_kek`], the
+    /// token's current backup KEK, durably.
+    pub async fn make_current(&self, kek: &BackupKek) -> Result<(), JournalError> {
+        if self
+            .backup_keks
+            .get(kek.label.as_bytes())
+            .map_err(err)?
+            .is_none()
+        {
+            return Err(JournalError(format!(
+                "backup KEK {} is not one of the token's",
+                kek.label
+            )));
+        }
+        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        self.backup_keks
+            .insert(CURRENT_BACKUP_KEK, bytes)
+            .map_err(err)?;
         self.flush().await
     }
 

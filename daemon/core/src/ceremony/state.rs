@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use hsm_shim::{HsmConfig, SecretString};
 
 use super::components::{ComponentCombiner, KeyBytes, XorInMemory};
-use super::journal::{Journal, TokenRole};
-use super::script::Script;
+use super::journal::{Journal, JournalError, TokenRole};
 use super::shares::Share;
 
 /// Secrets of one ceremony, in memory only.
@@ -79,21 +78,17 @@ impl Ceremonies {
             .remove(id);
     }
 
-    /// Key ids that unfinished ceremonies will create (CreateKey refuses
-    /// them).
-    pub fn reserved_key_ids(&self) -> Vec<String> {
-        self.journal
-            .unfinished()
-            .unwrap_or_default()
+    /// Key ids that unfinished ceremonies register at their commit, each
+    /// reserved from the ceremony's opening: CreateKey refuses them, and so
+    /// does the opening of another ceremony that would register one. A
+    /// journal that cannot be read reserves everything (the error).
+    pub fn reserved_key_ids(&self) -> Result<Vec<String>, JournalError> {
+        Ok(self
+            .journal
+            .unfinished()?
             .into_iter()
-            .filter_map(|record| {
-                record.key.map(|key| key.key_id).or_else(|| {
-                    Script::parse(&record.script)
-                        .ok()
-                        .and_then(|script| script.key_id().map(str::to_string))
-                })
-            })
-            .collect()
+            .flat_map(|record| record.reserved_key_ids)
+            .collect())
     }
 
     /// HSM labels unfinished ceremonies have journaled (drift detection

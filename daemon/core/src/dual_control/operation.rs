@@ -107,6 +107,20 @@ pub enum Spec {
         /// The key versions the bundle holds, in registry order.
         versions: Vec<BackedUpVersion>,
     },
+    /// Make the backup KEK a KEK ceremony made the token's current one:
+    /// every later backup is wrapped under it.
+    ActivateBackupKek {
+        /// The KEK ceremony that made it.
+        ceremony: String,
+        /// Its share set id, hex.
+        set_id: String,
+        /// Its key check value, hex.
+        check_value: String,
+        /// Shares needed to rebuild it (K).
+        threshold: u8,
+        /// Shares handed out (N).
+        shares: u8,
+    },
 }
 
 impl Spec {
@@ -123,6 +137,7 @@ impl Spec {
             Spec::ReleaseLegalHold { .. } => "RELEASE_LEGAL_HOLD",
             Spec::UpdateKey { .. } => "UPDATE_KEY",
             Spec::CreateBackup { .. } => "CREATE_BACKUP",
+            Spec::ActivateBackupKek { .. } => "ACTIVATE_BACKUP_KEK",
         }
     }
 
@@ -136,9 +151,10 @@ impl Spec {
             | Spec::DestroyVersion { key_id, .. }
             | Spec::ReleaseLegalHold { key_id, .. }
             | Spec::UpdateKey { key_id, .. } => Some(key_id),
-            Spec::AddOfficer { .. } | Spec::RemoveOfficer { .. } | Spec::CreateBackup { .. } => {
-                None
-            }
+            Spec::AddOfficer { .. }
+            | Spec::RemoveOfficer { .. }
+            | Spec::CreateBackup { .. }
+            | Spec::ActivateBackupKek { .. } => None,
         }
     }
 
@@ -235,6 +251,15 @@ impl Spec {
                     names.join(", ")
                 )
             }
+            Spec::ActivateBackupKek {
+                ceremony,
+                set_id,
+                check_value,
+                threshold,
+                shares,
+            } => format!(
+                "ACTIVATE BACKUP KEK of ceremonies/{ceremony} (share set {set_id}, {threshold} of {shares} shares, check value {check_value}): every later backup is wrapped under it"
+            ),
         }
     }
 }
@@ -280,6 +305,8 @@ pub enum Outcome {
         /// Key versions in it.
         keys: u32,
     },
+    /// The backup KEK the spec names is the token's current one.
+    BackupKekActivated,
 }
 
 /// An operation, as stored.
@@ -390,12 +417,14 @@ pub const KEY_POLICY_KINDS: [&str; 7] = [
 
 /// Kinds that always need a quorum: the key's own policy if it has one,
 /// otherwise the administrative quorum.
-/// CREATE_BACKUP names no key: always the administrative quorum.
-pub const ALWAYS_GATED_KINDS: [&str; 4] = [
+/// CREATE_BACKUP and ACTIVATE_BACKUP_KEK name no key: always the
+/// administrative quorum.
+pub const ALWAYS_GATED_KINDS: [&str; 5] = [
     "SET_POLICY",
     "DESTROY_VERSION",
     "RELEASE_LEGAL_HOLD",
     "CREATE_BACKUP",
+    "ACTIVATE_BACKUP_KEK",
 ];
 
 /// A key's policies, by operation kind.

@@ -67,18 +67,7 @@ pub async fn create(
         ));
     }
     let _guard = custody.registry.lock().await;
-    if custody.registry.get(&new.key_id).is_some() {
-        return Err(Error::new(
-            Reason::KeyExists,
-            format!("keys/{} already exists", new.key_id),
-        ));
-    }
-    if custody.ceremonies.reserved_key_ids().contains(&new.key_id) {
-        return Err(Error::new(
-            Reason::KeyReserved,
-            format!("an open ceremony makes keys/{}", new.key_id),
-        ));
-    }
+    ensure_key_id_free(custody, &new.key_id)?;
     audited.intent(custody).await?;
     let first = generate_version(
         custody,
@@ -108,4 +97,32 @@ pub async fn create(
     };
     commit_version(custody, record.clone(), &label).await?;
     Ok(record)
+}
+
+/// Refuses a key id that is registered (`KEY_EXISTS`) or that an unfinished
+/// ceremony reserved, to register at its commit (`KEY_RESERVED`). The caller
+/// holds the registry lock until what it makes under the id is registered
+/// or journaled as reserved: this check and that write are one step.
+pub fn ensure_key_id_free(custody: &Custody, key_id: &str) -> Result<(), Error> {
+    if custody.registry.get(key_id).is_some() {
+        return Err(Error::new(
+            Reason::KeyExists,
+            format!("keys/{key_id} already exists"),
+        ));
+    }
+    let reserved = custody.ceremonies.reserved_key_ids().map_err(|e| {
+        Error::new(
+            Reason::JournalUnavailable,
+            format!(
+                "the key ids unfinished ceremonies reserve cannot be read, so none is taken: {e}"
+            ),
+        )
+    })?;
+    if reserved.iter().any(|k| k == key_id) {
+        return Err(Error::new(
+            Reason::KeyReserved,
+            format!("an unfinished ceremony registers keys/{key_id} at its commit"),
+        ));
+    }
+    Ok(())
 }

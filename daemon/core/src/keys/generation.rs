@@ -1,8 +1,9 @@
 //! The one journaled protocol that makes a new key version in the HSM, for
 //! CreateKey, every rotation and the key ceremonies ([`generate_version`]):
 //!
-//! 1. The intent, the label about to be made, is journaled and flushed
-//!    before the HSM is asked for anything ([`GenerationJournal::intend`]).
+//! 1. The label must be free on the token ([`refuse_labels_in_use`]); the
+//!    intent, the label about to be made, is journaled and flushed before
+//!    the HSM is asked to make anything ([`GenerationJournal::intend`]).
 //! 2. The HSM generates the key under that label: a key pair (which
 //!    hsm-shim consistency-tests as it makes it) or an AES key, wrappable
 //!    only under the token's backup KEK if the key is backup-exportable.
@@ -23,10 +24,17 @@
 //! - the ceremony journal (the ceremony engine's `new_key`), where the label
 //!   is one of the ceremony's journaled objects: the ceremony's commit
 //!   registers the key, and its roll-back destroys every object it names.
+//!
+//! Both roll-backs destroy whatever the label holds, which is sound because
+//! the label was free when the intent was journaled, and nothing else makes
+//! an object under it afterwards: the caller holds the registry lock
+//! (CreateKey, rotation) or has the key id reserved (a ceremony). An object
+//! someone else left under the label is never destroyed or replaced: the
+//! generation is refused `HSM_KEY_EXISTS` and the drift report shows it.
 
 use std::future::Future;
 
-use hsm_shim::{AesRole, ErrorKind, Exportability, HsmSession, KeyInfo, KeyLabel, KeySpec};
+use hsm_shim::{AesRole, ErrorKind, Exportability, KeyInfo, KeyLabel, KeySpec};
 
 use super::registry_failure;
 use crate::algorithms::KeyAlgorithm;
@@ -74,11 +82,6 @@ pub struct CrashPoints {
 pub trait GenerationJournal {
     /// Where the SIGKILL tests stop this journal's generations.
     const POINTS: CrashPoints;
-
-    /// Whether an object already under the label, which the journal does
-    /// not know of, is destroyed and the key made again; otherwise the HSM's
-    /// refusal of the label fails the generation.
-    const REPLACES_LEFTOVERS: bool;
 
     /// Journals, durably, that `label` is about to be made for `new`
     /// (started at `started_ms`): nothing reaches the HSM before this
@@ -160,6 +163,7 @@ pub async fn generate_version<J: GenerationJournal>(
 ) -> Result<Generated, Error> {
     let label = hsm_label(new.key_id, new.version)?;
     let now = custody.clock.now_ms();
+    refuse_labels_in_use(custody, vec![label.clone()]).await?;
     failpoint::hit(J::POINTS.before_intent);
     journal.intend(custody, &new, &label, now).await?;
     failpoint::hit(J::POINTS.after_intent);
@@ -168,7 +172,6 @@ pub async fn generate_version<J: GenerationJournal>(
         label.clone(),
         new.algorithm.key_spec(),
         exportability(new.backup_exportable),
-        J::REPLACES_LEFTOVERS,
     )
     .await;
     let info = match generated {
@@ -184,31 +187,47 @@ pub async fn generate_version<J: GenerationJournal>(
     Ok(Generated { version, info })
 }
 
+/// Refuses, before anything is journaled, labels an object on the token
+/// already has (`HSM_KEY_EXISTS`, naming the label): custody journals only
+/// labels that were free, so what a roll-back destroys under a journaled
+/// label is what custody made there. The caller holds what keeps the labels
+/// free from then on (the registry lock, or the ceremony's reserved key ids
+/// and private label namespace).
+pub async fn refuse_labels_in_use(custody: &Custody, labels: Vec<KeyLabel>) -> Result<(), Error> {
+    custody
+        .hsm
+        .run(move |session| {
+            labels
+                .iter()
+                .try_for_each(|label| session.refuse_label_in_use(label))
+        })
+        .await
+        .map_err(|e| {
+            let mut error = Error::from(e);
+            if error.reason == crate::Reason::HsmKeyExists {
+                error.message = format!(
+                    "{}: custodyd did not make it and leaves it alone (see the drift report)",
+                    error.message
+                );
+            }
+            error
+        })
+}
+
 /// The HSM call: a key pair or an AES data key under `label`.
 async fn generate_in_hsm(
     custody: &Custody,
     label: KeyLabel,
     spec: KeySpec,
     export: Exportability,
-    replace_leftovers: bool,
 ) -> hsm_shim::Result<KeyInfo> {
     custody
         .hsm
         .run(move |session| {
-            let generate = |session: &mut HsmSession| {
-                if spec.is_key_pair() {
-                    session.generate_key_pair(&label, spec, export)
-                } else {
-                    session.generate_aes_key(&label, AesRole::DataEncryption, export)
-                }
-            };
-            match generate(session) {
-                Err(e) if replace_leftovers && e.kind() == ErrorKind::AlreadyExists => {
-                    tracing::warn!(%label, "removing an orphaned HSM key left by an interrupted generation");
-                    session.destroy(&label)?;
-                    generate(session)
-                }
-                other => other,
+            if spec.is_key_pair() {
+                session.generate_key_pair(&label, spec, export)
+            } else {
+                session.generate_aes_key(&label, AesRole::DataEncryption, export)
             }
         })
         .await
@@ -218,11 +237,6 @@ async fn generate_in_hsm(
 /// a [`PendingVersion`] entry naming the label, which [`commit_version`]
 /// clears in the transaction that commits the version, and the roll-back at
 /// start finds if it never came.
-///
-/// A label in custody's `key/` namespace that is neither registered nor
-/// pending (the caller, holding the registry lock, checked) is a leftover
-/// of a generation that failed to clean up: it is destroyed and the key
-/// made again.
 #[derive(Debug, Clone, Copy)]
 pub struct PendingVersions {
     /// What started the generation: create, or the rotation's trigger.
@@ -235,8 +249,6 @@ impl GenerationJournal for PendingVersions {
         after_intent: "version.after_journal",
         after_hsm: "version.after_generate",
     };
-
-    const REPLACES_LEFTOVERS: bool = true;
 
     async fn intend(
         &mut self,

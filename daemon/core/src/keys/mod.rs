@@ -25,7 +25,7 @@ use crate::names::version_name;
 use crate::registry::{KeyRecord, RegistryError, VersionRecord, VersionState};
 use crate::{Custody, Error, Reason};
 
-pub use create::{NewKey, create};
+pub use create::{NewKey, create, ensure_key_id_free};
 pub use destroy::{
     cancel_destroy, destroy_due, release_legal_hold, schedule_destroy, set_legal_hold,
 };

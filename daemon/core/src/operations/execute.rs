@@ -237,6 +237,17 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                 keys: backup.keys,
             })
         }
+        Spec::ActivateBackupKek { ceremony, .. } => {
+            let audited = acting_for(
+                record,
+                "ExecuteActivateBackupKek",
+                format!("ceremonies/{ceremony}"),
+            );
+            let result =
+                crate::ceremonies::export::activate_backup_kek(custody, &record.spec).await;
+            audited.record(custody, result).await?;
+            Ok(Outcome::BackupKekActivated)
+        }
         Spec::RemoveOfficer { officer_id } => {
             removal_keeps_policies_possible(custody, officer_id)?;
             custody

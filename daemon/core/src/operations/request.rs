@@ -90,6 +90,12 @@ pub enum Requested {
         /// The backup KEK's share set id the requester expects, or empty.
         backup_kek_set_id: String,
     },
+    /// Make the backup KEK the KEK ceremony `ceremony` made the current
+    /// one.
+    ActivateBackupKek {
+        /// The ceremony id.
+        ceremony: String,
+    },
 }
 
 impl Requested {
@@ -106,7 +112,9 @@ impl Requested {
             | Requested::RemoveOfficer { .. }
             | Requested::DestroyVersion { .. }
             | Requested::ReleaseLegalHold { .. } => Action::RequestControlChange,
-            Requested::CreateBackup { .. } => Action::Ceremony,
+            Requested::CreateBackup { .. } | Requested::ActivateBackupKek { .. } => {
+                Action::Ceremony
+            }
         }
     }
 }
@@ -344,6 +352,10 @@ pub fn resolve(
                 admin_quorum(custody)?,
             ))
         }
+        Requested::ActivateBackupKek { ceremony } => Ok((
+            crate::ceremonies::export::activation_of(custody, ceremony)?,
+            admin_quorum(custody)?,
+        )),
     }
 }
 

@@ -9,9 +9,9 @@ use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use custody_core::dual_control::{approval_message, denial_message};
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    BackupSpec, GetOperationRequest, KeyRef, ListOperationsRequest, Operation, OperationKind,
-    OperationSpec, OperationState, RequestOperationRequest, SetPolicySpec, SetStateSpec, SignSpec,
-    UpdateKeyRequest, VersionRef, VoteRequest, operation_spec,
+    BackupKekSpec, BackupSpec, GetOperationRequest, KeyRef, ListOperationsRequest, Operation,
+    OperationKind, OperationSpec, OperationState, RequestOperationRequest, SetPolicySpec,
+    SetStateSpec, SignSpec, UpdateKeyRequest, VersionRef, VoteRequest, operation_spec,
 };
 
 use crate::Connection;
@@ -117,6 +117,13 @@ pub(crate) enum RequestCommand {
         /// The backup KEK share set id expected (default: the current one).
         #[arg(long, default_value = "")]
         backup_kek_set: String,
+    },
+    /// Make the backup KEK a generate-mode KEK ceremony made the current
+    /// one (needs the administrative quorum): every later backup is
+    /// wrapped under it.
+    ActivateBackupKek {
+        /// ceremonies/{id} or just the id of the KEK ceremony.
+        ceremony: String,
     },
 }
 
@@ -296,6 +303,12 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
             operation_spec::Spec::CreateBackup(BackupSpec {
                 backup_kek_set_id: backup_kek_set,
                 versions: Vec::new(),
+            })
+        }
+        RequestCommand::ActivateBackupKek { ceremony } => {
+            operation_spec::Spec::ActivateBackupKek(BackupKekSpec {
+                ceremony: full_name("ceremonies/", &ceremony),
+                ..Default::default()
             })
         }
     })
