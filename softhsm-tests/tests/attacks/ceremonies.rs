@@ -141,3 +141,49 @@ token_test!(
         });
     }
 );
+
+// A root ceremony is open: its key will be registered under the
+// administrative quorum as it stood at the opening (alice, bob, carol, 2 of
+// 3). The operator has carol removed, asked before the ceremony opened and
+// approved by the other two after, or asked while it is open. Safe: the
+// removal is refused while the ceremony is open, so the key never comes out
+// under a policy naming a non-officer (an id someone else could later be
+// enrolled under).
+token_test!(
+    fn i5_an_officer_an_open_ceremonys_key_policy_names_cannot_be_removed(token) {
+        use custody_proto::v1::{OfficerSpec, OperationState, operation_spec};
+        use softhsm_tests::service::request_operation;
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            let remove_carol = || {
+                operation_spec::Spec::RemoveOfficer(OfficerSpec { officer_id: "carol".into(), ..Default::default() })
+            };
+            let asked_before = request_operation(&operator, remove_carol()).await.unwrap();
+            let script = root_script("root-1", "root-ca", false);
+            let opened = officers.start("alice", &script, "").await.unwrap();
+
+            officers.approve("alice", &asked_before).await.unwrap();
+            let done = officers.approve("bob", &asked_before).await.unwrap();
+            assert_eq!(done.state, OperationState::Failed as i32, "carol was removed while {} was open: {:?}", opened.name, done);
+            assert!(done.error.contains(&opened.name), "{}", done.error);
+            let asked_during = request_operation(&operator, remove_carol()).await.unwrap_err();
+            assert_eq!(reason(&asked_during), "OFFICER_REMOVAL_REFUSED", "{asked_during:?}");
+
+            // Aborted, the ceremony names no one any more: the removal goes through.
+            officers
+                .client("alice")
+                .abort_ceremony(custody_proto::v1::AbortCeremonyRequest {
+                    name: opened.name.clone(),
+                    reason: "not today".into(),
+                })
+                .await
+                .unwrap();
+            let again = request_operation(&operator, remove_carol()).await.unwrap();
+            officers.approve("alice", &again).await.unwrap();
+            let removed = officers.approve("bob", &again).await.unwrap();
+            assert_eq!(removed.state, OperationState::Succeeded as i32, "{}", removed.error);
+        });
+    }
+);

@@ -40,6 +40,31 @@ pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> R
             }
         }
     }
+    // A ceremony still open registers its key at commit under the policy
+    // journaled when it opened: removing an officer it names would register
+    // a policy naming someone who is no longer an officer (an id that could
+    // later be enrolled as someone else).
+    let unfinished = custody
+        .ceremonies
+        .journal
+        .unfinished()
+        .map_err(crate::ceremonies::journal_failure)?;
+    for ceremony in unfinished {
+        let named = ceremony
+            .key_policies
+            .iter()
+            .flat_map(|policies| policies.values())
+            .any(|quorum| quorum.contains(officer_id));
+        if named {
+            return Err(Error::new(
+                Reason::OfficerRemovalRefused,
+                format!(
+                    "the open ceremony ceremonies/{} registers its key under a policy naming {officer_id}: finish or abort it first",
+                    ceremony.id
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
