@@ -187,6 +187,11 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             rto_ms: r.rto_ms,
             scratch_objects_destroyed: r.scratch_objects_destroyed,
             drill: r.drill,
+            suspended_keys: r
+                .suspended_keys
+                .iter()
+                .map(|k| format!("keys/{k}"))
+                .collect(),
         }),
         error: record.error.clone(),
         create_time: Some(timestamp(record.created_ms)),

@@ -190,6 +190,7 @@ pub(super) async fn restore(
         rto_ms,
         scratch_objects_destroyed: outcome.destroyed,
         drill,
+        suspended_keys: Vec::new(),
     };
     record.restore = Some(report.clone());
     record.done.push("restore".into());
@@ -242,7 +243,10 @@ pub(super) async fn restore(
     let (records, suspended) =
         restored_records(&labels, &bundle.manifest.protections, &enrolled, now);
     // Journaled and audited before the records are written: a key that
-    // comes back SUSPENDED says why.
+    // comes back SUSPENDED says why, and the report names it.
+    if let Some(report) = record.restore.as_mut() {
+        report.suspended_keys = suspended.iter().map(|k| k.key_id.clone()).collect();
+    }
     for key in &suspended {
         let mut detail = Map::new();
         detail.insert("key_id".into(), json!(key.key_id));

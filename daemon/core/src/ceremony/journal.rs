@@ -123,6 +123,10 @@ pub struct RestoreOutcome {
     pub scratch_objects_destroyed: u32,
     /// Whether it was a drill.
     pub drill: bool,
+    /// Keys restored with every version SUSPENDED, their protections not
+    /// reproducible here (the transcript says why).
+    #[serde(default)]
+    pub suspended_keys: Vec<String>,
 }
 
 /// The token's backup KEK: a trusted AES key whose value exists outside the

@@ -563,6 +563,9 @@ fn print_ceremony(ceremony: &Ceremony) {
                 String::new()
             }
         );
+        for key in &restore.suspended_keys {
+            outln!("  {key} restored with every version SUSPENDED: see the transcript for why");
+        }
     }
     if !ceremony.error.is_empty() {
         outln!("  error: {}", ceremony.error);
