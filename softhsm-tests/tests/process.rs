@@ -818,6 +818,49 @@ token_test!(
 );
 
 token_test!(
+    fn a_ceremony_killed_at_its_quorum_completing_sign_in_carries_on_after_restart(token) {
+        // The kill lands after bob's sign-in, which completes the quorum, is
+        // journaled and audited, and before the HSM steps it sets off.
+        // Safe: after the restart the ceremony is not stuck waiting for
+        // officers who have all signed in; it carries on to the fingerprint,
+        // the two confirm, and the key is registered and signs.
+        use custody_proto::v1::CeremonyState;
+        runtime().block_on(async {
+            let rig = CeremonyRig::new(token).await;
+            let script = Scenario::Root.script(0, &rig.bundle);
+            let name = ceremony_name(&script);
+            let point = "ceremony.sign_in.quorum_met";
+            let mut crashing = spawn_crashing_at(&rig.config, Some(point));
+            ready(&rig.pki, rig.port, &mut crashing).await;
+            let officers = rig.officers().await;
+            let driven = Scenario::Root.drive(&officers, &script, &rig.bundle, &rig.shares).await;
+            assert!(driven.is_err(), "the ceremony never reached {point}");
+            killed_at_crash_point(crashing, point).await;
+
+            let mut daemon = spawn(&rig.config);
+            ready(&rig.pki, rig.port, &mut daemon).await;
+            let officers = rig.officers().await;
+            let resumed = officers.get("alice", &name).await.unwrap();
+            assert_eq!(
+                resumed.state,
+                CeremonyState::AwaitingConfirmation as i32,
+                "after the restart the ceremony waits for: {} ({})",
+                resumed.waiting_for,
+                resumed.error
+            );
+            let fingerprint = resumed.fingerprint.map(|f| f.value).unwrap_or_default();
+            officers.confirm("alice", &name, &script, &fingerprint).await.unwrap();
+            let done = officers.confirm("bob", &name, &script, &fingerprint).await.unwrap();
+            assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
+            let state = ceremony_invariant(&rig.pki, rig.port, &officers, &name, Scenario::Root.key(0).as_deref(), token).await;
+            assert_eq!(state, CeremonyState::Completed);
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
+        });
+    }
+);
+
+token_test!(
     fn ceremonies_killed_at_random_moments_keep_the_hsm_and_the_journal_in_step(token) {
         // CUSTODY_KILL_RUNS=1000 for the figure in docs/assurance.md.
         let runs: usize = std::env::var("CUSTODY_KILL_RUNS")

@@ -64,60 +64,6 @@ fn wire_state(phase: Phase) -> CeremonyState {
     }
 }
 
-fn waiting_for(record: &CeremonyRecord, script: Option<&Script>) -> String {
-    let Some(script) = script else {
-        return String::new();
-    };
-    let missing = |done: &[String], all: &[String]| {
-        all.iter()
-            .filter(|o| !done.contains(o))
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match record.phase {
-        Phase::AwaitingOfficers => {
-            let present: Vec<String> = record.present.iter().map(|s| s.officer.clone()).collect();
-            format!(
-                "{} more of: {}",
-                (script.quorum().required as usize).saturating_sub(present.len()),
-                missing(&present, script.officers())
-            )
-        }
-        Phase::AwaitingShareCollection => format!(
-            "shares to be collected by: {}",
-            missing(&record.shares_collected, script.custodians())
-        ),
-        Phase::AwaitingComponents => {
-            let entered: Vec<String> = record
-                .components
-                .iter()
-                .map(|c| c.custodian.clone())
-                .collect();
-            format!(
-                "components from: {}",
-                missing(&entered, script.custodians())
-            )
-        }
-        Phase::AwaitingShares => format!(
-            "{} more shares from: {}",
-            record.shares_needed as usize - record.shares_submitted.len(),
-            missing(&record.shares_submitted, script.custodians())
-        ),
-        Phase::AwaitingConfirmation => {
-            let present: Vec<String> = record.present.iter().map(|s| s.officer.clone()).collect();
-            let confirmed: Vec<String> =
-                record.confirmed.iter().map(|s| s.officer.clone()).collect();
-            format!(
-                "fingerprint confirmations from: {}",
-                missing(&confirmed, &present)
-            )
-        }
-        Phase::Running => "HSM steps in progress".into(),
-        Phase::Completed | Phase::RolledBack | Phase::Aborted => String::new(),
-    }
-}
-
 /// The message form of a journaled ceremony.
 pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
     let script = Script::parse(&record.script).ok();
@@ -154,7 +100,10 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .map(|s| s.digest().to_vec())
             .unwrap_or_default(),
         state: wire_state(record.phase) as i32,
-        waiting_for: waiting_for(record, script.as_ref()),
+        waiting_for: script
+            .as_ref()
+            .map(|script| custody_core::ceremonies::waiting_for(record, script))
+            .unwrap_or_default(),
         present: record.present.iter().map(|s| s.officer.clone()).collect(),
         confirmed: record.confirmed.iter().map(|s| s.officer.clone()).collect(),
         steps,

@@ -21,6 +21,10 @@ macro_rules! points {
     };
 }
 
+/// After the sign-in that completes the quorum is journaled, before the
+/// HSM steps it sets off: a restart must carry on from there.
+pub(super) const QUORUM_MET: &str = "ceremony.sign_in.quorum_met";
+
 pub(super) const GENERATE: Points = points!("generate");
 pub(super) const CERTIFICATE: Points = points!("certificate");
 pub(super) const BACKUP_KEK: Points = points!("backup_kek");
@@ -32,9 +36,10 @@ pub(super) const COMMIT: Points = points!("commit");
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 30] = [
+pub const CRASH_POINTS: [&str; 31] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
+    QUORUM_MET,
     GENERATE.before_intent,
     GENERATE.after_intent,
     GENERATE.after_hsm,

@@ -50,6 +50,7 @@ mod recovery;
 mod restore;
 mod roll_back;
 mod signatures;
+mod status;
 
 pub mod export;
 
@@ -77,6 +78,7 @@ pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::recover;
 pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
+pub use status::waiting_for;
 
 /// The journal could not be read or written.
 pub fn journal_failure(e: impl std::fmt::Display) -> Error {

@@ -6,7 +6,7 @@ use serde_json::Map;
 
 use super::commit::finish_completed;
 use super::roll_back::roll_back;
-use super::{note, put, sign_transcript};
+use super::{advance, note, put, script_of, sign_transcript};
 use crate::Custody;
 use crate::ceremony::journal::{CeremonyRecord, Phase, TokenRole};
 
@@ -32,6 +32,19 @@ pub async fn recover(state: &Custody) -> Result<usize, String> {
                 .await
                 .map_err(|e| e.message)?;
             continue;
+        }
+        if record.phase == Phase::AwaitingOfficers {
+            let script = script_of(&record).map_err(|e| e.message)?;
+            if script.quorum().is_met_by(record.present.len()) {
+                // Killed between the quorum-completing sign-in and the HSM
+                // steps it sets off: those officers signed in, so the steps
+                // run now, as they would have then (a failure rolls back).
+                tracing::warn!(ceremony = %record.id, "the quorum signed in before a crash: running the ceremony's HSM steps");
+                advance(state, &mut record, &script)
+                    .await
+                    .map_err(|e| e.message)?;
+                continue;
+            }
         }
         let resumable = record.phase == Phase::AwaitingOfficers
             || (record.objects.is_empty()

@@ -5,6 +5,7 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::commit::commit;
+use super::crash_points::QUORUM_MET;
 use super::roll_back::roll_back;
 use super::{advance, load_in, note};
 use crate::Custody;
@@ -44,6 +45,7 @@ pub async fn sign_in(
         collect_signature(state, Moment::SignIn, id, officer, signature).await?;
     failpoint::hit("ceremony.sign_in.after_journal");
     if script.quorum().is_met_by(record.present.len()) {
+        failpoint::hit(QUORUM_MET);
         advance(state, &mut record, &script).await?;
     }
     Ok(record)
