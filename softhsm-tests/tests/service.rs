@@ -809,3 +809,38 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn checkpoints_follow_the_log_across_restarts(token) {
+        // A checkpoint is due every 6 records; each of four short lifetimes
+        // writes fewer than that (its start, one key). Counted per process,
+        // no checkpoint would ever be signed.
+        runtime().block_on(async {
+            let mut service = TestService::start_with(token, |c| {
+                c.audit.checkpoint_every = 6;
+                c.audit.checkpoint_interval_secs = 3600;
+            })
+            .await;
+            for lifetime in 0..4 {
+                let operator = service.client("operator").await;
+                create(&operator, &format!("k{lifetime}"), p256(), &["ca-issuing"]).await;
+                service.restart().await;
+            }
+            let records: Vec<custody_core::audit::Entry> = service
+                .state()
+                .audit
+                .records(1)
+                .map(|r| serde_json::from_slice(&r.unwrap().entry).unwrap())
+                .collect();
+            let checkpoints = records
+                .iter()
+                .filter(|e| matches!(e.event, custody_core::audit::Event::Checkpoint { .. }))
+                .count();
+            assert!(
+                checkpoints >= 1 && records.len() - checkpoints >= 6,
+                "{checkpoints} checkpoints in {} records over four lifetimes",
+                records.len()
+            );
+        });
+    }
+);

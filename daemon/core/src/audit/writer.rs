@@ -128,6 +128,8 @@ impl AuditLog {
         let pem = public_key.to_pem().map_err(|e| e.to_string())?;
         let (commands, queue) = crossbeam_channel::unbounded();
         let failed = Arc::new(AtomicBool::new(false));
+        let (since_checkpoint, last_checkpoint) =
+            checkpoint_cadence(&tree, report.last_seq, policy.interval);
         let writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
@@ -135,8 +137,8 @@ impl AuditLog {
             label,
             seq: report.last_seq,
             hash: report.last_hash,
-            since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
+            since_checkpoint,
+            last_checkpoint,
             policy,
             failed: failed.clone(),
         };
@@ -280,6 +282,47 @@ fn stored_records(
     })
 }
 
+/// Where the checkpoint cadence stands in the stored log, so that it follows
+/// the log and not the process: how many records follow the last checkpoint,
+/// and the moment of that checkpoint (of the first record if there is
+/// none) on this process's clock, brought no further back than `interval`
+/// (so a checkpoint overdue at start is due at once). A daemon that restarts
+/// more often than `interval` still checkpoints.
+fn checkpoint_cadence(tree: &sled::Tree, last_seq: u64, interval: Duration) -> (u64, Instant) {
+    let decode = |value: &[u8]| {
+        value
+            .get(32..)
+            .and_then(|entry| serde_json::from_slice::<Entry>(entry).ok())
+    };
+    let last = tree
+        .iter()
+        .values()
+        .rev()
+        .filter_map(|value| value.ok().and_then(|v| decode(v.as_ref())))
+        .find(|entry| matches!(entry.event, Event::Checkpoint { .. }));
+    let (seq, time) = match last {
+        Some(entry) => (entry.seq, entry.time),
+        None => (
+            0,
+            tree.first()
+                .ok()
+                .flatten()
+                .and_then(|(_, value)| decode(&value))
+                .map(|entry| entry.time)
+                .unwrap_or_default(),
+        ),
+    };
+    let elapsed =
+        time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|at| time::OffsetDateTime::now_utc() - at)
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or_default();
+    let now = Instant::now();
+    let since = now.checked_sub(elapsed.min(interval)).unwrap_or(now);
+    (last_seq.saturating_sub(seq), since)
+}
+
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
@@ -295,6 +338,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, queue: crossbeam_channel::Receiver<Command>) {
+        self.checkpoint_if_due();
         loop {
             let first = match queue.recv_timeout(self.policy.interval) {
                 Ok(command) => command,
