@@ -84,9 +84,9 @@ token_test!(
                 .unwrap_err();
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
             assert_eq!(reason(&status), "BAD_REASON");
+            let mut refused = 1;
 
             // One hidden character of each kind, in each free-text field.
-            let mut refused = 0;
             for hidden in HIDDEN {
                 let text = format!("key material seen in a{hidden} ticket");
                 let what = format!("U+{:04X}", hidden as u32);
@@ -197,12 +197,14 @@ token_test!(
             let status = officers.start("alice", &hidden_description, "").await.unwrap_err();
             assert_eq!(reason(&status), "BAD_SCRIPT", "{status:?}");
             assert!(status.message().contains("description"), "{}", status.message());
+            refused += 1;
             let aborted = ceremonies
                 .abort_ceremony(AbortCeremonyRequest { name, reason: "é".repeat(256) })
                 .await
                 .unwrap()
                 .into_inner();
             assert_eq!(aborted.state, CeremonyState::Aborted as i32);
+            assert_eq!(refused, 67);
             eprintln!("{refused} free-text fields with hidden characters or over the cap refused");
         });
     }

@@ -228,3 +228,25 @@ pub(crate) fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, St
     }
     Ok(SecretString::from(first))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{guarded, shown};
+
+    /// What custodyd sends can rewrite nothing on the officer's terminal:
+    /// `shown` escapes every hidden character, line breaks included, and the
+    /// output guard everything but custodyctl's own line breaks.
+    #[test]
+    fn server_text_never_reaches_the_terminal_raw() {
+        assert_eq!(shown("keys/root-ca"), "keys/root-ca");
+        assert_eq!(
+            shown("a\r\x1b[2Kb\n\u{202e}c"),
+            "a\\u{d}\\u{1b}[2Kb\\u{a}\\u{202e}c"
+        );
+        assert_eq!(
+            guarded("line one\nline\x1b[8m two\r\n"),
+            "line one\nline\\u{1b}[8m two\\u{d}\n"
+        );
+        assert_eq!(guarded("plain\n"), "plain\n");
+    }
+}
