@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &descriptor_path,
         prost::Message::encode_to_vec(&descriptors),
     )?;
+    // Undecodable requests are the caller's error (INVALID_ARGUMENT), not
+    // ours (tonic-prost says INTERNAL): see src/codec.rs.
     tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_fds(descriptors)?;

@@ -11,6 +11,7 @@
 //! | [`server`] | assembling and running the server |
 //! | [`run`] | the process: config, signals, logging |
 //! | [`client`] | mTLS channels to custodyd (custodyctl, tests) |
+//! | [`review`] | what an officer signs: an operation rebuilt from its structure, rendered, its digest recomputed and compared with custodyd's |
 //! | [`wire`] | domain values ⇄ `custody.v1` messages shared by several services |
 //! | [`devpki`] | a development CA and certificates, for the demo and tests |
 
@@ -18,6 +19,7 @@
 
 pub mod client;
 pub mod devpki;
+pub mod review;
 pub mod run;
 pub mod server;
 pub mod service;

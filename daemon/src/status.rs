@@ -6,8 +6,8 @@ use custody_core::{Error, Reason};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The error domain in `ErrorInfo`.
-pub const DOMAIN: &str = "custody.dev";
+/// The error domain in `ErrorInfo` (the codec's too).
+pub const DOMAIN: &str = custody_proto::ERROR_DOMAIN;
 
 /// The gRPC code of `reason`; `None` only for a reason added to the domain
 /// and not yet given a code here (a test keeps that from shipping).
@@ -28,6 +28,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::TooManySigners => Code::InvalidArgument,
         R::BadPageSize => Code::InvalidArgument,
         R::BadPageToken => Code::InvalidArgument,
+        R::Undecodable => Code::InvalidArgument,
         R::MissingInput => Code::InvalidArgument,
         R::DigestLength => Code::InvalidArgument,
         R::DigestAlgorithmMismatch => Code::InvalidArgument,
@@ -160,6 +161,36 @@ mod tests {
         for reason in Reason::ALL {
             assert!(known_code(*reason).is_some(), "{reason} has no gRPC code");
         }
+    }
+
+    /// The codec refuses undecodable messages before any handler runs, so
+    /// it builds its status itself: the same code, reason and domain this
+    /// map gives `Reason::Undecodable`.
+    #[test]
+    fn the_codec_refuses_undecodable_messages_as_this_map_does() {
+        use tonic_types::StatusExt;
+        let error = <custody_proto::v1::GetKeyRequest as prost::Message>::decode(&[0x0a, 0x05][..])
+            .expect_err("a truncated message");
+        let codec = custody_proto::codec::undecodable(&error);
+        let ours = to_status(Error::new(Reason::Undecodable, error.to_string()));
+        assert_eq!(codec.code(), ours.code());
+        let (theirs, ours) = (
+            codec
+                .get_error_details()
+                .error_info()
+                .cloned()
+                .expect("ErrorInfo"),
+            ours.get_error_details()
+                .error_info()
+                .cloned()
+                .expect("ErrorInfo"),
+        );
+        assert_eq!(theirs.reason, ours.reason);
+        assert_eq!(theirs.domain, ours.domain);
+        assert_eq!(
+            Reason::Undecodable.as_str(),
+            custody_proto::codec::UNDECODABLE
+        );
     }
 
     /// `docs/api.md` lists exactly the reasons custody answers with, no

@@ -3,6 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
+pub use codec::ERROR_DOMAIN;
+
 /// The `custody.v1` package.
 pub mod v1 {
     #![allow(missing_docs, unreachable_pub, clippy::all)]

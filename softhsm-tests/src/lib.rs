@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ceremony;
+pub mod grpcio;
 pub mod service;
 
 use std::path::{Path, PathBuf};

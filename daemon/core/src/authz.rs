@@ -117,7 +117,10 @@ pub fn acting_officer(
     let officer = custody.dual_control.officer(officer_id).ok_or_else(|| {
         Error::new(
             Reason::OfficerNotEnrolled,
-            format!("{officer_id} is not an enrolled officer"),
+            format!(
+                "{} is not an enrolled officer",
+                crate::text::echo(officer_id)
+            ),
         )
     })?;
     if officer.principal != principal.name {

@@ -48,6 +48,7 @@ reasons! {
     TooManySigners = "TOO_MANY_SIGNERS": "bad allow-list",
     BadPageSize = "BAD_PAGE_SIZE": "bad pagination",
     BadPageToken = "BAD_PAGE_TOKEN": "bad pagination",
+    Undecodable = "UNDECODABLE": "the request's bytes do not decode as its protobuf message (answered by the codec, before any handler)",
     MissingInput = "MISSING_INPUT": "neither digest nor data, or an empty digest",
     DigestLength = "DIGEST_LENGTH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
     DigestAlgorithmMismatch = "DIGEST_ALGORITHM_MISMATCH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
@@ -176,6 +177,11 @@ impl fmt::Display for Reason {
     }
 }
 
+/// The longest message an [`Error`] carries, in characters: whatever a
+/// request held, the status custodyd answers with stays small (echoes of
+/// the request itself are shorter still: `text::echo`).
+pub const MAX_MESSAGE_CHARS: usize = 512;
+
 /// A refusal or failure: its reason and a message safe to show the caller.
 #[derive(Debug, Clone)]
 pub struct Error {
@@ -186,12 +192,15 @@ pub struct Error {
 }
 
 impl Error {
-    /// A refusal for `reason`.
+    /// A refusal for `reason`; a message over [`MAX_MESSAGE_CHARS`] is cut
+    /// there, its last character an ellipsis.
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
+        let mut message = message.into();
+        if message.chars().count() > MAX_MESSAGE_CHARS {
+            message = message.chars().take(MAX_MESSAGE_CHARS - 1).collect();
+            message.push('…');
         }
+        Self { reason, message }
     }
 
     /// A bug or an impossible state: the detail goes to the log only, the
@@ -219,38 +228,54 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// What the HSM said, in words a caller may read: never the PKCS#11
+/// function, the `CKR_*` code or the HSM label in the [`hsm_shim::HsmError`]
+/// (those go to the log). Callers that know which key version was involved
+/// say so in API names (`keys/{id}/versions/{n}`), as envelope decryption
+/// does.
 impl From<hsm_shim::HsmError> for Error {
     fn from(error: hsm_shim::HsmError) -> Self {
         use hsm_shim::ErrorKind as K;
         let (reason, message) = match error.kind() {
-            K::InvalidInput => (Reason::HsmInvalidInput, error.to_string()),
+            K::InvalidInput => (
+                Reason::HsmInvalidInput,
+                "the HSM refused the input as malformed",
+            ),
             K::NotFound => (
                 Reason::HsmKeyMissing,
-                "the key is in the registry but not in the HSM (drift)".to_string(),
+                "the key is in the registry but not in the HSM (drift)",
             ),
-            K::AlreadyExists => (Reason::HsmKeyExists, error.to_string()),
+            K::AlreadyExists => (
+                Reason::HsmKeyExists,
+                "the HSM already holds an object for this key version",
+            ),
             K::NotPermitted => (
                 Reason::HsmNotPermitted,
-                "the key's HSM attributes forbid this operation".to_string(),
+                "the key's HSM attributes forbid this operation",
             ),
-            K::Authentication => (
-                Reason::HsmLoginFailed,
-                "the HSM refused our login".to_string(),
+            K::Authentication => (Reason::HsmLoginFailed, "the HSM refused our login"),
+            K::Unavailable => (Reason::HsmUnavailable, "the HSM is unavailable"),
+            K::IntegrityFailure => (
+                Reason::IntegrityFailure,
+                "the data does not authenticate under the key; nothing was released",
             ),
-            K::Unavailable => (Reason::HsmUnavailable, "the HSM is unavailable".to_string()),
-            K::IntegrityFailure => (Reason::IntegrityFailure, error.to_string()),
             K::SelfTestFailed => (
                 Reason::HsmSelfTestFailed,
-                "the new key failed its consistency test and was destroyed".to_string(),
+                "the new key failed its consistency test and was destroyed",
             ),
-            K::Unsupported => (Reason::HsmUnsupported, error.to_string()),
-            K::Configuration | K::Internal | _ => (Reason::Internal, "internal error".to_string()),
+            K::Unsupported => (
+                Reason::HsmUnsupported,
+                "the HSM does not support the mechanism this needs",
+            ),
+            K::Configuration | K::Internal | _ => (Reason::Internal, "internal error"),
         };
         if reason.is_unavailable()
             || reason == Reason::Internal
             || reason == Reason::HsmSelfTestFailed
         {
             tracing::error!(%error, "HSM failure");
+        } else {
+            tracing::warn!(%error, %reason, "HSM refusal");
         }
         Self::new(reason, message)
     }
@@ -259,6 +284,44 @@ impl From<hsm_shim::HsmError> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However an HSM error is worded (its function, `CKR_*` code and the
+    /// label are in it), the caller's message holds none of it.
+    #[test]
+    fn hsm_errors_never_show_pkcs11_codes_or_labels() {
+        use hsm_shim::{ErrorKind as K, HsmError};
+        for kind in [
+            K::InvalidInput,
+            K::NotFound,
+            K::AlreadyExists,
+            K::NotPermitted,
+            K::Authentication,
+            K::Unavailable,
+            K::IntegrityFailure,
+            K::SelfTestFailed,
+            K::Unsupported,
+            K::Configuration,
+            K::Internal,
+        ] {
+            let error = Error::from(HsmError::new(
+                kind,
+                "integrity check failed: decrypting with key/payments-kek/v1 \
+                 (C_Decrypt returned CKR_GENERAL_ERROR)",
+            ));
+            for leak in ["CKR_", "C_Decrypt", "key/payments-kek", "GENERAL_ERROR"] {
+                assert!(!error.message.contains(leak), "{kind:?}: {}", error.message);
+            }
+        }
+    }
+
+    #[test]
+    fn messages_are_bounded() {
+        let short = "x".repeat(MAX_MESSAGE_CHARS);
+        assert_eq!(Error::new(Reason::BadName, short.clone()).message, short);
+        let cut = Error::new(Reason::BadName, "é".repeat(10_000)).message;
+        assert_eq!(cut.chars().count(), MAX_MESSAGE_CHARS);
+        assert!(cut.ends_with('…'));
+    }
 
     #[test]
     fn reason_names_are_unique_upper_snake_case() {

@@ -12,6 +12,7 @@
 //! | [`custody`] | [`Custody`], what every action reaches: HSM, registry, audit, officers, ceremonies, clock |
 //! | [`error`] | [`Reason`] and [`Error`], the one error vocabulary |
 //! | [`names`] | resource names and key ids (`keys/{id}/versions/{n}`), HSM labels |
+//! | [`text`] | free text people read (reasons, descriptions): no control, bidi or zero-width characters, capped; input echoed in errors, cut short |
 //! | [`clock`] | the time every rule reads (injected in tests) |
 //! | [`action`] | the audit record of one action: intent before acting, one outcome |
 //! | [`config`] | the TOML configuration |
@@ -66,6 +67,7 @@ pub mod pin_lockout;
 pub mod registry;
 pub mod scheduler;
 pub mod signing;
+pub mod text;
 
 pub use custody::Custody;
 pub use error::{Error, Reason};

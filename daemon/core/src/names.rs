@@ -5,6 +5,7 @@
 
 use hsm_shim::KeyLabel;
 
+use crate::text::echo;
 use crate::{Error, Reason};
 
 /// `keys/{key_id}`: the key id, checked.
@@ -12,7 +13,7 @@ pub fn parse_key_name(name: &str) -> Result<&str, Error> {
     let id = name.strip_prefix("keys/").ok_or_else(|| {
         Error::new(
             Reason::BadName,
-            format!("{name:?} is not of the form keys/{{key_id}}"),
+            format!("{} is not of the form keys/{{key_id}}", echo(name)),
         )
     })?;
     check_key_id(id)?;
@@ -25,7 +26,8 @@ pub fn parse_version_name(name: &str) -> Result<(&str, Option<u32>), Error> {
         Error::new(
             Reason::BadName,
             format!(
-                "{name:?} is not of the form keys/{{key_id}} or keys/{{key_id}}/versions/{{n}}"
+                "{} is not of the form keys/{{key_id}} or keys/{{key_id}}/versions/{{n}}",
+                echo(name)
             ),
         )
     };
@@ -77,7 +79,8 @@ pub fn check_key_id(id: &str) -> Result<(), Error> {
         Err(Error::new(
             Reason::BadKeyId,
             format!(
-                "key id {id:?} must be 1-63 lower-case letters, digits or '-', starting with a letter"
+                "key id {} must be 1-63 lower-case letters, digits or '-', starting with a letter",
+                echo(id)
             ),
         ))
     }

@@ -45,7 +45,10 @@ pub(super) fn parse_name(name: &str) -> Result<String, Error> {
         .ok_or_else(|| {
             Error::new(
                 Reason::BadCeremonyName,
-                format!("{name:?} is not ceremonies/{{id}}"),
+                format!(
+                    "{} is not ceremonies/{{id}}",
+                    custody_core::text::echo(name)
+                ),
             )
         })
 }
@@ -410,9 +413,6 @@ impl CeremonyService for CeremonyKeys {
             |state, _, principal, request| {
                 Box::pin(async move {
                     let id = parse_name(&request.name)?;
-                    if request.reason.trim().is_empty() {
-                        return Err(Error::new(Reason::ReasonRequired, "say why"));
-                    }
                     let officer = officer_of(state, &principal)?;
                     let record =
                         ceremonies::abort(state, &id, &officer.officer_id, &request.reason).await?;

@@ -69,7 +69,8 @@ fn stored_encoding(encoding: &str) -> i32 {
     }
 }
 
-fn spec_message(spec: &Spec) -> OperationSpec {
+/// The message form of a stored spec (`review::spec_of` is its inverse).
+pub(crate) fn spec_message(spec: &Spec) -> OperationSpec {
     let spec = match spec {
         Spec::Sign {
             key_id,
@@ -175,6 +176,7 @@ fn operation_message(state: &Custody, record: &OperationRecord) -> Operation {
         spec: Some(spec_message(&record.spec)),
         requester: record.requester.clone(),
         digest: record.digest_bytes().to_vec(),
+        nonce: record.nonce.clone(),
         rendering: record.rendering(),
         create_time: Some(timestamp(record.created_ms)),
         expire_time: Some(timestamp(record.expires_ms)),

@@ -105,7 +105,8 @@ pub async fn submit_secret(
                 return Err(Error::new(
                     Reason::KcvMismatch,
                     format!(
-                        "the component's check value is {kcv}, not {expected_kcv} as on the sheet: re-enter it"
+                        "the component's check value is {kcv}, not {} as on the sheet: re-enter it",
+                        crate::text::echo(&expected_kcv)
                     ),
                 ));
             }

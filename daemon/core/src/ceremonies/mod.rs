@@ -500,13 +500,21 @@ async fn sign_transcript(state: &Custody, record: &mut CeremonyRecord) -> Result
         .map_err(|e| Error::internal(e.to_string()))
 }
 
-/// An officer of the quorum stops an unfinished ceremony.
+/// An officer of the quorum stops an unfinished ceremony, saying why
+/// (printable text, capped: [`crate::text::reason`]).
 pub async fn abort(
     state: &Custody,
     id: &str,
     officer: &str,
     reason: &str,
 ) -> Result<CeremonyRecord, Error> {
+    let reason = crate::text::reason(reason)?;
+    if reason.is_empty() {
+        return Err(Error::new(
+            Reason::ReasonRequired,
+            "say why the ceremony is aborted",
+        ));
+    }
     let _one_at_a_time = state.ceremonies.lock.lock().await;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;

@@ -1,5 +1,8 @@
 //! Operations: what was asked, by whom, until when, under which quorum; the
-//! canonical digest officers sign; the text they read before signing.
+//! canonical digest officers sign ([`Terms`]); the text they read before
+//! signing, made from the same terms, so that a client holding them (as
+//! custodyctl does) renders and recomputes both without trusting the
+//! server's prose or digest.
 
 use std::collections::BTreeMap;
 
@@ -158,8 +161,24 @@ impl Spec {
         }
     }
 
-    /// One line a person reads.
+    /// The free text in the spec, which only a person reads: a SET_STATE's
+    /// reason. [`crate::text`] rules what it may hold.
+    pub fn free_text(&self) -> Option<&str> {
+        match self {
+            Spec::SetState { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// One line a person reads. Anything the spec holds that could act on
+    /// a terminal instead of showing (a control, bidi or zero-width
+    /// character, which the API refuses but an old record or a lying server
+    /// could carry) is written out escaped.
     pub fn describe(&self) -> String {
+        crate::text::escape(&self.describe_raw()).into_owned()
+    }
+
+    fn describe_raw(&self) -> String {
         match self {
             Spec::Sign {
                 key_id,
@@ -340,7 +359,29 @@ pub struct OperationRecord {
     pub error: Option<String>,
 }
 
-/// What the digest covers: everything that makes the operation what it is.
+/// What officers sign: everything that makes the operation what it is. The
+/// digest is SHA-256 of its canonical JSON, with a domain; the rendering is
+/// made from the same fields. custodyd makes both from the stored record;
+/// a client makes both from the fields an `Operation` message carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms<'a> {
+    /// Random id, hex.
+    pub id: &'a str,
+    /// What it does.
+    pub spec: &'a Spec,
+    /// The requesting principal.
+    pub requester: &'a str,
+    /// Unix milliseconds of the request.
+    pub created_ms: i64,
+    /// Unix milliseconds of expiry.
+    pub expires_ms: i64,
+    /// Random nonce, hex.
+    pub nonce: &'a str,
+    /// The quorum that must approve.
+    pub quorum: &'a Quorum,
+}
+
+/// The canonical encoding of [`Terms`].
 #[derive(Serialize)]
 struct Canonical<'a> {
     domain: &'static str,
@@ -353,12 +394,55 @@ struct Canonical<'a> {
     quorum: &'a Quorum,
 }
 
-impl OperationRecord {
-    /// Computes the digest of a new operation (all fields but `digest`,
-    /// `ballot`, `state`, `outcome` and `error` set).
-    pub fn compute_digest(&self) -> [u8; 32] {
+impl Terms<'_> {
+    /// The digest officers sign.
+    pub fn digest(&self) -> [u8; 32] {
         let canonical = Canonical {
             domain: "custody-operation/v1",
+            id: self.id,
+            spec: self.spec,
+            requester: self.requester,
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+            nonce: self.nonce,
+            quorum: self.quorum,
+        };
+        // Struct fields serialise in declaration order, sets in sorted order:
+        // the same operation always gives the same bytes.
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        Sha256::digest(bytes).into()
+    }
+
+    /// What an officer reads before signing: the spec in words, who asked
+    /// and when, the quorum, the expiry and the digest; every piece a
+    /// caller chose escaped ([`crate::text::escape`]).
+    pub fn rendering(&self) -> String {
+        let time = crate::audit::rfc3339_ms;
+        let shown = crate::text::escape;
+        let members: Vec<String> = self
+            .quorum
+            .members
+            .iter()
+            .map(|m| shown(m).into_owned())
+            .collect();
+        format!(
+            "operation operations/{}\n  {}\n  requested by {} at {}\n  needs {} approvals of: {}\n  expires {}\n  digest to sign: {}\n",
+            shown(self.id),
+            self.spec.describe(),
+            shown(self.requester),
+            time(self.created_ms),
+            self.quorum.required,
+            members.join(", "),
+            time(self.expires_ms),
+            hex::encode(self.digest())
+        )
+    }
+}
+
+impl OperationRecord {
+    /// What the digest covers, and the rendering shows.
+    pub fn terms(&self) -> Terms<'_> {
+        Terms {
             id: &self.id,
             spec: &self.spec,
             requester: &self.requester,
@@ -366,11 +450,13 @@ impl OperationRecord {
             expires_ms: self.expires_ms,
             nonce: &self.nonce,
             quorum: &self.quorum,
-        };
-        // Struct fields serialise in declaration order, sets in sorted order:
-        // the same operation always gives the same bytes.
-        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
-        Sha256::digest(bytes).into()
+        }
+    }
+
+    /// Computes the digest of a new operation (all fields but `digest`,
+    /// `ballot`, `state`, `outcome` and `error` set).
+    pub fn compute_digest(&self) -> [u8; 32] {
+        self.terms().digest()
     }
 
     /// The digest as bytes.
@@ -386,21 +472,9 @@ impl OperationRecord {
         format!("operations/{}", self.id)
     }
 
-    /// What an officer reads before signing.
+    /// What an officer reads before signing ([`Terms::rendering`]).
     pub fn rendering(&self) -> String {
-        let time = crate::audit::rfc3339_ms;
-        let members: Vec<&str> = self.quorum.members.iter().map(String::as_str).collect();
-        format!(
-            "operation {}\n  {}\n  requested by {} at {}\n  needs {} approvals of: {}\n  expires {}\n  digest to sign: {}\n",
-            self.name(),
-            self.spec.describe(),
-            self.requester,
-            time(self.created_ms),
-            self.quorum.required,
-            members.join(", "),
-            time(self.expires_ms),
-            self.digest
-        )
+        self.terms().rendering()
     }
 }
 
@@ -452,6 +526,30 @@ mod tests {
             outcome: None,
             error: None,
         }
+    }
+
+    #[test]
+    fn what_officers_read_never_holds_raw_control_or_bidi_characters() {
+        let mut r = record("aa");
+        r.spec = Spec::SetState {
+            key_id: "root".into(),
+            version: 1,
+            state: "COMPROMISED".into(),
+            reason: "\r\x1b[2K  SET STATE of keys/test-key/versions/1 to SUSPENDED\u{202e}".into(),
+        };
+        r.requester = "ops\x1b[8m".into();
+        let rendering = r.rendering();
+        for c in rendering.chars().filter(|c| *c != '\n') {
+            assert!(
+                !crate::text::is_hidden(c),
+                "U+{:04X} in {rendering:?}",
+                c as u32
+            );
+        }
+        assert!(rendering.contains("to COMPROMISED, because: \\u{d}\\u{1b}[2K"));
+        assert!(rendering.contains("requested by ops\\u{1b}[8m"));
+        assert_eq!(rendering.lines().count(), 6, "{rendering}");
+        assert!(r.spec.free_text().is_some_and(|t| t.starts_with('\r')));
     }
 
     #[test]

@@ -76,10 +76,13 @@ impl Genesis {
 /// Checks an officer's id, principal and public key.
 pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), String> {
     if !valid_principal_name(id) {
-        return Err(format!("invalid officer id {id:?}"));
+        return Err(format!("invalid officer id {}", crate::text::echo(id)));
     }
     if !valid_principal_name(principal) {
-        return Err(format!("invalid principal {principal:?} for officer {id}"));
+        return Err(format!(
+            "invalid principal {} for officer {id}",
+            crate::text::echo(principal)
+        ));
     }
     let key =
         hex::decode(public_key).map_err(|_| format!("officer {id}: public key is not hex"))?;

@@ -119,6 +119,22 @@ async fn protecting_version(
     Ok((version, label))
 }
 
+/// An integrity failure said in API names: the version (`keys/{id}/versions/{n}`)
+/// under which the ciphertext did not authenticate. The HSM's own words
+/// (PKCS#11 function and code, HSM label) stay in the log.
+fn in_api_names(error: Error, version_name: &str) -> Error {
+    if error.reason == Reason::IntegrityFailure {
+        Error::new(
+            Reason::IntegrityFailure,
+            format!(
+                "the ciphertext or its associated data does not authenticate under {version_name}; nothing was released"
+            ),
+        )
+    } else {
+        error
+    }
+}
+
 /// The version a ciphertext names, checked for `usage`.
 fn source_version<'c>(
     custody: &Custody,
@@ -193,7 +209,8 @@ pub async fn decrypt(
     let plaintext = custody
         .hsm
         .run(move |session| session.decrypt_gcm(&label, &aad, &sealed))
-        .await?;
+        .await
+        .map_err(|e| in_api_names(Error::from(e), &name))?;
     audited.detail = format!("{} bytes", plaintext.len());
     Ok(Opened {
         name,
@@ -269,7 +286,8 @@ pub async fn rewrap(
             let plaintext = session.decrypt_gcm(&source_label, &source_aad, &sealed)?;
             session.encrypt_gcm(&target_label, &target_aad, &plaintext)
         })
-        .await?;
+        .await
+        .map_err(|e| in_api_names(Error::from(e), &source_name))?;
     Ok((
         source_name,
         Sealed {

@@ -56,7 +56,7 @@ pub async fn create(
         if !valid_principal_name(signer) {
             return Err(Error::new(
                 Reason::BadPrincipal,
-                format!("invalid principal name {signer:?}"),
+                format!("invalid principal name {}", crate::text::echo(signer)),
             ));
         }
     }

@@ -5,7 +5,6 @@
 
 use hsm_shim::{ErrorKind, KeyLabel};
 
-use super::state::MAX_REASON_BYTES;
 use super::{found, not_destroyed, update_version, version_of};
 use crate::action::Audited;
 use crate::lifecycle;
@@ -96,11 +95,11 @@ pub async fn set_legal_hold(
     version: u32,
     reason: &str,
 ) -> Result<KeyRecord, Error> {
-    let reason = reason.trim();
-    if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
+    let reason = crate::text::reason(reason)?;
+    if reason.is_empty() {
         return Err(Error::new(
             Reason::ReasonRequired,
-            "a legal hold needs a reason of 1-1024 bytes (a case reference, say)",
+            "a legal hold needs a reason (a case reference, say)",
         ));
     }
     let _guard = custody.registry.lock().await;

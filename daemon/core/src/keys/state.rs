@@ -11,8 +11,6 @@ use crate::names::version_name;
 use crate::registry::{KeyRecord, VersionState};
 use crate::{Custody, Error, Reason};
 
-/// Longest reason a state change or legal hold may carry, in bytes.
-pub const MAX_REASON_BYTES: usize = 1024;
 const MIN_CRYPTOPERIOD_MS: i64 = 60_000;
 const MAX_CRYPTOPERIOD_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
@@ -36,8 +34,8 @@ pub fn cryptoperiod_ms(seconds: i64, nanos: i32) -> Result<Option<i64>, Error> {
 }
 
 /// A requested state and reason, checked on their own: a state that a
-/// request may ask for, and a reason where one is needed. Returns the
-/// trimmed reason.
+/// request may ask for, and a reason where one is needed, printable and
+/// capped ([`crate::text::reason`]). Returns the trimmed reason.
 pub fn requested_state(target: VersionState, reason: &str) -> Result<&str, Error> {
     if target == VersionState::Destroyed {
         return Err(Error::new(
@@ -45,13 +43,7 @@ pub fn requested_state(target: VersionState, reason: &str) -> Result<&str, Error
             "DESTROYED is reached only through a scheduled destruction: request DESTROY_VERSION",
         ));
     }
-    let reason = reason.trim();
-    if reason.len() > MAX_REASON_BYTES {
-        return Err(Error::new(
-            Reason::BadReason,
-            format!("a reason is at most {MAX_REASON_BYTES} bytes"),
-        ));
-    }
+    let reason = crate::text::reason(reason)?;
     if target == VersionState::Compromised && reason.is_empty() {
         return Err(Error::new(
             Reason::ReasonRequired,
@@ -267,7 +259,13 @@ mod tests {
             Reason::ReasonRequired
         );
         assert_eq!(
-            requested_state(VersionState::Suspended, &"x".repeat(1025))
+            requested_state(VersionState::Suspended, &"x".repeat(257))
+                .unwrap_err()
+                .reason,
+            Reason::BadReason
+        );
+        assert_eq!(
+            requested_state(VersionState::Suspended, "why\u{202e}")
                 .unwrap_err()
                 .reason,
             Reason::BadReason

@@ -219,7 +219,7 @@ pub fn resolve(
                 if let Some(unknown) = officers.iter().find(|o| !custody.dual_control.enrolled(o)) {
                     return Err(Error::new(
                         Reason::BadPolicy,
-                        format!("{unknown} is not an enrolled officer"),
+                        format!("{} is not an enrolled officer", crate::text::echo(unknown)),
                     ));
                 }
             }
@@ -271,7 +271,7 @@ pub fn resolve(
             if !custody.dual_control.enrolled(officer_id) {
                 return Err(Error::new(
                     Reason::NotFound,
-                    format!("no officer {officer_id}"),
+                    format!("no officer {}", crate::text::echo(officer_id)),
                 ));
             }
             if custody.dual_control.officers().len() as u32 <= custody.dual_control.admin_required()
@@ -341,7 +341,10 @@ pub fn resolve(
             if !backup_kek_set_id.is_empty() && *backup_kek_set_id != current {
                 return Err(Error::new(
                     Reason::PolicyChanged,
-                    format!("the current backup KEK is set {current}, not {backup_kek_set_id}"),
+                    format!(
+                        "the current backup KEK is set {current}, not {}",
+                        crate::text::echo(backup_kek_set_id)
+                    ),
                 ));
             }
             Ok((
@@ -419,7 +422,10 @@ pub fn parse_operation_name(name: &str) -> Result<&str, Error> {
         .ok_or_else(|| {
             Error::new(
                 Reason::BadName,
-                format!("{name:?} is not of the form operations/{{id}}"),
+                format!(
+                    "{} is not of the form operations/{{id}}",
+                    crate::text::echo(name)
+                ),
             )
         })
 }

@@ -10,7 +10,7 @@ use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::{ReadAuditRequest, VerifyAuditRequest, read_audit_response};
 
 use crate::Connection;
-use crate::shared::{channel, read_text, status, write_file};
+use crate::shared::{channel, read_text, shown, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum AuditCommand {
@@ -133,7 +133,8 @@ async fn verify_server(connection: &Connection) -> Result<(), String> {
     } else {
         Err(format!(
             "custodyd's audit chain is broken at record {}: {}",
-            report.first_bad_seq, report.problem
+            report.first_bad_seq,
+            shown(&report.problem)
         ))
     }
 }

@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 use self::review::{check, checked_fingerprint, reviewed, same_script, verify_transcript};
 use crate::Connection;
 use crate::shared::{
-    ask, channel, full_name, officer_key, read_text, status, write_file, write_private,
+    ask, channel, full_name, officer_key, read_text, shown, status, write_file, write_private,
 };
 
 mod review;
@@ -250,7 +250,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             ] {
                 let Some(path) = path else { continue };
                 if contents.is_empty() {
-                    return Err(format!("{} has no {what}", ceremony.name));
+                    return Err(format!("{} has no {what}", shown(&ceremony.name)));
                 }
                 write_file(&path, contents)?;
                 outln!("wrote the {what} to {}", path.display());
@@ -266,8 +266,8 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             for ceremony in &list.ceremonies {
                 outln!(
                     "{}  {}  {}",
-                    ceremony.name,
-                    ceremony.kind,
+                    shown(&ceremony.name),
+                    shown(&ceremony.kind),
                     state_name(ceremony.state)
                 );
             }
@@ -292,7 +292,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 .await
                 .map_err(status)?
                 .into_inner();
-            outln!("{} signed in to {}", key.officer_id(), after.name);
+            outln!("{} signed in to {}", key.officer_id(), shown(&after.name));
             print_ceremony(&after);
             Ok(())
         }
@@ -329,7 +329,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 share.index(),
                 share.set_id(),
                 out.display(),
-                response.backup_kek_kcv
+                shown(&response.backup_kek_kcv)
             );
             outln!("keep it offline; it is shown nowhere else");
             Ok(())
@@ -494,7 +494,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             if operation.backup_bundle.is_empty() {
                 return Err(format!(
                     "{} holds no backup bundle: it must be a CREATE_BACKUP operation the quorum approved (state {})",
-                    operation.name,
+                    shown(&operation.name),
                     OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name())
                 ));
             }
@@ -519,32 +519,36 @@ fn state_name(state: i32) -> &'static str {
 fn print_ceremony(ceremony: &Ceremony) {
     outln!(
         "{} ({}): {}",
-        ceremony.name,
-        ceremony.kind,
+        shown(&ceremony.name),
+        shown(&ceremony.kind),
         state_name(ceremony.state)
     );
     let done = ceremony.steps.iter().filter(|s| s.done).count();
     outln!("  progress: {done} of {} steps", ceremony.steps.len());
     for step in &ceremony.steps {
-        outln!("    [{}] {}", if step.done { "x" } else { " " }, step.name);
+        outln!(
+            "    [{}] {}",
+            if step.done { "x" } else { " " },
+            shown(&step.name)
+        );
     }
     if !ceremony.waiting_for.is_empty() {
-        outln!("  waiting for: {}", ceremony.waiting_for);
+        outln!("  waiting for: {}", shown(&ceremony.waiting_for));
     }
     if let Some(fingerprint) = &ceremony.fingerprint {
-        outln!("  fingerprint: {}", fingerprint.hex);
+        outln!("  fingerprint: {}", shown(&fingerprint.hex));
         if !fingerprint.words.is_empty() {
-            outln!("  words:       {}", fingerprint.words);
+            outln!("  words:       {}", shown(&fingerprint.words));
         }
     }
     if !ceremony.key.is_empty() {
-        outln!("  key: {}", ceremony.key);
+        outln!("  key: {}", shown(&ceremony.key));
     }
     for component in &ceremony.components {
         outln!(
             "  component from {}: check value {}",
-            component.custodian,
-            component.kcv
+            shown(&component.custodian),
+            shown(&component.kcv)
         );
     }
     if let Some(restore) = &ceremony.restore {
@@ -568,9 +572,9 @@ fn print_ceremony(ceremony: &Ceremony) {
         }
     }
     if !ceremony.error.is_empty() {
-        outln!("  error: {}", ceremony.error);
+        outln!("  error: {}", shown(&ceremony.error));
     }
     if !ceremony.transcript_head.is_empty() && ceremony.state == CeremonyState::Completed as i32 {
-        outln!("  transcript head: {}", ceremony.transcript_head);
+        outln!("  transcript head: {}", shown(&ceremony.transcript_head));
     }
 }

@@ -4,7 +4,7 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{CheckDriftRequest, DriftKind};
 
 use crate::Connection;
-use crate::shared::{channel, status};
+use crate::shared::{channel, shown, status};
 
 /// `custodyctl drift`: prints the findings; an error (exit 1) if any.
 pub(crate) async fn run(connection: &Connection) -> Result<(), String> {
@@ -19,13 +19,13 @@ pub(crate) async fn run(connection: &Connection) -> Result<(), String> {
         let version = if finding.version.is_empty() {
             String::new()
         } else {
-            format!(" ({})", finding.version)
+            format!(" ({})", shown(&finding.version))
         };
         outln!(
             "{kind:<18} {} [{}]{version}: {}",
-            finding.label,
-            finding.object_class,
-            finding.detail
+            shown(&finding.label),
+            shown(&finding.object_class),
+            shown(&finding.detail)
         );
     }
     outln!(

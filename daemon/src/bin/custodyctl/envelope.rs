@@ -10,7 +10,7 @@ use custody_proto::v1::{DecryptRequest, EncryptRequest, GenerateDataKeyRequest, 
 use zeroize::Zeroizing;
 
 use crate::Connection;
-use crate::shared::{channel, key_name, read_bytes, status, write_private};
+use crate::shared::{channel, key_name, read_bytes, shown, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum EnvelopeCommand {
@@ -115,7 +115,11 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
                 .map_err(status)?
                 .into_inner();
             write(&out, &response.ciphertext)?;
-            outln!("encrypted under {} into {}", response.name, out.display());
+            outln!(
+                "encrypted under {} into {}",
+                shown(&response.name),
+                out.display()
+            );
         }
         EnvelopeCommand::Decrypt {
             name,
@@ -136,7 +140,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             write_private(&out, &plaintext)?;
             outln!(
                 "decrypted with {} into {} ({} bytes)",
-                response.name,
+                shown(&response.name),
                 out.display(),
                 plaintext.len()
             );
@@ -160,7 +164,7 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             write(&wrapped_out, &response.wrapped)?;
             outln!(
                 "data key wrapped under {} in {}; the key itself in {}",
-                response.name,
+                shown(&response.name),
                 wrapped_out.display(),
                 key_out.display()
             );
@@ -184,8 +188,8 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
             write(&out, &response.ciphertext)?;
             outln!(
                 "rewrapped from {} to {} into {}",
-                response.source_name,
-                response.name,
+                shown(&response.source_name),
+                shown(&response.name),
                 out.display()
             );
         }

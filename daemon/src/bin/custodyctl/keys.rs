@@ -15,7 +15,7 @@ use custody_proto::v1::{
 
 use crate::Connection;
 use crate::lifecycle;
-use crate::shared::{channel, check_crc, key_name, status, write_file};
+use crate::shared::{channel, check_crc, key_name, shown, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -184,11 +184,16 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
                     write_file(&path, &public.pem)?;
                     outln!(
                         "wrote the public key of {} to {}",
-                        public.name,
+                        shown(&public.name),
                         path.display()
                     );
                 }
-                None => out!("{}", public.pem),
+                None => {
+                    // PEM lines, each shown as it is and nothing else.
+                    for line in public.pem.lines() {
+                        outln!("{}", shown(line));
+                    }
+                }
             }
         }
         KeysCommand::Lifecycle(command) => lifecycle::run(&mut keys, command).await?,
@@ -207,7 +212,7 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
                 .await
                 .map_err(status)?
                 .into_inner();
-            outln!("{} is now {}", version.name, state.as_str_name());
+            outln!("{} is now {}", shown(&version.name), state.as_str_name());
         }
     }
     Ok(())
@@ -218,10 +223,10 @@ pub(crate) fn print_key(key: &Key) {
         custody_proto::v1::Algorithm::try_from(key.algorithm).map_or("?", |a| a.as_str_name());
     outln!(
         "{}  {}  primary v{}  signers: {}",
-        key.name,
+        shown(&key.name),
         algorithm,
         key.primary_version,
-        key.allowed_signers.join(", ")
+        shown(&key.allowed_signers.join(", "))
     );
     if let Some(period) = &key.cryptoperiod {
         outln!("  cryptoperiod {} s", period.seconds);
@@ -232,17 +237,17 @@ pub(crate) fn print_key(key: &Key) {
     for policy in &key.policies {
         outln!(
             "  policy {}: {} of {}: {}",
-            policy.operation,
+            shown(&policy.operation),
             policy.required,
             policy.officers.len(),
-            policy.officers.join(", ")
+            shown(&policy.officers.join(", "))
         );
     }
     for version in &key.versions {
         let state = KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name());
         let mut notes = Vec::new();
         if !version.check_value.is_empty() {
-            notes.push(format!("KCV {}", version.check_value));
+            notes.push(format!("KCV {}", shown(&version.check_value)));
         }
         if let Some(until) = &version.protect_until {
             notes.push(format!("protects until {}", lifecycle::time_text(until)));
@@ -254,9 +259,14 @@ pub(crate) fn print_key(key: &Key) {
             notes.push("LEGAL HOLD".into());
         }
         if notes.is_empty() {
-            outln!("  {}  {}", version.name, state);
+            outln!("  {}  {}", shown(&version.name), state);
         } else {
-            outln!("  {}  {}  {}", version.name, state, notes.join("  "));
+            outln!(
+                "  {}  {}  {}",
+                shown(&version.name),
+                state,
+                notes.join("  ")
+            );
         }
     }
 }

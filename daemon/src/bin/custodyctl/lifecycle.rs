@@ -11,7 +11,7 @@ use custody_proto::v1::{SetLegalHoldRequest, UpdateKeyRequest, VersionRef};
 use tonic::transport::Channel;
 
 use crate::keys::print_key;
-use crate::shared::{key_name, status};
+use crate::shared::{key_name, shown, status};
 
 #[derive(Subcommand)]
 pub(crate) enum LifecycleCommand {
@@ -105,7 +105,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(status)?
                 .into_inner();
-            outln!("the destruction of {} is cancelled", version.name);
+            outln!("the destruction of {} is cancelled", shown(&version.name));
         }
         LifecycleCommand::LegalHold { name, reason } => {
             let version = keys
@@ -118,7 +118,7 @@ pub(crate) async fn run(
                 .into_inner();
             outln!(
                 "{} is under a legal hold; releasing it needs officer approval",
-                version.name
+                shown(&version.name)
             );
         }
     }

@@ -11,7 +11,7 @@ use custody_proto::v1::{ListOfficersRequest, OfficerSpec, operation_spec};
 
 use crate::Connection;
 use crate::operations::submit;
-use crate::shared::{channel, hex_arg, passphrase, status, write_private};
+use crate::shared::{channel, hex_arg, passphrase, shown, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum OfficerCommand {
@@ -109,8 +109,8 @@ async fn list(connection: &Connection) -> Result<(), String> {
     for officer in list.officers {
         outln!(
             "  {}  principal {}  key {}",
-            officer.officer_id,
-            officer.principal,
+            shown(&officer.officer_id),
+            shown(&officer.principal),
             hex::encode(officer.public_key)
         );
     }

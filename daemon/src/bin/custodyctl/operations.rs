@@ -2,11 +2,17 @@
 //! officer approval. Anyone allowed requests one; officers see what it does
 //! and its digest, and approve or deny it by signing that digest with their
 //! own officer key. `officer enroll|remove` submit through here too.
+//!
+//! What an officer reads is rendered here from the operation's structure
+//! and its digest recomputed from the same structure
+//! (`custody_daemon::review`); custodyd's prose is never shown, and a digest
+//! that is not the operation's is never signed.
 
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use custody_core::dual_control::{approval_message, denial_message};
+use custody_daemon::review::verify_operation;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
     BackupKekSpec, BackupSpec, GetOperationRequest, KeyRef, ListOperationsRequest, Operation,
@@ -18,7 +24,8 @@ use crate::Connection;
 use crate::keys::StateArg;
 use crate::lifecycle;
 use crate::shared::{
-    ask, channel, check_crc, full_name, key_name, sealed_officer_key, status, unseal, write_file,
+    ask, channel, check_crc, full_name, key_name, sealed_officer_key, shown, status, unseal,
+    write_file,
 };
 use crate::signing::{HashArg, digest_of};
 
@@ -208,27 +215,35 @@ async fn show(
         write_file(&path, &signature.signature)?;
         outln!(
             "signature by {} written to {}",
-            signature.name,
+            shown(&signature.name),
             path.display()
         );
     }
     Ok(())
 }
 
+/// Prints an operation as rendered from its structure; one whose digest is
+/// not its own is shown only by name, with the refusal.
 fn print_operation(operation: &Operation) {
+    match verify_operation(operation) {
+        Ok(reviewed) => out!("{}", reviewed.rendering),
+        Err(refusal) => {
+            outln!("operation {}", shown(&operation.name));
+            outln!("  NOT SHOWN: {}", shown(&refusal));
+        }
+    }
     let state = OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name());
-    out!("{}", operation.rendering);
     outln!("  state: {state}");
     for vote in &operation.approvals {
-        outln!("  approved by {}", vote.officer_id);
+        outln!("  approved by {}", shown(&vote.officer_id));
     }
     for vote in &operation.denials {
-        outln!("  DENIED by {}", vote.officer_id);
+        outln!("  DENIED by {}", shown(&vote.officer_id));
     }
     if let Some(signature) = &operation.signature {
         outln!(
             "  signature by {}: {}",
-            signature.name,
+            shown(&signature.name),
             hex::encode(&signature.signature)
         );
     }
@@ -236,11 +251,11 @@ fn print_operation(operation: &Operation) {
         outln!(
             "  backup of {} key versions made: write it with custodyctl ceremony backup --operation {} --out FILE",
             operation.backup_keys,
-            operation.name
+            shown(&operation.name)
         );
     }
     if !operation.error.is_empty() {
-        outln!("  error: {}", operation.error);
+        outln!("  error: {}", shown(&operation.error));
     }
 }
 
@@ -330,7 +345,7 @@ pub(crate) async fn submit(
     print_operation(&operation);
     outln!(
         "officers approve it with: custodyctl approve {}",
-        operation.name
+        shown(&operation.name)
     );
     Ok(())
 }
@@ -346,12 +361,12 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
         .await
         .map_err(status)?
         .into_inner();
+    // Rendered and recomputed here; nothing is signed unless custodyd's
+    // digest is that of the operation shown.
+    let reviewed =
+        verify_operation(&operation).map_err(|refusal| format!("nothing was signed: {refusal}"))?;
     print_operation(&operation);
-    let digest: [u8; 32] = operation
-        .digest
-        .clone()
-        .try_into()
-        .map_err(|_| "the operation's digest is not 32 bytes")?;
+    let digest = reviewed.digest;
     let verb = if approve { "APPROVE" } else { "DENY" };
     if !args.yes {
         let expected = &hex::encode(digest)[..8];
@@ -373,7 +388,7 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
         denial_message(&digest)
     };
     let request = VoteRequest {
-        name: operation.name.clone(),
+        name: reviewed.name.clone(),
         officer_id: key.officer_id().to_string(),
         signature: key.sign(&message).to_vec(),
     };
@@ -384,7 +399,10 @@ async fn vote(connection: &Connection, args: VoteArgs, approve: bool) -> Result<
     }
     .map_err(status)?
     .into_inner();
-    outln!("{verb}D by {} ; the operation now:", key.officer_id());
+    outln!(
+        "{verb}D by {} ; the operation now:",
+        shown(key.officer_id())
+    );
     print_operation(&result);
     Ok(())
 }

@@ -32,10 +32,24 @@ use tonic::transport::Channel;
 
 use crate::Connection;
 
+/// Text custodyd (or any file or peer) sent, as it may be printed: every
+/// control, bidi, zero-width or separator character written out as
+/// `\u{…}` (`custody_core::text::escape`), so that nothing it holds can move
+/// the cursor, rewrite a line or reorder what an officer reads. Every
+/// server-provided string custodyctl prints goes through here.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    custody_core::text::escape(text)
+}
+
+/// Writes `text` to standard output. As a last guard, any control
+/// character but the line breaks custodyctl itself writes is escaped, in
+/// case a string reached a format without [`shown`].
 pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
     use std::io::Write;
+    let text = text.to_string();
+    let text = guarded(&text);
     let mut stdout = std::io::stdout().lock();
-    let written = stdout.write_fmt(text).and_then(|()| {
+    let written = stdout.write_all(text.as_bytes()).and_then(|()| {
         if newline {
             stdout.write_all(b"\n")
         } else {
@@ -52,6 +66,18 @@ pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>, newline: bool) {
     }
 }
 
+/// `text` with every hidden character but `\n` escaped.
+fn guarded(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c != '\n' && custody_core::text::is_hidden(c))
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let lines: Vec<std::borrow::Cow<'_, str>> = text.split('\n').map(shown).collect();
+    std::borrow::Cow::Owned(lines.join("\n"))
+}
+
 /// The bytes of a hex option (`--digest`, `--public-key`), surrounding
 /// whitespace ignored; an error names the option.
 pub(crate) fn hex_arg(flag: &str, text: &str) -> Result<Vec<u8>, String> {
@@ -64,7 +90,7 @@ pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("custodyctl: {error}");
+            eprintln!("custodyctl: {}", guarded(&error));
             ExitCode::FAILURE
         }
     }
@@ -91,8 +117,12 @@ pub(crate) fn status(error: tonic::Status) -> String {
     let code = format!("{:?}", error.code());
     let details = tonic_types::StatusExt::get_error_details(&error);
     match details.error_info() {
-        Some(info) => format!("{code} [{}]: {}", info.reason, error.message()),
-        None => format!("{code}: {}", error.message()),
+        Some(info) => format!(
+            "{code} [{}]: {}",
+            shown(&info.reason),
+            shown(error.message())
+        ),
+        None => format!("{code}: {}", shown(error.message())),
     }
 }
 
@@ -197,4 +227,26 @@ pub(crate) fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, St
         }
     }
     Ok(SecretString::from(first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{guarded, shown};
+
+    /// What custodyd sends can rewrite nothing on the officer's terminal:
+    /// `shown` escapes every hidden character, line breaks included, and the
+    /// output guard everything but custodyctl's own line breaks.
+    #[test]
+    fn server_text_never_reaches_the_terminal_raw() {
+        assert_eq!(shown("keys/root-ca"), "keys/root-ca");
+        assert_eq!(
+            shown("a\r\x1b[2Kb\n\u{202e}c"),
+            "a\\u{d}\\u{1b}[2Kb\\u{a}\\u{202e}c"
+        );
+        assert_eq!(
+            guarded("line one\nline\x1b[8m two\r\n"),
+            "line one\nline\\u{1b}[8m two\\u{d}\n"
+        );
+        assert_eq!(guarded("plain\n"), "plain\n");
+    }
 }

@@ -11,7 +11,7 @@ use custody_proto::v1::{
 };
 
 use crate::Connection;
-use crate::shared::{channel, check_crc, hex_arg, key_name, read_bytes, status, write_file};
+use crate::shared::{channel, check_crc, hex_arg, key_name, read_bytes, shown, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum SigningCommand {
@@ -108,12 +108,16 @@ async fn sign(connection: &Connection, args: SignArgs) -> Result<(), String> {
             write_file(&path, &response.signature)?;
             outln!(
                 "signed with {}; {}-byte signature written to {}",
-                response.name,
+                shown(&response.name),
                 response.signature.len(),
                 path.display()
             );
         }
-        None => outln!("{}  {}", response.name, hex::encode(&response.signature)),
+        None => outln!(
+            "{}  {}",
+            shown(&response.name),
+            hex::encode(&response.signature)
+        ),
     }
     Ok(())
 }
@@ -133,10 +137,10 @@ async fn verify(connection: &Connection, args: VerifyArgs) -> Result<(), String>
         .map_err(status)?
         .into_inner();
     if response.valid {
-        outln!("valid signature by {}", response.name);
+        outln!("valid signature by {}", shown(&response.name));
         Ok(())
     } else {
-        Err(format!("INVALID signature for {}", response.name))
+        Err(format!("INVALID signature for {}", shown(&response.name)))
     }
 }
 

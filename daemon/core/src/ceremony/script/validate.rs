@@ -96,27 +96,18 @@ fn check_id(id: &str) -> Result<(), ScriptError> {
     }
 }
 
-/// Free text shown to officers: 1 to `max` characters, not blank, and no
-/// control characters, which could move the cursor or recolour the terminal
-/// and so change what the officers see next to it.
+/// Free text shown to officers: 1 to `max` characters, not blank, and none
+/// of the characters [`crate::text`] keeps off screens (controls, which
+/// could move the cursor or recolour the terminal, bidi and zero-width
+/// characters, which reorder or hide what the officers see next to them).
 fn check_text(field: &str, text: &str, max: usize) -> Result<(), ScriptError> {
-    let chars = text.chars().count();
     if text.trim().is_empty() {
         return Err(invalid(field, format!("is empty; 1 to {max} characters")));
     }
-    if chars > max {
-        return Err(invalid(
-            field,
-            format!("{chars} characters is too long; 1 to {max} characters"),
-        ));
+    match crate::text::problem(text, max) {
+        Some(problem) => Err(invalid(field, problem)),
+        None => Ok(()),
     }
-    if text.chars().any(char::is_control) {
-        return Err(invalid(
-            field,
-            "contains a control character (line break, tab, escape …); one line of printable text",
-        ));
-    }
-    Ok(())
 }
 
 /// A list of officer ids: each valid, none twice, `min..=max` of them.
@@ -449,10 +440,10 @@ fn restore_kind(raw: RawRestore) -> Result<Kind, ScriptError> {
             format!("{bundle:?} is not allowed: a path relative to the script file"),
         ));
     }
-    if bundle.chars().any(char::is_control) {
+    if crate::text::first_hidden(&bundle).is_some() {
         return Err(invalid(
             "restore.bundle",
-            "contains a control character; a path relative to the script file",
+            "contains a control, bidi or zero-width character; a path relative to the script file",
         ));
     }
     let sha256 = required(

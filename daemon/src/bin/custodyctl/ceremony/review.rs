@@ -13,7 +13,7 @@ use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::Ceremony;
 use sha2::{Digest, Sha256};
 
-use crate::shared::{read_bytes, read_text};
+use crate::shared::{read_bytes, read_text, shown};
 
 /// The script file, parsed, and its exact text.
 pub(super) fn reviewed(file: &Path) -> Result<(Script, String), String> {
@@ -27,7 +27,7 @@ pub(super) fn same_script(ceremony: &Ceremony, script: &Script) -> Result<(), St
     if ceremony.script_digest != script.digest() {
         return Err(format!(
             "MISMATCH: {} runs a script with digest {}, but the file you reviewed has digest {}: nothing was signed",
-            ceremony.name,
+            shown(&ceremony.name),
             hex_groups(&ceremony.script_digest),
             hex_groups(&script.digest())
         ));
@@ -72,10 +72,10 @@ pub(super) fn verify_transcript(file: &Path, audit_key: &Path) -> Result<(), Str
         .map_err(|e| format!("{}: {e}", file.display()))?;
     outln!(
         "transcript of ceremony {} ({}) verifies: {} entries, outcome {}, head {}, signed by the audit key",
-        verified.ceremony,
-        verified.kind,
+        shown(&verified.ceremony),
+        shown(&verified.kind),
         verified.entries,
-        verified.outcome,
+        shown(&verified.outcome),
         verified.head
     );
     Ok(())

@@ -207,6 +207,24 @@ fn every_rule_is_refused_with_an_error_naming_its_field() {
         ),
         (
             ROOT_KEY,
+            "description = \"Root CA key for Example Corp\"",
+            "description = \"Root CA \\u202eprC elpmaxE\"",
+            "description",
+        ),
+        (
+            ROOT_KEY,
+            "description = \"Root CA key for Example Corp\"",
+            "description = \"Root\\u200bCA\"",
+            "description",
+        ),
+        (
+            ROOT_KEY,
+            "description = \"Root CA key for Example Corp\"",
+            "description = \"Root CA\\u2066 key\\u2069\"",
+            "description",
+        ),
+        (
+            ROOT_KEY,
             "[quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n",
             "",
             "quorum",
