@@ -8,7 +8,7 @@ use std::sync::Arc;
 use custody_core::Custody;
 use custody_core::clock::Clock;
 use custody_core::config::{
-    AuditSection, CeremonySection, Config, DualControlSection, EnvelopeSection, HsmSection,
+    AuditSection, CeremonySection, Config, ConnectionsSection, DualControlSection, EnvelopeSection, HsmSection,
     LifecycleSection, MetricsSection, PolicySection, TlsSection,
 };
 use custody_core::dual_control::officer_key::OfficerKey;
@@ -169,6 +169,7 @@ impl TestService {
                 crls: vec![write("crl.pem", &ca.crl(&[&revoked]).expect("CRL"))],
                 min_version: "1.3".into(),
             },
+            connections: ConnectionsSection::default(),
             metrics: MetricsSection::default(),
             policy: PolicySection {
                 allowed_algorithms: custody_core::algorithms::KeyAlgorithm::ALL
