@@ -574,8 +574,14 @@ mod tests {
             ),
             ("max_connections = 1024", "max_connections = 0"),
             ("max_handshakes = 64", "max_handshakes = 2000"),
-            ("max_connection_age_secs = 600", "max_connection_age_secs = 0"),
-            ("keepalive_interval_secs = 30", "keepalive_interval_secs = 0"),
+            (
+                "max_connection_age_secs = 600",
+                "max_connection_age_secs = 0",
+            ),
+            (
+                "keepalive_interval_secs = 30",
+                "keepalive_interval_secs = 0",
+            ),
             ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
         ] {
             assert!(REFERENCE.contains(from), "{from}");

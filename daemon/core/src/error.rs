@@ -36,6 +36,10 @@ macro_rules! reasons {
 reasons! {
     Unauthenticated = "UNAUTHENTICATED": "no verified TLS peer",
     NoCustodyIdentity = "NO_CUSTODY_IDENTITY": "the certificate names no custody principal",
+    CertificateNoLongerValid = "CERTIFICATE_NO_LONGER_VALID": "the connection's client certificate no longer verifies (revoked by a CRL loaded since, expired, or its CA no longer trusted); the connection is closed",
+    UnknownMethod = "UNKNOWN_METHOD": "no such service or method",
+    MessageTooLarge = "MESSAGE_TOO_LARGE": "the request message is over max_message_bytes",
+    UndecodableMessage = "UNDECODABLE_MESSAGE": "the request message is not the method's protobuf (or carries no message, or one in an unsupported compression)",
     RoleRequired = "ROLE_REQUIRED": "the caller lacks the role the RPC needs",
     NotAllowedSigner = "NOT_ALLOWED_SIGNER": "the caller is not on the key's allow-list",
     BadName = "BAD_NAME": "malformed resource name or key id",
