@@ -69,9 +69,12 @@ pub struct TlsConnection {
 
 impl TlsConnection {
     /// The error every read and write returns once a reload has closed the
-    /// connection; registers `cx` to be woken when that happens.
-    fn closed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        let closed = self.peer.connection.is_closed() || self.closing.as_mut().poll(cx).is_ready();
+    /// connection. Reads also register `cx` to be woken when that happens:
+    /// the connection's task always has a read pending, so a closed
+    /// connection ends even while it is idle.
+    fn closed(&mut self, cx: Option<&mut Context<'_>>) -> Option<io::Error> {
+        let closed = self.peer.connection.is_closed()
+            || cx.is_some_and(|cx| self.closing.as_mut().poll(cx).is_ready());
         closed.then(|| {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -95,7 +98,7 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(error) = self.closed(cx) {
+        if let Some(error) = self.closed(Some(cx)) {
             return Poll::Ready(Err(error));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
@@ -108,14 +111,14 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(error) = self.closed(cx) {
+        if let Some(error) = self.closed(None) {
             return Poll::Ready(Err(error));
         }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(error) = self.closed(cx) {
+        if let Some(error) = self.closed(None) {
             return Poll::Ready(Err(error));
         }
         Pin::new(&mut self.stream).poll_flush(cx)
