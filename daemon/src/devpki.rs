@@ -33,6 +33,8 @@ impl From<rcgen::Error> for PkiError {
 pub struct Issued {
     /// The certificate.
     pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
     /// The private key (PKCS#8).
     pub key_pem: String,
     /// The serial number.
@@ -136,6 +138,7 @@ impl Ca {
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
             key_pem: key.serialize_pem(),
             serial,
         })
@@ -202,6 +205,7 @@ pub fn self_signed_client(principal: &str, roles: &[Role]) -> Result<Issued, Pki
     let cert = params.self_signed(&key)?;
     Ok(Issued {
         cert_pem: cert.pem(),
+        cert_der: cert.der().to_vec(),
         key_pem: key.serialize_pem(),
         serial,
     })

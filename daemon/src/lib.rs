@@ -7,7 +7,9 @@
 //! |---|---|
 //! | [`service`] | the gRPC handlers, one file per service, and the shape they share |
 //! | [`status`] | the one map from a domain reason to a gRPC status |
-//! | [`tls`] | mTLS: rustls config, CRLs, reload, the accept loop |
+//! | [`tls`] | mTLS: rustls config, CRLs, reload (open connections checked again), the connections' certificates |
+//! | [`listener`] | the accept loop: caps on connections and handshakes, rate-limited refusal logs |
+//! | [`gate`] | the layer below the handlers: per-request certificate check, refusals no handler sees, audited |
 //! | [`server`] | assembling and running the server |
 //! | [`run`] | the process: config, signals, logging |
 //! | [`client`] | mTLS channels to custodyd (custodyctl, tests) |
@@ -19,6 +21,8 @@
 
 pub mod client;
 pub mod devpki;
+pub mod gate;
+pub mod listener;
 pub mod review;
 pub mod run;
 pub mod server;

@@ -15,13 +15,15 @@ use custody_proto::v1::signing_service_server::SigningServiceServer;
 use hsm_shim::{Hsm, HsmConfig, TokenSelector};
 use tokio::net::TcpListener;
 
+use crate::gate::GateLayer;
+use crate::listener::{Limits, incoming};
 use crate::service::audit::Audit;
 use crate::service::ceremony::CeremonyKeys;
 use crate::service::envelope::EnvelopeKeys;
 use crate::service::keys::Keys;
 use crate::service::operations::Operations;
 use crate::service::signing::Signing;
-use crate::tls::{TlsReloader, incoming};
+use crate::tls::TlsReloader;
 use custody_core::Custody;
 use custody_core::audit::{AuditLog, CheckpointPolicy, Event};
 use custody_core::clock::{Clock, SystemClock};
@@ -191,9 +193,20 @@ impl Daemon {
             .build_v1()
             .map_err(|e| format!("reflection: {e}"))?;
         let state = self.state;
+        let gate = GateLayer::new(state.clone(), limit)?;
+        let connections = &self.config.connections;
+        let secs = Duration::from_secs;
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(self.config.max_concurrent_requests)
             .timeout(Duration::from_secs(60))
+            // A connection's certificate is checked at its handshake (and
+            // again at reloads): a maximum age bounds how long it serves
+            // without a new handshake.
+            .max_connection_age(secs(connections.max_connection_age_secs))
+            .max_connection_age_grace(secs(connections.max_connection_age_grace_secs))
+            .http2_keepalive_interval(Some(secs(connections.keepalive_interval_secs)))
+            .http2_keepalive_timeout(Some(secs(connections.keepalive_timeout_secs)))
+            .layer(gate)
             .add_service(health)
             .add_service(reflection)
             .add_service(
@@ -224,7 +237,10 @@ impl Daemon {
             .add_service(
                 AuditServiceServer::new(Audit(state.clone())).max_decoding_message_size(limit),
             )
-            .serve_with_incoming_shutdown(incoming(listener, self.tls), shutdown)
+            .serve_with_incoming_shutdown(
+                incoming(listener, self.tls, Limits::from(connections)),
+                shutdown,
+            )
             .await
             .map_err(|e| format!("gRPC server: {e}"));
         // Every request has finished: let the audit writer drain and stop.

@@ -16,6 +16,9 @@ fn known_code(reason: Reason) -> Option<Code> {
     Some(match reason {
         R::Unauthenticated => Code::Unauthenticated,
         R::NoCustodyIdentity => Code::PermissionDenied,
+        R::CertificateNoLongerValid => Code::Unauthenticated,
+        R::UnknownMethod => Code::Unimplemented,
+        R::MessageTooLarge => Code::ResourceExhausted,
         R::RoleRequired => Code::PermissionDenied,
         R::NotAllowedSigner => Code::PermissionDenied,
         R::BadName => Code::InvalidArgument,

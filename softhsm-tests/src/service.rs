@@ -8,8 +8,8 @@ use std::sync::Arc;
 use custody_core::Custody;
 use custody_core::clock::Clock;
 use custody_core::config::{
-    AuditSection, CeremonySection, Config, DualControlSection, EnvelopeSection, HsmSection,
-    LifecycleSection, MetricsSection, PolicySection, TlsSection,
+    AuditSection, CeremonySection, Config, ConnectionsSection, DualControlSection, EnvelopeSection,
+    HsmSection, LifecycleSection, MetricsSection, PolicySection, TlsSection,
 };
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::dual_control::{approval_message, denial_message};
@@ -169,6 +169,7 @@ impl TestService {
                 crls: vec![write("crl.pem", &ca.crl(&[&revoked]).expect("CRL"))],
                 min_version: "1.3".into(),
             },
+            connections: ConnectionsSection::default(),
             metrics: MetricsSection::default(),
             policy: PolicySection {
                 allowed_algorithms: custody_core::algorithms::KeyAlgorithm::ALL
@@ -238,6 +239,11 @@ impl TestService {
     /// Reloads the TLS files, as SIGHUP does.
     pub fn reload_tls(&self) -> Result<(), String> {
         self.running().tls.reload()
+    }
+
+    /// How many authenticated client connections custodyd has open.
+    pub fn open_connections(&self) -> usize {
+        self.running().tls.open_connections()
     }
 
     /// Stops the server (in-flight requests finish) and starts it again on

@@ -700,10 +700,11 @@ token_test!(
 );
 
 token_test!(
-    fn reloaded_certificates_apply_to_new_connections_only(token) {
+    fn reloaded_certificates_apply_to_new_connections_and_close_open_ones_no_longer_trusted(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let old_client = service.client("ca-issuing").await;
+            KeyServiceClient::new(old_client.clone()).list_keys(ListKeysRequest::default()).await.unwrap();
             // A new client CA replaces the old one on disk, then a reload.
             let new_ca = Ca::new("custody test CA 2").unwrap();
             std::fs::write(&service.config.tls.client_ca, new_ca.cert_pem()).unwrap();
@@ -714,12 +715,17 @@ token_test!(
             assert!(refused(&service, &old_ca_cert).await);
             let new_ca_cert = new_ca.issue_client("ca-issuing", &[Role::Signer], Validity::days(1)).unwrap();
             assert!(!refused(&service, &new_ca_cert).await);
-            // ... while the connection opened before the reload carries on.
-            KeyServiceClient::new(old_client).list_keys(ListKeysRequest::default()).await.unwrap();
-            // A reload with broken files keeps the working configuration.
+            // ... and the connection opened before the reload, whose CA is no
+            // longer trusted, is refused from the reload on.
+            assert!(KeyServiceClient::new(old_client).list_keys(ListKeysRequest::default()).await.is_err());
+            // A reload with broken files keeps the working configuration, and
+            // closes nothing.
+            let open = service.client_with(&new_ca_cert).await.unwrap();
+            KeyServiceClient::new(open.clone()).list_keys(ListKeysRequest::default()).await.unwrap();
             std::fs::write(&service.config.tls.client_ca, "not a certificate").unwrap();
             assert!(service.reload_tls().is_err());
             assert!(!refused(&service, &new_ca_cert).await);
+            KeyServiceClient::new(open).list_keys(ListKeysRequest::default()).await.unwrap();
         });
     }
 );

@@ -28,6 +28,9 @@ pub struct Config {
     pub hsm: HsmSection,
     /// TLS files and versions.
     pub tls: TlsSection,
+    /// Limits on client connections: how many, how long, keepalive.
+    #[serde(default)]
+    pub connections: ConnectionsSection,
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
@@ -240,6 +243,100 @@ pub struct TlsSection {
     pub min_version: String,
 }
 
+/// `[connections]`: how many clients may be connected or handshaking at
+/// once, and how long a connection lives. A connection is authenticated once,
+/// at its handshake; a maximum age bounds how long a certificate checked then
+/// keeps working without a new check (a reload re-checks open connections at
+/// once).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsSection {
+    /// Most client connections open at once (handshaking or served); more
+    /// are closed as soon as they are accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most TLS handshakes in progress at once; more are closed as soon as
+    /// they are accepted.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// How long a client may take to finish its handshake.
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    /// A connection older than this is asked to go away (HTTP/2 GOAWAY);
+    /// the client reconnects, and its certificate is checked again.
+    #[serde(default = "default_max_connection_age_secs")]
+    pub max_connection_age_secs: u64,
+    /// How long requests already running on a connection past its age may
+    /// take before it is closed regardless.
+    #[serde(default = "default_max_connection_age_grace_secs")]
+    pub max_connection_age_grace_secs: u64,
+    /// Interval of HTTP/2 keepalive pings to each client.
+    #[serde(default = "default_keepalive_interval_secs")]
+    pub keepalive_interval_secs: u64,
+    /// A client that does not answer a ping within this is disconnected.
+    #[serde(default = "default_keepalive_timeout_secs")]
+    pub keepalive_timeout_secs: u64,
+}
+
+impl Default for ConnectionsSection {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            handshake_timeout_secs: default_handshake_timeout_secs(),
+            max_connection_age_secs: default_max_connection_age_secs(),
+            max_connection_age_grace_secs: default_max_connection_age_grace_secs(),
+            keepalive_interval_secs: default_keepalive_interval_secs(),
+            keepalive_timeout_secs: default_keepalive_timeout_secs(),
+        }
+    }
+}
+
+impl ConnectionsSection {
+    fn check(&self) -> Result<(), ConfigError> {
+        let problem = if self.max_connections == 0 {
+            "max_connections must be at least 1"
+        } else if !(1..=self.max_connections).contains(&self.max_handshakes) {
+            "max_handshakes must be within 1 and max_connections"
+        } else if !(1..=300).contains(&self.handshake_timeout_secs) {
+            "handshake_timeout_secs must be within 1-300"
+        } else if !(1..=86_400).contains(&self.max_connection_age_secs) {
+            "max_connection_age_secs must be within 1-86400"
+        } else if !(1..=3_600).contains(&self.max_connection_age_grace_secs) {
+            "max_connection_age_grace_secs must be within 1-3600"
+        } else if !(1..=3_600).contains(&self.keepalive_interval_secs) {
+            "keepalive_interval_secs must be within 1-3600"
+        } else if !(1..=600).contains(&self.keepalive_timeout_secs) {
+            "keepalive_timeout_secs must be within 1-600"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError(format!("[connections] {problem}")))
+    }
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_handshakes() -> usize {
+    64
+}
+fn default_handshake_timeout_secs() -> u64 {
+    10
+}
+fn default_max_connection_age_secs() -> u64 {
+    600
+}
+fn default_max_connection_age_grace_secs() -> u64 {
+    30
+}
+fn default_keepalive_interval_secs() -> u64 {
+    30
+}
+fn default_keepalive_timeout_secs() -> u64 {
+    10
+}
+
 /// `[metrics]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -378,6 +475,7 @@ impl Config {
             ));
         }
         self.ceremony.trusted_audit_keys()?;
+        self.connections.check()?;
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
             return Err(ConfigError(
                 "[dual_control] approval_ttl_secs must be within 10-86400".into(),
@@ -430,6 +528,29 @@ mod tests {
             24 * 3600 * 1000
         );
         assert_eq!(config.envelope.max_encryptions_per_version, 1 << 32);
+        let connections = &config.connections;
+        let defaults = ConnectionsSection::default();
+        assert_eq!(
+            (
+                connections.max_connections,
+                connections.max_handshakes,
+                connections.handshake_timeout_secs,
+                connections.max_connection_age_secs,
+                connections.max_connection_age_grace_secs,
+                connections.keepalive_interval_secs,
+                connections.keepalive_timeout_secs,
+            ),
+            (
+                defaults.max_connections,
+                defaults.max_handshakes,
+                defaults.handshake_timeout_secs,
+                defaults.max_connection_age_secs,
+                defaults.max_connection_age_grace_secs,
+                defaults.keepalive_interval_secs,
+                defaults.keepalive_timeout_secs,
+            ),
+            "the reference config shows the defaults"
+        );
         for (from, to) in [
             (
                 "destroy_cancel_window_secs = 86400",
@@ -451,6 +572,17 @@ mod tests {
                 "trusted_audit_keys = []",
                 "trusted_audit_keys = [\"not a digest\"]",
             ),
+            ("max_connections = 1024", "max_connections = 0"),
+            ("max_handshakes = 64", "max_handshakes = 2000"),
+            (
+                "max_connection_age_secs = 600",
+                "max_connection_age_secs = 0",
+            ),
+            (
+                "keepalive_interval_secs = 30",
+                "keepalive_interval_secs = 0",
+            ),
+            ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
         ] {
             assert!(REFERENCE.contains(from), "{from}");
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();

@@ -36,6 +36,9 @@ macro_rules! reasons {
 reasons! {
     Unauthenticated = "UNAUTHENTICATED": "no verified TLS peer",
     NoCustodyIdentity = "NO_CUSTODY_IDENTITY": "the certificate names no custody principal",
+    CertificateNoLongerValid = "CERTIFICATE_NO_LONGER_VALID": "the connection's client certificate no longer verifies (revoked by a CRL loaded since, expired, or its CA no longer trusted); the connection is closed",
+    UnknownMethod = "UNKNOWN_METHOD": "no such service or method",
+    MessageTooLarge = "MESSAGE_TOO_LARGE": "the request message is over max_message_bytes",
     RoleRequired = "ROLE_REQUIRED": "the caller lacks the role the RPC needs",
     NotAllowedSigner = "NOT_ALLOWED_SIGNER": "the caller is not on the key's allow-list",
     BadName = "BAD_NAME": "malformed resource name or key id",
@@ -48,7 +51,7 @@ reasons! {
     TooManySigners = "TOO_MANY_SIGNERS": "bad allow-list",
     BadPageSize = "BAD_PAGE_SIZE": "bad pagination",
     BadPageToken = "BAD_PAGE_TOKEN": "bad pagination",
-    Undecodable = "UNDECODABLE": "the request's bytes do not decode as its protobuf message (answered by the codec, before any handler)",
+    Undecodable = "UNDECODABLE": "the request's bytes do not decode as its protobuf message, or it carries no message, or one in a compression custodyd does not take (answered before any handler)",
     MissingInput = "MISSING_INPUT": "neither digest nor data, or an empty digest",
     DigestLength = "DIGEST_LENGTH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",
     DigestAlgorithmMismatch = "DIGEST_ALGORITHM_MISMATCH": "the digest does not fit the key's algorithm (Ed25519 takes data only)",

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -123,9 +124,75 @@ pub fn principal_from_certificate(der: &[u8]) -> Result<Principal, String> {
     Ok(Principal { name, roles })
 }
 
+/// Longest subject an audit record quotes, in characters.
+const MAX_SUBJECT_CHARS: usize = 256;
+
+/// Which certificate a caller presented, as the audit log names it when
+/// the certificate maps to no principal or no longer counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateId {
+    /// The subject's distinguished name (at most 256 characters), or `?`
+    /// if the certificate does not parse.
+    pub subject: String,
+    /// The serial number, hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, hex: names it unambiguously.
+    pub sha256: String,
+    /// End of its validity, Unix seconds (`i64::MIN` if it does not parse,
+    /// so that it counts as expired).
+    pub not_after: i64,
+}
+
+impl CertificateId {
+    /// The identity of the certificate `der`.
+    pub fn of(der: &[u8]) -> CertificateId {
+        let sha256 = hex::encode(Sha256::digest(der));
+        match X509Certificate::from_der(der) {
+            Ok((_, certificate)) => CertificateId {
+                subject: certificate
+                    .subject()
+                    .to_string()
+                    .chars()
+                    .take(MAX_SUBJECT_CHARS)
+                    .collect(),
+                serial: hex::encode(certificate.raw_serial()),
+                sha256,
+                not_after: certificate.validity().not_after.timestamp(),
+            },
+            Err(_) => CertificateId {
+                subject: "?".into(),
+                serial: String::new(),
+                sha256,
+                not_after: i64::MIN,
+            },
+        }
+    }
+}
+
+impl fmt::Display for CertificateId {
+    /// `certificate subject="…" serial=… sha256=…`, the subject quoted with
+    /// any control character escaped.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "certificate subject={:?} serial={} sha256={}",
+            self.subject, self.serial, self.sha256
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unparseable_certificate_is_still_named_by_its_digest_and_counts_as_expired() {
+        let id = CertificateId::of(b"not a certificate");
+        assert_eq!(id.subject, "?");
+        assert_eq!(id.sha256, hex::encode(Sha256::digest(b"not a certificate")));
+        assert_eq!(id.not_after, i64::MIN);
+        assert!(id.to_string().contains(&id.sha256));
+    }
 
     #[test]
     fn principal_names_are_restricted() {

@@ -10,7 +10,10 @@
 //! | `custody_audit_checkpoints_total` | counter | outcome |
 //! | `custody_hsm_queue_depth` | gauge | |
 //! | `custody_hsm_workers` | gauge | |
-//! | `custody_tls_handshake_failures_total` | counter | reason |
+//! | `custody_tls_handshake_failures_total` | counter | reason (no_certificate, expired, revoked, unknown_issuer, …, timeout, connection_limit, handshake_limit) |
+//! | `custody_connections_open` | gauge | |
+//! | `custody_connections_closed_total` | counter | reason (certificate_no_longer_valid) |
+//! | `custody_requests_refused_before_handler_total` | counter | reason |
 //! | `custody_certificate_expiry_seconds` | gauge | which (server, client_ca) |
 //! | `custody_operations` | gauge | state (pending, succeeded, failed, denied, expired) |
 //! | `custody_rotations_total` | counter | trigger (demand, schedule, compromise, approved), outcome (done, failed, replayed) |
@@ -86,6 +89,22 @@ pub fn hsm(queue_depth: usize, workers: usize) {
 /// A refused TLS handshake.
 pub fn tls_handshake_failed(reason: &'static str) {
     metrics::counter!("custody_tls_handshake_failures_total", "reason" => reason).increment(1);
+}
+
+/// Client connections open now (handshaking or served).
+pub fn connections_open(count: usize) {
+    metrics::gauge!("custody_connections_open").set(count as f64);
+}
+
+/// An open connection custodyd closed itself, and why.
+pub fn connection_closed(reason: &'static str) {
+    metrics::counter!("custody_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// A request refused before any handler saw it (the refusal's reason).
+pub fn refused_before_handler(reason: &'static str) {
+    metrics::counter!("custody_requests_refused_before_handler_total", "reason" => reason)
+        .increment(1);
 }
 
 /// Seconds until `certificate` expires (negative once expired).

@@ -27,13 +27,19 @@ use custody_core::identity::Principal;
 use custody_core::{Custody, Error, Reason, metrics};
 use tonic::{Request, Response, Status};
 
+use crate::gate::HandlerReached;
 use crate::tls::PeerInfo;
 
 /// Largest message (`data`) a sign or verify request may carry.
 pub const MAX_SIGN_DATA: usize = 64 * 1024;
 
-/// The authenticated caller of a request.
+/// The authenticated caller of a request. Every handler asks first: from
+/// then on it records the request's outcome itself (the gate records the
+/// refusals that come before, [`crate::gate`]).
 pub fn caller<T>(request: &Request<T>) -> Result<Principal, Error> {
+    if let Some(reached) = request.extensions().get::<HandlerReached>() {
+        reached.mark();
+    }
     let peer = request
         .extensions()
         .get::<PeerInfo>()

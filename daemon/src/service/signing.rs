@@ -108,6 +108,23 @@ async fn spawn_sign(
         .map_err(|_| Error::internal("the signing task failed"))?
 }
 
+/// A stream item the transport could not read (over `max_message_bytes`,
+/// not a `SignRequest`) ends the stream; it is recorded as the stream's
+/// refusal (no handler of one item ever saw it).
+async fn unreadable_item(custody: &Custody, principal: &Principal, status: Status) -> Status {
+    let Some(reason) = crate::gate::unreadable_message(status.code()) else {
+        return status;
+    };
+    let mut audited = Audited::start("SignStream");
+    audited.principal = principal.name.clone();
+    let refused = Error::new(reason, status.message());
+    audited
+        .finish::<()>(custody, Err(refused))
+        .await
+        .err()
+        .unwrap_or(status)
+}
+
 type SignStreamResponses = Pin<Box<dyn Stream<Item = Result<SignResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -138,13 +155,23 @@ impl SigningService for Signing {
             }
         };
         let custody = self.0.clone();
-        let responses = request
-            .into_inner()
+        // Nothing after an unreadable item is read: it ends the stream.
+        let items = request.into_inner().scan(false, |failed, item| {
+            let next = (!*failed).then_some(item);
+            *failed = next.as_ref().is_some_and(Result::is_err);
+            std::future::ready(next)
+        });
+        let responses = items
             .map(move |item| {
                 let custody = custody.clone();
                 let principal = principal.clone();
                 async move {
-                    let request = item?;
+                    let request = match item {
+                        Ok(request) => request,
+                        Err(status) => {
+                            return Err(unreadable_item(&custody, &principal, status).await);
+                        }
+                    };
                     let request_id = request.request_id;
                     Ok(match spawn_sign(custody, principal, request).await {
                         Ok(response) => response,
