@@ -216,6 +216,16 @@ pub fn spec_of(message: &OperationSpec) -> Result<Spec, String> {
                 })
                 .collect::<Result<_, _>>()?,
         },
+        operation_spec::Spec::Decrypt(decrypt) => {
+            let (key_id, version) = version(&decrypt.name)?;
+            Spec::Decrypt {
+                key_id,
+                version,
+                ciphertext: hex::encode(&decrypt.ciphertext),
+                associated_data: hex::encode(&decrypt.associated_data),
+                recipient: hex::encode(&decrypt.recipient_public_key),
+            }
+        }
         operation_spec::Spec::ActivateBackupKek(kek) => {
             let count = |n: u32, what: &str| {
                 u8::try_from(n)
@@ -261,6 +271,13 @@ mod tests {
             },
             Spec::Rotate {
                 key_id: "root".into(),
+            },
+            Spec::Decrypt {
+                key_id: "payments-kek".into(),
+                version: 2,
+                ciphertext: "00ff".repeat(20),
+                associated_data: String::new(),
+                recipient: "ab".repeat(32),
             },
             Spec::ActivateBackupKek {
                 ceremony: "kek-2026".into(),

@@ -67,6 +67,7 @@ impl Daemon {
             pin,
         );
         hsm_config.workers = config.hsm.workers;
+        hsm_config.max_queued = config.hsm.max_queued_jobs;
         let hsm = match Hsm::open(hsm_config) {
             Ok(hsm) => hsm,
             Err(e) if e.kind() == hsm_shim::ErrorKind::Authentication => {
@@ -146,6 +147,7 @@ impl Daemon {
             lifecycle: config.lifecycle.clone(),
             budget,
             ceremonies,
+            limits: custody_core::limits::Limits::from_config(&config),
         });
         let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
         let ceremonies = custody_core::ceremonies::recover(&state)
@@ -321,9 +323,13 @@ async fn watch_health(
     }
 }
 
-/// Opens custodyd's database in `dir`.
+/// Opens custodyd's database in `dir`, which is made (or narrowed to)
+/// mode 0700 first: it holds the registry, the operations and the audit log.
 pub fn open_db(dir: &Path) -> Result<sled::Db, String> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("data dir {}: {e}", dir.display()))?;
     sled::Config::new()
         .path(dir.join("custody.sled"))
         .flush_every_ms(Some(500))

@@ -132,6 +132,11 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::CertificateUnsupported => Code::InvalidArgument,
         R::JournalUnavailable => Code::Unavailable,
         R::JournalCorrupt => Code::Internal,
+        R::TooManyPending => Code::ResourceExhausted,
+        R::TooManyCeremonies => Code::ResourceExhausted,
+        R::HsmBusy => Code::ResourceExhausted,
+        R::AlreadyRunning => Code::ResourceExhausted,
+        R::BadRecipient => Code::InvalidArgument,
         R::Internal => Code::Internal,
         _ => return None,
     })
@@ -145,13 +150,17 @@ pub fn code(reason: Reason) -> Code {
     })
 }
 
-/// The gRPC status of `error`, with `ErrorInfo`.
+/// The gRPC status of `error`, with `ErrorInfo`, and `RetryInfo` when the
+/// refusal says when to try again.
 pub fn to_status(error: Error) -> Status {
-    let details = ErrorDetails::with_error_info(
+    let mut details = ErrorDetails::with_error_info(
         error.reason.as_str(),
         DOMAIN,
         std::collections::HashMap::<String, String>::new(),
     );
+    if let Some(delay) = error.retry_after {
+        details.set_retry_info(Some(delay));
+    }
     Status::with_error_details(code(error.reason), error.message, details)
 }
 

@@ -74,12 +74,20 @@ pub struct HsmConfig {
     /// How many worker threads, each with its own logged-in session, serve
     /// [`crate::Hsm::run`]. See `docs/architecture.md` for how the default was chosen.
     pub workers: usize,
+    /// Most jobs that may wait for a worker before [`crate::Hsm::try_run`]
+    /// refuses more ([`crate::ErrorKind::Busy`]).
+    pub max_queued: usize,
 }
 
 impl HsmConfig {
     /// The worker count measured to serve SoftHSM2 best on a 2-core machine;
     /// see `docs/benchmarks.md`.
     pub const DEFAULT_WORKERS: usize = 2;
+
+    /// Jobs that may wait for a worker by default: at the pool's measured
+    /// rates (docs/benchmarks.md) a full queue drains in well under a
+    /// second.
+    pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
     /// A config with the default worker count.
     pub fn new(module: impl Into<PathBuf>, token: TokenSelector, pin: SecretString) -> Self {
@@ -88,6 +96,7 @@ impl HsmConfig {
             token,
             pin,
             workers: Self::DEFAULT_WORKERS,
+            max_queued: Self::DEFAULT_MAX_QUEUED,
         }
     }
 }

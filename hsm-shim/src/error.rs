@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// Configuration is wrong: module not loadable, token not found, PIN source
     /// unreadable.
     Configuration,
+    /// Too many jobs are waiting for a worker ([`crate::Hsm::try_run`]): nothing
+    /// was done; try again shortly.
+    Busy,
     /// Anything else; always a bug or an unexpected module answer.
     Internal,
 }

@@ -21,6 +21,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
@@ -49,6 +50,10 @@ struct Inner {
     access: Arc<TokenAccess>,
     token: TokenSummary,
     gate: Arc<Gate>,
+    /// Jobs queued and not yet taken by a worker (of both [`Hsm::run`] and
+    /// [`Hsm::try_run`]); `try_run` refuses at `max_queued`.
+    waiting: Arc<AtomicUsize>,
+    max_queued: usize,
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     // Holds the application's login; see the module docs.
@@ -91,14 +96,16 @@ impl Hsm {
         let login_session = access.open_logged_in()?;
         let gate = Arc::new(Gate::default());
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
             let session = HsmSession::new(access.clone(), access.open_logged_in()?);
             let queue = queue.clone();
             let gate = gate.clone();
+            let waiting = waiting.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("hsm-worker-{index}"))
-                .spawn(move || serve(session, queue, &gate))
+                .spawn(move || serve(session, queue, &gate, &waiting))
                 .map_err(|e| {
                     HsmError::new(ErrorKind::Internal, format!("starting HSM worker: {e}"))
                 })?;
@@ -116,6 +123,8 @@ impl Hsm {
                 access,
                 token,
                 gate,
+                waiting,
+                max_queued: config.max_queued.max(1),
                 jobs: Some(jobs),
                 workers,
                 login_session: Mutex::new(login_session),
@@ -126,7 +135,48 @@ impl Hsm {
     /// Runs `op` on a worker's session and returns its result. The closure
     /// owns what it needs (`'static`): the worker may outlive the caller's
     /// stack frame, for example if the caller's future is dropped.
+    ///
+    /// The job waits for a worker however many others wait: this is for
+    /// work whose amount custodyd bounds itself (state changes, which
+    /// serialise on the registry lock; ceremony steps; the scheduler).
+    /// Requests that any caller can repeat at will use [`Hsm::try_run`].
     pub async fn run<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
+    {
+        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        self.submit(op).await
+    }
+
+    /// [`Hsm::run`], unless `max_queued` jobs are already waiting for a
+    /// worker: then refused at once with [`ErrorKind::Busy`], and nothing
+    /// is queued. So a flood of requests costs memory and latency up to a
+    /// bound, and the caller hears "try again" instead of waiting behind
+    /// everyone else.
+    pub async fn try_run<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
+    {
+        let max = self.inner.max_queued;
+        let admitted =
+            self.inner
+                .waiting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                    (waiting < max).then_some(waiting + 1)
+                });
+        if admitted.is_err() {
+            return Err(HsmError::new(
+                ErrorKind::Busy,
+                format!("{max} HSM jobs are waiting for a worker"),
+            ));
+        }
+        self.submit(op).await
+    }
+
+    /// Queues `op` (already counted in `waiting`) and awaits its answer.
+    async fn submit<T, F>(&self, op: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
@@ -136,11 +186,18 @@ impl Hsm {
             // The caller may have gone away; its answer is then simply dropped.
             let _ = reply.send(op(session));
         });
-        self.inner
+        let sent = self
+            .inner
             .jobs
             .as_ref()
-            .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| HsmError::new(ErrorKind::Unavailable, "HSM workers have stopped"))?;
+            .and_then(|jobs| jobs.send(job).ok());
+        if sent.is_none() {
+            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(HsmError::new(
+                ErrorKind::Unavailable,
+                "HSM workers have stopped",
+            ));
+        }
         answer.await.map_err(|_| {
             HsmError::new(
                 ErrorKind::Internal,
@@ -174,7 +231,7 @@ impl Hsm {
 
     /// Requests waiting for a worker (a gauge for metrics).
     pub fn queued(&self) -> usize {
-        self.inner.jobs.as_ref().map_or(0, Sender::len)
+        self.inner.waiting.load(Ordering::SeqCst)
     }
 
     /// Runs `op` with the pool paused: once jobs already running have
@@ -239,9 +296,10 @@ thread_local! {
     static ON_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-fn serve(mut session: HsmSession, queue: Receiver<Job>, gate: &Gate) {
+fn serve(mut session: HsmSession, queue: Receiver<Job>, gate: &Gate, waiting: &AtomicUsize) {
     ON_WORKER.set(true);
     while let Ok(job) = queue.recv() {
+        waiting.fetch_sub(1, Ordering::SeqCst);
         // Held for the job only: a pause waits for it and then holds the
         // next job here, already taken from the queue but not started.
         let _running = gate.enter();

@@ -161,6 +161,7 @@ impl TestService {
                 pin_env: None,
                 workers: 2,
                 max_pin_failures: 5,
+                max_queued_jobs: hsm_shim::HsmConfig::DEFAULT_MAX_QUEUED,
             },
             tls: TlsSection {
                 cert: write("server.pem", &server.cert_pem),

@@ -41,15 +41,15 @@ use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, BackupKekSpec, BackupSpec, CeremonySignature, CheckDriftRequest,
-    CollectShareRequest, CreateBackupRequest, CreateKeyRequest, DecryptRequest, Digest,
-    EncryptRequest, GenerateDataKeyRequest, GetCeremonyRequest, GetKeyRequest, GetOperationRequest,
-    GetPublicKeyRequest, GetTranscriptRequest, KeyRef, KeyVersionState, ListCeremoniesRequest,
-    ListKeysRequest, ListOfficersRequest, ListOperationsRequest, OfficerSpec, Operation,
-    OperationKind, OperationState, ReadAuditRequest, RewrapRequest, RotateKeyRequest,
-    SetKeyVersionStateRequest, SetLegalHoldRequest, SetPolicySpec, SetStateSpec, SignRequest,
-    SignSpec, StartCeremonyRequest, SubmitSecretRequest, UpdateKeyRequest, VerifyAuditRequest,
-    VerifyRequest, VersionRef, VoteRequest, digest, operation_spec, sign_request,
-    submit_secret_request, verify_request,
+    CollectShareRequest, CreateBackupRequest, CreateKeyRequest, DecryptRequest, DecryptSpec,
+    Digest, EncryptRequest, GenerateDataKeyRequest, GetCeremonyRequest, GetKeyRequest,
+    GetOperationRequest, GetPublicKeyRequest, GetTranscriptRequest, KeyRef, KeyVersionState,
+    ListCeremoniesRequest, ListKeysRequest, ListOfficersRequest, ListOperationsRequest,
+    OfficerSpec, Operation, OperationKind, OperationState, ReadAuditRequest, RewrapRequest,
+    RotateKeyRequest, SetKeyVersionStateRequest, SetLegalHoldRequest, SetPolicySpec, SetStateSpec,
+    SignRequest, SignSpec, StartCeremonyRequest, SubmitSecretRequest, UpdateKeyRequest,
+    VerifyAuditRequest, VerifyRequest, VersionRef, VoteRequest, digest, operation_spec,
+    sign_request, submit_secret_request, verify_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
@@ -150,6 +150,10 @@ fn boxed(
 }
 
 const ANY: &[Role] = &[];
+/// Every role: reads need one (a signer's limited to its allow-listed keys).
+const READERS: &[Role] = &[Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
+const NOT_A_SIGNER: &[Role] = &[Role::Operator, Role::Auditor, Role::Officer];
+const OFFICER_OR_AUDITOR: &[Role] = &[Role::Officer, Role::Auditor];
 const OPERATOR: &[Role] = &[Role::Operator];
 const SIGNER: &[Role] = &[Role::Signer];
 const AUDITOR: &[Role] = &[Role::Auditor];
@@ -167,6 +171,21 @@ const EVERYONE_OK: &[(Who, Expect)] = &[
     (Auditor, OK),
 ];
 const OFFICERS_OK: &[(Who, Expect)] = &[(Alice, OK), (Bob, OK), (Mallory, OK)];
+const ALL_BUT_THE_STRANGER_OK: &[(Who, Expect)] = &[
+    (Alice, OK),
+    (Bob, OK),
+    (Mallory, OK),
+    (Signer, OK),
+    (Operator, OK),
+    (Auditor, OK),
+];
+const NO_SIGNER_OK: &[(Who, Expect)] = &[
+    (Alice, OK),
+    (Bob, OK),
+    (Mallory, OK),
+    (Operator, OK),
+    (Auditor, OK),
+];
 const NOT_ON_THE_ALLOW_LIST: &[(Who, &str)] = &[(Stranger, "NOT_ALLOWED_SIGNER")];
 /// Bob and Mallory send Alice's own signed request, under her officer id.
 const AS_ALICE: &[(Who, &str)] = &[(Bob, "OFFICER_MISMATCH"), (Mallory, "OFFICER_MISMATCH")];
@@ -243,6 +262,8 @@ struct Fixture {
     signature: Vec<u8>,
     /// `ca-issuing`'s ciphertext under `keys/aes`.
     ciphertext: Vec<u8>,
+    /// `ca-issuing`'s ciphertext under `keys/aes-gated` (DECRYPT under 2 of 3).
+    gated_ciphertext: Vec<u8>,
     /// A SIGN operation on `keys/gated` that `ca-issuing` asked for.
     pending: Operation,
     /// Alice's approval of `pending`, her denial of a second such
@@ -357,11 +378,12 @@ fn rows() -> Vec<Row> {
              |_| KeyServiceClient.create_key(new_key("fresh", false))),
         row!("KeyService.CreateKey (backup_exportable)", OPERATOR, refusing: &[], allowing: &[(Operator, OK)],
              |_| KeyServiceClient.create_key(new_key("fresh-backup", true))),
-        row!("KeyService.GetKey", ANY, refusing: &[], allowing: EVERYONE_OK,
+        // Reads need a role; a signer reads the keys on whose allow-list it is.
+        row!("KeyService.GetKey", READERS, refusing: NOT_ON_THE_ALLOW_LIST, allowing: ALL_BUT_THE_STRANGER_OK,
              |_| KeyServiceClient.get_key(GetKeyRequest { name: "keys/k".into() })),
-        row!("KeyService.ListKeys", ANY, refusing: &[], allowing: EVERYONE_OK,
+        row!("KeyService.ListKeys", NOT_A_SIGNER, refusing: &[], allowing: NO_SIGNER_OK,
              |_| KeyServiceClient.list_keys(ListKeysRequest::default())),
-        row!("KeyService.GetPublicKey", ANY, refusing: &[], allowing: EVERYONE_OK,
+        row!("KeyService.GetPublicKey", READERS, refusing: NOT_ON_THE_ALLOW_LIST, allowing: ALL_BUT_THE_STRANGER_OK,
              |_| KeyServiceClient.get_public_key(GetPublicKeyRequest { name: "keys/k".into() })),
         row!("KeyService.RotateKey", OPERATOR, refusing: &[], allowing: &[(Operator, OK)],
              |_| KeyServiceClient.rotate_key(RotateKeyRequest {
@@ -386,7 +408,7 @@ fn rows() -> Vec<Row> {
              |_| SigningServiceClient.sign(sign_k())),
         row!("SigningService.SignStream", SIGNER, refusing: NOT_ON_THE_ALLOW_LIST, allowing: &[(Signer, OK)],
              |_, channel| sign_stream(channel)),
-        row!("SigningService.Verify", ANY, refusing: &[], allowing: EVERYONE_OK,
+        row!("SigningService.Verify", READERS, refusing: NOT_ON_THE_ALLOW_LIST, allowing: ALL_BUT_THE_STRANGER_OK,
              |f| SigningServiceClient.verify(VerifyRequest {
                  name: "keys/k".into(), input: Some(verify_request::Input::Digest(sha256(TBS))),
                  signature: f.signature.clone(), encoding: 0 })),
@@ -441,6 +463,11 @@ fn rows() -> Vec<Row> {
         row!("OperationService.RequestOperation (RELEASE_LEGAL_HOLD)", OPERATOR_OR_OFFICER, refusing: &[],
              allowing: &[(Operator, OK), (Alice, OK)],
              |_, channel| ask(channel, Spec::ReleaseLegalHold(version("keys/held/versions/1")))),
+        row!("OperationService.RequestOperation (DECRYPT)", SIGNER, refusing: NOT_ON_THE_ALLOW_LIST,
+             allowing: &[(Signer, OK)],
+             |f, channel| ask(channel, Spec::Decrypt(DecryptSpec {
+                 name: "keys/aes-gated".into(), ciphertext: f.gated_ciphertext.clone(),
+                 associated_data: AAD.to_vec(), recipient_public_key: f.dave.clone() }))),
         row!("OperationService.RequestOperation (CREATE_BACKUP)", OFFICER, refusing: &[],
              allowing: &[(Alice, Err("NO_BACKUP_KEK"))],
              |_, channel| ask(channel, Spec::CreateBackup(BackupSpec::default()))),
@@ -464,7 +491,8 @@ fn rows() -> Vec<Row> {
              |f| OperationServiceClient.approve_operation(f.own.clone())),
         row!("OperationService.DenyOperation", OFFICER, refusing: AS_ALICE, allowing: &[(Alice, OK)],
              |f| OperationServiceClient.deny_operation(f.deny.clone())),
-        row!("OperationService.ListOfficers", ANY, refusing: &[], allowing: EVERYONE_OK,
+        row!("OperationService.ListOfficers", OFFICER_OR_AUDITOR, refusing: &[],
+             allowing: &[(Alice, OK), (Mallory, OK), (Auditor, OK)],
              |_| OperationServiceClient.list_officers(ListOfficersRequest {})),
         // CeremonyService: officers; calls made as an officer only over that
         // officer's certificate; an abort only by an officer of its quorum.
@@ -567,10 +595,12 @@ async fn prepare(service: &TestService, channels: &HashMap<Who, Channel>) -> Fix
         create_key(operator, key, "EC_SIGN_P256_SHA256", None).await;
     }
     create_key(operator, "aes", "AES_256_GCM", None).await;
-    use OperationKind::{Rotate, SetState, Sign, UpdateKey};
+    create_key(operator, "aes-gated", "AES_256_GCM", None).await;
+    use OperationKind::{Decrypt, Rotate, SetState, Sign, UpdateKey};
     for kind in [Sign, Rotate, SetState, UpdateKey] {
         service.gate("gated", kind).await;
     }
+    service.gate("aes-gated", Decrypt).await;
     // `old` and `doomed`: version 1 deactivated behind a new primary, and
     // `doomed` v1 scheduled for destruction; `held` v1 under a legal hold.
     let mut keys = KeyServiceClient::new(operator.clone());
@@ -606,6 +636,15 @@ async fn prepare(service: &TestService, channels: &HashMap<Who, Channel>) -> Fix
     let sealed = EnvelopeServiceClient::new(signer.clone())
         .encrypt(encrypt)
         .await;
+    // A DECRYPT policy leaves encryption direct.
+    let gated = EncryptRequest {
+        name: "keys/aes-gated".into(),
+        plaintext: b"dek".to_vec(),
+        associated_data: AAD.to_vec(),
+    };
+    let gated = EnvelopeServiceClient::new(signer.clone())
+        .encrypt(gated)
+        .await;
     let pending = request_operation(signer, sign_gated()).await.unwrap();
     let to_deny = request_operation(signer, sign_gated()).await.unwrap();
     // Alice, operator and officer at once, asks for a rotation that she
@@ -640,6 +679,7 @@ async fn prepare(service: &TestService, channels: &HashMap<Who, Channel>) -> Fix
     Fixture {
         signature: signed.unwrap().into_inner().signature,
         ciphertext: sealed.unwrap().into_inner().ciphertext,
+        gated_ciphertext: gated.unwrap().into_inner().ciphertext,
         approve: service.vote_for("alice", &pending, true),
         deny: service.vote_for("alice", &to_deny, false),
         own: service.vote_for("alice", &own, true),

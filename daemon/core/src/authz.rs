@@ -26,8 +26,12 @@ pub enum Approval {
 /// What a caller asks to do, as far as roles decide it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Read keys, versions and public keys; verify a signature.
+    /// Read a key, its versions and public keys; verify a signature. A
+    /// caller who is only a signer reads the keys whose allow-list names it
+    /// ([`may_read_key`]).
     ReadKeys,
+    /// List every key.
+    ListKeys,
     /// Create, rotate, change the state or settings of keys.
     ManageKeys,
     /// Make a key safer: cancel a scheduled destruction, place a legal hold.
@@ -61,13 +65,14 @@ pub enum Action {
 
 impl Action {
     /// The roles of which the caller must hold one; empty: any
-    /// authenticated principal.
+    /// authenticated principal (only [`Action::RequestOperation`], whose
+    /// requested operation's own action decides).
     pub fn roles(self) -> &'static [Role] {
         match self {
-            Action::ReadKeys
-            | Action::ListOfficers
-            | Action::ReadOperations
-            | Action::RequestOperation => &[],
+            Action::RequestOperation => &[],
+            Action::ReadKeys | Action::ReadOperations => &Role::ALL,
+            Action::ListKeys => &[Role::Operator, Role::Auditor, Role::Officer],
+            Action::ListOfficers => &[Role::Officer, Role::Auditor],
             Action::ManageKeys | Action::RequestKeyChange => &[Role::Operator],
             Action::ProtectKeys | Action::RequestControlChange => &[Role::Operator, Role::Officer],
             Action::CheckDrift => &[Role::Operator, Role::Auditor],
@@ -132,10 +137,30 @@ pub fn acting_officer(
     Ok(officer)
 }
 
+/// Refuses unless `principal` may read `record` (its versions, public
+/// keys, signatures verified with it): operators, officers and auditors
+/// read every key; a signer reads the keys whose allow-list names it.
+pub fn may_read_key(principal: &Principal, record: &KeyRecord) -> Result<(), Error> {
+    authorize(principal, Action::ReadKeys)?;
+    if [Role::Operator, Role::Officer, Role::Auditor]
+        .iter()
+        .any(|role| principal.has(*role))
+    {
+        return Ok(());
+    }
+    allowed_user(record, &principal.name)
+}
+
+/// Whether `principal` reads every operation (officers and auditors), not
+/// only those it asked for.
+pub fn reads_all_operations(principal: &Principal) -> bool {
+    principal.has(Role::Officer) || principal.has(Role::Auditor)
+}
+
 /// Refuses unless `principal` may read an operation `requester` asked for:
 /// the requester, officers and auditors.
 pub fn may_read_operation(principal: &Principal, requester: &str) -> Result<(), Error> {
-    if principal.has(Role::Officer) || principal.has(Role::Auditor) || requester == principal.name {
+    if reads_all_operations(principal) || requester == principal.name {
         Ok(())
     } else {
         Err(Error::new(
@@ -223,6 +248,7 @@ mod tests {
     fn each_action_needs_one_of_its_roles() {
         let all = [
             Action::ReadKeys,
+            Action::ListKeys,
             Action::ManageKeys,
             Action::ProtectKeys,
             Action::CheckDrift,
@@ -264,6 +290,32 @@ mod tests {
         assert!(authorize(&principal(&[Role::Signer]), Action::Vote).is_err());
         assert!(authorize(&principal(&[Role::Officer]), Action::ManageKeys).is_err());
         assert!(authorize(&principal(&[Role::Signer]), Action::ReadAudit).is_err());
+        assert!(authorize(&principal(&[Role::Signer]), Action::ListKeys).is_err());
+        assert!(authorize(&principal(&[Role::Signer]), Action::ListOfficers).is_err());
+        assert!(authorize(&principal(&[Role::Operator]), Action::ListOfficers).is_err());
+        // Every action but asking for an operation needs a role.
+        assert_eq!(
+            all.iter()
+                .filter(|a| a.roles().is_empty())
+                .collect::<Vec<_>>(),
+            [&Action::RequestOperation]
+        );
+    }
+
+    #[test]
+    fn a_signer_reads_only_the_keys_it_may_use() {
+        let record = key(&[]);
+        let mut signer = principal(&[Role::Signer]);
+        signer.name = "ca".into();
+        assert!(may_read_key(&signer, &record).is_ok());
+        signer.name = "ca-2".into();
+        assert_eq!(
+            may_read_key(&signer, &record).unwrap_err().reason,
+            Reason::NotAllowedSigner
+        );
+        for role in [Role::Operator, Role::Officer, Role::Auditor] {
+            assert!(may_read_key(&principal(&[role]), &record).is_ok(), "{role}");
+        }
     }
 
     fn key(policies: &[(&str, u32)]) -> KeyRecord {

@@ -133,7 +133,7 @@ fn default_max_encryptions_per_version() -> u64 {
 }
 
 /// `[ceremony]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CeremonySection {
     /// File holding the token security officer's PIN. Only KEK ceremonies
@@ -151,6 +151,25 @@ pub struct CeremonySection {
     /// script names (`restore.audit_key_sha256`).
     #[serde(default)]
     pub trusted_audit_keys: Vec<String>,
+    /// Most ceremonies one officer may have open (not finished) at once.
+    #[serde(default = "default_max_open_per_officer")]
+    pub max_open_per_officer: usize,
+}
+
+impl Default for CeremonySection {
+    fn default() -> Self {
+        Self {
+            so_pin_file: None,
+            scratch_token_label: None,
+            scratch_pin_file: None,
+            trusted_audit_keys: Vec::new(),
+            max_open_per_officer: default_max_open_per_officer(),
+        }
+    }
+}
+
+fn default_max_open_per_officer() -> usize {
+    4
 }
 
 impl CeremonySection {
@@ -186,6 +205,12 @@ pub struct DualControlSection {
     /// Whether one officer's signed denial vetoes an operation.
     #[serde(default = "default_true")]
     pub denial_vetoes: bool,
+    /// Most operations one principal may have pending at once.
+    #[serde(default = "default_max_pending_per_requester")]
+    pub max_pending_per_requester: usize,
+    /// How long a finished operation stays readable before it is pruned.
+    #[serde(default = "default_operation_retention_secs")]
+    pub operation_retention_secs: u64,
 }
 
 impl Default for DualControlSection {
@@ -194,8 +219,17 @@ impl Default for DualControlSection {
             genesis_file: None,
             approval_ttl_secs: default_approval_ttl_secs(),
             denial_vetoes: true,
+            max_pending_per_requester: default_max_pending_per_requester(),
+            operation_retention_secs: default_operation_retention_secs(),
         }
     }
+}
+
+fn default_max_pending_per_requester() -> usize {
+    32
+}
+fn default_operation_retention_secs() -> u64 {
+    30 * 24 * 3600
 }
 
 fn default_approval_ttl_secs() -> u64 {
@@ -223,6 +257,9 @@ pub struct HsmSection {
     /// Consecutive failed logins after which custodyd stops trying the PIN.
     #[serde(default = "default_max_pin_failures")]
     pub max_pin_failures: u32,
+    /// Most request jobs (signing, envelope) waiting for a worker.
+    #[serde(default = "default_max_queued_jobs")]
+    pub max_queued_jobs: usize,
 }
 
 /// `[tls]`
@@ -395,6 +432,9 @@ fn default_hsm_workers() -> usize {
 fn default_max_pin_failures() -> u32 {
     5
 }
+fn default_max_queued_jobs() -> usize {
+    hsm_shim::HsmConfig::DEFAULT_MAX_QUEUED
+}
 fn default_min_tls() -> String {
     "1.3".into()
 }
@@ -479,6 +519,19 @@ impl Config {
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
             return Err(ConfigError(
                 "[dual_control] approval_ttl_secs must be within 10-86400".into(),
+            ));
+        }
+        if self.hsm.max_queued_jobs == 0
+            || self.dual_control.max_pending_per_requester == 0
+            || self.ceremony.max_open_per_officer == 0
+        {
+            return Err(ConfigError(
+                "[hsm] max_queued_jobs, [dual_control] max_pending_per_requester and [ceremony] max_open_per_officer must be at least 1".into(),
+            ));
+        }
+        if !(3600..=10 * 365 * 86_400).contains(&self.dual_control.operation_retention_secs) {
+            return Err(ConfigError(
+                "[dual_control] operation_retention_secs must be within 3600-315360000 (an hour to ten years)".into(),
             ));
         }
         if self.max_message_bytes < 1024 {
@@ -583,6 +636,16 @@ mod tests {
                 "keepalive_interval_secs = 0",
             ),
             ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
+            ("max_queued_jobs = 1024", "max_queued_jobs = 0"),
+            (
+                "max_pending_per_requester = 32",
+                "max_pending_per_requester = 0",
+            ),
+            (
+                "operation_retention_secs = 2592000",
+                "operation_retention_secs = 60",
+            ),
+            ("max_open_per_officer = 4", "max_open_per_officer = 0"),
         ] {
             assert!(REFERENCE.contains(from), "{from}");
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();

@@ -12,6 +12,7 @@ use crate::ceremony::state::Ceremonies;
 use crate::clock::Clock;
 use crate::config::LifecycleSection;
 use crate::dual_control::store::DualControlStore;
+use crate::limits::Limits;
 use crate::registry::Registry;
 
 /// The HSM, the stores and the settings every action shares.
@@ -39,4 +40,6 @@ pub struct Custody {
     pub budget: NonceBudget,
     /// Key ceremonies: the journal and the engine's state.
     pub ceremonies: Ceremonies,
+    /// The caps on work one caller takes on (threat model R2).
+    pub limits: Limits,
 }

@@ -14,11 +14,11 @@ use std::collections::BTreeMap;
 
 use hsm_shim::{ObjectClassName, ObjectSummary};
 
-use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
 use crate::audit::AUDIT_KEY_LABEL;
 use crate::names::version_name;
 use crate::registry::{KeyRecord, PendingVersion, VersionState};
+use crate::{Custody, Error, Reason};
 
 /// What kind of difference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -254,26 +254,72 @@ pub fn compare(
     }
 }
 
+/// What the registry and journals said at one moment.
+struct Snapshot {
+    keys: Vec<std::sync::Arc<KeyRecord>>,
+    pending: Vec<PendingVersion>,
+    ceremonies: CeremonyObjects,
+}
+
+impl Snapshot {
+    fn take(state: &Custody) -> Result<Snapshot, Error> {
+        let pending = state.registry.pending_versions().map_err(|e| {
+            tracing::error!(error = %e, "drift: pending versions unreadable");
+            Error::new(
+                Reason::RegistryUnavailable,
+                "the registry's journal cannot be read",
+            )
+        })?;
+        let (in_flight, backup_keks) = state.ceremonies.expected_labels();
+        Ok(Snapshot {
+            keys: state.registry.list(None, usize::MAX),
+            pending,
+            ceremonies: CeremonyObjects {
+                in_flight,
+                backup_keks,
+            },
+        })
+    }
+
+    fn compare(&self, objects: &[ObjectSummary], now_ms: i64) -> Report {
+        compare(&self.keys, &self.pending, &self.ceremonies, objects, now_ms)
+    }
+}
+
+/// The findings of `first` that `second` has too: what differs from the
+/// registry as it stood both before and after the token was listed.
+pub fn in_both(first: Report, second: &Report) -> Report {
+    let same =
+        |a: &Finding, b: &Finding| (a.kind, &a.label, a.class) == (b.kind, &b.label, b.class);
+    Report {
+        findings: first
+            .findings
+            .into_iter()
+            .filter(|f| second.findings.iter().any(|g| same(f, g)))
+            .collect(),
+        objects_checked: second.objects_checked,
+        versions_checked: second.versions_checked,
+    }
+}
+
 /// Runs a drift check against the HSM and exports its result as metrics.
-/// Hold the registry lock, so that no generation or destruction runs
-/// between reading the registry and listing the token.
-pub async fn check(state: &Custody) -> Result<Report, String> {
-    let objects = state
-        .hsm
-        .run(|session| session.inventory())
-        .await
-        .map_err(|e| e.to_string())?;
-    let keys = state.registry.list(None, usize::MAX);
-    let pending = state
-        .registry
-        .pending_versions()
-        .map_err(|e| e.to_string())?;
-    let (in_flight, backup_keks) = state.ceremonies.expected_labels();
-    let ceremonies = CeremonyObjects {
-        in_flight,
-        backup_keks,
-    };
-    let report = compare(&keys, &pending, &ceremonies, &objects, state.clock.now_ms());
+/// One runs at a time (`ALREADY_RUNNING` otherwise: each lists the whole
+/// token). The registry lock is not held, so keys are created, rotated
+/// and destroyed while the token is listed: the registry is read before
+/// and after the listing, and only what differs from both is reported —
+/// an object made or destroyed during the listing is expected by one of
+/// them. A real difference shows in both (or, if it coincides with a
+/// change of the same label, at the next check).
+pub async fn check(state: &Custody) -> Result<Report, Error> {
+    let _running = state.limits.drift.try_start()?;
+    let before = Snapshot::take(state)?;
+    let objects = state.hsm.run(|session| session.inventory()).await?;
+    let after = Snapshot::take(state)?;
+    let now_ms = state.clock.now_ms();
+    let report = in_both(
+        before.compare(&objects, now_ms),
+        &after.compare(&objects, now_ms),
+    );
     crate::metrics::drift(
         &[Kind::Missing, Kind::Extra, Kind::AttributeMismatch].map(|kind| {
             (
@@ -377,6 +423,43 @@ mod tests {
             kinds,
             vec![Kind::Missing, Kind::AttributeMismatch, Kind::Extra]
         );
+    }
+
+    #[test]
+    fn changes_made_while_the_token_was_listed_are_no_drift_but_real_drift_is() {
+        let one = [key(vec![version(1, VersionState::Active)])];
+        let two = [key(vec![
+            version(1, VersionState::Active),
+            version(2, VersionState::Active),
+        ])];
+        let none = CeremonyObjects::default();
+        // A rotation committed while the token was listed: the listing has
+        // v2, the registry before did not (extra), after did (fine).
+        let mut objects = healthy();
+        objects.push(object("key/k/v2", ObjectClassName::Private));
+        objects.push(object("key/k/v2", ObjectClassName::Public));
+        let before = compare(&one, &[], &none, &objects, 0);
+        assert_eq!(before.findings.len(), 2, "against the older registry alone");
+        let after = compare(&two, &[], &none, &objects, 0);
+        assert_eq!(in_both(before, &after).findings, vec![]);
+        // The same rotation seen the other way round (listed before v2 was
+        // made): missing after, fine before.
+        let before = compare(&one, &[], &none, &healthy(), 0);
+        let after = compare(&two, &[], &none, &healthy(), 0);
+        assert_eq!(after.findings.len(), 2);
+        assert_eq!(in_both(before, &after).findings, vec![]);
+        // An object removed behind custodyd's back is missing against both.
+        let mut objects = healthy();
+        objects.retain(|o| !(o.label == "key/k/v1" && o.class == ObjectClassName::Private));
+        objects.push(object("someone-elses", ObjectClassName::Secret));
+        let before = compare(&one, &[], &none, &objects, 0);
+        let after = compare(&one, &[], &none, &objects, 0);
+        let kinds: Vec<Kind> = in_both(before, &after)
+            .findings
+            .iter()
+            .map(|f| f.kind)
+            .collect();
+        assert_eq!(kinds, vec![Kind::Missing, Kind::Extra]);
     }
 
     #[test]

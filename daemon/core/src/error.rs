@@ -153,6 +153,11 @@ reasons! {
     CertificateUnsupported = "CERTIFICATE_UNSUPPORTED": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
     JournalUnavailable = "JOURNAL_UNAVAILABLE": "the ceremony journal cannot be written",
     JournalCorrupt = "JOURNAL_CORRUPT": "a ceremony journal record does not parse (a bug or a damaged data directory)",
+    TooManyPending = "TOO_MANY_PENDING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
+    TooManyCeremonies = "TOO_MANY_CEREMONIES": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
+    HsmBusy = "HSM_BUSY": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
+    AlreadyRunning = "ALREADY_RUNNING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
+    BadRecipient = "BAD_RECIPIENT": "a DECRYPT operation's recipient key is not an Ed25519 public key",
     Internal = "INTERNAL": "a bug; details are in the daemon's log, never in the response",
 }
 
@@ -192,6 +197,10 @@ pub struct Error {
     pub reason: Reason,
     /// Human-readable message, safe to show the caller.
     pub message: String,
+    /// For a refusal that only says "not now" (a cap was reached): when
+    /// trying again may succeed. The API layer sends it as
+    /// `google.rpc.RetryInfo`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Error {
@@ -203,7 +212,17 @@ impl Error {
             message = message.chars().take(MAX_MESSAGE_CHARS - 1).collect();
             message.push('…');
         }
-        Self { reason, message }
+        Self {
+            reason,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// The same refusal, saying when to try again.
+    pub fn retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
     }
 
     /// A bug or an impossible state: the detail goes to the log only, the
@@ -230,6 +249,10 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// The retry hint of [`Reason::HsmBusy`]: a full queue drains in well under
+/// this at the pool's measured rates.
+pub const HSM_BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What the HSM said, in words a caller may read: never the PKCS#11
 /// function, the `CKR_*` code or the HSM label in the [`hsm_shim::HsmError`]
@@ -270,6 +293,13 @@ impl From<hsm_shim::HsmError> for Error {
                 Reason::HsmUnsupported,
                 "the HSM does not support the mechanism this needs",
             ),
+            K::Busy => {
+                return Self::new(
+                    Reason::HsmBusy,
+                    "too many requests are waiting for the HSM; nothing was done: try again shortly",
+                )
+                .retry_after(HSM_BUSY_RETRY);
+            }
             K::Configuration | K::Internal | _ => (Reason::Internal, "internal error"),
         };
         if reason.is_unavailable()

@@ -27,7 +27,8 @@ pub enum Role {
 }
 
 impl Role {
-    const ALL: [Role; 4] = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
+    /// Every role.
+    pub const ALL: [Role; 4] = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
 
     /// The role's name in URIs and messages.
     pub fn as_str(self) -> &'static str {
@@ -74,8 +75,22 @@ pub fn uri_for(role: Role, name: &str) -> String {
     format!("{URI_PREFIX}{}:{name}", role.as_str())
 }
 
+/// Names custody's own actors go by in the audit log and in ceremony
+/// transcripts (`custodyd`, `custodyd-scheduler`, and `-` for a caller not
+/// yet identified, which no valid name can be), and names that read as
+/// theirs. No certificate, officer or allow-list may use one, so that a
+/// record by custody itself cannot be mistaken for one by a person, or
+/// the reverse.
+pub const RESERVED_PRINCIPALS: [&str; 4] = ["custodyd", "custody", "system", "scheduler"];
+
+/// True for a reserved name: one of [`RESERVED_PRINCIPALS`], or any name
+/// starting with `custodyd` (the daemon's actors: `custodyd-scheduler`, …).
+pub fn is_reserved_principal(name: &str) -> bool {
+    RESERVED_PRINCIPALS.contains(&name) || name.starts_with("custodyd")
+}
+
 /// True for a principal name we accept: 1-64 of `[a-z0-9._-]`, starting with a
-/// letter or digit.
+/// letter or digit, and not reserved ([`is_reserved_principal`]).
 pub fn valid_principal_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -83,6 +98,7 @@ pub fn valid_principal_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric()
+        && !is_reserved_principal(name)
 }
 
 /// Maps a client certificate (DER) to a principal. `Err` says why it maps to
@@ -107,6 +123,11 @@ pub fn principal_from_certificate(der: &[u8]) -> Result<Principal, String> {
             .split_once(':')
             .ok_or_else(|| format!("malformed custody URI {uri:?}"))?;
         let role = Role::parse(role).ok_or_else(|| format!("unknown role in {uri:?}"))?;
+        if is_reserved_principal(principal) {
+            return Err(format!(
+                "{uri:?} names a principal reserved for custodyd's own actors"
+            ));
+        }
         if !valid_principal_name(principal) {
             return Err(format!("invalid principal name in {uri:?}"));
         }
@@ -201,6 +222,21 @@ mod tests {
         }
         for bad in ["", "-x", "Alice", "a b", "a:b", &"x".repeat(65)] {
             assert!(!valid_principal_name(bad), "{bad}");
+        }
+        // custody's own actors, and names that read as theirs.
+        for reserved in [
+            "-",
+            "custodyd",
+            "custodyd-scheduler",
+            "custodyd2",
+            "custody",
+            "system",
+            "scheduler",
+        ] {
+            assert!(!valid_principal_name(reserved), "{reserved}");
+        }
+        for fine in ["custody-ops", "scheduler-2", "systems"] {
+            assert!(valid_principal_name(fine), "{fine}");
         }
     }
 }

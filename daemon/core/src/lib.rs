@@ -35,6 +35,7 @@
 //! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`pin_lockout`] | counting failed HSM logins across restarts |
+//! | [`limits`] | the caps on work one caller takes on: pending operations, open ceremonies, one drift check and one audit verification at a time |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
 //!
 //! The HSM is reached only through `hsm-shim`.
@@ -60,6 +61,7 @@ pub mod failpoint;
 pub mod identity;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod names;
 pub mod operations;

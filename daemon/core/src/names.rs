@@ -39,10 +39,12 @@ pub fn parse_version_name(name: &str) -> Result<(&str, Option<u32>), Error> {
         }
         Some((id, version)) => {
             check_key_id(id)?;
-            let version: u32 = version.parse().map_err(|_| bad())?;
-            if version == 0 {
-                return Err(bad());
-            }
+            // Canonical decimal only: `01`, `+1` or ` 1` would name version
+            // 1 under a second spelling (u32::from_str takes a sign).
+            let canonical = !version.is_empty()
+                && version.bytes().all(|b| b.is_ascii_digit())
+                && !version.starts_with('0');
+            let version: u32 = version.parse().ok().filter(|_| canonical).ok_or_else(bad)?;
             Ok((id, Some(version)))
         }
     }
@@ -124,6 +126,12 @@ mod tests {
             "keys/a/versions/",
             "keys/a/b",
             "keys/a/versions/1/extra",
+            "keys/a/versions/01",
+            "keys/a/versions/+1",
+            "keys/a/versions/ 1",
+            "keys/a/versions/1 ",
+            "keys/a/versions/00",
+            "keys/a/versions/4294967296",
         ] {
             let error = parse_version_name(bad).unwrap_err();
             assert!(

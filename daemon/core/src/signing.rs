@@ -9,7 +9,7 @@ use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
 
 use crate::action::Audited;
 use crate::algorithms::{KeyAlgorithm, hash_bytes};
-use crate::authz::{Action, Approval, allowed_user, authorize, quorum_gate};
+use crate::authz::{Action, Approval, allowed_user, authorize, may_read_key, quorum_gate};
 use crate::identity::Principal;
 use crate::keys::{algorithm_of, check_usable, found, version_of};
 use crate::lifecycle::Use;
@@ -115,10 +115,13 @@ struct Prepared {
 /// Checks a sign (for `signer`) or verify (`signer` is `None`) request
 /// against the registry and the signer, and says in `audited` what the
 /// record will name. No HSM call happens here.
+/// `signer` is who a signature is made for; `None` for a verification by
+/// `verifier`, who must be allowed to read the key.
 fn prepare(
     custody: &Custody,
     audited: &mut Audited,
     signer: Option<Signer<'_>>,
+    verifier: Option<&Principal>,
     request: &SignRequest,
 ) -> Result<Prepared, Error> {
     // Refusals are recorded with what was asked for.
@@ -141,7 +144,10 @@ fn prepare(
             allowed_user(&record, requester)?;
             quorum_gate(&record, "SIGN", Approval::Quorum)?;
         }
-        None => {}
+        None => match verifier {
+            Some(verifier) => may_read_key(verifier, &record)?,
+            None => return Err(Error::internal("a verification without a verifier")),
+        },
     }
     let usage = if signer.is_some() {
         Use::Protect
@@ -271,18 +277,21 @@ pub async fn sign(
         is_digest,
         encoding,
         crc_checked,
-    } = prepare(custody, audited, Some(signer), request)?;
-    let signature = custody
-        .hsm
-        .run(move |session| {
-            let input = if is_digest {
-                SignInput::Digest(&bytes)
-            } else {
-                SignInput::Message(&bytes)
-            };
-            session.sign(&label, sign_algorithm, input, encoding)
-        })
-        .await?;
+    } = prepare(custody, audited, Some(signer), None, request)?;
+    let job = move |session: &mut hsm_shim::HsmSession| {
+        let input = if is_digest {
+            SignInput::Digest(&bytes)
+        } else {
+            SignInput::Message(&bytes)
+        };
+        session.sign(&label, sign_algorithm, input, encoding)
+    };
+    // A caller's request may be refused when the HSM queue is full (they
+    // retry); the signature officers approved waits its turn instead.
+    let signature = match signer {
+        Signer::Caller(..) => custody.hsm.try_run(job).await?,
+        Signer::Approved { .. } => custody.hsm.run(job).await?,
+    };
     metrics::signature(&version_name, algorithm.api_name());
     Ok(Signature {
         version_name,
@@ -298,6 +307,7 @@ pub async fn sign(
 pub async fn verify(
     custody: &Custody,
     audited: &mut Audited,
+    verifier: &Principal,
     request: &SignRequest,
     signature: Vec<u8>,
 ) -> Result<(String, bool), Error> {
@@ -309,10 +319,10 @@ pub async fn verify(
         is_digest,
         encoding,
         ..
-    } = prepare(custody, audited, None, request)?;
+    } = prepare(custody, audited, None, Some(verifier), request)?;
     let valid = custody
         .hsm
-        .run(move |session| {
+        .try_run(move |session| {
             let input = if is_digest {
                 SignInput::Digest(&bytes)
             } else {
@@ -350,7 +360,7 @@ pub fn check_sign_operation(
 ) -> Result<SignOperation, Error> {
     let mut audited = Audited::start("RequestOperation");
     let signer = Signer::Caller(principal, Approval::Quorum);
-    let prepared = prepare(custody, &mut audited, Some(signer), request)?;
+    let prepared = prepare(custody, &mut audited, Some(signer), None, request)?;
     let (key_id, version) = parse_version_name(&prepared.version_name)?;
     let hash = prepared
         .sign_algorithm

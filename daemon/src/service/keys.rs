@@ -1,7 +1,7 @@
 //! `custody.v1.KeyService`: converts requests into calls of
 //! [`custody_core::keys`] and its records into messages.
 
-use custody_core::authz::{Action, Approval};
+use custody_core::authz::{Action, Approval, may_read_key};
 use custody_core::drift;
 use custody_core::keys::{self, KeyUpdate, NewKey, SCHEDULER_REQUEST_PREFIX, Trigger};
 use custody_core::metrics;
@@ -99,10 +99,12 @@ impl KeyService for Keys {
             request,
             Run::Inline,
             |request| request.name.clone(),
-            |custody, _, _, request| {
+            |custody, _, principal, request| {
                 Box::pin(async move {
                     let key_id = parse_key_name(&request.name)?;
-                    Ok(key_message(&*keys::found(custody, key_id)?))
+                    let record = keys::found(custody, key_id)?;
+                    may_read_key(&principal, &record)?;
+                    Ok(key_message(&record))
                 })
             },
         )
@@ -116,7 +118,7 @@ impl KeyService for Keys {
         serve(
             &self.0,
             "ListKeys",
-            Action::ReadKeys,
+            Action::ListKeys,
             request,
             Run::Inline,
             |_| String::new(),
@@ -170,10 +172,11 @@ impl KeyService for Keys {
             request,
             Run::Inline,
             |request| request.name.clone(),
-            |custody, _, _, request| {
+            |custody, _, principal, request| {
                 Box::pin(async move {
                     let (key_id, version) = parse_version_name(&request.name)?;
                     let record = keys::found(custody, key_id)?;
+                    may_read_key(&principal, &record)?;
                     let number = version.unwrap_or(record.primary_version);
                     let version = keys::version_of(&record, number)?;
                     if version.public_key_pem.is_empty() {
@@ -353,13 +356,11 @@ impl KeyService for Keys {
             |_| String::new(),
             |custody, audited, _, _| {
                 Box::pin(async move {
-                    let report = {
-                        let _guard = custody.registry.lock().await;
-                        drift::check(custody).await.map_err(|e| {
+                    let report = drift::check(custody).await.inspect_err(|e| {
+                        if e.reason != Reason::AlreadyRunning {
                             metrics::drift_failed();
-                            Error::new(Reason::HsmUnavailable, e)
-                        })?
-                    };
+                        }
+                    })?;
                     audited.detail = format!(
                         "{} findings over {} objects and {} versions",
                         report.findings.len(),

@@ -13,11 +13,11 @@ use custody_core::operations::vote;
 use custody_core::{Custody, Error, Reason};
 use custody_proto::v1::operation_service_server::OperationService;
 use custody_proto::v1::{
-    BackupKekSpec, BackupSpec, Digest, GetOperationRequest, KeyRef, ListOfficersRequest,
-    ListOfficersResponse, ListOperationsRequest, ListOperationsResponse, Officer, OfficerSpec,
-    Operation, OperationSpec, OperationState as WireState, RequestOperationRequest, SetPolicySpec,
-    SetStateSpec, SignResponse, SignSpec, SignatureEncoding, VersionRef, Vote, VoteRequest, digest,
-    operation_spec,
+    BackupKekSpec, BackupSpec, DecryptSpec, Digest, GetOperationRequest, KeyRef,
+    ListOfficersRequest, ListOfficersResponse, ListOperationsRequest, ListOperationsResponse,
+    Officer, OfficerSpec, Operation, OperationSpec, OperationState as WireState,
+    RequestOperationRequest, SetPolicySpec, SetStateSpec, SignResponse, SignSpec,
+    SignatureEncoding, VersionRef, Vote, VoteRequest, digest, operation_spec,
 };
 use tonic::{Request, Response, Status};
 
@@ -143,6 +143,18 @@ pub(crate) fn spec_message(spec: &Spec) -> OperationSpec {
             *cryptoperiod_secs,
             *min_version,
         )),
+        Spec::Decrypt {
+            key_id,
+            version,
+            ciphertext,
+            associated_data,
+            recipient,
+        } => operation_spec::Spec::Decrypt(DecryptSpec {
+            name: format!("keys/{key_id}/versions/{version}"),
+            ciphertext: hex::decode(ciphertext).unwrap_or_default(),
+            associated_data: hex::decode(associated_data).unwrap_or_default(),
+            recipient_public_key: hex::decode(recipient).unwrap_or_default(),
+        }),
         Spec::CreateBackup {
             backup_kek_set_id,
             versions,
@@ -207,6 +219,13 @@ fn operation_message(state: &Custody, record: &OperationRecord) -> Operation {
         Some(Outcome::Backup { bundle, keys }) => {
             message.backup_bundle = bundle.clone();
             message.backup_keys = *keys;
+        }
+        Some(Outcome::Sealed {
+            version_name,
+            sealed,
+        }) => {
+            message.sealed_plaintext = hex::decode(sealed).unwrap_or_default();
+            message.decrypted_by = version_name.clone();
         }
         Some(Outcome::Officers | Outcome::BackupKekActivated) | None => {}
     }
@@ -302,6 +321,12 @@ fn requested(spec: &OperationSpec) -> Result<Requested, Error> {
         operation_spec::Spec::ActivateBackupKek(kek) => Requested::ActivateBackupKek {
             ceremony: super::ceremony::parse_name(&kek.ceremony)?,
         },
+        operation_spec::Spec::Decrypt(decrypt) => Requested::Decrypt {
+            name: decrypt.name.clone(),
+            ciphertext: decrypt.ciphertext.clone(),
+            associated_data: decrypt.associated_data.clone(),
+            recipient: decrypt.recipient_public_key.clone(),
+        },
     })
 }
 
@@ -374,17 +399,26 @@ impl OperationService for Operations {
                             return Err(Error::new(Reason::BadState, "unknown operation state"));
                         }
                     };
-                    let operations = read::operations(custody, &principal, wanted).await?;
+                    let page = read::operations(
+                        custody,
+                        &principal,
+                        wanted,
+                        request.page_size,
+                        &request.page_token,
+                    )
+                    .await?;
                     Ok(ListOperationsResponse {
                         // Bundles only through GetOperation: a list stays
                         // small.
-                        operations: operations
+                        operations: page
+                            .operations
                             .iter()
                             .map(|o| Operation {
                                 backup_bundle: String::new(),
                                 ..operation_message(custody, o)
                             })
                             .collect(),
+                        next_page_token: page.next_page_token,
                     })
                 })
             },

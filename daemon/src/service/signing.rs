@@ -202,7 +202,7 @@ impl SigningService for Signing {
             request,
             Run::Inline,
             |request| request.name.clone(),
-            |custody, audited, _, request| {
+            |custody, audited, principal, request| {
                 Box::pin(async move {
                     let input = match &request.input {
                         Some(verify_request::Input::Digest(d)) => Some(digest_input(d)?),
@@ -216,7 +216,8 @@ impl SigningService for Signing {
                         input_crc32c: None,
                     };
                     let (name, valid) =
-                        signing::verify(custody, audited, &asked, request.signature).await?;
+                        signing::verify(custody, audited, &principal, &asked, request.signature)
+                            .await?;
                     Ok(VerifyResponse { valid, name })
                 })
             },

@@ -184,6 +184,7 @@ pub async fn open(
 ) -> Result<CeremonyRecord, Error> {
     let engine = &state.ceremonies;
     let _one_at_a_time = engine.lock.lock().await;
+    engine.check_open_cap(opened_by, state.limits.max_open_ceremonies_per_officer)?;
     let script = Script::parse(&script_text)
         .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
     if engine

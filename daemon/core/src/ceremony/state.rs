@@ -91,6 +91,35 @@ impl Ceremonies {
             .collect())
     }
 
+    /// Refuses another ceremony opened by `officer` once `max` of those
+    /// they opened are unfinished (threat model R2). Reads the unfinished
+    /// ceremonies only. Hold the engine's lock, so that two opens cannot
+    /// both pass.
+    pub fn check_open_cap(&self, officer: &str, max: usize) -> Result<(), crate::Error> {
+        let open = self
+            .journal
+            .unfinished()
+            .map_err(|e| {
+                tracing::error!(error = %e, "ceremony journal");
+                crate::Error::new(
+                    crate::Reason::JournalUnavailable,
+                    "the ceremony journal cannot be read",
+                )
+            })?
+            .iter()
+            .filter(|record| record.opened_by == officer)
+            .count();
+        if open < max {
+            return Ok(());
+        }
+        Err(crate::Error::new(
+            crate::Reason::TooManyCeremonies,
+            format!(
+                "{officer} has {open} ceremonies open, the most one officer may have ([ceremony] max_open_per_officer {max}): finish or abort one first"
+            ),
+        ))
+    }
+
     /// HSM labels unfinished ceremonies have journaled (drift detection
     /// expects them to be there or not), plus every backup KEK.
     pub fn expected_labels(&self) -> (Vec<String>, Vec<String>) {

@@ -6,12 +6,15 @@
 //!   sign) and its rendering (what they read).
 //! - [`store`]: officers, the administrative quorum and operations in sled,
 //!   flushed before anything is acknowledged.
+//! - [`operation_store`]: operations and the indexes (pending, by time, by
+//!   requester, finished) that keep sweeps and lists bounded.
 //! - [`officer_key`]: the officer's own Ed25519 key, in a passphrase-protected
 //!   file held by `custodyctl`.
 //! - [`sealed`]: secrets (backup shares) sealed to an officer's key.
 
 pub mod officer_key;
 pub mod operation;
+pub mod operation_store;
 pub mod quorum;
 pub mod sealed;
 pub mod store;

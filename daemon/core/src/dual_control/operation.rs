@@ -102,6 +102,20 @@ pub enum Spec {
         /// New minimum version; `None` leaves it.
         min_version: Option<u32>,
     },
+    /// Decrypt a ciphertext with a version of an ENCRYPT_DECRYPT key and
+    /// release the plaintext sealed to `recipient`.
+    Decrypt {
+        /// Key id.
+        key_id: String,
+        /// The version the ciphertext names (fixed at request time).
+        version: u32,
+        /// The ciphertext, hex.
+        ciphertext: String,
+        /// Its associated data, hex.
+        associated_data: String,
+        /// The Ed25519 public key the plaintext is sealed to, hex.
+        recipient: String,
+    },
     /// Make a backup bundle: exactly these key versions, wrapped under the
     /// backup KEK of this share set (fixed at request time).
     CreateBackup {
@@ -141,6 +155,7 @@ impl Spec {
             Spec::UpdateKey { .. } => "UPDATE_KEY",
             Spec::CreateBackup { .. } => "CREATE_BACKUP",
             Spec::ActivateBackupKek { .. } => "ACTIVATE_BACKUP_KEK",
+            Spec::Decrypt { .. } => "DECRYPT",
         }
     }
 
@@ -153,7 +168,8 @@ impl Spec {
             | Spec::SetPolicy { key_id, .. }
             | Spec::DestroyVersion { key_id, .. }
             | Spec::ReleaseLegalHold { key_id, .. }
-            | Spec::UpdateKey { key_id, .. } => Some(key_id),
+            | Spec::UpdateKey { key_id, .. }
+            | Spec::Decrypt { key_id, .. } => Some(key_id),
             Spec::AddOfficer { .. }
             | Spec::RemoveOfficer { .. }
             | Spec::CreateBackup { .. }
@@ -256,6 +272,23 @@ impl Spec {
                 }
                 format!("UPDATE keys/{key_id}: {}", changes.join("; "))
             }
+            Spec::Decrypt {
+                key_id,
+                version,
+                ciphertext,
+                associated_data,
+                recipient,
+            } => {
+                let bytes = |h: &str| hex::decode(h).unwrap_or_default();
+                let (ciphertext, associated_data) = (bytes(ciphertext), bytes(associated_data));
+                format!(
+                    "DECRYPT a {}-byte ciphertext (SHA-256 {}) with keys/{key_id}/versions/{version}, associated data of {} bytes (SHA-256 {}), and release the plaintext sealed to the Ed25519 key {recipient}",
+                    ciphertext.len(),
+                    hex::encode(Sha256::digest(&ciphertext)),
+                    associated_data.len(),
+                    hex::encode(Sha256::digest(&associated_data)),
+                )
+            }
             Spec::CreateBackup {
                 backup_kek_set_id,
                 versions,
@@ -317,6 +350,13 @@ pub enum Outcome {
     },
     /// The officer set changed.
     Officers,
+    /// A plaintext released, sealed to the operation's recipient key.
+    Sealed {
+        /// The version that decrypted.
+        version_name: String,
+        /// The sealed plaintext, hex (see `dual_control::sealed`).
+        sealed: String,
+    },
     /// A backup bundle made.
     Backup {
         /// The bundle, JSON.
@@ -357,6 +397,10 @@ pub struct OperationRecord {
     pub outcome: Option<Outcome>,
     /// Error, once failed.
     pub error: Option<String>,
+    /// Unix milliseconds of the final state (absent in records made before
+    /// it was kept); retention runs from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<i64>,
 }
 
 /// What officers sign: everything that makes the operation what it is. The
@@ -478,8 +522,9 @@ impl OperationRecord {
     }
 }
 
-/// The policy kinds a key can carry.
-pub const KEY_POLICY_KINDS: [&str; 7] = [
+/// The policy kinds a key can carry (each applies to keys of one purpose
+/// or both: [`policy_kind_applies`]).
+pub const KEY_POLICY_KINDS: [&str; 8] = [
     "SIGN",
     "ROTATE",
     "SET_STATE",
@@ -487,7 +532,21 @@ pub const KEY_POLICY_KINDS: [&str; 7] = [
     "DESTROY_VERSION",
     "RELEASE_LEGAL_HOLD",
     "UPDATE_KEY",
+    "DECRYPT",
 ];
+
+/// Whether a policy of `kind` means anything on a key of this purpose: a
+/// SIGN policy governs signing keys only, a DECRYPT policy ENCRYPT_DECRYPT
+/// keys only; the key-management kinds govern both. A policy that could
+/// never apply would look like protection and be none, so it is refused.
+pub fn policy_kind_applies(kind: &str, purpose: crate::algorithms::Purpose) -> bool {
+    use crate::algorithms::Purpose;
+    match kind {
+        "SIGN" => purpose == Purpose::AsymmetricSign,
+        "DECRYPT" => purpose == Purpose::EncryptDecrypt,
+        other => KEY_POLICY_KINDS.contains(&other),
+    }
+}
 
 /// Kinds that always need a quorum: the key's own policy if it has one,
 /// otherwise the administrative quorum.
@@ -525,6 +584,26 @@ mod tests {
             state: OperationState::Pending,
             outcome: None,
             error: None,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn policy_kinds_apply_to_the_purpose_they_govern() {
+        use crate::algorithms::Purpose::{AsymmetricSign, EncryptDecrypt};
+        assert!(policy_kind_applies("SIGN", AsymmetricSign));
+        assert!(!policy_kind_applies("SIGN", EncryptDecrypt));
+        assert!(policy_kind_applies("DECRYPT", EncryptDecrypt));
+        assert!(!policy_kind_applies("DECRYPT", AsymmetricSign));
+        for kind in KEY_POLICY_KINDS {
+            if kind != "SIGN" && kind != "DECRYPT" {
+                assert!(policy_kind_applies(kind, AsymmetricSign), "{kind}");
+                assert!(policy_kind_applies(kind, EncryptDecrypt), "{kind}");
+            }
+        }
+        for kind in ["", "ADD_OFFICER", "CREATE_BACKUP", "sign"] {
+            assert!(!policy_kind_applies(kind, AsymmetricSign), "{kind}");
+            assert!(!policy_kind_applies(kind, EncryptDecrypt), "{kind}");
         }
     }
 

@@ -19,13 +19,18 @@ use zeroize::Zeroizing;
 
 const DOMAIN: &[u8] = b"custody-sealed-share/v1";
 
+/// The domain of plaintexts an approved DECRYPT operation releases: a
+/// sealed share and a sealed plaintext never open as one another.
+const PLAINTEXT_DOMAIN: &[u8] = b"custody-sealed-plaintext/v1";
+
 fn key(
+    domain: &[u8],
     ephemeral: &MontgomeryPoint,
     recipient: &MontgomeryPoint,
     shared: &MontgomeryPoint,
 ) -> Zeroizing<[u8; 32]> {
     let mut hash = Sha256::new();
-    hash.update(DOMAIN);
+    hash.update(domain);
     hash.update(ephemeral.as_bytes());
     hash.update(recipient.as_bytes());
     hash.update(shared.as_bytes());
@@ -34,6 +39,21 @@ fn key(
 
 /// Seals `plaintext` to the officer whose Ed25519 public key is `public_key`.
 pub fn seal(public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+    seal_in(DOMAIN, public_key, plaintext)
+}
+
+/// Seals the plaintext of an approved DECRYPT operation to the holder of
+/// the Ed25519 key `public_key` (the same construction, its own domain).
+pub fn seal_plaintext(public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+    seal_in(PLAINTEXT_DOMAIN, public_key, plaintext)
+}
+
+/// Opens what [`seal_plaintext`] made for `recipient`.
+pub fn open_plaintext(recipient: &SigningKey, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+    open_in(PLAINTEXT_DOMAIN, recipient, sealed)
+}
+
+fn seal_in(domain: &[u8], public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
     let bytes: [u8; 32] = public_key
         .try_into()
         .map_err(|_| "an officer key is 32 bytes".to_string())?;
@@ -44,7 +64,7 @@ pub fn seal(public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
     getrandom::getrandom(secret.as_mut_slice()).map_err(|e| format!("no randomness: {e}"))?;
     let ephemeral = MontgomeryPoint::mul_base_clamped(*secret);
     let shared = recipient.mul_clamped(*secret);
-    let key = key(&ephemeral, &recipient, &shared);
+    let key = key(domain, &ephemeral, &recipient, &shared);
     let sealed = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()))
         .encrypt(Nonce::from_slice(&[0u8; 12]), plaintext)
         .map_err(|_| "sealing failed".to_string())?;
@@ -53,6 +73,14 @@ pub fn seal(public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Opens what [`seal`] made for `officer`.
 pub fn open(officer: &SigningKey, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+    open_in(DOMAIN, officer, sealed)
+}
+
+fn open_in(
+    domain: &[u8],
+    officer: &SigningKey,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, String> {
     if sealed.len() < 32 + 16 {
         return Err("the sealed share is too short".into());
     }
@@ -63,7 +91,7 @@ pub fn open(officer: &SigningKey, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, S
     let scalar = Zeroizing::new(officer.to_scalar_bytes());
     let shared = ephemeral.mul_clamped(*scalar);
     let recipient = officer.verifying_key().to_montgomery();
-    let key = key(&ephemeral, &recipient, &shared);
+    let key = key(domain, &ephemeral, &recipient, &shared);
     ChaCha20Poly1305::new(Key::from_slice(key.as_slice()))
         .decrypt(Nonce::from_slice(&[0u8; 12]), ciphertext)
         .map(Zeroizing::new)
@@ -88,6 +116,14 @@ mod tests {
             altered[i] ^= 1;
             assert!(open(&alice, &altered).is_err(), "byte {i}");
         }
+        // A sealed share is no sealed plaintext, and the reverse.
+        assert!(open_plaintext(&alice, &sealed).is_err());
+        let released = seal_plaintext(alice.verifying_key().as_bytes(), b"dek").unwrap();
+        assert_eq!(
+            open_plaintext(&alice, &released).unwrap().as_slice(),
+            b"dek"
+        );
+        assert!(open(&alice, &released).is_err());
         // Fresh ephemeral each time.
         assert_ne!(
             sealed,

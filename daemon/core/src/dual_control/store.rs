@@ -7,7 +7,8 @@ use std::sync::{PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::operation::OperationRecord;
+use super::operation::{OperationRecord, OperationState};
+use super::operation_store::{Cursor, OperationStore, Page, Scope};
 use super::quorum::Quorum;
 use crate::identity::valid_principal_name;
 
@@ -98,7 +99,7 @@ pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), 
 pub struct DualControlStore {
     db: sled::Db,
     officers_tree: sled::Tree,
-    operations: sled::Tree,
+    operations: OperationStore,
     meta: sled::Tree,
     officers: RwLock<BTreeMap<String, OfficerRecord>>,
     admin_required: RwLock<u32>,
@@ -115,8 +116,8 @@ impl DualControlStore {
     /// Opens the store in `db`.
     pub fn open(db: &sled::Db) -> Result<Self, String> {
         let officers_tree = db.open_tree("officers").map_err(store_error)?;
-        let operations = db.open_tree("operations").map_err(store_error)?;
         let meta = db.open_tree("dual_control").map_err(store_error)?;
+        let operations = OperationStore::open(db, &meta)?;
         let mut officers = BTreeMap::new();
         for item in officers_tree.iter() {
             let (_, bytes) = item.map_err(store_error)?;
@@ -295,34 +296,55 @@ impl DualControlStore {
 
     /// One operation.
     pub fn operation(&self, id: &str) -> Result<Option<OperationRecord>, String> {
-        match self.operations.get(id.as_bytes()).map_err(store_error)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| store_error(format!("corrupt operation {id}: {e}"))),
-            None => Ok(None),
-        }
+        self.operations.get(id)
     }
 
-    /// Every operation (unordered).
+    /// Every operation in the store (unordered): reads them all, so only
+    /// for tests and tools; requests and the sweep use the indexes.
     pub fn operations(&self) -> Result<Vec<OperationRecord>, String> {
-        self.operations
-            .iter()
-            .values()
-            .map(|bytes| {
-                let bytes = bytes.map_err(store_error)?;
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| store_error(format!("corrupt operation: {e}")))
-            })
-            .collect()
+        self.operations.all()
     }
 
-    /// Writes an operation durably. Hold [`Self::lock`].
+    /// The pending operations (O(pending), from the pending index).
+    pub fn pending_operations(&self) -> Result<Vec<OperationRecord>, String> {
+        self.operations.pending()
+    }
+
+    /// How many operations `requester` has pending, and when the first of
+    /// them expires.
+    pub fn pending_of(&self, requester: &str) -> Result<(usize, Option<i64>), String> {
+        self.operations.pending_of(requester)
+    }
+
+    /// One page of the operations in `scope` (see [`OperationStore::page`]).
+    pub fn operations_page(
+        &self,
+        scope: Scope<'_>,
+        state: Option<OperationState>,
+        after: Option<&Cursor>,
+        size: usize,
+    ) -> Result<Page, String> {
+        self.operations.page(scope, state, after, size)
+    }
+
+    /// Operations in the store by state.
+    pub fn operation_counts(&self) -> [(&'static str, usize); 5] {
+        self.operations.counts()
+    }
+
+    /// Ids of up to `max` operations finished before `before_ms`.
+    pub fn finished_before(&self, before_ms: i64, max: usize) -> Result<Vec<String>, String> {
+        self.operations.finished_before(before_ms, max)
+    }
+
+    /// Removes finished operations, durably. Hold [`Self::lock`].
+    pub async fn prune_operations(&self, ids: &[String]) -> Result<usize, String> {
+        self.operations.prune(ids).await
+    }
+
+    /// Writes an operation and its index entries durably. Hold [`Self::lock`].
     pub async fn put_operation(&self, operation: &OperationRecord) -> Result<(), String> {
-        let bytes = serde_json::to_vec(operation).map_err(store_error)?;
-        self.operations
-            .insert(operation.id.as_bytes(), bytes)
-            .map_err(store_error)?;
-        self.flush().await
+        self.operations.put(operation).await
     }
 
     async fn flush(&self) -> Result<(), String> {

@@ -4,6 +4,10 @@
 //! Each action checks, in order: the sizes, the key (its purpose and
 //! allow-list), the ciphertext's layout, the version's state
 //! ([`check_usable`]), the nonce budget; only then does it reach the HSM.
+//! A key's DECRYPT policy puts [`decrypt`] under quorum: the direct call is
+//! refused and an approved DECRYPT operation runs [`decrypt_as`] for its
+//! requester. Encrypt, data keys and rewrap release no plaintext of an
+//! existing ciphertext and stay direct.
 //! The GCM work runs on an HSM worker thread, and for a rewrap the
 //! plaintext exists only inside that one closure, in zeroizing memory.
 //! [`format`] owns the ciphertext layout; [`crate::budget`] the nonce budget.
@@ -20,7 +24,7 @@ pub use format::{Envelope, assemble, seal_header};
 use crate::budget::BudgetError;
 
 use crate::action::Audited;
-use crate::authz::{Action, allowed_user, authorize};
+use crate::authz::{Action, Approval, allowed_user, authorize, quorum_gate};
 use crate::identity::Principal;
 use crate::keys::{algorithm_of, check_usable, found, version_of};
 use crate::lifecycle::Use;
@@ -59,6 +63,20 @@ impl std::fmt::Debug for Opened {
     }
 }
 
+/// Who decrypts, which decides what is checked.
+#[derive(Debug, Clone, Copy)]
+pub enum Decrypter<'a> {
+    /// A direct call: the signer role, the key's allow-list, and no DECRYPT
+    /// quorum policy on the key.
+    Caller(&'a Principal),
+    /// An approved DECRYPT operation, run for its requester: the role was
+    /// checked when they asked; the allow-list is checked again now.
+    Approved {
+        /// The principal who asked for the operation.
+        requester: &'a str,
+    },
+}
+
 /// The key `name` names, if `principal` may use it for encryption.
 fn usable_key(
     custody: &Custody,
@@ -66,6 +84,11 @@ fn usable_key(
     name: &str,
 ) -> Result<Arc<KeyRecord>, Error> {
     authorize(principal, Action::UseEnvelopeKeys)?;
+    key_for(custody, &principal.name, name)
+}
+
+/// The ENCRYPT_DECRYPT key `name` names, if `user` is on its allow-list.
+fn key_for(custody: &Custody, user: &str, name: &str) -> Result<Arc<KeyRecord>, Error> {
     let key_id = parse_key_name(name)?;
     let record = found(custody, key_id)?;
     if algorithm_of(&record)?.sign_algorithm().is_some() {
@@ -74,7 +97,7 @@ fn usable_key(
             format!("keys/{key_id} is a signing key, not an ENCRYPT_DECRYPT key"),
         ));
     }
-    allowed_user(&record, &principal.name)?;
+    allowed_user(&record, user)?;
     Ok(record)
 }
 
@@ -179,7 +202,7 @@ pub async fn encrypt(
     let (header, aad) = seal_header(&record.key_id, version.version, associated_data);
     let sealed = custody
         .hsm
-        .run(move |session| session.encrypt_gcm(&label, &aad, &plaintext))
+        .try_run(move |session| session.encrypt_gcm(&label, &aad, &plaintext))
         .await?;
     Ok(Sealed {
         name,
@@ -187,7 +210,9 @@ pub async fn encrypt(
     })
 }
 
-/// Decrypts a ciphertext the key `name` made, bound to `associated_data`.
+/// Decrypts a ciphertext the key `name` made, bound to `associated_data`,
+/// for the caller `principal` (refused `QUORUM_REQUIRED` if the key has a
+/// DECRYPT policy).
 pub async fn decrypt(
     custody: &Custody,
     audited: &mut Audited,
@@ -196,8 +221,54 @@ pub async fn decrypt(
     ciphertext: &[u8],
     associated_data: &[u8],
 ) -> Result<Opened, Error> {
+    let decrypter = Decrypter::Caller(principal);
+    decrypt_as(
+        custody,
+        audited,
+        decrypter,
+        name,
+        ciphertext,
+        associated_data,
+    )
+    .await
+}
+
+/// What a DECRYPT operation would decrypt, checked exactly as [`decrypt`]
+/// would check it now (role, allow-list, purpose, sizes, the ciphertext's
+/// key and the state of its version), but for the quorum the operation is
+/// asked of. Returns the key id and the version the ciphertext names.
+pub fn check_decrypt_operation(
+    custody: &Custody,
+    principal: &Principal,
+    name: &str,
+    ciphertext: &[u8],
+    associated_data: &[u8],
+) -> Result<(String, u32), Error> {
     check_size("associated_data", associated_data)?;
     let record = usable_key(custody, principal, name)?;
+    let (_, version, _) = source_version(custody, &record, ciphertext, Use::Process)?;
+    Ok((record.key_id.clone(), version.version))
+}
+
+/// [`decrypt`] for `decrypter`: a caller, or an approved DECRYPT operation
+/// running for its requester.
+pub async fn decrypt_as(
+    custody: &Custody,
+    audited: &mut Audited,
+    decrypter: Decrypter<'_>,
+    name: &str,
+    ciphertext: &[u8],
+    associated_data: &[u8],
+) -> Result<Opened, Error> {
+    check_size("associated_data", associated_data)?;
+    let record = match decrypter {
+        Decrypter::Caller(principal) => {
+            let record = usable_key(custody, principal, name)?;
+            quorum_gate(&record, "DECRYPT", Approval::None)?;
+            record
+        }
+        Decrypter::Approved { requester } => key_for(custody, requester, name)?,
+    };
     let (envelope, version, label) = source_version(custody, &record, ciphertext, Use::Process)?;
     let name = version_name(&record.key_id, version.version);
     audited.resource = name.clone();
@@ -206,11 +277,14 @@ pub async fn decrypt(
         iv: envelope.nonce,
         ciphertext_and_tag: envelope.sealed.to_vec(),
     };
-    let plaintext = custody
-        .hsm
-        .run(move |session| session.decrypt_gcm(&label, &aad, &sealed))
-        .await
-        .map_err(|e| in_api_names(Error::from(e), &name))?;
+    let job = move |session: &mut hsm_shim::HsmSession| session.decrypt_gcm(&label, &aad, &sealed);
+    // A caller may be told to retry when the HSM queue is full; what the
+    // officers approved waits its turn.
+    let plaintext = match decrypter {
+        Decrypter::Caller(_) => custody.hsm.try_run(job).await,
+        Decrypter::Approved { .. } => custody.hsm.run(job).await,
+    }
+    .map_err(|e| in_api_names(Error::from(e), &name))?;
     audited.detail = format!("{} bytes", plaintext.len());
     Ok(Opened {
         name,
@@ -235,7 +309,7 @@ pub async fn generate_data_key(
     let (header, aad) = seal_header(&record.key_id, version.version, associated_data);
     let (data_key, sealed) = custody
         .hsm
-        .run(move |session| {
+        .try_run(move |session| {
             let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
             session.random(data_key.as_mut())?;
             let sealed = session.encrypt_gcm(&label, &aad, data_key.as_ref())?;
@@ -282,7 +356,7 @@ pub async fn rewrap(
     let (header, target_aad) = seal_header(&record.key_id, target.version, associated_data);
     let resealed = custody
         .hsm
-        .run(move |session| {
+        .try_run(move |session| {
             let plaintext = session.decrypt_gcm(&source_label, &source_aad, &sealed)?;
             session.encrypt_gcm(&target_label, &target_aad, &plaintext)
         })

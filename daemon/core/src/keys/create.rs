@@ -52,11 +52,20 @@ pub async fn create(
             format!("at most {MAX_ALLOWED_SIGNERS} allowed signers"),
         ));
     }
-    for signer in &new.allowed_signers {
+    for (i, signer) in new.allowed_signers.iter().enumerate() {
         if !valid_principal_name(signer) {
             return Err(Error::new(
                 Reason::BadPrincipal,
-                format!("invalid principal name {}", crate::text::echo(signer)),
+                format!(
+                    "invalid or reserved principal name {}",
+                    crate::text::echo(signer)
+                ),
+            ));
+        }
+        if new.allowed_signers[..i].contains(signer) {
+            return Err(Error::new(
+                Reason::BadPrincipal,
+                format!("{signer} is listed twice in allowed_signers"),
             ));
         }
     }

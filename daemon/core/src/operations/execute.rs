@@ -9,6 +9,7 @@ use crate::authz::{Approval, quorum_for};
 use crate::dual_control::operation::{OperationRecord, Outcome, Spec};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
+use crate::envelope::{Decrypter, decrypt_as};
 use crate::keys::{self, KeyUpdate, Trigger, found};
 use crate::names::version_name;
 use crate::registry::VersionState;
@@ -272,6 +273,45 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                 crate::ceremonies::export::activate_backup_kek(custody, &record.spec).await;
             audited.record(custody, result).await?;
             Ok(Outcome::BackupKekActivated)
+        }
+        Spec::Decrypt {
+            key_id,
+            version: _,
+            ciphertext,
+            associated_data,
+            recipient,
+        } => {
+            let mut audited = acting_for(record, "ExecuteDecrypt", format!("keys/{key_id}"));
+            let result = async {
+                let stored = |hex_text: &str| {
+                    hex::decode(hex_text).map_err(|_| Error::internal("stored operation hex"))
+                };
+                let decrypter = Decrypter::Approved {
+                    requester: &record.requester,
+                };
+                let opened = decrypt_as(
+                    custody,
+                    &mut audited,
+                    decrypter,
+                    &format!("keys/{key_id}"),
+                    &stored(ciphertext)?,
+                    &stored(associated_data)?,
+                )
+                .await?;
+                // The plaintext leaves this function sealed to the key the
+                // officers approved, and is never stored in the clear.
+                let sealed = crate::dual_control::sealed::seal_plaintext(
+                    &stored(recipient)?,
+                    &opened.plaintext,
+                )
+                .map_err(|e| Error::new(Reason::BadRecipient, e))?;
+                Ok(Outcome::Sealed {
+                    version_name: opened.name,
+                    sealed: hex::encode(sealed),
+                })
+            }
+            .await;
+            audited.record(custody, result).await
         }
         Spec::RemoveOfficer { officer_id } => {
             removal_keeps_policies_possible(custody, officer_id)?;

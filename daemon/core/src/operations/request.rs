@@ -5,13 +5,15 @@
 
 use crate::action::Audited;
 use crate::authz::{Action, admin_quorum, authorize};
-use crate::dual_control::operation::{KEY_POLICY_KINDS, OperationRecord, OperationState, Spec};
+use crate::dual_control::operation::{
+    KEY_POLICY_KINDS, OperationRecord, OperationState, Spec, policy_kind_applies,
+};
 use crate::dual_control::quorum::{Ballot, Quorum};
 use crate::dual_control::store::check_officer;
 use crate::identity::Principal;
 use crate::keys::destroy::check_destroyable;
 use crate::keys::state::{check_transition, requested_state};
-use crate::keys::{KeyUpdate, found};
+use crate::keys::{KeyUpdate, algorithm_of, found};
 use crate::registry::VersionState;
 use crate::signing::{SignRequest, check_sign_operation};
 use crate::{Custody, Error, Reason};
@@ -96,6 +98,18 @@ pub enum Requested {
         /// The ceremony id.
         ceremony: String,
     },
+    /// Decrypt a ciphertext with a key whose DECRYPT policy needs officers,
+    /// releasing the plaintext sealed to `recipient`.
+    Decrypt {
+        /// `keys/{key_id}`.
+        name: String,
+        /// The ciphertext.
+        ciphertext: Vec<u8>,
+        /// Its associated data.
+        associated_data: Vec<u8>,
+        /// The Ed25519 public key the plaintext is sealed to.
+        recipient: Vec<u8>,
+    },
 }
 
 impl Requested {
@@ -104,6 +118,7 @@ impl Requested {
     pub fn action(&self) -> Action {
         match self {
             Requested::Sign(_) => Action::Sign,
+            Requested::Decrypt { .. } => Action::UseEnvelopeKeys,
             Requested::Rotate { .. } | Requested::SetState { .. } | Requested::UpdateKey { .. } => {
                 Action::RequestKeyChange
             }
@@ -134,6 +149,20 @@ pub(crate) fn store_failure(error: String) -> Error {
     )
 }
 
+/// Refuses a recipient that is not an Ed25519 public key (the plaintext
+/// could then be sealed to no one, or to a point with no private key).
+fn check_recipient(recipient: &[u8]) -> Result<(), Error> {
+    let key: Option<[u8; 32]> = recipient.try_into().ok();
+    key.filter(|key| ed25519_dalek::VerifyingKey::from_bytes(key).is_ok())
+        .map(drop)
+        .ok_or_else(|| {
+            Error::new(
+                Reason::BadRecipient,
+                "recipient_public_key must be a 32-byte Ed25519 public key",
+            )
+        })
+}
+
 /// A key's own policy for `kind`, or NO_POLICY (call the direct RPC).
 fn key_policy(custody: &Custody, key_id: &str, kind: &str) -> Result<Quorum, Error> {
     let record = found(custody, key_id)?;
@@ -153,7 +182,7 @@ pub fn resolve(
     principal: &Principal,
     requested: &Requested,
 ) -> Result<(Spec, Quorum), Error> {
-    if !matches!(requested, Requested::Sign(_)) {
+    if !matches!(requested, Requested::Sign(_) | Requested::Decrypt { .. }) {
         authorize(principal, requested.action())?;
     }
     match requested {
@@ -207,10 +236,19 @@ pub fn resolve(
             required,
         } => {
             let record = found(custody, key_id)?;
-            if !KEY_POLICY_KINDS.contains(&operation.as_str()) {
+            let purpose = algorithm_of(&record)?.purpose();
+            if !policy_kind_applies(operation, purpose) {
+                let kinds: Vec<&str> = KEY_POLICY_KINDS
+                    .into_iter()
+                    .filter(|kind| policy_kind_applies(kind, purpose))
+                    .collect();
                 return Err(Error::new(
                     Reason::BadPolicy,
-                    "a key policy governs SIGN, ROTATE, SET_STATE, SET_POLICY, DESTROY_VERSION or RELEASE_LEGAL_HOLD",
+                    format!(
+                        "keys/{key_id} is a {} key: its policies govern {}, not {operation:?}",
+                        purpose.api_name(),
+                        kinds.join(", ")
+                    ),
                 ));
             }
             if *required > 0 {
@@ -336,6 +374,32 @@ pub fn resolve(
                 quorum,
             ))
         }
+        Requested::Decrypt {
+            name,
+            ciphertext,
+            associated_data,
+            recipient,
+        } => {
+            let (key_id, version) = crate::envelope::check_decrypt_operation(
+                custody,
+                principal,
+                name,
+                ciphertext,
+                associated_data,
+            )?;
+            check_recipient(recipient)?;
+            let quorum = key_policy(custody, &key_id, "DECRYPT")?;
+            Ok((
+                Spec::Decrypt {
+                    key_id,
+                    version,
+                    ciphertext: hex::encode(ciphertext),
+                    associated_data: hex::encode(associated_data),
+                    recipient: hex::encode(recipient),
+                },
+                quorum,
+            ))
+        }
         Requested::CreateBackup { backup_kek_set_id } => {
             let (current, versions) = crate::ceremonies::export::backup_scope(custody)?;
             if !backup_kek_set_id.is_empty() && *backup_kek_set_id != current {
@@ -389,6 +453,7 @@ pub async fn request(
         state: OperationState::Pending,
         outcome: None,
         error: None,
+        finished_ms: None,
     };
     record.digest = hex::encode(record.compute_digest());
     audited.resource = record.name();
@@ -398,15 +463,42 @@ pub async fn request(
         record.digest,
         quorum_text(&record.quorum)
     );
+    // The cap is checked and the operation stored under one hold of the
+    // store lock, so concurrent requests cannot all slip under it.
+    let _guard = custody.dual_control.lock().await;
+    check_pending_cap(custody, &record.requester, now)?;
     // The request is recorded before the operation exists.
     audited.intent(custody).await?;
-    let _guard = custody.dual_control.lock().await;
     custody
         .dual_control
         .put_operation(&record)
         .await
         .map_err(store_failure)?;
     Ok(record)
+}
+
+/// Refuses a request from `requester` once `max_pending_per_requester` of
+/// their operations are pending (R2), saying when the first of them
+/// expires. Others' requests are unaffected. Hold the store lock.
+fn check_pending_cap(custody: &Custody, requester: &str, now: i64) -> Result<(), Error> {
+    let cap = custody.limits.max_pending_per_requester;
+    let (pending, first_expiry) = custody
+        .dual_control
+        .pending_of(requester)
+        .map_err(store_failure)?;
+    if pending < cap {
+        return Ok(());
+    }
+    let wait_ms = first_expiry.map_or(1000, |at| at.saturating_sub(now).max(1000));
+    Err(Error::new(
+        Reason::TooManyPending,
+        format!(
+            "{requester} has {pending} operations waiting for approval, the most one requester may have (max_pending_per_requester {cap}): try again once one is decided or expires"
+        ),
+    )
+    .retry_after(std::time::Duration::from_millis(
+        u64::try_from(wait_ms).unwrap_or(1000),
+    )))
 }
 
 /// `M of a, b, c`.

@@ -184,6 +184,7 @@ async fn finish(
     detail: String,
 ) -> Result<(), Error> {
     record.state = final_state;
+    record.finished_ms = Some(custody.clock.now_ms());
     custody
         .dual_control
         .put_operation(record)
@@ -202,32 +203,20 @@ async fn finish(
         .map_err(|e| Error::audit_unavailable(&e))
 }
 
-/// Marks pending operations past their expiry as expired (each recorded).
+/// Most finished operations one sweep prunes (the rest wait for the next).
+pub const PRUNE_BATCH: usize = 256;
+
+/// The sweep: marks pending operations past their expiry as expired (each
+/// recorded), then prunes operations finished longer than the retention
+/// period ago. Its cost follows the pending operations and what is due,
+/// never the operations kept (threat model R2): it reads the pending index
+/// and the oldest entries of the finished index only.
 pub async fn expire_due(custody: &Custody) {
     let now = custody.clock.now_ms();
     let _guard = custody.dual_control.lock().await;
-    let Ok(operations) = custody.dual_control.operations() else {
+    let Ok(operations) = custody.dual_control.pending_operations() else {
         return;
     };
-    let mut counts = [
-        ("pending", 0),
-        ("succeeded", 0),
-        ("failed", 0),
-        ("denied", 0),
-        ("expired", 0),
-    ];
-    for record in &operations {
-        let index = match record.state {
-            OperationState::Pending if now >= record.expires_ms => 4,
-            OperationState::Pending => 0,
-            OperationState::Succeeded => 1,
-            OperationState::Failed => 2,
-            OperationState::Denied => 3,
-            OperationState::Expired => 4,
-        };
-        counts[index].1 += 1;
-    }
-    crate::metrics::operations(&counts);
     for mut record in operations {
         let rules = Rules {
             quorum: &record.quorum,
@@ -270,5 +259,45 @@ pub async fn expire_due(custody: &Custody) {
                 tracing::error!(reason = %error.reason, "could not expire {}", record.name());
             }
         }
+    }
+    prune_finished(custody, now).await;
+    crate::metrics::operations(&custody.dual_control.operation_counts());
+}
+
+/// Prunes up to [`PRUNE_BATCH`] operations that finished more than the
+/// retention period before `now`: recorded first (which ones, in one audit
+/// record), then removed. Each had its request, votes and outcome audited
+/// when they happened, so the audit log keeps their whole story. Hold the
+/// store lock.
+async fn prune_finished(custody: &Custody, now: i64) {
+    let cutoff = now.saturating_sub(custody.limits.operation_retention_ms);
+    let due = match custody.dual_control.finished_before(cutoff, PRUNE_BATCH) {
+        Ok(due) if due.is_empty() => return,
+        Ok(due) => due,
+        Err(error) => {
+            tracing::error!(%error, "cannot read finished operations to prune");
+            return;
+        }
+    };
+    let mut audited = Audited::start("PruneOperations");
+    audited.principal = crate::keys::SCHEDULER.into();
+    audited.detail = format!(
+        "{} operations finished before {}: {}",
+        due.len(),
+        crate::audit::rfc3339_ms(cutoff),
+        due.join(", ")
+    );
+    // Nothing is removed unless its removal is on the record.
+    if let Err(error) = audited.intent(custody).await {
+        tracing::error!(reason = %error.reason, "operations not pruned");
+        return;
+    }
+    let pruned = custody
+        .dual_control
+        .prune_operations(&due)
+        .await
+        .map_err(store_failure);
+    if let Err(error) = audited.record(custody, pruned.map(drop)).await {
+        tracing::error!(reason = %error.reason, "pruning operations failed");
     }
 }

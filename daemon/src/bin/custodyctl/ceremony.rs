@@ -466,7 +466,13 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 .await
                 .map_err(status)?
                 .into_inner();
-            std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+            // Owner only: transcripts and bundles land here (0600 each).
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(&out_dir)
+            .map_err(|e| format!("{}: {e}", out_dir.display()))?;
             let id = name(&ceremony)
                 .trim_start_matches("ceremonies/")
                 .to_string();

@@ -143,6 +143,8 @@ pub(crate) enum PolicyKindArg {
     DestroyVersion,
     ReleaseLegalHold,
     UpdateKey,
+    /// ENCRYPT_DECRYPT keys only.
+    Decrypt,
 }
 
 #[derive(ClapArgs)]
@@ -176,18 +178,29 @@ fn operation_name(operation: &str) -> String {
 
 async fn pending(connection: &Connection) -> Result<(), String> {
     let mut operations = OperationServiceClient::new(channel(connection).await?);
-    let list = operations
-        .list_operations(ListOperationsRequest {
-            state: OperationState::Pending as i32,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
-    if list.operations.is_empty() {
-        outln!("nothing is waiting for approval");
+    let (mut page_token, mut shown) = (String::new(), 0);
+    // Page by page: what is pending is bounded by the per-requester cap.
+    loop {
+        let list = operations
+            .list_operations(ListOperationsRequest {
+                state: OperationState::Pending as i32,
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        for operation in &list.operations {
+            print_operation(operation);
+        }
+        shown += list.operations.len();
+        if list.next_page_token.is_empty() {
+            break;
+        }
+        page_token = list.next_page_token;
     }
-    for operation in list.operations {
-        print_operation(&operation);
+    if shown == 0 {
+        outln!("nothing is waiting for approval");
     }
     Ok(())
 }
@@ -310,6 +323,7 @@ fn request_spec(command: RequestCommand) -> Result<operation_spec::Spec, String>
                 PolicyKindArg::DestroyVersion => OperationKind::DestroyVersion,
                 PolicyKindArg::ReleaseLegalHold => OperationKind::ReleaseLegalHold,
                 PolicyKindArg::UpdateKey => OperationKind::UpdateKey,
+                PolicyKindArg::Decrypt => OperationKind::Decrypt,
             } as i32,
             officers,
             required,

@@ -160,8 +160,24 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes a file readable by its owner only (0600), whatever it holds:
+/// bundles, transcripts, signatures, exports. An existing file is narrowed
+/// to 0600 before it is written over.
 pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), String> {
-    std::fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(fail)?;
+    file.set_len(0).map_err(fail)?;
+    file.write_all(contents.as_ref()).map_err(fail)
 }
 
 /// Creates a new file only its owner can read; an existing file is never
@@ -231,7 +247,11 @@ pub(crate) fn passphrase(prompt: &str, confirm: bool) -> Result<SecretString, St
 
 #[cfg(test)]
 mod tests {
-    use super::{guarded, shown};
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
 
     /// What custodyd sends can rewrite nothing on the officer's terminal:
     /// `shown` escapes every hidden character, line breaks included, and the
@@ -248,5 +268,24 @@ mod tests {
             "line one\nline\\u{1b}[8m two\\u{d}\n"
         );
         assert_eq!(guarded("plain\n"), "plain\n");
+    }
+
+    #[test]
+    fn outputs_are_readable_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("bundle.json");
+        write_file(&fresh, "{\"bundle\":1}").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o600);
+        // A file that was world-readable is narrowed before it is written over.
+        let old = dir.path().join("transcript.json");
+        std::fs::write(&old, "a much longer earlier content").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_file(&old, "new").unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "new");
+        let secret = dir.path().join("share.txt");
+        write_private(&secret, b"share").unwrap();
+        assert_eq!(mode(&secret), 0o600);
     }
 }

@@ -1,0 +1,427 @@
+//! Bounded work per caller (threat model R2), attacked through the real
+//! server: custodyd in-process on a fresh SoftHSM2 token, real gRPC and
+//! mTLS, the clock injected.
+//!
+//! A caller who asks for work without end is stopped at a cap, with a
+//! `RESOURCE_EXHAUSTED` status that names the cap and says when to try
+//! again, while other callers carry on: pending operations per requester,
+//! open ceremonies per officer, HSM jobs waiting for a worker, drift checks
+//! and audit verifications. Finished operations leave the store after the
+//! retention period, and lists come a bounded page at a time.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use custody_core::identity::Role;
+use custody_core::operations::vote::expire_due;
+use custody_proto::v1::audit_service_client::AuditServiceClient;
+use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
+use custody_proto::v1::signing_service_client::SigningServiceClient;
+use custody_proto::v1::{
+    AbortCeremonyRequest, CheckDriftRequest, Digest, GetOperationRequest, KeyRef,
+    ListOperationsRequest, Operation, OperationKind, OperationState, SignRequest,
+    StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
+};
+use sha2::Digest as _;
+use softhsm_tests::ceremony::root_script;
+use softhsm_tests::service::{TestService, create_key, reason, request_operation, runtime};
+use softhsm_tests::token_test;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+fn rotate(key: &str) -> operation_spec::Spec {
+    operation_spec::Spec::Rotate(KeyRef {
+        name: format!("keys/{key}"),
+    })
+}
+
+/// The retry hint of a refusal.
+fn retry_after(status: &tonic::Status) -> Duration {
+    status
+        .get_error_details()
+        .retry_info()
+        .and_then(|info| info.retry_delay)
+        .unwrap_or_else(|| panic!("no RetryInfo in {status:?}"))
+}
+
+/// Audit events after the first `before` records, checkpoints aside.
+fn events_since(service: &TestService, before: usize) -> Vec<serde_json::Value> {
+    service
+        .state()
+        .audit
+        .records(1)
+        .skip(before)
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.unwrap().entry).unwrap())
+        .map(|entry| entry["event"].clone())
+        .filter(|event| event["type"] != "checkpoint")
+        .collect()
+}
+
+fn audit_len(service: &TestService) -> usize {
+    service.state().audit.records(1).count()
+}
+
+/// Every page of `ListOperations` as the caller of `channel`, `page_size`
+/// at a time.
+async fn list_all(channel: &Channel, state: OperationState, page_size: i32) -> Vec<Operation> {
+    let mut client = OperationServiceClient::new(channel.clone());
+    let (mut all, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_operations(ListOperationsRequest {
+                state: state as i32,
+                page_size,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.operations.len() <= page_size as usize);
+        all.extend(page.operations);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+token_test!(
+    fn a_requester_at_its_pending_cap_is_refused_while_others_still_request(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.dual_control.max_pending_per_requester = 3;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            service.gate("k", OperationKind::Rotate).await;
+            let mut mine = Vec::new();
+            for _ in 0..3 {
+                mine.push(request_operation(&operator, rotate("k")).await.unwrap());
+            }
+
+            // The fourth is refused, says why and when to try again, is
+            // audited once, and stores nothing.
+            let stored = service.state().dual_control.operations().unwrap().len();
+            let before = audit_len(&service);
+            let refused = request_operation(&operator, rotate("k")).await.unwrap_err();
+            assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+            assert_eq!(reason(&refused), "TOO_MANY_PENDING");
+            assert!(refused.message().contains("max_pending_per_requester 3"), "{}", refused.message());
+            // The clock stands still: the first of the three expires in
+            // exactly the approval window (600 s).
+            assert_eq!(retry_after(&refused), Duration::from_secs(600));
+            assert_eq!(service.state().dual_control.operations().unwrap().len(), stored);
+            let events = events_since(&service, before);
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(
+                (&events[0]["method"], &events[0]["principal"], &events[0]["outcome"]),
+                (&"RequestOperation".into(), &"operator".into(), &"TOO_MANY_PENDING".into())
+            );
+            // A fresh certificate of the same principal is the same requester.
+            let again = service.client("operator").await;
+            assert_eq!(reason(&request_operation(&again, rotate("k")).await.unwrap_err()), "TOO_MANY_PENDING");
+
+            // Others still request: another operator, up to their own cap.
+            let other = service.client_as("operator-2", &[Role::Operator]).await;
+            for _ in 0..3 {
+                let asked = request_operation(&other, rotate("k")).await.unwrap();
+                assert_eq!(asked.state, OperationState::Pending as i32);
+            }
+            assert_eq!(reason(&request_operation(&other, rotate("k")).await.unwrap_err()), "TOO_MANY_PENDING");
+
+            // Once one of the operator's is decided (a denial), they may ask again.
+            let deny = service.vote_for("alice", &mine[0], false);
+            let alice = service.client_as("alice", &[Role::Officer]).await;
+            OperationServiceClient::new(alice).deny_operation(deny).await.unwrap();
+            request_operation(&operator, rotate("k")).await.unwrap();
+            assert_eq!(reason(&request_operation(&operator, rotate("k")).await.unwrap_err()), "TOO_MANY_PENDING");
+            // Once they expire, too.
+            service.clock.advance(600_000);
+            expire_due(service.state()).await;
+            for _ in 0..3 {
+                request_operation(&operator, rotate("k")).await.unwrap();
+            }
+        });
+    }
+);
+
+token_test!(
+    fn list_operations_comes_in_bounded_pages_that_cover_each_operation_once(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.dual_control.max_pending_per_requester = 100;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            let other = service.client_as("operator-2", &[Role::Operator]).await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            service.gate("k", OperationKind::Rotate).await;
+            for n in 0..30 {
+                service.clock.advance(1);
+                let channel = if n % 6 == 5 { &other } else { &operator };
+                request_operation(channel, rotate("k")).await.unwrap();
+            }
+            let everything: BTreeSet<String> = service
+                .state()
+                .dual_control
+                .operations()
+                .unwrap()
+                .into_iter()
+                .map(|o| format!("operations/{}", o.id))
+                .collect();
+            assert_eq!(everything.len(), 31, "30 rotations and the policy change");
+
+            // An officer pages through all of them, newest first, each once.
+            let alice = service.client_as("alice", &[Role::Officer]).await;
+            for page_size in [1, 7, 31, 1000] {
+                let listed = list_all(&alice, OperationState::Unspecified, page_size).await;
+                let names: Vec<&String> = listed.iter().map(|o| &o.name).collect();
+                assert_eq!(names.len(), 31, "page size {page_size}");
+                assert_eq!(names.iter().copied().cloned().collect::<BTreeSet<_>>(), everything);
+                let times: Vec<_> = listed
+                    .iter()
+                    .map(|o| o.create_time.unwrap())
+                    .map(|t| (t.seconds, t.nanos))
+                    .collect();
+                assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first: {times:?}");
+            }
+            let pending = list_all(&alice, OperationState::Pending, 4).await;
+            assert_eq!(pending.len(), 30);
+            assert!(pending.iter().all(|o| o.state == OperationState::Pending as i32));
+            assert_eq!(list_all(&alice, OperationState::Succeeded, 4).await.len(), 1);
+
+            // The operator pages through its own only: 25 and its policy change.
+            let own = list_all(&operator, OperationState::Unspecified, 10).await;
+            assert_eq!(own.len(), 26);
+            assert!(own.iter().all(|o| o.requester == "operator"));
+            let own_pending = list_all(&other, OperationState::Pending, 2).await;
+            assert_eq!(own_pending.len(), 5);
+            assert!(own_pending.iter().all(|o| o.requester == "operator-2"));
+
+            // Pages beyond the bound and tokens this service did not issue
+            // are refused, not clamped or ignored.
+            let mut client = OperationServiceClient::new(alice.clone());
+            for (page_size, page_token, why) in [
+                (1001, String::new(), "BAD_PAGE_SIZE"),
+                (-1, String::new(), "BAD_PAGE_SIZE"),
+                (10, "not-a-token".to_string(), "BAD_PAGE_TOKEN"),
+                (10, "00".repeat(40), "BAD_PAGE_TOKEN"),
+            ] {
+                let refused = client
+                    .list_operations(ListOperationsRequest { state: 0, page_size, page_token })
+                    .await
+                    .unwrap_err();
+                assert_eq!((refused.code(), reason(&refused).as_str()), (Code::InvalidArgument, why));
+            }
+        });
+    }
+);
+
+token_test!(
+    fn finished_operations_leave_the_store_after_the_retention_period(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.dual_control.operation_retention_secs = 3600;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            service.gate("k", OperationKind::Rotate).await;
+            let denied = request_operation(&operator, rotate("k")).await.unwrap();
+            let alice = service.client_as("alice", &[Role::Officer]).await;
+            let mut officer = OperationServiceClient::new(alice);
+            officer.deny_operation(service.vote_for("alice", &denied, false)).await.unwrap();
+            service.clock.advance(1000);
+            let waiting = request_operation(&operator, rotate("k")).await.unwrap();
+            let get = |name: &str| GetOperationRequest { name: name.into() };
+
+            // When the retention period has just run: kept.
+            service.clock.advance(3_600_000 - 1000);
+            expire_due(service.state()).await;
+            let kept = officer.get_operation(get(&denied.name)).await.unwrap().into_inner();
+            assert_eq!(kept.state, OperationState::Denied as i32);
+            // The pending one expired meanwhile, and is kept from then on.
+            let expired = officer.get_operation(get(&waiting.name)).await.unwrap().into_inner();
+            assert_eq!(expired.state, OperationState::Expired as i32);
+
+            // One millisecond later: pruned, and the audit log says which.
+            let before = audit_len(&service);
+            service.clock.advance(1);
+            expire_due(service.state()).await;
+            let gone = officer.get_operation(get(&denied.name)).await.unwrap_err();
+            assert_eq!(reason(&gone), "NOT_FOUND");
+            assert!(officer.get_operation(get(&waiting.name)).await.is_ok());
+            let events = events_since(&service, before);
+            let id = denied.name.trim_start_matches("operations/");
+            let pruned: Vec<_> = events.iter().filter(|e| e["method"] == "PruneOperations").collect();
+            assert_eq!(pruned.len(), 2, "intent and outcome: {events:?}");
+            assert!(pruned.iter().all(|e| e["detail"].as_str().unwrap().contains(id)));
+            assert_eq!(pruned[1]["outcome"], "ok");
+            // Its story stays in the audit log: the request, the vote, the end.
+            let story = service
+                .state()
+                .audit
+                .records(1)
+                .map(|r| String::from_utf8(r.unwrap().entry).unwrap())
+                .filter(|entry| entry.contains(id))
+                .count();
+            assert!(story >= 4, "{story} records name {id}");
+            let listed = list_all(&operator, OperationState::Unspecified, 100).await;
+            assert!(listed.iter().all(|o| o.name != denied.name));
+        });
+    }
+);
+
+token_test!(
+    fn a_full_hsm_queue_refuses_callers_with_a_retry_hint_and_drains(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+                config.hsm.max_queued_jobs = 1;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let signer = service.client("ca-issuing").await;
+            let sign = || SignRequest {
+                name: "keys/k".into(),
+                input: Some(sign_request::Input::Digest(Digest {
+                    digest: Some(digest::Digest::Sha256(sha2::Sha256::digest(b"tbs").to_vec())),
+                })),
+                ..Default::default()
+            };
+            SigningServiceClient::new(signer.clone()).sign(sign()).await.unwrap();
+
+            // The one worker busy, and one job waiting: the queue is full.
+            let hsm = service.state().hsm.clone();
+            let (started, running) = std::sync::mpsc::channel();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::spawn({
+                let hsm = hsm.clone();
+                async move {
+                    hsm.run(move |_| {
+                        let _ = started.send(());
+                        let _ = released.recv();
+                        Ok(())
+                    })
+                    .await
+                }
+            });
+            running.recv().unwrap();
+            let waiting = tokio::spawn({
+                let hsm = hsm.clone();
+                async move { hsm.run(|_| Ok(())).await }
+            });
+            while hsm.queued() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+
+            let before = audit_len(&service);
+            let refused = SigningServiceClient::new(signer.clone()).sign(sign()).await.unwrap_err();
+            assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+            assert_eq!(reason(&refused), "HSM_BUSY");
+            assert_eq!(retry_after(&refused), Duration::from_millis(500));
+            let events = events_since(&service, before);
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(events[0]["outcome"], "HSM_BUSY");
+            assert_eq!(hsm.queued(), 1, "the refused request queued nothing");
+
+            // Released, the queue drains and callers are served again.
+            release.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            waiting.await.unwrap().unwrap();
+            SigningServiceClient::new(signer).sign(sign()).await.unwrap();
+        });
+    }
+);
+
+token_test!(
+    fn one_drift_check_and_one_audit_verification_run_at_a_time_and_drift_takes_no_lock(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let auditor = service.client("auditor").await;
+            let state = service.state().clone();
+
+            let running = state.limits.drift.try_start().unwrap();
+            let refused = KeyServiceClient::new(operator.clone())
+                .check_drift(CheckDriftRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!((refused.code(), reason(&refused).as_str()), (Code::ResourceExhausted, "ALREADY_RUNNING"));
+            assert_eq!(retry_after(&refused), Duration::from_secs(5));
+            drop(running);
+
+            let running = state.limits.audit_verify.try_start().unwrap();
+            let refused = AuditServiceClient::new(auditor.clone())
+                .verify_audit(VerifyAuditRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!((refused.code(), reason(&refused).as_str()), (Code::ResourceExhausted, "ALREADY_RUNNING"));
+            drop(running);
+            let verified = AuditServiceClient::new(auditor)
+                .verify_audit(VerifyAuditRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(verified.valid, "{}", verified.problem);
+
+            // A drift check no longer waits for the registry lock: it
+            // completes while a key change holds it (before, it waited
+            // for the change, and every change waited for the full scan).
+            // The timeout only turns a deadlock into a failure.
+            let held = state.registry.lock().await;
+            let report = tokio::time::timeout(
+                Duration::from_secs(120),
+                KeyServiceClient::new(operator.clone()).check_drift(CheckDriftRequest {}),
+            )
+            .await
+            .expect("the drift check waited for the registry lock")
+            .unwrap()
+            .into_inner();
+            drop(held);
+            assert!(report.findings.is_empty(), "{:?}", report.findings);
+            assert_eq!(report.versions_checked, 1);
+        });
+    }
+);
+
+token_test!(
+    fn an_officer_at_the_open_ceremony_cap_is_refused_while_another_opens(token) {
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.ceremony.max_open_per_officer = 1;
+            })
+            .await;
+            let start = |id: &str| StartCeremonyRequest {
+                script: root_script(id, &format!("{id}-root"), false),
+                bundle: String::new(),
+            };
+            let mut alice = CeremonyServiceClient::new(service.client_as("alice", &[Role::Officer]).await);
+            let mut bob = CeremonyServiceClient::new(service.client_as("bob", &[Role::Officer]).await);
+            alice.start_ceremony(start("c1")).await.unwrap();
+            let refused = alice.start_ceremony(start("c2")).await.unwrap_err();
+            assert_eq!((refused.code(), reason(&refused).as_str()), (Code::ResourceExhausted, "TOO_MANY_CEREMONIES"));
+            assert!(refused.message().contains("max_open_per_officer 1"), "{}", refused.message());
+            assert!(service.state().ceremonies.journal.get("c2").unwrap().is_none());
+            // Another officer opens one.
+            bob.start_ceremony(start("c2")).await.unwrap();
+            // Once alice's ceremony is over, she may open another.
+            alice
+                .abort_ceremony(AbortCeremonyRequest { name: "ceremonies/c1".into(), reason: "done".into() })
+                .await
+                .unwrap();
+            alice.start_ceremony(start("c3")).await.unwrap();
+        });
+    }
+);
