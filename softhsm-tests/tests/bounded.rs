@@ -245,7 +245,7 @@ token_test!(
             let get = |name: &str| GetOperationRequest { name: name.into() };
 
             // When the retention period has just run: kept.
-            service.clock.advance(3600_000 - 1000);
+            service.clock.advance(3_600_000 - 1000);
             expire_due(service.state()).await;
             let kept = officer.get_operation(get(&denied.name)).await.unwrap().into_inner();
             assert_eq!(kept.state, OperationState::Denied as i32);
