@@ -700,6 +700,7 @@ token_test!(
             }
             let fixture = Arc::new(prepare(&service, &channels).await);
             let (mut refusals, mut allowed, mut failures) = (0, 0, Vec::new());
+            let mut by_reason = std::collections::BTreeMap::<&str, usize>::new();
             for row in rows() {
                 for (who, why) in row.refusals() {
                     let case = format!("{} as {who:?}", row.rpc);
@@ -723,6 +724,7 @@ token_test!(
                         failures.push(format!("{case}: not exactly one audit record of the refusal: {events:?}"));
                     }
                     refusals += 1;
+                    *by_reason.entry(why).or_default() += 1;
                 }
                 for &(who, expected) in row.allowing {
                     let outcome = (row.call)(fixture.clone(), channels[&who].clone()).await;
@@ -732,7 +734,7 @@ token_test!(
                     allowed += 1;
                 }
             }
-            eprintln!("{refusals} refusals and {allowed} allowed calls over {} rows", rows().len());
+            eprintln!("{refusals} refusals and {allowed} allowed calls over {} rows: {by_reason:?}", rows().len());
             assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 
             // ListOperations lists only what the caller may read: a caller

@@ -220,8 +220,10 @@ impl OperationStore {
     }
 
     /// Writes `record` and its index entries in one transaction, durably.
-    /// Callers hold the dual-control lock, so no two writes of one
-    /// operation race.
+    /// Callers hold the dual-control lock, so no two writes race: besides
+    /// ordering the writes of one operation, it keeps sled's optimistic
+    /// transactions over these trees from retrying against each other
+    /// (many at once were seen to livelock in an optimised build).
     pub async fn put(&self, record: &OperationRecord) -> Result<(), String> {
         let before = self.get(&record.id)?.map(|r| r.state);
         let bytes = serde_json::to_vec(record).map_err(error)?;
