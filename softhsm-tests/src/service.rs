@@ -266,6 +266,25 @@ impl TestService {
         }
     }
 
+    /// How many records the audit log holds.
+    pub fn audit_len(&self) -> usize {
+        self.state().audit.records(1).count()
+    }
+
+    /// The audit events appended after the first `before` records, the
+    /// periodic signed checkpoints aside.
+    pub fn audit_events_since(&self, before: usize) -> Vec<serde_json::Value> {
+        self.state()
+            .audit
+            .records(1)
+            .skip(before)
+            .map(|r| r.expect("an audit record reads back"))
+            .map(|r| serde_json::from_slice::<serde_json::Value>(&r.entry).expect("a JSON record"))
+            .map(|entry| entry["event"].clone())
+            .filter(|event| event["type"] != "checkpoint")
+            .collect()
+    }
+
     /// `https://localhost:{port}`.
     pub fn url(&self) -> String {
         format!("https://localhost:{}", self.running().addr.port())

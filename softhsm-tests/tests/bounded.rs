@@ -52,23 +52,6 @@ fn retry_after(status: &tonic::Status) -> Duration {
         .unwrap_or_else(|| panic!("no RetryInfo in {status:?}"))
 }
 
-/// Audit events after the first `before` records, checkpoints aside.
-fn events_since(service: &TestService, before: usize) -> Vec<serde_json::Value> {
-    service
-        .state()
-        .audit
-        .records(1)
-        .skip(before)
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.unwrap().entry).unwrap())
-        .map(|entry| entry["event"].clone())
-        .filter(|event| event["type"] != "checkpoint")
-        .collect()
-}
-
-fn audit_len(service: &TestService) -> usize {
-    service.state().audit.records(1).count()
-}
-
 /// Every page of `ListOperations` as the caller of `channel`, `page_size`
 /// at a time.
 async fn list_all(channel: &Channel, state: OperationState, page_size: i32) -> Vec<Operation> {
@@ -111,7 +94,7 @@ token_test!(
             // The fourth is refused, says why and when to try again, is
             // audited once, and stores nothing.
             let stored = service.state().dual_control.operations().unwrap().len();
-            let before = audit_len(&service);
+            let before = service.audit_len();
             let refused = request_operation(&operator, rotate("k")).await.unwrap_err();
             assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
             assert_eq!(reason(&refused), "TOO_MANY_PENDING");
@@ -120,7 +103,7 @@ token_test!(
             // exactly the approval window (600 s).
             assert_eq!(retry_after(&refused), Duration::from_secs(600));
             assert_eq!(service.state().dual_control.operations().unwrap().len(), stored);
-            let events = events_since(&service, before);
+            let events = service.audit_events_since(before);
             assert_eq!(events.len(), 1, "{events:?}");
             assert_eq!(
                 (&events[0]["method"], &events[0]["principal"], &events[0]["outcome"]),
@@ -254,13 +237,13 @@ token_test!(
             assert_eq!(expired.state, OperationState::Expired as i32);
 
             // One millisecond later: pruned, and the audit log says which.
-            let before = audit_len(&service);
+            let before = service.audit_len();
             service.clock.advance(1);
             expire_due(service.state()).await;
             let gone = officer.get_operation(get(&denied.name)).await.unwrap_err();
             assert_eq!(reason(&gone), "NOT_FOUND");
             assert!(officer.get_operation(get(&waiting.name)).await.is_ok());
-            let events = events_since(&service, before);
+            let events = service.audit_events_since(before);
             let id = denied.name.trim_start_matches("operations/");
             let pruned: Vec<_> = events.iter().filter(|e| e["method"] == "PruneOperations").collect();
             assert_eq!(pruned.len(), 2, "intent and outcome: {events:?}");
@@ -325,12 +308,12 @@ token_test!(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
 
-            let before = audit_len(&service);
+            let before = service.audit_len();
             let refused = SigningServiceClient::new(signer.clone()).sign(sign()).await.unwrap_err();
             assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
             assert_eq!(reason(&refused), "HSM_BUSY");
             assert_eq!(retry_after(&refused), Duration::from_millis(500));
-            let events = events_since(&service, before);
+            let events = service.audit_events_since(before);
             assert_eq!(events.len(), 1, "{events:?}");
             assert_eq!(events[0]["outcome"], "HSM_BUSY");
             assert_eq!(hsm.queued(), 1, "the refused request queued nothing");

@@ -83,23 +83,6 @@ async fn until_closed(
     );
 }
 
-/// The audit events from record `from` on (checkpoints aside).
-fn events_since(service: &TestService, from: usize) -> Vec<serde_json::Value> {
-    service
-        .state()
-        .audit
-        .records(1)
-        .skip(from)
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.unwrap().entry).unwrap())
-        .map(|entry| entry["event"].clone())
-        .filter(|event| event["type"] != "checkpoint")
-        .collect()
-}
-
-fn record_count(service: &TestService) -> usize {
-    service.state().audit.records(1).count()
-}
-
 fn signer(service: &TestService, validity: Validity) -> Issued {
     service
         .ca
@@ -171,11 +154,11 @@ token_test!(
             assert!(time::OffsetDateTime::now_utc() > not_after);
             // The next call on the open channel is refused, with a record
             // that names the certificate.
-            let before = record_count(&service);
+            let before = service.audit_len();
             let status = sign(&channel, 2).await.unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
             assert_eq!(reason(&status), "CERTIFICATE_NO_LONGER_VALID", "{status:?}");
-            let events = events_since(&service, before);
+            let events = service.audit_events_since(before);
             assert_eq!(events.len(), 1, "{events:?}");
             let event = &events[0];
             assert_eq!(event["method"], "Sign", "{event}");

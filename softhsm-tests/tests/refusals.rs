@@ -76,23 +76,6 @@ async fn raw_call(channel: &Channel, path: &'static str, message: Vec<u8>) -> to
     .expect_err("the server answered bytes it cannot have understood")
 }
 
-/// The audit events from record `from` on (checkpoints aside).
-fn events_since(service: &TestService, from: usize) -> Vec<serde_json::Value> {
-    service
-        .state()
-        .audit
-        .records(1)
-        .skip(from)
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.unwrap().entry).unwrap())
-        .map(|entry| entry["event"].clone())
-        .filter(|event| event["type"] != "checkpoint")
-        .collect()
-}
-
-fn record_count(service: &TestService) -> usize {
-    service.state().audit.records(1).count()
-}
-
 /// Asserts that exactly one event was recorded since `from`: a request
 /// record of `method` by `principal`, refused for `outcome`; returns it.
 fn one_refusal(
@@ -102,7 +85,7 @@ fn one_refusal(
     principal: &str,
     outcome: &str,
 ) -> serde_json::Value {
-    let events = events_since(service, from);
+    let events = service.audit_events_since(from);
     assert_eq!(
         events.len(),
         1,
@@ -125,7 +108,7 @@ token_test!(
             let signer = service.client("ca-issuing").await;
 
             // A message over max_message_bytes (256 KiB in tests).
-            let before = record_count(&service);
+            let before = service.audit_len();
             let huge = SignRequest {
                 name: "keys/issuing".into(),
                 input: Some(sign_request::Input::Data(vec![0; 300 * 1024])),
@@ -138,7 +121,7 @@ token_test!(
 
             // Bytes that are no SignRequest: field 1 with wire type 7, which
             // protobuf does not have.
-            let before = record_count(&service);
+            let before = service.audit_len();
             let status = raw_call(&signer, "/custody.v1.SigningService/Sign", vec![0x0f, 0x01]).await;
             assert!(
                 matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::Internal),
@@ -149,7 +132,7 @@ token_test!(
             // A method the service does not have, and a service that does
             // not exist: recorded under the path asked for.
             for path in ["/custody.v1.SigningService/SignAnything", "/custody.v1.Backdoor/Open"] {
-                let before = record_count(&service);
+                let before = service.audit_len();
                 let status = raw_call(&signer, path, Vec::new()).await;
                 assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
                 assert_eq!(reason(&status), "UNKNOWN_METHOD", "{status:?}");
@@ -158,7 +141,7 @@ token_test!(
 
             // The same well-formed request is served: the records above are
             // refusals, not noise on every call.
-            let before = record_count(&service);
+            let before = service.audit_len();
             let ok = SignRequest {
                 name: "keys/issuing".into(),
                 input: Some(sign_request::Input::Data(b"fine".to_vec())),
@@ -186,7 +169,7 @@ token_test!(
                 (vec![0x0f, 0x01], "UNDECODABLE"),
                 (vec![0x0a; 300 * 1024], "MESSAGE_TOO_LARGE"),
             ] {
-                let before = record_count(&service);
+                let before = service.audit_len();
                 let items = vec![prost::Message::encode_to_vec(&good), bad];
                 let mut grpc = tonic::client::Grpc::new(signer.clone());
                 grpc.ready().await.unwrap();
@@ -210,7 +193,7 @@ token_test!(
                 };
                 assert_eq!(answers.len(), 1, "{ended:?}");
                 assert_ne!(ended.code(), tonic::Code::Ok);
-                let events = events_since(&service, before);
+                let events = service.audit_events_since(before);
                 assert_eq!(events.len(), 2, "{events:?}");
                 // In either order: the items run concurrently.
                 let signed = events.iter().find(|e| e["method"] == "Sign").expect("the good item's record");
@@ -235,7 +218,7 @@ token_test!(
                 .issue_client("stray-laptop", &[], Validity::days(30))
                 .unwrap();
             let channel = service.client_with(&nobody).await.unwrap();
-            let before = record_count(&service);
+            let before = service.audit_len();
             let status = KeyServiceClient::new(channel.clone())
                 .list_keys(ListKeysRequest::default())
                 .await
@@ -250,7 +233,7 @@ token_test!(
             assert!(detail.contains("CN=stray-laptop"), "{detail}");
 
             // Its unknown method is recorded with the certificate as well.
-            let before = record_count(&service);
+            let before = service.audit_len();
             raw_call(&channel, "/custody.v1.KeyService/Steal", Vec::new()).await;
             let event = one_refusal(&service, before, "/custody.v1.KeyService/Steal", "-", "UNKNOWN_METHOD");
             assert!(event["detail"].as_str().unwrap().contains(&fingerprint), "{event}");
@@ -269,14 +252,14 @@ token_test!(
             let channel = service.client_with(&signer).await.unwrap();
             // The audit writer stops: nothing can be recorded any more.
             service.state().audit.close();
-            let before = record_count(&service);
+            let before = service.audit_len();
             for path in ["/custody.v1.SigningService/Sign", "/custody.v1.Backdoor/Open"] {
                 let message = if path.ends_with("Sign") { vec![0x0f, 0x01] } else { Vec::new() };
                 let status = raw_call(&channel, path, message).await;
                 assert_eq!(status.code(), tonic::Code::Unavailable, "{path}: {status:?}");
                 assert_eq!(reason(&status), "AUDIT_UNAVAILABLE", "{path}: {status:?}");
             }
-            assert_eq!(record_count(&service), before);
+            assert_eq!(service.audit_len(), before);
         });
     }
 );

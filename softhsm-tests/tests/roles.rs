@@ -561,17 +561,6 @@ async fn world(service: &TestService) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The audit events appended after the first `before` records, the
-/// periodic signed checkpoints aside.
-fn events_since(service: &TestService, before: usize) -> Vec<serde_json::Value> {
-    let records = service.state().audit.records(1).skip(before);
-    records
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.unwrap().entry).unwrap())
-        .map(|entry| entry["event"].clone())
-        .filter(|event| event["type"] != "checkpoint")
-        .collect()
-}
-
 /// Whether `event` records `who`'s call of `method` refused for `why`. A
 /// vote is recorded as a vote (with its signature) once the voter is known;
 /// each item of a SignStream is recorded as a `Sign`.
@@ -719,7 +708,7 @@ token_test!(
                             failures.push(format!("{case}: the refusal changed the {part}"));
                         }
                     }
-                    let events = events_since(&service, records);
+                    let events = service.audit_events_since(records);
                     if !(events.len() == 1 && records_refusal(&events[0], row.method(), who, why)) {
                         failures.push(format!("{case}: not exactly one audit record of the refusal: {events:?}"));
                     }
