@@ -292,7 +292,8 @@ token_test!(
             service.approve("alice", &removal).await.unwrap();
             let removed = service.approve("bob", &removal).await.unwrap();
             assert_eq!(removed.state, OperationState::Succeeded as i32, "{}", removed.error);
-            let officers = OperationServiceClient::new(operator.clone())
+            // The officers' list is for officers and auditors.
+            let officers = OperationServiceClient::new(service.client("auditor").await)
                 .list_officers(ListOfficersRequest {})
                 .await
                 .unwrap()
@@ -414,7 +415,8 @@ token_test!(
                 "{}",
                 second.error
             );
-            let officers = OperationServiceClient::new(operator)
+            // The officers' list is for officers and auditors.
+            let officers = OperationServiceClient::new(service.client("auditor").await)
                 .list_officers(ListOfficersRequest {})
                 .await
                 .unwrap()

@@ -12,11 +12,12 @@ use custody_core::algorithms::KeyAlgorithm;
 use custody_core::identity::Role;
 use custody_daemon::devpki::{Ca, Validity, self_signed_client};
 use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, KeyVersionState, ListKeysRequest,
-    RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, SignResponse, SignatureEncoding,
-    VerifyRequest, digest, sign_request, verify_request,
+    ListOperationsRequest, RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, SignResponse,
+    SignatureEncoding, VerifyRequest, digest, sign_request, verify_request,
 };
 use futures_util::StreamExt;
 use hsm_shim::pkcs11::{Function, RvError};
@@ -372,8 +373,9 @@ async fn refused(service: &TestService, issued: &custody_daemon::devpki::Issued)
     let Ok(channel) = service.client_with(issued).await else {
         return true;
     };
-    KeyServiceClient::new(channel)
-        .list_keys(ListKeysRequest::default())
+    // A call every role may make (a signer lists its own operations).
+    OperationServiceClient::new(channel)
+        .list_operations(ListOperationsRequest::default())
         .await
         .is_err()
 }
@@ -715,7 +717,7 @@ token_test!(
             let new_ca_cert = new_ca.issue_client("ca-issuing", &[Role::Signer], Validity::days(1)).unwrap();
             assert!(!refused(&service, &new_ca_cert).await);
             // ... while the connection opened before the reload carries on.
-            KeyServiceClient::new(old_client).list_keys(ListKeysRequest::default()).await.unwrap();
+            OperationServiceClient::new(old_client).list_operations(ListOperationsRequest::default()).await.unwrap();
             // A reload with broken files keeps the working configuration.
             std::fs::write(&service.config.tls.client_ca, "not a certificate").unwrap();
             assert!(service.reload_tls().is_err());
