@@ -135,7 +135,6 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::TooManyPending => Code::ResourceExhausted,
         R::TooManyCeremonies => Code::ResourceExhausted,
         R::HsmBusy => Code::ResourceExhausted,
-        R::AlreadyRunning => Code::ResourceExhausted,
         R::BadRecipient => Code::InvalidArgument,
         R::Internal => Code::Internal,
         _ => return None,

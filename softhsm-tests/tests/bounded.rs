@@ -5,9 +5,10 @@
 //! A caller who asks for work without end is stopped at a cap, with a
 //! `RESOURCE_EXHAUSTED` status that names the cap and says when to try
 //! again, while other callers carry on: pending operations per requester,
-//! open ceremonies per officer, HSM jobs waiting for a worker, drift checks
-//! and audit verifications. Finished operations leave the store after the
-//! retention period, and lists come a bounded page at a time.
+//! open ceremonies per officer, HSM jobs waiting for a worker. Drift checks
+//! and audit verifications run one at a time. Finished operations leave
+//! the store after the retention period, and lists come a bounded page at
+//! a time.
 
 #![allow(
     clippy::unwrap_used,
@@ -336,27 +337,34 @@ token_test!(
             let auditor = service.client("auditor").await;
             let state = service.state().clone();
 
-            let running = state.limits.drift.try_start().unwrap();
-            let refused = KeyServiceClient::new(operator.clone())
-                .check_drift(CheckDriftRequest {})
-                .await
-                .unwrap_err();
-            assert_eq!((refused.code(), reason(&refused).as_str()), (Code::ResourceExhausted, "ALREADY_RUNNING"));
-            assert_eq!(retry_after(&refused), Duration::from_secs(5));
+            // While one drift check runs, the next waits its turn (and the
+            // scheduler's would be skipped): at most one scan at a time.
+            let running = state.limits.drift.start().await;
+            let next = tokio::spawn({
+                let mut keys = KeyServiceClient::new(operator.clone());
+                async move { keys.check_drift(CheckDriftRequest {}).await }
+            });
+            while state.limits.drift.waiting() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(!next.is_finished(), "a second drift check ran beside the first");
+            assert!(custody_core::drift::check_unless_running(&state).await.is_none());
             drop(running);
+            let report = next.await.unwrap().unwrap().into_inner();
+            assert!(report.findings.is_empty(), "{:?}", report.findings);
 
-            let running = state.limits.audit_verify.try_start().unwrap();
-            let refused = AuditServiceClient::new(auditor.clone())
-                .verify_audit(VerifyAuditRequest {})
-                .await
-                .unwrap_err();
-            assert_eq!((refused.code(), reason(&refused).as_str()), (Code::ResourceExhausted, "ALREADY_RUNNING"));
+            // The same for verifying the audit log.
+            let running = state.limits.audit_verify.start().await;
+            let next = tokio::spawn({
+                let mut audit = AuditServiceClient::new(auditor.clone());
+                async move { audit.verify_audit(VerifyAuditRequest {}).await }
+            });
+            while state.limits.audit_verify.waiting() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(!next.is_finished(), "a second verification ran beside the first");
             drop(running);
-            let verified = AuditServiceClient::new(auditor)
-                .verify_audit(VerifyAuditRequest {})
-                .await
-                .unwrap()
-                .into_inner();
+            let verified = next.await.unwrap().unwrap().into_inner();
             assert!(verified.valid, "{}", verified.problem);
 
             // A drift check no longer waits for the registry lock: it

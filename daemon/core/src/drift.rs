@@ -302,16 +302,28 @@ pub fn in_both(first: Report, second: &Report) -> Report {
     }
 }
 
-/// Runs a drift check against the HSM and exports its result as metrics.
-/// One runs at a time (`ALREADY_RUNNING` otherwise: each lists the whole
-/// token). The registry lock is not held, so keys are created, rotated
-/// and destroyed while the token is listed: the registry is read before
-/// and after the listing, and only what differs from both is reported —
-/// an object made or destroyed during the listing is expected by one of
-/// them. A real difference shows in both (or, if it coincides with a
-/// change of the same label, at the next check).
+/// Runs a drift check against the HSM and exports its result as metrics,
+/// after the check running now, if any (one at a time: each lists the
+/// whole token).
 pub async fn check(state: &Custody) -> Result<Report, Error> {
+    let _running = state.limits.drift.start().await;
+    scan(state).await
+}
+
+/// [`check`], unless one is running now (the scheduler's turn is then
+/// skipped): `None`.
+pub async fn check_unless_running(state: &Custody) -> Option<Result<Report, Error>> {
     let _running = state.limits.drift.try_start()?;
+    Some(scan(state).await)
+}
+
+/// The check itself. The registry lock is not held, so keys are created,
+/// rotated and destroyed while the token is listed: the registry is read
+/// before and after the listing, and only what differs from both is
+/// reported — an object made or destroyed during the listing is expected by
+/// one of them. A real difference shows in both (or, if it coincides with
+/// a change of the same label, at the next check).
+async fn scan(state: &Custody) -> Result<Report, Error> {
     let before = Snapshot::take(state)?;
     let objects = state.hsm.run(|session| session.inventory()).await?;
     let after = Snapshot::take(state)?;

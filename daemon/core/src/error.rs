@@ -156,7 +156,6 @@ reasons! {
     TooManyPending = "TOO_MANY_PENDING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
     TooManyCeremonies = "TOO_MANY_CEREMONIES": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
     HsmBusy = "HSM_BUSY": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
-    AlreadyRunning = "ALREADY_RUNNING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",
     BadRecipient = "BAD_RECIPIENT": "a DECRYPT operation's recipient key is not an Ed25519 public key",
     Internal = "INTERNAL": "a bug; details are in the daemon's log, never in the response",
 }

@@ -8,16 +8,15 @@
 //! | pending operations per requester | `operations::request` | `TOO_MANY_PENDING` |
 //! | open ceremonies per officer | `ceremonies::open` | `TOO_MANY_CEREMONIES` |
 //! | HSM jobs waiting for a worker | `hsm_shim::Hsm::try_run` | `HSM_BUSY` |
-//! | one drift check, one audit verification at a time | [`OneAtATime`] | `ALREADY_RUNNING` |
+//! | one drift check, one audit verification at a time | [`OneAtATime`] | none: the next waits its turn |
 //!
 //! Finished operations are kept for `operation_retention_ms` and then
-//! pruned (`operations::vote::expire_due`); each refusal carries a retry
-//! hint.
+//! pruned (`operations::vote::expire_due`); each refusal that can tell
+//! when to try again carries a retry hint.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::Config;
-use crate::{Error, Reason};
 
 /// The caps custodyd runs with.
 #[derive(Debug)]
@@ -43,42 +42,63 @@ impl Limits {
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
             max_open_ceremonies_per_officer: config.ceremony.max_open_per_officer,
-            drift: OneAtATime::new("drift check", Duration::from_secs(5)),
-            audit_verify: OneAtATime::new("verification of the audit log", Duration::from_secs(5)),
+            drift: OneAtATime::new(),
+            audit_verify: OneAtATime::new(),
         }
     }
 }
 
-/// Work of which one runs at a time; a second caller is refused
-/// `ALREADY_RUNNING` at once rather than queued behind the first (each run
-/// reads the whole token or the whole log).
+/// Work of which one runs at a time (each run reads the whole token or the
+/// whole log): a request waits for the run before it to end, and the
+/// scheduler skips its turn while one runs. So a caller calling in a loop
+/// occupies at most one HSM worker, never all of them.
 #[derive(Debug)]
 pub struct OneAtATime {
-    what: &'static str,
-    retry: Duration,
     running: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
 }
 
 impl OneAtATime {
-    /// `what` names the work in refusals; `retry` is the hint they carry.
-    pub fn new(what: &'static str, retry: Duration) -> OneAtATime {
+    /// No run yet.
+    pub fn new() -> OneAtATime {
         OneAtATime {
-            what,
-            retry,
             running: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
         }
     }
 
-    /// The right to run, held until the guard is dropped; refused while
-    /// another holds it.
-    pub fn try_start(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
-        self.running.try_lock().map_err(|_| {
-            Error::new(
-                Reason::AlreadyRunning,
-                format!("a {} is running; one runs at a time", self.what),
-            )
-            .retry_after(self.retry)
-        })
+    /// The right to run, once the run before has ended (in the order
+    /// asked: tokio's mutex is fair); held until the guard is dropped.
+    pub async fn start(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted as waiting until the lock is ours, even if the caller
+        // gives up meanwhile.
+        let _waiting = Waiting(&self.waiting);
+        self.running.lock().await
+    }
+
+    /// The right to run, if nothing runs now (for the scheduler).
+    pub fn try_start(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.running.try_lock().ok()
+    }
+
+    /// Callers waiting for their turn.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for OneAtATime {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -86,14 +106,31 @@ impl OneAtATime {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_second_run_is_refused_until_the_first_ends() {
-        let gate = OneAtATime::new("drift check", Duration::from_secs(5));
-        let first = gate.try_start().expect("nothing runs yet");
-        let refused = gate.try_start().expect_err("one runs");
-        assert_eq!(refused.reason, Reason::AlreadyRunning);
-        assert_eq!(refused.retry_after, Some(Duration::from_secs(5)));
+    #[tokio::test]
+    async fn one_runs_the_next_waits_and_the_scheduler_skips() {
+        let gate = OneAtATime::new();
+        let first = gate.start().await;
+        assert!(gate.try_start().is_none(), "one runs");
+        let second = gate.start();
+        tokio::pin!(second);
+        // Polled once, the second waits (and is counted) behind the first.
+        assert!(futures_poll_once(second.as_mut()).await.is_none());
+        assert_eq!(gate.waiting(), 1);
         drop(first);
-        assert!(gate.try_start().is_ok());
+        let second = second.await;
+        assert_eq!(gate.waiting(), 0);
+        drop(second);
+        assert!(gate.try_start().is_some());
+    }
+
+    /// Polls `future` once: `Some` if it completed.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(value) => Some(value),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

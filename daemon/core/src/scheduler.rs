@@ -247,7 +247,11 @@ async fn destroy_due(state: &Arc<Custody>) {
 /// (so a standing difference is not recorded every interval). Returns the
 /// findings as recorded.
 async fn check_drift(state: &Custody, previous: Option<String>) -> String {
-    match drift::check(state).await {
+    // A check someone asked for is running: this turn is skipped.
+    let Some(report) = drift::check_unless_running(state).await else {
+        return previous.unwrap_or_default();
+    };
+    match report {
         Ok(report) => {
             let findings = report
                 .findings
@@ -281,8 +285,6 @@ async fn check_drift(state: &Custody, previous: Option<String>) -> String {
             }
             findings
         }
-        // A check someone asked for is running: this one waits a tick.
-        Err(error) if error.reason == Reason::AlreadyRunning => previous.unwrap_or_default(),
         Err(error) => {
             metrics::drift_failed();
             tracing::error!(%error, "drift check failed");

@@ -88,9 +88,9 @@ impl AuditService for Audit {
             |_| String::new(),
             |custody, _, _, _| {
                 Box::pin(async move {
-                    // One verification at a time: each reads the whole log
-                    // (in constant memory).
-                    let _running = custody.limits.audit_verify.try_start()?;
+                    // One verification at a time (the next waits): each
+                    // reads the whole log, in constant memory.
+                    let _running = custody.limits.audit_verify.start().await;
                     let audit = custody.audit.clone();
                     let report = tokio::task::spawn_blocking(move || audit.verify())
                         .await

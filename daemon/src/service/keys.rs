@@ -356,11 +356,9 @@ impl KeyService for Keys {
             |_| String::new(),
             |custody, audited, _, _| {
                 Box::pin(async move {
-                    let report = drift::check(custody).await.inspect_err(|e| {
-                        if e.reason != Reason::AlreadyRunning {
-                            metrics::drift_failed();
-                        }
-                    })?;
+                    let report = drift::check(custody)
+                        .await
+                        .inspect_err(|_| metrics::drift_failed())?;
                     audited.detail = format!(
                         "{} findings over {} objects and {} versions",
                         report.findings.len(),

@@ -237,7 +237,10 @@ pub fn resolve(
         } => {
             let record = found(custody, key_id)?;
             let purpose = algorithm_of(&record)?.purpose();
-            if !policy_kind_applies(operation, purpose) {
+            // Removing a policy the key carries is always possible (a key
+            // made before this rule may carry one that never applied).
+            let removal = *required == 0 && record.policies.contains_key(operation);
+            if !policy_kind_applies(operation, purpose) && !removal {
                 let kinds: Vec<&str> = KEY_POLICY_KINDS
                     .into_iter()
                     .filter(|kind| policy_kind_applies(kind, purpose))

@@ -11,7 +11,7 @@ use super::raw::{RawCertificate, RawKey, RawQuorum, RawRestore, RawScript, RawSh
 use super::{CertificateSection, KekMode, KeySection, Kind, Script, SharesSection, script_digest};
 use crate::algorithms::KeyAlgorithm;
 use crate::algorithms::Purpose;
-use crate::dual_control::operation::{KEY_POLICY_KINDS, KeyPolicies};
+use crate::dual_control::operation::{KEY_POLICY_KINDS, KeyPolicies, policy_kind_applies};
 use crate::dual_control::quorum::Quorum;
 use crate::identity::valid_principal_name;
 
@@ -283,6 +283,30 @@ fn key_policy(raw: Option<BTreeMap<String, RawQuorum>>) -> Result<KeyPolicies, S
     Ok(policies)
 }
 
+/// Refuses a declared policy of a kind that could never act on a key of
+/// `purpose` (a SIGN policy on a KEK, a DECRYPT policy on a root key): it
+/// would read as protection and be none (threat model R6).
+fn policy_kinds_fit(policy: &KeyPolicies, purpose: Purpose) -> Result<(), ScriptError> {
+    match policy
+        .keys()
+        .find(|kind| !policy_kind_applies(kind, purpose))
+    {
+        Some(kind) => Err(invalid(
+            &format!("key.policy.{kind}"),
+            format!(
+                "{kind} does not apply to an {} key; its policies govern: {}",
+                purpose.api_name(),
+                KEY_POLICY_KINDS
+                    .into_iter()
+                    .filter(|k| policy_kind_applies(k, purpose))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn root_key_section(raw: RawKey) -> Result<KeySection, ScriptError> {
     let name = key_name(&raw)?;
     let signers = key_signers(&raw)?;
@@ -302,6 +326,7 @@ fn root_key_section(raw: RawKey) -> Result<KeySection, ScriptError> {
             ),
         ));
     }
+    policy_kinds_fit(&policy, Purpose::AsymmetricSign)?;
     // No default: whether a root key can ever leave the HSM (wrapped) is a
     // decision the officers make in the script they sign, not one a missing
     // line makes for them.
@@ -346,6 +371,7 @@ fn kek_section(raw: RawKey, generate: bool) -> Result<KeySection, ScriptError> {
             ),
         ));
     }
+    policy_kinds_fit(&policy, Purpose::EncryptDecrypt)?;
     let backup = raw.backup.unwrap_or(generate);
     if generate && !backup {
         return Err(invalid(

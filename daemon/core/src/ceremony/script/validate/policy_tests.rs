@@ -119,6 +119,33 @@ fn a_key_policy_breaking_a_rule_is_refused_naming_its_field() {
         matches!(&error, ScriptError::Syntax { message, .. } if message.contains("unknown field `minimum`")),
         "{error}"
     );
+    // A policy of a kind that cannot act on the key is refused: DECRYPT
+    // on a root key, SIGN on a KEK; DECRYPT on a KEK is what gates it.
+    let error = Script::parse(&with_policy(
+        "[key.policy.DECRYPT]\nofficers = [\"alice\", \"bob\"]\nrequired = 2\n",
+    ))
+    .unwrap_err();
+    assert_eq!(error.field(), Some("key.policy.DECRYPT"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("does not apply to an ASYMMETRIC_SIGN key"),
+        "{error}"
+    );
+    let kek_with = |kind: &str| {
+        KEK_GENERATE.replacen(
+            "\n[kek]",
+            &format!(
+                "\n[key.policy.{kind}]\nofficers = [\"alice\", \"bob\"]\nrequired = 2\n\n[kek]"
+            ),
+            1,
+        )
+    };
+    let error = Script::parse(&kek_with("SIGN")).unwrap_err();
+    assert_eq!(error.field(), Some("key.policy.SIGN"), "{error}");
+    assert!(error.to_string().contains("ENCRYPT_DECRYPT"), "{error}");
+    let kek = Script::parse(&kek_with("DECRYPT")).unwrap();
+    assert_eq!(kek.key().unwrap().policy["DECRYPT"].required, 2);
     // A restore makes no key, so it has no key policy.
     let error = Script::parse(&RESTORE.replacen(
         "\n[restore]",
