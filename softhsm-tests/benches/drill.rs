@@ -104,14 +104,10 @@ fn bench(token: &TestToken) {
             channels.insert(officer.to_string(), service.client(officer).await);
         }
         let officers = Officers::new(&service.officers, channels);
-        let (kek, shares) = officers
-            .run(&kek_script("bench-kek", "bench-kek", false))
+        let (_, shares) = officers
+            .run_backup_kek(&kek_script("bench-kek", "bench-kek", false))
             .await
-            .expect("KEK ceremony");
-        officers
-            .activate_backup_kek("alice", &["bob", "carol"], &kek.name)
-            .await
-            .expect("backup KEK activated");
+            .expect("KEK ceremony, its backup KEK activated");
         let operator = service.client("operator").await;
         let created = Instant::now();
         let mut tasks = Vec::new();

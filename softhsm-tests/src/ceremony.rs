@@ -369,6 +369,27 @@ impl<'k> Officers<'k> {
         Ok(operation)
     }
 
+    /// Runs a generate-mode KEK ceremony as [`Self::run`] does, then has
+    /// the administrative quorum make its backup KEK the one backups use
+    /// (alice asks, bob and carol approve). Refused unless the ceremony
+    /// completed and the activation succeeded; the ceremony and the shares
+    /// collected.
+    pub async fn run_backup_kek(
+        &self,
+        script: &str,
+    ) -> Result<(Ceremony, BTreeMap<String, String>), Status> {
+        let (done, shares) = self.run(script).await?;
+        if done.state != custody_proto::v1::CeremonyState::Completed as i32 {
+            return Err(Status::failed_precondition(format!(
+                "{} did not complete: {}",
+                done.name, done.error
+            )));
+        }
+        self.activate_backup_kek("alice", &["bob", "carol"], &done.name)
+            .await?;
+        Ok((done, shares))
+    }
+
     /// Runs a root-key or KEK ceremony from start to commit with alice and
     /// bob present (carol collects her share only); returns the ceremony and
     /// the shares collected, by officer.
