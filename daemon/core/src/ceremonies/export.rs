@@ -113,6 +113,11 @@ pub async fn create_backup(
 /// the ceremony made none (`NO_BACKUP_KEK`) or it is current already
 /// (`BACKUP_KEK_CURRENT`).
 pub fn activation_of(custody: &Custody, ceremony: &str) -> Result<Spec, Error> {
+    activation(custody, ceremony).map(|(spec, _)| spec)
+}
+
+/// The ACTIVATE_BACKUP_KEK spec for `ceremony`'s backup KEK, and the KEK.
+fn activation(custody: &Custody, ceremony: &str) -> Result<(Spec, BackupKek), Error> {
     let journal = &custody.ceremonies.journal;
     let kek = journal
         .backup_kek_of(ceremony)
@@ -130,13 +135,14 @@ pub fn activation_of(custody: &Custody, ceremony: &str) -> Result<Spec, Error> {
             format!("the backup KEK of ceremonies/{ceremony} is the current one already"),
         ));
     }
-    Ok(Spec::ActivateBackupKek {
-        ceremony: kek.ceremony,
-        set_id: kek.set_id,
-        check_value: kek.kcv,
+    let spec = Spec::ActivateBackupKek {
+        ceremony: kek.ceremony.clone(),
+        set_id: kek.set_id.clone(),
+        check_value: kek.kcv.clone(),
         threshold: kek.threshold,
         shares: kek.shares,
-    })
+    };
+    Ok((spec, kek))
 }
 
 /// Makes the backup KEK an approved ACTIVATE_BACKUP_KEK `spec` names the
@@ -145,18 +151,13 @@ pub async fn activate_backup_kek(custody: &Custody, spec: &Spec) -> Result<(), E
     let Spec::ActivateBackupKek { ceremony, .. } = spec else {
         return Err(Error::internal("not an ACTIVATE_BACKUP_KEK spec"));
     };
-    if activation_of(custody, ceremony)? != *spec {
+    let (now, kek) = activation(custody, ceremony)?;
+    if now != *spec {
         return Err(Error::new(
             Reason::PolicyChanged,
             format!("the backup KEK of ceremonies/{ceremony} is not the one approved"),
         ));
     }
-    let kek = custody
-        .ceremonies
-        .journal
-        .backup_kek_of(ceremony)
-        .map_err(engine::journal_failure)?
-        .ok_or_else(|| Error::internal("the approved backup KEK vanished"))?;
     custody
         .ceremonies
         .journal
