@@ -148,6 +148,10 @@ impl Daemon {
             budget,
             ceremonies,
             limits: custody_core::limits::Limits::from_config(&config),
+            headroom: custody_core::storage::Headroom::new(
+                config.data_dir.clone(),
+                config.storage.reserve_mib.saturating_mul(1024 * 1024),
+            ),
         });
         let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
         let ceremonies = custody_core::ceremonies::recover(&state)
@@ -294,8 +298,9 @@ fn ceremonies(
     )
 }
 
-/// Reports NOT_SERVING once the audit log can no longer record, exports HSM
-/// worker use, and expires operations past their approval window. Ends when
+/// Reports NOT_SERVING while the audit log cannot record or the data
+/// directory is below its free-space reserve, exports HSM worker use and
+/// free space, and expires operations past their approval window. Ends when
 /// the server's state is gone.
 async fn watch_health(
     state: std::sync::Weak<Custody>,
@@ -308,9 +313,11 @@ async fn watch_health(
         let Some(state) = state.upgrade() else {
             return;
         };
+        state.headroom.sample();
         expire_due(&state).await;
         metrics::hsm(state.hsm.queued(), state.hsm.workers());
-        let healthy = state.audit.healthy();
+        let healthy = state.audit.healthy() && !state.headroom.is_short();
+        metrics::serving(healthy);
         if healthy != serving {
             serving = healthy;
             let status = if healthy {

@@ -74,6 +74,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::HsmUnsupported => Code::Unimplemented,
         R::AuditUnavailable => Code::Unavailable,
         R::RegistryUnavailable => Code::Unavailable,
+        R::StorageLow => Code::Unavailable,
         R::HsmUnavailable => Code::Unavailable,
         R::HsmLoginFailed => Code::Unavailable,
         R::RollbackFailed => Code::Unavailable,

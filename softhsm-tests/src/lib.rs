@@ -14,6 +14,7 @@
 
 pub mod ceremony;
 pub mod grpcio;
+pub mod process;
 pub mod service;
 
 use std::path::{Path, PathBuf};

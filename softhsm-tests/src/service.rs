@@ -9,7 +9,7 @@ use custody_core::Custody;
 use custody_core::clock::Clock;
 use custody_core::config::{
     AuditSection, CeremonySection, Config, ConnectionsSection, DualControlSection, EnvelopeSection,
-    HsmSection, LifecycleSection, MetricsSection, PolicySection, TlsSection,
+    HsmSection, LifecycleSection, MetricsSection, PolicySection, StorageSection, TlsSection,
 };
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::dual_control::{approval_message, denial_message};
@@ -197,6 +197,8 @@ impl TestService {
                 so_pin_file: Some(token.so_pin_file()),
                 ..CeremonySection::default()
             },
+            // The rule stays on, with a reserve a busy test machine still has.
+            storage: StorageSection { reserve_mib: 1 },
         };
         // Three officers, two of whom make the administrative quorum.
         let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");

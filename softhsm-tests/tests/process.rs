@@ -6,198 +6,31 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use custody_core::identity::Role;
-use custody_daemon::devpki::{Ca, Issued, Validity};
+use custody_daemon::devpki::{Ca, Validity};
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, ListKeysRequest, SignRequest, digest, sign_request,
 };
+use softhsm_tests::process::{
+    Daemon, Pki, audit_export, connect, free_port, prepare, ready, softhsm_lists_token,
+    verify_export,
+};
 use softhsm_tests::{TestToken, token_test};
 use tonic::transport::Channel;
 
-struct Pki {
-    ca: Ca,
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn client(&self, principal: &str, roles: &[Role]) -> Issued {
-        self.ca
-            .issue_client(principal, roles, Validity::days(1))
-            .unwrap()
-    }
-}
-
-/// Writes a PKI and a config for a daemon on `port`; returns the config path.
-fn prepare(token: &TestToken, port: u16) -> (Pki, PathBuf) {
-    let dir = token.scratch().join("daemon");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = Ca::new("process test CA").unwrap();
-    let server = ca.issue_server(&["localhost"]).unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    write("ca.pem", ca.cert_pem());
-    write("crl.pem", &ca.crl(&[]).unwrap());
-    write("server.pem", &server.cert_pem);
-    write("server.key", &server.key_pem);
-    let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-data_dir = "{dir}/data"
-[hsm]
-module = "{module}"
-token_label = "{label}"
-pin_file = "{pin}"
-[tls]
-cert = "{dir}/server.pem"
-key = "{dir}/server.key"
-client_ca = "{dir}/ca.pem"
-crls = ["{dir}/crl.pem"]
-"#,
-        dir = dir.display(),
-        module = softhsm_tests::module_path().display(),
-        label = token.label(),
-        pin = token.pin_file().display(),
-    );
-    let path = write("custodyd.toml", &config);
-    (Pki { ca, dir }, path)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A custodyd process, killed when dropped: a failing test must not leave a
-/// daemon holding the test's output pipes (the run would hang, not fail).
-struct Daemon(Child);
-
-impl std::ops::Deref for Daemon {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Daemon {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
 
 fn spawn(config: &Path) -> Daemon {
-    spawn_crashing_at(config, None)
+    softhsm_tests::process::spawn(CUSTODYD, config)
 }
 
-/// Starts custodyd; with `crash_at`, it SIGKILLs itself at that crash point.
 fn spawn_crashing_at(config: &Path, crash_at: Option<&str>) -> Daemon {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_custodyd-under-test"));
-    command
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
-    if let Some(point) = crash_at {
-        command.env("CUSTODY_CRASH_AT", point);
-    }
-    Daemon(command.spawn().unwrap())
-}
-
-async fn connect(pki: &Pki, port: u16, issued: &Issued) -> Result<Channel, String> {
-    custody_daemon::client::connect(
-        &format!("https://localhost:{port}"),
-        pki.ca.cert_pem(),
-        &issued.cert_pem,
-        &issued.key_pem,
-    )
-    .await
-}
-
-/// Whether SoftHSM2 still lists an initialised token labelled `label`.
-fn softhsm_lists_token(token: &TestToken, label: &str) -> bool {
-    let shown = std::process::Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", token.conf())
-        .arg("--show-slots")
-        .output()
-        .expect("softhsm2-util runs");
-    String::from_utf8_lossy(&shown.stdout)
-        .lines()
-        .any(|line| line.trim_start().starts_with("Label:") && line.trim_end().ends_with(label))
-}
-
-/// Waits until the daemon answers (or panics after ten seconds).
-async fn ready(pki: &Pki, port: u16, child: &mut Daemon) -> Channel {
-    let operator = pki.client("operator", &[Role::Operator]);
-    for _ in 0..200 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("custodyd exited early: {status}");
-        }
-        if let Ok(channel) = connect(pki, port, &operator).await {
-            if KeyServiceClient::new(channel.clone())
-                .list_keys(ListKeysRequest::default())
-                .await
-                .is_ok()
-            {
-                return channel;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("custodyd did not come up");
-}
-
-/// The audit log read through AuditService: each record's entry, and the
-/// whole as export lines (what `custodyctl audit export` writes).
-async fn audit_export(pki: &Pki, port: u16) -> (Vec<String>, String) {
-    use custody_core::audit::{ExportLine, SignedHead};
-    use custody_proto::v1::read_audit_response::Item;
-    let auditor = connect(pki, port, &pki.client("auditor", &[Role::Auditor]))
-        .await
-        .unwrap();
-    let mut stream = custody_proto::v1::audit_service_client::AuditServiceClient::new(auditor)
-        .read_audit(custody_proto::v1::ReadAuditRequest { start_seq: 1 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut entries = Vec::new();
-    let mut text = String::new();
-    while let Some(item) = stream.message().await.unwrap() {
-        let line = match item.item.unwrap() {
-            Item::Record(r) => {
-                let entry = String::from_utf8(r.entry).unwrap();
-                entries.push(entry.clone());
-                ExportLine::Record {
-                    seq: r.seq,
-                    entry,
-                    hash: hex::encode(r.hash),
-                }
-            }
-            Item::Head(h) => ExportLine::head(&SignedHead {
-                seq: h.seq,
-                hash: h.hash.try_into().unwrap(),
-                time: h.time,
-                signature: h.signature,
-            }),
-        };
-        text.push_str(&serde_json::to_string(&line).unwrap());
-        text.push('\n');
-    }
-    (entries, text)
+    softhsm_tests::process::spawn_crashing_at(Command::new(CUSTODYD), config, crash_at)
 }
 
 fn sign_request(i: u32) -> SignRequest {
@@ -252,18 +85,7 @@ token_test!(
                 .filter(|e| e.contains("\"method\":\"Sign\"") && e.contains("\"outcome\":\"ok\""))
                 .count() as u32;
             assert_eq!(signed, acknowledged, "acknowledged signatures missing from the audit log after SIGKILL");
-            let report = custody_core::audit::verify_records(
-                text.lines()
-                    .filter_map(|l| match serde_json::from_str(l).unwrap() {
-                        custody_core::audit::ExportLine::Record { seq, entry, hash } => Some(Ok(custody_core::audit::Record {
-                            seq,
-                            entry: entry.into_bytes(),
-                            hash: hex::decode(hash).unwrap().try_into().unwrap(),
-                        })),
-                        custody_core::audit::ExportLine::Head { .. } => None,
-                    }),
-                None,
-            );
+            let report = verify_export(&text);
             assert!(report.first_bad.is_none(), "chain broken after SIGKILL: {report:?}");
             // The key is still there and still signs.
             let signer = connect(&pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();

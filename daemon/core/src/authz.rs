@@ -83,6 +83,31 @@ impl Action {
     }
 }
 
+impl Action {
+    /// Whether the action changes nothing but its own audit record: these
+    /// are still served while the data directory is short of its reserve
+    /// ([`crate::storage`]).
+    pub fn only_reads(self) -> bool {
+        match self {
+            Action::ReadKeys
+            | Action::ListKeys
+            | Action::CheckDrift
+            | Action::ReadAudit
+            | Action::ListOfficers
+            | Action::ReadOperations => true,
+            Action::ManageKeys
+            | Action::ProtectKeys
+            | Action::Sign
+            | Action::UseEnvelopeKeys
+            | Action::Vote
+            | Action::RequestKeyChange
+            | Action::RequestControlChange
+            | Action::RequestOperation
+            | Action::Ceremony => false,
+        }
+    }
+}
+
 /// Refuses unless `principal` holds one of the roles `action` needs.
 pub fn authorize(principal: &Principal, action: Action) -> Result<(), Error> {
     let roles = action.roles();

@@ -52,6 +52,9 @@ pub struct Config {
     /// Key ceremonies and DR drills.
     #[serde(default)]
     pub ceremony: CeremonySection,
+    /// Room on the disk under `data_dir`.
+    #[serde(default)]
+    pub storage: StorageSection,
 }
 
 /// `[lifecycle]`
@@ -420,6 +423,28 @@ impl Default for AuditSection {
     }
 }
 
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Free space, in MiB, kept under `data_dir`: below it only reads are
+    /// served ([`crate::storage`]). 0 turns the rule off.
+    #[serde(default = "default_reserve_mib")]
+    pub reserve_mib: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            reserve_mib: default_reserve_mib(),
+        }
+    }
+}
+
+fn default_reserve_mib() -> u64 {
+    256
+}
+
 fn default_max_message_bytes() -> usize {
     1024 * 1024
 }
@@ -497,6 +522,12 @@ impl Config {
         if self.lifecycle.destroy_cancel_window_secs < 3600 {
             return Err(ConfigError(
                 "[lifecycle] destroy_cancel_window_secs must be at least 3600: an approved destruction always leaves time to cancel it".into(),
+            ));
+        }
+        if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval_secs == 0 {
+            // 0 would have the audit writer sign checkpoints in a loop.
+            return Err(ConfigError(
+                "[audit] checkpoint_every and checkpoint_interval_secs must be at least 1".into(),
             ));
         }
         if self.lifecycle.scheduler_interval_secs == 0 {
@@ -581,6 +612,10 @@ mod tests {
             24 * 3600 * 1000
         );
         assert_eq!(config.envelope.max_encryptions_per_version, 1 << 32);
+        assert_eq!(
+            config.storage.reserve_mib,
+            StorageSection::default().reserve_mib
+        );
         let connections = &config.connections;
         let defaults = ConnectionsSection::default();
         assert_eq!(
@@ -646,6 +681,11 @@ mod tests {
                 "operation_retention_secs = 60",
             ),
             ("max_open_per_officer = 4", "max_open_per_officer = 0"),
+            ("checkpoint_every = 1000", "checkpoint_every = 0"),
+            (
+                "checkpoint_interval_secs = 60",
+                "checkpoint_interval_secs = 0",
+            ),
         ] {
             assert!(REFERENCE.contains(from), "{from}");
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();

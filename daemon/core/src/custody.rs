@@ -14,6 +14,7 @@ use crate::config::LifecycleSection;
 use crate::dual_control::store::DualControlStore;
 use crate::limits::Limits;
 use crate::registry::Registry;
+use crate::storage::Headroom;
 
 /// The HSM, the stores and the settings every action shares.
 pub struct Custody {
@@ -42,4 +43,6 @@ pub struct Custody {
     pub ceremonies: Ceremonies,
     /// The caps on work one caller takes on (threat model R2).
     pub limits: Limits,
+    /// Free space under the data directory: below its reserve, reads only.
+    pub headroom: Headroom,
 }

@@ -94,6 +94,7 @@ reasons! {
     HsmUnsupported = "HSM_UNSUPPORTED": "the HSM does not support the mechanism",
     AuditUnavailable = "AUDIT_UNAVAILABLE": "the audit record could not be made durable, so nothing was done",
     RegistryUnavailable = "REGISTRY_UNAVAILABLE": "the key registry could not be written",
+    StorageLow = "STORAGE_LOW": "the data directory is below its free-space reserve: only reads are served until space returns",
     HsmUnavailable = "HSM_UNAVAILABLE": "the HSM cannot be reached",
     HsmLoginFailed = "HSM_LOGIN_FAILED": "the HSM cannot be reached",
     RollbackFailed = "ROLLBACK_FAILED": "an interrupted generation could not be rolled back; custodyd retries at the next start",
@@ -169,6 +170,7 @@ impl Reason {
             self,
             Reason::AuditUnavailable
                 | Reason::RegistryUnavailable
+                | Reason::StorageLow
                 | Reason::HsmUnavailable
                 | Reason::HsmLoginFailed
                 | Reason::RollbackFailed

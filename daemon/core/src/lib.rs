@@ -69,6 +69,7 @@ pub mod pin_lockout;
 pub mod registry;
 pub mod scheduler;
 pub mod signing;
+pub mod storage;
 pub mod text;
 
 pub use custody::Custody;

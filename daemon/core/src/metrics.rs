@@ -8,6 +8,9 @@
 //! | `custody_audit_append_seconds` | histogram | |
 //! | `custody_audit_records_total` | counter | |
 //! | `custody_audit_checkpoints_total` | counter | outcome |
+//! | `custody_serving` | gauge | (what health reports: 1 serving, 0 not) |
+//! | `custody_storage_free_bytes` | gauge | |
+//! | `custody_storage_below_reserve` | gauge | (1 while only reads are served) |
 //! | `custody_hsm_queue_depth` | gauge | |
 //! | `custody_hsm_workers` | gauge | |
 //! | `custody_tls_handshake_failures_total` | counter | reason (no_certificate, expired, revoked, unknown_issuer, …, timeout, connection_limit, handshake_limit) |
@@ -78,6 +81,17 @@ pub fn audit_append(seconds: f64) {
 /// A checkpoint attempt.
 pub fn audit_checkpoint(outcome: &'static str) {
     metrics::counter!("custody_audit_checkpoints_total", "outcome" => outcome).increment(1);
+}
+
+/// What health reports: serving or not.
+pub fn serving(serving: bool) {
+    metrics::gauge!("custody_serving").set(if serving { 1.0 } else { 0.0 });
+}
+
+/// Free space under the data directory, and whether it is below the reserve.
+pub fn storage(free_bytes: u64, below_reserve: bool) {
+    metrics::gauge!("custody_storage_free_bytes").set(free_bytes as f64);
+    metrics::gauge!("custody_storage_below_reserve").set(if below_reserve { 1.0 } else { 0.0 });
 }
 
 /// HSM worker use.

@@ -122,8 +122,12 @@ pub async fn run(state: Weak<Custody>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        rotate_due(&state).await;
-        destroy_due(&state).await;
+        // Rotations and destructions due while the disk is short of its
+        // reserve wait for room, like the requests ([`crate::storage`]).
+        if !state.headroom.is_short() {
+            rotate_due(&state).await;
+            destroy_due(&state).await;
+        }
         let drift_every = state.lifecycle.drift_check_interval_secs;
         let drift_due = drift_every > 0
             && last_drift

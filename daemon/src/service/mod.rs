@@ -5,7 +5,8 @@
 //! of a `custody-core` function, and the record that function returns into
 //! the response. Every unary handler runs in one shell, [`serve`]: find the
 //! caller, start the request's audit record, ask the decision
-//! ([`custody_core::authz`]) whether the caller's roles allow the action,
+//! ([`custody_core::authz`]) whether the caller's roles allow the action
+//! and whether the disk has room for it ([`custody_core::storage`]),
 //! run the body, and record exactly one outcome, refusals included. The
 //! domain below records intent durably before it changes anything; a
 //! result is returned only after its record is durable.
@@ -168,6 +169,9 @@ where
             let principal = principal?;
             audited.principal = principal.name.clone();
             authorize(&principal, action)?;
+            if !action.only_reads() {
+                custody.headroom.ensure_room()?;
+            }
             body(&custody, &mut audited, principal, request).await
         }
         .await;

@@ -1,0 +1,232 @@
+//! custodyd as a process for the process tests: a PKI and a config written
+//! for it, the daemon started (or SIGKILLed) and reached over mTLS, its audit
+//! log read back.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fixture fails by panicking on the unexpected"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use custody_core::identity::Role;
+use custody_daemon::devpki::{Ca, Issued, Validity};
+use custody_proto::v1::ListKeysRequest;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
+
+use crate::TestToken;
+
+/// The test's CA and the directory of its files.
+pub struct Pki {
+    /// The CA of servers and clients.
+    pub ca: Ca,
+    /// Certificates, keys and the config file.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A client certificate for `principal` with `roles`.
+    pub fn client(&self, principal: &str, roles: &[Role]) -> Issued {
+        self.ca
+            .issue_client(principal, roles, Validity::days(1))
+            .unwrap()
+    }
+}
+
+/// Writes a PKI and a config for a daemon on `port`; returns the config path.
+pub fn prepare(token: &TestToken, port: u16) -> (Pki, PathBuf) {
+    prepare_with(token, port, "")
+}
+
+/// [`prepare`], with `extra` appended to the config (its own sections).
+pub fn prepare_with(token: &TestToken, port: u16, extra: &str) -> (Pki, PathBuf) {
+    let dir = token.scratch().join("daemon");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::new("process test CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    write("ca.pem", ca.cert_pem());
+    write("crl.pem", &ca.crl(&[]).unwrap());
+    write("server.pem", &server.cert_pem);
+    write("server.key", &server.key_pem);
+    let config = format!(
+        r#"listen = "127.0.0.1:{port}"
+data_dir = "{dir}/data"
+[hsm]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin}"
+[tls]
+cert = "{dir}/server.pem"
+key = "{dir}/server.key"
+client_ca = "{dir}/ca.pem"
+crls = ["{dir}/crl.pem"]
+{extra}"#,
+        dir = dir.display(),
+        module = crate::module_path().display(),
+        label = token.label(),
+        pin = token.pin_file().display(),
+    );
+    let path = write("custodyd.toml", &config);
+    (Pki { ca, dir }, path)
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A custodyd process, killed when dropped: a failing test must not leave a
+/// daemon holding the test's output pipes (the run would hang, not fail).
+pub struct Daemon(pub Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `custodyd` (the test's `custodyd-under-test` binary) on `config`.
+pub fn spawn(custodyd: &str, config: &Path) -> Daemon {
+    spawn_crashing_at(Command::new(custodyd), config, None)
+}
+
+/// Starts custodyd by `command` (the binary, or a program that runs it with
+/// the arguments that follow); with `crash_at`, it SIGKILLs itself at that
+/// crash point.
+pub fn spawn_crashing_at(mut command: Command, config: &Path, crash_at: Option<&str>) -> Daemon {
+    command
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    if let Some(point) = crash_at {
+        command.env("CUSTODY_CRASH_AT", point);
+    }
+    Daemon(command.spawn().unwrap())
+}
+
+/// A channel to the daemon on `port` as `issued`.
+pub async fn connect(pki: &Pki, port: u16, issued: &Issued) -> Result<Channel, String> {
+    custody_daemon::client::connect(
+        &format!("https://localhost:{port}"),
+        pki.ca.cert_pem(),
+        &issued.cert_pem,
+        &issued.key_pem,
+    )
+    .await
+}
+
+/// Whether SoftHSM2 still lists an initialised token labelled `label`.
+pub fn softhsm_lists_token(token: &TestToken, label: &str) -> bool {
+    let shown = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", token.conf())
+        .arg("--show-slots")
+        .output()
+        .expect("softhsm2-util runs");
+    String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .any(|line| line.trim_start().starts_with("Label:") && line.trim_end().ends_with(label))
+}
+
+/// Waits until the daemon answers (or panics after ten seconds).
+pub async fn ready(pki: &Pki, port: u16, child: &mut Daemon) -> Channel {
+    let operator = pki.client("operator", &[Role::Operator]);
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("custodyd exited early: {status}");
+        }
+        if let Ok(channel) = connect(pki, port, &operator).await {
+            if KeyServiceClient::new(channel.clone())
+                .list_keys(ListKeysRequest::default())
+                .await
+                .is_ok()
+            {
+                return channel;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("custodyd did not come up");
+}
+
+/// The audit log read through AuditService: each record's entry, and the
+/// whole as export lines (what `custodyctl audit export` writes).
+pub async fn audit_export(pki: &Pki, port: u16) -> (Vec<String>, String) {
+    use custody_core::audit::{ExportLine, SignedHead};
+    use custody_proto::v1::read_audit_response::Item;
+    let auditor = connect(pki, port, &pki.client("auditor", &[Role::Auditor]))
+        .await
+        .unwrap();
+    let mut stream = custody_proto::v1::audit_service_client::AuditServiceClient::new(auditor)
+        .read_audit(custody_proto::v1::ReadAuditRequest { start_seq: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    let mut text = String::new();
+    while let Some(item) = stream.message().await.unwrap() {
+        let line = match item.item.unwrap() {
+            Item::Record(r) => {
+                let entry = String::from_utf8(r.entry).unwrap();
+                entries.push(entry.clone());
+                ExportLine::Record {
+                    seq: r.seq,
+                    entry,
+                    hash: hex::encode(r.hash),
+                }
+            }
+            Item::Head(h) => ExportLine::head(&SignedHead {
+                seq: h.seq,
+                hash: h.hash.try_into().unwrap(),
+                time: h.time,
+                signature: h.signature,
+            }),
+        };
+        text.push_str(&serde_json::to_string(&line).unwrap());
+        text.push('\n');
+    }
+    (entries, text)
+}
+
+/// Checks the chain of an export's records (what `audit_export` returns);
+/// the first bad record, if any.
+pub fn verify_export(text: &str) -> custody_core::audit::VerifyReport {
+    use custody_core::audit::{ExportLine, Record, verify_records};
+    verify_records(
+        text.lines()
+            .filter_map(|l| match serde_json::from_str(l).unwrap() {
+                ExportLine::Record { seq, entry, hash } => Some(Ok(Record {
+                    seq,
+                    entry: entry.into_bytes(),
+                    hash: hex::decode(hash).unwrap().try_into().unwrap(),
+                })),
+                ExportLine::Head { .. } => None,
+            }),
+        None,
+    )
+}
