@@ -32,11 +32,12 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     });
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down after in-flight requests");
+        let signal = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        };
+        tracing::info!(signal, "shutting down after in-flight requests");
+        signal
     };
     daemon.serve(listener, shutdown).await?;
     tracing::info!("stopped");

@@ -90,6 +90,11 @@ impl Daemon {
             },
         )
         .map_err(|e| format!("audit log: {e}"))?;
+        let previous_stop = if matches!(audit.last_event(), Some(Event::DaemonStopped { .. })) {
+            custody_core::ceremonies::PreviousStop::Clean
+        } else {
+            custody_core::ceremonies::PreviousStop::CrashOrKill
+        };
         let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
             audit.audit_key_spki(),
         ));
@@ -154,13 +159,14 @@ impl Daemon {
             ),
         });
         let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
-        let ceremonies = custody_core::ceremonies::recover(&state)
+        let ceremonies = custody_core::ceremonies::recover(&state, previous_stop)
             .await
             .map_err(|e| format!("ceremony recovery: {e}"))?;
         if ceremonies > 0 {
             tracing::warn!(
                 ceremonies,
-                "ceremonies interrupted by a crash were rolled back"
+                stop = %previous_stop,
+                "ceremonies interrupted when custodyd stopped were rolled back"
             );
         }
         if versions + ceremonies > 0 {
@@ -174,8 +180,13 @@ impl Daemon {
     pub async fn serve(
         self,
         listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
+        shutdown: impl Future<Output = &'static str> + Send + 'static,
     ) -> Result<(), String> {
+        // What stopped the server (the signal's name), for the audit log.
+        let (stopped_by, why) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            let _ = stopped_by.send(shutdown.await);
+        };
         let limit = self.config.max_message_bytes;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         for service in [
@@ -249,7 +260,20 @@ impl Daemon {
             )
             .await
             .map_err(|e| format!("gRPC server: {e}"));
-        // Every request has finished: let the audit writer drain and stop.
+        // Every request has finished: record how custodyd stopped (so that
+        // the next start knows it was no crash), then let the audit writer
+        // drain and stop.
+        if let Ok(signal) = why.await {
+            if let Err(error) = state
+                .audit
+                .append(Event::DaemonStopped {
+                    signal: signal.into(),
+                })
+                .await
+            {
+                tracing::error!(%error, "the stop could not be recorded");
+            }
+        }
         state.audit.close();
         served
     }

@@ -70,6 +70,22 @@ impl TestToken {
         token
     }
 
+    /// Throws away every token of this directory (the main one and those
+    /// [`Self::add_token`] made) and initialises the main one again: for a
+    /// test whose SoftHSM2 tore its own token file (SoftHSM2 rewrites it in
+    /// place, so a SIGKILL in the middle loses the token).
+    pub fn reinitialise(&self) {
+        let tokens = self.dir.join("tokens");
+        std::fs::remove_dir_all(&tokens).expect("remove token dir");
+        for entry in std::fs::read_dir(&self.dir).expect("read token dir") {
+            let path = entry.expect("token dir entry").path();
+            if path.extension().is_some_and(|e| e == "token") {
+                std::fs::remove_file(path).expect("remove token marker");
+            }
+        }
+        Self::create(&self.dir);
+    }
+
     /// The `softhsm2.conf` of this token; give it to child processes as
     /// `SOFTHSM2_CONF`.
     pub fn conf(&self) -> PathBuf {

@@ -80,6 +80,7 @@ impl Running {
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon.serve(listener, async {
             let _ = stop.await;
+            "the test's stop"
         }));
         Ok(Running {
             addr,

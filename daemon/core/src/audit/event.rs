@@ -19,6 +19,13 @@ pub enum Event {
         /// Failed HSM logins since the last successful one.
         failed_logins_before: u32,
     },
+    /// custodyd stopped on SIGTERM or SIGINT, after its last request
+    /// finished. A start whose previous record is not this one followed a
+    /// crash or a kill.
+    DaemonStopped {
+        /// The signal that stopped it.
+        signal: String,
+    },
     /// A request was made; `outcome` is `ok` or the refusal's reason.
     Request {
         /// Who asked (or `-` if unauthenticated).

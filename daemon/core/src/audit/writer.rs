@@ -233,6 +233,15 @@ impl AuditLog {
         &self.audit_key_pem
     }
 
+    /// The last stored event (before this process appends any, at start:
+    /// how the previous one ended).
+    pub fn last_event(&self) -> Option<Event> {
+        let (_, value) = self.tree.last().ok()??;
+        serde_json::from_slice::<Entry>(value.get(32..)?)
+            .ok()
+            .map(|entry| entry.event)
+    }
+
     /// Stored records from `start` on.
     pub fn records(&self, start: u64) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
         stored_records(&self.tree, start)

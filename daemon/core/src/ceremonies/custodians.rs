@@ -26,9 +26,11 @@ pub async fn collect_share(
         Reason::NotDistributing,
         "is not handing out shares now",
     )?;
+    // The share stays in memory until the collection is journaled: a
+    // failed write must not lose it.
     let share = state
         .ceremonies
-        .secrets(id, |secrets| secrets.to_collect.remove(officer));
+        .secrets(id, |secrets| secrets.to_collect.get(officer).cloned());
     let Some(share) = share else {
         return Err(Error::new(
             Reason::NoShare,
@@ -62,6 +64,9 @@ pub async fn collect_share(
         detail,
     )
     .await?;
+    state.ceremonies.secrets(id, |secrets| {
+        secrets.to_collect.remove(officer);
+    });
     if record.shares_collected.len() == custodians {
         state.ceremonies.forget(id);
         record.done.push("distribute-shares".into());
@@ -129,9 +134,6 @@ pub async fn submit_secret(
                     format!("{why}: the two would cancel out of the key; enter another component"),
                 ));
             }
-            state.ceremonies.secrets(id, |secrets| {
-                secrets.components.insert(officer.into(), value);
-            });
             record.components.push(ComponentRecord {
                 custodian: officer.into(),
                 kcv: kcv.clone(),
@@ -144,6 +146,11 @@ pub async fn submit_secret(
                 script.custodians().len()
             );
             note(state, &mut record, "components", officer, summary, detail).await?;
+            // Kept only once journaled: after a failed write the custodian
+            // enters it again, and nothing stale counts in the meantime.
+            state.ceremonies.secrets(id, |secrets| {
+                secrets.components.insert(officer.into(), value);
+            });
         }
         (Phase::AwaitingShares, SubmittedSecret::Share(text)) => {
             if record.shares_submitted.iter().any(|c| c == officer) {
@@ -180,9 +187,6 @@ pub async fn submit_secret(
                 ));
             }
             let index = share.index();
-            state
-                .ceremonies
-                .secrets(id, |secrets| secrets.submitted.push(share));
             record.shares_submitted.push(officer.into());
             let mut detail = Map::new();
             detail.insert("share_index".into(), json!(index));
@@ -200,6 +204,11 @@ pub async fn submit_secret(
                 detail,
             )
             .await?;
+            // Kept only once journaled: a share kept after a failed write
+            // would refuse its own resubmission as a duplicate.
+            state
+                .ceremonies
+                .secrets(id, |secrets| secrets.submitted.push(share));
         }
         (phase, _) => {
             return Err(Error::new(

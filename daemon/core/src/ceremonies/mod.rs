@@ -14,7 +14,7 @@
 //!
 //! A key is registered, and so usable, only by the final commit; until then
 //! it is an HSM object the journal names and nothing else does. At start,
-//! [`recover`] finishes what a crash interrupted: a ceremony whose commit
+//! [`recover`] finishes what a stop (a crash, a kill or SIGTERM) interrupted: a ceremony whose commit
 //! reached the registry is completed (roll forward); one that had made or
 //! begun to make objects, or held secrets in memory, is rolled back (every
 //! journaled object destroyed, idempotently); one still waiting for sign-ins
@@ -35,7 +35,7 @@
 //! | `restore.rs` | restores and DR drills |
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
-//! | `recovery.rs` | what happens at start after a crash |
+//! | `recovery.rs` | what happens at start after a stop: roll forward, roll back or resume |
 //! | `export.rs` | a backup bundle of the live registry's backup-exportable keys |
 //!
 //! What the engine keeps between steps (the journal, the lock, secrets in
@@ -75,7 +75,7 @@ use roll_back::roll_back;
 pub use backup::{KeyToBack, check_aad, make_bundle};
 pub use crash_points::CRASH_POINTS;
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
-pub use recovery::recover;
+pub use recovery::{PreviousStop, recover};
 pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
 pub use status::waiting_for;

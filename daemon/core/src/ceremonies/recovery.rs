@@ -10,10 +10,29 @@ use super::{advance, note, put, script_of, sign_transcript};
 use crate::Custody;
 use crate::ceremony::journal::{CeremonyRecord, Phase, TokenRole};
 
+/// How the previous process ended, from the last audit record before this
+/// start: what the transcripts and the log say interrupted a ceremony.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviousStop {
+    /// On SIGTERM or SIGINT, after its last request finished.
+    Clean,
+    /// Without a word: a crash, a kill, a power cut.
+    CrashOrKill,
+}
+
+impl std::fmt::Display for PreviousStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PreviousStop::Clean => "custodyd was stopped",
+            PreviousStop::CrashOrKill => "custodyd crashed or was killed",
+        })
+    }
+}
+
 /// At start: rolls forward ceremonies whose commit reached the registry,
 /// rolls back those that made (or began to make) objects or held secrets,
 /// and lets those still signing in resume. Returns how many it rolled back.
-pub async fn recover(state: &Custody) -> Result<usize, String> {
+pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usize, String> {
     let mut rolled_back = 0;
     for mut record in state.ceremonies.journal.list().map_err(|e| e.to_string())? {
         if record.phase.finished() {
@@ -27,7 +46,7 @@ pub async fn recover(state: &Custody) -> Result<usize, String> {
             continue;
         }
         if committed(state, &record) {
-            tracing::warn!(ceremony = %record.id, "ceremony committed before a crash: completing it");
+            tracing::warn!(ceremony = %record.id, stop = %previous_stop, "ceremony committed before custodyd stopped: completing it");
             finish_completed(state, &mut record)
                 .await
                 .map_err(|e| e.message)?;
@@ -39,7 +58,7 @@ pub async fn recover(state: &Custody) -> Result<usize, String> {
                 // Killed between the quorum-completing sign-in and the HSM
                 // steps it sets off: those officers signed in, so the steps
                 // run now, as they would have then (a failure rolls back).
-                tracing::warn!(ceremony = %record.id, "the quorum signed in before a crash: running the ceremony's HSM steps");
+                tracing::warn!(ceremony = %record.id, stop = %previous_stop, "the quorum signed in before custodyd stopped: running the ceremony's HSM steps");
                 advance(state, &mut record, &script)
                     .await
                     .map_err(|e| e.message)?;
@@ -71,12 +90,12 @@ pub async fn recover(state: &Custody) -> Result<usize, String> {
             }
             continue;
         }
-        tracing::warn!(ceremony = %record.id, phase = ?record.phase, "rolling back a ceremony a crash interrupted");
+        tracing::warn!(ceremony = %record.id, phase = ?record.phase, stop = %previous_stop, "rolling back a ceremony interrupted when custodyd stopped");
         roll_back(
             state,
             &mut record,
             Phase::RolledBack,
-            "custodyd stopped in the middle of the ceremony",
+            &format!("{previous_stop} in the middle of the ceremony"),
         )
         .await
         .map_err(|e| e.message)?;
