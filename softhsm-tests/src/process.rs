@@ -230,3 +230,53 @@ pub fn verify_export(text: &str) -> custody_core::audit::VerifyReport {
         None,
     )
 }
+
+/// [`prepare`], plus three officers (alice, bob, carol; 2 of 3 for
+/// administration), the SO PIN and a scratch token for ceremonies.
+pub fn prepare_ceremonies(
+    token: &TestToken,
+    port: u16,
+) -> (
+    Pki,
+    PathBuf,
+    Vec<custody_core::dual_control::officer_key::OfficerKey>,
+) {
+    use custody_core::dual_control::officer_key::OfficerKey;
+    token.add_token(crate::service::SCRATCH_TOKEN);
+    let (pki, config) = prepare(token, port);
+    let passphrase = hsm_shim::SecretString::from("process test passphrase");
+    let mut genesis = String::from("required = 2\n");
+    let mut keys = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (key, _) = OfficerKey::generate(name, &passphrase).unwrap();
+        genesis.push_str(&format!(
+            "[[officers]]\nid = \"{name}\"\nprincipal = \"{name}\"\npublic_key = \"{}\"\n",
+            hex::encode(key.public_key())
+        ));
+        keys.push(key);
+    }
+    let genesis_path = pki.dir.join("officers.toml");
+    std::fs::write(&genesis_path, genesis).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[dual_control]\ngenesis_file = \"{}\"\n[ceremony]\nso_pin_file = \"{}\"\nscratch_token_label = \"{}\"\nscratch_pin_file = \"{}\"\n",
+        genesis_path.display(),
+        token.so_pin_file().display(),
+        crate::service::SCRATCH_TOKEN,
+        token.pin_file().display(),
+    ));
+    std::fs::write(&config, text).unwrap();
+    (pki, config, keys)
+}
+
+/// A channel per officer (alice, bob, carol).
+pub async fn officer_channels(pki: &Pki, port: u16) -> std::collections::BTreeMap<String, Channel> {
+    let mut channels = std::collections::BTreeMap::new();
+    for officer in ["alice", "bob", "carol"] {
+        let channel = connect(pki, port, &pki.client(officer, &[Role::Officer]))
+            .await
+            .unwrap();
+        channels.insert(officer.to_string(), channel);
+    }
+    channels
+}

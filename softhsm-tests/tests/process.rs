@@ -17,11 +17,10 @@ use custody_proto::v1::{
     CreateKeyRequest, Digest, ListKeysRequest, SignRequest, digest, sign_request,
 };
 use softhsm_tests::process::{
-    Daemon, Pki, audit_export, connect, free_port, prepare, ready, softhsm_lists_token,
-    verify_export,
+    Daemon, Pki, audit_export, connect, free_port, officer_channels, prepare, prepare_ceremonies,
+    ready, softhsm_lists_token, verify_export,
 };
 use softhsm_tests::{TestToken, token_test};
-use tonic::transport::Channel;
 
 const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
 
@@ -236,55 +235,6 @@ token_test!(
         });
     }
 );
-
-/// [`prepare`], plus three officers (alice, bob, carol; 2 of 3 for
-/// administration), the SO PIN and a scratch token for ceremonies.
-fn prepare_ceremonies(
-    token: &TestToken,
-    port: u16,
-) -> (
-    Pki,
-    PathBuf,
-    Vec<custody_core::dual_control::officer_key::OfficerKey>,
-) {
-    use custody_core::dual_control::officer_key::OfficerKey;
-    token.add_token(softhsm_tests::service::SCRATCH_TOKEN);
-    let (pki, config) = prepare(token, port);
-    let passphrase = hsm_shim::SecretString::from("process test passphrase");
-    let mut genesis = String::from("required = 2\n");
-    let mut keys = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        let (key, _) = OfficerKey::generate(name, &passphrase).unwrap();
-        genesis.push_str(&format!(
-            "[[officers]]\nid = \"{name}\"\nprincipal = \"{name}\"\npublic_key = \"{}\"\n",
-            hex::encode(key.public_key())
-        ));
-        keys.push(key);
-    }
-    let genesis_path = pki.dir.join("officers.toml");
-    std::fs::write(&genesis_path, genesis).unwrap();
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "[dual_control]\ngenesis_file = \"{}\"\n[ceremony]\nso_pin_file = \"{}\"\nscratch_token_label = \"{}\"\nscratch_pin_file = \"{}\"\n",
-        genesis_path.display(),
-        token.so_pin_file().display(),
-        softhsm_tests::service::SCRATCH_TOKEN,
-        token.pin_file().display(),
-    ));
-    std::fs::write(&config, text).unwrap();
-    (pki, config, keys)
-}
-
-async fn officer_channels(pki: &Pki, port: u16) -> std::collections::BTreeMap<String, Channel> {
-    let mut channels = std::collections::BTreeMap::new();
-    for officer in ["alice", "bob", "carol"] {
-        let channel = connect(pki, port, &pki.client(officer, &[Role::Officer]))
-            .await
-            .unwrap();
-        channels.insert(officer.to_string(), channel);
-    }
-    channels
-}
 
 /// What a ceremony test drives, up to where custodyd dies.
 #[derive(Clone, Copy, Debug)]
