@@ -35,6 +35,8 @@
 //! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`pin_lockout`] | counting failed HSM logins across restarts |
+//! | [`integrity`] | the data directory checked at start and by `custodyd --check`: every tree's check, the checks across trees, the report; a data directory lost while the token survived |
+//! | [`findings`] | what a check of stored records finds (tree, key, what was expected), and reading a tree without making it |
 //! | [`limits`] | the caps on work one caller takes on: pending operations, open ceremonies, one drift check and one audit verification at a time |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
 //!
@@ -58,7 +60,9 @@ pub mod encoding;
 pub mod envelope;
 pub mod error;
 pub mod failpoint;
+pub mod findings;
 pub mod identity;
+pub mod integrity;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;

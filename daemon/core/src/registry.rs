@@ -372,3 +372,104 @@ impl Registry {
         self.keys.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// Checks the stored registry without loading it (threat model F1): every
+/// record of `keys` decodes, is stored under its own id, and numbers its
+/// versions upwards, each under a label of its number, with the primary
+/// among them; every entry of `pending_versions` decodes, is stored under
+/// its label, and is not a version its key already holds (the commit
+/// clears the entry in the same transaction, and a roll-back at start
+/// would destroy a committed version). Returns the key ids found, for the
+/// checks across trees.
+pub fn check_stored(
+    db: &sled::Db,
+    findings: &mut crate::findings::Findings,
+) -> std::collections::BTreeMap<String, Vec<u32>> {
+    use crate::findings::{each_record, json_record};
+    let mut keys = BTreeMap::new();
+    each_record(db, "keys", findings, |id, bytes, findings| {
+        let Some(record) = json_record::<KeyRecord>("keys", id, bytes, "a key record", findings)
+        else {
+            return;
+        };
+        let mut add = |expected: String| findings.add("keys", id, expected);
+        if record.key_id.as_bytes() != id {
+            add(format!(
+                "expected the record of the key stored under this id, found key {:?}",
+                record.key_id
+            ));
+        }
+        if crate::names::check_key_id(&record.key_id).is_err() {
+            add("expected a valid key id".into());
+        }
+        let mut previous = 0;
+        for version in &record.versions {
+            if version.version <= previous {
+                add(format!(
+                    "expected versions numbered upwards, found version {} after {previous}",
+                    version.version
+                ));
+            }
+            previous = version.version;
+            if !version
+                .hsm_label
+                .ends_with(&format!("/v{}", version.version))
+            {
+                add(format!(
+                    "expected version {}'s HSM label to end in /v{}, found {:?}",
+                    version.version, version.version, version.hsm_label
+                ));
+            }
+        }
+        if record.version(record.primary_version).is_none() {
+            add(format!(
+                "expected the primary version {} among the key's versions",
+                record.primary_version
+            ));
+        }
+        keys.insert(
+            record.key_id.clone(),
+            record.versions.iter().map(|v| v.version).collect(),
+        );
+    });
+    each_record(
+        db,
+        "pending_versions",
+        findings,
+        |label, bytes, findings| {
+            let Some(pending) = json_record::<PendingVersion>(
+                "pending_versions",
+                label,
+                bytes,
+                "a pending version",
+                findings,
+            ) else {
+                return;
+            };
+            if pending.hsm_label.as_bytes() != label {
+                findings.add(
+                    "pending_versions",
+                    label,
+                    format!(
+                        "expected the entry stored under its label, found label {:?}",
+                        pending.hsm_label
+                    ),
+                );
+            }
+            let committed = keys
+                .get(&pending.key_id)
+                .is_some_and(|versions: &Vec<u32>| versions.contains(&pending.version));
+            if committed {
+                findings.add(
+                "pending_versions",
+                label,
+                format!(
+                    "expected no pending entry for version {} of {}, which the registry holds (tree `keys`)",
+                    pending.version, pending.key_id
+                ),
+            );
+            }
+        },
+    );
+    keys
+}

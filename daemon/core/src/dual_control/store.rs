@@ -355,3 +355,56 @@ impl DualControlStore {
             .map_err(|e| store_error(format!("flush: {e}")))
     }
 }
+
+/// Checks the stored dual-control state (threat model F1): every officer
+/// record decodes, is stored under its id and names a valid principal and
+/// Ed25519 key; `dual_control` holds the administrative quorum (4 bytes)
+/// and the index mark and nothing else; then the operations and their
+/// indexes ([`super::operation_store::check_stored`]). A deleted officer
+/// record leaves a smaller, whole officer set: nothing else names it, so
+/// this check cannot see it (the audit log records every enrolment).
+pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+    use crate::findings::{each_record, json_record};
+    each_record(db, "officers", findings, |id, bytes, findings| {
+        let Some(officer) =
+            json_record::<OfficerRecord>("officers", id, bytes, "an officer record", findings)
+        else {
+            return;
+        };
+        if officer.officer_id.as_bytes() != id {
+            findings.add(
+                "officers",
+                id,
+                format!(
+                    "expected the officer stored under their id, found {:?}",
+                    officer.officer_id
+                ),
+            );
+        }
+        if let Err(e) = check_officer(&officer.officer_id, &officer.principal, &officer.public_key)
+        {
+            findings.add("officers", id, format!("expected a valid officer: {e}"));
+        }
+    });
+    let mut indexed = false;
+    each_record(db, "dual_control", findings, |key, value, findings| {
+        if key == ADMIN_REQUIRED {
+            if value.len() != 4 {
+                findings.add(
+                    "dual_control",
+                    key,
+                    format!("expected 4 bytes (big-endian), found {}", value.len()),
+                );
+            }
+        } else if key == super::operation_store::INDEXED {
+            indexed = true;
+        } else {
+            findings.add(
+                "dual_control",
+                key,
+                "expected only \"admin_required\" and \"operations_indexed_v1\"",
+            );
+        }
+    });
+    super::operation_store::check_stored(db, indexed, findings);
+}
