@@ -84,6 +84,25 @@ pub fn check(config_path: &Path) -> Result<(bool, String), String> {
     Ok((report.is_clean(), report.describe(&config.data_dir)))
 }
 
+/// `custodyd --check CONFIG`: prints the report of [`check`] and returns
+/// the exit code: 0 if the directory is clean, 1 if not, 2 if it could not
+/// be checked.
+pub fn check_command(config_path: &Path) -> std::process::ExitCode {
+    match check(config_path) {
+        Ok((clean, report)) => {
+            #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+            {
+                println!("{report}");
+            }
+            std::process::ExitCode::from(if clean { 0 } else { 1 })
+        }
+        Err(error) => {
+            eprintln!("custodyd --check: {error}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Copies the directory `from` (files and directories only) to `to`.
 fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;

@@ -41,20 +41,7 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(config) = &args.check {
-        return match custody_daemon::run::check(config) {
-            Ok((clean, report)) => {
-                println!("{report}");
-                if clean {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(error) => {
-                eprintln!("custodyd --check: {error}");
-                ExitCode::from(2)
-            }
-        };
+        return custody_daemon::run::check_command(config);
     }
     // Present unless --check was given (clap requires it).
     let Some(config) = args.config else {
