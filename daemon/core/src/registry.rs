@@ -378,9 +378,8 @@ impl Registry {
 /// versions upwards, each under a label of its number, with the primary
 /// among them; every entry of `pending_versions` decodes, is stored under
 /// its label, and is not a version its key already holds (the commit
-/// clears the entry in the same transaction, and a roll-back at start
-/// would destroy a committed version). Returns the key ids found, for the
-/// checks across trees.
+/// clears the entry in the same transaction). Returns each key id found
+/// with its version numbers, for the checks across trees.
 pub fn check_stored(
     db: &sled::Db,
     findings: &mut crate::findings::Findings,
