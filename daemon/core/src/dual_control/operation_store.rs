@@ -553,7 +553,8 @@ pub fn check_stored(db: &sled::Db, indexed: bool, findings: &mut crate::findings
         return;
     }
     // Every index entry names a record, by the id at the end of its key.
-    let id_of: [(&'static str, fn(&[u8]) -> Option<&[u8]>); 4] = [
+    type IdOf = fn(&[u8]) -> Option<&[u8]>;
+    let id_of: [(&'static str, IdOf); 4] = [
         ("operations_pending", |key| Some(key)),
         ("operations_by_time", |key| key.get(8..)),
         ("operations_by_requester", |key| {
