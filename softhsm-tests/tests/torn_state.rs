@@ -44,6 +44,8 @@ enum Damage {
     FlipFirst,
     /// One bit flipped in its middle byte.
     FlipMiddle,
+    /// A bit of its last byte flipped (a count changed, still well formed).
+    FlipLast,
     /// One bit flipped in the last byte of the first `needle` in it: the
     /// record still parses, with one value changed.
     FlipWithin(&'static str),
@@ -111,195 +113,44 @@ const fn case(tree: &'static str, target: Target, damage: Damage, named: Named) 
 /// cannot see is in the threat model (F1): a flip that leaves a valid,
 /// self-consistent record in a tree without a hash over it, and a deletion
 /// nothing refers to.
+#[rustfmt::skip]
 const CASES: &[Case] = &[
-    case(
-        "keys",
-        Target::Key("envelope-kek"),
-        Damage::FlipFirst,
-        Named::Itself,
-    ),
-    case(
-        "keys",
-        Target::Key("envelope-kek"),
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "keys",
-        Target::Key("envelope-kek"),
-        Damage::Delete,
-        Named::Other("ceremonies", "kek-1"),
-    ),
-    case(
-        "keys",
-        Target::Key("envelope-kek"),
-        Damage::DuplicateAs("copy-of-kek"),
-        Named::Other("keys", "copy-of-kek"),
-    ),
-    case(
-        "keys",
-        Target::Key("issuer"),
-        Damage::FlipWithin("\"primary_version\":1"),
-        Named::Itself,
-    ),
-    case(
-        "pending_versions",
-        Target::Key("key/issuer/v1"),
-        Damage::Insert(
-            r#"{"key_id":"issuer","version":1,"hsm_label":"key/issuer/v1","trigger":"create","started_ms":1}"#,
-        ),
-        Named::Itself,
-    ),
-    case(
-        "audit",
-        Target::MiddleRecord,
-        Damage::FlipMiddle,
-        Named::AuditRecord,
-    ),
-    case(
-        "audit",
-        Target::MiddleRecord,
-        Damage::Truncate,
-        Named::AuditRecord,
-    ),
-    case(
-        "audit",
-        Target::MiddleRecord,
-        Damage::Delete,
-        Named::AuditRecord,
-    ),
-    case(
-        "audit",
-        Target::Record(1),
-        Damage::Delete,
-        Named::FirstAuditRecord,
-    ),
-    case(
-        "audit",
-        Target::All,
-        Damage::Delete,
-        Named::FirstAuditRecord,
-    ),
-    case(
-        "nonce_budget",
-        Target::First,
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "meta",
-        Target::Key("pin_failures"),
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "ceremonies",
-        Target::Key("kek-1"),
-        Damage::FlipFirst,
-        Named::Itself,
-    ),
-    case(
-        "ceremonies",
-        Target::Key("kek-1"),
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "ceremonies",
-        Target::Key("root-open"),
-        Damage::Delete,
-        Named::Other("ceremonies_unfinished", "root-open"),
-    ),
-    case(
-        "ceremonies",
-        Target::Key("kek-1"),
-        Damage::DuplicateAs("kek-2"),
-        Named::Other("ceremonies", "kek-2"),
-    ),
-    case(
-        "ceremonies_unfinished",
-        Target::Key("root-open"),
-        Damage::Delete,
-        Named::Itself,
-    ),
-    case(
-        "ceremonies_unfinished",
-        Target::Key("root-open"),
-        Damage::DuplicateAs("kek-1"),
-        Named::Other("ceremonies_unfinished", "kek-1"),
-    ),
-    case(
-        "backup_keks",
-        Target::Containing("\"ceremony\":\"kek-1\""),
-        Damage::FlipFirst,
-        Named::Itself,
-    ),
-    case(
-        "backup_keks",
-        Target::Last,
-        Damage::Delete,
-        Named::Other("backup_keks", "current"),
-    ),
-    case(
-        "officers",
-        Target::Key("carol"),
-        Damage::FlipFirst,
-        Named::Itself,
-    ),
-    case(
-        "officers",
-        Target::Key("carol"),
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "dual_control",
-        Target::Key("admin_required"),
-        Damage::Truncate,
-        Named::Itself,
-    ),
-    case(
-        "operations",
-        Target::Containing("\"state\":\"succeeded\""),
-        Damage::FlipFirst,
-        Named::Itself,
-    ),
-    case(
-        "operations",
-        Target::Containing("\"state\":\"pending\""),
-        Damage::FlipWithin("\"requester\":\"alice"),
-        Named::Itself,
-    ),
-    case(
-        "operations",
-        Target::Containing("\"state\":\"succeeded\""),
-        Damage::Delete,
-        Named::SomeOf("operations_by_time"),
-    ),
-    case(
-        "operations_pending",
-        Target::First,
-        Damage::Delete,
-        Named::SomeOf("operations_pending"),
-    ),
-    case(
-        "operations_by_time",
-        Target::First,
-        Damage::Delete,
-        Named::SomeOf("operations_by_time"),
-    ),
-    case(
-        "operations_by_requester",
-        Target::First,
-        Damage::Truncate,
-        Named::SomeOf("operations_by_requester"),
-    ),
-    case(
-        "operations_finished",
-        Target::First,
-        Damage::Delete,
-        Named::SomeOf("operations_finished"),
-    ),
+    case("keys", Target::Key("envelope-kek"), Damage::FlipFirst, Named::Itself),
+    case("keys", Target::Key("envelope-kek"), Damage::Truncate, Named::Itself),
+    case("keys", Target::Key("envelope-kek"), Damage::Delete, Named::Other("ceremonies", "kek-1")),
+    case("keys", Target::Key("envelope-kek"), Damage::DuplicateAs("copy-of-kek"), Named::Other("keys", "copy-of-kek")),
+    case("keys", Target::Key("issuer"), Damage::FlipWithin("\"primary_version\":1"), Named::Itself),
+    case("keys", Target::Key("issuer"), Damage::FlipWithin("\"public_key_der_hex\":\"30"), Named::Itself),
+    case("pending_versions", Target::Key("key/issuer/v1"), Damage::Insert(r#"{"key_id":"issuer","version":1,"hsm_label":"key/issuer/v1","trigger":"create","started_ms":1}"#), Named::Itself),
+    case("audit", Target::MiddleRecord, Damage::FlipMiddle, Named::AuditRecord),
+    case("audit", Target::MiddleRecord, Damage::Truncate, Named::AuditRecord),
+    case("audit", Target::MiddleRecord, Damage::Delete, Named::AuditRecord),
+    case("audit", Target::Record(1), Damage::Delete, Named::FirstAuditRecord),
+    case("audit", Target::All, Damage::Delete, Named::FirstAuditRecord),
+    case("nonce_budget", Target::First, Damage::Truncate, Named::Itself),
+    case("meta", Target::Key("pin_failures"), Damage::Truncate, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::FlipFirst, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::Truncate, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::FlipWithin("\"shares_needed\":0"), Named::Itself),
+    case("ceremonies", Target::Key("root-open"), Damage::Delete, Named::Other("ceremonies_unfinished", "root-open")),
+    case("ceremonies", Target::Key("kek-1"), Damage::DuplicateAs("kek-2"), Named::Other("ceremonies", "kek-2")),
+    case("ceremonies_unfinished", Target::Key("root-open"), Damage::Delete, Named::Itself),
+    case("ceremonies_unfinished", Target::Key("root-open"), Damage::DuplicateAs("kek-1"), Named::Other("ceremonies_unfinished", "kek-1")),
+    case("backup_keks", Target::Containing("\"ceremony\":\"kek-1\""), Damage::FlipFirst, Named::Itself),
+    case("backup_keks", Target::Last, Damage::FlipWithin("\"threshold\":2"), Named::Itself),
+    case("backup_keks", Target::Last, Damage::Delete, Named::Other("backup_keks", "current")),
+    case("officers", Target::Key("carol"), Damage::FlipFirst, Named::Itself),
+    case("officers", Target::Key("carol"), Damage::Truncate, Named::Itself),
+    case("officers", Target::Key("carol"), Damage::FlipWithin("\"principal\":\"carol"), Named::Itself),
+    case("dual_control", Target::Key("admin_required"), Damage::Truncate, Named::Itself),
+    case("dual_control", Target::Key("admin_required"), Damage::FlipLast, Named::Itself),
+    case("operations", Target::Containing("\"state\":\"succeeded\""), Damage::FlipFirst, Named::Itself),
+    case("operations", Target::Containing("\"state\":\"pending\""), Damage::FlipWithin("\"requester\":\"alice"), Named::Itself),
+    case("operations", Target::Containing("\"state\":\"succeeded\""), Damage::Delete, Named::SomeOf("operations_by_time")),
+    case("operations_pending", Target::First, Damage::Delete, Named::SomeOf("operations_pending")),
+    case("operations_by_time", Target::First, Damage::Delete, Named::SomeOf("operations_by_time")),
+    case("operations_by_requester", Target::First, Damage::Truncate, Named::SomeOf("operations_by_requester")),
+    case("operations_finished", Target::First, Damage::Delete, Named::SomeOf("operations_finished")),
 ];
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -378,6 +229,12 @@ fn damage(data_dir: &Path, case: &Case) -> (String, String) {
             let mut bytes = value;
             let at = bytes.len() / 2;
             bytes[at] ^= 0x01;
+            tree.insert(&key, bytes).unwrap();
+        }
+        Damage::FlipLast => {
+            let mut bytes = value;
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x02;
             tree.insert(&key, bytes).unwrap();
         }
         Damage::FlipWithin(needle) => {

@@ -125,8 +125,9 @@ pub fn each_record(
     }
 }
 
-/// Decodes a JSON record of `tree`, noting a finding if it does not parse
-/// as `what` (the type's name in the report).
+/// Opens a JSON record of `tree` ([`crate::stored::open`]: its checksum,
+/// then its JSON), noting a finding if it is not `what` (the type's name
+/// in the report).
 pub fn json_record<T: serde::de::DeserializeOwned>(
     tree: &'static str,
     key: &[u8],
@@ -134,16 +135,13 @@ pub fn json_record<T: serde::de::DeserializeOwned>(
     what: &str,
     findings: &mut Findings,
 ) -> Option<T> {
-    match serde_json::from_slice(value) {
+    match crate::stored::open(key, value) {
         Ok(record) => Some(record),
         Err(e) => {
             findings.add(
                 tree,
                 key,
-                format!(
-                    "expected {what} (JSON), found {} bytes that do not parse: {e}",
-                    value.len()
-                ),
+                format!("expected {what}, found {} bytes: {e}", value.len()),
             );
             None
         }

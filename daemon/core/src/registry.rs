@@ -213,7 +213,7 @@ impl Registry {
         let mut keys = BTreeMap::new();
         for item in tree.iter() {
             let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-            let mut record: KeyRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            let mut record: KeyRecord = crate::stored::open(&id, &bytes).map_err(|e| {
                 RegistryError(format!(
                     "record {:?} is corrupt: {e}",
                     String::from_utf8_lossy(&id)
@@ -272,7 +272,8 @@ impl Registry {
 
     /// Writes `record` durably (sled flush), then makes it visible.
     pub async fn put(&self, record: KeyRecord) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(&record).map_err(|e| RegistryError(e.to_string()))?;
+        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
+            .map_err(|e| RegistryError(e.to_string()))?;
         self.tree
             .insert(record.key_id.as_bytes(), bytes)
             .map_err(|e| RegistryError(e.to_string()))?;
@@ -287,7 +288,8 @@ impl Registry {
     pub async fn put_all(&self, records: Vec<KeyRecord>) -> Result<(), RegistryError> {
         let mut batch = sled::Batch::default();
         for record in &records {
-            let bytes = serde_json::to_vec(record).map_err(|e| RegistryError(e.to_string()))?;
+            let bytes = crate::stored::seal(record.key_id.as_bytes(), record)
+                .map_err(|e| RegistryError(e.to_string()))?;
             batch.insert(record.key_id.as_bytes(), bytes);
         }
         self.tree
@@ -304,7 +306,8 @@ impl Registry {
     /// Journals that `pending` is about to be generated, durably, before the
     /// HSM is asked to.
     pub async fn begin_version(&self, pending: &PendingVersion) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(pending).map_err(|e| RegistryError(e.to_string()))?;
+        let bytes = crate::stored::seal(pending.hsm_label.as_bytes(), pending)
+            .map_err(|e| RegistryError(e.to_string()))?;
         self.pending
             .insert(pending.hsm_label.as_bytes(), bytes)
             .map_err(|e| RegistryError(e.to_string()))?;
@@ -319,7 +322,7 @@ impl Registry {
         hsm_label: &str,
     ) -> Result<(), CommitError> {
         use sled::Transactional;
-        let bytes = serde_json::to_vec(&record)
+        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
             .map_err(|e| CommitError::NotApplied(RegistryError(e.to_string())))?;
         (&self.tree, &self.pending)
             .transaction(|(keys, pending)| {
@@ -350,7 +353,7 @@ impl Registry {
             .iter()
             .map(|item| {
                 let (label, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-                serde_json::from_slice(&bytes).map_err(|e| {
+                crate::stored::open(&label, &bytes).map_err(|e| {
                     RegistryError(format!(
                         "pending version {:?} is corrupt: {e}",
                         String::from_utf8_lossy(&label)

@@ -255,7 +255,7 @@ impl Journal {
             .get(id.as_bytes())
             .map_err(err)?
             .map(|bytes| {
-                serde_json::from_slice(&bytes)
+                crate::stored::open(id.as_bytes(), &bytes)
                     .map_err(|e| JournalError(format!("ceremony {id} is corrupt: {e}")))
             })
             .transpose()
@@ -268,7 +268,7 @@ impl Journal {
             .iter()
             .map(|item| {
                 let (id, bytes) = item.map_err(err)?;
-                serde_json::from_slice::<CeremonyRecord>(&bytes).map_err(|e| {
+                crate::stored::open::<CeremonyRecord>(&id, &bytes).map_err(|e| {
                     JournalError(format!(
                         "ceremony {} is corrupt: {e}",
                         String::from_utf8_lossy(&id)
@@ -284,7 +284,7 @@ impl Journal {
     /// this returns.
     pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
         use sled::Transactional;
-        let bytes = serde_json::to_vec(record).map_err(err)?;
+        let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(err)?;
         let finished = record.phase.finished();
         (&self.ceremonies, &self.unfinished)
             .transaction(|(ceremonies, unfinished)| {
@@ -317,7 +317,7 @@ impl Journal {
         self.backup_keks
             .get(CURRENT_BACKUP_KEK)
             .map_err(err)?
-            .map(|bytes| serde_json::from_slice(&bytes).map_err(err))
+            .map(|bytes| crate::stored::open(CURRENT_BACKUP_KEK, &bytes).map_err(err))
             .transpose()
     }
 
@@ -339,7 +339,7 @@ impl Journal {
     /// operation the administrative quorum approved does that
     /// ([`Journal::make_current`], threat model I1).
     pub async fn record_backup_kek(&self, kek: &BackupKek) -> Result<(), JournalError> {
-        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        let bytes = crate::stored::seal(kek.label.as_bytes(), kek).map_err(err)?;
         self.backup_keks
             .insert(kek.label.as_bytes(), bytes)
             .map_err(err)?;
@@ -353,7 +353,7 @@ impl Journal {
             if key.as_ref() == CURRENT_BACKUP_KEK {
                 continue;
             }
-            let kek: BackupKek = serde_json::from_slice(&bytes).map_err(err)?;
+            let kek: BackupKek = crate::stored::open(&key, &bytes).map_err(err)?;
             if kek.ceremony == ceremony {
                 return Ok(Some(kek));
             }
@@ -375,7 +375,7 @@ impl Journal {
                 kek.label
             )));
         }
-        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        let bytes = crate::stored::seal(CURRENT_BACKUP_KEK, kek).map_err(err)?;
         self.backup_keks
             .insert(CURRENT_BACKUP_KEK, bytes)
             .map_err(err)?;

@@ -200,7 +200,7 @@ impl OperationStore {
     /// One operation.
     pub fn get(&self, id: &str) -> Result<Option<OperationRecord>, String> {
         match self.records.get(id.as_bytes()).map_err(error)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
+            Some(bytes) => crate::stored::open(id.as_bytes(), &bytes)
                 .map(Some)
                 .map_err(|e| error(format!("corrupt operation {id}: {e}"))),
             None => Ok(None),
@@ -212,10 +212,14 @@ impl OperationStore {
     pub fn all(&self) -> Result<Vec<OperationRecord>, String> {
         self.records
             .iter()
-            .values()
-            .map(|bytes| {
-                let bytes = bytes.map_err(error)?;
-                serde_json::from_slice(&bytes).map_err(|e| error(format!("corrupt operation: {e}")))
+            .map(|item| {
+                let (id, bytes) = item.map_err(error)?;
+                crate::stored::open(&id, &bytes).map_err(|e| {
+                    error(format!(
+                        "corrupt operation {}: {e}",
+                        String::from_utf8_lossy(&id)
+                    ))
+                })
             })
             .collect()
     }
@@ -227,7 +231,7 @@ impl OperationStore {
     /// (many at once were seen to livelock in an optimised build).
     pub async fn put(&self, record: &OperationRecord) -> Result<(), String> {
         let before = self.get(&record.id)?.map(|r| r.state);
-        let bytes = serde_json::to_vec(record).map_err(error)?;
+        let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(error)?;
         let state = [state_byte(record.state)];
         let by_time_key = time_id(record.created_ms, &record.id);
         let by_requester_key = requester_key(&record.requester, record.created_ms, &record.id);
