@@ -12,12 +12,13 @@
 //! survived (F3): an empty audit log over a token that holds custody
 //! objects is refused unless the operator acknowledges it.
 //!
-//! What it cannot see: a record changed into another well-formed,
-//! self-consistent record (only the audit chain and operations carry a
-//! hash over their content), a record deleted that nothing else names (an
-//! officer, a nonce count, the failed-login count, a finished ceremony
-//! whose key is also gone), and records cut from the audit log's tail
-//! (only a checkpoint or export head kept elsewhere shows that).
+//! What it cannot see: a count changed to another of its length (nonce
+//! budget, failed logins, carrying no checksum), a record deleted that
+//! nothing else names (an officer, a nonce count, the failed-login count,
+//! a finished ceremony whose key is also gone), records cut from the audit
+//! log's tail (only a checkpoint or export head kept elsewhere shows that),
+//! and a record rewritten on purpose with a matching checksum
+//! ([`crate::stored`] is no signature).
 
 use crate::audit::CheckedChain;
 use crate::findings::{Findings, existing_tree};
