@@ -54,6 +54,76 @@ pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
     Ok(count)
 }
 
+/// The integrity check of the data directory of the config at
+/// `config_path`, offline (threat model F2): no HSM, no PIN, and nothing in
+/// the directory opened for writing. sled has no read-only mode (opening a
+/// database may tidy its files), so the check runs on a copy made in a
+/// temporary directory (`TMPDIR`), removed afterwards. Returns whether the
+/// directory is clean, and the report. Meant for a stopped custodyd: a copy
+/// taken while it writes may show a torn tail.
+pub fn check(config_path: &Path) -> Result<(bool, String), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let source = config.data_dir.join("custody.sled");
+    if !source.is_dir() {
+        return Err(format!(
+            "data directory {}: no database ({} does not exist)",
+            config.data_dir.display(),
+            source.display()
+        ));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("custodyd-check-")
+        .tempdir()
+        .map_err(|e| format!("a temporary directory for the copy: {e}"))?;
+    let copy = scratch.path().join("custody.sled");
+    copy_tree(&source, &copy)?;
+    let db = sled::Config::new()
+        .path(&copy)
+        .open()
+        .map_err(|e| format!("database in {}: {e}", config.data_dir.display()))?;
+    let report = custody_core::integrity::check(&db);
+    Ok((report.is_clean(), report.describe(&config.data_dir)))
+}
+
+/// `custodyd --check CONFIG`: prints the report of [`check`] and returns
+/// the exit code: 0 if the directory is clean, 1 if not, 2 if it could not
+/// be checked.
+pub fn check_command(config_path: &Path) -> std::process::ExitCode {
+    match check(config_path) {
+        Ok((clean, report)) => {
+            #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+            {
+                println!("{report}");
+            }
+            std::process::ExitCode::from(if clean { 0 } else { 1 })
+        }
+        Err(error) => {
+            eprintln!("custodyd --check: {error}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Copies the directory `from` (files and directories only) to `to`.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", from.display()))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)
+                .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     tracing_subscriber::fmt()

@@ -55,6 +55,9 @@ impl Daemon {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
         let db = open_db(&config.data_dir)?;
+        // Every tree checked before anything reads or writes one (F1); the
+        // audit log opens with this pass's chain.
+        let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
         let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
         let pin = config
             .pin_source()
@@ -80,9 +83,11 @@ impl Daemon {
             Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
+        let left = lost_directory(&config, &chain, &hsm).await?;
         let registry = Registry::open(&db).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,
+            &chain,
             hsm.session().map_err(|e| format!("HSM: {e}"))?,
             CheckpointPolicy {
                 every: config.audit.checkpoint_every,
@@ -95,6 +100,16 @@ impl Daemon {
         } else {
             custody_core::ceremonies::PreviousStop::CrashOrKill
         };
+        if let Some(left) = &left {
+            audit
+                .append(left.event(&hsm.token().label))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::warn!(
+                objects = left.objects,
+                "a new audit log starts over a token holding custody objects from a lost data directory; they are left untouched and unregistered"
+            );
+        }
         let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
             audit.audit_key_spki(),
         ));
@@ -276,6 +291,36 @@ impl Daemon {
         }
         state.audit.close();
         served
+    }
+}
+
+/// A new audit log over a token that already holds custody objects (the
+/// data directory was lost while the token survived, threat model F3):
+/// refused, listing them, unless `[audit] lost_directory_acknowledged`;
+/// with it, what the first record reports. Lists the token only when the
+/// log is empty. Runs before the audit log opens, which would otherwise
+/// take up the token's audit key.
+async fn lost_directory(
+    config: &Config,
+    chain: &custody_core::audit::CheckedChain,
+    hsm: &Hsm,
+) -> Result<Option<custody_core::integrity::LeftOnToken>, String> {
+    if !chain.is_empty() {
+        return Ok(None);
+    }
+    let objects = hsm
+        .run(|session| session.inventory())
+        .await
+        .map_err(|e| format!("HSM: listing the token: {e}"))?;
+    let left = custody_core::integrity::left_on_token(
+        chain,
+        objects.iter().map(|object| object.label.as_str()),
+    );
+    match left {
+        Some(left) if !config.audit.lost_directory_acknowledged => {
+            Err(left.refusal(&config.data_dir, &hsm.token().label))
+        }
+        left => Ok(left),
     }
 }
 

@@ -262,6 +262,14 @@ impl TestService {
         );
     }
 
+    /// Starts the server again after [`Self::stop`], on [`Self::config`] as
+    /// it is now; custodyd's refusal to start if it refuses.
+    pub async fn try_restart(&mut self) -> Result<(), String> {
+        self.stop().await;
+        self.running = Some(Running::launch(&self.config, self.clock.clone()).await?);
+        Ok(())
+    }
+
     /// Stops the server and releases its database.
     pub async fn stop(&mut self) {
         if let Some(mut running) = self.running.take() {

@@ -113,6 +113,36 @@ impl NonceBudget {
     }
 }
 
+/// Checks the stored budget (tree `nonce_budget`, threat model F1): each
+/// entry is an HSM label of a key version and a count of 8 bytes. A count
+/// changed to another 8 bytes cannot be told from a true one; the registry
+/// check does not cover it either.
+pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+    crate::findings::each_record(db, "nonce_budget", findings, |label, count, findings| {
+        let is_label = std::str::from_utf8(label).is_ok_and(|l| {
+            l.rsplit_once("/v")
+                .is_some_and(|(_, n)| n.parse::<u32>().is_ok())
+        });
+        if !is_label {
+            findings.add(
+                "nonce_budget",
+                label,
+                "expected the HSM label of a key version (…/v{n}) as the key",
+            );
+        }
+        if count.len() != 8 {
+            findings.add(
+                "nonce_budget",
+                label,
+                format!(
+                    "expected a count of 8 bytes (big-endian), found {} bytes",
+                    count.len()
+                ),
+            );
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

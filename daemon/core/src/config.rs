@@ -412,6 +412,12 @@ pub struct AuditSection {
     /// ... or after this many seconds with new records.
     #[serde(default = "default_checkpoint_interval_secs")]
     pub checkpoint_interval_secs: u64,
+    /// Start a new audit log although the token already holds custody
+    /// objects (the data directory was lost): without it custodyd refuses
+    /// to start and lists them (threat model F3, the runbook's "Data
+    /// directory lost"). The objects are left untouched and unregistered.
+    #[serde(default)]
+    pub lost_directory_acknowledged: bool,
 }
 
 impl Default for AuditSection {
@@ -419,6 +425,7 @@ impl Default for AuditSection {
         Self {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval_secs: default_checkpoint_interval_secs(),
+            lost_directory_acknowledged: false,
         }
     }
 }

@@ -35,6 +35,9 @@
 //! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`pin_lockout`] | counting failed HSM logins across restarts |
+//! | [`integrity`] | the data directory checked at start and by `custodyd --check`: every tree's check, the checks across trees, the report; a data directory lost while the token survived |
+//! | [`stored`] | how a JSON record lies in sled: a CRC-32C over its key and JSON, then the JSON |
+//! | [`findings`] | what a check of stored records finds (tree, key, what was expected), and reading a tree without making it |
 //! | [`limits`] | the caps on work one caller takes on: pending operations, open ceremonies, one drift check and one audit verification at a time |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |
 //!
@@ -58,7 +61,9 @@ pub mod encoding;
 pub mod envelope;
 pub mod error;
 pub mod failpoint;
+pub mod findings;
 pub mod identity;
+pub mod integrity;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;
@@ -70,6 +75,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod signing;
 pub mod storage;
+pub mod stored;
 pub mod text;
 
 pub use custody::Custody;

@@ -101,9 +101,46 @@ pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, Error> {
         .map_err(|e| Error::new(Reason::BadKeyId, e.to_string()))
 }
 
+/// The label prefixes of the HSM objects custodyd makes on its own token:
+/// registry key versions (`key/`), restored versions (`restore/`), the audit
+/// key (`custody-audit/`) and trusted backup KEKs (`custody-backup-kek/`).
+/// Restore KEKs (`restore-kek/`) are session objects and drill objects
+/// (`drill/`) live on the scratch token; neither outlives custodyd.
+pub const CUSTODY_LABEL_PREFIXES: [&str; 4] =
+    ["key/", "restore/", "custody-audit/", "custody-backup-kek/"];
+
+/// Whether `label` is in a namespace custodyd makes objects under: what a
+/// token left by a lost data directory holds (threat model F3).
+pub fn is_custody_label(label: &str) -> bool {
+    CUSTODY_LABEL_PREFIXES
+        .iter()
+        .any(|prefix| label.starts_with(prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custody_labels_are_those_of_its_namespaces() {
+        for label in [
+            "key/root-ca/v1",
+            "restore/r-1/root-ca/v2",
+            "custody-audit/v1",
+            "custody-backup-kek/0a1b",
+        ] {
+            assert!(is_custody_label(label), "{label}");
+        }
+        for label in [
+            "drill/d/k/v1",
+            "restore-kek/r-1",
+            "keyring",
+            "other/key/v1",
+            "",
+        ] {
+            assert!(!is_custody_label(label), "{label}");
+        }
+    }
 
     #[test]
     fn names_parse_strictly() {

@@ -56,3 +56,22 @@ pub fn reset(db: &sled::Db) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Checks the tree `meta` (threat model F1): it holds the failed-login
+/// count, 4 bytes, and nothing else.
+pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+    crate::findings::each_record(db, "meta", findings, |key, value, findings| {
+        if key != KEY {
+            findings.add("meta", key, "expected only the key \"pin_failures\"");
+        } else if value.len() != 4 {
+            findings.add(
+                "meta",
+                key,
+                format!(
+                    "expected a count of 4 bytes (big-endian), found {} bytes",
+                    value.len()
+                ),
+            );
+        }
+    });
+}

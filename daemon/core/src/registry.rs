@@ -213,7 +213,7 @@ impl Registry {
         let mut keys = BTreeMap::new();
         for item in tree.iter() {
             let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-            let mut record: KeyRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            let mut record: KeyRecord = crate::stored::open(&id, &bytes).map_err(|e| {
                 RegistryError(format!(
                     "record {:?} is corrupt: {e}",
                     String::from_utf8_lossy(&id)
@@ -272,7 +272,8 @@ impl Registry {
 
     /// Writes `record` durably (sled flush), then makes it visible.
     pub async fn put(&self, record: KeyRecord) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(&record).map_err(|e| RegistryError(e.to_string()))?;
+        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
+            .map_err(|e| RegistryError(e.to_string()))?;
         self.tree
             .insert(record.key_id.as_bytes(), bytes)
             .map_err(|e| RegistryError(e.to_string()))?;
@@ -287,7 +288,8 @@ impl Registry {
     pub async fn put_all(&self, records: Vec<KeyRecord>) -> Result<(), RegistryError> {
         let mut batch = sled::Batch::default();
         for record in &records {
-            let bytes = serde_json::to_vec(record).map_err(|e| RegistryError(e.to_string()))?;
+            let bytes = crate::stored::seal(record.key_id.as_bytes(), record)
+                .map_err(|e| RegistryError(e.to_string()))?;
             batch.insert(record.key_id.as_bytes(), bytes);
         }
         self.tree
@@ -304,7 +306,8 @@ impl Registry {
     /// Journals that `pending` is about to be generated, durably, before the
     /// HSM is asked to.
     pub async fn begin_version(&self, pending: &PendingVersion) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(pending).map_err(|e| RegistryError(e.to_string()))?;
+        let bytes = crate::stored::seal(pending.hsm_label.as_bytes(), pending)
+            .map_err(|e| RegistryError(e.to_string()))?;
         self.pending
             .insert(pending.hsm_label.as_bytes(), bytes)
             .map_err(|e| RegistryError(e.to_string()))?;
@@ -319,7 +322,7 @@ impl Registry {
         hsm_label: &str,
     ) -> Result<(), CommitError> {
         use sled::Transactional;
-        let bytes = serde_json::to_vec(&record)
+        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
             .map_err(|e| CommitError::NotApplied(RegistryError(e.to_string())))?;
         (&self.tree, &self.pending)
             .transaction(|(keys, pending)| {
@@ -350,7 +353,7 @@ impl Registry {
             .iter()
             .map(|item| {
                 let (label, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-                serde_json::from_slice(&bytes).map_err(|e| {
+                crate::stored::open(&label, &bytes).map_err(|e| {
                     RegistryError(format!(
                         "pending version {:?} is corrupt: {e}",
                         String::from_utf8_lossy(&label)
@@ -371,4 +374,104 @@ impl Registry {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<KeyRecord>>> {
         self.keys.read().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Checks the stored registry without loading it (threat model F1): every
+/// record of `keys` decodes, is stored under its own id, and numbers its
+/// versions upwards, each under a label of its number, with the primary
+/// among them; every entry of `pending_versions` decodes, is stored under
+/// its label, and is not a version its key already holds (the commit
+/// clears the entry in the same transaction). Returns each key id found
+/// with its version numbers, for the checks across trees.
+pub fn check_stored(
+    db: &sled::Db,
+    findings: &mut crate::findings::Findings,
+) -> std::collections::BTreeMap<String, Vec<u32>> {
+    use crate::findings::{each_record, json_record};
+    let mut keys = BTreeMap::new();
+    each_record(db, "keys", findings, |id, bytes, findings| {
+        let Some(record) = json_record::<KeyRecord>("keys", id, bytes, "a key record", findings)
+        else {
+            return;
+        };
+        let mut add = |expected: String| findings.add("keys", id, expected);
+        if record.key_id.as_bytes() != id {
+            add(format!(
+                "expected the record of the key stored under this id, found key {:?}",
+                record.key_id
+            ));
+        }
+        if crate::names::check_key_id(&record.key_id).is_err() {
+            add("expected a valid key id".into());
+        }
+        let mut previous = 0;
+        for version in &record.versions {
+            if version.version <= previous {
+                add(format!(
+                    "expected versions numbered upwards, found version {} after {previous}",
+                    version.version
+                ));
+            }
+            previous = version.version;
+            if !version
+                .hsm_label
+                .ends_with(&format!("/v{}", version.version))
+            {
+                add(format!(
+                    "expected version {}'s HSM label to end in /v{}, found {:?}",
+                    version.version, version.version, version.hsm_label
+                ));
+            }
+        }
+        if record.version(record.primary_version).is_none() {
+            add(format!(
+                "expected the primary version {} among the key's versions",
+                record.primary_version
+            ));
+        }
+        keys.insert(
+            record.key_id.clone(),
+            record.versions.iter().map(|v| v.version).collect(),
+        );
+    });
+    each_record(
+        db,
+        "pending_versions",
+        findings,
+        |label, bytes, findings| {
+            let Some(pending) = json_record::<PendingVersion>(
+                "pending_versions",
+                label,
+                bytes,
+                "a pending version",
+                findings,
+            ) else {
+                return;
+            };
+            if pending.hsm_label.as_bytes() != label {
+                findings.add(
+                    "pending_versions",
+                    label,
+                    format!(
+                        "expected the entry stored under its label, found label {:?}",
+                        pending.hsm_label
+                    ),
+                );
+            }
+            let committed = keys
+                .get(&pending.key_id)
+                .is_some_and(|versions: &Vec<u32>| versions.contains(&pending.version));
+            if committed {
+                findings.add(
+                "pending_versions",
+                label,
+                format!(
+                    "expected no pending entry for version {} of {}, which the registry holds (tree `keys`)",
+                    pending.version, pending.key_id
+                ),
+            );
+            }
+        },
+    );
+    keys
 }

@@ -2,7 +2,8 @@
 //!
 //! `custodyd --config /etc/custody/custodyd.toml`. SIGHUP reloads the TLS
 //! certificate, key, client CA and CRLs; SIGTERM or SIGINT stop it after the
-//! requests in flight finish.
+//! requests in flight finish. `custodyd --check /etc/custody/custodyd.toml`
+//! checks the data directory offline and exits (0 if clean).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,12 +14,16 @@ use clap::Parser;
 #[command(version, about = "custody signing and key-custody daemon")]
 struct Args {
     /// Path of the TOML configuration (see deploy/custodyd.toml).
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required_unless_present = "check")]
+    config: Option<PathBuf>,
     /// Clear the count of failed HSM logins (after finding out why they
     /// failed), then exit.
     #[arg(long)]
     reset_pin_lockout: bool,
+    /// Check the data directory of the configuration CONFIG offline (no HSM
+    /// login, nothing changed), print the report, and exit: 0 if clean.
+    #[arg(long, value_name = "CONFIG", conflicts_with_all = ["config", "reset_pin_lockout"])]
+    check: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -35,8 +40,15 @@ async fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    if let Some(config) = &args.check {
+        return custody_daemon::run::check_command(config);
+    }
+    // Present unless --check was given (clap requires it).
+    let Some(config) = args.config else {
+        return ExitCode::FAILURE;
+    };
     if args.reset_pin_lockout {
-        return match custody_daemon::run::reset_pin_lockout(&args.config) {
+        return match custody_daemon::run::reset_pin_lockout(&config) {
             Ok(count) => {
                 tracing::info!("cleared {count} failed HSM logins");
                 ExitCode::SUCCESS
@@ -47,7 +59,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    match custody_daemon::run::run(&args.config).await {
+    match custody_daemon::run::run(&config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("custodyd: {error}");

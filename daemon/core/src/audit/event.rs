@@ -26,6 +26,18 @@ pub enum Event {
         /// The signal that stopped it.
         signal: String,
     },
+    /// The log starts over a token that already holds custody objects: the
+    /// data directory was lost (or replaced) while the token survived, and
+    /// the operator acknowledged it (`[audit] lost_directory_acknowledged`).
+    /// The objects are left as they are, unregistered (threat model F3).
+    StartedOverLostDirectory {
+        /// HSM token label.
+        token: String,
+        /// Custody objects the token holds (a key pair counts two).
+        objects: u64,
+        /// Their labels, each once, sorted (at most 100).
+        labels: Vec<String>,
+    },
     /// A request was made; `outcome` is `ok` or the refusal's reason.
     Request {
         /// Who asked (or `-` if unauthenticated).
@@ -159,6 +171,11 @@ mod tests {
                 token: "custody".into(),
                 audit_key_sha256: "ab".repeat(32),
                 failed_logins_before: 2,
+            },
+            Event::StartedOverLostDirectory {
+                token: "custody".into(),
+                objects: 3,
+                labels: vec!["custody-audit/v1".into(), "key/root-ca/v1".into()],
             },
             Event::Request {
                 principal: "ca-issuing".into(),

@@ -33,4 +33,6 @@ mod writer;
 pub use chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 pub use event::{Entry, Event, rfc3339_ms};
 pub use verify::{ExportLine, VerifyReport, verify_export, verify_head, verify_records};
-pub use writer::{AUDIT_KEY_LABEL, AuditHold, AuditLog, CheckpointPolicy};
+pub use writer::{
+    AUDIT_KEY_LABEL, AuditHold, AuditLog, CheckedChain, CheckpointPolicy, check_stored,
+};

@@ -255,7 +255,7 @@ impl Journal {
             .get(id.as_bytes())
             .map_err(err)?
             .map(|bytes| {
-                serde_json::from_slice(&bytes)
+                crate::stored::open(id.as_bytes(), &bytes)
                     .map_err(|e| JournalError(format!("ceremony {id} is corrupt: {e}")))
             })
             .transpose()
@@ -268,7 +268,7 @@ impl Journal {
             .iter()
             .map(|item| {
                 let (id, bytes) = item.map_err(err)?;
-                serde_json::from_slice::<CeremonyRecord>(&bytes).map_err(|e| {
+                crate::stored::open::<CeremonyRecord>(&id, &bytes).map_err(|e| {
                     JournalError(format!(
                         "ceremony {} is corrupt: {e}",
                         String::from_utf8_lossy(&id)
@@ -284,7 +284,7 @@ impl Journal {
     /// this returns.
     pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
         use sled::Transactional;
-        let bytes = serde_json::to_vec(record).map_err(err)?;
+        let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(err)?;
         let finished = record.phase.finished();
         (&self.ceremonies, &self.unfinished)
             .transaction(|(ceremonies, unfinished)| {
@@ -317,7 +317,7 @@ impl Journal {
         self.backup_keks
             .get(CURRENT_BACKUP_KEK)
             .map_err(err)?
-            .map(|bytes| serde_json::from_slice(&bytes).map_err(err))
+            .map(|bytes| crate::stored::open(CURRENT_BACKUP_KEK, &bytes).map_err(err))
             .transpose()
     }
 
@@ -339,7 +339,7 @@ impl Journal {
     /// operation the administrative quorum approved does that
     /// ([`Journal::make_current`], threat model I1).
     pub async fn record_backup_kek(&self, kek: &BackupKek) -> Result<(), JournalError> {
-        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        let bytes = crate::stored::seal(kek.label.as_bytes(), kek).map_err(err)?;
         self.backup_keks
             .insert(kek.label.as_bytes(), bytes)
             .map_err(err)?;
@@ -353,7 +353,7 @@ impl Journal {
             if key.as_ref() == CURRENT_BACKUP_KEK {
                 continue;
             }
-            let kek: BackupKek = serde_json::from_slice(&bytes).map_err(err)?;
+            let kek: BackupKek = crate::stored::open(&key, &bytes).map_err(err)?;
             if kek.ceremony == ceremony {
                 return Ok(Some(kek));
             }
@@ -375,7 +375,7 @@ impl Journal {
                 kek.label
             )));
         }
-        let bytes = serde_json::to_vec(kek).map_err(err)?;
+        let bytes = crate::stored::seal(CURRENT_BACKUP_KEK, kek).map_err(err)?;
         self.backup_keks
             .insert(CURRENT_BACKUP_KEK, bytes)
             .map_err(err)?;
@@ -389,4 +389,128 @@ impl Journal {
             .map(drop)
             .map_err(|e| JournalError(format!("flush: {e}")))
     }
+}
+
+/// Checks the stored journal (trees `ceremonies`, `ceremonies_unfinished`
+/// and `backup_keks`, threat model F1): every record decodes and is stored
+/// under its own id or label; the unfinished index lists exactly the
+/// ceremonies not finished (recovery at start reads only it, so a ceremony
+/// missing from it would never be rolled back); the current backup KEK is
+/// one of the recorded ones, and each names the ceremony that made it.
+/// Returns, per completed ceremony, the key ids it registered (for the
+/// check against the registry).
+pub fn check_stored(
+    db: &sled::Db,
+    findings: &mut crate::findings::Findings,
+) -> Vec<(String, Vec<String>)> {
+    use crate::findings::{each_record, json_record};
+    use std::collections::BTreeMap;
+    let mut phases = BTreeMap::new();
+    let mut registered = Vec::new();
+    each_record(db, "ceremonies", findings, |id, bytes, findings| {
+        let Some(record) =
+            json_record::<CeremonyRecord>("ceremonies", id, bytes, "a ceremony record", findings)
+        else {
+            return;
+        };
+        if record.id.as_bytes() != id {
+            findings.add(
+                "ceremonies",
+                id,
+                format!(
+                    "expected the record of the ceremony stored under this id, found ceremony {:?}",
+                    record.id
+                ),
+            );
+        }
+        if record.phase == Phase::Completed {
+            registered.push((record.id.clone(), record.reserved_key_ids.clone()));
+        }
+        phases.insert(id.to_vec(), record.phase);
+    });
+    let mut indexed = std::collections::BTreeSet::new();
+    each_record(
+        db,
+        "ceremonies_unfinished",
+        findings,
+        |id, value, findings| {
+            indexed.insert(id.to_vec());
+            match phases.get(id) {
+                None => findings.add(
+                    "ceremonies_unfinished",
+                    id,
+                    "expected a ceremony of this id in tree `ceremonies`, found none",
+                ),
+                Some(phase) if phase.finished() => findings.add(
+                    "ceremonies_unfinished",
+                    id,
+                    format!("expected an unfinished ceremony, found it {phase:?}"),
+                ),
+                Some(_) if !value.is_empty() => findings.add(
+                    "ceremonies_unfinished",
+                    id,
+                    "expected an empty value (the index holds ids only)",
+                ),
+                Some(_) => {}
+            }
+        },
+    );
+    for (id, phase) in &phases {
+        if !phase.finished() && !indexed.contains(id) {
+            findings.add(
+                "ceremonies_unfinished",
+                id,
+                format!("expected an entry for this ceremony, {phase:?} in tree `ceremonies`"),
+            );
+        }
+    }
+    let mut labels = std::collections::BTreeSet::new();
+    let mut current = None;
+    each_record(db, "backup_keks", findings, |key, bytes, findings| {
+        let Some(kek) =
+            json_record::<BackupKek>("backup_keks", key, bytes, "a backup KEK", findings)
+        else {
+            return;
+        };
+        if key == CURRENT_BACKUP_KEK {
+            current = Some(kek);
+            return;
+        }
+        if kek.label.as_bytes() != key {
+            findings.add(
+                "backup_keks",
+                key,
+                format!(
+                    "expected the KEK stored under its label, found label {:?}",
+                    kek.label
+                ),
+            );
+        }
+        // Recorded just before its ceremony is journaled completed: a
+        // crash between leaves it recorded with the ceremony unfinished.
+        if !phases.contains_key(kek.ceremony.as_bytes()) {
+            findings.add(
+                "backup_keks",
+                key,
+                format!(
+                    "expected ceremony {:?}, which made it, in tree `ceremonies`",
+                    kek.ceremony
+                ),
+            );
+        }
+        labels.insert(kek.label);
+    });
+    if let Some(kek) = current {
+        if !labels.contains(&kek.label) {
+            findings.add(
+                "backup_keks",
+                CURRENT_BACKUP_KEK,
+                format!(
+                    "expected the current backup KEK {:?} among the recorded ones",
+                    kek.label
+                ),
+            );
+        }
+    }
+    registered
 }

@@ -23,7 +23,8 @@ use super::operation::{OperationRecord, OperationState};
 
 type TxError = ConflictableTransactionError<()>;
 
-const INDEXED: &[u8] = b"operations_indexed_v1";
+/// The key in `dual_control` saying the indexes are built.
+pub(super) const INDEXED: &[u8] = b"operations_indexed_v1";
 
 /// Where a page of a list starts: just after (older than) this operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +200,7 @@ impl OperationStore {
     /// One operation.
     pub fn get(&self, id: &str) -> Result<Option<OperationRecord>, String> {
         match self.records.get(id.as_bytes()).map_err(error)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
+            Some(bytes) => crate::stored::open(id.as_bytes(), &bytes)
                 .map(Some)
                 .map_err(|e| error(format!("corrupt operation {id}: {e}"))),
             None => Ok(None),
@@ -211,10 +212,14 @@ impl OperationStore {
     pub fn all(&self) -> Result<Vec<OperationRecord>, String> {
         self.records
             .iter()
-            .values()
-            .map(|bytes| {
-                let bytes = bytes.map_err(error)?;
-                serde_json::from_slice(&bytes).map_err(|e| error(format!("corrupt operation: {e}")))
+            .map(|item| {
+                let (id, bytes) = item.map_err(error)?;
+                crate::stored::open(&id, &bytes).map_err(|e| {
+                    error(format!(
+                        "corrupt operation {}: {e}",
+                        String::from_utf8_lossy(&id)
+                    ))
+                })
             })
             .collect()
     }
@@ -226,7 +231,7 @@ impl OperationStore {
     /// (many at once were seen to livelock in an optimised build).
     pub async fn put(&self, record: &OperationRecord) -> Result<(), String> {
         let before = self.get(&record.id)?.map(|r| r.state);
-        let bytes = serde_json::to_vec(record).map_err(error)?;
+        let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(error)?;
         let state = [state_byte(record.state)];
         let by_time_key = time_id(record.created_ms, &record.id);
         let by_requester_key = requester_key(&record.requester, record.created_ms, &record.id);
@@ -440,6 +445,139 @@ impl OperationStore {
             .await
             .map(drop)
             .map_err(|e| error(format!("flush: {e}")))
+    }
+}
+
+/// Checks the stored operations and their indexes (threat model F1):
+/// every record decodes, is stored under its own id, and still has the
+/// digest its officers sign (recomputed from its terms); each record has
+/// exactly its index entries, with its state, and every index entry points
+/// to a record. Point lookups per record and per entry: no table of ids is
+/// held. A store not yet indexed (`indexed` false) is indexed at open, so
+/// its indexes are not checked.
+pub fn check_stored(db: &sled::Db, indexed: bool, findings: &mut crate::findings::Findings) {
+    use crate::findings::{each_record, existing_tree, json_record};
+    let trees: Result<Vec<Option<sled::Tree>>, sled::Error> = [
+        "operations",
+        "operations_pending",
+        "operations_by_time",
+        "operations_by_requester",
+        "operations_finished",
+    ]
+    .iter()
+    .map(|name| existing_tree(db, name))
+    .collect();
+    let Ok(trees) = trees else {
+        return findings.unreadable("operations", "opening the operation trees");
+    };
+    let get = |tree: usize, key: &[u8]| -> Option<sled::IVec> {
+        trees[tree].as_ref().and_then(|t| t.get(key).ok().flatten())
+    };
+    each_record(db, "operations", findings, |id, bytes, findings| {
+        let Some(record) = json_record::<OperationRecord>(
+            "operations",
+            id,
+            bytes,
+            "an operation record",
+            findings,
+        ) else {
+            return;
+        };
+        if record.id.as_bytes() != id {
+            findings.add(
+                "operations",
+                id,
+                format!(
+                    "expected the operation stored under its id, found {:?}",
+                    record.id
+                ),
+            );
+            return;
+        }
+        if record.digest != hex::encode(record.compute_digest()) {
+            findings.add(
+                "operations",
+                id,
+                "expected the digest its officers sign, recomputed from its terms; they differ",
+            );
+        }
+        if !indexed {
+            return;
+        }
+        let state = [state_byte(record.state)];
+        let mut expect =
+            |tree: usize, name: &'static str, key: Vec<u8>, value: Vec<u8>| match get(tree, &key) {
+                Some(found) if found.as_ref() == value.as_slice() => {}
+                Some(_) => findings.add(
+                    name,
+                    &key,
+                    format!(
+                        "expected the entry of operation {} as its record gives it",
+                        record.id
+                    ),
+                ),
+                None => findings.add(
+                    name,
+                    &key,
+                    format!(
+                        "expected an entry for operation {} (tree `operations`)",
+                        record.id
+                    ),
+                ),
+            };
+        expect(
+            2,
+            "operations_by_time",
+            time_id(record.created_ms, &record.id),
+            state.to_vec(),
+        );
+        expect(
+            3,
+            "operations_by_requester",
+            requester_key(&record.requester, record.created_ms, &record.id),
+            state.to_vec(),
+        );
+        if record.state == OperationState::Pending {
+            expect(
+                1,
+                "operations_pending",
+                record.id.clone().into_bytes(),
+                pending_value(&record),
+            );
+        } else {
+            expect(
+                4,
+                "operations_finished",
+                time_id(finished_at(&record), &record.id),
+                finished_value(&record),
+            );
+        }
+    });
+    if !indexed {
+        return;
+    }
+    // Every index entry names a record, by the id at the end of its key.
+    type IdOf = fn(&[u8]) -> Option<&[u8]>;
+    let id_of: [(&'static str, IdOf); 4] = [
+        ("operations_pending", |key| Some(key)),
+        ("operations_by_time", |key| key.get(8..)),
+        ("operations_by_requester", |key| {
+            let at = key.iter().position(|b| *b == 0)?;
+            key.get(at + 9..)
+        }),
+        ("operations_finished", |key| key.get(8..)),
+    ];
+    for (tree, id_of) in id_of {
+        each_record(db, tree, findings, |key, _, findings| {
+            let found = id_of(key).is_some_and(|id| get(0, id).is_some());
+            if !found {
+                findings.add(
+                    tree,
+                    key,
+                    "expected an operation this entry indexes in tree `operations`, found none",
+                );
+            }
+        });
     }
 }
 

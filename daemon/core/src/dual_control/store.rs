@@ -120,8 +120,8 @@ impl DualControlStore {
         let operations = OperationStore::open(db, &meta)?;
         let mut officers = BTreeMap::new();
         for item in officers_tree.iter() {
-            let (_, bytes) = item.map_err(store_error)?;
-            let officer: OfficerRecord = serde_json::from_slice(&bytes)
+            let (id, bytes) = item.map_err(store_error)?;
+            let officer: OfficerRecord = crate::stored::open(&id, &bytes)
                 .map_err(|e| store_error(format!("corrupt officer record: {e}")))?;
             officers.insert(officer.officer_id.clone(), officer);
         }
@@ -280,7 +280,8 @@ impl DualControlStore {
     }
 
     fn write_officer(&self, officer: &OfficerRecord) -> Result<(), String> {
-        let bytes = serde_json::to_vec(officer).map_err(store_error)?;
+        let bytes =
+            crate::stored::seal(officer.officer_id.as_bytes(), officer).map_err(store_error)?;
         self.officers_tree
             .insert(officer.officer_id.as_bytes(), bytes)
             .map_err(store_error)?;
@@ -354,4 +355,65 @@ impl DualControlStore {
             .map(drop)
             .map_err(|e| store_error(format!("flush: {e}")))
     }
+}
+
+/// Checks the stored dual-control state (threat model F1): every officer
+/// record decodes, is stored under its id and names a valid principal and
+/// Ed25519 key; `dual_control` holds the administrative quorum (4 bytes,
+/// 1 to the number of officers) and the index mark and nothing else; then the operations and their
+/// indexes ([`super::operation_store::check_stored`]). A deleted officer
+/// record leaves a smaller, whole officer set: nothing else names it, so
+/// this check cannot see it (the audit log records every enrolment).
+pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+    use crate::findings::{each_record, json_record};
+    let mut enrolled = 0u32;
+    each_record(db, "officers", findings, |id, bytes, findings| {
+        enrolled += 1;
+        let Some(officer) =
+            json_record::<OfficerRecord>("officers", id, bytes, "an officer record", findings)
+        else {
+            return;
+        };
+        if officer.officer_id.as_bytes() != id {
+            findings.add(
+                "officers",
+                id,
+                format!(
+                    "expected the officer stored under their id, found {:?}",
+                    officer.officer_id
+                ),
+            );
+        }
+        if let Err(e) = check_officer(&officer.officer_id, &officer.principal, &officer.public_key)
+        {
+            findings.add("officers", id, format!("expected a valid officer: {e}"));
+        }
+    });
+    let mut indexed = false;
+    each_record(db, "dual_control", findings, |key, value, findings| {
+        if key == ADMIN_REQUIRED {
+            match <[u8; 4]>::try_from(value).map(u32::from_be_bytes) {
+                Ok(required) if (1..=enrolled).contains(&required) => {}
+                Ok(required) => findings.add(
+                    "dual_control",
+                    key,
+                    format!("expected a quorum of 1 to {enrolled} (the officers enrolled), found {required}"),
+                ),
+                Err(_) => findings.add(
+                    "dual_control",
+                    key,
+                    format!("expected 4 bytes (big-endian), found {}", value.len()),
+                ),
+            }
+        } else if key == super::operation_store::INDEXED {
+            indexed = true;
+        } else {
+            findings.add(
+                "dual_control",
+                key,
+                "expected only \"admin_required\" and \"operations_indexed_v1\"",
+            );
+        }
+    });
+    super::operation_store::check_stored(db, indexed, findings);
 }

@@ -1,0 +1,519 @@
+//! Torn state at start (threat model F1, F2, F3), on SoftHSM2 through the
+//! real server: records of every sled tree flipped, truncated, deleted or
+//! duplicated while custodyd is stopped; custodyd must refuse to start with
+//! a report that names the tree and the key, and `custodyd --check` must
+//! find the same offline without changing a byte. Then the data directory
+//! lost while the token survives: refused, acknowledged, nothing adopted or
+//! destroyed, and the keys brought back by the restore ceremony.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use custody_core::findings::show_key;
+use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::signing_service_client::SigningServiceClient;
+use custody_proto::v1::{
+    CeremonyState, CheckDriftRequest, CreateKeyRequest, Digest, EncryptRequest, GetKeyRequest,
+    SignRequest, digest, sign_request,
+};
+use sha2::Digest as _;
+use softhsm_tests::ceremony::{Officers, kek_script, restore_script, root_script};
+use softhsm_tests::service::{TestService, create_key, runtime};
+use softhsm_tests::{TestToken, token_test};
+use tonic::transport::Channel;
+
+async fn channels_of(service: &TestService) -> BTreeMap<String, Channel> {
+    let mut channels = BTreeMap::new();
+    for officer in ["alice", "bob", "carol"] {
+        channels.insert(officer.to_string(), service.client(officer).await);
+    }
+    channels
+}
+
+/// How a record is damaged.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// Its first byte flipped (a JSON record no longer parses).
+    FlipFirst,
+    /// One bit flipped in its middle byte.
+    FlipMiddle,
+    /// A bit of its last byte flipped (a count changed, still well formed).
+    FlipLast,
+    /// One bit flipped in the last byte of the first `needle` in it: the
+    /// record still parses, with one value changed.
+    FlipWithin(&'static str),
+    /// Cut to half its length.
+    Truncate,
+    /// Removed.
+    Delete,
+    /// Copied under another key.
+    DuplicateAs(&'static str),
+    /// A record written that custodyd did not write (bytes given).
+    Insert(&'static str),
+}
+
+/// Which record of a tree a case damages.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// The record under this key.
+    Key(&'static str),
+    /// The record of the middle sequence number (the audit log).
+    MiddleRecord,
+    /// Audit record number `n`.
+    Record(u64),
+    /// Every record of the tree.
+    All,
+    /// The first record of the tree, in key order.
+    First,
+    /// The last record of the tree, in key order.
+    Last,
+    /// The first record whose value contains this text.
+    Containing(&'static str),
+}
+
+/// Where the refusal must point.
+#[derive(Debug, Clone, Copy)]
+enum Named {
+    /// The damaged record itself, in its own tree.
+    Itself,
+    /// The damaged audit record.
+    AuditRecord,
+    /// Audit record 1 (the log is missing).
+    FirstAuditRecord,
+    /// The record under `key` in `tree`, which refers to the damaged one.
+    Other(&'static str, &'static str),
+    /// Some record of `tree` (an index entry whose key is binary).
+    SomeOf(&'static str),
+}
+
+struct Case {
+    tree: &'static str,
+    target: Target,
+    damage: Damage,
+    named: Named,
+}
+
+const fn case(tree: &'static str, target: Target, damage: Damage, named: Named) -> Case {
+    Case {
+        tree,
+        target,
+        damage,
+        named,
+    }
+}
+
+/// Every tree, and every kind of damage each can show. What the check
+/// cannot see is in the threat model (F1): a flip that leaves a valid,
+/// self-consistent record in a tree without a hash over it, and a deletion
+/// nothing refers to.
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    case("keys", Target::Key("envelope-kek"), Damage::FlipFirst, Named::Itself),
+    case("keys", Target::Key("envelope-kek"), Damage::Truncate, Named::Itself),
+    case("keys", Target::Key("envelope-kek"), Damage::Delete, Named::Other("ceremonies", "kek-1")),
+    case("keys", Target::Key("envelope-kek"), Damage::DuplicateAs("copy-of-kek"), Named::Other("keys", "copy-of-kek")),
+    case("keys", Target::Key("issuer"), Damage::FlipWithin("\"primary_version\":1"), Named::Itself),
+    case("keys", Target::Key("issuer"), Damage::FlipWithin("\"public_key_der_hex\":\"30"), Named::Itself),
+    case("pending_versions", Target::Key("key/issuer/v1"), Damage::Insert(r#"{"key_id":"issuer","version":1,"hsm_label":"key/issuer/v1","trigger":"create","started_ms":1}"#), Named::Itself),
+    case("audit", Target::MiddleRecord, Damage::FlipMiddle, Named::AuditRecord),
+    case("audit", Target::MiddleRecord, Damage::Truncate, Named::AuditRecord),
+    case("audit", Target::MiddleRecord, Damage::Delete, Named::AuditRecord),
+    case("audit", Target::Record(1), Damage::Delete, Named::FirstAuditRecord),
+    case("audit", Target::All, Damage::Delete, Named::FirstAuditRecord),
+    case("nonce_budget", Target::First, Damage::Truncate, Named::Itself),
+    case("meta", Target::Key("pin_failures"), Damage::Truncate, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::FlipFirst, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::Truncate, Named::Itself),
+    case("ceremonies", Target::Key("kek-1"), Damage::FlipWithin("\"shares_needed\":0"), Named::Itself),
+    case("ceremonies", Target::Key("root-open"), Damage::Delete, Named::Other("ceremonies_unfinished", "root-open")),
+    case("ceremonies", Target::Key("kek-1"), Damage::DuplicateAs("kek-2"), Named::Other("ceremonies", "kek-2")),
+    case("ceremonies_unfinished", Target::Key("root-open"), Damage::Delete, Named::Itself),
+    case("ceremonies_unfinished", Target::Key("root-open"), Damage::DuplicateAs("kek-1"), Named::Other("ceremonies_unfinished", "kek-1")),
+    case("backup_keks", Target::Containing("\"ceremony\":\"kek-1\""), Damage::FlipFirst, Named::Itself),
+    case("backup_keks", Target::Last, Damage::FlipWithin("\"threshold\":2"), Named::Itself),
+    case("backup_keks", Target::Last, Damage::Delete, Named::Other("backup_keks", "current")),
+    case("officers", Target::Key("carol"), Damage::FlipFirst, Named::Itself),
+    case("officers", Target::Key("carol"), Damage::Truncate, Named::Itself),
+    case("officers", Target::Key("carol"), Damage::FlipWithin("\"principal\":\"carol"), Named::Itself),
+    case("dual_control", Target::Key("admin_required"), Damage::Truncate, Named::Itself),
+    case("dual_control", Target::Key("admin_required"), Damage::FlipLast, Named::Itself),
+    case("operations", Target::Containing("\"state\":\"succeeded\""), Damage::FlipFirst, Named::Itself),
+    case("operations", Target::Containing("\"state\":\"pending\""), Damage::FlipWithin("\"requester\":\"alice"), Named::Itself),
+    case("operations", Target::Containing("\"state\":\"succeeded\""), Damage::Delete, Named::SomeOf("operations_by_time")),
+    case("operations_pending", Target::First, Damage::Delete, Named::SomeOf("operations_pending")),
+    case("operations_by_time", Target::First, Damage::Delete, Named::SomeOf("operations_by_time")),
+    case("operations_by_requester", Target::First, Damage::Truncate, Named::SomeOf("operations_by_requester")),
+    case("operations_finished", Target::First, Damage::Delete, Named::SomeOf("operations_finished")),
+];
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Every file of `dir` with its bytes' SHA-256.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path, hex::encode(sha2::Sha256::digest(&bytes)));
+            }
+        }
+    }
+    files
+}
+
+/// Applies `case` to the stopped daemon's database in `data_dir`; returns
+/// the tree and the key (as the report shows it) the refusal must name.
+fn damage(data_dir: &Path, case: &Case) -> (String, String) {
+    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let tree = db.open_tree(case.tree).unwrap();
+    let pick = |target: Target| -> Vec<u8> {
+        match target {
+            Target::Key(key) => key.as_bytes().to_vec(),
+            Target::Record(n) => n.to_be_bytes().to_vec(),
+            Target::MiddleRecord => {
+                let last = tree.last().unwrap().unwrap().0;
+                let last = u64::from_be_bytes(last.as_ref().try_into().unwrap());
+                (last / 2).to_be_bytes().to_vec()
+            }
+            Target::First | Target::All => tree.first().unwrap().unwrap().0.to_vec(),
+            Target::Last => tree.last().unwrap().unwrap().0.to_vec(),
+            Target::Containing(text) => tree
+                .iter()
+                .map(Result::unwrap)
+                .find(|(_, v)| String::from_utf8_lossy(v).contains(text))
+                .unwrap_or_else(|| panic!("no record of {} contains {text}", case.tree))
+                .0
+                .to_vec(),
+        }
+    };
+    let key = pick(case.target);
+    let value = tree.get(&key).unwrap().map(|v| v.to_vec());
+    let needs_value = !matches!(case.damage, Damage::Insert(_) | Damage::Delete);
+    assert!(
+        value.is_some() || !needs_value,
+        "case {} {:?}: no record to damage",
+        case.tree,
+        case.target
+    );
+    let value = value.unwrap_or_default();
+    match case.damage {
+        Damage::FlipFirst => {
+            let mut bytes = value;
+            bytes[0] ^= 0x01;
+            tree.insert(&key, bytes).unwrap();
+        }
+        Damage::FlipMiddle => {
+            let mut bytes = value;
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x01;
+            tree.insert(&key, bytes).unwrap();
+        }
+        Damage::FlipLast => {
+            let mut bytes = value;
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x02;
+            tree.insert(&key, bytes).unwrap();
+        }
+        Damage::FlipWithin(needle) => {
+            let mut bytes = value;
+            let at = String::from_utf8_lossy(&bytes)
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} not in the record"))
+                + needle.len()
+                - 1;
+            bytes[at] ^= 0x01;
+            tree.insert(&key, bytes).unwrap();
+        }
+        Damage::Truncate => {
+            tree.insert(&key, &value[..value.len() / 2]).unwrap();
+        }
+        Damage::Delete if matches!(case.target, Target::All) => tree.clear().unwrap(),
+        Damage::Delete => {
+            tree.remove(&key).unwrap();
+        }
+        Damage::DuplicateAs(other) => {
+            tree.insert(other.as_bytes(), value).unwrap();
+        }
+        Damage::Insert(bytes) => {
+            tree.insert(&key, bytes.as_bytes()).unwrap();
+        }
+    }
+    db.flush().unwrap();
+    let audit = |n: u64| format!("record {n} (0x{})", hex::encode(n.to_be_bytes()));
+    match case.named {
+        Named::Itself => (case.tree.into(), show_key(&key)),
+        Named::AuditRecord => {
+            let n = u64::from_be_bytes(key.as_slice().try_into().unwrap());
+            ("audit".into(), audit(n))
+        }
+        Named::FirstAuditRecord => ("audit".into(), audit(1)),
+        Named::Other(tree, key) => (tree.into(), show_key(key.as_bytes())),
+        Named::SomeOf(tree) => (tree.into(), String::new()),
+    }
+}
+
+/// A config file for `custodyd --check` on `data_dir`, with an HSM module
+/// that does not exist: the check must not need one.
+fn check_config(dir: &Path, data_dir: &Path, token: &TestToken) -> PathBuf {
+    let path = dir.join("check.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"{}\"\n[hsm]\nmodule = \"/nonexistent/libpkcs11.so\"\n\
+             token_label = \"none\"\npin_file = \"{}\"\n[tls]\ncert = \"/nonexistent\"\n\
+             key = \"/nonexistent\"\nclient_ca = \"/nonexistent\"\n",
+            data_dir.display(),
+            token.pin_file().display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn run_check(config: &Path) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_custodyd-under-test"))
+        .arg("--check")
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+/// A service with a record in every tree: a failed login counted and
+/// cleared (`meta`), officers (genesis), a KEK ceremony with its backup KEK
+/// activated (`ceremonies`, `backup_keks`, `operations` and their indexes),
+/// a ceremony left open (`ceremonies_unfinished`), a pending operation, a
+/// signing key, and one encryption (`nonce_budget`).
+async fn service_with_every_tree(token: &TestToken) -> TestService {
+    let wrong_pin = token.scratch().join("wrong-pin");
+    std::fs::write(&wrong_pin, "not the PIN").unwrap();
+    let refused = TestService::try_start_with(token, |c| c.hsm.pin_file = Some(wrong_pin)).await;
+    assert!(refused.is_err(), "a wrong PIN is refused");
+    let service = TestService::start(token).await;
+    let officers = Officers::new(&service.officers, channels_of(&service).await);
+    officers
+        .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
+        .await
+        .unwrap();
+    let open = root_script("root-open", "root-open-key", false);
+    officers.start("alice", &open, "").await.unwrap();
+    let operator = service.client("operator").await;
+    create_key(&operator, "issuer", "EC_SIGN_P256_SHA256", None).await;
+    officers.request_backup("alice").await.unwrap();
+    EnvelopeServiceClient::new(service.client("ca-issuing").await)
+        .encrypt(EncryptRequest {
+            name: "keys/envelope-kek".into(),
+            plaintext: b"counted".to_vec(),
+            associated_data: Vec::new(),
+        })
+        .await
+        .unwrap();
+    service
+}
+
+token_test!(
+    fn every_tree_torn_is_refused_at_start_and_by_the_offline_check_naming_tree_and_key(token) {
+        runtime().block_on(async {
+            let mut service = service_with_every_tree(token).await;
+            service.stop().await;
+            let data_dir = service.config.data_dir.clone();
+            let pristine = token.scratch().join("pristine");
+            copy_dir(&data_dir, &pristine);
+            let config = check_config(&token.scratch(), &data_dir, token);
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 0, "a whole directory checks clean: {report}");
+            assert!(report.contains("clean"), "{report}");
+
+            for case in CASES {
+                std::fs::remove_dir_all(&data_dir).unwrap();
+                copy_dir(&pristine, &data_dir);
+                let (tree, key) = damage(&data_dir, case);
+                let named = format!("tree `{tree}`, key {key}");
+                let what = format!("{} {:?} {:?}", case.tree, case.target, case.damage);
+                // Offline first: it must not change a byte of the directory.
+                let before = snapshot(&data_dir);
+                let (code, report) = run_check(&config);
+                assert_eq!(code, 1, "{what}: --check exits 1: {report}");
+                assert!(report.contains(&named), "{what}: --check names {named}: {report}");
+                assert_eq!(snapshot(&data_dir), before, "{what}: --check changed the directory");
+                let refusal = service.try_restart().await.err();
+                let refusal = refusal.unwrap_or_else(|| panic!("{what}: custodyd started"));
+                assert!(refusal.contains(&named), "{what}: the refusal names {named}: {refusal}");
+                assert!(refusal.contains("repairs nothing"), "{refusal}");
+            }
+
+            // The whole directory again: it starts, and its audit chain is
+            // the one it had (the refusals appended nothing).
+            std::fs::remove_dir_all(&data_dir).unwrap();
+            copy_dir(&pristine, &data_dir);
+            service.try_restart().await.unwrap();
+            let report = service.state().audit.verify();
+            assert_eq!(report.first_bad, None);
+        });
+    }
+);
+
+/// The labels of every object on the token (a key pair's label twice).
+async fn token_labels(token: &TestToken) -> Vec<String> {
+    let hsm = token.open();
+    let mut labels: Vec<String> = hsm
+        .run(|s| s.inventory())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.label)
+        .collect();
+    labels.sort();
+    labels
+}
+
+async fn sign(signer: &Channel, key: &str, message: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    SigningServiceClient::new(signer.clone())
+        .sign(SignRequest {
+            name: format!("keys/{key}"),
+            input: Some(sign_request::Input::Digest(Digest {
+                digest: Some(digest::Digest::Sha256(
+                    sha2::Sha256::digest(message).to_vec(),
+                )),
+            })),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+token_test!(
+    fn a_lost_data_directory_is_refused_then_neither_adopted_nor_destroyed_and_a_restore_brings_the_keys_back(token) {
+        runtime().block_on(async {
+            // Before: a backup KEK, a backup-exportable key that signs, and
+            // the latest backup bundle of both.
+            let mut service = TestService::start(token).await;
+            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let (_, shares) = officers
+                .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
+                .await
+                .unwrap();
+            KeyServiceClient::new(service.client("operator").await)
+                .create_key(CreateKeyRequest {
+                    key_id: "issuer".into(),
+                    algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+                    purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
+                    allowed_signers: vec!["ca-issuing".into()],
+                    backup_exportable: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let pem = service.state().registry.get("issuer").unwrap().versions[0]
+                .public_key_pem
+                .clone();
+            let bundle = officers.approved_backup("alice", &["bob", "carol"]).await.unwrap();
+            drop(officers);
+            service.stop().await;
+            let before = token_labels(token).await;
+            let ours = before.iter().filter(|l| custody_core::names::is_custody_label(l)).count();
+            assert!(before.iter().any(|l| l == "key/issuer/v1"), "{before:?}");
+
+            // The data directory is lost; the token survives.
+            std::fs::remove_dir_all(&service.config.data_dir).unwrap();
+            let refusal = service.try_restart().await.unwrap_err();
+            for needed in [
+                format!("holds {ours} custody objects"),
+                "key/issuer/v1".to_string(),
+                "custody-audit/v1".to_string(),
+                "lost_directory_acknowledged".to_string(),
+                "Data directory lost".to_string(),
+            ] {
+                assert!(refusal.contains(&needed), "the refusal says {needed}: {refusal}");
+            }
+            assert_eq!(token_labels(token).await, before, "the refusal touched the token");
+            // Refused again at the next try: the refusal recorded no state
+            // that would let a second start through.
+            assert!(service.try_restart().await.is_err());
+
+            // Acknowledged: it starts, adopts nothing and destroys nothing.
+            service.config.audit.lost_directory_acknowledged = true;
+            service.try_restart().await.unwrap();
+            let events = service.audit_events_since(0);
+            assert_eq!(events[0]["type"], "started_over_lost_directory", "{events:?}");
+            assert_eq!(events[0]["objects"], ours);
+            assert!(events[0]["labels"].as_array().unwrap().iter().any(|l| l == "key/issuer/v1"));
+            assert!(service.state().registry.get("issuer").is_none(), "nothing adopted");
+            let operator = service.client("operator").await;
+            let err = KeyServiceClient::new(operator.clone())
+                .get_key(GetKeyRequest { name: "keys/issuer".into() })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::NotFound);
+            let drift = KeyServiceClient::new(operator.clone())
+                .check_drift(CheckDriftRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let extra: Vec<&str> = drift.findings.iter().map(|f| f.label.as_str()).collect();
+            assert!(extra.contains(&"key/issuer/v1"), "drift reports the objects left: {extra:?}");
+            assert!(
+                drift.findings.iter().all(|f| f.kind == custody_proto::v1::DriftKind::Extra as i32),
+                "{:?}",
+                drift.findings
+            );
+
+            // The way back: the restore ceremony, with officers and the
+            // custodians' shares, from the latest bundle.
+            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let script = restore_script("restore-1", &bundle, false);
+            let name = officers.start("alice", &script, &bundle).await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            officers.sign_in("bob", &name, &script).await.unwrap();
+            officers.submit_share("alice", &name, &shares["alice"]).await.unwrap();
+            let done = officers.submit_share("bob", &name, &shares["bob"]).await.unwrap();
+            assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
+            assert_eq!(done.restore.unwrap().verified, 2);
+            let message = b"signed after the lost directory";
+            let signature = sign(&service.client("ca-issuing").await, "issuer", message)
+                .await
+                .unwrap();
+            assert!(softhsm_tests::openssl_verifies_pem(
+                &token.scratch(),
+                &pem,
+                hsm_shim::SignAlgorithm::EcdsaP256Sha256,
+                hsm_shim::SignInput::Message(message),
+                &signature,
+            ));
+            // Every object of before is still there, beside the restored ones.
+            let after = token_labels(token).await;
+            for label in &before {
+                assert!(after.contains(label), "{label} was destroyed");
+            }
+        });
+    }
+);
