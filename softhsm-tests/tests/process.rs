@@ -236,6 +236,26 @@ token_test!(
     }
 );
 
+/// Whether SoftHSM2 itself, opened here with custodyd stopped, can list
+/// every object of the main token: a kill in the middle of SoftHSM2
+/// writing an object's file leaves one it cannot read back
+/// (`CKR_ATTRIBUTE_VALUE_INVALID`), whatever custodyd does.
+async fn softhsm_reads_every_object(token: &TestToken) -> bool {
+    match hsm_shim::Hsm::open(token.config(1)) {
+        Ok(hsm) => match hsm.run(|s| s.inventory()).await {
+            Ok(_) => true,
+            Err(error) => {
+                eprintln!("SoftHSM2 cannot read its own main token: {error}");
+                false
+            }
+        },
+        Err(error) => {
+            eprintln!("SoftHSM2 cannot open its own main token: {error}");
+            false
+        }
+    }
+}
+
 /// What a ceremony test drives, up to where custodyd dies.
 #[derive(Clone, Copy, Debug)]
 enum Scenario {
@@ -773,13 +793,13 @@ token_test!(
                 let _ = tokio::time::timeout(delay, driving).await;
                 daemon.kill().unwrap();
                 daemon.wait().unwrap();
-                // SoftHSM2 rewrites its own token file in place; a kill in
-                // the middle tears it, and the token is gone for every
-                // application (SoftHSM2's durability, not custodyd's: there
-                // is nothing left to check custodyd against). The run is
-                // counted apart, and the loop goes on with a fresh token
-                // and data directory.
-                if !softhsm_lists_token(token, token.label()) {
+                // SoftHSM2 rewrites its own token and object files in
+                // place; a kill in the middle tears one, and the token (or
+                // that object) is gone for every application (SoftHSM2's
+                // durability, not custodyd's: there is nothing left to
+                // check custodyd against). The run is counted apart, and
+                // the loop goes on with a fresh token and data directory.
+                if !softhsm_lists_token(token, token.label()) || !softhsm_reads_every_object(token).await {
                     main_token_lost.push(run);
                     std::fs::remove_dir_all(rig.pki.dir.join("data")).unwrap();
                     token.reinitialise();
@@ -799,7 +819,7 @@ token_test!(
                 if main_token_lost.is_empty() {
                     "main token kept".to_string()
                 } else {
-                    format!("SoftHSM2 tore its own main token file in {} runs (runs {main_token_lost:?}; each followed by a fresh token and data directory)", main_token_lost.len())
+                    format!("SoftHSM2 tore its own main token or object files in {} runs (runs {main_token_lost:?}; each followed by a fresh token and data directory)", main_token_lost.len())
                 }
             );
         });
