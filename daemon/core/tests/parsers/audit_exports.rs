@@ -21,12 +21,16 @@ fn audit_key() -> SigningKey {
 }
 
 fn spki() -> Vec<u8> {
-    audit_key()
+    static SPKI: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    SPKI.get_or_init(|| {
+        audit_key()
         .verifying_key()
         .to_public_key_der()
         .expect("a P-256 key encodes")
-        .as_bytes()
-        .to_vec()
+            .as_bytes()
+            .to_vec()
+    })
+    .clone()
 }
 
 fn sign(message: &str) -> Vec<u8> {
@@ -59,6 +63,11 @@ fn append(records: &mut Vec<Record>, event: Event) {
 /// Twelve records, a signed checkpoint at 5 and at 10, a signed head: an
 /// export as `custodyctl audit export` writes it.
 fn export() -> String {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(build_export).clone()
+}
+
+fn build_export() -> String {
     let mut records = Vec::new();
     for seq in 1..=12u64 {
         if seq % 5 == 0 {
@@ -126,7 +135,10 @@ fn content(text: &str) -> Content {
 }
 
 fn original_report() -> VerifyReport {
-    verify_export(&export(), &spki()).expect("the fixture verifies")
+    static REPORT: std::sync::OnceLock<VerifyReport> = std::sync::OnceLock::new();
+    REPORT
+        .get_or_init(|| verify_export(&export(), &spki()).expect("the fixture verifies"))
+        .clone()
 }
 
 /// An accepted export must hold exactly the records and head that were

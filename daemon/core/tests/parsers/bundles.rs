@@ -33,6 +33,11 @@ fn spki(key: &SigningKey) -> Vec<u8> {
 /// A bundle of a P-256 key and an AES key with protections, signed by the
 /// audit key: what a backup writes.
 fn signed() -> Bundle {
+    static SIGNED: std::sync::OnceLock<Bundle> = std::sync::OnceLock::new();
+    SIGNED.get_or_init(build).clone()
+}
+
+fn build() -> Bundle {
     let public = spki(&SigningKey::from_slice(&[0x03; 32]).expect("a P-256 scalar"));
     let manifest = Manifest {
         format: FORMAT.into(),

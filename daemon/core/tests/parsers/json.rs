@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 /// One change to a JSON document; `at` picks a node modulo their number.
 #[derive(Debug, Clone)]
-pub enum JsonEdit {
+pub(crate) enum JsonEdit {
     /// Put `value` where the node was.
     Replace(usize, Value),
     /// Remove the node from its object or array.
@@ -43,7 +43,7 @@ fn value() -> impl Strategy<Value = Value> {
 }
 
 /// One to four edits.
-pub fn json_edits() -> impl Strategy<Value = Vec<JsonEdit>> {
+pub(crate) fn json_edits() -> impl Strategy<Value = Vec<JsonEdit>> {
     let edit = prop_oneof![
         4 => (any::<usize>(), value()).prop_map(|(at, v)| JsonEdit::Replace(at, v)),
         2 => any::<usize>().prop_map(JsonEdit::Remove),
@@ -72,7 +72,7 @@ fn pointers(value: &Value, at: String, out: &mut Vec<String>) {
 }
 
 /// `original` with `edits` applied.
-pub fn apply(original: &Value, edits: &[JsonEdit]) -> Value {
+pub(crate) fn apply(original: &Value, edits: &[JsonEdit]) -> Value {
     let mut doc = original.clone();
     for edit in edits {
         let mut all = Vec::new();

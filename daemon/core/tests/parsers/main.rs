@@ -31,7 +31,7 @@ use proptest::prelude::*;
 
 /// The config every property runs with: proptest's default, which reads
 /// `PROPTEST_CASES` (256 when unset).
-pub fn config() -> ProptestConfig {
+pub(crate) fn config() -> ProptestConfig {
     ProptestConfig {
         // Shrinking a failure of a 100,000-case run must stay bounded.
         max_shrink_iters: 4096,
@@ -41,7 +41,7 @@ pub fn config() -> ProptestConfig {
 
 /// One change to a file's bytes. Positions are taken modulo the length.
 #[derive(Debug, Clone)]
-pub enum Edit {
+pub(crate) enum Edit {
     /// Flip one bit.
     Flip(usize, u8),
     /// Replace a byte with one that means something to the format.
@@ -82,12 +82,12 @@ fn edit() -> impl Strategy<Value = Edit> {
 }
 
 /// One to four edits.
-pub fn edits() -> impl Strategy<Value = Vec<Edit>> {
+pub(crate) fn edits() -> impl Strategy<Value = Vec<Edit>> {
     proptest::collection::vec(edit(), 1..=4)
 }
 
 /// `original` with `edits` applied, in order.
-pub fn mutate(original: &[u8], edits: &[Edit]) -> Vec<u8> {
+pub(crate) fn mutate(original: &[u8], edits: &[Edit]) -> Vec<u8> {
     let mut bytes = original.to_vec();
     for edit in edits {
         let len = bytes.len();
@@ -118,7 +118,7 @@ pub fn mutate(original: &[u8], edits: &[Edit]) -> Vec<u8> {
 /// What the command-line tools and custodyd hand a parser: the file as
 /// text. Bytes that are not UTF-8 are refused before any parser runs
 /// (`read_text`); the lossy reading still gives the parser the rest.
-pub fn as_text(bytes: &[u8]) -> String {
+pub(crate) fn as_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 

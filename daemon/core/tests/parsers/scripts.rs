@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use custody_core::algorithms::{KeyAlgorithm, Purpose};
 use custody_core::ceremony::script::{KekMode, Kind, Script, ScriptError, script_digest};
+use custody_core::identity::valid_principal_name;
 use proptest::prelude::*;
 
 use super::{as_text, config, edits, mutate};
@@ -107,7 +108,8 @@ fn distinct(names: &[String], min: usize, max: usize) -> Result<(), TestCaseErro
     prop_assert_eq!(set.len(), names.len(), "a name listed twice: {:?}", names);
     prop_assert!((min..=max).contains(&names.len()), "{} names", names.len());
     for name in names {
-        prop_assert!(custody_core::names::is_identifier(name, 64), "name {name:?}");
+        // Officer ids are principal names, as officers are enrolled.
+        prop_assert!(valid_principal_name(name), "name {name:?}");
     }
     Ok(())
 }
@@ -132,6 +134,7 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
         prop_assert!(custody_core::names::check_key_id(&key.name).is_ok());
         let signers: BTreeSet<&String> = key.signers.iter().collect();
         prop_assert_eq!(signers.len(), key.signers.len());
+        prop_assert!(key.signers.iter().all(|s| valid_principal_name(s)));
         for (kind, policy) in &key.policy {
             prop_assert!(!kind.is_empty());
             // No policy weaker than the administrative quorum the script
