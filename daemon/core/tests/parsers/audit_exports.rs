@@ -24,9 +24,9 @@ fn spki() -> Vec<u8> {
     static SPKI: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     SPKI.get_or_init(|| {
         audit_key()
-        .verifying_key()
-        .to_public_key_der()
-        .expect("a P-256 key encodes")
+            .verifying_key()
+            .to_public_key_der()
+            .expect("a P-256 key encodes")
             .as_bytes()
             .to_vec()
     })
@@ -89,7 +89,12 @@ fn build_export() -> String {
                     method: "/custody.v1.SigningService/Sign".into(),
                     resource: "keys/root-ca/versions/1".into(),
                     detail: format!("SHA256 {seq:064x} \"quoted\" \\ é"),
-                    outcome: if seq % 3 == 0 { "PERMISSION_DENIED" } else { "ok" }.into(),
+                    outcome: if seq % 3 == 0 {
+                        "PERMISSION_DENIED"
+                    } else {
+                        "ok"
+                    }
+                    .into(),
                 },
             );
         }
@@ -121,10 +126,18 @@ fn content(text: &str) -> Content {
         .filter(|l| !l.trim().is_empty())
         .filter_map(|line| serde_json::from_str::<ExportLine>(line).ok())
         .map(|line| match line {
-            ExportLine::Record { seq, entry, hash } => {
-                (seq, entry.into_bytes(), hex::decode(hash).unwrap_or_default(), String::new())
-            }
-            ExportLine::Head { seq, hash, time, signature } => (
+            ExportLine::Record { seq, entry, hash } => (
+                seq,
+                entry.into_bytes(),
+                hex::decode(hash).unwrap_or_default(),
+                String::new(),
+            ),
+            ExportLine::Head {
+                seq,
+                hash,
+                time,
+                signature,
+            } => (
                 seq,
                 hex::decode(signature).unwrap_or_default(),
                 hex::decode(hash).unwrap_or_default(),
@@ -152,7 +165,10 @@ fn same_as_exported(text: &str, report: &VerifyReport) -> Result<(), TestCaseErr
 #[test]
 fn f6_the_export_fixture_is_accepted() {
     let report = original_report();
-    assert_eq!((report.records, report.checkpoints, report.last_seq), (12, 2, 12));
+    assert_eq!(
+        (report.records, report.checkpoints, report.last_seq),
+        (12, 2, 12)
+    );
 }
 
 proptest! {

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use custody_core::ceremony::bundle::{
-    AesCheck, BackupKekRef, Bundle, BundleError, BundledKey, BundledPolicy, FORMAT,
-    KeyProtections, Manifest,
+    AesCheck, BackupKekRef, Bundle, BundleError, BundledKey, BundledPolicy, FORMAT, KeyProtections,
+    Manifest,
 };
 use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer;

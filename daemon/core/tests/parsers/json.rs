@@ -21,8 +21,15 @@ fn leaf() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        prop_oneof![Just(-1i64), Just(0), Just(1), Just(2), Just(3), Just(u32::MAX as i64 + 1)]
-            .prop_map(|n| json!(n)),
+        prop_oneof![
+            Just(-1i64),
+            Just(0),
+            Just(1),
+            Just(2),
+            Just(3),
+            Just(u32::MAX as i64 + 1)
+        ]
+        .prop_map(|n| json!(n)),
         any::<f64>().prop_map(|f| json!(f)),
         ".{0,40}".prop_map(Value::String),
         "[0-9a-f]{0,80}".prop_map(Value::String),

@@ -62,10 +62,7 @@ pub(crate) enum Edit {
 const INTERESTING: &[u8] = b"\"\\{}[],:=-.#\n 0123456789abcdefABCDEFxk\x00\xff";
 
 fn byte() -> impl Strategy<Value = u8> {
-    prop_oneof![
-        any::<u8>(),
-        proptest::sample::select(INTERESTING.to_vec()),
-    ]
+    prop_oneof![any::<u8>(), proptest::sample::select(INTERESTING.to_vec()),]
 }
 
 fn edit() -> impl Strategy<Value = Edit> {

@@ -116,7 +116,10 @@ fn distinct(names: &[String], min: usize, max: usize) -> Result<(), TestCaseErro
 
 fn text_ok(text: &str, max: usize) -> Result<(), TestCaseError> {
     prop_assert!(!text.trim().is_empty());
-    prop_assert!(custody_core::text::problem(text, max).is_none(), "text {text:?}");
+    prop_assert!(
+        custody_core::text::problem(text, max).is_none(),
+        "text {text:?}"
+    );
     Ok(())
 }
 
@@ -164,7 +167,9 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
                 KekMode::Components { custodians } => distinct(custodians, 2, 16)?,
             }
         }
-        Kind::Restore { bundle, custodians, .. } => {
+        Kind::Restore {
+            bundle, custodians, ..
+        } => {
             prop_assert!(!bundle.as_os_str().is_empty());
             distinct(custodians, 2, 99)?;
         }
@@ -185,9 +190,18 @@ fn value() -> impl Strategy<Value = String> {
         "[a-z][a-z0-9-]{0,12}".prop_map(|s| format!("{s:?}")),
         ".{0,20}".prop_map(|s| format!("{s:?}")),
         Just("\"\"".to_string()),
-        proptest::sample::select(vec!["root-key", "kek", "restore", "generate", "components",
-            "AES_256_GCM", "EC_SIGN_P256_SHA256", "RSA_SIGN_PSS_2048_SHA256", "SIGN"])
-            .prop_map(|s| format!("{s:?}")),
+        proptest::sample::select(vec![
+            "root-key",
+            "kek",
+            "restore",
+            "generate",
+            "components",
+            "AES_256_GCM",
+            "EC_SIGN_P256_SHA256",
+            "RSA_SIGN_PSS_2048_SHA256",
+            "SIGN"
+        ])
+        .prop_map(|s| format!("{s:?}")),
         proptest::collection::vec(
             proptest::sample::select(vec!["alice", "bob", "carol", "dave", "erin", "alice", ""]),
             0..5,
@@ -203,18 +217,47 @@ fn random_script() -> impl Strategy<Value = String> {
         proptest::collection::vec((proptest::sample::select(names), value()), 0..6)
     };
     (
-        fields(vec!["format", "id", "kind", "description", "format", "extra"]),
+        fields(vec![
+            "format",
+            "id",
+            "kind",
+            "description",
+            "format",
+            "extra",
+        ]),
         proptest::collection::vec(
             (
                 proptest::sample::select(vec![
-                    "quorum", "key", "key.policy", "certificate", "kek", "shares",
-                    "components", "restore", "other",
+                    "quorum",
+                    "key",
+                    "key.policy",
+                    "certificate",
+                    "kek",
+                    "shares",
+                    "components",
+                    "restore",
+                    "other",
                 ]),
                 fields(vec![
-                    "officers", "required", "name", "algorithm", "backup", "signers", "SIGN",
-                    "ROTATE", "common_name", "organization", "validity_days", "mode",
-                    "threshold", "custodians", "encrypt_to_officer_keys", "bundle",
-                    "bundle_sha256", "audit_key_sha256", "drill",
+                    "officers",
+                    "required",
+                    "name",
+                    "algorithm",
+                    "backup",
+                    "signers",
+                    "SIGN",
+                    "ROTATE",
+                    "common_name",
+                    "organization",
+                    "validity_days",
+                    "mode",
+                    "threshold",
+                    "custodians",
+                    "encrypt_to_officer_keys",
+                    "bundle",
+                    "bundle_sha256",
+                    "audit_key_sha256",
+                    "drill",
                 ]),
             ),
             0..6,

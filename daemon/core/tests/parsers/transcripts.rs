@@ -56,8 +56,20 @@ fn build() -> Transcript {
             ("plan", json!(["sign in", "generate", "commit"])),
         ]),
     );
-    transcript.append(T0 + 1_000, "sign-in", "alice", "alice signed in (1 of 2)", Map::new());
-    transcript.append(T0 + 2_000, "sign-in", "bob", "bob signed in (2 of 2)", Map::new());
+    transcript.append(
+        T0 + 1_000,
+        "sign-in",
+        "alice",
+        "alice signed in (1 of 2)",
+        Map::new(),
+    );
+    transcript.append(
+        T0 + 2_000,
+        "sign-in",
+        "bob",
+        "bob signed in (2 of 2)",
+        Map::new(),
+    );
     transcript.append(
         T0 + 3_000,
         "generate",
@@ -69,7 +81,13 @@ fn build() -> Transcript {
             ("took_ms", json!(41)),
         ]),
     );
-    transcript.append(T0 + 4_000, "commit", "custodyd", "root-ca registered", Map::new());
+    transcript.append(
+        T0 + 4_000,
+        "commit",
+        "custodyd",
+        "root-ca registered",
+        Map::new(),
+    );
     transcript.outcome = "completed".into();
     let signature: p256::ecdsa::Signature = audit_key().sign(&transcript.signing_message());
     transcript
@@ -107,7 +125,10 @@ fn same_as_signed(read: &Transcript, original: &Transcript) -> Result<(), TestCa
 #[test]
 fn f6_the_transcript_fixture_is_accepted() {
     let original = signed();
-    assert_eq!(read(&json(&original)).expect("the fixture verifies"), original);
+    assert_eq!(
+        read(&json(&original)).expect("the fixture verifies"),
+        original
+    );
 }
 
 proptest! {
