@@ -179,6 +179,17 @@ pub fn drift_failed() {
     metrics::counter!("custody_drift_checks_total", "outcome" => "failed").increment(1);
 }
 
+/// The wall clock stepped by more than the tolerance (`forward` or
+/// `backward`).
+pub fn clock_step(direction: &'static str) {
+    metrics::counter!("custody_clock_steps_total", "direction" => direction).increment(1);
+}
+
+/// How far the wall clock is behind the time custodyd decides by.
+pub fn clock_behind(ms: i64) {
+    metrics::gauge!("custody_clock_behind_seconds").set(ms.max(0) as f64 / 1000.0);
+}
+
 #[cfg(test)]
 mod tests {
     /// Every metric the example alert rules use is one custodyd exports (the
@@ -199,15 +210,4 @@ mod tests {
         }
         assert!(used >= 6, "the rules use {used} custody metrics");
     }
-}
-
-/// The wall clock stepped by more than the tolerance (`forward` or
-/// `backward`).
-pub fn clock_step(direction: &'static str) {
-    metrics::counter!("custody_clock_steps_total", "direction" => direction).increment(1);
-}
-
-/// How far the wall clock is behind the time custodyd decides by.
-pub fn clock_behind(ms: i64) {
-    metrics::gauge!("custody_clock_behind_seconds").set(ms.max(0) as f64 / 1000.0);
 }

@@ -68,13 +68,13 @@ fn byte() -> impl Strategy<Value = u8> {
 fn edit() -> impl Strategy<Value = Edit> {
     let at = any::<usize>();
     prop_oneof![
-        3 => (at.clone(), 0u8..8).prop_map(|(at, bit)| Edit::Flip(at, bit)),
-        3 => (at.clone(), byte()).prop_map(|(at, b)| Edit::Replace(at, b)),
-        2 => (at.clone(), byte()).prop_map(|(at, b)| Edit::Insert(at, b)),
-        2 => (at.clone(), 1usize..64).prop_map(|(at, n)| Edit::Delete(at, n)),
-        1 => (at.clone(), 1usize..64).prop_map(|(at, n)| Edit::Repeat(at, n)),
-        1 => at.clone().prop_map(Edit::Truncate),
-        1 => (at.clone(), at).prop_map(|(a, b)| Edit::Swap(a, b)),
+        3 => (at, 0u8..8).prop_map(|(at, bit)| Edit::Flip(at, bit)),
+        3 => (at, byte()).prop_map(|(at, b)| Edit::Replace(at, b)),
+        2 => (at, byte()).prop_map(|(at, b)| Edit::Insert(at, b)),
+        2 => (at, 1usize..64).prop_map(|(at, n)| Edit::Delete(at, n)),
+        1 => (at, 1usize..64).prop_map(|(at, n)| Edit::Repeat(at, n)),
+        1 => at.prop_map(Edit::Truncate),
+        1 => (at, at).prop_map(|(a, b)| Edit::Swap(a, b)),
     ]
 }
 

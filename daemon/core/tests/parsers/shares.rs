@@ -19,8 +19,9 @@ fn written() -> Vec<String> {
 /// A share line from random pieces; with `checksummed`, its checksum is
 /// right, so the parser's later rules are reached.
 fn line() -> impl Strategy<Value = String> {
-    let hex = |n: usize| proptest::string::string_regex(&format!("[0-9a-f]{{{n}}}")).unwrap();
-    let group = proptest::string::string_regex("[0-9a-fA-F]{0,7}").unwrap();
+    let hex =
+        |n: usize| proptest::string::string_regex(&format!("[0-9a-f]{{{n}}}")).expect("a regex");
+    let group = proptest::string::string_regex("[0-9a-fA-F]{0,7}").expect("a regex");
     (
         prop_oneof![Just("cs1".to_string()), "[a-z0-9]{0,4}"],
         prop_oneof![hex(8), "[0-9a-g]{0,10}"],
