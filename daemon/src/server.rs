@@ -26,7 +26,7 @@ use crate::service::signing::Signing;
 use crate::tls::TlsReloader;
 use custody_core::Custody;
 use custody_core::audit::{AuditLog, CheckpointPolicy, Event};
-use custody_core::clock::{Clock, SystemClock};
+use custody_core::clock::{Clock, GuardedClock, SystemClock};
 use custody_core::config::Config;
 use custody_core::dual_control::store::{DualControlStore, Genesis};
 use custody_core::metrics;
@@ -58,6 +58,13 @@ impl Daemon {
         // Every tree checked before anything reads or writes one (F1); the
         // audit log opens with this pass's chain.
         let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
+        // Every rule decides by the guarded clock: never backwards, even
+        // across a restart, and steps reported (threat model F7).
+        let clock: Arc<dyn Clock> = Arc::new(GuardedClock::open(
+            &db,
+            clock,
+            config.lifecycle.clock_step_tolerance_ms(),
+        )?);
         let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
         let pin = config
             .pin_source()

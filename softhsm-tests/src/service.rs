@@ -29,20 +29,51 @@ use crate::TestToken;
 /// The officers of every test service; `alice` and `bob` are also dev identities.
 pub const OFFICERS: [&str; 3] = ["alice", "bob", "carol"];
 
-/// A clock the test moves by hand.
+/// A clock the test moves by hand: a wall clock and the monotonic clock
+/// custodyd checks it against.
 #[derive(Debug)]
-pub struct ManualClock(std::sync::atomic::AtomicI64);
+pub struct ManualClock {
+    wall: std::sync::atomic::AtomicI64,
+    monotonic: std::sync::atomic::AtomicI64,
+}
 
 impl ManualClock {
-    /// Moves the clock by `ms` (may be negative).
+    /// A clock reading `wall_ms`.
+    pub fn at(wall_ms: i64) -> ManualClock {
+        ManualClock {
+            wall: std::sync::atomic::AtomicI64::new(wall_ms),
+            monotonic: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Lets `ms` pass (wall and monotonic clocks alike; may be negative
+    /// only in tests of what a rule does just before a deadline).
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+        self.wall.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+        self.monotonic
+            .fetch_add(ms.max(0), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Steps the wall clock by `ms` (negative: back) while no time passes,
+    /// as an operator or a broken time source does.
+    pub fn step(&self, ms: i64) {
+        self.wall.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets the wall clock to `wall_ms` while no time passes.
+    pub fn set(&self, wall_ms: i64) {
+        self.wall
+            .store(wall_ms, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.wall.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn monotonic_ms(&self) -> i64 {
+        self.monotonic.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -216,9 +247,7 @@ impl TestService {
         write("officers.toml", &genesis);
         adjust(&mut config);
         config.check().expect("test config is valid");
-        let clock = Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(
-            custody_core::clock::SystemClock.now_ms(),
-        )));
+        let clock = Arc::new(ManualClock::at(custody_core::clock::SystemClock.now_ms()));
         let running = Some(Running::launch(&config, clock.clone()).await?);
         Ok(TestService {
             officers,

@@ -129,6 +129,7 @@ const CASES: &[Case] = &[
     case("audit", Target::All, Damage::Delete, Named::FirstAuditRecord),
     case("nonce_budget", Target::First, Damage::Truncate, Named::Itself),
     case("meta", Target::Key("pin_failures"), Damage::Truncate, Named::Itself),
+    case("clock", Target::Key("high_water_ms"), Damage::Truncate, Named::Itself),
     case("ceremonies", Target::Key("kek-1"), Damage::FlipFirst, Named::Itself),
     case("ceremonies", Target::Key("kek-1"), Damage::Truncate, Named::Itself),
     case("ceremonies", Target::Key("kek-1"), Damage::FlipWithin("\"shares_needed\":0"), Named::Itself),

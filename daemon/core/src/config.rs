@@ -76,6 +76,11 @@ pub struct LifecycleSection {
     /// (CheckDrift still works).
     #[serde(default = "default_drift_check_interval_secs")]
     pub drift_check_interval_secs: u64,
+    /// A wall-clock reading further than this from what the monotonic
+    /// clock expects is a step (threat model F7): audited, alerted on, and
+    /// when forward, scheduled destructions are held back by it.
+    #[serde(default = "default_clock_step_tolerance_secs")]
+    pub clock_step_tolerance_secs: u64,
 }
 
 impl Default for LifecycleSection {
@@ -85,6 +90,7 @@ impl Default for LifecycleSection {
             scheduler_interval_secs: default_scheduler_interval_secs(),
             rotate_ahead_secs: default_rotate_ahead_secs(),
             drift_check_interval_secs: default_drift_check_interval_secs(),
+            clock_step_tolerance_secs: default_clock_step_tolerance_secs(),
         }
     }
 }
@@ -93,6 +99,13 @@ impl LifecycleSection {
     /// The cancel window in milliseconds.
     pub fn destroy_cancel_window_ms(&self) -> i64 {
         i64::try_from(self.destroy_cancel_window_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+    }
+
+    /// The clock step tolerance in milliseconds.
+    pub fn clock_step_tolerance_ms(&self) -> i64 {
+        i64::try_from(self.clock_step_tolerance_secs)
             .unwrap_or(i64::MAX / 1000)
             .saturating_mul(1000)
     }
@@ -109,6 +122,9 @@ fn default_rotate_ahead_secs() -> u64 {
 }
 fn default_drift_check_interval_secs() -> u64 {
     300
+}
+fn default_clock_step_tolerance_secs() -> u64 {
+    60
 }
 
 /// `[envelope]`
@@ -542,6 +558,11 @@ impl Config {
                 "[lifecycle] scheduler_interval_secs must be at least 1".into(),
             ));
         }
+        if self.lifecycle.clock_step_tolerance_secs == 0 {
+            return Err(ConfigError(
+                "[lifecycle] clock_step_tolerance_secs must be at least 1: every reading differs from the monotonic clock by a few milliseconds".into(),
+            ));
+        }
         if !(2..=1 << 32).contains(&self.envelope.max_encryptions_per_version) {
             return Err(ConfigError(
                 "[envelope] max_encryptions_per_version must be within 2-4294967296 (2^32, the bound for random GCM nonces)".into(),
@@ -662,6 +683,10 @@ mod tests {
             (
                 "scheduler_interval_secs = 60",
                 "scheduler_interval_secs = 0",
+            ),
+            (
+                "clock_step_tolerance_secs = 60",
+                "clock_step_tolerance_secs = 0",
             ),
             (
                 "trusted_audit_keys = []",

@@ -2,7 +2,7 @@
 //! offline (`custodyd --check`): threat model F1 and F2.
 //!
 //! Each tree's check lives with the code that owns its encoding
-//! (`registry`, `audit`, `budget`, `pin_lockout`, `ceremony::journal`,
+//! (`registry`, `audit`, `budget`, `pin_lockout`, `clock`, `ceremony::journal`,
 //! `dual_control::store` and `operation_store`); this module runs them all,
 //! adds the checks across owners, and builds the one report. custodyd
 //! refuses to start on any finding: it never repairs a record, and never
@@ -55,6 +55,7 @@ pub fn check(db: &sled::Db) -> Report {
     let keys = crate::registry::check_stored(db, &mut findings);
     crate::budget::check_stored(db, &mut findings);
     crate::pin_lockout::check_stored(db, &mut findings);
+    crate::clock::check_stored(db, &mut findings);
     let completed = crate::ceremony::journal::check_stored(db, &mut findings);
     crate::dual_control::store::check_stored(db, &mut findings);
     // Across owners: a completed ceremony's keys were registered before it

@@ -30,6 +30,8 @@
 //! | `custody_drift_last_check_timestamp_seconds` | gauge | |
 //! | `custody_ceremonies_finished_total` | counter | kind (root-key, kek, restore), outcome (completed, rolled-back, aborted) |
 //! | `custody_restore_rto_seconds` | gauge | drill (true, false): the last restore's RTO |
+//! | `custody_clock_steps_total` | counter | direction (forward, backward): wall-clock steps beyond the tolerance |
+//! | `custody_clock_behind_seconds` | gauge | how far the wall clock is behind the time custodyd decides by |
 
 use std::net::SocketAddr;
 
@@ -189,6 +191,17 @@ pub fn restore_rto(drill: bool, seconds: f64) {
 /// A drift check that could not run.
 pub fn drift_failed() {
     metrics::counter!("custody_drift_checks_total", "outcome" => "failed").increment(1);
+}
+
+/// The wall clock stepped by more than the tolerance (`forward` or
+/// `backward`).
+pub fn clock_step(direction: &'static str) {
+    metrics::counter!("custody_clock_steps_total", "direction" => direction).increment(1);
+}
+
+/// How far the wall clock is behind the time custodyd decides by.
+pub fn clock_behind(ms: i64) {
+    metrics::gauge!("custody_clock_behind_seconds").set(ms.max(0) as f64 / 1000.0);
 }
 
 #[cfg(test)]

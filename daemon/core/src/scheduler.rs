@@ -122,6 +122,7 @@ pub async fn run(state: Weak<Custody>) {
         let Some(state) = state.upgrade() else {
             return;
         };
+        clock_steps(&state).await;
         // Rotations and destructions due while the disk is short of its
         // reserve wait for room, like the requests ([`crate::storage`]).
         if !state.headroom.is_short() {
@@ -219,8 +220,56 @@ async fn rotate_due(state: &Arc<Custody>) {
     metrics::rotations_overdue(overdue);
 }
 
+/// Deals with the wall-clock steps the clock has seen (threat model F7):
+/// each is audited, and a forward one holds every scheduled destruction
+/// back by the step. A backward one needs nothing more: the clock keeps
+/// the time where it was until the wall clock catches up.
+pub async fn clock_steps(state: &Custody) {
+    for step in state.clock.take_steps() {
+        let offset = step.offset_ms();
+        let mut audited = Audited::start("ClockStep");
+        audited.principal = SCHEDULER.into();
+        audited.detail = format!(
+            "the wall clock stepped {} by {:.3} s (expected {}, read {}{}); custodyd decides by {}",
+            step.direction(),
+            offset.unsigned_abs() as f64 / 1000.0,
+            crate::audit::rfc3339_ms(step.expected_ms),
+            crate::audit::rfc3339_ms(step.read_ms),
+            if step.at_start { ", at start" } else { "" },
+            crate::audit::rfc3339_ms(state.clock.now_ms()),
+        );
+        tracing::warn!(
+            offset_ms = offset,
+            at_start = step.at_start,
+            "wall clock step"
+        );
+        let result = if offset > 0 && !step.at_start {
+            match keys::hold_destructions(state, &mut audited, offset).await {
+                Ok(held) => {
+                    audited.detail.push_str(&format!(
+                        "; {} scheduled destructions held back by the step: {}",
+                        held.len(),
+                        held.join(", ")
+                    ));
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            }
+        } else {
+            Ok(())
+        };
+        if let Err(error) = audited.record(state, result).await {
+            tracing::error!(reason = %error.reason, "recording a clock step failed");
+        }
+    }
+}
+
 async fn destroy_due(state: &Arc<Custody>) {
     let now = state.clock.now_ms();
+    // A step seen after this turn's check: deal with it first (next turn).
+    if state.clock.steps_pending() {
+        return;
+    }
     for key in state.registry.list(None, usize::MAX) {
         for version in &key.versions {
             let due = version.destroy_at_ms.is_some_and(|at| at <= now)

@@ -150,7 +150,10 @@ pub async fn destroy_due(
     let current = found(custody, key_id)?;
     let existing = version_of(&current, version)?;
     let now = custody.clock.now_ms();
+    // A clock step seen and not yet dealt with may have crossed the window
+    // (threat model F7): the scheduler holds destructions back first.
     let due = existing.destroy_at_ms.is_some_and(|at| at <= now)
+        && !custody.clock.steps_pending()
         && existing.legal_hold.is_none()
         && existing.state != VersionState::Destroyed;
     if !due {
@@ -181,4 +184,39 @@ pub async fn destroy_due(
         v.destroy_at_ms = Some(now);
     })
     .await
+}
+
+/// A forward clock step of `by_ms` was seen (threat model F7): every
+/// scheduled destruction not yet carried out moves `by_ms` later, so that
+/// its cancel window still lasts its full length in real time. Returns the
+/// versions held, by name.
+pub async fn hold_destructions(
+    custody: &Custody,
+    audited: &mut Audited,
+    by_ms: i64,
+) -> Result<Vec<String>, Error> {
+    let _guard = custody.registry.lock().await;
+    audited.intent(custody).await?;
+    let mut held = Vec::new();
+    for key in custody.registry.list(None, usize::MAX) {
+        let pending: Vec<u32> = key
+            .versions
+            .iter()
+            .filter(|v| v.destroy_at_ms.is_some() && v.state != VersionState::Destroyed)
+            .map(|v| v.version)
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let found = found(custody, &key.key_id)?;
+        let mut current = KeyRecord::clone(&found);
+        for version in pending {
+            current = update_version(custody, &current, version, |v| {
+                v.destroy_at_ms = v.destroy_at_ms.map(|at| at.saturating_add(by_ms));
+            })
+            .await?;
+            held.push(version_name(&key.key_id, version));
+        }
+    }
+    Ok(held)
 }

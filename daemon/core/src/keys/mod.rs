@@ -27,7 +27,8 @@ use crate::{Custody, Error, Reason};
 
 pub use create::{NewKey, create, ensure_key_id_free};
 pub use destroy::{
-    cancel_destroy, destroy_due, release_legal_hold, schedule_destroy, set_legal_hold,
+    cancel_destroy, destroy_due, hold_destructions, release_legal_hold, schedule_destroy,
+    set_legal_hold,
 };
 pub use rotate::{Trigger, rotate};
 pub use state::{KeyUpdate, set_state, update};
