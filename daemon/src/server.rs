@@ -68,6 +68,7 @@ impl Daemon {
         );
         hsm_config.workers = config.hsm.workers;
         hsm_config.max_queued = config.hsm.max_queued_jobs;
+        hsm_config.call_timeout = Duration::from_millis(config.hsm.call_timeout_ms);
         let hsm = match Hsm::open(hsm_config) {
             Ok(hsm) => hsm,
             Err(e) if e.kind() == hsm_shim::ErrorKind::Authentication => {
@@ -83,7 +84,7 @@ impl Daemon {
         let registry = Registry::open(&db).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,
-            hsm.session().map_err(|e| format!("HSM: {e}"))?,
+            &hsm,
             CheckpointPolicy {
                 every: config.audit.checkpoint_every,
                 interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
@@ -309,8 +310,12 @@ async fn watch_health(
             return;
         };
         expire_due(&state).await;
+        let stuck = state.hsm.stuck_calls();
         metrics::hsm(state.hsm.queued(), state.hsm.workers());
-        let healthy = state.audit.healthy();
+        metrics::hsm_lost(state.hsm.lost_workers(), stuck);
+        // A hung HSM call: the pool serves on with fresh workers, but the
+        // HSM is not answering; say so until the call returns.
+        let healthy = state.audit.healthy() && stuck == 0;
         if healthy != serving {
             serving = healthy;
             let status = if healthy {

@@ -75,6 +75,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::AuditUnavailable => Code::Unavailable,
         R::RegistryUnavailable => Code::Unavailable,
         R::HsmUnavailable => Code::Unavailable,
+        R::HsmTimeout => Code::Unavailable,
         R::HsmLoginFailed => Code::Unavailable,
         R::RollbackFailed => Code::Unavailable,
         R::HsmSelfTestFailed => Code::Internal,
