@@ -112,13 +112,27 @@ impl TokenAccess {
             .check(Function::OpenSession)
             .and_then(|()| self.ctx.open_rw_session(self.slot))
             .map_err(|e| HsmError::from_cryptoki("opening a session on the token", e))?;
+        let login = || {
+            self.faults
+                .check(Function::Login)
+                .and_then(|()| session.login(UserType::User, Some(&self.pin)))
+        };
         // Login is per application: a second session finds it already done.
-        match self
-            .faults
-            .check(Function::Login)
-            .and_then(|()| session.login(UserType::User, Some(&self.pin)))
-        {
+        match login() {
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            // The security officer is still logged in: the SO step's own
+            // logout met a failing device (see `security_officer.rs`), and
+            // its pause has ended, so no SO work is running. Log the SO out,
+            // or every session of the pool would act as the SO or fail.
+            Err(CryptokiError::Pkcs11(RvError::UserAnotherAlreadyLoggedIn, _)) => {
+                tracing::warn!("the security officer was left logged in; logging out and in again");
+                self.faults
+                    .check(Function::Logout)
+                    .and_then(|()| session.logout())
+                    .and_then(|()| login())
+                    .map_err(|e| HsmError::from_cryptoki("logging the SO out and the user in", e))?;
+                Ok(session)
+            }
             Err(e) => Err(HsmError::from_cryptoki("logging in to the token", e)),
         }
     }
@@ -322,6 +336,25 @@ impl HsmSession {
         }
     }
 
+    /// Ends this session and goes on with a fresh one, so that every session
+    /// object it made is gone (PKCS#11 destroys them with their session):
+    /// for a caller whose own destroy failed. Tries again a few times while
+    /// the device fails, as [`Self::recovering`] would.
+    pub fn renew(&mut self) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.reopen() {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt == MAX_RECOVERIES => return Err(error),
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, "renewing the HSM session");
+                    std::thread::sleep(Duration::from_millis(20 << attempt));
+                }
+            }
+        }
+    }
+
     /// Replaces the session with a freshly opened, logged-in one. The new one is
     /// opened before the old one is closed, so the application never drops to
     /// zero sessions (which would log it out).
@@ -390,7 +423,7 @@ impl HsmSession {
     /// A logged-out application sees no private objects, so "not found" may
     /// really mean "logged out". Report that as what it is, so that
     /// [`Self::recovering`] logs in again instead of calling the key missing.
-    fn ensure_logged_in(&self) -> Result<()> {
+    pub(crate) fn ensure_logged_in(&self) -> Result<()> {
         let info = self.call(
             Function::GetSessionInfo,
             || "reading the session state".into(),
