@@ -163,9 +163,7 @@ mod enabled {
             // Every "any function" arm counts this call down.
             let mut chosen = None;
             for (index, armed) in plan.failures.iter_mut().enumerate() {
-                let matches = armed
-                    .function
-                    .is_none_or(|f| same_function(f, function));
+                let matches = armed.function.is_none_or(|f| same_function(f, function));
                 if !matches || armed.remaining == 0 {
                     continue;
                 }

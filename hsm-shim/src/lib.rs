@@ -46,11 +46,11 @@ pub use fault::{FaultInjector, Stall};
 pub use inventory::{ObjectClassName, ObjectSummary};
 pub use pool::Hsm;
 pub use session::{HsmSession, MAX_RECOVERIES};
-pub use watchdog::{MAX_ABANDONED_PER_WORKER, MAX_CALL_TIMEOUT};
 pub use types::{
     AesRole, EcdsaEncoding, Exportability, GcmCiphertext, HashAlg, KeyCheckValue, KeyInfo,
     KeyLabel, KeySpec, SignAlgorithm, SignInput, TokenSummary,
 };
+pub use watchdog::{MAX_ABANDONED_PER_WORKER, MAX_CALL_TIMEOUT};
 
 /// The PKCS#11 names that appear in [`HsmError::pkcs11_cause`] and in the
 /// fault-injection API.

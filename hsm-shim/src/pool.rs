@@ -145,7 +145,8 @@ impl Hsm {
         let mut workers = Vec::with_capacity(config.workers);
         for _ in 0..config.workers {
             let watch = Arc::new(CallWatch::default());
-            let session = HsmSession::watched(access.clone(), access.open_logged_in()?, watch.clone());
+            let session =
+                HsmSession::watched(access.clone(), access.open_logged_in()?, watch.clone());
             workers.push(start_worker(&shared, watch, Some(session))?);
         }
         let (stop_watchdog, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -165,7 +166,12 @@ impl Hsm {
         std::thread::Builder::new()
             .name("hsm-watchdog".into())
             .spawn(move || watch_calls(&weak, &stopped, config.call_timeout))
-            .map_err(|e| HsmError::new(ErrorKind::Internal, format!("starting the HSM watchdog: {e}")))?;
+            .map_err(|e| {
+                HsmError::new(
+                    ErrorKind::Internal,
+                    format!("starting the HSM watchdog: {e}"),
+                )
+            })?;
         tracing::info!(
             token = %hsm.inner.token.label,
             serial = %hsm.inner.token.serial,
@@ -227,11 +233,13 @@ impl Hsm {
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
     {
         let max = self.inner.max_queued;
-        let admitted = self.inner.shared.waiting.fetch_update(
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-            |waiting| (waiting < max).then_some(waiting + 1),
-        );
+        let admitted =
+            self.inner
+                .shared
+                .waiting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                    (waiting < max).then_some(waiting + 1)
+                });
         if admitted.is_err() {
             return Err(HsmError::new(
                 ErrorKind::Busy,
@@ -472,7 +480,9 @@ fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Share
         if stuck >= shared.max_abandoned {
             (job.fail)(HsmError::new(
                 ErrorKind::Timeout,
-                format!("{stuck} HSM calls passed their deadline and have not returned; no more calls until they do"),
+                format!(
+                    "{stuck} HSM calls passed their deadline and have not returned; no more calls until they do"
+                ),
             ));
             continue;
         }
@@ -503,7 +513,9 @@ fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Share
             // Lost: the watchdog answered the caller, left the gate for us
             // and started a replacement.
             shared.abandoned.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("an abandoned HSM worker's call returned; it closes its session and exits");
+            tracing::warn!(
+                "an abandoned HSM worker's call returned; it closes its session and exits"
+            );
             return;
         }
         shared.gate.leave();

@@ -130,7 +130,9 @@ impl TokenAccess {
                     .check(Function::Logout)
                     .and_then(|()| session.logout())
                     .and_then(|()| login())
-                    .map_err(|e| HsmError::from_cryptoki("logging the SO out and the user in", e))?;
+                    .map_err(|e| {
+                        HsmError::from_cryptoki("logging the SO out and the user in", e)
+                    })?;
                 Ok(session)
             }
             Err(e) => Err(HsmError::from_cryptoki("logging in to the token", e)),
@@ -253,7 +255,11 @@ impl HsmSession {
     }
 
     /// A pool worker's session, whose calls run under `watch`'s deadline.
-    pub(crate) fn watched(access: Arc<TokenAccess>, session: Session, watch: Arc<CallWatch>) -> Self {
+    pub(crate) fn watched(
+        access: Arc<TokenAccess>,
+        session: Session,
+        watch: Arc<CallWatch>,
+    ) -> Self {
         Self {
             session,
             access,

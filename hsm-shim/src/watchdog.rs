@@ -117,7 +117,9 @@ impl CallWatch {
 fn abandoned(function: Function) -> HsmError {
     HsmError::new(
         ErrorKind::Timeout,
-        format!("C_{function:?} not called: this worker was abandoned after an HSM call passed its deadline"),
+        format!(
+            "C_{function:?} not called: this worker was abandoned after an HSM call passed its deadline"
+        ),
     )
 }
 

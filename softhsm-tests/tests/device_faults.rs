@@ -26,7 +26,9 @@
 use std::collections::BTreeMap;
 
 use custody_proto::v1::key_service_client::KeyServiceClient;
-use custody_proto::v1::{Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, RotateKeyRequest};
+use custody_proto::v1::{
+    Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, RotateKeyRequest,
+};
 use hsm_shim::MAX_RECOVERIES;
 use hsm_shim::pkcs11::RvError;
 use softhsm_tests::ceremony::{
@@ -86,7 +88,9 @@ async fn root_flow(officers: &Officers<'_>, id: &str, key: &str) -> Run {
         officers.sign_in("alice", &name, &script).await?;
         let made = officers.sign_in("bob", &name, &script).await?;
         let fingerprint = made.fingerprint.map(|f| f.value).unwrap_or_default();
-        officers.confirm("alice", &name, &script, &fingerprint).await?;
+        officers
+            .confirm("alice", &name, &script, &fingerprint)
+            .await?;
         officers.confirm("bob", &name, &script, &fingerprint).await
     }
     .await;
@@ -109,7 +113,9 @@ async fn kek_flow(officers: &Officers<'_>, id: &str, key: &str) -> Run {
             ceremony = officers.get("alice", &name).await?;
         }
         let fingerprint = ceremony.fingerprint.map(|f| f.value).unwrap_or_default();
-        officers.confirm("alice", &name, &script, &fingerprint).await?;
+        officers
+            .confirm("alice", &name, &script, &fingerprint)
+            .await?;
         officers.confirm("bob", &name, &script, &fingerprint).await
     }
     .await;
@@ -142,8 +148,12 @@ async fn components_flow(officers: &Officers<'_>, id: &str, key: &str) -> Run {
             .and_then(|c| c.fingerprint)
             .map(|f| f.value)
             .unwrap_or_default();
-        officers.confirm("alice", &name, &script, &fingerprint).await?;
-        officers.confirm("carol", &name, &script, &fingerprint).await
+        officers
+            .confirm("alice", &name, &script, &fingerprint)
+            .await?;
+        officers
+            .confirm("carol", &name, &script, &fingerprint)
+            .await
     }
     .await;
     (name, outcome)
@@ -156,11 +166,18 @@ async fn restore_flow(officers: &Officers<'_>, id: &str, restore: &RestoreInput)
     let script = pinned_restore_script(id, &restore.bundle, false, &restore.audit_key);
     let mut name = String::new();
     let outcome = async {
-        name = officers.start("alice", &script, &restore.bundle).await?.name;
+        name = officers
+            .start("alice", &script, &restore.bundle)
+            .await?
+            .name;
         officers.sign_in("alice", &name, &script).await?;
         officers.sign_in("bob", &name, &script).await?;
-        officers.submit_share("alice", &name, &restore.shares["alice"]).await?;
-        officers.submit_share("bob", &name, &restore.shares["bob"]).await
+        officers
+            .submit_share("alice", &name, &restore.shares["alice"])
+            .await?;
+        officers
+            .submit_share("bob", &name, &restore.shares["bob"])
+            .await
     }
     .await;
     (name, outcome)
@@ -217,7 +234,12 @@ fn disarm(service: &TestService, before: usize) -> bool {
 /// case only, which a kill at the same point leaves too: the commit stood
 /// and the audit key's signature over the transcript failed
 /// (`AUDIT_UNAVAILABLE`; see docs/threat-model.md, F5).
-async fn settle_ceremony(service: &mut TestService, what: &str, run: &Run, key: Option<&str>) -> bool {
+async fn settle_ceremony(
+    service: &mut TestService,
+    what: &str,
+    run: &Run,
+    key: Option<&str>,
+) -> bool {
     let (name, outcome) = run;
     let mut ceremony = if name.is_empty() {
         None
@@ -228,7 +250,10 @@ async fn settle_ceremony(service: &mut TestService, what: &str, run: &Run, key: 
     };
     let terminal = |c: &Option<Ceremony>| {
         c.as_ref().is_none_or(|c| {
-            matches!(state_of(c), CeremonyState::Completed | CeremonyState::RolledBack)
+            matches!(
+                state_of(c),
+                CeremonyState::Completed | CeremonyState::RolledBack
+            )
         })
     };
     let restarted = !terminal(&ceremony);
@@ -287,20 +312,38 @@ where
         drop(officers);
         let what = format!("{kind}, device error from call {n}");
         if !fired {
-            let done = run.1.unwrap_or_else(|e| panic!("{kind}: the run with no fault failed: {e}"));
-            assert_eq!(state_of(&done), CeremonyState::Completed, "{what}: {}", done.error);
+            let done = run
+                .1
+                .unwrap_or_else(|e| panic!("{kind}: the run with no fault failed: {e}"));
+            assert_eq!(
+                state_of(&done),
+                CeremonyState::Completed,
+                "{what}: {}",
+                done.error
+            );
             assert!(service.state().registry.get(&key).is_some() || kind == "restore");
             assert_no_drift(service, &what).await;
-            eprintln!("{kind}: {faulted} call indices faulted (every {}th of {n}); the run after completed", stride());
+            eprintln!(
+                "{kind}: {faulted} call indices faulted (every {}th of {n}); the run after completed",
+                stride()
+            );
             return faulted;
         }
         faulted += 1;
-        let completed =
-            settle_ceremony(service, &what, &run, (kind != "restore").then_some(key.as_str())).await;
+        let completed = settle_ceremony(
+            service,
+            &what,
+            &run,
+            (kind != "restore").then_some(key.as_str()),
+        )
+        .await;
         if completed && kind == "restore" {
             // Its keys are back: a later restore of the same bundle is
             // refused (KEY_EXISTS), so the matrix ends here.
-            eprintln!("{kind}: {faulted} call indices faulted (every {}th up to {n}); completed at {n}", stride());
+            eprintln!(
+                "{kind}: {faulted} call indices faulted (every {}th up to {n}); completed at {n}",
+                stride()
+            );
             return faulted;
         }
         n += stride();

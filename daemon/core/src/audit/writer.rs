@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hsm_shim::{
-    EcdsaEncoding, Exportability, Hsm, KeyLabel, KeySpec, SignAlgorithm, SignInput,
-};
+use hsm_shim::{EcdsaEncoding, Exportability, Hsm, KeyLabel, KeySpec, SignAlgorithm, SignInput};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
