@@ -78,6 +78,7 @@ impl Daemon {
         );
         hsm_config.workers = config.hsm.workers;
         hsm_config.max_queued = config.hsm.max_queued_jobs;
+        hsm_config.call_timeout = Duration::from_millis(config.hsm.call_timeout_ms);
         let hsm = match Hsm::open(hsm_config) {
             Ok(hsm) => hsm,
             Err(e) if e.kind() == hsm_shim::ErrorKind::Authentication => {
@@ -95,7 +96,7 @@ impl Daemon {
         let audit = AuditLog::open(
             &db,
             &chain,
-            hsm.session().map_err(|e| format!("HSM: {e}"))?,
+            &hsm,
             CheckpointPolicy {
                 every: config.audit.checkpoint_every,
                 interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
@@ -391,8 +392,12 @@ async fn watch_health(
         };
         state.headroom.sample();
         expire_due(&state).await;
+        let stuck = state.hsm.stuck_calls();
         metrics::hsm(state.hsm.queued(), state.hsm.workers());
-        let healthy = state.audit.healthy() && !state.headroom.is_short();
+        metrics::hsm_lost(state.hsm.lost_workers(), stuck);
+        // A hung HSM call: the pool serves on with fresh workers, but the
+        // HSM is not answering; say so until the call returns.
+        let healthy = state.audit.healthy() && !state.headroom.is_short() && stuck == 0;
         metrics::serving(healthy);
         if healthy != serving {
             serving = healthy;

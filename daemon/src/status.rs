@@ -76,6 +76,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::RegistryUnavailable => Code::Unavailable,
         R::StorageLow => Code::Unavailable,
         R::HsmUnavailable => Code::Unavailable,
+        R::HsmTimeout => Code::Unavailable,
         R::HsmLoginFailed => Code::Unavailable,
         R::RollbackFailed => Code::Unavailable,
         R::HsmSelfTestFailed => Code::Internal,

@@ -5,6 +5,7 @@
 //! whose memory is zeroed on drop. It is exposed only at the `C_Login` call.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -77,6 +78,12 @@ pub struct HsmConfig {
     /// Most jobs that may wait for a worker before [`crate::Hsm::try_run`]
     /// refuses more ([`crate::ErrorKind::Busy`]).
     pub max_queued: usize,
+    /// The deadline of every PKCS#11 call a pool worker makes: a call still
+    /// running after it makes its worker lost, fails its job with
+    /// [`crate::ErrorKind::Timeout`] and starts a fresh worker (see
+    /// `watchdog.rs`). More than zero, at most
+    /// [`crate::MAX_CALL_TIMEOUT`]; [`crate::Hsm::open`] refuses others.
+    pub call_timeout: Duration,
 }
 
 impl HsmConfig {
@@ -89,6 +96,12 @@ impl HsmConfig {
     /// second.
     pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
+    /// The default call deadline: far beyond any call custody makes on a
+    /// healthy HSM (an RSA-4096 key generation on SoftHSM2 takes a few
+    /// seconds), short enough that a hung network HSM is noticed while
+    /// clients still wait.
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// A config with the default worker count.
     pub fn new(module: impl Into<PathBuf>, token: TokenSelector, pin: SecretString) -> Self {
         Self {
@@ -97,6 +110,7 @@ impl HsmConfig {
             pin,
             workers: Self::DEFAULT_WORKERS,
             max_queued: Self::DEFAULT_MAX_QUEUED,
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
         }
     }
 }

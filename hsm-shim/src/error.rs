@@ -38,6 +38,11 @@ pub enum ErrorKind {
     /// Configuration is wrong: module not loadable, token not found, PIN source
     /// unreadable.
     Configuration,
+    /// An HSM call passed its deadline (`HsmConfig::call_timeout`): the HSM
+    /// did not answer in time. The worker making it was abandoned and
+    /// replaced; whether the call had an effect on the token is unknown, as
+    /// after a crash during it.
+    Timeout,
     /// Too many jobs are waiting for a worker ([`crate::Hsm::try_run`]): nothing
     /// was done; try again shortly.
     Busy,

@@ -57,6 +57,9 @@ impl HsmSession {
     /// and private), with the attributes of [`ObjectSummary`].
     pub fn inventory(&mut self) -> Result<Vec<ObjectSummary>> {
         self.recovering(|s| {
+            // Logged out (by an SO step whose login met a failing device),
+            // the list would silently lack every private object.
+            s.ensure_logged_in()?;
             let handles = s.call(
                 Function::FindObjectsInit,
                 || "listing the token's objects".into(),

@@ -7,6 +7,9 @@
 //!   per file: `keys.rs` (generate, public key, destroy), `sign.rs` (sign,
 //!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM),
 //!   `inventory.rs` (every object on the token, for drift detection).
+//! - `watchdog.rs` puts a deadline on every call of a pool worker: a hung
+//!   call fails its job with [`ErrorKind::Timeout`] and its worker is
+//!   abandoned and replaced.
 //! - [`security_officer`] makes the trusted backup KEK, the one thing only
 //!   the token's SO may do, with [`Hsm::create_trusted_kek`]: the pool pauses
 //!   while the SO is logged in, because login state is per application.
@@ -31,6 +34,7 @@ pub mod security_officer;
 mod session;
 mod sign;
 mod types;
+mod watchdog;
 mod wrap;
 
 pub use config::{HsmConfig, PinSource, TokenSelector};
@@ -38,7 +42,7 @@ pub use encoding::PublicKey;
 pub use error::{ErrorKind, HsmError, Result};
 pub use fault::FAULT_INJECTION_COMPILED_IN;
 #[cfg(feature = "fault-injection")]
-pub use fault::FaultInjector;
+pub use fault::{FaultInjector, Stall};
 pub use inventory::{ObjectClassName, ObjectSummary};
 pub use pool::Hsm;
 pub use session::{HsmSession, MAX_RECOVERIES};
@@ -46,6 +50,7 @@ pub use types::{
     AesRole, EcdsaEncoding, Exportability, GcmCiphertext, HashAlg, KeyCheckValue, KeyInfo,
     KeyLabel, KeySpec, SignAlgorithm, SignInput, TokenSummary,
 };
+pub use watchdog::{MAX_ABANDONED_PER_WORKER, MAX_CALL_TIMEOUT};
 
 /// The PKCS#11 names that appear in [`HsmError::pkcs11_cause`] and in the
 /// fault-injection API.

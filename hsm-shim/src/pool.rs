@@ -15,18 +15,24 @@
 //! in again. Login state is per application, not per session, so without the
 //! pause a worker's job would run logged out or, worse, as the SO.
 //!
+//! Every PKCS#11 call a worker makes has a deadline (`HsmConfig::
+//! call_timeout`); a watchdog thread abandons and replaces a worker whose
+//! call passed it, and answers its caller with [`ErrorKind::Timeout`]: see
+//! `watchdog.rs`.
+//!
 //! Why worker threads, and why two: `docs/architecture.md` and
 //! `docs/benchmarks.md`.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
@@ -37,8 +43,18 @@ use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
 use crate::session::{HandleCache, HsmSession, TokenAccess};
 use crate::types::TokenSummary;
+use crate::watchdog::{self, CallWatch, Fail, MAX_ABANDONED_PER_WORKER};
 
-type Job = Box<dyn FnOnce(&mut HsmSession) + Send>;
+/// One queued job: `run` gets the worker's session (or why the worker has
+/// none), `fail` answers the caller instead when the worker is lost or the
+/// job cannot start. Whichever comes first answers; the other finds the
+/// answer gone.
+struct Job {
+    run: Run,
+    fail: Fail,
+}
+
+type Run = Box<dyn FnOnce(Result<&mut HsmSession>) + Send>;
 
 /// A handle to the HSM; cheap to clone, shared by all tasks of the process.
 #[derive(Clone)]
@@ -46,16 +62,30 @@ pub struct Hsm {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// What workers and the watchdog share.
+struct Shared {
     access: Arc<TokenAccess>,
-    token: TokenSummary,
-    gate: Arc<Gate>,
+    gate: Gate,
     /// Jobs queued and not yet taken by a worker (of both [`Hsm::run`] and
     /// [`Hsm::try_run`]); `try_run` refuses at `max_queued`.
-    waiting: Arc<AtomicUsize>,
+    waiting: AtomicUsize,
+    queue: Receiver<Job>,
+    /// Lost workers whose hung call has not returned yet.
+    abandoned: AtomicUsize,
+    /// At this many abandoned workers, jobs fail at once (see `watchdog.rs`).
+    max_abandoned: usize,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    token: TokenSummary,
     max_queued: usize,
     jobs: Option<Sender<Job>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Mutex<Vec<Worker>>,
+    /// Workers lost to a call past its deadline, since the start.
+    lost: AtomicU64,
+    /// Dropped with the pool: ends the watchdog.
+    _stop_watchdog: Sender<()>,
     // Holds the application's login; see the module docs.
     #[cfg_attr(
         not(feature = "fault-injection"),
@@ -64,18 +94,25 @@ struct Inner {
     login_session: Mutex<Session>,
 }
 
+/// One worker thread and its deadline watch.
+struct Worker {
+    watch: Arc<CallWatch>,
+    thread: JoinHandle<()>,
+}
+
 impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hsm")
             .field("token", &self.inner.token)
-            .field("workers", &self.inner.workers.len())
+            .field("workers", &self.workers())
             .finish()
     }
 }
 
 impl Hsm {
     /// Loads the module (once per process), finds the token, logs in, and
-    /// starts `config.workers` worker threads with a session each.
+    /// starts `config.workers` worker threads with a session each, and the
+    /// watchdog that holds their calls to `config.call_timeout`.
     pub fn open(config: HsmConfig) -> Result<Hsm> {
         if config.workers == 0 {
             return Err(HsmError::new(
@@ -83,6 +120,7 @@ impl Hsm {
                 "at least one HSM worker is needed",
             ));
         }
+        watchdog::check_call_timeout(config.call_timeout)?;
         let ctx = load_module(&config.module)?;
         let (slot, token) = find_token(&ctx, &config.token)?;
         let access = Arc::new(TokenAccess {
@@ -92,44 +130,57 @@ impl Hsm {
             cache: HandleCache::default(),
             faults: Faults::default(),
             object_store: Default::default(),
+            call_timeout: config.call_timeout,
         });
         let login_session = access.open_logged_in()?;
-        let gate = Arc::new(Gate::default());
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            access: access.clone(),
+            gate: Gate::default(),
+            waiting: AtomicUsize::new(0),
+            queue,
+            abandoned: AtomicUsize::new(0),
+            max_abandoned: config.workers.saturating_mul(MAX_ABANDONED_PER_WORKER),
+        });
         let mut workers = Vec::with_capacity(config.workers);
-        for index in 0..config.workers {
-            let session = HsmSession::new(access.clone(), access.open_logged_in()?);
-            let queue = queue.clone();
-            let gate = gate.clone();
-            let waiting = waiting.clone();
-            let worker = std::thread::Builder::new()
-                .name(format!("hsm-worker-{index}"))
-                .spawn(move || serve(session, queue, &gate, &waiting))
-                .map_err(|e| {
-                    HsmError::new(ErrorKind::Internal, format!("starting HSM worker: {e}"))
-                })?;
-            workers.push(worker);
+        for _ in 0..config.workers {
+            let watch = Arc::new(CallWatch::default());
+            let session =
+                HsmSession::watched(access.clone(), access.open_logged_in()?, watch.clone());
+            workers.push(start_worker(&shared, watch, Some(session))?);
         }
-        tracing::info!(
-            token = %token.label,
-            serial = %token.serial,
-            model = %token.model,
-            workers = config.workers,
-            "HSM open"
-        );
-        Ok(Hsm {
+        let (stop_watchdog, stopped) = crossbeam_channel::bounded::<()>(0);
+        let hsm = Hsm {
             inner: Arc::new(Inner {
-                access,
+                shared,
                 token,
-                gate,
-                waiting,
                 max_queued: config.max_queued.max(1),
                 jobs: Some(jobs),
-                workers,
+                workers: Mutex::new(workers),
+                lost: AtomicU64::new(0),
+                _stop_watchdog: stop_watchdog,
                 login_session: Mutex::new(login_session),
             }),
-        })
+        };
+        let weak = Arc::downgrade(&hsm.inner);
+        std::thread::Builder::new()
+            .name("hsm-watchdog".into())
+            .spawn(move || watch_calls(&weak, &stopped, config.call_timeout))
+            .map_err(|e| {
+                HsmError::new(
+                    ErrorKind::Internal,
+                    format!("starting the HSM watchdog: {e}"),
+                )
+            })?;
+        tracing::info!(
+            token = %hsm.inner.token.label,
+            serial = %hsm.inner.token.serial,
+            model = %hsm.inner.token.model,
+            workers = config.workers,
+            call_timeout_ms = config.call_timeout.as_millis(),
+            "HSM open"
+        );
+        Ok(hsm)
     }
 
     /// Runs `op` on a worker's session and returns its result. The closure
@@ -140,13 +191,35 @@ impl Hsm {
     /// work whose amount custodyd bounds itself (state changes, which
     /// serialise on the registry lock; ceremony steps; the scheduler).
     /// Requests that any caller can repeat at will use [`Hsm::try_run`].
+    ///
+    /// Once a worker takes it, the job is bounded: each of its PKCS#11 calls
+    /// by the call deadline (past it: [`ErrorKind::Timeout`], see
+    /// `watchdog.rs`), and so is its wait at a paused gate.
     pub async fn run<T, F>(&self, op: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
     {
-        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
-        self.submit(op).await
+        self.inner.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        self.submit(op)?.await.map_err(|_| dropped())?
+    }
+
+    /// [`Hsm::run`] for a thread outside the async runtime (the audit
+    /// writer): blocks until the answer comes. Must not be called on a
+    /// runtime thread or an HSM worker.
+    pub fn run_blocking<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
+    {
+        if ON_WORKER.get() {
+            return Err(HsmError::new(
+                ErrorKind::Internal,
+                "an HSM job cannot wait for another HSM job",
+            ));
+        }
+        self.inner.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        self.submit(op)?.blocking_recv().map_err(|_| dropped())?
     }
 
     /// [`Hsm::run`], unless `max_queued` jobs are already waiting for a
@@ -162,6 +235,7 @@ impl Hsm {
         let max = self.inner.max_queued;
         let admitted =
             self.inner
+                .shared
                 .waiting
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
                     (waiting < max).then_some(waiting + 1)
@@ -172,51 +246,61 @@ impl Hsm {
                 format!("{max} HSM jobs are waiting for a worker"),
             ));
         }
-        self.submit(op).await
+        self.submit(op)?.await.map_err(|_| dropped())?
     }
 
-    /// Queues `op` (already counted in `waiting`) and awaits its answer.
-    async fn submit<T, F>(&self, op: F) -> Result<T>
+    /// Queues `op` (already counted in `waiting`); the receiver gets its
+    /// answer.
+    fn submit<T, F>(&self, op: F) -> Result<oneshot::Receiver<Result<T>>>
     where
         T: Send + 'static,
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |session| {
-            // The caller may have gone away; its answer is then simply dropped.
-            let _ = reply.send(op(session));
-        });
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let failing = reply.clone();
+        // The caller may have gone away; its answer is then simply dropped.
+        let job = Job {
+            run: Box::new(move |session| {
+                let outcome = session.and_then(op);
+                if let Some(reply) = take(&reply) {
+                    let _ = reply.send(outcome);
+                }
+            }),
+            fail: Box::new(move |error| {
+                if let Some(reply) = take(&failing) {
+                    let _ = reply.send(Err(error));
+                }
+            }),
+        };
         let sent = self
             .inner
             .jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok());
         if sent.is_none() {
-            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.inner.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(HsmError::new(
                 ErrorKind::Unavailable,
                 "HSM workers have stopped",
             ));
         }
-        answer.await.map_err(|_| {
-            HsmError::new(
-                ErrorKind::Internal,
-                "an HSM worker dropped the request (it panicked; see the log)",
-            )
-        })?
+        Ok(answer)
     }
 
     /// A session of its own for a caller that owns a thread (a CLI, a
     /// benchmark's baseline). Async code uses [`Hsm::run`] instead.
     ///
-    /// Such a session is outside the pool and is **not** paused by
-    /// [`Hsm::create_trusted_kek`]: a call made on it during that window finds
-    /// the application logged out (or logged in as the SO), fails, is retried
-    /// by the session's recovery a few times, and may return the error. Calls
-    /// after the window work as before.
+    /// Such a session is outside the pool: its calls have **no deadline**
+    /// (its caller owns the thread), and it is **not** paused by
+    /// [`Hsm::create_trusted_kek`]: a call made on it during that window
+    /// finds the application logged out (or logged in as the SO), fails, is
+    /// retried by the session's recovery a few times, and may return the
+    /// error. Calls after the window work as before.
     pub fn session(&self) -> Result<HsmSession> {
-        let session = self.inner.access.open_logged_in()?;
-        Ok(HsmSession::new(self.inner.access.clone(), session))
+        let access = &self.inner.shared.access;
+        let session = access.open_logged_in()?;
+        Ok(HsmSession::new(access.clone(), session))
     }
 
     /// What the token says about itself.
@@ -224,20 +308,34 @@ impl Hsm {
         &self.inner.token
     }
 
-    /// Number of worker threads.
+    /// Number of worker threads serving the pool (lost ones not counted;
+    /// their replacements are).
     pub fn workers(&self) -> usize {
-        self.inner.workers.len()
+        lock(&self.inner.workers).len()
+    }
+
+    /// Workers lost to a call past its deadline since the pool started (a
+    /// counter for metrics).
+    pub fn lost_workers(&self) -> u64 {
+        self.inner.lost.load(Ordering::SeqCst)
+    }
+
+    /// Lost workers whose hung call has not returned yet (a gauge for
+    /// metrics and health: above zero, the HSM is not answering).
+    pub fn stuck_calls(&self) -> usize {
+        self.inner.shared.abandoned.load(Ordering::SeqCst)
     }
 
     /// Requests waiting for a worker (a gauge for metrics).
     pub fn queued(&self) -> usize {
-        self.inner.waiting.load(Ordering::SeqCst)
+        self.inner.shared.waiting.load(Ordering::SeqCst)
     }
 
     /// Runs `op` with the pool paused: once jobs already running have
-    /// finished, and before any queued job starts. `op` gets the token access
-    /// the workers use. Blocking; refused on a worker thread, whose own job
-    /// would keep the pause from ever starting.
+    /// finished (or their workers were lost), and before any queued job
+    /// starts. `op` gets the token access the workers use. Blocking;
+    /// refused on a worker thread, whose own job would keep the pause from
+    /// ever starting.
     pub(crate) fn with_workers_paused<T>(
         &self,
         op: impl FnOnce(&Arc<TokenAccess>) -> Result<T>,
@@ -249,14 +347,14 @@ impl Hsm {
                  (it would wait for itself); call this outside Hsm::run",
             ));
         }
-        let _paused = self.inner.gate.pause();
-        op(&self.inner.access)
+        let _paused = self.inner.shared.gate.pause();
+        op(&self.inner.shared.access)
     }
 
     /// The fault plan of this HSM, for tests of failure handling.
     #[cfg(feature = "fault-injection")]
     pub fn faults(&self) -> &crate::fault::FaultInjector {
-        &self.inner.access.faults.injector
+        &self.inner.shared.access.faults.injector
     }
 
     /// Logs the application out of the token, as an operator's tool or a
@@ -275,14 +373,47 @@ impl Hsm {
     }
 }
 
+impl Inner {
+    /// The watchdog's round: every worker whose call passed the deadline is
+    /// lost; its caller is answered, its place in the gate given up, and a
+    /// fresh worker started in its place.
+    fn replace_overdue(&self, deadline: Duration) {
+        let now = Instant::now();
+        let mut workers = lock(&self.workers);
+        for worker in workers.iter_mut() {
+            let Some((function, fail)) = worker.watch.overdue(now, deadline) else {
+                continue;
+            };
+            // The lost worker no longer counts as running (see `serve`).
+            self.shared.gate.leave();
+            self.shared.abandoned.fetch_add(1, Ordering::SeqCst);
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(
+                function = %format!("C_{function:?}"),
+                deadline_ms = deadline.as_millis(),
+                "an HSM call passed its deadline: its worker is abandoned and replaced"
+            );
+            if let Some(fail) = fail {
+                fail(watchdog::timed_out(function, deadline));
+            }
+            match start_worker(&self.shared, Arc::new(CallWatch::default()), None) {
+                // The lost thread is detached: it exits when its call returns.
+                Ok(fresh) => drop(std::mem::replace(worker, fresh).thread),
+                Err(error) => tracing::error!(%error, "starting a replacement HSM worker"),
+            }
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends each worker's loop once it drains.
         self.jobs.take();
         let me = std::thread::current().id();
-        for worker in self.workers.drain(..) {
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for worker in workers {
             // The last handle may be dropped by a job on a worker itself.
-            if worker.thread().id() != me && worker.join().is_err() {
+            if worker.thread.thread().id() != me && worker.thread.join().is_err() {
                 tracing::error!("an HSM worker panicked while stopping");
             }
         }
@@ -296,20 +427,116 @@ thread_local! {
     static ON_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-fn serve(mut session: HsmSession, queue: Receiver<Job>, gate: &Gate, waiting: &AtomicUsize) {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    lock(slot).take()
+}
+
+fn dropped() -> HsmError {
+    HsmError::new(
+        ErrorKind::Internal,
+        "an HSM worker dropped the request (it panicked; see the log)",
+    )
+}
+
+fn start_worker(
+    shared: &Arc<Shared>,
+    watch: Arc<CallWatch>,
+    session: Option<HsmSession>,
+) -> Result<Worker> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let index = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (for_thread, serving) = (shared.clone(), watch.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("hsm-worker-{index}"))
+        .spawn(move || serve(session, &serving, &for_thread))
+        .map_err(|e| HsmError::new(ErrorKind::Internal, format!("starting HSM worker: {e}")))?;
+    Ok(Worker { watch, thread })
+}
+
+/// The watchdog: a few times per deadline, replaces workers whose call
+/// passed it. Ends with the pool.
+fn watch_calls(inner: &Weak<Inner>, stop: &Receiver<()>, deadline: Duration) {
+    let tick = watchdog::tick(deadline);
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.replace_overdue(deadline);
+    }
+}
+
+/// A worker's loop. `session` is `None` for a replacement, which opens its
+/// session on its first job, under the deadline.
+fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Shared) {
     ON_WORKER.set(true);
-    while let Ok(job) = queue.recv() {
-        waiting.fetch_sub(1, Ordering::SeqCst);
-        // Held for the job only: a pause waits for it and then holds the
-        // next job here, already taken from the queue but not started.
-        let _running = gate.enter();
+    while let Ok(job) = shared.queue.recv() {
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        let deadline = shared.access.call_timeout;
+        let stuck = shared.abandoned.load(Ordering::SeqCst);
+        if stuck >= shared.max_abandoned {
+            (job.fail)(HsmError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{stuck} HSM calls passed their deadline and have not returned; no more calls until they do"
+                ),
+            ));
+            continue;
+        }
+        // A pause waits for running jobs and then holds the next one here,
+        // already taken from the queue but not started; for a deadline at
+        // most.
+        if !shared.gate.enter(deadline) {
+            (job.fail)(HsmError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the HSM pool stayed paused for the {} ms call deadline (a token security officer step is running)",
+                    deadline.as_millis()
+                ),
+            ));
+            continue;
+        }
+        watch.begin_job(job.fail);
+        let run = job.run;
         // A panicking job must not take the worker (and its session) down: the
         // caller sees its reply channel dropped and reports an internal error.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut session)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(open_if_needed(&mut session, watch, shared))
+        }));
         if outcome.is_err() {
             tracing::error!("an HSM job panicked; the worker carries on");
         }
+        if watch.end_job() {
+            // Lost: the watchdog answered the caller, left the gate for us
+            // and started a replacement.
+            shared.abandoned.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                "an abandoned HSM worker's call returned; it closes its session and exits"
+            );
+            return;
+        }
+        shared.gate.leave();
     }
+}
+
+/// The worker's session, opened (and logged in) under the deadline if it has
+/// none yet.
+fn open_if_needed<'a>(
+    session: &'a mut Option<HsmSession>,
+    watch: &Arc<CallWatch>,
+    shared: &Shared,
+) -> Result<&'a mut HsmSession> {
+    if session.is_none() {
+        let access = &shared.access;
+        let opened = watch.call(Function::OpenSession, || access.open_logged_in())?;
+        *session = Some(HsmSession::watched(access.clone(), opened, watch.clone()));
+    }
+    session
+        .as_mut()
+        .ok_or_else(|| HsmError::new(ErrorKind::Internal, "worker without a session"))
 }
 
 /// What lets the pool be paused: workers enter it for each job; a pause waits
@@ -319,6 +546,10 @@ fn serve(mut session: HsmSession, queue: Receiver<Job>, gate: &Gate, waiting: &A
 /// lock's fairness to the platform, and with readers preferred, workers busy
 /// back to back would hold overlapping read locks and starve the pause. Here
 /// a pause, once asked for, is served as soon as the jobs running then finish.
+///
+/// Entering and leaving are explicit calls, not a guard: a lost worker's job
+/// is still "running" on its thread, and the watchdog leaves the gate for it
+/// (exactly once: see [`CallWatch::overdue`] and [`CallWatch::end_job`]).
 #[derive(Default)]
 struct Gate {
     state: Mutex<GateState>,
@@ -336,7 +567,7 @@ struct GateState {
 impl Gate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
         // The state is two plain fields that no panic can leave half-written.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn wait<'a>(&self, state: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
@@ -345,15 +576,32 @@ impl Gate {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits while the pool is paused, then counts one running job until the
-    /// guard is dropped.
-    fn enter(&self) -> Running<'_> {
+    /// Waits while the pool is paused, for `timeout` at most, then counts one
+    /// running job until [`Gate::leave`]. False if the pause lasted longer.
+    fn enter(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
         let mut state = self.lock();
         while state.paused {
-            state = self.wait(state);
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         state.running += 1;
-        Running(self)
+        true
+    }
+
+    /// One running job ended (or was abandoned).
+    fn leave(&self) {
+        let mut state = self.lock();
+        state.running = state.running.saturating_sub(1);
+        drop(state);
+        self.changed.notify_all();
     }
 
     /// Waits for any other pause to end, stops new jobs from starting, then
@@ -369,15 +617,6 @@ impl Gate {
             state = self.wait(state);
         }
         Paused(self)
-    }
-}
-
-struct Running<'a>(&'a Gate);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.lock().running -= 1;
-        self.0.changed.notify_all();
     }
 }
 

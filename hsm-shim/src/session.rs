@@ -12,7 +12,7 @@
 //! file per operation family.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use cryptoki::context::{Function, Pkcs11};
@@ -26,6 +26,7 @@ use crate::encoding::spec_from_ec_params;
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
 use crate::types::{KeyLabel, KeySpec};
+use crate::watchdog::CallWatch;
 
 /// How many times one operation may reopen its session or re-find its objects
 /// before the error is returned.
@@ -40,6 +41,8 @@ pub(crate) struct TokenAccess {
     pub(crate) cache: HandleCache,
     pub(crate) faults: Faults,
     pub(crate) object_store: ObjectStoreLock,
+    /// The deadline of one call (`HsmConfig::call_timeout`).
+    pub(crate) call_timeout: Duration,
 }
 
 /// Keeps the token's object store still while a search reads it.
@@ -52,12 +55,17 @@ pub(crate) struct TokenAccess {
 /// alone, and searches run together but not beside one. Signing, wrapping
 /// and other calls on known handles take no lock. It orders only this
 /// process's sessions, which is all custodyd has on its token.
+///
+/// Waiting for it is bounded by the call deadline: a call that hangs while
+/// holding it (a hung `C_GenerateKeyPair`) holds it until the call returns,
+/// and every other call that needs it fails with [`ErrorKind::Timeout`]
+/// after one deadline instead of waiting with it (see `watchdog.rs`).
 #[derive(Default)]
-pub(crate) struct ObjectStoreLock(RwLock<()>);
+pub(crate) struct ObjectStoreLock(parking_lot::RwLock<()>);
 
 impl ObjectStoreLock {
-    fn hold(&self, function: Function) -> ObjectStoreGuard<'_> {
-        match function {
+    fn hold(&self, function: Function, timeout: Duration) -> Result<ObjectStoreGuard<'_>> {
+        let guard = match function {
             Function::CreateObject
             | Function::CopyObject
             | Function::DestroyObject
@@ -65,22 +73,34 @@ impl ObjectStoreLock {
             | Function::GenerateKeyPair
             | Function::UnwrapKey
             | Function::DeriveKey
-            | Function::SetAttributeValue => {
-                ObjectStoreGuard::Changing(self.0.write().unwrap_or_else(PoisonError::into_inner))
-            }
-            Function::FindObjectsInit | Function::FindObjects => {
-                ObjectStoreGuard::Searching(self.0.read().unwrap_or_else(PoisonError::into_inner))
-            }
-            _ => ObjectStoreGuard::Free,
-        }
+            | Function::SetAttributeValue => self
+                .0
+                .try_write_for(timeout)
+                .map(ObjectStoreGuard::Changing),
+            Function::FindObjectsInit | Function::FindObjects => self
+                .0
+                .try_read_for(timeout)
+                .map(ObjectStoreGuard::Searching),
+            _ => Some(ObjectStoreGuard::Free),
+        };
+        guard.ok_or_else(|| {
+            HsmError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "C_{function:?} not called: the token's object store stayed busy for the \
+                     {} ms HSM call deadline (a call that changes or searches it has not returned)",
+                    timeout.as_millis()
+                ),
+            )
+        })
     }
 }
 
 /// Held for the duration of one PKCS#11 call.
 #[expect(dead_code, reason = "held, not read: the guard is the lock")]
 enum ObjectStoreGuard<'a> {
-    Changing(RwLockWriteGuard<'a, ()>),
-    Searching(RwLockReadGuard<'a, ()>),
+    Changing(parking_lot::RwLockWriteGuard<'a, ()>),
+    Searching(parking_lot::RwLockReadGuard<'a, ()>),
     Free,
 }
 
@@ -92,13 +112,29 @@ impl TokenAccess {
             .check(Function::OpenSession)
             .and_then(|()| self.ctx.open_rw_session(self.slot))
             .map_err(|e| HsmError::from_cryptoki("opening a session on the token", e))?;
+        let login = || {
+            self.faults
+                .check(Function::Login)
+                .and_then(|()| session.login(UserType::User, Some(&self.pin)))
+        };
         // Login is per application: a second session finds it already done.
-        match self
-            .faults
-            .check(Function::Login)
-            .and_then(|()| session.login(UserType::User, Some(&self.pin)))
-        {
+        match login() {
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            // The security officer is still logged in: the SO step's own
+            // logout met a failing device (see `security_officer.rs`), and
+            // its pause has ended, so no SO work is running. Log the SO out,
+            // or every session of the pool would act as the SO or fail.
+            Err(CryptokiError::Pkcs11(RvError::UserAnotherAlreadyLoggedIn, _)) => {
+                tracing::warn!("the security officer was left logged in; logging out and in again");
+                self.faults
+                    .check(Function::Logout)
+                    .and_then(|()| session.logout())
+                    .and_then(|()| login())
+                    .map_err(|e| {
+                        HsmError::from_cryptoki("logging the SO out and the user in", e)
+                    })?;
+                Ok(session)
+            }
             Err(e) => Err(HsmError::from_cryptoki("logging in to the token", e)),
         }
     }
@@ -172,6 +208,10 @@ impl HandleCache {
 pub struct HsmSession {
     session: Session,
     access: Arc<TokenAccess>,
+    /// The pool worker's deadline watch; `None` outside the pool (a
+    /// session of [`crate::Hsm::session`] has no deadline: its caller owns
+    /// the thread).
+    watch: Option<Arc<CallWatch>>,
 }
 
 impl std::fmt::Debug for HsmSession {
@@ -207,7 +247,33 @@ fn recovery_for(error: &HsmError) -> Option<Recovery> {
 
 impl HsmSession {
     pub(crate) fn new(access: Arc<TokenAccess>, session: Session) -> Self {
-        Self { session, access }
+        Self {
+            session,
+            access,
+            watch: None,
+        }
+    }
+
+    /// A pool worker's session, whose calls run under `watch`'s deadline.
+    pub(crate) fn watched(
+        access: Arc<TokenAccess>,
+        session: Session,
+        watch: Arc<CallWatch>,
+    ) -> Self {
+        Self {
+            session,
+            access,
+            watch: Some(watch),
+        }
+    }
+
+    /// Runs `op`, one PKCS#11 call, under the deadline if this is a pool
+    /// worker's session.
+    fn under_deadline<T>(&self, function: Function, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        match &self.watch {
+            Some(watch) => watch.call(function, op),
+            None => op(),
+        }
     }
 
     pub(crate) fn access(&self) -> &TokenAccess {
@@ -222,12 +288,18 @@ impl HsmSession {
         context: impl FnOnce() -> String,
         op: impl FnOnce(&Session) -> cryptoki::error::Result<T>,
     ) -> Result<T> {
-        let _store = self.access.object_store.hold(function);
-        self.access
-            .faults
-            .check(function)
-            .and_then(|()| op(&self.session))
-            .map_err(|e| HsmError::from_cryptoki(context(), e))
+        let _store = self
+            .access
+            .object_store
+            .hold(function, self.access.call_timeout)?;
+        // The fault plan inside the deadline: an injected stall is a hung call.
+        self.under_deadline(function, || {
+            self.access
+                .faults
+                .check(function)
+                .and_then(|()| op(&self.session))
+                .map_err(|e| HsmError::from_cryptoki(context(), e))
+        })
     }
 
     /// Runs `op`, recovering from a lost session or stale handles at most
@@ -270,11 +342,30 @@ impl HsmSession {
         }
     }
 
+    /// Ends this session and goes on with a fresh one, so that every session
+    /// object it made is gone (PKCS#11 destroys them with their session):
+    /// for a caller whose own destroy failed. Tries again a few times while
+    /// the device fails, as [`Self::recovering`] would.
+    pub fn renew(&mut self) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.reopen() {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt == MAX_RECOVERIES => return Err(error),
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, "renewing the HSM session");
+                    std::thread::sleep(Duration::from_millis(20 << attempt));
+                }
+            }
+        }
+    }
+
     /// Replaces the session with a freshly opened, logged-in one. The new one is
     /// opened before the old one is closed, so the application never drops to
     /// zero sessions (which would log it out).
     fn reopen(&mut self) -> Result<()> {
-        let fresh = self.access.open_logged_in()?;
+        let fresh = self.under_deadline(Function::OpenSession, || self.access.open_logged_in())?;
         let stale = std::mem::replace(&mut self.session, fresh);
         // The stale session may already be gone; closing it is best effort.
         if let Err(e) = stale.close() {
@@ -338,7 +429,7 @@ impl HsmSession {
     /// A logged-out application sees no private objects, so "not found" may
     /// really mean "logged out". Report that as what it is, so that
     /// [`Self::recovering`] logs in again instead of calling the key missing.
-    fn ensure_logged_in(&self) -> Result<()> {
+    pub(crate) fn ensure_logged_in(&self) -> Result<()> {
         let info = self.call(
             Function::GetSessionInfo,
             || "reading the session state".into(),

@@ -194,6 +194,7 @@ impl TestService {
                 workers: 2,
                 max_pin_failures: 5,
                 max_queued_jobs: hsm_shim::HsmConfig::DEFAULT_MAX_QUEUED,
+                call_timeout_ms: 30_000,
             },
             tls: TlsSection {
                 cert: write("server.pem", &server.cert_pem),

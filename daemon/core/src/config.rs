@@ -279,6 +279,9 @@ pub struct HsmSection {
     /// Most request jobs (signing, envelope) waiting for a worker.
     #[serde(default = "default_max_queued_jobs")]
     pub max_queued_jobs: usize,
+    /// Deadline of one PKCS#11 call, in milliseconds (1 to 600000).
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
 }
 
 /// `[tls]`
@@ -483,6 +486,9 @@ fn default_max_pin_failures() -> u32 {
 fn default_max_queued_jobs() -> usize {
     hsm_shim::HsmConfig::DEFAULT_MAX_QUEUED
 }
+fn default_call_timeout_ms() -> u64 {
+    u64::try_from(hsm_shim::HsmConfig::DEFAULT_CALL_TIMEOUT.as_millis()).unwrap_or(30_000)
+}
 fn default_min_tls() -> String {
     "1.3".into()
 }
@@ -541,6 +547,12 @@ impl Config {
             return Err(ConfigError(
                 "[hsm] workers and max_concurrent_requests must be at least 1".into(),
             ));
+        }
+        let max_call_timeout_ms = hsm_shim::MAX_CALL_TIMEOUT.as_millis();
+        if !(1..=max_call_timeout_ms).contains(&u128::from(self.hsm.call_timeout_ms)) {
+            return Err(ConfigError(format!(
+                "[hsm] call_timeout_ms must be within 1-{max_call_timeout_ms} (a PKCS#11 call's deadline; the default is 30000)"
+            )));
         }
         if self.lifecycle.destroy_cancel_window_secs < 3600 {
             return Err(ConfigError(
@@ -704,6 +716,8 @@ mod tests {
             ),
             ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
             ("max_queued_jobs = 1024", "max_queued_jobs = 0"),
+            ("call_timeout_ms = 30000", "call_timeout_ms = 0"),
+            ("call_timeout_ms = 30000", "call_timeout_ms = 600001"),
             (
                 "max_pending_per_requester = 32",
                 "max_pending_per_requester = 0",

@@ -96,6 +96,7 @@ reasons! {
     RegistryUnavailable = "REGISTRY_UNAVAILABLE": "the key registry could not be written",
     StorageLow = "STORAGE_LOW": "the data directory is below its free-space reserve: only reads are served until space returns",
     HsmUnavailable = "HSM_UNAVAILABLE": "the HSM cannot be reached",
+    HsmTimeout = "HSM_TIMEOUT": "an HSM call passed its deadline (`[hsm] call_timeout_ms`); its worker was replaced; whether the call took effect is unknown, as after a crash",
     HsmLoginFailed = "HSM_LOGIN_FAILED": "the HSM cannot be reached",
     RollbackFailed = "ROLLBACK_FAILED": "an interrupted generation could not be rolled back; custodyd retries at the next start",
     HsmSelfTestFailed = "HSM_SELF_TEST_FAILED": "a new key failed its consistency test and was destroyed",
@@ -172,6 +173,7 @@ impl Reason {
                 | Reason::RegistryUnavailable
                 | Reason::StorageLow
                 | Reason::HsmUnavailable
+                | Reason::HsmTimeout
                 | Reason::HsmLoginFailed
                 | Reason::RollbackFailed
                 | Reason::StoreUnavailable
@@ -282,6 +284,10 @@ impl From<hsm_shim::HsmError> for Error {
             ),
             K::Authentication => (Reason::HsmLoginFailed, "the HSM refused our login"),
             K::Unavailable => (Reason::HsmUnavailable, "the HSM is unavailable"),
+            K::Timeout => (
+                Reason::HsmTimeout,
+                "the HSM did not answer in time; nothing was decided: try again",
+            ),
             K::IntegrityFailure => (
                 Reason::IntegrityFailure,
                 "the data does not authenticate under the key; nothing was released",

@@ -115,7 +115,7 @@ impl Report {
         }
         let count = self.findings.count();
         let mut text = format!(
-            "data directory {}: {count} record{} not as custodyd wrote {}; custodyd does not start on it and repairs nothing (see docs/ceremony-runbook.md, \"Torn state\")",
+            "data directory {}: {count} record{} not as custodyd wrote {}; custodyd does not start on it and repairs nothing (see docs/runbook.md, \"Torn state\")",
             dir.display(),
             if count == 1 { "" } else { "s" },
             if count == 1 { "it" } else { "them" },
@@ -188,7 +188,7 @@ impl LeftOnToken {
         format!(
             "data directory {} holds no audit log, but token {token:?} holds {} custody object{} ({}{}): \
              was the data directory lost? custodyd neither adopts nor destroys them. Restore the \
-             directory from a copy, or follow docs/ceremony-runbook.md, \"Data directory lost\": \
+             directory from a copy, or follow docs/runbook.md, \"Data directory lost\": \
              set [audit] lost_directory_acknowledged = true to start a new log that leaves them \
              untouched and unregistered, then restore the keys from the latest backup bundle",
             dir.display(),

@@ -13,6 +13,8 @@
 //! | `custody_storage_below_reserve` | gauge | (1 while only reads are served) |
 //! | `custody_hsm_queue_depth` | gauge | |
 //! | `custody_hsm_workers` | gauge | |
+//! | `custody_hsm_workers_lost_total` | counter | (workers abandoned after a call passed `[hsm] call_timeout_ms`) |
+//! | `custody_hsm_stuck_calls` | gauge | (abandoned calls that have not returned yet) |
 //! | `custody_tls_handshake_failures_total` | counter | reason (no_certificate, expired, revoked, unknown_issuer, …, timeout, connection_limit, handshake_limit) |
 //! | `custody_connections_open` | gauge | |
 //! | `custody_connections_closed_total` | counter | reason (certificate_no_longer_valid) |
@@ -100,6 +102,13 @@ pub fn storage(free_bytes: u64, below_reserve: bool) {
 pub fn hsm(queue_depth: usize, workers: usize) {
     metrics::gauge!("custody_hsm_queue_depth").set(queue_depth as f64);
     metrics::gauge!("custody_hsm_workers").set(workers as f64);
+}
+
+/// Workers lost to HSM calls past their deadline (since the start), and
+/// those calls still not returned.
+pub fn hsm_lost(lost_total: u64, stuck: usize) {
+    metrics::counter!("custody_hsm_workers_lost_total").absolute(lost_total);
+    metrics::gauge!("custody_hsm_stuck_calls").set(stuck as f64);
 }
 
 /// A refused TLS handshake.

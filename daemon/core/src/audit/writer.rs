@@ -1,16 +1,22 @@
 //! The [`AuditLog`] handle and the one writer thread behind it: group commit,
 //! failing closed after a failed flush, checkpoints on the policy's cadence,
-//! and the HSM session of the audit key. How a record lies in sled (its hash,
+//! and the signatures of the audit key. How a record lies in sled (its hash,
 //! then its entry, under its big-endian sequence number) is written and read
 //! only here.
+//!
+//! The audit key signs on the HSM pool's workers ([`Hsm::run_blocking`]),
+//! like every other HSM call, so its calls have the pool's deadline: a hung
+//! audit-key call holds the writer (and the appends queued behind it) for
+//! one deadline at most, then fails closed: the checkpoint is not written
+//! and is tried again on the next cadence, and a signed head or a statement
+//! signature (ceremony transcripts, backup manifests) is refused
+//! `AUDIT_UNAVAILABLE`. Appends never wait for the HSM otherwise.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hsm_shim::{
-    EcdsaEncoding, Exportability, HsmSession, KeyLabel, KeySpec, SignAlgorithm, SignInput,
-};
+use hsm_shim::{EcdsaEncoding, Exportability, Hsm, KeyLabel, KeySpec, SignAlgorithm, SignInput};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
@@ -72,8 +78,9 @@ pub struct AuditLog {
 }
 
 /// The writer thread, stopped and joined when the last [`AuditLog`] goes:
-/// the thread holds an HSM session, and a session closed while the process
-/// exits (and the PKCS#11 module tears itself down) crashes the module.
+/// the thread holds a handle to the HSM pool, whose sessions closed while
+/// the process exits (and the PKCS#11 module tears itself down) crash the
+/// module.
 struct WriterThread {
     commands: crossbeam_channel::Sender<Command>,
     handle: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -104,14 +111,16 @@ impl Drop for WriterThread {
 impl AuditLog {
     /// Opens the log in `db`, whose stored chain `chain` is the check of
     /// (one pass over the log serves the start's integrity check and the
-    /// writer's head), makes the audit key if the token has none, and
-    /// starts the writer thread on `session`.
+    /// writer's head), makes the audit key if the token has none (on a
+    /// session of its own, closed after), and starts the writer thread,
+    /// which signs on `hsm`'s workers.
     pub fn open(
         db: &sled::Db,
         chain: &CheckedChain,
-        mut session: HsmSession,
+        hsm: &Hsm,
         policy: CheckpointPolicy,
     ) -> Result<AuditLog, String> {
+        let mut session = hsm.session().map_err(|e| format!("HSM: {e}"))?;
         let tree = db.open_tree("audit").map_err(|e| e.to_string())?;
         let report = chain.report.clone();
         if let Some((seq, problem)) = report.first_bad {
@@ -127,6 +136,7 @@ impl AuditLog {
                 .ok_or("audit key without public key")?,
             Err(e) => return Err(format!("reading the audit key: {e}")),
         };
+        drop(session);
         let spki = public_key.spki_der().to_vec();
         let pem = public_key.to_pem().map_err(|e| e.to_string())?;
         let (commands, queue) = crossbeam_channel::unbounded();
@@ -136,7 +146,7 @@ impl AuditLog {
         let writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
-            session,
+            hsm: hsm.clone(),
             label,
             seq: report.last_seq,
             hash: report.last_hash,
@@ -397,7 +407,7 @@ fn checkpoint_cadence(tree: &sled::Tree, last_seq: u64, interval: Duration) -> (
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
-    session: HsmSession,
+    hsm: Hsm,
     label: KeyLabel,
     seq: u64,
     hash: [u8; 32],
@@ -583,13 +593,16 @@ impl Writer {
 
     fn sign(&mut self, message: &[u8]) -> Result<Vec<u8>, AuditError> {
         let digest = Sha256::digest(message);
-        self.session
-            .sign(
-                &self.label,
-                SignAlgorithm::EcdsaP256Sha256,
-                SignInput::Digest(&digest),
-                EcdsaEncoding::Der,
-            )
+        let label = self.label.clone();
+        self.hsm
+            .run_blocking(move |session| {
+                session.sign(
+                    &label,
+                    SignAlgorithm::EcdsaP256Sha256,
+                    SignInput::Digest(&digest),
+                    EcdsaEncoding::Der,
+                )
+            })
             .map_err(|e| AuditError::Unavailable(format!("signing with the audit key: {e}")))
     }
 }

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value, json};
 
 use super::crash_points::COMMIT;
-use super::{intend, journal_failure, put, script_of, seal_transcript};
+use super::{intend, journal_failure, note, put, script_of, sign_transcript};
 use crate::Custody;
 use crate::authz::admin_quorum;
 use crate::ceremony::journal::{CeremonyRecord, MadeKey, Phase};
@@ -224,7 +224,20 @@ pub(super) async fn finish_completed(
     if let Some(restore) = &record.restore {
         detail.insert("restore".into(), json!(restore));
     }
-    seal_transcript(state, record, "commit", "completed", summary, detail).await?;
+    record.transcript.outcome = "completed".into();
+    note(state, record, "commit", "custodyd", summary, detail).await?;
+    // From here the journal holds the ceremony completed. If the audit key
+    // cannot sign the transcript now (a failing or hung HSM), the next
+    // start signs it (`recovery.rs`, as after a kill at this point), and the
+    // officers are told what is true: done, but not yet signed.
+    if let Err(error) = sign_transcript(state, record).await {
+        tracing::error!(ceremony = %record.id, %error, "a completed ceremony's transcript is unsigned until the next start");
+        return Err(Error::new(
+            error.reason,
+            "the ceremony completed (what it made is registered and usable), but the audit key \
+             could not sign its transcript yet; custodyd signs it at its next start",
+        ));
+    }
     put(state, record).await?;
     crate::metrics::ceremony_finished(&record.kind, "completed");
     Ok(())

@@ -442,10 +442,17 @@ struct RestoreDone {
 impl RestoreWork {
     fn run(self, session: &mut HsmSession) -> hsm_shim::Result<RestoreDone> {
         let kek = KeyLabel::new(format!("restore-kek/{}", self.ceremony))?;
-        let info = session.import_session_unwrap_kek(&kek, &self.kek_value)?;
-        let outcome = self.unwrap_and_verify(session, &kek, info.check_value);
-        // The session KEK goes with the session anyway; destroy it now.
-        let _ = destroy_if_there(session, &kek);
+        let outcome = session
+            .import_session_unwrap_kek(&kek, &self.kek_value)
+            .and_then(|info| self.unwrap_and_verify(session, &kek, info.check_value));
+        // The session KEK goes with the session anyway; destroy it now. If
+        // the device will not (or an import failed half-way), end the
+        // session: a pool worker's session outlives this restore.
+        if destroy_if_there(session, &kek).is_err() {
+            if let Err(error) = session.renew() {
+                tracing::error!(%error, "the restore's session KEK stays in a worker's session until the session is reopened");
+            }
+        }
         let verified = outcome?;
         let mut destroyed = 0;
         if self.destroy_after {

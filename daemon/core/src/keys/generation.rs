@@ -270,10 +270,15 @@ impl GenerationJournal for PendingVersions {
             .map_err(registry_failure)
     }
 
-    /// Drops the entry: nothing was made.
+    /// Rolls the version back: a generation that failed may still have
+    /// made objects (the key pair made, then its consistency test or the
+    /// reading of its attributes failed, and so did hsm-shim's own clean-up
+    /// on a failing device). Whatever the label holds is destroyed, then
+    /// the entry dropped; if the device still fails, the entry stays and
+    /// the next start rolls it back.
     async fn failed(&mut self, custody: &Custody, label: &KeyLabel) {
-        if let Err(e) = custody.registry.abandon_version(label.as_str()).await {
-            tracing::error!(%e, %label, "could not drop the journal entry of a failed generation; it is rolled back at the next start");
+        if roll_back_version(custody, label.as_str()).await.is_none() {
+            tracing::error!(%label, "a failed generation is rolled back at the next start");
         }
     }
 
