@@ -511,3 +511,40 @@ pub fn with_scratch_token(token: &TestToken, config: &mut Config) {
     config.ceremony.scratch_token_label = Some(SCRATCH_TOKEN.into());
     config.ceremony.scratch_pin_file = Some(token.pin_file());
 }
+
+/// A direct Sign of SHA-256(`message`) with `key_id` as the signer of
+/// `channel` (an ECDSA key's signature is DER).
+pub async fn sign_sha256(
+    channel: &Channel,
+    key_id: &str,
+    message: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    use custody_proto::v1::signing_service_client::SigningServiceClient;
+    use custody_proto::v1::{Digest, SignRequest, digest, sign_request};
+    use sha2::Digest as _;
+    SigningServiceClient::new(channel.clone())
+        .sign(SignRequest {
+            name: format!("keys/{key_id}"),
+            input: Some(sign_request::Input::Digest(Digest {
+                digest: Some(digest::Digest::Sha256(
+                    sha2::Sha256::digest(message).to_vec(),
+                )),
+            })),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+/// The Prometheus page custodyd serves on `port` (blocking: call it from a
+/// blocking task in async code).
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("metrics request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("metrics page");
+    text
+}

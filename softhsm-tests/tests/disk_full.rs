@@ -189,18 +189,9 @@ async fn health_becomes(channel: &Channel, want: ServingStatus) {
 }
 
 async fn scrape(port: u16) -> String {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || softhsm_tests::service::scrape_metrics(port))
+        .await
+        .unwrap()
 }
 
 /// The Sign records of the log with outcome `ok`.

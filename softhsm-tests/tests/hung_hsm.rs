@@ -84,21 +84,10 @@ async fn stuck_calls_return(service: &TestService) -> bool {
     false
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
 async fn metrics_show(port: u16, expected: &str) -> Option<String> {
     let mut text = String::new();
     for _ in 0..100 {
-        text = tokio::task::spawn_blocking(move || scrape(port))
+        text = tokio::task::spawn_blocking(move || softhsm_tests::service::scrape_metrics(port))
             .await
             .unwrap();
         if text.contains(expected) {

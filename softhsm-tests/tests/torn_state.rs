@@ -18,10 +18,8 @@ use std::process::Command;
 use custody_core::findings::show_key;
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
-use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    CeremonyState, CheckDriftRequest, CreateKeyRequest, Digest, EncryptRequest, GetKeyRequest,
-    SignRequest, digest, sign_request,
+    CeremonyState, CheckDriftRequest, CreateKeyRequest, EncryptRequest, GetKeyRequest,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::{Officers, kek_script, restore_script, root_script};
@@ -397,21 +395,6 @@ async fn token_labels(token: &TestToken) -> Vec<String> {
     labels
 }
 
-async fn sign(signer: &Channel, key: &str, message: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    SigningServiceClient::new(signer.clone())
-        .sign(SignRequest {
-            name: format!("keys/{key}"),
-            input: Some(sign_request::Input::Digest(Digest {
-                digest: Some(digest::Digest::Sha256(
-                    sha2::Sha256::digest(message).to_vec(),
-                )),
-            })),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().signature)
-}
-
 token_test!(
     fn a_lost_data_directory_is_refused_then_neither_adopted_nor_destroyed_and_a_restore_brings_the_keys_back(token) {
         runtime().block_on(async {
@@ -500,7 +483,7 @@ token_test!(
             assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
             assert_eq!(done.restore.unwrap().verified, 2);
             let message = b"signed after the lost directory";
-            let signature = sign(&service.client("ca-issuing").await, "issuer", message)
+            let signature = softhsm_tests::service::sign_sha256(&service.client("ca-issuing").await, "issuer", message)
                 .await
                 .unwrap();
             assert!(softhsm_tests::openssl_verifies_pem(

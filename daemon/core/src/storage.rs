@@ -77,7 +77,7 @@ impl Headroom {
     }
 
     /// Refuses while the reserve is short. Asked before every action that
-    /// is not only a read ([`crate::authz::Action::only_reads`]).
+    /// is not only a read (`Action::only_reads`, which the callers ask).
     pub fn ensure_room(&self) -> Result<(), Error> {
         if !self.is_short() {
             return Ok(());

@@ -12,12 +12,11 @@ use custody_core::ceremony::shares::{self, Share};
 use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
-use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     Algorithm, Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, DecryptRequest,
     Digest, EncryptRequest, GetKeyRequest, GetOperationRequest, GetPublicKeyRequest, Key,
     KeyPurpose, KeyVersion, KeyVersionState, ListOfficersRequest, OperationState, RotateKeyRequest,
-    SetKeyVersionStateRequest, SignRequest, SignSpec, digest, operation_spec, sign_request,
+    SetKeyVersionStateRequest, SignSpec, digest, operation_spec,
 };
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
@@ -202,25 +201,7 @@ pub(crate) fn unless_quorum_required<T>(what: &str, result: Result<T, Status>) -
     }
 }
 
-/// A direct Sign of SHA-256(`message`) with `key_id` (DER ECDSA).
-pub(crate) async fn sign(
-    signer: &Channel,
-    key_id: &str,
-    message: &[u8],
-) -> Result<Vec<u8>, Status> {
-    SigningServiceClient::new(signer.clone())
-        .sign(SignRequest {
-            name: format!("keys/{key_id}"),
-            input: Some(sign_request::Input::Digest(Digest {
-                digest: Some(digest::Digest::Sha256(
-                    sha2::Sha256::digest(message).to_vec(),
-                )),
-            })),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().signature)
-}
+pub(crate) use softhsm_tests::service::sign_sha256 as sign;
 
 /// A Sign of SHA-256(`message`) with `key_id` under its SIGN quorum:
 /// `signer` requests it, `approvers` approve in turn until it is no longer
