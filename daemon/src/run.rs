@@ -48,7 +48,7 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
 /// `config_path`; returns how many failures it cleared.
 pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let db = crate::server::open_db(&config.data_dir)?;
+    let db = crate::server::open_db(&config.data_dir, config.storage.cache_bytes())?;
     let count = custody_core::pin_lockout::failures(&db)?;
     custody_core::pin_lockout::reset(&db)?;
     Ok(count)

@@ -54,7 +54,7 @@ impl Daemon {
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
-        let db = open_db(&config.data_dir)?;
+        let db = open_db(&config.data_dir, config.storage.cache_bytes())?;
         // Every tree checked before anything reads or writes one (F1); the
         // audit log opens with this pass's chain.
         let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
@@ -413,7 +413,10 @@ async fn watch_health(
 
 /// Opens custodyd's database in `dir`, which is made (or narrowed to)
 /// mode 0700 first: it holds the registry, the operations and the audit log.
-pub fn open_db(dir: &Path) -> Result<sled::Db, String> {
+/// Its page cache holds at most `cache_bytes`: sled's own default (1 GiB)
+/// would have the append-only audit log grow custodyd's memory by what it
+/// writes, up to that size.
+pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -421,6 +424,7 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, String> {
     sled::Config::new()
         .path(dir.join("custody.sled"))
         .flush_every_ms(Some(500))
+        .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| format!("database in {}: {e}", dir.display()))
 }

@@ -248,7 +248,7 @@ fn bench(token: &TestToken) {
         // runs above wrote.
         let records = service.state().audit.records(1).count();
         service.stop().await;
-        let db = custody_daemon::server::open_db(&service.config.data_dir).expect("db");
+        let db = custody_daemon::server::open_db(&service.config.data_dir, service.config.storage.cache_bytes()).expect("db");
         fill_registry(&db, 10_000);
         drop(db);
         let start = Instant::now();

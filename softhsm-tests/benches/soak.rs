@@ -115,24 +115,24 @@ struct Load {
 }
 
 impl Load {
-    /// One cycle; returns the unary signature latencies and how many
-    /// requests it made.
+    /// One cycle; returns how many requests it made (the unary signature
+    /// latencies go to `latencies`), or the first transport error.
     async fn cycle(
         &mut self,
         n: u64,
         officers: &Officers<'_>,
         latencies: &mut Vec<Duration>,
-    ) -> u64 {
+    ) -> Result<u64, tonic::Status> {
         let mut requests = 0;
         for i in 0..100 {
             let started = Instant::now();
-            self.signer.sign(sign_request(n * 1000 + i)).await.unwrap();
+            self.signer.sign(sign_request(n * 1000 + i)).await?;
             latencies.push(started.elapsed());
             requests += 1;
         }
         let stream = futures_util::stream::iter((0..100).map(move |i| sign_request(n * 1000 + i)));
-        let mut responses = self.signer.sign_stream(stream).await.unwrap().into_inner();
-        while let Some(response) = responses.message().await.unwrap() {
+        let mut responses = self.signer.sign_stream(stream).await?.into_inner();
+        while let Some(response) = responses.message().await? {
             assert!(response.error.is_none(), "{:?}", response.error);
             requests += 1;
         }
@@ -144,8 +144,7 @@ impl Load {
                     plaintext: i.to_be_bytes().repeat(64),
                     associated_data: b"soak".to_vec(),
                 })
-                .await
-                .unwrap()
+                .await?
                 .into_inner();
             let opened = self
                 .envelope
@@ -154,8 +153,7 @@ impl Load {
                     ciphertext: sealed.ciphertext,
                     associated_data: b"soak".to_vec(),
                 })
-                .await
-                .unwrap()
+                .await?
                 .into_inner();
             assert_eq!(opened.plaintext, i.to_be_bytes().repeat(64));
             requests += 2;
@@ -167,10 +165,9 @@ impl Load {
                     name: "keys/rot".into(),
                 }),
             )
-            .await
-            .unwrap();
-            officers.approve("alice", &operation).await.unwrap();
-            let done = officers.approve("bob", &operation).await.unwrap();
+            .await?;
+            officers.approve("alice", &operation).await?;
+            let done = officers.approve("bob", &operation).await?;
             assert_eq!(
                 done.state,
                 OperationState::Succeeded as i32,
@@ -180,13 +177,12 @@ impl Load {
             let report = self
                 .drift
                 .check_drift(CheckDriftRequest {})
-                .await
-                .unwrap()
+                .await?
                 .into_inner();
             assert!(report.findings.is_empty(), "{:?}", report.findings);
             requests += 4;
         }
-        requests
+        Ok(requests)
     }
 }
 
@@ -249,8 +245,19 @@ fn bench(token: &TestToken) {
         let mut last_requests = 0_u64;
         let mut next_sample = every;
         let mut cycle = 0;
+        // A connection custodyd closes at its maximum age
+        // (`[connections] max_connection_age_secs`) can cut a request the
+        // client had just sent on it: the client connects again and the
+        // cycle starts over, as a real client would retry. Counted.
+        let mut cut = Vec::new();
         while started.elapsed() < total {
-            requests += load.cycle(cycle, &officers, &mut window).await;
+            match load.cycle(cycle, &officers, &mut window).await {
+                Ok(made) => requests += made,
+                Err(status) if status.message().contains("transport error") => {
+                    cut.push(format!("{:.1}", started.elapsed().as_secs_f64() / 60.0));
+                }
+                Err(status) => panic!("cycle {cycle}: {status:?}"),
+            }
             cycle += 1;
             if started.elapsed() >= next_sample || started.elapsed() >= total {
                 next_sample += every;
@@ -271,6 +278,11 @@ fn bench(token: &TestToken) {
                 last_requests = requests;
             }
         }
+        println!(
+            "cycles cut by a closed connection: {} (at minutes {})",
+            cut.len(),
+            cut.join(", ")
+        );
         assert!(daemon.try_wait().unwrap().is_none(), "custodyd exited under load");
         daemon.kill().unwrap();
         daemon.wait().unwrap();

@@ -231,7 +231,10 @@ impl TestService {
                 ..CeremonySection::default()
             },
             // The rule stays on, with a reserve a busy test machine still has.
-            storage: StorageSection { reserve_mib: 1 },
+            storage: StorageSection {
+                reserve_mib: 1,
+                ..StorageSection::default()
+            },
         };
         // Three officers, two of whom make the administrative quorum.
         let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");

@@ -806,7 +806,7 @@ token_test!(
             }
             // An operator clears the count, as `custodyd --reset-pin-lockout` does.
             let data_dir = token.scratch().join("custodyd").join("data");
-            let db = custody_daemon::server::open_db(&data_dir).unwrap();
+            let db = custody_daemon::server::open_db(&data_dir, custody_core::config::StorageSection::default().cache_bytes()).unwrap();
             assert_eq!(custody_core::pin_lockout::failures(&db).unwrap(), 3);
             custody_core::pin_lockout::reset(&db).unwrap();
             drop(db);

@@ -457,14 +457,29 @@ pub struct StorageSection {
     /// served ([`crate::storage`]). 0 turns the rule off.
     #[serde(default = "default_reserve_mib")]
     pub reserve_mib: u64,
+    /// Most memory, in MiB, the database keeps as its page cache.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
+}
+
+impl StorageSection {
+    /// [`Self::cache_mib`] in bytes.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_mib.saturating_mul(1024 * 1024)
+    }
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
             reserve_mib: default_reserve_mib(),
+            cache_mib: default_cache_mib(),
         }
     }
+}
+
+fn default_cache_mib() -> u64 {
+    64
 }
 
 fn default_reserve_mib() -> u64 {
@@ -557,6 +572,11 @@ impl Config {
         if self.lifecycle.destroy_cancel_window_secs < 3600 {
             return Err(ConfigError(
                 "[lifecycle] destroy_cancel_window_secs must be at least 3600: an approved destruction always leaves time to cancel it".into(),
+            ));
+        }
+        if !(8..=65_536).contains(&self.storage.cache_mib) {
+            return Err(ConfigError(
+                "[storage] cache_mib must be within 8-65536".into(),
             ));
         }
         if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval_secs == 0 {
@@ -653,8 +673,11 @@ mod tests {
         );
         assert_eq!(config.envelope.max_encryptions_per_version, 1 << 32);
         assert_eq!(
-            config.storage.reserve_mib,
-            StorageSection::default().reserve_mib
+            (config.storage.reserve_mib, config.storage.cache_mib),
+            (
+                StorageSection::default().reserve_mib,
+                StorageSection::default().cache_mib
+            )
         );
         let connections = &config.connections;
         let defaults = ConnectionsSection::default();
@@ -728,6 +751,7 @@ mod tests {
             ),
             ("max_open_per_officer = 4", "max_open_per_officer = 0"),
             ("checkpoint_every = 1000", "checkpoint_every = 0"),
+            ("cache_mib = 64", "cache_mib = 0"),
             (
                 "checkpoint_interval_secs = 60",
                 "checkpoint_interval_secs = 0",
