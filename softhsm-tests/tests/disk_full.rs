@@ -16,10 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use custody_core::identity::Role;
+use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    CreateKeyRequest, Digest, ListKeysRequest, SignRequest, digest, sign_request,
+    CreateKeyRequest, Digest, ListCeremoniesRequest, ListKeysRequest, SignRequest, digest,
+    sign_request,
 };
 use softhsm_tests::process::{
     Daemon, Pki, audit_export, connect, free_port, prepare_with, ready, spawn_crashing_at,
@@ -253,6 +255,11 @@ token_test!(
                 .unwrap()
                 .into_inner();
             assert_eq!(keys.keys.len(), 1);
+            let officer = connect(&s.pki, s.port, &s.pki.client("alice", &[Role::Officer])).await.unwrap();
+            CeremonyServiceClient::new(officer)
+                .list_ceremonies(ListCeremoniesRequest::default())
+                .await
+                .unwrap();
             let text = scrape(metrics_port).await;
             assert!(text.contains("custody_storage_below_reserve 1"), "{text}");
             assert!(text.contains("custody_serving 0"), "{text}");

@@ -61,6 +61,8 @@ pub enum Action {
     RequestOperation,
     /// Take part in a key ceremony.
     Ceremony,
+    /// Read ceremonies and their transcripts.
+    ReadCeremonies,
 }
 
 impl Action {
@@ -78,7 +80,7 @@ impl Action {
             Action::CheckDrift => &[Role::Operator, Role::Auditor],
             Action::Sign | Action::UseEnvelopeKeys => &[Role::Signer],
             Action::ReadAudit => &[Role::Auditor],
-            Action::Vote | Action::Ceremony => &[Role::Officer],
+            Action::Vote | Action::Ceremony | Action::ReadCeremonies => &[Role::Officer],
         }
     }
 }
@@ -94,7 +96,8 @@ impl Action {
             | Action::CheckDrift
             | Action::ReadAudit
             | Action::ListOfficers
-            | Action::ReadOperations => true,
+            | Action::ReadOperations
+            | Action::ReadCeremonies => true,
             Action::ManageKeys
             | Action::ProtectKeys
             | Action::Sign
@@ -287,6 +290,7 @@ mod tests {
             Action::ReadOperations,
             Action::RequestOperation,
             Action::Ceremony,
+            Action::ReadCeremonies,
         ];
         let roles = [Role::Officer, Role::Signer, Role::Auditor, Role::Operator];
         for action in all {

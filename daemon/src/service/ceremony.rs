@@ -211,7 +211,7 @@ impl CeremonyService for CeremonyKeys {
         serve(
             &self.0,
             "GetCeremony",
-            Action::Ceremony,
+            Action::ReadCeremonies,
             request,
             Run::ToCompletion,
             |request| request.name.clone(),
@@ -233,7 +233,7 @@ impl CeremonyService for CeremonyKeys {
         serve(
             &self.0,
             "ListCeremonies",
-            Action::Ceremony,
+            Action::ReadCeremonies,
             request,
             Run::ToCompletion,
             |_| String::new(),
@@ -430,7 +430,7 @@ impl CeremonyService for CeremonyKeys {
         serve(
             &self.0,
             "GetTranscript",
-            Action::Ceremony,
+            Action::ReadCeremonies,
             request,
             Run::ToCompletion,
             |request| request.name.clone(),
