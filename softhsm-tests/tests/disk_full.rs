@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::identity::Role;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
@@ -23,9 +24,11 @@ use custody_proto::v1::{
     CreateKeyRequest, Digest, ListCeremoniesRequest, ListKeysRequest, SignRequest, digest,
     sign_request,
 };
+use custody_proto::v1::{KeyRef, OperationState, operation_spec};
+use softhsm_tests::ceremony::Officers;
 use softhsm_tests::process::{
-    Daemon, Pki, audit_export, connect, free_port, prepare_with, ready, spawn_crashing_at,
-    verify_export,
+    Daemon, Pki, audit_export, connect, free_port, officer_channels, prepare_ceremonies, ready,
+    spawn_crashing_at, verify_export,
 };
 use softhsm_tests::service::reason;
 use softhsm_tests::token_test;
@@ -209,17 +212,23 @@ struct Setup {
     port: u16,
     config: PathBuf,
     disk: SmallDisk,
+    keys: Vec<OfficerKey>,
 }
 
+/// Officers alice, bob and carol (2 of 3), and `extra` config sections.
 fn setup(token: &softhsm_tests::TestToken, extra: &str) -> Setup {
     let port = free_port();
-    let (pki, config) = prepare_with(token, port, extra);
+    let (pki, config, keys) = prepare_ceremonies(token, port);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
     let disk = SmallDisk::mount(&pki.dir.join("data"), 48);
     Setup {
         pki,
         port,
         config,
         disk,
+        keys,
     }
 }
 
@@ -238,6 +247,19 @@ token_test!(
             let mut signer = SigningServiceClient::new(ca);
             signer.sign(digest_request(0)).await.unwrap();
             health_becomes(&operator, ServingStatus::Serving).await;
+            // An operation waiting for officers when the disk fills.
+            let officers = Officers::new(&s.keys, officer_channels(&s.pki, s.port).await);
+            let gate = softhsm_tests::service::request_operation(
+                &operator,
+                operation_spec::Spec::SetPolicy(custody_proto::v1::SetPolicySpec {
+                    name: "keys/k".into(),
+                    operation: custody_proto::v1::OperationKind::Rotate as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required: 2,
+                }),
+            )
+            .await
+            .unwrap();
 
             // 8 MiB left: under the 16 MiB reserve, with room to spare.
             s.disk.fill(8 * MIB);
@@ -248,6 +270,9 @@ token_test!(
             assert!(refused.message().contains("below its reserve of 16 MiB"), "{}", refused.message());
             let refused = create_key(operator.clone(), "k2").await.unwrap_err();
             assert_eq!(reason(&refused), "STORAGE_LOW");
+            // A vote, which may run the operation, waits for room too.
+            let refused = officers.approve("alice", &gate).await.unwrap_err();
+            assert_eq!(reason(&refused), "STORAGE_LOW", "{refused:?}");
             // Reads are still served.
             let keys = KeyServiceClient::new(operator.clone())
                 .list_keys(ListKeysRequest::default())
@@ -269,6 +294,9 @@ token_test!(
             health_becomes(&operator, ServingStatus::Serving).await;
             signer.sign(digest_request(2)).await.unwrap();
             create_key(operator.clone(), "k2").await.unwrap();
+            officers.approve("alice", &gate).await.unwrap();
+            let done = officers.approve("bob", &gate).await.unwrap();
+            assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
             let text = scrape(metrics_port).await;
             assert!(text.contains("custody_storage_below_reserve 0"), "{text}");
             assert!(text.contains("custody_serving 1"), "{text}");
@@ -279,7 +307,7 @@ token_test!(
             assert!(report.first_bad.is_none(), "{report:?}");
             assert_eq!(acknowledged_in(&entries), 2);
             let low = entries.iter().filter(|e| e.contains("\"outcome\":\"STORAGE_LOW\"")).count();
-            assert_eq!(low, 2, "each refusal has its record");
+            assert_eq!(low, 3, "each refusal has its record");
             assert!(daemon.try_wait().unwrap().is_none(), "custodyd stopped");
         });
     }

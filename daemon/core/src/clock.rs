@@ -33,6 +33,11 @@ pub trait Clock: Send + Sync {
         Vec::new()
     }
 
+    /// Gives back steps taken but not dealt with (holding destructions back
+    /// failed), ahead of any seen since: destructions keep waiting, and the
+    /// next turn tries again.
+    fn return_steps(&self, _steps: Vec<ClockStep>) {}
+
     /// Whether a large step has been seen and not yet taken: scheduled
     /// destructions wait until it has been dealt with.
     fn steps_pending(&self) -> bool {
@@ -262,6 +267,12 @@ impl Clock for GuardedClock {
         std::mem::take(&mut self.lock().steps)
     }
 
+    fn return_steps(&self, mut steps: Vec<ClockStep>) {
+        let mut guard = self.lock();
+        steps.append(&mut guard.steps);
+        guard.steps = steps;
+    }
+
     fn steps_pending(&self) -> bool {
         !self.lock().steps.is_empty()
     }
@@ -325,6 +336,29 @@ mod tests {
         hand.wall.fetch_add(86_400_000, Ordering::SeqCst);
         assert_eq!(clock.now_ms(), 1_000_000 + 86_400_000 - 3_534_000);
         assert_eq!(clock.take_steps()[0].direction(), "forward");
+    }
+
+    #[test]
+    fn steps_given_back_come_first_and_keep_destructions_waiting() {
+        let (_dir, db) = db();
+        let hand = Arc::new(Hand::default());
+        hand.wall.store(1_000_000, Ordering::SeqCst);
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        hand.wall.fetch_add(600_000, Ordering::SeqCst);
+        clock.now_ms();
+        let taken = clock.take_steps();
+        assert!(!clock.steps_pending());
+        // Another step while the first is being dealt with, then the
+        // first's hold fails and it is given back.
+        hand.wall.fetch_add(900_000, Ordering::SeqCst);
+        clock.now_ms();
+        clock.return_steps(taken);
+        assert!(clock.steps_pending());
+        let again = clock.take_steps();
+        assert_eq!(
+            again.iter().map(ClockStep::offset_ms).collect::<Vec<_>>(),
+            [600_000, 900_000]
+        );
     }
 
     #[test]

@@ -225,7 +225,8 @@ async fn rotate_due(state: &Arc<Custody>) {
 /// back by the step. A backward one needs nothing more: the clock keeps
 /// the time where it was until the wall clock catches up.
 pub async fn clock_steps(state: &Custody) {
-    for step in state.clock.take_steps() {
+    let mut steps = state.clock.take_steps().into_iter();
+    while let Some(step) = steps.next() {
         let offset = step.offset_ms();
         let mut audited = Audited::start("ClockStep");
         audited.principal = SCHEDULER.into();
@@ -258,8 +259,17 @@ pub async fn clock_steps(state: &Custody) {
         } else {
             Ok(())
         };
+        let held = result.is_ok();
         if let Err(error) = audited.record(state, result).await {
             tracing::error!(reason = %error.reason, "recording a clock step failed");
+        }
+        if !held {
+            // Not dealt with: destructions keep waiting for it (a second
+            // hold of keys already moved only moves them later still).
+            let mut left = vec![step];
+            left.extend(steps);
+            state.clock.return_steps(left);
+            return;
         }
     }
 }
