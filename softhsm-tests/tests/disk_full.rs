@@ -24,7 +24,7 @@ use custody_proto::v1::{
     CreateKeyRequest, Digest, ListCeremoniesRequest, ListKeysRequest, SignRequest, digest,
     sign_request,
 };
-use custody_proto::v1::{KeyRef, OperationState, operation_spec};
+use custody_proto::v1::{OperationState, operation_spec};
 use softhsm_tests::ceremony::Officers;
 use softhsm_tests::process::{
     Daemon, Pki, audit_export, connect, free_port, officer_channels, prepare_ceremonies, ready,
