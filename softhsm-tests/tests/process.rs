@@ -236,24 +236,24 @@ token_test!(
     }
 );
 
-/// Whether SoftHSM2 itself, opened here with custodyd stopped, can list
-/// every object of the main token: a kill in the middle of SoftHSM2
-/// writing an object's file leaves one it cannot read back
-/// (`CKR_ATTRIBUTE_VALUE_INVALID`), whatever custodyd does.
-async fn softhsm_reads_every_object(token: &TestToken) -> bool {
-    match hsm_shim::Hsm::open(token.config(1)) {
-        Ok(hsm) => match hsm.run(|s| s.inventory()).await {
-            Ok(_) => true,
-            Err(error) => {
-                eprintln!("SoftHSM2 cannot read its own main token: {error}");
-                false
-            }
-        },
-        Err(error) => {
-            eprintln!("SoftHSM2 cannot open its own main token: {error}");
-            false
-        }
+/// Whether SoftHSM2 itself, in a process of its own (`pkcs11-tool`) with
+/// custodyd stopped, can list every object of the main token with its
+/// attributes: a kill in the middle of SoftHSM2 writing an object's file
+/// leaves one it cannot read back (`CKR_ATTRIBUTE_VALUE_INVALID`), whatever
+/// custodyd does. (Not in this process: SoftHSM2 keeps its view of the
+/// token directory from the process's first `C_Initialize`.)
+fn softhsm_reads_every_object(token: &TestToken) -> bool {
+    let listed = token.pkcs11_tool().arg("--list-objects").output().unwrap();
+    let errors = String::from_utf8_lossy(&listed.stderr);
+    // A sensitive key's value is refused by design, never a sign of damage.
+    let damage = errors
+        .lines()
+        .any(|l| l.contains("CKR_") && !l.contains("CKR_ATTRIBUTE_SENSITIVE"));
+    let readable = listed.status.success() && !damage;
+    if !readable {
+        eprintln!("SoftHSM2 cannot read its own main token: {errors}");
     }
+    readable
 }
 
 /// What a ceremony test drives, up to where custodyd dies.
@@ -799,7 +799,7 @@ token_test!(
                 // durability, not custodyd's: there is nothing left to
                 // check custodyd against). The run is counted apart, and
                 // the loop goes on with a fresh token and data directory.
-                if !softhsm_lists_token(token, token.label()) || !softhsm_reads_every_object(token).await {
+                if !softhsm_lists_token(token, token.label()) || !softhsm_reads_every_object(token) {
                     main_token_lost.push(run);
                     std::fs::remove_dir_all(rig.pki.dir.join("data")).unwrap();
                     token.reinitialise();
@@ -813,6 +813,13 @@ token_test!(
             }
             let done: usize = outcomes.values().sum();
             assert_eq!(done + main_token_lost.len(), runs);
+            // Torn SoftHSM2 files are rare (about 2 in 1,000 runs seen); many
+            // would mean the check, not SoftHSM2, is wrong.
+            assert!(
+                main_token_lost.len() <= (runs / 10).max(2),
+                "{} of {runs} runs counted as SoftHSM2 damage: {main_token_lost:?}",
+                main_token_lost.len()
+            );
             println!(
                 "random SIGKILL runs: {done} of {runs}; 0 inconsistent, 0 stuck; states after restart → after the officers carried on: {outcomes:?}; scratch token unreadable in {} checks; {}",
                 SCRATCH_TOKEN_LOST.load(std::sync::atomic::Ordering::Relaxed),
