@@ -331,8 +331,11 @@ token_test!(
                 signers.push(tokio::spawn(async move {
                     let mut acknowledged = 0;
                     let mut refusals = Vec::new();
-                    for i in 0..400 {
-                        match signer.sign(digest_request(worker * 1000 + i)).await {
+                    // Until the full disk refuses them (bounded: the disk
+                    // fills within seconds, so a cap this large means it
+                    // never refused).
+                    for i in 0..50_000 {
+                        match signer.sign(digest_request(worker * 100_000 + i)).await {
                             Ok(_) => acknowledged += 1,
                             Err(status) => {
                                 refusals.push((status.code(), reason(&status)));
