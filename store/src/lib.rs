@@ -95,11 +95,7 @@ trait Backend: Send + Sync {
     /// Applies every write or none.
     fn write(&self, writes: Vec<Write>) -> Result<()>;
     /// Runs `body` until it commits without conflict, serializably.
-    fn transact(
-        &self,
-        spaces: &[Arc<str>],
-        body: &mut dyn FnMut(&mut dyn TxOps) -> std::result::Result<(), TxError>,
-    ) -> Result<()>;
+    fn transact(&self, spaces: &[Arc<str>], body: &mut BodyFn<'_>) -> Result<()>;
     fn flush(&self) -> Result<()>;
     fn flush_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 }
@@ -508,14 +504,17 @@ impl Iterator for Iter {
     }
 }
 
+/// A transaction body as a backend runs it.
+type BodyFn<'a> = dyn FnMut(&mut dyn TxOps) -> std::result::Result<(), TxError> + 'a;
+
 /// Lets a backend run a transaction body that takes `&mut dyn TxOps` from
 /// inside a closure its own API requires to be `Fn`.
-struct Body<'a> {
-    inner: RefCell<&'a mut dyn FnMut(&mut dyn TxOps) -> std::result::Result<(), TxError>>,
+struct Body<'a, 'b> {
+    inner: RefCell<&'a mut BodyFn<'b>>,
 }
 
-impl<'a> Body<'a> {
-    fn new(body: &'a mut dyn FnMut(&mut dyn TxOps) -> std::result::Result<(), TxError>) -> Self {
+impl<'a, 'b> Body<'a, 'b> {
+    fn new(body: &'a mut BodyFn<'b>) -> Self {
         Body {
             inner: RefCell::new(body),
         }

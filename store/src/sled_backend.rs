@@ -12,7 +12,7 @@ use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 
-use crate::{Backend, Body, Bytes, Result, StoreError, TxError, TxFault, TxOps, Write};
+use crate::{Backend, Body, BodyFn, Bytes, Result, StoreError, TxError, TxFault, TxOps, Write};
 
 /// sled's own tree, which custody never uses for state.
 const DEFAULT_TREE: &[u8] = b"__sled__default";
@@ -168,11 +168,7 @@ impl Backend for SledBackend {
         })
     }
 
-    fn transact(
-        &self,
-        spaces: &[Arc<str>],
-        body: &mut dyn FnMut(&mut dyn TxOps) -> std::result::Result<(), TxError>,
-    ) -> Result<()> {
+    fn transact(&self, spaces: &[Arc<str>], body: &mut BodyFn<'_>) -> Result<()> {
         let trees = self.trees(spaces)?;
         let refs: Vec<&sled::Tree> = trees.iter().collect();
         let body = Body::new(body);
