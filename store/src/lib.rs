@@ -59,10 +59,7 @@ enum TxFault {
     /// The body used a keyspace it did not declare.
     Undeclared(String),
     /// The backend failed a read or write inside the body.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "only the etcd backend raises it")
-    )]
+    #[expect(dead_code, reason = "only the etcd backend raises it")]
     Store(StoreError),
 }
 
