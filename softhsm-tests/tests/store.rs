@@ -2,6 +2,11 @@
 //! batches and serializable transactions. Each backend runs the same checks
 //! on its real engine.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
 use std::sync::Arc;
 
 use custody_store::{Batch, Store};
