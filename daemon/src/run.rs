@@ -77,9 +77,7 @@ pub fn check(config_path: &Path) -> Result<(bool, String), String> {
         .map_err(|e| format!("a temporary directory for the copy: {e}"))?;
     let copy = scratch.path().join("custody.sled");
     copy_tree(&source, &copy)?;
-    let db = sled::Config::new()
-        .path(&copy)
-        .open()
+    let db = custody_store::Store::open_sled(&copy, config.storage.cache_bytes())
         .map_err(|e| format!("database in {}: {e}", config.data_dir.display()))?;
     let report = custody_core::integrity::check(&db);
     Ok((report.is_clean(), report.describe(&config.data_dir)))

@@ -337,7 +337,7 @@ async fn lost_directory(
 /// restores.
 fn ceremonies(
     config: &Config,
-    db: &sled::Db,
+    db: &custody_store::Store,
 ) -> Result<custody_core::ceremony::state::Ceremonies, String> {
     let journal = custody_core::ceremony::journal::Journal::open(db).map_err(|e| e.to_string())?;
     let so_pin = config
@@ -416,15 +416,11 @@ async fn watch_health(
 /// Its page cache holds at most `cache_bytes`: sled's own default (1 GiB)
 /// would have the append-only audit log grow custodyd's memory by what it
 /// writes, up to that size.
-pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
+pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<custody_store::Store, String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("data dir {}: {e}", dir.display()))?;
-    sled::Config::new()
-        .path(dir.join("custody.sled"))
-        .flush_every_ms(Some(500))
-        .cache_capacity(cache_bytes)
-        .open()
+    custody_store::Store::open_sled(&dir.join("custody.sled"), cache_bytes)
         .map_err(|e| format!("database in {}: {e}", dir.display()))
 }

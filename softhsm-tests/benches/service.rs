@@ -126,9 +126,9 @@ fn tokio_stream_from(
 }
 
 /// Writes `keys` registry records straight into custodyd's database.
-fn fill_registry(db: &sled::Db, keys: usize) {
+fn fill_registry(db: &custody_store::Store, keys: usize) {
     use custody_core::registry::{KeyRecord, VersionRecord, VersionState};
-    let tree = db.open_tree("keys").expect("tree");
+    let tree = db.keyspace("keys").expect("keyspace");
     for i in 0..keys {
         let record = KeyRecord {
             key_id: format!("key-{i:05}"),

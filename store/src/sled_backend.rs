@@ -30,6 +30,9 @@ impl SledBackend {
     pub(crate) fn open(path: &Path, cache_bytes: u64) -> Result<SledBackend> {
         sled::Config::new()
             .path(path)
+            // sled's own default, written down: what is not flushed by a
+            // caller reaches the disk within this time.
+            .flush_every_ms(Some(500))
             .cache_capacity(cache_bytes)
             .open()
             .map(SledBackend::new)

@@ -33,8 +33,8 @@ struct Counter {
 /// loses at most the unused rest of a block, which counts as used, so the
 /// count never goes below the truth.
 pub struct NonceBudget {
-    db: sled::Db,
-    tree: sled::Tree,
+    db: custody_store::Store,
+    tree: custody_store::Keyspace,
     limit: u64,
     block: u64,
     counters: tokio::sync::Mutex<HashMap<String, Counter>>,
@@ -42,9 +42,9 @@ pub struct NonceBudget {
 
 impl NonceBudget {
     /// Opens the budget in `db`, with `limit` encryptions per version.
-    pub fn open(db: &sled::Db, limit: u64) -> Result<NonceBudget, String> {
+    pub fn open(db: &custody_store::Store, limit: u64) -> Result<NonceBudget, String> {
         let tree = db
-            .open_tree("nonce_budget")
+            .keyspace("nonce_budget")
             .map_err(|e| format!("nonce budget: {e}"))?;
         Ok(NonceBudget {
             db: db.clone(),
@@ -65,7 +65,7 @@ impl NonceBudget {
             .tree
             .get(label.as_bytes())
             .map_err(|e| BudgetError::Store(e.to_string()))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(0, u64::from_be_bytes))
     }
 
@@ -92,7 +92,7 @@ impl NonceBudget {
         if next.used == next.reserved {
             next.reserved = (next.reserved + self.block).min(self.limit);
             self.tree
-                .insert(label.as_bytes(), &next.reserved.to_be_bytes())
+                .insert(label.as_bytes(), next.reserved.to_be_bytes())
                 .map_err(|e| BudgetError::Store(e.to_string()))?;
             self.db
                 .flush_async()
@@ -117,7 +117,7 @@ impl NonceBudget {
 /// entry is an HSM label of a key version and a count of 8 bytes. A count
 /// changed to another 8 bytes cannot be told from a true one; the registry
 /// check does not cover it either.
-pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::Findings) {
     crate::findings::each_record(db, "nonce_budget", findings, |label, count, findings| {
         let is_label = std::str::from_utf8(label).is_ok_and(|l| {
             l.rsplit_once("/v")
@@ -150,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn the_budget_refuses_past_its_limit_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
         let budget = NonceBudget::open(&db, 3).unwrap();
         for _ in 0..3 {
             budget.take("key/a/v1").await.unwrap();

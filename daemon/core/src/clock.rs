@@ -114,7 +114,7 @@ struct Guard {
 /// The clock custodyd decides by: never backwards, steps reported.
 pub struct GuardedClock {
     source: Arc<dyn Clock>,
-    tree: sled::Tree,
+    tree: custody_store::Keyspace,
     tolerance_ms: i64,
     guard: Mutex<Guard>,
 }
@@ -130,7 +130,7 @@ impl std::fmt::Debug for GuardedClock {
 /// The start check of tree `clock` (threat model F1): one 8-byte time under
 /// its one key. (A deleted time cannot be told from a first start; it would
 /// let time run from the wall clock again.)
-pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::Findings) {
     crate::findings::each_record(db, "clock", findings, |key, value, findings| {
         if key != HIGH_WATER {
             findings.add("clock", key, "expected only the key \"high_water_ms\"");
@@ -153,12 +153,12 @@ impl GuardedClock {
     /// `tolerance_ms` is a backward step while custodyd was down: reported,
     /// and time runs on from the stored value.
     pub fn open(
-        db: &sled::Db,
+        db: &custody_store::Store,
         source: Arc<dyn Clock>,
         tolerance_ms: i64,
     ) -> Result<GuardedClock, String> {
         let tree = db
-            .open_tree("clock")
+            .keyspace("clock")
             .map_err(|e| format!("clock tree: {e}"))?;
         let stored = match tree
             .get(HIGH_WATER)
@@ -166,7 +166,7 @@ impl GuardedClock {
         {
             None => None,
             Some(bytes) => Some(
-                <[u8; 8]>::try_from(bytes.as_ref())
+                <[u8; 8]>::try_from(bytes.as_slice())
                     .map(i64::from_be_bytes)
                     .map_err(|_| {
                         "clock tree: the stored time is not 8 bytes; the data directory is damaged"
@@ -185,8 +185,8 @@ impl GuardedClock {
             crate::metrics::clock_step("backward");
         }
         let decided = stored.unwrap_or(wall).max(wall);
-        tree.insert(HIGH_WATER, &decided.to_be_bytes())
-            .and_then(|_| tree.flush())
+        tree.insert(HIGH_WATER, decided.to_be_bytes())
+            .and_then(|()| db.flush())
             .map_err(|e| format!("clock tree: {e}"))?;
         Ok(GuardedClock {
             tree,
@@ -255,7 +255,7 @@ impl Clock for GuardedClock {
             // sled writes it out within its flush interval; a failed write
             // only means a restart may not know the latest time, which the
             // next successful write corrects.
-            if self.tree.insert(HIGH_WATER, &decided.to_be_bytes()).is_ok() {
+            if self.tree.insert(HIGH_WATER, decided.to_be_bytes()).is_ok() {
                 guard.persisted = decided;
             }
         }
@@ -298,9 +298,9 @@ mod tests {
         }
     }
 
-    fn db() -> (tempfile::TempDir, sled::Db) {
+    fn db() -> (tempfile::TempDir, custody_store::Store) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
         (dir, db)
     }
 

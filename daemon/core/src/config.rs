@@ -16,7 +16,7 @@ use crate::algorithms::KeyAlgorithm;
 pub struct Config {
     /// Address of the gRPC listener (mTLS only).
     pub listen: SocketAddr,
-    /// Directory of the sled database (key registry and audit log).
+    /// Directory of the embedded database (key registry and audit log) and of custodyd's local files.
     pub data_dir: PathBuf,
     /// Largest gRPC message accepted, in bytes.
     #[serde(default = "default_max_message_bytes")]

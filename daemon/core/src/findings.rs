@@ -1,5 +1,5 @@
 //! What a check of stored records finds: one [`Finding`] per record that is
-//! not what its owner wrote, naming the sled tree, the key, and what was
+//! not what its owner wrote, naming the keyspace, the key, and what was
 //! expected there. Each module that owns a tree's encoding checks its own
 //! tree into [`Findings`]; `integrity` runs them all (threat model F1).
 
@@ -10,7 +10,7 @@ pub const MAX_LISTED: usize = 100;
 /// One record that is not what custodyd wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
-    /// The sled tree.
+    /// The keyspace.
     pub tree: &'static str,
     /// The record's key, as text (escaped if it is not printable UTF-8).
     pub key: String,
@@ -92,22 +92,17 @@ pub fn show_key(key: &[u8]) -> String {
 
 /// The tree `name` if the database has it, without making it: a check reads
 /// and never writes (a missing tree reads as empty).
-pub fn existing_tree(db: &sled::Db, name: &str) -> Result<Option<sled::Tree>, sled::Error> {
-    if db
-        .tree_names()
-        .iter()
-        .any(|n| n.as_ref() == name.as_bytes())
-    {
-        db.open_tree(name).map(Some)
-    } else {
-        Ok(None)
-    }
+pub fn existing_tree(
+    db: &custody_store::Store,
+    name: &str,
+) -> Result<Option<custody_store::Keyspace>, custody_store::StoreError> {
+    db.existing_keyspace(name)
 }
 
 /// Every record of `tree` (none if the database lacks it), with read errors
 /// noted as findings: `visit` is called with each key and value.
 pub fn each_record(
-    db: &sled::Db,
+    db: &custody_store::Store,
     tree: &'static str,
     findings: &mut Findings,
     mut visit: impl FnMut(&[u8], &[u8], &mut Findings),
@@ -179,7 +174,7 @@ mod tests {
     #[test]
     fn a_check_makes_no_tree() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
         let mut findings = Findings::default();
         each_record(&db, "keys", &mut findings, |_, _, _| unreachable!());
         assert!(findings.is_empty());

@@ -49,7 +49,7 @@ pub struct Report {
 
 /// Checks every tree of `db`, reading only (no tree is made). One pass over
 /// the audit log, whose result the log opens with.
-pub fn check(db: &sled::Db) -> Report {
+pub fn check(db: &custody_store::Store) -> Report {
     let mut findings = Findings::default();
     let chain = crate::audit::check_stored(db, &mut findings);
     let keys = crate::registry::check_stored(db, &mut findings);
@@ -78,7 +78,7 @@ pub fn check(db: &sled::Db) -> Report {
             let holds = existing_tree(db, tree)
                 .ok()
                 .flatten()
-                .is_some_and(|t| !t.is_empty());
+                .is_some_and(|t| t.is_empty().is_ok_and(|empty| !empty));
             if holds {
                 findings.add_shown(
                     "audit",
@@ -219,26 +219,30 @@ mod tests {
 
     use super::*;
 
-    fn db() -> (tempfile::TempDir, sled::Db) {
+    fn db() -> (tempfile::TempDir, custody_store::Store) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
         (dir, db)
     }
 
     #[test]
     fn an_empty_directory_is_clean_and_is_not_changed_by_the_check() {
         let (_dir, db) = db();
-        let before = db.tree_names();
+        let before = db.keyspace_names().unwrap();
         let report = check(&db);
         assert!(report.is_clean(), "{:?}", report.findings);
         assert!(report.chain.is_empty());
-        assert_eq!(db.tree_names(), before, "the check made no tree");
+        assert_eq!(
+            db.keyspace_names().unwrap(),
+            before,
+            "the check made no tree"
+        );
     }
 
     #[test]
     fn state_without_an_audit_log_is_refused() {
         let (_dir, db) = db();
-        db.open_tree("officers")
+        db.keyspace("officers")
             .unwrap()
             .insert("alice", b"{}".as_slice())
             .unwrap();

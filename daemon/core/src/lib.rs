@@ -21,7 +21,7 @@
 //! | [`algorithms`] | key algorithms and what they mean at the HSM |
 //! | [`authz`] | the one decision: roles, allow-lists, acting officers, quorum gates, which quorum governs an operation |
 //! | [`keys`] | creating, rotating, changing and destroying keys and versions (one journaled generation protocol) |
-//! | [`registry`] | keys and versions in sled, held in memory |
+//! | [`registry`] | keys and versions in the store, held in memory |
 //! | [`lifecycle`] | NIST SP 800-57 version states: transitions and permitted uses |
 //! | [`audit`] | the hash-chained audit log, group commit, checkpoints, offline verification |
 //! | [`dual_control`] | officers, quorum policies, approved operations |
@@ -36,7 +36,7 @@
 //! | [`metrics`] | every Prometheus metric |
 //! | [`pin_lockout`] | counting failed HSM logins across restarts |
 //! | [`integrity`] | the data directory checked at start and by `custodyd --check`: every tree's check, the checks across trees, the report; a data directory lost while the token survived |
-//! | [`stored`] | how a JSON record lies in sled: a CRC-32C over its key and JSON, then the JSON |
+//! | [`stored`] | how a JSON record lies in the store: a CRC-32C over its key and JSON, then the JSON |
 //! | [`findings`] | what a check of stored records finds (tree, key, what was expected), and reading a tree without making it |
 //! | [`limits`] | the caps on work one caller takes on: pending operations, open ceremonies, one drift check and one audit verification at a time |
 //! | [`failpoint`] | crash points for the SIGKILL tests (test builds only) |

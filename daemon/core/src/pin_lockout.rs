@@ -5,25 +5,25 @@
 //! after `max_pin_failures`, and keeps refusing across restarts until an
 //! operator with access to the host resets the count.
 
-/// The count, in the sled tree `meta`.
+/// The count, in the keyspace `meta`.
 const KEY: &[u8] = b"pin_failures";
 
-fn tree(db: &sled::Db) -> Result<sled::Tree, String> {
-    db.open_tree("meta").map_err(|e| format!("database: {e}"))
+fn tree(db: &custody_store::Store) -> Result<custody_store::Keyspace, String> {
+    db.keyspace("meta").map_err(|e| format!("database: {e}"))
 }
 
 /// Consecutive failed logins so far.
-pub fn failures(db: &sled::Db) -> Result<u32, String> {
+pub fn failures(db: &custody_store::Store) -> Result<u32, String> {
     Ok(tree(db)?
         .get(KEY)
         .map_err(|e| format!("database: {e}"))?
-        .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+        .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
         .map_or(0, u32::from_be_bytes))
 }
 
-fn store(db: &sled::Db, count: u32) -> Result<(), String> {
+fn store(db: &custody_store::Store, count: u32) -> Result<(), String> {
     tree(db)?
-        .insert(KEY, &count.to_be_bytes())
+        .insert(KEY, count.to_be_bytes())
         .map_err(|e| format!("database: {e}"))?;
     db.flush()
         .map(drop)
@@ -31,7 +31,7 @@ fn store(db: &sled::Db, count: u32) -> Result<(), String> {
 }
 
 /// Refuses to try the PIN once `max` consecutive logins have failed.
-pub fn check(db: &sled::Db, max: u32) -> Result<u32, String> {
+pub fn check(db: &custody_store::Store, max: u32) -> Result<u32, String> {
     let count = failures(db)?;
     if count >= max {
         return Err(format!(
@@ -43,14 +43,14 @@ pub fn check(db: &sled::Db, max: u32) -> Result<u32, String> {
 }
 
 /// Records a failed login, durably; returns the new count.
-pub fn record_failure(db: &sled::Db) -> Result<u32, String> {
+pub fn record_failure(db: &custody_store::Store) -> Result<u32, String> {
     let count = failures(db)?.saturating_add(1);
     store(db, count)?;
     Ok(count)
 }
 
 /// Clears the count (after a successful login, or by the operator).
-pub fn reset(db: &sled::Db) -> Result<(), String> {
+pub fn reset(db: &custody_store::Store) -> Result<(), String> {
     if failures(db)? != 0 {
         store(db, 0)?;
     }
@@ -59,7 +59,7 @@ pub fn reset(db: &sled::Db) -> Result<(), String> {
 
 /// Checks the tree `meta` (threat model F1): it holds the failed-login
 /// count, 4 bytes, and nothing else.
-pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::Findings) {
     crate::findings::each_record(db, "meta", findings, |key, value, findings| {
         if key != KEY {
             findings.add("meta", key, "expected only the key \"pin_failures\"");

@@ -1,15 +1,15 @@
-//! The key registry: key name → algorithm, signers and versions, in sled.
+//! The key registry: key name → algorithm, signers and versions, in the store.
 //!
 //! The whole registry is read into memory at start (10,000 keys load in
 //! milliseconds; see docs/benchmarks.md), so the signing path never reads the
 //! disk or searches the HSM: a request's key version maps straight to an HSM
-//! label whose handle `hsm-shim` caches. Every change is written to sled and
+//! label whose handle `hsm-shim` caches. Every change is written to the store and
 //! flushed before it is acknowledged, one change at a time under
 //! [`Registry::lock`].
 //!
 //! New versions (a created key's first, a rotation's next) are journaled:
 //! a [`PendingVersion`] is written and flushed before the HSM generates the
-//! key, and removed in the same sled transaction that commits the version to
+//! key, and removed in the same atomic batch that commits the version to
 //! the key. A pending entry found at start is a generation custodyd did not
 //! finish; the daemon rolls it back (destroys whatever the HSM made under its
 //! label), so a half-made version is never usable.
@@ -193,9 +193,9 @@ pub enum CommitError {
 
 /// The registry; see the module docs.
 pub struct Registry {
-    db: sled::Db,
-    tree: sled::Tree,
-    pending: sled::Tree,
+    db: custody_store::Store,
+    tree: custody_store::Keyspace,
+    pending: custody_store::Keyspace,
     keys: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
     writer: tokio::sync::Mutex<()>,
 }
@@ -203,12 +203,12 @@ pub struct Registry {
 impl Registry {
     /// Opens the registry in `db` and loads it into memory. A record that does
     /// not parse stops the start: a registry we cannot read is not guessed at.
-    pub fn open(db: &sled::Db) -> Result<Registry, RegistryError> {
+    pub fn open(db: &custody_store::Store) -> Result<Registry, RegistryError> {
         let tree = db
-            .open_tree("keys")
+            .keyspace("keys")
             .map_err(|e| RegistryError(e.to_string()))?;
         let pending = db
-            .open_tree("pending_versions")
+            .keyspace("pending_versions")
             .map_err(|e| RegistryError(e.to_string()))?;
         let mut keys = BTreeMap::new();
         for item in tree.iter() {
@@ -270,7 +270,7 @@ impl Registry {
         self.writer.lock().await
     }
 
-    /// Writes `record` durably (sled flush), then makes it visible.
+    /// Writes `record` durably (written and flushed), then makes it visible.
     pub async fn put(&self, record: KeyRecord) -> Result<(), RegistryError> {
         let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
             .map_err(|e| RegistryError(e.to_string()))?;
@@ -286,11 +286,11 @@ impl Registry {
     /// Writes `records` in one atomic batch, durably, then makes them
     /// visible: a restore registers all its keys or none.
     pub async fn put_all(&self, records: Vec<KeyRecord>) -> Result<(), RegistryError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = custody_store::Batch::default();
         for record in &records {
             let bytes = crate::stored::seal(record.key_id.as_bytes(), record)
                 .map_err(|e| RegistryError(e.to_string()))?;
-            batch.insert(record.key_id.as_bytes(), bytes);
+            batch.insert(&self.tree, record.key_id.as_bytes(), bytes);
         }
         self.tree
             .apply_batch(batch)
@@ -321,17 +321,15 @@ impl Registry {
         record: KeyRecord,
         hsm_label: &str,
     ) -> Result<(), CommitError> {
-        use sled::Transactional;
         let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
             .map_err(|e| CommitError::NotApplied(RegistryError(e.to_string())))?;
-        (&self.tree, &self.pending)
-            .transaction(|(keys, pending)| {
-                keys.insert(record.key_id.as_bytes(), bytes.as_slice())?;
-                pending.remove(hsm_label.as_bytes())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| CommitError::NotApplied(RegistryError(format!("commit: {e:?}"))))?;
-        // Applied: sled serves it from now on whether or not the flush
+        let mut batch = custody_store::Batch::default();
+        batch.insert(&self.tree, record.key_id.as_bytes(), bytes);
+        batch.remove(&self.pending, hsm_label.as_bytes());
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| CommitError::NotApplied(RegistryError(format!("commit: {e}"))))?;
+        // Applied: the store serves it from now on whether or not the flush
         // succeeds, so memory must agree, or a retry would reuse the label.
         let flushed = self.flush().await;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
@@ -384,7 +382,7 @@ impl Registry {
 /// clears the entry in the same transaction). Returns each key id found
 /// with its version numbers, for the checks across trees.
 pub fn check_stored(
-    db: &sled::Db,
+    db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
 ) -> std::collections::BTreeMap<String, Vec<u32>> {
     use crate::findings::{each_record, json_record};

@@ -1,4 +1,4 @@
-//! How a JSON record lies in sled: a checksum over its key and its JSON,
+//! How a JSON record lies in the store: a checksum over its key and its JSON,
 //! then the JSON. Every JSON record custodyd keeps outside the audit log
 //! (keys, pending versions, ceremonies, backup KEKs, officers, operations)
 //! is written with [`seal`] and read with [`open`], so a record torn,

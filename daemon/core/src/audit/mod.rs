@@ -1,7 +1,7 @@
 //! The tamper-evident audit log.
 //!
 //! Each record is canonical JSON bytes (`seq`, `time`, `prev`, `event`) stored
-//! with its hash, `SHA-256(previous hash || entry)`, in the sled tree `audit`
+//! with its hash, `SHA-256(previous hash || entry)`, in the store's keyspace `audit`
 //! under its big-endian sequence number. The first record's previous hash is 32
 //! zero bytes. Deleting, reordering, inserting or changing a record breaks the
 //! chain; cutting the tail is caught by checkpoints (records that carry an
@@ -19,7 +19,7 @@
 //! |---|---|
 //! | `event.rs` | [`Event`], what happened; [`Entry`], the record it is stored in; RFC 3339 times |
 //! | `chain.rs` | [`chain_hash`], the messages the audit key signs, [`Record`], [`SignedHead`], [`AuditError`] |
-//! | `writer.rs` | [`AuditLog`] and its writer thread: group commit, fail closed, checkpoints, the audit key, the sled layout |
+//! | `writer.rs` | [`AuditLog`] and its writer thread: group commit, fail closed, checkpoints, the audit key, the stored layout |
 //! | `verify.rs` | checking a chain ([`verify_records`]), a signed head, and an export offline ([`ExportLine`], [`verify_export`]) |
 //!
 //! The files are private modules and everything is re-exported here, so every

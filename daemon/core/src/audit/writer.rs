@@ -1,6 +1,6 @@
 //! The [`AuditLog`] handle and the one writer thread behind it: group commit,
 //! failing closed after a failed flush, checkpoints on the policy's cadence,
-//! and the signatures of the audit key. How a record lies in sled (its hash,
+//! and the signatures of the audit key. How a record lies in the store (its hash,
 //! then its entry, under its big-endian sequence number) is written and read
 //! only here.
 //!
@@ -70,7 +70,7 @@ pub struct CheckpointPolicy {
 #[derive(Clone)]
 pub struct AuditLog {
     commands: crossbeam_channel::Sender<Command>,
-    tree: sled::Tree,
+    tree: custody_store::Keyspace,
     failed: Arc<AtomicBool>,
     audit_key_spki: Arc<Vec<u8>>,
     audit_key_pem: Arc<String>,
@@ -115,13 +115,13 @@ impl AuditLog {
     /// session of its own, closed after), and starts the writer thread,
     /// which signs on `hsm`'s workers.
     pub fn open(
-        db: &sled::Db,
+        db: &custody_store::Store,
         chain: &CheckedChain,
         hsm: &Hsm,
         policy: CheckpointPolicy,
     ) -> Result<AuditLog, String> {
         let mut session = hsm.session().map_err(|e| format!("HSM: {e}"))?;
-        let tree = db.open_tree("audit").map_err(|e| e.to_string())?;
+        let tree = db.keyspace("audit").map_err(|e| e.to_string())?;
         let report = chain.report.clone();
         if let Some((seq, problem)) = report.first_bad {
             return Err(AuditError::Corrupt { seq, problem }.to_string());
@@ -304,7 +304,10 @@ impl CheckedChain {
 /// record, or one deleted anywhere but at the tail. A record deleted from
 /// the tail leaves a shorter chain that is whole; only a checkpoint or an
 /// export's signed head kept elsewhere shows it (threat model F1).
-pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) -> CheckedChain {
+pub fn check_stored(
+    db: &custody_store::Store,
+    findings: &mut crate::findings::Findings,
+) -> CheckedChain {
     let tree = match crate::findings::existing_tree(db, "audit") {
         Ok(Some(tree)) => tree,
         Ok(None) => {
@@ -337,12 +340,12 @@ pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) -> 
 }
 
 fn stored_records(
-    tree: &sled::Tree,
+    tree: &custody_store::Keyspace,
     start: u64,
 ) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
     tree.range(start.max(1).to_be_bytes()..).map(|item| {
         let (key, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        let seq = <[u8; 8]>::try_from(key.as_ref())
+        let seq = <[u8; 8]>::try_from(key.as_slice())
             .map(u64::from_be_bytes)
             .map_err(|_| AuditError::Corrupt {
                 seq: 0,
@@ -369,17 +372,20 @@ fn stored_records(
 /// none) on this process's clock, brought no further back than `interval`
 /// (so a checkpoint overdue at start is due at once). A daemon that restarts
 /// more often than `interval` still checkpoints.
-fn checkpoint_cadence(tree: &sled::Tree, last_seq: u64, interval: Duration) -> (u64, Instant) {
+fn checkpoint_cadence(
+    tree: &custody_store::Keyspace,
+    last_seq: u64,
+    interval: Duration,
+) -> (u64, Instant) {
     let decode = |value: &[u8]| {
         value
             .get(32..)
             .and_then(|entry| serde_json::from_slice::<Entry>(entry).ok())
     };
     let last = tree
-        .iter()
+        .iter_rev()
         .values()
-        .rev()
-        .filter_map(|value| value.ok().and_then(|v| decode(v.as_ref())))
+        .filter_map(|value| value.ok().and_then(|v| decode(&v)))
         .find(|entry| matches!(entry.event, Event::Checkpoint { .. }));
     let (seq, time) = match last {
         Some(entry) => (entry.seq, entry.time),
@@ -405,8 +411,8 @@ fn checkpoint_cadence(tree: &sled::Tree, last_seq: u64, interval: Duration) -> (
 }
 
 struct Writer {
-    db: sled::Db,
-    tree: sled::Tree,
+    db: custody_store::Store,
+    tree: custody_store::Keyspace,
     hsm: Hsm,
     label: KeyLabel,
     seq: u64,

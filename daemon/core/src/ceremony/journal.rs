@@ -1,4 +1,4 @@
-//! The ceremony journal: one record per ceremony in sled, rewritten and
+//! The ceremony journal: one record per ceremony in the store, rewritten and
 //! flushed at every step, and the token's current backup KEK.
 //!
 //! The record is what makes a ceremony survive a crash: every HSM object a
@@ -226,26 +226,26 @@ fn err(e: impl std::fmt::Display) -> JournalError {
 
 const CURRENT_BACKUP_KEK: &[u8] = b"current";
 
-/// The journal in sled.
+/// The journal in the store.
 #[derive(Clone)]
 pub struct Journal {
-    db: sled::Db,
-    ceremonies: sled::Tree,
-    backup_keks: sled::Tree,
+    db: custody_store::Store,
+    ceremonies: custody_store::Keyspace,
+    backup_keks: custody_store::Keyspace,
     /// The ids of unfinished ceremonies, kept with each record in one
     /// transaction, so that what runs often (drift checks, key creation)
     /// reads only those.
-    unfinished: sled::Tree,
+    unfinished: custody_store::Keyspace,
 }
 
 impl Journal {
     /// Opens the journal's trees in `db`.
-    pub fn open(db: &sled::Db) -> Result<Journal, JournalError> {
+    pub fn open(db: &custody_store::Store) -> Result<Journal, JournalError> {
         Ok(Journal {
             db: db.clone(),
-            ceremonies: db.open_tree("ceremonies").map_err(err)?,
-            backup_keks: db.open_tree("backup_keks").map_err(err)?,
-            unfinished: db.open_tree("ceremonies_unfinished").map_err(err)?,
+            ceremonies: db.keyspace("ceremonies").map_err(err)?,
+            backup_keks: db.keyspace("backup_keks").map_err(err)?,
+            unfinished: db.keyspace("ceremonies_unfinished").map_err(err)?,
         })
     }
 
@@ -283,20 +283,15 @@ impl Journal {
     /// Writes `record` and flushes: nothing a step does next happens before
     /// this returns.
     pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
-        use sled::Transactional;
         let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(err)?;
-        let finished = record.phase.finished();
-        (&self.ceremonies, &self.unfinished)
-            .transaction(|(ceremonies, unfinished)| {
-                ceremonies.insert(record.id.as_bytes(), bytes.as_slice())?;
-                if finished {
-                    unfinished.remove(record.id.as_bytes())?;
-                } else {
-                    unfinished.insert(record.id.as_bytes(), &[])?;
-                }
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| JournalError(format!("{e:?}")))?;
+        let mut batch = custody_store::Batch::default();
+        batch.insert(&self.ceremonies, record.id.as_bytes(), bytes);
+        if record.phase.finished() {
+            batch.remove(&self.unfinished, record.id.as_bytes());
+        } else {
+            batch.insert(&self.unfinished, record.id.as_bytes(), []);
+        }
+        self.ceremonies.apply_batch(batch).map_err(err)?;
         self.flush().await
     }
 
@@ -326,7 +321,7 @@ impl Journal {
         self.backup_keks
             .iter()
             .filter_map(|item| match item {
-                Ok((key, _)) if key.as_ref() == CURRENT_BACKUP_KEK => None,
+                Ok((key, _)) if key.as_slice() == CURRENT_BACKUP_KEK => None,
                 Ok((key, _)) => Some(Ok(String::from_utf8_lossy(&key).into_owned())),
                 Err(e) => Some(Err(err(e))),
             })
@@ -350,7 +345,7 @@ impl Journal {
     pub fn backup_kek_of(&self, ceremony: &str) -> Result<Option<BackupKek>, JournalError> {
         for item in self.backup_keks.iter() {
             let (key, bytes) = item.map_err(err)?;
-            if key.as_ref() == CURRENT_BACKUP_KEK {
+            if key.as_slice() == CURRENT_BACKUP_KEK {
                 continue;
             }
             let kek: BackupKek = crate::stored::open(&key, &bytes).map_err(err)?;
@@ -400,7 +395,7 @@ impl Journal {
 /// Returns, per completed ceremony, the key ids it registered (for the
 /// check against the registry).
 pub fn check_stored(
-    db: &sled::Db,
+    db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
 ) -> Vec<(String, Vec<String>)> {
     use crate::findings::{each_record, json_record};

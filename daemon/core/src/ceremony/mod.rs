@@ -4,7 +4,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`journal`] | ceremony records and the backup KEK in sled |
+//! | [`journal`] | ceremony records and the backup KEK in the store |
 //! | [`script`] | ceremony scripts: parsing, validation, the plan |
 //! | [`state`] | what the engine keeps between steps (journal, lock, secrets in memory) |
 //! | [`shares`] | the K-of-N share format custodians hold |

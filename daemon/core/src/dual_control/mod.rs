@@ -4,7 +4,7 @@
 //! - [`quorum`]: the rule itself, pure and property-tested.
 //! - [`operation`]: what an operation is, its canonical digest (what officers
 //!   sign) and its rendering (what they read).
-//! - [`store`]: officers, the administrative quorum and operations in sled,
+//! - [`store`]: officers, the administrative quorum and operations in the store,
 //!   flushed before anything is acknowledged.
 //! - [`operation_store`]: operations and the indexes (pending, by time, by
 //!   requester, finished) that keep sweeps and lists bounded.

@@ -1,4 +1,4 @@
-//! Operations in sled, with the indexes that keep what runs often bounded
+//! Operations in the store, with the indexes that keep what runs often bounded
 //! by what it needs, not by how many operations were ever made (threat
 //! model R2):
 //!
@@ -10,18 +10,15 @@
 //! | `operations_by_requester` | requester ‖ 0 ‖ created ‖ id → state | a requester's own list |
 //! | `operations_finished` | finished (8 bytes BE) ‖ id → created ‖ requester | pruning after the retention period |
 //!
-//! A record and its index entries change in one sled transaction, flushed
+//! A record and its index entries change in one atomic batch, flushed
 //! before the change is acknowledged. Stores made before the indexes
 //! existed are indexed once, at open.
 
 use std::sync::{Mutex, PoisonError};
 
-use sled::Transactional;
-use sled::transaction::ConflictableTransactionError;
+use custody_store::Batch;
 
 use super::operation::{OperationRecord, OperationState};
-
-type TxError = ConflictableTransactionError<()>;
 
 /// The key in `dual_control` saying the indexes are built.
 pub(super) const INDEXED: &[u8] = b"operations_indexed_v1";
@@ -128,20 +125,23 @@ fn error(e: impl std::fmt::Display) -> String {
 
 /// Operations and their indexes.
 pub struct OperationStore {
-    db: sled::Db,
-    records: sled::Tree,
-    pending: sled::Tree,
-    by_time: sled::Tree,
-    by_requester: sled::Tree,
-    finished: sled::Tree,
+    db: custody_store::Store,
+    records: custody_store::Keyspace,
+    pending: custody_store::Keyspace,
+    by_time: custody_store::Keyspace,
+    by_requester: custody_store::Keyspace,
+    finished: custody_store::Keyspace,
     /// Operations in the store by state (a gauge), kept as they change.
     counts: Mutex<[usize; 5]>,
 }
 
 impl OperationStore {
     /// Opens the trees in `db`; indexes a store made before the indexes.
-    pub fn open(db: &sled::Db, meta: &sled::Tree) -> Result<OperationStore, String> {
-        let tree = |name: &str| db.open_tree(name).map_err(error);
+    pub fn open(
+        db: &custody_store::Store,
+        meta: &custody_store::Keyspace,
+    ) -> Result<OperationStore, String> {
+        let tree = |name: &str| db.keyspace(name).map_err(error);
         let store = OperationStore {
             db: db.clone(),
             records: tree("operations")?,
@@ -162,7 +162,7 @@ impl OperationStore {
             }
         }
         if !indexed {
-            meta.insert(INDEXED, &[1]).map_err(error)?;
+            meta.insert(INDEXED, [1]).map_err(error)?;
             store.db.flush().map_err(error)?;
         }
         *store.counts.lock().unwrap_or_else(PoisonError::into_inner) = counts;
@@ -174,12 +174,12 @@ impl OperationStore {
     fn index(&self, record: &OperationRecord) -> Result<(), String> {
         let state = [state_byte(record.state)];
         self.by_time
-            .insert(time_id(record.created_ms, &record.id), &state)
+            .insert(time_id(record.created_ms, &record.id), state)
             .map_err(error)?;
         self.by_requester
             .insert(
                 requester_key(&record.requester, record.created_ms, &record.id),
-                &state,
+                state,
             )
             .map_err(error)?;
         if record.state == OperationState::Pending {
@@ -224,11 +224,12 @@ impl OperationStore {
             .collect()
     }
 
-    /// Writes `record` and its index entries in one transaction, durably.
+    /// Writes `record` and its index entries in one atomic batch, durably.
     /// Callers hold the dual-control lock, so no two writes race: besides
-    /// ordering the writes of one operation, it keeps sled's optimistic
-    /// transactions over these trees from retrying against each other
-    /// (many at once were seen to livelock in an optimised build).
+    /// ordering the writes of one operation, it keeps the sled backend's
+    /// optimistic transactions (which carry a batch over several keyspaces)
+    /// from retrying against each other (many at once were seen to livelock
+    /// in an optimised build).
     pub async fn put(&self, record: &OperationRecord) -> Result<(), String> {
         let before = self.get(&record.id)?.map(|r| r.state);
         let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(error)?;
@@ -238,29 +239,18 @@ impl OperationStore {
         let pending = (record.state == OperationState::Pending).then(|| pending_value(record));
         let finished_key = time_id(finished_at(record), &record.id);
         let finished_value = finished_value(record);
-        (
-            &self.records,
-            &self.pending,
-            &self.by_time,
-            &self.by_requester,
-            &self.finished,
-        )
-            .transaction(|(records, pending_tree, by_time, by_requester, finished)| {
-                records.insert(record.id.as_bytes(), bytes.as_slice())?;
-                by_time.insert(by_time_key.as_slice(), &state)?;
-                by_requester.insert(by_requester_key.as_slice(), &state)?;
-                match &pending {
-                    Some(value) => {
-                        pending_tree.insert(record.id.as_bytes(), value.as_slice())?;
-                    }
-                    None => {
-                        pending_tree.remove(record.id.as_bytes())?;
-                        finished.insert(finished_key.as_slice(), finished_value.as_slice())?;
-                    }
-                }
-                Ok::<_, TxError>(())
-            })
-            .map_err(|e| error(format!("{e:?}")))?;
+        let mut batch = Batch::default();
+        batch.insert(&self.records, record.id.as_bytes(), bytes);
+        batch.insert(&self.by_time, by_time_key, state);
+        batch.insert(&self.by_requester, by_requester_key, state);
+        match pending {
+            Some(value) => batch.insert(&self.pending, record.id.as_bytes(), value),
+            None => {
+                batch.remove(&self.pending, record.id.as_bytes());
+                batch.insert(&self.finished, finished_key, finished_value);
+            }
+        }
+        self.records.apply_batch(batch).map_err(error)?;
         self.flush().await?;
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(before) = before {
@@ -334,7 +324,7 @@ impl OperationStore {
         let mut page = Page::default();
         let mut scanned = 0;
         let mut last = None;
-        for item in tree.range(prefix.clone()..end).rev() {
+        for item in tree.range_rev(prefix.clone()..end) {
             let (key, value) = item.map_err(error)?;
             scanned += 1;
             let time_id = &key[prefix.len()..];
@@ -410,26 +400,17 @@ impl OperationStore {
                 }
             }
         }
-        (
-            &self.records,
-            &self.by_time,
-            &self.by_requester,
-            &self.finished,
-        )
-            .transaction(|(records, by_time, by_requester, finished)| {
-                for record in &doomed {
-                    records.remove(record.id.as_bytes())?;
-                    by_time.remove(time_id(record.created_ms, &record.id))?;
-                    by_requester.remove(requester_key(
-                        &record.requester,
-                        record.created_ms,
-                        &record.id,
-                    ))?;
-                    finished.remove(time_id(finished_at(record), &record.id))?;
-                }
-                Ok::<_, TxError>(())
-            })
-            .map_err(|e| error(format!("{e:?}")))?;
+        let mut batch = Batch::default();
+        for record in &doomed {
+            batch.remove(&self.records, record.id.as_bytes());
+            batch.remove(&self.by_time, time_id(record.created_ms, &record.id));
+            batch.remove(
+                &self.by_requester,
+                requester_key(&record.requester, record.created_ms, &record.id),
+            );
+            batch.remove(&self.finished, time_id(finished_at(record), &record.id));
+        }
+        self.records.apply_batch(batch).map_err(error)?;
         self.flush().await?;
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         for record in &doomed {
@@ -455,9 +436,13 @@ impl OperationStore {
 /// to a record. Point lookups per record and per entry: no table of ids is
 /// held. A store not yet indexed (`indexed` false) is indexed at open, so
 /// its indexes are not checked.
-pub fn check_stored(db: &sled::Db, indexed: bool, findings: &mut crate::findings::Findings) {
+pub fn check_stored(
+    db: &custody_store::Store,
+    indexed: bool,
+    findings: &mut crate::findings::Findings,
+) {
     use crate::findings::{each_record, existing_tree, json_record};
-    let trees: Result<Vec<Option<sled::Tree>>, sled::Error> = [
+    let trees: Result<Vec<Option<custody_store::Keyspace>>, custody_store::StoreError> = [
         "operations",
         "operations_pending",
         "operations_by_time",
@@ -470,7 +455,7 @@ pub fn check_stored(db: &sled::Db, indexed: bool, findings: &mut crate::findings
     let Ok(trees) = trees else {
         return findings.unreadable("operations", "opening the operation trees");
     };
-    let get = |tree: usize, key: &[u8]| -> Option<sled::IVec> {
+    let get = |tree: usize, key: &[u8]| -> Option<Vec<u8>> {
         trees[tree].as_ref().and_then(|t| t.get(key).ok().flatten())
     };
     each_record(db, "operations", findings, |id, bytes, findings| {
@@ -507,7 +492,7 @@ pub fn check_stored(db: &sled::Db, indexed: bool, findings: &mut crate::findings
         let state = [state_byte(record.state)];
         let mut expect =
             |tree: usize, name: &'static str, key: Vec<u8>, value: Vec<u8>| match get(tree, &key) {
-                Some(found) if found.as_ref() == value.as_slice() => {}
+                Some(found) if found == value => {}
                 Some(_) => findings.add(
                     name,
                     &key,
@@ -624,9 +609,10 @@ mod tests {
         }
     }
 
-    fn open() -> (sled::Db, OperationStore) {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let meta = db.open_tree("dual_control").unwrap();
+    fn open() -> (custody_store::Store, OperationStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
+        let meta = db.keyspace("dual_control").unwrap();
         let store = OperationStore::open(&db, &meta).unwrap();
         (db, store)
     }
@@ -737,8 +723,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_old_store_is_indexed_at_open() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let records = db.open_tree("operations").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
+        let records = db.keyspace("operations").unwrap();
         for n in 1..=4 {
             let state = if n == 4 {
                 OperationState::Pending
@@ -751,7 +738,7 @@ mod tests {
                 .insert(old.id.as_bytes(), serde_json::to_vec(&old).unwrap())
                 .unwrap();
         }
-        let meta = db.open_tree("dual_control").unwrap();
+        let meta = db.keyspace("dual_control").unwrap();
         let store = OperationStore::open(&db, &meta).unwrap();
         assert_eq!(store.pending().unwrap().len(), 1);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Officers, the administrative quorum and operations, in sled. Every change is
+//! Officers, the administrative quorum and operations, in the store. Every change is
 //! flushed before it is acknowledged; officers are also held in memory.
 
 use std::collections::BTreeMap;
@@ -97,10 +97,10 @@ pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), 
 
 /// The dual-control store.
 pub struct DualControlStore {
-    db: sled::Db,
-    officers_tree: sled::Tree,
+    db: custody_store::Store,
+    officers_tree: custody_store::Keyspace,
     operations: OperationStore,
-    meta: sled::Tree,
+    meta: custody_store::Keyspace,
     officers: RwLock<BTreeMap<String, OfficerRecord>>,
     admin_required: RwLock<u32>,
     writer: tokio::sync::Mutex<()>,
@@ -114,9 +114,9 @@ fn store_error(e: impl std::fmt::Display) -> String {
 
 impl DualControlStore {
     /// Opens the store in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self, String> {
-        let officers_tree = db.open_tree("officers").map_err(store_error)?;
-        let meta = db.open_tree("dual_control").map_err(store_error)?;
+    pub fn open(db: &custody_store::Store) -> Result<Self, String> {
+        let officers_tree = db.keyspace("officers").map_err(store_error)?;
+        let meta = db.keyspace("dual_control").map_err(store_error)?;
         let operations = OperationStore::open(db, &meta)?;
         let mut officers = BTreeMap::new();
         for item in officers_tree.iter() {
@@ -128,7 +128,7 @@ impl DualControlStore {
         let admin_required = match meta.get(ADMIN_REQUIRED).map_err(store_error)? {
             Some(bytes) => u32::from_be_bytes(
                 bytes
-                    .as_ref()
+                    .as_slice()
                     .try_into()
                     .map_err(|_| store_error("corrupt admin quorum"))?,
             ),
@@ -165,7 +165,7 @@ impl DualControlStore {
             self.write_officer(record)?;
         }
         self.meta
-            .insert(ADMIN_REQUIRED, &genesis.required.to_be_bytes())
+            .insert(ADMIN_REQUIRED, genesis.required.to_be_bytes())
             .map_err(store_error)?;
         self.flush().await?;
         // Visible only once durable.
@@ -364,7 +364,7 @@ impl DualControlStore {
 /// indexes ([`super::operation_store::check_stored`]). A deleted officer
 /// record leaves a smaller, whole officer set: nothing else names it, so
 /// this check cannot see it (the audit log records every enrolment).
-pub fn check_stored(db: &sled::Db, findings: &mut crate::findings::Findings) {
+pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::Findings) {
     use crate::findings::{each_record, json_record};
     let mut enrolled = 0u32;
     each_record(db, "officers", findings, |id, bytes, findings| {

@@ -17,7 +17,7 @@
 //!
 //! - the registry's pending versions ([`PendingVersions`]), for CreateKey
 //!   and rotation: the version is committed with [`commit_version`], in the
-//!   sled transaction that clears its entry, so it becomes usable
+//!   atomic batch that clears its entry, so it becomes usable
 //!   atomically; a crash before that leaves the entry, and the next start
 //!   rolls it back ([`roll_back_version`]: whatever the HSM holds under the
 //!   label is destroyed), so a half-made version is never usable;
