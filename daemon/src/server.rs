@@ -101,6 +101,7 @@ impl Daemon {
                 every: config.audit.checkpoint_every,
                 interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
             },
+            config.store.replica_id.clone(),
         )
         .map_err(|e| format!("audit log: {e}"))?;
         let previous_stop = if matches!(audit.last_event(), Some(Event::DaemonStopped { .. })) {

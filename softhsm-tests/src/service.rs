@@ -235,6 +235,7 @@ impl TestService {
                 reserve_mib: 1,
                 ..StorageSection::default()
             },
+            store: Default::default(),
         };
         // Three officers, two of whom make the administrative quorum.
         let passphrase = hsm_shim::SecretString::from("test passphrase, long enough");

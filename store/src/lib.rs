@@ -52,6 +52,15 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Debug)]
 pub struct TxError(TxFault);
 
+impl TxError {
+    /// Ends the transaction with nothing written and fails it with `reason`:
+    /// the body's own refusal (a record it cannot encode, a state it must
+    /// not write over).
+    pub fn abort(reason: impl std::fmt::Display) -> TxError {
+        TxError(TxFault::Store(StoreError::Failed(reason.to_string())))
+    }
+}
+
 #[derive(Debug)]
 enum TxFault {
     /// The backend saw a conflict and will run the body again.
@@ -59,7 +68,6 @@ enum TxFault {
     /// The body used a keyspace it did not declare.
     Undeclared(String),
     /// The backend failed a read or write inside the body.
-    #[expect(dead_code, reason = "only the etcd backend raises it")]
     Store(StoreError),
 }
 

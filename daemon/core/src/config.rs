@@ -55,6 +55,104 @@ pub struct Config {
     /// Room on the disk under `data_dir`.
     #[serde(default)]
     pub storage: StorageSection,
+    /// Where the durable state lives: embedded, or shared by replicas.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`: the backend of the durable state. `sled` (the default) keeps
+/// it in `data_dir`, for one custodyd; `etcd` keeps it in an etcd v3 cluster
+/// that several custodyd replicas share.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `"sled"` or `"etcd"`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// This replica's name, unique among the replicas of one store: audit
+    /// records name it. Required with etcd.
+    pub replica_id: Option<String>,
+    /// etcd client URLs (`https://host:port`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The prefix of every key custodyd writes in etcd (default `custody/`).
+    pub prefix: Option<String>,
+    /// PEM file of the CA that signed the etcd members' certificates.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate custodyd presents to etcd.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Deadline of one etcd request, in milliseconds (default 5000).
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// The backends of `[store] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled, embedded in `data_dir`.
+    #[default]
+    Sled,
+    /// An etcd v3 cluster shared by replicas.
+    Etcd,
+}
+
+impl StoreSection {
+    /// The longest replica id: it is written into every audit record.
+    pub const MAX_REPLICA_ID: usize = 64;
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let problem = |text: &str| Err(ConfigError(format!("[store] {text}")));
+        if let Some(id) = &self.replica_id {
+            let fits = !id.is_empty()
+                && id.len() <= Self::MAX_REPLICA_ID
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !fits {
+                return problem("replica_id must be 1-64 characters of A-Z a-z 0-9 . _ -");
+            }
+        }
+        match self.backend {
+            StoreBackend::Sled => {
+                let etcd_only = !self.endpoints.is_empty()
+                    || self.prefix.is_some()
+                    || self.ca.is_some()
+                    || self.cert.is_some()
+                    || self.key.is_some()
+                    || self.request_timeout_ms.is_some();
+                if etcd_only {
+                    return problem(
+                        "endpoints, prefix, ca, cert, key and request_timeout_ms are for backend = \"etcd\"",
+                    );
+                }
+            }
+            StoreBackend::Etcd => {
+                if self.replica_id.is_none() {
+                    return problem("backend = \"etcd\" needs a replica_id");
+                }
+                if self.endpoints.is_empty() {
+                    return problem("backend = \"etcd\" needs endpoints");
+                }
+                if let Some(bad) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                    return problem(&format!(
+                        "endpoint {bad:?} must be https:// (custodyd talks to etcd over mutual TLS only)"
+                    ));
+                }
+                if self.ca.is_none() || self.cert.is_none() || self.key.is_none() {
+                    return problem("backend = \"etcd\" needs ca, cert and key (mutual TLS)");
+                }
+                if self
+                    .request_timeout_ms
+                    .is_some_and(|ms| !(100..=60_000).contains(&ms))
+                {
+                    return problem("request_timeout_ms must be within 100-60000");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[lifecycle]`
@@ -607,6 +705,7 @@ impl Config {
         }
         self.ceremony.trusted_audit_keys()?;
         self.connections.check()?;
+        self.store.check()?;
         if !(10..=86_400).contains(&self.dual_control.approval_ttl_secs) {
             return Err(ConfigError(
                 "[dual_control] approval_ttl_secs must be within 10-86400".into(),
@@ -793,6 +892,47 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn an_etcd_store_needs_its_replica_id_endpoints_and_mutual_tls() {
+        let etcd = REFERENCE
+            .replace("backend = \"sled\"", "backend = \"etcd\"")
+            .replace("# replica_id", "replica_id")
+            .replace("# endpoints", "endpoints")
+            .replace("# ca = ", "ca = ")
+            .replace("# cert = ", "cert = ")
+            .replace("# key = ", "key = ");
+        let config: Config = toml::from_str(&etcd).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.store.backend, StoreBackend::Etcd);
+        for (from, to, named) in [
+            ("replica_id = \"custodyd-a\"", "", "needs a replica_id"),
+            (
+                "replica_id = \"custodyd-a\"",
+                "replica_id = \"a b\"",
+                "replica_id must be",
+            ),
+            (
+                "key = \"/etc/custody/etcd-client.key\"",
+                "",
+                "needs ca, cert and key",
+            ),
+            (
+                "https://10.0.0.11:2379",
+                "http://10.0.0.11:2379",
+                "must be https://",
+            ),
+        ] {
+            let config: Config = toml::from_str(&etcd.replace(from, to)).unwrap();
+            let error = config.check().unwrap_err().to_string();
+            assert!(error.contains(named), "{from} -> {to}: {error}");
+        }
+        // etcd settings on the sled backend are a mistake, not ignored.
+        let stray = REFERENCE.replace("# endpoints", "endpoints");
+        let config: Config = toml::from_str(&stray).unwrap();
+        let error = config.check().unwrap_err().to_string();
+        assert!(error.contains("are for backend = \"etcd\""), "{error}");
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub enum AuditError {
     /// The record could not be made durable; the operation must not happen.
     #[error("audit log unavailable: {0}")]
     Unavailable(String),
+    /// The shared store did not answer: the write landed whole or not at
+    /// all (unknown which), the caller must not act, and a later write
+    /// links to whatever the stored head is.
+    #[error("audit log unavailable (store unreachable): {0}")]
+    StoreUnreachable(String),
     /// The stored chain does not verify.
     #[error("audit log corrupt at record {seq}: {problem}")]
     Corrupt {

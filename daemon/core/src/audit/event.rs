@@ -136,6 +136,10 @@ pub struct Entry {
     pub seq: u64,
     /// RFC 3339 UTC time.
     pub time: String,
+    /// The replica that wrote the record (`[store] replica_id`); absent
+    /// when custodyd runs alone without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// Hash of the previous record, hex.
     pub prev: String,
     /// What happened.
@@ -231,6 +235,7 @@ mod tests {
         Entry {
             seq,
             time: rfc3339_ms(1_700_000_000_000),
+            replica: None,
             prev: "00".repeat(32),
             event,
         }

@@ -324,6 +324,7 @@ mod tests {
         let entry = Entry {
             seq,
             time: rfc3339_ms(T0 + 1000 * seq as i64),
+            replica: None,
             prev: hex::encode(prev),
             event,
         };

@@ -1,8 +1,18 @@
 //! The [`AuditLog`] handle and the one writer thread behind it: group commit,
 //! failing closed after a failed flush, checkpoints on the policy's cadence,
-//! and the signatures of the audit key. How a record lies in the store (its hash,
-//! then its entry, under its big-endian sequence number) is written and read
-//! only here.
+//! and the signatures of the audit key. How a record lies in the store (its
+//! hash, then its entry, under its big-endian sequence number, in keyspace
+//! `audit`) and the head (keyspace `audit_head`: the last record's sequence
+//! number and hash) are written and read only here.
+//!
+//! One chain, whoever writes: a batch is linked to the head it reads and
+//! lands with the new head in one store transaction, which fails if another
+//! writer moved the head meanwhile; the writer then links the batch again
+//! onto the new head (the body of [`custody_store::Store::transaction`]
+//! runs again). Replicas sharing an etcd store so append to one chain with
+//! no fork and no gap, and each record names the replica that wrote it. A
+//! checkpoint is signed over the head it reads and lands only if that is
+//! still the head; otherwise it is signed again over the new one.
 //!
 //! The audit key signs on the HSM pool's workers ([`Hsm::run_blocking`]),
 //! like every other HSM call, so its calls have the pool's deadline: a hung
@@ -29,6 +39,24 @@ use crate::metrics;
 pub const AUDIT_KEY_LABEL: &str = "custody-audit/v1";
 
 const MAX_BATCH: usize = 4096;
+
+/// The key of the head in keyspace `audit_head`.
+const HEAD: &[u8] = b"head";
+
+/// How many times a checkpoint is signed again when other writers keep
+/// moving the head before it lands; after that it waits for its next turn.
+const CHECKPOINT_TRIES: usize = 4;
+
+/// The head as stored: the last record's sequence number (8 bytes,
+/// big-endian), then its hash.
+fn encode_head(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    [seq.to_be_bytes().as_slice(), hash].concat()
+}
+
+fn decode_head(value: &[u8]) -> Option<(u64, [u8; 32])> {
+    let (seq, hash) = value.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*seq), <[u8; 32]>::try_from(hash).ok()?))
+}
 
 /// An append waiting for the writer: the event, when it was queued, and
 /// where its outcome goes.
@@ -119,9 +147,11 @@ impl AuditLog {
         chain: &CheckedChain,
         hsm: &Hsm,
         policy: CheckpointPolicy,
+        replica: Option<String>,
     ) -> Result<AuditLog, String> {
         let mut session = hsm.session().map_err(|e| format!("HSM: {e}"))?;
         let tree = db.keyspace("audit").map_err(|e| e.to_string())?;
+        let head = db.keyspace("audit_head").map_err(|e| e.to_string())?;
         let report = chain.report.clone();
         if let Some((seq, problem)) = report.first_bad {
             return Err(AuditError::Corrupt { seq, problem }.to_string());
@@ -146,6 +176,8 @@ impl AuditLog {
         let writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
+            head,
+            replica,
             hsm: hsm.clone(),
             label,
             seq: report.last_seq,
@@ -301,10 +333,69 @@ impl CheckedChain {
 
 /// Checks the stored audit chain (tree `audit`) in one streaming pass and
 /// notes its first bad record: a changed, truncated, reordered or inserted
-/// record, or one deleted anywhere but at the tail. A record deleted from
-/// the tail leaves a shorter chain that is whole; only a checkpoint or an
-/// export's signed head kept elsewhere shows it (threat model F1).
+/// record, or one deleted anywhere but at the tail. Records deleted from
+/// the tail leave a shorter chain that is whole: the stored head (tree
+/// `audit_head`) names a record past its end, unless it was rolled back
+/// too; then only a checkpoint or an export's signed head kept elsewhere
+/// shows it (threat model F1). The head is read before the chain, so
+/// records appended meanwhile by another replica only lengthen the chain.
 pub fn check_stored(
+    db: &custody_store::Store,
+    findings: &mut crate::findings::Findings,
+) -> CheckedChain {
+    let head = check_stored_head(db, findings);
+    let chain = check_stored_chain(db, findings);
+    if let (Some((seq, hash)), None) = (head, &chain.report.first_bad) {
+        let last = chain.report.last_seq;
+        let stored = (seq <= last)
+            .then(|| {
+                db.keyspace("audit")
+                    .and_then(|tree| tree.get(seq.to_be_bytes()))
+            })
+            .and_then(Result::ok)
+            .flatten();
+        let problem = match stored {
+            None if seq > last => Some(format!(
+                "expected the log to reach record {seq}, which the head names, but it ends at record {last}: records were cut from its end"
+            )),
+            Some(value) if value.get(..32) == Some(hash.as_slice()) => None,
+            _ => Some(format!(
+                "expected the head to name record {seq} with that record's hash"
+            )),
+        };
+        if let Some(problem) = problem {
+            findings.add("audit_head", HEAD, problem);
+        }
+    }
+    chain
+}
+
+/// The stored head, or a finding if it is malformed.
+fn check_stored_head(
+    db: &custody_store::Store,
+    findings: &mut crate::findings::Findings,
+) -> Option<(u64, [u8; 32])> {
+    let mut head = None;
+    crate::findings::each_record(db, "audit_head", findings, |key, value, findings| {
+        if key != HEAD {
+            findings.add("audit_head", key, "expected only the key \"head\"");
+        } else if let Some(decoded) = decode_head(value) {
+            head = Some(decoded);
+        } else {
+            findings.add(
+                "audit_head",
+                key,
+                format!(
+                    "expected a sequence number and a hash (40 bytes), found {} bytes",
+                    value.len()
+                ),
+            );
+        }
+    });
+    head
+}
+
+fn check_stored_chain(
     db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
 ) -> CheckedChain {
@@ -413,8 +504,13 @@ fn checkpoint_cadence(
 struct Writer {
     db: custody_store::Store,
     tree: custody_store::Keyspace,
+    head: custody_store::Keyspace,
+    /// Written into each record.
+    replica: Option<String>,
     hsm: Hsm,
     label: KeyLabel,
+    /// The head this writer last wrote or read: what a store without a
+    /// stored head (written before heads were) links to.
     seq: u64,
     hash: [u8; 32],
     since_checkpoint: u64,
@@ -485,60 +581,117 @@ impl Writer {
             }
             return;
         }
-        let (start_seq, start_hash) = (self.seq, self.hash);
-        let mut written = Vec::with_capacity(appends.len());
-        let mut outcome = Ok(());
-        for (event, queued, reply) in appends {
-            if outcome.is_ok() {
-                outcome = self.write_one(*event);
-            }
-            written.push((self.seq, queued, reply));
-        }
-        let outcome = outcome.and_then(|()| {
-            self.db
-                .flush()
-                .map(drop)
-                .map_err(|e| AuditError::Unavailable(format!("flush: {e}")))
-        });
+        let events: Vec<&Event> = appends.iter().map(|(event, _, _)| &**event).collect();
+        let outcome = self
+            .link(&events, None)
+            .and_then(|linked| linked.ok_or_else(|| unavailable("the batch was not linked")))
+            .and_then(|seqs| self.flush().map(|()| seqs));
         match outcome {
-            Ok(()) => {
-                for (seq, queued, reply) in written {
+            Ok(seqs) => {
+                for ((_, queued, reply), seq) in appends.into_iter().zip(seqs) {
                     metrics::audit_append(queued.elapsed().as_secs_f64());
                     let _ = reply.send(Ok(seq));
                 }
             }
             Err(error) => {
-                tracing::error!(%error, "audit write failed; refusing all further operations");
-                self.failed.store(true, Ordering::SeqCst);
-                (self.seq, self.hash) = (start_seq, start_hash);
-                for (_, _, reply) in written {
+                self.fail(&error);
+                for (_, _, reply) in appends {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
         }
     }
 
-    fn write_one(&mut self, event: Event) -> Result<(), AuditError> {
-        let seq = self.seq + 1;
-        let entry = Entry {
-            seq,
-            time: now_rfc3339(),
-            prev: hex::encode(self.hash),
-            event,
-        };
-        let bytes = serde_json::to_vec(&entry)
-            .map_err(|e| AuditError::Unavailable(format!("encoding: {e}")))?;
-        let hash = chain_hash(&self.hash, &bytes);
-        let mut value = Vec::with_capacity(32 + bytes.len());
-        value.extend_from_slice(&hash);
-        value.extend_from_slice(&bytes);
-        self.tree
-            .insert(seq.to_be_bytes(), value)
-            .map_err(|e| AuditError::Unavailable(format!("write: {e}")))?;
-        self.seq = seq;
-        self.hash = hash;
-        self.since_checkpoint += 1;
-        Ok(())
+    /// After a failed write: a write whose outcome is unknown on the local
+    /// disk (sled latches its first I/O error) stops every later one. A
+    /// store that was unreachable left nothing half-done (the transaction
+    /// landed whole or not at all, and the next batch links to whatever the
+    /// stored head is), so only this batch fails: its callers do not act.
+    fn fail(&self, error: &AuditError) {
+        if matches!(error, AuditError::StoreUnreachable(_)) {
+            tracing::warn!(%error, "audit write failed; the next one is tried");
+        } else {
+            tracing::error!(%error, "audit write failed; refusing all further operations");
+            self.failed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn flush(&self) -> Result<(), AuditError> {
+        self.db
+            .flush()
+            .map_err(|e| AuditError::Unavailable(format!("flush: {e}")))
+    }
+
+    /// The stored head; this writer's own while none is stored.
+    fn stored_head(&self) -> Result<(u64, [u8; 32]), AuditError> {
+        match self.head.get(HEAD).map_err(store_error)? {
+            Some(value) => decode_head(&value).ok_or_else(|| AuditError::Corrupt {
+                seq: 0,
+                problem: "the stored head is not a sequence number and a hash".into(),
+            }),
+            None => Ok((self.seq, self.hash)),
+        }
+    }
+
+    /// Links `events` to the stored head and writes them with the new head
+    /// in one transaction (linked again if another writer moves the head
+    /// first). With `only_on`, lands only if the head is still that one
+    /// (`None` otherwise: nothing written). Returns the records' sequence
+    /// numbers.
+    fn link(
+        &mut self,
+        events: &[&Event],
+        only_on: Option<(u64, [u8; 32])>,
+    ) -> Result<Option<Vec<u64>>, AuditError> {
+        let fallback = (self.seq, self.hash);
+        let replica = self.replica.clone();
+        let (tree, head) = (&self.tree, &self.head);
+        let linked = self
+            .db
+            .transaction(&[tree, head], |tx| {
+                let (mut seq, mut hash) = match tx.get(head, HEAD)? {
+                    Some(value) => decode_head(&value).ok_or_else(|| {
+                        custody_store::TxError::abort("the stored audit head is malformed")
+                    })?,
+                    None => fallback,
+                };
+                if only_on.is_some_and(|wanted| wanted != (seq, hash)) {
+                    return Ok(None);
+                }
+                // Never over a record: a head behind the log means the head
+                // was lost or rolled back, and linking would fork the chain.
+                if tx.get(tree, (seq + 1).to_be_bytes())?.is_some() {
+                    return Err(custody_store::TxError::abort(format!(
+                        "the audit head names record {seq}, but record {} exists",
+                        seq + 1
+                    )));
+                }
+                let mut seqs = Vec::with_capacity(events.len());
+                for &event in events {
+                    seq += 1;
+                    let entry = Entry {
+                        seq,
+                        time: now_rfc3339(),
+                        replica: replica.clone(),
+                        prev: hex::encode(hash),
+                        event: event.clone(),
+                    };
+                    let bytes = serde_json::to_vec(&entry).map_err(|e| {
+                        custody_store::TxError::abort(format!("encoding record {seq}: {e}"))
+                    })?;
+                    hash = chain_hash(&hash, &bytes);
+                    tx.insert(tree, seq.to_be_bytes(), [hash.as_slice(), &bytes].concat())?;
+                    seqs.push(seq);
+                }
+                tx.insert(head, HEAD, encode_head(seq, &hash))?;
+                Ok(Some((seqs, seq, hash)))
+            })
+            .map_err(store_error)?;
+        Ok(linked.map(|(seqs, seq, hash)| {
+            self.since_checkpoint += seqs.len() as u64;
+            (self.seq, self.hash) = (seq, hash);
+            seqs
+        }))
     }
 
     fn checkpoint_if_due(&mut self) {
@@ -552,46 +705,56 @@ impl Writer {
         }
     }
 
-    /// Signs the head and appends the checkpoint record, durably.
+    /// Signs the head and appends the checkpoint record right after it,
+    /// durably.
     fn checkpoint(&mut self) -> Result<u64, AuditError> {
-        if self.seq == 0 {
-            return Err(AuditError::Unavailable("nothing to checkpoint yet".into()));
+        let outcome = self.try_checkpoint();
+        metrics::audit_checkpoint(if outcome.is_ok() { "ok" } else { "failed" });
+        if outcome.is_ok() {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
         }
-        let (head_seq, head_hash) = (self.seq, self.hash);
-        let signature = self.sign(checkpoint_message(head_seq, &head_hash).as_bytes());
-        let signature = match signature {
-            Ok(signature) => signature,
-            Err(error) => {
-                metrics::audit_checkpoint("failed");
-                return Err(error);
+        outcome
+    }
+
+    fn try_checkpoint(&mut self) -> Result<u64, AuditError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(unavailable("an earlier write failed"));
+        }
+        for _ in 0..CHECKPOINT_TRIES {
+            let (head_seq, head_hash) = self.stored_head()?;
+            if head_seq == 0 {
+                return Err(unavailable("nothing to checkpoint yet"));
             }
-        };
-        let (reply, _answer) = oneshot::channel();
-        self.write_batch(vec![(
-            Box::new(Event::Checkpoint {
+            let signature = self.sign(checkpoint_message(head_seq, &head_hash).as_bytes())?;
+            let checkpoint = Event::Checkpoint {
                 head_seq,
                 head_hash: hex::encode(head_hash),
                 signature: hex::encode(signature),
-            }),
-            Instant::now(),
-            reply,
-        )]);
-        if self.failed.load(Ordering::SeqCst) {
-            metrics::audit_checkpoint("failed");
-            return Err(AuditError::Unavailable("checkpoint not durable".into()));
+            };
+            let linked = self.link(&[&checkpoint], Some((head_seq, head_hash)));
+            match linked.and_then(|linked| Ok((linked, self.flush()?))) {
+                Ok((Some(seqs), ())) => return Ok(seqs.first().copied().unwrap_or(head_seq + 1)),
+                // Another writer appended after the head was signed.
+                Ok((None, ())) => continue,
+                Err(error) => {
+                    self.fail(&error);
+                    return Err(error);
+                }
+            }
         }
-        metrics::audit_checkpoint("ok");
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        Ok(self.seq)
+        Err(unavailable(
+            "other writers kept moving the head; the checkpoint waits for its next turn",
+        ))
     }
 
     fn sign_head(&mut self) -> Result<SignedHead, AuditError> {
+        let (seq, hash) = self.stored_head()?;
         let time = now_rfc3339();
-        let signature = self.sign(head_message(self.seq, &self.hash, &time).as_bytes())?;
+        let signature = self.sign(head_message(seq, &hash, &time).as_bytes())?;
         Ok(SignedHead {
-            seq: self.seq,
-            hash: self.hash,
+            seq,
+            hash,
             time,
             signature,
         })
@@ -610,5 +773,20 @@ impl Writer {
                 )
             })
             .map_err(|e| AuditError::Unavailable(format!("signing with the audit key: {e}")))
+    }
+}
+
+fn unavailable(problem: &str) -> AuditError {
+    AuditError::Unavailable(problem.into())
+}
+
+/// A store error as the audit log reports it: an unreachable store is
+/// worth another try, anything else stops the writer.
+fn store_error(error: custody_store::StoreError) -> AuditError {
+    match error {
+        custody_store::StoreError::Unavailable(_) | custody_store::StoreError::Contended(_) => {
+            AuditError::StoreUnreachable(error.to_string())
+        }
+        custody_store::StoreError::Failed(_) => AuditError::Unavailable(format!("write: {error}")),
     }
 }

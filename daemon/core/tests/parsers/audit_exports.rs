@@ -49,6 +49,7 @@ fn append(records: &mut Vec<Record>, event: Event) {
     let entry = Entry {
         seq,
         time: rfc3339_ms(T0 + 1000 * seq as i64),
+        replica: None,
         prev: hex::encode(prev),
         event,
     };
