@@ -9,6 +9,12 @@
 //! Backends:
 //! - sled, embedded in the process ([`Store::open_sled`]): the default.
 //!   Writes are durable after [`Store::flush`] or [`Store::flush_async`].
+//! - etcd v3, shared by several custodyd replicas ([`Store::open_etcd`]):
+//!   every acknowledged write is already durable. See the `etcd` module for
+//!   the key layout and the cluster limits custody relies on.
+//!
+//! Both also give out exclusive [`Claim`]s ([`Store::claim`],
+//! [`Store::campaign`]): a name held by one holder at a time.
 //!
 //! This crate owns the mapping to each backend and nothing of what the bytes
 //! mean: the domain (`custody-core`) encodes, checksums and interprets them.
@@ -20,8 +26,14 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+mod claim;
+mod etcd;
 mod sled_backend;
+
+pub use claim::{Claim, ClaimError};
+pub use etcd::EtcdConfig;
 
 /// A key or a value as stored.
 pub type Bytes = Vec<u8>;
@@ -103,6 +115,20 @@ trait Backend: Send + Sync {
     fn transact(&self, spaces: &[Arc<str>], body: &mut BodyFn<'_>) -> Result<()>;
     fn flush(&self) -> Result<()>;
     fn flush_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
+    /// Takes `name` for `holder` if nobody holds it.
+    fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> std::result::Result<Claim, ClaimError>;
+    /// Waits until `name` is taken for `holder`.
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>>;
 }
 
 /// A transaction's reads and writes, by the index of the keyspace in the
@@ -142,6 +168,13 @@ impl Store {
     /// A store over an already open sled database (tests, offline tools).
     pub fn from_sled(db: sled::Db) -> Store {
         Store::with(sled_backend::SledBackend::new(db))
+    }
+
+    /// Connects to the etcd cluster `config` names (mTLS). Fails with
+    /// [`StoreError::Unavailable`], naming the endpoints, if no member
+    /// answers within `config.request_timeout`.
+    pub fn open_etcd(config: &EtcdConfig) -> Result<Store> {
+        etcd::EtcdBackend::open(config).map(Store::with)
     }
 
     fn with(backend: impl Backend + 'static) -> Store {
@@ -216,6 +249,27 @@ impl Store {
     /// [`Store::flush`] without blocking the caller's thread.
     pub async fn flush_async(&self) -> Result<()> {
         self.backend.flush_async().await
+    }
+
+    /// Takes `name` for `holder` if nobody holds it; else
+    /// [`ClaimError::Held`] names the current holder. The claim lasts until
+    /// it is dropped, or (etcd) until its lease of `ttl` can no longer be
+    /// renewed: a holder that dies without releasing it loses it after
+    /// `ttl` (rounded up to whole seconds and to etcd's minimum). On sled,
+    /// claims are process-local and `ttl` does not apply.
+    pub fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> std::result::Result<Claim, ClaimError> {
+        self.backend.claim(name, holder, ttl)
+    }
+
+    /// Waits until `name` is free and takes it for `holder` (as
+    /// [`Store::claim`]); fails only if the store does.
+    pub async fn campaign(&self, name: &str, holder: &str, ttl: Duration) -> Result<Claim> {
+        self.backend.campaign(name, holder, ttl).await
     }
 }
 

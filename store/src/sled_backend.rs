@@ -6,12 +6,14 @@ use std::ops::Bound;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use sled::Transactional;
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 
+use crate::claim::{Claim, ClaimError, LocalClaims};
 use crate::{Backend, Body, BodyFn, Bytes, Result, StoreError, TxError, TxFault, TxOps, Write};
 
 /// sled's own tree, which custody never uses for state.
@@ -20,6 +22,7 @@ const DEFAULT_TREE: &[u8] = b"__sled__default";
 pub(crate) struct SledBackend {
     db: sled::Db,
     trees: RwLock<HashMap<Arc<str>, sled::Tree>>,
+    claims: Arc<LocalClaims>,
 }
 
 fn failed(e: sled::Error) -> StoreError {
@@ -43,6 +46,7 @@ impl SledBackend {
         SledBackend {
             db,
             trees: RwLock::new(HashMap::new()),
+            claims: Arc::default(),
         }
     }
 
@@ -214,6 +218,26 @@ impl Backend for SledBackend {
 
     fn flush_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move { self.db.flush_async().await.map(drop).map_err(failed) })
+    }
+
+    // sled's directory lock keeps every other process out of the database,
+    // so excluding holders within this process is all a claim needs.
+    fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        _ttl: Duration,
+    ) -> std::result::Result<Claim, ClaimError> {
+        self.claims.claim(name, holder)
+    }
+
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        _ttl: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>> {
+        Box::pin(self.claims.campaign(name, holder))
     }
 }
 
