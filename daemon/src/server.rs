@@ -27,7 +27,7 @@ use crate::tls::TlsReloader;
 use custody_core::Custody;
 use custody_core::audit::{AuditLog, CheckpointPolicy, Event};
 use custody_core::clock::{Clock, GuardedClock, SystemClock};
-use custody_core::config::Config;
+use custody_core::config::{Config, StoreBackend};
 use custody_core::dual_control::store::{DualControlStore, Genesis};
 use custody_core::metrics;
 use custody_core::operations::vote::expire_due;
@@ -40,6 +40,8 @@ pub struct Daemon {
     pub state: Arc<Custody>,
     /// The TLS acceptor (reloaded on SIGHUP).
     pub tls: Arc<TlsReloader>,
+    /// This replica's hold on its `[store] replica_id`, kept while it runs.
+    pub replica: Option<custody_store::Claim>,
     config: Config,
 }
 
@@ -54,7 +56,8 @@ impl Daemon {
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
-        let db = open_db(&config.data_dir, config.storage.cache_bytes())?;
+        let db = open_store(&config)?;
+        let replica = claim_replica(&config, &db)?;
         // Every tree checked before anything reads or writes one (F1); the
         // audit log opens with this pass's chain.
         let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
@@ -64,6 +67,7 @@ impl Daemon {
             &db,
             clock,
             config.lifecycle.clock_step_tolerance_ms(),
+            config.store.replica_id.as_deref(),
         )?);
         let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
         let pin = config
@@ -196,7 +200,12 @@ impl Daemon {
         if versions + ceremonies > 0 {
             custody_core::scheduler::sweep_torn_objects(&state).await?;
         }
-        Ok(Daemon { state, tls, config })
+        Ok(Daemon {
+            state,
+            tls,
+            replica,
+            config,
+        })
     }
 
     /// Serves on `listener` until `shutdown` completes, then lets in-flight
@@ -207,9 +216,21 @@ impl Daemon {
         shutdown: impl Future<Output = &'static str> + Send + 'static,
     ) -> Result<(), String> {
         // What stopped the server (the signal's name), for the audit log.
+        // A replica that lost its id (the store stopped hearing from it for
+        // longer than the claim's lease, so another custodyd may take the
+        // id) stops too; the claim is kept until the last request is done.
         let (stopped_by, why) = tokio::sync::oneshot::channel();
+        let replica = self.replica.map(Arc::new);
+        let held = replica.clone();
         let shutdown = async move {
-            let _ = stopped_by.send(shutdown.await);
+            let why = tokio::select! {
+                why = shutdown => why,
+                () = replica_lost(held) => {
+                    tracing::error!("this replica's replica_id claim lapsed; stopping");
+                    "replica_id lost"
+                }
+            };
+            let _ = stopped_by.send(why);
         };
         let limit = self.config.max_message_bytes;
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -299,7 +320,16 @@ impl Daemon {
             }
         }
         state.audit.close();
+        drop(replica);
         served
+    }
+}
+
+/// Resolves when `claim` stops counting; never without one.
+async fn replica_lost(claim: Option<Arc<custody_store::Claim>>) {
+    match claim {
+        Some(claim) => claim.lost().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -412,16 +442,80 @@ async fn watch_health(
     }
 }
 
+/// How long a replica id outlives a replica that died without releasing it.
+pub const REPLICA_CLAIM_TTL: Duration = Duration::from_secs(10);
+
+/// Opens the store `[store]` names: sled in `data_dir`, or the etcd
+/// cluster (refused clearly if no member answers). `data_dir` is made
+/// either way: it holds custodyd's local files.
+pub fn open_store(config: &Config) -> Result<custody_store::Store, String> {
+    let store = &config.store;
+    match store.backend {
+        StoreBackend::Sled => open_db(&config.data_dir, config.storage.cache_bytes()),
+        StoreBackend::Etcd => {
+            make_private_dir(&config.data_dir)?;
+            let (Some(ca), Some(cert), Some(key)) = (&store.ca, &store.cert, &store.key) else {
+                return Err("[store] backend = \"etcd\" needs ca, cert and key".into());
+            };
+            let mut etcd = custody_store::EtcdConfig::new(
+                store.endpoints.clone(),
+                ca.clone(),
+                cert.clone(),
+                key.clone(),
+            );
+            if let Some(prefix) = &store.prefix {
+                etcd.prefix = prefix.clone();
+            }
+            if let Some(ms) = store.request_timeout_ms {
+                etcd.request_timeout = Duration::from_millis(ms);
+            }
+            custody_store::Store::open_etcd(&etcd)
+                .map_err(|e| format!("[store] etcd at {}: {e}", store.endpoints.join(", ")))
+        }
+    }
+}
+
+/// Takes this replica's `[store] replica_id` in the store, refusing to
+/// start if another custodyd holds it: two replicas under one name would
+/// make the audit log's `replica` meaningless.
+fn claim_replica(
+    config: &Config,
+    db: &custody_store::Store,
+) -> Result<Option<custody_store::Claim>, String> {
+    let Some(id) = &config.store.replica_id else {
+        return Ok(None);
+    };
+    let holder = format!(
+        "custodyd pid {} listening on {}",
+        std::process::id(),
+        config.listen
+    );
+    match db.claim(&format!("replica/{id}"), &holder, REPLICA_CLAIM_TTL) {
+        Ok(claim) => Ok(Some(claim)),
+        Err(custody_store::ClaimError::Held { holder }) => Err(format!(
+            "[store] replica_id {id:?} is in use by another custodyd ({holder}); give each replica its own id (the id of a replica that died frees itself within {} s)",
+            REPLICA_CLAIM_TTL.as_secs()
+        )),
+        Err(custody_store::ClaimError::Store(e)) => {
+            Err(format!("[store] claiming replica_id {id:?}: {e}"))
+        }
+    }
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("data dir {}: {e}", dir.display()))
+}
+
 /// Opens custodyd's database in `dir`, which is made (or narrowed to)
 /// mode 0700 first: it holds the registry, the operations and the audit log.
 /// Its page cache holds at most `cache_bytes`: sled's own default (1 GiB)
 /// would have the append-only audit log grow custodyd's memory by what it
 /// writes, up to that size.
 pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<custody_store::Store, String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("data dir {}: {e}", dir.display()))?;
+    make_private_dir(dir)?;
     custody_store::Store::open_sled(&dir.join("custody.sled"), cache_bytes)
         .map_err(|e| format!("database in {}: {e}", dir.display()))
 }

@@ -97,7 +97,16 @@ impl ClockStep {
     }
 }
 
-const HIGH_WATER: &[u8] = b"high_water_ms";
+/// The key of the stored time; a replica's is this, `/`, its id: replicas
+/// sharing a store each guard their own machine's clock.
+const HIGH_WATER: &str = "high_water_ms";
+
+fn high_water_key(replica: Option<&str>) -> Vec<u8> {
+    match replica {
+        Some(replica) => format!("{HIGH_WATER}/{replica}").into_bytes(),
+        None => HIGH_WATER.as_bytes().to_vec(),
+    }
+}
 /// How far the stored time may lag the time used: a crash loses at most
 /// this much of it (plus sled's 500 ms flush timer).
 const PERSIST_EVERY_MS: i64 = 1000;
@@ -115,6 +124,7 @@ struct Guard {
 pub struct GuardedClock {
     source: Arc<dyn Clock>,
     tree: custody_store::Keyspace,
+    key: Vec<u8>,
     tolerance_ms: i64,
     guard: Mutex<Guard>,
 }
@@ -127,13 +137,21 @@ impl std::fmt::Debug for GuardedClock {
     }
 }
 
-/// The start check of tree `clock` (threat model F1): one 8-byte time under
-/// its one key. (A deleted time cannot be told from a first start; it would
-/// let time run from the wall clock again.)
+/// The start check of tree `clock` (threat model F1): an 8-byte time under
+/// each key, the one key of a custodyd alone or one per replica. (A deleted
+/// time cannot be told from a first start; it would let time run from the
+/// wall clock again.)
 pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::Findings) {
     crate::findings::each_record(db, "clock", findings, |key, value, findings| {
-        if key != HIGH_WATER {
-            findings.add("clock", key, "expected only the key \"high_water_ms\"");
+        let replica = key
+            .strip_prefix(HIGH_WATER.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"/"));
+        if key != HIGH_WATER.as_bytes() && replica.is_none_or(<[u8]>::is_empty) {
+            findings.add(
+                "clock",
+                key,
+                "expected only the key \"high_water_ms\" or \"high_water_ms/\" and a replica id",
+            );
         } else if value.len() != 8 {
             findings.add(
                 "clock",
@@ -149,21 +167,21 @@ pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::F
 
 impl GuardedClock {
     /// Guards `source`, with the latest time used before kept in `db`
-    /// (tree `clock`). A stored time ahead of the wall clock by more than
-    /// `tolerance_ms` is a backward step while custodyd was down: reported,
-    /// and time runs on from the stored value.
+    /// (tree `clock`, under `replica`'s own key if it is one of several).
+    /// A stored time ahead of the wall clock by more than `tolerance_ms` is
+    /// a backward step while custodyd was down: reported, and time runs on
+    /// from the stored value.
     pub fn open(
         db: &custody_store::Store,
         source: Arc<dyn Clock>,
         tolerance_ms: i64,
+        replica: Option<&str>,
     ) -> Result<GuardedClock, String> {
         let tree = db
             .keyspace("clock")
             .map_err(|e| format!("clock tree: {e}"))?;
-        let stored = match tree
-            .get(HIGH_WATER)
-            .map_err(|e| format!("clock tree: {e}"))?
-        {
+        let key = high_water_key(replica);
+        let stored = match tree.get(&key).map_err(|e| format!("clock tree: {e}"))? {
             None => None,
             Some(bytes) => Some(
                 <[u8; 8]>::try_from(bytes.as_slice())
@@ -185,11 +203,12 @@ impl GuardedClock {
             crate::metrics::clock_step("backward");
         }
         let decided = stored.unwrap_or(wall).max(wall);
-        tree.insert(HIGH_WATER, decided.to_be_bytes())
+        tree.insert(&key, decided.to_be_bytes())
             .and_then(|()| db.flush())
             .map_err(|e| format!("clock tree: {e}"))?;
         Ok(GuardedClock {
             tree,
+            key,
             tolerance_ms,
             guard: Mutex::new(Guard {
                 decided,
@@ -255,7 +274,7 @@ impl Clock for GuardedClock {
             // sled writes it out within its flush interval; a failed write
             // only means a restart may not know the latest time, which the
             // next successful write corrects.
-            if self.tree.insert(HIGH_WATER, decided.to_be_bytes()).is_ok() {
+            if self.tree.insert(&self.key, decided.to_be_bytes()).is_ok() {
                 guard.persisted = decided;
             }
         }
@@ -305,11 +324,34 @@ mod tests {
     }
 
     #[test]
+    fn replicas_on_one_store_each_guard_their_own_clock() {
+        let (_dir, db) = db();
+        let (ahead, behind) = (Arc::new(Hand::default()), Arc::new(Hand::default()));
+        ahead.wall.store(1_000_000, Ordering::SeqCst);
+        behind.wall.store(900_000, Ordering::SeqCst);
+        let a = GuardedClock::open(&db, ahead.clone(), 5_000, Some("a")).unwrap();
+        assert_eq!(a.now_ms(), 1_000_000);
+        // Another machine's clock, 100 s behind, is not a step of this one.
+        let b = GuardedClock::open(&db, behind.clone(), 5_000, Some("b")).unwrap();
+        assert_eq!(b.now_ms(), 900_000);
+        assert!(b.take_steps().is_empty());
+        // Each replica's own time still never goes back across restarts.
+        drop(b);
+        behind.wall.store(800_000, Ordering::SeqCst);
+        let b = GuardedClock::open(&db, behind.clone(), 5_000, Some("b")).unwrap();
+        assert_eq!(b.now_ms(), 900_000);
+        assert_eq!(b.take_steps().len(), 1);
+        let mut findings = crate::findings::Findings::default();
+        check_stored(&db, &mut findings);
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+
+    #[test]
     fn time_never_goes_back_and_steps_beyond_the_tolerance_are_reported() {
         let (_dir, db) = db();
         let hand = Arc::new(Hand::default());
         hand.wall.store(1_000_000, Ordering::SeqCst);
-        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000, None).unwrap();
         assert_eq!(clock.now_ms(), 1_000_000);
         // Time passing on both clocks is no step.
         hand.wall.fetch_add(60_000, Ordering::SeqCst);
@@ -343,7 +385,7 @@ mod tests {
         let (_dir, db) = db();
         let hand = Arc::new(Hand::default());
         hand.wall.store(1_000_000, Ordering::SeqCst);
-        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000, None).unwrap();
         hand.wall.fetch_add(600_000, Ordering::SeqCst);
         clock.now_ms();
         let taken = clock.take_steps();
@@ -366,7 +408,7 @@ mod tests {
         let (_dir, db) = db();
         let hand = Arc::new(Hand::default());
         hand.wall.store(1_000_000, Ordering::SeqCst);
-        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000, None).unwrap();
         hand.wall.fetch_add(601_000, Ordering::SeqCst);
         hand.monotonic.fetch_add(601_000, Ordering::SeqCst);
         hand.wall.fetch_add(-3_600_000, Ordering::SeqCst);
@@ -379,13 +421,13 @@ mod tests {
         let (_dir, db) = db();
         let hand = Arc::new(Hand::default());
         hand.wall.store(10_000_000, Ordering::SeqCst);
-        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000, None).unwrap();
         hand.wall.fetch_add(2_000, Ordering::SeqCst);
         hand.monotonic.fetch_add(2_000, Ordering::SeqCst);
         assert_eq!(clock.now_ms(), 10_002_000);
         drop(clock);
         hand.wall.store(9_000_000, Ordering::SeqCst);
-        let clock = GuardedClock::open(&db, hand.clone(), 5_000).unwrap();
+        let clock = GuardedClock::open(&db, hand.clone(), 5_000, None).unwrap();
         assert_eq!(clock.now_ms(), 10_002_000);
         let steps = clock.take_steps();
         assert_eq!(steps.len(), 1);

@@ -38,7 +38,9 @@ use crate::metrics;
 /// Label of the HSM key that signs checkpoints and heads.
 pub const AUDIT_KEY_LABEL: &str = "custody-audit/v1";
 
-const MAX_BATCH: usize = 4096;
+/// Most records one group commit writes: with the head, one transaction
+/// stays within etcd's default limit of 128 writes (`--max-txn-ops`).
+const MAX_BATCH: usize = 100;
 
 /// The key of the head in keyspace `audit_head`.
 const HEAD: &[u8] = b"head";
@@ -534,7 +536,7 @@ impl Writer {
             let mut appends = Vec::new();
             let mut others = Vec::new();
             let mut stop = false;
-            for command in std::iter::once(first).chain(queue.try_iter().take(MAX_BATCH)) {
+            for command in std::iter::once(first).chain(queue.try_iter().take(MAX_BATCH - 1)) {
                 match command {
                     Command::Append(event, queued, reply) => appends.push((event, queued, reply)),
                     Command::Stop => stop = true,
