@@ -96,7 +96,12 @@ impl Daemon {
         };
         pin_lockout::reset(&db)?;
         let left = lost_directory(&config, &chain, &hsm).await?;
-        let registry = Registry::open(&db).map_err(|e| e.to_string())?;
+        let epochs = custody_core::shared::Epochs::open(
+            &db,
+            config.store.replica_id.as_deref().unwrap_or("custodyd"),
+        )
+        .map_err(|e| format!("store: {e}"))?;
+        let registry = Registry::open(&db, &epochs).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,
             &chain,
@@ -140,7 +145,7 @@ impl Daemon {
             audit_key_sha256 = %fingerprint,
             "custodyd ready"
         );
-        let dual_control = DualControlStore::open(&db)?;
+        let dual_control = DualControlStore::open(&db, &epochs)?;
         if let Some(path) = &config.dual_control.genesis_file {
             let genesis = Genesis::load(path)?;
             if dual_control.apply_genesis(&genesis, clock.now_ms()).await? {

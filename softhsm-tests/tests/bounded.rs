@@ -371,7 +371,7 @@ token_test!(
             // completes while a key change holds it (before, it waited
             // for the change, and every change waited for the full scan).
             // The timeout only turns a deadlock into a failure.
-            let held = state.registry.lock().await;
+            let held = state.registry.lock().await.unwrap();
             let report = tokio::time::timeout(
                 Duration::from_secs(120),
                 KeyServiceClient::new(operator.clone()).check_drift(CheckDriftRequest {}),

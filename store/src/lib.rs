@@ -317,6 +317,19 @@ impl Tx<'_> {
         let index = self.index(space)?;
         self.ops.put(index, key.as_ref(), None)
     }
+
+    /// Writes every entry of `batch` (its keyspaces must be declared).
+    pub fn apply(&mut self, batch: &Batch) -> std::result::Result<(), TxError> {
+        for write in &batch.writes {
+            let index = self
+                .spaces
+                .iter()
+                .position(|name| *name == write.space)
+                .ok_or_else(|| TxError(TxFault::Undeclared(write.space.to_string())))?;
+            self.ops.put(index, &write.key, write.value.as_deref())?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes to apply at once, all or none; may span keyspaces.

@@ -46,3 +46,36 @@ pub struct Custody {
     /// Free space under the data directory: below its reserve, reads only.
     pub headroom: Headroom,
 }
+
+impl Custody {
+    /// What every request passes before it acts: the copies in memory
+    /// brought up to the store ([`Custody::refresh`]) and, if it
+    /// `changes_state`, room on the disk ([`Headroom::ensure_room`]).
+    pub fn admit(&self, changes_state: bool) -> Result<(), crate::Error> {
+        self.refresh()?;
+        if changes_state {
+            self.headroom.ensure_room()?;
+        }
+        Ok(())
+    }
+
+    /// Brings what this custodyd holds in memory (the registry, the
+    /// officers) up to the store before a request decides anything from it:
+    /// a replica sharing the store may have changed it. One store read when
+    /// nothing changed.
+    pub fn refresh(&self) -> Result<(), crate::Error> {
+        let unavailable = |what: &str, error: String| {
+            tracing::error!(%error, "refreshing {what}");
+            crate::Error::new(
+                crate::Reason::StoreUnavailable,
+                format!("the {what} cannot be read from the store"),
+            )
+        };
+        self.registry
+            .refresh()
+            .map_err(|e| unavailable("registry", e.to_string()))?;
+        self.dual_control
+            .refresh()
+            .map_err(|e| unavailable("officers", e))
+    }
+}

@@ -58,6 +58,7 @@ pub fn check(db: &custody_store::Store) -> Report {
     crate::clock::check_stored(db, &mut findings);
     let completed = crate::ceremony::journal::check_stored(db, &mut findings);
     crate::dual_control::store::check_stored(db, &mut findings);
+    crate::shared::Epochs::check_stored(db, &mut findings);
     // Across owners: a completed ceremony's keys were registered before it
     // was journaled completed, and the registry never drops a key.
     for (ceremony, key_ids) in completed {

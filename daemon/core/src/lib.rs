@@ -31,6 +31,7 @@
 //! | [`ceremony`] | what ceremonies are made of: scripts, the journal and engine state, shares, components, bundles, transcripts |
 //! | [`ceremonies`] | the journaled engine that runs ceremonies, backups, restores and drills, and recovers them after a crash |
 //! | [`drift`] | comparing the registry with the objects the HSM holds |
+//! | [`shared`] | what keeps replicas on one store coherent: per-domain epochs (stale copies, write fences) and domain locks |
 //! | [`scheduler`] | what runs without a request: crash roll-back at start, scheduled rotation and destruction, drift checks |
 //! | [`signing`] | sign and verify: every check before the HSM call, the call, the audit record |
 //! | [`metrics`] | every Prometheus metric |
@@ -73,6 +74,7 @@ pub mod operations;
 pub mod pin_lockout;
 pub mod registry;
 pub mod scheduler;
+pub mod shared;
 pub mod signing;
 pub mod storage;
 pub mod stored;

@@ -5,7 +5,10 @@
 //! disk or searches the HSM: a request's key version maps straight to an HSM
 //! label whose handle `hsm-shim` caches. Every change is written to the store and
 //! flushed before it is acknowledged, one change at a time under
-//! [`Registry::lock`].
+//! [`Registry::lock`]. Replicas sharing the store keep their copies current
+//! through the registry's epoch ([`crate::shared`]): [`Registry::refresh`]
+//! reloads a copy another replica's change made stale, and a change lands
+//! only over the epoch its writer loaded.
 //!
 //! New versions (a created key's first, a rotation's next) are journaled:
 //! a [`PendingVersion`] is written and flushed before the HSM generates the
@@ -15,7 +18,10 @@
 //! label), so a half-made version is never usable.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::shared::{Domain, Epochs};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,47 +203,152 @@ pub struct Registry {
     tree: custody_store::Keyspace,
     pending: custody_store::Keyspace,
     keys: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
-    writer: tokio::sync::Mutex<()>,
+    epochs: Epochs,
+    /// The epoch `keys` was loaded at (or this replica last wrote).
+    epoch: AtomicU64,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+/// Held while a change to the registry is read, decided and written.
+pub struct RegistryGuard {
+    _lock: custody_store::Claim,
+}
+
+fn store_error(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError(e.to_string())
 }
 
 impl Registry {
     /// Opens the registry in `db` and loads it into memory. A record that does
     /// not parse stops the start: a registry we cannot read is not guessed at.
-    pub fn open(db: &custody_store::Store) -> Result<Registry, RegistryError> {
-        let tree = db
-            .keyspace("keys")
-            .map_err(|e| RegistryError(e.to_string()))?;
-        let pending = db
-            .keyspace("pending_versions")
-            .map_err(|e| RegistryError(e.to_string()))?;
-        let mut keys = BTreeMap::new();
-        for item in tree.iter() {
-            let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-            let mut record: KeyRecord = crate::stored::open(&id, &bytes).map_err(|e| {
-                RegistryError(format!(
-                    "record {:?} is corrupt: {e}",
-                    String::from_utf8_lossy(&id)
-                ))
-            })?;
-            // Records written before activation times were kept: a version
-            // that was ever active counts from its creation, so that its
-            // cryptoperiod applies.
-            for version in &mut record.versions {
-                if version.activated_ms.is_none() && version.state != VersionState::PreActivation {
-                    version.activated_ms = Some(version.created_ms);
-                }
-            }
-            keys.insert(record.key_id.clone(), Arc::new(record));
-        }
+    pub fn open(db: &custody_store::Store, epochs: &Epochs) -> Result<Registry, RegistryError> {
+        let tree = db.keyspace("keys").map_err(store_error)?;
+        let pending = db.keyspace("pending_versions").map_err(store_error)?;
+        // The epoch before the records: a change landing in between makes
+        // the copy look stale, never current.
+        let epoch = epochs.read(Domain::Registry).map_err(store_error)?;
+        let keys = load(&tree)?;
         Ok(Registry {
             db: db.clone(),
             tree,
             pending,
             keys: RwLock::new(keys),
-            writer: tokio::sync::Mutex::new(()),
+            epochs: epochs.clone(),
+            epoch: AtomicU64::new(epoch),
+            reloading: Mutex::new(()),
         })
     }
 
+    /// Reloads the copy in memory if another replica changed the registry
+    /// since it was loaded: one store read when nothing changed.
+    pub fn refresh(&self) -> Result<(), RegistryError> {
+        let stored = self.epochs.read(Domain::Registry).map_err(store_error)?;
+        if stored == self.epoch.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored = self.epochs.read(Domain::Registry).map_err(store_error)?;
+        if stored == self.epoch.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let keys = load(&self.tree)?;
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        self.epoch.store(stored, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes `records` and clears the pending entry `settled` in one
+    /// transaction over the epoch this copy was loaded at; refused with
+    /// [`crate::shared::STALE`] (nothing written) if another replica wrote
+    /// since.
+    fn write(&self, records: &[KeyRecord], settled: Option<&str>) -> Result<(), RegistryError> {
+        self.try_write(records, settled)
+            .map_err(WriteFailure::into_error)
+    }
+
+    fn try_write(&self, records: &[KeyRecord], settled: Option<&str>) -> Result<(), WriteFailure> {
+        let sealed = records
+            .iter()
+            .map(|record| {
+                crate::stored::seal(record.key_id.as_bytes(), record)
+                    .map(|bytes| (record.key_id.as_bytes(), bytes))
+                    .map_err(|e| WriteFailure::NotWritten(store_error(e)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let loaded = self.epoch.load(Ordering::SeqCst);
+        let spaces = [&self.tree, &self.pending, self.epochs.space()];
+        let advanced = self
+            .db
+            .transaction(&spaces, |tx| {
+                let Some(next) = self.epochs.advance(tx, Domain::Registry, loaded)? else {
+                    return Ok(None);
+                };
+                for (id, bytes) in &sealed {
+                    tx.insert(&self.tree, id, bytes)?;
+                }
+                if let Some(label) = settled {
+                    tx.remove(&self.pending, label.as_bytes())?;
+                }
+                Ok(Some(next))
+            })
+            .map_err(|e| match e {
+                // No answer: the transaction landed whole or not at all.
+                custody_store::StoreError::Unavailable(_) => WriteFailure::Unknown(store_error(e)),
+                _ => WriteFailure::NotWritten(store_error(e)),
+            })?;
+        let next = advanced.ok_or_else(|| {
+            // Ours is stale: the next refresh reloads it.
+            WriteFailure::NotWritten(RegistryError(crate::shared::STALE.into()))
+        })?;
+        self.epoch.store(next, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A registry write that failed: whether it may have landed.
+enum WriteFailure {
+    NotWritten(RegistryError),
+    /// The store did not answer: written or not, nobody knows yet.
+    Unknown(RegistryError),
+}
+
+impl WriteFailure {
+    fn into_error(self) -> RegistryError {
+        match self {
+            WriteFailure::NotWritten(e) | WriteFailure::Unknown(e) => e,
+        }
+    }
+}
+
+/// Every record of `tree`, as the registry holds them.
+fn load(tree: &custody_store::Keyspace) -> Result<BTreeMap<String, Arc<KeyRecord>>, RegistryError> {
+    let mut keys = BTreeMap::new();
+    for item in tree.iter() {
+        let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
+        let mut record: KeyRecord = crate::stored::open(&id, &bytes).map_err(|e| {
+            RegistryError(format!(
+                "record {:?} is corrupt: {e}",
+                String::from_utf8_lossy(&id)
+            ))
+        })?;
+        // Records written before activation times were kept: a version
+        // that was ever active counts from its creation, so that its
+        // cryptoperiod applies.
+        for version in &mut record.versions {
+            if version.activated_ms.is_none() && version.state != VersionState::PreActivation {
+                version.activated_ms = Some(version.created_ms);
+            }
+        }
+        keys.insert(record.key_id.clone(), Arc::new(record));
+    }
+    Ok(keys)
+}
+
+impl Registry {
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.read().len()
@@ -265,18 +376,22 @@ impl Registry {
         range.take(limit).map(|(_, k)| k.clone()).collect()
     }
 
-    /// Serialises changes: hold the guard from reading a record to writing it.
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.writer.lock().await
+    /// Serialises changes, across replicas too: hold the guard from reading
+    /// a record to writing it. Taking it brings the copy in memory up to
+    /// the store.
+    pub async fn lock(&self) -> Result<RegistryGuard, RegistryError> {
+        let lock = self
+            .epochs
+            .lock(Domain::Registry)
+            .await
+            .map_err(|e| RegistryError(format!("the registry's lock: {e}")))?;
+        self.refresh()?;
+        Ok(RegistryGuard { _lock: lock })
     }
 
     /// Writes `record` durably (written and flushed), then makes it visible.
     pub async fn put(&self, record: KeyRecord) -> Result<(), RegistryError> {
-        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
-            .map_err(|e| RegistryError(e.to_string()))?;
-        self.tree
-            .insert(record.key_id.as_bytes(), bytes)
-            .map_err(|e| RegistryError(e.to_string()))?;
+        self.write(std::slice::from_ref(&record), None)?;
         self.flush().await?;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         keys.insert(record.key_id.clone(), Arc::new(record));
@@ -286,15 +401,7 @@ impl Registry {
     /// Writes `records` in one atomic batch, durably, then makes them
     /// visible: a restore registers all its keys or none.
     pub async fn put_all(&self, records: Vec<KeyRecord>) -> Result<(), RegistryError> {
-        let mut batch = custody_store::Batch::default();
-        for record in &records {
-            let bytes = crate::stored::seal(record.key_id.as_bytes(), record)
-                .map_err(|e| RegistryError(e.to_string()))?;
-            batch.insert(&self.tree, record.key_id.as_bytes(), bytes);
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| RegistryError(e.to_string()))?;
+        self.write(&records, None)?;
         self.flush().await?;
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         for record in records {
@@ -321,14 +428,24 @@ impl Registry {
         record: KeyRecord,
         hsm_label: &str,
     ) -> Result<(), CommitError> {
-        let bytes = crate::stored::seal(record.key_id.as_bytes(), &record)
-            .map_err(|e| CommitError::NotApplied(RegistryError(e.to_string())))?;
-        let mut batch = custody_store::Batch::default();
-        batch.insert(&self.tree, record.key_id.as_bytes(), bytes);
-        batch.remove(&self.pending, hsm_label.as_bytes());
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| CommitError::NotApplied(RegistryError(format!("commit: {e}"))))?;
+        match self.try_write(std::slice::from_ref(&record), Some(hsm_label)) {
+            Ok(()) => {}
+            Err(WriteFailure::NotWritten(e)) => {
+                return Err(CommitError::NotApplied(RegistryError(format!(
+                    "commit: {e}"
+                ))));
+            }
+            // It may stand: never rolled back on a guess. The pending entry
+            // says which at the next start, and the next refresh of the copy
+            // in memory drops the version if it did not land.
+            Err(WriteFailure::Unknown(e)) => {
+                let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+                keys.insert(record.key_id.clone(), Arc::new(record));
+                return Err(CommitError::NotDurable(RegistryError(format!(
+                    "commit: {e}"
+                ))));
+            }
+        }
         // Applied: the store serves it from now on whether or not the flush
         // succeeds, so memory must agree, or a retry would reuse the label.
         let flushed = self.flush().await;

@@ -169,9 +169,7 @@ where
             let principal = principal?;
             audited.principal = principal.name.clone();
             authorize(&principal, action)?;
-            if !action.only_reads() {
-                custody.headroom.ensure_room()?;
-            }
+            custody.admit(!action.only_reads())?;
             body(&custody, &mut audited, principal, request).await
         }
         .await;

@@ -494,7 +494,7 @@ async fn vote_rpc(
         let (id, officer) = vote::voter(custody, &principal, &asked.name, &asked.officer_id)?;
         // A vote changes state, and the last one runs the operation (a
         // backup bundle can be large): none below the disk's reserve.
-        custody.headroom.ensure_room()?;
+        custody.admit(true)?;
         Ok((principal, id.to_string(), officer))
     });
     let (principal, id, officer) = match voter {

@@ -77,7 +77,7 @@ async fn sign_one(
     audited.resource = request.name.clone();
     let request_id = request.request_id;
     let result = async {
-        custody.headroom.ensure_room()?;
+        custody.admit(true)?;
         let request = sign_request(&request)?;
         let signer = Signer::Caller(principal, Approval::None);
         signing::sign(custody, &mut audited, signer, &request).await

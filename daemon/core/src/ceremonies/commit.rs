@@ -125,7 +125,11 @@ pub(super) async fn commit(
         .clone()
         .ok_or_else(|| Error::internal("nothing to commit"))?;
     intend(state, record, "commit", &[], &COMMIT).await?;
-    let _registry = state.registry.lock().await;
+    let _registry = state
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     if state.registry.get(&made.key_id).is_some() {
         return Err(Error::new(
             Reason::KeyExists,

@@ -223,7 +223,11 @@ pub(super) async fn restore(
         return finish_completed(state, record).await;
     }
     intend(state, record, "commit", &[], &COMMIT).await?;
-    let _registry = state.registry.lock().await;
+    let _registry = state
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     // The ids were reserved when the ceremony opened, so none can be taken
     // now; checked again under the lock all the same, so that a restore
     // never registers over a key it did not make (the roll-back that follows

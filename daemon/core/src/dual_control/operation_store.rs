@@ -136,6 +136,17 @@ pub struct OperationStore {
 }
 
 impl OperationStore {
+    /// Every keyspace a put or a prune writes.
+    pub fn keyspaces(&self) -> [&custody_store::Keyspace; 5] {
+        [
+            &self.records,
+            &self.pending,
+            &self.by_time,
+            &self.by_requester,
+            &self.finished,
+        ]
+    }
+
     /// Opens the trees in `db`; indexes a store made before the indexes.
     pub fn open(
         db: &custody_store::Store,
@@ -224,13 +235,18 @@ impl OperationStore {
             .collect()
     }
 
-    /// Writes `record` and its index entries in one atomic batch, durably.
+    /// Writes `record` and its index entries in one atomic batch, durably:
+    /// `commit` applies the batch (the dual-control store's fenced commit).
     /// Callers hold the dual-control lock, so no two writes race: besides
     /// ordering the writes of one operation, it keeps the sled backend's
     /// optimistic transactions (which carry a batch over several keyspaces)
     /// from retrying against each other (many at once were seen to livelock
     /// in an optimised build).
-    pub async fn put(&self, record: &OperationRecord) -> Result<(), String> {
+    pub async fn put(
+        &self,
+        record: &OperationRecord,
+        commit: impl FnOnce(Batch) -> Result<(), String>,
+    ) -> Result<(), String> {
         let before = self.get(&record.id)?.map(|r| r.state);
         let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(error)?;
         let state = [state_byte(record.state)];
@@ -250,7 +266,7 @@ impl OperationStore {
                 batch.insert(&self.finished, finished_key, finished_value);
             }
         }
-        self.records.apply_batch(batch).map_err(error)?;
+        commit(batch)?;
         self.flush().await?;
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(before) = before {
@@ -390,8 +406,13 @@ impl OperationStore {
     }
 
     /// Removes finished operations `ids` and their index entries, in one
-    /// transaction, durably. Returns how many were removed.
-    pub async fn prune(&self, ids: &[String]) -> Result<usize, String> {
+    /// transaction (`commit` applies it), durably. Returns how many were
+    /// removed.
+    pub async fn prune(
+        &self,
+        ids: &[String],
+        commit: impl FnOnce(Batch) -> Result<(), String>,
+    ) -> Result<usize, String> {
         let mut doomed = Vec::new();
         for id in ids {
             if let Some(record) = self.get(id)? {
@@ -410,7 +431,7 @@ impl OperationStore {
             );
             batch.remove(&self.finished, time_id(finished_at(record), &record.id));
         }
-        self.records.apply_batch(batch).map_err(error)?;
+        commit(batch)?;
         self.flush().await?;
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         for record in &doomed {
@@ -617,6 +638,12 @@ mod tests {
         (db, store)
     }
 
+    /// Applies a batch unfenced (the store alone, without the dual-control
+    /// store's epochs).
+    fn plain(store: &OperationStore, batch: Batch) -> Result<(), String> {
+        store.records.apply_batch(batch).map_err(|e| e.to_string())
+    }
+
     fn ids(page: &Page) -> Vec<u32> {
         page.operations
             .iter()
@@ -634,7 +661,10 @@ mod tests {
             } else {
                 OperationState::Succeeded
             };
-            store.put(&record(n, requester, state)).await.unwrap();
+            store
+                .put(&record(n, requester, state), |b| plain(&store, b))
+                .await
+                .unwrap();
         }
         assert_eq!(store.pending().unwrap().len(), 5);
         assert_eq!(store.pending_of("odd").unwrap(), (3, Some(55)));
@@ -682,7 +712,7 @@ mod tests {
         // Finishing a pending one moves it between the indexes.
         let mut done = record(25, "odd", OperationState::Expired);
         done.finished_ms = Some(1000);
-        store.put(&done).await.unwrap();
+        store.put(&done, |b| plain(&store, b)).await.unwrap();
         assert_eq!(store.pending_of("odd").unwrap().0, 2);
         let expired = store
             .page(Scope::All, Some(OperationState::Expired), None, 100)
@@ -702,13 +732,16 @@ mod tests {
             } else {
                 OperationState::Denied
             };
-            store.put(&record(n, "r", state)).await.unwrap();
+            store
+                .put(&record(n, "r", state), |b| plain(&store, b))
+                .await
+                .unwrap();
         }
         // Finished at n*10+1: those before 52 are 1, 2, 4 and 5.
         let due = store.finished_before(52, 100).unwrap();
         assert_eq!(due.len(), 4);
         assert_eq!(store.finished_before(52, 2).unwrap().len(), 2);
-        assert_eq!(store.prune(&due).await.unwrap(), 4);
+        assert_eq!(store.prune(&due, |b| plain(&store, b)).await.unwrap(), 4);
         assert!(store.get(&format!("{:032x}", 1)).unwrap().is_none());
         let all = store.page(Scope::All, None, None, 100).unwrap();
         assert_eq!(ids(&all), [10, 9, 8, 7, 6, 3]);

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use super::operation::{OperationRecord, OperationState};
 use super::operation_store::{Cursor, OperationStore, Page, Scope};
 use super::quorum::Quorum;
 use crate::identity::valid_principal_name;
+use crate::shared::{Domain, Epochs};
 
 /// An enrolled officer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +105,16 @@ pub struct DualControlStore {
     meta: custody_store::Keyspace,
     officers: RwLock<BTreeMap<String, OfficerRecord>>,
     admin_required: RwLock<u32>,
-    writer: tokio::sync::Mutex<()>,
+    epochs: Epochs,
+    /// The epoch the officers were loaded at (or this replica last wrote).
+    epoch: AtomicU64,
+    /// One reload at a time.
+    reloading: std::sync::Mutex<()>,
+}
+
+/// Held while officers or operations are read, decided and written.
+pub struct DualControlGuard {
+    _lock: custody_store::Claim,
 }
 
 const ADMIN_REQUIRED: &[u8] = b"admin_required";
@@ -114,26 +125,13 @@ fn store_error(e: impl std::fmt::Display) -> String {
 
 impl DualControlStore {
     /// Opens the store in `db`.
-    pub fn open(db: &custody_store::Store) -> Result<Self, String> {
+    pub fn open(db: &custody_store::Store, epochs: &Epochs) -> Result<Self, String> {
         let officers_tree = db.keyspace("officers").map_err(store_error)?;
         let meta = db.keyspace("dual_control").map_err(store_error)?;
         let operations = OperationStore::open(db, &meta)?;
-        let mut officers = BTreeMap::new();
-        for item in officers_tree.iter() {
-            let (id, bytes) = item.map_err(store_error)?;
-            let officer: OfficerRecord = crate::stored::open(&id, &bytes)
-                .map_err(|e| store_error(format!("corrupt officer record: {e}")))?;
-            officers.insert(officer.officer_id.clone(), officer);
-        }
-        let admin_required = match meta.get(ADMIN_REQUIRED).map_err(store_error)? {
-            Some(bytes) => u32::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| store_error("corrupt admin quorum"))?,
-            ),
-            None => 0,
-        };
+        // The epoch before the officers: see `Registry::open`.
+        let epoch = epochs.read(Domain::DualControl).map_err(store_error)?;
+        let (officers, admin_required) = load(&officers_tree, &meta)?;
         Ok(Self {
             db: db.clone(),
             officers_tree,
@@ -141,13 +139,67 @@ impl DualControlStore {
             meta,
             officers: RwLock::new(officers),
             admin_required: RwLock::new(admin_required),
-            writer: tokio::sync::Mutex::new(()),
+            epochs: epochs.clone(),
+            epoch: AtomicU64::new(epoch),
+            reloading: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Reloads the officers and the administrative quorum if another
+    /// replica changed them (or any operation) since they were loaded: one
+    /// store read when nothing changed.
+    pub fn refresh(&self) -> Result<(), String> {
+        let stored = self.epochs.read(Domain::DualControl).map_err(store_error)?;
+        if stored == self.epoch.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored = self.epochs.read(Domain::DualControl).map_err(store_error)?;
+        if stored == self.epoch.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (officers, admin_required) = load(&self.officers_tree, &self.meta)?;
+        *self
+            .officers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = officers;
+        *self
+            .admin_required
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = admin_required;
+        self.epoch.store(stored, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies `batch` in one transaction over the epoch this replica
+    /// loaded, moving it on; refused with [`crate::shared::STALE`]
+    /// (nothing written) if another replica wrote since: the write fence
+    /// of every change to officers and operations.
+    fn commit(&self, batch: &custody_store::Batch) -> Result<(), String> {
+        let loaded = self.epoch.load(Ordering::SeqCst);
+        let mut spaces = vec![&self.officers_tree, &self.meta, self.epochs.space()];
+        spaces.extend(self.operations.keyspaces());
+        let advanced = self
+            .db
+            .transaction(&spaces, |tx| {
+                let Some(next) = self.epochs.advance(tx, Domain::DualControl, loaded)? else {
+                    return Ok(None);
+                };
+                tx.apply(batch)?;
+                Ok(Some(next))
+            })
+            .map_err(store_error)?;
+        let next = advanced.ok_or_else(|| crate::shared::STALE.to_string())?;
+        self.epoch.store(next, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Applies `genesis` if no officer is enrolled yet; returns whether it did.
     pub async fn apply_genesis(&self, genesis: &Genesis, now_ms: i64) -> Result<bool, String> {
-        let _guard = self.lock().await;
+        let _guard = self.lock().await?;
         if !self.officers().is_empty() {
             return Ok(false);
         }
@@ -161,12 +213,12 @@ impl DualControlStore {
                 enrolled_ms: now_ms,
             })
             .collect();
+        let mut batch = custody_store::Batch::default();
         for record in &records {
-            self.write_officer(record)?;
+            self.write_officer(&mut batch, record)?;
         }
-        self.meta
-            .insert(ADMIN_REQUIRED, genesis.required.to_be_bytes())
-            .map_err(store_error)?;
+        batch.insert(&self.meta, ADMIN_REQUIRED, genesis.required.to_be_bytes());
+        self.commit(&batch)?;
         self.flush().await?;
         // Visible only once durable.
         for record in records {
@@ -179,9 +231,16 @@ impl DualControlStore {
         Ok(true)
     }
 
-    /// Serialises changes to officers and operations.
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.writer.lock().await
+    /// Serialises changes to officers and operations, across replicas too.
+    /// Taking it brings the officers in memory up to the store.
+    pub async fn lock(&self) -> Result<DualControlGuard, String> {
+        let lock = self
+            .epochs
+            .lock(Domain::DualControl)
+            .await
+            .map_err(|e| store_error(format!("the dual-control lock: {e}")))?;
+        self.refresh()?;
+        Ok(DualControlGuard { _lock: lock })
     }
 
     /// All enrolled officers.
@@ -253,7 +312,9 @@ impl DualControlStore {
                 existing.officer_id
             ));
         }
-        self.write_officer(&officer)?;
+        let mut batch = custody_store::Batch::default();
+        self.write_officer(&mut batch, &officer)?;
+        self.commit(&batch)?;
         self.flush().await?;
         self.remember_officer(officer);
         Ok(())
@@ -268,9 +329,9 @@ impl DualControlStore {
                 self.admin_required()
             ));
         }
-        self.officers_tree
-            .remove(id.as_bytes())
-            .map_err(store_error)?;
+        let mut batch = custody_store::Batch::default();
+        batch.remove(&self.officers_tree, id.as_bytes());
+        self.commit(&batch)?;
         self.flush().await?;
         self.officers
             .write()
@@ -279,12 +340,14 @@ impl DualControlStore {
         Ok(())
     }
 
-    fn write_officer(&self, officer: &OfficerRecord) -> Result<(), String> {
+    fn write_officer(
+        &self,
+        batch: &mut custody_store::Batch,
+        officer: &OfficerRecord,
+    ) -> Result<(), String> {
         let bytes =
             crate::stored::seal(officer.officer_id.as_bytes(), officer).map_err(store_error)?;
-        self.officers_tree
-            .insert(officer.officer_id.as_bytes(), bytes)
-            .map_err(store_error)?;
+        batch.insert(&self.officers_tree, officer.officer_id.as_bytes(), bytes);
         Ok(())
     }
 
@@ -340,12 +403,16 @@ impl DualControlStore {
 
     /// Removes finished operations, durably. Hold [`Self::lock`].
     pub async fn prune_operations(&self, ids: &[String]) -> Result<usize, String> {
-        self.operations.prune(ids).await
+        self.operations
+            .prune(ids, |batch| self.commit(&batch))
+            .await
     }
 
     /// Writes an operation and its index entries durably. Hold [`Self::lock`].
     pub async fn put_operation(&self, operation: &OperationRecord) -> Result<(), String> {
-        self.operations.put(operation).await
+        self.operations
+            .put(operation, |batch| self.commit(&batch))
+            .await
     }
 
     async fn flush(&self) -> Result<(), String> {
@@ -355,6 +422,30 @@ impl DualControlStore {
             .map(drop)
             .map_err(|e| store_error(format!("flush: {e}")))
     }
+}
+
+/// The officers and the administrative quorum as stored.
+fn load(
+    officers_tree: &custody_store::Keyspace,
+    meta: &custody_store::Keyspace,
+) -> Result<(BTreeMap<String, OfficerRecord>, u32), String> {
+    let mut officers = BTreeMap::new();
+    for item in officers_tree.iter() {
+        let (id, bytes) = item.map_err(store_error)?;
+        let officer: OfficerRecord = crate::stored::open(&id, &bytes)
+            .map_err(|e| store_error(format!("corrupt officer record: {e}")))?;
+        officers.insert(officer.officer_id.clone(), officer);
+    }
+    let admin_required = match meta.get(ADMIN_REQUIRED).map_err(store_error)? {
+        Some(bytes) => u32::from_be_bytes(
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| store_error("corrupt admin quorum"))?,
+        ),
+        None => 0,
+    };
+    Ok((officers, admin_required))
 }
 
 /// Checks the stored dual-control state (threat model F1): every officer

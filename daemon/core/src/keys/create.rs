@@ -75,7 +75,11 @@ pub async fn create(
             "SoftHSM2 cannot wrap Ed25519 private keys, so they cannot be backed up",
         ));
     }
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     ensure_key_id_free(custody, &new.key_id)?;
     audited.intent(custody).await?;
     let first = generate_version(

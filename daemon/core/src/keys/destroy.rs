@@ -55,7 +55,11 @@ pub async fn schedule_destroy(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     check_destroyable(&current, version)?;
     let at = custody.clock.now_ms() + custody.lifecycle.destroy_cancel_window_ms();
@@ -71,7 +75,11 @@ pub async fn cancel_destroy(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     let existing = not_destroyed(&current, version)?;
     if existing.destroy_at_ms.is_none() {
@@ -102,7 +110,11 @@ pub async fn set_legal_hold(
             "a legal hold needs a reason (a case reference, say)",
         ));
     }
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     let existing = not_destroyed(&current, version)?;
     audited.detail = if existing.destroy_at_ms.is_some() {
@@ -125,7 +137,11 @@ pub async fn release_legal_hold(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     if version_of(&current, version)?.legal_hold.is_none() {
         return Err(Error::new(
@@ -146,7 +162,11 @@ pub async fn destroy_due(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     let existing = version_of(&current, version)?;
     let now = custody.clock.now_ms();
@@ -195,7 +215,11 @@ pub async fn hold_destructions(
     audited: &mut Audited,
     by_ms: i64,
 ) -> Result<Vec<String>, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     audited.intent(custody).await?;
     let mut held = Vec::new();
     for key in custody.registry.list(None, usize::MAX) {

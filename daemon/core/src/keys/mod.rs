@@ -78,6 +78,9 @@ pub(crate) fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&Version
 /// The registry could not be written.
 pub(crate) fn registry_failure(error: RegistryError) -> Error {
     tracing::error!(%error, "registry write failed");
+    if error.0 == crate::shared::STALE {
+        return Error::new(Reason::RegistryUnavailable, crate::shared::STALE);
+    }
     Error::new(
         Reason::RegistryUnavailable,
         "the key registry cannot be written",

@@ -67,7 +67,11 @@ pub async fn rotate(
     if let Some(id) = request_id {
         check_request_id(id)?;
     }
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     quorum_gate(&current, "ROTATE", approval)?;
     if let Some(expected) = if_primary

@@ -94,7 +94,11 @@ pub async fn set_state(
 ) -> Result<KeyRecord, Error> {
     let reason = requested_state(target, reason)?;
     audited.detail = format!("to {target:?}");
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     quorum_gate(&current, "SET_STATE", approval)?;
     check_transition(&current, version, target)?;
@@ -184,7 +188,11 @@ pub async fn update(
     update: &KeyUpdate,
     approval: Approval,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody.registry.lock().await;
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
     quorum_gate(&current, "UPDATE_KEY", approval)?;
     let mut record = (*current).clone();

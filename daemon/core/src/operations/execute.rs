@@ -168,7 +168,11 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
             officers,
             required,
         } => {
-            let _guard = custody.registry.lock().await;
+            let _guard = custody
+                .registry
+                .lock()
+                .await
+                .map_err(crate::keys::registry_failure)?;
             let mut key = (*found(custody, key_id)?).clone();
             if *required == 0 {
                 key.policies.remove(operation);

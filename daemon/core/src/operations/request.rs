@@ -143,6 +143,9 @@ fn random_hex() -> Result<String, Error> {
 /// The operation store could not be written.
 pub(crate) fn store_failure(error: String) -> Error {
     tracing::error!(%error, "dual-control store");
+    if error == crate::shared::STALE {
+        return Error::new(Reason::StoreUnavailable, crate::shared::STALE);
+    }
     Error::new(
         Reason::StoreUnavailable,
         "the operation store cannot be written",
@@ -468,7 +471,7 @@ pub async fn request(
     );
     // The cap is checked and the operation stored under one hold of the
     // store lock, so concurrent requests cannot all slip under it.
-    let _guard = custody.dual_control.lock().await;
+    let _guard = custody.dual_control.lock().await.map_err(store_failure)?;
     check_pending_cap(custody, &record.requester, now)?;
     // The request is recorded before the operation exists.
     audited.intent(custody).await?;

@@ -43,7 +43,7 @@ pub async fn vote(
     signature: &[u8],
 ) -> Result<OperationRecord, Error> {
     expire_due(custody).await;
-    let _guard = custody.dual_control.lock().await;
+    let _guard = custody.dual_control.lock().await.map_err(store_failure)?;
     let loaded = custody
         .dual_control
         .operation(id)
@@ -213,7 +213,13 @@ pub const PRUNE_BATCH: usize = 256;
 /// and the oldest entries of the finished index only.
 pub async fn expire_due(custody: &Custody) {
     let now = custody.clock.now_ms();
-    let _guard = custody.dual_control.lock().await;
+    let _guard = match custody.dual_control.lock().await {
+        Ok(guard) => guard,
+        Err(error) => {
+            tracing::warn!(%error, "the expiry sweep waits for the dual-control lock");
+            return;
+        }
+    };
     let Ok(operations) = custody.dual_control.pending_operations() else {
         return;
     };
