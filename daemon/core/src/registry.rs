@@ -18,10 +18,9 @@
 //! label), so a half-made version is never usable.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::shared::{Domain, Epochs};
+use crate::shared::{Copy, Domain, Epochs};
 
 use serde::{Deserialize, Serialize};
 
@@ -203,11 +202,8 @@ pub struct Registry {
     tree: custody_store::Keyspace,
     pending: custody_store::Keyspace,
     keys: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
-    epochs: Epochs,
-    /// The epoch `keys` was loaded at (or this replica last wrote).
-    epoch: AtomicU64,
-    /// One reload at a time.
-    reloading: Mutex<()>,
+    /// The epoch `keys` stands at.
+    copy: Copy,
 }
 
 /// Held while a change to the registry is read, decided and written.
@@ -225,8 +221,6 @@ impl Registry {
     pub fn open(db: &custody_store::Store, epochs: &Epochs) -> Result<Registry, RegistryError> {
         let tree = db.keyspace("keys").map_err(store_error)?;
         let pending = db.keyspace("pending_versions").map_err(store_error)?;
-        // The epoch before the records: a change landing in between makes
-        // the copy look stale, never current.
         let epoch = epochs.read(Domain::Registry).map_err(store_error)?;
         let keys = load(&tree)?;
         Ok(Registry {
@@ -234,31 +228,18 @@ impl Registry {
             tree,
             pending,
             keys: RwLock::new(keys),
-            epochs: epochs.clone(),
-            epoch: AtomicU64::new(epoch),
-            reloading: Mutex::new(()),
+            copy: Copy::new(Domain::Registry, epochs, epoch),
         })
     }
 
     /// Reloads the copy in memory if another replica changed the registry
     /// since it was loaded: one store read when nothing changed.
     pub fn refresh(&self) -> Result<(), RegistryError> {
-        let stored = self.epochs.read(Domain::Registry).map_err(store_error)?;
-        if stored == self.epoch.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let _one = self
-            .reloading
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let stored = self.epochs.read(Domain::Registry).map_err(store_error)?;
-        if stored == self.epoch.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let keys = load(&self.tree)?;
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
-        self.epoch.store(stored, Ordering::SeqCst);
-        Ok(())
+        self.copy.refresh(store_error, || {
+            let keys = load(&self.tree)?;
+            *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+            Ok(())
+        })
     }
 
     /// Writes `records` and clears the pending entry `settled` in one
@@ -279,12 +260,13 @@ impl Registry {
                     .map_err(|e| WriteFailure::NotWritten(store_error(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let loaded = self.epoch.load(Ordering::SeqCst);
-        let spaces = [&self.tree, &self.pending, self.epochs.space()];
+        let loaded = self.copy.loaded();
+        let epochs = self.copy.epochs();
+        let spaces = [&self.tree, &self.pending, epochs.space()];
         let advanced = self
             .db
             .transaction(&spaces, |tx| {
-                let Some(next) = self.epochs.advance(tx, Domain::Registry, loaded)? else {
+                let Some(next) = epochs.advance(tx, Domain::Registry, loaded)? else {
                     return Ok(None);
                 };
                 for (id, bytes) in &sealed {
@@ -304,7 +286,7 @@ impl Registry {
             // Ours is stale: the next refresh reloads it.
             WriteFailure::NotWritten(RegistryError(crate::shared::STALE.into()))
         })?;
-        self.epoch.store(next, Ordering::SeqCst);
+        self.copy.wrote(next);
         Ok(())
     }
 }
@@ -381,7 +363,8 @@ impl Registry {
     /// the store.
     pub async fn lock(&self) -> Result<RegistryGuard, RegistryError> {
         let lock = self
-            .epochs
+            .copy
+            .epochs()
             .lock(Domain::Registry)
             .await
             .map_err(|e| RegistryError(format!("the registry's lock: {e}")))?;
@@ -589,4 +572,70 @@ pub fn check_stored(
         },
     );
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key_id: &str) -> KeyRecord {
+        KeyRecord {
+            key_id: key_id.into(),
+            algorithm: "EC_SIGN_P256_SHA256".into(),
+            allowed_signers: vec!["ca".into()],
+            primary_version: 0,
+            created_ms: 0,
+            versions: Vec::new(),
+            policies: Default::default(),
+            cryptoperiod_ms: None,
+            min_version: 0,
+            rotation_requests: Vec::new(),
+            backup_exportable: false,
+        }
+    }
+
+    /// Two registries on one store stand for two replicas.
+    fn replicas() -> (tempfile::TempDir, custody_store::Store, Registry, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
+        let open = |holder| Registry::open(&store, &Epochs::open(&store, holder).unwrap()).unwrap();
+        let (a, b) = (open("a"), open("b"));
+        (dir, store, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_replica_sees_another_replicas_change_and_never_writes_over_it() {
+        let (_dir, store, a, b) = replicas();
+        a.put(record("k1")).await.unwrap();
+        assert!(b.get("k1").is_none(), "b's copy predates the change");
+        b.refresh().unwrap();
+        assert!(b.get("k1").is_some(), "a refresh brings it in");
+
+        a.put(record("k2")).await.unwrap();
+        // b decides from a stale copy: its write is fenced off, whole.
+        let refused = b.put(record("k3")).await.unwrap_err();
+        assert_eq!(refused.0, crate::shared::STALE);
+        let fresh = Registry::open(&store, &Epochs::open(&store, "c").unwrap()).unwrap();
+        assert_eq!(fresh.len(), 2, "nothing of the stale write landed");
+        b.refresh().unwrap();
+        b.put(record("k3")).await.unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn one_replica_at_a_time_holds_the_registry_lock_and_takes_it_fresh() {
+        let (_dir, _store, a, b) = replicas();
+        let held = a.lock().await.unwrap();
+        a.put(record("k1")).await.unwrap();
+        let waiting = tokio::time::timeout(std::time::Duration::ZERO, b.lock()).await;
+        assert!(waiting.is_err(), "b took the lock a holds");
+        drop(held);
+        let _held = b.lock().await.unwrap();
+        assert!(
+            b.get("k1").is_some(),
+            "taking the lock brought b's copy up to date"
+        );
+        b.put(record("k2")).await.unwrap();
+    }
 }

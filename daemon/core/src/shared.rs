@@ -17,6 +17,8 @@
 //! On sled, with one custodyd, the epochs never move under it and the locks
 //! are mutexes: one mechanism for both backends.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use custody_store::{Claim, Keyspace, Store, StoreError, Tx, TxError};
@@ -137,6 +139,68 @@ impl Epochs {
                 );
             }
         });
+    }
+}
+
+/// A domain's copy in memory: the epoch it was loaded at, and how it is
+/// brought up to the store.
+pub struct Copy {
+    domain: Domain,
+    epochs: Epochs,
+    /// The epoch the copy was loaded at (or this replica last wrote).
+    loaded: AtomicU64,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+impl Copy {
+    /// A copy of `domain` loaded at `epoch`; read the epoch before loading,
+    /// so that a change landing in between makes the copy look stale,
+    /// never current.
+    pub fn new(domain: Domain, epochs: &Epochs, epoch: u64) -> Copy {
+        Copy {
+            domain,
+            epochs: epochs.clone(),
+            loaded: AtomicU64::new(epoch),
+            reloading: Mutex::new(()),
+        }
+    }
+
+    /// The epochs, for the domain's lock and its fenced transactions.
+    pub fn epochs(&self) -> &Epochs {
+        &self.epochs
+    }
+
+    /// The epoch the copy stands at: the fence of the next write.
+    pub fn loaded(&self) -> u64 {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// After a write moved the epoch to `next`.
+    pub fn wrote(&self, next: u64) {
+        self.loaded.store(next, Ordering::SeqCst);
+    }
+
+    /// Runs `reload` (which replaces the copy from the store) if the stored
+    /// epoch moved since the copy was loaded: one store read otherwise.
+    pub fn refresh<E>(
+        &self,
+        store_error: impl Fn(StoreError) -> E,
+        reload: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.epochs.read(self.domain).map_err(&store_error)? == self.loaded() {
+            return Ok(());
+        }
+        let _one = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored = self.epochs.read(self.domain).map_err(&store_error)?;
+        if stored != self.loaded() {
+            reload()?;
+            self.loaded.store(stored, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 

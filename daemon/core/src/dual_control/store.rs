@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +11,7 @@ use super::operation::{OperationRecord, OperationState};
 use super::operation_store::{Cursor, OperationStore, Page, Scope};
 use super::quorum::Quorum;
 use crate::identity::valid_principal_name;
-use crate::shared::{Domain, Epochs};
+use crate::shared::{Copy, Domain, Epochs};
 
 /// An enrolled officer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,11 +104,8 @@ pub struct DualControlStore {
     meta: custody_store::Keyspace,
     officers: RwLock<BTreeMap<String, OfficerRecord>>,
     admin_required: RwLock<u32>,
-    epochs: Epochs,
-    /// The epoch the officers were loaded at (or this replica last wrote).
-    epoch: AtomicU64,
-    /// One reload at a time.
-    reloading: std::sync::Mutex<()>,
+    /// The epoch the officers stand at.
+    copy: Copy,
 }
 
 /// Held while officers or operations are read, decided and written.
@@ -129,7 +125,6 @@ impl DualControlStore {
         let officers_tree = db.keyspace("officers").map_err(store_error)?;
         let meta = db.keyspace("dual_control").map_err(store_error)?;
         let operations = OperationStore::open(db, &meta)?;
-        // The epoch before the officers: see `Registry::open`.
         let epoch = epochs.read(Domain::DualControl).map_err(store_error)?;
         let (officers, admin_required) = load(&officers_tree, &meta)?;
         Ok(Self {
@@ -139,9 +134,7 @@ impl DualControlStore {
             meta,
             officers: RwLock::new(officers),
             admin_required: RwLock::new(admin_required),
-            epochs: epochs.clone(),
-            epoch: AtomicU64::new(epoch),
-            reloading: std::sync::Mutex::new(()),
+            copy: Copy::new(Domain::DualControl, epochs, epoch),
         })
     }
 
@@ -149,29 +142,18 @@ impl DualControlStore {
     /// replica changed them (or any operation) since they were loaded: one
     /// store read when nothing changed.
     pub fn refresh(&self) -> Result<(), String> {
-        let stored = self.epochs.read(Domain::DualControl).map_err(store_error)?;
-        if stored == self.epoch.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let _one = self
-            .reloading
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let stored = self.epochs.read(Domain::DualControl).map_err(store_error)?;
-        if stored == self.epoch.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let (officers, admin_required) = load(&self.officers_tree, &self.meta)?;
-        *self
-            .officers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = officers;
-        *self
-            .admin_required
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = admin_required;
-        self.epoch.store(stored, Ordering::SeqCst);
-        Ok(())
+        self.copy.refresh(store_error, || {
+            let (officers, admin_required) = load(&self.officers_tree, &self.meta)?;
+            *self
+                .officers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = officers;
+            *self
+                .admin_required
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = admin_required;
+            Ok(())
+        })
     }
 
     /// Applies `batch` in one transaction over the epoch this replica
@@ -179,13 +161,14 @@ impl DualControlStore {
     /// (nothing written) if another replica wrote since: the write fence
     /// of every change to officers and operations.
     fn commit(&self, batch: &custody_store::Batch) -> Result<(), String> {
-        let loaded = self.epoch.load(Ordering::SeqCst);
-        let mut spaces = vec![&self.officers_tree, &self.meta, self.epochs.space()];
+        let loaded = self.copy.loaded();
+        let epochs = self.copy.epochs();
+        let mut spaces = vec![&self.officers_tree, &self.meta, epochs.space()];
         spaces.extend(self.operations.keyspaces());
         let advanced = self
             .db
             .transaction(&spaces, |tx| {
-                let Some(next) = self.epochs.advance(tx, Domain::DualControl, loaded)? else {
+                let Some(next) = epochs.advance(tx, Domain::DualControl, loaded)? else {
                     return Ok(None);
                 };
                 tx.apply(batch)?;
@@ -193,7 +176,7 @@ impl DualControlStore {
             })
             .map_err(store_error)?;
         let next = advanced.ok_or_else(|| crate::shared::STALE.to_string())?;
-        self.epoch.store(next, Ordering::SeqCst);
+        self.copy.wrote(next);
         Ok(())
     }
 
@@ -235,7 +218,8 @@ impl DualControlStore {
     /// Taking it brings the officers in memory up to the store.
     pub async fn lock(&self) -> Result<DualControlGuard, String> {
         let lock = self
-            .epochs
+            .copy
+            .epochs()
             .lock(Domain::DualControl)
             .await
             .map_err(|e| store_error(format!("the dual-control lock: {e}")))?;
