@@ -333,6 +333,25 @@ fn etcd_transactions_serializable_across_replicas() {
         space_b.get(b"n").unwrap(),
         Some(101u64.to_be_bytes().to_vec())
     );
+
+    // A transaction that only reads sees one snapshot: another replica
+    // moving both keys at once between its two reads shows as neither
+    // or both, never one of them.
+    let mut both = Batch::default();
+    both.insert(&space_a, b"x", b"old");
+    both.insert(&space_a, b"y", b"old");
+    space_a.apply_batch(both).unwrap();
+    let (x, y) = a
+        .transaction(&[&space_a], |tx| {
+            let x = tx.get(&space_a, b"x")?;
+            let mut both = Batch::default();
+            both.insert(&space_b, b"x", b"new");
+            both.insert(&space_b, b"y", b"new");
+            space_b.apply_batch(both).unwrap();
+            Ok((x, tx.get(&space_a, b"y")?))
+        })
+        .unwrap();
+    assert_eq!(x, y, "a torn read");
 }
 
 /// S2: a writer keeps writing while the member it talks to is SIGKILLed.

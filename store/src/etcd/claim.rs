@@ -19,8 +19,8 @@ use super::pb::etcdserverpb::lease_client::LeaseClient;
 use super::pb::etcdserverpb::watch_client::WatchClient;
 use super::pb::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, compare, request_op,
-    response_op, watch_create_request, watch_request,
+    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, compare, request_op, response_op,
+    watch_create_request, watch_request,
 };
 use super::pb::mvccpb::event::EventType;
 use super::{EtcdBackend, Shared};
@@ -29,9 +29,15 @@ use crate::{Result, StoreError};
 
 /// An attempt's outcome.
 enum Attempt {
-    Taken { lease: i64, expires: Instant },
+    Taken {
+        lease: i64,
+        expires: Instant,
+    },
     /// Held by `holder`, as of store revision `revision`.
-    Held { holder: String, revision: i64 },
+    Held {
+        holder: String,
+        revision: i64,
+    },
 }
 
 /// etcd leases count in whole seconds.
@@ -186,10 +192,22 @@ async fn keep_alive(shared: Arc<Shared>, lease: i64, ttl: i64, state: Arc<ClaimS
 
 /// The claim for a lease just taken: its keep-alive started, its release
 /// revoking the lease.
-fn hold(backend: &EtcdBackend, name: &str, holder: &str, lease: i64, ttl: i64, expires: Instant) -> Result<Claim> {
+fn hold(
+    backend: &EtcdBackend,
+    name: &str,
+    holder: &str,
+    lease: i64,
+    ttl: i64,
+    expires: Instant,
+) -> Result<Claim> {
     let state = ClaimState::new(Some(expires));
     let handle = backend.bridge.handle().ok_or_else(super::stopped)?;
-    let task = handle.spawn(keep_alive(backend.shared.clone(), lease, ttl, state.clone()));
+    let task = handle.spawn(keep_alive(
+        backend.shared.clone(),
+        lease,
+        ttl,
+        state.clone(),
+    ));
     let bridge = backend.bridge.clone();
     let shared = backend.shared.clone();
     Ok(Claim::new(
@@ -236,10 +254,8 @@ pub(super) async fn campaign(
     let key = backend.shared.claim_key(name);
     // Watch for the holder's release, but look again at least this often in
     // case a watch misses it.
-    let recheck = Duration::from_secs(ttl.unsigned_abs()).clamp(
-        Duration::from_secs(1),
-        Duration::from_secs(10),
-    );
+    let recheck = Duration::from_secs(ttl.unsigned_abs())
+        .clamp(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         let attempt = backend
             .bridge
@@ -260,7 +276,8 @@ pub(super) async fn campaign(
                 let _ = backend
                     .bridge
                     .run(async move {
-                        let _ = tokio::time::timeout(recheck, deleted(&shared, key, revision)).await;
+                        let _ =
+                            tokio::time::timeout(recheck, deleted(&shared, key, revision)).await;
                         Ok(())
                     })
                     .await;
@@ -272,12 +289,14 @@ pub(super) async fn campaign(
 /// Resolves when `key` is deleted after `revision` (or the watch fails).
 async fn deleted(shared: &Shared, key: Vec<u8>, revision: i64) {
     let create = WatchRequest {
-        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
-            key,
-            start_revision: revision + 1,
-            filters: vec![watch_create_request::FilterType::Noput as i32],
-            ..WatchCreateRequest::default()
-        })),
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key,
+                start_revision: revision + 1,
+                filters: vec![watch_create_request::FilterType::Noput as i32],
+                ..WatchCreateRequest::default()
+            },
+        )),
     };
     // The request stream stays open: closing it may end the watch.
     let requests = tokio_stream::iter([create]).chain(tokio_stream::pending());

@@ -55,9 +55,8 @@ pub(crate) struct Members {
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
-        StoreError::Failed(format!("etcd {what} {}: {e}", path.display()))
-    })
+    std::fs::read(path)
+        .map_err(|e| StoreError::Failed(format!("etcd {what} {}: {e}", path.display())))
 }
 
 impl Members {
@@ -77,7 +76,8 @@ impl Members {
             } else {
                 format!("https://{endpoint}")
             };
-            let bad = |why: String| StoreError::Failed(format!("etcd endpoint {endpoint:?}: {why}"));
+            let bad =
+                |why: String| StoreError::Failed(format!("etcd endpoint {endpoint:?}: {why}"));
             let uri: Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
             if uri.scheme_str() != Some("https") {
                 return Err(bad("custody talks to etcd over mTLS only (https)".into()));
@@ -171,7 +171,9 @@ impl Members {
                     return Ok(answer);
                 }
                 Ok(Err(status)) => match classify(&status) {
-                    Class::Failed(why) => return Err(RpcError::Failed(format!("etcd {what}: {why}"))),
+                    Class::Failed(why) => {
+                        return Err(RpcError::Failed(format!("etcd {what}: {why}")));
+                    }
                     Class::Compacted => {
                         return Err(RpcError::Compacted(format!(
                             "etcd {what}: {}",
@@ -217,7 +219,9 @@ impl Members {
 enum Class {
     /// Retrying elsewhere may work; `sent`: the request may have reached
     /// the member.
-    Unavailable { sent: bool },
+    Unavailable {
+        sent: bool,
+    },
     Failed(String),
     Compacted,
 }
