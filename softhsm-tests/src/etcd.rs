@@ -214,7 +214,7 @@ impl Cluster {
 
     /// Waits until member `i` serves a linearizable read (a leader is
     /// elected and the member is part of it), or panics with its log.
-    fn wait_healthy(&mut self, i: usize) {
+    pub fn wait_healthy(&mut self, i: usize) {
         let deadline = Instant::now() + HEALTHY_WITHIN;
         let mut config = self.config_for(vec![self.endpoint(i)], "health/");
         config.request_timeout = Duration::from_secs(2);
