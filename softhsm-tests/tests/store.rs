@@ -183,7 +183,7 @@ fn conformance(store: &Store) {
     keyspaces_are_listed_and_checks_make_none(store);
     batches_span_keyspaces_atomically(store);
     transactions_see_their_writes(store);
-    transactions_are_serializable(&[store.clone()]);
+    transactions_are_serializable(std::slice::from_ref(store));
     store.flush().unwrap();
 }
 
