@@ -32,9 +32,10 @@
 //! - `--auto-compaction-*`: a transaction whose pinned revision is compacted
 //!   away starts over at the newest, so compaction only costs a retry.
 //! - A reverse scan (`iter_rev`, `last`, `range_rev`) makes etcd read the
-//!   whole range before it sorts and truncates (etcd 3.4 applies `limit`
-//!   after sorting when the order is descending): keep hot "newest entry"
-//!   lookups on a head key rather than on `last()` of a long keyspace.
+//!   whole remaining range for each page (it applies `limit` only after
+//!   sorting, and only ascending key order comes unsorted): keep hot "newest
+//!   entry" lookups on a head key rather than on `last()` of a long
+//!   keyspace. Forward scans read a page at a time.
 //!
 //! **Threads.** The API is synchronous and the etcd client async: the
 //! backend owns a small tokio runtime (`custody-etcd` threads), runs every
@@ -501,10 +502,12 @@ impl Backend for EtcdBackend {
         if start >= end || limit == 0 {
             return Ok(Vec::new());
         }
+        // etcd answers in ascending key order unsorted; asking it to sort
+        // (even ascending) makes it read the whole range first.
         let order = if reverse {
             range_request::SortOrder::Descend
         } else {
-            range_request::SortOrder::Ascend
+            range_request::SortOrder::None
         };
         let skip = base.len();
         self.with_shared(move |shared| async move {
