@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what custody's demo and test suite need on a Debian machine, if it is
 # missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
-# PKCS#11 client, used by tests as "another process") and openssl (the
-# independent verifier). No system protoc is needed: .proto files compile with
+# PKCS#11 client, used by tests as "another process"), openssl (the
+# independent verifier) and etcd (the replicated store backend's tests run a
+# real cluster). No system protoc is needed: .proto files compile with
 # protox.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ need=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

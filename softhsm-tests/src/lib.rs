@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ceremony;
+pub mod etcd;
 pub mod grpcio;
 pub mod process;
 pub mod service;

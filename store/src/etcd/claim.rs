@@ -42,9 +42,19 @@ enum Attempt {
 
 /// etcd leases count in whole seconds.
 fn ttl_seconds(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
-        .unwrap_or(i64::MAX)
-        .max(1)
+    i64::try_from(
+        ttl.as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0)),
+    )
+    .unwrap_or(i64::MAX)
+    .max(1)
+}
+
+/// When a lease granted `ttl` seconds at `sent` runs out (at once if that
+/// is beyond what the clock can say).
+fn lasts(sent: Instant, ttl: i64) -> Instant {
+    sent.checked_add(Duration::from_secs(ttl.unsigned_abs()))
+        .unwrap_or(sent)
 }
 
 async fn try_claim(shared: Arc<Shared>, key: Vec<u8>, holder: String, ttl: i64) -> Result<Attempt> {
@@ -65,7 +75,7 @@ async fn try_claim(shared: Arc<Shared>, key: Vec<u8>, holder: String, ttl: i64) 
         )));
     }
     let lease = granted.id;
-    let expires = sent + Duration::from_secs(granted.ttl.unsigned_abs());
+    let expires = lasts(sent, granted.ttl);
     let request = TxnRequest {
         compare: vec![super::compare(
             key.clone(),
@@ -174,7 +184,7 @@ async fn keep_alive(shared: Arc<Shared>, lease: i64, ttl: i64, state: Arc<ClaimS
         }
         match tokio::time::timeout(expires - sent, renew(&shared, lease)).await {
             Ok(Ok(remaining)) if remaining > 0 => {
-                state.renewed(sent + Duration::from_secs(remaining.unsigned_abs()));
+                state.renewed(lasts(sent, remaining));
             }
             Ok(Ok(_)) => {
                 tracing::warn!(lease, "etcd lease expired: claim lost");
@@ -325,3 +335,17 @@ async fn deleted(shared: &Shared, key: Vec<u8>, revision: i64) {
 
 /// The pause after a failed watch.
 const WATCH_RETRY: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttls_round_up_to_whole_seconds() {
+        assert_eq!(ttl_seconds(Duration::ZERO), 1);
+        assert_eq!(ttl_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_seconds(Duration::from_millis(2001)), 3);
+        assert_eq!(ttl_seconds(Duration::MAX), i64::MAX);
+    }
+}

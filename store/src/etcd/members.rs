@@ -115,6 +115,17 @@ impl Members {
         })
     }
 
+    /// No members: for tests of what needs none.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Members {
+        Members {
+            endpoints: Vec::new(),
+            channels: Vec::new(),
+            preferred: AtomicUsize::new(0),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
     /// The channel calls go to first.
     pub(crate) fn preferred(&self) -> Channel {
         let index = self.preferred.load(Ordering::Relaxed) % self.channels.len();
@@ -269,4 +280,61 @@ fn never_sent(status: &Status) -> bool {
         source = error.source();
     }
     false
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+
+    fn class(status: Status) -> String {
+        match classify(&status) {
+            Class::Unavailable { sent } => format!("unavailable sent={sent}"),
+            Class::Failed(why) => format!("failed: {why}"),
+            Class::Compacted => "compacted".into(),
+        }
+    }
+
+    #[test]
+    fn etcd_answers_map_to_store_errors() {
+        assert_eq!(
+            class(Status::unavailable("etcdserver: leader changed")),
+            "unavailable sent=true"
+        );
+        assert_eq!(
+            class(Status::deadline_exceeded("x")),
+            "unavailable sent=true"
+        );
+        assert_eq!(
+            class(Status::unknown("Service was not ready: x")),
+            "unavailable sent=false"
+        );
+        // A member's own Unknown (no transport error behind it) is a failure.
+        assert!(class(Status::unknown("etcdserver: weird")).starts_with("failed"));
+        assert_eq!(
+            class(Status::out_of_range(
+                "etcdserver: mvcc: required revision has been compacted"
+            )),
+            "compacted"
+        );
+        assert!(
+            class(Status::invalid_argument(
+                "etcdserver: too many operations in txn request"
+            ))
+            .contains("--max-txn-ops")
+        );
+        assert!(
+            class(Status::invalid_argument("etcdserver: request is too large"))
+                .contains("--max-request-bytes")
+        );
+        assert!(
+            class(Status::resource_exhausted(
+                "grpc: received message larger than max (3 vs. 2)"
+            ))
+            .contains("--max-request-bytes")
+        );
+        assert!(
+            class(Status::permission_denied("etcdserver: permission denied")).starts_with("failed")
+        );
+    }
 }

@@ -32,9 +32,10 @@
 //! - `--auto-compaction-*`: a transaction whose pinned revision is compacted
 //!   away starts over at the newest, so compaction only costs a retry.
 //! - A reverse scan (`iter_rev`, `last`, `range_rev`) makes etcd read the
-//!   whole range before it sorts and truncates (etcd 3.4 applies `limit`
-//!   after sorting when the order is descending): keep hot "newest entry"
-//!   lookups on a head key rather than on `last()` of a long keyspace.
+//!   whole remaining range for each page (it applies `limit` only after
+//!   sorting, and only ascending key order comes unsorted): keep hot "newest
+//!   entry" lookups on a head key rather than on `last()` of a long
+//!   keyspace. Forward scans read a page at a time.
 //!
 //! **Threads.** The API is synchronous and the etcd client async: the
 //! backend owns a small tokio runtime (`custody-etcd` threads), runs every
@@ -501,10 +502,12 @@ impl Backend for EtcdBackend {
         if start >= end || limit == 0 {
             return Ok(Vec::new());
         }
+        // etcd answers in ascending key order unsorted; asking it to sort
+        // (even ascending) makes it read the whole range first.
         let order = if reverse {
             range_request::SortOrder::Descend
         } else {
-            range_request::SortOrder::Ascend
+            range_request::SortOrder::None
         };
         let skip = base.len();
         self.with_shared(move |shared| async move {
@@ -595,5 +598,82 @@ impl Backend for EtcdBackend {
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>> {
         Box::pin(claim::campaign(self, name, holder, ttl))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    fn layout(prefix: &str) -> Shared {
+        Shared {
+            members: Members::empty(),
+            prefix: prefix.as_bytes().to_vec(),
+            max_txn_ops: EtcdConfig::DEFAULT_MAX_TXN_OPS,
+            max_request_bytes: EtcdConfig::DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+
+    #[test]
+    fn keyspaces_never_share_a_range() {
+        let shared = layout("custody/");
+        assert_eq!(shared.data_key("audit", b"k"), b"custody/s/audit/k");
+        // Space "a/b" key "c" and space "a" key "b/c" are different keys,
+        // and neither space's range holds the other's.
+        let nested = shared.data_key("a/b", b"c");
+        let plain = shared.data_key("a", b"b/c");
+        assert_ne!(nested, plain);
+        let range = |space: &str| {
+            let start = shared.space_prefix(space);
+            let end = prefix_end(&start).unwrap();
+            (start, end)
+        };
+        let (start, end) = range("a");
+        assert!(!(start <= nested && nested < end));
+        let (start, end) = range("a/b");
+        assert!(!(start <= plain && plain < end));
+        assert_eq!(shared.data_key("100%", b"k"), b"custody/s/100%25/k");
+        assert_eq!(shared.claim_key("engine"), b"custody/claims/engine");
+        assert_eq!(shared.registry_prefix(), b"custody/spaces/");
+    }
+
+    fn refused(config: &EtcdConfig) -> String {
+        match Store::open_etcd(config) {
+            Err(StoreError::Failed(why)) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_before_any_connection() {
+        let dir = std::env::temp_dir().join(format!("custody-etcd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["ca.pem", "client.pem", "client.key"] {
+            std::fs::write(dir.join(file), "not PEM").unwrap();
+        }
+        let config = |endpoints: &[&str]| {
+            EtcdConfig::new(
+                endpoints.iter().map(|e| e.to_string()).collect(),
+                dir.join("ca.pem"),
+                dir.join("client.pem"),
+                dir.join("client.key"),
+            )
+        };
+        assert!(refused(&config(&[])).contains("no etcd endpoints"));
+        assert!(refused(&config(&["http://127.0.0.1:2379"])).contains("mTLS only"));
+        let mut missing = config(&["127.0.0.1:2379"]);
+        missing.key = dir.join("absent.key");
+        let why = refused(&missing);
+        assert!(why.contains("absent.key"), "{why}");
+        let mut zero = config(&["127.0.0.1:2379"]);
+        zero.request_timeout = Duration::ZERO;
+        assert!(refused(&zero).contains("request_timeout"));
+        // The key's bytes never show in the configuration's Debug.
+        let key = "-----BEGIN PRIVATE KEY-----secret";
+        std::fs::write(dir.join("client.key"), key).unwrap();
+        assert!(!format!("{:?}", config(&["127.0.0.1:2379"])).contains("secret"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
