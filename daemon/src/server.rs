@@ -190,20 +190,22 @@ impl Daemon {
                 config.data_dir.clone(),
                 config.storage.reserve_mib.saturating_mul(1024 * 1024),
             ),
+            shared: epochs,
         });
-        let versions = custody_core::scheduler::roll_back_unfinished(&state).await?;
-        let ceremonies = custody_core::ceremonies::recover(&state, previous_stop)
-            .await
-            .map_err(|e| format!("ceremony recovery: {e}"))?;
-        if ceremonies > 0 {
+        // Work a stop interrupted is rolled back only by a replica that
+        // starts alone: with others alive, a pending version or an open
+        // ceremony may be one they are making right now.
+        let others = state
+            .shared
+            .others(config.store.replica_id.as_deref())
+            .map_err(|e| format!("store: listing the replicas: {e}"))?;
+        if others.is_empty() {
+            recover(&state, previous_stop).await?;
+        } else {
             tracing::warn!(
-                ceremonies,
-                stop = %previous_stop,
-                "ceremonies interrupted when custodyd stopped were rolled back"
+                others = %others.join(", "),
+                "other replicas are running: start-up recovery is left to a replica that starts alone"
             );
-        }
-        if versions + ceremonies > 0 {
-            custody_core::scheduler::sweep_torn_objects(&state).await?;
         }
         Ok(Daemon {
             state,
@@ -328,6 +330,29 @@ impl Daemon {
         drop(replica);
         served
     }
+}
+
+/// Rolls back what a stop interrupted: version generations, ceremonies,
+/// and the objects a kill inside an HSM call left half-made.
+async fn recover(
+    state: &Custody,
+    previous_stop: custody_core::ceremonies::PreviousStop,
+) -> Result<(), String> {
+    let versions = custody_core::scheduler::roll_back_unfinished(state).await?;
+    let ceremonies = custody_core::ceremonies::recover(state, previous_stop)
+        .await
+        .map_err(|e| format!("ceremony recovery: {e}"))?;
+    if ceremonies > 0 {
+        tracing::warn!(
+            ceremonies,
+            stop = %previous_stop,
+            "ceremonies interrupted when custodyd stopped were rolled back"
+        );
+    }
+    if versions + ceremonies > 0 {
+        custody_core::scheduler::sweep_torn_objects(state).await?;
+    }
+    Ok(())
 }
 
 /// Resolves when `claim` stops counting; never without one.

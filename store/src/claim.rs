@@ -169,6 +169,17 @@ impl LocalClaims {
         ))
     }
 
+    pub(crate) fn holders(&self, prefix: &str) -> Vec<(String, String)> {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut holders: Vec<(String, String)> = held
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, holder)| (name.clone(), holder.clone()))
+            .collect();
+        holders.sort();
+        holders
+    }
+
     pub(crate) async fn campaign(
         self: &Arc<Self>,
         name: &str,

@@ -129,6 +129,8 @@ trait Backend: Send + Sync {
         holder: &'a str,
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>>;
+    /// The claims held now whose names start with `prefix`: name, holder.
+    fn holders(&self, prefix: &str) -> Result<Vec<(String, String)>>;
 }
 
 /// A transaction's reads and writes, by the index of the keyspace in the
@@ -270,6 +272,12 @@ impl Store {
     /// [`Store::claim`]); fails only if the store does.
     pub async fn campaign(&self, name: &str, holder: &str, ttl: Duration) -> Result<Claim> {
         self.backend.campaign(name, holder, ttl).await
+    }
+
+    /// The claims held now whose names start with `prefix`, as (name,
+    /// holder) in name order: who else is alive (e.g. `replica/`).
+    pub fn holders(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.backend.holders(prefix)
     }
 }
 

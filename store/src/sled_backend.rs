@@ -239,6 +239,10 @@ impl Backend for SledBackend {
     ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>> {
         Box::pin(self.claims.campaign(name, holder))
     }
+
+    fn holders(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        Ok(self.claims.holders(prefix))
+    }
 }
 
 struct SledTx<'a> {

@@ -45,6 +45,8 @@ pub struct Custody {
     pub limits: Limits,
     /// Free space under the data directory: below its reserve, reads only.
     pub headroom: Headroom,
+    /// The epochs, locks and leadership replicas share ([`crate::shared`]).
+    pub shared: crate::shared::Epochs,
 }
 
 impl Custody {

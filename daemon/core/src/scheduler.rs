@@ -117,12 +117,17 @@ pub async fn run(state: Weak<Custody>) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drift: Option<(Instant, String)> = None;
+    let mut leader: Option<custody_store::Claim> = None;
     loop {
         interval.tick().await;
         let Some(state) = state.upgrade() else {
             return;
         };
+        // This replica's own clock, whoever leads.
         clock_steps(&state).await;
+        if !lead(&state, &mut leader) {
+            continue;
+        }
         // Rotations and destructions due while the disk is short of its
         // reserve wait for room, like the requests ([`crate::storage`]).
         if !state.headroom.is_short() {
@@ -139,6 +144,28 @@ pub async fn run(state: Weak<Custody>) {
             last_drift = Some((Instant::now(), check_drift(&state, previous).await));
         }
     }
+}
+
+/// Whether this replica leads now: keeps the leadership it holds, takes it
+/// if nobody holds it, and says so when it changes hands.
+fn lead(state: &Custody, leader: &mut Option<custody_store::Claim>) -> bool {
+    if leader.as_ref().is_some_and(|claim| !claim.is_held()) {
+        tracing::warn!("this replica lost the leadership; the schedule passes to another");
+        *leader = None;
+    }
+    if leader.is_none() {
+        match state.shared.try_lead() {
+            Ok(Some(claim)) => {
+                tracing::info!(
+                    "this replica leads: it runs rotations, destructions and drift checks"
+                );
+                *leader = Some(claim);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "leadership cannot be read; the schedule waits"),
+        }
+    }
+    leader.is_some()
 }
 
 /// Why a key is due for rotation now, if it is.

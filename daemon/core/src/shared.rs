@@ -14,6 +14,14 @@
 //!   its lock, a store claim: process-local on sled (one custodyd), an etcd
 //!   lease on etcd (every replica). Taking it reloads the domain if needed.
 //!
+//! - **Leadership** ([`Epochs::try_lead`]): what runs without a request
+//!   (scheduled rotations and destructions, drift checks) runs on the one
+//!   replica holding the claim `leader`; another takes it over within the
+//!   claim's lease once the leader is gone.
+//! - **Who is alive** ([`Epochs::others`]): the replicas holding their
+//!   `replica/` claims, so that a starting replica leaves the recovery of
+//!   work in flight to one that starts alone.
+//!
 //! On sled, with one custodyd, the epochs never move under it and the locks
 //! are mutexes: one mechanism for both backends.
 
@@ -109,6 +117,29 @@ impl Epochs {
         let next = loaded + 1;
         tx.insert(&self.space, domain.key(), next.to_be_bytes())?;
         Ok(Some(next))
+    }
+
+    /// The leadership if nobody else holds it (`None`: another replica
+    /// leads); held until the claim is dropped or lapses.
+    pub fn try_lead(&self) -> Result<Option<Claim>, StoreError> {
+        match self.store.claim("leader", &self.holder, LOCK_TTL) {
+            Ok(claim) => Ok(Some(claim)),
+            Err(custody_store::ClaimError::Held { .. }) => Ok(None),
+            Err(custody_store::ClaimError::Store(e)) => Err(e),
+        }
+    }
+
+    /// The other replicas alive now (holding their `replica/` claims), by
+    /// how they name themselves.
+    pub fn others(&self, replica_id: Option<&str>) -> Result<Vec<String>, StoreError> {
+        let own = replica_id.map(|id| format!("replica/{id}"));
+        Ok(self
+            .store
+            .holders("replica/")?
+            .into_iter()
+            .filter(|(name, _)| Some(name) != own.as_ref())
+            .map(|(name, holder)| format!("{} ({holder})", name.trim_start_matches("replica/")))
+            .collect())
     }
 
     /// Waits for `domain`'s lock; it is held until the claim is dropped.

@@ -599,6 +599,32 @@ impl Backend for EtcdBackend {
     ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>> {
         Box::pin(claim::campaign(self, name, holder, ttl))
     }
+
+    fn holders(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let base = self.shared.claim_key("");
+        let start = self.shared.claim_key(prefix);
+        let end = prefix_end(&start).unwrap_or_else(|| prefix_end(&base).unwrap_or_default());
+        let skip = base.len();
+        self.with_shared(move |shared| async move {
+            let answer = shared
+                .range(RangeRequest {
+                    key: start,
+                    range_end: end,
+                    ..RangeRequest::default()
+                })
+                .await?;
+            Ok(answer
+                .kvs
+                .into_iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(&kv.key[skip..]).into_owned(),
+                        String::from_utf8_lossy(&kv.value).into_owned(),
+                    )
+                })
+                .collect())
+        })
+    }
 }
 
 #[cfg(test)]
