@@ -465,6 +465,11 @@ fn etcd_writes_survive_a_member_killed() {
         .filter(|n| space.get(n.to_be_bytes()).unwrap().is_some())
         .count();
     assert_eq!(space.len().unwrap(), acked.len() + landed + 3);
+    eprintln!(
+        "{total} writes: {} acknowledged, none lost; {} Unavailable ({landed} of them landed)",
+        acked.len(),
+        failed.len()
+    );
 }
 
 /// With every member down, each kind of call ends in `Unavailable` within
