@@ -2,8 +2,8 @@
 # Installs what custody's demo and test suite need on a Debian machine, if it is
 # missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
 # PKCS#11 client, used by tests as "another process"), openssl (the
-# independent verifier) and etcd (the replicated store backend's tests run a
-# real cluster). No system protoc is needed: .proto files compile with
+# independent verifier), etcd (the replicated store backend's tests run a
+# real cluster) and curl (they reach etcd's JSON gateway with it). No system protoc is needed: .proto files compile with
 # protox.
 set -euo pipefail
 
@@ -12,6 +12,7 @@ need=()
 command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

@@ -39,9 +39,19 @@ struct Member {
     process: Option<Child>,
 }
 
+/// How many times a cluster is laid out afresh when a member cannot bind
+/// its port (a port found free may be taken, as the local end of some
+/// other connection, before etcd binds it).
+const START_ATTEMPTS: usize = 3;
+
+/// What a member that exited because its port was taken says.
+const PORT_TAKEN: &str = "address already in use";
+
 /// A running etcd cluster on loopback.
 pub struct Cluster {
     dir: tempfile::TempDir,
+    /// The data dirs and logs of the current layout, inside `dir`.
+    run: PathBuf,
     members: Vec<Member>,
     tls: Tls,
     token: String,
@@ -132,8 +142,38 @@ impl Cluster {
     pub fn start(members: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("cluster temp dir");
         let tls = make_pki(dir.path());
-        let ports = free_ports(2 * members);
-        let members = (0..members)
+        let mut cluster = Cluster {
+            run: dir.path().to_path_buf(),
+            dir,
+            members: Vec::new(),
+            tls,
+            token: String::new(),
+        };
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.lay_out(members, attempt);
+            for i in 0..members {
+                cluster.spawn(i);
+            }
+            match (0..members).try_for_each(|i| cluster.healthy(i)) {
+                Ok(()) => return cluster,
+                Err(why) if why.contains(PORT_TAKEN) && attempt < START_ATTEMPTS => {
+                    eprintln!("etcd cluster start {attempt}: a port was taken; again");
+                    for i in 0..members {
+                        cluster.kill(i);
+                    }
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// New ports, data dirs and cluster token for `count` members.
+    fn lay_out(&mut self, count: usize, attempt: usize) {
+        self.run = self.dir.path().join(format!("run{attempt}"));
+        std::fs::create_dir_all(&self.run).expect("cluster run dir");
+        let ports = free_ports(2 * count);
+        self.members = (0..count)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: ports[2 * i],
@@ -141,25 +181,13 @@ impl Cluster {
                 process: None,
             })
             .collect();
-        let token = format!(
-            "custody-test-{}",
-            dir.path()
+        self.token = format!(
+            "custody-test-{}-{attempt}",
+            self.dir
+                .path()
                 .file_name()
                 .map_or_else(String::new, |name| name.to_string_lossy().into_owned())
         );
-        let mut cluster = Cluster {
-            dir,
-            members,
-            tls,
-            token,
-        };
-        for i in 0..cluster.members.len() {
-            cluster.spawn(i);
-        }
-        for i in 0..cluster.members.len() {
-            cluster.wait_healthy(i);
-        }
-        cluster
     }
 
     fn spawn(&mut self, i: usize) {
@@ -170,17 +198,18 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",");
         let dir = self.dir.path();
+        let run = &self.run;
         let member = &self.members[i];
         let client_url = format!("https://127.0.0.1:{}", member.client_port);
         let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("{}.log", member.name)))
+            .open(run.join(format!("{}.log", member.name)))
             .expect("member log file");
         let spawned = Command::new("etcd")
             .arg(format!("--name={}", member.name))
-            .arg(format!("--data-dir={}", dir.join(&member.name).display()))
+            .arg(format!("--data-dir={}", run.join(&member.name).display()))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -215,6 +244,14 @@ impl Cluster {
     /// Waits until member `i` serves a linearizable read (a leader is
     /// elected and the member is part of it), or panics with its log.
     pub fn wait_healthy(&mut self, i: usize) {
+        if let Err(why) = self.healthy(i) {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until member `i` serves a linearizable read; else why not,
+    /// with its log.
+    fn healthy(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + HEALTHY_WITHIN;
         let mut config = self.config_for(vec![self.endpoint(i)], "health/");
         config.request_timeout = Duration::from_secs(2);
@@ -225,18 +262,21 @@ impl Cluster {
                 .as_mut()
                 .map(|process| process.try_wait())
             {
-                panic!("etcd member {i} exited ({status}):\n{}", self.log(i));
+                return Err(format!(
+                    "etcd member {i} exited ({status}):\n{}",
+                    self.log(i)
+                ));
             }
             match Store::open_etcd(&config).and_then(|store| store.keyspace_names()) {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
                 Err(e) => last = e.to_string(),
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!(
+        Err(format!(
             "etcd member {i} not healthy within {HEALTHY_WITHIN:?}: {last}\n{}",
             self.log(i)
-        );
+        ))
     }
 
     /// The end of member `i`'s log.
@@ -306,12 +346,64 @@ impl Cluster {
         assert!(status.success(), "kill {signal} member {i}: {status}");
     }
 
+    /// Compacts the cluster's history up to its newest revision (etcd's
+    /// JSON gateway, with `curl` and the client certificate), so that no
+    /// earlier revision can be read any more.
+    pub fn compact(&self) {
+        let revision = self.gateway("kv/range", r#"{"key":"AA=="}"#)["header"]["revision"]
+            .as_str()
+            .expect("a revision in the range answer")
+            .to_string();
+        self.gateway(
+            "kv/compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        );
+    }
+
+    fn gateway(&self, path: &str, body: &str) -> serde_json::Value {
+        let (i, _) = self
+            .members
+            .iter()
+            .enumerate()
+            .find(|(_, member)| member.process.is_some())
+            .expect("a member running");
+        let output = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--max-time", "10"])
+            .arg("--cacert")
+            .arg(&self.tls.ca)
+            .arg("--cert")
+            .arg(&self.tls.cert)
+            .arg("--key")
+            .arg(&self.tls.key)
+            .args(["--data", body])
+            .arg(format!("{}/v3/{path}", self.endpoint(i)))
+            .output()
+            .expect("run curl (deploy/install-deps.sh installs it)");
+        assert!(
+            output.status.success(),
+            "etcd gateway {path}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON from etcd's gateway")
+    }
+
     /// Starts member `i` again on its data dir and waits until it is
     /// healthy.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
-        self.spawn(i);
-        self.wait_healthy(i);
+        for attempt in 1..=START_ATTEMPTS {
+            self.spawn(i);
+            match self.healthy(i) {
+                Ok(()) => return,
+                // Its ports are part of the cluster's membership: wait for
+                // whatever took one to let go.
+                Err(why) if why.contains(PORT_TAKEN) && attempt < START_ATTEMPTS => {
+                    self.kill(i);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 }
 
