@@ -16,14 +16,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use custody_core::audit::Entry;
+use custody_core::dual_control::approval_message;
+use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::identity::Role;
-use custody_proto::v1::CreateKeyRequest;
 use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::operation_service_client::OperationServiceClient;
+use custody_proto::v1::{
+    CreateKeyRequest, GetKeyRequest, GetOperationRequest, KeyRef, Operation, OperationKind,
+    OperationState, SetPolicySpec, VoteRequest, operation_spec,
+};
 use softhsm_tests::etcd::Cluster;
 use softhsm_tests::process::{
-    Daemon, Pki, audit_export, connect, free_port, prepare, ready, spawn, verify_export,
+    Daemon, Pki, audit_export, connect, free_port, prepare, prepare_ceremonies, ready, spawn,
+    verify_export,
 };
-use softhsm_tests::service::sign_sha256;
+use softhsm_tests::service::{reason, request_operation, sign_sha256};
 use softhsm_tests::{TestToken, token_test};
 
 const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
@@ -73,6 +80,7 @@ fn replica_config(first: &Path, port: u16, id: &str, store: &str) -> PathBuf {
 struct Replicas {
     pki: Pki,
     ports: Vec<u16>,
+    /// Killed when dropped.
     daemons: Vec<Daemon>,
     /// The config every replica's is made from (no `[store]` section).
     base: PathBuf,
@@ -81,6 +89,17 @@ struct Replicas {
 async fn start_replicas(token: &TestToken, cluster: &Cluster, count: usize) -> Replicas {
     let first_port = free_port();
     let (pki, first) = prepare(token, first_port);
+    start_replicas_from(cluster, count, pki, first, first_port).await
+}
+
+/// Replicas whose first config (PKI, officers) is made already.
+async fn start_replicas_from(
+    cluster: &Cluster,
+    count: usize,
+    pki: Pki,
+    first: PathBuf,
+    first_port: u16,
+) -> Replicas {
     let mut ports = Vec::new();
     let mut configs = Vec::new();
     for i in 0..count {
@@ -202,6 +221,132 @@ token_test!(
             );
             let unreachable = failed_start(&lost);
             assert!(unreachable.contains(&nowhere) && unreachable.contains("unavailable"), "{unreachable}");
+            drop(replicas);
+        });
+    }
+);
+
+/// Officer `key`'s approval of `operation`.
+fn approval(key: &OfficerKey, officer: &str, operation: &Operation) -> VoteRequest {
+    let digest: [u8; 32] = operation.digest.clone().try_into().unwrap();
+    VoteRequest {
+        name: operation.name.clone(),
+        officer_id: officer.into(),
+        signature: key.sign(&approval_message(&digest)).to_vec(),
+    }
+}
+
+token_test!(
+    fn approvals_racing_on_two_replicas_run_each_operation_exactly_once(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let first_port = free_port();
+            let (pki, first, keys) = prepare_ceremonies(token, first_port);
+            let replicas = start_replicas_from(&cluster, 2, pki, first, first_port).await;
+            let pki = &replicas.pki;
+            let officers: Vec<(&str, &OfficerKey)> = ["alice", "bob"].into_iter().zip(&keys).collect();
+            let channel = |port: u16, name: &str, role: Role| {
+                let issued = pki.client(name, &[role]);
+                async move { connect(pki, port, &issued).await.unwrap() }
+            };
+            let operator = channel(replicas.ports[0], "operator", Role::Operator).await;
+            softhsm_tests::service::create_key(&operator, "rotated", "EC_SIGN_P256_SHA256", None).await;
+            // Rotation under 2 of alice, bob and carol, set by the administrative quorum.
+            let policy = request_operation(
+                &operator,
+                operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/rotated".into(),
+                    operation: OperationKind::Rotate as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required: 2,
+                }),
+            )
+            .await
+            .unwrap();
+            let mut votes = Vec::new();
+            for (i, (officer, key)) in officers.iter().enumerate() {
+                let officer_channel = channel(replicas.ports[i], officer, Role::Officer).await;
+                votes.push(
+                    OperationServiceClient::new(officer_channel)
+                        .approve_operation(approval(key, officer, &policy))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                );
+            }
+            assert_eq!(votes[1].state, OperationState::Succeeded as i32, "{}", votes[1].error);
+
+            // 250 rotations in waves within the per-requester cap, each
+            // approved by alice and by bob on both replicas at once: 1,000
+            // approvals, and each quorum completes on two replicas at once.
+            let mut voters = Vec::new();
+            for port in &replicas.ports {
+                for (officer, _) in &officers {
+                    voters.push((*officer, OperationServiceClient::new(channel(*port, officer, Role::Officer).await)));
+                }
+            }
+            let (operations, waves, per_wave) = (250, 25, 10);
+            let mut names = Vec::new();
+            let mut refusals = std::collections::BTreeMap::<String, u32>::new();
+            for wave in 0..waves {
+                let requester = channel(replicas.ports[wave % 2], "operator", Role::Operator).await;
+                let mut tasks = Vec::new();
+                for _ in 0..per_wave {
+                    let operation = request_operation(
+                        &requester,
+                        operation_spec::Spec::Rotate(KeyRef { name: "keys/rotated".into() }),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log(0)));
+                    names.push(operation.name.clone());
+                    for (officer, client) in &voters {
+                        let key = officers.iter().find(|(name, _)| name == officer).unwrap().1;
+                        let vote = approval(key, officer, &operation);
+                        let mut client = client.clone();
+                        tasks.push(tokio::spawn(async move { client.approve_operation(vote).await }));
+                    }
+                }
+                for task in tasks {
+                    if let Err(status) = task.await.unwrap() {
+                        *refusals.entry(reason(&status)).or_default() += 1;
+                    }
+                }
+            }
+            assert_eq!(names.len(), operations);
+            // Refused votes are the ones that came too late or twice, or
+            // met a write fence (retryable): never anything else.
+            for refused in refusals.keys() {
+                assert!(
+                    ["OPERATION_NOT_PENDING", "ALREADY_VOTED", "STORE_UNAVAILABLE"].contains(&refused.as_str()),
+                    "unexpected refusal {refused}: {refusals:?}"
+                );
+            }
+            // Each operation ran: once, and only once.
+            let mut reader = OperationServiceClient::new(channel(replicas.ports[1], "auditor", Role::Auditor).await);
+            for name in &names {
+                let operation = reader
+                    .get_operation(GetOperationRequest { name: name.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(operation.state, OperationState::Succeeded as i32, "{name}: {}", operation.error);
+            }
+            let key = KeyServiceClient::new(operator.clone())
+                .get_key(GetKeyRequest { name: "keys/rotated".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(key.versions.len(), 1 + operations, "one new version per operation, not more");
+            let (entries, text) = audit_export(pki, replicas.ports[0]).await;
+            assert_eq!(verify_export(&text).first_bad, None);
+            for name in &names {
+                let finished = entries
+                    .iter()
+                    .filter(|e| e.contains("\"type\":\"operation_finished\"") && e.contains(&format!("\"{name}\"")))
+                    .count();
+                assert_eq!(finished, 1, "{name} finished {finished} times");
+            }
+            eprintln!("refused votes: {refusals:?}");
             drop(replicas);
         });
     }

@@ -75,6 +75,8 @@ pub struct Claim {
     holder: String,
     state: Arc<ClaimState>,
     release: Option<Release>,
+    /// This process's turn at the name, for a claim won by campaigning.
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl std::fmt::Debug for Claim {
@@ -94,7 +96,14 @@ impl Claim {
             holder: holder.to_string(),
             state,
             release: Some(release),
+            turn: None,
         }
+    }
+
+    /// Keeps this process's turn at `name` until the claim is released.
+    pub(crate) fn with_turn(mut self, turn: tokio::sync::OwnedMutexGuard<()>) -> Claim {
+        self.turn = Some(turn);
+        self
     }
 
     /// The name held.
@@ -131,6 +140,31 @@ impl Drop for Claim {
         if let Some(release) = self.release.take() {
             release();
         }
+        // Only then the next waiter of this process campaigns.
+        drop(self.turn.take());
+    }
+}
+
+/// One queue per claimed name within a process: its tasks campaign for the
+/// name one at a time, so that a release wakes one campaigner per process,
+/// not every waiting task (a herd of dozens of etcd watches and leases per
+/// release, which etcd's connection answered with ENHANCE_YOUR_CALM).
+#[derive(Default)]
+pub(crate) struct Turns {
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Turns {
+    /// Waits for this process's turn at `name`.
+    pub(crate) async fn take(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let queue = self
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        queue.lock_owned().await
     }
 }
 

@@ -150,6 +150,7 @@ trait TxOps {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    turns: Arc<claim::Turns>,
 }
 
 impl std::fmt::Debug for Store {
@@ -182,6 +183,7 @@ impl Store {
     fn with(backend: impl Backend + 'static) -> Store {
         Store {
             backend: Arc::new(backend),
+            turns: Arc::default(),
         }
     }
 
@@ -269,9 +271,16 @@ impl Store {
     }
 
     /// Waits until `name` is free and takes it for `holder` (as
-    /// [`Store::claim`]); fails only if the store does.
+    /// [`Store::claim`]); fails only if the store does. The tasks of one
+    /// `Store` (and its clones) campaign for a name one at a time, in
+    /// arrival order.
     pub async fn campaign(&self, name: &str, holder: &str, ttl: Duration) -> Result<Claim> {
-        self.backend.campaign(name, holder, ttl).await
+        let turn = self.turns.take(name).await;
+        Ok(self
+            .backend
+            .campaign(name, holder, ttl)
+            .await?
+            .with_turn(turn))
     }
 
     /// The claims held now whose names start with `prefix`, as (name,

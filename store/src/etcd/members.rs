@@ -98,11 +98,14 @@ impl Members {
                 .map_err(|e| bad(format!("TLS setup: {e}")))?
                 .connect_timeout(config.request_timeout)
                 .tcp_nodelay(true)
-                // Find a dead connection (a member gone without a word)
-                // before a call waits on it.
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(config.request_timeout)
-                .keep_alive_while_idle(true)
+                // No HTTP/2 keepalive pings: etcd (grpc-go) counts a ping
+                // that arrives when no stream is open, or within 5 s of the
+                // last (`--grpc-keepalive-min-time`), as abuse and after two
+                // closes the connection with GOAWAY ENHANCE_YOUR_CALM; every
+                // call on it then fails RESOURCE_EXHAUSTED. Under many short
+                // calls a ping sent while one was open races its end. A
+                // member gone without a word is found by the calls'
+                // deadlines instead, and the next call fails over.
                 .connect_lazy();
             channels.push(channel);
             endpoints.push(url);

@@ -42,8 +42,10 @@ pub async fn vote(
     kind: VoteKind,
     signature: &[u8],
 ) -> Result<OperationRecord, Error> {
-    expire_due(custody).await;
+    // One turn at the lock (a round of store calls across replicas) for
+    // the sweep and the vote.
     let _guard = custody.dual_control.lock().await.map_err(store_failure)?;
+    sweep(custody).await;
     let loaded = custody
         .dual_control
         .operation(id)
@@ -212,7 +214,6 @@ pub const PRUNE_BATCH: usize = 256;
 /// never the operations kept (threat model R2): it reads the pending index
 /// and the oldest entries of the finished index only.
 pub async fn expire_due(custody: &Custody) {
-    let now = custody.clock.now_ms();
     let _guard = match custody.dual_control.lock().await {
         Ok(guard) => guard,
         Err(error) => {
@@ -220,6 +221,12 @@ pub async fn expire_due(custody: &Custody) {
             return;
         }
     };
+    sweep(custody).await;
+}
+
+/// [`expire_due`], for a caller that holds the dual-control lock.
+async fn sweep(custody: &Custody) {
+    let now = custody.clock.now_ms();
     let Ok(operations) = custody.dual_control.pending_operations() else {
         return;
     };
