@@ -25,6 +25,7 @@ use secrecy::SecretString;
 use crate::encoding::spec_from_ec_params;
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
+use crate::store_lock::ObjectStoreLock;
 use crate::types::{KeyLabel, KeySpec};
 use crate::watchdog::CallWatch;
 
@@ -43,65 +44,6 @@ pub(crate) struct TokenAccess {
     pub(crate) object_store: ObjectStoreLock,
     /// The deadline of one call (`HsmConfig::call_timeout`).
     pub(crate) call_timeout: Duration,
-}
-
-/// Keeps the token's object store still while a search reads it.
-///
-/// SoftHSM2 2.6.1's file object store (Debian's) lets a search in one
-/// session read the file of an object another session is making, and the
-/// making then fails `CKR_GENERAL_ERROR` (SoftHSMv2 issue #573, fixed after
-/// 2.6.1): a drift check or a key lookup could fail a restore's unwrap or a
-/// key generation. So every call that makes or destroys an object runs
-/// alone, and searches run together but not beside one. Signing, wrapping
-/// and other calls on known handles take no lock. It orders only this
-/// process's sessions, which is all custodyd has on its token.
-///
-/// Waiting for it is bounded by the call deadline: a call that hangs while
-/// holding it (a hung `C_GenerateKeyPair`) holds it until the call returns,
-/// and every other call that needs it fails with [`ErrorKind::Timeout`]
-/// after one deadline instead of waiting with it (see `watchdog.rs`).
-#[derive(Default)]
-pub(crate) struct ObjectStoreLock(parking_lot::RwLock<()>);
-
-impl ObjectStoreLock {
-    fn hold(&self, function: Function, timeout: Duration) -> Result<ObjectStoreGuard<'_>> {
-        let guard = match function {
-            Function::CreateObject
-            | Function::CopyObject
-            | Function::DestroyObject
-            | Function::GenerateKey
-            | Function::GenerateKeyPair
-            | Function::UnwrapKey
-            | Function::DeriveKey
-            | Function::SetAttributeValue => self
-                .0
-                .try_write_for(timeout)
-                .map(ObjectStoreGuard::Changing),
-            Function::FindObjectsInit | Function::FindObjects => self
-                .0
-                .try_read_for(timeout)
-                .map(ObjectStoreGuard::Searching),
-            _ => Some(ObjectStoreGuard::Free),
-        };
-        guard.ok_or_else(|| {
-            HsmError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "C_{function:?} not called: the token's object store stayed busy for the \
-                     {} ms HSM call deadline (a call that changes or searches it has not returned)",
-                    timeout.as_millis()
-                ),
-            )
-        })
-    }
-}
-
-/// Held for the duration of one PKCS#11 call.
-#[expect(dead_code, reason = "held, not read: the guard is the lock")]
-enum ObjectStoreGuard<'a> {
-    Changing(parking_lot::RwLockWriteGuard<'a, ()>),
-    Searching(parking_lot::RwLockReadGuard<'a, ()>),
-    Free,
 }
 
 impl TokenAccess {
