@@ -59,10 +59,15 @@ struct ProcessLock {
 }
 
 /// Held for the duration of one PKCS#11 call.
+///
+/// The `flock` is given back before the local lock (fields drop in order):
+/// while this process holds the file, it holds the local lock in the same
+/// mode, so no session of this process can take the file in the other mode
+/// (on one open file description, `flock` would convert the lock, not wait).
 #[expect(dead_code, reason = "held, not read: the guard is the lock")]
 pub(crate) enum ObjectStoreGuard<'a> {
-    Changing(parking_lot::RwLockWriteGuard<'a, ()>, Option<Exclusive<'a>>),
-    Searching(parking_lot::RwLockReadGuard<'a, ()>, Option<Shared<'a>>),
+    Changing(Option<Exclusive<'a>>, parking_lot::RwLockWriteGuard<'a, ()>),
+    Searching(Option<Shared<'a>>, parking_lot::RwLockReadGuard<'a, ()>),
     Free,
 }
 
@@ -136,7 +141,7 @@ impl ObjectStoreLock {
                     Some(processes) => Some(processes.exclusive(deadline).ok_or_else(busy)??),
                     None => None,
                 };
-                Ok(ObjectStoreGuard::Changing(local, across))
+                Ok(ObjectStoreGuard::Changing(across, local))
             }
             Function::FindObjectsInit | Function::FindObjects => {
                 let local = self.local.try_read_for(timeout).ok_or_else(busy)?;
@@ -144,7 +149,7 @@ impl ObjectStoreLock {
                     Some(processes) => Some(processes.shared(deadline).ok_or_else(busy)??),
                     None => None,
                 };
-                Ok(ObjectStoreGuard::Searching(local, across))
+                Ok(ObjectStoreGuard::Searching(across, local))
             }
             _ => Ok(ObjectStoreGuard::Free),
         }
@@ -267,6 +272,64 @@ fn parse_softhsm2_conf(text: &str) -> (Option<PathBuf>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While any search or change of this process holds the object-store
+    /// lock, another process can never take the file exclusively, however
+    /// this process's searches and changes interleave.
+    #[test]
+    fn another_process_never_gets_the_file_while_this_one_holds_the_lock() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let dir = std::env::temp_dir().join(format!("hsm-shim-order-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(LOCK_FILE);
+        let ours = ObjectStoreLock {
+            local: Default::default(),
+            processes: Some(process_lock(&path)),
+        };
+        let theirs = process_lock(&path);
+        let (held, broken, done) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicBool::new(false),
+        );
+        let work = |function: Function| {
+            for _ in 0..300 {
+                let guard = ours.hold(function, Duration::from_secs(5)).unwrap();
+                held.fetch_add(1, SeqCst);
+                std::thread::sleep(Duration::from_micros(50));
+                held.fetch_sub(1, SeqCst);
+                drop(guard);
+            }
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(SeqCst) {
+                    if let Some(Ok(taken)) = theirs.exclusive(Instant::now()) {
+                        if held.load(SeqCst) > 0 {
+                            broken.fetch_add(1, SeqCst);
+                        }
+                        drop(taken);
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            let workers = [
+                scope.spawn(|| work(Function::FindObjectsInit)),
+                scope.spawn(|| work(Function::FindObjectsInit)),
+                scope.spawn(|| work(Function::GenerateKey)),
+            ];
+            for worker in workers {
+                worker.join().unwrap();
+            }
+            done.store(true, SeqCst);
+        });
+        assert_eq!(
+            broken.into_inner(),
+            0,
+            "another process took the file while this one held it"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_token_directory_and_backend_are_read_from_softhsm2_conf() {
