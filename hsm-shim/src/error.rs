@@ -15,7 +15,8 @@ pub enum ErrorKind {
     /// The caller asked for something malformed: a digest of the wrong length, an
     /// algorithm that does not fit the key, a label we do not accept.
     InvalidInput,
-    /// No object with that label and class is on the token.
+    /// No object with that label and class is on the token (or it went
+    /// while being used: another process destroyed it).
     NotFound,
     /// An object with that label and class already exists.
     AlreadyExists,
@@ -168,7 +169,6 @@ fn kind_of(error: &CryptokiError) -> ErrorKind {
         | RvError::EncryptedDataLenRange
         | RvError::WrappedKeyInvalid
         | RvError::WrappedKeyLenRange
-        | RvError::UnwrappingKeyHandleInvalid
         | RvError::SignatureInvalid
         | RvError::SignatureLenRange => ErrorKind::IntegrityFailure,
         RvError::DataLenRange
@@ -183,7 +183,12 @@ fn kind_of(error: &CryptokiError) -> ErrorKind {
         RvError::MechanismInvalid
         | RvError::AttributeTypeInvalid
         | RvError::FunctionNotSupported => ErrorKind::Unsupported,
-        RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => ErrorKind::NotFound,
+        // A handle whose object is gone (another process destroyed it):
+        // nothing about the data, so never an integrity failure.
+        RvError::ObjectHandleInvalid
+        | RvError::KeyHandleInvalid
+        | RvError::WrappingKeyHandleInvalid
+        | RvError::UnwrappingKeyHandleInvalid => ErrorKind::NotFound,
         _ => ErrorKind::Internal,
     }
 }
@@ -202,6 +207,9 @@ mod tests {
             (RvError::EncryptedDataInvalid, ErrorKind::IntegrityFailure),
             (RvError::WrappedKeyInvalid, ErrorKind::IntegrityFailure),
             (RvError::SignatureInvalid, ErrorKind::IntegrityFailure),
+            (RvError::ObjectHandleInvalid, ErrorKind::NotFound),
+            (RvError::WrappingKeyHandleInvalid, ErrorKind::NotFound),
+            (RvError::UnwrappingKeyHandleInvalid, ErrorKind::NotFound),
             (RvError::DataLenRange, ErrorKind::InvalidInput),
             (RvError::MechanismInvalid, ErrorKind::Unsupported),
             (RvError::GeneralError, ErrorKind::Internal),

@@ -1,11 +1,16 @@
 //! What the token holds: every object the logged-in user can see, with the
 //! attributes drift detection compares against custody's registry.
+//!
+//! Another process (a replica on the same token) may destroy an object
+//! between the search that names it and the reads of its attributes; the
+//! listing leaves it out, as a listing a moment later would, instead of
+//! failing or reporting it half-read (see the module docs of `session.rs`).
 
 use cryptoki::context::Function;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 
-use crate::error::Result;
-use crate::session::HsmSession;
+use crate::error::{HsmError, Result};
+use crate::session::{HsmSession, is_stale_handle};
 use crate::types::{KeyCheckValue, KeyLabel};
 
 /// The class of an object, as drift detection names it.
@@ -78,7 +83,10 @@ impl HsmSession {
                         AttributeType::Extractable,
                     ],
                     &context,
-                )?;
+                );
+                let Some(attributes) = unless_vanished(attributes)? else {
+                    continue;
+                };
                 let mut object = ObjectSummary {
                     class: ObjectClassName::Other,
                     label: String::new(),
@@ -110,23 +118,34 @@ impl HsmSession {
                     }
                 }
                 let label = KeyLabel::new(object.label.clone()).unwrap_or(context.clone());
-                match object.class {
+                // A key of a type custody does not use has no SPKI here, and
+                // a module may give no KCV; drift detection reports what is
+                // missing. A key that vanished meanwhile is left out.
+                let vanished = match object.class {
                     ObjectClassName::Public => {
-                        // A key of a type custody does not use has no SPKI
-                        // here; drift detection reports it by label.
-                        if let Ok(spec) = s.read_spec(handle, &label) {
-                            object.public_key_der = s
-                                .read_public_key(handle, spec, &label)
-                                .ok()
-                                .map(|k| k.spki_der().to_vec());
+                        let public_key = s
+                            .read_spec(handle, &label)
+                            .and_then(|spec| s.read_public_key(handle, spec, &label));
+                        match public_key {
+                            Err(error) if vanished(&error) => true,
+                            read => {
+                                object.public_key_der = read.ok().map(|k| k.spki_der().to_vec());
+                                false
+                            }
                         }
                     }
-                    ObjectClassName::Secret => {
-                        object.check_value = s.check_value(handle, &label).ok();
-                    }
-                    _ => {}
+                    ObjectClassName::Secret => match s.check_value(handle, &label) {
+                        Err(error) if vanished(&error) => true,
+                        read => {
+                            object.check_value = read.ok();
+                            false
+                        }
+                    },
+                    _ => false,
+                };
+                if !vanished {
+                    objects.push(object);
                 }
-                objects.push(object);
             }
             Ok(objects)
         })
@@ -149,21 +168,43 @@ impl HsmSession {
             let mut destroyed = 0;
             for handle in handles {
                 let attributes =
-                    s.attributes(handle, &[AttributeType::Label, AttributeType::Id], &context)?;
+                    s.attributes(handle, &[AttributeType::Label, AttributeType::Id], &context);
+                let Some(attributes) = unless_vanished(attributes)? else {
+                    continue;
+                };
                 let unnamed = attributes.iter().all(|attribute| match attribute {
                     Attribute::Label(bytes) | Attribute::Id(bytes) => bytes.is_empty(),
                     _ => true,
                 });
                 if unnamed {
-                    s.call(
+                    let gone = s.call(
                         Function::DestroyObject,
                         || "destroying an object with neither label nor id".into(),
                         |session| session.destroy_object(handle),
-                    )?;
-                    destroyed += 1;
+                    );
+                    if unless_vanished(gone)?.is_some() {
+                        destroyed += 1;
+                    }
                 }
             }
             Ok(destroyed)
         })
+    }
+}
+
+/// Whether `error` says the object is gone: another process destroyed it.
+fn vanished(error: &HsmError) -> bool {
+    error.rv().is_some_and(is_stale_handle)
+}
+
+/// `None` for a call on an object that is gone, the outcome otherwise.
+fn unless_vanished<T>(outcome: Result<T>) -> Result<Option<T>> {
+    match outcome {
+        Ok(value) => Ok(Some(value)),
+        Err(error) if vanished(&error) => {
+            tracing::debug!(%error, "an object vanished while the token was listed");
+            Ok(None)
+        }
+        Err(error) => Err(error),
     }
 }

@@ -18,7 +18,7 @@ use crate::encoding::{
     PublicKey, PublicParts, ec_params, ec_public_key, public_parts, rsa_public_key,
 };
 use crate::error::{ErrorKind, HsmError, Result};
-use crate::session::{Found, HsmSession, ObjectKind};
+use crate::session::{Found, HsmSession, ObjectKind, is_stale_handle, stale_handle};
 use crate::types::{
     AesRole, EcdsaEncoding, Exportability, KeyCheckValue, KeyInfo, KeyLabel, KeySpec, SignInput,
 };
@@ -30,6 +30,16 @@ pub(crate) enum CheckValue {
     Required,
     /// Unwrapped keys: some modules (SoftHSM2) compute none.
     IfAvailable,
+}
+
+/// Whether a read through a handle confirms that the handle still names the
+/// label's object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    /// A handle just made or found: nothing to confirm.
+    Unchecked,
+    /// A cached handle: `CKA_ID` and `CKA_CLASS` must be the label's.
+    OfLabel,
 }
 
 const RSA_PUBLIC_EXPONENT: [u8; 3] = [0x01, 0x00, 0x01];
@@ -314,7 +324,7 @@ impl HsmSession {
     pub fn public_key(&mut self, label: &KeyLabel) -> Result<PublicKey> {
         self.recovering(|s| {
             let found = s.find(ObjectKind::Public, label)?;
-            s.read_public_key(found.handle, found.spec, label)
+            s.read_public_key_checked(found.handle, found.spec, label, Identity::OfLabel)
         })
     }
 
@@ -334,11 +344,18 @@ impl HsmSession {
                 ));
             }
             for handle in &handles {
-                s.call(
+                match s.call(
                     Function::DestroyObject,
                     || format!("destroying {label}"),
                     |session| session.destroy_object(*handle),
-                )?;
+                ) {
+                    // Another process destroyed it since the search: gone
+                    // either way.
+                    Err(error) if error.rv().is_some_and(is_stale_handle) => {
+                        tracing::info!(%label, %error, "an object was destroyed by another process first");
+                    }
+                    other => other?,
+                }
             }
             Ok(handles.len())
         });
@@ -436,22 +453,48 @@ impl HsmSession {
         spec: KeySpec,
         label: &KeyLabel,
     ) -> Result<PublicKey> {
-        let wanted: &[AttributeType] = if spec.rsa_bits().is_some() {
-            &[AttributeType::Modulus, AttributeType::PublicExponent]
+        self.read_public_key_checked(handle, spec, label, Identity::Unchecked)
+    }
+
+    /// [`Self::read_public_key`]; with [`Identity::OfLabel`], `CKA_ID` and
+    /// `CKA_CLASS` are read in the same call and must be the label's public
+    /// key, or the handle is stale (see the module docs of `session.rs`).
+    fn read_public_key_checked(
+        &self,
+        handle: ObjectHandle,
+        spec: KeySpec,
+        label: &KeyLabel,
+        identity: Identity,
+    ) -> Result<PublicKey> {
+        let mut wanted = if spec.rsa_bits().is_some() {
+            vec![AttributeType::Modulus, AttributeType::PublicExponent]
         } else {
-            &[AttributeType::EcPoint]
+            vec![AttributeType::EcPoint]
         };
-        let attributes = self.attributes(handle, wanted, label)?;
+        if identity == Identity::OfLabel {
+            wanted.extend([AttributeType::Id, AttributeType::Class]);
+        }
+        let attributes = self.attributes(handle, &wanted, label)?;
         let mut modulus = None;
         let mut exponent = None;
         let mut point = None;
+        let mut id = None;
+        let mut class = None;
         for attribute in attributes {
             match attribute {
                 Attribute::Modulus(m) => modulus = Some(m),
                 Attribute::PublicExponent(e) => exponent = Some(e),
                 Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Id(i) => id = Some(i),
+                Attribute::Class(c) => class = Some(c),
                 _ => {}
             }
+        }
+        if identity == Identity::OfLabel
+            && (id.as_deref() != Some(label.as_str().as_bytes())
+                || class != Some(ObjectClass::PUBLIC_KEY))
+        {
+            return Err(stale_handle(label, "another object"));
         }
         let missing = || {
             HsmError::new(

@@ -7,6 +7,8 @@
 //!   per file: `keys.rs` (generate, public key, destroy), `sign.rs` (sign,
 //!   verify), `wrap.rs` (RFC 5649 wrap and unwrap, import, AES-GCM),
 //!   `inventory.rs` (every object on the token, for drift detection).
+//! - `store_lock.rs` keeps the object store still while a search reads
+//!   it, across processes too on SoftHSM2 (replicas sharing a token).
 //! - `watchdog.rs` puts a deadline on every call of a pool worker: a hung
 //!   call fails its job with [`ErrorKind::Timeout`] and its worker is
 //!   abandoned and replaced.
@@ -33,6 +35,7 @@ mod pool;
 pub mod security_officer;
 mod session;
 mod sign;
+mod store_lock;
 mod types;
 mod watchdog;
 mod wrap;

@@ -42,6 +42,7 @@ use crate::config::{HsmConfig, TokenSelector};
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
 use crate::session::{HandleCache, HsmSession, TokenAccess};
+use crate::store_lock::ObjectStoreLock;
 use crate::types::TokenSummary;
 use crate::watchdog::{self, CallWatch, Fail, MAX_ABANDONED_PER_WORKER};
 
@@ -123,13 +124,14 @@ impl Hsm {
         watchdog::check_call_timeout(config.call_timeout)?;
         let ctx = load_module(&config.module)?;
         let (slot, token) = find_token(&ctx, &config.token)?;
+        let object_store = ObjectStoreLock::for_module(&ctx);
         let access = Arc::new(TokenAccess {
             ctx,
             slot,
             pin: config.pin,
             cache: HandleCache::default(),
             faults: Faults::default(),
-            object_store: Default::default(),
+            object_store,
             call_timeout: config.call_timeout,
         });
         let login_session = access.open_logged_in()?;
@@ -306,6 +308,13 @@ impl Hsm {
     /// What the token says about itself.
     pub fn token(&self) -> &TokenSummary {
         &self.inner.token
+    }
+
+    /// The file whose `flock` orders searches and changes of the token's
+    /// objects across processes, if the module needs one (SoftHSM2's file
+    /// store; see `store_lock.rs`).
+    pub fn object_store_lock_file(&self) -> Option<&Path> {
+        self.inner.shared.access.object_store.lock_file()
     }
 
     /// Number of worker threads serving the pool (lost ones not counted;

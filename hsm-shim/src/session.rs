@@ -10,8 +10,52 @@
 //!
 //! The operations themselves live in `keys.rs`, `sign.rs` and `wrap.rs`, one
 //! file per operation family.
+//!
+//! ## Other processes on the token
+//!
+//! Replicas of custodyd share one token (one HSM partition), so objects
+//! appear and vanish under the handles a process has cached. What SoftHSM2
+//! 2.6.1 does, measured with two processes on one token directory
+//! (`softhsm-tests/tests/shared_token.rs`):
+//!
+//! - **An object another process destroyed** is gone for every call on a
+//!   handle this process still holds: `C_SignInit`, `C_VerifyInit`,
+//!   `C_EncryptInit`, `C_DecryptInit`, `C_GetAttributeValue` and
+//!   `C_DestroyObject` fail `CKR_OBJECT_HANDLE_INVALID`, `C_WrapKey`
+//!   `CKR_WRAPPING_KEY_HANDLE_INVALID` (the KEK) or `CKR_KEY_HANDLE_INVALID`
+//!   (the key), `C_UnwrapKey` `CKR_UNWRAPPING_KEY_HANDLE_INVALID`. SoftHSM2
+//!   never signs with a copy it still holds in memory, and the next search
+//!   does not find the object.
+//! - **An object another process made** is found by the next search.
+//! - **A label destroyed and made again** by another process: the old
+//!   handle keeps failing as above, and a search finds the new object under
+//!   a new handle. SoftHSM2 never reuses a handle within a process (its
+//!   handle manager counts up), so a stale handle never names another
+//!   object there. PKCS#11 does not promise that: another module may give
+//!   a destroyed object's handle to a new one.
+//! - **A listing** (`C_FindObjects`) can name an object that another process
+//!   destroys before its attributes are read.
+//!
+//! So a call that fails with one of those codes drops the cached handles
+//! that attempt used and looks the labels up again ([`Recovery::Refind`],
+//! once per stale handle, within [`MAX_RECOVERIES`]); an object gone for
+//! good is [`ErrorKind::NotFound`], never an integrity failure, and the
+//! other keys' cached handles stay. A listing leaves out what vanished
+//! while it was read (`inventory.rs`). Against a module that reuses
+//! handles: the cache never holds one handle under two labels (a handle
+//! found for one label evicts another label's entry with it), and a public
+//! key read through a cached handle reads `CKA_ID` and `CKA_CLASS` in the
+//! same call and is refused as stale unless they are the label's. Signing,
+//! verifying, encryption and wrapping use a cached handle without another
+//! call to confirm it, to keep the fast path one call long; custody never
+//! destroys the objects of a version that may still sign (only
+//! pre-activation, deactivated and compromised versions, and generations
+//! never committed), AES-GCM and RFC 5649 refuse a wrong key rather than
+//! release data, and a verification under a wrong key answers "invalid".
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::os::raw::c_ulong;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -25,6 +69,7 @@ use secrecy::SecretString;
 use crate::encoding::spec_from_ec_params;
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
+use crate::store_lock::ObjectStoreLock;
 use crate::types::{KeyLabel, KeySpec};
 use crate::watchdog::CallWatch;
 
@@ -43,65 +88,6 @@ pub(crate) struct TokenAccess {
     pub(crate) object_store: ObjectStoreLock,
     /// The deadline of one call (`HsmConfig::call_timeout`).
     pub(crate) call_timeout: Duration,
-}
-
-/// Keeps the token's object store still while a search reads it.
-///
-/// SoftHSM2 2.6.1's file object store (Debian's) lets a search in one
-/// session read the file of an object another session is making, and the
-/// making then fails `CKR_GENERAL_ERROR` (SoftHSMv2 issue #573, fixed after
-/// 2.6.1): a drift check or a key lookup could fail a restore's unwrap or a
-/// key generation. So every call that makes or destroys an object runs
-/// alone, and searches run together but not beside one. Signing, wrapping
-/// and other calls on known handles take no lock. It orders only this
-/// process's sessions, which is all custodyd has on its token.
-///
-/// Waiting for it is bounded by the call deadline: a call that hangs while
-/// holding it (a hung `C_GenerateKeyPair`) holds it until the call returns,
-/// and every other call that needs it fails with [`ErrorKind::Timeout`]
-/// after one deadline instead of waiting with it (see `watchdog.rs`).
-#[derive(Default)]
-pub(crate) struct ObjectStoreLock(parking_lot::RwLock<()>);
-
-impl ObjectStoreLock {
-    fn hold(&self, function: Function, timeout: Duration) -> Result<ObjectStoreGuard<'_>> {
-        let guard = match function {
-            Function::CreateObject
-            | Function::CopyObject
-            | Function::DestroyObject
-            | Function::GenerateKey
-            | Function::GenerateKeyPair
-            | Function::UnwrapKey
-            | Function::DeriveKey
-            | Function::SetAttributeValue => self
-                .0
-                .try_write_for(timeout)
-                .map(ObjectStoreGuard::Changing),
-            Function::FindObjectsInit | Function::FindObjects => self
-                .0
-                .try_read_for(timeout)
-                .map(ObjectStoreGuard::Searching),
-            _ => Some(ObjectStoreGuard::Free),
-        };
-        guard.ok_or_else(|| {
-            HsmError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "C_{function:?} not called: the token's object store stayed busy for the \
-                     {} ms HSM call deadline (a call that changes or searches it has not returned)",
-                    timeout.as_millis()
-                ),
-            )
-        })
-    }
-}
-
-/// Held for the duration of one PKCS#11 call.
-#[expect(dead_code, reason = "held, not read: the guard is the lock")]
-enum ObjectStoreGuard<'a> {
-    Changing(parking_lot::RwLockWriteGuard<'a, ()>),
-    Searching(parking_lot::RwLockReadGuard<'a, ()>),
-    Free,
 }
 
 impl TokenAccess {
@@ -168,7 +154,8 @@ pub(crate) struct Found {
 /// Handles by label, shared by every session of the application (PKCS#11 token
 /// object handles are valid in all of an application's sessions). It saves a
 /// `C_FindObjects` round per request; a stale entry shows up as
-/// `CKR_OBJECT_HANDLE_INVALID` and is dropped by [`HsmSession::recovering`].
+/// `CKR_OBJECT_HANDLE_INVALID` (or its wrap and unwrap forms) and is dropped
+/// by [`HsmSession::recovering`]. See the module docs for other processes.
 ///
 /// Only token objects are cached. A session object dies with the session that
 /// made it (or with a logout, if private), and a cached handle would outlive
@@ -177,30 +164,79 @@ pub(crate) struct Found {
 /// session is closed it is simply not found.
 #[derive(Default)]
 pub(crate) struct HandleCache {
-    map: RwLock<HashMap<(ObjectKind, KeyLabel), Found>>,
+    entries: RwLock<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_label: HashMap<(ObjectKind, KeyLabel), Found>,
+    /// Which label each cached handle is under: never two.
+    by_handle: HashMap<c_ulong, (ObjectKind, KeyLabel)>,
+}
+
+impl Entries {
+    fn remove(&mut self, key: &(ObjectKind, KeyLabel)) {
+        if let Some(found) = self.by_label.remove(key) {
+            self.by_handle.remove(&found.handle.handle());
+        }
+    }
 }
 
 impl HandleCache {
-    fn get(&self, kind: ObjectKind, label: &KeyLabel) -> Option<Found> {
-        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-        map.get(&(kind, label.clone())).copied()
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.entries.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, kind: ObjectKind, label: &KeyLabel) -> Option<Found> {
+        self.read().by_label.get(&(kind, label.clone())).copied()
+    }
+
+    /// Caches `found` for `label`. Another label's entry with the same
+    /// handle is dropped: the module gave that handle to this object, so
+    /// the other entry's object is gone.
     pub(crate) fn insert(&self, kind: ObjectKind, label: &KeyLabel, found: Found) {
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        map.insert((kind, label.clone()), found);
+        let key = (kind, label.clone());
+        let mut entries = self.write();
+        entries.remove(&key);
+        if let Some(other) = entries.by_handle.insert(found.handle.handle(), key.clone()) {
+            if other != key {
+                tracing::warn!(handle = %found.handle, stale = %other.1, now = %label,
+                    "the module reused a cached handle; dropping the stale entry");
+                entries.by_label.remove(&other);
+            }
+        }
+        entries.by_label.insert(key, found);
+    }
+
+    /// Drops `label`'s entry of `kind` if it still holds `handle` (another
+    /// session may have cached a fresh one meanwhile).
+    fn forget_handle(&self, kind: ObjectKind, label: &KeyLabel, handle: ObjectHandle) {
+        let key = (kind, label.clone());
+        let mut entries = self.write();
+        if entries
+            .by_label
+            .get(&key)
+            .is_some_and(|f| f.handle == handle)
+        {
+            entries.remove(&key);
+        }
     }
 
     pub(crate) fn forget_label(&self, label: &KeyLabel) {
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|(_, l), _| l != label);
+        let mut entries = self.write();
+        for kind in [ObjectKind::Private, ObjectKind::Public, ObjectKind::Secret] {
+            entries.remove(&(kind, label.clone()));
+        }
     }
 
     pub(crate) fn clear(&self) {
-        self.map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        let mut entries = self.write();
+        entries.by_label.clear();
+        entries.by_handle.clear();
     }
 }
 
@@ -212,6 +248,9 @@ pub struct HsmSession {
     /// session of [`crate::Hsm::session`] has no deadline: its caller owns
     /// the thread).
     watch: Option<Arc<CallWatch>>,
+    /// The cache entries the current attempt of [`Self::recovering`] looked
+    /// up: what a stale handle drops.
+    used: RefCell<Vec<(ObjectKind, KeyLabel, ObjectHandle)>>,
 }
 
 impl std::fmt::Debug for HsmSession {
@@ -227,8 +266,9 @@ impl std::fmt::Debug for HsmSession {
 enum Recovery {
     /// The session is gone or logged out: open a new one and log in.
     Reopen,
-    /// A cached handle went stale (another process destroyed or replaced the
-    /// object): drop cached handles and look the objects up again.
+    /// A handle went stale (another process destroyed or replaced the
+    /// object): drop the cached handles the attempt used and look their
+    /// labels up again.
     Refind,
 }
 
@@ -240,9 +280,30 @@ fn recovery_for(error: &HsmError) -> Option<Recovery> {
         | RvError::DeviceError
         | RvError::DeviceRemoved
         | RvError::TokenNotPresent => Some(Recovery::Reopen),
-        RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Some(Recovery::Refind),
+        rv if is_stale_handle(rv) => Some(Recovery::Refind),
         _ => None,
     }
+}
+
+/// The answers of a call on a handle whose object is gone (see the module
+/// docs for which call answers which).
+pub(crate) fn is_stale_handle(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
+            | RvError::WrappingKeyHandleInvalid
+            | RvError::UnwrappingKeyHandleInvalid
+    )
+}
+
+/// A handle that names something other than the label's object: treated as
+/// the stale handle it is, so that [`HsmSession::recovering`] looks again.
+pub(crate) fn stale_handle(label: &KeyLabel, what: &str) -> HsmError {
+    HsmError::from_cryptoki(
+        format!("the cached handle of {label} now names {what}"),
+        CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, Function::GetAttributeValue),
+    )
 }
 
 impl HsmSession {
@@ -251,6 +312,7 @@ impl HsmSession {
             session,
             access,
             watch: None,
+            used: RefCell::default(),
         }
     }
 
@@ -264,6 +326,7 @@ impl HsmSession {
             session,
             access,
             watch: Some(watch),
+            used: RefCell::default(),
         }
     }
 
@@ -312,6 +375,7 @@ impl HsmSession {
     ) -> Result<T> {
         let mut recoveries = 0;
         loop {
+            self.used.borrow_mut().clear();
             let error = match op(self) {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
@@ -336,7 +400,9 @@ impl HsmSession {
                 }
                 Recovery::Refind => {
                     tracing::info!(%error, "stale object handle; looking objects up again");
-                    self.access.cache.clear();
+                    for (kind, label, handle) in self.used.take() {
+                        self.access.cache.forget_handle(kind, &label, handle);
+                    }
                 }
             }
         }
@@ -378,6 +444,9 @@ impl HsmSession {
     /// Finds the object of `kind` labelled `label`, through the handle cache.
     pub(crate) fn find(&self, kind: ObjectKind, label: &KeyLabel) -> Result<Found> {
         if let Some(found) = self.access.cache.get(kind, label) {
+            self.used
+                .borrow_mut()
+                .push((kind, label.clone(), found.handle));
             return Ok(found);
         }
         let handles = self.find_all(Some(kind), label)?;
@@ -405,6 +474,7 @@ impl HsmSession {
         // Session objects stay out of the shared cache; see `HandleCache`.
         if on_token {
             self.access.cache.insert(kind, label, found);
+            self.used.borrow_mut().push((kind, label.clone(), handle));
         }
         Ok(found)
     }

@@ -9,6 +9,12 @@
 //! else on the token is extra, except the objects of a generation in flight
 //! (a pending version in the journal) and of a destruction that is due.
 //! [`compare`] is pure, so it is tested on its own; [`check`] reads the HSM.
+//!
+//! Replicas of custodyd share the token: another one makes, rolls back and
+//! destroys objects while this one lists them. What another process changed
+//! between two readings is not drift on its own: [`check`] reports only
+//! what two passes over the token, each between two readings of the
+//! registry, both find (see `scan`).
 
 use std::collections::BTreeMap;
 
@@ -287,7 +293,8 @@ impl Snapshot {
 }
 
 /// The findings of `first` that `second` has too: what differs from the
-/// registry as it stood both before and after the token was listed.
+/// registry as it stood both before and after the token was listed, or
+/// what two passes over the token both find.
 pub fn in_both(first: Report, second: &Report) -> Report {
     let same =
         |a: &Finding, b: &Finding| (a.kind, &a.label, a.class) == (b.kind, &b.label, b.class);
@@ -318,20 +325,24 @@ pub async fn check_unless_running(state: &Custody) -> Option<Result<Report, Erro
 }
 
 /// The check itself. The registry lock is not held, so keys are created,
-/// rotated and destroyed while the token is listed: the registry is read
-/// before and after the listing, and only what differs from both is
-/// reported — an object made or destroyed during the listing is expected by
-/// one of them. A real difference shows in both (or, if it coincides with
-/// a change of the same label, at the next check).
+/// rotated and destroyed while the token is listed, here or by another
+/// replica on the same token: the registry is read before and after the
+/// listing, and only what differs from both is reported — an object made or
+/// destroyed during the listing is expected by one of them. What still
+/// differs is checked once more against a fresh listing and a fresh reading
+/// of the registry, and only what both passes find is reported: an object another process made and removed
+/// again (a generation it rolled back), or one it was still making when
+/// listed, is gone or in order by then. A real difference shows in every
+/// reading (or, if it coincides with a change of the same label, at the
+/// next check).
 async fn scan(state: &Custody) -> Result<Report, Error> {
-    let before = Snapshot::take(state)?;
-    let objects = state.hsm.run(|session| session.inventory()).await?;
-    let after = Snapshot::take(state)?;
-    let now_ms = state.clock.now_ms();
-    let report = in_both(
-        before.compare(&objects, now_ms),
-        &after.compare(&objects, now_ms),
-    );
+    let first = one_pass(state, None).await?;
+    let report = if first.report.findings.is_empty() {
+        first.report
+    } else {
+        let again = one_pass(state, Some(first.after)).await?;
+        in_both(first.report, &again.report)
+    };
     crate::metrics::drift(
         &[Kind::Missing, Kind::Extra, Kind::AttributeMismatch].map(|kind| {
             (
@@ -341,6 +352,30 @@ async fn scan(state: &Custody) -> Result<Report, Error> {
         }),
     );
     Ok(report)
+}
+
+/// One listing of the token between two readings of the registry, and
+/// what differs from both.
+struct Pass {
+    report: Report,
+    after: Snapshot,
+}
+
+/// A listing between two readings: `before` if the caller has a reading
+/// from just now, a fresh one otherwise.
+async fn one_pass(state: &Custody, before: Option<Snapshot>) -> Result<Pass, Error> {
+    let before = match before {
+        Some(snapshot) => snapshot,
+        None => Snapshot::take(state)?,
+    };
+    let objects = state.hsm.run(|session| session.inventory()).await?;
+    let after = Snapshot::take(state)?;
+    let now_ms = state.clock.now_ms();
+    let report = in_both(
+        before.compare(&objects, now_ms),
+        &after.compare(&objects, now_ms),
+    );
+    Ok(Pass { report, after })
 }
 
 #[cfg(test)]
@@ -472,6 +507,35 @@ mod tests {
             .map(|f| f.kind)
             .collect();
         assert_eq!(kinds, vec![Kind::Missing, Kind::Extra]);
+    }
+
+    #[test]
+    fn only_what_a_second_pass_over_the_token_finds_again_is_reported() {
+        let keys = [key(vec![version(1, VersionState::Active)])];
+        let none = CeremonyObjects::default();
+        // First pass: another process's half-made or rolled-back pair is
+        // there, a rogue object too, and the registered private key is gone.
+        let mut first = healthy();
+        first.retain(|o| !(o.label == "key/k/v1" && o.class == ObjectClassName::Private));
+        first.push(object("key/other/v9", ObjectClassName::Private));
+        first.push(object("key/other/v9", ObjectClassName::Public));
+        first.push(object("rogue", ObjectClassName::Secret));
+        // Second pass: the other process's objects are gone.
+        let mut second = first.clone();
+        second.retain(|o| o.label != "key/other/v9");
+        let once = compare(&keys, &[], &none, &first, 0);
+        assert_eq!(once.findings.len(), 4, "{once:?}");
+        let twice = in_both(once, &compare(&keys, &[], &none, &second, 0));
+        let found: Vec<(Kind, &str)> = twice
+            .findings
+            .iter()
+            .map(|f| (f.kind, f.label.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![(Kind::Missing, "key/k/v1"), (Kind::Extra, "rogue")]
+        );
+        assert_eq!(twice.objects_checked, second.len());
     }
 
     #[test]
