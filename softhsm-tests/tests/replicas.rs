@@ -82,6 +82,8 @@ struct Replicas {
     ports: Vec<u16>,
     /// Killed when dropped.
     daemons: Vec<Daemon>,
+    /// Each replica's config.
+    configs: Vec<PathBuf>,
     /// The config every replica's is made from (no `[store]` section).
     base: PathBuf,
 }
@@ -123,6 +125,7 @@ async fn start_replicas_from(
         pki,
         ports,
         daemons,
+        configs,
         base: first,
     }
 }
@@ -347,6 +350,111 @@ token_test!(
                 assert_eq!(finished, 1, "{name} finished {finished} times");
             }
             eprintln!("refused votes: {refusals:?}");
+            drop(replicas);
+        });
+    }
+);
+
+/// Signs with `shared` over `channel` until `stop`: the signatures
+/// acknowledged, and the statuses of the failures.
+async fn sign_until(
+    channel: tonic::transport::Channel,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u32, Vec<(tonic::Code, String)>) {
+    let (mut acknowledged, mut failures) = (0u32, Vec::new());
+    let mut n = 0u32;
+    while !*stop.borrow() {
+        n += 1;
+        match sign_sha256(&channel, "shared", &n.to_be_bytes()).await {
+            Ok(_) => acknowledged += 1,
+            Err(status) => {
+                failures.push((status.code(), status.message().to_string()));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    (acknowledged, failures)
+}
+
+token_test!(
+    fn a_replica_and_an_etcd_member_killed_under_load_lose_no_acknowledged_signature(token) {
+        let mut cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let mut replicas = start_replicas(token, &cluster, 3).await;
+            let pki = &replicas.pki;
+            let operator = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator]))
+                .await
+                .unwrap();
+            KeyServiceClient::new(operator)
+                .create_key(CreateKeyRequest {
+                    key_id: "shared".into(),
+                    algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+                    purpose: 1,
+                    allowed_signers: vec!["ca".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut load = Vec::new();
+            for &port in &replicas.ports {
+                let channel = connect(pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+                load.push(tokio::spawn(sign_until(channel, stopped.clone())));
+            }
+            let pause = || tokio::time::sleep(std::time::Duration::from_millis(1500));
+            pause().await;
+            // kill -9 a replica, then an etcd member, under the load.
+            replicas.daemons[1].kill().unwrap();
+            replicas.daemons[1].wait().unwrap();
+            pause().await;
+            cluster.kill(2);
+            pause().await;
+            // Restart both: the replica's id frees itself once its lease
+            // lapses; until then the start is refused, and retried.
+            cluster.restart(2);
+            let mut restarted = None;
+            for _ in 0..60 {
+                let mut daemon = spawn(CUSTODYD, &replicas.configs[1]);
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if daemon.try_wait().unwrap().is_none() {
+                    ready(pki, replicas.ports[1], &mut daemon).await;
+                    restarted = Some(daemon);
+                    break;
+                }
+            }
+            replicas.daemons[1] = restarted.expect("the killed replica started again");
+            pause().await;
+            stop.send(true).unwrap();
+            let mut acknowledged = Vec::new();
+            for task in load {
+                let (count, failures) = task.await.unwrap();
+                // Every failure is one a client retries: the replica or the
+                // store unavailable, or the request in flight on a
+                // connection the kill cut (tonic says UNKNOWN for that).
+                for (code, message) in &failures {
+                    let cut = *code == tonic::Code::Unknown
+                        && (message.contains("transport error") || message.contains("h2 protocol error"));
+                    assert!(
+                        *code == tonic::Code::Unavailable || cut,
+                        "a non-retryable failure: {code:?} {message}"
+                    );
+                }
+                acknowledged.push(count);
+            }
+            // No acknowledged signature without its record, whatever died.
+            let (entries, text) = audit_export(pki, replicas.ports[0]).await;
+            assert_eq!(verify_export(&text).first_bad, None, "the merged chain verifies");
+            for (i, count) in acknowledged.iter().enumerate() {
+                let recorded = entries
+                    .iter()
+                    .map(|e| serde_json::from_str::<Entry>(e).unwrap())
+                    .filter(|e| e.replica.as_deref() == Some(&format!("r{i}")))
+                    .filter(|e| matches!(&e.event, custody_core::audit::Event::Request { method, outcome, .. }
+                        if method == "Sign" && outcome == "ok"))
+                    .count() as u32;
+                assert!(*count > 0, "r{i} signed under the load");
+                assert!(recorded >= *count, "r{i}: {count} acknowledged, {recorded} recorded");
+            }
             drop(replicas);
         });
     }

@@ -128,6 +128,12 @@ pub async fn run(state: Weak<Custody>) {
         if !lead(&state, &mut leader) {
             continue;
         }
+        // Decide from the store's state, which another replica may have
+        // changed since this one last served a request.
+        if let Err(error) = state.refresh() {
+            tracing::warn!(reason = %error.reason, "the schedule waits for the store");
+            continue;
+        }
         // Rotations and destructions due while the disk is short of its
         // reserve wait for room, like the requests ([`crate::storage`]).
         if !state.headroom.is_short() {
