@@ -412,17 +412,7 @@ token_test!(
             // Restart both: the replica's id frees itself once its lease
             // lapses; until then the start is refused, and retried.
             cluster.restart(2);
-            let mut restarted = None;
-            for _ in 0..60 {
-                let mut daemon = spawn(CUSTODYD, &replicas.configs[1]);
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                if daemon.try_wait().unwrap().is_none() {
-                    ready(pki, replicas.ports[1], &mut daemon).await;
-                    restarted = Some(daemon);
-                    break;
-                }
-            }
-            replicas.daemons[1] = restarted.expect("the killed replica started again");
+            replicas.daemons[1] = restart(&replicas, 1).await;
             pause().await;
             stop.send(true).unwrap();
             let mut acknowledged = Vec::new();
@@ -459,3 +449,84 @@ token_test!(
         });
     }
 );
+
+/// Whether the replica whose metrics are on `port` says it leads.
+async fn leads(port: u16) -> bool {
+    let page = tokio::task::spawn_blocking(move || softhsm_tests::service::scrape_metrics(port))
+        .await
+        .unwrap();
+    page.lines().any(|line| line.trim() == "custody_leader 1")
+}
+
+token_test!(
+    fn the_schedule_runs_on_one_replica_and_passes_to_another_when_it_dies(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let first_port = free_port();
+            let (pki, first) = prepare(token, first_port);
+            // The schedule's tick: how soon a replica sees the lease lapse.
+            let mut text = std::fs::read_to_string(&first).unwrap();
+            text.push_str("[lifecycle]\nscheduler_interval_secs = 1\n");
+            std::fs::write(&first, text).unwrap();
+            let metrics = [free_port(), free_port()];
+            let mut replicas = start_replicas_from(&cluster, 2, pki, first, first_port).await;
+            // Each replica's own metrics endpoint: its config with one more section.
+            for (i, port) in metrics.iter().enumerate() {
+                let mut text = std::fs::read_to_string(&replicas.configs[i]).unwrap();
+                text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+                std::fs::write(&replicas.configs[i], text).unwrap();
+                replicas.daemons[i].kill().unwrap();
+                replicas.daemons[i].wait().unwrap();
+            }
+            // Started again with metrics (the killed ones' ids free
+            // themselves when their leases lapse: retried until then).
+            for i in 0..2 {
+                replicas.daemons[i] = restart(&replicas, i).await;
+            }
+            let wait = |secs| tokio::time::sleep(std::time::Duration::from_secs(secs));
+            let mut leading = Vec::new();
+            for _ in 0..30 {
+                wait(1).await;
+                leading = vec![leads(metrics[0]).await, leads(metrics[1]).await];
+                if leading.contains(&true) {
+                    break;
+                }
+            }
+            assert_eq!(leading.iter().filter(|l| **l).count(), 1, "one leader: {leading:?}");
+            // Never two, over a few ticks.
+            for _ in 0..3 {
+                wait(1).await;
+                let now = [leads(metrics[0]).await, leads(metrics[1]).await];
+                assert_eq!(now.to_vec(), leading, "the leadership stays put while the leader lives");
+            }
+            // The leader dies: the other takes over once its lease lapses.
+            let (dead, alive) = if leading[0] { (0, 1) } else { (1, 0) };
+            replicas.daemons[dead].kill().unwrap();
+            replicas.daemons[dead].wait().unwrap();
+            let mut took_over = false;
+            for _ in 0..40 {
+                wait(1).await;
+                if leads(metrics[alive]).await {
+                    took_over = true;
+                    break;
+                }
+            }
+            assert!(took_over, "the surviving replica took the schedule over");
+            drop(replicas);
+        });
+    }
+);
+
+/// Starts replica `i` again, retrying while its previous process's claim
+/// on its id has not lapsed yet.
+async fn restart(replicas: &Replicas, i: usize) -> Daemon {
+    for _ in 0..60 {
+        let mut daemon = spawn(CUSTODYD, &replicas.configs[i]);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if daemon.try_wait().unwrap().is_none() {
+            ready(&replicas.pki, replicas.ports[i], &mut daemon).await;
+            return daemon;
+        }
+    }
+    panic!("replica r{i} did not start again");
+}

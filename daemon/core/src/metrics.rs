@@ -9,6 +9,7 @@
 //! | `custody_audit_records_total` | counter | |
 //! | `custody_audit_checkpoints_total` | counter | outcome |
 //! | `custody_serving` | gauge | (what health reports: 1 serving, 0 not) |
+//! | `custody_leader` | gauge | (1 while this replica runs the schedule) |
 //! | `custody_storage_free_bytes` | gauge | |
 //! | `custody_storage_below_reserve` | gauge | (1 while only reads are served) |
 //! | `custody_hsm_queue_depth` | gauge | |
@@ -90,6 +91,11 @@ pub fn audit_checkpoint(outcome: &'static str) {
 /// What health reports: serving or not.
 pub fn serving(serving: bool) {
     metrics::gauge!("custody_serving").set(if serving { 1.0 } else { 0.0 });
+}
+
+/// Whether this replica runs the schedule ([`crate::shared`]).
+pub fn leader(leads: bool) {
+    metrics::gauge!("custody_leader").set(if leads { 1.0 } else { 0.0 });
 }
 
 /// Free space under the data directory, and whether it is below the reserve.

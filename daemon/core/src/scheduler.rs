@@ -171,6 +171,7 @@ fn lead(state: &Custody, leader: &mut Option<custody_store::Claim>) -> bool {
             Err(error) => tracing::warn!(%error, "leadership cannot be read; the schedule waits"),
         }
     }
+    metrics::leader(leader.is_some());
     leader.is_some()
 }
 
