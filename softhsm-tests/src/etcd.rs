@@ -301,6 +301,22 @@ impl Cluster {
         &self.tls
     }
 
+    /// The `[store]` section of a custodyd replica `id` on this cluster,
+    /// its keys under `prefix` (custodyd's default if `None`).
+    pub fn store_section(&self, id: &str, prefix: Option<&str>) -> String {
+        let endpoints: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        let prefix = prefix
+            .map(|p| format!("prefix = {p:?}\n"))
+            .unwrap_or_default();
+        format!(
+            "[store]\nbackend = \"etcd\"\nreplica_id = \"{id}\"\nendpoints = [{}]\n{prefix}ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            endpoints.join(", "),
+            self.tls.ca,
+            self.tls.cert,
+            self.tls.key
+        )
+    }
+
     /// A store configuration for every member, keys under `prefix`.
     pub fn config(&self, prefix: &str) -> EtcdConfig {
         self.config_for(self.endpoints(), prefix)

@@ -78,6 +78,24 @@ crls = ["{dir}/crl.pem"]
     (Pki { ca, dir }, path)
 }
 
+/// Replica `id`'s config: `first`'s (as [`prepare`] wrote it) with its
+/// own port, data directory and `extra` sections (a `[store]` section:
+/// [`crate::etcd::Cluster::store_section`]).
+pub fn replica_config(first: &Path, port: u16, id: &str, extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(first).unwrap();
+    let listen = text.lines().next().unwrap();
+    let data_dir = text.lines().nth(1).unwrap();
+    let text = text
+        .replace(listen, &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(
+            data_dir,
+            &data_dir.replace("/data\"", &format!("/data-{id}\"")),
+        );
+    let path = first.with_file_name(format!("custodyd-{id}.toml"));
+    std::fs::write(&path, format!("{text}\n{extra}")).unwrap();
+    path
+}
+
 /// A loopback port free at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

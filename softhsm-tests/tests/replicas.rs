@@ -42,40 +42,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The `[store]` section of replica `id` on `cluster`.
-fn store_section(cluster: &Cluster, id: &str) -> String {
-    let tls = cluster.tls();
-    let endpoints: Vec<String> = cluster
-        .endpoints()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect();
-    format!(
-        "[store]\nbackend = \"etcd\"\nreplica_id = \"{id}\"\nendpoints = [{}]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        endpoints.join(", "),
-        tls.ca,
-        tls.cert,
-        tls.key
-    )
-}
-
-/// Replica `id`'s config: the first replica's with its own port, data
-/// directory and `[store]` section.
-fn replica_config(first: &Path, port: u16, id: &str, store: &str) -> PathBuf {
-    let text = std::fs::read_to_string(first).unwrap();
-    let listen = text.lines().next().unwrap();
-    let data_dir = text.lines().nth(1).unwrap();
-    let text = text
-        .replace(listen, &format!("listen = \"127.0.0.1:{port}\""))
-        .replace(
-            data_dir,
-            &data_dir.replace("/data\"", &format!("/data-{id}\"")),
-        );
-    let path = first.with_file_name(format!("custodyd-{id}.toml"));
-    std::fs::write(&path, format!("{text}\n{store}")).unwrap();
-    path
-}
-
 /// Three replicas on `cluster` and the token: their ports and processes.
 struct Replicas {
     pki: Pki,
@@ -107,11 +73,11 @@ async fn start_replicas_from(
     for i in 0..count {
         let port = if i == 0 { first_port } else { free_port() };
         let id = format!("r{i}");
-        configs.push(replica_config(
+        configs.push(softhsm_tests::process::replica_config(
             &first,
             port,
             &id,
-            &store_section(cluster, &id),
+            &cluster.store_section(&id, None),
         ));
         ports.push(port);
     }
@@ -199,21 +165,21 @@ token_test!(
         runtime().block_on(async {
             let replicas = start_replicas(token, &cluster, 1).await;
             // A second process under the same id is refused, naming the holder.
-            let twin = replica_config(
+            let twin = softhsm_tests::process::replica_config(
                 &replicas.base,
                 free_port(),
                 "twin",
-                &store_section(&cluster, "r0"),
+                &cluster.store_section("r0", None),
             );
             let refused = failed_start(&twin);
             assert!(refused.contains("replica_id \"r0\" is in use by another custodyd"), "{refused}");
             // A store nobody answers on: refused, naming where it looked.
             let nowhere = format!("https://127.0.0.1:{}", free_port());
-            let lost = replica_config(
+            let lost = softhsm_tests::process::replica_config(
                 &replicas.base,
                 free_port(),
                 "lost",
-                &store_section(&cluster, "lost").replace(
+                &cluster.store_section("lost", None).replace(
                     &format!("{:?}", cluster.endpoints()[0]),
                     &format!("{nowhere:?}"),
                 ).lines().map(|line| if line.starts_with("endpoints") {
