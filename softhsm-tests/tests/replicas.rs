@@ -22,15 +22,15 @@ use custody_core::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    CreateKeyRequest, GetKeyRequest, GetOperationRequest, KeyRef, Operation, OperationKind,
-    OperationState, SetPolicySpec, VoteRequest, operation_spec,
+    GetKeyRequest, GetOperationRequest, KeyRef, Operation, OperationKind, OperationState,
+    SetPolicySpec, VoteRequest, operation_spec,
 };
 use softhsm_tests::etcd::Cluster;
 use softhsm_tests::process::{
     Daemon, Pki, audit_export, connect, free_port, prepare, prepare_ceremonies, ready, spawn,
     verify_export,
 };
-use softhsm_tests::service::{reason, request_operation, sign_sha256};
+use softhsm_tests::service::{create_key, reason, request_operation, sign_sha256};
 use softhsm_tests::{TestToken, token_test};
 
 const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
@@ -112,20 +112,11 @@ token_test!(
             let operator = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator]))
                 .await
                 .unwrap();
-            KeyServiceClient::new(operator)
-                .create_key(CreateKeyRequest {
-                    key_id: "shared".into(),
-                    algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
-                    purpose: 1,
-                    allowed_signers: vec!["ca".into()],
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            create_key(&operator, "shared", "EC_SIGN_P256_SHA256", None).await;
             // Every replica signs with it at once, the one that made it too.
             let mut signers = Vec::new();
             for &port in &replicas.ports {
-                let channel = connect(pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+                let channel = connect(pki, port, &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
                 signers.push(tokio::spawn(async move {
                     for n in 0..40u32 {
                         sign_sha256(&channel, "shared", &n.to_be_bytes()).await.unwrap();
@@ -219,7 +210,7 @@ token_test!(
                 async move { connect(pki, port, &issued).await.unwrap() }
             };
             let operator = channel(replicas.ports[0], "operator", Role::Operator).await;
-            softhsm_tests::service::create_key(&operator, "rotated", "EC_SIGN_P256_SHA256", None).await;
+            create_key(&operator, "rotated", "EC_SIGN_P256_SHA256", None).await;
             // Rotation under 2 of alice, bob and carol, set by the administrative quorum.
             let policy = request_operation(
                 &operator,
@@ -351,20 +342,11 @@ token_test!(
             let operator = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator]))
                 .await
                 .unwrap();
-            KeyServiceClient::new(operator)
-                .create_key(CreateKeyRequest {
-                    key_id: "shared".into(),
-                    algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
-                    purpose: 1,
-                    allowed_signers: vec!["ca".into()],
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            create_key(&operator, "shared", "EC_SIGN_P256_SHA256", None).await;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut load = Vec::new();
             for &port in &replicas.ports {
-                let channel = connect(pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+                let channel = connect(pki, port, &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
                 load.push(tokio::spawn(sign_until(channel, stopped.clone())));
             }
             let pause = || tokio::time::sleep(std::time::Duration::from_millis(1500));

@@ -16,8 +16,9 @@
 //! budget, failed logins, carrying no checksum), a record deleted that
 //! nothing else names (an officer, a nonce count, the failed-login count,
 //! a finished ceremony whose key is also gone), records cut from the audit
-//! log's tail (only a checkpoint or export head kept elsewhere shows that),
-//! and a record rewritten on purpose with a matching checksum
+//! log's tail together with its stored head rolled back to match (only a
+//! checkpoint or export head kept elsewhere shows that), and a record
+//! rewritten on purpose with a matching checksum
 //! ([`crate::stored`] is no signature).
 
 use crate::audit::CheckedChain;
