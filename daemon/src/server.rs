@@ -95,7 +95,25 @@ impl Daemon {
             Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
-        let left = lost_directory(&config, &chain, &hsm).await?;
+        // Replicas starting together on an empty store: one at a time
+        // checks the token against the log, makes the audit key if there is
+        // none, and records its start; the next then finds both.
+        let first_start = db
+            .campaign(
+                "first-start",
+                config.store.replica_id.as_deref().unwrap_or("custodyd"),
+                REPLICA_CLAIM_TTL,
+            )
+            .await
+            .map_err(|e| format!("store: the start's claim: {e}"))?;
+        let started_before = !chain.is_empty()
+            || custody_core::audit::stored_log_holds_records(&db)
+                .map_err(|e| format!("store: {e}"))?;
+        let left = if started_before {
+            None
+        } else {
+            lost_directory(&config, &chain, &hsm).await?
+        };
         let epochs = custody_core::shared::Epochs::open(
             &db,
             config.store.replica_id.as_deref().unwrap_or("custodyd"),
@@ -140,6 +158,7 @@ impl Daemon {
             })
             .await
             .map_err(|e| e.to_string())?;
+        drop(first_start);
         tracing::info!(
             keys = registry.len(),
             audit_key_sha256 = %fingerprint,

@@ -123,8 +123,14 @@ impl Hsm {
         }
         watchdog::check_call_timeout(config.call_timeout)?;
         let ctx = load_module(&config.module)?;
-        let (slot, token) = find_token(&ctx, &config.token)?;
         let object_store = ObjectStoreLock::for_module(&ctx);
+        // Read like a search: another process making an object on a
+        // file-backed token rewrites the files a token listing reads, and
+        // SoftHSM2 then lists no token at all.
+        let (slot, token) = {
+            let _still = object_store.hold(Function::FindObjectsInit, config.call_timeout)?;
+            find_token(&ctx, &config.token)?
+        };
         let access = Arc::new(TokenAccess {
             ctx,
             slot,

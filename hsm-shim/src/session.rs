@@ -99,6 +99,12 @@ impl TokenAccess {
             .and_then(|()| self.ctx.open_rw_session(self.slot))
             .map_err(|e| HsmError::from_cryptoki("opening a session on the token", e))?;
         let login = || {
+            // Ordered against other processes where it can be; a store
+            // busy past the deadline does not stop the login.
+            let _writing = self
+                .object_store
+                .hold(Function::Login, self.call_timeout)
+                .ok();
             self.faults
                 .check(Function::Login)
                 .and_then(|()| session.login(UserType::User, Some(&self.pin)))

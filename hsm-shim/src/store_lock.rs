@@ -135,7 +135,11 @@ impl ObjectStoreLock {
             | Function::GenerateKeyPair
             | Function::UnwrapKey
             | Function::DeriveKey
-            | Function::SetAttributeValue => {
+            | Function::SetAttributeValue
+            // SoftHSM2 writes the token's own file at a login; another
+            // process listing tokens meanwhile reads it half-written
+            // (CKR_GENERAL_ERROR, or no token at all).
+            | Function::Login => {
                 let local = self.local.try_write_for(timeout).ok_or_else(busy)?;
                 let across = match &self.processes {
                     Some(processes) => Some(processes.exclusive(deadline).ok_or_else(busy)??),

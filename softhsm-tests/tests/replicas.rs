@@ -478,3 +478,35 @@ async fn restart(replicas: &Replicas, i: usize) -> Daemon {
     }
     panic!("replica r{i} did not start again");
 }
+
+token_test!(
+    fn replicas_started_together_on_an_empty_token_make_one_audit_key(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let first_port = free_port();
+            let (pki, first) = prepare(token, first_port);
+            let ports: Vec<u16> = (0..3).map(|i| if i == 0 { first_port } else { free_port() }).collect();
+            let configs: Vec<PathBuf> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, port)| {
+                    let id = format!("r{i}");
+                    softhsm_tests::process::replica_config(&first, *port, &id, &cluster.store_section(&id, None))
+                })
+                .collect();
+            // All three at once, before any is up.
+            let mut daemons: Vec<Daemon> = configs.iter().map(|config| spawn(CUSTODYD, config)).collect();
+            for (daemon, port) in daemons.iter_mut().zip(&ports) {
+                ready(&pki, *port, daemon).await;
+            }
+            let listed = token.pkcs11_tool().arg("--list-objects").output().unwrap();
+            let listed = String::from_utf8_lossy(&listed.stdout);
+            let audit_keys = listed
+                .lines()
+                .filter(|line| line.trim() == "label:      custody-audit/v1")
+                .count();
+            assert_eq!(audit_keys, 2, "one audit key pair (public and private):\n{listed}");
+            drop(daemons);
+        });
+    }
+);

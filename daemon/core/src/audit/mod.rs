@@ -35,4 +35,5 @@ pub use event::{Entry, Event, rfc3339_ms};
 pub use verify::{ExportLine, VerifyReport, verify_export, verify_head, verify_records};
 pub use writer::{
     AUDIT_KEY_LABEL, AuditHold, AuditLog, CheckedChain, CheckpointPolicy, check_stored,
+    stored_log_holds_records,
 };

@@ -333,6 +333,15 @@ impl CheckedChain {
     }
 }
 
+/// Whether the stored log holds a record now (a replica sharing the store
+/// may have written the first since this one checked the chain).
+pub fn stored_log_holds_records(db: &custody_store::Store) -> Result<bool, String> {
+    match db.existing_keyspace("audit").map_err(|e| e.to_string())? {
+        Some(tree) => Ok(tree.first().map_err(|e| e.to_string())?.is_some()),
+        None => Ok(false),
+    }
+}
+
 /// Checks the stored audit chain (tree `audit`) in one streaming pass and
 /// notes its first bad record: a changed, truncated, reordered or inserted
 /// record, or one deleted anywhere but at the tail. Records deleted from
