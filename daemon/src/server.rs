@@ -95,15 +95,13 @@ impl Daemon {
             Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
+        // Who takes this process's claims and locks in the store.
+        let holder = config.store.replica_id.as_deref().unwrap_or("custodyd");
         // Replicas starting together on an empty store: one at a time
         // checks the token against the log, makes the audit key if there is
         // none, and records its start; the next then finds both.
         let first_start = db
-            .campaign(
-                "first-start",
-                config.store.replica_id.as_deref().unwrap_or("custodyd"),
-                REPLICA_CLAIM_TTL,
-            )
+            .campaign("first-start", holder, REPLICA_CLAIM_TTL)
             .await
             .map_err(|e| format!("store: the start's claim: {e}"))?;
         let started_before = !chain.is_empty()
@@ -114,11 +112,8 @@ impl Daemon {
         } else {
             lost_directory(&config, &chain, &hsm).await?
         };
-        let epochs = custody_core::shared::Epochs::open(
-            &db,
-            config.store.replica_id.as_deref().unwrap_or("custodyd"),
-        )
-        .map_err(|e| format!("store: {e}"))?;
+        let epochs =
+            custody_core::shared::Epochs::open(&db, holder).map_err(|e| format!("store: {e}"))?;
         let registry = Registry::open(&db, &epochs).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,

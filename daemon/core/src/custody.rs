@@ -73,11 +73,15 @@ impl Custody {
                 format!("the {what} cannot be read from the store"),
             )
         };
+        let (registry, dual_control) = self
+            .shared
+            .read_both()
+            .map_err(|e| unavailable("epochs", e.to_string()))?;
         self.registry
-            .refresh()
+            .refresh_to(registry)
             .map_err(|e| unavailable("registry", e.to_string()))?;
         self.dual_control
-            .refresh()
+            .refresh_to(dual_control)
             .map_err(|e| unavailable("officers", e))
     }
 }

@@ -235,7 +235,12 @@ impl Registry {
     /// Reloads the copy in memory if another replica changed the registry
     /// since it was loaded: one store read when nothing changed.
     pub fn refresh(&self) -> Result<(), RegistryError> {
-        self.copy.refresh(store_error, || {
+        self.refresh_to(self.copy.stored().map_err(store_error)?)
+    }
+
+    /// [`Registry::refresh`] to the epoch `stored`, read by the caller.
+    pub fn refresh_to(&self, stored: u64) -> Result<(), RegistryError> {
+        self.copy.refresh_to(stored, || {
             let keys = load(&self.tree)?;
             *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
             Ok(())

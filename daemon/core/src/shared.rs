@@ -72,6 +72,15 @@ fn decode(value: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(value).ok().map(u64::from_be_bytes)
 }
 
+/// `domain`'s epoch as stored (`None`: 0, before its first change).
+fn stored(domain: Domain, value: Option<&[u8]>) -> Result<u64, StoreError> {
+    match value {
+        None => Ok(0),
+        Some(value) => decode(value)
+            .ok_or_else(|| StoreError::Failed(format!("epoch of {domain:?} is malformed"))),
+    }
+}
+
 impl Epochs {
     /// The epochs in `store`; locks are taken in the name of `holder`.
     pub fn open(store: &Store, holder: &str) -> Result<Epochs, StoreError> {
@@ -89,11 +98,25 @@ impl Epochs {
 
     /// The stored epoch of `domain` (0 before its first change).
     pub fn read(&self, domain: Domain) -> Result<u64, StoreError> {
-        match self.space.get(domain.key())? {
-            None => Ok(0),
-            Some(value) => decode(&value)
-                .ok_or_else(|| StoreError::Failed(format!("epoch of {domain:?} is malformed"))),
+        stored(domain, self.space.get(domain.key())?.as_deref())
+    }
+
+    /// The stored epochs of the registry and of dual control, in one store
+    /// read (what every request checks).
+    pub fn read_both(&self) -> Result<(u64, u64), StoreError> {
+        let (mut registry, mut dual_control) = (None, None);
+        for entry in self.space.iter() {
+            let (key, value) = entry?;
+            if key == Domain::Registry.key() {
+                registry = Some(value);
+            } else if key == Domain::DualControl.key() {
+                dual_control = Some(value);
+            }
         }
+        Ok((
+            stored(Domain::Registry, registry.as_deref())?,
+            stored(Domain::DualControl, dual_control.as_deref())?,
+        ))
     }
 
     /// In a transaction that changes `domain`, before its writes: moves the
@@ -212,21 +235,26 @@ impl Copy {
         self.loaded.store(next, Ordering::SeqCst);
     }
 
-    /// Runs `reload` (which replaces the copy from the store) if the stored
-    /// epoch moved since the copy was loaded: one store read otherwise.
-    pub fn refresh<E>(
+    /// The domain's epoch as stored now.
+    pub fn stored(&self) -> Result<u64, StoreError> {
+        self.epochs.read(self.domain)
+    }
+
+    /// Runs `reload` (which replaces the copy from the store) if the copy
+    /// was loaded at another epoch than `stored`, read from the store.
+    pub fn refresh_to<E>(
         &self,
-        store_error: impl Fn(StoreError) -> E,
+        stored: u64,
         reload: impl FnOnce() -> Result<(), E>,
     ) -> Result<(), E> {
-        if self.epochs.read(self.domain).map_err(&store_error)? == self.loaded() {
+        if stored == self.loaded() {
             return Ok(());
         }
         let _one = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let stored = self.epochs.read(self.domain).map_err(&store_error)?;
+        // A caller that waited here may find the copy reloaded already.
         if stored != self.loaded() {
             reload()?;
             self.loaded.store(stored, Ordering::SeqCst);

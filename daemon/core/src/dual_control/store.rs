@@ -142,7 +142,13 @@ impl DualControlStore {
     /// replica changed them (or any operation) since they were loaded: one
     /// store read when nothing changed.
     pub fn refresh(&self) -> Result<(), String> {
-        self.copy.refresh(store_error, || {
+        self.refresh_to(self.copy.stored().map_err(store_error)?)
+    }
+
+    /// [`DualControlStore::refresh`] to the epoch `stored`, read by the
+    /// caller.
+    pub fn refresh_to(&self, stored: u64) -> Result<(), String> {
+        self.copy.refresh_to(stored, || {
             let (officers, admin_required) = load(&self.officers_tree, &self.meta)?;
             *self
                 .officers
