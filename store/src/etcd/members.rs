@@ -251,6 +251,10 @@ fn classify(status: &Status) -> Class {
         // error as its source; a member's own Unknown has no source.
         Code::Unknown if std::error::Error::source(status).is_some() => transport(),
         Code::Unknown if message.starts_with("Service was not ready") => transport(),
+        // The connection itself was torn down (etcd or h2 ended it with
+        // GOAWAY ENHANCE_YOUR_CALM): a transport failure like any other,
+        // not the member refusing this request.
+        Code::ResourceExhausted if message.contains("h2 protocol error") => transport(),
         Code::OutOfRange if message.contains("compacted") || message.contains("future rev") => {
             Class::Compacted
         }
