@@ -202,7 +202,17 @@ fn sled_writes_survive_reopening() {
         store.keyspace("kept").unwrap().insert(b"k", b"v").unwrap();
         store.flush().unwrap();
     }
-    let store = Store::open_sled(&dir.path().join("db"), 8 << 20).unwrap();
+    // sled's background threads let go of the directory lock a moment
+    // after the last handle is dropped: the reopening waits for that.
+    let mut reopened = Store::open_sled(&dir.path().join("db"), 8 << 20);
+    for _ in 0..100 {
+        if reopened.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        reopened = Store::open_sled(&dir.path().join("db"), 8 << 20);
+    }
+    let store = reopened.unwrap();
     assert_eq!(
         store.keyspace("kept").unwrap().get(b"k").unwrap(),
         Some(b"v".to_vec())
