@@ -269,8 +269,12 @@ token_test!(
             tokio::time::sleep(Duration::from_millis(2500)).await;
             assert!(hsm_has(&service, "key/old/v1").await, "destroyed before its window in real time");
             service.clock.advance(2 * HOUR_MS);
+            // The HSM object goes first, then the registry records it: wait
+            // for both (bounded).
             for _ in 0..100 {
-                if !hsm_has(&service, "key/old/v1").await {
+                if !hsm_has(&service, "key/old/v1").await
+                    && get(&operator, "old").await.versions[0].state == KeyVersionState::Destroyed as i32
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
