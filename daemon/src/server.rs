@@ -57,7 +57,11 @@ impl Daemon {
         metrics::install(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
         let db = open_store(&config)?;
-        let replica = claim_replica(&config, &db)?;
+        // Who takes this process's claims and locks in the store.
+        let holder = config.store.replica_id.as_deref().unwrap_or("custodyd");
+        let epochs =
+            custody_core::shared::Epochs::open(&db, holder).map_err(|e| format!("store: {e}"))?;
+        let replica = claim_replica(&config, &db, &epochs)?;
         // Every tree checked before anything reads or writes one (F1); the
         // audit log opens with this pass's chain.
         let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
@@ -95,8 +99,6 @@ impl Daemon {
             Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
-        // Who takes this process's claims and locks in the store.
-        let holder = config.store.replica_id.as_deref().unwrap_or("custodyd");
         // Replicas starting together on an empty store: one at a time
         // checks the token against the log, makes the audit key if there is
         // none, and records its start; the next then finds both.
@@ -112,8 +114,6 @@ impl Daemon {
         } else {
             lost_directory(&config, &chain, &hsm).await?
         };
-        let epochs =
-            custody_core::shared::Epochs::open(&db, holder).map_err(|e| format!("store: {e}"))?;
         let registry = Registry::open(&db, &epochs).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(
             &db,
@@ -525,15 +525,12 @@ pub fn open_store(config: &Config) -> Result<custody_store::Store, String> {
 fn claim_replica(
     config: &Config,
     db: &custody_store::Store,
+    epochs: &custody_core::shared::Epochs,
 ) -> Result<Option<custody_store::Claim>, String> {
     let Some(id) = &config.store.replica_id else {
         return Ok(None);
     };
-    let holder = format!(
-        "custodyd pid {} listening on {}",
-        std::process::id(),
-        config.listen
-    );
+    let holder = epochs.replica_claim_holder(&config.listen.to_string());
     match db.claim(&format!("replica/{id}"), &holder, REPLICA_CLAIM_TTL) {
         Ok(claim) => Ok(Some(claim)),
         Err(custody_store::ClaimError::Held { holder }) => Err(format!(

@@ -119,6 +119,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::NotAccepting => Code::FailedPrecondition,
         R::NotConfirming => Code::FailedPrecondition,
         R::Finished => Code::FailedPrecondition,
+        R::SecretsElsewhere => Code::FailedPrecondition,
         R::AlreadyPresent => Code::FailedPrecondition,
         R::AlreadyConfirmed => Code::FailedPrecondition,
         R::AlreadySubmitted => Code::FailedPrecondition,

@@ -16,6 +16,7 @@ pub mod ceremony;
 pub mod etcd;
 pub mod grpcio;
 pub mod process;
+pub mod replicas;
 pub mod service;
 
 use std::path::{Path, PathBuf};

@@ -22,16 +22,17 @@ use custody_core::identity::Role;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
-    GetKeyRequest, GetOperationRequest, KeyRef, Operation, OperationKind, OperationState,
-    SetPolicySpec, VoteRequest, operation_spec,
+    CheckDriftRequest, GetKeyRequest, GetOperationRequest, KeyRef, Operation, OperationKind,
+    OperationState, SetPolicySpec, VoteRequest, operation_spec,
 };
 use softhsm_tests::etcd::Cluster;
 use softhsm_tests::process::{
-    Daemon, Pki, audit_export, connect, free_port, prepare, prepare_ceremonies, ready, spawn,
+    Daemon, audit_export, connect, free_port, prepare, prepare_ceremonies, ready, spawn,
     verify_export,
 };
+use softhsm_tests::replicas::{Replicas, start_replicas, start_replicas_from};
 use softhsm_tests::service::{create_key, reason, request_operation, sign_sha256};
-use softhsm_tests::{TestToken, token_test};
+use softhsm_tests::token_test;
 
 const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
 
@@ -40,60 +41,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Three replicas on `cluster` and the token: their ports and processes.
-struct Replicas {
-    pki: Pki,
-    ports: Vec<u16>,
-    /// Killed when dropped.
-    daemons: Vec<Daemon>,
-    /// Each replica's config.
-    configs: Vec<PathBuf>,
-    /// The config every replica's is made from (no `[store]` section).
-    base: PathBuf,
-}
-
-async fn start_replicas(token: &TestToken, cluster: &Cluster, count: usize) -> Replicas {
-    let first_port = free_port();
-    let (pki, first) = prepare(token, first_port);
-    start_replicas_from(cluster, count, pki, first, first_port).await
-}
-
-/// Replicas whose first config (PKI, officers) is made already.
-async fn start_replicas_from(
-    cluster: &Cluster,
-    count: usize,
-    pki: Pki,
-    first: PathBuf,
-    first_port: u16,
-) -> Replicas {
-    let mut ports = Vec::new();
-    let mut configs = Vec::new();
-    for i in 0..count {
-        let port = if i == 0 { first_port } else { free_port() };
-        let id = format!("r{i}");
-        configs.push(softhsm_tests::process::replica_config(
-            &first,
-            port,
-            &id,
-            &cluster.store_section(&id, None),
-        ));
-        ports.push(port);
-    }
-    let mut daemons = Vec::new();
-    for (config, port) in configs.iter().zip(&ports) {
-        let mut daemon = spawn(CUSTODYD, config);
-        ready(&pki, *port, &mut daemon).await;
-        daemons.push(daemon);
-    }
-    Replicas {
-        pki,
-        ports,
-        daemons,
-        configs,
-        base: first,
-    }
 }
 
 /// What a custodyd that fails to start prints, once it has exited.
@@ -107,7 +54,7 @@ token_test!(
     fn a_key_made_on_one_replica_signs_on_every_replica_and_the_log_stays_one_chain(token) {
         let cluster = Cluster::start(3);
         runtime().block_on(async {
-            let replicas = start_replicas(token, &cluster, 3).await;
+            let replicas = start_replicas(CUSTODYD, token, &cluster, 3).await;
             let pki = &replicas.pki;
             let operator = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator]))
                 .await
@@ -154,7 +101,7 @@ token_test!(
     fn a_replica_id_is_held_by_one_custodyd_and_an_unreachable_store_stops_the_start(token) {
         let cluster = Cluster::start(3);
         runtime().block_on(async {
-            let replicas = start_replicas(token, &cluster, 1).await;
+            let replicas = start_replicas(CUSTODYD, token, &cluster, 1).await;
             // A second process under the same id is refused, naming the holder.
             let twin = softhsm_tests::process::replica_config(
                 &replicas.base,
@@ -196,13 +143,50 @@ fn approval(key: &OfficerKey, officer: &str, operation: &Operation) -> VoteReque
     }
 }
 
+/// Makes key `rotated` and puts its rotation under 2 of alice, bob and
+/// carol, set by the administrative quorum: `approvers` (officer, key and
+/// channel, on any replica) approve in turn, the last completing it.
+async fn rotated_under_quorum(
+    operator: &tonic::transport::Channel,
+    approvers: &[(&str, &OfficerKey, tonic::transport::Channel)],
+) {
+    create_key(operator, "rotated", "EC_SIGN_P256_SHA256", None).await;
+    let policy = request_operation(
+        operator,
+        operation_spec::Spec::SetPolicy(SetPolicySpec {
+            name: "keys/rotated".into(),
+            operation: OperationKind::Rotate as i32,
+            officers: vec!["alice".into(), "bob".into(), "carol".into()],
+            required: 2,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut last = None;
+    for (officer, key, channel) in approvers {
+        let vote = OperationServiceClient::new(channel.clone())
+            .approve_operation(approval(key, officer, &policy))
+            .await
+            .unwrap()
+            .into_inner();
+        last = Some(vote);
+    }
+    let last = last.unwrap();
+    assert_eq!(
+        last.state,
+        OperationState::Succeeded as i32,
+        "{}",
+        last.error
+    );
+}
+
 token_test!(
     fn approvals_racing_on_two_replicas_run_each_operation_exactly_once(token) {
         let cluster = Cluster::start(3);
         runtime().block_on(async {
             let first_port = free_port();
             let (pki, first, keys) = prepare_ceremonies(token, first_port);
-            let replicas = start_replicas_from(&cluster, 2, pki, first, first_port).await;
+            let replicas = start_replicas_from(CUSTODYD, &cluster, 2, pki, first, first_port).await;
             let pki = &replicas.pki;
             let officers: Vec<(&str, &OfficerKey)> = ["alice", "bob"].into_iter().zip(&keys).collect();
             let channel = |port: u16, name: &str, role: Role| {
@@ -210,31 +194,11 @@ token_test!(
                 async move { connect(pki, port, &issued).await.unwrap() }
             };
             let operator = channel(replicas.ports[0], "operator", Role::Operator).await;
-            create_key(&operator, "rotated", "EC_SIGN_P256_SHA256", None).await;
-            // Rotation under 2 of alice, bob and carol, set by the administrative quorum.
-            let policy = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/rotated".into(),
-                    operation: OperationKind::Rotate as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 2,
-                }),
-            )
-            .await
-            .unwrap();
-            let mut votes = Vec::new();
+            let mut approvers = Vec::new();
             for (i, (officer, key)) in officers.iter().enumerate() {
-                let officer_channel = channel(replicas.ports[i], officer, Role::Officer).await;
-                votes.push(
-                    OperationServiceClient::new(officer_channel)
-                        .approve_operation(approval(key, officer, &policy))
-                        .await
-                        .unwrap()
-                        .into_inner(),
-                );
+                approvers.push((*officer, *key, channel(replicas.ports[i], officer, Role::Officer).await));
             }
-            assert_eq!(votes[1].state, OperationState::Succeeded as i32, "{}", votes[1].error);
+            rotated_under_quorum(&operator, &approvers).await;
 
             // 250 rotations in waves within the per-requester cap, each
             // approved by alice and by bob on both replicas at once: 1,000
@@ -333,23 +297,158 @@ async fn sign_until(
     (acknowledged, failures)
 }
 
+/// What a strand of the mixed load saw: what was acknowledged, and the
+/// statuses of the failures.
+type Outcomes = (Vec<String>, Vec<(tonic::Code, String)>);
+
+/// Makes keys `made-0`, `made-1`, ... over `channels` in turn until `stop`:
+/// the ids acknowledged, and the failures (each retried under the next id).
+async fn create_until(
+    channels: Vec<tonic::transport::Channel>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Outcomes {
+    let (mut made, mut failures) = (Vec::new(), Vec::new());
+    let mut n = 0usize;
+    while !*stop.borrow() {
+        let key_id = format!("made-{n}");
+        let created = KeyServiceClient::new(channels[n % channels.len()].clone())
+            .create_key(custody_proto::v1::CreateKeyRequest {
+                key_id: key_id.clone(),
+                algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+                purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
+                allowed_signers: vec!["ca-issuing".into()],
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => made.push(key_id),
+            Err(status) => failures.push((status.code(), status.message().to_string())),
+        }
+        n += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (made, failures)
+}
+
+/// Requests rotations of `rotated` until `stop`, each on replica n, approved
+/// by alice and bob at once on the two others: the operations requested,
+/// and the failures of requests and votes.
+async fn rotate_until(
+    requesters: Vec<tonic::transport::Channel>,
+    voters: Vec<
+        Vec<(
+            &'static str,
+            OperationServiceClient<tonic::transport::Channel>,
+        )>,
+    >,
+    keys: std::sync::Arc<Vec<OfficerKey>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Outcomes {
+    let (mut requested, mut failures) = (Vec::new(), Vec::new());
+    let mut n = 0usize;
+    while !*stop.borrow() {
+        let on = n % requesters.len();
+        n += 1;
+        let operation = match request_operation(
+            &requesters[on],
+            operation_spec::Spec::Rotate(KeyRef {
+                name: "keys/rotated".into(),
+            }),
+        )
+        .await
+        {
+            Ok(operation) => operation,
+            Err(status) => {
+                failures.push((status.code(), status.message().to_string()));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        requested.push(operation.name.clone());
+        let votes = (1..=2).map(|k| {
+            let (officer, client) = &voters[(on + k) % voters.len()][k - 1];
+            let mut client = client.clone();
+            let vote = approval(&keys[k - 1], officer, &operation);
+            async move { client.approve_operation(vote).await }
+        });
+        for vote in futures_util::future::join_all(votes).await {
+            if let Err(status) = vote {
+                failures.push((status.code(), status.message().to_string()));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (requested, failures)
+}
+
+/// Whether a failure is one a client retries: the replica or the store
+/// unavailable, or the request in flight on a connection the kill cut
+/// (tonic says UNKNOWN for that).
+fn retryable(code: tonic::Code, message: &str) -> bool {
+    let cut = code == tonic::Code::Unknown
+        && (message.contains("transport error") || message.contains("h2 protocol error"));
+    code == tonic::Code::Unavailable || cut
+}
+
 token_test!(
     fn a_replica_and_an_etcd_member_killed_under_load_lose_no_acknowledged_signature(token) {
         let mut cluster = Cluster::start(3);
         runtime().block_on(async {
-            let mut replicas = start_replicas(token, &cluster, 3).await;
+            let first_port = free_port();
+            let (pki, first, officer_keys) = prepare_ceremonies(token, first_port);
+            let mut replicas = start_replicas_from(CUSTODYD, &cluster, 3, pki, first, first_port).await;
             let pki = &replicas.pki;
-            let operator = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator]))
-                .await
-                .unwrap();
+            let channel = |port: u16, name: &str, role: Role| {
+                let issued = pki.client(name, &[role]);
+                async move { connect(pki, port, &issued).await.unwrap() }
+            };
+            let operator = channel(replicas.ports[0], "operator", Role::Operator).await;
             create_key(&operator, "shared", "EC_SIGN_P256_SHA256", None).await;
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let mut load = Vec::new();
-            for &port in &replicas.ports {
-                let channel = connect(pki, port, &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
-                load.push(tokio::spawn(sign_until(channel, stopped.clone())));
+            let mut approvers = Vec::new();
+            for (officer, key) in ["alice", "bob"].into_iter().zip(&officer_keys) {
+                approvers.push((officer, key, channel(replicas.ports[0], officer, Role::Officer).await));
             }
+            rotated_under_quorum(&operator, &approvers).await;
+
+            // The mixed load: signatures on every replica, keys made on each
+            // in turn, rotations requested and approved across them.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut signing = Vec::new();
+            let (mut operators, mut voters) = (Vec::new(), Vec::new());
+            for &port in &replicas.ports {
+                signing.push(tokio::spawn(sign_until(
+                    channel(port, "ca-issuing", Role::Signer).await,
+                    stopped.clone(),
+                )));
+                operators.push(channel(port, "operator", Role::Operator).await);
+                let mut on_replica = Vec::new();
+                for officer in ["alice", "bob"] {
+                    let client = OperationServiceClient::new(channel(port, officer, Role::Officer).await);
+                    on_replica.push((officer, client));
+                }
+                voters.push(on_replica);
+            }
+            let creating = tokio::spawn(create_until(operators.clone(), stopped.clone()));
+            let rotating = tokio::spawn(rotate_until(
+                operators,
+                voters,
+                std::sync::Arc::new(officer_keys),
+                stopped.clone(),
+            ));
             let pause = || tokio::time::sleep(std::time::Duration::from_millis(1500));
+            // Under way on every strand before the kill: a rotation ran.
+            let mut keys = KeyServiceClient::new(operator.clone());
+            for _ in 0..300 {
+                let rotated = keys
+                    .get_key(GetKeyRequest { name: "keys/rotated".into() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if rotated.versions.len() > 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             pause().await;
             // kill -9 a replica, then an etcd member, under the load.
             replicas.daemons[1].kill().unwrap();
@@ -364,20 +463,17 @@ token_test!(
             pause().await;
             stop.send(true).unwrap();
             let mut acknowledged = Vec::new();
-            for task in load {
+            for task in signing {
                 let (count, failures) = task.await.unwrap();
-                // Every failure is one a client retries: the replica or the
-                // store unavailable, or the request in flight on a
-                // connection the kill cut (tonic says UNKNOWN for that).
                 for (code, message) in &failures {
-                    let cut = *code == tonic::Code::Unknown
-                        && (message.contains("transport error") || message.contains("h2 protocol error"));
-                    assert!(
-                        *code == tonic::Code::Unavailable || cut,
-                        "a non-retryable failure: {code:?} {message}"
-                    );
+                    assert!(retryable(*code, message), "a non-retryable failure: {code:?} {message}");
                 }
                 acknowledged.push(count);
+            }
+            let (made, creation_failures) = creating.await.unwrap();
+            let (requested, rotation_failures) = rotating.await.unwrap();
+            for (code, message) in creation_failures.iter().chain(&rotation_failures) {
+                assert!(retryable(*code, message), "a non-retryable failure: {code:?} {message}");
             }
             // No acknowledged signature without its record, whatever died.
             let (entries, text) = audit_export(pki, replicas.ports[0]).await;
@@ -393,6 +489,60 @@ token_test!(
                 assert!(*count > 0, "r{i} signed under the load");
                 assert!(recorded >= *count, "r{i}: {count} acknowledged, {recorded} recorded");
             }
+            // No operation ran twice: each finished at most once, and the
+            // key has one version more per rotation that succeeded.
+            assert!(!requested.is_empty(), "rotations were requested under the load");
+            let mut operations = OperationServiceClient::new(operator.clone());
+            let mut succeeded = 0;
+            for name in &requested {
+                let finished = entries
+                    .iter()
+                    .filter(|e| e.contains("\"type\":\"operation_finished\"") && e.contains(&format!("\"{name}\"")))
+                    .count();
+                assert!(finished <= 1, "{name} finished {finished} times");
+                let operation = operations
+                    .get_operation(GetOperationRequest { name: name.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if operation.state == OperationState::Succeeded as i32 {
+                    succeeded += 1;
+                }
+            }
+            assert!(succeeded > 0, "rotations succeeded under the load");
+            let rotated = keys
+                .get_key(GetKeyRequest { name: "keys/rotated".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(rotated.versions.len(), 1 + succeeded, "one version per rotation that ran");
+            // Every key acknowledged is there with its one version, and the
+            // token holds nothing the registry and the generations in
+            // flight do not account for.
+            assert!(!made.is_empty(), "keys were made under the load");
+            for key_id in &made {
+                let key = keys
+                    .get_key(GetKeyRequest { name: format!("keys/{key_id}") })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(key.versions.len(), 1, "{key_id}");
+            }
+            let drift = keys.check_drift(CheckDriftRequest {}).await.unwrap().into_inner();
+            assert!(drift.findings.is_empty(), "{:?}", drift.findings);
+            eprintln!(
+                "acknowledged signatures {acknowledged:?}; keys made {}; rotations {} requested, {succeeded} succeeded; failures: creations {}, rotations {}",
+                made.len(),
+                requested.len(),
+                creation_failures.len(),
+                rotation_failures.len()
+            );
+            let mut kinds = std::collections::BTreeMap::<String, u32>::new();
+            for (code, message) in creation_failures.iter().chain(&rotation_failures) {
+                let head: String = message.chars().take(60).collect();
+                *kinds.entry(format!("{code:?} {head}")).or_default() += 1;
+            }
+            eprintln!("failures by kind: {kinds:#?}");
             drop(replicas);
         });
     }
@@ -417,7 +567,7 @@ token_test!(
             text.push_str("[lifecycle]\nscheduler_interval_secs = 1\n");
             std::fs::write(&first, text).unwrap();
             let metrics = [free_port(), free_port()];
-            let mut replicas = start_replicas_from(&cluster, 2, pki, first, first_port).await;
+            let mut replicas = start_replicas_from(CUSTODYD, &cluster, 2, pki, first, first_port).await;
             // Each replica's own metrics endpoint: its config with one more section.
             for (i, port) in metrics.iter().enumerate() {
                 let mut text = std::fs::read_to_string(&replicas.configs[i]).unwrap();
@@ -468,13 +618,27 @@ token_test!(
 /// Starts replica `i` again, retrying while its previous process's claim
 /// on its id has not lapsed yet.
 async fn restart(replicas: &Replicas, i: usize) -> Daemon {
+    let operator = replicas.pki.client("operator", &[Role::Operator]);
     for _ in 0..60 {
         let mut daemon = spawn(CUSTODYD, &replicas.configs[i]);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        if daemon.try_wait().unwrap().is_none() {
-            ready(&replicas.pki, replicas.ports[i], &mut daemon).await;
-            return daemon;
+        // Refused while the dead process's claim lives: it exits, at a
+        // moment that depends on the store's latency.
+        for _ in 0..100 {
+            if daemon.try_wait().unwrap().is_some() {
+                break;
+            }
+            if let Ok(channel) = connect(&replicas.pki, replicas.ports[i], &operator).await {
+                if KeyServiceClient::new(channel)
+                    .list_keys(custody_proto::v1::ListKeysRequest::default())
+                    .await
+                    .is_ok()
+                {
+                    return daemon;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     panic!("replica r{i} did not start again");
 }

@@ -564,6 +564,7 @@ mod tests {
             hsm_label: "key/k/v3".into(),
             trigger: "rotate".into(),
             started_ms: 0,
+            instance: String::new(),
         }];
         let report = compare(&keys, &pending, &CeremonyObjects::default(), &objects, 0);
         assert_eq!(report.findings.len(), 2, "{report:?}");

@@ -140,6 +140,7 @@ reasons! {
     NotAccepting = "NOT_ACCEPTING": "the ceremony is not at that step",
     NotConfirming = "NOT_CONFIRMING": "the ceremony is not at that step",
     Finished = "FINISHED": "the ceremony is not at that step",
+    SecretsElsewhere = "SECRETS_ELSEWHERE": "the ceremony's secrets (shares to collect, components or shares entered) are in another running replica's memory, never in the store: collect, hand in or abort there (the message names it)",
     AlreadyPresent = "ALREADY_PRESENT": "one sign-in, confirmation and secret per officer",
     AlreadyConfirmed = "ALREADY_CONFIRMED": "one sign-in, confirmation and secret per officer",
     AlreadySubmitted = "ALREADY_SUBMITTED": "one sign-in, confirmation and secret per officer",

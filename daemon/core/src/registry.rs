@@ -170,6 +170,10 @@ pub struct PendingVersion {
     pub trigger: String,
     /// Unix milliseconds when it started.
     pub started_ms: i64,
+    /// The process making it (`Epochs::instance`); empty in an entry
+    /// journaled before replicas.
+    #[serde(default)]
+    pub instance: String,
 }
 
 impl KeyRecord {

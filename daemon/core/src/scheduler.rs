@@ -5,12 +5,15 @@
 //! back (its HSM objects destroyed), so nothing half-made is ever usable;
 //! after any roll-back (of a version or a ceremony), [`sweep_torn_objects`]
 //! removes what a kill inside an HSM call left without label or id.
-//! Then [`run`] wakes every `scheduler_interval_secs` and
+//! Then [`run`] wakes every `scheduler_interval_secs` and, on the leader,
 //! - rotates keys whose primary version is compromised, near the end of its
 //!   cryptoperiod, or past half its nonce budget (request id
 //!   `schedule:v{n}`, so two ticks never rotate one version twice); keys
 //!   whose ROTATE policy needs officers are only reported as overdue;
 //! - destroys versions whose cancel window has passed, unless held;
+//! - rolls back the version generations ([`roll_back_abandoned`]) and
+//!   settles the ceremonies ([`crate::ceremonies::take_over`]) of replicas
+//!   that stopped;
 //! - every `drift_check_interval_secs`, compares the registry with the HSM
 //!   and audits the findings whenever they change.
 //!
@@ -25,11 +28,11 @@ use crate::authz::Approval;
 use crate::keys::generation::roll_back_version;
 use crate::keys::{self, SCHEDULER, SCHEDULER_REQUEST_PREFIX, Trigger};
 use crate::names::version_name;
-use crate::registry::{KeyRecord, VersionState};
+use crate::registry::{KeyRecord, PendingVersion, VersionState};
 use crate::{Custody, Error, Reason, drift, metrics};
 
 /// Rolls back every version generation a crash left uncommitted; returns
-/// how many there were.
+/// how many there were. At start, by a replica that starts alone.
 pub async fn roll_back_unfinished(state: &Custody) -> Result<usize, String> {
     let pending = state
         .registry
@@ -37,45 +40,77 @@ pub async fn roll_back_unfinished(state: &Custody) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
     let count = pending.len();
     for entry in pending {
-        let mut audited = Audited::start("RollBackVersion");
-        audited.principal = SCHEDULER.into();
-        audited.resource = version_name(&entry.key_id, entry.version);
-        let committed = state
-            .registry
-            .get(&entry.key_id)
-            .is_some_and(|k| k.version(entry.version).is_some());
-        let result = if committed {
-            // Cannot happen (commit and clear are one transaction), but a
-            // committed version must never be destroyed by a stale entry.
-            audited.detail = "already committed; journal entry dropped".into();
-            state
-                .registry
-                .abandon_version(&entry.hsm_label)
-                .await
-                .map_err(|e| e.to_string())
-        } else {
-            match roll_back_version(state, &entry.hsm_label).await {
-                Some(count) => {
-                    audited.detail = format!(
-                        "{} interrupted by a stop; destroyed {count} HSM objects",
-                        entry.trigger
-                    );
-                    Ok(())
-                }
-                None => {
-                    audited.detail = format!("{} interrupted; roll-back failed", entry.trigger);
-                    Err("roll-back failed; retried at the next start".to_string())
-                }
-            }
-        };
-        let result = result.map_err(|message| Error::new(Reason::RollbackFailed, message));
-        if let Err(error) = audited.record(state, result).await {
-            tracing::error!(reason = %error.reason, version = %entry.hsm_label, "version roll-back");
-        } else {
-            tracing::warn!(version = %entry.hsm_label, "rolled back a version generation a stop interrupted");
-        }
+        roll_back_pending(state, &entry, "a stop").await;
     }
     Ok(count)
+}
+
+/// While other replicas run (the leader, each tick): rolls back the version
+/// generations of processes that are gone, as their restart would; a
+/// generation whose process still runs is its own to commit or roll back.
+/// Returns how many it rolled back.
+pub async fn roll_back_abandoned(state: &Custody) -> Result<usize, String> {
+    let pending = state
+        .registry
+        .pending_versions()
+        .map_err(|e| e.to_string())?;
+    let mut count = 0;
+    for entry in pending {
+        // An entry journaled before replicas names no process: the
+        // roll-back at a lone start handles it.
+        if entry.instance.is_empty()
+            || state
+                .shared
+                .alive(&entry.instance)
+                .map_err(|e| e.to_string())?
+        {
+            continue;
+        }
+        roll_back_pending(state, &entry, "the stop of the replica making it").await;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Rolls back one uncommitted generation that `cause` interrupted, audited.
+async fn roll_back_pending(state: &Custody, entry: &PendingVersion, cause: &str) {
+    let mut audited = Audited::start("RollBackVersion");
+    audited.principal = SCHEDULER.into();
+    audited.resource = version_name(&entry.key_id, entry.version);
+    let committed = state
+        .registry
+        .get(&entry.key_id)
+        .is_some_and(|k| k.version(entry.version).is_some());
+    let result = if committed {
+        // Cannot happen (commit and clear are one transaction), but a
+        // committed version must never be destroyed by a stale entry.
+        audited.detail = "already committed; journal entry dropped".into();
+        state
+            .registry
+            .abandon_version(&entry.hsm_label)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        match roll_back_version(state, &entry.hsm_label).await {
+            Some(count) => {
+                audited.detail = format!(
+                    "{} interrupted by {cause}; destroyed {count} HSM objects",
+                    entry.trigger
+                );
+                Ok(())
+            }
+            None => {
+                audited.detail = format!("{} interrupted; roll-back failed", entry.trigger);
+                Err("roll-back failed; retried at the next start".to_string())
+            }
+        }
+    };
+    let result = result.map_err(|message| Error::new(Reason::RollbackFailed, message));
+    if let Err(error) = audited.record(state, result).await {
+        tracing::error!(reason = %error.reason, version = %entry.hsm_label, "version roll-back");
+    } else {
+        tracing::warn!(version = %entry.hsm_label, %cause, "rolled back an interrupted version generation");
+    }
 }
 
 /// After a roll-back: destroys the objects a kill inside an HSM call can
@@ -133,6 +168,23 @@ pub async fn run(state: Weak<Custody>) {
         if let Err(error) = state.refresh() {
             tracing::warn!(reason = %error.reason, "the schedule waits for the store");
             continue;
+        }
+        // Generations and ceremonies a replica that stopped left in the
+        // middle (threat model S11, S13); on one custodyd, what a failed
+        // step left half-done.
+        match roll_back_abandoned(&state).await {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(count, "rolled back generations a stopped replica left"),
+            Err(error) => {
+                tracing::warn!(%error, "rolling back generations a stopped replica left failed; the next tick tries again")
+            }
+        }
+        match crate::ceremonies::take_over(&state).await {
+            Ok(0) => {}
+            Ok(settled) => tracing::warn!(settled, "settled ceremonies a stopped replica held"),
+            Err(error) => {
+                tracing::warn!(reason = %error.reason, message = %error.message, "settling ceremonies a stopped replica held failed; the next tick tries again");
+            }
         }
         // Rotations and destructions due while the disk is short of its
         // reserve wait for room, like the requests ([`crate::storage`]).

@@ -18,9 +18,14 @@
 //!   (scheduled rotations and destructions, drift checks) runs on the one
 //!   replica holding the claim `leader`; another takes it over within the
 //!   claim's lease once the leader is gone.
-//! - **Who is alive** ([`Epochs::others`]): the replicas holding their
-//!   `replica/` claims, so that a starting replica leaves the recovery of
-//!   work in flight to one that starts alone.
+//! - **Who is alive** ([`Epochs::others`], [`Epochs::alive`]): the
+//!   replicas holding their `replica/` claims, so that a starting replica
+//!   leaves the recovery of work in flight to one that starts alone; and
+//!   each process's instance id, drawn at start, so that the leader can
+//!   tell the work of a process that is gone (a pending version, a
+//!   ceremony held in its memory) from that of one still running.
+//! - **The ceremony engine's lock** ([`Epochs::lock_ceremonies`]): one
+//!   ceremony call at a time across replicas.
 //!
 //! On sled, with one custodyd, the epochs never move under it and the locks
 //! are mutexes: one mechanism for both backends.
@@ -33,6 +38,13 @@ use custody_store::{Claim, Keyspace, Store, StoreError, Tx, TxError};
 
 /// How long a lock outlives a replica that died holding it.
 pub const LOCK_TTL: Duration = Duration::from_secs(10);
+
+/// Ends the words of a `replica/` claim's holder, before the instance id.
+const INSTANCE: &str = ", instance ";
+
+/// The ceremony engine's lock: one ceremony call at a time, across
+/// replicas.
+const CEREMONY_LOCK: &str = "lock/ceremonies";
 
 /// A part of the state replicas hold in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +78,10 @@ pub struct Epochs {
     space: Keyspace,
     /// Who takes the locks: this replica, as the store's claims name it.
     holder: String,
+    /// This process, told apart from a restart of the same replica: drawn
+    /// at random when it opens the store. What lives only in a process's
+    /// memory (a ceremony's secrets) names it.
+    instance: String,
 }
 
 fn decode(value: &[u8]) -> Option<u64> {
@@ -84,11 +100,50 @@ fn stored(domain: Domain, value: Option<&[u8]>) -> Result<u64, StoreError> {
 impl Epochs {
     /// The epochs in `store`; locks are taken in the name of `holder`.
     pub fn open(store: &Store, holder: &str) -> Result<Epochs, StoreError> {
+        let mut nonce = [0u8; 8];
+        getrandom::getrandom(&mut nonce)
+            .map_err(|e| StoreError::Failed(format!("drawing the instance id: {e}")))?;
         Ok(Epochs {
             store: store.clone(),
             space: store.keyspace("epochs")?,
             holder: holder.to_string(),
+            instance: hex::encode(nonce),
         })
+    }
+
+    /// This replica's name in the store's claims.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// This process's instance id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// What this process writes as the holder of its `replica/` claim: the
+    /// words name it to an operator, the instance id to [`Epochs::alive`].
+    pub fn replica_claim_holder(&self, listen: &str) -> String {
+        format!(
+            "custodyd pid {} listening on {listen}{INSTANCE}{}",
+            std::process::id(),
+            self.instance
+        )
+    }
+
+    /// Whether the process with `instance` is still running: this one, or
+    /// one whose `replica/` claim still counts. A process gone (killed,
+    /// stopped, restarted under a new instance) takes what only its memory
+    /// held with it.
+    pub fn alive(&self, instance: &str) -> Result<bool, StoreError> {
+        if instance == self.instance {
+            return Ok(true);
+        }
+        Ok(self.store.holders("replica/")?.iter().any(|(_, holder)| {
+            holder
+                .rsplit_once(INSTANCE)
+                .is_some_and(|(_, i)| i == instance)
+        }))
     }
 
     /// The keyspace, for the transactions that move an epoch.
@@ -169,6 +224,26 @@ impl Epochs {
     pub async fn lock(&self, domain: Domain) -> Result<Claim, StoreError> {
         self.store
             .campaign(domain.lock_name(), &self.holder, LOCK_TTL)
+            .await
+    }
+
+    /// The ceremony engine's lock if nobody holds it now (`None`: a
+    /// ceremony call holds it).
+    pub fn try_lock_ceremonies(&self) -> Result<Option<Claim>, StoreError> {
+        match self.store.claim(CEREMONY_LOCK, &self.holder, LOCK_TTL) {
+            Ok(claim) => Ok(Some(claim)),
+            Err(custody_store::ClaimError::Held { .. }) => Ok(None),
+            Err(custody_store::ClaimError::Store(e)) => Err(e),
+        }
+    }
+
+    /// Waits for the ceremony engine's lock; held until the claim is
+    /// dropped. Ceremonies keep no copy in memory (every step reads the
+    /// journal), so the lock has no epoch: the journal's own revision
+    /// fences a writer whose lock lapsed.
+    pub async fn lock_ceremonies(&self) -> Result<Claim, StoreError> {
+        self.store
+            .campaign(CEREMONY_LOCK, &self.holder, LOCK_TTL)
             .await
     }
 

@@ -4,7 +4,7 @@
 use serde_json::{Map, json};
 use zeroize::Zeroizing;
 
-use super::{advance, found, load_in, note, script_of};
+use super::{advance, found, load_in, note, one_at_a_time, script_of, secrets_here};
 use crate::Custody;
 use crate::ceremony::bundle::Bundle;
 use crate::ceremony::components::{self, KeyBytes};
@@ -18,7 +18,7 @@ pub async fn collect_share(
     id: &str,
     officer: &str,
 ) -> Result<(Share, String, CeremonyRecord), Error> {
-    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     let (mut record, script) = load_in(
         state,
         id,
@@ -26,6 +26,7 @@ pub async fn collect_share(
         Reason::NotDistributing,
         "is not handing out shares now",
     )?;
+    secrets_here(state, &mut record).await?;
     // The share stays in memory until the collection is journaled: a
     // failed write must not lose it.
     let share = state
@@ -82,7 +83,7 @@ pub async fn submit_secret(
     officer: &str,
     secret: SubmittedSecret,
 ) -> Result<CeremonyRecord, Error> {
-    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
     if !script.custodians().iter().any(|c| c == officer) {
@@ -91,6 +92,7 @@ pub async fn submit_secret(
             format!("{officer} is not a custodian of ceremony {id}"),
         ));
     }
+    secrets_here(state, &mut record).await?;
     match (record.phase, secret) {
         (
             Phase::AwaitingComponents,

@@ -20,8 +20,8 @@
 //! journaled object destroyed, idempotently); one still waiting for sign-ins
 //! resumes where it was.
 //!
-//! One ceremony call runs at a time (the engine's lock); signing and other
-//! requests go on meanwhile, except for the instant the token's security
+//! One ceremony call runs at a time, across replicas too (the engine's
+//! lock, a store claim); signing and other requests go on meanwhile, except for the instant the token's security
 //! officer makes a backup KEK, when the HSM pool and the audit writer pause.
 //!
 //! | file | owns |
@@ -35,11 +35,14 @@
 //! | `restore.rs` | restores and DR drills |
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
-//! | `recovery.rs` | what happens at start after a stop: roll forward, roll back or resume |
+//! | `recovery.rs` | what happens after a stop, at start or on the leader while others run: roll forward, roll back or resume |
 //! | `export.rs` | a backup bundle of the live registry's backup-exportable keys |
 //!
-//! What the engine keeps between steps (the journal, the lock, secrets in
-//! memory) is [`crate::ceremony::state::Ceremonies`], part of [`Custody`].
+//! What the engine keeps between steps (the journal, secrets in memory) is
+//! [`crate::ceremony::state::Ceremonies`], part of [`Custody`]. Secrets stay
+//! in the process they entered: the journal names it, and the steps that
+//! touch them run there ([`secrets_here`]); what a stopped process held is
+//! settled by [`recovery`] at start, or by the leader ([`take_over`]).
 
 mod backup;
 mod commit;
@@ -60,7 +63,7 @@ use sha2::{Digest, Sha256};
 use crate::Custody;
 use crate::audit::Event;
 use crate::ceremony::bundle::Bundle;
-use crate::ceremony::journal::{CeremonyRecord, JournaledObject, Phase, TokenRole};
+use crate::ceremony::journal::{CeremonyRecord, JournaledObject, Phase, SecretsHolder, TokenRole};
 use crate::ceremony::script::{KekMode, Kind, Script};
 use crate::ceremony::transcript::Transcript;
 use crate::failpoint;
@@ -75,7 +78,7 @@ use roll_back::roll_back;
 pub use backup::{KeyToBack, check_aad, make_bundle};
 pub use crash_points::CRASH_POINTS;
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
-pub use recovery::{PreviousStop, recover};
+pub use recovery::{PreviousStop, recover, take_over};
 pub use restore::restore_challenge;
 pub use signatures::{confirm, confirmation_message, presence_message, sign_in};
 pub use status::waiting_for;
@@ -155,6 +158,31 @@ async fn note(
         .await
         .map_err(|e| Error::audit_unavailable(&e))?;
     record.updated_ms = now;
+    write(state, record).await
+}
+
+async fn put(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    record.updated_ms = state.clock.now_ms();
+    write(state, record).await
+}
+
+/// Journals `record`, naming this process as its holder while its progress
+/// lives in this process's memory: in the middle of a step, or with secrets
+/// entered or to hand out. Only the engine's lock holder writes, and a
+/// step that touches another process's secrets is refused first
+/// ([`secrets_here`]), so the writer is that process.
+async fn write(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    let in_memory = match record.phase {
+        Phase::Running | Phase::AwaitingShareCollection => true,
+        Phase::AwaitingComponents | Phase::AwaitingShares => {
+            !record.components.is_empty() || !record.shares_submitted.is_empty()
+        }
+        _ => false,
+    };
+    record.secrets_held_by = in_memory.then(|| SecretsHolder {
+        replica: state.shared.holder().to_string(),
+        instance: state.shared.instance().to_string(),
+    });
     state
         .ceremonies
         .journal
@@ -163,14 +191,53 @@ async fn note(
         .map_err(journal_failure)
 }
 
-async fn put(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
-    record.updated_ms = state.clock.now_ms();
-    state
-        .ceremonies
-        .journal
-        .put(record)
-        .await
-        .map_err(journal_failure)
+/// One ceremony call at a time, across replicas: the engine's lock, a store
+/// claim held until the guard drops.
+async fn one_at_a_time(state: &Custody) -> Result<custody_store::Claim, Error> {
+    state.shared.lock_ceremonies().await.map_err(|e| {
+        Error::new(
+            Reason::JournalUnavailable,
+            format!("the ceremony engine's lock: {e}"),
+        )
+    })
+}
+
+/// Refuses a step that touches the ceremony's secrets (collecting a share,
+/// handing in a component or share, aborting) unless they are in this
+/// process's memory or in none. Secrets never reach the store, so while
+/// the replica holding them runs, the step belongs there; once it is gone
+/// they went with it, and the ceremony is settled as a restart settles it
+/// ([`recovery::settle_lost`]) before the step goes on here.
+async fn secrets_here(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    let Some(holder) = record.secrets_held_by.clone() else {
+        return Ok(());
+    };
+    if holder.instance == state.shared.instance() {
+        return Ok(());
+    }
+    let alive = state.shared.alive(&holder.instance).map_err(|e| {
+        Error::new(
+            Reason::JournalUnavailable,
+            format!("which replicas are running cannot be read: {e}"),
+        )
+    })?;
+    if alive {
+        return Err(Error::new(
+            Reason::SecretsElsewhere,
+            format!(
+                "ceremony {} keeps its secrets in the memory of replica {}, never in the store: collect, hand in or abort there",
+                record.id, holder.replica
+            ),
+        ));
+    }
+    recovery::settle_lost(state, record, &holder).await?;
+    if record.phase.finished() {
+        return Err(Error::new(
+            Reason::Finished,
+            format!("ceremony {} is over: {}", record.id, record.error),
+        ));
+    }
+    Ok(())
 }
 
 /// Opens a ceremony. Checks everything that can be checked before anyone
@@ -183,7 +250,7 @@ pub async fn open(
     bundle_text: String,
 ) -> Result<CeremonyRecord, Error> {
     let engine = &state.ceremonies;
-    let _one_at_a_time = engine.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     engine.check_open_cap(opened_by, state.limits.max_open_ceremonies_per_officer)?;
     let script = Script::parse(&script_text)
         .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
@@ -294,6 +361,8 @@ pub async fn open(
         opened_by: opened_by.to_string(),
         created_ms: now,
         updated_ms: now,
+        revision: 0,
+        secrets_held_by: None,
         present: Vec::new(),
         confirmed: Vec::new(),
         done: Vec::new(),
@@ -520,7 +589,7 @@ pub async fn abort(
             "say why the ceremony is aborted",
         ));
     }
-    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     let mut record = found(state, id)?;
     let script = script_of(&record)?;
     if !script.quorum().contains(officer) {
@@ -535,6 +604,7 @@ pub async fn abort(
             format!("ceremony {id} is over"),
         ));
     }
+    secrets_here(state, &mut record).await?;
     roll_back(
         state,
         &mut record,

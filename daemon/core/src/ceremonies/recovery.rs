@@ -1,14 +1,18 @@
-//! What happens at start after a crash: a ceremony whose commit reached the
-//! registry is completed, one interrupted mid-step is rolled back, one
-//! waiting for people resumes.
+//! What happens to a ceremony whose process stopped: at start after a
+//! crash ([`recover`]), and while other replicas run ([`take_over`]). A
+//! ceremony whose commit reached the registry is completed, one interrupted
+//! mid-step is rolled back, one waiting for people resumes; what only the
+//! stopped process's memory held (shares to hand out, components or shares
+//! entered) is gone with it ([`settle_lost`]).
 
 use serde_json::Map;
 
 use super::commit::finish_completed;
 use super::roll_back::roll_back;
-use super::{advance, note, put, script_of, sign_transcript};
+use super::{advance, journal_failure, note, put, script_of, sign_transcript};
 use crate::Custody;
-use crate::ceremony::journal::{CeremonyRecord, Phase, TokenRole};
+use crate::ceremony::journal::{CeremonyRecord, Phase, SecretsHolder, TokenRole};
+use crate::{Error, Reason};
 
 /// How the previous process ended, from the last audit record before this
 /// start: what the transcripts and the log say interrupted a ceremony.
@@ -102,6 +106,101 @@ pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usi
         rolled_back += 1;
     }
     Ok(rolled_back)
+}
+
+/// While other replicas run (the leader, at each tick of the schedule):
+/// settles the ceremonies a replica that stopped left behind. Under the
+/// engine's lock no call is in the middle of a step, so a ceremony whose
+/// commit reached the registry is completed, and one whose quorum signed in
+/// runs its HSM steps, wherever they were begun; one held by a process that
+/// is gone (mid-step, or with secrets in its memory) is settled as its
+/// restart would ([`settle_lost`]). Ceremonies waiting for people, and
+/// those held by running replicas, are left as they are. Skips the tick if
+/// a ceremony call holds the lock. Returns how many it settled.
+pub async fn take_over(state: &Custody) -> Result<usize, Error> {
+    let Some(_one_at_a_time) = state.shared.try_lock_ceremonies().map_err(|e| {
+        Error::new(
+            Reason::JournalUnavailable,
+            format!("the ceremony engine's lock: {e}"),
+        )
+    })?
+    else {
+        return Ok(0);
+    };
+    let mut settled = 0;
+    for mut record in state
+        .ceremonies
+        .journal
+        .unfinished()
+        .map_err(journal_failure)?
+    {
+        if committed(state, &record) {
+            tracing::warn!(ceremony = %record.id, "a ceremony committed by a replica that stopped: completing it");
+            finish_completed(state, &mut record).await?;
+            settled += 1;
+            continue;
+        }
+        if record.phase == Phase::AwaitingOfficers {
+            let script = script_of(&record)?;
+            if script.quorum().is_met_by(record.present.len()) {
+                tracing::warn!(ceremony = %record.id, "the quorum signed in on a replica that stopped before the HSM steps: running them");
+                advance(state, &mut record, &script).await?;
+                settled += 1;
+            }
+            continue;
+        }
+        let Some(holder) = record.secrets_held_by.clone() else {
+            continue;
+        };
+        let alive = state.shared.alive(&holder.instance).map_err(|e| {
+            Error::new(
+                Reason::JournalUnavailable,
+                format!("which replicas are running cannot be read: {e}"),
+            )
+        })?;
+        if !alive {
+            settle_lost(state, &mut record, &holder).await?;
+            settled += 1;
+        }
+    }
+    Ok(settled)
+}
+
+/// Settles a ceremony held by a process that is gone (`holder`): as its
+/// restart would, with the others still running. Components or shares
+/// entered before anything was made must be entered again, here; anything
+/// else (a step interrupted, shares never collected) rolls back, destroying
+/// what the ceremony made.
+pub(super) async fn settle_lost(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    holder: &SecretsHolder,
+) -> Result<(), Error> {
+    let gone = format!(
+        "replica {} stopped while it held the ceremony in memory",
+        holder.replica
+    );
+    let entered_only = record.objects.is_empty()
+        && matches!(
+            record.phase,
+            Phase::AwaitingComponents | Phase::AwaitingShares
+        );
+    if entered_only {
+        tracing::warn!(ceremony = %record.id, replica = %holder.replica, "the replica holding entered secrets stopped: they must be entered again");
+        record.components.clear();
+        record.shares_submitted.clear();
+        return note(
+            state,
+            record,
+            "resumed",
+            "custodyd",
+            format!("{gone}: components or shares entered there must be entered again"),
+            Map::new(),
+        )
+        .await;
+    }
+    tracing::warn!(ceremony = %record.id, phase = ?record.phase, replica = %holder.replica, "rolling back a ceremony held by a replica that stopped");
+    roll_back(state, record, Phase::RolledBack, &gone).await
 }
 
 /// Whether the ceremony's commit reached the registry: its key is

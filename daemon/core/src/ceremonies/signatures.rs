@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use super::commit::commit;
 use super::crash_points::QUORUM_MET;
 use super::roll_back::roll_back;
-use super::{advance, load_in, note};
+use super::{advance, load_in, note, one_at_a_time};
 use crate::Custody;
 use crate::ceremony::journal::{CeremonyRecord, Phase, Signed};
 use crate::ceremony::script::Script;
@@ -40,7 +40,7 @@ pub async fn sign_in(
     officer: &str,
     signature: &[u8],
 ) -> Result<CeremonyRecord, Error> {
-    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     let (mut record, script) =
         collect_signature(state, Moment::SignIn, id, officer, signature).await?;
     failpoint::hit("ceremony.sign_in.after_journal");
@@ -58,7 +58,7 @@ pub async fn confirm(
     officer: &str,
     signature: &[u8],
 ) -> Result<CeremonyRecord, Error> {
-    let _one_at_a_time = state.ceremonies.lock.lock().await;
+    let _one_at_a_time = one_at_a_time(state).await?;
     let (mut record, script) =
         collect_signature(state, Moment::Confirm, id, officer, signature).await?;
     if record.confirmed.len() == record.present.len() {

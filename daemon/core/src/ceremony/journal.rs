@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use custody_store::TxError;
+
 use crate::ceremony::transcript::Transcript;
 use crate::dual_control::operation::KeyPolicies;
 
@@ -147,6 +149,15 @@ pub struct BackupKek {
     pub ceremony: String,
 }
 
+/// The process holding a ceremony's secrets in memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsHolder {
+    /// Its `[store] replica_id` (`custodyd` without one).
+    pub replica: String,
+    /// Its instance id (`Epochs::instance`).
+    pub instance: String,
+}
+
 /// One ceremony, as journaled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CeremonyRecord {
@@ -180,6 +191,18 @@ pub struct CeremonyRecord {
     /// registers one opens meanwhile.
     #[serde(default)]
     pub reserved_key_ids: Vec<String>,
+    /// How many times the record has been written. A write lands only over
+    /// the revision it was read at, so that a replica whose hold of the
+    /// engine's lock lapsed mid-step never writes over what the next holder
+    /// wrote ([`Journal::put`]).
+    #[serde(default)]
+    pub revision: u64,
+    /// The process whose memory holds the ceremony's secrets (shares not
+    /// yet collected, components or shares entered), while there are any:
+    /// secrets never reach the store, so custodians hand them in and
+    /// collect them on that replica.
+    #[serde(default)]
+    pub secrets_held_by: Option<SecretsHolder>,
     /// The key made.
     pub key: Option<MadeKey>,
     /// The policies the key is registered with (root-key and kek), fixed
@@ -281,18 +304,54 @@ impl Journal {
     }
 
     /// Writes `record` and flushes: nothing a step does next happens before
-    /// this returns.
-    pub async fn put(&self, record: &CeremonyRecord) -> Result<(), JournalError> {
-        let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(err)?;
-        let mut batch = custody_store::Batch::default();
-        batch.insert(&self.ceremonies, record.id.as_bytes(), bytes);
-        if record.phase.finished() {
-            batch.remove(&self.unfinished, record.id.as_bytes());
-        } else {
-            batch.insert(&self.unfinished, record.id.as_bytes(), []);
+    /// this returns. Refused, with nothing written, if the stored record is
+    /// no longer at the revision `record` was read at.
+    pub async fn put(&self, record: &mut CeremonyRecord) -> Result<(), JournalError> {
+        let read_at = record.revision;
+        record.revision += 1;
+        let written = self.write_over(record, read_at);
+        if !matches!(written, Ok(true)) {
+            record.revision = read_at;
         }
-        self.ceremonies.apply_batch(batch).map_err(err)?;
+        if !written? {
+            return Err(JournalError(format!(
+                "ceremony {} was changed by another replica meanwhile; nothing was written, try again",
+                record.id
+            )));
+        }
         self.flush().await
+    }
+
+    /// Writes `record` if the stored one is at revision `read_at` (absent:
+    /// 0); `false` if it is not, and then nothing is written.
+    fn write_over(&self, record: &CeremonyRecord, read_at: u64) -> Result<bool, JournalError> {
+        let id = record.id.as_bytes();
+        let bytes = crate::stored::seal(id, record).map_err(err)?;
+        let finished = record.phase.finished();
+        self.db
+            .transaction(&[&self.ceremonies, &self.unfinished], |tx| {
+                let stored = match tx.get(&self.ceremonies, id)? {
+                    None => 0,
+                    Some(stored) => {
+                        crate::stored::open::<CeremonyRecord>(id, &stored)
+                            .map_err(|e| {
+                                TxError::abort(format!("ceremony {} is corrupt: {e}", record.id))
+                            })?
+                            .revision
+                    }
+                };
+                if stored != read_at {
+                    return Ok(false);
+                }
+                tx.insert(&self.ceremonies, id, bytes.clone())?;
+                if finished {
+                    tx.remove(&self.unfinished, id)?;
+                } else {
+                    tx.insert(&self.unfinished, id, [])?;
+                }
+                Ok(true)
+            })
+            .map_err(err)
     }
 
     /// The unfinished ceremonies.
@@ -508,4 +567,86 @@ pub fn check_stored(
         }
     }
     registered
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    use super::*;
+
+    fn record(id: &str) -> CeremonyRecord {
+        CeremonyRecord {
+            id: id.into(),
+            kind: "root-key".into(),
+            script: String::new(),
+            bundle: String::new(),
+            phase: Phase::AwaitingOfficers,
+            opened_by: "alice".into(),
+            created_ms: 1,
+            updated_ms: 1,
+            revision: 0,
+            secrets_held_by: None,
+            present: Vec::new(),
+            confirmed: Vec::new(),
+            done: Vec::new(),
+            objects: Vec::new(),
+            reserved_key_ids: Vec::new(),
+            key: None,
+            key_policies: None,
+            backup_kek: None,
+            shares_collected: Vec::new(),
+            components: Vec::new(),
+            shares_submitted: Vec::new(),
+            shares_needed: 0,
+            backup_bundle: String::new(),
+            restore: None,
+            error: String::new(),
+            transcript: Transcript::new(id, "root-key", &[0; 32]),
+        }
+    }
+
+    fn signed(officer: &str) -> Signed {
+        Signed {
+            officer: officer.into(),
+            signature: String::new(),
+            time_ms: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_over_a_revision_another_writer_moved_on_from_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = custody_store::Store::open_sled(dir.path(), 16 << 20).unwrap();
+        let journal = Journal::open(&store).unwrap();
+        let mut opened = record("c1");
+        journal.put(&mut opened).await.unwrap();
+        assert_eq!(opened.revision, 1);
+        // Two writers read the record at the same revision (a replica
+        // whose hold of the engine's lock lapsed, and the next holder).
+        let mut stalled = journal.get("c1").unwrap().unwrap();
+        let mut next = journal.get("c1").unwrap().unwrap();
+        next.present.push(signed("bob"));
+        journal.put(&mut next).await.unwrap();
+        stalled.present.push(signed("mallory"));
+        stalled.phase = Phase::Aborted;
+        let refused = journal.put(&mut stalled).await.unwrap_err();
+        assert!(
+            refused.0.contains("changed by another replica"),
+            "{refused}"
+        );
+        assert_eq!(
+            stalled.revision, 1,
+            "the refused copy keeps the revision it was read at"
+        );
+        let stored = journal.get("c1").unwrap().unwrap();
+        assert_eq!(stored.revision, 2);
+        assert_eq!(stored.present, vec![signed("bob")]);
+        assert_eq!(stored.phase, Phase::AwaitingOfficers);
+        assert_eq!(
+            journal.unfinished().unwrap().len(),
+            1,
+            "still indexed as unfinished"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! What the ceremony engine (the `ceremonies` module) keeps between steps:
-//! the journal, the lock that runs one ceremony call at a time, the secrets
-//! (shares, components) that live in memory only, the SO PIN, the scratch
-//! token, the component combiner and the audit keys pinned for restores.
+//! the journal, the secrets (shares, components) that live in memory only,
+//! the SO PIN, the scratch token, the component combiner and the audit keys
+//! pinned for restores. The engine's lock is a store claim
+//! (`Epochs::lock_ceremonies`), shared by every replica.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,8 +29,6 @@ pub(crate) struct Secrets {
 pub struct Ceremonies {
     /// The journal.
     pub journal: Journal,
-    /// One ceremony call at a time.
-    pub(crate) lock: tokio::sync::Mutex<()>,
     secrets: Mutex<BTreeMap<String, Secrets>>,
     /// The token SO PIN, which makes backup KEKs possible.
     pub(crate) so_pin: Option<SecretString>,
@@ -48,7 +47,6 @@ impl Ceremonies {
     pub fn new(journal: Journal, so_pin: Option<SecretString>, scratch: Option<HsmConfig>) -> Self {
         Self {
             journal,
-            lock: tokio::sync::Mutex::new(()),
             secrets: Mutex::new(BTreeMap::new()),
             so_pin,
             scratch,

@@ -265,6 +265,7 @@ impl GenerationJournal for PendingVersions {
                 hsm_label: label.as_str().into(),
                 trigger: self.trigger.into(),
                 started_ms,
+                instance: custody.shared.instance().into(),
             })
             .await
             .map_err(registry_failure)

@@ -1,0 +1,331 @@
+//! Work that spans custodyd replicas, and what a replica that stops leaves
+//! to the others: three processes on one real 3-member etcd cluster (mTLS)
+//! and one SoftHSM2 token, driven over real gRPC with mTLS, each call to
+//! whichever replica.
+//!
+//! What they must keep (threat model S11-S13): one ceremony call at a time
+//! across the replicas, so that sign-ins racing on two replicas both count
+//! and set the HSM steps off once; a ceremony's secrets stay in the memory
+//! of the replica they entered, refused elsewhere while it runs, and are
+//! settled as a restart would settle them once it is gone; a generation
+//! a stopped replica left is rolled back by the others.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
+use std::time::Duration;
+
+use custody_core::ceremony::components::kcv;
+use custody_core::ceremony::transcript::Transcript;
+use custody_core::dual_control::officer_key::OfficerKey;
+use custody_core::identity::Role;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::{Ceremony, CeremonyState, CheckDriftRequest, GetTranscriptRequest};
+use softhsm_tests::ceremony::{Officers, components_script, kek_script, root_script};
+use softhsm_tests::etcd::Cluster;
+use softhsm_tests::process::{
+    audit_export, connect, free_port, officer_channels, prepare_ceremonies, ready, replica_config,
+    spawn_crashing_at, verify_export,
+};
+use softhsm_tests::replicas::{Replicas, start_replicas_from};
+use softhsm_tests::service::{reason, runtime, sign_sha256};
+use softhsm_tests::{TestToken, token_test};
+
+const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
+
+fn state(ceremony: &Ceremony) -> CeremonyState {
+    CeremonyState::try_from(ceremony.state).unwrap()
+}
+
+/// Three replicas with officers alice, bob and carol (2 of 3), the SO PIN
+/// and a schedule ticking every second (how soon the leader settles what
+/// a stopped replica left).
+async fn ceremony_replicas(
+    token: &TestToken,
+    cluster: &Cluster,
+    count: usize,
+) -> (Replicas, Vec<OfficerKey>) {
+    let first_port = free_port();
+    let (pki, first, keys) = prepare_ceremonies(token, first_port);
+    let mut text = std::fs::read_to_string(&first).unwrap();
+    text.push_str("[lifecycle]\nscheduler_interval_secs = 1\n");
+    std::fs::write(&first, text).unwrap();
+    let replicas = start_replicas_from(CUSTODYD, cluster, count, pki, first, first_port).await;
+    (replicas, keys)
+}
+
+/// The officers' clients on each replica, in replica order.
+async fn officers_on<'k>(replicas: &Replicas, keys: &'k [OfficerKey]) -> Vec<Officers<'k>> {
+    let mut on = Vec::new();
+    for &port in &replicas.ports {
+        on.push(Officers::new(
+            keys,
+            officer_channels(&replicas.pki, port).await,
+        ));
+    }
+    on
+}
+
+/// The steps of ceremony `name`'s transcript, which must verify.
+async fn steps(officers: &Officers<'_>, name: &str) -> Vec<String> {
+    let response = officers
+        .client("carol")
+        .get_transcript(GetTranscriptRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let transcript = Transcript::from_json(&response.json).unwrap();
+    let spki = custody_core::encoding::pem_to_der(&response.audit_key_pem).unwrap();
+    transcript.verify(&spki).unwrap();
+    transcript.entries.into_iter().map(|e| e.step).collect()
+}
+
+/// Asked on replica `on`: the token holds nothing that no registry entry,
+/// generation or ceremony in flight accounts for (drift), and the merged
+/// audit log is one chain.
+async fn nothing_unaccounted_and_one_chain(replicas: &Replicas, on: usize) {
+    let pki = &replicas.pki;
+    let operator = connect(
+        pki,
+        replicas.ports[on],
+        &pki.client("operator", &[Role::Operator]),
+    )
+    .await
+    .unwrap();
+    let drift = KeyServiceClient::new(operator)
+        .check_drift(CheckDriftRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drift.findings.is_empty(), "{:?}", drift.findings);
+    let (_, text) = audit_export(pki, replicas.ports[on]).await;
+    assert_eq!(verify_export(&text).first_bad, None);
+}
+
+fn count(steps: &[String], step: &str) -> usize {
+    steps.iter().filter(|s| *s == step).count()
+}
+
+token_test!(
+    fn sign_ins_and_confirmations_racing_on_two_replicas_all_count_and_the_key_is_made_once(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let (replicas, keys) = ceremony_replicas(token, &cluster, 3).await;
+            let officers = officers_on(&replicas, &keys).await;
+            for round in 0..4 {
+                let key = format!("root-{round}");
+                let script = root_script(&format!("root-{round}"), &key, false);
+                let name = officers[0].start("alice", &script, "").await.unwrap().name;
+                // The quorum is 2: whichever sign-in lands second sets the
+                // HSM steps off, on its own replica, and only it.
+                let (alice, bob) = tokio::join!(
+                    officers[1].sign_in("alice", &name, &script),
+                    officers[2].sign_in("bob", &name, &script),
+                );
+                alice.unwrap();
+                bob.unwrap();
+                let ceremony = officers[0].get("carol", &name).await.unwrap();
+                assert_eq!(
+                    state(&ceremony),
+                    CeremonyState::AwaitingConfirmation,
+                    "both sign-ins count and the key was made: {ceremony:?}"
+                );
+                let fingerprint = ceremony.fingerprint.unwrap().value;
+                let (alice, bob) = tokio::join!(
+                    officers[2].confirm("alice", &name, &script, &fingerprint),
+                    officers[0].confirm("bob", &name, &script, &fingerprint),
+                );
+                alice.unwrap();
+                bob.unwrap();
+                let done = officers[1].get("carol", &name).await.unwrap();
+                assert_eq!(state(&done), CeremonyState::Completed, "{done:?}");
+                let steps = steps(&officers[1], &name).await;
+                assert_eq!(count(&steps, "sign-in"), 2, "{steps:?}");
+                assert_eq!(count(&steps, "generate"), 1, "one key made: {steps:?}");
+                assert_eq!(count(&steps, "confirm"), 2, "{steps:?}");
+                // Every replica knows the key, whichever made it, and keeps
+                // its protection: a direct signature needs the quorum.
+                for &port in &replicas.ports {
+                    let signer = connect(&replicas.pki, port, &replicas.pki.client("ca-issuing", &[Role::Signer]))
+                        .await
+                        .unwrap();
+                    let refused = sign_sha256(&signer, &format!("{key}/versions/1"), b"made in a ceremony")
+                        .await
+                        .unwrap_err();
+                    assert_eq!(reason(&refused), "QUORUM_REQUIRED", "{refused:?}");
+                }
+            }
+            // A second key made by a racing sign-in would show in drift.
+            nothing_unaccounted_and_one_chain(&replicas, 0).await;
+        });
+    }
+);
+
+/// Polls (bounded) until `attempt` is not refused with SECRETS_ELSEWHERE:
+/// the stopped replica's claim lapses within its lease.
+async fn once_settled<T, F, Fut>(mut attempt: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for _ in 0..120 {
+        match attempt().await {
+            Err(status) if reason(&status) == "SECRETS_ELSEWHERE" => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+    panic!("the stopped replica's secrets were never settled");
+}
+
+token_test!(
+    fn secrets_stay_on_the_replica_they_entered_and_are_settled_when_it_stops(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let (mut replicas, keys) = ceremony_replicas(token, &cluster, 3).await;
+            let officers = officers_on(&replicas, &keys).await;
+
+            // Components: alice enters hers on r0, so r0 holds it.
+            let parts_script = components_script("kek-parts", "partner-kek");
+            let parts = officers[0].start("alice", &parts_script, "").await.unwrap().name;
+            officers[0].sign_in("alice", &parts, &parts_script).await.unwrap();
+            officers[1].sign_in("bob", &parts, &parts_script).await.unwrap();
+            let values: Vec<[u8; 32]> = [0x11u8, 0x22, 0x44].iter().map(|b| [*b; 32]).collect();
+            let enter = |on: usize, officer: &'static str, part: [u8; 32]| {
+                let officers = &officers;
+                let parts = parts.clone();
+                async move {
+                    officers[on]
+                        .submit_component(officer, &parts, &hex::encode(part), &hex::encode(kcv(&part)))
+                        .await
+                }
+            };
+            enter(0, "alice", values[0]).await.unwrap();
+            // Another replica does not have it: bob's would make a key
+            // from the components it holds, without alice's.
+            let refused = enter(1, "bob", values[1]).await.unwrap_err();
+            assert_eq!(reason(&refused), "SECRETS_ELSEWHERE", "{refused:?}");
+            assert!(refused.message().contains("r0"), "names the replica: {}", refused.message());
+
+            // Shares of a new backup KEK: made on r2 (bob's sign-in meets
+            // the quorum there), collected only there.
+            let kek_script = kek_script("kek-shares", "shared-kek", false);
+            let shares = officers[0].start("alice", &kek_script, "").await.unwrap().name;
+            officers[0].sign_in("alice", &shares, &kek_script).await.unwrap();
+            let made = officers[2].sign_in("bob", &shares, &kek_script).await.unwrap();
+            assert_eq!(state(&made), CeremonyState::AwaitingShareCollection);
+            let refused = officers[1].collect("carol", &shares).await.unwrap_err();
+            assert_eq!(reason(&refused), "SECRETS_ELSEWHERE", "{refused:?}");
+            officers[2].collect("carol", &shares).await.unwrap();
+            // Nor does an officer abort it elsewhere, which would leave the
+            // shares in r2's memory.
+            let refused = officers[0]
+                .client("alice")
+                .abort_ceremony(custody_proto::v1::AbortCeremonyRequest {
+                    name: shares.clone(),
+                    reason: "test".into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&refused), "SECRETS_ELSEWHERE", "{refused:?}");
+
+            // r0 and r2 die with what they held.
+            for i in [0, 2] {
+                replicas.daemons[i].kill().unwrap();
+                replicas.daemons[i].wait().unwrap();
+            }
+            // Alice's component went with r0: once r0's claim lapses, r1
+            // takes bob's and asks for alice's again.
+            let after = once_settled(|| enter(1, "bob", values[1])).await.unwrap();
+            assert_eq!(state(&after), CeremonyState::AwaitingComponents);
+            enter(1, "alice", values[0]).await.unwrap();
+            enter(1, "carol", values[2]).await.unwrap();
+            let ceremony = officers[1].get("carol", &parts).await.unwrap();
+            assert_eq!(state(&ceremony), CeremonyState::AwaitingConfirmation);
+            let mut key = [0u8; 32];
+            for part in &values {
+                for (k, p) in key.iter_mut().zip(part) {
+                    *k ^= p;
+                }
+            }
+            let fingerprint = ceremony.fingerprint.unwrap().value;
+            assert_eq!(fingerprint, kcv(&key).to_vec(), "the KEK is the XOR of all three");
+            officers[1].confirm("alice", &parts, &parts_script, &fingerprint).await.unwrap();
+            let done = officers[1].confirm("bob", &parts, &parts_script, &fingerprint).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{done:?}");
+            let steps = steps(&officers[1], &parts).await;
+            assert_eq!(count(&steps, "resumed"), 1, "{steps:?}");
+
+            // The shares not yet collected went with r2: the leader (r1,
+            // the one left) rolls the ceremony back and destroys its KEK.
+            let mut rolled_back = None;
+            for _ in 0..120 {
+                let ceremony = officers[1].get("carol", &shares).await.unwrap();
+                if state(&ceremony) == CeremonyState::RolledBack {
+                    rolled_back = Some(ceremony);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let rolled_back = rolled_back.expect("the leader rolled the ceremony back");
+            assert!(rolled_back.error.contains("replica r2 stopped"), "{}", rolled_back.error);
+            // The KEK went with the roll-back.
+            nothing_unaccounted_and_one_chain(&replicas, 1).await;
+        });
+    }
+);
+
+token_test!(
+    fn a_generation_a_stopped_replica_left_is_rolled_back_by_the_others(token) {
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let (replicas, _) = ceremony_replicas(token, &cluster, 2).await;
+            let pki = &replicas.pki;
+            // A third replica that dies (SIGKILL) right after the HSM made
+            // a new key, before the registry has it.
+            let port = free_port();
+            let config = replica_config(&replicas.base, port, "r2", &cluster.store_section("r2", None));
+            let mut dying = spawn_crashing_at(
+                std::process::Command::new(CUSTODYD),
+                &config,
+                Some("version.after_generate"),
+            );
+            ready(pki, port, &mut dying).await;
+            let operator = connect(pki, port, &pki.client("operator", &[Role::Operator])).await.unwrap();
+            let create = custody_proto::v1::CreateKeyRequest {
+                key_id: "orphan".into(),
+                algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+                purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
+                allowed_signers: vec!["ca-issuing".into()],
+                ..Default::default()
+            };
+            KeyServiceClient::new(operator).create_key(create.clone()).await.unwrap_err();
+            assert!(!dying.wait().unwrap().success(), "r2 died at the crash point");
+
+            // The others roll it back once r2's claim lapses: its object
+            // destroyed, the entry gone, audited.
+            let survivor = connect(pki, replicas.ports[0], &pki.client("operator", &[Role::Operator])).await.unwrap();
+            let mut rolled_back = false;
+            for _ in 0..120 {
+                let (entries, _) = audit_export(pki, replicas.ports[1]).await;
+                if entries.iter().any(|e| {
+                    e.contains("RollBackVersion") && e.contains("keys/orphan/versions/1")
+                        && e.contains("the stop of the replica making it")
+                }) {
+                    rolled_back = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            assert!(rolled_back, "a surviving replica rolled the generation back");
+            nothing_unaccounted_and_one_chain(&replicas, 0).await;
+            // The id is free again: made anew, it signs.
+            KeyServiceClient::new(survivor).create_key(create).await.unwrap();
+            let signer = connect(pki, replicas.ports[1], &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
+            sign_sha256(&signer, "orphan", b"after the roll-back").await.unwrap();
+        });
+    }
+);
