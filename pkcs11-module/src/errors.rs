@@ -7,7 +7,6 @@ use cryptoki_sys::{
     CK_RV, CKR_DATA_INVALID, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR, CKR_DEVICE_MEMORY,
     CKR_FUNCTION_FAILED, CKR_FUNCTION_NOT_SUPPORTED, CKR_FUNCTION_REJECTED,
     CKR_KEY_FUNCTION_NOT_PERMITTED, CKR_KEY_HANDLE_INVALID, CKR_MECHANISM_INVALID,
-    CKR_SIGNATURE_LEN_RANGE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -52,7 +51,6 @@ pub fn ckr_of(code: Code, reason: &str) -> CK_RV {
         "DIGEST_ALGORITHM_MISMATCH" | "DIGEST_NOT_ACCEPTED" | "HSM_INVALID_INPUT" => {
             CKR_DATA_INVALID
         }
-        "BAD_ENCODING" => CKR_SIGNATURE_LEN_RANGE,
         "HSM_UNSUPPORTED" => CKR_MECHANISM_INVALID,
         // A cap on work at once (HSM_BUSY, ...): try again later.
         _ if code == Code::ResourceExhausted => CKR_DEVICE_MEMORY,

@@ -450,7 +450,19 @@ impl Module {
         if class != wanted {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        let operation = mechanisms::start(key.algorithm, mechanism)?;
+        let operation = mechanisms::start(key.algorithm, mechanism).map_err(|rv| {
+            self.log.line(
+                "WARN",
+                &format!(
+                    "{} with {} ({:?}): mechanism 0x{:x} refused (CKR 0x{rv:x})",
+                    if sign { "sign" } else { "verify" },
+                    key.id(),
+                    key.algorithm,
+                    mechanism.kind
+                ),
+            );
+            rv
+        })?;
         let active = Some(Active { key, operation });
         if sign {
             session.sign = active;
@@ -509,7 +521,11 @@ impl Module {
         let remote = slot.remote.clone();
         let key = active.key.clone();
         let sent = input.clone();
-        let result = self.call(async move { remote.sign(&key.key_id, key.version, sent).await })?;
+        let result = self.call(async move {
+            remote
+                .sign(&key.key_id, key.version, key.is_ecdsa(), sent)
+                .await
+        })?;
         let signature =
             result.map_err(|status| self.refusal("sign", &active.key, &input, &status))?;
         if signature.len() != active.key.signature_len() {
@@ -549,7 +565,7 @@ impl Module {
         let signature = signature.to_vec();
         let result = self.call(async move {
             remote
-                .verify(&key.key_id, key.version, sent, signature)
+                .verify(&key.key_id, key.version, key.is_ecdsa(), sent, signature)
                 .await
         })?;
         match result {

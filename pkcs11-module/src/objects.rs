@@ -125,6 +125,14 @@ impl Key {
         format!("keys/{}/versions/{}", self.key_id, self.version)
     }
 
+    /// Whether the key signs with ECDSA.
+    pub fn is_ecdsa(&self) -> bool {
+        matches!(
+            self.algorithm,
+            Algorithm::EcSignP256Sha256 | Algorithm::EcSignP384Sha384
+        )
+    }
+
     /// The length of this key's PKCS#11 signature (ECDSA raw `r‖s`).
     pub fn signature_len(&self) -> usize {
         match (&self.public, self.algorithm) {

@@ -202,11 +202,12 @@ impl Remote {
     }
 
     /// Signs `input` with `keys/{key_id}/versions/{version}`; ECDSA
-    /// signatures come back raw (`r‖s`), as PKCS#11 returns them.
+    /// signatures (`ecdsa`) come back raw (`r‖s`), as PKCS#11 returns them.
     pub async fn sign(
         &self,
         key_id: &str,
         version: u32,
+        ecdsa: bool,
         input: Input,
     ) -> Result<Vec<u8>, tonic::Status> {
         let input = match input {
@@ -217,7 +218,7 @@ impl Remote {
             .sign(SignRequest {
                 name: format!("keys/{key_id}/versions/{version}"),
                 input: Some(input),
-                encoding: SignatureEncoding::Raw as i32,
+                encoding: encoding(ecdsa) as i32,
                 ..Default::default()
             })
             .await?;
@@ -229,6 +230,7 @@ impl Remote {
         &self,
         key_id: &str,
         version: u32,
+        ecdsa: bool,
         input: Input,
         signature: Vec<u8>,
     ) -> Result<bool, tonic::Status> {
@@ -241,10 +243,19 @@ impl Remote {
                 name: format!("keys/{key_id}/versions/{version}"),
                 input: Some(input),
                 signature,
-                encoding: SignatureEncoding::Raw as i32,
+                encoding: encoding(ecdsa) as i32,
             })
             .await?;
         Ok(response.into_inner().valid)
+    }
+}
+
+/// Raw `r‖s` for ECDSA (PKCS#11's form); the one encoding otherwise.
+fn encoding(ecdsa: bool) -> SignatureEncoding {
+    if ecdsa {
+        SignatureEncoding::Raw
+    } else {
+        SignatureEncoding::Unspecified
     }
 }
 

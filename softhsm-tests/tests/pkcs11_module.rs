@@ -1,0 +1,144 @@
+//! custody's PKCS#11 module (`libcustody_pkcs11.so`) in front of a real
+//! custodyd on SoftHSM2, over real mTLS, used by the software it is for:
+//! OpenSC's `pkcs11-tool`, OpenSSL through libp11's engine, and the
+//! `cryptoki` crate. Every signature is checked outside custody (openssl,
+//! or the p256 crate); refusals are checked in custody's audit log.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking on the unexpected"
+)]
+
+use std::path::Path;
+use std::process::Command;
+
+use custody_core::identity::Role;
+use custody_proto::v1::OperationKind;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use hsm_shim::{HashAlg, SignAlgorithm, SignInput};
+use softhsm_tests::pkcs11_module::{self, ModuleConfig, path_str, pkcs11_tool, write_config};
+use softhsm_tests::service::{TestService, create_key, runtime};
+use softhsm_tests::{assert_success, openssl_verifies_pem, token_test};
+
+const MESSAGE: &[u8] = b"tbsCertificate bytes a CA would sign through PKCS#11";
+
+/// The SubjectPublicKeyInfo PEM of `key_id`'s primary version, from
+/// custodyd over gRPC.
+async fn public_pem(service: &TestService, key_id: &str) -> String {
+    let channel = service.client("operator").await;
+    KeyServiceClient::new(channel)
+        .get_public_key(custody_proto::v1::GetPublicKeyRequest {
+            name: format!("keys/{key_id}"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pem
+}
+
+fn run(config: &ModuleConfig, what: &str, command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    if !output.status.success() {
+        eprintln!("the module's log:\n{}", config.log_text());
+    }
+    assert_success(what, &output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `pkcs11-tool --sign` with `label`'s key and `mechanism` (extra args
+/// appended) over MESSAGE; the signature's bytes.
+fn tool_sign(
+    config: &ModuleConfig,
+    dir: &Path,
+    label: &str,
+    mechanism: &str,
+    extra: &[&str],
+) -> Vec<u8> {
+    let input = dir.join("message");
+    let output = dir.join(format!("{label}.sig"));
+    std::fs::write(&input, MESSAGE).unwrap();
+    run(
+        config,
+        &format!("pkcs11-tool --sign --mechanism {mechanism}"),
+        pkcs11_tool()
+            .args([
+                "--token-label",
+                "custody",
+                "--sign",
+                "--mechanism",
+                mechanism,
+            ])
+            // OpenSC 0.23 picks the signing key by CKA_ID only.
+            .args(["--id", &hex::encode(format!("keys/{label}/versions/1"))])
+            .args(["--input-file", path_str(&input)])
+            .args(["--output-file", path_str(&output)])
+            .args(extra),
+    );
+    std::fs::read(&output).unwrap()
+}
+
+token_test!(
+    /// pkcs11-tool lists the caller's keys as private and public key
+    /// objects, and signs with ECDSA P-256 and P-384, Ed25519 and RSA-PSS;
+    /// openssl verifies every signature with custodyd's public key.
+    fn pkcs11_tool_lists_keys_and_its_signatures_verify_with_openssl(token) {
+        let rt = runtime();
+        let service = rt.block_on(TestService::start(token));
+        let keys = [
+            ("p256", "EC_SIGN_P256_SHA256"),
+            ("p384", "EC_SIGN_P384_SHA384"),
+            ("ed", "EC_SIGN_ED25519"),
+            ("pss", "RSA_SIGN_PSS_2048_SHA256"),
+        ];
+        let pems: Vec<String> = rt.block_on(async {
+            let operator = service.client("operator").await;
+            let mut pems = Vec::new();
+            for (id, algorithm) in keys {
+                create_key(&operator, id, algorithm, None).await;
+                pems.push(public_pem(&service, id).await);
+            }
+            pems
+        });
+        // The signer sees the keys ListKeys cannot show it: the config
+        // names them.
+        let config = write_config(&service, "ca-issuing", &[Role::Signer], &["p256", "p384", "ed", "pss"]);
+
+        let listing = run(&config, "pkcs11-tool --list-objects", pkcs11_tool().args(["--token-label", "custody", "--list-objects"]));
+        for (id, _) in keys {
+            let private = format!("Private Key Object");
+            assert!(listing.contains(&private), "{listing}");
+            assert!(listing.contains(&format!("label:      {id}")), "no {id} in:\n{listing}");
+            assert!(
+                listing.contains(&hex::encode(format!("keys/{id}/versions/1"))),
+                "no CKA_ID of {id} in:\n{listing}"
+            );
+        }
+        assert_eq!(listing.matches("Private Key Object").count(), 4, "{listing}");
+        assert_eq!(listing.matches("Public Key Object").count(), 4, "{listing}");
+
+        let dir = tempfile::tempdir_in(token.scratch()).unwrap();
+        let scratch = token.scratch();
+        let der = ["--signature-format", "openssl"];
+        let p256 = tool_sign(&config, dir.path(), "p256", "ECDSA-SHA256", &der);
+        assert!(openssl_verifies_pem(&scratch, &pems[0], SignAlgorithm::EcdsaP256Sha256, SignInput::Message(MESSAGE), &p256));
+        let p384 = tool_sign(&config, dir.path(), "p384", "ECDSA-SHA384", &der);
+        assert!(openssl_verifies_pem(&scratch, &pems[1], SignAlgorithm::EcdsaP384Sha384, SignInput::Message(MESSAGE), &p384));
+        let ed = tool_sign(&config, dir.path(), "ed", "EDDSA", &[]);
+        assert_eq!(ed.len(), 64);
+        assert!(openssl_verifies_pem(&scratch, &pems[2], SignAlgorithm::Ed25519, SignInput::Message(MESSAGE), &ed));
+        let pss = tool_sign(
+            &config,
+            dir.path(),
+            "pss",
+            "SHA256-RSA-PKCS-PSS",
+            &["--mgf", "MGF1-SHA256", "--salt-len", "32"],
+        );
+        assert!(openssl_verifies_pem(&scratch, &pems[3], SignAlgorithm::RsaPss(HashAlg::Sha256), SignInput::Message(MESSAGE), &pss));
+        // The signatures are custody's: a flipped bit fails.
+        let mut flipped = pss.clone();
+        flipped[10] ^= 1;
+        assert!(!openssl_verifies_pem(&scratch, &pems[3], SignAlgorithm::RsaPss(HashAlg::Sha256), SignInput::Message(MESSAGE), &flipped));
+    }
+);
