@@ -142,3 +142,84 @@ token_test!(
         assert!(!openssl_verifies_pem(&scratch, &pems[3], SignAlgorithm::RsaPss(HashAlg::Sha256), SignInput::Message(MESSAGE), &flipped));
     }
 );
+
+/// `openssl` with libp11's engine loading the module (Debian's
+/// `libengine-pkcs11-openssl`).
+fn openssl_engine() -> Command {
+    let mut command = Command::new("openssl");
+    command.env("PKCS11_MODULE_PATH", pkcs11_module::library());
+    command
+}
+
+token_test!(
+    /// OpenSSL, through libp11's PKCS#11 engine and an RFC 7512 URI, makes
+    /// a self-signed CA certificate and signs a leaf certificate with a
+    /// custody key; `openssl verify` accepts both, and the CA certificate's
+    /// public key is custody's.
+    fn openssl_engine_makes_and_signs_certificates_with_a_custody_key(token) {
+        let rt = runtime();
+        let service = rt.block_on(TestService::start(token));
+        let pem = rt.block_on(async {
+            let operator = service.client("operator").await;
+            create_key(&operator, "root", "EC_SIGN_P256_SHA256", None).await;
+            public_pem(&service, "root").await
+        });
+        let config = write_config(&service, "ca-issuing", &[Role::Signer], &["root"]);
+        let dir = tempfile::tempdir_in(token.scratch()).unwrap();
+        let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let uri = "pkcs11:token=custody;object=root;type=private";
+
+        run(
+            &config,
+            "openssl req -x509 with the engine",
+            openssl_engine()
+                .args(["req", "-new", "-x509", "-engine", "pkcs11", "-keyform", "engine"])
+                .args(["-key", uri, "-sha256", "-days", "2"])
+                .args(["-subj", "/CN=custody PKCS#11 test root", "-out", &file("root.pem")]),
+        );
+        let root_key = run(
+            &config,
+            "openssl x509 -pubkey",
+            Command::new("openssl").args(["x509", "-in", &file("root.pem"), "-noout", "-pubkey"]),
+        );
+        assert_eq!(root_key.trim(), pem.trim(), "the certificate holds custody's key");
+        let verified = run(
+            &config,
+            "openssl verify root",
+            Command::new("openssl").args(["verify", "-CAfile", &file("root.pem"), &file("root.pem")]),
+        );
+        assert!(verified.contains("OK"), "{verified}");
+
+        // A leaf key of openssl's own, certified by the custody key.
+        run(
+            &config,
+            "openssl req leaf",
+            Command::new("openssl")
+                .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+                .args(["-keyout", &file("leaf.key"), "-subj", "/CN=leaf.example", "-out", &file("leaf.csr")]),
+        );
+        run(
+            &config,
+            "openssl x509 -req with the engine",
+            openssl_engine()
+                .args(["x509", "-req", "-in", &file("leaf.csr"), "-engine", "pkcs11"])
+                .args(["-CA", &file("root.pem"), "-CAkeyform", "engine", "-CAkey", uri])
+                .args(["-set_serial", "2", "-sha256", "-days", "1", "-out", &file("leaf.pem")]),
+        );
+        let verified = run(
+            &config,
+            "openssl verify leaf",
+            Command::new("openssl").args(["verify", "-CAfile", &file("root.pem"), &file("leaf.pem")]),
+        );
+        assert!(verified.contains("leaf.pem: OK"), "{verified}");
+        // Every signature was custody's, audited under the certificate's
+        // principal.
+        let signed = service
+            .audit_events_since(0)
+            .into_iter()
+            .filter(|e| e["method"] == "Sign" && e["outcome"] == "ok")
+            .map(|e| e["principal"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>();
+        assert_eq!(signed, ["ca-issuing", "ca-issuing"], "{signed:?}");
+    }
+);
