@@ -223,3 +223,161 @@ token_test!(
         assert_eq!(signed, ["ca-issuing", "ca-issuing"], "{signed:?}");
     }
 );
+
+mod cryptoki_client {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass, ObjectHandle};
+    use cryptoki::session::Session;
+    use p256::ecdsa::signature::Verifier;
+    use p256::pkcs8::DecodePublicKey;
+
+    use super::*;
+
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 10;
+
+    fn private_key(session: &Session, label: &str) -> ObjectHandle {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap();
+        assert_eq!(found.len(), 1, "one private key labelled {label}");
+        found[0]
+    }
+
+    token_test!(
+        /// The cryptoki crate as a PKCS#11 client: 8 threads sign at once,
+        /// each in its own session, and every signature verifies with the
+        /// key custodyd publishes; the private key's secret attributes are
+        /// refused; key generation is not supported; and a quorum-gated key
+        /// is refused CKR_FUNCTION_REJECTED, the refusal audited under the
+        /// certificate's principal and the module's log saying what to
+        /// request.
+        fn threads_sign_at_once_and_a_quorum_gated_key_is_rejected(token) {
+            let rt = runtime();
+            let service = rt.block_on(TestService::start(token));
+            let spki = rt.block_on(async {
+                let operator = service.client("operator").await;
+                create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
+                create_key(&operator, "gated", "EC_SIGN_P256_SHA256", None).await;
+                service.gate("gated", OperationKind::Sign).await;
+                KeyServiceClient::new(operator)
+                    .get_public_key(custody_proto::v1::GetPublicKeyRequest {
+                        name: "keys/issuing".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .der
+            });
+            let verifying_key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
+            let config = write_config(&service, "ca-issuing", &[Role::Signer], &["issuing", "gated"]);
+
+            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
+            pkcs11
+                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            let slot = pkcs11.get_slots_with_token().unwrap()[0];
+            let info = pkcs11.get_token_info(slot).unwrap();
+            assert_eq!(info.label(), "custody");
+
+            let signatures = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        let pkcs11 = &pkcs11;
+                        scope.spawn(move || {
+                            let session = pkcs11.open_ro_session(slot).unwrap();
+                            let key = private_key(&session, "issuing");
+                            (0..PER_THREAD)
+                                .map(|i| {
+                                    let message = format!("thread {t} message {i}").into_bytes();
+                                    let signature = session
+                                        .sign(&Mechanism::EcdsaSha256, key, &message)
+                                        .unwrap();
+                                    (message, signature)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .flat_map(|t| t.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(signatures.len(), THREADS * PER_THREAD);
+            for (message, signature) in &signatures {
+                let signature = p256::ecdsa::Signature::from_slice(signature).unwrap();
+                verifying_key.verify(message, &signature).unwrap();
+            }
+
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            let key = private_key(&session, "issuing");
+            // Public facts are readable; the private value is not.
+            let attributes = session
+                .get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable])
+                .unwrap();
+            assert_eq!(attributes, [Attribute::Sensitive(true), Attribute::Extractable(false)]);
+            let value = session.get_attribute_info(key, &[AttributeType::Value]).unwrap();
+            assert!(matches!(value[..], [AttributeInfo::Sensitive]), "{value:?}");
+            // Keys are made through custody only.
+            let generated = session.generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &[Attribute::Token(true)],
+                &[Attribute::Token(true)],
+            );
+            assert!(
+                matches!(
+                    generated,
+                    Err(Error::Pkcs11(RvError::FunctionNotSupported, Function::GenerateKeyPair))
+                ),
+                "{generated:?}"
+            );
+            // The module verifies too (through custodyd).
+            let (message, signature) = &signatures[0];
+            let public = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::Label(b"issuing".to_vec()),
+                ])
+                .unwrap()[0];
+            session.verify(&Mechanism::EcdsaSha256, public, message, signature).unwrap();
+            let mut wrong = signature.clone();
+            wrong[3] ^= 1;
+            assert!(matches!(
+                session.verify(&Mechanism::EcdsaSha256, public, message, &wrong),
+                Err(Error::Pkcs11(RvError::SignatureInvalid, Function::Verify))
+            ));
+
+            // A quorum-gated key: refused, audited, and the log says what to do.
+            let before = service.audit_len();
+            let gated = private_key(&session, "gated");
+            let refused = session.sign(&Mechanism::EcdsaSha256, gated, b"needs officers");
+            assert!(
+                matches!(refused, Err(Error::Pkcs11(RvError::FunctionRejected, Function::Sign))),
+                "{refused:?}"
+            );
+            let events = service.audit_events_since(before);
+            assert!(
+                events.iter().any(|e| e["method"] == "Sign"
+                    && e["principal"] == "ca-issuing"
+                    && e["resource"] == "keys/gated/versions/1"
+                    && e["outcome"] == "QUORUM_REQUIRED"),
+                "{events:?}"
+            );
+            let log = config.log_text();
+            assert!(
+                log.contains("keys/gated/versions/1")
+                    && log.contains("RequestOperation")
+                    && log.contains("custodyctl request sign keys/gated/versions/1 --digest"),
+                "{log}"
+            );
+            drop(session);
+            pkcs11.finalize().unwrap();
+        }
+    );
+}
