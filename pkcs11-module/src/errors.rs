@@ -86,4 +86,53 @@ mod tests {
             CKR_DEVICE_MEMORY
         );
     }
+
+    /// docs/api.md's table of the module's errors says what this map does:
+    /// every reason it names maps to the CKR it gives, and every reason it
+    /// names is one of custody's (listed in the reasons table).
+    #[test]
+    fn the_documented_table_is_the_map() {
+        let docs = include_str!("../../docs/api.md");
+        let reasons = docs
+            .split("| reason | code | meaning |")
+            .nth(1)
+            .expect("docs/api.md has the reasons table");
+        let table = docs
+            .split("| custody reason (or gRPC code) | CKR |")
+            .nth(1)
+            .expect("docs/api.md has the PKCS#11 error table");
+        let ckr_value = |name: &str| match name {
+            "CKR_FUNCTION_REJECTED" => CKR_FUNCTION_REJECTED,
+            "CKR_KEY_FUNCTION_NOT_PERMITTED" => CKR_KEY_FUNCTION_NOT_PERMITTED,
+            "CKR_KEY_HANDLE_INVALID" => CKR_KEY_HANDLE_INVALID,
+            "CKR_DATA_LEN_RANGE" => CKR_DATA_LEN_RANGE,
+            "CKR_DATA_INVALID" => CKR_DATA_INVALID,
+            "CKR_MECHANISM_INVALID" => CKR_MECHANISM_INVALID,
+            other => panic!("the test does not know {other}"),
+        };
+        let mut checked = 0;
+        for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            if cells[0].contains("other") || cells[0].contains("any") {
+                continue;
+            }
+            let ckr = cells[1]
+                .split(['`', ';', ' '])
+                .find(|w| w.starts_with("CKR_"))
+                .expect("a CKR code");
+            for reason in cells[0].split(',').map(|r| r.trim().trim_matches('`')) {
+                assert!(
+                    reasons.contains(&format!("`{reason}`")),
+                    "{reason} is no custody reason"
+                );
+                assert_eq!(
+                    ckr_of(Code::FailedPrecondition, reason),
+                    ckr_value(ckr),
+                    "{reason}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "{checked} reasons checked");
+    }
 }

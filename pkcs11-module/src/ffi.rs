@@ -711,3 +711,76 @@ not_supported! {
     C_CancelFunction(CK_SESSION_HANDLE);
     C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, *mut std::os::raw::c_void);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::raw::c_void;
+
+    use super::*;
+
+    unsafe extern "C" fn create(_: *mut *mut c_void) -> CK_RV {
+        CKR_OK
+    }
+    unsafe extern "C" fn other(_: *mut c_void) -> CK_RV {
+        CKR_OK
+    }
+
+    #[test]
+    fn a_panic_never_crosses_into_c() {
+        assert_eq!(guard(|| panic!("a bug")), CKR_GENERAL_ERROR);
+        assert_eq!(guard(|| Err(CKR_DATA_INVALID)), CKR_DATA_INVALID);
+    }
+
+    #[test]
+    fn bad_pointers_are_refused_before_any_read() {
+        // SAFETY: every pointer given is null or valid.
+        unsafe {
+            assert_eq!(C_GetFunctionList(std::ptr::null_mut()), CKR_ARGUMENTS_BAD);
+            let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+            assert_eq!(C_GetFunctionList(&mut list), CKR_OK);
+            assert!((*list).C_Sign.is_some() && (*list).C_WaitForSlotEvent.is_some());
+            assert_eq!(
+                slice(std::ptr::null::<u8>(), 5).err(),
+                Some(CKR_ARGUMENTS_BAD)
+            );
+            assert_eq!(slice(std::ptr::null::<u8>(), 0).map(<[u8]>::len), Ok(0));
+            assert_eq!(
+                put(std::ptr::null_mut::<CK_ULONG>(), 1).err(),
+                Some(CKR_ARGUMENTS_BAD)
+            );
+            assert_eq!(
+                get(std::ptr::null::<CK_MECHANISM>()).err(),
+                Some(CKR_ARGUMENTS_BAD)
+            );
+        }
+    }
+
+    #[test]
+    fn initialisation_needs_os_locking_when_callbacks_are_given() {
+        let mut args = CK_C_INITIALIZE_ARGS {
+            CreateMutex: Some(create),
+            DestroyMutex: Some(other),
+            LockMutex: Some(other),
+            UnlockMutex: Some(other),
+            flags: 0,
+            pReserved: std::ptr::null_mut(),
+        };
+        // SAFETY: `args` is a valid CK_C_INITIALIZE_ARGS.
+        unsafe {
+            assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_CANT_LOCK);
+            args.LockMutex = None;
+            assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_ARGUMENTS_BAD);
+            args.LockMutex = Some(other);
+            args.flags = CKF_OS_LOCKING_OK;
+            let mut reserved = 0u8;
+            args.pReserved = &raw mut reserved as *mut c_void;
+            assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_ARGUMENTS_BAD);
+        }
+    }
+
+    #[test]
+    fn text_is_padded_and_cut_at_a_character() {
+        assert_eq!(&padded::<8>("ab"), b"ab      ");
+        assert_eq!(&padded::<4>("abcé"), b"abc ");
+    }
+}

@@ -381,3 +381,67 @@ mod cryptoki_client {
         }
     );
 }
+
+mod identity {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+
+    use super::*;
+
+    fn private_keys(pkcs11: &Pkcs11, pin: &str) -> usize {
+        let slot = pkcs11.get_slots_with_token().unwrap()[0];
+        let session = pkcs11.open_ro_session(slot).unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::new(pin.into())))
+            .unwrap();
+        session
+            .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+            .unwrap()
+            .len()
+    }
+
+    token_test!(
+        /// P2: the client certificate, not the PIN, decides what the module
+        /// may use. A signer not on the key's allow-list, logged in with
+        /// any PIN, is shown no key, and custodyd audits its attempt under
+        /// its own principal; the allowed signer's certificate shows it.
+        fn p2_the_certificate_not_the_pin_decides_what_the_module_may_use(token) {
+            let rt = runtime();
+            let service = rt.block_on(TestService::start(token));
+            rt.block_on(async {
+                let operator = service.client("operator").await;
+                create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
+            });
+
+            write_config(&service, "intruder", &[Role::Signer], &["issuing"]);
+            let before = service.audit_len();
+            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
+            pkcs11
+                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            assert_eq!(private_keys(&pkcs11, "the-user-pin-of-the-allowed-signer"), 0);
+            pkcs11.finalize().unwrap();
+            let events = service.audit_events_since(before);
+            assert!(
+                events.iter().any(|e| e["principal"] == "intruder"
+                    && e["method"] == "GetKey"
+                    && e["outcome"] == "NOT_ALLOWED_SIGNER"),
+                "{events:?}"
+            );
+            assert!(
+                events.iter().all(|e| e["principal"] == "intruder" && e["outcome"] != "ok"),
+                "{events:?}"
+            );
+
+            write_config(&service, "ca-issuing", &[Role::Signer], &["issuing"]);
+            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
+            pkcs11
+                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            assert_eq!(private_keys(&pkcs11, "any PIN at all"), 1);
+            pkcs11.finalize().unwrap();
+        }
+    );
+}
