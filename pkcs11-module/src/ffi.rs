@@ -769,12 +769,18 @@ mod tests {
         unsafe {
             assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_CANT_LOCK);
             args.LockMutex = None;
-            assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_ARGUMENTS_BAD);
+            assert_eq!(
+                C_Initialize(&raw mut args as *mut c_void),
+                CKR_ARGUMENTS_BAD
+            );
             args.LockMutex = Some(other);
             args.flags = CKF_OS_LOCKING_OK;
             let mut reserved = 0u8;
             args.pReserved = &raw mut reserved as *mut c_void;
-            assert_eq!(C_Initialize(&raw mut args as *mut c_void), CKR_ARGUMENTS_BAD);
+            assert_eq!(
+                C_Initialize(&raw mut args as *mut c_void),
+                CKR_ARGUMENTS_BAD
+            );
         }
     }
 

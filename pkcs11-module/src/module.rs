@@ -450,7 +450,7 @@ impl Module {
         if class != wanted {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        let operation = mechanisms::start(key.algorithm, mechanism).map_err(|rv| {
+        let operation = mechanisms::start(key.algorithm, mechanism).inspect_err(|&rv| {
             self.log.line(
                 "WARN",
                 &format!(
@@ -461,7 +461,6 @@ impl Module {
                     mechanism.kind
                 ),
             );
-            rv
         })?;
         let active = Some(Active { key, operation });
         if sign {
