@@ -53,6 +53,8 @@ pub struct Slot {
 struct Objects {
     by_handle: HashMap<CK_OBJECT_HANDLE, (Class, Arc<Key>)>,
     handles: HashMap<(String, u32, Class), CK_OBJECT_HANDLE>,
+    /// When custodyd was last asked (None: never, or the list is stale).
+    fetched: Option<std::time::Instant>,
 }
 
 /// An open session.
@@ -280,8 +282,18 @@ impl Module {
 
     /// Asks custodyd which keys the caller's certificate shows and what
     /// their public keys are; keeps each object's handle stable.
+    /// Every read is a `GetKey` and a `GetPublicKey` per key, each audited
+    /// by custodyd, so a list younger than `object_cache_secs` is reused
+    /// (software such as OpenSSL's engine searches several times per key).
     fn refresh(&self, slot_id: CK_SLOT_ID) -> Result<(), CK_RV> {
         let slot = self.slot(slot_id)?;
+        let fresh = std::time::Duration::from_secs(slot.config.object_cache_secs);
+        if lock(&slot.objects)
+            .fetched
+            .is_some_and(|at| at.elapsed() < fresh)
+        {
+            return Ok(());
+        }
         let remote = slot.remote.clone();
         let configured = slot.config.keys.clone();
         let fetched = self.call(async move {
@@ -328,6 +340,7 @@ impl Module {
             }
         }
         objects.by_handle = by_handle;
+        objects.fetched = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -525,8 +538,15 @@ impl Module {
                 .sign(&key.key_id, key.version, key.is_ecdsa(), sent)
                 .await
         })?;
-        let signature =
-            result.map_err(|status| self.refusal("sign", &active.key, &input, &status))?;
+        let signature = result.map_err(|status| {
+            let rv = self.refusal("sign", &active.key, &input, &status);
+            if rv == CKR_KEY_HANDLE_INVALID || rv == CKR_KEY_FUNCTION_NOT_PERMITTED {
+                // The version may be gone or retired: the next search asks
+                // custodyd again.
+                lock(&slot.objects).fetched = None;
+            }
+            rv
+        })?;
         if signature.len() != active.key.signature_len() {
             self.log.line(
                 "ERROR",

@@ -52,10 +52,19 @@ pub struct ServerConfig {
     /// The deadline of each call to custodyd.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How long a list of keys read from custodyd is reused by later
+    /// searches (0: every `C_FindObjectsInit` asks again). A rotation shows
+    /// its new primary version after at most this long.
+    #[serde(default = "default_object_cache_secs")]
+    pub object_cache_secs: u64,
 }
 
 fn default_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_object_cache_secs() -> u64 {
+    10
 }
 
 impl Config {

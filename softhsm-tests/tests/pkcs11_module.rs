@@ -91,6 +91,7 @@ token_test!(
             ("p384", "EC_SIGN_P384_SHA384"),
             ("ed", "EC_SIGN_ED25519"),
             ("pss", "RSA_SIGN_PSS_2048_SHA256"),
+            ("pkcs1", "RSA_SIGN_PKCS1_2048_SHA256"),
         ];
         let pems: Vec<String> = rt.block_on(async {
             let operator = service.client("operator").await;
@@ -103,7 +104,7 @@ token_test!(
         });
         // The signer sees the keys ListKeys cannot show it: the config
         // names them.
-        let config = write_config(&service, "ca-issuing", &[Role::Signer], &["p256", "p384", "ed", "pss"]);
+        let config = write_config(&service, "ca-issuing", &[Role::Signer], &["p256", "p384", "ed", "pss", "pkcs1"]);
 
         let listing = run(&config, "pkcs11-tool --list-objects", pkcs11_tool().args(["--token-label", "custody", "--list-objects"]));
         for (id, _) in keys {
@@ -113,8 +114,8 @@ token_test!(
                 "no CKA_ID of {id} in:\n{listing}"
             );
         }
-        assert_eq!(listing.matches("Private Key Object").count(), 4, "{listing}");
-        assert_eq!(listing.matches("Public Key Object").count(), 4, "{listing}");
+        assert_eq!(listing.matches("Private Key Object").count(), 5, "{listing}");
+        assert_eq!(listing.matches("Public Key Object").count(), 5, "{listing}");
 
         let dir = tempfile::tempdir_in(token.scratch()).unwrap();
         let scratch = token.scratch();
@@ -134,6 +135,14 @@ token_test!(
             &["--mgf", "MGF1-SHA256", "--salt-len", "32"],
         );
         assert!(openssl_verifies_pem(&scratch, &pems[3], SignAlgorithm::RsaPss(HashAlg::Sha256), SignInput::Message(MESSAGE), &pss));
+        let pkcs1 = tool_sign(&config, dir.path(), "pkcs1", "SHA256-RSA-PKCS", &[]);
+        assert!(openssl_verifies_pem(
+            &scratch,
+            &pems[4],
+            SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
+            SignInput::Message(MESSAGE),
+            &pkcs1
+        ));
         // The signatures are custody's: a flipped bit fails.
         let mut flipped = pss.clone();
         flipped[10] ^= 1;
