@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what custody's demo and test suite need on a Debian machine, if it is
 # missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
-# PKCS#11 client, used by tests as "another process"), openssl (the
-# independent verifier), etcd (the replicated store backend's tests run a
+# PKCS#11 client, used by tests as "another process" and to drive custody's
+# own PKCS#11 module), openssl (the independent verifier) and libp11's
+# OpenSSL engine (OpenSSL signing certificates through custody's module), etcd (the replicated store backend's tests run a
 # real cluster) and curl (they reach etcd's JSON gateway with it). No system protoc is needed: .proto files compile with
 # protox.
 set -euo pipefail
@@ -11,6 +12,7 @@ need=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+compgen -G '/usr/lib/*/engines-3/pkcs11.so' >/dev/null || need+=(libengine-pkcs11-openssl)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 

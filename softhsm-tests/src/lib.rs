@@ -15,6 +15,7 @@
 pub mod ceremony;
 pub mod etcd;
 pub mod grpcio;
+pub mod pkcs11_module;
 pub mod process;
 pub mod replicas;
 pub mod service;
@@ -242,6 +243,12 @@ pub fn with_fresh_token(
         .env(TOKEN_DIR, dir.path())
         .env("SOFTHSM2_CONF", token.conf())
         .env("CUSTODY_TEST_USER_PIN", USER_PIN)
+        // Where a test that loads custody's PKCS#11 module writes its config
+        // (src/pkcs11_module.rs); the module reads it at C_Initialize.
+        .env(
+            pkcs11_module::CONFIG_ENV,
+            dir.path().join(pkcs11_module::CONFIG_FILE),
+        )
         .output()
         .expect("re-run in a child process");
     Some(output)
