@@ -352,7 +352,7 @@ async fn recover(
     state: &Custody,
     previous_stop: custody_core::ceremonies::PreviousStop,
 ) -> Result<(), String> {
-    let versions = custody_core::scheduler::roll_back_unfinished(state).await?;
+    let versions = custody_core::scheduler::roll_back_abandoned(state).await?;
     let ceremonies = custody_core::ceremonies::recover(state, previous_stop)
         .await
         .map_err(|e| format!("ceremony recovery: {e}"))?;

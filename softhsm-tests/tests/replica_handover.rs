@@ -313,7 +313,7 @@ token_test!(
                 let (entries, _) = audit_export(pki, replicas.ports[1]).await;
                 if entries.iter().any(|e| {
                     e.contains("RollBackVersion") && e.contains("keys/orphan/versions/1")
-                        && e.contains("the stop of the replica making it")
+                        && e.contains("the stop of the process making it")
                 }) {
                     rolled_back = true;
                     break;
@@ -326,6 +326,81 @@ token_test!(
             KeyServiceClient::new(survivor).create_key(create).await.unwrap();
             let signer = connect(pki, replicas.ports[1], &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
             sign_sha256(&signer, "orphan", b"after the roll-back").await.unwrap();
+        });
+    }
+);
+
+token_test!(
+    fn start_up_recovery_waits_for_the_ceremony_engines_lock(token) {
+        // Threat model S11: every ceremony write runs under the engine's
+        // lock. A replica that starts alone runs start-up recovery; another
+        // that starts just after its "am I alone" check serves at once, and
+        // may be in the middle of a ceremony call (holding the lock) while
+        // the first still recovers. The test stands for that second
+        // replica: it holds `lock/ceremonies` while r0 restarts alone.
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let (mut replicas, keys) = ceremony_replicas(token, &cluster, 1).await;
+            let officers = officers_on(&replicas, &keys).await;
+            // A root key made and waiting for confirmations: start-up
+            // recovery rolls such a ceremony back, destroying the key.
+            let script = root_script("root-held", "root-held", false);
+            let name = officers[0].start("alice", &script, "").await.unwrap().name;
+            officers[0].sign_in("alice", &name, &script).await.unwrap();
+            let made = officers[0].sign_in("bob", &name, &script).await.unwrap();
+            assert_eq!(state(&made), CeremonyState::AwaitingConfirmation);
+            replicas.daemons[0].kill().unwrap();
+            replicas.daemons[0].wait().unwrap();
+
+            let store = custody_store::Store::open_etcd(&cluster.config("custody/")).unwrap();
+            for _ in 0..120 {
+                if store.holders("replica/").unwrap().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            assert!(store.holders("replica/").unwrap().is_empty(), "r0's claim lapsed");
+            let held = store
+                .claim("lock/ceremonies", "r1", Duration::from_secs(10))
+                .unwrap();
+
+            // r0 starts again, alone.
+            let mut restarted = softhsm_tests::process::spawn(CUSTODYD, &replicas.configs[0]);
+            let pki = &replicas.pki;
+            let operator = pki.client("operator", &[Role::Operator]);
+            let mut served = false;
+            for _ in 0..20 {
+                assert!(restarted.try_wait().unwrap().is_none(), "r0 exited");
+                if let Ok(channel) = connect(pki, replicas.ports[0], &operator).await {
+                    if KeyServiceClient::new(channel)
+                        .list_keys(custody_proto::v1::ListKeysRequest::default())
+                        .await
+                        .is_ok()
+                    {
+                        served = true;
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            if served {
+                // r0 finished its recovery while another held the lock:
+                // what it did must not include a ceremony write.
+                let officers = officers_on(&replicas, &keys).await;
+                let found = officers[0].get("carol", &name).await.unwrap();
+                assert_eq!(
+                    state(&found),
+                    CeremonyState::AwaitingConfirmation,
+                    "start-up recovery wrote the ceremony (and destroyed its key) while another replica held the engine's lock: {found:?}"
+                );
+            }
+            assert!(!served, "r0 served before the lock was free");
+            // Once the lock is free, recovery runs and r0 serves.
+            drop(held);
+            ready(pki, replicas.ports[0], &mut restarted).await;
+            let officers = officers_on(&replicas, &keys).await;
+            let found = officers[0].get("carol", &name).await.unwrap();
+            assert_eq!(state(&found), CeremonyState::RolledBack, "{found:?}");
         });
     }
 );

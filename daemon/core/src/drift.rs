@@ -565,6 +565,7 @@ mod tests {
             trigger: "rotate".into(),
             started_ms: 0,
             instance: String::new(),
+            abandoned: false,
         }];
         let report = compare(&keys, &pending, &CeremonyObjects::default(), &objects, 0);
         assert_eq!(report.findings.len(), 2, "{report:?}");

@@ -174,6 +174,9 @@ pub struct PendingVersion {
     /// journaled before replicas.
     #[serde(default)]
     pub instance: String,
+    /// Being rolled back: its commit is refused.
+    #[serde(default)]
+    pub abandoned: bool,
 }
 
 impl KeyRecord {
@@ -272,11 +275,25 @@ impl Registry {
         let loaded = self.copy.loaded();
         let epochs = self.copy.epochs();
         let spaces = [&self.tree, &self.pending, epochs.space()];
-        let advanced = self
+        let outcome = self
             .db
             .transaction(&spaces, |tx| {
+                // A generation is committed only while its entry says it
+                // is still being made: one rolled back meanwhile (its
+                // replica taken for stopped) had its objects destroyed.
+                if let Some(label) = settled {
+                    let entry = tx.get(&self.pending, label.as_bytes())?;
+                    let in_flight = entry
+                        .and_then(|bytes| {
+                            crate::stored::open::<PendingVersion>(label.as_bytes(), &bytes).ok()
+                        })
+                        .is_some_and(|entry| !entry.abandoned);
+                    if !in_flight {
+                        return Ok(Written::NotInFlight);
+                    }
+                }
                 let Some(next) = epochs.advance(tx, Domain::Registry, loaded)? else {
-                    return Ok(None);
+                    return Ok(Written::Stale);
                 };
                 for (id, bytes) in &sealed {
                     tx.insert(&self.tree, id, bytes)?;
@@ -284,20 +301,38 @@ impl Registry {
                 if let Some(label) = settled {
                     tx.remove(&self.pending, label.as_bytes())?;
                 }
-                Ok(Some(next))
+                Ok(Written::At(next))
             })
             .map_err(|e| match e {
                 // No answer: the transaction landed whole or not at all.
                 custody_store::StoreError::Unavailable(_) => WriteFailure::Unknown(store_error(e)),
                 _ => WriteFailure::NotWritten(store_error(e)),
             })?;
-        let next = advanced.ok_or_else(|| {
+        match outcome {
+            Written::At(next) => {
+                self.copy.wrote(next);
+                Ok(())
+            }
             // Ours is stale: the next refresh reloads it.
-            WriteFailure::NotWritten(RegistryError(crate::shared::STALE.into()))
-        })?;
-        self.copy.wrote(next);
-        Ok(())
+            Written::Stale => Err(WriteFailure::NotWritten(RegistryError(
+                crate::shared::STALE.into(),
+            ))),
+            Written::NotInFlight => Err(WriteFailure::NotWritten(RegistryError(format!(
+                "the generation under {} was rolled back meanwhile; nothing was written",
+                settled.unwrap_or_default()
+            )))),
+        }
     }
+}
+
+/// What a registry write's transaction did.
+enum Written {
+    /// Landed, moving the epoch to this.
+    At(u64),
+    /// Nothing: the copy it was decided from is stale.
+    Stale,
+    /// Nothing: the generation it commits is no longer in flight.
+    NotInFlight,
 }
 
 /// A registry write that failed: whether it may have landed.
@@ -444,6 +479,35 @@ impl Registry {
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         keys.insert(record.key_id.clone(), Arc::new(record));
         flushed.map_err(CommitError::NotDurable)
+    }
+
+    /// Marks the generation under `hsm_label` as being rolled back, before
+    /// its objects are destroyed: from then on its commit is refused, so a
+    /// replica that was only stalled cannot register a version whose
+    /// objects the roll-back destroys. Returns false if no generation is
+    /// pending under the label (committed, or dropped already).
+    pub async fn begin_roll_back(&self, hsm_label: &str) -> Result<bool, RegistryError> {
+        let marked = self
+            .db
+            .transaction(&[&self.pending], |tx| {
+                let Some(bytes) = tx.get(&self.pending, hsm_label.as_bytes())? else {
+                    return Ok(false);
+                };
+                let mut entry: PendingVersion = crate::stored::open(hsm_label.as_bytes(), &bytes)
+                    .map_err(|e| {
+                    custody_store::TxError::abort(format!(
+                        "pending version {hsm_label:?} is corrupt: {e}"
+                    ))
+                })?;
+                entry.abandoned = true;
+                let sealed = crate::stored::seal(hsm_label.as_bytes(), &entry)
+                    .map_err(custody_store::TxError::abort)?;
+                tx.insert(&self.pending, hsm_label.as_bytes(), sealed)?;
+                Ok(true)
+            })
+            .map_err(|e| RegistryError(e.to_string()))?;
+        self.flush().await?;
+        Ok(marked)
     }
 
     /// Drops the pending entry `hsm_label` (after its HSM objects are gone).
@@ -630,6 +694,76 @@ mod tests {
         b.put(record("k3")).await.unwrap();
         a.refresh().unwrap();
         assert_eq!(a.len(), 3);
+    }
+
+    /// Threat model S13: the leader rolls back the generation of a replica
+    /// it believes gone (marks it, destroys its objects, drops the entry).
+    /// A replica that only stalled past its lease and then commits must be
+    /// refused, or the registry holds a version whose objects are gone.
+    #[tokio::test]
+    async fn a_commit_over_a_generation_the_leader_rolled_back_is_refused() {
+        let (_dir, store, maker, leader) = replicas();
+        let pending = PendingVersion {
+            key_id: "k".into(),
+            version: 1,
+            hsm_label: "key/k/v1".into(),
+            trigger: "create".into(),
+            started_ms: 0,
+            instance: "stalled".into(),
+            abandoned: false,
+        };
+        let made = || {
+            let mut made = record("k");
+            made.primary_version = 1;
+            made.versions.push(VersionRecord {
+                version: 1,
+                state: VersionState::Active,
+                created_ms: 0,
+                state_ms: 0,
+                hsm_label: pending.hsm_label.clone(),
+                public_key_der_hex: String::new(),
+                public_key_pem: String::new(),
+                activated_ms: Some(0),
+                destroy_at_ms: None,
+                legal_hold: None,
+                check_value: String::new(),
+            });
+            made
+        };
+        // Marked for roll-back (before its objects are destroyed): the
+        // maker's commit is refused, and nothing of it lands.
+        maker.begin_version(&pending).await.unwrap();
+        assert!(leader.begin_roll_back(&pending.hsm_label).await.unwrap());
+        let committed = maker.commit_version(made(), &pending.hsm_label).await;
+        assert!(
+            matches!(committed, Err(CommitError::NotApplied(_))),
+            "{committed:?}"
+        );
+        let fresh = Registry::open(&store, &Epochs::open(&store, "c").unwrap()).unwrap();
+        assert!(fresh.get("k").is_none());
+        // Dropped altogether: refused the same way.
+        leader.abandon_version(&pending.hsm_label).await.unwrap();
+        let committed = maker.commit_version(made(), &pending.hsm_label).await;
+        assert!(
+            matches!(committed, Err(CommitError::NotApplied(_))),
+            "{committed:?}"
+        );
+        // Committed first: the roll-back finds nothing to mark, and so
+        // destroys nothing.
+        let second = PendingVersion {
+            hsm_label: "key/k2/v1".into(),
+            key_id: "k2".into(),
+            ..pending.clone()
+        };
+        maker.begin_version(&second).await.unwrap();
+        let mut made2 = made();
+        made2.key_id = "k2".into();
+        made2.versions[0].hsm_label = second.hsm_label.clone();
+        maker
+            .commit_version(made2, &second.hsm_label)
+            .await
+            .unwrap();
+        assert!(!leader.begin_roll_back(&second.hsm_label).await.unwrap());
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The scheduler inside custodyd: what happens without a request.
 //!
-//! At start, [`roll_back_unfinished`] finishes what a crash interrupted: a
+//! At start, [`roll_back_abandoned`] finishes what a crash interrupted: a
 //! version generation that was journaled but never committed is rolled
 //! back (its HSM objects destroyed), so nothing half-made is ever usable;
 //! after any roll-back (of a version or a ceremony), [`sweep_torn_objects`]
@@ -31,22 +31,9 @@ use crate::names::version_name;
 use crate::registry::{KeyRecord, PendingVersion, VersionState};
 use crate::{Custody, Error, Reason, drift, metrics};
 
-/// Rolls back every version generation a crash left uncommitted; returns
-/// how many there were. At start, by a replica that starts alone.
-pub async fn roll_back_unfinished(state: &Custody) -> Result<usize, String> {
-    let pending = state
-        .registry
-        .pending_versions()
-        .map_err(|e| e.to_string())?;
-    let count = pending.len();
-    for entry in pending {
-        roll_back_pending(state, &entry, "a stop").await;
-    }
-    Ok(count)
-}
-
-/// While other replicas run (the leader, each tick): rolls back the version
-/// generations of processes that are gone, as their restart would; a
+/// Rolls back the version generations of processes that are gone: at
+/// start (a process restarts under a new instance, so every entry left is
+/// one), and on the leader at each tick while other replicas run. A
 /// generation whose process still runs is its own to commit or roll back.
 /// Returns how many it rolled back.
 pub async fn roll_back_abandoned(state: &Custody) -> Result<usize, String> {
@@ -56,24 +43,35 @@ pub async fn roll_back_abandoned(state: &Custody) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
     let mut count = 0;
     for entry in pending {
-        // An entry journaled before replicas names no process: the
-        // roll-back at a lone start handles it.
-        if entry.instance.is_empty()
-            || state
+        // An entry journaled before replicas names no process: one that
+        // is gone, since replicas are upgraded stopped (runbook).
+        let gone = entry.instance.is_empty()
+            || !state
                 .shared
                 .alive(&entry.instance)
-                .map_err(|e| e.to_string())?
-        {
-            continue;
+                .map_err(|e| e.to_string())?;
+        if gone {
+            roll_back_pending(state, &entry).await;
+            count += 1;
         }
-        roll_back_pending(state, &entry, "the stop of the replica making it").await;
-        count += 1;
     }
     Ok(count)
 }
 
-/// Rolls back one uncommitted generation that `cause` interrupted, audited.
-async fn roll_back_pending(state: &Custody, entry: &PendingVersion, cause: &str) {
+/// Rolls back one uncommitted generation whose process is gone, audited.
+async fn roll_back_pending(state: &Custody, entry: &PendingVersion) {
+    // First, in the store, so that the process that was making it cannot
+    // commit it any more (were it only stalled): a version whose objects
+    // are being destroyed is never registered.
+    match state.registry.begin_roll_back(&entry.hsm_label).await {
+        Ok(true) => {}
+        // Committed, or rolled back by another, meanwhile.
+        Ok(false) => return,
+        Err(error) => {
+            tracing::warn!(%error, version = %entry.hsm_label, "a version roll-back waits for the registry");
+            return;
+        }
+    }
     let mut audited = Audited::start("RollBackVersion");
     audited.principal = SCHEDULER.into();
     audited.resource = version_name(&entry.key_id, entry.version);
@@ -94,7 +92,7 @@ async fn roll_back_pending(state: &Custody, entry: &PendingVersion, cause: &str)
         match roll_back_version(state, &entry.hsm_label).await {
             Some(count) => {
                 audited.detail = format!(
-                    "{} interrupted by {cause}; destroyed {count} HSM objects",
+                    "{} interrupted by the stop of the process making it; destroyed {count} HSM objects",
                     entry.trigger
                 );
                 Ok(())
@@ -109,7 +107,7 @@ async fn roll_back_pending(state: &Custody, entry: &PendingVersion, cause: &str)
     if let Err(error) = audited.record(state, result).await {
         tracing::error!(reason = %error.reason, version = %entry.hsm_label, "version roll-back");
     } else {
-        tracing::warn!(version = %entry.hsm_label, %cause, "rolled back an interrupted version generation");
+        tracing::warn!(version = %entry.hsm_label, "rolled back a version generation whose process stopped");
     }
 }
 
@@ -170,8 +168,7 @@ pub async fn run(state: Weak<Custody>) {
             continue;
         }
         // Generations and ceremonies a replica that stopped left in the
-        // middle (threat model S11, S13); on one custodyd, what a failed
-        // step left half-done.
+        // middle (threat model S13).
         match roll_back_abandoned(&state).await {
             Ok(0) => {}
             Ok(count) => tracing::warn!(count, "rolled back generations a stopped replica left"),

@@ -172,14 +172,7 @@ async fn put(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> 
 /// step that touches another process's secrets is refused first
 /// ([`secrets_here`]), so the writer is that process.
 async fn write(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
-    let in_memory = match record.phase {
-        Phase::Running | Phase::AwaitingShareCollection => true,
-        Phase::AwaitingComponents | Phase::AwaitingShares => {
-            !record.components.is_empty() || !record.shares_submitted.is_empty()
-        }
-        _ => false,
-    };
-    record.secrets_held_by = in_memory.then(|| SecretsHolder {
+    record.secrets_held_by = record.held_in_memory().then(|| SecretsHolder {
         replica: state.shared.holder().to_string(),
         instance: state.shared.instance().to_string(),
     });
@@ -194,12 +187,19 @@ async fn write(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error
 /// One ceremony call at a time, across replicas: the engine's lock, a store
 /// claim held until the guard drops.
 async fn one_at_a_time(state: &Custody) -> Result<custody_store::Claim, Error> {
-    state.shared.lock_ceremonies().await.map_err(|e| {
-        Error::new(
-            Reason::JournalUnavailable,
-            format!("the ceremony engine's lock: {e}"),
-        )
-    })
+    state
+        .shared
+        .lock_ceremonies()
+        .await
+        .map_err(|e| unreachable_store("the ceremony engine's lock", e))
+}
+
+/// The store could not be read for `what`: nothing was done.
+fn unreachable_store(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        Reason::JournalUnavailable,
+        format!("{what} cannot be read: {e}"),
+    )
 }
 
 /// Refuses a step that touches the ceremony's secrets (collecting a share,
@@ -215,12 +215,10 @@ async fn secrets_here(state: &Custody, record: &mut CeremonyRecord) -> Result<()
     if holder.instance == state.shared.instance() {
         return Ok(());
     }
-    let alive = state.shared.alive(&holder.instance).map_err(|e| {
-        Error::new(
-            Reason::JournalUnavailable,
-            format!("which replicas are running cannot be read: {e}"),
-        )
-    })?;
+    let alive = state
+        .shared
+        .alive(&holder.instance)
+        .map_err(|e| unreachable_store("which replicas are running", e))?;
     if alive {
         return Err(Error::new(
             Reason::SecretsElsewhere,

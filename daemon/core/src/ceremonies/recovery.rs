@@ -9,10 +9,13 @@ use serde_json::Map;
 
 use super::commit::finish_completed;
 use super::roll_back::roll_back;
-use super::{advance, journal_failure, note, put, script_of, sign_transcript};
+use super::{
+    advance, journal_failure, note, one_at_a_time, put, script_of, sign_transcript,
+    unreachable_store,
+};
 use crate::Custody;
+use crate::Error;
 use crate::ceremony::journal::{CeremonyRecord, Phase, SecretsHolder, TokenRole};
-use crate::{Error, Reason};
 
 /// How the previous process ended, from the last audit record before this
 /// start: what the transcripts and the log say interrupted a ceremony.
@@ -37,6 +40,9 @@ impl std::fmt::Display for PreviousStop {
 /// rolls back those that made (or began to make) objects or held secrets,
 /// and lets those still signing in resume. Returns how many it rolled back.
 pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usize, String> {
+    // A replica that started just after this one could take a ceremony
+    // over meanwhile ([`take_over`]): one of the two at a time.
+    let _one_at_a_time = one_at_a_time(state).await.map_err(|e| e.message)?;
     let mut rolled_back = 0;
     for mut record in state.ceremonies.journal.list().map_err(|e| e.to_string())? {
         if record.phase.finished() {
@@ -69,12 +75,7 @@ pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usi
                 continue;
             }
         }
-        let resumable = record.phase == Phase::AwaitingOfficers
-            || (record.objects.is_empty()
-                && matches!(
-                    record.phase,
-                    Phase::AwaitingComponents | Phase::AwaitingShares
-                ));
+        let resumable = record.phase == Phase::AwaitingOfficers || record.only_entered();
         if resumable {
             if !record.components.is_empty() || !record.shares_submitted.is_empty() {
                 // What custodians entered was in memory only.
@@ -118,12 +119,10 @@ pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usi
 /// those held by running replicas, are left as they are. Skips the tick if
 /// a ceremony call holds the lock. Returns how many it settled.
 pub async fn take_over(state: &Custody) -> Result<usize, Error> {
-    let Some(_one_at_a_time) = state.shared.try_lock_ceremonies().map_err(|e| {
-        Error::new(
-            Reason::JournalUnavailable,
-            format!("the ceremony engine's lock: {e}"),
-        )
-    })?
+    let Some(_one_at_a_time) = state
+        .shared
+        .try_lock_ceremonies()
+        .map_err(|e| unreachable_store("the ceremony engine's lock", e))?
     else {
         return Ok(0);
     };
@@ -134,36 +133,48 @@ pub async fn take_over(state: &Custody) -> Result<usize, Error> {
         .unfinished()
         .map_err(journal_failure)?
     {
-        if committed(state, &record) {
-            tracing::warn!(ceremony = %record.id, "a ceremony committed by a replica that stopped: completing it");
-            finish_completed(state, &mut record).await?;
-            settled += 1;
-            continue;
-        }
-        if record.phase == Phase::AwaitingOfficers {
-            let script = script_of(&record)?;
-            if script.quorum().is_met_by(record.present.len()) {
-                tracing::warn!(ceremony = %record.id, "the quorum signed in on a replica that stopped before the HSM steps: running them");
-                advance(state, &mut record, &script).await?;
-                settled += 1;
+        // One ceremony that cannot be settled now does not hold up the
+        // others: it is tried again at the next tick.
+        match settle_if_left(state, &mut record).await {
+            Ok(true) => settled += 1,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(ceremony = %record.id, reason = %error.reason, message = %error.message, "settling a ceremony a stopped replica left failed; the next tick tries again");
             }
-            continue;
-        }
-        let Some(holder) = record.secrets_held_by.clone() else {
-            continue;
-        };
-        let alive = state.shared.alive(&holder.instance).map_err(|e| {
-            Error::new(
-                Reason::JournalUnavailable,
-                format!("which replicas are running cannot be read: {e}"),
-            )
-        })?;
-        if !alive {
-            settle_lost(state, &mut record, &holder).await?;
-            settled += 1;
         }
     }
     Ok(settled)
+}
+
+/// Settles `record` if what it waits for cannot come (see [`take_over`]);
+/// whether it did.
+async fn settle_if_left(state: &Custody, record: &mut CeremonyRecord) -> Result<bool, Error> {
+    if committed(state, record) {
+        tracing::warn!(ceremony = %record.id, "a ceremony committed by a replica that stopped: completing it");
+        finish_completed(state, record).await?;
+        return Ok(true);
+    }
+    if record.phase == Phase::AwaitingOfficers {
+        let script = script_of(record)?;
+        if !script.quorum().is_met_by(record.present.len()) {
+            return Ok(false);
+        }
+        tracing::warn!(ceremony = %record.id, "the quorum signed in on a replica that stopped before the HSM steps: running them");
+        advance(state, record, &script).await?;
+        return Ok(true);
+    }
+    let Some(holder) = record.secrets_held_by.clone() else {
+        return Ok(false);
+    };
+    let alive = state
+        .shared
+        .alive(&holder.instance)
+        .map_err(|e| unreachable_store("which replicas are running", e))?;
+    if alive {
+        return Ok(false);
+    }
+    settle_lost(state, record, &holder).await?;
+    Ok(true)
 }
 
 /// Settles a ceremony held by a process that is gone (`holder`): as its
@@ -180,12 +191,7 @@ pub(super) async fn settle_lost(
         "replica {} stopped while it held the ceremony in memory",
         holder.replica
     );
-    let entered_only = record.objects.is_empty()
-        && matches!(
-            record.phase,
-            Phase::AwaitingComponents | Phase::AwaitingShares
-        );
-    if entered_only {
+    if record.only_entered() {
         tracing::warn!(ceremony = %record.id, replica = %holder.replica, "the replica holding entered secrets stopped: they must be entered again");
         record.components.clear();
         record.shares_submitted.clear();

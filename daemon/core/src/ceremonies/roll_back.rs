@@ -11,12 +11,21 @@ use crate::ceremony::journal::{CeremonyRecord, Phase, TokenRole};
 
 /// Undoes a ceremony: destroys every object it journaled (an object already
 /// gone counts as destroyed), wipes its secrets, and records why.
+///
+/// Nothing is destroyed unless `record` is still the journal's: the reason
+/// is journaled first, over the revision `record` was read at. A replica
+/// whose copy is out of date (it stalled past its lease while another took
+/// the ceremony over, perhaps to its commit) so destroys nothing, and the
+/// ceremony is left to whoever holds it now; if the write cannot be made,
+/// the record stays unfinished for recovery.
 pub(super) async fn roll_back(
     state: &Custody,
     record: &mut CeremonyRecord,
     phase: Phase,
     why: &str,
 ) -> Result<(), Error> {
+    record.error = why.to_string();
+    put(state, record).await?;
     state.ceremonies.forget(&record.id);
     let destroyed = destroy_objects(state, record).await?;
     record.phase = phase;

@@ -232,6 +232,30 @@ pub struct CeremonyRecord {
 }
 
 impl CeremonyRecord {
+    /// Whether the ceremony's progress lives in the memory of the process
+    /// driving it: in the middle of a step, or with secrets to hand out or
+    /// entered. The journal names that process (`secrets_held_by`).
+    pub fn held_in_memory(&self) -> bool {
+        match self.phase {
+            Phase::Running | Phase::AwaitingShareCollection => true,
+            Phase::AwaitingComponents | Phase::AwaitingShares => {
+                !self.components.is_empty() || !self.shares_submitted.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether all the ceremony has from custodians is what they entered,
+    /// with nothing made yet: lost with the process holding it, it is
+    /// simply asked for again.
+    pub fn only_entered(&self) -> bool {
+        self.objects.is_empty()
+            && matches!(
+                self.phase,
+                Phase::AwaitingComponents | Phase::AwaitingShares
+            )
+    }
+
     /// Whether step `name` is done.
     pub fn did(&self, name: &str) -> bool {
         self.done.iter().any(|d| d == name)

@@ -266,6 +266,7 @@ impl GenerationJournal for PendingVersions {
                 trigger: self.trigger.into(),
                 started_ms,
                 instance: custody.shared.instance().into(),
+                abandoned: false,
             })
             .await
             .map_err(registry_failure)
