@@ -15,6 +15,7 @@
 pub mod ceremony;
 pub mod etcd;
 pub mod grpcio;
+pub mod pkilint;
 pub mod process;
 pub mod replicas;
 pub mod service;

@@ -19,36 +19,61 @@ fn unsupported(what: String) -> Error {
     Error::new(Reason::CertificateUnsupported, what)
 }
 
-/// The certificate's fields: a CA with path length unconstrained, key usage
-/// keyCertSign and cRLSign, valid from now for the script's days.
+/// The certificate's fields, in the CA/Browser Forum profile of a root CA
+/// certificate (Baseline Requirements 7.1.2.1): subject C, O, CN in that
+/// order; basicConstraints critical, cA with no path length; keyUsage
+/// critical, keyCertSign and cRLSign; subject and authority key
+/// identifiers (the same, as the certificate is self-signed); valid from
+/// now for the script's days. The serial is drawn in the HSM by
+/// [`self_sign`].
 pub fn root_params(
     section: &CertificateSection,
     ceremony: &str,
 ) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
+    // X.520 countryName is a PrintableString (two capital letters, checked
+    // by the script's validation).
+    let country = rcgen::string::PrintableString::try_from(section.country.as_str())
+        .map_err(|e| unsupported(format!("certificate.country: {e}")))?;
+    name.push(
+        DnType::CountryName,
+        rcgen::DnValue::PrintableString(country),
+    );
+    name.push(DnType::OrganizationName, section.organization.clone());
     name.push(DnType::CommonName, section.common_name.clone());
-    if let Some(organization) = &section.organization {
-        name.push(DnType::OrganizationName, organization.clone());
-    }
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.key_identifier_method = KeyIdMethod::Sha256;
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // The key identifier (RFC 7093 method 1) is set by [`self_sign`], which
+    // has the public key.
+    params.use_authority_key_identifier_extension = true;
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now;
     params.not_after = now + time::Duration::days(i64::from(section.validity_days));
-    // A serial number that is unique per ceremony and not guessable.
-    let mut serial = [0u8; 16];
-    getrandom::getrandom(&mut serial).map_err(|e| Error::internal(e.to_string()))?;
-    serial[0] &= 0x7f;
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     tracing::debug!(ceremony, "root certificate parameters ready");
     Ok(params)
+}
+
+/// Bytes of a certificate serial: 16 from the HSM's random number
+/// generator, the top two bits set to 01 so that the number is positive
+/// and its DER encoding is always 16 bytes long (126 random bits; the
+/// Baseline Requirements ask for at least 64).
+const SERIAL_BYTES: usize = 16;
+
+/// The subject key identifier of a public key (the subjectPublicKey bits):
+/// the leftmost 160 bits of their SHA-256 (RFC 7093, section 2, method 1).
+/// A self-signed certificate's authority key identifier is the same.
+pub fn key_identifier(subject_public_key: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(subject_public_key)[..20].to_vec()
+}
+
+fn serial_from_hsm(session: &mut HsmSession) -> hsm_shim::Result<rcgen::SerialNumber> {
+    let mut serial = [0u8; SERIAL_BYTES];
+    session.random(&mut serial)?;
+    serial[0] = (serial[0] & 0x3f) | 0x40;
+    Ok(rcgen::SerialNumber::from_slice(&serial))
 }
 
 fn rcgen_algorithm(algorithm: SignAlgorithm) -> Option<&'static SignatureAlgorithm> {
@@ -114,7 +139,8 @@ impl SigningKey for HsmKey<'_> {
 }
 
 /// Makes the certificate for the key labelled `label` (whose public key is
-/// `spki`), signed by that key in the HSM. Returns it as PEM.
+/// `spki`), with a serial drawn from the HSM's random number generator,
+/// signed by that key in the HSM. Returns it as PEM.
 pub fn self_sign(
     session: &mut HsmSession,
     label: &KeyLabel,
@@ -142,6 +168,9 @@ pub fn self_sign(
             ))));
         }
     };
+    let mut params = params.clone();
+    params.serial_number = Some(serial_from_hsm(session)?);
+    params.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(&public_key));
     let key = HsmKey {
         session: RefCell::new(session),
         label: label.clone(),
