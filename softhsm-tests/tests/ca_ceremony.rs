@@ -17,7 +17,8 @@ use custody_core::algorithms::KeyAlgorithm;
 use custody_core::ceremony::certificate::{root_params, self_sign};
 use custody_core::ceremony::script::CertificateSection;
 use custody_core::ceremony::transcript::Transcript;
-use custody_proto::v1::GetTranscriptRequest;
+use custody_proto::v1::key_service_client::KeyServiceClient;
+use custody_proto::v1::{GetKeyRequest, GetTranscriptRequest};
 use hsm_shim::KeyLabel;
 use hsm_shim::pkcs11::{Function, RvError};
 use rcgen::{BasicConstraints, CustomExtension, IsCa, KeyUsagePurpose};
@@ -127,6 +128,16 @@ token_test!(
             let lint = entry.detail["lint"].as_str().unwrap();
             assert!(lint.starts_with("passed: encoding,"), "{lint}");
             assert!(lint.contains("key-identifiers"), "{lint}");
+
+            // The certificate is stored with the key's version: a signer
+            // allowed on the key reads it with GetKey.
+            let signer = service.client("ca-issuing").await;
+            let key = KeyServiceClient::new(signer)
+                .get_key(GetKeyRequest { name: "keys/root-ca".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(key.versions[0].certificate_chain_pem, [pem.clone()]);
         });
     }
 );
