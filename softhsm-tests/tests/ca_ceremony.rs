@@ -137,7 +137,7 @@ token_test!(
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(key.versions[0].certificate_chain_pem, [pem.clone()]);
+            assert_eq!(key.versions[0].certificate_chain_pem, std::slice::from_ref(&pem));
         });
     }
 );
