@@ -133,6 +133,8 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::SharesRefused => Code::InvalidArgument,
         R::NotBackupExportable => Code::InvalidArgument,
         R::CertificateUnsupported => Code::InvalidArgument,
+        R::CertificateLint => Code::InvalidArgument,
+        R::CertificateUnverified => Code::Internal,
         R::JournalUnavailable => Code::Unavailable,
         R::JournalCorrupt => Code::Internal,
         R::TooManyPending => Code::ResourceExhausted,

@@ -128,6 +128,7 @@ pub fn version_message(record: &KeyRecord, version: &VersionRecord) -> KeyVersio
         destroy_time: version.destroy_at_ms.map(timestamp),
         legal_hold: version.legal_hold.is_some(),
         check_value: version.check_value.clone(),
+        certificate_chain_pem: version.certificate_chain_pem.clone(),
     }
 }
 

@@ -150,6 +150,7 @@ fn fill_registry(db: &custody_store::Store, keys: usize) {
                 destroy_at_ms: None,
                 legal_hold: None,
                 check_value: String::new(),
+                certificate_chain_pem: Vec::new(),
             }],
             policies: Default::default(),
             cryptoperiod_ms: None,

@@ -32,7 +32,7 @@ pub fn root_script(id: &str, key: &str, certificate: bool) -> String {
     );
     if certificate {
         script.push_str(
-            "[certificate]\ncommon_name = \"Test Root CA\"\norganization = \"Custody Tests\"\nvalidity_days = 30\n",
+            "[certificate]\ncountry = \"DE\"\ncommon_name = \"Test Root CA\"\norganization = \"Custody Tests\"\nvalidity_days = 30\n",
         );
     }
     script

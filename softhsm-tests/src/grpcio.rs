@@ -28,7 +28,13 @@ impl GrpcCore {
         let venv = cache.join(format!("grpcio-venv-{GRPCIO_VERSION}"));
         let python = venv.join("bin/python");
         if !python.exists() {
-            make_venv(&venv)?;
+            make_venv(
+                &venv,
+                &[
+                    format!("grpcio=={GRPCIO_VERSION}"),
+                    format!("grpcio-tools=={GRPCIO_VERSION}"),
+                ],
+            )?;
         }
         let stubs = dir.join("stubs");
         std::fs::create_dir_all(&stubs).map_err(|e| e.to_string())?;
@@ -62,10 +68,10 @@ impl GrpcCore {
     }
 }
 
-/// A new virtual environment at `venv` with the pinned grpcio, made beside
-/// it and renamed into place, so that an interrupted install never leaves
-/// a half-made one to be reused.
-fn make_venv(venv: &Path) -> Result<(), String> {
+/// A new virtual environment at `venv` with the pinned `packages` (pip
+/// requirement specifiers), made beside it and renamed into place, so that
+/// an interrupted install never leaves a half-made one to be reused.
+pub(crate) fn make_venv(venv: &Path, packages: &[String]) -> Result<(), String> {
     let parent = venv.parent().ok_or("no parent directory")?;
     std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     let building = parent.join(format!(
@@ -86,19 +92,15 @@ fn make_venv(venv: &Path) -> Result<(), String> {
         ));
     }
     let installed = Command::new(building.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("grpcio=={GRPCIO_VERSION}"),
-            &format!("grpcio-tools=={GRPCIO_VERSION}"),
-        ])
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
         .output()
         .map_err(|e| format!("pip: {e}"))?;
     if !installed.status.success() {
         let _ = std::fs::remove_dir_all(&building);
         return Err(format!(
-            "pip could not install grpcio {GRPCIO_VERSION}: {}",
+            "pip could not install {}: {}",
+            packages.join(" "),
             String::from_utf8_lossy(&installed.stderr)
         ));
     }

@@ -16,6 +16,7 @@ pub mod ceremony;
 pub mod etcd;
 pub mod grpcio;
 pub mod pkcs11_module;
+pub mod pkilint;
 pub mod process;
 pub mod replicas;
 pub mod service;

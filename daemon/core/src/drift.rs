@@ -398,6 +398,7 @@ mod tests {
             destroy_at_ms: None,
             legal_hold: None,
             check_value: String::new(),
+            certificate_chain_pem: Vec::new(),
         }
     }
 

@@ -154,6 +154,8 @@ reasons! {
     SharesRefused = "SHARES_REFUSED": "a share that fails its checksum; of another set or threshold than the bundle's; submitted twice; a set that does not rebuild the secret (the restore rolls back before any unwrap)",
     NotBackupExportable = "NOT_BACKUP_EXPORTABLE": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
     CertificateUnsupported = "CERTIFICATE_UNSUPPORTED": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
+    CertificateLint = "CERTIFICATE_LINT": "the certificate a ceremony was about to have the HSM sign breaks a lint rule (named in the message); the HSM signed nothing",
+    CertificateUnverified = "CERTIFICATE_UNVERIFIED": "the HSM's signature over a ceremony's certificate does not verify with the issuer's public key; the certificate is not released",
     JournalUnavailable = "JOURNAL_UNAVAILABLE": "the ceremony journal cannot be written",
     JournalCorrupt = "JOURNAL_CORRUPT": "a ceremony journal record does not parse (a bug or a damaged data directory)",
     TooManyPending = "TOO_MANY_PENDING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",

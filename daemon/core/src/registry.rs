@@ -101,6 +101,11 @@ pub struct VersionRecord {
     /// Key check value of an AES version, hex.
     #[serde(default)]
     pub check_value: String,
+    /// The version's certificate chain, PEM: its own certificate first,
+    /// then its issuers' up to the root; set by the ceremony that made the
+    /// certificate (a root-key ceremony: the self-signed root alone).
+    #[serde(default)]
+    pub certificate_chain_pem: Vec<String>,
 }
 
 impl VersionRecord {
@@ -727,6 +732,7 @@ mod tests {
                 destroy_at_ms: None,
                 legal_hold: None,
                 check_value: String::new(),
+                certificate_chain_pem: Vec::new(),
             });
             made
         };

@@ -165,6 +165,17 @@ fn key_record(
     policies: KeyPolicies,
     now: i64,
 ) -> KeyRecord {
+    let mut version = KeyFacts {
+        public_key_der_hex: made.public_key_der_hex.clone(),
+        public_key_pem: made.public_key_pem.clone(),
+        check_value: made.check_value.clone(),
+    }
+    .active_version(1, made.hsm_label.clone(), now);
+    // The root certificate the ceremony made, stored with the version it
+    // certifies, so signers can fetch it with the key.
+    if !made.certificate_pem.is_empty() {
+        version.certificate_chain_pem = vec![made.certificate_pem.clone()];
+    }
     KeyRecord {
         key_id: made.key_id.clone(),
         algorithm: made.algorithm.clone(),
@@ -172,14 +183,7 @@ fn key_record(
         primary_version: 1,
         // Active from the commit: until then the key was the ceremony's,
         // not usable.
-        versions: vec![
-            KeyFacts {
-                public_key_der_hex: made.public_key_der_hex.clone(),
-                public_key_pem: made.public_key_pem.clone(),
-                check_value: made.check_value.clone(),
-            }
-            .active_version(1, made.hsm_label.clone(), now),
-        ],
+        versions: vec![version],
         created_ms: now,
         policies,
         cryptoperiod_ms: None,

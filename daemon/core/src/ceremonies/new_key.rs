@@ -189,12 +189,16 @@ pub(super) async fn self_sign(
     let spki = hex::decode(&made.public_key_der_hex).unwrap_or_default();
     let label = KeyLabel::new(made.hsm_label.clone())?;
     let params = crate::ceremony::certificate::root_params(certificate, script.id())?;
-    let pem = state
+    let days = certificate.validity_days;
+    let signed = state
         .hsm
         .run(move |session| {
-            crate::ceremony::certificate::self_sign(session, &label, algorithm, &spki, &params)
+            crate::ceremony::certificate::self_sign(
+                session, &label, algorithm, &spki, &params, days,
+            )
         })
         .await??;
+    let pem = signed.pem;
     failpoint::hit(CERTIFICATE.after_hsm);
     if let Some(key) = record.key.as_mut() {
         key.certificate_pem = pem.clone();
@@ -206,14 +210,23 @@ pub(super) async fn self_sign(
         json!(hex::encode(Sha256::digest(pem.as_bytes()))),
     );
     detail.insert("common_name".into(), json!(certificate.common_name));
+    detail.insert("tbs_sha256".into(), json!(hex::encode(signed.tbs_sha256)));
+    detail.insert(
+        "lint".into(),
+        json!(format!(
+            "passed: {}",
+            crate::ceremony::lint::Passed::rules()
+        )),
+    );
     note(
         state,
         record,
         "certificate",
         "custodyd",
         format!(
-            "self-signed root certificate \"{}\" signed by the new key in the HSM",
-            certificate.common_name
+            "self-signed root certificate \"{}\" (TBS SHA-256 {}) linted, then signed by the new key in the HSM and verified with its public key",
+            certificate.common_name,
+            hex::encode(signed.tbs_sha256)
         ),
         detail,
     )

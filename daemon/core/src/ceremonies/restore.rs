@@ -424,6 +424,9 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         // SoftHSM2 computes no check value for unwrapped keys; the bundle's
         // KCV stays in the manifest and the transcript.
         check_value: String::new(),
+        // Backup bundles do not carry certificates (yet): a restored
+        // version has none; the root certificate is kept by the officers.
+        certificate_chain_pem: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod certificate;
 pub mod components;
 pub mod fingerprint;
 pub mod journal;
+pub mod lint;
 pub mod script;
 pub mod shares;
 pub mod state;

@@ -149,6 +149,7 @@ impl KeyFacts {
             destroy_at_ms: None,
             legal_hold: None,
             check_value: self.check_value,
+            certificate_chain_pem: Vec::new(),
         }
     }
 }

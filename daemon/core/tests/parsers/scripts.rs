@@ -33,6 +33,7 @@ signers = ["ca-issuing"]
 SIGN = { officers = ["alice", "bob", "carol"], required = 3 }
 
 [certificate]
+country = "DE"
 common_name = "Example Root CA"
 organization = "Example Corp"
 validity_days = 3650
@@ -150,9 +151,11 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
             prop_assert_eq!(key.algorithm.purpose(), Purpose::AsymmetricSign);
             if let Some(certificate) = certificate {
                 text_ok(&certificate.common_name, 64)?;
-                if let Some(organization) = &certificate.organization {
-                    text_ok(organization, 64)?;
-                }
+                text_ok(&certificate.organization, 64)?;
+                prop_assert!(
+                    certificate.country.len() == 2
+                        && certificate.country.bytes().all(|b| b.is_ascii_uppercase())
+                );
                 prop_assert!((1..=9125).contains(&certificate.validity_days));
             }
         }
@@ -249,6 +252,7 @@ fn random_script() -> impl Strategy<Value = String> {
                     "ROTATE",
                     "common_name",
                     "organization",
+                    "country",
                     "validity_days",
                     "mode",
                     "threshold",

@@ -17,6 +17,7 @@ algorithm = "EC_SIGN_P384_SHA384"
 backup = true
 
 [certificate]
+country = "DE"
 common_name = "Example Root CA"
 organization = "Example Corp"
 validity_days = 3650

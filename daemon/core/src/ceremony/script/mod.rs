@@ -159,13 +159,18 @@ impl KeySection {
     }
 }
 
-/// `[certificate]`: a self-signed root certificate for a root key.
+/// `[certificate]`: a self-signed root certificate for a root key, in the
+/// CA/Browser Forum profile of a root CA certificate (subject C, O, CN in
+/// that order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateSection {
+    /// Subject and issuer C: an ISO 3166-1 alpha-2 code (two capital
+    /// letters).
+    pub country: String,
+    /// Subject and issuer O (1-64 characters).
+    pub organization: String,
     /// Subject and issuer CN (1-64 characters).
     pub common_name: String,
-    /// Subject and issuer O (1-64 characters), if any.
-    pub organization: Option<String>,
     /// Validity from issuance, in days (1 to 9125).
     pub validity_days: u32,
 }

@@ -396,10 +396,10 @@ fn list(ids: &[String]) -> String {
 }
 
 fn subject(certificate: &CertificateSection) -> String {
-    match &certificate.organization {
-        Some(organization) => format!("CN={}, O={organization}", certificate.common_name),
-        None => format!("CN={}", certificate.common_name),
-    }
+    format!(
+        "C={}, O={}, CN={}",
+        certificate.country, certificate.organization, certificate.common_name
+    )
 }
 
 #[cfg(test)]
@@ -430,7 +430,7 @@ mod tests {
             plan[0]
         );
         assert!(
-            plan[2].contains("CN=Example Root CA, O=Example Corp"),
+            plan[2].contains("C=DE, O=Example Corp, CN=Example Root CA"),
             "{}",
             plan[2]
         );

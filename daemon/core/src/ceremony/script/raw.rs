@@ -48,6 +48,7 @@ pub(super) struct RawKey {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCertificate {
+    pub(super) country: Option<String>,
     pub(super) common_name: Option<String>,
     pub(super) organization: Option<String>,
     pub(super) validity_days: Option<i64>,

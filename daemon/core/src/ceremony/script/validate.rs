@@ -401,9 +401,23 @@ fn certificate_section(raw: RawCertificate) -> Result<CertificateSection, Script
         "the root certificate's CN, 1 to 64 characters",
     )?;
     check_text("certificate.common_name", &common_name, MAX_NAME)?;
-    if let Some(organization) = &raw.organization {
-        check_text("certificate.organization", organization, MAX_NAME)?;
+    let country = required(
+        raw.country,
+        "certificate.country",
+        "the root certificate's C, an ISO 3166-1 alpha-2 code such as \"DE\"",
+    )?;
+    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(invalid(
+            "certificate.country",
+            "is not an ISO 3166-1 alpha-2 code (two capital letters, such as \"DE\")",
+        ));
     }
+    let organization = required(
+        raw.organization,
+        "certificate.organization",
+        "the root certificate's O, 1 to 64 characters (a CA/Browser Forum root names its organization)",
+    )?;
+    check_text("certificate.organization", &organization, MAX_NAME)?;
     let days = required(
         raw.validity_days,
         "certificate.validity_days",
@@ -416,8 +430,9 @@ fn certificate_section(raw: RawCertificate) -> Result<CertificateSection, Script
         ));
     }
     Ok(CertificateSection {
+        country,
+        organization,
         common_name,
-        organization: raw.organization,
         validity_days: u32::try_from(days)
             .map_err(|_| invalid("certificate.validity_days", "too large"))?,
     })

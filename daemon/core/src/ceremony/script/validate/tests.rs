@@ -32,8 +32,9 @@ fn a_root_key_script_parses_into_its_sections_and_steps() {
     assert_eq!(
         certificate,
         &Some(CertificateSection {
+            country: "DE".into(),
+            organization: "Example Corp".into(),
             common_name: "Example Root CA".into(),
-            organization: Some("Example Corp".into()),
             validity_days: 3650
         })
     );
@@ -336,6 +337,25 @@ fn every_rule_is_refused_with_an_error_naming_its_field() {
             "organization = \"Example Corp\"",
             &format!("organization = \"{}\"", "o".repeat(65)),
             "certificate.organization",
+        ),
+        (
+            ROOT_KEY,
+            "organization = \"Example Corp\"\n",
+            "",
+            "certificate.organization",
+        ),
+        (ROOT_KEY, "country = \"DE\"\n", "", "certificate.country"),
+        (
+            ROOT_KEY,
+            "country = \"DE\"",
+            "country = \"de\"",
+            "certificate.country",
+        ),
+        (
+            ROOT_KEY,
+            "country = \"DE\"",
+            "country = \"DEU\"",
+            "certificate.country",
         ),
         (
             ROOT_KEY,
