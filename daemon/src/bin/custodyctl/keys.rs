@@ -56,7 +56,7 @@ pub(crate) enum KeysCommand {
     },
     /// Print a public key (PEM).
     PublicKey {
-        /// keys/{key_id}[/versions/{n}] or just the key id.
+        /// keys/{key_id}[/versions/{version}] or just the key id.
         name: String,
         /// Write the PEM to this file instead of standard output.
         #[arg(long)]
@@ -65,7 +65,7 @@ pub(crate) enum KeysCommand {
     /// Change a version's state. Marking the primary version compromised
     /// rotates the key and records a revocation notice.
     SetState {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
         /// The new state.
         state: StateArg,

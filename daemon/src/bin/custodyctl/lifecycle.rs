@@ -28,13 +28,13 @@ pub(crate) enum LifecycleCommand {
     },
     /// Cancel a scheduled destruction within its cancel window.
     CancelDestroy {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
     },
     /// Place a legal hold: the version cannot be destroyed until officers
     /// approve its release (`custodyctl request release-hold`).
     LegalHold {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
         /// Why (a case reference, say).
         #[arg(long)]

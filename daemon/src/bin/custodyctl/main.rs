@@ -116,3 +116,53 @@ async fn main() -> ExitCode {
         Command::DevPki(args) => devpki::run(args),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every command and subcommand, with its path (`custodyctl keys get`).
+    fn every_command() -> Vec<(String, clap::Command)> {
+        let mut found = Vec::new();
+        let mut todo = vec![(String::from("custodyctl"), Cli::command())];
+        while let Some((path, command)) = todo.pop() {
+            for sub in command.get_subcommands() {
+                todo.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+            found.push((path, command));
+        }
+        found
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// clap reads `{n}` in help text as a line break: `keys/{key_id}/versions/{n}`
+    /// printed as `keys/{key_id}/versions/` and a broken line.
+    #[test]
+    fn every_commands_help_renders_its_text_whole() {
+        let mut broken = Vec::new();
+        for (path, mut command) in every_command() {
+            let rendered = command.render_long_help().to_string();
+            assert!(!rendered.is_empty(), "{path} has no help");
+            let texts = command
+                .get_arguments()
+                .filter_map(|arg| arg.get_help().map(ToString::to_string))
+                .chain(command.get_about().map(ToString::to_string));
+            for text in texts {
+                if text.contains("{n}") {
+                    broken.push(format!("{path}: {text}"));
+                }
+            }
+        }
+        assert!(
+            broken.is_empty(),
+            "help text clap breaks:\n{}",
+            broken.join("\n")
+        );
+    }
+}

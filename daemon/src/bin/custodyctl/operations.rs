@@ -54,7 +54,7 @@ pub(crate) enum OperationCommand {
 pub(crate) enum RequestCommand {
     /// Sign a digest with a quorum-gated key.
     Sign {
-        /// keys/{key_id}[/versions/{n}] or just the key id.
+        /// keys/{key_id}[/versions/{version}] or just the key id.
         name: String,
         /// The digest, hex.
         #[arg(long)]
@@ -70,7 +70,7 @@ pub(crate) enum RequestCommand {
     },
     /// Change the state of a version of a quorum-gated key.
     SetState {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
         /// The new state.
         state: StateArg,
@@ -81,12 +81,12 @@ pub(crate) enum RequestCommand {
     /// Schedule the destruction of a version (after the cancel window; the
     /// administrative quorum approves unless the key has its own policy).
     Destroy {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
     },
     /// Release a version's legal hold (needs approval like Destroy).
     ReleaseHold {
-        /// keys/{key_id}/versions/{n}.
+        /// keys/{key_id}/versions/{version}.
         name: String,
     },
     /// Change the cryptoperiod or minimum version of a key whose updates

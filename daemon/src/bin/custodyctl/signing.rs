@@ -36,7 +36,7 @@ enum FormatArg {
 
 #[derive(ClapArgs)]
 struct InputArgs {
-    /// keys/{key_id}[/versions/{n}] or just the key id.
+    /// keys/{key_id}[/versions/{version}] or just the key id.
     name: String,
     /// A digest, hex.
     #[arg(long, conflicts_with = "file")]
