@@ -69,10 +69,7 @@ where
 
 #[expect(clippy::print_stdout, reason = "a benchmark prints its report")]
 fn bench(token: &TestToken) {
-    let seconds: f64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
+    let seconds = softhsm_tests::bench_seconds(3.0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

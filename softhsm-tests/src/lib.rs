@@ -255,6 +255,15 @@ pub fn with_fresh_token(
     Some(output)
 }
 
+/// How long each measurement of a benchmark runs, in seconds:
+/// `BENCH_SECONDS`, or `default`.
+pub fn bench_seconds(default: f64) -> f64 {
+    std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The `main` of a benchmark: runs `body` on a fresh token in a child
 /// process, forwards its report, and exits with its status.
 pub fn run_bench(id: &str, body: impl FnOnce(&TestToken)) {

@@ -349,6 +349,16 @@ impl TestService {
         self.client_with(&issued).await.expect("connect")
     }
 
+    /// A channel per enrolled officer (alice, bob, carol), by officer id:
+    /// what [`crate::ceremony::Officers`] is made from.
+    pub async fn officer_channels(&self) -> std::collections::BTreeMap<String, Channel> {
+        let mut channels = std::collections::BTreeMap::new();
+        for officer in ["alice", "bob", "carol"] {
+            channels.insert(officer.to_string(), self.client(officer).await);
+        }
+        channels
+    }
+
     /// A channel as `principal` holding `roles`, with a fresh certificate.
     pub async fn client_as(&self, principal: &str, roles: &[Role]) -> Channel {
         let issued = self

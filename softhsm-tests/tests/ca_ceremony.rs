@@ -10,8 +10,6 @@
     reason = "a test fails by panicking on the unexpected"
 )]
 
-use std::collections::BTreeMap;
-
 use custody_core::Reason;
 use custody_core::algorithms::KeyAlgorithm;
 use custody_core::ceremony::certificate::{root_params, self_sign};
@@ -41,11 +39,7 @@ token_test!(
     fn the_root_certificate_of_a_root_key_ceremony_is_in_the_cabf_root_profile(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let mut channels = BTreeMap::new();
-            for officer in ["alice", "bob", "carol"] {
-                channels.insert(officer.to_string(), service.client(officer).await);
-            }
-            let officers = Officers::new(&service.officers, channels);
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
             // A root CA certificate is valid 2922 to 9132 days under the
             // Baseline Requirements (7.1.2.1.1).
             let script = root_script("root-cabf", "root-ca", true)
@@ -149,11 +143,7 @@ token_test!(
     fn a_certificate_that_breaks_a_lint_rule_is_refused_before_the_hsm_signs(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let mut channels = BTreeMap::new();
-            for officer in ["alice", "bob", "carol"] {
-                channels.insert(officer.to_string(), service.client(officer).await);
-            }
-            let officers = Officers::new(&service.officers, channels);
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
             officers.run(&root_script("root-lint", "root-lint", false)).await.unwrap();
             let version = service.state().registry.get("root-lint").unwrap().versions[0].clone();
             let label = KeyLabel::new(version.hsm_label.clone()).unwrap();

@@ -37,14 +37,6 @@ use softhsm_tests::service::{TestService, reason, request_operation, runtime, wi
 use softhsm_tests::{TestToken, openssl, token_test};
 use tonic::transport::Channel;
 
-async fn channels_of(service: &TestService) -> BTreeMap<String, Channel> {
-    let mut channels = BTreeMap::new();
-    for officer in ["alice", "bob", "carol"] {
-        channels.insert(officer.to_string(), service.client(officer).await);
-    }
-    channels
-}
-
 fn state(ceremony: &custody_proto::v1::Ceremony) -> CeremonyState {
     CeremonyState::try_from(ceremony.state).unwrap()
 }
@@ -131,7 +123,7 @@ token_test!(
     fn a_root_key_ceremony_needs_the_quorum_and_its_key_is_usable_only_once_confirmed(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let signer = service.client("ca-issuing").await;
             let script = root_script("root-1", "root-ca", true);
@@ -288,7 +280,7 @@ token_test!(
     fn an_aborted_ceremony_destroys_what_it_made_and_its_key_never_becomes_usable(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let script = root_script("root-abort", "doomed", false);
             let name = officers.start("alice", &script, "").await.unwrap().name;
@@ -329,7 +321,7 @@ token_test!(
     fn a_kek_from_components_is_their_xor_imported_non_extractable_with_each_kcv_confirmed(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let script = components_script("kek-parts", "partner-kek");
             let name = officers.start("alice", &script, "").await.unwrap().name;
@@ -436,7 +428,7 @@ token_test!(
     fn a_drill_restores_from_k_shares_into_the_scratch_token_verifies_and_leaves_it_empty(token) {
         runtime().block_on(async {
             let service = TestService::start_with(token, |c| with_scratch_token(token, c)).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let (shares, bundle_text) = kek_and_backup(&service, &officers, 3).await;
             // Each custodian got their own share, and only once.
@@ -510,7 +502,7 @@ token_test!(
             token.add_token("custody-dr");
             // The production daemon: a KEK ceremony, keys, a backup.
             let mut service = TestService::start(token).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let (shares, bundle_text) = kek_and_backup(&service, &officers, 2).await;
             let signer = service.client("ca-issuing").await;
@@ -538,7 +530,7 @@ token_test!(
                 config.data_dir = fresh_dir.clone();
             })
             .await;
-            let dr_channels = channels_of(&dr).await;
+            let dr_channels = dr.officer_channels().await;
             let dr_officers = Officers::new(&dr.officers, dr_channels.clone());
             // The fresh daemon trusts only its own audit key: a script that
             // pins none, or pins another, is refused at open, naming the key
@@ -599,7 +591,7 @@ token_test!(
     fn shares_of_another_set_and_too_few_shares_never_reach_an_unwrap(token) {
         runtime().block_on(async {
             let service = TestService::start_with(token, |c| with_scratch_token(token, c)).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
             let (shares, bundle_text) = kek_and_backup(&service, &officers, 1).await;
             // A second backup KEK: its shares are of another set.
@@ -665,7 +657,7 @@ token_test!(
     fn a_declared_key_policy_is_what_the_key_gets_and_strangers_are_refused_at_start(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let channels = channels_of(&service).await;
+            let channels = service.officer_channels().await;
             let officers = Officers::new(&service.officers, channels.clone());
 
             // Mallory is no officer: the policy could name anyone.
@@ -728,7 +720,7 @@ token_test!(
                     .unwrap();
             })
             .await;
-            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
             let weak = root_script_with_policy(
                 "root-weak",
                 "root-ca",

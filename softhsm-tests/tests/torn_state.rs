@@ -25,15 +25,6 @@ use sha2::Digest as _;
 use softhsm_tests::ceremony::{Officers, kek_script, restore_script, root_script};
 use softhsm_tests::service::{TestService, create_key, runtime};
 use softhsm_tests::{TestToken, token_test};
-use tonic::transport::Channel;
-
-async fn channels_of(service: &TestService) -> BTreeMap<String, Channel> {
-    let mut channels = BTreeMap::new();
-    for officer in ["alice", "bob", "carol"] {
-        channels.insert(officer.to_string(), service.client(officer).await);
-    }
-    channels
-}
 
 /// How a record is damaged.
 #[derive(Debug, Clone, Copy)]
@@ -318,7 +309,7 @@ async fn service_with_every_tree(token: &TestToken) -> TestService {
     let refused = TestService::try_start_with(token, |c| c.hsm.pin_file = Some(wrong_pin)).await;
     assert!(refused.is_err(), "a wrong PIN is refused");
     let service = TestService::start(token).await;
-    let officers = Officers::new(&service.officers, channels_of(&service).await);
+    let officers = Officers::new(&service.officers, service.officer_channels().await);
     officers
         .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
         .await
@@ -401,7 +392,7 @@ token_test!(
             // Before: a backup KEK, a backup-exportable key that signs, and
             // the latest backup bundle of both.
             let mut service = TestService::start(token).await;
-            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
             let (_, shares) = officers
                 .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
                 .await
@@ -473,7 +464,7 @@ token_test!(
 
             // The way back: the restore ceremony, with officers and the
             // custodians' shares, from the latest bundle.
-            let officers = Officers::new(&service.officers, channels_of(&service).await);
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
             let script = restore_script("restore-1", &bundle, false);
             let name = officers.start("alice", &script, &bundle).await.unwrap().name;
             officers.sign_in("alice", &name, &script).await.unwrap();
