@@ -97,18 +97,21 @@ pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
 }
 
 /// The mTLS channel to custodyd from the global options; a missing one is
-/// named by its flag and its environment variable.
+/// named by its flag and its environment variable, and a failed connection
+/// says which certificate or file is at fault
+/// (`custody_daemon::client::connect_files`).
 pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> {
     let need = |option: &Option<std::path::PathBuf>, flag: &str, var: &str| {
         option
-            .as_deref()
+            .clone()
             .ok_or_else(|| format!("give {flag} (or set {var})"))
-            .and_then(read_text)
     };
-    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
-    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
-    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
-    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
+    let files = custody_daemon::client::ClientFiles {
+        ca: need(&connection.ca, "--ca", "CUSTODY_CA")?,
+        cert: need(&connection.cert, "--cert", "CUSTODY_CERT")?,
+        key: need(&connection.key, "--key", "CUSTODY_KEY")?,
+    };
+    custody_daemon::client::connect_files(&connection.server, &files).await
 }
 
 /// A gRPC error as `Code [REASON]: message`, the reason from the error
