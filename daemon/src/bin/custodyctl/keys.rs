@@ -23,9 +23,10 @@ pub(crate) enum KeysCommand {
     Create {
         /// Key id: lower-case letters, digits, '-'.
         key_id: String,
-        /// Algorithm, e.g. EC_SIGN_P256_SHA256 (see docs/api.md).
-        #[arg(long)]
-        algorithm: String,
+        /// Algorithm, e.g. EC_SIGN_P256_SHA256 or ec_sign_p256_sha256 (see
+        /// docs/api.md).
+        #[arg(long, value_enum)]
+        algorithm: AlgorithmArg,
         /// A principal allowed to sign or, for AES keys, encrypt (repeat
         /// for more).
         #[arg(long = "signer")]
@@ -77,6 +78,23 @@ pub(crate) enum KeysCommand {
     Lifecycle(lifecycle::LifecycleCommand),
 }
 
+/// A key algorithm as typed on the command line: its API name, in any case
+/// (clap lists the names in the help and in completions).
+#[derive(Clone, Copy)]
+pub(crate) struct AlgorithmArg(pub(crate) KeyAlgorithm);
+
+impl ValueEnum for AlgorithmArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        static ALL: std::sync::LazyLock<Vec<AlgorithmArg>> =
+            std::sync::LazyLock::new(|| KeyAlgorithm::ALL.into_iter().map(AlgorithmArg).collect());
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.api_name()))
+    }
+}
+
 /// A version state as typed on the command line (also by
 /// `request set-state`).
 #[derive(Clone, Copy, ValueEnum)]
@@ -108,13 +126,7 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
             cryptoperiod,
             backup_exportable,
         } => {
-            let algorithm = KeyAlgorithm::from_api_name(&algorithm).ok_or_else(|| {
-                let known: Vec<&str> = KeyAlgorithm::ALL.iter().map(|a| a.api_name()).collect();
-                format!(
-                    "unknown algorithm {algorithm:?}; one of: {}",
-                    known.join(", ")
-                )
-            })?;
+            let AlgorithmArg(algorithm) = algorithm;
             let key = keys
                 .create_key(CreateKeyRequest {
                     key_id,

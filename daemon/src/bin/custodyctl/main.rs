@@ -31,7 +31,7 @@ mod signing;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -97,12 +97,31 @@ enum Command {
     DevPki(devpki::DevPkiArgs),
 }
 
+/// The command line: [`Cli`] with every value chosen from a list
+/// (algorithms, hash functions, states, operation kinds) matched in any
+/// case.
+fn command() -> clap::Command {
+    fn ignore_case(command: clap::Command) -> clap::Command {
+        command
+            .mut_args(|arg| {
+                if arg.get_action().takes_values() && !arg.get_possible_values().is_empty() {
+                    arg.ignore_case(true)
+                } else {
+                    arg
+                }
+            })
+            .mut_subcommands(ignore_case)
+    }
+    ignore_case(Cli::command())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    let matches = command().get_matches();
     let Cli {
         connection,
         command,
-    } = Cli::parse();
+    } = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut self::command()).exit());
     let connection = &connection;
     shared::exit_code(match command {
         Command::Keys(command) => keys::run(connection, command).await,
@@ -119,14 +138,16 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
-    use super::Cli;
+    use clap::FromArgMatches;
+
+    use super::{Cli, Command, command};
 
     /// Every command and subcommand, with its path (`custodyctl keys get`).
     fn every_command() -> Vec<(String, clap::Command)> {
         let mut found = Vec::new();
-        let mut todo = vec![(String::from("custodyctl"), Cli::command())];
+        let mut todo = vec![(String::from("custodyctl"), command())];
         while let Some((path, command)) = todo.pop() {
             for sub in command.get_subcommands() {
                 todo.push((format!("{path} {}", sub.get_name()), sub.clone()));
@@ -138,7 +159,82 @@ mod tests {
 
     #[test]
     fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    fn parse(line: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = command().try_get_matches_from(line)?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    /// Values chosen from a list are matched in any case, and every such
+    /// argument of every command says so.
+    #[test]
+    fn values_from_a_list_are_matched_in_any_case() {
+        let cli = parse(&[
+            "custodyctl",
+            "keys",
+            "create",
+            "k",
+            "--algorithm",
+            "ec_sign_ed25519",
+        ])
+        .unwrap();
+        let Command::Keys(crate::keys::KeysCommand::Create { algorithm, .. }) = cli.command else {
+            panic!("not keys create");
+        };
+        assert_eq!(
+            algorithm.0,
+            custody_core::algorithms::KeyAlgorithm::EcSignEd25519
+        );
+        for line in [
+            &[
+                "custodyctl",
+                "sign",
+                "k",
+                "--digest",
+                "00",
+                "--hash",
+                "SHA384",
+            ][..],
+            &[
+                "custodyctl",
+                "keys",
+                "set-state",
+                "keys/k/versions/1",
+                "Suspended",
+            ],
+            &[
+                "custodyctl",
+                "request",
+                "set-policy",
+                "k",
+                "--operation",
+                "Destroy-Version",
+                "--required",
+                "1",
+            ],
+        ] {
+            parse(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        }
+        assert!(
+            parse(&[
+                "custodyctl",
+                "keys",
+                "create",
+                "k",
+                "--algorithm",
+                "EC_SIGN_P999"
+            ])
+            .is_err()
+        );
+        for (path, command) in every_command() {
+            for arg in command.get_arguments() {
+                if arg.get_action().takes_values() && !arg.get_possible_values().is_empty() {
+                    assert!(arg.is_ignore_case_set(), "{path} --{}", arg.get_id());
+                }
+            }
+        }
     }
 
     /// clap reads `{n}` in help text as a line break: `keys/{key_id}/versions/{n}`
