@@ -41,8 +41,19 @@ use clap::{Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand}
 struct Cli {
     #[command(flatten)]
     connection: Connection,
+    /// How read commands print: text for people, or JSON for scripts
+    /// (keys list/show/public-key, officer list, pending, show, drift,
+    /// audit verify/verify-server, ceremony status/list).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(ClapArgs)]
@@ -120,9 +131,11 @@ async fn main() -> ExitCode {
     let matches = command().get_matches();
     let Cli {
         connection,
+        output,
         command,
     } = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut self::command()).exit());
     let connection = &connection;
+    shared::set_json(output == Output::Json);
     shared::exit_code(match command {
         Command::Keys(command) => keys::run(connection, command).await,
         Command::Signing(command) => signing::run(connection, command).await,
@@ -260,5 +273,49 @@ mod tests {
             "help text clap breaks:\n{}",
             broken.join("\n")
         );
+    }
+
+    /// `--output json` is JSON a script can parse, with the fields the text
+    /// shows; hidden characters in server text are `\uXXXX` escapes (still
+    /// JSON, inert on a terminal); a ceremony's backup bundle is not in it.
+    #[test]
+    fn json_output_parses_is_inert_and_carries_no_bundle() {
+        use custody_proto::v1::{Ceremony, Key, KeyVersion};
+        let key = Key {
+            name: "keys/issuing".into(),
+            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            primary_version: 2,
+            allowed_signers: vec!["ca-issuing\u{202e}gnp.exe".into()],
+            versions: vec![KeyVersion {
+                name: "keys/issuing/versions/2".into(),
+                state: custody_proto::v1::KeyVersionState::Active as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = crate::shared::json_text(&crate::keys::key_json(&key));
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && custody_core::text::is_hidden(c)),
+            "{text}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["name"], "keys/issuing");
+        assert_eq!(parsed["algorithm"], "EC_SIGN_P256_SHA256");
+        assert_eq!(parsed["primary_version"], 2);
+        assert_eq!(parsed["allowed_signers"][0], "ca-issuing\u{202e}gnp.exe");
+        assert_eq!(parsed["versions"][0]["state"], "ACTIVE");
+
+        let ceremony = Ceremony {
+            name: "ceremonies/kek-1".into(),
+            backup_bundle: "BUNDLE-CONTENTS-WRAPPED-KEYS".into(),
+            certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
+            ..Default::default()
+        };
+        let text = crate::shared::json_text(&crate::ceremony::ceremony_json(&ceremony));
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["has_backup_bundle"], true);
+        assert!(!text.contains("BUNDLE-CONTENTS"), "{text}");
     }
 }

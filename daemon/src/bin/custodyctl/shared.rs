@@ -78,6 +78,43 @@ fn guarded(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(lines.join("\n"))
 }
 
+/// Whether read commands print JSON (`--output json`), set once by `main`.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes read commands print JSON.
+pub(crate) fn set_json(json: bool) {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `--output json` was asked for.
+pub(crate) fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `value` as JSON text, with every hidden character (bidi, zero-width, C1
+/// controls, which serde_json leaves as they are) written as a `\uXXXX`
+/// escape: still the same JSON, and nothing in it acts on a terminal.
+pub(crate) fn json_text(value: &serde_json::Value) -> String {
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    let mut safe = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c != '\n' && custody_core::text::is_hidden(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                safe.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            safe.push(c);
+        }
+    }
+    safe
+}
+
+/// Prints `value` as JSON on standard output.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    outln!("{}", json_text(value));
+}
+
 /// The bytes of a hex option (`--digest`, `--public-key`), surrounding
 /// whitespace ignored; an error names the option.
 pub(crate) fn hex_arg(flag: &str, text: &str) -> Result<Vec<u8>, String> {
