@@ -2,7 +2,8 @@
 //!
 //! Connection options come from flags or the environment: `--server`
 //! (`CUSTODY_SERVER`), `--ca` (`CUSTODY_CA`), `--cert` (`CUSTODY_CERT`),
-//! `--key` (`CUSTODY_KEY`). `dev-pki`, `audit verify` and `ceremony check`
+//! `--key` (`CUSTODY_KEY`), else from a named profile of the config file
+//! (`--profile`, `profile.rs`). `dev-pki`, `audit verify` and `ceremony check`
 //! work offline.
 //!
 //! This file holds the top-level command, the global options and the
@@ -26,6 +27,7 @@ mod keys;
 mod lifecycle;
 mod officers;
 mod operations;
+mod profile;
 mod signing;
 
 use std::path::PathBuf;
@@ -58,14 +60,10 @@ enum Output {
 
 #[derive(ClapArgs)]
 struct Connection {
-    /// custodyd's address.
-    #[arg(
-        long,
-        env = "CUSTODY_SERVER",
-        default_value = "https://localhost:7443",
-        global = true
-    )]
-    server: String,
+    /// custodyd's address [default: the profile's, else
+    /// https://localhost:7443].
+    #[arg(long, env = "CUSTODY_SERVER", global = true)]
+    server: Option<String>,
     /// CA certificate that issued custodyd's certificate (PEM).
     #[arg(long, env = "CUSTODY_CA", global = true)]
     ca: Option<PathBuf>,
@@ -75,6 +73,14 @@ struct Connection {
     /// Your client key (PEM).
     #[arg(long, env = "CUSTODY_KEY", global = true)]
     key: Option<PathBuf>,
+    /// A named profile of the config file: server, CA, certificate and key
+    /// in one name. Flags and environment variables win over it.
+    #[arg(long, env = "CUSTODY_PROFILE", global = true)]
+    profile: Option<String>,
+    /// The config file of profiles [default:
+    /// $XDG_CONFIG_HOME/custody/custodyctl.toml].
+    #[arg(long, env = "CUSTODY_CONFIG", global = true)]
+    config: Option<PathBuf>,
 }
 
 // Flattened groups list their commands where the group stands, so the order

@@ -138,17 +138,16 @@ pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
 /// says which certificate or file is at fault
 /// (`custody_daemon::client::connect_files`).
 pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> {
-    let need = |option: &Option<std::path::PathBuf>, flag: &str, var: &str| {
-        option
-            .clone()
-            .ok_or_else(|| format!("give {flag} (or set {var})"))
+    let resolved = crate::profile::resolve(connection)?;
+    let need = |option: Option<std::path::PathBuf>, flag: &str, var: &str| {
+        option.ok_or_else(|| format!("give {flag} (or set {var}, or use a --profile that sets it)"))
     };
     let files = custody_daemon::client::ClientFiles {
-        ca: need(&connection.ca, "--ca", "CUSTODY_CA")?,
-        cert: need(&connection.cert, "--cert", "CUSTODY_CERT")?,
-        key: need(&connection.key, "--key", "CUSTODY_KEY")?,
+        ca: need(resolved.ca, "--ca", "CUSTODY_CA")?,
+        cert: need(resolved.cert, "--cert", "CUSTODY_CERT")?,
+        key: need(resolved.key, "--key", "CUSTODY_KEY")?,
     };
-    custody_daemon::client::connect_files(&connection.server, &files).await
+    custody_daemon::client::connect_files(&resolved.server, &files).await
 }
 
 /// A gRPC error as `Code [REASON]: message`, the reason from the error
