@@ -21,6 +21,7 @@ mod shared;
 mod audit;
 mod ceremony;
 mod devpki;
+mod docs;
 mod drift;
 mod envelope;
 mod keys;
@@ -37,6 +38,7 @@ use clap::{Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand}
 
 #[derive(Parser)]
 #[command(
+    name = "custodyctl",
     version,
     about = "Client of custodyd, the HSM-backed signing and key-custody service"
 )]
@@ -112,6 +114,10 @@ enum Command {
     Ceremony(ceremony::CeremonyCommand),
     /// Make a development CA, server and client certificates (offline).
     DevPki(devpki::DevPkiArgs),
+    /// Print the shell completion script (offline).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page, or write every command's page (offline).
+    Man(docs::ManArgs),
 }
 
 /// The command line: [`Cli`] with every value chosen from a list
@@ -152,6 +158,8 @@ async fn main() -> ExitCode {
         Command::Drift => drift::run(connection).await,
         Command::Ceremony(command) => ceremony::run(connection, command).await,
         Command::DevPki(args) => devpki::run(args),
+        Command::Completions(args) => docs::completions(&args),
+        Command::Man(args) => docs::man(&args),
     })
 }
 
@@ -323,5 +331,37 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["has_backup_bundle"], true);
         assert!(!text.contains("BUNDLE-CONTENTS"), "{text}");
+    }
+
+    /// Completions for every shell, and the man pages of every command,
+    /// render and name custodyctl's commands.
+    #[test]
+    fn completions_and_man_pages_render() {
+        use clap::ValueEnum;
+        for shell in clap_complete::Shell::value_variants() {
+            let script = String::from_utf8(crate::docs::completion_script(*shell)).unwrap();
+            assert!(script.contains("custodyctl"), "{shell}");
+            assert!(
+                script.contains("public-key"),
+                "{shell} lacks keys public-key"
+            );
+        }
+        let page = String::from_utf8(crate::docs::page(command()).unwrap()).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH custodyctl"),
+            "{page}"
+        );
+        assert!(page.contains("\\-\\-profile"), "{page}");
+        let dir = tempfile::tempdir().unwrap();
+        crate::docs::pages_to(dir.path()).unwrap();
+        for (path, _) in every_command() {
+            if path.ends_with(" help") {
+                continue;
+            }
+            let name = path.replace(' ', "-");
+            let file = dir.path().join(format!("{name}.1"));
+            let page = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(page.contains(&format!(".TH {name}")), "{path}");
+        }
     }
 }
