@@ -390,6 +390,11 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let share = Share::parse(&text)
                 .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
             let key = officer_key(&key_file)?;
+            // The last share starts the restore or drill, which custodyd
+            // runs before it answers.
+            let waiting = crate::progress::spinner(
+                "submitting the share; custodyd restores or drills once the last one is in",
+            );
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -400,8 +405,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     expected_kcv: String::new(),
                 })
                 .await
-                .map_err(status)?
-                .into_inner();
+                .map_err(status);
+            waiting.finish_and_clear();
+            let after = after?.into_inner();
             outln!("{} submitted share {}", key.officer_id(), share.index());
             print_ceremony(&after);
             Ok(())
@@ -499,13 +505,15 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
         CeremonyCommand::Backup { operation, out } => {
             new_file(&out)?;
             let mut operations = OperationServiceClient::new(channel(connection).await?);
+            let waiting = crate::progress::spinner("fetching the backup bundle");
             let operation = operations
                 .get_operation(GetOperationRequest {
                     name: full_name("operations/", &operation),
                 })
                 .await
-                .map_err(status)?
-                .into_inner();
+                .map_err(status);
+            waiting.finish_and_clear();
+            let operation = operation?.into_inner();
             if operation.backup_bundle.is_empty() {
                 return Err(format!(
                     "{} holds no backup bundle: it must be a CREATE_BACKUP operation the quorum approved (state {})",

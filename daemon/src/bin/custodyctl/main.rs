@@ -29,6 +29,7 @@ mod lifecycle;
 mod officers;
 mod operations;
 mod profile;
+mod progress;
 mod signing;
 
 use std::path::PathBuf;
