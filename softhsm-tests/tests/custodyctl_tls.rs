@@ -105,6 +105,19 @@ token_test! {
             let words = refusal(&url, &ClientFiles { ca: dir.join("a-directory"), ..good.clone() }).await;
             assert_says(&words, &["cannot read the CA file", "a-directory"]);
 
+            // A CA file whose only CA expired is named; one that keeps an
+            // expired CA beside the current one still connects.
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.not_before = expired().not_before;
+            params.not_after = expired().not_after;
+            let old_ca = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem();
+            let stale_ca = write(&dir, "stale-ca.pem", &old_ca);
+            let words = refusal(&url, &ClientFiles { ca: stale_ca.clone(), ..good.clone() }).await;
+            assert_says(&words, &["the CA certificate in", &stale_ca.display().to_string(), "expired"]);
+            let both = write(&dir, "both-ca.pem", &format!("{old_ca}{}", service.ca.cert_pem()));
+            connect_files(&url, &ClientFiles { ca: both, ..good.clone() }).await.unwrap();
+
             // http:// where custodyd speaks TLS.
             let plain = url.replace("https://", "http://");
             let words = refusal(&plain, &good).await;

@@ -141,15 +141,23 @@ fn check_window(der: &[u8], what: &str, fix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The CA file holds certificates, one at least in its validity window (a
+/// file of several CAs may keep an expired one beside the current).
 fn check_ca(ca_pem: &str, files: &ClientFiles) -> Result<(), String> {
+    let mut first_problem = None;
     for der in certificates(ca_pem, &files.ca())? {
-        check_window(
+        match check_window(
             &der,
             &format!("the CA certificate in {}", files.ca()),
             "give --ca the CA certificate that issued custodyd's certificate now",
-        )?;
+        ) {
+            Ok(()) => return Ok(()),
+            Err(problem) => {
+                first_problem.get_or_insert(problem);
+            }
+        }
     }
-    Ok(())
+    first_problem.map_or(Ok(()), Err)
 }
 
 /// The client certificate is in its window and `key_pem` is its key.
