@@ -146,9 +146,13 @@ impl Ca {
 
     /// A server certificate for `hosts` (DNS names or IP addresses).
     pub fn issue_server(&self, hosts: &[&str]) -> Result<Issued, PkiError> {
+        self.issue_server_for(hosts, Validity::days(825))
+    }
+
+    /// [`Self::issue_server`] valid over `validity` (tests make expired ones).
+    pub fn issue_server_for(&self, hosts: &[&str], validity: Validity) -> Result<Issued, PkiError> {
         let mut params =
             CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
-        let validity = Validity::days(825);
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

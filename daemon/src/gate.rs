@@ -267,12 +267,23 @@ impl Refusal {
             ),
             None => ("-".to_string(), String::new()),
         };
+        let request_id = custody_core::action::new_request_id();
+        tracing::info!(
+            target: "custody::request",
+            request_id = %request_id,
+            method = %self.method,
+            principal = %custody_core::text::escape(&principal),
+            resource = "",
+            outcome = error.reason.as_str(),
+            "request"
+        );
         let event = Event::Request {
             principal,
             method: self.method,
             resource: String::new(),
             detail,
             outcome: error.reason.as_str().into(),
+            request_id: Some(request_id),
         };
         let custody = custody.clone();
         let appended = tokio::spawn(async move { custody.audit.append(event).await }).await;

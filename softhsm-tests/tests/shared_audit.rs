@@ -34,6 +34,7 @@ fn appends_from_every_writer_make_one_chain(writers: &[(AuditLog, &str)], each: 
                             resource: format!("{task}/{n}"),
                             detail: String::new(),
                             outcome: "ok".into(),
+                            request_id: None,
                         };
                         seqs.push((log.append(event).await.unwrap(), replica.clone()));
                     }

@@ -20,6 +20,21 @@ pub struct Audited {
     pub resource: String,
     /// Details (for a signature, the digest).
     pub detail: String,
+    /// The request's id: in its audit records and its log line.
+    pub request_id: String,
+}
+
+/// A fresh request id: 64 random bits, hex.
+pub fn new_request_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No randomness: still unique within this process.
+        bytes = COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_be_bytes();
+    }
+    hex::encode(bytes)
 }
 
 impl Audited {
@@ -30,6 +45,7 @@ impl Audited {
             principal: "-".into(),
             resource: String::new(),
             detail: String::new(),
+            request_id: new_request_id(),
         }
     }
 
@@ -40,12 +56,23 @@ impl Audited {
             Ok(_) => "ok".to_string(),
             Err(e) => e.reason.as_str().to_string(),
         };
+        // The request's log line, with the id its audit record carries.
+        tracing::info!(
+            target: "custody::request",
+            request_id = %self.request_id,
+            method = self.method,
+            principal = %crate::text::escape(&self.principal),
+            resource = %crate::text::escape(&self.resource),
+            outcome = %outcome,
+            "request"
+        );
         let event = Event::Request {
             principal: self.principal,
             method: self.method.into(),
             resource: self.resource,
             detail: self.detail,
             outcome,
+            request_id: Some(self.request_id),
         };
         let recorded = custody.audit.append(event).await;
         match (result, recorded) {
@@ -69,6 +96,7 @@ impl Audited {
                 resource: self.resource.clone(),
                 detail: self.detail.clone(),
                 outcome: "requested".into(),
+                request_id: Some(self.request_id.clone()),
             })
             .await
             .map(drop)

@@ -424,6 +424,7 @@ async fn check_drift(state: &Custody, previous: Option<String>) -> String {
                         "DRIFT"
                     }
                     .into(),
+                    request_id: None,
                 };
                 if let Err(error) = state.audit.append(event).await {
                     tracing::error!(%error, "a drift check could not be audited");

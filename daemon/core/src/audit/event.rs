@@ -50,6 +50,11 @@ pub enum Event {
         detail: String,
         /// `ok`, or the stable error reason.
         outcome: String,
+        /// The request's id, which custodyd's log line for it carries too
+        /// (`request_id`); absent for internal actors and in records
+        /// written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
     /// The first officer set was enrolled.
     OfficersGenesis {
@@ -187,6 +192,7 @@ mod tests {
                 resource: "keys/root-ca/versions/1".into(),
                 detail: "SHA256 \"quoted\" \u{e9}\n".into(),
                 outcome: "ok".into(),
+                request_id: Some("5f0c1d2e3a4b6c7d".into()),
             },
             Event::OfficersGenesis {
                 officers: vec!["o1 alice aa".into(), "o2 bob bb".into()],

@@ -374,6 +374,7 @@ mod tests {
                 "ok"
             }
             .into(),
+            request_id: None,
         }
     }
 

@@ -96,6 +96,7 @@ fn build_export() -> String {
                         "ok"
                     }
                     .into(),
+                    request_id: None,
                 },
             );
         }

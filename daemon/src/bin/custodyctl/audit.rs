@@ -10,7 +10,7 @@ use custody_proto::v1::audit_service_client::AuditServiceClient;
 use custody_proto::v1::{ReadAuditRequest, VerifyAuditRequest, read_audit_response};
 
 use crate::Connection;
-use crate::shared::{channel, read_text, shown, status, write_file};
+use crate::shared::{channel, json, print_json, read_text, shown, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum AuditCommand {
@@ -103,6 +103,17 @@ fn verify(file: &Path, audit_key: &Path) -> Result<(), String> {
     let spki = pem_to_der(&pem).map_err(|e| format!("audit key: {e}"))?;
     let report =
         verify_export(&text, &spki).map_err(|e| format!("the audit log does NOT verify: {e}"))?;
+    let key_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spki));
+    if json() {
+        print_json(&serde_json::json!({
+            "valid": true,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "last_seq": report.last_seq,
+            "audit_key_sha256": key_sha256,
+        }));
+        return Ok(());
+    }
     outln!(
         "audit log verifies: {} records, {} signed checkpoints, signed head at record {}",
         report.records,
@@ -111,7 +122,7 @@ fn verify(file: &Path, audit_key: &Path) -> Result<(), String> {
     );
     outln!(
         "audit key SHA-256 {} (it must match the audit_key_sha256 custodyd published at setup)",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spki))
+        key_sha256
     );
     Ok(())
 }
@@ -123,7 +134,19 @@ async fn verify_server(connection: &Connection) -> Result<(), String> {
         .await
         .map_err(status)?
         .into_inner();
+    if json() {
+        print_json(&serde_json::json!({
+            "valid": report.valid,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "first_bad_seq": report.first_bad_seq,
+            "problem": report.problem,
+        }));
+    }
     if report.valid {
+        if json() {
+            return Ok(());
+        }
         outln!(
             "custodyd's audit chain verifies: {} records, {} checkpoints",
             report.records,

@@ -32,7 +32,8 @@ use zeroize::Zeroizing;
 use self::review::{check, checked_fingerprint, reviewed, same_script, verify_transcript};
 use crate::Connection;
 use crate::shared::{
-    ask, channel, full_name, officer_key, read_text, shown, status, write_file, write_private,
+    ask, channel, full_name, json, officer_key, print_json, read_text, shown, status, write_file,
+    write_private,
 };
 
 mod review;
@@ -253,7 +254,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     return Err(format!("{} has no {what}", shown(&ceremony.name)));
                 }
                 write_file(&path, contents)?;
-                outln!("wrote the {what} to {}", path.display());
+                if !json() {
+                    outln!("wrote the {what} to {}", path.display());
+                }
             }
             Ok(())
         }
@@ -263,6 +266,12 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 .await
                 .map_err(status)?
                 .into_inner();
+            if json() {
+                let ceremonies: Vec<serde_json::Value> =
+                    list.ceremonies.iter().map(ceremony_json).collect();
+                print_json(&serde_json::json!({ "ceremonies": ceremonies }));
+                return Ok(());
+            }
             for ceremony in &list.ceremonies {
                 outln!(
                     "{}  {}  {}",
@@ -381,6 +390,11 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let share = Share::parse(&text)
                 .map_err(|e| format!("{}: {e}: nothing was sent", share_file.display()))?;
             let key = officer_key(&key_file)?;
+            // The last share starts the restore or drill, which custodyd
+            // runs before it answers.
+            let waiting = crate::progress::spinner(
+                "submitting the share; custodyd restores or drills once the last one is in",
+            );
             let after = client
                 .submit_secret(SubmitSecretRequest {
                     name: name(&ceremony),
@@ -391,8 +405,9 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     expected_kcv: String::new(),
                 })
                 .await
-                .map_err(status)?
-                .into_inner();
+                .map_err(status);
+            waiting.finish_and_clear();
+            let after = after?.into_inner();
             outln!("{} submitted share {}", key.officer_id(), share.index());
             print_ceremony(&after);
             Ok(())
@@ -490,13 +505,15 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
         CeremonyCommand::Backup { operation, out } => {
             new_file(&out)?;
             let mut operations = OperationServiceClient::new(channel(connection).await?);
+            let waiting = crate::progress::spinner("fetching the backup bundle");
             let operation = operations
                 .get_operation(GetOperationRequest {
                     name: full_name("operations/", &operation),
                 })
                 .await
-                .map_err(status)?
-                .into_inner();
+                .map_err(status);
+            waiting.finish_and_clear();
+            let operation = operation?.into_inner();
             if operation.backup_bundle.is_empty() {
                 return Err(format!(
                     "{} holds no backup bundle: it must be a CREATE_BACKUP operation the quorum approved (state {})",
@@ -522,7 +539,57 @@ fn state_name(state: i32) -> &'static str {
         .unwrap_or("UNKNOWN")
 }
 
+/// A ceremony as JSON: its progress and outcome. The backup bundle and the
+/// root certificate are left out (`--bundle-out`, `--certificate-out` write
+/// them to files): only whether there is one.
+pub(crate) fn ceremony_json(ceremony: &Ceremony) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = ceremony
+        .steps
+        .iter()
+        .map(|step| serde_json::json!({ "name": step.name, "done": step.done }))
+        .collect();
+    let components: Vec<serde_json::Value> = ceremony
+        .components
+        .iter()
+        .map(|c| serde_json::json!({ "custodian": c.custodian, "kcv": c.kcv }))
+        .collect();
+    serde_json::json!({
+        "name": ceremony.name,
+        "kind": ceremony.kind,
+        "state": state_name(ceremony.state),
+        "steps": steps,
+        "waiting_for": ceremony.waiting_for,
+        "present": ceremony.present,
+        "confirmed": ceremony.confirmed,
+        "fingerprint": ceremony.fingerprint.as_ref().map(|f| serde_json::json!({
+            "hex": f.hex,
+            "words": f.words,
+        })),
+        "key": ceremony.key,
+        "components": components,
+        "shares_collected": ceremony.shares_collected,
+        "shares_submitted": ceremony.shares_submitted,
+        "shares_needed": ceremony.shares_needed,
+        "has_certificate": !ceremony.certificate_pem.is_empty(),
+        "has_backup_bundle": !ceremony.backup_bundle.is_empty(),
+        "restore": ceremony.restore.as_ref().map(|r| serde_json::json!({
+            "drill": r.drill,
+            "keys": r.keys,
+            "verified": r.verified,
+            "rto_ms": r.rto_ms,
+            "scratch_objects_destroyed": r.scratch_objects_destroyed,
+            "suspended_keys": r.suspended_keys,
+        })),
+        "error": ceremony.error,
+        "transcript_head": ceremony.transcript_head,
+    })
+}
+
 fn print_ceremony(ceremony: &Ceremony) {
+    if json() {
+        print_json(&ceremony_json(ceremony));
+        return;
+    }
     outln!(
         "{} ({}): {}",
         shown(&ceremony.name),

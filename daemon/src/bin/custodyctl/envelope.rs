@@ -61,10 +61,12 @@ pub(crate) enum EnvelopeCommand {
     Rewrap {
         /// keys/{key_id} or just the key id.
         name: String,
-        /// The ciphertext file.
-        #[arg(long = "in")]
-        input: PathBuf,
-        /// Where to write the new ciphertext (default: replace --in).
+        /// The ciphertext file (repeat for a bulk rewrap, each replaced in
+        /// place, with a progress bar on a terminal).
+        #[arg(long = "in", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where to write the new ciphertext (default: replace --in; only
+        /// with one --in).
         #[arg(long)]
         out: Option<PathBuf>,
         /// The associated data it was made with.
@@ -171,27 +173,37 @@ pub(crate) async fn run(connection: &Connection, command: EnvelopeCommand) -> Re
         }
         EnvelopeCommand::Rewrap {
             name,
-            input,
+            inputs,
             out,
             aad,
         } => {
-            let response = envelope
-                .rewrap(RewrapRequest {
-                    name: key_name(&name),
-                    ciphertext: read_bytes(&input)?,
-                    associated_data: aad.into_bytes(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let out = out.unwrap_or(input);
-            write(&out, &response.ciphertext)?;
-            outln!(
-                "rewrapped from {} to {} into {}",
-                shown(&response.source_name),
-                shown(&response.name),
-                out.display()
-            );
+            if out.is_some() && inputs.len() != 1 {
+                return Err("--out goes with one --in; several are each replaced in place".into());
+            }
+            let bar = crate::progress::bar(inputs.len() as u64, "files rewrapped");
+            for input in inputs {
+                let response = envelope
+                    .rewrap(RewrapRequest {
+                        name: key_name(&name),
+                        ciphertext: read_bytes(&input)?,
+                        associated_data: aad.clone().into_bytes(),
+                    })
+                    .await
+                    .map_err(|e| format!("{}: {}", input.display(), status(e)))?
+                    .into_inner();
+                let out = out.clone().unwrap_or(input);
+                write(&out, &response.ciphertext)?;
+                bar.suspend(|| {
+                    outln!(
+                        "rewrapped from {} to {} into {}",
+                        shown(&response.source_name),
+                        shown(&response.name),
+                        out.display()
+                    )
+                });
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
         }
     }
     Ok(())

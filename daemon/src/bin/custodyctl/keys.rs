@@ -15,7 +15,7 @@ use custody_proto::v1::{
 
 use crate::Connection;
 use crate::lifecycle;
-use crate::shared::{channel, check_crc, key_name, shown, status, write_file};
+use crate::shared::{channel, check_crc, json, key_name, print_json, shown, status, write_file};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -23,9 +23,10 @@ pub(crate) enum KeysCommand {
     Create {
         /// Key id: lower-case letters, digits, '-'.
         key_id: String,
-        /// Algorithm, e.g. EC_SIGN_P256_SHA256 (see docs/api.md).
-        #[arg(long)]
-        algorithm: String,
+        /// Algorithm, e.g. EC_SIGN_P256_SHA256 or ec_sign_p256_sha256 (see
+        /// docs/api.md).
+        #[arg(long, value_enum)]
+        algorithm: AlgorithmArg,
         /// A principal allowed to sign or, for AES keys, encrypt (repeat
         /// for more).
         #[arg(long = "signer")]
@@ -77,6 +78,23 @@ pub(crate) enum KeysCommand {
     Lifecycle(lifecycle::LifecycleCommand),
 }
 
+/// A key algorithm as typed on the command line: its API name, in any case
+/// (clap lists the names in the help and in completions).
+#[derive(Clone, Copy)]
+pub(crate) struct AlgorithmArg(pub(crate) KeyAlgorithm);
+
+impl ValueEnum for AlgorithmArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        static ALL: std::sync::LazyLock<Vec<AlgorithmArg>> =
+            std::sync::LazyLock::new(|| KeyAlgorithm::ALL.into_iter().map(AlgorithmArg).collect());
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.api_name()))
+    }
+}
+
 /// A version state as typed on the command line (also by
 /// `request set-state`).
 #[derive(Clone, Copy, ValueEnum)]
@@ -108,13 +126,7 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
             cryptoperiod,
             backup_exportable,
         } => {
-            let algorithm = KeyAlgorithm::from_api_name(&algorithm).ok_or_else(|| {
-                let known: Vec<&str> = KeyAlgorithm::ALL.iter().map(|a| a.api_name()).collect();
-                format!(
-                    "unknown algorithm {algorithm:?}; one of: {}",
-                    known.join(", ")
-                )
-            })?;
+            let AlgorithmArg(algorithm) = algorithm;
             let key = keys
                 .create_key(CreateKeyRequest {
                     key_id,
@@ -131,6 +143,7 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
         }
         KeysCommand::List => {
             let mut page_token = String::new();
+            let mut listed = Vec::new();
             loop {
                 let page = keys
                     .list_keys(ListKeysRequest {
@@ -141,12 +154,19 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
                     .map_err(status)?
                     .into_inner();
                 for key in &page.keys {
-                    print_key(key);
+                    if json() {
+                        listed.push(key_json(key));
+                    } else {
+                        print_key(key);
+                    }
                 }
                 if page.next_page_token.is_empty() {
                     break;
                 }
                 page_token = page.next_page_token;
+            }
+            if json() {
+                print_json(&serde_json::json!({ "keys": listed }));
             }
         }
         KeysCommand::Show { name } => {
@@ -188,6 +208,10 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
                         path.display()
                     );
                 }
+                None if json() => print_json(&serde_json::json!({
+                    "name": public.name,
+                    "pem": public.pem,
+                })),
                 None => {
                     // PEM lines, each shown as it is and nothing else.
                     for line in public.pem.lines() {
@@ -218,7 +242,53 @@ pub(crate) async fn run(connection: &Connection, command: KeysCommand) -> Result
     Ok(())
 }
 
+/// A key as JSON: what [`print_key`] prints, in fields.
+pub(crate) fn key_json(key: &Key) -> serde_json::Value {
+    let algorithm =
+        custody_proto::v1::Algorithm::try_from(key.algorithm).map_or("?", |a| a.as_str_name());
+    let versions: Vec<serde_json::Value> = key
+        .versions
+        .iter()
+        .map(|version| {
+            serde_json::json!({
+                "name": version.name,
+                "state": KeyVersionState::try_from(version.state).map_or("?", |s| s.as_str_name()),
+                "check_value": version.check_value,
+                "protect_until": version.protect_until.as_ref().map(lifecycle::time_text),
+                "destroy_time": version.destroy_time.as_ref().map(lifecycle::time_text),
+                "legal_hold": version.legal_hold,
+            })
+        })
+        .collect();
+    let policies: Vec<serde_json::Value> = key
+        .policies
+        .iter()
+        .map(|policy| {
+            serde_json::json!({
+                "operation": policy.operation,
+                "required": policy.required,
+                "officers": policy.officers,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": key.name,
+        "algorithm": algorithm,
+        "primary_version": key.primary_version,
+        "min_version": key.min_version,
+        "allowed_signers": key.allowed_signers,
+        "cryptoperiod_seconds": key.cryptoperiod.as_ref().map(|p| p.seconds),
+        "policies": policies,
+        "versions": versions,
+    })
+}
+
+/// Prints a key: as text, or as JSON with `--output json`.
 pub(crate) fn print_key(key: &Key) {
+    if json() {
+        print_json(&key_json(key));
+        return;
+    }
     let algorithm =
         custody_proto::v1::Algorithm::try_from(key.algorithm).map_or("?", |a| a.as_str_name());
     outln!(

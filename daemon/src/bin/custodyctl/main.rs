@@ -2,7 +2,8 @@
 //!
 //! Connection options come from flags or the environment: `--server`
 //! (`CUSTODY_SERVER`), `--ca` (`CUSTODY_CA`), `--cert` (`CUSTODY_CERT`),
-//! `--key` (`CUSTODY_KEY`). `dev-pki`, `audit verify` and `ceremony check`
+//! `--key` (`CUSTODY_KEY`), else from a named profile of the config file
+//! (`--profile`, `profile.rs`). `dev-pki`, `audit verify` and `ceremony check`
 //! work offline.
 //!
 //! This file holds the top-level command, the global options and the
@@ -20,41 +21,52 @@ mod shared;
 mod audit;
 mod ceremony;
 mod devpki;
+mod docs;
 mod drift;
 mod envelope;
 mod keys;
 mod lifecycle;
 mod officers;
 mod operations;
+mod profile;
+mod progress;
 mod signing;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
+    name = "custodyctl",
     version,
     about = "Client of custodyd, the HSM-backed signing and key-custody service"
 )]
 struct Cli {
     #[command(flatten)]
     connection: Connection,
+    /// How read commands print: text for people, or JSON for scripts
+    /// (keys list/show/public-key, officer list, pending, show, drift,
+    /// audit verify/verify-server, ceremony status/list).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
 #[derive(ClapArgs)]
 struct Connection {
-    /// custodyd's address.
-    #[arg(
-        long,
-        env = "CUSTODY_SERVER",
-        default_value = "https://localhost:7443",
-        global = true
-    )]
-    server: String,
+    /// custodyd's address [default: the profile's, else
+    /// https://localhost:7443].
+    #[arg(long, env = "CUSTODY_SERVER", global = true)]
+    server: Option<String>,
     /// CA certificate that issued custodyd's certificate (PEM).
     #[arg(long, env = "CUSTODY_CA", global = true)]
     ca: Option<PathBuf>,
@@ -64,6 +76,14 @@ struct Connection {
     /// Your client key (PEM).
     #[arg(long, env = "CUSTODY_KEY", global = true)]
     key: Option<PathBuf>,
+    /// A named profile of the config file: server, CA, certificate and key
+    /// in one name. Flags and environment variables win over it.
+    #[arg(long, env = "CUSTODY_PROFILE", global = true)]
+    profile: Option<String>,
+    /// The config file of profiles [default:
+    /// $XDG_CONFIG_HOME/custody/custodyctl.toml].
+    #[arg(long, env = "CUSTODY_CONFIG", global = true)]
+    config: Option<PathBuf>,
 }
 
 // Flattened groups list their commands where the group stands, so the order
@@ -95,15 +115,40 @@ enum Command {
     Ceremony(ceremony::CeremonyCommand),
     /// Make a development CA, server and client certificates (offline).
     DevPki(devpki::DevPkiArgs),
+    /// Print the shell completion script (offline).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page, or write every command's page (offline).
+    Man(docs::ManArgs),
+}
+
+/// The command line: [`Cli`] with every value chosen from a list
+/// (algorithms, hash functions, states, operation kinds) matched in any
+/// case.
+fn command() -> clap::Command {
+    fn ignore_case(command: clap::Command) -> clap::Command {
+        command
+            .mut_args(|arg| {
+                if arg.get_action().takes_values() && !arg.get_possible_values().is_empty() {
+                    arg.ignore_case(true)
+                } else {
+                    arg
+                }
+            })
+            .mut_subcommands(ignore_case)
+    }
+    ignore_case(Cli::command())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    let matches = command().get_matches();
     let Cli {
         connection,
+        output,
         command,
-    } = Cli::parse();
+    } = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut self::command()).exit());
     let connection = &connection;
+    shared::set_json(output == Output::Json);
     shared::exit_code(match command {
         Command::Keys(command) => keys::run(connection, command).await,
         Command::Signing(command) => signing::run(connection, command).await,
@@ -114,19 +159,23 @@ async fn main() -> ExitCode {
         Command::Drift => drift::run(connection).await,
         Command::Ceremony(command) => ceremony::run(connection, command).await,
         Command::DevPki(args) => devpki::run(args),
+        Command::Completions(args) => docs::completions(&args),
+        Command::Man(args) => docs::man(&args),
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
-    use super::Cli;
+    use clap::FromArgMatches;
+
+    use super::{Cli, Command, command};
 
     /// Every command and subcommand, with its path (`custodyctl keys get`).
     fn every_command() -> Vec<(String, clap::Command)> {
         let mut found = Vec::new();
-        let mut todo = vec![(String::from("custodyctl"), Cli::command())];
+        let mut todo = vec![(String::from("custodyctl"), command())];
         while let Some((path, command)) = todo.pop() {
             for sub in command.get_subcommands() {
                 todo.push((format!("{path} {}", sub.get_name()), sub.clone()));
@@ -138,7 +187,82 @@ mod tests {
 
     #[test]
     fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    fn parse(line: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = command().try_get_matches_from(line)?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    /// Values chosen from a list are matched in any case, and every such
+    /// argument of every command says so.
+    #[test]
+    fn values_from_a_list_are_matched_in_any_case() {
+        let cli = parse(&[
+            "custodyctl",
+            "keys",
+            "create",
+            "k",
+            "--algorithm",
+            "ec_sign_ed25519",
+        ])
+        .unwrap();
+        let Command::Keys(crate::keys::KeysCommand::Create { algorithm, .. }) = cli.command else {
+            panic!("not keys create");
+        };
+        assert_eq!(
+            algorithm.0,
+            custody_core::algorithms::KeyAlgorithm::EcSignEd25519
+        );
+        for line in [
+            &[
+                "custodyctl",
+                "sign",
+                "k",
+                "--digest",
+                "00",
+                "--hash",
+                "SHA384",
+            ][..],
+            &[
+                "custodyctl",
+                "keys",
+                "set-state",
+                "keys/k/versions/1",
+                "Suspended",
+            ],
+            &[
+                "custodyctl",
+                "request",
+                "set-policy",
+                "k",
+                "--operation",
+                "Destroy-Version",
+                "--required",
+                "1",
+            ],
+        ] {
+            parse(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        }
+        assert!(
+            parse(&[
+                "custodyctl",
+                "keys",
+                "create",
+                "k",
+                "--algorithm",
+                "EC_SIGN_P999"
+            ])
+            .is_err()
+        );
+        for (path, command) in every_command() {
+            for arg in command.get_arguments() {
+                if arg.get_action().takes_values() && !arg.get_possible_values().is_empty() {
+                    assert!(arg.is_ignore_case_set(), "{path} --{}", arg.get_id());
+                }
+            }
+        }
     }
 
     /// clap reads `{n}` in help text as a line break: `keys/{key_id}/versions/{n}`
@@ -164,5 +288,81 @@ mod tests {
             "help text clap breaks:\n{}",
             broken.join("\n")
         );
+    }
+
+    /// `--output json` is JSON a script can parse, with the fields the text
+    /// shows; hidden characters in server text are `\uXXXX` escapes (still
+    /// JSON, inert on a terminal); a ceremony's backup bundle is not in it.
+    #[test]
+    fn json_output_parses_is_inert_and_carries_no_bundle() {
+        use custody_proto::v1::{Ceremony, Key, KeyVersion};
+        let key = Key {
+            name: "keys/issuing".into(),
+            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            primary_version: 2,
+            allowed_signers: vec!["ca-issuing\u{202e}gnp.exe".into()],
+            versions: vec![KeyVersion {
+                name: "keys/issuing/versions/2".into(),
+                state: custody_proto::v1::KeyVersionState::Active as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = crate::shared::json_text(&crate::keys::key_json(&key));
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && custody_core::text::is_hidden(c)),
+            "{text}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["name"], "keys/issuing");
+        assert_eq!(parsed["algorithm"], "EC_SIGN_P256_SHA256");
+        assert_eq!(parsed["primary_version"], 2);
+        assert_eq!(parsed["allowed_signers"][0], "ca-issuing\u{202e}gnp.exe");
+        assert_eq!(parsed["versions"][0]["state"], "ACTIVE");
+
+        let ceremony = Ceremony {
+            name: "ceremonies/kek-1".into(),
+            backup_bundle: "BUNDLE-CONTENTS-WRAPPED-KEYS".into(),
+            certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
+            ..Default::default()
+        };
+        let text = crate::shared::json_text(&crate::ceremony::ceremony_json(&ceremony));
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["has_backup_bundle"], true);
+        assert!(!text.contains("BUNDLE-CONTENTS"), "{text}");
+    }
+
+    /// Completions for every shell, and the man pages of every command,
+    /// render and name custodyctl's commands.
+    #[test]
+    fn completions_and_man_pages_render() {
+        use clap::ValueEnum;
+        for shell in clap_complete::Shell::value_variants() {
+            let script = String::from_utf8(crate::docs::completion_script(*shell)).unwrap();
+            assert!(script.contains("custodyctl"), "{shell}");
+            assert!(
+                script.contains("public-key"),
+                "{shell} lacks keys public-key"
+            );
+        }
+        let page = String::from_utf8(crate::docs::page(command()).unwrap()).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH custodyctl"),
+            "{page}"
+        );
+        assert!(page.contains("\\-\\-profile"), "{page}");
+        let dir = tempfile::tempdir().unwrap();
+        crate::docs::pages_to(dir.path()).unwrap();
+        for (path, _) in every_command() {
+            if path.ends_with(" help") {
+                continue;
+            }
+            let name = path.replace(' ', "-");
+            let file = dir.path().join(format!("{name}.1"));
+            let page = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(page.contains(&format!(".TH {name}")), "{path}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use custody_proto::v1::{ListOfficersRequest, OfficerSpec, operation_spec};
 
 use crate::Connection;
 use crate::operations::submit;
-use crate::shared::{channel, hex_arg, passphrase, shown, status, write_private};
+use crate::shared::{channel, hex_arg, json, passphrase, print_json, shown, status, write_private};
 
 #[derive(Subcommand)]
 pub(crate) enum OfficerCommand {
@@ -101,6 +101,24 @@ async fn list(connection: &Connection) -> Result<(), String> {
         .await
         .map_err(status)?
         .into_inner();
+    if json() {
+        let officers: Vec<serde_json::Value> = list
+            .officers
+            .iter()
+            .map(|officer| {
+                serde_json::json!({
+                    "officer_id": officer.officer_id,
+                    "principal": officer.principal,
+                    "public_key": hex::encode(&officer.public_key),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "admin_required": list.admin_required,
+            "officers": officers,
+        }));
+        return Ok(());
+    }
     outln!(
         "{} officers; officer-set and default policy changes need {} approvals",
         list.officers.len(),

@@ -24,8 +24,8 @@ use crate::Connection;
 use crate::keys::StateArg;
 use crate::lifecycle;
 use crate::shared::{
-    ask, channel, check_crc, full_name, key_name, sealed_officer_key, shown, status, unseal,
-    write_file,
+    ask, channel, check_crc, full_name, json, key_name, print_json, sealed_officer_key, shown,
+    status, unseal, write_file,
 };
 use crate::signing::{HashArg, digest_of};
 
@@ -179,6 +179,7 @@ fn operation_name(operation: &str) -> String {
 async fn pending(connection: &Connection) -> Result<(), String> {
     let mut operations = OperationServiceClient::new(channel(connection).await?);
     let (mut page_token, mut shown) = (String::new(), 0);
+    let mut listed = Vec::new();
     // Page by page: what is pending is bounded by the per-requester cap.
     loop {
         let list = operations
@@ -191,7 +192,11 @@ async fn pending(connection: &Connection) -> Result<(), String> {
             .map_err(status)?
             .into_inner();
         for operation in &list.operations {
-            print_operation(operation);
+            if json() {
+                listed.push(operation_json(operation));
+            } else {
+                print_operation(operation);
+            }
         }
         shown += list.operations.len();
         if list.next_page_token.is_empty() {
@@ -199,7 +204,9 @@ async fn pending(connection: &Connection) -> Result<(), String> {
         }
         page_token = list.next_page_token;
     }
-    if shown == 0 {
+    if json() {
+        print_json(&serde_json::json!({ "operations": listed }));
+    } else if shown == 0 {
         outln!("nothing is waiting for approval");
     }
     Ok(())
@@ -226,6 +233,9 @@ async fn show(
             "signature",
         )?;
         write_file(&path, &signature.signature)?;
+        if json() {
+            return Ok(());
+        }
         outln!(
             "signature by {} written to {}",
             shown(&signature.name),
@@ -235,9 +245,40 @@ async fn show(
     Ok(())
 }
 
+/// An operation as JSON: its rendering as custodyctl verified it (or why it
+/// is not shown), its state and votes.
+fn operation_json(operation: &Operation) -> serde_json::Value {
+    let (rendering, refusal) = match verify_operation(operation) {
+        Ok(reviewed) => (Some(reviewed.rendering), None),
+        Err(refusal) => (None, Some(refusal)),
+    };
+    let officers = |votes: &[custody_proto::v1::Vote]| -> Vec<String> {
+        votes.iter().map(|v| v.officer_id.clone()).collect()
+    };
+    serde_json::json!({
+        "name": operation.name,
+        "verified": rendering.is_some(),
+        "rendering": rendering,
+        "not_shown_because": refusal,
+        "state": OperationState::try_from(operation.state).map_or("?", |s| s.as_str_name()),
+        "approved_by": officers(&operation.approvals),
+        "denied_by": officers(&operation.denials),
+        "signature": operation.signature.as_ref().map(|s| serde_json::json!({
+            "name": s.name,
+            "signature": hex::encode(&s.signature),
+        })),
+        "backup_keys": operation.backup_keys,
+        "error": operation.error,
+    })
+}
+
 /// Prints an operation as rendered from its structure; one whose digest is
 /// not its own is shown only by name, with the refusal.
 fn print_operation(operation: &Operation) {
+    if json() {
+        print_json(&operation_json(operation));
+        return;
+    }
     match verify_operation(operation) {
         Ok(reviewed) => out!("{}", reviewed.rendering),
         Err(refusal) => {

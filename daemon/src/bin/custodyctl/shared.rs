@@ -78,6 +78,43 @@ fn guarded(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(lines.join("\n"))
 }
 
+/// Whether read commands print JSON (`--output json`), set once by `main`.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes read commands print JSON.
+pub(crate) fn set_json(json: bool) {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `--output json` was asked for.
+pub(crate) fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `value` as JSON text, with every hidden character (bidi, zero-width, C1
+/// controls, which serde_json leaves as they are) written as a `\uXXXX`
+/// escape: still the same JSON, and nothing in it acts on a terminal.
+pub(crate) fn json_text(value: &serde_json::Value) -> String {
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    let mut safe = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c != '\n' && custody_core::text::is_hidden(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                safe.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            safe.push(c);
+        }
+    }
+    safe
+}
+
+/// Prints `value` as JSON on standard output.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    outln!("{}", json_text(value));
+}
+
 /// The bytes of a hex option (`--digest`, `--public-key`), surrounding
 /// whitespace ignored; an error names the option.
 pub(crate) fn hex_arg(flag: &str, text: &str) -> Result<Vec<u8>, String> {
@@ -97,18 +134,20 @@ pub(crate) fn exit_code(result: Result<(), String>) -> ExitCode {
 }
 
 /// The mTLS channel to custodyd from the global options; a missing one is
-/// named by its flag and its environment variable.
+/// named by its flag and its environment variable, and a failed connection
+/// says which certificate or file is at fault
+/// (`custody_daemon::client::connect_files`).
 pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> {
-    let need = |option: &Option<std::path::PathBuf>, flag: &str, var: &str| {
-        option
-            .as_deref()
-            .ok_or_else(|| format!("give {flag} (or set {var})"))
-            .and_then(read_text)
+    let resolved = crate::profile::resolve(connection)?;
+    let need = |option: Option<std::path::PathBuf>, flag: &str, var: &str| {
+        option.ok_or_else(|| format!("give {flag} (or set {var}, or use a --profile that sets it)"))
     };
-    let ca = need(&connection.ca, "--ca", "CUSTODY_CA")?;
-    let cert = need(&connection.cert, "--cert", "CUSTODY_CERT")?;
-    let key = need(&connection.key, "--key", "CUSTODY_KEY")?;
-    custody_daemon::client::connect(&connection.server, &ca, &cert, &key).await
+    let files = custody_daemon::client::ClientFiles {
+        ca: need(resolved.ca, "--ca", "CUSTODY_CA")?,
+        cert: need(resolved.cert, "--cert", "CUSTODY_CERT")?,
+        key: need(resolved.key, "--key", "CUSTODY_KEY")?,
+    };
+    custody_daemon::client::connect_files(&resolved.server, &files).await
 }
 
 /// A gRPC error as `Code [REASON]: message`, the reason from the error
