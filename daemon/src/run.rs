@@ -1,6 +1,7 @@
 //! The daemon's process life: load the config, open everything, listen, and
 //! react to signals (SIGHUP reloads TLS files; SIGTERM or SIGINT stop after
-//! in-flight requests). `custodyd` is this plus logging setup.
+//! in-flight requests), telling systemd each step ([`crate::notify`]).
+//! `custodyd` is this plus logging setup.
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use custody_core::config::Config;
 pub async fn run(config_path: &Path) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let listen = config.listen;
+    crate::notify::status("starting: opening the store, the HSM and the audit log");
     let daemon = Daemon::open(config).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -25,11 +27,21 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            if let Err(error) = tls.reload() {
-                tracing::error!(%error, "TLS reload failed; keeping the current certificates");
+            crate::notify::reloading();
+            match tls.reload() {
+                Ok(()) => crate::notify::ready(&format!("serving on {local}; TLS files reloaded")),
+                Err(error) => {
+                    tracing::error!(%error, "TLS reload failed; keeping the current certificates");
+                    crate::notify::ready(&format!(
+                        "serving on {local}; TLS reload failed, the current certificates kept: {error}"
+                    ));
+                }
             }
         }
     });
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        tokio::spawn(crate::notify::watchdog(interval));
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let shutdown = async move {
         let signal = tokio::select! {
@@ -37,8 +49,10 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => "SIGINT",
         };
         tracing::info!(signal, "shutting down after in-flight requests");
+        crate::notify::stopping(signal);
         signal
     };
+    crate::notify::ready(&format!("serving on {local}"));
     daemon.serve(listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())

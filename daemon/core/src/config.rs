@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub mod credentials;
+
 use serde::Deserialize;
 
 use crate::algorithms::KeyAlgorithm;
@@ -34,6 +36,9 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Readiness: the signing self-test's interval.
+    #[serde(default)]
+    pub health: crate::readiness::HealthSection,
     /// Which algorithms keys may be created with.
     #[serde(default)]
     pub policy: PolicySection,
@@ -629,8 +634,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let credentials = std::env::var_os(credentials::DIRECTORY_VARIABLE).map(PathBuf::from);
+        config.resolve_credentials(credentials.as_deref())?;
         config.check()?;
         Ok(config)
     }
