@@ -630,7 +630,8 @@ fn default_allowed_algorithms() -> Vec<String> {
 pub struct ConfigError(pub String);
 
 impl Config {
-    /// Reads and checks a config file.
+    /// Reads and checks a config file; `credential:NAME` paths name files in
+    /// `$CREDENTIALS_DIRECTORY` ([`credentials`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
@@ -770,6 +771,14 @@ mod tests {
     fn the_reference_config_is_valid_and_complete() {
         let config: Config = toml::from_str(REFERENCE).unwrap();
         config.check().unwrap();
+        assert_eq!(config.health.self_test_interval_secs, 30);
+        // Its secrets are systemd credentials (the unit's LoadCredential=).
+        let mut resolved = config.clone();
+        let credentials = Path::new("/run/credentials/custodyd.service");
+        resolved.resolve_credentials(Some(credentials)).unwrap();
+        assert_eq!(resolved.hsm.pin_file, Some(credentials.join("hsm.pin")));
+        assert_eq!(resolved.tls.key, credentials.join("tls.key"));
+        assert!(config.clone().resolve_credentials(None).is_err());
         assert_eq!(config.tls.min_version, "1.3");
         assert_eq!(config.allowed_algorithms().len(), 10);
         assert!(config.metrics.listen.is_some());

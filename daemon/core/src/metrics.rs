@@ -415,6 +415,53 @@ mod tests {
         }
     }
 
+    /// Every query of the Grafana dashboard reads metrics custodyd exports
+    /// (a histogram's `_bucket`, `_sum` and `_count` series included), and
+    /// every panel has a query.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/custody.json")).unwrap();
+        let exported = include_str!("metrics.rs");
+        let panels = dashboard["panels"].as_array().unwrap();
+        assert!(panels.len() >= 10, "{} panels", panels.len());
+        let mut queries = 0;
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap();
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "panel {title:?} has no query");
+            for target in targets {
+                let expr = target["expr"].as_str().unwrap();
+                queries += 1;
+                let names: Vec<&str> = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|word| word.starts_with("custody_"))
+                    .collect();
+                assert!(
+                    !names.is_empty(),
+                    "{title:?}: {expr} reads no custody metric"
+                );
+                for name in names {
+                    let family = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| {
+                            let base = name.strip_suffix(suffix)?;
+                            exported
+                                .contains(&format!("histogram!(\"{base}\""))
+                                .then_some(base)
+                        })
+                        .unwrap_or(name);
+                    assert!(
+                        super::DESCRIPTIONS.iter().any(|(n, _)| *n == family)
+                            && exported.contains(&format!("!(\"{family}\"")),
+                        "panel {title:?} queries {name}, which custodyd does not export"
+                    );
+                }
+            }
+        }
+        assert!(queries >= 15, "{queries} queries");
+    }
+
     #[test]
     fn the_alert_rules_use_only_exported_metrics() {
         let rules = include_str!("../../../deploy/prometheus/custody-alerts.yml");
