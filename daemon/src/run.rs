@@ -61,7 +61,7 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
 /// Clears the failed-login count in the database of the config at
 /// `config_path`; returns how many failures it cleared.
 pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let config = Config::load_offline(config_path).map_err(|e| e.to_string())?;
     let db = crate::server::open_db(&config.data_dir, config.storage.cache_bytes())?;
     let count = custody_core::pin_lockout::failures(&db)?;
     custody_core::pin_lockout::reset(&db)?;
@@ -76,7 +76,7 @@ pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
 /// directory is clean, and the report. Meant for a stopped custodyd: a copy
 /// taken while it writes may show a torn tail.
 pub fn check(config_path: &Path) -> Result<(bool, String), String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let config = Config::load_offline(config_path).map_err(|e| e.to_string())?;
     let source = config.data_dir.join("custody.sled");
     if !source.is_dir() {
         return Err(format!(

@@ -168,5 +168,16 @@ token_test!(
         let key = std::fs::read_to_string(credentials.join("tls.key")).unwrap();
         let key_body = key.lines().nth(1).unwrap();
         assert!(!logged.contains(key_body), "the TLS key reached the log");
+        // The offline check reads no secret: it runs outside the unit too.
+        let checked = Command::new(CUSTODYD)
+            .args([std::ffi::OsStr::new("--check"), config.as_os_str()])
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap();
+        assert!(
+            checked.status.success(),
+            "custodyd --check: {}",
+            String::from_utf8_lossy(&checked.stderr)
+        );
     }
 );

@@ -633,12 +633,20 @@ impl Config {
     /// Reads and checks a config file; `credential:NAME` paths name files in
     /// `$CREDENTIALS_DIRECTORY` ([`credentials`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let mut config: Config =
-            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let mut config = Self::load_offline(path)?;
         let credentials = std::env::var_os(credentials::DIRECTORY_VARIABLE).map(PathBuf::from);
         config.resolve_credentials(credentials.as_deref())?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] for the offline commands, which read no secret
+    /// (`--check`, `--reset-pin-lockout`): `credential:NAME` paths are left
+    /// as they are, so that these run outside the unit too.
+    pub fn load_offline(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         config.check()?;
         Ok(config)
     }
