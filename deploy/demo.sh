@@ -54,6 +54,7 @@ done
 echo "== officers alice, bob and carol made their own keys; genesis: $dev/officers.toml"
 
 port=$(( 20000 + RANDOM % 20000 ))
+metrics_port=$(( port + 1 ))
 cat > "$dev/custodyd.toml" <<CONF
 listen = "127.0.0.1:$port"
 data_dir = "$dev/data"
@@ -72,6 +73,8 @@ genesis_file = "$dev/officers.toml"
 so_pin_file = "$dev/so.pin"
 scratch_token_label = "custody-scratch"
 scratch_pin_file = "$dev/user.pin"
+[metrics]
+listen = "127.0.0.1:$metrics_port"
 CONF
 
 RUST_LOG=warn "$bin/custodyd" --config "$dev/custodyd.toml" > "$dev/custodyd.log" 2>&1 &
@@ -96,6 +99,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 echo "== custodyd is up on 127.0.0.1:$port (mTLS, TLS 1.3)"
+echo "   Prometheus scrapes http://127.0.0.1:$metrics_port/metrics (loopback, plain HTTP); its readiness line (1: custodyd can sign now):"
+curl -fsS "http://127.0.0.1:$metrics_port/metrics" | grep '^custody_serving ' | sed 's/^/   /'
 
 echo "== the operator creates an issuing key; only principal ca-issuing may sign with it"
 as operator keys create issuing-ca --algorithm EC_SIGN_P256_SHA256 --signer ca-issuing
@@ -137,6 +142,7 @@ as operator keys create payments-kek --algorithm AES_256_GCM --signer ca-issuing
 as ca-issuing data-key payments-kek --aad "tenant 42" --wrapped-out "$dev/demo/dek.wrapped" --key-out "$dev/demo/dek.key"
 as ca-issuing decrypt payments-kek --in "$dev/demo/dek.wrapped" --aad "tenant 42" --out "$dev/demo/dek.unwrapped"
 cmp "$dev/demo/dek.key" "$dev/demo/dek.unwrapped" && echo "   the unwrapped data key matches"
+echo "   another tenant's associated data (\"tenant 43\") must not unwrap it; the INTEGRITY_FAILURE refusal below is the expected answer:"
 if as ca-issuing decrypt payments-kek --in "$dev/demo/dek.wrapped" --aad "tenant 43" --out "$dev/demo/dek.wrong" 2>&1; then
   echo "unexpected: another tenant's associated data unwrapped the key"; exit 1
 fi

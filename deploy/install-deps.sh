@@ -2,7 +2,8 @@
 # Installs what custody's demo and test suite need on a Debian machine, if it is
 # missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
 # PKCS#11 client, used by tests as "another process" and to drive custody's
-# own PKCS#11 module), openssl (the independent verifier) and libp11's
+# own PKCS#11 module), openssl (the independent verifier), systemd's
+# systemd-analyze (checks the unit) and libp11's
 # OpenSSL engine (OpenSSL signing certificates through custody's module), etcd (the replicated store backend's tests run a
 # real cluster) and curl (they reach etcd's JSON gateway with it). No system protoc is needed: .proto files compile with
 # protox.
@@ -15,6 +16,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 compgen -G '/usr/lib/*/engines-3/pkcs11.so' >/dev/null || need+=(libengine-pkcs11-openssl)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# systemd-analyze: the tests verify the unit in deploy/systemd/ offline (no
+# running systemd needed).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # Python venvs for the tests' external clients and linters (grpcio, pkilint,
 # installed from PyPI into a venv under the target directory).
 command -v python3 >/dev/null 2>&1 || need+=(python3)

@@ -91,6 +91,7 @@ impl Methods {
             (custody_proto::v1::FILE_DESCRIPTOR_SET, true),
             (tonic_health::pb::FILE_DESCRIPTOR_SET, false),
             (tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET, false),
+            (tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET, false),
         ] {
             let set = prost_types::FileDescriptorSet::decode(encoded)
                 .map_err(|e| format!("service descriptors: {e}"))?;
@@ -327,6 +328,11 @@ mod tests {
             methods
                 .0
                 .contains_key("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        );
+        assert!(
+            methods
+                .0
+                .contains_key("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
         );
         assert!(
             !methods

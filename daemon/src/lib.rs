@@ -10,8 +10,11 @@
 //! | [`tls`] | mTLS: rustls config, CRLs, reload (open connections checked again), the connections' certificates |
 //! | [`listener`] | the accept loop: caps on connections and handshakes, rate-limited refusal logs |
 //! | [`gate`] | the layer below the handlers: per-request certificate check, refusals no handler sees, audited |
+//! | [`health`] | the gRPC health service: liveness, per-service readiness, the signing self-test |
+//! | [`metrics_http`] | the Prometheus endpoint: `/metrics` only, 404 elsewhere |
 //! | [`server`] | assembling and running the server |
 //! | [`run`] | the process: config, signals, logging |
+//! | [`notify`] | systemd notifications: ready, reloading, stopping, status, watchdog |
 //! | [`client`] | mTLS channels to custodyd (custodyctl, tests) |
 //! | [`review`] | what an officer signs: an operation rebuilt from its structure, rendered, its digest recomputed and compared with custodyd's |
 //! | [`wire`] | domain values ⇄ `custody.v1` messages shared by several services |
@@ -22,7 +25,10 @@
 pub mod client;
 pub mod devpki;
 pub mod gate;
+pub mod health;
 pub mod listener;
+pub mod metrics_http;
+pub mod notify;
 pub mod review;
 pub mod run;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The daemon's process life: load the config, open everything, listen, and
 //! react to signals (SIGHUP reloads TLS files; SIGTERM or SIGINT stop after
-//! in-flight requests). `custodyd` is this plus logging setup.
+//! in-flight requests), telling systemd each step ([`crate::notify`]).
+//! `custodyd` is this plus logging setup.
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use custody_core::config::Config;
 pub async fn run(config_path: &Path) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let listen = config.listen;
+    crate::notify::status("starting: opening the store, the HSM and the audit log");
     let daemon = Daemon::open(config).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -25,11 +27,21 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            if let Err(error) = tls.reload() {
-                tracing::error!(%error, "TLS reload failed; keeping the current certificates");
+            crate::notify::reloading();
+            match tls.reload() {
+                Ok(()) => crate::notify::ready(&format!("serving on {local}; TLS files reloaded")),
+                Err(error) => {
+                    tracing::error!(%error, "TLS reload failed; keeping the current certificates");
+                    crate::notify::ready(&format!(
+                        "serving on {local}; TLS reload failed, the current certificates kept: {error}"
+                    ));
+                }
             }
         }
     });
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        tokio::spawn(crate::notify::watchdog(interval));
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let shutdown = async move {
         let signal = tokio::select! {
@@ -37,8 +49,10 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => "SIGINT",
         };
         tracing::info!(signal, "shutting down after in-flight requests");
+        crate::notify::stopping(signal);
         signal
     };
+    crate::notify::ready(&format!("serving on {local}"));
     daemon.serve(listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
@@ -47,7 +61,7 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
 /// Clears the failed-login count in the database of the config at
 /// `config_path`; returns how many failures it cleared.
 pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let config = Config::load_offline(config_path).map_err(|e| e.to_string())?;
     let db = crate::server::open_db(&config.data_dir, config.storage.cache_bytes())?;
     let count = custody_core::pin_lockout::failures(&db)?;
     custody_core::pin_lockout::reset(&db)?;
@@ -62,7 +76,7 @@ pub fn reset_pin_lockout(config_path: &Path) -> Result<u32, String> {
 /// directory is clean, and the report. Meant for a stopped custodyd: a copy
 /// taken while it writes may show a torn tail.
 pub fn check(config_path: &Path) -> Result<(bool, String), String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let config = Config::load_offline(config_path).map_err(|e| e.to_string())?;
     let source = config.data_dir.join("custody.sled");
     if !source.is_dir() {
         return Err(format!(

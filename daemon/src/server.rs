@@ -30,7 +30,6 @@ use custody_core::clock::{Clock, GuardedClock, SystemClock};
 use custody_core::config::{Config, StoreBackend};
 use custody_core::dual_control::store::{DualControlStore, Genesis};
 use custody_core::metrics;
-use custody_core::operations::vote::expire_due;
 use custody_core::pin_lockout;
 use custody_core::registry::Registry;
 
@@ -43,6 +42,8 @@ pub struct Daemon {
     /// This replica's hold on its `[store] replica_id`, kept while it runs.
     pub replica: Option<custody_store::Claim>,
     config: Config,
+    /// The signing self-test key's public key (SubjectPublicKeyInfo DER).
+    self_test_key: Vec<u8>,
 }
 
 impl Daemon {
@@ -54,7 +55,7 @@ impl Daemon {
 
     /// [`Daemon::open`] with the clock approvals expire by (tests inject one).
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
-        metrics::install(config.metrics.listen)?;
+        crate::metrics_http::start(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
         let db = open_store(&config)?;
         // Who takes this process's claims and locks in the store.
@@ -153,6 +154,14 @@ impl Daemon {
             })
             .await
             .map_err(|e| e.to_string())?;
+        // The self-test key is made with the audit key (under the start's
+        // claim), and custodyd serves nothing unless it signs (FIPS 140's
+        // self-test rule).
+        let self_test_key = custody_core::readiness::ensure_key(&hsm).await?;
+        custody_core::readiness::self_test(&hsm, &self_test_key)
+            .await
+            .map_err(|e| format!("signing self-test at start: {e}"))?;
+        metrics::self_test("ok");
         drop(first_start);
         tracing::info!(
             keys = registry.len(),
@@ -226,6 +235,7 @@ impl Daemon {
             tls,
             replica,
             config,
+            self_test_key,
         })
     }
 
@@ -255,24 +265,32 @@ impl Daemon {
         };
         let limit = self.config.max_message_bytes;
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        for service in [
-            "custody.v1.KeyService",
-            "custody.v1.SigningService",
-            "custody.v1.AuditService",
-            "custody.v1.OperationService",
-            "custody.v1.EnvelopeService",
-            "custody.v1.CeremonyService",
-            "",
-        ] {
-            health_reporter
-                .set_service_status(service, tonic_health::ServingStatus::Serving)
-                .await;
-        }
-        tokio::spawn(watch_health(Arc::downgrade(&self.state), health_reporter));
+        crate::health::start(&health_reporter).await;
+        let signed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        tokio::spawn(crate::health::self_tests(
+            Arc::downgrade(&self.state),
+            self.self_test_key,
+            Duration::from_secs(self.config.health.self_test_interval_secs),
+            signed.clone(),
+        ));
+        tokio::spawn(crate::health::watch(
+            Arc::downgrade(&self.state),
+            health_reporter,
+            signed,
+        ));
         tokio::spawn(custody_core::scheduler::run(Arc::downgrade(&self.state)));
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Server reflection in both versions: grpc.reflection.v1, and
+        // v1alpha for the clients that still speak only it (the Python
+        // grpcio-reflection descriptor database, older grpcurl).
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(custody_proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| format!("reflection: {e}"))?;
+        let reflection = reflection()
             .build_v1()
             .map_err(|e| format!("reflection: {e}"))?;
         let state = self.state;
@@ -292,6 +310,7 @@ impl Daemon {
             .layer(gate)
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 KeyServiceServer::new(Keys(state.clone()))
                     .max_decoding_message_size(limit)
@@ -448,42 +467,6 @@ fn ceremonies(
         custody_core::ceremony::state::Ceremonies::new(journal, so_pin, scratch)
             .with_trusted_audit_keys(trusted_audit_keys),
     )
-}
-
-/// Reports NOT_SERVING while the audit log cannot record or the data
-/// directory is below its free-space reserve, exports HSM worker use and
-/// free space, and expires operations past their approval window. Ends when
-/// the server's state is gone.
-async fn watch_health(
-    state: std::sync::Weak<Custody>,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
-    let mut serving = true;
-    loop {
-        interval.tick().await;
-        let Some(state) = state.upgrade() else {
-            return;
-        };
-        state.headroom.sample();
-        expire_due(&state).await;
-        let stuck = state.hsm.stuck_calls();
-        metrics::hsm(state.hsm.queued(), state.hsm.workers());
-        metrics::hsm_lost(state.hsm.lost_workers(), stuck);
-        // A hung HSM call: the pool serves on with fresh workers, but the
-        // HSM is not answering; say so until the call returns.
-        let healthy = state.audit.healthy() && !state.headroom.is_short() && stuck == 0;
-        metrics::serving(healthy);
-        if healthy != serving {
-            serving = healthy;
-            let status = if healthy {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            reporter.set_service_status("", status).await;
-        }
-    }
 }
 
 /// How long a replica id outlives a replica that died without releasing it.

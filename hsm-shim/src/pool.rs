@@ -341,6 +341,12 @@ impl Hsm {
         self.inner.shared.abandoned.load(Ordering::SeqCst)
     }
 
+    /// Whether the pool is paused (or about to be) for a token security
+    /// officer step: jobs wait until it ends (for health: not ready).
+    pub fn paused(&self) -> bool {
+        self.inner.shared.gate.lock().paused
+    }
+
     /// Requests waiting for a worker (a gauge for metrics).
     pub fn queued(&self) -> usize {
         self.inner.shared.waiting.load(Ordering::SeqCst)

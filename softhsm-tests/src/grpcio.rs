@@ -1,6 +1,7 @@
 //! A grpc-core client for the tests that must see custodyd as clients that
 //! are not tonic see it: Python's `grpcio` in a virtual environment made
-//! once per target directory (pinned versions, from PyPI with pip), and
+//! once per target directory (pinned versions, from PyPI with pip; with
+//! `grpcio-reflection`, Python's server reflection client), and
 //! `custody.v1` stubs generated from `proto/` with `grpcio-tools` into the
 //! test's own directory.
 //!
@@ -25,7 +26,8 @@ impl GrpcCore {
     /// generates the stubs into `dir/stubs`. `Err` says why no grpc-core
     /// client can be had here (no `python3`, or pip cannot reach PyPI).
     pub fn new(cache: &Path, dir: &Path) -> Result<GrpcCore, String> {
-        let venv = cache.join(format!("grpcio-venv-{GRPCIO_VERSION}"));
+        // "-2": with grpcio-reflection, for the reflection test.
+        let venv = cache.join(format!("grpcio-venv-{GRPCIO_VERSION}-2"));
         let python = venv.join("bin/python");
         if !python.exists() {
             make_venv(
@@ -33,6 +35,7 @@ impl GrpcCore {
                 &[
                     format!("grpcio=={GRPCIO_VERSION}"),
                     format!("grpcio-tools=={GRPCIO_VERSION}"),
+                    format!("grpcio-reflection=={GRPCIO_VERSION}"),
                 ],
             )?;
         }

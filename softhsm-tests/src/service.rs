@@ -205,6 +205,11 @@ impl TestService {
             },
             connections: ConnectionsSection::default(),
             metrics: MetricsSection::default(),
+            // No periodic self-test signatures: they would take faults the
+            // tests arm for their own calls (tests of readiness turn it on).
+            health: custody_core::readiness::HealthSection {
+                self_test_interval_secs: 0,
+            },
             policy: PolicySection {
                 allowed_algorithms: custody_core::algorithms::KeyAlgorithm::ALL
                     .iter()
@@ -553,10 +558,16 @@ pub async fn sign_sha256(
 /// The Prometheus page custodyd serves on `port` (blocking: call it from a
 /// blocking task in async code).
 pub fn scrape_metrics(port: u16) -> String {
+    metrics_endpoint(port, "GET", "/metrics")
+}
+
+/// The whole HTTP/1.0 answer (status line, headers, body) of custodyd's
+/// metrics endpoint on `port` to `method` `path` (blocking).
+pub fn metrics_endpoint(port: u16, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .write_all(format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .expect("metrics request");
     let mut text = String::new();
     stream.read_to_string(&mut text).expect("metrics page");

@@ -174,7 +174,9 @@ async fn create_key(operator: Channel, id: &str) -> Result<(), tonic::Status> {
 async fn health(channel: Channel) -> i32 {
     HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: String::new(),
+            // Readiness of signing; the empty name (liveness) stays
+            // SERVING while custodyd answers.
+            service: "custody.v1.SigningService".into(),
         })
         .await
         .unwrap()

@@ -53,7 +53,9 @@ async fn sign(channel: &Channel, key: &str) -> Result<Vec<u8>, tonic::Status> {
 async fn health(channel: &Channel) -> i32 {
     HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
+            // Readiness of signing; the empty name (liveness) stays
+            // SERVING while custodyd answers.
+            service: "custody.v1.SigningService".into(),
         })
         .await
         .unwrap()

@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub mod credentials;
+
 use serde::Deserialize;
 
 use crate::algorithms::KeyAlgorithm;
@@ -34,6 +36,9 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Readiness: the signing self-test's interval.
+    #[serde(default)]
+    pub health: crate::readiness::HealthSection,
     /// Which algorithms keys may be created with.
     #[serde(default)]
     pub policy: PolicySection,
@@ -625,8 +630,19 @@ fn default_allowed_algorithms() -> Vec<String> {
 pub struct ConfigError(pub String);
 
 impl Config {
-    /// Reads and checks a config file.
+    /// Reads and checks a config file; `credential:NAME` paths name files in
+    /// `$CREDENTIALS_DIRECTORY` ([`credentials`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Self::load_offline(path)?;
+        let credentials = std::env::var_os(credentials::DIRECTORY_VARIABLE).map(PathBuf::from);
+        config.resolve_credentials(credentials.as_deref())?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] for the offline commands, which read no secret
+    /// (`--check`, `--reset-pin-lockout`): `credential:NAME` paths are left
+    /// as they are, so that these run outside the unit too.
+    pub fn load_offline(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         let config: Config =
@@ -763,6 +779,14 @@ mod tests {
     fn the_reference_config_is_valid_and_complete() {
         let config: Config = toml::from_str(REFERENCE).unwrap();
         config.check().unwrap();
+        assert_eq!(config.health.self_test_interval_secs, 30);
+        // Its secrets are systemd credentials (the unit's LoadCredential=).
+        let mut resolved = config.clone();
+        let credentials = Path::new("/run/credentials/custodyd.service");
+        resolved.resolve_credentials(Some(credentials)).unwrap();
+        assert_eq!(resolved.hsm.pin_file, Some(credentials.join("hsm.pin")));
+        assert_eq!(resolved.tls.key, credentials.join("tls.key"));
+        assert!(config.clone().resolve_credentials(None).is_err());
         assert_eq!(config.tls.min_version, "1.3");
         assert_eq!(config.allowed_algorithms().len(), 10);
         assert!(config.metrics.listen.is_some());

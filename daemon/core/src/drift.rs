@@ -143,9 +143,14 @@ pub fn compare(
             }
         }
     }
-    for class in [ObjectClassName::Private, ObjectClassName::Public] {
+    for (label, class) in [AUDIT_KEY_LABEL, crate::readiness::SELF_TEST_KEY_LABEL]
+        .into_iter()
+        .flat_map(|label| {
+            [ObjectClassName::Private, ObjectClassName::Public].map(|class| (label, class))
+        })
+    {
         expected.insert(
-            (AUDIT_KEY_LABEL.to_string(), class),
+            (label.to_string(), class),
             Expected {
                 version: None,
                 class,

@@ -72,6 +72,7 @@ pub mod metrics;
 pub mod names;
 pub mod operations;
 pub mod pin_lockout;
+pub mod readiness;
 pub mod registry;
 pub mod scheduler;
 pub mod shared;

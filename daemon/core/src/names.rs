@@ -103,11 +103,17 @@ pub fn hsm_label(key_id: &str, version: u32) -> Result<KeyLabel, Error> {
 
 /// The label prefixes of the HSM objects custodyd makes on its own token:
 /// registry key versions (`key/`), restored versions (`restore/`), the audit
-/// key (`custody-audit/`) and trusted backup KEKs (`custody-backup-kek/`).
+/// key (`custody-audit/`), the readiness self-test key (`custody-selftest/`)
+/// and trusted backup KEKs (`custody-backup-kek/`).
 /// Restore KEKs (`restore-kek/`) are session objects and drill objects
 /// (`drill/`) live on the scratch token; neither outlives custodyd.
-pub const CUSTODY_LABEL_PREFIXES: [&str; 4] =
-    ["key/", "restore/", "custody-audit/", "custody-backup-kek/"];
+pub const CUSTODY_LABEL_PREFIXES: [&str; 5] = [
+    "key/",
+    "restore/",
+    "custody-audit/",
+    "custody-selftest/",
+    "custody-backup-kek/",
+];
 
 /// Whether `label` is in a namespace custodyd makes objects under: what a
 /// token left by a lost data directory holds (threat model F3).
