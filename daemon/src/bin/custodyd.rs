@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "custody signing and key-custody daemon")]
+#[command(
+    name = "custodyd",
+    version,
+    about = "custody signing and key-custody daemon"
+)]
 struct Args {
     /// Path of the TOML configuration (see deploy/custodyd.toml).
     #[arg(long, short, required_unless_present = "check")]
