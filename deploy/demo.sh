@@ -194,7 +194,7 @@ echo "   custodyd built the to-be-signed certificate and linted it; nothing is s
 tbs_fingerprint=$(as alice ceremony status demo-intermediate-2026 | sed -n 's/^  fingerprint: //p')
 echo "   alice reads the TBS SHA-256 aloud; each officer reads the TBS summary, checks the digest and signs it"
 step alice confirm demo-intermediate-2026 --script "$int" --expect-fingerprint "$tbs_fingerprint" \
-  | grep -E '^  (subject|issuer|basicConstraints)|confirmed'
+  | grep -E '^  (subject:|issuer:|basicConstraints)|confirmed'
 step bob confirm demo-intermediate-2026 --script "$int" --expect-fingerprint "$tbs_fingerprint" | grep -E 'confirmed|: COMPLETED'
 echo "   only now did the root sign that TBS in the HSM; the chain is stored with issuing-ca"
 as alice ceremony status demo-intermediate-2026 --certificate-out "$dev/demo/intermediate.pem" | tail -1

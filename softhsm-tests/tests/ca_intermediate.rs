@@ -40,11 +40,12 @@ fn intermediate_script(id: &str, issuer: &str, key: &str, days: u32) -> String {
         .replace("validity_days = 1825", &format!("validity_days = {days}"))
 }
 
-/// A root (with a 3650-day root certificate) and an issuing key made with
-/// CreateKey, both EC P-256.
+/// A root (EC P-384, with a 3650-day root certificate) and an issuing key
+/// made with CreateKey (EC P-256), as in the demo.
 async fn root_and_issuing(service: &TestService, officers: &Officers<'_>) {
     let script = root_script("c-root", "root-ca", true)
-        .replace("validity_days = 30", "validity_days = 3650");
+        .replace("validity_days = 30", "validity_days = 3650")
+        .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
     let (done, _) = officers.run(&script).await.unwrap();
     assert_eq!(
         done.state,
@@ -141,6 +142,12 @@ token_test!(
             let (_, parsed) = x509_parser::pem::parse_x509_pem(intermediate.as_bytes()).unwrap();
             let (_, cert) = X509Certificate::from_der(&parsed.contents).unwrap();
             assert_eq!(cert.tbs_certificate.as_ref(), waiting.tbs_der.as_slice(), "the HSM signed the confirmed TBS");
+            // It certifies issuing-ca's public key, exactly as custody holds it.
+            let issuing_spki = hex::decode(
+                &service.state().registry.get("issuing-ca").unwrap().versions[0].public_key_der_hex,
+            )
+            .unwrap();
+            assert_eq!(cert.public_key().raw, issuing_spki.as_slice());
 
             // The chain is stored with issuing-ca's version: the CA reads it.
             let ca = service.client("ca-issuing").await;
@@ -168,10 +175,6 @@ token_test!(
             }
             assert!(findings.errors.is_empty(), "pkilint errors: {:#?}", findings.errors);
 
-            let issuing_spki = hex::decode(
-                &service.state().registry.get("issuing-ca").unwrap().versions[0].public_key_der_hex,
-            )
-            .unwrap();
             let leaf = leaf(&service, &intermediate, &issuing_spki).await;
             std::fs::write(&leaf_path, &leaf).unwrap();
             let verified = openssl(

@@ -67,6 +67,7 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     crate::ceremony::certificate::rcgen_for(algorithm)?;
     let (_, subject) = current(state, key_id)?;
+    crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
     if subject.public_key_der_hex.is_empty() {
         return Err(Error::new(
             Reason::NoPublicKey,
@@ -91,6 +92,13 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
         }
     }
     Ok(())
+}
+
+/// The algorithm of the key `key_id`.
+fn subject_algorithm(state: &Custody, key_id: &str) -> Result<KeyAlgorithm, Error> {
+    let key = crate::keys::found(state, key_id)?;
+    KeyAlgorithm::from_api_name(&key.algorithm)
+        .ok_or_else(|| Error::internal(key.algorithm.clone()))
 }
 
 fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
@@ -152,11 +160,15 @@ pub(super) async fn prepare_tbs(
     params.serial_number = Some(serial);
     let issuer_spki = hex::decode(&issuer_version.public_key_der_hex).unwrap_or_default();
     let subject_spki = hex::decode(&subject.public_key_der_hex).unwrap_or_default();
+    let keys = intermediate::Keys {
+        issuer_algorithm: algorithm,
+        issuer_spki: &issuer_spki,
+        subject_algorithm: subject_algorithm(state, key_id)?,
+        subject_spki: &subject_spki,
+    };
     let prepared = intermediate::prepare(
         &issuer_certificate,
-        algorithm,
-        &issuer_spki,
-        &subject_spki,
+        &keys,
         &params,
         profile,
         certificate.validity_days,

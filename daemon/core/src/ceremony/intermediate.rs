@@ -274,32 +274,43 @@ fn subject_public_key(spki: &[u8]) -> Result<Vec<u8>, Error> {
         .map_err(|e| unsupported(format!("a public key does not parse: {e}")))
 }
 
-/// Builds the TBS the issuer (its certificate `issuer`, its key of
-/// `issuer_algorithm` with public key `issuer_spki`) would sign for the key
-/// `subject_spki`, with `params` (serial set) and the key identifiers, and
-/// lints it against the subordinate CA profile under `issuer`: nothing is
-/// signed here.
+/// The two keys of a certificate: the issuer's, which signs, and the
+/// subject's, which is certified (SubjectPublicKeyInfo DER each).
+#[derive(Debug, Clone, Copy)]
+pub struct Keys<'a> {
+    /// The issuer's algorithm.
+    pub issuer_algorithm: KeyAlgorithm,
+    /// The issuer's public key.
+    pub issuer_spki: &'a [u8],
+    /// The certified key's algorithm.
+    pub subject_algorithm: KeyAlgorithm,
+    /// The certified key's public key.
+    pub subject_spki: &'a [u8],
+}
+
+/// Builds the TBS the issuer (its certificate `issuer`, its key in `keys`)
+/// would sign for the subject key of `keys`, with `params` (serial set) and
+/// the key identifiers, and lints it against the subordinate CA profile
+/// under `issuer`: nothing is signed here. The TBS's SubjectPublicKeyInfo
+/// must be the subject's, byte for byte.
 pub fn prepare(
     issuer: &IssuerCertificate,
-    issuer_algorithm: KeyAlgorithm,
-    issuer_spki: &[u8],
-    subject_spki: &[u8],
+    keys: &Keys<'_>,
     params: &CertificateParams,
     profile: &ProfileSection,
     validity_days: u32,
 ) -> Result<Prepared, Error> {
-    let rcgen = certificate::rcgen_for(issuer_algorithm)?;
     let recorder = Recorder {
-        public_key: subject_public_key(issuer_spki)?,
-        rcgen,
+        public_key: subject_public_key(keys.issuer_spki)?,
+        rcgen: certificate::rcgen_for(keys.issuer_algorithm)?,
         asked: RefCell::new(None),
     };
     let issuer_rcgen = rcgen::Issuer::from_ca_cert_der(&issuer.der.as_slice().into(), &recorder)
         .map_err(|e| unsupported(format!("the issuer's certificate: {e}")))?;
     let subject = Subject {
-        spki: subject_spki.to_vec(),
-        public_key: subject_public_key(subject_spki)?,
-        rcgen,
+        spki: keys.subject_spki.to_vec(),
+        public_key: subject_public_key(keys.subject_spki)?,
+        rcgen: certificate::rcgen_for(keys.subject_algorithm)?,
     };
     let mut params = params.clone();
     params.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(&subject.public_key));
@@ -310,6 +321,14 @@ pub fn prepare(
         .asked
         .take()
         .ok_or_else(|| Error::internal("rcgen asked for no signature"))?;
+    let certified = x509_parser::certificate::TbsCertificate::from_der(&tbs)
+        .map(|(_, parsed)| parsed.subject_pki.raw == keys.subject_spki)
+        .unwrap_or(false);
+    if !certified {
+        return Err(unsupported(
+            "the certificate built does not carry the certified key's public key as custody holds it",
+        ));
+    }
     let passed = lint::lint(
         &tbs,
         &lint::Profile {
@@ -406,8 +425,10 @@ pub fn summary(tbs: &[u8]) -> Vec<String> {
         use x509_parser::extensions::ParsedExtension as P;
         let what = match extension.parsed_extension() {
             P::BasicConstraints(b) => format!(
-                "basicConstraints cA={} pathLen={:?}",
-                b.ca, b.path_len_constraint
+                "basicConstraints cA={} pathLen={}",
+                b.ca,
+                b.path_len_constraint
+                    .map_or_else(|| "none".to_owned(), |n| n.to_string())
             ),
             P::KeyUsage(k) => format!("keyUsage {k}"),
             P::ExtendedKeyUsage(e) => format!(

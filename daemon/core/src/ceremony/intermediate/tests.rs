@@ -47,15 +47,20 @@ fn prepared(root_key: &KeyPair, root: &IssuerCertificate, days: u32) -> Result<P
     )
     .unwrap();
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x51; 16]));
-    prepare(
-        root,
-        KeyAlgorithm::EcSignP384Sha384,
-        &root_key.subject_public_key_info(),
-        &subject.subject_public_key_info(),
-        &params,
-        &profile,
-        days,
-    )
+    // A P-384 root certifies a P-256 key, as in the demo.
+    let keys = Keys {
+        issuer_algorithm: KeyAlgorithm::EcSignP384Sha384,
+        issuer_spki: &root_key.subject_public_key_info(),
+        subject_algorithm: KeyAlgorithm::EcSignP256Sha256,
+        subject_spki: &subject.subject_public_key_info(),
+    };
+    let prepared = prepare(root, &keys, &params, &profile, days)?;
+    let (_, tbs) = x509_parser::certificate::TbsCertificate::from_der(&prepared.tbs).unwrap();
+    assert_eq!(
+        tbs.subject_pki.raw,
+        subject.subject_public_key_info().as_slice()
+    );
+    Ok(prepared)
 }
 
 #[test]
@@ -73,7 +78,7 @@ fn the_prepared_tbs_passes_the_lint_and_the_assembled_certificate_verifies_under
     let summary = summary(&prepared.tbs).join("\n");
     for expected in [
         "subject: C=DE, O=Example Corp, CN=Example Issuing CA",
-        "basicConstraints cA=true pathLen=Some(0) (critical)",
+        "basicConstraints cA=true pathLen=0 (critical)",
         "certificatePolicies 2.23.140.1.2.1",
         &format!("authorityKeyIdentifier {}", hex::encode(&root.key_id)),
     ] {
