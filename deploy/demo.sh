@@ -4,7 +4,9 @@
 # the signature with openssl (which knows nothing of the HSM), two officers
 # approve a quorum-gated signature, a data key is wrapped, the key encryption
 # key rotated and the data key rewrapped, drift is checked, a root key
-# ceremony (the root key then signs only with 2 officers approving) and a
+# ceremony (the root key then signs only with 2 officers approving), an
+# intermediate ceremony (the root certifies the issuing key; a leaf the
+# issuing key signs verifies under root -> intermediate) and a
 # KEK ceremony with 2-of-3 backup shares run, a backup approved by two
 # officers (a CREATE_BACKUP operation), a DR drill
 # restores the backup into a scratch token from two shares, and the audit log
@@ -188,6 +190,48 @@ officer carol approve "$op"
 as ca-issuing show "$op" --signature-out "$dev/demo/tbs-root.sig" | tail -1
 openssl x509 -in "$dev/demo/root-ca.pem" -pubkey -noout > "$dev/demo/root-ca.pub.pem"
 openssl dgst -sha384 -verify "$dev/demo/root-ca.pub.pem" -signature "$dev/demo/tbs-root.sig" "$dev/demo/tbs.bin"
+
+echo "== key ceremony: the root certifies issuing-ca's key (an intermediate CA), 2 of the 3 officers present"
+int=deploy/ceremonies/intermediate.toml
+as alice ceremony start "$int" | sed -n 1p
+step alice sign-in demo-intermediate-2026 --script "$int" | sed -n 1p
+step bob sign-in demo-intermediate-2026 --script "$int" | sed -n 1p
+echo "   custodyd built the to-be-signed certificate and linted it; nothing is signed yet"
+tbs_fingerprint=$(as alice ceremony status demo-intermediate-2026 | sed -n 's/^  fingerprint: //p')
+echo "   alice reads the TBS SHA-256 aloud; each officer reads the TBS summary, checks the digest and signs it"
+step alice confirm demo-intermediate-2026 --script "$int" --expect-fingerprint "$tbs_fingerprint" \
+  | grep -E '^  (subject:|issuer:|basicConstraints)|confirmed'
+step bob confirm demo-intermediate-2026 --script "$int" --expect-fingerprint "$tbs_fingerprint" | grep -E 'confirmed|: COMPLETED'
+echo "   only now did the root sign that TBS in the HSM; the chain is stored with issuing-ca"
+as alice ceremony status demo-intermediate-2026 --certificate-out "$dev/demo/intermediate.pem" | tail -1
+openssl verify -CAfile "$dev/demo/root-ca.pem" "$dev/demo/intermediate.pem"
+
+echo "== the CA issues a leaf under the intermediate, its TBS signed by issuing-ca through custodyd"
+# A throwaway stand-in for the issuer only lays out the leaf's TBS (issuer
+# name and AKI those of the intermediate); its own signature is discarded.
+openssl ecparam -name prime256v1 -genkey -noout -out "$dev/demo/stand-in.key"
+openssl ecparam -name prime256v1 -genkey -noout -out "$dev/demo/leaf.key"
+ski=$(openssl x509 -in "$dev/demo/intermediate.pem" -noout -ext subjectKeyIdentifier | tail -1 | tr -d ' :')
+openssl req -x509 -new -key "$dev/demo/stand-in.key" -subj "/C=DE/O=Custody Demo/CN=Custody Demo Issuing CA" \
+  -addext "subjectKeyIdentifier=$ski" -days 1 -out "$dev/demo/stand-in.pem"
+openssl req -new -key "$dev/demo/leaf.key" -subj "/CN=www.example.test" -out "$dev/demo/leaf.csr"
+printf 'subjectAltName=DNS:www.example.test\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\nauthorityKeyIdentifier=keyid\n' \
+  > "$dev/demo/leaf.ext"
+openssl x509 -req -in "$dev/demo/leaf.csr" -CA "$dev/demo/stand-in.pem" -CAkey "$dev/demo/stand-in.key" \
+  -set_serial "0x4$(openssl rand -hex 15)" -days 90 -extfile "$dev/demo/leaf.ext" -out "$dev/demo/leaf-laid-out.pem" 2>/dev/null
+openssl asn1parse -in "$dev/demo/leaf-laid-out.pem" -strparse 4 -noout -out "$dev/demo/leaf-tbs.der"
+leaf_digest=$(openssl dgst -sha256 -binary "$dev/demo/leaf-tbs.der" | od -An -tx1 | tr -d ' \n')
+op=$(as ca-issuing request sign issuing-ca --digest "$leaf_digest" | operation_of)
+officer bob approve "$op"
+officer carol approve "$op"
+as ca-issuing show "$op" --signature-out "$dev/demo/leaf.sig" | tail -1
+# The certificate: SEQUENCE { the TBS, ecdsa-with-SHA256, BIT STRING { the signature } }.
+der_len() { if [ "$1" -lt 128 ]; then printf '%02x' "$1"; elif [ "$1" -lt 256 ]; then printf '81%02x' "$1"; else printf '82%04x' "$1"; fi; }
+hex_of() { od -An -tx1 -v "$1" | tr -d ' \n'; }
+sig=$(hex_of "$dev/demo/leaf.sig")
+body="$(hex_of "$dev/demo/leaf-tbs.der")300a06082a8648ce3d04030203$(der_len $(( ${#sig} / 2 + 1 )))00$sig"
+printf '30%s%s' "$(der_len $(( ${#body} / 2 )))" "$body" | xxd -r -p | openssl x509 -inform DER -out "$dev/demo/leaf.pem"
+openssl verify -CAfile "$dev/demo/root-ca.pem" -untrusted "$dev/demo/intermediate.pem" "$dev/demo/leaf.pem"
 
 echo "== key ceremony: an envelope KEK, its backup KEK split 2 of 3 among the custodians"
 kek=deploy/ceremonies/kek.toml

@@ -135,6 +135,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::CertificateUnsupported => Code::InvalidArgument,
         R::CertificateLint => Code::InvalidArgument,
         R::CertificateUnverified => Code::Internal,
+        R::NoIssuerCertificate => Code::FailedPrecondition,
         R::JournalUnavailable => Code::Unavailable,
         R::JournalCorrupt => Code::Internal,
         R::TooManyPending => Code::ResourceExhausted,

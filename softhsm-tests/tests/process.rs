@@ -267,6 +267,8 @@ enum Scenario {
     Components,
     /// A DR drill of the first KEK ceremony's bundle.
     Drill,
+    /// The rig's root certifies the rig's issuing key.
+    Intermediate,
 }
 
 impl Scenario {
@@ -276,6 +278,7 @@ impl Scenario {
             Some("backup_kek" | "backup") => Scenario::Kek,
             Some("import") => Scenario::Components,
             Some("restore") => Scenario::Drill,
+            Some("tbs" | "certify") => Scenario::Intermediate,
             _ => Scenario::Root,
         }
     }
@@ -286,7 +289,7 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill => None,
+            Scenario::Drill | Scenario::Intermediate => None,
         }
     }
 
@@ -299,6 +302,7 @@ impl Scenario {
                 components_script(&format!("c-parts-{run}"), &format!("parts-{run}"))
             }
             Scenario::Drill => restore_script(&format!("c-drill-{run}"), bundle, true),
+            Scenario::Intermediate => intermediate_script(&format!("c-int-{run}")),
         }
     }
 
@@ -312,7 +316,9 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek => officers.run(script).await.map(|(done, _)| done),
+            Scenario::Root | Scenario::Kek | Scenario::Intermediate => {
+                officers.run(script).await.map(|(done, _)| done)
+            }
             Scenario::Components => {
                 let name = officers.start("alice", script, "").await?.name;
                 officers.sign_in("alice", &name, script).await?;
@@ -345,6 +351,49 @@ impl Scenario {
                 officers.submit_share("bob", &name, &shares["bob"]).await
             }
         }
+    }
+}
+
+/// An intermediate script: the rig's root `base-root` certifies
+/// `base-issuing` for 10 days.
+fn intermediate_script(id: &str) -> String {
+    include_str!("../../deploy/ceremonies/intermediate.toml")
+        .replace("\"demo-intermediate-2026\"", &format!("\"{id}\""))
+        .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
+        .replace("key = \"issuing-ca\"", "key = \"base-issuing\"")
+        .replace("validity_days = 1825", "validity_days = 10")
+}
+
+/// An intermediate ceremony's invariant: completed, the certified version
+/// holds [its certificate, the root's]; otherwise not its certificate.
+async fn chain_invariant(
+    keys: &mut KeyServiceClient<tonic::transport::Channel>,
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    ceremony: &str,
+    state: custody_proto::v1::CeremonyState,
+) {
+    use custody_proto::v1::GetKeyRequest;
+    let Ok(found) = officers.get("alice", ceremony).await else {
+        return;
+    };
+    let key = keys
+        .get_key(GetKeyRequest {
+            name: "keys/base-issuing".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = &key.versions[0].certificate_chain_pem;
+    if state == custody_proto::v1::CeremonyState::Completed {
+        assert!(
+            chain.len() == 2 && chain[0] == found.certificate_pem,
+            "{ceremony} completed without its chain stored: {chain:?}"
+        );
+    } else {
+        assert!(
+            found.certificate_pem.is_empty() || chain.first() != Some(&found.certificate_pem),
+            "{ceremony} is {state:?} but its certificate is stored"
+        );
     }
 }
 
@@ -420,6 +469,9 @@ async fn ceremony_invariant(
             .unwrap()
             .verify(&spki)
             .unwrap_or_else(|e| panic!("{ceremony}: transcript: {e}"));
+    }
+    if ceremony.starts_with("ceremonies/c-int-") {
+        chain_invariant(&mut keys, officers, ceremony, state).await;
     }
     if let Some(key) = key {
         let registered = keys
@@ -586,6 +638,21 @@ impl CeremonyRig {
             .approved_backup("alice", &["bob", "carol"])
             .await
             .unwrap();
+        // What the intermediate scenario certifies: a root with its root
+        // certificate, and an issuing key made with CreateKey.
+        officers
+            .run(&softhsm_tests::ceremony::root_script(
+                "c-base-root",
+                "base-root",
+                true,
+            ))
+            .await
+            .unwrap();
+        let operator = connect(&pki, port, &pki.client("operator", &[Role::Operator]))
+            .await
+            .unwrap();
+        softhsm_tests::service::create_key(&operator, "base-issuing", "EC_SIGN_P256_SHA256", None)
+            .await;
         daemon.kill().unwrap();
         daemon.wait().unwrap();
         CeremonyRig {

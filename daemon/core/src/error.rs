@@ -156,6 +156,7 @@ reasons! {
     CertificateUnsupported = "CERTIFICATE_UNSUPPORTED": "Ed25519 keys cannot be backed up on SoftHSM2; no root certificate for RSA-PSS keys",
     CertificateLint = "CERTIFICATE_LINT": "the certificate a ceremony was about to have the HSM sign breaks a lint rule (named in the message); the HSM signed nothing",
     CertificateUnverified = "CERTIFICATE_UNVERIFIED": "the HSM's signature over a ceremony's certificate does not verify with the issuer's public key; the certificate is not released",
+    NoIssuerCertificate = "NO_ISSUER_CERTIFICATE": "an intermediate ceremony's issuer has no root certificate stored with its current version (it was not made by a root-key ceremony with a [certificate])",
     JournalUnavailable = "JOURNAL_UNAVAILABLE": "the ceremony journal cannot be written",
     JournalCorrupt = "JOURNAL_CORRUPT": "a ceremony journal record does not parse (a bug or a damaged data directory)",
     TooManyPending = "TOO_MANY_PENDING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",

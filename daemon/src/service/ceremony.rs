@@ -82,6 +82,18 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
                 .collect()
         })
         .unwrap_or_default();
+    let certification = record.certification.as_ref();
+    let tbs_der = certification
+        .and_then(|c| hex::decode(&c.tbs_der_hex).ok())
+        .unwrap_or_default();
+    let tbs_fingerprint = (!tbs_der.is_empty()).then(|| {
+        let fingerprint = Fingerprint::of_der(&tbs_der);
+        KeyFingerprint {
+            value: fingerprint.bytes().to_vec(),
+            hex: fingerprint.hex_groups(),
+            words: fingerprint.words().unwrap_or_default(),
+        }
+    });
     let fingerprint = record.key.as_ref().and_then(|key| {
         let bytes = hex::decode(&key.fingerprint).ok()?;
         let fingerprint = if key.public_key_der_hex.is_empty() {
@@ -110,7 +122,7 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
         present: record.present.iter().map(|s| s.officer.clone()).collect(),
         confirmed: record.confirmed.iter().map(|s| s.officer.clone()).collect(),
         steps,
-        fingerprint,
+        fingerprint: fingerprint.or(tbs_fingerprint),
         public_key_der: record
             .key
             .as_ref()
@@ -120,6 +132,7 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .key
             .as_ref()
             .map(|k| k.certificate_pem.clone())
+            .or_else(|| certification.map(|c| c.certificate_pem.clone()))
             .unwrap_or_default(),
         shares_collected: record.shares_collected.clone(),
         components: record
@@ -153,7 +166,10 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .key
             .as_ref()
             .map(|k| format!("keys/{}", k.key_id))
+            .or_else(|| certification.map(|c| format!("keys/{}", c.key_id)))
             .unwrap_or_default(),
+        tbs_der,
+        tbs_summary: certification.map(|c| c.summary.clone()).unwrap_or_default(),
     }
 }
 

@@ -120,6 +120,9 @@ pub(super) async fn commit(
     record: &mut CeremonyRecord,
     script: &Script,
 ) -> Result<(), Error> {
+    if let crate::ceremony::script::Kind::Intermediate { .. } = script.kind() {
+        return super::certify::certify(state, record).await;
+    }
     let made = record
         .key
         .clone()
@@ -218,6 +221,16 @@ pub(super) async fn finish_completed(
     let mut detail = Map::new();
     let script = script_of(record)?;
     let summary = match (&record.key, script.key(), &record.key_policies) {
+        (None, ..) if record.certification.is_some() => {
+            let c = record
+                .certification
+                .as_ref()
+                .map(|c| (c.key_id.clone(), c.key_version));
+            let (key_id, version) = c.unwrap_or_default();
+            format!(
+                "the chain [intermediate, root] stored with {key_id} v{version}, where its signers fetch it: ceremony completed"
+            )
+        }
         (Some(made), Some(key), Some(policies)) => {
             detail.insert("key_policies".into(), policies_detail(key, policies));
             format!(

@@ -32,11 +32,13 @@ pub(super) const BACKUP: Points = points!("backup");
 pub(super) const IMPORT: Points = points!("import");
 pub(super) const RESTORE: Points = points!("restore");
 pub(super) const COMMIT: Points = points!("commit");
+pub(super) const TBS: Points = points!("tbs");
+pub(super) const CERTIFY: Points = points!("certify");
 
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 31] = [
+pub const CRASH_POINTS: [&str; 39] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -68,4 +70,12 @@ pub const CRASH_POINTS: [&str; 31] = [
     COMMIT.after_intent,
     COMMIT.after_hsm,
     COMMIT.after_result,
+    TBS.before_intent,
+    TBS.after_intent,
+    TBS.after_hsm,
+    TBS.after_result,
+    CERTIFY.before_intent,
+    CERTIFY.after_intent,
+    CERTIFY.after_hsm,
+    CERTIFY.after_result,
 ];

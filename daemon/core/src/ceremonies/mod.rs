@@ -33,6 +33,7 @@
 //! | `custodians.rs` | shares handed out, components and restore shares handed in |
 //! | `backup.rs` | the backup KEK and backup bundles |
 //! | `restore.rs` | restores and DR drills |
+//! | `certify.rs` | an intermediate ceremony: the TBS built and linted, signed once confirmed, the chain stored |
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
 //! | `recovery.rs` | what happens after a stop, at start or on the leader while others run: roll forward, roll back or resume |
@@ -45,6 +46,7 @@
 //! settled by [`recovery`] at start, or by the leader ([`take_over`]).
 
 mod backup;
+mod certify;
 mod commit;
 mod crash_points;
 mod custodians;
@@ -327,6 +329,7 @@ pub async fn open(
             }
             shares_needed = u32::from(bundle.manifest.backup_kek.threshold);
         }
+        Kind::Intermediate { .. } => certify::check_open(state, &script)?,
         _ => {}
     }
     // Held until the record, and with it the reservation, is journaled: no
@@ -367,6 +370,7 @@ pub async fn open(
         objects: Vec::new(),
         reserved_key_ids,
         key: None,
+        certification: None,
         key_policies,
         backup_kek: None,
         shares_collected: Vec::new(),
@@ -484,6 +488,12 @@ async fn run_steps(
                 return Ok(());
             }
             restore(state, record, *drill).await
+        }
+        Kind::Intermediate { .. } => {
+            if !record.did("tbs") {
+                certify::prepare_tbs(state, record, script).await?;
+            }
+            wait_for_confirmation(state, record).await
         }
     }
 }

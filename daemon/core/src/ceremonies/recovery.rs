@@ -220,6 +220,9 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
             .get(key_id)
             .is_some_and(|key| key.versions.iter().any(|v| v.hsm_label == label))
     };
+    if let Some(certification) = &record.certification {
+        return super::certify::committed(state, certification);
+    }
     match &record.key {
         Some(made) => registered(&made.key_id, &made.hsm_label),
         None if record.kind == "restore" && record.did("restore") => {

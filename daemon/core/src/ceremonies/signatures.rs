@@ -176,11 +176,12 @@ impl Moment {
         match self {
             Moment::SignIn => presence_message(&script.digest()),
             Moment::Confirm => {
-                let fingerprint = record
-                    .key
-                    .as_ref()
-                    .map(|k| hex::decode(&k.fingerprint).unwrap_or_default())
-                    .unwrap_or_default();
+                // A new key's fingerprint; an intermediate's TBS SHA-256.
+                let fingerprint = match (&record.key, &record.certification) {
+                    (Some(k), _) => hex::decode(&k.fingerprint).unwrap_or_default(),
+                    (None, Some(c)) => hex::decode(&c.tbs_sha256).unwrap_or_default(),
+                    (None, None) => Vec::new(),
+                };
                 confirmation_message(&script.digest(), &fingerprint)
             }
         }

@@ -32,6 +32,22 @@ pub fn root_params(
     ceremony: &str,
 ) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
+    params.distinguished_name = subject_name(section)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // The key identifier (RFC 7093 method 1) is set by [`self_sign`], which
+    // has the public key.
+    params.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(i64::from(section.validity_days));
+    tracing::debug!(ceremony, "root certificate parameters ready");
+    Ok(params)
+}
+
+/// The subject name C, O, CN, in that order (the CA/Browser Forum
+/// profile's order).
+pub fn subject_name(section: &CertificateSection) -> Result<DistinguishedName, Error> {
     let mut name = DistinguishedName::new();
     // X.520 countryName is a PrintableString (two capital letters, checked
     // by the script's validation).
@@ -43,17 +59,7 @@ pub fn root_params(
     );
     name.push(DnType::OrganizationName, section.organization.clone());
     name.push(DnType::CommonName, section.common_name.clone());
-    params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    // The key identifier (RFC 7093 method 1) is set by [`self_sign`], which
-    // has the public key.
-    params.use_authority_key_identifier_extension = true;
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now;
-    params.not_after = now + time::Duration::days(i64::from(section.validity_days));
-    tracing::debug!(ceremony, "root certificate parameters ready");
-    Ok(params)
+    Ok(name)
 }
 
 /// Bytes of a certificate serial: 16 from the HSM's random number
@@ -70,7 +76,8 @@ pub fn key_identifier(subject_public_key: &[u8]) -> Vec<u8> {
     sha2::Sha256::digest(subject_public_key)[..20].to_vec()
 }
 
-fn serial_from_hsm(session: &mut HsmSession) -> hsm_shim::Result<rcgen::SerialNumber> {
+/// A certificate serial drawn from the HSM's random number generator.
+pub fn serial_from_hsm(session: &mut HsmSession) -> hsm_shim::Result<rcgen::SerialNumber> {
     let mut serial = [0u8; SERIAL_BYTES];
     session.random(&mut serial)?;
     serial[0] = (serial[0] & 0x3f) | 0x40;
@@ -89,6 +96,39 @@ fn rcgen_algorithm(algorithm: SignAlgorithm) -> Option<&'static SignatureAlgorit
         // rcgen cannot express RSASSA-PSS parameters for a remote key.
         SignAlgorithm::RsaPss(_) => None,
     }
+}
+
+/// rcgen's name for the signature algorithm of keys of `algorithm`, or
+/// CERTIFICATE_UNSUPPORTED.
+pub fn rcgen_for(algorithm: KeyAlgorithm) -> Result<&'static SignatureAlgorithm, Error> {
+    algorithm
+        .sign_algorithm()
+        .and_then(rcgen_algorithm)
+        .ok_or_else(|| {
+            unsupported(format!(
+                "no certificate signed by {} keys: use ECDSA, Ed25519 or RSA PKCS#1",
+                algorithm.api_name()
+            ))
+        })
+}
+
+/// The HSM signs `message` (a TBS) with the key labelled `label`: a digest
+/// made here for every algorithm that signs one (the HSM then signs it as
+/// it is); Ed25519 signs the message itself. ECDSA signatures are DER, as
+/// certificates carry them.
+pub fn hsm_sign(
+    session: &mut HsmSession,
+    label: &KeyLabel,
+    algorithm: SignAlgorithm,
+    message: &[u8],
+) -> hsm_shim::Result<Vec<u8>> {
+    let digest = algorithm
+        .hash()
+        .map(|hash| crate::algorithms::hash_bytes(hash, message));
+    let input = digest
+        .as_deref()
+        .map_or(SignInput::Message(message), SignInput::Digest);
+    session.sign(label, algorithm, input, EcdsaEncoding::Der)
 }
 
 /// Whether a root certificate can be made for keys of `algorithm`.
@@ -134,23 +174,12 @@ impl SigningKey for HsmKey<'_> {
         if refused {
             return Err(rcgen::Error::RemoteKeyError);
         }
-        // A digest made here for every algorithm that signs one (the HSM
-        // then signs it as it is); Ed25519 signs the message itself.
-        let digest = self
-            .algorithm
-            .hash()
-            .map(|hash| crate::algorithms::hash_bytes(hash, message));
-        let input = digest
-            .as_deref()
-            .map_or(SignInput::Message(message), SignInput::Digest);
         let mut session = self.session.borrow_mut();
-        session
-            .sign(&self.label, self.algorithm, input, EcdsaEncoding::Der)
-            .map_err(|error| {
-                tracing::error!(%error, "the HSM refused to sign the root certificate");
-                *self.failed.borrow_mut() = Some(error);
-                rcgen::Error::RemoteKeyError
-            })
+        hsm_sign(&mut session, &self.label, self.algorithm, message).map_err(|error| {
+            tracing::error!(%error, "the HSM refused to sign the root certificate");
+            *self.failed.borrow_mut() = Some(error);
+            rcgen::Error::RemoteKeyError
+        })
     }
 }
 

@@ -37,6 +37,13 @@ impl Fingerprint {
         Fingerprint(Kind::PublicKey(Sha256::digest(spki_der).into()))
     }
 
+    /// The fingerprint of DER bytes officers confirm other than a public
+    /// key (an intermediate ceremony's TBS certificate): their SHA-256, read
+    /// as a public key's is.
+    pub fn of_der(der: &[u8]) -> Fingerprint {
+        Fingerprint(Kind::PublicKey(Sha256::digest(der).into()))
+    }
+
     /// The fingerprint of an AES key: its KCV (AES-ECB of a zero block, first
     /// 3 bytes), as the HSM reports it.
     pub fn of_kcv(kcv: [u8; 3]) -> Fingerprint {

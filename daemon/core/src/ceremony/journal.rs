@@ -103,6 +103,41 @@ pub struct MadeKey {
     pub backup: bool,
 }
 
+/// What an intermediate ceremony certifies, and the certificate it makes:
+/// the TBS is journaled when it is built and linted, before the officers
+/// confirm its SHA-256, so that the HSM signs those very bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certification {
+    /// The issuing root key's id.
+    pub issuer_key_id: String,
+    /// Its version whose key signs.
+    pub issuer_version: u32,
+    /// That version's HSM label.
+    pub issuer_label: String,
+    /// The root key's API algorithm name.
+    pub issuer_algorithm: String,
+    /// The root's public key, SubjectPublicKeyInfo DER, hex.
+    pub issuer_public_key_der_hex: String,
+    /// The root's certificate chain (its root certificate), PEM.
+    pub issuer_chain_pem: Vec<String>,
+    /// The certified key's id.
+    pub key_id: String,
+    /// Its version whose public key is certified.
+    pub key_version: u32,
+    /// That public key, SubjectPublicKeyInfo DER, hex.
+    pub public_key_der_hex: String,
+    /// The TBSCertificate, DER, hex.
+    pub tbs_der_hex: String,
+    /// The certificate's signatureAlgorithm, DER, hex.
+    pub signature_algorithm_der_hex: String,
+    /// SHA-256 of the TBS, hex: what officers confirm.
+    pub tbs_sha256: String,
+    /// The summary officers read.
+    pub summary: Vec<String>,
+    /// The signed certificate, PEM, once the HSM signed and it verified.
+    pub certificate_pem: String,
+}
+
 /// A submitted component: who, and its check value (never the value).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentRecord {
@@ -205,6 +240,9 @@ pub struct CeremonyRecord {
     pub secrets_held_by: Option<SecretsHolder>,
     /// The key made.
     pub key: Option<MadeKey>,
+    /// What an intermediate ceremony certifies, once its TBS is built.
+    #[serde(default)]
+    pub certification: Option<Certification>,
     /// The policies the key is registered with (root-key and kek), fixed
     /// when the ceremony opened: the script's `[key.policy]`, and the
     /// administrative quorum of that moment on each default kind it does
@@ -617,6 +655,7 @@ mod tests {
             objects: Vec::new(),
             reserved_key_ids: Vec::new(),
             key: None,
+            certification: None,
             key_policies: None,
             backup_kek: None,
             shares_collected: Vec::new(),

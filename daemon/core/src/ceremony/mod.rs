@@ -10,6 +10,8 @@
 //! | [`shares`] | the K-of-N share format custodians hold |
 //! | [`components`] | key components, their check values, and combining them |
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
+//! | [`intermediate`] | a subordinate CA certificate: its TBS built and linted, then signed in the HSM |
+//! | [`lint`] | the lint of a TBS certificate before the HSM signs it |
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
 //! | [`transcript`] | the hash-chained, signed ceremony transcript |
 //! | [`bundle`] | backup bundles and their signed manifest |
@@ -18,6 +20,7 @@ pub mod bundle;
 pub mod certificate;
 pub mod components;
 pub mod fingerprint;
+pub mod intermediate;
 pub mod journal;
 pub mod lint;
 pub mod script;

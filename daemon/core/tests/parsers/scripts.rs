@@ -102,7 +102,15 @@ drill = true
 custodians = ["alice", "bob", "carol"]
 "#;
 
-const SCRIPTS: [&str; 4] = [ROOT_KEY, KEK_GENERATE, KEK_COMPONENTS, RESTORE];
+const INTERMEDIATE: &str = include_str!("../../../../deploy/ceremonies/intermediate.toml");
+
+const SCRIPTS: [&str; 5] = [
+    ROOT_KEY,
+    KEK_GENERATE,
+    KEK_COMPONENTS,
+    RESTORE,
+    INTERMEDIATE,
+];
 
 fn distinct(names: &[String], min: usize, max: usize) -> Result<(), TestCaseError> {
     let set: BTreeSet<&String> = names.iter().collect();
@@ -176,6 +184,33 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
             prop_assert!(!bundle.as_os_str().is_empty());
             distinct(custodians, 2, 99)?;
         }
+        Kind::Intermediate {
+            issuer,
+            key,
+            certificate,
+            profile,
+        } => {
+            prop_assert!(custody_core::names::check_key_id(issuer).is_ok());
+            prop_assert!(custody_core::names::check_key_id(key).is_ok());
+            prop_assert_ne!(issuer, key);
+            text_ok(&certificate.common_name, 64)?;
+            prop_assert!((1..=9125).contains(&certificate.validity_days));
+            for uri in profile
+                .crl_distribution_points
+                .iter()
+                .chain(&profile.ocsp)
+                .chain(&profile.ca_issuers)
+            {
+                prop_assert!(
+                    uri.starts_with("http://") && uri.bytes().all(|b| b.is_ascii_graphic())
+                );
+            }
+            for name in profile.extended_key_usage.iter() {
+                prop_assert!(
+                    custody_core::ceremony::script::EXTENDED_KEY_USAGES.contains(&name.as_str())
+                );
+            }
+        }
     }
     // What officers read renders, and reading the text again gives the same.
     prop_assert!(!script.plan().is_empty());
@@ -197,6 +232,7 @@ fn value() -> impl Strategy<Value = String> {
             "root-key",
             "kek",
             "restore",
+            "intermediate",
             "generate",
             "components",
             "AES_256_GCM",
@@ -239,6 +275,8 @@ fn random_script() -> impl Strategy<Value = String> {
                     "shares",
                     "components",
                     "restore",
+                    "intermediate",
+                    "profile",
                     "other",
                 ]),
                 fields(vec![
@@ -262,6 +300,11 @@ fn random_script() -> impl Strategy<Value = String> {
                     "bundle_sha256",
                     "audit_key_sha256",
                     "drill",
+                    "issuer",
+                    "key",
+                    "path_len",
+                    "key_usage",
+                    "ocsp",
                 ]),
             ),
             0..6,
@@ -297,7 +340,7 @@ proptest! {
 
     #[test]
     fn f6_a_changed_script_is_refused_or_passes_every_rule(
-        which in 0usize..4,
+        which in 0usize..5,
         edits in edits(),
     ) {
         let text = as_text(&mutate(SCRIPTS[which].as_bytes(), &edits));

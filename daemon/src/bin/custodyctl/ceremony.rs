@@ -56,7 +56,7 @@ pub(crate) enum CeremonyCommand {
     Status {
         /// ceremonies/{id} or the id.
         ceremony: String,
-        /// Write the root certificate (PEM) of a root-key ceremony here.
+        /// Write the certificate (PEM) of a root-key or intermediate ceremony here.
         #[arg(long)]
         certificate_out: Option<PathBuf>,
         /// Write the backup bundle a KEK ceremony made here.
@@ -242,11 +242,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let ceremony = fetch(&mut client, &ceremony).await?;
             print_ceremony(&ceremony);
             for (path, contents, what) in [
-                (
-                    certificate_out,
-                    &ceremony.certificate_pem,
-                    "root certificate",
-                ),
+                (certificate_out, &ceremony.certificate_pem, "certificate"),
                 (bundle_out, &ceremony.backup_bundle, "backup bundle"),
             ] {
                 let Some(path) = path else { continue };
@@ -422,6 +418,13 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let current = fetch(&mut client, &ceremony).await?;
             same_script(&current, &script)?;
             let fingerprint = checked_fingerprint(&current)?;
+            if !current.tbs_der.is_empty() {
+                outln!("the certificate the HSM will sign (TBS):");
+                for line in &current.tbs_summary {
+                    outln!("  {}", shown(line));
+                }
+                outln!("TBS SHA-256:");
+            }
             outln!("fingerprint: {}", fingerprint.hex_groups());
             if let Some(words) = fingerprint.words() {
                 outln!("words:       {words}");

@@ -84,3 +84,7 @@ bundle_sha256 = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeef
 drill = true
 custodians = ["alice", "bob", "carol"]
 "#;
+
+/// The reviewed example of `deploy/ceremonies/`.
+pub(super) const INTERMEDIATE: &str =
+    include_str!("../../../../../deploy/ceremonies/intermediate.toml");

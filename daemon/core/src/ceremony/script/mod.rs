@@ -101,6 +101,52 @@ pub enum Kind {
         /// Officers allowed to submit a share (2 to 99, distinct).
         custodians: Vec<String>,
     },
+    /// A custody root key (made by a root-key ceremony, its root
+    /// certificate stored with its version) certifies the public key of
+    /// another custody key: a subordinate CA certificate.
+    Intermediate {
+        /// `[intermediate] issuer`: the root key's id.
+        issuer: String,
+        /// `[intermediate] key`: the id of the key certified.
+        key: String,
+        /// `[certificate]`: the subject and the validity.
+        certificate: CertificateSection,
+        /// `[profile]`: the subordinate CA profile.
+        profile: ProfileSection,
+    },
+}
+
+/// The extended key usages a profile may name, by their script names.
+pub const EXTENDED_KEY_USAGES: [&str; 5] = [
+    "serverAuth",
+    "clientAuth",
+    "codeSigning",
+    "emailProtection",
+    "timeStamping",
+];
+
+/// `[profile]`: a subordinate CA certificate's profile (Baseline
+/// Requirements 7.1.2.2 and RFC 5280).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProfileSection {
+    /// basicConstraints pathLenConstraint (`None`: absent, unlimited).
+    pub path_len: Option<u8>,
+    /// keyUsage beyond keyCertSign and cRLSign: digitalSignature.
+    pub digital_signature: bool,
+    /// extendedKeyUsage, by script name (empty: absent).
+    pub extended_key_usage: Vec<String>,
+    /// nameConstraints permitted dNSNames.
+    pub permitted_dns_names: Vec<String>,
+    /// nameConstraints excluded dNSNames.
+    pub excluded_dns_names: Vec<String>,
+    /// certificatePolicies, as dotted OIDs.
+    pub certificate_policies: Vec<String>,
+    /// cRLDistributionPoints, http URIs.
+    pub crl_distribution_points: Vec<String>,
+    /// authorityInformationAccess id-ad-ocsp, http URIs.
+    pub ocsp: Vec<String>,
+    /// authorityInformationAccess id-ad-caIssuers, http URIs.
+    pub ca_issuers: Vec<String>,
 }
 
 impl Kind {
@@ -110,6 +156,7 @@ impl Kind {
             Kind::RootKey { .. } => "root-key",
             Kind::Kek { .. } => "kek",
             Kind::Restore { .. } => "restore",
+            Kind::Intermediate { .. } => "intermediate",
         }
     }
 }
@@ -279,7 +326,7 @@ impl Script {
         &self.officers
     }
 
-    /// The kind's name: `root-key`, `kek` or `restore`.
+    /// The kind's name: `root-key`, `kek`, `restore` or `intermediate`.
     pub fn kind_name(&self) -> &'static str {
         self.kind.name()
     }
@@ -288,7 +335,7 @@ impl Script {
     pub fn key(&self) -> Option<&KeySection> {
         match &self.kind {
             Kind::RootKey { key, .. } | Kind::Kek { key, .. } => Some(key),
-            Kind::Restore { .. } => None,
+            Kind::Restore { .. } | Kind::Intermediate { .. } => None,
         }
     }
 
@@ -311,7 +358,7 @@ impl Script {
                 ..
             }
             | Kind::Restore { custodians, .. } => custodians,
-            Kind::RootKey { .. } => &[],
+            Kind::RootKey { .. } | Kind::Intermediate { .. } => &[],
         }
     }
 
@@ -348,6 +395,11 @@ impl Script {
 
 #[cfg(test)]
 mod fixtures;
+
+/// The reviewed `deploy/ceremonies/intermediate.toml`, for other modules'
+/// tests.
+#[cfg(test)]
+pub(crate) const INTERMEDIATE_EXAMPLE: &str = fixtures::INTERMEDIATE;
 
 #[cfg(test)]
 mod tests {

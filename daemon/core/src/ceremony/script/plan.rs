@@ -1,7 +1,7 @@
 //! The steps a script's ceremony takes, and how they read to the officers
 //! who review it: the numbered plan and the summary above it.
 
-use super::{CertificateSection, KekMode, KeySection, Kind, Script};
+use super::{CertificateSection, KekMode, KeySection, Kind, ProfileSection, Script};
 use crate::ceremony::fingerprint::hex_groups;
 
 /// A step of a ceremony, in the order [`Script::steps`] gives.
@@ -37,6 +37,12 @@ pub enum Step {
     Verify,
     /// A drill's restored keys are destroyed from the scratch token.
     DestroyScratch,
+    /// The to-be-signed certificate is built (serial from the HSM) and
+    /// linted; officers see it and its SHA-256.
+    Tbs,
+    /// The issuer signs the confirmed TBS inside the HSM; the signature is
+    /// verified with its public key.
+    Certify,
 }
 
 impl Step {
@@ -58,6 +64,8 @@ impl Step {
             Step::Unwrap => "unwrap",
             Step::Verify => "verify",
             Step::DestroyScratch => "destroy-scratch",
+            Step::Tbs => "tbs",
+            Step::Certify => "certify",
         }
     }
 }
@@ -108,6 +116,13 @@ impl Script {
                     Step::Commit
                 },
             ],
+            Kind::Intermediate { .. } => vec![
+                Step::SignIn,
+                Step::Tbs,
+                Step::Confirm,
+                Step::Certify,
+                Step::Commit,
+            ],
         }
     }
 
@@ -153,6 +168,26 @@ impl Script {
                 "{key_name} signs its self-signed root certificate inside the HSM: {}, valid {} days; {present} see its subject, validity and serial",
                 subject(certificate),
                 certificate.validity_days
+            ),
+            (Step::Tbs, Kind::Intermediate {
+                issuer,
+                key,
+                certificate,
+                profile,
+            }) => format!(
+                "custodyd draws a serial from the HSM and builds the certificate {issuer:?} would sign for the public key of {key:?}: {}, valid {} days, {}; it lints it (CA/Browser Forum subordinate CA rules, under {issuer:?}'s root certificate) before any signature, and {present} see a summary and its SHA-256",
+                subject(certificate),
+                certificate.validity_days,
+                profile_line(profile)
+            ),
+            (Step::Confirm, Kind::Intermediate { .. }) => format!(
+                "{present} read the TBS SHA-256 aloud as hex (16 groups of 4) and as 12 words, each compares it with the screen, and each signs it with their officer key: the HSM signs nothing else"
+            ),
+            (Step::Certify, Kind::Intermediate { issuer, .. }) => format!(
+                "{issuer:?} signs the confirmed TBS inside the HSM; custodyd verifies the signature with {issuer:?}'s public key before anything leaves it"
+            ),
+            (Step::Commit, Kind::Intermediate { issuer, key, .. }) => format!(
+                "the chain [the new certificate, {issuer:?}'s root certificate] is stored with {key:?}'s current version, where its signers fetch it with GetKey"
             ),
             (Step::Confirm, Kind::RootKey { .. }) => format!(
                 "{present} read the public key fingerprint aloud as hex (16 groups of 4) and as 12 words, each compares it with the screen, and each signs it with their officer key"
@@ -338,6 +373,24 @@ impl Script {
                 ));
                 lines.push(("custodians", list(custodians)));
             }
+            Kind::Intermediate {
+                issuer,
+                key,
+                certificate,
+                profile,
+            } => {
+                lines.push(("issuer", format!("{issuer} (its root certificate)")));
+                lines.push(("key", format!("{key} (its current version)")));
+                lines.push((
+                    "certificate",
+                    format!(
+                        "{}, valid {} days",
+                        subject(certificate),
+                        certificate.validity_days
+                    ),
+                ));
+                lines.push(("profile", profile_line(profile)));
+            }
         }
         let width = lines
             .iter()
@@ -393,6 +446,36 @@ fn policy_lines(key: &KeySection) -> Vec<String> {
 
 fn list(ids: &[String]) -> String {
     ids.join(", ")
+}
+
+/// The profile as officers read it, one line.
+fn profile_line(profile: &ProfileSection) -> String {
+    let mut parts = vec![match profile.path_len {
+        Some(n) => format!("CA, pathLen {n}"),
+        None => "CA, no pathLen".to_owned(),
+    }];
+    let mut usage = vec!["keyCertSign", "cRLSign"];
+    if profile.digital_signature {
+        usage.push("digitalSignature");
+    }
+    parts.push(format!("keyUsage {}", usage.join(" ")));
+    let named = |what: &str, values: &[String]| {
+        (!values.is_empty()).then(|| format!("{what} {}", values.join(" ")))
+    };
+    parts.extend(
+        [
+            named("EKU", &profile.extended_key_usage),
+            named("permitted DNS", &profile.permitted_dns_names),
+            named("excluded DNS", &profile.excluded_dns_names),
+            named("policies", &profile.certificate_policies),
+            named("CRL", &profile.crl_distribution_points),
+            named("OCSP", &profile.ocsp),
+            named("caIssuers", &profile.ca_issuers),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    parts.join("; ")
 }
 
 fn subject(certificate: &CertificateSection) -> String {

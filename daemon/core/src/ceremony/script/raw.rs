@@ -25,6 +25,8 @@ pub(super) struct RawScript {
     pub(super) shares: Option<RawShares>,
     pub(super) components: Option<RawComponents>,
     pub(super) restore: Option<RawRestore>,
+    pub(super) intermediate: Option<RawIntermediate>,
+    pub(super) profile: Option<RawProfile>,
 }
 
 #[derive(Deserialize)]
@@ -82,4 +84,25 @@ pub(super) struct RawRestore {
     pub(super) audit_key_sha256: Option<String>,
     pub(super) drill: Option<bool>,
     pub(super) custodians: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIntermediate {
+    pub(super) issuer: Option<String>,
+    pub(super) key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProfile {
+    pub(super) path_len: Option<i64>,
+    pub(super) key_usage: Option<Vec<String>>,
+    pub(super) extended_key_usage: Option<Vec<String>>,
+    pub(super) permitted_dns_names: Option<Vec<String>>,
+    pub(super) excluded_dns_names: Option<Vec<String>>,
+    pub(super) certificate_policies: Option<Vec<String>>,
+    pub(super) crl_distribution_points: Option<Vec<String>>,
+    pub(super) ocsp: Option<Vec<String>>,
+    pub(super) ca_issuers: Option<Vec<String>>,
 }

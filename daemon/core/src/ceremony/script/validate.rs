@@ -62,14 +62,14 @@ impl ScriptError {
     }
 }
 
-fn invalid(field: &str, problem: impl Into<String>) -> ScriptError {
+pub(super) fn invalid(field: &str, problem: impl Into<String>) -> ScriptError {
     ScriptError::Field {
         field: field.to_owned(),
         problem: problem.into(),
     }
 }
 
-fn required<T>(value: Option<T>, field: &str, allowed: &str) -> Result<T, ScriptError> {
+pub(super) fn required<T>(value: Option<T>, field: &str, allowed: &str) -> Result<T, ScriptError> {
     value.ok_or_else(|| invalid(field, format!("missing; {allowed}")))
 }
 
@@ -100,7 +100,7 @@ fn check_id(id: &str) -> Result<(), ScriptError> {
 /// of the characters [`crate::text`] keeps off screens (controls, which
 /// could move the cursor or recolour the terminal, bidi and zero-width
 /// characters, which reorder or hide what the officers see next to them).
-fn check_text(field: &str, text: &str, max: usize) -> Result<(), ScriptError> {
+pub(super) fn check_text(field: &str, text: &str, max: usize) -> Result<(), ScriptError> {
     if text.trim().is_empty() {
         return Err(invalid(field, format!("is empty; 1 to {max} characters")));
     }
@@ -394,7 +394,7 @@ fn kek_section(raw: RawKey, generate: bool) -> Result<KeySection, ScriptError> {
     })
 }
 
-fn certificate_section(raw: RawCertificate) -> Result<CertificateSection, ScriptError> {
+pub(super) fn certificate_section(raw: RawCertificate) -> Result<CertificateSection, ScriptError> {
     let common_name = required(
         raw.common_name,
         "certificate.common_name",
@@ -564,7 +564,11 @@ impl Script {
         }
         let id = required(raw.id, "id", "the ceremony id, e.g. \"root-2026\"")?;
         check_id(&id)?;
-        let kind_name = required(raw.kind, "kind", "\"root-key\", \"kek\" or \"restore\"")?;
+        let kind_name = required(
+            raw.kind,
+            "kind",
+            "\"root-key\", \"kek\", \"restore\" or \"intermediate\"",
+        )?;
         let description = required(
             raw.description,
             "description",
@@ -601,6 +605,8 @@ impl Script {
                 absent(&raw.shares, "shares", why)?;
                 absent(&raw.components, "components", why)?;
                 absent(&raw.restore, "restore", why)?;
+                absent(&raw.intermediate, "intermediate", why)?;
+                absent(&raw.profile, "profile", why)?;
                 let key = root_key_section(required(raw.key, "key", "a [key] section")?)?;
                 let certificate = raw.certificate.map(certificate_section).transpose()?;
                 if certificate.is_some() && !crate::ceremony::certificate::supported(key.algorithm)
@@ -619,6 +625,8 @@ impl Script {
                 let why = "a kek script has [quorum], [key], [kek] and [shares] or [components]";
                 absent(&raw.certificate, "certificate", why)?;
                 absent(&raw.restore, "restore", why)?;
+                absent(&raw.intermediate, "intermediate", why)?;
+                absent(&raw.profile, "profile", why)?;
                 let kek = required(raw.kek, "kek", "a [kek] section")?;
                 let mode = required(kek.mode, "kek.mode", "\"generate\" or \"components\"")?;
                 let key = required(raw.key, "key", "a [key] section")?;
@@ -679,12 +687,25 @@ impl Script {
                 absent(&raw.kek, "kek", why)?;
                 absent(&raw.shares, "shares", why)?;
                 absent(&raw.components, "components", why)?;
+                absent(&raw.intermediate, "intermediate", why)?;
+                absent(&raw.profile, "profile", why)?;
                 restore_kind(required(raw.restore, "restore", "a [restore] section")?)?
+            }
+            "intermediate" => {
+                let why = "an intermediate script has [quorum], [intermediate], [certificate] and [profile]";
+                absent(&raw.key, "key", why)?;
+                absent(&raw.kek, "kek", why)?;
+                absent(&raw.shares, "shares", why)?;
+                absent(&raw.components, "components", why)?;
+                absent(&raw.restore, "restore", why)?;
+                intermediate::kind(raw.intermediate, raw.certificate, raw.profile)?
             }
             other => {
                 return Err(invalid(
                     "kind",
-                    format!("{other:?} is not a kind; \"root-key\", \"kek\" or \"restore\""),
+                    format!(
+                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\" or \"intermediate\""
+                    ),
                 ));
             }
         };
@@ -698,6 +719,8 @@ impl Script {
         })
     }
 }
+
+mod intermediate;
 
 #[cfg(test)]
 mod policy_tests;

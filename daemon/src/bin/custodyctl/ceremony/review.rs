@@ -42,7 +42,10 @@ pub(super) fn checked_fingerprint(ceremony: &Ceremony) -> Result<Fingerprint, St
         .fingerprint
         .as_ref()
         .ok_or("the ceremony has no key to confirm yet")?;
-    let fingerprint = if ceremony.public_key_der.is_empty() {
+    let fingerprint = if !ceremony.tbs_der.is_empty() {
+        // An intermediate ceremony: the SHA-256 of the TBS, recomputed here.
+        Fingerprint::of_der(&ceremony.tbs_der)
+    } else if ceremony.public_key_der.is_empty() {
         let kcv: [u8; 3] = reported
             .value
             .as_slice()

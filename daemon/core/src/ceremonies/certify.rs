@@ -1,0 +1,345 @@
+//! An intermediate ceremony: a custody root key certifies another custody
+//! key. Its TBS is built and linted once the quorum signs in (step `tbs`,
+//! journaled: the officers confirm its SHA-256); only after every officer
+//! who signed in confirmed does the HSM sign those bytes (step `certify`),
+//! the signature verified with the root's public key; the commit stores the
+//! chain [intermediate, root] with the certified version.
+
+use serde_json::{Map, json};
+use sha2::{Digest, Sha256};
+
+use super::commit::finish_completed;
+use super::crash_points::{CERTIFY, COMMIT, TBS};
+use super::{intend, journal_failure, note};
+use crate::Custody;
+use crate::algorithms::KeyAlgorithm;
+use crate::ceremony::intermediate::{self, Prepared};
+use crate::ceremony::journal::{CeremonyRecord, Certification};
+use crate::ceremony::lint::Passed;
+use crate::ceremony::script::{Kind, Script};
+use crate::failpoint;
+use crate::registry::{KeyRecord, VersionRecord, VersionState};
+use crate::{Error, Reason};
+
+/// The script's issuer, key, subject and profile.
+fn parts(script: &Script) -> Result<(&str, &str), Error> {
+    match script.kind() {
+        Kind::Intermediate { issuer, key, .. } => Ok((issuer, key)),
+        _ => Err(Error::internal("not an intermediate ceremony")),
+    }
+}
+
+/// The current version of `key_id`, active.
+fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
+    let key = crate::keys::found(state, key_id)?;
+    let version = crate::keys::version_of(&key, key.primary_version)?.clone();
+    if version.state != VersionState::Active {
+        return Err(Error::new(
+            Reason::VersionNotActive,
+            format!(
+                "{key_id} version {} is {}: only an active version certifies or is certified",
+                version.version,
+                version.state.api_name()
+            ),
+        ));
+    }
+    Ok(((*key).clone(), version))
+}
+
+/// What an intermediate ceremony needs when it opens: the issuer's current
+/// version active, with its root certificate; the key certified a key pair;
+/// and the ceremony's quorum at least the issuer's SIGN policy (as many
+/// officers, all of them in it): fewer officers than may sign with the root
+/// do not get it to certify a key.
+pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> {
+    let (issuer_id, key_id) = parts(script)?;
+    let (issuer, version) = current(state, issuer_id)?;
+    if version.certificate_chain_pem.is_empty() {
+        return Err(Error::new(
+            Reason::NoIssuerCertificate,
+            format!(
+                "{issuer_id} version {} has no root certificate stored with it: only a root key made by a root-key ceremony with a [certificate] certifies",
+                version.version
+            ),
+        ));
+    }
+    let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
+        .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
+    crate::ceremony::certificate::rcgen_for(algorithm)?;
+    let (_, subject) = current(state, key_id)?;
+    crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
+    if subject.public_key_der_hex.is_empty() {
+        return Err(Error::new(
+            Reason::NoPublicKey,
+            format!("{key_id} has no public key to certify"),
+        ));
+    }
+    if let Some(sign) = issuer.policies.get("SIGN") {
+        let quorum = script.quorum();
+        let outsider = quorum.members.iter().find(|m| !sign.members.contains(*m));
+        if quorum.required < sign.required || outsider.is_some() {
+            return Err(Error::new(
+                Reason::BadScript,
+                format!(
+                    "ceremony script: quorum: {issuer_id}'s SIGN policy needs {} of {}; the ceremony's quorum ({} of {}) must need at least as many, of those officers only{}",
+                    sign.required,
+                    sign.members.iter().cloned().collect::<Vec<_>>().join(", "),
+                    quorum.required,
+                    script.officers().join(", "),
+                    outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The algorithm of the key `key_id`.
+fn subject_algorithm(state: &Custody, key_id: &str) -> Result<KeyAlgorithm, Error> {
+    let key = crate::keys::found(state, key_id)?;
+    KeyAlgorithm::from_api_name(&key.algorithm)
+        .ok_or_else(|| Error::internal(key.algorithm.clone()))
+}
+
+fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
+    let corrupt = |what: &str| Error::new(Reason::JournalCorrupt, format!("journaled {what}"));
+    let confirmed: [u8; 32] = hex::decode(&certification.tbs_sha256)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("TBS SHA-256"))?;
+    Ok((
+        Prepared {
+            tbs: hex::decode(&certification.tbs_der_hex).map_err(|_| corrupt("TBS"))?,
+            signature_algorithm: hex::decode(&certification.signature_algorithm_der_hex)
+                .map_err(|_| corrupt("signature algorithm"))?,
+            tbs_sha256: confirmed,
+        },
+        confirmed,
+    ))
+}
+
+/// Step `tbs`: the serial drawn from the HSM, the TBS built and linted, and
+/// journaled with its summary and SHA-256 for the officers to confirm.
+pub(super) async fn prepare_tbs(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    script: &Script,
+) -> Result<(), Error> {
+    let Kind::Intermediate {
+        issuer: issuer_id,
+        key: key_id,
+        certificate,
+        profile,
+    } = script.kind()
+    else {
+        return Err(Error::internal("not an intermediate ceremony"));
+    };
+    intend(state, record, "tbs", &[], &TBS).await?;
+    check_open(state, script)?;
+    let (issuer, issuer_version) = current(state, issuer_id)?;
+    let (_, subject) = current(state, key_id)?;
+    let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
+        .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
+    let root_pem = issuer_version
+        .certificate_chain_pem
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    let issuer_certificate = intermediate::issuer_certificate(&root_pem)?;
+    let serial = state
+        .hsm
+        .run(crate::ceremony::certificate::serial_from_hsm)
+        .await?;
+    failpoint::hit(TBS.after_hsm);
+    let mut params = intermediate::intermediate_params(
+        certificate,
+        profile,
+        time::OffsetDateTime::from_unix_timestamp(state.clock.now_ms() / 1000)
+            .map_err(|e| Error::internal(e.to_string()))?,
+    )?;
+    params.serial_number = Some(serial);
+    let issuer_spki = hex::decode(&issuer_version.public_key_der_hex).unwrap_or_default();
+    let subject_spki = hex::decode(&subject.public_key_der_hex).unwrap_or_default();
+    let keys = intermediate::Keys {
+        issuer_algorithm: algorithm,
+        issuer_spki: &issuer_spki,
+        subject_algorithm: subject_algorithm(state, key_id)?,
+        subject_spki: &subject_spki,
+    };
+    let prepared = intermediate::prepare(
+        &issuer_certificate,
+        &keys,
+        &params,
+        profile,
+        certificate.validity_days,
+    )?;
+    let summary = intermediate::summary(&prepared.tbs);
+    let tbs_sha256 = hex::encode(prepared.tbs_sha256);
+    record.certification = Some(Certification {
+        issuer_key_id: issuer_id.clone(),
+        issuer_version: issuer_version.version,
+        issuer_label: issuer_version.hsm_label.clone(),
+        issuer_algorithm: issuer.algorithm.clone(),
+        issuer_public_key_der_hex: issuer_version.public_key_der_hex.clone(),
+        issuer_chain_pem: issuer_version.certificate_chain_pem.clone(),
+        key_id: key_id.clone(),
+        key_version: subject.version,
+        public_key_der_hex: subject.public_key_der_hex.clone(),
+        tbs_der_hex: hex::encode(&prepared.tbs),
+        signature_algorithm_der_hex: hex::encode(&prepared.signature_algorithm),
+        tbs_sha256: tbs_sha256.clone(),
+        summary: summary.clone(),
+        certificate_pem: String::new(),
+    });
+    record.done.push("tbs".into());
+    let mut detail = Map::new();
+    detail.insert("tbs_sha256".into(), json!(tbs_sha256));
+    detail.insert("lint".into(), json!(format!("passed: {}", Passed::rules())));
+    detail.insert("summary".into(), json!(summary));
+    detail.insert(
+        "issuer".into(),
+        json!(format!("{issuer_id} v{}", issuer_version.version)),
+    );
+    detail.insert(
+        "key".into(),
+        json!(format!("{key_id} v{}", subject.version)),
+    );
+    note(
+        state,
+        record,
+        "tbs",
+        "custodyd",
+        format!(
+            "the certificate {issuer_id} would sign for {key_id} v{} (TBS SHA-256 {tbs_sha256}) built and linted: nothing signed yet",
+            subject.version
+        ),
+        detail,
+    )
+    .await?;
+    failpoint::hit(TBS.after_result);
+    Ok(())
+}
+
+/// Steps `certify` and `commit`, once every officer who signed in
+/// confirmed the TBS's SHA-256.
+pub(super) async fn certify(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    let certification = record
+        .certification
+        .clone()
+        .ok_or_else(|| Error::internal("no TBS to sign"))?;
+    if !record.did("certify") {
+        sign(state, record, &certification).await?;
+    }
+    store_chain(state, record).await
+}
+
+async fn sign(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    certification: &Certification,
+) -> Result<(), Error> {
+    intend(state, record, "certify", &[], &CERTIFY).await?;
+    let (prepared, confirmed) = prepared_of(certification)?;
+    let algorithm = KeyAlgorithm::from_api_name(&certification.issuer_algorithm)
+        .ok_or_else(|| Error::internal(certification.issuer_algorithm.clone()))?;
+    // The issuer's version must still be the one the TBS was built under.
+    let issuer = crate::keys::found(state, &certification.issuer_key_id)?;
+    let version = crate::keys::version_of(&issuer, certification.issuer_version)?;
+    if version.state != VersionState::Active || version.hsm_label != certification.issuer_label {
+        return Err(Error::new(
+            Reason::VersionNotActive,
+            format!(
+                "{} version {} is no longer the active key that built the TBS",
+                certification.issuer_key_id, certification.issuer_version
+            ),
+        ));
+    }
+    let label = hsm_shim::KeyLabel::new(certification.issuer_label.clone())?;
+    let spki = hex::decode(&certification.issuer_public_key_der_hex).unwrap_or_default();
+    let pem = state
+        .hsm
+        .run(move |session| {
+            intermediate::sign_prepared(session, &label, algorithm, &spki, &prepared, &confirmed)
+        })
+        .await??;
+    failpoint::hit(CERTIFY.after_hsm);
+    if let Some(c) = record.certification.as_mut() {
+        c.certificate_pem = pem.clone();
+    }
+    record.done.push("certify".into());
+    let mut detail = Map::new();
+    detail.insert("tbs_sha256".into(), json!(certification.tbs_sha256));
+    detail.insert(
+        "certificate_sha256".into(),
+        json!(hex::encode(Sha256::digest(pem.as_bytes()))),
+    );
+    note(
+        state,
+        record,
+        "certify",
+        "custodyd",
+        format!(
+            "{} signed the confirmed TBS (SHA-256 {}) inside the HSM; the signature verifies with its public key",
+            certification.issuer_key_id, certification.tbs_sha256
+        ),
+        detail,
+    )
+    .await?;
+    failpoint::hit(CERTIFY.after_result);
+    Ok(())
+}
+
+/// The chain [intermediate, root] stored with the certified version, if it
+/// still holds the public key the certificate names.
+async fn store_chain(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    let certification = record
+        .certification
+        .clone()
+        .ok_or_else(|| Error::internal("no certificate to store"))?;
+    intend(state, record, "commit", &[], &COMMIT).await?;
+    let _registry = state
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
+    let mut key = (*crate::keys::found(state, &certification.key_id)?).clone();
+    let version = key
+        .versions
+        .iter_mut()
+        .find(|v| v.version == certification.key_version)
+        .filter(|v| v.public_key_der_hex == certification.public_key_der_hex)
+        .ok_or_else(|| {
+            Error::new(
+                Reason::VersionNotActive,
+                format!(
+                    "{} version {} is gone or changed while the ceremony ran",
+                    certification.key_id, certification.key_version
+                ),
+            )
+        })?;
+    let mut chain = vec![certification.certificate_pem.clone()];
+    chain.extend(certification.issuer_chain_pem.iter().cloned());
+    version.certificate_chain_pem = chain;
+    state
+        .registry
+        .put(key)
+        .await
+        .map_err(|e| journal_failure(e.to_string()))?;
+    failpoint::hit(COMMIT.after_hsm);
+    finish_completed(state, record).await?;
+    failpoint::hit(COMMIT.after_result);
+    Ok(())
+}
+
+/// Whether the commit reached the registry: the certified version holds
+/// the certificate this ceremony made.
+pub(super) fn committed(state: &Custody, certification: &Certification) -> bool {
+    !certification.certificate_pem.is_empty()
+        && state
+            .registry
+            .get(&certification.key_id)
+            .and_then(|key| key.version(certification.key_version).cloned())
+            .is_some_and(|v| {
+                v.certificate_chain_pem.first() == Some(&certification.certificate_pem)
+            })
+}
