@@ -63,9 +63,10 @@ impl Daemon {
         let epochs =
             custody_core::shared::Epochs::open(&db, holder).map_err(|e| format!("store: {e}"))?;
         let replica = claim_replica(&config, &db, &epochs)?;
-        // Every tree checked before anything reads or writes one (F1); the
-        // audit log opens with this pass's chain.
-        let chain = custody_core::integrity::check(&db).into_chain(&config.data_dir)?;
+        // Every tree checked before anything reads or writes one (F1), the
+        // audit chain from its last checkpoint (Q1); the audit log opens
+        // with this pass's chain.
+        let chain = custody_core::integrity::check_at_start(&db).into_chain(&config.data_dir)?;
         // Every rule decides by the guarded clock: never backwards, even
         // across a restart, and steps reported (threat model F7).
         let clock: Arc<dyn Clock> = Arc::new(GuardedClock::open(

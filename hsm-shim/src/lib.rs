@@ -20,6 +20,10 @@
 //! - [`HsmError`] (`error.rs`) keeps the PKCS#11 function and `CKR_*` code and
 //!   reduces them to one [`ErrorKind`], which the daemon maps to gRPC statuses.
 //!
+//! - `floor` (feature `bench-floor`, benchmarks only): plain cryptoki
+//!   signing with none of the above, the baseline every benchmark is a
+//!   ratio of.
+//!
 //! Nothing outside this crate names a `cryptoki` type except through
 //! [`pkcs11`], which re-exports the two needed to read an error's cause.
 
@@ -29,6 +33,8 @@ mod config;
 mod encoding;
 mod error;
 mod fault;
+#[cfg(feature = "bench-floor")]
+pub mod floor;
 mod inventory;
 mod keys;
 mod pool;

@@ -10,6 +10,10 @@
 //! - through tokio's `spawn_blocking` with a session per blocking thread (the
 //!   design we did not choose), with 16 callers,
 //!
+//! - for ECDSA P-256, the floor under all of them: plain cryptoki on 1
+//!   thread and on every core (`floor/mod.rs`), at the start and the end of
+//!   the run,
+//!
 //! each the median of `BENCH_ROUNDS` (default 3) runs of `BENCH_SECONDS`
 //! (default 1) seconds, and prints a Markdown table with each figure as a ratio
 //! of the one-thread direct figure measured in the same run.
@@ -25,6 +29,8 @@ use hsm_shim::{
     SignAlgorithm, SignInput,
 };
 use softhsm_tests::TestToken;
+
+mod floor;
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -258,6 +264,15 @@ fn bench(token: &TestToken) {
         op.create(&mut session);
     }
     drop(session);
+    let ecdsa = Op::EcdsaP256.label();
+    let floor_rounds = |threads| {
+        median(
+            (0..settings.rounds)
+                .map(|_| floor::rate(token, ecdsa.as_str(), threads, settings.seconds))
+                .collect(),
+        )
+    };
+    let start = (floor_rounds(1), floor_rounds(floor::cores()));
 
     println!(
         "SoftHSM2 raw throughput, ops/s (median of {} x {} s); ratio to 1 direct thread in brackets\n",
@@ -282,8 +297,38 @@ fn bench(token: &TestToken) {
         add(spawn_blocking(&setup, op, 16, &settings));
         println!("| {} | {} |", op.name(), cells.join(" | "));
     }
+    let end = (floor_rounds(1), floor_rounds(floor::cores()));
+    let shim = direct(&setup, Op::EcdsaP256, 1, &settings);
+    let one = f64::midpoint(start.0, end.0);
+    let all = f64::midpoint(start.1, end.1);
+    let cores = floor::cores();
+    println!(
+        "\nECDSA P-256, plain cryptoki (one session per thread), start / end of the run; ratio to {cores} threads (mean) in brackets\n"
+    );
+    println!(
+        "| path | signatures/s | to raw cryptoki, 1 thread | to raw cryptoki, {cores} threads |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| raw cryptoki, 1 thread | {:.0} / {:.0} | 1.00 | {:.2} |",
+        start.0,
+        end.0,
+        one / all
+    );
+    println!(
+        "| raw cryptoki, {cores} threads | {:.0} / {:.0} | {:.2} | 1.00 |",
+        start.1,
+        end.1,
+        all / one
+    );
+    println!(
+        "| hsm-shim direct, 1 thread (after the floor) | {shim:.0} | {:.2} | {:.2} |",
+        shim / one,
+        shim / all
+    );
 }
 
 fn main() {
+    floor::serve();
     softhsm_tests::run_bench("raw_hsm", bench);
 }

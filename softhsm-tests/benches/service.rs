@@ -1,11 +1,16 @@
 //! Signatures per second through custodyd (gRPC over loopback mTLS, every
 //! signature audited and durable before it is returned), as ratios of raw
-//! hsm-shim signatures per second measured in the same run; p50 and p99
+//! hsm-shim signatures per second on one thread and of plain cryptoki
+//! signatures per second on every core (the floor, `floor/mod.rs`, measured
+//! at the start and the end of the run; the ratio is to their mean), all
+//! measured in the same run; p50 and p99
 //! latency of unary calls; and how long the key registry takes to load
 //! 10,000 keys at start.
 //!
 //! Run: `cargo bench -p softhsm-tests --bench service`
-//! (`BENCH_SECONDS`, default 3, sets the length of each measurement.)
+//! (`BENCH_SECONDS`, default 3, sets the length of each measurement;
+//! `BENCH_PROFILE=unary16` or `stream1` runs that figure alone, for a
+//! profiler.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +24,8 @@ use futures_util::StreamExt;
 use hsm_shim::{EcdsaEncoding, SignAlgorithm, SignInput};
 use softhsm_tests::TestToken;
 use softhsm_tests::service::TestService;
+
+mod floor;
 
 fn request() -> SignRequest {
     SignRequest {
@@ -119,52 +126,18 @@ async fn streaming(service: &TestService, streams: usize, seconds: f64) -> f64 {
     done as f64 / seconds
 }
 
+/// The floor on 1 thread and on every core: `(one, all)`.
+fn floors(token: &TestToken, key_label: &str, seconds: f64) -> (f64, f64) {
+    (
+        floor::rate(token, key_label, 1, seconds),
+        floor::rate(token, key_label, floor::cores(), seconds),
+    )
+}
+
 fn tokio_stream_from(
     mut receiver: tokio::sync::mpsc::Receiver<SignRequest>,
 ) -> impl futures_util::Stream<Item = SignRequest> {
     futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
-}
-
-/// Writes `keys` registry records straight into custodyd's database.
-fn fill_registry(db: &custody_store::Store, keys: usize) {
-    use custody_core::registry::{KeyRecord, VersionRecord, VersionState};
-    let tree = db.keyspace("keys").expect("keyspace");
-    for i in 0..keys {
-        let record = KeyRecord {
-            key_id: format!("key-{i:05}"),
-            algorithm: "EC_SIGN_P256_SHA256".into(),
-            allowed_signers: vec!["ca-issuing".into()],
-            primary_version: 1,
-            created_ms: 0,
-            versions: vec![VersionRecord {
-                version: 1,
-                state: VersionState::Active,
-                created_ms: 0,
-                state_ms: 0,
-                hsm_label: format!("key/key-{i:05}/v1"),
-                public_key_der_hex: "00".repeat(91),
-                public_key_pem: "-----BEGIN PUBLIC KEY-----\n".to_string()
-                    + &"A".repeat(124)
-                    + "\n-----END PUBLIC KEY-----\n",
-                activated_ms: Some(0),
-                destroy_at_ms: None,
-                legal_hold: None,
-                check_value: String::new(),
-                certificate_chain_pem: Vec::new(),
-            }],
-            policies: Default::default(),
-            cryptoperiod_ms: None,
-            min_version: 0,
-            rotation_requests: Vec::new(),
-            backup_exportable: false,
-        };
-        tree.insert(
-            record.key_id.as_bytes(),
-            serde_json::to_vec(&record).expect("json"),
-        )
-        .expect("insert");
-    }
-    db.flush().expect("flush");
 }
 
 #[expect(clippy::print_stdout, reason = "a benchmark prints its report")]
@@ -186,24 +159,61 @@ fn bench(token: &TestToken) {
             })
             .await
             .expect("create key");
+        if let Ok(only) = std::env::var("BENCH_PROFILE") {
+            // One figure alone, for a profiler: `unary16` or `stream1`.
+            match only.as_str() {
+                "unary16" => drop(unary(&service, 16, seconds).await),
+                "stream1" => drop(streaming(&service, 1, seconds).await),
+                other => panic!("BENCH_PROFILE: {other}? (unary16 or stream1)"),
+            }
+            return;
+        }
+        let label = custody_core::names::hsm_label("bench", 1).expect("label");
+        let (floor_one, floor_all) =
+            tokio::task::block_in_place(|| floors(token, label.as_str(), seconds));
         let base = tokio::task::block_in_place(|| raw(&service, seconds));
-        println!("ECDSA P-256, {seconds} s per figure; ratio to raw hsm-shim (1 thread, same run) in brackets\n");
-        println!("| path | signatures/s | p50 | p99 |");
-        println!("|---|---|---|---|");
-        println!("| raw hsm-shim, 1 thread | {base:.0} (1.00) | | |");
+        let mut rows = Vec::new();
         for clients in [1, 16, 64] {
             let (rate, p50, p99) = unary(&service, clients, seconds).await;
-            println!(
-                "| unary Sign, {clients} client(s), audited | {rate:.0} ({:.2}) | {:.2} ms | {:.2} ms |",
-                rate / base,
-                p50.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3
-            );
+            rows.push((
+                format!("unary Sign, {clients} client(s), audited"),
+                rate,
+                format!("{:.2} ms | {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3),
+            ));
         }
         for streams in [1, 4] {
             let rate = streaming(&service, streams, seconds).await;
-            let ratio = rate / base;
-            println!("| SignStream, {streams} stream(s), audited | {rate:.0} ({ratio:.2}) | | |");
+            rows.push((format!("SignStream, {streams} stream(s), audited"), rate, " | ".into()));
+        }
+        let (end_one, end_all) =
+            tokio::task::block_in_place(|| floors(token, label.as_str(), seconds));
+        let floor = f64::midpoint(floor_all, end_all);
+        let cores = floor::cores();
+        println!(
+            "ECDSA P-256, {seconds} s per figure; ratios to raw hsm-shim on 1 thread and to raw cryptoki on {cores} cores (mean of start and end), same run\n"
+        );
+        println!("| path | signatures/s | to hsm-shim, 1 thread | to raw cryptoki, {cores} cores | p50 | p99 |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| raw cryptoki, 1 thread (start / end) | {floor_one:.0} / {end_one:.0} | | {:.2} / {:.2} | | |",
+            floor_one / floor,
+            end_one / floor
+        );
+        println!(
+            "| raw cryptoki, {cores} threads (start / end) | {floor_all:.0} / {end_all:.0} | | {:.2} / {:.2} | | |",
+            floor_all / floor,
+            end_all / floor
+        );
+        println!(
+            "| raw hsm-shim, 1 thread | {base:.0} | 1.00 | {:.2} | | |",
+            base / floor
+        );
+        for (path, rate, latency) in rows {
+            println!(
+                "| {path} | {rate:.0} | {:.2} | {:.2} | {latency} |",
+                rate / base,
+                rate / floor
+            );
         }
         // A drift check lists every object on the token and compares it with
         // the registry, under the registry lock: how long that lock is held.
@@ -247,7 +257,7 @@ fn bench(token: &TestToken) {
         let records = service.state().audit.records(1).count();
         service.stop().await;
         let db = custody_daemon::server::open_db(&service.config.data_dir, service.config.storage.cache_bytes()).expect("db");
-        fill_registry(&db, 10_000);
+        softhsm_tests::service::fill_registry(&db, 10_000);
         drop(db);
         let start = Instant::now();
         service.restart().await;
@@ -261,5 +271,6 @@ fn bench(token: &TestToken) {
 }
 
 fn main() {
+    floor::serve();
     softhsm_tests::run_bench("service_bench", bench);
 }

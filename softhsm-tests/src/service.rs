@@ -573,3 +573,47 @@ pub fn metrics_endpoint(port: u16, method: &str, path: &str) -> String {
     stream.read_to_string(&mut text).expect("metrics page");
     text
 }
+
+/// Writes `keys` registry records (EC P-256, one active version each,
+/// named `key-00000` on) straight into custodyd's database, for benchmarks
+/// of start-up and drift; their HSM objects do not exist.
+pub fn fill_registry(db: &custody_store::Store, keys: usize) {
+    use custody_core::registry::{KeyRecord, VersionRecord, VersionState};
+    let tree = db.keyspace("keys").expect("keyspace");
+    for i in 0..keys {
+        let record = KeyRecord {
+            key_id: format!("key-{i:05}"),
+            algorithm: "EC_SIGN_P256_SHA256".into(),
+            allowed_signers: vec!["ca-issuing".into()],
+            primary_version: 1,
+            created_ms: 0,
+            versions: vec![VersionRecord {
+                version: 1,
+                state: VersionState::Active,
+                created_ms: 0,
+                state_ms: 0,
+                hsm_label: format!("key/key-{i:05}/v1"),
+                public_key_der_hex: "00".repeat(91),
+                public_key_pem: "-----BEGIN PUBLIC KEY-----\n".to_string()
+                    + &"A".repeat(124)
+                    + "\n-----END PUBLIC KEY-----\n",
+                activated_ms: Some(0),
+                destroy_at_ms: None,
+                legal_hold: None,
+                check_value: String::new(),
+                certificate_chain_pem: Vec::new(),
+            }],
+            policies: Default::default(),
+            cryptoperiod_ms: None,
+            min_version: 0,
+            rotation_requests: Vec::new(),
+            backup_exportable: false,
+        };
+        tree.insert(
+            record.key_id.as_bytes(),
+            serde_json::to_vec(&record).expect("json"),
+        )
+        .expect("insert");
+    }
+    db.flush().expect("flush");
+}

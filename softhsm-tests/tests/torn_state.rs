@@ -492,3 +492,117 @@ token_test!(
         });
     }
 );
+
+/// Flips one bit in the middle of audit record `seq`'s entry (its stored
+/// hash no longer matches).
+fn flip_audit_record(data_dir: &Path, seq: u64) {
+    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let tree = db.open_tree("audit").unwrap();
+    let mut value = tree.get(seq.to_be_bytes()).unwrap().unwrap().to_vec();
+    let middle = 32 + (value.len() - 32) / 2;
+    value[middle] ^= 0x01;
+    tree.insert(seq.to_be_bytes(), value).unwrap();
+    db.flush().unwrap();
+}
+
+/// What an attacker with the database but not the HSM can do to the
+/// checkpoint record `seq`: sign its head with a key of their own, and
+/// link every later record and the stored head again, so that the chain
+/// holds together from record 1 to its end.
+fn forge_checkpoint_signature(data_dir: &Path, seq: u64) {
+    use p256::ecdsa::signature::Signer;
+    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let tree = db.open_tree("audit").unwrap();
+    let before = tree.get((seq - 1).to_be_bytes()).unwrap().unwrap();
+    let mut prev: [u8; 32] = before[..32].try_into().unwrap();
+    let attacker = p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap();
+    let records: Vec<_> = tree
+        .range(seq.to_be_bytes()..)
+        .map(Result::unwrap)
+        .collect();
+    let mut last = seq;
+    for (key, value) in records {
+        let mut entry: serde_json::Value = serde_json::from_slice(&value[32..]).unwrap();
+        entry["prev"] = hex::encode(prev).into();
+        if entry["seq"] == seq {
+            assert_eq!(entry["event"]["type"], "checkpoint", "{entry}");
+            let message = custody_core::audit::checkpoint_message(seq - 1, &prev);
+            let signature: p256::ecdsa::Signature = attacker.sign(message.as_bytes());
+            entry["event"]["signature"] = hex::encode(signature.to_der().as_bytes()).into();
+        }
+        let bytes = serde_json::to_vec(&entry).unwrap();
+        prev = custody_core::audit::chain_hash(&prev, &bytes);
+        tree.insert(&key, [prev.as_slice(), &bytes].concat())
+            .unwrap();
+        last = u64::from_be_bytes(key.as_ref().try_into().unwrap());
+    }
+    let head = db.open_tree("audit_head").unwrap();
+    head.insert("head", [last.to_be_bytes().as_slice(), &prev].concat())
+        .unwrap();
+    db.flush().unwrap();
+}
+
+token_test!(
+    fn the_start_checks_the_audit_chain_from_its_last_signed_checkpoint(token) {
+        // Threat model Q1 and Q2: start-up reads the records from the last
+        // signed checkpoint on and checks that checkpoint's signature with
+        // the token's audit key; `custodyd --check` and VerifyAudit still
+        // read the whole chain.
+        runtime().block_on(async {
+            let mut service = TestService::start_with(token, |c| {
+                c.audit.checkpoint_interval_secs = 3600;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "before", "EC_SIGN_P256_SHA256", None).await;
+            let checkpoint = service.state().audit.checkpoint().await.unwrap();
+            create_key(&operator, "after", "EC_SIGN_P256_SHA256", None).await;
+            service.stop().await;
+            let data_dir = service.config.data_dir.clone();
+            let pristine = token.scratch().join("pristine");
+            copy_dir(&data_dir, &pristine);
+            let config = check_config(&token.scratch(), &data_dir, token);
+            let restore = || {
+                std::fs::remove_dir_all(&data_dir).unwrap();
+                copy_dir(&pristine, &data_dir);
+            };
+            let named = |seq: u64| format!("tree `audit`, key record {seq} (0x{})", hex::encode(seq.to_be_bytes()));
+
+            // A record before the checkpoint damaged: start-up does not read
+            // it and starts; the whole-chain checks find it.
+            flip_audit_record(&data_dir, 2);
+            service.try_restart().await.unwrap();
+            let report = service.state().audit.verify();
+            assert_eq!(report.first_bad.as_ref().map(|(seq, _)| *seq), Some(2), "{report:?}");
+            service.stop().await;
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "--check reads the whole chain: {report}");
+            assert!(report.contains(&named(2)), "{report}");
+
+            // A record after the checkpoint damaged: refused.
+            restore();
+            flip_audit_record(&data_dir, checkpoint + 1);
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains(&named(checkpoint + 1)), "{refusal}");
+
+            // The checkpoint signed by another key, everything after it
+            // linked again: the chain holds together, the signature does
+            // not verify with the token's audit key, and custodyd does not
+            // start (nor falls back to an earlier checkpoint).
+            restore();
+            forge_checkpoint_signature(&data_dir, checkpoint);
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 0, "the forged tail chains without the key: {report}");
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains(&format!("audit log corrupt at record {checkpoint}")), "{refusal}");
+            assert!(refusal.contains("to verify with the token's audit key; it does not"), "{refusal}");
+
+            // The directory as it was starts, and its chain verifies whole.
+            restore();
+            service.try_restart().await.unwrap();
+            let report = service.state().audit.verify();
+            assert_eq!(report.first_bad, None);
+            assert!(report.checkpoints >= 1, "{report:?}");
+        });
+    }
+);

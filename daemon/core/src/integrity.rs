@@ -21,7 +21,7 @@
 //! rewritten on purpose with a matching checksum
 //! ([`crate::stored`] is no signature).
 
-use crate::audit::CheckedChain;
+use crate::audit::{ChainScope, CheckedChain};
 use crate::findings::{Findings, existing_tree};
 
 /// The trees holding state that only exists once custodyd has run, and so
@@ -48,11 +48,22 @@ pub struct Report {
     pub keys: usize,
 }
 
-/// Checks every tree of `db`, reading only (no tree is made). One pass over
-/// the audit log, whose result the log opens with.
+/// Checks every tree of `db`, reading only (no tree is made), the whole
+/// audit chain from record 1 among them: `custodyd --check`.
 pub fn check(db: &custody_store::Store) -> Report {
+    check_with(db, ChainScope::Whole)
+}
+
+/// [`check`] as custodyd runs it at start: the audit chain from its last
+/// signed checkpoint on (threat model Q1), whose result the log opens with
+/// (and whose checkpoint signature it checks, with the token's audit key).
+pub fn check_at_start(db: &custody_store::Store) -> Report {
+    check_with(db, ChainScope::FromLastCheckpoint)
+}
+
+fn check_with(db: &custody_store::Store, scope: ChainScope) -> Report {
     let mut findings = Findings::default();
-    let chain = crate::audit::check_stored(db, &mut findings);
+    let chain = crate::audit::check_stored(db, &mut findings, scope);
     let keys = crate::registry::check_stored(db, &mut findings);
     crate::budget::check_stored(db, &mut findings);
     crate::pin_lockout::check_stored(db, &mut findings);

@@ -20,7 +20,7 @@
 //! | `event.rs` | [`Event`], what happened; [`Entry`], the record it is stored in; RFC 3339 times |
 //! | `chain.rs` | [`chain_hash`], the messages the audit key signs, [`Record`], [`SignedHead`], [`AuditError`] |
 //! | `writer.rs` | [`AuditLog`] and its writer thread: group commit linked to the stored head, fail closed, checkpoints, the audit key |
-//! | `stored.rs` | how records and the head lie in the store, and their check at start |
+//! | `stored.rs` | how records and the head lie in the store, and their check (at start from the last checkpoint, offline from record 1) |
 //! | `verify.rs` | checking a chain ([`verify_records`]), a signed head, and an export offline ([`ExportLine`], [`verify_export`]) |
 //!
 //! The files are private modules and everything is re-exported here, so every
@@ -34,6 +34,9 @@ mod writer;
 
 pub use chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 pub use event::{Entry, Event, rfc3339_ms};
-pub use stored::{CheckedChain, check_stored, stored_log_holds_records};
-pub use verify::{ExportLine, VerifyReport, verify_export, verify_head, verify_records};
+pub use stored::{ChainScope, CheckedChain, check_stored, stored_log_holds_records};
+pub use verify::{
+    ExportLine, VerifyReport, checkpoint_signature_verifies, verify_export, verify_head,
+    verify_records, verify_records_from,
+};
 pub use writer::{AUDIT_KEY_LABEL, AuditHold, AuditLog, CheckpointPolicy};

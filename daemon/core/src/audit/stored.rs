@@ -5,7 +5,8 @@
 //! checks them.
 
 use super::chain::{AuditError, Record};
-use super::verify::{VerifyReport, verify_records};
+use super::event::{Entry, Event};
+use super::verify::{VerifyReport, verify_records_from};
 
 /// The key of the head in keyspace `audit_head`.
 pub(super) const HEAD: &[u8] = b"head";
@@ -21,26 +22,58 @@ pub(super) fn decode_head(value: &[u8]) -> Option<(u64, [u8; 32])> {
     Some((u64::from_be_bytes(*seq), <[u8; 32]>::try_from(hash).ok()?))
 }
 
-/// The stored chain, checked once at start (or by `custodyd --check`):
-/// numbering, links and hashes from record 1 ([`verify_records`], without
-/// the audit key, which is on the token). What [`super::AuditLog::open`] takes its
-/// head from.
+/// The stored chain, checked once at start (from its last signed
+/// checkpoint) or by `custodyd --check` (from record 1): numbering, links
+/// and hashes ([`super::verify_records`], without the audit key, which is
+/// on the token). What [`super::AuditLog::open`] takes its head from, and
+/// where it checks the checkpoint's signature once it has the key.
 #[derive(Debug, Clone)]
 pub struct CheckedChain {
     pub(super) report: VerifyReport,
+    pub(super) anchor: Option<Anchor>,
+}
+
+/// The signed checkpoint a check began at: the records after `head_seq`
+/// were checked to chain to `head_hash`, which `signature` signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Anchor {
+    /// The checkpoint's own record.
+    pub(super) seq: u64,
+    pub(super) head_seq: u64,
+    pub(super) head_hash: [u8; 32],
+    /// DER, hex, as stored.
+    pub(super) signature: String,
 }
 
 impl CheckedChain {
-    /// Records that verified.
+    /// Records that verified (from [`Self::first_checked`] on).
     pub fn records(&self) -> u64 {
         self.report.records
+    }
+
+    /// The first record the check read: 1, or the last signed checkpoint
+    /// if the check began there.
+    pub fn first_checked(&self) -> u64 {
+        self.anchor.as_ref().map_or(1, |anchor| anchor.seq)
     }
 
     /// True if the log holds no record: custodyd never started on this
     /// directory (its first start appends one at once), or it was lost.
     pub fn is_empty(&self) -> bool {
-        self.report.records == 0 && self.report.first_bad.is_none()
+        self.report.records == 0 && self.report.first_bad.is_none() && self.anchor.is_none()
     }
+}
+
+/// How much of the stored chain [`check_stored`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainScope {
+    /// Every record from record 1 (`custodyd --check`, offline).
+    Whole,
+    /// The records from the last checkpoint on, the checkpoint included
+    /// (the check at start, threat model Q1): its cost follows the
+    /// checkpoint cadence, not the log's length. From record 1 if the log
+    /// holds no checkpoint.
+    FromLastCheckpoint,
 }
 
 /// Whether the stored log holds a record now (a replica sharing the store
@@ -60,12 +93,15 @@ pub fn stored_log_holds_records(db: &custody_store::Store) -> Result<bool, Strin
 /// too; then only a checkpoint or an export's signed head kept elsewhere
 /// shows it (threat model F1). The head is read before the chain, so
 /// records appended meanwhile by another replica only lengthen the chain.
+/// With [`ChainScope::FromLastCheckpoint`], what lies before the last
+/// checkpoint is not read (threat model Q1).
 pub fn check_stored(
     db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
+    scope: ChainScope,
 ) -> CheckedChain {
     let head = check_stored_head(db, findings);
-    let chain = check_stored_chain(db, findings);
+    let chain = check_stored_chain(db, findings, scope);
     if let (Some((seq, hash)), None) = (head, &chain.report.first_bad) {
         let last = chain.report.last_seq;
         let stored = (seq <= last)
@@ -119,12 +155,14 @@ fn check_stored_head(
 fn check_stored_chain(
     db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
+    scope: ChainScope,
 ) -> CheckedChain {
     let tree = match crate::findings::existing_tree(db, "audit") {
         Ok(Some(tree)) => tree,
         Ok(None) => {
             return CheckedChain {
                 report: VerifyReport::default(),
+                anchor: None,
             };
         }
         Err(e) => {
@@ -134,10 +172,18 @@ fn check_stored_chain(
                     first_bad: Some((0, e.to_string())),
                     ..VerifyReport::default()
                 },
+                anchor: None,
             };
         }
     };
-    let report = verify_records(stored_records(&tree, 1), None);
+    let anchor = match scope {
+        ChainScope::Whole => None,
+        ChainScope::FromLastCheckpoint => last_checkpoint(&tree),
+    };
+    let (seq, hash) = anchor
+        .as_ref()
+        .map_or((0, [0; 32]), |a| (a.head_seq, a.head_hash));
+    let report = verify_records_from(seq, hash, stored_records(&tree, seq + 1), None);
     if let Some((seq, problem)) = &report.first_bad {
         findings.add_shown(
             "audit",
@@ -148,7 +194,40 @@ fn check_stored_chain(
             ),
         );
     }
-    CheckedChain { report }
+    CheckedChain { report, anchor }
+}
+
+/// The last record that reads as a checkpoint of the record just before
+/// it (as the writer makes them), from the tail back. A damaged checkpoint
+/// does not read as one: the search goes on to an earlier one, and the
+/// check from there meets the damage.
+fn last_checkpoint(tree: &custody_store::Keyspace) -> Option<Anchor> {
+    tree.iter_rev().values().find_map(|value| {
+        let value = value.ok()?;
+        let entry = value.get(32..)?;
+        // Most records are no checkpoint: skip the parse for them.
+        if !entry.windows(12).any(|w| w == b"\"checkpoint\"") {
+            return None;
+        }
+        let entry: Entry = serde_json::from_slice(entry).ok()?;
+        let Event::Checkpoint {
+            head_seq,
+            head_hash,
+            signature,
+        } = entry.event
+        else {
+            return None;
+        };
+        if entry.seq != head_seq.checked_add(1)? {
+            return None;
+        }
+        Some(Anchor {
+            seq: entry.seq,
+            head_seq,
+            head_hash: hex::decode(head_hash).ok()?.try_into().ok()?,
+            signature,
+        })
+    })
 }
 
 pub(super) fn stored_records(

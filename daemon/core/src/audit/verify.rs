@@ -32,8 +32,25 @@ pub fn verify_records(
     records: impl Iterator<Item = Result<Record, AuditError>>,
     audit_key_spki: Option<&[u8]>,
 ) -> VerifyReport {
+    verify_records_from(0, [0; 32], records, audit_key_spki)
+}
+
+/// [`verify_records`] of the records that follow record `seq` with hash
+/// `hash` (the start's check from a signed checkpoint, which names them):
+/// the first of `records` must be record `seq + 1` and link to `hash`.
+/// The report counts only these records.
+pub fn verify_records_from(
+    seq: u64,
+    hash: [u8; 32],
+    records: impl Iterator<Item = Result<Record, AuditError>>,
+    audit_key_spki: Option<&[u8]>,
+) -> VerifyReport {
     let key = audit_key_spki.map(p256::ecdsa::VerifyingKey::from_public_key_der);
-    let mut report = VerifyReport::default();
+    let mut report = VerifyReport {
+        last_seq: seq,
+        last_hash: hash,
+        ..VerifyReport::default()
+    };
     for item in records {
         let expected = report.last_seq + 1;
         let fail = |report: &mut VerifyReport, seq: u64, problem: String| {
@@ -123,12 +140,9 @@ pub fn verify_records(
                 return report;
             }
             if let Some(key) = &key {
-                let message = checkpoint_message(*head_seq, &head);
-                let valid = match (key, hex::decode(signature)) {
-                    (Ok(key), Ok(signature)) => p256::ecdsa::Signature::from_der(&signature)
-                        .is_ok_and(|s| key.verify(message.as_bytes(), &s).is_ok()),
-                    _ => false,
-                };
+                let valid = key
+                    .as_ref()
+                    .is_ok_and(|key| signature_verifies(key, *head_seq, &head, signature));
                 if !valid {
                     fail(
                         &mut report,
@@ -145,6 +159,34 @@ pub fn verify_records(
         report.last_hash = record.hash;
     }
     report
+}
+
+/// Whether `signature` (DER, hex) is the audit key's signature of a
+/// checkpoint over record `head_seq` with hash `head_hash`.
+fn signature_verifies(
+    key: &p256::ecdsa::VerifyingKey,
+    head_seq: u64,
+    head_hash: &[u8; 32],
+    signature: &str,
+) -> bool {
+    let message = checkpoint_message(head_seq, head_hash);
+    hex::decode(signature).is_ok_and(|signature| {
+        p256::ecdsa::Signature::from_der(&signature)
+            .is_ok_and(|s| key.verify(message.as_bytes(), &s).is_ok())
+    })
+}
+
+/// Whether `signature` (DER, hex) is the signature of the audit key
+/// (`audit_key_spki`) of a checkpoint over record `head_seq` with hash
+/// `head_hash`.
+pub fn checkpoint_signature_verifies(
+    audit_key_spki: &[u8],
+    head_seq: u64,
+    head_hash: &[u8; 32],
+    signature: &str,
+) -> bool {
+    p256::ecdsa::VerifyingKey::from_public_key_der(audit_key_spki)
+        .is_ok_and(|key| signature_verifies(&key, head_seq, head_hash, signature))
 }
 
 /// Checks an export's closing head against the audit key and the chain: a

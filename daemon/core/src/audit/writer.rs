@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use super::chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 use super::event::{Entry, Event, now_rfc3339};
 use super::stored::{CheckedChain, HEAD, decode_head, encode_head, stored_records};
-use super::verify::{VerifyReport, verify_records};
+use super::verify::{VerifyReport, checkpoint_signature_verifies, verify_records};
 use crate::metrics;
 
 /// Label of the HSM key that signs checkpoints and heads.
@@ -126,9 +126,11 @@ impl Drop for WriterThread {
 impl AuditLog {
     /// Opens the log in `db`, whose stored chain `chain` is the check of
     /// (one pass over the log serves the start's integrity check and the
-    /// writer's head), makes the audit key if the token has none (on a
-    /// session of its own, closed after), and starts the writer thread,
-    /// which signs on `hsm`'s workers.
+    /// writer's head), checks the signature of the checkpoint that check
+    /// began at (refusing to open if it does not verify, threat model Q2),
+    /// makes the audit key if the token has none and the log no checkpoint
+    /// (on a session of its own, closed after), and starts the writer
+    /// thread, which signs on `hsm`'s workers.
     pub fn open(
         db: &custody_store::Store,
         chain: &CheckedChain,
@@ -146,6 +148,13 @@ impl AuditLog {
         let label = KeyLabel::new(AUDIT_KEY_LABEL).map_err(|e| e.to_string())?;
         let public_key = match session.public_key(&label) {
             Ok(key) => key,
+            // A log with signed checkpoints was kept by a key the token
+            // has lost: a new key would not verify them (threat model Q2).
+            Err(e) if e.kind() == hsm_shim::ErrorKind::NotFound && chain.anchor.is_some() => {
+                return Err(format!(
+                    "the log holds signed checkpoints but the token has no audit key ({AUDIT_KEY_LABEL}): custodyd does not make a new one over them"
+                ));
+            }
             Err(e) if e.kind() == hsm_shim::ErrorKind::NotFound => session
                 .generate_key_pair(&label, KeySpec::EcP256, Exportability::NonExportable)
                 .map_err(|e| format!("creating the audit key: {e}"))?
@@ -155,6 +164,20 @@ impl AuditLog {
         };
         drop(session);
         let spki = public_key.spki_der().to_vec();
+        if let Some(anchor) = &chain.anchor {
+            if !checkpoint_signature_verifies(
+                &spki,
+                anchor.head_seq,
+                &anchor.head_hash,
+                &anchor.signature,
+            ) {
+                return Err(AuditError::Corrupt {
+                    seq: anchor.seq,
+                    problem: "expected the signature of the last checkpoint, where the check at start begins, to verify with the token's audit key; it does not, and custodyd does not start (threat model Q2)".into(),
+                }
+                .to_string());
+            }
+        }
         let pem = public_key.to_pem().map_err(|e| e.to_string())?;
         let (commands, queue) = crossbeam_channel::unbounded();
         let failed = Arc::new(AtomicBool::new(false));
