@@ -72,6 +72,7 @@ async fn fill_audit(service: &TestService, records: usize) {
                         resource: format!("keys/key-{:05}/versions/1", i % 10_000),
                         detail: format!("sha256:{}", "5a".repeat(32)),
                         outcome: "ok".into(),
+                        request_id: Some(format!("{i:016x}")),
                     })
                     .await
                     .expect("append");
