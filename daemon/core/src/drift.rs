@@ -388,6 +388,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::readiness::SELF_TEST_KEY_LABEL;
     use crate::registry::VersionRecord;
 
     fn version(n: u32, state: VersionState) -> VersionRecord {
@@ -439,6 +440,8 @@ mod tests {
         vec![
             object(AUDIT_KEY_LABEL, ObjectClassName::Private),
             object(AUDIT_KEY_LABEL, ObjectClassName::Public),
+            object(SELF_TEST_KEY_LABEL, ObjectClassName::Private),
+            object(SELF_TEST_KEY_LABEL, ObjectClassName::Public),
             object("key/k/v1", ObjectClassName::Private),
             object("key/k/v1", ObjectClassName::Public),
         ]
@@ -454,7 +457,7 @@ mod tests {
             0,
         );
         assert_eq!(report.findings, vec![]);
-        assert_eq!((report.objects_checked, report.versions_checked), (4, 1));
+        assert_eq!((report.objects_checked, report.versions_checked), (6, 1));
     }
 
     #[test]
