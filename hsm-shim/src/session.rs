@@ -100,10 +100,13 @@ impl TokenAccess {
             .map_err(|e| HsmError::from_cryptoki("opening a session on the token", e))?;
         let login = || {
             // Ordered against other processes where it can be; a store
-            // busy past the deadline does not stop the login.
+            // busy for half the deadline does not stop the login. Half, not
+            // all: opening a session runs under the watchdog with the same
+            // deadline, and a wait as long as the deadline raced it, so a
+            // store held by a hung call could cost a replacement worker too.
             let _writing = self
                 .object_store
-                .hold(Function::Login, self.call_timeout)
+                .hold(Function::Login, self.call_timeout / 2)
                 .ok();
             self.faults
                 .check(Function::Login)

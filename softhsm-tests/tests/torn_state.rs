@@ -174,10 +174,21 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
     files
 }
 
+/// The stopped daemon's database, opened without sled's background flusher:
+/// that thread holds the database's file lock for a while after the handle is
+/// dropped, so a daemon started right after could find it still locked.
+fn open_stopped_db(data_dir: &Path) -> sled::Db {
+    sled::Config::new()
+        .path(data_dir.join("custody.sled"))
+        .flush_every_ms(None)
+        .open()
+        .unwrap()
+}
+
 /// Applies `case` to the stopped daemon's database in `data_dir`; returns
 /// the tree and the key (as the report shows it) the refusal must name.
 fn damage(data_dir: &Path, case: &Case) -> (String, String) {
-    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let db = open_stopped_db(data_dir);
     let tree = db.open_tree(case.tree).unwrap();
     let pick = |target: Target| -> Vec<u8> {
         match target {
@@ -496,7 +507,7 @@ token_test!(
 /// Flips one bit in the middle of audit record `seq`'s entry (its stored
 /// hash no longer matches).
 fn flip_audit_record(data_dir: &Path, seq: u64) {
-    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let db = open_stopped_db(data_dir);
     let tree = db.open_tree("audit").unwrap();
     let mut value = tree.get(seq.to_be_bytes()).unwrap().unwrap().to_vec();
     let middle = 32 + (value.len() - 32) / 2;
@@ -511,7 +522,7 @@ fn flip_audit_record(data_dir: &Path, seq: u64) {
 /// holds together from record 1 to its end.
 fn forge_checkpoint_signature(data_dir: &Path, seq: u64) {
     use p256::ecdsa::signature::Signer;
-    let db = sled::open(data_dir.join("custody.sled")).unwrap();
+    let db = open_stopped_db(data_dir);
     let tree = db.open_tree("audit").unwrap();
     let before = tree.get((seq - 1).to_be_bytes()).unwrap().unwrap();
     let mut prev: [u8; 32] = before[..32].try_into().unwrap();
