@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use custody_core::identity::Role;
-use custody_daemon::devpki::Validity;
 
-use crate::service::TestService;
+use crate::service::{ClientFiles, TestService};
 
 /// The environment variable the module reads its config path from.
 pub const CONFIG_ENV: &str = "CUSTODY_PKCS11_CONF";
@@ -81,20 +80,8 @@ pub fn write_config(
     roles: &[Role],
     keys: &[&str],
 ) -> ModuleConfig {
-    let issued = service
-        .ca
-        .issue_client(principal, roles, Validity::days(30))
-        .expect("client certificate");
     let dir = service.dir().join(format!("pkcs11-{principal}"));
-    std::fs::create_dir_all(&dir).expect("module dir");
-    let write = |name: &str, contents: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).expect("write module file");
-        path
-    };
-    let ca = write("ca.pem", service.ca.cert_pem());
-    let cert = write("client.pem", &issued.cert_pem);
-    let key = write("client.key", &issued.key_pem);
+    let ClientFiles { ca, cert, key } = service.client_files(&dir, principal, roles);
     let log = dir.join("module.log");
     let keys = keys
         .iter()

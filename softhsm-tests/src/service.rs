@@ -26,6 +26,16 @@ use tonic::transport::Channel;
 
 use crate::TestToken;
 
+/// The CA, certificate and key files of a client identity.
+pub struct ClientFiles {
+    /// The service's CA certificate.
+    pub ca: PathBuf,
+    /// The client certificate.
+    pub cert: PathBuf,
+    /// The client's private key.
+    pub key: PathBuf,
+}
+
 /// The officers of every test service; `alice` and `bob` are also dev identities.
 pub const OFFICERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -371,6 +381,32 @@ impl TestService {
             .issue_client(principal, roles, Validity::days(30))
             .expect("client cert");
         self.client_with(&issued).await.expect("connect")
+    }
+
+    /// A fresh certificate for `principal` holding `roles`, written into
+    /// `dir` with the service's CA, for clients that read files (the
+    /// Python clients, the PKCS#11 module).
+    pub fn client_files(
+        &self,
+        dir: &std::path::Path,
+        principal: &str,
+        roles: &[Role],
+    ) -> ClientFiles {
+        let issued = self
+            .ca
+            .issue_client(principal, roles, Validity::days(30))
+            .expect("client cert");
+        std::fs::create_dir_all(dir).expect("client files directory");
+        let write = |name: String, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).expect("write a client file");
+            path
+        };
+        ClientFiles {
+            ca: write("ca.pem".into(), self.ca.cert_pem()),
+            cert: write(format!("{principal}.pem"), &issued.cert_pem),
+            key: write(format!("{principal}.key"), &issued.key_pem),
+        }
     }
 
     /// The key of officer `name`.

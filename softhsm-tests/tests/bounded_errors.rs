@@ -169,18 +169,8 @@ token_test!(
                     return;
                 }
             };
-            let issued = service
-                .ca
-                .issue_client("operator", &[Role::Operator], custody_daemon::devpki::Validity::days(1))
-                .unwrap();
-            let write = |name: &str, contents: &str| {
-                let path = dir.join(name);
-                std::fs::write(&path, contents).unwrap();
-                path.display().to_string()
-            };
-            let ca = write("ca.pem", service.ca.cert_pem());
-            let cert = write("operator.pem", &issued.cert_pem);
-            let key = write("operator.key", &issued.key_pem);
+            let files = service.client_files(&dir, "operator", &[Role::Operator]);
+            let [ca, cert, key] = [files.ca, files.cert, files.key].map(|path| path.display().to_string());
             let target = service.url().trim_start_matches("https://").to_string();
             let output = client.run(GRPCIO_CLIENT, &[&ca, &cert, &key, &target]);
             softhsm_tests::assert_success("the grpcio client", &output);

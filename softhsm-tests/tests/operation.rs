@@ -175,18 +175,8 @@ token_test!(
             let dir = service.dir().join("reflection");
             let client = GrpcCore::new(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), &dir)
                 .expect("the Python grpcio venv (python3-venv and PyPI)");
-            let issued = service
-                .ca
-                .issue_client("monitor", &[Role::Auditor], custody_daemon::devpki::Validity::days(1))
-                .unwrap();
-            let write = |name: &str, contents: &str| {
-                let path = dir.join(name);
-                std::fs::write(&path, contents).unwrap();
-                path.display().to_string()
-            };
-            let ca = write("ca.pem", service.ca.cert_pem());
-            let cert = write("monitor.pem", &issued.cert_pem);
-            let key = write("monitor.key", &issued.key_pem);
+            let files = service.client_files(&dir, "monitor", &[Role::Auditor]);
+            let [ca, cert, key] = [files.ca, files.cert, files.key].map(|path| path.display().to_string());
             let target = service.url().trim_start_matches("https://").to_string();
             let output = tokio::task::spawn_blocking(move || {
                 client.run(REFLECTION_CLIENT, &[&ca, &cert, &key, &target])
