@@ -42,7 +42,7 @@ use crate::config::{HsmConfig, TokenSelector};
 use crate::error::{ErrorKind, HsmError, Result};
 use crate::fault::Faults;
 use crate::session::{HandleCache, HsmSession, TokenAccess};
-use crate::store_lock::ObjectStoreLock;
+use crate::store_lock::{self, ObjectStoreLock};
 use crate::types::TokenSummary;
 use crate::watchdog::{self, CallWatch, Fail, MAX_ABANDONED_PER_WORKER};
 
@@ -122,7 +122,7 @@ impl Hsm {
             ));
         }
         watchdog::check_call_timeout(config.call_timeout)?;
-        let ctx = load_module(&config.module)?;
+        let ctx = load_module(&config.module, config.call_timeout)?;
         let object_store = ObjectStoreLock::for_module(&ctx);
         // Read like a search: another process making an object on a
         // file-backed token rewrites the files a token listing reads, and
@@ -650,8 +650,10 @@ impl Drop for Paused<'_> {
     }
 }
 
-/// Loads and initialises `path` once per process and returns the shared context.
-fn load_module(path: &Path) -> Result<Pkcs11> {
+/// Loads and initialises `path` once per process and returns the shared
+/// context; the initialisation waits `timeout` at most for other processes
+/// changing a SoftHSM2 token (see `store_lock::initializing`).
+fn load_module(path: &Path, timeout: Duration) -> Result<Pkcs11> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
@@ -662,7 +664,10 @@ fn load_module(path: &Path) -> Result<Pkcs11> {
     }
     let context = |what: &str| format!("{what} PKCS#11 module {}", path.display());
     let ctx = Pkcs11::new(path).map_err(|e| HsmError::from_cryptoki(context("loading"), e))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    let initialized = store_lock::initializing(timeout, || {
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+    })?;
+    match initialized {
         // Another component of the process initialised it already: share it.
         Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(HsmError::from_cryptoki(context("initialising"), e)),

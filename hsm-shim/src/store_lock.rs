@@ -234,14 +234,63 @@ impl Drop for Shared<'_> {
     }
 }
 
-/// SoftHSM2's token directory, if `ctx` is SoftHSM2 with the file backend:
-/// read from the config file SoftHSM2 itself reads (`SOFTHSM2_CONF`, or
-/// Debian's default).
+/// Runs `initialize` (the module's `C_Initialize`) holding the shared
+/// `flock` of the file-backed SoftHSM2 token directory this process's
+/// SoftHSM2 config names, if there is one, waiting `timeout` at most.
+///
+/// SoftHSM2 reads every token's files at `C_Initialize`, and a token whose
+/// own file another process is rewriting at that moment (a login, a new
+/// object) stays invalid for the life of the process: no token is listed
+/// ("no initialised token", seen with replicas starting together on one
+/// token). Whether the module is SoftHSM2 can only be asked after
+/// `C_Initialize`, so the lock is taken whenever such a config exists; for
+/// another module it orders nothing and costs one `flock`.
+pub(crate) fn initializing<T>(timeout: Duration, initialize: impl FnOnce() -> T) -> Result<T> {
+    let Some(path) = softhsm2_conf_token_dir().map(|dir| dir.join(LOCK_FILE)) else {
+        return Ok(initialize());
+    };
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(file) => file,
+        // The same warning follows from `for_module` if the module is
+        // SoftHSM2; here the initialisation just goes unordered.
+        Err(_) => return Ok(initialize()),
+    };
+    let lock = ProcessLock {
+        file,
+        path,
+        searches: parking_lot::Mutex::new(0),
+    };
+    let _still = lock.shared(Instant::now() + timeout).ok_or_else(|| {
+        HsmError::new(
+            ErrorKind::Timeout,
+            format!(
+                "C_Initialize not called: the SoftHSM2 object store stayed busy for {} ms \
+                 (another process is changing it: {})",
+                timeout.as_millis(),
+                lock.path.display()
+            ),
+        )
+    })??;
+    Ok(initialize())
+}
+
+/// SoftHSM2's token directory, if `ctx` is SoftHSM2 with the file backend.
 fn softhsm2_token_dir(ctx: &Pkcs11) -> Option<PathBuf> {
     let info = ctx.get_library_info().ok()?;
     if info.manufacturer_id().trim() != "SoftHSM" {
         return None;
     }
+    softhsm2_conf_token_dir()
+}
+
+/// The file-backed token directory of the config file SoftHSM2 itself
+/// reads (`SOFTHSM2_CONF`, or Debian's default), if it names one.
+fn softhsm2_conf_token_dir() -> Option<PathBuf> {
     let conf = std::env::var_os("SOFTHSM2_CONF")
         .map_or_else(|| PathBuf::from(SOFTHSM2_DEFAULT_CONF), PathBuf::from);
     let text = std::fs::read_to_string(&conf).ok()?;
