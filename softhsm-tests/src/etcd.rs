@@ -65,17 +65,6 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// `count` loopback ports free at the time of asking, all distinct.
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("local address").port())
-        .collect()
-}
-
 fn write(path: &Path, contents: &str, secret: bool) {
     std::fs::write(path, contents).expect("write a TLS file");
     if secret {
@@ -172,7 +161,7 @@ impl Cluster {
     fn lay_out(&mut self, count: usize, attempt: usize) {
         self.run = self.dir.path().join(format!("run{attempt}"));
         std::fs::create_dir_all(&self.run).expect("cluster run dir");
-        let ports = free_ports(2 * count);
+        let ports = crate::process::free_ports(2 * count);
         self.members = (0..count)
             .map(|i| Member {
                 name: format!("m{i}"),

@@ -98,11 +98,47 @@ pub fn replica_config(first: &Path, port: u16, id: &str, extra: &str) -> PathBuf
 
 /// A loopback port free at the time of asking.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `count` distinct loopback ports free at the time of asking, taken below
+/// the kernel's ephemeral range: a port from that range can become the
+/// local port of any outgoing connection on the machine while its server is
+/// down, and a replica restarted on its own port under load found it taken.
+/// A random start per call keeps concurrent test processes apart; each port
+/// is checked by binding it.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST);
+    let mut listeners = Vec::with_capacity(count);
+    if span >= 1_000 {
+        let start = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        for step in 0..span {
+            if listeners.len() == count {
+                break;
+            }
+            let port = LOWEST + ((start % u64::from(span)) as u32 + step) % span;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                listeners.push(listener);
+            }
+        }
+    }
+    // No room below the ephemeral range: the kernel picks.
+    while listeners.len() < count {
+        listeners.push(std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"));
+    }
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local address").port())
+        .collect()
 }
 
 /// A custodyd process, killed when dropped: a failing test must not leave a

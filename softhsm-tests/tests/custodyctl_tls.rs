@@ -137,7 +137,7 @@ token_test! {
             assert_says(&words, &["custodyd refused", &revoked.cert.display().to_string()]);
 
             // Nobody listening.
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = softhsm_tests::process::free_port();
             let words = refusal(&format!("https://localhost:{port}"), &good).await;
             assert_says(&words, &["nothing accepts connections", "is custodyd running"]);
         });

@@ -103,7 +103,7 @@ async fn metrics_show(port: u16, expected: &str) -> Option<String> {
 token_test!(
     fn a_sign_whose_c_sign_hangs_fails_hsm_timeout_with_its_record_and_a_fresh_worker_signs_next(token) {
         runtime().block_on(async {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = softhsm_tests::process::free_port();
             let service = TestService::start_with(token, |config| {
                 config.hsm.call_timeout_ms = DEADLINE_MS;
                 config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());

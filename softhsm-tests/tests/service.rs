@@ -743,7 +743,7 @@ token_test!(
 token_test!(
     fn prometheus_metrics_cover_requests_signatures_audit_hsm_and_tls(token) {
         runtime().block_on(async {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = softhsm_tests::process::free_port();
             let service = TestService::start_with(token, |config| {
                 config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
             })
