@@ -40,6 +40,12 @@ impl Quorum {
         Ok(Quorum { members, required })
     }
 
+    /// Whether every set of approvals that meets this quorum also meets
+    /// `other`: at least as many approvals, from its officers only.
+    pub fn covers(&self, other: &Quorum) -> bool {
+        self.required >= other.required && self.members.is_subset(&other.members)
+    }
+
     /// Whether `officer` is one of the eligible officers.
     pub fn contains(&self, officer: &str) -> bool {
         self.members.contains(officer)

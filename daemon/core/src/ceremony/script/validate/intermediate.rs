@@ -209,6 +209,7 @@ pub(super) fn kind(
     Ok(Kind::Intermediate {
         issuer,
         key,
+        stage: intermediate.stage.unwrap_or(false),
         certificate,
         profile,
     })
@@ -238,11 +239,13 @@ mod tests {
             key,
             certificate,
             profile,
+            stage,
         } = script.kind()
         else {
             panic!("not intermediate");
         };
         assert_eq!((issuer.as_str(), key.as_str()), ("root-ca", "issuing-ca"));
+        assert!(!stage);
         assert_eq!(certificate.validity_days, 1825);
         assert_eq!(profile.path_len, Some(0));
         assert!(!profile.digital_signature);
