@@ -269,6 +269,8 @@ enum Scenario {
     Drill,
     /// The rig's root certifies the rig's issuing key.
     Intermediate,
+    /// The rig's root certifies a staged version of the rig's issuing key.
+    Staged,
 }
 
 impl Scenario {
@@ -279,6 +281,7 @@ impl Scenario {
             Some("import") => Scenario::Components,
             Some("restore") => Scenario::Drill,
             Some("tbs" | "certify") => Scenario::Intermediate,
+            Some("stage") => Scenario::Staged,
             _ => Scenario::Root,
         }
     }
@@ -289,7 +292,7 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill | Scenario::Intermediate => None,
+            Scenario::Drill | Scenario::Intermediate | Scenario::Staged => None,
         }
     }
 
@@ -303,6 +306,10 @@ impl Scenario {
             }
             Scenario::Drill => restore_script(&format!("c-drill-{run}"), bundle, true),
             Scenario::Intermediate => intermediate_script(&format!("c-int-{run}")),
+            Scenario::Staged => intermediate_script(&format!("c-stage-{run}")).replace(
+                "key = \"base-issuing\"\n",
+                "key = \"base-issuing\"\nstage = true\n",
+            ),
         }
     }
 
@@ -316,7 +323,7 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek | Scenario::Intermediate => {
+            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Staged => {
                 officers.run(script).await.map(|(done, _)| done)
             }
             Scenario::Components => {

@@ -455,6 +455,107 @@ mod tests {
         assert!(quorum_gate(&key(&[]), "SIGN", Approval::None).is_ok());
     }
 
+    /// `key(policies)` with version 1 active (primary) and version 2
+    /// pre-activation (staged).
+    fn staged(policies: &[(&str, u32)]) -> KeyRecord {
+        let mut record = key(policies);
+        for (version, state) in [(1, "active"), (2, "pre_activation")] {
+            record.versions.push(
+                serde_json::from_value(serde_json::json!({
+                    "version": version, "state": state, "created_ms": 0, "state_ms": 0,
+                    "hsm_label": format!("k-v{version}"), "public_key_der_hex": "",
+                    "public_key_pem": ""
+                }))
+                .expect("a minimal version"),
+            );
+        }
+        record
+    }
+
+    fn with(mut record: KeyRecord, kind: &str, members: &[&str], required: u32) -> KeyRecord {
+        let quorum = Quorum::new(members.iter().map(|m| m.to_string()), required).expect("quorum");
+        record.policies.insert(kind.into(), quorum);
+        record
+    }
+
+    #[test]
+    fn a_promotion_needs_the_rotate_and_the_set_state_policy_both() {
+        let active = VersionState::Active;
+        // Not a promotion: SET_STATE alone, as before.
+        let plain = staged(&[("ROTATE", 3), ("SET_STATE", 2)]);
+        assert!(!is_promotion(&plain, 1, VersionState::Suspended));
+        assert!(!is_promotion(&plain, 2, VersionState::Compromised));
+        assert_eq!(
+            state_change_quorum(&plain, 2, VersionState::Compromised)
+                .unwrap()
+                .unwrap()
+                .required,
+            2
+        );
+        // A promotion: the stricter of ROTATE and SET_STATE, whichever it is.
+        assert!(is_promotion(&plain, 2, active));
+        assert_eq!(
+            state_change_quorum(&plain, 2, active)
+                .unwrap()
+                .unwrap()
+                .required,
+            3
+        );
+        let set_stricter = staged(&[("ROTATE", 2), ("SET_STATE", 3)]);
+        assert_eq!(
+            state_change_quorum(&set_stricter, 2, active)
+                .unwrap()
+                .unwrap()
+                .required,
+            3
+        );
+        // ROTATE alone gates a promotion that SET_STATE would let through.
+        let rotate_only = staged(&[("ROTATE", 2)]);
+        assert!(
+            state_change_quorum(&rotate_only, 1, VersionState::Suspended)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            state_change_gate(&rotate_only, 2, active, Approval::None)
+                .unwrap_err()
+                .reason,
+            Reason::QuorumRequired
+        );
+        assert!(state_change_gate(&rotate_only, 2, active, Approval::Quorum).is_ok());
+        assert!(state_change_gate(&staged(&[]), 2, active, Approval::None).is_ok());
+        // Neither covers the other: 2 of {a, b} and 2 of {b, c}.
+        let apart = with(
+            with(staged(&[]), "ROTATE", &["a", "b"], 2),
+            "SET_STATE",
+            &["b", "c"],
+            2,
+        );
+        assert_eq!(
+            state_change_quorum(&apart, 2, active).unwrap_err().reason,
+            Reason::PromotionPoliciesConflict
+        );
+        // 2 of {a, b, c} may be a and c: it does not cover 2 of {a, b},
+        // which covers it; 3 of {a, b, c} always includes a and b.
+        let outsider = with(
+            with(staged(&[]), "ROTATE", &["a", "b"], 2),
+            "SET_STATE",
+            &["a", "b", "c"],
+            2,
+        );
+        let needed = state_change_quorum(&outsider, 2, active).unwrap().unwrap();
+        assert_eq!(needed.members.len(), 2);
+        let all = with(outsider, "SET_STATE", &["a", "b", "c"], 3);
+        let needed = state_change_quorum(&all, 2, active).unwrap().unwrap();
+        assert_eq!((needed.required, needed.members.len()), (3, 3));
+        // An older pre-activation version is no promotion.
+        let mut older = staged(&[("ROTATE", 3), ("SET_STATE", 2)]);
+        older.primary_version = 2;
+        older.versions[1].state = VersionState::Active;
+        older.versions[0].state = VersionState::PreActivation;
+        assert!(!is_promotion(&older, 1, active));
+    }
+
     #[test]
     fn only_listed_principals_use_a_key() {
         // A name that merely contains a listed one is not on the list.

@@ -269,6 +269,40 @@ mod tests {
     }
 
     #[test]
+    fn a_staging_script_stages_before_the_tbs_and_says_so() {
+        let staging = INTERMEDIATE.replace(
+            "key = \"issuing-ca\"\n",
+            "key = \"issuing-ca\"\nstage = true\n",
+        );
+        let script = Script::parse(&staging).unwrap();
+        assert!(matches!(
+            script.kind(),
+            Kind::Intermediate { stage: true, .. }
+        ));
+        assert_eq!(
+            script.steps(),
+            [
+                Step::SignIn,
+                Step::Stage,
+                Step::Tbs,
+                Step::Confirm,
+                Step::Certify,
+                Step::Commit
+            ]
+        );
+        let plan = script.plan().join("\n");
+        assert!(plan.contains("2. stage: "), "{plan}");
+        assert!(plan.contains("ROTATE and SET_STATE"), "{plan}");
+        assert!(plan.contains("staged version"), "{plan}");
+        assert!(script.render_summary().contains("a staged version"));
+        let error = refused(
+            "key = \"issuing-ca\"\n",
+            "key = \"issuing-ca\"\nstage = \"yes\"\n",
+        );
+        assert!(error.contains("expected a boolean"), "{error}");
+    }
+
+    #[test]
     fn every_profile_field_is_checked_and_named() {
         let cases = [
             (
