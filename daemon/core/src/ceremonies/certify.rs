@@ -72,7 +72,7 @@ fn quorum_covers(state: &Custody, script: &Script, key_id: &str, kind: &str) -> 
     Err(Error::new(
         Reason::BadScript,
         format!(
-            "ceremony script: quorum: {key_id}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must need at least as many, of those officers only{}",
+            "ceremony script: quorum: {key_id}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must include that many of them, whichever officers sign in{}",
             policy.required,
             policy
                 .members
