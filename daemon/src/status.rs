@@ -136,6 +136,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::CertificateLint => Code::InvalidArgument,
         R::CertificateUnverified => Code::Internal,
         R::NoIssuerCertificate => Code::FailedPrecondition,
+        R::PromotionPoliciesConflict => Code::FailedPrecondition,
         R::JournalUnavailable => Code::Unavailable,
         R::JournalCorrupt => Code::Internal,
         R::TooManyPending => Code::ResourceExhausted,

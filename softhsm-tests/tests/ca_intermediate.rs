@@ -316,3 +316,156 @@ token_test!(
         });
     }
 );
+
+/// A direct Sign of SHA-256(`message`) with `key_id` as `ca-issuing`: the
+/// version that signed, and the signature.
+async fn sign_naming(
+    ca: &tonic::transport::Channel,
+    name: &str,
+    message: &[u8],
+) -> Result<(String, Vec<u8>), tonic::Status> {
+    use custody_proto::v1::signing_service_client::SigningServiceClient;
+    use custody_proto::v1::{Digest, SignRequest, digest, sign_request};
+    SigningServiceClient::new(ca.clone())
+        .sign(SignRequest {
+            name: name.into(),
+            input: Some(sign_request::Input::Digest(Digest {
+                digest: Some(digest::Digest::Sha256(
+                    sha2::Sha256::digest(message).to_vec(),
+                )),
+            })),
+            ..Default::default()
+        })
+        .await
+        .map(|r| {
+            let r = r.into_inner();
+            (r.name, r.signature)
+        })
+}
+
+token_test!(
+    fn a_staged_version_is_certified_while_the_current_one_signs_and_is_promoted_only_under_the_rotate_and_set_state_quorum(token) {
+        use custody_proto::v1::{KeyVersionState, OperationKind, OperationState, SetKeyVersionStateRequest, SetPolicySpec, SetStateSpec, operation_spec};
+        use softhsm_tests::service::request_operation;
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
+            root_and_issuing(&service, &officers).await;
+            let operator = service.client("operator").await;
+            // issuing-ca: SET_STATE needs 2 of 3, ROTATE all 3.
+            service.gate("issuing-ca", OperationKind::SetState).await;
+            let rotate = request_operation(
+                &operator,
+                operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/issuing-ca".into(),
+                    operation: OperationKind::Rotate as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required: 3,
+                }),
+            )
+            .await
+            .unwrap();
+            service.approve("alice", &rotate).await.unwrap();
+            let set = service.approve("bob", &rotate).await.unwrap();
+            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+
+            // Staging makes a version rotation would: 2 officers, fewer
+            // than issuing-ca's ROTATE policy, do not get one made.
+            let staging = intermediate_script("c-stage", "root-ca", "issuing-ca", 1825)
+                .replace("key = \"issuing-ca\"\n", "key = \"issuing-ca\"\nstage = true\n");
+            let weak = officers.start("alice", &staging, "").await.unwrap_err();
+            assert_eq!(reason(&weak), "BAD_SCRIPT", "{weak:?}");
+            assert!(weak.message().contains("ROTATE policy needs 3"), "{}", weak.message());
+            assert_eq!(service.state().registry.get("issuing-ca").unwrap().versions.len(), 1);
+
+            let staging = staging.replace("required = 2", "required = 3");
+            let opened = officers.start("alice", &staging, "").await.unwrap();
+            for officer in ["alice", "bob"] {
+                officers.sign_in(officer, &opened.name, &staging).await.unwrap();
+            }
+            let waiting = officers.sign_in("carol", &opened.name, &staging).await.unwrap();
+            assert_eq!(waiting.state, CeremonyState::AwaitingConfirmation as i32, "{}", waiting.error);
+            // v2 is staged: pre-activation, not primary; v1 keeps signing,
+            // and v2 signs nothing, even named.
+            let ca = service.client("ca-issuing").await;
+            let keys = |c: &tonic::transport::Channel| KeyServiceClient::new(c.clone());
+            let staged = keys(&ca).get_key(GetKeyRequest { name: "keys/issuing-ca".into() }).await.unwrap().into_inner();
+            assert_eq!(staged.primary_version, 1);
+            assert_eq!(staged.versions.len(), 2);
+            assert_eq!(staged.versions[1].state, KeyVersionState::PreActivation as i32);
+            let (signer, _) = sign_naming(&ca, "keys/issuing-ca", b"during staging").await.unwrap();
+            assert_eq!(signer, "keys/issuing-ca/versions/1");
+            let refused = sign_naming(&ca, "keys/issuing-ca/versions/2", b"too early").await.unwrap_err();
+            assert_eq!(reason(&refused), "VERSION_NOT_ACTIVE", "{refused:?}");
+
+            let fingerprint = waiting.fingerprint.clone().unwrap().value;
+            for officer in ["alice", "bob"] {
+                officers.confirm(officer, &opened.name, &staging, &fingerprint).await.unwrap();
+            }
+            let done = officers.confirm("carol", &opened.name, &staging, &fingerprint).await.unwrap();
+            assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
+            let intermediate = done.certificate_pem.clone();
+            let (_, parsed) = x509_parser::pem::parse_x509_pem(intermediate.as_bytes()).unwrap();
+            let (_, cert) = X509Certificate::from_der(&parsed.contents).unwrap();
+            let key = keys(&ca).get_key(GetKeyRequest { name: "keys/issuing-ca".into() }).await.unwrap().into_inner();
+            let root = keys(&ca).get_key(GetKeyRequest { name: "keys/root-ca".into() }).await.unwrap().into_inner().versions[0].certificate_chain_pem[0].clone();
+            // The chain is on the staged version, which the certificate names.
+            assert_eq!(key.versions[1].certificate_chain_pem, vec![intermediate.clone(), root.clone()]);
+            assert!(key.versions[0].certificate_chain_pem.is_empty());
+            let v2_spki = hex::decode(&service.state().registry.get("issuing-ca").unwrap().versions[1].public_key_der_hex).unwrap();
+            assert_eq!(cert.public_key().raw, v2_spki.as_slice());
+            assert_eq!(key.primary_version, 1);
+            let (signer, _) = sign_naming(&ca, "keys/issuing-ca", b"after the ceremony").await.unwrap();
+            assert_eq!(signer, "keys/issuing-ca/versions/1");
+
+            // Promotion is not cheaper than a rotation: no direct call, and
+            // an approved SET_STATE needs the 3 of ROTATE, not SET_STATE's 2.
+            let direct = keys(&operator)
+                .set_key_version_state(SetKeyVersionStateRequest {
+                    name: "keys/issuing-ca/versions/2".into(),
+                    state: KeyVersionState::Active as i32,
+                    reason: String::new(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&direct), "QUORUM_REQUIRED", "{direct:?}");
+            let promote = request_operation(
+                &operator,
+                operation_spec::Spec::SetState(SetStateSpec {
+                    name: "keys/issuing-ca/versions/2".into(),
+                    state: KeyVersionState::Active as i32,
+                    reason: String::new(),
+                }),
+            )
+            .await
+            .unwrap();
+            assert_eq!(promote.required, 3);
+            service.approve("alice", &promote).await.unwrap();
+            let two = service.approve("bob", &promote).await.unwrap();
+            assert_eq!(two.state, OperationState::Pending as i32, "{}", two.error);
+            let (signer, _) = sign_naming(&ca, "keys/issuing-ca", b"two approvals").await.unwrap();
+            assert_eq!(signer, "keys/issuing-ca/versions/1");
+            let record = service.state().registry.get("issuing-ca").unwrap();
+            assert_eq!((record.primary_version, record.versions[1].state), (1, custody_core::registry::VersionState::PreActivation));
+
+            let three = service.approve("carol", &promote).await.unwrap();
+            assert_eq!(three.state, OperationState::Succeeded as i32, "{}", three.error);
+            let (signer, _) = sign_naming(&ca, "keys/issuing-ca", b"promoted").await.unwrap();
+            assert_eq!(signer, "keys/issuing-ca/versions/2");
+
+            // The new version's leaf verifies under the staged chain.
+            let dir = token.scratch();
+            let (root_path, int_path, leaf_path) =
+                (dir.join("root.pem"), dir.join("staged.pem"), dir.join("leaf.pem"));
+            std::fs::write(&root_path, &root).unwrap();
+            std::fs::write(&int_path, &intermediate).unwrap();
+            let leaf = leaf(&service, &intermediate, &v2_spki).await;
+            std::fs::write(&leaf_path, &leaf).unwrap();
+            let verified = openssl(
+                &["verify", "-CAfile", root_path.to_str().unwrap(), "-untrusted", int_path.to_str().unwrap(), leaf_path.to_str().unwrap()],
+                b"",
+            );
+            assert!(String::from_utf8_lossy(&verified).contains("leaf.pem: OK"), "{}", String::from_utf8_lossy(&verified));
+        });
+    }
+);

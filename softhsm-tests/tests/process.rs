@@ -269,6 +269,8 @@ enum Scenario {
     Drill,
     /// The rig's root certifies the rig's issuing key.
     Intermediate,
+    /// The rig's root certifies a staged version of the rig's issuing key.
+    Staged,
 }
 
 impl Scenario {
@@ -279,6 +281,7 @@ impl Scenario {
             Some("import") => Scenario::Components,
             Some("restore") => Scenario::Drill,
             Some("tbs" | "certify") => Scenario::Intermediate,
+            Some("stage") => Scenario::Staged,
             _ => Scenario::Root,
         }
     }
@@ -289,7 +292,7 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill | Scenario::Intermediate => None,
+            Scenario::Drill | Scenario::Intermediate | Scenario::Staged => None,
         }
     }
 
@@ -303,6 +306,10 @@ impl Scenario {
             }
             Scenario::Drill => restore_script(&format!("c-drill-{run}"), bundle, true),
             Scenario::Intermediate => intermediate_script(&format!("c-int-{run}")),
+            Scenario::Staged => intermediate_script(&format!("c-stage-{run}")).replace(
+                "key = \"base-issuing\"\n",
+                "key = \"base-issuing\"\nstage = true\n",
+            ),
         }
     }
 
@@ -316,7 +323,7 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek | Scenario::Intermediate => {
+            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Staged => {
                 officers.run(script).await.map(|(done, _)| done)
             }
             Scenario::Components => {
@@ -397,6 +404,52 @@ async fn chain_invariant(
     }
 }
 
+/// After a staging run: `base-issuing` still signs with version 1, every
+/// other version of it is pre-activation (a staged version is never made
+/// usable by a crash) and there is at most one; the staged version holds
+/// this ceremony's certificate exactly when it completed.
+async fn staged_invariant(
+    keys: &mut KeyServiceClient<tonic::transport::Channel>,
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    ceremony: &str,
+    state: custody_proto::v1::CeremonyState,
+) {
+    use custody_proto::v1::{GetKeyRequest, KeyVersionState};
+    let key = keys
+        .get_key(GetKeyRequest {
+            name: "keys/base-issuing".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key.primary_version, 1, "{ceremony}");
+    assert!(
+        key.versions.len() <= 2,
+        "{ceremony}: {} versions",
+        key.versions.len()
+    );
+    for version in &key.versions[1..] {
+        assert_eq!(
+            version.state,
+            KeyVersionState::PreActivation as i32,
+            "{ceremony}: a staged version is not pre-activation"
+        );
+    }
+    let Ok(found) = officers.get("alice", ceremony).await else {
+        return;
+    };
+    let stored = key
+        .versions
+        .get(1)
+        .and_then(|v| v.certificate_chain_pem.first())
+        .is_some_and(|c| !found.certificate_pem.is_empty() && *c == found.certificate_pem);
+    assert_eq!(
+        stored,
+        state == custody_proto::v1::CeremonyState::Completed,
+        "{ceremony} is {state:?}; its certificate stored with the staged version: {stored}"
+    );
+}
+
 /// Invariant checks that found the scratch token unreadable.
 static SCRATCH_TOKEN_LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -472,6 +525,9 @@ async fn ceremony_invariant(
     }
     if ceremony.starts_with("ceremonies/c-int-") {
         chain_invariant(&mut keys, officers, ceremony, state).await;
+    }
+    if ceremony.starts_with("ceremonies/c-stage-") {
+        staged_invariant(&mut keys, officers, ceremony, state).await;
     }
     if let Some(key) = key {
         let registered = keys

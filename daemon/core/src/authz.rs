@@ -11,7 +11,7 @@ use crate::dual_control::operation::{ALWAYS_GATED_KINDS, Spec};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
 use crate::identity::{Principal, Role};
-use crate::registry::KeyRecord;
+use crate::registry::{KeyRecord, VersionState};
 use crate::{Error, Reason};
 
 /// Whether an action runs on the strength of an approved operation.
@@ -226,6 +226,76 @@ pub fn quorum_gate(record: &KeyRecord, kind: &str, approved: Approval) -> Result
     }
 }
 
+/// Whether setting `version` of `record` to `target` promotes a staged
+/// version: a pre-activation version newer than the primary (as an
+/// intermediate ceremony with `stage = true` makes) becomes active and
+/// primary at once, which is a rotation and an activation in one.
+pub fn is_promotion(record: &KeyRecord, version: u32, target: VersionState) -> bool {
+    target == VersionState::Active
+        && version > record.primary_version
+        && record
+            .version(version)
+            .is_some_and(|v| v.state == VersionState::PreActivation)
+}
+
+/// The quorum a state change of `version` of `record` to `target` needs
+/// (`None`: a direct call may make it). A plain change needs the key's
+/// SET_STATE policy. A promotion ([`is_promotion`]) changes which version
+/// signs, as a rotation does, and activates it: it needs the ROTATE and the
+/// SET_STATE policy both, so the one of the two that covers the other
+/// ([`Quorum::covers`]); if neither does, no single quorum meets both and
+/// it is refused. Never cheaper than the rotation or the activation alone
+/// (threat model C13).
+pub fn state_change_quorum(
+    record: &KeyRecord,
+    version: u32,
+    target: VersionState,
+) -> Result<Option<Quorum>, Error> {
+    let set_state = record.policies.get("SET_STATE");
+    if !is_promotion(record, version, target) {
+        return Ok(set_state.cloned());
+    }
+    match (record.policies.get("ROTATE"), set_state) {
+        (None, None) => Ok(None),
+        (Some(one), None) | (None, Some(one)) => Ok(Some(one.clone())),
+        (Some(rotate), Some(set)) if rotate.covers(set) => Ok(Some(rotate.clone())),
+        (Some(rotate), Some(set)) if set.covers(rotate) => Ok(Some(set.clone())),
+        (Some(_), Some(_)) => Err(Error::new(
+            Reason::PromotionPoliciesConflict,
+            format!(
+                "promoting keys/{} version {version} needs its ROTATE and SET_STATE policies at once, and neither covers the other: align them first",
+                record.key_id
+            ),
+        )),
+    }
+}
+
+/// Refuses a direct state change ([`Approval::None`]) that
+/// [`state_change_quorum`] says needs officers.
+pub fn state_change_gate(
+    record: &KeyRecord,
+    version: u32,
+    target: VersionState,
+    approved: Approval,
+) -> Result<(), Error> {
+    match (state_change_quorum(record, version, target)?, approved) {
+        (Some(quorum), Approval::None) => Err(Error::new(
+            Reason::QuorumRequired,
+            format!(
+                "{} on keys/{} needs {} officer approvals: request it with OperationService.RequestOperation",
+                if is_promotion(record, version, target) {
+                    "promoting a staged version"
+                } else {
+                    "SET_STATE"
+                },
+                record.key_id,
+                quorum.required
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The administrative quorum (officer set changes, and key actions whose
 /// key names no policy of their own but which are always gated).
 pub fn admin_quorum(custody: &Custody) -> Result<Quorum, Error> {
@@ -246,17 +316,26 @@ pub fn quorum_for(custody: &Custody, spec: &Spec) -> Result<Quorum, Error> {
         .registry
         .get(key_id)
         .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))?;
+    if let Spec::SetState { version, state, .. } = spec {
+        let target = VersionState::from_api_name(state)
+            .ok_or_else(|| Error::internal(format!("stored state {state:?}")))?;
+        return state_change_quorum(&key, *version, target)?.ok_or_else(|| no_policy(key_id, spec));
+    }
     match key.policies.get(spec.kind()) {
         Some(quorum) => Ok(quorum.clone()),
         None if ALWAYS_GATED_KINDS.contains(&spec.kind()) => admin_quorum(custody),
-        None => Err(Error::new(
-            Reason::NoPolicy,
-            format!(
-                "keys/{key_id} has no {} policy: call the direct RPC instead",
-                spec.kind()
-            ),
-        )),
+        None => Err(no_policy(key_id, spec)),
     }
+}
+
+fn no_policy(key_id: &str, spec: &Spec) -> Error {
+    Error::new(
+        Reason::NoPolicy,
+        format!(
+            "keys/{key_id} has no {} policy: call the direct RPC instead",
+            spec.kind()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -374,6 +453,107 @@ mod tests {
         assert!(quorum_gate(&gated, "SIGN", Approval::Quorum).is_ok());
         assert!(quorum_gate(&gated, "ROTATE", Approval::None).is_ok());
         assert!(quorum_gate(&key(&[]), "SIGN", Approval::None).is_ok());
+    }
+
+    /// `key(policies)` with version 1 active (primary) and version 2
+    /// pre-activation (staged).
+    fn staged(policies: &[(&str, u32)]) -> KeyRecord {
+        let mut record = key(policies);
+        for (version, state) in [(1, "active"), (2, "pre_activation")] {
+            record.versions.push(
+                serde_json::from_value(serde_json::json!({
+                    "version": version, "state": state, "created_ms": 0, "state_ms": 0,
+                    "hsm_label": format!("k-v{version}"), "public_key_der_hex": "",
+                    "public_key_pem": ""
+                }))
+                .expect("a minimal version"),
+            );
+        }
+        record
+    }
+
+    fn with(mut record: KeyRecord, kind: &str, members: &[&str], required: u32) -> KeyRecord {
+        let quorum = Quorum::new(members.iter().map(|m| m.to_string()), required).expect("quorum");
+        record.policies.insert(kind.into(), quorum);
+        record
+    }
+
+    #[test]
+    fn a_promotion_needs_the_rotate_and_the_set_state_policy_both() {
+        let active = VersionState::Active;
+        // Not a promotion: SET_STATE alone, as before.
+        let plain = staged(&[("ROTATE", 3), ("SET_STATE", 2)]);
+        assert!(!is_promotion(&plain, 1, VersionState::Suspended));
+        assert!(!is_promotion(&plain, 2, VersionState::Compromised));
+        assert_eq!(
+            state_change_quorum(&plain, 2, VersionState::Compromised)
+                .unwrap()
+                .unwrap()
+                .required,
+            2
+        );
+        // A promotion: the stricter of ROTATE and SET_STATE, whichever it is.
+        assert!(is_promotion(&plain, 2, active));
+        assert_eq!(
+            state_change_quorum(&plain, 2, active)
+                .unwrap()
+                .unwrap()
+                .required,
+            3
+        );
+        let set_stricter = staged(&[("ROTATE", 2), ("SET_STATE", 3)]);
+        assert_eq!(
+            state_change_quorum(&set_stricter, 2, active)
+                .unwrap()
+                .unwrap()
+                .required,
+            3
+        );
+        // ROTATE alone gates a promotion that SET_STATE would let through.
+        let rotate_only = staged(&[("ROTATE", 2)]);
+        assert!(
+            state_change_quorum(&rotate_only, 1, VersionState::Suspended)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            state_change_gate(&rotate_only, 2, active, Approval::None)
+                .unwrap_err()
+                .reason,
+            Reason::QuorumRequired
+        );
+        assert!(state_change_gate(&rotate_only, 2, active, Approval::Quorum).is_ok());
+        assert!(state_change_gate(&staged(&[]), 2, active, Approval::None).is_ok());
+        // Neither covers the other: 2 of {a, b} and 2 of {b, c}.
+        let apart = with(
+            with(staged(&[]), "ROTATE", &["a", "b"], 2),
+            "SET_STATE",
+            &["b", "c"],
+            2,
+        );
+        assert_eq!(
+            state_change_quorum(&apart, 2, active).unwrap_err().reason,
+            Reason::PromotionPoliciesConflict
+        );
+        // 2 of {a, b, c} may be a and c: it does not cover 2 of {a, b},
+        // which covers it; 3 of {a, b, c} always includes a and b.
+        let outsider = with(
+            with(staged(&[]), "ROTATE", &["a", "b"], 2),
+            "SET_STATE",
+            &["a", "b", "c"],
+            2,
+        );
+        let needed = state_change_quorum(&outsider, 2, active).unwrap().unwrap();
+        assert_eq!(needed.members.len(), 2);
+        let all = with(outsider, "SET_STATE", &["a", "b", "c"], 3);
+        let needed = state_change_quorum(&all, 2, active).unwrap().unwrap();
+        assert_eq!((needed.required, needed.members.len()), (3, 3));
+        // An older pre-activation version is no promotion.
+        let mut older = staged(&[("ROTATE", 3), ("SET_STATE", 2)]);
+        older.primary_version = 2;
+        older.versions[1].state = VersionState::Active;
+        older.versions[0].state = VersionState::PreActivation;
+        assert!(!is_promotion(&older, 1, active));
     }
 
     #[test]

@@ -157,6 +157,7 @@ reasons! {
     CertificateLint = "CERTIFICATE_LINT": "the certificate a ceremony was about to have the HSM sign breaks a lint rule (named in the message); the HSM signed nothing",
     CertificateUnverified = "CERTIFICATE_UNVERIFIED": "the HSM's signature over a ceremony's certificate does not verify with the issuer's public key; the certificate is not released",
     NoIssuerCertificate = "NO_ISSUER_CERTIFICATE": "an intermediate ceremony's issuer has no root certificate stored with its current version (it was not made by a root-key ceremony with a [certificate])",
+    PromotionPoliciesConflict = "PROMOTION_POLICIES_CONFLICT": "a staged version's promotion needs both the key's ROTATE and SET_STATE policies, and neither covers the other",
     JournalUnavailable = "JOURNAL_UNAVAILABLE": "the ceremony journal cannot be written",
     JournalCorrupt = "JOURNAL_CORRUPT": "a ceremony journal record does not parse (a bug or a damaged data directory)",
     TooManyPending = "TOO_MANY_PENDING": "a cap on work one caller (or custodyd) takes on at once: retry after the hint",

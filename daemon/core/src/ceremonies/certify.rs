@@ -9,7 +9,7 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::commit::finish_completed;
-use super::crash_points::{CERTIFY, COMMIT, TBS};
+use super::crash_points::{CERTIFY, COMMIT, STAGE, TBS};
 use super::{intend, journal_failure, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
@@ -21,12 +21,70 @@ use crate::failpoint;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
 
-/// The script's issuer, key, subject and profile.
-fn parts(script: &Script) -> Result<(&str, &str), Error> {
+/// The script's issuer and key, and whether it certifies a staged version.
+fn parts(script: &Script) -> Result<(&str, &str, bool), Error> {
     match script.kind() {
-        Kind::Intermediate { issuer, key, .. } => Ok((issuer, key)),
+        Kind::Intermediate {
+            issuer, key, stage, ..
+        } => Ok((issuer, key, *stage)),
         _ => Err(Error::internal("not an intermediate ceremony")),
     }
+}
+
+/// The version of `key_id` the ceremony certifies: its current version,
+/// active; or, staging, its staged version (pre-activation, newer than the
+/// primary), which signs nothing until promoted.
+fn certified(
+    state: &Custody,
+    key_id: &str,
+    stage: bool,
+) -> Result<(KeyRecord, VersionRecord), Error> {
+    if !stage {
+        return current(state, key_id);
+    }
+    let key = crate::keys::found(state, key_id)?;
+    let staged = crate::keys::rotate::staged_version(&key).ok_or_else(|| {
+        Error::new(
+            Reason::VersionNotActive,
+            format!(
+                "{key_id} has no staged version (pre-activation, newer than version {})",
+                key.primary_version
+            ),
+        )
+    })?;
+    let version = crate::keys::version_of(&key, staged)?.clone();
+    Ok(((*key).clone(), version))
+}
+
+/// Refuses a ceremony quorum that does not cover `key_id`'s `kind` policy
+/// (as many officers, all of them in it): one rule for every policy a
+/// ceremony acts under.
+fn quorum_covers(state: &Custody, script: &Script, key_id: &str, kind: &str) -> Result<(), Error> {
+    let key = crate::keys::found(state, key_id)?;
+    let Some(policy) = key.policies.get(kind) else {
+        return Ok(());
+    };
+    let quorum = script.quorum();
+    if quorum.covers(policy) {
+        return Ok(());
+    }
+    let outsider = quorum.members.iter().find(|m| !policy.members.contains(*m));
+    Err(Error::new(
+        Reason::BadScript,
+        format!(
+            "ceremony script: quorum: {key_id}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must include that many of them, whichever officers sign in{}",
+            policy.required,
+            policy
+                .members
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            quorum.required,
+            script.officers().join(", "),
+            outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
+        ),
+    ))
 }
 
 /// The current version of `key_id`, active.
@@ -50,9 +108,12 @@ fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), 
 /// version active, with its root certificate; the key certified a key pair;
 /// and the ceremony's quorum at least the issuer's SIGN policy (as many
 /// officers, all of them in it): fewer officers than may sign with the root
-/// do not get it to certify a key.
+/// do not get it to certify a key. Staging, the key's staged version need
+/// not exist yet (the ceremony makes it), but the quorum must also cover
+/// the key's ROTATE policy: fewer officers than may rotate the key do not
+/// get a new version of it made.
 pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> {
-    let (issuer_id, key_id) = parts(script)?;
+    let (issuer_id, key_id, stage) = parts(script)?;
     let (issuer, version) = current(state, issuer_id)?;
     if version.certificate_chain_pem.is_empty() {
         return Err(Error::new(
@@ -66,31 +127,58 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     crate::ceremony::certificate::rcgen_for(algorithm)?;
-    let (_, subject) = current(state, key_id)?;
     crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
-    if subject.public_key_der_hex.is_empty() {
-        return Err(Error::new(
-            Reason::NoPublicKey,
-            format!("{key_id} has no public key to certify"),
-        ));
-    }
-    if let Some(sign) = issuer.policies.get("SIGN") {
-        let quorum = script.quorum();
-        let outsider = quorum.members.iter().find(|m| !sign.members.contains(*m));
-        if quorum.required < sign.required || outsider.is_some() {
+    if stage {
+        quorum_covers(state, script, key_id, "ROTATE")?;
+    } else {
+        let (_, subject) = current(state, key_id)?;
+        if subject.public_key_der_hex.is_empty() {
             return Err(Error::new(
-                Reason::BadScript,
-                format!(
-                    "ceremony script: quorum: {issuer_id}'s SIGN policy needs {} of {}; the ceremony's quorum ({} of {}) must need at least as many, of those officers only{}",
-                    sign.required,
-                    sign.members.iter().cloned().collect::<Vec<_>>().join(", "),
-                    quorum.required,
-                    script.officers().join(", "),
-                    outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
-                ),
+                Reason::NoPublicKey,
+                format!("{key_id} has no public key to certify"),
             ));
         }
     }
+    quorum_covers(state, script, issuer_id, "SIGN")
+}
+
+/// Step `stage` of a staging ceremony: the key's staged version made (or
+/// the one already staged taken), before the TBS is built for it.
+pub(super) async fn stage(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    script: &Script,
+) -> Result<(), Error> {
+    let (_, key_id, _) = parts(script)?;
+    intend(state, record, "stage", &[], &STAGE).await?;
+    check_open(state, script)?;
+    let version = crate::keys::rotate::stage(state, key_id).await?;
+    failpoint::hit(STAGE.after_hsm);
+    let key = crate::keys::found(state, key_id)?;
+    let primary = key.primary_version;
+    let staged = crate::keys::version_of(&key, version)?;
+    record.done.push("stage".into());
+    let mut detail = Map::new();
+    detail.insert("key".into(), json!(format!("{key_id} v{version}")));
+    detail.insert("state".into(), json!(staged.state.api_name()));
+    detail.insert(
+        "public_key_sha256".into(),
+        json!(hex::encode(Sha256::digest(
+            hex::decode(&staged.public_key_der_hex).unwrap_or_default()
+        ))),
+    );
+    note(
+        state,
+        record,
+        "stage",
+        "custodyd",
+        format!(
+            "{key_id} v{version} is staged: pre-activation, signing nothing until promoted; v{primary} keeps signing"
+        ),
+        detail,
+    )
+    .await?;
+    failpoint::hit(STAGE.after_result);
     Ok(())
 }
 
@@ -130,6 +218,7 @@ pub(super) async fn prepare_tbs(
         key: key_id,
         certificate,
         profile,
+        stage,
     } = script.kind()
     else {
         return Err(Error::internal("not an intermediate ceremony"));
@@ -137,7 +226,7 @@ pub(super) async fn prepare_tbs(
     intend(state, record, "tbs", &[], &TBS).await?;
     check_open(state, script)?;
     let (issuer, issuer_version) = current(state, issuer_id)?;
-    let (_, subject) = current(state, key_id)?;
+    let (_, subject) = certified(state, key_id, *stage)?;
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     let root_pem = issuer_version

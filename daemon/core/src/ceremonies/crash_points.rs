@@ -34,11 +34,12 @@ pub(super) const RESTORE: Points = points!("restore");
 pub(super) const COMMIT: Points = points!("commit");
 pub(super) const TBS: Points = points!("tbs");
 pub(super) const CERTIFY: Points = points!("certify");
+pub(super) const STAGE: Points = points!("stage");
 
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 39] = [
+pub const CRASH_POINTS: [&str; 43] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -78,4 +79,8 @@ pub const CRASH_POINTS: [&str; 39] = [
     CERTIFY.after_intent,
     CERTIFY.after_hsm,
     CERTIFY.after_result,
+    STAGE.before_intent,
+    STAGE.after_intent,
+    STAGE.after_hsm,
+    STAGE.after_result,
 ];

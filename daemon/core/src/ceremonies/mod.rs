@@ -489,7 +489,10 @@ async fn run_steps(
             }
             restore(state, record, *drill).await
         }
-        Kind::Intermediate { .. } => {
+        Kind::Intermediate { stage, .. } => {
+            if *stage && !record.did("stage") {
+                certify::stage(state, record, script).await?;
+            }
             if !record.did("tbs") {
                 certify::prepare_tbs(state, record, script).await?;
             }

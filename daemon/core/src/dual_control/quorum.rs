@@ -40,6 +40,14 @@ impl Quorum {
         Ok(Quorum { members, required })
     }
 
+    /// Whether every set of approvals that meets this quorum also meets
+    /// `other`: even the `required` approvals of ours that include the
+    /// fewest of `other`'s officers include `other.required` of them.
+    pub fn covers(&self, other: &Quorum) -> bool {
+        let outside = self.members.difference(&other.members).count();
+        (self.required as usize).saturating_sub(outside) >= other.required as usize
+    }
+
     /// Whether `officer` is one of the eligible officers.
     pub fn contains(&self, officer: &str) -> bool {
         self.members.contains(officer)
@@ -202,6 +210,35 @@ impl Rules<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Every quorum over four officers, as (members bitmask, quorum).
+    fn every_quorum() -> Vec<(u32, Quorum)> {
+        let mut all = Vec::new();
+        for mask in 0u32..16 {
+            let members: Vec<String> = (0..4)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| format!("o{i}"))
+                .collect();
+            for required in 2..=members.len() as u32 {
+                all.push((mask, Quorum::new(members.clone(), required).unwrap()));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn a_quorum_covers_another_exactly_when_every_approving_set_meets_both() {
+        let quorums = every_quorum();
+        for (a_mask, a) in &quorums {
+            for (b_mask, b) in &quorums {
+                // Every set of approvals from a's officers that meets a.
+                let meets_b = (0u32..16)
+                    .filter(|s| s & !a_mask == 0 && s.count_ones() >= a.required)
+                    .all(|s| (s & b_mask).count_ones() >= b.required);
+                assert_eq!(a.covers(b), meets_b, "{a:?} covers {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn impossible_or_weak_quorums_are_refused() {

@@ -161,3 +161,63 @@ pub(crate) async fn rotate_locked(
     );
     result
 }
+
+/// The staged version of `key_id`: a pre-activation version newer than the
+/// primary, made now if the key has none (an intermediate ceremony with
+/// `stage = true` certifies it). It goes through the same journaled
+/// generation as a rotation, but stays pre-activation and not primary: it
+/// signs nothing until it is promoted ([`crate::authz::is_promotion`]).
+/// Taking the one already staged makes the step safe to run again after a
+/// crash. Returns its number.
+pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error> {
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
+    let current = found(custody, key_id)?;
+    if let Some(staged) = staged_version(&current) {
+        return Ok(staged);
+    }
+    let algorithm = algorithm_of(&current)?;
+    let next = current
+        .versions
+        .iter()
+        .map(|v| v.version)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut version = generate_version(
+        custody,
+        &mut PendingVersions { trigger: "staged" },
+        NewVersion {
+            key_id: &current.key_id,
+            version: next,
+            algorithm,
+            backup_exportable: current.backup_exportable,
+        },
+    )
+    .await?
+    .version;
+    version.state = crate::registry::VersionState::PreActivation;
+    version.activated_ms = None;
+    let label = version.hsm_label.clone();
+    let mut record = (*current).clone();
+    record.versions.push(version);
+    commit_version(custody, record, &label).await?;
+    Ok(next)
+}
+
+/// The key's staged version, if it has one: pre-activation and newer than
+/// the primary (the newest such, if several).
+pub fn staged_version(record: &KeyRecord) -> Option<u32> {
+    record
+        .versions
+        .iter()
+        .filter(|v| {
+            v.version > record.primary_version
+                && v.state == crate::registry::VersionState::PreActivation
+        })
+        .map(|v| v.version)
+        .max()
+}

@@ -100,11 +100,22 @@ pub async fn set_state(
         .await
         .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
-    quorum_gate(&current, "SET_STATE", approval)?;
+    crate::authz::state_change_gate(&current, version, target, approval)?;
     check_transition(&current, version, target)?;
+    let promotion = crate::authz::is_promotion(&current, version, target);
+    if promotion {
+        audited.detail = format!(
+            "to {target:?}, promoted: primary from version {} (a staged version)",
+            current.primary_version
+        );
+    }
     audited.intent(custody).await?;
     let now = custody.clock.now_ms();
-    let mut record = update_version(custody, &current, version, |v| {
+    let mut promoted = (*current).clone();
+    if promotion {
+        promoted.primary_version = version;
+    }
+    let mut record = update_version(custody, &promoted, version, |v| {
         v.state = target;
         v.state_ms = now;
         if target == VersionState::Active && v.activated_ms.is_none() {

@@ -221,7 +221,15 @@ pub fn resolve(
             let reason = requested_state(*state, reason)?;
             let record = found(custody, key_id)?;
             check_transition(&record, *version, *state)?;
-            let quorum = key_policy(custody, key_id, "SET_STATE")?;
+            let quorum =
+                crate::authz::state_change_quorum(&record, *version, *state)?.ok_or_else(|| {
+                    Error::new(
+                        Reason::NoPolicy,
+                        format!(
+                            "keys/{key_id} has no SET_STATE policy: call the direct RPC instead"
+                        ),
+                    )
+                })?;
             Ok((
                 Spec::SetState {
                     key_id: key_id.clone(),

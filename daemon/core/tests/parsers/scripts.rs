@@ -189,6 +189,7 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
             key,
             certificate,
             profile,
+            ..
         } => {
             prop_assert!(custody_core::names::check_key_id(issuer).is_ok());
             prop_assert!(custody_core::names::check_key_id(key).is_ok());

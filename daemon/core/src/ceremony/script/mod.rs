@@ -109,6 +109,11 @@ pub enum Kind {
         issuer: String,
         /// `[intermediate] key`: the id of the key certified.
         key: String,
+        /// `[intermediate] stage`: certify a staged version of `key` (made
+        /// by this ceremony in pre-activation, or the one already staged)
+        /// while its current version keeps signing; promoted later by
+        /// activating it under the ROTATE and SET_STATE policies.
+        stage: bool,
         /// `[certificate]`: the subject and the validity.
         certificate: CertificateSection,
         /// `[profile]`: the subordinate CA profile.

@@ -43,6 +43,9 @@ pub enum Step {
     /// The issuer signs the confirmed TBS inside the HSM; the signature is
     /// verified with its public key.
     Certify,
+    /// A new version of the key certified is made in pre-activation (or
+    /// the one already staged is taken): it signs nothing until promoted.
+    Stage,
 }
 
 impl Step {
@@ -66,6 +69,7 @@ impl Step {
             Step::DestroyScratch => "destroy-scratch",
             Step::Tbs => "tbs",
             Step::Certify => "certify",
+            Step::Stage => "stage",
         }
     }
 }
@@ -116,13 +120,14 @@ impl Script {
                     Step::Commit
                 },
             ],
-            Kind::Intermediate { .. } => vec![
-                Step::SignIn,
-                Step::Tbs,
-                Step::Confirm,
-                Step::Certify,
-                Step::Commit,
-            ],
+            Kind::Intermediate { stage, .. } => {
+                let mut steps = vec![Step::SignIn];
+                if *stage {
+                    steps.push(Step::Stage);
+                }
+                steps.extend([Step::Tbs, Step::Confirm, Step::Certify, Step::Commit]);
+                steps
+            }
         }
     }
 
@@ -174,6 +179,7 @@ impl Script {
                 key,
                 certificate,
                 profile,
+                ..
             }) => format!(
                 "custodyd draws a serial from the HSM and builds the certificate {issuer:?} would sign for the public key of {key:?}: {}, valid {} days, {}; it lints it (CA/Browser Forum subordinate CA rules, under {issuer:?}'s root certificate) before any signature, and {present} see a summary and its SHA-256",
                 subject(certificate),
@@ -185,6 +191,12 @@ impl Script {
             ),
             (Step::Certify, Kind::Intermediate { issuer, .. }) => format!(
                 "{issuer:?} signs the confirmed TBS inside the HSM; custodyd verifies the signature with {issuer:?}'s public key before anything leaves it"
+            ),
+            (Step::Stage, Kind::Intermediate { key, .. }) => format!(
+                "custodyd makes a new version of {key:?} inside the HSM in pre-activation (or takes the one already staged, a pre-activation version newer than the current one); the current version keeps signing; the staged version signs nothing until it is promoted by activating it under {key:?}'s ROTATE and SET_STATE policies"
+            ),
+            (Step::Commit, Kind::Intermediate { issuer, key, stage: true, .. }) => format!(
+                "the chain [the new certificate, {issuer:?}'s root certificate] is stored with {key:?}'s staged version, where its signers fetch it with GetKey; the current version keeps signing"
             ),
             (Step::Commit, Kind::Intermediate { issuer, key, .. }) => format!(
                 "the chain [the new certificate, {issuer:?}'s root certificate] is stored with {key:?}'s current version, where its signers fetch it with GetKey"
@@ -378,9 +390,19 @@ impl Script {
                 key,
                 certificate,
                 profile,
+                stage,
             } => {
                 lines.push(("issuer", format!("{issuer} (its root certificate)")));
-                lines.push(("key", format!("{key} (its current version)")));
+                lines.push((
+                    "key",
+                    if *stage {
+                        format!(
+                            "{key} (a staged version: pre-activation, not signing until promoted)"
+                        )
+                    } else {
+                        format!("{key} (its current version)")
+                    },
+                ));
                 lines.push((
                     "certificate",
                     format!(

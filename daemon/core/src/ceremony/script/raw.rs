@@ -91,6 +91,7 @@ pub(super) struct RawRestore {
 pub(super) struct RawIntermediate {
     pub(super) issuer: Option<String>,
     pub(super) key: Option<String>,
+    pub(super) stage: Option<bool>,
 }
 
 #[derive(Deserialize)]

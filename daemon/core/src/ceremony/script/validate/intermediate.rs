@@ -209,6 +209,7 @@ pub(super) fn kind(
     Ok(Kind::Intermediate {
         issuer,
         key,
+        stage: intermediate.stage.unwrap_or(false),
         certificate,
         profile,
     })
@@ -238,11 +239,13 @@ mod tests {
             key,
             certificate,
             profile,
+            stage,
         } = script.kind()
         else {
             panic!("not intermediate");
         };
         assert_eq!((issuer.as_str(), key.as_str()), ("root-ca", "issuing-ca"));
+        assert!(!stage);
         assert_eq!(certificate.validity_days, 1825);
         assert_eq!(profile.path_len, Some(0));
         assert!(!profile.digital_signature);
@@ -263,6 +266,40 @@ mod tests {
         let summary = script.render_summary();
         assert!(summary.contains("pathLen 0"), "{summary}");
         assert!(summary.contains("policies 2.23.140.1.2.1"), "{summary}");
+    }
+
+    #[test]
+    fn a_staging_script_stages_before_the_tbs_and_says_so() {
+        let staging = INTERMEDIATE.replace(
+            "key = \"issuing-ca\"\n",
+            "key = \"issuing-ca\"\nstage = true\n",
+        );
+        let script = Script::parse(&staging).unwrap();
+        assert!(matches!(
+            script.kind(),
+            Kind::Intermediate { stage: true, .. }
+        ));
+        assert_eq!(
+            script.steps(),
+            [
+                Step::SignIn,
+                Step::Stage,
+                Step::Tbs,
+                Step::Confirm,
+                Step::Certify,
+                Step::Commit
+            ]
+        );
+        let plan = script.plan().join("\n");
+        assert!(plan.contains("2. stage: "), "{plan}");
+        assert!(plan.contains("ROTATE and SET_STATE"), "{plan}");
+        assert!(plan.contains("staged version"), "{plan}");
+        assert!(script.render_summary().contains("a staged version"));
+        let error = refused(
+            "key = \"issuing-ca\"\n",
+            "key = \"issuing-ca\"\nstage = \"yes\"\n",
+        );
+        assert!(error.contains("expected a boolean"), "{error}");
     }
 
     #[test]
