@@ -269,6 +269,8 @@ enum Scenario {
     Drill,
     /// The rig's root certifies the rig's issuing key.
     Intermediate,
+    /// The rig's root signs a CRL.
+    Crl,
 }
 
 impl Scenario {
@@ -279,6 +281,7 @@ impl Scenario {
             Some("import") => Scenario::Components,
             Some("restore") => Scenario::Drill,
             Some("tbs" | "certify") => Scenario::Intermediate,
+            Some("crl_tbs" | "sign_crl") => Scenario::Crl,
             _ => Scenario::Root,
         }
     }
@@ -289,7 +292,7 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill | Scenario::Intermediate => None,
+            Scenario::Drill | Scenario::Intermediate | Scenario::Crl => None,
         }
     }
 
@@ -303,6 +306,7 @@ impl Scenario {
             }
             Scenario::Drill => restore_script(&format!("c-drill-{run}"), bundle, true),
             Scenario::Intermediate => intermediate_script(&format!("c-int-{run}")),
+            Scenario::Crl => crl_script(&format!("c-crl-{run}")),
         }
     }
 
@@ -316,7 +320,7 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek | Scenario::Intermediate => {
+            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Crl => {
                 officers.run(script).await.map(|(done, _)| done)
             }
             Scenario::Components => {
@@ -362,6 +366,50 @@ fn intermediate_script(id: &str) -> String {
         .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
         .replace("key = \"issuing-ca\"", "key = \"base-issuing\"")
         .replace("validity_days = 1825", "validity_days = 10")
+}
+
+/// A CRL script: the rig's root `base-root` (its certificate valid 30
+/// days) signs a CRL current for 7 days.
+fn crl_script(id: &str) -> String {
+    include_str!("../../deploy/ceremonies/crl.toml")
+        .replace("\"demo-crl-2026\"", &format!("\"{id}\""))
+        .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
+        .replace("next_update_days = 30", "next_update_days = 7")
+}
+
+/// The CRL number each completed crl ceremony's CRL carries, by ceremony.
+static CRL_NUMBERS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// A crl ceremony's invariant: completed, its CRL verifies and carries a
+/// number no CRL signed before it had, and higher than theirs (the runs
+/// are in order), whatever crash and roll-back came in between.
+async fn crl_number_invariant(
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    ceremony: &str,
+    state: custody_proto::v1::CeremonyState,
+) {
+    use x509_parser::prelude::FromDer as _;
+    if state != custody_proto::v1::CeremonyState::Completed {
+        return;
+    }
+    let found = officers.get("alice", ceremony).await.unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(found.certificate_pem.as_bytes()).unwrap();
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&pem.contents).unwrap();
+    let number = crl.crl_number().unwrap().clone();
+    let mut seen = CRL_NUMBERS.lock().unwrap();
+    if let Some((_, before)) = seen.iter().find(|(c, _)| c == ceremony) {
+        assert_eq!(*before, number.to_string(), "{ceremony}'s CRL changed");
+        return;
+    }
+    for (other, theirs) in seen.iter() {
+        let theirs: x509_parser::num_bigint::BigUint = theirs.parse().unwrap();
+        assert!(
+            number > theirs,
+            "{ceremony}'s CRL number {number} is not above {other}'s {theirs}"
+        );
+    }
+    seen.push((ceremony.to_owned(), number.to_string()));
 }
 
 /// An intermediate ceremony's invariant: completed, the certified version
@@ -472,6 +520,9 @@ async fn ceremony_invariant(
     }
     if ceremony.starts_with("ceremonies/c-int-") {
         chain_invariant(&mut keys, officers, ceremony, state).await;
+    }
+    if ceremony.starts_with("ceremonies/c-crl-") {
+        crl_number_invariant(officers, ceremony, state).await;
     }
     if let Some(key) = key {
         let registered = keys

@@ -226,6 +226,45 @@ pub fn quorum_gate(record: &KeyRecord, kind: &str, approved: Approval) -> Result
     }
 }
 
+/// Refuses a ceremony that has `key` act under its `kind` policy (a root
+/// signing a certificate or a CRL: SIGN) with a quorum weaker than that
+/// policy: the ceremony's `quorum` (its officers `listed` in the script's
+/// order) must need at least as many officers, all of them the policy's.
+/// Fewer officers than may use the key directly do not get a ceremony to
+/// use it. A key without that policy leaves the administrative quorum the
+/// ceremony already meets.
+pub fn ceremony_quorum_covers(
+    key: &KeyRecord,
+    kind: &str,
+    quorum: &Quorum,
+    listed: &[String],
+) -> Result<(), Error> {
+    let Some(policy) = key.policies.get(kind) else {
+        return Ok(());
+    };
+    let outsider = quorum.members.iter().find(|m| !policy.members.contains(*m));
+    if quorum.required < policy.required || outsider.is_some() {
+        return Err(Error::new(
+            Reason::BadScript,
+            format!(
+                "{}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must need at least as many, of those officers only{}",
+                key.key_id,
+                policy.required,
+                policy
+                    .members
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                quorum.required,
+                listed.join(", "),
+                outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The administrative quorum (officer set changes, and key actions whose
 /// key names no policy of their own but which are always gated).
 pub fn admin_quorum(custody: &Custody) -> Result<Quorum, Error> {

@@ -30,7 +30,7 @@ fn parts(script: &Script) -> Result<(&str, &str), Error> {
 }
 
 /// The current version of `key_id`, active.
-fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
+pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
     let key = crate::keys::found(state, key_id)?;
     let version = crate::keys::version_of(&key, key.primary_version)?.clone();
     if version.state != VersionState::Active {
@@ -74,23 +74,8 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
             format!("{key_id} has no public key to certify"),
         ));
     }
-    if let Some(sign) = issuer.policies.get("SIGN") {
-        let quorum = script.quorum();
-        let outsider = quorum.members.iter().find(|m| !sign.members.contains(*m));
-        if quorum.required < sign.required || outsider.is_some() {
-            return Err(Error::new(
-                Reason::BadScript,
-                format!(
-                    "ceremony script: quorum: {issuer_id}'s SIGN policy needs {} of {}; the ceremony's quorum ({} of {}) must need at least as many, of those officers only{}",
-                    sign.required,
-                    sign.members.iter().cloned().collect::<Vec<_>>().join(", "),
-                    quorum.required,
-                    script.officers().join(", "),
-                    outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
-                ),
-            ));
-        }
-    }
+    crate::authz::ceremony_quorum_covers(&issuer, "SIGN", script.quorum(), script.officers())
+        .map_err(|e| Error::new(e.reason, format!("ceremony script: quorum: {}", e.message)))?;
     Ok(())
 }
 
@@ -101,7 +86,7 @@ fn subject_algorithm(state: &Custody, key_id: &str) -> Result<KeyAlgorithm, Erro
         .ok_or_else(|| Error::internal(key.algorithm.clone()))
 }
 
-fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
+pub(super) fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
     let corrupt = |what: &str| Error::new(Reason::JournalCorrupt, format!("journaled {what}"));
     let confirmed: [u8; 32] = hex::decode(&certification.tbs_sha256)
         .ok()
@@ -190,6 +175,7 @@ pub(super) async fn prepare_tbs(
         tbs_sha256: tbs_sha256.clone(),
         summary: summary.clone(),
         certificate_pem: String::new(),
+        crl_number: None,
     });
     record.done.push("tbs".into());
     let mut detail = Map::new();

@@ -34,11 +34,15 @@ pub(super) const RESTORE: Points = points!("restore");
 pub(super) const COMMIT: Points = points!("commit");
 pub(super) const TBS: Points = points!("tbs");
 pub(super) const CERTIFY: Points = points!("certify");
+/// A crl ceremony's TBS (no HSM call: `after_hsm` is after the TBS is
+/// built and linted) and its signature.
+pub(super) const CRL_TBS: Points = points!("crl_tbs");
+pub(super) const SIGN_CRL: Points = points!("sign_crl");
 
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 39] = [
+pub const CRASH_POINTS: [&str; 47] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -78,4 +82,12 @@ pub const CRASH_POINTS: [&str; 39] = [
     CERTIFY.after_intent,
     CERTIFY.after_hsm,
     CERTIFY.after_result,
+    CRL_TBS.before_intent,
+    CRL_TBS.after_intent,
+    CRL_TBS.after_hsm,
+    CRL_TBS.after_result,
+    SIGN_CRL.before_intent,
+    SIGN_CRL.after_intent,
+    SIGN_CRL.after_hsm,
+    SIGN_CRL.after_result,
 ];

@@ -4,6 +4,8 @@
 use super::{CertificateSection, KekMode, KeySection, Kind, ProfileSection, Script};
 use crate::ceremony::fingerprint::hex_groups;
 
+mod crl;
+
 /// A step of a ceremony, in the order [`Script::steps`] gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -43,6 +45,9 @@ pub enum Step {
     /// The issuer signs the confirmed TBS inside the HSM; the signature is
     /// verified with its public key.
     Certify,
+    /// The issuer signs the confirmed TBS of a CRL inside the HSM; the
+    /// signature is verified with its public key.
+    SignCrl,
 }
 
 impl Step {
@@ -66,6 +71,7 @@ impl Step {
             Step::DestroyScratch => "destroy-scratch",
             Step::Tbs => "tbs",
             Step::Certify => "certify",
+            Step::SignCrl => "sign-crl",
         }
     }
 }
@@ -123,6 +129,13 @@ impl Script {
                 Step::Certify,
                 Step::Commit,
             ],
+            Kind::Crl(_) => vec![
+                Step::SignIn,
+                Step::Tbs,
+                Step::Confirm,
+                Step::SignCrl,
+                Step::Commit,
+            ],
         }
     }
 
@@ -150,6 +163,7 @@ impl Script {
                 list(&self.officers),
                 hex_groups(&self.text_digest)
             ),
+            (step, Kind::Crl(section)) => crl::describe(step, section, &present),
             (Step::Generate, Kind::RootKey { key, .. }) => format!(
                 "custodyd generates the key pair {key_name} ({algorithm}) inside the HSM and runs a pair-wise consistency test; {}; {present} see the result",
                 if key.backup {
@@ -391,6 +405,7 @@ impl Script {
                 ));
                 lines.push(("profile", profile_line(profile)));
             }
+            Kind::Crl(section) => lines.extend(crl::summary(section)),
         }
         let width = lines
             .iter()
