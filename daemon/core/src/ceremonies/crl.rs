@@ -97,8 +97,11 @@ pub(super) async fn prepare_tbs(
         .cloned()
         .unwrap_or_default();
     let issuer_certificate = intermediate::issuer_certificate(&root_pem)?;
+    // thisUpdate is read from the wall clock, as the root certificate's
+    // notBefore was (`certificate::root_params`): the lint holds one
+    // against the other.
     let issue = Issue {
-        this_update: state.clock.now_ms().div_euclid(1000),
+        this_update: time::OffsetDateTime::now_utc().unix_timestamp(),
         number: next_number(state, issuer_id)?,
     };
     let issuer_spki = hex::decode(&issuer_version.public_key_der_hex).unwrap_or_default();
