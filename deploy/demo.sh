@@ -6,7 +6,8 @@
 # key rotated and the data key rewrapped, drift is checked, a root key
 # ceremony (the root key then signs only with 2 officers approving), an
 # intermediate ceremony (the root certifies the issuing key; a leaf the
-# issuing key signs verifies under root -> intermediate) and a
+# issuing key signs verifies under root -> intermediate), a CRL ceremony
+# (the root signs a CRL that `openssl crl -verify` accepts) and a
 # KEK ceremony with 2-of-3 backup shares run, a backup approved by two
 # officers (a CREATE_BACKUP operation), a DR drill
 # restores the backup into a scratch token from two shares, and the audit log
