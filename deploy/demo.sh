@@ -6,7 +6,8 @@
 # key rotated and the data key rewrapped, drift is checked, a root key
 # ceremony (the root key then signs only with 2 officers approving), an
 # intermediate ceremony (the root certifies the issuing key; a leaf the
-# issuing key signs verifies under root -> intermediate) and a
+# issuing key signs verifies under root -> intermediate), a CRL ceremony
+# (the root signs a CRL that `openssl crl -verify` accepts) and a
 # KEK ceremony with 2-of-3 backup shares run, a backup approved by two
 # officers (a CREATE_BACKUP operation), a DR drill
 # restores the backup into a scratch token from two shares, and the audit log
@@ -232,6 +233,20 @@ sig=$(hex_of "$dev/demo/leaf.sig")
 body="$(hex_of "$dev/demo/leaf-tbs.der")300a06082a8648ce3d04030203$(der_len $(( ${#sig} / 2 + 1 )))00$sig"
 printf '30%s%s' "$(der_len $(( ${#body} / 2 )))" "$body" | xxd -r -p | openssl x509 -inform DER -out "$dev/demo/leaf.pem"
 openssl verify -CAfile "$dev/demo/root-ca.pem" -untrusted "$dev/demo/intermediate.pem" "$dev/demo/leaf.pem"
+
+echo "== key ceremony: the root signs a CRL (revoked serial, reason, dates from the reviewed script), 2 of the 3 officers present"
+crl=deploy/ceremonies/crl.toml
+as alice ceremony start "$crl" | sed -n 1p
+step alice sign-in demo-crl-2026 --script "$crl" | sed -n 1p
+step carol sign-in demo-crl-2026 --script "$crl" | sed -n 1p
+echo "   custodyd gave the CRL the root's next CRL number, built the to-be-signed CRL and linted it; nothing is signed yet"
+crl_fingerprint=$(as alice ceremony status demo-crl-2026 | sed -n 's/^  fingerprint: //p')
+step alice confirm demo-crl-2026 --script "$crl" --expect-fingerprint "$crl_fingerprint" \
+  | grep -E '^  (CRL number:|nextUpdate:|revoked:)|confirmed'
+step carol confirm demo-crl-2026 --script "$crl" --expect-fingerprint "$crl_fingerprint" | grep -E 'confirmed|: COMPLETED'
+as alice ceremony status demo-crl-2026 --crl-out "$dev/demo/root-ca.crl" | tail -1
+echo "   openssl checks the CRL's signature with the root certificate's public key (\"verify OK\": the root signed exactly this CRL):"
+openssl crl -in "$dev/demo/root-ca.crl" -CAfile "$dev/demo/root-ca.pem" -noout -verify 2>&1
 
 echo "== key ceremony: an envelope KEK, its backup KEK split 2 of 3 among the custodians"
 kek=deploy/ceremonies/kek.toml

@@ -43,6 +43,13 @@ impl Pkilint {
         self.run("lint_cabf_serverauth_cert", &["-t", certificate_type], path)
     }
 
+    /// Lints the PEM CRL at `path` with `lint_crl lint -t crl_type -p
+    /// profile`: `ARL` (a CA's CRL of CA certificates) or `CRL`, under the
+    /// `BR` (CA/Browser Forum) or `PKIX` (RFC 5280) profile.
+    pub fn crl(&self, crl_type: &str, profile: &str, path: &Path) -> Findings {
+        self.run("lint_crl", &["-t", crl_type, "-p", profile], path)
+    }
+
     fn run(&self, linter: &str, args: &[&str], path: &Path) -> Findings {
         // As a module: the venv was made under another name and renamed,
         // so its console scripts' #! lines point nowhere.

@@ -271,6 +271,8 @@ enum Scenario {
     Intermediate,
     /// The rig's root certifies a staged version of the rig's issuing key.
     Staged,
+    /// The rig's root signs a CRL.
+    Crl,
 }
 
 impl Scenario {
@@ -282,6 +284,7 @@ impl Scenario {
             Some("restore") => Scenario::Drill,
             Some("tbs" | "certify") => Scenario::Intermediate,
             Some("stage") => Scenario::Staged,
+            Some("crl_tbs" | "sign_crl") => Scenario::Crl,
             _ => Scenario::Root,
         }
     }
@@ -292,7 +295,7 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill | Scenario::Intermediate | Scenario::Staged => None,
+            Scenario::Drill | Scenario::Intermediate | Scenario::Staged | Scenario::Crl => None,
         }
     }
 
@@ -310,6 +313,7 @@ impl Scenario {
                 "key = \"base-issuing\"\n",
                 "key = \"base-issuing\"\nstage = true\n",
             ),
+            Scenario::Crl => crl_script(&format!("c-crl-{run}")),
         }
     }
 
@@ -323,7 +327,7 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Staged => {
+            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Staged | Scenario::Crl => {
                 officers.run(script).await.map(|(done, _)| done)
             }
             Scenario::Components => {
@@ -369,6 +373,50 @@ fn intermediate_script(id: &str) -> String {
         .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
         .replace("key = \"issuing-ca\"", "key = \"base-issuing\"")
         .replace("validity_days = 1825", "validity_days = 10")
+}
+
+/// A CRL script: the rig's root `base-root` (its certificate valid 30
+/// days) signs a CRL current for 7 days.
+fn crl_script(id: &str) -> String {
+    include_str!("../../deploy/ceremonies/crl.toml")
+        .replace("\"demo-crl-2026\"", &format!("\"{id}\""))
+        .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
+        .replace("next_update_days = 30", "next_update_days = 7")
+}
+
+/// The CRL number each completed crl ceremony's CRL carries, by ceremony.
+static CRL_NUMBERS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// A crl ceremony's invariant: completed, its CRL verifies and carries a
+/// number no CRL signed before it had, and higher than theirs (the runs
+/// are in order), whatever crash and roll-back came in between.
+async fn crl_number_invariant(
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    ceremony: &str,
+    state: custody_proto::v1::CeremonyState,
+) {
+    use x509_parser::prelude::FromDer as _;
+    if state != custody_proto::v1::CeremonyState::Completed {
+        return;
+    }
+    let found = officers.get("alice", ceremony).await.unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(found.certificate_pem.as_bytes()).unwrap();
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&pem.contents).unwrap();
+    let number = crl.crl_number().unwrap().clone();
+    let mut seen = CRL_NUMBERS.lock().unwrap();
+    if let Some((_, before)) = seen.iter().find(|(c, _)| c == ceremony) {
+        assert_eq!(*before, number.to_string(), "{ceremony}'s CRL changed");
+        return;
+    }
+    for (other, theirs) in seen.iter() {
+        let theirs: x509_parser::num_bigint::BigUint = theirs.parse().unwrap();
+        assert!(
+            number > theirs,
+            "{ceremony}'s CRL number {number} is not above {other}'s {theirs}"
+        );
+    }
+    seen.push((ceremony.to_owned(), number.to_string()));
 }
 
 /// An intermediate ceremony's invariant: completed, the certified version
@@ -528,6 +576,9 @@ async fn ceremony_invariant(
     }
     if ceremony.starts_with("ceremonies/c-stage-") {
         staged_invariant(&mut keys, officers, ceremony, state).await;
+    }
+    if ceremony.starts_with("ceremonies/c-crl-") {
+        crl_number_invariant(officers, ceremony, state).await;
     }
     if let Some(key) = key {
         let registered = keys

@@ -296,6 +296,46 @@ pub fn state_change_gate(
     }
 }
 
+/// Refuses a ceremony that has `key` act under its `kind` policy (a root
+/// signing a certificate or a CRL: SIGN; a staging ceremony making a new
+/// version: ROTATE) with a quorum that does not cover that policy
+/// ([`Quorum::covers`]: every set of officers that meets the ceremony's
+/// quorum, its officers `listed` in the script's order, also meets the
+/// policy). Fewer officers than may use the key directly do not get a
+/// ceremony to use it. A key without that policy leaves the administrative
+/// quorum the ceremony already meets.
+pub fn ceremony_quorum_covers(
+    key: &KeyRecord,
+    kind: &str,
+    quorum: &Quorum,
+    listed: &[String],
+) -> Result<(), Error> {
+    let Some(policy) = key.policies.get(kind) else {
+        return Ok(());
+    };
+    if quorum.covers(policy) {
+        return Ok(());
+    }
+    let outsider = quorum.members.iter().find(|m| !policy.members.contains(*m));
+    Err(Error::new(
+        Reason::BadScript,
+        format!(
+            "ceremony script: quorum: {}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must include that many of them, whichever officers sign in{}",
+            key.key_id,
+            policy.required,
+            policy
+                .members
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            quorum.required,
+            listed.join(", "),
+            outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
+        ),
+    ))
+}
+
 /// The administrative quorum (officer set changes, and key actions whose
 /// key names no policy of their own but which are always gated).
 pub fn admin_quorum(custody: &Custody) -> Result<Quorum, Error> {

@@ -56,39 +56,8 @@ fn certified(
     Ok(((*key).clone(), version))
 }
 
-/// Refuses a ceremony quorum that does not cover `key_id`'s `kind` policy
-/// (as many officers, all of them in it): one rule for every policy a
-/// ceremony acts under.
-fn quorum_covers(state: &Custody, script: &Script, key_id: &str, kind: &str) -> Result<(), Error> {
-    let key = crate::keys::found(state, key_id)?;
-    let Some(policy) = key.policies.get(kind) else {
-        return Ok(());
-    };
-    let quorum = script.quorum();
-    if quorum.covers(policy) {
-        return Ok(());
-    }
-    let outsider = quorum.members.iter().find(|m| !policy.members.contains(*m));
-    Err(Error::new(
-        Reason::BadScript,
-        format!(
-            "ceremony script: quorum: {key_id}'s {kind} policy needs {} of {}; the ceremony's quorum ({} of {}) must include that many of them, whichever officers sign in{}",
-            policy.required,
-            policy
-                .members
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-            quorum.required,
-            script.officers().join(", "),
-            outsider.map_or_else(String::new, |o| format!(" ({o} is not one)"))
-        ),
-    ))
-}
-
 /// The current version of `key_id`, active.
-fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
+pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
     let key = crate::keys::found(state, key_id)?;
     let version = crate::keys::version_of(&key, key.primary_version)?.clone();
     if version.state != VersionState::Active {
@@ -129,7 +98,8 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
     crate::ceremony::certificate::rcgen_for(algorithm)?;
     crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
     if stage {
-        quorum_covers(state, script, key_id, "ROTATE")?;
+        let key = crate::keys::found(state, key_id)?;
+        crate::authz::ceremony_quorum_covers(&key, "ROTATE", script.quorum(), script.officers())?;
     } else {
         let (_, subject) = current(state, key_id)?;
         if subject.public_key_der_hex.is_empty() {
@@ -139,7 +109,7 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
             ));
         }
     }
-    quorum_covers(state, script, issuer_id, "SIGN")
+    crate::authz::ceremony_quorum_covers(&issuer, "SIGN", script.quorum(), script.officers())
 }
 
 /// Step `stage` of a staging ceremony: the key's staged version made (or
@@ -189,7 +159,7 @@ fn subject_algorithm(state: &Custody, key_id: &str) -> Result<KeyAlgorithm, Erro
         .ok_or_else(|| Error::internal(key.algorithm.clone()))
 }
 
-fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
+pub(super) fn prepared_of(certification: &Certification) -> Result<(Prepared, [u8; 32]), Error> {
     let corrupt = |what: &str| Error::new(Reason::JournalCorrupt, format!("journaled {what}"));
     let confirmed: [u8; 32] = hex::decode(&certification.tbs_sha256)
         .ok()
@@ -279,6 +249,7 @@ pub(super) async fn prepare_tbs(
         tbs_sha256: tbs_sha256.clone(),
         summary: summary.clone(),
         certificate_pem: String::new(),
+        crl_number: None,
     });
     record.done.push("tbs".into());
     let mut detail = Map::new();

@@ -123,6 +123,9 @@ pub(super) async fn commit(
     if let crate::ceremony::script::Kind::Intermediate { .. } = script.kind() {
         return super::certify::certify(state, record).await;
     }
+    if let crate::ceremony::script::Kind::Crl(_) = script.kind() {
+        return super::crl::sign_and_complete(state, record).await;
+    }
     let made = record
         .key
         .clone()
@@ -221,6 +224,16 @@ pub(super) async fn finish_completed(
     let mut detail = Map::new();
     let script = script_of(record)?;
     let summary = match (&record.key, script.key(), &record.key_policies) {
+        (None, ..) if record.kind == "crl" => {
+            let (issuer, number) = record
+                .certification
+                .as_ref()
+                .map(|c| (c.issuer_key_id.clone(), c.crl_number.unwrap_or_default()))
+                .unwrap_or_default();
+            format!(
+                "the CRL number {number} {issuer} signed is kept with the ceremony: ceremony completed"
+            )
+        }
         (None, ..) if record.certification.is_some() => {
             let c = record
                 .certification

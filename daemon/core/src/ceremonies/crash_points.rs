@@ -35,11 +35,15 @@ pub(super) const COMMIT: Points = points!("commit");
 pub(super) const TBS: Points = points!("tbs");
 pub(super) const CERTIFY: Points = points!("certify");
 pub(super) const STAGE: Points = points!("stage");
+/// A crl ceremony's TBS (no HSM call: `after_hsm` is after the TBS is
+/// built and linted) and its signature.
+pub(super) const CRL_TBS: Points = points!("crl_tbs");
+pub(super) const SIGN_CRL: Points = points!("sign_crl");
 
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 43] = [
+pub const CRASH_POINTS: [&str; 51] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -83,4 +87,12 @@ pub const CRASH_POINTS: [&str; 43] = [
     STAGE.after_intent,
     STAGE.after_hsm,
     STAGE.after_result,
+    CRL_TBS.before_intent,
+    CRL_TBS.after_intent,
+    CRL_TBS.after_hsm,
+    CRL_TBS.after_result,
+    SIGN_CRL.before_intent,
+    SIGN_CRL.after_intent,
+    SIGN_CRL.after_hsm,
+    SIGN_CRL.after_result,
 ];

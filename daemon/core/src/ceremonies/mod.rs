@@ -34,6 +34,7 @@
 //! | `backup.rs` | the backup KEK and backup bundles |
 //! | `restore.rs` | restores and DR drills |
 //! | `certify.rs` | an intermediate ceremony: the TBS built and linted, signed once confirmed, the chain stored |
+//! | `crl.rs` | a crl ceremony: the CRL number taken, the TBS built and linted, signed once confirmed |
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
 //! | `recovery.rs` | what happens after a stop, at start or on the leader while others run: roll forward, roll back or resume |
@@ -49,6 +50,7 @@ mod backup;
 mod certify;
 mod commit;
 mod crash_points;
+mod crl;
 mod custodians;
 mod new_key;
 mod recovery;
@@ -330,6 +332,7 @@ pub async fn open(
             shares_needed = u32::from(bundle.manifest.backup_kek.threshold);
         }
         Kind::Intermediate { .. } => certify::check_open(state, &script)?,
+        Kind::Crl(_) => crl::check_open(state, &script)?,
         _ => {}
     }
     // Held until the record, and with it the reservation, is journaled: no
@@ -495,6 +498,12 @@ async fn run_steps(
             }
             if !record.did("tbs") {
                 certify::prepare_tbs(state, record, script).await?;
+            }
+            wait_for_confirmation(state, record).await
+        }
+        Kind::Crl(_) => {
+            if !record.did("tbs") {
+                crl::prepare_tbs(state, record, script).await?;
             }
             wait_for_confirmation(state, record).await
         }

@@ -212,7 +212,8 @@ pub(super) async fn settle_lost(
 /// Whether the ceremony's commit reached the registry: its key is
 /// registered under the label the ceremony journaled; a restore: every key
 /// id it reserved is registered under labels it journaled (one batch
-/// registers them all).
+/// registers them all); a crl ceremony: its CRL was signed, verified and
+/// journaled.
 fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     let registered = |key_id: &str, label: &str| {
         state
@@ -220,6 +221,9 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
             .get(key_id)
             .is_some_and(|key| key.versions.iter().any(|v| v.hsm_label == label))
     };
+    if record.kind == "crl" {
+        return super::crl::signed(record);
+    }
     if let Some(certification) = &record.certification {
         return super::certify::committed(state, certification);
     }

@@ -213,10 +213,10 @@ pub fn intermediate_params(
 
 /// The issuer's key as rcgen sees it while the TBS is built: it keeps what
 /// it is asked to sign and signs nothing.
-struct Recorder {
-    public_key: Vec<u8>,
-    rcgen: &'static SignatureAlgorithm,
-    asked: RefCell<Option<Vec<u8>>>,
+pub(crate) struct Recorder {
+    pub(crate) public_key: Vec<u8>,
+    pub(crate) rcgen: &'static SignatureAlgorithm,
+    pub(crate) asked: RefCell<Option<Vec<u8>>>,
 }
 
 impl PublicKeyData for Recorder {
@@ -268,7 +268,7 @@ pub struct Prepared {
     pub tbs_sha256: [u8; 32],
 }
 
-fn subject_public_key(spki: &[u8]) -> Result<Vec<u8>, Error> {
+pub(crate) fn subject_public_key(spki: &[u8]) -> Result<Vec<u8>, Error> {
     spki::SubjectPublicKeyInfoRef::from_der(spki)
         .map(|info| info.subject_public_key.raw_bytes().to_vec())
         .map_err(|e| unsupported(format!("a public key does not parse: {e}")))

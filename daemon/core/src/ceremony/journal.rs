@@ -103,7 +103,8 @@ pub struct MadeKey {
     pub backup: bool,
 }
 
-/// What an intermediate ceremony certifies, and the certificate it makes:
+/// What an intermediate ceremony certifies, and the certificate it makes
+/// (or the CRL a crl ceremony makes):
 /// the TBS is journaled when it is built and linted, before the officers
 /// confirm its SHA-256, so that the HSM signs those very bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,8 +135,14 @@ pub struct Certification {
     pub tbs_sha256: String,
     /// The summary officers read.
     pub summary: Vec<String>,
-    /// The signed certificate, PEM, once the HSM signed and it verified.
+    /// The signed certificate, PEM, once the HSM signed and it verified;
+    /// for a CRL ceremony, the signed CRL.
     pub certificate_pem: String,
+    /// A CRL ceremony's CRL number (its TBS is a TBSCertList, and the
+    /// fields of a certified key are empty): journaled with the TBS before
+    /// anything is signed, so that no later CRL of the issuer gets it.
+    #[serde(default)]
+    pub crl_number: Option<u64>,
 }
 
 /// A submitted component: who, and its check value (never the value).

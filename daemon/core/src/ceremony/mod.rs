@@ -12,6 +12,7 @@
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
 //! | [`intermediate`] | a subordinate CA certificate: its TBS built and linted, then signed in the HSM |
 //! | [`lint`] | the lint of a TBS certificate before the HSM signs it |
+//! | [`crl`] | a CRL: its TBS built and linted (its own rules), then signed in the HSM |
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
 //! | [`transcript`] | the hash-chained, signed ceremony transcript |
 //! | [`bundle`] | backup bundles and their signed manifest |
@@ -19,6 +20,7 @@
 pub mod bundle;
 pub mod certificate;
 pub mod components;
+pub mod crl;
 pub mod fingerprint;
 pub mod intermediate;
 pub mod journal;

@@ -104,12 +104,15 @@ custodians = ["alice", "bob", "carol"]
 
 const INTERMEDIATE: &str = include_str!("../../../../deploy/ceremonies/intermediate.toml");
 
-const SCRIPTS: [&str; 5] = [
+const CRL: &str = include_str!("../../../../deploy/ceremonies/crl.toml");
+
+const SCRIPTS: [&str; 6] = [
     ROOT_KEY,
     KEK_GENERATE,
     KEK_COMPONENTS,
     RESTORE,
     INTERMEDIATE,
+    CRL,
 ];
 
 fn distinct(names: &[String], min: usize, max: usize) -> Result<(), TestCaseError> {
@@ -209,6 +212,21 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
             for name in profile.extended_key_usage.iter() {
                 prop_assert!(
                     custody_core::ceremony::script::EXTENDED_KEY_USAGES.contains(&name.as_str())
+                );
+            }
+        }
+        Kind::Crl(crl) => {
+            prop_assert!(custody_core::names::check_key_id(&crl.issuer).is_ok());
+            prop_assert!((1..=365).contains(&crl.next_update_days));
+            prop_assert!(crl.revoked.len() <= 500);
+            for (i, entry) in crl.revoked.iter().enumerate() {
+                prop_assert!(!entry.serial.is_empty() && entry.serial.len() <= 20);
+                prop_assert!(entry.serial[0] != 0);
+                prop_assert!(crl.revoked[..i].iter().all(|e| e.serial != entry.serial));
+                prop_assert!(
+                    custody_core::ceremony::script::CRL_REASONS
+                        .iter()
+                        .any(|(name, _)| *name == entry.reason)
                 );
             }
         }

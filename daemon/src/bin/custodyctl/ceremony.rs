@@ -56,8 +56,9 @@ pub(crate) enum CeremonyCommand {
     Status {
         /// ceremonies/{id} or the id.
         ceremony: String,
-        /// Write the certificate (PEM) of a root-key or intermediate ceremony here.
-        #[arg(long)]
+        /// Write the certificate (PEM) of a root-key or intermediate
+        /// ceremony, or the CRL (PEM) of a crl ceremony, here.
+        #[arg(long, visible_alias = "crl-out")]
         certificate_out: Option<PathBuf>,
         /// Write the backup bundle a KEK ceremony made here.
         #[arg(long)]
@@ -242,7 +243,15 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             let ceremony = fetch(&mut client, &ceremony).await?;
             print_ceremony(&ceremony);
             for (path, contents, what) in [
-                (certificate_out, &ceremony.certificate_pem, "certificate"),
+                (
+                    certificate_out,
+                    &ceremony.certificate_pem,
+                    if ceremony.kind == "crl" {
+                        "CRL"
+                    } else {
+                        "certificate"
+                    },
+                ),
                 (bundle_out, &ceremony.backup_bundle, "backup bundle"),
             ] {
                 let Some(path) = path else { continue };
@@ -419,7 +428,14 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             same_script(&current, &script)?;
             let fingerprint = checked_fingerprint(&current)?;
             if !current.tbs_der.is_empty() {
-                outln!("the certificate the HSM will sign (TBS):");
+                outln!(
+                    "the {} the HSM will sign (TBS):",
+                    if current.kind == "crl" {
+                        "CRL"
+                    } else {
+                        "certificate"
+                    }
+                );
                 for line in &current.tbs_summary {
                     outln!("  {}", shown(line));
                 }

@@ -88,3 +88,6 @@ custodians = ["alice", "bob", "carol"]
 /// The reviewed example of `deploy/ceremonies/`.
 pub(super) const INTERMEDIATE: &str =
     include_str!("../../../../../deploy/ceremonies/intermediate.toml");
+
+/// The reviewed CRL example.
+pub(super) const CRL: &str = include_str!("../../../../../deploy/ceremonies/crl.toml");

@@ -119,7 +119,47 @@ pub enum Kind {
         /// `[profile]`: the subordinate CA profile.
         profile: ProfileSection,
     },
+    /// A custody root key (its root certificate stored with its version)
+    /// signs a certificate revocation list.
+    Crl(CrlSection),
 }
+
+/// `[crl]`: the CRL a root signs (RFC 5280 section 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlSection {
+    /// `issuer`: the root key's id.
+    pub issuer: String,
+    /// nextUpdate, in days after thisUpdate (1 to 365).
+    pub next_update_days: u32,
+    /// `[[crl.revoked]]`: the revoked certificates, in the script's order,
+    /// each serial once.
+    pub revoked: Vec<RevokedEntry>,
+}
+
+/// One `[[crl.revoked]]`: a revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    /// The serial number, big-endian, without leading zero octets (1 to
+    /// 20 octets).
+    pub serial: Vec<u8>,
+    /// The reason, by its RFC 5280 name (one of [`CRL_REASONS`]).
+    pub reason: String,
+    /// When the revocation took effect, Unix seconds.
+    pub revoked_at: i64,
+}
+
+/// The reason codes a CRL script may give, by their RFC 5280 names, with
+/// their CRLReason values: those of a CA's full CRL the Baseline
+/// Requirements allow (no certificateHold, removeFromCRL, aACompromise).
+pub const CRL_REASONS: [(&str, u8); 7] = [
+    ("unspecified", 0),
+    ("keyCompromise", 1),
+    ("cACompromise", 2),
+    ("affiliationChanged", 3),
+    ("superseded", 4),
+    ("cessationOfOperation", 5),
+    ("privilegeWithdrawn", 9),
+];
 
 /// The extended key usages a profile may name, by their script names.
 pub const EXTENDED_KEY_USAGES: [&str; 5] = [
@@ -162,6 +202,7 @@ impl Kind {
             Kind::Kek { .. } => "kek",
             Kind::Restore { .. } => "restore",
             Kind::Intermediate { .. } => "intermediate",
+            Kind::Crl(_) => "crl",
         }
     }
 }
@@ -331,7 +372,8 @@ impl Script {
         &self.officers
     }
 
-    /// The kind's name: `root-key`, `kek`, `restore` or `intermediate`.
+    /// The kind's name: `root-key`, `kek`, `restore`, `intermediate` or
+    /// `crl`.
     pub fn kind_name(&self) -> &'static str {
         self.kind.name()
     }
@@ -340,7 +382,7 @@ impl Script {
     pub fn key(&self) -> Option<&KeySection> {
         match &self.kind {
             Kind::RootKey { key, .. } | Kind::Kek { key, .. } => Some(key),
-            Kind::Restore { .. } | Kind::Intermediate { .. } => None,
+            Kind::Restore { .. } | Kind::Intermediate { .. } | Kind::Crl(_) => None,
         }
     }
 
@@ -363,7 +405,7 @@ impl Script {
                 ..
             }
             | Kind::Restore { custodians, .. } => custodians,
-            Kind::RootKey { .. } | Kind::Intermediate { .. } => &[],
+            Kind::RootKey { .. } | Kind::Intermediate { .. } | Kind::Crl(_) => &[],
         }
     }
 
@@ -400,6 +442,10 @@ impl Script {
 
 #[cfg(test)]
 mod fixtures;
+
+/// The reviewed `deploy/ceremonies/crl.toml`, for other modules' tests.
+#[cfg(test)]
+pub(crate) const CRL_EXAMPLE: &str = fixtures::CRL;
 
 /// The reviewed `deploy/ceremonies/intermediate.toml`, for other modules'
 /// tests.

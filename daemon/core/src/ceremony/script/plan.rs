@@ -4,6 +4,8 @@
 use super::{CertificateSection, KekMode, KeySection, Kind, ProfileSection, Script};
 use crate::ceremony::fingerprint::hex_groups;
 
+mod crl;
+
 /// A step of a ceremony, in the order [`Script::steps`] gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -46,6 +48,9 @@ pub enum Step {
     /// A new version of the key certified is made in pre-activation (or
     /// the one already staged is taken): it signs nothing until promoted.
     Stage,
+    /// The issuer signs the confirmed TBS of a CRL inside the HSM; the
+    /// signature is verified with its public key.
+    SignCrl,
 }
 
 impl Step {
@@ -70,6 +75,7 @@ impl Step {
             Step::Tbs => "tbs",
             Step::Certify => "certify",
             Step::Stage => "stage",
+            Step::SignCrl => "sign-crl",
         }
     }
 }
@@ -128,6 +134,13 @@ impl Script {
                 steps.extend([Step::Tbs, Step::Confirm, Step::Certify, Step::Commit]);
                 steps
             }
+            Kind::Crl(_) => vec![
+                Step::SignIn,
+                Step::Tbs,
+                Step::Confirm,
+                Step::SignCrl,
+                Step::Commit,
+            ],
         }
     }
 
@@ -155,6 +168,7 @@ impl Script {
                 list(&self.officers),
                 hex_groups(&self.text_digest)
             ),
+            (step, Kind::Crl(section)) => crl::describe(step, section, &present),
             (Step::Generate, Kind::RootKey { key, .. }) => format!(
                 "custodyd generates the key pair {key_name} ({algorithm}) inside the HSM and runs a pair-wise consistency test; {}; {present} see the result",
                 if key.backup {
@@ -413,6 +427,7 @@ impl Script {
                 ));
                 lines.push(("profile", profile_line(profile)));
             }
+            Kind::Crl(section) => lines.extend(crl::summary(section)),
         }
         let width = lines
             .iter()

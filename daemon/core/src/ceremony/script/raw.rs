@@ -27,6 +27,7 @@ pub(super) struct RawScript {
     pub(super) restore: Option<RawRestore>,
     pub(super) intermediate: Option<RawIntermediate>,
     pub(super) profile: Option<RawProfile>,
+    pub(super) crl: Option<RawCrl>,
 }
 
 #[derive(Deserialize)]
@@ -106,4 +107,20 @@ pub(super) struct RawProfile {
     pub(super) crl_distribution_points: Option<Vec<String>>,
     pub(super) ocsp: Option<Vec<String>>,
     pub(super) ca_issuers: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCrl {
+    pub(super) issuer: Option<String>,
+    pub(super) next_update_days: Option<i64>,
+    pub(super) revoked: Option<Vec<RawRevoked>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRevoked {
+    pub(super) serial: Option<String>,
+    pub(super) reason: Option<String>,
+    pub(super) revoked_at: Option<String>,
 }

@@ -567,7 +567,7 @@ impl Script {
         let kind_name = required(
             raw.kind,
             "kind",
-            "\"root-key\", \"kek\", \"restore\" or \"intermediate\"",
+            "\"root-key\", \"kek\", \"restore\", \"intermediate\" or \"crl\"",
         )?;
         let description = required(
             raw.description,
@@ -607,6 +607,7 @@ impl Script {
                 absent(&raw.restore, "restore", why)?;
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
+                absent(&raw.crl, "crl", why)?;
                 let key = root_key_section(required(raw.key, "key", "a [key] section")?)?;
                 let certificate = raw.certificate.map(certificate_section).transpose()?;
                 if certificate.is_some() && !crate::ceremony::certificate::supported(key.algorithm)
@@ -627,6 +628,7 @@ impl Script {
                 absent(&raw.restore, "restore", why)?;
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
+                absent(&raw.crl, "crl", why)?;
                 let kek = required(raw.kek, "kek", "a [kek] section")?;
                 let mode = required(kek.mode, "kek.mode", "\"generate\" or \"components\"")?;
                 let key = required(raw.key, "key", "a [key] section")?;
@@ -689,6 +691,7 @@ impl Script {
                 absent(&raw.components, "components", why)?;
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
+                absent(&raw.crl, "crl", why)?;
                 restore_kind(required(raw.restore, "restore", "a [restore] section")?)?
             }
             "intermediate" => {
@@ -698,13 +701,26 @@ impl Script {
                 absent(&raw.shares, "shares", why)?;
                 absent(&raw.components, "components", why)?;
                 absent(&raw.restore, "restore", why)?;
+                absent(&raw.crl, "crl", why)?;
                 intermediate::kind(raw.intermediate, raw.certificate, raw.profile)?
+            }
+            "crl" => {
+                let why = "a crl script has [quorum] and [crl]";
+                absent(&raw.key, "key", why)?;
+                absent(&raw.certificate, "certificate", why)?;
+                absent(&raw.kek, "kek", why)?;
+                absent(&raw.shares, "shares", why)?;
+                absent(&raw.components, "components", why)?;
+                absent(&raw.restore, "restore", why)?;
+                absent(&raw.intermediate, "intermediate", why)?;
+                absent(&raw.profile, "profile", why)?;
+                crl::kind(raw.crl)?
             }
             other => {
                 return Err(invalid(
                     "kind",
                     format!(
-                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\" or \"intermediate\""
+                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\" or \"crl\""
                     ),
                 ));
             }
@@ -720,6 +736,7 @@ impl Script {
     }
 }
 
+mod crl;
 mod intermediate;
 
 #[cfg(test)]

@@ -16,7 +16,11 @@ const MAX_ENTRIES: usize = 8;
 /// The longest URI or DNS name.
 const MAX_URI: usize = 200;
 
-fn key_id(field: &str, value: Option<String>, what: &str) -> Result<String, ScriptError> {
+pub(super) fn key_id(
+    field: &str,
+    value: Option<String>,
+    what: &str,
+) -> Result<String, ScriptError> {
     let id = required(value, field, what)?;
     crate::names::check_key_id(&id).map_err(|_| {
         invalid(

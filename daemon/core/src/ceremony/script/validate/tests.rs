@@ -637,7 +637,7 @@ fn errors_say_what_is_wrong_and_what_is_allowed() {
         Script::parse(&ROOT_KEY.replace("kind = \"root-key\"", "kind = \"rootkey\"")).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "kind: \"rootkey\" is not a kind; \"root-key\", \"kek\", \"restore\" or \"intermediate\""
+        "kind: \"rootkey\" is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\" or \"crl\""
     );
 }
 
