@@ -77,7 +77,7 @@ fn check_with(db: &custody_store::Store, scope: ChainScope) -> Report {
     // Across owners: a completed ceremony's keys were registered before it
     // was journaled completed, and the registry never drops a key.
     for (ceremony, key_ids) in completed {
-        for key_id in key_ids.iter().filter(|id| !keys.contains_key(*id)) {
+        for key_id in key_ids.iter().filter(|id| !keys.contains_key(id)) {
             findings.add(
                 "ceremonies",
                 ceremony.as_bytes(),
