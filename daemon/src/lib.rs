@@ -29,6 +29,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics_http;
 pub mod notify;
+pub mod phases;
 pub mod review;
 pub mod run;
 pub mod server;

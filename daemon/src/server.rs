@@ -44,6 +44,8 @@ pub struct Daemon {
     config: Config,
     /// The signing self-test key's public key (SubjectPublicKeyInfo DER).
     self_test_key: Vec<u8>,
+    /// How long each phase of this start took.
+    pub start_phases: crate::phases::StartPhases,
 }
 
 impl Daemon {
@@ -55,9 +57,12 @@ impl Daemon {
 
     /// [`Daemon::open`] with the clock approvals expire by (tests inject one).
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Daemon, String> {
+        let mut phases = crate::phases::StartPhases::new();
         crate::metrics_http::start(config.metrics.listen)?;
         let tls = TlsReloader::new(config.tls.clone())?;
+        phases.done("tls");
         let db = open_store(&config)?;
+        phases.done("store");
         // Who takes this process's claims and locks in the store.
         let holder = config.store.replica_id.as_deref().unwrap_or("custodyd");
         let epochs =
@@ -66,7 +71,15 @@ impl Daemon {
         // Every tree checked before anything reads or writes one (F1), the
         // audit chain from its last checkpoint (Q1); the audit log opens
         // with this pass's chain.
-        let chain = custody_core::integrity::check_at_start(&db).into_chain(&config.data_dir)?;
+        // The registry's epoch before the check reads the keys: a change
+        // another replica makes meanwhile leaves the copy behind the store,
+        // to be reloaded, never ahead of it.
+        let registry_epoch = epochs
+            .read(custody_core::shared::Domain::Registry)
+            .map_err(|e| format!("store: {e}"))?;
+        let (chain, checked_keys) =
+            custody_core::integrity::check_at_start(&db).into_checked(&config.data_dir)?;
+        phases.done("check");
         // Every rule decides by the guarded clock: never backwards, even
         // across a restart, and steps reported (threat model F7).
         let clock: Arc<dyn Clock> = Arc::new(GuardedClock::open(
@@ -101,6 +114,7 @@ impl Daemon {
             Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
+        phases.done("hsm");
         // Replicas starting together on an empty store: one at a time
         // checks the token against the log, makes the audit key if there is
         // none, and records its start; the next then finds both.
@@ -116,7 +130,9 @@ impl Daemon {
         } else {
             lost_directory(&config, &chain, &hsm).await?
         };
-        let registry = Registry::open(&db, &epochs).map_err(|e| e.to_string())?;
+        let registry = Registry::from_checked(&db, &epochs, registry_epoch, checked_keys)
+            .map_err(|e| e.to_string())?;
+        phases.done("registry");
         let audit = AuditLog::open(
             &db,
             &chain,
@@ -128,6 +144,7 @@ impl Daemon {
             config.store.replica_id.clone(),
         )
         .map_err(|e| format!("audit log: {e}"))?;
+        phases.done("audit_open");
         let previous_stop = if matches!(audit.last_event(), Some(Event::DaemonStopped { .. })) {
             custody_core::ceremonies::PreviousStop::Clean
         } else {
@@ -158,11 +175,13 @@ impl Daemon {
         // The self-test key is made with the audit key (under the start's
         // claim), and custodyd serves nothing unless it signs (FIPS 140's
         // self-test rule).
+        phases.done("audit_started");
         let self_test_key = custody_core::readiness::ensure_key(&hsm).await?;
         custody_core::readiness::self_test(&hsm, &self_test_key)
             .await
             .map_err(|e| format!("signing self-test at start: {e}"))?;
         metrics::self_test("ok");
+        phases.done("self_test");
         drop(first_start);
         tracing::info!(
             keys = registry.len(),
@@ -223,6 +242,7 @@ impl Daemon {
             .shared
             .others(config.store.replica_id.as_deref())
             .map_err(|e| format!("store: listing the replicas: {e}"))?;
+        phases.done("state");
         if others.is_empty() {
             recover(&state, previous_stop).await?;
         } else {
@@ -231,12 +251,15 @@ impl Daemon {
                 "other replicas are running: start-up recovery is left to a replica that starts alone"
             );
         }
+        phases.done("recover");
+        tracing::info!(phases = %phases.describe(), "custodyd start-up phases");
         Ok(Daemon {
             state,
             tls,
             replica,
             config,
             self_test_key,
+            start_phases: phases,
         })
     }
 

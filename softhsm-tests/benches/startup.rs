@@ -46,15 +46,37 @@ fn spread(times: &[Duration]) -> String {
     )
 }
 
-async fn restarts(service: &mut TestService, rounds: usize) -> Vec<Duration> {
-    let mut times = Vec::new();
+/// Each restart's time, and its phases as custodyd timed them.
+type Restarts = (Vec<Duration>, Vec<Vec<(&'static str, Duration)>>);
+
+async fn restarts(service: &mut TestService, rounds: usize) -> Restarts {
+    let (mut times, mut phases) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         service.stop().await;
         let start = Instant::now();
         service.restart().await;
         times.push(start.elapsed());
+        phases.push(service.start_phases().phases().to_vec());
     }
-    times
+    (times, phases)
+}
+
+/// One line per phase of the start: median and range over the restarts.
+fn phase_lines(phases: &[Vec<(&'static str, Duration)>]) -> Vec<String> {
+    let Some(first) = phases.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let times: Vec<Duration> = phases
+                .iter()
+                .filter_map(|p| p.get(i).map(|x| x.1))
+                .collect();
+            format!("{name}: {}", spread(&times))
+        })
+        .collect()
 }
 
 /// Appends `records` request records through the audit writer, many at a
@@ -103,14 +125,21 @@ fn parts(service: &TestService) -> Parts {
         "{}",
         at_start.describe(&service.config.data_dir)
     );
-    let start = Instant::now();
-    let whole = custody_core::integrity::check(&db);
-    let whole_time = start.elapsed();
-    assert!(
-        whole.is_clean(),
-        "{}",
-        whole.describe(&service.config.data_dir)
-    );
+    // `STARTUP_WHOLE=0` leaves the whole-chain check out (minutes at a
+    // million records; the start does not run it).
+    let (whole_time, whole_records) = if env_number("STARTUP_WHOLE", 1) == 0 {
+        (Duration::ZERO, 0)
+    } else {
+        let start = Instant::now();
+        let whole = custody_core::integrity::check(&db);
+        let whole_time = start.elapsed();
+        assert!(
+            whole.is_clean(),
+            "{}",
+            whole.describe(&service.config.data_dir)
+        );
+        (whole_time, whole.chain.records())
+    };
     let epochs = custody_core::shared::Epochs::open(&db, "bench").expect("epochs");
     let start = Instant::now();
     let registry = custody_core::registry::Registry::open(&db, &epochs).expect("registry");
@@ -120,7 +149,7 @@ fn parts(service: &TestService) -> Parts {
         registry.len(),
         at_start.chain.records(),
         at_start.chain.first_checked(),
-        whole.chain.records()
+        whole_records
     );
     (open_time, at_start_time, whole_time, registry_time, what)
 }
@@ -146,7 +175,7 @@ fn bench(token: &TestToken) {
         drop(db);
         service.restart().await;
         let short_log = service.audit_len();
-        let short = restarts(&mut service, rounds).await;
+        let (short, short_phases) = restarts(&mut service, rounds).await;
         let short_parts: Vec<_> = {
             service.stop().await;
             let parts = (0..rounds).map(|_| parts(&service)).collect();
@@ -158,7 +187,7 @@ fn bench(token: &TestToken) {
         fill_audit(&service, records).await;
         let fill = start.elapsed();
         let long_log = service.audit_len();
-        let long = restarts(&mut service, rounds).await;
+        let (long, long_phases) = restarts(&mut service, rounds).await;
         service.stop().await;
         let long_parts: Vec<_> = (0..rounds).map(|_| parts(&service)).collect();
 
@@ -177,6 +206,12 @@ fn bench(token: &TestToken) {
                 column(|p| p.3)
             );
             println!("\n({})\n", parts[0].4);
+        }
+        for (log, phases) in [(short_log, &short_phases), (long_log, &long_phases)] {
+            println!("restart phases with {log} audit records:");
+            for line in phase_lines(phases) {
+                println!("  {line}");
+            }
         }
         println!(
             "filled {records} records through the audit writer in {:.1} s ({:.0}/s)",

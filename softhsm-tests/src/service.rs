@@ -109,6 +109,7 @@ struct Running {
     tls: Arc<custody_daemon::tls::TlsReloader>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    start_phases: custody_daemon::phases::StartPhases,
 }
 
 impl Running {
@@ -118,6 +119,7 @@ impl Running {
         let addr = listener.local_addr().expect("local addr");
         let state = daemon.state.clone();
         let tls = daemon.tls.clone();
+        let start_phases = daemon.start_phases.clone();
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon.serve(listener, async {
             let _ = stop.await;
@@ -129,6 +131,7 @@ impl Running {
             tls,
             shutdown: Some(shutdown),
             task: Some(task),
+            start_phases,
         })
     }
 
@@ -287,6 +290,12 @@ impl TestService {
     /// The daemon's shared state (HSM, registry, audit log).
     pub fn state(&self) -> &Arc<Custody> {
         &self.running().state
+    }
+
+    /// How long each phase of custodyd's last start took (the start-up
+    /// bench prints them).
+    pub fn start_phases(&self) -> &custody_daemon::phases::StartPhases {
+        &self.running().start_phases
     }
 
     /// Reloads the TLS files, as SIGHUP does.

@@ -46,6 +46,9 @@ pub struct Report {
     pub chain: CheckedChain,
     /// Keys in the registry.
     pub keys: usize,
+    /// The registry as read by the check: what custodyd opens it with
+    /// ([`crate::registry::Registry::from_checked`]), each record parsed once.
+    pub registry: crate::registry::CheckedKeys,
 }
 
 /// Checks every tree of `db`, reading only (no tree is made), the whole
@@ -74,7 +77,7 @@ fn check_with(db: &custody_store::Store, scope: ChainScope) -> Report {
     // Across owners: a completed ceremony's keys were registered before it
     // was journaled completed, and the registry never drops a key.
     for (ceremony, key_ids) in completed {
-        for key_id in key_ids.iter().filter(|id| !keys.contains_key(*id)) {
+        for key_id in key_ids.iter().filter(|id| !keys.contains_key(id)) {
             findings.add(
                 "ceremonies",
                 ceremony.as_bytes(),
@@ -107,6 +110,7 @@ fn check_with(db: &custody_store::Store, scope: ChainScope) -> Report {
         findings,
         chain,
         keys: keys.len(),
+        registry: keys,
     }
 }
 
@@ -146,11 +150,14 @@ impl Report {
         text
     }
 
-    /// The checked chain to open the audit log with, or the refusal to
-    /// start.
-    pub fn into_chain(self, dir: &std::path::Path) -> Result<CheckedChain, String> {
+    /// The checked chain to open the audit log with and the checked
+    /// registry, or the refusal to start.
+    pub fn into_checked(
+        self,
+        dir: &std::path::Path,
+    ) -> Result<(CheckedChain, crate::registry::CheckedKeys), String> {
         if self.is_clean() {
-            Ok(self.chain)
+            Ok((self.chain, self.registry))
         } else {
             Err(self.describe(dir))
         }

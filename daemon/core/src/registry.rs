@@ -231,14 +231,35 @@ impl Registry {
     /// Opens the registry in `db` and loads it into memory. A record that does
     /// not parse stops the start: a registry we cannot read is not guessed at.
     pub fn open(db: &custody_store::Store, epochs: &Epochs) -> Result<Registry, RegistryError> {
-        let tree = db.keyspace("keys").map_err(store_error)?;
-        let pending = db.keyspace("pending_versions").map_err(store_error)?;
         let epoch = epochs.read(Domain::Registry).map_err(store_error)?;
-        let keys = load(&tree)?;
+        let keys = load(&db.keyspace("keys").map_err(store_error)?)?;
+        Registry::with_keys(db, epochs, epoch, keys)
+    }
+
+    /// Opens the registry with the keys the start's integrity check read
+    /// (a check that found nothing: the caller refuses to start otherwise),
+    /// so each record is parsed once. `epoch` is the registry's epoch read
+    /// before that check: a replica's change since then leaves the copy
+    /// older than the store, and the next [`Registry::refresh`] reloads it.
+    pub fn from_checked(
+        db: &custody_store::Store,
+        epochs: &Epochs,
+        epoch: u64,
+        checked: CheckedKeys,
+    ) -> Result<Registry, RegistryError> {
+        Registry::with_keys(db, epochs, epoch, checked.0)
+    }
+
+    fn with_keys(
+        db: &custody_store::Store,
+        epochs: &Epochs,
+        epoch: u64,
+        keys: BTreeMap<String, Arc<KeyRecord>>,
+    ) -> Result<Registry, RegistryError> {
         Ok(Registry {
             db: db.clone(),
-            tree,
-            pending,
+            tree: db.keyspace("keys").map_err(store_error)?,
+            pending: db.keyspace("pending_versions").map_err(store_error)?,
             keys: RwLock::new(keys),
             copy: Copy::new(Domain::Registry, epochs, epoch),
         })
@@ -360,23 +381,53 @@ fn load(tree: &custody_store::Keyspace) -> Result<BTreeMap<String, Arc<KeyRecord
     let mut keys = BTreeMap::new();
     for item in tree.iter() {
         let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
-        let mut record: KeyRecord = crate::stored::open(&id, &bytes).map_err(|e| {
+        let record = parse(&id, &bytes).map_err(|e| {
             RegistryError(format!(
                 "record {:?} is corrupt: {e}",
                 String::from_utf8_lossy(&id)
             ))
         })?;
-        // Records written before activation times were kept: a version
-        // that was ever active counts from its creation, so that its
-        // cryptoperiod applies.
-        for version in &mut record.versions {
-            if version.activated_ms.is_none() && version.state != VersionState::PreActivation {
-                version.activated_ms = Some(version.created_ms);
-            }
-        }
         keys.insert(record.key_id.clone(), Arc::new(record));
     }
     Ok(keys)
+}
+
+/// One stored key record as the registry holds it: the one rule both
+/// [`load`] and [`check_stored`] read a record by, so the start parses each
+/// record once ([`Registry::from_checked`]).
+fn parse(id: &[u8], bytes: &[u8]) -> Result<KeyRecord, String> {
+    let mut record: KeyRecord = crate::stored::open(id, bytes)?;
+    // Records written before activation times were kept: a version that
+    // was ever active counts from its creation, so that its cryptoperiod
+    // applies.
+    for version in &mut record.versions {
+        if version.activated_ms.is_none() && version.state != VersionState::PreActivation {
+            version.activated_ms = Some(version.created_ms);
+        }
+    }
+    Ok(record)
+}
+
+/// The registry as [`check_stored`] read it, each record parsed once: what
+/// [`Registry::from_checked`] opens with when the check found nothing.
+#[derive(Debug, Default)]
+pub struct CheckedKeys(BTreeMap<String, Arc<KeyRecord>>);
+
+impl CheckedKeys {
+    /// Whether key `key_id` was found.
+    pub fn contains_key(&self, key_id: &str) -> bool {
+        self.0.contains_key(key_id)
+    }
+
+    /// How many keys were found.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if no key was found.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Registry {
@@ -557,18 +608,23 @@ impl Registry {
 /// versions upwards, each under a label of its number, with the primary
 /// among them; every entry of `pending_versions` decodes, is stored under
 /// its label, and is not a version its key already holds (the commit
-/// clears the entry in the same transaction). Returns each key id found
-/// with its version numbers, for the checks across trees.
+/// clears the entry in the same transaction). Returns the keys found, each
+/// read by the rule the registry loads by, for the checks across trees and
+/// for [`Registry::from_checked`].
 pub fn check_stored(
     db: &custody_store::Store,
     findings: &mut crate::findings::Findings,
-) -> std::collections::BTreeMap<String, Vec<u32>> {
+) -> CheckedKeys {
     use crate::findings::{each_record, json_record};
     let mut keys = BTreeMap::new();
     each_record(db, "keys", findings, |id, bytes, findings| {
-        let Some(record) = json_record::<KeyRecord>("keys", id, bytes, "a key record", findings)
-        else {
-            return;
+        let record = match parse(id, bytes) {
+            Ok(record) => record,
+            Err(e) => {
+                let found = format!("expected a key record, found {} bytes: {e}", bytes.len());
+                findings.add("keys", id, found);
+                return;
+            }
         };
         let mut add = |expected: String| findings.add("keys", id, expected);
         if record.key_id.as_bytes() != id {
@@ -605,10 +661,7 @@ pub fn check_stored(
                 record.primary_version
             ));
         }
-        keys.insert(
-            record.key_id.clone(),
-            record.versions.iter().map(|v| v.version).collect(),
-        );
+        keys.insert(record.key_id.clone(), Arc::new(record));
     });
     each_record(
         db,
@@ -636,7 +689,7 @@ pub fn check_stored(
             }
             let committed = keys
                 .get(&pending.key_id)
-                .is_some_and(|versions: &Vec<u32>| versions.contains(&pending.version));
+                .is_some_and(|record: &Arc<KeyRecord>| record.version(pending.version).is_some());
             if committed {
                 findings.add(
                 "pending_versions",
@@ -649,7 +702,7 @@ pub fn check_stored(
             }
         },
     );
-    keys
+    CheckedKeys(keys)
 }
 
 #[cfg(test)]
@@ -786,5 +839,49 @@ mod tests {
             "taking the lock brought b's copy up to date"
         );
         b.put(record("k2")).await.unwrap();
+    }
+
+    /// The start opens the registry from its integrity check's pass (each
+    /// record parsed once, by the rule `load` reads by: an old record's
+    /// active version gets its activation time), at the epoch read before
+    /// the check: a replica's change after the check is brought in by the
+    /// next refresh, not hidden behind a newer epoch.
+    #[tokio::test]
+    async fn the_registry_opened_from_the_check_is_the_loaded_one_and_refreshes() {
+        let (_dir, store, a, _b) = replicas();
+        let mut old = record("k1");
+        old.versions.push(VersionRecord {
+            version: 1,
+            state: VersionState::Active,
+            created_ms: 7,
+            state_ms: 7,
+            hsm_label: "key/k1/v1".into(),
+            public_key_der_hex: String::new(),
+            public_key_pem: String::new(),
+            activated_ms: None,
+            destroy_at_ms: None,
+            legal_hold: None,
+            check_value: String::new(),
+            certificate_chain_pem: Vec::new(),
+        });
+        old.primary_version = 1;
+        a.put(old).await.unwrap();
+        let epochs = Epochs::open(&store, "c").unwrap();
+        let epoch = epochs.read(Domain::Registry).unwrap();
+        let mut findings = crate::findings::Findings::default();
+        let checked = check_stored(&store, &mut findings);
+        assert!(findings.is_empty(), "{findings:?}");
+        a.put(record("k2")).await.unwrap();
+        let started = Registry::from_checked(&store, &epochs, epoch, checked).unwrap();
+        let loaded = Registry::open(&store, &Epochs::open(&store, "d").unwrap()).unwrap();
+        let k1 = started.get("k1").unwrap();
+        assert_eq!(k1.versions[0].activated_ms, Some(7));
+        assert_eq!(
+            serde_json::to_string(&*k1).unwrap(),
+            serde_json::to_string(&*loaded.get("k1").unwrap()).unwrap()
+        );
+        assert!(started.get("k2").is_none(), "the check ran before k2");
+        started.refresh().unwrap();
+        assert!(started.get("k2").is_some(), "the refresh brings k2 in");
     }
 }
