@@ -327,9 +327,11 @@ impl Scenario {
     ) -> Result<custody_proto::v1::Ceremony, tonic::Status> {
         use custody_core::ceremony::components::kcv;
         match self {
-            Scenario::Root | Scenario::Kek | Scenario::Intermediate | Scenario::Staged | Scenario::Crl => {
-                officers.run(script).await.map(|(done, _)| done)
-            }
+            Scenario::Root
+            | Scenario::Kek
+            | Scenario::Intermediate
+            | Scenario::Staged
+            | Scenario::Crl => officers.run(script).await.map(|(done, _)| done),
             Scenario::Components => {
                 let name = officers.start("alice", script, "").await?.name;
                 officers.sign_in("alice", &name, script).await?;
