@@ -4,9 +4,9 @@
 //! alive and ready").
 
 use clap::Args as ClapArgs;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::Connection;
 use crate::shared::{channel, json, print_json, shown, status};
