@@ -77,6 +77,10 @@ for service in "" custody.v1.SigningService; do
   answer=$(custodyctl health --service "$service") || fail "custodyctl health --service '$service': $answer"
   echo "health '$service': $answer"
 done
+# ... and says so when it is not: exit status 1 for a service it does not serve.
+if custodyctl health --service custody.v1.NoSuchService >/dev/null 2>&1; then
+  fail "custodyctl health succeeded for a service custodyd does not serve"
+fi
 curl_metrics() { exec 3<>/dev/tcp/127.0.0.1/9464 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3; }
 curl_metrics | grep -q '^custody_serving 1' || fail "the metrics do not say custody_serving 1"
 
