@@ -54,13 +54,20 @@ cleanup() {
     wait "$nspawn_pid" 2>/dev/null || true
   fi
   # systemd-nspawn's mounts live in its own mount namespace and end with it;
-  # anything still mounted under the rootfs would be a bug, so say so.
-  if findmnt -rno TARGET | grep -q "^$rootfs"; then
-    echo "still mounted under $rootfs:" >&2
-    findmnt -rno TARGET | grep "^$rootfs" >&2
+  # an interrupted debootstrap leaves /proc and /sys mounted in its target.
+  # Unmount whatever is left under $work (deepest first), then remove the
+  # trees.
+  local left
+  left=$(findmnt -rno TARGET | grep "^$work/" | sort -r || true)
+  if [ -n "$left" ]; then
+    echo "unmounting what was left under $work:" $left >&2
+    for target in $left; do umount -l "$target" || status=1; done
+  fi
+  if findmnt -rno TARGET | grep -q "^$work/"; then
+    echo "still mounted under $work; $rootfs left in place" >&2
     status=1
   else
-    rm -rf "$rootfs"
+    rm -rf "$rootfs" "$work/base" "$base.part"
   fi
   if [ "$status" -ne 0 ] && [ -f "$log" ]; then
     echo "--- the container's console (last 40 lines of $log)" >&2
@@ -69,6 +76,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM HUP
 
 # A minimal Debian 12 with systemd as init, SoftHSM2 and the package's
 # dependency adduser, made once.
