@@ -28,6 +28,7 @@ fi
 need=()
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   apt-get update -qq
