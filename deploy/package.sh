@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds custody's Debian package with cargo-deb (installed if missing, at a
 # pinned version), installs it with dpkg -i, and checks what it installed:
-# `custodyd --version` and the unit, verified by systemd-analyze. CI runs it
-# as root on a fresh Debian machine; elsewhere it uses sudo.
+# `custodyd --version` and the unit, verified by systemd-analyze; then
+# deploy/systemd-check.sh runs the package under a real systemd (a Debian 12
+# container booted with systemd-nspawn) from install to a clean stop. CI runs
+# it as root on a fresh Debian machine; elsewhere it uses sudo.
 # See docs/runbook.md, "Installing the package".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +41,7 @@ systemd-analyze verify "$unit"
 getent passwd custody >/dev/null || { echo "the package made no custody user" >&2; exit 1; }
 [ "$(stat -c %U /var/lib/custody)" = custody ] || { echo "/var/lib/custody is not custody's" >&2; exit 1; }
 echo "installed: $got; $unit verified; user custody; state directory /var/lib/custody"
+
+# From the .deb to a running, ready custodyd under systemd, the runbook's
+# steps, in a container whose PID 1 is systemd.
+deploy/systemd-check.sh "$deb"

@@ -10,7 +10,7 @@
 //! dispatch to the command groups, one file each: `keys.rs` (with
 //! `lifecycle.rs` for cryptoperiods, destruction and legal holds),
 //! `signing.rs`, `audit.rs`, `officers.rs`, `operations.rs` (requests and
-//! approvals), `envelope.rs`, `drift.rs`, `ceremony.rs` and `devpki.rs`.
+//! approvals), `envelope.rs`, `drift.rs`, `health.rs`, `ceremony.rs` and `devpki.rs`.
 //! `shared.rs` holds what they all use: the connection, printing, files,
 //! the officer key and the exit status.
 
@@ -24,6 +24,7 @@ mod devpki;
 mod docs;
 mod drift;
 mod envelope;
+mod health;
 mod keys;
 mod lifecycle;
 mod officers;
@@ -110,6 +111,9 @@ enum Command {
     Envelope(envelope::EnvelopeCommand),
     /// Compare the registry with the objects the HSM holds; exits 1 on drift.
     Drift,
+    /// Whether custodyd serves: readiness (custody.v1.SigningService) or,
+    /// with --service "", liveness; exits 1 unless SERVING.
+    Health(health::HealthArgs),
     /// Key ceremonies, backups, restores and DR drills.
     #[command(subcommand)]
     Ceremony(ceremony::CeremonyCommand),
@@ -157,6 +161,7 @@ async fn main() -> ExitCode {
         Command::Operations(command) => operations::run(connection, command).await,
         Command::Envelope(command) => envelope::run(connection, command).await,
         Command::Drift => drift::run(connection).await,
+        Command::Health(args) => health::run(connection, args).await,
         Command::Ceremony(command) => ceremony::run(connection, command).await,
         Command::DevPki(args) => devpki::run(args),
         Command::Completions(args) => docs::completions(&args),
