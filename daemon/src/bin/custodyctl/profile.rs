@@ -53,6 +53,10 @@ pub(crate) struct Resolved {
     pub(crate) ca: Option<PathBuf>,
     pub(crate) cert: Option<PathBuf>,
     pub(crate) key: Option<PathBuf>,
+    /// Which settings a profile supplied, and from where (for example
+    /// `ca, cert, key from profile "alice" of /home/a/custodyctl.toml`), so
+    /// that an error about a file says where to fix it, not only its flag.
+    pub(crate) supplied: Option<String>,
 }
 
 /// The default config file, from the XDG base directory rules.
@@ -82,13 +86,17 @@ fn resolve_with(
         Some(path) if explicit || path.exists() => Some((path, read(path)?)),
         _ => None,
     };
+    let mut profile_name = None;
     let profile = match (&connection.profile, &file) {
         (Some(name), Some((path, config))) => Some(
             config
                 .profiles
                 .get(name)
                 .cloned()
-                .map(|p| relative_to(p, path))
+                .map(|p| {
+                    profile_name = Some((name.clone(), path.to_path_buf()));
+                    relative_to(p, path)
+                })
                 .ok_or_else(|| {
                     let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
                     format!(
@@ -112,7 +120,10 @@ fn resolve_with(
                     .profiles
                     .get(name)
                     .cloned()
-                    .map(|p| relative_to(p, path))
+                    .map(|p| {
+                        profile_name = Some((name.clone(), path.to_path_buf()));
+                        relative_to(p, path)
+                    })
                     .ok_or_else(|| {
                         format!(
                             "{}: default_profile {name:?} is not one of its profiles",
@@ -125,6 +136,27 @@ fn resolve_with(
         (None, None) => None,
     }
     .unwrap_or_default();
+    let supplied = profile_name.and_then(|(name, path)| {
+        let from_profile: Vec<&str> = [
+            (
+                "server",
+                connection.server.is_none() && profile.server.is_some(),
+            ),
+            ("ca", connection.ca.is_none() && profile.ca.is_some()),
+            ("cert", connection.cert.is_none() && profile.cert.is_some()),
+            ("key", connection.key.is_none() && profile.key.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(setting, taken)| taken.then_some(setting))
+        .collect();
+        (!from_profile.is_empty()).then(|| {
+            format!(
+                "{} from profile {name:?} of {}",
+                from_profile.join(", "),
+                path.display()
+            )
+        })
+    });
     Ok(Resolved {
         server: connection
             .server
@@ -134,6 +166,7 @@ fn resolve_with(
         ca: connection.ca.clone().or(profile.ca),
         cert: connection.cert.clone().or(profile.cert),
         key: connection.key.clone().or(profile.key),
+        supplied,
     })
 }
 
@@ -197,6 +230,10 @@ mod tests {
                 ca: Some(dir.path().join("ca.pem")),
                 cert: Some("/etc/alice.pem".into()),
                 key: Some(dir.path().join("alice.key")),
+                supplied: Some(format!(
+                    "server, ca, cert, key from profile \"alice\" of {}",
+                    path.display()
+                )),
             }
         );
         let mut flagged = connection(Some("alice"));
@@ -206,6 +243,13 @@ mod tests {
         assert_eq!(resolved.server, "https://flag.example:1");
         assert_eq!(resolved.cert, Some("mine.pem".into()));
         assert_eq!(resolved.key, Some(dir.path().join("alice.key")));
+        assert_eq!(
+            resolved.supplied,
+            Some(format!(
+                "ca, key from profile \"alice\" of {}",
+                path.display()
+            ))
+        );
         // No --profile: the file's default profile.
         let default = resolve_with(&connection(None), Some(&path), true).unwrap();
         assert_eq!(default.server, "https://bob.example:7443");
@@ -219,6 +263,7 @@ mod tests {
         let missing = dir.path().join("absent.toml");
         let bare = resolve_with(&connection(None), Some(&missing), false).unwrap();
         assert_eq!(bare.server, DEFAULT_SERVER);
+        assert_eq!(bare.supplied, None);
         assert!(resolve_with(&connection(None), Some(&missing), true).is_err());
         // A misspelt setting is refused, not ignored.
         std::fs::write(&path, "[profiles.alice]\nsever = \"x\"\n").unwrap();

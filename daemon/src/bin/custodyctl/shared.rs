@@ -147,7 +147,12 @@ pub(crate) async fn channel(connection: &Connection) -> Result<Channel, String> 
         cert: need(resolved.cert, "--cert", "CUSTODY_CERT")?,
         key: need(resolved.key, "--key", "CUSTODY_KEY")?,
     };
-    custody_daemon::client::connect_files(&resolved.server, &files).await
+    custody_daemon::client::connect_files(&resolved.server, &files)
+        .await
+        .map_err(|error| match &resolved.supplied {
+            Some(supplied) => format!("{error} [{supplied}]"),
+            None => error,
+        })
 }
 
 /// A gRPC error as `Code [REASON]: message`, the reason from the error
