@@ -36,59 +36,8 @@ use crate::common::{
 /// and a staged, certified v2, and v1 marked compromised by the operator.
 async fn staged_issuer_with_compromised_primary(source: &TestService) {
     let officers = officers_of(source).await;
-    let root = root_script("c-root", "root-ca", true)
-        .replace("validity_days = 30", "validity_days = 3650")
-        .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
-    let (done, _) = officers.run(&root).await.unwrap();
-    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+    staged_issuer(source, &officers).await;
     let operator = source.client("operator").await;
-    create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, true)
-        .await
-        .unwrap();
-    let rotate = request_operation(
-        &operator,
-        operation_spec::Spec::SetPolicy(SetPolicySpec {
-            name: "keys/issuing-ca".into(),
-            operation: OperationKind::Rotate as i32,
-            officers: vec!["alice".into(), "bob".into(), "carol".into()],
-            required: 3,
-        }),
-    )
-    .await
-    .unwrap();
-    source.approve("alice", &rotate).await.unwrap();
-    let set = source.approve("bob", &rotate).await.unwrap();
-    assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
-
-    let staging = include_str!("../../../deploy/ceremonies/intermediate.toml")
-        .replace("\"demo-intermediate-2026\"", "\"c-stage\"")
-        .replace(
-            "key = \"issuing-ca\"\n",
-            "key = \"issuing-ca\"\nstage = true\n",
-        )
-        .replace("required = 2", "required = 3");
-    let opened = officers.start("alice", &staging, "").await.unwrap();
-    let mut waiting = None;
-    for officer in ["alice", "bob", "carol"] {
-        waiting = Some(
-            officers
-                .sign_in(officer, &opened.name, &staging)
-                .await
-                .unwrap(),
-        );
-    }
-    let fingerprint = waiting.unwrap().fingerprint.unwrap().value;
-    let mut done = None;
-    for officer in ["alice", "bob", "carol"] {
-        done = Some(
-            officers
-                .confirm(officer, &opened.name, &staging, &fingerprint)
-                .await
-                .unwrap(),
-        );
-    }
-    let done = done.unwrap();
-    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
 
     // v1 compromised by the operator alone: no rotation (ROTATE is gated).
     set_state(
@@ -154,3 +103,121 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    #[ignore = "hole: once a rotation passes a staged version, SET_STATE alone (2 of 3) activates it, though promoting it needed ROTATE's 3; it then signs when named"]
+    fn a_staged_version_passed_by_a_rotation_is_not_activated_by_fewer_officers_than_promotion_needs(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            staged_issuer(&service, &officers).await;
+            service.gate("issuing-ca", OperationKind::SetState).await;
+            let operator = service.client("operator").await;
+            // The full quorum rotates past the staged v2: v3 is primary.
+            let rotation = request_operation(
+                &operator,
+                operation_spec::Spec::Rotate(custody_proto::v1::KeyRef {
+                    name: "keys/issuing-ca".into(),
+                }),
+            )
+            .await
+            .unwrap();
+            let mut rotated = None;
+            for officer in ["alice", "bob", "carol"] {
+                rotated = Some(service.approve(officer, &rotation).await.unwrap());
+            }
+            let rotated = rotated.unwrap();
+            assert_eq!(rotated.state, OperationState::Succeeded as i32, "{}", rotated.error);
+            let key = get_key(&operator, "issuing-ca").await.unwrap();
+            assert_eq!(key.primary_version, 3);
+            assert_eq!(key.versions[1].state, KeyVersionState::PreActivation as i32);
+            assert!(!key.versions[1].certificate_chain_pem.is_empty());
+
+            // Two officers (SET_STATE's 2 of 3) ask to activate v2.
+            let activate = request_operation(
+                &operator,
+                operation_spec::Spec::SetState(custody_proto::v1::SetStateSpec {
+                    name: "keys/issuing-ca/versions/2".into(),
+                    state: KeyVersionState::Active as i32,
+                    reason: String::new(),
+                }),
+            )
+            .await
+            .unwrap();
+            service.approve("alice", &activate).await.unwrap();
+            let two = service.approve("bob", &activate).await.unwrap();
+            let signed = SigningServiceClient::new(service.client("ca-issuing").await)
+                .sign(SignRequest {
+                    name: "keys/issuing-ca/versions/2".into(),
+                    input: Some(sign_request::Input::Digest(custody_proto::v1::Digest {
+                        digest: Some(digest::Digest::Sha256(sha2::Sha256::digest(b"x").to_vec())),
+                    })),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().name);
+            assert!(
+                activate.required >= 3 && two.state != OperationState::Succeeded as i32,
+                "2 officers activated the certified staged v2 (operation needed {}, state {}); Sign naming it answers {signed:?}",
+                activate.required,
+                two.state
+            );
+        });
+    }
+);
+
+/// A root, `issuing-ca` with ROTATE 3 of 3 and a staged, certified v2.
+async fn staged_issuer(service: &TestService, officers: &softhsm_tests::ceremony::Officers<'_>) {
+    let root = root_script("c-root", "root-ca", true)
+        .replace("validity_days = 30", "validity_days = 3650")
+        .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
+    let (done, _) = officers.run(&root).await.unwrap();
+    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+    let operator = service.client("operator").await;
+    create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, true)
+        .await
+        .unwrap();
+    let rotate = request_operation(
+        &operator,
+        operation_spec::Spec::SetPolicy(SetPolicySpec {
+            name: "keys/issuing-ca".into(),
+            operation: OperationKind::Rotate as i32,
+            officers: vec!["alice".into(), "bob".into(), "carol".into()],
+            required: 3,
+        }),
+    )
+    .await
+    .unwrap();
+    service.approve("alice", &rotate).await.unwrap();
+    let set = service.approve("bob", &rotate).await.unwrap();
+    assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+    let staging = include_str!("../../../deploy/ceremonies/intermediate.toml")
+        .replace("\"demo-intermediate-2026\"", "\"c-stage\"")
+        .replace(
+            "key = \"issuing-ca\"\n",
+            "key = \"issuing-ca\"\nstage = true\n",
+        )
+        .replace("required = 2", "required = 3");
+    let opened = officers.start("alice", &staging, "").await.unwrap();
+    let mut waiting = None;
+    for officer in ["alice", "bob", "carol"] {
+        waiting = Some(
+            officers
+                .sign_in(officer, &opened.name, &staging)
+                .await
+                .unwrap(),
+        );
+    }
+    let fingerprint = waiting.unwrap().fingerprint.unwrap().value;
+    let mut done = None;
+    for officer in ["alice", "bob", "carol"] {
+        done = Some(
+            officers
+                .confirm(officer, &opened.name, &staging, &fingerprint)
+                .await
+                .unwrap(),
+        );
+    }
+    let done = done.unwrap();
+    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+}
