@@ -27,7 +27,9 @@
 
 mod ceremonies;
 mod common;
+mod crl_policy;
 mod export;
 mod forgery;
 mod protections;
 mod restores;
+mod staged;
