@@ -226,22 +226,34 @@ pub fn quorum_gate(record: &KeyRecord, kind: &str, approved: Approval) -> Result
     }
 }
 
-/// Whether setting `version` of `record` to `target` promotes a staged
-/// version: a pre-activation version newer than the primary (as an
-/// intermediate ceremony with `stage = true` makes) becomes active and
-/// primary at once, which is a rotation and an activation in one.
-pub fn is_promotion(record: &KeyRecord, version: u32, target: VersionState) -> bool {
+/// Whether setting `version` of `record` to `target` activates a staged
+/// version: one in pre-activation (only staging makes them, and restores
+/// bring them back), wherever it stands against the primary. Activating
+/// one gives the key a new version that signs, as a rotation does, so it
+/// needs the promotion quorum ([`state_change_quorum`]) even when it does
+/// not become primary: a rotation past a staged version, or a restore that
+/// made it primary because the bundle lacked the old primary, must not
+/// make it cheaper to bring into use.
+pub fn activates_staged(record: &KeyRecord, version: u32, target: VersionState) -> bool {
     target == VersionState::Active
-        && version > record.primary_version
         && record
             .version(version)
             .is_some_and(|v| v.state == VersionState::PreActivation)
 }
 
+/// Whether setting `version` of `record` to `target` promotes a staged
+/// version: a pre-activation version newer than the primary (as an
+/// intermediate ceremony with `stage = true` makes) becomes active and
+/// primary at once, which is a rotation and an activation in one.
+pub fn is_promotion(record: &KeyRecord, version: u32, target: VersionState) -> bool {
+    activates_staged(record, version, target) && version > record.primary_version
+}
+
 /// The quorum a state change of `version` of `record` to `target` needs
 /// (`None`: a direct call may make it). A plain change needs the key's
-/// SET_STATE policy. A promotion ([`is_promotion`]) changes which version
-/// signs, as a rotation does, and activates it: it needs the ROTATE and the
+/// SET_STATE policy. Activating a staged version ([`activates_staged`],
+/// whether or not it is a promotion, [`is_promotion`]) brings a new version
+/// into use, as a rotation does, and activates it: it needs the ROTATE and the
 /// SET_STATE policy both, so the one of the two that covers the other
 /// ([`Quorum::covers`]); if neither does, no single quorum meets both and
 /// it is refused. Never cheaper than the rotation or the activation alone
@@ -252,7 +264,7 @@ pub fn state_change_quorum(
     target: VersionState,
 ) -> Result<Option<Quorum>, Error> {
     let set_state = record.policies.get("SET_STATE");
-    if !is_promotion(record, version, target) {
+    if !activates_staged(record, version, target) {
         return Ok(set_state.cloned());
     }
     match (record.policies.get("ROTATE"), set_state) {
@@ -263,7 +275,7 @@ pub fn state_change_quorum(
         (Some(_), Some(_)) => Err(Error::new(
             Reason::PromotionPoliciesConflict,
             format!(
-                "promoting keys/{} version {version} needs its ROTATE and SET_STATE policies at once, and neither covers the other: align them first",
+                "activating staged keys/{} version {version} needs its ROTATE and SET_STATE policies at once, and neither covers the other: align them first",
                 record.key_id
             ),
         )),
@@ -283,8 +295,8 @@ pub fn state_change_gate(
             Reason::QuorumRequired,
             format!(
                 "{} on keys/{} needs {} officer approvals: request it with OperationService.RequestOperation",
-                if is_promotion(record, version, target) {
-                    "promoting a staged version"
+                if activates_staged(record, version, target) {
+                    "activating a staged version"
                 } else {
                     "SET_STATE"
                 },
@@ -588,12 +600,26 @@ mod tests {
         let all = with(outsider, "SET_STATE", &["a", "b", "c"], 3);
         let needed = state_change_quorum(&all, 2, active).unwrap().unwrap();
         assert_eq!((needed.required, needed.members.len()), (3, 3));
-        // An older pre-activation version is no promotion.
+        // An older pre-activation version (passed by a rotation) is no
+        // promotion, but activating it still needs the promotion quorum;
+        // so does a pre-activation primary (a restore without the old one).
         let mut older = staged(&[("ROTATE", 3), ("SET_STATE", 2)]);
         older.primary_version = 2;
         older.versions[1].state = VersionState::Active;
         older.versions[0].state = VersionState::PreActivation;
         assert!(!is_promotion(&older, 1, active));
+        assert!(activates_staged(&older, 1, active));
+        assert_eq!(
+            state_change_quorum(&older, 1, active)
+                .unwrap()
+                .unwrap()
+                .required,
+            3
+        );
+        let mut restored = staged(&[("ROTATE", 3)]);
+        restored.primary_version = 2;
+        assert!(!is_promotion(&restored, 2, active));
+        assert!(state_change_gate(&restored, 2, active, Approval::None).is_err());
     }
 
     #[test]

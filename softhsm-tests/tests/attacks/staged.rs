@@ -64,7 +64,6 @@ async fn staged_issuer_with_compromised_primary(source: &TestService) {
 }
 
 token_test!(
-    #[ignore = "hole: a restore makes a staged version primary when the bundle lacks the manifest's primary; the operator alone then activates it"]
     fn a_staged_version_restored_without_its_primary_is_not_promoted_by_the_operator_alone(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, staged_issuer_with_compromised_primary).await;
@@ -105,7 +104,6 @@ token_test!(
 );
 
 token_test!(
-    #[ignore = "hole: once a rotation passes a staged version, SET_STATE alone (2 of 3) activates it, though promoting it needed ROTATE's 3; it then signs when named"]
     fn a_staged_version_passed_by_a_rotation_is_not_activated_by_fewer_officers_than_promotion_needs(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;

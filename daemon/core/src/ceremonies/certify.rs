@@ -282,12 +282,20 @@ pub(super) async fn prepare_tbs(
 
 /// Steps `certify` and `commit`, once every officer who signed in
 /// confirmed the TBS's SHA-256.
-pub(super) async fn certify(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+pub(super) async fn certify(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+    script: &Script,
+) -> Result<(), Error> {
     let certification = record
         .certification
         .clone()
         .ok_or_else(|| Error::internal("no TBS to sign"))?;
     if !record.did("certify") {
+        // The policies in force now, not those of the start or of the TBS:
+        // officers may have tightened the root's SIGN (or the key's ROTATE)
+        // policy while the ceremony waited for confirmations (C6).
+        check_open(state, script)?;
         sign(state, record, &certification).await?;
     }
     store_chain(state, record).await

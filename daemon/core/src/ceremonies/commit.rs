@@ -121,10 +121,10 @@ pub(super) async fn commit(
     script: &Script,
 ) -> Result<(), Error> {
     if let crate::ceremony::script::Kind::Intermediate { .. } = script.kind() {
-        return super::certify::certify(state, record).await;
+        return super::certify::certify(state, record, script).await;
     }
     if let crate::ceremony::script::Kind::Crl(_) = script.kind() {
-        return super::crl::sign_and_complete(state, record).await;
+        return super::crl::sign_and_complete(state, record, script).await;
     }
     let made = record
         .key

@@ -158,12 +158,16 @@ pub(super) async fn prepare_tbs(
 pub(super) async fn sign_and_complete(
     state: &Custody,
     record: &mut CeremonyRecord,
+    script: &Script,
 ) -> Result<(), Error> {
     let certification = record
         .certification
         .clone()
         .ok_or_else(|| Error::internal("no TBS to sign"))?;
     if !record.did("sign-crl") {
+        // The root's SIGN policy in force now: officers may have tightened
+        // it while the ceremony waited for confirmations (C10).
+        check_open(state, script)?;
         sign(state, record, &certification).await?;
     }
     finish_completed(state, record).await
