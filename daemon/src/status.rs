@@ -50,6 +50,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::NotScheduled => Code::FailedPrecondition,
         R::AlreadyDestroyed => Code::FailedPrecondition,
         R::NotDue => Code::FailedPrecondition,
+        R::ReservedByCeremony => Code::FailedPrecondition,
         R::LegalHold => Code::FailedPrecondition,
         R::NoLegalHold => Code::FailedPrecondition,
         R::IllegalTransition => Code::FailedPrecondition,

@@ -647,6 +647,7 @@ pub fn fill_registry(db: &custody_store::Store, keys: usize) {
                 legal_hold: None,
                 check_value: String::new(),
                 certificate_chain_pem: Vec::new(),
+                reserved_by: None,
             }],
             policies: Default::default(),
             cryptoperiod_ms: None,

@@ -405,6 +405,7 @@ mod tests {
             legal_hold: None,
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
+            reserved_by: None,
         }
     }
 

@@ -70,6 +70,7 @@ reasons! {
     NotScheduled = "NOT_SCHEDULED": "destruction state",
     AlreadyDestroyed = "ALREADY_DESTROYED": "destruction state",
     NotDue = "NOT_DUE": "the scheduled destruction is not due yet",
+    ReservedByCeremony = "RESERVED_BY_CEREMONY": "a key-destruction ceremony witnesses this destruction",
     LegalHold = "LEGAL_HOLD": "a legal hold blocks destruction; there is no hold to release",
     NoLegalHold = "NO_LEGAL_HOLD": "a legal hold blocks destruction; there is no hold to release",
     IllegalTransition = "ILLEGAL_TRANSITION": "lifecycle rule",

@@ -106,6 +106,12 @@ pub struct VersionRecord {
     /// certificate (a root-key ceremony: the self-signed root alone).
     #[serde(default)]
     pub certificate_chain_pem: Vec<String>,
+    /// The key-destruction ceremony that reserved this scheduled version
+    /// to witness its destruction: the scheduler leaves it to that
+    /// ceremony until it completes or rolls back
+    /// (`keys::check_due`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_by: Option<String>,
 }
 
 impl VersionRecord {
@@ -786,6 +792,7 @@ mod tests {
                 legal_hold: None,
                 check_value: String::new(),
                 certificate_chain_pem: Vec::new(),
+                reserved_by: None,
             });
             made
         };
@@ -863,6 +870,7 @@ mod tests {
             legal_hold: None,
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
+            reserved_by: None,
         });
         old.primary_version = 1;
         a.put(old).await.unwrap();

@@ -367,7 +367,9 @@ async fn destroy_due(state: &Arc<Custody>) {
         for version in &key.versions {
             let due = version.destroy_at_ms.is_some_and(|at| at <= now)
                 && version.state != VersionState::Destroyed
-                && version.legal_hold.is_none();
+                && version.legal_hold.is_none()
+                // A key-destruction ceremony witnesses it (`keys::check_due`).
+                && version.reserved_by.is_none();
             if !due {
                 continue;
             }

@@ -94,6 +94,15 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             words: fingerprint.words().unwrap_or_default(),
         }
     });
+    // A key-destruction ceremony's manifest: its SHA-256, read as a TBS's.
+    let manifest_fingerprint = record.destruction.as_ref().map(|d| {
+        let fingerprint = Fingerprint::of_der(d.manifest.as_bytes());
+        KeyFingerprint {
+            value: fingerprint.bytes().to_vec(),
+            hex: fingerprint.hex_groups(),
+            words: fingerprint.words().unwrap_or_default(),
+        }
+    });
     let fingerprint = record.key.as_ref().and_then(|key| {
         let bytes = hex::decode(&key.fingerprint).ok()?;
         let fingerprint = if key.public_key_der_hex.is_empty() {
@@ -122,7 +131,7 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
         present: record.present.iter().map(|s| s.officer.clone()).collect(),
         confirmed: record.confirmed.iter().map(|s| s.officer.clone()).collect(),
         steps,
-        fingerprint: fingerprint.or(tbs_fingerprint),
+        fingerprint: fingerprint.or(tbs_fingerprint).or(manifest_fingerprint),
         public_key_der: record
             .key
             .as_ref()

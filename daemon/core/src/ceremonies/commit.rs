@@ -126,6 +126,9 @@ pub(super) async fn commit(
     if let crate::ceremony::script::Kind::Crl(_) = script.kind() {
         return super::crl::sign_and_complete(state, record, script).await;
     }
+    if let crate::ceremony::script::Kind::KeyDestruction(_) = script.kind() {
+        return super::destruction::destroy_and_complete(state, record, script).await;
+    }
     let made = record
         .key
         .clone()
@@ -232,6 +235,15 @@ pub(super) async fn finish_completed(
                 .unwrap_or_default();
             format!(
                 "the CRL number {number} {issuer} signed is kept with the ceremony: ceremony completed"
+            )
+        }
+        (None, ..) if record.kind == "key-destruction" => {
+            let d = record.destruction.clone().unwrap_or_default();
+            detail.insert("manifest_sha256".into(), json!(d.manifest_sha256));
+            format!(
+                "{} versions {:?} recorded destroyed, witnessed: ceremony completed",
+                d.key_id,
+                d.versions()
             )
         }
         (None, ..) if record.certification.is_some() => {

@@ -39,6 +39,11 @@ pub(super) const STAGE: Points = points!("stage");
 /// built and linted) and its signature.
 pub(super) const CRL_TBS: Points = points!("crl_tbs");
 pub(super) const SIGN_CRL: Points = points!("sign_crl");
+/// A key-destruction ceremony's manifest (no HSM call: `after_hsm` is
+/// after the manifest is built) and its destroy step (`after_intent` and
+/// `after_hsm` are passed once per object).
+pub(super) const MANIFEST: Points = points!("destruction_manifest");
+pub(super) const DESTROY: Points = points!("destroy_versions");
 
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
@@ -95,4 +100,19 @@ pub const CRASH_POINTS: [&str; 51] = [
     SIGN_CRL.after_intent,
     SIGN_CRL.after_hsm,
     SIGN_CRL.after_result,
+];
+
+/// The crash points of a key-destruction ceremony. Not yet in
+/// [`CRASH_POINTS`]: the SIGKILL test's rig runs custodyd in real time, and
+/// a destruction is due only after its cancel window (at least an hour), so
+/// that test cannot reach them yet (docs/threat-model.md, C25).
+pub const DESTRUCTION_CRASH_POINTS: [&str; 8] = [
+    MANIFEST.before_intent,
+    MANIFEST.after_intent,
+    MANIFEST.after_hsm,
+    MANIFEST.after_result,
+    DESTROY.before_intent,
+    DESTROY.after_intent,
+    DESTROY.after_hsm,
+    DESTROY.after_result,
 ];

@@ -35,6 +35,7 @@
 //! | `restore.rs` | restores and DR drills |
 //! | `certify.rs` | an intermediate ceremony: the TBS built and linted, signed once confirmed, the chain stored |
 //! | `crl.rs` | a crl ceremony: the CRL number taken, the TBS built and linted, signed once confirmed |
+//! | `destruction.rs` | a key-destruction ceremony: approved, scheduled versions reserved, their manifest confirmed, destroyed, their absence verified |
 //! | `commit.rs` | the key registered and the ceremony completed |
 //! | `roll_back.rs` | a failed or aborted ceremony's objects destroyed |
 //! | `recovery.rs` | what happens after a stop, at start or on the leader while others run: roll forward, roll back or resume |
@@ -52,6 +53,7 @@ mod commit;
 mod crash_points;
 mod crl;
 mod custodians;
+mod destruction;
 mod new_key;
 mod recovery;
 mod restore;
@@ -80,7 +82,7 @@ use restore::{bundle_signature_ok, restore, restored_label};
 use roll_back::roll_back;
 
 pub use backup::{KeyToBack, check_aad, make_bundle};
-pub use crash_points::CRASH_POINTS;
+pub use crash_points::{CRASH_POINTS, DESTRUCTION_CRASH_POINTS};
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::{PreviousStop, recover, take_over};
 pub use restore::restore_challenge;
@@ -333,11 +335,12 @@ pub async fn open(
         }
         Kind::Intermediate { .. } => certify::check_open(state, &script)?,
         Kind::Crl(_) => crl::check_open(state, &script)?,
+        Kind::KeyDestruction(_) => destruction::check_open(state, &script)?,
         _ => {}
     }
     // Held until the record, and with it the reservation, is journaled: no
     // CreateKey and no other ceremony takes one of these ids in between.
-    let _registry = state
+    let registry = state
         .registry
         .lock()
         .await
@@ -374,6 +377,7 @@ pub async fn open(
         reserved_key_ids,
         key: None,
         certification: None,
+        destruction: None,
         key_policies,
         backup_kek: None,
         shares_collected: Vec::new(),
@@ -407,6 +411,14 @@ pub async fn open(
     }
     note(state, &mut record, "open", opened_by, summary, detail).await?;
     failpoint::hit("ceremony.open.after_journal");
+    drop(registry);
+    if let Kind::KeyDestruction(_) = script.kind() {
+        // Journaled first: a reservation never outlives its ceremony.
+        if let Err(error) = destruction::reserve(state, &script).await {
+            roll_back(state, &mut record, Phase::RolledBack, &error.message).await?;
+            return Err(error);
+        }
+    }
     Ok(record)
 }
 
@@ -504,6 +516,12 @@ async fn run_steps(
         Kind::Crl(_) => {
             if !record.did("tbs") {
                 crl::prepare_tbs(state, record, script).await?;
+            }
+            wait_for_confirmation(state, record).await
+        }
+        Kind::KeyDestruction(_) => {
+            if !record.did("manifest") {
+                destruction::manifest(state, record, script).await?;
             }
             wait_for_confirmation(state, record).await
         }

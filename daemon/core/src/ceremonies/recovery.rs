@@ -57,7 +57,7 @@ pub async fn recover(state: &Custody, previous_stop: PreviousStop) -> Result<usi
         }
         if committed(state, &record) {
             tracing::warn!(ceremony = %record.id, stop = %previous_stop, "ceremony committed before custodyd stopped: completing it");
-            finish_completed(state, &mut record)
+            complete_committed(state, &mut record)
                 .await
                 .map_err(|e| e.message)?;
             continue;
@@ -151,7 +151,7 @@ pub async fn take_over(state: &Custody) -> Result<usize, Error> {
 async fn settle_if_left(state: &Custody, record: &mut CeremonyRecord) -> Result<bool, Error> {
     if committed(state, record) {
         tracing::warn!(ceremony = %record.id, "a ceremony committed by a replica that stopped: completing it");
-        finish_completed(state, record).await?;
+        complete_committed(state, record).await?;
         return Ok(true);
     }
     if record.phase == Phase::AwaitingOfficers {
@@ -224,6 +224,9 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     if record.kind == "crl" {
         return super::crl::signed(record);
     }
+    if record.kind == "key-destruction" {
+        return super::destruction::begun(record);
+    }
     if let Some(certification) = &record.certification {
         return super::certify::committed(state, certification);
     }
@@ -247,4 +250,14 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
         }
         None => false,
     }
+}
+
+/// Completes a committed ceremony; a key-destruction ceremony whose destroy
+/// step had begun finishes it first (an absent object counts as destroyed).
+async fn complete_committed(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    if super::destruction::begun(record) {
+        let script = script_of(record)?;
+        return super::destruction::destroy_and_complete(state, record, &script).await;
+    }
+    finish_completed(state, record).await
 }

@@ -427,6 +427,7 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         // Backup bundles do not carry certificates (yet): a restored
         // version has none; the root certificate is kept by the officers.
         certificate_chain_pem: Vec::new(),
+        reserved_by: None,
     }
 }
 

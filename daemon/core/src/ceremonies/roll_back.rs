@@ -28,6 +28,9 @@ pub(super) async fn roll_back(
     put(state, record).await?;
     state.ceremonies.forget(&record.id);
     let destroyed = destroy_objects(state, record).await?;
+    // A key-destruction ceremony's reserved versions go back to the
+    // scheduler (their approved destruction stands unless cancelled).
+    super::destruction::release(state, record).await?;
     record.phase = phase;
     record.error = why.to_string();
     let mut detail = Map::new();

@@ -180,7 +180,12 @@ impl Moment {
                 let fingerprint = match (&record.key, &record.certification) {
                     (Some(k), _) => hex::decode(&k.fingerprint).unwrap_or_default(),
                     (None, Some(c)) => hex::decode(&c.tbs_sha256).unwrap_or_default(),
-                    (None, None) => Vec::new(),
+                    // A key-destruction ceremony's manifest.
+                    (None, None) => record
+                        .destruction
+                        .as_ref()
+                        .and_then(|d| hex::decode(&d.manifest_sha256).ok())
+                        .unwrap_or_default(),
                 };
                 confirmation_message(&script.digest(), &fingerprint)
             }

@@ -250,6 +250,10 @@ pub struct CeremonyRecord {
     /// What an intermediate ceremony certifies, once its TBS is built.
     #[serde(default)]
     pub certification: Option<Certification>,
+    /// What a key-destruction ceremony destroys, once its manifest is
+    /// journaled.
+    #[serde(default)]
+    pub destruction: Option<crate::ceremony::destruction::Destruction>,
     /// The policies the key is registered with (root-key and kek), fixed
     /// when the ceremony opened: the script's `[key.policy]`, and the
     /// administrative quorum of that moment on each default kind it does
@@ -663,6 +667,7 @@ mod tests {
             reserved_key_ids: Vec::new(),
             key: None,
             certification: None,
+            destruction: None,
             key_policies: None,
             backup_kek: None,
             shares_collected: Vec::new(),

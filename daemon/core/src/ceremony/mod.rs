@@ -16,11 +16,13 @@
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
 //! | [`transcript`] | the hash-chained, signed ceremony transcript |
 //! | [`bundle`] | backup bundles and their signed manifest |
+//! | [`destruction`] | a key-destruction ceremony's manifest and the progress of its destroy step |
 
 pub mod bundle;
 pub mod certificate;
 pub mod components;
 pub mod crl;
+pub mod destruction;
 pub mod fingerprint;
 pub mod intermediate;
 pub mod journal;

@@ -9,7 +9,7 @@ use super::{found, not_destroyed, update_version, version_of};
 use crate::action::Audited;
 use crate::lifecycle;
 use crate::names::version_name;
-use crate::registry::{KeyRecord, VersionState};
+use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Custody, Error, Reason};
 
 /// Refuses to schedule the destruction of a version that is in use, held,
@@ -153,9 +153,90 @@ pub async fn release_legal_hold(
     update_version(custody, &current, version, |v| v.legal_hold = None).await
 }
 
+/// Who carries out an approved destruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier<'a> {
+    /// The scheduler, once the cancel window has passed.
+    Scheduler,
+    /// The key-destruction ceremony of this id, witnessing it.
+    Ceremony(&'a str),
+}
+
+/// Whether `carrier` may take on the scheduled destruction of `version`:
+/// approved and scheduled (DESTROY_VERSION), not cancelled, not held, not
+/// destroyed, still retired and not primary (the rules that allowed the
+/// schedule), and reserved by no other carrier. A key-destruction ceremony
+/// reserves a version with this, when it opens; the cancel window need not
+/// have passed yet ([`check_due`] is asked before anything is destroyed).
+pub fn check_reservable<'r>(
+    record: &'r KeyRecord,
+    version: u32,
+    carrier: Carrier<'_>,
+) -> Result<&'r VersionRecord, Error> {
+    let existing = not_destroyed(record, version)?;
+    let name = version_name(&record.key_id, version);
+    if existing.legal_hold.is_some() {
+        return Err(Error::new(
+            Reason::LegalHold,
+            format!("{name} is under a legal hold"),
+        ));
+    }
+    if existing.destroy_at_ms.is_none() {
+        return Err(Error::new(
+            Reason::NotScheduled,
+            format!(
+                "{name} is not scheduled for destruction: an approved DESTROY_VERSION schedules it (or it was cancelled)"
+            ),
+        ));
+    }
+    if !lifecycle::may_schedule_destroy(existing.state) || record.primary_version == version {
+        return Err(Error::new(
+            Reason::IllegalTransition,
+            format!("{name} is in use again (state or primary); cancel the destruction"),
+        ));
+    }
+    match (&existing.reserved_by, carrier) {
+        (None, _) => Ok(existing),
+        (Some(by), Carrier::Ceremony(id)) if by == id => Ok(existing),
+        (Some(by), _) => Err(Error::new(
+            Reason::ReservedByCeremony,
+            format!(
+                "{name} is reserved by the key-destruction ceremony {by}, which witnesses its destruction"
+            ),
+        )),
+    }
+}
+
+/// Whether `carrier` may destroy `version` now: [`check_reservable`], and
+/// the cancel window over (no clock step pending that may have crossed
+/// it, threat model F7). The one rule the scheduler and a key-destruction
+/// ceremony both ask, with the registry locked, just before the HSM call.
+pub fn check_due<'r>(
+    custody: &Custody,
+    record: &'r KeyRecord,
+    version: u32,
+    carrier: Carrier<'_>,
+) -> Result<&'r VersionRecord, Error> {
+    let existing = check_reservable(record, version, carrier)?;
+    let now = custody.clock.now_ms();
+    let due = existing.destroy_at_ms.is_some_and(|at| at <= now);
+    if !due || custody.clock.steps_pending() {
+        return Err(Error::new(
+            Reason::NotDue,
+            format!(
+                "{} is not due: its cancel window ends at {}",
+                version_name(&record.key_id, version),
+                crate::audit::rfc3339_ms(existing.destroy_at_ms.unwrap_or_default())
+            ),
+        ));
+    }
+    Ok(existing)
+}
+
 /// Destroys a version whose cancel window has passed (the scheduler).
 /// Idempotent: an object already gone counts as destroyed, so a crash
-/// between the HSM call and the registry write is finished next time.
+/// between the HSM call and the registry write is finished next time. A
+/// version a key-destruction ceremony reserved is left to it.
 pub async fn destroy_due(
     custody: &Custody,
     audited: &mut Audited,
@@ -168,27 +249,7 @@ pub async fn destroy_due(
         .await
         .map_err(crate::keys::registry_failure)?;
     let current = found(custody, key_id)?;
-    let existing = version_of(&current, version)?;
-    let now = custody.clock.now_ms();
-    // A clock step seen and not yet dealt with may have crossed the window
-    // (threat model F7): the scheduler holds destructions back first.
-    let due = existing.destroy_at_ms.is_some_and(|at| at <= now)
-        && !custody.clock.steps_pending()
-        && existing.legal_hold.is_none()
-        && existing.state != VersionState::Destroyed;
-    if !due {
-        return Err(Error::new(
-            Reason::NotDue,
-            "not scheduled, not yet due, held or already destroyed",
-        ));
-    }
-    // The rules that allowed the schedule must still hold now.
-    if !lifecycle::may_schedule_destroy(existing.state) || current.primary_version == version {
-        return Err(Error::new(
-            Reason::IllegalTransition,
-            "the version is in use again (state or primary); cancel the destruction",
-        ));
-    }
+    let existing = check_due(custody, &current, version, Carrier::Scheduler)?;
     audited.intent(custody).await?;
     let label = KeyLabel::new(existing.hsm_label.clone())?;
     custody
@@ -198,6 +259,7 @@ pub async fn destroy_due(
             other => other,
         })
         .await?;
+    let now = custody.clock.now_ms();
     update_version(custody, &current, version, |v| {
         v.state = VersionState::Destroyed;
         v.state_ms = now;
@@ -243,4 +305,102 @@ pub async fn hold_destructions(
         }
     }
     Ok(held)
+}
+
+/// Reserves `versions` of `key_id` for the key-destruction ceremony
+/// `ceremony`, durably in the registry: the scheduler leaves them to it
+/// ([`check_due`]). Each must be reservable ([`check_reservable`]);
+/// reserving again for the same ceremony changes nothing.
+pub async fn reserve_for_ceremony(
+    custody: &Custody,
+    key_id: &str,
+    versions: &[u32],
+    ceremony: &str,
+) -> Result<KeyRecord, Error> {
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
+    let current = found(custody, key_id)?;
+    for version in versions {
+        check_reservable(&current, *version, Carrier::Ceremony(ceremony))?;
+    }
+    let mut record = KeyRecord::clone(&current);
+    for v in record
+        .versions
+        .iter_mut()
+        .filter(|v| versions.contains(&v.version))
+    {
+        v.reserved_by = Some(ceremony.to_string());
+    }
+    if record != *current {
+        custody
+            .registry
+            .put(record.clone())
+            .await
+            .map_err(crate::keys::registry_failure)?;
+    }
+    Ok(record)
+}
+
+/// Clears every reservation the ceremony `ceremony` holds on `key_id`
+/// (its roll-back or abort): an approved destruction not cancelled is the
+/// scheduler's again. Idempotent; a key that is gone has none.
+pub async fn release_ceremony_reservation(
+    custody: &Custody,
+    key_id: &str,
+    ceremony: &str,
+) -> Result<(), Error> {
+    let _guard = custody
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)?;
+    let Some(current) = custody.registry.get(key_id) else {
+        return Ok(());
+    };
+    let mut record = KeyRecord::clone(&current);
+    for v in record.versions.iter_mut() {
+        if v.reserved_by.as_deref() == Some(ceremony) {
+            v.reserved_by = None;
+        }
+    }
+    if record != *current {
+        custody
+            .registry
+            .put(record)
+            .await
+            .map_err(crate::keys::registry_failure)?;
+    }
+    Ok(())
+}
+
+/// Records `versions` of `current` destroyed by the ceremony that held
+/// them (the caller holds the registry lock and destroyed their objects).
+pub async fn mark_destroyed(
+    custody: &Custody,
+    current: &KeyRecord,
+    versions: &[u32],
+) -> Result<KeyRecord, Error> {
+    let now = custody.clock.now_ms();
+    let mut record = current.clone();
+    for v in record
+        .versions
+        .iter_mut()
+        .filter(|v| versions.contains(&v.version))
+    {
+        if v.state != VersionState::Destroyed {
+            v.state = VersionState::Destroyed;
+            v.state_ms = now;
+            v.destroy_at_ms = Some(now);
+        }
+        v.reserved_by = None;
+    }
+    custody
+        .registry
+        .put(record.clone())
+        .await
+        .map_err(crate::keys::registry_failure)?;
+    Ok(record)
 }

@@ -150,6 +150,7 @@ impl KeyFacts {
             legal_hold: None,
             check_value: self.check_value,
             certificate_chain_pem: Vec::new(),
+            reserved_by: None,
         }
     }
 }

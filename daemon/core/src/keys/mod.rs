@@ -27,8 +27,9 @@ use crate::{Custody, Error, Reason};
 
 pub use create::{NewKey, create, ensure_key_id_free};
 pub use destroy::{
-    cancel_destroy, destroy_due, hold_destructions, release_legal_hold, schedule_destroy,
-    set_legal_hold,
+    Carrier, cancel_destroy, check_due, check_reservable, destroy_due, hold_destructions,
+    mark_destroyed, release_ceremony_reservation, release_legal_hold, reserve_for_ceremony,
+    schedule_destroy, set_legal_hold,
 };
 pub use rotate::{Trigger, rotate};
 pub use state::{KeyUpdate, set_state, update};

@@ -106,13 +106,16 @@ const INTERMEDIATE: &str = include_str!("../../../../deploy/ceremonies/intermedi
 
 const CRL: &str = include_str!("../../../../deploy/ceremonies/crl.toml");
 
-const SCRIPTS: [&str; 6] = [
+const KEY_DESTRUCTION: &str = include_str!("../../../../deploy/ceremonies/key-destruction.toml");
+
+const SCRIPTS: [&str; 7] = [
     ROOT_KEY,
     KEK_GENERATE,
     KEK_COMPONENTS,
     RESTORE,
     INTERMEDIATE,
     CRL,
+    KEY_DESTRUCTION,
 ];
 
 fn distinct(names: &[String], min: usize, max: usize) -> Result<(), TestCaseError> {
@@ -214,6 +217,12 @@ fn fully_valid(script: &Script, text: &str) -> Result<(), TestCaseError> {
                     custody_core::ceremony::script::EXTENDED_KEY_USAGES.contains(&name.as_str())
                 );
             }
+        }
+        Kind::KeyDestruction(section) => {
+            prop_assert!(custody_core::names::check_key_id(&section.key).is_ok());
+            prop_assert!(!section.versions.is_empty() && section.versions.len() <= 64);
+            prop_assert!(section.versions.windows(2).all(|w| w[0] < w[1]));
+            prop_assert!(section.versions[0] >= 1);
         }
         Kind::Crl(crl) => {
             prop_assert!(custody_core::names::check_key_id(&crl.issuer).is_ok());

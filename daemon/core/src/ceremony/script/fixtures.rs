@@ -91,3 +91,6 @@ pub(super) const INTERMEDIATE: &str =
 
 /// The reviewed CRL example.
 pub(super) const CRL: &str = include_str!("../../../../../deploy/ceremonies/crl.toml");
+
+pub(super) const KEY_DESTRUCTION: &str =
+    include_str!("../../../../../deploy/ceremonies/key-destruction.toml");

@@ -122,6 +122,21 @@ pub enum Kind {
     /// A custody root key (its root certificate stored with its version)
     /// signs a certificate revocation list.
     Crl(CrlSection),
+    /// A formal, witnessed destruction of versions of a custody key (a
+    /// root or a KEK) whose destruction was approved (DESTROY_VERSION) and
+    /// scheduled: WebTrust for CAs 4.6.
+    KeyDestruction(DestructionSection),
+}
+
+/// `[destruction]`: what a key-destruction ceremony destroys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestructionSection {
+    /// `key`: the key id.
+    pub key: String,
+    /// `versions`: the version numbers, ascending, each once (1 to 64);
+    /// each must be scheduled for destruction by an approved
+    /// DESTROY_VERSION.
+    pub versions: Vec<u32>,
 }
 
 /// `[crl]`: the CRL a root signs (RFC 5280 section 5).
@@ -203,6 +218,7 @@ impl Kind {
             Kind::Restore { .. } => "restore",
             Kind::Intermediate { .. } => "intermediate",
             Kind::Crl(_) => "crl",
+            Kind::KeyDestruction(_) => "key-destruction",
         }
     }
 }
@@ -382,7 +398,10 @@ impl Script {
     pub fn key(&self) -> Option<&KeySection> {
         match &self.kind {
             Kind::RootKey { key, .. } | Kind::Kek { key, .. } => Some(key),
-            Kind::Restore { .. } | Kind::Intermediate { .. } | Kind::Crl(_) => None,
+            Kind::Restore { .. }
+            | Kind::Intermediate { .. }
+            | Kind::Crl(_)
+            | Kind::KeyDestruction(_) => None,
         }
     }
 
@@ -405,7 +424,10 @@ impl Script {
                 ..
             }
             | Kind::Restore { custodians, .. } => custodians,
-            Kind::RootKey { .. } | Kind::Intermediate { .. } | Kind::Crl(_) => &[],
+            Kind::RootKey { .. }
+            | Kind::Intermediate { .. }
+            | Kind::Crl(_)
+            | Kind::KeyDestruction(_) => &[],
         }
     }
 

@@ -5,6 +5,7 @@ use super::{CertificateSection, KekMode, KeySection, Kind, ProfileSection, Scrip
 use crate::ceremony::fingerprint::hex_groups;
 
 mod crl;
+mod destruction;
 
 /// A step of a ceremony, in the order [`Script::steps`] gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +52,12 @@ pub enum Step {
     /// The issuer signs the confirmed TBS of a CRL inside the HSM; the
     /// signature is verified with its public key.
     SignCrl,
+    /// The versions to destroy are checked and their manifest journaled;
+    /// officers see it and its SHA-256.
+    Manifest,
+    /// Checked again, each object destroyed, its absence from the token
+    /// verified, the versions recorded destroyed.
+    Destroy,
 }
 
 impl Step {
@@ -76,6 +83,8 @@ impl Step {
             Step::Certify => "certify",
             Step::Stage => "stage",
             Step::SignCrl => "sign-crl",
+            Step::Manifest => "manifest",
+            Step::Destroy => "destroy",
         }
     }
 }
@@ -141,6 +150,13 @@ impl Script {
                 Step::SignCrl,
                 Step::Commit,
             ],
+            Kind::KeyDestruction(_) => vec![
+                Step::SignIn,
+                Step::Manifest,
+                Step::Confirm,
+                Step::Destroy,
+                Step::Commit,
+            ],
         }
     }
 
@@ -169,6 +185,9 @@ impl Script {
                 hex_groups(&self.text_digest)
             ),
             (step, Kind::Crl(section)) => crl::describe(step, section, &present),
+            (step, Kind::KeyDestruction(section)) => {
+                destruction::describe(step, section, &present)
+            }
             (Step::Generate, Kind::RootKey { key, .. }) => format!(
                 "custodyd generates the key pair {key_name} ({algorithm}) inside the HSM and runs a pair-wise consistency test; {}; {present} see the result",
                 if key.backup {
@@ -428,6 +447,7 @@ impl Script {
                 lines.push(("profile", profile_line(profile)));
             }
             Kind::Crl(section) => lines.extend(crl::summary(section)),
+            Kind::KeyDestruction(section) => lines.extend(destruction::summary(section)),
         }
         let width = lines
             .iter()

@@ -28,6 +28,7 @@ pub(super) struct RawScript {
     pub(super) intermediate: Option<RawIntermediate>,
     pub(super) profile: Option<RawProfile>,
     pub(super) crl: Option<RawCrl>,
+    pub(super) destruction: Option<RawDestruction>,
 }
 
 #[derive(Deserialize)]
@@ -123,4 +124,11 @@ pub(super) struct RawRevoked {
     pub(super) serial: Option<String>,
     pub(super) reason: Option<String>,
     pub(super) revoked_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDestruction {
+    pub(super) key: Option<String>,
+    pub(super) versions: Option<Vec<i64>>,
 }

@@ -567,7 +567,7 @@ impl Script {
         let kind_name = required(
             raw.kind,
             "kind",
-            "\"root-key\", \"kek\", \"restore\", \"intermediate\" or \"crl\"",
+            "\"root-key\", \"kek\", \"restore\", \"intermediate\", \"crl\" or \"key-destruction\"",
         )?;
         let description = required(
             raw.description,
@@ -608,6 +608,7 @@ impl Script {
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
                 absent(&raw.crl, "crl", why)?;
+                absent(&raw.destruction, "destruction", why)?;
                 let key = root_key_section(required(raw.key, "key", "a [key] section")?)?;
                 let certificate = raw.certificate.map(certificate_section).transpose()?;
                 if certificate.is_some() && !crate::ceremony::certificate::supported(key.algorithm)
@@ -629,6 +630,7 @@ impl Script {
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
                 absent(&raw.crl, "crl", why)?;
+                absent(&raw.destruction, "destruction", why)?;
                 let kek = required(raw.kek, "kek", "a [kek] section")?;
                 let mode = required(kek.mode, "kek.mode", "\"generate\" or \"components\"")?;
                 let key = required(raw.key, "key", "a [key] section")?;
@@ -692,6 +694,7 @@ impl Script {
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
                 absent(&raw.crl, "crl", why)?;
+                absent(&raw.destruction, "destruction", why)?;
                 restore_kind(required(raw.restore, "restore", "a [restore] section")?)?
             }
             "intermediate" => {
@@ -702,6 +705,7 @@ impl Script {
                 absent(&raw.components, "components", why)?;
                 absent(&raw.restore, "restore", why)?;
                 absent(&raw.crl, "crl", why)?;
+                absent(&raw.destruction, "destruction", why)?;
                 intermediate::kind(raw.intermediate, raw.certificate, raw.profile)?
             }
             "crl" => {
@@ -714,13 +718,28 @@ impl Script {
                 absent(&raw.restore, "restore", why)?;
                 absent(&raw.intermediate, "intermediate", why)?;
                 absent(&raw.profile, "profile", why)?;
+                absent(&raw.destruction, "destruction", why)?;
                 crl::kind(raw.crl)?
             }
+            "key-destruction" => destruction::kind(
+                raw.destruction,
+                &[
+                    ("key", raw.key.is_some()),
+                    ("certificate", raw.certificate.is_some()),
+                    ("kek", raw.kek.is_some()),
+                    ("shares", raw.shares.is_some()),
+                    ("components", raw.components.is_some()),
+                    ("restore", raw.restore.is_some()),
+                    ("intermediate", raw.intermediate.is_some()),
+                    ("profile", raw.profile.is_some()),
+                    ("crl", raw.crl.is_some()),
+                ],
+            )?,
             other => {
                 return Err(invalid(
                     "kind",
                     format!(
-                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\" or \"crl\""
+                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\", \"crl\" or \"key-destruction\""
                     ),
                 ));
             }
@@ -737,6 +756,7 @@ impl Script {
 }
 
 mod crl;
+mod destruction;
 mod intermediate;
 
 #[cfg(test)]
