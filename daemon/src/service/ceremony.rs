@@ -176,9 +176,23 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .as_ref()
             .map(|k| format!("keys/{}", k.key_id))
             .or_else(|| certification.map(|c| format!("keys/{}", c.key_id)))
+            .or_else(|| {
+                record
+                    .destruction
+                    .as_ref()
+                    .map(|d| format!("keys/{}", d.key_id))
+            })
             .unwrap_or_default(),
-        tbs_der,
-        tbs_summary: certification.map(|c| c.summary.clone()).unwrap_or_default(),
+        tbs_summary: match &record.destruction {
+            Some(d) => vec![d.manifest.clone()],
+            None => certification.map(|c| c.summary.clone()).unwrap_or_default(),
+        },
+        // A key-destruction ceremony's manifest: the bytes whose SHA-256
+        // the officers confirm, so their client recomputes it.
+        tbs_der: match &record.destruction {
+            Some(d) => d.manifest.as_bytes().to_vec(),
+            None => tbs_der,
+        },
     }
 }
 

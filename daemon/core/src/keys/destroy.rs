@@ -404,3 +404,85 @@ pub async fn mark_destroyed(
         .map_err(crate::keys::registry_failure)?;
     Ok(record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(state: VersionState, destroy_at_ms: Option<i64>) -> KeyRecord {
+        let version = |n: u32, state: VersionState, destroy_at_ms: Option<i64>| VersionRecord {
+            version: n,
+            state,
+            created_ms: 0,
+            state_ms: 0,
+            hsm_label: format!("key/k/v{n}"),
+            public_key_der_hex: String::new(),
+            public_key_pem: String::new(),
+            activated_ms: Some(0),
+            destroy_at_ms,
+            legal_hold: None,
+            check_value: String::new(),
+            certificate_chain_pem: Vec::new(),
+            reserved_by: None,
+        };
+        KeyRecord {
+            key_id: "k".into(),
+            algorithm: "EC_SIGN_P256_SHA256".into(),
+            allowed_signers: vec![],
+            primary_version: 2,
+            versions: vec![
+                version(1, state, destroy_at_ms),
+                version(2, VersionState::Active, None),
+            ],
+            created_ms: 0,
+            policies: Default::default(),
+            cryptoperiod_ms: None,
+            min_version: 0,
+            rotation_requests: Vec::new(),
+            backup_exportable: false,
+        }
+    }
+
+    fn refused(record: &KeyRecord, version: u32, carrier: Carrier<'_>) -> Option<Reason> {
+        check_reservable(record, version, carrier)
+            .err()
+            .map(|e| e.reason)
+    }
+
+    #[test]
+    fn only_an_approved_scheduled_retired_unheld_version_is_reservable_by_one_carrier() {
+        let ceremony = Carrier::Ceremony("c-1");
+        let scheduled = key(VersionState::Deactivated, Some(10));
+        assert_eq!(refused(&scheduled, 1, ceremony), None);
+        assert_eq!(refused(&scheduled, 1, Carrier::Scheduler), None);
+        let unscheduled = key(VersionState::Deactivated, None);
+        assert_eq!(
+            refused(&unscheduled, 1, ceremony),
+            Some(Reason::NotScheduled)
+        );
+        let mut held = key(VersionState::Deactivated, None);
+        held.versions[0].legal_hold = Some("case".into());
+        assert_eq!(refused(&held, 1, ceremony), Some(Reason::LegalHold));
+        let in_use = key(VersionState::Active, Some(10));
+        assert_eq!(
+            refused(&in_use, 1, ceremony),
+            Some(Reason::IllegalTransition)
+        );
+        assert_eq!(refused(&scheduled, 2, ceremony), Some(Reason::NotScheduled));
+        let gone = key(VersionState::Destroyed, Some(10));
+        assert_eq!(refused(&gone, 1, ceremony), Some(Reason::AlreadyDestroyed));
+
+        // Reserved: its ceremony only; neither the scheduler nor another.
+        let mut reserved = scheduled.clone();
+        reserved.versions[0].reserved_by = Some("c-1".into());
+        assert_eq!(refused(&reserved, 1, ceremony), None);
+        assert_eq!(
+            refused(&reserved, 1, Carrier::Scheduler),
+            Some(Reason::ReservedByCeremony)
+        );
+        assert_eq!(
+            refused(&reserved, 1, Carrier::Ceremony("c-2")),
+            Some(Reason::ReservedByCeremony)
+        );
+    }
+}

@@ -428,14 +428,20 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
             same_script(&current, &script)?;
             let fingerprint = checked_fingerprint(&current)?;
             if !current.tbs_der.is_empty() {
-                outln!(
-                    "the {} the HSM will sign (TBS):",
-                    if current.kind == "crl" {
-                        "CRL"
-                    } else {
-                        "certificate"
-                    }
-                );
+                if current.kind == "key-destruction" {
+                    outln!(
+                        "the destruction manifest (nothing is destroyed before every officer confirms it):"
+                    );
+                } else {
+                    outln!(
+                        "the {} the HSM will sign (TBS):",
+                        if current.kind == "crl" {
+                            "CRL"
+                        } else {
+                            "certificate"
+                        }
+                    );
+                }
                 for line in &current.tbs_summary {
                     outln!("  {}", shown(line));
                 }
