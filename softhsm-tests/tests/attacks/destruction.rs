@@ -113,6 +113,15 @@ token_test!(
             let opened = officers.start("alice", &text, "").await.unwrap();
             officers.sign_in("alice", &opened.name, &text).await.unwrap();
             let early = officers.sign_in("bob", &opened.name, &text).await;
+            // The attack carried as far as custodyd lets it: if it shows a
+            // manifest, the two confirm it.
+            if let Ok(waiting) = &early {
+                if state(waiting) == CeremonyState::AwaitingConfirmation {
+                    let manifest = waiting.fingerprint.clone().unwrap().value;
+                    let _ = officers.confirm("alice", &opened.name, &text, &manifest).await;
+                    let _ = officers.confirm("bob", &opened.name, &text, &manifest).await;
+                }
+            }
             let ceremony = officers.get("alice", &opened.name).await.unwrap();
             assert!(
                 on_token(&service, "key/old-root/v1").await
