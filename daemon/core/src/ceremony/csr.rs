@@ -147,10 +147,12 @@ fn allowed_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyAlgorithm, Error> {
 
 /// The CSR `bytes` checked, in this order, each refusal its own reason:
 /// its SHA-256 is `expected` (CSR_MISMATCH, before anything parses it); it
-/// is a CSR (BAD_CSR); its self-signature verifies (CSR_SIGNATURE_INVALID);
-/// its key is allowed (CSR_KEY_NOT_ALLOWED) and is not the issuer's, whose
-/// SubjectPublicKeyInfo is `issuer_spki` (CSR_IS_ISSUER_KEY). Nothing here
-/// touches the HSM.
+/// is a CSR (BAD_CSR); its key is not the issuer's, whose
+/// SubjectPublicKeyInfo is `issuer_spki` (CSR_IS_ISSUER_KEY: checked before
+/// the signature, since whoever presents the root's key cannot have signed
+/// with it outside custody); its key is allowed (CSR_KEY_NOT_ALLOWED); its
+/// self-signature verifies (CSR_SIGNATURE_INVALID). Nothing here touches
+/// the HSM.
 pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Csr, Error> {
     let sha256: [u8; 32] = Sha256::digest(bytes).into();
     if &sha256 != expected {
@@ -169,14 +171,7 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Cs
     if !rest.is_empty() {
         return Err(bad("the CSR has bytes after it"));
     }
-    request.verify_signature().map_err(|e| {
-        Error::new(
-            Reason::CsrSignatureInvalid,
-            format!("the CSR's self-signature does not verify with the key it carries: {e}"),
-        )
-    })?;
     let info = &request.certification_request_info;
-    let algorithm = allowed_key(&info.subject_pki)?;
     let issuer_key = SubjectPublicKeyInfo::from_der(issuer_spki)
         .map(|(_, issuer)| issuer.subject_public_key.data.to_vec())
         .unwrap_or_default();
@@ -188,6 +183,13 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Cs
             "the CSR carries the issuing root's own public key: a root does not certify itself as a subordinate",
         ));
     }
+    let algorithm = allowed_key(&info.subject_pki)?;
+    request.verify_signature().map_err(|e| {
+        Error::new(
+            Reason::CsrSignatureInvalid,
+            format!("the CSR's self-signature does not verify with the key it carries: {e}"),
+        )
+    })?;
     Ok(Csr {
         sha256,
         subject_der: info.subject.as_raw().to_vec(),
