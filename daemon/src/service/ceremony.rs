@@ -168,7 +168,12 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .key
             .as_ref()
             .map(|k| format!("keys/{}", k.key_id))
-            .or_else(|| certification.map(|c| format!("keys/{}", c.key_id)))
+            .or_else(|| {
+                // A CSR's key is not in custody: no key to name.
+                certification
+                    .filter(|c| !c.key_id.is_empty())
+                    .map(|c| format!("keys/{}", c.key_id))
+            })
             .unwrap_or_default(),
         tbs_der,
         tbs_summary: certification.map(|c| c.summary.clone()).unwrap_or_default(),
