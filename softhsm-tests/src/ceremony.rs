@@ -130,6 +130,7 @@ impl<'k> Officers<'k> {
             .start_ceremony(StartCeremonyRequest {
                 script: script.into(),
                 bundle: bundle.into(),
+                csr: Vec::new(),
             })
             .await
             .map(tonic::Response::into_inner)

@@ -36,6 +36,8 @@ pub struct CeremonyKeys(pub Shared);
 /// Largest script or bundle accepted (a bundle of 10,000 RSA-4096 keys is
 /// about 60 MB; the gRPC message limit applies first).
 const MAX_SCRIPT: usize = 64 * 1024;
+/// The largest CSR a ceremony takes (an RSA 4096 CSR is under 2 KiB).
+const MAX_CSR: usize = 16 * 1024;
 
 /// `ceremonies/{id}`: the id.
 pub(super) fn parse_name(name: &str) -> Result<String, Error> {
@@ -175,7 +177,12 @@ pub fn ceremony_message(record: &CeremonyRecord) -> Ceremony {
             .key
             .as_ref()
             .map(|k| format!("keys/{}", k.key_id))
-            .or_else(|| certification.map(|c| format!("keys/{}", c.key_id)))
+            .or_else(|| {
+                // A CSR's key is not in custody: no key to name.
+                certification
+                    .filter(|c| !c.key_id.is_empty())
+                    .map(|c| format!("keys/{}", c.key_id))
+            })
             .or_else(|| {
                 record
                     .destruction
@@ -233,9 +240,20 @@ impl CeremonyService for CeremonyKeys {
                             request.script.as_bytes()
                         ))
                     );
-                    let record =
-                        ceremonies::open(state, &principal.name, request.script, request.bundle)
-                            .await?;
+                    if request.csr.len() > MAX_CSR {
+                        return Err(Error::new(
+                            Reason::BadCsr,
+                            format!("a CSR is at most {MAX_CSR} bytes"),
+                        ));
+                    }
+                    let record = ceremonies::open(
+                        state,
+                        &principal.name,
+                        request.script,
+                        request.bundle,
+                        request.csr,
+                    )
+                    .await?;
                     Ok(ceremony_message(&record))
                 })
             },

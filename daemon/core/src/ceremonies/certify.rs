@@ -4,6 +4,13 @@
 //! who signed in confirmed does the HSM sign those bytes (step `certify`),
 //! the signature verified with the root's public key; the commit stores the
 //! chain [intermediate, root] with the certified version.
+//!
+//! Or it certifies a PKCS#10 CSR the script names by SHA-256 (an issuing CA
+//! whose key lives outside custody, `ceremony::csr`): the CSR's bytes come
+//! with the start and are checked then (before any HSM call) and again when
+//! the TBS is built; the subject and key are the CSR's, the profile the
+//! script's; the certificate is kept with the ceremony (its transcript and
+//! `certificate_pem`), since no custody key version can hold it.
 
 use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
@@ -13,6 +20,7 @@ use super::crash_points::{CERTIFY, COMMIT, STAGE, TBS};
 use super::{intend, journal_failure, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
+use crate::ceremony::csr::{self, Csr};
 use crate::ceremony::intermediate::{self, Prepared};
 use crate::ceremony::journal::{CeremonyRecord, Certification};
 use crate::ceremony::lint::Passed;
@@ -96,11 +104,14 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     crate::ceremony::certificate::rcgen_for(algorithm)?;
-    crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
-    if stage {
+    if csr_sha256(script).is_some() {
+        // The CSR is checked with its bytes (`check_csr`).
+    } else if stage {
+        crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
         let key = crate::keys::found(state, key_id)?;
         crate::authz::ceremony_quorum_covers(&key, "ROTATE", script.quorum(), script.officers())?;
     } else {
+        crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
         let (_, subject) = current(state, key_id)?;
         if subject.public_key_der_hex.is_empty() {
             return Err(Error::new(
@@ -110,6 +121,38 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
         }
     }
     crate::authz::ceremony_quorum_covers(&issuer, "SIGN", script.quorum(), script.officers())
+}
+
+/// The SHA-256 of the CSR the script certifies, if it certifies one.
+fn csr_sha256(script: &Script) -> Option<&[u8; 32]> {
+    match script.kind() {
+        Kind::Intermediate { csr_sha256, .. } => csr_sha256.as_ref(),
+        _ => None,
+    }
+}
+
+/// The CSR `bytes` sent with the start of the intermediate ceremony
+/// `script`, checked against the script's SHA-256, its self-signature, the
+/// keys allowed and the issuer's current key (see [`csr::check`]); none
+/// may be sent when the script certifies a custody key. No HSM call.
+pub(super) fn check_csr(
+    state: &Custody,
+    script: &Script,
+    bytes: &[u8],
+) -> Result<Option<Csr>, Error> {
+    let Some(expected) = csr_sha256(script) else {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        return Err(Error::new(
+            Reason::BadCsr,
+            "a CSR was sent but the script certifies a custody key (intermediate.key), not a CSR",
+        ));
+    };
+    let (issuer_id, _, _) = parts(script)?;
+    let (_, version) = current(state, issuer_id)?;
+    let issuer_spki = hex::decode(&version.public_key_der_hex).unwrap_or_default();
+    csr::check(bytes, expected, &issuer_spki).map(Some)
 }
 
 /// Step `stage` of a staging ceremony: the key's staged version made (or
@@ -189,14 +232,29 @@ pub(super) async fn prepare_tbs(
         certificate,
         profile,
         stage,
+        ..
     } = script.kind()
     else {
         return Err(Error::internal("not an intermediate ceremony"));
     };
     intend(state, record, "tbs", &[], &TBS).await?;
     check_open(state, script)?;
+    // The CSR checked again, under the issuer's key of now.
+    let csr_bytes = hex::decode(&record.csr_hex)
+        .map_err(|_| Error::new(Reason::JournalCorrupt, "journaled CSR"))?;
+    let csr = check_csr(state, script, &csr_bytes)?;
     let (issuer, issuer_version) = current(state, issuer_id)?;
-    let (_, subject) = certified(state, key_id, *stage)?;
+    let (subject_version, subject_spki_hex, subject_algorithm) = match &csr {
+        Some(csr) => (0, hex::encode(&csr.spki), csr.algorithm),
+        None => {
+            let (_, subject) = certified(state, key_id, *stage)?;
+            (
+                subject.version,
+                subject.public_key_der_hex,
+                subject_algorithm(state, key_id)?,
+            )
+        }
+    };
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     let root_pem = issuer_version
@@ -217,12 +275,17 @@ pub(super) async fn prepare_tbs(
             .map_err(|e| Error::internal(e.to_string()))?,
     )?;
     params.serial_number = Some(serial);
+    if let Some(csr) = &csr {
+        // The subject is the CSR's; nothing else of it (its requested
+        // extensions are ignored: the profile is the script's).
+        params.distinguished_name = csr.distinguished_name.clone();
+    }
     let issuer_spki = hex::decode(&issuer_version.public_key_der_hex).unwrap_or_default();
-    let subject_spki = hex::decode(&subject.public_key_der_hex).unwrap_or_default();
+    let subject_spki = hex::decode(&subject_spki_hex).unwrap_or_default();
     let keys = intermediate::Keys {
         issuer_algorithm: algorithm,
         issuer_spki: &issuer_spki,
-        subject_algorithm: subject_algorithm(state, key_id)?,
+        subject_algorithm,
         subject_spki: &subject_spki,
     };
     let prepared = intermediate::prepare(
@@ -232,7 +295,17 @@ pub(super) async fn prepare_tbs(
         profile,
         certificate.validity_days,
     )?;
-    let summary = intermediate::summary(&prepared.tbs);
+    if let Some(csr) = &csr {
+        same_subject(&prepared.tbs, csr)?;
+    }
+    let mut summary = intermediate::summary(&prepared.tbs);
+    if let Some(csr) = &csr {
+        summary.push(format!(
+            "from the CSR of SHA-256 {} (its subject and public key; {} requested extension(s) ignored: the profile is the script's)",
+            hex::encode(csr.sha256),
+            csr.requested_extensions
+        ));
+    }
     let tbs_sha256 = hex::encode(prepared.tbs_sha256);
     record.certification = Some(Certification {
         issuer_key_id: issuer_id.clone(),
@@ -242,8 +315,8 @@ pub(super) async fn prepare_tbs(
         issuer_public_key_der_hex: issuer_version.public_key_der_hex.clone(),
         issuer_chain_pem: issuer_version.certificate_chain_pem.clone(),
         key_id: key_id.clone(),
-        key_version: subject.version,
-        public_key_der_hex: subject.public_key_der_hex.clone(),
+        key_version: subject_version,
+        public_key_der_hex: subject_spki_hex,
         tbs_der_hex: hex::encode(&prepared.tbs),
         signature_algorithm_der_hex: hex::encode(&prepared.signature_algorithm),
         tbs_sha256: tbs_sha256.clone(),
@@ -260,24 +333,52 @@ pub(super) async fn prepare_tbs(
         "issuer".into(),
         json!(format!("{issuer_id} v{}", issuer_version.version)),
     );
-    detail.insert(
-        "key".into(),
-        json!(format!("{key_id} v{}", subject.version)),
-    );
+    let certified = match &csr {
+        Some(csr) => {
+            detail.insert("csr_sha256".into(), json!(hex::encode(csr.sha256)));
+            detail.insert("csr_subject".into(), json!(csr.subject));
+            detail.insert(
+                "csr_requested_extensions_ignored".into(),
+                json!(csr.requested_extensions),
+            );
+            format!(
+                "the CSR of SHA-256 {} ({})",
+                hex::encode(csr.sha256),
+                csr.subject
+            )
+        }
+        None => format!("{key_id} v{subject_version}"),
+    };
+    detail.insert("key".into(), json!(certified));
     note(
         state,
         record,
         "tbs",
         "custodyd",
         format!(
-            "the certificate {issuer_id} would sign for {key_id} v{} (TBS SHA-256 {tbs_sha256}) built and linted: nothing signed yet",
-            subject.version
+            "the certificate {issuer_id} would sign for {certified} (TBS SHA-256 {tbs_sha256}) built and linted: nothing signed yet"
         ),
         detail,
     )
     .await?;
     failpoint::hit(TBS.after_result);
     Ok(())
+}
+
+/// The TBS names the CSR's subject byte for byte: rcgen re-encodes names,
+/// and a name it cannot reproduce is refused rather than changed.
+fn same_subject(tbs: &[u8], csr: &Csr) -> Result<(), Error> {
+    use x509_parser::prelude::FromDer;
+    let same = x509_parser::certificate::TbsCertificate::from_der(tbs)
+        .is_ok_and(|(_, parsed)| parsed.subject.as_raw() == csr.subject_der.as_slice());
+    if same {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Reason::BadCsr,
+            "the CSR's subject cannot be certified byte for byte (an attribute type twice, or an encoding the certificate would change)",
+        ))
+    }
 }
 
 /// Steps `certify` and `commit`, once every officer who signed in
@@ -298,7 +399,22 @@ pub(super) async fn certify(
         check_open(state, script)?;
         sign(state, record, &certification).await?;
     }
+    if certification.key_id.is_empty() {
+        // A CSR: no custody version holds the certificate; the ceremony
+        // keeps it (journaled at `certify`, in the transcript).
+        return keep_with_ceremony(state, record).await;
+    }
     store_chain(state, record).await
+}
+
+/// The commit of a CSR's certificate: nothing to store with a key, the
+/// certificate journaled at `certify` is the ceremony's result.
+async fn keep_with_ceremony(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
+    intend(state, record, "commit", &[], &COMMIT).await?;
+    failpoint::hit(COMMIT.after_hsm);
+    finish_completed(state, record).await?;
+    failpoint::hit(COMMIT.after_result);
+    Ok(())
 }
 
 async fn sign(
@@ -402,6 +518,10 @@ async fn store_chain(state: &Custody, record: &mut CeremonyRecord) -> Result<(),
 /// Whether the commit reached the registry: the certified version holds
 /// the certificate this ceremony made.
 pub(super) fn committed(state: &Custody, certification: &Certification) -> bool {
+    if certification.key_id.is_empty() {
+        // A CSR's certificate: made, verified and journaled is all.
+        return !certification.certificate_pem.is_empty();
+    }
     !certification.certificate_pem.is_empty()
         && state
             .registry

@@ -245,6 +245,15 @@ pub(super) async fn finish_completed(
                 d.key_id,
                 d.versions()
             )
+        (None, ..)
+            if record
+                .certification
+                .as_ref()
+                .is_some_and(|c| c.key_id.is_empty()) =>
+        {
+            // A CSR's key is not in custody: no version holds the
+            // certificate; it is kept with the ceremony.
+            "the certificate for the CSR is kept with the ceremony (ceremony status --certificate-out; the transcript): no custody key holds it: ceremony completed".to_string()
         }
         (None, ..) if record.certification.is_some() => {
             let c = record

@@ -252,6 +252,7 @@ pub async fn open(
     opened_by: &str,
     script_text: String,
     bundle_text: String,
+    csr: Vec<u8>,
 ) -> Result<CeremonyRecord, Error> {
     let engine = &state.ceremonies;
     let _one_at_a_time = one_at_a_time(state).await?;
@@ -333,7 +334,10 @@ pub async fn open(
             }
             shares_needed = u32::from(bundle.manifest.backup_kek.threshold);
         }
-        Kind::Intermediate { .. } => certify::check_open(state, &script)?,
+        Kind::Intermediate { .. } => {
+            certify::check_open(state, &script)?;
+            certify::check_csr(state, &script, &csr)?;
+        }
         Kind::Crl(_) => crl::check_open(state, &script)?,
         Kind::KeyDestruction(_) => destruction::check_open(state, &script)?,
         _ => {}
@@ -364,6 +368,7 @@ pub async fn open(
         kind: script.kind_name().to_string(),
         script: script_text,
         bundle: bundle_text,
+        csr_hex: hex::encode(&csr),
         phase: Phase::AwaitingOfficers,
         opened_by: opened_by.to_string(),
         created_ms: now,

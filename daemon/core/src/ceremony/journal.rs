@@ -211,6 +211,11 @@ pub struct CeremonyRecord {
     pub script: String,
     /// The restore bundle, exactly as reviewed.
     pub bundle: String,
+    /// The PKCS#10 CSR an intermediate ceremony certifies instead of a
+    /// custody key, hex of the bytes sent (the file as reviewed); empty
+    /// otherwise.
+    #[serde(default)]
+    pub csr_hex: String,
     /// Where it is.
     pub phase: Phase,
     /// Who opened it.
@@ -654,6 +659,7 @@ mod tests {
             kind: "root-key".into(),
             script: String::new(),
             bundle: String::new(),
+            csr_hex: String::new(),
             phase: Phase::AwaitingOfficers,
             opened_by: "alice".into(),
             created_ms: 1,

@@ -11,6 +11,7 @@
 //! | [`components`] | key components, their check values, and combining them |
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
 //! | [`intermediate`] | a subordinate CA certificate: its TBS built and linted, then signed in the HSM |
+//! | [`csr`] | a PKCS#10 CSR an intermediate certifies instead of a custody key: checked, its subject and key taken |
 //! | [`lint`] | the lint of a TBS certificate before the HSM signs it |
 //! | [`crl`] | a CRL: its TBS built and linted (its own rules), then signed in the HSM |
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
@@ -23,6 +24,7 @@ pub mod certificate;
 pub mod components;
 pub mod crl;
 pub mod destruction;
+pub mod csr;
 pub mod fingerprint;
 pub mod intermediate;
 pub mod journal;

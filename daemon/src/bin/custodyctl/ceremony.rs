@@ -32,8 +32,8 @@ use zeroize::Zeroizing;
 use self::review::{check, checked_fingerprint, reviewed, same_script, verify_transcript};
 use crate::Connection;
 use crate::shared::{
-    ask, channel, full_name, json, officer_key, print_json, read_text, shown, status, write_file,
-    write_private,
+    ask, channel, full_name, json, officer_key, print_json, read_bytes, read_text, shown, status,
+    write_file, write_private,
 };
 
 mod review;
@@ -51,6 +51,11 @@ pub(crate) enum CeremonyCommand {
     Start {
         /// The script (TOML).
         file: PathBuf,
+        /// The PKCS#10 CSR file (PEM or DER) an intermediate script names
+        /// by `[intermediate] csr_sha256`, sent as it is: custodyd refuses
+        /// it unless its SHA-256 is the script's.
+        #[arg(long)]
+        csr: Option<PathBuf>,
     },
     /// Show a ceremony: its steps, what it waits for, the fingerprint.
     Status {
@@ -211,8 +216,33 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
     let mut client = CeremonyServiceClient::new(channel(connection).await?);
     match command {
         CeremonyCommand::Check { .. } | CeremonyCommand::VerifyTranscript { .. } => Ok(()),
-        CeremonyCommand::Start { file } => {
+        CeremonyCommand::Start { file, csr } => {
             let (script, text) = reviewed(&file)?;
+            let csr = match (script.kind(), csr) {
+                (
+                    Kind::Intermediate {
+                        csr_sha256: Some(_),
+                        ..
+                    },
+                    Some(path),
+                ) => read_bytes(&path)?,
+                (
+                    Kind::Intermediate {
+                        csr_sha256: Some(_),
+                        ..
+                    },
+                    None,
+                ) => {
+                    return Err(
+                        "the script certifies a CSR (intermediate.csr_sha256): give its file with --csr"
+                            .into(),
+                    );
+                }
+                (_, Some(_)) => {
+                    return Err("--csr is for an intermediate script with csr_sha256".into());
+                }
+                (_, None) => Vec::new(),
+            };
             let bundle = match script.kind() {
                 Kind::Restore { bundle, .. } => {
                     read_text(&file.parent().unwrap_or(Path::new("")).join(bundle))?
@@ -223,6 +253,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 .start_ceremony(StartCeremonyRequest {
                     script: text,
                     bundle,
+                    csr,
                 })
                 .await
                 .map_err(status)?

@@ -107,14 +107,23 @@ pub enum Kind {
     Intermediate {
         /// `[intermediate] issuer`: the root key's id.
         issuer: String,
-        /// `[intermediate] key`: the id of the key certified.
+        /// `[intermediate] key`: the id of the custody key certified;
+        /// empty when `csr_sha256` names a CSR instead.
         key: String,
+        /// `[intermediate] csr_sha256`: instead of a custody key, the
+        /// SHA-256 of the PKCS#10 CSR file (PEM or DER, the bytes as
+        /// reviewed) whose subject and public key are certified: an issuing
+        /// CA whose key lives outside custody. The CSR is sent with the
+        /// ceremony start; its requested extensions are ignored, the
+        /// profile is the script's.
+        csr_sha256: Option<[u8; 32]>,
         /// `[intermediate] stage`: certify a staged version of `key` (made
         /// by this ceremony in pre-activation, or the one already staged)
         /// while its current version keeps signing; promoted later by
         /// activating it under the ROTATE and SET_STATE policies.
         stage: bool,
-        /// `[certificate]`: the subject and the validity.
+        /// `[certificate]`: the subject and the validity. With a CSR only
+        /// the validity (the names are empty: the subject is the CSR's).
         certificate: CertificateSection,
         /// `[profile]`: the subordinate CA profile.
         profile: ProfileSection,

@@ -209,6 +209,18 @@ impl Script {
             ),
             (Step::Tbs, Kind::Intermediate {
                 issuer,
+                csr_sha256: Some(csr),
+                certificate,
+                profile,
+                ..
+            }) => format!(
+                "custodyd checks the CSR sent with the start against its SHA-256 {}, its self-signature and its key (ECDSA P-256/P-384 or RSA 2048-4096, not {issuer:?}'s own), draws a serial from the HSM and builds the certificate {issuer:?} would sign for the CSR's subject and public key, valid {} days, {}, ignoring any extension the CSR requests; it lints it (CA/Browser Forum subordinate CA rules, under {issuer:?}'s root certificate) before any signature, and {present} see a summary and its SHA-256",
+                hex::encode(csr),
+                certificate.validity_days,
+                profile_line(profile)
+            ),
+            (Step::Tbs, Kind::Intermediate {
+                issuer,
                 key,
                 certificate,
                 profile,
@@ -227,6 +239,9 @@ impl Script {
             ),
             (Step::Stage, Kind::Intermediate { key, .. }) => format!(
                 "custodyd makes a new version of {key:?} inside the HSM in pre-activation (or takes the one already staged, a pre-activation version newer than the current one); the current version keeps signing; the staged version signs nothing until it is promoted by activating it under {key:?}'s ROTATE and SET_STATE policies"
+            ),
+            (Step::Commit, Kind::Intermediate { issuer, csr_sha256: Some(_), .. }) => format!(
+                "the certificate is recorded in the transcript and returned by `ceremony status --certificate-out` with {issuer:?}'s root certificate: the CSR's key is not in custody, so no key version holds it"
             ),
             (Step::Commit, Kind::Intermediate { issuer, key, stage: true, .. }) => format!(
                 "the chain [the new certificate, {issuer:?}'s root certificate] is stored with {key:?}'s staged version, where its signers fetch it with GetKey; the current version keeps signing"
@@ -424,11 +439,17 @@ impl Script {
                 certificate,
                 profile,
                 stage,
+                csr_sha256,
             } => {
                 lines.push(("issuer", format!("{issuer} (its root certificate)")));
                 lines.push((
                     "key",
-                    if *stage {
+                    if let Some(csr) = csr_sha256 {
+                        format!(
+                            "the PKCS#10 CSR of SHA-256 {} (outside custody; its subject and public key; requested extensions ignored)",
+                            hex::encode(csr)
+                        )
+                    } else if *stage {
                         format!(
                             "{key} (a staged version: pre-activation, not signing until promoted)"
                         )
@@ -438,11 +459,18 @@ impl Script {
                 ));
                 lines.push((
                     "certificate",
-                    format!(
-                        "{}, valid {} days",
-                        subject(certificate),
-                        certificate.validity_days
-                    ),
+                    if csr_sha256.is_some() {
+                        format!(
+                            "the CSR's subject, valid {} days",
+                            certificate.validity_days
+                        )
+                    } else {
+                        format!(
+                            "{}, valid {} days",
+                            subject(certificate),
+                            certificate.validity_days
+                        )
+                    },
                 ));
                 lines.push(("profile", profile_line(profile)));
             }

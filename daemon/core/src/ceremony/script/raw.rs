@@ -93,6 +93,7 @@ pub(super) struct RawRestore {
 pub(super) struct RawIntermediate {
     pub(super) issuer: Option<String>,
     pub(super) key: Option<String>,
+    pub(super) csr_sha256: Option<String>,
     pub(super) stage: Option<bool>,
 }
 

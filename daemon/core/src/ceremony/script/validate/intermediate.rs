@@ -6,7 +6,7 @@
 //! name) by the lint before the HSM signs.
 
 use super::super::raw::{RawCertificate, RawIntermediate, RawProfile};
-use super::super::{EXTENDED_KEY_USAGES, Kind, ProfileSection};
+use super::super::{CertificateSection, EXTENDED_KEY_USAGES, Kind, ProfileSection};
 use super::{ScriptError, certificate_section, invalid, required};
 
 /// keyUsage names a profile may list; the first two are required.
@@ -189,22 +189,47 @@ pub(super) fn kind(
         intermediate.issuer,
         "the id of the root key that certifies, made by a root-key ceremony with a [certificate]",
     )?;
-    let key = key_id(
-        "intermediate.key",
-        intermediate.key,
-        "the id of the custody key whose public key is certified",
-    )?;
-    if issuer == key {
-        return Err(invalid(
-            "intermediate.key",
-            "is the issuer itself; a root certifies another key",
-        ));
-    }
-    let certificate = certificate_section(required(
+    let csr_sha256 = intermediate
+        .csr_sha256
+        .map(|text| sha256_hex("intermediate.csr_sha256", &text))
+        .transpose()?;
+    let stage = intermediate.stage.unwrap_or(false);
+    let raw_certificate = required(
         certificate,
         "certificate",
         "a [certificate] section: the subject and validity",
-    )?)?;
+    )?;
+    let (key, certificate) = match (intermediate.key, csr_sha256) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "intermediate.csr_sha256",
+                "is given with intermediate.key; certify either a custody key or a CSR, not both",
+            ));
+        }
+        (None, Some(_)) => {
+            if stage {
+                return Err(invalid(
+                    "intermediate.stage",
+                    "stages a version of a custody key; a CSR's key is not in custody",
+                ));
+            }
+            (String::new(), csr_certificate(raw_certificate)?)
+        }
+        (key, None) => {
+            let key = key_id(
+                "intermediate.key",
+                key,
+                "the id of the custody key whose public key is certified (or csr_sha256: the SHA-256 of a PKCS#10 CSR)",
+            )?;
+            if issuer == key {
+                return Err(invalid(
+                    "intermediate.key",
+                    "is the issuer itself; a root certifies another key",
+                ));
+            }
+            (key, certificate_section(raw_certificate)?)
+        }
+    };
     let profile = profile(required(
         raw_profile,
         "profile",
@@ -213,9 +238,55 @@ pub(super) fn kind(
     Ok(Kind::Intermediate {
         issuer,
         key,
-        stage: intermediate.stage.unwrap_or(false),
+        csr_sha256,
+        stage,
         certificate,
         profile,
+    })
+}
+
+/// 64 hex digits: a SHA-256.
+fn sha256_hex(field: &str, text: &str) -> Result<[u8; 32], ScriptError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| invalid(field, format!("{text:?} is not a SHA-256: 64 hex digits")))
+}
+
+/// `[certificate]` of a CSR's certificate: the validity only, since the
+/// subject is the CSR's; a name given here would not be the one certified.
+fn csr_certificate(raw: RawCertificate) -> Result<CertificateSection, ScriptError> {
+    for (field, given) in [
+        ("certificate.country", raw.country.is_some()),
+        ("certificate.organization", raw.organization.is_some()),
+        ("certificate.common_name", raw.common_name.is_some()),
+    ] {
+        if given {
+            return Err(invalid(
+                field,
+                "leave it out with intermediate.csr_sha256: the subject is the CSR's",
+            ));
+        }
+    }
+    let days = required(
+        raw.validity_days,
+        "certificate.validity_days",
+        "1 to 9125 days",
+    )?;
+    let validity_days = u32::try_from(days)
+        .ok()
+        .filter(|d| (1..=9125).contains(d))
+        .ok_or_else(|| {
+            invalid(
+                "certificate.validity_days",
+                format!("{days} is not allowed; 1 to 9125 days (25 years)"),
+            )
+        })?;
+    Ok(CertificateSection {
+        country: String::new(),
+        organization: String::new(),
+        common_name: String::new(),
+        validity_days,
     })
 }
 
@@ -244,6 +315,7 @@ mod tests {
             certificate,
             profile,
             stage,
+            csr_sha256: None,
         } = script.kind()
         else {
             panic!("not intermediate");
@@ -304,6 +376,88 @@ mod tests {
             "key = \"issuing-ca\"\nstage = \"yes\"\n",
         );
         assert!(error.contains("expected a boolean"), "{error}");
+    }
+
+    /// The reviewed example certifying a CSR instead of `issuing-ca`.
+    fn csr_script() -> String {
+        INTERMEDIATE
+            .replace(
+                "key = \"issuing-ca\"\n",
+                &format!("csr_sha256 = \"{}\"\n", "ab".repeat(32)),
+            )
+            .replace("country = \"DE\"\n", "")
+            .replace("organization = \"Custody Demo\"\n", "")
+            .replace("common_name = \"Custody Demo Issuing CA\"\n", "")
+    }
+
+    #[test]
+    fn a_csr_script_certifies_the_csr_named_by_sha256_with_the_scripts_profile() {
+        let script = Script::parse(&csr_script()).unwrap();
+        let Kind::Intermediate {
+            key,
+            csr_sha256: Some(csr),
+            certificate,
+            stage: false,
+            ..
+        } = script.kind()
+        else {
+            panic!("not a CSR intermediate");
+        };
+        assert!(key.is_empty());
+        assert_eq!(csr, &[0xab; 32]);
+        assert_eq!(certificate.validity_days, 1825);
+        let plan = script.plan().join("\n");
+        assert!(plan.contains(&"ab".repeat(32)), "{plan}");
+        assert!(
+            plan.contains("ignoring any extension the CSR requests"),
+            "{plan}"
+        );
+        assert!(plan.contains("--certificate-out"), "{plan}");
+        assert!(script.render_summary().contains("PKCS#10 CSR"));
+    }
+
+    #[test]
+    fn a_csr_script_names_the_field_at_fault() {
+        let both = csr_script().replace(
+            "csr_sha256 = \"ab",
+            "key = \"issuing-ca\"\ncsr_sha256 = \"ab",
+        );
+        let cases = [
+            (
+                both,
+                "intermediate.csr_sha256: is given with intermediate.key",
+            ),
+            (
+                csr_script().replace(&"ab".repeat(32), "abcd"),
+                "intermediate.csr_sha256: \"abcd\" is not a SHA-256",
+            ),
+            (
+                csr_script().replace(
+                    "validity_days = 1825",
+                    "country = \"DE\"\nvalidity_days = 1825",
+                ),
+                "certificate.country: leave it out with intermediate.csr_sha256",
+            ),
+            (
+                csr_script().replace(
+                    "validity_days = 1825",
+                    "common_name = \"X\"\nvalidity_days = 1825",
+                ),
+                "certificate.common_name: leave it out",
+            ),
+            (
+                csr_script().replace("validity_days = 1825", "validity_days = 0"),
+                "certificate.validity_days: 0 is not allowed",
+            ),
+            (
+                csr_script().replace("csr_sha256 = \"ab", "stage = true\ncsr_sha256 = \"ab"),
+                "intermediate.stage: stages a version of a custody key",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = Script::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 
     #[test]
