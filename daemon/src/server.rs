@@ -191,7 +191,11 @@ impl Daemon {
         let dual_control = DualControlStore::open(&db, &epochs)?;
         if let Some(path) = &config.dual_control.genesis_file {
             let genesis = Genesis::load(path)?;
-            if dual_control.apply_genesis(&genesis, clock.now_ms()).await? {
+            if dual_control
+                .apply_genesis(&genesis, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 audit
                     .append(Event::OfficersGenesis {
                         officers: genesis

@@ -8,18 +8,8 @@ use cryptoki_sys::{
     CKR_FUNCTION_FAILED, CKR_FUNCTION_NOT_SUPPORTED, CKR_FUNCTION_REJECTED,
     CKR_KEY_FUNCTION_NOT_PERMITTED, CKR_KEY_HANDLE_INVALID, CKR_MECHANISM_INVALID,
 };
+pub use custody_proto::reason;
 use tonic::Code;
-use tonic_types::StatusExt;
-
-/// custody's stable reason of `status`, or "" if it carries none (a
-/// transport failure, say).
-pub fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
-}
 
 /// The PKCS#11 return value for custody's refusal `status`.
 pub fn ckr(status: &tonic::Status) -> CK_RV {

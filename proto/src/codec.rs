@@ -24,6 +24,16 @@ pub const ERROR_DOMAIN: &str = "custody.dev";
 /// `custody_core::Reason` of the same name).
 pub const UNDECODABLE: &str = "UNDECODABLE";
 
+/// custody's stable `ErrorInfo` reason of `status`, or "" if it carries
+/// none (a transport failure, say): what clients match refusals on.
+pub fn reason(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
 /// prost's codec, with undecodable messages refused as the sender's error.
 #[derive(Debug, Clone)]
 pub struct Codec<T, U> {

@@ -294,6 +294,21 @@ macro_rules! token_test {
     };
 }
 
+/// Copies directory `from` into `to`, recursively: a data directory
+/// backed up, or put back from its copy, while custodyd is stopped.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
 /// Panics with the command's output unless it succeeded.
 pub fn assert_success(what: &str, output: &Output) {
     assert!(

@@ -555,15 +555,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// The stable `ErrorInfo` reason of a status (empty if it has none).
-pub fn reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
-}
+pub use custody_proto::reason;
 
 /// The label of the scratch token DR drills restore into.
 pub const SCRATCH_TOKEN: &str = "custody-scratch";

@@ -92,7 +92,10 @@ token_test!(
             let fingerprint = waiting.fingerprint.clone().unwrap().value;
             assert_eq!(fingerprint, sha2::Sha256::digest(&waiting.tbs_der).to_vec());
             assert!(waiting.certificate_pem.is_empty());
-            for line in ["CRL number: 1", "issuer: C=DE, O=Custody Tests, CN=Test Root CA", "revoked certificates: 1"] {
+            // The root's first CRL: its number is custody's time, which
+            // this test does not move, in thousandths of a millisecond.
+            let first = clock_number(&service);
+            for line in [&format!("CRL number: {first}"), "issuer: C=DE, O=Custody Tests, CN=Test Root CA", "revoked certificates: 1"] {
                 assert!(waiting.tbs_summary.iter().any(|l| l == line), "{line}: {:?}", waiting.tbs_summary);
             }
             officers.confirm("alice", &opened.name, &script, &fingerprint).await.unwrap();
@@ -100,7 +103,7 @@ token_test!(
             assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
 
             let (der, number) = crl_of(&done.certificate_pem);
-            assert_eq!(number, "1");
+            assert_eq!(number, first.to_string());
             let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
             assert_eq!(crl.tbs_cert_list.as_ref(), waiting.tbs_der.as_slice(), "the HSM signed the confirmed TBS");
             let revoked: Vec<_> = crl.iter_revoked_certificates().collect();
@@ -148,7 +151,7 @@ token_test!(
             let tbs_sha256 = hex::encode(sha2::Sha256::digest(&waiting.tbs_der));
             let tbs = transcript.entries.iter().find(|e| e.step == "tbs").unwrap();
             assert_eq!(tbs.detail["tbs_sha256"], tbs_sha256.as_str());
-            assert_eq!(tbs.detail["crl_number"], 1);
+            assert_eq!(tbs.detail["crl_number"], first);
             assert!(tbs.detail["lint"].as_str().unwrap().starts_with("passed: encoding,"));
             let signed = transcript.entries.iter().find(|e| e.step == "sign-crl").unwrap();
             assert_eq!(signed.detail["tbs_sha256"], tbs_sha256.as_str());
@@ -159,7 +162,7 @@ token_test!(
             // The next CRL of this root gets the next number.
             let (next, _) = officers.run(&crl_script("c-crl-2", "root-ca", 7)).await.unwrap();
             assert_eq!(next.state, CeremonyState::Completed as i32, "{}", next.error);
-            assert_eq!(crl_of(&next.certificate_pem).1, "2");
+            assert_eq!(crl_of(&next.certificate_pem).1, (first + 1).to_string());
         });
     }
 );
@@ -254,16 +257,18 @@ token_test!(
     fn a_crl_number_is_never_given_twice_even_to_a_ceremony_that_did_not_finish(token) {
         runtime().block_on(async {
             let mut service = TestService::start(token).await;
+            let number = clock_number(&service);
             {
             let officers = Officers::new(&service.officers, service.officer_channels().await);
             root(&officers).await;
-            // Number 1 is taken by a CRL built and confirmed by one officer,
-            // then aborted: it was never signed, but it is not given again.
+            // The first number is taken by a CRL built and confirmed by one
+            // officer, then aborted: it was never signed, but it is not
+            // given again.
             let first = crl_script("c-first", "root-ca", 30);
             let opened = officers.start("alice", &first, "").await.unwrap();
             officers.sign_in("alice", &opened.name, &first).await.unwrap();
             let waiting = officers.sign_in("bob", &opened.name, &first).await.unwrap();
-            assert!(waiting.tbs_summary.iter().any(|l| l == "CRL number: 1"), "{:?}", waiting.tbs_summary);
+            assert!(waiting.tbs_summary.iter().any(|l| *l == format!("CRL number: {number}")), "{:?}", waiting.tbs_summary);
             let fingerprint = waiting.fingerprint.unwrap().value;
             officers.confirm("alice", &opened.name, &first, &fingerprint).await.unwrap();
             let aborted = officers
@@ -273,18 +278,86 @@ token_test!(
                 .unwrap()
                 .into_inner();
             assert_eq!(aborted.state, CeremonyState::Aborted as i32);
-            // The same reviewed CRL again, under a new id: number 2.
+            // The same reviewed CRL again, under a new id: the next number.
             let again = first.replace("\"c-first\"", "\"c-first-again\"");
             let (done, _) = officers.run(&again).await.unwrap();
             assert_eq!(done.state, CeremonyState::Completed as i32, "{}", done.error);
-            assert_eq!(crl_of(&done.certificate_pem).1, "2");
+            assert_eq!(crl_of(&done.certificate_pem).1, (number + 1).to_string());
             }
-            // A restart reads the numbers from the journal: the next is 3.
+            // A restart reads the numbers from the journal: the one after.
             service.restart().await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
             let (third, _) = officers.run(&crl_script("c-third", "root-ca", 30)).await.unwrap();
             assert_eq!(third.state, CeremonyState::Completed as i32, "{}", third.error);
-            assert_eq!(crl_of(&third.certificate_pem).1, "3");
+            assert_eq!(crl_of(&third.certificate_pem).1, (number + 2).to_string());
+        });
+    }
+);
+
+/// The CRL number custody's time alone gives: its Unix milliseconds times
+/// 1000 (the clock is the test's, which moves only when told).
+fn clock_number(service: &TestService) -> u64 {
+    u64::try_from(service.state().clock.now_ms()).unwrap() * 1000
+}
+
+/// The number of the CRL a completed ceremony of `script` signed.
+async fn crl_number_of(officers: &Officers<'_>, script: &str) -> u64 {
+    let (done, _) = officers.run(script).await.unwrap();
+    assert_eq!(
+        done.state,
+        CeremonyState::Completed as i32,
+        "{}",
+        done.error
+    );
+    crl_of(&done.certificate_pem).1.parse().unwrap()
+}
+
+// Disaster recovery puts the data directory back from its latest copy
+// (docs/runbook.md, "Torn state"): the journal then forgets the CRLs
+// signed after the copy was made. Safe: the next CRL of the same root
+// still gets a number above every CRL it signed before (RFC 5280 5.2.3),
+// as long as time moved on; and with the directory kept, a wall clock
+// stepped back does not lower the next number either.
+token_test!(
+    fn a_crl_number_is_not_given_again_after_the_data_directory_is_restored_from_an_older_copy(token) {
+        runtime().block_on(async {
+            let mut service = TestService::start(token).await;
+            {
+                let officers = Officers::new(&service.officers, service.officer_channels().await);
+                root(&officers).await;
+            }
+            // The copy: the root is in it, no CRL yet.
+            service.stop().await;
+            let data_dir = service.config.data_dir.clone();
+            let copy = token.scratch().join("data-copy");
+            softhsm_tests::copy_dir(&data_dir, &copy);
+            service.try_restart().await.unwrap();
+            let mut issued = Vec::new();
+            {
+                let officers = Officers::new(&service.officers, service.officer_channels().await);
+                issued.push(crl_number_of(&officers, &crl_script("c-one", "root-ca", 30)).await);
+                issued.push(crl_number_of(&officers, &crl_script("c-two", "root-ca", 30)).await);
+            }
+            assert!(issued[0] < issued[1], "{issued:?}");
+
+            // The directory is lost and put back from the copy, a minute on.
+            service.stop().await;
+            std::fs::remove_dir_all(&data_dir).unwrap();
+            softhsm_tests::copy_dir(&copy, &data_dir);
+            service.clock.advance(60_000);
+            service.try_restart().await.unwrap();
+            let officers = Officers::new(&service.officers, service.officer_channels().await);
+            let after_restore = crl_number_of(&officers, &crl_script("c-one", "root-ca", 30)).await;
+            assert!(
+                after_restore > issued[1],
+                "the CRL after the restore has number {after_restore}, not above the {issued:?} signed before it"
+            );
+
+            // The wall clock stepped back a day: the directory kept, the
+            // next number is still above the last.
+            service.clock.step(-86_400_000);
+            let stepped_back = crl_number_of(&officers, &crl_script("c-back", "root-ca", 30)).await;
+            assert!(stepped_back > after_restore, "{stepped_back} after {after_restore}");
         });
     }
 );

@@ -24,7 +24,7 @@ use custody_proto::v1::{
 use sha2::Digest as _;
 use softhsm_tests::ceremony::{Officers, kek_script, restore_script, root_script};
 use softhsm_tests::service::{TestService, create_key, runtime};
-use softhsm_tests::{TestToken, token_test};
+use softhsm_tests::{TestToken, copy_dir, token_test};
 
 /// How a record is damaged.
 #[derive(Debug, Clone, Copy)]
@@ -142,19 +142,6 @@ const CASES: &[Case] = &[
     case("operations_by_requester", Target::First, Damage::Truncate, Named::SomeOf("operations_by_requester")),
     case("operations_finished", Target::First, Damage::Delete, Named::SomeOf("operations_finished")),
 ];
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
 
 /// Every file of `dir` with its bytes' SHA-256.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {

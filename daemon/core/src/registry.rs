@@ -199,8 +199,14 @@ impl KeyRecord {
 
 /// A failure to read or write the registry.
 #[derive(Debug, thiserror::Error)]
-#[error("key registry: {0}")]
-pub struct RegistryError(pub String);
+pub enum RegistryError {
+    /// The write fence refused a write decided from a stale copy.
+    #[error("key registry: {0}")]
+    Stale(#[from] crate::shared::Stale),
+    /// Any other failure, as described.
+    #[error("key registry: {0}")]
+    Failed(String),
+}
 
 /// Why a version commit failed.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +236,7 @@ pub struct RegistryGuard {
 }
 
 fn store_error(e: impl std::fmt::Display) -> RegistryError {
-    RegistryError(e.to_string())
+    RegistryError::Failed(e.to_string())
 }
 
 impl Registry {
@@ -288,7 +294,7 @@ impl Registry {
 
     /// Writes `records` and clears the pending entry `settled` in one
     /// transaction over the epoch this copy was loaded at; refused with
-    /// [`crate::shared::STALE`] (nothing written) if another replica wrote
+    /// [`crate::shared::Stale`] (nothing written) if another replica wrote
     /// since.
     fn write(&self, records: &[KeyRecord], settled: Option<&str>) -> Result<(), RegistryError> {
         self.try_write(records, settled)
@@ -346,10 +352,8 @@ impl Registry {
                 Ok(())
             }
             // Ours is stale: the next refresh reloads it.
-            Written::Stale => Err(WriteFailure::NotWritten(RegistryError(
-                crate::shared::STALE.into(),
-            ))),
-            Written::NotInFlight => Err(WriteFailure::NotWritten(RegistryError(format!(
+            Written::Stale => Err(WriteFailure::NotWritten(crate::shared::Stale.into())),
+            Written::NotInFlight => Err(WriteFailure::NotWritten(RegistryError::Failed(format!(
                 "the generation under {} was rolled back meanwhile; nothing was written",
                 settled.unwrap_or_default()
             )))),
@@ -386,9 +390,9 @@ impl WriteFailure {
 fn load(tree: &custody_store::Keyspace) -> Result<BTreeMap<String, Arc<KeyRecord>>, RegistryError> {
     let mut keys = BTreeMap::new();
     for item in tree.iter() {
-        let (id, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
+        let (id, bytes) = item.map_err(|e| RegistryError::Failed(e.to_string()))?;
         let record = parse(&id, &bytes).map_err(|e| {
-            RegistryError(format!(
+            RegistryError::Failed(format!(
                 "record {:?} is corrupt: {e}",
                 String::from_utf8_lossy(&id)
             ))
@@ -473,7 +477,7 @@ impl Registry {
             .epochs()
             .lock(Domain::Registry)
             .await
-            .map_err(|e| RegistryError(format!("the registry's lock: {e}")))?;
+            .map_err(|e| RegistryError::Failed(format!("the registry's lock: {e}")))?;
         self.refresh()?;
         Ok(RegistryGuard { _lock: lock })
     }
@@ -503,10 +507,10 @@ impl Registry {
     /// HSM is asked to.
     pub async fn begin_version(&self, pending: &PendingVersion) -> Result<(), RegistryError> {
         let bytes = crate::stored::seal(pending.hsm_label.as_bytes(), pending)
-            .map_err(|e| RegistryError(e.to_string()))?;
+            .map_err(|e| RegistryError::Failed(e.to_string()))?;
         self.pending
             .insert(pending.hsm_label.as_bytes(), bytes)
-            .map_err(|e| RegistryError(e.to_string()))?;
+            .map_err(|e| RegistryError::Failed(e.to_string()))?;
         self.flush().await
     }
 
@@ -520,7 +524,7 @@ impl Registry {
         match self.try_write(std::slice::from_ref(&record), Some(hsm_label)) {
             Ok(()) => {}
             Err(WriteFailure::NotWritten(e)) => {
-                return Err(CommitError::NotApplied(RegistryError(format!(
+                return Err(CommitError::NotApplied(RegistryError::Failed(format!(
                     "commit: {e}"
                 ))));
             }
@@ -530,7 +534,7 @@ impl Registry {
             Err(WriteFailure::Unknown(e)) => {
                 let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
                 keys.insert(record.key_id.clone(), Arc::new(record));
-                return Err(CommitError::NotDurable(RegistryError(format!(
+                return Err(CommitError::NotDurable(RegistryError::Failed(format!(
                     "commit: {e}"
                 ))));
             }
@@ -567,7 +571,7 @@ impl Registry {
                 tx.insert(&self.pending, hsm_label.as_bytes(), sealed)?;
                 Ok(true)
             })
-            .map_err(|e| RegistryError(e.to_string()))?;
+            .map_err(|e| RegistryError::Failed(e.to_string()))?;
         self.flush().await?;
         Ok(marked)
     }
@@ -576,7 +580,7 @@ impl Registry {
     pub async fn abandon_version(&self, hsm_label: &str) -> Result<(), RegistryError> {
         self.pending
             .remove(hsm_label.as_bytes())
-            .map_err(|e| RegistryError(e.to_string()))?;
+            .map_err(|e| RegistryError::Failed(e.to_string()))?;
         self.flush().await
     }
 
@@ -585,9 +589,9 @@ impl Registry {
         self.pending
             .iter()
             .map(|item| {
-                let (label, bytes) = item.map_err(|e| RegistryError(e.to_string()))?;
+                let (label, bytes) = item.map_err(|e| RegistryError::Failed(e.to_string()))?;
                 crate::stored::open(&label, &bytes).map_err(|e| {
-                    RegistryError(format!(
+                    RegistryError::Failed(format!(
                         "pending version {:?} is corrupt: {e}",
                         String::from_utf8_lossy(&label)
                     ))
@@ -601,7 +605,7 @@ impl Registry {
             .flush_async()
             .await
             .map(drop)
-            .map_err(|e| RegistryError(format!("flush: {e}")))
+            .map_err(|e| RegistryError::Failed(format!("flush: {e}")))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<KeyRecord>>> {
@@ -751,7 +755,7 @@ mod tests {
         a.put(record("k2")).await.unwrap();
         // b decides from a stale copy: its write is fenced off, whole.
         let refused = b.put(record("k3")).await.unwrap_err();
-        assert_eq!(refused.0, crate::shared::STALE);
+        assert!(matches!(refused, RegistryError::Stale(_)), "{refused}");
         let fresh = Registry::open(&store, &Epochs::open(&store, "c").unwrap()).unwrap();
         assert_eq!(fresh.len(), 2, "nothing of the stale write landed");
         b.refresh().unwrap();

@@ -338,6 +338,10 @@ impl Copy {
     }
 }
 
-/// The message of a write refused by its fence.
-pub const STALE: &str =
-    "another replica changed this state meanwhile; nothing was written, try again";
+/// A write refused by its fence: another replica changed this state since
+/// this replica loaded it. Nothing was written; the next refresh reloads
+/// the copy, and the caller may try again. The one definition of the
+/// refusal: callers match the type, never its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("another replica changed this state meanwhile; nothing was written, try again")]
+pub struct Stale;

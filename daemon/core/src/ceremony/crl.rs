@@ -62,7 +62,8 @@ fn time_of(seconds: i64) -> Result<OffsetDateTime, Error> {
 pub struct Issue {
     /// thisUpdate, Unix seconds.
     pub this_update: i64,
-    /// The CRL number: one more than any the issuer's CRLs had.
+    /// The CRL number: above any the issuer's CRLs had
+    /// (`ceremonies::crl::next_number`).
     pub number: u64,
 }
 

@@ -242,11 +242,11 @@ impl OperationStore {
     /// optimistic transactions (which carry a batch over several keyspaces)
     /// from retrying against each other (many at once were seen to livelock
     /// in an optimised build).
-    pub async fn put(
+    pub async fn put<E: From<String>>(
         &self,
         record: &OperationRecord,
-        commit: impl FnOnce(Batch) -> Result<(), String>,
-    ) -> Result<(), String> {
+        commit: impl FnOnce(Batch) -> Result<(), E>,
+    ) -> Result<(), E> {
         let before = self.get(&record.id)?.map(|r| r.state);
         let bytes = crate::stored::seal(record.id.as_bytes(), record).map_err(error)?;
         let state = [state_byte(record.state)];
@@ -408,11 +408,11 @@ impl OperationStore {
     /// Removes finished operations `ids` and their index entries, in one
     /// transaction (`commit` applies it), durably. Returns how many were
     /// removed.
-    pub async fn prune(
+    pub async fn prune<E: From<String>>(
         &self,
         ids: &[String],
-        commit: impl FnOnce(Batch) -> Result<(), String>,
-    ) -> Result<usize, String> {
+        commit: impl FnOnce(Batch) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let mut doomed = Vec::new();
         for id in ids {
             if let Some(record) = self.get(id)? {

@@ -11,7 +11,24 @@ use super::operation::{OperationRecord, OperationState};
 use super::operation_store::{Cursor, OperationStore, Page, Scope};
 use super::quorum::Quorum;
 use crate::identity::valid_principal_name;
-use crate::shared::{Copy, Domain, Epochs};
+use crate::shared::{Copy, Domain, Epochs, Stale};
+
+/// Why a change to officers or operations was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The write fence refused a change decided from a stale copy.
+    #[error(transparent)]
+    Stale(#[from] Stale),
+    /// Refused or failed otherwise, as described.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for WriteError {
+    fn from(message: String) -> Self {
+        WriteError::Failed(message)
+    }
+}
 
 /// An enrolled officer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,10 +180,10 @@ impl DualControlStore {
     }
 
     /// Applies `batch` in one transaction over the epoch this replica
-    /// loaded, moving it on; refused with [`crate::shared::STALE`]
+    /// loaded, moving it on; refused with [`Stale`]
     /// (nothing written) if another replica wrote since: the write fence
     /// of every change to officers and operations.
-    fn commit(&self, batch: &custody_store::Batch) -> Result<(), String> {
+    fn commit(&self, batch: &custody_store::Batch) -> Result<(), WriteError> {
         let loaded = self.copy.loaded();
         let epochs = self.copy.epochs();
         let mut spaces = vec![&self.officers_tree, &self.meta, epochs.space()];
@@ -181,13 +198,13 @@ impl DualControlStore {
                 Ok(Some(next))
             })
             .map_err(store_error)?;
-        let next = advanced.ok_or_else(|| crate::shared::STALE.to_string())?;
+        let next = advanced.ok_or(Stale)?;
         self.copy.wrote(next);
         Ok(())
     }
 
     /// Applies `genesis` if no officer is enrolled yet; returns whether it did.
-    pub async fn apply_genesis(&self, genesis: &Genesis, now_ms: i64) -> Result<bool, String> {
+    pub async fn apply_genesis(&self, genesis: &Genesis, now_ms: i64) -> Result<bool, WriteError> {
         let _guard = self.lock().await?;
         if !self.officers().is_empty() {
             return Ok(false);
@@ -290,17 +307,17 @@ impl DualControlStore {
 
     /// Enrolls a new officer, durably, then makes it visible. Refuses an id,
     /// principal or key already enrolled. Hold [`Self::lock`].
-    pub async fn add_officer(&self, officer: OfficerRecord) -> Result<(), String> {
+    pub async fn add_officer(&self, officer: OfficerRecord) -> Result<(), WriteError> {
         let clash = self.officers().into_iter().find(|o| {
             o.officer_id == officer.officer_id
                 || o.principal == officer.principal
                 || o.public_key == officer.public_key
         });
         if let Some(existing) = clash {
-            return Err(format!(
+            return Err(WriteError::Failed(format!(
                 "officer {} already holds that id, principal or key",
                 existing.officer_id
-            ));
+            )));
         }
         let mut batch = custody_store::Batch::default();
         self.write_officer(&mut batch, &officer)?;
@@ -312,12 +329,12 @@ impl DualControlStore {
 
     /// Removes an officer, durably. Refuses to leave fewer officers than the
     /// administrative quorum needs. Hold [`Self::lock`].
-    pub async fn remove_officer(&self, id: &str) -> Result<(), String> {
+    pub async fn remove_officer(&self, id: &str) -> Result<(), WriteError> {
         if self.officers().len() as u32 <= self.admin_required() {
-            return Err(format!(
+            return Err(WriteError::Failed(format!(
                 "removing {id} would leave fewer officers than the {} approvals the administrative quorum needs",
                 self.admin_required()
-            ));
+            )));
         }
         let mut batch = custody_store::Batch::default();
         batch.remove(&self.officers_tree, id.as_bytes());
@@ -392,14 +409,14 @@ impl DualControlStore {
     }
 
     /// Removes finished operations, durably. Hold [`Self::lock`].
-    pub async fn prune_operations(&self, ids: &[String]) -> Result<usize, String> {
+    pub async fn prune_operations(&self, ids: &[String]) -> Result<usize, WriteError> {
         self.operations
             .prune(ids, |batch| self.commit(&batch))
             .await
     }
 
     /// Writes an operation and its index entries durably. Hold [`Self::lock`].
-    pub async fn put_operation(&self, operation: &OperationRecord) -> Result<(), String> {
+    pub async fn put_operation(&self, operation: &OperationRecord) -> Result<(), WriteError> {
         self.operations
             .put(operation, |batch| self.commit(&batch))
             .await

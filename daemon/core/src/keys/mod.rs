@@ -79,8 +79,8 @@ pub(crate) fn not_destroyed(record: &KeyRecord, version: u32) -> Result<&Version
 /// The registry could not be written.
 pub(crate) fn registry_failure(error: RegistryError) -> Error {
     tracing::error!(%error, "registry write failed");
-    if error.0 == crate::shared::STALE {
-        return Error::new(Reason::RegistryUnavailable, crate::shared::STALE);
+    if let RegistryError::Stale(stale) = error {
+        return Error::new(Reason::RegistryUnavailable, stale.to_string());
     }
     Error::new(
         Reason::RegistryUnavailable,

@@ -202,7 +202,7 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                     enrolled_ms: custody.clock.now_ms(),
                 })
                 .await
-                .map_err(|e| Error::new(Reason::OfficerExists, e))?;
+                .map_err(|e| Error::new(Reason::OfficerExists, e.to_string()))?;
             Ok(Outcome::Officers)
         }
         Spec::DestroyVersion { key_id, version } => {
@@ -323,7 +323,7 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                 .dual_control
                 .remove_officer(officer_id)
                 .await
-                .map_err(|e| Error::new(Reason::OfficerRemovalRefused, e))?;
+                .map_err(|e| Error::new(Reason::OfficerRemovalRefused, e.to_string()))?;
             Ok(Outcome::Officers)
         }
     }

@@ -9,7 +9,7 @@ use crate::dual_control::operation::{
     KEY_POLICY_KINDS, OperationRecord, OperationState, Spec, policy_kind_applies,
 };
 use crate::dual_control::quorum::{Ballot, Quorum};
-use crate::dual_control::store::check_officer;
+use crate::dual_control::store::{WriteError, check_officer};
 use crate::identity::Principal;
 use crate::keys::destroy::check_destroyable;
 use crate::keys::state::{check_transition, requested_state};
@@ -141,10 +141,11 @@ fn random_hex() -> Result<String, Error> {
 }
 
 /// The operation store could not be written.
-pub(crate) fn store_failure(error: String) -> Error {
+pub(crate) fn store_failure(error: impl Into<WriteError>) -> Error {
+    let error = error.into();
     tracing::error!(%error, "dual-control store");
-    if error == crate::shared::STALE {
-        return Error::new(Reason::StoreUnavailable, crate::shared::STALE);
+    if let WriteError::Stale(stale) = error {
+        return Error::new(Reason::StoreUnavailable, stale.to_string());
     }
     Error::new(
         Reason::StoreUnavailable,
