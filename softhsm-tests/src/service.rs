@@ -480,6 +480,19 @@ impl TestService {
     /// Puts `kind` on `key_id` under 2 of alice, bob, carol, approved by the
     /// administrative quorum (alice and bob); checks each step.
     pub async fn gate(&self, key_id: &str, kind: OperationKind) {
+        self.set_policy(key_id, kind, 2, ["alice", "bob"]).await;
+    }
+
+    /// Puts `kind` on `key_id` under `required` of alice, bob, carol, the
+    /// change approved by the two `approvers` (the administrative quorum);
+    /// checks each step.
+    pub async fn set_policy(
+        &self,
+        key_id: &str,
+        kind: OperationKind,
+        required: u32,
+        approvers: [&str; 2],
+    ) {
         let operator = self.client("operator").await;
         let operation = request_operation(
             &operator,
@@ -487,18 +500,21 @@ impl TestService {
                 name: format!("keys/{key_id}"),
                 operation: kind as i32,
                 officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                required: 2,
+                required,
             }),
         )
         .await
         .expect("policy change requested");
         assert_eq!(operation.state, OperationState::Pending as i32);
         let after_one = self
-            .approve("alice", &operation)
+            .approve(approvers[0], &operation)
             .await
-            .expect("alice approves");
+            .expect("the first officer approves");
         assert_eq!(after_one.state, OperationState::Pending as i32);
-        let done = self.approve("bob", &operation).await.expect("bob approves");
+        let done = self
+            .approve(approvers[1], &operation)
+            .await
+            .expect("the second officer approves");
         assert_eq!(
             done.state,
             OperationState::Succeeded as i32,

@@ -345,7 +345,7 @@ async fn sign_naming(
 
 token_test!(
     fn a_staged_version_is_certified_while_the_current_one_signs_and_is_promoted_only_under_the_rotate_and_set_state_quorum(token) {
-        use custody_proto::v1::{KeyVersionState, OperationKind, OperationState, SetKeyVersionStateRequest, SetPolicySpec, SetStateSpec, operation_spec};
+        use custody_proto::v1::{KeyVersionState, OperationKind, OperationState, SetKeyVersionStateRequest, SetStateSpec, operation_spec};
         use softhsm_tests::service::request_operation;
         runtime().block_on(async {
             let service = TestService::start(token).await;
@@ -354,20 +354,7 @@ token_test!(
             let operator = service.client("operator").await;
             // issuing-ca: SET_STATE needs 2 of 3, ROTATE all 3.
             service.gate("issuing-ca", OperationKind::SetState).await;
-            let rotate = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/issuing-ca".into(),
-                    operation: OperationKind::Rotate as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 3,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("alice", &rotate).await.unwrap();
-            let set = service.approve("bob", &rotate).await.unwrap();
-            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+            service.set_policy("issuing-ca", OperationKind::Rotate, 3, ["alice", "bob"]).await;
 
             // Staging makes a version rotation would: 2 officers, fewer
             // than issuing-ca's ROTATE policy, do not get one made.

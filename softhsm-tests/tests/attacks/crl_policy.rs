@@ -11,11 +11,9 @@
 //! the HSM is asked is what the ceremony's quorum must cover, as an approved
 //! operation's quorum is re-checked at execution (`POLICY_CHANGED`).
 
-use custody_proto::v1::{
-    Algorithm, CeremonyState, OperationKind, OperationState, SetPolicySpec, operation_spec,
-};
+use custody_proto::v1::{Algorithm, CeremonyState, OperationKind};
 use softhsm_tests::ceremony::root_script;
-use softhsm_tests::service::{TestService, reason, request_operation, runtime};
+use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{create_key, officers_of, state};
@@ -43,21 +41,7 @@ token_test!(
             assert_eq!(state(&waiting), CeremonyState::AwaitingConfirmation, "{}", waiting.error);
             let fingerprint = waiting.fingerprint.unwrap().value;
 
-            let operator = service.client("operator").await;
-            let tighten = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/root-ca".into(),
-                    operation: OperationKind::Sign as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 3,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("bob", &tighten).await.unwrap();
-            let set = service.approve("carol", &tighten).await.unwrap();
-            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+            service.set_policy("root-ca", OperationKind::Sign, 3, ["bob", "carol"]).await;
             // Control: the same 2-of-3 script opened now is refused.
             let fresh = officers.start("alice", &crl_script("c-fresh"), "").await.unwrap_err();
             assert_eq!(reason(&fresh), "BAD_SCRIPT", "{fresh:?}");
@@ -97,20 +81,7 @@ token_test!(
             assert_eq!(state(&waiting), CeremonyState::AwaitingConfirmation, "{}", waiting.error);
             let fingerprint = waiting.fingerprint.unwrap().value;
 
-            let tighten = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/root-ca".into(),
-                    operation: OperationKind::Sign as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 3,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("bob", &tighten).await.unwrap();
-            let set = service.approve("carol", &tighten).await.unwrap();
-            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+            service.set_policy("root-ca", OperationKind::Sign, 3, ["bob", "carol"]).await;
 
             officers.confirm("alice", &opened.name, &script, &fingerprint).await.unwrap();
             let last = officers.confirm("bob", &opened.name, &script, &fingerprint).await;

@@ -19,8 +19,8 @@
 
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    Algorithm, CeremonyState, KeyVersionState, OperationKind, OperationState, SetPolicySpec,
-    SignRequest, digest, operation_spec, sign_request,
+    Algorithm, CeremonyState, KeyVersionState, OperationKind, OperationState, SignRequest, digest,
+    operation_spec, sign_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
@@ -175,20 +175,9 @@ async fn staged_issuer(service: &TestService, officers: &softhsm_tests::ceremony
     create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, true)
         .await
         .unwrap();
-    let rotate = request_operation(
-        &operator,
-        operation_spec::Spec::SetPolicy(SetPolicySpec {
-            name: "keys/issuing-ca".into(),
-            operation: OperationKind::Rotate as i32,
-            officers: vec!["alice".into(), "bob".into(), "carol".into()],
-            required: 3,
-        }),
-    )
-    .await
-    .unwrap();
-    service.approve("alice", &rotate).await.unwrap();
-    let set = service.approve("bob", &rotate).await.unwrap();
-    assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+    service
+        .set_policy("issuing-ca", OperationKind::Rotate, 3, ["alice", "bob"])
+        .await;
     let staging = include_str!("../../../deploy/ceremonies/intermediate.toml")
         .replace("\"demo-intermediate-2026\"", "\"c-stage\"")
         .replace(

@@ -15,8 +15,8 @@
 use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
-use super::commit::finish_completed;
-use super::crash_points::{CERTIFY, COMMIT, STAGE, TBS};
+use super::commit::{close_commit, open_commit};
+use super::crash_points::{CERTIFY, Points, STAGE, TBS};
 use super::{intend, journal_failure, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
@@ -388,18 +388,29 @@ pub(super) async fn certify(
     record: &mut CeremonyRecord,
     script: &Script,
 ) -> Result<(), Error> {
-    let certification = record
+    // The policies in force now, not those of the start or of the TBS:
+    // officers may have tightened the root's SIGN (or the key's ROTATE)
+    // policy while the ceremony waited for confirmations (C6).
+    sign_confirmed(
+        state,
+        record,
+        script,
+        &Signing {
+            step: "certify",
+            points: &CERTIFY,
+            check_open,
+            issuer: IssuerVersion::ActiveWithLabel,
+            product: intermediate::CERTIFICATE,
+            noun: "certificate",
+            output: "certificate",
+        },
+    )
+    .await?;
+    if record
         .certification
-        .clone()
-        .ok_or_else(|| Error::internal("no TBS to sign"))?;
-    if !record.did("certify") {
-        // The policies in force now, not those of the start or of the TBS:
-        // officers may have tightened the root's SIGN (or the key's ROTATE)
-        // policy while the ceremony waited for confirmations (C6).
-        check_open(state, script)?;
-        sign(state, record, &certification).await?;
-    }
-    if certification.key_id.is_empty() {
+        .as_ref()
+        .is_some_and(|c| c.key_id.is_empty())
+    {
         // A CSR: no custody version holds the certificate; the ceremony
         // keeps it (journaled at `certify`, in the transcript).
         return keep_with_ceremony(state, record).await;
@@ -410,26 +421,67 @@ pub(super) async fn certify(
 /// The commit of a CSR's certificate: nothing to store with a key, the
 /// certificate journaled at `certify` is the ceremony's result.
 async fn keep_with_ceremony(state: &Custody, record: &mut CeremonyRecord) -> Result<(), Error> {
-    intend(state, record, "commit", &[], &COMMIT).await?;
-    failpoint::hit(COMMIT.after_hsm);
-    finish_completed(state, record).await?;
-    failpoint::hit(COMMIT.after_result);
-    Ok(())
+    let _registry = open_commit(state, record).await?;
+    close_commit(state, record).await
 }
 
-async fn sign(
+/// Which version of the issuer may sign the confirmed TBS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IssuerVersion {
+    /// Still the issuer's current version: a CRL is signed by the key the
+    /// issuer publishes now.
+    Current,
+    /// Any active version with the label the TBS was built under: a
+    /// certificate names the key, not the issuer's current version.
+    ActiveWithLabel,
+}
+
+/// A signing step: its name and crash points, the kind's check of the
+/// ceremony's quorum against the policies in force, which issuer version
+/// may sign, and what the signature makes.
+pub(super) struct Signing {
+    pub(super) step: &'static str,
+    pub(super) points: &'static Points,
+    pub(super) check_open: fn(&Custody, &Script) -> Result<(), Error>,
+    pub(super) issuer: IssuerVersion,
+    pub(super) product: intermediate::Product,
+    /// What the transcript calls it ("certificate", "CRL").
+    pub(super) noun: &'static str,
+    /// The transcript detail's `<output>_sha256` field.
+    pub(super) output: &'static str,
+}
+
+/// The step `signing.step`, unless done: the ceremony's quorum checked
+/// again under the policies in force now, the issuer's version checked,
+/// then the HSM signs the confirmed TBS and the signature is verified with
+/// the issuer's public key; the result is journaled with the ceremony.
+pub(super) async fn sign_confirmed(
     state: &Custody,
     record: &mut CeremonyRecord,
-    certification: &Certification,
+    script: &Script,
+    signing: &Signing,
 ) -> Result<(), Error> {
-    intend(state, record, "certify", &[], &CERTIFY).await?;
-    let (prepared, confirmed) = prepared_of(certification)?;
+    let certification = record
+        .certification
+        .clone()
+        .ok_or_else(|| Error::internal("no TBS to sign"))?;
+    if record.did(signing.step) {
+        return Ok(());
+    }
+    (signing.check_open)(state, script)?;
+    let points = signing.points;
+    intend(state, record, signing.step, &[], points).await?;
+    let (prepared, confirmed) = prepared_of(&certification)?;
     let algorithm = KeyAlgorithm::from_api_name(&certification.issuer_algorithm)
         .ok_or_else(|| Error::internal(certification.issuer_algorithm.clone()))?;
     // The issuer's version must still be the one the TBS was built under.
     let issuer = crate::keys::found(state, &certification.issuer_key_id)?;
     let version = crate::keys::version_of(&issuer, certification.issuer_version)?;
-    if version.state != VersionState::Active || version.hsm_label != certification.issuer_label {
+    let still = version.state == VersionState::Active
+        && version.hsm_label == certification.issuer_label
+        && (signing.issuer == IssuerVersion::ActiveWithLabel
+            || issuer.primary_version == certification.issuer_version);
+    if !still {
         return Err(Error::new(
             Reason::VersionNotActive,
             format!(
@@ -440,36 +492,42 @@ async fn sign(
     }
     let label = hsm_shim::KeyLabel::new(certification.issuer_label.clone())?;
     let spki = hex::decode(&certification.issuer_public_key_der_hex).unwrap_or_default();
+    let product = signing.product;
     let pem = state
         .hsm
         .run(move |session| {
-            intermediate::sign_prepared(session, &label, algorithm, &spki, &prepared, &confirmed)
+            intermediate::sign_prepared(
+                session, &label, algorithm, &spki, &prepared, &confirmed, product,
+            )
         })
         .await??;
-    failpoint::hit(CERTIFY.after_hsm);
+    failpoint::hit(points.after_hsm);
     if let Some(c) = record.certification.as_mut() {
         c.certificate_pem = pem.clone();
     }
-    record.done.push("certify".into());
+    record.done.push(signing.step.into());
     let mut detail = Map::new();
     detail.insert("tbs_sha256".into(), json!(certification.tbs_sha256));
+    if let Some(number) = certification.crl_number {
+        detail.insert("crl_number".into(), json!(number));
+    }
     detail.insert(
-        "certificate_sha256".into(),
+        format!("{}_sha256", signing.output),
         json!(hex::encode(Sha256::digest(pem.as_bytes()))),
     );
     note(
         state,
         record,
-        "certify",
+        signing.step,
         "custodyd",
         format!(
-            "{} signed the confirmed TBS (SHA-256 {}) inside the HSM; the signature verifies with its public key",
-            certification.issuer_key_id, certification.tbs_sha256
+            "{} signed the confirmed {} (TBS SHA-256 {}) inside the HSM; the signature verifies with its public key",
+            certification.issuer_key_id, signing.noun, certification.tbs_sha256
         ),
         detail,
     )
     .await?;
-    failpoint::hit(CERTIFY.after_result);
+    failpoint::hit(points.after_result);
     Ok(())
 }
 
@@ -480,12 +538,7 @@ async fn store_chain(state: &Custody, record: &mut CeremonyRecord) -> Result<(),
         .certification
         .clone()
         .ok_or_else(|| Error::internal("no certificate to store"))?;
-    intend(state, record, "commit", &[], &COMMIT).await?;
-    let _registry = state
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _registry = open_commit(state, record).await?;
     let mut key = (*crate::keys::found(state, &certification.key_id)?).clone();
     let version = key
         .versions
@@ -509,10 +562,7 @@ async fn store_chain(state: &Custody, record: &mut CeremonyRecord) -> Result<(),
         .put(key)
         .await
         .map_err(|e| journal_failure(e.to_string()))?;
-    failpoint::hit(COMMIT.after_hsm);
-    finish_completed(state, record).await?;
-    failpoint::hit(COMMIT.after_result);
-    Ok(())
+    close_commit(state, record).await
 }
 
 /// Whether the commit reached the registry: the certified version holds

@@ -13,7 +13,7 @@ use crate::ceremony::script::{KeySection, Script};
 use crate::dual_control::operation::KeyPolicies;
 use crate::failpoint;
 use crate::keys::generation::KeyFacts;
-use crate::registry::KeyRecord;
+use crate::registry::{KeyRecord, RegistryGuard};
 use crate::{Error, Reason};
 
 /// The policies the key of a root-key or kek script will be registered
@@ -133,12 +133,7 @@ pub(super) async fn commit(
         .key
         .clone()
         .ok_or_else(|| Error::internal("nothing to commit"))?;
-    intend(state, record, "commit", &[], &COMMIT).await?;
-    let _registry = state
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _registry = open_commit(state, record).await?;
     if state.registry.get(&made.key_id).is_some() {
         return Err(Error::new(
             Reason::KeyExists,
@@ -162,10 +157,7 @@ pub(super) async fn commit(
         .put(key_record(&made, signers, policies, now))
         .await
         .map_err(|e| journal_failure(e.to_string()))?;
-    failpoint::hit(COMMIT.after_hsm);
-    finish_completed(state, record).await?;
-    failpoint::hit(COMMIT.after_result);
-    Ok(())
+    close_commit(state, record).await
 }
 
 fn key_record(
@@ -200,6 +192,32 @@ fn key_record(
         rotation_requests: Vec::new(),
         backup_exportable: made.backup,
     }
+}
+
+/// The start of step `commit`: intended, then the registry locked; the
+/// caller holds the lock until [`close_commit`] returns.
+pub(super) async fn open_commit(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+) -> Result<RegistryGuard, Error> {
+    intend(state, record, "commit", &[], &COMMIT).await?;
+    state
+        .registry
+        .lock()
+        .await
+        .map_err(crate::keys::registry_failure)
+}
+
+/// The end of step `commit`, once its registry write is done: the
+/// ceremony completed, between the step's last two crash points.
+pub(super) async fn close_commit(
+    state: &Custody,
+    record: &mut CeremonyRecord,
+) -> Result<(), Error> {
+    failpoint::hit(COMMIT.after_hsm);
+    finish_completed(state, record).await?;
+    failpoint::hit(COMMIT.after_result);
+    Ok(())
 }
 
 /// Marks the ceremony completed, signs its transcript, and for a KEK
@@ -245,6 +263,7 @@ pub(super) async fn finish_completed(
                 d.key_id,
                 d.versions()
             )
+        }
         (None, ..)
             if record
                 .certification

@@ -14,9 +14,8 @@
 //! keeps that so when the journal is put back from an older copy.
 
 use serde_json::{Map, json};
-use sha2::{Digest, Sha256};
 
-use super::certify::{current, prepared_of};
+use super::certify::{IssuerVersion, Signing, current, sign_confirmed};
 use super::commit::finish_completed;
 use super::crash_points::{CRL_TBS, SIGN_CRL};
 use super::{intend, journal_failure, note};
@@ -177,76 +176,24 @@ pub(super) async fn sign_and_complete(
     record: &mut CeremonyRecord,
     script: &Script,
 ) -> Result<(), Error> {
-    let certification = record
-        .certification
-        .clone()
-        .ok_or_else(|| Error::internal("no TBS to sign"))?;
-    if !record.did("sign-crl") {
-        // The root's SIGN policy in force now: officers may have tightened
-        // it while the ceremony waited for confirmations (C10).
-        check_open(state, script)?;
-        sign(state, record, &certification).await?;
-    }
-    finish_completed(state, record).await
-}
-
-async fn sign(
-    state: &Custody,
-    record: &mut CeremonyRecord,
-    certification: &Certification,
-) -> Result<(), Error> {
-    intend(state, record, "sign-crl", &[], &SIGN_CRL).await?;
-    let (prepared, confirmed) = prepared_of(certification)?;
-    let algorithm = KeyAlgorithm::from_api_name(&certification.issuer_algorithm)
-        .ok_or_else(|| Error::internal(certification.issuer_algorithm.clone()))?;
-    // The issuer's version must still be the active one the TBS was built
-    // under.
-    let (_, version) = current(state, &certification.issuer_key_id)?;
-    if version.version != certification.issuer_version
-        || version.hsm_label != certification.issuer_label
-    {
-        return Err(Error::new(
-            Reason::VersionNotActive,
-            format!(
-                "{} version {} is no longer the active key that built the TBS",
-                certification.issuer_key_id, certification.issuer_version
-            ),
-        ));
-    }
-    let label = hsm_shim::KeyLabel::new(certification.issuer_label.clone())?;
-    let spki = hex::decode(&certification.issuer_public_key_der_hex).unwrap_or_default();
-    let pem = state
-        .hsm
-        .run(move |session| {
-            crl::sign_prepared(session, &label, algorithm, &spki, &prepared, &confirmed)
-        })
-        .await??;
-    failpoint::hit(SIGN_CRL.after_hsm);
-    if let Some(c) = record.certification.as_mut() {
-        c.certificate_pem = pem.clone();
-    }
-    record.done.push("sign-crl".into());
-    let mut detail = Map::new();
-    detail.insert("tbs_sha256".into(), json!(certification.tbs_sha256));
-    detail.insert("crl_number".into(), json!(certification.crl_number));
-    detail.insert(
-        "crl_sha256".into(),
-        json!(hex::encode(Sha256::digest(pem.as_bytes()))),
-    );
-    note(
+    // The root's SIGN policy in force now: officers may have tightened it
+    // while the ceremony waited for confirmations (C10).
+    sign_confirmed(
         state,
         record,
-        "sign-crl",
-        "custodyd",
-        format!(
-            "{} signed the confirmed CRL (TBS SHA-256 {}) inside the HSM; the signature verifies with its public key",
-            certification.issuer_key_id, certification.tbs_sha256
-        ),
-        detail,
+        script,
+        &Signing {
+            step: "sign-crl",
+            points: &SIGN_CRL,
+            check_open,
+            issuer: IssuerVersion::Current,
+            product: crl::CRL,
+            noun: "CRL",
+            output: "crl",
+        },
     )
     .await?;
-    failpoint::hit(SIGN_CRL.after_result);
-    Ok(())
+    finish_completed(state, record).await
 }
 
 /// Whether the CRL was signed, verified and journaled: then a stop before

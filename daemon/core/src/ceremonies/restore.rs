@@ -13,8 +13,8 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::backup::check_aad;
-use super::commit::finish_completed;
-use super::crash_points::{COMMIT, RESTORE};
+use super::commit::{close_commit, finish_completed, open_commit};
+use super::crash_points::RESTORE;
 use super::roll_back::destroy_if_there;
 use super::{intend, journal_failure, mark_made, note};
 use crate::Custody;
@@ -222,12 +222,7 @@ pub(super) async fn restore(
     if drill {
         return finish_completed(state, record).await;
     }
-    intend(state, record, "commit", &[], &COMMIT).await?;
-    let _registry = state
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _registry = open_commit(state, record).await?;
     // The ids were reserved when the ceremony opened, so none can be taken
     // now; checked again under the lock all the same, so that a restore
     // never registers over a key it did not make (the roll-back that follows
@@ -273,10 +268,7 @@ pub(super) async fn restore(
         .put_all(records)
         .await
         .map_err(|e| journal_failure(e.to_string()))?;
-    failpoint::hit(COMMIT.after_hsm);
-    finish_completed(state, record).await?;
-    failpoint::hit(COMMIT.after_result);
-    Ok(())
+    close_commit(state, record).await
 }
 
 /// A key whose protections could not be reproduced here, and why: it is

@@ -3,25 +3,23 @@
 //! with the officers between them: [`prepare`] builds the to-be-signed
 //! CRL (rcgen, over a key that only records what it is asked to sign) and
 //! lints it ([`lint`]), so that officers can confirm its SHA-256;
-//! [`sign_prepared`] has the HSM sign exactly those bytes once they have,
+//! [`crate::ceremony::intermediate::sign_prepared`] has the HSM sign exactly those bytes once they have,
 //! assembles the CRL and verifies its signature with the root's public key.
 
 pub mod lint;
 
 use std::cell::RefCell;
 
-use hsm_shim::{HsmSession, KeyLabel};
 use rcgen::{
     CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
 };
-use sha2::Digest;
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 
 use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::certificate;
 use crate::ceremony::intermediate::{
-    IssuerCertificate, Prepared, Recorder, assemble, signature_algorithm_of, subject_public_key,
+    IssuerCertificate, Prepared, Product, Recorder, signature_algorithm_of, subject_public_key,
 };
 use crate::ceremony::script::{CRL_REASONS, CrlSection};
 use crate::{Error, Reason};
@@ -120,32 +118,9 @@ pub fn prepare(
     })
 }
 
-/// The HSM signs the prepared TBS with the issuer's key (labelled `label`,
-/// of `issuer_algorithm`), if its SHA-256 is still `confirmed`; the CRL is
-/// assembled and its signature verified with `issuer_spki` before it is
-/// returned, as PEM.
-pub fn sign_prepared(
-    session: &mut HsmSession,
-    label: &KeyLabel,
-    issuer_algorithm: KeyAlgorithm,
-    issuer_spki: &[u8],
-    prepared: &Prepared,
-    confirmed: &[u8; 32],
-) -> hsm_shim::Result<Result<String, Error>> {
-    if sha2::Sha256::digest(&prepared.tbs).as_slice() != confirmed {
-        return Ok(Err(Error::internal(
-            "the TBS is not the one the officers confirmed",
-        )));
-    }
-    let Some(algorithm) = issuer_algorithm.sign_algorithm() else {
-        return Ok(Err(unsupported("the issuer's key does not sign")));
-    };
-    let signature = certificate::hsm_sign(session, label, algorithm, &prepared.tbs)?;
-    Ok(assemble(prepared, &signature).and_then(|der| {
-        verify(&der, issuer_spki)?;
-        pem(&der)
-    }))
-}
+/// A CRL: verified as one, written as `X509 CRL`; the HSM signs it with
+/// [`crate::ceremony::intermediate::sign_prepared`].
+pub const CRL: Product = Product { verify, pem };
 
 /// Verifies the CRL `der`'s signature with `issuer_spki`.
 pub fn verify(der: &[u8], issuer_spki: &[u8]) -> Result<(), Error> {

@@ -349,10 +349,26 @@ pub fn prepare(
     })
 }
 
+/// What a signed TBS becomes: how its signature is checked with the
+/// issuer's public key, and how it is written out.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    /// Verifies the signed object (DER) with the issuer's SubjectPublicKeyInfo.
+    pub verify: fn(&[u8], &[u8]) -> Result<(), Error>,
+    /// The signed object as PEM.
+    pub pem: fn(&[u8]) -> Result<String, Error>,
+}
+
+/// A certificate: verified as one, written as `CERTIFICATE`.
+pub const CERTIFICATE: Product = Product {
+    verify: certificate::verify,
+    pem,
+};
+
 /// The HSM signs the prepared TBS with the issuer's key (labelled `label`,
-/// of `issuer_algorithm`), if its SHA-256 is still `confirmed`; the
-/// certificate is assembled and its signature verified with `issuer_spki`
-/// before it is returned, as PEM.
+/// of `issuer_algorithm`), if its SHA-256 is still `confirmed`; the signed
+/// object (a certificate or a CRL: `product`) is assembled and its
+/// signature verified with `issuer_spki` before it is returned, as PEM.
 pub fn sign_prepared(
     session: &mut HsmSession,
     label: &KeyLabel,
@@ -360,6 +376,7 @@ pub fn sign_prepared(
     issuer_spki: &[u8],
     prepared: &Prepared,
     confirmed: &[u8; 32],
+    product: Product,
 ) -> hsm_shim::Result<Result<String, Error>> {
     if sha2::Sha256::digest(&prepared.tbs).as_slice() != confirmed {
         return Ok(Err(Error::internal(
@@ -371,8 +388,8 @@ pub fn sign_prepared(
     };
     let signature = certificate::hsm_sign(session, label, algorithm, &prepared.tbs)?;
     Ok(assemble(prepared, &signature).and_then(|der| {
-        certificate::verify(&der, issuer_spki)?;
-        pem(&der)
+        (product.verify)(&der, issuer_spki)?;
+        (product.pem)(&der)
     }))
 }
 

@@ -12,7 +12,7 @@ use rcgen::{
 use super::lint::{Expected, lint};
 use super::*;
 use crate::ceremony::certificate::{key_identifier, root_params};
-use crate::ceremony::intermediate::issuer_certificate;
+use crate::ceremony::intermediate::{assemble, issuer_certificate};
 use crate::ceremony::script::{CertificateSection, Kind, Script};
 
 /// A software root, as a root-key ceremony makes it.
