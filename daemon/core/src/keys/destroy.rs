@@ -32,12 +32,7 @@ pub fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), Error> 
             "the primary version cannot be destroyed; rotate the key first",
         ));
     }
-    if existing.legal_hold.is_some() {
-        return Err(Error::new(
-            Reason::LegalHold,
-            format!("{name} is under a legal hold"),
-        ));
-    }
+    not_held(existing, &name)?;
     if existing.destroy_at_ms.is_some() {
         return Err(Error::new(
             Reason::AlreadyScheduled,
@@ -45,6 +40,18 @@ pub fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), Error> 
         ));
     }
     Ok(())
+}
+
+/// Refuses a version under a legal hold: neither a schedule nor any
+/// carrier of one destroys it.
+fn not_held(version: &VersionRecord, name: &str) -> Result<(), Error> {
+    match version.legal_hold {
+        Some(_) => Err(Error::new(
+            Reason::LegalHold,
+            format!("{name} is under a legal hold"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Schedules a version's destruction after the cancel window (only
@@ -175,12 +182,7 @@ pub fn check_reservable<'r>(
 ) -> Result<&'r VersionRecord, Error> {
     let existing = not_destroyed(record, version)?;
     let name = version_name(&record.key_id, version);
-    if existing.legal_hold.is_some() {
-        return Err(Error::new(
-            Reason::LegalHold,
-            format!("{name} is under a legal hold"),
-        ));
-    }
+    not_held(existing, &name)?;
     if existing.destroy_at_ms.is_none() {
         return Err(Error::new(
             Reason::NotScheduled,
