@@ -201,11 +201,7 @@ pub(super) async fn open_commit(
     record: &mut CeremonyRecord,
 ) -> Result<RegistryGuard, Error> {
     intend(state, record, "commit", &[], &COMMIT).await?;
-    state
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)
+    crate::keys::lock(state).await
 }
 
 /// The end of step `commit`, once its registry write is done: the

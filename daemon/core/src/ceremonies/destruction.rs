@@ -172,12 +172,7 @@ async fn destroy(
         .ok_or_else(|| Error::internal("no manifest to destroy"))?;
     // Held to the end of the step: a CancelDestroy or a legal hold comes
     // before the re-check (and wins) or after the versions are destroyed.
-    let _registry = state
-        .registry
-        .lock()
-        .await
-        .map_err(keys::registry_failure)?;
-    let key = keys::found(state, &made.key_id)?;
+    let (_registry, key) = keys::locked(state, &made.key_id).await?;
     if !made.begun() {
         // The state in force now: a hold, a cancellation or a tightened
         // DESTROY_VERSION policy since the manifest rolls the ceremony back.

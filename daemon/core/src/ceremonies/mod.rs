@@ -344,11 +344,7 @@ pub async fn open(
     }
     // Held until the record, and with it the reservation, is journaled: no
     // CreateKey and no other ceremony takes one of these ids in between.
-    let registry = state
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let registry = crate::keys::lock(state).await?;
     for key_id in &reserved_key_ids {
         crate::keys::ensure_key_id_free(state, key_id).map_err(|e| match script.kind() {
             Kind::Restore { .. } => Error::new(

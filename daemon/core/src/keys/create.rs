@@ -75,11 +75,7 @@ pub async fn create(
             "SoftHSM2 cannot wrap Ed25519 private keys, so they cannot be backed up",
         ));
     }
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _guard = crate::keys::lock(custody).await?;
     ensure_key_id_free(custody, &new.key_id)?;
     audited.intent(custody).await?;
     let first = generate_version(

@@ -62,12 +62,7 @@ pub async fn schedule_destroy(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     check_destroyable(&current, version)?;
     let at = custody.clock.now_ms() + custody.lifecycle.destroy_cancel_window_ms();
     audited.detail = format!("destroy at {}", crate::audit::rfc3339_ms(at));
@@ -82,12 +77,7 @@ pub async fn cancel_destroy(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     let existing = not_destroyed(&current, version)?;
     if existing.destroy_at_ms.is_none() {
         return Err(Error::new(
@@ -117,12 +107,7 @@ pub async fn set_legal_hold(
             "a legal hold needs a reason (a case reference, say)",
         ));
     }
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     let existing = not_destroyed(&current, version)?;
     audited.detail = if existing.destroy_at_ms.is_some() {
         format!("hold: {reason}; cancels the scheduled destruction")
@@ -144,12 +129,7 @@ pub async fn release_legal_hold(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     if version_of(&current, version)?.legal_hold.is_none() {
         return Err(Error::new(
             Reason::NoLegalHold,
@@ -245,12 +225,7 @@ pub async fn destroy_due(
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     let existing = check_due(custody, &current, version, Carrier::Scheduler)?;
     audited.intent(custody).await?;
     let label = KeyLabel::new(existing.hsm_label.clone())?;
@@ -279,11 +254,7 @@ pub async fn hold_destructions(
     audited: &mut Audited,
     by_ms: i64,
 ) -> Result<Vec<String>, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _guard = crate::keys::lock(custody).await?;
     audited.intent(custody).await?;
     let mut held = Vec::new();
     for key in custody.registry.list(None, usize::MAX) {
@@ -319,12 +290,7 @@ pub async fn reserve_for_ceremony(
     versions: &[u32],
     ceremony: &str,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     for version in versions {
         check_reservable(&current, *version, Carrier::Ceremony(ceremony))?;
     }
@@ -337,11 +303,7 @@ pub async fn reserve_for_ceremony(
         v.reserved_by = Some(ceremony.to_string());
     }
     if record != *current {
-        custody
-            .registry
-            .put(record.clone())
-            .await
-            .map_err(crate::keys::registry_failure)?;
+        crate::keys::write(custody, record.clone()).await?;
     }
     Ok(record)
 }
@@ -354,11 +316,7 @@ pub async fn release_ceremony_reservation(
     key_id: &str,
     ceremony: &str,
 ) -> Result<(), Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    let _guard = crate::keys::lock(custody).await?;
     let Some(current) = custody.registry.get(key_id) else {
         return Ok(());
     };
@@ -369,11 +327,7 @@ pub async fn release_ceremony_reservation(
         }
     }
     if record != *current {
-        custody
-            .registry
-            .put(record)
-            .await
-            .map_err(crate::keys::registry_failure)?;
+        crate::keys::write(custody, record).await?;
     }
     Ok(())
 }
@@ -399,11 +353,7 @@ pub async fn mark_destroyed(
         }
         v.reserved_by = None;
     }
-    custody
-        .registry
-        .put(record.clone())
-        .await
-        .map_err(crate::keys::registry_failure)?;
+    crate::keys::write(custody, record.clone()).await?;
     Ok(record)
 }
 

@@ -22,7 +22,7 @@ pub mod usage;
 use std::sync::Arc;
 
 use crate::names::version_name;
-use crate::registry::{KeyRecord, RegistryError, VersionRecord, VersionState};
+use crate::registry::{KeyRecord, RegistryError, RegistryGuard, VersionRecord, VersionState};
 use crate::{Custody, Error, Reason};
 
 pub use create::{NewKey, create, ensure_key_id_free};
@@ -49,6 +49,28 @@ pub fn found(custody: &Custody, key_id: &str) -> Result<Arc<KeyRecord>, Error> {
         .registry
         .get(key_id)
         .ok_or_else(|| Error::new(Reason::NotFound, format!("no key keys/{key_id}")))
+}
+
+/// The registry lock and the key `key_id` as it stands under it, or
+/// NOT_FOUND: how every change to a key begins, so that what it decides on
+/// is what it writes over.
+pub async fn locked(
+    custody: &Custody,
+    key_id: &str,
+) -> Result<(RegistryGuard, Arc<KeyRecord>), Error> {
+    let guard = lock(custody).await?;
+    let current = found(custody, key_id)?;
+    Ok((guard, current))
+}
+
+/// The registry lock, held while a change decides and writes.
+pub async fn lock(custody: &Custody) -> Result<RegistryGuard, Error> {
+    custody.registry.lock().await.map_err(registry_failure)
+}
+
+/// Writes `record` to the registry (the caller holds its lock).
+pub async fn write(custody: &Custody, record: KeyRecord) -> Result<(), Error> {
+    custody.registry.put(record).await.map_err(registry_failure)
 }
 
 /// A version of `record`, or NOT_FOUND.
@@ -102,11 +124,7 @@ pub(crate) async fn update_version(
         .find(|v| v.version == version)
         .ok_or_else(|| Error::new(Reason::NotFound, "version vanished"))?;
     change(target);
-    custody
-        .registry
-        .put(record.clone())
-        .await
-        .map_err(registry_failure)?;
+    write(custody, record.clone()).await?;
     Ok(record)
 }
 

@@ -3,8 +3,8 @@
 //! rotation goes through the journaled [`generation`](super::generation)
 //! protocol and makes the new version primary in the same commit.
 
+use super::algorithm_of;
 use super::generation::{NewVersion, PendingVersions, commit_version, generate_version};
-use super::{algorithm_of, found};
 use crate::action::Audited;
 use crate::authz::{Approval, quorum_gate};
 use crate::metrics;
@@ -67,12 +67,7 @@ pub async fn rotate(
     if let Some(id) = request_id {
         check_request_id(id)?;
     }
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     quorum_gate(&current, "ROTATE", approval)?;
     if let Some(expected) = if_primary
         && current.primary_version != expected
@@ -170,12 +165,7 @@ pub(crate) async fn rotate_locked(
 /// Taking the one already staged makes the step safe to run again after a
 /// crash. Returns its number.
 pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     if let Some(staged) = staged_version(&current) {
         return Ok(staged);
     }

@@ -2,7 +2,7 @@
 //! notice and forced rotation, and a key's cryptoperiod and minimum version.
 
 use super::rotate::{Trigger, rotate_locked};
-use super::{found, registry_failure, update_version, version_of};
+use super::{update_version, version_of};
 use crate::action::Audited;
 use crate::audit::Event;
 use crate::authz::{Approval, quorum_gate};
@@ -94,12 +94,7 @@ pub async fn set_state(
 ) -> Result<KeyRecord, Error> {
     let reason = requested_state(target, reason)?;
     audited.detail = format!("to {target:?}");
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     crate::authz::state_change_gate(&current, version, target, approval)?;
     check_transition(&current, version, target)?;
     let promotion = crate::authz::is_promotion(&current, version, target);
@@ -199,12 +194,7 @@ pub async fn update(
     update: &KeyUpdate,
     approval: Approval,
 ) -> Result<KeyRecord, Error> {
-    let _guard = custody
-        .registry
-        .lock()
-        .await
-        .map_err(crate::keys::registry_failure)?;
-    let current = found(custody, key_id)?;
+    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     quorum_gate(&current, "UPDATE_KEY", approval)?;
     let mut record = (*current).clone();
     let mut changes = Vec::new();
@@ -231,11 +221,7 @@ pub async fn update(
     update.check()?;
     audited.detail = changes.join(", ");
     audited.intent(custody).await?;
-    custody
-        .registry
-        .put(record.clone())
-        .await
-        .map_err(registry_failure)?;
+    crate::keys::write(custody, record.clone()).await?;
     Ok(record)
 }
 

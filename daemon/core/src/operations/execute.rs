@@ -3,14 +3,14 @@
 //! functions a direct call uses (never a handler), each with its own audit
 //! record naming the requester.
 
-use super::request::{quorum_text, store_failure};
+use super::request::quorum_text;
 use crate::action::Audited;
 use crate::authz::{Approval, quorum_for};
 use crate::dual_control::operation::{OperationRecord, Outcome, Spec};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
 use crate::envelope::{Decrypter, decrypt_as};
-use crate::keys::{self, KeyUpdate, Trigger, found};
+use crate::keys::{self, KeyUpdate, Trigger};
 use crate::names::version_name;
 use crate::registry::VersionState;
 use crate::signing::{self, SignOperation, Signer};
@@ -168,12 +168,8 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
             officers,
             required,
         } => {
-            let _guard = custody
-                .registry
-                .lock()
-                .await
-                .map_err(crate::keys::registry_failure)?;
-            let mut key = (*found(custody, key_id)?).clone();
+            let (_guard, current) = crate::keys::locked(custody, key_id).await?;
+            let mut key = (*current).clone();
             if *required == 0 {
                 key.policies.remove(operation);
             } else {
@@ -181,11 +177,7 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                     .map_err(|e| Error::new(Reason::BadPolicy, e))?;
                 key.policies.insert(operation.clone(), quorum);
             }
-            custody
-                .registry
-                .put(key)
-                .await
-                .map_err(|e| store_failure(e.to_string()))?;
+            crate::keys::write(custody, key).await?;
             Ok(key_outcome(key_id))
         }
         Spec::AddOfficer {
