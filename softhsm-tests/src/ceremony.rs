@@ -391,6 +391,26 @@ impl<'k> Officers<'k> {
         Ok((done, shares))
     }
 
+    /// The CA tests' root: `root-ca`, EC P-384 with a 3650-day root
+    /// certificate, made by a completed root ceremony `c-root`; its
+    /// certificate (PEM). Panics if the ceremony does not complete.
+    pub async fn ca_root(&self) -> String {
+        let script = root_script("c-root", "root-ca", true)
+            .replace("validity_days = 30", "validity_days = 3650")
+            .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
+        let (done, _) = self
+            .run(&script)
+            .await
+            .unwrap_or_else(|e| panic!("the root ceremony: {e}"));
+        assert_eq!(
+            done.state,
+            custody_proto::v1::CeremonyState::Completed as i32,
+            "the root ceremony: {}",
+            done.error
+        );
+        done.certificate_pem
+    }
+
     /// Runs a root-key or KEK ceremony from start to commit with alice and
     /// bob present (carol collects her share only); returns the ceremony and
     /// the shares collected, by officer.

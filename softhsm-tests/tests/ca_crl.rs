@@ -42,20 +42,6 @@ fn crl_script(id: &str, issuer: &str, days: u32) -> String {
         )
 }
 
-/// A root (EC P-384, with a 3650-day root certificate), as in the demo.
-async fn root(officers: &Officers<'_>) {
-    let script = root_script("c-root", "root-ca", true)
-        .replace("validity_days = 30", "validity_days = 3650")
-        .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
-    let (done, _) = officers.run(&script).await.unwrap();
-    assert_eq!(
-        done.state,
-        CeremonyState::Completed as i32,
-        "{}",
-        done.error
-    );
-}
-
 /// The CRL of a completed ceremony, parsed: its DER and its number.
 fn crl_of(pem: &str) -> (Vec<u8>, String) {
     let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
@@ -81,7 +67,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
-            root(&officers).await;
+            officers.ca_root().await;
             let script = crl_script("c-crl", "root-ca", 30);
             let opened = officers.start("alice", &script, "").await.unwrap();
             officers.sign_in("alice", &opened.name, &script).await.unwrap();
@@ -209,7 +195,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
-            root(&officers).await;
+            officers.ca_root().await;
             let script = crl_script("c-attack", "root-ca", 30);
             let opened = officers.start("alice", &script, "").await.unwrap();
             officers.sign_in("alice", &opened.name, &script).await.unwrap();
@@ -260,7 +246,7 @@ token_test!(
             let number = clock_number(&service);
             {
             let officers = Officers::new(&service.officers, service.officer_channels().await);
-            root(&officers).await;
+            officers.ca_root().await;
             // The first number is taken by a CRL built and confirmed by one
             // officer, then aborted: it was never signed, but it is not
             // given again.
@@ -324,7 +310,7 @@ token_test!(
             let mut service = TestService::start(token).await;
             {
                 let officers = Officers::new(&service.officers, service.officer_channels().await);
-                root(&officers).await;
+                officers.ca_root().await;
             }
             // The copy: the root is in it, no CRL yet.
             service.stop().await;
