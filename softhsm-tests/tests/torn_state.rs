@@ -617,3 +617,43 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn a_login_tried_beside_a_refused_check_counts_and_none_is_tried_when_locked(token) {
+        // Threat model Q5: the HSM login runs beside the integrity check at
+        // start. A torn directory still stops the start with the check's
+        // report first, and is no way round the PIN lockout: the refused
+        // login is counted, and once locked no login is tried at all.
+        runtime().block_on(async {
+            let mut service = TestService::start(token).await;
+            service.stop().await;
+            let data_dir = service.config.data_dir.clone();
+            let failures = |data_dir: &Path| {
+                let db = custody_daemon::server::open_db(
+                    data_dir,
+                    custody_core::config::StorageSection::default().cache_bytes(),
+                )
+                .unwrap();
+                custody_core::pin_lockout::failures(&db).unwrap()
+            };
+            let wrong_pin = token.scratch().join("wrong.pin");
+            std::fs::write(&wrong_pin, "not-the-pin").unwrap();
+            service.config.hsm.pin_file = Some(wrong_pin);
+            service.config.hsm.max_pin_failures = 1;
+            let named = format!("tree `audit`, key record 1 (0x{})", hex::encode(1u64.to_be_bytes()));
+
+            // Torn, wrong PIN: refused naming the torn record; the login
+            // tried beside the check counts.
+            flip_audit_record(&data_dir, 1);
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains(&named), "{refusal}");
+            assert_eq!(failures(&data_dir), 1, "the refused login is counted");
+
+            // Locked and torn: refused naming the torn record, and no login
+            // is tried (a wrong one would have counted a second failure).
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains(&named), "{refusal}");
+            assert_eq!(failures(&data_dir), 1, "no login is tried while locked");
+        });
+    }
+);
