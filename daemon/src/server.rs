@@ -78,36 +78,8 @@ impl Daemon {
             .read(custody_core::shared::Domain::Registry)
             .map_err(|e| format!("store: {e}"))?;
         phases.done("epochs");
-        // The HSM login runs beside the integrity check (it reads no tree
-        // but `meta`, checked first): the failed-login count it is gated by
-        // is read, and the lockout decided, before it is tried (threat
-        // model Q5). The check's findings still come first.
-        let lockout = {
-            let mut meta = custody_core::findings::Findings::default();
-            pin_lockout::check_stored(&db, &mut meta);
-            // A torn `meta` is the check's to report; no login is tried.
-            meta.is_empty()
-                .then(|| pin_lockout::check(&db, config.hsm.max_pin_failures))
-        };
-        let (report, opened) = std::thread::scope(|threads| {
-            let login = matches!(lockout, Some(Ok(_))).then(|| threads.spawn(|| open_hsm(&config)));
-            let report = custody_core::integrity::check_at_start(&db);
-            let opened = login.map(|login| {
-                login
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            });
-            (report, opened)
-        });
-        // Every login tried and refused counts, whatever the check found:
-        // a torn directory is no way round the lockout.
-        let failed_login = match &opened {
-            Some(Err(Login::Hsm(e))) if e.kind() == hsm_shim::ErrorKind::Authentication => {
-                Some(pin_lockout::record_failure(&db))
-            }
-            _ => None,
-        };
-        let (chain, checked_keys) = report.into_checked(&config.data_dir)?;
+        let (chain, checked_keys) =
+            custody_core::integrity::check_at_start(&db).into_checked(&config.data_dir)?;
         phases.done("check");
         // Every rule decides by the guarded clock: never backwards, even
         // across a restart, and steps reported (threat model F7).
@@ -118,23 +90,30 @@ impl Daemon {
             config.store.replica_id.as_deref(),
         )?);
         phases.done("clock");
-        let earlier_failures = lockout.unwrap_or_else(|| {
-            Err("store: tree `meta` is damaged; see the integrity check".into())
-        })?;
-        let hsm = match opened {
-            Some(Ok(hsm)) => hsm,
-            Some(Err(Login::Config(e))) => return Err(e),
-            Some(Err(Login::Hsm(e))) => match failed_login {
-                Some(count) => {
-                    let count = count?;
-                    return Err(format!(
-                        "HSM: {e}; failed login {count} of {} before custodyd stops trying",
-                        config.hsm.max_pin_failures
-                    ));
-                }
-                None => return Err(format!("HSM: {e}")),
-            },
-            None => return Err("HSM: no login was tried".into()),
+        let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
+        let pin = config
+            .pin_source()
+            .map_err(|e| e.to_string())?
+            .load()
+            .map_err(|e| e.to_string())?;
+        let mut hsm_config = HsmConfig::new(
+            config.hsm.module.clone(),
+            TokenSelector::Label(config.hsm.token_label.clone()),
+            pin,
+        );
+        hsm_config.workers = config.hsm.workers;
+        hsm_config.max_queued = config.hsm.max_queued_jobs;
+        hsm_config.call_timeout = Duration::from_millis(config.hsm.call_timeout_ms);
+        let hsm = match Hsm::open(hsm_config) {
+            Ok(hsm) => hsm,
+            Err(e) if e.kind() == hsm_shim::ErrorKind::Authentication => {
+                let count = pin_lockout::record_failure(&db)?;
+                return Err(format!(
+                    "HSM: {e}; failed login {count} of {} before custodyd stops trying",
+                    config.hsm.max_pin_failures
+                ));
+            }
+            Err(e) => return Err(format!("HSM: {e}")),
         };
         pin_lockout::reset(&db)?;
         phases.done("hsm");
@@ -548,33 +527,6 @@ pub fn open_store(config: &Config) -> Result<custody_store::Store, String> {
                 .map_err(|e| format!("[store] etcd at {}: {e}", store.endpoints.join(", ")))
         }
     }
-}
-
-/// Why the HSM did not open at start.
-enum Login {
-    /// The PIN could not be read (the message names what to fix).
-    Config(String),
-    /// The module, the token or the login refused.
-    Hsm(hsm_shim::HsmError),
-}
-
-/// Reads the PIN and opens the HSM: the module, the token, the login and
-/// the workers' sessions.
-fn open_hsm(config: &Config) -> Result<Hsm, Login> {
-    let pin = config
-        .pin_source()
-        .map_err(|e| Login::Config(e.to_string()))?
-        .load()
-        .map_err(|e| Login::Config(e.to_string()))?;
-    let mut hsm_config = HsmConfig::new(
-        config.hsm.module.clone(),
-        TokenSelector::Label(config.hsm.token_label.clone()),
-        pin,
-    );
-    hsm_config.workers = config.hsm.workers;
-    hsm_config.max_queued = config.hsm.max_queued_jobs;
-    hsm_config.call_timeout = Duration::from_millis(config.hsm.call_timeout_ms);
-    Hsm::open(hsm_config).map_err(Login::Hsm)
 }
 
 /// Takes this replica's `[store] replica_id` in the store, refusing to
