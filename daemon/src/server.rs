@@ -77,6 +77,7 @@ impl Daemon {
         let registry_epoch = epochs
             .read(custody_core::shared::Domain::Registry)
             .map_err(|e| format!("store: {e}"))?;
+        phases.done("epochs");
         let (chain, checked_keys) =
             custody_core::integrity::check_at_start(&db).into_checked(&config.data_dir)?;
         phases.done("check");
@@ -88,6 +89,7 @@ impl Daemon {
             config.lifecycle.clock_step_tolerance_ms(),
             config.store.replica_id.as_deref(),
         )?);
+        phases.done("clock");
         let earlier_failures = pin_lockout::check(&db, config.hsm.max_pin_failures)?;
         let pin = config
             .pin_source()
@@ -122,6 +124,7 @@ impl Daemon {
             .campaign("first-start", holder, REPLICA_CLAIM_TTL)
             .await
             .map_err(|e| format!("store: the start's claim: {e}"))?;
+        phases.done("first_start_claim");
         let started_before = !chain.is_empty()
             || custody_core::audit::stored_log_holds_records(&db)
                 .map_err(|e| format!("store: {e}"))?;

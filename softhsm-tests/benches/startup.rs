@@ -46,17 +46,34 @@ fn spread(times: &[Duration]) -> String {
     )
 }
 
+/// With `STARTUP_PERF_CTL` naming the control FIFO of a
+/// `perf record --control=fifo:... -D -1` around the bench, turns the
+/// profile on or off (`enable`, `disable`), so that it holds the restarts
+/// with a long log and not the fill.
+fn perf_control(command: &str) {
+    if let Ok(path) = std::env::var("STARTUP_PERF_CTL") {
+        let _ = std::fs::write(path, format!("{command}\n"));
+    }
+}
+
 /// Each restart's time, and its phases as custodyd timed them.
 type Restarts = (Vec<Duration>, Vec<Vec<(&'static str, Duration)>>);
 
-async fn restarts(service: &mut TestService, rounds: usize) -> Restarts {
+async fn restarts(service: &mut TestService, rounds: usize, profiled: bool) -> Restarts {
     let (mut times, mut phases) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        // The profile covers the long log's restarts alone.
+        if round == 0 && profiled {
+            perf_control("enable");
+        }
         service.stop().await;
         let start = Instant::now();
         service.restart().await;
         times.push(start.elapsed());
         phases.push(service.start_phases().phases().to_vec());
+    }
+    if profiled {
+        perf_control("disable");
     }
     (times, phases)
 }
@@ -175,7 +192,7 @@ fn bench(token: &TestToken) {
         drop(db);
         service.restart().await;
         let short_log = service.audit_len();
-        let (short, short_phases) = restarts(&mut service, rounds).await;
+        let (short, short_phases) = restarts(&mut service, rounds, false).await;
         let short_parts: Vec<_> = {
             service.stop().await;
             let parts = (0..rounds).map(|_| parts(&service)).collect();
@@ -187,7 +204,7 @@ fn bench(token: &TestToken) {
         fill_audit(&service, records).await;
         let fill = start.elapsed();
         let long_log = service.audit_len();
-        let (long, long_phases) = restarts(&mut service, rounds).await;
+        let (long, long_phases) = restarts(&mut service, rounds, true).await;
         service.stop().await;
         let long_parts: Vec<_> = (0..rounds).map(|_| parts(&service)).collect();
 

@@ -54,6 +54,14 @@ impl Findings {
         }
     }
 
+    /// Adds `other`'s findings after these (listed within [`MAX_LISTED`],
+    /// all counted).
+    pub fn extend(&mut self, other: Findings) {
+        self.count += other.count;
+        let room = MAX_LISTED.saturating_sub(self.listed.len());
+        self.listed.extend(other.listed.into_iter().take(room));
+    }
+
     /// Notes that the tree could not be read at all.
     pub fn unreadable(&mut self, tree: &'static str, error: impl std::fmt::Display) {
         self.add(tree, b"", format!("the tree could not be read: {error}"));
@@ -168,6 +176,25 @@ mod tests {
         assert_eq!(
             findings.listed()[0].to_string(),
             "tree `keys`, key \"0\": a key record"
+        );
+    }
+
+    #[test]
+    fn findings_joined_keep_their_order_all_counted_listed_within_the_cap() {
+        let mut first = Findings::default();
+        first.add("audit", b"1", "record 1");
+        let mut second = Findings::default();
+        for n in 0..MAX_LISTED {
+            second.add("keys", n.to_string().as_bytes(), "a key record");
+        }
+        first.extend(second);
+        assert_eq!(first.count(), MAX_LISTED + 1);
+        assert_eq!(first.listed().len(), MAX_LISTED);
+        assert_eq!(first.listed()[0].tree, "audit");
+        assert_eq!(first.listed()[1].key, "\"0\"");
+        assert_eq!(
+            first.listed()[MAX_LISTED - 1].key,
+            format!("{:?}", (MAX_LISTED - 2).to_string())
         );
     }
 

@@ -43,6 +43,10 @@ pub(super) struct Anchor {
     pub(super) head_hash: [u8; 32],
     /// DER, hex, as stored.
     pub(super) signature: String,
+    /// When the checkpoint was written (RFC 3339, as stored): where the
+    /// writer's checkpoint interval resumes, without reading the tail
+    /// again.
+    pub(super) time: String,
 }
 
 impl CheckedChain {
@@ -226,6 +230,7 @@ fn last_checkpoint(tree: &custody_store::Keyspace) -> Option<Anchor> {
             head_seq,
             head_hash: hex::decode(head_hash).ok()?.try_into().ok()?,
             signature,
+            time: entry.time,
         })
     })
 }

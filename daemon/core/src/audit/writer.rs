@@ -182,7 +182,7 @@ impl AuditLog {
         let (commands, queue) = crossbeam_channel::unbounded();
         let failed = Arc::new(AtomicBool::new(false));
         let (since_checkpoint, last_checkpoint) =
-            checkpoint_cadence(&tree, report.last_seq, policy.interval);
+            checkpoint_cadence(&tree, chain, report.last_seq, policy.interval);
         let writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
@@ -323,9 +323,12 @@ impl AuditLog {
 /// and the moment of that checkpoint (of the first record if there is
 /// none) on this process's clock, brought no further back than `interval`
 /// (so a checkpoint overdue at start is due at once). A daemon that restarts
-/// more often than `interval` still checkpoints.
+/// more often than `interval` still checkpoints. The start's check found
+/// the last checkpoint already (`chain`'s anchor, threat model Q1): the
+/// tail is read again only when it names none.
 fn checkpoint_cadence(
     tree: &custody_store::Keyspace,
+    chain: &CheckedChain,
     last_seq: u64,
     interval: Duration,
 ) -> (u64, Instant) {
@@ -334,13 +337,17 @@ fn checkpoint_cadence(
             .get(32..)
             .and_then(|entry| serde_json::from_slice::<Entry>(entry).ok())
     };
-    let last = tree
-        .iter_rev()
-        .values()
-        .filter_map(|value| value.ok().and_then(|v| decode(&v)))
-        .find(|entry| matches!(entry.event, Event::Checkpoint { .. }));
+    let last = match &chain.anchor {
+        Some(anchor) => Some((anchor.seq, anchor.time.clone())),
+        None => tree
+            .iter_rev()
+            .values()
+            .filter_map(|value| value.ok().and_then(|v| decode(&v)))
+            .find(|entry| matches!(entry.event, Event::Checkpoint { .. }))
+            .map(|entry| (entry.seq, entry.time)),
+    };
     let (seq, time) = match last {
-        Some(entry) => (entry.seq, entry.time),
+        Some(last) => last,
         None => (
             0,
             tree.first()
