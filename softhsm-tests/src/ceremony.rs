@@ -131,6 +131,7 @@ impl<'k> Officers<'k> {
                 script: script.into(),
                 bundle: bundle.into(),
                 csr: Vec::new(),
+                certificate: Vec::new(),
             })
             .await
             .map(tonic::Response::into_inner)
