@@ -16,7 +16,7 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::commit::{close_commit, open_commit};
-use super::crash_points::{CERTIFY, Points, STAGE, TBS};
+use super::crash_points::{CERTIFY, CROSS_CERTIFY, CROSS_TBS, Points, STAGE, TBS};
 use super::{intend, journal_failure, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
@@ -273,7 +273,12 @@ pub(super) async fn prepare_tbs(
     else {
         return Err(Error::internal("not an intermediate ceremony"));
     };
-    intend(state, record, "tbs", &[], &TBS).await?;
+    let points = if certificate_sha256(script).is_some() {
+        &CROSS_TBS
+    } else {
+        &TBS
+    };
+    intend(state, record, "tbs", &[], points).await?;
     check_open(state, script)?;
     // The CSR checked again, under the issuer's key of now.
     let csr_bytes = hex::decode(&record.csr_hex)
@@ -307,7 +312,7 @@ pub(super) async fn prepare_tbs(
         .hsm
         .run(crate::ceremony::certificate::serial_from_hsm)
         .await?;
-    failpoint::hit(TBS.after_hsm);
+    failpoint::hit(points.after_hsm);
     let mut params = intermediate::intermediate_params(
         certificate,
         profile,
@@ -434,7 +439,7 @@ pub(super) async fn prepare_tbs(
         detail,
     )
     .await?;
-    failpoint::hit(TBS.after_result);
+    failpoint::hit(points.after_result);
     Ok(())
 }
 
@@ -473,7 +478,11 @@ pub(super) async fn certify(
         script,
         &Signing {
             step: "certify",
-            points: &CERTIFY,
+            points: if certificate_sha256(script).is_some() {
+                &CROSS_CERTIFY
+            } else {
+                &CERTIFY
+            },
             check_open,
             issuer: IssuerVersion::ActiveWithLabel,
             product: intermediate::CERTIFICATE,

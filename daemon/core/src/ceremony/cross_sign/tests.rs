@@ -72,3 +72,19 @@ fn each_check_refuses_with_its_own_reason() {
         "{not_allowed}"
     );
 }
+
+#[test]
+fn a_subject_rcgen_would_re_encode_is_refused_rather_than_changed() {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        DnValue::TeletexString("Partner Root CA".try_into().unwrap()),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let pem = params.self_signed(&key).unwrap().pem();
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
+    assert_eq!(refused.reason, Reason::CrossSignSubjectChanged, "{refused}");
+}
