@@ -138,7 +138,7 @@ fn certificate_sha256(script: &Script) -> Option<&[u8; 32]> {
     match script.kind() {
         Kind::Intermediate {
             certificate_sha256, ..
-        } => certificate_sha256.as_ref(),
+        } => certificate_sha256.as_deref(),
         _ => None,
     }
 }

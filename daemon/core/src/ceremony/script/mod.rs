@@ -123,7 +123,8 @@ pub enum Kind {
         /// under itself (its key outside custody, or under another root).
         /// The certificate is sent with the ceremony start; nothing but its
         /// subject, key and subjectKeyIdentifier is taken from it.
-        certificate_sha256: Option<[u8; 32]>,
+        /// (Boxed: it keeps the variant near the others' size.)
+        certificate_sha256: Option<Box<[u8; 32]>>,
         /// `[intermediate] stage`: certify a staged version of `key` (made
         /// by this ceremony in pre-activation, or the one already staged)
         /// while its current version keeps signing; promoted later by

@@ -215,7 +215,7 @@ impl Script {
                 ..
             }) => format!(
                 "custodyd checks the certificate sent with the start against its SHA-256 {}, that it is a CA certificate (basicConstraints cA) and that its key is allowed (ECDSA P-256/P-384 or RSA 2048-4096, not {issuer:?}'s own), draws a serial from the HSM and builds the certificate {issuer:?} would sign for that certificate's subject (byte for byte) and public key, keeping its subjectKeyIdentifier, valid {} days, {}, taking none of its other extensions; it lints it (CA/Browser Forum subordinate CA rules, under {issuer:?}'s root certificate) before any signature, and {present} see a summary and its SHA-256",
-                hex::encode(source),
+                hex::encode(source.as_slice()),
                 certificate.validity_days,
                 profile_line(profile)
             ),
@@ -463,7 +463,7 @@ impl Script {
                     if let Some(source) = certificate_sha256 {
                         format!(
                             "the subject and public key of the CA certificate of SHA-256 {} (cross-signed; its other extensions not taken)",
-                            hex::encode(source)
+                            hex::encode(source.as_slice())
                         )
                     } else if let Some(csr) = csr_sha256 {
                         format!(

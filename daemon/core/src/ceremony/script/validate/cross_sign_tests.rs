@@ -25,7 +25,7 @@ fn the_example_cross_signs_the_certificate_named_by_sha256_with_the_scripts_prof
     };
     assert_eq!(issuer, "root-ca");
     assert!(key.is_empty() && csr_sha256.is_none() && !stage);
-    assert_eq!(certificate_sha256, &Some([0; 32]));
+    assert_eq!(certificate_sha256, &Some(Box::new([0; 32])));
     assert!(certificate.common_name.is_empty());
     assert_eq!(certificate.validity_days, 1825);
     assert_eq!(profile.path_len, Some(1));

@@ -294,7 +294,7 @@ pub(super) fn cross_sign_kind(
         issuer,
         key: String::new(),
         csr_sha256: None,
-        certificate_sha256: Some(certificate_sha256),
+        certificate_sha256: Some(Box::new(certificate_sha256)),
         stage: false,
         certificate,
         profile,
