@@ -126,12 +126,27 @@ impl<'k> Officers<'k> {
         script: &str,
         bundle: &str,
     ) -> Result<Ceremony, Status> {
-        self.client(officer)
-            .start_ceremony(StartCeremonyRequest {
+        self.start_with(
+            officer,
+            StartCeremonyRequest {
                 script: script.into(),
                 bundle: bundle.into(),
                 csr: Vec::new(),
-            })
+                certificate: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// `officer` opens a ceremony with `request` (a CSR or a certificate
+    /// sent with the script).
+    pub async fn start_with(
+        &self,
+        officer: &str,
+        request: StartCeremonyRequest,
+    ) -> Result<Ceremony, Status> {
+        self.client(officer)
+            .start_ceremony(request)
             .await
             .map(tonic::Response::into_inner)
     }
@@ -415,7 +430,27 @@ impl<'k> Officers<'k> {
     /// bob present (carol collects her share only); returns the ceremony and
     /// the shares collected, by officer.
     pub async fn run(&self, script: &str) -> Result<(Ceremony, BTreeMap<String, String>), Status> {
-        let opened = self.start("alice", script, "").await?;
+        self.run_sending(script, Vec::new()).await
+    }
+
+    /// [`Officers::run`] of a cross-sign script, sending `certificate` with
+    /// the start (empty for any other script).
+    pub async fn run_sending(
+        &self,
+        script: &str,
+        certificate: Vec<u8>,
+    ) -> Result<(Ceremony, BTreeMap<String, String>), Status> {
+        let opened = self
+            .start_with(
+                "alice",
+                StartCeremonyRequest {
+                    script: script.into(),
+                    bundle: String::new(),
+                    csr: Vec::new(),
+                    certificate,
+                },
+            )
+            .await?;
         let name = opened.name.clone();
         self.sign_in("alice", &name, script).await?;
         let mut ceremony = self.sign_in("bob", &name, script).await?;

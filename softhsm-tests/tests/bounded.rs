@@ -398,6 +398,7 @@ token_test!(
                 script: root_script(id, &format!("{id}-root"), false),
                 bundle: String::new(),
                 csr: Vec::new(),
+                certificate: Vec::new(),
             };
             let mut alice = CeremonyServiceClient::new(service.client_as("alice", &[Role::Officer]).await);
             let mut bob = CeremonyServiceClient::new(service.client_as("bob", &[Role::Officer]).await);

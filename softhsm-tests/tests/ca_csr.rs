@@ -83,6 +83,7 @@ async fn start(
             script: script.into(),
             bundle: String::new(),
             csr: csr.to_vec(),
+            certificate: Vec::new(),
         })
         .await
         .map(tonic::Response::into_inner)

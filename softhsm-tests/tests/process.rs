@@ -273,6 +273,8 @@ enum Scenario {
     Staged,
     /// The rig's root signs a CRL.
     Crl,
+    /// The rig's root cross-signs an outside CA's certificate.
+    CrossSign,
 }
 
 impl Scenario {
@@ -285,6 +287,7 @@ impl Scenario {
             Some("tbs" | "certify") => Scenario::Intermediate,
             Some("stage") => Scenario::Staged,
             Some("crl_tbs" | "sign_crl") => Scenario::Crl,
+            Some("cross_tbs" | "cross_certify") => Scenario::CrossSign,
             _ => Scenario::Root,
         }
     }
@@ -295,7 +298,11 @@ impl Scenario {
             Scenario::Root => Some(format!("root-{run}")),
             Scenario::Kek => Some(format!("kek-{run}")),
             Scenario::Components => Some(format!("parts-{run}")),
-            Scenario::Drill | Scenario::Intermediate | Scenario::Staged | Scenario::Crl => None,
+            Scenario::Drill
+            | Scenario::Intermediate
+            | Scenario::Staged
+            | Scenario::Crl
+            | Scenario::CrossSign => None,
         }
     }
 
@@ -314,6 +321,7 @@ impl Scenario {
                 "key = \"base-issuing\"\nstage = true\n",
             ),
             Scenario::Crl => crl_script(&format!("c-crl-{run}")),
+            Scenario::CrossSign => cross_sign_script(&format!("c-cross-{run}")),
         }
     }
 
@@ -332,6 +340,10 @@ impl Scenario {
             | Scenario::Intermediate
             | Scenario::Staged
             | Scenario::Crl => officers.run(script).await.map(|(done, _)| done),
+            Scenario::CrossSign => officers
+                .run_sending(script, outside_ca().to_vec())
+                .await
+                .map(|(done, _)| done),
             Scenario::Components => {
                 let name = officers.start("alice", script, "").await?.name;
                 officers.sign_in("alice", &name, script).await?;
@@ -374,6 +386,43 @@ fn intermediate_script(id: &str) -> String {
         .replace("\"demo-intermediate-2026\"", &format!("\"{id}\""))
         .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
         .replace("key = \"issuing-ca\"", "key = \"base-issuing\"")
+        .replace("validity_days = 1825", "validity_days = 10")
+}
+
+/// The certificate of an outside CA (rcgen, a fresh P-256 key; one per
+/// test process): what the cross-sign scenario re-issues under the rig's
+/// root.
+fn outside_ca() -> &'static [u8] {
+    static MADE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CountryName,
+            rcgen::DnValue::PrintableString("DE".try_into().unwrap()),
+        );
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Partner Demo");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Partner Root CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem().into_bytes()
+    })
+}
+
+/// A cross-sign script: the rig's root `base-root` re-issues
+/// [`outside_ca`] for 10 days.
+fn cross_sign_script(id: &str) -> String {
+    use sha2::Digest as _;
+    include_str!("../../deploy/ceremonies/cross-sign.toml")
+        .replace("\"demo-cross-sign-2026\"", &format!("\"{id}\""))
+        .replace("issuer = \"root-ca\"", "issuer = \"base-root\"")
+        .replace(
+            &"0".repeat(64),
+            &hex::encode(sha2::Sha256::digest(outside_ca())),
+        )
         .replace("validity_days = 1825", "validity_days = 10")
 }
 

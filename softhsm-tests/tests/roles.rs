@@ -498,7 +498,7 @@ fn rows() -> Vec<Row> {
         // officer's certificate; an abort only by an officer of its quorum.
         row!("CeremonyService.StartCeremony", OFFICER, refusing: &[], allowing: &[(Alice, OK), (Bob, Err("CEREMONY_EXISTS"))],
              |_| CeremonyServiceClient.start_ceremony(StartCeremonyRequest {
-                 script: root_script("c-new", "c-new-root", false), bundle: String::new(), csr: Vec::new() })),
+                 script: root_script("c-new", "c-new-root", false), bundle: String::new(), csr: Vec::new(), certificate: Vec::new() })),
         row!("CeremonyService.GetCeremony", OFFICER, refusing: &[], allowing: OFFICERS_OK,
              |_| CeremonyServiceClient.get_ceremony(GetCeremonyRequest { name: "ceremonies/c1".into() })),
         row!("CeremonyService.ListCeremonies", OFFICER, refusing: &[], allowing: OFFICERS_OK,
@@ -658,6 +658,7 @@ async fn prepare(service: &TestService, channels: &HashMap<Who, Channel>) -> Fix
             script,
             bundle,
             csr: Vec::new(),
+            certificate: Vec::new(),
         };
         ceremonies.start_ceremony(start).await.unwrap();
     }

@@ -246,12 +246,21 @@ impl CeremonyService for CeremonyKeys {
                             format!("a CSR is at most {MAX_CSR} bytes"),
                         ));
                     }
+                    if request.certificate.len() > MAX_CSR {
+                        return Err(Error::new(
+                            Reason::BadCrossSignCertificate,
+                            format!("a certificate to cross-sign is at most {MAX_CSR} bytes"),
+                        ));
+                    }
                     let record = ceremonies::open(
                         state,
                         &principal.name,
                         request.script,
                         request.bundle,
-                        request.csr,
+                        ceremonies::Outside {
+                            csr: request.csr,
+                            certificate: request.certificate,
+                        },
                     )
                     .await?;
                     Ok(ceremony_message(&record))

@@ -16,10 +16,11 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use super::commit::{close_commit, open_commit};
-use super::crash_points::{CERTIFY, Points, STAGE, TBS};
+use super::crash_points::{CERTIFY, CROSS_CERTIFY, CROSS_TBS, Points, STAGE, TBS};
 use super::{intend, journal_failure, note};
 use crate::Custody;
 use crate::algorithms::KeyAlgorithm;
+use crate::ceremony::cross_sign::{self, Source};
 use crate::ceremony::csr::{self, Csr};
 use crate::ceremony::intermediate::{self, Prepared};
 use crate::ceremony::journal::{CeremonyRecord, Certification};
@@ -104,8 +105,9 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     crate::ceremony::certificate::rcgen_for(algorithm)?;
-    if csr_sha256(script).is_some() {
-        // The CSR is checked with its bytes (`check_csr`).
+    if csr_sha256(script).is_some() || certificate_sha256(script).is_some() {
+        // The CSR or certificate is checked with its bytes (`check_csr`,
+        // `check_source`).
     } else if stage {
         crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
         let key = crate::keys::found(state, key_id)?;
@@ -129,6 +131,40 @@ fn csr_sha256(script: &Script) -> Option<&[u8; 32]> {
         Kind::Intermediate { csr_sha256, .. } => csr_sha256.as_ref(),
         _ => None,
     }
+}
+
+/// The SHA-256 of the certificate a cross-sign script re-issues.
+fn certificate_sha256(script: &Script) -> Option<&[u8; 32]> {
+    match script.kind() {
+        Kind::Intermediate {
+            certificate_sha256, ..
+        } => certificate_sha256.as_deref(),
+        _ => None,
+    }
+}
+
+/// The certificate `bytes` sent with the start of the cross-sign ceremony
+/// `script`, checked against the script's SHA-256, that it is a CA's, the
+/// keys allowed and the issuer's current key (see [`cross_sign::check`]);
+/// none may be sent with another script. No HSM call.
+pub(super) fn check_source(
+    state: &Custody,
+    script: &Script,
+    bytes: &[u8],
+) -> Result<Option<Source>, Error> {
+    let Some(expected) = certificate_sha256(script) else {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        return Err(Error::new(
+            Reason::BadCrossSignCertificate,
+            "a certificate to cross-sign was sent but the script is not a cross-sign script",
+        ));
+    };
+    let (issuer_id, _, _) = parts(script)?;
+    let (_, version) = current(state, issuer_id)?;
+    let issuer_spki = hex::decode(&version.public_key_der_hex).unwrap_or_default();
+    cross_sign::check(bytes, expected, &issuer_spki).map(Some)
 }
 
 /// The CSR `bytes` sent with the start of the intermediate ceremony
@@ -237,16 +273,25 @@ pub(super) async fn prepare_tbs(
     else {
         return Err(Error::internal("not an intermediate ceremony"));
     };
-    intend(state, record, "tbs", &[], &TBS).await?;
+    let points = if certificate_sha256(script).is_some() {
+        &CROSS_TBS
+    } else {
+        &TBS
+    };
+    intend(state, record, "tbs", &[], points).await?;
     check_open(state, script)?;
     // The CSR checked again, under the issuer's key of now.
     let csr_bytes = hex::decode(&record.csr_hex)
         .map_err(|_| Error::new(Reason::JournalCorrupt, "journaled CSR"))?;
     let csr = check_csr(state, script, &csr_bytes)?;
+    let source_bytes = hex::decode(&record.certificate_hex)
+        .map_err(|_| Error::new(Reason::JournalCorrupt, "journaled certificate"))?;
+    let source = check_source(state, script, &source_bytes)?;
     let (issuer, issuer_version) = current(state, issuer_id)?;
-    let (subject_version, subject_spki_hex, subject_algorithm) = match &csr {
-        Some(csr) => (0, hex::encode(&csr.spki), csr.algorithm),
-        None => {
+    let (subject_version, subject_spki_hex, subject_algorithm) = match (&csr, &source) {
+        (Some(csr), _) => (0, hex::encode(&csr.spki), csr.algorithm),
+        (None, Some(source)) => (0, hex::encode(&source.spki), source.algorithm),
+        (None, None) => {
             let (_, subject) = certified(state, key_id, *stage)?;
             (
                 subject.version,
@@ -267,7 +312,7 @@ pub(super) async fn prepare_tbs(
         .hsm
         .run(crate::ceremony::certificate::serial_from_hsm)
         .await?;
-    failpoint::hit(TBS.after_hsm);
+    failpoint::hit(points.after_hsm);
     let mut params = intermediate::intermediate_params(
         certificate,
         profile,
@@ -280,6 +325,10 @@ pub(super) async fn prepare_tbs(
         // extensions are ignored: the profile is the script's).
         params.distinguished_name = csr.distinguished_name.clone();
     }
+    if let Some(source) = &source {
+        // The subject is the certificate's, byte for byte (checked below).
+        params.distinguished_name = source.distinguished_name.clone();
+    }
     let issuer_spki = hex::decode(&issuer_version.public_key_der_hex).unwrap_or_default();
     let subject_spki = hex::decode(&subject_spki_hex).unwrap_or_default();
     let keys = intermediate::Keys {
@@ -287,6 +336,7 @@ pub(super) async fn prepare_tbs(
         issuer_spki: &issuer_spki,
         subject_algorithm,
         subject_spki: &subject_spki,
+        subject_key_id: source.as_ref().and_then(|s| s.key_id.as_deref()),
     };
     let prepared = intermediate::prepare(
         &issuer_certificate,
@@ -296,7 +346,15 @@ pub(super) async fn prepare_tbs(
         certificate.validity_days,
     )?;
     if let Some(csr) = &csr {
-        same_subject(&prepared.tbs, csr)?;
+        same_subject(&prepared.tbs, &csr.subject_der, Reason::BadCsr, "the CSR's")?;
+    }
+    if let Some(source) = &source {
+        same_subject(
+            &prepared.tbs,
+            &source.subject_der,
+            Reason::CrossSignSubjectChanged,
+            "the certificate's",
+        )?;
     }
     let mut summary = intermediate::summary(&prepared.tbs);
     if let Some(csr) = &csr {
@@ -304,6 +362,13 @@ pub(super) async fn prepare_tbs(
             "from the CSR of SHA-256 {} (its subject and public key; {} requested extension(s) ignored: the profile is the script's)",
             hex::encode(csr.sha256),
             csr.requested_extensions
+        ));
+    }
+    if let Some(source) = &source {
+        summary.push(format!(
+            "cross-signing the CA certificate of SHA-256 {} (issued by {}): its subject, public key and subjectKeyIdentifier; the profile is the script's",
+            hex::encode(source.sha256),
+            source.issuer
         ));
     }
     let tbs_sha256 = hex::encode(prepared.tbs_sha256);
@@ -333,8 +398,21 @@ pub(super) async fn prepare_tbs(
         "issuer".into(),
         json!(format!("{issuer_id} v{}", issuer_version.version)),
     );
-    let certified = match &csr {
-        Some(csr) => {
+    let certified = match (&csr, &source) {
+        (None, Some(source)) => {
+            detail.insert(
+                "certificate_sha256".into(),
+                json!(hex::encode(source.sha256)),
+            );
+            detail.insert("certificate_subject".into(), json!(source.subject));
+            detail.insert("certificate_issuer".into(), json!(source.issuer));
+            format!(
+                "the CA certificate of SHA-256 {} ({})",
+                hex::encode(source.sha256),
+                source.subject
+            )
+        }
+        (Some(csr), _) => {
             detail.insert("csr_sha256".into(), json!(hex::encode(csr.sha256)));
             detail.insert("csr_subject".into(), json!(csr.subject));
             detail.insert(
@@ -347,7 +425,7 @@ pub(super) async fn prepare_tbs(
                 csr.subject
             )
         }
-        None => format!("{key_id} v{subject_version}"),
+        (None, None) => format!("{key_id} v{subject_version}"),
     };
     detail.insert("key".into(), json!(certified));
     note(
@@ -361,22 +439,25 @@ pub(super) async fn prepare_tbs(
         detail,
     )
     .await?;
-    failpoint::hit(TBS.after_result);
+    failpoint::hit(points.after_result);
     Ok(())
 }
 
-/// The TBS names the CSR's subject byte for byte: rcgen re-encodes names,
-/// and a name it cannot reproduce is refused rather than changed.
-fn same_subject(tbs: &[u8], csr: &Csr) -> Result<(), Error> {
+/// The TBS names the CSR's (or certificate's) subject byte for byte:
+/// rcgen re-encodes names, and a name it cannot reproduce is refused
+/// (`reason`) rather than changed.
+fn same_subject(tbs: &[u8], subject_der: &[u8], reason: Reason, whose: &str) -> Result<(), Error> {
     use x509_parser::prelude::FromDer;
     let same = x509_parser::certificate::TbsCertificate::from_der(tbs)
-        .is_ok_and(|(_, parsed)| parsed.subject.as_raw() == csr.subject_der.as_slice());
+        .is_ok_and(|(_, parsed)| parsed.subject.as_raw() == subject_der);
     if same {
         Ok(())
     } else {
         Err(Error::new(
-            Reason::BadCsr,
-            "the CSR's subject cannot be certified byte for byte (an attribute type twice, or an encoding the certificate would change)",
+            reason,
+            format!(
+                "{whose} subject cannot be certified byte for byte (an attribute type twice, or an encoding the certificate would change)"
+            ),
         ))
     }
 }
@@ -397,7 +478,11 @@ pub(super) async fn certify(
         script,
         &Signing {
             step: "certify",
-            points: &CERTIFY,
+            points: if certificate_sha256(script).is_some() {
+                &CROSS_CERTIFY
+            } else {
+                &CERTIFY
+            },
             check_open,
             issuer: IssuerVersion::ActiveWithLabel,
             product: intermediate::CERTIFICATE,
@@ -411,8 +496,8 @@ pub(super) async fn certify(
         .as_ref()
         .is_some_and(|c| c.key_id.is_empty())
     {
-        // A CSR: no custody version holds the certificate; the ceremony
-        // keeps it (journaled at `certify`, in the transcript).
+        // A CSR or a cross-signed certificate: no custody version holds
+        // the certificate; the ceremony keeps it (journaled at `certify`, in the transcript).
         return keep_with_ceremony(state, record).await;
     }
     store_chain(state, record).await

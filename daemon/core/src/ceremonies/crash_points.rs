@@ -35,6 +35,10 @@ pub(super) const COMMIT: Points = points!("commit");
 pub(super) const TBS: Points = points!("tbs");
 pub(super) const CERTIFY: Points = points!("certify");
 pub(super) const STAGE: Points = points!("stage");
+/// A cross-sign ceremony's TBS and its signature (the intermediate steps,
+/// their own points so that the SIGKILL test drives a cross-sign to them).
+pub(super) const CROSS_TBS: Points = points!("cross_tbs");
+pub(super) const CROSS_CERTIFY: Points = points!("cross_certify");
 /// A crl ceremony's TBS (no HSM call: `after_hsm` is after the TBS is
 /// built and linted) and its signature.
 pub(super) const CRL_TBS: Points = points!("crl_tbs");
@@ -48,7 +52,7 @@ pub(super) const DESTROY: Points = points!("destroy_versions");
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 51] = [
+pub const CRASH_POINTS: [&str; 59] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -92,6 +96,14 @@ pub const CRASH_POINTS: [&str; 51] = [
     STAGE.after_intent,
     STAGE.after_hsm,
     STAGE.after_result,
+    CROSS_TBS.before_intent,
+    CROSS_TBS.after_intent,
+    CROSS_TBS.after_hsm,
+    CROSS_TBS.after_result,
+    CROSS_CERTIFY.before_intent,
+    CROSS_CERTIFY.after_intent,
+    CROSS_CERTIFY.after_hsm,
+    CROSS_CERTIFY.after_result,
     CRL_TBS.before_intent,
     CRL_TBS.after_intent,
     CRL_TBS.after_hsm,

@@ -244,6 +244,17 @@ async fn secrets_here(state: &Custody, record: &mut CeremonyRecord) -> Result<()
     Ok(())
 }
 
+/// What an intermediate or cross-sign ceremony certifies from outside
+/// custody, sent with its start: a CSR's or a certificate's bytes, as
+/// reviewed (empty when the script names none).
+#[derive(Debug, Clone, Default)]
+pub struct Outside {
+    /// `[intermediate] csr_sha256`'s PKCS#10 file.
+    pub csr: Vec<u8>,
+    /// `[cross_sign] certificate_sha256`'s certificate file.
+    pub certificate: Vec<u8>,
+}
+
 /// Opens a ceremony. Checks everything that can be checked before anyone
 /// signs in: the script, the officers and custodians, the key name, the
 /// bundle of a restore, and what the daemon needs (SO PIN, scratch token).
@@ -252,8 +263,9 @@ pub async fn open(
     opened_by: &str,
     script_text: String,
     bundle_text: String,
-    csr: Vec<u8>,
+    outside: Outside,
 ) -> Result<CeremonyRecord, Error> {
+    let Outside { csr, certificate } = outside;
     let engine = &state.ceremonies;
     let _one_at_a_time = one_at_a_time(state).await?;
     engine.check_open_cap(opened_by, state.limits.max_open_ceremonies_per_officer)?;
@@ -337,6 +349,7 @@ pub async fn open(
         Kind::Intermediate { .. } => {
             certify::check_open(state, &script)?;
             certify::check_csr(state, &script, &csr)?;
+            certify::check_source(state, &script, &certificate)?;
         }
         Kind::Crl(_) => crl::check_open(state, &script)?,
         Kind::KeyDestruction(_) => destruction::check_open(state, &script)?,
@@ -365,6 +378,7 @@ pub async fn open(
         script: script_text,
         bundle: bundle_text,
         csr_hex: hex::encode(&csr),
+        certificate_hex: hex::encode(&certificate),
         phase: Phase::AwaitingOfficers,
         opened_by: opened_by.to_string(),
         created_ms: now,

@@ -66,33 +66,54 @@ fn der_of(bytes: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(pem.contents)
 }
 
+/// Who refuses what, for the checks a CSR and a certificate to cross-sign
+/// share: the reason for a subject rcgen cannot rebuild, the reason for a
+/// key not allowed, and what the object is called in messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refusals {
+    pub(crate) subject: Reason,
+    pub(crate) key: Reason,
+    pub(crate) malformed: Reason,
+    pub(crate) whose: &'static str,
+}
+
+const CSR: Refusals = Refusals {
+    subject: Reason::BadCsr,
+    key: Reason::CsrKeyNotAllowed,
+    malformed: Reason::BadCsr,
+    whose: "the CSR's",
+};
+
 /// The subject as rcgen builds names: one attribute per RDN, each a
 /// PrintableString or UTF8String (what the Baseline Requirements allow).
-fn distinguished_name(name: &X509Name<'_>) -> Result<DistinguishedName, Error> {
+pub(crate) fn distinguished_name(
+    name: &X509Name<'_>,
+    refusals: Refusals,
+) -> Result<DistinguishedName, Error> {
+    let whose = refusals.whose;
+    let bad = |what: String| Error::new(refusals.subject, format!("{whose} subject {what}"));
     let mut dn = DistinguishedName::new();
     for rdn in name.iter() {
         let [attribute] = rdn.iter().collect::<Vec<_>>()[..] else {
-            return Err(bad(
-                "the CSR's subject has an RDN of more than one attribute",
-            ));
+            return Err(bad("has an RDN of more than one attribute".into()));
         };
         let oid = attribute
             .attr_type()
             .iter()
-            .ok_or_else(|| bad("the CSR's subject has an attribute type out of range"))?
+            .ok_or_else(|| bad("has an attribute type out of range".into()))?
             .collect::<Vec<_>>();
         let value = attribute.attr_value();
         let text = std::str::from_utf8(value.data)
-            .map_err(|_| bad("the CSR's subject has an attribute that is not text"))?;
+            .map_err(|_| bad("has an attribute that is not text".into()))?;
         let value = match value.header.tag() {
             Tag::PrintableString => DnValue::PrintableString(
                 text.try_into()
-                    .map_err(|_| bad("the CSR's subject has a bad PrintableString"))?,
+                    .map_err(|_| bad("has a bad PrintableString".into()))?,
             ),
             Tag::Utf8String => DnValue::Utf8String(text.to_owned()),
             other => {
                 return Err(bad(format!(
-                    "the CSR's subject has a {other:?} attribute: only PrintableString and UTF8String are certified"
+                    "has a {other:?} attribute: only PrintableString and UTF8String are certified"
                 )));
             }
         };
@@ -104,12 +125,16 @@ fn distinguished_name(name: &X509Name<'_>) -> Result<DistinguishedName, Error> {
 /// The key algorithm of `spki` if a subordinate CA may have it: ECDSA on
 /// P-256 or P-384, RSA of 2048, 3072 or 4096 bits (Baseline Requirements
 /// 6.1.5, as custody's own keys).
-fn allowed_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyAlgorithm, Error> {
+pub(crate) fn allowed_key(
+    spki: &SubjectPublicKeyInfo<'_>,
+    refusals: Refusals,
+) -> Result<KeyAlgorithm, Error> {
+    let whose = refusals.whose;
     let not_allowed = |what: String| {
         Error::new(
-            Reason::CsrKeyNotAllowed,
+            refusals.key,
             format!(
-                "the CSR's key is {what}: a subordinate CA's key is ECDSA P-256 or P-384, or RSA of 2048, 3072 or 4096 bits"
+                "{whose} key is {what}: a subordinate CA's key is ECDSA P-256 or P-384, or RSA of 2048, 3072 or 4096 bits"
             ),
         )
     };
@@ -132,7 +157,12 @@ fn allowed_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyAlgorithm, Error> {
         OID_RSA => {
             let bits = match spki.parsed() {
                 Ok(PublicKey::RSA(rsa)) => rsa.key_size(),
-                _ => return Err(bad("the CSR's RSA key does not parse")),
+                _ => {
+                    return Err(Error::new(
+                        refusals.malformed,
+                        format!("{whose} RSA key does not parse"),
+                    ));
+                }
             };
             match bits {
                 2048 => Ok(KeyAlgorithm::RsaSignPkcs12048Sha256),
@@ -183,7 +213,7 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Cs
             "the CSR carries the issuing root's own public key: a root does not certify itself as a subordinate",
         ));
     }
-    let algorithm = allowed_key(&info.subject_pki)?;
+    let algorithm = allowed_key(&info.subject_pki, CSR)?;
     request.verify_signature().map_err(|e| {
         Error::new(
             Reason::CsrSignatureInvalid,
@@ -194,7 +224,7 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Cs
         sha256,
         subject_der: info.subject.as_raw().to_vec(),
         subject: info.subject.to_string(),
-        distinguished_name: distinguished_name(&info.subject)?,
+        distinguished_name: distinguished_name(&info.subject, CSR)?,
         spki: info.subject_pki.raw.to_vec(),
         algorithm,
         requested_extensions: request

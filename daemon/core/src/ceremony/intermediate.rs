@@ -286,6 +286,9 @@ pub struct Keys<'a> {
     pub subject_algorithm: KeyAlgorithm,
     /// The certified key's public key.
     pub subject_spki: &'a [u8],
+    /// The certified key's subjectKeyIdentifier when it has one already
+    /// (a cross-certificate keeps its source's); else it is computed.
+    pub subject_key_id: Option<&'a [u8]>,
 }
 
 /// Builds the TBS the issuer (its certificate `issuer`, its key in `keys`)
@@ -313,7 +316,10 @@ pub fn prepare(
         rcgen: certificate::rcgen_for(keys.subject_algorithm)?,
     };
     let mut params = params.clone();
-    params.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(&subject.public_key));
+    params.key_identifier_method = KeyIdMethod::PreSpecified(
+        keys.subject_key_id
+            .map_or_else(|| key_identifier(&subject.public_key), <[u8]>::to_vec),
+    );
     let built = params
         .signed_by(&subject, &issuer_rcgen)
         .map_err(|e| Error::internal(format!("building the certificate: {e}")))?;

@@ -216,6 +216,10 @@ pub struct CeremonyRecord {
     /// otherwise.
     #[serde(default)]
     pub csr_hex: String,
+    /// For a cross-sign ceremony, hex of the CA certificate file sent with
+    /// the start (the bytes as reviewed); empty otherwise.
+    #[serde(default)]
+    pub certificate_hex: String,
     /// Where it is.
     pub phase: Phase,
     /// Who opened it.
@@ -660,6 +664,7 @@ mod tests {
             script: String::new(),
             bundle: String::new(),
             csr_hex: String::new(),
+            certificate_hex: String::new(),
             phase: Phase::AwaitingOfficers,
             opened_by: "alice".into(),
             created_ms: 1,

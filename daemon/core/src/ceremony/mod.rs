@@ -12,6 +12,7 @@
 //! | [`certificate`] | the self-signed root certificate, signed in the HSM |
 //! | [`intermediate`] | a subordinate CA certificate: its TBS built and linted, then signed in the HSM |
 //! | [`csr`] | a PKCS#10 CSR an intermediate certifies instead of a custody key: checked, its subject and key taken |
+//! | [`cross_sign`] | an existing CA certificate a cross-sign ceremony re-issues under a custody root: checked, its subject, key and key identifier taken |
 //! | [`lint`] | the lint of a TBS certificate before the HSM signs it |
 //! | [`crl`] | a CRL: its TBS built and linted (its own rules), then signed in the HSM |
 //! | [`fingerprint`] | fingerprints as hex and as words to read aloud |
@@ -23,6 +24,7 @@ pub mod bundle;
 pub mod certificate;
 pub mod components;
 pub mod crl;
+pub mod cross_sign;
 pub mod csr;
 pub mod destruction;
 pub mod fingerprint;

@@ -56,6 +56,11 @@ pub(crate) enum CeremonyCommand {
         /// it unless its SHA-256 is the script's.
         #[arg(long)]
         csr: Option<PathBuf>,
+        /// The CA certificate file (PEM or DER) a cross-sign script names
+        /// by `[cross_sign] certificate_sha256`, sent as it is: custodyd
+        /// refuses it unless its SHA-256 is the script's.
+        #[arg(long)]
+        certificate: Option<PathBuf>,
     },
     /// Show a ceremony: its steps, what it waits for, the fingerprint.
     Status {
@@ -216,7 +221,11 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
     let mut client = CeremonyServiceClient::new(channel(connection).await?);
     match command {
         CeremonyCommand::Check { .. } | CeremonyCommand::VerifyTranscript { .. } => Ok(()),
-        CeremonyCommand::Start { file, csr } => {
+        CeremonyCommand::Start {
+            file,
+            csr,
+            certificate,
+        } => {
             let (script, text) = reviewed(&file)?;
             let csr = match (script.kind(), csr) {
                 (
@@ -243,6 +252,31 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                 }
                 (_, None) => Vec::new(),
             };
+            let certificate = match (script.kind(), certificate) {
+                (
+                    Kind::Intermediate {
+                        certificate_sha256: Some(_),
+                        ..
+                    },
+                    Some(path),
+                ) => read_bytes(&path)?,
+                (
+                    Kind::Intermediate {
+                        certificate_sha256: Some(_),
+                        ..
+                    },
+                    None,
+                ) => {
+                    return Err(
+                        "the script cross-signs a certificate (cross_sign.certificate_sha256): give its file with --certificate"
+                            .into(),
+                    );
+                }
+                (_, Some(_)) => {
+                    return Err("--certificate is for a cross-sign script".into());
+                }
+                (_, None) => Vec::new(),
+            };
             let bundle = match script.kind() {
                 Kind::Restore { bundle, .. } => {
                     read_text(&file.parent().unwrap_or(Path::new("")).join(bundle))?
@@ -254,6 +288,7 @@ async fn online(connection: &Connection, command: CeremonyCommand) -> Result<(),
                     script: text,
                     bundle,
                     csr,
+                    certificate,
                 })
                 .await
                 .map_err(status)?

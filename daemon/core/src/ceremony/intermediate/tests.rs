@@ -53,6 +53,7 @@ fn prepared(root_key: &KeyPair, root: &IssuerCertificate, days: u32) -> Result<P
         issuer_spki: &root_key.subject_public_key_info(),
         subject_algorithm: KeyAlgorithm::EcSignP256Sha256,
         subject_spki: &subject.subject_public_key_info(),
+        subject_key_id: None,
     };
     let prepared = prepare(root, &keys, &params, &profile, days)?;
     let (_, tbs) = x509_parser::certificate::TbsCertificate::from_der(&prepared.tbs).unwrap();

@@ -89,6 +89,10 @@ custodians = ["alice", "bob", "carol"]
 pub(super) const INTERMEDIATE: &str =
     include_str!("../../../../../deploy/ceremonies/intermediate.toml");
 
+/// The reviewed cross-sign example.
+pub(super) const CROSS_SIGN: &str =
+    include_str!("../../../../../deploy/ceremonies/cross-sign.toml");
+
 /// The reviewed CRL example.
 pub(super) const CRL: &str = include_str!("../../../../../deploy/ceremonies/crl.toml");
 

@@ -117,6 +117,14 @@ pub enum Kind {
         /// ceremony start; its requested extensions are ignored, the
         /// profile is the script's.
         csr_sha256: Option<[u8; 32]>,
+        /// A `cross-sign` script's `[cross_sign] certificate_sha256`: the
+        /// SHA-256 of an existing CA certificate (PEM or DER, the bytes as
+        /// reviewed) whose subject and public key the issuer re-issues
+        /// under itself (its key outside custody, or under another root).
+        /// The certificate is sent with the ceremony start; nothing but its
+        /// subject, key and subjectKeyIdentifier is taken from it.
+        /// (Boxed: it keeps the variant near the others' size.)
+        certificate_sha256: Option<Box<[u8; 32]>>,
         /// `[intermediate] stage`: certify a staged version of `key` (made
         /// by this ceremony in pre-activation, or the one already staged)
         /// while its current version keeps signing; promoted later by
@@ -225,6 +233,10 @@ impl Kind {
             Kind::RootKey { .. } => "root-key",
             Kind::Kek { .. } => "kek",
             Kind::Restore { .. } => "restore",
+            Kind::Intermediate {
+                certificate_sha256: Some(_),
+                ..
+            } => "cross-sign",
             Kind::Intermediate { .. } => "intermediate",
             Kind::Crl(_) => "crl",
             Kind::KeyDestruction(_) => "key-destruction",

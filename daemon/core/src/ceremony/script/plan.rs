@@ -209,6 +209,18 @@ impl Script {
             ),
             (Step::Tbs, Kind::Intermediate {
                 issuer,
+                certificate_sha256: Some(source),
+                certificate,
+                profile,
+                ..
+            }) => format!(
+                "custodyd checks the certificate sent with the start against its SHA-256 {}, that it is a CA certificate (basicConstraints cA) and that its key is allowed (ECDSA P-256/P-384 or RSA 2048-4096, not {issuer:?}'s own), draws a serial from the HSM and builds the certificate {issuer:?} would sign for that certificate's subject (byte for byte) and public key, keeping its subjectKeyIdentifier, valid {} days, {}, taking none of its other extensions; it lints it (CA/Browser Forum subordinate CA rules, under {issuer:?}'s root certificate) before any signature, and {present} see a summary and its SHA-256",
+                hex::encode(source.as_slice()),
+                certificate.validity_days,
+                profile_line(profile)
+            ),
+            (Step::Tbs, Kind::Intermediate {
+                issuer,
                 csr_sha256: Some(csr),
                 certificate,
                 profile,
@@ -239,6 +251,9 @@ impl Script {
             ),
             (Step::Stage, Kind::Intermediate { key, .. }) => format!(
                 "custodyd makes a new version of {key:?} inside the HSM in pre-activation (or takes the one already staged, a pre-activation version newer than the current one); the current version keeps signing; the staged version signs nothing until it is promoted by activating it under {key:?}'s ROTATE and SET_STATE policies"
+            ),
+            (Step::Commit, Kind::Intermediate { issuer, certificate_sha256: Some(_), .. }) => format!(
+                "the cross-certificate is recorded in the transcript and returned by `ceremony status --certificate-out` with {issuer:?}'s root certificate: the re-issued key is not in custody, so no key version holds it"
             ),
             (Step::Commit, Kind::Intermediate { issuer, csr_sha256: Some(_), .. }) => format!(
                 "the certificate is recorded in the transcript and returned by `ceremony status --certificate-out` with {issuer:?}'s root certificate: the CSR's key is not in custody, so no key version holds it"
@@ -440,11 +455,17 @@ impl Script {
                 profile,
                 stage,
                 csr_sha256,
+                certificate_sha256,
             } => {
                 lines.push(("issuer", format!("{issuer} (its root certificate)")));
                 lines.push((
                     "key",
-                    if let Some(csr) = csr_sha256 {
+                    if let Some(source) = certificate_sha256 {
+                        format!(
+                            "the subject and public key of the CA certificate of SHA-256 {} (cross-signed; its other extensions not taken)",
+                            hex::encode(source.as_slice())
+                        )
+                    } else if let Some(csr) = csr_sha256 {
                         format!(
                             "the PKCS#10 CSR of SHA-256 {} (outside custody; its subject and public key; requested extensions ignored)",
                             hex::encode(csr)
@@ -459,7 +480,12 @@ impl Script {
                 ));
                 lines.push((
                     "certificate",
-                    if csr_sha256.is_some() {
+                    if certificate_sha256.is_some() {
+                        format!(
+                            "the certificate's subject, valid {} days",
+                            certificate.validity_days
+                        )
+                    } else if csr_sha256.is_some() {
                         format!(
                             "the CSR's subject, valid {} days",
                             certificate.validity_days

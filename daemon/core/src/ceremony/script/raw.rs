@@ -26,6 +26,7 @@ pub(super) struct RawScript {
     pub(super) components: Option<RawComponents>,
     pub(super) restore: Option<RawRestore>,
     pub(super) intermediate: Option<RawIntermediate>,
+    pub(super) cross_sign: Option<RawCrossSign>,
     pub(super) profile: Option<RawProfile>,
     pub(super) crl: Option<RawCrl>,
     pub(super) destruction: Option<RawDestruction>,
@@ -95,6 +96,13 @@ pub(super) struct RawIntermediate {
     pub(super) key: Option<String>,
     pub(super) csr_sha256: Option<String>,
     pub(super) stage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCrossSign {
+    pub(super) issuer: Option<String>,
+    pub(super) certificate_sha256: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -567,7 +567,7 @@ impl Script {
         let kind_name = required(
             raw.kind,
             "kind",
-            "\"root-key\", \"kek\", \"restore\", \"intermediate\", \"crl\" or \"key-destruction\"",
+            "\"root-key\", \"kek\", \"restore\", \"intermediate\", \"cross-sign\", \"crl\" or \"key-destruction\"",
         )?;
         let description = required(
             raw.description,
@@ -598,6 +598,13 @@ impl Script {
         let quorum = Quorum::new(officers.iter().cloned(), u32::from(needed))
             .map_err(|problem| invalid("quorum", problem))?;
 
+        if kind_name != "cross-sign" {
+            absent(
+                &raw.cross_sign,
+                "cross_sign",
+                "only a cross-sign script has [cross_sign]",
+            )?;
+        }
         let kind = match kind_name.as_str() {
             "root-key" => {
                 let why = "a root-key script has [quorum], [key] and optionally [certificate]";
@@ -708,6 +715,19 @@ impl Script {
                 absent(&raw.destruction, "destruction", why)?;
                 intermediate::kind(raw.intermediate, raw.certificate, raw.profile)?
             }
+            "cross-sign" => {
+                let why =
+                    "a cross-sign script has [quorum], [cross_sign], [certificate] and [profile]";
+                absent(&raw.key, "key", why)?;
+                absent(&raw.kek, "kek", why)?;
+                absent(&raw.shares, "shares", why)?;
+                absent(&raw.components, "components", why)?;
+                absent(&raw.restore, "restore", why)?;
+                absent(&raw.intermediate, "intermediate", why)?;
+                absent(&raw.crl, "crl", why)?;
+                absent(&raw.destruction, "destruction", why)?;
+                intermediate::cross_sign_kind(raw.cross_sign, raw.certificate, raw.profile)?
+            }
             "crl" => {
                 let why = "a crl script has [quorum] and [crl]";
                 absent(&raw.key, "key", why)?;
@@ -739,7 +759,7 @@ impl Script {
                 return Err(invalid(
                     "kind",
                     format!(
-                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\", \"crl\" or \"key-destruction\""
+                        "{other:?} is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\", \"cross-sign\", \"crl\" or \"key-destruction\""
                     ),
                 ));
             }
@@ -759,6 +779,8 @@ mod crl;
 mod destruction;
 mod intermediate;
 
+#[cfg(test)]
+mod cross_sign_tests;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]

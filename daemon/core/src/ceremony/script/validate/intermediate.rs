@@ -5,7 +5,7 @@
 //! opens; whether the certificate fits under the root (its validity, its
 //! name) by the lint before the HSM signs.
 
-use super::super::raw::{RawCertificate, RawIntermediate, RawProfile};
+use super::super::raw::{RawCertificate, RawCrossSign, RawIntermediate, RawProfile};
 use super::super::{CertificateSection, EXTENDED_KEY_USAGES, Kind, ProfileSection};
 use super::{ScriptError, certificate_section, invalid, required};
 
@@ -213,7 +213,10 @@ pub(super) fn kind(
                     "stages a version of a custody key; a CSR's key is not in custody",
                 ));
             }
-            (String::new(), csr_certificate(raw_certificate)?)
+            (
+                String::new(),
+                csr_certificate(raw_certificate, "the CSR's (intermediate.csr_sha256)")?,
+            )
         }
         (key, None) => {
             let key = key_id(
@@ -239,7 +242,60 @@ pub(super) fn kind(
         issuer,
         key,
         csr_sha256,
+        certificate_sha256: None,
         stage,
+        certificate,
+        profile,
+    })
+}
+
+/// The kind of a `cross-sign` script: `[cross_sign]` names the root key that
+/// re-issues and the existing CA certificate (by SHA-256) whose subject and
+/// key it re-issues; `[certificate]` gives the validity only (the subject is
+/// the certificate's), `[profile]` the subordinate CA profile. It runs as an
+/// intermediate ceremony whose subject comes from that certificate.
+pub(super) fn cross_sign_kind(
+    cross_sign: Option<RawCrossSign>,
+    certificate: Option<RawCertificate>,
+    raw_profile: Option<RawProfile>,
+) -> Result<Kind, ScriptError> {
+    let cross_sign = required(
+        cross_sign,
+        "cross_sign",
+        "a [cross_sign] section naming the issuer and the certificate",
+    )?;
+    let issuer = key_id(
+        "cross_sign.issuer",
+        cross_sign.issuer,
+        "the id of the root key that re-issues, made by a root-key ceremony with a [certificate]",
+    )?;
+    let certificate_sha256 = sha256_hex(
+        "cross_sign.certificate_sha256",
+        &required(
+            cross_sign.certificate_sha256,
+            "cross_sign.certificate_sha256",
+            "the SHA-256 of the CA certificate file re-issued (64 hex digits)",
+        )?,
+    )?;
+    let certificate = csr_certificate(
+        required(
+            certificate,
+            "certificate",
+            "a [certificate] section: the validity",
+        )?,
+        "the certificate's (cross_sign.certificate_sha256)",
+    )?;
+    let profile = profile(required(
+        raw_profile,
+        "profile",
+        "a [profile] section: the subordinate CA profile",
+    )?)?;
+    Ok(Kind::Intermediate {
+        issuer,
+        key: String::new(),
+        csr_sha256: None,
+        certificate_sha256: Some(Box::new(certificate_sha256)),
+        stage: false,
         certificate,
         profile,
     })
@@ -255,7 +311,7 @@ fn sha256_hex(field: &str, text: &str) -> Result<[u8; 32], ScriptError> {
 
 /// `[certificate]` of a CSR's certificate: the validity only, since the
 /// subject is the CSR's; a name given here would not be the one certified.
-fn csr_certificate(raw: RawCertificate) -> Result<CertificateSection, ScriptError> {
+fn csr_certificate(raw: RawCertificate, whose: &str) -> Result<CertificateSection, ScriptError> {
     for (field, given) in [
         ("certificate.country", raw.country.is_some()),
         ("certificate.organization", raw.organization.is_some()),
@@ -264,7 +320,7 @@ fn csr_certificate(raw: RawCertificate) -> Result<CertificateSection, ScriptErro
         if given {
             return Err(invalid(
                 field,
-                "leave it out with intermediate.csr_sha256: the subject is the CSR's",
+                format!("leave it out: the subject is {whose}"),
             ));
         }
     }
@@ -316,6 +372,7 @@ mod tests {
             profile,
             stage,
             csr_sha256: None,
+            certificate_sha256: None,
         } = script.kind()
         else {
             panic!("not intermediate");
@@ -436,7 +493,7 @@ mod tests {
                     "validity_days = 1825",
                     "country = \"DE\"\nvalidity_days = 1825",
                 ),
-                "certificate.country: leave it out with intermediate.csr_sha256",
+                "certificate.country: leave it out: the subject is the CSR's",
             ),
             (
                 csr_script().replace(

@@ -637,7 +637,7 @@ fn errors_say_what_is_wrong_and_what_is_allowed() {
         Script::parse(&ROOT_KEY.replace("kind = \"root-key\"", "kind = \"rootkey\"")).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "kind: \"rootkey\" is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\", \"crl\" or \"key-destruction\""
+        "kind: \"rootkey\" is not a kind; \"root-key\", \"kek\", \"restore\", \"intermediate\", \"cross-sign\", \"crl\" or \"key-destruction\""
     );
 }
 

@@ -1,0 +1,149 @@
+//! An existing CA certificate a cross-sign ceremony re-issues under a
+//! custody root: the script names the certificate file by SHA-256;
+//! custodyctl sends its bytes with the ceremony start. What the
+//! cross-certificate takes from it is the subject name (byte for byte),
+//! the public key and the subjectKeyIdentifier (a cross-certificate keeps
+//! it, so that paths through either issuer find the same key), nothing
+//! else: the profile is the reviewed script's. The checks on the key and
+//! the name are the CSR's (`ceremony::csr`).
+
+use rcgen::DistinguishedName;
+use sha2::{Digest, Sha256};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::algorithms::KeyAlgorithm;
+use crate::ceremony::csr::{self, Refusals};
+use crate::{Error, Reason};
+
+const REFUSALS: Refusals = Refusals {
+    subject: Reason::CrossSignSubjectChanged,
+    key: Reason::CrossSignKeyNotAllowed,
+    malformed: Reason::BadCrossSignCertificate,
+    whose: "the certificate's",
+};
+
+/// A certificate that passed every check: its bytes are the script's, it
+/// is a CA certificate, its key is allowed and is not the issuer's, and
+/// rcgen can name its subject.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// SHA-256 of the bytes sent (the file as reviewed).
+    pub sha256: [u8; 32],
+    /// The subject name, DER, as the certificate carries it.
+    pub subject_der: Vec<u8>,
+    /// The subject name, as people read it.
+    pub subject: String,
+    /// The issuer name of the certificate sent, as people read it.
+    pub issuer: String,
+    /// The subject name for rcgen, which must encode it back to
+    /// `subject_der` (checked on the TBS built).
+    pub distinguished_name: DistinguishedName,
+    /// The SubjectPublicKeyInfo, DER, as the certificate carries it.
+    pub spki: Vec<u8>,
+    /// The key's algorithm, as custody names it.
+    pub algorithm: KeyAlgorithm,
+    /// Its subjectKeyIdentifier, if it has one: the cross-certificate's.
+    pub key_id: Option<Vec<u8>>,
+}
+
+fn bad(what: impl Into<String>) -> Error {
+    Error::new(Reason::BadCrossSignCertificate, what)
+}
+
+/// The DER of a certificate sent as PEM (`CERTIFICATE`) or as DER.
+fn der_of(bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    if !bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return Ok(bytes.to_vec());
+    }
+    let (_, pem) = x509_parser::pem::parse_x509_pem(bytes)
+        .map_err(|e| bad(format!("the certificate is not PEM: {e}")))?;
+    if pem.label != "CERTIFICATE" {
+        return Err(bad(format!(
+            "the PEM sent is a {:?}, not a CERTIFICATE",
+            pem.label
+        )));
+    }
+    Ok(pem.contents)
+}
+
+/// Whether `spki` is the issuer's key (`issuer_spki`), compared as the
+/// whole SubjectPublicKeyInfo and as the key bits alone.
+fn is_issuer_key(spki: &SubjectPublicKeyInfo<'_>, issuer_spki: &[u8]) -> bool {
+    let issuer_key = SubjectPublicKeyInfo::from_der(issuer_spki)
+        .map(|(_, issuer)| issuer.subject_public_key.data.to_vec())
+        .unwrap_or_default();
+    spki.raw == issuer_spki || spki.subject_public_key.data.as_ref() == issuer_key.as_slice()
+}
+
+/// The certificate `bytes` checked, in this order, each refusal its own
+/// reason: its SHA-256 is `expected` (CROSS_SIGN_MISMATCH, before anything
+/// parses it); it is a certificate (BAD_CROSS_SIGN_CERTIFICATE); its key is
+/// not the issuer's, whose SubjectPublicKeyInfo is `issuer_spki`
+/// (CROSS_SIGN_IS_ISSUER_KEY); it is a CA certificate, basicConstraints cA
+/// true (CROSS_SIGN_NOT_CA); its key is allowed (CROSS_SIGN_KEY_NOT_ALLOWED);
+/// its subject is one rcgen can rebuild (CROSS_SIGN_SUBJECT_CHANGED; the
+/// bytes are compared on the TBS built). Nothing here touches the HSM.
+pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Source, Error> {
+    let sha256: [u8; 32] = Sha256::digest(bytes).into();
+    if &sha256 != expected {
+        return Err(Error::new(
+            Reason::CrossSignMismatch,
+            format!(
+                "the certificate sent (SHA-256 {}) is not the one the script names (SHA-256 {})",
+                hex::encode(sha256),
+                hex::encode(expected)
+            ),
+        ));
+    }
+    let der = der_of(bytes)?;
+    let (rest, certificate) = X509Certificate::from_der(&der)
+        .map_err(|e| bad(format!("the certificate does not parse: {e}")))?;
+    if !rest.is_empty() {
+        return Err(bad("the certificate has bytes after it"));
+    }
+    let spki = certificate.public_key();
+    if is_issuer_key(spki, issuer_spki) {
+        return Err(Error::new(
+            Reason::CrossSignIsIssuerKey,
+            "the certificate carries the issuing root's own public key: a root does not cross-sign itself",
+        ));
+    }
+    let ca = certificate
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|constraints| constraints.value.ca);
+    if !ca {
+        return Err(Error::new(
+            Reason::CrossSignNotCa,
+            format!(
+                "{} is not a CA certificate (no basicConstraints with cA true): only a CA is cross-signed",
+                certificate.subject()
+            ),
+        ));
+    }
+    let algorithm = csr::allowed_key(spki, REFUSALS)?;
+    let key_id = certificate
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        });
+    Ok(Source {
+        sha256,
+        subject_der: certificate.subject().as_raw().to_vec(),
+        subject: certificate.subject().to_string(),
+        issuer: certificate.issuer().to_string(),
+        distinguished_name: csr::distinguished_name(certificate.subject(), REFUSALS)?,
+        spki: spki.raw.to_vec(),
+        algorithm,
+        key_id,
+    })
+}
+
+#[cfg(test)]
+mod tests;

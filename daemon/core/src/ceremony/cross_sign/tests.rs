@@ -1,0 +1,90 @@
+#![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, DnValue, IsCa, KeyPair};
+use sha2::{Digest, Sha256};
+
+use super::check;
+use crate::Reason;
+
+/// A self-signed certificate (PEM) of a fresh key of `algorithm`, a CA's
+/// if `ca`, and its key's SubjectPublicKeyInfo.
+fn certificate(algorithm: &'static rcgen::SignatureAlgorithm, ca: bool) -> (String, Vec<u8>) {
+    let key = KeyPair::generate_for(algorithm).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CountryName,
+        DnValue::PrintableString("DE".try_into().unwrap()),
+    );
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Partner Root CA");
+    if ca {
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    }
+    let made = params.self_signed(&key).unwrap();
+    (
+        made.pem(),
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+    )
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[test]
+fn a_ca_certificate_whose_bytes_are_the_scripts_gives_its_subject_key_and_key_id() {
+    let (pem, spki) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256, true);
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let checked = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap();
+    assert_eq!(checked.spki, spki);
+    assert_eq!(checked.subject, "C=DE, CN=Partner Root CA");
+    assert!(checked.key_id.is_some());
+    // DER works as well, named by the DER's own digest.
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    check(&der.contents, &digest(&der.contents), &root).unwrap();
+}
+
+#[test]
+fn each_check_refuses_with_its_own_reason() {
+    let (pem, spki) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256, true);
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let refused = |bytes: &[u8], issuer: &[u8]| check(bytes, &digest(bytes), issuer).unwrap_err();
+    let mismatch = check(pem.as_bytes(), &[0; 32], &root).unwrap_err();
+    assert_eq!(mismatch.reason, Reason::CrossSignMismatch);
+    let issuer = refused(pem.as_bytes(), &spki);
+    assert_eq!(issuer.reason, Reason::CrossSignIsIssuerKey);
+    assert_eq!(
+        refused(b"not a certificate", &root).reason,
+        Reason::BadCrossSignCertificate
+    );
+    let (leaf, _) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256, false);
+    assert_eq!(
+        refused(leaf.as_bytes(), &root).reason,
+        Reason::CrossSignNotCa
+    );
+    let (ed, _) = certificate(&rcgen::PKCS_ED25519, true);
+    let not_allowed = refused(ed.as_bytes(), &root);
+    assert_eq!(
+        not_allowed.reason,
+        Reason::CrossSignKeyNotAllowed,
+        "{not_allowed}"
+    );
+}
+
+#[test]
+fn a_subject_rcgen_would_re_encode_is_refused_rather_than_changed() {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        DnValue::TeletexString("Partner Root CA".try_into().unwrap()),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let pem = params.self_signed(&key).unwrap().pem();
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
+    assert_eq!(refused.reason, Reason::CrossSignSubjectChanged, "{refused}");
+}
