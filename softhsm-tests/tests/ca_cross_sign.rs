@@ -19,7 +19,7 @@ use custody_proto::v1::{
     Ceremony, CeremonyState, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest,
 };
 use sha2::Digest as _;
-use softhsm_tests::ceremony::{Officers, root_script};
+use softhsm_tests::ceremony::Officers;
 use softhsm_tests::pkilint::Pkilint;
 use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::{openssl, token_test};
@@ -83,21 +83,6 @@ fn subject_key_id(cert: &X509Certificate<'_>) -> Vec<u8> {
             _ => None,
         })
         .unwrap()
-}
-
-/// The root (EC P-384, a 3650-day root certificate) in custody; its PEM.
-async fn root(officers: &Officers<'_>) -> String {
-    let script = root_script("c-root", "root-ca", true)
-        .replace("validity_days = 30", "validity_days = 3650")
-        .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
-    let (done, _) = officers.run(&script).await.unwrap();
-    assert_eq!(
-        done.state,
-        CeremonyState::Completed as i32,
-        "{}",
-        done.error
-    );
-    done.certificate_pem
 }
 
 async fn start(
@@ -190,7 +175,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
-            let root_pem = root(&officers).await;
+            let root_pem = officers.ca_root().await;
             let dir = token.scratch();
             let partner = openssl_ca(&dir, "partner", CA);
             let sha256 = sha2::Sha256::digest(&partner);
@@ -292,7 +277,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
-            let root_pem = root(&officers).await;
+            let root_pem = officers.ca_root().await;
             let dir = token.scratch();
             let reviewed = openssl_ca(&dir, "reviewed", CA);
             let swapped = openssl_ca(&dir, "swapped", CA);
