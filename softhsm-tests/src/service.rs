@@ -662,6 +662,7 @@ pub fn fill_registry(db: &custody_store::Store, keys: usize) {
             min_version: 0,
             rotation_requests: Vec::new(),
             backup_exportable: false,
+            retired_at_version: None,
         };
         tree.insert(
             record.key_id.as_bytes(),

@@ -147,6 +147,9 @@ struct Modelled {
     key_id: String,
     states: BTreeMap<u32, KeyVersionState>,
     primary: u32,
+    /// The primary version the key retired at (deactivated with nothing
+    /// else in use), while it stays primary.
+    retired: Option<u32>,
     ciphertexts: BTreeMap<u32, Vec<u8>>,
 }
 
@@ -199,15 +202,28 @@ async fn model_step(
     match rng.below(10) {
         0..=3 => {
             let target = STATES[rng.below(STATES.len() as u64) as usize];
+            // The primary goes out of use only as the key's retirement:
+            // with no other version active or suspended.
+            let others_in_use = key.states.iter().any(|(v, s)| {
+                *v != version && matches!(s, KeyVersionState::Active | KeyVersionState::Suspended)
+            });
             let expected = model::transition(state, target)
-                && !(target == KeyVersionState::Deactivated && version == key.primary);
+                && !(target == KeyVersionState::Deactivated
+                    && version == key.primary
+                    && others_in_use);
             let result = set_state(operator, &name, target, "model test").await;
             match (&result, expected) {
                 (Ok(_), true) => {
                     tally.transitions_accepted += 1;
                     key.states.insert(version, target);
-                    if target == KeyVersionState::Compromised && version == key.primary {
-                        // A compromised primary version forces a rotation.
+                    let retired = key.retired == Some(key.primary);
+                    if target == KeyVersionState::Deactivated && version == key.primary {
+                        key.retired = Some(version);
+                    }
+                    if target == KeyVersionState::Compromised && version == key.primary && !retired
+                    {
+                        // A compromised primary version forces a rotation,
+                        // unless the key is retired.
                         let next = key.states.keys().max().unwrap() + 1;
                         key.states.insert(next, KeyVersionState::Active);
                         key.primary = next;
@@ -333,6 +349,7 @@ token_test!(
                     let mut key = Modelled {
                         key_id,
                         states: BTreeMap::from([(1, KeyVersionState::Active)]),
+                        retired: None,
                         primary: 1,
                         ciphertexts: BTreeMap::new(),
                     };
@@ -535,6 +552,61 @@ token_test!(
 );
 
 token_test!(
+    fn a_key_retires_as_a_whole_its_last_version_is_destroyed_and_custodyd_never_brings_it_back(token) {
+        // End of life for a root or KEK: no new version, the last one
+        // destroyed. Attacks: retiring the primary while another version
+        // still signs (rotating is what that means), and custodyd itself
+        // making a retired key live again when its primary is found
+        // compromised (on the request, or on the scheduler's tick).
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let operator = service.client("operator").await;
+            let ca = service.client("ca-issuing").await;
+            create(&operator, "end", "EC_SIGN_P256_SHA256", None).await;
+            let mut keys = KeyServiceClient::new(operator.clone());
+            keys.rotate_key(RotateKeyRequest { name: "keys/end".into(), ..Default::default() }).await.unwrap();
+
+            let early = set_state(&operator, "keys/end/versions/2", KeyVersionState::Deactivated, "").await.unwrap_err();
+            assert_eq!(reason(&early), "PRIMARY_VERSION");
+            sign(&ca, "keys/end/versions/1").await.unwrap();
+
+            set_state(&operator, "keys/end/versions/1", KeyVersionState::Deactivated, "").await.unwrap();
+            set_state(&operator, "keys/end/versions/2", KeyVersionState::Deactivated, "end of life").await.unwrap();
+            assert_eq!(reason(&sign(&ca, "keys/end").await.unwrap_err()), "VERSION_NOT_ACTIVE");
+
+            set_state(&operator, "keys/end/versions/2", KeyVersionState::Compromised, "retired tape found opened").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let key = get(&operator, "end").await;
+            assert_eq!(key.versions.len(), 2, "a new version brought the retired key back: {key:?}");
+            assert_eq!(key.primary_version, 2);
+            let notice = service
+                .state()
+                .audit
+                .records(1)
+                .map(|r| String::from_utf8(r.unwrap().entry).unwrap())
+                .find(|e| e.contains("revocation_notice") && e.contains("keys/end/versions/2"))
+                .expect("a revocation notice for the retired primary");
+            assert!(notice.contains("the key is retired"), "{notice}");
+
+            let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: "keys/end/versions/2".into() });
+            let operation = request_operation(&operator, destroy).await.unwrap();
+            service.approve("alice", &operation).await.unwrap();
+            let done = service.approve("bob", &operation).await.unwrap();
+            assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+            service.clock.advance(25 * HOUR_MS);
+            eventually("the scheduler destroys keys/end/versions/2", || async {
+                get(&operator, "end").await.versions[1].state == KeyVersionState::Destroyed as i32
+            })
+            .await;
+            assert!(!hsm_has(&service, "key/end/v2").await, "the retired primary's object survived");
+            let report = keys.check_drift(CheckDriftRequest {}).await.unwrap().into_inner();
+            assert!(report.findings.is_empty(), "{:?}", report.findings);
+            assert_eq!(get(&operator, "end").await.versions.len(), 2);
+        });
+    }
+);
+
+token_test!(
     fn a_key_whose_rotation_needs_officers_is_not_rotated_by_the_scheduler(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
@@ -549,11 +621,13 @@ token_test!(
             assert_eq!(reason(&sign(&ca, "keys/root").await.unwrap_err()), "CRYPTOPERIOD_ENDED");
 
             // Compromised, the gated primary is not rotated by custodyd
-            // either, and cannot be destroyed while it is primary.
+            // either; out of use, its destruction is the officers' to
+            // approve, primary or not.
             set_state(&operator, "keys/root/versions/1", KeyVersionState::Compromised, "officer laptop stolen").await.unwrap();
             assert_eq!(get(&operator, "root").await.versions.len(), 1);
             let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: "keys/root/versions/1".into() });
-            assert_eq!(reason(&request_operation(&operator, destroy).await.unwrap_err()), "PRIMARY_VERSION");
+            let pending = request_operation(&operator, destroy).await.unwrap();
+            assert_eq!(pending.state, OperationState::Pending as i32);
 
             // Updates of a key under an UPDATE_KEY policy need officers too,
             // and state changes are checked when requested, not when run.

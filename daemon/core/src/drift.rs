@@ -422,6 +422,7 @@ mod tests {
             min_version: 0,
             rotation_requests: vec![],
             backup_exportable: false,
+            retired_at_version: None,
         })
     }
 

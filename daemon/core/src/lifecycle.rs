@@ -46,6 +46,12 @@ pub fn transition_allowed(from: VersionState, to: VersionState) -> bool {
     )
 }
 
+/// Whether a version in `state` is in use: it signs or decrypts now, or
+/// may again without a new version (suspended).
+pub fn in_use(state: VersionState) -> bool {
+    matches!(state, VersionState::Active | VersionState::Suspended)
+}
+
 /// Whether a version in `state` may be scheduled for destruction. Active
 /// and suspended versions must be deactivated first: a key still in use is
 /// never destroyed by a schedule someone forgot.

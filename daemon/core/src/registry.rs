@@ -166,6 +166,12 @@ pub struct KeyRecord {
     /// trusted backup KEK (and under nothing else).
     #[serde(default)]
     pub backup_exportable: bool,
+    /// The primary version the key was retired at: deactivated while no
+    /// other version was in use. The key stays retired while that version
+    /// stays primary ([`KeyRecord::is_retired`]); a new primary (a
+    /// rotation, a promotion) brings it back into use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at_version: Option<u32>,
 }
 
 /// A version whose generation has started but is not committed.
@@ -194,6 +200,14 @@ impl KeyRecord {
     /// Version `n`, if it exists.
     pub fn version(&self, n: u32) -> Option<&VersionRecord> {
         self.versions.iter().find(|v| v.version == n)
+    }
+
+    /// Whether the key is retired: its primary version was deactivated
+    /// with nothing else in use and is still primary. custodyd never
+    /// replaces a retired key's primary on its own (a schedule, a
+    /// compromise), so its end of life stays the end.
+    pub fn is_retired(&self) -> bool {
+        self.retired_at_version == Some(self.primary_version)
     }
 }
 
@@ -732,6 +746,7 @@ mod tests {
             min_version: 0,
             rotation_requests: Vec::new(),
             backup_exportable: false,
+            retired_at_version: None,
         }
     }
 

@@ -226,6 +226,9 @@ fn lead(state: &Custody, leader: &mut Option<custody_store::Claim>) -> bool {
 
 /// Why a key is due for rotation now, if it is.
 async fn rotation_due(state: &Custody, key: &KeyRecord, now: i64) -> Option<&'static str> {
+    if key.is_retired() {
+        return None;
+    }
     let primary = key.version(key.primary_version)?;
     if primary.state == VersionState::Compromised {
         return Some("the primary version is compromised");

@@ -191,6 +191,7 @@ fn key_record(
         min_version: 0,
         rotation_requests: Vec::new(),
         backup_exportable: made.backup,
+        retired_at_version: None,
     }
 }
 

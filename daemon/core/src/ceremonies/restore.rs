@@ -367,6 +367,7 @@ fn restored_records(
                 min_version: given.map_or(0, |p| p.min_version),
                 rotation_requests: Vec::new(),
                 backup_exportable: given.is_some_and(|p| p.backup_exportable),
+                retired_at_version: None,
             }
         })
         .collect();

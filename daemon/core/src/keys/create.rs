@@ -103,6 +103,7 @@ pub async fn create(
         min_version: 0,
         rotation_requests: Vec::new(),
         backup_exportable: new.backup_exportable,
+        retired_at_version: None,
     };
     commit_version(custody, record.clone(), &label).await?;
     Ok(record)

@@ -13,7 +13,9 @@ use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Custody, Error, Reason};
 
 /// Refuses to schedule the destruction of a version that is in use, held,
-/// primary, or already scheduled.
+/// or already scheduled. A primary version is destroyed only once it is
+/// out of use like any other (a retired key's deactivated primary, or a
+/// compromised one): its state decides, not its being primary.
 pub fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), Error> {
     let existing = version_of(record, version)?;
     let name = version_name(&record.key_id, version);
@@ -24,12 +26,6 @@ pub fn check_destroyable(record: &KeyRecord, version: u32) -> Result<(), Error> 
                 "{name} is {:?}: only pre-activation, deactivated or compromised versions are destroyed",
                 existing.state
             ),
-        ));
-    }
-    if record.primary_version == version {
-        return Err(Error::new(
-            Reason::PrimaryVersion,
-            "the primary version cannot be destroyed; rotate the key first",
         ));
     }
     not_held(existing, &name)?;
@@ -151,8 +147,7 @@ pub enum Carrier<'a> {
 
 /// Whether `carrier` may take on the scheduled destruction of `version`:
 /// approved and scheduled (DESTROY_VERSION), not cancelled, not held, not
-/// destroyed, still retired and not primary (the rules that allowed the
-/// schedule), and reserved by no other carrier. A key-destruction ceremony
+/// destroyed, still out of use (the rules that allowed the schedule), and reserved by no other carrier. A key-destruction ceremony
 /// reserves a version with this, when it opens; the cancel window need not
 /// have passed yet ([`check_due`] is asked before anything is destroyed).
 pub fn check_reservable<'r>(
@@ -171,10 +166,10 @@ pub fn check_reservable<'r>(
             ),
         ));
     }
-    if !lifecycle::may_schedule_destroy(existing.state) || record.primary_version == version {
+    if !lifecycle::may_schedule_destroy(existing.state) {
         return Err(Error::new(
             Reason::IllegalTransition,
-            format!("{name} is in use again (state or primary); cancel the destruction"),
+            format!("{name} is in use again; cancel the destruction"),
         ));
     }
     match (&existing.reserved_by, carrier) {
@@ -392,6 +387,7 @@ mod tests {
             min_version: 0,
             rotation_requests: Vec::new(),
             backup_exportable: false,
+            retired_at_version: None,
         }
     }
 

@@ -70,10 +70,18 @@ pub fn check_transition(
             ),
         ));
     }
-    if target == VersionState::Deactivated && record.primary_version == version {
+    if target == VersionState::Deactivated
+        && record.primary_version == version
+        && record
+            .versions
+            .iter()
+            .any(|v| v.version != version && lifecycle::in_use(v.state))
+    {
+        // Deactivating the primary retires the key as a whole; while
+        // another version is in use, rotating is what was meant.
         return Err(Error::new(
             Reason::PrimaryVersion,
-            "the primary version cannot be deactivated; rotate the key first",
+            "the primary version cannot be deactivated while another version is active or suspended; rotate the key first, or deactivate the others to retire the key",
         ));
     }
     Ok(())
@@ -110,6 +118,11 @@ pub async fn set_state(
     if promotion {
         promoted.primary_version = version;
     }
+    if target == VersionState::Deactivated && current.primary_version == version {
+        // check_transition let the primary go only with nothing else in
+        // use: the key retires.
+        promoted.retired_at_version = Some(version);
+    }
     let mut record = update_version(custody, &promoted, version, |v| {
         v.state = target;
         v.state_ms = now;
@@ -122,13 +135,17 @@ pub async fn set_state(
         // The notice goes out before anything else can fail or wait (a
         // rotation may take seconds for RSA).
         let compromised = version_of(&record, version)?.clone();
-        let rotate = current.primary_version == version;
+        // A retired key stays retired: its compromised primary is not
+        // replaced (the notice says so).
+        let rotate = current.primary_version == version && !current.is_retired();
         let gated = record.policies.contains_key("ROTATE");
         let next = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let replacement = if rotate && !gated {
             format!("rotating to version {next} now (the scheduler retries if this fails)")
         } else if rotate {
             "the ROTATE policy needs officers: request a ROTATE operation".into()
+        } else if current.is_retired() {
+            "none: the key is retired".into()
         } else {
             format!(
                 "not the primary version (primary is {})",
