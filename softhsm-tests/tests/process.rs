@@ -854,6 +854,7 @@ token_test!(
 
                 let key = scenario.key(run);
                 let state = rig.restart_and_check(token, &script, key.as_deref()).await;
+                destruction::check_end(point, state.1);
                 *outcomes.entry(format!("{:?} → {:?}", state.0, state.1)).or_default() += 1;
             }
             println!(

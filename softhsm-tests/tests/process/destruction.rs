@@ -157,6 +157,22 @@ pub(super) async fn invariant(
     }
 }
 
+/// The end a kill at `point` must come to: from the first object's
+/// intent on (the destroy step's `after_intent` and later) nothing can be
+/// undone, so the ceremony is finished after the restart, never rolled
+/// back (a roll-back there would leave its destruction unwitnessed, to the
+/// scheduler).
+pub(super) fn check_end(point: &str, ended: CeremonyState) {
+    let finished = [
+        "ceremony.destroy_versions.after_intent",
+        "ceremony.destroy_versions.after_hsm",
+        "ceremony.destroy_versions.after_result",
+    ];
+    if finished.contains(&point) {
+        assert_eq!(ended, CeremonyState::Completed, "killed at {point}");
+    }
+}
+
 /// After a ceremony that ended without completing: its reservation is
 /// gone. Either the scheduler already carried the approved destruction
 /// out, or a new ceremony over v1 opens, runs and destroys it (a
