@@ -82,7 +82,12 @@ pub(super) async fn schedule(pki: &Pki, port: u16, officers: &Officers<'_>, run:
     let operation = request_operation(&operator, destroy).await.unwrap();
     officers.approve("alice", &operation).await.unwrap();
     let done = officers.approve("bob", &operation).await.unwrap();
-    assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+    assert_eq!(
+        done.state,
+        OperationState::Succeeded as i32,
+        "{}",
+        done.error
+    );
 }
 
 /// Drives the ceremony over the version [`schedule`] scheduled: opened
@@ -107,11 +112,7 @@ pub(super) async fn drive(
 /// Whether an object labelled `label` is on the main token, by SoftHSM2's
 /// own listing in a process of its own.
 fn on_token(token: &TestToken, label: &str) -> bool {
-    let listed = token
-        .pkcs11_tool()
-        .arg("--list-objects")
-        .output()
-        .unwrap();
+    let listed = token.pkcs11_tool().arg("--list-objects").output().unwrap();
     assert!(listed.status.success(), "pkcs11-tool: {listed:?}");
     String::from_utf8_lossy(&listed.stdout)
         .lines()
@@ -151,7 +152,10 @@ pub(super) async fn invariant(
     );
     assert_eq!(found.primary_version, 2, "{ceremony}");
     assert_eq!(v2.state, KeyVersionState::Active as i32, "{ceremony}");
-    assert!(on_token(token, &format!("key/{key}/v2")), "{ceremony}: v2 gone");
+    assert!(
+        on_token(token, &format!("key/{key}/v2")),
+        "{ceremony}: v2 gone"
+    );
     if state == CeremonyState::Completed {
         assert!(destroyed, "{ceremony} completed without destroying v1");
     }

@@ -546,7 +546,9 @@ mod tests {
             let mut changed = scheduled.clone();
             changed.versions[0].destroy_approved_under = other.clone();
             let in_force = quorum(3);
-            let refused = reservable(&changed, 1, ceremony, &in_force).err().map(|e| e.reason);
+            let refused = reservable(&changed, 1, ceremony, &in_force)
+                .err()
+                .map(|e| e.reason);
             let expected = (other != Some(in_force.clone())).then_some(Reason::PolicyChanged);
             assert_eq!(refused, expected, "approved under {other:?}");
         }
