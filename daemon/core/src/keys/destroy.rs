@@ -229,7 +229,7 @@ fn reservable<'r>(
         return Err(Error::new(
             Reason::PolicyChanged,
             format!(
-                "{name}'s destruction was approved under {}; DESTROY_VERSION now needs {}: it is not carried out (request it again)",
+                "{name}'s destruction was approved under {}; DESTROY_VERSION now needs {}: it is not carried out (CancelDestroy, then request it again)",
                 existing
                     .destroy_approved_under
                     .as_ref()
