@@ -370,6 +370,15 @@ token_test!(
                     && v1_state(&operator).await != KeyVersionState::Destroyed as i32,
                 "the scheduler carried out a destruction approved under a weaker policy than now in force"
             );
+            // The control: approved again under the policy in force (the
+            // scheduler dropped the void schedule), the three open it.
+            let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: V1.into() });
+            let operation = request_operation(&operator, destroy).await.unwrap();
+            for officer in ["alice", "bob", "carol"] {
+                service.approve(officer, &operation).await.unwrap();
+            }
+            let opened = officers.start("alice", &script("c-three-again").replace("required = 2", "required = 3"), "").await;
+            assert_eq!(opened.as_ref().map(state).map_err(reason), Ok(CeremonyState::AwaitingOfficers));
         });
     }
 );
