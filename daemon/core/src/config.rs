@@ -214,6 +214,20 @@ impl LifecycleSection {
     }
 }
 
+/// The shortest cancel window a configuration may set (threat model C27):
+/// an hour in every build custodyd serves from. Only a build with crash
+/// points compiled in (the `failpoints` feature: the SIGKILL tests' build,
+/// which custodyd refuses to run optimised) accepts one second, so that
+/// those tests reach a due destruction in real time.
+pub const MIN_DESTROY_CANCEL_WINDOW_SECS: u64 =
+    min_destroy_cancel_window_secs(crate::failpoint::COMPILED_IN);
+
+/// The shortest cancel window of a build with (`crash_points`) or without
+/// crash points compiled in.
+pub const fn min_destroy_cancel_window_secs(crash_points: bool) -> u64 {
+    if crash_points { 1 } else { 3600 }
+}
+
 fn default_destroy_cancel_window_secs() -> u64 {
     24 * 3600
 }
@@ -683,10 +697,10 @@ impl Config {
                 "[hsm] call_timeout_ms must be within 1-{max_call_timeout_ms} (a PKCS#11 call's deadline; the default is 30000)"
             )));
         }
-        if self.lifecycle.destroy_cancel_window_secs < 3600 {
-            return Err(ConfigError(
-                "[lifecycle] destroy_cancel_window_secs must be at least 3600: an approved destruction always leaves time to cancel it".into(),
-            ));
+        if self.lifecycle.destroy_cancel_window_secs < MIN_DESTROY_CANCEL_WINDOW_SECS {
+            return Err(ConfigError(format!(
+                "[lifecycle] destroy_cancel_window_secs must be at least {MIN_DESTROY_CANCEL_WINDOW_SECS}: an approved destruction always leaves time to cancel it"
+            )));
         }
         if !(8..=65_536).contains(&self.storage.cache_mib) {
             return Err(ConfigError(
@@ -884,6 +898,33 @@ mod tests {
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();
             assert!(config.check().is_err(), "{to} accepted");
         }
+    }
+
+    #[test]
+    fn only_a_build_with_crash_points_accepts_a_cancel_window_under_an_hour() {
+        // Threat model C27: the one-second minimum exists for the SIGKILL
+        // tests' build only; every other build refuses anything under an
+        // hour (the test runs in both builds: `cargo test -p custody-core`
+        // has no crash points, the workspace's test build has them).
+        assert_eq!(min_destroy_cancel_window_secs(false), 3600);
+        assert_eq!(min_destroy_cancel_window_secs(true), 1);
+        let short = REFERENCE.replace(
+            "destroy_cancel_window_secs = 86400",
+            "destroy_cancel_window_secs = 2",
+        );
+        let config: Config = toml::from_str(&short).unwrap();
+        assert_eq!(
+            config.check().is_ok(),
+            crate::failpoint::COMPILED_IN,
+            "a 2 s cancel window in a build with crash points compiled in: {}",
+            crate::failpoint::COMPILED_IN
+        );
+        let hour = REFERENCE.replace(
+            "destroy_cancel_window_secs = 86400",
+            "destroy_cancel_window_secs = 3600",
+        );
+        let config: Config = toml::from_str(&hour).unwrap();
+        config.check().unwrap();
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub struct VersionRecord {
     /// (`keys::check_due`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_by: Option<String>,
+    /// The DESTROY_VERSION quorum the approval that scheduled this
+    /// version's destruction was given under: it is carried out only while
+    /// that is still the quorum in force (`keys::check_reservable`,
+    /// threat model C28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_approved_under: Option<crate::dual_control::quorum::Quorum>,
 }
 
 impl VersionRecord {
@@ -812,6 +818,7 @@ mod tests {
                 check_value: String::new(),
                 certificate_chain_pem: Vec::new(),
                 reserved_by: None,
+                destroy_approved_under: None,
             });
             made
         };
@@ -890,6 +897,7 @@ mod tests {
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroy_approved_under: None,
         });
         old.primary_version = 1;
         a.put(old).await.unwrap();

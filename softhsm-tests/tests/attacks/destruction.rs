@@ -320,3 +320,65 @@ token_test!(
         });
     }
 );
+
+/// DESTROY_VERSION of old-root tightened to all three officers (alice and
+/// bob approve the change under the administrative quorum).
+async fn tighten_to_three(service: &TestService, operator: &Channel) {
+    let tighten = request_operation(
+        operator,
+        operation_spec::Spec::SetPolicy(SetPolicySpec {
+            name: "keys/old-root".into(),
+            operation: OperationKind::DestroyVersion as i32,
+            officers: vec!["alice".into(), "bob".into(), "carol".into()],
+            required: 3,
+        }),
+    )
+    .await
+    .unwrap();
+    service.approve("alice", &tighten).await.unwrap();
+    let set = service.approve("bob", &tighten).await.unwrap();
+    assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+}
+
+token_test!(
+    fn c28_a_destruction_approved_under_a_weaker_policy_than_now_in_force_is_not_carried_out(token) {
+        // Two colluding officers approve v1's destruction under the 2-of-3
+        // administrative quorum; the officers then put DESTROY_VERSION of
+        // the key under all three (an approval not yet carried out counts
+        // under the policy it was given for, as a pending operation's
+        // does). Neither a ceremony of the three nor the scheduler may
+        // carry out what two approved.
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            retired(&operator).await;
+            approve_destruction(&service, &operator, "bob").await;
+            tighten_to_three(&service, &operator).await;
+
+            let three = script("c-three").replace("required = 2", "required = 3");
+            let opened = officers.start("alice", &three, "").await;
+            assert_eq!(
+                opened.as_ref().map(state).map_err(reason),
+                Err("POLICY_CHANGED".to_string()),
+                "a ceremony opened over a destruction two officers approved under the weaker policy"
+            );
+            service.clock.advance(25 * HOUR_MS);
+            scheduler_turns().await;
+            assert!(
+                on_token(&service, "key/old-root/v1").await
+                    && v1_state(&operator).await != KeyVersionState::Destroyed as i32,
+                "the scheduler carried out a destruction approved under a weaker policy than now in force"
+            );
+            // The control: approved again under the policy in force (the
+            // scheduler dropped the void schedule), the three open it.
+            let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: V1.into() });
+            let operation = request_operation(&operator, destroy).await.unwrap();
+            for officer in ["alice", "bob", "carol"] {
+                service.approve(officer, &operation).await.unwrap();
+            }
+            let opened = officers.start("alice", &script("c-three-again").replace("required = 2", "required = 3"), "").await;
+            assert_eq!(opened.as_ref().map(state).map_err(reason), Ok(CeremonyState::AwaitingOfficers));
+        });
+    }
+);

@@ -52,7 +52,7 @@ pub(super) const DESTROY: Points = points!("destroy_versions");
 /// Every crash point of the engine, by the step it belongs to (the SIGKILL
 /// tests iterate over this list: a point added in code but not here is a
 /// test gap).
-pub const CRASH_POINTS: [&str; 59] = [
+pub const CRASH_POINTS: [&str; 67] = [
     "ceremony.open.after_journal",
     "ceremony.sign_in.after_journal",
     QUORUM_MET,
@@ -112,13 +112,6 @@ pub const CRASH_POINTS: [&str; 59] = [
     SIGN_CRL.after_intent,
     SIGN_CRL.after_hsm,
     SIGN_CRL.after_result,
-];
-
-/// The crash points of a key-destruction ceremony. Not yet in
-/// [`CRASH_POINTS`]: the SIGKILL test's rig runs custodyd in real time, and
-/// a destruction is due only after its cancel window (at least an hour), so
-/// that test cannot reach them yet (docs/threat-model.md, C25).
-pub const DESTRUCTION_CRASH_POINTS: [&str; 8] = [
     MANIFEST.before_intent,
     MANIFEST.after_intent,
     MANIFEST.after_hsm,

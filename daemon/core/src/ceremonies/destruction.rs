@@ -50,7 +50,7 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
     let section = section(script)?;
     let key = keys::found(state, &section.key)?;
     for version in &section.versions {
-        keys::check_reservable(&key, *version, Carrier::Ceremony(script.id()))?;
+        keys::check_reservable(state, &key, *version, Carrier::Ceremony(script.id()))?;
     }
     crate::authz::ceremony_quorum_covers(
         &key,

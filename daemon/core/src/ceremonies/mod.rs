@@ -82,7 +82,7 @@ use restore::{bundle_signature_ok, restore, restored_label};
 use roll_back::roll_back;
 
 pub use backup::{KeyToBack, check_aad, make_bundle};
-pub use crash_points::{CRASH_POINTS, DESTRUCTION_CRASH_POINTS};
+pub use crash_points::CRASH_POINTS;
 pub use custodians::{SubmittedSecret, collect_share, submit_secret};
 pub use recovery::{PreviousStop, recover, take_over};
 pub use restore::restore_challenge;

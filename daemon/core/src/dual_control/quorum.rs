@@ -19,6 +19,12 @@ pub struct Quorum {
 }
 
 impl Quorum {
+    /// `M of a, b, c`.
+    pub fn text(&self) -> String {
+        let members: Vec<&str> = self.members.iter().map(String::as_str).collect();
+        format!("{} of {}", self.required, members.join(", "))
+    }
+
     /// A quorum, refusing impossible or weak ones: M ≥ 2, M ≤ N.
     pub fn new(members: impl IntoIterator<Item = String>, required: u32) -> Result<Quorum, String> {
         let list: Vec<String> = members.into_iter().collect();

@@ -7,6 +7,8 @@ use hsm_shim::{ErrorKind, KeyLabel};
 
 use super::{found, not_destroyed, update_version, version_of};
 use crate::action::Audited;
+use crate::dual_control::operation::Spec;
+use crate::dual_control::quorum::Quorum;
 use crate::lifecycle;
 use crate::names::version_name;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
@@ -51,19 +53,25 @@ fn not_held(version: &VersionRecord, name: &str) -> Result<(), Error> {
 }
 
 /// Schedules a version's destruction after the cancel window (only
-/// through an approved DESTROY_VERSION operation).
+/// through a DESTROY_VERSION operation approved under `approved_under`,
+/// recorded with the schedule: threat model C28).
 pub async fn schedule_destroy(
     custody: &Custody,
     audited: &mut Audited,
     key_id: &str,
     version: u32,
+    approved_under: &Quorum,
 ) -> Result<KeyRecord, Error> {
     let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     check_destroyable(&current, version)?;
     let at = custody.clock.now_ms() + custody.lifecycle.destroy_cancel_window_ms();
     audited.detail = format!("destroy at {}", crate::audit::rfc3339_ms(at));
     audited.intent(custody).await?;
-    update_version(custody, &current, version, |v| v.destroy_at_ms = Some(at)).await
+    update_version(custody, &current, version, |v| {
+        v.destroy_at_ms = Some(at);
+        v.destroy_approved_under = Some(approved_under.clone());
+    })
+    .await
 }
 
 /// Cancels a scheduled destruction.
@@ -85,7 +93,11 @@ pub async fn cancel_destroy(
         ));
     }
     audited.intent(custody).await?;
-    update_version(custody, &current, version, |v| v.destroy_at_ms = None).await
+    update_version(custody, &current, version, |v| {
+        v.destroy_at_ms = None;
+        v.destroy_approved_under = None;
+    })
+    .await
 }
 
 /// Places a legal hold (cancelling a scheduled destruction).
@@ -114,6 +126,7 @@ pub async fn set_legal_hold(
     update_version(custody, &current, version, |v| {
         v.legal_hold = Some(reason.to_string());
         v.destroy_at_ms = None;
+        v.destroy_approved_under = None;
     })
     .await
 }
@@ -146,14 +159,36 @@ pub enum Carrier<'a> {
 }
 
 /// Whether `carrier` may take on the scheduled destruction of `version`:
-/// approved and scheduled (DESTROY_VERSION), not cancelled, not held, not
-/// destroyed, still out of use (the rules that allowed the schedule), and reserved by no other carrier. A key-destruction ceremony
-/// reserves a version with this, when it opens; the cancel window need not
-/// have passed yet ([`check_due`] is asked before anything is destroyed).
+/// approved and scheduled (DESTROY_VERSION), under the DESTROY_VERSION
+/// quorum still in force ([`crate::authz::quorum_for`]: an approval counts
+/// under the policy it was given for, as a pending operation's does), not
+/// cancelled, not held, not destroyed, still out of use (the rules that
+/// allowed the schedule), and reserved by no other carrier. A
+/// key-destruction ceremony reserves a version with this, when it opens;
+/// the cancel window need not have passed yet ([`check_due`] is asked
+/// before anything is destroyed).
 pub fn check_reservable<'r>(
+    custody: &Custody,
     record: &'r KeyRecord,
     version: u32,
     carrier: Carrier<'_>,
+) -> Result<&'r VersionRecord, Error> {
+    let in_force = crate::authz::quorum_for(
+        custody,
+        &Spec::DestroyVersion {
+            key_id: record.key_id.clone(),
+            version,
+        },
+    )?;
+    reservable(record, version, carrier, &in_force)
+}
+
+/// [`check_reservable`], with the DESTROY_VERSION quorum now in force.
+fn reservable<'r>(
+    record: &'r KeyRecord,
+    version: u32,
+    carrier: Carrier<'_>,
+    in_force: &Quorum,
 ) -> Result<&'r VersionRecord, Error> {
     let existing = not_destroyed(record, version)?;
     let name = version_name(&record.key_id, version);
@@ -163,6 +198,19 @@ pub fn check_reservable<'r>(
             Reason::NotScheduled,
             format!(
                 "{name} is not scheduled for destruction: an approved DESTROY_VERSION schedules it (or it was cancelled)"
+            ),
+        ));
+    }
+    if existing.destroy_approved_under.as_ref() != Some(in_force) {
+        return Err(Error::new(
+            Reason::PolicyChanged,
+            format!(
+                "{name}'s destruction was approved under {}; DESTROY_VERSION now needs {}: it is not carried out (CancelDestroy, then request it again)",
+                existing
+                    .destroy_approved_under
+                    .as_ref()
+                    .map_or_else(|| "no recorded quorum".into(), Quorum::text),
+                in_force.text()
             ),
         ));
     }
@@ -194,7 +242,7 @@ pub fn check_due<'r>(
     version: u32,
     carrier: Carrier<'_>,
 ) -> Result<&'r VersionRecord, Error> {
-    let existing = check_reservable(record, version, carrier)?;
+    let existing = check_reservable(custody, record, version, carrier)?;
     let now = custody.clock.now_ms();
     let due = existing.destroy_at_ms.is_some_and(|at| at <= now);
     if !due || custody.clock.steps_pending() {
@@ -221,7 +269,21 @@ pub async fn destroy_due(
     version: u32,
 ) -> Result<KeyRecord, Error> {
     let (_guard, current) = crate::keys::locked(custody, key_id).await?;
-    let existing = check_due(custody, &current, version, Carrier::Scheduler)?;
+    let existing = match check_due(custody, &current, version, Carrier::Scheduler) {
+        // An approval no longer in force is void: the schedule is dropped
+        // (audited once, not every turn).
+        Err(error) if error.reason == Reason::PolicyChanged => {
+            audited.detail = "schedule dropped: approved under another quorum".into();
+            audited.intent(custody).await?;
+            update_version(custody, &current, version, |v| {
+                v.destroy_at_ms = None;
+                v.destroy_approved_under = None;
+            })
+            .await?;
+            return Err(error);
+        }
+        other => other?,
+    };
     audited.intent(custody).await?;
     let label = KeyLabel::new(existing.hsm_label.clone())?;
     custody
@@ -287,7 +349,7 @@ pub async fn reserve_for_ceremony(
 ) -> Result<KeyRecord, Error> {
     let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     for version in versions {
-        check_reservable(&current, *version, Carrier::Ceremony(ceremony))?;
+        check_reservable(custody, &current, *version, Carrier::Ceremony(ceremony))?;
     }
     let mut record = KeyRecord::clone(&current);
     for v in record
@@ -371,6 +433,7 @@ mod tests {
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroy_approved_under: destroy_at_ms.map(|_| quorum(2)),
         };
         KeyRecord {
             key_id: "k".into(),
@@ -391,8 +454,12 @@ mod tests {
         }
     }
 
+    fn quorum(required: u32) -> Quorum {
+        Quorum::new(["a", "b", "c"].map(String::from), required).expect("quorum")
+    }
+
     fn refused(record: &KeyRecord, version: u32, carrier: Carrier<'_>) -> Option<Reason> {
-        check_reservable(record, version, carrier)
+        reservable(record, version, carrier, &quorum(2))
             .err()
             .map(|e| e.reason)
     }
@@ -419,6 +486,19 @@ mod tests {
         assert_eq!(refused(&scheduled, 2, ceremony), Some(Reason::NotScheduled));
         let gone = key(VersionState::Destroyed, Some(10));
         assert_eq!(refused(&gone, 1, ceremony), Some(Reason::AlreadyDestroyed));
+
+        // Approved under another quorum than the one now in force (C28):
+        // tightened, loosened, or none recorded.
+        for other in [Some(quorum(3)), Some(quorum(2)), None] {
+            let mut changed = scheduled.clone();
+            changed.versions[0].destroy_approved_under = other.clone();
+            let in_force = quorum(3);
+            let refused = reservable(&changed, 1, ceremony, &in_force)
+                .err()
+                .map(|e| e.reason);
+            let expected = (other != Some(in_force.clone())).then_some(Reason::PolicyChanged);
+            assert_eq!(refused, expected, "approved under {other:?}");
+        }
 
         // Reserved: its ceremony only; neither the scheduler nor another.
         let mut reserved = scheduled.clone();

@@ -203,7 +203,9 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
                 "ExecuteDestroyVersion",
                 version_name(key_id, *version),
             );
-            let result = keys::schedule_destroy(custody, &mut audited, key_id, *version).await;
+            let result =
+                keys::schedule_destroy(custody, &mut audited, key_id, *version, &record.quorum)
+                    .await;
             audited.record(custody, result).await?;
             Ok(key_outcome(key_id))
         }

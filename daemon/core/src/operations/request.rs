@@ -518,8 +518,7 @@ fn check_pending_cap(custody: &Custody, requester: &str, now: i64) -> Result<(),
 
 /// `M of a, b, c`.
 pub fn quorum_text(quorum: &Quorum) -> String {
-    let members: Vec<&str> = quorum.members.iter().map(String::as_str).collect();
-    format!("{} of {}", quorum.required, members.join(", "))
+    quorum.text()
 }
 
 /// `operations/{id}`: the id (32 hex digits).
