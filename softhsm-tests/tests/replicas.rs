@@ -490,10 +490,13 @@ token_test!(
                 assert!(recorded >= *count, "r{i}: {count} acknowledged, {recorded} recorded");
             }
             // No operation ran twice: each finished at most once, and the
-            // key has one version more per rotation that succeeded.
+            // key has one version more per rotation that succeeded, and at
+            // most one more per rotation closed "interrupted" (approved,
+            // then a replica or the store failed before its outcome was
+            // stored: it may have taken effect).
             assert!(!requested.is_empty(), "rotations were requested under the load");
             let mut operations = OperationServiceClient::new(operator.clone());
-            let mut succeeded = 0;
+            let (mut succeeded, mut interrupted) = (0, 0);
             for name in &requested {
                 let finished = entries
                     .iter()
@@ -507,6 +510,8 @@ token_test!(
                     .into_inner();
                 if operation.state == OperationState::Succeeded as i32 {
                     succeeded += 1;
+                } else if operation.error.starts_with("interrupted") {
+                    interrupted += 1;
                 }
             }
             assert!(succeeded > 0, "rotations succeeded under the load");
@@ -515,7 +520,11 @@ token_test!(
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(rotated.versions.len(), 1 + succeeded, "one version per rotation that ran");
+            let versions = rotated.versions.len();
+            assert!(
+                (1 + succeeded..=1 + succeeded + interrupted).contains(&versions),
+                "one version per rotation that ran: {versions} versions, {succeeded} rotations succeeded, {interrupted} interrupted"
+            );
             // Every key acknowledged is there with its one version, and the
             // token holds nothing the registry and the generations in
             // flight do not account for.

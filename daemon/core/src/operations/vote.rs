@@ -243,7 +243,9 @@ async fn sweep(custody: &Custody) {
             // The quorum was complete but custodyd stopped before the
             // operation ran (or before its outcome was stored). Running it
             // now could run it twice; the officers re-approve instead.
-            record.error = Some("interrupted: custodyd stopped between the last approval and the outcome; request it again".into());
+            // It may have taken effect (a store that failed only for the
+            // outcome): say so, so that no one asks for it twice blindly.
+            record.error = Some("interrupted: custodyd stopped, or its store failed, between the last approval and the outcome being stored; whether it took effect is unknown: check its resource (the audit log records what was done) before requesting it again".into());
             if let Err(error) = finish(
                 custody,
                 &mut record,
