@@ -151,6 +151,52 @@ impl<'k> Officers<'k> {
             .map(tonic::Response::into_inner)
     }
 
+    /// A certifying ceremony run whole with `request` (the script and the
+    /// CSR or certificate sent with it): alice opens it, alice and bob sign
+    /// in and confirm the fingerprint. The ceremony as it awaited the
+    /// confirmations and as it ended; panics unless it completes.
+    pub async fn certify_whole(&self, request: StartCeremonyRequest) -> (Ceremony, Ceremony) {
+        use custody_proto::v1::CeremonyState;
+        let script = request.script.clone();
+        let opened = self
+            .start_with("alice", request)
+            .await
+            .unwrap_or_else(|e| panic!("open: {e}"));
+        let name = opened.name;
+        self.sign_in("alice", &name, &script)
+            .await
+            .unwrap_or_else(|e| panic!("alice signs in: {e}"));
+        let waiting = self
+            .sign_in("bob", &name, &script)
+            .await
+            .unwrap_or_else(|e| panic!("bob signs in: {e}"));
+        assert_eq!(
+            waiting.state,
+            CeremonyState::AwaitingConfirmation as i32,
+            "{}",
+            waiting.error
+        );
+        let fingerprint = waiting
+            .fingerprint
+            .clone()
+            .map(|f| f.value)
+            .unwrap_or_default();
+        self.confirm("alice", &name, &script, &fingerprint)
+            .await
+            .unwrap_or_else(|e| panic!("alice confirms: {e}"));
+        let done = self
+            .confirm("bob", &name, &script, &fingerprint)
+            .await
+            .unwrap_or_else(|e| panic!("bob confirms: {e}"));
+        assert_eq!(
+            done.state,
+            CeremonyState::Completed as i32,
+            "{}",
+            done.error
+        );
+        (waiting, done)
+    }
+
     /// Reads a ceremony.
     pub async fn get(&self, officer: &str, name: &str) -> Result<Ceremony, Status> {
         self.client(officer)

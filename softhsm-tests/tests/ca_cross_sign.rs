@@ -15,9 +15,7 @@
 use std::path::Path;
 
 use custody_core::ceremony::transcript::Transcript;
-use custody_proto::v1::{
-    Ceremony, CeremonyState, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest,
-};
+use custody_proto::v1::{Ceremony, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest};
 use sha2::Digest as _;
 use softhsm_tests::ceremony::Officers;
 use softhsm_tests::pkilint::Pkilint;
@@ -85,58 +83,24 @@ fn subject_key_id(cert: &X509Certificate<'_>) -> Vec<u8> {
         .unwrap()
 }
 
+/// The start of the ceremony of `script`, sending `certificate`.
+fn request(script: &str, certificate: &[u8]) -> StartCeremonyRequest {
+    StartCeremonyRequest {
+        script: script.into(),
+        bundle: String::new(),
+        csr: Vec::new(),
+        certificate: certificate.to_vec(),
+    }
+}
+
 async fn start(
     officers: &Officers<'_>,
     script: &str,
     certificate: &[u8],
 ) -> Result<Ceremony, tonic::Status> {
     officers
-        .client("alice")
-        .start_ceremony(StartCeremonyRequest {
-            script: script.into(),
-            bundle: String::new(),
-            csr: Vec::new(),
-            certificate: certificate.to_vec(),
-        })
+        .start_with("alice", request(script, certificate))
         .await
-        .map(tonic::Response::into_inner)
-}
-
-/// The whole ceremony: start with `certificate`, two sign-ins, two
-/// confirmations.
-async fn cross_sign(
-    officers: &Officers<'_>,
-    script: &str,
-    certificate: &[u8],
-) -> (Ceremony, Ceremony) {
-    let opened = start(officers, script, certificate).await.unwrap();
-    officers
-        .sign_in("alice", &opened.name, script)
-        .await
-        .unwrap();
-    let waiting = officers.sign_in("bob", &opened.name, script).await.unwrap();
-    assert_eq!(
-        waiting.state,
-        CeremonyState::AwaitingConfirmation as i32,
-        "{}",
-        waiting.error
-    );
-    let fingerprint = waiting.fingerprint.clone().unwrap().value;
-    officers
-        .confirm("alice", &opened.name, script, &fingerprint)
-        .await
-        .unwrap();
-    let done = officers
-        .confirm("bob", &opened.name, script, &fingerprint)
-        .await
-        .unwrap();
-    assert_eq!(
-        done.state,
-        CeremonyState::Completed as i32,
-        "{}",
-        done.error
-    );
-    (waiting, done)
 }
 
 /// Refused at open with `expected`, and no ceremony journaled: nothing
@@ -180,7 +144,7 @@ token_test!(
             let partner = openssl_ca(&dir, "partner", CA);
             let sha256 = sha2::Sha256::digest(&partner);
             let script = cross_script("c-cross", &sha256);
-            let (waiting, done) = cross_sign(&officers, &script, &partner).await;
+            let (waiting, done) = officers.certify_whole(request(&script, &partner)).await;
             assert!(
                 waiting.tbs_summary.iter().any(|l| l == "subject: C=DE, O=Partner Demo, CN=Partner Root CA"),
                 "{:?}",

@@ -15,9 +15,7 @@
 use std::path::Path;
 
 use custody_core::ceremony::transcript::Transcript;
-use custody_proto::v1::{
-    Ceremony, CeremonyState, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest,
-};
+use custody_proto::v1::{Ceremony, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest};
 use sha2::Digest as _;
 use softhsm_tests::ceremony::Officers;
 use softhsm_tests::pkilint::Pkilint;
@@ -72,53 +70,22 @@ fn der(pem: &[u8]) -> Vec<u8> {
     x509_parser::pem::parse_x509_pem(pem).unwrap().1.contents
 }
 
+/// The start of the ceremony of `script`, sending `csr`.
+fn request(script: &str, csr: &[u8]) -> StartCeremonyRequest {
+    StartCeremonyRequest {
+        script: script.into(),
+        bundle: String::new(),
+        csr: csr.to_vec(),
+        certificate: Vec::new(),
+    }
+}
+
 async fn start(
     officers: &Officers<'_>,
     script: &str,
     csr: &[u8],
 ) -> Result<Ceremony, tonic::Status> {
-    officers
-        .client("alice")
-        .start_ceremony(StartCeremonyRequest {
-            script: script.into(),
-            bundle: String::new(),
-            csr: csr.to_vec(),
-            certificate: Vec::new(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// The whole ceremony: start with `csr`, two sign-ins, two confirmations.
-async fn certify(officers: &Officers<'_>, script: &str, csr: &[u8]) -> (Ceremony, Ceremony) {
-    let opened = start(officers, script, csr).await.unwrap();
-    officers
-        .sign_in("alice", &opened.name, script)
-        .await
-        .unwrap();
-    let waiting = officers.sign_in("bob", &opened.name, script).await.unwrap();
-    assert_eq!(
-        waiting.state,
-        CeremonyState::AwaitingConfirmation as i32,
-        "{}",
-        waiting.error
-    );
-    let fingerprint = waiting.fingerprint.clone().unwrap().value;
-    officers
-        .confirm("alice", &opened.name, script, &fingerprint)
-        .await
-        .unwrap();
-    let done = officers
-        .confirm("bob", &opened.name, script, &fingerprint)
-        .await
-        .unwrap();
-    assert_eq!(
-        done.state,
-        CeremonyState::Completed as i32,
-        "{}",
-        done.error
-    );
-    (waiting, done)
+    officers.start_with("alice", request(script, csr)).await
 }
 
 /// Refused at open with `expected`, and no ceremony journaled: nothing
@@ -155,7 +122,7 @@ token_test!(
             let csr = openssl_csr(&dir, "issuing", "ec_paramgen_curve:P-256", &[]);
             let sha256 = sha2::Sha256::digest(&csr);
             let script = csr_script("c-csr", &sha256);
-            let (waiting, done) = certify(&officers, &script, &csr).await;
+            let (waiting, done) = officers.certify_whole(request(&script, &csr)).await;
             assert!(
                 waiting.tbs_summary.iter().any(|l| l == "subject: C=DE, O=Outside Demo, CN=Outside Issuing CA"),
                 "{:?}",
@@ -244,7 +211,7 @@ token_test!(
                 ],
             );
             let script = csr_script("c-greedy", &sha2::Sha256::digest(&csr));
-            let (_, done) = certify(&officers, &script, &csr).await;
+            let (_, done) = officers.certify_whole(request(&script, &csr)).await;
             let cert_der = certificate(&done.certificate_pem);
             let (_, cert) = X509Certificate::from_der(&cert_der).unwrap();
             let mut seen = Vec::new();
