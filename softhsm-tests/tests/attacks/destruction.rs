@@ -251,21 +251,7 @@ token_test!(
             let officers = officers_of(&service).await;
             let operator = service.client("operator").await;
             retired(&operator).await;
-            // DESTROY_VERSION of old-root needs all three officers.
-            let tighten = request_operation(
-                &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/old-root".into(),
-                    operation: OperationKind::DestroyVersion as i32,
-                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
-                    required: 3,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("alice", &tighten).await.unwrap();
-            let set = service.approve("bob", &tighten).await.unwrap();
-            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+            tighten_to_three(&service, &operator).await;
             let destroy = operation_spec::Spec::DestroyVersion(VersionRef { name: V1.into() });
             let operation = request_operation(&operator, destroy).await.unwrap();
             for officer in ["alice", "bob", "carol"] {
