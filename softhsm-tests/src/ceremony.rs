@@ -197,6 +197,47 @@ impl<'k> Officers<'k> {
         (waiting, done)
     }
 
+    /// Opening with `request` is refused with the reason `expected`, and no
+    /// ceremony of the script's id was journaled: nothing signed in,
+    /// nothing asked of the HSM.
+    pub async fn refused_at_open(&self, request: StartCeremonyRequest, expected: &str) {
+        let id = request
+            .script
+            .lines()
+            .find_map(|l| l.strip_prefix("id = "))
+            .map(|id| id.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("the script names no id"));
+        let error = match self.start_with("alice", request).await {
+            Ok(opened) => panic!("{} opened; expected {expected}", opened.name),
+            Err(error) => error,
+        };
+        assert_eq!(
+            crate::service::reason(&error),
+            expected,
+            "{}",
+            error.message()
+        );
+        let none = match self
+            .client("alice")
+            .get_ceremony(GetCeremonyRequest {
+                name: format!("ceremonies/{id}"),
+            })
+            .await
+        {
+            Ok(found) => panic!(
+                "ceremonies/{id} was journaled: {:?}",
+                found.into_inner().state
+            ),
+            Err(none) => none,
+        };
+        assert_eq!(
+            crate::service::reason(&none),
+            "NOT_FOUND",
+            "{}",
+            none.message()
+        );
+    }
+
     /// Reads a ceremony.
     pub async fn get(&self, officer: &str, name: &str) -> Result<Ceremony, Status> {
         self.client(officer)

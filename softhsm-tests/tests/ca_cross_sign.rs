@@ -15,11 +15,11 @@
 use std::path::Path;
 
 use custody_core::ceremony::transcript::Transcript;
-use custody_proto::v1::{Ceremony, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest};
+use custody_proto::v1::{Ceremony, GetTranscriptRequest, StartCeremonyRequest};
 use sha2::Digest as _;
 use softhsm_tests::ceremony::Officers;
 use softhsm_tests::pkilint::Pkilint;
-use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::service::{TestService, runtime};
 use softhsm_tests::{openssl, token_test};
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -84,7 +84,7 @@ fn subject_key_id(cert: &X509Certificate<'_>) -> Vec<u8> {
 }
 
 /// The start of the ceremony of `script`, sending `certificate`.
-fn request(script: &str, certificate: &[u8]) -> StartCeremonyRequest {
+fn opening(script: &str, certificate: &[u8]) -> StartCeremonyRequest {
     StartCeremonyRequest {
         script: script.into(),
         bundle: String::new(),
@@ -99,33 +99,8 @@ async fn start(
     certificate: &[u8],
 ) -> Result<Ceremony, tonic::Status> {
     officers
-        .start_with("alice", request(script, certificate))
+        .start_with("alice", opening(script, certificate))
         .await
-}
-
-/// Refused at open with `expected`, and no ceremony journaled: nothing
-/// signed in, nothing asked of the HSM.
-async fn refused_at_open(
-    officers: &Officers<'_>,
-    script: &str,
-    certificate: &[u8],
-    expected: &str,
-) {
-    let error = start(officers, script, certificate).await.unwrap_err();
-    assert_eq!(reason(&error), expected, "{}", error.message());
-    let id = script
-        .lines()
-        .find_map(|l| l.strip_prefix("id = "))
-        .unwrap()
-        .trim_matches('"');
-    let none = officers
-        .client("alice")
-        .get_ceremony(GetCeremonyRequest {
-            name: format!("ceremonies/{id}"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(reason(&none), "NOT_FOUND", "{}", none.message());
 }
 
 fn verify(args: &[&str]) -> String {
@@ -144,7 +119,7 @@ token_test!(
             let partner = openssl_ca(&dir, "partner", CA);
             let sha256 = sha2::Sha256::digest(&partner);
             let script = cross_script("c-cross", &sha256);
-            let (waiting, done) = officers.certify_whole(request(&script, &partner)).await;
+            let (waiting, done) = officers.certify_whole(opening(&script, &partner)).await;
             assert!(
                 waiting.tbs_summary.iter().any(|l| l == "subject: C=DE, O=Partner Demo, CN=Partner Root CA"),
                 "{:?}",
@@ -248,23 +223,23 @@ token_test!(
             // The officers reviewed the script naming `reviewed`; another
             // CA certificate (another key, same subject) is sent.
             let script = cross_script("c-swap", &sha2::Sha256::digest(&reviewed));
-            refused_at_open(&officers, &script, &swapped, "CROSS_SIGN_MISMATCH").await;
-            refused_at_open(&officers, &script, b"", "CROSS_SIGN_MISMATCH").await;
+            officers.refused_at_open(opening(&script, &swapped), "CROSS_SIGN_MISMATCH").await;
+            officers.refused_at_open(opening(&script, b""), "CROSS_SIGN_MISMATCH").await;
 
             // A certificate that is not a CA's: the script names its bytes,
             // but the root would make a CA of an end entity.
             let leaf = openssl_ca(&dir, "leaf", &["-addext", "basicConstraints=critical,CA:FALSE"]);
             let script = cross_script("c-leaf", &sha2::Sha256::digest(&leaf));
-            refused_at_open(&officers, &script, &leaf, "CROSS_SIGN_NOT_CA").await;
+            officers.refused_at_open(opening(&script, &leaf), "CROSS_SIGN_NOT_CA").await;
 
             // The custody root's own certificate: it would cross-sign itself.
             let script = cross_script("c-self", &sha2::Sha256::digest(root_pem.as_bytes()));
-            refused_at_open(&officers, &script, root_pem.as_bytes(), "CROSS_SIGN_IS_ISSUER_KEY").await;
+            officers.refused_at_open(opening(&script, root_pem.as_bytes()), "CROSS_SIGN_IS_ISSUER_KEY").await;
 
             // Not a certificate at all, named by its digest.
             let junk = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
             let script = cross_script("c-junk", &sha2::Sha256::digest(junk));
-            refused_at_open(&officers, &script, junk, "BAD_CROSS_SIGN_CERTIFICATE").await;
+            officers.refused_at_open(opening(&script, junk), "BAD_CROSS_SIGN_CERTIFICATE").await;
 
             // The reviewed certificate itself opens.
             let script = cross_script("c-good", &sha2::Sha256::digest(&reviewed));

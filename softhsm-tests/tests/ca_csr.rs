@@ -15,11 +15,11 @@
 use std::path::Path;
 
 use custody_core::ceremony::transcript::Transcript;
-use custody_proto::v1::{Ceremony, GetCeremonyRequest, GetTranscriptRequest, StartCeremonyRequest};
+use custody_proto::v1::{Ceremony, GetTranscriptRequest, StartCeremonyRequest};
 use sha2::Digest as _;
 use softhsm_tests::ceremony::Officers;
 use softhsm_tests::pkilint::Pkilint;
-use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::service::{TestService, runtime};
 use softhsm_tests::{openssl, token_test};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::ParsedExtension;
@@ -71,7 +71,7 @@ fn der(pem: &[u8]) -> Vec<u8> {
 }
 
 /// The start of the ceremony of `script`, sending `csr`.
-fn request(script: &str, csr: &[u8]) -> StartCeremonyRequest {
+fn opening(script: &str, csr: &[u8]) -> StartCeremonyRequest {
     StartCeremonyRequest {
         script: script.into(),
         bundle: String::new(),
@@ -85,27 +85,7 @@ async fn start(
     script: &str,
     csr: &[u8],
 ) -> Result<Ceremony, tonic::Status> {
-    officers.start_with("alice", request(script, csr)).await
-}
-
-/// Refused at open with `expected`, and no ceremony journaled: nothing
-/// signed in, nothing asked of the HSM.
-async fn refused_at_open(officers: &Officers<'_>, script: &str, csr: &[u8], expected: &str) {
-    let error = start(officers, script, csr).await.unwrap_err();
-    assert_eq!(reason(&error), expected, "{}", error.message());
-    let id = script
-        .lines()
-        .find_map(|l| l.strip_prefix("id = "))
-        .unwrap()
-        .trim_matches('"');
-    let none = officers
-        .client("alice")
-        .get_ceremony(GetCeremonyRequest {
-            name: format!("ceremonies/{id}"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(reason(&none), "NOT_FOUND", "{}", none.message());
+    officers.start_with("alice", opening(script, csr)).await
 }
 
 fn certificate(pem: &str) -> Vec<u8> {
@@ -122,7 +102,7 @@ token_test!(
             let csr = openssl_csr(&dir, "issuing", "ec_paramgen_curve:P-256", &[]);
             let sha256 = sha2::Sha256::digest(&csr);
             let script = csr_script("c-csr", &sha256);
-            let (waiting, done) = officers.certify_whole(request(&script, &csr)).await;
+            let (waiting, done) = officers.certify_whole(opening(&script, &csr)).await;
             assert!(
                 waiting.tbs_summary.iter().any(|l| l == "subject: C=DE, O=Outside Demo, CN=Outside Issuing CA"),
                 "{:?}",
@@ -211,7 +191,7 @@ token_test!(
                 ],
             );
             let script = csr_script("c-greedy", &sha2::Sha256::digest(&csr));
-            let (_, done) = officers.certify_whole(request(&script, &csr)).await;
+            let (_, done) = officers.certify_whole(opening(&script, &csr)).await;
             let cert_der = certificate(&done.certificate_pem);
             let (_, cert) = X509Certificate::from_der(&cert_der).unwrap();
             let mut seen = Vec::new();
@@ -255,8 +235,8 @@ token_test!(
             // The officers reviewed the script naming `reviewed`; another
             // CSR (another key, same subject) is sent.
             let script = csr_script("c-swap", &sha2::Sha256::digest(&reviewed));
-            refused_at_open(&officers, &script, &swapped, "CSR_MISMATCH").await;
-            refused_at_open(&officers, &script, b"", "CSR_MISMATCH").await;
+            officers.refused_at_open(opening(&script, &swapped), "CSR_MISMATCH").await;
+            officers.refused_at_open(opening(&script, b""), "CSR_MISMATCH").await;
 
             // The subject changed after the key signed the request: the
             // script names these very bytes, but the signature does not
@@ -268,7 +248,7 @@ token_test!(
                 .unwrap();
             forged[at..at + 18].copy_from_slice(b"Mallory Issuing CA");
             let script = csr_script("c-forged", &sha2::Sha256::digest(&forged));
-            refused_at_open(&officers, &script, &forged, "CSR_SIGNATURE_INVALID").await;
+            officers.refused_at_open(opening(&script, &forged), "CSR_SIGNATURE_INVALID").await;
 
             // A CSR carrying the root's own public key (P-384, its SPKI put
             // in place of the CSR key's): the root would certify itself.
@@ -284,14 +264,14 @@ token_test!(
             let mut roots = p384.clone();
             roots[at..at + own.len()].copy_from_slice(&root_spki);
             let script = csr_script("c-root-key", &sha2::Sha256::digest(&roots));
-            refused_at_open(&officers, &script, &roots, "CSR_IS_ISSUER_KEY").await;
+            officers.refused_at_open(opening(&script, &roots), "CSR_IS_ISSUER_KEY").await;
 
             // A CSR sent with a script that certifies a custody key.
             let keyed = include_str!("../../deploy/ceremonies/intermediate.toml")
                 .replace("\"demo-intermediate-2026\"", "\"c-keyed\"");
             let operator = service.client("operator").await;
             softhsm_tests::service::create_key(&operator, "issuing-ca", "EC_SIGN_P256_SHA256", None).await;
-            refused_at_open(&officers, &keyed, &reviewed, "BAD_CSR").await;
+            officers.refused_at_open(opening(&keyed, &reviewed), "BAD_CSR").await;
             // The reviewed CSR itself opens.
             let script = csr_script("c-good", &sha2::Sha256::digest(&reviewed));
             start(&officers, &script, &reviewed).await.unwrap();
