@@ -63,6 +63,8 @@ impl Daemon {
         phases.done("tls");
         let db = open_store(&config)?;
         phases.done("store");
+        let records = audit_records(&config, &db)?;
+        phases.done("audit_records");
         // Who takes this process's claims and locks in the store.
         let holder = config.store.replica_id.as_deref().unwrap_or("custodyd");
         let epochs =
@@ -78,8 +80,8 @@ impl Daemon {
             .read(custody_core::shared::Domain::Registry)
             .map_err(|e| format!("store: {e}"))?;
         phases.done("epochs");
-        let (chain, checked_keys) =
-            custody_core::integrity::check_at_start(&db).into_checked(&config.data_dir)?;
+        let (chain, checked_keys) = custody_core::integrity::check_at_start(&db, &records)
+            .into_checked(&config.data_dir)?;
         phases.done("check");
         // Every rule decides by the guarded clock: never backwards, even
         // across a restart, and steps reported (threat model F7).
@@ -125,9 +127,8 @@ impl Daemon {
             .await
             .map_err(|e| format!("store: the start's claim: {e}"))?;
         phases.done("first_start_claim");
-        let started_before = !chain.is_empty()
-            || custody_core::audit::stored_log_holds_records(&db)
-                .map_err(|e| format!("store: {e}"))?;
+        let started_before =
+            !chain.is_empty() || records.holds_records().map_err(|e| format!("store: {e}"))?;
         let left = if started_before {
             None
         } else {
@@ -138,6 +139,7 @@ impl Daemon {
         phases.done("registry");
         let audit = AuditLog::open(
             &db,
+            &records,
             &chain,
             &hsm,
             CheckpointPolicy {
@@ -562,6 +564,22 @@ fn make_private_dir(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("data dir {}: {e}", dir.display()))
+}
+
+/// Where the audit records lie (threat model Q5): with the embedded
+/// store, a segment log of their own in the data directory (a directory
+/// written before segments is moved into one first, and a torn tail a
+/// crash left is cut); with etcd, the shared store, which every replica
+/// appends to.
+fn audit_records(
+    config: &Config,
+    db: &custody_store::Store,
+) -> Result<custody_core::audit::RecordHome, String> {
+    match config.store.backend {
+        StoreBackend::Sled => custody_core::audit::open_segments_for_writing(db, &config.data_dir)
+            .map_err(|e| format!("audit log: {e}")),
+        StoreBackend::Etcd => Ok(custody_core::audit::RecordHome::Store(db.clone())),
+    }
 }
 
 /// Opens custodyd's database in `dir`, which is made (or narrowed to)

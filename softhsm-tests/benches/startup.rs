@@ -133,9 +133,11 @@ fn parts(service: &TestService) -> Parts {
         service.config.storage.cache_bytes(),
     )
     .expect("db");
+    let records = custody_core::audit::RecordHome::of_data_dir(&db, &service.config.data_dir)
+        .expect("audit records");
     let open_time = start.elapsed();
     let start = Instant::now();
-    let at_start = custody_core::integrity::check_at_start(&db);
+    let at_start = custody_core::integrity::check_at_start(&db, &records);
     let at_start_time = start.elapsed();
     assert!(
         at_start.is_clean(),
@@ -148,7 +150,7 @@ fn parts(service: &TestService) -> Parts {
         (Duration::ZERO, 0)
     } else {
         let start = Instant::now();
-        let whole = custody_core::integrity::check(&db);
+        let whole = custody_core::integrity::check(&db, &records);
         let whole_time = start.elapsed();
         assert!(
             whole.is_clean(),

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit_files;
 pub mod ceremony;
 pub mod etcd;
 pub mod grpcio;

@@ -22,6 +22,8 @@ use softhsm_tests::process::{
 };
 use softhsm_tests::{TestToken, token_test};
 
+#[path = "process/audit_segments.rs"]
+mod audit_segments;
 #[path = "process/destruction.rs"]
 mod destruction;
 
@@ -45,6 +47,20 @@ fn sign_request(i: u32) -> SignRequest {
     }
 }
 
+/// Creates `key_id`, an EC P-256 signing key the principal `ca` may use.
+async fn create_signing_key(operator: tonic::transport::Channel, key_id: &str) {
+    KeyServiceClient::new(operator)
+        .create_key(CreateKeyRequest {
+            key_id: key_id.into(),
+            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            purpose: 1,
+            allowed_signers: vec!["ca".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -59,16 +75,7 @@ token_test!(
             let (pki, config) = prepare(token, port);
             let mut daemon = spawn(&config);
             let operator = ready(&pki, port, &mut daemon).await;
-            KeyServiceClient::new(operator)
-                .create_key(CreateKeyRequest {
-                    key_id: "k".into(),
-                    algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
-                    purpose: 1,
-                    allowed_signers: vec!["ca".into()],
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            create_signing_key(operator, "k").await;
             let signer = connect(&pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
             let mut client = SigningServiceClient::new(signer);
             let acknowledged = 40;

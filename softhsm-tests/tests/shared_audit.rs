@@ -95,9 +95,11 @@ fn appends_from_every_writer_make_one_chain(writers: &[(AuditLog, &str)], each: 
 }
 
 fn open_writer(store: &Store, token: &TestToken, replica: &str) -> AuditLog {
-    let checked = custody_core::integrity::check(store);
+    let records = custody_core::audit::RecordHome::Store(store.clone());
+    let checked = custody_core::integrity::check(store, &records);
     AuditLog::open(
         store,
+        &records,
         &checked.chain,
         &token.open(),
         CheckpointPolicy {

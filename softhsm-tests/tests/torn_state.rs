@@ -22,6 +22,7 @@ use custody_proto::v1::{
     CeremonyState, CheckDriftRequest, CreateKeyRequest, EncryptRequest, GetKeyRequest,
 };
 use sha2::Digest as _;
+use softhsm_tests::audit_files::{self, open_stopped_db};
 use softhsm_tests::ceremony::{Officers, kek_script, restore_script, root_script};
 use softhsm_tests::service::{TestService, create_key, runtime};
 use softhsm_tests::{TestToken, copy_dir, token_test};
@@ -161,20 +162,13 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
     files
 }
 
-/// The stopped daemon's database, opened without sled's background flusher:
-/// that thread holds the database's file lock for a while after the handle is
-/// dropped, so a daemon started right after could find it still locked.
-fn open_stopped_db(data_dir: &Path) -> sled::Db {
-    sled::Config::new()
-        .path(data_dir.join("custody.sled"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap()
-}
-
-/// Applies `case` to the stopped daemon's database in `data_dir`; returns
-/// the tree and the key (as the report shows it) the refusal must name.
+/// Applies `case` to the stopped daemon's database in `data_dir` (its
+/// audit segment log for tree `audit`); returns the tree and the key (as
+/// the report shows it) the refusal must name.
 fn damage(data_dir: &Path, case: &Case) -> (String, String) {
+    if case.tree == "audit" {
+        return damage_audit(data_dir, case);
+    }
     let db = open_stopped_db(data_dir);
     let tree = db.open_tree(case.tree).unwrap();
     let pick = |target: Target| -> Vec<u8> {
@@ -261,6 +255,44 @@ fn damage(data_dir: &Path, case: &Case) -> (String, String) {
         Named::Other(tree, key) => (tree.into(), show_key(key.as_bytes())),
         Named::SomeOf(tree) => (tree.into(), String::new()),
     }
+}
+
+/// [`damage`] for the audit log, whose records lie in segment files: read,
+/// changed as the case says, and written back with frames whose CRCs match
+/// (what an attacker who knows the format writes), so that what is left to
+/// catch it is the chain.
+fn damage_audit(data_dir: &Path, case: &Case) -> (String, String) {
+    let mut records: BTreeMap<u64, Vec<u8>> = audit_files::read(data_dir).into_iter().collect();
+    let last = *records.keys().last().unwrap();
+    let seq = match case.target {
+        Target::MiddleRecord => last / 2,
+        Target::Record(n) => n,
+        Target::All => 1,
+        other => panic!("no audit case targets {other:?}"),
+    };
+    let value = records.get_mut(&seq).unwrap();
+    match case.damage {
+        Damage::FlipMiddle => {
+            let at = value.len() / 2;
+            value[at] ^= 0x01;
+        }
+        Damage::Truncate => value.truncate(value.len() / 2),
+        Damage::Delete if matches!(case.target, Target::All) => records.clear(),
+        Damage::Delete => {
+            records.remove(&seq);
+        }
+        other => panic!("no audit case damages by {other:?}"),
+    }
+    let records: Vec<(u64, Vec<u8>)> = records.into_iter().collect();
+    audit_files::write(data_dir, &records);
+    let n = match case.named {
+        Named::AuditRecord => seq,
+        _ => 1,
+    };
+    (
+        "audit".into(),
+        format!("record {n} (0x{})", hex::encode(n.to_be_bytes())),
+    )
 }
 
 /// A config file for `custodyd --check` on `data_dir`, with an HSM module
@@ -494,13 +526,11 @@ token_test!(
 /// Flips one bit in the middle of audit record `seq`'s entry (its stored
 /// hash no longer matches).
 fn flip_audit_record(data_dir: &Path, seq: u64) {
-    let db = open_stopped_db(data_dir);
-    let tree = db.open_tree("audit").unwrap();
-    let mut value = tree.get(seq.to_be_bytes()).unwrap().unwrap().to_vec();
+    let mut records = audit_files::read(data_dir);
+    let (_, value) = records.iter_mut().find(|(s, _)| *s == seq).unwrap();
     let middle = 32 + (value.len() - 32) / 2;
     value[middle] ^= 0x01;
-    tree.insert(seq.to_be_bytes(), value).unwrap();
-    db.flush().unwrap();
+    audit_files::write(data_dir, &records);
 }
 
 /// What an attacker with the database but not the HSM can do to the
@@ -509,17 +539,12 @@ fn flip_audit_record(data_dir: &Path, seq: u64) {
 /// holds together from record 1 to its end.
 fn forge_checkpoint_signature(data_dir: &Path, seq: u64) {
     use p256::ecdsa::signature::Signer;
-    let db = open_stopped_db(data_dir);
-    let tree = db.open_tree("audit").unwrap();
-    let before = tree.get((seq - 1).to_be_bytes()).unwrap().unwrap();
+    let mut records = audit_files::read(data_dir);
+    let before = &records.iter().find(|(s, _)| *s == seq - 1).unwrap().1;
     let mut prev: [u8; 32] = before[..32].try_into().unwrap();
     let attacker = p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap();
-    let records: Vec<_> = tree
-        .range(seq.to_be_bytes()..)
-        .map(Result::unwrap)
-        .collect();
     let mut last = seq;
-    for (key, value) in records {
+    for (key, value) in records.iter_mut().filter(|(s, _)| *s >= seq) {
         let mut entry: serde_json::Value = serde_json::from_slice(&value[32..]).unwrap();
         entry["prev"] = hex::encode(prev).into();
         if entry["seq"] == seq {
@@ -530,10 +555,11 @@ fn forge_checkpoint_signature(data_dir: &Path, seq: u64) {
         }
         let bytes = serde_json::to_vec(&entry).unwrap();
         prev = custody_core::audit::chain_hash(&prev, &bytes);
-        tree.insert(&key, [prev.as_slice(), &bytes].concat())
-            .unwrap();
-        last = u64::from_be_bytes(key.as_ref().try_into().unwrap());
+        *value = [prev.as_slice(), &bytes].concat();
+        last = *key;
     }
+    audit_files::write(data_dir, &records);
+    let db = open_stopped_db(data_dir);
     let head = db.open_tree("audit_head").unwrap();
     head.insert("head", [last.to_be_bytes().as_slice(), &prev].concat())
         .unwrap();
@@ -601,6 +627,145 @@ token_test!(
             let report = service.state().audit.verify();
             assert_eq!(report.first_bad, None);
             assert!(report.checkpoints >= 1, "{report:?}");
+        });
+    }
+);
+
+/// A service that made a key and stopped, and its data directory.
+async fn stopped_with_a_key(token: &TestToken) -> (TestService, PathBuf) {
+    let mut service = TestService::start(token).await;
+    create_key(
+        &service.client("operator").await,
+        "k",
+        "EC_SIGN_P256_SHA256",
+        None,
+    )
+    .await;
+    service.stop().await;
+    let data_dir = service.config.data_dir.clone();
+    (service, data_dir)
+}
+
+token_test!(
+    fn the_audit_segment_files_a_torn_tail_is_cut_and_every_other_defect_is_refused(token) {
+        // Threat model Q5–Q7: the files of the audit segment log as a crash
+        // or someone else left them.
+        runtime().block_on(async {
+            let (mut service, data_dir) = stopped_with_a_key(token).await;
+            let pristine = token.scratch().join("pristine");
+            copy_dir(&data_dir, &pristine);
+            let config = check_config(&token.scratch(), &data_dir, token);
+            let restore = || {
+                std::fs::remove_dir_all(&data_dir).unwrap();
+                copy_dir(&pristine, &data_dir);
+            };
+            let before = audit_files::read(&data_dir);
+            let last_seq = before.last().unwrap().0;
+            let last_file = || audit_files::segment_files(&data_dir).pop().unwrap();
+            let len = |path: &Path| std::fs::metadata(path).unwrap().len();
+
+            // Half a group commit after the last acknowledged record (what a
+            // crash before the sync leaves): the offline check reads past
+            // it, the start cuts it, and the log goes on whole.
+            let whole = len(&last_file());
+            let torn = custody_store::segments::frame(last_seq + 1, &[b'x'; 200]);
+            let mut file = std::fs::OpenOptions::new().append(true).open(last_file()).unwrap();
+            std::io::Write::write_all(&mut file, &torn[..120]).unwrap();
+            drop(file);
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 0, "a torn tail is no finding: {report}");
+            service.try_restart().await.unwrap();
+            let report = service.state().audit.verify();
+            assert_eq!(report.first_bad, None, "{report:?}");
+            assert!(report.last_seq > last_seq, "the log went on: {report:?}");
+            service.stop().await;
+            let after = audit_files::read(&data_dir);
+            assert_eq!(&after[..before.len()], &before[..], "every acknowledged record is there");
+            assert!(len(&last_file()) > whole, "appended after the cut");
+
+            // The last acknowledged record cut short: the head names it, so
+            // it is no torn tail. Refused, and nothing is cut.
+            restore();
+            let file = std::fs::OpenOptions::new().write(true).open(last_file()).unwrap();
+            file.set_len(whole - 10).unwrap();
+            drop(file);
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "{report}");
+            assert!(report.contains("records were cut from its end"), "{report}");
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains("records were cut from its end"), "{refusal}");
+            assert_eq!(len(&last_file()), whole - 10, "the refused start cut nothing");
+
+            // A byte flipped inside the last file, frames after it: its CRC
+            // fails and it is not the tail.
+            restore();
+            let mut bytes = std::fs::read(last_file()).unwrap();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x10;
+            std::fs::write(last_file(), &bytes).unwrap();
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "{report}");
+            assert!(report.contains("tree `audit`"), "{report}");
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains("tree `audit`"), "{refusal}");
+            assert_eq!(std::fs::read(last_file()).unwrap(), bytes, "nothing repaired");
+
+            // A file custodyd did not write, in the log's directory.
+            restore();
+            std::fs::write(audit_files::segments_dir(&data_dir).join("00000000000000000099.seg.old"), b"x").unwrap();
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "{report}");
+            assert!(service.try_restart().await.is_err(), "custodyd started");
+
+            // The segment log's directory removed: the head in the database
+            // names records no home holds. No new log over them.
+            restore();
+            std::fs::remove_dir_all(audit_files::segments_dir(&data_dir)).unwrap();
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "{report}");
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains("tree `audit`"), "{refusal}");
+            assert!(!audit_files::segments_dir(&data_dir).exists(), "no new log was made");
+
+            restore();
+            service.try_restart().await.unwrap();
+            assert_eq!(service.state().audit.verify().first_bad, None);
+        });
+    }
+);
+
+token_test!(
+    fn a_directory_written_before_segments_moves_its_audit_log_once_and_whole(token) {
+        // Threat model Q7: the move keeps every record, and two homes that
+        // disagree are refused, not chosen between.
+        runtime().block_on(async {
+            let (mut service, data_dir) = stopped_with_a_key(token).await;
+            let before = audit_files::read(&data_dir);
+            assert_eq!(audit_files::to_layout_before_segments(&data_dir), before.len());
+            let old = token.scratch().join("old-layout");
+            copy_dir(&data_dir, &old);
+
+            service.try_restart().await.unwrap();
+            let report = service.state().audit.verify();
+            assert_eq!(report.first_bad, None, "{report:?}");
+            assert!(report.last_seq > before.len() as u64, "{report:?}");
+            service.stop().await;
+            assert_eq!(&audit_files::read(&data_dir)[..before.len()], &before[..]);
+            assert_eq!(audit_files::records_in_database(&data_dir), 0, "the tree was cleared");
+            // Started again: nothing moves a second time.
+            let files = audit_files::segment_files(&data_dir);
+            service.try_restart().await.unwrap();
+            service.stop().await;
+            assert_eq!(&audit_files::segment_files(&data_dir)[..files.len()], &files[..]);
+
+            // Someone made an empty `audit/` beside the old tree: the two
+            // homes disagree, and custodyd does not choose.
+            std::fs::remove_dir_all(&data_dir).unwrap();
+            copy_dir(&old, &data_dir);
+            std::fs::create_dir(audit_files::segments_dir(&data_dir)).unwrap();
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains("does not choose between them"), "{refusal}");
+            assert_eq!(audit_files::records_in_database(&data_dir), before.len(), "the tree is kept");
         });
     }
 );

@@ -16,6 +16,10 @@
 //! Both also give out exclusive [`Claim`]s ([`Store::claim`],
 //! [`Store::campaign`]): a name held by one holder at a time.
 //!
+//! Beside the stores, [`segments`]: an append-only log of numbered records
+//! in files of its own, where the embedded backend's audit records lie so
+//! that opening does not grow with the log.
+//!
 //! This crate owns the mapping to each backend and nothing of what the bytes
 //! mean: the domain (`custody-core`) encodes, checksums and interprets them.
 
@@ -30,6 +34,7 @@ use std::time::Duration;
 
 mod claim;
 mod etcd;
+pub mod segments;
 mod sled_backend;
 
 pub use claim::{Claim, ClaimError};

@@ -21,7 +21,7 @@
 //! rewritten on purpose with a matching checksum
 //! ([`crate::stored`] is no signature).
 
-use crate::audit::{ChainScope, CheckedChain};
+use crate::audit::{ChainScope, CheckedChain, RecordHome};
 use crate::findings::{Findings, existing_tree};
 
 /// The trees holding state that only exists once custodyd has run, and so
@@ -53,25 +53,25 @@ pub struct Report {
 
 /// Checks every tree of `db`, reading only (no tree is made), the whole
 /// audit chain from record 1 among them: `custodyd --check`.
-pub fn check(db: &custody_store::Store) -> Report {
-    check_with(db, ChainScope::Whole)
+pub fn check(db: &custody_store::Store, records: &RecordHome) -> Report {
+    check_with(db, records, ChainScope::Whole)
 }
 
 /// [`check`] as custodyd runs it at start: the audit chain from its last
 /// signed checkpoint on (threat model Q1), whose result the log opens with
 /// (and whose checkpoint signature it checks, with the token's audit key).
-pub fn check_at_start(db: &custody_store::Store) -> Report {
-    check_with(db, ChainScope::FromLastCheckpoint)
+pub fn check_at_start(db: &custody_store::Store, records: &RecordHome) -> Report {
+    check_with(db, records, ChainScope::FromLastCheckpoint)
 }
 
-fn check_with(db: &custody_store::Store, scope: ChainScope) -> Report {
+fn check_with(db: &custody_store::Store, records: &RecordHome, scope: ChainScope) -> Report {
     // The audit chain on a thread of its own, beside the other trees (the
     // keys most of all): neither reads what the other does, and the report
     // lists the chain's findings first, as one pass in turn would.
     let (chain, mut findings, keys, completed) = std::thread::scope(|threads| {
         let audit = threads.spawn(|| {
             let mut findings = Findings::default();
-            let chain = crate::audit::check_stored(db, &mut findings, scope);
+            let chain = crate::audit::check_stored(db, records, &mut findings, scope);
             (chain, findings)
         });
         let mut rest = Findings::default();
@@ -263,7 +263,7 @@ mod tests {
     fn an_empty_directory_is_clean_and_is_not_changed_by_the_check() {
         let (_dir, db) = db();
         let before = db.keyspace_names().unwrap();
-        let report = check(&db);
+        let report = check(&db, &RecordHome::Store(db.clone()));
         assert!(report.is_clean(), "{:?}", report.findings);
         assert!(report.chain.is_empty());
         assert_eq!(
@@ -280,7 +280,7 @@ mod tests {
             .unwrap()
             .insert("alice", b"{}".as_slice())
             .unwrap();
-        let report = check(&db);
+        let report = check(&db, &RecordHome::Store(db.clone()));
         let text = report.describe(std::path::Path::new("/d"));
         assert!(text.contains("tree `audit`"), "{text}");
         assert!(text.contains("tree `officers` holds state"), "{text}");
@@ -291,7 +291,7 @@ mod tests {
     #[test]
     fn a_token_with_custody_objects_under_an_empty_log_is_what_a_lost_directory_left() {
         let (_dir, db) = db();
-        let chain = check(&db).chain;
+        let chain = check(&db, &RecordHome::Store(db.clone())).chain;
         let labels = [
             "key/a/v1",
             "key/a/v1",

@@ -1,8 +1,9 @@
 //! The tamper-evident audit log.
 //!
 //! Each record is canonical JSON bytes (`seq`, `time`, `prev`, `event`) stored
-//! with its hash, `SHA-256(previous hash || entry)`, in the store's keyspace `audit`
-//! under its big-endian sequence number. The first record's previous hash is 32
+//! with its hash, `SHA-256(previous hash || entry)`, under its sequence
+//! number: in a segment log of its own beside the embedded database, or in
+//! the shared store's keyspace `audit` (see [`RecordHome`]). The first record's previous hash is 32
 //! zero bytes. Deleting, reordering, inserting or changing a record breaks the
 //! chain; cutting the tail is caught by checkpoints (records that carry an
 //! HSM signature over the head) and by the signed head every export ends with.
@@ -20,6 +21,7 @@
 //! | `event.rs` | [`Event`], what happened; [`Entry`], the record it is stored in; RFC 3339 times |
 //! | `chain.rs` | [`chain_hash`], the messages the audit key signs, [`Record`], [`SignedHead`], [`AuditError`] |
 //! | `writer.rs` | [`AuditLog`] and its writer thread: group commit linked to the stored head, fail closed, checkpoints, the audit key |
+//! | `home.rs` | [`RecordHome`], where the records lie (a segment log of their own with sled, the store's keyspace with etcd), and the move of a directory written before segments |
 //! | `stored.rs` | how records and the head lie in the store, and their check (at start from the last checkpoint, offline from record 1) |
 //! | `verify.rs` | checking a chain ([`verify_records`]), a signed head, and an export offline ([`ExportLine`], [`verify_export`]) |
 //!
@@ -28,13 +30,18 @@
 
 mod chain;
 mod event;
+mod home;
 mod stored;
 mod verify;
 mod writer;
 
 pub use chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 pub use event::{Entry, Event, rfc3339_ms};
-pub use stored::{ChainScope, CheckedChain, check_stored, stored_log_holds_records};
+pub use home::{
+    MIGRATION_POINTS, RecordHome, RecordIter, SEGMENTS_DIR, migrate_to_segments,
+    open_segments_for_writing,
+};
+pub use stored::{ChainScope, CheckedChain, check_stored};
 pub use verify::{
     ExportLine, VerifyReport, checkpoint_signature_verifies, verify_export, verify_head,
     verify_records, verify_records_from,

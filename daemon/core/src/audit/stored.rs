@@ -1,11 +1,12 @@
-//! How the log lies in the store, and its check at start: each record
-//! under its big-endian sequence number in keyspace `audit` (its hash, then
-//! its entry), the head in keyspace `audit_head` (the last record's number
-//! and hash). The writer ([`super::writer`]) writes them; this reads and
-//! checks them.
+//! The stored head and the check of the stored log: each record (its
+//! hash, then its entry) in its [`RecordHome`] (under its big-endian
+//! sequence number when that is the store's keyspace `audit`), the head in
+//! keyspace `audit_head` (the last record's number and hash). The writer
+//! ([`super::writer`]) writes them; this reads and checks them.
 
 use super::chain::{AuditError, Record};
 use super::event::{Entry, Event};
+use super::home::{RecordHome, decode_record};
 use super::verify::{VerifyReport, verify_records_from};
 
 /// The key of the head in keyspace `audit_head`.
@@ -80,15 +81,6 @@ pub enum ChainScope {
     FromLastCheckpoint,
 }
 
-/// Whether the stored log holds a record now (a replica sharing the store
-/// may have written the first since this one checked the chain).
-pub fn stored_log_holds_records(db: &custody_store::Store) -> Result<bool, String> {
-    match db.existing_keyspace("audit").map_err(|e| e.to_string())? {
-        Some(tree) => Ok(tree.first().map_err(|e| e.to_string())?.is_some()),
-        None => Ok(false),
-    }
-}
-
 /// Checks the stored audit chain (tree `audit`) in one streaming pass and
 /// notes its first bad record: a changed, truncated, reordered or inserted
 /// record, or one deleted anywhere but at the tail. Records deleted from
@@ -101,25 +93,23 @@ pub fn stored_log_holds_records(db: &custody_store::Store) -> Result<bool, Strin
 /// checkpoint is not read (threat model Q1).
 pub fn check_stored(
     db: &custody_store::Store,
+    records: &RecordHome,
     findings: &mut crate::findings::Findings,
     scope: ChainScope,
 ) -> CheckedChain {
     let head = check_stored_head(db, findings);
-    let chain = check_stored_chain(db, findings, scope);
+    let chain = check_stored_chain(records, findings, scope);
     if let (Some((seq, hash)), None) = (head, &chain.report.first_bad) {
         let last = chain.report.last_seq;
         let stored = (seq <= last)
-            .then(|| {
-                db.keyspace("audit")
-                    .and_then(|tree| tree.get(seq.to_be_bytes()))
-            })
+            .then(|| records.get(seq))
             .and_then(Result::ok)
             .flatten();
         let problem = match stored {
             None if seq > last => Some(format!(
                 "expected the log to reach record {seq}, which the head names, but it ends at record {last}: records were cut from its end"
             )),
-            Some(value) if value.get(..32) == Some(hash.as_slice()) => None,
+            Some(record) if record.hash == hash => None,
             _ => Some(format!(
                 "expected the head to name record {seq} with that record's hash"
             )),
@@ -157,37 +147,18 @@ fn check_stored_head(
 }
 
 fn check_stored_chain(
-    db: &custody_store::Store,
+    records: &RecordHome,
     findings: &mut crate::findings::Findings,
     scope: ChainScope,
 ) -> CheckedChain {
-    let tree = match crate::findings::existing_tree(db, "audit") {
-        Ok(Some(tree)) => tree,
-        Ok(None) => {
-            return CheckedChain {
-                report: VerifyReport::default(),
-                anchor: None,
-            };
-        }
-        Err(e) => {
-            findings.unreadable("audit", &e);
-            return CheckedChain {
-                report: VerifyReport {
-                    first_bad: Some((0, e.to_string())),
-                    ..VerifyReport::default()
-                },
-                anchor: None,
-            };
-        }
-    };
     let anchor = match scope {
         ChainScope::Whole => None,
-        ChainScope::FromLastCheckpoint => last_checkpoint(&tree),
+        ChainScope::FromLastCheckpoint => last_checkpoint(records),
     };
     let (seq, hash) = anchor
         .as_ref()
         .map_or((0, [0; 32]), |a| (a.head_seq, a.head_hash));
-    let report = verify_records_from(seq, hash, stored_records(&tree, seq + 1), None);
+    let report = verify_records_from(seq, hash, records.records(seq + 1), None);
     if let Some((seq, problem)) = &report.first_bad {
         findings.add_shown(
             "audit",
@@ -205,10 +176,10 @@ fn check_stored_chain(
 /// it (as the writer makes them), from the tail back. A damaged checkpoint
 /// does not read as one: the search goes on to an earlier one, and the
 /// check from there meets the damage.
-fn last_checkpoint(tree: &custody_store::Keyspace) -> Option<Anchor> {
-    tree.iter_rev().values().find_map(|value| {
-        let value = value.ok()?;
-        let entry = value.get(32..)?;
+fn last_checkpoint(records: &RecordHome) -> Option<Anchor> {
+    records.records_rev().find_map(|record| {
+        let record = record.ok()?;
+        let entry = record.entry.as_slice();
         // Most records are no checkpoint: skip the parse for them.
         if !entry.windows(12).any(|w| w == b"\"checkpoint\"") {
             return None;
@@ -238,7 +209,7 @@ fn last_checkpoint(tree: &custody_store::Keyspace) -> Option<Anchor> {
 pub(super) fn stored_records(
     tree: &custody_store::Keyspace,
     start: u64,
-) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
+) -> impl Iterator<Item = Result<Record, AuditError>> + Send + use<> {
     tree.range(start.max(1).to_be_bytes()..).map(|item| {
         let (key, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let seq = <[u8; 8]>::try_from(key.as_slice())
@@ -247,17 +218,6 @@ pub(super) fn stored_records(
                 seq: 0,
                 problem: "malformed record key".into(),
             })?;
-        if value.len() < 32 {
-            return Err(AuditError::Corrupt {
-                seq,
-                problem: "record shorter than its hash".into(),
-            });
-        }
-        let (hash, entry) = value.split_at(32);
-        Ok(Record {
-            seq,
-            entry: entry.to_vec(),
-            hash: hash.try_into().unwrap_or([0; 32]),
-        })
+        decode_record(seq, value)
     })
 }

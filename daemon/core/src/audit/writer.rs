@@ -30,7 +30,8 @@ use tokio::sync::oneshot;
 
 use super::chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 use super::event::{Entry, Event, now_rfc3339};
-use super::stored::{CheckedChain, HEAD, decode_head, encode_head, stored_records};
+use super::home::{RecordHome, RecordIter};
+use super::stored::{CheckedChain, HEAD, decode_head, encode_head};
 use super::verify::{VerifyReport, checkpoint_signature_verifies, verify_records};
 use crate::metrics;
 
@@ -85,7 +86,7 @@ pub struct CheckpointPolicy {
 #[derive(Clone)]
 pub struct AuditLog {
     commands: crossbeam_channel::Sender<Command>,
-    tree: custody_store::Keyspace,
+    records: RecordHome,
     failed: Arc<AtomicBool>,
     audit_key_spki: Arc<Vec<u8>>,
     audit_key_pem: Arc<String>,
@@ -124,7 +125,8 @@ impl Drop for WriterThread {
 }
 
 impl AuditLog {
-    /// Opens the log in `db`, whose stored chain `chain` is the check of
+    /// Opens the log in `db`, its records in `records`, whose stored chain
+    /// `chain` is the check of
     /// (one pass over the log serves the start's integrity check and the
     /// writer's head), checks the signature of the checkpoint that check
     /// began at (refusing to open if it does not verify, threat model Q2),
@@ -133,13 +135,17 @@ impl AuditLog {
     /// thread, which signs on `hsm`'s workers.
     pub fn open(
         db: &custody_store::Store,
+        records: &RecordHome,
         chain: &CheckedChain,
         hsm: &Hsm,
         policy: CheckpointPolicy,
         replica: Option<String>,
     ) -> Result<AuditLog, String> {
         let mut session = hsm.session().map_err(|e| format!("HSM: {e}"))?;
-        let tree = db.keyspace("audit").map_err(|e| e.to_string())?;
+        if let RecordHome::Store(_) = records {
+            // Made now, so that the writer's transactions can name it.
+            db.keyspace("audit").map_err(|e| e.to_string())?;
+        }
         let head = db.keyspace("audit_head").map_err(|e| e.to_string())?;
         let report = chain.report.clone();
         if let Some((seq, problem)) = report.first_bad {
@@ -182,10 +188,10 @@ impl AuditLog {
         let (commands, queue) = crossbeam_channel::unbounded();
         let failed = Arc::new(AtomicBool::new(false));
         let (since_checkpoint, last_checkpoint) =
-            checkpoint_cadence(&tree, chain, report.last_seq, policy.interval);
+            checkpoint_cadence(records, chain, report.last_seq, policy.interval);
         let writer = Writer {
             db: db.clone(),
-            tree: tree.clone(),
+            records: records.clone(),
             head,
             replica,
             hsm: hsm.clone(),
@@ -203,7 +209,7 @@ impl AuditLog {
             .map_err(|e| e.to_string())?;
         Ok(AuditLog {
             commands: commands.clone(),
-            tree,
+            records: records.clone(),
             failed,
             audit_key_spki: Arc::new(spki),
             audit_key_pem: Arc::new(pem),
@@ -291,20 +297,20 @@ impl AuditLog {
     /// The last stored event (before this process appends any, at start:
     /// how the previous one ended).
     pub fn last_event(&self) -> Option<Event> {
-        let (_, value) = self.tree.last().ok()??;
-        serde_json::from_slice::<Entry>(value.get(32..)?)
+        let record = self.records.last()?;
+        serde_json::from_slice::<Entry>(&record.entry)
             .ok()
             .map(|entry| entry.event)
     }
 
     /// Stored records from `start` on.
-    pub fn records(&self, start: u64) -> impl Iterator<Item = Result<Record, AuditError>> + use<> {
-        stored_records(&self.tree, start)
+    pub fn records(&self, start: u64) -> RecordIter {
+        self.records.records(start)
     }
 
     /// Checks the whole stored chain and its checkpoints.
     pub fn verify(&self) -> VerifyReport {
-        verify_records(stored_records(&self.tree, 1), Some(&self.audit_key_spki))
+        verify_records(self.records.records(1), Some(&self.audit_key_spki))
     }
 
     fn send(&self, command: Command) -> Result<(), AuditError> {
@@ -327,22 +333,21 @@ impl AuditLog {
 /// the last checkpoint already (`chain`'s anchor, threat model Q1): the
 /// tail is read again only when it names none.
 fn checkpoint_cadence(
-    tree: &custody_store::Keyspace,
+    records: &RecordHome,
     chain: &CheckedChain,
     last_seq: u64,
     interval: Duration,
 ) -> (u64, Instant) {
-    let decode = |value: &[u8]| {
-        value
-            .get(32..)
-            .and_then(|entry| serde_json::from_slice::<Entry>(entry).ok())
+    let decode = |record: Result<Record, AuditError>| {
+        record
+            .ok()
+            .and_then(|record| serde_json::from_slice::<Entry>(&record.entry).ok())
     };
     let last = match &chain.anchor {
         Some(anchor) => Some((anchor.seq, anchor.time.clone())),
-        None => tree
-            .iter_rev()
-            .values()
-            .filter_map(|value| value.ok().and_then(|v| decode(&v)))
+        None => records
+            .records_rev()
+            .filter_map(decode)
             .find(|entry| matches!(entry.event, Event::Checkpoint { .. }))
             .map(|entry| (entry.seq, entry.time)),
     };
@@ -350,10 +355,10 @@ fn checkpoint_cadence(
         Some(last) => last,
         None => (
             0,
-            tree.first()
-                .ok()
-                .flatten()
-                .and_then(|(_, value)| decode(&value))
+            records
+                .records(1)
+                .next()
+                .and_then(decode)
                 .map(|entry| entry.time)
                 .unwrap_or_default(),
         ),
@@ -371,7 +376,7 @@ fn checkpoint_cadence(
 
 struct Writer {
     db: custody_store::Store,
-    tree: custody_store::Keyspace,
+    records: RecordHome,
     head: custody_store::Keyspace,
     /// Written into each record.
     replica: Option<String>,
@@ -490,8 +495,13 @@ impl Writer {
             .map_err(|e| AuditError::Unavailable(format!("flush: {e}")))
     }
 
-    /// The stored head; this writer's own while none is stored.
+    /// The stored head; this writer's own while none is stored, and always
+    /// with a segment log, which only this writer appends to (the stored
+    /// head may lag the log by the batch a crash cut off before it).
     fn stored_head(&self) -> Result<(u64, [u8; 32]), AuditError> {
+        if let RecordHome::Segments(_) = self.records {
+            return Ok((self.seq, self.hash));
+        }
         match self.head.get(HEAD).map_err(store_error)? {
             Some(value) => decode_head(&value).ok_or_else(|| AuditError::Corrupt {
                 seq: 0,
@@ -511,13 +521,20 @@ impl Writer {
         events: &[&Event],
         only_on: Option<(u64, [u8; 32])>,
     ) -> Result<Option<Vec<u64>>, AuditError> {
+        let tree = match &self.records {
+            RecordHome::Segments(log) => {
+                let log = log.clone();
+                return self.link_segments(&log, events, only_on);
+            }
+            RecordHome::Store(db) => db.keyspace("audit").map_err(store_error)?,
+        };
         let fallback = (self.seq, self.hash);
         let replica = self.replica.clone();
-        let (tree, head) = (&self.tree, &self.head);
+        let (tree, head) = (&tree, &self.head);
         let linked = self
             .db
             .transaction(&[tree, head], |tx| {
-                let (mut seq, mut hash) = match tx.get(head, HEAD)? {
+                let (seq, hash) = match tx.get(head, HEAD)? {
                     Some(value) => decode_head(&value).ok_or_else(|| {
                         custody_store::TxError::abort("the stored audit head is malformed")
                     })?,
@@ -534,32 +551,48 @@ impl Writer {
                         seq + 1
                     )));
                 }
-                let mut seqs = Vec::with_capacity(events.len());
-                for &event in events {
-                    seq += 1;
-                    let entry = Entry {
-                        seq,
-                        time: now_rfc3339(),
-                        replica: replica.clone(),
-                        prev: hex::encode(hash),
-                        event: event.clone(),
-                    };
-                    let bytes = serde_json::to_vec(&entry).map_err(|e| {
-                        custody_store::TxError::abort(format!("encoding record {seq}: {e}"))
-                    })?;
-                    hash = chain_hash(&hash, &bytes);
-                    tx.insert(tree, seq.to_be_bytes(), [hash.as_slice(), &bytes].concat())?;
-                    seqs.push(seq);
+                let (records, end) = encode_records(events, (seq, hash), replica.as_deref())
+                    .map_err(custody_store::TxError::abort)?;
+                for (seq, value) in &records {
+                    tx.insert(tree, seq.to_be_bytes(), value)?;
                 }
-                tx.insert(head, HEAD, encode_head(seq, &hash))?;
-                Ok(Some((seqs, seq, hash)))
+                tx.insert(head, HEAD, encode_head(end.0, &end.1))?;
+                Ok(Some((records, end)))
             })
             .map_err(store_error)?;
-        Ok(linked.map(|(seqs, seq, hash)| {
-            self.since_checkpoint += seqs.len() as u64;
-            (self.seq, self.hash) = (seq, hash);
-            seqs
-        }))
+        Ok(linked.map(|(records, end)| self.linked(&records, end)))
+    }
+
+    /// [`Self::link`] for a segment log, which only this writer appends
+    /// to: the records synced to their file first, then the head written
+    /// (made durable by the flush after), so that a crash between the two
+    /// leaves the head behind the log, never past it (threat model Q6).
+    fn link_segments(
+        &mut self,
+        log: &custody_store::segments::SegmentLog,
+        events: &[&Event],
+        only_on: Option<(u64, [u8; 32])>,
+    ) -> Result<Option<Vec<u64>>, AuditError> {
+        let start = (self.seq, self.hash);
+        if only_on.is_some_and(|wanted| wanted != start) {
+            return Ok(None);
+        }
+        let (records, end) =
+            encode_records(events, start, self.replica.as_deref()).map_err(|e| unavailable(&e))?;
+        let frames: Vec<(u64, &[u8])> = records.iter().map(|(s, v)| (*s, v.as_slice())).collect();
+        log.append(&frames)
+            .map_err(|e| AuditError::Unavailable(format!("write: {e}")))?;
+        self.head
+            .insert(HEAD, encode_head(end.0, &end.1))
+            .map_err(store_error)?;
+        Ok(Some(self.linked(&records, end)))
+    }
+
+    /// After records landed: the writer's head and cadence move on.
+    fn linked(&mut self, records: &[(u64, Vec<u8>)], end: (u64, [u8; 32])) -> Vec<u64> {
+        self.since_checkpoint += records.len() as u64;
+        (self.seq, self.hash) = end;
+        records.iter().map(|(seq, _)| *seq).collect()
     }
 
     fn checkpoint_if_due(&mut self) {
@@ -642,6 +675,38 @@ impl Writer {
             })
             .map_err(|e| AuditError::Unavailable(format!("signing with the audit key: {e}")))
     }
+}
+
+/// A record's number and its stored bytes (hash, then entry).
+type Encoded = (u64, Vec<u8>);
+
+/// A head: the last record's number and hash.
+type Head = (u64, [u8; 32]);
+
+/// `events` as records linked after `start` (a sequence number and its
+/// hash), each its hash then its entry's JSON, and the new head.
+fn encode_records(
+    events: &[&Event],
+    start: (u64, [u8; 32]),
+    replica: Option<&str>,
+) -> Result<(Vec<Encoded>, Head), String> {
+    let (mut seq, mut hash) = start;
+    let mut records = Vec::with_capacity(events.len());
+    for &event in events {
+        seq += 1;
+        let entry = Entry {
+            seq,
+            time: now_rfc3339(),
+            replica: replica.map(str::to_owned),
+            prev: hex::encode(hash),
+            event: event.clone(),
+        };
+        let bytes =
+            serde_json::to_vec(&entry).map_err(|e| format!("encoding record {seq}: {e}"))?;
+        hash = chain_hash(&hash, &bytes);
+        records.push((seq, [hash.as_slice(), &bytes].concat()));
+    }
+    Ok((records, (seq, hash)))
 }
 
 fn unavailable(problem: &str) -> AuditError {
