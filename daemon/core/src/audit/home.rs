@@ -171,18 +171,19 @@ impl RecordHome {
     }
 }
 
-/// The stored head, if any (malformed reads as none: the check reports it).
-fn stored_head(db: &custody_store::Store) -> Result<Option<(u64, [u8; 32])>, String> {
+/// The stored head's record number: `Some(0)` if none is stored, `None`
+/// if what is stored is no head (the check reports it).
+fn stored_head_seq(db: &custody_store::Store) -> Result<Option<u64>, String> {
     let Some(space) = db
         .existing_keyspace("audit_head")
         .map_err(|e| e.to_string())?
     else {
-        return Ok(None);
+        return Ok(Some(0));
     };
-    Ok(space
-        .get(HEAD)
-        .map_err(|e| e.to_string())?
-        .and_then(|value| decode_head(&value)))
+    Ok(match space.get(HEAD).map_err(|e| e.to_string())? {
+        None => Some(0),
+        Some(value) => decode_head(&value).map(|(seq, _)| seq),
+    })
 }
 
 /// The home custodyd writes to on the embedded backend, in `data_dir`:
@@ -198,8 +199,8 @@ pub fn open_segments_for_writing(
 ) -> Result<RecordHome, String> {
     migrate_to_segments(db, data_dir)?;
     let dir = data_dir.join(SEGMENTS_DIR);
-    let head = stored_head(db)?;
-    if !dir.is_dir() && head.is_some() {
+    let head_seq = stored_head_seq(db)?;
+    if !dir.is_dir() && head_seq != Some(0) {
         // Records were acknowledged in this directory, yet neither home
         // holds any: no new log over them. The check reports the head past
         // the (empty) log's end and custodyd does not start (F1).
@@ -214,9 +215,9 @@ pub fn open_segments_for_writing(
     let Some(torn) = log.torn_tail() else {
         return Ok(RecordHome::Segments(Arc::new(log)));
     };
-    let head_seq = head.map_or(0, |(seq, _)| seq);
-    if head_seq > torn.after_seq {
-        // Not a crash before a sync: the check finds the head past the end.
+    if head_seq.is_none_or(|seq| seq > torn.after_seq) {
+        // Not a crash before a sync: the check finds the head past the
+        // end, or a head that is none, and nothing is cut.
         return Ok(RecordHome::Segments(Arc::new(log)));
     }
     drop(log);
