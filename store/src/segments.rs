@@ -20,6 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -264,7 +265,13 @@ impl SegmentLog {
     /// defect in the last file is an error.
     pub fn open(dir: &Path, tail: Tail) -> Result<SegmentLog> {
         if !dir.is_dir() {
-            std::fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+            // The log is custodyd's alone, whatever the umask (as its
+            // data directory is).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io(dir.display(), e))?;
             if let Some(parent) = dir.parent() {
                 sync_dir(parent)?;
             }
@@ -407,6 +414,7 @@ impl SegmentLog {
         let starts_file = len == 0 && state.current.map(|(first, _)| first) != Some(file_first);
         let mut file = OpenOptions::new()
             .create(true)
+            .mode(0o600)
             .append(true)
             .open(self.dir.join(&name))
             .map_err(|e| io(&name, e))?;
@@ -678,6 +686,18 @@ mod tests {
         let reopened = SegmentLog::open(&dir.path().join("audit"), Tail::Keep).unwrap();
         assert_eq!(reopened.last(), Some((25, payload(25))));
         assert!(reopened.torn_tail().is_none());
+    }
+
+    #[test]
+    fn the_directory_and_its_files_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("audit");
+        let log = SegmentLog::open(&log_dir, Tail::Cut).unwrap();
+        fill(&log, 1, 2);
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&log_dir), 0o700);
+        assert_eq!(mode(&only_file(&log_dir)), 0o600);
     }
 
     #[test]
