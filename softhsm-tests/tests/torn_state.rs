@@ -295,6 +295,19 @@ fn damage_audit(data_dir: &Path, case: &Case) -> (String, String) {
     )
 }
 
+/// Keeps a copy of the stopped daemon's `data_dir` as it is now (as
+/// `name` in the token's scratch directory); the returned closure puts the
+/// copy back in its place.
+fn keep_copy(token: &TestToken, data_dir: &Path, name: &str) -> impl Fn() + use<> {
+    let copy = token.scratch().join(name);
+    copy_dir(data_dir, &copy);
+    let data_dir = data_dir.to_path_buf();
+    move || {
+        std::fs::remove_dir_all(&data_dir).unwrap();
+        copy_dir(&copy, &data_dir);
+    }
+}
+
 /// A config file for `custodyd --check` on `data_dir`, with an HSM module
 /// that does not exist: the check must not need one.
 fn check_config(dir: &Path, data_dir: &Path, token: &TestToken) -> PathBuf {
@@ -366,16 +379,14 @@ token_test!(
             let mut service = service_with_every_tree(token).await;
             service.stop().await;
             let data_dir = service.config.data_dir.clone();
-            let pristine = token.scratch().join("pristine");
-            copy_dir(&data_dir, &pristine);
+            let restore = keep_copy(token, &data_dir, "pristine");
             let config = check_config(&token.scratch(), &data_dir, token);
             let (code, report) = run_check(&config);
             assert_eq!(code, 0, "a whole directory checks clean: {report}");
             assert!(report.contains("clean"), "{report}");
 
             for case in CASES {
-                std::fs::remove_dir_all(&data_dir).unwrap();
-                copy_dir(&pristine, &data_dir);
+                restore();
                 let (tree, key) = damage(&data_dir, case);
                 let named = format!("tree `{tree}`, key {key}");
                 let what = format!("{} {:?} {:?}", case.tree, case.target, case.damage);
@@ -393,8 +404,7 @@ token_test!(
 
             // The whole directory again: it starts, and its audit chain is
             // the one it had (the refusals appended nothing).
-            std::fs::remove_dir_all(&data_dir).unwrap();
-            copy_dir(&pristine, &data_dir);
+            restore();
             service.try_restart().await.unwrap();
             let report = service.state().audit.verify();
             assert_eq!(report.first_bad, None);
@@ -583,13 +593,8 @@ token_test!(
             create_key(&operator, "after", "EC_SIGN_P256_SHA256", None).await;
             service.stop().await;
             let data_dir = service.config.data_dir.clone();
-            let pristine = token.scratch().join("pristine");
-            copy_dir(&data_dir, &pristine);
+            let restore = keep_copy(token, &data_dir, "pristine");
             let config = check_config(&token.scratch(), &data_dir, token);
-            let restore = || {
-                std::fs::remove_dir_all(&data_dir).unwrap();
-                copy_dir(&pristine, &data_dir);
-            };
             let named = |seq: u64| format!("tree `audit`, key record {seq} (0x{})", hex::encode(seq.to_be_bytes()));
 
             // A record before the checkpoint damaged: start-up does not read
@@ -652,13 +657,8 @@ token_test!(
         // or someone else left them.
         runtime().block_on(async {
             let (mut service, data_dir) = stopped_with_a_key(token).await;
-            let pristine = token.scratch().join("pristine");
-            copy_dir(&data_dir, &pristine);
+            let restore = keep_copy(token, &data_dir, "pristine");
             let config = check_config(&token.scratch(), &data_dir, token);
-            let restore = || {
-                std::fs::remove_dir_all(&data_dir).unwrap();
-                copy_dir(&pristine, &data_dir);
-            };
             let before = audit_files::read(&data_dir);
             let last_seq = before.last().unwrap().0;
             let last_file = || audit_files::segment_files(&data_dir).pop().unwrap();
@@ -742,8 +742,7 @@ token_test!(
             let (mut service, data_dir) = stopped_with_a_key(token).await;
             let before = audit_files::read(&data_dir);
             assert_eq!(audit_files::to_layout_before_segments(&data_dir), before.len());
-            let old = token.scratch().join("old-layout");
-            copy_dir(&data_dir, &old);
+            let restore_old_layout = keep_copy(token, &data_dir, "old-layout");
 
             service.try_restart().await.unwrap();
             let report = service.state().audit.verify();
@@ -760,8 +759,7 @@ token_test!(
 
             // Someone made an empty `audit/` beside the old tree: the two
             // homes disagree, and custodyd does not choose.
-            std::fs::remove_dir_all(&data_dir).unwrap();
-            copy_dir(&old, &data_dir);
+            restore_old_layout();
             std::fs::create_dir(audit_files::segments_dir(&data_dir)).unwrap();
             let refusal = service.try_restart().await.expect_err("custodyd started");
             assert!(refusal.contains("does not choose between them"), "{refusal}");

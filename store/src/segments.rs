@@ -347,11 +347,6 @@ impl SegmentLog {
         }
     }
 
-    /// The log's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()

@@ -513,8 +513,8 @@ impl Writer {
     }
 
     /// The stored head; this writer's own while none is stored, and always
-    /// with a segment log, which only this writer appends to (the stored
-    /// head may lag the log by the batch a crash cut off before it).
+    /// with a segment log, which only this writer appends to (there the
+    /// stored head may lag the log, see [`Self::flush`]).
     fn stored_head(&self) -> Result<(u64, [u8; 32]), AuditError> {
         if let RecordHome::Segments(_) = self.records {
             return Ok((self.seq, self.hash));
@@ -582,8 +582,9 @@ impl Writer {
 
     /// [`Self::link`] for a segment log, which only this writer appends
     /// to: the records synced to their file first, then the head written
-    /// (made durable by the flush after), so that a crash between the two
-    /// leaves the head behind the log, never past it (threat model Q6).
+    /// (durable with the store's next flush, see [`Self::flush`]), so that
+    /// a crash leaves the head behind the log, never past it (threat model
+    /// Q6).
     fn link_segments(
         &mut self,
         log: &custody_store::segments::SegmentLog,
