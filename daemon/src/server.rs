@@ -155,6 +155,11 @@ impl Daemon {
         } else {
             custody_core::ceremonies::PreviousStop::CrashOrKill
         };
+        // What this start did to the log's files before the log opened (a
+        // move, a torn tail cut), recorded before anything else (Q8).
+        custody_core::audit::record_file_repairs(&audit, &db)
+            .await
+            .map_err(|e| format!("audit log: {e}"))?;
         if let Some(left) = &left {
             audit
                 .append(left.event(&hsm.token().label))

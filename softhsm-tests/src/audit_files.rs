@@ -36,6 +36,22 @@ pub fn read(data_dir: &Path) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
+/// Appends part of a frame (`bytes` of a record numbered after the last)
+/// to the last segment file: what a crash before a group commit's sync
+/// leaves. Returns the last whole record's number.
+pub fn tear_tail(data_dir: &Path, bytes: usize) -> u64 {
+    let last_seq = read(data_dir).last().map_or(0, |(seq, _)| *seq);
+    let torn = frame(last_seq + 1, &[b'x'; 200]);
+    assert!(bytes < torn.len(), "a torn tail is less than a frame");
+    let last_file = segment_files(data_dir).pop().unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(last_file)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &torn[..bytes]).unwrap();
+    last_seq
+}
+
 /// Writes `records` as the whole log, in one file named by the first
 /// record's number, each framed with a CRC that matches: what an attacker
 /// who knows the format writes.

@@ -668,16 +668,20 @@ token_test!(
             // crash before the sync leaves): the offline check reads past
             // it, the start cuts it, and the log goes on whole.
             let whole = len(&last_file());
-            let torn = custody_store::segments::frame(last_seq + 1, &[b'x'; 200]);
-            let mut file = std::fs::OpenOptions::new().append(true).open(last_file()).unwrap();
-            std::io::Write::write_all(&mut file, &torn[..120]).unwrap();
-            drop(file);
+            assert_eq!(audit_files::tear_tail(&data_dir, 120), last_seq);
             let (code, report) = run_check(&config);
             assert_eq!(code, 0, "a torn tail is no finding: {report}");
             service.try_restart().await.unwrap();
             let report = service.state().audit.verify();
             assert_eq!(report.first_bad, None, "{report:?}");
             assert!(report.last_seq > last_seq, "the log went on: {report:?}");
+            // The cut is in the log, once (Q8), before the start's record.
+            let events = service.audit_events_since(before.len());
+            assert_eq!(events[0]["type"], "audit_tail_cut", "{events:?}");
+            assert_eq!(events[0]["after_record"], last_seq);
+            assert_eq!(events[0]["bytes"], 120);
+            assert_eq!(events[1]["type"], "daemon_started", "{events:?}");
+            assert_eq!(events.iter().filter(|e| e["type"] == "audit_tail_cut").count(), 1);
             service.stop().await;
             let after = audit_files::read(&data_dir);
             assert_eq!(&after[..before.len()], &before[..], "every acknowledged record is there");
@@ -727,6 +731,18 @@ token_test!(
             assert!(refusal.contains("tree `audit`"), "{refusal}");
             assert!(!audit_files::segments_dir(&data_dir).exists(), "no new log was made");
 
+            // A note of a repair (Q8) someone else wrote, that is none.
+            restore();
+            let db = open_stopped_db(&data_dir);
+            db.open_tree("audit_head").unwrap().insert("repairs", b"[{\"type\":\"moved\"}]").unwrap();
+            db.flush().unwrap();
+            drop(db);
+            let (code, report) = run_check(&config);
+            assert_eq!(code, 1, "{report}");
+            assert!(report.contains("tree `audit_head`, key \"repairs\""), "{report}");
+            let refusal = service.try_restart().await.expect_err("custodyd started");
+            assert!(refusal.contains("audit_head"), "{refusal}");
+
             restore();
             service.try_restart().await.unwrap();
             assert_eq!(service.state().audit.verify().first_bad, None);
@@ -748,12 +764,18 @@ token_test!(
             let report = service.state().audit.verify();
             assert_eq!(report.first_bad, None, "{report:?}");
             assert!(report.last_seq > before.len() as u64, "{report:?}");
+            // The move is in the log (Q8), first of the start's records.
+            let events = service.audit_events_since(before.len());
+            assert_eq!(events[0]["type"], "audit_log_moved", "{events:?}");
+            assert_eq!(events[0]["records"], before.len());
             service.stop().await;
             assert_eq!(&audit_files::read(&data_dir)[..before.len()], &before[..]);
             assert_eq!(audit_files::records_in_database(&data_dir), 0, "the tree was cleared");
             // Started again: nothing moves a second time.
             let files = audit_files::segment_files(&data_dir);
             service.try_restart().await.unwrap();
+            let moves = service.audit_events_since(0).iter().filter(|e| e["type"] == "audit_log_moved").count();
+            assert_eq!(moves, 1, "the move is recorded once");
             service.stop().await;
             assert_eq!(&audit_files::segment_files(&data_dir)[..files.len()], &files[..]);
 

@@ -1,8 +1,9 @@
 //! The audit log's move out of the database into its segment log (threat
-//! model Q7), killed with SIGKILL at each of its crash points: the next
-//! start finishes it or does it again, and no record is lost or changed.
+//! model Q7), and the cut of a torn tail, killed with SIGKILL at each of
+//! their crash points: the next start finishes the act or does it again,
+//! no record is lost or changed, and the act is recorded (Q8).
 
-use custody_core::audit::MIGRATION_POINTS;
+use custody_core::audit::{MIGRATION_POINTS, TAIL_CUT_POINT};
 use softhsm_tests::audit_files;
 use softhsm_tests::process::{audit_export, free_port, prepare, ready, verify_export};
 use softhsm_tests::{copy_dir, token_test};
@@ -35,9 +36,14 @@ token_test!(
 
                 let mut daemon = spawn(&config);
                 ready(&pki, port, &mut daemon).await;
-                let (_, export) = audit_export(&pki, port).await;
+                let (entries, export) = audit_export(&pki, port).await;
                 let report = verify_export(&export);
                 assert_eq!(report.first_bad, None, "{point}: {report:?}");
+                // Killed after the tree was cleared too, the move is
+                // recorded, once (Q8).
+                let moves = events_of(&entries, "audit_log_moved");
+                assert_eq!(moves.len(), 1, "{point}: {moves:?}");
+                assert_eq!(moves[0]["records"], before.len(), "{point}");
                 daemon.kill().unwrap();
                 daemon.wait().unwrap();
                 let after = audit_files::read(&data_dir);
@@ -46,6 +52,51 @@ token_test!(
                 assert!(!data_dir.join("audit.migrating").exists(), "{point}: no copy left behind");
             }
             println!("audit log move: crash points covered {}/{}", MIGRATION_POINTS.len(), MIGRATION_POINTS.len());
+        });
+    }
+);
+
+/// The events of type `kind` among the exported entries.
+fn events_of(entries: &[String], kind: &str) -> Vec<serde_json::Value> {
+    entries
+        .iter()
+        .map(|entry| serde_json::from_str::<serde_json::Value>(entry).unwrap()["event"].clone())
+        .filter(|event| event["type"] == kind)
+        .collect()
+}
+
+token_test!(
+    fn a_torn_tail_cut_by_a_start_killed_before_the_log_opened_is_recorded_by_the_next(token) {
+        runtime().block_on(async {
+            let port = free_port();
+            let (pki, config) = prepare(token, port);
+            let data_dir = pki.dir.join("data");
+            let mut daemon = spawn(&config);
+            ready(&pki, port, &mut daemon).await;
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
+            let before = audit_files::read(&data_dir);
+            let last_file = audit_files::segment_files(&data_dir).pop().unwrap();
+            let whole = std::fs::metadata(&last_file).unwrap().len();
+            let last_seq = audit_files::tear_tail(&data_dir, 120);
+
+            // Killed once the tail is cut, before the log opened: what the
+            // cut was is no longer in the files.
+            let crashing = spawn_crashing_at(&config, Some(TAIL_CUT_POINT));
+            killed_at_crash_point(crashing, TAIL_CUT_POINT).await;
+            assert_eq!(std::fs::metadata(&last_file).unwrap().len(), whole, "the torn tail was cut");
+            assert_eq!(audit_files::read(&data_dir), before, "and nothing else");
+
+            let mut daemon = spawn(&config);
+            ready(&pki, port, &mut daemon).await;
+            let (entries, export) = audit_export(&pki, port).await;
+            assert_eq!(verify_export(&export).first_bad, None);
+            let cuts = events_of(&entries, "audit_tail_cut");
+            assert_eq!(cuts.len(), 1, "{cuts:?}");
+            assert_eq!(cuts[0]["after_record"], last_seq);
+            assert_eq!(cuts[0]["bytes"], 120);
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
         });
     }
 );

@@ -38,6 +38,22 @@ pub enum Event {
         /// Their labels, each once, sorted (at most 100).
         labels: Vec<String>,
     },
+    /// The records of a data directory written before the audit log had
+    /// files of its own (the database's tree `audit`) were moved, checked
+    /// whole, into the segment log `audit/` (threat model Q7, Q8).
+    AuditLogMoved {
+        /// Records moved: 1 to this one.
+        records: u64,
+    },
+    /// A start cut the end of the last segment file: a group commit a crash
+    /// interrupted before its sync, no record of which was acknowledged
+    /// (threat model Q6, Q8).
+    AuditTailCut {
+        /// The last whole record, which stays.
+        after_record: u64,
+        /// Bytes cut after it.
+        bytes: u64,
+    },
     /// A request was made; `outcome` is `ok` or the refusal's reason.
     Request {
         /// Who asked (or `-` if unauthenticated).
@@ -185,6 +201,11 @@ mod tests {
                 token: "custody".into(),
                 objects: 3,
                 labels: vec!["custody-audit/v1".into(), "key/root-ca/v1".into()],
+            },
+            Event::AuditLogMoved { records: 1_000_000 },
+            Event::AuditTailCut {
+                after_record: 41,
+                bytes: 213,
             },
             Event::Request {
                 principal: "ca-issuing".into(),

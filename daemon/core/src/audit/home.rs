@@ -12,7 +12,9 @@
 //! Either way a record is its hash then its entry's JSON, numbered from 1;
 //! chains, checkpoints, heads and every verifier are the same. This file
 //! also owns the move of a data directory written before segments
-//! ([`migrate_to_segments`]).
+//! ([`migrate_to_segments`]) and the cut of a torn tail at start, each
+//! noted before it is done and recorded once the log opens
+//! ([`super::repairs`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use custody_store::segments::{SegmentError, SegmentLog, Tail};
 
 use super::chain::{AuditError, Record};
+use super::repairs::{FileRepair, note};
 use super::stored::{HEAD, decode_head};
 
 /// The segment log's directory in a data directory.
@@ -37,6 +40,10 @@ pub const MIGRATION_POINTS: [&str; 3] = [
     "audit.migration.after_rename",
     "audit.migration.after_clear",
 ];
+
+/// The crash point after a start cut a torn tail, before the log opens
+/// and records the cut.
+pub const TAIL_CUT_POINT: &str = "audit.tail_cut.after_cut";
 
 /// Where the records lie: see the module's documentation.
 #[derive(Clone, Debug)]
@@ -221,7 +228,15 @@ pub fn open_segments_for_writing(
         return Ok(RecordHome::Segments(Arc::new(log)));
     }
     drop(log);
+    note(
+        db,
+        FileRepair::TailCut {
+            after_record: torn.after_seq,
+            bytes: torn.bytes,
+        },
+    )?;
     let log = SegmentLog::open(&dir, Tail::Cut).map_err(shown)?;
+    crate::failpoint::hit(TAIL_CUT_POINT);
     tracing::warn!(
         after_record = torn.after_seq,
         bytes = torn.bytes,
@@ -261,6 +276,7 @@ pub fn migrate_to_segments(
                 last.seq
             ));
         }
+        note(db, FileRepair::Moved { records: last.seq })?;
         clear_keyspace(db)?;
         return Ok(None);
     }
@@ -311,6 +327,7 @@ pub fn migrate_to_segments(
     crate::failpoint::hit(MIGRATION_POINTS[0]);
     std::fs::rename(&staging, &dir).map_err(|e| format!("renaming {}: {e}", staging.display()))?;
     custody_store::segments::sync_dir(data_dir).map_err(|e| e.to_string())?;
+    note(db, FileRepair::Moved { records: last.seq })?;
     crate::failpoint::hit(MIGRATION_POINTS[1]);
     clear_keyspace(db)?;
     crate::failpoint::hit(MIGRATION_POINTS[2]);

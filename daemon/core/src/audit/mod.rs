@@ -22,6 +22,7 @@
 //! | `chain.rs` | [`chain_hash`], the messages the audit key signs, [`Record`], [`SignedHead`], [`AuditError`] |
 //! | `writer.rs` | [`AuditLog`] and its writer thread: group commit linked to the stored head, fail closed, checkpoints, the audit key |
 //! | `home.rs` | [`RecordHome`], where the records lie (a segment log of their own with sled, the store's keyspace with etcd), and the move of a directory written before segments |
+//! | `repairs.rs` | what a start did to the log's files before the log opened (a move, a torn tail cut): noted first, recorded as events once it opens |
 //! | `stored.rs` | how records and the head lie in the store, and their check (at start from the last checkpoint, offline from record 1) |
 //! | `verify.rs` | checking a chain ([`verify_records`]), a signed head, and an export offline ([`ExportLine`], [`verify_export`]) |
 //!
@@ -31,6 +32,7 @@
 mod chain;
 mod event;
 mod home;
+mod repairs;
 mod stored;
 mod verify;
 mod writer;
@@ -38,9 +40,10 @@ mod writer;
 pub use chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 pub use event::{Entry, Event, rfc3339_ms};
 pub use home::{
-    MIGRATION_POINTS, RecordHome, RecordIter, SEGMENTS_DIR, migrate_to_segments,
+    MIGRATION_POINTS, RecordHome, RecordIter, SEGMENTS_DIR, TAIL_CUT_POINT, migrate_to_segments,
     open_segments_for_writing,
 };
+pub use repairs::{FileRepair, record_file_repairs};
 pub use stored::{ChainScope, CheckedChain, check_stored};
 pub use verify::{
     ExportLine, VerifyReport, checkpoint_signature_verifies, verify_export, verify_head,

@@ -7,6 +7,7 @@
 use super::chain::{AuditError, Record};
 use super::event::{Entry, Event};
 use super::home::{RecordHome, decode_record};
+use super::repairs::{FileRepair, REPAIRS};
 use super::verify::{VerifyReport, verify_records_from};
 
 /// The key of the head in keyspace `audit_head`.
@@ -128,8 +129,16 @@ fn check_stored_head(
 ) -> Option<(u64, [u8; 32])> {
     let mut head = None;
     crate::findings::each_record(db, "audit_head", findings, |key, value, findings| {
-        if key != HEAD {
-            findings.add("audit_head", key, "expected only the key \"head\"");
+        if key == REPAIRS {
+            if let Err(problem) = crate::stored::open::<Vec<FileRepair>>(key, value) {
+                findings.add("audit_head", key, problem);
+            }
+        } else if key != HEAD {
+            findings.add(
+                "audit_head",
+                key,
+                "expected only the keys \"head\" and \"repairs\"",
+            );
         } else if let Some(decoded) = decode_head(value) {
             head = Some(decoded);
         } else {
