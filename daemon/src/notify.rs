@@ -1,7 +1,8 @@
 //! systemd's service notifications (`sd_notify(3)`): `READY=1` once custodyd
 //! listens, `RELOADING=1` then `READY=1` around a SIGHUP reload, `STOPPING=1`
 //! when a stop begins, `STATUS=` lines saying what custodyd is doing or why
-//! it cannot serve, and `WATCHDOG=1` at half the unit's `WatchdogSec=` while
+//! it cannot serve, `EXTEND_TIMEOUT_USEC=` while a long step of the start
+//! (the audit log's move) goes on, and `WATCHDOG=1` at half the unit's `WatchdogSec=` while
 //! the runtime turns. Outside systemd (`$NOTIFY_SOCKET` unset) nothing is
 //! sent. A notification that cannot be sent is logged and otherwise ignored:
 //! systemd then acts on its own timeouts.
@@ -38,6 +39,18 @@ pub fn reloading() {
 pub fn stopping(signal: &str) {
     let status = format!("stopping ({signal}): finishing requests in flight");
     send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+}
+
+/// A long step of the start is still going (`status` says which):
+/// `EXTEND_TIMEOUT_USEC=` asks systemd for `by` more before its start
+/// timeout, so a start that keeps reporting progress is not killed, and one
+/// that stops reporting still is.
+pub fn still_starting(by: Duration, status: &str) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    send(&[
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status(status),
+    ]);
 }
 
 /// What custodyd is doing, or why it cannot serve.

@@ -581,11 +581,43 @@ fn audit_records(
     db: &custody_store::Store,
 ) -> Result<custody_core::audit::RecordHome, String> {
     match config.store.backend {
-        StoreBackend::Sled => custody_core::audit::open_segments_for_writing(db, &config.data_dir)
-            .map_err(|e| format!("audit log: {e}")),
+        StoreBackend::Sled => custody_core::audit::open_segments_for_writing(
+            db,
+            &config.data_dir,
+            &mut move_reporter(),
+        )
+        .map_err(|e| format!("audit log: {e}")),
         StoreBackend::Etcd => Ok(custody_core::audit::RecordHome::Store(db.clone())),
     }
 }
+
+/// Tells systemd how a move of the audit log out of the database goes (it
+/// reads every record, threat model Q7): at its start and then at most
+/// every [`MOVE_REPORT_EVERY`], each time asking [`MOVE_EXTENDS_START_BY`]
+/// more before the start timeout. A move that stops making progress stops
+/// asking, and the unit's own timeout applies.
+fn move_reporter() -> impl FnMut(custody_core::audit::MoveProgress) {
+    let mut last_report: Option<std::time::Instant> = None;
+    move |progress| {
+        if last_report.is_some_and(|at| at.elapsed() < MOVE_REPORT_EVERY) {
+            return;
+        }
+        last_report = Some(std::time::Instant::now());
+        crate::notify::still_starting(
+            MOVE_EXTENDS_START_BY,
+            &format!(
+                "starting: moving the audit log out of the database, {} of {} records copied, {} checked",
+                progress.copied, progress.records, progress.checked
+            ),
+        );
+    }
+}
+
+/// How often a move of the audit log reports its progress to systemd.
+const MOVE_REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// How much longer each report asks systemd to wait for the start.
+const MOVE_EXTENDS_START_BY: Duration = Duration::from_secs(30);
 
 /// Opens custodyd's database in `dir`, which is made (or narrowed to)
 /// mode 0700 first: it holds the registry, the operations and the audit log.

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use softhsm_tests::audit_files;
 use softhsm_tests::process::{Daemon, free_port, prepare, ready};
 use softhsm_tests::service::runtime;
 use softhsm_tests::token_test;
@@ -179,5 +180,47 @@ token_test!(
             "custodyd --check: {}",
             String::from_utf8_lossy(&checked.stderr)
         );
+    }
+);
+
+token_test!(
+    fn a_move_of_the_audit_log_at_start_asks_systemd_for_more_time_and_says_why(token) {
+        // The first start on a directory written before segments reads
+        // every record (threat model Q7): it must not run into the unit's
+        // start timeout for as long as it makes progress.
+        let port = free_port();
+        let (pki, config) = prepare(token, port);
+        let data_dir = pki.dir.join("data");
+        let spawn = |notify: Option<&Path>| {
+            let mut command = Command::new(CUSTODYD);
+            command.arg(&config).env("RUST_LOG", "warn").stdout(Stdio::null());
+            if let Some(path) = notify {
+                command.env("NOTIFY_SOCKET", path);
+            }
+            Daemon(command.spawn().unwrap())
+        };
+        let mut daemon = spawn(None);
+        runtime().block_on(async { ready(&pki, port, &mut daemon).await });
+        kill(&daemon, "-TERM");
+        assert!(daemon.wait().unwrap().success());
+        let records = audit_files::to_layout_before_segments(&data_dir);
+
+        let socket_path = pki.dir.join("notify.sock");
+        let socket = NotifySocket::bind(&socket_path);
+        let mut daemon = spawn(Some(&socket_path));
+        let started = socket.until("READY=1");
+        let moving = started
+            .iter()
+            .find(|d| d.contains("moving the audit log"))
+            .unwrap_or_else(|| panic!("no status of the move before READY=1: {started:?}"));
+        assert!(
+            moving.lines().any(|line| line == "EXTEND_TIMEOUT_USEC=30000000"),
+            "the move asks for more time: {moving:?}"
+        );
+        assert!(moving.contains(&format!("of {records} records")), "{moving:?}");
+        runtime().block_on(async { ready(&pki, port, &mut daemon).await });
+        kill(&daemon, "-TERM");
+        assert!(daemon.wait().unwrap().success());
+        assert_eq!(audit_files::records_in_database(&data_dir), 0, "the log was moved");
     }
 );

@@ -41,6 +41,19 @@ pub const MIGRATION_POINTS: [&str; 3] = [
     "audit.migration.after_clear",
 ];
 
+/// How far a move of the audit log ([`migrate_to_segments`]) has got,
+/// reported to its caller as it goes (custodyd tells systemd that it is
+/// still starting, and what it is doing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveProgress {
+    /// Records to move.
+    pub records: u64,
+    /// Records copied so far.
+    pub copied: u64,
+    /// Records of the copy checked so far.
+    pub checked: u64,
+}
+
 /// The crash point after a start cut a torn tail, before the log opens
 /// and records the cut.
 pub const TAIL_CUT_POINT: &str = "audit.tail_cut.after_cut";
@@ -203,8 +216,9 @@ fn stored_head_seq(db: &custody_store::Store) -> Result<Option<u64>, String> {
 pub fn open_segments_for_writing(
     db: &custody_store::Store,
     data_dir: &Path,
+    progress: &mut dyn FnMut(MoveProgress),
 ) -> Result<RecordHome, String> {
-    migrate_to_segments(db, data_dir)?;
+    migrate_to_segments(db, data_dir, progress)?;
     let dir = data_dir.join(SEGMENTS_DIR);
     let head_seq = stored_head_seq(db)?;
     if !dir.is_dir() && head_seq != Some(0) {
@@ -255,10 +269,13 @@ pub fn open_segments_for_writing(
 /// makes again; after it, the next start finds both homes and clears the
 /// keyspace once the segment log holds the keyspace's last record
 /// unchanged. Anything else holding records in both homes is refused.
-/// Returns how many records were copied (`None`: nothing to move).
+/// `progress` hears of the move before it starts and after every batch
+/// copied or checked. Returns how many records were copied (`None`:
+/// nothing to move).
 pub fn migrate_to_segments(
     db: &custody_store::Store,
     data_dir: &Path,
+    progress: &mut dyn FnMut(MoveProgress),
 ) -> Result<Option<u64>, String> {
     let dir = data_dir.join(SEGMENTS_DIR);
     let staging = data_dir.join(MIGRATING_DIR);
@@ -281,6 +298,12 @@ pub fn migrate_to_segments(
         return Ok(None);
     }
     let started = std::time::Instant::now();
+    let mut moved = MoveProgress {
+        records: last.seq,
+        copied: 0,
+        checked: 0,
+    };
+    progress(moved);
     tracing::info!(
         records = last.seq,
         "moving the audit log out of the database into a segment log of its own; this reads every record once"
@@ -292,9 +315,11 @@ pub fn migrate_to_segments(
     let shown = |e: SegmentError| format!("{}: {e}", staging.display());
     let log = SegmentLog::open(&staging, Tail::Keep).map_err(shown)?;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(MIGRATION_BATCH);
-    let copy = |batch: &mut Vec<(u64, Vec<u8>)>| -> Result<(), String> {
+    let mut copy = |batch: &mut Vec<(u64, Vec<u8>)>| -> Result<(), String> {
         let refs: Vec<(u64, &[u8])> = batch.iter().map(|(s, v)| (*s, v.as_slice())).collect();
         log.append(&refs).map_err(shown)?;
+        moved.copied += refs.len() as u64;
+        progress(moved);
         batch.clear();
         Ok(())
     };
@@ -312,7 +337,16 @@ pub fn migrate_to_segments(
     let copied = RecordHome::Segments(Arc::new(
         SegmentLog::open_existing(&staging, Tail::Keep).map_err(shown)?,
     ));
-    let report = super::verify::verify_records(copied.records(1), None);
+    moved.copied = last.seq;
+    let checking = copied.records(1).inspect(|record| {
+        if let Ok(record) = record
+            && record.seq % MIGRATION_BATCH as u64 == 0
+        {
+            moved.checked = record.seq;
+            progress(moved);
+        }
+    });
+    let report = super::verify::verify_records(checking, None);
     if let Some((seq, problem)) = report.first_bad {
         return Err(format!(
             "the copy of the audit log does not verify at record {seq}: {problem}; the database's audit tree is left as it was (run `custodyd --check`)"

@@ -40,8 +40,8 @@ mod writer;
 pub use chain::{AuditError, Record, SignedHead, chain_hash, checkpoint_message, head_message};
 pub use event::{Entry, Event, rfc3339_ms};
 pub use home::{
-    MIGRATION_POINTS, RecordHome, RecordIter, SEGMENTS_DIR, TAIL_CUT_POINT, migrate_to_segments,
-    open_segments_for_writing,
+    MIGRATION_POINTS, MoveProgress, RecordHome, RecordIter, SEGMENTS_DIR, TAIL_CUT_POINT,
+    migrate_to_segments, open_segments_for_writing,
 };
 pub use repairs::{FileRepair, record_file_repairs};
 pub use stored::{ChainScope, CheckedChain, check_stored};
