@@ -4,7 +4,8 @@
 //! signatures per second on every core (the floor, `floor/mod.rs`, measured
 //! at the start and the end of the run; the ratio is to their mean), all
 //! measured in the same run; p50 and p99
-//! latency of unary calls; and how long the key registry takes to load
+//! latency of unary calls, beside the disk's own latency for one synced
+//! record-sized write (no audited answer can come sooner); and how long the key registry takes to load
 //! 10,000 keys at start.
 //!
 //! Run: `cargo bench -p softhsm-tests --bench service`
@@ -126,6 +127,33 @@ async fn streaming(service: &TestService, streams: usize, seconds: f64) -> f64 {
     done as f64 / seconds
 }
 
+/// The disk's floor for one audited answer: p50 and p99 of appending one
+/// record-sized write (600 bytes) to a file in `dir` and `fdatasync`ing it,
+/// `rounds` times. Every audited request waits for at least one such sync
+/// (threat model Q6), so a single client's latency cannot go below it.
+fn sync_latency(dir: &std::path::Path, rounds: usize) -> (Duration, Duration) {
+    use std::io::Write;
+    let path = dir.join("bench-sync-floor");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("the sync floor's file");
+    let record = [0x5a_u8; 600];
+    let mut latencies: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            file.write_all(&record).expect("write");
+            file.sync_data().expect("fdatasync");
+            start.elapsed()
+        })
+        .collect();
+    drop(file);
+    std::fs::remove_file(&path).expect("remove the sync floor's file");
+    latencies.sort();
+    (latencies[rounds / 2], latencies[rounds * 99 / 100])
+}
+
 /// The floor on 1 thread and on every core: `(one, all)`.
 fn floors(token: &TestToken, key_label: &str, seconds: f64) -> (f64, f64) {
     (
@@ -172,6 +200,9 @@ fn bench(token: &TestToken) {
         let (floor_one, floor_all) =
             tokio::task::block_in_place(|| floors(token, label.as_str(), seconds));
         let base = tokio::task::block_in_place(|| raw(&service, seconds));
+        let (sync_p50, sync_p99) = tokio::task::block_in_place(|| {
+            sync_latency(&service.config.data_dir, 2000)
+        });
         let mut rows = Vec::new();
         for clients in [1, 16, 64] {
             let (rate, p50, p99) = unary(&service, clients, seconds).await;
@@ -207,6 +238,11 @@ fn bench(token: &TestToken) {
         println!(
             "| raw hsm-shim, 1 thread | {base:.0} | 1.00 | {:.2} | | |",
             base / floor
+        );
+        println!(
+            "| the disk: one 600-byte write and fdatasync in the data directory | | | | {:.2} ms | {:.2} ms |",
+            sync_p50.as_secs_f64() * 1e3,
+            sync_p99.as_secs_f64() * 1e3
         );
         for (path, rate, latency) in rows {
             println!(
