@@ -10,8 +10,9 @@
 //!
 //! Run: `cargo bench -p softhsm-tests --bench service`
 //! (`BENCH_SECONDS`, default 3, sets the length of each measurement;
-//! `BENCH_PROFILE=unary16` or `stream1` runs that figure alone, for a
-//! profiler.)
+//! `BENCH_PROFILE=unary1`, `unary16` or `stream1` runs that figure alone and prints it, for a
+//! profiler; `BENCH_TOKIO_WORKERS` and `BENCH_HSM_WORKERS` set how many
+//! runtime and HSM threads share the cores.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -171,12 +172,28 @@ fn tokio_stream_from(
 #[expect(clippy::print_stdout, reason = "a benchmark prints its report")]
 fn bench(token: &TestToken) {
     let seconds = softhsm_tests::bench_seconds(3.0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // How many threads share the cores (the candidates): tokio's
+    // workers (default: one per core) and custodyd's HSM workers (default:
+    // the reference configuration's 2).
+    let threads = |name: &str| {
+        std::env::var(name).ok().map(|n| {
+            n.parse::<usize>()
+                .unwrap_or_else(|_| panic!("{name}: a number"))
+        })
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = threads("BENCH_TOKIO_WORKERS") {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build().expect("runtime");
+    let hsm_workers = threads("BENCH_HSM_WORKERS");
     runtime.block_on(async {
-        let mut service = TestService::start(token).await;
+        let mut service = TestService::start_with(token, |config| {
+            if let Some(workers) = hsm_workers {
+                config.hsm.workers = workers;
+            }
+        })
+        .await;
         KeyServiceClient::new(service.client("operator").await)
             .create_key(CreateKeyRequest {
                 key_id: "bench".into(),
@@ -188,12 +205,24 @@ fn bench(token: &TestToken) {
             .await
             .expect("create key");
         if let Ok(only) = std::env::var("BENCH_PROFILE") {
-            // One figure alone, for a profiler: `unary16` or `stream1`.
-            match only.as_str() {
-                "unary16" => drop(unary(&service, 16, seconds).await),
-                "stream1" => drop(streaming(&service, 1, seconds).await),
-                other => panic!("BENCH_PROFILE: {other}? (unary16 or stream1)"),
-            }
+            // One figure alone, for a profiler or a quick comparison:
+            // `unary1`, `unary16` or `stream1`.
+            let clients = match only.as_str() {
+                "unary1" => 1,
+                "unary16" => 16,
+                "stream1" => {
+                    let rate = streaming(&service, 1, seconds).await;
+                    println!("{only}: {rate:.0}/s");
+                    return;
+                }
+                other => panic!("BENCH_PROFILE: {other}? (unary1, unary16 or stream1)"),
+            };
+            let (rate, p50, p99) = unary(&service, clients, seconds).await;
+            println!(
+                "{only}: {rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            );
             return;
         }
         let label = custody_core::names::hsm_label("bench", 1).expect("label");
