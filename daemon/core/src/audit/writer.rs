@@ -202,6 +202,8 @@ impl AuditLog {
             last_checkpoint,
             policy,
             failed: failed.clone(),
+            head_behind: None,
+            head_written: Instant::now(),
         };
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -390,15 +392,31 @@ struct Writer {
     last_checkpoint: Instant,
     policy: CheckpointPolicy,
     failed: Arc<AtomicBool>,
+    /// With a segment log: the head not yet written to the store, and when
+    /// it last was ([`Self::write_head`]).
+    head_behind: Option<(u64, [u8; 32])>,
+    head_written: Instant,
 }
+
+/// With a segment log, how often the writer writes the head to the store
+/// under load (and once the queue goes quiet): one store write per group
+/// commit cost a tenth of a unary signature's CPU (benchmarks.md), and the
+/// head is durable only with the store's next flush anyway (threat model
+/// Q6), which this delays by at most as much.
+const HEAD_EVERY: Duration = Duration::from_millis(50);
 
 impl Writer {
     fn run(mut self, queue: crossbeam_channel::Receiver<Command>) {
         self.checkpoint_if_due();
         loop {
-            let first = match queue.recv_timeout(self.policy.interval) {
+            let wait = match self.head_behind {
+                Some(_) => HEAD_EVERY.saturating_sub(self.head_written.elapsed()),
+                None => self.policy.interval,
+            };
+            let first = match queue.recv_timeout(wait) {
                 Ok(command) => command,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.write_head_or_fail();
                     self.checkpoint_if_due();
                     continue;
                 }
@@ -439,6 +457,7 @@ impl Writer {
             if stop {
                 // The head too, so that a clean stop leaves it on the last
                 // record.
+                self.write_head_or_fail();
                 if let Err(error) = self.flush_store() {
                     tracing::error!(%error, "the audit head could not be flushed at stop");
                 }
@@ -496,8 +515,9 @@ impl Writer {
 
     /// Makes what was just linked durable before anyone is answered. With
     /// a segment log the records were synced by their append, and the head
-    /// reaches the disk with the store's next flush (within 500 ms, and at
-    /// a clean stop): the head may lag the log after a crash, never lead
+    /// is written to the store at most [`HEAD_EVERY`] later and reaches the
+    /// disk with the store's next flush (within about 550 ms, and at a clean
+    /// stop): the head may lag the log after a crash, never lead
     /// it, and a group commit costs one sync, not two (threat model Q6).
     fn flush(&self) -> Result<(), AuditError> {
         if let RecordHome::Segments(_) = self.records {
@@ -582,7 +602,8 @@ impl Writer {
 
     /// [`Self::link`] for a segment log, which only this writer appends
     /// to: the records synced to their file first, then the head written
-    /// (durable with the store's next flush, see [`Self::flush`]), so that
+    /// (every [`HEAD_EVERY`], durable with the store's next flush, see
+    /// [`Self::flush`]), so that
     /// a crash leaves the head behind the log, never past it (threat model
     /// Q6).
     fn link_segments(
@@ -600,10 +621,34 @@ impl Writer {
         let frames: Vec<(u64, &[u8])> = records.iter().map(|(s, v)| (*s, v.as_slice())).collect();
         log.append(&frames)
             .map_err(|e| AuditError::Unavailable(format!("write: {e}")))?;
-        self.head
-            .insert(HEAD, encode_head(end.0, &end.1))
-            .map_err(store_error)?;
+        self.head_behind = Some(end);
+        if self.head_written.elapsed() >= HEAD_EVERY {
+            self.write_head()?;
+        }
         Ok(Some(self.linked(&records, end)))
+    }
+
+    /// Writes the head a segment log's appends left behind to the store
+    /// (durable with its next flush).
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        self.head_written = Instant::now();
+        // Taken even if the write fails: that fails the log (no later
+        // append), and the writer must not retry it in a loop.
+        match self.head_behind.take() {
+            Some((seq, hash)) => self
+                .head
+                .insert(HEAD, encode_head(seq, &hash))
+                .map_err(store_error),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::write_head`] where no caller waits: a store that cannot be
+    /// written fails the log closed, as a failed append does.
+    fn write_head_or_fail(&mut self) {
+        if let Err(error) = self.write_head() {
+            self.fail(&error);
+        }
     }
 
     /// After records landed: the writer's head and cadence move on.
