@@ -4,11 +4,15 @@
 //! no record is lost or changed, and the act is recorded (Q8).
 
 use custody_core::audit::{MIGRATION_POINTS, TAIL_CUT_POINT};
+use custody_core::identity::Role;
+use custody_proto::v1::signing_service_client::SigningServiceClient;
 use softhsm_tests::audit_files;
-use softhsm_tests::process::{audit_export, free_port, prepare, ready, verify_export};
+use softhsm_tests::process::{audit_export, connect, free_port, prepare, ready, verify_export};
 use softhsm_tests::{copy_dir, token_test};
 
-use super::{create_signing_key, killed_at_crash_point, runtime, spawn, spawn_crashing_at};
+use super::{
+    create_signing_key, killed_at_crash_point, runtime, sign_request, spawn, spawn_crashing_at,
+};
 
 token_test!(
     fn the_audit_log_move_killed_at_every_crash_point_ends_whole(token) {
@@ -97,6 +101,60 @@ token_test!(
             assert_eq!(cuts[0]["bytes"], 120);
             daemon.kill().unwrap();
             daemon.wait().unwrap();
+        });
+    }
+);
+
+/// The record the head stored in the stopped database names.
+fn stored_head_seq(data_dir: &std::path::Path) -> u64 {
+    let db = audit_files::open_stopped_db(data_dir);
+    let head = db
+        .open_tree("audit_head")
+        .unwrap()
+        .get("head")
+        .unwrap()
+        .unwrap();
+    u64::from_be_bytes(head[..8].try_into().unwrap())
+}
+
+token_test!(
+    fn the_stored_head_catches_up_with_the_log_once_appends_go_quiet(token) {
+        // Threat model Q6: the head lags the log by a bounded time, not
+        // until the next append. A burst of signatures, then nothing: killed
+        // with SIGKILL a while later, the stored head names the last record.
+        // (Each try waits longer, so a loaded machine gets a later chance;
+        // a head that never catches up fails every try.)
+        runtime().block_on(async {
+            let port = free_port();
+            let (pki, config) = prepare(token, port);
+            let data_dir = pki.dir.join("data");
+            let mut daemon = spawn(&config);
+            let operator = ready(&pki, port, &mut daemon).await;
+            create_signing_key(operator, "k").await;
+            let mut tries = Vec::new();
+            for wait_ms in [1_500, 3_000, 6_000] {
+                // A burst of 32 at once, so that several group commits land
+                // within one head interval.
+                let signer = connect(&pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+                let burst = (0..32).map(|i| {
+                    let mut client = SigningServiceClient::new(signer.clone());
+                    async move { client.sign(sign_request(i)).await.unwrap() }
+                });
+                futures_util::future::join_all(burst).await;
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                daemon.kill().unwrap();
+                daemon.wait().unwrap();
+                let last = audit_files::read(&data_dir).last().unwrap().0;
+                let head = stored_head_seq(&data_dir);
+                tries.push((wait_ms, head, last));
+                if head == last {
+                    println!("the head caught up after a quiet {wait_ms} ms (tries: {tries:?})");
+                    return;
+                }
+                daemon = spawn(&config);
+                ready(&pki, port, &mut daemon).await;
+            }
+            panic!("the stored head never caught up with the log (wait ms, head, last record): {tries:?}");
         });
     }
 );
