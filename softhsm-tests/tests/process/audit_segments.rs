@@ -7,21 +7,46 @@ use custody_core::audit::{MIGRATION_POINTS, TAIL_CUT_POINT};
 use custody_core::identity::Role;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use softhsm_tests::audit_files;
+use softhsm_tests::process::{Daemon, Pki};
 use softhsm_tests::process::{audit_export, connect, free_port, prepare, ready, verify_export};
-use softhsm_tests::{copy_dir, token_test};
+use softhsm_tests::{TestToken, copy_dir, token_test};
+use std::path::PathBuf;
+use tonic::transport::Channel;
 
 use super::{
     create_signing_key, killed_at_crash_point, runtime, sign_request, spawn, spawn_crashing_at,
 };
 
+/// custodyd on a fresh data directory, ready to serve.
+struct Started {
+    port: u16,
+    pki: Pki,
+    config: PathBuf,
+    data_dir: PathBuf,
+    daemon: Daemon,
+    operator: Channel,
+}
+
+async fn start(token: &TestToken) -> Started {
+    let port = free_port();
+    let (pki, config) = prepare(token, port);
+    let data_dir = pki.dir.join("data");
+    let mut daemon = spawn(&config);
+    let operator = ready(&pki, port, &mut daemon).await;
+    Started {
+        port,
+        pki,
+        config,
+        data_dir,
+        daemon,
+        operator,
+    }
+}
+
 token_test!(
     fn the_audit_log_move_killed_at_every_crash_point_ends_whole(token) {
         runtime().block_on(async {
-            let port = free_port();
-            let (pki, config) = prepare(token, port);
-            let data_dir = pki.dir.join("data");
-            let mut daemon = spawn(&config);
-            let operator = ready(&pki, port, &mut daemon).await;
+            let Started { port, pki, config, data_dir, mut daemon, operator } = start(token).await;
             create_signing_key(operator, "k").await;
             daemon.kill().unwrap();
             daemon.wait().unwrap();
@@ -72,11 +97,7 @@ fn events_of(entries: &[String], kind: &str) -> Vec<serde_json::Value> {
 token_test!(
     fn a_torn_tail_cut_by_a_start_killed_before_the_log_opened_is_recorded_by_the_next(token) {
         runtime().block_on(async {
-            let port = free_port();
-            let (pki, config) = prepare(token, port);
-            let data_dir = pki.dir.join("data");
-            let mut daemon = spawn(&config);
-            ready(&pki, port, &mut daemon).await;
+            let Started { port, pki, config, data_dir, mut daemon, .. } = start(token).await;
             daemon.kill().unwrap();
             daemon.wait().unwrap();
             let before = audit_files::read(&data_dir);
@@ -125,11 +146,7 @@ token_test!(
         // (Each try waits longer, so a loaded machine gets a later chance;
         // a head that never catches up fails every try.)
         runtime().block_on(async {
-            let port = free_port();
-            let (pki, config) = prepare(token, port);
-            let data_dir = pki.dir.join("data");
-            let mut daemon = spawn(&config);
-            let operator = ready(&pki, port, &mut daemon).await;
+            let Started { port, pki, config, data_dir, mut daemon, operator } = start(token).await;
             create_signing_key(operator, "k").await;
             let mut tries = Vec::new();
             for wait_ms in [1_500, 3_000, 6_000] {

@@ -77,9 +77,16 @@ fn pending(db: &custody_store::Store) -> Result<Vec<FileRepair>, String> {
     };
     match space.get(REPAIRS).map_err(|e| e.to_string())? {
         None => Ok(Vec::new()),
-        Some(value) => crate::stored::open(REPAIRS, &value)
-            .map_err(|e| format!("keyspace `audit_head`, key `repairs`: {e}")),
+        Some(value) => {
+            decode(&value).map_err(|e| format!("keyspace `audit_head`, key `repairs`: {e}"))
+        }
     }
+}
+
+/// The notes as stored under [`REPAIRS`] (sealed, [`crate::stored`]):
+/// what [`pending`] reads and the check at start checks.
+pub(super) fn decode(value: &[u8]) -> Result<Vec<FileRepair>, String> {
+    crate::stored::open(REPAIRS, value)
 }
 
 /// Appends one event for each act noted (each durable before the next),

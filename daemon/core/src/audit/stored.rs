@@ -7,7 +7,7 @@
 use super::chain::{AuditError, Record};
 use super::event::{Entry, Event};
 use super::home::{RecordHome, decode_record};
-use super::repairs::{FileRepair, REPAIRS};
+use super::repairs::{self, REPAIRS};
 use super::verify::{VerifyReport, verify_records_from};
 
 /// The key of the head in keyspace `audit_head`.
@@ -130,7 +130,7 @@ fn check_stored_head(
     let mut head = None;
     crate::findings::each_record(db, "audit_head", findings, |key, value, findings| {
         if key == REPAIRS {
-            if let Err(problem) = crate::stored::open::<Vec<FileRepair>>(key, value) {
+            if let Err(problem) = repairs::decode(value) {
                 findings.add("audit_head", key, problem);
             }
         } else if key != HEAD {
