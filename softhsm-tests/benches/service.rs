@@ -6,12 +6,13 @@
 //! measured in the same run; p50 and p99
 //! latency of unary calls, beside the disk's own latency for one synced
 //! record-sized write (no audited answer can come sooner); and how long the key registry takes to load
-//! 10,000 keys at start.
+//! 10,000 keys at start. The transport's own floor is a row too: the gRPC
+//! health `Check` through the same listener, mTLS and gate, answered at once.
 //!
 //! Run: `cargo bench -p softhsm-tests --bench service`
 //! (`BENCH_SECONDS`, default 3, sets the length of each measurement;
-//! `BENCH_PROFILE=unary1`, `unary16` or `stream1` runs that figure alone and prints it, for a
-//! profiler; `BENCH_TOKIO_WORKERS` and `BENCH_HSM_WORKERS` set how many
+//! `BENCH_PROFILE=unary1`, `unary16`, `stream1`, `transport1` or
+//! `transport16` runs that figure alone and prints it, for a profiler; `BENCH_TOKIO_WORKERS` and `BENCH_HSM_WORKERS` set how many
 //! runtime and HSM threads share the cores.)
 
 use std::sync::Arc;
@@ -58,18 +59,48 @@ fn raw(service: &TestService, seconds: f64) -> f64 {
     count as f64 / seconds
 }
 
-/// `clients` tasks, each on its own connection, calling `Sign` in a loop.
-async fn unary(service: &TestService, clients: usize, seconds: f64) -> (f64, Duration, Duration) {
+/// What each client of a closed loop calls.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    /// `Sign`, audited.
+    Sign,
+    /// The gRPC health `Check`: the transport's own floor. It goes through
+    /// custodyd's listener, mTLS, request gate and router like `Sign`, and
+    /// answers at once (no HSM call, no audit record): what no signing
+    /// figure can exceed.
+    HealthCheck,
+}
+
+/// `clients` tasks, each on its own connection, making `call` in a loop:
+/// calls per second, p50 and p99 latency.
+async fn closed_loop(
+    service: &TestService,
+    call: Call,
+    clients: usize,
+    seconds: f64,
+) -> (f64, Duration, Duration) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let mut client = SigningServiceClient::new(service.client("ca-issuing").await);
+        let channel = service.client("ca-issuing").await;
+        let mut signing = SigningServiceClient::new(channel.clone());
+        let mut health = HealthClient::new(channel);
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                client.sign(request()).await.expect("sign");
+                match call {
+                    Call::Sign => drop(signing.sign(request()).await.expect("sign")),
+                    Call::HealthCheck => drop(
+                        health
+                            .check(HealthCheckRequest::default())
+                            .await
+                            .expect("health check"),
+                    ),
+                }
                 latencies.push(start.elapsed());
             }
             latencies
@@ -206,18 +237,22 @@ fn bench(token: &TestToken) {
             .expect("create key");
         if let Ok(only) = std::env::var("BENCH_PROFILE") {
             // One figure alone, for a profiler or a quick comparison:
-            // `unary1`, `unary16` or `stream1`.
-            let clients = match only.as_str() {
-                "unary1" => 1,
-                "unary16" => 16,
+            // `unary1`, `unary16`, `stream1`, `transport1` or `transport16`.
+            let (call, clients) = match only.as_str() {
+                "unary1" => (Call::Sign, 1),
+                "unary16" => (Call::Sign, 16),
+                "transport1" => (Call::HealthCheck, 1),
+                "transport16" => (Call::HealthCheck, 16),
                 "stream1" => {
                     let rate = streaming(&service, 1, seconds).await;
                     println!("{only}: {rate:.0}/s");
                     return;
                 }
-                other => panic!("BENCH_PROFILE: {other}? (unary1, unary16 or stream1)"),
+                other => panic!(
+                    "BENCH_PROFILE: {other}? (unary1, unary16, stream1, transport1 or transport16)"
+                ),
             };
-            let (rate, p50, p99) = unary(&service, clients, seconds).await;
+            let (rate, p50, p99) = closed_loop(&service, call, clients, seconds).await;
             println!(
                 "{only}: {rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
                 p50.as_secs_f64() * 1e3,
@@ -233,10 +268,17 @@ fn bench(token: &TestToken) {
             sync_latency(&service.config.data_dir, 2000)
         });
         let mut rows = Vec::new();
-        for clients in [1, 16, 64] {
-            let (rate, p50, p99) = unary(&service, clients, seconds).await;
+        let closed_loops = [
+            (Call::Sign, 1, "unary Sign, 1 client, audited"),
+            (Call::Sign, 16, "unary Sign, 16 clients, audited"),
+            (Call::Sign, 64, "unary Sign, 64 clients, audited"),
+            (Call::HealthCheck, 1, "transport alone: health Check, 1 client, no HSM, no audit"),
+            (Call::HealthCheck, 16, "transport alone: health Check, 16 clients, no HSM, no audit"),
+        ];
+        for (call, clients, path) in closed_loops {
+            let (rate, p50, p99) = closed_loop(&service, call, clients, seconds).await;
             rows.push((
-                format!("unary Sign, {clients} client(s), audited"),
+                path.to_string(),
                 rate,
                 format!("{:.2} ms | {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3),
             ));
