@@ -3,7 +3,8 @@
 //! same HSM work done directly with hsm-shim, measured in the same run:
 //! GenerateDataKey (32 random bytes and an AES-256-GCM encryption),
 //! Decrypt of a wrapped data key, and Rewrap (decrypt, then encrypt under the
-//! primary version).
+//! primary version). custodyd logs a line per request as the daemon does
+//! (to an anonymous file).
 //!
 //! Run: `cargo bench -p softhsm-tests --bench envelope`
 //! (`BENCH_SECONDS`, default 3, sets the length of each measurement.)
@@ -166,5 +167,6 @@ fn bench(token: &TestToken) {
 }
 
 fn main() {
+    let _log = softhsm_tests::log_like_custodyd();
     softhsm_tests::run_bench("envelope_bench", bench);
 }

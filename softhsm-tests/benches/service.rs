@@ -8,6 +8,8 @@
 //! record-sized write (no audited answer can come sooner); and how long the key registry takes to load
 //! 10,000 keys at start. The transport's own floor is a row too: the gRPC
 //! health `Check` through the same listener, mTLS and gate, answered at once.
+//! custodyd logs a line per request as the daemon does (to an anonymous
+//! file), so the figures pay for it.
 //!
 //! Run: `cargo bench -p softhsm-tests --bench service`
 //! (`BENCH_SECONDS`, default 3, sets the length of each measurement;
@@ -379,5 +381,6 @@ fn bench(token: &TestToken) {
 
 fn main() {
     floor::serve();
+    let _log = softhsm_tests::log_like_custodyd();
     softhsm_tests::run_bench("service_bench", bench);
 }

@@ -265,6 +265,14 @@ pub fn bench_seconds(default: f64) -> f64 {
         .unwrap_or(default)
 }
 
+/// For a benchmark: logs the way custodyd does (`RUST_LOG`, default
+/// `info`: a line per request), to an anonymous file, so that its figures
+/// include the request log's cost. Keep the guard until the end.
+pub fn log_like_custodyd() -> custody_daemon::run::LogGuard {
+    let file = tempfile::tempfile().expect("the benchmark's log file");
+    custody_daemon::run::init_logging_to(file, false)
+}
+
 /// The `main` of a benchmark: runs `body` on a fresh token in a child
 /// process, forwards its report, and exits with its status.
 pub fn run_bench(id: &str, body: impl FnOnce(&TestToken)) {

@@ -158,6 +158,25 @@ impl std::ops::DerefMut for Daemon {
     }
 }
 
+impl Daemon {
+    /// Sends SIGTERM and waits for custodyd to exit (at most 60 s, then the
+    /// test fails): its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        for _ in 0..600 {
+            if let Some(status) = self.0.try_wait().expect("wait for custodyd") {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("custodyd did not exit within 60 s of SIGTERM");
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();

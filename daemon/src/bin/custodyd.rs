@@ -32,7 +32,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    custody_daemon::run::init_logging();
+    let _log = custody_daemon::run::init_logging();
     let args = Args::parse();
     // Test builds of the workspace enable HSM fault injection and crash
     // points (dev-dependency features). An optimised daemon that can be told to fake

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    custody_daemon::run::init_logging();
+    let _log = custody_daemon::run::init_logging();
     let Some(config) = std::env::args_os().nth(1) else {
         eprintln!("usage: custodyd-under-test [--check] CONFIG");
         return ExitCode::FAILURE;
