@@ -1,11 +1,12 @@
-//! Attacks on a key-destruction ceremony (threat model C21-C25): the
+//! Attacks on a key-destruction ceremony (threat model C21-C25, C29): the
 //! ceremony only witnesses the carrying-out of a destruction officers
 //! already approved (DESTROY_VERSION, M-of-N) and scheduled; it must never
 //! shorten the cancel window, pass a legal hold or a CancelDestroy, run
 //! under fewer officers than the key's DESTROY_VERSION policy, or lose a
 //! race with the scheduler.
 //!
-//! Each test retires `old-root` v1 (rotated away, deactivated) and has
+//! Each test retires `old-root` v1 (rotated away, deactivated; C29's
+//! retires the whole key, its only version put out of use) and has
 //! alice and bob approve its destruction (24 h cancel window) unless it
 //! attacks that step, then runs the ceremony through the real gRPC server
 //! on SoftHSM2 with the test's manual clock.
@@ -24,7 +25,7 @@ use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
 use tonic::transport::Channel;
 
-use crate::common::{create_key, officers_of, state};
+use crate::common::{create_key, drift, officers_of, set_state, state};
 
 const HOUR_MS: i64 = 3_600_000;
 const V1: &str = "keys/old-root/versions/1";
@@ -365,6 +366,59 @@ token_test!(
             }
             let opened = officers.start("alice", &script("c-three-again").replace("required = 2", "required = 3"), "").await;
             assert_eq!(opened.as_ref().map(state).map_err(reason), Ok(CeremonyState::AwaitingOfficers));
+        });
+    }
+);
+
+token_test!(
+    fn c29_a_retired_roots_last_version_is_destroyed_by_a_witnessed_ceremony_and_never_comes_back(token) {
+        // The end of a root's life as WebTrust wants it witnessed: its only
+        // version, the primary, goes out of use (which retires the key),
+        // two officers approve its destruction, and a ceremony carries it
+        // out. The attacks: the ceremony refusing the primary (leaving the
+        // last key unwitnessed, to the scheduler), an object left on the
+        // token, and custodyd making the retired key a new version after.
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "old-root", Algorithm::EcSignP256Sha256, false)
+                .await
+                .unwrap();
+            set_state(&operator, V1, KeyVersionState::Deactivated, "end of life")
+                .await
+                .unwrap();
+            approve_destruction(&service, &operator, "bob").await;
+
+            let (name, text, manifest) =
+                waiting_for_confirmation(&service, &officers, "c-last-version").await;
+            assert!(
+                on_token(&service, "key/old-root/v1").await,
+                "the scheduler destroyed the reserved primary, unwitnessed"
+            );
+            officers.confirm("alice", &name, &text, &manifest).await.unwrap();
+            let done = officers.confirm("bob", &name, &text, &manifest).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            assert!(!on_token(&service, "key/old-root/v1").await, "the primary's object remains on the token");
+            assert_eq!(v1_state(&operator).await, KeyVersionState::Destroyed as i32);
+            assert!(drift(&service).await.is_empty(), "{:?}", drift(&service).await);
+
+            // Retired for good: no version signs, none is made by a
+            // scheduler turn, and a compromise notice brings none back.
+            let ca = service.client("ca-issuing").await;
+            let refused = custody_proto::v1::signing_service_client::SigningServiceClient::new(ca)
+                .sign(custody_proto::v1::SignRequest {
+                    name: "keys/old-root".into(),
+                    input: Some(custody_proto::v1::sign_request::Input::Data(b"after".to_vec())),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(reason(&refused), "VERSION_NOT_ACTIVE", "{refused:?}");
+            service.clock.advance(400 * 24 * HOUR_MS);
+            scheduler_turns().await;
+            let key = crate::common::get_key(&operator, "old-root").await.unwrap();
+            assert_eq!(key.versions.len(), 1, "the retired root came back: {key:?}");
         });
     }
 );

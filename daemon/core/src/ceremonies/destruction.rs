@@ -5,7 +5,8 @@
 //! the ceremony asks them at each step:
 //!
 //! - open: each version reservable (scheduled by an approved
-//!   DESTROY_VERSION, not cancelled, not held, retired, not primary), the
+//!   DESTROY_VERSION, not cancelled, not held, out of use: a retired
+//!   key's last primary included, threat model C29), the
 //!   quorum covering the key's DESTROY_VERSION policy; once journaled the
 //!   versions are reserved in the registry, so the scheduler leaves them;
 //! - `manifest` (quorum signed in): each version due (cancel window over),
