@@ -147,6 +147,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::CrossSignNotCa => Code::InvalidArgument,
         R::CrossSignIsIssuerKey => Code::InvalidArgument,
         R::CrossSignKeyNotAllowed => Code::InvalidArgument,
+        R::CrossSignSignatureInvalid => Code::InvalidArgument,
         R::CrossSignSubjectChanged => Code::InvalidArgument,
         R::PromotionPoliciesConflict => Code::FailedPrecondition,
         R::JournalUnavailable => Code::Unavailable,

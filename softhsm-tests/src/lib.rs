@@ -413,6 +413,20 @@ pub fn openssl_verifies_pem(
     output.status.success()
 }
 
+/// A fresh EC P-256 private key made by openssl (`genpkey`), PEM.
+pub fn openssl_p256_key() -> Vec<u8> {
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+        b"",
+    )
+}
+
 /// Runs `openssl` with `args`, feeding `input`, and returns its stdout.
 pub fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
     use std::io::Write;

@@ -62,6 +62,55 @@ fn openssl_ca(dir: &Path, name: &str, extra: &[&str]) -> Vec<u8> {
     std::fs::read(&pem).unwrap()
 }
 
+/// What someone without `victim`'s key can make of its CA certificate: a
+/// self-issued CA certificate with its subject and public key, signed with
+/// a key of their own (`openssl x509 -new -force_pubkey`).
+fn openssl_forged(dir: &Path, victim: &[u8]) -> Vec<u8> {
+    let victim_pem = dir.join("forged-victim.pem");
+    std::fs::write(&victim_pem, victim).unwrap();
+    let victim_pub = openssl(
+        &[
+            "x509",
+            "-in",
+            victim_pem.to_str().unwrap(),
+            "-pubkey",
+            "-noout",
+        ],
+        b"",
+    );
+    let victim_pub_path = dir.join("forged-victim.pub");
+    std::fs::write(&victim_pub_path, victim_pub).unwrap();
+    let own_key = dir.join("forger.key");
+    std::fs::write(&own_key, softhsm_tests::openssl_p256_key()).unwrap();
+    let extensions = dir.join("forged.ext");
+    std::fs::write(
+        &extensions,
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+    )
+    .unwrap();
+    let forged = dir.join("forged.pem");
+    openssl(
+        &[
+            "x509",
+            "-new",
+            "-subj",
+            SUBJECT,
+            "-key",
+            own_key.to_str().unwrap(),
+            "-force_pubkey",
+            victim_pub_path.to_str().unwrap(),
+            "-extfile",
+            extensions.to_str().unwrap(),
+            "-days",
+            "3650",
+            "-out",
+            forged.to_str().unwrap(),
+        ],
+        b"",
+    );
+    std::fs::read(&forged).unwrap()
+}
+
 const CA: &[&str] = &[
     "-addext",
     "basicConstraints=critical,CA:TRUE",
@@ -212,7 +261,7 @@ token_test!(
 );
 
 token_test!(
-    fn certificate_bytes_swapped_after_review_a_non_ca_or_the_roots_own_certificate_are_refused_at_open(token) {
+    fn certificate_bytes_swapped_after_review_forged_a_non_ca_or_the_roots_own_certificate_are_refused_at_open(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
@@ -235,6 +284,13 @@ token_test!(
             // The custody root's own certificate: it would cross-sign itself.
             let script = cross_script("c-self", &sha2::Sha256::digest(root_pem.as_bytes()));
             officers.refused_at_open(opening(&script, root_pem.as_bytes()), "CROSS_SIGN_IS_ISSUER_KEY").await;
+
+            // The reviewed partner's subject and key in a certificate the
+            // partner never signed (a forger's own signature): the root
+            // would vouch for a key its holder never asked it to.
+            let forged = openssl_forged(&dir, &reviewed);
+            let script = cross_script("c-forged", &sha2::Sha256::digest(&forged));
+            officers.refused_at_open(opening(&script, &forged), "CROSS_SIGN_SIGNATURE_INVALID").await;
 
             // Not a certificate at all, named by its digest.
             let junk = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";

@@ -167,6 +167,7 @@ reasons! {
     BadCrossSignCertificate = "BAD_CROSS_SIGN_CERTIFICATE": "the certificate sent with a cross-sign ceremony's start is not an X.509 certificate (PEM or DER)",
     CrossSignNotCa = "CROSS_SIGN_NOT_CA": "the certificate to cross-sign is not a CA certificate (no basicConstraints with cA true)",
     CrossSignIsIssuerKey = "CROSS_SIGN_IS_ISSUER_KEY": "the certificate to cross-sign carries the issuing root's own public key",
+    CrossSignSignatureInvalid = "CROSS_SIGN_SIGNATURE_INVALID": "the certificate to cross-sign names itself as its issuer but its signature does not verify with the public key it carries: its maker did not show they hold the key",
     CrossSignKeyNotAllowed = "CROSS_SIGN_KEY_NOT_ALLOWED": "the certificate to cross-sign carries a key a subordinate CA may not have (ECDSA P-256 or P-384, RSA 2048, 3072 or 4096 bits)",
     CrossSignSubjectChanged = "CROSS_SIGN_SUBJECT_CHANGED": "the subject of the certificate to cross-sign cannot be re-issued byte for byte",
     PromotionPoliciesConflict = "PROMOTION_POLICIES_CONFLICT": "a staged version's promotion needs both the key's ROTATE and SET_STATE policies, and neither covers the other",

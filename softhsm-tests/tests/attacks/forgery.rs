@@ -55,19 +55,7 @@ struct Forgery {
 /// A bundle of `key_id`, a key pair made by openssl, under a backup KEK and
 /// signed by an audit key that are both the forgers' own.
 fn forge(scratch: &Path, key_id: &str) -> Forgery {
-    let new_p256 = || {
-        openssl(
-            &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ],
-            b"",
-        )
-        .unwrap()
-    };
+    let new_p256 = softhsm_tests::openssl_p256_key;
     let audit_key = new_p256();
     let audit_public = openssl(&["pkey", "-pubout"], &audit_key).unwrap();
     let key = new_p256();

@@ -5,7 +5,12 @@
 //! the public key and the subjectKeyIdentifier (a cross-certificate keeps
 //! it, so that paths through either issuer find the same key), nothing
 //! else: the profile is the reviewed script's. The checks on the key and
-//! the name are the CSR's (`ceremony::csr`).
+//! the name are the CSR's (`ceremony::csr`). A self-issued certificate
+//! (its issuer name its subject's, as a CA's own root certificate is)
+//! must verify with the key it carries, as a CSR's self-signature must:
+//! the root vouches for a key only when its holder signed for it. A
+//! certificate issued by another CA proves only that CA's word, which the
+//! officers judge when they review the file (threat model C31).
 
 use rcgen::DistinguishedName;
 use sha2::{Digest, Sha256};
@@ -84,8 +89,10 @@ fn is_issuer_key(spki: &SubjectPublicKeyInfo<'_>, issuer_spki: &[u8]) -> bool {
 /// not the issuer's, whose SubjectPublicKeyInfo is `issuer_spki`
 /// (CROSS_SIGN_IS_ISSUER_KEY); it is a CA certificate, basicConstraints cA
 /// true (CROSS_SIGN_NOT_CA); its key is allowed (CROSS_SIGN_KEY_NOT_ALLOWED);
-/// its subject is one rcgen can rebuild (CROSS_SIGN_SUBJECT_CHANGED; the
-/// bytes are compared on the TBS built). Nothing here touches the HSM.
+/// a self-issued certificate's signature verifies with its own key
+/// (CROSS_SIGN_SIGNATURE_INVALID); its subject is one rcgen can rebuild
+/// (CROSS_SIGN_SUBJECT_CHANGED; the bytes are compared on the TBS built).
+/// Nothing here touches the HSM.
 pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<Source, Error> {
     let sha256: [u8; 32] = Sha256::digest(bytes).into();
     if &sha256 != expected {
@@ -126,6 +133,17 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
         ));
     }
     let algorithm = csr::allowed_key(spki, REFUSALS)?;
+    if certificate.issuer().as_raw() == certificate.subject().as_raw() {
+        certificate.verify_signature(None).map_err(|e| {
+            Error::new(
+                Reason::CrossSignSignatureInvalid,
+                format!(
+                    "{} names itself as its issuer, but its signature does not verify with the key it carries ({e}): whoever made it did not show they hold that key",
+                    certificate.subject()
+                ),
+            )
+        })?;
+    }
     let key_id = certificate
         .extensions()
         .iter()

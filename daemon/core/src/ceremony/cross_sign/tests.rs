@@ -88,3 +88,21 @@ fn a_subject_rcgen_would_re_encode_is_refused_rather_than_changed() {
     let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
     assert_eq!(refused.reason, Reason::CrossSignSubjectChanged, "{refused}");
 }
+
+#[test]
+fn a_self_issued_certificate_whose_signature_does_not_verify_with_its_own_key_is_refused() {
+    let (pem, _) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256, true);
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let mut forged = der.contents.clone();
+    // The last byte is the signature's: the certificate still parses.
+    *forged.last_mut().unwrap() ^= 0x01;
+    let refused = check(&forged, &digest(&forged), &root).unwrap_err();
+    assert_eq!(
+        refused.reason,
+        Reason::CrossSignSignatureInvalid,
+        "{refused}"
+    );
+    // The same bytes unforged pass.
+    check(&der.contents, &digest(&der.contents), &root).unwrap();
+}
