@@ -292,6 +292,13 @@ token_test!(
             let script = cross_script("c-forged", &sha2::Sha256::digest(&forged));
             officers.refused_at_open(opening(&script, &forged), "CROSS_SIGN_SIGNATURE_INVALID").await;
 
+            // A root signed with a hash custodyd cannot check (ECDSA P-256
+            // with SHA-512, outside the Baseline Requirements): possession
+            // is not shown either.
+            let sha512 = openssl_ca(&dir, "sha512", &[CA, &["-sha512"]].concat());
+            let script = cross_script("c-sha512", &sha2::Sha256::digest(&sha512));
+            officers.refused_at_open(opening(&script, &sha512), "CROSS_SIGN_SIGNATURE_INVALID").await;
+
             // Not a certificate at all, named by its digest.
             let junk = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
             let script = cross_script("c-junk", &sha2::Sha256::digest(junk));

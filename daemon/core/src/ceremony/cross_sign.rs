@@ -135,10 +135,17 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
     let algorithm = csr::allowed_key(spki, REFUSALS)?;
     if certificate.issuer().as_raw() == certificate.subject().as_raw() {
         certificate.verify_signature(None).map_err(|e| {
+            let why = match e {
+                x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => format!(
+                    "is signed with {}, which custodyd cannot check, so it does not show that its maker holds the key: ask for the certificate signed with ECDSA (SHA-256 or SHA-384) or RSA (PKCS#1 v1.5 or PSS)",
+                    certificate.signature_algorithm.algorithm
+                ),
+                _ => "does not verify with the key it carries: whoever made it did not show they hold that key".into(),
+            };
             Error::new(
                 Reason::CrossSignSignatureInvalid,
                 format!(
-                    "{} names itself as its issuer, but its signature does not verify with the key it carries ({e}): whoever made it did not show they hold that key",
+                    "{} names itself as its issuer, but its signature {why}",
                     certificate.subject()
                 ),
             )
