@@ -247,6 +247,7 @@ token_test!(
             let tbs = transcript.entries.iter().find(|e| e.step == "tbs").unwrap();
             assert_eq!(tbs.detail["certificate_sha256"], hex::encode(sha256).as_str());
             assert_eq!(tbs.detail["certificate_subject"], "C=DE, O=Partner Demo, CN=Partner Root CA");
+            assert_eq!(tbs.detail["certificate_self_signed"], true);
             assert!(tbs.detail["lint"].as_str().unwrap().starts_with("passed"));
             assert!(tbs.detail["tbs_sha256"].is_string());
             let certify = transcript.entries.iter().find(|e| e.step == "certify").unwrap();

@@ -365,10 +365,17 @@ pub(super) async fn prepare_tbs(
         ));
     }
     if let Some(source) = &source {
+        let possession = if source.self_signed {
+            "self-signed, its signature verified with its own key".to_string()
+        } else {
+            format!(
+                "issued by {}: that the key's holder asked for this rests on that CA's word, not shown here",
+                source.issuer
+            )
+        };
         summary.push(format!(
-            "cross-signing the CA certificate of SHA-256 {} (issued by {}): its subject, public key and subjectKeyIdentifier; the profile is the script's",
+            "cross-signing the CA certificate of SHA-256 {} ({possession}): its subject, public key and subjectKeyIdentifier; the profile is the script's",
             hex::encode(source.sha256),
-            source.issuer
         ));
     }
     let tbs_sha256 = hex::encode(prepared.tbs_sha256);
@@ -406,6 +413,7 @@ pub(super) async fn prepare_tbs(
             );
             detail.insert("certificate_subject".into(), json!(source.subject));
             detail.insert("certificate_issuer".into(), json!(source.issuer));
+            detail.insert("certificate_self_signed".into(), json!(source.self_signed));
             format!(
                 "the CA certificate of SHA-256 {} ({})",
                 hex::encode(source.sha256),

@@ -43,6 +43,10 @@ pub struct Source {
     pub subject: String,
     /// The issuer name of the certificate sent, as people read it.
     pub issuer: String,
+    /// Whether the certificate is self-issued, so its signature (checked)
+    /// shows that its maker holds the key; otherwise the key is its
+    /// issuer's word, which the officers are told when they confirm.
+    pub self_signed: bool,
     /// The subject name for rcgen, which must encode it back to
     /// `subject_der` (checked on the TBS built).
     pub distinguished_name: DistinguishedName,
@@ -133,7 +137,8 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
         ));
     }
     let algorithm = csr::allowed_key(spki, REFUSALS)?;
-    if certificate.issuer().as_raw() == certificate.subject().as_raw() {
+    let self_signed = certificate.issuer().as_raw() == certificate.subject().as_raw();
+    if self_signed {
         certificate.verify_signature(None).map_err(|e| {
             let why = match e {
                 x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => format!(
@@ -163,6 +168,7 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
         subject_der: certificate.subject().as_raw().to_vec(),
         subject: certificate.subject().to_string(),
         issuer: certificate.issuer().to_string(),
+        self_signed,
         distinguished_name: csr::distinguished_name(certificate.subject(), REFUSALS)?,
         spki: spki.raw.to_vec(),
         algorithm,

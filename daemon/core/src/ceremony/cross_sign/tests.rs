@@ -106,3 +106,32 @@ fn a_self_issued_certificate_whose_signature_does_not_verify_with_its_own_key_is
     // The same bytes unforged pass.
     check(&der.contents, &digest(&der.contents), &root).unwrap();
 }
+
+#[test]
+fn a_certificate_another_ca_issued_passes_but_is_marked_as_not_self_signed() {
+    let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut other = CertificateParams::default();
+    other
+        .distinguished_name
+        .push(DnType::CommonName, "Other Root CA");
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = rcgen::Issuer::new(other, other_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Partner Issuing CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let pem = params.signed_by(&key, &other).unwrap().pem();
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let checked = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap();
+    assert!(!checked.self_signed);
+    assert_eq!(checked.issuer, "CN=Other Root CA");
+    let (own, _) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256, true);
+    assert!(
+        check(own.as_bytes(), &digest(own.as_bytes()), &root)
+            .unwrap()
+            .self_signed
+    );
+}
