@@ -148,21 +148,25 @@ pub struct LogGuard {
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`): as text, or
 /// with `CUSTODY_LOG_FORMAT=json` one JSON object per line, whose
 /// `request_id` field is the one in the request's audit record. Colours
-/// only when stderr is a terminal (under systemd it is journald).
+/// only when stderr is a terminal (under systemd it is journald) and
+/// `NO_COLOR` is unset or empty.
 pub fn init_logging() -> LogGuard {
     let stderr = std::io::stderr();
-    let colour = std::io::IsTerminal::is_terminal(&stderr);
+    let colour = std::io::IsTerminal::is_terminal(&stderr)
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     init_logging_to(stderr, colour)
 }
 
 /// [`init_logging`], the lines going to `writer` (a benchmark's file).
 ///
 /// A line is formatted on the thread that logs it and written by a thread
-/// of its own, which writes whatever has queued in one `write` (with a
-/// request line per request, a write per line took a tenth of the
-/// signatures a second, docs/benchmarks.md). No line is dropped: when the
-/// queue is full, the thread that logs waits. Lines still queued when the
-/// process is killed are lost; the audit log, not this log, is the record.
+/// of its own, which writes whatever has queued in one `write` (written
+/// line by line on the request's thread, the request lines cost about a
+/// tenth of the signatures a second; this takes back about half of that,
+/// docs/benchmarks.md). No line is dropped while custodyd runs: when the
+/// queue is full, the thread that logs waits. At exit the writer gets up to
+/// a second to write what is queued; lines still queued when the process
+/// is killed are lost. The audit log, not this log, is the record.
 pub fn init_logging_to(writer: impl std::io::Write + Send + 'static, colour: bool) -> LogGuard {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

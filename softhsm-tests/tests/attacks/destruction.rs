@@ -375,9 +375,11 @@ token_test!(
         // The end of a root's life as WebTrust wants it witnessed: its only
         // version, the primary, goes out of use (which retires the key),
         // two officers approve its destruction, and a ceremony carries it
-        // out. The attacks: the ceremony refusing the primary (leaving the
-        // last key unwitnessed, to the scheduler), an object left on the
-        // token, and custodyd making the retired key a new version after.
+        // out. The attacks: custodyd making the retired key a new version
+        // when its last version is found compromised (on the request or on
+        // the scheduler's turn), the ceremony refusing the primary (leaving
+        // the last key unwitnessed, to the scheduler), and an object left
+        // on the token.
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
@@ -388,6 +390,12 @@ token_test!(
             set_state(&operator, V1, KeyVersionState::Deactivated, "end of life")
                 .await
                 .unwrap();
+            set_state(&operator, V1, KeyVersionState::Compromised, "the retired root's backup tape found opened")
+                .await
+                .unwrap();
+            scheduler_turns().await;
+            let key = crate::common::get_key(&operator, "old-root").await.unwrap();
+            assert_eq!(key.versions.len(), 1, "a compromise brought the retired root back: {key:?}");
             approve_destruction(&service, &operator, "bob").await;
 
             let (name, text, manifest) =
@@ -403,8 +411,7 @@ token_test!(
             assert_eq!(v1_state(&operator).await, KeyVersionState::Destroyed as i32);
             assert!(drift(&service).await.is_empty(), "{:?}", drift(&service).await);
 
-            // Retired for good: no version signs, none is made by a
-            // scheduler turn, and a compromise notice brings none back.
+            // Retired for good: nothing signs, and the key has its one version.
             let ca = service.client("ca-issuing").await;
             let refused = custody_proto::v1::signing_service_client::SigningServiceClient::new(ca)
                 .sign(custody_proto::v1::SignRequest {
@@ -415,7 +422,6 @@ token_test!(
                 .await
                 .unwrap_err();
             assert_eq!(reason(&refused), "VERSION_NOT_ACTIVE", "{refused:?}");
-            service.clock.advance(400 * 24 * HOUR_MS);
             scheduler_turns().await;
             let key = crate::common::get_key(&operator, "old-root").await.unwrap();
             assert_eq!(key.versions.len(), 1, "the retired root came back: {key:?}");

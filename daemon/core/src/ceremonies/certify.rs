@@ -369,7 +369,7 @@ pub(super) async fn prepare_tbs(
             "self-signed, its signature verified with its own key".to_string()
         } else {
             format!(
-                "issued by {}: that the key's holder asked for this rests on that CA's word, not shown here",
+                "issued by {}, whose signature is not checked here: nothing shows that the key's holder asked for this",
                 source.issuer
             )
         };

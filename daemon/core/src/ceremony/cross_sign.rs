@@ -8,16 +8,19 @@
 //! the name are the CSR's (`ceremony::csr`). A self-issued certificate
 //! (its issuer name its subject's, as a CA's own root certificate is)
 //! must verify with the key it carries, as a CSR's self-signature must:
-//! the root vouches for a key only when its holder signed for it. A
-//! certificate issued by another CA proves only that CA's word, which the
-//! officers judge when they review the file (threat model C31).
+//! the root vouches for a key only when its holder signed for it. Names are
+//! compared as text (case and spacing aside), not byte for byte, so a
+//! re-encoded issuer name does not pass for another CA's. A certificate
+//! of another issuer shows nothing here (its issuer's signature is not
+//! checked): the officers judge it when they review the file and are told
+//! so when they confirm (threat model C31).
 
 use rcgen::DistinguishedName;
 use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
-use x509_parser::x509::SubjectPublicKeyInfo;
+use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
 
 use crate::algorithms::KeyAlgorithm;
 use crate::ceremony::csr::{self, Refusals};
@@ -43,9 +46,10 @@ pub struct Source {
     pub subject: String,
     /// The issuer name of the certificate sent, as people read it.
     pub issuer: String,
-    /// Whether the certificate is self-issued, so its signature (checked)
-    /// shows that its maker holds the key; otherwise the key is its
-    /// issuer's word, which the officers are told when they confirm.
+    /// Whether its signature verifies with its own key, which shows that
+    /// its maker holds the key; otherwise nothing here shows it (its
+    /// issuer's signature is not checked), which the officers are told
+    /// when they confirm.
     pub self_signed: bool,
     /// The subject name for rcgen, which must encode it back to
     /// `subject_der` (checked on the TBS built).
@@ -76,6 +80,20 @@ fn der_of(bytes: &[u8]) -> Result<Vec<u8>, Error> {
         )));
     }
     Ok(pem.contents)
+}
+
+/// Whether two names are the same name for a person reading them: the
+/// attribute values as text, case and runs of white space ignored (RFC
+/// 4518's matching, near enough for names a forger re-encodes).
+fn same_name(a: &X509Name<'_>, b: &X509Name<'_>) -> bool {
+    let fold = |name: &X509Name<'_>| {
+        name.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    fold(a) == fold(b)
 }
 
 /// Whether `spki` is the issuer's key (`issuer_spki`), compared as the
@@ -137,9 +155,15 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
         ));
     }
     let algorithm = csr::allowed_key(spki, REFUSALS)?;
-    let self_signed = certificate.issuer().as_raw() == certificate.subject().as_raw();
-    if self_signed {
-        certificate.verify_signature(None).map_err(|e| {
+    // Possession is shown by a signature that verifies with the key the
+    // certificate carries, whatever its issuer field says. One that does not
+    // verify is refused when the issuer names the subject, compared as
+    // RFC 5280 compares names (not byte for byte: a forger may encode the
+    // same name another way to pass for another CA's certificate).
+    let verified = certificate.verify_signature(None);
+    let self_signed = verified.is_ok();
+    if !self_signed && same_name(certificate.issuer(), certificate.subject()) {
+        verified.map_err(|e| {
             let why = match e {
                 x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => format!(
                     "is signed with {}, which custodyd cannot check, so it does not show that its maker holds the key: ask for the certificate signed with ECDSA (SHA-256 or SHA-384) or RSA (PKCS#1 v1.5 or PSS)",

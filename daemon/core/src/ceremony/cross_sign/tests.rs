@@ -135,3 +135,51 @@ fn a_certificate_another_ca_issued_passes_but_is_marked_as_not_self_signed() {
             .self_signed
     );
 }
+
+#[test]
+fn a_forgery_whose_issuer_is_the_subject_encoded_another_way_is_refused() {
+    // The victim's key and name; the forger signs with a key of their own
+    // and writes the issuer's CN as a PrintableString where the subject's
+    // is a UTF8String: the bytes differ, the name is the same.
+    let victim = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let forger = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut issuer = CertificateParams::default();
+    issuer.distinguished_name = rcgen::DistinguishedName::new();
+    issuer.distinguished_name.push(
+        DnType::CommonName,
+        DnValue::PrintableString("Partner Root CA".try_into().unwrap()),
+    );
+    let issuer = rcgen::Issuer::new(issuer, forger);
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        DnValue::Utf8String("Partner Root CA".into()),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let pem = params.signed_by(&victim, &issuer).unwrap().pem();
+    let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
+    let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
+    assert_eq!(
+        refused.reason,
+        Reason::CrossSignSignatureInvalid,
+        "{refused}"
+    );
+    // The same with the issuer's name in other letters' case and spacing.
+    let mut issuer = CertificateParams::default();
+    issuer.distinguished_name = rcgen::DistinguishedName::new();
+    issuer
+        .distinguished_name
+        .push(DnType::CommonName, "partner  ROOT ca");
+    let issuer = rcgen::Issuer::new(
+        issuer,
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+    );
+    let pem = params.signed_by(&victim, &issuer).unwrap().pem();
+    let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
+    assert_eq!(
+        refused.reason,
+        Reason::CrossSignSignatureInvalid,
+        "{refused}"
+    );
+}
