@@ -74,7 +74,9 @@ enum Call {
 }
 
 /// `clients` tasks, each on its own connection, making `call` in a loop:
-/// calls per second, p50 and p99 latency.
+/// calls per second, p50 and p99 latency. Every client is connected
+/// before any starts, they start together, and only calls that end within
+/// the `seconds` count.
 async fn closed_loop(
     service: &TestService,
     call: Call,
@@ -83,17 +85,19 @@ async fn closed_loop(
 ) -> (f64, Duration, Duration) {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let channel = service.client("ca-issuing").await;
         let mut signing = SigningServiceClient::new(channel.clone());
         let mut health = HealthClient::new(channel);
-        let stop = stop.clone();
+        let start = start.clone();
         tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let end = Instant::now() + Duration::from_secs_f64(seconds);
             let mut latencies = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let start = Instant::now();
+            while Instant::now() < end {
+                let began = Instant::now();
                 match call {
                     Call::Sign => drop(signing.sign(request()).await.expect("sign")),
                     Call::HealthCheck => drop(
@@ -103,13 +107,14 @@ async fn closed_loop(
                             .expect("health check"),
                     ),
                 }
-                latencies.push(start.elapsed());
+                if Instant::now() <= end {
+                    latencies.push(began.elapsed());
+                }
             }
             latencies
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
+    start.wait().await;
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(task.await.expect("task"));
