@@ -139,7 +139,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 /// Keeps custodyd's log writer thread; dropping it (at the end of `main`)
-/// writes every line still queued.
+/// writes the lines still queued (waiting about a second at most).
 #[must_use = "dropping the guard stops the log's writer thread"]
 pub struct LogGuard {
     _writer: tracing_appender::non_blocking::WorkerGuard,

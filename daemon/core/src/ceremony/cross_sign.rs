@@ -161,24 +161,23 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
     // RFC 5280 compares names (not byte for byte: a forger may encode the
     // same name another way to pass for another CA's certificate).
     let verified = certificate.verify_signature(None);
-    let self_signed = verified.is_ok();
-    if !self_signed && same_name(certificate.issuer(), certificate.subject()) {
-        verified.map_err(|e| {
-            let why = match e {
-                x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => format!(
-                    "is signed with {}, which custodyd cannot check, so it does not show that its maker holds the key: ask for the certificate signed with ECDSA (SHA-256 or SHA-384) or RSA (PKCS#1 v1.5 or PSS)",
-                    certificate.signature_algorithm.algorithm
-                ),
-                _ => "does not verify with the key it carries: whoever made it did not show they hold that key".into(),
-            };
-            Error::new(
-                Reason::CrossSignSignatureInvalid,
-                format!(
-                    "{} names itself as its issuer, but its signature {why}",
-                    certificate.subject()
-                ),
-            )
-        })?;
+    if let Err(e) = &verified
+        && same_name(certificate.issuer(), certificate.subject())
+    {
+        let why = match e {
+            x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => format!(
+                "is signed with {}, which custodyd cannot check, so it does not show that its maker holds the key: ask for the certificate signed with ECDSA (SHA-256 or SHA-384) or RSA (PKCS#1 v1.5 or PSS)",
+                certificate.signature_algorithm.algorithm
+            ),
+            _ => "does not verify with the key it carries: whoever made it did not show they hold that key".into(),
+        };
+        return Err(Error::new(
+            Reason::CrossSignSignatureInvalid,
+            format!(
+                "{} names itself as its issuer, but its signature {why}",
+                certificate.subject()
+            ),
+        ));
     }
     let key_id = certificate
         .extensions()
@@ -192,7 +191,7 @@ pub fn check(bytes: &[u8], expected: &[u8; 32], issuer_spki: &[u8]) -> Result<So
         subject_der: certificate.subject().as_raw().to_vec(),
         subject: certificate.subject().to_string(),
         issuer: certificate.issuer().to_string(),
-        self_signed,
+        self_signed: verified.is_ok(),
         distinguished_name: csr::distinguished_name(certificate.subject(), REFUSALS)?,
         spki: spki.raw.to_vec(),
         algorithm,
