@@ -372,11 +372,7 @@ token_test!(
             let refused = signer.sign(digest_request(7)).await.unwrap_err();
             assert_eq!(refused.code(), tonic::Code::Unavailable);
             assert_eq!(health(operator.clone()).await, ServingStatus::NotServing as i32);
-            Command::new("kill")
-                .args(["-TERM", &daemon.id().to_string()])
-                .status()
-                .unwrap();
-            let _ = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+            let _ = daemon.terminate();
 
             let mut daemon = s.disk.spawn(&s.config);
             let operator = ready(&s.pki, s.port, &mut daemon).await;

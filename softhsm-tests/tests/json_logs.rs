@@ -16,17 +16,10 @@ use custody_core::identity::Role;
 use custody_proto::v1::GetKeyRequest;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use softhsm_tests::process::{Daemon, audit_export, connect, free_port, prepare, ready};
+use softhsm_tests::service::runtime;
 use softhsm_tests::token_test;
 
 const CUSTODYD: &str = env!("CARGO_BIN_EXE_custodyd-under-test");
-
-fn run(test: impl std::future::Future<Output = ()>) {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(test);
-}
 
 /// custodyd on `token` at `RUST_LOG=info`, in `format` (`None`: the
 /// default text), its stderr to a file as journald would take it: the
@@ -55,7 +48,7 @@ async fn start_logging_to_file(
 
 token_test!(
     fn a_requests_json_log_line_carries_its_audit_records_request_id(token) {
-        run(async {
+        runtime().block_on(async {
             let (pki, port, mut daemon, log_path) = start_logging_to_file(token, Some("json")).await;
             // One request, refused NOT_FOUND, on a resource no other
             // request names.
@@ -107,7 +100,7 @@ token_test!(
 
 token_test!(
     fn a_text_log_to_a_file_holds_no_terminal_escapes_and_every_line_logged_before_a_stop(token) {
-        run(async {
+        runtime().block_on(async {
             let (pki, port, mut daemon, log_path) = start_logging_to_file(token, None).await;
             let auditor = connect(&pki, port, &pki.client("reader", &[Role::Auditor]))
                 .await

@@ -137,9 +137,7 @@ token_test!(
             };
             assert!(!old_works, "the replaced client CA is still trusted");
 
-            let status = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
-            assert!(status.success());
-            let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+            let exit = daemon.terminate();
             assert!(exit.success(), "custodyd did not stop cleanly on SIGTERM: {exit}");
         });
     }

@@ -161,8 +161,7 @@ token_test!(
                 .unwrap(),
         );
         runtime().block_on(async { ready(&pki, port, &mut daemon).await });
-        kill(&daemon, "-TERM");
-        assert!(daemon.wait().unwrap().success());
+        assert!(daemon.terminate().success());
         let logged = std::fs::read_to_string(&log).unwrap();
         assert!(logged.contains("custodyd ready"), "the log is the daemon's: {logged}");
         assert!(!logged.contains(token.user_pin()), "the PIN reached the log");
@@ -201,8 +200,7 @@ token_test!(
         };
         let mut daemon = spawn(None);
         runtime().block_on(async { ready(&pki, port, &mut daemon).await });
-        kill(&daemon, "-TERM");
-        assert!(daemon.wait().unwrap().success());
+        assert!(daemon.terminate().success());
         let records = audit_files::to_layout_before_segments(&data_dir);
 
         let socket_path = pki.dir.join("notify.sock");
@@ -219,8 +217,7 @@ token_test!(
         );
         assert!(moving.contains(&format!("of {records} records")), "{moving:?}");
         runtime().block_on(async { ready(&pki, port, &mut daemon).await });
-        kill(&daemon, "-TERM");
-        assert!(daemon.wait().unwrap().success());
+        assert!(daemon.terminate().success());
         assert_eq!(audit_files::records_in_database(&data_dir), 0, "the log was moved");
     }
 );

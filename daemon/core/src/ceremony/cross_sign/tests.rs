@@ -29,6 +29,17 @@ fn certificate(algorithm: &'static rcgen::SignatureAlgorithm, ca: bool) -> (Stri
     )
 }
 
+/// Parameters of a CA certificate whose subject is one common name.
+fn ca_named(common_name: impl Into<DnValue>) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+}
+
 fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -76,13 +87,9 @@ fn each_check_refuses_with_its_own_reason() {
 #[test]
 fn a_subject_rcgen_would_re_encode_is_refused_rather_than_changed() {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
-        DnValue::TeletexString("Partner Root CA".try_into().unwrap()),
-    );
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let params = ca_named(DnValue::TeletexString(
+        "Partner Root CA".try_into().unwrap(),
+    ));
     let pem = params.self_signed(&key).unwrap().pem();
     let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
     let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
@@ -110,19 +117,9 @@ fn a_self_issued_certificate_whose_signature_does_not_verify_with_its_own_key_is
 #[test]
 fn a_certificate_another_ca_issued_passes_but_is_marked_as_not_self_signed() {
     let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut other = CertificateParams::default();
-    other
-        .distinguished_name
-        .push(DnType::CommonName, "Other Root CA");
-    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let other = rcgen::Issuer::new(other, other_key);
+    let other = rcgen::Issuer::new(ca_named("Other Root CA"), other_key);
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Partner Issuing CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let params = ca_named("Partner Issuing CA");
     let pem = params.signed_by(&key, &other).unwrap().pem();
     let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
     let checked = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap();
@@ -143,20 +140,13 @@ fn a_forgery_whose_issuer_is_the_subject_encoded_another_way_is_refused() {
     // is a UTF8String: the bytes differ, the name is the same.
     let victim = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let forger = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut issuer = CertificateParams::default();
-    issuer.distinguished_name = rcgen::DistinguishedName::new();
-    issuer.distinguished_name.push(
-        DnType::CommonName,
-        DnValue::PrintableString("Partner Root CA".try_into().unwrap()),
+    let issuer = rcgen::Issuer::new(
+        ca_named(DnValue::PrintableString(
+            "Partner Root CA".try_into().unwrap(),
+        )),
+        forger,
     );
-    let issuer = rcgen::Issuer::new(issuer, forger);
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
-        DnValue::Utf8String("Partner Root CA".into()),
-    );
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let params = ca_named(DnValue::Utf8String("Partner Root CA".into()));
     let pem = params.signed_by(&victim, &issuer).unwrap().pem();
     let (_, root) = certificate(&rcgen::PKCS_ECDSA_P384_SHA384, true);
     let refused = check(pem.as_bytes(), &digest(pem.as_bytes()), &root).unwrap_err();
@@ -166,13 +156,8 @@ fn a_forgery_whose_issuer_is_the_subject_encoded_another_way_is_refused() {
         "{refused}"
     );
     // The same with the issuer's name in other letters' case and spacing.
-    let mut issuer = CertificateParams::default();
-    issuer.distinguished_name = rcgen::DistinguishedName::new();
-    issuer
-        .distinguished_name
-        .push(DnType::CommonName, "partner  ROOT ca");
     let issuer = rcgen::Issuer::new(
-        issuer,
+        ca_named("partner  ROOT ca"),
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
     );
     let pem = params.signed_by(&victim, &issuer).unwrap().pem();
