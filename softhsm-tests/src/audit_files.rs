@@ -36,19 +36,38 @@ pub fn read(data_dir: &Path) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
-/// Appends part of a frame (`bytes` of a record numbered after the last)
-/// to the last segment file: what a crash before a group commit's sync
-/// leaves. Returns the last whole record's number.
+/// The last segment file and where its last record ends: past it, the
+/// file custodyd was appending to holds zeros until custodyd closes it.
+pub fn last_file_end(data_dir: &Path) -> (PathBuf, u64) {
+    let last_file = segment_files(data_dir).pop().unwrap();
+    let first: u64 = last_file
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let end = read(data_dir)
+        .iter()
+        .filter(|(seq, _)| *seq >= first)
+        .map(|(seq, payload)| frame(*seq, payload).len() as u64)
+        .sum();
+    (last_file, end)
+}
+
+/// Writes part of a frame (`bytes` of a record numbered after the last)
+/// where the last segment file's last record ends: what a crash before a
+/// group commit's sync leaves. Returns the last whole record's number.
 pub fn tear_tail(data_dir: &Path, bytes: usize) -> u64 {
     let last_seq = read(data_dir).last().map_or(0, |(seq, _)| *seq);
     let torn = frame(last_seq + 1, &[b'x'; 200]);
     assert!(bytes < torn.len(), "a torn tail is less than a frame");
-    let last_file = segment_files(data_dir).pop().unwrap();
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
+    let (last_file, end) = last_file_end(data_dir);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
         .open(last_file)
         .unwrap();
-    std::io::Write::write_all(&mut file, &torn[..bytes]).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &torn[..bytes], end).unwrap();
     last_seq
 }
 

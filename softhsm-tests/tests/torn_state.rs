@@ -667,7 +667,7 @@ token_test!(
             // Half a group commit after the last acknowledged record (what a
             // crash before the sync leaves): the offline check reads past
             // it, the start cuts it, and the log goes on whole.
-            let whole = len(&last_file());
+            let (_, whole) = audit_files::last_file_end(&data_dir);
             assert_eq!(audit_files::tear_tail(&data_dir, 120), last_seq);
             let (code, report) = run_check(&config);
             assert_eq!(code, 0, "a torn tail is no finding: {report}");
@@ -685,7 +685,7 @@ token_test!(
             service.stop().await;
             let after = audit_files::read(&data_dir);
             assert_eq!(&after[..before.len()], &before[..], "every acknowledged record is there");
-            assert!(len(&last_file()) > whole, "appended after the cut");
+            assert!(audit_files::last_file_end(&data_dir).1 > whole, "appended after the cut");
 
             // The last acknowledged record cut short: the head names it, so
             // it is no torn tail. Refused, and nothing is cut.
@@ -704,7 +704,7 @@ token_test!(
             // fails and it is not the tail.
             restore();
             let mut bytes = std::fs::read(last_file()).unwrap();
-            let at = bytes.len() / 2;
+            let at = whole as usize / 2;
             bytes[at] ^= 0x10;
             std::fs::write(last_file(), &bytes).unwrap();
             let (code, report) = run_check(&config);

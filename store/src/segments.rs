@@ -11,16 +11,24 @@
 //! frames and `fdatasync`s the file (and the directory when it starts a
 //! file) before it returns: a record returned is durable.
 //!
+//! The file appended to is written with zeros [`ZEROED_AHEAD`] past its
+//! last record, so that a group commit overwrites blocks the file already
+//! has and its `fdatasync` writes those blocks alone, not the file's size
+//! in the file system's journal as an append does (about a third of each
+//! commit's sync, docs/benchmarks.md). Only the log's last file may end in
+//! zeros: a file is cut to its last record before the next one is begun,
+//! and when the log is closed.
+//!
 //! What the frames mean is the caller's (custody-core's audit log); this
 //! owns their layout, their numbering and their durability. A defect is
 //! reported, never repaired, with one exception the caller asks for: a
 //! *torn tail* (the last frame of the last file running past its end, or
-//! failing its CRC with nothing after it) is what a crash before the sync
-//! leaves, and [`SegmentLog::open`] cuts it when told to.
+//! failing its CRC with nothing but zeros after it) is what a crash before
+//! the sync leaves, and [`SegmentLog::open`] cuts it when told to.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -30,6 +38,11 @@ pub const SEGMENT_BYTES: u64 = 4 << 20;
 
 /// The largest payload a frame may hold: anything longer is a defect.
 pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// How far past its last record the file appended to is written with
+/// zeros: the file grows (and its size reaches the journal) once per this
+/// many bytes of records, not at every group commit.
+pub const ZEROED_AHEAD: u64 = 1 << 20;
 
 const HEADER: usize = 16;
 const SUFFIX: &str = ".seg";
@@ -66,7 +79,7 @@ fn io(what: impl std::fmt::Display, e: std::io::Error) -> SegmentError {
 pub struct TornTail {
     /// Offset in the last file where the last whole frame ends.
     pub at: u64,
-    /// Bytes after it.
+    /// Bytes after it, up to the last that is not zero.
     pub bytes: u64,
     /// The last whole record's number (0 if the log holds none).
     pub after_seq: u64,
@@ -96,12 +109,30 @@ struct State {
     last_seq: u64,
     /// The last record's payload (what a caller links the next to).
     last_payload: Option<Vec<u8>>,
-    /// The file appends go to, its first number and its length.
+    /// The file appends go to, its first number and where its last record
+    /// ends.
     current: Option<(u64, u64)>,
+    /// That file, once appended to, and how far it holds zeros past its
+    /// last record (its length).
+    file: Option<(File, u64)>,
     torn: Option<TornTail>,
-    /// Why the last file did not read at open: the log is only read (and
-    /// its readers meet the defect), never appended to.
-    unread: Option<SegmentError>,
+    /// Why the log is only read, never appended to: its last file did not
+    /// read at open (its readers meet the defect), it was opened to keep a
+    /// torn tail, or an append failed (what it left is unknown here).
+    read_only: Option<SegmentError>,
+}
+
+impl State {
+    fn empty() -> State {
+        State {
+            last_seq: 0,
+            last_payload: None,
+            current: None,
+            file: None,
+            torn: None,
+            read_only: None,
+        }
+    }
 }
 
 /// One frame as read.
@@ -150,19 +181,24 @@ fn list(dir: &Path) -> Result<Vec<u64>> {
 
 /// Reads frames from a file in order. `last` says whether the file is the
 /// log's last, where a torn final frame ends the file instead of being a
-/// defect.
+/// defect, and so do zeros to its end (the space written ahead of its
+/// records).
 struct FrameReader {
     name: String,
     reader: BufReader<File>,
     offset: u64,
     len: u64,
     last: bool,
-    /// Set once a torn final frame was met.
-    torn: bool,
+    /// Set once a torn final frame was met: the bytes it left, to the last
+    /// that is not zero.
+    torn: Option<u64>,
 }
 
 impl FrameReader {
-    fn open(dir: &Path, first: u64, last: bool) -> Result<FrameReader> {
+    /// Opens the file whose first record is `first`, read no further than
+    /// `bound` (where its last record ended when the reading began: bytes
+    /// past it may be a group commit still being written).
+    fn open(dir: &Path, first: u64, last: bool, bound: Option<u64>) -> Result<FrameReader> {
         let name = file_name(first);
         let file = File::open(dir.join(&name)).map_err(|e| io(&name, e))?;
         let len = file.metadata().map_err(|e| io(&name, e))?.len();
@@ -170,9 +206,9 @@ impl FrameReader {
             name,
             reader: BufReader::with_capacity(256 << 10, file),
             offset: 0,
-            len,
+            len: bound.map_or(len, |bound| bound.min(len)),
             last,
-            torn: false,
+            torn: None,
         })
     }
 
@@ -183,20 +219,25 @@ impl FrameReader {
         }
     }
 
-    /// The next whole frame; `None` at the end (or at a torn final frame of
-    /// the last file, noted in `torn`).
+    /// The next whole frame; `None` at the end: the file's, zeros to it in
+    /// the last file, or a torn final frame of the last file (noted in
+    /// `torn`).
     fn next_frame(&mut self) -> Result<Option<Frame>> {
         let rest = self.len - self.offset;
         if rest == 0 {
             return Ok(None);
         }
         if rest < HEADER as u64 {
-            return self.torn_or("a frame header cut short".into());
+            return self.not_whole(self.len, "a frame header cut short");
         }
         let mut header = [0u8; HEADER];
         self.reader
             .read_exact(&mut header)
             .map_err(|e| io(&self.name, e))?;
+        if header == [0u8; HEADER] {
+            // No record is numbered 0: this is where the zeros begin.
+            return self.not_whole(self.offset, "zeros where a frame should begin");
+        }
         let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let seq_bytes: [u8; 8] = header[8..16].try_into().unwrap_or_default();
@@ -205,10 +246,9 @@ impl FrameReader {
                 "expected a payload of at most {MAX_PAYLOAD} bytes, found a length of {length}"
             )));
         }
-        if rest < (HEADER + length) as u64 {
-            return self.torn_or(format!(
-                "a frame of {length} bytes runs past the file's end"
-            ));
+        let frame_end = self.offset + (HEADER + length) as u64;
+        if frame_end > self.len {
+            return self.not_whole(self.len, "a frame runs past the file's end");
         }
         let mut payload = vec![0u8; length];
         self.reader
@@ -216,34 +256,71 @@ impl FrameReader {
             .map_err(|e| io(&self.name, e))?;
         let computed = crc32c::crc32c_append(crc32c::crc32c(&seq_bytes), &payload);
         if computed != crc {
-            let after = rest - (HEADER + length) as u64;
-            if after == 0 {
-                return self.torn_or("the last frame fails its CRC-32C".into());
-            }
-            return Err(self.corrupt("expected the frame's CRC-32C to match its content".into()));
+            return self.not_whole(frame_end, "the frame fails its CRC-32C");
         }
-        self.offset += (HEADER + length) as u64;
+        self.offset = frame_end;
         Ok(Some(Frame {
             seq: u64::from_le_bytes(seq_bytes),
             payload,
         }))
     }
 
-    fn torn_or(&mut self, problem: String) -> Result<Option<Frame>> {
-        if self.last {
-            self.torn = true;
-            Ok(None)
-        } else {
-            Err(self.corrupt(format!("{problem}, in a file that is not the last")))
+    /// A frame at `offset` that does not read whole, its bytes running to
+    /// `frame_end`: in the last file, the end of the log if only zeros
+    /// follow it (nothing at all, or a frame a crash tore before its sync),
+    /// a defect if anything else does; in an earlier file, always a defect.
+    fn not_whole(&mut self, frame_end: u64, problem: &str) -> Result<Option<Frame>> {
+        if !self.last {
+            return Err(self.corrupt(format!("{problem}, in a file that is not the last")));
         }
+        let written_to = self.last_nonzero_end()?;
+        if written_to == self.offset {
+            return Ok(None);
+        }
+        if written_to <= frame_end {
+            self.torn = Some(written_to - self.offset);
+            return Ok(None);
+        }
+        Err(self.corrupt(format!(
+            "expected the log to end here ({problem}), found data up to byte {written_to}"
+        )))
+    }
+
+    /// Where the last byte that is not zero, at or after `offset`, ends
+    /// (`offset` if there is none).
+    fn last_nonzero_end(&self) -> Result<u64> {
+        let file = self.reader.get_ref();
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut at = self.offset;
+        let mut end = self.offset;
+        while at < self.len {
+            let want = chunk.len().min((self.len - at) as usize);
+            let read = file
+                .read_at(&mut chunk[..want], at)
+                .map_err(|e| io(&self.name, e))?;
+            if read == 0 {
+                break;
+            }
+            if let Some(i) = chunk[..read].iter().rposition(|&b| b != 0) {
+                end = at + i as u64 + 1;
+            }
+            at += read as u64;
+        }
+        Ok(end)
     }
 }
 
-/// Every whole frame of one file, numbered from `first` with no gap, and
-/// the reader where it stopped (its `torn` says whether at a torn tail,
-/// which only the log's `last` file may have).
-fn read_whole(dir: &Path, first: u64, last: bool) -> Result<(Vec<Frame>, FrameReader)> {
-    let mut reader = FrameReader::open(dir, first, last)?;
+/// Every whole frame of one file (no further than `bound`, see
+/// [`FrameReader::open`]), numbered from `first` with no gap, and the
+/// reader where it stopped (its `torn` says whether at a torn tail, which
+/// only the log's `last` file may have).
+fn read_whole(
+    dir: &Path,
+    first: u64,
+    last: bool,
+    bound: Option<u64>,
+) -> Result<(Vec<Frame>, FrameReader)> {
+    let mut reader = FrameReader::open(dir, first, last, bound)?;
     let mut frames: Vec<Frame> = Vec::new();
     while let Some(frame) = reader.next_frame()? {
         let expected = first + frames.len() as u64;
@@ -283,24 +360,23 @@ impl SegmentLog {
     /// reads as an empty log (the offline check).
     pub fn open_existing(dir: &Path, tail: Tail) -> Result<SegmentLog> {
         let files = list(dir)?;
-        let mut state = State {
-            last_seq: 0,
-            last_payload: None,
-            current: None,
-            torn: None,
-            unread: None,
-        };
+        let mut state = State::empty();
         if let Some(&first) = files.last() {
-            let (frames, reader) = read_whole(dir, first, true)?;
+            let (frames, reader) = read_whole(dir, first, true, None)?;
             state.last_seq = first - 1 + frames.len() as u64;
             state.last_payload = frames.into_iter().last().map(|frame| frame.payload);
-            if reader.torn {
+            if let Some(bytes) = reader.torn {
                 let torn = TornTail {
                     at: reader.offset,
-                    bytes: reader.len - reader.offset,
+                    bytes,
                     after_seq: state.last_seq,
                 };
                 state.torn = Some(torn);
+                if tail == Tail::Keep {
+                    state.read_only = Some(SegmentError::OutOfOrder(
+                        "the log ends in a torn tail it was opened to keep: it is only read".into(),
+                    ));
+                }
                 if tail == Tail::Cut {
                     let path = dir.join(&reader.name);
                     let file = OpenOptions::new()
@@ -316,7 +392,7 @@ impl SegmentLog {
                 // An empty last file: the record before it is in the one
                 // before, which holds no more than this bound.
                 if let Some(&before) = files.iter().rev().nth(1) {
-                    let (frames, _) = read_whole(dir, before, false)?;
+                    let (frames, _) = read_whole(dir, before, false, None)?;
                     state.last_payload = frames.into_iter().last().map(|frame| frame.payload);
                 }
             }
@@ -336,11 +412,8 @@ impl SegmentLog {
             Err(error @ SegmentError::Corrupt { .. }) => Ok(SegmentLog {
                 dir: dir.to_path_buf(),
                 state: Mutex::new(State {
-                    last_seq: 0,
-                    last_payload: None,
-                    current: None,
-                    torn: None,
-                    unread: Some(error),
+                    read_only: Some(error),
+                    ..State::empty()
                 }),
             }),
             other => other,
@@ -373,12 +446,12 @@ impl SegmentLog {
     }
 
     /// Appends `records` (numbers following the log's last, in order) and
-    /// syncs them before returning. A failure leaves the log's tail unknown
-    /// to this process: the caller stops appending (as after a failed
-    /// flush) and the next open finds a whole log or a torn tail.
+    /// syncs them before returning. A failed write or sync leaves the log's
+    /// tail unknown to this process, which appends no more (as after a
+    /// failed flush): the next open finds a whole log or a torn tail.
     pub fn append(&self, records: &[(u64, &[u8])]) -> Result<()> {
         let mut state = self.state();
-        if let Some(error) = &state.unread {
+        if let Some(error) = &state.read_only {
             return Err(error.clone());
         }
         let mut expected = state.last_seq + 1;
@@ -401,26 +474,70 @@ impl SegmentLog {
         let Some(&(first_seq, _)) = records.first() else {
             return Ok(());
         };
+        if let Err(error) = Self::write_group(&self.dir, &mut state, first_seq, &buffer) {
+            state.read_only = Some(error.clone());
+            return Err(error);
+        }
+        state.last_seq = expected - 1;
+        state.last_payload = records.last().map(|(_, payload)| payload.to_vec());
+        Ok(())
+    }
+
+    /// Writes and syncs the frames of a group commit whose first record is
+    /// `first_seq`. A failure partway leaves the file unknown to this
+    /// process.
+    fn write_group(dir: &Path, state: &mut State, first_seq: u64, buffer: &[u8]) -> Result<()> {
         let (file_first, len) = match state.current {
             Some((first, len)) if len < SEGMENT_BYTES => (first, len),
-            _ => (first_seq, 0),
+            Some((first, len)) => {
+                // Only the last file may end in zeros: this one is cut to
+                // its last record, durably, before the next is begun.
+                let name = file_name(first);
+                let file = match state.file.take() {
+                    Some((file, _)) => file,
+                    None => OpenOptions::new()
+                        .write(true)
+                        .open(dir.join(&name))
+                        .map_err(|e| io(&name, e))?,
+                };
+                file.set_len(len).map_err(|e| io(&name, e))?;
+                file.sync_all().map_err(|e| io(&name, e))?;
+                (first_seq, 0)
+            }
+            None => (first_seq, 0),
         };
         let name = file_name(file_first);
         let starts_file = len == 0 && state.current.map(|(first, _)| first) != Some(file_first);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .mode(0o600)
-            .append(true)
-            .open(self.dir.join(&name))
-            .map_err(|e| io(&name, e))?;
-        file.write_all(&buffer).map_err(|e| io(&name, e))?;
+        let (file, zeroed_to) = match state.file.take() {
+            Some(open) => open,
+            None => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .write(true)
+                    .open(dir.join(&name))
+                    .map_err(|e| io(&name, e))?;
+                // Past the last record the file holds zeros (read so at
+                // open, or the torn tail cut), or nothing.
+                let zeroed_to = file.metadata().map_err(|e| io(&name, e))?.len();
+                (file, zeroed_to.max(len))
+            }
+        };
+        let end = len + buffer.len() as u64;
+        file.write_all_at(buffer, len).map_err(|e| io(&name, e))?;
+        let zeroed_to = if end > zeroed_to {
+            file.write_all_at(&ZEROS, end).map_err(|e| io(&name, e))?;
+            end + ZEROED_AHEAD
+        } else {
+            zeroed_to
+        };
         file.sync_data().map_err(|e| io(&name, e))?;
         if starts_file {
-            sync_dir(&self.dir)?;
+            sync_dir(dir)?;
         }
-        state.current = Some((file_first, len + buffer.len() as u64));
-        state.last_seq = expected - 1;
-        state.last_payload = records.last().map(|(_, payload)| payload.to_vec());
+        state.file = Some((file, zeroed_to));
+        state.current = Some((file_first, end));
         Ok(())
     }
 
@@ -429,15 +546,17 @@ impl SegmentLog {
     /// (a torn final frame of the last file ends the log), and a defect, a
     /// gap or a repeat is an error, after which the iterator ends.
     pub fn records_from(&self, start: u64) -> Records {
-        Records::new(self.dir.clone(), start.max(1))
+        Records::new(self.dir.clone(), start.max(1), self.state().current)
     }
 
     /// The records from the last back to the first, a file at a time (each
     /// read whole, so at most about [`SEGMENT_BYTES`] held at once).
     pub fn records_rev(&self) -> RecordsRev {
+        let bound = self.state().current;
         RecordsRev {
             dir: self.dir.clone(),
-            files: list(&self.dir),
+            files: files_to_read(&self.dir, bound),
+            bound,
             held: Vec::new(),
             started: false,
             done: false,
@@ -453,6 +572,26 @@ impl SegmentLog {
         }
     }
 }
+
+impl Drop for SegmentLog {
+    /// Cuts the zeros past the last record of the file appended to, so
+    /// that a closed log's files end at their last record. Best effort: a
+    /// file left with them (as a crash leaves it) reads the same.
+    fn drop(&mut self) {
+        let state = self
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let (Some((file, zeroed_to)), Some((_, len))) = (&state.file, state.current) {
+            if *zeroed_to > len {
+                let _ = file.set_len(len).and_then(|()| file.sync_all());
+            }
+        }
+    }
+}
+
+/// Zeros written past the last record, [`ZEROED_AHEAD`] at a time.
+static ZEROS: [u8; ZEROED_AHEAD as usize] = [0; ZEROED_AHEAD as usize];
 
 /// Record `seq` framed as this log stores it. Public for tests that write
 /// a file as someone else would; the log itself writes only through
@@ -488,6 +627,7 @@ pub struct Records {
     /// error.
     files: std::vec::IntoIter<u64>,
     last_file: Option<u64>,
+    bound: Option<(u64, u64)>,
     reader: Option<FrameReader>,
     start: u64,
     /// The number the next frame must carry (`None` before the first file).
@@ -496,9 +636,28 @@ pub struct Records {
     pending_error: Option<SegmentError>,
 }
 
+/// The files of `dir` up to the one appended to when a reading began
+/// (`bound`: its first number and where its last record ended), and what
+/// bounds the reading of each: a reader reads no file begun after it
+/// started, and no further into the file appended to than the records
+/// synced by then.
+fn files_to_read(dir: &Path, bound: Option<(u64, u64)>) -> Result<Vec<u64>> {
+    let mut files = list(dir)?;
+    if let Some((last, _)) = bound {
+        files.retain(|&first| first <= last);
+    }
+    Ok(files)
+}
+
+/// Where the reading of the file beginning at `first` stops (see
+/// [`files_to_read`]).
+fn bound_of(first: u64, bound: Option<(u64, u64)>) -> Option<u64> {
+    bound.and_then(|(last, len)| (last == first).then_some(len))
+}
+
 impl Records {
-    fn new(dir: PathBuf, start: u64) -> Records {
-        let (mut files, pending_error) = match list(&dir) {
+    fn new(dir: PathBuf, start: u64, bound: Option<(u64, u64)>) -> Records {
+        let (mut files, pending_error) = match files_to_read(&dir, bound) {
             Ok(files) => (files, None),
             Err(e) => (Vec::new(), Some(e)),
         };
@@ -509,6 +668,7 @@ impl Records {
             dir,
             files: files.split_off(skip).into_iter(),
             last_file,
+            bound,
             reader: None,
             start,
             expected: None,
@@ -543,6 +703,7 @@ impl Records {
                     &self.dir,
                     first,
                     Some(first) == self.last_file,
+                    bound_of(first, self.bound),
                 )?);
             }
             let Some(reader) = self.reader.as_mut() else {
@@ -597,6 +758,7 @@ impl Iterator for Records {
 pub struct RecordsRev {
     dir: PathBuf,
     files: Result<Vec<u64>>,
+    bound: Option<(u64, u64)>,
     held: Vec<(u64, Vec<u8>)>,
     /// Whether a file was read yet (the first is the log's last).
     started: bool,
@@ -628,7 +790,7 @@ impl Iterator for RecordsRev {
             // Only the log's last file may end torn; it is the first read.
             let last = !self.started;
             self.started = true;
-            match read_whole(&self.dir, first, last) {
+            match read_whole(&self.dir, first, last, bound_of(first, self.bound)) {
                 Ok((frames, _)) => {
                     self.held = frames
                         .into_iter()
@@ -645,210 +807,4 @@ impl Iterator for RecordsRev {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn payload(seq: u64) -> Vec<u8> {
-        format!("record {seq} {}", "x".repeat((seq % 50) as usize)).into_bytes()
-    }
-
-    fn fill(log: &SegmentLog, from: u64, to: u64) {
-        let payloads: Vec<(u64, Vec<u8>)> = (from..=to).map(|s| (s, payload(s))).collect();
-        let refs: Vec<(u64, &[u8])> = payloads.iter().map(|(s, p)| (*s, p.as_slice())).collect();
-        log.append(&refs).unwrap();
-    }
-
-    fn read_all(log: &SegmentLog) -> Vec<u64> {
-        log.records_from(1).map(|r| r.unwrap().0).collect()
-    }
-
-    #[test]
-    fn records_come_back_in_order_from_any_number_and_backwards() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(&dir.path().join("audit"), Tail::Cut).unwrap();
-        assert_eq!(log.last_seq(), 0);
-        assert!(log.last().is_none());
-        fill(&log, 1, 10);
-        fill(&log, 11, 25);
-        assert_eq!(read_all(&log), (1..=25).collect::<Vec<_>>());
-        let from: Vec<_> = log.records_from(7).map(|r| r.unwrap()).collect();
-        assert_eq!(from.first().unwrap(), &(7, payload(7)));
-        assert_eq!(from.len(), 19);
-        let back: Vec<u64> = log.records_rev().map(|r| r.unwrap().0).collect();
-        assert_eq!(back, (1..=25).rev().collect::<Vec<_>>());
-        assert_eq!(log.get(13).unwrap(), Some(payload(13)));
-        assert_eq!(log.get(26).unwrap(), None);
-        let reopened = SegmentLog::open(&dir.path().join("audit"), Tail::Keep).unwrap();
-        assert_eq!(reopened.last(), Some((25, payload(25))));
-        assert!(reopened.torn_tail().is_none());
-    }
-
-    #[test]
-    fn the_directory_and_its_files_are_the_owners_alone() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let log_dir = dir.path().join("audit");
-        let log = SegmentLog::open(&log_dir, Tail::Cut).unwrap();
-        fill(&log, 1, 2);
-        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&log_dir), 0o700);
-        assert_eq!(mode(&only_file(&log_dir)), 0o600);
-    }
-
-    #[test]
-    fn an_append_that_does_not_follow_the_last_record_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-        fill(&log, 1, 3);
-        let p = payload(5);
-        assert!(matches!(
-            log.append(&[(5, p.as_slice())]),
-            Err(SegmentError::OutOfOrder(_))
-        ));
-        assert!(matches!(
-            log.append(&[(3, p.as_slice())]),
-            Err(SegmentError::OutOfOrder(_))
-        ));
-        assert_eq!(log.last_seq(), 3);
-    }
-
-    /// Many files: appends roll over at the size bound, reads cross files,
-    /// and opening reads the last file only (its state matches).
-    #[test]
-    fn the_log_rolls_into_new_files_and_reads_across_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-        let big = vec![7u8; 600 << 10];
-        for seq in 1..=20u64 {
-            log.append(&[(seq, big.as_slice())]).unwrap();
-        }
-        let files = list(dir.path()).unwrap();
-        assert!(files.len() >= 3, "{files:?}");
-        assert_eq!(files[0], 1);
-        assert_eq!(read_all(&log), (1..=20).collect::<Vec<_>>());
-        assert_eq!(log.records_from(15).next().unwrap().unwrap().0, 15);
-        let reopened = SegmentLog::open(dir.path(), Tail::Keep).unwrap();
-        assert_eq!(reopened.last_seq(), 20);
-        reopened.append(&[(21, b"after".as_slice())]).unwrap();
-        assert_eq!(reopened.get(21).unwrap(), Some(b"after".to_vec()));
-    }
-
-    fn only_file(dir: &Path) -> PathBuf {
-        let files = list(dir).unwrap();
-        dir.join(file_name(*files.last().unwrap()))
-    }
-
-    #[test]
-    fn a_torn_tail_is_read_past_kept_or_cut_as_asked() {
-        for cut_at in [3usize, 10, 20] {
-            let dir = tempfile::tempdir().unwrap();
-            let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-            fill(&log, 1, 5);
-            let path = only_file(dir.path());
-            let whole = std::fs::metadata(&path).unwrap().len();
-            // Half a group commit: a frame cut `cut_at` bytes in.
-            let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-            let mut frame = Vec::new();
-            frame.extend_from_slice(&100u32.to_le_bytes());
-            frame.extend_from_slice(&0u32.to_le_bytes());
-            frame.extend_from_slice(&6u64.to_le_bytes());
-            frame.extend_from_slice(&[1u8; 100]);
-            file.write_all(&frame[..cut_at]).unwrap();
-            drop(file);
-            let kept = SegmentLog::open(dir.path(), Tail::Keep).unwrap();
-            assert_eq!(kept.last_seq(), 5);
-            assert_eq!(
-                kept.torn_tail(),
-                Some(TornTail {
-                    at: whole,
-                    bytes: cut_at as u64,
-                    after_seq: 5
-                })
-            );
-            assert_eq!(read_all(&kept), vec![1, 2, 3, 4, 5]);
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().len(),
-                whole + cut_at as u64
-            );
-            let cut = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
-            fill(&cut, 6, 6);
-            assert_eq!(read_all(&cut), vec![1, 2, 3, 4, 5, 6]);
-        }
-    }
-
-    /// A flipped byte anywhere but in the last frame is a defect, never a
-    /// torn tail: opening refuses when it is in the last file, and reading
-    /// refuses when it is in an earlier one.
-    #[test]
-    fn a_damaged_frame_before_the_tail_is_a_defect() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-        fill(&log, 1, 5);
-        let path = only_file(dir.path());
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[HEADER + 3] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-        for tail in [Tail::Keep, Tail::Cut] {
-            assert!(matches!(
-                SegmentLog::open(dir.path(), tail),
-                Err(SegmentError::Corrupt { .. })
-            ));
-        }
-        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
-        assert!(log.records_from(1).any(|r| r.is_err()));
-    }
-
-    /// A log of 15 records of 1 MiB: at least three files.
-    fn many_files() -> (tempfile::TempDir, SegmentLog, Vec<u64>) {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
-        let big = vec![7u8; 1 << 20];
-        for seq in 1..=15u64 {
-            log.append(&[(seq, big.as_slice())]).unwrap();
-        }
-        let files = list(dir.path()).unwrap();
-        assert!(files.len() >= 3);
-        (dir, log, files)
-    }
-
-    /// Reading back from the tail, an earlier file that ends mid-frame is a
-    /// defect, not a torn tail: only the log's last file may end so.
-    #[test]
-    fn only_the_last_file_may_end_torn_read_forwards_or_back() {
-        let (dir, log, files) = many_files();
-        let middle = dir.path().join(file_name(files[1]));
-        let len = std::fs::metadata(&middle).unwrap().len();
-        let file = OpenOptions::new().write(true).open(&middle).unwrap();
-        file.set_len(len - 100).unwrap();
-        drop(file);
-        assert!(log.records_from(1).any(|r| r.is_err()), "forwards");
-        assert!(log.records_rev().any(|r| r.is_err()), "back");
-    }
-
-    #[test]
-    fn a_missing_or_stray_file_is_a_defect() {
-        let (dir, log, files) = many_files();
-        std::fs::remove_file(dir.path().join(file_name(files[1]))).unwrap();
-        assert!(
-            log.records_from(1).any(|r| r.is_err()),
-            "a gap between files"
-        );
-        std::fs::remove_file(dir.path().join(file_name(files[0]))).unwrap();
-        assert!(log.records_from(1).any(|r| r.is_err()), "record 1 missing");
-        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
-        assert!(matches!(
-            SegmentLog::open(dir.path(), Tail::Keep),
-            Err(SegmentError::Corrupt { .. })
-        ));
-    }
-
-    #[test]
-    fn a_missing_directory_reads_as_an_empty_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open_existing(&dir.path().join("none"), Tail::Keep).unwrap();
-        assert_eq!(log.last_seq(), 0);
-        assert_eq!(log.records_from(1).count(), 0);
-        assert!(!dir.path().join("none").exists());
-    }
-}
+mod tests;

@@ -101,8 +101,7 @@ token_test!(
             daemon.kill().unwrap();
             daemon.wait().unwrap();
             let before = audit_files::read(&data_dir);
-            let last_file = audit_files::segment_files(&data_dir).pop().unwrap();
-            let whole = std::fs::metadata(&last_file).unwrap().len();
+            let (last_file, whole) = audit_files::last_file_end(&data_dir);
             let last_seq = audit_files::tear_tail(&data_dir, 120);
 
             // Killed once the tail is cut, before the log opened: what the

@@ -32,7 +32,8 @@ pub enum FileRepair {
     TailCut {
         /// The last whole record, which stays.
         after_record: u64,
-        /// Bytes cut.
+        /// Bytes cut: those after the last whole record, up to the last
+        /// that is not zero (zeros written ahead of the records follow).
         bytes: u64,
     },
 }
