@@ -30,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Where a file ends and the next begins (a file may run past it by one
 /// group commit).
@@ -101,7 +101,9 @@ pub enum Tail {
 #[derive(Debug)]
 pub struct SegmentLog {
     dir: PathBuf,
-    state: Mutex<State>,
+    /// Shared with the log's readers, which ask it how far the file being
+    /// appended to holds synced records when they reach that file.
+    state: Arc<Mutex<State>>,
 }
 
 #[derive(Debug)]
@@ -289,25 +291,28 @@ impl FrameReader {
     /// Where the last byte that is not zero, at or after `offset`, ends
     /// (`offset` if there is none).
     fn last_nonzero_end(&self) -> Result<u64> {
-        let file = self.reader.get_ref();
-        let mut chunk = vec![0u8; 64 << 10];
-        let mut at = self.offset;
-        let mut end = self.offset;
-        while at < self.len {
-            let want = chunk.len().min((self.len - at) as usize);
-            let read = file
-                .read_at(&mut chunk[..want], at)
-                .map_err(|e| io(&self.name, e))?;
-            if read == 0 {
-                break;
-            }
-            if let Some(i) = chunk[..read].iter().rposition(|&b| b != 0) {
-                end = at + i as u64 + 1;
-            }
-            at += read as u64;
-        }
-        Ok(end)
+        written_to(self.reader.get_ref(), self.offset, self.len).map_err(|e| io(&self.name, e))
     }
+}
+
+/// Where the last byte of `file` between `from` and `to` that is not zero
+/// ends (`from` if there is none).
+fn written_to(file: &File, from: u64, to: u64) -> std::io::Result<u64> {
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut at = from;
+    let mut end = from;
+    while at < to {
+        let want = chunk.len().min((to - at) as usize);
+        let read = file.read_at(&mut chunk[..want], at)?;
+        if read == 0 {
+            break;
+        }
+        if let Some(i) = chunk[..read].iter().rposition(|&b| b != 0) {
+            end = at + i as u64 + 1;
+        }
+        at += read as u64;
+    }
+    Ok(end)
 }
 
 /// Every whole frame of one file (no further than `bound`, see
@@ -399,7 +404,7 @@ impl SegmentLog {
         }
         Ok(SegmentLog {
             dir: dir.to_path_buf(),
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
         })
     }
 
@@ -411,19 +416,17 @@ impl SegmentLog {
         match Self::open_existing(dir, tail) {
             Err(error @ SegmentError::Corrupt { .. }) => Ok(SegmentLog {
                 dir: dir.to_path_buf(),
-                state: Mutex::new(State {
+                state: Arc::new(Mutex::new(State {
                     read_only: Some(error),
                     ..State::empty()
-                }),
+                })),
             }),
             other => other,
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
     /// The torn tail found at open (cut or kept), if any.
@@ -496,18 +499,20 @@ impl SegmentLog {
                 let file = match state.file.take() {
                     Some((file, _)) => file,
                     None => OpenOptions::new()
+                        .read(true)
                         .write(true)
                         .open(dir.join(&name))
                         .map_err(|e| io(&name, e))?,
                 };
-                file.set_len(len).map_err(|e| io(&name, e))?;
-                file.sync_all().map_err(|e| io(&name, e))?;
+                cut_to_last_record(&file, &name, len)?;
                 (first_seq, 0)
             }
             None => (first_seq, 0),
         };
         let name = file_name(file_first);
-        let starts_file = len == 0 && state.current.map(|(first, _)| first) != Some(file_first);
+        // A file's first records also sync the directory: the file may be
+        // one a crash left empty, its name never synced.
+        let starts_file = len == 0;
         let (file, zeroed_to) = match state.file.take() {
             Some(open) => open,
             None => {
@@ -515,6 +520,7 @@ impl SegmentLog {
                     .create(true)
                     .truncate(false)
                     .mode(0o600)
+                    .read(true)
                     .write(true)
                     .open(dir.join(&name))
                     .map_err(|e| io(&name, e))?;
@@ -546,17 +552,16 @@ impl SegmentLog {
     /// (a torn final frame of the last file ends the log), and a defect, a
     /// gap or a repeat is an error, after which the iterator ends.
     pub fn records_from(&self, start: u64) -> Records {
-        Records::new(self.dir.clone(), start.max(1), self.state().current)
+        Records::new(self.dir.clone(), start.max(1), self.state.clone())
     }
 
     /// The records from the last back to the first, a file at a time (each
     /// read whole, so at most about [`SEGMENT_BYTES`] held at once).
     pub fn records_rev(&self) -> RecordsRev {
-        let bound = self.state().current;
         RecordsRev {
             dir: self.dir.clone(),
-            files: files_to_read(&self.dir, bound),
-            bound,
+            files: list(&self.dir),
+            log: self.state.clone(),
             held: Vec::new(),
             started: false,
             done: false,
@@ -575,19 +580,38 @@ impl SegmentLog {
 
 impl Drop for SegmentLog {
     /// Cuts the zeros past the last record of the file appended to, so
-    /// that a closed log's files end at their last record. Best effort: a
-    /// file left with them (as a crash leaves it) reads the same.
+    /// that a closed log's files end at their last record. Only zeros: if
+    /// anything else lies past the last record this log wrote (another
+    /// writer's records, someone's bytes), the file is left for the next
+    /// open to read and report. Best effort: a file left with its zeros
+    /// (as a crash leaves it) reads the same.
     fn drop(&mut self) {
-        let state = self
-            .state
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let (Some((file, zeroed_to)), Some((_, len))) = (&state.file, state.current) {
-            if *zeroed_to > len {
-                let _ = file.set_len(len).and_then(|()| file.sync_all());
-            }
-        }
+        let mut state = lock(&self.state);
+        let (Some((file, _)), Some((_, len))) = (state.file.take(), state.current) else {
+            return;
+        };
+        let _ = cut_to_last_record(&file, "", len);
     }
+}
+
+/// Cuts `file` (named `name`) to its last record, which ends at `len`, if
+/// only zeros follow it; anything else there is a defect, left in place.
+fn cut_to_last_record(file: &File, name: &str, len: u64) -> Result<()> {
+    let physical = file.metadata().map_err(|e| io(name, e))?.len();
+    let written = written_to(file, len, physical).map_err(|e| io(name, e))?;
+    if written > len {
+        return Err(SegmentError::Corrupt {
+            file: name.into(),
+            problem: format!(
+                "expected only zeros after the last record (byte {len}), found data up to byte {written}"
+            ),
+        });
+    }
+    if physical > len {
+        file.set_len(len).map_err(|e| io(name, e))?;
+        file.sync_all().map_err(|e| io(name, e))?;
+    }
+    Ok(())
 }
 
 /// Zeros written past the last record, [`ZEROED_AHEAD`] at a time.
@@ -627,7 +651,7 @@ pub struct Records {
     /// error.
     files: std::vec::IntoIter<u64>,
     last_file: Option<u64>,
-    bound: Option<(u64, u64)>,
+    log: Arc<Mutex<State>>,
     reader: Option<FrameReader>,
     start: u64,
     /// The number the next frame must carry (`None` before the first file).
@@ -636,28 +660,26 @@ pub struct Records {
     pending_error: Option<SegmentError>,
 }
 
-/// The files of `dir` up to the one appended to when a reading began
-/// (`bound`: its first number and where its last record ended), and what
-/// bounds the reading of each: a reader reads no file begun after it
-/// started, and no further into the file appended to than the records
-/// synced by then.
-fn files_to_read(dir: &Path, bound: Option<(u64, u64)>) -> Result<Vec<u64>> {
-    let mut files = list(dir)?;
-    if let Some((last, _)) = bound {
-        files.retain(|&first| first <= last);
-    }
-    Ok(files)
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Where the reading of the file beginning at `first` stops (see
-/// [`files_to_read`]).
-fn bound_of(first: u64, bound: Option<(u64, u64)>) -> Option<u64> {
-    bound.and_then(|(last, len)| (last == first).then_some(len))
+/// How far a reader reaching the file that begins at `first` may read it:
+/// the file appended to, to the end of its synced records (past them a
+/// group commit may be half written); a file being begun, not at all;
+/// any other, to its end.
+fn bound_of(first: u64, log: &Mutex<State>) -> Option<u64> {
+    let state = lock(log);
+    match state.current {
+        Some((current, len)) if current == first => Some(len),
+        Some((current, _)) if first > current && first == state.last_seq + 1 => Some(0),
+        _ => None,
+    }
 }
 
 impl Records {
-    fn new(dir: PathBuf, start: u64, bound: Option<(u64, u64)>) -> Records {
-        let (mut files, pending_error) = match files_to_read(&dir, bound) {
+    fn new(dir: PathBuf, start: u64, log: Arc<Mutex<State>>) -> Records {
+        let (mut files, pending_error) = match list(&dir) {
             Ok(files) => (files, None),
             Err(e) => (Vec::new(), Some(e)),
         };
@@ -668,7 +690,7 @@ impl Records {
             dir,
             files: files.split_off(skip).into_iter(),
             last_file,
-            bound,
+            log,
             reader: None,
             start,
             expected: None,
@@ -703,7 +725,7 @@ impl Records {
                     &self.dir,
                     first,
                     Some(first) == self.last_file,
-                    bound_of(first, self.bound),
+                    bound_of(first, &self.log),
                 )?);
             }
             let Some(reader) = self.reader.as_mut() else {
@@ -758,7 +780,7 @@ impl Iterator for Records {
 pub struct RecordsRev {
     dir: PathBuf,
     files: Result<Vec<u64>>,
-    bound: Option<(u64, u64)>,
+    log: Arc<Mutex<State>>,
     held: Vec<(u64, Vec<u8>)>,
     /// Whether a file was read yet (the first is the log's last).
     started: bool,
@@ -790,7 +812,7 @@ impl Iterator for RecordsRev {
             // Only the log's last file may end torn; it is the first read.
             let last = !self.started;
             self.started = true;
-            match read_whole(&self.dir, first, last, bound_of(first, self.bound)) {
+            match read_whole(&self.dir, first, last, bound_of(first, &self.log)) {
                 Ok((frames, _)) => {
                     self.held = frames
                         .into_iter()

@@ -174,3 +174,35 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn a_custodyd_killed_leaves_zeros_after_its_records_which_the_next_start_reads_and_a_clean_stop_cuts(token) {
+        // Threat model Q6: the file being written holds zeros past its
+        // last record; a restart after SIGKILL reads them as the log's end
+        // and goes on after the last record, and a clean stop leaves the
+        // file ending at its last record (what an earlier version and a
+        // copy of a stopped directory read).
+        runtime().block_on(async {
+            let Started { port, pki, config, data_dir, mut daemon, operator } = start(token).await;
+            create_signing_key(operator, "k").await;
+            daemon.kill().unwrap();
+            daemon.wait().unwrap();
+            let (last_file, end) = audit_files::last_file_end(&data_dir);
+            let len = std::fs::metadata(&last_file).unwrap().len();
+            assert!(len > end, "zeros past the last record: {len} bytes, records end at {end}");
+            let records = audit_files::read(&data_dir);
+
+            let mut daemon = spawn(&config);
+            let operator = ready(&pki, port, &mut daemon).await;
+            let ca = connect(&pki, port, &pki.client("ca", &[Role::Signer])).await.unwrap();
+            SigningServiceClient::new(ca).sign(sign_request(1)).await.unwrap();
+            drop(operator);
+            assert!(daemon.terminate().success());
+            let (last_file, end) = audit_files::last_file_end(&data_dir);
+            assert_eq!(std::fs::metadata(&last_file).unwrap().len(), end, "cut at the clean stop");
+            let after = audit_files::read(&data_dir);
+            assert_eq!(&after[..records.len()], &records[..], "every record, unchanged");
+            assert!(after.len() > records.len(), "the restart went on after the last record");
+        });
+    }
+);

@@ -91,6 +91,13 @@ fn the_log_rolls_into_new_files_and_reads_across_them() {
     assert_eq!(reopened.last_seq(), 20);
     reopened.append(&[(21, b"after".as_slice())]).unwrap();
     assert_eq!(reopened.get(21).unwrap(), Some(b"after".to_vec()));
+    // The first log, closed after another appended to its file, cuts
+    // nothing of what the other wrote.
+    drop(log);
+    assert_eq!(reopened.get(21).unwrap(), Some(b"after".to_vec()));
+    drop(reopened);
+    let again = SegmentLog::open(dir.path(), Tail::Keep).unwrap();
+    assert_eq!(again.last(), Some((21, b"after".to_vec())));
 }
 
 fn only_file(dir: &Path) -> PathBuf {
@@ -239,10 +246,12 @@ fn data_past_the_zeros_or_past_a_torn_frame_is_a_defect() {
     assert_eq!(std::fs::read(&path).unwrap(), bytes_torn, "nothing was cut");
 }
 
-/// A reader sees the records synced before it began, not a group
-/// commit written after (its bytes may be half there).
+/// A reader reads the file being appended to up to its synced records,
+/// as they are when it reaches the file: not a group commit still being
+/// written past them (here a whole frame in the zeros, which a reader
+/// without that bound would take for record 6).
 #[test]
-fn a_reader_stops_where_the_log_ended_when_it_began() {
+fn a_reader_reads_the_file_being_appended_to_up_to_its_synced_records() {
     let dir = tempfile::tempdir().unwrap();
     let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
     fill(&log, 1, 5);
@@ -251,13 +260,78 @@ fn a_reader_stops_where_the_log_ended_when_it_began() {
     fill(&log, 6, 7);
     assert_eq!(
         forwards.map(|r| r.unwrap().0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5]
+        (1..=7).collect::<Vec<_>>()
     );
     assert_eq!(
         back.map(|r| r.unwrap().0).collect::<Vec<_>>(),
-        vec![5, 4, 3, 2, 1]
+        (1..=7).rev().collect::<Vec<_>>()
     );
+    let file = OpenOptions::new()
+        .write(true)
+        .open(only_file(dir.path()))
+        .unwrap();
+    file.write_all_at(&frame(8, &payload(8)), frames_len(7))
+        .unwrap();
     assert_eq!(read_all(&log), (1..=7).collect::<Vec<_>>());
+    assert_eq!(log.records_rev().count(), 7);
+    assert_eq!(log.get(8).unwrap(), None);
+}
+
+/// Bytes someone wrote past the last record while the log is open are
+/// not cut with the zeros: closing leaves them, the next open refuses, and
+/// a roll-over meets them and stops appending.
+#[test]
+fn bytes_past_the_last_record_are_never_cut_with_the_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
+    fill(&log, 1, 5);
+    let path = only_file(dir.path());
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(b"someone", frames_len(5) + 4096).unwrap();
+    drop(log);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        frames_len(5) + ZEROED_AHEAD
+    );
+    assert!(matches!(
+        SegmentLog::open(dir.path(), Tail::Cut),
+        Err(SegmentError::Corrupt { .. })
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
+    let big = vec![7u8; 1 << 20];
+    for seq in 1..=4u64 {
+        log.append(&[(seq, big.as_slice())]).unwrap();
+    }
+    // The next append rolls over: the file is past its bound.
+    let (_, len) = log.state().current.unwrap();
+    assert!(len >= SEGMENT_BYTES);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(only_file(dir.path()))
+        .unwrap();
+    file.write_all_at(b"someone", len + 10).unwrap();
+    assert!(matches!(
+        log.append(&[(5, big.as_slice())]),
+        Err(SegmentError::Corrupt { .. })
+    ));
+    assert!(
+        log.append(&[(5, big.as_slice())]).is_err(),
+        "read-only after"
+    );
+    assert_eq!(list(dir.path()).unwrap(), vec![1], "no file begun");
+}
+
+/// A file someone made past the file being appended to is read, and
+/// reported, while the log is open.
+#[test]
+fn a_stray_file_past_the_one_appended_to_is_reported_while_the_log_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
+    fill(&log, 1, 5);
+    std::fs::write(dir.path().join(file_name(100)), frame(100, b"x")).unwrap();
+    assert!(log.records_from(1).any(|r| r.is_err()));
 }
 
 /// A flipped byte anywhere but in the last frame is a defect, never a
