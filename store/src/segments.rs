@@ -531,13 +531,15 @@ impl SegmentLog {
             }
         };
         let end = len + buffer.len() as u64;
-        file.write_all_at(buffer, len).map_err(|e| io(&name, e))?;
+        // The zeros first: a disk too full for them fails the append
+        // before any of its records is written.
         let zeroed_to = if end > zeroed_to {
             file.write_all_at(&ZEROS, end).map_err(|e| io(&name, e))?;
             end + ZEROED_AHEAD
         } else {
             zeroed_to
         };
+        file.write_all_at(buffer, len).map_err(|e| io(&name, e))?;
         file.sync_data().map_err(|e| io(&name, e))?;
         if starts_file {
             sync_dir(dir)?;

@@ -22,7 +22,9 @@ pub fn hit(name: &'static str) {
     static CRASH_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let crash_at = CRASH_AT.get_or_init(|| std::env::var("CUSTODY_CRASH_AT").ok());
     if crash_at.as_deref() == Some(name) {
-        tracing::warn!(failpoint = name, "crash point reached: SIGKILL");
+        // Straight to stderr, not through the log thread, whose queue the
+        // kill would take with it: a crash test's output says where it died.
+        eprintln!("custodyd: crash point {name} reached: SIGKILL");
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &std::process::id().to_string()])
             .status();
