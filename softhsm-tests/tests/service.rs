@@ -439,14 +439,7 @@ token_test!(
                     SignRequest { request_id: i, ..sign_digest(name, sha256_digest(&i.to_be_bytes())) }
                 })
                 .collect();
-            let responses: Vec<SignResponse> = SigningServiceClient::new(ca)
-                .sign_stream(tokio_stream_iter(requests))
-                .await
-                .unwrap()
-                .into_inner()
-                .map(|r| r.unwrap())
-                .collect()
-                .await;
+            let responses = sign_in_one_stream(ca, requests).await;
             assert_eq!(responses.len(), 200);
             for (i, response) in responses.iter().enumerate() {
                 assert_eq!(response.request_id, i as u64, "answers out of order");
@@ -466,8 +459,71 @@ token_test!(
     }
 );
 
-fn tokio_stream_iter(requests: Vec<SignRequest>) -> impl futures_util::Stream<Item = SignRequest> {
-    futures_util::stream::iter(requests)
+token_test!(
+    fn every_item_of_a_stream_is_checked_alone_though_its_batch_is_signed_in_one_hsm_job(token) {
+        // Threat model D5: a stream's items that arrive together are signed
+        // in one HSM job; a SIGN quorum, an allow-list and a missing key
+        // still decide each item alone, and each item has its own record.
+        use custody_proto::v1::OperationKind;
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let operator = service.client("operator").await;
+            create(&operator, "free", p256(), &["ca-issuing"]).await;
+            create(&operator, "gated", p256(), &["ca-issuing"]).await;
+            create(&operator, "theirs", p256(), &["ca-other"]).await;
+            service.gate("gated", OperationKind::Sign).await;
+            let ca = service.client("ca-issuing").await;
+            let pem = public_key(&ca, "keys/free").await;
+            let before = service.audit_events_since(0).len();
+            let keys = ["keys/free", "keys/gated", "keys/theirs", "keys/missing"];
+            let requests: Vec<SignRequest> = (0..64u64)
+                .map(|i| SignRequest {
+                    request_id: i,
+                    ..sign_digest(keys[i as usize % 4], sha256_digest(&i.to_be_bytes()))
+                })
+                .collect();
+            let responses = sign_in_one_stream(ca, requests).await;
+            assert_eq!(responses.len(), 64);
+            let expected = ["ok", "QUORUM_REQUIRED", "NOT_ALLOWED_SIGNER", "NOT_FOUND"];
+            for (i, response) in responses.iter().enumerate() {
+                assert_eq!(response.request_id, i as u64, "answers out of order");
+                let want = expected[i % 4];
+                match &response.error {
+                    None => {
+                        assert_eq!(want, "ok", "item {i} ({}) was signed", keys[i % 4]);
+                        let digest = sha2::Sha256::digest((i as u64).to_be_bytes()).to_vec();
+                        assert!(openssl_ok(token, &pem, SignAlgorithm::EcdsaP256Sha256, SignInput::Digest(&digest), &response.signature));
+                    }
+                    Some(error) => {
+                        assert_eq!(error.reason, want, "item {i}: {}", error.message);
+                        assert!(response.signature.is_empty(), "item {i} carries a signature");
+                    }
+                }
+            }
+            let records: Vec<_> = service
+                .audit_events_since(before)
+                .into_iter()
+                .filter(|e| e["type"] == "request" && e["method"] == "Sign")
+                .collect();
+            assert_eq!(records.len(), 64, "one record per item");
+            for want in expected {
+                let count = records.iter().filter(|e| e["outcome"] == want).count();
+                assert_eq!(count, 16, "{want}: {records:?}");
+            }
+        });
+    }
+);
+
+/// Sends `requests` down one SignStream and collects every answer.
+async fn sign_in_one_stream(channel: Channel, requests: Vec<SignRequest>) -> Vec<SignResponse> {
+    SigningServiceClient::new(channel)
+        .sign_stream(futures_util::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await
 }
 
 /// Exports the log through the API, as `custodyctl audit export` does.

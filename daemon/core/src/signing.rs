@@ -5,7 +5,7 @@
 //! signing, streams and approved SIGN operations all come through [`sign`];
 //! the caller records the outcome.
 
-use hsm_shim::{EcdsaEncoding, HashAlg, KeyLabel, SignAlgorithm, SignInput};
+use hsm_shim::{EcdsaEncoding, HashAlg, HsmError, HsmSession, KeyLabel, SignAlgorithm, SignInput};
 
 use crate::action::Audited;
 use crate::algorithms::{KeyAlgorithm, hash_bytes};
@@ -110,6 +110,38 @@ struct Prepared {
     is_digest: bool,
     encoding: EcdsaEncoding,
     crc_checked: bool,
+}
+
+impl Prepared {
+    /// The input as the HSM takes it.
+    fn input(&self) -> SignInput<'_> {
+        if self.is_digest {
+            SignInput::Digest(&self.bytes)
+        } else {
+            SignInput::Message(&self.bytes)
+        }
+    }
+
+    /// Asks the HSM for the signature, on a worker's `session`.
+    fn sign_on(&self, session: &mut HsmSession) -> Result<Vec<u8>, HsmError> {
+        session.sign(
+            &self.label,
+            self.sign_algorithm,
+            self.input(),
+            self.encoding,
+        )
+    }
+
+    /// What the caller gets for the HSM's `signature`.
+    fn signed(self, signature: Vec<u8>) -> Signature {
+        metrics::signature(&self.version_name, self.algorithm.api_name());
+        Signature {
+            version_name: self.version_name,
+            signature,
+            algorithm: self.algorithm,
+            verified_input_crc32c: self.crc_checked,
+        }
+    }
 }
 
 /// Checks a sign (for `signer`) or verify (`signer` is `None`) request
@@ -268,37 +300,73 @@ pub async fn sign(
     signer: Signer<'_>,
     request: &SignRequest,
 ) -> Result<Signature, Error> {
-    let Prepared {
-        version_name,
-        label,
-        algorithm,
-        sign_algorithm,
-        bytes,
-        is_digest,
-        encoding,
-        crc_checked,
-    } = prepare(custody, audited, Some(signer), None, request)?;
-    let job = move |session: &mut hsm_shim::HsmSession| {
-        let input = if is_digest {
-            SignInput::Digest(&bytes)
-        } else {
-            SignInput::Message(&bytes)
-        };
-        session.sign(&label, sign_algorithm, input, encoding)
+    let prepared = prepare(custody, audited, Some(signer), None, request)?;
+    let job = move |session: &mut HsmSession| {
+        let signature = prepared.sign_on(session)?;
+        Ok((prepared, signature))
     };
     // A caller's request may be refused when the HSM queue is full (they
     // retry); the signature officers approved waits its turn instead.
-    let signature = match signer {
+    let (prepared, signature) = match signer {
         Signer::Caller(..) => custody.hsm.try_run(job).await?,
         Signer::Approved { .. } => custody.hsm.run(job).await?,
     };
-    metrics::signature(&version_name, algorithm.api_name());
-    Ok(Signature {
-        version_name,
-        signature,
-        algorithm,
-        verified_input_crc32c: crc_checked,
-    })
+    Ok(prepared.signed(signature))
+}
+
+/// Signs a caller's requests that arrived together (a stream's items) in
+/// one HSM job: each is checked as [`sign`] checks a caller's request, and
+/// those that pass are signed one after another on one worker's session,
+/// so a stream pays one hand-off to a worker per batch instead of one per
+/// signature. `requests[i]` is already refused if it is an `Err`;
+/// `audited[i]` is its record, which this names the version and digest
+/// in. The results come in the requests' order, one per request.
+pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
+    custody: &Custody,
+    principal: &Principal,
+    audited: &mut [A],
+    requests: Vec<Result<SignRequest, Error>>,
+) -> Vec<Result<Signature, Error>> {
+    let signer = Signer::Caller(principal, Approval::None);
+    let mut results = Vec::with_capacity(requests.len());
+    let mut prepared = Vec::new();
+    for (at, (audited, request)) in audited.iter_mut().zip(requests).enumerate() {
+        match request.and_then(|request| prepare(custody, audited, Some(signer), None, &request)) {
+            Ok(ready) => {
+                prepared.push((at, ready));
+                // Filled in below, once the HSM answers.
+                results.push(Err(Error::internal("not signed")));
+            }
+            Err(refused) => results.push(Err(refused)),
+        }
+    }
+    if prepared.is_empty() {
+        return results;
+    }
+    let asked: Vec<usize> = prepared.iter().map(|(at, _)| *at).collect();
+    let job = move |session: &mut HsmSession| {
+        Ok(prepared
+            .into_iter()
+            .map(|(at, ready)| {
+                let signature = ready.sign_on(session);
+                (at, ready, signature)
+            })
+            .collect::<Vec<_>>())
+    };
+    match custody.hsm.try_run(job).await {
+        Ok(signed) => {
+            for (at, ready, signature) in signed {
+                results[at] = signature.map_err(Error::from).map(|s| ready.signed(s));
+            }
+        }
+        Err(error) => {
+            let error = Error::from(error);
+            for at in asked {
+                results[at] = Err(error.clone());
+            }
+        }
+    }
+    results
 }
 
 /// Verifies `signature` over the request's input with the named version
@@ -311,24 +379,18 @@ pub async fn verify(
     request: &SignRequest,
     signature: Vec<u8>,
 ) -> Result<(String, bool), Error> {
-    let Prepared {
-        version_name,
-        label,
-        sign_algorithm,
-        bytes,
-        is_digest,
-        encoding,
-        ..
-    } = prepare(custody, audited, None, Some(verifier), request)?;
+    let prepared = prepare(custody, audited, None, Some(verifier), request)?;
+    let version_name = prepared.version_name.clone();
     let valid = custody
         .hsm
         .try_run(move |session| {
-            let input = if is_digest {
-                SignInput::Digest(&bytes)
-            } else {
-                SignInput::Message(&bytes)
-            };
-            session.verify(&label, sign_algorithm, input, &signature, encoding)
+            session.verify(
+                &prepared.label,
+                prepared.sign_algorithm,
+                prepared.input(),
+                &signature,
+                prepared.encoding,
+            )
         })
         .await?;
     Ok((version_name, valid))
