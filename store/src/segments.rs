@@ -122,6 +122,8 @@ struct State {
     /// read at open (its readers meet the defect), it was opened to keep a
     /// torn tail, or an append failed (what it left is unknown here).
     read_only: Option<SegmentError>,
+    /// Whether the directory was synced since the log was opened.
+    directory_synced: bool,
 }
 
 impl State {
@@ -133,6 +135,7 @@ impl State {
             file: None,
             torn: None,
             read_only: None,
+            directory_synced: false,
         }
     }
 }
@@ -453,7 +456,17 @@ impl SegmentLog {
     /// tail unknown to this process, which appends no more (as after a
     /// failed flush): the next open finds a whole log or a torn tail.
     pub fn append(&self, records: &[(u64, &[u8])]) -> Result<()> {
-        let mut state = self.state();
+        let mut state = match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => {
+                // An append panicked partway: what it left is unknown.
+                let mut state = poisoned.into_inner();
+                state.read_only.get_or_insert_with(|| {
+                    SegmentError::Io("an append was cut short by a panic".into())
+                });
+                state
+            }
+        };
         if let Some(error) = &state.read_only {
             return Err(error.clone());
         }
@@ -510,8 +523,6 @@ impl SegmentLog {
             None => (first_seq, 0),
         };
         let name = file_name(file_first);
-        // A file's first records also sync the directory: the file may be
-        // one a crash left empty, its name never synced.
         let starts_file = len == 0;
         let (file, zeroed_to) = match state.file.take() {
             Some(open) => open,
@@ -531,18 +542,27 @@ impl SegmentLog {
             }
         };
         let end = len + buffer.len() as u64;
-        // The zeros first: a disk too full for them fails the append
-        // before any of its records is written.
+        // The zeros first, under the records too: a disk too full for them
+        // fails the append before any of its records is written.
         let zeroed_to = if end > zeroed_to {
-            file.write_all_at(&ZEROS, end).map_err(|e| io(&name, e))?;
-            end + ZEROED_AHEAD
+            let mut at = zeroed_to;
+            while at < end + ZEROED_AHEAD {
+                let chunk = (end + ZEROED_AHEAD - at).min(ZEROED_AHEAD) as usize;
+                file.write_all_at(&ZEROS[..chunk], at)
+                    .map_err(|e| io(&name, e))?;
+                at += chunk as u64;
+            }
+            at
         } else {
             zeroed_to
         };
         file.write_all_at(buffer, len).map_err(|e| io(&name, e))?;
         file.sync_data().map_err(|e| io(&name, e))?;
-        if starts_file {
+        // A new file's name, and at the first append after an open the
+        // last file's (a crash may have come before its directory's sync).
+        if starts_file || !state.directory_synced {
             sync_dir(dir)?;
+            state.directory_synced = true;
         }
         state.file = Some((file, zeroed_to));
         state.current = Some((file_first, end));

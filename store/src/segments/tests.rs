@@ -421,3 +421,19 @@ fn a_missing_directory_reads_as_an_empty_log() {
     assert_eq!(log.records_from(1).count(), 0);
     assert!(!dir.path().join("none").exists());
 }
+
+/// A file that begins at the record after the last, past the file being
+/// appended to, is one a roll-over is beginning (its first commit may be
+/// half written): a reader reads none of it while the log is open.
+#[test]
+fn a_file_being_begun_is_not_read_while_the_log_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SegmentLog::open(dir.path(), Tail::Cut).unwrap();
+    fill(&log, 1, 5);
+    // Record 7's frame in zeros, where record 6's has not landed yet.
+    let mut begun = vec![0u8; 4096];
+    begun.extend_from_slice(&frame(7, &payload(7)));
+    std::fs::write(dir.path().join(file_name(6)), &begun).unwrap();
+    assert_eq!(read_all(&log), vec![1, 2, 3, 4, 5]);
+    assert_eq!(log.records_rev().count(), 5);
+}
