@@ -53,6 +53,8 @@ use crate::watchdog::{self, CallWatch, Fail, MAX_ABANDONED_PER_WORKER};
 struct Job {
     run: Run,
     fail: Fail,
+    /// How many requests it holds (counted in `waiting`).
+    requests: usize,
 }
 
 type Run = Box<dyn FnOnce(Result<&mut HsmSession>) + Send>;
@@ -67,8 +69,9 @@ pub struct Hsm {
 struct Shared {
     access: Arc<TokenAccess>,
     gate: Gate,
-    /// Jobs queued and not yet taken by a worker (of both [`Hsm::run`] and
-    /// [`Hsm::try_run`]); `try_run` refuses at `max_queued`.
+    /// Requests queued and not yet taken by a worker (of both [`Hsm::run`]
+    /// and [`Hsm::try_run`]; a job counts the requests it holds);
+    /// `try_run` refuses at `max_queued`.
     waiting: AtomicUsize,
     queue: Receiver<Job>,
     /// Lost workers whose hung call has not returned yet.
@@ -209,7 +212,7 @@ impl Hsm {
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
     {
         self.inner.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        self.submit(op)?.await.map_err(|_| dropped())?
+        self.submit(op, 1)?.await.map_err(|_| dropped())?
     }
 
     /// [`Hsm::run`] for a thread outside the async runtime (the audit
@@ -227,7 +230,7 @@ impl Hsm {
             ));
         }
         self.inner.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        self.submit(op)?.blocking_recv().map_err(|_| dropped())?
+        self.submit(op, 1)?.blocking_recv().map_err(|_| dropped())?
     }
 
     /// [`Hsm::run`], unless `max_queued` jobs are already waiting for a
@@ -240,26 +243,39 @@ impl Hsm {
         T: Send + 'static,
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
     {
+        self.try_run_batch(1, op).await
+    }
+
+    /// [`Hsm::try_run`] for a job that does the work of `requests`
+    /// requests (a stream's batch of signatures): it counts as that many
+    /// against `max_queued`, so batching buys no deeper queue. A batch
+    /// larger than the bound still runs when nothing else waits.
+    pub async fn try_run_batch<T, F>(&self, requests: usize, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
+    {
         let max = self.inner.max_queued;
+        let requests = requests.max(1);
         let admitted =
             self.inner
                 .shared
                 .waiting
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
-                    (waiting < max).then_some(waiting + 1)
+                    (waiting == 0 || waiting + requests <= max).then_some(waiting + requests)
                 });
         if admitted.is_err() {
             return Err(HsmError::new(
                 ErrorKind::Busy,
-                format!("{max} HSM jobs are waiting for a worker"),
+                format!("{max} HSM requests are waiting for a worker"),
             ));
         }
-        self.submit(op)?.await.map_err(|_| dropped())?
+        self.submit(op, requests)?.await.map_err(|_| dropped())?
     }
 
-    /// Queues `op` (already counted in `waiting`); the receiver gets its
-    /// answer.
-    fn submit<T, F>(&self, op: F) -> Result<oneshot::Receiver<Result<T>>>
+    /// Queues `op`, holding `requests` requests (already counted in
+    /// `waiting`); the receiver gets its answer.
+    fn submit<T, F>(&self, op: F, requests: usize) -> Result<oneshot::Receiver<Result<T>>>
     where
         T: Send + 'static,
         F: FnOnce(&mut HsmSession) -> Result<T> + Send + 'static,
@@ -280,6 +296,7 @@ impl Hsm {
                     let _ = reply.send(Err(error));
                 }
             }),
+            requests,
         };
         let sent = self
             .inner
@@ -287,7 +304,10 @@ impl Hsm {
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok());
         if sent.is_none() {
-            self.inner.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.inner
+                .shared
+                .waiting
+                .fetch_sub(requests, Ordering::SeqCst);
             return Err(HsmError::new(
                 ErrorKind::Unavailable,
                 "HSM workers have stopped",
@@ -495,7 +515,7 @@ fn watch_calls(inner: &Weak<Inner>, stop: &Receiver<()>, deadline: Duration) {
 fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Shared) {
     ON_WORKER.set(true);
     while let Ok(job) = shared.queue.recv() {
-        shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        shared.waiting.fetch_sub(job.requests, Ordering::SeqCst);
         let deadline = shared.access.call_timeout;
         let stuck = shared.abandoned.load(Ordering::SeqCst);
         if stuck >= shared.max_abandoned {

@@ -30,6 +30,7 @@ use custody_proto::v1::{
     ListOperationsRequest, Operation, OperationKind, OperationState, SignRequest,
     StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
 };
+use futures_util::StreamExt as _;
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
 use softhsm_tests::service::{TestService, create_key, reason, request_operation, runtime};
@@ -287,27 +288,7 @@ token_test!(
 
             // The one worker busy, and one job waiting: the queue is full.
             let hsm = service.state().hsm.clone();
-            let (started, running) = std::sync::mpsc::channel();
-            let (release, released) = std::sync::mpsc::channel::<()>();
-            let busy = tokio::spawn({
-                let hsm = hsm.clone();
-                async move {
-                    hsm.run(move |_| {
-                        let _ = started.send(());
-                        let _ = released.recv();
-                        Ok(())
-                    })
-                    .await
-                }
-            });
-            running.recv().unwrap();
-            let waiting = tokio::spawn({
-                let hsm = hsm.clone();
-                async move { hsm.run(|_| Ok(())).await }
-            });
-            while hsm.queued() < 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let held = Held::worker_and_one_waiting(&hsm).await;
 
             let before = service.audit_len();
             let refused = SigningServiceClient::new(signer.clone()).sign(sign()).await.unwrap_err();
@@ -320,10 +301,110 @@ token_test!(
             assert_eq!(hsm.queued(), 1, "the refused request queued nothing");
 
             // Released, the queue drains and callers are served again.
-            release.send(()).unwrap();
-            busy.await.unwrap().unwrap();
-            waiting.await.unwrap().unwrap();
+            held.release().await;
             SigningServiceClient::new(signer).sign(sign()).await.unwrap();
+        });
+    }
+);
+
+/// The HSM's one worker held by a job, and one job waiting behind it.
+struct Held {
+    release: std::sync::mpsc::Sender<()>,
+    busy: tokio::task::JoinHandle<Result<(), hsm_shim::HsmError>>,
+    waiting: tokio::task::JoinHandle<Result<(), hsm_shim::HsmError>>,
+}
+
+impl Held {
+    async fn worker_and_one_waiting(hsm: &hsm_shim::Hsm) -> Held {
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let hsm = hsm.clone();
+            async move {
+                hsm.run(move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        running.recv().unwrap();
+        let waiting = tokio::spawn({
+            let hsm = hsm.clone();
+            async move { hsm.run(|_| Ok(())).await }
+        });
+        while hsm.queued() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Held {
+            release,
+            busy,
+            waiting,
+        }
+    }
+
+    /// Lets the held job end, and the waiting one run.
+    async fn release(self) {
+        self.release.send(()).unwrap();
+        self.busy.await.unwrap().unwrap();
+        self.waiting.await.unwrap().unwrap();
+    }
+}
+
+token_test!(
+    fn a_streams_batch_counts_each_of_its_signatures_against_the_hsm_queue(token) {
+        // Threat model R2 with D5: a batch of a stream's items takes as
+        // many places in the HSM queue as it holds signatures, so batching
+        // buys no deeper queue than unary callers get.
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+                config.hsm.max_queued_jobs = 2;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let signer = service.client("ca-issuing").await;
+            let hsm = service.state().hsm.clone();
+            let held = Held::worker_and_one_waiting(&hsm).await;
+
+            // One place is left: a batch of more than one signature does
+            // not fit in it.
+            let requests: Vec<SignRequest> = (0..16u8)
+                .map(|i| SignRequest {
+                    name: "keys/k".into(),
+                    input: Some(sign_request::Input::Digest(Digest {
+                        digest: Some(digest::Digest::Sha256(sha2::Sha256::digest([i]).to_vec())),
+                    })),
+                    request_id: u64::from(i),
+                    ..Default::default()
+                })
+                .collect();
+            let stream = tokio::spawn(async move {
+                SigningServiceClient::new(signer)
+                    .sign_stream(futures_util::stream::iter(requests))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .map(|r| r.unwrap())
+                    .collect::<Vec<_>>()
+                    .await
+            });
+            // Every item answered or queued before the worker is let go.
+            while !stream.is_finished() && hsm.queued() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            held.release().await;
+            let answers = stream.await.unwrap();
+            assert_eq!(answers.len(), 16);
+            let signed = answers.iter().filter(|a| a.error.is_none()).count();
+            let busy = answers
+                .iter()
+                .filter(|a| a.error.as_ref().is_some_and(|e| e.reason == "HSM_BUSY"))
+                .count();
+            assert!(signed <= 1, "{signed} signed through one free place in the queue");
+            assert_eq!(signed + busy, 16, "{answers:?}");
         });
     }
 );

@@ -506,10 +506,25 @@ token_test!(
                 .filter(|e| e["type"] == "request" && e["method"] == "Sign")
                 .collect();
             assert_eq!(records.len(), 64, "one record per item");
-            for want in expected {
-                let count = records.iter().filter(|e| e["outcome"] == want).count();
-                assert_eq!(count, 16, "{want}: {records:?}");
+            // Each record pairs an item's key with that item's outcome, and
+            // the signed ones name their own digests.
+            let resources = ["keys/free/versions/1", "keys/gated/versions/1", "keys/theirs/versions/1", "keys/missing"];
+            for (resource, want) in resources.iter().zip(expected) {
+                let outcomes: Vec<_> = records.iter().filter(|e| e["resource"] == *resource).map(|e| e["outcome"].clone()).collect();
+                assert_eq!(outcomes, vec![serde_json::json!(want); 16], "{resource}");
             }
+            let mut signed: Vec<String> = records
+                .iter()
+                .filter(|e| e["outcome"] == "ok")
+                .map(|e| e["detail"].as_str().unwrap().to_string())
+                .collect();
+            let mut digests: Vec<String> = (0..64u64)
+                .filter(|i| i % 4 == 0)
+                .map(|i| format!("sha256:{}", hex::encode(sha2::Sha256::digest(i.to_be_bytes()))))
+                .collect();
+            signed.sort();
+            digests.sort();
+            assert_eq!(signed, digests);
         });
     }
 );

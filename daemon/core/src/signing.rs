@@ -2,8 +2,9 @@
 //! before the HSM is asked (who, which version, its state, the digest's
 //! hash and length, the encoding, the caller's checksum), the HSM call, and
 //! what the audit record names (the exact version and digest). Unary
-//! signing, streams and approved SIGN operations all come through [`sign`];
-//! the caller records the outcome.
+//! signing and approved SIGN operations come through [`sign`], a stream's
+//! items that arrived together through [`sign_batch`] (the same checks, one
+//! HSM job); the caller records each outcome.
 
 use hsm_shim::{EcdsaEncoding, HashAlg, HsmError, HsmSession, KeyLabel, SignAlgorithm, SignInput};
 
@@ -327,6 +328,7 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
     audited: &mut [A],
     requests: Vec<Result<SignRequest, Error>>,
 ) -> Vec<Result<Signature, Error>> {
+    debug_assert_eq!(audited.len(), requests.len(), "one record per request");
     let signer = Signer::Caller(principal, Approval::None);
     let mut results = Vec::with_capacity(requests.len());
     let mut prepared = Vec::new();
@@ -353,14 +355,22 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
             })
             .collect::<Vec<_>>())
     };
-    match custody.hsm.try_run(job).await {
+    match custody.hsm.try_run_batch(asked.len(), job).await {
         Ok(signed) => {
             for (at, ready, signature) in signed {
                 results[at] = signature.map_err(Error::from).map(|s| ready.signed(s));
             }
         }
         Err(error) => {
-            let error = Error::from(error);
+            // The job as a whole failed (refused, or lost at a call past its
+            // deadline): the items before that call may have been signed,
+            // and none of their signatures is returned.
+            let mut error = Error::from(error);
+            error.message = format!(
+                "{} (the HSM job signing this item and {} others of its stream failed; no signature of it was returned)",
+                error.message,
+                asked.len() - 1
+            );
             for at in asked {
                 results[at] = Err(error.clone());
             }
