@@ -75,8 +75,9 @@ pub struct HsmConfig {
     /// How many worker threads, each with its own logged-in session, serve
     /// [`crate::Hsm::run`]. See `docs/architecture.md` for how the default was chosen.
     pub workers: usize,
-    /// Most jobs that may wait for a worker before [`crate::Hsm::try_run`]
-    /// refuses more ([`crate::ErrorKind::Busy`]).
+    /// Most requests that may wait for a worker before
+    /// [`crate::Hsm::try_run`] refuses more ([`crate::ErrorKind::Busy`]); a
+    /// job of [`crate::Hsm::try_run_batch`] counts the requests it holds.
     pub max_queued: usize,
     /// The deadline of every PKCS#11 call a pool worker makes: a call still
     /// running after it makes its worker lost, fails its job with
