@@ -340,6 +340,16 @@ impl TestService {
         self.state().audit.records(1).count()
     }
 
+    /// The outcomes of the `method` requests recorded after the first
+    /// `before` records, in order.
+    pub fn outcomes_since(&self, before: usize, method: &str) -> Vec<String> {
+        self.audit_events_since(before)
+            .into_iter()
+            .filter(|event| event["type"] == "request" && event["method"] == method)
+            .map(|event| event["outcome"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
     /// The audit events appended after the first `before` records, the
     /// periodic signed checkpoints aside.
     pub fn audit_events_since(&self, before: usize) -> Vec<serde_json::Value> {

@@ -267,6 +267,7 @@ token_test!(
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
             let root_pem = officers.ca_root().await;
+            let before = service.audit_len();
             let dir = token.scratch();
             let reviewed = openssl_ca(&dir, "reviewed", CA);
             let swapped = openssl_ca(&dir, "swapped", CA);
@@ -304,6 +305,19 @@ token_test!(
             let junk = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
             let script = cross_script("c-junk", &sha2::Sha256::digest(junk));
             officers.refused_at_open(opening(&script, junk), "BAD_CROSS_SIGN_CERTIFICATE").await;
+            // Each refusal is in the audit log, once (threat model D4, R4).
+            assert_eq!(
+                service.outcomes_since(before, "StartCeremony"),
+                [
+                    "CROSS_SIGN_MISMATCH",
+                    "CROSS_SIGN_MISMATCH",
+                    "CROSS_SIGN_NOT_CA",
+                    "CROSS_SIGN_IS_ISSUER_KEY",
+                    "CROSS_SIGN_SIGNATURE_INVALID",
+                    "CROSS_SIGN_SIGNATURE_INVALID",
+                    "BAD_CROSS_SIGN_CERTIFICATE",
+                ]
+            );
 
             // The reviewed certificate itself opens.
             let script = cross_script("c-good", &sha2::Sha256::digest(&reviewed));

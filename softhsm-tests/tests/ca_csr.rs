@@ -229,6 +229,7 @@ token_test!(
             let service = TestService::start(token).await;
             let officers = Officers::new(&service.officers, service.officer_channels().await);
             officers.ca_root().await;
+            let before = service.audit_len();
             let dir = token.scratch();
             let reviewed = openssl_csr(&dir, "reviewed", "ec_paramgen_curve:P-256", &[]);
             let swapped = openssl_csr(&dir, "swapped", "ec_paramgen_curve:P-256", &[]);
@@ -272,6 +273,11 @@ token_test!(
             let operator = service.client("operator").await;
             softhsm_tests::service::create_key(&operator, "issuing-ca", "EC_SIGN_P256_SHA256", None).await;
             officers.refused_at_open(opening(&keyed, &reviewed), "BAD_CSR").await;
+            // Each refusal is in the audit log, once (threat model D4, R4).
+            assert_eq!(
+                service.outcomes_since(before, "StartCeremony"),
+                ["CSR_MISMATCH", "CSR_MISMATCH", "CSR_SIGNATURE_INVALID", "CSR_IS_ISSUER_KEY", "BAD_CSR"]
+            );
             // The reviewed CSR itself opens.
             let script = csr_script("c-good", &sha2::Sha256::digest(&reviewed));
             start(&officers, &script, &reviewed).await.unwrap();
