@@ -382,12 +382,14 @@ async fn rotate_until(
 }
 
 /// Whether a failure is one a client retries: the replica or the store
-/// unavailable, or the request in flight on a connection the kill cut
-/// (tonic says UNKNOWN for that).
+/// unavailable, the request in flight on a connection the kill cut (tonic
+/// says UNKNOWN for that), or a cap that says when to try again (threat
+/// model R2: rotations whose votes went to the killed replica stay pending,
+/// and one requester may have 32).
 fn retryable(code: tonic::Code, message: &str) -> bool {
     let cut = code == tonic::Code::Unknown
         && (message.contains("transport error") || message.contains("h2 protocol error"));
-    code == tonic::Code::Unavailable || cut
+    code == tonic::Code::Unavailable || code == tonic::Code::ResourceExhausted || cut
 }
 
 token_test!(
