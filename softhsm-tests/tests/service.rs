@@ -877,7 +877,17 @@ token_test!(
             }
             // An operator clears the count, as `custodyd --reset-pin-lockout` does.
             let data_dir = token.scratch().join("custodyd").join("data");
-            let db = custody_daemon::server::open_db(&data_dir, custody_core::config::StorageSection::default().cache_bytes()).unwrap();
+            // The refused start's database may hold sled's file lock a moment
+            // longer (its flusher thread): wait for it, boundedly.
+            let mut opened = Err(String::new());
+            for _ in 0..100 {
+                opened = custody_daemon::server::open_db(&data_dir, custody_core::config::StorageSection::default().cache_bytes());
+                if opened.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let db = opened.unwrap();
             assert_eq!(custody_core::pin_lockout::failures(&db).unwrap(), 3);
             custody_core::pin_lockout::reset(&db).unwrap();
             drop(db);
