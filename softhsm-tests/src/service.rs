@@ -618,6 +618,24 @@ pub async fn sign_sha256(
         .map(|r| r.into_inner().signature)
 }
 
+/// Sends `requests` down one SignStream on `channel` and collects every
+/// answer, in the order they came.
+pub async fn sign_in_one_stream(
+    channel: Channel,
+    requests: Vec<custody_proto::v1::SignRequest>,
+) -> Vec<custody_proto::v1::SignResponse> {
+    use custody_proto::v1::signing_service_client::SigningServiceClient;
+    use futures_util::StreamExt as _;
+    SigningServiceClient::new(channel)
+        .sign_stream(futures_util::stream::iter(requests))
+        .await
+        .expect("the stream opens")
+        .into_inner()
+        .map(|r| r.expect("the stream goes on to its end"))
+        .collect()
+        .await
+}
+
 /// The Prometheus page custodyd serves on `port` (blocking: call it from a
 /// blocking task in async code).
 pub fn scrape_metrics(port: u16) -> String {

@@ -15,14 +15,13 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     CreateKeyRequest, Digest, GetKeyRequest, GetPublicKeyRequest, KeyVersionState, ListKeysRequest,
-    RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, SignResponse, SignatureEncoding,
-    VerifyRequest, digest, sign_request, verify_request,
+    RotateKeyRequest, SetKeyVersionStateRequest, SignRequest, SignatureEncoding, VerifyRequest,
+    digest, sign_request, verify_request,
 };
-use futures_util::StreamExt;
 use hsm_shim::pkcs11::{Function, RvError};
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
-use softhsm_tests::service::{TestService, reason, runtime};
+use softhsm_tests::service::{TestService, reason, runtime, sign_in_one_stream};
 use softhsm_tests::{TestToken, openssl_verifies_pem, token_test};
 use tonic::transport::Channel;
 
@@ -528,18 +527,6 @@ token_test!(
         });
     }
 );
-
-/// Sends `requests` down one SignStream and collects every answer.
-async fn sign_in_one_stream(channel: Channel, requests: Vec<SignRequest>) -> Vec<SignResponse> {
-    SigningServiceClient::new(channel)
-        .sign_stream(futures_util::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|r| r.unwrap())
-        .collect()
-        .await
-}
 
 /// Exports the log through the API, as `custodyctl audit export` does.
 async fn export(service: &TestService) -> String {

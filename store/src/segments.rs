@@ -278,7 +278,8 @@ impl FrameReader {
         if !self.last {
             return Err(self.corrupt(format!("{problem}, in a file that is not the last")));
         }
-        let written_to = self.last_nonzero_end()?;
+        let written_to = written_to(self.reader.get_ref(), self.offset, self.len)
+            .map_err(|e| io(&self.name, e))?;
         if written_to == self.offset {
             return Ok(None);
         }
@@ -289,12 +290,6 @@ impl FrameReader {
         Err(self.corrupt(format!(
             "expected the log to end here ({problem}), found data up to byte {written_to}"
         )))
-    }
-
-    /// Where the last byte that is not zero, at or after `offset`, ends
-    /// (`offset` if there is none).
-    fn last_nonzero_end(&self) -> Result<u64> {
-        written_to(self.reader.get_ref(), self.offset, self.len).map_err(|e| io(&self.name, e))
     }
 }
 
