@@ -30,10 +30,11 @@ use custody_proto::v1::{
     ListOperationsRequest, Operation, OperationKind, OperationState, SignRequest,
     StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
 };
-use futures_util::StreamExt as _;
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
-use softhsm_tests::service::{TestService, create_key, reason, request_operation, runtime};
+use softhsm_tests::service::{
+    TestService, create_key, reason, request_operation, runtime, sign_in_one_stream,
+};
 use softhsm_tests::token_test;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -353,6 +354,66 @@ impl Held {
 }
 
 token_test!(
+    fn a_stream_holds_no_more_of_the_hsm_queue_than_its_window(token) {
+        // Threat model R2: however many items a client sends down one
+        // SignStream, custodyd reads on only while fewer than its window
+        // (128) are in flight, so one stream holds at most that many places
+        // of the HSM queue; the rest wait, unread, in the transport.
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let signer = service.client("ca-issuing").await;
+            let hsm = service.state().hsm.clone();
+            let held = Held::worker_and_one_waiting(&hsm).await;
+
+            let items = 1000u64;
+            let requests: Vec<SignRequest> = (0..items)
+                .map(|i| SignRequest {
+                    name: "keys/k".into(),
+                    input: Some(sign_request::Input::Digest(Digest {
+                        digest: Some(digest::Digest::Sha256(
+                            sha2::Sha256::digest(i.to_be_bytes()).to_vec(),
+                        )),
+                    })),
+                    request_id: i,
+                    ..Default::default()
+                })
+                .collect();
+            let stream = tokio::spawn(sign_in_one_stream(signer, requests));
+            // The queue fills as far as the stream is let to fill it: wait
+            // until it has not grown for half a second (10 s at most).
+            let mut most = hsm.queued();
+            let mut unchanged = 0;
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = hsm.queued();
+                unchanged = if now == most { unchanged + 1 } else { 0 };
+                most = most.max(now);
+                if unchanged == 10 {
+                    break;
+                }
+            }
+            // One place is the job `held` keeps waiting.
+            let from_stream = most - 1;
+            assert!(
+                from_stream <= 128,
+                "one stream held {from_stream} places of the HSM queue"
+            );
+            assert!(from_stream > 0, "the stream queued nothing behind the held worker");
+            held.release().await;
+            let answers = stream.await.unwrap();
+            let ids: Vec<u64> = answers.iter().map(|a| a.request_id).collect();
+            assert_eq!(ids, (0..items).collect::<Vec<_>>(), "every item answered, in order");
+            assert!(answers.iter().all(|a| a.error.is_none() && !a.signature.is_empty()));
+        });
+    }
+);
+
+token_test!(
     fn a_streams_batch_counts_each_of_its_signatures_against_the_hsm_queue(token) {
         // Threat model R2 with D5: a batch of a stream's items takes as
         // many places in the HSM queue as it holds signatures, so batching
@@ -381,16 +442,7 @@ token_test!(
                     ..Default::default()
                 })
                 .collect();
-            let stream = tokio::spawn(async move {
-                SigningServiceClient::new(signer)
-                    .sign_stream(futures_util::stream::iter(requests))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .map(|r| r.unwrap())
-                    .collect::<Vec<_>>()
-                    .await
-            });
+            let stream = tokio::spawn(sign_in_one_stream(signer, requests));
             // Every item answered or queued before the worker is let go.
             while !stream.is_finished() && hsm.queued() < 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -19,8 +19,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Audited, Run, Shared, caller, serve};
 
 /// How many requests of one stream are in flight at once (answers stay in
-/// request order).
-const STREAM_WINDOW: usize = 64;
+/// request order): the most places of the HSM queue one stream holds
+/// (threat model R2). Eight batches, so that the HSM workers still have a
+/// stream's next batches queued while its earlier ones wait for their
+/// audit records and answers; four left them idle about a tenth of the
+/// time (docs/benchmarks.md).
+const STREAM_WINDOW: usize = 128;
 
 /// The most items of one stream signed in one HSM job: those that arrived
 /// together, up to this many (docs/benchmarks.md: a stream's signatures
