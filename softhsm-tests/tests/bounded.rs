@@ -308,6 +308,23 @@ token_test!(
     }
 );
 
+/// `count` stream items signing distinct SHA-256 digests with `name`,
+/// numbered from 0.
+fn stream_items(name: &str, count: u64) -> Vec<SignRequest> {
+    (0..count)
+        .map(|i| SignRequest {
+            name: name.into(),
+            input: Some(sign_request::Input::Digest(Digest {
+                digest: Some(digest::Digest::Sha256(
+                    sha2::Sha256::digest(i.to_be_bytes()).to_vec(),
+                )),
+            })),
+            request_id: i,
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// The HSM's one worker held by a job, and one job waiting behind it.
 struct Held {
     release: std::sync::mpsc::Sender<()>,
@@ -371,18 +388,7 @@ token_test!(
             let held = Held::worker_and_one_waiting(&hsm).await;
 
             let items = 1000u64;
-            let requests: Vec<SignRequest> = (0..items)
-                .map(|i| SignRequest {
-                    name: "keys/k".into(),
-                    input: Some(sign_request::Input::Digest(Digest {
-                        digest: Some(digest::Digest::Sha256(
-                            sha2::Sha256::digest(i.to_be_bytes()).to_vec(),
-                        )),
-                    })),
-                    request_id: i,
-                    ..Default::default()
-                })
-                .collect();
+            let requests = stream_items("keys/k", items);
             let stream = tokio::spawn(sign_in_one_stream(signer, requests));
             // The queue fills as far as the stream is let to fill it: wait
             // until it has not grown for half a second (10 s at most).
@@ -432,16 +438,7 @@ token_test!(
 
             // One place is left: a batch of more than one signature does
             // not fit in it.
-            let requests: Vec<SignRequest> = (0..16u8)
-                .map(|i| SignRequest {
-                    name: "keys/k".into(),
-                    input: Some(sign_request::Input::Digest(Digest {
-                        digest: Some(digest::Digest::Sha256(sha2::Sha256::digest([i]).to_vec())),
-                    })),
-                    request_id: u64::from(i),
-                    ..Default::default()
-                })
-                .collect();
+            let requests = stream_items("keys/k", 16);
             let stream = tokio::spawn(sign_in_one_stream(signer, requests));
             // Every item answered or queued before the worker is let go.
             while !stream.is_finished() && hsm.queued() < 2 {
