@@ -26,14 +26,14 @@ use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    AbortCeremonyRequest, CheckDriftRequest, Digest, GetOperationRequest, KeyRef,
-    ListOperationsRequest, Operation, OperationKind, OperationState, SignRequest,
-    StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
+    AbortCeremonyRequest, CheckDriftRequest, CreateKeyRequest, Digest, GetOperationRequest,
+    KeyPurpose, KeyRef, ListOperationsRequest, Operation, OperationKind, OperationState,
+    SignRequest, StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
 use softhsm_tests::service::{
-    TestService, create_key, reason, request_operation, runtime, sign_in_one_stream,
+    TestService, create_key, reason, request_operation, runtime, sign_in_one_stream, sign_sha256,
 };
 use softhsm_tests::token_test;
 use tonic::Code;
@@ -308,6 +308,30 @@ token_test!(
     }
 );
 
+/// How far the HSM queue fills beyond `before`: once it has grown, the
+/// most it held before it stopped growing for half a second (10 s at most
+/// for each wait).
+async fn queue_filled(hsm: &hsm_shim::Hsm, before: usize) -> usize {
+    for _ in 0..200 {
+        if hsm.queued() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut most = hsm.queued();
+    let mut unchanged = 0;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = hsm.queued();
+        unchanged = if now == most { unchanged + 1 } else { 0 };
+        most = most.max(now);
+        if unchanged == 10 {
+            break;
+        }
+    }
+    most
+}
+
 /// `count` stream items signing distinct SHA-256 digests with `name`,
 /// numbered from 0.
 fn stream_items(name: &str, count: u64) -> Vec<SignRequest> {
@@ -371,6 +395,114 @@ impl Held {
 }
 
 token_test!(
+    fn one_caller_cannot_take_the_hsm_queue_from_another(token) {
+        // Threat model R2: the HSM queue is shared first come, first
+        // served; each caller's requests waiting or running are held to
+        // its share, so one caller's streams and calls cannot fill it and
+        // leave another caller HSM_BUSY. A stream waits for its share; a
+        // unary call past it is refused.
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+                // Small enough for one caller's streams to fill it.
+                config.hsm.max_queued_jobs = 100;
+                config.hsm.max_queued_per_caller = 40;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            KeyServiceClient::new(operator.clone())
+                .create_key(CreateKeyRequest {
+                    key_id: "k2".into(),
+                    algorithm: custody_daemon::wire::algorithm(
+                        custody_core::algorithms::KeyAlgorithm::EcSignP256Sha256,
+                    ) as i32,
+                    purpose: KeyPurpose::AsymmetricSign as i32,
+                    allowed_signers: vec!["ca-second".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let greedy = service.client("ca-issuing").await;
+            let other = service.client_as("ca-second", &[Role::Signer]).await;
+            let hsm = service.state().hsm.clone();
+            let held = Held::worker_and_one_waiting(&hsm).await;
+            let before = hsm.queued();
+
+            // Three streams of 200 items: 384 places with windows alone,
+            // past the whole queue's 100.
+            let streams: Vec<_> = (0..3)
+                .map(|_| tokio::spawn(sign_in_one_stream(greedy.clone(), stream_items("keys/k", 200))))
+                .collect();
+            let most = queue_filled(&hsm, before).await;
+            let greedys = most - before;
+            assert!(greedys <= 40, "one caller holds {greedys} places of the HSM queue");
+            assert!(greedys >= 16, "the streams queued only {greedys} items");
+
+            // Another caller still queues, and is served.
+            let served = tokio::spawn({
+                let other = other.clone();
+                async move { sign_sha256(&other, "k2", b"mine").await }
+            });
+            for _ in 0..200 {
+                if hsm.queued() > most || served.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(hsm.queued(), most + 1, "the other caller's request is queued");
+
+            held.release().await;
+            assert!(!served.await.unwrap().unwrap().is_empty(), "the other caller signed");
+            // The streams waited for their share rather than failing.
+            for stream in streams {
+                let answers = stream.await.unwrap();
+                let ids: Vec<u64> = answers.iter().map(|a| a.request_id).collect();
+                assert_eq!(ids, (0..200).collect::<Vec<_>>());
+                assert!(
+                    answers.iter().all(|a| a.error.is_none()),
+                    "{:?}",
+                    answers.iter().find(|a| a.error.is_some())
+                );
+            }
+
+            // Unary calls: as many as the share queue, the next is refused
+            // at once, and another caller's still queues.
+            let held = Held::worker_and_one_waiting(&hsm).await;
+            let before = hsm.queued();
+            let calls: Vec<_> = (0..40u8)
+                .map(|i| {
+                    let greedy = greedy.clone();
+                    tokio::spawn(async move { sign_sha256(&greedy, "k", &[i]).await })
+                })
+                .collect();
+            for _ in 0..200 {
+                if hsm.queued() == before + 40 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(hsm.queued(), before + 40, "the share's 40 calls queued");
+            let refused = sign_sha256(&greedy, "k", b"one more").await.unwrap_err();
+            assert_eq!(reason(&refused), "HSM_BUSY", "{refused:?}");
+            let served = tokio::spawn(async move { sign_sha256(&other, "k2", b"mine").await });
+            for _ in 0..200 {
+                if hsm.queued() > before + 40 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(hsm.queued(), before + 41, "the other caller's call is queued");
+            held.release().await;
+            for call in calls {
+                call.await.unwrap().unwrap();
+            }
+            served.await.unwrap().unwrap();
+        });
+    }
+);
+
+token_test!(
     fn a_stream_holds_no_more_of_the_hsm_queue_than_its_window(token) {
         // Threat model R2: however many items a client sends down one
         // SignStream, custodyd reads on only while fewer than its window
@@ -387,29 +519,20 @@ token_test!(
             let hsm = service.state().hsm.clone();
             let held = Held::worker_and_one_waiting(&hsm).await;
 
+            // The job `held` keeps waiting, and nothing else.
+            let before = hsm.queued();
             let items = 1000u64;
             let requests = stream_items("keys/k", items);
             let stream = tokio::spawn(sign_in_one_stream(signer, requests));
-            // The queue fills as far as the stream is let to fill it: wait
-            // until it has not grown for half a second (10 s at most).
-            let mut most = hsm.queued();
-            let mut unchanged = 0;
-            for _ in 0..200 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let now = hsm.queued();
-                unchanged = if now == most { unchanged + 1 } else { 0 };
-                most = most.max(now);
-                if unchanged == 10 {
-                    break;
-                }
-            }
-            // One place is the job `held` keeps waiting.
-            let from_stream = most - 1;
+            // The queue fills as far as the stream is let to fill it.
+            let most = queue_filled(&hsm, before).await;
+            let from_stream = most - before;
             assert!(
                 from_stream <= 128,
                 "one stream held {from_stream} places of the HSM queue"
             );
-            assert!(from_stream > 0, "the stream queued nothing behind the held worker");
+            // Eight batches in flight, each of at least one item.
+            assert!(from_stream >= 8, "the stream queued {from_stream} items behind the held worker");
             held.release().await;
             let answers = stream.await.unwrap();
             let ids: Vec<u64> = answers.iter().map(|a| a.request_id).collect();

@@ -278,17 +278,17 @@ impl FrameReader {
         if !self.last {
             return Err(self.corrupt(format!("{problem}, in a file that is not the last")));
         }
-        let written_to = written_to(self.reader.get_ref(), self.offset, self.len)
+        let data_end = written_to(self.reader.get_ref(), self.offset, self.len)
             .map_err(|e| io(&self.name, e))?;
-        if written_to == self.offset {
+        if data_end == self.offset {
             return Ok(None);
         }
-        if written_to <= frame_end {
-            self.torn = Some(written_to - self.offset);
+        if data_end <= frame_end {
+            self.torn = Some(data_end - self.offset);
             return Ok(None);
         }
         Err(self.corrupt(format!(
-            "expected the log to end here ({problem}), found data up to byte {written_to}"
+            "expected the log to end here ({problem}), found data up to byte {data_end}"
         )))
     }
 }

@@ -396,9 +396,20 @@ pub struct HsmSection {
     /// Most request jobs (signing, envelope) waiting for a worker.
     #[serde(default = "default_max_queued_jobs")]
     pub max_queued_jobs: usize,
+    /// Most HSM requests one caller has waiting for a worker or running,
+    /// so that one caller cannot take the whole queue.
+    #[serde(default = "default_max_queued_per_caller")]
+    pub max_queued_per_caller: usize,
     /// Deadline of one PKCS#11 call, in milliseconds (1 to 600000).
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+}
+
+impl HsmSection {
+    /// `max_queued_per_caller` when the file names none: twice a
+    /// `SignStream`'s window (128), so that one stream never meets its
+    /// caller's share on its own.
+    pub const DEFAULT_MAX_QUEUED_PER_CALLER: usize = 256;
 }
 
 /// `[tls]`
@@ -609,6 +620,9 @@ fn default_max_message_bytes() -> usize {
 fn default_max_concurrent_requests() -> usize {
     1024
 }
+fn default_max_queued_per_caller() -> usize {
+    HsmSection::DEFAULT_MAX_QUEUED_PER_CALLER
+}
 fn default_hsm_workers() -> usize {
     hsm_shim::HsmConfig::DEFAULT_WORKERS
 }
@@ -742,11 +756,12 @@ impl Config {
             ));
         }
         if self.hsm.max_queued_jobs == 0
+            || self.hsm.max_queued_per_caller == 0
             || self.dual_control.max_pending_per_requester == 0
             || self.ceremony.max_open_per_officer == 0
         {
             return Err(ConfigError(
-                "[hsm] max_queued_jobs, [dual_control] max_pending_per_requester and [ceremony] max_open_per_officer must be at least 1".into(),
+                "[hsm] max_queued_jobs and max_queued_per_caller, [dual_control] max_pending_per_requester and [ceremony] max_open_per_officer must be at least 1".into(),
             ));
         }
         if !(3600..=10 * 365 * 86_400).contains(&self.dual_control.operation_retention_secs) {
@@ -876,6 +891,7 @@ mod tests {
             ),
             ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
             ("max_queued_jobs = 1024", "max_queued_jobs = 0"),
+            ("max_queued_per_caller = 256", "max_queued_per_caller = 0"),
             ("call_timeout_ms = 30000", "call_timeout_ms = 0"),
             ("call_timeout_ms = 30000", "call_timeout_ms = 600001"),
             (

@@ -12,6 +12,7 @@ use crate::ceremony::state::Ceremonies;
 use crate::clock::Clock;
 use crate::config::LifecycleSection;
 use crate::dual_control::store::DualControlStore;
+use crate::identity::Principal;
 use crate::limits::Limits;
 use crate::registry::Registry;
 use crate::storage::Headroom;
@@ -50,6 +51,37 @@ pub struct Custody {
 }
 
 impl Custody {
+    /// Runs a caller's HSM job within the caller's share of the HSM
+    /// ([`crate::limits::HsmShares`]) and the pool's bounded queue
+    /// ([`Hsm::try_run`]); either, when full, refuses it `HSM_BUSY` with a
+    /// retry hint and nothing done (threat model R2).
+    pub async fn try_hsm<T, F>(&self, caller: &Principal, job: F) -> Result<T, crate::Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static,
+    {
+        let _share = self.limits.hsm_shares.try_take(&caller.name, 1)?;
+        Ok(self.hsm.try_run(job).await?)
+    }
+
+    /// [`Custody::try_hsm`] for a job doing the work of `requests`
+    /// requests (a stream's batch), which waits for its places in the
+    /// caller's share instead of being refused: a stream slows down to
+    /// its share, and reads no further items meanwhile.
+    pub async fn hsm_batch<T, F>(
+        &self,
+        caller: &Principal,
+        requests: usize,
+        job: F,
+    ) -> Result<T, crate::Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static,
+    {
+        let _share = self.limits.hsm_shares.take(&caller.name, requests).await;
+        Ok(self.hsm.try_run_batch(requests, job).await?)
+    }
+
     /// What every request passes before it acts: the copies in memory
     /// brought up to the store ([`Custody::refresh`]) and, if it
     /// `changes_state`, room on the disk ([`Headroom::ensure_room`]).

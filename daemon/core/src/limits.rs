@@ -8,15 +8,22 @@
 //! | pending operations per requester | `operations::request` | `TOO_MANY_PENDING` |
 //! | open ceremonies per officer | `ceremonies::open` | `TOO_MANY_CEREMONIES` |
 //! | HSM jobs waiting for a worker | `hsm_shim::Hsm::try_run` | `HSM_BUSY` |
+//! | one caller's HSM requests waiting or running | [`HsmShares`], through [`crate::Custody::try_hsm`] | `HSM_BUSY` (a stream's batch waits instead) |
+//! | one stream's items in flight (128) | the gRPC face's `SignStream` | none: custodyd reads no further |
 //! | one drift check, one audit verification at a time | [`OneAtATime`] | none: the next waits its turn |
 //!
 //! Finished operations are kept for `operation_retention_ms` and then
 //! pruned (`operations::vote::expire_due`); each refusal that can tell
 //! when to try again carries a retry hint.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
+use crate::error::{Error, HSM_BUSY_RETRY, Reason};
 
 /// The caps custodyd runs with.
 #[derive(Debug)]
@@ -31,6 +38,8 @@ pub struct Limits {
     pub drift: OneAtATime,
     /// At most one verification of the whole audit chain runs.
     pub audit_verify: OneAtATime,
+    /// Each caller's places among the HSM's requests.
+    pub hsm_shares: HsmShares,
 }
 
 impl Limits {
@@ -44,6 +53,120 @@ impl Limits {
             max_open_ceremonies_per_officer: config.ceremony.max_open_per_officer,
             drift: OneAtATime::new(),
             audit_verify: OneAtATime::new(),
+            hsm_shares: HsmShares::new(config.hsm.max_queued_per_caller),
+        }
+    }
+}
+
+/// Each caller's share of the HSM: the requests one principal has waiting
+/// for a worker or running, over all its connections and streams, at most
+/// `[hsm] max_queued_per_caller`. The queue as a whole is bounded too
+/// (`[hsm] max_queued_jobs`), but first come, first served: without a
+/// share, one caller with a few streams could fill it and leave every
+/// other caller `HSM_BUSY`.
+#[derive(Debug)]
+pub struct HsmShares {
+    max: usize,
+    /// Only callers with requests in flight have an entry.
+    callers: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Places held in a caller's share until dropped.
+#[derive(Debug)]
+pub struct HsmShare<'a> {
+    shares: &'a HsmShares,
+    caller: String,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl HsmShares {
+    /// Shares of `max` requests each (at least 1).
+    pub fn new(max: usize) -> HsmShares {
+        HsmShares {
+            max: max.max(1),
+            callers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn semaphore(&self, caller: &str) -> Arc<Semaphore> {
+        let mut callers = self.callers.lock().unwrap_or_else(PoisonError::into_inner);
+        callers
+            .entry(caller.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max)))
+            .clone()
+    }
+
+    /// A share larger than the whole share is held as the whole share.
+    fn places(&self, requests: usize) -> u32 {
+        u32::try_from(requests.clamp(1, self.max)).unwrap_or(u32::MAX)
+    }
+
+    /// `requests` places of `caller`'s share now, or `HSM_BUSY` (with a
+    /// retry hint) if the share has not that many free: a unary request.
+    pub fn try_take(&self, caller: &str, requests: usize) -> Result<HsmShare<'_>, Error> {
+        let permit = self
+            .semaphore(caller)
+            .try_acquire_many_owned(self.places(requests));
+        let share = HsmShare {
+            shares: self,
+            caller: caller.to_owned(),
+            permit: permit.ok(),
+        };
+        if share.permit.is_none() {
+            return Err(Error::new(
+                Reason::HsmBusy,
+                format!(
+                    "this caller already has {} requests waiting for the HSM or running on it, its share; nothing was done: try again shortly",
+                    self.max
+                ),
+            )
+            .retry_after(HSM_BUSY_RETRY));
+        }
+        Ok(share)
+    }
+
+    /// `requests` places of `caller`'s share, once free: a stream's batch,
+    /// which waits (and so reads no further items) rather than fail.
+    pub async fn take(&self, caller: &str, requests: usize) -> HsmShare<'_> {
+        let semaphore = self.semaphore(caller);
+        let mut share = HsmShare {
+            shares: self,
+            caller: caller.to_owned(),
+            permit: None,
+        };
+        // Never closed: the semaphores live as long as their entries.
+        share.permit = semaphore
+            .acquire_many_owned(self.places(requests))
+            .await
+            .ok();
+        share
+    }
+
+    /// Places `caller` holds now.
+    pub fn held(&self, caller: &str) -> usize {
+        let callers = self.callers.lock().unwrap_or_else(PoisonError::into_inner);
+        callers
+            .get(caller)
+            .map_or(0, |semaphore| self.max - semaphore.available_permits())
+    }
+}
+
+impl Drop for HsmShare<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        // The entry goes with the caller's last place: the map holds only
+        // callers with requests in flight. Entries are cloned only under
+        // the lock, so a count of one is the map's own.
+        let mut callers = self
+            .shares
+            .callers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(semaphore) = callers.get(&self.caller) {
+            if Arc::strong_count(semaphore) == 1 && semaphore.available_permits() == self.shares.max
+            {
+                callers.remove(&self.caller);
+            }
         }
     }
 }
@@ -124,6 +247,35 @@ mod tests {
     }
 
     /// Polls `future` once: `Some` if it completed.
+    #[tokio::test]
+    async fn a_callers_share_holds_its_places_alone_and_its_entry_goes_with_the_last() {
+        let shares = HsmShares::new(3);
+        let a = shares.try_take("a", 2).unwrap();
+        let b = shares.try_take("b", 3).unwrap();
+        // Another caller's places do not count against this one's.
+        let refused = shares.try_take("a", 2).unwrap_err();
+        assert_eq!(refused.reason, Reason::HsmBusy);
+        assert!(refused.retry_after.is_some());
+        let a_last = shares.try_take("a", 1).unwrap();
+        assert_eq!((shares.held("a"), shares.held("b")), (3, 3));
+        // A batch waits for its places, and one larger than the share
+        // takes the whole share.
+        let waiting = shares.take("a", 16);
+        tokio::pin!(waiting);
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        drop(a);
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        drop(a_last);
+        let whole = waiting.await;
+        assert_eq!(shares.held("a"), 3);
+        drop((whole, b));
+        assert_eq!((shares.held("a"), shares.held("b")), (0, 0));
+        assert!(
+            shares.callers.lock().unwrap().is_empty(),
+            "no entry outlives its caller's last place"
+        );
+    }
+
     async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
             std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {

@@ -309,7 +309,7 @@ pub async fn sign(
     // A caller's request may be refused when the HSM queue is full (they
     // retry); the signature officers approved waits its turn instead.
     let (prepared, signature) = match signer {
-        Signer::Caller(..) => custody.hsm.try_run(job).await?,
+        Signer::Caller(caller, _) => custody.try_hsm(caller, job).await?,
         Signer::Approved { .. } => custody.hsm.run(job).await?,
     };
     Ok(prepared.signed(signature))
@@ -355,17 +355,16 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
             })
             .collect::<Vec<_>>())
     };
-    match custody.hsm.try_run_batch(asked.len(), job).await {
+    match custody.hsm_batch(principal, asked.len(), job).await {
         Ok(signed) => {
             for (at, ready, signature) in signed {
                 results[at] = signature.map_err(Error::from).map(|s| ready.signed(s));
             }
         }
-        Err(error) => {
+        Err(mut error) => {
             // The job as a whole failed (refused, or lost at a call past its
             // deadline): the items before that call may have been signed,
             // and none of their signatures is returned.
-            let mut error = Error::from(error);
             error.message = format!(
                 "{} (the HSM job signing this item and {} others of its stream failed; no signature of it was returned)",
                 error.message,
@@ -392,8 +391,7 @@ pub async fn verify(
     let prepared = prepare(custody, audited, None, Some(verifier), request)?;
     let version_name = prepared.version_name.clone();
     let valid = custody
-        .hsm
-        .try_run(move |session| {
+        .try_hsm(verifier, move |session| {
             session.verify(
                 &prepared.label,
                 prepared.sign_algorithm,

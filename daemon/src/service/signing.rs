@@ -18,18 +18,24 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Audited, Run, Shared, caller, serve};
 
-/// How many requests of one stream are in flight at once (answers stay in
-/// request order): the most places of the HSM queue one stream holds
-/// (threat model R2). Eight batches, so that the HSM workers still have a
+/// How many requests of one stream are in flight at once, in batches of up
+/// to [`STREAM_BATCH`] (answers stay in request order): the most places of
+/// the HSM queue one stream holds (threat model R2; its caller's share may
+/// hold it to fewer). Eight batches, so that the HSM workers still have a
 /// stream's next batches queued while its earlier ones wait for their
-/// audit records and answers; four left them idle about a tenth of the
-/// time (docs/benchmarks.md).
+/// audit records and answers: with four, one stream kept 1.18 CPUs of the
+/// HSM workers busy, with eight 1.30 (docs/benchmarks.md).
 const STREAM_WINDOW: usize = 128;
 
 /// The most items of one stream signed in one HSM job: those that arrived
 /// together, up to this many (docs/benchmarks.md: a stream's signatures
 /// went up by about a quarter).
 const STREAM_BATCH: usize = 16;
+
+const _: () = assert!(
+    STREAM_WINDOW % STREAM_BATCH == 0,
+    "the window is a whole number of batches"
+);
 
 /// The signing service.
 pub struct Signing(pub Shared);

@@ -201,8 +201,9 @@ pub async fn encrypt(
     audited.detail = format!("{} bytes", plaintext.len());
     let (header, aad) = seal_header(&record.key_id, version.version, associated_data);
     let sealed = custody
-        .hsm
-        .try_run(move |session| session.encrypt_gcm(&label, &aad, &plaintext))
+        .try_hsm(principal, move |session| {
+            session.encrypt_gcm(&label, &aad, &plaintext)
+        })
         .await?;
     Ok(Sealed {
         name,
@@ -281,10 +282,10 @@ pub async fn decrypt_as(
     // A caller may be told to retry when the HSM queue is full; what the
     // officers approved waits its turn.
     let plaintext = match decrypter {
-        Decrypter::Caller(_) => custody.hsm.try_run(job).await,
-        Decrypter::Approved { .. } => custody.hsm.run(job).await,
+        Decrypter::Caller(caller) => custody.try_hsm(caller, job).await,
+        Decrypter::Approved { .. } => custody.hsm.run(job).await.map_err(Error::from),
     }
-    .map_err(|e| in_api_names(Error::from(e), &name))?;
+    .map_err(|e| in_api_names(e, &name))?;
     audited.detail = format!("{} bytes", plaintext.len());
     Ok(Opened {
         name,
@@ -308,8 +309,7 @@ pub async fn generate_data_key(
     audited.resource = name.clone();
     let (header, aad) = seal_header(&record.key_id, version.version, associated_data);
     let (data_key, sealed) = custody
-        .hsm
-        .try_run(move |session| {
+        .try_hsm(principal, move |session| {
             let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
             session.random(data_key.as_mut())?;
             let sealed = session.encrypt_gcm(&label, &aad, data_key.as_ref())?;
@@ -355,13 +355,12 @@ pub async fn rewrap(
     };
     let (header, target_aad) = seal_header(&record.key_id, target.version, associated_data);
     let resealed = custody
-        .hsm
-        .try_run(move |session| {
+        .try_hsm(principal, move |session| {
             let plaintext = session.decrypt_gcm(&source_label, &source_aad, &sealed)?;
             session.encrypt_gcm(&target_label, &target_aad, &plaintext)
         })
         .await
-        .map_err(|e| in_api_names(Error::from(e), &source_name))?;
+        .map_err(|e| in_api_names(e, &source_name))?;
     Ok((
         source_name,
         Sealed {
