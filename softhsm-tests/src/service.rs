@@ -207,7 +207,7 @@ impl TestService {
                 workers: 2,
                 max_pin_failures: 5,
                 max_queued_jobs: hsm_shim::HsmConfig::DEFAULT_MAX_QUEUED,
-                max_queued_per_caller: HsmSection::DEFAULT_MAX_QUEUED_PER_CALLER,
+                max_queued_per_caller: custody_core::config::DEFAULT_HSM_SHARE,
                 call_timeout_ms: 30_000,
             },
             tls: TlsSection {

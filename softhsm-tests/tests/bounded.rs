@@ -28,7 +28,8 @@ use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
     AbortCeremonyRequest, CheckDriftRequest, CreateKeyRequest, Digest, GetOperationRequest,
     KeyPurpose, KeyRef, ListOperationsRequest, Operation, OperationKind, OperationState,
-    SignRequest, StartCeremonyRequest, VerifyAuditRequest, digest, operation_spec, sign_request,
+    SignRequest, StartCeremonyRequest, VerifyAuditRequest, VerifyRequest, digest, operation_spec,
+    sign_request, verify_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
@@ -308,6 +309,17 @@ token_test!(
     }
 );
 
+/// Waits until at least `requests` requests wait for an HSM worker (10 s
+/// at most).
+async fn until_queued(hsm: &hsm_shim::Hsm, requests: usize) {
+    for _ in 0..200 {
+        if hsm.queued() >= requests {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How far the HSM queue fills beyond `before`: once it has grown, the
 /// most it held before it stopped growing for half a second (10 s at most
 /// for each wait).
@@ -476,28 +488,81 @@ token_test!(
                     tokio::spawn(async move { sign_sha256(&greedy, "k", &[i]).await })
                 })
                 .collect();
-            for _ in 0..200 {
-                if hsm.queued() == before + 40 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            until_queued(&hsm, before + 40).await;
             assert_eq!(hsm.queued(), before + 40, "the share's 40 calls queued");
             let refused = sign_sha256(&greedy, "k", b"one more").await.unwrap_err();
             assert_eq!(reason(&refused), "HSM_BUSY", "{refused:?}");
             let served = tokio::spawn(async move { sign_sha256(&other, "k2", b"mine").await });
-            for _ in 0..200 {
-                if hsm.queued() > before + 40 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            until_queued(&hsm, before + 41).await;
             assert_eq!(hsm.queued(), before + 41, "the other caller's call is queued");
             held.release().await;
             for call in calls {
                 call.await.unwrap().unwrap();
             }
             served.await.unwrap().unwrap();
+        });
+    }
+);
+
+token_test!(
+    fn a_cancelled_call_keeps_its_share_until_its_hsm_job_has_run(token) {
+        // Threat model R2: a caller that cancels its calls leaves their HSM
+        // jobs queued, and those jobs keep the caller's share: cancelling
+        // and calling again does not fill the queue past the share.
+        runtime().block_on(async {
+            let service = TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+                config.hsm.max_queued_per_caller = 40;
+            })
+            .await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let caller = service.client("ca-issuing").await;
+            let verify = |caller: Channel| async move {
+                SigningServiceClient::new(caller)
+                    .verify(VerifyRequest {
+                        name: "keys/k".into(),
+                        input: Some(verify_request::Input::Digest(Digest {
+                            digest: Some(digest::Digest::Sha256(vec![7; 32])),
+                        })),
+                        signature: vec![0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01],
+                        ..Default::default()
+                    })
+                    .await
+            };
+            let hsm = service.state().hsm.clone();
+            let held = Held::worker_and_one_waiting(&hsm).await;
+            let before = hsm.queued();
+            // Verify answers in the caller's own task: cancelling the call
+            // drops its handler.
+            let calls: Vec<_> = (0..40)
+                .map(|_| tokio::spawn(verify(caller.clone())))
+                .collect();
+            until_queued(&hsm, before + 40).await;
+            assert_eq!(hsm.queued(), before + 40, "the share's 40 calls queued");
+            for call in &calls {
+                call.abort();
+            }
+            for call in calls {
+                assert!(call.await.unwrap_err().is_cancelled());
+            }
+            // The server has seen the cancellations (each a stream reset).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(hsm.queued(), before + 40, "the cancelled calls' jobs stay queued");
+            let again = tokio::time::timeout(Duration::from_secs(5), verify(caller.clone())).await;
+            let refused = again
+                .expect("refused at once, not queued behind the held worker")
+                .unwrap_err();
+            assert_eq!(reason(&refused), "HSM_BUSY", "{refused:?}");
+            held.release().await;
+            // Once the jobs have run, the share is free again.
+            for _ in 0..200 {
+                if hsm.queued() == 0 && service.state().limits.hsm_shares.held("ca-issuing") == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(verify(caller).await.is_ok());
         });
     }
 );

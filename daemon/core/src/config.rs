@@ -405,13 +405,6 @@ pub struct HsmSection {
     pub call_timeout_ms: u64,
 }
 
-impl HsmSection {
-    /// `max_queued_per_caller` when the file names none: twice a
-    /// `SignStream`'s window (128), so that one stream never meets its
-    /// caller's share on its own.
-    pub const DEFAULT_MAX_QUEUED_PER_CALLER: usize = 256;
-}
-
 /// `[tls]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -609,19 +602,20 @@ impl Default for StorageSection {
 fn default_cache_mib() -> u64 {
     64
 }
-
 fn default_reserve_mib() -> u64 {
     256
 }
-
 fn default_max_message_bytes() -> usize {
     1024 * 1024
 }
 fn default_max_concurrent_requests() -> usize {
     1024
 }
+/// `[hsm] max_queued_per_caller` when the file names none: twice a
+/// `SignStream`'s window, so one stream never meets its share alone.
+pub const DEFAULT_HSM_SHARE: usize = 256;
 fn default_max_queued_per_caller() -> usize {
-    HsmSection::DEFAULT_MAX_QUEUED_PER_CALLER
+    DEFAULT_HSM_SHARE
 }
 fn default_hsm_workers() -> usize {
     hsm_shim::HsmConfig::DEFAULT_WORKERS
@@ -756,12 +750,17 @@ impl Config {
             ));
         }
         if self.hsm.max_queued_jobs == 0
-            || self.hsm.max_queued_per_caller == 0
             || self.dual_control.max_pending_per_requester == 0
             || self.ceremony.max_open_per_officer == 0
         {
             return Err(ConfigError(
-                "[hsm] max_queued_jobs and max_queued_per_caller, [dual_control] max_pending_per_requester and [ceremony] max_open_per_officer must be at least 1".into(),
+                "[hsm] max_queued_jobs, [dual_control] max_pending_per_requester and [ceremony] max_open_per_officer must be at least 1".into(),
+            ));
+        }
+        // A stream's batch (16) fits in a share.
+        if !(16..=1_000_000).contains(&self.hsm.max_queued_per_caller) {
+            return Err(ConfigError(
+                "[hsm] max_queued_per_caller must be within 16-1000000 (a SignStream batch is 16 requests)".into(),
             ));
         }
         if !(3600..=10 * 365 * 86_400).contains(&self.dual_control.operation_retention_secs) {
@@ -892,6 +891,11 @@ mod tests {
             ("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 0"),
             ("max_queued_jobs = 1024", "max_queued_jobs = 0"),
             ("max_queued_per_caller = 256", "max_queued_per_caller = 0"),
+            ("max_queued_per_caller = 256", "max_queued_per_caller = 15"),
+            (
+                "max_queued_per_caller = 256",
+                "max_queued_per_caller = 1000001",
+            ),
             ("call_timeout_ms = 30000", "call_timeout_ms = 0"),
             ("call_timeout_ms = 30000", "call_timeout_ms = 600001"),
             (

@@ -52,7 +52,8 @@ pub struct Custody {
 
 impl Custody {
     /// Runs a caller's HSM job within the caller's share of the HSM
-    /// ([`crate::limits::HsmShares`]) and the pool's bounded queue
+    /// ([`crate::limits::HsmShares`], held until the job has run, even if
+    /// the caller goes away) and the pool's bounded queue
     /// ([`Hsm::try_run`]); either, when full, refuses it `HSM_BUSY` with a
     /// retry hint and nothing done (threat model R2).
     pub async fn try_hsm<T, F>(&self, caller: &Principal, job: F) -> Result<T, crate::Error>
@@ -60,17 +61,31 @@ impl Custody {
         T: Send + 'static,
         F: FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static,
     {
-        let _share = self.limits.hsm_shares.try_take(&caller.name, 1)?;
-        Ok(self.hsm.try_run(job).await?)
+        let share = self.limits.hsm_shares.try_take(&caller.name, 1)?;
+        Ok(self.hsm.try_run(share.holding(job)).await?)
     }
 
-    /// [`Custody::try_hsm`] for a job doing the work of `requests`
-    /// requests (a stream's batch), which waits for its places in the
-    /// caller's share instead of being refused: a stream slows down to
-    /// its share, and reads no further items meanwhile.
-    pub async fn hsm_batch<T, F>(
+    /// A stream's batch of `requests` requests, once its places in the
+    /// caller's share are free: it waits instead of being refused, so a
+    /// stream slows down to its share (and reads no further items
+    /// meanwhile). Taken before the batch's items are checked, so that
+    /// the wait does not come between a check and its signature; the job
+    /// then goes to [`Custody::hsm_batch`].
+    pub async fn hsm_share_for_batch(
         &self,
         caller: &Principal,
+        requests: usize,
+    ) -> crate::limits::HsmShare {
+        self.limits.hsm_shares.take(&caller.name, requests).await
+    }
+
+    /// Runs a stream's batch, the work of `requests` requests, in the
+    /// places `share` holds ([`Custody::hsm_share_for_batch`]) and the
+    /// pool's bounded queue ([`Hsm::try_run_batch`], refused `HSM_BUSY`
+    /// when full).
+    pub async fn hsm_batch<T, F>(
+        &self,
+        share: crate::limits::HsmShare,
         requests: usize,
         job: F,
     ) -> Result<T, crate::Error>
@@ -78,8 +93,7 @@ impl Custody {
         T: Send + 'static,
         F: FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static,
     {
-        let _share = self.limits.hsm_shares.take(&caller.name, requests).await;
-        Ok(self.hsm.try_run_batch(requests, job).await?)
+        Ok(self.hsm.try_run_batch(requests, share.holding(job)).await?)
     }
 
     /// What every request passes before it acts: the copies in memory

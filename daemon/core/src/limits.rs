@@ -63,28 +63,60 @@ impl Limits {
 /// `[hsm] max_queued_per_caller`. The queue as a whole is bounded too
 /// (`[hsm] max_queued_jobs`), but first come, first served: without a
 /// share, one caller with a few streams could fill it and leave every
-/// other caller `HSM_BUSY`.
+/// other caller `HSM_BUSY`. A share's places go with the HSM job
+/// ([`HsmShare::holding`]), not with the caller's request: a caller that
+/// cancels its call leaves its job queued, and the job keeps its places
+/// until it has run or been dropped.
 #[derive(Debug)]
 pub struct HsmShares {
     max: usize,
     /// Only callers with requests in flight have an entry.
-    callers: Mutex<HashMap<String, Arc<Semaphore>>>,
+    callers: Callers,
 }
+
+type Callers = Arc<Mutex<HashMap<String, Arc<Semaphore>>>>;
 
 /// Places held in a caller's share until dropped.
 #[derive(Debug)]
-pub struct HsmShare<'a> {
-    shares: &'a HsmShares,
+pub struct HsmShare {
+    callers: Callers,
+    max: usize,
     caller: String,
     permit: Option<OwnedSemaphorePermit>,
+}
+
+impl HsmShare {
+    /// `job`, holding these places until it has run on a worker (or been
+    /// dropped unrun).
+    pub fn holding<T, F>(
+        self,
+        job: F,
+    ) -> impl FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static
+    where
+        F: FnOnce(&mut hsm_shim::HsmSession) -> hsm_shim::Result<T> + Send + 'static,
+    {
+        move |session| {
+            let _share = self;
+            job(session)
+        }
+    }
 }
 
 impl HsmShares {
     /// Shares of `max` requests each (at least 1).
     pub fn new(max: usize) -> HsmShares {
         HsmShares {
-            max: max.max(1),
-            callers: Mutex::new(HashMap::new()),
+            max: max.clamp(1, Semaphore::MAX_PERMITS),
+            callers: Arc::default(),
+        }
+    }
+
+    fn share(&self, caller: &str) -> HsmShare {
+        HsmShare {
+            callers: self.callers.clone(),
+            max: self.max,
+            caller: caller.to_owned(),
+            permit: None,
         }
     }
 
@@ -103,15 +135,12 @@ impl HsmShares {
 
     /// `requests` places of `caller`'s share now, or `HSM_BUSY` (with a
     /// retry hint) if the share has not that many free: a unary request.
-    pub fn try_take(&self, caller: &str, requests: usize) -> Result<HsmShare<'_>, Error> {
-        let permit = self
+    pub fn try_take(&self, caller: &str, requests: usize) -> Result<HsmShare, Error> {
+        let mut share = self.share(caller);
+        share.permit = self
             .semaphore(caller)
-            .try_acquire_many_owned(self.places(requests));
-        let share = HsmShare {
-            shares: self,
-            caller: caller.to_owned(),
-            permit: permit.ok(),
-        };
+            .try_acquire_many_owned(self.places(requests))
+            .ok();
         if share.permit.is_none() {
             return Err(Error::new(
                 Reason::HsmBusy,
@@ -127,13 +156,9 @@ impl HsmShares {
 
     /// `requests` places of `caller`'s share, once free: a stream's batch,
     /// which waits (and so reads no further items) rather than fail.
-    pub async fn take(&self, caller: &str, requests: usize) -> HsmShare<'_> {
+    pub async fn take(&self, caller: &str, requests: usize) -> HsmShare {
         let semaphore = self.semaphore(caller);
-        let mut share = HsmShare {
-            shares: self,
-            caller: caller.to_owned(),
-            permit: None,
-        };
+        let mut share = self.share(caller);
         // Never closed: the semaphores live as long as their entries.
         share.permit = semaphore
             .acquire_many_owned(self.places(requests))
@@ -151,20 +176,15 @@ impl HsmShares {
     }
 }
 
-impl Drop for HsmShare<'_> {
+impl Drop for HsmShare {
     fn drop(&mut self) {
         drop(self.permit.take());
         // The entry goes with the caller's last place: the map holds only
         // callers with requests in flight. Entries are cloned only under
         // the lock, so a count of one is the map's own.
-        let mut callers = self
-            .shares
-            .callers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut callers = self.callers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(semaphore) = callers.get(&self.caller) {
-            if Arc::strong_count(semaphore) == 1 && semaphore.available_permits() == self.shares.max
-            {
+            if Arc::strong_count(semaphore) == 1 && semaphore.available_permits() == self.max {
                 callers.remove(&self.caller);
             }
         }
@@ -246,7 +266,6 @@ mod tests {
         assert!(gate.try_start().is_some());
     }
 
-    /// Polls `future` once: `Some` if it completed.
     #[tokio::test]
     async fn a_callers_share_holds_its_places_alone_and_its_entry_goes_with_the_last() {
         let shares = HsmShares::new(3);
@@ -276,6 +295,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_share_goes_with_its_job_and_a_cancelled_wait_holds_nothing() {
+        let shares = HsmShares::new(2);
+        // A job that never runs (its caller gone, the queue dropped) gives
+        // its places back when it is dropped, and not before.
+        let job = shares.try_take("a", 2).unwrap().holding(|_| Ok(()));
+        assert_eq!(shares.held("a"), 2);
+        assert!(shares.try_take("a", 1).is_err());
+        drop(job);
+        assert_eq!(shares.held("a"), 0);
+        // A batch that stops waiting holds nothing and leaves no entry.
+        let first = shares.try_take("a", 2).unwrap();
+        {
+            let waiting = shares.take("a", 1);
+            tokio::pin!(waiting);
+            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        }
+        drop(first);
+        assert_eq!(shares.held("a"), 0);
+        assert!(shares.callers.lock().unwrap().is_empty());
+    }
+
+    /// Polls `future` once: `Some` if it completed.
     async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
             std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {

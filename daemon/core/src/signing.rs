@@ -330,6 +330,7 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
 ) -> Vec<Result<Signature, Error>> {
     debug_assert_eq!(audited.len(), requests.len(), "one record per request");
     let signer = Signer::Caller(principal, Approval::None);
+    let share = custody.hsm_share_for_batch(principal, requests.len()).await;
     let mut results = Vec::with_capacity(requests.len());
     let mut prepared = Vec::new();
     for (at, (audited, request)) in audited.iter_mut().zip(requests).enumerate() {
@@ -355,7 +356,7 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
             })
             .collect::<Vec<_>>())
     };
-    match custody.hsm_batch(principal, asked.len(), job).await {
+    match custody.hsm_batch(share, asked.len(), job).await {
         Ok(signed) => {
             for (at, ready, signature) in signed {
                 results[at] = signature.map_err(Error::from).map(|s| ready.signed(s));
