@@ -82,6 +82,7 @@ pub struct HsmShare {
     callers: Callers,
     max: usize,
     caller: String,
+    semaphore: Option<Arc<Semaphore>>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -116,6 +117,7 @@ impl HsmShares {
             callers: self.callers.clone(),
             max: self.max,
             caller: caller.to_owned(),
+            semaphore: None,
             permit: None,
         }
     }
@@ -157,8 +159,11 @@ impl HsmShares {
     /// `requests` places of `caller`'s share, once free: a stream's batch,
     /// which waits (and so reads no further items) rather than fail.
     pub async fn take(&self, caller: &str, requests: usize) -> HsmShare {
-        let semaphore = self.semaphore(caller);
         let mut share = self.share(caller);
+        let semaphore = self.semaphore(caller);
+        // Held by the share, so that a wait cancelled once its places were
+        // given still lets the share's drop see the entry unused.
+        share.semaphore = Some(semaphore.clone());
         // Never closed: the semaphores live as long as their entries.
         share.permit = semaphore
             .acquire_many_owned(self.places(requests))
@@ -179,6 +184,7 @@ impl HsmShares {
 impl Drop for HsmShare {
     fn drop(&mut self) {
         drop(self.permit.take());
+        drop(self.semaphore.take());
         // The entry goes with the caller's last place: the map holds only
         // callers with requests in flight. Entries are cloned only under
         // the lock, so a count of one is the map's own.
@@ -313,6 +319,16 @@ mod tests {
             assert!(futures_poll_once(waiting.as_mut()).await.is_none());
         }
         drop(first);
+        assert_eq!(shares.held("a"), 0);
+        assert!(shares.callers.lock().unwrap().is_empty());
+        // Nor one cancelled after its places were given to it.
+        let first = shares.try_take("a", 2).unwrap();
+        {
+            let waiting = shares.take("a", 1);
+            tokio::pin!(waiting);
+            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+            drop(first);
+        }
         assert_eq!(shares.held("a"), 0);
         assert!(shares.callers.lock().unwrap().is_empty());
     }

@@ -330,11 +330,26 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
 ) -> Vec<Result<Signature, Error>> {
     debug_assert_eq!(audited.len(), requests.len(), "one record per request");
     let signer = Signer::Caller(principal, Approval::None);
-    let share = custody.hsm_share_for_batch(principal, requests.len()).await;
+    // The caller's share first (a stream waits for it), then the copies in
+    // memory brought up to the store again, then the checks: the wait does
+    // not come between a check and its signature (threat model S5).
+    let asking = requests.iter().filter(|request| request.is_ok()).count();
+    let share = match asking {
+        0 => None,
+        _ => Some(custody.hsm_share_for_batch(principal, asking).await),
+    };
+    let fresh = match share {
+        Some(_) => custody.refresh(),
+        None => Ok(()),
+    };
     let mut results = Vec::with_capacity(requests.len());
     let mut prepared = Vec::new();
     for (at, (audited, request)) in audited.iter_mut().zip(requests).enumerate() {
-        match request.and_then(|request| prepare(custody, audited, Some(signer), None, &request)) {
+        let checked = request.and_then(|request| {
+            fresh.clone()?;
+            prepare(custody, audited, Some(signer), None, &request)
+        });
+        match checked {
             Ok(ready) => {
                 prepared.push((at, ready));
                 // Filled in below, once the HSM answers.
@@ -343,9 +358,9 @@ pub async fn sign_batch<A: std::ops::DerefMut<Target = Audited>>(
             Err(refused) => results.push(Err(refused)),
         }
     }
-    if prepared.is_empty() {
+    let Some(share) = share.filter(|_| !prepared.is_empty()) else {
         return results;
-    }
+    };
     let asked: Vec<usize> = prepared.iter().map(|(at, _)| *at).collect();
     let job = move |session: &mut HsmSession| {
         Ok(prepared
