@@ -519,25 +519,31 @@ fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Share
         let deadline = shared.access.call_timeout;
         let stuck = shared.abandoned.load(Ordering::SeqCst);
         if stuck >= shared.max_abandoned {
-            (job.fail)(HsmError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "{stuck} HSM calls passed their deadline and have not returned; no more calls until they do"
+            refuse(
+                job,
+                HsmError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{stuck} HSM calls passed their deadline and have not returned; no more calls until they do"
+                    ),
                 ),
-            ));
+            );
             continue;
         }
         // A pause waits for running jobs and then holds the next one here,
         // already taken from the queue but not started; for a deadline at
         // most.
         if !shared.gate.enter(deadline) {
-            (job.fail)(HsmError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "the HSM pool stayed paused for the {} ms call deadline (a token security officer step is running)",
-                    deadline.as_millis()
+            refuse(
+                job,
+                HsmError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "the HSM pool stayed paused for the {} ms call deadline (a token security officer step is running)",
+                        deadline.as_millis()
+                    ),
                 ),
-            ));
+            );
             continue;
         }
         watch.begin_job(job.fail);
@@ -561,6 +567,15 @@ fn serve(mut session: Option<HsmSession>, watch: &Arc<CallWatch>, shared: &Share
         }
         shared.gate.leave();
     }
+}
+
+/// Answers a job that will not run with `error`, once the job itself (and
+/// whatever it holds, such as its caller's share of the HSM) is dropped,
+/// so that a caller retrying at once finds it released.
+fn refuse(job: Job, error: HsmError) {
+    let Job { run, fail, .. } = job;
+    drop(run);
+    fail(error);
 }
 
 /// The worker's session, opened (and logged in) under the deadline if it has
