@@ -918,6 +918,15 @@ mod tests {
             let config: Config = toml::from_str(&REFERENCE.replace(from, to)).unwrap();
             assert!(config.check().is_err(), "{to} accepted");
         }
+        // The share's bounds themselves are accepted.
+        for edge in [
+            "max_queued_per_caller = 16",
+            "max_queued_per_caller = 1000000",
+        ] {
+            let config: Config =
+                toml::from_str(&REFERENCE.replace("max_queued_per_caller = 256", edge)).unwrap();
+            config.check().unwrap();
+        }
     }
 
     #[test]

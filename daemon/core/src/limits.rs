@@ -8,7 +8,7 @@
 //! | pending operations per requester | `operations::request` | `TOO_MANY_PENDING` |
 //! | open ceremonies per officer | `ceremonies::open` | `TOO_MANY_CEREMONIES` |
 //! | HSM jobs waiting for a worker | `hsm_shim::Hsm::try_run` | `HSM_BUSY` |
-//! | one caller's HSM requests waiting or running | [`HsmShares`], through [`crate::Custody::try_hsm`] | `HSM_BUSY` (a stream's batch waits instead) |
+//! | one caller's HSM requests waiting or running | [`HsmShares`], through [`crate::Custody::try_hsm`] and [`crate::Custody::hsm_share_for_batch`] | `HSM_BUSY` (a stream's batch waits instead) |
 //! | one stream's items in flight (128) | the gRPC face's `SignStream` | none: custodyd reads no further |
 //! | one drift check, one audit verification at a time | [`OneAtATime`] | none: the next waits its turn |
 //!
