@@ -18,6 +18,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use custody_core::config::Config;
 use custody_core::identity::Role;
 use custody_core::operations::vote::expire_due;
 use custody_proto::v1::audit_service_client::AuditServiceClient;
@@ -36,7 +37,7 @@ use softhsm_tests::ceremony::root_script;
 use softhsm_tests::service::{
     TestService, create_key, reason, request_operation, runtime, sign_in_one_stream, sign_sha256,
 };
-use softhsm_tests::token_test;
+use softhsm_tests::{TestToken, token_test};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -271,14 +272,9 @@ token_test!(
 token_test!(
     fn a_full_hsm_queue_refuses_callers_with_a_retry_hint_and_drains(token) {
         runtime().block_on(async {
-            let service = TestService::start_with(token, |config| {
-                config.hsm.workers = 1;
+            let (service, _, signer) = one_worker_and_key(token, |config| {
                 config.hsm.max_queued_jobs = 1;
-            })
-            .await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
-            let signer = service.client("ca-issuing").await;
+            }).await;
             let sign = || SignRequest {
                 name: "keys/k".into(),
                 input: Some(sign_request::Input::Digest(Digest {
@@ -308,6 +304,24 @@ token_test!(
         });
     }
 );
+
+/// custodyd with one HSM worker (and `configure`'s settings) and the EC
+/// key `k`, which `ca-issuing` signs with: the service, the operator's
+/// channel and the signer's.
+async fn one_worker_and_key(
+    token: &TestToken,
+    configure: impl FnOnce(&mut Config),
+) -> (TestService, Channel, Channel) {
+    let service = TestService::start_with(token, |config| {
+        config.hsm.workers = 1;
+        configure(config);
+    })
+    .await;
+    let operator = service.client("operator").await;
+    create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+    let signer = service.client("ca-issuing").await;
+    (service, operator, signer)
+}
 
 /// Waits until at least `requests` requests wait for an HSM worker (10 s
 /// at most).
@@ -414,15 +428,11 @@ token_test!(
         // leave another caller HSM_BUSY. A stream waits for its share; a
         // unary call past it is refused.
         runtime().block_on(async {
-            let service = TestService::start_with(token, |config| {
-                config.hsm.workers = 1;
+            let (service, operator, greedy) = one_worker_and_key(token, |config| {
                 // Small enough for one caller's streams to fill it.
                 config.hsm.max_queued_jobs = 100;
                 config.hsm.max_queued_per_caller = 40;
-            })
-            .await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            }).await;
             KeyServiceClient::new(operator.clone())
                 .create_key(CreateKeyRequest {
                     key_id: "k2".into(),
@@ -435,7 +445,6 @@ token_test!(
                 })
                 .await
                 .unwrap();
-            let greedy = service.client("ca-issuing").await;
             let other = service.client_as("ca-second", &[Role::Signer]).await;
             let hsm = service.state().hsm.clone();
             let held = Held::worker_and_one_waiting(&hsm).await;
@@ -510,14 +519,9 @@ token_test!(
         // jobs queued, and those jobs keep the caller's share: cancelling
         // and calling again does not fill the queue past the share.
         runtime().block_on(async {
-            let service = TestService::start_with(token, |config| {
-                config.hsm.workers = 1;
+            let (service, _, caller) = one_worker_and_key(token, |config| {
                 config.hsm.max_queued_per_caller = 40;
-            })
-            .await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
-            let caller = service.client("ca-issuing").await;
+            }).await;
             let verify = |caller: Channel| async move {
                 SigningServiceClient::new(caller)
                     .verify(VerifyRequest {
@@ -574,13 +578,7 @@ token_test!(
         // (128) are in flight, so one stream holds at most that many places
         // of the HSM queue; the rest wait, unread, in the transport.
         runtime().block_on(async {
-            let service = TestService::start_with(token, |config| {
-                config.hsm.workers = 1;
-            })
-            .await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
-            let signer = service.client("ca-issuing").await;
+            let (service, _, signer) = one_worker_and_key(token, |_| {}).await;
             let hsm = service.state().hsm.clone();
             let held = Held::worker_and_one_waiting(&hsm).await;
 
@@ -613,14 +611,9 @@ token_test!(
         // many places in the HSM queue as it holds signatures, so batching
         // buys no deeper queue than unary callers get.
         runtime().block_on(async {
-            let service = TestService::start_with(token, |config| {
-                config.hsm.workers = 1;
+            let (service, _, signer) = one_worker_and_key(token, |config| {
                 config.hsm.max_queued_jobs = 2;
-            })
-            .await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
-            let signer = service.client("ca-issuing").await;
+            }).await;
             let hsm = service.state().hsm.clone();
             let held = Held::worker_and_one_waiting(&hsm).await;
 

@@ -311,26 +311,25 @@ mod tests {
         assert!(shares.try_take("a", 1).is_err());
         drop(job);
         assert_eq!(shares.held("a"), 0);
-        // A batch that stops waiting holds nothing and leaves no entry.
-        let first = shares.try_take("a", 2).unwrap();
-        {
-            let waiting = shares.take("a", 1);
-            tokio::pin!(waiting);
-            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
-        }
-        drop(first);
-        assert_eq!(shares.held("a"), 0);
-        assert!(shares.callers.lock().unwrap().is_empty());
-        // Nor one cancelled after its places were given to it.
-        let first = shares.try_take("a", 2).unwrap();
-        {
-            let waiting = shares.take("a", 1);
-            tokio::pin!(waiting);
-            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        // A batch that stops waiting holds nothing and leaves no entry,
+        // also when its places were given to it before it stopped.
+        for given_first in [false, true] {
+            let mut first = Some(shares.try_take("a", 2).unwrap());
+            {
+                let waiting = shares.take("a", 1);
+                tokio::pin!(waiting);
+                assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+                if given_first {
+                    first = None;
+                }
+            }
             drop(first);
+            assert_eq!(shares.held("a"), 0, "given first: {given_first}");
+            assert!(
+                shares.callers.lock().unwrap().is_empty(),
+                "given first: {given_first}"
+            );
         }
-        assert_eq!(shares.held("a"), 0);
-        assert!(shares.callers.lock().unwrap().is_empty());
     }
 
     /// Polls `future` once: `Some` if it completed.
