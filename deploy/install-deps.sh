@@ -3,7 +3,7 @@
 # missing: SoftHSM2 (the HSM we test on), OpenSC's pkcs11-tool (a second
 # PKCS#11 client, used by tests as "another process" and to drive custody's
 # own PKCS#11 module), openssl (the independent verifier), systemd's
-# systemd-analyze (checks the unit) and libp11's
+# systemd-analyze (checks the unit), gdb (stacks of a test that hangs) and libp11's
 # OpenSSL engine (OpenSSL signing certificates through custody's module), etcd (the replicated store backend's tests run a
 # real cluster) and curl (they reach etcd's JSON gateway with it). No system protoc is needed: .proto files compile with
 # protox.
@@ -19,6 +19,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # systemd-analyze: the tests verify the unit in deploy/systemd/ offline (no
 # running systemd needed).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# gdb: a test still running at its deadline is killed after every thread's
+# stack is printed (softhsm-tests/src/lib.rs).
+command -v gdb >/dev/null 2>&1 || need+=(gdb)
 # Python venvs for the tests' external clients and linters (grpcio, pkilint,
 # installed from PyPI into a venv under the target directory).
 command -v python3 >/dev/null 2>&1 || need+=(python3)

@@ -23,7 +23,8 @@ pub mod replicas;
 pub mod service;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use hsm_shim::{Hsm, HsmConfig, PublicKey, SecretString, SignAlgorithm, SignInput, TokenSelector};
 
@@ -200,7 +201,8 @@ pub fn run_isolated(module_path: &str, name: &str, body: impl FnOnce(&TestToken)
         "--test-threads=1",
         "--include-ignored",
     ];
-    let Some(output) = with_fresh_token(&test_name, &child_args, body) else {
+    let Some(output) = with_fresh_token(&test_name, &child_args, Some(test_deadline()), body)
+    else {
         return;
     };
     // Through the harness's capture, so the child's output shows only when the
@@ -222,9 +224,16 @@ pub fn run_isolated(module_path: &str, name: &str, body: impl FnOnce(&TestToken)
 /// fresh token and re-runs the current executable with `child_args` and the
 /// token's environment, returning the child's output; in that child (told
 /// apart by `id`), runs `body` and returns `None`.
+///
+/// A child still running after `deadline` is killed and the parent panics
+/// with what each of its threads was waiting in ([`StuckChild`]): a test
+/// that hangs fails on its own, saying where, instead of holding the run.
+/// The child writes to files, not pipes, so that a process it started and
+/// left behind cannot keep the parent reading.
 pub fn with_fresh_token(
     id: &str,
     child_args: &[&str],
+    deadline: Option<Duration>,
     body: impl FnOnce(&TestToken),
 ) -> Option<Output> {
     if std::env::var(ISOLATED_TEST).as_deref() == Ok(id) {
@@ -239,7 +248,10 @@ pub fn with_fresh_token(
         .tempdir()
         .expect("temp dir");
     let token = TestToken::create(dir.path());
-    let output = Command::new(std::env::current_exe().expect("own executable path"))
+    let stdout_path = dir.path().join("child.stdout");
+    let stderr_path = dir.path().join("child.stderr");
+    let create = |path: &Path| std::fs::File::create(path).expect("the child's output file");
+    let mut child = Command::new(std::env::current_exe().expect("own executable path"))
         .args(child_args)
         .env(ISOLATED_TEST, id)
         .env(TOKEN_DIR, dir.path())
@@ -251,9 +263,125 @@ pub fn with_fresh_token(
             pkcs11_module::CONFIG_ENV,
             dir.path().join(pkcs11_module::CONFIG_FILE),
         )
-        .output()
+        .stdin(Stdio::null())
+        .stdout(create(&stdout_path))
+        .stderr(create(&stderr_path))
+        .spawn()
         .expect("re-run in a child process");
-    Some(output)
+    let read = |path: &Path| std::fs::read(path).unwrap_or_default();
+    let status = match deadline {
+        None => child.wait().expect("wait for the child process"),
+        Some(deadline) => match wait_until(&mut child, Instant::now() + deadline) {
+            Some(status) => status,
+            None => {
+                let stuck = StuckChild::inspect(child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{id} was still running after {deadline:?} and was killed.\n\
+                     Its threads, and what each waited in:\n{stuck}\n\
+                     Its output:\n{}{}",
+                    String::from_utf8_lossy(&read(&stdout_path)),
+                    String::from_utf8_lossy(&read(&stderr_path)),
+                );
+            }
+        },
+    };
+    Some(Output {
+        status,
+        stdout: read(&stdout_path),
+        stderr: read(&stderr_path),
+    })
+}
+
+/// How long a token test may run: `CUSTODY_TEST_DEADLINE_SECS`, or eight
+/// minutes (the slowest test takes about two on a loaded two-core machine).
+fn test_deadline() -> Duration {
+    let secs = std::env::var("CUSTODY_TEST_DEADLINE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(480);
+    Duration::from_secs(secs)
+}
+
+/// The child's exit status, or `None` if it is still running at `until`.
+fn wait_until(child: &mut Child, until: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child process") {
+            return Some(status);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What each thread of a stuck process was doing: from `/proc`, its name,
+/// its kernel wait channel and, where readable (root), its kernel stack;
+/// then, if `gdb` is installed, every thread's own stack, which names the
+/// lock or channel a `futex` wait is on.
+struct StuckChild(String);
+
+impl StuckChild {
+    fn inspect(pid: u32) -> StuckChild {
+        let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+        let Ok(entries) = std::fs::read_dir(&tasks) else {
+            return StuckChild(format!("({} is unreadable)", tasks.display()));
+        };
+        let mut report = String::new();
+        for task in entries.flatten() {
+            let read = |name: &str| {
+                std::fs::read_to_string(task.path().join(name))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let state = read("stat")
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next().map(str::to_string))
+                .unwrap_or_default();
+            report.push_str(&format!(
+                "  {} {:?} state {state} wchan {}\n",
+                task.file_name().to_string_lossy(),
+                read("comm"),
+                read("wchan"),
+            ));
+            for frame in read("stack").lines().take(12) {
+                report.push_str(&format!("      {frame}\n"));
+            }
+        }
+        // Bounded: gdb itself must not become the hang.
+        let pid = pid.to_string();
+        let gdb = [
+            "60",
+            "gdb",
+            "-p",
+            &pid,
+            "-batch",
+            "-nx",
+            "-ex",
+            "thread apply all bt 40",
+        ];
+        match Command::new("timeout")
+            .args(gdb)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) => {
+                report.push_str("Their stacks (gdb):\n");
+                report.push_str(&String::from_utf8_lossy(&out.stdout));
+                report.push_str(&String::from_utf8_lossy(&out.stderr));
+            }
+            Err(error) => report.push_str(&format!("(no stacks: gdb could not run: {error})\n")),
+        }
+        StuckChild(report)
+    }
+}
+
+impl std::fmt::Display for StuckChild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// How long each measurement of a benchmark runs, in seconds:
@@ -277,7 +405,7 @@ pub fn log_like_custodyd() -> custody_daemon::run::LogGuard {
 /// process, forwards its report, and exits with its status.
 pub fn run_bench(id: &str, body: impl FnOnce(&TestToken)) {
     // `cargo bench` passes `--bench`; the child needs no arguments.
-    if let Some(output) = with_fresh_token(id, &[], body) {
+    if let Some(output) = with_fresh_token(id, &[], None, body) {
         #[expect(clippy::print_stdout, reason = "forwards the benchmark's report")]
         {
             print!("{}", String::from_utf8_lossy(&output.stdout));
@@ -446,4 +574,48 @@ pub fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
     let output = child.wait_with_output().expect("openssl output");
     assert_success(&format!("openssl {}", args.join(" ")), &output);
     output.stdout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_test_that_hangs_is_killed_at_its_deadline_and_says_where_it_waited() {
+        const NAME: &str =
+            "tests::a_token_test_that_hangs_is_killed_at_its_deadline_and_says_where_it_waited";
+        let args = [NAME, "--exact", "--nocapture", "--test-threads=1"];
+        let deadline = Duration::from_secs(3);
+        let outcome = std::panic::catch_unwind(|| {
+            with_fresh_token(NAME, &args, Some(deadline), |_| {
+                println!("the child began");
+                // A thread that never finishes: the hang the deadline is for.
+                loop {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+            })
+        });
+        // In the child, the body never returns; here, the parent reports.
+        let panic = outcome.expect_err("a hung child is reported, not waited for");
+        let message = panic
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(
+            message.contains("was still running after 3s and was killed"),
+            "{message}"
+        );
+        assert!(
+            message.contains("the child began"),
+            "the child's output is shown: {message}"
+        );
+        // The listing names the sleeping thread.
+        assert!(message.contains(" state S "), "{message}");
+        // With gdb (install-deps.sh installs it), its own stack too.
+        if Command::new("gdb").arg("--version").output().is_ok() {
+            assert!(
+                message.contains("softhsm_tests::with_fresh_token"),
+                "{message}"
+            );
+        }
+    }
 }
