@@ -173,3 +173,119 @@ token_test! {
         });
     }
 }
+
+/// `openssl s_server` on a port of its own: verifies the client certificate
+/// against `ca`, agrees on HTTP/2, then never answers it. It serves one
+/// connection at a time, so each case gets its own.
+struct SilentAfterTls {
+    child: std::process::Child,
+    url: String,
+}
+
+impl SilentAfterTls {
+    fn start(cert: &Path, key: &Path, ca: &Path) -> SilentAfterTls {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-alpn", "h2", "-Verify", "1"])
+            .args(["-accept", &format!("127.0.0.1:{port}")])
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .arg("-CAfile")
+            .arg(ca)
+            // Held open: at end of input s_server would close the connection.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Listening within a moment: a bounded wait. The probe's connection
+        // ends at once, and s_server goes on to the next.
+        for _ in 0..400 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        SilentAfterTls {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for SilentAfterTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server that takes the connection and then says nothing, or finishes
+/// the TLS handshake and then says nothing (a stopped custodyd, a port that
+/// is something else), is reported in words after `CONNECT_WITHIN`; a call
+/// already under way when the server stops answering fails on an
+/// unanswered ping. Neither holds custodyctl for ever.
+#[test]
+fn a_server_that_never_answers_is_reported_not_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("custody test CA").unwrap();
+    let ca_file = write(dir.path(), "ca.pem", ca.cert_pem());
+    let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+    let server_cert = write(dir.path(), "server.pem", &server.cert_pem);
+    let server_key = write(dir.path(), "server.key", &server.key_pem);
+    let operator = ca
+        .issue_client("operator", &[Role::Operator], Validity::days(1))
+        .unwrap();
+    let good = files(dir.path(), "operator", &ca_file, &operator);
+
+    // Silent from the start: the kernel completes the TCP handshake for a
+    // listening socket nobody accepts on.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("https://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let for_probe = SilentAfterTls::start(&server_cert, &server_key, &ca_file);
+    let for_call = SilentAfterTls::start(&server_cert, &server_key, &ca_file);
+
+    runtime().block_on(async {
+        // The connection `connect` (no health check) opens is fine; the
+        // call on it then meets a server that never answers.
+        let call_under_way = async {
+            let channel = custody_daemon::client::connect(
+                &for_call.url,
+                ca.cert_pem(),
+                &operator.cert_pem,
+                &operator.key_pem,
+            )
+            .await
+            .unwrap();
+            KeyServiceClient::new(channel)
+                .list_keys(ListKeysRequest::default())
+                .await
+        };
+        let (before_tls, after_tls, call) = tokio::join!(
+            refusal(&silent_url, &good),
+            refusal(&for_probe.url, &good),
+            call_under_way
+        );
+        assert_says(
+            &before_tls,
+            &[
+                &silent_url,
+                "did not complete the TLS handshake within 10 s",
+                "is custodyd running",
+            ],
+        );
+        assert_says(
+            &after_tls,
+            &[&for_probe.url, "did not answer a health check within 10 s"],
+        );
+        let error = call.expect_err("no answer came, so the call cannot have succeeded");
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    });
+    drop(silent);
+}

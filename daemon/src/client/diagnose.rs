@@ -57,15 +57,23 @@ pub async fn connect_files(url: &str, files: &ClientFiles) -> Result<Channel, St
     check_identity(&cert_pem, &key_pem, files)?;
     let why = |error: &(dyn StdError + 'static)| explain(error, url, &host, files);
     let (endpoint, tls) = super::endpoint(url, &ca_pem, &cert_pem, &key_pem)?;
-    let channel = endpoint
+    let endpoint = endpoint
         .tls_config(tls)
-        .map_err(|e| format!("TLS setup: {}", why(&e)))?
-        .connect()
-        .await
-        .map_err(|e| why(&e))?;
-    let probe = tonic_health::pb::health_client::HealthClient::new(channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await;
+        .map_err(|e| format!("TLS setup: {}", why(&e)))?;
+    let channel = super::within(
+        url,
+        "did not complete the TLS handshake",
+        endpoint.connect(),
+    )
+    .await?
+    .map_err(|e| why(&e))?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let probe = super::within(
+        url,
+        "did not answer a health check",
+        health.check(tonic_health::pb::HealthCheckRequest::default()),
+    )
+    .await?;
     match probe {
         // An answer, whatever it says, came over a working connection.
         Ok(_) => Ok(channel),
