@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::tls::{Admitted, Connection, PeerInfo, TlsReloader, handshake_failure_reason};
@@ -132,10 +132,15 @@ impl AsyncWrite for TlsConnection {
 /// Accepts TCP connections within `limits` and completes TLS handshakes off
 /// the accept loop; yields only connections whose client certificate
 /// verified, each counted among `tls`'s open connections while it lives.
+/// Once `stopping` is cancelled (the server's graceful stop began) it closes
+/// the listening socket and drops every connection still in its handshake
+/// or not yet taken: tonic takes no more, and a client is better told "no"
+/// by the kernel than left on a connection no one will read.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
     limits: Limits,
+    stopping: CancellationToken,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(128);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -153,6 +158,7 @@ pub fn incoming(
                     }
                 },
                 () = sender.closed() => return,
+                () = stopping.cancelled() => return,
             };
             // Both slots are taken here, in accept order, never waited for.
             let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -164,12 +170,16 @@ pub fn incoming(
                 continue;
             };
             let (tls, sender, log) = (tls.clone(), sender.clone(), log.clone());
+            let stopping = stopping.clone();
             tokio::spawn(async move {
                 let acceptor = tls.acceptor();
                 let _ = tcp.set_nodelay(true);
-                let handshake_done =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.acceptor.accept(tcp))
-                        .await;
+                let handshaking =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.acceptor.accept(tcp));
+                let handshake_done = tokio::select! {
+                    done = handshaking => done,
+                    () = stopping.cancelled() => return,
+                };
                 drop(handshake);
                 let stream = match handshake_done {
                     Ok(Ok(stream)) => stream,
@@ -202,15 +212,17 @@ pub fn incoming(
                     principal: Arc::new(principal),
                     connection,
                 };
-                let _ = sender
-                    .send(Ok(TlsConnection {
-                        stream,
-                        peer,
-                        closing,
-                        _admitted: admitted,
-                        _slot: slot,
-                    }))
-                    .await;
+                let connection = TlsConnection {
+                    stream,
+                    peer,
+                    closing,
+                    _admitted: admitted,
+                    _slot: slot,
+                };
+                tokio::select! {
+                    _ = sender.send(Ok(connection)) => {}
+                    () = stopping.cancelled() => {}
+                }
             });
         }
     });

@@ -291,6 +291,10 @@ impl Daemon {
         let (stopped_by, why) = tokio::sync::oneshot::channel();
         let replica = self.replica.map(Arc::new);
         let held = replica.clone();
+        // Cancelled as the stop begins: the accept loop stops taking
+        // connections that tonic, draining, would never read.
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let accepting = stopping.clone();
         let shutdown = async move {
             let why = tokio::select! {
                 why = shutdown => why,
@@ -299,6 +303,7 @@ impl Daemon {
                     "replica_id lost"
                 }
             };
+            stopping.cancel();
             let _ = stopped_by.send(why);
         };
         let limit = self.config.max_message_bytes;
@@ -378,7 +383,7 @@ impl Daemon {
                 AuditServiceServer::new(Audit(state.clone())).max_decoding_message_size(limit),
             )
             .serve_with_incoming_shutdown(
-                incoming(listener, self.tls, Limits::from(connections)),
+                incoming(listener, self.tls, Limits::from(connections), accepting),
                 shutdown,
             )
             .await

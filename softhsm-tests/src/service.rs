@@ -135,10 +135,14 @@ impl Running {
         })
     }
 
-    async fn stop(&mut self) {
+    fn begin_stop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+    }
+
+    async fn stop(&mut self) {
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             task.await.expect("server task").expect("server ran");
         }
@@ -334,6 +338,19 @@ impl TestService {
         if let Some(mut running) = self.running.take() {
             running.stop().await;
         }
+    }
+
+    /// Begins the graceful stop, as SIGTERM does, without waiting for it:
+    /// the server drains while the test looks on; [`Self::stop`] waits.
+    pub fn begin_stop(&mut self) {
+        if let Some(running) = self.running.as_mut() {
+            running.begin_stop();
+        }
+    }
+
+    /// The address custodyd listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.running().addr
     }
 
     /// How many records the audit log holds.

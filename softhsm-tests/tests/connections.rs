@@ -241,3 +241,46 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn once_the_stop_begins_new_connections_are_refused_and_the_calls_in_flight_finish(token) {
+        // Threat model R3: while custodyd drains, a new client is told "no"
+        // by the kernel at once, not handshaken and then left on a
+        // connection no one will read; a stream already open is served to
+        // its end.
+        runtime().block_on(async {
+            let mut service = TestService::start(token).await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
+            let ca = service.client("ca-issuing").await;
+            let (items, waiting) = tokio::sync::mpsc::channel::<SignRequest>(4);
+            let requests = futures_util::stream::unfold(waiting, |mut waiting| async move {
+                waiting.recv().await.map(|item| (item, waiting))
+            });
+            let mut answers = SigningServiceClient::new(ca).sign_stream(requests).await.unwrap().into_inner();
+            items.send(sign_request(1)).await.unwrap();
+            assert!(answers.message().await.unwrap().unwrap().error.is_none());
+
+            service.begin_stop();
+            // Bounded wait for the listening socket to close (the stop runs
+            // on the server's task).
+            let mut refused = false;
+            for _ in 0..400 {
+                if tokio::net::TcpStream::connect(service.addr()).await.is_err() {
+                    refused = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            assert!(refused, "custodyd still takes connections after its stop began");
+
+            // The stream in flight is still served, and ends when its client
+            // ends it; then the stop completes.
+            items.send(sign_request(2)).await.unwrap();
+            assert!(answers.message().await.unwrap().unwrap().error.is_none());
+            drop(items);
+            assert!(answers.message().await.unwrap().is_none());
+            service.stop().await;
+        });
+    }
+);
