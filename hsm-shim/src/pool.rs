@@ -27,7 +27,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,17 +85,34 @@ struct Inner {
     token: TokenSummary,
     max_queued: usize,
     jobs: Option<Sender<Job>>,
-    workers: Mutex<Vec<Worker>>,
-    /// Workers lost to a call past its deadline, since the start.
-    lost: AtomicU64,
-    /// Dropped with the pool: ends the watchdog.
-    _stop_watchdog: Sender<()>,
+    crew: Arc<Crew>,
+    /// Stopped and joined first when the pool is dropped.
+    watchdog: Option<Watchdog>,
     // Holds the application's login; see the module docs.
     #[cfg_attr(
         not(feature = "fault-injection"),
         expect(dead_code, reason = "held, not read: it keeps the login alive")
     )]
     login_session: Mutex<Session>,
+}
+
+/// The workers and their losses: what the watchdog changes. The watchdog
+/// holds this and never the pool, so the pool's last handle is never
+/// dropped on the watchdog's thread, which no one waits for: dropping the
+/// pool joins every thread of it, and none is left inside the module while
+/// the process exits (SoftHSM2 tearing itself down under a call in flight
+/// can crash or hang the exit).
+struct Crew {
+    shared: Arc<Shared>,
+    workers: Mutex<Vec<Worker>>,
+    /// Workers lost to a call past its deadline, since the start.
+    lost: AtomicU64,
+}
+
+/// The watchdog's thread; dropping `stop` ends it.
+struct Watchdog {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 /// One worker thread and its deadline watch.
@@ -160,29 +177,36 @@ impl Hsm {
                 HsmSession::watched(access.clone(), access.open_logged_in()?, watch.clone());
             workers.push(start_worker(&shared, watch, Some(session))?);
         }
-        let (stop_watchdog, stopped) = crossbeam_channel::bounded::<()>(0);
-        let hsm = Hsm {
-            inner: Arc::new(Inner {
-                shared,
-                token,
-                max_queued: config.max_queued.max(1),
-                jobs: Some(jobs),
-                workers: Mutex::new(workers),
-                lost: AtomicU64::new(0),
-                _stop_watchdog: stop_watchdog,
-                login_session: Mutex::new(login_session),
-            }),
+        let crew = Arc::new(Crew {
+            shared: shared.clone(),
+            workers: Mutex::new(workers),
+            lost: AtomicU64::new(0),
+        });
+        // Made before the watchdog starts, so that a failure to start it
+        // stops the workers (the pool's drop).
+        let mut inner = Inner {
+            shared,
+            token,
+            max_queued: config.max_queued.max(1),
+            jobs: Some(jobs),
+            crew: crew.clone(),
+            watchdog: None,
+            login_session: Mutex::new(login_session),
         };
-        let weak = Arc::downgrade(&hsm.inner);
-        std::thread::Builder::new()
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
             .name("hsm-watchdog".into())
-            .spawn(move || watch_calls(&weak, &stopped, config.call_timeout))
+            .spawn(move || watch_calls(&crew, &stopped, config.call_timeout))
             .map_err(|e| {
                 HsmError::new(
                     ErrorKind::Internal,
                     format!("starting the HSM watchdog: {e}"),
                 )
             })?;
+        inner.watchdog = Some(Watchdog { stop, thread });
+        let hsm = Hsm {
+            inner: Arc::new(inner),
+        };
         tracing::info!(
             token = %hsm.inner.token.label,
             serial = %hsm.inner.token.serial,
@@ -346,13 +370,13 @@ impl Hsm {
     /// Number of worker threads serving the pool (lost ones not counted;
     /// their replacements are).
     pub fn workers(&self) -> usize {
-        lock(&self.inner.workers).len()
+        lock(&self.inner.crew.workers).len()
     }
 
     /// Workers lost to a call past its deadline since the pool started (a
     /// counter for metrics).
     pub fn lost_workers(&self) -> u64 {
-        self.inner.lost.load(Ordering::SeqCst)
+        self.inner.crew.lost.load(Ordering::SeqCst)
     }
 
     /// Lost workers whose hung call has not returned yet (a gauge for
@@ -414,7 +438,7 @@ impl Hsm {
     }
 }
 
-impl Inner {
+impl Crew {
     /// The watchdog's round: every worker whose call passed the deadline is
     /// lost; its caller is answered, its place in the gate given up, and a
     /// fresh worker started in its place.
@@ -448,10 +472,18 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        let me = std::thread::current().id();
+        // The watchdog first, so that it replaces no worker while they stop.
+        // (It holds no handle, but a caller it answers might drop the last.)
+        if let Some(watchdog) = self.watchdog.take() {
+            drop(watchdog.stop);
+            if watchdog.thread.thread().id() != me && watchdog.thread.join().is_err() {
+                tracing::error!("the HSM watchdog panicked");
+            }
+        }
         // Closing the queue ends each worker's loop once it drains.
         self.jobs.take();
-        let me = std::thread::current().id();
-        let workers = std::mem::take(&mut *lock(&self.workers));
+        let workers = std::mem::take(&mut *lock(&self.crew.workers));
         for worker in workers {
             // The last handle may be dropped by a job on a worker itself.
             if worker.thread.thread().id() != me && worker.thread.join().is_err() {
@@ -499,14 +531,11 @@ fn start_worker(
 }
 
 /// The watchdog: a few times per deadline, replaces workers whose call
-/// passed it. Ends with the pool.
-fn watch_calls(inner: &Weak<Inner>, stop: &Receiver<()>, deadline: Duration) {
+/// passed it. Ends when the pool drops `stop`'s sender.
+fn watch_calls(crew: &Crew, stop: &Receiver<()>, deadline: Duration) {
     let tick = watchdog::tick(deadline);
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        inner.replace_overdue(deadline);
+        crew.replace_overdue(deadline);
     }
 }
 

@@ -353,6 +353,8 @@ impl StuckChild {
         // Bounded: gdb itself must not become the hang.
         let pid = pid.to_string();
         let gdb = [
+            "-k",
+            "5",
             "60",
             "gdb",
             "-p",
