@@ -9,17 +9,24 @@ mod diagnose;
 
 pub use diagnose::{ClientFiles, connect_files};
 
+use std::error::Error as StdError;
 use std::future::Future;
 use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-/// How long connecting may take (TCP, TLS and HTTP/2 together), and how
-/// long [`connect_files`]'s first health check may: a server that accepts
-/// and then says nothing (a stopped custodyd, a port that is something
-/// else) is reported instead of waited for. tonic's own connect timeout
-/// covers only the TCP connect.
+/// How long connecting may take, TCP and TLS together (on every connection
+/// a channel makes, its reconnections too), and how long
+/// [`connect_files`]'s first health check may: a server that accepts and
+/// then says nothing (a stopped custodyd, a port that is something else) is
+/// reported instead of waited for.
 pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long the TCP connect alone may take: shorter than
+/// [`CONNECT_WITHIN`], so that a host that does not answer at all is told
+/// apart from one that answers and then says nothing.
+const REACH_WITHIN: Duration = Duration::from_secs(5);
 
 /// A connection with a call under way pings custodyd this often and fails
 /// if a ping is unanswered this long: a call on a connection whose server
@@ -27,17 +34,57 @@ pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// goes on (its HTTP/2 layer answers pings whatever the call is doing).
 const PING_EVERY: Duration = Duration::from_secs(20);
 
+/// The TCP connector under the channel's TLS. Given to tonic as a
+/// connector of our own, so that its connect timeout wraps TLS as well
+/// (with the connector tonic makes itself, it bounds only TCP).
+fn tcp() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(REACH_WITHIN));
+    http
+}
+
+/// The words for a connection to `url` that timed out, if `error` is one.
+fn timed_out(error: &(dyn StdError + 'static), url: &str) -> Option<String> {
+    let mut timed_out = false;
+    let mut in_tcp = false;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        timed_out |= current
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        // How hyper-util names its TCP connect's failure (its type is not
+        // public).
+        in_tcp |= current.to_string() == "tcp connect error";
+        next = current.source();
+    }
+    let words = if in_tcp {
+        format!(
+            "{url} did not answer the connection within {} s: is the host up, and is \
+             its port open to this machine?",
+            REACH_WITHIN.as_secs()
+        )
+    } else {
+        silent(url, "did not complete the TLS handshake")
+    };
+    timed_out.then_some(words)
+}
+
+/// `url` took the connection but then `what` within [`CONNECT_WITHIN`].
+fn silent(url: &str, what: &str) -> String {
+    format!(
+        "{url} {what} within {} s: is custodyd running there (not stopped or \
+         hung), and is that its port?",
+        CONNECT_WITHIN.as_secs()
+    )
+}
+
 /// `step` (against `url`), unless it takes longer than [`CONNECT_WITHIN`].
 async fn within<T>(url: &str, what: &str, step: impl Future<Output = T>) -> Result<T, String> {
     tokio::time::timeout(CONNECT_WITHIN, step)
         .await
-        .map_err(|_| {
-            format!(
-                "{url} accepted the connection but {what} within {} s: is custodyd running \
-             there (not stopped or hung), and is that its port?",
-                CONNECT_WITHIN.as_secs()
-            )
-        })
+        .map_err(|_| silent(url, what))
 }
 
 /// Opens an mTLS channel to `url` (`https://host:port`), trusting `ca_pem`
@@ -49,16 +96,12 @@ pub async fn connect(
     key_pem: &str,
 ) -> Result<Channel, String> {
     let (endpoint, tls) = endpoint(url, ca_pem, cert_pem, key_pem)?;
-    let endpoint = endpoint
+    endpoint
         .tls_config(tls)
-        .map_err(|e| format!("TLS setup: {e}"))?;
-    within(
-        url,
-        "did not complete the TLS handshake",
-        endpoint.connect(),
-    )
-    .await?
-    .map_err(|e| format!("cannot connect to {url}: {e}"))
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .connect_with_connector(tcp())
+        .await
+        .map_err(|e| timed_out(&e, url).unwrap_or_else(|| format!("cannot connect to {url}: {e}")))
 }
 
 /// The endpoint of `url` and the TLS settings to reach it with.

@@ -57,16 +57,12 @@ pub async fn connect_files(url: &str, files: &ClientFiles) -> Result<Channel, St
     check_identity(&cert_pem, &key_pem, files)?;
     let why = |error: &(dyn StdError + 'static)| explain(error, url, &host, files);
     let (endpoint, tls) = super::endpoint(url, &ca_pem, &cert_pem, &key_pem)?;
-    let endpoint = endpoint
+    let channel = endpoint
         .tls_config(tls)
-        .map_err(|e| format!("TLS setup: {}", why(&e)))?;
-    let channel = super::within(
-        url,
-        "did not complete the TLS handshake",
-        endpoint.connect(),
-    )
-    .await?
-    .map_err(|e| why(&e))?;
+        .map_err(|e| format!("TLS setup: {}", why(&e)))?
+        .connect_with_connector(super::tcp())
+        .await
+        .map_err(|e| super::timed_out(&e, url).unwrap_or_else(|| why(&e)))?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let probe = super::within(
         url,
