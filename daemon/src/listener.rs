@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::Receiver;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
@@ -141,8 +142,20 @@ pub fn incoming(
     tls: Arc<TlsReloader>,
     limits: Limits,
     stopping: CancellationToken,
-) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+) -> Incoming {
     let (sender, receiver) = tokio::sync::mpsc::channel(128);
+    let incoming = Incoming {
+        queue: Arc::new(Mutex::new(receiver)),
+    };
+    // Tonic stops polling `incoming` when the stop begins but keeps it
+    // until the drain ends: what is queued then is closed here.
+    let (queue, stopped) = (incoming.queue.clone(), stopping.clone());
+    tokio::spawn(async move {
+        stopped.cancelled().await;
+        let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.close();
+        while queue.try_recv().is_ok() {}
+    });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let log = Arc::new(RefusalLog::default());
@@ -160,6 +173,9 @@ pub fn incoming(
                 () = sender.closed() => return,
                 () = stopping.cancelled() => return,
             };
+            if stopping.is_cancelled() {
+                return;
+            }
             // Both slots are taken here, in accept order, never waited for.
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 log.refused(remote, "connection_limit", None);
@@ -220,13 +236,30 @@ pub fn incoming(
                     _slot: slot,
                 };
                 tokio::select! {
-                    _ = sender.send(Ok(connection)) => {}
+                    biased;
                     () = stopping.cancelled() => {}
+                    _ = sender.send(Ok(connection)) => {}
                 }
             });
         }
     });
-    ReceiverStream::new(receiver)
+    incoming
+}
+
+/// The verified connections for tonic, in the order their handshakes ended.
+pub struct Incoming {
+    queue: Arc<Mutex<Receiver<Result<TlsConnection, io::Error>>>>,
+}
+
+impl Stream for Incoming {
+    type Item = Result<TlsConnection, io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .poll_recv(cx)
+    }
 }
 
 /// Counts refused handshakes and logs them, rate-limited.

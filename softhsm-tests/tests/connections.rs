@@ -246,10 +246,18 @@ token_test!(
     fn once_the_stop_begins_new_connections_are_refused_and_the_calls_in_flight_finish(token) {
         // Threat model R3: while custodyd drains, a new client is told "no"
         // by the kernel at once, not handshaken and then left on a
-        // connection no one will read; a stream already open is served to
-        // its end.
+        // connection no one will read; a handshake under way is dropped; a
+        // stream already open is served to its end.
+        use tokio::io::AsyncReadExt as _;
         runtime().block_on(async {
-            let mut service = TestService::start(token).await;
+            // Handshakes may last five minutes here, so only the stop can end
+            // the silent one below within the test's minute; one at a time,
+            // so a later connection's refusal shows that it was accepted.
+            let mut service = TestService::start_with(token, |config| {
+                config.connections.handshake_timeout_secs = 300;
+                config.connections.max_handshakes = 1;
+            })
+            .await;
             let operator = service.client("operator").await;
             create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
             let ca = service.client("ca-issuing").await;
@@ -260,6 +268,15 @@ token_test!(
             let mut answers = SigningServiceClient::new(ca).sign_stream(requests).await.unwrap().into_inner();
             items.send(sign_request(1)).await.unwrap();
             assert!(answers.message().await.unwrap().unwrap().error.is_none());
+            // A client in its handshake (it has sent nothing yet). The
+            // listener takes connections in order and this one holds the
+            // only handshake place: the next is closed at once, and when it
+            // is, this one has been accepted.
+            let mut handshaking = tokio::net::TcpStream::connect(service.addr()).await.unwrap();
+            let mut probe = tokio::net::TcpStream::connect(service.addr()).await.unwrap();
+            let mut byte = [0u8; 1];
+            let probed = tokio::time::timeout(Duration::from_secs(60), probe.read(&mut byte)).await;
+            assert!(matches!(probed, Ok(Ok(0) | Err(_))), "the probe was not refused: {probed:?}");
 
             service.begin_stop();
             // Bounded wait for the listening socket to close (the stop runs
@@ -273,6 +290,12 @@ token_test!(
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             assert!(refused, "custodyd still takes connections after its stop began");
+            // The handshake under way is closed, not left to its timeout.
+            let read = tokio::time::timeout(Duration::from_secs(60), handshaking.read(&mut byte)).await;
+            assert!(
+                matches!(read, Ok(Ok(0) | Err(_))),
+                "a handshake under way was left open after the stop began: {read:?}"
+            );
 
             // The stream in flight is still served, and ends when its client
             // ends it; then the stop completes.
