@@ -275,8 +275,14 @@ pub fn with_fresh_token(
             Some(status) => status,
             None => {
                 let stuck = StuckChild::inspect(child.id());
+                // Its own children too (a custodyd, etcd members), found
+                // before it dies and they move to another parent.
+                let family = descendants(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
+                if !family.is_empty() {
+                    let _ = Command::new("kill").arg("-KILL").args(&family).status();
+                }
                 panic!(
                     "{id} was still running after {deadline:?} and was killed.\n\
                      Its threads, and what each waited in:\n{stuck}\n\
@@ -302,6 +308,26 @@ fn test_deadline() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(480);
     Duration::from_secs(secs)
+}
+
+/// The processes below `pid`, from `/proc` (children before theirs).
+fn descendants(pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut next = vec![pid.to_string()];
+    while let Some(parent) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace() {
+                found.push(child.to_string());
+                next.push(child.to_string());
+            }
+        }
+    }
+    found
 }
 
 /// The child's exit status, or `None` if it is still running at `until`.
@@ -590,7 +616,11 @@ mod tests {
         let deadline = Duration::from_secs(3);
         let outcome = std::panic::catch_unwind(|| {
             with_fresh_token(NAME, &args, Some(deadline), |_| {
-                println!("the child began");
+                // A process of its own, which must not outlive it (killed,
+                // never waited for: the child itself never returns).
+                #[expect(clippy::zombie_processes, reason = "the hang under test")]
+                let sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+                println!("the child began; its sleeper is {}.", sleeper.id());
                 // A thread that never finishes: the hang the deadline is for.
                 loop {
                     std::thread::sleep(Duration::from_secs(60));
@@ -610,6 +640,23 @@ mod tests {
             message.contains("the child began"),
             "the child's output is shown: {message}"
         );
+        // Its own child was killed with it (bounded wait for the kill to
+        // land; a zombie no one reaps has ended too).
+        let sleeper = message
+            .split("its sleeper is ")
+            .nth(1)
+            .and_then(|rest| rest.split('.').next())
+            .expect("the sleeper's pid in the output");
+        let ended = (0..500).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+            let ended = matches!(state, None | Some("Z" | "X"));
+            if !ended {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ended
+        });
+        assert!(ended, "the child's own process {sleeper} outlived it");
         // The listing names the sleeping thread.
         assert!(message.contains(" state S "), "{message}");
         // With gdb (install-deps.sh installs it), its own stack too.
