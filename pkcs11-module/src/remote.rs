@@ -141,13 +141,20 @@ impl Remote {
             .identity(Identity::from_pem(&*cert, &*key))
             .domain_name(host);
         let timeout = Duration::from_millis(server.timeout_ms);
+        // Our own TCP connector, so that the connect timeout bounds the TLS
+        // handshake as well (tonic's own bounds only TCP): a custodyd that
+        // takes the connection and says nothing cannot hold a PKCS#11 call
+        // past its deadline, on the first connection or any later one.
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
         let channel = Channel::from_shared(server.address.clone())
             .map_err(|e| format!("server address {:?}: {e}", server.address))?
             .tls_config(tls)
             .map_err(|e| format!("TLS setup: {e}"))?
             .connect_timeout(timeout)
             .timeout(timeout)
-            .connect_lazy();
+            .connect_with_connector_lazy(tcp);
         Ok(Remote { channel, timeout })
     }
 

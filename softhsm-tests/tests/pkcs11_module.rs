@@ -452,3 +452,53 @@ mod identity {
         }
     );
 }
+
+token_test!(
+    /// A custodyd that takes the connection and then says nothing (stopped
+    /// with SIGSTOP, a balancer with no backend) fails the module's calls
+    /// at their deadline (`timeout_ms`), on the TLS handshake too: the
+    /// application's thread is given an error, not held for ever.
+    fn a_server_that_takes_the_connection_and_says_nothing_fails_the_call_at_its_deadline(token) {
+        let dir = token.scratch().join("silent");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = custody_daemon::devpki::Ca::new("custody test CA").unwrap();
+        let issued = ca
+            .issue_client("ca-issuing", &[Role::Signer], custody_daemon::devpki::Validity::days(1))
+            .unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (ca_file, cert, key) = (
+            write("ca.pem", ca.cert_pem()),
+            write("client.pem", &issued.cert_pem),
+            write("client.key", &issued.key_pem),
+        );
+        // The kernel completes the TCP handshake for a listening socket no
+        // one accepts on: then nothing is ever said.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let log = dir.join("module.log");
+        std::fs::write(
+            pkcs11_module::config_path(),
+            format!(
+                "log_file = {log:?}\n\n[[server]]\nlabel = \"custody\"\naddress = \"https://127.0.0.1:{}\"\n\
+                 ca_file = {ca_file:?}\ncert_file = {cert:?}\nkey_file = {key:?}\nkeys = [\"k\"]\ntimeout_ms = 2000\n",
+                silent.local_addr().unwrap().port()
+            ),
+        )
+        .unwrap();
+        // Listing the objects asks custodyd for key k. Bounded here by
+        // `timeout`: a module that waits for ever is killed (status 124).
+        let output = Command::new("timeout")
+            .args(["120", "pkcs11-tool", "--module"])
+            .arg(pkcs11_module::library())
+            .args(["--token-label", "custody", "--list-objects"])
+            .output()
+            .unwrap();
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_ne!(output.status.code(), Some(124), "the module waited for ever; its log:\n{logged}");
+        assert!(logged.contains("key k not shown"), "the failed call is not logged:\n{logged}");
+        drop(silent);
+    }
+);
