@@ -13,8 +13,12 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use hyper_util::client::legacy::connect::HttpConnector;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::codegen::Service;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Uri};
 
 /// How long connecting may take, TCP and TLS together (on every connection
 /// a channel makes, its reconnections too), and how long
@@ -23,7 +27,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// reported instead of waited for.
 pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 
-/// How long the TCP connect alone may take: shorter than
+/// How long the name's lookup and the TCP connect may take: shorter than
 /// [`CONNECT_WITHIN`], so that a host that does not answer at all is told
 /// apart from one that answers and then says nothing.
 const REACH_WITHIN: Duration = Duration::from_secs(5);
@@ -34,41 +38,78 @@ const REACH_WITHIN: Duration = Duration::from_secs(5);
 /// goes on (its HTTP/2 layer answers pings whatever the call is doing).
 const PING_EVERY: Duration = Duration::from_secs(20);
 
-/// The TCP connector under the channel's TLS. Given to tonic as a
+/// The connector under the channel's TLS: the name's lookup and the TCP
+/// connect, within [`REACH_WITHIN`] or [`Unreached`]. Given to tonic as a
 /// connector of our own, so that its connect timeout wraps TLS as well
 /// (with the connector tonic makes itself, it bounds only TCP).
-fn tcp() -> HttpConnector {
+#[derive(Clone)]
+struct Reach(HttpConnector);
+
+fn tcp() -> Reach {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(REACH_WITHIN));
-    http
+    Reach(http)
 }
 
-/// The words for a connection to `url` that timed out, if `error` is one.
+/// No answer to the connection within [`REACH_WITHIN`].
+#[derive(Debug)]
+struct Unreached;
+
+impl std::fmt::Display for Unreached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no answer to the connection within {} s",
+            REACH_WITHIN.as_secs()
+        )
+    }
+}
+
+impl StdError for Unreached {}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl Service<Uri> for Reach {
+    type Response = <HttpConnector as Service<Uri>>::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let reaching = self.0.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(REACH_WITHIN, reaching).await {
+                Ok(reached) => reached.map_err(Into::into),
+                Err(_) => Err(Unreached.into()),
+            }
+        })
+    }
+}
+
+/// The words for a connection to `url` that timed out, if `error` is one:
+/// [`Unreached`], or tonic's connect timeout, which once the host answered
+/// can only have run out in the TLS handshake.
 fn timed_out(error: &(dyn StdError + 'static), url: &str) -> Option<String> {
     let mut timed_out = false;
-    let mut in_tcp = false;
     let mut next = Some(error);
     while let Some(current) = next {
+        if current.is::<Unreached>() {
+            return Some(format!(
+                "{url} did not answer the connection within {} s: is the host up, its \
+                 name right, and its port open to this machine?",
+                REACH_WITHIN.as_secs()
+            ));
+        }
         timed_out |= current
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        // How hyper-util names its TCP connect's failure (its type is not
-        // public).
-        in_tcp |= current.to_string() == "tcp connect error";
         next = current.source();
     }
-    let words = if in_tcp {
-        format!(
-            "{url} did not answer the connection within {} s: is the host up, and is \
-             its port open to this machine?",
-            REACH_WITHIN.as_secs()
-        )
-    } else {
-        silent(url, "did not complete the TLS handshake")
-    };
-    timed_out.then_some(words)
+    timed_out.then(|| silent(url, "did not complete the TLS handshake"))
 }
 
 /// `url` took the connection but then `what` within [`CONNECT_WITHIN`].

@@ -249,6 +249,20 @@ fn a_server_that_never_answers_is_reported_not_waited_for() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("https://127.0.0.1:{}", silent.local_addr().unwrap().port());
     let for_probe = SilentAfterTls::start(&server_cert, &server_key, &ca_file);
+    // Not answering at all: a listener whose accept queue is full drops
+    // the next connection's SYN (a backlog of one holds two).
+    let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let full_addr = full.local_addr().unwrap();
+    drop(full);
+    let full_socket = runtime().block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(full_addr).unwrap();
+        socket.listen(1).unwrap()
+    });
+    let queued: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(full_addr).unwrap())
+        .collect();
+    let full_url = format!("https://127.0.0.1:{}", full_addr.port());
     let for_call = SilentAfterTls::start(&server_cert, &server_key, &ca_file);
 
     runtime().block_on(async {
@@ -267,10 +281,15 @@ fn a_server_that_never_answers_is_reported_not_waited_for() {
                 .list_keys(ListKeysRequest::default())
                 .await
         };
-        let (before_tls, after_tls, call) = tokio::join!(
+        let (unanswered, before_tls, after_tls, call) = tokio::join!(
+            refusal(&full_url, &good),
             refusal(&silent_url, &good),
             refusal(&for_probe.url, &good),
             call_under_way
+        );
+        assert_says(
+            &unanswered,
+            &[&full_url, "did not answer the connection within 5 s"],
         );
         assert_says(
             &before_tls,
@@ -287,5 +306,5 @@ fn a_server_that_never_answers_is_reported_not_waited_for() {
         let error = call.expect_err("no answer came, so the call cannot have succeeded");
         assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
     });
-    drop(silent);
+    drop((silent, queued, full_socket));
 }
