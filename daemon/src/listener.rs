@@ -148,13 +148,22 @@ pub fn incoming(
         queue: Arc::new(Mutex::new(receiver)),
     };
     // Tonic stops polling `incoming` when the stop begins but keeps it
-    // until the drain ends: what is queued then is closed here.
-    let (queue, stopped) = (incoming.queue.clone(), stopping.clone());
+    // until the drain ends: what is queued then is closed here. Until the
+    // queue ends, not merely until it is empty: a hand-over that reserved
+    // its place before the close still delivers. Held weakly, so that a
+    // server dropped without a stop still ends the accept loop.
+    let (queue, stopped) = (Arc::downgrade(&incoming.queue), stopping.clone());
     tokio::spawn(async move {
         stopped.cancelled().await;
-        let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
-        queue.close();
-        while queue.try_recv().is_ok() {}
+        let Some(queue) = queue.upgrade() else {
+            return;
+        };
+        let lock = || queue.lock().unwrap_or_else(PoisonError::into_inner);
+        lock().close();
+        while std::future::poll_fn(|cx| lock().poll_recv(cx))
+            .await
+            .is_some()
+        {}
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
