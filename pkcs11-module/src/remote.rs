@@ -230,12 +230,17 @@ impl Remote {
             Input::Digest(d) => sign_request::Input::Digest(d.into_wire()),
             Input::Data(data) => sign_request::Input::Data(data),
         };
-        let response = SigningServiceClient::new(self.channel.clone())
-            .sign(SignRequest {
-                name: format!("keys/{key_id}/versions/{version}"),
-                input: Some(input),
-                encoding: encoding(ecdsa) as i32,
-                ..Default::default()
+        let request = SignRequest {
+            name: format!("keys/{key_id}/versions/{version}"),
+            input: Some(input),
+            encoding: encoding(ecdsa) as i32,
+            ..Default::default()
+        };
+        let response = self
+            .while_busy(|| {
+                let mut client = SigningServiceClient::new(self.channel.clone());
+                let request = request.clone();
+                async move { client.sign(request).await }
             })
             .await?;
         Ok(response.into_inner().signature)
@@ -254,17 +259,51 @@ impl Remote {
             Input::Digest(d) => verify_request::Input::Digest(d.into_wire()),
             Input::Data(data) => verify_request::Input::Data(data),
         };
-        let response = SigningServiceClient::new(self.channel.clone())
-            .verify(VerifyRequest {
-                name: format!("keys/{key_id}/versions/{version}"),
-                input: Some(input),
-                signature,
-                encoding: encoding(ecdsa) as i32,
+        let request = VerifyRequest {
+            name: format!("keys/{key_id}/versions/{version}"),
+            input: Some(input),
+            signature,
+            encoding: encoding(ecdsa) as i32,
+        };
+        let response = self
+            .while_busy(|| {
+                let mut client = SigningServiceClient::new(self.channel.clone());
+                let request = request.clone();
+                async move { client.verify(request).await }
             })
             .await?;
         Ok(response.into_inner().valid)
     }
+
+    /// `call`, made again while custodyd answers `HSM_BUSY` (the HSM queue,
+    /// or the caller's share of it, is full: nothing was done), after the
+    /// wait custodyd asks for, as long as the next try starts within the
+    /// call's deadline. PKCS#11 has no "try again" to give the application,
+    /// and software such as OpenSSL takes any error as final: a busy moment
+    /// is a wait, not a failure.
+    async fn while_busy<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let until = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let busy = match call().await {
+                Err(status) if custody_proto::reason(&status) == "HSM_BUSY" => status,
+                done => return done,
+            };
+            let wait = custody_proto::retry_after(&busy).unwrap_or(BUSY_WAIT);
+            if tokio::time::Instant::now() + wait >= until {
+                return Err(busy);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
+
+/// How long to wait after `HSM_BUSY` when custodyd gives no hint (its
+/// hint is 500 ms, docs/api.md "Bounded work").
+const BUSY_WAIT: Duration = Duration::from_millis(500);
 
 /// Raw `r‖s` for ECDSA (PKCS#11's form); the one encoding otherwise.
 fn encoding(ecdsa: bool) -> SignatureEncoding {

@@ -34,6 +34,12 @@ pub fn reason(status: &Status) -> String {
         .unwrap_or_default()
 }
 
+/// How long `status` asks the caller to wait before trying again
+/// (`google.rpc.RetryInfo`), if it says.
+pub fn retry_after(status: &Status) -> Option<std::time::Duration> {
+    status.get_error_details().retry_info()?.retry_delay
+}
+
 /// prost's codec, with undecodable messages refused as the sender's error.
 #[derive(Debug, Clone)]
 pub struct Codec<T, U> {

@@ -5,7 +5,7 @@
 
 pub mod codec;
 
-pub use codec::{ERROR_DOMAIN, reason};
+pub use codec::{ERROR_DOMAIN, reason, retry_after};
 
 /// The `custody.v1` package.
 pub mod v1 {

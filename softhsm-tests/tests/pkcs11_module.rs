@@ -387,6 +387,122 @@ mod cryptoki_client {
             pkcs11.finalize().unwrap();
         }
     );
+
+    token_test!(
+        /// custodyd's HSM_BUSY (the caller's share of the HSM queue is
+        /// full; nothing was done) is a wait for an application signing
+        /// through the module, not an error: the module asks again after
+        /// custodyd's hint, within its deadline, and the signature comes
+        /// once the queue moves.
+        fn a_busy_hsm_is_waited_for_within_the_deadline_not_returned_as_an_error(token) {
+            let rt = runtime();
+            let service = rt.block_on(TestService::start_with(token, |config| {
+                config.hsm.workers = 1;
+                config.hsm.max_queued_per_caller = 16;
+            }));
+            let (spki, signer) = rt.block_on(async {
+                let operator = service.client("operator").await;
+                create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
+                let spki = KeyServiceClient::new(operator)
+                    .get_public_key(custody_proto::v1::GetPublicKeyRequest {
+                        name: "keys/issuing".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .der;
+                (spki, service.client("ca-issuing").await)
+            });
+            let verifying_key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
+            write_config(&service, "ca-issuing", &[Role::Signer], &["issuing"]);
+            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
+            pkcs11
+                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            let slot = pkcs11.get_slots_with_token().unwrap()[0];
+            let session = pkcs11.open_ro_session(slot).unwrap();
+            let key = private_key(&session, "issuing");
+
+            // The one HSM worker held, and the signer's share (16) taken by
+            // its own gRPC calls waiting behind it.
+            let hsm = service.state().hsm.clone();
+            let (held, release) = std::sync::mpsc::channel::<()>();
+            let (started, running) = std::sync::mpsc::channel::<()>();
+            let holding = rt.spawn({
+                let hsm = hsm.clone();
+                async move {
+                    hsm.run(move |_| {
+                        let _ = started.send(());
+                        let _ = release.recv();
+                        Ok(())
+                    })
+                    .await
+                }
+            });
+            // Held before the calls are made, so that none of them runs.
+            running.recv().unwrap();
+            let waiting: Vec<_> = (0..16u32)
+                .map(|n| {
+                    let signer = signer.clone();
+                    rt.spawn(async move {
+                        custody_proto::v1::signing_service_client::SigningServiceClient::new(signer)
+                            .sign(custody_proto::v1::SignRequest {
+                                name: "keys/issuing".into(),
+                                input: Some(custody_proto::v1::sign_request::Input::Data(
+                                    n.to_be_bytes().to_vec(),
+                                )),
+                                ..Default::default()
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            rt.block_on(async {
+                for _ in 0..200 {
+                    if service.state().limits.hsm_shares.held("ca-issuing") >= 16 {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            });
+            assert_eq!(
+                service.state().limits.hsm_shares.held("ca-issuing"),
+                16,
+                "the signer's 16 calls hold its share"
+            );
+
+            let before = service.audit_len();
+            let signed = std::thread::scope(|scope| {
+                let signing = scope.spawn(move || session.sign(&Mechanism::EcdsaSha256, key, b"while busy"));
+                // Once custodyd has refused the module HSM_BUSY, the queue
+                // moves (bounded wait for the refusal).
+                rt.block_on(async {
+                    for _ in 0..200 {
+                        if service.outcomes_since(before, "Sign").iter().any(|o| o == "HSM_BUSY") {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                });
+                assert!(
+                    service.outcomes_since(before, "Sign").iter().any(|o| o == "HSM_BUSY"),
+                    "custodyd never refused the module HSM_BUSY"
+                );
+                held.send(()).unwrap();
+                signing.join().unwrap()
+            });
+            let signature = signed.expect("the module waited for the busy HSM and signed");
+            let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+            verifying_key.verify(b"while busy", &signature).unwrap();
+            rt.block_on(async {
+                holding.await.unwrap().unwrap();
+                for call in waiting {
+                    call.await.unwrap().unwrap();
+                }
+            });
+            pkcs11.finalize().unwrap();
+        }
+    );
 }
 
 mod identity {
