@@ -719,3 +719,40 @@ pub fn fill_registry(db: &custody_store::Store, keys: usize) {
     }
     db.flush().expect("flush");
 }
+
+/// One of an HSM pool's workers held by a job until [`Self::release`]:
+/// for tests of what waits behind it.
+pub struct HeldWorker {
+    release: std::sync::mpsc::Sender<()>,
+    job: tokio::task::JoinHandle<Result<(), hsm_shim::HsmError>>,
+}
+
+impl HeldWorker {
+    /// Holds one of `hsm`'s workers; returns once the holding job runs.
+    pub async fn hold(hsm: &hsm_shim::Hsm) -> HeldWorker {
+        let (started, running) = tokio::sync::oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let job = tokio::spawn({
+            let hsm = hsm.clone();
+            async move {
+                hsm.run(move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        running.await.expect("the holding job runs");
+        HeldWorker { release, job }
+    }
+
+    /// Lets the holding job end.
+    pub async fn release(self) {
+        self.release.send(()).expect("the holding job waits");
+        self.job
+            .await
+            .expect("the holding task")
+            .expect("the holding job");
+    }
+}

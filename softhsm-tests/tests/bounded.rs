@@ -35,7 +35,8 @@ use custody_proto::v1::{
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
 use softhsm_tests::service::{
-    TestService, create_key, reason, request_operation, runtime, sign_in_one_stream, sign_sha256,
+    HeldWorker, TestService, create_key, reason, request_operation, runtime, sign_in_one_stream,
+    sign_sha256,
 };
 use softhsm_tests::{TestToken, token_test};
 use tonic::Code;
@@ -377,27 +378,13 @@ fn stream_items(name: &str, count: u64) -> Vec<SignRequest> {
 
 /// The HSM's one worker held by a job, and one job waiting behind it.
 struct Held {
-    release: std::sync::mpsc::Sender<()>,
-    busy: tokio::task::JoinHandle<Result<(), hsm_shim::HsmError>>,
+    worker: HeldWorker,
     waiting: tokio::task::JoinHandle<Result<(), hsm_shim::HsmError>>,
 }
 
 impl Held {
     async fn worker_and_one_waiting(hsm: &hsm_shim::Hsm) -> Held {
-        let (started, running) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let busy = tokio::spawn({
-            let hsm = hsm.clone();
-            async move {
-                hsm.run(move |_| {
-                    let _ = started.send(());
-                    let _ = released.recv();
-                    Ok(())
-                })
-                .await
-            }
-        });
-        running.recv().unwrap();
+        let worker = HeldWorker::hold(hsm).await;
         let waiting = tokio::spawn({
             let hsm = hsm.clone();
             async move { hsm.run(|_| Ok(())).await }
@@ -405,17 +392,12 @@ impl Held {
         while hsm.queued() < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Held {
-            release,
-            busy,
-            waiting,
-        }
+        Held { worker, waiting }
     }
 
     /// Lets the held job end, and the waiting one run.
     async fn release(self) {
-        self.release.send(()).unwrap();
-        self.busy.await.unwrap().unwrap();
+        self.worker.release().await;
         self.waiting.await.unwrap().unwrap();
     }
 }

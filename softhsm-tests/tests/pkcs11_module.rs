@@ -17,7 +17,7 @@ use custody_proto::v1::OperationKind;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use hsm_shim::{HashAlg, SignAlgorithm, SignInput};
 use softhsm_tests::pkcs11_module::{self, ModuleConfig, path_str, pkcs11_tool, write_config};
-use softhsm_tests::service::{TestService, create_key, runtime};
+use softhsm_tests::service::{HeldWorker, TestService, create_key, runtime};
 use softhsm_tests::{assert_success, openssl_verifies_pem, token_test};
 
 const MESSAGE: &[u8] = b"tbsCertificate bytes a CA would sign through PKCS#11";
@@ -426,21 +426,8 @@ mod cryptoki_client {
             // The one HSM worker held, and the signer's share (16) taken by
             // its own gRPC calls waiting behind it.
             let hsm = service.state().hsm.clone();
-            let (held, release) = std::sync::mpsc::channel::<()>();
-            let (started, running) = std::sync::mpsc::channel::<()>();
-            let holding = rt.spawn({
-                let hsm = hsm.clone();
-                async move {
-                    hsm.run(move |_| {
-                        let _ = started.send(());
-                        let _ = release.recv();
-                        Ok(())
-                    })
-                    .await
-                }
-            });
             // Held before the calls are made, so that none of them runs.
-            running.recv().unwrap();
+            let held = rt.block_on(HeldWorker::hold(&hsm));
             let waiting: Vec<_> = (0..16u32)
                 .map(|n| {
                     let signer = signer.clone();
@@ -488,14 +475,13 @@ mod cryptoki_client {
                     service.outcomes_since(before, "Sign").iter().any(|o| o == "HSM_BUSY"),
                     "custodyd never refused the module HSM_BUSY"
                 );
-                held.send(()).unwrap();
+                rt.block_on(held.release());
                 signing.join().unwrap()
             });
             let signature = signed.expect("the module waited for the busy HSM and signed");
             let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
             verifying_key.verify(b"while busy", &signature).unwrap();
             rt.block_on(async {
-                holding.await.unwrap().unwrap();
                 for call in waiting {
                     call.await.unwrap().unwrap();
                 }
