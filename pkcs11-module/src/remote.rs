@@ -276,34 +276,66 @@ impl Remote {
     }
 
     /// `call`, made again while custodyd answers `HSM_BUSY` (the HSM queue,
-    /// or the caller's share of it, is full: nothing was done), after the
-    /// wait custodyd asks for, as long as the next try starts within the
-    /// call's deadline. PKCS#11 has no "try again" to give the application,
-    /// and software such as OpenSSL takes any error as final: a busy moment
-    /// is a wait, not a failure.
+    /// or the caller's share of it, is full: nothing was done), after about
+    /// the wait custodyd asks for, as long as the next try starts within the
+    /// deadline; all of it, connecting included, within the deadline.
+    /// PKCS#11 has no "try again" to give the application, and software
+    /// such as OpenSSL takes any error as final: a busy moment is a wait,
+    /// not a failure. Each refused try is one audited refusal at custodyd.
     async fn while_busy<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let until = tokio::time::Instant::now() + self.timeout;
-        loop {
-            let busy = match call().await {
-                Err(status) if custody_proto::reason(&status) == "HSM_BUSY" => status,
-                done => return done,
-            };
-            let wait = custody_proto::retry_after(&busy).unwrap_or(BUSY_WAIT);
-            if tokio::time::Instant::now() + wait >= until {
-                return Err(busy);
+        // The last HSM_BUSY: the answer if the deadline cuts a later try.
+        let mut busy = None;
+        let tries = async {
+            loop {
+                let refused = match call().await {
+                    Err(status) if custody_proto::reason(&status) == "HSM_BUSY" => status,
+                    done => return done,
+                };
+                let hint = custody_proto::retry_after(&refused).unwrap_or(BUSY_WAIT);
+                let wait = jittered(hint.clamp(BUSY_WAIT_LEAST, BUSY_WAIT_MOST));
+                if tokio::time::Instant::now() + wait >= until {
+                    return Err(refused);
+                }
+                busy = Some(refused);
+                tokio::time::sleep(wait).await;
             }
-            tokio::time::sleep(wait).await;
-        }
+        };
+        let answered = tokio::time::timeout_at(until, tries).await;
+        answered.unwrap_or_else(|_| {
+            Err(busy.unwrap_or_else(|| {
+                tonic::Status::deadline_exceeded(format!(
+                    "custodyd did not answer within timeout_ms ({} ms)",
+                    self.timeout.as_millis()
+                ))
+            }))
+        })
     }
 }
 
 /// How long to wait after `HSM_BUSY` when custodyd gives no hint (its
 /// hint is 500 ms, docs/api.md "Bounded work").
 const BUSY_WAIT: Duration = Duration::from_millis(500);
+
+/// The bounds on a hint: none is followed into a tight loop or a long sleep.
+const BUSY_WAIT_LEAST: Duration = Duration::from_millis(50);
+const BUSY_WAIT_MOST: Duration = Duration::from_secs(5);
+
+/// `wait` times a factor between 0.5 and 1.5 drawn afresh each time, so
+/// that callers refused together do not all come back together. std's
+/// `RandomState` is keyed at random per thread and changes with each use:
+/// enough to spread retries (nothing secret depends on it).
+fn jittered(wait: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let draw = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    wait.mul_f64(0.5 + (draw % 1001) as f64 / 1000.0)
+}
 
 /// Raw `r‖s` for ECDSA (PKCS#11's form); the one encoding otherwise.
 fn encoding(ecdsa: bool) -> SignatureEncoding {
@@ -354,5 +386,28 @@ impl HashedDigest {
                 HashedDigest::Sha512(d) => digest::Digest::Sha512(d),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_wait_is_spread_between_half_and_one_and_a_half_times_the_hint() {
+        let hint = Duration::from_millis(500);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(hint)).collect();
+        for wait in &waits {
+            assert!(
+                (hint / 2..=hint * 3 / 2).contains(wait),
+                "{wait:?} is outside 250-750 ms"
+            );
+        }
+        // Spread, not one value: callers refused together come back apart.
+        let (least, most) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(
+            *most - *least >= Duration::from_millis(250),
+            "{least:?}..{most:?}"
+        );
     }
 }

@@ -392,13 +392,18 @@ mod cryptoki_client {
         /// custodyd's HSM_BUSY (the caller's share of the HSM queue is
         /// full; nothing was done) is a wait for an application signing
         /// through the module, not an error: the module asks again after
-        /// custodyd's hint, within its deadline, and the signature comes
-        /// once the queue moves.
+        /// about custodyd's hint, and the signature comes once the queue
+        /// moves; a queue that does not move within `timeout_ms` ends the
+        /// call CKR_DEVICE_MEMORY after a bounded number of tries.
         fn a_busy_hsm_is_waited_for_within_the_deadline_not_returned_as_an_error(token) {
             let rt = runtime();
             let service = rt.block_on(TestService::start_with(token, |config| {
                 config.hsm.workers = 1;
                 config.hsm.max_queued_per_caller = 16;
+                // No checkpoint falls due while the one worker is held (its
+                // signature would hold the audit log behind it).
+                config.audit.checkpoint_interval_secs = 3600;
+                config.audit.checkpoint_every = 1_000_000;
             }));
             let (spki, signer) = rt.block_on(async {
                 let operator = service.client("operator").await;
@@ -414,7 +419,10 @@ mod cryptoki_client {
                 (spki, service.client("ca-issuing").await)
             });
             let verifying_key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
-            write_config(&service, "ca-issuing", &[Role::Signer], &["issuing"]);
+            let config = write_config(&service, "ca-issuing", &[Role::Signer], &["issuing"]);
+            let mut text = std::fs::read_to_string(&config.path).unwrap();
+            text.push_str("timeout_ms = 5000\n");
+            std::fs::write(&config.path, text).unwrap();
             let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
             pkcs11
                 .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -457,6 +465,18 @@ mod cryptoki_client {
                 16,
                 "the signer's 16 calls hold its share"
             );
+
+            // A queue that does not move: the module tries again, a bounded
+            // number of times (at least 250 ms apart within 5 s), then gives
+            // the application custodyd's answer.
+            let before = service.audit_len();
+            let gave_up = session.sign(&Mechanism::EcdsaSha256, key, b"busy throughout");
+            assert!(
+                matches!(gave_up, Err(Error::Pkcs11(RvError::DeviceMemory, Function::Sign))),
+                "{gave_up:?}"
+            );
+            let busy = service.outcomes_since(before, "Sign").iter().filter(|o| *o == "HSM_BUSY").count();
+            assert!((2..=21).contains(&busy), "{busy} tries refused HSM_BUSY");
 
             let before = service.audit_len();
             let signed = std::thread::scope(|scope| {
