@@ -304,6 +304,18 @@ token_test!(
             };
             KeyServiceClient::new(operator).create_key(create.clone()).await.unwrap_err();
             assert!(!dying.wait().unwrap().success(), "r2 died at the crash point");
+            // What a kill inside C_GenerateKeyPair tears: an object with
+            // neither label nor id (SoftHSM2 makes the object, then writes
+            // its template). r2, restarted, would find nothing left to roll
+            // back; the replica that rolls r2's work back sweeps it.
+            let torn = token.scratch().join("torn");
+            std::fs::write(&torn, b"torn").unwrap();
+            let written = token
+                .pkcs11_tool()
+                .args(["--write-object", softhsm_tests::pkcs11_module::path_str(&torn), "--type", "data"])
+                .output()
+                .unwrap();
+            softhsm_tests::assert_success("pkcs11-tool --write-object", &written);
 
             // The others roll it back once r2's claim lapses: its object
             // destroyed, the entry gone, audited.
@@ -321,6 +333,17 @@ token_test!(
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             assert!(rolled_back, "a surviving replica rolled the generation back");
+            // The same tick sweeps, after the roll-back (bounded wait).
+            let mut swept = false;
+            for _ in 0..120 {
+                let (entries, _) = audit_export(pki, replicas.ports[1]).await;
+                if entries.iter().any(|e| e.contains("SweepTornObjects") && e.contains("destroyed 1 objects")) {
+                    swept = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            assert!(swept, "the torn object was swept");
             nothing_unaccounted_and_one_chain(&replicas, 0).await;
             // The id is free again: made anew, it signs.
             KeyServiceClient::new(survivor).create_key(create).await.unwrap();

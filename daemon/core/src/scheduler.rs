@@ -13,7 +13,7 @@
 //! - destroys versions whose cancel window has passed, unless held;
 //! - rolls back the version generations ([`roll_back_abandoned`]) and
 //!   settles the ceremonies ([`crate::ceremonies::take_over`]) of replicas
-//!   that stopped;
+//!   that stopped, then sweeps torn objects as a start does;
 //! - every `drift_check_interval_secs`, compares the registry with the HSM
 //!   and audits the findings whenever they change.
 //!
@@ -168,19 +168,33 @@ pub async fn run(state: Weak<Custody>) {
             continue;
         }
         // Generations and ceremonies a replica that stopped left in the
-        // middle (threat model S13).
+        // middle (threat model S13), then, as at a start after a roll-back,
+        // what a kill inside an HSM call tore: the replica that restarts
+        // finds nothing left to roll back, so would never sweep it.
+        let mut settled_any = false;
         match roll_back_abandoned(&state).await {
             Ok(0) => {}
-            Ok(count) => tracing::warn!(count, "rolled back generations a stopped replica left"),
+            Ok(count) => {
+                settled_any = true;
+                tracing::warn!(count, "rolled back generations a stopped replica left");
+            }
             Err(error) => {
                 tracing::warn!(%error, "rolling back generations a stopped replica left failed; the next tick tries again")
             }
         }
         match crate::ceremonies::take_over(&state).await {
             Ok(0) => {}
-            Ok(settled) => tracing::warn!(settled, "settled ceremonies a stopped replica held"),
+            Ok(settled) => {
+                settled_any = true;
+                tracing::warn!(settled, "settled ceremonies a stopped replica held");
+            }
             Err(error) => {
                 tracing::warn!(reason = %error.reason, message = %error.message, "settling ceremonies a stopped replica held failed; the next tick tries again");
+            }
+        }
+        if settled_any {
+            if let Err(error) = sweep_torn_objects(&state).await {
+                tracing::warn!(%error, "sweeping what a stopped replica tore failed; drift checks report it");
             }
         }
         // Rotations and destructions due while the disk is short of its
