@@ -11,10 +11,9 @@ pub use diagnose::{ClientFiles, connect_files};
 
 use std::error::Error as StdError;
 use std::future::Future;
-use std::time::Duration;
-
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use tonic::codegen::Service;

@@ -170,7 +170,10 @@ pub fn incoming(
     let log = Arc::new(RefusalLog::default());
     tokio::spawn(async move {
         loop {
+            // The stop first: a connection accepted as it begins is not taken.
             let (tcp, remote) = tokio::select! {
+                biased;
+                () = stopping.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -180,11 +183,7 @@ pub fn incoming(
                     }
                 },
                 () = sender.closed() => return,
-                () = stopping.cancelled() => return,
             };
-            if stopping.is_cancelled() {
-                return;
-            }
             // Both slots are taken here, in accept order, never waited for.
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 log.refused(remote, "connection_limit", None);

@@ -245,6 +245,28 @@ mod cryptoki_client {
     const THREADS: usize = 8;
     const PER_THREAD: usize = 10;
 
+    /// custody's module, loaded and initialised in this process.
+    fn load_module() -> Pkcs11 {
+        let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
+        pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap();
+        pkcs11
+    }
+
+    /// The key that verifies `key_id`'s signatures, as custodyd publishes it.
+    async fn verifying_key(service: &TestService, key_id: &str) -> p256::ecdsa::VerifyingKey {
+        let spki = KeyServiceClient::new(service.client("operator").await)
+            .get_public_key(custody_proto::v1::GetPublicKeyRequest {
+                name: format!("keys/{key_id}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .der;
+        p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap()
+    }
+
     fn private_key(session: &Session, label: &str) -> ObjectHandle {
         let found = session
             .find_objects(&[
@@ -267,27 +289,16 @@ mod cryptoki_client {
         fn threads_sign_at_once_and_a_quorum_gated_key_is_rejected(token) {
             let rt = runtime();
             let service = rt.block_on(TestService::start(token));
-            let spki = rt.block_on(async {
+            let verifying_key = rt.block_on(async {
                 let operator = service.client("operator").await;
                 create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
                 create_key(&operator, "gated", "EC_SIGN_P256_SHA256", None).await;
                 service.gate("gated", OperationKind::Sign).await;
-                KeyServiceClient::new(operator)
-                    .get_public_key(custody_proto::v1::GetPublicKeyRequest {
-                        name: "keys/issuing".into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .der
+                verifying_key(&service, "issuing").await
             });
-            let verifying_key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
             let config = write_config(&service, "ca-issuing", &[Role::Signer], &["issuing", "gated"]);
 
-            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
-            pkcs11
-                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-                .unwrap();
+            let pkcs11 = load_module();
             let slot = pkcs11.get_slots_with_token().unwrap()[0];
             let info = pkcs11.get_token_info(slot).unwrap();
             assert_eq!(info.label(), "custody");
@@ -405,28 +416,16 @@ mod cryptoki_client {
                 config.audit.checkpoint_interval_secs = 3600;
                 config.audit.checkpoint_every = 1_000_000;
             }));
-            let (spki, signer) = rt.block_on(async {
+            let (verifying_key, signer) = rt.block_on(async {
                 let operator = service.client("operator").await;
                 create_key(&operator, "issuing", "EC_SIGN_P256_SHA256", None).await;
-                let spki = KeyServiceClient::new(operator)
-                    .get_public_key(custody_proto::v1::GetPublicKeyRequest {
-                        name: "keys/issuing".into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .der;
-                (spki, service.client("ca-issuing").await)
+                (verifying_key(&service, "issuing").await, service.client("ca-issuing").await)
             });
-            let verifying_key = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
             let config = write_config(&service, "ca-issuing", &[Role::Signer], &["issuing"]);
             let mut text = std::fs::read_to_string(&config.path).unwrap();
             text.push_str("timeout_ms = 5000\n");
             std::fs::write(&config.path, text).unwrap();
-            let pkcs11 = Pkcs11::new(pkcs11_module::library()).unwrap();
-            pkcs11
-                .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-                .unwrap();
+            let pkcs11 = load_module();
             let slot = pkcs11.get_slots_with_token().unwrap()[0];
             let session = pkcs11.open_ro_session(slot).unwrap();
             let key = private_key(&session, "issuing");
