@@ -728,3 +728,99 @@ fn etcd_oversized_batches_are_refused_naming_the_limit() {
     // of overhead) or at its own check, naming neither flag the same way.
     refused(&trusting, "--max-request-bytes");
 }
+
+/// A TCP relay to an etcd member that can turn silent: it then cuts the
+/// connections it relayed and takes new ones without a word, as a member
+/// whose process is alive but stuck before TLS would.
+struct Relay {
+    addr: std::net::SocketAddr,
+    silent: Arc<AtomicBool>,
+    held: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    relayed: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn to(member: &str) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            silent: Arc::default(),
+            held: Arc::default(),
+            relayed: Arc::default(),
+        };
+        let (silent, held, relayed) = (
+            relay.silent.clone(),
+            relay.held.clone(),
+            relay.relayed.clone(),
+        );
+        let member = member.to_string();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if silent.load(Ordering::SeqCst) {
+                    held.lock().unwrap().push(client);
+                    continue;
+                }
+                let Ok(upstream) = std::net::TcpStream::connect(&member) else {
+                    continue;
+                };
+                relayed.lock().unwrap().push(client.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                pipe(upstream, client);
+            }
+        });
+        relay
+    }
+
+    /// Cuts what it relays, and from now on answers nothing.
+    fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        for connection in self.relayed.lock().unwrap().drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The connections taken since it went silent.
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
+
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// A member that takes the connection and never answers it (alive, but
+/// stuck before TLS) is passed over by a write: the write was sent
+/// nowhere, so it moves on to the next member within its deadline instead
+/// of failing with an outcome it calls unknown.
+#[test]
+fn etcd_a_write_passes_over_a_member_that_takes_the_connection_and_never_answers() {
+    let cluster = Cluster::start(1);
+    let member = cluster.endpoints().remove(0);
+    let relay = Relay::to(member.trim_start_matches("https://"));
+    let mut config = cluster.config("silent/");
+    config.endpoints = vec![format!("https://{}", relay.addr), member];
+    config.request_timeout = Duration::from_secs(4);
+    let store = Store::open_etcd(&config).unwrap();
+    let space = store.keyspace("writes").unwrap();
+    // Through the relay: the store talks to the first member first.
+    space.insert(b"before", b"relayed").unwrap();
+    relay.go_silent();
+    // Time for the channel to see its connection end; the next call makes
+    // a new one.
+    std::thread::sleep(Duration::from_millis(300));
+    match space.insert(b"after", b"passed over") {
+        Ok(()) => {}
+        Err(error) => panic!("the write failed: {error:?}"),
+    }
+    assert!(
+        relay.held() >= 1,
+        "the write never tried the silent member, so this shows nothing"
+    );
+    assert_eq!(space.get(b"after").unwrap(), Some(b"passed over".to_vec()));
+    assert_eq!(space.get(b"before").unwrap(), Some(b"relayed".to_vec()));
+}

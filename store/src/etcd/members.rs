@@ -92,12 +92,20 @@ impl Members {
                 .ca_certificate(ca.clone())
                 .identity(identity.clone())
                 .domain_name(host);
+            // Our own TCP connector, so that tonic's connect timeout bounds
+            // the TLS handshake as well (with its own connector it bounds
+            // TCP only): a member that takes the connection and never
+            // answers it is passed over within half the request deadline,
+            // and a write sent nowhere moves on to the next member
+            // ([`never_sent`]) instead of reporting an unknown outcome.
+            let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+            tcp.enforce_http(false);
+            tcp.set_nodelay(true);
             let channel = Endpoint::from_shared(url.clone())
                 .map_err(|e| bad(format!("{e}")))?
                 .tls_config(tls)
                 .map_err(|e| bad(format!("TLS setup: {e}")))?
-                .connect_timeout(config.request_timeout)
-                .tcp_nodelay(true)
+                .connect_timeout(config.request_timeout / 2)
                 // No HTTP/2 keepalive pings: etcd (grpc-go) counts a ping
                 // that arrives when no stream is open, or within 5 s of the
                 // last (`--grpc-keepalive-min-time`), as abuse and after two
@@ -106,7 +114,7 @@ impl Members {
                 // calls a ping sent while one was open races its end. A
                 // member gone without a word is found by the calls'
                 // deadlines instead, and the next call fails over.
-                .connect_lazy();
+                .connect_with_connector_lazy(tcp);
             channels.push(channel);
             endpoints.push(url);
         }
@@ -281,12 +289,24 @@ fn never_sent(status: &Status) -> bool {
     }
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        if error.is::<tonic::ConnectError>() {
+        if error.is::<tonic::ConnectError>() || connect_timed_out(error) {
             return true;
         }
         source = error.source();
     }
     false
+}
+
+/// tonic's connect timeout, which wraps the TCP connection and the TLS
+/// handshake (`hyper_timeout`'s `TimedOut` around tokio's `Elapsed`; no
+/// other timer in a call's path makes that pair): the connection was never
+/// made, so nothing was sent on it.
+fn connect_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .filter(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        .and_then(std::io::Error::get_ref)
+        .is_some_and(|inner| inner.is::<tokio::time::error::Elapsed>())
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@
 //! **An answer that never came.** `Unavailable` from a write or a commit
 //! means its outcome is unknown: it may have been committed before the
 //! member or the connection went away. Only a request that was certainly
-//! never sent (the connection could not be made) is retried on another
-//! member; reads are retried on another member whatever the failure.
+//! never sent (the connection could not be made, TLS included, within half
+//! the request deadline) is retried on another member; reads are retried
+//! on another member whatever the failure.
 //!
 //! **Limits custody depends on** (etcd's defaults, which the cluster must
 //! keep or raise, and [`EtcdConfig`] must match):
