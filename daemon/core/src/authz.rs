@@ -373,11 +373,58 @@ pub fn quorum_for(custody: &Custody, spec: &Spec) -> Result<Quorum, Error> {
             .ok_or_else(|| Error::internal(format!("stored state {state:?}")))?;
         return state_change_quorum(&key, *version, target)?.ok_or_else(|| no_policy(key_id, spec));
     }
+    if let Spec::SetPolicy { operation, .. } = spec {
+        return policy_change_quorum(custody, &key, operation);
+    }
     match key.policies.get(spec.kind()) {
         Some(quorum) => Ok(quorum.clone()),
         None if ALWAYS_GATED_KINDS.contains(&spec.kind()) => admin_quorum(custody),
         None => Err(no_policy(key_id, spec)),
     }
+}
+
+/// The quorum that changes `key`'s `kind` policy: the key's `SET_POLICY`
+/// policy, else the administrative quorum, provided it covers the `kind`
+/// policy the key carries now ([`Quorum::covers`]). Otherwise fewer
+/// officers than may use (or destroy, or rotate) the key could first
+/// loosen or remove that policy, then act under what is left; the change
+/// is refused `BAD_POLICY`, when requested and again when it would run,
+/// and the key's `SET_POLICY` policy must be made to cover it first.
+pub fn policy_change_quorum(
+    custody: &Custody,
+    key: &KeyRecord,
+    kind: &str,
+) -> Result<Quorum, Error> {
+    let (changes, named) = match key.policies.get("SET_POLICY") {
+        Some(quorum) => (quorum.clone(), "its SET_POLICY policy"),
+        None => (admin_quorum(custody)?, "the administrative quorum"),
+    };
+    let Some(current) = key.policies.get(kind) else {
+        return Ok(changes);
+    };
+    if changes.covers(current) {
+        return Ok(changes);
+    }
+    let list = |quorum: &Quorum| {
+        quorum
+            .members
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(Error::new(
+        Reason::BadPolicy,
+        format!(
+            "keys/{}'s {kind} policy needs {} of {}; its policies are changed by {named} ({} of {}), which must include that many of them, whichever officers approve: give keys/{} a SET_POLICY policy that covers its {kind} policy first",
+            key.key_id,
+            current.required,
+            list(current),
+            changes.required,
+            list(&changes),
+            key.key_id
+        ),
+    ))
 }
 
 fn no_policy(key_id: &str, spec: &Spec) -> Error {

@@ -4,7 +4,7 @@
 //! request is audited before the operation exists.
 
 use crate::action::Audited;
-use crate::authz::{Action, admin_quorum, authorize};
+use crate::authz::{Action, admin_quorum, authorize, policy_change_quorum};
 use crate::dual_control::operation::{
     KEY_POLICY_KINDS, OperationRecord, OperationState, Spec, policy_kind_applies,
 };
@@ -276,10 +276,7 @@ pub fn resolve(
                     ));
                 }
             }
-            let quorum = match record.policies.get("SET_POLICY") {
-                Some(quorum) => quorum.clone(),
-                None => admin_quorum(custody)?,
-            };
+            let quorum = policy_change_quorum(custody, &record, operation)?;
             let mut officers = officers.clone();
             officers.sort();
             Ok((
