@@ -19,6 +19,7 @@
 //! | `protections` | I3 protections travel with the key | 3: a restore drops every policy |
 //! | `forgery` | I4 bundles are trusted by pinned keys only | 4: a bundle that names its own audit key |
 //! | `ceremonies` | I5 ceremony keys carry a quorum; I6 components are distinct | 5, 6 |
+//! | `officer_reuse` | D6 a vote stands only while the enrollment that cast it does | a removed officer's id enrolled for someone else |
 //! | `policy_loosening` | R7 a policy is changed only by a quorum that covers it | a SIGN policy of 3 loosened by the administrative 2 |
 //! | `destruction` | C21-C25 a key-destruction ceremony witnesses only an approved, due, unheld destruction | issue 16 |
 
@@ -33,6 +34,7 @@ mod crl_policy;
 mod destruction;
 mod export;
 mod forgery;
+mod officer_reuse;
 mod policy_loosening;
 mod protections;
 mod restores;

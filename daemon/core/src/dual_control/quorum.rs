@@ -153,17 +153,33 @@ pub struct Rules<'a> {
 }
 
 impl Rules<'_> {
-    /// Where `ballot` stands, counting only officers still enrolled.
-    pub fn standing(&self, ballot: &Ballot, enrolled: impl Fn(&str) -> bool) -> Standing {
-        let counts = |officer: &String| {
+    /// Where `ballot` stands, counting only the votes that still stand:
+    /// `stands(officer, kind, vote)` says whether the officer's enrollment
+    /// now is the one that cast the vote
+    /// ([`super::store::DualControlStore::vote_stands`]).
+    pub fn standing(
+        &self,
+        ballot: &Ballot,
+        stands: impl Fn(&str, VoteKind, &CastVote) -> bool,
+    ) -> Standing {
+        let counts = |officer: &String, kind: VoteKind, vote: &CastVote| {
             self.quorum.contains(officer)
-                && enrolled(officer)
                 && Some(officer.as_str()) != self.requester_officer
+                && stands(officer, kind, vote)
         };
-        if self.denial_vetoes && ballot.denials.keys().any(counts) {
+        if self.denial_vetoes
+            && ballot
+                .denials
+                .iter()
+                .any(|(officer, vote)| counts(officer, VoteKind::Deny, vote))
+        {
             return Standing::Denied;
         }
-        let approvals = ballot.approvals.keys().filter(|o| counts(o)).count();
+        let approvals = ballot
+            .approvals
+            .iter()
+            .filter(|(officer, vote)| counts(officer, VoteKind::Approve, vote))
+            .count();
         if self.quorum.is_met_by(approvals) {
             Standing::Approved
         } else {
@@ -172,7 +188,9 @@ impl Rules<'_> {
     }
 
     /// Records `officer`'s vote if every rule allows it, and returns the new
-    /// standing. A refused vote changes nothing.
+    /// standing (`stands` as for [`Rules::standing`]; a vote that would not
+    /// stand, its officer not enrolled with the key that signed it, is
+    /// refused as not enrolled). A refused vote changes nothing.
     pub fn cast(
         &self,
         ballot: &mut Ballot,
@@ -180,9 +198,9 @@ impl Rules<'_> {
         kind: VoteKind,
         vote: CastVote,
         signature_valid: bool,
-        enrolled: impl Fn(&str) -> bool,
+        stands: impl Fn(&str, VoteKind, &CastVote) -> bool,
     ) -> Result<Standing, Refusal> {
-        if self.standing(ballot, &enrolled) != Standing::Pending {
+        if self.standing(ballot, &stands) != Standing::Pending {
             return Err(Refusal::NotPending);
         }
         if vote.time_ms >= self.expires_ms {
@@ -191,7 +209,7 @@ impl Rules<'_> {
         if !signature_valid {
             return Err(Refusal::BadSignature);
         }
-        if !enrolled(officer) {
+        if !stands(officer, kind, &vote) {
             return Err(Refusal::NotEnrolled);
         }
         if !self.quorum.contains(officer) {
@@ -208,7 +226,7 @@ impl Rules<'_> {
             VoteKind::Deny => &mut ballot.denials,
         };
         votes.insert(officer.to_string(), vote);
-        Ok(self.standing(ballot, enrolled))
+        Ok(self.standing(ballot, stands))
     }
 }
 
@@ -291,7 +309,7 @@ mod tests {
                 VoteKind::Approve,
                 vote(9_000),
                 true,
-                |_| true
+                |_, _, _| true
             ),
             Ok(Standing::Pending)
         );
@@ -302,7 +320,7 @@ mod tests {
                 VoteKind::Approve,
                 vote(10_000),
                 true,
-                |_| true
+                |_, _, _| true
             ),
             Err(Refusal::Expired)
         );
@@ -313,7 +331,7 @@ mod tests {
                 VoteKind::Approve,
                 vote(11_000),
                 true,
-                |_| true
+                |_, _, _| true
             ),
             Err(Refusal::Expired)
         );
@@ -324,7 +342,7 @@ mod tests {
                 VoteKind::Approve,
                 vote(9_999),
                 true,
-                |_| true
+                |_, _, _| true
             ),
             Ok(Standing::Approved)
         );
@@ -389,7 +407,7 @@ mod tests {
             let mut ballot = Ballot::default();
             let mut standing = Standing::Pending;
             for (step, attempt) in attempts.iter().enumerate() {
-                let enrolled = |o: &str| !(step >= attempts.len() / 2 && o == removed_name);
+                let enrolled = |o: &str, _: VoteKind, _: &CastVote| !(step >= attempts.len() / 2 && o == removed_name);
                 let kind = if attempt.deny { VoteKind::Deny } else { VoteKind::Approve };
                 let vote = CastVote { time_ms: attempt.time_ms, signature: String::new() };
                 if let Ok(s) = rules.cast(&mut ballot, &name(attempt.officer), kind, vote, attempt.signature_valid, enrolled) {

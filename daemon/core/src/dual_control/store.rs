@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::operation::{OperationRecord, OperationState};
 use super::operation_store::{Cursor, OperationStore, Page, Scope};
-use super::quorum::Quorum;
+use super::quorum::{CastVote, Quorum, VoteKind};
 use crate::identity::valid_principal_name;
 use crate::shared::{Copy, Domain, Epochs, Stale};
 
@@ -277,6 +277,34 @@ impl DualControlStore {
             .values()
             .find(|o| o.principal == principal)
             .cloned()
+    }
+
+    /// Whether `vote`, cast as `kind` by `officer_id` on the operation whose
+    /// digest is `digest`, still stands: the officer is enrolled now, with
+    /// the key that signed it. So a vote does not outlive its officer's
+    /// enrollment: an id removed and enrolled again (for someone else, or
+    /// with another key) does not inherit the votes cast under it before.
+    pub fn vote_stands(
+        &self,
+        officer_id: &str,
+        digest: &[u8; 32],
+        kind: VoteKind,
+        vote: &CastVote,
+    ) -> bool {
+        let Some(officer) = self.officer(officer_id) else {
+            return false;
+        };
+        let message = match kind {
+            VoteKind::Approve => super::approval_message(digest),
+            VoteKind::Deny => super::denial_message(digest),
+        };
+        match (
+            hex::decode(&officer.public_key),
+            hex::decode(&vote.signature),
+        ) {
+            (Ok(key), Ok(signature)) => super::officer_key::verify(&key, &message, &signature),
+            _ => false,
+        }
     }
 
     /// True if `id` is enrolled now.

@@ -112,7 +112,7 @@ pub async fn vote(
                 kind,
                 vote,
                 signature_valid,
-                |o| custody.dual_control.enrolled(o),
+                |o, kind, vote| custody.dual_control.vote_stands(o, &digest, kind, vote),
             )
             .map(|standing| (ballot, standing))
     };
@@ -237,8 +237,10 @@ async fn sweep(custody: &Custody) {
             expires_ms: record.expires_ms,
             denial_vetoes: custody.denial_vetoes,
         };
-        let approved = rules.standing(&record.ballot, |o| custody.dual_control.enrolled(o))
-            == Standing::Approved;
+        let digest = record.digest_bytes();
+        let approved = rules.standing(&record.ballot, |o, kind, vote| {
+            custody.dual_control.vote_stands(o, &digest, kind, vote)
+        }) == Standing::Approved;
         if record.state == OperationState::Pending && approved {
             // The quorum was complete but custodyd stopped before the
             // operation ran (or before its outcome was stored). Running it
