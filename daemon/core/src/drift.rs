@@ -578,6 +578,7 @@ mod tests {
             started_ms: 0,
             instance: String::new(),
             abandoned: false,
+            generation: String::new(),
         }];
         let report = compare(&keys, &pending, &CeremonyObjects::default(), &objects, 0);
         assert_eq!(report.findings.len(), 2, "{report:?}");

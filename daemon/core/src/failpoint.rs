@@ -1,5 +1,7 @@
 //! Crash points for tests: `failpoint::hit("name")` kills custodyd with
-//! SIGKILL when it was started with `CUSTODY_CRASH_AT=name`.
+//! SIGKILL when it was started with `CUSTODY_CRASH_AT=name`, or stops it
+//! with SIGSTOP (it goes on when continued: a process stalled past its
+//! lease) when started with `CUSTODY_STOP_AT=name`.
 //!
 //! Compiled in only with the `failpoints` feature, which only the test
 //! build enables (`custodyd` refuses to run a release build that has it);
@@ -16,11 +18,22 @@ pub const ROTATION_POINTS: [&str; 4] = [
     "version.after_commit",
 ];
 
-/// Dies here if this is the crash point the process was started with.
+/// Dies here if this is the crash point the process was started with, or
+/// stops here until continued if it is its stop point.
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &'static str) {
     static CRASH_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static STOP_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let crash_at = CRASH_AT.get_or_init(|| std::env::var("CUSTODY_CRASH_AT").ok());
+    let stop_at = STOP_AT.get_or_init(|| std::env::var("CUSTODY_STOP_AT").ok());
+    if stop_at.as_deref() == Some(name) {
+        eprintln!("custodyd: stop point {name} reached: SIGSTOP");
+        // The whole process stops while this thread waits for the signal
+        // to land; once continued it goes on from here.
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    }
     if crash_at.as_deref() == Some(name) {
         // Straight to stderr, not through the log thread, whose queue the
         // kill would take with it: a crash test's output says where it died.

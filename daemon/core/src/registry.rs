@@ -200,6 +200,14 @@ pub struct PendingVersion {
     /// Being rolled back: its commit is refused.
     #[serde(default)]
     pub abandoned: bool,
+    /// A random id of the generation that wrote the entry (empty in one
+    /// journaled before it): a version number is used again once an
+    /// abandoned generation's entry is gone, so the label alone does not
+    /// say whose objects it holds. Only this generation commits the entry,
+    /// and a roll-back destroys under the label only while the entry is
+    /// the one it read.
+    #[serde(default)]
+    pub generation: String,
 }
 
 impl KeyRecord {
@@ -316,12 +324,22 @@ impl Registry {
     /// transaction over the epoch this copy was loaded at; refused with
     /// [`crate::shared::Stale`] (nothing written) if another replica wrote
     /// since.
-    fn write(&self, records: &[KeyRecord], settled: Option<&str>) -> Result<(), RegistryError> {
+    fn write(
+        &self,
+        records: &[KeyRecord],
+        settled: Option<(&str, &str)>,
+    ) -> Result<(), RegistryError> {
         self.try_write(records, settled)
             .map_err(WriteFailure::into_error)
     }
 
-    fn try_write(&self, records: &[KeyRecord], settled: Option<&str>) -> Result<(), WriteFailure> {
+    /// `settled`: the label and generation of the pending entry the write
+    /// commits.
+    fn try_write(
+        &self,
+        records: &[KeyRecord],
+        settled: Option<(&str, &str)>,
+    ) -> Result<(), WriteFailure> {
         let sealed = records
             .iter()
             .map(|record| {
@@ -339,13 +357,13 @@ impl Registry {
                 // A generation is committed only while its entry says it
                 // is still being made: one rolled back meanwhile (its
                 // replica taken for stopped) had its objects destroyed.
-                if let Some(label) = settled {
+                if let Some((label, generation)) = settled {
                     let entry = tx.get(&self.pending, label.as_bytes())?;
                     let in_flight = entry
                         .and_then(|bytes| {
                             crate::stored::open::<PendingVersion>(label.as_bytes(), &bytes).ok()
                         })
-                        .is_some_and(|entry| !entry.abandoned);
+                        .is_some_and(|entry| !entry.abandoned && entry.generation == generation);
                     if !in_flight {
                         return Ok(Written::NotInFlight);
                     }
@@ -356,7 +374,7 @@ impl Registry {
                 for (id, bytes) in &sealed {
                     tx.insert(&self.tree, id, bytes)?;
                 }
-                if let Some(label) = settled {
+                if let Some((label, _)) = settled {
                     tx.remove(&self.pending, label.as_bytes())?;
                 }
                 Ok(Written::At(next))
@@ -375,7 +393,7 @@ impl Registry {
             Written::Stale => Err(WriteFailure::NotWritten(crate::shared::Stale.into())),
             Written::NotInFlight => Err(WriteFailure::NotWritten(RegistryError::Failed(format!(
                 "the generation under {} was rolled back meanwhile; nothing was written",
-                settled.unwrap_or_default()
+                settled.map(|(label, _)| label).unwrap_or_default()
             )))),
         }
     }
@@ -524,13 +542,29 @@ impl Registry {
     }
 
     /// Journals that `pending` is about to be generated, durably, before the
-    /// HSM is asked to.
+    /// HSM is asked to; refused if an entry under its label is there
+    /// already (another generation under way, or being rolled back), so
+    /// one generation's entry is never taken for another's.
     pub async fn begin_version(&self, pending: &PendingVersion) -> Result<(), RegistryError> {
-        let bytes = crate::stored::seal(pending.hsm_label.as_bytes(), pending)
+        let label = pending.hsm_label.as_bytes();
+        let bytes = crate::stored::seal(label, pending)
             .map_err(|e| RegistryError::Failed(e.to_string()))?;
-        self.pending
-            .insert(pending.hsm_label.as_bytes(), bytes)
+        let begun = self
+            .db
+            .transaction(&[&self.pending], |tx| {
+                if tx.get(&self.pending, label)?.is_some() {
+                    return Ok(false);
+                }
+                tx.insert(&self.pending, label, bytes.clone())?;
+                Ok(true)
+            })
             .map_err(|e| RegistryError::Failed(e.to_string()))?;
+        if !begun {
+            return Err(RegistryError::Failed(format!(
+                "another generation of {} is under way or being rolled back; try again once it is settled",
+                pending.hsm_label
+            )));
+        }
         self.flush().await
     }
 
@@ -540,8 +574,9 @@ impl Registry {
         &self,
         record: KeyRecord,
         hsm_label: &str,
+        generation: &str,
     ) -> Result<(), CommitError> {
-        match self.try_write(std::slice::from_ref(&record), Some(hsm_label)) {
+        match self.try_write(std::slice::from_ref(&record), Some((hsm_label, generation))) {
             Ok(()) => {}
             Err(WriteFailure::NotWritten(e)) => {
                 return Err(CommitError::NotApplied(RegistryError::Failed(format!(
@@ -567,12 +602,18 @@ impl Registry {
         flushed.map_err(CommitError::NotDurable)
     }
 
-    /// Marks the generation under `hsm_label` as being rolled back, before
-    /// its objects are destroyed: from then on its commit is refused, so a
-    /// replica that was only stalled cannot register a version whose
-    /// objects the roll-back destroys. Returns false if no generation is
-    /// pending under the label (committed, or dropped already).
-    pub async fn begin_roll_back(&self, hsm_label: &str) -> Result<bool, RegistryError> {
+    /// Marks generation `generation` under `hsm_label` as being rolled
+    /// back, before its objects are destroyed: from then on its commit is
+    /// refused, so a replica that was only stalled cannot register a
+    /// version whose objects the roll-back destroys. Returns false if that
+    /// generation is not pending under the label (committed, or dropped
+    /// already, and the label perhaps another generation's since): its
+    /// objects, if any, are then not the roll-back's to destroy.
+    pub async fn begin_roll_back(
+        &self,
+        hsm_label: &str,
+        generation: &str,
+    ) -> Result<bool, RegistryError> {
         let marked = self
             .db
             .transaction(&[&self.pending], |tx| {
@@ -585,6 +626,9 @@ impl Registry {
                         "pending version {hsm_label:?} is corrupt: {e}"
                     ))
                 })?;
+                if entry.generation != generation {
+                    return Ok(false);
+                }
                 entry.abandoned = true;
                 let sealed = crate::stored::seal(hsm_label.as_bytes(), &entry)
                     .map_err(custody_store::TxError::abort)?;
@@ -596,10 +640,25 @@ impl Registry {
         Ok(marked)
     }
 
-    /// Drops the pending entry `hsm_label` (after its HSM objects are gone).
-    pub async fn abandon_version(&self, hsm_label: &str) -> Result<(), RegistryError> {
-        self.pending
-            .remove(hsm_label.as_bytes())
+    /// Drops generation `generation`'s pending entry under `hsm_label`
+    /// (after its HSM objects are gone); another generation's is left.
+    pub async fn abandon_version(
+        &self,
+        hsm_label: &str,
+        generation: &str,
+    ) -> Result<(), RegistryError> {
+        let label = hsm_label.as_bytes();
+        self.db
+            .transaction(&[&self.pending], |tx| {
+                let ours = tx.get(&self.pending, label)?.is_some_and(|bytes| {
+                    crate::stored::open::<PendingVersion>(label, &bytes)
+                        .is_ok_and(|entry| entry.generation == generation)
+                });
+                if ours {
+                    tx.remove(&self.pending, label)?;
+                }
+                Ok(())
+            })
             .map_err(|e| RegistryError::Failed(e.to_string()))?;
         self.flush().await
     }
@@ -800,6 +859,7 @@ mod tests {
             started_ms: 0,
             instance: "stalled".into(),
             abandoned: false,
+            generation: "g1".into(),
         };
         let made = || {
             let mut made = record("k");
@@ -825,8 +885,13 @@ mod tests {
         // Marked for roll-back (before its objects are destroyed): the
         // maker's commit is refused, and nothing of it lands.
         maker.begin_version(&pending).await.unwrap();
-        assert!(leader.begin_roll_back(&pending.hsm_label).await.unwrap());
-        let committed = maker.commit_version(made(), &pending.hsm_label).await;
+        assert!(
+            leader
+                .begin_roll_back(&pending.hsm_label, "g1")
+                .await
+                .unwrap()
+        );
+        let committed = maker.commit_version(made(), &pending.hsm_label, "g1").await;
         assert!(
             matches!(committed, Err(CommitError::NotApplied(_))),
             "{committed:?}"
@@ -834,12 +899,53 @@ mod tests {
         let fresh = Registry::open(&store, &Epochs::open(&store, "c").unwrap()).unwrap();
         assert!(fresh.get("k").is_none());
         // Dropped altogether: refused the same way.
-        leader.abandon_version(&pending.hsm_label).await.unwrap();
-        let committed = maker.commit_version(made(), &pending.hsm_label).await;
+        leader
+            .abandon_version(&pending.hsm_label, "g1")
+            .await
+            .unwrap();
+        let committed = maker.commit_version(made(), &pending.hsm_label, "g1").await;
         assert!(
             matches!(committed, Err(CommitError::NotApplied(_))),
             "{committed:?}"
         );
+        // The label free again, another generation takes it (the leader's
+        // own rotation): the stalled maker can neither commit over it nor
+        // mark it for its roll-back, so it destroys nothing of it, and
+        // cannot drop its entry.
+        let again = PendingVersion {
+            generation: "g2".into(),
+            instance: "leader".into(),
+            ..pending.clone()
+        };
+        leader.begin_version(&again).await.unwrap();
+        let over = PendingVersion {
+            generation: "g3".into(),
+            ..pending.clone()
+        };
+        assert!(
+            maker.begin_version(&over).await.is_err(),
+            "a generation under way is never overwritten"
+        );
+        let committed = maker.commit_version(made(), &pending.hsm_label, "g1").await;
+        assert!(
+            matches!(committed, Err(CommitError::NotApplied(_))),
+            "{committed:?}"
+        );
+        assert!(
+            !maker
+                .begin_roll_back(&pending.hsm_label, "g1")
+                .await
+                .unwrap()
+        );
+        maker
+            .abandon_version(&pending.hsm_label, "g1")
+            .await
+            .unwrap();
+        leader.refresh().unwrap();
+        leader
+            .commit_version(made(), &pending.hsm_label, "g2")
+            .await
+            .unwrap();
         // Committed first: the roll-back finds nothing to mark, and so
         // destroys nothing.
         let second = PendingVersion {
@@ -851,11 +957,17 @@ mod tests {
         let mut made2 = made();
         made2.key_id = "k2".into();
         made2.versions[0].hsm_label = second.hsm_label.clone();
+        maker.refresh().unwrap();
         maker
-            .commit_version(made2, &second.hsm_label)
+            .commit_version(made2, &second.hsm_label, "g1")
             .await
             .unwrap();
-        assert!(!leader.begin_roll_back(&second.hsm_label).await.unwrap());
+        assert!(
+            !leader
+                .begin_roll_back(&second.hsm_label, "g1")
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]

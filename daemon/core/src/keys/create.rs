@@ -2,7 +2,7 @@
 //! reserve key ids, then its first version made by the journaled
 //! [`generation`](super::generation) protocol.
 
-use super::generation::{NewVersion, PendingVersions, commit_version, generate_version};
+use super::generation::{NewVersion, PendingVersions, generate_version};
 use crate::action::Audited;
 use crate::algorithms::KeyAlgorithm;
 use crate::identity::valid_principal_name;
@@ -78,9 +78,10 @@ pub async fn create(
     let _guard = crate::keys::lock(custody).await?;
     ensure_key_id_free(custody, &new.key_id)?;
     audited.intent(custody).await?;
+    let mut journal = PendingVersions::new("create")?;
     let first = generate_version(
         custody,
-        &mut PendingVersions { trigger: "create" },
+        &mut journal,
         NewVersion {
             key_id: &new.key_id,
             version: 1,
@@ -105,7 +106,7 @@ pub async fn create(
         backup_exportable: new.backup_exportable,
         retired_at_version: None,
     };
-    commit_version(custody, record.clone(), &label).await?;
+    journal.commit(custody, record.clone(), &label).await?;
     Ok(record)
 }
 

@@ -240,10 +240,35 @@ async fn generate_in_hsm(
 /// a [`PendingVersion`] entry naming the label, which [`commit_version`]
 /// clears in the transaction that commits the version, and the roll-back at
 /// start finds if it never came.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PendingVersions {
     /// What started the generation: create, or the rotation's trigger.
-    pub trigger: &'static str,
+    trigger: &'static str,
+    /// This generation's random id, in its entry ([`PendingVersion::generation`]).
+    generation: String,
+}
+
+impl PendingVersions {
+    /// The journal of one generation started by `trigger`.
+    pub fn new(trigger: &'static str) -> Result<PendingVersions, Error> {
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|_| Error::internal("no randomness"))?;
+        Ok(PendingVersions {
+            trigger,
+            generation: hex::encode(id),
+        })
+    }
+
+    /// Commits `record`, which holds the version this generation made
+    /// under `label` ([`commit_version`]).
+    pub async fn commit(
+        &self,
+        custody: &Custody,
+        record: KeyRecord,
+        label: &str,
+    ) -> Result<(), Error> {
+        commit_version(custody, record, label, &self.generation).await
+    }
 }
 
 impl GenerationJournal for PendingVersions {
@@ -270,6 +295,7 @@ impl GenerationJournal for PendingVersions {
                 started_ms,
                 instance: custody.shared.instance().into(),
                 abandoned: false,
+                generation: self.generation.clone(),
             })
             .await
             .map_err(registry_failure)
@@ -282,7 +308,10 @@ impl GenerationJournal for PendingVersions {
     /// the entry dropped; if the device still fails, the entry stays and
     /// the next start rolls it back.
     async fn failed(&mut self, custody: &Custody, label: &KeyLabel) {
-        if roll_back_version(custody, label.as_str()).await.is_none() {
+        if roll_back_version(custody, label.as_str(), &self.generation)
+            .await
+            .is_none()
+        {
             tracing::error!(%label, "a failed generation is rolled back at the next start");
         }
     }
@@ -300,32 +329,55 @@ const AFTER_COMMIT: &str = "version.after_commit";
 /// nothing was written, the version is rolled back (its HSM objects
 /// destroyed), or left to the roll-back at the next start; if it was written
 /// but not flushed, it stands and the caller is told the registry failed.
-pub async fn commit_version(
+async fn commit_version(
     custody: &Custody,
     record: KeyRecord,
     label: &str,
+    generation: &str,
 ) -> Result<(), Error> {
-    match custody.registry.commit_version(record, label).await {
+    match custody
+        .registry
+        .commit_version(record, label, generation)
+        .await
+    {
         Ok(()) => {
             failpoint::hit(AFTER_COMMIT);
             Ok(())
         }
         Err(CommitError::NotApplied(error)) => {
             let error = registry_failure(error);
-            roll_back_version(custody, label).await;
+            roll_back_version(custody, label, generation).await;
             Err(error)
         }
         Err(CommitError::NotDurable(error)) => Err(registry_failure(error)),
     }
 }
 
-/// Destroys what the HSM holds under an uncommitted version's label and
+/// Destroys what the HSM holds under generation `generation`'s label and
 /// drops its journal entry; logs what it could not do (the next start
-/// retries). Returns how many objects it destroyed.
-pub async fn roll_back_version(custody: &Custody, label: &str) -> Option<usize> {
+/// retries). Returns how many objects it destroyed. Nothing is destroyed
+/// once the entry under the label is not this generation's, still being
+/// made or rolled back ([`crate::registry::Registry::begin_roll_back`]):
+/// another replica rolled it back while this one stalled, and the version
+/// number, free again, may label a version made since.
+pub async fn roll_back_version(custody: &Custody, label: &str, generation: &str) -> Option<usize> {
     let Ok(hsm_label) = KeyLabel::new(label.to_string()) else {
         return None;
     };
+    match custody.registry.begin_roll_back(label, generation).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                label,
+                "this generation was rolled back by another replica; what the label holds now is not its own, and nothing is destroyed"
+            );
+            return Some(0);
+        }
+        Err(error) => {
+            tracing::error!(%error, label, "could not mark a generation rolled back; retrying at the next start");
+            return None;
+        }
+    }
     let destroyed = custody
         .hsm
         .run(move |session| match session.destroy(&hsm_label) {
@@ -334,7 +386,7 @@ pub async fn roll_back_version(custody: &Custody, label: &str) -> Option<usize> 
         })
         .await;
     match destroyed {
-        Ok(count) => match custody.registry.abandon_version(label).await {
+        Ok(count) => match custody.registry.abandon_version(label, generation).await {
             Ok(()) => Some(count),
             Err(error) => {
                 tracing::error!(%error, label, "could not drop a rolled-back journal entry");

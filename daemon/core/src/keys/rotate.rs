@@ -4,7 +4,7 @@
 //! protocol and makes the new version primary in the same commit.
 
 use super::algorithm_of;
-use super::generation::{NewVersion, PendingVersions, commit_version, generate_version};
+use super::generation::{NewVersion, PendingVersions, generate_version};
 use crate::action::Audited;
 use crate::authz::{Approval, quorum_gate};
 use crate::metrics;
@@ -117,11 +117,10 @@ pub(crate) async fn rotate_locked(
     };
     audited.intent(custody).await?;
     let result = async {
+        let mut journal = PendingVersions::new(trigger.as_str())?;
         let version = generate_version(
             custody,
-            &mut PendingVersions {
-                trigger: trigger.as_str(),
-            },
+            &mut journal,
             NewVersion {
                 key_id: &current.key_id,
                 version: next,
@@ -146,7 +145,7 @@ pub(crate) async fn rotate_locked(
                 .saturating_sub(REMEMBERED_ROTATIONS);
             record.rotation_requests.drain(..excess);
         }
-        commit_version(custody, record.clone(), &label).await?;
+        journal.commit(custody, record.clone(), &label).await?;
         Ok(record)
     }
     .await;
@@ -177,9 +176,10 @@ pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error>
         .max()
         .unwrap_or(0)
         + 1;
+    let mut journal = PendingVersions::new("staged")?;
     let mut version = generate_version(
         custody,
-        &mut PendingVersions { trigger: "staged" },
+        &mut journal,
         NewVersion {
             key_id: &current.key_id,
             version: next,
@@ -194,7 +194,7 @@ pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error>
     let label = version.hsm_label.clone();
     let mut record = (*current).clone();
     record.versions.push(version);
-    commit_version(custody, record, &label).await?;
+    journal.commit(custody, record, &label).await?;
     Ok(next)
 }
 
