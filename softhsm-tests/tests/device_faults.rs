@@ -28,9 +28,10 @@ use std::collections::BTreeMap;
 use custody_core::ceremony::transcript::Transcript;
 use custody_proto::v1::GetTranscriptRequest;
 use custody_proto::v1::ceremony_service_client::CeremonyServiceClient;
+use custody_proto::v1::envelope_service_client::EnvelopeServiceClient;
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{
-    Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, RotateKeyRequest,
+    Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, EncryptRequest, RotateKeyRequest,
 };
 use hsm_shim::MAX_RECOVERIES;
 use hsm_shim::pkcs11::RvError;
@@ -459,6 +460,71 @@ token_test!(
             for key in ["issuer", "envelope-kek"] {
                 assert!(dr.state().registry.get(key).is_some(), "{key} not restored");
             }
+        });
+    }
+);
+
+token_test!(
+    fn a_restore_whose_transcript_signature_hangs_keeps_the_key_it_registered(token) {
+        // Threat model I2: a ceremony never destroys what its commit
+        // registered. A restore of one AES key (checked by a decryption, so
+        // no C_Sign of its own): the next C_Sign after the last share is
+        // the audit key's over the transcript, after the registry holds
+        // the key. It hangs past its deadline, so the ceremony's last step
+        // fails; the restored key must stay usable, and the ceremony
+        // completes with its transcript signed at the next start.
+        runtime().block_on(async {
+            token.add_token("custody-dr");
+            let mut source = TestService::start(token).await;
+            let (bundle, shares, audit_key) = {
+                let officers = Officers::new(&source.officers, officers_of(&source).await);
+                let (_, shares) = officers.run_backup_kek(&kek_script("kek-1", "envelope-kek", true)).await.unwrap();
+                let bundle = officers.approved_backup("alice", &["bob", "carol"]).await.unwrap();
+                (bundle, shares, audit_key_sha256(&source))
+            };
+            source.stop().await;
+            let dir = token.scratch().join("dr-data");
+            let mut dr = TestService::start_with(token, |config| {
+                config.hsm.token_label = "custody-dr".into();
+                config.data_dir = dir.clone();
+                config.hsm.call_timeout_ms = 1_000;
+                // No checkpoint signature takes the armed stall.
+                config.audit.checkpoint_interval_secs = 3600;
+                config.audit.checkpoint_every = 1_000_000;
+            })
+            .await;
+            let officers = Officers::new(&dr.officers, officers_of(&dr).await);
+            let script = pinned_restore_script("r-hung", &bundle, false, &audit_key);
+            let name = officers.start("alice", &script, &bundle).await.unwrap().name;
+            officers.sign_in("alice", &name, &script).await.unwrap();
+            officers.sign_in("bob", &name, &script).await.unwrap();
+            officers.submit_share("alice", &name, &shares["alice"]).await.unwrap();
+            let faults = dr.state().hsm.faults();
+            faults.stall_next(hsm_shim::pkcs11::Function::Sign, hsm_shim::Stall::UntilReleased, 1);
+            let last = officers.submit_share("bob", &name, &shares["bob"]).await;
+            assert_eq!(faults.stalled().len(), 1, "the transcript's signature hung: {last:?}");
+            faults.release();
+            assert!(last.is_err(), "the ceremony's last step failed: {last:?}");
+
+            let encrypted = EnvelopeServiceClient::new(dr.client("ca-issuing").await)
+                .encrypt(EncryptRequest {
+                    name: "keys/envelope-kek".into(),
+                    plaintext: b"after the restore".to_vec(),
+                    associated_data: Vec::new(),
+                })
+                .await;
+            assert!(
+                encrypted.is_ok(),
+                "the restored key, registered, was destroyed when the transcript could not be signed: {encrypted:?}"
+            );
+            assert_no_drift(&dr, "after the hung signature").await;
+            dr.restart().await;
+            let ceremony = Officers::new(&dr.officers, officers_of(&dr).await)
+                .get("alice", &name)
+                .await
+                .unwrap();
+            assert_eq!(state_of(&ceremony), CeremonyState::Completed, "{}", ceremony.error);
+            assert!(transcript_verifies(&dr, &name).await, "signed at the next start");
         });
     }
 );

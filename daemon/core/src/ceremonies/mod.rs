@@ -446,6 +446,15 @@ async fn advance(
     let outcome = run_steps(state, record, script).await;
     match outcome {
         Ok(()) => Ok(()),
+        // The commit reached the registry: what it registered is served
+        // now, and a roll-back would destroy it with no approval (threat
+        // model I2). It stands; the ceremony is completed by the schedule's
+        // next tick or the next start, as after a kill at this point, and
+        // a transcript left unsigned is signed at the next start.
+        Err(error) if record.phase.finished() || recovery::committed(state, record) => {
+            tracing::error!(ceremony = %record.id, reason = %error.reason, "a committed ceremony's last steps failed: what it registered stands, and it is completed later");
+            Err(error)
+        }
         Err(error) if error.reason.is_unavailable() => {
             // The journal or the audit log failed: recording the roll-back
             // may fail the same way; the next start rolls it back.

@@ -211,10 +211,11 @@ pub(super) async fn settle_lost(
 
 /// Whether the ceremony's commit reached the registry: its key is
 /// registered under the label the ceremony journaled; a restore: every key
-/// id it reserved is registered under labels it journaled (one batch
-/// registers them all); a crl ceremony: its CRL was signed, verified and
-/// journaled.
-fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
+/// id it reserved is registered with a version under a label it journaled
+/// (one batch registers them all; a restored key may have been rotated
+/// since, so not every version is the restore's); a crl ceremony: its CRL
+/// was signed, verified and journaled.
+pub(super) fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
     let registered = |key_id: &str, label: &str| {
         state
             .registry
@@ -244,7 +245,7 @@ fn committed(state: &Custody, record: &CeremonyRecord) -> bool {
                     state.registry.get(key_id).is_some_and(|key| {
                         key.versions
                             .iter()
-                            .all(|v| journaled.contains(&v.hsm_label.as_str()))
+                            .any(|v| journaled.contains(&v.hsm_label.as_str()))
                     })
                 })
         }
