@@ -69,12 +69,15 @@ impl Genesis {
     /// Reads and checks a genesis file.
     pub fn load(path: &Path) -> Result<Genesis, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let genesis: Genesis =
+        let mut genesis: Genesis =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut principals = std::collections::BTreeSet::new();
         let mut keys = std::collections::BTreeSet::new();
-        for officer in &genesis.officers {
+        for officer in &mut genesis.officers {
             check_officer(&officer.id, &officer.principal, &officer.public_key)?;
+            // One spelling of a key, so that no comparison of keys as text
+            // takes one key in two cases for two keys.
+            officer.public_key = officer.public_key.to_ascii_lowercase();
             if !principals.insert(&officer.principal) || !keys.insert(&officer.public_key) {
                 return Err(format!(
                     "{}: officer {} shares a principal or key with another",
@@ -336,10 +339,13 @@ impl DualControlStore {
     /// Enrolls a new officer, durably, then makes it visible. Refuses an id,
     /// principal or key already enrolled. Hold [`Self::lock`].
     pub async fn add_officer(&self, officer: OfficerRecord) -> Result<(), WriteError> {
+        // Keys compared as bytes: a record stored before keys were kept in
+        // one spelling may hold one in upper case.
+        let same_key = |a: &str, b: &str| hex::decode(a).ok() == hex::decode(b).ok();
         let clash = self.officers().into_iter().find(|o| {
             o.officer_id == officer.officer_id
                 || o.principal == officer.principal
-                || o.public_key == officer.public_key
+                || same_key(&o.public_key, &officer.public_key)
         });
         if let Some(existing) = clash {
             return Err(WriteError::Failed(format!(
@@ -542,4 +548,68 @@ pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::F
         }
     });
     super::operation_store::check_stored(db, indexed, findings);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+
+    /// One key twice in a genesis file, once in upper case: refused as the
+    /// same key; a key given in upper case alone is kept in lower case, and
+    /// enrolling it again under another id, in lower case, is refused.
+    #[tokio::test]
+    async fn a_key_spelled_in_another_case_is_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
+        let other = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[8; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
+        let file = |officers: &[(&str, &str)]| {
+            let mut text = String::from("required = 2\n");
+            for (id, key) in officers {
+                text.push_str(&format!(
+                    "[[officers]]\nid = \"{id}\"\nprincipal = \"{id}\"\npublic_key = \"{key}\"\n"
+                ));
+            }
+            let path = dir.path().join("genesis.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let upper = key.to_ascii_uppercase();
+        let twice = Genesis::load(&file(&[
+            ("alice", &upper),
+            ("bob", &key),
+            ("carol", &other),
+        ]));
+        assert!(
+            twice
+                .as_ref()
+                .is_err_and(|e| e.contains("shares a principal or key")),
+            "{:?}",
+            twice.map(|g| g.officers.len())
+        );
+        let genesis = Genesis::load(&file(&[("alice", &upper), ("carol", &other)])).unwrap();
+        assert_eq!(genesis.officers[0].public_key, key);
+
+        let store = custody_store::Store::open_sled(&dir.path().join("db"), 16 << 20).unwrap();
+        let officers = DualControlStore::open(&store, &Epochs::open(&store, "a").unwrap()).unwrap();
+        assert!(officers.apply_genesis(&genesis, 0).await.unwrap());
+        let _lock = officers.lock().await.unwrap();
+        let again = officers
+            .add_officer(OfficerRecord {
+                officer_id: "bob".into(),
+                principal: "bob".into(),
+                public_key: key.clone(),
+                enrolled_ms: 0,
+            })
+            .await;
+        assert!(again.is_err(), "alice's key enrolled again as bob's");
+    }
 }
