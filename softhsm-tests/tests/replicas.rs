@@ -685,3 +685,110 @@ token_test!(
         });
     }
 );
+
+/// Waits (bounded) until process `pid` is stopped by a signal.
+async fn stopped(pid: u32) {
+    for _ in 0..400 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name in parentheses.
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('T'))
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("process {pid} never stopped at its stop point");
+}
+
+token_test!(
+    fn a_vote_that_waited_for_a_policy_change_on_another_replica_is_judged_under_the_new_policy(token) {
+        // Threat model S5: bob's approval of a signature reaches r0 while
+        // r1 holds the dual-control lock to run a SET_POLICY raising the
+        // key's SIGN policy from 2 of 3 to 3 of 3 (r1 stops at its stop
+        // point, then goes on). r0 had brought its copies up to the store
+        // before waiting for the lock; the vote must still be judged under
+        // the policy r1 wrote while it waited.
+        let cluster = Cluster::start(3);
+        runtime().block_on(async {
+            let first_port = free_port();
+            let (pki, first, keys) = prepare_ceremonies(token, first_port);
+            let replicas = start_replicas_from(CUSTODYD, &cluster, 1, pki, first, first_port).await;
+            let pki = &replicas.pki;
+            let (alice, bob) = (&keys[0], &keys[1]);
+            let port = free_port();
+            let config = softhsm_tests::process::replica_config(&replicas.base, port, "r1", &cluster.store_section("r1", None));
+            let mut command = Command::new(CUSTODYD);
+            command.env("CUSTODY_STOP_AT", "operation.before_execute");
+            let mut stopping = softhsm_tests::process::spawn_crashing_at(command, &config, None);
+            ready(pki, port, &mut stopping).await;
+            let r0 = replicas.ports[0];
+            let officer = |port: u16, name: &str| {
+                let issued = pki.client(name, &[Role::Officer]);
+                async move { OperationServiceClient::new(connect(pki, port, &issued).await.unwrap()) }
+            };
+            let operator = connect(pki, r0, &pki.client("operator", &[Role::Operator])).await.unwrap();
+            create_key(&operator, "k", "EC_SIGN_P256_SHA256", None).await;
+            let policy = |required| {
+                operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/k".into(),
+                    operation: OperationKind::Sign as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required,
+                })
+            };
+            let (mut alice_r0, mut bob_r0) = (officer(r0, "alice").await, officer(r0, "bob").await);
+            let set = request_operation(&operator, policy(2)).await.unwrap();
+            alice_r0.approve_operation(approval(alice, "alice", &set)).await.unwrap();
+            let set = bob_r0.approve_operation(approval(bob, "bob", &set)).await.unwrap().into_inner();
+            assert_eq!(set.state, OperationState::Succeeded as i32, "{}", set.error);
+
+            let signer = connect(pki, r0, &pki.client("ca-issuing", &[Role::Signer])).await.unwrap();
+            let sign = request_operation(
+                &signer,
+                operation_spec::Spec::Sign(custody_proto::v1::SignSpec {
+                    name: "keys/k".into(),
+                    digest: Some(custody_proto::v1::Digest {
+                        digest: Some(custody_proto::v1::digest::Digest::Sha256(vec![0x42; 32])),
+                    }),
+                    encoding: 0,
+                }),
+            )
+            .await
+            .unwrap();
+            alice_r0.approve_operation(approval(alice, "alice", &sign)).await.unwrap();
+
+            // The tightening, completed by bob on r1, which stops holding
+            // the lock just before it runs it.
+            let tighten = request_operation(&operator, policy(3)).await.unwrap();
+            alice_r0.approve_operation(approval(alice, "alice", &tighten)).await.unwrap();
+            let mut bob_r1 = officer(port, "bob").await;
+            let vote = approval(bob, "bob", &tighten);
+            let tightening = tokio::spawn(async move { bob_r1.approve_operation(vote).await });
+            stopped(stopping.id()).await;
+            // bob's approval of the signature on r0: admitted under 2 of 3,
+            // it waits for the lock.
+            let vote = approval(bob, "bob", &sign);
+            let mut bob_again = bob_r0.clone();
+            let signing = tokio::spawn(async move { bob_again.approve_operation(vote).await });
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let continued = Command::new("kill").args(["-CONT", &stopping.id().to_string()]).status().unwrap();
+            assert!(continued.success());
+            let tightened = tightening.await.unwrap().unwrap().into_inner();
+            assert_eq!(tightened.state, OperationState::Succeeded as i32, "{}", tightened.error);
+            let signed = signing.await.unwrap().unwrap().into_inner();
+            assert!(
+                signed.signature.is_none(),
+                "two approvals signed under a SIGN policy raised to 3 of 3 while the last waited: {:?} {}",
+                OperationState::try_from(signed.state),
+                signed.error
+            );
+            assert_eq!(signed.state, OperationState::Failed as i32, "{}", signed.error);
+            assert!(signed.error.contains("POLICY_CHANGED"), "{}", signed.error);
+            let _ = stopping.kill();
+            let _ = stopping.wait();
+        });
+    }
+);

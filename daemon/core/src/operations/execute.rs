@@ -80,6 +80,7 @@ fn acting_for(record: &OperationRecord, method: &'static str, resource: String) 
 /// Runs an approved operation, if the rules it was approved under still hold.
 /// Hold the store lock.
 pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outcome, Error> {
+    crate::failpoint::hit("operation.before_execute");
     // Approvals count under the policy they were given for; if the policy
     // changed since (tightened after a compromise, say), they do not.
     let current = quorum_for(custody, &record.spec)?;

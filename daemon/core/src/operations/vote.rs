@@ -45,6 +45,11 @@ pub async fn vote(
     // One turn at the lock (a round of store calls across replicas) for
     // the sweep and the vote.
     let _guard = custody.dual_control.lock().await.map_err(store_failure)?;
+    // The lock reloads the officers; the registry too, since the holder
+    // before may have changed a key's policy (a SET_POLICY it ran) after
+    // this request's own refresh: the quorum this vote may complete is
+    // judged against the policy in force (threat model S5).
+    custody.refresh()?;
     sweep(custody).await;
     let loaded = custody
         .dual_control
