@@ -82,6 +82,10 @@ pub struct CastVote {
     pub time_ms: i64,
     /// The officer's signature, hex.
     pub signature: String,
+    /// The officer's public key the signature verified with when it was
+    /// cast, hex (empty in a vote stored before it was kept).
+    #[serde(default)]
+    pub key: String,
 }
 
 /// The votes recorded for one operation, by officer id: one vote per officer.
@@ -300,6 +304,7 @@ mod tests {
         let vote = |t| CastVote {
             time_ms: t,
             signature: String::new(),
+            key: String::new(),
         };
         let mut ballot = Ballot::default();
         assert_eq!(
@@ -409,7 +414,7 @@ mod tests {
             for (step, attempt) in attempts.iter().enumerate() {
                 let enrolled = |o: &str, _: VoteKind, _: &CastVote| !(step >= attempts.len() / 2 && o == removed_name);
                 let kind = if attempt.deny { VoteKind::Deny } else { VoteKind::Approve };
-                let vote = CastVote { time_ms: attempt.time_ms, signature: String::new() };
+                let vote = CastVote { time_ms: attempt.time_ms, signature: String::new(), key: String::new() };
                 if let Ok(s) = rules.cast(&mut ballot, &name(attempt.officer), kind, vote, attempt.signature_valid, enrolled) {
                     standing = s;
                 }

@@ -284,7 +284,7 @@ impl DualControlStore {
 
     /// Whether `vote`, cast as `kind` by `officer_id` on the operation whose
     /// digest is `digest`, still stands: the officer is enrolled now, with
-    /// the key that signed it. So a vote does not outlive its officer's
+    /// the key that signed it (the one it verified with when cast). So a vote does not outlive its officer's
     /// enrollment: an id removed and enrolled again (for someone else, or
     /// with another key) does not inherit the votes cast under it before.
     pub fn vote_stands(
@@ -297,6 +297,12 @@ impl DualControlStore {
         let Some(officer) = self.officer(officer_id) else {
             return false;
         };
+        // The key it verified with when cast, compared as bytes (no
+        // signature checked again at every count); a vote stored before
+        // the key was kept is verified with the key enrolled now.
+        if !vote.key.is_empty() {
+            return hex::decode(&vote.key).ok() == hex::decode(&officer.public_key).ok();
+        }
         let message = match kind {
             VoteKind::Approve => super::approval_message(digest),
             VoteKind::Deny => super::denial_message(digest),

@@ -109,6 +109,7 @@ pub async fn vote(
         let vote = CastVote {
             time_ms: now,
             signature: hex::encode(signature),
+            key: officer.public_key.clone(),
         };
         rules
             .cast(
