@@ -63,11 +63,7 @@ async fn roll_back_pending(state: &Custody, entry: &PendingVersion) {
     // First, in the store, so that the process that was making it cannot
     // commit it any more (were it only stalled): a version whose objects
     // are being destroyed is never registered.
-    match state
-        .registry
-        .begin_roll_back(&entry.hsm_label, &entry.generation)
-        .await
-    {
+    match state.registry.begin_roll_back(entry).await {
         Ok(true) => {}
         // Committed, or rolled back by another, meanwhile.
         Ok(false) => return,
@@ -93,7 +89,7 @@ async fn roll_back_pending(state: &Custody, entry: &PendingVersion) {
             .await
             .map_err(|e| e.to_string())
     } else {
-        match roll_back_version(state, &entry.hsm_label, &entry.generation).await {
+        match roll_back_version(state, entry).await {
             Some(count) => {
                 audited.detail = format!(
                     "{} interrupted by the stop of the process making it; destroyed {count} HSM objects",

@@ -24,6 +24,18 @@ pub(super) async fn roll_back(
     phase: Phase,
     why: &str,
 ) -> Result<(), Error> {
+    // What a ceremony's commit registered is served: no roll-back (an
+    // abort by one officer, a failed confirmation, a failed last step)
+    // destroys it; the ceremony is completed instead (threat model I2).
+    if super::recovery::committed(state, record) {
+        return Err(Error::new(
+            crate::Reason::Finished,
+            format!(
+                "ceremony {} reached its commit: what it registered stands, and it is completed, not rolled back",
+                record.id
+            ),
+        ));
+    }
     record.error = why.to_string();
     put(state, record).await?;
     state.ceremonies.forget(&record.id);

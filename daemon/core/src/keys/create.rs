@@ -91,7 +91,6 @@ pub async fn create(
     )
     .await?
     .version;
-    let label = first.hsm_label.clone();
     let record = KeyRecord {
         key_id: new.key_id,
         algorithm: new.algorithm.api_name().into(),
@@ -106,7 +105,7 @@ pub async fn create(
         backup_exportable: new.backup_exportable,
         retired_at_version: None,
     };
-    journal.commit(custody, record.clone(), &label).await?;
+    journal.commit(custody, record.clone()).await?;
     Ok(record)
 }
 

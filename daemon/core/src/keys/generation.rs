@@ -246,6 +246,8 @@ pub struct PendingVersions {
     trigger: &'static str,
     /// This generation's random id, in its entry ([`PendingVersion::generation`]).
     generation: String,
+    /// The entry it journaled, once it has.
+    entry: Option<PendingVersion>,
 }
 
 impl PendingVersions {
@@ -256,18 +258,18 @@ impl PendingVersions {
         Ok(PendingVersions {
             trigger,
             generation: hex::encode(id),
+            entry: None,
         })
     }
 
     /// Commits `record`, which holds the version this generation made
-    /// under `label` ([`commit_version`]).
-    pub async fn commit(
-        &self,
-        custody: &Custody,
-        record: KeyRecord,
-        label: &str,
-    ) -> Result<(), Error> {
-        commit_version(custody, record, label, &self.generation).await
+    /// ([`commit_version`]).
+    pub async fn commit(&self, custody: &Custody, record: KeyRecord) -> Result<(), Error> {
+        let entry = self
+            .entry
+            .as_ref()
+            .ok_or_else(|| Error::internal("a version committed before it was journaled"))?;
+        commit_version(custody, record, entry).await
     }
 }
 
@@ -285,20 +287,23 @@ impl GenerationJournal for PendingVersions {
         label: &KeyLabel,
         started_ms: i64,
     ) -> Result<(), Error> {
+        let entry = PendingVersion {
+            key_id: new.key_id.into(),
+            version: new.version,
+            hsm_label: label.as_str().into(),
+            trigger: self.trigger.into(),
+            started_ms,
+            instance: custody.shared.instance().into(),
+            abandoned: false,
+            generation: self.generation.clone(),
+        };
         custody
             .registry
-            .begin_version(&PendingVersion {
-                key_id: new.key_id.into(),
-                version: new.version,
-                hsm_label: label.as_str().into(),
-                trigger: self.trigger.into(),
-                started_ms,
-                instance: custody.shared.instance().into(),
-                abandoned: false,
-                generation: self.generation.clone(),
-            })
+            .begin_version(&entry)
             .await
-            .map_err(registry_failure)
+            .map_err(registry_failure)?;
+        self.entry = Some(entry);
+        Ok(())
     }
 
     /// Rolls the version back: a generation that failed may still have
@@ -308,10 +313,10 @@ impl GenerationJournal for PendingVersions {
     /// the entry dropped; if the device still fails, the entry stays and
     /// the next start rolls it back.
     async fn failed(&mut self, custody: &Custody, label: &KeyLabel) {
-        if roll_back_version(custody, label.as_str(), &self.generation)
-            .await
-            .is_none()
-        {
+        let Some(entry) = &self.entry else {
+            return;
+        };
+        if roll_back_version(custody, entry).await.is_none() {
             tracing::error!(%label, "a failed generation is rolled back at the next start");
         }
     }
@@ -332,12 +337,11 @@ const AFTER_COMMIT: &str = "version.after_commit";
 async fn commit_version(
     custody: &Custody,
     record: KeyRecord,
-    label: &str,
-    generation: &str,
+    entry: &PendingVersion,
 ) -> Result<(), Error> {
     match custody
         .registry
-        .commit_version(record, label, generation)
+        .commit_version(record, &entry.hsm_label, &entry.generation)
         .await
     {
         Ok(()) => {
@@ -346,30 +350,31 @@ async fn commit_version(
         }
         Err(CommitError::NotApplied(error)) => {
             let error = registry_failure(error);
-            roll_back_version(custody, label, generation).await;
+            roll_back_version(custody, entry).await;
             Err(error)
         }
         Err(CommitError::NotDurable(error)) => Err(registry_failure(error)),
     }
 }
 
-/// Destroys what the HSM holds under generation `generation`'s label and
-/// drops its journal entry; logs what it could not do (the next start
-/// retries). Returns how many objects it destroyed. Nothing is destroyed
-/// once the entry under the label is not this generation's, still being
-/// made or rolled back ([`crate::registry::Registry::begin_roll_back`]):
-/// another replica rolled it back while this one stalled, and the version
-/// number, free again, may label a version made since.
-pub async fn roll_back_version(custody: &Custody, label: &str, generation: &str) -> Option<usize> {
+/// Destroys what the HSM holds under generation `entry`'s label and drops
+/// its journal entry; logs what it could not do (the next start retries).
+/// Returns how many objects it destroyed. Nothing is destroyed when the
+/// label is another generation's or a version the key holds
+/// ([`crate::registry::Registry::begin_roll_back`]): another replica
+/// rolled this one back while it stalled, and the version number, free
+/// again, may label a version made since.
+pub async fn roll_back_version(custody: &Custody, entry: &PendingVersion) -> Option<usize> {
+    let label = entry.hsm_label.as_str();
     let Ok(hsm_label) = KeyLabel::new(label.to_string()) else {
         return None;
     };
-    match custody.registry.begin_roll_back(label, generation).await {
+    match custody.registry.begin_roll_back(entry).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(
                 label,
-                "this generation was rolled back by another replica; what the label holds now is not its own, and nothing is destroyed"
+                "the label is another generation's or a version of the key now; nothing is destroyed"
             );
             return Some(0);
         }
@@ -386,7 +391,11 @@ pub async fn roll_back_version(custody: &Custody, label: &str, generation: &str)
         })
         .await;
     match destroyed {
-        Ok(count) => match custody.registry.abandon_version(label, generation).await {
+        Ok(count) => match custody
+            .registry
+            .abandon_version(label, &entry.generation)
+            .await
+        {
             Ok(()) => Some(count),
             Err(error) => {
                 tracing::error!(%error, label, "could not drop a rolled-back journal entry");

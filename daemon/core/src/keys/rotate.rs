@@ -130,7 +130,6 @@ pub(crate) async fn rotate_locked(
         )
         .await?
         .version;
-        let label = version.hsm_label.clone();
         let mut record = current.clone();
         record.versions.push(version);
         record.primary_version = next;
@@ -145,7 +144,7 @@ pub(crate) async fn rotate_locked(
                 .saturating_sub(REMEMBERED_ROTATIONS);
             record.rotation_requests.drain(..excess);
         }
-        journal.commit(custody, record.clone(), &label).await?;
+        journal.commit(custody, record.clone()).await?;
         Ok(record)
     }
     .await;
@@ -191,10 +190,9 @@ pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error>
     .version;
     version.state = crate::registry::VersionState::PreActivation;
     version.activated_ms = None;
-    let label = version.hsm_label.clone();
     let mut record = (*current).clone();
     record.versions.push(version);
-    journal.commit(custody, record, &label).await?;
+    journal.commit(custody, record).await?;
     Ok(next)
 }
 
