@@ -95,6 +95,13 @@ impl Genesis {
     }
 }
 
+/// Whether two hex public keys are one key: compared as bytes, since a
+/// record stored before keys were kept in one spelling may hold one in
+/// upper case.
+fn same_key(a: &str, b: &str) -> bool {
+    hex::decode(a).ok() == hex::decode(b).ok()
+}
+
 /// Checks an officer's id, principal and public key.
 pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), String> {
     if !valid_principal_name(id) {
@@ -301,7 +308,7 @@ impl DualControlStore {
         // signature checked again at every count); a vote stored before
         // the key was kept is verified with the key enrolled now.
         if !vote.key.is_empty() {
-            return hex::decode(&vote.key).ok() == hex::decode(&officer.public_key).ok();
+            return same_key(&vote.key, &officer.public_key);
         }
         let message = match kind {
             VoteKind::Approve => super::approval_message(digest),
@@ -345,9 +352,6 @@ impl DualControlStore {
     /// Enrolls a new officer, durably, then makes it visible. Refuses an id,
     /// principal or key already enrolled. Hold [`Self::lock`].
     pub async fn add_officer(&self, officer: OfficerRecord) -> Result<(), WriteError> {
-        // Keys compared as bytes: a record stored before keys were kept in
-        // one spelling may hold one in upper case.
-        let same_key = |a: &str, b: &str| hex::decode(a).ok() == hex::decode(b).ok();
         let clash = self.officers().into_iter().find(|o| {
             o.officer_id == officer.officer_id
                 || o.principal == officer.principal

@@ -78,7 +78,7 @@ pub async fn create(
     let _guard = crate::keys::lock(custody).await?;
     ensure_key_id_free(custody, &new.key_id)?;
     audited.intent(custody).await?;
-    let mut journal = PendingVersions::new("create")?;
+    let mut journal = PendingVersions::new("create");
     let first = generate_version(
         custody,
         &mut journal,

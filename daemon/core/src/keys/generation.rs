@@ -244,22 +244,18 @@ async fn generate_in_hsm(
 pub struct PendingVersions {
     /// What started the generation: create, or the rotation's trigger.
     trigger: &'static str,
-    /// This generation's random id, in its entry ([`PendingVersion::generation`]).
-    generation: String,
-    /// The entry it journaled, once it has.
+    /// The entry it journaled, once it has (with the generation's random
+    /// id, [`PendingVersion::generation`]).
     entry: Option<PendingVersion>,
 }
 
 impl PendingVersions {
     /// The journal of one generation started by `trigger`.
-    pub fn new(trigger: &'static str) -> Result<PendingVersions, Error> {
-        let mut id = [0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|_| Error::internal("no randomness"))?;
-        Ok(PendingVersions {
+    pub fn new(trigger: &'static str) -> PendingVersions {
+        PendingVersions {
             trigger,
-            generation: hex::encode(id),
             entry: None,
-        })
+        }
     }
 
     /// Commits `record`, which holds the version this generation made
@@ -287,6 +283,8 @@ impl GenerationJournal for PendingVersions {
         label: &KeyLabel,
         started_ms: i64,
     ) -> Result<(), Error> {
+        let mut generation = [0u8; 16];
+        getrandom::getrandom(&mut generation).map_err(|_| Error::internal("no randomness"))?;
         let entry = PendingVersion {
             key_id: new.key_id.into(),
             version: new.version,
@@ -295,7 +293,7 @@ impl GenerationJournal for PendingVersions {
             started_ms,
             instance: custody.shared.instance().into(),
             abandoned: false,
-            generation: self.generation.clone(),
+            generation: hex::encode(generation),
         };
         custody
             .registry

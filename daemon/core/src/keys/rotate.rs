@@ -117,7 +117,7 @@ pub(crate) async fn rotate_locked(
     };
     audited.intent(custody).await?;
     let result = async {
-        let mut journal = PendingVersions::new(trigger.as_str())?;
+        let mut journal = PendingVersions::new(trigger.as_str());
         let version = generate_version(
             custody,
             &mut journal,
@@ -175,7 +175,7 @@ pub(crate) async fn stage(custody: &Custody, key_id: &str) -> Result<u32, Error>
         .max()
         .unwrap_or(0)
         + 1;
-    let mut journal = PendingVersions::new("staged")?;
+    let mut journal = PendingVersions::new("staged");
     let mut version = generate_version(
         custody,
         &mut journal,

@@ -60,10 +60,20 @@ impl Registry {
         let marked = self
             .db
             .transaction(&[&self.pending, &self.tree], |tx| {
-                let Some(bytes) = tx.get(&self.pending, hsm_label.as_bytes())? else {
-                    let held = match tx.get(&self.tree, pending.key_id.as_bytes())? {
+                let ours = match tx.get(&self.pending, hsm_label.as_bytes())? {
+                    Some(bytes) => {
+                        crate::stored::open::<PendingVersion>(hsm_label.as_bytes(), &bytes)
+                            .map_err(|e| {
+                                custody_store::TxError::abort(format!(
+                                    "pending version {hsm_label:?} is corrupt: {e}"
+                                ))
+                            })?
+                            .generation
+                            == pending.generation
+                    }
+                    None => match tx.get(&self.tree, pending.key_id.as_bytes())? {
                         Some(bytes) => {
-                            crate::stored::open::<KeyRecord>(pending.key_id.as_bytes(), &bytes)
+                            !crate::stored::open::<KeyRecord>(pending.key_id.as_bytes(), &bytes)
                                 .map_err(|e| {
                                     custody_store::TxError::abort(format!(
                                         "key {:?} is corrupt: {e}",
@@ -74,32 +84,19 @@ impl Registry {
                                 .iter()
                                 .any(|v| v.hsm_label == hsm_label)
                         }
-                        None => false,
-                    };
-                    if held {
-                        return Ok(false);
-                    }
-                    let claim = PendingVersion {
-                        abandoned: true,
-                        ..pending.clone()
-                    };
-                    let sealed = crate::stored::seal(hsm_label.as_bytes(), &claim)
-                        .map_err(custody_store::TxError::abort)?;
-                    tx.insert(&self.pending, hsm_label.as_bytes(), sealed)?;
-                    return Ok(true);
+                        None => true,
+                    },
                 };
-                let generation = pending.generation.as_str();
-                let mut entry: PendingVersion = crate::stored::open(hsm_label.as_bytes(), &bytes)
-                    .map_err(|e| {
-                    custody_store::TxError::abort(format!(
-                        "pending version {hsm_label:?} is corrupt: {e}"
-                    ))
-                })?;
-                if entry.generation != generation {
+                if !ours {
                     return Ok(false);
                 }
-                entry.abandoned = true;
-                let sealed = crate::stored::seal(hsm_label.as_bytes(), &entry)
+                // Its own entry, or the claim of a label no one holds: the
+                // same entry either way, marked.
+                let marked = PendingVersion {
+                    abandoned: true,
+                    ..pending.clone()
+                };
+                let sealed = crate::stored::seal(hsm_label.as_bytes(), &marked)
                     .map_err(custody_store::TxError::abort)?;
                 tx.insert(&self.pending, hsm_label.as_bytes(), sealed)?;
                 Ok(true)
