@@ -362,10 +362,7 @@ impl StuckChild {
                     .map(|s| s.trim().to_string())
                     .unwrap_or_default()
             };
-            let state = read("stat")
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.split(' ').next().map(str::to_string))
-                .unwrap_or_default();
+            let state = stat_state(&read("stat")).unwrap_or_default().to_string();
             report.push_str(&format!(
                 "  {} {:?} state {state} wchan {}\n",
                 task.file_name().to_string_lossy(),
@@ -427,6 +424,21 @@ pub fn bench_seconds(default: f64) -> f64 {
 pub fn log_like_custodyd() -> custody_daemon::run::LogGuard {
     let file = tempfile::tempfile().expect("the benchmark's log file");
     custody_daemon::run::init_logging_to(file, false)
+}
+
+/// The state field of a `/proc/.../stat` line (`R`, `S`, `T`, `Z`, …): the
+/// field after the command name, which is in parentheses and may hold
+/// spaces and parentheses itself.
+fn stat_state(stat: &str) -> Option<&str> {
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+}
+
+/// Process `pid`'s state letter (`T` stopped by a signal, `Z` a zombie,
+/// …), or `None` if it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state(&stat).and_then(|state| state.chars().next())
 }
 
 /// The `main` of a benchmark: runs `body` on a fresh token in a child
@@ -648,9 +660,10 @@ mod tests {
             .and_then(|rest| rest.split('.').next())
             .expect("the sleeper's pid in the output");
         let ended = (0..500).any(|_| {
-            let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap_or_default();
-            let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
-            let ended = matches!(state, None | Some("Z" | "X"));
+            let ended = matches!(
+                process_state(sleeper.parse().expect("a pid")),
+                None | Some('Z' | 'X')
+            );
             if !ended {
                 std::thread::sleep(Duration::from_millis(10));
             }

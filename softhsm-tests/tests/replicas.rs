@@ -689,13 +689,7 @@ token_test!(
 /// Waits (bounded) until process `pid` is stopped by a signal.
 async fn stopped(pid: u32) {
     for _ in 0..400 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The state follows the command name in parentheses.
-        if stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('T'))
-        {
+        if softhsm_tests::process_state(pid) == Some('T') {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
