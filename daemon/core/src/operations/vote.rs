@@ -49,15 +49,19 @@ pub async fn vote(
     // before may have changed a key's policy (a SET_POLICY it ran) after
     // this request's own refresh: the quorum this vote may complete is
     // judged against the policy in force (threat model S5).
-    custody.refresh()?;
+    // A refresh that fails is this vote's audited refusal, as a load that
+    // fails is.
+    let fresh = custody.refresh();
     sweep(custody).await;
-    let loaded = custody
-        .dual_control
-        .operation(id)
-        .map_err(store_failure)
-        .and_then(|r| {
-            r.ok_or_else(|| Error::new(Reason::NotFound, format!("no {operation_name}")))
-        });
+    let loaded = fresh.and_then(|()| {
+        custody
+            .dual_control
+            .operation(id)
+            .map_err(store_failure)
+            .and_then(|r| {
+                r.ok_or_else(|| Error::new(Reason::NotFound, format!("no {operation_name}")))
+            })
+    });
     let mut record = match loaded {
         Ok(record) => record,
         Err(error) => {
