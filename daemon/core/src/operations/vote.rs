@@ -31,6 +31,24 @@ pub fn voter<'n>(
     Ok((id, officer))
 }
 
+/// A vote refused before its operation was loaded (the lock, the refresh
+/// or the load failed), audited as the request it was.
+async fn refused(
+    custody: &Custody,
+    principal: &Principal,
+    operation_name: &str,
+    kind: VoteKind,
+    error: Error,
+) -> Result<OperationRecord, Error> {
+    let mut audited = Audited::start(match kind {
+        VoteKind::Approve => "ApproveOperation",
+        VoteKind::Deny => "DenyOperation",
+    });
+    audited.principal = principal.name.clone();
+    audited.resource = operation_name.to_string();
+    audited.record(custody, Err(error)).await
+}
+
 /// Casts a vote of `officer` on operation `id` (named `operation_name` in
 /// refusals); every outcome is audited here, with the signature.
 pub async fn vote(
@@ -44,7 +62,19 @@ pub async fn vote(
 ) -> Result<OperationRecord, Error> {
     // One turn at the lock (a round of store calls across replicas) for
     // the sweep and the vote.
-    let _guard = custody.dual_control.lock().await.map_err(store_failure)?;
+    let _guard = match custody.dual_control.lock().await {
+        Ok(guard) => guard,
+        Err(error) => {
+            return refused(
+                custody,
+                principal,
+                operation_name,
+                kind,
+                store_failure(error),
+            )
+            .await;
+        }
+    };
     // The lock reloads the officers; the registry too, since the holder
     // before may have changed a key's policy (a SET_POLICY it ran) after
     // this request's own refresh: the quorum this vote may complete is
@@ -64,16 +94,7 @@ pub async fn vote(
     });
     let mut record = match loaded {
         Ok(record) => record,
-        Err(error) => {
-            let mut audited = Audited::start(if kind == VoteKind::Approve {
-                "ApproveOperation"
-            } else {
-                "DenyOperation"
-            });
-            audited.principal = principal.name.clone();
-            audited.resource = operation_name.to_string();
-            return audited.record(custody, Err(error)).await;
-        }
+        Err(error) => return refused(custody, principal, operation_name, kind, error).await,
     };
     let digest = record.digest_bytes();
     let message = match kind {
