@@ -107,7 +107,7 @@ fn known_code(reason: Reason) -> Option<Code> {
         R::KeyReserved => Code::AlreadyExists,
         R::SoPinNotConfigured => Code::FailedPrecondition,
         R::NoScratchToken => Code::FailedPrecondition,
-        R::NoBackupKek | R::BackupKekCurrent => Code::FailedPrecondition,
+        R::NoBackupKek | R::BackupKekCurrent | R::BackupKekTooWeak => Code::FailedPrecondition,
         R::BundleMismatch => Code::InvalidArgument,
         R::BadBundle => Code::InvalidArgument,
         R::NotInQuorum => Code::PermissionDenied,

@@ -353,3 +353,24 @@ pub async fn officer_channels(pki: &Pki, port: u16) -> std::collections::BTreeMa
     }
     channels
 }
+
+/// Waits (bounded, 20 s) until process `pid` is stopped by a signal, as a
+/// custodyd started with `CUSTODY_STOP_AT` is at its stop point.
+pub async fn stopped(pid: u32) {
+    for _ in 0..400 {
+        if crate::process_state(pid) == Some('T') {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("process {pid} never stopped at its stop point");
+}
+
+/// Lets process `pid`, stopped at its stop point, go on (SIGCONT).
+pub fn go_on(pid: u32) {
+    let continued = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(continued.success(), "process {pid} could not be continued");
+}

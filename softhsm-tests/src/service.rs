@@ -702,6 +702,7 @@ pub fn fill_registry(db: &custody_store::Store, keys: usize) {
                 check_value: String::new(),
                 certificate_chain_pem: Vec::new(),
                 reserved_by: None,
+                destroying_since_ms: None,
                 destroy_approved_under: None,
             }],
             policies: Default::default(),

@@ -441,11 +441,7 @@ async fn a_stalled_generation_goes_on(token: &TestToken, rotate_meanwhile: bool)
     }
 
     // The stalled replica goes on, and its rotation fails.
-    let continued = std::process::Command::new("kill")
-        .args(["-CONT", &stalled.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(continued.success());
+    softhsm_tests::process::go_on(stalled.id());
     let answer = tokio::time::timeout(Duration::from_secs(120), rotation)
         .await
         .expect("the continued replica answers its rotation")
@@ -557,5 +553,187 @@ token_test!(
             let found = officers[0].get("carol", &name).await.unwrap();
             assert_eq!(state(&found), CeremonyState::RolledBack, "{found:?}");
         });
+    }
+);
+
+/// Threat model S14. r0 leads the schedule; its scheduler finds
+/// keys/k/versions/1 due and stops (SIGSTOP) at `stop_at`, before the HSM
+/// call, past its leases. The operator then cancels the destruction on r1.
+/// Before the version is marked as being destroyed (`after_mark` false)
+/// the cancel lands and r0, continued, destroys nothing; after the mark it
+/// is refused, and r1, leading once r0's lease lapses, finishes the
+/// destruction.
+async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: bool) {
+    use custody_proto::v1::{
+        GetKeyRequest, KeyVersionState, OperationState, RotateKeyRequest,
+        SetKeyVersionStateRequest, VersionRef, operation_spec,
+    };
+    let cluster = Cluster::start(3);
+    let first_port = free_port();
+    let (pki, first, keys) = prepare_ceremonies(token, first_port);
+    let mut text = std::fs::read_to_string(&first).unwrap();
+    text.push_str("[lifecycle]\nscheduler_interval_secs = 1\ndestroy_cancel_window_secs = 1\n");
+    std::fs::write(&first, text).unwrap();
+    // r0 starts first and alone, so it leads.
+    let config = replica_config(&first, first_port, "r0", &cluster.store_section("r0", None));
+    let mut command = std::process::Command::new(CUSTODYD);
+    let stop_at = if after_mark {
+        "destroy.after_mark"
+    } else {
+        "destroy.after_due_check"
+    };
+    command.env("CUSTODY_STOP_AT", stop_at);
+    let mut leader = spawn_crashing_at(command, &config, None);
+    ready(&pki, first_port, &mut leader).await;
+    let port = free_port();
+    let config = replica_config(&first, port, "r1", &cluster.store_section("r1", None));
+    let mut other = softhsm_tests::process::spawn(CUSTODYD, &config);
+    let operator = ready(&pki, port, &mut other).await;
+
+    // keys/k version 1, retired; its destruction approved on r1.
+    let mut key_service = KeyServiceClient::new(operator.clone());
+    key_service
+        .create_key(custody_proto::v1::CreateKeyRequest {
+            key_id: "k".into(),
+            algorithm: custody_proto::v1::Algorithm::EcSignP256Sha256 as i32,
+            purpose: custody_proto::v1::KeyPurpose::AsymmetricSign as i32,
+            allowed_signers: vec!["ca-issuing".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    key_service
+        .rotate_key(RotateKeyRequest {
+            name: "keys/k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    key_service
+        .set_key_version_state(SetKeyVersionStateRequest {
+            name: "keys/k/versions/1".into(),
+            state: KeyVersionState::Deactivated as i32,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let officers = Officers::new(&keys, officer_channels(&pki, port).await);
+    let asked = softhsm_tests::service::request_operation(
+        &operator,
+        operation_spec::Spec::DestroyVersion(VersionRef {
+            name: "keys/k/versions/1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let approved = officers
+        .approve_in_turn(asked, &["alice", "bob"])
+        .await
+        .unwrap();
+    assert_eq!(
+        approved.state,
+        OperationState::Succeeded as i32,
+        "{}",
+        approved.error
+    );
+
+    // r0 finds it due and stops; the operator cancels on r1, retried
+    // while r0's hold on the key lives.
+    softhsm_tests::process::stopped(leader.id()).await;
+    let mut cancel = None;
+    for _ in 0..120 {
+        match key_service
+            .cancel_destroy(VersionRef {
+                name: "keys/k/versions/1".into(),
+            })
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            answer => {
+                cancel = Some(answer);
+                break;
+            }
+        }
+    }
+    let cancel = cancel.expect("the cancel never got the key's lock");
+    let version_state = || {
+        let mut key_service = key_service.clone();
+        async move {
+            key_service
+                .get_key(GetKeyRequest {
+                    name: "keys/k".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .versions[0]
+                .state
+        }
+    };
+
+    if after_mark {
+        // Decided: the cancel is refused, and r1 finishes the destruction.
+        let refused = cancel.unwrap_err();
+        assert_eq!(reason(&refused), "ALREADY_DESTROYED", "{refused:?}");
+        let mut destroyed = false;
+        for _ in 0..240 {
+            if version_state().await == KeyVersionState::Destroyed as i32 {
+                destroyed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            destroyed,
+            "the next leader never finished the destruction r0 began"
+        );
+    } else {
+        cancel.expect("the cancel lands before the version is marked");
+        // r0 goes on; its scheduled destruction ends one way or another.
+        softhsm_tests::process::go_on(leader.id());
+        let mut ended = false;
+        for _ in 0..240 {
+            let (entries, _) = audit_export(&pki, port).await;
+            if entries.iter().any(|e| {
+                e.contains("ScheduledDestroy")
+                    && e.contains("keys/k/versions/1")
+                    && !e.contains("requested")
+            }) || leader.try_wait().unwrap().is_some()
+            {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(ended, "the continued leader's destruction never ended");
+        assert_eq!(version_state().await, KeyVersionState::Deactivated as i32);
+    }
+    // The registry and the HSM agree: the cancelled version's object is
+    // still there, the destroyed one's is gone.
+    let report = key_service
+        .check_drift(CheckDriftRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        report.findings.is_empty(),
+        "the registry and the HSM disagree after the stalled leader: {:?}",
+        report.findings
+    );
+    let _ = leader.kill();
+    let _ = leader.wait();
+}
+
+token_test!(
+    fn a_stalled_leader_destroys_nothing_whose_destruction_was_cancelled_meanwhile(token) {
+        runtime().block_on(a_stalled_leader_with_a_due_destruction(token, false));
+    }
+);
+
+token_test!(
+    fn a_destruction_a_stalled_leader_began_is_not_cancelled_and_the_next_leader_finishes_it(token) {
+        runtime().block_on(a_stalled_leader_with_a_due_destruction(token, true));
     }
 );

@@ -686,17 +686,6 @@ token_test!(
     }
 );
 
-/// Waits (bounded) until process `pid` is stopped by a signal.
-async fn stopped(pid: u32) {
-    for _ in 0..400 {
-        if softhsm_tests::process_state(pid) == Some('T') {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("process {pid} never stopped at its stop point");
-}
-
 token_test!(
     fn a_vote_that_waited_for_a_policy_change_on_another_replica_is_judged_under_the_new_policy(token) {
         // Threat model S5: bob's approval of a signature reaches r0 while
@@ -761,15 +750,14 @@ token_test!(
             let mut bob_r1 = officer(port, "bob").await;
             let vote = approval(bob, "bob", &tighten);
             let tightening = tokio::spawn(async move { bob_r1.approve_operation(vote).await });
-            stopped(stopping.id()).await;
+            softhsm_tests::process::stopped(stopping.id()).await;
             // bob's approval of the signature on r0: admitted under 2 of 3,
             // it waits for the lock.
             let vote = approval(bob, "bob", &sign);
             let mut bob_again = bob_r0.clone();
             let signing = tokio::spawn(async move { bob_again.approve_operation(vote).await });
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let continued = Command::new("kill").args(["-CONT", &stopping.id().to_string()]).status().unwrap();
-            assert!(continued.success());
+            softhsm_tests::process::go_on(stopping.id());
             let tightened = tightening.await.unwrap().unwrap().into_inner();
             assert_eq!(tightened.state, OperationState::Succeeded as i32, "{}", tightened.error);
             let signed = signing.await.unwrap().unwrap().into_inner();

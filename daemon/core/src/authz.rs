@@ -427,6 +427,47 @@ pub fn policy_change_quorum(
     ))
 }
 
+/// The policy kinds whose operation a key's material alone performs:
+/// whoever unwraps the key from a backup signs or decrypts with it outside
+/// custody, whatever its policies say.
+const USED_BY_MATERIAL_ALONE: [&str; 2] = ["SIGN", "DECRYPT"];
+
+/// Whether `keys` may be wrapped under a backup KEK that `threshold` share
+/// holders rebuild (threat model I1): only if the threshold is at least the
+/// administrative M (`admin`, as it stands now) and at least the number of officers each key's SIGN or
+/// DECRYPT policy requires, since rebuilding the KEK yields every key
+/// wrapped under it. Otherwise fewer people than a key's quorum could use
+/// it offline; refused `BACKUP_KEK_TOO_WEAK`, naming what needs more.
+pub fn backup_kek_covers<'k>(
+    admin: &Quorum,
+    threshold: u8,
+    keys: impl IntoIterator<Item = &'k KeyRecord>,
+) -> Result<(), Error> {
+    let threshold = u32::from(threshold);
+    let too_weak = |what: String, needs: u32| {
+        Error::new(
+            Reason::BackupKekTooWeak,
+            format!(
+                "the current backup KEK is rebuilt by {threshold} share holders, but {what} needs {needs} officers: run a KEK ceremony whose [shares] threshold is at least {needs} and have the administrative quorum activate it"
+            ),
+        )
+    };
+    if admin.required > threshold {
+        return Err(too_weak("the administrative quorum".into(), admin.required));
+    }
+    for key in keys {
+        for kind in USED_BY_MATERIAL_ALONE {
+            if let Some(policy) = key.policies.get(kind).filter(|p| p.required > threshold) {
+                return Err(too_weak(
+                    format!("keys/{}'s {kind} policy ({})", key.key_id, policy.text()),
+                    policy.required,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn no_policy(key_id: &str, spec: &Spec) -> Error {
     Error::new(
         Reason::NoPolicy,
@@ -667,6 +708,35 @@ mod tests {
         restored.primary_version = 2;
         assert!(!is_promotion(&restored, 2, active));
         assert!(state_change_gate(&restored, 2, active, Approval::None).is_err());
+    }
+
+    #[test]
+    fn a_backup_kek_needs_as_many_shares_as_the_strongest_use_policy_it_would_wrap() {
+        let admin = Quorum::new(["a".to_string(), "b".into(), "c".into()], 2).unwrap();
+        let signs_under = |kind: &str, required: u32| key(&[(kind, required)]);
+        let refused = |threshold: u8, keys: &[KeyRecord]| {
+            backup_kek_covers(&admin, threshold, keys)
+                .map_err(|e| (e.reason, e.message))
+                .err()
+        };
+        assert_eq!(refused(2, &[signs_under("SIGN", 2)]), None);
+        let (reason, message) = refused(2, &[key(&[]), signs_under("SIGN", 3)]).unwrap();
+        assert_eq!(reason, Reason::BackupKekTooWeak);
+        assert!(
+            message.contains("keys/k's SIGN policy (3 of a, b, c)"),
+            "{message}"
+        );
+        assert!(refused(2, &[signs_under("DECRYPT", 3)]).is_some());
+        assert_eq!(refused(3, &[signs_under("DECRYPT", 3)]), None);
+        // The material alone neither rotates nor destroys the live key.
+        assert_eq!(refused(2, &[signs_under("DESTROY_VERSION", 3)]), None);
+        // The administrative M as it stands now, though the KEK's ceremony
+        // passed the M of its day.
+        let (_, message) = refused(1, &[]).unwrap();
+        assert!(
+            message.contains("the administrative quorum needs 2"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -406,6 +406,7 @@ mod tests {
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroying_since_ms: None,
             destroy_approved_under: None,
         }
     }

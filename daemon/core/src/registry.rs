@@ -120,6 +120,13 @@ pub struct VersionRecord {
     /// threat model C28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroy_approved_under: Option<crate::dual_control::quorum::Quorum>,
+    /// When the scheduler began destroying this version: written, fenced,
+    /// under the key's lock just before the HSM call. From then on the
+    /// destruction is decided: it is no longer cancelled, held or brought
+    /// back into use, and whichever replica leads next finishes it
+    /// (`keys::destroy_due`, threat model S14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroying_since_ms: Option<i64>,
 }
 
 impl VersionRecord {

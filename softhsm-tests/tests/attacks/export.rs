@@ -12,9 +12,17 @@
 //! backup KEK becomes the current one only through an administrative-quorum
 //! operation; CreateBackup is a quorum operation), and no private key
 //! reaches the two of them.
+//!
+//! A second attack uses an honest backup KEK: split 2 of 3, as the
+//! administrative quorum asks, while a backup-exportable key signs only
+//! under all three officers. Two share holders would unwrap it from a
+//! bundle and sign with it; a backup asked while the key's SIGN policy was
+//! still 2 must not run once it is 3. Safe: a backup KEK must need at least
+//! as many shares as every included key's SIGN or DECRYPT policy names, when
+//! the backup is asked and again when it runs (`BACKUP_KEK_TOO_WEAK`).
 
 use custody_core::ceremony::bundle::Bundle;
-use custody_proto::v1::{Algorithm, CeremonyState, OperationState, operation_spec};
+use custody_proto::v1::{Algorithm, CeremonyState, OperationKind, OperationState, operation_spec};
 use hsm_shim::SignAlgorithm;
 use softhsm_tests::ceremony::kek_script;
 use softhsm_tests::service::{OFFICERS, TestService, reason, runtime};
@@ -67,20 +75,12 @@ token_test!(
                     .await
                     .map_err(|e| refusal("alice's CreateBackup, alone", &e))?;
                 let bundle = Bundle::parse(&bundle).map_err(|e| e.to_string())?;
-                let root = bundle
-                    .manifest
-                    .keys
-                    .iter()
-                    .find(|k| k.key_id == "root-ca")
-                    .ok_or("the bundle holds no root-ca")?;
-                let kek = combine(&[&shares["alice"], &shares["bob"]])?;
-                let wrapped = hex::decode(&root.wrapped).map_err(|e| e.to_string())?;
-                let private_key = kwp_unwrap(&kek, &wrapped)?;
-                let message = b"a certificate no quorum approved";
-                let signature = sign_outside(token, &private_key, "sha384", message)?;
-                if !verifies(token, &live, SignAlgorithm::EcdsaP384Sha384, message, &signature) {
-                    return Err("what they unwrapped does not sign as root-ca".into());
-                }
+                let private_key = unwrap_and_sign(
+                    token,
+                    &bundle,
+                    &[&shares["alice"], &shares["bob"]],
+                    ("root-ca", &live, SignAlgorithm::EcdsaP384Sha384),
+                )?;
                 Ok(format!(
                     "the bundle from alice's lone CreateBackup is under their backup KEK (set {}, {} of {}); \
                      their two shares rebuild it, root-ca's private key unwraps from the bundle \
@@ -224,6 +224,37 @@ token_test!(
     }
 );
 
+/// What holders of `shares` do offline with `bundle`: rebuild the backup
+/// KEK, unwrap `key`'s private key and sign with it outside any HSM.
+/// Their PKCS#8 key, if its signature verifies with `key`'s live public
+/// key (PEM); where it stopped, otherwise.
+fn unwrap_and_sign(
+    token: &softhsm_tests::TestToken,
+    bundle: &Bundle,
+    shares: &[&str],
+    (key_id, live, algorithm): (&str, &str, SignAlgorithm),
+) -> Result<Vec<u8>, String> {
+    let wrapped = bundle
+        .manifest
+        .keys
+        .iter()
+        .find(|k| k.key_id == key_id)
+        .ok_or(format!("the bundle holds no {key_id}"))?;
+    let kek = combine(shares)?;
+    let wrapped = hex::decode(&wrapped.wrapped).map_err(|e| e.to_string())?;
+    let private_key = kwp_unwrap(&kek, &wrapped)?;
+    let hash = match algorithm {
+        SignAlgorithm::EcdsaP384Sha384 => "sha384",
+        _ => "sha256",
+    };
+    let message = b"a certificate no quorum approved";
+    let signature = sign_outside(token, &private_key, hash, message)?;
+    if !verifies(token, live, algorithm, message, &signature) {
+        return Err(format!("what they unwrapped does not sign as {key_id}"));
+    }
+    Ok(private_key)
+}
+
 /// The share set id of the backup KEK a CREATE_BACKUP asked now would use.
 async fn current_set(officers: &softhsm_tests::ceremony::Officers<'_>) -> Result<String, String> {
     let asked = officers
@@ -298,6 +329,102 @@ token_test!(
             };
             assert_ne!(second_spec.set_id, spec.set_id);
             assert_eq!(current_set(&officers).await, Ok(second_spec.set_id));
+        });
+    }
+);
+
+token_test!(
+    fn i1_share_holders_fewer_than_a_key_s_sign_policy_cannot_unwrap_it_from_a_backup(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3; the current backup KEK is split
+            // 2 of 3 (as I1 asks of its ceremony). `root` is
+            // backup-exportable and signs under 2 of the three.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let (_, shares) = officers
+                .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
+                .await
+                .unwrap();
+            let operator = service.client("operator").await;
+            create_key(&operator, "root", Algorithm::EcSignP256Sha256, true)
+                .await
+                .unwrap();
+            service.set_policy("root", OperationKind::Sign, 2, ["alice", "bob"]).await;
+            let signer = service.client("ca-issuing").await;
+            let live = public_key_pem(&signer, "root").await.unwrap();
+
+            // alice asks for a backup while two suffice; then `root`'s SIGN
+            // policy is raised to all three, and bob and carol approve the
+            // waiting backup. Failing that, alice asks again.
+            let waiting = officers.request_backup("alice").await.unwrap();
+            service.set_policy("root", OperationKind::Sign, 3, ["bob", "carol"]).await;
+            let waited = officers
+                .approve_in_turn(waiting, &["bob", "carol"])
+                .await
+                .unwrap();
+            let asked_again = officers.request_backup("alice").await;
+
+            // The attack: two share holders, fewer than root's SIGN policy
+            // names, unwrap root from whichever bundle was made and sign.
+            let stolen: Result<String, String> = async {
+                let bundle = if waited.backup_bundle.is_empty() {
+                    let again = asked_again
+                        .clone()
+                        .map_err(|e| refusal("alice's second CREATE_BACKUP", &e))?;
+                    let done = officers
+                        .approve_in_turn(again, &["bob", "carol"])
+                        .await
+                        .map_err(|e| refusal("the approvals", &e))?;
+                    if done.backup_bundle.is_empty() {
+                        return Err(format!("no bundle: {}", done.error));
+                    }
+                    done.backup_bundle
+                } else {
+                    waited.backup_bundle.clone()
+                };
+                let bundle = Bundle::parse(&bundle).map_err(|e| e.to_string())?;
+                let private_key = unwrap_and_sign(
+                    token,
+                    &bundle,
+                    &[&shares["alice"], &shares["bob"]],
+                    ("root", &live, SignAlgorithm::EcdsaP256Sha256),
+                )?;
+                Ok(format!(
+                    "a bundle under a 2-of-3 backup KEK holds root, whose SIGN policy is 3 of 3; \
+                     alice's and bob's shares unwrap it and sign ({} bytes of PKCS#8)",
+                    private_key.len()
+                ))
+            }
+            .await;
+            assert!(
+                stolen.is_err(),
+                "two share holders used a key whose SIGN policy names three: {}",
+                stolen.unwrap_or_default()
+            );
+            // Where they were stopped: the waiting backup fails when it
+            // would run, and a new one is refused when asked.
+            assert_eq!(waited.state, OperationState::Failed as i32, "{waited:?}");
+            assert!(waited.error.contains("BACKUP_KEK_TOO_WEAK"), "{}", waited.error);
+            let refused = asked_again.unwrap_err();
+            assert_eq!(reason(&refused), "BACKUP_KEK_TOO_WEAK", "{refused:?}");
+            assert!(
+                refused.message().contains("keys/root") && refused.message().contains("SIGN"),
+                "{}",
+                refused.message()
+            );
+
+            // Control: a backup KEK split 3 of 3, made current by the
+            // quorum, takes root into a bundle again.
+            officers
+                .run_backup_kek(
+                    &kek_script("kek-2", "second-kek", false).replace("threshold = 2", "threshold = 3"),
+                )
+                .await
+                .unwrap();
+            let bundle = officers.approved_backup("alice", &["bob", "carol"]).await.unwrap();
+            let bundle = Bundle::parse(&bundle).unwrap();
+            assert_eq!(bundle.manifest.backup_kek.threshold, 3);
+            assert!(bundle.manifest.keys.iter().any(|k| k.key_id == "root"));
         });
     }
 );

@@ -27,7 +27,8 @@ pub struct Backup {
 
 /// What a backup made now would be: the token's current backup KEK and
 /// every backup-exportable key version that is not destroyed or
-/// compromised.
+/// compromised; refused `BACKUP_KEK_TOO_WEAK` if fewer share holders than
+/// one of those keys' quorums rebuild the KEK ([`crate::authz::backup_kek_covers`]).
 fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
     let kek = custody
         .ceremonies
@@ -40,11 +41,19 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
                 "this token has no current backup KEK: run a KEK ceremony, then have the administrative quorum approve an ACTIVATE_BACKUP_KEK operation naming it",
             )
         })?;
-    let keys: Vec<KeyToBack> = custody
+    let exportable: Vec<_> = custody
         .registry
         .list(None, usize::MAX)
-        .iter()
+        .into_iter()
         .filter(|key| key.backup_exportable)
+        .collect();
+    crate::authz::backup_kek_covers(
+        &crate::authz::admin_quorum(custody)?,
+        kek.threshold,
+        exportable.iter().map(AsRef::as_ref),
+    )?;
+    let keys: Vec<KeyToBack> = exportable
+        .iter()
         .flat_map(|key| {
             key.versions
                 .iter()

@@ -421,6 +421,7 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         // version has none; the root certificate is kept by the officers.
         certificate_chain_pem: Vec::new(),
         reserved_by: None,
+        destroying_since_ms: None,
         destroy_approved_under: None,
     }
 }

@@ -83,6 +83,7 @@ pub async fn cancel_destroy(
 ) -> Result<KeyRecord, Error> {
     let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     let existing = not_destroyed(&current, version)?;
+    not_being_destroyed(&current, version)?;
     if existing.destroy_at_ms.is_none() {
         return Err(Error::new(
             Reason::NotScheduled,
@@ -117,6 +118,7 @@ pub async fn set_legal_hold(
     }
     let (_guard, current) = crate::keys::locked(custody, key_id).await?;
     let existing = not_destroyed(&current, version)?;
+    not_being_destroyed(&current, version)?;
     audited.detail = if existing.destroy_at_ms.is_some() {
         format!("hold: {reason}; cancels the scheduled destruction")
     } else {
@@ -262,30 +264,53 @@ pub fn check_due<'r>(
 /// Idempotent: an object already gone counts as destroyed, so a crash
 /// between the HSM call and the registry write is finished next time. A
 /// version a key-destruction ceremony reserved is left to it.
+///
+/// Before the HSM call the version is marked as being destroyed, in a
+/// write fenced by the key's lock (threat model S14): a leader that
+/// stalled past its lease between the due check and the destroy, while
+/// another replica cancelled, held or re-approved, writes nothing and so
+/// destroys nothing; once the mark is written, cancels and holds are
+/// refused and the next leader finishes what this one began.
 pub async fn destroy_due(
     custody: &Custody,
     audited: &mut Audited,
     key_id: &str,
     version: u32,
 ) -> Result<KeyRecord, Error> {
-    let (_guard, current) = crate::keys::locked(custody, key_id).await?;
-    let existing = match check_due(custody, &current, version, Carrier::Scheduler) {
-        // An approval no longer in force is void: the schedule is dropped
-        // (audited once, not every turn).
-        Err(error) if error.reason == Reason::PolicyChanged => {
-            audited.detail = "schedule dropped: approved under another quorum".into();
-            audited.intent(custody).await?;
-            update_version(custody, &current, version, |v| {
-                v.destroy_at_ms = None;
-                v.destroy_approved_under = None;
-            })
-            .await?;
-            return Err(error);
-        }
-        other => other?,
-    };
+    let (_guard, mut current) = crate::keys::locked(custody, key_id).await?;
+    let begun = not_destroyed(&current, version)?
+        .destroying_since_ms
+        .is_some();
+    if !begun {
+        match check_due(custody, &current, version, Carrier::Scheduler) {
+            // An approval no longer in force is void: the schedule is
+            // dropped (audited once, not every turn).
+            Err(error) if error.reason == Reason::PolicyChanged => {
+                audited.detail = "schedule dropped: approved under another quorum".into();
+                audited.intent(custody).await?;
+                update_version(custody, &current, version, |v| {
+                    v.destroy_at_ms = None;
+                    v.destroy_approved_under = None;
+                })
+                .await?;
+                return Err(error);
+            }
+            other => other?,
+        };
+    }
     audited.intent(custody).await?;
-    let label = KeyLabel::new(existing.hsm_label.clone())?;
+    crate::failpoint::hit("destroy.after_due_check");
+    if !begun {
+        let now = custody.clock.now_ms();
+        current = std::sync::Arc::new(
+            update_version(custody, &current, version, |v| {
+                v.destroying_since_ms = Some(now);
+            })
+            .await?,
+        );
+        crate::failpoint::hit("destroy.after_mark");
+    }
+    let label = KeyLabel::new(version_of(&current, version)?.hsm_label.clone())?;
     custody
         .hsm
         .run(move |session| match session.destroy(&label) {
@@ -300,6 +325,22 @@ pub async fn destroy_due(
         v.destroy_at_ms = Some(now);
     })
     .await
+}
+
+/// Refuses to stop or undo a destruction the scheduler has begun
+/// ([`destroy_due`]): it is decided, and its object may be gone already.
+pub fn not_being_destroyed(record: &KeyRecord, version: u32) -> Result<(), Error> {
+    match version_of(record, version)?.destroying_since_ms {
+        Some(since) => Err(Error::new(
+            Reason::AlreadyDestroyed,
+            format!(
+                "{}'s destruction began at {} and is being finished: it can no longer be cancelled, held or used",
+                version_name(&record.key_id, version),
+                crate::audit::rfc3339_ms(since)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A forward clock step of `by_ms` was seen (threat model F7): every
@@ -433,6 +474,7 @@ mod tests {
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroying_since_ms: None,
             destroy_approved_under: destroy_at_ms.map(|_| quorum(2)),
         };
         KeyRecord {
@@ -462,6 +504,28 @@ mod tests {
         reservable(record, version, carrier, &quorum(2))
             .err()
             .map(|e| e.reason)
+    }
+
+    #[test]
+    fn a_destruction_begun_is_not_stopped_nor_its_version_brought_back_into_use() {
+        // A staged (pre-activation) version is the one that may be
+        // activated while scheduled.
+        let mut begun = key(VersionState::PreActivation, Some(10));
+        begun.versions[0].destroying_since_ms = Some(11);
+        let refused = not_being_destroyed(&begun, 1).unwrap_err();
+        assert_eq!(refused.reason, Reason::AlreadyDestroyed);
+        assert!(
+            refused.message.contains("can no longer be cancelled"),
+            "{}",
+            refused.message
+        );
+        assert!(not_being_destroyed(&begun, 2).is_ok());
+        let back = crate::keys::state::check_transition(&begun, 1, VersionState::Active);
+        assert_eq!(back.unwrap_err().reason, Reason::AlreadyDestroyed);
+        // Marking it compromised as it goes stays possible.
+        assert!(crate::keys::state::check_transition(&begun, 1, VersionState::Compromised).is_ok());
+        let scheduled = key(VersionState::PreActivation, Some(10));
+        assert!(crate::keys::state::check_transition(&scheduled, 1, VersionState::Active).is_ok());
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl KeyFacts {
             check_value: self.check_value,
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroying_since_ms: None,
             destroy_approved_under: None,
         }
     }

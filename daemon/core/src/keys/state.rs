@@ -70,6 +70,9 @@ pub fn check_transition(
             ),
         ));
     }
+    if lifecycle::in_use(target) {
+        super::destroy::not_being_destroyed(record, version)?;
+    }
     if target == VersionState::Deactivated
         && record.primary_version == version
         && record

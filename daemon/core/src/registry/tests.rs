@@ -113,6 +113,7 @@ async fn a_commit_over_a_generation_the_leader_rolled_back_is_refused() {
             check_value: String::new(),
             certificate_chain_pem: Vec::new(),
             reserved_by: None,
+            destroying_since_ms: None,
             destroy_approved_under: None,
         });
         made
@@ -229,6 +230,7 @@ async fn the_registry_opened_from_the_check_is_the_loaded_one_and_refreshes() {
         check_value: String::new(),
         certificate_chain_pem: Vec::new(),
         reserved_by: None,
+        destroying_since_ms: None,
         destroy_approved_under: None,
     });
     old.primary_version = 1;
