@@ -7,7 +7,7 @@
 //! which quorum governs an operation is [`quorum_for`].
 
 use crate::Custody;
-use crate::dual_control::operation::{ALWAYS_GATED_KINDS, Spec};
+use crate::dual_control::operation::{ALWAYS_GATED_KINDS, Spec, USED_BY_MATERIAL_ALONE};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
 use crate::identity::{Principal, Role};
@@ -426,11 +426,6 @@ pub fn policy_change_quorum(
         ),
     ))
 }
-
-/// The policy kinds whose operation a key's material alone performs:
-/// whoever unwraps the key from a backup signs or decrypts with it outside
-/// custody, whatever its policies say.
-const USED_BY_MATERIAL_ALONE: [&str; 2] = ["SIGN", "DECRYPT"];
 
 /// Whether `keys` may be wrapped under a backup KEK that `threshold` share
 /// holders rebuild (threat model I1): only if the threshold is at least the

@@ -50,6 +50,80 @@ const THEIR_KEK: &str = "format = 1\nid = \"kek-2026\"\nkind = \"kek\"\n\
     [kek]\nmode = \"generate\"\n\
     [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\"]\n";
 
+/// A KEK that decrypts only under all three officers, backed up by its own
+/// ceremony under a backup KEK that two of them rebuild.
+const KEK_DECRYPT_3_SHARES_2: &str = "format = 1\nid = \"vault-2026\"\nkind = \"kek\"\n\
+    description = \"vault KEK\"\n\
+    [quorum]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\
+    [key]\nname = \"vault-kek\"\nalgorithm = \"AES_256_GCM\"\n\
+    [key.policy.DECRYPT]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n\
+    [kek]\nmode = \"generate\"\n\
+    [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\", \"carol\"]\n";
+
+token_test!(
+    fn i1_a_kek_ceremony_wraps_no_kek_for_fewer_share_holders_than_its_decrypt_policy(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3: the script's quorum (2) and share
+            // threshold (2) both reach M, but the KEK it makes decrypts
+            // only under 3 of 3. The ceremony wraps that KEK into its own
+            // bundle under the backup KEK its shares rebuild; alice and
+            // bob would rebuild it and unwrap the KEK.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            let stolen: Result<String, String> = async {
+                let (kek, shares) = run_ceremony(
+                    &officers,
+                    KEK_DECRYPT_3_SHARES_2,
+                    &["alice", "bob"],
+                    &["alice", "bob", "carol"],
+                )
+                .await
+                .map_err(|e| refusal("the KEK ceremony", &e))?;
+                if state(&kek) != CeremonyState::Completed {
+                    return Err(format!("the KEK ceremony ended {:?}: {}", state(&kek), kek.error));
+                }
+                let bundle = Bundle::parse(&kek.backup_bundle).map_err(|e| e.to_string())?;
+                let wrapped = bundle
+                    .manifest
+                    .keys
+                    .iter()
+                    .find(|k| k.key_id == "vault-kek")
+                    .ok_or("the ceremony's bundle holds no vault-kek")?;
+                let backup_kek = combine(&[&shares["alice"], &shares["bob"]])?;
+                let wrapped = hex::decode(&wrapped.wrapped).map_err(|e| e.to_string())?;
+                let unwrapped: [u8; 32] = kwp_unwrap(&backup_kek, &wrapped)?
+                    .try_into()
+                    .map_err(|_| "not a 32-byte key")?;
+                let live = get_key(&operator, "vault-kek")
+                    .await
+                    .map_err(|e| refusal("GetKey", &e))?
+                    .versions[0]
+                    .check_value
+                    .to_lowercase();
+                if hex::encode(custody_core::ceremony::components::kcv(&unwrapped)) != live {
+                    return Err("what they unwrapped is not vault-kek".into());
+                }
+                Ok(format!(
+                    "alice's and bob's shares unwrap vault-kek (check value {live}) from its ceremony's bundle"
+                ))
+            }
+            .await;
+            assert!(
+                stolen.is_err(),
+                "two share holders hold a KEK whose DECRYPT policy names three: {}",
+                stolen.unwrap_or_default()
+            );
+            // Where: the script is refused at start, naming the field.
+            let stopped = stolen.unwrap_err();
+            assert!(
+                stopped.contains("BAD_SCRIPT") && stopped.contains("shares.threshold"),
+                "{stopped}"
+            );
+        });
+    }
+);
+
 token_test!(
     fn i1_two_officers_of_three_cannot_export_a_key_under_a_kek_of_their_own(token) {
         runtime().block_on(async {

@@ -548,6 +548,12 @@ pub fn policy_kind_applies(kind: &str, purpose: crate::algorithms::Purpose) -> b
     }
 }
 
+/// The policy kinds whose operation a key's material alone performs:
+/// whoever unwraps the key from a backup signs or decrypts with it outside
+/// custody, whatever its policies say (so a backup KEK's share threshold
+/// must cover them, threat model I1).
+pub const USED_BY_MATERIAL_ALONE: [&str; 2] = ["SIGN", "DECRYPT"];
+
 /// Kinds that always need a quorum: the key's own policy if it has one,
 /// otherwise the administrative quorum.
 /// CREATE_BACKUP and ACTIVATE_BACKUP_KEK name no key: always the

@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
-use crate::dual_control::operation::KeyPolicies;
+use crate::dual_control::operation::{KeyPolicies, USED_BY_MATERIAL_ALONE};
 use crate::dual_control::quorum::Quorum;
 use hsm_shim::KeySpec;
 
@@ -331,6 +331,30 @@ pub struct SharesSection {
     pub custodians: Vec<String>,
     /// Whether each share is sealed to its custodian's officer key.
     pub encrypt_to_officer_keys: bool,
+}
+
+impl SharesSection {
+    /// Refuses a threshold below the new KEK's own DECRYPT policy (threat
+    /// model I1): the ceremony wraps the KEK under the backup KEK these
+    /// shares rebuild, so that many holders could decrypt with it offline.
+    /// Kinds the script leaves to the administrative quorum are checked
+    /// against M when the ceremony opens ([`Script::check_admin_quorum`]).
+    fn cover(&self, policy: &KeyPolicies) -> Result<(), ScriptError> {
+        let threshold = u32::from(self.threshold);
+        let weaker = USED_BY_MATERIAL_ALONE.iter().find_map(|kind| {
+            let quorum = policy.get(*kind)?;
+            (quorum.required > threshold).then_some((kind, quorum.required))
+        });
+        match weaker {
+            Some((kind, required)) => Err(validate::invalid(
+                "shares.threshold",
+                format!(
+                    "{threshold} shares rebuild the backup KEK the new KEK is wrapped under, fewer than key.policy.{kind} requires ({required}): the threshold must be at least as many"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// SHA-256(`custody-ceremony-script/v1\n` ‖ the exact script bytes).

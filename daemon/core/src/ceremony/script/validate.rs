@@ -650,11 +650,11 @@ impl Script {
                         )?;
                         let key = kek_section(key, true)?;
                         let shares = required(raw.shares, "shares", "a [shares] section")?;
+                        let shares = shares_section(shares)?;
+                        shares.cover(&key.policy)?;
                         Kind::Kek {
                             key,
-                            mode: KekMode::Generate {
-                                shares: shares_section(shares)?,
-                            },
+                            mode: KekMode::Generate { shares },
                         }
                     }
                     "components" => {

@@ -452,6 +452,12 @@ fn every_rule_is_refused_with_an_error_naming_its_field() {
         (KEK_GENERATE, "threshold = 2\n", "", "shares.threshold"),
         (
             KEK_GENERATE,
+            "[kek]",
+            "[key.policy.DECRYPT]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n[kek]",
+            "shares.threshold",
+        ),
+        (
+            KEK_GENERATE,
             "custodians = [\"alice\", \"bob\", \"carol\"]",
             "custodians = [\"alice\"]",
             "shares.custodians",
