@@ -1,18 +1,25 @@
-//! A departed officer's approval counted for whoever is enrolled under
-//! their id next (threat model D6).
+//! An officer id taken over by someone else.
 //!
-//! The administrative quorum is 2; the officers are alice, bob, carol and
-//! dave (enrolled first), and `root`'s SIGN policy is 3 of the four.
-//! ca-issuing asks for a signature and carol approves. Then carol is
+//! D6: a departed officer's approval counted for whoever is enrolled under
+//! their id next. The administrative quorum is 2 of alice, bob and carol.
+//! The operator asks to enroll erin, and carol approves. Then carol is
 //! removed, and the id `carol` is enrolled again for another person
-//! (`carol2`, with a key of their own). alice and bob approve the
-//! signature: with carol's old approval, that would be three.
+//! (`carol2`, with a key of their own). alice approves the enrollment:
+//! with carol's old approval, that would be two. Safe: a vote counts only
+//! while its officer is enrolled with the key that signed it
+//! (`DualControlStore::vote_stands`): the operation stays pending until
+//! bob approves.
 //!
-//! Safe: no signature from two approvals. A vote counts only while its
-//! officer is enrolled with the key that signed it
-//! (`DualControlStore::vote_stands`), so the old carol's approval does not
-//! pass to the new one: the operation stays pending, and is signed once
-//! dave approves.
+//! D7: a newcomer takes a departed officer's place in a key policy. The
+//! officers are alice, bob, carol, dave and erin, the administrative quorum
+//! 2; `root`'s SIGN policy is 3 of alice, bob, carol and dave. alice and
+//! bob collude with erin, whom the policy does not name: they remove carol
+//! (the policy can still be met), then erin, then enroll erin's
+//! certificate with a new key under the id `carol`, and alice, bob and
+//! "carol" approve a signature. Safe: an id a key policy names is not
+//! given to a new officer (`execute::enrollment_takes_no_policy_place`,
+//! `BAD_OFFICER` when asked and when run), so only two of the policy's
+//! own officers ever approve, and nothing is signed.
 
 use custody_core::dual_control::approval_message;
 use custody_core::dual_control::officer_key::OfficerKey;
@@ -67,9 +74,60 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let operator = service.client("operator").await;
+            let erin = new_key("erin");
+            let asked = request_operation(
+                &operator,
+                operation_spec::Spec::AddOfficer(OfficerSpec {
+                    officer_id: "erin".into(),
+                    principal: "erin".into(),
+                    public_key: erin.public_key().to_vec(),
+                }),
+            )
+            .await
+            .unwrap();
+            let one = service.approve("carol", &asked).await.unwrap();
+            assert_eq!(one.state, OperationState::Pending as i32);
+
+            // carol leaves; her id goes to someone else.
+            remove(&service, "carol").await;
+            enroll(&service, "carol", "carol2", &new_key("carol")).await;
+
+            let two = service.approve("alice", &asked).await.unwrap();
+            assert_eq!(
+                two.state,
+                OperationState::Pending as i32,
+                "alice's approval completed a 2-of-3 quorum with the departed carol's: {}",
+                two.error
+            );
+            // Control: a second officer enrolled now completes it.
+            let done = service.approve("bob", &asked).await.unwrap();
+            assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+        });
+    }
+);
+
+/// Removes `officer_id`, approved by alice and bob.
+async fn remove(service: &TestService, officer_id: &str) {
+    let removal = request_operation(
+        &service.client("operator").await,
+        operation_spec::Spec::RemoveOfficer(OfficerSpec {
+            officer_id: officer_id.into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    approved_by_alice_and_bob(service, &removal).await;
+}
+
+token_test!(
+    fn a_newcomer_does_not_take_a_departed_officer_s_place_in_a_key_policy(token) {
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let operator = service.client("operator").await;
             create_key(&operator, "root", "EC_SIGN_P256_SHA256", None).await;
-            let dave = new_key("dave");
-            enroll(&service, "dave", "dave", &dave).await;
+            enroll(&service, "dave", "dave", &new_key("dave")).await;
+            enroll(&service, "erin", "erin", &new_key("erin")).await;
             let policy = request_operation(
                 &operator,
                 operation_spec::Spec::SetPolicy(SetPolicySpec {
@@ -83,6 +141,28 @@ token_test!(
             .unwrap();
             approved_by_alice_and_bob(&service, &policy).await;
 
+            // The attack: carol and erin removed, erin's certificate
+            // enrolled again as `carol` with a new key.
+            remove(&service, "carol").await;
+            remove(&service, "erin").await;
+            let erin_as_carol = new_key("carol");
+            let takeover = request_operation(
+                &operator,
+                operation_spec::Spec::AddOfficer(OfficerSpec {
+                    officer_id: "carol".into(),
+                    principal: "erin".into(),
+                    public_key: erin_as_carol.public_key().to_vec(),
+                }),
+            )
+            .await;
+            let took_over = match &takeover {
+                Ok(asked) => {
+                    service.approve("alice", asked).await.unwrap();
+                    service.approve("bob", asked).await.unwrap().state
+                        == OperationState::Succeeded as i32
+                }
+                Err(_) => false,
+            };
             let sign = request_operation(
                 &service.client("ca-issuing").await,
                 operation_spec::Spec::Sign(SignSpec {
@@ -97,46 +177,31 @@ token_test!(
             )
             .await
             .unwrap();
-            let one = service.approve("carol", &sign).await.unwrap();
-            assert_eq!(one.state, OperationState::Pending as i32);
-
-            // carol leaves; her id goes to someone else.
-            let removal = request_operation(
-                &operator,
-                operation_spec::Spec::RemoveOfficer(OfficerSpec {
-                    officer_id: "carol".into(),
-                    ..Default::default()
-                }),
-            )
-            .await
-            .unwrap();
-            approved_by_alice_and_bob(&service, &removal).await;
-            enroll(&service, "carol", "carol2", &new_key("carol")).await;
-
             service.approve("alice", &sign).await.unwrap();
-            let two = service.approve("bob", &sign).await.unwrap();
-            assert!(
-                two.signature.is_none() && two.state == OperationState::Pending as i32,
-                "alice's and bob's approvals signed with root (SIGN 3 of 4), the departed carol's counted for the new one: {:?}, {}",
-                OperationState::try_from(two.state),
-                two.error
-            );
-
-            // Control: a third officer enrolled now completes it.
+            service.approve("bob", &sign).await.unwrap();
             let vote = VoteRequest {
                 name: sign.name.clone(),
-                officer_id: "dave".into(),
-                signature: dave
+                officer_id: "carol".into(),
+                signature: erin_as_carol
                     .sign(&approval_message(&sign.digest.clone().try_into().unwrap()))
                     .to_vec(),
             };
-            let three = OperationServiceClient::new(service.client_as("dave", &[Role::Officer]).await)
+            let third = OperationServiceClient::new(service.client_as("erin", &[Role::Officer]).await)
                 .approve_operation(vote)
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(three.state, OperationState::Succeeded as i32, "{}", three.error);
-            assert!(three.signature.is_some());
+                .await;
+            let signed = third.as_ref().is_ok_and(|o| o.get_ref().signature.is_some());
+            assert!(
+                !signed,
+                "alice, bob and erin (enrolled as carol: {took_over}) signed with root, whose SIGN policy is 3 of alice, bob, carol and dave"
+            );
+            // Where it stopped: the enrollment, refused when asked.
+            let refused = takeover.unwrap_err();
+            assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
+            assert!(
+                refused.message().contains("keys/root's SIGN policy names carol"),
+                "{}",
+                refused.message()
+            );
         });
     }
 );

@@ -69,6 +69,26 @@ pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> R
     Ok(())
 }
 
+/// Refuses to enroll a new officer under `officer_id` while a key policy
+/// names that id (threat model D7): policies name officers by id, so the
+/// newcomer would take the departed officer's place in them, a change of
+/// who may use the key made by the administrative quorum rather than by
+/// one that covers the policy (R7).
+pub fn enrollment_takes_no_policy_place(custody: &Custody, officer_id: &str) -> Result<(), Error> {
+    for key in custody.registry.list(None, usize::MAX) {
+        if let Some((kind, _)) = key.policies.iter().find(|(_, q)| q.contains(officer_id)) {
+            return Err(Error::new(
+                Reason::BadOfficer,
+                format!(
+                    "keys/{}'s {kind} policy names {officer_id}: whoever is enrolled under that id would take that place; enroll the officer under a new id, and change the policy under a quorum that covers it",
+                    key.key_id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The audit record of one approved action, acting as the requester.
 fn acting_for(record: &OperationRecord, method: &'static str, resource: String) -> Audited {
     let mut audited = Audited::start(method);
@@ -186,6 +206,7 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
             principal,
             public_key,
         } => {
+            enrollment_takes_no_policy_place(custody, officer_id)?;
             custody
                 .dual_control
                 .add_officer(OfficerRecord {

@@ -308,6 +308,7 @@ pub fn resolve(
                     "that officer id or principal is already enrolled",
                 ));
             }
+            super::execute::enrollment_takes_no_policy_place(custody, officer_id)?;
             Ok((
                 Spec::AddOfficer {
                     officer_id: officer_id.clone(),
