@@ -60,6 +60,36 @@ const KEK_DECRYPT_3_SHARES_2: &str = "format = 1\nid = \"vault-2026\"\nkind = \"
     [kek]\nmode = \"generate\"\n\
     [shares]\nthreshold = 2\ncustodians = [\"alice\", \"bob\", \"carol\"]\n";
 
+/// The registered vault-kek's check value, if `key` is vault-kek.
+async fn is_vault_kek(
+    operator: &tonic::transport::Channel,
+    key: &[u8; 32],
+) -> Result<String, String> {
+    let live = get_key(operator, "vault-kek")
+        .await
+        .map_err(|e| refusal("GetKey", &e))?
+        .versions[0]
+        .check_value
+        .to_lowercase();
+    if hex::encode(custody_core::ceremony::components::kcv(key)) != live {
+        return Err("what they hold is not vault-kek".into());
+    }
+    Ok(live)
+}
+
+/// Two officers held a KEK whose DECRYPT policy names three (`held` is
+/// what they did) unless its script was refused at start naming `field`.
+fn refused_at_start(held: Result<String, String>, field: &str) {
+    let stopped = match held {
+        Ok(how) => panic!("two officers hold a KEK whose DECRYPT policy names three: {how}"),
+        Err(stopped) => stopped,
+    };
+    assert!(
+        stopped.contains("BAD_SCRIPT") && stopped.contains(field),
+        "{stopped}"
+    );
+}
+
 token_test!(
     fn i1_a_kek_ceremony_wraps_no_kek_for_fewer_share_holders_than_its_decrypt_policy(token) {
         runtime().block_on(async {
@@ -95,31 +125,75 @@ token_test!(
                 let unwrapped: [u8; 32] = kwp_unwrap(&backup_kek, &wrapped)?
                     .try_into()
                     .map_err(|_| "not a 32-byte key")?;
-                let live = get_key(&operator, "vault-kek")
-                    .await
-                    .map_err(|e| refusal("GetKey", &e))?
-                    .versions[0]
-                    .check_value
-                    .to_lowercase();
-                if hex::encode(custody_core::ceremony::components::kcv(&unwrapped)) != live {
-                    return Err("what they unwrapped is not vault-kek".into());
-                }
+                let live = is_vault_kek(&operator, &unwrapped).await?;
                 Ok(format!(
                     "alice's and bob's shares unwrap vault-kek (check value {live}) from its ceremony's bundle"
                 ))
             }
             .await;
-            assert!(
-                stolen.is_err(),
-                "two share holders hold a KEK whose DECRYPT policy names three: {}",
-                stolen.unwrap_or_default()
-            );
-            // Where: the script is refused at start, naming the field.
-            let stopped = stolen.unwrap_err();
-            assert!(
-                stopped.contains("BAD_SCRIPT") && stopped.contains("shares.threshold"),
-                "{stopped}"
-            );
+            refused_at_start(stolen, "shares.threshold");
+        });
+    }
+);
+
+token_test!(
+    fn i1_a_kek_from_components_needs_as_many_custodians_as_its_decrypt_policy(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3. A KEK assembled from alice's and
+            // bob's components decrypts only under all three officers; the
+            // two know its components, so they hold it outside custody.
+            let script = softhsm_tests::ceremony::components_script("vault-parts", "vault-kek")
+                .replace(
+                    "[kek]",
+                    "[key.policy.DECRYPT]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 3\n[kek]",
+                )
+                .replace(
+                    "custodians = [\"alice\", \"bob\", \"carol\"]",
+                    "custodians = [\"alice\", \"bob\"]",
+                );
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            let parts = [[0x11u8; 32], [0x22u8; 32]];
+            let held: Result<String, String> = async {
+                let name = officers
+                    .start("alice", &script, "")
+                    .await
+                    .map_err(|e| refusal("the components ceremony", &e))?
+                    .name;
+                for officer in ["alice", "bob"] {
+                    officers
+                        .sign_in(officer, &name, &script)
+                        .await
+                        .map_err(|e| refusal("a sign-in", &e))?;
+                }
+                for (officer, part) in ["alice", "bob"].iter().zip(&parts) {
+                    let check = hex::encode(custody_core::ceremony::components::kcv(part));
+                    officers
+                        .submit_component(officer, &name, &hex::encode(part), &check)
+                        .await
+                        .map_err(|e| refusal("a component", &e))?;
+                }
+                let fingerprint = officers
+                    .get("alice", &name)
+                    .await
+                    .map_err(|e| refusal("GetCeremony", &e))?
+                    .fingerprint
+                    .map(|f| f.value)
+                    .unwrap_or_default();
+                for officer in ["alice", "bob"] {
+                    officers
+                        .confirm(officer, &name, &script, &fingerprint)
+                        .await
+                        .map_err(|e| refusal("a confirmation", &e))?;
+                }
+                let key: Vec<u8> = parts[0].iter().zip(&parts[1]).map(|(a, b)| a ^ b).collect();
+                let key: [u8; 32] = key.try_into().map_err(|_| "not 32 bytes")?;
+                let live = is_vault_kek(&operator, &key).await?;
+                Ok(format!("alice's and bob's components are vault-kek (check value {live})"))
+            }
+            .await;
+            refused_at_start(held, "components.custodians");
         });
     }
 );

@@ -333,27 +333,30 @@ pub struct SharesSection {
     pub encrypt_to_officer_keys: bool,
 }
 
-impl SharesSection {
-    /// Refuses a threshold below the new KEK's own DECRYPT policy (threat
-    /// model I1): the ceremony wraps the KEK under the backup KEK these
-    /// shares rebuild, so that many holders could decrypt with it offline.
-    /// Kinds the script leaves to the administrative quorum are checked
-    /// against M when the ceremony opens ([`Script::check_admin_quorum`]).
-    fn cover(&self, policy: &KeyPolicies) -> Result<(), ScriptError> {
-        let threshold = u32::from(self.threshold);
-        let weaker = USED_BY_MATERIAL_ALONE.iter().find_map(|kind| {
-            let quorum = policy.get(*kind)?;
-            (quorum.required > threshold).then_some((kind, quorum.required))
-        });
-        match weaker {
-            Some((kind, required)) => Err(validate::invalid(
-                "shares.threshold",
-                format!(
-                    "{threshold} shares rebuild the backup KEK the new KEK is wrapped under, fewer than key.policy.{kind} requires ({required}): the threshold must be at least as many"
-                ),
-            )),
-            None => Ok(()),
-        }
+/// Refuses a KEK script whose new KEK `holders` people could rebuild
+/// together (the share threshold of the backup KEK it is wrapped under, or
+/// its component custodians, named by `field`) when that is fewer than the
+/// KEK's own DECRYPT policy requires (threat model I1): so many could
+/// decrypt with it outside custody. Kinds the script leaves to the
+/// administrative quorum are checked against M when the ceremony opens
+/// ([`Script::check_admin_quorum`]).
+fn holders_cover_the_key(
+    field: &str,
+    holders: usize,
+    policy: &KeyPolicies,
+) -> Result<(), ScriptError> {
+    let weaker = USED_BY_MATERIAL_ALONE.iter().find_map(|kind| {
+        let quorum = policy.get(*kind)?;
+        (quorum.required as usize > holders).then_some((kind, quorum.required))
+    });
+    match weaker {
+        Some((kind, required)) => Err(validate::invalid(
+            field,
+            format!(
+                "{holders} people together rebuild the new KEK, fewer than key.policy.{kind} requires ({required}): at least as many are needed"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -399,6 +402,13 @@ impl Script {
                 mode: KekMode::Generate { shares },
                 ..
             } => self.quorum.required.min(u32::from(shares.threshold)),
+            Kind::Kek {
+                mode: KekMode::Components { custodians },
+                ..
+            } => self
+                .quorum
+                .required
+                .min(u32::try_from(custodians.len()).unwrap_or(u32::MAX)),
             _ => self.quorum.required,
         }
     }
@@ -413,19 +423,23 @@ impl Script {
                 self.quorum.required
             ));
         }
-        if let Kind::Kek {
-            mode: KekMode::Generate { shares },
-            ..
-        } = &self.kind
-        {
-            if u32::from(shares.threshold) < admin_required {
-                return Err(format!(
-                    "shares.threshold: {} shares rebuild the backup KEK, fewer than the administrative quorum, which needs {admin_required}: the threshold must be at least as many",
-                    shares.threshold
-                ));
-            }
+        match &self.kind {
+            Kind::Kek {
+                mode: KekMode::Generate { shares },
+                ..
+            } if u32::from(shares.threshold) < admin_required => Err(format!(
+                "shares.threshold: {} shares rebuild the backup KEK, fewer than the administrative quorum, which needs {admin_required}: the threshold must be at least as many",
+                shares.threshold
+            )),
+            Kind::Kek {
+                mode: KekMode::Components { custodians },
+                ..
+            } if (custodians.len() as u64) < u64::from(admin_required) => Err(format!(
+                "components.custodians: {} custodians together hold the KEK's components, fewer than the administrative quorum, which needs {admin_required}: name at least as many",
+                custodians.len()
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The quorum's officers, in the order the script lists them.
@@ -612,9 +626,22 @@ mod tests {
             error.starts_with("shares.threshold: 2 ") && error.contains("needs 3"),
             "{error}"
         );
-        // Components are entered, not shares: only the in-room quorum counts.
+        // Components: all of them rebuild the KEK, so their custodians
+        // count as a threshold would.
         let components = Script::parse(KEK_COMPONENTS).unwrap();
         assert_eq!(components.admin_quorum_at_most(), 2);
+        let four_in_the_room = KEK_COMPONENTS.replace(
+            "[\"alice\", \"bob\"]\nrequired = 2",
+            "[\"alice\", \"bob\", \"carol\", \"grace\"]\nrequired = 4",
+        );
+        let components = Script::parse(&four_in_the_room).unwrap();
+        assert_eq!(components.admin_quorum_at_most(), 3);
+        assert_eq!(components.check_admin_quorum(3), Ok(()));
+        let error = components.check_admin_quorum(4).unwrap_err();
+        assert!(
+            error.starts_with("components.custodians: 3 ") && error.contains("needs 4"),
+            "{error}"
+        );
         for script in [ROOT_KEY, RESTORE] {
             let script = Script::parse(script).unwrap();
             assert_eq!(script.admin_quorum_at_most(), script.quorum().required);

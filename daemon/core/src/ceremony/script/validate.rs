@@ -651,7 +651,11 @@ impl Script {
                         let key = kek_section(key, true)?;
                         let shares = required(raw.shares, "shares", "a [shares] section")?;
                         let shares = shares_section(shares)?;
-                        shares.cover(&key.policy)?;
+                        super::holders_cover_the_key(
+                            "shares.threshold",
+                            usize::from(shares.threshold),
+                            &key.policy,
+                        )?;
                         Kind::Kek {
                             key,
                             mode: KekMode::Generate { shares },
@@ -676,6 +680,11 @@ impl Script {
                             2,
                             MAX_COMPONENTS,
                             "custodians",
+                        )?;
+                        super::holders_cover_the_key(
+                            "components.custodians",
+                            custodians.len(),
+                            &key.policy,
                         )?;
                         Kind::Kek {
                             key,

@@ -494,6 +494,12 @@ fn every_rule_is_refused_with_an_error_naming_its_field() {
         ),
         (
             KEK_COMPONENTS,
+            "[kek]",
+            "[key.policy.DECRYPT]\nofficers = [\"alice\", \"bob\", \"dave\", \"erin\"]\nrequired = 4\n[kek]",
+            "components.custodians",
+        ),
+        (
+            KEK_COMPONENTS,
             "[components]",
             "[shares]\nthreshold = 2\ncustodians = [\"a\", \"b\"]\n[components]",
             "shares",
