@@ -561,8 +561,8 @@ token_test!(
 /// call, past its leases. The operator then cancels the destruction on r1.
 /// Before the version is marked as being destroyed (`after_mark` false)
 /// the cancel lands and r0, continued, destroys nothing; after the mark it
-/// is refused, and r1, leading once r0's lease lapses, finishes the
-/// destruction.
+/// is refused, and r2, started then and leading once r0's lease lapses,
+/// finishes the destruction.
 async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: bool) {
     use custody_proto::v1::{
         GetKeyRequest, KeyVersionState, OperationState, RotateKeyRequest,
@@ -585,8 +585,19 @@ async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: 
     command.env("CUSTODY_STOP_AT", stop_at);
     let mut leader = spawn_crashing_at(command, &config, None);
     ready(&pki, first_port, &mut leader).await;
+    // r1 never ticks within the test, so it never leads: what happens to
+    // the version is r0's doing (and, after the mark, r2's).
     let port = free_port();
     let config = replica_config(&first, port, "r1", &cluster.store_section("r1", None));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "scheduler_interval_secs = 1\n",
+            "scheduler_interval_secs = 3600\n",
+        ),
+    )
+    .unwrap();
     let mut other = softhsm_tests::process::spawn(CUSTODYD, &config);
     let operator = ready(&pki, port, &mut other).await;
 
@@ -674,9 +685,19 @@ async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: 
     };
 
     if after_mark {
-        // Decided: the cancel is refused, and r1 finishes the destruction.
+        // Decided: the cancel is refused, and r2, started now, leads once
+        // r0's lease lapses and finishes the destruction.
         let refused = cancel.unwrap_err();
         assert_eq!(reason(&refused), "ALREADY_DESTROYED", "{refused:?}");
+        assert!(
+            refused.message().contains("began at"),
+            "{}",
+            refused.message()
+        );
+        let r2_port = free_port();
+        let config = replica_config(&first, r2_port, "r2", &cluster.store_section("r2", None));
+        let mut finisher = softhsm_tests::process::spawn(CUSTODYD, &config);
+        ready(&pki, r2_port, &mut finisher).await;
         let mut destroyed = false;
         for _ in 0..240 {
             if version_state().await == KeyVersionState::Destroyed as i32 {

@@ -116,7 +116,9 @@ pub fn compare(
                 must_be_gone.insert(version.hsm_label.clone(), name);
                 continue;
             }
-            if version.destroy_at_ms.is_some_and(|at| at <= now_ms) {
+            if version.destroy_at_ms.is_some_and(|at| at <= now_ms)
+                || version.destroying_since_ms.is_some()
+            {
                 // Being destroyed right now: either answer is right.
                 may_be_there.push(version.hsm_label.clone());
                 continue;

@@ -382,7 +382,9 @@ async fn destroy_due(state: &Arc<Custody>) {
     }
     for key in state.registry.list(None, usize::MAX) {
         for version in &key.versions {
-            let due = version.destroy_at_ms.is_some_and(|at| at <= now)
+            // A destruction begun is finished whatever its time says.
+            let due = (version.destroy_at_ms.is_some_and(|at| at <= now)
+                || version.destroying_since_ms.is_some())
                 && version.state != VersionState::Destroyed
                 && version.legal_hold.is_none()
                 // A key-destruction ceremony witnesses it (`keys::check_due`).

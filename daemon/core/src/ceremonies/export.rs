@@ -45,7 +45,7 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         .registry
         .list(None, usize::MAX)
         .into_iter()
-        .filter(|key| key.backup_exportable)
+        .filter(|key| key.backup_exportable && key.versions.iter().any(bundled))
         .collect();
     crate::authz::backup_kek_covers(
         &crate::authz::admin_quorum(custody)?,
@@ -57,12 +57,22 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         .flat_map(|key| {
             key.versions
                 .iter()
-                .filter(|v| !matches!(v.state, VersionState::Destroyed | VersionState::Compromised))
+                .filter(|v| bundled(v))
                 .map(|v| KeyToBack::of(key, v))
                 .collect::<Vec<_>>()
         })
         .collect();
     Ok((kek, keys))
+}
+
+/// Whether a backup-exportable key's version goes into a bundle: neither
+/// destroyed nor compromised. A key none of whose versions do is left out,
+/// and its policies do not bind the backup KEK.
+fn bundled(version: &crate::registry::VersionRecord) -> bool {
+    !matches!(
+        version.state,
+        VersionState::Destroyed | VersionState::Compromised
+    )
 }
 
 fn versions_of(keys: &[KeyToBack]) -> Vec<BackedUpVersion> {

@@ -222,16 +222,33 @@ fn reservable<'r>(
             format!("{name} is in use again; cancel the destruction"),
         ));
     }
+    if let Some(since) = existing.destroying_since_ms {
+        if carrier != Carrier::Scheduler {
+            return Err(Error::new(
+                Reason::AlreadyDestroyed,
+                format!(
+                    "{name}'s destruction began at {} on the schedule and is being finished",
+                    crate::audit::rfc3339_ms(since)
+                ),
+            ));
+        }
+    }
     match (&existing.reserved_by, carrier) {
         (None, _) => Ok(existing),
         (Some(by), Carrier::Ceremony(id)) if by == id => Ok(existing),
-        (Some(by), _) => Err(Error::new(
-            Reason::ReservedByCeremony,
-            format!(
-                "{name} is reserved by the key-destruction ceremony {by}, which witnesses its destruction"
-            ),
-        )),
+        (Some(by), _) => Err(reserved(&name, by)),
     }
+}
+
+/// Refuses a carrier other than the key-destruction ceremony `by` that
+/// reserved version `name`.
+fn reserved(name: &str, by: &str) -> Error {
+    Error::new(
+        Reason::ReservedByCeremony,
+        format!(
+            "{name} is reserved by the key-destruction ceremony {by}, which witnesses its destruction"
+        ),
+    )
 }
 
 /// Whether `carrier` may destroy `version` now: [`check_reservable`], and
@@ -278,10 +295,14 @@ pub async fn destroy_due(
     version: u32,
 ) -> Result<KeyRecord, Error> {
     let (_guard, mut current) = crate::keys::locked(custody, key_id).await?;
-    let begun = not_destroyed(&current, version)?
-        .destroying_since_ms
-        .is_some();
-    if !begun {
+    let existing = not_destroyed(&current, version)?;
+    let begun = existing.destroying_since_ms.is_some();
+    let label = KeyLabel::new(existing.hsm_label.clone())?;
+    if begun {
+        if let Some(by) = &existing.reserved_by {
+            return Err(reserved(&version_name(key_id, version), by));
+        }
+    } else {
         match check_due(custody, &current, version, Carrier::Scheduler) {
             // An approval no longer in force is void: the schedule is
             // dropped (audited once, not every turn).
@@ -310,7 +331,6 @@ pub async fn destroy_due(
         );
         crate::failpoint::hit("destroy.after_mark");
     }
-    let label = KeyLabel::new(version_of(&current, version)?.hsm_label.clone())?;
     custody
         .hsm
         .run(move |session| match session.destroy(&label) {
@@ -359,7 +379,12 @@ pub async fn hold_destructions(
         let pending: Vec<u32> = key
             .versions
             .iter()
-            .filter(|v| v.destroy_at_ms.is_some() && v.state != VersionState::Destroyed)
+            // A destruction begun is decided: no clock step moves it.
+            .filter(|v| {
+                v.destroy_at_ms.is_some()
+                    && v.destroying_since_ms.is_none()
+                    && v.state != VersionState::Destroyed
+            })
             .map(|v| v.version)
             .collect();
         if pending.is_empty() {
@@ -512,16 +537,22 @@ mod tests {
         // activated while scheduled.
         let mut begun = key(VersionState::PreActivation, Some(10));
         begun.versions[0].destroying_since_ms = Some(11);
-        let refused = not_being_destroyed(&begun, 1).unwrap_err();
-        assert_eq!(refused.reason, Reason::AlreadyDestroyed);
+        let decided = not_being_destroyed(&begun, 1).unwrap_err();
+        assert_eq!(decided.reason, Reason::AlreadyDestroyed);
         assert!(
-            refused.message.contains("can no longer be cancelled"),
+            decided.message.contains("can no longer be cancelled"),
             "{}",
-            refused.message
+            decided.message
         );
         assert!(not_being_destroyed(&begun, 2).is_ok());
         let back = crate::keys::state::check_transition(&begun, 1, VersionState::Active);
         assert_eq!(back.unwrap_err().reason, Reason::AlreadyDestroyed);
+        // No ceremony takes it over; the scheduler finishes it.
+        assert_eq!(
+            refused(&begun, 1, Carrier::Ceremony("c-1")),
+            Some(Reason::AlreadyDestroyed)
+        );
+        assert_eq!(refused(&begun, 1, Carrier::Scheduler), None);
         // Marking it compromised as it goes stays possible.
         assert!(crate::keys::state::check_transition(&begun, 1, VersionState::Compromised).is_ok());
         let scheduled = key(VersionState::PreActivation, Some(10));

@@ -34,6 +34,12 @@ pub fn check_usable(
             format!("{name} is {:?}; {what}", version.state),
         ));
     }
+    if version.destroying_since_ms.is_some() {
+        return Err(Error::new(
+            Reason::DestroyScheduled,
+            format!("{name} is being destroyed"),
+        ));
+    }
     if version.destroy_at_ms.is_some() {
         return Err(Error::new(
             Reason::DestroyScheduled,
