@@ -427,35 +427,37 @@ pub fn policy_change_quorum(
     ))
 }
 
-/// Whether `keys` may be wrapped under a backup KEK that `threshold` share
-/// holders rebuild (threat model I1): only if the threshold is at least the
-/// administrative M (`admin`, as it stands now) and at least the number of officers each key's SIGN or
-/// DECRYPT policy requires, since rebuilding the KEK yields every key
-/// wrapped under it. Otherwise fewer people than a key's quorum could use
-/// it offline; refused `BACKUP_KEK_TOO_WEAK`, naming what needs more.
+/// Whether `keys` may be wrapped under a backup KEK that any `holders.required`
+/// of its custodians (`holders.members`) rebuild (threat model I1): only
+/// if those holders cover ([`Quorum::covers`]) the administrative quorum
+/// (`admin`, as it stands now) and each key's SIGN or DECRYPT policy,
+/// since rebuilding the KEK yields every key wrapped under it. Otherwise
+/// fewer of a key's officers than its quorum, or people it does not name,
+/// could use it offline; refused `BACKUP_KEK_TOO_WEAK`, naming the policy.
 pub fn backup_kek_covers<'k>(
     admin: &Quorum,
-    threshold: u8,
+    holders: &Quorum,
     keys: impl IntoIterator<Item = &'k KeyRecord>,
 ) -> Result<(), Error> {
-    let threshold = u32::from(threshold);
-    let too_weak = |what: String, needs: u32| {
+    let too_weak = |what: String, needs: &Quorum| {
         Error::new(
             Reason::BackupKekTooWeak,
             format!(
-                "the current backup KEK is rebuilt by {threshold} share holders, but {what} needs {needs} officers: run a KEK ceremony whose [shares] threshold is at least {needs} and have the administrative quorum activate it"
+                "any {} of the current backup KEK's custodians rebuild it, but {what} needs {}: run a KEK ceremony whose custodians and [shares] threshold cover it (every threshold of them include as many of those officers), and have the administrative quorum activate it",
+                holders.text(),
+                needs.text()
             ),
         )
     };
-    if admin.required > threshold {
-        return Err(too_weak("the administrative quorum".into(), admin.required));
+    if !holders.covers(admin) {
+        return Err(too_weak("the administrative quorum".into(), admin));
     }
     for key in keys {
         for kind in USED_BY_MATERIAL_ALONE {
-            if let Some(policy) = key.policies.get(kind).filter(|p| p.required > threshold) {
+            if let Some(policy) = key.policies.get(kind).filter(|p| !holders.covers(p)) {
                 return Err(too_weak(
-                    format!("keys/{}'s {kind} policy ({})", key.key_id, policy.text()),
-                    policy.required,
+                    format!("keys/{}'s {kind} policy", key.key_id),
+                    policy,
                 ));
             }
         }
@@ -706,31 +708,50 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_kek_needs_as_many_shares_as_the_strongest_use_policy_it_would_wrap() {
-        let admin = Quorum::new(["a".to_string(), "b".into(), "c".into()], 2).unwrap();
-        let signs_under = |kind: &str, required: u32| key(&[(kind, required)]);
-        let refused = |threshold: u8, keys: &[KeyRecord]| {
-            backup_kek_covers(&admin, threshold, keys)
+    fn a_backup_kek_s_custodians_cover_every_use_policy_it_would_wrap() {
+        let abc = ["a".to_string(), "b".into(), "c".into()];
+        let admin = Quorum::new(abc.clone(), 2).unwrap();
+        let holders = |members: &[&str], required: u32| {
+            Quorum::new(members.iter().map(|m| m.to_string()), required).unwrap()
+        };
+        let refused = |holders: &Quorum, keys: &[KeyRecord]| {
+            backup_kek_covers(&admin, holders, keys)
                 .map_err(|e| (e.reason, e.message))
                 .err()
         };
-        assert_eq!(refused(2, &[signs_under("SIGN", 2)]), None);
-        let (reason, message) = refused(2, &[key(&[]), signs_under("SIGN", 3)]).unwrap();
+        let two_of_abc = holders(&["a", "b", "c"], 2);
+        let use_policy = |kind: &str, required: u32| key(&[(kind, required)]);
+        assert_eq!(refused(&two_of_abc, &[use_policy("SIGN", 2)]), None);
+        let (reason, message) = refused(&two_of_abc, &[key(&[]), use_policy("SIGN", 3)]).unwrap();
         assert_eq!(reason, Reason::BackupKekTooWeak);
         assert!(
-            message.contains("keys/k's SIGN policy (3 of a, b, c)"),
+            message.contains("keys/k's SIGN policy needs 3 of a, b, c"),
             "{message}"
         );
-        assert!(refused(2, &[signs_under("DECRYPT", 3)]).is_some());
-        assert_eq!(refused(3, &[signs_under("DECRYPT", 3)]), None);
+        assert!(refused(&two_of_abc, &[use_policy("DECRYPT", 3)]).is_some());
+        assert_eq!(
+            refused(&holders(&["a", "b", "c"], 3), &[use_policy("DECRYPT", 3)]),
+            None
+        );
+        // Three holders, but d and e are not the policy's: d, e and a
+        // would rebuild it with one of its officers.
+        let with_outsiders = holders(&["a", "d", "e"], 3);
+        assert!(refused(&with_outsiders, &[use_policy("SIGN", 2)]).is_some());
         // The material alone neither rotates nor destroys the live key.
-        assert_eq!(refused(2, &[signs_under("DESTROY_VERSION", 3)]), None);
-        // The administrative M as it stands now, though the KEK's ceremony
-        // passed the M of its day.
-        let (_, message) = refused(1, &[]).unwrap();
+        assert_eq!(
+            refused(&two_of_abc, &[use_policy("DESTROY_VERSION", 3)]),
+            None
+        );
+        // The administrative quorum as it stands now, though the KEK's
+        // ceremony passed the M of its day.
+        let admin_three = Quorum::new(abc, 3).unwrap();
+        let refused_admin = backup_kek_covers(&admin_three, &two_of_abc, &[]).unwrap_err();
         assert!(
-            message.contains("the administrative quorum needs 2"),
-            "{message}"
+            refused_admin
+                .message
+                .contains("the administrative quorum needs 3"),
+            "{}",
+            refused_admin.message
         );
     }
 

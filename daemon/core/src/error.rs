@@ -129,7 +129,7 @@ reasons! {
     NoScratchToken = "NO_SCRATCH_TOKEN": "a KEK ceremony without [ceremony] so_pin_file; a drill without a scratch token; a backup before any KEK ceremony",
     NoBackupKek = "NO_BACKUP_KEK": "a KEK ceremony without [ceremony] so_pin_file; a drill without a scratch token; a backup before any KEK ceremony",
     BackupKekCurrent = "BACKUP_KEK_CURRENT": "the backup KEK named is the current one already",
-    BackupKekTooWeak = "BACKUP_KEK_TOO_WEAK": "the current backup KEK's share threshold is below the administrative M or below a SIGN or DECRYPT policy of a key the backup would hold",
+    BackupKekTooWeak = "BACKUP_KEK_TOO_WEAK": "the current backup KEK's custodians and share threshold do not cover the administrative quorum or a SIGN or DECRYPT policy of a key the backup would hold",
     BundleMismatch = "BUNDLE_MISMATCH": "the bundle sent is not the one the script pins; it does not validate; the audit key it names is neither custodyd's own nor pinned by SHA-256 in [ceremony] trusted_audit_keys or the script's restore.audit_key_sha256 (refused at open; the message gives that key's SHA-256); or its signature does not verify",
     BadBundle = "BAD_BUNDLE": "the bundle sent is not the one the script pins; it does not validate; the audit key it names is neither custodyd's own nor pinned by SHA-256 in [ceremony] trusted_audit_keys or the script's restore.audit_key_sha256 (refused at open; the message gives that key's SHA-256); or its signature does not verify",
     NotInQuorum = "NOT_IN_QUORUM": "the officer is not in the script's quorum, did not sign in, is not a custodian, or has no share to collect",

@@ -403,6 +403,82 @@ fn unwrap_and_sign(
     Ok(private_key)
 }
 
+token_test!(
+    fn i1_share_holders_the_sign_policy_does_not_name_cannot_unwrap_the_key(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of 3; the backup KEK is split 2 of
+            // alice, bob and carol. `root` signs only with alice and bob
+            // both (SIGN 2 of alice, bob). alice and carol, whose shares
+            // rebuild the KEK, would unwrap root from a backup: bob never
+            // agreed.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            let shares = a_2_of_3_backup_kek_and_root(&officers, &operator).await;
+            let narrow = softhsm_tests::service::request_operation(
+                &operator,
+                operation_spec::Spec::SetPolicy(custody_proto::v1::SetPolicySpec {
+                    name: "keys/root".into(),
+                    operation: OperationKind::Sign as i32,
+                    officers: vec!["alice".into(), "bob".into()],
+                    required: 2,
+                }),
+            )
+            .await
+            .unwrap();
+            let narrowed = officers.approve_in_turn(narrow, &["alice", "bob"]).await.unwrap();
+            assert_eq!(narrowed.state, OperationState::Succeeded as i32, "{}", narrowed.error);
+            let signer = service.client("ca-issuing").await;
+            let live = public_key_pem(&signer, "root").await.unwrap();
+
+            let stolen: Result<String, String> = async {
+                let bundle = officers
+                    .approved_backup("alice", &["bob", "carol"])
+                    .await
+                    .map_err(|e| refusal("the backup", &e))?;
+                let bundle = Bundle::parse(&bundle).map_err(|e| e.to_string())?;
+                let private_key = unwrap_and_sign(
+                    token,
+                    &bundle,
+                    &[&shares["alice"], &shares["carol"]],
+                    ("root", &live, SignAlgorithm::EcdsaP256Sha256),
+                )?;
+                Ok(format!(
+                    "alice's and carol's shares unwrap root ({} bytes of PKCS#8), whose SIGN policy is 2 of alice and bob",
+                    private_key.len()
+                ))
+            }
+            .await;
+            assert!(
+                stolen.is_err(),
+                "alice and carol used a key that signs only with alice and bob: {}",
+                stolen.unwrap_or_default()
+            );
+            let stopped = stolen.unwrap_err();
+            assert!(
+                stopped.contains("BACKUP_KEK_TOO_WEAK") && stopped.contains("keys/root's SIGN policy"),
+                "{stopped}"
+            );
+        });
+    }
+);
+
+/// The current backup KEK split 2 of alice, bob and carol (its shares, by
+/// custodian), and a backup-exportable P-256 key `root`.
+async fn a_2_of_3_backup_kek_and_root(
+    officers: &softhsm_tests::ceremony::Officers<'_>,
+    operator: &tonic::transport::Channel,
+) -> std::collections::BTreeMap<String, String> {
+    let (_, shares) = officers
+        .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
+        .await
+        .unwrap();
+    create_key(operator, "root", Algorithm::EcSignP256Sha256, true)
+        .await
+        .unwrap();
+    shares
+}
+
 /// The share set id of the backup KEK a CREATE_BACKUP asked now would use.
 async fn current_set(officers: &softhsm_tests::ceremony::Officers<'_>) -> Result<String, String> {
     let asked = officers
@@ -489,14 +565,8 @@ token_test!(
             // backup-exportable and signs under 2 of the three.
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
-            let (_, shares) = officers
-                .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
-                .await
-                .unwrap();
             let operator = service.client("operator").await;
-            create_key(&operator, "root", Algorithm::EcSignP256Sha256, true)
-                .await
-                .unwrap();
+            let shares = a_2_of_3_backup_kek_and_root(&officers, &operator).await;
             service.set_policy("root", OperationKind::Sign, 2, ["alice", "bob"]).await;
             let signer = service.client("ca-issuing").await;
             let live = public_key_pem(&signer, "root").await.unwrap();

@@ -92,6 +92,7 @@ pub(super) async fn make_backup_kek(
         shares: count,
         kcv: kcv.clone(),
         ceremony: record.id.clone(),
+        custodians: custodians.to_vec(),
     });
     record.done.push("backup-kek".into());
     let mut detail = Map::new();

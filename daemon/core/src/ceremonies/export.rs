@@ -13,6 +13,7 @@ use super::{self as engine, KeyToBack};
 use crate::action::Audited;
 use crate::ceremony::journal::BackupKek;
 use crate::dual_control::operation::{BackedUpVersion, Spec};
+use crate::dual_control::quorum::Quorum;
 use crate::registry::VersionState;
 use crate::{Custody, Error, Reason};
 
@@ -49,7 +50,7 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         .collect();
     crate::authz::backup_kek_covers(
         &crate::authz::admin_quorum(custody)?,
-        kek.threshold,
+        &holders(custody, &kek)?,
         exportable.iter().map(AsRef::as_ref),
     )?;
     let keys: Vec<KeyToBack> = exportable
@@ -63,6 +64,34 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         })
         .collect();
     Ok((kek, keys))
+}
+
+/// Who rebuilds `kek`: any `threshold` of its custodians, as its record
+/// keeps them or, for a record made before it did, as its ceremony's
+/// script named them.
+fn holders(custody: &Custody, kek: &BackupKek) -> Result<Quorum, Error> {
+    let custodians = if kek.custodians.is_empty() {
+        let record = custody
+            .ceremonies
+            .journal
+            .get(&kek.ceremony)
+            .map_err(engine::journal_failure)?
+            .ok_or_else(|| {
+                Error::internal(format!("no ceremony {} for the backup KEK", kek.ceremony))
+            })?;
+        let script = crate::ceremony::script::Script::parse(&record.script)
+            .map_err(|e| Error::internal(format!("the backup KEK's ceremony script: {e}")))?;
+        match script.kind() {
+            crate::ceremony::script::Kind::Kek {
+                mode: crate::ceremony::script::KekMode::Generate { shares },
+                ..
+            } => shares.custodians.clone(),
+            _ => return Err(Error::internal("the backup KEK's ceremony split no shares")),
+        }
+    } else {
+        kek.custodians.clone()
+    };
+    Quorum::new(custodians, u32::from(kek.threshold)).map_err(Error::internal)
 }
 
 /// Whether a backup-exportable key's version goes into a bundle: neither

@@ -189,6 +189,10 @@ pub struct BackupKek {
     pub kcv: String,
     /// The ceremony that made it.
     pub ceremony: String,
+    /// The officers its shares went to, in share order (empty in records
+    /// made before they were kept here: the ceremony's script names them).
+    #[serde(default)]
+    pub custodians: Vec<String>,
 }
 
 /// The process holding a ceremony's secrets in memory.

@@ -333,27 +333,34 @@ pub struct SharesSection {
     pub encrypt_to_officer_keys: bool,
 }
 
-/// Refuses a KEK script whose new KEK `holders` people could rebuild
-/// together (the share threshold of the backup KEK it is wrapped under, or
-/// its component custodians, named by `field`) when that is fewer than the
-/// KEK's own DECRYPT policy requires (threat model I1): so many could
-/// decrypt with it outside custody. Kinds the script leaves to the
-/// administrative quorum are checked against M when the ceremony opens
+/// Refuses a KEK script whose new KEK `holders` could rebuild together
+/// (any threshold of the custodians of the backup KEK it is wrapped under,
+/// or all its component custodians, named by `field`) when they do not
+/// cover ([`Quorum::covers`]) the KEK's own DECRYPT policy (threat model
+/// I1): fewer of its officers, or people it does not name, could decrypt
+/// with it outside custody. Kinds the script leaves to the administrative
+/// quorum are checked against M when the ceremony opens
 /// ([`Script::check_admin_quorum`]).
 fn holders_cover_the_key(
     field: &str,
-    holders: usize,
+    custodians: &[String],
+    threshold: usize,
     policy: &KeyPolicies,
 ) -> Result<(), ScriptError> {
+    let required = u32::try_from(threshold).unwrap_or(u32::MAX);
+    let holders = Quorum::new(custodians.iter().cloned(), required)
+        .map_err(|e| validate::invalid(field, e))?;
     let weaker = USED_BY_MATERIAL_ALONE.iter().find_map(|kind| {
         let quorum = policy.get(*kind)?;
-        (quorum.required as usize > holders).then_some((kind, quorum.required))
+        (!holders.covers(quorum)).then_some((kind, quorum))
     });
     match weaker {
-        Some((kind, required)) => Err(validate::invalid(
+        Some((kind, quorum)) => Err(validate::invalid(
             field,
             format!(
-                "{holders} people together rebuild the new KEK, fewer than key.policy.{kind} requires ({required}): at least as many are needed"
+                "any {} of them together rebuild the new KEK, but key.policy.{kind} needs {}: every such set must include as many of its officers",
+                holders.text(),
+                quorum.text()
             ),
         )),
         None => Ok(()),

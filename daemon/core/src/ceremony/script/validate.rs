@@ -653,6 +653,7 @@ impl Script {
                         let shares = shares_section(shares)?;
                         super::holders_cover_the_key(
                             "shares.threshold",
+                            &shares.custodians,
                             usize::from(shares.threshold),
                             &key.policy,
                         )?;
@@ -683,6 +684,7 @@ impl Script {
                         )?;
                         super::holders_cover_the_key(
                             "components.custodians",
+                            &custodians,
                             custodians.len(),
                             &key.policy,
                         )?;

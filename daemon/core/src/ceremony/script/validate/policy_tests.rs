@@ -136,7 +136,7 @@ fn a_key_policy_breaking_a_rule_is_refused_naming_its_field() {
         KEK_GENERATE.replacen(
             "\n[kek]",
             &format!(
-                "\n[key.policy.{kind}]\nofficers = [\"alice\", \"bob\"]\nrequired = 2\n\n[kek]"
+                "\n[key.policy.{kind}]\nofficers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\n[kek]"
             ),
             1,
         )
@@ -146,6 +146,19 @@ fn a_key_policy_breaking_a_rule_is_refused_naming_its_field() {
     assert!(error.to_string().contains("ENCRYPT_DECRYPT"), "{error}");
     let kek = Script::parse(&kek_with("DECRYPT")).unwrap();
     assert_eq!(kek.key().unwrap().policy["DECRYPT"].required, 2);
+    // Any 2 of the 3 custodians rebuild the backup KEK the new KEK is
+    // wrapped under: carol and alice are not 2 of alice and bob.
+    let narrower = kek_with("DECRYPT").replacen(
+        "officers = [\"alice\", \"bob\", \"carol\"]\nrequired = 2\n\n[kek]",
+        "officers = [\"alice\", \"bob\"]\nrequired = 2\n\n[kek]",
+        1,
+    );
+    let error = Script::parse(&narrower).unwrap_err();
+    assert_eq!(error.field(), Some("shares.threshold"), "{error}");
+    assert!(
+        error.to_string().contains("needs 2 of alice, bob"),
+        "{error}"
+    );
     // A restore makes no key, so it has no key policy.
     let error = Script::parse(&RESTORE.replacen(
         "\n[restore]",
