@@ -590,6 +590,7 @@ async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: 
     let port = free_port();
     let config = replica_config(&first, port, "r1", &cluster.store_section("r1", None));
     let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("scheduler_interval_secs = 1\n"), "{text}");
     std::fs::write(
         &config,
         text.replace(

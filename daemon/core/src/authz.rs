@@ -7,7 +7,9 @@
 //! which quorum governs an operation is [`quorum_for`].
 
 use crate::Custody;
-use crate::dual_control::operation::{ALWAYS_GATED_KINDS, Spec, USED_BY_MATERIAL_ALONE};
+use crate::dual_control::operation::{
+    ALWAYS_GATED_KINDS, Spec, USED_BY_MATERIAL_ALONE, policy_kind_applies,
+};
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
 use crate::identity::{Principal, Role};
@@ -438,6 +440,7 @@ pub fn backup_kek_covers<'k>(
     admin: &Quorum,
     holders: &Quorum,
     keys: impl IntoIterator<Item = &'k KeyRecord>,
+    enrolled: impl Fn(&str) -> bool,
 ) -> Result<(), Error> {
     let too_weak = |what: String, needs: &Quorum| {
         Error::new(
@@ -453,8 +456,29 @@ pub fn backup_kek_covers<'k>(
         return Err(too_weak("the administrative quorum".into(), admin));
     }
     for key in keys {
+        // A kind that cannot apply to the key (an AES key's SIGN) protects
+        // nothing; an algorithm not known here counts every kind.
+        let purpose = crate::algorithms::KeyAlgorithm::from_api_name(&key.algorithm)
+            .map(crate::algorithms::KeyAlgorithm::purpose);
         for kind in USED_BY_MATERIAL_ALONE {
-            if let Some(policy) = key.policies.get(kind).filter(|p| !holders.covers(p)) {
+            if purpose.is_some_and(|p| !policy_kind_applies(kind, p)) {
+                continue;
+            }
+            let Some(policy) = key.policies.get(kind) else {
+                continue;
+            };
+            // Only officers enrolled now count as the policy's: a share
+            // kept by one removed since is an outsider's.
+            let standing = Quorum {
+                members: policy
+                    .members
+                    .iter()
+                    .filter(|m| enrolled(m))
+                    .cloned()
+                    .collect(),
+                required: policy.required,
+            };
+            if !holders.covers(&standing) {
                 return Err(too_weak(
                     format!("keys/{}'s {kind} policy", key.key_id),
                     policy,
@@ -715,7 +739,7 @@ mod tests {
             Quorum::new(members.iter().map(|m| m.to_string()), required).unwrap()
         };
         let refused = |holders: &Quorum, keys: &[KeyRecord]| {
-            backup_kek_covers(&admin, holders, keys)
+            backup_kek_covers(&admin, holders, keys, |_| true)
                 .map_err(|e| (e.reason, e.message))
                 .err()
         };
@@ -728,15 +752,30 @@ mod tests {
             message.contains("keys/k's SIGN policy needs 3 of a, b, c"),
             "{message}"
         );
-        assert!(refused(&two_of_abc, &[use_policy("DECRYPT", 3)]).is_some());
+        let kek_decrypting_under = |required: u32| {
+            let mut kek = use_policy("DECRYPT", required);
+            kek.algorithm = "AES_256_GCM".into();
+            kek
+        };
+        assert!(refused(&two_of_abc, &[kek_decrypting_under(3)]).is_some());
         assert_eq!(
-            refused(&holders(&["a", "b", "c"], 3), &[use_policy("DECRYPT", 3)]),
+            refused(&holders(&["a", "b", "c"], 3), &[kek_decrypting_under(3)]),
             None
         );
         // Three holders, but d and e are not the policy's: d, e and a
         // would rebuild it with one of its officers.
         let with_outsiders = holders(&["a", "d", "e"], 3);
         assert!(refused(&with_outsiders, &[use_policy("SIGN", 2)]).is_some());
+        // A policy officer removed since counts no more: a and c, who is
+        // no officer now, would rebuild it with one of SIGN's officers.
+        let c_removed =
+            backup_kek_covers(&admin, &two_of_abc, &[use_policy("SIGN", 2)], |o| o != "c");
+        assert!(c_removed.is_err());
+        // A kind that cannot apply to the key binds nothing: an AES key's
+        // SIGN policy.
+        let mut aes = use_policy("SIGN", 3);
+        aes.algorithm = "AES_256_GCM".into();
+        assert_eq!(refused(&two_of_abc, &[aes]), None);
         // The material alone neither rotates nor destroys the live key.
         assert_eq!(
             refused(&two_of_abc, &[use_policy("DESTROY_VERSION", 3)]),
@@ -745,7 +784,8 @@ mod tests {
         // The administrative quorum as it stands now, though the KEK's
         // ceremony passed the M of its day.
         let admin_three = Quorum::new(abc, 3).unwrap();
-        let refused_admin = backup_kek_covers(&admin_three, &two_of_abc, &[]).unwrap_err();
+        let refused_admin =
+            backup_kek_covers(&admin_three, &two_of_abc, &[], |_| true).unwrap_err();
         assert!(
             refused_admin
                 .message

@@ -85,7 +85,9 @@ fn refused_at_start(held: Result<String, String>, field: &str) {
         Err(stopped) => stopped,
     };
     assert!(
-        stopped.contains("BAD_SCRIPT") && stopped.contains(field),
+        stopped.contains("BAD_SCRIPT")
+            && stopped.contains(field)
+            && stopped.contains("key.policy.DECRYPT needs"),
         "{stopped}"
     );
 }

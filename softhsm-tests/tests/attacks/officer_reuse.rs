@@ -120,22 +120,39 @@ async fn remove(service: &TestService, officer_id: &str) {
     approved_by_alice_and_bob(service, &removal).await;
 }
 
+/// `root`, made by the operator, and dave and erin enrolled beside alice,
+/// bob and carol; the operator's channel.
+async fn root_and_five_officers(service: &TestService) -> tonic::transport::Channel {
+    let operator = service.client("operator").await;
+    create_key(&operator, "root", "EC_SIGN_P256_SHA256", None).await;
+    enroll(service, "dave", "dave", &new_key("dave")).await;
+    enroll(service, "erin", "erin", &new_key("erin")).await;
+    operator
+}
+
+/// The SET_POLICY operation putting `kind` of `root` under `required` of
+/// `officers`.
+fn root_policy(
+    kind: custody_proto::v1::OperationKind,
+    officers: &[&str],
+    required: u32,
+) -> operation_spec::Spec {
+    operation_spec::Spec::SetPolicy(SetPolicySpec {
+        name: "keys/root".into(),
+        operation: kind as i32,
+        officers: officers.iter().map(|o| o.to_string()).collect(),
+        required,
+    })
+}
+
 token_test!(
     fn a_newcomer_does_not_take_a_departed_officer_s_place_in_a_key_policy(token) {
         runtime().block_on(async {
             let service = TestService::start(token).await;
-            let operator = service.client("operator").await;
-            create_key(&operator, "root", "EC_SIGN_P256_SHA256", None).await;
-            enroll(&service, "dave", "dave", &new_key("dave")).await;
-            enroll(&service, "erin", "erin", &new_key("erin")).await;
+            let operator = root_and_five_officers(&service).await;
             let policy = request_operation(
                 &operator,
-                operation_spec::Spec::SetPolicy(SetPolicySpec {
-                    name: "keys/root".into(),
-                    operation: custody_proto::v1::OperationKind::Sign as i32,
-                    officers: ["alice", "bob", "carol", "dave"].map(String::from).to_vec(),
-                    required: 3,
-                }),
+                root_policy(custody_proto::v1::OperationKind::Sign, &["alice", "bob", "carol", "dave"], 3),
             )
             .await
             .unwrap();
@@ -202,6 +219,59 @@ token_test!(
                 "{}",
                 refused.message()
             );
+        });
+    }
+);
+
+token_test!(
+    fn an_id_given_to_someone_else_while_a_policy_naming_it_waits_does_not_enter_the_policy(token) {
+        runtime().block_on(async {
+            // D7, the same takeover while the policy naming carol waits for
+            // its second approval: no policy names carol yet when erin's
+            // certificate is enrolled under her id.
+            let service = TestService::start(token).await;
+            let operator = root_and_five_officers(&service).await;
+            // root's policies are changed by alice and bob, so changes to
+            // the officer set do not touch the waiting operation's quorum.
+            let changes = request_operation(
+                &operator,
+                root_policy(custody_proto::v1::OperationKind::SetPolicy, &["alice", "bob"], 2),
+            )
+            .await
+            .unwrap();
+            approved_by_alice_and_bob(&service, &changes).await;
+            let policy = request_operation(
+                &operator,
+                root_policy(custody_proto::v1::OperationKind::Sign, &["alice", "bob", "carol", "dave"], 3),
+            )
+            .await
+            .unwrap();
+            service.approve("alice", &policy).await.unwrap();
+            remove(&service, "carol").await;
+            remove(&service, "erin").await;
+            let takeover = request_operation(
+                &operator,
+                operation_spec::Spec::AddOfficer(OfficerSpec {
+                    officer_id: "carol".into(),
+                    principal: "erin".into(),
+                    public_key: new_key("carol").public_key().to_vec(),
+                }),
+            )
+            .await;
+            if let Ok(asked) = &takeover {
+                approved_by_alice_and_bob(&service, asked).await;
+            }
+            let done = service.approve("bob", &policy).await.unwrap();
+            assert!(
+                done.state != OperationState::Succeeded as i32 || takeover.is_err(),
+                "the policy was set naming erin as carol"
+            );
+            let refused = takeover.unwrap_err();
+            assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
+            assert!(refused.message().contains("puts carol in a policy"), "{}", refused.message());
+            // Named officer gone since it was asked: the policy does not run.
+            assert_eq!(done.state, OperationState::Failed as i32, "{}", done.error);
+            assert!(done.error.contains("POLICY_CHANGED"), "{}", done.error);
         });
     }
 );

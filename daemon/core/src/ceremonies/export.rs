@@ -52,6 +52,7 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         &crate::authz::admin_quorum(custody)?,
         &holders(custody, &kek)?,
         exportable.iter().map(AsRef::as_ref),
+        |officer| custody.dual_control.enrolled(officer),
     )?;
     let keys: Vec<KeyToBack> = exportable
         .iter()
@@ -68,30 +69,44 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
 
 /// Who rebuilds `kek`: any `threshold` of its custodians, as its record
 /// keeps them or, for a record made before it did, as its ceremony's
-/// script named them.
+/// script named them. A custodian no longer enrolled still holds a share:
+/// they count as an outsider to every policy.
 fn holders(custody: &Custody, kek: &BackupKek) -> Result<Quorum, Error> {
+    let unknown = |why: String| {
+        Error::new(
+            Reason::BackupKekTooWeak,
+            format!(
+                "who holds the current backup KEK's shares is not known ({why}): run a KEK ceremony and have the administrative quorum activate its backup KEK"
+            ),
+        )
+    };
     let custodians = if kek.custodians.is_empty() {
         let record = custody
             .ceremonies
             .journal
             .get(&kek.ceremony)
             .map_err(engine::journal_failure)?
-            .ok_or_else(|| {
-                Error::internal(format!("no ceremony {} for the backup KEK", kek.ceremony))
-            })?;
+            .ok_or_else(|| unknown(format!("no record of ceremonies/{}", kek.ceremony)))?;
         let script = crate::ceremony::script::Script::parse(&record.script)
-            .map_err(|e| Error::internal(format!("the backup KEK's ceremony script: {e}")))?;
+            .map_err(|e| unknown(format!("its ceremony's script: {e}")))?;
         match script.kind() {
             crate::ceremony::script::Kind::Kek {
                 mode: crate::ceremony::script::KekMode::Generate { shares },
                 ..
             } => shares.custodians.clone(),
-            _ => return Err(Error::internal("the backup KEK's ceremony split no shares")),
+            _ => return Err(unknown("its ceremony split no shares".into())),
         }
     } else {
         kek.custodians.clone()
     };
-    Quorum::new(custodians, u32::from(kek.threshold)).map_err(Error::internal)
+    let named = custodians.into_iter().map(|custodian| {
+        if custody.dual_control.enrolled(&custodian) {
+            custodian
+        } else {
+            format!("{custodian} (no longer an officer)")
+        }
+    });
+    Quorum::new(named, u32::from(kek.threshold)).map_err(unknown)
 }
 
 /// Whether a backup-exportable key's version goes into a bundle: neither

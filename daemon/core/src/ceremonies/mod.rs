@@ -297,6 +297,9 @@ pub async fn open(
     script
         .check_admin_quorum(admin.required)
         .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
+    script
+        .check_holders()
+        .map_err(|e| Error::new(Reason::BadScript, format!("ceremony script: {e}")))?;
     let mut reserved_key_ids: Vec<String> = script.key_id().into_iter().map(Into::into).collect();
     let key_policies = policies_at_open(state, &script)?;
     let mut shares_needed = 0;

@@ -75,6 +75,40 @@ pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> R
 /// who may use the key made by the administrative quorum rather than by
 /// one that covers the policy (R7).
 pub fn enrollment_takes_no_policy_place(custody: &Custody, officer_id: &str) -> Result<(), Error> {
+    // Nor the place of a custodian of the current backup KEK, who still
+    // holds a share (I1 counts the share holders by id).
+    let kek = custody
+        .ceremonies
+        .journal
+        .backup_kek()
+        .map_err(crate::ceremonies::journal_failure)?;
+    if kek.is_some_and(|k| k.custodians.iter().any(|c| c == officer_id)) {
+        return Err(Error::new(
+            Reason::BadOfficer,
+            format!(
+                "{officer_id} holds a share of the current backup KEK: whoever is enrolled under that id would count as its holder; enroll the officer under a new id"
+            ),
+        ));
+    }
+    // Nor a place a waiting SET_POLICY gives that id: its approvers meant
+    // the officer enrolled under it when it was asked.
+    let pending = custody
+        .dual_control
+        .pending_operations()
+        .map_err(super::request::store_failure)?;
+    for waiting in pending {
+        if let Spec::SetPolicy { officers, .. } = &waiting.spec {
+            if officers.iter().any(|o| o == officer_id) {
+                return Err(Error::new(
+                    Reason::BadOfficer,
+                    format!(
+                        "the waiting {} puts {officer_id} in a policy: whoever is enrolled under that id would take that place; let it run or expire first, or enroll the officer under a new id",
+                        waiting.name()
+                    ),
+                ));
+            }
+        }
+    }
     for key in custody.registry.list(None, usize::MAX) {
         if let Some((kind, _)) = key.policies.iter().find(|(_, q)| q.contains(officer_id)) {
             return Err(Error::new(
@@ -189,6 +223,15 @@ pub async fn execute(custody: &Custody, record: &OperationRecord) -> Result<Outc
             officers,
             required,
         } => {
+            // The officers it names are still enrolled (none of their ids
+            // was given to someone else meanwhile: threat model D7 refuses
+            // that while this operation waits).
+            if let Some(gone) = officers.iter().find(|o| !custody.dual_control.enrolled(o)) {
+                return Err(Error::new(
+                    Reason::PolicyChanged,
+                    format!("{gone} is no longer an officer: request the policy again"),
+                ));
+            }
             let (_guard, current) = crate::keys::locked(custody, key_id).await?;
             let mut key = (*current).clone();
             if *required == 0 {

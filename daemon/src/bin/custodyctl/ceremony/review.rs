@@ -90,6 +90,7 @@ pub(super) fn check(file: &Path) -> Result<(), String> {
     let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
     let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
     let script = Script::parse(&text).map_err(|e| e.to_string())?;
+    script.check_holders().map_err(|e| e.to_string())?;
     // Every check before any output, so a refused script prints nothing
     // that could be read as a plan.
     let bundle = match script.kind() {

@@ -153,7 +153,10 @@ fn a_key_policy_breaking_a_rule_is_refused_naming_its_field() {
         "officers = [\"alice\", \"bob\"]\nrequired = 2\n\n[kek]",
         1,
     );
-    let error = Script::parse(&narrower).unwrap_err();
+    let error = Script::parse(&narrower)
+        .unwrap()
+        .check_holders()
+        .unwrap_err();
     assert_eq!(error.field(), Some("shares.threshold"), "{error}");
     assert!(
         error.to_string().contains("needs 2 of alice, bob"),
