@@ -429,19 +429,36 @@ pub fn policy_change_quorum(
     ))
 }
 
-/// Whether `keys` may be wrapped under a backup KEK that any `holders.required`
-/// of its custodians (`holders.members`) rebuild (threat model I1): only
-/// if those holders cover ([`Quorum::covers`]) the administrative quorum
-/// (`admin`, as it stands now) and each key's SIGN or DECRYPT policy,
-/// since rebuilding the KEK yields every key wrapped under it. Otherwise
-/// fewer of a key's officers than its quorum, or people it does not name,
-/// could use it offline; refused `BACKUP_KEK_TOO_WEAK`, naming the policy.
+/// Whether `keys` may be wrapped under a backup KEK that any
+/// `custodians.required` of its custodians (`custodians.members`) rebuild
+/// (threat model I1): only if those holders cover ([`Quorum::covers`]) the
+/// administrative quorum (`admin`, as it stands now) and each key's SIGN
+/// or DECRYPT policy, since rebuilding the KEK yields every key wrapped
+/// under it. Otherwise fewer of a key's officers than its quorum, or
+/// people it does not name, could use it offline; refused
+/// `BACKUP_KEK_TOO_WEAK`, naming the policy. Only officers `enrolled` now
+/// count as a policy's or as themselves: a custodian removed since still
+/// holds a share, as an outsider to every policy.
 pub fn backup_kek_covers<'k>(
     admin: &Quorum,
-    holders: &Quorum,
+    custodians: &Quorum,
     keys: impl IntoIterator<Item = &'k KeyRecord>,
     enrolled: impl Fn(&str) -> bool,
 ) -> Result<(), Error> {
+    let holders = Quorum {
+        members: custodians
+            .members
+            .iter()
+            .map(|custodian| {
+                if enrolled(custodian) {
+                    custodian.clone()
+                } else {
+                    format!("{custodian} (no longer an officer)")
+                }
+            })
+            .collect(),
+        required: custodians.required,
+    };
     let too_weak = |what: String, needs: &Quorum| {
         Error::new(
             Reason::BackupKekTooWeak,
@@ -467,8 +484,6 @@ pub fn backup_kek_covers<'k>(
             let Some(policy) = key.policies.get(kind) else {
                 continue;
             };
-            // Only officers enrolled now count as the policy's: a share
-            // kept by one removed since is an outsider's.
             let standing = Quorum {
                 members: policy
                     .members

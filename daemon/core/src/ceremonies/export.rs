@@ -69,8 +69,7 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
 
 /// Who rebuilds `kek`: any `threshold` of its custodians, as its record
 /// keeps them or, for a record made before it did, as its ceremony's
-/// script named them. A custodian no longer enrolled still holds a share:
-/// they count as an outsider to every policy.
+/// script named them.
 fn holders(custody: &Custody, kek: &BackupKek) -> Result<Quorum, Error> {
     let unknown = |why: String| {
         Error::new(
@@ -99,14 +98,7 @@ fn holders(custody: &Custody, kek: &BackupKek) -> Result<Quorum, Error> {
     } else {
         kek.custodians.clone()
     };
-    let named = custodians.into_iter().map(|custodian| {
-        if custody.dual_control.enrolled(&custodian) {
-            custodian
-        } else {
-            format!("{custodian} (no longer an officer)")
-        }
-    });
-    Quorum::new(named, u32::from(kek.threshold)).map_err(unknown)
+    Quorum::new(custodians, u32::from(kek.threshold)).map_err(unknown)
 }
 
 /// Whether a backup-exportable key's version goes into a bundle: neither

@@ -222,16 +222,9 @@ fn reservable<'r>(
             format!("{name} is in use again; cancel the destruction"),
         ));
     }
-    if let Some(since) = existing.destroying_since_ms {
-        if carrier != Carrier::Scheduler {
-            return Err(Error::new(
-                Reason::AlreadyDestroyed,
-                format!(
-                    "{name}'s destruction began at {} on the schedule and is being finished",
-                    crate::audit::rfc3339_ms(since)
-                ),
-            ));
-        }
+    // A destruction the scheduler began is the scheduler's to finish.
+    if carrier != Carrier::Scheduler {
+        not_being_destroyed(record, version)?;
     }
     match (&existing.reserved_by, carrier) {
         (None, _) => Ok(existing),
