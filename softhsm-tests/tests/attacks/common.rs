@@ -416,7 +416,8 @@ fn published_audit_key(token: &TestToken) -> std::path::PathBuf {
 pub(crate) struct Backup {
     /// The bundle of every backup-exportable key.
     pub(crate) bundle: String,
-    /// The custodians' shares of its backup KEK (2 of alice, bob, carol).
+    /// The custodians' shares of its backup KEK (alice's, bob's and carol's; 2
+    /// of them rebuild it unless the KEK script says otherwise).
     pub(crate) shares: BTreeMap<String, String>,
     /// Each bundled key as GetKey showed it at backup time.
     pub(crate) keys: BTreeMap<String, Key>,
@@ -432,14 +433,21 @@ pub(crate) async fn back_up_a_source(
     token: &TestToken,
     prepare: impl AsyncFnOnce(&TestService),
 ) -> Backup {
+    back_up_a_source_with(token, &kek_script("kek-1", "envelope-kek", false), prepare).await
+}
+
+/// [`back_up_a_source`] with the backup KEK made by `kek_script` (a KEK
+/// script, generate mode, whose custodians are alice, bob and carol).
+pub(crate) async fn back_up_a_source_with(
+    token: &TestToken,
+    kek_script: &str,
+    prepare: impl AsyncFnOnce(&TestService),
+) -> Backup {
     token.add_token(DR_TOKEN);
     let mut source = TestService::start(token).await;
     let backup = {
         let officers = officers_of(&source).await;
-        let (_, shares) = officers
-            .run_backup_kek(&kek_script("kek-1", "envelope-kek", false))
-            .await
-            .unwrap();
+        let (_, shares) = officers.run_backup_kek(kek_script).await.unwrap();
         prepare(&source).await;
         let bundle = officers
             .approved_backup("alice", &["bob", "carol"])

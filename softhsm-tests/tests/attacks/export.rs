@@ -20,9 +20,21 @@
 //! still 2 must not run once it is 3. Safe: a backup KEK must need at least
 //! as many shares as every included key's SIGN or DECRYPT policy names, when
 //! the backup is asked and again when it runs (`BACKUP_KEK_TOO_WEAK`).
+//!
+//! A third keeps the departed: a backup KEK split 3 of alice, bob and carol
+//! is made but not made current; carol leaves with her share, and her id
+//! is enrolled for erin. Under `root`'s SIGN policy of 3 of alice, bob and
+//! "carol", the KEK is made current and a backup taken: alice, bob and the
+//! departed carol would rebuild it and sign without erin. Safe: the id of a
+//! custodian of any recorded backup KEK, and of an officer any key policy
+//! names, is not given to a newcomer (threat model D7), so the SIGN policy
+//! cannot name a "carol" who is not the share holder.
 
 use custody_core::ceremony::bundle::Bundle;
-use custody_proto::v1::{Algorithm, CeremonyState, OperationKind, OperationState, operation_spec};
+use custody_proto::v1::{
+    Algorithm, BackupKekSpec, BackupSpec, CeremonyState, OfficerSpec, OperationKind,
+    OperationState, SetPolicySpec, operation_spec,
+};
 use hsm_shim::SignAlgorithm;
 use softhsm_tests::ceremony::kek_script;
 use softhsm_tests::service::{OFFICERS, TestService, reason, runtime};
@@ -645,6 +657,98 @@ token_test!(
             let bundle = Bundle::parse(&bundle).unwrap();
             assert_eq!(bundle.manifest.backup_kek.threshold, 3);
             assert!(bundle.manifest.keys.iter().any(|k| k.key_id == "root"));
+        });
+    }
+);
+
+token_test!(
+    fn i1_a_departed_share_holder_s_id_is_not_given_to_someone_else(token) {
+        runtime().block_on(async {
+            // Administrative quorum 2 of alice, bob and carol. A KEK
+            // ceremony splits a backup KEK 3 of the three; it is not made
+            // current yet (threat model D7 with I1). Every request below is the operator's, every
+            // approval alice's and bob's.
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            let operator = service.client("operator").await;
+            let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
+            let (made, shares) = officers.run(&kek).await.unwrap();
+            assert_eq!(state(&made), CeremonyState::Completed, "{}", made.error);
+            create_key(&operator, "root", Algorithm::EcSignP256Sha256, true).await.unwrap();
+            let signer = service.client("ca-issuing").await;
+            let live = public_key_pem(&signer, "root").await.unwrap();
+            let approved = async |spec: operation_spec::Spec| -> Result<custody_proto::v1::Operation, String> {
+                let asked = softhsm_tests::service::request_operation(&operator, spec)
+                    .await
+                    .map_err(|e| refusal("the request", &e))?;
+                service.approve("alice", &asked).await.map_err(|e| refusal("alice's approval", &e))?;
+                let done = service.approve("bob", &asked).await.map_err(|e| refusal("bob's approval", &e))?;
+                if done.state == OperationState::Succeeded as i32 {
+                    Ok(done)
+                } else {
+                    Err(format!("{} did not succeed: {}", done.name, done.error))
+                }
+            };
+
+            // carol leaves, keeping her share; her id goes to erin.
+            approved(operation_spec::Spec::RemoveOfficer(OfficerSpec {
+                officer_id: "carol".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+            let erin_as_carol = custody_core::dual_control::officer_key::OfficerKey::generate(
+                "carol",
+                &hsm_shim::SecretString::from("erin's passphrase".to_string()),
+            )
+            .unwrap()
+            .0;
+            let takeover = approved(operation_spec::Spec::AddOfficer(OfficerSpec {
+                officer_id: "carol".into(),
+                principal: "erin".into(),
+                public_key: erin_as_carol.public_key().to_vec(),
+            }))
+            .await;
+
+            let stolen: Result<String, String> = async {
+                approved(operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/root".into(),
+                    operation: OperationKind::Sign as i32,
+                    officers: vec!["alice".into(), "bob".into(), "carol".into()],
+                    required: 3,
+                }))
+                .await?;
+                approved(operation_spec::Spec::ActivateBackupKek(BackupKekSpec {
+                    ceremony: made.name.clone(),
+                    ..Default::default()
+                }))
+                .await?;
+                let backup = approved(operation_spec::Spec::CreateBackup(BackupSpec::default())).await?;
+                let bundle = Bundle::parse(&backup.backup_bundle).map_err(|e| e.to_string())?;
+                let private_key = unwrap_and_sign(
+                    token,
+                    &bundle,
+                    &[&shares["alice"], &shares["bob"], &shares["carol"]],
+                    ("root", &live, SignAlgorithm::EcdsaP256Sha256),
+                )?;
+                Ok(format!(
+                    "alice, bob and the departed carol unwrap root ({} bytes of PKCS#8), whose SIGN policy is 3 of alice, bob and carol (erin)",
+                    private_key.len()
+                ))
+            }
+            .await;
+            assert!(
+                stolen.is_err(),
+                "a departed share holder and two officers used a key whose SIGN policy names a third: {}",
+                stolen.unwrap_or_default()
+            );
+            // Where it stopped: erin's enrollment under carol's id. (The
+            // KEK's own SIGN policy, the administrative quorum's of its
+            // ceremony's opening, names carol as well, and refuses it too:
+            // this test passed before the rule on share holders of KEKs not
+            // yet current, which does not lean on that policy.)
+            let refused = takeover.unwrap_err();
+            assert!(refused.contains("BAD_OFFICER"), "{refused}");
         });
     }
 );

@@ -19,19 +19,30 @@
 //! "carol" approve a signature. Safe: an id a key policy names is not
 //! given to a new officer (`execute::enrollment_takes_no_policy_place`,
 //! `BAD_OFFICER` when asked and when run), so only two of the policy's
-//! own officers ever approve, and nothing is signed.
+//! own officers ever approve, and nothing is signed. The same holds while a
+//! restore whose bundle names the id is open: the restored key would
+//! otherwise come back usable with the newcomer in the departed officer's
+//! place.
 
 use custody_core::dual_control::approval_message;
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::identity::Role;
+use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
+use custody_proto::v1::{Algorithm, CeremonyState, CreateKeyRequest, KeyPurpose, KeyVersionState};
 use custody_proto::v1::{
     Digest, OfficerSpec, Operation, OperationState, SetPolicySpec, SignSpec, VoteRequest, digest,
     operation_spec,
 };
 use sha2::Digest as _;
+use softhsm_tests::ceremony::kek_script;
 use softhsm_tests::service::{TestService, create_key, request_operation, runtime};
 use softhsm_tests::token_test;
+
+use crate::common::{
+    back_up_a_source_with, get_key, officers_of, open_restore, recovery_daemon, state,
+    submit_shares,
+};
 
 /// A new officer key for `officer_id`.
 fn new_key(officer_id: &str) -> OfficerKey {
@@ -105,6 +116,46 @@ token_test!(
         });
     }
 );
+
+/// Whether `key_id` signs a digest the CA asks for once alice and bob have
+/// approved and erin, enrolled under `officer_id` with `key`, has voted as
+/// that officer (false if the signature cannot even be asked for).
+async fn signed_by_alice_bob_and(
+    service: &TestService,
+    key_id: &str,
+    officer_id: &str,
+    key: &OfficerKey,
+) -> bool {
+    let sign = request_operation(
+        &service.client("ca-issuing").await,
+        operation_spec::Spec::Sign(SignSpec {
+            name: format!("keys/{key_id}"),
+            digest: Some(Digest {
+                digest: Some(digest::Digest::Sha256(
+                    sha2::Sha256::digest(b"a certificate").to_vec(),
+                )),
+            }),
+            encoding: 0,
+        }),
+    )
+    .await;
+    let Ok(sign) = sign else {
+        return false;
+    };
+    service.approve("alice", &sign).await.unwrap();
+    service.approve("bob", &sign).await.unwrap();
+    let vote = VoteRequest {
+        name: sign.name.clone(),
+        officer_id: officer_id.into(),
+        signature: key
+            .sign(&approval_message(&sign.digest.clone().try_into().unwrap()))
+            .to_vec(),
+    };
+    let third = OperationServiceClient::new(service.client_as("erin", &[Role::Officer]).await)
+        .approve_operation(vote)
+        .await;
+    third.is_ok_and(|o| o.get_ref().signature.is_some())
+}
 
 /// Removes `officer_id`, approved by alice and bob.
 async fn remove(service: &TestService, officer_id: &str) {
@@ -180,33 +231,7 @@ token_test!(
                 }
                 Err(_) => false,
             };
-            let sign = request_operation(
-                &service.client("ca-issuing").await,
-                operation_spec::Spec::Sign(SignSpec {
-                    name: "keys/root".into(),
-                    digest: Some(Digest {
-                        digest: Some(digest::Digest::Sha256(
-                            sha2::Sha256::digest(b"a certificate").to_vec(),
-                        )),
-                    }),
-                    encoding: 0,
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("alice", &sign).await.unwrap();
-            service.approve("bob", &sign).await.unwrap();
-            let vote = VoteRequest {
-                name: sign.name.clone(),
-                officer_id: "carol".into(),
-                signature: erin_as_carol
-                    .sign(&approval_message(&sign.digest.clone().try_into().unwrap()))
-                    .to_vec(),
-            };
-            let third = OperationServiceClient::new(service.client_as("erin", &[Role::Officer]).await)
-                .approve_operation(vote)
-                .await;
-            let signed = third.as_ref().is_ok_and(|o| o.get_ref().signature.is_some());
+            let signed = signed_by_alice_bob_and(&service, "root", "carol", &erin_as_carol).await;
             assert!(
                 !signed,
                 "alice, bob and erin (enrolled as carol: {took_over}) signed with root, whose SIGN policy is 3 of alice, bob, carol and dave"
@@ -272,6 +297,84 @@ token_test!(
             // Named officer gone since it was asked: the policy does not run.
             assert_eq!(done.state, OperationState::Failed as i32, "{}", done.error);
             assert!(done.error.contains("POLICY_CHANGED"), "{}", done.error);
+        });
+    }
+);
+
+token_test!(
+    fn an_id_a_restore_in_progress_names_is_not_given_to_someone_else(token) {
+        runtime().block_on(async {
+            // D7 across a restore. At the source, `root` signs under 3 of
+            // alice, bob, carol and dave, and is backed up under a KEK
+            // split 3 of alice, bob and carol (I1: they cover that). The
+            // fresh daemon enrolls alice, bob and carol only, so `root`
+            // would come back SUSPENDED for naming dave. While the restore
+            // waits for carol's share, alice and bob enroll erin's
+            // certificate as `dave`; carol hands in her share.
+            let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
+            let backup = back_up_a_source_with(token, &kek, async |source: &TestService| {
+                let operator = source.client("operator").await;
+                KeyServiceClient::new(operator.clone())
+                    .create_key(CreateKeyRequest {
+                        key_id: "root".into(),
+                        algorithm: Algorithm::EcSignP256Sha256 as i32,
+                        purpose: KeyPurpose::AsymmetricSign as i32,
+                        allowed_signers: vec!["ca-issuing".into()],
+                        backup_exportable: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                enroll(source, "dave", "dave", &new_key("dave")).await;
+                let policy = request_operation(
+                    &operator,
+                    root_policy(custody_proto::v1::OperationKind::Sign, &["alice", "bob", "carol", "dave"], 3),
+                )
+                .await
+                .unwrap();
+                approved_by_alice_and_bob(source, &policy).await;
+            })
+            .await;
+
+            let dr = recovery_daemon(token).await;
+            let officers = officers_of(&dr).await;
+            let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
+            submit_shares(&officers, &name, &backup.shares).await.unwrap();
+            let erin_as_dave = new_key("dave");
+            let takeover = request_operation(
+                &dr.client("operator").await,
+                operation_spec::Spec::AddOfficer(OfficerSpec {
+                    officer_id: "dave".into(),
+                    principal: "erin".into(),
+                    public_key: erin_as_dave.public_key().to_vec(),
+                }),
+            )
+            .await;
+            let took_over = match &takeover {
+                Ok(asked) => {
+                    dr.approve("alice", asked).await.unwrap();
+                    dr.approve("bob", asked).await.unwrap().state == OperationState::Succeeded as i32
+                }
+                Err(_) => false,
+            };
+            let done = officers.submit_share("carol", &name, &backup.shares["carol"]).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+
+            let signed = signed_by_alice_bob_and(&dr, "root", "dave", &erin_as_dave).await;
+            assert!(
+                !signed,
+                "alice, bob and erin (enrolled as dave during the restore: {took_over}) signed with the restored root, whose SIGN policy is 3 of alice, bob, carol and dave"
+            );
+            // Where it stopped: the enrollment, refused when asked; and
+            // root came back SUSPENDED, naming an officer not enrolled.
+            let refused = takeover.unwrap_err();
+            assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
+            assert!(refused.message().contains(&name), "{}", refused.message());
+            let root = get_key(&dr.client("operator").await, "root").await.unwrap();
+            assert!(
+                root.versions.iter().all(|v| v.state() == KeyVersionState::Suspended),
+                "{root:?}"
+            );
         });
     }
 );

@@ -16,11 +16,17 @@
 //! no longer a promotion (`authz::is_promotion` wants a version newer than
 //! the primary), needs only the (absent) SET_STATE policy, and the operator
 //! alone makes it the signing version, where the source needed 3 officers.
+//!
+//! A key whose policies name an officer the fresh daemon does not enroll
+//! comes back with its usable versions SUSPENDED (threat model I3); a
+//! suspended version is brought back by SET_STATE alone. Safe: a staged
+//! version stays pre-activation, so promoting it still needs ROTATE's
+//! quorum as well (C13).
 
 use custody_proto::v1::signing_service_client::SigningServiceClient;
 use custody_proto::v1::{
-    Algorithm, CeremonyState, KeyVersionState, OperationKind, OperationState, SignRequest, digest,
-    operation_spec, sign_request,
+    Algorithm, CeremonyState, KeyVersionState, Operation, OperationKind, OperationState,
+    SignRequest, digest, operation_spec, sign_request,
 };
 use sha2::Digest as _;
 use softhsm_tests::ceremony::root_script;
@@ -131,19 +137,7 @@ token_test!(
             assert_eq!(key.versions[1].state, KeyVersionState::PreActivation as i32);
             assert!(!key.versions[1].certificate_chain_pem.is_empty());
 
-            // Two officers (SET_STATE's 2 of 3) ask to activate v2.
-            let activate = request_operation(
-                &operator,
-                operation_spec::Spec::SetState(custody_proto::v1::SetStateSpec {
-                    name: "keys/issuing-ca/versions/2".into(),
-                    state: KeyVersionState::Active as i32,
-                    reason: String::new(),
-                }),
-            )
-            .await
-            .unwrap();
-            service.approve("alice", &activate).await.unwrap();
-            let two = service.approve("bob", &activate).await.unwrap();
+            let (activate, two) = alice_and_bob_activate_v2(&service).await;
             let signed = SigningServiceClient::new(service.client("ca-issuing").await)
                 .sign(SignRequest {
                     name: "keys/issuing-ca/versions/2".into(),
@@ -163,6 +157,93 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn a_staged_version_of_a_key_restored_suspended_is_not_activated_by_fewer_officers_than_promotion_needs(
+        token
+    ) {
+        runtime().block_on(async {
+            // At the source, `issuing-ca` has v1 active and a staged v2,
+            // ROTATE 3 and SET_STATE 2 of alice, bob and carol, and an
+            // UPDATE_KEY policy naming dave, whom the fresh daemon does not
+            // enroll: the key comes back with its usable versions
+            // SUSPENDED. Bringing a suspended version back takes SET_STATE
+            // alone; the staged v2 must still need ROTATE's 3 as well.
+            let backup = back_up_a_source(token, async |source: &TestService| {
+                let officers = officers_of(source).await;
+                staged_issuer(source, &officers).await;
+                source.gate("issuing-ca", OperationKind::SetState).await;
+                let operator = source.client("operator").await;
+                let dave = custody_core::dual_control::officer_key::OfficerKey::generate(
+                    "dave",
+                    &hsm_shim::SecretString::from("dave's passphrase".to_string()),
+                )
+                .unwrap()
+                .0;
+                for spec in [
+                    operation_spec::Spec::AddOfficer(custody_proto::v1::OfficerSpec {
+                        officer_id: "dave".into(),
+                        principal: "dave".into(),
+                        public_key: dave.public_key().to_vec(),
+                    }),
+                    operation_spec::Spec::SetPolicy(custody_proto::v1::SetPolicySpec {
+                        name: "keys/issuing-ca".into(),
+                        operation: OperationKind::UpdateKey as i32,
+                        officers: vec!["alice".into(), "bob".into(), "dave".into()],
+                        required: 2,
+                    }),
+                ] {
+                    let asked = request_operation(&operator, spec).await.unwrap();
+                    source.approve("alice", &asked).await.unwrap();
+                    let done = source.approve("bob", &asked).await.unwrap();
+                    assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+                }
+            })
+            .await;
+            let dr = recovery_daemon(token).await;
+            let officers = officers_of(&dr).await;
+            let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
+            let done = submit_shares(&officers, &name, &backup.shares).await.unwrap();
+            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let operator = dr.client("operator").await;
+            let restored = get_key(&operator, "issuing-ca").await.unwrap();
+
+            let (activate, two) = alice_and_bob_activate_v2(&dr).await;
+            assert!(
+                activate.required >= 3 && two.state != OperationState::Succeeded as i32,
+                "2 officers activated the staged v2 of the restored key (versions {:?}; operation needed {}, state {})",
+                restored.versions.iter().map(|v| (v.version, v.state())).collect::<Vec<_>>(),
+                activate.required,
+                two.state
+            );
+            // v1, active at the source, came back SUSPENDED; v2 staged.
+            let states: Vec<_> = restored.versions.iter().map(|v| (v.version, v.state())).collect();
+            assert_eq!(
+                states,
+                [(1, KeyVersionState::Suspended), (2, KeyVersionState::PreActivation)]
+            );
+        });
+    }
+);
+
+/// Two officers (SET_STATE's 2 of 3) ask to activate `issuing-ca`'s v2:
+/// the operator's request, and the operation after alice's and bob's
+/// approvals.
+async fn alice_and_bob_activate_v2(service: &TestService) -> (Operation, Operation) {
+    let activate = request_operation(
+        &service.client("operator").await,
+        operation_spec::Spec::SetState(custody_proto::v1::SetStateSpec {
+            name: "keys/issuing-ca/versions/2".into(),
+            state: KeyVersionState::Active as i32,
+            reason: String::new(),
+        }),
+    )
+    .await
+    .unwrap();
+    service.approve("alice", &activate).await.unwrap();
+    let two = service.approve("bob", &activate).await.unwrap();
+    (activate, two)
+}
 
 /// A root, `issuing-ca` with ROTATE 3 of 3 and a staged, certified v2.
 async fn staged_issuer(service: &TestService, officers: &softhsm_tests::ceremony::Officers<'_>) {

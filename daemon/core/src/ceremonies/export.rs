@@ -172,6 +172,24 @@ pub fn activation_of(custody: &Custody, ceremony: &str) -> Result<Spec, Error> {
 }
 
 /// The ACTIVATE_BACKUP_KEK spec for `ceremony`'s backup KEK, and the KEK.
+/// The name of the KEK ceremony whose backup KEK, current or one that may
+/// be made current, `officer_id` holds a share of, if any (threat model
+/// D7: whoever is enrolled under that id would count as its holder).
+pub fn share_held_by(custody: &Custody, officer_id: &str) -> Result<Option<String>, Error> {
+    let keks = custody
+        .ceremonies
+        .journal
+        .recorded_backup_keks()
+        .map_err(engine::journal_failure)?;
+    for kek in keks {
+        // A KEK whose holders are not known backs nothing up (I1).
+        if holders(custody, &kek).is_ok_and(|h| h.contains(officer_id)) {
+            return Ok(Some(format!("ceremonies/{}", kek.ceremony)));
+        }
+    }
+    Ok(None)
+}
+
 fn activation(custody: &Custody, ceremony: &str) -> Result<(Spec, BackupKek), Error> {
     let journal = &custody.ceremonies.journal;
     let kek = journal

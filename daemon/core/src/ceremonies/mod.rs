@@ -109,6 +109,40 @@ fn script_of(record: &CeremonyRecord) -> Result<Script, Error> {
     })
 }
 
+/// The name of an unfinished ceremony that names `officer_id`, if one
+/// does: among the officers who may sign in or hold a secret, in the
+/// policies its key is registered under at the commit, or in the policies
+/// of a restore's bundle. Until it finishes, whoever is enrolled under the
+/// id then would take that place (threat model D7).
+pub fn open_ceremony_naming(state: &Custody, officer_id: &str) -> Result<Option<String>, Error> {
+    for record in state
+        .ceremonies
+        .journal
+        .unfinished()
+        .map_err(journal_failure)?
+    {
+        let in_script = script_of(&record).is_ok_and(|s| s.participants().contains(&officer_id));
+        let in_key_policies = record
+            .key_policies
+            .iter()
+            .flat_map(|policies| policies.values())
+            .any(|quorum| quorum.contains(officer_id));
+        let in_bundle = !record.bundle.is_empty()
+            && Bundle::parse(&record.bundle).is_ok_and(|bundle| {
+                bundle
+                    .manifest
+                    .protections
+                    .iter()
+                    .flat_map(|key| key.policies.values())
+                    .any(|policy| policy.officers.iter().any(|o| o == officer_id))
+            });
+        if in_script || in_key_policies || in_bundle {
+            return Ok(Some(format!("ceremonies/{}", record.id)));
+        }
+    }
+    Ok(None)
+}
+
 /// Ceremony `id` and its script, for a step allowed only in `phase`.
 fn load_in(
     state: &Custody,

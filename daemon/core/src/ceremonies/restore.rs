@@ -256,7 +256,7 @@ pub(super) async fn restore(
             "protections",
             "custodyd",
             format!(
-                "{} restored with every version SUSPENDED: {}; its protections are kept as the manifest gives them",
+                "{} restored with every active version SUSPENDED: {}; its protections are kept as the manifest gives them",
                 key.key_id, key.reason
             ),
             detail,
@@ -272,7 +272,7 @@ pub(super) async fn restore(
 }
 
 /// A key whose protections could not be reproduced here, and why: it is
-/// registered with every version SUSPENDED.
+/// registered with every active version SUSPENDED.
 struct Unreproducible {
     key_id: String,
     reason: String,
@@ -301,8 +301,8 @@ fn unreproducible(protections: &KeyProtections, enrolled: &dyn Fn(&str) -> bool)
 /// version the state, its time, the activation time, a destruction
 /// schedule and a legal hold, all as at the source. A key whose
 /// protections cannot be reproduced ([`unreproducible`]) keeps them as
-/// given but has every version SUSPENDED; those keys are returned with the
-/// reason.
+/// given but has every active version SUSPENDED; those keys are returned
+/// with the reason.
 fn restored_records(
     restored: &[(KeyLabel, &BundledKey)],
     protections: &[KeyProtections],
@@ -334,8 +334,12 @@ fn restored_records(
                 .map(|(label, key)| restored_version(label, key, now))
                 .collect();
             if let Some(reason) = problem {
+                // Only what could be used is suspended: a staged version
+                // stays pre-activation (promoting it still takes ROTATE's
+                // quorum, C13), a deactivated or compromised one stays out
+                // of use, since SET_STATE alone brings a suspended one back.
                 for version in &mut records {
-                    if version.state != VersionState::Suspended {
+                    if version.state == VersionState::Active {
                         version.state = VersionState::Suspended;
                         version.state_ms = now;
                     }
@@ -663,7 +667,7 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_naming_an_officer_unknown_here_restores_every_version_suspended() {
+    fn a_policy_naming_an_officer_unknown_here_restores_its_active_versions_suspended() {
         let (records, suspended) = restore_with(&["alice", "bob", "dave"], &|o: &str| o != "dave");
         assert_eq!(suspended.len(), 1);
         assert_eq!(suspended[0].key_id, "issuer");
@@ -673,10 +677,16 @@ mod tests {
             suspended[0].reason
         );
         let key = &records[0];
-        assert!(
-            key.versions
-                .iter()
-                .all(|v| v.state == VersionState::Suspended)
+        // The active v3 is suspended; the deactivated v1 is not brought
+        // nearer to use (SET_STATE alone brings a suspended one back).
+        let states: Vec<_> = key.versions.iter().map(|v| v.state).collect();
+        assert_eq!(
+            states,
+            [
+                VersionState::Deactivated,
+                VersionState::Suspended,
+                VersionState::Suspended
+            ]
         );
         // The protections stay as given, the hold included.
         assert_eq!(key.policies["SIGN"].required, 2);

@@ -167,7 +167,7 @@ pub struct RestoreOutcome {
     pub scratch_objects_destroyed: u32,
     /// Whether it was a drill.
     pub drill: bool,
-    /// Keys restored with every version SUSPENDED, their protections not
+    /// Keys restored with every active version SUSPENDED, their protections not
     /// reproducible here (the transcript says why).
     #[serde(default)]
     pub suspended_keys: Vec<String>,
@@ -488,17 +488,23 @@ impl Journal {
 
     /// The backup KEK ceremony `ceremony` made, if it made one.
     pub fn backup_kek_of(&self, ceremony: &str) -> Result<Option<BackupKek>, JournalError> {
+        Ok(self
+            .recorded_backup_keks()?
+            .into_iter()
+            .find(|kek| kek.ceremony == ceremony))
+    }
+
+    /// Every backup KEK recorded, current or not: any of them may be made
+    /// current by an ACTIVATE_BACKUP_KEK.
+    pub fn recorded_backup_keks(&self) -> Result<Vec<BackupKek>, JournalError> {
+        let mut keks = Vec::new();
         for item in self.backup_keks.iter() {
             let (key, bytes) = item.map_err(err)?;
-            if key.as_slice() == CURRENT_BACKUP_KEK {
-                continue;
-            }
-            let kek: BackupKek = crate::stored::open(&key, &bytes).map_err(err)?;
-            if kek.ceremony == ceremony {
-                return Ok(Some(kek));
+            if key.as_slice() != CURRENT_BACKUP_KEK {
+                keks.push(crate::stored::open(&key, &bytes).map_err(err)?);
             }
         }
-        Ok(None)
+        Ok(keks)
     }
 
     /// Makes `kek`, one recorded by [`Journal::record_backup_kek`], the

@@ -75,18 +75,24 @@ pub fn removal_keeps_policies_possible(custody: &Custody, officer_id: &str) -> R
 /// who may use the key made by the administrative quorum rather than by
 /// one that covers the policy (R7).
 pub fn enrollment_takes_no_policy_place(custody: &Custody, officer_id: &str) -> Result<(), Error> {
-    // Nor the place of a custodian of the current backup KEK, who still
-    // holds a share (I1 counts the share holders by id).
-    let kek = custody
-        .ceremonies
-        .journal
-        .backup_kek()
-        .map_err(crate::ceremonies::journal_failure)?;
-    if kek.is_some_and(|k| k.custodians.iter().any(|c| c == officer_id)) {
+    // Nor the place of a custodian of a backup KEK, who still holds a
+    // share (I1 counts the share holders by id): of the current one, or of
+    // one an ACTIVATE_BACKUP_KEK may make current.
+    if let Some(ceremony) = crate::ceremonies::export::share_held_by(custody, officer_id)? {
         return Err(Error::new(
             Reason::BadOfficer,
             format!(
-                "{officer_id} holds a share of the current backup KEK: whoever is enrolled under that id would count as its holder; enroll the officer under a new id"
+                "{officer_id} holds a share of the backup KEK {ceremony} made: whoever is enrolled under that id would count as its holder; enroll the officer under a new id"
+            ),
+        ));
+    }
+    // Nor a place an open ceremony gives that id: a restore registers its
+    // bundle's policies, a key ceremony its script's, at the commit.
+    if let Some(ceremony) = crate::ceremonies::open_ceremony_naming(custody, officer_id)? {
+        return Err(Error::new(
+            Reason::BadOfficer,
+            format!(
+                "the open {ceremony} names {officer_id}: whoever is enrolled under that id would take that place; finish or abort it first, or enroll the officer under a new id"
             ),
         ));
     }

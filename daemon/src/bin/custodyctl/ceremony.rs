@@ -732,7 +732,9 @@ fn print_ceremony(ceremony: &Ceremony) {
             }
         );
         for key in &restore.suspended_keys {
-            outln!("  {key} restored with every version SUSPENDED: see the transcript for why");
+            outln!(
+                "  {key} restored with every active version SUSPENDED: see the transcript for why"
+            );
         }
     }
     if !ceremony.error.is_empty() {
