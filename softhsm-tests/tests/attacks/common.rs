@@ -490,6 +490,22 @@ pub(crate) async fn recovery_daemon(token: &TestToken) -> TestService {
     .await
 }
 
+/// The fresh daemon of [`recovery_daemon`] with `backup` restored into it
+/// by an honest ceremony ([`open_restore`], then [`submit_shares`]);
+/// panics unless the restore completes.
+pub(crate) async fn restored_whole(token: &TestToken, backup: &Backup) -> TestService {
+    let dr = recovery_daemon(token).await;
+    let officers = officers_of(&dr).await;
+    let name = open_restore(&officers, "restore-1", &backup.bundle)
+        .await
+        .unwrap();
+    let done = submit_shares(&officers, &name, &backup.shares)
+        .await
+        .unwrap();
+    assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+    dr
+}
+
 /// An honest restore of `bundle`, 2 of alice, bob and carol: alice opens
 /// it, alice and bob sign in, and it waits for shares. Its name.
 pub(crate) async fn open_restore(

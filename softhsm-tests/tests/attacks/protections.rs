@@ -14,15 +14,15 @@
 
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{
-    Algorithm, CeremonyState, CreateKeyRequest, Key, KeyPurpose, KeyVersionState, OperationKind,
+    Algorithm, CreateKeyRequest, Key, KeyPurpose, KeyVersionState, OperationKind,
     SetLegalHoldRequest, UpdateKeyRequest,
 };
 use softhsm_tests::service::{TestService, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    PAYLOAD, back_up_a_source, get_key, officers_of, open_restore, recovery_daemon, rotate,
-    set_state, sign, state, submit_shares, unless_quorum_required,
+    PAYLOAD, back_up_a_source, get_key, restored_whole, rotate, set_state, sign,
+    unless_quorum_required,
 };
 
 /// Everything about a key that protects it.
@@ -125,11 +125,7 @@ token_test!(
             let source = protections(&backup.keys["issuer"]);
             assert_eq!((source.policies.len(), source.min_version, source.versions.len()), (3, 2, 3));
 
-            let dr = recovery_daemon(token).await;
-            let officers = officers_of(&dr).await;
-            let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
-            let done = submit_shares(&officers, &name, &backup.shares).await.unwrap();
-            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let dr = restored_whole(token, &backup).await;
             let operator = dr.client("operator").await;
             let signer = dr.client("ca-issuing").await;
             let restored = protections(&get_key(&operator, "issuer").await.unwrap());

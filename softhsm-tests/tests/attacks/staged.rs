@@ -34,8 +34,7 @@ use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    back_up_a_source, create_key, get_key, officers_of, open_restore, recovery_daemon, set_state,
-    state, submit_shares,
+    back_up_a_source, create_key, get_key, officers_of, restored_whole, set_state, state,
 };
 
 /// The source: a root, `issuing-ca` (backup-exportable) with ROTATE 3 of 3
@@ -73,11 +72,7 @@ token_test!(
     fn a_staged_version_restored_without_its_primary_is_not_promoted_by_the_operator_alone(token) {
         runtime().block_on(async {
             let backup = back_up_a_source(token, staged_issuer_with_compromised_primary).await;
-            let dr = recovery_daemon(token).await;
-            let officers = officers_of(&dr).await;
-            let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
-            let done = submit_shares(&officers, &name, &backup.shares).await.unwrap();
-            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let dr = restored_whole(token, &backup).await;
 
             let operator = dr.client("operator").await;
             let restored = get_key(&operator, "issuing-ca").await.unwrap();
@@ -200,11 +195,7 @@ token_test!(
                 }
             })
             .await;
-            let dr = recovery_daemon(token).await;
-            let officers = officers_of(&dr).await;
-            let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
-            let done = submit_shares(&officers, &name, &backup.shares).await.unwrap();
-            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            let dr = restored_whole(token, &backup).await;
             let operator = dr.client("operator").await;
             let restored = get_key(&operator, "issuing-ca").await.unwrap();
 
