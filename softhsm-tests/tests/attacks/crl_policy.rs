@@ -10,9 +10,13 @@
 //! Safe: the root signs no CRL for the two: the SIGN policy in force when
 //! the HSM is asked is what the ceremony's quorum must cover, as an approved
 //! operation's quorum is re-checked at execution (`POLICY_CHANGED`).
+//!
+//! A third: the root's cryptoperiod has ended, so a Sign with it is
+//! refused `CRYPTOPERIOD_ENDED`; the officers open a crl ceremony over it.
+//! Safe: a ceremony signs only with a version the one lifecycle rule
+//! (`keys::usage::check_usable`) lets sign, as every other signature.
 
 use custody_proto::v1::{Algorithm, CeremonyState, OperationKind};
-use softhsm_tests::ceremony::root_script;
 use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::token_test;
 
@@ -28,11 +32,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
-            let root = root_script("c-root", "root-ca", true)
-                .replace("validity_days = 30", "validity_days = 3650")
-                .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
-            let (done, _) = officers.run(&root).await.unwrap();
-            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            officers.ca_root().await;
 
             let script = crl_script("c-race");
             let opened = officers.start("alice", &script, "").await.unwrap();
@@ -65,11 +65,7 @@ token_test!(
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
-            let root = root_script("c-root", "root-ca", true)
-                .replace("validity_days = 30", "validity_days = 3650")
-                .replace("EC_SIGN_P256_SHA256", "EC_SIGN_P384_SHA384");
-            let (done, _) = officers.run(&root).await.unwrap();
-            assert_eq!(state(&done), CeremonyState::Completed, "{}", done.error);
+            officers.ca_root().await;
             let operator = service.client("operator").await;
             create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, false).await.unwrap();
 
@@ -92,6 +88,58 @@ token_test!(
                 last.as_ref().map(state).map_err(reason),
                 state(&ceremony),
             );
+        });
+    }
+);
+
+token_test!(
+    fn a_crl_ceremony_does_not_sign_with_a_root_past_its_cryptoperiod(token) {
+        use custody_proto::v1::UpdateKeyRequest;
+        use custody_proto::v1::key_service_client::KeyServiceClient;
+        runtime().block_on(async {
+            let service = TestService::start(token).await;
+            let officers = officers_of(&service).await;
+            officers.ca_root().await;
+            KeyServiceClient::new(service.client("operator").await)
+                .update_key(UpdateKeyRequest {
+                    name: "keys/root-ca".into(),
+                    cryptoperiod: Some(prost_types::Duration { seconds: 7_200, nanos: 0 }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            service.clock.advance(3 * 3_600_000);
+
+            let script = crl_script("c-late");
+            let crl: Result<String, String> = async {
+                let opened = officers
+                    .start("alice", &script, "")
+                    .await
+                    .map_err(|e| format!("opening was refused: {}", reason(&e)))?;
+                officers.sign_in("alice", &opened.name, &script).await.map_err(|e| reason(&e))?;
+                let waiting = officers
+                    .sign_in("bob", &opened.name, &script)
+                    .await
+                    .map_err(|e| format!("the sign-in was refused: {}", reason(&e)))?;
+                let fingerprint = waiting.fingerprint.map(|f| f.value).unwrap_or_default();
+                officers
+                    .confirm("alice", &opened.name, &script, &fingerprint)
+                    .await
+                    .map_err(|e| reason(&e))?;
+                let last = officers
+                    .confirm("bob", &opened.name, &script, &fingerprint)
+                    .await
+                    .map_err(|e| format!("the last confirmation was refused: {}", reason(&e)))?;
+                if last.certificate_pem.is_empty() {
+                    Err(format!("no CRL: {:?} {}", state(&last), last.error))
+                } else {
+                    Ok(last.certificate_pem)
+                }
+            }
+            .await;
+            assert!(crl.is_err(), "root-ca signed a CRL after its cryptoperiod ended:\n{}", crl.unwrap_or_default());
+            let stopped = crl.unwrap_err();
+            assert!(stopped.contains("CRYPTOPERIOD_ENDED"), "{stopped}");
         });
     }
 );

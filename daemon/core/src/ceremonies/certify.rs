@@ -27,6 +27,8 @@ use crate::ceremony::journal::{CeremonyRecord, Certification};
 use crate::ceremony::lint::Passed;
 use crate::ceremony::script::{Kind, Script};
 use crate::failpoint;
+use crate::keys::check_usable;
+use crate::lifecycle::Use;
 use crate::registry::{KeyRecord, VersionRecord, VersionState};
 use crate::{Error, Reason};
 
@@ -65,7 +67,9 @@ fn certified(
     Ok(((*key).clone(), version))
 }
 
-/// The current version of `key_id`, active.
+/// The current version of `key_id`, active and usable to sign by the one
+/// lifecycle rule every signature keeps (in its cryptoperiod, not
+/// scheduled for destruction).
 pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
     let key = crate::keys::found(state, key_id)?;
     let version = crate::keys::version_of(&key, key.primary_version)?.clone();
@@ -79,6 +83,7 @@ pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, Versi
             ),
         ));
     }
+    check_usable(&key, &version, Use::Protect, state.clock.now_ms())?;
     Ok(((*key).clone(), version))
 }
 
@@ -583,6 +588,7 @@ pub(super) async fn sign_confirmed(
             ),
         ));
     }
+    check_usable(&issuer, version, Use::Protect, state.clock.now_ms())?;
     let label = hsm_shim::KeyLabel::new(certification.issuer_label.clone())?;
     let spki = hex::decode(&certification.issuer_public_key_der_hex).unwrap_or_default();
     let product = signing.product;
