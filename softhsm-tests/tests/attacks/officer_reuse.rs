@@ -27,9 +27,8 @@
 use custody_core::dual_control::approval_message;
 use custody_core::dual_control::officer_key::OfficerKey;
 use custody_core::identity::Role;
-use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
-use custody_proto::v1::{Algorithm, CeremonyState, CreateKeyRequest, KeyPurpose, KeyVersionState};
+use custody_proto::v1::{Algorithm, CeremonyState, KeyVersionState};
 use custody_proto::v1::{
     Digest, OfficerSpec, Operation, OperationState, SetPolicySpec, SignSpec, VoteRequest, digest,
     operation_spec,
@@ -314,15 +313,7 @@ token_test!(
             let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
             let backup = back_up_a_source_with(token, &kek, async |source: &TestService| {
                 let operator = source.client("operator").await;
-                KeyServiceClient::new(operator.clone())
-                    .create_key(CreateKeyRequest {
-                        key_id: "root".into(),
-                        algorithm: Algorithm::EcSignP256Sha256 as i32,
-                        purpose: KeyPurpose::AsymmetricSign as i32,
-                        allowed_signers: vec!["ca-issuing".into()],
-                        backup_exportable: true,
-                        ..Default::default()
-                    })
+                crate::common::create_key(&operator, "root", Algorithm::EcSignP256Sha256, true)
                     .await
                     .unwrap();
                 enroll(source, "dave", "dave", &new_key("dave")).await;

@@ -157,3 +157,38 @@ token_test!(
         });
     }
 );
+
+token_test!(
+    fn a_retired_key_is_given_no_new_version_after_a_restore(token) {
+        runtime().block_on(async {
+            // C29 across a restore. At the source `end` is retired: its
+            // only version deactivated, and custodyd gives it no new
+            // version on its own. Restored, the operator marks that
+            // version compromised. Safe: the restored key is retired too,
+            // so nothing rotates it back into use.
+            let backup = back_up_a_source(token, async |source: &TestService| {
+                let operator = source.client("operator").await;
+                crate::common::create_key(&operator, "end", Algorithm::EcSignP256Sha256, true)
+                    .await
+                    .unwrap();
+                set_state(&operator, "keys/end/versions/1", KeyVersionState::Deactivated, "end of life")
+                    .await
+                    .unwrap();
+            })
+            .await;
+            let dr = restored_whole(token, &backup).await;
+            let operator = dr.client("operator").await;
+            set_state(&operator, "keys/end/versions/1", KeyVersionState::Compromised, "tape found opened")
+                .await
+                .unwrap();
+            let key = get_key(&operator, "end").await.unwrap();
+            let signed = sign(&dr.client("ca-issuing").await, "end", PAYLOAD).await;
+            assert!(
+                key.versions.len() == 1 && signed.is_err(),
+                "custodyd gave the restored retired key a new version ({} versions, primary {}); a Sign answers {signed:?}",
+                key.versions.len(),
+                key.primary_version
+            );
+        });
+    }
+);

@@ -297,7 +297,8 @@ fn unreproducible(protections: &KeyProtections, enrolled: &dyn Fn(&str) -> bool)
 
 /// The registry records of the restored versions, one per key, with the
 /// protections the manifest carries: policies, minimum version,
-/// cryptoperiod, signers, backup-exportability, primary version, and per
+/// cryptoperiod, signers, backup-exportability, primary version, retirement
+/// (a deactivated primary), and per
 /// version the state, its time, the activation time, a destruction
 /// schedule and a legal hold, all as at the source. A key whose
 /// protections cannot be reproduced ([`unreproducible`]) keeps them as
@@ -359,6 +360,13 @@ fn restored_records(
                 .map(|p| p.primary_version)
                 .filter(|n| records.iter().any(|v| v.version == *n))
                 .unwrap_or(fallback);
+            // A deactivated primary is a retired key (C29: only retiring
+            // deactivates a primary), and stays one: custodyd gives it no
+            // new version on its own.
+            let retired_at_version = records
+                .iter()
+                .any(|v| v.version == primary && v.state == VersionState::Deactivated)
+                .then_some(primary);
             KeyRecord {
                 key_id: first.key_id.clone(),
                 algorithm: first.algorithm.clone(),
@@ -371,7 +379,7 @@ fn restored_records(
                 min_version: given.map_or(0, |p| p.min_version),
                 rotation_requests: Vec::new(),
                 backup_exportable: given.is_some_and(|p| p.backup_exportable),
-                retired_at_version: None,
+                retired_at_version,
             }
         })
         .collect();
