@@ -27,6 +27,10 @@ pub enum Use {
     /// rewrap it (a rewrap followed by a decryption releases the plaintext,
     /// so it is the same use).
     Process,
+    /// Sign a revocation list with a CA key: an active version, as for
+    /// protection, but also after its cryptoperiod, since a CA revokes what
+    /// it issued until the last of it expires.
+    Revoke,
 }
 
 /// Whether a version may go from `from` to `to` by a state change request.
@@ -68,7 +72,7 @@ pub fn may_schedule_destroy(state: VersionState) -> bool {
 pub fn permits(state: VersionState, usage: Use) -> bool {
     use VersionState::*;
     match usage {
-        Use::Protect => state == Active,
+        Use::Protect | Use::Revoke => state == Active,
         Use::Process => matches!(state, Active | Suspended | Deactivated),
     }
 }
@@ -92,7 +96,8 @@ mod tests {
     fn only_active_versions_protect_and_nothing_uses_destroyed_or_pre_activation() {
         for state in VersionState::ALL {
             assert_eq!(permits(state, Use::Protect), state == Active);
-            for usage in [Use::Protect, Use::Process] {
+            assert_eq!(permits(state, Use::Revoke), state == Active);
+            for usage in [Use::Protect, Use::Process, Use::Revoke] {
                 if matches!(state, Destroyed | PreActivation) {
                     assert!(!permits(state, usage), "{state:?} {usage:?}");
                 }

@@ -12,15 +12,18 @@
 //! operation's quorum is re-checked at execution (`POLICY_CHANGED`).
 //!
 //! A third: the root's cryptoperiod has ended, so a Sign with it is
-//! refused `CRYPTOPERIOD_ENDED`; the officers open a crl ceremony over it.
-//! Safe: a ceremony signs only with a version the one lifecycle rule
-//! (`keys::usage::check_usable`) lets sign, as every other signature.
+//! refused `CRYPTOPERIOD_ENDED`; the officers open an intermediate
+//! ceremony over it. Safe: a ceremony certifies only with a version the one
+//! lifecycle rule (`keys::check_usable`) lets sign, as every other
+//! signature; a CRL is the exception the rule itself makes (`Use::Revoke`:
+//! a CA revokes what it issued until the last of it expires).
 
 use custody_proto::v1::{Algorithm, CeremonyState, OperationKind};
 use softhsm_tests::service::{TestService, reason, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{create_key, officers_of, state};
+use softhsm_tests::ceremony::Officers;
 
 fn crl_script(id: &str) -> String {
     include_str!("../../../deploy/ceremonies/crl.toml")
@@ -92,15 +95,48 @@ token_test!(
     }
 );
 
+/// A ceremony of `script` run whole by alice and bob as far as custodyd
+/// lets it go: what it signed (PEM), or where it stopped.
+async fn signed_by_ceremony(officers: &Officers<'_>, script: &str) -> Result<String, String> {
+    let opened = officers
+        .start("alice", script, "")
+        .await
+        .map_err(|e| format!("opening was refused: {}", reason(&e)))?;
+    officers
+        .sign_in("alice", &opened.name, script)
+        .await
+        .map_err(|e| reason(&e))?;
+    let waiting = officers
+        .sign_in("bob", &opened.name, script)
+        .await
+        .map_err(|e| format!("the sign-in was refused: {}", reason(&e)))?;
+    let fingerprint = waiting.fingerprint.map(|f| f.value).unwrap_or_default();
+    officers
+        .confirm("alice", &opened.name, script, &fingerprint)
+        .await
+        .map_err(|e| reason(&e))?;
+    let last = officers
+        .confirm("bob", &opened.name, script, &fingerprint)
+        .await
+        .map_err(|e| format!("the last confirmation was refused: {}", reason(&e)))?;
+    if last.certificate_pem.is_empty() {
+        Err(format!("nothing signed: {:?} {}", state(&last), last.error))
+    } else {
+        Ok(last.certificate_pem)
+    }
+}
+
 token_test!(
-    fn a_crl_ceremony_does_not_sign_with_a_root_past_its_cryptoperiod(token) {
+    fn a_root_past_its_cryptoperiod_certifies_nothing_but_still_signs_crls(token) {
         use custody_proto::v1::UpdateKeyRequest;
         use custody_proto::v1::key_service_client::KeyServiceClient;
         runtime().block_on(async {
             let service = TestService::start(token).await;
             let officers = officers_of(&service).await;
             officers.ca_root().await;
-            KeyServiceClient::new(service.client("operator").await)
+            let operator = service.client("operator").await;
+            create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, false).await.unwrap();
+            KeyServiceClient::new(operator)
                 .update_key(UpdateKeyRequest {
                     name: "keys/root-ca".into(),
                     cryptoperiod: Some(prost_types::Duration { seconds: 7_200, nanos: 0 }),
@@ -110,36 +146,19 @@ token_test!(
                 .unwrap();
             service.clock.advance(3 * 3_600_000);
 
-            let script = crl_script("c-late");
-            let crl: Result<String, String> = async {
-                let opened = officers
-                    .start("alice", &script, "")
-                    .await
-                    .map_err(|e| format!("opening was refused: {}", reason(&e)))?;
-                officers.sign_in("alice", &opened.name, &script).await.map_err(|e| reason(&e))?;
-                let waiting = officers
-                    .sign_in("bob", &opened.name, &script)
-                    .await
-                    .map_err(|e| format!("the sign-in was refused: {}", reason(&e)))?;
-                let fingerprint = waiting.fingerprint.map(|f| f.value).unwrap_or_default();
-                officers
-                    .confirm("alice", &opened.name, &script, &fingerprint)
-                    .await
-                    .map_err(|e| reason(&e))?;
-                let last = officers
-                    .confirm("bob", &opened.name, &script, &fingerprint)
-                    .await
-                    .map_err(|e| format!("the last confirmation was refused: {}", reason(&e)))?;
-                if last.certificate_pem.is_empty() {
-                    Err(format!("no CRL: {:?} {}", state(&last), last.error))
-                } else {
-                    Ok(last.certificate_pem)
-                }
-            }
-            .await;
-            assert!(crl.is_err(), "root-ca signed a CRL after its cryptoperiod ended:\n{}", crl.unwrap_or_default());
-            let stopped = crl.unwrap_err();
+            let intermediate = include_str!("../../../deploy/ceremonies/intermediate.toml")
+                .replace("\"demo-intermediate-2026\"", "\"c-late\"");
+            let certified = signed_by_ceremony(&officers, &intermediate).await;
+            assert!(
+                certified.is_err(),
+                "root-ca certified issuing-ca after its cryptoperiod ended:\n{}",
+                certified.unwrap_or_default()
+            );
+            let stopped = certified.unwrap_err();
             assert!(stopped.contains("CRYPTOPERIOD_ENDED"), "{stopped}");
+            // Control: revocation goes on until what the root issued expires.
+            let crl = signed_by_ceremony(&officers, &crl_script("c-crl")).await;
+            assert!(crl.is_ok(), "{crl:?}");
         });
     }
 );

@@ -51,7 +51,7 @@ fn certified(
     stage: bool,
 ) -> Result<(KeyRecord, VersionRecord), Error> {
     if !stage {
-        return current(state, key_id);
+        return current(state, key_id, Use::Protect);
     }
     let key = crate::keys::found(state, key_id)?;
     let staged = crate::keys::rotate::staged_version(&key).ok_or_else(|| {
@@ -67,10 +67,14 @@ fn certified(
     Ok(((*key).clone(), version))
 }
 
-/// The current version of `key_id`, active and usable to sign by the one
-/// lifecycle rule every signature keeps (in its cryptoperiod, not
-/// scheduled for destruction).
-pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, VersionRecord), Error> {
+/// The current version of `key_id`, active and usable for `usage` by the
+/// one lifecycle rule every signature keeps (not scheduled for
+/// destruction; for a certificate, in its cryptoperiod).
+pub(super) fn current(
+    state: &Custody,
+    key_id: &str,
+    usage: Use,
+) -> Result<(KeyRecord, VersionRecord), Error> {
     let key = crate::keys::found(state, key_id)?;
     let version = crate::keys::version_of(&key, key.primary_version)?.clone();
     if version.state != VersionState::Active {
@@ -83,7 +87,7 @@ pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, Versi
             ),
         ));
     }
-    check_usable(&key, &version, Use::Protect, state.clock.now_ms())?;
+    check_usable(&key, &version, usage, state.clock.now_ms())?;
     Ok(((*key).clone(), version))
 }
 
@@ -97,7 +101,7 @@ pub(super) fn current(state: &Custody, key_id: &str) -> Result<(KeyRecord, Versi
 /// get a new version of it made.
 pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> {
     let (issuer_id, key_id, stage) = parts(script)?;
-    let (issuer, version) = current(state, issuer_id)?;
+    let (issuer, version) = current(state, issuer_id, Use::Protect)?;
     if version.certificate_chain_pem.is_empty() {
         return Err(Error::new(
             Reason::NoIssuerCertificate,
@@ -119,7 +123,7 @@ pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> 
         crate::authz::ceremony_quorum_covers(&key, "ROTATE", script.quorum(), script.officers())?;
     } else {
         crate::ceremony::certificate::rcgen_for(subject_algorithm(state, key_id)?)?;
-        let (_, subject) = current(state, key_id)?;
+        let (_, subject) = current(state, key_id, Use::Protect)?;
         if subject.public_key_der_hex.is_empty() {
             return Err(Error::new(
                 Reason::NoPublicKey,
@@ -167,7 +171,7 @@ pub(super) fn check_source(
         ));
     };
     let (issuer_id, _, _) = parts(script)?;
-    let (_, version) = current(state, issuer_id)?;
+    let (_, version) = current(state, issuer_id, Use::Protect)?;
     let issuer_spki = hex::decode(&version.public_key_der_hex).unwrap_or_default();
     cross_sign::check(bytes, expected, &issuer_spki).map(Some)
 }
@@ -191,7 +195,7 @@ pub(super) fn check_csr(
         ));
     };
     let (issuer_id, _, _) = parts(script)?;
-    let (_, version) = current(state, issuer_id)?;
+    let (_, version) = current(state, issuer_id, Use::Protect)?;
     let issuer_spki = hex::decode(&version.public_key_der_hex).unwrap_or_default();
     csr::check(bytes, expected, &issuer_spki).map(Some)
 }
@@ -292,7 +296,7 @@ pub(super) async fn prepare_tbs(
     let source_bytes = hex::decode(&record.certificate_hex)
         .map_err(|_| Error::new(Reason::JournalCorrupt, "journaled certificate"))?;
     let source = check_source(state, script, &source_bytes)?;
-    let (issuer, issuer_version) = current(state, issuer_id)?;
+    let (issuer, issuer_version) = current(state, issuer_id, Use::Protect)?;
     let (subject_version, subject_spki_hex, subject_algorithm) = match (&csr, &source) {
         (Some(csr), _) => (0, hex::encode(&csr.spki), csr.algorithm),
         (None, Some(source)) => (0, hex::encode(&source.spki), source.algorithm),
@@ -499,6 +503,7 @@ pub(super) async fn certify(
             check_open,
             issuer: IssuerVersion::ActiveWithLabel,
             product: intermediate::CERTIFICATE,
+            usage: Use::Protect,
             noun: "certificate",
             output: "certificate",
         },
@@ -543,6 +548,9 @@ pub(super) struct Signing {
     pub(super) check_open: fn(&Custody, &Script) -> Result<(), Error>,
     pub(super) issuer: IssuerVersion,
     pub(super) product: intermediate::Product,
+    /// What the issuer's version is used for (a certificate protects, a
+    /// CRL revokes).
+    pub(super) usage: Use,
     /// What the transcript calls it ("certificate", "CRL").
     pub(super) noun: &'static str,
     /// The transcript detail's `<output>_sha256` field.
@@ -588,7 +596,7 @@ pub(super) async fn sign_confirmed(
             ),
         ));
     }
-    check_usable(&issuer, version, Use::Protect, state.clock.now_ms())?;
+    check_usable(&issuer, version, signing.usage, state.clock.now_ms())?;
     let label = hsm_shim::KeyLabel::new(certification.issuer_label.clone())?;
     let spki = hex::decode(&certification.issuer_public_key_der_hex).unwrap_or_default();
     let product = signing.product;

@@ -26,6 +26,7 @@ use crate::ceremony::intermediate;
 use crate::ceremony::journal::{CeremonyRecord, Certification};
 use crate::ceremony::script::{CrlSection, Kind, Script};
 use crate::failpoint;
+use crate::lifecycle::Use;
 use crate::{Error, Reason};
 
 fn section(script: &Script) -> Result<&CrlSection, Error> {
@@ -42,7 +43,7 @@ fn section(script: &Script) -> Result<&CrlSection, Error> {
 /// [`crate::authz::ceremony_quorum_covers`]).
 pub(super) fn check_open(state: &Custody, script: &Script) -> Result<(), Error> {
     let issuer_id = &section(script)?.issuer;
-    let (issuer, version) = current(state, issuer_id)?;
+    let (issuer, version) = current(state, issuer_id, Use::Revoke)?;
     if version.certificate_chain_pem.is_empty() {
         return Err(Error::new(
             Reason::NoIssuerCertificate,
@@ -103,7 +104,7 @@ pub(super) async fn prepare_tbs(
     let issuer_id = &section.issuer;
     intend(state, record, "tbs", &[], &CRL_TBS).await?;
     check_open(state, script)?;
-    let (issuer, issuer_version) = current(state, issuer_id)?;
+    let (issuer, issuer_version) = current(state, issuer_id, Use::Revoke)?;
     let algorithm = KeyAlgorithm::from_api_name(&issuer.algorithm)
         .ok_or_else(|| Error::internal(issuer.algorithm.clone()))?;
     let root_pem = issuer_version
@@ -188,6 +189,7 @@ pub(super) async fn sign_and_complete(
             check_open,
             issuer: IssuerVersion::Current,
             product: crl::CRL,
+            usage: Use::Revoke,
             noun: "CRL",
             output: "crl",
         },

@@ -20,7 +20,7 @@ pub fn check_usable(
     let name = version_name(&record.key_id, version.version);
     if !lifecycle::permits(version.state, usage) {
         let (reason, what) = match usage {
-            Use::Protect => (
+            Use::Protect | Use::Revoke => (
                 Reason::VersionNotActive,
                 "only active versions sign or encrypt",
             ),
@@ -57,6 +57,8 @@ pub fn check_usable(
                 ));
             }
         }
+        // A CA key signs revocation lists past its cryptoperiod.
+        Use::Revoke => {}
         Use::Process => {
             if version.version < record.min_version {
                 return Err(Error::new(
