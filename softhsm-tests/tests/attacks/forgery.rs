@@ -96,6 +96,7 @@ fn forge(scratch: &Path, key_id: &str) -> Forgery {
             min_version: 0,
             cryptoperiod_ms: None,
             backup_exportable: true,
+            officer_principals: Default::default(),
         }],
     };
     let audit_public = String::from_utf8(audit_public).unwrap();

@@ -310,23 +310,7 @@ token_test!(
             // would come back SUSPENDED for naming dave. While the restore
             // waits for carol's share, alice and bob enroll erin's
             // certificate as `dave`; carol hands in her share.
-            let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
-            let backup = back_up_a_source_with(token, &kek, async |source: &TestService| {
-                let operator = source.client("operator").await;
-                crate::common::create_key(&operator, "root", Algorithm::EcSignP256Sha256, true)
-                    .await
-                    .unwrap();
-                enroll(source, "dave", "dave", &new_key("dave")).await;
-                let policy = request_operation(
-                    &operator,
-                    root_policy(custody_proto::v1::OperationKind::Sign, &["alice", "bob", "carol", "dave"], 3),
-                )
-                .await
-                .unwrap();
-                approved_by_alice_and_bob(source, &policy).await;
-            })
-            .await;
-
+            let backup = root_naming_dave_backed_up(token).await;
             let dr = recovery_daemon(token).await;
             let officers = officers_of(&dr).await;
             let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
@@ -365,6 +349,69 @@ token_test!(
             assert!(
                 root.versions.iter().all(|v| v.state() == KeyVersionState::Suspended),
                 "{root:?}"
+            );
+        });
+    }
+);
+
+/// A source daemon's backup of `root`, which signs under 3 of alice, bob,
+/// carol and dave, under a backup KEK split 3 of alice, bob and carol (I1:
+/// they cover that).
+async fn root_naming_dave_backed_up(token: &softhsm_tests::TestToken) -> crate::common::Backup {
+    let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
+    back_up_a_source_with(token, &kek, async |source: &TestService| {
+        let operator = source.client("operator").await;
+        crate::common::create_key(&operator, "root", Algorithm::EcSignP256Sha256, true)
+            .await
+            .unwrap();
+        enroll(source, "dave", "dave", &new_key("dave")).await;
+        let policy = request_operation(
+            &operator,
+            root_policy(
+                custody_proto::v1::OperationKind::Sign,
+                &["alice", "bob", "carol", "dave"],
+                3,
+            ),
+        )
+        .await
+        .unwrap();
+        approved_by_alice_and_bob(source, &policy).await;
+    })
+    .await
+}
+
+token_test!(
+    fn an_id_given_to_someone_else_before_a_restore_does_not_enter_the_restored_policy(token) {
+        runtime().block_on(async {
+            // D7 before a restore. As above, but alice and bob enroll
+            // erin's certificate as `dave` on the fresh daemon before the
+            // restore opens, when nothing there names dave yet.
+            let backup = root_naming_dave_backed_up(token).await;
+            let dr = recovery_daemon(token).await;
+            let erin_as_dave = new_key("dave");
+            enroll(&dr, "dave", "erin", &erin_as_dave).await;
+            let officers = officers_of(&dr).await;
+            let opened = open_restore(&officers, "restore-1", &backup.bundle).await;
+            let restored = match &opened {
+                Ok(name) => {
+                    submit_shares(&officers, name, &backup.shares).await.unwrap();
+                    let done = officers.submit_share("carol", name, &backup.shares["carol"]).await.unwrap();
+                    format!("{:?} {}", state(&done), done.error)
+                }
+                Err(refused) => format!("not opened: {refused:?}"),
+            };
+            let signed = signed_by_alice_bob_and(&dr, "root", "dave", &erin_as_dave).await;
+            assert!(
+                !signed,
+                "alice, bob and erin (enrolled as dave before the restore) signed with the restored root, whose SIGN policy is 3 of alice, bob, carol and dave; the restore: {restored}"
+            );
+            // Where it stopped: the restore, refused when it opened.
+            let refused = opened.unwrap_err();
+            assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
+            assert!(
+                refused.message().contains("keys/root") && refused.message().contains("\"erin\""),
+                "{}",
+                refused.message()
             );
         });
     }

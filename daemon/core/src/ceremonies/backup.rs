@@ -133,6 +133,13 @@ pub(super) async fn back_up_new_kek(
     // The key as the commit will register it: active, with the policies
     // fixed when the ceremony opened.
     let now = state.clock.now_ms();
+    let policies = record.key_policies.clone().unwrap_or_default();
+    let principal_of = |officer: &str| {
+        state
+            .dual_control
+            .officer(officer)
+            .map(|enrolled| enrolled.principal)
+    };
     let key = KeyToBack {
         key_id: made.key_id.clone(),
         version: 1,
@@ -149,10 +156,11 @@ pub(super) async fn back_up_new_kek(
             key_id: made.key_id.clone(),
             primary_version: 1,
             allowed_signers: Vec::new(),
-            policies: bundled_policies(&record.key_policies.clone().unwrap_or_default()),
+            policies: bundled_policies(&policies),
             min_version: 0,
             cryptoperiod_ms: None,
             backup_exportable: made.backup,
+            officer_principals: officer_principals(&policies, &principal_of),
         },
     };
     let bundle = make_bundle(state, &kek, vec![key]).await?;
@@ -209,8 +217,13 @@ pub struct KeyToBack {
 }
 
 impl KeyToBack {
-    /// Version `version` of the registry's `key`, with the key's protections.
-    pub fn of(key: &KeyRecord, version: &VersionRecord) -> KeyToBack {
+    /// Version `version` of the registry's `key`, with the key's
+    /// protections; `principal_of` gives an enrolled officer's principal.
+    pub fn of(
+        key: &KeyRecord,
+        version: &VersionRecord,
+        principal_of: &dyn Fn(&str) -> Option<String>,
+    ) -> KeyToBack {
         KeyToBack {
             key_id: key.key_id.clone(),
             version: version.version,
@@ -223,7 +236,7 @@ impl KeyToBack {
             activated_ms: version.activated_ms,
             destroy_at_ms: version.destroy_at_ms,
             legal_hold: version.legal_hold.clone(),
-            protections: protections_of(key),
+            protections: protections_of(key, principal_of),
         }
     }
 }
@@ -253,7 +266,10 @@ fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String
 }
 
 /// What protects `key`, as the manifest carries it.
-fn protections_of(key: &KeyRecord) -> KeyProtections {
+fn protections_of(
+    key: &KeyRecord,
+    principal_of: &dyn Fn(&str) -> Option<String>,
+) -> KeyProtections {
     KeyProtections {
         key_id: key.key_id.clone(),
         primary_version: key.primary_version,
@@ -262,7 +278,20 @@ fn protections_of(key: &KeyRecord) -> KeyProtections {
         min_version: key.min_version,
         cryptoperiod_ms: key.cryptoperiod_ms,
         backup_exportable: key.backup_exportable,
+        officer_principals: officer_principals(&key.policies, principal_of),
     }
+}
+
+/// The principal of each officer `policies` name who is enrolled, by id.
+fn officer_principals(
+    policies: &KeyPolicies,
+    principal_of: &dyn Fn(&str) -> Option<String>,
+) -> std::collections::BTreeMap<String, String> {
+    policies
+        .values()
+        .flat_map(|quorum| quorum.members.iter())
+        .filter_map(|officer| Some((officer.clone(), principal_of(officer)?)))
+        .collect()
 }
 
 /// Wraps `keys` under the backup KEK `kek` and signs the manifest with the

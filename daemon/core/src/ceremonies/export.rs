@@ -54,13 +54,19 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         exportable.iter().map(AsRef::as_ref),
         |officer| custody.dual_control.enrolled(officer),
     )?;
+    let principal_of = |officer: &str| {
+        custody
+            .dual_control
+            .officer(officer)
+            .map(|enrolled| enrolled.principal)
+    };
     let keys: Vec<KeyToBack> = exportable
         .iter()
         .flat_map(|key| {
             key.versions
                 .iter()
                 .filter(|v| bundled(v))
-                .map(|v| KeyToBack::of(key, v))
+                .map(|v| KeyToBack::of(key, v, &principal_of))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -171,7 +177,6 @@ pub fn activation_of(custody: &Custody, ceremony: &str) -> Result<Spec, Error> {
     activation(custody, ceremony).map(|(spec, _)| spec)
 }
 
-/// The ACTIVATE_BACKUP_KEK spec for `ceremony`'s backup KEK, and the KEK.
 /// The name of the KEK ceremony whose backup KEK, current or one that may
 /// be made current, `officer_id` holds a share of, if any (threat model
 /// D7: whoever is enrolled under that id would count as its holder).
@@ -182,14 +187,20 @@ pub fn share_held_by(custody: &Custody, officer_id: &str) -> Result<Option<Strin
         .recorded_backup_keks()
         .map_err(engine::journal_failure)?;
     for kek in keks {
-        // A KEK whose holders are not known backs nothing up (I1).
-        if holders(custody, &kek).is_ok_and(|h| h.contains(officer_id)) {
-            return Ok(Some(format!("ceremonies/{}", kek.ceremony)));
+        match holders(custody, &kek) {
+            Ok(holders) if holders.contains(officer_id) => {
+                return Ok(Some(format!("ceremonies/{}", kek.ceremony)));
+            }
+            // A KEK whose holders are not known backs nothing up (I1).
+            Ok(_) => {}
+            Err(unknown) if unknown.reason == Reason::BackupKekTooWeak => {}
+            Err(unreadable) => return Err(unreadable),
         }
     }
     Ok(None)
 }
 
+/// The ACTIVATE_BACKUP_KEK spec for `ceremony`'s backup KEK, and the KEK.
 fn activation(custody: &Custody, ceremony: &str) -> Result<(Spec, BackupKek), Error> {
     let journal = &custody.ceremonies.journal;
     let kek = journal

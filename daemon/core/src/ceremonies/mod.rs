@@ -374,6 +374,7 @@ pub async fn open(
                 ));
             }
             if !*drill {
+                restore::ids_held_by_the_same(state, &bundle)?;
                 for key in &bundle.manifest.keys {
                     restored_label(script.id(), &key.key_id, key.version)?;
                     if !reserved_key_ids.contains(&key.key_id) {

@@ -223,6 +223,7 @@ pub(super) async fn restore(
         return finish_completed(state, record).await;
     }
     let _registry = open_commit(state, record).await?;
+    ids_held_by_the_same(state, &bundle)?;
     // The ids were reserved when the ceremony opened, so none can be taken
     // now; checked again under the lock all the same, so that a restore
     // never registers over a key it did not make (the roll-back that follows
@@ -269,6 +270,33 @@ pub(super) async fn restore(
         .await
         .map_err(|e| journal_failure(e.to_string()))?;
     close_commit(state, record).await
+}
+
+/// Refuses a restore of `bundle` when an officer id one of its keys'
+/// policies name is held here by another principal than at the source:
+/// the key would come back with someone else in that officer's place
+/// (threat model D7). Checked when the ceremony opens and again at the
+/// commit; ids not enrolled here are [`unreproducible`]'s, and a bundle
+/// made before principals were carried is checked for enrollment only.
+pub(super) fn ids_held_by_the_same(state: &Custody, bundle: &Bundle) -> Result<(), Error> {
+    for key in &bundle.manifest.protections {
+        for (officer, source) in &key.officer_principals {
+            let here = state.dual_control.officer(officer);
+            if let Some(here) = here.filter(|here| &here.principal != source) {
+                return Err(Error::new(
+                    Reason::BadOfficer,
+                    format!(
+                        "keys/{}'s policies name {officer}, held at the source by principal {} and here by {}: the key would come back with someone else in that place; enroll {} under {officer} here (remove the other enrollment first), then restore",
+                        key.key_id,
+                        crate::text::echo(source),
+                        crate::text::echo(&here.principal),
+                        crate::text::echo(source),
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A key whose protections could not be reproduced here, and why: it is
@@ -624,6 +652,7 @@ mod tests {
             min_version: 2,
             cryptoperiod_ms: Some(7_776_000_000),
             backup_exportable: false,
+            officer_principals: BTreeMap::new(),
         }
     }
 

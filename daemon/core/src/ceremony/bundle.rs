@@ -144,6 +144,13 @@ pub struct KeyProtections {
     pub cryptoperiod_ms: Option<i64>,
     /// Whether the key's versions may be backed up again.
     pub backup_exportable: bool,
+    /// The principal (client-certificate identity) each officer the
+    /// policies name was enrolled for at the source, by officer id: a
+    /// restore registers the key only where those ids are held by the same
+    /// principals (threat model D7). Officers no longer enrolled at the
+    /// source have none; a bundle made before it was carried has none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub officer_principals: BTreeMap<String, String>,
 }
 
 /// One operation kind's M of N.
@@ -708,6 +715,7 @@ mod tests {
                     min_version: 0,
                     cryptoperiod_ms: Some(7_776_000_000),
                     backup_exportable: true,
+                    officer_principals: BTreeMap::new(),
                 },
                 KeyProtections {
                     key_id: "payments-kek".into(),
@@ -717,6 +725,7 @@ mod tests {
                     min_version: 2,
                     cryptoperiod_ms: None,
                     backup_exportable: false,
+                    officer_principals: BTreeMap::new(),
                 },
             ],
         }

@@ -97,6 +97,7 @@ fn build() -> Bundle {
                 min_version: 0,
                 cryptoperiod_ms: Some(7_776_000_000),
                 backup_exportable: true,
+                officer_principals: BTreeMap::from([("alice".to_string(), "alice".to_string())]),
             },
             KeyProtections {
                 key_id: "payments-kek".into(),
@@ -106,6 +107,7 @@ fn build() -> Bundle {
                 min_version: 2,
                 cryptoperiod_ms: None,
                 backup_exportable: false,
+                officer_principals: BTreeMap::new(),
             },
         ],
     };
