@@ -387,11 +387,13 @@ pub fn quorum_for(custody: &Custody, spec: &Spec) -> Result<Quorum, Error> {
 
 /// The quorum that changes `key`'s `kind` policy: the key's `SET_POLICY`
 /// policy, else the administrative quorum, provided it covers the `kind`
-/// policy the key carries now ([`Quorum::covers`]). Otherwise fewer
-/// officers than may use (or destroy, or rotate) the key could first
-/// loosen or remove that policy, then act under what is left; the change
-/// is refused `BAD_POLICY`, when requested and again when it would run,
-/// and the key's `SET_POLICY` policy must be made to cover it first.
+/// policy the key carries now ([`Quorum::covers`]), or, for a kind that is
+/// always gated and has no policy of the key's own, the administrative
+/// quorum that governs it. Otherwise fewer officers than may use (or
+/// destroy, or rotate) the key could first loosen, remove or set that
+/// policy, then act under it; the change is refused `BAD_POLICY`, when
+/// requested and again when it would run, and the key's `SET_POLICY`
+/// policy must be made to cover it first.
 pub fn policy_change_quorum(
     custody: &Custody,
     key: &KeyRecord,
@@ -401,10 +403,15 @@ pub fn policy_change_quorum(
         Some(quorum) => (quorum.clone(), "its SET_POLICY policy"),
         None => (admin_quorum(custody)?, "the administrative quorum"),
     };
-    let Some(current) = key.policies.get(kind) else {
-        return Ok(changes);
+    let (current, whose) = match key.policies.get(kind) {
+        Some(own) => (own.clone(), ""),
+        None if ALWAYS_GATED_KINDS.contains(&kind) => (
+            admin_quorum(custody)?,
+            " (the administrative quorum's: it has none of its own)",
+        ),
+        None => return Ok(changes),
     };
-    if changes.covers(current) {
+    if changes.covers(&current) {
         return Ok(changes);
     }
     let list = |quorum: &Quorum| {
@@ -418,10 +425,10 @@ pub fn policy_change_quorum(
     Err(Error::new(
         Reason::BadPolicy,
         format!(
-            "keys/{}'s {kind} policy needs {} of {}; its policies are changed by {named} ({} of {}), which must include that many of them, whichever officers approve: give keys/{} a SET_POLICY policy that covers its {kind} policy first",
+            "keys/{}'s {kind} policy{whose} needs {} of {}; its policies are changed by {named} ({} of {}), which must include that many of them, whichever officers approve: give keys/{} a SET_POLICY policy that covers its {kind} policy first",
             key.key_id,
             current.required,
-            list(current),
+            list(&current),
             changes.required,
             list(&changes),
             key.key_id

@@ -16,6 +16,15 @@
 //! `BAD_POLICY`, the waiting removal fails instead of running, and SIGN
 //! stays 3 of 3. Control: once `root` has a SET_POLICY policy of 3 of the
 //! three, the same removal is asked, approved by all three, and runs.
+//!
+//! A third attack sets a policy the key does not have. The administrative
+//! quorum is 3 of 3; it gave `root` a SET_POLICY policy of 2 of 3 (a team
+//! manages its policies), and `root` has no DESTROY_VERSION policy, so the
+//! administrative 3 governs its destruction. alice and bob give it a
+//! DESTROY_VERSION policy of 2 of themselves, then approve destroying a
+//! version. Safe: a kind always gated and with no policy of the key's own
+//! is the administrative quorum's, and a change must cover that too
+//! (`BAD_POLICY`); the destruction then needs the 3.
 
 use custody_proto::v1::key_service_client::KeyServiceClient;
 use custody_proto::v1::{
@@ -134,6 +143,63 @@ token_test!(
                 sign_policy(&service).await,
                 Some((3, vec!["alice".into(), "bob".into(), "carol".into()]))
             );
+        });
+    }
+);
+
+token_test!(
+    fn a_weaker_set_policy_quorum_cannot_give_itself_a_key_s_destruction(token) {
+        use custody_proto::v1::{KeyVersionState, VersionRef};
+        runtime().block_on(async {
+            let service = crate::common::service_with_quorum(token, 3).await;
+            let operator = service.client("operator").await;
+            create_key(&operator, "root", "EC_SIGN_P256_SHA256", None).await;
+            KeyServiceClient::new(operator.clone())
+                .rotate_key(custody_proto::v1::RotateKeyRequest { name: "keys/root".into(), ..Default::default() })
+                .await
+                .unwrap();
+            crate::common::set_state(&operator, "keys/root/versions/1", KeyVersionState::Deactivated, "")
+                .await
+                .unwrap();
+            let team = request_operation(&operator, policy(OperationKind::SetPolicy, 2)).await.unwrap();
+            for officer in ["alice", "bob", "carol"] {
+                service.approve(officer, &team).await.unwrap();
+            }
+
+            let asked = request_operation(
+                &operator,
+                operation_spec::Spec::SetPolicy(SetPolicySpec {
+                    name: "keys/root".into(),
+                    operation: OperationKind::DestroyVersion as i32,
+                    officers: vec!["alice".into(), "bob".into()],
+                    required: 2,
+                }),
+            )
+            .await;
+            let took = match &asked {
+                Ok(change) => {
+                    service.approve("alice", change).await.unwrap();
+                    service.approve("bob", change).await.unwrap().state == OperationState::Succeeded as i32
+                }
+                Err(_) => false,
+            };
+            let destroy = request_operation(
+                &operator,
+                operation_spec::Spec::DestroyVersion(VersionRef { name: "keys/root/versions/1".into() }),
+            )
+            .await
+            .unwrap();
+            service.approve("alice", &destroy).await.unwrap();
+            let two = service.approve("bob", &destroy).await.unwrap();
+            assert!(
+                two.state != OperationState::Succeeded as i32,
+                "alice and bob approved destroying a version of root, whose destruction the administrative 3 of 3 governs (their DESTROY_VERSION policy set: {took}; the destruction needed {})",
+                destroy.required
+            );
+            let refused = asked.unwrap_err();
+            assert_eq!(reason(&refused), "BAD_POLICY", "{refused:?}");
+            assert!(refused.message().contains("administrative quorum's"), "{}", refused.message());
+            assert_eq!(destroy.required, 3);
         });
     }
 );
