@@ -144,6 +144,13 @@ token_test!(
             assert_eq!(refused(asked).await, (Code::PermissionDenied, "NOT_ALLOWED_SIGNER".into()));
             let asked = request_operation(&signer, decrypt_spec("kek", &made.wrapped, &public[..31])).await;
             assert_eq!(refused(asked).await, (Code::InvalidArgument, "BAD_RECIPIENT".into()));
+            // The Ed25519 identity, a point of small order: sealed to it, the
+            // plaintext would be open to every officer and auditor who reads
+            // the operation or the audit log.
+            let mut identity = [0u8; 32];
+            identity[0] = 1;
+            let asked = request_operation(&signer, decrypt_spec("kek", &made.wrapped, &identity)).await;
+            assert_eq!(refused(asked).await, (Code::InvalidArgument, "BAD_RECIPIENT".into()));
             let free = envelope
                 .encrypt(EncryptRequest { name: "keys/free".into(), plaintext: b"y".to_vec(), associated_data: AAD.to_vec() })
                 .await

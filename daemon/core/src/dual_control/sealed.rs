@@ -53,13 +53,26 @@ pub fn open_plaintext(recipient: &SigningKey, sealed: &[u8]) -> Result<Zeroizing
     open_in(PLAINTEXT_DOMAIN, recipient, sealed)
 }
 
-fn seal_in(domain: &[u8], public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+/// The X25519 point of `public_key`, if it is an Ed25519 public key that
+/// can be sealed to: 32 bytes, a curve point, and not of small order (a
+/// small-order point makes the shared secret one anyone can compute, so
+/// what is sealed to it would be readable by everyone who sees it).
+pub fn recipient_point(public_key: &[u8]) -> Result<MontgomeryPoint, String> {
     let bytes: [u8; 32] = public_key
         .try_into()
-        .map_err(|_| "an officer key is 32 bytes".to_string())?;
-    let recipient = VerifyingKey::from_bytes(&bytes)
-        .map_err(|e| format!("officer key: {e}"))?
-        .to_montgomery();
+        .map_err(|_| "an Ed25519 public key is 32 bytes".to_string())?;
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|e| format!("Ed25519 public key: {e}"))?;
+    if key.is_weak() {
+        return Err(
+            "the Ed25519 public key is of small order: anyone could open what is sealed to it"
+                .into(),
+        );
+    }
+    Ok(key.to_montgomery())
+}
+
+fn seal_in(domain: &[u8], public_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+    let recipient = recipient_point(public_key)?;
     let mut secret = Zeroizing::new([0u8; 32]);
     getrandom::getrandom(secret.as_mut_slice()).map_err(|e| format!("no randomness: {e}"))?;
     let ephemeral = MontgomeryPoint::mul_base_clamped(*secret);

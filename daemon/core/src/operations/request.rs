@@ -153,16 +153,16 @@ pub(crate) fn store_failure(error: impl Into<WriteError>) -> Error {
     )
 }
 
-/// Refuses a recipient that is not an Ed25519 public key (the plaintext
-/// could then be sealed to no one, or to a point with no private key).
+/// Refuses a recipient the plaintext could not be sealed to safely: not an
+/// Ed25519 public key (sealed to no one, or to a point with no private
+/// key), or one of small order (sealed so that anyone can open it).
 fn check_recipient(recipient: &[u8]) -> Result<(), Error> {
-    let key: Option<[u8; 32]> = recipient.try_into().ok();
-    key.filter(|key| ed25519_dalek::VerifyingKey::from_bytes(key).is_ok())
+    crate::dual_control::sealed::recipient_point(recipient)
         .map(drop)
-        .ok_or_else(|| {
+        .map_err(|why| {
             Error::new(
                 Reason::BadRecipient,
-                "recipient_public_key must be a 32-byte Ed25519 public key",
+                format!("recipient_public_key must be an Ed25519 public key that can be sealed to: {why}"),
             )
         })
 }
