@@ -121,13 +121,21 @@ pub fn open_ceremony_naming(state: &Custody, officer_id: &str) -> Result<Option<
         .unfinished()
         .map_err(journal_failure)?
     {
-        let in_script = script_of(&record).is_ok_and(|s| s.participants().contains(&officer_id));
+        let script = script_of(&record).ok();
+        let in_script = script
+            .as_ref()
+            .is_some_and(|s| s.participants().contains(&officer_id));
+        // A drill registers nothing: its bundle's policies take no place.
+        let drill = script
+            .as_ref()
+            .is_some_and(|s| matches!(s.kind(), Kind::Restore { drill: true, .. }));
         let in_key_policies = record
             .key_policies
             .iter()
             .flat_map(|policies| policies.values())
             .any(|quorum| quorum.contains(officer_id));
-        let in_bundle = !record.bundle.is_empty()
+        let in_bundle = !drill
+            && !record.bundle.is_empty()
             && Bundle::parse(&record.bundle).is_ok_and(|bundle| {
                 bundle
                     .manifest
