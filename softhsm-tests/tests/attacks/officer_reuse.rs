@@ -310,7 +310,7 @@ token_test!(
             // would come back SUSPENDED for naming dave. While the restore
             // waits for carol's share, alice and bob enroll erin's
             // certificate as `dave`; carol hands in her share.
-            let backup = root_naming_dave_backed_up(token).await;
+            let backup = root_naming_dave_backed_up(token, false).await;
             let dr = recovery_daemon(token).await;
             let officers = officers_of(&dr).await;
             let name = open_restore(&officers, "restore-1", &backup.bundle).await.unwrap();
@@ -356,8 +356,11 @@ token_test!(
 
 /// A source daemon's backup of `root`, which signs under 3 of alice, bob,
 /// carol and dave, under a backup KEK split 3 of alice, bob and carol (I1:
-/// they cover that).
-async fn root_naming_dave_backed_up(token: &softhsm_tests::TestToken) -> crate::common::Backup {
+/// they cover that); dave removed before the backup if `dave_leaves`.
+async fn root_naming_dave_backed_up(
+    token: &softhsm_tests::TestToken,
+    dave_leaves: bool,
+) -> crate::common::Backup {
     let kek = kek_script("kek-1", "envelope-kek", false).replace("threshold = 2", "threshold = 3");
     back_up_a_source_with(token, &kek, async |source: &TestService| {
         let operator = source.client("operator").await;
@@ -376,17 +379,35 @@ async fn root_naming_dave_backed_up(token: &softhsm_tests::TestToken) -> crate::
         .await
         .unwrap();
         approved_by_alice_and_bob(source, &policy).await;
+        if dave_leaves {
+            remove(source, "dave").await;
+        }
     })
     .await
 }
 
 token_test!(
     fn an_id_given_to_someone_else_before_a_restore_does_not_enter_the_restored_policy(token) {
-        runtime().block_on(async {
-            // D7 before a restore. As above, but alice and bob enroll
-            // erin's certificate as `dave` on the fresh daemon before the
-            // restore opens, when nothing there names dave yet.
-            let backup = root_naming_dave_backed_up(token).await;
+        // D7 before a restore. As above, but alice and bob enroll erin's
+        // certificate as `dave` on the fresh daemon before the restore
+        // opens, when nothing there names dave yet.
+        before_a_restore(token, false, "\"erin\"");
+    }
+);
+
+token_test!(
+    fn the_id_of_an_officer_gone_at_the_source_does_not_enter_the_restored_policy(token) {
+        // The same, with dave removed at the source before the backup
+        // (the policy can still be met), so the bundle records no
+        // principal held that id there.
+        before_a_restore(token, true, "not enrolled at the source");
+    }
+);
+
+/// The attack before a restore; `refusal` is in the restore's refusal.
+fn before_a_restore(token: &softhsm_tests::TestToken, dave_leaves: bool, refusal: &str) {
+    runtime().block_on(async {
+            let backup = root_naming_dave_backed_up(token, dave_leaves).await;
             let dr = recovery_daemon(token).await;
             let erin_as_dave = new_key("dave");
             enroll(&dr, "dave", "erin", &erin_as_dave).await;
@@ -409,10 +430,9 @@ token_test!(
             let refused = opened.unwrap_err();
             assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
             assert!(
-                refused.message().contains("keys/root") && refused.message().contains("\"erin\""),
+                refused.message().contains("keys/root") && refused.message().contains(refusal),
                 "{}",
                 refused.message()
             );
         });
-    }
-);
+}

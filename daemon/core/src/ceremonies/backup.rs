@@ -282,7 +282,8 @@ fn protections_of(
     }
 }
 
-/// The principal of each officer `policies` name who is enrolled, by id.
+/// The principal of each officer `policies` name, by id
+/// ([`bundle::NOT_ENROLLED`] for one no longer enrolled).
 fn officer_principals(
     policies: &KeyPolicies,
     principal_of: &dyn Fn(&str) -> Option<String>,
@@ -290,7 +291,10 @@ fn officer_principals(
     policies
         .values()
         .flat_map(|quorum| quorum.members.iter())
-        .filter_map(|officer| Some((officer.clone(), principal_of(officer)?)))
+        .map(|officer| {
+            let principal = principal_of(officer).unwrap_or_else(|| bundle::NOT_ENROLLED.into());
+            (officer.clone(), principal)
+        })
         .collect()
 }
 

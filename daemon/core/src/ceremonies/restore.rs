@@ -281,19 +281,28 @@ pub(super) async fn restore(
 pub(super) fn ids_held_by_the_same(state: &Custody, bundle: &Bundle) -> Result<(), Error> {
     for key in &bundle.manifest.protections {
         for (officer, source) in &key.officer_principals {
-            let here = state.dual_control.officer(officer);
-            if let Some(here) = here.filter(|here| &here.principal != source) {
-                return Err(Error::new(
-                    Reason::BadOfficer,
-                    format!(
-                        "keys/{}'s policies name {officer}, held at the source by principal {} and here by {}: the key would come back with someone else in that place; enroll {} under {officer} here (remove the other enrollment first), then restore",
-                        key.key_id,
-                        crate::text::echo(source),
-                        crate::text::echo(&here.principal),
-                        crate::text::echo(source),
-                    ),
-                ));
+            let Some(here) = state.dual_control.officer(officer) else {
+                continue;
+            };
+            if &here.principal == source {
+                continue;
             }
+            let held = if source == bundle::NOT_ENROLLED {
+                "not enrolled at the source".to_string()
+            } else {
+                format!(
+                    "held at the source by principal {}",
+                    crate::text::echo(source)
+                )
+            };
+            return Err(Error::new(
+                Reason::BadOfficer,
+                format!(
+                    "keys/{}'s policies name {officer}, {held} and here by {}: the key would come back with someone else in that place; remove that enrollment (or enroll the source's principal under {officer}), then restore",
+                    key.key_id,
+                    crate::text::echo(&here.principal),
+                ),
+            ));
         }
     }
     Ok(())

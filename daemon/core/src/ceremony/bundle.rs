@@ -34,6 +34,10 @@ use sha2::{Digest, Sha256};
 use crate::algorithms::KeyAlgorithm;
 use crate::encoding::{lower_hex, pem_to_der};
 
+/// The principal [`KeyProtections::officer_principals`] records for an
+/// officer a policy names who was not enrolled at the source.
+pub const NOT_ENROLLED: &str = "";
+
 /// The manifest format. v2 carries each key's protections (I3).
 pub const FORMAT: &str = "custody-backup/v2";
 /// Formats of older custodyd releases, refused with a reason: a v1 manifest
@@ -145,10 +149,12 @@ pub struct KeyProtections {
     /// Whether the key's versions may be backed up again.
     pub backup_exportable: bool,
     /// The principal (client-certificate identity) each officer the
-    /// policies name was enrolled for at the source, by officer id: a
-    /// restore registers the key only where those ids are held by the same
-    /// principals (threat model D7). Officers no longer enrolled at the
-    /// source have none; a bundle made before it was carried has none.
+    /// policies name was enrolled for at the source, by officer id, every
+    /// one of them; empty ([`NOT_ENROLLED`]) for an officer no longer
+    /// enrolled there. A restore registers the key only where those ids
+    /// are held by the same principals, and none held where the source had
+    /// none (threat model D7). A bundle made before it was carried has no
+    /// entries at all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub officer_principals: BTreeMap<String, String>,
 }
@@ -527,6 +533,24 @@ fn validate_protections(m: &Manifest) -> Result<(), BundleError> {
             }
             crate::dual_control::quorum::Quorum::new(policy.officers.clone(), policy.required)
                 .map_err(|e| invalid(field, e))?;
+        }
+        // Carried (a bundle from before has none): for every officer the
+        // policies name, and none other, so that a restore can tell an
+        // officer who had left the source from one never recorded.
+        if !p.officer_principals.is_empty() {
+            let named: BTreeSet<&str> = p
+                .policies
+                .values()
+                .flat_map(|policy| policy.officers.iter().map(String::as_str))
+                .collect();
+            let recorded: BTreeSet<&str> =
+                p.officer_principals.keys().map(String::as_str).collect();
+            if named != recorded {
+                return Err(invalid(
+                    format!("{at}.officer_principals"),
+                    "names other officers than the policies do",
+                ));
+            }
         }
     }
     if let Some(missing) = key_ids.iter().find(|id| !seen.contains(*id)) {
@@ -926,6 +950,13 @@ mod tests {
             }),
             ("manifest.protections[0].cryptoperiod_ms", |b| {
                 b.manifest.protections[0].cryptoperiod_ms = Some(0)
+            }),
+            ("manifest.protections[0].officer_principals", |b| {
+                // Recorded for one officer of three: a departed officer
+                // would not be told from one never recorded.
+                b.manifest.protections[0]
+                    .officer_principals
+                    .insert("alice".into(), "alice".into());
             }),
             ("manifest.protections[0].policies.SIGN", |b| {
                 if let Some(p) = b.manifest.protections[0].policies.get_mut("SIGN") {

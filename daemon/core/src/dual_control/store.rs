@@ -115,11 +115,9 @@ pub fn check_officer(id: &str, principal: &str, public_key: &str) -> Result<(), 
     }
     let key =
         hex::decode(public_key).map_err(|_| format!("officer {id}: public key is not hex"))?;
-    let key: [u8; 32] = key
-        .try_into()
-        .map_err(|_| format!("officer {id}: an Ed25519 public key is 32 bytes"))?;
-    ed25519_dalek::VerifyingKey::from_bytes(&key)
-        .map_err(|_| format!("officer {id}: not an Ed25519 public key"))?;
+    // The key must be one shares can be sealed to (a small-order point
+    // could not be), as well as one that verifies.
+    super::sealed::recipient_point(&key).map_err(|why| format!("officer {id}: {why}"))?;
     Ok(())
 }
 
@@ -564,6 +562,19 @@ pub fn check_stored(db: &custody_store::Store, findings: &mut crate::findings::F
 #[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 mod tests {
     use super::*;
+
+    /// An officer key of small order (the Ed25519 identity) is refused: a
+    /// share sealed to it would be open to anyone, and its collection would
+    /// fail after the share was marked collected.
+    #[test]
+    fn an_officer_key_of_small_order_is_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let refused = check_officer("dave", "dave", &hex::encode(identity)).unwrap_err();
+        assert!(refused.contains("small order"), "{refused}");
+        let sound = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+        check_officer("dave", "dave", &hex::encode(sound.to_bytes())).unwrap();
+    }
 
     /// One key twice in a genesis file, once in upper case: refused as the
     /// same key; a key given in upper case alone is kept in lower case, and

@@ -97,7 +97,11 @@ fn build() -> Bundle {
                 min_version: 0,
                 cryptoperiod_ms: Some(7_776_000_000),
                 backup_exportable: true,
-                officer_principals: BTreeMap::from([("alice".to_string(), "alice".to_string())]),
+                officer_principals: BTreeMap::from([
+                    ("alice".to_string(), "alice".to_string()),
+                    ("bob".to_string(), "bob".to_string()),
+                    ("carol".to_string(), String::new()),
+                ]),
             },
             KeyProtections {
                 key_id: "payments-kek".into(),
