@@ -30,6 +30,13 @@ fn crl_script(id: &str) -> String {
         .replace("\"demo-crl-2026\"", &format!("\"{id}\""))
 }
 
+/// The example intermediate script (root-ca certifies issuing-ca), as
+/// ceremony `id`.
+fn intermediate_script(id: &str) -> String {
+    include_str!("../../../deploy/ceremonies/intermediate.toml")
+        .replace("\"demo-intermediate-2026\"", &format!("\"{id}\""))
+}
+
 token_test!(
     fn a_crl_ceremony_waiting_for_confirmation_does_not_sign_after_the_root_s_sign_policy_was_tightened(token) {
         runtime().block_on(async {
@@ -72,8 +79,7 @@ token_test!(
             let operator = service.client("operator").await;
             create_key(&operator, "issuing-ca", Algorithm::EcSignP256Sha256, false).await.unwrap();
 
-            let script = include_str!("../../../deploy/ceremonies/intermediate.toml")
-                .replace("\"demo-intermediate-2026\"", "\"c-int\"");
+            let script = intermediate_script("c-int");
             let opened = officers.start("alice", &script, "").await.unwrap();
             officers.sign_in("alice", &opened.name, &script).await.unwrap();
             let waiting = officers.sign_in("bob", &opened.name, &script).await.unwrap();
@@ -146,8 +152,7 @@ token_test!(
                 .unwrap();
             service.clock.advance(3 * 3_600_000);
 
-            let intermediate = include_str!("../../../deploy/ceremonies/intermediate.toml")
-                .replace("\"demo-intermediate-2026\"", "\"c-late\"");
+            let intermediate = intermediate_script("c-late");
             let certified = signed_by_ceremony(&officers, &intermediate).await;
             assert!(
                 certified.is_err(),

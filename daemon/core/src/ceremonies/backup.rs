@@ -17,6 +17,7 @@ use crate::ceremony::bundle::{
 use crate::ceremony::journal::{BackupKek, CeremonyRecord, TokenRole};
 use crate::ceremony::shares;
 use crate::dual_control::operation::KeyPolicies;
+use crate::dual_control::store::DualControlStore;
 use crate::failpoint;
 use crate::registry::{KeyRecord, VersionRecord};
 use crate::{Error, Reason};
@@ -134,12 +135,6 @@ pub(super) async fn back_up_new_kek(
     // fixed when the ceremony opened.
     let now = state.clock.now_ms();
     let policies = record.key_policies.clone().unwrap_or_default();
-    let principal_of = |officer: &str| {
-        state
-            .dual_control
-            .officer(officer)
-            .map(|enrolled| enrolled.principal)
-    };
     let key = KeyToBack {
         key_id: made.key_id.clone(),
         version: 1,
@@ -160,7 +155,7 @@ pub(super) async fn back_up_new_kek(
             min_version: 0,
             cryptoperiod_ms: None,
             backup_exportable: made.backup,
-            officer_principals: officer_principals(&policies, &principal_of),
+            officer_principals: officer_principals(&policies, &state.dual_control),
         },
     };
     let bundle = make_bundle(state, &kek, vec![key]).await?;
@@ -218,12 +213,9 @@ pub struct KeyToBack {
 
 impl KeyToBack {
     /// Version `version` of the registry's `key`, with the key's
-    /// protections; `principal_of` gives an enrolled officer's principal.
-    pub fn of(
-        key: &KeyRecord,
-        version: &VersionRecord,
-        principal_of: &dyn Fn(&str) -> Option<String>,
-    ) -> KeyToBack {
+    /// protections, its policy officers' principals as `officers` enroll
+    /// them.
+    pub fn of(key: &KeyRecord, version: &VersionRecord, officers: &DualControlStore) -> KeyToBack {
         KeyToBack {
             key_id: key.key_id.clone(),
             version: version.version,
@@ -236,7 +228,7 @@ impl KeyToBack {
             activated_ms: version.activated_ms,
             destroy_at_ms: version.destroy_at_ms,
             legal_hold: version.legal_hold.clone(),
-            protections: protections_of(key, principal_of),
+            protections: protections_of(key, officers),
         }
     }
 }
@@ -266,10 +258,7 @@ fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String
 }
 
 /// What protects `key`, as the manifest carries it.
-fn protections_of(
-    key: &KeyRecord,
-    principal_of: &dyn Fn(&str) -> Option<String>,
-) -> KeyProtections {
+fn protections_of(key: &KeyRecord, officers: &DualControlStore) -> KeyProtections {
     KeyProtections {
         key_id: key.key_id.clone(),
         primary_version: key.primary_version,
@@ -278,21 +267,24 @@ fn protections_of(
         min_version: key.min_version,
         cryptoperiod_ms: key.cryptoperiod_ms,
         backup_exportable: key.backup_exportable,
-        officer_principals: officer_principals(&key.policies, principal_of),
+        officer_principals: officer_principals(&key.policies, officers),
     }
 }
 
-/// The principal of each officer `policies` name, by id
-/// ([`bundle::NOT_ENROLLED`] for one no longer enrolled).
+/// The principal each officer `policies` name is enrolled for in
+/// `officers`, by id ([`bundle::NOT_ENROLLED`] for one no longer enrolled).
 fn officer_principals(
     policies: &KeyPolicies,
-    principal_of: &dyn Fn(&str) -> Option<String>,
+    officers: &DualControlStore,
 ) -> std::collections::BTreeMap<String, String> {
     policies
         .values()
         .flat_map(|quorum| quorum.members.iter())
         .map(|officer| {
-            let principal = principal_of(officer).unwrap_or_else(|| bundle::NOT_ENROLLED.into());
+            let principal = officers.officer(officer).map_or_else(
+                || bundle::NOT_ENROLLED.into(),
+                |enrolled| enrolled.principal,
+            );
             (officer.clone(), principal)
         })
         .collect()

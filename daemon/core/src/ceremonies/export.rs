@@ -54,19 +54,13 @@ fn plan(custody: &Custody) -> Result<(BackupKek, Vec<KeyToBack>), Error> {
         exportable.iter().map(AsRef::as_ref),
         |officer| custody.dual_control.enrolled(officer),
     )?;
-    let principal_of = |officer: &str| {
-        custody
-            .dual_control
-            .officer(officer)
-            .map(|enrolled| enrolled.principal)
-    };
     let keys: Vec<KeyToBack> = exportable
         .iter()
         .flat_map(|key| {
             key.versions
                 .iter()
                 .filter(|v| bundled(v))
-                .map(|v| KeyToBack::of(key, v, &principal_of))
+                .map(|v| KeyToBack::of(key, v, &custody.dual_control))
                 .collect::<Vec<_>>()
         })
         .collect();
