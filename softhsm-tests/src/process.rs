@@ -244,7 +244,31 @@ pub async fn ready(pki: &Pki, port: u16, child: &mut Daemon) -> Channel {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("custodyd did not come up");
+    panic!(
+        "custodyd did not come up; where its threads wait:\n{}",
+        waits(child.id())
+    );
+}
+
+/// Where each thread of process `pid` waits (its name and kernel wait
+/// channel), and the file locks on the machine: what a start that never
+/// answers is stuck on (another process's lock on the token's files, say).
+fn waits(pid: u32) -> String {
+    let mut text = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let read =
+                |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            text.push_str(&format!(
+                "{} {}\n",
+                read("comm").trim(),
+                read("wchan").trim()
+            ));
+        }
+    }
+    text.push_str("file locks (/proc/locks):\n");
+    text.push_str(&std::fs::read_to_string("/proc/locks").unwrap_or_default());
+    text
 }
 
 /// The audit log read through AuditService: each record's entry, and the

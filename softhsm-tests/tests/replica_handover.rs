@@ -561,8 +561,8 @@ token_test!(
 /// call, past its leases. The operator then cancels the destruction on r1.
 /// Before the version is marked as being destroyed (`after_mark` false)
 /// the cancel lands and r0, continued, destroys nothing; after the mark it
-/// is refused, and r2, started then and leading once r0's lease lapses,
-/// finishes the destruction.
+/// is refused, and r2, started then and leading once r0's lease lapses
+/// (r0 never acting again), finishes the destruction.
 async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: bool) {
     use custody_proto::v1::{
         GetKeyRequest, KeyVersionState, OperationState, RotateKeyRequest,
@@ -695,6 +695,12 @@ async fn a_stalled_leader_with_a_due_destruction(token: &TestToken, after_mark: 
             "{}",
             refused.message()
         );
+        // r0 never acts again. It is killed rather than left stopped: a
+        // process stopped inside a SoftHSM2 call keeps the token's file
+        // locks, and every other process on the token would wait on them
+        // (an HSM shared over the network has no such locks).
+        let _ = leader.kill();
+        let _ = leader.wait();
         let r2_port = free_port();
         let config = replica_config(&first, r2_port, "r2", &cluster.store_section("r2", None));
         let mut finisher = softhsm_tests::process::spawn(CUSTODYD, &config);
