@@ -28,6 +28,7 @@ pub fn hit(name: &'static str) {
     let stop_at = STOP_AT.get_or_init(|| std::env::var("CUSTODY_STOP_AT").ok());
     if stop_at.as_deref() == Some(name) {
         eprintln!("custodyd: stop point {name} reached: SIGSTOP");
+        outside_token_file_locks();
         // The whole process stops while this thread waits for the signal
         // to land; once continued it goes on from here.
         let _ = std::process::Command::new("kill")
@@ -45,6 +46,31 @@ pub fn hit(name: &'static str) {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
+    }
+}
+
+/// Waits (at most five seconds) for a moment when no thread of this
+/// process holds a POSIX file lock. SoftHSM2 holds one on the token's files
+/// during a call; a process stopped inside such a call would stall every
+/// other process on the token until it is continued, which is SoftHSM2's
+/// doing, not a stalled replica's (an HSM shared over the network holds no
+/// lock for a client), and would make a stop test wait on itself.
+#[cfg(feature = "failpoints")]
+fn outside_token_file_locks() {
+    let pid = std::process::id().to_string();
+    let holds_one = || {
+        std::fs::read_to_string("/proc/locks").is_ok_and(|locks| {
+            locks.lines().any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                fields.next() == Some("POSIX") && fields.nth(2) == Some(pid.as_str())
+            })
+        })
+    };
+    for _ in 0..5_000 {
+        if !holds_one() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
