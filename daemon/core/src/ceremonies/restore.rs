@@ -460,7 +460,13 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         hsm_label: label.as_str().into(),
         public_key_der_hex,
         public_key_pem,
-        activated_ms: key.activated_ms,
+        // A bundle made before activation times were kept: a version that
+        // was ever active counts from its last state change at the source
+        // (the earliest time the bundle holds), never from the restore, so
+        // that a backup does not renew its cryptoperiod.
+        activated_ms: key
+            .activated_ms
+            .or_else(|| (state != VersionState::PreActivation).then_some(key.state_ms.min(now))),
         destroy_at_ms: key.destroy_at_ms,
         legal_hold: key.legal_hold.clone(),
         // SoftHSM2 computes no check value for unwrapped keys; the bundle's
@@ -740,5 +746,20 @@ mod tests {
         assert_eq!(key.min_version, 2);
         assert_eq!(key.versions[1].legal_hold.as_deref(), Some("case 2026-117"));
         assert_eq!(key.versions[2].state_ms, 77_000);
+    }
+
+    #[test]
+    fn a_version_from_a_bundle_without_activation_times_keeps_its_cryptoperiod_from_the_source() {
+        let label = KeyLabel::for_version("key/issuer", 3).unwrap();
+        let mut active = version(3, "active", None);
+        active.activated_ms = None;
+        let restored = restored_version(&label, &active, 77_000);
+        // Counted from the source's last state change, not from the
+        // restore: a backup does not renew a cryptoperiod.
+        assert_eq!(restored.activated_ms, Some(1_003));
+        let mut staged = version(4, "pre_activation", None);
+        staged.activated_ms = None;
+        let label = KeyLabel::for_version("key/issuer", 4).unwrap();
+        assert_eq!(restored_version(&label, &staged, 77_000).activated_ms, None);
     }
 }
