@@ -8,7 +8,8 @@
 
 use crate::Custody;
 use crate::dual_control::operation::{
-    ALWAYS_GATED_KINDS, Spec, USED_BY_MATERIAL_ALONE, policy_kind_applies,
+    ALWAYS_GATED_KINDS, KEY_POLICY_KINDS, KeyPolicies, Spec, USED_BY_MATERIAL_ALONE,
+    policy_kind_applies,
 };
 use crate::dual_control::quorum::Quorum;
 use crate::dual_control::store::OfficerRecord;
@@ -385,6 +386,25 @@ pub fn quorum_for(custody: &Custody, spec: &Spec) -> Result<Quorum, Error> {
     }
 }
 
+/// `policies` (a key's own) with `admin`, the administrative quorum,
+/// written in for each key kind that is always gated and that they leave
+/// to it: every quorum that governs the key, as [`quorum_for`] falls back.
+/// A backup carries these (threat model I3), so that a restore brings the
+/// key back under the officers who governed it at the source, never under
+/// whatever administrative quorum the restoring daemon has.
+pub fn governing_policies(policies: &KeyPolicies, admin: &Quorum) -> KeyPolicies {
+    let mut governing = policies.clone();
+    for kind in ALWAYS_GATED_KINDS
+        .iter()
+        .filter(|kind| KEY_POLICY_KINDS.contains(kind))
+    {
+        governing
+            .entry((*kind).to_string())
+            .or_insert_with(|| admin.clone());
+    }
+    governing
+}
+
 /// The quorum that changes `key`'s `kind` policy: the key's `SET_POLICY`
 /// policy, else the administrative quorum, provided it covers the `kind`
 /// policy the key carries now ([`Quorum::covers`]), or, for a kind that is
@@ -532,6 +552,34 @@ mod tests {
             name: "p".into(),
             roles: roles.iter().copied().collect::<BTreeSet<_>>(),
         }
+    }
+
+    #[test]
+    fn the_governing_policies_write_in_the_administrative_quorum_only_where_the_key_leaves_a_kind_to_it()
+     {
+        let quorum = |members: &[&str], required| {
+            Quorum::new(members.iter().map(|m| m.to_string()), required).unwrap()
+        };
+        let admin = quorum(&["alice", "bob", "carol"], 3);
+        let own = KeyPolicies::from([
+            ("SIGN".to_string(), quorum(&["alice", "bob"], 2)),
+            ("DESTROY_VERSION".to_string(), quorum(&["bob", "carol"], 2)),
+        ]);
+        let governing = governing_policies(&own, &admin);
+        let kinds: Vec<&str> = governing.keys().map(String::as_str).collect();
+        assert_eq!(
+            kinds,
+            [
+                "DESTROY_VERSION",
+                "RELEASE_LEGAL_HOLD",
+                "SET_POLICY",
+                "SIGN"
+            ]
+        );
+        assert_eq!(governing["SIGN"], own["SIGN"]);
+        assert_eq!(governing["DESTROY_VERSION"], own["DESTROY_VERSION"]);
+        assert_eq!(governing["RELEASE_LEGAL_HOLD"], admin);
+        assert_eq!(governing["SET_POLICY"], admin);
     }
 
     #[test]

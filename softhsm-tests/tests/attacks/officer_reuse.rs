@@ -426,11 +426,14 @@ fn before_a_restore(token: &softhsm_tests::TestToken, dave_leaves: bool, refusal
                 !signed,
                 "alice, bob and erin (enrolled as dave before the restore) signed with the restored root, whose SIGN policy is 3 of alice, bob, carol and dave; the restore: {restored}"
             );
-            // Where it stopped: the restore, refused when it opened.
+            // Where it stopped: the restore, refused when it opened, naming
+            // a key whose policies name dave (root's SIGN, or a kind the
+            // bundle carries under the source's administrative quorum,
+            // which dave was part of).
             let refused = opened.unwrap_err();
             assert_eq!(softhsm_tests::service::reason(&refused), "BAD_OFFICER", "{refused:?}");
             assert!(
-                refused.message().contains("keys/root") && refused.message().contains(refusal),
+                refused.message().contains("policies name dave") && refused.message().contains(refusal),
                 "{}",
                 refused.message()
             );

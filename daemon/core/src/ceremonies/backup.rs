@@ -257,17 +257,24 @@ fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String
         .collect()
 }
 
-/// What protects `key`, as the manifest carries it.
+/// What protects `key`, as the manifest carries it: every quorum that
+/// governs it here, the administrative quorum's included where the key
+/// leaves a kind to it ([`crate::authz::governing_policies`]).
 fn protections_of(key: &KeyRecord, officers: &DualControlStore) -> KeyProtections {
+    let policies = match officers.admin_quorum() {
+        Ok(admin) => crate::authz::governing_policies(&key.policies, &admin),
+        // No officers: nothing is approved here, and no bundle is made.
+        Err(_) => key.policies.clone(),
+    };
     KeyProtections {
         key_id: key.key_id.clone(),
         primary_version: key.primary_version,
         allowed_signers: key.allowed_signers.clone(),
-        policies: bundled_policies(&key.policies),
+        policies: bundled_policies(&policies),
         min_version: key.min_version,
         cryptoperiod_ms: key.cryptoperiod_ms,
         backup_exportable: key.backup_exportable,
-        officer_principals: officer_principals(&key.policies, officers),
+        officer_principals: officer_principals(&policies, officers),
     }
 }
 
