@@ -15,8 +15,8 @@ use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{
     Algorithm, Ceremony, CeremonyState, CheckDriftRequest, CreateKeyRequest, DecryptRequest,
     Digest, EncryptRequest, GetKeyRequest, GetOperationRequest, GetPublicKeyRequest, Key,
-    KeyPurpose, KeyVersion, KeyVersionState, ListOfficersRequest, OperationState, RotateKeyRequest,
-    SetKeyVersionStateRequest, SignSpec, digest, operation_spec,
+    KeyPurpose, KeyVersion, KeyVersionState, ListOfficersRequest, Operation, OperationState,
+    RotateKeyRequest, SetKeyVersionStateRequest, SignSpec, digest, operation_spec,
 };
 use hsm_shim::{SignAlgorithm, SignInput};
 use sha2::Digest as _;
@@ -530,4 +530,32 @@ pub(crate) async fn submit_shares(
         .submit_share("alice", name, &shares["alice"])
         .await?;
     officers.submit_share("bob", name, &shares["bob"]).await
+}
+
+/// alice and bob approve `operation`, which then succeeds.
+pub(crate) async fn approved_by_alice_and_bob(service: &TestService, operation: &Operation) {
+    service.approve("alice", operation).await.unwrap();
+    let done = service.approve("bob", operation).await.unwrap();
+    assert_eq!(
+        done.state,
+        OperationState::Succeeded as i32,
+        "{}",
+        done.error
+    );
+}
+
+/// `key_id` (EC P-256, backup-exportable) with its version 1 deactivated:
+/// after a rotation made version 2 primary if `rotated`, else with v1 its
+/// primary, so retired.
+pub(crate) async fn with_v1_deactivated(operator: &Channel, key_id: &str, rotated: bool) {
+    create_key(operator, key_id, Algorithm::EcSignP256Sha256, true)
+        .await
+        .unwrap();
+    if rotated {
+        rotate(operator, key_id).await.unwrap();
+    }
+    let v1 = format!("keys/{key_id}/versions/1");
+    set_state(operator, &v1, KeyVersionState::Deactivated, "end of life")
+        .await
+        .unwrap();
 }

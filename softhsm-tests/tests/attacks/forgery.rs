@@ -87,6 +87,7 @@ fn forge(scratch: &Path, key_id: &str) -> Forgery {
             activated_ms: Some(1_780_000_000_000),
             destroy_at_ms: None,
             legal_hold: None,
+            destroy_approved_under: None,
         }],
         protections: vec![KeyProtections {
             key_id: key_id.into(),

@@ -30,7 +30,7 @@ use custody_core::identity::Role;
 use custody_proto::v1::operation_service_client::OperationServiceClient;
 use custody_proto::v1::{Algorithm, CeremonyState, KeyVersionState};
 use custody_proto::v1::{
-    Digest, OfficerSpec, Operation, OperationState, SetPolicySpec, SignSpec, VoteRequest, digest,
+    Digest, OfficerSpec, OperationState, SetPolicySpec, SignSpec, VoteRequest, digest,
     operation_spec,
 };
 use sha2::Digest as _;
@@ -39,8 +39,8 @@ use softhsm_tests::service::{TestService, create_key, request_operation, runtime
 use softhsm_tests::token_test;
 
 use crate::common::{
-    back_up_a_source_with, get_key, officers_of, open_restore, recovery_daemon, state,
-    submit_shares,
+    approved_by_alice_and_bob, back_up_a_source_with, get_key, officers_of, open_restore,
+    recovery_daemon, state, submit_shares,
 };
 
 /// A new officer key for `officer_id`.
@@ -66,17 +66,6 @@ async fn enroll(service: &TestService, officer_id: &str, principal: &str, key: &
     .await
     .unwrap();
     approved_by_alice_and_bob(service, &asked).await;
-}
-
-async fn approved_by_alice_and_bob(service: &TestService, operation: &Operation) {
-    service.approve("alice", operation).await.unwrap();
-    let done = service.approve("bob", operation).await.unwrap();
-    assert_eq!(
-        done.state,
-        OperationState::Succeeded as i32,
-        "{}",
-        done.error
-    );
 }
 
 token_test!(

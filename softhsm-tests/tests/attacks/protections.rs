@@ -23,8 +23,8 @@ use softhsm_tests::service::{TestService, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    PAYLOAD, back_up_a_source, get_key, restored_whole, rotate, set_state, sign,
-    unless_quorum_required,
+    PAYLOAD, approved_by_alice_and_bob, back_up_a_source, get_key, restored_whole, rotate,
+    set_state, sign, unless_quorum_required, with_v1_deactivated,
 };
 
 /// Everything about a key that protects it.
@@ -181,13 +181,7 @@ token_test!(
             // version compromised. Safe: the restored key is retired too,
             // so nothing rotates it back into use.
             let backup = back_up_a_source(token, async |source: &TestService| {
-                let operator = source.client("operator").await;
-                crate::common::create_key(&operator, "end", Algorithm::EcSignP256Sha256, true)
-                    .await
-                    .unwrap();
-                set_state(&operator, "keys/end/versions/1", KeyVersionState::Deactivated, "end of life")
-                    .await
-                    .unwrap();
+                with_v1_deactivated(&source.client("operator").await, "end", false).await;
             })
             .await;
             let dr = restored_whole(token, &backup).await;
@@ -202,6 +196,53 @@ token_test!(
                 "custodyd gave the restored retired key a new version ({} versions, primary {}); a Sign answers {signed:?}",
                 key.versions.len(),
                 key.primary_version
+            );
+        });
+    }
+);
+
+token_test!(
+    fn a_destruction_approved_at_the_source_is_carried_out_after_a_restore(token) {
+        runtime().block_on(async {
+            // I3 across a restore. At the source alice and bob approve the
+            // destruction of `old` v1 (retired), scheduled 24 hours on. The
+            // backup is restored before it runs. Safe: the restored version
+            // is still scheduled under the quorum that approved it, and
+            // destroyed once its window ends; not dropped as approved
+            // under another quorum, which would bring it back into use.
+            let backup = back_up_a_source(token, async |source: &TestService| {
+                use custody_proto::v1::{VersionRef, operation_spec::Spec};
+                let operator = source.client("operator").await;
+                with_v1_deactivated(&operator, "old", true).await;
+                let destroy = Spec::DestroyVersion(VersionRef {
+                    name: "keys/old/versions/1".into(),
+                });
+                let operation = softhsm_tests::service::request_operation(&operator, destroy)
+                    .await
+                    .unwrap();
+                approved_by_alice_and_bob(source, &operation).await;
+            })
+            .await;
+            let dr = restored_whole(token, &backup).await;
+            let operator = dr.client("operator").await;
+            let v1 = async || get_key(&operator, "old").await.unwrap().versions[0].state();
+            assert_eq!(v1().await, KeyVersionState::Deactivated);
+            dr.clock.advance(25 * 3_600_000);
+            for _ in 0..100 {
+                if v1().await == KeyVersionState::Destroyed {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let scheduler: Vec<_> = dr
+                .audit_events_since(0)
+                .into_iter()
+                .filter(|event| event.to_string().contains("ScheduledDestroy"))
+                .collect();
+            assert_eq!(
+                v1().await,
+                KeyVersionState::Destroyed,
+                "the destruction approved at the source was not carried out after the restore; the scheduler: {scheduler:?}"
             );
         });
     }

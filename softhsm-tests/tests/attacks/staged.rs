@@ -34,7 +34,8 @@ use softhsm_tests::service::{TestService, reason, request_operation, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    back_up_a_source, create_key, get_key, officers_of, restored_whole, set_state, state,
+    approved_by_alice_and_bob, back_up_a_source, create_key, get_key, officers_of, restored_whole,
+    set_state, state,
 };
 
 /// The source: a root, `issuing-ca` (backup-exportable) with ROTATE 3 of 3
@@ -189,9 +190,7 @@ token_test!(
                     }),
                 ] {
                     let asked = request_operation(&operator, spec).await.unwrap();
-                    source.approve("alice", &asked).await.unwrap();
-                    let done = source.approve("bob", &asked).await.unwrap();
-                    assert_eq!(done.state, OperationState::Succeeded as i32, "{}", done.error);
+                    approved_by_alice_and_bob(source, &asked).await;
                 }
             })
             .await;

@@ -134,7 +134,10 @@ pub(super) async fn back_up_new_kek(
     // The key as the commit will register it: active, with the policies
     // fixed when the ceremony opened.
     let now = state.clock.now_ms();
-    let policies = record.key_policies.clone().unwrap_or_default();
+    let policies = governing(
+        &record.key_policies.clone().unwrap_or_default(),
+        &state.dual_control,
+    );
     let key = KeyToBack {
         key_id: made.key_id.clone(),
         version: 1,
@@ -147,6 +150,7 @@ pub(super) async fn back_up_new_kek(
         activated_ms: Some(now),
         destroy_at_ms: None,
         legal_hold: None,
+        destroy_approved_under: None,
         protections: KeyProtections {
             key_id: made.key_id.clone(),
             primary_version: 1,
@@ -207,6 +211,8 @@ pub struct KeyToBack {
     pub destroy_at_ms: Option<i64>,
     /// The reason of a legal hold on the version.
     pub legal_hold: Option<String>,
+    /// The quorum a scheduled destruction was approved under.
+    pub destroy_approved_under: Option<crate::dual_control::quorum::Quorum>,
     /// The key's protections (the same for every version of a key).
     pub protections: KeyProtections,
 }
@@ -228,6 +234,7 @@ impl KeyToBack {
             activated_ms: version.activated_ms,
             destroy_at_ms: version.destroy_at_ms,
             legal_hold: version.legal_hold.clone(),
+            destroy_approved_under: version.destroy_approved_under.clone(),
             protections: protections_of(key, officers),
         }
     }
@@ -261,11 +268,7 @@ fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String
 /// governs it here, the administrative quorum's included where the key
 /// leaves a kind to it ([`crate::authz::governing_policies`]).
 fn protections_of(key: &KeyRecord, officers: &DualControlStore) -> KeyProtections {
-    let policies = match officers.admin_quorum() {
-        Ok(admin) => crate::authz::governing_policies(&key.policies, &admin),
-        // No officers: nothing is approved here, and no bundle is made.
-        Err(_) => key.policies.clone(),
-    };
+    let policies = governing(&key.policies, officers);
     KeyProtections {
         key_id: key.key_id.clone(),
         primary_version: key.primary_version,
@@ -275,6 +278,17 @@ fn protections_of(key: &KeyRecord, officers: &DualControlStore) -> KeyProtection
         cryptoperiod_ms: key.cryptoperiod_ms,
         backup_exportable: key.backup_exportable,
         officer_principals: officer_principals(&policies, officers),
+    }
+}
+
+/// A key's own `policies` with the administrative quorum `officers` hold
+/// written in where they leave a kind to it
+/// ([`crate::authz::governing_policies`]): what a bundle carries.
+fn governing(policies: &KeyPolicies, officers: &DualControlStore) -> KeyPolicies {
+    match officers.admin_quorum() {
+        Ok(admin) => crate::authz::governing_policies(policies, &admin),
+        // No officers: nothing is approved here, and no bundle is made.
+        Err(_) => policies.clone(),
     }
 }
 
@@ -360,6 +374,10 @@ pub async fn make_bundle(
                 activated_ms: key.activated_ms,
                 destroy_at_ms: key.destroy_at_ms,
                 legal_hold: key.legal_hold,
+                destroy_approved_under: key.destroy_approved_under.map(|quorum| BundledPolicy {
+                    officers: quorum.members.into_iter().collect(),
+                    required: quorum.required,
+                }),
             }
         })
         .collect();

@@ -477,7 +477,13 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         certificate_chain_pem: Vec::new(),
         reserved_by: None,
         destroying_since_ms: None,
-        destroy_approved_under: None,
+        // The schedule stands under the quorum the source approved it
+        // under (one this build refuses, impossible once the bundle
+        // parsed, leaves none: the schedule is dropped when due).
+        destroy_approved_under: key
+            .destroy_approved_under
+            .as_ref()
+            .and_then(|policy| Quorum::new(policy.officers.clone(), policy.required).ok()),
     }
 }
 
@@ -649,6 +655,7 @@ mod tests {
             activated_ms: Some(500 + i64::from(n)),
             destroy_at_ms: (n == 1).then_some(9_000),
             legal_hold: hold.map(str::to_string),
+            destroy_approved_under: None,
         }
     }
 

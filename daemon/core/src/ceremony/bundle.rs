@@ -213,6 +213,12 @@ pub struct BundledKey {
     pub destroy_at_ms: Option<i64>,
     /// The reason of a legal hold on the version, if one is in place.
     pub legal_hold: Option<String>,
+    /// The quorum a scheduled destruction was approved under: the restored
+    /// schedule stands as long as DESTROY_VERSION still needs that quorum,
+    /// as it did at the source. A bundle made before it was carried has
+    /// none, and its schedules are dropped when due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_approved_under: Option<BundledPolicy>,
 }
 
 /// An AES-GCM encryption of [`CHECK_PLAINTEXT`] made with the key at backup
@@ -468,6 +474,17 @@ fn validate_key(at: &str, key: &BundledKey) -> Result<(), BundleError> {
             ));
         }
     }
+    if let Some(policy) = &key.destroy_approved_under {
+        let field = format!("{at}.destroy_approved_under");
+        if key.destroy_at_ms.is_none() {
+            return Err(invalid(
+                field,
+                "is given for a version not scheduled for destruction",
+            ));
+        }
+        crate::dual_control::quorum::Quorum::new(policy.officers.clone(), policy.required)
+            .map_err(|e| invalid(field, e))?;
+    }
     let wrapped = hex_field(&format!("{at}.wrapped"), &key.wrapped, None)?;
     if wrapped.len() < 2 * WRAP_BLOCK || wrapped.len() % WRAP_BLOCK != 0 {
         return Err(invalid(
@@ -705,6 +722,7 @@ mod tests {
                     activated_ms: Some(1_780_000_000_000),
                     destroy_at_ms: None,
                     legal_hold: None,
+                    destroy_approved_under: None,
                 },
                 BundledKey {
                     key_id: "payments-kek".into(),
@@ -722,6 +740,7 @@ mod tests {
                     activated_ms: Some(1_779_000_000_000),
                     destroy_at_ms: Some(1_790_000_000_000),
                     legal_hold: Some("case 2026-117".into()),
+                    destroy_approved_under: None,
                 },
             ],
             protections: vec![
@@ -924,6 +943,18 @@ mod tests {
             ("manifest.keys[1].legal_hold", |b| {
                 b.manifest.keys[1].legal_hold = Some(" ".into())
             }),
+            ("manifest.keys[0].destroy_approved_under", |b| {
+                b.manifest.keys[0].destroy_approved_under = Some(BundledPolicy {
+                    officers: vec!["alice".into(), "bob".into()],
+                    required: 2,
+                })
+            }),
+            ("manifest.keys[1].destroy_approved_under", |b| {
+                b.manifest.keys[1].destroy_approved_under = Some(BundledPolicy {
+                    officers: vec!["alice".into()],
+                    required: 2,
+                })
+            }),
             ("manifest.protections[0].allowed_signers", |b| {
                 b.manifest.protections[0].allowed_signers.push("Ops".into());
             }),
@@ -1077,6 +1108,12 @@ mod tests {
             }),
             ("primary changed", |m| m.protections[1].primary_version = 1),
             ("legal hold lifted", |m| m.keys[1].legal_hold = None),
+            ("destruction's quorum changed", |m| {
+                m.keys[1].destroy_approved_under = Some(BundledPolicy {
+                    officers: vec!["alice".into(), "bob".into()],
+                    required: 2,
+                })
+            }),
             ("destruction moved", |m| {
                 m.keys[1].destroy_at_ms = Some(1_780_000_000_001)
             }),

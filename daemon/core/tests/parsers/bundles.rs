@@ -63,6 +63,7 @@ fn build() -> Bundle {
                 activated_ms: Some(1_780_000_000_000),
                 destroy_at_ms: None,
                 legal_hold: None,
+                destroy_approved_under: None,
             },
             BundledKey {
                 key_id: "payments-kek".into(),
@@ -80,6 +81,7 @@ fn build() -> Bundle {
                 activated_ms: Some(1_779_000_000_000),
                 destroy_at_ms: Some(1_790_000_000_000),
                 legal_hold: Some("case 2026-117".into()),
+                destroy_approved_under: None,
             },
         ],
         protections: vec![
