@@ -443,8 +443,18 @@ pub(crate) async fn back_up_a_source_with(
     kek_script: &str,
     prepare: impl AsyncFnOnce(&TestService),
 ) -> Backup {
+    back_up_a_source_configured(token, kek_script, |_| {}, prepare).await
+}
+
+/// [`back_up_a_source_with`], the source's config adjusted by `adjust`.
+pub(crate) async fn back_up_a_source_configured(
+    token: &TestToken,
+    kek_script: &str,
+    adjust: impl FnOnce(&mut custody_core::config::Config),
+    prepare: impl AsyncFnOnce(&TestService),
+) -> Backup {
     token.add_token(DR_TOKEN);
-    let mut source = TestService::start(token).await;
+    let mut source = TestService::start_with(token, adjust).await;
     let backup = {
         let officers = officers_of(&source).await;
         let (_, shares) = officers.run_backup_kek(kek_script).await.unwrap();
@@ -542,6 +552,15 @@ pub(crate) async fn approved_by_alice_and_bob(service: &TestService, operation: 
         "{}",
         done.error
     );
+}
+
+/// `spec`, requested by the operator and approved by alice and bob; it
+/// succeeds.
+pub(crate) async fn requested_and_approved(service: &TestService, spec: operation_spec::Spec) {
+    let asked = request_operation(&service.client("operator").await, spec)
+        .await
+        .unwrap();
+    approved_by_alice_and_bob(service, &asked).await;
 }
 
 /// `key_id` (EC P-256, backup-exportable) with its version 1 deactivated:

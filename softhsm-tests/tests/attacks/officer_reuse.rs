@@ -40,7 +40,7 @@ use softhsm_tests::token_test;
 
 use crate::common::{
     approved_by_alice_and_bob, back_up_a_source_with, get_key, officers_of, open_restore,
-    recovery_daemon, state, submit_shares,
+    recovery_daemon, requested_and_approved, state, submit_shares,
 };
 
 /// A new officer key for `officer_id`.
@@ -55,17 +55,12 @@ fn new_key(officer_id: &str) -> OfficerKey {
 
 /// Enrolls `officer_id` for `principal` with `key`, approved by alice and bob.
 async fn enroll(service: &TestService, officer_id: &str, principal: &str, key: &OfficerKey) {
-    let asked = request_operation(
-        &service.client("operator").await,
-        operation_spec::Spec::AddOfficer(OfficerSpec {
-            officer_id: officer_id.into(),
-            principal: principal.into(),
-            public_key: key.public_key().to_vec(),
-        }),
-    )
-    .await
-    .unwrap();
-    approved_by_alice_and_bob(service, &asked).await;
+    let spec = operation_spec::Spec::AddOfficer(OfficerSpec {
+        officer_id: officer_id.into(),
+        principal: principal.into(),
+        public_key: key.public_key().to_vec(),
+    });
+    requested_and_approved(service, spec).await;
 }
 
 token_test!(

@@ -23,9 +23,10 @@ use softhsm_tests::service::{TestService, runtime};
 use softhsm_tests::token_test;
 
 use crate::common::{
-    PAYLOAD, approved_by_alice_and_bob, back_up_a_source, get_key, restored_whole, rotate,
-    set_state, sign, unless_quorum_required, with_v1_deactivated,
+    PAYLOAD, back_up_a_source, back_up_a_source_configured, get_key, requested_and_approved,
+    restored_whole, rotate, set_state, sign, unless_quorum_required, with_v1_deactivated,
 };
+use softhsm_tests::ceremony::kek_script;
 
 /// Everything about a key that protects it.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,19 +211,7 @@ token_test!(
             // is still scheduled under the quorum that approved it, and
             // destroyed once its window ends; not dropped as approved
             // under another quorum, which would bring it back into use.
-            let backup = back_up_a_source(token, async |source: &TestService| {
-                use custody_proto::v1::{VersionRef, operation_spec::Spec};
-                let operator = source.client("operator").await;
-                with_v1_deactivated(&operator, "old", true).await;
-                let destroy = Spec::DestroyVersion(VersionRef {
-                    name: "keys/old/versions/1".into(),
-                });
-                let operation = softhsm_tests::service::request_operation(&operator, destroy)
-                    .await
-                    .unwrap();
-                approved_by_alice_and_bob(source, &operation).await;
-            })
-            .await;
+            let backup = back_up_a_source(token, old_v1_to_be_destroyed).await;
             let dr = restored_whole(token, &backup).await;
             let operator = dr.client("operator").await;
             let v1 = async || get_key(&operator, "old").await.unwrap().versions[0].state();
@@ -244,6 +233,60 @@ token_test!(
                 KeyVersionState::Destroyed,
                 "the destruction approved at the source was not carried out after the restore; the scheduler: {scheduler:?}"
             );
+        });
+    }
+);
+
+/// At the source, `old` v1 (deactivated; v2 primary), whose destruction
+/// alice and bob approve: scheduled one cancel window on.
+async fn old_v1_to_be_destroyed(source: &TestService) {
+    use custody_proto::v1::{VersionRef, operation_spec::Spec};
+    let operator = source.client("operator").await;
+    with_v1_deactivated(&operator, "old", true).await;
+    let destroy = Spec::DestroyVersion(VersionRef {
+        name: "keys/old/versions/1".into(),
+    });
+    requested_and_approved(source, destroy).await;
+}
+
+token_test!(
+    fn a_destruction_past_due_in_an_older_bundle_waits_a_full_cancel_window_after_the_restore(token) {
+        runtime().block_on(async {
+            // I3 with a bundle older than the source's last word. At the
+            // source (a cancel window of one second, its schedule never
+            // ticking) v1's destruction is approved, then backed up; the
+            // source may have cancelled or held it since, which the bundle
+            // cannot tell. Restored once the schedule is past due. Safe:
+            // the restored destruction waits a full cancel window here, so
+            // the officers can cancel it again; it is not carried out at
+            // the restoring daemon's first tick.
+            let backup = back_up_a_source_configured(
+                token,
+                &kek_script("kek-1", "envelope-kek", false),
+                |config| {
+                    config.lifecycle.destroy_cancel_window_secs = 1;
+                    config.lifecycle.scheduler_interval_secs = 3_600;
+                },
+                old_v1_to_be_destroyed,
+            )
+            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+            let dr = restored_whole(token, &backup).await;
+            let operator = dr.client("operator").await;
+            // Two turns of the restoring daemon's schedule (every second).
+            tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+            let key = get_key(&operator, "old").await.unwrap();
+            assert_eq!(
+                key.versions[0].state(),
+                KeyVersionState::Deactivated,
+                "the restored destruction, past due in the bundle, was carried out before anyone here could cancel it"
+            );
+            KeyServiceClient::new(operator.clone())
+                .cancel_destroy(custody_proto::v1::VersionRef {
+                    name: "keys/old/versions/1".into(),
+                })
+                .await
+                .expect("the officers here cancel the restored destruction within its window");
         });
     }
 );

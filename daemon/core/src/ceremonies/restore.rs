@@ -240,8 +240,12 @@ pub(super) async fn restore(
     }
     let now = state.clock.now_ms();
     let enrolled = |officer: &str| state.dual_control.enrolled(officer);
+    let when = Restored {
+        at_ms: now,
+        cancel_window_ms: state.lifecycle.destroy_cancel_window_ms(),
+    };
     let (records, suspended) =
-        restored_records(&labels, &bundle.manifest.protections, &enrolled, now);
+        restored_records(&labels, &bundle.manifest.protections, &enrolled, when);
     // Journaled and audited before the records are written: a key that
     // comes back SUSPENDED says why, and the report names it.
     if let Some(report) = record.restore.as_mut() {
@@ -345,8 +349,9 @@ fn restored_records(
     restored: &[(KeyLabel, &BundledKey)],
     protections: &[KeyProtections],
     enrolled: &dyn Fn(&str) -> bool,
-    now: i64,
+    when: Restored,
 ) -> (Vec<KeyRecord>, Vec<Unreproducible>) {
+    let now = when.at_ms;
     let mut by_key: BTreeMap<&str, Vec<(&KeyLabel, &BundledKey)>> = BTreeMap::new();
     for (label, key) in restored {
         by_key
@@ -369,7 +374,7 @@ fn restored_records(
             };
             let mut records: Vec<VersionRecord> = versions
                 .iter()
-                .map(|(label, key)| restored_version(label, key, now))
+                .map(|(label, key)| restored_version(label, key, when))
                 .collect();
             if let Some(reason) = problem {
                 // Only what could be used is suspended: a staged version
@@ -440,7 +445,16 @@ fn restored_policies(protections: &KeyProtections) -> KeyPolicies {
         .collect()
 }
 
-fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionRecord {
+/// When a restore registers its keys, and the cancel window a scheduled
+/// destruction gets here.
+#[derive(Debug, Clone, Copy)]
+struct Restored {
+    at_ms: i64,
+    cancel_window_ms: i64,
+}
+
+fn restored_version(label: &KeyLabel, key: &BundledKey, when: Restored) -> VersionRecord {
+    let now = when.at_ms;
     let public_key_der_hex = key.public_key_der.clone().unwrap_or_default();
     let public_key_pem = hex::decode(&public_key_der_hex)
         .ok()
@@ -467,7 +481,13 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, now: i64) -> VersionReco
         activated_ms: key
             .activated_ms
             .or_else(|| (state != VersionState::PreActivation).then_some(key.state_ms.min(now))),
-        destroy_at_ms: key.destroy_at_ms,
+        // A schedule comes back with a full cancel window still to run:
+        // the bundle may be older than a cancel or a hold at the source,
+        // and a destruction cannot be undone, so the officers here get the
+        // window to cancel it again before the scheduler carries it out.
+        destroy_at_ms: key
+            .destroy_at_ms
+            .map(|at| at.max(now.saturating_add(when.cancel_window_ms))),
         legal_hold: key.legal_hold.clone(),
         // SoftHSM2 computes no check value for unwrapped keys; the bundle's
         // KCV stays in the manifest and the transcript.
@@ -641,6 +661,12 @@ mod tests {
     use super::*;
     use crate::ceremony::bundle::BundledPolicy;
 
+    /// A restore at 77,000 ms with a cancel window of 1,000 ms.
+    const AT_77_000: Restored = Restored {
+        at_ms: 77_000,
+        cancel_window_ms: 1_000,
+    };
+
     fn version(n: u32, state: &str, hold: Option<&str>) -> BundledKey {
         BundledKey {
             key_id: "issuer".into(),
@@ -691,7 +717,7 @@ mod tests {
             .iter()
             .map(|v| (KeyLabel::for_version("key/issuer", v.version).unwrap(), v))
             .collect();
-        restored_records(&labels, &[protections(officers)], enrolled, 77_000)
+        restored_records(&labels, &[protections(officers)], enrolled, AT_77_000)
     }
 
     #[test]
@@ -717,10 +743,12 @@ mod tests {
                 VersionState::Active
             ]
         );
+        // v1's destruction, due at 9,000 at the source, is past due when
+        // the restore runs: it gets a full cancel window from then.
         let v1 = &key.versions[0];
         assert_eq!(
             (v1.state_ms, v1.activated_ms, v1.destroy_at_ms),
-            (1_001, Some(501), Some(9_000))
+            (1_001, Some(501), Some(78_000))
         );
         assert_eq!(key.versions[1].legal_hold.as_deref(), Some("case 2026-117"));
     }
@@ -760,13 +788,16 @@ mod tests {
         let label = KeyLabel::for_version("key/issuer", 3).unwrap();
         let mut active = version(3, "active", None);
         active.activated_ms = None;
-        let restored = restored_version(&label, &active, 77_000);
+        let restored = restored_version(&label, &active, AT_77_000);
         // Counted from the source's last state change, not from the
         // restore: a backup does not renew a cryptoperiod.
         assert_eq!(restored.activated_ms, Some(1_003));
         let mut staged = version(4, "pre_activation", None);
         staged.activated_ms = None;
         let label = KeyLabel::for_version("key/issuer", 4).unwrap();
-        assert_eq!(restored_version(&label, &staged, 77_000).activated_ms, None);
+        assert_eq!(
+            restored_version(&label, &staged, AT_77_000).activated_ms,
+            None
+        );
     }
 }
