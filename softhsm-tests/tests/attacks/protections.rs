@@ -281,6 +281,21 @@ token_test!(
                 KeyVersionState::Deactivated,
                 "the restored destruction, past due in the bundle, was carried out before anyone here could cancel it"
             );
+            // The restore's transcript names the schedule it brought back.
+            let transcript = custody_proto::v1::ceremony_service_client::CeremonyServiceClient::new(
+                dr.client("alice").await,
+            )
+            .get_transcript(custody_proto::v1::GetTranscriptRequest {
+                name: "ceremonies/restore-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .json;
+            assert!(
+                transcript.contains("keys/old/versions/1 is scheduled for destruction"),
+                "the restore's transcript does not name the schedule it brought back: {transcript}"
+            );
             KeyServiceClient::new(operator.clone())
                 .cancel_destroy(custody_proto::v1::VersionRef {
                     name: "keys/old/versions/1".into(),

@@ -268,6 +268,37 @@ pub(super) async fn restore(
         )
         .await?;
     }
+    // A destruction scheduled at the source comes back scheduled (I3); the
+    // bundle may be older than a cancel there, so each is in the transcript
+    // for the officers to check against the source's last word.
+    for key in &records {
+        for version in &key.versions {
+            let Some(at) = version.destroy_at_ms else {
+                continue;
+            };
+            let name = crate::names::version_name(&key.key_id, version.version);
+            let approved = version.destroy_approved_under.as_ref().map_or_else(
+                || "no recorded quorum: dropped when due".into(),
+                Quorum::text,
+            );
+            let mut detail = Map::new();
+            detail.insert("version".into(), json!(name));
+            detail.insert("destroy_at".into(), json!(crate::audit::rfc3339_ms(at)));
+            detail.insert("approved_under".into(), json!(approved));
+            note(
+                state,
+                record,
+                "schedule",
+                "custodyd",
+                format!(
+                    "{name} is scheduled for destruction at {} (approved at the source under {approved}); cancel it here if the source cancelled it after the backup",
+                    crate::audit::rfc3339_ms(at)
+                ),
+                detail,
+            )
+            .await?;
+        }
+    }
     state
         .registry
         .put_all(records)
