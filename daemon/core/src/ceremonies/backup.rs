@@ -252,15 +252,7 @@ fn state_name(state: crate::registry::VersionState) -> String {
 fn bundled_policies(policies: &KeyPolicies) -> std::collections::BTreeMap<String, BundledPolicy> {
     policies
         .iter()
-        .map(|(kind, quorum)| {
-            (
-                kind.clone(),
-                BundledPolicy {
-                    officers: quorum.members.iter().cloned().collect(),
-                    required: quorum.required,
-                },
-            )
-        })
+        .map(|(kind, quorum)| (kind.clone(), BundledPolicy::of(quorum)))
         .collect()
 }
 
@@ -374,10 +366,7 @@ pub async fn make_bundle(
                 activated_ms: key.activated_ms,
                 destroy_at_ms: key.destroy_at_ms,
                 legal_hold: key.legal_hold,
-                destroy_approved_under: key.destroy_approved_under.map(|quorum| BundledPolicy {
-                    officers: quorum.members.into_iter().collect(),
-                    required: quorum.required,
-                }),
+                destroy_approved_under: key.destroy_approved_under.as_ref().map(BundledPolicy::of),
             }
         })
         .collect();

@@ -360,7 +360,7 @@ fn unreproducible(protections: &KeyProtections, enrolled: &dyn Fn(&str) -> bool)
                 "its {kind} policy names {unknown}, who is not an enrolled officer here"
             ));
         }
-        if let Err(e) = Quorum::new(policy.officers.clone(), policy.required) {
+        if let Err(e) = policy.quorum() {
             return Some(format!("its {kind} policy cannot be kept: {e}"));
         }
     }
@@ -467,7 +467,7 @@ fn restored_policies(protections: &KeyProtections) -> KeyPolicies {
         .policies
         .iter()
         .map(|(kind, policy)| {
-            let quorum = Quorum::new(policy.officers.clone(), policy.required).unwrap_or(Quorum {
+            let quorum = policy.quorum().unwrap_or(Quorum {
                 members: policy.officers.iter().cloned().collect(),
                 required: policy.required.max(2),
             });
@@ -534,7 +534,7 @@ fn restored_version(label: &KeyLabel, key: &BundledKey, when: Restored) -> Versi
         destroy_approved_under: key
             .destroy_approved_under
             .as_ref()
-            .and_then(|policy| Quorum::new(policy.officers.clone(), policy.required).ok()),
+            .and_then(|policy| policy.quorum().ok()),
     }
 }
 

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::algorithms::KeyAlgorithm;
+use crate::dual_control::quorum::Quorum;
 use crate::encoding::{lower_hex, pem_to_der};
 
 /// The principal [`KeyProtections::officer_principals`] records for an
@@ -167,6 +168,22 @@ pub struct BundledPolicy {
     pub officers: Vec<String>,
     /// Approvals needed (M).
     pub required: u32,
+}
+
+impl BundledPolicy {
+    /// The manifest's form of `quorum`.
+    pub fn of(quorum: &Quorum) -> BundledPolicy {
+        BundledPolicy {
+            officers: quorum.members.iter().cloned().collect(),
+            required: quorum.required,
+        }
+    }
+
+    /// The quorum this names, under the rules every quorum keeps
+    /// ([`Quorum::new`]).
+    pub fn quorum(&self) -> Result<Quorum, String> {
+        Quorum::new(self.officers.clone(), self.required)
+    }
 }
 
 /// Which backup KEK (and so which share set) unwraps the bundle.
@@ -482,8 +499,7 @@ fn validate_key(at: &str, key: &BundledKey) -> Result<(), BundleError> {
                 "is given for a version not scheduled for destruction",
             ));
         }
-        crate::dual_control::quorum::Quorum::new(policy.officers.clone(), policy.required)
-            .map_err(|e| invalid(field, e))?;
+        policy.quorum().map_err(|e| invalid(field, e))?;
     }
     let wrapped = hex_field(&format!("{at}.wrapped"), &key.wrapped, None)?;
     if wrapped.len() < 2 * WRAP_BLOCK || wrapped.len() % WRAP_BLOCK != 0 {
@@ -548,8 +564,7 @@ fn validate_protections(m: &Manifest) -> Result<(), BundleError> {
             {
                 return Err(invalid(field, format!("{bad:?} is not an officer id")));
             }
-            crate::dual_control::quorum::Quorum::new(policy.officers.clone(), policy.required)
-                .map_err(|e| invalid(field, e))?;
+            policy.quorum().map_err(|e| invalid(field, e))?;
         }
         // Carried (a bundle from before has none): for every officer the
         // policies name, and none other, so that a restore can tell an
